@@ -1,0 +1,1 @@
+"""patchmorph_core package."""

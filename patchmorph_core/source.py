@@ -1,0 +1,139 @@
+"""Multiscale images as the algorithm sees them: array-likes with grids, no file formats.
+
+A :class:`MultiscaleImage` is a tuple of :class:`Level` (finest first). Each level's ``array`` is any
+array-like indexed ``(z, y, x)`` with basic slicing (numpy, zarr, dask, TensorStore); the pipeline's
+OME-Zarr reader builds one from a store, :func:`MultiscaleImage.from_array` builds one in memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from patchmorph_core.spatial import Grid, resample
+
+
+@dataclass(frozen=True)
+class Level:
+    """One pyramid level: a ``(Z, Y, X)`` array-like and its :class:`Grid`."""
+
+    array: Any
+    grid: Grid
+
+
+@dataclass(frozen=True)
+class MultiscaleImage:
+    """An image pyramid, finest level first; all levels share one unit and one world frame."""
+
+    levels: tuple[Level, ...]
+    name: str = "image"
+
+    @property
+    def grid(self) -> Grid:
+        """Grid of the finest level."""
+        return self.levels[0].grid
+
+    @property
+    def unit(self) -> str:
+        """Physical unit of every level's world coordinates."""
+        return self.levels[0].grid.unit
+
+    def level_for_spacing(self, spacing: float) -> Level:
+        """The coarsest level whose largest voxel size is at most ``spacing`` (world units).
+
+        Sampling a patch of spacing ``h`` from that level never skips data (no aliasing) and never
+        reads a finer level than needed. Falls back to the finest level.
+        """
+        chosen = self.levels[0]
+        for level in self.levels:
+            if float(level.grid.spacing.max()) <= spacing * 1.01:
+                chosen = level
+        return chosen
+
+    def sample(self, world: np.ndarray, spacing: float, order: int = 1) -> np.ndarray:
+        """Sample at ``(..., 3)`` world points from the level matching ``spacing`` (reads only that box)."""
+        level = self.level_for_spacing(spacing)
+        return resample(level.array, level.grid, world, order=order)
+
+    def with_unit(self, unit: str) -> MultiscaleImage:
+        """The same image with every level's grid expressed in ``unit``."""
+        levels = tuple(Level(lv.array, lv.grid.with_unit(unit)) for lv in self.levels)
+        return MultiscaleImage(levels, self.name)
+
+    def transformed(self, matrix: np.ndarray) -> MultiscaleImage:
+        """The same image moved in world by a 4×4 world→world ``matrix`` (e.g. an initial alignment)."""
+        levels = tuple(Level(lv.array, lv.grid.transformed(matrix)) for lv in self.levels)
+        return MultiscaleImage(levels, self.name)
+
+    @classmethod
+    def from_array(
+        cls, array: np.ndarray, grid: Grid, n_levels: int = 4, name: str = "image", labels: bool = False
+    ) -> MultiscaleImage:
+        """Build an in-memory pyramid by halving the finest spacing until it is isotropic, then all axes.
+
+        Each level halves every axis whose spacing is below twice the current largest spacing, so an
+        anisotropic image becomes isotropic in world before it shrinks further (see
+        :func:`pyramid_factors`). Intensity images are averaged (anti-aliased); labels take every n-th voxel.
+        """
+        levels = [Level(np.asarray(array), grid)]
+        for factors in pyramid_factors(grid.spacing, grid.shape, n_levels)[1:]:
+            prev = levels[-1]
+            down = downsample(prev.array, factors, labels=labels)
+            levels.append(Level(down, downsampled_grid(prev.grid, factors, down.shape)))
+        return cls(tuple(levels), name)
+
+
+def pyramid_factors(spacing: Sequence[float], shape: Sequence[int], n_levels: int) -> list[tuple[int, int, int]]:
+    """Per-level integer downsampling factors (relative to the previous level) for a world-isotropic pyramid.
+
+    Level 0 has factors ``(1, 1, 1)``. At each further level an axis is halved when its spacing is less
+    than ~1.5× the current largest spacing and it still has more than 8 voxels, so fine axes catch up
+    with coarse ones (ome-zarr-py's integer scale factors would never downsample z).
+
+    Returns:
+        ``n_levels`` tuples ``(fz, fy, fx)`` (fewer when the image becomes too small).
+    """
+    current = np.asarray(spacing, dtype=np.float64).copy()
+    size = np.asarray(shape, dtype=np.int64).copy()
+    out: list[tuple[int, int, int]] = [(1, 1, 1)]
+    while len(out) < n_levels:
+        factors = np.where(current < current.max() / 1.5, 2, 1)
+        if np.all(factors == 1):
+            factors = np.full(3, 2)
+        factors = np.where(size // factors >= 8, factors, 1)
+        if np.all(factors == 1):
+            break
+        current = current * factors
+        size = -(-size // factors)
+        out.append(tuple(int(f) for f in factors))  # type: ignore[arg-type]
+    return out
+
+
+def downsample(array: np.ndarray, factors: Sequence[int], labels: bool = False) -> np.ndarray:
+    """Downsample a ``(Z, Y, X)`` array by integer ``factors``: block mean, or strided pick for labels.
+
+    The output has ``ceil(n / f)`` voxels per axis; a partial edge block is padded by repeating its
+    last voxel. Intensity output is float32.
+    """
+    arr = np.asarray(array)
+    if labels:
+        return arr[tuple(slice(None, None, f) for f in factors)]
+    fz, fy, fx = (int(f) for f in factors)
+    pad = [(0, (-n) % f) for n, f in zip(arr.shape, (fz, fy, fx), strict=True)]
+    padded = np.pad(arr.astype(np.float32), pad, mode="edge")
+    z, y, x = (n // f for n, f in zip(padded.shape, (fz, fy, fx), strict=True))
+    return padded.reshape(z, fz, y, fy, x, fx).mean(axis=(1, 3, 5))
+
+
+def downsampled_grid(grid: Grid, factors: Sequence[int], shape: Sequence[int]) -> Grid:
+    """Grid of a level downsampled by ``factors`` whose voxel 0 covers source voxels ``0..f-1``.
+
+    The new voxel centre lies at source index ``(f - 1) / 2``; spacing is multiplied by ``f``.
+    """
+    f = np.asarray(factors, dtype=np.float64)
+    affine = grid.affine.copy()
+    affine[:3, :3] = grid.linear * f[None, :]
+    affine[:3, 3] = grid.index_to_world((f - 1.0) / 2.0)
+    return Grid(tuple(shape), affine, grid.unit)
