@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
 from patchmorph_core.spatial import Grid, resample
 
 

@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from patchmorph_core.errors import InputError
+
 ALIGN_CORNERS: bool = True
 """The one ``align_corners`` setting used with ``grid_sample`` / ``interpolate``: voxel centres at ±1."""
 
@@ -62,7 +64,7 @@ _ANATOMICAL_AXIS: dict[str, tuple[int, float]] = {
 }
 
 
-class SpatialError(ValueError):
+class SpatialError(InputError):
     """An input's spatial description is invalid; the message names the input and the fix."""
 
 
