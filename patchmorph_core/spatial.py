@@ -452,3 +452,63 @@ def sample_field(field_array: np.ndarray, grid: Grid, world: np.ndarray) -> np.n
         for k in range(3)
     ]
     return np.stack(comps, axis=-1).reshape(np.shape(world))
+
+
+# -- NIfTI / NRRD headers → our frame ------------------------------------------------------------------
+_REVERSE4 = np.array([[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]], dtype=np.float64)
+"""Permutation that reverses the first three homogeneous components: (i, j, k) ↔ (k, j, i)."""
+
+NRRD_SPACE_TO_RAS: dict[str, np.ndarray] = {
+    "right-anterior-superior": np.diag([1.0, 1.0, 1.0]),
+    "ras": np.diag([1.0, 1.0, 1.0]),
+    "left-anterior-superior": np.diag([-1.0, 1.0, 1.0]),
+    "las": np.diag([-1.0, 1.0, 1.0]),
+    "left-posterior-superior": np.diag([-1.0, -1.0, 1.0]),
+    "lps": np.diag([-1.0, -1.0, 1.0]),
+}
+"""NRRD ``space`` names → 3×3 matrix that turns that space's ``(x, y, z)`` vectors into RAS ``(R, A, S)``."""
+
+
+def grid_affine_from_ras(affine_ijk_to_ras: np.ndarray) -> np.ndarray:
+    """Our index→world affine from a NIfTI-style index→RAS+ affine.
+
+    Args:
+        affine_ijk_to_ras: 4×4 matrix mapping file indices ``(i, j, k)`` (i fastest on disk) to RAS+
+            world ``(R, A, S)``, as in a NIfTI ``sform``/``qform`` or nibabel's ``img.affine``.
+
+    Returns:
+        4×4 matrix mapping our indices ``(z, y, x) = (k, j, i)`` (the file array with its axes
+        reversed) to world ``(S, A, R)`` — the RAS+ frame in our ``(z, y, x)`` component order.
+    """
+    affine = np.asarray(affine_ijk_to_ras, dtype=np.float64)
+    if affine.shape != (4, 4):
+        raise SpatialError("a NIfTI/NRRD affine must be a 4x4 matrix; check the file's header.")
+    return _REVERSE4 @ affine @ _REVERSE4
+
+
+def ras_affine_from_nrrd(space: str, space_directions: np.ndarray, space_origin: np.ndarray) -> np.ndarray:
+    """NIfTI-style 4×4 index ``(i, j, k)`` → RAS+ ``(R, A, S)`` affine from NRRD header fields.
+
+    Args:
+        space: NRRD ``space`` (e.g. ``"left-posterior-superior"``; case-insensitive).
+        space_directions: ``(3, 3)`` NRRD ``space directions``; row ``d`` is the step in ``space`` per
+            index step along file axis ``d``.
+        space_origin: ``(3,)`` NRRD ``space origin`` (world position of voxel ``(0, 0, 0)``).
+
+    Returns:
+        4×4 float64 matrix; feed it to :func:`grid_affine_from_ras` for our frame.
+    """
+    to_ras = NRRD_SPACE_TO_RAS.get(str(space).lower())
+    if to_ras is None:
+        raise SpatialError(
+            f"unsupported NRRD space {space!r}: use one of {', '.join(sorted(NRRD_SPACE_TO_RAS))}, "
+            "or pass an orientation code."
+        )
+    directions = np.asarray(space_directions, dtype=np.float64)
+    origin = np.asarray(space_origin, dtype=np.float64)
+    if directions.shape != (3, 3) or origin.shape != (3,):
+        raise SpatialError("NRRD 'space directions' must be 3x3 and 'space origin' 3 numbers for a 3-D image.")
+    affine = np.eye(4)
+    affine[:3, :3] = to_ras @ directions.T
+    affine[:3, 3] = to_ras @ origin
+    return affine
