@@ -108,7 +108,7 @@ def check_spacing(spacing: Sequence[float], what: str = "voxel size") -> np.ndar
     arr = np.asarray(spacing, dtype=np.float64)
     if arr.shape != (3,) or not np.all(np.isfinite(arr)) or np.any(arr <= 0):
         raise SpatialError(
-            f"invalid {what} {list(np.atleast_1d(arr))}: give three finite positive numbers (z, y, x)."
+            f"invalid {what} {np.atleast_1d(arr).tolist()}: give three finite positive numbers (z, y, x)."
         )
     return arr
 

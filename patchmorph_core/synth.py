@@ -92,7 +92,9 @@ def random_intensities(labels: Sequence[int], rng: np.random.Generator) -> dict[
     return {int(label): float(rng.uniform()) for label in sorted(int(v) for v in labels)}
 
 
-def _smooth_noise(shape: Sequence[int], rng: np.random.Generator, cell_vox: float, channels: int) -> np.ndarray:
+def _smooth_noise(
+    shape: Sequence[int], rng: np.random.Generator, cell_vox: float, channels: int
+) -> np.ndarray:
     """``(channels, *shape)`` float32 smooth noise: N(0, 1) on a coarse lattice of ``cell_vox``, cubic upsampling."""
     shape_arr = np.asarray(shape, dtype=np.int64)
     coarse = np.maximum(2, np.ceil(shape_arr / max(cell_vox, 1.0)).astype(int) + 1)

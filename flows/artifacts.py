@@ -1,0 +1,100 @@
+"""Run reports: a markdown table of per-item metrics and the QC images, as files and as Prefect artifacts.
+
+Files go next to the outputs (``<out>/report.md``, ``<out>/report.json``); the Prefect artifacts are
+the same markdown (the table, and per item its QC figures embedded as PNG data URIs, so they show in
+the Prefect UI without any file server).
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+from prefect.artifacts import create_markdown_artifact
+
+from flows.records import ItemError, ItemResult
+
+logger = logging.getLogger(__name__)
+
+QC_ORDER = ("overlay", "checkerboard", "jacobian", "uncertainty")
+
+
+def artifact_key(*parts: str) -> str:
+    """A Prefect artifact key (lowercase letters, digits and dashes) from free text."""
+    return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")[:100]
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def metrics_table(results: Sequence[ItemResult], errors: Sequence[ItemError]) -> str:
+    """Markdown table: one row per item (status, every metric, wall time), failed items with their error."""
+    names = sorted({key for r in results for key in r.metrics})
+    header = ["item", "status", *names, "seconds", "error"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in results:
+        row = [r.name, r.status, *(_cell(r.metrics.get(k, "")) for k in names), _cell(r.seconds), ""]
+        lines.append("| " + " | ".join(_cell(v) for v in row) + " |")
+    for e in errors:
+        row = [e.name, f"failed ({e.step})", *([""] * len(names)), "", f"{e.error_type}: {e.message}"]
+        lines.append("| " + " | ".join(_cell(v) for v in row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def qc_markdown(result: ItemResult, embed: bool = True) -> str:
+    """Markdown of one item's QC figures: embedded PNG data URIs (``embed``) or relative file links."""
+    parts = [f"## {result.name}\n"]
+    for kind in sorted(result.qc, key=lambda k: QC_ORDER.index(k) if k in QC_ORDER else len(QC_ORDER)):
+        path = Path(result.qc[kind])
+        if embed:
+            data = base64.b64encode(path.read_bytes()).decode()
+            target = f"data:image/png;base64,{data}"
+        else:
+            target = str(path)
+        parts.append(f"**{kind}** (`{path}`)\n\n![{kind}]({target})\n")
+    return "\n".join(parts)
+
+
+def write_report(out: Path, title: str, results: Sequence[ItemResult], errors: Sequence[ItemError]) -> Path:
+    """Write ``<out>/report.md``: the metrics table and links to every item's QC figures."""
+    text = [f"# {title}\n", metrics_table(results, errors)]
+    text += [qc_markdown(r.model_copy(update={"qc": _relative(r.qc, out)}), embed=False) for r in results]
+    path = out / "report.md"
+    path.write_text("\n".join(text))
+    return path
+
+
+def _relative(figures: dict[str, Path], root: Path) -> dict[str, Path]:
+    out = {}
+    for kind, path in figures.items():
+        try:
+            out[kind] = Path(path).resolve().relative_to(root.resolve())
+        except ValueError:
+            out[kind] = Path(path)
+    return out
+
+
+def publish(flow_name: str, results: Sequence[ItemResult], errors: Sequence[ItemError]) -> list[str]:
+    """Create the Prefect artifacts of a run: the metrics table and one QC artifact per computed item.
+
+    Returns:
+        The artifact keys.
+    """
+    keys = [artifact_key(flow_name, "metrics")]
+    create_markdown_artifact(
+        key=keys[0], markdown=metrics_table(results, errors), description=f"{flow_name}: per-item metrics"
+    )
+    for result in results:
+        if result.status != "done" or not result.qc:
+            continue
+        key = artifact_key(flow_name, "qc", result.name)
+        create_markdown_artifact(key=key, markdown=qc_markdown(result), description=f"QC of {result.name}")
+        keys.append(key)
+    logger.info("published artifacts %s", ", ".join(keys))
+    return keys

@@ -1,0 +1,189 @@
+"""The manifest of the atlas-to-section flow: which brains or sections to align, with their geometry.
+
+A manifest is a YAML file (a list of items, or a mapping with an ``items`` list) or a CSV file (one
+row per item; columns ``path``, ``name``, ``voxel_size``, ``unit``, ``orientation``, ``labels``; the
+voxel size is three numbers ``z y x`` separated by spaces, ``x`` or ``;``). Relative paths are taken
+from the manifest's folder. Example (YAML)::
+
+    - path: brains/brain01.ome.zarr           # OME-Zarr carries its own geometry
+    - path: brains/brain02_planes/             # a TIFF plane folder needs voxel size and orientation
+      voxel_size: [50, 40, 40]                 # (z, y, x)
+      unit: micrometer
+      orientation: psl
+      labels: brains/brain02_labels.nii.gz     # optional: the sample's own labels, scored by Dice
+
+An item whose entry is invalid does not stop the batch: :func:`load_manifest` returns it as a
+:class:`ManifestProblem`, which the flow reports as that item's error record.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+from patchmorph_core.errors import InputError
+from patchmorph_core.spatial import check_spacing, orientation_matrix, unit_scale
+
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+class ManifestItem(BaseModel):
+    """One brain or section to align to the atlas.
+
+    Attributes:
+        name: output folder name (default: the file name without extensions); unique in a manifest.
+        path: the image (OME-Zarr, NIfTI, NRRD, TIFF stack or TIFF plane folder).
+        voxel_size: ``(z, y, x)`` voxel size in ``unit``; needed when the file does not carry it.
+        unit: physical unit of ``voxel_size`` (None: the file's, micrometer for TIFF).
+        orientation: anatomical orientation code (brainglobe convention, e.g. ``"psl"``).
+        labels: optional label map of the sample itself; when given, Dice against the warped atlas labels
+            is reported.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    path: Path
+    voxel_size: tuple[float, float, float] | None = None
+    unit: str | None = None
+    orientation: str | None = None
+    labels: Path | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        cleaned = _SAFE_NAME.sub("_", value).strip("._")
+        if not cleaned:
+            raise ValueError(f"name {value!r} has no usable characters; use letters, digits, '-', '_'")
+        return cleaned
+
+    @field_validator("voxel_size")
+    @classmethod
+    def _positive(cls, value: tuple[float, float, float] | None) -> tuple[float, float, float] | None:
+        if value is not None:
+            check_spacing(value)
+        return value
+
+    @field_validator("unit")
+    @classmethod
+    def _known_unit(cls, value: str | None) -> str | None:
+        if value is not None:
+            unit_scale(value, value)
+        return value
+
+    @field_validator("orientation")
+    @classmethod
+    def _known_orientation(cls, value: str | None) -> str | None:
+        if value is not None:
+            orientation_matrix(value)
+            return value.lower()
+        return value
+
+
+class ManifestProblem(BaseModel):
+    """A manifest entry that could not be read as a :class:`ManifestItem`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    message: str
+
+
+def default_name(path: str | Path) -> str:
+    """Item name from a path: the file or folder name without ``.ome.zarr``, ``.zarr``, ``.nii.gz`` etc."""
+    name = Path(str(path).rstrip("/")).name
+    for suffix in (".ome.zarr", ".zarr", ".nii.gz", ".nii", ".nrrd", ".tiff", ".tif"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _parse_voxel_size(value: Any) -> Any:
+    """CSV voxel size ``"50 40 40"`` / ``"50x40x40"`` / ``"50;40;40"`` → list of three strings."""
+    if isinstance(value, str):
+        text = value.strip()
+        return [part for part in re.split(r"[\sx;]+", text) if part] if text else None
+    return value
+
+
+def _rows_from_file(path: Path) -> list[dict[str, Any]]:
+    """Raw entries of a YAML or CSV manifest (structure errors raise :class:`InputError`)."""
+    if not path.is_file():
+        raise InputError(f"manifest {path} does not exist: give the path of a YAML or CSV manifest file.")
+    if path.suffix.lower() == ".csv":
+        with path.open(newline="") as handle:
+            rows = [
+                {k.strip(): (v.strip() if isinstance(v, str) else v) for k, v in row.items() if k}
+                for row in csv.DictReader(handle)
+            ]
+        return [{k: v for k, v in row.items() if v not in ("", None)} for row in rows]
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise InputError(f"manifest {path} is not valid YAML ({err}): fix its syntax.") from err
+    if isinstance(data, dict) and set(data) == {"items"}:
+        data = data["items"]
+    if not isinstance(data, list) or not all(isinstance(row, dict) for row in data):
+        raise InputError(
+            f"manifest {path} must be a list of items (each a mapping with at least 'path'), "
+            "or a mapping with one key 'items' holding that list."
+        )
+    return data
+
+
+def _item_from_row(row: dict[str, Any], folder: Path, index: int) -> ManifestItem | ManifestProblem:
+    """Validate one raw entry; relative paths are resolved against ``folder``."""
+    entry = dict(row)
+    raw_path = entry.get("path")
+    name = str(entry.get("name") or (default_name(raw_path) if raw_path else f"item{index:03d}"))
+    if not raw_path:
+        return ManifestProblem(name=name, message=f"manifest item {index} has no 'path': add the image path.")
+    entry["name"] = name
+    entry["path"] = folder / str(raw_path)
+    if entry.get("labels"):
+        entry["labels"] = folder / str(entry["labels"])
+    if "voxel_size" in entry:
+        entry["voxel_size"] = _parse_voxel_size(entry["voxel_size"])
+    try:
+        return ManifestItem.model_validate(entry)
+    except ValidationError as err:
+        first = err.errors()[0]
+        key = ".".join(str(p) for p in first["loc"]) or "<item>"
+        return ManifestProblem(
+            name=name, message=f"manifest item {name!r}: {key} is invalid ({first['msg']}); fix that entry."
+        )
+
+
+def load_manifest(path: str | Path) -> list[ManifestItem | ManifestProblem]:
+    """Read a YAML or CSV manifest.
+
+    Args:
+        path: the manifest file (``.yaml``/``.yml`` or ``.csv``).
+
+    Returns:
+        One :class:`ManifestItem` per valid entry and one :class:`ManifestProblem` per invalid one, in
+        file order. Names are made unique by suffixing ``-2``, ``-3``, ...
+
+    Raises:
+        InputError: the file is missing, unreadable or not a list of items.
+    """
+    path = Path(path)
+    rows = _rows_from_file(path)
+    if not rows:
+        raise InputError(f"manifest {path} lists no items: add at least one item with a 'path'.")
+    folder = path.resolve().parent
+    items: list[ManifestItem | ManifestProblem] = []
+    seen: dict[str, int] = {}
+    for index, row in enumerate(rows):
+        item = _item_from_row(row, folder, index)
+        count = seen.get(item.name, 0) + 1
+        seen[item.name] = count
+        if count > 1:
+            item = item.model_copy(update={"name": f"{item.name}-{count}"})
+        items.append(item)
+    return items

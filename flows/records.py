@@ -1,0 +1,170 @@
+"""Typed per-item records of the flows, and the input fingerprint that lets a rerun skip finished items.
+
+Each item's output folder gets a ``done.json`` written LAST, after every output of the item exists: it
+holds the item's :class:`ItemResult` and the fingerprint of its inputs (file metadata, never voxel
+data) and options. A rerun skips an item whose ``done.json`` fingerprint matches and whose outputs
+exist; anything else (no record, other inputs, other options, a missing output) is recomputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+DONE_FILE = "done.json"
+"""Name of the completion record inside an item's output folder."""
+
+_METADATA_FILES = ("zarr.json", ".zattrs", ".zgroup", ".zarray")
+
+
+class ItemResult(BaseModel):
+    """The outputs of one finished (or skipped) item.
+
+    Attributes:
+        name: item name (its output folder).
+        status: ``"done"`` (computed in this run) or ``"skipped"`` (outputs of an earlier run reused).
+        out_dir: the item's output folder.
+        outputs: output paths by role (``fixed``, ``field``, ``warped``, ``warped_labels``, ...).
+        qc: QC figure paths by kind (``overlay``, ``checkerboard``, ``jacobian``, ``uncertainty``).
+        metrics: scalar quality metrics (NCC, folding percent, Jacobian range, mean Dice, ...).
+        seconds: wall time of the item in the run that computed it.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    status: Literal["done", "skipped"] = "done"
+    out_dir: Path
+    outputs: dict[str, Path] = Field(default_factory=dict)
+    qc: dict[str, Path] = Field(default_factory=dict)
+    metrics: dict[str, float] = Field(default_factory=dict)
+    seconds: float = 0.0
+
+
+class ItemError(BaseModel):
+    """Why one item failed; the rest of the batch went on.
+
+    Attributes:
+        name: item name.
+        step: the step that failed (``manifest``, ``convert``, ``register``, ``warp``, ``qc``, ``metrics``).
+        error_type: exception class name.
+        message: the exception's message.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    status: Literal["failed"] = "failed"
+    step: str
+    error_type: str
+    message: str
+
+
+class Outcomes(BaseModel):
+    """The records of a group of items: one result or one error per item."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    results: list[ItemResult] = Field(default_factory=list)
+    errors: list[ItemError] = Field(default_factory=list)
+
+
+class RunReport(Outcomes):
+    """Outcome of one flow run (also written as ``report.json`` in the output folder).
+
+    Attributes:
+        flow: flow name.
+        inputs: the run's main parameters (paths as given).
+        out: output folder.
+        report: the markdown report file.
+        artifacts: keys of the Prefect artifacts published.
+    """
+
+    flow: str
+    inputs: dict[str, str]
+    out: Path
+    report: Path | None = None
+    artifacts: list[str] = Field(default_factory=list)
+
+    @property
+    def n_done(self) -> int:
+        """Items computed in this run."""
+        return sum(r.status == "done" for r in self.results)
+
+    @property
+    def n_skipped(self) -> int:
+        """Items whose earlier outputs were reused."""
+        return sum(r.status == "skipped" for r in self.results)
+
+
+def _path_metadata(path: Path) -> dict[str, Any]:
+    """Cheap description of an input that changes when the input does (no voxel data is read).
+
+    Files: size and modification time. Folders (OME-Zarr stores, TIFF plane folders): the contents of
+    the Zarr metadata documents at the top and one level down, plus the names and sizes of the
+    top-level files.
+    """
+    if path.is_file():
+        stat = path.stat()
+        return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    if not path.is_dir():
+        return {"path": str(path), "missing": True}
+    digest = hashlib.sha256()
+    for folder in [path, *sorted(p for p in path.iterdir() if p.is_dir())]:
+        for name in _METADATA_FILES:
+            doc = folder / name
+            if doc.is_file():
+                digest.update(str(doc.relative_to(path)).encode())
+                digest.update(doc.read_bytes())
+    with os.scandir(path) as entries:
+        files = sorted((e.name, e.stat().st_size) for e in entries if e.is_file())
+    digest.update(json.dumps(files).encode())
+    return {"path": str(path.resolve()), "metadata_sha256": digest.hexdigest()}
+
+
+def fingerprint(inputs: dict[str, str | Path | None], options: dict[str, Any]) -> str:
+    """SHA-256 of the inputs' metadata and the options that shape the outputs.
+
+    Args:
+        inputs: input paths by role (None entries are recorded as absent).
+        options: JSON-serialisable options (e.g. ``model.model_dump(mode="json")``).
+    """
+    described = {
+        role: (None if value is None else _path_metadata(Path(value))) for role, value in sorted(inputs.items())
+    }
+    text = json.dumps({"inputs": described, "options": options}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def write_done(out_dir: Path, result: ItemResult, key: str) -> Path:
+    """Write the completion record of an item (atomically, after all its outputs exist)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / DONE_FILE
+    tmp = out_dir / f".{DONE_FILE}.{uuid.uuid4().hex}.tmp"
+    tmp.write_text(json.dumps({"fingerprint": key, "result": result.model_dump(mode="json")}, indent=1))
+    os.replace(tmp, path)
+    return path
+
+
+def finished_result(out_dir: Path, key: str) -> ItemResult | None:
+    """The earlier result of an item when its record matches ``key`` and its outputs still exist."""
+    path = out_dir / DONE_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        result = ItemResult.model_validate(record["result"])
+    except (ValueError, KeyError, TypeError):
+        return None
+    if record.get("fingerprint") != key:
+        return None
+    paths = [*result.outputs.values(), *result.qc.values()]
+    if not all(Path(p).exists() for p in paths):
+        return None
+    return result.model_copy(update={"status": "skipped"})

@@ -1,0 +1,47 @@
+"""The flows' Dask task runner (local cluster or SLURM, from one config) and the end-of-run report."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+from prefect_dask import DaskTaskRunner
+
+from flows.artifacts import publish, write_report
+from flows.records import Outcomes, RunReport
+from pipeline.cluster import ClusterConfig, open_client
+
+logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def dask_task_runner(config: ClusterConfig) -> Iterator[DaskTaskRunner]:
+    """A ``DaskTaskRunner`` connected to the cluster ``config`` describes; the cluster closes on exit.
+
+    The same flow code runs on a ``LocalCluster`` (``kind: local``), on SLURM jobs through dask-jobqueue
+    (``kind: slurm``, ``configs/cluster/slurm.yaml``) or on a running scheduler (``kind: address``):
+    :func:`pipeline.cluster.open_client` starts (and stops) it, the runner connects by address.
+    """
+    with open_client(config) as (client, info):
+        logger.info("tasks run on a %s Dask cluster (%d workers) %s", info.kind, info.workers, info.dashboard)
+        yield DaskTaskRunner(address=client.scheduler.address)
+
+
+def finish_run(flow: str, inputs: dict[str, str], out: Path, outcomes: Outcomes) -> RunReport:
+    """Write ``report.md`` and ``report.json`` into ``out`` and publish the Prefect artifacts."""
+    out.mkdir(parents=True, exist_ok=True)
+    report_md = write_report(out, f"{flow}: {len(outcomes.results)} aligned, {len(outcomes.errors)} failed",
+                             outcomes.results, outcomes.errors)
+    keys = publish(flow, outcomes.results, outcomes.errors)
+    report = RunReport(
+        flow=flow, inputs=inputs, out=out, results=outcomes.results, errors=outcomes.errors,
+        report=report_md, artifacts=keys,
+    )
+    (out / "report.json").write_text(report.model_dump_json(indent=1))
+    logger.info(
+        "%s: %d done, %d skipped, %d failed; report %s", flow, report.n_done, report.n_skipped,
+        len(report.errors), report_md,
+    )
+    return report

@@ -1,0 +1,298 @@
+"""Wiring shared by the registration flows: typed jobs, stage-by-stage fan-out, per-item records.
+
+A :class:`ItemJob` is one registration (fixed ← moving, plus optional label maps) with its output
+folder. :func:`run_jobs` takes a list of jobs through the steps convert → register → warp (image and
+labels) → QC and metrics, one step at a time for a group of at most ``max_parallel`` jobs: the tasks of
+one step are submitted together to the flow's task runner (Dask), their results collected, and a job
+whose task failed leaves the group with an :class:`~flows.records.ItemError` naming that step; the
+others go on. Jobs whose ``done.json`` matches their inputs and options are skipped, and a converted
+input whose ``<target>.source.json`` matches its source is reused, so a rerun resumes.
+
+Output folder of a job::
+
+    <out_dir>/field.ome.zarr           displacement field (+ uncertainty child image)
+    <out_dir>/warped.ome.zarr          moving image on the fixed grid
+    <out_dir>/warped_labels.ome.zarr   moving labels on the fixed grid (when given)
+    <out_dir>/qc/*.png                 overlay, checkerboard, jacobian, uncertainty
+    <out_dir>/metrics.json             scalar metrics
+    <out_dir>/done.json                completion record (written last)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from prefect import Task
+from prefect.futures import PrefectFuture, wait
+from pydantic import BaseModel, ConfigDict
+
+from flows.config import Geometry, StepOptions
+from flows.records import ItemError, ItemResult, fingerprint, finished_result, write_done
+from flows.tasks import convert_task, metrics_task, qc_task, register_task, warp_task
+
+logger = logging.getLogger(__name__)
+
+_ZARR_MARKERS = ("zarr.json", ".zattrs", ".zgroup")
+
+
+class ImageInput(BaseModel):
+    """An input image or label map and where its OME-Zarr 0.5 copy goes when it must be converted.
+
+    Attributes:
+        path: the input as the user gave it.
+        geometry: voxel size, unit, orientation for inputs that do not carry them.
+        converted: where the converted copy is written (unused when ``path`` is already OME-Zarr and
+            ``geometry`` asks for nothing).
+        labels: a label map (nearest-neighbour pyramid, integer dtype kept).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    path: Path
+    geometry: Geometry = Geometry()
+    converted: Path
+    labels: bool = False
+
+    @property
+    def needs_conversion(self) -> bool:
+        """False when ``path`` is an OME-Zarr group and no geometry override is given."""
+        is_zarr = self.path.is_dir() and any((self.path / m).is_file() for m in _ZARR_MARKERS)
+        overrides = self.geometry.voxel_size is not None or self.geometry.orientation is not None
+        return not is_zarr or overrides
+
+    @property
+    def ready(self) -> Path:
+        """The OME-Zarr image the registration reads."""
+        return self.converted if self.needs_conversion else self.path
+
+
+class ItemJob(BaseModel):
+    """One registration: ``moving`` (e.g. the atlas) aligned onto ``fixed`` (e.g. a sample)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    out_dir: Path
+    fixed: ImageInput
+    moving: ImageInput
+    fixed_labels: ImageInput | None = None
+    moving_labels: ImageInput | None = None
+
+    @property
+    def field(self) -> Path:
+        """Output displacement field."""
+        return self.out_dir / "field.ome.zarr"
+
+    @property
+    def warped(self) -> Path:
+        """Output moving image on the fixed grid."""
+        return self.out_dir / "warped.ome.zarr"
+
+    @property
+    def warped_labels(self) -> Path | None:
+        """Output moving labels on the fixed grid (None without moving labels)."""
+        return self.out_dir / "warped_labels.ome.zarr" if self.moving_labels else None
+
+    def inputs(self) -> dict[str, ImageInput]:
+        """The job's inputs by role."""
+        roles = {"fixed": self.fixed, "moving": self.moving}
+        if self.fixed_labels:
+            roles["fixed_labels"] = self.fixed_labels
+        if self.moving_labels:
+            roles["moving_labels"] = self.moving_labels
+        return roles
+
+    def key(self, options: StepOptions) -> str:
+        """Fingerprint of the inputs' metadata, their geometry and the options that shape the outputs."""
+        inputs = self.inputs()
+        settings = {
+            "geometry": {role: image.geometry.model_dump(mode="json") for role, image in inputs.items()},
+            "inference": options.inference.model_dump(mode="json"),
+            "qc": options.qc,
+        }
+        return fingerprint({role: image.path for role, image in inputs.items()}, settings)
+
+
+def _fail(job: ItemJob, step: str, error: BaseException) -> ItemError:
+    logger.warning("item %s failed at %s: %s: %s", job.name, step, type(error).__name__, error)
+    return ItemError(name=job.name, step=step, error_type=type(error).__name__, message=str(error))
+
+
+def _collect(futures: dict[str, PrefectFuture[Any]]) -> dict[str, Any]:
+    """Wait for all futures; the value of each, or the exception it failed with."""
+    wait(list(futures.values()))
+    return {key: future.result(raise_on_failure=False) for key, future in futures.items()}
+
+
+def _step(
+    jobs: list[ItemJob],
+    step: str,
+    submit: Callable[[ItemJob], dict[str, PrefectFuture[Any]]],
+    errors: list[ItemError],
+) -> tuple[list[ItemJob], dict[str, dict[str, Any]]]:
+    """Submit one step for every job, then keep the jobs whose tasks all succeeded.
+
+    Returns:
+        The surviving jobs and, by job name, the values of that job's tasks (by task key).
+    """
+    futures = {job.name: submit(job) for job in jobs}
+    flat = {f"{name}\0{key}": fut for name, futs in futures.items() for key, fut in futs.items()}
+    values = _collect(flat)
+    survivors: list[ItemJob] = []
+    by_job: dict[str, dict[str, Any]] = {}
+    for job in jobs:
+        results = {key: values[f"{job.name}\0{key}"] for key in futures[job.name]}
+        failure = next((v for v in results.values() if isinstance(v, BaseException)), None)
+        if failure is not None:
+            errors.append(_fail(job, step, failure))
+            continue
+        survivors.append(job)
+        by_job[job.name] = results
+    return survivors, by_job
+
+
+def _source_record(image: ImageInput) -> Path:
+    return image.converted.with_name(image.converted.name + ".source.json")
+
+
+def _conversion_key(image: ImageInput) -> str:
+    return fingerprint({"source": image.path}, {"geometry": image.geometry.model_dump(mode="json")})
+
+
+def _convert_inputs(
+    jobs: list[ItemJob], convert: Task[..., Path], errors: list[ItemError]
+) -> list[ItemJob]:
+    """Convert every input that needs it, once per target (a shared atlas is converted once)."""
+    pending: dict[Path, ImageInput] = {}
+    for job in jobs:
+        for image in job.inputs().values():
+            record = _source_record(image)
+            up_to_date = (
+                image.converted.exists()
+                and record.is_file()
+                and json.loads(record.read_text()).get("fingerprint") == _conversion_key(image)
+            )
+            if image.needs_conversion and not up_to_date:
+                pending[image.converted] = image
+    futures = {
+        str(target): convert.submit(
+            image.path,
+            target,
+            image.geometry.voxel_size,
+            image.geometry.unit,
+            image.geometry.orientation,
+            image.labels,
+        )
+        for target, image in pending.items()
+    }
+    values = _collect(futures)
+    for target, image in pending.items():
+        if not isinstance(values[str(target)], BaseException):
+            _source_record(image).write_text(json.dumps({"fingerprint": _conversion_key(image)}))
+    survivors = []
+    for job in jobs:
+        failed = [values[str(img.converted)] for img in job.inputs().values() if str(img.converted) in values]
+        failure = next((v for v in failed if isinstance(v, BaseException)), None)
+        if failure is None:
+            survivors.append(job)
+        else:
+            errors.append(_fail(job, "convert", failure))
+    return survivors
+
+
+def _finish(job: ItemJob, key: str, qc_record: Any, metrics: dict[str, float], seconds: float) -> ItemResult:
+    """Write ``metrics.json`` and the completion record of a finished job."""
+    outputs = {"fixed": job.fixed.ready, "field": job.field, "warped": job.warped}
+    if job.warped_labels is not None:
+        outputs["warped_labels"] = job.warped_labels
+    metrics_path = job.out_dir / "metrics.json"
+    metrics_path.write_text(json.dumps(metrics, indent=1, sort_keys=True))
+    outputs["metrics"] = metrics_path
+    figures = dict(qc_record.figures) if qc_record is not None else {}
+    result = ItemResult(
+        name=job.name, out_dir=job.out_dir, outputs=outputs, qc=figures, metrics=metrics, seconds=seconds
+    )
+    write_done(job.out_dir, result, key)
+    return result
+
+
+def run_jobs(
+    jobs: Sequence[ItemJob], options: StepOptions, max_parallel: int
+) -> tuple[list[ItemResult], list[ItemError]]:
+    """Take jobs through every step on the current flow's task runner; never raises for one bad job.
+
+    Args:
+        jobs: the registrations to run (names unique).
+        options: registration, retry and QC options.
+        max_parallel: jobs in flight at once; groups of this size go through all steps in turn.
+
+    Returns:
+        ``(results, errors)``: one record per job, in job order within each list.
+    """
+    retry = {"retries": options.retries, "retry_delay_seconds": options.retry_delay_seconds}
+    convert, register, warp = (t.with_options(**retry) for t in (convert_task, register_task, warp_task))
+    make_qc, metrics = (t.with_options(**retry) for t in (qc_task, metrics_task))
+    results: list[ItemResult] = []
+    errors: list[ItemError] = []
+    keys: dict[str, str] = {}
+    todo: list[ItemJob] = []
+    for job in jobs:
+        keys[job.name] = job.key(options)
+        earlier = None if options.overwrite else finished_result(job.out_dir, keys[job.name])
+        if earlier is not None:
+            logger.info("item %s: outputs exist and match their inputs, skipped", job.name)
+            results.append(earlier)
+        else:
+            todo.append(job)
+    for start in range(0, len(todo), max_parallel):
+        group = todo[start : start + max_parallel]
+        began = time.monotonic()
+        for job in group:
+            job.out_dir.mkdir(parents=True, exist_ok=True)
+        group = _convert_inputs(group, convert, errors)
+        group, _ = _step(
+            group,
+            "register",
+            lambda j: {
+                "field": register.submit(
+                    j.fixed.ready,
+                    j.moving.ready,
+                    j.field,
+                    options.inference,
+                    options.chunk_size,
+                    options.register_cluster,
+                    options.register_workers,
+                )
+            },
+            errors,
+        )
+        group, _ = _step(group, "warp", lambda j: _submit_warps(j, warp, options), errors)
+        group, values = _step(group, "qc", lambda j: _submit_checks(j, make_qc, metrics, options.qc), errors)
+        seconds = time.monotonic() - began
+        for job in group:
+            out = values[job.name]
+            results.append(_finish(job, keys[job.name], out.get("qc"), out["metrics"], seconds))
+    return results, errors
+
+
+def _submit_warps(job: ItemJob, warp: Task[..., Any], options: StepOptions) -> dict[str, PrefectFuture[Any]]:
+    shared = (job.fixed.ready, options.chunk_size, options.register_cluster, options.register_workers)
+    futures = {"image": warp.submit(job.field, job.moving.ready, job.warped, False, *shared)}
+    if job.moving_labels is not None and job.warped_labels is not None:
+        futures["labels"] = warp.submit(job.field, job.moving_labels.ready, job.warped_labels, True, *shared)
+    return futures
+
+
+def _submit_checks(
+    job: ItemJob, make_qc: Task[..., Any], metrics: Task[..., Any], with_qc: bool
+) -> dict[str, PrefectFuture[Any]]:
+    fixed_labels = job.fixed_labels.ready if job.fixed_labels else None
+    futures = {"metrics": metrics.submit(job.fixed.ready, job.warped, job.field, fixed_labels, job.warped_labels)}
+    if with_qc:
+        futures["qc"] = make_qc.submit(job.fixed.ready, job.warped, job.field, job.out_dir / "qc", job.warped_labels)
+    return futures

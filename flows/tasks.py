@@ -1,0 +1,121 @@
+"""Thin Prefect tasks: each wraps ONE plain function of ``pipeline/`` that also runs without Prefect.
+
+The tasks retry on transient failures only (:func:`retry_on_transient`: I/O errors other than a missing
+or forbidden path, timeouts, lost connections); bad input (:class:`~patchmorph_core.errors.InputError`)
+fails at once. Retries and delays are set per flow run with ``task.with_options(...)``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import Task, task
+from prefect.client.schemas.objects import State, TaskRun
+
+from patchmorph_core.config import InferenceConfig
+from pipeline import qc
+from pipeline.importers import convert
+from pipeline.register import register_files
+from pipeline.warp import warp_files
+
+_PERMANENT_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+def is_transient(error: BaseException | None) -> bool:
+    """True for errors worth a retry: I/O hiccups, timeouts, dropped connections (not a bad path)."""
+    return isinstance(error, OSError | TimeoutError) and not isinstance(error, _PERMANENT_OS_ERRORS)
+
+
+def retry_on_transient(task_: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
+    """Prefect ``retry_condition_fn``: retry only when the failure's exception is transient."""
+    error = state.data if isinstance(state.data, BaseException) else None
+    return is_transient(error)
+
+
+_TASK_DEFAULTS: dict[str, Any] = {"retry_condition_fn": retry_on_transient, "persist_result": False}
+
+
+@task(name="convert", **_TASK_DEFAULTS)
+def convert_task(
+    source: Path,
+    target: Path,
+    voxel_size: tuple[float, float, float] | None,
+    unit: str | None,
+    orientation: str | None,
+    labels: bool,
+) -> Path:
+    """:func:`pipeline.importers.convert`: any supported input → OME-Zarr 0.5 at ``target`` (replaced)."""
+    written = convert(
+        source, target, voxel_size=voxel_size, unit=unit, orientation=orientation, overwrite=True, labels=labels
+    )
+    return Path(written)
+
+
+@task(name="register", **_TASK_DEFAULTS)
+def register_task(
+    fixed: Path,
+    moving: Path,
+    out: Path,
+    config: InferenceConfig,
+    chunk_size: int | None,
+    scheduler: str,
+    workers: int | None,
+) -> Any:
+    """:func:`pipeline.register.register_files`: the displacement field of ``moving`` onto ``fixed``.
+
+    The item is being (re)computed, so an earlier field at ``out`` is replaced.
+    """
+    return register_files(
+        fixed,
+        moving,
+        out,
+        config,
+        chunk_size=chunk_size,
+        workers=workers,
+        scheduler=scheduler,
+        overwrite=True,
+        progress=False,
+    )
+
+
+@task(name="warp", **_TASK_DEFAULTS)
+def warp_task(
+    field: Path,
+    moving: Path,
+    out: Path,
+    labels: bool,
+    target: Path,
+    chunk_size: int | None,
+    scheduler: str,
+    workers: int | None,
+) -> Any:
+    """:func:`pipeline.warp.warp_files`: ``moving`` resampled onto ``target``'s grid through ``field``."""
+    return warp_files(
+        field,
+        moving,
+        out,
+        labels=labels,
+        target=target,
+        chunk_size=chunk_size,
+        workers=workers,
+        scheduler=scheduler,
+        overwrite=True,
+        progress=False,
+    )
+
+
+@task(name="qc", **_TASK_DEFAULTS)
+def qc_task(
+    fixed: Path, warped: Path, field: Path, out_dir: Path, warped_labels: Path | None
+) -> qc.QCRecord:
+    """:func:`pipeline.qc.qc_files`: the four QC figures of one registration."""
+    return qc.qc_files(fixed, warped, field, out_dir, warped_labels=warped_labels)
+
+
+@task(name="metrics", **_TASK_DEFAULTS)
+def metrics_task(
+    fixed: Path, warped: Path, field: Path, fixed_labels: Path | None, warped_labels: Path | None
+) -> dict[str, float]:
+    """:func:`pipeline.qc.registration_metrics`: NCC, Jacobian range and folding, Dice when labelled."""
+    return qc.registration_metrics(fixed, warped, field, fixed_labels=fixed_labels, warped_labels=warped_labels)

@@ -1,0 +1,211 @@
+"""Typed configuration of the model, its losses, training and inference (pydantic v2, ``extra="forbid"``).
+
+Every class maps one-to-one onto a YAML file in ``configs/`` (:func:`load_yaml`). The resolved configs
+are stored in every checkpoint (:func:`patchmorph_core.model.save_checkpoint`) and in every output's
+metadata, so a result always says what made it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from patchmorph_core.errors import InputError
+
+
+class _Strict(BaseModel):
+    """Base: unknown keys are errors, values are validated on assignment too."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    """The network cascade.
+
+    Attributes:
+        patch_size: ``P``, voxels per patch edge at every stage (the patch spacing is ``E_s / P``).
+        n_stages: number of coarse-to-fine stages; stage ``s`` covers ``E_0 / 2**s`` world units.
+        affine_stages: the first ``affine_stages`` stages also predict a global affine per patch.
+        network: key of :data:`patchmorph_core.networks.NETWORKS` for the dense displacement network.
+        widths: channels per U-Net level, finest first (encoder; the decoder mirrors it).
+        affine_widths: channels of the affine head's strided encoder, finest first.
+        integrate_steps: scaling-and-squaring steps for the dense part (0 = plain displacement).
+        extent_margin: ``E_0`` = largest world extent of the fixed tissue box times this margin.
+    """
+
+    patch_size: int = Field(32, ge=8, le=256)
+    n_stages: int = Field(3, ge=1, le=8)
+    affine_stages: int = Field(1, ge=0, le=8)
+    network: str = "unet"
+    widths: tuple[int, ...] = (8, 16, 16, 16)
+    affine_widths: tuple[int, ...] = (8, 16, 32, 32)
+    integrate_steps: int = Field(0, ge=0, le=12)
+    extent_margin: float = Field(1.2, ge=1.0, le=4.0)
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        levels = len(self.widths) - 1
+        if not self.widths or any(w < 1 for w in self.widths) or any(w < 1 for w in self.affine_widths):
+            raise ValueError("widths and affine_widths must be positive channel counts")
+        if self.patch_size % (2**levels) != 0:
+            raise ValueError(f"patch_size {self.patch_size} must be divisible by 2**{levels} (U-Net levels)")
+        return self
+
+
+class LossConfig(_Strict):
+    """Similarity and regularizer weights of one cascade stage (the same at every stage).
+
+    Attributes:
+        similarity: ``"ncc"`` (local normalised cross-correlation) or ``"mse"``.
+        ncc_window: local NCC window in patch voxels.
+        smooth_weight: weight of the smoothness term (mean squared world-unit gradient of the
+            displacement, dimensionless so it means the same at every scale).
+        affine_free_smoothness: subtract the patch-mean gradient first, so a global affine is free.
+        fold_weight: weight of the penalty ``relu(fold_eps - det J)`` on the coordinate field.
+        fold_eps: Jacobian determinant below which the fold penalty starts.
+        stage_weights: weight of each stage's loss in the sum (shorter lists repeat their last value).
+    """
+
+    similarity: Literal["ncc", "mse"] = "ncc"
+    ncc_window: int = Field(9, ge=3)
+    smooth_weight: float = Field(1.0, ge=0.0)
+    affine_free_smoothness: bool = True
+    fold_weight: float = Field(10.0, ge=0.0)
+    fold_eps: float = Field(0.05, ge=0.0, le=1.0)
+    stage_weights: tuple[float, ...] = (1.0,)
+
+
+class DataConfig(_Strict):
+    """Where training pairs come from (paths are resolved against the YAML file's folder).
+
+    Attributes:
+        kind: ``"pairs"`` (``pairs`` lists fixed/moving image paths), ``"atlas"`` (``atlas`` against each
+            of ``images``), or ``"synthseg"`` (``images`` are label maps; images are synthesized on the fly).
+        images: image or label-map paths (NIfTI, NRRD or OME-Zarr).
+        pairs: ``[fixed, moving]`` path pairs for ``kind="pairs"``.
+        atlas: the fixed atlas image for ``kind="atlas"``.
+        spacing: resample every volume to this isotropic spacing in ``unit`` before training (None: as is).
+        unit: unit the volumes are expressed in for training.
+        max_rotation_deg: random rotation of the moving image's pose (and of the patch axes).
+        max_translation: random translation of the moving pose, in ``unit``.
+        max_scaling: random isotropic scaling of the moving pose, ``exp(U(-s, s))``.
+        deform_disp_vox: largest random smooth deformation of the moving labels, voxels (synthseg only).
+        refresh_every: synthesize a new image pair every this many steps (synthseg only).
+    """
+
+    kind: Literal["pairs", "atlas", "synthseg"] = "synthseg"
+    images: tuple[str, ...] = ()
+    pairs: tuple[tuple[str, str], ...] = ()
+    atlas: str | None = None
+    spacing: float | None = 2.0
+    unit: str = "millimeter"
+    max_rotation_deg: float = Field(20.0, ge=0.0, le=180.0)
+    max_translation: float = Field(20.0, ge=0.0)
+    max_scaling: float = Field(0.1, ge=0.0, le=1.0)
+    deform_disp_vox: float = Field(3.0, ge=0.0)
+    refresh_every: int = Field(4, ge=1)
+
+
+class TrainConfig(_Strict):
+    """One training run (``patchmorph train --config ...``).
+
+    Attributes:
+        data: training pairs.
+        model: the cascade to train (ignored on ``resume``: the checkpoint's wins).
+        loss: loss weights.
+        steps: optimizer steps in total.
+        batch_size: patch chains per step.
+        lr: Adam learning rate.
+        seed: seeds numpy and torch; a resumed run continues the saved RNG states.
+        device: ``"auto"`` (cuda when available), ``"cpu"`` or ``"cuda"``.
+        amp: mixed precision on CUDA (ignored on CPU).
+        threads: torch CPU threads (None: torch's default).
+        checkpoint: checkpoint path; a loss curve ``<checkpoint>.loss.csv`` is written beside it.
+        checkpoint_every: save every this many steps (and at the end).
+        resume: continue from ``checkpoint`` when it exists.
+        max_patch_rotation_deg: random rotation of each training patch chain.
+    """
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    steps: int = Field(1000, ge=1)
+    batch_size: int = Field(2, ge=1)
+    lr: float = Field(1e-3, gt=0.0)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = True
+    threads: int | None = Field(None, ge=1)
+    checkpoint: str = "checkpoints/patchmorph.pt"
+    checkpoint_every: int = Field(100, ge=1)
+    resume: bool = False
+    max_patch_rotation_deg: float = Field(15.0, ge=0.0, le=180.0)
+
+
+class InferenceConfig(_Strict):
+    """Stochastic patch inference (``patchmorph register``).
+
+    Attributes:
+        weights: checkpoint to load (None: the packaged default model).
+        n_stages: stages to run (None: the model's ``n_stages``).
+        overlap: patch overlap factor; the lattice step is ``extent / overlap`` per axis.
+        max_rotation_deg: random rotation of every inference patch.
+        seed: seeds the lattice jitter and rotations (same inputs and seed → same field).
+        batch_size: patches per network call.
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        field_spacing: spacing of the output field grid in the fixed image's unit (None: from the
+            finest stage's patch spacing).
+    """
+
+    weights: str | None = None
+    n_stages: int | None = Field(None, ge=1, le=8)
+    overlap: float = Field(2.0, ge=1.0, le=8.0)
+    max_rotation_deg: float = Field(10.0, ge=0.0, le=180.0)
+    seed: int = 0
+    batch_size: int = Field(16, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    field_spacing: float | None = Field(None, gt=0.0)
+
+
+ConfigT = TypeVar("ConfigT", bound=BaseModel)
+
+
+def load_yaml(path: str | Path, cls: type[ConfigT]) -> ConfigT:
+    """Read a YAML file into the config class ``cls``.
+
+    Raises:
+        InputError: the file is missing or not YAML, or a key is unknown or a value invalid (the
+            message names the file and the key).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"config file {path} does not exist: give the path of a YAML config file.")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise InputError(f"config file {path} is not valid YAML ({err}): fix its syntax.") from err
+    if not isinstance(data, dict):
+        raise InputError(f"config file {path} must hold a mapping of keys to values at the top level.")
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        key = ".".join(str(p) for p in first["loc"]) or "<top>"
+        raise InputError(
+            f"config file {path}: key {key!r} is invalid ({first['msg']}); fix or remove it "
+            f"(valid keys of {cls.__name__}: {', '.join(cls.model_fields)})."
+        ) from err
+
+
+def resolve_device(device: str) -> str:
+    """``"auto"`` → ``"cuda"`` when a GPU is available, else ``"cpu"``; otherwise ``device`` as given."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError("device 'cuda' was requested but no CUDA GPU is available: use device 'auto' or 'cpu'.")
+    return device

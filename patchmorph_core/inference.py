@@ -1,0 +1,667 @@
+"""Stochastic patch inference: a global jittered patch lattice per stage, patch estimates, and their
+windowed average into a displacement field (Σw·u / Σw), coarse to fine.
+
+The pieces, each usable on its own so that the chunked pipeline (``pipeline/register.py``) runs the very
+same code block by block and :func:`register_arrays` is its one-block case:
+
+1. :func:`stage_lattice` — a **global** lattice over the fixed image's axis-aligned world box. Cell
+   ``(i, j, k)`` holds exactly one patch; its centre is the cell centre jittered uniformly within the cell
+   and its rotation is random up to ``max_rotation_deg``, both drawn from
+   ``np.random.default_rng([seed, stage, i, j, k])``, so no patch depends on how cells are grouped into
+   blocks or chunks. The lattice step is ``extent / overlap``.
+2. :func:`estimate_patches` — per patch: fixed patch ``F(x)``, moving patch ``M(φ(x))`` through the current
+   transform ``φ(x) = x + prior(x)``, network update ``v = model.stage_update(...)`` and the total
+   displacement ``u(x) = v(x) + prior(x + v(x))`` (composition order: the update is applied first, in fixed
+   space, then the coarser transform — the network aligned ``F`` to the already-warped moving patch
+   ``M∘φ``, so ``M(φ(x + v(x)))`` is what matches ``F(x)``).
+3. :func:`accumulate` — each patch's ``u`` is interpolated (trilinear, in patch index coordinates) at the
+   target grid's voxel centres inside the patch and summed with the separable window
+   ``w(i) = ∏ sin²(π i_k / (P − 1))`` over continuous patch indices ``i`` in ``[0, P−1]`` (a Hann window: 1
+   at the patch centre, 0 at the outermost voxel centres and beyond). :class:`FieldSums` holds Σw·u, Σw and
+   Σw·|u|²; sums of disjoint patch sets add up (``+``), and can be cut to any sub-grid (:meth:`FieldSums.crop`).
+4. :func:`finalize` — ``field = Σw·u / Σw`` where ``Σw > eps``, the prior (coarser stage) elsewhere;
+   uncertainty = weighted standard deviation of the estimates, ``sqrt(Σw|u|²/Σw − |Σw·u/Σw|²)`` (world
+   units; the norm over the three components).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import ndimage
+from tqdm.auto import tqdm
+
+from patchmorph_core.config import InferenceConfig, resolve_device
+from patchmorph_core.displacement import (
+    Displacement,
+    FieldDisplacement,
+    TranslationDisplacement,
+    displacement_on_grid,
+)
+from patchmorph_core.sampling import (
+    initial_translation,
+    intensity_range,
+    normalize,
+    sample_patch,
+    tissue_bounds,
+)
+from patchmorph_core.source import MultiscaleImage
+from patchmorph_core.spatial import Grid, index_box, patch_grid, random_rotation
+
+logger = logging.getLogger(__name__)
+
+WEIGHT_EPS: float = 1e-6
+"""Σw below which a field voxel counts as not covered by any patch (it gets the prior)."""
+
+
+# -- the patch lattice -------------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class PatchSpec:
+    """One inference patch.
+
+    Attributes:
+        stage: cascade stage.
+        cell: lattice cell ``(i, j, k)`` the patch belongs to.
+        center: ``(3,)`` world centre ``(z, y, x)``.
+        rotation: ``(3, 3)`` rotation whose columns are the patch axes in world.
+        extent: world size of the patch edge (spacing ``extent / size``).
+        size: voxels per patch edge ``P``.
+        unit: unit of ``center`` and ``extent``.
+    """
+
+    stage: int
+    cell: tuple[int, int, int]
+    center: np.ndarray
+    rotation: np.ndarray
+    extent: float
+    size: int
+    unit: str
+
+    @property
+    def grid(self) -> Grid:
+        """The patch's ``P³`` sampling grid."""
+        return patch_grid(self.center, self.extent, self.size, self.rotation, self.unit)
+
+
+@dataclass(frozen=True, eq=False)
+class PatchLattice:
+    """A stage's global patch lattice: ``counts`` cells of edge ``step`` (world, axis-aligned).
+
+    Cell ``(i, j, k)`` is centred at ``origin + (i, j, k) * step``; see the module docstring for how its
+    patch is drawn.
+    """
+
+    stage: int
+    seed: int
+    origin: np.ndarray
+    step: float
+    counts: tuple[int, int, int]
+    extent: float
+    size: int
+    unit: str
+    max_rotation_deg: float
+
+    def __len__(self) -> int:
+        return int(np.prod(self.counts))
+
+    def cells(self, start: Sequence[int] = (0, 0, 0), stop: Sequence[int] | None = None) -> np.ndarray:
+        """``(N, 3)`` int64 cell indices with ``start <= cell < stop`` (clipped to the lattice), C order."""
+        stop = self.counts if stop is None else stop
+        lo = np.clip(np.asarray(start, dtype=np.int64), 0, self.counts)
+        hi = np.clip(np.asarray(stop, dtype=np.int64), 0, self.counts)
+        axes = [np.arange(a, b) for a, b in zip(lo, hi, strict=True)]
+        return np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3)
+
+    def spec(self, cell: Sequence[int]) -> PatchSpec:
+        """The patch of one cell (depends only on ``seed``, ``stage`` and the cell)."""
+        i, j, k = (int(c) for c in cell)
+        rng = np.random.default_rng([self.seed, self.stage, i, j, k])
+        jitter = rng.uniform(-0.5, 0.5, size=3) * self.step
+        center = self.origin + np.array([i, j, k], dtype=np.float64) * self.step + jitter
+        rotation = random_rotation(rng, self.max_rotation_deg)
+        return PatchSpec(self.stage, (i, j, k), center, rotation, self.extent, self.size, self.unit)
+
+    def specs(self, cells: np.ndarray | None = None) -> list[PatchSpec]:
+        """Patches of ``cells`` (``(N, 3)``; default: every cell)."""
+        cells = self.cells() if cells is None else np.asarray(cells).reshape(-1, 3)
+        return [self.spec(c) for c in cells]
+
+
+def stage_lattice(
+    domain: Grid,
+    extent: float,
+    overlap: float,
+    seed: int,
+    stage: int,
+    max_rotation_deg: float,
+    patch_size: int,
+) -> PatchLattice:
+    """The global patch lattice of one stage over ``domain``'s world box.
+
+    Args:
+        domain: the fixed image's grid; the lattice covers its axis-aligned world box of voxel centres.
+        extent: world size of a patch edge at this stage (``E_s``), in ``domain.unit``.
+        overlap: lattice step is ``extent / overlap`` (2: every point lies in about 2³ patches).
+        seed: the run's seed.
+        stage: cascade stage (part of every cell's seed).
+        max_rotation_deg: largest random patch rotation.
+        patch_size: ``P``.
+
+    Returns:
+        A :class:`PatchLattice` of ``ceil(box / step)`` cells per axis (at least 1), centred on the box.
+    """
+    step = float(extent) / float(overlap)
+    low, high = domain.world_bounds()
+    counts = np.maximum(1, np.ceil((high - low) / step - 1e-9)).astype(int)
+    origin = (low + high) / 2.0 - (counts - 1) / 2.0 * step
+    return PatchLattice(
+        stage=int(stage),
+        seed=int(seed),
+        origin=origin,
+        step=step,
+        counts=tuple(int(c) for c in counts),  # type: ignore[arg-type]
+        extent=float(extent),
+        size=int(patch_size),
+        unit=domain.unit,
+        max_rotation_deg=float(max_rotation_deg),
+    )
+
+
+def cell_blocks(lattice: PatchLattice, block: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Partition the lattice into blocks of at most ``block³`` cells: a list of ``(start, stop)`` ranges."""
+    ranges = [range(0, n, block) for n in lattice.counts]
+    out = []
+    for i in ranges[0]:
+        for j in ranges[1]:
+            for k in ranges[2]:
+                start = (i, j, k)
+                stop = tuple(min(s + block, n) for s, n in zip(start, lattice.counts, strict=True))
+                out.append((start, stop))
+    return out
+
+
+def specs_in_box(lattice: PatchLattice, start: Sequence[int], stop: Sequence[int]) -> list[PatchSpec]:
+    """The patches of cells ``start <= cell < stop`` (one block of a partition of the lattice)."""
+    return lattice.specs(lattice.cells(start, stop))
+
+
+def _patch_touches(spec: PatchSpec, low: np.ndarray, high: np.ndarray) -> bool:
+    """Whether the patch's world bounding box meets the world box ``[low, high]``."""
+    p_low, p_high = spec.grid.world_bounds()
+    return bool(np.all(p_low <= high) and np.all(p_high >= low))
+
+
+def cells_for_region(lattice: PatchLattice, region: Grid) -> np.ndarray:
+    """``(N, 3)`` cells whose patch's bounding box meets ``region``'s world box (all patches that may
+    put weight on a voxel of ``region``), C order.
+    """
+    low, high = region.world_bounds()
+    reach = lattice.extent * math.sqrt(3.0) / 2.0 + lattice.step / 2.0
+    first = np.floor((low - reach - lattice.origin) / lattice.step).astype(int)
+    last = np.ceil((high + reach - lattice.origin) / lattice.step).astype(int) + 1
+    candidates = lattice.cells(first, last)
+    keep = [n for n, c in enumerate(candidates) if _patch_touches(lattice.spec(c), low, high)]
+    return candidates[keep]
+
+
+# -- the window and the sums ----------------------------------------------------------------------------------
+def window(index: np.ndarray, size: int) -> np.ndarray:
+    """Separable Hann window at continuous patch indices.
+
+    Args:
+        index: ``(..., 3)`` continuous indices ``(z, y, x)`` of a ``size³`` patch.
+        size: ``P``.
+
+    Returns:
+        ``(...)`` weights ``∏_k sin²(π i_k / (P − 1))`` inside ``(0, P−1)³``, exactly 0 elsewhere: 1 at the
+        centre, 0 at the border voxel centres and beyond.
+    """
+    index = np.asarray(index, dtype=np.float64)
+    inside = np.all((index > 0.0) & (index < size - 1.0), axis=-1)
+    weights = np.prod(np.sin(np.pi * index / (size - 1.0)) ** 2, axis=-1)
+    return np.where(inside, weights, 0.0)
+
+
+def patch_window(size: int) -> np.ndarray:
+    """``(P, P, P)`` window at the patch's own voxel centres (float64)."""
+    index = np.stack(np.meshgrid(*[np.arange(size)] * 3, indexing="ij"), axis=-1)
+    return window(index, size)
+
+
+@dataclass(frozen=True, eq=False)
+class FieldSums:
+    """Windowed sums of patch estimates on a field grid (float64).
+
+    Attributes:
+        grid: the field grid (a whole field or one block of it).
+        weighted: ``(3, Z, Y, X)`` Σ w·u (world units).
+        weight: ``(Z, Y, X)`` Σ w.
+        weighted_sq: ``(Z, Y, X)`` Σ w·|u|² (for the uncertainty).
+        patches: number of patch estimates that put weight on the grid.
+    """
+
+    grid: Grid
+    weighted: np.ndarray = field(repr=False)
+    weight: np.ndarray = field(repr=False)
+    weighted_sq: np.ndarray = field(repr=False)
+    patches: int = 0
+
+    @classmethod
+    def zeros(cls, grid: Grid) -> FieldSums:
+        """Empty sums on ``grid``."""
+        return cls(grid, np.zeros((3, *grid.shape)), np.zeros(grid.shape), np.zeros(grid.shape))
+
+    def __add__(self, other: FieldSums) -> FieldSums:
+        """Sums of two disjoint sets of patches on the same grid."""
+        same = self.grid.shape == other.grid.shape and np.allclose(self.grid.affine, other.grid.affine)
+        if not same:
+            raise ValueError("FieldSums can only be added on the same grid; crop them to one grid first")
+        return FieldSums(
+            self.grid,
+            self.weighted + other.weighted,
+            self.weight + other.weight,
+            self.weighted_sq + other.weighted_sq,
+            self.patches + other.patches,
+        )
+
+    def crop(self, start: Sequence[int], stop: Sequence[int]) -> FieldSums:
+        """Sums on the sub-grid ``start <= index < stop`` (like :meth:`Grid.crop`); parts outside are 0.
+
+        ``start``/``stop`` may reach beyond this grid (e.g. a chunk of a larger field grid given in this
+        block's index frame), so partial sums of neighbouring blocks can be cut to one chunk and added.
+        """
+        start_a = np.asarray(start, dtype=np.int64)
+        stop_a = np.asarray(stop, dtype=np.int64)
+        out = FieldSums.zeros(self.grid.crop(start_a, stop_a))
+        lo = np.clip(start_a, 0, self.grid.shape)
+        hi = np.clip(stop_a, 0, self.grid.shape)
+        if np.any(hi <= lo):
+            return FieldSums(out.grid, out.weighted, out.weight, out.weighted_sq, 0)
+        src = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
+        dst = tuple(slice(int(a - s), int(b - s)) for a, b, s in zip(lo, hi, start_a, strict=True))
+        out.weighted[(slice(None), *dst)] = self.weighted[(slice(None), *src)]
+        out.weight[dst] = self.weight[src]
+        out.weighted_sq[dst] = self.weighted_sq[src]
+        return FieldSums(out.grid, out.weighted, out.weight, out.weighted_sq, self.patches)
+
+
+def accumulate(
+    specs: Sequence[PatchSpec], estimates: np.ndarray | Sequence[np.ndarray], target: Grid
+) -> FieldSums:
+    """Windowed sums of patch estimates on ``target`` (see the module docstring).
+
+    Args:
+        specs: the patches.
+        estimates: ``(B, 3, P, P, P)`` total displacement of each patch at its voxel centres (world units,
+            ``(z, y, x)`` components), in ``specs`` order.
+        target: the field grid (or block of it) to accumulate into; same unit as the patches.
+
+    Returns:
+        :class:`FieldSums` on ``target``.
+    """
+    sums = FieldSums.zeros(target)
+    touched = 0
+    for spec, estimate in zip(specs, estimates, strict=True):
+        touched += _add_patch(sums, spec, np.asarray(estimate, dtype=np.float32))
+    return FieldSums(target, sums.weighted, sums.weight, sums.weighted_sq, touched)
+
+
+def _add_patch(sums: FieldSums, spec: PatchSpec, estimate: np.ndarray) -> int:
+    """Add one patch's windowed estimate into ``sums`` in place; returns 1 if it touched the grid."""
+    target = sums.grid
+    pgrid = spec.grid
+    corners = pgrid.index_to_world(
+        np.array(np.meshgrid(*[[0.0, spec.size - 1.0]] * 3, indexing="ij")).reshape(3, -1).T
+    )
+    box = index_box(target.world_to_index(corners), target.shape, margin=1)
+    if box is None:
+        return 0
+    index = np.stack(np.meshgrid(*[np.arange(s.start, s.stop) for s in box], indexing="ij"), axis=-1)
+    pindex = pgrid.world_to_index(target.index_to_world(index))
+    weights = window(pindex, spec.size)
+    mask = weights > 0.0
+    if not mask.any():
+        return 0
+    coords = pindex[mask].T
+    values = np.stack(
+        [
+            ndimage.map_coordinates(estimate[c], coords, order=1, mode="nearest", prefilter=False)
+            for c in range(3)
+        ]
+    ).astype(np.float64)
+    w = weights[mask]
+    sub_weighted = sums.weighted[(slice(None), *box)]
+    sub_weighted[:, mask] += w * values
+    sums.weight[box][mask] += w
+    sums.weighted_sq[box][mask] += w * np.sum(values**2, axis=0)
+    return 1
+
+
+def finalize(sums: FieldSums, prior: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The averaged field and its uncertainty.
+
+    Args:
+        sums: windowed sums on a grid.
+        prior: ``(3, Z, Y, X)`` displacement of the previous (coarser) stage on ``sums.grid``, used where
+            no patch put weight (``Σw <= WEIGHT_EPS``).
+
+    Returns:
+        ``(field, uncertainty)``: ``(3, Z, Y, X)`` float32 displacement and ``(Z, Y, X)`` float32 weighted
+        standard deviation of the patch estimates (world units; 0 where no patch put weight).
+    """
+    covered = sums.weight > WEIGHT_EPS
+    safe = np.where(covered, sums.weight, 1.0)
+    mean = sums.weighted / safe
+    field_out = np.where(covered[None], mean, np.asarray(prior, dtype=np.float64))
+    variance = sums.weighted_sq / safe - np.sum(mean**2, axis=0)
+    uncertainty = np.where(covered, np.sqrt(np.maximum(variance, 0.0)), 0.0)
+    return field_out.astype(np.float32), uncertainty.astype(np.float32)
+
+
+# -- patch estimates ------------------------------------------------------------------------------------------
+def _autocast(device: torch.device) -> Any:
+    """Mixed precision on CUDA, nothing on CPU."""
+    if device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.float16)
+    return nullcontext()
+
+
+def _model_device(model: torch.nn.Module, config: InferenceConfig) -> torch.device:
+    """Resolve ``config.device`` and put the model there in eval mode."""
+    device = torch.device(resolve_device(config.device))
+    model.to(device).eval()
+    return device
+
+
+def estimate_patches(
+    model: Any,
+    fixed: MultiscaleImage,
+    moving: MultiscaleImage,
+    prior: Displacement,
+    specs: Sequence[PatchSpec],
+    config: InferenceConfig,
+    *,
+    fixed_range: tuple[float, float] | None = None,
+    moving_range: tuple[float, float] | None = None,
+    stats: dict[str, float] | None = None,
+    progress: Any = None,
+) -> np.ndarray:
+    """Total displacement of each patch at its voxel centres (see the module docstring, step 2).
+
+    Args:
+        model: a :class:`~patchmorph_core.model.PatchMorph` (anything with ``stage_update``).
+        fixed: fixed image pyramid (world unit of the registration).
+        moving: moving image pyramid in the same unit.
+        prior: the current transform's displacement (initial alignment or the coarser stage's field).
+        specs: patches of one stage.
+        config: batch size and device (``"auto"`` → CUDA when available; AMP on CUDA).
+        fixed_range, moving_range: intensity ranges ``(lo, hi)`` for :func:`~patchmorph_core.sampling.normalize`,
+            computed once per image (None: computed here with ``intensity_range``).
+        stats: if given, ``"forward_seconds"`` and ``"sampling_seconds"`` are added to it.
+        progress: optional tqdm bar advanced by the number of patches done.
+
+    Returns:
+        ``(B, 3, P, P, P)`` float32 total displacement ``u`` (world units, components ``(z, y, x)``).
+    """
+    size = specs[0].size if specs else int(model.config.patch_size)
+    out = np.empty((len(specs), 3, size, size, size), dtype=np.float32)
+    if not specs:
+        return out
+    if len({s.stage for s in specs}) != 1:
+        raise ValueError("estimate_patches takes patches of one stage at a time")
+    f_lo, f_hi = intensity_range(fixed) if fixed_range is None else fixed_range
+    m_lo, m_hi = intensity_range(moving) if moving_range is None else moving_range
+    device = _model_device(model, config)
+
+    def current(points: np.ndarray) -> np.ndarray:
+        return points + prior(points)
+
+    for start in range(0, len(specs), config.batch_size):
+        batch = specs[start : start + config.batch_size]
+        tic = time.perf_counter()
+        grids = [s.grid for s in batch]
+        fixed_b = np.stack([normalize(sample_patch(fixed, g), f_lo, f_hi) for g in grids])
+        moving_b = np.stack([normalize(sample_patch(moving, g, current), m_lo, m_hi) for g in grids])
+        linear_b = np.stack([g.linear for g in grids]).astype(np.float32)
+        toc = time.perf_counter()
+        with torch.inference_mode(), _autocast(device):
+            update = model.stage_update(
+                batch[0].stage,
+                torch.from_numpy(fixed_b[:, None]).to(device),
+                torch.from_numpy(moving_b[:, None]).to(device),
+                torch.from_numpy(linear_b).to(device),
+            )
+        update_np = update.float().cpu().numpy()
+        forward = time.perf_counter() - toc
+        for n, grid in enumerate(grids):
+            out[start + n] = _compose_with_prior(update_np[n], grid, prior)
+        if stats is not None:
+            stats["forward_seconds"] = stats.get("forward_seconds", 0.0) + forward
+            stats["sampling_seconds"] = stats.get("sampling_seconds", 0.0) + (
+                time.perf_counter() - tic - forward
+            )
+        if progress is not None:
+            progress.update(len(batch))
+    return out
+
+
+def _compose_with_prior(update: np.ndarray, grid: Grid, prior: Displacement) -> np.ndarray:
+    """``u(x) = v(x) + prior(x + v(x))`` at the patch's voxel centres: ``(3, P, P, P)`` → ``(3, P, P, P)``."""
+    points = grid.points().reshape(-1, 3)
+    v = update.reshape(3, -1).T.astype(np.float64)
+    total = v + prior(points + v)
+    return total.T.reshape(update.shape).astype(np.float32)
+
+
+def estimate_and_accumulate(
+    model: Any,
+    fixed: MultiscaleImage,
+    moving: MultiscaleImage,
+    prior: Displacement,
+    specs: Sequence[PatchSpec],
+    target: Grid,
+    config: InferenceConfig,
+    *,
+    fixed_range: tuple[float, float] | None = None,
+    moving_range: tuple[float, float] | None = None,
+    stats: dict[str, float] | None = None,
+    progress: Any = None,
+) -> FieldSums:
+    """:func:`estimate_patches` then :func:`accumulate` into ``target``, one batch at a time (memory stays
+    at one batch of estimates). Arguments as in those two functions.
+    """
+    sums = FieldSums.zeros(target)
+    touched = 0
+    for start in range(0, len(specs), config.batch_size):
+        batch = specs[start : start + config.batch_size]
+        estimates = estimate_patches(
+            model,
+            fixed,
+            moving,
+            prior,
+            batch,
+            config,
+            fixed_range=fixed_range,
+            moving_range=moving_range,
+            stats=stats,
+            progress=progress,
+        )
+        touched += sum(_add_patch(sums, spec, est) for spec, est in zip(batch, estimates, strict=True))
+    return FieldSums(target, sums.weighted, sums.weight, sums.weighted_sq, touched)
+
+
+# -- the whole registration in memory -------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class RegistrationPlan:
+    """Everything a registration run derives from its inputs before the first patch is estimated.
+
+    The chunked pipeline builds the same plan (:func:`plan_registration`), so both paths use identical
+    lattices, field grids and intensity ranges.
+
+    Attributes:
+        moving: the moving image converted to the fixed image's unit.
+        initial: ``(3,)`` initial translation (fixed → moving, world units).
+        fixed_range, moving_range: intensity ranges used to normalise every patch.
+        lattices: the patch lattice of each stage.
+        grids: the field grid of each stage (coarse stages at their patch spacing; the last at the
+            output field spacing).
+    """
+
+    moving: MultiscaleImage
+    initial: np.ndarray
+    fixed_range: tuple[float, float]
+    moving_range: tuple[float, float]
+    lattices: list[PatchLattice]
+    grids: list[Grid]
+
+
+def output_field_spacing(
+    fixed: Grid, finest_extent: float, patch_size: int, field_spacing: float | None
+) -> float:
+    """Spacing of the output field: ``field_spacing`` if set, else the finest patch spacing, never finer
+    than the fixed image's finest voxel size (world units of ``fixed``).
+    """
+    if field_spacing is not None:
+        return float(field_spacing)
+    return max(float(finest_extent) / patch_size, float(fixed.spacing.min()))
+
+
+def plan_registration(
+    model: Any, fixed: MultiscaleImage, moving: MultiscaleImage, config: InferenceConfig
+) -> RegistrationPlan:
+    """Unit conversion, initial alignment, intensity ranges, stage extents, lattices and field grids.
+
+    Args:
+        model: the PatchMorph model (``config.patch_size``, ``stage_extents``).
+        fixed: fixed image; its unit is the registration's unit.
+        moving: moving image (any unit).
+        config: inference settings.
+    """
+    moving = moving.with_unit(fixed.unit)
+    low, high = tissue_bounds(fixed)
+    extents = model.stage_extents(float(np.max(high - low)), config.n_stages)
+    size = int(model.config.patch_size)
+    last = output_field_spacing(fixed.grid, extents[-1], size, config.field_spacing)
+    lattices, grids = [], []
+    for stage, extent in enumerate(extents):
+        lattices.append(
+            stage_lattice(
+                fixed.grid, extent, config.overlap, config.seed, stage, config.max_rotation_deg, size
+            )
+        )
+        spacing = last if stage == len(extents) - 1 else max(extent / size, last)
+        grids.append(fixed.grid.resampled(spacing))
+    return RegistrationPlan(
+        moving=moving,
+        initial=np.asarray(initial_translation(fixed, moving), dtype=np.float64),
+        fixed_range=intensity_range(fixed),
+        moving_range=intensity_range(moving),
+        lattices=lattices,
+        grids=grids,
+    )
+
+
+@dataclass(frozen=True, eq=False)
+class RegistrationResult:
+    """A registration's output.
+
+    Attributes:
+        field: ``(3, Z, Y, X)`` float32 displacement on ``grid`` (fixed world → moving world, components
+            ``(z, y, x)``, in ``grid.unit`` = the fixed image's unit).
+        grid: the field grid.
+        uncertainty: ``(Z, Y, X)`` float32 weighted std of the finest stage's patch estimates (world units).
+        info: per-stage figures (patches, field grid shape, coverage, seconds) and the settings used.
+    """
+
+    field: np.ndarray
+    grid: Grid
+    uncertainty: np.ndarray
+    info: dict[str, Any]
+
+
+def register_arrays(
+    model: Any,
+    fixed: MultiscaleImage,
+    moving: MultiscaleImage,
+    config: InferenceConfig,
+    *,
+    show_progress: bool = True,
+) -> RegistrationResult:
+    """Register ``moving`` to ``fixed`` in memory: every stage's patches into ONE field region.
+
+    Stage by stage: lattice → batched patch estimates through the current transform → windowed sums on
+    the stage's whole field grid → :func:`finalize`; the stage's field is the next stage's prior. This is
+    the one-chunk case of the chunked pipeline. Seeded: the same inputs and config give the same field.
+
+    Args:
+        model: a PatchMorph model.
+        fixed: fixed image pyramid (its grid and unit define the field's world frame).
+        moving: moving image pyramid (converted to the fixed unit).
+        config: inference settings.
+        show_progress: tqdm bar of patches done per stage.
+    """
+    plan = plan_registration(model, fixed, moving, config)
+    prior: Displacement = TranslationDisplacement(plan.initial)
+    stages_info = []
+    field_s = uncertainty = np.zeros(0)
+    for lattice, grid in zip(plan.lattices, plan.grids, strict=True):
+        tic = time.perf_counter()
+        stats: dict[str, float] = {}
+        specs = lattice.specs()
+        with tqdm(
+            total=len(specs), desc=f"stage {lattice.stage} patches", unit="patch", disable=not show_progress
+        ) as bar:
+            sums = estimate_and_accumulate(
+                model,
+                fixed,
+                plan.moving,
+                prior,
+                specs,
+                grid,
+                config,
+                fixed_range=plan.fixed_range,
+                moving_range=plan.moving_range,
+                stats=stats,
+                progress=bar,
+            )
+        field_s, uncertainty = finalize(sums, displacement_on_grid(prior, grid))
+        prior = FieldDisplacement(field_s, grid)
+        stage_info = {
+            "stage": lattice.stage,
+            "patch_extent": lattice.extent,
+            "patch_spacing": lattice.extent / lattice.size,
+            "patches": len(specs),
+            "lattice": list(lattice.counts),
+            "field_shape": list(grid.shape),
+            "field_spacing": float(grid.spacing.max()),
+            "coverage": float(np.mean(sums.weight > WEIGHT_EPS)),
+            "seconds": time.perf_counter() - tic,
+            **stats,
+        }
+        stages_info.append(stage_info)
+        logger.info(
+            "stage %d: %d patches of %.4g %s, field %s, coverage %.1f%%, %.1f s",
+            lattice.stage,
+            len(specs),
+            lattice.extent,
+            grid.unit,
+            grid.shape,
+            100 * stage_info["coverage"],
+            stage_info["seconds"],
+        )
+    info = {
+        "initial_translation": plan.initial.tolist(),
+        "unit": fixed.unit,
+        "stages": stages_info,
+        "inference_config": config.model_dump(mode="json"),
+        "model_config": model.config.model_dump(mode="json"),
+    }
+    return RegistrationResult(field_s, plan.grids[-1], uncertainty, info)

@@ -1,0 +1,200 @@
+"""The PatchMorph cascade model: networks in patch-voxel units, updates in world units, checkpoints.
+
+Choices (the paper is silent on them):
+
+* **One dense network for all stages** and one affine head for the first ``affine_stages`` stages. The
+  networks see only the two patches; the patch's index→world linear part ``L`` (rotation × spacing)
+  turns their patch-voxel outputs into world displacements, so the same weights serve every scale
+  (human millimetres, mouse micrometres) and any number of stages at inference.
+* **Affine then dense at affine stages.** The affine ``a`` is predicted first; the moving patch is
+  warped by it inside the patch; the dense net predicts ``d`` on the result; the update is the exact
+  composition ``a(q) + (I + A) d(q)`` (:func:`patchmorph_core.transforms.compose_affine_dense`).
+* **Composition across stages** (training and inference): the moving patch of stage ``s`` is sampled
+  at ``x + u_{s-1}(x)``; with the update ``v`` the new total is ``u_s(x) = v(x) + u_{s-1}(x + v(x))``
+  (:func:`patchmorph_core.training.compose_with_prior`); ``u_{s-1}(x) + v(x)`` is its first-order form.
+* **Stage extents**: ``E_0`` = largest world extent of the fixed tissue box × ``extent_margin``,
+  ``E_{s+1} = E_s / 2``; patch spacing ``h_s = E_s / P``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+from torch import nn
+
+from patchmorph_core.config import ModelConfig
+from patchmorph_core.errors import InputError
+from patchmorph_core.networks import NETWORKS, AffineHead
+from patchmorph_core.transforms import (
+    affine_displacement,
+    compose_affine_dense,
+    integrate_velocity,
+    voxel_to_world,
+    warp_patch,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_WEIGHTS: Path = Path(__file__).resolve().parent / "weights" / "patchmorph_default.pt"
+"""The committed default model (see ``weights/WEIGHTS.md`` for how it was trained)."""
+
+CHECKPOINT_FORMAT = "patchmorph-checkpoint/1"
+
+
+def stage_extents(fixed_bounds_extent: float, n_stages: int, margin: float = 1.2) -> list[float]:
+    """World extent ``E_s`` of the patches of each stage.
+
+    Args:
+        fixed_bounds_extent: largest world extent of the fixed image's tissue box (its unit).
+        n_stages: number of stages.
+        margin: ``E_0 = fixed_bounds_extent * margin`` so the coarsest patch holds the whole brain
+            with room for misalignment.
+
+    Returns:
+        ``[E_0, E_0 / 2, ..., E_0 / 2**(n_stages - 1)]``.
+    """
+    if not fixed_bounds_extent > 0:
+        raise InputError(
+            f"fixed tissue extent {fixed_bounds_extent} is not positive: the fixed image looks empty; "
+            "check its intensities and voxel size."
+        )
+    return [float(fixed_bounds_extent) * margin / 2.0**s for s in range(n_stages)]
+
+
+class PatchMorph(nn.Module):
+    """Cascade of patch registration stages sharing one dense network (and one affine head).
+
+    Args:
+        config: the model configuration.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        if config.network not in NETWORKS:
+            raise InputError(
+                f"model network {config.network!r} is unknown: use one of {', '.join(sorted(NETWORKS))}."
+            )
+        self.config = config
+        self.dense = NETWORKS[config.network](config.widths)
+        self.affine = AffineHead(config.affine_widths, config.patch_size) if config.affine_stages > 0 else None
+
+    def stage_extents(self, fixed_bounds_extent: float, n_stages: int | None = None) -> list[float]:
+        """:func:`stage_extents` with this model's margin and (by default) stage count."""
+        count = self.config.n_stages if n_stages is None else n_stages
+        return stage_extents(fixed_bounds_extent, count, self.config.extent_margin)
+
+    def stage_update_vox(self, stage: int, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+        """Displacement update in patch-voxel units: ``(B, 1, P, P, P)`` × 2 → ``(B, 3, P, P, P)``."""
+        if self.affine is not None and stage < self.config.affine_stages:
+            theta = self.affine(torch.cat([fixed, moving], dim=1))
+            moving = warp_patch(moving, affine_displacement(theta, tuple(moving.shape[-3:])))
+            dense = self._dense(fixed, moving)
+            return compose_affine_dense(theta, dense)
+        return self._dense(fixed, moving)
+
+    def _dense(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+        velocity = self.dense(torch.cat([fixed, moving], dim=1))
+        return integrate_velocity(velocity, self.config.integrate_steps)
+
+    def stage_update(
+        self, stage: int, fixed: torch.Tensor, moving: torch.Tensor, patch_linear: torch.Tensor
+    ) -> torch.Tensor:
+        """World-space displacement update at the patch's voxel centres.
+
+        Args:
+            stage: cascade stage (0 = coarsest); stages ``< affine_stages`` include the affine part.
+                Stages beyond ``n_stages`` reuse the shared dense network.
+            fixed: ``(B, 1, P, P, P)`` fixed patch, intensities normalised to 0..1.
+            moving: ``(B, 1, P, P, P)`` moving patch sampled through the current transform, 0..1.
+            patch_linear: ``(B, 3, 3)`` the patch grid's index→world linear part (rotation × spacing).
+
+        Returns:
+            ``(B, 3, P, P, P)`` update ``v``: the moving patch is matched by ``moving(q + L^{-1} v)``;
+            components ``(z, y, x)`` of the world frame, in world units (the patch's unit).
+        """
+        if fixed.shape != moving.shape or fixed.dim() != 5 or fixed.shape[1] != 1:
+            raise InputError(
+                f"stage_update needs fixed and moving patches of one shape (B, 1, P, P, P); got "
+                f"{tuple(fixed.shape)} and {tuple(moving.shape)}."
+            )
+        return voxel_to_world(self.stage_update_vox(stage, fixed, moving), patch_linear)
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: PatchMorph,
+    *,
+    step: int = 0,
+    optimizer: torch.optim.Optimizer | None = None,
+    configs: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write a checkpoint atomically (temporary file, then rename).
+
+    Args:
+        path: output ``.pt`` file.
+        model: the model; its resolved :class:`ModelConfig` is stored with the weights.
+        step: optimizer steps done.
+        optimizer: its state is stored for resuming (omit for a release file).
+        configs: further resolved configs as plain dicts (e.g. ``{"train": ..., "loss": ...}``).
+        extra: anything else (RNG states, wall time, final loss).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "model_config": model.config.model_dump(mode="json"),
+        "configs": configs or {},
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "step": int(step),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "extra": extra or {},
+    }
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint's payload on the CPU; InputError when it is missing or not a PatchMorph checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"model weights {path} do not exist: give the path of a PatchMorph checkpoint (.pt).")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # torch raises many kinds for a damaged file
+        raise InputError(f"model weights {path} cannot be read ({err}): the file is corrupt; retrain or re-copy it.") from err
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise InputError(f"model weights {path} are not a PatchMorph checkpoint: give a file written by `patchmorph train`.")
+    return payload
+
+
+def model_from_checkpoint(payload: dict[str, Any], path: str | Path = "<checkpoint>") -> PatchMorph:
+    """Build a :class:`PatchMorph` from a checkpoint payload (see :func:`read_checkpoint`)."""
+    try:
+        config = ModelConfig.model_validate(payload["model_config"])
+        model = PatchMorph(config)
+        model.load_state_dict(payload["state_dict"])
+    except (KeyError, ValidationError, RuntimeError) as err:
+        raise InputError(f"model weights {path} do not match this PatchMorph version ({err}): retrain the model.") from err
+    return model
+
+
+def load_model(path: str | Path | None = None, device: str | torch.device = "cpu") -> PatchMorph:
+    """Load a trained model in eval mode on ``device`` (``path=None``: :data:`DEFAULT_WEIGHTS`)."""
+    path = DEFAULT_WEIGHTS if path is None else Path(path)
+    model = model_from_checkpoint(read_checkpoint(path), path)
+    log.info("loaded PatchMorph weights %s", path)
+    return model.to(device).eval()

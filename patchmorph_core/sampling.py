@@ -1,0 +1,121 @@
+"""Patches in world space from multiscale array-likes, intensity normalisation and the initial alignment.
+
+A patch is a :class:`~patchmorph_core.spatial.Grid` (``P³`` voxels, any centre, spacing and rotation,
+see :func:`~patchmorph_core.spatial.patch_grid`). The fixed patch samples the fixed image at the patch
+points; the moving patch samples the moving image at ``transform(points)``. Each read takes only the
+bounding box the points need, from the pyramid level that matches the patch spacing.
+
+Initial alignment (choice): registration starts from matching the centres of intensity mass of the two
+images' tissue (:func:`initial_translation`), which removes the large offsets between native spaces;
+rotations and scaling are left to the affine head of the coarse stage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from patchmorph_core.source import Level, MultiscaleImage
+from patchmorph_core.spatial import Grid, read_box
+
+PointMap = Callable[[np.ndarray], np.ndarray]
+"""Maps ``(N, 3)`` world points ``(z, y, x)`` to ``(N, 3)`` world points."""
+
+COARSE_VOXELS = 48**3
+"""Statistics (intensity range, tissue mass) are computed on the coarsest level with at least this many voxels."""
+
+
+def sample_patch(
+    image: MultiscaleImage, patch: Grid, transform: PointMap | None = None, order: int = 1
+) -> np.ndarray:
+    """Sample ``image`` at ``transform(p)`` for every voxel centre ``p`` of ``patch``.
+
+    Args:
+        image: pyramid in the same unit and world frame as ``patch``.
+        patch: the patch grid (usually from :func:`~patchmorph_core.spatial.patch_grid`).
+        transform: world→world map applied to the patch points (None: identity, the fixed patch).
+        order: 0 nearest (labels), 1 linear.
+
+    Returns:
+        ``patch.shape`` float32 samples (0 outside the image), read from the level whose spacing
+        matches the patch spacing.
+    """
+    points = patch.points().reshape(-1, 3)
+    if transform is not None:
+        points = np.asarray(transform(points), dtype=np.float64)
+    values = image.sample(points, float(patch.spacing.max()), order=order)
+    return values.reshape(patch.shape).astype(np.float32, copy=False)
+
+
+def coarse_level(image: MultiscaleImage, min_voxels: int = COARSE_VOXELS) -> Level:
+    """The coarsest pyramid level that still has ``min_voxels`` voxels (the finest if none has)."""
+    for level in reversed(image.levels):
+        if int(np.prod(level.grid.shape)) >= min_voxels:
+            return level
+    return image.levels[0]
+
+
+def _coarse_values(image: MultiscaleImage) -> tuple[np.ndarray, Grid]:
+    level = coarse_level(image)
+    values = read_box(level.array, tuple(slice(0, n) for n in level.grid.shape)).astype(np.float32)
+    return values, level.grid
+
+
+def intensity_range(image: MultiscaleImage, percentiles: tuple[float, float] = (0.5, 99.5)) -> tuple[float, float]:
+    """Robust intensity range ``(lo, hi)`` from percentiles of a coarse level (finite values only)."""
+    values, _ = _coarse_values(image)
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return 0.0, 1.0
+    lo, hi = (float(v) for v in np.percentile(finite, percentiles))
+    if hi <= lo:
+        hi = lo + 1.0
+    return lo, hi
+
+
+def normalize(patch: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Map intensities to 0..1: ``clip((patch - lo) / (hi - lo), 0, 1)`` as float32 (NaN → 0)."""
+    out = (np.asarray(patch, dtype=np.float32) - lo) / max(hi - lo, 1e-12)
+    return np.clip(np.nan_to_num(out, nan=0.0), 0.0, 1.0).astype(np.float32, copy=False)
+
+
+def tissue_weights(image: MultiscaleImage, threshold: float = 0.1) -> tuple[np.ndarray, Grid]:
+    """Normalised intensities of a coarse level with values below ``threshold`` set to 0, and its grid."""
+    values, grid = _coarse_values(image)
+    lo, hi = intensity_range(image)
+    weights = normalize(values, lo, hi)
+    weights[weights < threshold] = 0.0
+    return weights, grid
+
+
+def tissue_center(image: MultiscaleImage) -> np.ndarray:
+    """``(3,)`` world centre of intensity mass of the image's tissue (grid centre for an empty image)."""
+    weights, grid = tissue_weights(image)
+    total = float(weights.sum())
+    if total <= 0:
+        return grid.center
+    index = np.stack(np.meshgrid(*[np.arange(n) for n in grid.shape], indexing="ij"), axis=-1)
+    mean_index = (index * weights[..., None]).reshape(-1, 3).sum(axis=0) / total
+    return grid.index_to_world(mean_index)
+
+
+def tissue_bounds(image: MultiscaleImage) -> tuple[np.ndarray, np.ndarray]:
+    """World axis-aligned box ``(low, high)`` (each ``(3,)``) of the tissue voxels of a coarse level."""
+    weights, grid = tissue_weights(image)
+    index = np.argwhere(weights > 0)
+    if index.size == 0:
+        return grid.world_bounds()
+    corners = np.array([index.min(axis=0) - 0.5, index.max(axis=0) + 0.5])
+    box = np.array(np.meshgrid(*corners.T, indexing="ij")).reshape(3, -1).T
+    world = grid.index_to_world(box)
+    return world.min(axis=0), world.max(axis=0)
+
+
+def initial_translation(fixed: MultiscaleImage, moving: MultiscaleImage) -> np.ndarray:
+    """Translation ``t`` (``(3,)``, world units) that aligns the tissue centres of mass.
+
+    The initial transform maps a fixed world point ``x`` to the moving point ``x + t``;
+    both images must be in the same unit.
+    """
+    return tissue_center(moving) - tissue_center(fixed)

@@ -1,0 +1,301 @@
+"""Chunked, write-once computation of fields and warped images with Dask.
+
+Geometry (all boxes are ``(z, y, x)`` voxel index ranges ``start <= index < stop`` of one field grid)::
+
+    field grid  ──ChunkPlan──▶  output chunks C (aligned to the Zarr chunks, written once, whole)
+    lattice     ──cell_blocks─▶  blocks B of lattice cells (each patch belongs to exactly one block)
+    block b     ──support────▶  box S_b on the field grid: every voxel any of b's patches can weigh
+    chunk c     ◀──needs──────  the blocks whose S_b meets c
+
+Offset algebra: a block task returns its :class:`~patchmorph_core.inference.FieldSums` on the sub-grid
+``grid.crop(S_b.start, S_b.stop)``. The chunk task for ``c = [c0, c1)`` cuts every partial to
+``crop(c0 - S_b.start, c1 - S_b.start)`` (a box in the block's own index frame; parts outside ``S_b`` are
+zero), adds them, finalises and writes ``c``. Because the window is zero outside a patch, the sum over the
+blocks that meet ``c`` equals the sum over all patches: the chunked field equals the in-memory one
+(:func:`patchmorph_core.inference.register_arrays` is the case of one chunk and one block).
+
+Execution: one task per block (the network's forward passes, annotated with ``{"GPU": 1}`` on GPU
+clusters) and one task per output chunk, submitted in raster order with at most ``window`` chunk tasks in
+flight; a block's result is released once every chunk that needs it is written, so memory is bounded by
+the chunk and block sizes, not the volume. Chunks already recorded by :mod:`pipeline.resume` are skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from patchmorph_core.errors import InputError
+from patchmorph_core.inference import FieldSums, PatchLattice, cell_blocks
+from patchmorph_core.spatial import Grid, index_box
+from pipeline.resume import ChunkId, StageRecords, chunk_name
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CHUNK = 64
+"""Default chunk edge (field voxels): a 64³ chunk of a float32 field and its sums take ~25 MB."""
+
+
+@dataclass(frozen=True)
+class Box:
+    """A voxel box ``start <= index < stop`` (each ``(z, y, x)``) of some grid."""
+
+    start: tuple[int, int, int]
+    stop: tuple[int, int, int]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """Voxels per axis."""
+        return tuple(b - a for a, b in zip(self.start, self.stop, strict=True))  # type: ignore[return-value]
+
+    @property
+    def slices(self) -> tuple[slice, slice, slice]:
+        """The box as a tuple of slices."""
+        return tuple(slice(a, b) for a, b in zip(self.start, self.stop, strict=True))  # type: ignore[return-value]
+
+    def overlaps(self, other: Box) -> bool:
+        """True when the two boxes share at least one voxel."""
+        return all(
+            max(a0, b0) < min(a1, b1)
+            for a0, a1, b0, b1 in zip(self.start, self.stop, other.start, other.stop, strict=True)
+        )
+
+    def relative_to(self, origin: Sequence[int]) -> Box:
+        """The same box in the index frame whose voxel 0 is ``origin``."""
+        start = tuple(int(a - o) for a, o in zip(self.start, origin, strict=True))
+        stop = tuple(int(b - o) for b, o in zip(self.stop, origin, strict=True))
+        return Box(start, stop)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    """Output chunks of a grid: edge ``chunk`` voxels per axis, raster order, edge chunks clipped.
+
+    The Zarr arrays written through a plan use exactly these chunks (``(3, *chunk)`` for a field), so each
+    chunk task writes whole Zarr chunks and no two tasks ever write to one chunk.
+    """
+
+    grid: Grid
+    chunk: tuple[int, int, int]
+
+    @classmethod
+    def for_grid(cls, grid: Grid, chunk_size: int | None = None) -> ChunkPlan:
+        """Cubic chunks of ``chunk_size`` voxels (default :data:`DEFAULT_CHUNK`), clipped to the grid."""
+        size = DEFAULT_CHUNK if chunk_size is None else int(chunk_size)
+        if size < 1:
+            raise InputError(f"--chunk-size {chunk_size} is invalid: give a positive number of field voxels.")
+        chunk = tuple(min(size, n) for n in grid.shape)
+        return cls(grid, chunk)  # type: ignore[arg-type]
+
+    @property
+    def counts(self) -> tuple[int, int, int]:
+        """Chunks per axis ``(z, y, x)``."""
+        return tuple(-(-n // c) for n, c in zip(self.grid.shape, self.chunk, strict=True))  # type: ignore[return-value]
+
+    def __len__(self) -> int:
+        return int(np.prod(self.counts))
+
+    def ids(self) -> list[ChunkId]:
+        """Every chunk index ``(i, j, k)`` in raster (C) order."""
+        return [tuple(int(v) for v in c) for c in np.ndindex(*self.counts)]  # type: ignore[misc]
+
+    def box(self, cid: ChunkId) -> Box:
+        """Voxel box of chunk ``cid``."""
+        start = tuple(int(i * c) for i, c in zip(cid, self.chunk, strict=True))
+        stop = tuple(min(s + c, n) for s, c, n in zip(start, self.chunk, self.grid.shape, strict=True))
+        return Box(start, stop)  # type: ignore[arg-type]
+
+    def chunk_grid(self, cid: ChunkId) -> Grid:
+        """The sub-grid of chunk ``cid`` (same world positions as the plan's grid)."""
+        box = self.box(cid)
+        return self.grid.crop(box.start, box.stop)
+
+
+def support_box(grids: Sequence[Grid], target: Grid) -> Box | None:
+    """Smallest box of ``target`` holding every voxel that a patch on one of ``grids`` can weigh.
+
+    Uses the world corners of each patch's voxel-centre box (the window is zero beyond them) plus one voxel.
+    Returns None when no patch meets ``target``.
+    """
+    if not grids:
+        return None
+    unit = np.array(np.meshgrid(*[[0.0, 1.0]] * 3, indexing="ij")).reshape(3, -1).T
+    corners = np.concatenate([g.index_to_world(unit * (np.asarray(g.shape) - 1.0)) for g in grids])
+    box = index_box(target.world_to_index(corners), target.shape, margin=1)
+    if box is None:
+        return None
+    return Box(tuple(s.start for s in box), tuple(s.stop for s in box))  # type: ignore[arg-type]
+
+
+def blocks_per_chunk(plan: ChunkPlan, lattice_step: float) -> int:
+    """Lattice cells per block edge so that a block's cells span about one chunk in world."""
+    chunk_world = float(np.min(np.asarray(plan.chunk) * plan.grid.spacing))
+    return max(1, int(chunk_world // lattice_step))
+
+
+def needs(plan: ChunkPlan, supports: Sequence[Box | None]) -> dict[ChunkId, list[int]]:
+    """For every chunk, the indices of the blocks whose support box meets it."""
+    out: dict[ChunkId, list[int]] = {}
+    for cid in plan.ids():
+        box = plan.box(cid)
+        out[cid] = [n for n, s in enumerate(supports) if s is not None and s.overlaps(box)]
+    return out
+
+
+@dataclass(frozen=True)
+class StageRun:
+    """Progress bookkeeping of one stage for callers (CLI, flows, tests)."""
+
+    name: str
+    chunks: int
+    skipped: int
+    blocks: int
+    seconds: float
+
+
+def run_chunked(
+    client: Any,
+    name: str,
+    plan: ChunkPlan,
+    records: StageRecords,
+    context: Any,
+    chunk_fn: Callable[..., dict[str, Any]],
+    blocks: Sequence[Any] = (),
+    block_fn: Callable[[Any, Any], Any] | None = None,
+    supports: Sequence[Box | None] = (),
+    resources: dict[str, float] | None = None,
+    window: int | None = None,
+    progress: bool = True,
+) -> StageRun:
+    """Run one stage: block tasks (optional) feeding write-once chunk tasks, skipping recorded chunks.
+
+    Args:
+        client: a ``distributed.Client``.
+        name: stage name for logs, task keys and the progress bar.
+        plan: the output chunks.
+        records: this stage's completion records (chunks with a record are skipped).
+        context: picklable state every task needs (images, prior, output arrays); sent to each worker once.
+        chunk_fn: ``chunk_fn(context, cid, partials)`` where ``partials`` lists ``(support, result)`` of the
+            blocks that meet chunk ``cid``; it writes the chunk whole, then records it (:mod:`pipeline.resume`)
+            and returns a small dict of figures.
+        blocks: work items of the block tasks (empty for stages without blocks, e.g. warping).
+        block_fn: ``block_fn(context, block)`` → the block's partial result (runs the network).
+        supports: support box of each block on ``plan.grid`` (None: the block touches nothing).
+        resources: Dask resources of block tasks (``{"GPU": 1}`` on GPU clusters).
+        window: most chunk tasks in flight (default: 2 per worker thread) — bounds memory.
+        progress: show a tqdm bar (chunks done / total, rate, ETA).
+    """
+    from distributed import as_completed
+
+    t0 = time.perf_counter()
+    done = records.completed()
+    todo = [cid for cid in plan.ids() if cid not in done]
+    need = needs(plan, supports) if blocks else {cid: [] for cid in todo}
+    users = Counter(b for cid in todo for b in need[cid])
+    if window is None:
+        window = 2 * max(1, sum(client.nthreads().values()))
+    token = uuid.uuid4().hex[:8]
+    ctx = client.scatter(context, broadcast=True, hash=False) if todo else None
+    block_futures: dict[int, Any] = {}
+    pending = iter(todo)
+    bar = tqdm(total=len(plan), initial=len(plan) - len(todo), desc=name, unit="chunk", disable=not progress)
+
+    def submit_next() -> Any | None:
+        cid = next(pending, None)
+        if cid is None:
+            return None
+        partials = []
+        for b in need[cid]:
+            if b not in block_futures:
+                block_futures[b] = client.submit(
+                    block_fn, ctx, blocks[b], key=f"{name}-block-{b}-{token}", resources=resources
+                )
+            partials.append((supports[b], block_futures[b]))
+        future = client.submit(chunk_fn, ctx, cid, partials, key=f"{name}-chunk-{chunk_name(cid)}-{token}")
+        chunk_of[future.key] = cid
+        return future
+
+    chunk_of: dict[str, ChunkId] = {}
+    first = [f for f in (submit_next() for _ in range(window)) if f is not None]
+    queue = as_completed(first)
+    for future in queue:
+        cid = chunk_of.pop(future.key)
+        future.result()  # a failed task raises here
+        future.release()
+        for b in need[cid]:
+            users[b] -= 1
+            if users[b] == 0:
+                block_futures.pop(b, None)
+        bar.update(1)
+        nxt = submit_next()
+        if nxt is not None:
+            queue.add(nxt)
+    bar.close()
+    seconds = time.perf_counter() - t0
+    log.info(
+        "%s: %d chunks written, %d already done, %.1f s", name, len(todo), len(plan) - len(todo), seconds
+    )
+    return StageRun(name, len(plan), len(plan) - len(todo), len(blocks), seconds)
+
+
+# -- the field reduction -------------------------------------------------------------------------------------
+def block_support(lattice: PatchLattice, start: Sequence[int], stop: Sequence[int], grid: Grid) -> Box | None:
+    """Support box on ``grid`` of the patches of lattice cells ``start <= cell < stop``, without drawing them.
+
+    A cell's patch centre lies within half a step of the cell centre; the window is non-zero only inside
+    the patch's voxel-centre cube of half-edge ``extent (P − 1) / (2P)``, which a rotation can widen to
+    at most ``√3`` times that. The box of those reaches (plus one voxel) is a superset of the exact support.
+    """
+    half = lattice.extent * (lattice.size - 1) / (2.0 * lattice.size)
+    reach = half * (np.sqrt(3.0) if lattice.max_rotation_deg > 0 else 1.0) + lattice.step / 2.0
+    first = lattice.origin + np.asarray(start, dtype=np.float64) * lattice.step - reach
+    last = lattice.origin + (np.asarray(stop, dtype=np.float64) - 1.0) * lattice.step + reach
+    corners = np.array(np.meshgrid(*zip(first, last, strict=True), indexing="ij")).reshape(3, -1).T
+    box = index_box(grid.world_to_index(corners), grid.shape, margin=1)
+    if box is None:
+        return None
+    return Box(tuple(s.start for s in box), tuple(s.stop for s in box))  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class CellBlock:
+    """One block of lattice cells ``start <= cell < stop`` and its support box on the field grid."""
+
+    start: tuple[int, ...]
+    stop: tuple[int, ...]
+    support: Box | None
+
+
+def partition(lattice: PatchLattice, plan: ChunkPlan, cells_per_block: int | None = None) -> list[CellBlock]:
+    """Blocks of lattice cells (every cell in exactly one block) with their support on ``plan.grid``.
+
+    ``cells_per_block`` defaults to :func:`blocks_per_chunk`, so a block's patches cover about one chunk.
+    """
+    n = blocks_per_chunk(plan, lattice.step) if cells_per_block is None else int(cells_per_block)
+    return [
+        CellBlock(start, stop, block_support(lattice, start, stop, plan.grid))
+        for start, stop in cell_blocks(lattice, n)
+    ]
+
+
+def reduce_partials(grid: Grid, box: Box, partials: Sequence[tuple[Box | None, FieldSums]]) -> FieldSums:
+    """Sum the partial :class:`FieldSums` of neighbouring blocks over the chunk ``box`` of ``grid``.
+
+    Each partial lives on ``grid.crop(support.start, support.stop)``; it is cut to the chunk in its own
+    index frame (``box - support.start``) and added (see the module docstring).
+    """
+    total = FieldSums.zeros(grid.crop(box.start, box.stop))
+    for support, sums in partials:
+        if support is None:
+            continue
+        rel = box.relative_to(support.start)
+        total = total + sums.crop(rel.start, rel.stop)
+    return total

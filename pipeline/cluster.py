@@ -1,0 +1,245 @@
+"""Dask clusters for chunked runs: local by default, an existing scheduler, or SLURM via dask-jobqueue.
+
+``--scheduler`` takes an address (``tcp://host:8786``) or a YAML file mapping onto :class:`ClusterConfig`
+(``configs/cluster/local.yaml``, ``configs/cluster/slurm.yaml``). Nothing is chosen at import time: the
+cluster exists only inside :func:`open_client`.
+
+GPU workers: with ``gpus > 0`` every worker owns exactly one GPU and advertises the Dask resource
+``GPU=1`` (:data:`GPU_RESOURCE`); network tasks are submitted with ``resources={"GPU": 1}``
+(:func:`network_resources`), so a worker never runs two forward passes on its GPU at once while I/O and
+reduction tasks still use every thread. On SLURM one job = one worker = one GPU (``--gres=gpu:1``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import psutil
+from pydantic import BaseModel, ConfigDict, Field
+
+from patchmorph_core.config import load_yaml
+from patchmorph_core.errors import InputError
+
+log = logging.getLogger(__name__)
+
+GPU_RESOURCE = "GPU"
+"""Name of the Dask worker resource that stands for one GPU."""
+
+
+class SlurmConfig(BaseModel):
+    """Options of ``dask_jobqueue.SLURMCluster`` (one job = one worker process).
+
+    Attributes:
+        queue: SLURM partition.
+        account: account to charge (``--account``).
+        cores: CPU cores per job (= threads of its worker).
+        memory: memory per job, e.g. ``"16GiB"``.
+        walltime: job time limit ``HH:MM:SS``.
+        jobs: number of jobs (workers) to start.
+        job_extra_directives: extra ``#SBATCH`` lines, e.g. ``["--constraint=skylake"]``.
+        job_script_prologue: shell lines run before the worker starts (module loads, venv activation).
+        local_directory: worker scratch folder on the node.
+        python: python executable on the nodes (default: this one).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    queue: str | None = None
+    account: str | None = None
+    cores: int = Field(4, ge=1)
+    memory: str = "16GiB"
+    walltime: str = "04:00:00"
+    jobs: int = Field(4, ge=1)
+    job_extra_directives: tuple[str, ...] = ()
+    job_script_prologue: tuple[str, ...] = ()
+    local_directory: str | None = None
+    python: str | None = None
+
+
+class ClusterConfig(BaseModel):
+    """Where chunked work runs (YAML files in ``configs/cluster/``).
+
+    Attributes:
+        kind: ``"local"`` (a ``distributed.LocalCluster`` on this machine), ``"address"`` (connect to
+            the running scheduler at ``address``) or ``"slurm"``.
+        address: scheduler address for ``kind="address"``.
+        workers: local worker processes (None: fit the machine, see :func:`default_workers`).
+        threads_per_worker: threads per local worker.
+        memory_per_worker: memory limit per local worker, e.g. ``"2GiB"`` (None: share of the machine).
+        processes: local workers are processes (True) or threads of this process (False).
+        gpus: GPUs to use; each gets its own worker with resource ``GPU=1`` (0: CPU only).
+        dashboard_address: where the dashboard listens (``":0"`` picks a free port).
+        slurm: SLURM options for ``kind="slurm"``.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["local", "address", "slurm"] = "local"
+    address: str | None = None
+    workers: int | None = Field(None, ge=1)
+    threads_per_worker: int = Field(1, ge=1)
+    memory_per_worker: str | None = None
+    processes: bool = True
+    gpus: int = Field(0, ge=0)
+    dashboard_address: str = ":0"
+    slurm: SlurmConfig = Field(default_factory=SlurmConfig)
+
+
+@dataclass(frozen=True)
+class ClusterInfo:
+    """What a run is connected to.
+
+    Attributes:
+        kind: cluster kind.
+        dashboard: dashboard URL (may be empty when the scheduler has none).
+        workers: number of workers at start.
+        gpu: network tasks must carry ``resources={"GPU": 1}``.
+    """
+
+    kind: str
+    dashboard: str
+    workers: int
+    gpu: bool
+
+
+def default_workers(memory_per_worker_bytes: int = 2 * 1024**3) -> int:
+    """Local workers that fit the machine: one per core, at most one per ``memory_per_worker_bytes`` of RAM."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    by_memory = max(1, int(psutil.virtual_memory().available // memory_per_worker_bytes))
+    return max(1, min(cores, by_memory))
+
+
+def load_cluster_config(scheduler: str | Path | None, workers: int | None = None) -> ClusterConfig:
+    """Resolve ``--scheduler`` / ``--workers`` into a :class:`ClusterConfig`.
+
+    Args:
+        scheduler: None (local cluster), a YAML path (``*.yaml``/``*.yml``) or a scheduler address.
+        workers: local worker count override.
+
+    Raises:
+        InputError: the YAML file is missing or invalid, or ``workers`` is not positive.
+    """
+    if workers is not None and workers < 1:
+        raise InputError(f"--workers {workers} is invalid: give a positive number of worker processes.")
+    if scheduler is None:
+        config = ClusterConfig()
+    elif str(scheduler).endswith((".yaml", ".yml")):
+        config = load_yaml(scheduler, ClusterConfig)
+    else:
+        address = str(scheduler)
+        if "://" not in address and ":" not in address:
+            raise InputError(
+                f"--scheduler {address!r} is neither a YAML file nor a scheduler address: give e.g. "
+                "tcp://host:8786 or configs/cluster/slurm.yaml."
+            )
+        config = ClusterConfig(kind="address", address=address)
+    if workers is not None:
+        config = config.model_copy(update={"workers": workers})
+    return config
+
+
+def _local_cluster(config: ClusterConfig) -> Any:
+    """Start a ``LocalCluster`` from ``config`` (GPU: one worker per GPU with resource ``GPU=1``)."""
+    from distributed import LocalCluster
+
+    n_workers = config.gpus or config.workers or default_workers()
+    memory = config.memory_per_worker
+    if memory is None:
+        share = psutil.virtual_memory().total // max(n_workers, 1)
+        memory = str(int(min(share, 4 * 1024**3)))
+    kwargs: dict[str, Any] = {
+        "n_workers": n_workers,
+        "threads_per_worker": config.threads_per_worker,
+        "processes": config.processes,
+        "memory_limit": memory,
+        "dashboard_address": config.dashboard_address,
+    }
+    if config.gpus:
+        kwargs["resources"] = {GPU_RESOURCE: 1}
+    return LocalCluster(**kwargs)
+
+
+def slurm_cluster(config: ClusterConfig) -> Any:
+    """A ``dask_jobqueue.SLURMCluster`` built from ``config.slurm`` (no job is submitted until scaled)."""
+    from dask_jobqueue import SLURMCluster
+
+    s = config.slurm
+    directives = list(s.job_extra_directives)
+    worker_args: list[str] = []
+    if config.gpus:
+        directives.append("--gres=gpu:1")
+        worker_args = ["--resources", f"{GPU_RESOURCE}=1"]
+    kwargs: dict[str, Any] = {
+        "queue": s.queue,
+        "account": s.account,
+        "cores": s.cores,
+        "processes": 1,
+        "memory": s.memory,
+        "walltime": s.walltime,
+        "job_extra_directives": directives,
+        "job_script_prologue": list(s.job_script_prologue),
+        "worker_extra_args": worker_args,
+        "scheduler_options": {"dashboard_address": config.dashboard_address},
+    }
+    if s.local_directory:
+        kwargs["local_directory"] = s.local_directory
+    if s.python:
+        kwargs["python"] = s.python
+    return SLURMCluster(**kwargs)
+
+
+def job_script(config: ClusterConfig) -> str:
+    """The batch script one SLURM worker job would run (works without SLURM installed)."""
+    cluster = slurm_cluster(config)
+    try:
+        return str(cluster.job_script())
+    finally:
+        cluster.close()
+
+
+@contextlib.contextmanager
+def open_client(config: ClusterConfig) -> Iterator[tuple[Any, ClusterInfo]]:
+    """Connect a ``distributed.Client`` as ``config`` says; closes what it started on exit.
+
+    Yields:
+        ``(client, info)``.
+    """
+    from distributed import Client
+
+    cluster: Any = None
+    if config.kind == "address":
+        if not config.address:
+            raise InputError("cluster config kind 'address' needs an address: set address: tcp://host:8786.")
+        try:
+            client = Client(config.address, timeout="20s")
+        except OSError as err:
+            raise InputError(
+                f"cannot reach the Dask scheduler at {config.address} ({err}): start it or fix --scheduler."
+            ) from err
+    elif config.kind == "slurm":
+        cluster = slurm_cluster(config)
+        cluster.scale(jobs=config.slurm.jobs)
+        client = Client(cluster)
+    else:
+        cluster = _local_cluster(config)
+        client = Client(cluster)
+    try:
+        workers = len(client.scheduler_info(n_workers=-1).get("workers", {}))
+        info = ClusterInfo(config.kind, str(client.dashboard_link or ""), workers, gpu=config.gpus > 0)
+        log.info("Dask dashboard: %s (%d workers)", info.dashboard or "none", workers)
+        yield client, info
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def network_resources(info: ClusterInfo) -> dict[str, float] | None:
+    """Resources to annotate network (forward-pass) tasks with: ``{"GPU": 1}`` on GPU clusters, else None."""
+    return {GPU_RESOURCE: 1} if info.gpu else None

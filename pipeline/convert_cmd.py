@@ -1,0 +1,54 @@
+"""``patchmorph convert``: any supported input image → OME-Zarr 0.5 (see :func:`pipeline.importers.convert`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from pipeline.cli import command
+from pipeline.importers import convert as convert_image
+
+
+@command
+def convert(
+    input: Annotated[
+        Path, typer.Argument(help="TIFF plane folder, TIFF stack, NIfTI, NRRD or OME-Zarr 0.4/0.5.")
+    ],
+    output: Annotated[Path, typer.Argument(help="Output OME-Zarr 0.5 folder (e.g. brain.ome.zarr).")],
+    voxel_size: Annotated[
+        tuple[float, float, float] | None,
+        typer.Option(
+            "--voxel-size",
+            metavar="Z Y X",
+            help="Voxel size per array axis (z = slowest, e.g. the plane axis); required for TIFF.",
+        ),
+    ] = None,
+    unit: Annotated[
+        str | None,
+        typer.Option(
+            help="Unit of the voxel size / header numbers: micrometer, millimeter, ... (TIFF default: micrometer)."
+        ),
+    ] = None,
+    orientation: Annotated[
+        str | None,
+        typer.Option(
+            help="Anatomical orientation code of the array axes (z, y, x), brainglobe style: each letter names "
+            "the side where index 0 lies, e.g. 'psl' or 'asr'. Replaces any header orientation."
+        ),
+    ] = None,
+    labels: Annotated[bool, typer.Option(help="Write a label image (nearest-neighbour pyramid).")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
+) -> None:
+    """Convert an image to OME-Zarr 0.5, keeping voxel size, unit and the full index→world matrix."""
+    out = convert_image(
+        input,
+        output,
+        voxel_size=voxel_size,
+        unit=unit,
+        orientation=orientation,
+        overwrite=overwrite,
+        labels=labels,
+    )
+    typer.echo(f"wrote {out}")

@@ -1,0 +1,324 @@
+"""``patchmorph demo``: the Allen CCFv3 atlas aligned to a real STP mouse brain, compared with brainreg.
+
+Steps (each a plain function of :mod:`pipeline.demo` or another module; the flow only wires them):
+
+1. :func:`pipeline.demo.prepare_example` — the bundled example → OME-Zarr, and a one-item manifest;
+2. optionally a short unsupervised fine-tuning of the default model on this pair
+   (:func:`fine_tune`, ``fine_tune_steps`` in ``configs/demo.yaml``; 0 = the default model as is);
+3. the ``atlas-to-section`` Prefect flow (local: an ephemeral Prefect API with its SQLite database and a
+   local Dask cluster): register (brain fixed, atlas template moving), warp the template and the
+   annotation onto the brain, QC figures;
+4. the atlas hemispheres warped onto the brain, the brain warped into atlas space (inverse field), the
+   per-region volume table, the comparison with brainreg, ``summary.json`` and ``summary.md``.
+
+The settings are :class:`DemoConfig` (``configs/demo.yaml``): a ``full`` run and a ``quick`` one
+(``--quick``: the brain block-averaged by 2, fewer patches).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import typer
+from pydantic import BaseModel, ConfigDict, Field
+
+from flows.config import AtlasToSectionOptions
+from patchmorph_core.config import load_yaml
+from pipeline.cli import command
+from pipeline.demo import (
+    ExampleFiles,
+    PreparedExample,
+    brain_into_atlas,
+    brainreg_standard_on,
+    compare_with_brainreg,
+    comparison_figure,
+    load_ontology,
+    prepare_example,
+    read_field_array,
+    volume_table,
+    voxel_volume_mm3,
+    warp_onto_brain,
+    write_summary,
+    write_volume_table,
+)
+
+logger = logging.getLogger(__name__)
+
+CONFIG_PATH: Path = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+"""The demo's default settings."""
+
+
+class FineTuneConfig(BaseModel):
+    """Short unsupervised fine-tuning of the default model on the demo pair (brain fixed, atlas moving).
+
+    Attributes:
+        steps: optimizer steps (0: no fine-tuning, the default model is used as is).
+        spacing: isotropic spacing (µm) the two volumes are reduced to for training.
+        lr: Adam learning rate.
+        batch_size: patch chains per step.
+        max_rotation_deg / max_translation_um / max_scaling: random pose of the atlas per step.
+        seed: seeds the run.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int = Field(0, ge=0)
+    spacing: float = Field(100.0, gt=0.0)
+    lr: float = Field(2e-4, gt=0.0)
+    batch_size: int = Field(2, ge=1)
+    max_rotation_deg: float = Field(10.0, ge=0.0)
+    max_translation_um: float = Field(500.0, ge=0.0)
+    max_scaling: float = Field(0.05, ge=0.0)
+    seed: int = 0
+
+
+class DemoRun(BaseModel):
+    """One demo run's settings.
+
+    Attributes:
+        brain_downsample: integer block-averaging factor of the example brain (1: 50×40×40 µm as is).
+        fine_tune: fine-tuning of the default model on this pair (``steps: 0`` = off).
+        inverse_iterations: fixed-point steps of the inverse field (brain into atlas space).
+        flow: options of the atlas-to-section flow (inference, cluster, QC, ...).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    brain_downsample: int = Field(1, ge=1)
+    fine_tune: FineTuneConfig = Field(default_factory=FineTuneConfig)
+    inverse_iterations: int = Field(20, ge=1)
+    flow: AtlasToSectionOptions = Field(default_factory=AtlasToSectionOptions)
+
+
+class DemoConfig(BaseModel):
+    """``configs/demo.yaml``: the full demo and the ``--quick`` one."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    full: DemoRun = Field(default_factory=DemoRun)
+    quick: DemoRun = Field(default_factory=lambda: DemoRun(brain_downsample=2))
+
+
+@dataclass(frozen=True)
+class DemoResult:
+    """What a demo run wrote: the summary files, the outputs by role and the metrics."""
+
+    summary_json: Path
+    summary_md: Path
+    outputs: dict[str, Path]
+    summary: dict
+
+
+def fine_tune(prepared: PreparedExample, out: Path, config: FineTuneConfig) -> Path:
+    """Fine-tune the default model on the demo pair (unsupervised, the training API of the method).
+
+    The default checkpoint is copied to ``out/fine_tune/patchmorph_demo.pt`` and training resumes from it
+    for ``config.steps`` more steps on (brain fixed, atlas template moving) at ``config.spacing`` µm.
+
+    Returns:
+        The fine-tuned checkpoint.
+    """
+    from patchmorph_core import training
+    from patchmorph_core.config import DataConfig, TrainConfig
+    from patchmorph_core.model import DEFAULT_WEIGHTS, read_checkpoint
+    from pipeline.train_cmd import build_source
+
+    target = out / "fine_tune" / "patchmorph_demo.pt"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(DEFAULT_WEIGHTS, target)
+    start = int(read_checkpoint(target)["step"])
+    data = DataConfig(
+        kind="pairs",
+        pairs=((str(prepared.brain), str(prepared.template)),),
+        spacing=config.spacing,
+        unit="micrometer",
+        max_rotation_deg=config.max_rotation_deg,
+        max_translation=config.max_translation_um,
+        max_scaling=config.max_scaling,
+    )
+    train_config = TrainConfig(
+        data=data,
+        steps=start + config.steps,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        seed=config.seed,
+        device="auto",
+        checkpoint=str(target),
+        checkpoint_every=max(config.steps, 1),
+        resume=True,
+    )
+    result = training.train(train_config, build_source(data, out))
+    logger.info("fine-tuned %d steps in %.0f s -> %s", config.steps, result.seconds, target)
+    return target
+
+
+def _flow_options(run: DemoRun, prepared: PreparedExample, weights: Path | None) -> AtlasToSectionOptions:
+    """The atlas-to-section options of this run: the YAML's ``flow`` section plus the atlas labels and weights."""
+    options = run.flow
+    inference = options.inference
+    if weights is not None:
+        inference = inference.model_copy(update={"weights": str(weights)})
+    return options.model_copy(update={"atlas_labels": str(prepared.annotation), "inference": inference})
+
+
+def run_demo(
+    out: str | Path = "demo-output",
+    run: DemoRun | None = None,
+    files: ExampleFiles | None = None,
+) -> DemoResult:
+    """The whole demo: prepare, (fine-tune), atlas-to-section flow, comparison with brainreg, summary.
+
+    Args:
+        out: output folder (created; reruns reuse converted inputs and finished flow items).
+        run: settings (default: the ``full`` section of ``configs/demo.yaml``).
+        files: the example (default: ``examples/``).
+
+    Returns:
+        :class:`DemoResult`.
+    """
+    from flows.settings import apply_offline_defaults
+
+    apply_offline_defaults()
+    from flows.atlas_to_section import atlas_to_section  # imports Prefect: after the offline defaults
+
+    started = time.time()
+    out = Path(out)
+    run = load_yaml(CONFIG_PATH, DemoConfig).full if run is None else run
+    files = ExampleFiles.from_dir() if files is None else files
+    prepared = prepare_example(out, files, brain_downsample=run.brain_downsample)
+    weights = fine_tune(prepared, out, run.fine_tune) if run.fine_tune.steps > 0 else None
+    options = _flow_options(run, prepared, weights)
+    report = atlas_to_section(
+        atlas=str(prepared.template),
+        manifest=str(prepared.manifest),
+        out=str(out / "atlas_to_section"),
+        options=options,
+    )
+    if report.errors or not report.results:
+        first = report.errors[0] if report.errors else None
+        raise RuntimeError(f"the atlas-to-section flow failed: {first.message if first else 'no result'}")
+    item = report.results[0]
+    return _finish(out, files, prepared, item, run, weights, started)
+
+
+def _finish(
+    out: Path,
+    files: ExampleFiles,
+    prepared: PreparedExample,
+    item: object,
+    run: DemoRun,
+    weights: Path | None,
+    started: float,
+) -> DemoResult:
+    """Everything after the flow: hemispheres, brain in atlas space, volumes, comparison, figures, summary."""
+    from patchmorph_core.metrics import folding_percent
+    from pipeline.ngff import read_image, write_image
+
+    field = Path(item.outputs["field"])
+    brain = read_image(prepared.brain)
+    brain_grid = brain.grid
+    template_image = read_image(prepared.template)
+    template = np.asarray(template_image.levels[0].array[...])
+    template_grid = template_image.grid
+    annotation = np.asarray(read_image(prepared.annotation).levels[0].array[...])
+    annotation_on_brain = warp_onto_brain(field, prepared.annotation, brain_grid, labels=True)
+    hemispheres_on_brain = warp_onto_brain(field, prepared.hemispheres, brain_grid, labels=True)
+    results = out / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    outputs = {
+        "field": field,
+        "template_on_brain": Path(item.outputs.get("warped", "")),
+        "annotation_on_brain": Path(item.outputs.get("warped_labels", "")),
+    }
+    outputs["hemispheres_on_brain"] = write_image(
+        results / "hemispheres_on_brain.ome.zarr",
+        hemispheres_on_brain,
+        brain_grid,
+        labels=True,
+        overwrite=True,
+    )
+    in_atlas = brain_into_atlas(field, prepared.brain, template_grid, iterations=run.inverse_iterations)
+    outputs["brain_in_atlas_space"] = write_image(
+        results / "brain_in_atlas_space.ome.zarr",
+        in_atlas.image,
+        template_grid.with_unit(brain_grid.unit),
+        name="brain_in_atlas_space",
+        overwrite=True,
+    )
+    ontology = load_ontology(files.ontology)
+    rows = volume_table(annotation_on_brain, hemispheres_on_brain, voxel_volume_mm3(brain_grid), ontology)
+    outputs["volumes"] = write_volume_table(results / "volumes.csv", rows)
+    comparison = compare_with_brainreg(
+        files,
+        in_atlas.image,
+        template,
+        template_grid,
+        annotation,
+        hemispheres_on_brain,
+        annotation_on_brain,
+        brain_grid,
+        outputs["volumes"],
+    )
+    values, field_grid = read_field_array(field)
+    figures = {
+        "Brain in atlas space: template, ours, brainreg": comparison_figure(
+            template,
+            in_atlas.image,
+            brainreg_standard_on(files.brainreg_standard, template_grid),
+            template_grid.spacing,
+            results / "comparison.png",
+        )
+    }
+    figures.update({f"QC: {kind}": Path(path) for kind, path in item.qc.items()})
+    summary = {
+        "ncc_ours": comparison.ncc_ours,
+        "ncc_brainreg": comparison.ncc_brainreg,
+        "fold_pct": folding_percent(values, field_grid),
+        "hemisphere_dice_vs_brainreg": comparison.hemisphere_dice_vs_brainreg,
+        "volume_correlation_vs_brainreg": comparison.volume_correlation_vs_brainreg,
+        "seconds": round(time.time() - started, 1),
+        "ncc_ours_in_brain": comparison.ncc_ours_in_brain,
+        "ncc_brainreg_in_brain": comparison.ncc_brainreg_in_brain,
+        "hemisphere_dice_in_brain": comparison.hemisphere_dice_in_brain,
+        "n_structures_compared": comparison.n_structures,
+        "inverse_max_error_um": in_atlas.max_error,
+        "inverse_mean_error_um": in_atlas.mean_error,
+        "brain_voxel_size_um": [round(float(s), 3) for s in brain_grid.spacing],
+        "field_spacing_um": [round(float(s), 3) for s in field_grid.spacing],
+        "method": "PatchMorph default model"
+        + (f", fine-tuned {run.fine_tune.steps} steps" if weights else ""),
+        "weights": str(weights) if weights else "default",
+        "flow_metrics": dict(item.metrics),
+        "outputs": {k: str(v) for k, v in outputs.items()},
+    }
+    json_path, md_path = write_summary(out, summary, figures)
+    return DemoResult(json_path, md_path, outputs, summary)
+
+
+@command
+def demo(
+    out: Path = typer.Option(Path("demo-output"), "--out", help="Output folder (git ignores demo-output/)."),
+    quick: bool = typer.Option(
+        False, "--quick", help="Smaller run: the brain at half resolution, fewer patches."
+    ),
+    config: Path = typer.Option(
+        CONFIG_PATH, "--config", help="Demo settings YAML (full and quick sections)."
+    ),
+) -> None:
+    """Align the Allen CCFv3 atlas to the bundled STP mouse brain and compare with brainreg."""
+    settings = load_yaml(config, DemoConfig)
+    result = run_demo(out, settings.quick if quick else settings.full)
+    s = result.summary
+    typer.echo(
+        f"NCC to the template: ours {s['ncc_ours']:.3f}, brainreg {s['ncc_brainreg']:.3f}; "
+        f"folded voxels {s['fold_pct']:.4f}%; hemisphere Dice vs brainreg {s['hemisphere_dice_vs_brainreg']:.3f}; "
+        f"volume correlation vs brainreg {s['volume_correlation_vs_brainreg']:.3f}; {s['seconds']:.0f} s"
+    )
+    for role, path in result.outputs.items():
+        typer.echo(f"wrote {role}: {path}")
+    typer.echo(f"wrote summary: {result.summary_json} and {result.summary_md}")

@@ -1,0 +1,485 @@
+"""Importers: NIfTI, NRRD, TIFF planes/stacks and OME-Zarr 0.4 → arrays with grids, and → OME-Zarr 0.5.
+
+Header conventions (the algebra lives in :mod:`patchmorph_core.spatial`):
+
+* **NIfTI**: the ``(i, j, k)`` file array is returned with its axes reversed, ``(z, y, x) = (k, j, i)``,
+  and the sform/qform index→RAS+ affine is re-ordered to map ``(z, y, x)`` indices to world
+  ``(S, A, R)`` (:func:`~patchmorph_core.spatial.grid_affine_from_ras`). Unit from ``xyzt_units``
+  (``unknown`` → millimeter).
+* **NRRD**: ``space directions`` / ``space origin`` in the header's ``space`` (RAS, LAS, LPS) are
+  turned into RAS+ and then re-ordered the same way. Unit from ``space units``; without it, millimeter
+  (the NRRD/Slicer convention) unless the largest voxel size is at least :data:`MICROMETER_THRESHOLD`,
+  then micrometer: no real image has centimetre voxels, and the Allen CCF files store micrometres
+  without a unit.
+* ``unit`` arguments *re-interpret* the header's numbers (they say what unit the numbers are in; no
+  conversion), ``voxel_size`` replaces the spacing and keeps the direction, ``orientation`` (e.g.
+  ``"asr"``) replaces the header's direction and origin by that anatomical layout centred on the world
+  origin (:meth:`~patchmorph_core.spatial.Grid.from_orientation`).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import dask
+import dask.array as da
+import numpy as np
+import zarr
+
+from patchmorph_core.errors import InputError
+from patchmorph_core.spatial import (
+    UNIT_IN_MILLIMETER,
+    Grid,
+    check_spacing,
+    grid_affine_from_ras,
+    orientation_matrix,
+    ras_affine_from_nrrd,
+)
+
+logger = logging.getLogger(__name__)
+
+MICROMETER_THRESHOLD: float = 10.0
+"""An NRRD without ``space units`` whose largest voxel size is at least this is read as micrometer."""
+
+_UNIT_ALIASES: dict[str, str] = {
+    "mm": "millimeter",
+    "millimeter": "millimeter",
+    "millimeters": "millimeter",
+    "um": "micrometer",
+    "µm": "micrometer",
+    "micron": "micrometer",
+    "microns": "micrometer",
+    "micrometer": "micrometer",
+    "micrometers": "micrometer",
+    "nm": "nanometer",
+    "nanometer": "nanometer",
+    "cm": "centimeter",
+    "centimeter": "centimeter",
+    "m": "meter",
+    "meter": "meter",
+}
+
+
+def normalize_unit(unit: str, what: str = "unit") -> str:
+    """NGFF unit name for ``unit`` (accepts ``mm``, ``um``, ``micron``, ...); InputError if unknown."""
+    name = _UNIT_ALIASES.get(str(unit).strip().lower())
+    if name is None or name not in UNIT_IN_MILLIMETER:
+        raise InputError(f"unknown {what} {unit!r}: use one of {', '.join(sorted(UNIT_IN_MILLIMETER))}.")
+    return name
+
+
+def apply_overrides(
+    grid: Grid,
+    voxel_size: Sequence[float] | None = None,
+    unit: str | None = None,
+    orientation: str | None = None,
+) -> Grid:
+    """Apply user overrides to a header-derived grid.
+
+    Args:
+        grid: grid read from the file.
+        voxel_size: ``(z, y, x)`` spacing replacing the header's (direction and origin kept).
+        unit: unit the numbers are in (re-interpretation, not conversion).
+        orientation: anatomical orientation code replacing the header's direction; the grid is then
+            centred on the world origin.
+
+    Returns:
+        The overridden grid.
+    """
+    spacing = grid.spacing if voxel_size is None else check_spacing(voxel_size)
+    unit_name = grid.unit if unit is None else normalize_unit(unit)
+    if orientation is not None:
+        orientation_matrix(orientation)  # validates the code before any work
+        return Grid.from_orientation(grid.shape, spacing, orientation, unit=unit_name)
+    if voxel_size is None:
+        return Grid(grid.shape, grid.affine, unit_name)
+    return Grid.from_spacing(
+        grid.shape, spacing, origin=grid.origin, unit=unit_name, direction=grid.direction
+    )
+
+
+def _existing_file(path: str | Path, kind: str) -> Path:
+    """``path`` as a Path if it is an existing file, else an InputError naming it."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{kind} input {str(p)!r} does not exist: check the path.")
+    if not p.is_file():
+        raise InputError(f"{kind} input {str(p)!r} is not a file: give the path of a {kind} file.")
+    return p
+
+
+def open_nifti(
+    path: str | Path,
+    voxel_size: Sequence[float] | None = None,
+    unit: str | None = None,
+    orientation: str | None = None,
+    chunks: int = 64,
+) -> tuple[da.Array, Grid]:
+    """Open a NIfTI image lazily as a dask ``(Z, Y, X)`` array and its grid (see :func:`load_nifti`).
+
+    The dask array reads the file through nibabel's array proxy, ``chunks`` voxels per axis at a time
+    (an uncompressed ``.nii`` is memory-mapped; a ``.nii.gz`` is decompressed as it is read).
+    """
+    import nibabel as nib
+
+    p = _existing_file(path, "NIfTI")
+    try:
+        img = nib.load(str(p))
+        proxy = img.dataobj
+        shape = tuple(int(s) for s in proxy.shape)
+    except Exception as err:  # nibabel raises many types for a bad file
+        raise InputError(
+            f"{str(p)!r} is not a readable NIfTI image ({err}); give a .nii or .nii.gz file."
+        ) from err
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    if len(shape) != 3:
+        raise InputError(f"{str(p)!r} holds a {len(shape)}-D image: give a single-channel 3-D image.")
+    lazy = da.from_array(proxy, chunks=(chunks,) * len(proxy.shape), asarray=True)
+    lazy = lazy.reshape(shape).transpose(2, 1, 0)
+    space_unit = img.header.get_xyzt_units()[0]
+    header_unit = (
+        "millimeter" if space_unit in (None, "unknown") else normalize_unit(space_unit, "NIfTI unit")
+    )
+    affine = grid_affine_from_ras(np.asarray(img.affine, dtype=np.float64))
+    grid = apply_overrides(Grid(lazy.shape, affine, header_unit), voxel_size, unit, orientation)
+    return lazy, grid
+
+
+def load_nifti(
+    path: str | Path,
+    voxel_size: Sequence[float] | None = None,
+    unit: str | None = None,
+    orientation: str | None = None,
+) -> tuple[np.ndarray, Grid]:
+    """Read a NIfTI image as a ``(Z, Y, X)`` array and its :class:`Grid` in our RAS+ ``(S, A, R)`` frame.
+
+    Args:
+        path: ``.nii`` or ``.nii.gz`` file.
+        voxel_size, unit, orientation: optional overrides, see :func:`apply_overrides`.
+
+    Returns:
+        ``(array, grid)``: the file's ``(i, j, k)`` array with axes reversed to ``(z, y, x)`` (data
+        scaling applied, the file's dtype otherwise) and its grid (unit from ``xyzt_units``, default
+        millimeter).
+    """
+    import nibabel as nib
+
+    p = _existing_file(path, "NIfTI")
+    lazy, grid = open_nifti(p, voxel_size, unit, orientation)
+    try:
+        data = np.asanyarray(nib.load(str(p)).dataobj)
+    except Exception as err:  # a truncated file fails only when its data is read
+        raise InputError(f"{str(p)!r} is a truncated or corrupt NIfTI file ({err}); re-export it.") from err
+    array = np.asarray(data).reshape(lazy.shape[::-1]).transpose(2, 1, 0)
+    logger.info(
+        "read NIfTI %s: shape %s, spacing %s %s", p, array.shape, np.round(grid.spacing, 6), grid.unit
+    )
+    return array, grid
+
+
+def _nrrd_unit(header: dict, spacing: np.ndarray) -> str:
+    """Unit of an NRRD header's ``space units``; if absent, millimeter or (large spacings) micrometer."""
+    units = header.get("space units")
+    if units:
+        names = {normalize_unit(u, "NRRD space unit") for u in units}
+        if len(names) != 1:
+            raise InputError(f"NRRD 'space units' {list(units)} mix units: give one unit for all axes.")
+        return names.pop()
+    if float(np.max(spacing)) >= MICROMETER_THRESHOLD:
+        logger.info(
+            "NRRD has no 'space units' and voxel size %s >= %g: reading it as micrometer (override with --unit)",
+            spacing,
+            MICROMETER_THRESHOLD,
+        )
+        return "micrometer"
+    return "millimeter"
+
+
+def _nrrd_ras_affine(header: dict, path: Path) -> np.ndarray:
+    """Index ``(i, j, k)`` → RAS+ affine of an NRRD header (``spacings`` only: a plain, unrotated frame)."""
+    if "space directions" in header:
+        directions = np.asarray(header["space directions"], dtype=np.float64)
+        if directions.shape != (3, 3) or not np.all(np.isfinite(directions)):
+            raise InputError(
+                f"{str(path)!r} has 'space directions' {directions.tolist()}: a 3-D image needs three finite vectors."
+            )
+        origin = np.asarray(header.get("space origin", np.zeros(3)), dtype=np.float64)
+        space = header.get("space", "right-anterior-superior")
+        return ras_affine_from_nrrd(space, directions, origin)
+    spacings = header.get("spacings")
+    if spacings is None:
+        raise InputError(
+            f"{str(path)!r} has neither 'space directions' nor 'spacings': pass --voxel-size Z Y X."
+        )
+    affine = np.eye(4)
+    affine[:3, :3] = np.diag(np.asarray(spacings, dtype=np.float64))
+    return affine
+
+
+def load_nrrd(
+    path: str | Path,
+    voxel_size: Sequence[float] | None = None,
+    unit: str | None = None,
+    orientation: str | None = None,
+) -> tuple[np.ndarray, Grid]:
+    """Read an NRRD image as a ``(Z, Y, X)`` array and its :class:`Grid` in our RAS+ ``(S, A, R)`` frame.
+
+    Args:
+        path: ``.nrrd`` file.
+        voxel_size, unit, orientation: optional overrides, see :func:`apply_overrides`.
+
+    Returns:
+        ``(array, grid)``: the file's axes reversed (NRRD's first axis is fastest on disk, so it
+        becomes ``x``) and the header's geometry in our frame (see module doc for units).
+    """
+    import nrrd
+
+    p = _existing_file(path, "NRRD")
+    try:
+        data, header = nrrd.read(str(p), index_order="C")
+    except Exception as err:  # pynrrd raises several types for a bad file
+        raise InputError(f"{str(p)!r} is not a readable NRRD image ({err}); give a .nrrd file.") from err
+    if data.ndim != 3:
+        raise InputError(f"{str(p)!r} holds a {data.ndim}-D array: give a single-channel 3-D NRRD image.")
+    ras = _nrrd_ras_affine(header, p)
+    header_unit = _nrrd_unit(header, np.linalg.norm(ras[:3, :3], axis=0))
+    grid = apply_overrides(
+        Grid(data.shape, grid_affine_from_ras(ras), header_unit), voxel_size, unit, orientation
+    )
+    logger.info("read NRRD %s: shape %s, spacing %s %s", p, data.shape, np.round(grid.spacing, 6), grid.unit)
+    return data, grid
+
+
+# -- TIFF -----------------------------------------------------------------------------------------------
+TIFF_SUFFIXES: tuple[str, ...] = (".tif", ".tiff")
+
+
+def _natural_key(path: Path) -> list[object]:
+    """Sort key that orders ``plane_2`` before ``plane_10``."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
+
+
+def _plain_grid(
+    shape: Sequence[int],
+    voxel_size: Sequence[float] | None,
+    unit: str | None,
+    orientation: str | None,
+    what: str,
+) -> Grid:
+    """Grid of a file without geometry (TIFF): needs ``voxel_size``; default unit micrometer."""
+    if voxel_size is None:
+        raise InputError(
+            f"{what} carries no voxel size: pass --voxel-size Z Y X (and --unit, --orientation)."
+        )
+    spacing = check_spacing(voxel_size)
+    unit_name = "micrometer" if unit is None else normalize_unit(unit)
+    if orientation is not None:
+        return Grid.from_orientation(shape, spacing, orientation, unit=unit_name)
+    return Grid.from_spacing(shape, spacing, unit=unit_name)
+
+
+def _read_plane_region(path: Path, rows: slice, cols: slice, plane_shape: tuple[int, ...]) -> np.ndarray:
+    """Rows/cols of one TIFF plane, decoding only the strips/tiles they touch (tifffile's zarr view)."""
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        if tuple(tif.pages[0].shape) != plane_shape:
+            raise InputError(
+                f"plane {str(path)!r} has shape {tif.pages[0].shape}, not {plane_shape}: fix the folder."
+            )
+        with tif.aszarr(key=0) as store:
+            return np.asarray(zarr.open(store, mode="r")[rows, cols])
+
+
+def _read_block(
+    paths: Sequence[Path], rows: slice, cols: slice, plane_shape: tuple[int, ...], dtype: np.dtype
+) -> np.ndarray:
+    """A ``(len(paths), rows, cols)`` block of a plane folder."""
+    block = np.empty((len(paths), rows.stop - rows.start, cols.stop - cols.start), dtype=dtype)
+    for index, path in enumerate(paths):
+        block[index] = _read_plane_region(path, rows, cols, plane_shape)
+    return block
+
+
+def open_tiff_planes(
+    folder: str | Path,
+    voxel_size: Sequence[float] | None,
+    unit: str | None = None,
+    orientation: str | None = None,
+    chunks: Sequence[int] | None = None,
+) -> tuple[da.Array, Grid]:
+    """Open a folder of 2-D TIFF planes (one per ``z``, natural name order) as a lazy ``(Z, Y, X)`` array.
+
+    The dask blocks are the output's write units (:func:`pipeline.ngff.choose_layout` with ``chunks``);
+    one task reads its block's rows and columns from each of its planes, so memory is bounded by
+    the block size, never by the plane or stack size.
+    """
+    import tifffile
+
+    from pipeline.ngff import choose_layout
+
+    root = Path(folder)
+    planes = sorted((p for p in root.iterdir() if p.suffix.lower() in TIFF_SUFFIXES), key=_natural_key)
+    if not planes:
+        raise InputError(
+            f"{str(root)!r} holds no TIFF planes and no OME-Zarr metadata: give a folder of .tif planes, "
+            "a TIFF stack, NIfTI, NRRD or OME-Zarr image."
+        )
+    try:
+        with tifffile.TiffFile(planes[0]) as tif:
+            plane_shape, dtype = tuple(tif.pages[0].shape), tif.pages[0].dtype
+    except Exception as err:  # tifffile raises several types for a bad file
+        raise InputError(
+            f"{str(planes[0])!r} is not a readable TIFF plane ({err}); check the folder."
+        ) from err
+    if len(plane_shape) != 2:
+        raise InputError(f"{str(planes[0])!r} has shape {plane_shape}: each plane must be a 2-D grey image.")
+    shape = (len(planes), *plane_shape)
+    grid = _plain_grid(shape, voxel_size, unit, orientation, f"TIFF plane folder {str(root)!r}")
+    layout_chunks, shards = choose_layout(shape, dtype, chunks)
+    bz, by, bx = shards or layout_chunks
+    rows_of = [slice(y, min(y + by, shape[1])) for y in range(0, shape[1], by)]
+    cols_of = [slice(x, min(x + bx, shape[2])) for x in range(0, shape[2], bx)]
+    blocks = [
+        [
+            [
+                da.from_delayed(
+                    dask.delayed(_read_block)(planes[z : z + bz], rows, cols, plane_shape, dtype),
+                    shape=(len(planes[z : z + bz]), rows.stop - rows.start, cols.stop - cols.start),
+                    dtype=dtype,
+                )
+                for cols in cols_of
+            ]
+            for rows in rows_of
+        ]
+        for z in range(0, shape[0], bz)
+    ]
+    return da.block(blocks), grid
+
+
+def open_tiff_stack(
+    path: str | Path,
+    voxel_size: Sequence[float] | None,
+    unit: str | None = None,
+    orientation: str | None = None,
+) -> tuple[da.Array, Grid]:
+    """Open a multi-page TIFF stack lazily (through tifffile's zarr view) as a ``(Z, Y, X)`` dask array."""
+    import tifffile
+
+    p = _existing_file(path, "TIFF")
+    try:
+        store = tifffile.imread(p, aszarr=True)
+        lazy = da.from_zarr(zarr.open(store, mode="r"))
+    except Exception as err:  # tifffile / zarr raise several types for a bad file
+        raise InputError(f"{str(p)!r} is not a readable TIFF stack ({err}); give a 3-D .tif file.") from err
+    shape = tuple(s for s in lazy.shape if s != 1) if lazy.ndim > 3 else lazy.shape
+    if len(shape) != 3:
+        raise InputError(f"{str(p)!r} has shape {lazy.shape}: give a single-channel 3-D TIFF stack.")
+    lazy = lazy.reshape(shape)
+    return lazy, _plain_grid(lazy.shape, voxel_size, unit, orientation, f"TIFF stack {str(p)!r}")
+
+
+# -- any input ------------------------------------------------------------------------------------------
+def _is_zarr(path: Path) -> bool:
+    return path.is_dir() and any((path / name).exists() for name in ("zarr.json", ".zattrs", ".zgroup"))
+
+
+def open_input(
+    path: str | Path,
+    voxel_size: Sequence[float] | None = None,
+    unit: str | None = None,
+    orientation: str | None = None,
+    chunks: Sequence[int] | None = None,
+) -> tuple[da.Array, Grid, str]:
+    """Open any supported input lazily as ``(dask (Z, Y, X), Grid, kind)``.
+
+    ``kind`` is one of ``"ome-zarr"``, ``"tiff-planes"``, ``"tiff-stack"``, ``"nifti"``, ``"nrrd"``.
+    Overrides as in :func:`apply_overrides`; TIFF inputs need ``voxel_size``. ``chunks``: the output's
+    spatial chunk shape (plane folders are read in its write units).
+    """
+    from pipeline.ngff import read_image
+
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"input {str(p)!r} does not exist: check the path.")
+    name = p.name.lower()
+    if _is_zarr(p):
+        level = read_image(p).levels[0]
+        array = level.array if isinstance(level.array, da.Array) else da.from_zarr(level.array)
+        return array, apply_overrides(level.grid, voxel_size, unit, orientation), "ome-zarr"
+    if p.is_dir():
+        return (*open_tiff_planes(p, voxel_size, unit, orientation, chunks), "tiff-planes")
+    if name.endswith((".nii", ".nii.gz")):
+        return (*open_nifti(p, voxel_size, unit, orientation), "nifti")
+    if name.endswith(".nrrd"):
+        array, grid = load_nrrd(p, voxel_size, unit, orientation)  # pynrrd reads whole files
+        return da.from_array(array, chunks=64), grid, "nrrd"
+    if name.endswith(TIFF_SUFFIXES):
+        return (*open_tiff_stack(p, voxel_size, unit, orientation), "tiff-stack")
+    raise InputError(
+        f"{str(p)!r} is not a supported image: give a TIFF plane folder, a TIFF stack (.tif), NIfTI "
+        "(.nii/.nii.gz), NRRD (.nrrd) or OME-Zarr (.zarr folder)."
+    )
+
+
+def convert(
+    input: str | Path,
+    output: str | Path,
+    voxel_size: Sequence[float] | None = None,
+    unit: str | None = None,
+    orientation: str | None = None,
+    overwrite: bool = False,
+    labels: bool = False,
+    chunks: Sequence[int] | None = None,
+    n_levels: int | None = None,
+) -> Path:
+    """Convert a TIFF plane folder, TIFF stack, NIfTI, NRRD or OME-Zarr 0.4 image to OME-Zarr 0.5.
+
+    Streams chunk by chunk (bounded memory, except NRRD which pynrrd reads whole); keeps the full
+    index→world matrix (see :mod:`pipeline.ngff`).
+
+    Args:
+        input: the source image.
+        output: the ``.zarr`` folder to write.
+        voxel_size: ``(z, y, x)`` voxel size (required for TIFF; overrides headers otherwise).
+        unit: the unit of the voxel size / header numbers (default: header, else micrometer for TIFF).
+        orientation: anatomical orientation code of the array axes (e.g. ``"psl"``); overrides headers.
+        overwrite: replace an existing output.
+        labels: write a label image (nearest-neighbour pyramid).
+        chunks: spatial chunk shape; default 64³.
+        n_levels: pyramid levels; default automatic.
+
+    Returns:
+        The output path.
+    """
+    from pipeline.ngff import check_output, write_image
+
+    out = check_output(output, overwrite)  # fail fast, before reading anything
+    array, grid, kind = open_input(input, voxel_size, unit, orientation, chunks)
+    logger.info(
+        "converting %s %s: shape %s, voxel size %s %s, direction %s",
+        kind,
+        input,
+        grid.shape,
+        np.round(grid.spacing, 6).tolist(),
+        grid.unit,
+        np.round(grid.direction, 6).tolist(),
+    )
+    provenance = {"source": str(input), "source_kind": kind, "orientation": orientation}
+    write_image(
+        out,
+        array,
+        grid,
+        name=Path(input).name.split(".")[0],
+        labels=labels,
+        chunks=chunks,
+        overwrite=overwrite,
+        extra_attrs=provenance,
+        n_levels=n_levels,
+    )
+    logger.info("wrote %s (OME-Zarr 0.5)", out)
+    return out

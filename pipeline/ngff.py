@@ -1,0 +1,705 @@
+"""OME-Zarr (NGFF) images, label images and displacement fields: read 0.4 / 0.5, write 0.5 (Zarr v3).
+
+Layout written (DESIGN.md "Contracts"):
+
+* A multiscale group with axes ``z, y, x`` (``c, z, y, x`` for fields), levels ``"0"``, ``"1"``, ...
+  built by :func:`~patchmorph_core.source.pyramid_factors` (isotropic in world: fine axes are halved
+  first; ome-zarr-py's integer factors would never halve z).
+* Per-level ``scale``/``translation`` describe the image in its own axis-aligned frame: ``scale`` is
+  the voxel size and ``translation = Dᵀ·origin`` where ``D`` is the grid's direction matrix, so the
+  levels of the pyramid line up in any NGFF 0.5 viewer. The full index→world map (rotation, axis
+  permutation or flip from an orientation code) is kept per level as an NGFF-0.6-style ``affine``
+  transform (3×4 rows, ``(z, y, x)`` index → ``(z, y, x)`` world) in ``attrs["patchmorph"]``; our
+  reader prefers it. With an identity direction both descriptions agree.
+* **Chunks and shards.** One Dask task always writes whole *write units* (:func:`write_block`: the
+  shard when the array is sharded, else the chunk) and no two tasks share one, so parallel writers
+  never read-modify-write a chunk. Default chunks are 64³ (channel axis whole); arrays larger than
+  :data:`SHARD_THRESHOLD_BYTES` are sharded 4×4×4 chunks per shard.
+* **Completion.** :func:`write_image` / :func:`write_field` write to a hidden temporary sibling and
+  rename it into place; :func:`create_image_array` (chunked writers) writes in place with
+  ``attrs["patchmorph"]["complete"] = False`` until :func:`finish_image` builds the pyramid and sets
+  it to True. :func:`read_image` refuses an incomplete output.
+* **Fields** (:func:`write_field`): ``(3, Z, Y, X)`` float32, components ``(z, y, x)`` in the fixed
+  image's world unit, mapping a fixed world point ``x`` to the moving world point ``x + u(x)``; the
+  optional uncertainty image is the child image ``uncertainty`` inside the field group.
+
+Reading defaults to zarr-python arrays (lazy: indexing reads only the touched chunks); pass
+``backend="tensorstore"`` for TensorStore arrays. Both work with :func:`patchmorph_core.spatial.read_box`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import dask.array as da
+import numpy as np
+import zarr
+from tqdm.dask import TqdmCallback
+
+from patchmorph_core.errors import InputError
+from patchmorph_core.source import Level, MultiscaleImage, downsample, downsampled_grid, pyramid_factors
+from patchmorph_core.spatial import AXES, Grid, check_spacing, unit_scale
+
+logger = logging.getLogger(__name__)
+
+NGFF_VERSION = "0.5"
+"""NGFF version written."""
+
+WORLD_FRAME = (
+    "index->world affine; world components (z, y, x); for anatomical images RAS+ in (z, y, x) order: "
+    "0=superior, 1=anterior, 2=right"
+)
+"""Description of the world frame stored in ``attrs["patchmorph"]["world_frame"]``."""
+
+FIELD_DIRECTION = "fixed->moving: a fixed-space world point x maps to the moving-space world point x + u(x)"
+"""Description of a displacement field's direction stored in its metadata."""
+
+DEFAULT_CHUNK = 64
+"""Default chunk edge (voxels) along each spatial axis."""
+
+SHARD_THRESHOLD_BYTES = 1 << 30
+"""Arrays larger than this are sharded (4×4×4 chunks per shard) to keep the file count low."""
+
+COARSEST_MAX_SIZE = 64
+"""The automatic pyramid stops at the first level whose largest axis is at most this many voxels."""
+
+MAX_LEVELS = 10
+"""Upper bound on the number of pyramid levels."""
+
+Backend = Literal["zarr", "tensorstore"]
+
+
+# -- layout ---------------------------------------------------------------------------------------------
+def choose_layout(
+    shape: Sequence[int], dtype: np.dtype | type, chunks: Sequence[int] | None = None
+) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
+    """Chunk and shard shapes for an array of ``shape`` (``(Z, Y, X)`` or ``(C, Z, Y, X)``).
+
+    Args:
+        shape: array shape; a leading channel axis (4-D) is kept whole in every chunk.
+        dtype: array dtype (for the sharding size threshold).
+        chunks: spatial chunk shape ``(z, y, x)``; default :data:`DEFAULT_CHUNK` per axis.
+
+    Returns:
+        ``(chunks, shards)``; chunks are clipped to the shape; ``shards`` is None or a multiple of chunks.
+    """
+    spatial = tuple(int(s) for s in shape[-3:])
+    wanted = (DEFAULT_CHUNK,) * 3 if chunks is None else tuple(int(c) for c in chunks)
+    if len(wanted) != 3 or any(c < 1 for c in wanted):
+        raise InputError(f"chunk shape {chunks} is invalid: give three positive sizes (z, y, x).")
+    spatial_chunks = tuple(min(c, s) for c, s in zip(wanted, spatial, strict=True))
+    lead = tuple(int(s) for s in shape[:-3])
+    nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+    shards = None
+    if nbytes > SHARD_THRESHOLD_BYTES:
+        spatial_shards = tuple(
+            min(4 * c, -(-s // c) * c) for c, s in zip(spatial_chunks, spatial, strict=True)
+        )
+        shards = lead + spatial_shards
+    return lead + spatial_chunks, shards
+
+
+def write_block(array: zarr.Array) -> tuple[int, ...]:
+    """The unit one writer must write whole: the shard shape of a sharded array, else its chunk shape."""
+    return tuple(array.shards) if array.shards is not None else tuple(array.chunks)
+
+
+# -- metadata -------------------------------------------------------------------------------------------
+def _axes_meta(unit: str, channels: bool) -> list[dict[str, str]]:
+    axes = [{"name": name, "type": "space", "unit": unit} for name in AXES]
+    return ([{"name": "c", "type": "channel"}] if channels else []) + axes
+
+
+def _affine_rows(grid: Grid) -> list[list[float]]:
+    """NGFF-0.6-style affine: the 3×4 top rows of the index→world matrix, as nested lists."""
+    return [[float(v) for v in row] for row in grid.affine[:3]]
+
+
+def _dataset_meta(path: str, grid: Grid, channels: bool) -> dict[str, Any]:
+    """NGFF 0.5 dataset entry: scale/translation in the grid's axis-aligned frame (see module doc)."""
+    scale = [float(s) for s in grid.spacing]
+    translation = [float(t) for t in grid.direction.T @ grid.origin]
+    if channels:
+        scale, translation = [1.0, *scale], [0.0, *translation]
+    return {
+        "path": path,
+        "coordinateTransformations": [
+            {"type": "scale", "scale": scale},
+            {"type": "translation", "translation": translation},
+        ],
+    }
+
+
+def _build_attrs(
+    grids: Sequence[Grid],
+    *,
+    name: str,
+    labels: bool,
+    channels: bool,
+    complete: bool,
+    extra_attrs: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    """Group attributes: the ``ome`` block (NGFF 0.5) and the project's ``patchmorph`` block."""
+    unit = grids[0].unit
+    multiscale = {
+        "name": name,
+        "axes": _axes_meta(unit, channels),
+        "datasets": [_dataset_meta(str(i), g, channels) for i, g in enumerate(grids)],
+    }
+    ome: dict[str, Any] = {"version": NGFF_VERSION, "multiscales": [multiscale]}
+    if labels:
+        ome["image-label"] = {"version": NGFF_VERSION}
+    patchmorph: dict[str, Any] = dict(extra_attrs or {})
+    patchmorph.update(
+        {
+            "complete": complete,
+            "unit": unit,
+            "world_frame": WORLD_FRAME,
+            "labels": labels,
+            "coordinateTransformations": [
+                {"type": "affine", "affine": _affine_rows(g), "input": str(i), "output": "world"}
+                for i, g in enumerate(grids)
+            ],
+        }
+    )
+    return {"ome": ome, "patchmorph": patchmorph}
+
+
+# -- output paths ---------------------------------------------------------------------------------------
+def check_output(path: str | Path, overwrite: bool) -> Path:
+    """The output path; InputError if it exists and ``overwrite`` is False."""
+    out = Path(path)
+    if out.exists() and not overwrite:
+        raise InputError(
+            f"output {str(out)!r} already exists: pass --overwrite (overwrite=True) or choose another path."
+        )
+    if not out.parent.exists():
+        raise InputError(f"output folder {str(out.parent)!r} does not exist: create it first.")
+    return out
+
+
+def _temporary_sibling(out: Path) -> Path:
+    return out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Move the finished ``tmp`` into place, removing an older ``out`` only after the new one is in place."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    else:
+        tmp.rename(out)
+
+
+# -- writing --------------------------------------------------------------------------------------------
+def create_image_array(
+    path: str | Path,
+    shape: Sequence[int],
+    grid: Grid,
+    dtype: np.dtype | type,
+    chunks: Sequence[int] | None = None,
+    *,
+    channels: int | None = None,
+    name: str = "image",
+    labels: bool = False,
+    overwrite: bool = False,
+    resume: bool = False,
+    extra_attrs: Mapping[str, Any] | None = None,
+) -> zarr.Array:
+    """Create an NGFF 0.5 group with an empty level-0 array, for write-once chunked output.
+
+    Each Dask task writes whole :func:`write_block` units of the returned array, each exactly once;
+    then call :func:`finish_image` to build the pyramid and mark the output complete.
+
+    Args:
+        path: output group (``.zarr`` folder).
+        shape: ``(Z, Y, X)`` of level 0 (must equal ``grid.shape``).
+        grid: level-0 grid.
+        dtype: array dtype.
+        chunks: spatial chunk shape ``(z, y, x)``; see :func:`choose_layout`.
+        channels: number of leading channel components (3 for displacement fields), or None.
+        name: multiscale name.
+        labels: write NGFF ``image-label`` metadata.
+        overwrite: replace an existing output.
+        resume: reopen an existing *incomplete* output of the same shape and dtype instead of failing.
+        extra_attrs: merged into ``attrs["patchmorph"]``.
+
+    Returns:
+        The level-0 ``zarr.Array`` (``(Z, Y, X)`` or ``(C, Z, Y, X)``), filled with zeros until written.
+    """
+    out = Path(path)
+    if tuple(int(s) for s in shape) != grid.shape:
+        raise InputError(f"array shape {tuple(shape)} does not match its grid shape {grid.shape}.")
+    full_shape = ((channels,) if channels else ()) + grid.shape
+    if resume and out.exists():
+        group = zarr.open_group(str(out), mode="r+")
+        meta = dict(group.attrs).get("patchmorph", {})
+        array = group["0"]
+        if meta.get("complete") is False and array.shape == full_shape and array.dtype == np.dtype(dtype):
+            logger.info("resuming incomplete output %s", out)
+            return array
+        raise InputError(
+            f"cannot resume {str(out)!r}: it is complete or its shape/dtype differ; pass overwrite=True."
+        )
+    check_output(out, overwrite)
+    if out.exists():
+        shutil.rmtree(out)
+    chunk_shape, shard_shape = choose_layout(full_shape, dtype, chunks)
+    group = zarr.open_group(str(out), mode="w", zarr_format=3)
+    group.attrs.put(
+        _build_attrs(
+            [grid], name=name, labels=labels, channels=bool(channels), complete=False, extra_attrs=extra_attrs
+        )
+    )
+    return group.create_array(
+        "0",
+        shape=full_shape,
+        chunks=chunk_shape,
+        shards=shard_shape,
+        dtype=dtype,
+        fill_value=0,
+        dimension_names=(["c"] if channels else []) + list(AXES),
+    )
+
+
+def _store(data: Any, target: zarr.Array, desc: str) -> None:
+    """Write a numpy or dask array into ``target`` whole write-block by write-block (no shared chunks)."""
+    block = write_block(target)
+    darr = data if isinstance(data, da.Array) else da.from_array(data, chunks=block)
+    darr = darr.astype(target.dtype).rechunk(block)
+    with TqdmCallback(desc=desc, leave=False):
+        da.store(darr, target, lock=False)
+
+
+def _downsample_block(
+    block: np.ndarray, factors: tuple[int, int, int], labels: bool, dtype: np.dtype
+) -> np.ndarray:
+    """Downsample one ``(Z, Y, X)`` or ``(C, Z, Y, X)`` block; integers are rounded back to ``dtype``."""
+    if block.ndim == 4:
+        out = np.stack([downsample(b, factors, labels=labels) for b in block])
+    else:
+        out = downsample(block, factors, labels=labels)
+    if np.issubdtype(dtype, np.integer) and not labels:
+        info = np.iinfo(dtype)
+        out = np.clip(np.rint(out), info.min, info.max)
+    return out.astype(dtype, copy=False)
+
+
+def _auto_levels(grid: Grid) -> int:
+    """Number of levels until the largest axis is at most :data:`COARSEST_MAX_SIZE` voxels."""
+    shape = np.asarray(grid.shape)
+    factors = pyramid_factors(grid.spacing, grid.shape, MAX_LEVELS)
+    for count, f in enumerate(factors, start=1):
+        shape = -(-shape // np.asarray(f))
+        if shape.max() <= COARSEST_MAX_SIZE:
+            return count
+    return len(factors)
+
+
+def _level_grids(group: zarr.Group) -> list[Grid]:
+    meta = dict(group.attrs)["patchmorph"]
+    unit = meta["unit"]
+    grids = []
+    for entry in meta["coordinateTransformations"]:
+        affine = np.vstack([np.asarray(entry["affine"], dtype=np.float64), [0.0, 0.0, 0.0, 1.0]])
+        grids.append(Grid(group[entry["input"]].shape[-3:], affine, unit))
+    return grids
+
+
+def finish_image(path: str | Path, n_levels: int | None = None) -> Path:
+    """Build the pyramid of a group made by :func:`create_image_array` and mark it complete.
+
+    Level ``n`` is computed from level ``n-1`` in blocks aligned to level ``n``'s write units (one
+    task per unit, block mean for intensities / strided pick for labels).
+
+    Args:
+        path: the group.
+        n_levels: total number of levels (default: until the largest axis is at most
+            :data:`COARSEST_MAX_SIZE`).
+
+    Returns:
+        ``path``.
+    """
+    group = zarr.open_group(str(path), mode="r+")
+    attrs = dict(group.attrs)
+    meta = attrs["patchmorph"]
+    labels = bool(meta.get("labels", False))
+    grids = _level_grids(group)[:1]
+    level0 = group["0"]
+    channels = level0.ndim == 4
+    count = _auto_levels(grids[0]) if n_levels is None else max(1, int(n_levels))
+    factors_list = pyramid_factors(grids[0].spacing, grids[0].shape, count)[1:]
+    previous = level0
+    for index, factors in enumerate(factors_list, start=1):
+        shape = tuple(-(-s // f) for s, f in zip(previous.shape[-3:], factors, strict=True))
+        full = previous.shape[:-3] + shape
+        chunk_shape, shard_shape = choose_layout(full, previous.dtype, previous.chunks[-3:])
+        target = group.create_array(
+            str(index),
+            shape=full,
+            chunks=chunk_shape,
+            shards=shard_shape,
+            dtype=previous.dtype,
+            fill_value=0,
+            dimension_names=list(previous.metadata.dimension_names),
+            overwrite=True,
+        )
+        out_block = write_block(target)
+        lead = out_block[:-3]
+        src_block = lead + tuple(b * f for b, f in zip(out_block[-3:], factors, strict=True))
+        source = da.from_zarr(previous).rechunk(src_block)
+        full_factors = (1,) * len(lead) + tuple(factors)
+        out_chunks = tuple(
+            tuple(-(-c // f) for c in dim_chunks)
+            for dim_chunks, f in zip(source.chunks, full_factors, strict=True)
+        )
+        down = source.map_blocks(
+            _downsample_block, factors, labels, previous.dtype, chunks=out_chunks, dtype=previous.dtype
+        )
+        with TqdmCallback(desc=f"pyramid level {index}", leave=False):
+            da.store(down, target, lock=False)
+        grids.append(downsampled_grid(grids[-1], factors, shape))
+        previous = target
+    name = attrs["ome"]["multiscales"][0].get("name", "image")
+    extra = {k: v for k, v in meta.items() if k not in ("complete", "unit", "world_frame", "labels")}
+    extra.pop("coordinateTransformations", None)
+    group.attrs.put(
+        _build_attrs(grids, name=name, labels=labels, channels=channels, complete=True, extra_attrs=extra)
+    )
+    logger.info("finished %s: %d levels, level-0 shape %s", path, len(grids), level0.shape)
+    return Path(path)
+
+
+def _write_group(
+    out: Path,
+    data: Any,
+    grid: Grid,
+    *,
+    channels: int | None,
+    name: str,
+    labels: bool,
+    chunks: Sequence[int] | None,
+    extra_attrs: Mapping[str, Any] | None,
+    n_levels: int | None,
+) -> None:
+    """Create, fill and finish one group at ``out`` (a temporary path; progress names ``name``)."""
+    array = create_image_array(
+        out,
+        grid.shape,
+        grid,
+        _storage_dtype(data.dtype),
+        chunks,
+        channels=channels,
+        name=name,
+        labels=labels,
+        extra_attrs=extra_attrs,
+    )
+    _store(data, array, desc=f"writing {name}")
+    finish_image(out, n_levels=n_levels)
+
+
+def _storage_dtype(dtype: np.dtype) -> np.dtype:
+    return np.dtype(np.uint8) if np.dtype(dtype) == np.bool_ else np.dtype(dtype)
+
+
+def write_image(
+    path: str | Path,
+    data: Any,
+    grid: Grid,
+    *,
+    name: str = "image",
+    labels: bool = False,
+    chunks: Sequence[int] | None = None,
+    overwrite: bool = False,
+    extra_attrs: Mapping[str, Any] | None = None,
+    n_levels: int | None = None,
+) -> Path:
+    """Write a ``(Z, Y, X)`` numpy or dask array as an NGFF 0.5 multiscale image (or label image).
+
+    Args:
+        path: output group (``.zarr`` folder); written to a temporary sibling and renamed into place.
+        data: ``(Z, Y, X)`` array on ``grid`` (dask arrays are streamed block by block).
+        grid: level-0 grid (shape, index→world affine, unit).
+        name: multiscale name.
+        labels: label image (NGFF ``image-label``; pyramid by strided pick, dtype kept).
+        chunks: spatial chunk shape; see :func:`choose_layout`.
+        overwrite: replace an existing output (else InputError).
+        extra_attrs: merged into ``attrs["patchmorph"]`` (e.g. provenance).
+        n_levels: pyramid levels (default: automatic, see :func:`finish_image`).
+
+    Returns:
+        The output path.
+    """
+    out = check_output(path, overwrite)
+    if tuple(data.shape) != grid.shape:
+        raise InputError(f"image shape {tuple(data.shape)} does not match its grid shape {grid.shape}.")
+    tmp = _temporary_sibling(out)
+    try:
+        _write_group(
+            tmp,
+            data,
+            grid,
+            channels=None,
+            name=name,
+            labels=labels,
+            chunks=chunks,
+            extra_attrs=extra_attrs,
+            n_levels=n_levels,
+        )
+        _replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    logger.info("wrote %s %s (shape %s, %s)", "labels" if labels else "image", out, grid.shape, grid.unit)
+    return out
+
+
+def field_metadata(grid: Grid, metadata: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The ``attrs["patchmorph"]`` block of a displacement field (caller's ``metadata`` merged in).
+
+    The caller supplies ``fixed`` and ``moving`` (image paths), ``model`` and ``config``; the
+    component order, unit and direction are set here so that they cannot disagree with the data.
+    """
+    meta: dict[str, Any] = {"fixed": None, "moving": None, "model": None, "config": None}
+    meta.update(dict(metadata or {}))
+    meta.update(
+        {
+            "kind": "displacement_field",
+            "components": list(AXES),
+            "component_axis": "c",
+            "displacement_unit": grid.unit,
+            "direction": FIELD_DIRECTION,
+        }
+    )
+    return meta
+
+
+def write_field(
+    path: str | Path,
+    field: Any,
+    grid: Grid,
+    *,
+    metadata: Mapping[str, Any] | None = None,
+    uncertainty: Any | None = None,
+    chunks: Sequence[int] | None = None,
+    overwrite: bool = False,
+    n_levels: int | None = 1,
+) -> Path:
+    """Write a displacement field (and optional uncertainty) as an NGFF 0.5 image with axes ``c, z, y, x``.
+
+    Args:
+        path: output group; written to a temporary sibling and renamed into place.
+        field: ``(3, Z, Y, X)`` numpy or dask array, components ``(z, y, x)``, world units of ``grid``.
+        grid: the field grid (on the fixed image's world frame and unit).
+        metadata: ``fixed``, ``moving``, ``model``, ``config`` and anything else to record.
+        uncertainty: optional ``(Z, Y, X)`` per-voxel spread of patch estimates (world units),
+            written as the child image ``uncertainty``.
+        chunks: spatial chunk shape; see :func:`choose_layout`.
+        overwrite: replace an existing output (else InputError).
+        n_levels: pyramid levels of the field (default 1).
+
+    Returns:
+        The output path.
+    """
+    out = check_output(path, overwrite)
+    if tuple(field.shape) != (3, *grid.shape):
+        raise InputError(f"field shape {tuple(field.shape)} must be (3, *grid.shape) = {(3, *grid.shape)}.")
+    meta = field_metadata(grid, metadata)
+    if uncertainty is not None:
+        meta["uncertainty"] = "uncertainty"
+    tmp = _temporary_sibling(out)
+    try:
+        _write_group(
+            tmp,
+            field,
+            grid,
+            channels=3,
+            name="displacement",
+            labels=False,
+            chunks=chunks,
+            extra_attrs=meta,
+            n_levels=n_levels,
+        )
+        if uncertainty is not None:
+            _write_group(
+                tmp / "uncertainty",
+                uncertainty,
+                grid,
+                channels=None,
+                name="uncertainty",
+                labels=False,
+                chunks=chunks,
+                extra_attrs={"kind": "uncertainty"},
+                n_levels=n_levels,
+            )
+        _replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    logger.info("wrote displacement field %s (grid %s, %s)", out, grid.shape, grid.unit)
+    return out
+
+
+# -- reading --------------------------------------------------------------------------------------------
+def _open_group(path: str | Path) -> zarr.Group:
+    where = str(path)
+    if "://" not in where and not Path(where).exists():
+        raise InputError(f"OME-Zarr input {where!r} does not exist: check the path.")
+    try:
+        return zarr.open_group(where, mode="r")
+    except Exception as err:  # zarr raises several types for a non-group
+        raise InputError(f"{where!r} is not a Zarr group ({err}); give an OME-Zarr image folder.") from err
+
+
+def _multiscale(attrs: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """The first ``multiscales`` entry of NGFF 0.5 (``attrs["ome"]``) or 0.4 (top-level) attributes."""
+    ome = attrs.get("ome", attrs)
+    multiscales = ome.get("multiscales") if isinstance(ome, Mapping) else None
+    if not multiscales:
+        raise InputError(
+            f"{where!r} has no NGFF 'multiscales' metadata: give an OME-Zarr image group (e.g. 'x.zarr' or "
+            "'x.zarr/0' for a bioformats2raw series)."
+        )
+    return multiscales[0]
+
+
+def _axes(multiscale: Mapping[str, Any], where: str) -> tuple[list[str], str]:
+    """Axis names and the spatial unit; InputError for unknown names or a non-(…, z, y, x) order."""
+    axes = multiscale.get("axes", ["t", "c", "z", "y", "x"])  # NGFF < 0.4 had none: 5-D tczyx
+    names = [a["name"] if isinstance(a, Mapping) else str(a) for a in axes]
+    unknown = [n for n in names if n not in ("t", "c", "z", "y", "x")]
+    if unknown or names[-3:] != list(AXES):
+        raise InputError(
+            f"{where!r} has axes {names}: PatchMorph reads images whose axes end in z, y, x (after optional "
+            "t and c); convert or re-save the image with those axis names."
+        )
+    units = {a.get("unit") for a in axes if isinstance(a, Mapping) and a.get("name") in AXES}
+    units.discard(None)
+    if len(units) > 1:
+        raise InputError(f"{where!r} mixes units {sorted(units)} on z, y, x: give one unit for all axes.")
+    if not units:
+        logger.warning("%s has no axis units; assuming micrometer", where)
+        return names, "micrometer"
+    unit = str(units.pop())
+    unit_scale(unit, unit)  # validates the NGFF unit name
+    return names, unit
+
+
+def _scale_translation(transforms: Sequence[Mapping[str, Any]], ndim: int) -> tuple[np.ndarray, np.ndarray]:
+    scale, translation = np.ones(ndim), np.zeros(ndim)
+    for t in transforms or ():
+        if t.get("type") == "scale":
+            scale = np.asarray(t["scale"], dtype=np.float64)
+        elif t.get("type") == "translation":
+            translation = np.asarray(t["translation"], dtype=np.float64)
+    return scale, translation
+
+
+def _grid_from_ngff(
+    dataset: Mapping[str, Any], multiscale: Mapping[str, Any], shape: Sequence[int], unit: str, where: str
+) -> Grid:
+    """Grid of one level from NGFF scale/translation (dataset level, then multiscale level)."""
+    ndim = len(shape)
+    scale, translation = _scale_translation(dataset.get("coordinateTransformations", ()), ndim)
+    gscale, gtranslation = _scale_translation(multiscale.get("coordinateTransformations", ()), ndim)
+    spacing = check_spacing((scale * gscale)[-3:], what=f"voxel size (scale) of {where!r}")
+    origin = (translation * gscale + gtranslation)[-3:]
+    return Grid.from_spacing(shape[-3:], spacing, origin=origin, unit=unit)
+
+
+def _open_tensorstore(where: str, level_path: str, zarr_format: int) -> Any:
+    import tensorstore as ts
+
+    spec = {
+        "driver": "zarr3" if zarr_format == 3 else "zarr",
+        "kvstore": {"driver": "file", "path": str(Path(where) / level_path)},
+    }
+    return ts.open(spec, read=True).result()
+
+
+def _levels(
+    path: str | Path, backend: Backend, keep_channels: bool
+) -> tuple[list[Level], dict[str, Any], str]:
+    """Open every level of an NGFF image; returns the levels, the ``patchmorph`` attrs and the name."""
+    where = str(path)
+    group = _open_group(path)
+    attrs = dict(group.attrs)
+    meta = attrs.get("patchmorph", {})
+    if meta.get("complete") is False:
+        raise InputError(f"{where!r} is an incomplete output (its write was interrupted): write it again.")
+    multiscale = _multiscale(attrs, where)
+    names, unit = _axes(multiscale, where)
+    affines = {e["input"]: e["affine"] for e in meta.get("coordinateTransformations", ())}
+    unit = meta.get("unit", unit)
+    levels = []
+    for dataset in multiscale.get("datasets", ()):
+        level_path = dataset["path"]
+        try:
+            zarray = group[level_path]
+        except KeyError as err:
+            raise InputError(
+                f"{where!r} lists level {level_path!r} but has no such array: re-write it."
+            ) from err
+        if zarray.ndim != len(names):
+            raise InputError(f"{where!r} level {level_path!r} is {zarray.ndim}-D but has {len(names)} axes.")
+        if level_path in affines:
+            affine = np.vstack([np.asarray(affines[level_path], dtype=np.float64), [0, 0, 0, 1]])
+            grid = Grid(zarray.shape[-3:], affine, unit)
+        else:
+            grid = _grid_from_ngff(dataset, multiscale, zarray.shape, unit, where)
+        array: Any = (
+            zarray if backend == "zarr" else _open_tensorstore(where, level_path, zarray.metadata.zarr_format)
+        )
+        lead = names[:-3]
+        squeeze = [i for i, n in enumerate(lead) if not (keep_channels and n == "c")]
+        if any(zarray.shape[i] != 1 for i in squeeze):
+            raise InputError(
+                f"{where!r} has axes {names} with shape {zarray.shape}: only single time point, single channel "
+                "images are supported; extract one channel first."
+            )
+        if squeeze:
+            index = tuple(0 if i in squeeze else slice(None) for i in range(len(lead)))
+            array = da.from_zarr(zarray)[index] if backend == "zarr" else array[index]
+        levels.append(Level(array, grid))
+    if not levels:
+        raise InputError(f"{where!r} has 'multiscales' without datasets: re-write the image.")
+    return levels, meta, str(multiscale.get("name") or Path(where).stem)
+
+
+def read_image(path: str | Path, *, backend: Backend = "zarr") -> MultiscaleImage:
+    """Open an NGFF 0.4 or 0.5 multiscale image lazily.
+
+    Args:
+        path: the image group (local folder or URL for the zarr backend).
+        backend: ``"zarr"`` (zarr-python arrays, default) or ``"tensorstore"``.
+
+    Returns:
+        A :class:`MultiscaleImage` whose levels are ``(Z, Y, X)`` lazy array-likes with grids from
+        the project's full affine (when written by PatchMorph) or NGFF scale/translation.
+    """
+    levels, _, name = _levels(path, backend, keep_channels=False)
+    return MultiscaleImage(tuple(levels), name)
+
+
+def read_field(path: str | Path, *, backend: Backend = "zarr") -> tuple[Any, Grid, dict[str, Any]]:
+    """Open a displacement field written by :func:`write_field`.
+
+    Returns:
+        ``(array, grid, metadata)``: the lazy level-0 ``(3, Z, Y, X)`` array (components ``(z, y, x)``
+        in ``grid.unit``), its grid and the ``attrs["patchmorph"]`` metadata.
+    """
+    levels, meta, _ = _levels(path, backend, keep_channels=True)
+    array = levels[0].array
+    if meta.get("kind") != "displacement_field" or len(array.shape) != 4 or array.shape[0] != 3:
+        raise InputError(
+            f"{str(path)!r} is not a PatchMorph displacement field: give the output of 'register'."
+        )
+    return array, levels[0].grid, dict(meta)

@@ -1,0 +1,335 @@
+"""Quality-control figures of a registration, as PNG files (matplotlib, Agg backend).
+
+Four figures, each three orthogonal slices through the centre of the fixed image (``z``, ``y``, ``x``
+planes, drawn with their physical aspect ratio):
+
+* ``overlay``: the fixed image (the sample) with the outline of the warped moving image (the atlas):
+  the boundaries between the warped atlas labels when there are labels, else an iso-contour of the
+  warped atlas intensity;
+* ``checkerboard``: alternating squares of the fixed and the warped moving image;
+* ``jacobian``: the Jacobian determinant of ``x -> x + u(x)`` (1 = volume kept, < 1 shrink, > 1 grow,
+  <= 0 folded, drawn in black);
+* ``uncertainty``: the spread of the overlapping patch estimates, in world units.
+
+The array functions (``*_figure``) take in-memory ``(Z, Y, X)`` arrays; :func:`qc_files` reads the
+outputs of ``register``/``warp`` at a coarse pyramid level (memory bounded by ``max_size``, never by the
+volume size) and writes all four.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from pydantic import BaseModel, ConfigDict  # noqa: E402
+from skimage.filters import threshold_otsu  # noqa: E402
+from skimage.segmentation import find_boundaries  # noqa: E402
+
+from patchmorph_core.metrics import dice_per_label, jacobian_determinant, ncc  # noqa: E402
+from patchmorph_core.source import Level, MultiscaleImage, downsample, downsampled_grid  # noqa: E402
+from patchmorph_core.spatial import AXES, Grid, read_box, resample  # noqa: E402
+from pipeline.ngff import read_field, read_image  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+_PLANES: tuple[tuple[int, int], ...] = ((1, 2), (0, 2), (0, 1))
+"""For each slicing axis (z, y, x), the two in-plane axes (rows, columns)."""
+
+
+class QCRecord(BaseModel):
+    """Paths of the QC figures written for one registration, by kind."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    figures: dict[str, Path]
+
+
+# -- slicing ------------------------------------------------------------------------------------------
+def central_slices(volume: np.ndarray, center: Sequence[int] | None = None) -> list[np.ndarray]:
+    """The three orthogonal 2-D slices of a ``(Z, Y, X)`` volume through ``center`` (default: the middle).
+
+    Returns:
+        ``[volume[cz], volume[:, cy], volume[:, :, cx]]`` of shapes ``(Y, X)``, ``(Z, X)``, ``(Z, Y)``.
+    """
+    c = [s // 2 for s in volume.shape] if center is None else [int(v) for v in center]
+    return [volume[c[0]], volume[:, c[1]], volume[:, :, c[2]]]
+
+
+def display_range(image: np.ndarray, low: float = 1.0, high: float = 99.5) -> tuple[float, float]:
+    """Robust grey-value window ``(lo, hi)`` of an image (percentiles of its finite values)."""
+    finite = image[np.isfinite(image)]
+    if finite.size == 0:
+        return 0.0, 1.0
+    lo, hi = np.percentile(finite, [low, high])
+    return float(lo), float(hi if hi > lo else lo + 1.0)
+
+
+def _aspect(spacing: Sequence[float], axis: int) -> float:
+    """Pixel aspect (height / width) of the slice perpendicular to ``axis``."""
+    rows, cols = _PLANES[axis]
+    return float(spacing[rows]) / float(spacing[cols])
+
+
+def _figure(title: str) -> tuple[Figure, np.ndarray]:
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4.4), constrained_layout=True)
+    fig.suptitle(title)
+    return fig, axes
+
+
+def _finish(fig: Figure, axes: np.ndarray, path: Path) -> Path:
+    for axis, ax in enumerate(axes):
+        rows, cols = _PLANES[axis]
+        ax.set_title(f"{AXES[axis]} slice")
+        ax.set_xlabel(AXES[cols])
+        ax.set_ylabel(AXES[rows])
+        ax.set_xticks([])
+        ax.set_yticks([])
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    logger.info("wrote QC figure %s", path)
+    return path
+
+
+# -- figures on arrays --------------------------------------------------------------------------------
+def overlay_figure(
+    fixed: np.ndarray,
+    spacing: Sequence[float],
+    path: Path,
+    warped_labels: np.ndarray | None = None,
+    warped: np.ndarray | None = None,
+    title: str = "warped atlas outline over the sample",
+) -> Path:
+    """Fixed image with the outline of the warped moving labels (or of the warped moving image).
+
+    Args:
+        fixed: ``(Z, Y, X)`` fixed image.
+        spacing: ``(3,)`` voxel size ``(z, y, x)`` of the arrays (for the aspect ratio).
+        path: PNG file to write.
+        warped_labels: ``(Z, Y, X)`` integer labels on the fixed grid; boundaries between labels are drawn.
+        warped: ``(Z, Y, X)`` warped moving image on the fixed grid, used when there are no labels
+            (its Otsu iso-contour is drawn).
+        title: figure title.
+    """
+    lo, hi = display_range(fixed)
+    fig, axes = _figure(title)
+    labels_slices = central_slices(warped_labels) if warped_labels is not None else [None] * 3
+    warped_slices = central_slices(warped) if warped is not None else [None] * 3
+    level = None
+    if warped_labels is None and warped is not None and np.ptp(warped) > 0:
+        level = float(threshold_otsu(np.asarray(warped, dtype=np.float32)))
+    for axis, (ax, sample) in enumerate(zip(axes, central_slices(fixed), strict=True)):
+        aspect = _aspect(spacing, axis)
+        ax.imshow(sample, cmap="gray", vmin=lo, vmax=hi, aspect=aspect, interpolation="nearest")
+        if labels_slices[axis] is not None:
+            edges = find_boundaries(np.asarray(labels_slices[axis]), mode="inner")
+            ax.imshow(
+                np.ma.masked_where(~edges, edges), cmap="autumn", aspect=aspect, interpolation="nearest"
+            )
+        elif level is not None and warped_slices[axis] is not None:
+            ax.contour(warped_slices[axis], levels=[level], colors="yellow", linewidths=0.8)
+    return _finish(fig, axes, path)
+
+
+def checkerboard(fixed: np.ndarray, warped: np.ndarray, squares: int = 8) -> np.ndarray:
+    """``(Z, Y, X)`` checkerboard of two intensity-normalised volumes, ``squares`` squares per axis."""
+    fixed_n = _normalised(fixed)
+    warped_n = _normalised(warped)
+    index = np.indices(fixed.shape)
+    cells = [(index[k] * squares) // max(fixed.shape[k], 1) for k in range(3)]
+    mask = (cells[0] + cells[1] + cells[2]) % 2 == 0
+    return np.where(mask, fixed_n, warped_n)
+
+
+def _normalised(image: np.ndarray) -> np.ndarray:
+    lo, hi = display_range(image)
+    return np.clip((np.asarray(image, dtype=np.float32) - lo) / (hi - lo), 0.0, 1.0)
+
+
+def checkerboard_figure(
+    fixed: np.ndarray, warped: np.ndarray, spacing: Sequence[float], path: Path, squares: int = 8
+) -> Path:
+    """Checkerboard of the fixed and the warped moving image (both ``(Z, Y, X)`` on the fixed grid)."""
+    board = checkerboard(fixed, warped, squares)
+    fig, axes = _figure("checkerboard: fixed / warped moving")
+    for axis, (ax, plane) in enumerate(zip(axes, central_slices(board), strict=True)):
+        ax.imshow(plane, cmap="gray", vmin=0, vmax=1, aspect=_aspect(spacing, axis), interpolation="nearest")
+    return _finish(fig, axes, path)
+
+
+def jacobian_figure(jacobian: np.ndarray, spacing: Sequence[float], path: Path) -> Path:
+    """Jacobian determinant map ``(Z, Y, X)`` on a log colour scale centred on 1; folds (<= 0) in black."""
+    fig, axes = _figure(
+        f"Jacobian determinant (min {np.nanmin(jacobian):.3g}, max {np.nanmax(jacobian):.3g}, "
+        f"folded {100.0 * np.mean(jacobian <= 0):.3g}%)"
+    )
+    cmap = plt.get_cmap("RdBu_r").with_extremes(under="black")
+    image = None
+    for axis, (ax, plane) in enumerate(zip(axes, central_slices(jacobian), strict=True)):
+        logdet = np.where(plane > 0, np.log2(np.maximum(plane, 1e-12)), -np.inf)
+        image = ax.imshow(
+            logdet, cmap=cmap, vmin=-1, vmax=1, aspect=_aspect(spacing, axis), interpolation="nearest"
+        )
+    fig.colorbar(image, ax=list(axes), shrink=0.8, label="log2 det J")
+    return _finish(fig, axes, path)
+
+
+def uncertainty_figure(uncertainty: np.ndarray, spacing: Sequence[float], path: Path, unit: str) -> Path:
+    """Map of the per-voxel spread of the patch estimates ``(Z, Y, X)``, in world units ``unit``."""
+    lo, hi = display_range(uncertainty, 0.0, 99.0)
+    fig, axes = _figure("registration uncertainty (spread of overlapping patch estimates)")
+    image = None
+    for axis, (ax, plane) in enumerate(zip(axes, central_slices(uncertainty), strict=True)):
+        image = ax.imshow(
+            plane,
+            cmap="magma",
+            vmin=0.0,
+            vmax=max(hi, 1e-12),
+            aspect=_aspect(spacing, axis),
+            interpolation="nearest",
+        )
+    fig.colorbar(image, ax=list(axes), shrink=0.8, label=unit)
+    return _finish(fig, axes, path)
+
+
+# -- reading outputs at a coarse level ----------------------------------------------------------------
+def preview_level(image: MultiscaleImage, max_size: int) -> Level:
+    """The finest pyramid level whose every axis has at most ``max_size`` voxels (else the coarsest)."""
+    for level in image.levels:
+        if max(level.grid.shape) <= max_size:
+            return level
+    return image.levels[-1]
+
+
+def on_grid(image: MultiscaleImage, grid: Grid, labels: bool = False) -> np.ndarray:
+    """Sample ``image`` at the voxel centres of ``grid`` (same unit), from the level that matches its spacing.
+
+    Args:
+        image: a pyramid in ``grid.unit``.
+        grid: target grid (small: a preview grid).
+        labels: nearest-neighbour sampling keeping the integer dtype.
+
+    Returns:
+        ``grid.shape`` array.
+    """
+    level = image.level_for_spacing(float(grid.spacing.min()))
+    if labels:
+        dtype = read_box(level.array, (slice(0, 1),) * 3).dtype
+        return resample(level.array, level.grid, grid.points(), order=0, dtype=dtype)
+    return resample(level.array, level.grid, grid.points(), order=1)
+
+
+def preview_field(field: object, grid: Grid, max_size: int) -> tuple[np.ndarray, Grid]:
+    """A ``(3, Z, Y, X)`` field array-like block-averaged until every axis has at most ``max_size`` voxels.
+
+    Returns:
+        ``(field, grid)`` in memory: float32 components ``(z, y, x)`` and the (coarser) grid.
+    """
+    factors = tuple(max(1, -(-int(n) // max_size)) for n in grid.shape)
+    full = read_box(field, (slice(None),) * 4).astype(np.float32)
+    if factors == (1, 1, 1):
+        return full, grid
+    comps = np.stack([downsample(full[k], factors) for k in range(3)])
+    return comps, downsampled_grid(grid, factors, comps.shape[1:])
+
+
+def _load(
+    fixed: Path, warped: Path, max_size: int, labels: Path | None = None
+) -> tuple[Grid, np.ndarray, np.ndarray, np.ndarray | None]:
+    """The fixed image at a preview level, and the warped image (and labels) sampled on that grid."""
+    fixed_image = read_image(fixed)
+    level = preview_level(fixed_image, max_size)
+    grid = level.grid
+    fixed_arr = read_box(level.array, (slice(None),) * 3).astype(np.float32)
+    warped_arr = on_grid(read_image(warped).with_unit(grid.unit), grid)
+    labels_arr = on_grid(read_image(labels).with_unit(grid.unit), grid, labels=True) if labels else None
+    return grid, fixed_arr, warped_arr, labels_arr
+
+
+def qc_files(
+    fixed: str | Path,
+    warped: str | Path,
+    field: str | Path,
+    out_dir: str | Path,
+    *,
+    warped_labels: str | Path | None = None,
+    max_size: int = 192,
+) -> QCRecord:
+    """Write the four QC figures of a registration into ``out_dir``.
+
+    Args:
+        fixed: the fixed OME-Zarr image.
+        warped: the moving image warped onto the fixed grid (output of ``warp``).
+        field: the displacement field (output of ``register``; its ``uncertainty`` child image is used
+            when present).
+        out_dir: folder for ``overlay.png``, ``checkerboard.png``, ``jacobian.png``, ``uncertainty.png``.
+        warped_labels: the moving labels warped onto the fixed grid (their boundaries form the outline).
+        max_size: largest preview size per axis (voxels); the images are read at the pyramid level
+            that fits, so memory does not grow with the volume.
+
+    Returns:
+        A :class:`QCRecord` with the figure paths by kind.
+    """
+    out = Path(out_dir)
+    grid, fixed_arr, warped_arr, labels_arr = _load(Path(fixed), Path(warped), max_size, _opt(warped_labels))
+    spacing = grid.spacing
+    figures = {
+        "overlay": overlay_figure(fixed_arr, spacing, out / "overlay.png", labels_arr, warped_arr),
+        "checkerboard": checkerboard_figure(fixed_arr, warped_arr, spacing, out / "checkerboard.png"),
+    }
+    field_arr, field_grid, meta = read_field(field)
+    small, small_grid = preview_field(field_arr, field_grid, max_size)
+    figures["jacobian"] = jacobian_figure(jacobian_determinant(small, small_grid), small_grid.spacing, out / "jacobian.png")
+    if meta.get("uncertainty"):
+        unc = read_image(Path(field) / str(meta["uncertainty"]))
+        level = preview_level(unc, max_size)
+        unc_arr = read_box(level.array, (slice(None),) * 3).astype(np.float32)
+        figures["uncertainty"] = uncertainty_figure(unc_arr, level.grid.spacing, out / "uncertainty.png", level.grid.unit)
+    return QCRecord(figures=figures)
+
+
+def _opt(path: str | Path | None) -> Path | None:
+    return None if path is None else Path(path)
+
+
+def registration_metrics(
+    fixed: str | Path,
+    warped: str | Path,
+    field: str | Path,
+    *,
+    fixed_labels: str | Path | None = None,
+    warped_labels: str | Path | None = None,
+    max_size: int = 192,
+) -> dict[str, float]:
+    """Scalar quality metrics of a registration, computed at a preview resolution (bounded memory).
+
+    Returns:
+        ``ncc`` (fixed vs warped moving, Pearson r), ``jacobian_min``, ``jacobian_max``,
+        ``folding_percent`` (voxels with det J <= 0 of the field) and, when both label maps are given,
+        ``dice_mean`` over the labels present in either (background 0 excluded) and ``n_labels``.
+    """
+    grid, fixed_arr, warped_arr, labels_arr = _load(Path(fixed), Path(warped), max_size, _opt(warped_labels))
+    field_arr, field_grid, _ = read_field(field)
+    small, small_grid = preview_field(field_arr, field_grid, max_size)
+    det = jacobian_determinant(small, small_grid)
+    metrics = {
+        "ncc": ncc(fixed_arr, warped_arr),
+        "jacobian_min": float(det.min()),
+        "jacobian_max": float(det.max()),
+        "folding_percent": float(100.0 * np.mean(det <= 0)),
+    }
+    if fixed_labels is not None and labels_arr is not None:
+        truth = on_grid(read_image(fixed_labels).with_unit(grid.unit), grid, labels=True)
+        scores = np.asarray(list(dice_per_label(truth, labels_arr).values()), dtype=np.float64)
+        metrics["dice_mean"] = float(np.nanmean(scores)) if np.isfinite(scores).any() else 0.0
+        metrics["n_labels"] = float(np.isfinite(scores).sum())
+    return metrics

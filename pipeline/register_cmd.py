@@ -1,0 +1,118 @@
+"""``patchmorph register``, ``warp`` and ``cluster-script``: the chunked Dask commands.
+
+Both long commands print the Dask dashboard address, show a progress bar per stage (chunks done / total,
+rate, ETA) and print what they wrote where. Rerunning an interrupted command resumes it.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from patchmorph_core.errors import InputError
+from pipeline.cli import command
+from pipeline.cluster import job_script, load_cluster_config
+from pipeline.register import register_files
+from pipeline.warp import warp_files
+
+ChunkOption = Annotated[
+    int | None, typer.Option("--chunk-size", help="Output voxels per chunk edge (default 64; one task per chunk).")
+]
+WorkersOption = Annotated[int | None, typer.Option(help="Local Dask worker processes (default: fit the machine).")]
+SchedulerOption = Annotated[
+    str | None,
+    typer.Option(help="Dask scheduler address (tcp://host:8786) or cluster YAML (configs/cluster/slurm.yaml)."),
+]
+OverwriteOption = Annotated[bool, typer.Option(help="Replace a finished output and discard its run records.")]
+
+
+def _quiet_dask() -> None:
+    """Keep Dask's own INFO chatter off the terminal (warnings still show)."""
+    for name in ("distributed", "dask_jobqueue"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+@command
+def register(
+    fixed: Annotated[Path, typer.Option(help="Fixed image (OME-Zarr); the field lives on its world grid.")],
+    moving: Annotated[Path, typer.Option(help="Moving image (OME-Zarr; any spacing, unit, orientation).")],
+    out: Annotated[Path, typer.Option(help="Output displacement field (OME-Zarr, e.g. field.zarr).")],
+    config: Annotated[
+        Path | None, typer.Option(help="Inference config YAML (default: configs/register_default.yaml values).")
+    ] = None,
+    weights: Annotated[Path | None, typer.Option(help="Model checkpoint (overrides the config's weights).")] = None,
+    chunk_size: ChunkOption = None,
+    workers: WorkersOption = None,
+    scheduler: SchedulerOption = None,
+    overwrite: OverwriteOption = False,
+) -> None:
+    """Register MOVING to FIXED chunk by chunk; writes the field and its uncertainty image."""
+    from pipeline.register import resolve_config
+
+    _quiet_dask()
+    cfg = resolve_config(config)
+    if weights is not None:
+        cfg = cfg.model_copy(update={"weights": str(weights)})
+    record = register_files(
+        fixed, moving, out, cfg, chunk_size=chunk_size, workers=workers, scheduler=scheduler, overwrite=overwrite
+    )
+    typer.echo(f"dashboard was {record.dashboard or 'not available'}")
+    typer.echo(
+        f"wrote displacement field {record.field} (grid {record.grid_shape}, spacing "
+        f"{', '.join(f'{s:.4g}' for s in record.spacing)} {record.unit}; {record.chunks} chunks, "
+        f"{record.skipped} resumed) in {record.seconds:.1f} s"
+    )
+    typer.echo(f"wrote uncertainty {record.uncertainty}")
+    typer.echo(f"run records in {record.run} (delete when no longer needed)")
+
+
+@command
+def warp(
+    field: Annotated[Path, typer.Option(help="Displacement field written by `patchmorph register`.")],
+    moving: Annotated[Path, typer.Option(help="Image or label map to warp (OME-Zarr).")],
+    out: Annotated[Path, typer.Option(help="Output image (OME-Zarr).")],
+    labels: Annotated[bool, typer.Option(help="Label map: nearest-neighbour resampling.")] = False,
+    inverse: Annotated[
+        bool,
+        typer.Option(help="MOVING is in fixed space (e.g. atlas labels); warp it onto the moving image's grid."),
+    ] = False,
+    target: Annotated[
+        Path | None, typer.Option(help="Image whose grid the output takes (default: from the field's metadata).")
+    ] = None,
+    chunk_size: ChunkOption = None,
+    workers: WorkersOption = None,
+    scheduler: SchedulerOption = None,
+    overwrite: OverwriteOption = False,
+) -> None:
+    """Warp an image or label map through a field into fixed space (or moving space with --inverse)."""
+    _quiet_dask()
+    record = warp_files(
+        field, moving, out, labels=labels, target=target, inverse=inverse, chunk_size=chunk_size,
+        workers=workers, scheduler=scheduler, overwrite=overwrite,
+    )  # fmt: skip
+    typer.echo(f"dashboard was {record.dashboard or 'not available'}")
+    kind = "label map" if labels else "image"
+    typer.echo(
+        f"wrote {record.direction}-warped {kind} {record.out} (grid {record.grid_shape}, {record.unit}; "
+        f"{record.chunks} chunks, {record.skipped} resumed) in {record.seconds:.1f} s"
+    )
+    if record.inverse_max_error is not None:
+        typer.echo(
+            f"inverse field residual: max {record.inverse_max_error:.3g}, mean {record.inverse_mean_error:.3g} "
+            "(world units of the field)"
+        )
+
+
+@command
+def cluster_script(
+    config: Annotated[Path, typer.Argument(help="Cluster YAML with kind: slurm (e.g. configs/cluster/slurm.yaml).")],
+) -> None:
+    """Print the SLURM job script one Dask worker job would run (no job is submitted)."""
+    _quiet_dask()
+    cluster = load_cluster_config(config)
+    if cluster.kind != "slurm":
+        raise InputError(f"cluster config {config} has kind {cluster.kind!r}: give a config with kind: slurm.")
+    typer.echo(job_script(cluster))

@@ -1,0 +1,143 @@
+"""Completion records that make a chunked run resumable.
+
+A run folder (``<output>.run/`` beside the output) holds one ``run.json`` (a fingerprint of the inputs,
+settings and chunk plan) and, per stage, one record file per finished output chunk. Rules:
+
+* A chunk's record is written only AFTER every array of that chunk has been written whole, by an atomic
+  rename; a chunk without a record is recomputed and rewritten on the next run, so a half-written chunk
+  is never taken as complete.
+* A rerun with the same fingerprint skips recorded chunks; a different fingerprint is refused unless
+  ``overwrite`` is set (then the run folder starts empty).
+* Every chunk write also leaves one uniquely named entry in ``writes/``, so tests and audits can count how
+  often each chunk was written (exactly once in an uninterrupted run).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from patchmorph_core.errors import InputError
+
+ChunkId = tuple[int, int, int]
+
+
+def chunk_name(cid: ChunkId) -> str:
+    """File-name form of a chunk index ``(i, j, k)`` (chunk counts along ``z, y, x``)."""
+    return "_".join(str(int(c)) for c in cid)
+
+
+def _atomic_write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write JSON to ``path`` through a temporary file and an atomic rename."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class StageRecords:
+    """Completion records and write log of one stage's output chunks (picklable: paths only)."""
+
+    root: Path
+
+    def record_path(self, cid: ChunkId) -> Path:
+        """Path of the completion record of chunk ``cid``."""
+        return self.root / "done" / f"{chunk_name(cid)}.json"
+
+    def is_done(self, cid: ChunkId) -> bool:
+        """True when chunk ``cid`` has a completion record."""
+        return self.record_path(cid).is_file()
+
+    def completed(self) -> set[ChunkId]:
+        """Indices of every chunk with a completion record."""
+        folder = self.root / "done"
+        if not folder.is_dir():
+            return set()
+        out: set[ChunkId] = set()
+        for path in folder.glob("*.json"):
+            parts = path.stem.split("_")
+            out.add((int(parts[0]), int(parts[1]), int(parts[2])))
+        return out
+
+    def log_write(self, cid: ChunkId) -> None:
+        """Leave one write-log entry for chunk ``cid`` (call just before writing its arrays)."""
+        folder = self.root / "writes"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{chunk_name(cid)}.{uuid.uuid4().hex}").touch()
+
+    def write_counts(self) -> dict[ChunkId, int]:
+        """How many times each chunk was written, from the write log."""
+        counts: dict[ChunkId, int] = {}
+        folder = self.root / "writes"
+        if not folder.is_dir():
+            return counts
+        for path in folder.iterdir():
+            parts = path.name.split(".")[0].split("_")
+            cid = (int(parts[0]), int(parts[1]), int(parts[2]))
+            counts[cid] = counts.get(cid, 0) + 1
+        return counts
+
+    def mark_done(self, cid: ChunkId, info: dict[str, Any]) -> None:
+        """Record chunk ``cid`` as complete (call only after all its arrays are written whole)."""
+        folder = self.root / "done"
+        folder.mkdir(parents=True, exist_ok=True)
+        _atomic_write_json(self.record_path(cid), {"chunk": list(cid), **info})
+
+    def is_complete(self, n_chunks: int) -> bool:
+        """True when all ``n_chunks`` chunks of the stage are recorded."""
+        return len(self.completed()) >= n_chunks
+
+
+@dataclass(frozen=True)
+class RunRecords:
+    """The run folder of one output: fingerprint plus per-stage records."""
+
+    root: Path
+
+    def stage(self, name: str) -> StageRecords:
+        """Records of stage ``name`` (e.g. ``"stage0"``, ``"final"``, ``"warp"``)."""
+        return StageRecords(self.root / name)
+
+    def finish(self) -> None:
+        """Mark the whole run finished (the output is complete and usable)."""
+        _atomic_write_json(self.root / "finished.json", {"finished": True})
+
+    @property
+    def finished(self) -> bool:
+        """True when :meth:`finish` was called for this run."""
+        return (self.root / "finished.json").is_file()
+
+
+def open_run(root: Path, fingerprint: dict[str, Any], overwrite: bool) -> RunRecords:
+    """Open (or start) the run folder ``root`` for a run described by ``fingerprint``.
+
+    Args:
+        root: run folder, usually ``<output>.run``.
+        fingerprint: JSON-serialisable description of inputs, settings and chunk plan; a rerun resumes
+            only when it is identical.
+        overwrite: discard any existing records and start again.
+
+    Raises:
+        InputError: records of a run with a different fingerprint exist and ``overwrite`` is false.
+    """
+    manifest = root / "run.json"
+    wanted = json.loads(json.dumps(fingerprint, sort_keys=True, default=str))
+    if overwrite and root.exists():
+        shutil.rmtree(root)
+    if manifest.is_file():
+        found = json.loads(manifest.read_text())
+        if found != wanted:
+            changed = sorted(k for k in set(found) | set(wanted) if found.get(k) != wanted.get(k))
+            raise InputError(
+                f"run folder {root} belongs to a run with different {', '.join(changed)}: rerun with the "
+                "same settings to resume, or pass --overwrite to start again."
+            )
+        return RunRecords(root)
+    root.mkdir(parents=True, exist_ok=True)
+    _atomic_write_json(manifest, wanted)
+    return RunRecords(root)

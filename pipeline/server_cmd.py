@@ -1,0 +1,235 @@
+"""``patchmorph server``: a local Prefect server, the deployments of ``prefect.yaml`` and a worker.
+
+The server listens on 127.0.0.1 only and keeps its embedded SQLite database under a project-local
+``PREFECT_HOME`` (default ``.prefect/``); analytics are off (:mod:`flows.settings`). The command
+creates the process work pool, registers every deployment of ``prefect.yaml`` (``prefect deploy
+--all``, run from the project folder, so flow runs start there) and starts a worker, prints the
+``PREFECT_API_URL`` to export, and stops everything on Ctrl-C. Then, in another shell::
+
+    export PREFECT_API_URL=http://127.0.0.1:4200/api
+    prefect deployment run 'atlas-to-section/on-demand' --param atlas=... --param manifest=... --param out=...
+
+On an HPC site the same pieces are spread out: the server on a node the compute nodes can reach (with
+Postgres instead of SQLite when many workers write), ``PREFECT_API_URL`` pointing at it, a worker (or
+the flows' Dask cluster, ``configs/cluster/slurm.yaml``) in SLURM jobs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import typer
+
+from flows.settings import LOOPBACK, api_url, offline_environment
+from patchmorph_core.errors import InputError
+from pipeline.cli import command
+
+logger = logging.getLogger(__name__)
+
+WORK_POOL = "patchmorph-local"
+"""Name of the process work pool the deployments in ``prefect.yaml`` use."""
+
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+"""The folder holding ``prefect.yaml`` (deployments run from here)."""
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    """A TCP port that is free on ``host`` right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def prefect_executable() -> str:
+    """The ``prefect`` command of this Python environment."""
+    candidate = Path(sys.executable).with_name("prefect")
+    return str(candidate) if candidate.exists() else "prefect"
+
+
+def wait_for_api(url: str, timeout: float, process: subprocess.Popen[bytes] | None = None) -> None:
+    """Poll ``<url>/health`` until the server answers.
+
+    Raises:
+        RuntimeError: the server did not answer within ``timeout`` seconds, or its process exited.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"the Prefect server exited with code {process.returncode} before answering")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"the Prefect server at {url} did not answer within {timeout:.0f} s")
+
+
+def stop_process(process: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+    """Stop a process started with ``start_new_session=True`` and every child in its group."""
+    if process.poll() is not None:
+        return
+    for sig, wait in ((signal.SIGINT, timeout / 2), (signal.SIGTERM, timeout / 2), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=wait)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    # children that outlived the group leader (e.g. a flow run) share its group id
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+@dataclass
+class LocalPrefect:
+    """A local Prefect server + worker for this project; every process runs in its own process group.
+
+    Attributes:
+        port: loopback port of the API.
+        home: ``PREFECT_HOME`` (SQLite database, logs).
+        project_dir: folder of ``prefect.yaml``; deployments and flow runs work from here.
+        pool: process work pool name.
+        log_dir: where the server's and worker's output go (default ``home/logs``).
+    """
+
+    port: int
+    home: Path
+    project_dir: Path = PROJECT_DIR
+    pool: str = WORK_POOL
+    log_dir: Path | None = None
+    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    @property
+    def api_url(self) -> str:
+        """The ``PREFECT_API_URL`` clients use."""
+        return api_url(self.port)
+
+    def env(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+        """Offline-safe environment of the server, the CLI calls and the worker."""
+        env = offline_environment(prefect_home=self.home, api_url=self.api_url)
+        env["PREFECT_SERVER_API_PORT"] = str(self.port)
+        env.update(extra or {})
+        return env
+
+    def logs_dir(self) -> Path:
+        """Folder of the server and worker logs (created)."""
+        folder = self.log_dir or (self.home / "logs")
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def _spawn(self, name: str, args: Sequence[str]) -> subprocess.Popen[bytes]:
+        log = (self.logs_dir() / f"{name}.log").open("ab")
+        process = subprocess.Popen(
+            list(args), cwd=self.project_dir, env=self.env(), stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+        self.processes.append(process)
+        logger.info("started %s (pid %d), log %s", name, process.pid, self.logs_dir() / f"{name}.log")
+        return process
+
+    def run_cli(self, *args: str, timeout: float = 180.0) -> subprocess.CompletedProcess[str]:
+        """Run ``prefect <args>`` against this server from the project folder.
+
+        Raises:
+            RuntimeError: the command failed (its output is in the message).
+        """
+        result = subprocess.run(
+            [prefect_executable(), *args], cwd=self.project_dir, env=self.env(), capture_output=True, text=True,
+            timeout=timeout, check=False,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"prefect {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+        return result
+
+    def start_server(self, timeout: float = 120.0) -> None:
+        """Start ``prefect server start`` on 127.0.0.1 and wait until its API answers."""
+        self.home.mkdir(parents=True, exist_ok=True)
+        process = self._spawn(
+            "server",
+            [prefect_executable(), "server", "start", "--host", LOOPBACK, "--port", str(self.port), "--analytics-off"],
+        )
+        wait_for_api(self.api_url, timeout, process)
+
+    def deploy(self) -> None:
+        """Create the process work pool and register every deployment of ``prefect.yaml``."""
+        self.run_cli("work-pool", "create", self.pool, "--type", "process", "--overwrite")
+        self.run_cli("--no-prompt", "deploy", "--all", "--prefect-file", str(self.project_dir / "prefect.yaml"))
+
+    def start_worker(self, limit: int = 2) -> None:
+        """Start a process worker polling the work pool (at most ``limit`` concurrent flow runs)."""
+        self._spawn(
+            "worker",
+            [prefect_executable(), "worker", "start", "--pool", self.pool, "--type", "process", "--limit", str(limit)],
+        )
+
+    def start(self, timeout: float = 120.0, worker_limit: int = 2) -> None:
+        """Server, deployments and worker; on any failure everything started so far is stopped."""
+        try:
+            self.start_server(timeout)
+            self.deploy()
+            self.start_worker(worker_limit)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        """Stop the worker and the server (newest first), including their child processes."""
+        while self.processes:
+            stop_process(self.processes.pop())
+
+    def wait(self) -> int:
+        """Block until one of the processes exits; returns its exit code."""
+        while True:
+            for process in self.processes:
+                code = process.poll()
+                if code is not None:
+                    return code
+            time.sleep(1.0)
+
+
+@command
+def server(
+    port: int = typer.Option(4200, help="Loopback port of the Prefect API (0: a free port)."),
+    home: Path = typer.Option(Path(".prefect"), help="PREFECT_HOME: the SQLite database and logs live here."),
+    worker_limit: int = typer.Option(2, help="Flow runs the worker runs at once."),
+) -> None:
+    """Start a local Prefect server (127.0.0.1, SQLite), deploy prefect.yaml and start a worker; Ctrl-C stops."""
+    if not (PROJECT_DIR / "prefect.yaml").is_file():
+        raise InputError(f"{PROJECT_DIR / 'prefect.yaml'} is missing: run from a PatchMorph checkout.")
+    if worker_limit < 1:
+        raise InputError(f"--worker-limit {worker_limit} is invalid: give a positive number of flow runs.")
+    stack = LocalPrefect(port=port or free_port(), home=home.resolve())
+    typer.echo(f"starting Prefect server on {stack.api_url} (PREFECT_HOME={stack.home}) ...")
+    stack.start(worker_limit=worker_limit)
+    typer.echo(
+        f"ready: deployments of prefect.yaml registered, worker on pool {stack.pool!r}; logs in {stack.logs_dir()}\n"
+        f"use it from another shell with:\n  export PREFECT_API_URL={stack.api_url}\n"
+        "  prefect deployment run 'atlas-to-section/on-demand' --param atlas=... --param manifest=... "
+        "--param out=...\nCtrl-C stops the server and the worker."
+    )
+    try:
+        code = stack.wait()
+        typer.echo(f"a Prefect process exited with code {code}; stopping", err=True)
+    except KeyboardInterrupt:
+        typer.echo("stopping the Prefect worker and server ...")
+    finally:
+        stack.stop()

@@ -1,0 +1,246 @@
+"""``warp``: resample an image or label map through a displacement field, chunk by chunk on Dask.
+
+Directions (the field ``u`` maps a fixed world point ``x`` to the moving world point ``x + u(x)``):
+
+* **forward** (default): a moving-space image onto the fixed grid, ``out(x) = M(x + u(x))``.
+* **inverse** (``inverse=True``): a fixed-space image (e.g. atlas labels when the atlas was the fixed image)
+  onto the moving image's grid, ``out(y) = F(y + v(y))`` with ``v`` the inverse displacement obtained by
+  fixed-point iteration ``v ← −u(y + v)`` (:class:`~patchmorph_core.displacement.InverseDisplacement`),
+  point by point, so each chunk needs only the part of the field its points map through. Every chunk also
+  measures the inverse's residual ``|v(y) + u(y + v(y))|`` on a subsample of its voxels; the maximum and
+  mean are returned in :class:`WarpRecord` and stored in the output's metadata.
+
+Images are trilinear (``order=1``, rounded back to the input dtype), label maps nearest (``order=0``).
+Each output chunk (the Zarr write unit) is computed and written once by one task, then recorded in
+``<out>.run/`` (:mod:`pipeline.resume`); a rerun after a crash skips recorded chunks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from pydantic import BaseModel, ConfigDict
+
+from patchmorph_core.displacement import Displacement, FieldDisplacement, InverseDisplacement, invert_points
+from patchmorph_core.errors import InputError
+from patchmorph_core.source import MultiscaleImage
+from patchmorph_core.spatial import Grid
+from patchmorph_core.warping import warp_to_grid
+from pipeline.chunked import ChunkPlan, run_chunked
+from pipeline.cluster import load_cluster_config, open_client
+from pipeline.ngff import create_image_array, finish_image, read_field, read_image, write_block
+from pipeline.resume import ChunkId, StageRecords, open_run
+
+log = logging.getLogger(__name__)
+
+INVERSE_ITERATIONS = 20
+"""Fixed-point steps of the inverse displacement (the residual is measured and reported)."""
+
+ERROR_STRIDE = 4
+"""The inverse's residual is measured at every ``ERROR_STRIDE``-th voxel of each chunk along each axis."""
+
+
+class WarpRecord(BaseModel):
+    """What :func:`warp_files` wrote.
+
+    Attributes:
+        out: the warped image (OME-Zarr, on the target grid).
+        labels: nearest-neighbour label map (True) or trilinear image (False).
+        direction: ``"forward"`` (moving → fixed space) or ``"inverse"`` (fixed → moving space).
+        grid_shape: output shape ``(Z, Y, X)``; ``unit``: its world unit.
+        chunks: output chunks; ``skipped``: chunks found done by an earlier run.
+        inverse_max_error, inverse_mean_error: residual of the inverse displacement (world units of the
+            field; None for forward warps).
+        seconds: wall time; ``dashboard``: Dask dashboard address used.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    out: Path
+    labels: bool
+    direction: str
+    grid_shape: tuple[int, int, int]
+    unit: str
+    chunks: int
+    skipped: int
+    inverse_max_error: float | None
+    inverse_mean_error: float | None
+    seconds: float
+    dashboard: str
+
+
+@dataclass(frozen=True)
+class WarpContext:
+    """What every warp task needs (picklable; sent to each worker once).
+
+    Attributes:
+        image: the image to resample (pyramid; the level matching the output spacing is read).
+        displacement: ``u`` (forward) or the lazily inverted field (inverse), in ``plan.grid.unit``.
+        forward: the forward field sampler (for the inverse's residual), or None.
+        plan: output chunks on the output grid expressed in the field's unit.
+        out: level-0 output array.
+        order: 1 trilinear, 0 nearest.
+        records: completion records.
+    """
+
+    image: MultiscaleImage
+    displacement: Displacement
+    forward: Displacement | None
+    plan: ChunkPlan
+    out: Any
+    order: int
+    records: StageRecords
+
+
+def _cast(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Interpolated values back to the output dtype (rounded and clipped for integers)."""
+    if np.issubdtype(dtype, np.integer) and values.dtype.kind == "f":
+        info = np.iinfo(dtype)
+        values = np.clip(np.rint(values), info.min, info.max)
+    return values.astype(dtype, copy=False)
+
+
+def warp_chunk(ctx: WarpContext, cid: ChunkId, partials: list[Any]) -> dict[str, Any]:
+    """Task: resample one output chunk, write it whole, then record it (with the inverse's residual)."""
+    tic = time.perf_counter()
+    box = ctx.plan.box(cid)
+    grid = ctx.plan.chunk_grid(cid)
+    values = warp_to_grid(ctx.image, ctx.displacement, grid, order=ctx.order)
+    info: dict[str, Any] = {}
+    if ctx.forward is not None:
+        sub = tuple(np.arange(0, n, ERROR_STRIDE) for n in grid.shape)
+        index = np.stack(np.meshgrid(*sub, indexing="ij"), axis=-1).reshape(-1, 3)
+        _, residual = invert_points(ctx.forward, grid.index_to_world(index), INVERSE_ITERATIONS)
+        norm = np.linalg.norm(residual, axis=-1)
+        info.update(max_error=float(norm.max()), sum_error=float(norm.sum()), n_error=int(norm.size))
+    ctx.records.log_write(cid)
+    ctx.out[box.slices] = _cast(values, ctx.out.dtype)
+    info["seconds"] = time.perf_counter() - tic
+    ctx.records.mark_done(cid, info)
+    return info
+
+
+def _inverse_error(stage: StageRecords, plan: ChunkPlan) -> tuple[float, float]:
+    """Max and mean residual of the inverse displacement over all chunks' records (world units)."""
+    entries = [json.loads(stage.record_path(cid).read_text()) for cid in plan.ids()]
+    total = sum(e["n_error"] for e in entries)
+    return max(e["max_error"] for e in entries), sum(e["sum_error"] for e in entries) / max(1, total)
+
+
+def _target_grid(target: str | Path | None, meta: dict[str, Any], inverse: bool) -> tuple[Grid, str]:
+    """Output grid: ``target``'s, else the fixed (forward) or moving (inverse) image named in the field."""
+    role = "moving" if inverse else "fixed"
+    path = target if target is not None else meta.get(role)
+    if path is None:
+        raise InputError(f"the field does not name its {role} image: pass --target with the image to warp onto.")
+    if not Path(path).exists() and "://" not in str(path):
+        raise InputError(f"target image {path} does not exist: pass --target with an existing OME-Zarr image.")
+    return read_image(path).grid, str(path)
+
+
+def warp_files(
+    field: str | Path,
+    moving: str | Path,
+    out: str | Path,
+    labels: bool = False,
+    target: str | Path | None = None,
+    inverse: bool = False,
+    chunk_size: int | None = None,
+    workers: int | None = None,
+    scheduler: str | Path | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> WarpRecord:
+    """Warp an image or label map through a field (see the module docstring), chunk by chunk.
+
+    Args:
+        field: displacement field written by ``register`` (fixed → moving).
+        moving: the image to warp (OME-Zarr): in moving space for a forward warp, in fixed space for
+            ``inverse``.
+        out: output image (``.zarr``).
+        labels: nearest-neighbour resampling and label metadata (for label maps).
+        target: image whose grid the output takes (default: the field's fixed image, or its moving image
+            for ``inverse``).
+        inverse: warp a fixed-space image into moving space through the inverted field.
+        chunk_size: output voxels per chunk edge (default 64).
+        workers, scheduler: as in :func:`pipeline.register.register_files`.
+        overwrite: replace a finished output.
+        progress: show a progress bar.
+
+    Raises:
+        InputError: bad input, before heavy work starts.
+    """
+    tic = time.perf_counter()
+    out = Path(out)
+    cluster_config = load_cluster_config(scheduler, workers)
+    if chunk_size is not None and chunk_size < 1:
+        raise InputError(f"--chunk-size {chunk_size} is invalid: give a positive number of voxels.")
+    if not Path(field).exists():
+        raise InputError(f"field {field} does not exist: give the output of `patchmorph register`.")
+    if not Path(moving).exists():
+        raise InputError(f"image {moving} does not exist: give the OME-Zarr image to warp.")
+    if not out.parent.is_dir():
+        raise InputError(f"output folder {out.parent} does not exist: create it first.")
+    run_root = out.with_name(out.name + ".run")
+    if out.exists() and not overwrite and not run_root.exists():
+        raise InputError(f"output {out} already exists: pass --overwrite to replace it, or choose another path.")
+    field_arr, field_grid, meta = read_field(field)
+    grid, target_path = _target_grid(target, meta, inverse)
+    image = read_image(moving).with_unit(field_grid.unit)
+    dtype = np.dtype(getattr(image.levels[0].array, "dtype", np.float32))
+    forward = FieldDisplacement(field_arr, field_grid)
+    displacement: Displacement = InverseDisplacement(forward, INVERSE_ITERATIONS) if inverse else forward
+    fingerprint = {
+        "field": str(Path(field).resolve()),
+        "image": str(Path(moving).resolve()),
+        "target": target_path,
+        "labels": labels,
+        "inverse": inverse,
+        "chunk_size": chunk_size,
+    }
+    records = open_run(run_root, fingerprint, overwrite)
+    stage = records.stage("warp")
+    resume = bool(stage.completed()) and out.exists()
+    chunks = None if chunk_size is None else (chunk_size,) * 3
+    extra = {"warped": {"field": str(field), "image": str(moving), "direction": "inverse" if inverse else "forward"}}
+    if resume:
+        array = create_image_array(out, grid.shape, grid, dtype, chunks, labels=labels, resume=True)
+    else:
+        array = create_image_array(
+            out, grid.shape, grid, dtype, chunks, labels=labels, overwrite=True, name=out.stem, extra_attrs=extra
+        )
+    plan = ChunkPlan(grid.with_unit(field_grid.unit), tuple(write_block(array))[-3:])  # type: ignore[arg-type]
+    context = WarpContext(image, displacement, forward if inverse else None, plan, array, 0 if labels else 1, stage)
+    with open_client(cluster_config) as (client, info):
+        run = run_chunked(client, "warp", plan, stage, context, warp_chunk, progress=progress)
+    finish_image(out)
+    max_error = mean_error = None
+    if inverse:
+        max_error, mean_error = _inverse_error(stage, plan)
+        group = zarr.open_group(str(out), mode="r+")
+        attrs = dict(group.attrs["patchmorph"])
+        attrs["inverse_error"] = {"max": max_error, "mean": mean_error, "unit": field_grid.unit}
+        group.attrs["patchmorph"] = attrs
+        log.info("inverse displacement residual: max %.4g, mean %.4g %s", max_error, mean_error, field_grid.unit)
+    records.finish()
+    log.info("wrote %s %s (grid %s, %s)", "labels" if labels else "image", out, grid.shape, grid.unit)
+    return WarpRecord(
+        out=out,
+        labels=labels,
+        direction="inverse" if inverse else "forward",
+        grid_shape=grid.shape,
+        unit=grid.unit,
+        chunks=run.chunks,
+        skipped=run.skipped,
+        inverse_max_error=max_error,
+        inverse_mean_error=mean_error,
+        seconds=time.perf_counter() - tic,
+        dashboard=info.dashboard,
+    )

@@ -1,0 +1,249 @@
+"""Stochastic inference: lattice, window, aggregator on hand-computed cases, composition, determinism."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from patchmorph_core.config import InferenceConfig, ModelConfig, load_yaml
+from patchmorph_core.displacement import AffineDisplacement, TranslationDisplacement
+from patchmorph_core.inference import (
+    FieldSums,
+    PatchSpec,
+    accumulate,
+    cell_blocks,
+    cells_for_region,
+    estimate_patches,
+    finalize,
+    patch_window,
+    register_arrays,
+    specs_in_box,
+    stage_lattice,
+    window,
+)
+from patchmorph_core.model import PatchMorph, stage_extents
+from patchmorph_core.source import MultiscaleImage
+from patchmorph_core.spatial import Grid, random_rotation
+
+
+class ConstantUpdate(torch.nn.Module):
+    """Model stub whose update is a known constant world vector (checks the arithmetic, not learning)."""
+
+    def __init__(self, vector: tuple[float, float, float], patch_size: int = 8) -> None:
+        super().__init__()
+        self.config = ModelConfig(patch_size=patch_size, widths=(4, 4), n_stages=2)
+        self.vector = torch.tensor(vector, dtype=torch.float32)
+        self.calls: list[int] = []
+
+    def stage_extents(self, extent: float, n_stages: int | None = None) -> list[float]:
+        return stage_extents(extent, n_stages or self.config.n_stages, self.config.extent_margin)
+
+    def stage_update(self, stage, fixed, moving, patch_linear):  # noqa: ANN001, ANN201
+        self.calls.append(int(fixed.shape[0]))
+        return self.vector.view(1, 3, 1, 1, 1).expand(fixed.shape[0], 3, *fixed.shape[2:]).to(fixed.device)
+
+
+def _spec(center, size: int = 5, extent: float = 5.0) -> PatchSpec:
+    return PatchSpec(0, (0, 0, 0), np.asarray(center, float), np.eye(3), extent, size, "millimeter")
+
+
+def _rotated_domain() -> Grid:
+    rot = random_rotation(np.random.default_rng(2), 25.0)
+    return Grid.from_spacing(
+        (20, 26, 17), (1.5, 1.0, 2.0), origin=(-10, -12, -15), unit="millimeter", direction=rot
+    )
+
+
+def test_window_zero_at_border_one_in_middle() -> None:
+    w = patch_window(9)
+    assert w[4, 4, 4] == pytest.approx(1.0)
+    border = np.ones((9, 9, 9), bool)
+    border[1:-1, 1:-1, 1:-1] = False
+    assert np.all(w[border] == 0.0)
+    assert np.all(w[1:-1, 1:-1, 1:-1] > 0.0)
+    assert np.allclose(w, w[::-1, ::-1, ::-1])
+    assert window(np.array([[-0.1, 4.0, 4.0], [4.0, 8.2, 4.0]]), 9).tolist() == [0.0, 0.0]
+
+
+def test_aggregator_two_overlapping_patches_hand_computed() -> None:
+    # target voxels at x = 0..5 (z, y = 0..3); two 5-voxel patches of spacing 1 centred at x = 1 and x = 2
+    target = Grid.from_spacing((4, 4, 6), (1.0, 1.0, 1.0), unit="millimeter")
+    specs = [_spec((1.5, 1.5, 1.0)), _spec((1.5, 1.5, 2.0))]
+    estimates = np.zeros((2, 3, 5, 5, 5), np.float32)
+    estimates[0, 2] = 1.0  # patch A: u = (0, 0, 1)
+    estimates[1, 2] = 3.0  # patch B: u = (0, 0, 3)
+    sums = accumulate(specs, estimates, target)
+    # x-window of A at x = 0..5: patch index 1,2,3,4,5,6 -> 0.5, 1, 0.5, 0, 0, 0; B: 0, 0.5, 1, 0.5, 0, 0
+    # z and y: patch indices 0.5, 1.5, 2.5, 3.5 -> sin²(π i / 4)
+    zy = np.sin(np.pi * np.array([0.5, 1.5, 2.5, 3.5]) / 4) ** 2
+    wa, wb = np.array([0.5, 1, 0.5, 0, 0, 0]), np.array([0, 0.5, 1, 0.5, 0, 0])
+    expected_weight = zy[:, None, None] * zy[None, :, None] * (wa + wb)[None, None, :]
+    assert np.allclose(sums.weight, expected_weight)
+    prior = np.full((3, 4, 4, 6), 7.0, np.float32)
+    field, uncertainty = finalize(sums, prior)
+    assert np.allclose(field[2, 1, 2], [1.0, 5 / 3, 7 / 3, 3.0, 7.0, 7.0])  # x = 4, 5: no weight -> prior
+    assert np.allclose(field[:2], np.where(expected_weight > 0, 0.0, 7.0)[None])
+    assert np.allclose(uncertainty[0, 3], [0.0, np.sqrt(8) / 3, np.sqrt(8) / 3, 0.0, 0.0, 0.0], atol=1e-6)
+    assert sums.patches == 2
+
+
+def test_aggregator_reproduces_linear_field_under_rotation() -> None:
+    # every patch carries the same linear field u(x) = A x + b: the average must equal it where covered
+    domain = _rotated_domain()
+    lattice = stage_lattice(
+        domain, extent=12.0, overlap=2.0, seed=1, stage=0, max_rotation_deg=30.0, patch_size=8
+    )
+    matrix = np.eye(4)
+    matrix[:3, :3] += np.array([[0.02, -0.01, 0.03], [0.0, 0.01, -0.02], [0.01, 0.02, 0.0]])
+    matrix[:3, 3] = [0.5, -1.0, 2.0]
+    truth = AffineDisplacement(matrix)
+    specs = lattice.specs()
+    estimates = np.stack([np.moveaxis(truth(s.grid.points()).reshape(8, 8, 8, 3), -1, 0) for s in specs])
+    target = domain.resampled(2.0)
+    sums = accumulate(specs, estimates, target)
+    field, _ = finalize(sums, np.zeros((3, *target.shape)))
+    covered = sums.weight > 1e-6
+    assert covered.mean() > 0.9
+    expected = np.moveaxis(truth(target.points()).reshape(*target.shape, 3), -1, 0)
+    assert np.abs(field - expected)[:, covered].max() < 1e-4
+
+
+def test_lattice_is_independent_of_the_block_partition() -> None:
+    lattice = stage_lattice(
+        _rotated_domain(), 10.0, 2.0, seed=7, stage=1, max_rotation_deg=20.0, patch_size=8
+    )
+    reference = {s.cell: s for s in lattice.specs()}
+    assert len(reference) == len(lattice) == int(np.prod(lattice.counts)) > 8
+    for block in (1, 2, 3):
+        seen = [s for start, stop in cell_blocks(lattice, block) for s in specs_in_box(lattice, start, stop)]
+        assert sorted(s.cell for s in seen) == sorted(reference)
+        for spec in seen:
+            ref = reference[spec.cell]
+            assert np.array_equal(spec.center, ref.center) and np.array_equal(spec.rotation, ref.rotation)
+    # the same seed gives the same patches; centres stay inside their cells; rotations are rotations
+    again = stage_lattice(_rotated_domain(), 10.0, 2.0, seed=7, stage=1, max_rotation_deg=20.0, patch_size=8)
+    other = stage_lattice(_rotated_domain(), 10.0, 2.0, seed=8, stage=1, max_rotation_deg=20.0, patch_size=8)
+    assert all(
+        np.array_equal(a.center, b.center) for a, b in zip(lattice.specs(), again.specs(), strict=True)
+    )
+    assert not np.allclose(lattice.spec((0, 0, 0)).center, other.spec((0, 0, 0)).center)
+    for spec in lattice.specs():
+        offset = spec.center - (lattice.origin + np.array(spec.cell) * lattice.step)
+        assert np.all(np.abs(offset) <= lattice.step / 2)
+        assert np.allclose(spec.rotation @ spec.rotation.T, np.eye(3))
+
+
+def test_block_sums_add_up_and_crop_to_chunks() -> None:
+    domain = _rotated_domain()
+    lattice = stage_lattice(domain, 10.0, 2.0, seed=3, stage=0, max_rotation_deg=15.0, patch_size=8)
+    rng = np.random.default_rng(0)
+    estimates = {s.cell: rng.normal(size=(3, 8, 8, 8)).astype(np.float32) for s in lattice.specs()}
+    target = domain.resampled(1.7)
+    full = accumulate(lattice.specs(), [estimates[s.cell] for s in lattice.specs()], target)
+    blocks = FieldSums.zeros(target)
+    for start, stop in cell_blocks(lattice, 2):
+        specs = specs_in_box(lattice, start, stop)
+        blocks = blocks + accumulate(specs, [estimates[s.cell] for s in specs], target)
+    assert np.allclose(blocks.weighted, full.weighted) and np.allclose(blocks.weight, full.weight)
+    # a chunk of the field grid: only the patches of cells_for_region matter, and crop agrees
+    start, stop = (3, 2, 4), (11, 9, 13)
+    chunk = target.crop(start, stop)
+    cells = cells_for_region(lattice, chunk)
+    assert 0 < len(cells) < len(lattice)
+    specs = lattice.specs(cells)
+    local = accumulate(specs, [estimates[s.cell] for s in specs], chunk)
+    cropped = full.crop(start, stop)
+    assert np.allclose(local.weighted, cropped.weighted) and np.allclose(
+        local.weighted_sq, cropped.weighted_sq
+    )
+    # crop beyond the grid is zero-filled
+    beyond = full.crop((-2, 0, 0), (3, 4, 4))
+    assert beyond.weight.shape == (5, 4, 4) and np.all(beyond.weight[:2] == 0)
+    assert np.allclose(beyond.weight[2:], full.weight[:3, :4, :4])
+
+
+def _blob_image(grid: Grid, center_shift=(0.0, 0.0, 0.0)) -> np.ndarray:
+    """Smooth ellipsoid with inner structure (world-defined, so any grid sees the same object)."""
+    pts = grid.points() - np.asarray(center_shift)
+    r = np.sqrt(((pts / np.array([9.0, 11.0, 8.0])) ** 2).sum(-1))
+    inner = np.sqrt((((pts - np.array([2.0, -3.0, 1.0])) / 4.0) ** 2).sum(-1))
+    return (np.clip(1.5 - r * 1.5, 0, 1) * 100 + (inner < 1) * 60).astype(np.float32)
+
+
+def test_estimate_patches_composes_update_with_prior() -> None:
+    grid = Grid.from_spacing((24, 24, 24), (1.0, 1.0, 1.0), origin=(-12, -12, -12), unit="millimeter")
+    image = MultiscaleImage.from_array(_blob_image(grid), grid, n_levels=2)
+    model = ConstantUpdate((0.5, -1.0, 0.25))
+    lattice = stage_lattice(grid, 12.0, 2.0, seed=0, stage=1, max_rotation_deg=10.0, patch_size=8)
+    specs = lattice.specs()[:5]
+    config = InferenceConfig(batch_size=2, device="cpu")
+    shift = np.array([1.0, 2.0, 3.0])
+    out = estimate_patches(model, image, image, TranslationDisplacement(shift), specs, config)
+    assert out.shape == (5, 3, 8, 8, 8) and out.dtype == np.float32
+    assert np.allclose(out, (np.array([0.5, -1.0, 0.25]) + shift)[None, :, None, None, None])
+    assert model.calls == [2, 2, 1]
+    # with an affine prior: u(x) = v + A (x + v) + b - (x + v)
+    matrix = np.eye(4)
+    matrix[:3, :3] *= 1.1
+    matrix[:3, 3] = shift
+    out = estimate_patches(model, image, image, AffineDisplacement(matrix), specs, config)
+    v = np.array([0.5, -1.0, 0.25])
+    pts = specs[0].grid.points().reshape(-1, 3)
+    expected = v + AffineDisplacement(matrix)(pts + v)
+    assert np.allclose(out[0].reshape(3, -1).T, expected, atol=1e-5)
+
+
+def _pair() -> tuple[MultiscaleImage, MultiscaleImage]:
+    fixed_grid = Grid.from_spacing((24, 28, 22), (1.2, 1.0, 1.4), origin=(-14, -14, -15), unit="millimeter")
+    moving_grid = Grid.from_spacing(
+        (20, 22, 26),
+        (1500.0, 1400.0, 1000.0),
+        unit="micrometer",
+        direction=random_rotation(np.random.default_rng(9), 20.0),
+    )
+    moving_grid = moving_grid.translated(-moving_grid.center)
+    shift_um = np.array([2000.0, -1500.0, 1000.0])
+    fixed = MultiscaleImage.from_array(_blob_image(fixed_grid), fixed_grid, n_levels=2)
+    moving_arr = _blob_image(moving_grid.with_unit("millimeter"), shift_um / 1000.0)
+    moving = MultiscaleImage.from_array(ndimage.gaussian_filter(moving_arr, 0.5), moving_grid, n_levels=2)
+    return fixed, moving
+
+
+def test_register_arrays_stub_adds_updates_across_stages() -> None:
+    fixed, moving = _pair()
+    model = ConstantUpdate((0.25, 0.5, -0.5))
+    config = InferenceConfig(batch_size=8, device="cpu", max_rotation_deg=0.0)
+    result = register_arrays(model, fixed, moving, config, show_progress=False)
+    initial = np.array(result.info["initial_translation"])
+    assert np.allclose(initial, [2.0, -1.5, 1.0], atol=0.3)  # tissue centres of mass, in the fixed unit (mm)
+    assert result.grid.unit == "millimeter" and result.field.shape == (3, *result.grid.shape)
+    assert [s["stage"] for s in result.info["stages"]] == [0, 1]
+    expected = initial + 2 * np.array([0.25, 0.5, -0.5])  # each stage adds v: u_s = v + u_{s-1}
+    interior = (slice(None), slice(2, -2), slice(2, -2), slice(2, -2))
+    assert np.allclose(result.field[interior], expected[:, None, None, None], atol=1e-4)
+    assert np.all(result.uncertainty[interior[1:]] < 1e-4)  # identical estimates: no spread
+
+
+def test_register_arrays_is_seeded_and_deterministic() -> None:
+    torch.manual_seed(0)
+    model = PatchMorph(ModelConfig(patch_size=8, widths=(4, 4), affine_widths=(4, 4), n_stages=2))
+    fixed, moving = _pair()
+    config = InferenceConfig(batch_size=32, device="cpu", seed=5)
+    first = register_arrays(model, fixed, moving, config, show_progress=False)
+    second = register_arrays(model, fixed, moving, config, show_progress=False)
+    assert np.array_equal(first.field, second.field)
+    assert np.array_equal(first.uncertainty, second.uncertainty)
+    assert np.isfinite(first.field).all() and first.uncertainty.max() > 0
+    reseeded = register_arrays(
+        model, fixed, moving, config.model_copy(update={"seed": 6}), show_progress=False
+    )
+    assert not np.array_equal(first.field, reseeded.field)
+
+
+def test_default_register_yaml_matches_config_defaults() -> None:
+    path = Path(__file__).resolve().parents[2] / "configs" / "register_default.yaml"
+    assert load_yaml(path, InferenceConfig) == InferenceConfig()

@@ -1,0 +1,45 @@
+"""NIfTI / NRRD header algebra: index (i, j, k) -> RAS becomes index (z, y, x) -> (S, A, R)."""
+
+import numpy as np
+import pytest
+
+from patchmorph_core.spatial import SpatialError, grid_affine_from_ras, ras_affine_from_nrrd
+
+
+def _rotated_ras_affine() -> np.ndarray:
+    angle = 0.3
+    rot = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    affine = np.eye(4)
+    affine[:3, :3] = rot @ np.diag([0.5, 1.5, 2.5])
+    affine[:3, 3] = [10.0, -20.0, 30.0]
+    return affine
+
+
+def test_grid_affine_reverses_index_and_world_components() -> None:
+    ras = _rotated_ras_affine()
+    ours = grid_affine_from_ras(ras)
+    rng = np.random.default_rng(0)
+    for ijk in rng.uniform(0, 20, size=(5, 3)):
+        r, a, s = ras[:3, :3] @ ijk + ras[:3, 3]
+        zyx = ijk[::-1]
+        np.testing.assert_allclose(ours[:3, :3] @ zyx + ours[:3, 3], [s, a, r])
+    np.testing.assert_allclose(ours[3], [0, 0, 0, 1])
+
+
+def test_lps_nrrd_becomes_ras() -> None:
+    directions = np.array([[2.0, 0, 0], [0, 3.0, 0], [0, 0, 4.0]])  # rows: step per file axis
+    origin = np.array([1.0, 2.0, 3.0])
+    ras = ras_affine_from_nrrd("left-posterior-superior", directions, origin)
+    # index (1, 0, 0) moves +2 toward left, i.e. -2 in R; (0, 1, 0) moves +3 posterior, i.e. -3 in A
+    np.testing.assert_allclose(ras[:3, :3] @ [1, 0, 0], [-2, 0, 0])
+    np.testing.assert_allclose(ras[:3, :3] @ [0, 1, 0], [0, -3, 0])
+    np.testing.assert_allclose(ras[:3, :3] @ [0, 0, 1], [0, 0, 4])
+    np.testing.assert_allclose(ras[:3, 3], [-1, -2, 3])
+    ours = grid_affine_from_ras(ras)
+    # our axis 0 is file axis k (superior), world component 0 is S
+    np.testing.assert_allclose(ours[:3, :3], [[4, 0, 0], [0, -3, 0], [0, 0, -2]])
+
+
+def test_unknown_nrrd_space_is_rejected() -> None:
+    with pytest.raises(SpatialError, match="unsupported NRRD space"):
+        ras_affine_from_nrrd("scanner-xyz", np.eye(3), np.zeros(3))

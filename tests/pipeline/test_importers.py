@@ -1,0 +1,83 @@
+"""Importers: NIfTI / NRRD headers mapped to (z, y, x) arrays and RAS+ (S, A, R) grids."""
+
+from pathlib import Path
+
+import nibabel as nib
+import nrrd
+import numpy as np
+import pytest
+
+from patchmorph_core.errors import InputError
+from pipeline.importers import load_nifti, load_nrrd
+
+DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
+
+
+def _volume() -> np.ndarray:
+    return np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6)  # file axes (i, j, k)
+
+
+def test_load_nifti_reverses_axes_and_maps_world(tmp_path: Path) -> None:
+    data = _volume()
+    affine = np.array([[0.0, 0, -2.0, 5], [1.5, 0, 0, -3], [0, 0.5, 0, 7], [0, 0, 0, 1]])
+    img = nib.Nifti1Image(data, affine)
+    img.header.set_xyzt_units("micron")
+    nib.save(img, tmp_path / "a.nii.gz")
+    array, grid = load_nifti(tmp_path / "a.nii.gz")
+    assert array.shape == (6, 5, 4) and grid.shape == (6, 5, 4) and grid.unit == "micrometer"
+    for i, j, k in [(0, 0, 0), (3, 1, 5), (2, 4, 1)]:
+        assert array[k, j, i] == data[i, j, k]
+        r, a, s = affine[:3, :3] @ [i, j, k] + affine[:3, 3]
+        np.testing.assert_allclose(grid.index_to_world([k, j, i]), [s, a, r])
+
+
+def test_load_nifti_default_unit_and_overrides(tmp_path: Path) -> None:
+    nib.save(nib.Nifti1Image(_volume(), np.diag([2.0, 2.0, 2.0, 1.0])), tmp_path / "b.nii")
+    _, grid = load_nifti(tmp_path / "b.nii")
+    assert grid.unit == "millimeter"
+    _, grid2 = load_nifti(tmp_path / "b.nii", voxel_size=(1, 2, 3), unit="um")
+    np.testing.assert_allclose(grid2.spacing, [1, 2, 3])
+    assert grid2.unit == "micrometer"
+    _, grid3 = load_nifti(tmp_path / "b.nii", orientation="asr")
+    np.testing.assert_allclose(grid3.direction, [[0, -1, 0], [-1, 0, 0], [0, 0, -1]])
+    np.testing.assert_allclose(grid3.center, 0, atol=1e-9)
+
+
+def test_load_nrrd_lps_header(tmp_path: Path) -> None:
+    data = _volume()
+    header = {
+        "space": "left-posterior-superior",
+        "space directions": np.diag([2.0, 3.0, 4.0]),
+        "space origin": np.array([1.0, 2.0, 3.0]),
+        "space units": ["mm", "mm", "mm"],
+    }
+    nrrd.write(str(tmp_path / "c.nrrd"), data, header, index_order="F")
+    array, grid = load_nrrd(tmp_path / "c.nrrd")
+    assert array.shape == (6, 5, 4) and grid.unit == "millimeter"
+    for i, j, k in [(0, 0, 0), (3, 1, 5)]:
+        assert array[k, j, i] == data[i, j, k]
+        left, post, sup = 1 + 2 * i, 2 + 3 * j, 3 + 4 * k
+        np.testing.assert_allclose(grid.index_to_world([k, j, i]), [sup, -post, -left])
+
+
+def test_load_nrrd_allen_template_is_micrometer() -> None:
+    array, grid = load_nrrd(DATA / "mouse_ccf" / "average_template_100.nrrd")
+    assert array.shape == (114, 80, 132)
+    assert grid.unit == "micrometer"
+    np.testing.assert_allclose(grid.spacing, [100, 100, 100])
+
+
+def test_load_synthseg_nifti_is_ras() -> None:
+    array, grid = load_nifti(DATA / "human_synthseg" / "training_seg_01.nii.gz")
+    assert array.shape == (256, 256, 256) and grid.unit == "millimeter"
+    # every direction column is a signed unit vector (a permutation/flip, 1 mm)
+    np.testing.assert_allclose(np.abs(grid.linear).sum(axis=0), 1.0)
+
+
+@pytest.mark.parametrize("loader", [load_nifti, load_nrrd])
+def test_missing_and_bad_files(tmp_path: Path, loader) -> None:
+    with pytest.raises(InputError, match="does not exist"):
+        loader(tmp_path / "nope")
+    (tmp_path / "junk").write_text("not an image")
+    with pytest.raises(InputError, match="not a readable"):
+        loader(tmp_path / "junk")

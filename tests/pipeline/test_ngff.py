@@ -1,0 +1,196 @@
+"""OME-Zarr I/O: NGFF 0.5 writing (images, labels, fields), 0.4/0.5 reading, completion and layout."""
+
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+import pytest
+import tensorstore as ts
+import zarr
+from ome_zarr.format import FormatV04
+from ome_zarr.io import parse_url
+from ome_zarr.reader import Reader
+from ome_zarr.writer import write_image as ome_write_image
+from ome_zarr_models.v05.image import Image
+from ome_zarr_models.v05.image_label import ImageLabel
+
+from patchmorph_core.errors import InputError
+from patchmorph_core.source import MultiscaleImage
+from patchmorph_core.spatial import Grid, random_rotation
+from pipeline import ngff
+
+
+def _image(shape=(30, 41, 52)) -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 1000, shape).astype(np.uint16)
+
+
+def test_image_round_trip_matches_in_memory_pyramid(tmp_path: Path) -> None:
+    data = _image()
+    grid = Grid.from_orientation(data.shape, (50, 40, 40), "psl")
+    out = ngff.write_image(tmp_path / "a.zarr", data, grid, chunks=(16, 7, 9), n_levels=3)
+    Image.from_zarr(zarr.open_group(str(out), mode="r"))  # NGFF 0.5 schema
+    reference = MultiscaleImage.from_array(data, grid, n_levels=3)
+    for backend in ("zarr", "tensorstore"):
+        image = ngff.read_image(out, backend=backend)
+        assert len(image.levels) == 3
+        for level, ref in zip(image.levels, reference.levels, strict=True):
+            values = np.asarray(
+                level.array[:].read().result() if backend == "tensorstore" else level.array[:]
+            )
+            # levels >= 2 are built from the rounded uint16 level above: at most one grey value apart
+            assert np.abs(values.astype(float) - np.rint(ref.array)).max() <= 1.0
+            np.testing.assert_allclose(level.grid.affine, ref.grid.affine, atol=1e-9)
+            assert level.grid.unit == "micrometer"
+    nodes = list(Reader(parse_url(str(out)))())
+    assert nodes[0].data[0].shape == data.shape and len(nodes[0].data) == 3
+
+
+def test_scale_translation_agree_with_full_affine(tmp_path: Path) -> None:
+    """NGFF 0.5 readers see scale/translation; composed with the direction they give our affine."""
+    rotation = random_rotation(np.random.default_rng(1), 40.0)
+    grid = Grid.from_spacing((12, 20, 24), (3.0, 1.0, 1.5), origin=(5, -7, 9), direction=rotation)
+    out = ngff.write_image(tmp_path / "r.zarr", _image(grid.shape), grid, n_levels=3)
+    attrs = dict(zarr.open_group(str(out), mode="r").attrs)
+    image = ngff.read_image(out)
+    for dataset, level in zip(attrs["ome"]["multiscales"][0]["datasets"], image.levels, strict=True):
+        scale, translation = (
+            np.asarray(t[k])
+            for t, k in zip(dataset["coordinateTransformations"], ("scale", "translation"), strict=True)
+        )
+        index = np.array([1.0, 2.0, 3.0])
+        np.testing.assert_allclose(rotation @ (scale * index + translation), level.grid.index_to_world(index))
+
+
+def test_anisotropic_pyramid_becomes_isotropic(tmp_path: Path) -> None:
+    grid = Grid.from_spacing((16, 256, 256), (200.0, 50.0, 50.0))
+    out = ngff.write_image(tmp_path / "aniso.zarr", np.ones(grid.shape, np.float32), grid)
+    spacings = [lv.grid.spacing for lv in ngff.read_image(out).levels]
+    np.testing.assert_allclose(spacings[1], [200, 100, 100])
+    np.testing.assert_allclose(spacings[2], [200, 200, 200])
+    assert max(ngff.read_image(out).levels[-1].array.shape) <= ngff.COARSEST_MAX_SIZE
+
+
+def test_labels_keep_dtype_and_values(tmp_path: Path) -> None:
+    labels = np.random.default_rng(2).choice(np.array([0, 7, 1000], np.uint32), size=(20, 24, 28))
+    grid = Grid.from_spacing(labels.shape, (1.0, 1.0, 1.0), unit="millimeter")
+    out = ngff.write_image(tmp_path / "l.zarr", labels, grid, labels=True, n_levels=2)
+    ImageLabel.from_zarr(zarr.open_group(str(out), mode="r"))
+    image = ngff.read_image(out)
+    coarse = np.asarray(image.levels[1].array[:])
+    assert coarse.dtype == np.uint32 and set(np.unique(coarse)) <= {0, 7, 1000}
+    np.testing.assert_array_equal(coarse, labels[::2, ::2, ::2])
+
+
+def test_field_round_trip_with_uncertainty(tmp_path: Path) -> None:
+    grid = Grid.from_orientation((6, 7, 8), (100, 100, 100), "asr")
+    field = np.random.default_rng(3).normal(size=(3, *grid.shape)).astype(np.float32)
+    spread = np.abs(field[0])
+    meta = {"fixed": "f.zarr", "moving": "m.zarr", "model": "default.pt", "config": {"seed": 1}}
+    out = ngff.write_field(
+        tmp_path / "field.zarr",
+        da.from_array(field, chunks=(3, 4, 4, 4)),
+        grid,
+        metadata=meta,
+        uncertainty=spread,
+    )
+    Image.from_zarr(zarr.open_group(str(out), mode="r"))
+    array, field_grid, read_meta = ngff.read_field(out)
+    np.testing.assert_array_equal(np.asarray(array[:]), field)
+    np.testing.assert_allclose(field_grid.affine, grid.affine)
+    assert read_meta["components"] == ["z", "y", "x"] and read_meta["displacement_unit"] == "micrometer"
+    assert read_meta["fixed"] == "f.zarr" and read_meta["config"] == {"seed": 1}
+    assert "x + u(x)" in read_meta["direction"]
+    uncertainty = ngff.read_image(out / read_meta["uncertainty"])
+    np.testing.assert_array_equal(np.asarray(uncertainty.levels[0].array[:]), spread)
+    with pytest.raises(InputError, match="not a PatchMorph displacement field"):
+        ngff.read_field(out / "uncertainty")
+
+
+def test_existing_output_needs_overwrite(tmp_path: Path) -> None:
+    grid = Grid.from_spacing((4, 5, 6), (1, 1, 1))
+    out = ngff.write_image(tmp_path / "o.zarr", np.zeros(grid.shape, np.uint8), grid)
+    with pytest.raises(InputError, match="already exists"):
+        ngff.write_image(out, np.ones(grid.shape, np.uint8), grid)
+    ngff.write_image(out, np.ones(grid.shape, np.uint8), grid, overwrite=True)
+    assert np.asarray(ngff.read_image(out).levels[0].array[:]).min() == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.zarr"]  # no temporary leftovers
+
+
+def test_chunked_write_once_and_completion(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each write unit (a shard here) is written by one task; the output is complete only when finished."""
+    monkeypatch.setattr(ngff, "SHARD_THRESHOLD_BYTES", 0)
+    data = _image((20, 33, 40)).astype(np.float32)
+    grid = Grid.from_spacing(data.shape, (2.0, 1.0, 1.0))
+    path = tmp_path / "c.zarr"
+    array = ngff.create_image_array(path, data.shape, grid, np.float32, chunks=(4, 4, 4))
+    block = ngff.write_block(array)
+    assert array.shards is not None and block == (16, 16, 16)
+    starts = [range(0, n, b) for n, b in zip(data.shape, block, strict=True)]
+    boxes = [
+        tuple(slice(s, s + b) for s, b in zip(st, block, strict=True))
+        for st in np.stack(np.meshgrid(*starts, indexing="ij"), -1).reshape(-1, 3)
+    ]
+    for box in boxes[:3]:
+        array[box] = data[box]
+    with pytest.raises(InputError, match="incomplete"):
+        ngff.read_image(path)
+    resumed = ngff.create_image_array(path, data.shape, grid, np.float32, chunks=(4, 4, 4), resume=True)
+    for box in boxes[3:]:
+        resumed[box] = data[box]
+    ngff.finish_image(path, n_levels=2)
+    image = ngff.read_image(path, backend="tensorstore")
+    np.testing.assert_array_equal(image.levels[0].array.read().result(), data)
+    with pytest.raises(InputError, match="cannot resume"):
+        ngff.create_image_array(path, data.shape, grid, np.float32, resume=True)
+
+
+def _write_v04(path: Path) -> np.ndarray:
+    data = np.arange(8 * 10 * 12, dtype=np.uint16).reshape(1, 8, 10, 12)
+    root = zarr.open_group(str(path), mode="w", zarr_format=2)
+    ome_write_image(
+        data,
+        root,
+        scale_factors=[2],
+        fmt=FormatV04(),
+        axes=["c", "z", "y", "x"],
+        scale={"z": 3.0, "y": 2.0, "x": 2.0},
+        axes_units={"z": "micrometer", "y": "micrometer", "x": "micrometer"},
+    )
+    return data[0]
+
+
+def test_read_ngff_04_from_ome_zarr_py(tmp_path: Path) -> None:
+    data = _write_v04(tmp_path / "v04.zarr")
+    for backend in ("zarr", "tensorstore"):
+        image = ngff.read_image(tmp_path / "v04.zarr", backend=backend)
+        level0 = image.levels[0].array
+        values = level0.read().result() if isinstance(level0, ts.TensorStore) else np.asarray(level0)
+        np.testing.assert_array_equal(values, data)
+        np.testing.assert_allclose(image.grid.spacing, [3, 2, 2])
+        assert image.unit == "micrometer" and image.levels[1].array.shape[-2:] == (5, 6)
+
+
+def test_bad_ngff_inputs(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="does not exist"):
+        ngff.read_image(tmp_path / "missing.zarr")
+    zarr.open_group(str(tmp_path / "plain.zarr"), mode="w")
+    with pytest.raises(InputError, match="no NGFF 'multiscales'"):
+        ngff.read_image(tmp_path / "plain.zarr")
+    group = zarr.open_group(str(tmp_path / "axes.zarr"), mode="w", zarr_format=2)
+    group.create_array("0", shape=(2, 3, 4), dtype="u1")
+    group.attrs["multiscales"] = [
+        {"version": "0.4", "axes": [{"name": "a"}, {"name": "y"}, {"name": "x"}], "datasets": [{"path": "0"}]}
+    ]
+    with pytest.raises(InputError, match="unknown|axes"):
+        ngff.read_image(tmp_path / "axes.zarr")
+    group.attrs["multiscales"] = [
+        {
+            "version": "0.4",
+            "axes": ["z", "y", "x"],
+            "datasets": [
+                {"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [0.0, 1.0, 1.0]}]}
+            ],
+        }
+    ]
+    with pytest.raises(InputError, match="voxel size"):
+        ngff.read_image(tmp_path / "axes.zarr")

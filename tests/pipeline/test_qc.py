@@ -1,0 +1,89 @@
+"""QC figures and metrics on small anisotropic OME-Zarr volumes written by the real writer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.image as mpimg
+import numpy as np
+import pytest
+
+from patchmorph_core.spatial import Grid
+from pipeline import qc
+from pipeline.ngff import write_field, write_image
+
+
+def _blob_volume(shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """A smooth ellipsoid image and its three-label map (0 background, 1 outer shell, 2 core)."""
+    zz, yy, xx = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    r = np.sqrt(zz**2 + (yy / 0.8) ** 2 + (xx / 0.9) ** 2)
+    image = np.clip(1.2 - r, 0, None).astype(np.float32)
+    labels = np.where(r < 0.4, 2, np.where(r < 0.8, 1, 0)).astype(np.uint16)
+    return image, labels
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("qc")
+    grid = Grid.from_orientation((20, 26, 30), (50.0, 40.0, 40.0), "psl")
+    image, labels = _blob_volume(grid.shape)
+    field_grid = grid.resampled(120.0)
+    field = np.zeros((3, *field_grid.shape), dtype=np.float32)
+    field[0] = 30.0 * np.sin(np.linspace(0, np.pi, field_grid.shape[2]))[None, None, :]
+    uncertainty = np.linspace(0, 5, int(np.prod(field_grid.shape)), dtype=np.float32).reshape(field_grid.shape)
+    return {
+        "fixed": write_image(root / "fixed.ome.zarr", image, grid),
+        "warped": write_image(root / "warped.ome.zarr", image, grid),
+        "labels": write_image(root / "labels.ome.zarr", labels, grid, labels=True),
+        "field": write_field(
+            root / "field.ome.zarr", field, field_grid, metadata={"fixed": "f", "moving": "m"}, uncertainty=uncertainty
+        ),
+        "root": root,
+    }
+
+
+def test_qc_files_writes_four_readable_pngs(outputs: dict[str, Path]) -> None:
+    record = qc.qc_files(
+        outputs["fixed"], outputs["warped"], outputs["field"], outputs["root"] / "qc", warped_labels=outputs["labels"]
+    )
+    assert set(record.figures) == {"overlay", "checkerboard", "jacobian", "uncertainty"}
+    for path in record.figures.values():
+        pixels = mpimg.imread(path)
+        assert pixels.ndim == 3 and pixels.shape[0] > 100 and pixels.shape[1] > 300
+        assert pixels[..., :3].std() > 0.01  # not a blank canvas
+
+
+def test_metrics_of_identical_images_and_labels(outputs: dict[str, Path]) -> None:
+    metrics = qc.registration_metrics(
+        outputs["fixed"],
+        outputs["warped"],
+        outputs["field"],
+        fixed_labels=outputs["labels"],
+        warped_labels=outputs["labels"],
+    )
+    assert metrics["ncc"] == pytest.approx(1.0, abs=1e-6)
+    assert metrics["dice_mean"] == pytest.approx(1.0)
+    assert metrics["n_labels"] == 2
+    assert metrics["folding_percent"] == 0.0
+    # u_z = 30 sin(pi x / Lx): det J = 1 + du_z/dz = 1 everywhere (u_z varies along x only).
+    assert metrics["jacobian_min"] == pytest.approx(1.0, abs=1e-5)
+    assert metrics["jacobian_max"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_checkerboard_alternates_the_two_images() -> None:
+    fixed = np.zeros((4, 4, 4), dtype=np.float32)
+    warped = np.ones((4, 4, 4), dtype=np.float32)
+    fixed[0, 0, 0] = 1.0  # gives the fixed image a display range: normalised values 0 (and 1 at one voxel)
+    warped[0, 0, 0] = 0.0
+    board = qc.checkerboard(fixed, warped, squares=2)
+    assert board[0, 0, 1] == 0.0 and board[0, 0, 3] == 1.0  # cell (0,0,0) fixed, cell (0,0,1) warped
+    assert board[2, 0, 0] == 1.0 and board[2, 2, 0] == 0.0
+
+
+def test_preview_field_bounds_size_and_keeps_world_extent() -> None:
+    grid = Grid.from_spacing((50, 20, 9), (10.0, 20.0, 30.0), unit="micrometer")
+    field = np.ones((3, *grid.shape), dtype=np.float32)
+    small, small_grid = qc.preview_field(field, grid, max_size=16)
+    assert max(small.shape[1:]) <= 16 and small.shape[0] == 3
+    np.testing.assert_allclose(small, 1.0)
+    np.testing.assert_allclose(small_grid.spacing, [40.0, 40.0, 30.0])
