@@ -152,7 +152,12 @@ def resolve_options(value: OptionsT | str | Path | None, cls: type[OptionsT]) ->
 
 
 def cluster_config(options: StepOptions) -> ClusterConfig:
-    """The flow's Dask cluster settings (loads the YAML file when ``options.cluster`` is a path)."""
-    if isinstance(options.cluster, ClusterConfig):
-        return options.cluster
-    return load_cluster_config(options.cluster)
+    """The flow's Dask cluster settings (loads the YAML file when ``options.cluster`` is a path).
+
+    A local cluster's dashboard given as a bare port (``":0"``, ``":8787"``) is bound to 127.0.0.1, so
+    a laptop run listens on the loopback interface only.
+    """
+    config = options.cluster if isinstance(options.cluster, ClusterConfig) else load_cluster_config(options.cluster)
+    if config.kind == "local" and config.dashboard_address.startswith(":"):
+        config = config.model_copy(update={"dashboard_address": "127.0.0.1" + config.dashboard_address})
+    return config

@@ -7,8 +7,10 @@ fails at once. Retries and delays are set per flow run with ``task.with_options(
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from prefect import Task, task
 from prefect.client.schemas.objects import State, TaskRun
@@ -35,6 +37,21 @@ def retry_on_transient(task_: Task[..., Any], task_run: TaskRun, state: State[An
 
 _TASK_DEFAULTS: dict[str, Any] = {"retry_condition_fn": retry_on_transient, "persist_result": False}
 
+T = TypeVar("T")
+
+
+def run_isolated(func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Call ``func`` in a fresh thread, outside the Dask worker's task context.
+
+    A Prefect task on the DaskTaskRunner runs inside a Dask worker. The plain functions start Dask work
+    of their own (a threaded cluster for chunks, ``dask.compute`` for conversion); called from the
+    worker's task thread, Dask would route that work to the *outer* worker (``get_worker()`` and the
+    worker's client are found through thread-local and context variables). A new thread starts with
+    neither, so the function behaves exactly as when called from a notebook.
+    """
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="patchmorph-task") as pool:
+        return pool.submit(func, *args, **kwargs).result()
+
 
 @task(name="convert", **_TASK_DEFAULTS)
 def convert_task(
@@ -46,8 +63,15 @@ def convert_task(
     labels: bool,
 ) -> Path:
     """:func:`pipeline.importers.convert`: any supported input → OME-Zarr 0.5 at ``target`` (replaced)."""
-    written = convert(
-        source, target, voxel_size=voxel_size, unit=unit, orientation=orientation, overwrite=True, labels=labels
+    written = run_isolated(
+        convert,
+        source,
+        target,
+        voxel_size=voxel_size,
+        unit=unit,
+        orientation=orientation,
+        overwrite=True,
+        labels=labels,
     )
     return Path(written)
 
@@ -66,7 +90,8 @@ def register_task(
 
     The item is being (re)computed, so an earlier field at ``out`` is replaced.
     """
-    return register_files(
+    return run_isolated(
+        register_files,
         fixed,
         moving,
         out,
@@ -91,7 +116,8 @@ def warp_task(
     workers: int | None,
 ) -> Any:
     """:func:`pipeline.warp.warp_files`: ``moving`` resampled onto ``target``'s grid through ``field``."""
-    return warp_files(
+    return run_isolated(
+        warp_files,
         field,
         moving,
         out,
@@ -106,11 +132,9 @@ def warp_task(
 
 
 @task(name="qc", **_TASK_DEFAULTS)
-def qc_task(
-    fixed: Path, warped: Path, field: Path, out_dir: Path, warped_labels: Path | None
-) -> qc.QCRecord:
+def qc_task(fixed: Path, warped: Path, field: Path, out_dir: Path, warped_labels: Path | None) -> qc.QCRecord:
     """:func:`pipeline.qc.qc_files`: the four QC figures of one registration."""
-    return qc.qc_files(fixed, warped, field, out_dir, warped_labels=warped_labels)
+    return run_isolated(qc.qc_files, fixed, warped, field, out_dir, warped_labels=warped_labels)
 
 
 @task(name="metrics", **_TASK_DEFAULTS)
@@ -118,4 +142,6 @@ def metrics_task(
     fixed: Path, warped: Path, field: Path, fixed_labels: Path | None, warped_labels: Path | None
 ) -> dict[str, float]:
     """:func:`pipeline.qc.registration_metrics`: NCC, Jacobian range and folding, Dice when labelled."""
-    return qc.registration_metrics(fixed, warped, field, fixed_labels=fixed_labels, warped_labels=warped_labels)
+    return run_isolated(
+        qc.registration_metrics, fixed, warped, field, fixed_labels=fixed_labels, warped_labels=warped_labels
+    )

@@ -242,8 +242,7 @@ def run_chains(
         for key, value in stage_parts.items():
             parts[key] += value
         prior = disp
-    assert prior is not None  # n_stages >= 1 by ModelConfig
-    return ChainResult(total, stage_losses, parts, prior, fixed, warped)
+    return ChainResult(total, stage_losses, parts, disp, fixed, warped)
 
 
 def sample_batch(
@@ -255,6 +254,33 @@ def sample_batch(
         sample_chain(rng, pair.fixed, model.config.patch_size, extents, max_rotation_deg) for _ in range(batch_size)
     ]
     return ChainBatch.from_chains(chains, device=pair.fixed.levels[0].volume.device)
+
+
+def centred_chain(volume: TrainVolume, patch_size: int, extents: list[float]) -> list[Grid]:
+    """The deterministic chain used for evaluation: every stage centred on the tissue box, unrotated."""
+    low, high = volume.tissue_points.min(axis=0), volume.tissue_points.max(axis=0)
+    centre = (low + high) / 2.0
+    return [patch_grid(centre, extent, patch_size, unit=volume.image.unit) for extent in extents]
+
+
+@torch.no_grad()
+def chain_displacement(
+    model: PatchMorph, pair: TrainPair, chain: list[Grid], loss_config: LossConfig | None = None
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Run one chain without gradients (model in eval mode).
+
+    Returns:
+        ``(points, displacement, loss)``: the last patch's world points and total displacement, each
+        ``(P, P, P, 3)`` float32, and the chain's summed loss.
+    """
+    was_training = model.training
+    model.eval()
+    batch = ChainBatch.from_chains([chain], device=pair.fixed.levels[0].volume.device)
+    result = run_chains(model, pair, batch, loss_config or LossConfig())
+    model.train(was_training)
+    points = batch.points[-1][0].cpu().numpy()
+    disp = _channels_last(result.displacement)[0].cpu().numpy()
+    return points, disp, float(result.loss)
 
 
 @dataclass

@@ -94,7 +94,7 @@ class InverseField:
 
 
 def invert_field(
-    field: np.ndarray, grid: Grid, iterations: int = 20, target: Grid | None = None
+    field: np.ndarray, grid: Grid, iterations: int = 20, target: Grid | None = None, block: int = 262144
 ) -> InverseField:
     """Invert a displacement field by fixed-point iteration (see the module docstring).
 
@@ -103,14 +103,22 @@ def invert_field(
         grid: the forward field's grid.
         iterations: fixed-point steps (10–30 suffice for smooth fields; the error is reported).
         target: grid of the inverse (the moving domain; default ``grid``).
+        block: points inverted per step (bounds temporary memory).
 
     Returns:
         :class:`InverseField` with the inverse on ``target`` and its residual error.
     """
     target = grid if target is None else target
     forward = FieldDisplacement(field, grid)
-    world = target.points().reshape(-1, 3)
-    v, residual = invert_points(forward, world, iterations)
-    norm = np.linalg.norm(residual, axis=-1)
-    inverse = np.ascontiguousarray(v.T.reshape(3, *target.shape).astype(np.float32))
-    return InverseField(inverse, target, float(norm.max()), float(norm.mean()), int(iterations))
+    n = int(np.prod(target.shape))
+    inverse = np.empty((n, 3), dtype=np.float32)
+    worst, total = 0.0, 0.0
+    for start in range(0, n, block):
+        flat = np.arange(start, min(start + block, n))
+        world = target.index_to_world(np.stack(np.unravel_index(flat, target.shape), axis=-1))
+        v, residual = invert_points(forward, world, iterations)
+        norm = np.linalg.norm(residual, axis=-1)
+        worst, total = max(worst, float(norm.max())), total + float(norm.sum())
+        inverse[start : start + len(flat)] = v
+    field_out = np.ascontiguousarray(inverse.T.reshape(3, *target.shape))
+    return InverseField(field_out, target, worst, total / n, int(iterations))

@@ -44,6 +44,7 @@ def _register_commands() -> None:
     """Import the modules whose functions are decorated with :func:`command`."""
     # Each owning module is imported here once it exists; keep this list sorted.
     import pipeline.convert_cmd  # noqa: F401
+    import pipeline.demo_cmd  # noqa: F401
     import pipeline.evaluate_cmd  # noqa: F401
     import pipeline.register_cmd  # noqa: F401
     import pipeline.server_cmd  # noqa: F401

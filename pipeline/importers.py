@@ -20,6 +20,7 @@ Header conventions (the algebra lives in :mod:`patchmorph_core.spatial`):
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -257,6 +258,9 @@ def load_nrrd(
 # -- TIFF -----------------------------------------------------------------------------------------------
 TIFF_SUFFIXES: tuple[str, ...] = (".tif", ".tiff")
 
+WHOLE_PLANE_BYTES: int = 16 << 20
+"""TIFF planes up to this size are decoded whole and cropped; larger ones are read region by region."""
+
 
 def _natural_key(path: Path) -> list[object]:
     """Sort key that orders ``plane_2`` before ``plane_10``."""
@@ -287,10 +291,13 @@ def _read_plane_region(path: Path, rows: slice, cols: slice, plane_shape: tuple[
     import tifffile
 
     with tifffile.TiffFile(path) as tif:
-        if tuple(tif.pages[0].shape) != plane_shape:
+        page = tif.pages[0]
+        if tuple(page.shape) != plane_shape:
             raise InputError(
-                f"plane {str(path)!r} has shape {tif.pages[0].shape}, not {plane_shape}: fix the folder."
+                f"plane {str(path)!r} has shape {page.shape}, not {plane_shape}: fix the folder."
             )
+        if math.prod(plane_shape) * page.dtype.itemsize <= WHOLE_PLANE_BYTES:
+            return page.asarray()[rows, cols]
         with tif.aszarr(key=0) as store:
             return np.asarray(zarr.open(store, mode="r")[rows, cols])
 

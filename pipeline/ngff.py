@@ -40,7 +40,7 @@ from typing import Any, Literal
 import dask.array as da
 import numpy as np
 import zarr
-from tqdm.dask import TqdmCallback
+from tqdm import tqdm
 
 from patchmorph_core.errors import InputError
 from patchmorph_core.source import Level, MultiscaleImage, downsample, downsampled_grid, pyramid_factors
@@ -271,12 +271,19 @@ def create_image_array(
 
 
 def _store(data: Any, target: zarr.Array, desc: str) -> None:
-    """Write a numpy or dask array into ``target`` whole write-block by write-block (no shared chunks)."""
+    """Write a numpy or dask array into ``target`` whole write-block by write-block (no shared chunks).
+
+    Works through one slab of write blocks along ``z`` at a time (blocks of a slab in parallel), so
+    memory and the task graph computed at once are bounded by a slab, never by the volume.
+    """
     block = write_block(target)
     darr = data if isinstance(data, da.Array) else da.from_array(data, chunks=block)
     darr = darr.astype(target.dtype).rechunk(block)
-    with TqdmCallback(desc=desc, leave=False):
-        da.store(darr, target, lock=False)
+    z_axis = darr.ndim - 3
+    depth = block[z_axis]
+    for start in tqdm(range(0, darr.shape[z_axis], depth), desc=desc, unit="slab", leave=False):
+        region = (slice(None),) * z_axis + (slice(start, min(start + depth, darr.shape[z_axis])),)
+        da.store(darr[region], target, regions=region, lock=False)
 
 
 def _downsample_block(
@@ -355,7 +362,7 @@ def finish_image(path: str | Path, n_levels: int | None = None) -> Path:
         out_block = write_block(target)
         lead = out_block[:-3]
         src_block = lead + tuple(b * f for b, f in zip(out_block[-3:], factors, strict=True))
-        source = da.from_zarr(previous).rechunk(src_block)
+        source = da.from_zarr(previous, chunks=src_block)  # one task reads one source block
         full_factors = (1,) * len(lead) + tuple(factors)
         out_chunks = tuple(
             tuple(-(-c // f) for c in dim_chunks)
@@ -364,8 +371,7 @@ def finish_image(path: str | Path, n_levels: int | None = None) -> Path:
         down = source.map_blocks(
             _downsample_block, factors, labels, previous.dtype, chunks=out_chunks, dtype=previous.dtype
         )
-        with TqdmCallback(desc=f"pyramid level {index}", leave=False):
-            da.store(down, target, lock=False)
+        _store(down, target, desc=f"pyramid level {index}")
         grids.append(downsampled_grid(grids[-1], factors, shape))
         previous = target
     name = attrs["ome"]["multiscales"][0].get("name", "image")

@@ -54,7 +54,7 @@ from patchmorph_core.spatial import Grid, read_box
 from pipeline.chunked import Box, CellBlock, ChunkPlan, partition, reduce_partials, run_chunked
 from pipeline.cluster import ClusterInfo, load_cluster_config, network_resources, open_client
 from pipeline.ngff import create_image_array, field_metadata, finish_image, read_image, write_block
-from pipeline.resume import ChunkId, StageRecords, open_run
+from pipeline.resume import ChunkId, StageRecords, open_run, run_folder
 
 log = logging.getLogger(__name__)
 
@@ -343,13 +343,7 @@ def register_files(
     cluster_config = load_cluster_config(scheduler, workers)
     if chunk_size is not None and chunk_size < 1:
         raise InputError(f"--chunk-size {chunk_size} is invalid: give a positive number of field voxels.")
-    if not out.parent.is_dir():
-        raise InputError(f"output folder {out.parent} does not exist: create it first.")
-    run_root = out.with_name(out.name + ".run")
-    if out.exists() and not overwrite and not run_root.exists():
-        raise InputError(
-            f"output {out} already exists: pass --overwrite to replace it, or choose another path."
-        )
+    run_root = run_folder(out, overwrite)
     fixed_img, moving_img = _open_inputs(fixed, moving)
     for image, role, path in ((fixed_img, "fixed", fixed), (moving_img, "moving", moving)):
         _check_finite(image, role, path)
@@ -357,11 +351,6 @@ def register_files(
     rplan = plan_registration(model, fixed_img, moving_img, cfg)
     _check_overlap(fixed_img.grid, rplan.moving.grid, rplan.initial, moving)
     records = open_run(run_root, _fingerprint(fixed, moving, cfg, rplan, chunk_size), overwrite)
-    if records.finished and out.exists():
-        if not overwrite:
-            raise InputError(
-                f"output {out} already exists: pass --overwrite to replace it, or choose another path."
-            )
     meta = field_metadata(
         rplan.grids[-1],
         {

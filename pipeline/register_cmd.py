@@ -31,8 +31,11 @@ OverwriteOption = Annotated[bool, typer.Option(help="Replace a finished output a
 
 def _quiet_dask() -> None:
     """Keep Dask's own INFO chatter off the terminal (warnings still show)."""
-    for name in ("distributed", "dask_jobqueue"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    import distributed  # noqa: F401  (creates its loggers, whose levels are set below)
+
+    for name in list(logging.root.manager.loggerDict):
+        if name.split(".")[0] in ("distributed", "dask_jobqueue"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 @command

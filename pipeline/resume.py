@@ -141,3 +141,19 @@ def open_run(root: Path, fingerprint: dict[str, Any], overwrite: bool) -> RunRec
     root.mkdir(parents=True, exist_ok=True)
     _atomic_write_json(manifest, wanted)
     return RunRecords(root)
+
+
+def run_folder(out: Path, overwrite: bool) -> Path:
+    """The run folder ``<out>.run`` of an output, after checking that the output may be (re)written.
+
+    An existing output is accepted only with ``overwrite`` or when it is an unfinished run to resume.
+
+    Raises:
+        InputError: the output's folder is missing, or the output exists and is finished (or not ours).
+    """
+    if not out.parent.is_dir():
+        raise InputError(f"output folder {out.parent} does not exist: create it first.")
+    root = out.with_name(out.name + ".run")
+    if out.exists() and not overwrite and (not root.is_dir() or RunRecords(root).finished):
+        raise InputError(f"output {out} already exists: pass --overwrite to replace it, or choose another path.")
+    return root

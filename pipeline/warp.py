@@ -36,7 +36,7 @@ from patchmorph_core.warping import warp_to_grid
 from pipeline.chunked import ChunkPlan, run_chunked
 from pipeline.cluster import load_cluster_config, open_client
 from pipeline.ngff import create_image_array, finish_image, read_field, read_image, write_block
-from pipeline.resume import ChunkId, StageRecords, open_run
+from pipeline.resume import ChunkId, StageRecords, open_run, run_folder
 
 log = logging.getLogger(__name__)
 
@@ -186,11 +186,7 @@ def warp_files(
         raise InputError(f"field {field} does not exist: give the output of `patchmorph register`.")
     if not Path(moving).exists():
         raise InputError(f"image {moving} does not exist: give the OME-Zarr image to warp.")
-    if not out.parent.is_dir():
-        raise InputError(f"output folder {out.parent} does not exist: create it first.")
-    run_root = out.with_name(out.name + ".run")
-    if out.exists() and not overwrite and not run_root.exists():
-        raise InputError(f"output {out} already exists: pass --overwrite to replace it, or choose another path.")
+    run_root = run_folder(out, overwrite)
     field_arr, field_grid, meta = read_field(field)
     grid, target_path = _target_grid(target, meta, inverse)
     image = read_image(moving).with_unit(field_grid.unit)

@@ -247,3 +247,44 @@ def test_register_arrays_is_seeded_and_deterministic() -> None:
 def test_default_register_yaml_matches_config_defaults() -> None:
     path = Path(__file__).resolve().parents[2] / "configs" / "register_default.yaml"
     assert load_yaml(path, InferenceConfig) == InferenceConfig()
+
+
+def test_patch_estimate_equals_the_training_forward_pass() -> None:
+    # the same patch through inference (numpy sampling, per-image normalisation) and through training's
+    # differentiable cascade (torch sampling) must give the same total displacement
+    from patchmorph_core.config import LossConfig
+    from patchmorph_core.sampling import intensity_range, normalize
+    from patchmorph_core.training import ChainBatch, TrainPair, run_chains
+
+    torch.manual_seed(1)
+    model = PatchMorph(ModelConfig(patch_size=8, widths=(4, 4), affine_widths=(4, 4), n_stages=1)).eval()
+    with torch.no_grad():  # random weights large enough for updates of about a voxel
+        for param in model.parameters():
+            param.normal_(0.0, 0.3)
+    # piecewise-constant images whose extremes fill > 0.5 % of voxels: the percentile range is the full
+    # range, so normalising before sampling (training) equals normalising after sampling (inference)
+    fixed, moving = (
+        MultiscaleImage(
+            tuple(type(lv)(np.round(np.asarray(lv.array) / 40.0), lv.grid) for lv in im.levels[:1])
+        )
+        for im in _pair()
+    )
+    moving = moving.with_unit("millimeter")
+    config = InferenceConfig(batch_size=4, device="cpu")
+    lattice = stage_lattice(fixed.grid, 20.0, 2.0, seed=0, stage=0, max_rotation_deg=20.0, patch_size=8)
+    specs = lattice.specs()[:3]
+    pair = TrainPair.from_images(
+        *(
+            MultiscaleImage(
+                tuple(type(lv)(normalize(lv.array, *intensity_range(im)), lv.grid) for lv in im.levels)
+            )
+            for im in (fixed, moving)
+        )
+    )
+    ours = estimate_patches(model, fixed, moving, TranslationDisplacement(pair.translation), specs, config)
+    with torch.no_grad():
+        theirs = run_chains(
+            model, pair, ChainBatch.from_chains([[s.grid] for s in specs]), LossConfig(ncc_window=3)
+        )
+    assert np.abs(ours - pair.translation[None, :, None, None, None]).max() > 0.1  # a real update
+    assert np.abs(ours - theirs.displacement.numpy()).max() < 1e-3 * float(specs[0].grid.spacing.max())

@@ -128,4 +128,7 @@ def test_inverse_warp_round_trip_labels() -> None:
         a, b = labels == label, back == label
         assert 2 * (a & b).sum() / (a.sum() + b.sum()) > 0.9
     on_grid = displacement_on_grid(InverseDisplacement(forward, 20), grid)
-    assert np.allclose(on_grid, invert_field(field, grid, 20).field, atol=1e-5)
+    whole = invert_field(field, grid, 20)
+    assert np.allclose(on_grid, whole.field, atol=1e-5)
+    blocked = invert_field(field, grid, 20, block=1000)  # block-wise = whole (the inversion is point-wise)
+    assert np.array_equal(blocked.field, whole.field) and blocked.max_error == whole.max_error

@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 import pytest
 
-from patchmorph_core.inference import accumulate, specs_in_box, stage_lattice
+from patchmorph_core.config import InferenceConfig
+from patchmorph_core.inference import (
+    RegistrationResult,
+    accumulate,
+    register_arrays,
+    specs_in_box,
+    stage_lattice,
+)
+from patchmorph_core.model import load_model
 from patchmorph_core.spatial import Grid
 from pipeline.chunked import ChunkPlan, needs, partition, reduce_partials
+from pipeline.ngff import read_field, read_image
+from pipeline.register import register_files
 
 
 def _rotated_grid() -> Grid:
@@ -56,3 +70,48 @@ def test_chunk_plan_covers_grid_once() -> None:
         hits[plan.box(cid).slices] += 1
         assert np.allclose(plan.chunk_grid(cid).index_to_world(np.zeros(3)), grid.index_to_world(np.array(plan.box(cid).start)))
     assert np.all(hits == 1)
+
+
+def _in_memory(fixed: Path, moving: Path, config: InferenceConfig) -> RegistrationResult:
+    model = load_model(config.weights, "cpu")
+    return register_arrays(model, read_image(fixed), read_image(moving), config, show_progress=False)
+
+
+def test_chunked_registration_equals_in_memory(
+    tmp_path: Path, dask_cluster: Any, dask_scheduler: str, pair_and_config: tuple[Path, Path, InferenceConfig]
+) -> None:
+    """Real cluster, real model: the field does not depend on chunk size (17, 40) or worker count (2, 1)."""
+    from distributed import Client
+
+    fixed, moving, config = pair_and_config
+    reference = _in_memory(fixed, moving, config)
+    tolerance = 1e-4 * float(reference.grid.spacing.min())
+    assert np.abs(reference.field).max() > 10 * tolerance  # a field that is not all zero
+    fields = {}
+    for chunk in (17, 40):
+        record = register_files(
+            fixed, moving, tmp_path / f"field{chunk}.zarr", config, chunk_size=chunk, scheduler=dask_scheduler,
+            progress=False,
+        )  # fmt: skip
+        array, grid, meta = read_field(record.field)
+        fields[chunk] = np.asarray(array[:])
+        assert grid.shape == reference.grid.shape and np.allclose(grid.affine, reference.grid.affine)
+        assert np.abs(fields[chunk] - reference.field).max() < tolerance
+        unc = np.asarray(read_image(record.uncertainty).levels[0].array[:])
+        assert np.abs(unc - reference.uncertainty).max() < tolerance
+        assert meta["config"]["seed"] == config.seed and meta["components"] == ["z", "y", "x"]
+    assert record.chunks == 1 and record.stages[-1]["chunk_shape"] == list(reference.grid.shape)
+    dask_cluster.scale(1)  # the same run on one worker
+    with Client(dask_scheduler) as client:
+        client.wait_for_workers(1)
+        while len(client.scheduler_info()["workers"]) > 1:
+            time.sleep(0.1)
+        record = register_files(
+            fixed, moving, tmp_path / "one_worker.zarr", config, chunk_size=17, scheduler=dask_scheduler,
+            progress=False,
+        )  # fmt: skip
+        assert len(client.scheduler_info()["workers"]) == 1
+        dask_cluster.scale(2)
+        client.wait_for_workers(2)
+    one = np.asarray(read_field(record.field)[0][:])
+    assert np.abs(one - fields[17]).max() < 1e-6 * float(reference.grid.spacing.min())

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+import yaml
+import zarr
 
+from patchmorph_core.config import InferenceConfig
 from patchmorph_core.errors import InputError
-from pipeline.resume import open_run
+from pipeline.ngff import read_field
+from pipeline.register import register_files
+from pipeline.resume import StageRecords, open_run
 
 
 def test_records_and_write_log(tmp_path: Path) -> None:
@@ -36,3 +47,65 @@ def test_rerun_same_fingerprint_resumes_other_refused(tmp_path: Path) -> None:
     assert not fresh.finished
     fresh.finish()
     assert fresh.finished
+
+
+def _field(path: Path) -> np.ndarray:
+    return np.asarray(read_field(path)[0][:])
+
+
+def test_killed_run_resumes_to_identical_field(
+    tmp_path: Path, dask_scheduler: str, pair_and_config: tuple[Path, Path, InferenceConfig]
+) -> None:
+    """Kill a real `patchmorph register` process mid-run (SIGKILL), rerun, get the uninterrupted field."""
+    fixed, moving, config = pair_and_config
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    reference = register_files(
+        fixed, moving, tmp_path / "reference.zarr", config, chunk_size=5, scheduler=dask_scheduler, progress=False
+    )
+    counts = StageRecords(reference.run / "stage1").write_counts()
+    assert len(counts) == reference.chunks > 20 and set(counts.values()) == {1}  # no chunk written twice
+
+    out = tmp_path / "killed.zarr"
+    command = [
+        str(Path(sys.executable).parent / "patchmorph"), "register", "--fixed", str(fixed), "--moving", str(moving),
+        "--out", str(out), "--config", str(config_path), "--chunk-size", "5", "--workers", "1",
+    ]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    done = out.with_name(out.name + ".run") / "stage1" / "done"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and len(list(done.glob("*.json"))) < 3:
+        assert process.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)  # the CLI, its scheduler and its worker processes
+    process.wait()
+    finished_before = len(list(done.glob("*.json")))
+    assert 3 <= finished_before < reference.chunks
+
+    resumed = register_files(fixed, moving, out, config, chunk_size=5, scheduler=dask_scheduler, progress=False)
+    assert resumed.stages[-1]["skipped"] >= finished_before
+    assert np.array_equal(_field(out), _field(reference.field))
+
+
+def test_half_written_chunk_is_rewritten(
+    tmp_path: Path, dask_scheduler: str, pair_and_config: tuple[Path, Path, InferenceConfig]
+) -> None:
+    """A chunk whose data was (partly) written but whose record is missing is recomputed; others are not."""
+    fixed, moving, config = pair_and_config
+    out = tmp_path / "field.zarr"
+    first = register_files(fixed, moving, out, config, chunk_size=9, scheduler=dask_scheduler, progress=False)
+    expected = _field(out)
+    records = StageRecords(first.run / "stage1")
+    victim = (1, 1, 0)
+    records.record_path(victim).unlink()
+    (first.run / "finished.json").unlink()
+    array = zarr.open_group(str(out), mode="r+")["0"]
+    array[:, 9:18, 9:18, 0:9] = np.nan  # the state a crash during the write could leave
+    group = zarr.open_group(str(out), mode="r+")
+    group.attrs["patchmorph"] = {**dict(group.attrs["patchmorph"]), "complete": False}
+
+    again = register_files(fixed, moving, out, config, chunk_size=9, scheduler=dask_scheduler, progress=False)
+    assert again.skipped == first.chunks - 1 + 1  # every final chunk but one, plus the coarse stage's chunk
+    counts = records.write_counts()
+    assert counts[victim] == 2 and all(n == 1 for cid, n in counts.items() if cid != victim)
+    assert np.array_equal(_field(out), expected)

@@ -1,0 +1,106 @@
+"""atlas-to-section end to end on small real data, under a Prefect test server with a real Dask cluster."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import write_options
+
+from flows.atlas_to_section import atlas_to_section
+
+
+@pytest.fixture(scope="module")
+def batch(flow_data: dict[str, Path], weights: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A manifest of two good items, one unreadable file and one invalid entry; options; output folder."""
+    root = tmp_path_factory.mktemp("a2s")
+    broken = root / "broken.tif"
+    broken.write_bytes(b"this is not a TIFF file")
+    manifest = root / "manifest.yaml"
+    manifest.write_text(
+        yaml.safe_dump(
+            [
+                {"name": "stp", "path": str(flow_data["brain_tif"]), "voxel_size": [200, 200, 200],
+                 "unit": "micrometer", "orientation": "psl"},
+                {"name": "broken", "path": "broken.tif", "voxel_size": [200, 200, 200], "orientation": "psl"},
+                {"name": "bad-entry", "path": "x.tif", "orientation": "xyz"},
+                {"name": "template", "path": str(flow_data["atlas"]), "labels": str(flow_data["atlas_labels"])},
+            ]
+        )
+    )
+    options = write_options(root / "options.yaml", weights, atlas_labels=str(flow_data["atlas_labels"]))
+    return {"manifest": manifest, "options": options, "out": root / "out", "atlas": flow_data["atlas"]}
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_batch_finishes_good_items_and_records_errors(batch: dict[str, Path]) -> None:
+    report = atlas_to_section(str(batch["atlas"]), str(batch["manifest"]), str(batch["out"]), config=str(batch["options"]))
+
+    assert sorted(r.name for r in report.results) == ["stp", "template"]
+    assert all(r.status == "done" for r in report.results)
+    errors = {e.name: e for e in report.errors}
+    assert set(errors) == {"broken", "bad-entry"}
+    assert errors["broken"].step == "convert" and errors["broken"].error_type == "InputError"
+    assert errors["bad-entry"].step == "manifest" and "orientation" in errors["bad-entry"].message
+
+    for result in report.results:
+        for role in ("field", "warped", "warped_labels", "metrics"):
+            assert result.outputs[role].exists(), (result.name, role)
+        assert set(result.qc) == {"overlay", "checkerboard", "jacobian", "uncertainty"}
+        assert all(p.stat().st_size > 5000 for p in result.qc.values())
+        assert -1.0 <= result.metrics["ncc"] <= 1.0
+        assert result.metrics["folding_percent"] >= 0.0
+        assert (result.out_dir / "done.json").is_file()
+    template = next(r for r in report.results if r.name == "template")
+    assert 0.0 <= template.metrics["dice_mean"] <= 1.0 and template.metrics["n_labels"] > 10
+    # the TIFF sample was converted next to its outputs; the OME-Zarr sample was used in place
+    assert (batch["out"] / "stp" / "sample.ome.zarr").is_dir()
+    assert not (batch["out"] / "template" / "sample.ome.zarr").exists()
+
+    table = (batch["out"] / "report.md").read_text()
+    assert "| stp | done |" in table and "failed (convert)" in table and "failed (manifest)" in table
+    saved = json.loads((batch["out"] / "report.json").read_text())
+    assert len(saved["results"]) == 2 and len(saved["errors"]) == 2
+    assert report.artifacts[0] == "atlas-to-section-metrics" and "atlas-to-section-qc-stp" in report.artifacts
+
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        artifact = client.read_latest_artifacts()
+        keys = {a.key for a in artifact}
+    assert {"atlas-to-section-metrics", "atlas-to-section-qc-stp", "atlas-to-section-qc-template"} <= keys
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_rerun_skips_finished_items(batch: dict[str, Path]) -> None:
+    done = batch["out"] / "stp" / "done.json"
+    if not done.is_file():
+        pytest.skip("needs the first run of this module")
+    field_mtime = (batch["out"] / "stp" / "field.ome.zarr" / "zarr.json").stat().st_mtime_ns
+    record_mtime = done.stat().st_mtime_ns
+
+    report = atlas_to_section(str(batch["atlas"]), str(batch["manifest"]), str(batch["out"]), config=str(batch["options"]))
+
+    assert sorted((r.name, r.status) for r in report.results) == [("stp", "skipped"), ("template", "skipped")]
+    assert {e.name for e in report.errors} == {"broken", "bad-entry"}  # failed items are retried, fail again
+    assert (batch["out"] / "stp" / "field.ome.zarr" / "zarr.json").stat().st_mtime_ns == field_mtime
+    assert done.stat().st_mtime_ns == record_mtime
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_changed_input_is_recomputed(batch: dict[str, Path], flow_data: dict[str, Path], tmp_path: Path) -> None:
+    """An item whose input changed (here: its voxel size) is recomputed, the others are still skipped."""
+    if not (batch["out"] / "stp" / "done.json").is_file():
+        pytest.skip("needs the first run of this module")
+    entries = yaml.safe_load(batch["manifest"].read_text())
+    entries = [e for e in entries if e["name"] in ("stp", "template")]
+    entries[0]["voxel_size"] = [210, 200, 200]
+    manifest = batch["manifest"].with_name("manifest_changed.yaml")
+    manifest.write_text(yaml.safe_dump(entries))
+
+    report = atlas_to_section(str(batch["atlas"]), str(manifest), str(batch["out"]), config=str(batch["options"]))
+
+    assert sorted((r.name, r.status) for r in report.results) == [("stp", "done"), ("template", "skipped")]
+    assert report.errors == []

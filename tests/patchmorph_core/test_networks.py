@@ -1,0 +1,118 @@
+"""Networks, the model's unit conversion on rotated anisotropic patches, checkpoints and configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from patchmorph_core.config import ModelConfig, TrainConfig, load_yaml
+from patchmorph_core.errors import InputError
+from patchmorph_core.model import PatchMorph, load_model, save_checkpoint, stage_extents
+from patchmorph_core.networks import NETWORKS, AffineHead, UNet3D
+from patchmorph_core.spatial import patch_grid, random_rotation
+from patchmorph_core.transforms import affine_displacement
+
+P = 16
+CONFIG = ModelConfig(patch_size=P, n_stages=2, widths=(4, 8, 8), affine_widths=(4, 8))
+
+
+class Constant(torch.nn.Module):
+    """A stub network that returns one value per output channel for every input."""
+
+    def __init__(self, value: torch.Tensor, spatial: bool) -> None:
+        super().__init__()
+        self.value = value
+        self.spatial = spatial
+
+    def forward(self, pair: torch.Tensor) -> torch.Tensor:
+        if self.spatial:
+            return self.value.view(1, 3, 1, 1, 1).expand(pair.shape[0], 3, P, P, P)
+        return self.value.expand(pair.shape[0], 3, 4)
+
+
+def _patch_linear() -> torch.Tensor:
+    """``(1, 3, 3)`` linear part of a rotated patch with anisotropic spacing (0.5, 2.0, 1.0) mm."""
+    grid = patch_grid((0, 0, 0), (0.5 * P, 2.0 * P, 1.0 * P), P, random_rotation(np.random.default_rng(4), 80.0))
+    return torch.as_tensor(np.array(grid.linear), dtype=torch.float32)[None]
+
+
+def test_network_shapes_and_identity_start() -> None:
+    pair = torch.rand(2, 2, P, P, P)
+    assert isinstance(NETWORKS["unet"]((4, 8, 8)), UNet3D)
+    out = UNet3D((4, 8, 8))(pair)
+    assert out.shape == (2, 3, P, P, P) and out.abs().max() < 1e-2
+    theta = AffineHead((4, 8), P)(pair)
+    assert theta.shape == (2, 3, 4) and torch.all(theta == 0)
+
+
+def test_stage_update_converts_patch_voxels_to_world() -> None:
+    model = PatchMorph(CONFIG)
+    linear = _patch_linear()
+    d_vox = torch.tensor([1.0, -2.0, 0.5])
+    model.dense = Constant(d_vox, spatial=True)
+    fixed = torch.rand(1, 1, P, P, P)
+    update = model.stage_update(1, fixed, fixed, linear)  # a dense-only stage
+    assert update.shape == (1, 3, P, P, P)
+    expected = linear[0] @ d_vox
+    torch.testing.assert_close(update[0, :, 3, 5, 7], expected)
+    # the affine stage: a known affine head output plus the same dense part, composed exactly
+    theta = torch.zeros(1, 3, 4)
+    theta[0, :, 3] = torch.tensor([0.5, 0.0, -1.0])
+    theta[0, 1, 1] = 0.1
+    model.affine = Constant(theta, spatial=False)
+    update = model.stage_update(0, fixed, fixed, linear)
+    a = affine_displacement(theta, (P, P, P))[0, :, 3, 5, 7]
+    total_vox = a + (torch.eye(3) + theta[0, :, :3]) @ d_vox
+    torch.testing.assert_close(update[0, :, 3, 5, 7], linear[0] @ total_vox)
+
+
+def test_stage_update_rejects_mismatched_patches() -> None:
+    model = PatchMorph(CONFIG)
+    with pytest.raises(InputError, match="stage_update"):
+        model.stage_update(0, torch.rand(1, 1, P, P, P), torch.rand(1, 1, 8, 8, 8), _patch_linear())
+
+
+def test_stage_extents_halve() -> None:
+    assert stage_extents(100.0, 3, margin=1.2) == pytest.approx([120.0, 60.0, 30.0])
+    assert PatchMorph(CONFIG).stage_extents(10.0) == pytest.approx([12.0, 6.0])
+    with pytest.raises(InputError, match="extent"):
+        stage_extents(0.0, 2)
+
+
+def test_checkpoint_round_trip_and_bad_files(tmp_path: Path) -> None:
+    model = PatchMorph(CONFIG)
+    with torch.no_grad():
+        model.dense.head.bias.fill_(0.25)
+    path = save_checkpoint(tmp_path / "m.pt", model, step=7, configs={"train": {"steps": 7}})
+    loaded = load_model(path)
+    assert loaded.config == CONFIG and not loaded.training
+    pair = torch.rand(1, 1, P, P, P)
+    torch.testing.assert_close(loaded.stage_update(0, pair, pair, _patch_linear()), model.stage_update(0, pair, pair, _patch_linear()))
+    with pytest.raises(InputError, match="do not exist"):
+        load_model(tmp_path / "missing.pt")
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(InputError, match="corrupt"):
+        load_model(tmp_path / "bad.pt")
+    torch.save({"something": 1}, tmp_path / "other.pt")
+    with pytest.raises(InputError, match="not a PatchMorph checkpoint"):
+        load_model(tmp_path / "other.pt")
+
+
+def test_config_validation_and_yaml_errors(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="divisible"):
+        ModelConfig(patch_size=20, widths=(8, 16, 16, 16))
+    good = tmp_path / "train.yaml"
+    good.write_text("steps: 5\nmodel:\n  patch_size: 16\n  widths: [4, 8]\n")
+    config = load_yaml(good, TrainConfig)
+    assert config.steps == 5 and config.model.widths == (4, 8)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  patch_sise: 16\n")
+    with pytest.raises(InputError, match=r"bad.yaml.*model.patch_sise"):
+        load_yaml(bad, TrainConfig)
+    with pytest.raises(InputError, match="does not exist"):
+        load_yaml(tmp_path / "none.yaml", TrainConfig)
+    with pytest.raises(InputError, match="unknown"):
+        PatchMorph(ModelConfig(network="transformer"))

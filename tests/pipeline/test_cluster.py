@@ -1,0 +1,71 @@
+"""Cluster configs, the SLURM job script without SLURM, and GPU resources that never oversubscribe."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from patchmorph_core.errors import InputError
+from pipeline.cluster import (
+    ClusterConfig,
+    job_script,
+    load_cluster_config,
+    network_resources,
+    open_client,
+)
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "cluster"
+
+
+def test_configs_load_and_resolve() -> None:
+    local = load_cluster_config(CONFIGS / "local.yaml", workers=3)
+    assert local.kind == "local" and local.workers == 3 and local.memory_per_worker == "2GiB"
+    slurm = load_cluster_config(CONFIGS / "slurm.yaml")
+    assert slurm.kind == "slurm" and slurm.slurm.jobs == 8
+    address = load_cluster_config("tcp://10.0.0.1:8786")
+    assert address.kind == "address" and address.address == "tcp://10.0.0.1:8786"
+    assert load_cluster_config(None).kind == "local"
+    with pytest.raises(InputError, match="neither a YAML file nor a scheduler address"):
+        load_cluster_config("nonsense")
+    with pytest.raises(InputError, match="workers"):
+        load_cluster_config(None, workers=0)
+
+
+def test_slurm_job_script_without_slurm() -> None:
+    config = load_cluster_config(CONFIGS / "slurm.yaml")
+    script = job_script(config)
+    assert "#SBATCH" in script and "--cpus-per-task=4" in script and "-t 04:00:00" in script
+    assert "gres" not in script and "--resources" not in script
+    gpu = job_script(config.model_copy(update={"gpus": 1}))
+    assert "#SBATCH --gres=gpu:1" in gpu and "--resources GPU=1" in gpu
+
+
+def _busy(seconds: float) -> tuple[str, float, float]:
+    from distributed import get_worker
+
+    start = time.monotonic()
+    time.sleep(seconds)
+    return get_worker().address, start, time.monotonic()
+
+
+def test_gpu_resource_never_oversubscribes() -> None:
+    """Two 'GPU' workers with two threads each: network tasks run one at a time per worker."""
+    config = ClusterConfig(gpus=2, threads_per_worker=2, processes=False)
+    with open_client(config) as (client, info):
+        assert info.gpu and info.workers == 2
+        resources = network_resources(info)
+        assert resources == {"GPU": 1}
+        futures = [client.submit(_busy, 0.3, pure=False, resources=resources) for _ in range(6)]
+        spans = client.gather(futures)
+        free = [client.submit(_busy, 0.3, pure=False) for _ in range(4)]
+        free_spans = client.gather(free)
+    for worker in {s[0] for s in spans}:
+        mine = sorted((a, b) for w, a, b in spans if w == worker)
+        assert all(later[0] >= earlier[1] - 1e-3 for earlier, later in zip(mine, mine[1:], strict=False))
+    overlaps = [
+        (a1 < b2 and a2 < b1) for w1, a1, b1 in free_spans for w2, a2, b2 in free_spans if w1 == w2 and a1 != a2
+    ]
+    assert any(overlaps)  # without the resource the same workers do run two tasks at once
+    assert network_resources(info.__class__("local", "", 1, gpu=False)) is None

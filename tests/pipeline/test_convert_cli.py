@@ -1,0 +1,193 @@
+"""``patchmorph convert``: every input kind to OME-Zarr 0.5, bounded memory, one-sentence errors."""
+
+from __future__ import annotations
+
+import tracemalloc
+from collections.abc import Callable
+from pathlib import Path
+
+import nibabel as nib
+import nrrd
+import numpy as np
+import pytest
+import tifffile
+import zarr
+from ome_zarr.format import FormatV04
+from ome_zarr.writer import write_image as ome_write_image
+from typer.testing import CliRunner
+
+from patchmorph_core.spatial import Grid
+from pipeline.cli import app
+from pipeline.importers import convert, load_nifti, load_nrrd
+from pipeline.ngff import read_image
+
+RUNNER = CliRunner()
+
+
+def _planes(folder: Path, n: int, shape: tuple[int, int] = (64, 64)) -> np.ndarray:
+    folder.mkdir()
+    stack = np.random.default_rng(n).integers(0, 60000, (n, *shape), dtype=np.uint16)
+    for i, plane in enumerate(stack):
+        tifffile.imwrite(folder / f"plane_{i}.tif", plane)  # natural order: plane_2 before plane_10
+    return stack
+
+
+def _level0(path: Path) -> np.ndarray:
+    return np.asarray(read_image(path).levels[0].array[:])
+
+
+def _peak_mb(source: Path, out: Path) -> float:
+    tracemalloc.start()
+    try:
+        convert(source, out, voxel_size=(5.0, 1.0, 1.0))
+        return tracemalloc.get_traced_memory()[1] / 1e6
+    finally:
+        tracemalloc.stop()
+
+
+def test_plane_folder_converts_with_bounded_memory(tmp_path: Path) -> None:
+    small, large = _planes(tmp_path / "small", 256), _planes(tmp_path / "large", 1024)
+    convert(tmp_path / "small", tmp_path / "warmup.zarr", voxel_size=(5.0, 1.0, 1.0))  # imports, caches
+    peak_small = _peak_mb(tmp_path / "small", tmp_path / "small.zarr")
+    peak_large = _peak_mb(tmp_path / "large", tmp_path / "large.zarr")
+    volume_mb = large.nbytes / 1e6
+    # memory follows the write block (64^3 voxels), not the stack: 4x the planes, about the same peak
+    assert peak_large < 0.5 * volume_mb, (peak_large, volume_mb)
+    assert peak_large < 1.5 * peak_small + 0.5, (peak_small, peak_large)
+    np.testing.assert_array_equal(_level0(tmp_path / "large.zarr"), large)
+    np.testing.assert_array_equal(_level0(tmp_path / "small.zarr"), small)
+
+
+def test_tiff_stack_with_orientation(tmp_path: Path) -> None:
+    stack = np.random.default_rng(1).integers(0, 255, (9, 10, 11), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "stack.tif", stack)
+    out = convert(tmp_path / "stack.tif", tmp_path / "s.zarr", voxel_size=(50, 40, 40), orientation="psl")
+    image = read_image(out)
+    np.testing.assert_array_equal(np.asarray(image.levels[0].array[:]), stack)
+    expected = Grid.from_orientation(stack.shape, (50, 40, 40), "psl", unit="micrometer")
+    np.testing.assert_allclose(image.grid.affine, expected.affine)
+
+
+def test_nifti_and_nrrd_keep_their_header_geometry(tmp_path: Path) -> None:
+    data = np.random.default_rng(2).random((7, 8, 9)).astype(np.float32)
+    ras = np.array([[0.0, 0, -2.0, 5], [1.5, 0, 0, -3], [0, 0.5, 0, 7], [0, 0, 0, 1]])
+    nib.save(nib.Nifti1Image(data, ras), tmp_path / "a.nii.gz")
+    header = {"space": "left-posterior-superior", "space directions": np.diag([2.0, 3.0, 4.0]),
+              "space origin": np.array([1.0, 2.0, 3.0])}  # fmt: skip
+    nrrd.write(str(tmp_path / "b.nrrd"), data, header, index_order="F")
+    for name, loader in (("a.nii.gz", load_nifti), ("b.nrrd", load_nrrd)):
+        array, grid = loader(tmp_path / name)
+        image = read_image(convert(tmp_path / name, tmp_path / f"{name}.zarr"))
+        np.testing.assert_array_equal(np.asarray(image.levels[0].array[:]), array)
+        np.testing.assert_allclose(image.grid.affine, grid.affine)
+        assert image.unit == grid.unit == "millimeter"
+
+
+def test_ome_zarr_04_to_05(tmp_path: Path) -> None:
+    data = np.random.default_rng(3).integers(0, 999, (1, 8, 10, 12)).astype(np.uint16)
+    root = zarr.open_group(str(tmp_path / "v04.zarr"), mode="w", zarr_format=2)
+    ome_write_image(data, root, scale_factors=[2], fmt=FormatV04(), axes=["c", "z", "y", "x"],
+                    scale={"c": 1.0, "z": 3.0, "y": 2.0, "x": 2.0},
+                    axes_units={"z": "micrometer", "y": "micrometer", "x": "micrometer"})  # fmt: skip
+    out = convert(tmp_path / "v04.zarr", tmp_path / "v05.zarr")
+    assert zarr.open_group(str(out), mode="r").metadata.zarr_format == 3
+    image = read_image(out)
+    np.testing.assert_array_equal(np.asarray(image.levels[0].array[:]), data[0])
+    np.testing.assert_allclose(image.grid.spacing, [3, 2, 2])
+
+
+def test_cli_converts_plane_folder(tmp_path: Path) -> None:
+    _planes(tmp_path / "planes", 5, (6, 7))
+    result = RUNNER.invoke(
+        app, ["convert", str(tmp_path / "planes"), str(tmp_path / "o.zarr"), "--voxel-size", "2", "1", "1",
+              "--orientation", "asr", "--unit", "um"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "wrote" in result.output
+    np.testing.assert_allclose(read_image(tmp_path / "o.zarr").grid.spacing, [2, 1, 1])
+
+
+# -- bad input: one sentence, exit code 2 ------------------------------------------------------------------
+def _missing(tmp: Path) -> list[str]:
+    return [str(tmp / "nope.tif"), str(tmp / "o.zarr")]
+
+
+def _not_an_image(tmp: Path) -> list[str]:
+    (tmp / "notes.txt").write_text("hello")
+    return [str(tmp / "notes.txt"), str(tmp / "o.zarr")]
+
+
+def _folder_without_images(tmp: Path) -> list[str]:
+    (tmp / "empty").mkdir()
+    return [str(tmp / "empty"), str(tmp / "o.zarr"), "--voxel-size", "1", "1", "1"]
+
+
+def _no_multiscales(tmp: Path) -> list[str]:
+    zarr.open_group(str(tmp / "plain.zarr"), mode="w")
+    return [str(tmp / "plain.zarr"), str(tmp / "o.zarr")]
+
+
+def _unknown_axes(tmp: Path) -> list[str]:
+    group = zarr.open_group(str(tmp / "axes.zarr"), mode="w", zarr_format=2)
+    group.create_array("0", shape=(2, 3, 4), dtype="u1")
+    group.attrs["multiscales"] = [{"version": "0.4", "datasets": [{"path": "0"}],
+                                   "axes": [{"name": "q"}, {"name": "y"}, {"name": "x"}]}]  # fmt: skip
+    return [str(tmp / "axes.zarr"), str(tmp / "o.zarr")]
+
+
+def _planes_with(voxel_size: list[str]) -> Callable[[Path], list[str]]:
+    def make(tmp: Path) -> list[str]:
+        _planes(tmp / "planes", 3, (4, 5))
+        return [str(tmp / "planes"), str(tmp / "o.zarr"), "--voxel-size", *voxel_size]
+
+    return make
+
+
+def _singular_affine(tmp: Path) -> list[str]:
+    header = {
+        "space": "right-anterior-superior",
+        "space directions": np.array([[1.0, 0, 0], [2.0, 0, 0], [0, 0, 1]]),
+    }
+    nrrd.write(str(tmp / "s.nrrd"), np.zeros((3, 4, 5), np.uint8), header)
+    return [str(tmp / "s.nrrd"), str(tmp / "o.zarr")]
+
+
+def _unknown_orientation(tmp: Path) -> list[str]:
+    return [*_planes_with(["1", "1", "1"])(tmp), "--orientation", "psx"]
+
+
+def _output_exists(tmp: Path) -> list[str]:
+    (tmp / "o.zarr").mkdir()
+    return _planes_with(["1", "1", "1"])(tmp)
+
+
+def _tiff_without_voxel_size(tmp: Path) -> list[str]:
+    tifffile.imwrite(tmp / "stack.tif", np.zeros((3, 4, 5), np.uint8))
+    return [str(tmp / "stack.tif"), str(tmp / "o.zarr")]
+
+
+BAD_INPUTS = {
+    "missing path": (_missing, "does not exist"),
+    "not an image": (_not_an_image, "not a supported image"),
+    "folder without images": (_folder_without_images, "holds no TIFF planes"),
+    "NGFF without multiscales": (_no_multiscales, "no NGFF 'multiscales'"),
+    "unknown axis names": (_unknown_axes, "axes"),
+    "zero voxel size": (_planes_with(["0", "1", "1"]), "invalid voxel size"),
+    "negative voxel size": (_planes_with(["1", "-2", "1"]), "invalid voxel size"),
+    "NaN voxel size": (_planes_with(["nan", "1", "1"]), "invalid voxel size"),
+    "singular affine": (_singular_affine, "singular"),
+    "unknown orientation code": (_unknown_orientation, "unknown orientation code"),
+    "output exists": (_output_exists, "already exists"),
+    "TIFF without voxel size": (_tiff_without_voxel_size, "--voxel-size"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_gives_one_sentence_and_exit_2(tmp_path: Path, case: str) -> None:
+    make, phrase = BAD_INPUTS[case]
+    result = RUNNER.invoke(app, ["convert", *make(tmp_path)])
+    assert result.exit_code == 2, (case, result.output)
+    lines = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and phrase in lines[0], (case, result.output)
+    assert lines[0].endswith("."), lines[0]
+    assert not any(p.name.startswith(".o.zarr") for p in tmp_path.iterdir())  # no temporary leftovers
