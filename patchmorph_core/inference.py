@@ -4,7 +4,9 @@ windowed average into a displacement field (Σw·u / Σw), coarse to fine.
 The pieces, each usable on its own so that the chunked pipeline (``pipeline/register.py``) runs the very
 same code block by block and :func:`register_arrays` is its one-block case:
 
-1. :func:`stage_lattice` — a **global** lattice over the fixed image's axis-aligned world box. Cell
+1. :func:`stage_lattice` — a **global** lattice over an axis-aligned world box of the fixed image (in a
+   registration: its tissue box from :func:`~patchmorph_core.sampling.tissue_bounds`, clipped to the grid,
+   so no patch is spent on empty background; voxels no patch reaches keep the coarser field). Cell
    ``(i, j, k)`` holds exactly one patch; its centre is the cell centre jittered uniformly within the cell
    and its rotation is random up to ``max_rotation_deg``, both drawn from
    ``np.random.default_rng([seed, stage, i, j, k])``, so no patch depends on how cells are grouped into
@@ -143,23 +145,26 @@ def stage_lattice(
     stage: int,
     max_rotation_deg: float,
     patch_size: int,
+    bounds: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> PatchLattice:
-    """The global patch lattice of one stage over ``domain``'s world box.
+    """The global patch lattice of one stage over a world box of the fixed domain.
 
     Args:
-        domain: the fixed image's grid; the lattice covers its axis-aligned world box of voxel centres.
+        domain: the fixed image's grid (its unit is the lattice's unit).
         extent: world size of a patch edge at this stage (``E_s``), in ``domain.unit``.
         overlap: lattice step is ``extent / overlap`` (2: every point lies in about 2³ patches).
         seed: the run's seed.
         stage: cascade stage (part of every cell's seed).
         max_rotation_deg: largest random patch rotation.
         patch_size: ``P``.
+        bounds: world box ``(low, high)`` the patch centres cover (default: ``domain``'s axis-aligned
+            world box of voxel centres; :func:`plan_registration` passes the fixed tissue box).
 
     Returns:
         A :class:`PatchLattice` of ``ceil(box / step)`` cells per axis (at least 1), centred on the box.
     """
     step = float(extent) / float(overlap)
-    low, high = domain.world_bounds()
+    low, high = domain.world_bounds() if bounds is None else (np.asarray(b, dtype=np.float64) for b in bounds)
     counts = np.maximum(1, np.ceil((high - low) / step - 1e-9)).astype(int)
     origin = (low + high) / 2.0 - (counts - 1) / 2.0 * step
     return PatchLattice(
@@ -510,7 +515,7 @@ class RegistrationPlan:
         moving: the moving image converted to the fixed image's unit.
         initial: ``(3,)`` initial translation (fixed → moving, world units).
         fixed_range, moving_range: intensity ranges used to normalise every patch.
-        lattices: the patch lattice of each stage.
+        lattices: the patch lattice of each stage (over the fixed tissue box).
         grids: the field grid of each stage (coarse stages at their patch spacing; the last at the
             output field spacing).
     """
@@ -548,13 +553,15 @@ def plan_registration(
     moving = moving.with_unit(fixed.unit)
     low, high = tissue_bounds(fixed)
     extents = model.stage_extents(float(np.max(high - low)), config.n_stages)
+    grid_low, grid_high = fixed.grid.world_bounds()
+    bounds = (np.maximum(low, grid_low), np.minimum(high, grid_high))
     size = int(model.config.patch_size)
     last = output_field_spacing(fixed.grid, extents[-1], size, config.field_spacing)
     lattices, grids = [], []
     for stage, extent in enumerate(extents):
         lattices.append(
             stage_lattice(
-                fixed.grid, extent, config.overlap, config.seed, stage, config.max_rotation_deg, size
+                fixed.grid, extent, config.overlap, config.seed, stage, config.max_rotation_deg, size, bounds
             )
         )
         spacing = last if stage == len(extents) - 1 else max(extent / size, last)

@@ -117,12 +117,13 @@ def open_nifti(
     voxel_size: Sequence[float] | None = None,
     unit: str | None = None,
     orientation: str | None = None,
-    chunks: int = 64,
+    slab_depth: int = 64,
 ) -> tuple[da.Array, Grid]:
     """Open a NIfTI image lazily as a dask ``(Z, Y, X)`` array and its grid (see :func:`load_nifti`).
 
-    The dask array reads the file through nibabel's array proxy, ``chunks`` voxels per axis at a time
-    (an uncompressed ``.nii`` is memory-mapped; a ``.nii.gz`` is decompressed as it is read).
+    The dask array reads the file through nibabel's array proxy in slabs of ``slab_depth`` whole
+    ``(j, i)`` planes along the file's slowest axis ``k`` (our ``z``): contiguous byte ranges, so a
+    ``.nii.gz`` is decompressed about once, and memory holds a few slabs, never the volume.
     """
     import nibabel as nib
 
@@ -139,7 +140,8 @@ def open_nifti(
         shape = shape[:-1]
     if len(shape) != 3:
         raise InputError(f"{str(p)!r} holds a {len(shape)}-D image: give a single-channel 3-D image.")
-    lazy = da.from_array(proxy, chunks=(chunks,) * len(proxy.shape), asarray=True)
+    file_chunks = (shape[0], shape[1], slab_depth) + (1,) * (len(proxy.shape) - 3)
+    lazy = da.from_array(proxy, chunks=file_chunks, asarray=True)
     lazy = lazy.reshape(shape).transpose(2, 1, 0)
     space_unit = img.header.get_xyzt_units()[0]
     header_unit = (

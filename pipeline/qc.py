@@ -301,6 +301,19 @@ def _opt(path: str | Path | None) -> Path | None:
     return None if path is None else Path(path)
 
 
+def compact_labels(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Relabel two label maps jointly to ``0..n-1`` (0 stays 0), keeping which voxels share a label.
+
+    Atlas ids can be large (Allen CCF ids reach ~6e8); per-label counting over compact ids needs memory
+    proportional to the number of labels, not to the largest id. Dice per label is unchanged.
+    """
+    values, inverse = np.unique(np.concatenate([np.ravel(a), np.ravel(b)]), return_inverse=True)
+    if values[0] != 0:
+        inverse = inverse + 1  # keep id 0 free for background when neither map has any
+    inverse = inverse.astype(np.int64)
+    return inverse[: np.size(a)].reshape(np.shape(a)), inverse[np.size(a) :].reshape(np.shape(b))
+
+
 def registration_metrics(
     fixed: str | Path,
     warped: str | Path,
@@ -329,7 +342,8 @@ def registration_metrics(
     }
     if fixed_labels is not None and labels_arr is not None:
         truth = on_grid(read_image(fixed_labels).with_unit(grid.unit), grid, labels=True)
-        scores = np.asarray(list(dice_per_label(truth, labels_arr).values()), dtype=np.float64)
+        compact_truth, compact_warped = compact_labels(truth, labels_arr)
+        scores = np.asarray(list(dice_per_label(compact_truth, compact_warped).values()), dtype=np.float64)
         metrics["dice_mean"] = float(np.nanmean(scores)) if np.isfinite(scores).any() else 0.0
         metrics["n_labels"] = float(np.isfinite(scores).sum())
     return metrics

@@ -222,10 +222,13 @@ def test_register_arrays_stub_adds_updates_across_stages() -> None:
     assert np.allclose(initial, [2.0, -1.5, 1.0], atol=0.3)  # tissue centres of mass, in the fixed unit (mm)
     assert result.grid.unit == "millimeter" and result.field.shape == (3, *result.grid.shape)
     assert [s["stage"] for s in result.info["stages"]] == [0, 1]
-    expected = initial + 2 * np.array([0.25, 0.5, -0.5])  # each stage adds v: u_s = v + u_{s-1}
-    interior = (slice(None), slice(2, -2), slice(2, -2), slice(2, -2))
-    assert np.allclose(result.field[interior], expected[:, None, None, None], atol=1e-4)
-    assert np.all(result.uncertainty[interior[1:]] < 1e-4)  # identical estimates: no spread
+    step = np.array([0.25, 0.5, -0.5])
+    # each stage adds v (u_s = v + u_{s-1}); voxels no fine patch reaches keep the coarse stage's field
+    deviation = [np.abs(result.field - (initial + k * step)[:, None, None, None]).max(axis=0) for k in (1, 2)]
+    assert np.all((deviation[0] < 1e-4) | (deviation[1] < 1e-4))
+    tissue = fixed.sample(result.grid.points().reshape(-1, 3), 1.0).reshape(result.grid.shape) > 0
+    assert tissue.mean() > 0.2 and np.all(deviation[1][tissue] < 1e-4)  # the tissue got both updates
+    assert np.all(result.uncertainty < 1e-4)  # identical estimates: no spread
 
 
 def test_register_arrays_is_seeded_and_deterministic() -> None:
@@ -265,7 +268,7 @@ def test_patch_estimate_equals_the_training_forward_pass() -> None:
     # range, so normalising before sampling (training) equals normalising after sampling (inference)
     fixed, moving = (
         MultiscaleImage(
-            tuple(type(lv)(np.round(np.asarray(lv.array) / 40.0), lv.grid) for lv in im.levels[:1])
+            tuple(type(lv)(np.clip(np.round(lv.array / 40.0), 0, 2), lv.grid) for lv in im.levels[:1])
         )
         for im in _pair()
     )

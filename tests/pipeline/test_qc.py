@@ -87,3 +87,14 @@ def test_preview_field_bounds_size_and_keeps_world_extent() -> None:
     assert max(small.shape[1:]) <= 16 and small.shape[0] == 3
     np.testing.assert_allclose(small, 1.0)
     np.testing.assert_allclose(small_grid.spacing, [40.0, 40.0, 30.0])
+
+
+def test_compact_labels_keeps_background_and_dice() -> None:
+    a = np.array([[0, 614454277, 614454277], [5, 5, 0]], dtype=np.uint32)
+    b = np.array([[0, 614454277, 5], [5, 5, 614454277]], dtype=np.uint32)
+    ca, cb = qc.compact_labels(a, b)
+    assert ca.max() == 2 and ca[0, 0] == 0 and cb[0, 0] == 0
+    np.testing.assert_array_equal(ca == ca[0, 1], a == 614454277)
+    np.testing.assert_array_equal(cb == ca[1, 0], b == 5)
+    only_fg = qc.compact_labels(np.array([3, 4]), np.array([4, 4]))
+    assert only_fg[0].min() == 1  # no background present: ids start at 1, 0 stays unused

@@ -30,6 +30,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+import zarr
+from ome_zarr.io import parse_url
+from ome_zarr.reader import Reader
+from ome_zarr_models.v05.image import Image
 from scipy import ndimage
 
 from patchmorph_core.source import MultiscaleImage
@@ -43,7 +47,7 @@ ATLAS_ORIENTATION = "rsa"  # our (z, y, x) = NRRD file axes (LR, DV, AP) reverse
 
 
 @pytest.fixture(scope="module")
-def converted(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, MultiscaleImage]:
+def converted_paths(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("real")
     brain = convert(
         shared_data / "mouse_stp_brainreg" / "brain_50x40x40um_psl",
@@ -55,9 +59,23 @@ def converted(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> di
     template = shared_data / "mouse_ccf" / "average_template_100.nrrd"
     atlas = convert(template, out / "atlas.zarr", orientation=ATLAS_ORIENTATION)
     literal = convert(template, out / "atlas_literal_header.zarr")
-    return {
-        name: read_image(path) for name, path in (("brain", brain), ("atlas", atlas), ("literal", literal))
-    }
+    return {"brain": brain, "atlas": atlas, "literal": literal}
+
+
+@pytest.fixture(scope="module")
+def converted(converted_paths: dict[str, Path]) -> dict[str, MultiscaleImage]:
+    return {name: read_image(path) for name, path in converted_paths.items()}
+
+
+def test_converted_real_data_reads_in_ome_zarr_py_and_tensorstore(converted_paths: dict[str, Path]) -> None:
+    for path in converted_paths.values():
+        Image.from_zarr(zarr.open_group(str(path), mode="r"))
+        nodes = list(Reader(parse_url(str(path)))())
+        reference = np.asarray(read_image(path).levels[-1].array[:])
+        np.testing.assert_array_equal(np.asarray(nodes[0].data[-1]), reference)
+        coarse = read_image(path, backend="tensorstore").levels[-1].array
+        np.testing.assert_array_equal(coarse.read().result(), reference)
+    assert read_image(converted_paths["brain"]).grid.shape == (270, 193, 271)
 
 
 def _common_grid(center: np.ndarray | None = None) -> Grid:

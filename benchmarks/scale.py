@@ -1,0 +1,270 @@
+"""Scale benchmark of the chunked pipeline: register + warp at two volume sizes, same settings.
+
+The fixed image is the real STP mouse brain (../shared/data/mouse_stp_brainreg, 50×40×40 µm, psl)
+upsampled trilinearly in world space to ``--sizes`` GiB of uint16 OME-Zarr (streamed block by block); the
+moving image is the Allen CCFv3 average template at 100 µm. For each size the benchmark runs
+``register_files`` (atlas → brain) and ``warp_files`` (atlas onto the full-resolution brain grid: the output
+is as large as the fixed image) on a local Dask cluster and reports:
+
+* wall time of register and warp;
+* peak resident memory of every process (client + scheduler = this process; each worker process),
+  sampled every 0.2 s with psutil;
+* bytes read and written by all processes (psutil I/O counters, so page-cache hits count as reads);
+* the share of worker time spent in network forward passes (from the per-block timing records).
+
+Usage (prints a table, writes benchmarks/results/scale.json)::
+
+    nice -n 10 .venv/bin/python benchmarks/scale.py --sizes 1 8 --work /tmp/patchmorph-scale
+
+Targets (issue 4): peak memory per worker < 2 GiB and within 20 % between sizes; wall time within 1.3× of
+linear in voxel count; ≥ 70 % of worker time in forward passes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import psutil
+from scipy import ndimage
+
+from patchmorph_core.config import InferenceConfig, ModelConfig
+from patchmorph_core.model import DEFAULT_WEIGHTS, PatchMorph, save_checkpoint
+from patchmorph_core.spatial import Grid
+from pipeline.importers import convert, open_input
+from pipeline.ngff import read_image, write_image
+from pipeline.register import register_files
+from pipeline.warp import warp_files
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / ".." / "shared" / "data"
+BRAIN = DATA / "mouse_stp_brainreg" / "brain_50x40x40um_psl"
+ATLAS = DATA / "mouse_ccf" / "average_template_100.nrrd"
+RESULTS = REPO / "benchmarks" / "results" / "scale.json"
+GIB = 1024**3
+
+
+class ProcessSampler:
+    """Samples RSS and I/O counters of this process and all its children every ``interval`` seconds."""
+
+    def __init__(self, interval: float = 0.2) -> None:
+        self.interval = interval
+        self.peak: dict[int, int] = {}
+        self.kind: dict[int, str] = {}
+        self.io_start: dict[int, tuple[int, int]] = {}
+        self.io_last: dict[int, tuple[int, int]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        me = psutil.Process()
+        for proc in [me, *me.children(recursive=True)]:
+            try:
+                rss = proc.memory_info().rss
+                io = proc.io_counters()
+                cmd = " ".join(proc.cmdline())
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            pid = proc.pid
+            self.peak[pid] = max(self.peak.get(pid, 0), rss)
+            if pid == me.pid:
+                self.kind[pid] = "client+scheduler"
+            elif "from multiprocessing" in cmd or "spawn_main" in cmd:
+                self.kind[pid] = "worker"
+            else:
+                self.kind.setdefault(pid, "other")
+            self.io_start.setdefault(pid, (io.read_chars, io.write_chars))
+            self.io_last[pid] = (io.read_chars, io.write_chars)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._sample()
+            time.sleep(self.interval)
+
+    def __enter__(self) -> ProcessSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def summary(self) -> dict[str, Any]:
+        """Peak RSS per process kind and bytes read/written by all sampled processes."""
+        workers = [self.peak[p] for p, k in self.kind.items() if k == "worker"]
+        read = sum(self.io_last[p][0] - self.io_start[p][0] for p in self.io_last)
+        written = sum(self.io_last[p][1] - self.io_start[p][1] for p in self.io_last)
+        client = [self.peak[p] for p, k in self.kind.items() if k == "client+scheduler"]
+        return {
+            "client_scheduler_peak_gib": max(client, default=0) / GIB,
+            "worker_peak_gib": [w / GIB for w in sorted(workers, reverse=True)],
+            "max_worker_peak_gib": max(workers, default=0) / GIB,
+            "read_gib": read / GIB,
+            "written_gib": written / GIB,
+        }
+
+
+def _upsample_block(
+    source: np.ndarray, matrix: np.ndarray, out_dtype: np.dtype, block_info: dict | None = None
+) -> np.ndarray:
+    """Trilinear samples of ``source`` for one output block; ``matrix`` maps output → source index (4×4)."""
+    info = block_info[None]  # type: ignore[index]
+    start = np.array([loc[0] for loc in info["array-location"]], dtype=np.float64)
+    shape = tuple(int(b - a) for a, b in info["array-location"])
+    offset = matrix[:3, 3] + matrix[:3, :3] @ start
+    out = ndimage.affine_transform(source, matrix[:3, :3], offset=offset, output_shape=shape, order=1, mode="nearest")
+    return np.clip(np.rint(out), 0, np.iinfo(out_dtype).max).astype(out_dtype)
+
+
+def make_volume(source: np.ndarray, grid: Grid, gib: float, path: Path) -> tuple[Path, Grid]:
+    """Write ``source`` upsampled in world space to about ``gib`` GiB of uint16 OME-Zarr at ``path``."""
+    factor = (gib * GIB / 2.0 / source.size) ** (1.0 / 3.0)
+    big = grid.resampled(grid.spacing / factor)
+    if path.exists():
+        return path, read_image(path).grid
+    matrix = grid.inverse_affine @ big.affine
+    lazy = da.map_blocks(
+        _upsample_block,
+        source=source.astype(np.float32),
+        matrix=matrix,
+        out_dtype=np.dtype(np.uint16),
+        dtype=np.uint16,
+        chunks=tuple((128,) * (n // 128) + ((n % 128,) if n % 128 else ()) for n in big.shape),
+        meta=np.empty((0, 0, 0), np.uint16),
+    )
+    write_image(path, lazy, big, name=path.stem)
+    return path, big
+
+
+def _worker_times(run: Path) -> dict[str, float]:
+    """Forward-pass and total task seconds from a run folder's block and chunk records."""
+    forward = block = chunk = 0.0
+    for stage in run.glob("stage*"):
+        for p in (stage / "blocks").glob("*.json"):
+            entry = json.loads(p.read_text())
+            forward += entry.get("forward_seconds", 0.0)
+            block += entry.get("seconds", 0.0)
+        for p in (stage / "done").glob("*.json"):
+            chunk += json.loads(p.read_text()).get("seconds", 0.0)
+    total = block + chunk
+    return {"forward_s": forward, "block_s": block, "chunk_s": chunk, "forward_share": forward / total if total else 0.0}
+
+
+def bench_size(gib: float, source: np.ndarray, grid: Grid, atlas: Path, config: InferenceConfig, args: argparse.Namespace) -> dict[str, Any]:
+    """Prepare, register and warp at one size; returns the measured figures."""
+    work = Path(args.work)
+    tic = time.perf_counter()
+    fixed, big = make_volume(source, grid, gib, work / f"brain_{gib:g}gib.zarr")
+    prepare_s = time.perf_counter() - tic
+    voxels = int(np.prod(big.shape))
+    field = work / f"field_{gib:g}gib.zarr"
+    warped = work / f"atlas_on_brain_{gib:g}gib.zarr"
+    for path in (field, warped):
+        for p in (path, path.with_name(path.name + ".run")):
+            shutil.rmtree(p, ignore_errors=True)
+    with ProcessSampler() as reg_sampler:
+        tic = time.perf_counter()
+        record = register_files(fixed, atlas, field, config, chunk_size=args.chunk_size, workers=args.workers)
+        register_s = time.perf_counter() - tic
+    with ProcessSampler() as warp_sampler:
+        tic = time.perf_counter()
+        wrec = warp_files(field, atlas, warped, chunk_size=args.chunk_size, workers=args.workers)
+        warp_s = time.perf_counter() - tic
+    return {
+        "size_gib_requested": gib,
+        "shape": list(big.shape),
+        "voxels": voxels,
+        "spacing_um": [float(s) for s in big.spacing],
+        "disk_gib": sum(f.stat().st_size for f in fixed.rglob("*") if f.is_file()) / GIB,
+        "prepare_s": prepare_s,
+        "register_s": register_s,
+        "warp_s": warp_s,
+        "field_shape": list(record.grid_shape),
+        "register_chunks": record.chunks,
+        "warp_chunks": wrec.chunks,
+        "register": {**reg_sampler.summary(), **_worker_times(record.run)},
+        "warp": {**warp_sampler.summary(), **_worker_times(wrec.out.with_name(wrec.out.name + ".run"))},
+    }
+
+
+def _config(work: Path) -> InferenceConfig:
+    """The default model if it exists, else a randomly initialised one of the default architecture."""
+    if DEFAULT_WEIGHTS.is_file():
+        return InferenceConfig(device="auto")
+    path = work / "random_default_architecture.pt"
+    if not path.is_file():
+        save_checkpoint(path, PatchMorph(ModelConfig()))
+    return InferenceConfig(weights=str(path), device="auto")
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """Plain-text table of the results."""
+    head = f"{'size':>8} {'voxels':>14} {'step':>8} {'wall s':>8} {'s/Gvox':>8} {'worker GiB':>10} {'client GiB':>10} {'read GiB':>9} {'write GiB':>9} {'fwd %':>6}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        for step in ("register", "warp"):
+            m = r[step]
+            wall = r[f"{step}_s"]
+            lines.append(
+                f"{r['disk_gib']:>7.2f}G {r['voxels']:>14,d} {step:>8} {wall:>8.1f} {wall / r['voxels'] * 1e9:>8.1f} "
+                f"{m['max_worker_peak_gib']:>10.2f} {m['client_scheduler_peak_gib']:>10.2f} {m['read_gib']:>9.2f} "
+                f"{m['written_gib']:>9.2f} {100 * m['forward_share']:>6.1f}"
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", type=float, nargs="+", default=[1.0, 8.0], help="volume sizes in GiB (uint16)")
+    parser.add_argument("--work", default="/tmp/patchmorph-scale", help="scratch folder for the volumes")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--chunk-size", type=int, default=None)
+    parser.add_argument("--out", default=str(RESULTS))
+    args = parser.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    array, grid, _ = open_input(BRAIN, voxel_size=(50.0, 40.0, 40.0), unit="micrometer", orientation="psl")
+    source = np.asarray(array.compute())
+    atlas = work / "atlas_100um.zarr"
+    if not atlas.exists():
+        convert(ATLAS, atlas)
+    config = _config(work)
+    rows = []
+    for gib in args.sizes:
+        rows.append(bench_size(gib, source, grid, atlas, config, args))
+        print(table(rows), flush=True)
+    small, large = rows[0], rows[-1]
+    ratio = large["voxels"] / small["voxels"]
+    summary = {
+        "voxel_ratio": ratio,
+        "wall_ratio": {s: large[f"{s}_s"] / small[f"{s}_s"] for s in ("register", "warp")},
+        "linear_limit": 1.3 * ratio,
+        "worker_peak_ratio": {
+            s: large[s]["max_worker_peak_gib"] / max(small[s]["max_worker_peak_gib"], 1e-9) for s in ("register", "warp")
+        },
+    }
+    result = {
+        "host": {"cpus": os.cpu_count(), "memory_gib": psutil.virtual_memory().total / GIB},
+        "workers": args.workers,
+        "weights": str(config.weights or DEFAULT_WEIGHTS),
+        "rows": rows,
+        "summary": summary,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(table(rows))
+    print(json.dumps(summary, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
