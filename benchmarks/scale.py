@@ -10,6 +10,8 @@ is as large as the fixed image) on a local Dask cluster and reports:
 * peak resident memory of every process (client + scheduler = this process; each worker process),
   sampled every 0.2 s with psutil;
 * bytes read and written by all processes (psutil I/O counters, so page-cache hits count as reads);
+* the size of the fixed volume in memory (voxels × 2 bytes, the "GiB" of ``--sizes``) and on disk
+  (Zarr v3 with the default compressor; the upsampled brain carries Gaussian noise like real data);
 * the share of worker time spent in network forward passes (from the per-block timing records).
 
 Usage (prints a table, writes benchmarks/results/scale.json)::
@@ -50,6 +52,9 @@ BRAIN = DATA / "mouse_stp_brainreg" / "brain_50x40x40um_psl"
 ATLAS = DATA / "mouse_ccf" / "average_template_100.nrrd"
 RESULTS = REPO / "benchmarks" / "results" / "scale.json"
 GIB = 1024**3
+NOISE_STD = 20.0
+"""Gaussian noise (uint16 grey values) added to the upsampled brain: real STP data is noisy, and a smooth
+upsampled volume would compress to a small fraction of its size on disk."""
 
 
 class ProcessSampler:
@@ -121,6 +126,8 @@ def _upsample_block(
     shape = tuple(int(b - a) for a, b in info["array-location"])
     offset = matrix[:3, 3] + matrix[:3, :3] @ start
     out = ndimage.affine_transform(source, matrix[:3, :3], offset=offset, output_shape=shape, order=1, mode="nearest")
+    rng = np.random.default_rng([int(v) for v in start])  # imaging noise, seeded by the block's position
+    out += rng.normal(0.0, NOISE_STD, size=shape).astype(np.float32)
     return np.clip(np.rint(out), 0, np.iinfo(out_dtype).max).astype(out_dtype)
 
 
@@ -147,7 +154,7 @@ def make_volume(source: np.ndarray, grid: Grid, gib: float, path: Path) -> tuple
 def _worker_times(run: Path) -> dict[str, float]:
     """Forward-pass and total task seconds from a run folder's block and chunk records."""
     forward = block = chunk = 0.0
-    for stage in run.glob("stage*"):
+    for stage in [p for p in run.iterdir() if p.is_dir()]:
         for p in (stage / "blocks").glob("*.json"):
             entry = json.loads(p.read_text())
             forward += entry.get("forward_seconds", 0.0)

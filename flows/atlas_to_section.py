@@ -15,11 +15,12 @@ from pathlib import Path
 
 from prefect import flow
 
-from flows.config import AtlasToSectionOptions, Geometry, cluster_config, resolve_options
+from flows.config import AtlasToSectionOptions, Geometry, resolve_options
 from flows.manifest import ManifestItem, ManifestProblem, default_name, load_manifest
-from flows.records import ItemError, Outcomes, RunReport
-from flows.runner import dask_task_runner, finish_run
-from flows.steps import ImageInput, ItemJob, run_jobs
+from flows.records import ItemError, RunReport
+from flows.runner import finish_run, run_on_dask
+from flows.steps import ImageInput, ItemJob
+from patchmorph_core.errors import InputError
 
 FLOW_NAME = "atlas-to-section"
 
@@ -42,14 +43,19 @@ def atlas_jobs(
     errors: list[ItemError] = []
     for entry in entries:
         if isinstance(entry, ManifestProblem):
-            errors.append(ItemError(name=entry.name, step="manifest", error_type="InputError", message=entry.message))
+            errors.append(
+                ItemError(name=entry.name, step="manifest", error_type="InputError", message=entry.message)
+            )
             continue
         item_dir = out / entry.name
         geometry = Geometry(voxel_size=entry.voxel_size, unit=entry.unit, orientation=entry.orientation)
         fixed_labels = None
         if entry.labels:
             fixed_labels = ImageInput(
-                path=entry.labels, geometry=geometry, converted=item_dir / "sample_labels.ome.zarr", labels=True
+                path=entry.labels,
+                geometry=geometry,
+                converted=item_dir / "sample_labels.ome.zarr",
+                labels=True,
             )
         jobs.append(
             ItemJob(
@@ -64,13 +70,6 @@ def atlas_jobs(
     return jobs, errors
 
 
-@flow(name="align-items")
-def align_items(jobs: list[ItemJob], options: AtlasToSectionOptions) -> Outcomes:
-    """Run the jobs on this flow's task runner (set by the caller); see :func:`flows.steps.run_jobs`."""
-    results, errors = run_jobs(jobs, options, options.max_parallel_items)
-    return Outcomes(results=results, errors=errors)
-
-
 @flow(name=FLOW_NAME)
 def atlas_to_section(
     atlas: str, manifest: str, out: str, config: AtlasToSectionOptions | str | None = None
@@ -79,12 +78,18 @@ def atlas_to_section(
 
     Returns:
         The :class:`~flows.records.RunReport` (per-item results and errors).
+
+    Raises:
+        InputError: the atlas, its labels or the manifest cannot be read (nothing to align).
     """
     options = resolve_options(config, AtlasToSectionOptions)
+    for role, path in (("atlas", atlas), ("atlas_labels", options.atlas_labels)):
+        if path is not None and not Path(path).exists():
+            raise InputError(
+                f"{role} {path} does not exist: give the path of the atlas image (or fix the option)."
+            )
     out_dir = Path(out)
     jobs, errors = atlas_jobs(Path(atlas), load_manifest(manifest), out_dir, options)
-    with dask_task_runner(cluster_config(options)) as runner:
-        outcomes = align_items.with_options(task_runner=runner)(jobs, options)
-    outcomes = Outcomes(results=outcomes.results, errors=[*errors, *outcomes.errors])
+    outcomes = run_on_dask(jobs, options, options.max_parallel_items, errors)
     inputs = {"atlas": atlas, "manifest": manifest, "name": default_name(atlas)}
     return finish_run(FLOW_NAME, inputs, out_dir, outcomes)

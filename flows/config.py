@@ -129,7 +129,11 @@ def _anchored(options: OptionsT, base: Path) -> OptionsT:
         if isinstance(value, str) and "://" not in value and not Path(value).is_absolute():
             update[name] = str(base / value)
     inference = getattr(options, "inference", None)
-    if isinstance(inference, InferenceConfig) and inference.weights and not Path(inference.weights).is_absolute():
+    if (
+        isinstance(inference, InferenceConfig)
+        and inference.weights
+        and not Path(inference.weights).is_absolute()
+    ):
         update["inference"] = inference.model_copy(update={"weights": str(base / inference.weights)})
     return options.model_copy(update=update)
 
@@ -157,7 +161,11 @@ def cluster_config(options: StepOptions) -> ClusterConfig:
     A local cluster's dashboard given as a bare port (``":0"``, ``":8787"``) is bound to 127.0.0.1, so
     a laptop run listens on the loopback interface only.
     """
-    config = options.cluster if isinstance(options.cluster, ClusterConfig) else load_cluster_config(options.cluster)
+    config = (
+        options.cluster
+        if isinstance(options.cluster, ClusterConfig)
+        else load_cluster_config(options.cluster)
+    )
     if config.kind == "local" and config.dashboard_address.startswith(":"):
         config = config.model_copy(update={"dashboard_address": "127.0.0.1" + config.dashboard_address})
     return config

@@ -136,7 +136,8 @@ def fingerprint(inputs: dict[str, str | Path | None], options: dict[str, Any]) -
         options: JSON-serialisable options (e.g. ``model.model_dump(mode="json")``).
     """
     described = {
-        role: (None if value is None else _path_metadata(Path(value))) for role, value in sorted(inputs.items())
+        role: (None if value is None else _path_metadata(Path(value)))
+        for role, value in sorted(inputs.items())
     }
     text = json.dumps({"inputs": described, "options": options}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()

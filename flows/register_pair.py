@@ -12,11 +12,11 @@ from pathlib import Path
 
 from prefect import flow
 
-from flows.config import RegisterPairOptions, cluster_config, resolve_options
+from flows.config import RegisterPairOptions, resolve_options
 from flows.manifest import default_name
-from flows.records import Outcomes, RunReport
-from flows.runner import dask_task_runner, finish_run
-from flows.steps import ImageInput, ItemJob, run_jobs
+from flows.records import RunReport
+from flows.runner import finish_run, run_on_dask
+from flows.steps import ImageInput, ItemJob
 
 FLOW_NAME = "register-pair"
 
@@ -29,7 +29,9 @@ def pair_job(fixed: Path, moving: Path, out: Path, options: RegisterPairOptions)
             return None
         geometry = options.fixed_geometry if geometry_role == "fixed" else options.moving_geometry
         labels = role.endswith("_labels")
-        return ImageInput(path=Path(path), geometry=geometry, converted=out / f"{role}.ome.zarr", labels=labels)
+        return ImageInput(
+            path=Path(path), geometry=geometry, converted=out / f"{role}.ome.zarr", labels=labels
+        )
 
     return ItemJob(
         name=default_name(out),
@@ -41,15 +43,10 @@ def pair_job(fixed: Path, moving: Path, out: Path, options: RegisterPairOptions)
     )
 
 
-@flow(name="register-one")
-def register_one(job: ItemJob, options: RegisterPairOptions) -> Outcomes:
-    """Run the job on this flow's task runner (set by the caller); see :func:`flows.steps.run_jobs`."""
-    results, errors = run_jobs([job], options, 1)
-    return Outcomes(results=results, errors=errors)
-
-
 @flow(name=FLOW_NAME)
-def register_pair(fixed: str, moving: str, out: str, config: RegisterPairOptions | str | None = None) -> RunReport:
+def register_pair(
+    fixed: str, moving: str, out: str, config: RegisterPairOptions | str | None = None
+) -> RunReport:
     """Register ``moving`` onto ``fixed``; write the field, warped images, QC, metrics and a report to ``out``.
 
     Raises:
@@ -58,8 +55,7 @@ def register_pair(fixed: str, moving: str, out: str, config: RegisterPairOptions
     options = resolve_options(config, RegisterPairOptions)
     out_dir = Path(out)
     job = pair_job(Path(fixed), Path(moving), out_dir, options)
-    with dask_task_runner(cluster_config(options)) as runner:
-        outcomes = register_one.with_options(task_runner=runner)(job, options)
+    outcomes = run_on_dask([job], options, 1, [])
     report = finish_run(FLOW_NAME, {"fixed": fixed, "moving": moving}, out_dir, outcomes)
     if report.errors:
         error = report.errors[0]

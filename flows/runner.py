@@ -7,10 +7,13 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 
+from prefect import flow
 from prefect_dask import DaskTaskRunner
 
 from flows.artifacts import publish, write_report
-from flows.records import Outcomes, RunReport
+from flows.config import StepOptions, cluster_config
+from flows.records import ItemError, Outcomes, RunReport
+from flows.steps import ItemJob, missing_inputs, run_jobs, split_finished
 from pipeline.cluster import ClusterConfig, open_client
 
 logger = logging.getLogger(__name__)
@@ -29,19 +32,63 @@ def dask_task_runner(config: ClusterConfig) -> Iterator[DaskTaskRunner]:
         yield DaskTaskRunner(address=client.scheduler.address)
 
 
+@flow(name="align-items")
+def align_items(jobs: list[ItemJob], options: StepOptions, max_parallel: int) -> Outcomes:
+    """Subflow: the jobs on this flow's task runner (set by :func:`run_on_dask`); see :func:`flows.steps.run_jobs`."""
+    results, errors = run_jobs(jobs, options, max_parallel)
+    return Outcomes(results=results, errors=errors)
+
+
+def run_on_dask(
+    jobs: list[ItemJob], options: StepOptions, max_parallel: int, errors: list[ItemError]
+) -> Outcomes:
+    """Skip finished jobs, run the rest as the :func:`align_items` subflow on the configured Dask cluster.
+
+    Jobs with a missing input path fail at once (step ``inputs``) and finished jobs are skipped, both
+    before any cluster starts.
+
+    Args:
+        jobs: all jobs of the run.
+        options: the flow's options (``options.cluster`` says where the tasks run).
+        max_parallel: jobs in flight at once.
+        errors: errors found before any job ran (e.g. invalid manifest entries), reported first.
+    """
+    present, absent = missing_inputs(jobs)
+    finished, todo = split_finished(present, options)
+    outcomes = Outcomes(results=finished, errors=[*errors, *absent])
+    if not todo:
+        return outcomes
+    with dask_task_runner(cluster_config(options)) as runner:
+        ran = align_items.with_options(task_runner=runner)(todo, options, max_parallel)
+    return Outcomes(results=[*outcomes.results, *ran.results], errors=[*outcomes.errors, *ran.errors])
+
+
 def finish_run(flow: str, inputs: dict[str, str], out: Path, outcomes: Outcomes) -> RunReport:
     """Write ``report.md`` and ``report.json`` into ``out`` and publish the Prefect artifacts."""
     out.mkdir(parents=True, exist_ok=True)
-    report_md = write_report(out, f"{flow}: {len(outcomes.results)} aligned, {len(outcomes.errors)} failed",
-                             outcomes.results, outcomes.errors)
+    report_md = write_report(
+        out,
+        f"{flow}: {len(outcomes.results)} aligned, {len(outcomes.errors)} failed",
+        outcomes.results,
+        outcomes.errors,
+    )
     keys = publish(flow, outcomes.results, outcomes.errors)
     report = RunReport(
-        flow=flow, inputs=inputs, out=out, results=outcomes.results, errors=outcomes.errors,
-        report=report_md, artifacts=keys,
+        flow=flow,
+        inputs=inputs,
+        out=out,
+        results=outcomes.results,
+        errors=outcomes.errors,
+        report=report_md,
+        artifacts=keys,
     )
     (out / "report.json").write_text(report.model_dump_json(indent=1))
     logger.info(
-        "%s: %d done, %d skipped, %d failed; report %s", flow, report.n_done, report.n_skipped,
-        len(report.errors), report_md,
+        "%s: %d done, %d skipped, %d failed; report %s",
+        flow,
+        report.n_done,
+        report.n_skipped,
+        len(report.errors),
+        report_md,
     )
     return report

@@ -5,8 +5,9 @@ folder. :func:`run_jobs` takes a list of jobs through the steps convert → regi
 labels) → QC and metrics, one step at a time for a group of at most ``max_parallel`` jobs: the tasks of
 one step are submitted together to the flow's task runner (Dask), their results collected, and a job
 whose task failed leaves the group with an :class:`~flows.records.ItemError` naming that step; the
-others go on. Jobs whose ``done.json`` matches their inputs and options are skipped, and a converted
-input whose ``<target>.source.json`` matches its source is reused, so a rerun resumes.
+others go on. Jobs whose ``done.json`` matches their inputs and options are skipped
+(:func:`split_finished`, before any cluster starts), and a converted input whose
+``<target>.source.json`` matches its source is reused, so a rerun resumes.
 
 Output folder of a job::
 
@@ -164,9 +165,7 @@ def _conversion_key(image: ImageInput) -> str:
     return fingerprint({"source": image.path}, {"geometry": image.geometry.model_dump(mode="json")})
 
 
-def _convert_inputs(
-    jobs: list[ItemJob], convert: Task[..., Path], errors: list[ItemError]
-) -> list[ItemJob]:
+def _convert_inputs(jobs: list[ItemJob], convert: Task[..., Path], errors: list[ItemError]) -> list[ItemJob]:
     """Convert every input that needs it, once per target (a shared atlas is converted once)."""
     pending: dict[Path, ImageInput] = {}
     for job in jobs:
@@ -221,13 +220,45 @@ def _finish(job: ItemJob, key: str, qc_record: Any, metrics: dict[str, float], s
     return result
 
 
+def missing_inputs(jobs: Sequence[ItemJob]) -> tuple[list[ItemJob], list[ItemError]]:
+    """Jobs whose input paths all exist, and an ``inputs`` error for each job with a missing one."""
+    ready: list[ItemJob] = []
+    errors: list[ItemError] = []
+    for job in jobs:
+        missing = [(role, image.path) for role, image in job.inputs().items() if not image.path.exists()]
+        if missing:
+            role, path = missing[0]
+            message = f"{role} input {path} does not exist: fix the path (or the manifest entry)."
+            errors.append(ItemError(name=job.name, step="inputs", error_type="InputError", message=message))
+        else:
+            ready.append(job)
+    return ready, errors
+
+
+def split_finished(jobs: Sequence[ItemJob], options: StepOptions) -> tuple[list[ItemResult], list[ItemJob]]:
+    """Separate jobs whose outputs exist and match their inputs (``status="skipped"``) from the rest.
+
+    Reads only file metadata and ``done.json`` records, so a fully finished batch needs no cluster.
+    """
+    finished: list[ItemResult] = []
+    todo: list[ItemJob] = []
+    for job in jobs:
+        earlier = None if options.overwrite else finished_result(job.out_dir, job.key(options))
+        if earlier is not None:
+            logger.info("item %s: outputs exist and match their inputs, skipped", job.name)
+            finished.append(earlier)
+        else:
+            todo.append(job)
+    return finished, todo
+
+
 def run_jobs(
     jobs: Sequence[ItemJob], options: StepOptions, max_parallel: int
 ) -> tuple[list[ItemResult], list[ItemError]]:
     """Take jobs through every step on the current flow's task runner; never raises for one bad job.
 
     Args:
-        jobs: the registrations to run (names unique).
+        jobs: the registrations to run (names unique; see :func:`split_finished` for skipping).
         options: registration, retry and QC options.
         max_parallel: jobs in flight at once; groups of this size go through all steps in turn.
 
@@ -239,16 +270,8 @@ def run_jobs(
     make_qc, metrics = (t.with_options(**retry) for t in (qc_task, metrics_task))
     results: list[ItemResult] = []
     errors: list[ItemError] = []
-    keys: dict[str, str] = {}
-    todo: list[ItemJob] = []
-    for job in jobs:
-        keys[job.name] = job.key(options)
-        earlier = None if options.overwrite else finished_result(job.out_dir, keys[job.name])
-        if earlier is not None:
-            logger.info("item %s: outputs exist and match their inputs, skipped", job.name)
-            results.append(earlier)
-        else:
-            todo.append(job)
+    todo = list(jobs)
+    keys = {job.name: job.key(options) for job in todo}
     for start in range(0, len(todo), max_parallel):
         group = todo[start : start + max_parallel]
         began = time.monotonic()
@@ -292,7 +315,11 @@ def _submit_checks(
     job: ItemJob, make_qc: Task[..., Any], metrics: Task[..., Any], with_qc: bool
 ) -> dict[str, PrefectFuture[Any]]:
     fixed_labels = job.fixed_labels.ready if job.fixed_labels else None
-    futures = {"metrics": metrics.submit(job.fixed.ready, job.warped, job.field, fixed_labels, job.warped_labels)}
+    futures = {
+        "metrics": metrics.submit(job.fixed.ready, job.warped, job.field, fixed_labels, job.warped_labels)
+    }
     if with_qc:
-        futures["qc"] = make_qc.submit(job.fixed.ready, job.warped, job.field, job.out_dir / "qc", job.warped_labels)
+        futures["qc"] = make_qc.submit(
+            job.fixed.ready, job.warped, job.field, job.out_dir / "qc", job.warped_labels
+        )
     return futures

@@ -483,6 +483,8 @@ def estimate_and_accumulate(
     """:func:`estimate_patches` then :func:`accumulate` into ``target``, one batch at a time (memory stays
     at one batch of estimates). Arguments as in those two functions.
     """
+    fixed_range = intensity_range(fixed) if fixed_range is None else fixed_range
+    moving_range = intensity_range(moving) if moving_range is None else moving_range
     sums = FieldSums.zeros(target)
     touched = 0
     for start in range(0, len(specs), config.batch_size):

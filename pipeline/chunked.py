@@ -16,8 +16,11 @@ blocks that meet ``c`` equals the sum over all patches: the chunked field equals
 
 Execution: one task per block (the network's forward passes, annotated with ``{"GPU": 1}`` on GPU
 clusters) and one task per output chunk, submitted in raster order with at most ``window`` chunk tasks in
-flight; a block's result is released once every chunk that needs it is written, so memory is bounded by
-the chunk and block sizes, not the volume. Chunks already recorded by :mod:`pipeline.resume` are skipped.
+flight; a block's result is released as soon as every chunk that needs it is written. Each task's memory
+is bounded by the chunk, block and patch sizes, not the volume. What stays alive between tasks is the front
+of blocks still needed by later chunks (in raster order about one layer of chunks deep); Dask spills those
+to the worker's local disk beyond its memory limit (``memory_per_worker``), so no worker outgrows it.
+Chunks already recorded by :mod:`pipeline.resume` are skipped.
 """
 
 from __future__ import annotations
@@ -28,21 +31,20 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import zarr
 from tqdm.auto import tqdm
 
 from patchmorph_core.errors import InputError
 from patchmorph_core.inference import FieldSums, PatchLattice, cell_blocks
 from patchmorph_core.spatial import Grid, index_box
+from pipeline.ngff import DEFAULT_CHUNK, create_image_array
 from pipeline.resume import ChunkId, StageRecords, chunk_name
 
 log = logging.getLogger(__name__)
-
-DEFAULT_CHUNK = 64
-"""Default chunk edge (field voxels): a 64³ chunk of a float32 field and its sums take ~25 MB."""
-
 
 @dataclass(frozen=True)
 class Box:
@@ -119,22 +121,6 @@ class ChunkPlan:
         return self.grid.crop(box.start, box.stop)
 
 
-def support_box(grids: Sequence[Grid], target: Grid) -> Box | None:
-    """Smallest box of ``target`` holding every voxel that a patch on one of ``grids`` can weigh.
-
-    Uses the world corners of each patch's voxel-centre box (the window is zero beyond them) plus one voxel.
-    Returns None when no patch meets ``target``.
-    """
-    if not grids:
-        return None
-    unit = np.array(np.meshgrid(*[[0.0, 1.0]] * 3, indexing="ij")).reshape(3, -1).T
-    corners = np.concatenate([g.index_to_world(unit * (np.asarray(g.shape) - 1.0)) for g in grids])
-    box = index_box(target.world_to_index(corners), target.shape, margin=1)
-    if box is None:
-        return None
-    return Box(tuple(s.start for s in box), tuple(s.stop for s in box))  # type: ignore[arg-type]
-
-
 def blocks_per_chunk(plan: ChunkPlan, lattice_step: float) -> int:
     """Lattice cells per block edge so that a block's cells span about one chunk in world."""
     chunk_world = float(np.min(np.asarray(plan.chunk) * plan.grid.spacing))
@@ -142,11 +128,19 @@ def blocks_per_chunk(plan: ChunkPlan, lattice_step: float) -> int:
 
 
 def needs(plan: ChunkPlan, supports: Sequence[Box | None]) -> dict[ChunkId, list[int]]:
-    """For every chunk, the indices of the blocks whose support box meets it."""
-    out: dict[ChunkId, list[int]] = {}
-    for cid in plan.ids():
-        box = plan.box(cid)
-        out[cid] = [n for n, s in enumerate(supports) if s is not None and s.overlaps(box)]
+    """For every chunk, the indices of the blocks whose support box meets it (ascending).
+
+    Each support box covers chunks ``start // chunk`` to ``(stop - 1) // chunk`` per axis, so the cost is
+    the number of (block, chunk) pairs, not blocks × chunks.
+    """
+    out: dict[ChunkId, list[int]] = {cid: [] for cid in plan.ids()}
+    for n, support in enumerate(supports):
+        if support is None:
+            continue
+        first = [a // c for a, c in zip(support.start, plan.chunk, strict=True)]
+        last = [(b - 1) // c for b, c in zip(support.stop, plan.chunk, strict=True)]
+        for offset in np.ndindex(*(b - a + 1 for a, b in zip(first, last, strict=True))):
+            out[tuple(int(a + o) for a, o in zip(first, offset, strict=True))].append(n)  # type: ignore[index]
     return out
 
 
@@ -244,6 +238,23 @@ def run_chunked(
         "%s: %d chunks written, %d already done, %.1f s", name, len(todo), len(plan) - len(todo), seconds
     )
     return StageRun(name, len(plan), len(plan) - len(todo), len(blocks), seconds)
+
+
+def output_array(
+    path: Path, grid: Grid, dtype: Any, chunk: int | None, channels: int | None, resume: bool, **kwargs: Any
+) -> Any:
+    """Level-0 array of an output written chunk by chunk (:func:`pipeline.ngff.create_image_array`).
+
+    With ``resume`` an existing output is reopened (its written chunks are kept), else a new one replaces
+    whatever is at ``path``. ``kwargs`` go to ``create_image_array`` (name, labels, extra_attrs).
+    """
+    chunks = None if chunk is None else (chunk,) * 3
+    if resume and path.exists():
+        group = zarr.open_group(str(path), mode="r+")
+        if dict(group.attrs).get("patchmorph", {}).get("complete"):
+            return group["0"]  # finished before its run was marked finished
+        return create_image_array(path, grid.shape, grid, dtype, chunks, channels=channels, resume=True)
+    return create_image_array(path, grid.shape, grid, dtype, chunks, channels=channels, overwrite=True, **kwargs)
 
 
 # -- the field reduction -------------------------------------------------------------------------------------

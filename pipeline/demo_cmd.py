@@ -4,7 +4,7 @@ Steps (each a plain function of :mod:`pipeline.demo` or another module; the flow
 
 1. :func:`pipeline.demo.prepare_example` — the bundled example → OME-Zarr, and a one-item manifest;
 2. optionally a short unsupervised fine-tuning of the default model on this pair
-   (:func:`fine_tune`, ``fine_tune_steps`` in ``configs/demo.yaml``; 0 = the default model as is);
+   (:func:`fine_tune`, ``fine_tune.steps`` in ``configs/demo.yaml``; 0 = the default model as is);
 3. the ``atlas-to-section`` Prefect flow (local: an ephemeral Prefect API with its SQLite database and a
    local Dask cluster): register (brain fixed, atlas template moving), warp the template and the
    annotation onto the brain, QC figures;
@@ -17,6 +17,7 @@ The settings are :class:`DemoConfig` (``configs/demo.yaml``): a ``full`` run and
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
@@ -27,7 +28,7 @@ import typer
 from pydantic import BaseModel, ConfigDict, Field
 
 from flows.config import AtlasToSectionOptions
-from flows.records import ItemResult
+from flows.records import ItemResult, fingerprint
 from patchmorph_core.config import load_yaml
 from pipeline.cli import command
 from pipeline.demo import (
@@ -115,7 +116,9 @@ def fine_tune(prepared: PreparedExample, out: Path, config: FineTuneConfig) -> P
     """Fine-tune the default model on the demo pair (unsupervised, the training API of the method).
 
     The default checkpoint is copied to ``out/fine_tune/patchmorph_demo.pt`` and training resumes from it
-    for ``config.steps`` more steps on (brain fixed, atlas template moving) at ``config.spacing`` µm.
+    for ``config.steps`` more steps on (brain fixed, atlas template moving) at ``config.spacing`` µm. A
+    checkpoint made earlier from the same default weights, pair and settings is reused (its record is
+    ``patchmorph_demo.json``), so a rerun does not train again.
 
     Returns:
         The fine-tuned checkpoint.
@@ -126,6 +129,14 @@ def fine_tune(prepared: PreparedExample, out: Path, config: FineTuneConfig) -> P
     from pipeline.train_cmd import build_source
 
     target = out / "fine_tune" / "patchmorph_demo.pt"
+    record = target.with_suffix(".json")
+    key = fingerprint(
+        {"weights": DEFAULT_WEIGHTS, "fixed": prepared.brain, "moving": prepared.template},
+        config.model_dump(mode="json"),
+    )
+    if target.is_file() and record.is_file() and json.loads(record.read_text()).get("fingerprint") == key:
+        logger.info("reusing the fine-tuned model %s", target)
+        return target
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(DEFAULT_WEIGHTS, target)
     start = int(read_checkpoint(target)["step"])
@@ -150,6 +161,7 @@ def fine_tune(prepared: PreparedExample, out: Path, config: FineTuneConfig) -> P
         resume=True,
     )
     result = training.train(train_config, build_source(data, out))
+    record.write_text(json.dumps({"fingerprint": key, "steps": config.steps, "seconds": result.seconds}))
     logger.info("fine-tuned %d steps in %.0f s -> %s", config.steps, result.seconds, target)
     return target
 

@@ -101,6 +101,20 @@ def _finish(fig: Figure, axes: np.ndarray, path: Path) -> Path:
 
 
 # -- figures on arrays --------------------------------------------------------------------------------
+def label_edges(labels: np.ndarray, min_pixels: int = 480) -> np.ndarray:
+    """Thin boundaries between labels of a 2-D label slice, on a grid refined to ``min_pixels`` per side.
+
+    The slice is enlarged by an integer factor (nearest neighbour) before the boundaries are traced, so
+    the lines stay one display pixel wide however coarse the preview level is.
+
+    Returns:
+        Boolean edge mask of shape ``labels.shape * factor``.
+    """
+    factor = max(1, -(-min_pixels // max(labels.shape)))
+    fine = np.repeat(np.repeat(labels, factor, axis=0), factor, axis=1)
+    return find_boundaries(fine, mode="inner")
+
+
 def overlay_figure(
     fixed: np.ndarray,
     spacing: Sequence[float],
@@ -131,9 +145,14 @@ def overlay_figure(
         aspect = _aspect(spacing, axis)
         ax.imshow(sample, cmap="gray", vmin=lo, vmax=hi, aspect=aspect, interpolation="nearest")
         if labels_slices[axis] is not None:
-            edges = find_boundaries(np.asarray(labels_slices[axis]), mode="inner")
+            edges = label_edges(np.asarray(labels_slices[axis]))
+            rows, cols = sample.shape
             ax.imshow(
-                np.ma.masked_where(~edges, edges), cmap="autumn", aspect=aspect, interpolation="nearest"
+                np.ma.masked_where(~edges, edges),
+                cmap="autumn",
+                aspect=aspect,
+                interpolation="nearest",
+                extent=(-0.5, cols - 0.5, rows - 0.5, -0.5),
             )
         elif level is not None and warped_slices[axis] is not None:
             ax.contour(warped_slices[axis], levels=[level], colors="yellow", linewidths=0.8)
@@ -269,8 +288,8 @@ def qc_files(
     Args:
         fixed: the fixed OME-Zarr image.
         warped: the moving image warped onto the fixed grid (output of ``warp``).
-        field: the displacement field (output of ``register``; its ``uncertainty`` child image is used
-            when present).
+        field: the displacement field (output of ``register``; its ``uncertainty`` child image, when
+            present, gives the uncertainty figure).
         out_dir: folder for ``overlay.png``, ``checkerboard.png``, ``jacobian.png``, ``uncertainty.png``.
         warped_labels: the moving labels warped onto the fixed grid (their boundaries form the outline).
         max_size: largest preview size per axis (voxels); the images are read at the pyramid level
@@ -288,12 +307,17 @@ def qc_files(
     }
     field_arr, field_grid, meta = read_field(field)
     small, small_grid = preview_field(field_arr, field_grid, max_size)
-    figures["jacobian"] = jacobian_figure(jacobian_determinant(small, small_grid), small_grid.spacing, out / "jacobian.png")
-    if meta.get("uncertainty"):
-        unc = read_image(Path(field) / str(meta["uncertainty"]))
+    figures["jacobian"] = jacobian_figure(
+        jacobian_determinant(small, small_grid), small_grid.spacing, out / "jacobian.png"
+    )
+    unc_path = Path(field) / str(meta.get("uncertainty") or "uncertainty")
+    if unc_path.is_dir():
+        unc = read_image(unc_path)
         level = preview_level(unc, max_size)
         unc_arr = read_box(level.array, (slice(None),) * 3).astype(np.float32)
-        figures["uncertainty"] = uncertainty_figure(unc_arr, level.grid.spacing, out / "uncertainty.png", level.grid.unit)
+        figures["uncertainty"] = uncertainty_figure(
+            unc_arr, level.grid.spacing, out / "uncertainty.png", level.grid.unit
+        )
     return QCRecord(figures=figures)
 
 

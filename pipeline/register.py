@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import zarr
 from pydantic import BaseModel, ConfigDict
 
 from patchmorph_core.config import InferenceConfig, load_yaml, resolve_device
@@ -51,9 +50,9 @@ from patchmorph_core.model import DEFAULT_WEIGHTS, load_model
 from patchmorph_core.sampling import coarse_level
 from patchmorph_core.source import MultiscaleImage
 from patchmorph_core.spatial import Grid, read_box
-from pipeline.chunked import Box, CellBlock, ChunkPlan, partition, reduce_partials, run_chunked
+from pipeline.chunked import Box, CellBlock, ChunkPlan, output_array, partition, reduce_partials, run_chunked
 from pipeline.cluster import ClusterInfo, load_cluster_config, network_resources, open_client
-from pipeline.ngff import create_image_array, field_metadata, finish_image, read_image, write_block
+from pipeline.ngff import field_metadata, finish_image, read_image, write_block
 from pipeline.resume import ChunkId, StageRecords, open_run, run_folder
 
 log = logging.getLogger(__name__)
@@ -98,13 +97,17 @@ class RegistrationRecord(BaseModel):
 def worker_model(weights: str | None, device: str) -> Any:
     """The model, loaded once per worker process (cached by weights path and device)."""
     import torch
+    from distributed import get_worker
 
     try:
-        from distributed import get_worker
-
-        torch.set_num_threads(max(1, int(get_worker().state.nthreads)))
+        worker = get_worker()
     except ValueError:  # not inside a Dask worker
-        pass
+        worker = None
+    if worker is not None:
+        torch.set_num_threads(max(1, int(worker.state.nthreads)))
+        gpus = torch.cuda.device_count() if device == "cuda" else 0
+        if gpus > 1 and str(worker.name).isdigit():  # local GPU cluster: worker i owns GPU i
+            torch.cuda.set_device(int(worker.name) % gpus)
     return load_model(weights, device)
 
 
@@ -234,23 +237,6 @@ def _fingerprint(
     }
 
 
-def _output_array(
-    path: Path, grid: Grid, chunk: int | None, channels: int | None, resume: bool, **kw: Any
-) -> Any:
-    """Create (or reopen, when resuming an incomplete run) a level-0 output array for chunked writing."""
-    chunks = None if chunk is None else (chunk,) * 3
-    if resume and path.exists():
-        group = zarr.open_group(str(path), mode="r+")
-        if dict(group.attrs).get("patchmorph", {}).get("complete"):
-            return group["0"]  # finished before the run was marked finished
-        return create_image_array(
-            path, grid.shape, grid, np.float32, chunks, channels=channels, resume=True, **kw
-        )
-    return create_image_array(
-        path, grid.shape, grid, np.float32, chunks, channels=channels, overwrite=True, **kw
-    )
-
-
 def _plan_for(arrays: list[Any], grid: Grid) -> ChunkPlan:
     """The chunk plan whose chunks are the largest write unit of ``arrays`` (each a multiple of the others)."""
     units = [tuple(write_block(a))[-3:] for a in arrays]
@@ -261,34 +247,82 @@ def _plan_for(arrays: list[Any], grid: Grid) -> ChunkPlan:
     return ChunkPlan(grid, largest)  # type: ignore[arg-type]
 
 
+@dataclass(frozen=True)
+class StageOutput:
+    """Where one stage writes: its level-0 field (and uncertainty) arrays and the matching chunk plan."""
+
+    field: Any
+    uncertainty: Any
+    plan: ChunkPlan
+    cells_per_block: int | None
+
+
+def _stage_output(
+    out: Path | None,
+    run_root: Path,
+    lattice: PatchLattice,
+    grid: Grid,
+    chunk_size: int | None,
+    records: StageRecords,
+    meta: dict[str, Any],
+) -> StageOutput:
+    """The arrays of one stage: the output field + uncertainty for the last stage (``out``), else
+    ``<run>/stageN.zarr``. A coarse stage whose field has at most :data:`IN_MEMORY_VOXELS` voxels is one
+    chunk and one block (one network task).
+    """
+    resume = bool(records.completed())
+    if out is not None:
+        field = output_array(out, grid, np.float32, chunk_size, 3, resume, name="displacement", extra_attrs=meta)
+        uncertainty = output_array(
+            out / "uncertainty", grid, np.float32, chunk_size, None, resume, name="uncertainty", extra_attrs={"kind": "uncertainty"}
+        )
+        return StageOutput(field, uncertainty, _plan_for([field, uncertainty], grid), None)
+    in_memory = int(np.prod(grid.shape)) <= IN_MEMORY_VOXELS
+    chunk = max(grid.shape) if in_memory else chunk_size
+    path = run_root / f"stage{lattice.stage}.zarr"
+    field = output_array(path, grid, np.float32, chunk, 3, resume, name=f"stage{lattice.stage}")
+    return StageOutput(field, None, _plan_for([field], grid), max(lattice.counts) if in_memory else None)
+
+
+def _field_meta(
+    fixed: str | Path, moving: str | Path, cfg: InferenceConfig, model: Any, rplan: RegistrationPlan
+) -> dict[str, Any]:
+    """The output field's metadata: inputs, model, config, initial translation (plus the field contract)."""
+    provenance = {
+        "fixed": str(fixed),
+        "moving": str(moving),
+        "model": {"weights": str(cfg.weights or DEFAULT_WEIGHTS), "config": model.config.model_dump(mode="json")},
+        "config": cfg.model_dump(mode="json"),
+        "initial_translation": rplan.initial.tolist(),
+    }
+    return field_metadata(rplan.grids[-1], provenance)
+
+
 def _run_stage(
     client: Any,
     info: ClusterInfo,
     ctx_base: dict[str, Any],
     lattice: PatchLattice,
-    plan: ChunkPlan,
+    output: StageOutput,
     prior: Displacement,
-    field: Any,
-    uncertainty: Any,
     records: StageRecords,
     progress: bool,
-    cells_per_block: int | None = None,
 ) -> dict[str, Any]:
     """One stage through :func:`run_chunked`; returns its figures."""
-    blocks = partition(lattice, plan, cells_per_block)
-    live = [b for b in blocks if b.support is not None]
+    plan = output.plan
+    blocks = [b for b in partition(lattice, plan, output.cells_per_block) if b.support is not None]
     context = StageContext(
         lattice=lattice,
         plan=plan,
         prior=prior,
-        field=field,
-        uncertainty=uncertainty,
+        field=output.field,
+        uncertainty=output.uncertainty,
         records=records,
         **ctx_base,
     )
     run = run_chunked(
         client, f"stage {lattice.stage}", plan, records, context, write_field_chunk,
-        blocks=live, block_fn=block_sums, supports=[b.support for b in live],
+        blocks=blocks, block_fn=block_sums, supports=[b.support for b in blocks],
         resources=network_resources(info), progress=progress,
     )  # fmt: skip
     timing = [json.loads(p.read_text()) for p in (records.root / "blocks").glob("*.json")]
@@ -351,19 +385,7 @@ def register_files(
     rplan = plan_registration(model, fixed_img, moving_img, cfg)
     _check_overlap(fixed_img.grid, rplan.moving.grid, rplan.initial, moving)
     records = open_run(run_root, _fingerprint(fixed, moving, cfg, rplan, chunk_size), overwrite)
-    meta = field_metadata(
-        rplan.grids[-1],
-        {
-            "fixed": str(fixed),
-            "moving": str(moving),
-            "model": {
-                "weights": str(cfg.weights or DEFAULT_WEIGHTS),
-                "config": model.config.model_dump(mode="json"),
-            },
-            "config": cfg.model_dump(mode="json"),
-            "initial_translation": rplan.initial.tolist(),
-        },
-    )
+    meta = _field_meta(fixed, moving, cfg, model, rplan)
     ctx_base = {
         "fixed": fixed_img,
         "moving": rplan.moving,
@@ -374,42 +396,13 @@ def register_files(
     }
     prior: Displacement = TranslationDisplacement(rplan.initial)
     stages: list[dict[str, Any]] = []
-    last = len(rplan.lattices) - 1
     with open_client(cluster_config) as (client, info):
         for lattice, grid in zip(rplan.lattices, rplan.grids, strict=True):
             stage_records = records.stage(f"stage{lattice.stage}")
-            resume = bool(stage_records.completed())
-            cells_per_block = None
-            if lattice.stage == last:
-                field_arr = _output_array(
-                    out, grid, chunk_size, 3, resume, name="displacement", extra_attrs=meta
-                )
-                unc_arr = _output_array(
-                    out / "uncertainty",
-                    grid,
-                    chunk_size,
-                    None,
-                    resume,
-                    name="uncertainty",
-                    extra_attrs={"kind": "uncertainty"},
-                )
-                arrays = [field_arr, unc_arr]
-            else:
-                in_memory = int(np.prod(grid.shape)) <= IN_MEMORY_VOXELS
-                stage_chunk = max(grid.shape) if in_memory else chunk_size
-                cells_per_block = max(lattice.counts) if in_memory else None
-                path = run_root / f"stage{lattice.stage}.zarr"
-                field_arr = _output_array(path, grid, stage_chunk, 3, resume, name=f"stage{lattice.stage}")
-                unc_arr = None
-                arrays = [field_arr]
-            plan = _plan_for(arrays, grid)
-            stages.append(
-                _run_stage(
-                    client, info, ctx_base, lattice, plan, prior, field_arr, unc_arr, stage_records, progress,
-                    cells_per_block,
-                )  # fmt: skip
-            )
-            prior = FieldDisplacement(field_arr, grid)
+            final = lattice.stage == len(rplan.lattices) - 1
+            output = _stage_output(out if final else None, run_root, lattice, grid, chunk_size, stage_records, meta)
+            stages.append(_run_stage(client, info, ctx_base, lattice, output, prior, stage_records, progress))
+            prior = FieldDisplacement(output.field, grid)
     finish_image(out / "uncertainty", n_levels=1)
     finish_image(out, n_levels=1)
     records.finish()
@@ -427,11 +420,5 @@ def register_files(
         seconds=time.perf_counter() - tic,
         dashboard=info.dashboard,
     )
-    log.info(
-        "wrote displacement field %s (grid %s, %s) and its uncertainty %s",
-        out,
-        grid.shape,
-        grid.unit,
-        record.uncertainty,
-    )
+    log.info("wrote displacement field %s (grid %s, %s), uncertainty %s", out, grid.shape, grid.unit, record.uncertainty)
     return record

@@ -33,9 +33,9 @@ from patchmorph_core.errors import InputError
 from patchmorph_core.source import MultiscaleImage
 from patchmorph_core.spatial import Grid
 from patchmorph_core.warping import warp_to_grid
-from pipeline.chunked import ChunkPlan, run_chunked
+from pipeline.chunked import ChunkPlan, output_array, run_chunked
 from pipeline.cluster import load_cluster_config, open_client
-from pipeline.ngff import create_image_array, finish_image, read_field, read_image, write_block
+from pipeline.ngff import finish_image, read_field, read_image, write_block
 from pipeline.resume import ChunkId, StageRecords, open_run, run_folder
 
 log = logging.getLogger(__name__)
@@ -134,6 +134,17 @@ def _inverse_error(stage: StageRecords, plan: ChunkPlan) -> tuple[float, float]:
     return max(e["max_error"] for e in entries), sum(e["sum_error"] for e in entries) / max(1, total)
 
 
+def _record_inverse_error(out: Path, stage: StageRecords, plan: ChunkPlan) -> tuple[float, float]:
+    """Store the inverse's residual (max, mean over all chunks) in the output's metadata and return it."""
+    max_error, mean_error = _inverse_error(stage, plan)
+    group = zarr.open_group(str(out), mode="r+")
+    attrs = dict(group.attrs["patchmorph"])
+    attrs["inverse_error"] = {"max": max_error, "mean": mean_error, "unit": plan.grid.unit}
+    group.attrs["patchmorph"] = attrs
+    log.info("inverse displacement residual: max %.4g, mean %.4g %s", max_error, mean_error, plan.grid.unit)
+    return max_error, mean_error
+
+
 def _target_grid(target: str | Path | None, meta: dict[str, Any], inverse: bool) -> tuple[Grid, str]:
     """Output grid: ``target``'s, else the fixed (forward) or moving (inverse) image named in the field."""
     role = "moving" if inverse else "fixed"
@@ -203,28 +214,16 @@ def warp_files(
     }
     records = open_run(run_root, fingerprint, overwrite)
     stage = records.stage("warp")
-    resume = bool(stage.completed()) and out.exists()
-    chunks = None if chunk_size is None else (chunk_size,) * 3
     extra = {"warped": {"field": str(field), "image": str(moving), "direction": "inverse" if inverse else "forward"}}
-    if resume:
-        array = create_image_array(out, grid.shape, grid, dtype, chunks, labels=labels, resume=True)
-    else:
-        array = create_image_array(
-            out, grid.shape, grid, dtype, chunks, labels=labels, overwrite=True, name=out.stem, extra_attrs=extra
-        )
+    array = output_array(
+        out, grid, dtype, chunk_size, None, bool(stage.completed()), labels=labels, name=out.stem, extra_attrs=extra
+    )
     plan = ChunkPlan(grid.with_unit(field_grid.unit), tuple(write_block(array))[-3:])  # type: ignore[arg-type]
     context = WarpContext(image, displacement, forward if inverse else None, plan, array, 0 if labels else 1, stage)
     with open_client(cluster_config) as (client, info):
         run = run_chunked(client, "warp", plan, stage, context, warp_chunk, progress=progress)
     finish_image(out)
-    max_error = mean_error = None
-    if inverse:
-        max_error, mean_error = _inverse_error(stage, plan)
-        group = zarr.open_group(str(out), mode="r+")
-        attrs = dict(group.attrs["patchmorph"])
-        attrs["inverse_error"] = {"max": max_error, "mean": mean_error, "unit": field_grid.unit}
-        group.attrs["patchmorph"] = attrs
-        log.info("inverse displacement residual: max %.4g, mean %.4g %s", max_error, mean_error, field_grid.unit)
+    max_error, mean_error = _record_inverse_error(out, stage, plan) if inverse else (None, None)
     records.finish()
     log.info("wrote %s %s (grid %s, %s)", "labels" if labels else "image", out, grid.shape, grid.unit)
     return WarpRecord(

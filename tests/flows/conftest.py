@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -71,8 +72,13 @@ def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_checkpoint(tmp_path_factory.mktemp("weights") / "tiny.pt", model)
 
 
-def write_options(path: Path, weights: Path, **extra: object) -> Path:
-    """A flow options YAML for the tests: small inference, a 2-worker local cluster, fast retries."""
+@pytest.fixture(scope="session")
+def write_options(weights: Path) -> Callable[..., Path]:
+    """Writer of flow options YAMLs for the tests: small inference, a 2-worker local cluster, fast retries."""
+    return functools.partial(_write_options, weights=weights)
+
+
+def _write_options(path: Path, weights: Path, **extra: object) -> Path:
     options = {
         "inference": {"weights": str(weights), "device": "cpu", "batch_size": 8, "overlap": 1.0, "max_rotation_deg": 0},
         "cluster": {"kind": "local", "workers": 2, "threads_per_worker": 1, "memory_per_worker": "3GiB"},

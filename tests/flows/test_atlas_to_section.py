@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import write_options
 
 from flows.atlas_to_section import atlas_to_section
 
 
 @pytest.fixture(scope="module")
-def batch(flow_data: dict[str, Path], weights: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def batch(
+    flow_data: dict[str, Path], write_options: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Path]:
     """A manifest of two good items, one unreadable file and one invalid entry; options; output folder."""
     root = tmp_path_factory.mktemp("a2s")
     broken = root / "broken.tif"
@@ -30,7 +32,7 @@ def batch(flow_data: dict[str, Path], weights: Path, tmp_path_factory: pytest.Te
             ]
         )
     )
-    options = write_options(root / "options.yaml", weights, atlas_labels=str(flow_data["atlas_labels"]))
+    options = write_options(root / "options.yaml", atlas_labels=str(flow_data["atlas_labels"]))
     return {"manifest": manifest, "options": options, "out": root / "out", "atlas": flow_data["atlas"]}
 
 

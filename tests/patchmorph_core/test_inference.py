@@ -223,12 +223,14 @@ def test_register_arrays_stub_adds_updates_across_stages() -> None:
     assert result.grid.unit == "millimeter" and result.field.shape == (3, *result.grid.shape)
     assert [s["stage"] for s in result.info["stages"]] == [0, 1]
     step = np.array([0.25, 0.5, -0.5])
-    # each stage adds v (u_s = v + u_{s-1}); voxels no fine patch reaches keep the coarse stage's field
-    deviation = [np.abs(result.field - (initial + k * step)[:, None, None, None]).max(axis=0) for k in (1, 2)]
-    assert np.all((deviation[0] < 1e-4) | (deviation[1] < 1e-4))
-    tissue = fixed.sample(result.grid.points().reshape(-1, 3), 1.0).reshape(result.grid.shape) > 0
-    assert tissue.mean() > 0.2 and np.all(deviation[1][tissue] < 1e-4)  # the tissue got both updates
-    assert np.all(result.uncertainty < 1e-4)  # identical estimates: no spread
+    # each stage adds v (u_s = v + u_{s-1}); far background keeps (an interpolation of) the coarser field
+    low, high = np.minimum(initial, initial + 2 * step), np.maximum(initial, initial + 2 * step)
+    values = result.field.reshape(3, -1)
+    assert np.all((values >= low[:, None] - 1e-4) & (values <= high[:, None] + 1e-4))
+    deviation = np.abs(result.field - (initial + 2 * step)[:, None, None, None]).max(axis=0)
+    tissue = fixed.sample(result.grid.points().reshape(-1, 3), 1.0).reshape(result.grid.shape) > 50.0
+    assert tissue.sum() > 300 and np.all(deviation[tissue] < 1e-4)  # the tissue got both updates
+    assert np.all(result.uncertainty[tissue] < 1e-4)  # identical estimates: no spread
 
 
 def test_register_arrays_is_seeded_and_deterministic() -> None:

@@ -21,20 +21,25 @@ from pipeline.cli import app
 from pipeline.train_cmd import SynthPairs, random_pose
 
 SHAPE = (36, 40, 44)
+N_LABELS = 12
 MODEL = ModelConfig(patch_size=16, n_stages=2, widths=(8, 16, 16), affine_widths=(8, 16, 16))
 
 
 def _labels(seed: int) -> tuple[np.ndarray, Grid]:
-    """A toy 'brain' label map (2 mm): an ellipsoid with three inner structures, shifted by ``seed``."""
+    """A toy 'brain' label map (2 mm): an ellipsoid cut into 12 Voronoi cells (labels 1-12).
+
+    Every subject shares the cell layout (relative to its ellipsoid) up to a jitter; ``seed`` varies the
+    ellipsoid's centre and radii and the jitter.
+    """
+    layout = np.random.default_rng(0).uniform(-0.7, 0.7, (N_LABELS, 3))
     rng = np.random.default_rng(seed)
-    z, y, x = np.indices(SHAPE, dtype=np.float32)
-    c = np.array(SHAPE, dtype=np.float32) / 2 + rng.uniform(-1.5, 1.5, 3)
-    r = np.array([13.0, 15.0, 17.0]) * rng.uniform(0.9, 1.1, 3)
-    labels = np.zeros(SHAPE, np.int32)
-    labels[((z - c[0]) / r[0]) ** 2 + ((y - c[1]) / r[1]) ** 2 + ((x - c[2]) / r[2]) ** 2 < 1] = 1
-    for label, offset, radius in ((2, (-4, 5, -6), 5.0), (3, (3, -5, 6), 4.5), (4, (4, 6, 2), 3.5)):
-        o = c + np.array(offset)
-        labels[((z - o[0]) ** 2 + (y - o[1]) ** 2 + (x - o[2]) ** 2) < radius**2] = label
+    index = np.indices(SHAPE, dtype=np.float32).reshape(3, -1).T
+    centre = np.array(SHAPE, dtype=np.float32) / 2 + rng.uniform(-1.5, 1.5, 3)
+    radii = np.array([13.0, 15.0, 17.0]) * rng.uniform(0.9, 1.1, 3)
+    inside = (((index - centre) / radii) ** 2).sum(axis=1) < 1
+    seeds = centre + (layout + rng.uniform(-0.1, 0.1, layout.shape)) * radii
+    nearest = np.argmin(((index[:, None, :] - seeds[None]) ** 2).sum(axis=2), axis=1)
+    labels = np.where(inside, nearest + 1, 0).astype(np.int32).reshape(SHAPE)
     return labels, Grid.from_spacing(SHAPE, (2.0, 2.0, 2.0), unit="millimeter")
 
 
@@ -44,7 +49,7 @@ def _held_out_pair() -> tuple[TrainPair, MultiscaleImage, MultiscaleImage]:
     labels, grid = _labels(7)
     disp = random_smooth_field(SHAPE, rng, 2.5, 8.0)
     moved = ndimage.map_coordinates(labels, np.indices(SHAPE, dtype=np.float32) + disp, order=0, mode="nearest")
-    table = {0: 0.0, 1: 0.3, 2: 0.9, 3: 0.6, 4: 0.1}
+    table = {0: 0.0, **{k: float(v) for k, v in enumerate(rng.uniform(0.1, 1.0, N_LABELS), start=1)}}
     pose = random_pose(rng, grid.center, DataConfig(max_rotation_deg=8.0, max_translation=6.0, max_scaling=0.05))
     fixed = MultiscaleImage.from_array(synthesize_image(labels, rng, table, noise_std=0.01), grid)
     moving = MultiscaleImage.from_array(synthesize_image(moved, rng, table, noise_std=0.01), grid).transformed(pose)
@@ -54,12 +59,12 @@ def _held_out_pair() -> tuple[TrainPair, MultiscaleImage, MultiscaleImage]:
 
 
 def _dice(model: PatchMorph, pair: TrainPair, fixed_labels: MultiscaleImage, moving_labels: MultiscaleImage) -> tuple[float, float]:
-    """Mean Dice of labels 1-4 on the evaluation chain's finest patch, and the chain's loss."""
+    """Mean Dice of the labels on the evaluation chain's finest patch, and the chain's loss."""
     chain = centred_chain(pair.fixed, model.config.patch_size, model.stage_extents(pair.fixed.tissue_extent))
     points, disp, loss = chain_displacement(model, pair, chain)
     f = resample(fixed_labels.levels[0].array, fixed_labels.grid, points, order=0, dtype=np.int32)
     m = resample(moving_labels.levels[0].array, moving_labels.grid, points + disp, order=0, dtype=np.int32)
-    dice = [2 * np.sum((f == k) & (m == k)) / max(np.sum(f == k) + np.sum(m == k), 1) for k in (1, 2, 3, 4)]
+    dice = [2 * np.sum((f == k) & (m == k)) / max(np.sum(f == k) + np.sum(m == k), 1) for k in range(1, N_LABELS + 1)]
     return float(np.mean(dice)), loss
 
 

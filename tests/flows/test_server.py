@@ -1,0 +1,78 @@
+"""A real local Prefect server + process worker on a free loopback port, the deployments of prefect.yaml,
+and `prefect deployment run` as a user types it; every process started here is stopped."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.server_cmd import LocalPrefect, free_port, prefect_executable
+
+
+@pytest.fixture
+def local_prefect(tmp_path: Path) -> Iterator[LocalPrefect]:
+    stack = LocalPrefect(port=free_port(), home=tmp_path / "prefect-home")
+    try:
+        stack.start(timeout=180, worker_limit=1)
+        yield stack
+    finally:
+        stack.stop()
+        for process in stack.processes:
+            assert process.poll() is not None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_deployment_run_completes_against_local_server(
+    local_prefect: LocalPrefect, flow_data: dict[str, Path], write_options: Callable[..., Path], tmp_path: Path
+) -> None:
+    listed = local_prefect.run_cli("deployment", "ls").stdout
+    for name in ("atlas-to-section/on-demand", "atlas-to-section/nightly-example", "register-pair/on-demand"):
+        assert name.split("/")[1][:12] in listed and name.split("/")[0] in listed
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text(f"name,path,voxel_size,orientation\nstp,{flow_data['brain_tif']},200 200 200,psl\n")
+    options = write_options(tmp_path / "options.yaml")
+    out = tmp_path / "out"
+    pids = [p.pid for p in local_prefect.processes]
+
+    run = subprocess.run(
+        [
+            prefect_executable(), "deployment", "run", "atlas-to-section/on-demand",
+            "--param", f"atlas={flow_data['atlas']}",
+            "--param", f"manifest={manifest}",
+            "--param", f"out={out}",
+            "--param", f"config={options}",
+            "--watch", "--watch-timeout", "400",
+        ],
+        env=local_prefect.env(), capture_output=True, text=True, timeout=480, check=False,
+    )
+
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "Completed" in run.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert [r["name"] for r in report["results"]] == ["stp"] and report["errors"] == []
+    assert (out / "stp" / "field.ome.zarr").is_dir() and (out / "stp" / "qc" / "overlay.png").is_file()
+    local_prefect.stop()
+    assert not any(_alive(pid) for pid in pids)
+
+
+def test_prefect_yaml_declares_the_deployments() -> None:
+    config = yaml.safe_load((Path(__file__).resolve().parents[2] / "prefect.yaml").read_text())
+    by_flow = {(d["entrypoint"].split(":")[1], d["name"]) for d in config["deployments"]}
+    assert {("atlas_to_section", "on-demand"), ("atlas_to_section", "nightly-example"), ("register_pair", "on-demand")} <= by_flow
+    nightly = next(d for d in config["deployments"] if d["name"] == "nightly-example")
+    assert nightly["schedules"][0]["cron"] and set(nightly["parameters"]) >= {"atlas", "manifest", "out"}
+    for deployment in config["deployments"]:
+        assert deployment["work_pool"]["name"] == "patchmorph-local"
