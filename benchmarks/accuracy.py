@@ -295,7 +295,7 @@ def summarize(pairs: list[dict[str, Any]]) -> dict[str, Any]:
         return {}
     per_label = {str(k): float(np.nanmean([p["dice"][str(k)] for p in pairs])) for k in STANDARD_FS_LABELS}
     means = [p["mean_dice"] for p in pairs]
-    return {
+    out: dict[str, Any] = {
         "n_pairs": len(pairs),
         "mean_dice": float(np.mean(means)),
         "std_dice": float(np.std(means)),
@@ -303,6 +303,11 @@ def summarize(pairs: list[dict[str, Any]]) -> dict[str, Any]:
         "folding_percent": float(np.mean([p["folding_percent"] for p in pairs])),
         "register_seconds": float(np.mean([p["register_seconds"] for p in pairs])),
     }
+    cpu = [p["register_cpu_seconds"] for p in pairs if "register_cpu_seconds" in p]
+    if cpu:
+        out["register_cpu_seconds"] = float(np.mean(cpu))
+        out["n_pairs_with_cpu_seconds"] = len(cpu)
+    return out
 
 
 def table(methods: dict[str, dict[str, Any]]) -> str:
@@ -345,22 +350,37 @@ def run(
         "structures": {str(k): v for k, v in STANDARD_FS_LABELS.items()},
         "methods": {},
     }
+    previous = RESULTS / "accuracy.json"
     if not skip_ours:
         ours = [run_ours_pair(f, m, config) for f, m in pairs]
         doc["methods"]["PatchMorph"] = {
+            "command": doc["command"],
             "config": None if config is None else str(config),
             "pairs": ours,
-            "summary": summarize(ours),
         }
+    elif previous.exists() and "PatchMorph" in json.loads(previous.read_text())["methods"]:
+        doc["methods"]["PatchMorph"] = json.loads(previous.read_text())["methods"]["PatchMorph"]  # reused
+    syn_path = RESULTS / "ants_syn.json"
     if not skip_syn:
-        syn_path = RESULTS / "ants_syn.json"
         run_ants(pairs, "SyN", threads, 0, syn_path)
+    if syn_path.exists():  # with --skip-syn: the previous SyN run's file
         doc["methods"]["ANTs SyN"] = json.loads(syn_path.read_text())
     syncc_path = RESULTS / "ants_syncc.json"
     if syncc_path.exists():
         doc["methods"]["ANTs SyNCC"] = json.loads(syncc_path.read_text())
-    summaries = {name: m.get("summary", {}) for name, m in doc["methods"].items()}
+    for method in doc["methods"].values():
+        method["summary"] = summarize(method["pairs"])
+    summaries = {name: m["summary"] for name, m in doc["methods"].items()}
     text = table(summaries) + "\n\n" + structure_table(summaries)
+    if "ANTs SyNCC" in doc["methods"]:
+        done = {(p["fixed"], p["moving"]) for p in doc["methods"]["ANTs SyNCC"]["pairs"]}
+        subset = {
+            name: summarize([p for p in m["pairs"] if (p["fixed"], p["moving"]) in done])
+            for name, m in doc["methods"].items()
+        }
+        doc["on_syncc_pairs"] = {"pairs": sorted(f"{f}:{m}" for f, m in done), "summaries": subset}
+        text += "\n\nOn the pairs ANTs SyNCC finished (" + ", ".join(sorted(f"{m}->{f}" for f, m in done))
+        text += "; moving->fixed):\n\n" + table(subset)
     print(text)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "accuracy.json").write_text(json.dumps(doc, indent=2))
@@ -383,8 +403,8 @@ def main() -> None:
     p_ants.add_argument("--nice", type=int, default=0, help="nice level of the ANTs process")
     p_run = sub.add_parser("run", help="PatchMorph + ANTs SyN, merge SyNCC, table + JSON")
     p_run.add_argument("--pairs", help="fixed:moving,... (default: all 12)")
-    p_run.add_argument("--skip-ours", action="store_true")
-    p_run.add_argument("--skip-syn", action="store_true")
+    p_run.add_argument("--skip-ours", action="store_true", help="reuse PatchMorph from results/accuracy.json")
+    p_run.add_argument("--skip-syn", action="store_true", help="reuse results/ants_syn.json")
     p_run.add_argument("--threads", type=int, default=2)
     p_run.add_argument("--config", type=Path, help="PatchMorph inference YAML (default: built-in defaults)")
     args = parser.parse_args()

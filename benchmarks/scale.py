@@ -51,6 +51,7 @@ DATA = REPO / ".." / "shared" / "data"
 BRAIN = DATA / "mouse_stp_brainreg" / "brain_50x40x40um_psl"
 ATLAS = DATA / "mouse_ccf" / "average_template_100.nrrd"
 RESULTS = REPO / "benchmarks" / "results" / "scale.json"
+CLUSTER = str(REPO / "configs" / "cluster" / "local.yaml")  # 2 GiB per worker
 GIB = 1024**3
 NOISE_STD = 20.0
 """Gaussian noise (uint16 grey values) added to the upsampled brain: real STP data is noisy, and a smooth
@@ -82,7 +83,7 @@ class ProcessSampler:
             self.peak[pid] = max(self.peak.get(pid, 0), rss)
             if pid == me.pid:
                 self.kind[pid] = "client+scheduler"
-            elif "from multiprocessing" in cmd or "spawn_main" in cmd:
+            elif "spawn_main" in cmd:  # Dask worker processes (the nannies run in this process)
                 self.kind[pid] = "worker"
             else:
                 self.kind.setdefault(pid, "other")
@@ -125,7 +126,9 @@ def _upsample_block(
     start = np.array([loc[0] for loc in info["array-location"]], dtype=np.float64)
     shape = tuple(int(b - a) for a, b in info["array-location"])
     offset = matrix[:3, 3] + matrix[:3, :3] @ start
-    out = ndimage.affine_transform(source, matrix[:3, :3], offset=offset, output_shape=shape, order=1, mode="nearest")
+    out = ndimage.affine_transform(
+        source, matrix[:3, :3], offset=offset, output_shape=shape, order=1, mode="nearest"
+    )
     rng = np.random.default_rng([int(v) for v in start])  # imaging noise, seeded by the block's position
     out += rng.normal(0.0, NOISE_STD, size=shape).astype(np.float32)
     return np.clip(np.rint(out), 0, np.iinfo(out_dtype).max).astype(out_dtype)
@@ -153,19 +156,28 @@ def make_volume(source: np.ndarray, grid: Grid, gib: float, path: Path) -> tuple
 
 def _worker_times(run: Path) -> dict[str, float]:
     """Forward-pass and total task seconds from a run folder's block and chunk records."""
-    forward = block = chunk = 0.0
+    forward = sampling = block = chunk = 0.0
     for stage in [p for p in run.iterdir() if p.is_dir()]:
         for p in (stage / "blocks").glob("*.json"):
             entry = json.loads(p.read_text())
             forward += entry.get("forward_seconds", 0.0)
+            sampling += entry.get("sampling_seconds", 0.0)
             block += entry.get("seconds", 0.0)
         for p in (stage / "done").glob("*.json"):
             chunk += json.loads(p.read_text()).get("seconds", 0.0)
     total = block + chunk
-    return {"forward_s": forward, "block_s": block, "chunk_s": chunk, "forward_share": forward / total if total else 0.0}
+    return {
+        "forward_s": forward,
+        "patch_sampling_s": sampling,
+        "block_s": block,
+        "chunk_s": chunk,
+        "forward_share": forward / total if total else 0.0,
+    }
 
 
-def bench_size(gib: float, source: np.ndarray, grid: Grid, atlas: Path, config: InferenceConfig, args: argparse.Namespace) -> dict[str, Any]:
+def bench_size(
+    gib: float, source: np.ndarray, grid: Grid, atlas: Path, config: InferenceConfig, args: argparse.Namespace
+) -> dict[str, Any]:
     """Prepare, register and warp at one size; returns the measured figures."""
     work = Path(args.work)
     tic = time.perf_counter()
@@ -179,11 +191,15 @@ def bench_size(gib: float, source: np.ndarray, grid: Grid, atlas: Path, config: 
             shutil.rmtree(p, ignore_errors=True)
     with ProcessSampler() as reg_sampler:
         tic = time.perf_counter()
-        record = register_files(fixed, atlas, field, config, chunk_size=args.chunk_size, workers=args.workers)
+        record = register_files(
+            fixed, atlas, field, config, chunk_size=args.chunk_size, workers=args.workers, scheduler=CLUSTER
+        )
         register_s = time.perf_counter() - tic
     with ProcessSampler() as warp_sampler:
         tic = time.perf_counter()
-        wrec = warp_files(field, atlas, warped, chunk_size=args.chunk_size, workers=args.workers)
+        wrec = warp_files(
+            field, atlas, warped, chunk_size=args.chunk_size, workers=args.workers, scheduler=CLUSTER
+        )
         warp_s = time.perf_counter() - tic
     return {
         "size_gib_requested": gib,
@@ -199,6 +215,21 @@ def bench_size(gib: float, source: np.ndarray, grid: Grid, atlas: Path, config: 
         "warp_chunks": wrec.chunks,
         "register": {**reg_sampler.summary(), **_worker_times(record.run)},
         "warp": {**warp_sampler.summary(), **_worker_times(wrec.out.with_name(wrec.out.name + ".run"))},
+    }
+
+
+def _relative(small: dict[str, Any], large: dict[str, Any]) -> dict[str, Any]:
+    """Ratios of a larger run to the smallest one, against the targets (1.3x linear wall time, +-20 % memory)."""
+    ratio = large["voxels"] / small["voxels"]
+    steps = ("register", "warp")
+    return {
+        "sizes_gib": [small["size_gib_requested"], large["size_gib_requested"]],
+        "voxel_ratio": ratio,
+        "wall_ratio": {s: large[f"{s}_s"] / small[f"{s}_s"] for s in steps},
+        "linear_limit": 1.3 * ratio,
+        "worker_peak_ratio": {
+            s: large[s]["max_worker_peak_gib"] / max(small[s]["max_worker_peak_gib"], 1e-9) for s in steps
+        },
     }
 
 
@@ -230,11 +261,16 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", type=float, nargs="+", default=[1.0, 8.0], help="volume sizes in GiB (uint16)")
+    parser.add_argument(
+        "--sizes", type=float, nargs="+", default=[1.0, 8.0], help="volume sizes in GiB (uint16)"
+    )
     parser.add_argument("--work", default="/tmp/patchmorph-scale", help="scratch folder for the volumes")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--chunk-size", type=int, default=None)
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument(
+        "--append", action="store_true", help="add the new sizes to the rows already in --out"
+    )
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -244,20 +280,12 @@ def main() -> None:
     if not atlas.exists():
         convert(ATLAS, atlas)
     config = _config(work)
-    rows = []
+    rows = json.loads(Path(args.out).read_text())["rows"] if args.append and Path(args.out).is_file() else []
     for gib in args.sizes:
         rows.append(bench_size(gib, source, grid, atlas, config, args))
         print(table(rows), flush=True)
-    small, large = rows[0], rows[-1]
-    ratio = large["voxels"] / small["voxels"]
-    summary = {
-        "voxel_ratio": ratio,
-        "wall_ratio": {s: large[f"{s}_s"] / small[f"{s}_s"] for s in ("register", "warp")},
-        "linear_limit": 1.3 * ratio,
-        "worker_peak_ratio": {
-            s: large[s]["max_worker_peak_gib"] / max(small[s]["max_worker_peak_gib"], 1e-9) for s in ("register", "warp")
-        },
-    }
+    rows.sort(key=lambda r: r["voxels"])
+    summary = [_relative(rows[0], row) for row in rows[1:]]
     result = {
         "host": {"cpus": os.cpu_count(), "memory_gib": psutil.virtual_memory().total / GIB},
         "workers": args.workers,

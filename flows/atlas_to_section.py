@@ -16,7 +16,7 @@ from pathlib import Path
 from prefect import flow
 
 from flows.config import AtlasToSectionOptions, Geometry, resolve_options
-from flows.manifest import ManifestItem, ManifestProblem, default_name, load_manifest
+from flows.manifest import ManifestItem, ManifestProblem, load_manifest
 from flows.records import ItemError, RunReport
 from flows.runner import finish_run, run_on_dask
 from flows.steps import ImageInput, ItemJob
@@ -91,5 +91,5 @@ def atlas_to_section(
     out_dir = Path(out)
     jobs, errors = atlas_jobs(Path(atlas), load_manifest(manifest), out_dir, options)
     outcomes = run_on_dask(jobs, options, options.max_parallel_items, errors)
-    inputs = {"atlas": atlas, "manifest": manifest, "name": default_name(atlas)}
+    inputs = {"atlas": atlas, "manifest": manifest}
     return finish_run(FLOW_NAME, inputs, out_dir, outcomes)

@@ -13,6 +13,7 @@ from typing import TypeVar
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from patchmorph_core.config import InferenceConfig, load_yaml
+from patchmorph_core.errors import InputError
 from patchmorph_core.spatial import check_spacing, orientation_matrix, unit_scale
 from pipeline.cluster import ClusterConfig, load_cluster_config
 
@@ -160,12 +161,20 @@ def cluster_config(options: StepOptions) -> ClusterConfig:
 
     A local cluster's dashboard given as a bare port (``":0"``, ``":8787"``) is bound to 127.0.0.1, so
     a laptop run listens on the loopback interface only.
+
+    Raises:
+        InputError: a local cluster without worker processes (``processes: false``).
     """
     config = (
         options.cluster
         if isinstance(options.cluster, ClusterConfig)
         else load_cluster_config(options.cluster)
     )
+    if config.kind == "local" and not config.processes:
+        raise InputError(
+            "the flows' local Dask cluster needs worker processes (each task runs its own Dask work, which "
+            "would deadlock on a threads-only cluster in the flow's process): set cluster.processes: true."
+        )
     if config.kind == "local" and config.dashboard_address.startswith(":"):
         config = config.model_copy(update={"dashboard_address": "127.0.0.1" + config.dashboard_address})
     return config

@@ -23,14 +23,16 @@ def box_mean(x: torch.Tensor, window: int) -> torch.Tensor:
     """Mean over a centred cube of ``window`` voxels, truncated at the border: ``(B, C, Z, Y, X)`` → same.
 
     Separable (one 1-D average per axis, 3·window instead of window³ operations per voxel); border
-    windows average only the voxels inside.
+    windows average only the voxels inside. A window larger than an axis shrinks to the axis' largest
+    odd size.
     """
-    pad = window // 2
     for axis in range(3):
+        size = min(window, x.shape[2 + axis])
+        size -= 1 - size % 2  # odd, so the window stays centred
         kernel = [1, 1, 1]
-        kernel[axis] = window
+        kernel[axis] = size
         padding = [0, 0, 0]
-        padding[axis] = pad
+        padding[axis] = size // 2
         x = F.avg_pool3d(x, tuple(kernel), stride=1, padding=tuple(padding), count_include_pad=False)
     return x
 

@@ -160,6 +160,7 @@ def save_checkpoint(
     os.close(fd)
     try:
         torch.save(payload, tmp)
+        os.chmod(tmp, 0o644)  # mkstemp creates owner-only files
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -198,3 +199,25 @@ def load_model(path: str | Path | None = None, device: str | torch.device = "cpu
     model = model_from_checkpoint(read_checkpoint(path), path)
     log.info("loaded PatchMorph weights %s", path)
     return model.to(device).eval()
+
+
+def release_checkpoint(
+    source: str | Path, target: str | Path, *, affine_stages: int | None = None
+) -> Path:
+    """Write a release copy of a training checkpoint: weights and configs, no optimizer state.
+
+    Args:
+        source: a checkpoint written by ``patchmorph train``.
+        target: the release file (e.g. :data:`DEFAULT_WEIGHTS`).
+        affine_stages: override the number of affine stages; ``0`` drops the affine head, so every
+            stage is dense only (the default model does this, see ``weights/WEIGHTS.md``).
+    """
+    payload = read_checkpoint(source)
+    if affine_stages is not None:
+        payload["model_config"]["affine_stages"] = affine_stages
+        if affine_stages == 0:
+            payload["state_dict"] = {k: v for k, v in payload["state_dict"].items() if not k.startswith("affine.")}
+    model = model_from_checkpoint(payload, source)
+    extra = {k: v for k, v in payload["extra"].items() if k != "rng"}
+    extra["released_from"] = {"path": str(source), "step": int(payload["step"]), "affine_stages": affine_stages}
+    return save_checkpoint(target, model, step=int(payload["step"]), configs=payload["configs"], extra=extra)

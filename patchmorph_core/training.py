@@ -335,9 +335,18 @@ def train(config: TrainConfig, source: PairSource, progress: bool = True) -> Tra
         A :class:`TrainResult`; the checkpoint holds the model, the resolved configs, the optimizer,
         the step and the RNG states, and a loss CSV lies beside it.
     """
-    device = torch.device(resolve_device(config.device))
+    threads = torch.get_num_threads()
     if config.threads is not None:
         torch.set_num_threads(config.threads)
+    try:
+        return _train(config, source, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(config: TrainConfig, source: PairSource, progress: bool) -> TrainResult:
+    """:func:`train` with the thread count already set."""
+    device = torch.device(resolve_device(config.device))
     rng = np.random.default_rng(config.seed)
     torch.manual_seed(config.seed)
     checkpoint = Path(config.checkpoint)

@@ -46,6 +46,7 @@ from pipeline.resume import ChunkId, StageRecords, chunk_name
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class Box:
     """A voxel box ``start <= index < stop`` (each ``(z, y, x)``) of some grid."""
@@ -254,7 +255,9 @@ def output_array(
         if dict(group.attrs).get("patchmorph", {}).get("complete"):
             return group["0"]  # finished before its run was marked finished
         return create_image_array(path, grid.shape, grid, dtype, chunks, channels=channels, resume=True)
-    return create_image_array(path, grid.shape, grid, dtype, chunks, channels=channels, overwrite=True, **kwargs)
+    return create_image_array(
+        path, grid.shape, grid, dtype, chunks, channels=channels, overwrite=True, **kwargs
+    )
 
 
 # -- the field reduction -------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -223,6 +224,11 @@ def open_client(config: ClusterConfig) -> Iterator[tuple[Any, ClusterInfo]]:
                 f"cannot reach the Dask scheduler at {config.address} ({err}): start it or fix --scheduler."
             ) from err
     elif config.kind == "slurm":
+        if shutil.which("sbatch") is None:
+            raise InputError(
+                "cluster kind 'slurm' needs SLURM's sbatch, which is not on this machine: run on a SLURM login "
+                "node, or pass --scheduler with a running scheduler's address."
+            )
         cluster = slurm_cluster(config)
         cluster.scale(jobs=config.slurm.jobs)
         client = Client(cluster)

@@ -34,6 +34,7 @@ import gzip
 import json
 import logging
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,17 +91,15 @@ class ExampleFiles:
     def from_dir(cls, root: str | Path = EXAMPLE_DIR) -> ExampleFiles:
         """The example files under ``root``; InputError naming the first missing one."""
         root = Path(root)
+        atlas, stp = root / "mouse_ccf", root / "mouse_stp_brainreg"
         files = cls(
-            brain=root / "mouse_stp_brainreg" / "brain_50x40x40um_psl.tif",
-            template=root / "mouse_ccf" / "average_template_100.nrrd",
-            annotation=root / "mouse_ccf" / "annotation_100um_2017_nearest_from25um.nrrd",
-            ontology=root / "mouse_ccf" / "ABA_annotation_last.json.gz",
-            brainreg_standard=root / "mouse_stp_brainreg" / "brainreg_output" / "downsampled_standard.tif",
-            brainreg_hemispheres=root
-            / "mouse_stp_brainreg"
-            / "brainreg_output"
-            / "registered_hemispheres.tif",
-            brainreg_volumes=root / "mouse_stp_brainreg" / "brainreg_output" / "volumes.csv",
+            brain=stp / "brain_50x40x40um_psl.tif",
+            template=atlas / "average_template_100.nrrd",
+            annotation=atlas / "annotation_100um_2017_nearest_from25um.nrrd",
+            ontology=atlas / "ABA_annotation_last.json.gz",
+            brainreg_standard=stp / "brainreg_output" / "downsampled_standard.tif",
+            brainreg_hemispheres=stp / "brainreg_output" / "registered_hemispheres.tif",
+            brainreg_volumes=stp / "brainreg_output" / "volumes.csv",
         )
         for path in vars(files).values():
             if not path.is_file():
@@ -178,7 +177,7 @@ def prepare_example(
     if brain_downsample < 1:
         raise InputError(f"brain_downsample {brain_downsample} is invalid: give an integer of at least 1.")
     files = ExampleFiles.from_dir() if files is None else files
-    inputs = Path(out) / "inputs"
+    inputs = Path(out).resolve() / "inputs"
     inputs.mkdir(parents=True, exist_ok=True)
     paths = PreparedExample(
         brain=inputs / f"brain_ds{brain_downsample}.ome.zarr",
@@ -573,10 +572,10 @@ def comparison_figure(
     return path
 
 
-def _fmt(value: object) -> str:
-    """A metric for the markdown table (3 decimals, ``n/a`` for missing / NaN)."""
+def _fmt(value: object, decimals: int = 3) -> str:
+    """A metric for the markdown table (``decimals`` decimals, ``n/a`` for missing / NaN)."""
     if isinstance(value, float | int) and not (isinstance(value, float) and math.isnan(value)):
-        return f"{value:.3f}" if isinstance(value, float) else str(value)
+        return f"{value:.{decimals}f}" if isinstance(value, float) else str(value)
     return "n/a"
 
 
@@ -604,14 +603,16 @@ def write_summary(
     lines = [
         "# PatchMorph demo: Allen CCFv3 atlas onto a real serial two-photon mouse brain",
         "",
-        f"Brain: brainreg's test brain (STP, 50×40×40 µm, `psl`); atlas: Allen CCFv3 at 100 µm. "
-        f"Method: {s.get('method', 'PatchMorph')}. Wall time: {_fmt(s['seconds'])} s.",
+        f"Brain: brainreg's test brain (serial two-photon, `psl`, registered at "
+        f"{'×'.join(f'{v:g}' for v in s.get('brain_voxel_size_um', BRAIN_VOXEL_SIZE_UM))} µm); atlas: Allen "
+        f"CCFv3 template and annotation at 100 µm. Method: {s.get('method', 'PatchMorph')}. "
+        f"Wall time: {_fmt(float(s['seconds']), 0)} s.",
         "",
         "| metric | PatchMorph (ours) | brainreg (NiftyReg) |",
         "|---|---|---|",
         f"| NCC of the brain in atlas space to the template | {_fmt(s['ncc_ours'])} | {_fmt(s['ncc_brainreg'])} |",
         f"| same, inside the atlas brain | {_fmt(s.get('ncc_ours_in_brain'))} | {_fmt(s.get('ncc_brainreg_in_brain'))} |",
-        f"| folded voxels (det J ≤ 0), % | {_fmt(s['fold_pct'])} | n/a |",
+        f"| folded voxels (det J ≤ 0), % | {_fmt(s['fold_pct'], 4)} | n/a |",
         f"| hemisphere Dice, ours vs brainreg | {_fmt(s['hemisphere_dice_vs_brainreg'])} | 1 (reference) |",
         f"| per-region volume correlation with brainreg's volumes.csv | {_fmt(s['volume_correlation_vs_brainreg'])} "
         "| 1 (reference) |",
@@ -622,12 +623,8 @@ def write_summary(
         "",
     ]
     for title, fig_path in figures.items():
-        rel = (
-            Path(fig_path).resolve().relative_to(out.resolve())
-            if Path(fig_path).resolve().is_relative_to(out.resolve())
-            else Path(fig_path)
-        )
-        lines += [f"## {title}", "", f"![{title}]({rel.as_posix()})", ""]
+        rel = Path(os.path.relpath(Path(fig_path).resolve(), out.resolve())).as_posix()
+        lines += [f"## {title}", "", f"![{title}]({rel})", ""]
     md_path = out / "summary.md"
     md_path.write_text("\n".join(lines))
     return json_path, md_path

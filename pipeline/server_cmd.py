@@ -206,6 +206,10 @@ class LocalPrefect:
             time.sleep(1.0)
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 @command
 def server(
     port: int = typer.Option(4200, help="Loopback port of the Prefect API (0: a free port)."),
@@ -217,6 +221,8 @@ def server(
         raise InputError(f"{PROJECT_DIR / 'prefect.yaml'} is missing: run from a PatchMorph checkout.")
     if worker_limit < 1:
         raise InputError(f"--worker-limit {worker_limit} is invalid: give a positive number of flow runs.")
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started in the background
+    signal.signal(signal.SIGTERM, _interrupt)  # scancel / kill: stop the children too
     stack = LocalPrefect(port=port or free_port(), home=home.resolve())
     typer.echo(f"starting Prefect server on {stack.api_url} (PREFECT_HOME={stack.home}) ...")
     stack.start(worker_limit=worker_limit)

@@ -30,7 +30,7 @@ from patchmorph_core.config import DataConfig, TrainConfig, load_yaml
 from patchmorph_core.errors import InputError
 from patchmorph_core.sampling import intensity_range, normalize
 from patchmorph_core.source import MultiscaleImage, downsample, downsampled_grid
-from patchmorph_core.spatial import Grid, random_rotation
+from patchmorph_core.spatial import Grid, random_rotation, read_box
 from patchmorph_core.synth import downsample_labels, random_smooth_field, skull_strip_mask, synthesize_image
 from patchmorph_core.training import TrainPair, TrainResult
 from pipeline.cli import command
@@ -61,7 +61,7 @@ def read_volume(
 
         image = read_image(str(path)).with_unit(unit)
         level = image.level_for_spacing(spacing) if spacing else image.levels[0]
-        array, grid = np.asarray(level.array[...]), level.grid
+        array, grid = read_box(level.array, tuple(slice(0, n) for n in level.grid.shape)), level.grid
     grid = grid.with_unit(unit)
     if spacing:
         factors = tuple(max(1, round(spacing / s)) for s in grid.spacing)

@@ -150,9 +150,13 @@ def _target_grid(target: str | Path | None, meta: dict[str, Any], inverse: bool)
     role = "moving" if inverse else "fixed"
     path = target if target is not None else meta.get(role)
     if path is None:
-        raise InputError(f"the field does not name its {role} image: pass --target with the image to warp onto.")
+        raise InputError(
+            f"the field does not name its {role} image: pass --target with the image to warp onto."
+        )
     if not Path(path).exists() and "://" not in str(path):
-        raise InputError(f"target image {path} does not exist: pass --target with an existing OME-Zarr image.")
+        raise InputError(
+            f"target image {path} does not exist: pass --target with an existing OME-Zarr image."
+        )
     return read_image(path).grid, str(path)
 
 
@@ -214,12 +218,28 @@ def warp_files(
     }
     records = open_run(run_root, fingerprint, overwrite)
     stage = records.stage("warp")
-    extra = {"warped": {"field": str(field), "image": str(moving), "direction": "inverse" if inverse else "forward"}}
+    extra = {
+        "warped": {
+            "field": str(field),
+            "image": str(moving),
+            "direction": "inverse" if inverse else "forward",
+        }
+    }
     array = output_array(
-        out, grid, dtype, chunk_size, None, bool(stage.completed()), labels=labels, name=out.stem, extra_attrs=extra
+        out,
+        grid,
+        dtype,
+        chunk_size,
+        None,
+        bool(stage.completed()),
+        labels=labels,
+        name=out.stem,
+        extra_attrs=extra,
     )
     plan = ChunkPlan(grid.with_unit(field_grid.unit), tuple(write_block(array))[-3:])  # type: ignore[arg-type]
-    context = WarpContext(image, displacement, forward if inverse else None, plan, array, 0 if labels else 1, stage)
+    context = WarpContext(
+        image, displacement, forward if inverse else None, plan, array, 0 if labels else 1, stage
+    )
     with open_client(cluster_config) as (client, info):
         run = run_chunked(client, "warp", plan, stage, context, warp_chunk, progress=progress)
     finish_image(out)

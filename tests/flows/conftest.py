@@ -74,14 +74,16 @@ def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def write_options(weights: Path) -> Callable[..., Path]:
-    """Writer of flow options YAMLs for the tests: small inference, a 2-worker local cluster, fast retries."""
+    """Writer of flow options YAMLs for the tests: small inference, a local cluster of ``workers`` worker
+    processes (tasks and their parameters cross process boundaries as in a user's run), fast retries."""
     return functools.partial(_write_options, weights=weights)
 
 
-def _write_options(path: Path, weights: Path, **extra: object) -> Path:
+def _write_options(path: Path, weights: Path, workers: int = 2, **extra: object) -> Path:
+    cluster = {"kind": "local", "workers": workers, "threads_per_worker": 1, "memory_per_worker": "3GiB"}
     options = {
         "inference": {"weights": str(weights), "device": "cpu", "batch_size": 8, "overlap": 1.0, "max_rotation_deg": 0},
-        "cluster": {"kind": "local", "workers": 2, "threads_per_worker": 1, "memory_per_worker": "3GiB"},
+        "cluster": cluster,
         "register_cluster": str(CONFIG_DIR / "flows" / "task_cluster.yaml"),
         "retries": 1,
         "retry_delay_seconds": 0,

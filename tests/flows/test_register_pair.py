@@ -16,6 +16,7 @@ DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
 def test_pair_from_tiff_and_nrrd(flow_data: dict[str, Path], write_options: Callable[..., Path], tmp_path: Path) -> None:
     options = write_options(
         tmp_path / "options.yaml",
+        workers=1,
         fixed_geometry={"voxel_size": [200, 200, 200], "unit": "micrometer", "orientation": "psl"},
         moving_geometry={"orientation": "asr"},
         moving_labels=str(DATA / "mouse_ccf" / "annotation_100um_2017_nearest_from25um.nrrd"),
@@ -40,7 +41,7 @@ def test_pair_from_tiff_and_nrrd(flow_data: dict[str, Path], write_options: Call
 def test_failed_pair_fails_the_run_naming_the_step(
     flow_data: dict[str, Path], write_options: Callable[..., Path], tmp_path: Path
 ) -> None:
-    options = write_options(tmp_path / "options.yaml")
+    options = write_options(tmp_path / "options.yaml", workers=1)
     state = register_pair(
         str(flow_data["atlas"]), str(tmp_path / "missing.nii.gz"), str(tmp_path / "pair"), config=str(options),
         return_state=True,

@@ -42,7 +42,9 @@ class ConstantUpdate(torch.nn.Module):
     def stage_extents(self, extent: float, n_stages: int | None = None) -> list[float]:
         return stage_extents(extent, n_stages or self.config.n_stages, self.config.extent_margin)
 
-    def stage_update(self, stage, fixed, moving, patch_linear):  # noqa: ANN001, ANN201
+    def stage_update(
+        self, stage: int, fixed: torch.Tensor, moving: torch.Tensor, patch_linear: torch.Tensor
+    ) -> torch.Tensor:
         self.calls.append(int(fixed.shape[0]))
         return self.vector.view(1, 3, 1, 1, 1).expand(fixed.shape[0], 3, *fixed.shape[2:]).to(fixed.device)
 
@@ -131,6 +133,18 @@ def test_lattice_is_independent_of_the_block_partition() -> None:
         np.array_equal(a.center, b.center) for a, b in zip(lattice.specs(), again.specs(), strict=True)
     )
     assert not np.allclose(lattice.spec((0, 0, 0)).center, other.spec((0, 0, 0)).center)
+    # a lattice over a given world box: ceil(box / step) cells per axis, centred on the box
+    boxed = stage_lattice(
+        _rotated_domain(),
+        10.0,
+        2.0,
+        7,
+        1,
+        20.0,
+        8,
+        bounds=(np.array([0.0, 0.0, 0.0]), np.array([4.0, 5.0, 16.0])),
+    )
+    assert boxed.counts == (1, 1, 4) and np.allclose(boxed.origin, [2.0, 2.5, 0.5])
     for spec in lattice.specs():
         offset = spec.center - (lattice.origin + np.array(spec.cell) * lattice.step)
         assert np.all(np.abs(offset) <= lattice.step / 2)

@@ -10,7 +10,15 @@ import torch
 
 from patchmorph_core.config import ModelConfig, TrainConfig, load_yaml
 from patchmorph_core.errors import InputError
-from patchmorph_core.model import PatchMorph, load_model, save_checkpoint, stage_extents
+from patchmorph_core.model import (
+    DEFAULT_WEIGHTS,
+    PatchMorph,
+    load_model,
+    read_checkpoint,
+    release_checkpoint,
+    save_checkpoint,
+    stage_extents,
+)
 from patchmorph_core.networks import NETWORKS, AffineHead, UNet3D
 from patchmorph_core.spatial import patch_grid, random_rotation
 from patchmorph_core.transforms import affine_displacement
@@ -116,3 +124,18 @@ def test_config_validation_and_yaml_errors(tmp_path: Path) -> None:
         load_yaml(tmp_path / "none.yaml", TrainConfig)
     with pytest.raises(InputError, match="unknown"):
         PatchMorph(ModelConfig(network="transformer"))
+
+
+def test_release_checkpoint_and_default_weights(tmp_path: Path) -> None:
+    model = PatchMorph(CONFIG)
+    optimizer = torch.optim.Adam(model.parameters())
+    source = save_checkpoint(tmp_path / "train.pt", model, step=3, optimizer=optimizer, extra={"rng": {}})
+    released = release_checkpoint(source, tmp_path / "release.pt")
+    payload = read_checkpoint(released)
+    assert payload["optimizer"] is None and "rng" not in payload["extra"] and payload["step"] == 3
+    dense_only = load_model(release_checkpoint(source, tmp_path / "dense.pt", affine_stages=0))
+    assert dense_only.affine is None and dense_only.config.affine_stages == 0
+    default = load_model()  # the committed default model
+    assert DEFAULT_WEIGHTS.stat().st_size < 20 * 2**20
+    pair = torch.rand(1, 1, default.config.patch_size, *(default.config.patch_size,) * 2)
+    assert default.stage_update(0, pair, pair, torch.eye(3)[None]).shape == (1, 3, *pair.shape[2:])

@@ -28,18 +28,24 @@ def _rotated_grid() -> Grid:
     """Anisotropic, non-cubic, rotated field grid (any transposition shows)."""
     angle = np.deg2rad(20.0)
     rot = np.array([[1, 0, 0], [0, np.cos(angle), -np.sin(angle)], [0, np.sin(angle), np.cos(angle)]])
-    return Grid.from_spacing((45, 50, 38), (1.2, 1.0, 0.9), origin=(3.0, -2.0, 5.0), unit="millimeter", direction=rot)
+    return Grid.from_spacing(
+        (45, 50, 38), (1.2, 1.0, 0.9), origin=(3.0, -2.0, 5.0), unit="millimeter", direction=rot
+    )
 
 
 def _estimates(specs: list) -> np.ndarray:
     """A different smooth-free random estimate per patch, drawn from the patch's cell only."""
-    return np.stack([np.random.default_rng(list(s.cell)).normal(size=(3, s.size, s.size, s.size)) for s in specs])
+    return np.stack(
+        [np.random.default_rng(list(s.cell)).normal(size=(3, s.size, s.size, s.size)) for s in specs]
+    )
 
 
 @pytest.mark.parametrize(("chunk", "cells"), [(17, 1), (40, 2), (17, None)])
 def test_chunked_sums_equal_whole_grid(chunk: int, cells: int | None) -> None:
     grid = _rotated_grid()
-    lattice = stage_lattice(grid, extent=24.0, overlap=2.0, seed=3, stage=1, max_rotation_deg=15.0, patch_size=8)
+    lattice = stage_lattice(
+        grid, extent=24.0, overlap=2.0, seed=3, stage=1, max_rotation_deg=15.0, patch_size=8
+    )
     all_specs = lattice.specs()
     whole = accumulate(all_specs, _estimates(all_specs), grid)
 
@@ -56,7 +62,9 @@ def test_chunked_sums_equal_whole_grid(chunk: int, cells: int | None) -> None:
         box = plan.box(cid)
         sums = reduce_partials(grid, box, [partials[n] for n in need[cid]])
         np.testing.assert_allclose(sums.weight, whole.weight[box.slices], rtol=1e-10, atol=1e-12)
-        np.testing.assert_allclose(sums.weighted, whole.weighted[(slice(None), *box.slices)], rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(
+            sums.weighted, whole.weighted[(slice(None), *box.slices)], rtol=1e-10, atol=1e-12
+        )
         np.testing.assert_allclose(sums.weighted_sq, whole.weighted_sq[box.slices], rtol=1e-10, atol=1e-12)
     assert whole.weight.min() > 0  # every voxel is covered, so the comparison is not of zeros
 
@@ -68,7 +76,10 @@ def test_chunk_plan_covers_grid_once() -> None:
     hits = np.zeros(grid.shape, dtype=int)
     for cid in plan.ids():
         hits[plan.box(cid).slices] += 1
-        assert np.allclose(plan.chunk_grid(cid).index_to_world(np.zeros(3)), grid.index_to_world(np.array(plan.box(cid).start)))
+        assert np.allclose(
+            plan.chunk_grid(cid).index_to_world(np.zeros(3)),
+            grid.index_to_world(np.array(plan.box(cid).start)),
+        )
     assert np.all(hits == 1)
 
 
@@ -78,7 +89,10 @@ def _in_memory(fixed: Path, moving: Path, config: InferenceConfig) -> Registrati
 
 
 def test_chunked_registration_equals_in_memory(
-    tmp_path: Path, dask_cluster: Any, dask_scheduler: str, pair_and_config: tuple[Path, Path, InferenceConfig]
+    tmp_path: Path,
+    dask_cluster: Any,
+    dask_scheduler: str,
+    pair_and_config: tuple[Path, Path, InferenceConfig],
 ) -> None:
     """Real cluster, real model: the field does not depend on chunk size (17, 40) or worker count (2, 1)."""
     from distributed import Client

