@@ -44,22 +44,19 @@ def dice_per_label(a: np.ndarray, b: np.ndarray, labels: Iterable[int] | None = 
             f"label maps have different shapes {arr_a.shape} and {arr_b.shape}: resample one onto the "
             "other's grid first (patchmorph warp)."
         )
-    size = int(max(arr_a.max(initial=0), arr_b.max(initial=0))) + 1
-    count_a = np.bincount(arr_a.ravel(), minlength=size)
-    count_b = np.bincount(arr_b.ravel(), minlength=size)
-    same = arr_a == arr_b
-    count_both = np.bincount(arr_a[same], minlength=size)
-    if labels is None:
-        wanted = [int(v) for v in np.flatnonzero(count_a + count_b) if v != 0]
-    else:
-        wanted = [int(v) for v in labels]
+    # compact the ids first (atlas ids reach ~1e9): memory follows the number of distinct labels
+    ids, inverse = np.unique(np.concatenate([arr_a.ravel(), arr_b.ravel()]), return_inverse=True)
+    code_a, code_b = inverse[: arr_a.size], inverse[arr_a.size :]
+    count_a = np.bincount(code_a, minlength=ids.size)
+    count_b = np.bincount(code_b, minlength=ids.size)
+    count_both = np.bincount(code_a[code_a == code_b], minlength=ids.size)
+    position = {int(v): k for k, v in enumerate(ids)}
+    wanted = [int(v) for v in ids if v != 0] if labels is None else [int(v) for v in labels]
     out: dict[int, float] = {}
     for label in wanted:
-        if label < 0 or label >= size:
-            out[label] = float("nan")
-            continue
-        total = count_a[label] + count_b[label]
-        out[label] = float(2.0 * count_both[label] / total) if total > 0 else float("nan")
+        k = position.get(label)
+        total = count_a[k] + count_b[k] if k is not None else 0
+        out[label] = float(2.0 * count_both[k] / total) if total > 0 else float("nan")
     return out
 
 

@@ -39,13 +39,13 @@ def flow_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Small real inputs in the formats users hold.
 
     * ``atlas``: the Allen CCFv3 template (NRRD, 100 um) downsampled x2 to 200 um, OME-Zarr with the
-      ``asr`` orientation; ``atlas_labels``: its annotation taken at every 2nd voxel (same grid).
+      ``rsa`` orientation (brainglobe "asr" in file order); ``atlas_labels``: its annotation taken at every 2nd voxel (same grid).
     * ``brain_tif``: the brainreg STP brain (50 x 40 x 40 um, ``psl``) block-averaged x(4, 5, 5) to
       200 um, as a TIFF stack (needs voxel size and orientation, so the flow converts it).
     """
     root = tmp_path_factory.mktemp("flow_data")
-    template, grid = load_nrrd(DATA / "mouse_ccf" / "average_template_100.nrrd", orientation="asr")
-    labels, _ = load_nrrd(DATA / "mouse_ccf" / "annotation_100um_2017_nearest_from25um.nrrd", orientation="asr")
+    template, grid = load_nrrd(DATA / "mouse_ccf" / "average_template_100.nrrd", orientation="rsa")
+    labels, _ = load_nrrd(DATA / "mouse_ccf" / "annotation_100um_2017_nearest_from25um.nrrd", orientation="rsa")
     small = downsample(template, (2, 2, 2))
     small_grid = downsampled_grid(grid, (2, 2, 2), small.shape)
     small_labels = downsample(labels, (2, 2, 2), labels=True)
