@@ -34,7 +34,7 @@ def test_yaml_files_load_and_anchor_relative_paths(name: str, cls: type) -> None
 def test_allen_example_paths_exist() -> None:
     options = resolve_options(CONFIGS / "flows" / "allen_ccf_100um.yaml", AtlasToSectionOptions)
     assert Path(options.atlas_labels).is_file()
-    assert options.atlas_geometry.orientation == "asr"
+    assert options.atlas_geometry.orientation == "rsa"
 
 
 def test_unknown_key_names_file_and_key(tmp_path: Path) -> None:
