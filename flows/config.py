@@ -54,6 +54,7 @@ class Geometry(_Strict):
     def _known_orientation(cls, value: str | None) -> str | None:
         if value is not None:
             orientation_matrix(value)
+            return value.lower()
         return value
 
 

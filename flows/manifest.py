@@ -26,13 +26,13 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
+from flows.config import Geometry
 from patchmorph_core.errors import InputError
-from patchmorph_core.spatial import check_spacing, orientation_matrix, unit_scale
 
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 
 
-class ManifestItem(BaseModel):
+class ManifestItem(Geometry):
     """One brain or section to align to the atlas.
 
     Attributes:
@@ -49,9 +49,6 @@ class ManifestItem(BaseModel):
 
     name: str
     path: Path
-    voxel_size: tuple[float, float, float] | None = None
-    unit: str | None = None
-    orientation: str | None = None
     labels: Path | None = None
 
     @field_validator("name")
@@ -61,28 +58,6 @@ class ManifestItem(BaseModel):
         if not cleaned:
             raise ValueError(f"name {value!r} has no usable characters; use letters, digits, '-', '_'")
         return cleaned
-
-    @field_validator("voxel_size")
-    @classmethod
-    def _positive(cls, value: tuple[float, float, float] | None) -> tuple[float, float, float] | None:
-        if value is not None:
-            check_spacing(value)
-        return value
-
-    @field_validator("unit")
-    @classmethod
-    def _known_unit(cls, value: str | None) -> str | None:
-        if value is not None:
-            unit_scale(value, value)
-        return value
-
-    @field_validator("orientation")
-    @classmethod
-    def _known_orientation(cls, value: str | None) -> str | None:
-        if value is not None:
-            orientation_matrix(value)
-            return value.lower()
-        return value
 
 
 class ManifestProblem(BaseModel):
