@@ -72,6 +72,8 @@ class UNet3D(nn.Module):
         x = skips.pop()
         for layer in self.up:
             skip = skips.pop()
+            # resizes feature maps inside the network, not coordinates: spatial.ALIGN_CORNERS does not apply,
+            # and the committed weights were trained with this setting
             x = F.interpolate(x, size=skip.shape[-3:], mode="trilinear", align_corners=False)
             x = layer(torch.cat([x, skip], dim=1))
         return self.head(x)
