@@ -215,17 +215,32 @@ def run_ants_pair(fixed: str, moving: str, transform: str, threads: int, nice: i
 
 
 def run_ants(pairs: list[tuple[str, str]], transform: str, threads: int, nice: int, json_path: Path) -> None:
-    """Run ANTs on ``pairs``, rewriting ``json_path`` after every pair (so partial runs are kept)."""
-    doc: dict[str, Any] = {
-        "method": f"ANTs {transform}",
-        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
-        "machine": machine(),
-        "pairs_requested": [f"{f}:{m}" for f, m in pairs],
-        "pairs": [],
-    }
+    """Run ANTs on ``pairs``, rewriting ``json_path`` after every pair (so partial runs are kept).
+
+    Pairs already in ``json_path`` for the same transform are kept and skipped (a long SyNCC run can be
+    stopped and started again); each kept pair still carries the command that made it.
+    """
+    command = shlex.join([Path(sys.executable).name, *sys.argv])
+    doc: dict[str, Any] = {"pairs": []}
+    if json_path.is_file():
+        doc = json.loads(json_path.read_text())
+        if doc.get("method") != f"ANTs {transform}":
+            doc = {"pairs": []}
+    for pair in doc["pairs"]:
+        pair.setdefault("command", doc.get("command", command))
+    doc.update(
+        method=f"ANTs {transform}",
+        command=command,
+        machine=machine(),
+        pairs_requested=[f"{f}:{m}" for f, m in pairs],
+    )
+    done = {(p["fixed"], p["moving"]) for p in doc["pairs"]}
     for fixed, moving in pairs:
+        if (fixed, moving) in done:
+            logger.info("ANTs %s: fixed %s, moving %s already in %s, skipped", transform, fixed, moving, json_path)
+            continue
         logger.info("ANTs %s: fixed %s, moving %s", transform, fixed, moving)
-        doc["pairs"].append(run_ants_pair(fixed, moving, transform, threads, nice))
+        doc["pairs"].append(run_ants_pair(fixed, moving, transform, threads, nice) | {"command": command})
         doc["summary"] = summarize(doc["pairs"])
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(doc, indent=2))
@@ -262,6 +277,9 @@ def run_ours_pair(fixed: str, moving: str, config: Path | None) -> dict[str, Any
         progress=False,
     )  # fmt: skip
     warp_seconds = time.perf_counter() - start
+    memory_seconds, memory_cpu, memory_diff = time_in_memory(
+        fp["image_zarr"], mp["image_zarr"], out / "field.ome.zarr", config
+    )
     field, field_grid, _ = read_field(out / "field.ome.zarr")
     values = read_box(field, tuple(slice(0, n) for n in field.shape))
     fixed_labels, fixed_grid = load_labels(fp["labels_nii"])
@@ -269,8 +287,12 @@ def run_ours_pair(fixed: str, moving: str, config: Path | None) -> dict[str, Any
     record = {
         "fixed": fixed,
         "moving": moving,
-        "register_seconds": reg_seconds,
+        "register_seconds": memory_seconds,
+        "register_cpu_seconds": memory_cpu,
+        "product_register_seconds": reg_seconds,
+        "in_memory_max_abs_diff": memory_diff,
         "warp_seconds": warp_seconds,
+        "initial_alignment": rec.initial_alignment,
         "stages": rec.stages,
         "field_shape": list(field_grid.shape),
         "field_spacing_mm": field_grid.spacing.round(4).tolist(),
@@ -278,7 +300,50 @@ def run_ours_pair(fixed: str, moving: str, config: Path | None) -> dict[str, Any
         "folding_percent_in_brain": folding_percent(values, field_grid, brain),
     }
     record.update(score(fixed, out / "warped_labels.ome.zarr"))
+    record["start_mean_dice"] = start_dice(fixed, moving, np.asarray(rec.initial_alignment["matrix"]))
     return record
+
+
+def start_dice(fixed: str, moving: str, matrix: np.ndarray) -> float:
+    """Mean Dice of the initial alignment alone: the moving labels through the ``(4, 4)`` start matrix."""
+    from patchmorph_core.displacement import AffineDisplacement
+    from patchmorph_core.warping import warp_to_grid
+    from pipeline.ngff import read_image
+
+    fixed_labels, fixed_grid = load_labels(subject_paths(fixed)["labels_nii"])
+    warped = warp_to_grid(read_image(subject_paths(moving)["labels_zarr"]), AffineDisplacement(matrix), fixed_grid, order=0)
+    dice = dice_per_label(fixed_labels, warped, STANDARD_FS_LABELS)
+    return float(np.mean([v for v in dice.values() if not np.isnan(v)]))
+
+
+def time_in_memory(
+    fixed: Path, moving: Path, field_path: Path, config: Path | None
+) -> tuple[float, float, float]:
+    """Wall time of the registration itself, like ANTs' ``ants.registration`` call: both images already in
+    memory, the model loaded, then :func:`~patchmorph_core.inference.register_arrays` (the one-chunk case
+    of the product path, no Dask cluster, no reading or writing). Returns the wall seconds, the CPU seconds
+    of this process (all threads; less sensitive to other jobs on the machine) and the largest difference
+    (world units) from the field the product path wrote, as a check that both computed the same
+    registration.
+    """
+    from patchmorph_core.inference import register_arrays
+    from patchmorph_core.model import load_model
+    from patchmorph_core.source import Level, MultiscaleImage
+    from pipeline.ngff import read_field, read_image
+    from pipeline.register import resolve_config
+
+    def in_memory(path: Path) -> MultiscaleImage:
+        image = read_image(path)
+        return MultiscaleImage(tuple(Level(np.asarray(lv.array), lv.grid) for lv in image.levels), image.name)
+
+    cfg = resolve_config(config)
+    fixed_img, moving_img = in_memory(fixed), in_memory(moving)
+    model = load_model(cfg.weights)
+    start, cpu = time.perf_counter(), time.process_time()
+    result = register_arrays(model, fixed_img, moving_img, cfg, show_progress=False)
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    written, _, _ = read_field(field_path)
+    return seconds, cpu, float(np.abs(np.asarray(written) - result.field).max())
 
 
 # -- report ----------------------------------------------------------------------------------------------
@@ -303,6 +368,10 @@ def summarize(pairs: list[dict[str, Any]]) -> dict[str, Any]:
         "folding_percent": float(np.mean([p["folding_percent"] for p in pairs])),
         "register_seconds": float(np.mean([p["register_seconds"] for p in pairs])),
     }
+    for key in ("start_mean_dice", "product_register_seconds"):
+        values = [p[key] for p in pairs if key in p]
+        if values:
+            out[key] = float(np.mean(values))
     cpu = [p["register_cpu_seconds"] for p in pairs if "register_cpu_seconds" in p]
     if cpu:
         out["register_cpu_seconds"] = float(np.mean(cpu))
@@ -313,16 +382,20 @@ def summarize(pairs: list[dict[str, Any]]) -> dict[str, Any]:
 def table(methods: dict[str, dict[str, Any]]) -> str:
     """Markdown table: one row per method (mean over its pairs)."""
     lines = [
-        "| method | pairs | mean Dice (± sd over pairs) | folded voxels % | registration wall time s |",
-        "|---|---|---|---|---|",
+        "| method | pairs | mean Dice (± sd over pairs) | Dice of the initial affine | folded voxels % "
+        "| registration wall time s | registration CPU s | product path s (cluster + I/O) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, summary in methods.items():
         if not summary:
-            lines.append(f"| {name} | 0 | – | – | – |")
+            lines.append(f"| {name} | 0 | – | – | – | – | – | – |")
             continue
+        cpu = f"{summary['register_cpu_seconds']:.1f}" if "register_cpu_seconds" in summary else "–"
+        start = f"{summary['start_mean_dice']:.3f}" if "start_mean_dice" in summary else "–"
+        product = f"{summary['product_register_seconds']:.1f}" if "product_register_seconds" in summary else "–"
         lines.append(
-            f"| {name} | {summary['n_pairs']} | {summary['mean_dice']:.3f} ± {summary['std_dice']:.3f} | "
-            f"{summary['folding_percent']:.4f} | {summary['register_seconds']:.1f} |"
+            f"| {name} | {summary['n_pairs']} | {summary['mean_dice']:.3f} ± {summary['std_dice']:.3f} | {start} | "
+            f"{summary['folding_percent']:.4f} | {summary['register_seconds']:.1f} | {cpu} | {product} |"
         )
     return "\n".join(lines)
 
@@ -351,8 +424,16 @@ def run(
         "methods": {},
     }
     previous = RESULTS / "accuracy.json"
+    syn_path = RESULTS / "ants_syn.json"
+    if not skip_syn and syn_path.exists():
+        syn_path.unlink()  # SyN is rerun beside ours, not resumed
+    ours: list[dict[str, Any]] = []
+    for fixed, moving in pairs:  # alternate ours and SyN pair by pair: both see the same machine load
+        if not skip_ours:
+            ours.append(run_ours_pair(fixed, moving, config))
+        if not skip_syn:
+            run_ants([(fixed, moving)], "SyN", threads, 0, syn_path)
     if not skip_ours:
-        ours = [run_ours_pair(f, m, config) for f, m in pairs]
         doc["methods"]["PatchMorph"] = {
             "command": doc["command"],
             "config": None if config is None else str(config),
@@ -360,9 +441,6 @@ def run(
         }
     elif previous.exists() and "PatchMorph" in json.loads(previous.read_text())["methods"]:
         doc["methods"]["PatchMorph"] = json.loads(previous.read_text())["methods"]["PatchMorph"]  # reused
-    syn_path = RESULTS / "ants_syn.json"
-    if not skip_syn:
-        run_ants(pairs, "SyN", threads, 0, syn_path)
     if syn_path.exists():  # with --skip-syn: the previous SyN run's file
         doc["methods"]["ANTs SyN"] = json.loads(syn_path.read_text())
     syncc_path = RESULTS / "ants_syncc.json"

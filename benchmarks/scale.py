@@ -11,12 +11,17 @@ is as large as the fixed image) on a local Dask cluster and reports:
   sampled every 0.2 s with psutil;
 * bytes read and written by all processes (psutil I/O counters, so page-cache hits count as reads);
 * the size of the fixed volume in memory (voxels × 2 bytes, the "GiB" of ``--sizes``) and on disk
-  (Zarr v3 with the default compressor; the upsampled brain carries Gaussian noise like real data);
-* the share of worker time spent in network forward passes (from the per-block timing records).
+  (``disk_gib``: the whole OME-Zarr store with its pyramid, Zarr v3 with the product's default compressor;
+  the upsampled brain carries Gaussian noise like real data, so it compresses to about half);
+* the share of worker time spent in network forward passes (from the per-block timing records), and where
+  the rest goes (patch sampling, accumulation, other block work, chunk tasks).
+
+``--sizes`` is GiB in memory (uint16); an on-disk store of at least 8 GiB needs about 16 GiB in memory, so
+the issue's pair (≥ 8 GiB on disk and 8× fewer voxels) is ``--sizes 2 16``.
 
 Usage (prints a table, writes benchmarks/results/scale.json)::
 
-    nice -n 10 .venv/bin/python benchmarks/scale.py --sizes 1 8 --work /tmp/patchmorph-scale
+    nice -n 5 .venv/bin/python benchmarks/scale.py --sizes 2 16 --work /work/scale-work
 
 Targets (issue 4): peak memory per worker < 2 GiB and within 20 % between sizes; wall time within 1.3× of
 linear in voxel count; ≥ 70 % of worker time in forward passes.
@@ -28,6 +33,7 @@ import argparse
 import json
 import os
 import shutil
+import sys
 import threading
 import time
 from pathlib import Path
@@ -67,6 +73,8 @@ class ProcessSampler:
         self.kind: dict[int, str] = {}
         self.io_start: dict[int, tuple[int, int]] = {}
         self.io_last: dict[int, tuple[int, int]] = {}
+        self.cpu_start: dict[int, float] = {}
+        self.cpu_last: dict[int, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -76,6 +84,7 @@ class ProcessSampler:
             try:
                 rss = proc.memory_info().rss
                 io = proc.io_counters()
+                times = proc.cpu_times()
                 cmd = " ".join(proc.cmdline())
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
@@ -89,6 +98,8 @@ class ProcessSampler:
                 self.kind.setdefault(pid, "other")
             self.io_start.setdefault(pid, (io.read_chars, io.write_chars))
             self.io_last[pid] = (io.read_chars, io.write_chars)
+            self.cpu_start.setdefault(pid, times.user + times.system)
+            self.cpu_last[pid] = times.user + times.system
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -104,7 +115,8 @@ class ProcessSampler:
         self._thread.join()
 
     def summary(self) -> dict[str, Any]:
-        """Peak RSS per process kind and bytes read/written by all sampled processes."""
+        """Peak RSS per process kind, CPU seconds (user + system; independent of other load on the host)
+        and bytes read/written by all sampled processes."""
         workers = [self.peak[p] for p, k in self.kind.items() if k == "worker"]
         read = sum(self.io_last[p][0] - self.io_start[p][0] for p in self.io_last)
         written = sum(self.io_last[p][1] - self.io_start[p][1] for p in self.io_last)
@@ -115,6 +127,12 @@ class ProcessSampler:
             "max_worker_peak_gib": max(workers, default=0) / GIB,
             "read_gib": read / GIB,
             "written_gib": written / GIB,
+            "worker_cpu_s": sum(
+                self.cpu_last[p] - self.cpu_start[p] for p, k in self.kind.items() if k == "worker"
+            ),
+            "client_cpu_s": sum(
+                self.cpu_last[p] - self.cpu_start[p] for p, k in self.kind.items() if k == "client+scheduler"
+            ),
         }
 
 
@@ -154,14 +172,19 @@ def make_volume(source: np.ndarray, grid: Grid, gib: float, path: Path) -> tuple
     return path, big
 
 
-def _worker_times(run: Path) -> dict[str, float]:
-    """Forward-pass and total task seconds from a run folder's block and chunk records."""
-    forward = sampling = block = chunk = 0.0
+def _worker_times(run: Path) -> dict[str, float | None]:
+    """Worker task seconds from a run folder's block and chunk records, split by what they were spent on.
+
+    ``forward_share`` is forward-pass seconds over all task seconds (block + chunk tasks); None for runs
+    without network (warp).
+    """
+    forward = sampling = accumulate = block = chunk = 0.0
     for stage in [p for p in run.iterdir() if p.is_dir()]:
         for p in (stage / "blocks").glob("*.json"):
             entry = json.loads(p.read_text())
             forward += entry.get("forward_seconds", 0.0)
             sampling += entry.get("sampling_seconds", 0.0)
+            accumulate += entry.get("accumulate_seconds", 0.0)
             block += entry.get("seconds", 0.0)
         for p in (stage / "done").glob("*.json"):
             chunk += json.loads(p.read_text()).get("seconds", 0.0)
@@ -169,20 +192,28 @@ def _worker_times(run: Path) -> dict[str, float]:
     return {
         "forward_s": forward,
         "patch_sampling_s": sampling,
+        "accumulate_s": accumulate,
+        "block_other_s": block - forward - sampling - accumulate,
         "block_s": block,
         "chunk_s": chunk,
-        "forward_share": forward / total if total else 0.0,
+        "forward_share": forward / total if block and total else None,
     }
+
+
+def _store_gib(path: Path) -> float:
+    """Bytes on disk of every file under ``path``, in GiB."""
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / GIB
 
 
 def bench_size(
     gib: float, source: np.ndarray, grid: Grid, atlas: Path, config: InferenceConfig, args: argparse.Namespace
 ) -> dict[str, Any]:
-    """Prepare, register and warp at one size; returns the measured figures."""
+    """Prepare (or reuse), register and warp at one size; returns the measured figures."""
     work = Path(args.work)
     tic = time.perf_counter()
+    reused = (work / f"brain_{gib:g}gib.zarr").exists()
     fixed, big = make_volume(source, grid, gib, work / f"brain_{gib:g}gib.zarr")
-    prepare_s = time.perf_counter() - tic
+    prepare_s = None if reused else time.perf_counter() - tic
     voxels = int(np.prod(big.shape))
     field = work / f"field_{gib:g}gib.zarr"
     warped = work / f"atlas_on_brain_{gib:g}gib.zarr"
@@ -201,12 +232,14 @@ def bench_size(
             field, atlas, warped, chunk_size=args.chunk_size, workers=args.workers, scheduler=CLUSTER
         )
         warp_s = time.perf_counter() - tic
-    return {
+    row = {
+        "run": args.run_id,
         "size_gib_requested": gib,
         "shape": list(big.shape),
         "voxels": voxels,
         "spacing_um": [float(s) for s in big.spacing],
-        "disk_gib": sum(f.stat().st_size for f in fixed.rglob("*") if f.is_file()) / GIB,
+        "disk_gib": _store_gib(fixed),
+        "warped_disk_gib": _store_gib(warped),
         "prepare_s": prepare_s,
         "register_s": register_s,
         "warp_s": warp_s,
@@ -216,21 +249,50 @@ def bench_size(
         "register": {**reg_sampler.summary(), **_worker_times(record.run)},
         "warp": {**warp_sampler.summary(), **_worker_times(wrec.out.with_name(wrec.out.name + ".run"))},
     }
+    if args.cleanup:
+        for path in (fixed, field, warped):
+            for p in (path, path.with_name(path.name + ".run")):
+                shutil.rmtree(p, ignore_errors=True)
+    return row
 
 
 def _relative(small: dict[str, Any], large: dict[str, Any]) -> dict[str, Any]:
-    """Ratios of a larger run to the smallest one, against the targets (1.3x linear wall time, +-20 % memory)."""
+    """Ratios of a larger row to a smaller one of the same run, against the targets (wall time within 1.3×
+    linear in voxels, worker peak memory within ±20 %, worker peak < 2 GiB, forward share ≥ 70 %)."""
     ratio = large["voxels"] / small["voxels"]
     steps = ("register", "warp")
+    wall = {s: large[f"{s}_s"] / small[f"{s}_s"] for s in steps}
+    cpu = {
+        s: (large[s].get("worker_cpu_s", 0.0) + large[s].get("client_cpu_s", 0.0))
+        / max(small[s].get("worker_cpu_s", 0.0) + small[s].get("client_cpu_s", 0.0), 1e-9)
+        for s in steps
+    }
+    peak = {s: large[s]["max_worker_peak_gib"] / max(small[s]["max_worker_peak_gib"], 1e-9) for s in steps}
+    worst_peak = max(r[s]["max_worker_peak_gib"] for r in (small, large) for s in steps)
+    shares = [r["register"]["forward_share"] for r in (small, large)]
     return {
         "sizes_gib": [small["size_gib_requested"], large["size_gib_requested"]],
+        "disk_gib": [small["disk_gib"], large["disk_gib"]],
         "voxel_ratio": ratio,
-        "wall_ratio": {s: large[f"{s}_s"] / small[f"{s}_s"] for s in steps},
+        "wall_ratio": wall,
         "linear_limit": 1.3 * ratio,
-        "worker_peak_ratio": {
-            s: large[s]["max_worker_peak_gib"] / max(small[s]["max_worker_peak_gib"], 1e-9) for s in steps
-        },
+        "wall_met": {s: wall[s] <= 1.3 * ratio for s in steps},
+        "cpu_ratio": cpu,
+        "worker_peak_ratio": peak,
+        "worker_peak_met": {s: abs(peak[s] - 1.0) <= 0.2 for s in steps} | {"under_2_gib": worst_peak < 2.0},
+        "forward_share": shares,
+        "forward_share_met": all(s is not None and s >= 0.7 for s in shares),
     }
+
+
+def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """For every run id: each larger row relative to that run's smallest row (rows of other runs, kept by
+    ``--append``, are never compared with each other)."""
+    out = []
+    for run in dict.fromkeys(r.get("run") for r in rows):
+        same = sorted((r for r in rows if r.get("run") == run), key=lambda r: r["voxels"])
+        out.extend({"run": run, **_relative(same[0], row)} for row in same[1:])
+    return out
 
 
 def _config(work: Path) -> InferenceConfig:
@@ -244,17 +306,22 @@ def _config(work: Path) -> InferenceConfig:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    """Plain-text table of the results."""
-    head = f"{'size':>8} {'voxels':>14} {'step':>8} {'wall s':>8} {'s/Gvox':>8} {'worker GiB':>10} {'client GiB':>10} {'read GiB':>9} {'write GiB':>9} {'fwd %':>6}"
+    """Plain-text table of the results (forward share for register; warp has no network)."""
+    head = (
+        f"{'disk':>7} {'voxels':>14} {'step':>8} {'wall s':>8} {'s/Gvox':>8} {'CPU s':>8} {'worker GiB':>10} "
+        f"{'client GiB':>10} {'read GiB':>9} {'write GiB':>9} {'fwd %':>6}"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         for step in ("register", "warp"):
             m = r[step]
             wall = r[f"{step}_s"]
+            share = "-" if m["forward_share"] is None else f"{100 * m['forward_share']:.1f}"
+            cpu = m.get("worker_cpu_s", 0.0) + m.get("client_cpu_s", 0.0)
             lines.append(
-                f"{r['disk_gib']:>7.2f}G {r['voxels']:>14,d} {step:>8} {wall:>8.1f} {wall / r['voxels'] * 1e9:>8.1f} "
+                f"{r['disk_gib']:>6.2f}G {r['voxels']:>14,d} {step:>8} {wall:>8.1f} {wall / r['voxels'] * 1e9:>8.1f} {cpu:>8.1f} "
                 f"{m['max_worker_peak_gib']:>10.2f} {m['client_scheduler_peak_gib']:>10.2f} {m['read_gib']:>9.2f} "
-                f"{m['written_gib']:>9.2f} {100 * m['forward_share']:>6.1f}"
+                f"{m['written_gib']:>9.2f} {share:>6}"
             )
     return "\n".join(lines)
 
@@ -264,14 +331,18 @@ def main() -> None:
     parser.add_argument(
         "--sizes", type=float, nargs="+", default=[1.0, 8.0], help="volume sizes in GiB (uint16)"
     )
-    parser.add_argument("--work", default="/tmp/patchmorph-scale", help="scratch folder for the volumes")
+    parser.add_argument("--work", default="/work/scale-work", help="scratch folder for the volumes")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--chunk-size", type=int, default=None)
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument(
         "--append", action="store_true", help="add the new sizes to the rows already in --out"
     )
+    parser.add_argument(
+        "--cleanup", action="store_true", help="delete each size's volume, field and warped image after it"
+    )
     args = parser.parse_args()
+    args.run_id = time.strftime("%Y-%m-%dT%H:%M:%S")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     array, grid, _ = open_input(BRAIN, voxel_size=(50.0, 40.0, 40.0), unit="micrometer", orientation="psl")
@@ -280,24 +351,23 @@ def main() -> None:
     if not atlas.exists():
         convert(ATLAS, atlas)
     config = _config(work)
-    rows = json.loads(Path(args.out).read_text())["rows"] if args.append and Path(args.out).is_file() else []
-    for gib in args.sizes:
-        rows.append(bench_size(gib, source, grid, atlas, config, args))
-        print(table(rows), flush=True)
-    rows.sort(key=lambda r: r["voxels"])
-    summary = [_relative(rows[0], row) for row in rows[1:]]
-    result = {
-        "host": {"cpus": os.cpu_count(), "memory_gib": psutil.virtual_memory().total / GIB},
-        "workers": args.workers,
-        "weights": str(config.weights or DEFAULT_WEIGHTS),
-        "rows": rows,
-        "summary": summary,
-    }
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(table(rows))
-    print(json.dumps(summary, indent=1))
+    rows = json.loads(out.read_text())["rows"] if args.append and out.is_file() else []
+    command = "benchmarks/scale.py " + " ".join(sys.argv[1:])
+    for gib in args.sizes:
+        rows.append({**bench_size(gib, source, grid, atlas, config, args), "command": command})
+        rows.sort(key=lambda r: (str(r.get("run")), r["voxels"]))
+        result = {
+            "host": {"cpus": os.cpu_count(), "memory_gib": psutil.virtual_memory().total / GIB},
+            "workers": args.workers,
+            "weights": str(config.weights or DEFAULT_WEIGHTS),
+            "rows": rows,
+            "summary": summarize(rows),
+        }
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1))  # after every size, so a long run keeps what it measured
+        print(table(rows), flush=True)
+    print(json.dumps(summarize(rows), indent=1))
     print(f"wrote {out}")
 
 

@@ -127,6 +127,10 @@ class TrainConfig(_Strict):
         checkpoint_every: save every this many steps (and at the end).
         resume: continue from ``checkpoint`` when it exists.
         max_patch_rotation_deg: random rotation of each training patch chain.
+        init_weights: start from this checkpoint's weights and model config (fine-tuning; fresh
+            optimizer, step 0); None trains from scratch.
+        initial_alignment: the start of every training pair, as in :class:`InferenceConfig` (train
+            the way the model will be used).
     """
 
     data: DataConfig = Field(default_factory=DataConfig)
@@ -143,6 +147,8 @@ class TrainConfig(_Strict):
     checkpoint_every: int = Field(100, ge=1)
     resume: bool = False
     max_patch_rotation_deg: float = Field(15.0, ge=0.0, le=180.0)
+    init_weights: str | None = None
+    initial_alignment: Literal["affine", "center_of_mass"] = "center_of_mass"
 
 
 class InferenceConfig(_Strict):
@@ -158,6 +164,10 @@ class InferenceConfig(_Strict):
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
         field_spacing: spacing of the output field grid in the fixed image's unit (None: from the
             finest stage's patch spacing).
+        initial_alignment: ``"affine"`` (fit an affine on coarse copies first,
+            :mod:`patchmorph_core.alignment`) or ``"center_of_mass"`` (match the tissue centres only).
+        first_stage: the first cascade stage to run (0 = the whole-brain patch). Stages before it are
+            skipped; with an affine start the coarsest stage may be left out.
     """
 
     weights: str | None = None
@@ -168,6 +178,8 @@ class InferenceConfig(_Strict):
     batch_size: int = Field(16, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     field_spacing: float | None = Field(None, gt=0.0)
+    initial_alignment: Literal["affine", "center_of_mass"] = "affine"
+    first_stage: int = Field(0, ge=0, le=7)
 
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)

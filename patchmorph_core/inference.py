@@ -41,21 +41,25 @@ import torch
 from scipy import ndimage
 from tqdm.auto import tqdm
 
+from patchmorph_core.alignment import fit_affine, translation_matrix
 from patchmorph_core.config import InferenceConfig, resolve_device
 from patchmorph_core.displacement import (
+    AffineDisplacement,
     Displacement,
     FieldDisplacement,
-    TranslationDisplacement,
     displacement_on_grid,
 )
+from patchmorph_core.errors import InputError
 from patchmorph_core.sampling import (
+    displacement_at,
     initial_translation,
     intensity_range,
     normalize,
     sample_patch,
+    sample_points,
     tissue_bounds,
 )
-from patchmorph_core.source import MultiscaleImage
+from patchmorph_core.source import MultiscaleImage, cache_box
 from patchmorph_core.spatial import Grid, index_box, patch_grid, random_rotation
 
 logger = logging.getLogger(__name__)
@@ -426,15 +430,13 @@ def estimate_patches(
     m_lo, m_hi = intensity_range(moving) if moving_range is None else moving_range
     device = _model_device(model, config)
 
-    def current(points: np.ndarray) -> np.ndarray:
-        return points + prior(points)
-
     for start in range(0, len(specs), config.batch_size):
         batch = specs[start : start + config.batch_size]
         tic = time.perf_counter()
         grids = [s.grid for s in batch]
+        points = _batch_points(grids)
         fixed_b = np.stack([normalize(sample_patch(fixed, g), f_lo, f_hi) for g in grids])
-        moving_b = np.stack([normalize(sample_patch(moving, g, current), m_lo, m_hi) for g in grids])
+        moving_b = normalize(_moving_batch(moving, grids, points, prior), m_lo, m_hi)
         linear_b = np.stack([g.linear for g in grids]).astype(np.float32)
         toc = time.perf_counter()
         with torch.inference_mode(), _autocast(device):
@@ -446,8 +448,7 @@ def estimate_patches(
             )
         update_np = update.float().cpu().numpy()
         forward = time.perf_counter() - toc
-        for n, grid in enumerate(grids):
-            out[start + n] = _compose_with_prior(update_np[n], grid, prior)
+        out[start : start + len(batch)] = _compose_with_prior(update_np, points, prior)
         if stats is not None:
             stats["forward_seconds"] = stats.get("forward_seconds", 0.0) + forward
             stats["sampling_seconds"] = stats.get("sampling_seconds", 0.0) + (
@@ -458,12 +459,75 @@ def estimate_patches(
     return out
 
 
-def _compose_with_prior(update: np.ndarray, grid: Grid, prior: Displacement) -> np.ndarray:
-    """``u(x) = v(x) + prior(x + v(x))`` at the patch's voxel centres: ``(3, P, P, P)`` → ``(3, P, P, P)``."""
-    points = grid.points().reshape(-1, 3)
-    v = update.reshape(3, -1).T.astype(np.float64)
-    total = v + prior(points + v)
-    return total.T.reshape(update.shape).astype(np.float32)
+def _batch_points(grids: Sequence[Grid]) -> np.ndarray:
+    """``(B·P³, 3)`` world voxel centres of a batch of equally shaped patches, patch after patch
+    (the values of each ``grid.points()``)."""
+    index = np.stack(np.meshgrid(*[np.arange(n) for n in grids[0].shape], indexing="ij"), axis=-1)
+    index = index.reshape(-1, 3).astype(np.float64)
+    return np.concatenate([g.index_to_world(index) for g in grids])
+
+
+def _moving_batch(
+    moving: MultiscaleImage, grids: Sequence[Grid], points: np.ndarray, prior: Displacement
+) -> np.ndarray:
+    """The moving patches ``M(x + prior(x))`` of a batch: ``(B, P, P, P)`` float32.
+
+    ``points`` are the batch's voxel centres (:func:`_batch_points`). Same samples as
+    ``sample_patch(moving, grid, lambda x: x + prior(x))`` per patch, computed for the whole batch in
+    one prior evaluation (:func:`~patchmorph_core.sampling.displacement_at`) and one interpolation.
+    """
+    level = moving.level_for_spacing(float(grids[0].spacing.max()))
+    values = sample_points(level, points + displacement_at(prior, points))
+    return values.reshape(len(grids), *grids[0].shape)
+
+
+def _compose_with_prior(update: np.ndarray, points: np.ndarray, prior: Displacement) -> np.ndarray:
+    """``u(x) = v(x) + prior(x + v(x))`` at a batch's voxel centres ``points`` (:func:`_batch_points`):
+    ``(B, 3, P, P, P)`` → ``(B, 3, P, P, P)`` float32, one prior evaluation for the batch."""
+    batch, _, *shape = update.shape
+    v = np.moveaxis(update, 1, -1).reshape(-1, 3).astype(np.float64)
+    total = v + displacement_at(prior, points + v)
+    return np.moveaxis(total.reshape(batch, *shape, 3), -1, 1).astype(np.float32)
+
+
+BLOCK_CACHE_BYTES = 256 * 1024**2
+"""Largest box of one image (or of the prior field) a block task holds in memory (see :func:`block_inputs`)."""
+
+
+def _specs_world_box(specs: Sequence[PatchSpec]) -> tuple[np.ndarray, np.ndarray]:
+    """``(low, high)`` world corners of the axis-aligned box of all the patches' voxel centres."""
+    bounds = np.array([s.grid.world_bounds() for s in specs])
+    return bounds[:, 0].min(axis=0), bounds[:, 1].max(axis=0)
+
+
+def block_inputs(
+    fixed: MultiscaleImage, moving: MultiscaleImage, prior: Displacement, specs: Sequence[PatchSpec]
+) -> tuple[MultiscaleImage, MultiscaleImage, Displacement]:
+    """The inputs of a set of neighbouring patches with the boxes they read held in memory.
+
+    Every patch would otherwise read (and decompress) its own box of the stores; here each image's
+    level is read once over the patches' joint box (the moving one over that box mapped through the
+    prior, plus half a patch), and a store-backed prior field once over the box plus half a patch (the
+    composition samples it at ``x + v``). Samples are identical to uncached reads (reads outside a box
+    still go to the store); boxes over :data:`BLOCK_CACHE_BYTES` are not cached.
+    """
+    if not specs:
+        return fixed, moving, prior
+    spacing = float(specs[0].grid.spacing.max())
+    low, high = _specs_world_box(specs)
+    margin = specs[0].extent / 2.0
+    if isinstance(prior, FieldDisplacement):
+        corners = np.array(np.meshgrid(*zip(low - margin, high + margin, strict=True), indexing="ij"))
+        box = index_box(prior.grid.world_to_index(corners.reshape(3, -1).T), prior.grid.shape, margin=2)
+        field_box = None if box is None else (slice(None), *box)
+        prior = FieldDisplacement(cache_box(prior.field, field_box, BLOCK_CACHE_BYTES), prior.grid)
+    samples = np.stack(np.meshgrid(*np.linspace(low, high, 5).T, indexing="ij"), axis=-1).reshape(-1, 3)
+    mapped = samples + prior(samples)
+    fixed = fixed.cached(low, high, spacing, BLOCK_CACHE_BYTES)
+    moving = moving.cached(
+        mapped.min(axis=0) - margin, mapped.max(axis=0) + margin, spacing, BLOCK_CACHE_BYTES
+    )
+    return fixed, moving, prior
 
 
 def estimate_and_accumulate(
@@ -481,10 +545,12 @@ def estimate_and_accumulate(
     progress: Any = None,
 ) -> FieldSums:
     """:func:`estimate_patches` then :func:`accumulate` into ``target``, one batch at a time (memory stays
-    at one batch of estimates). Arguments as in those two functions.
+    at one batch of estimates plus the boxes of :func:`block_inputs`). Arguments as in those two functions;
+    ``stats`` also gets ``"accumulate_seconds"``.
     """
     fixed_range = intensity_range(fixed) if fixed_range is None else fixed_range
     moving_range = intensity_range(moving) if moving_range is None else moving_range
+    fixed, moving, prior = block_inputs(fixed, moving, prior, specs)
     sums = FieldSums.zeros(target)
     touched = 0
     for start in range(0, len(specs), config.batch_size):
@@ -501,7 +567,10 @@ def estimate_and_accumulate(
             stats=stats,
             progress=progress,
         )
+        tic = time.perf_counter()
         touched += sum(_add_patch(sums, spec, est) for spec, est in zip(batch, estimates, strict=True))
+        if stats is not None:
+            stats["accumulate_seconds"] = stats.get("accumulate_seconds", 0.0) + time.perf_counter() - tic
     return FieldSums(target, sums.weighted, sums.weight, sums.weighted_sq, touched)
 
 
@@ -515,7 +584,9 @@ class RegistrationPlan:
 
     Attributes:
         moving: the moving image converted to the fixed image's unit.
-        initial: ``(3,)`` initial translation (fixed → moving, world units).
+        initial: ``(4, 4)`` initial world→world map, fixed → moving (the fitted affine or the
+            centre-of-mass translation, see ``InferenceConfig.initial_alignment``).
+        alignment: the initial alignment's record (NCC before/after, accepted, seconds).
         fixed_range, moving_range: intensity ranges used to normalise every patch.
         lattices: the patch lattice of each stage (over the fixed tissue box).
         grids: the field grid of each stage (coarse stages at their patch spacing; the last at the
@@ -524,6 +595,7 @@ class RegistrationPlan:
 
     moving: MultiscaleImage
     initial: np.ndarray
+    alignment: dict[str, Any]
     fixed_range: tuple[float, float]
     moving_range: tuple[float, float]
     lattices: list[PatchLattice]
@@ -542,7 +614,11 @@ def output_field_spacing(
 
 
 def plan_registration(
-    model: Any, fixed: MultiscaleImage, moving: MultiscaleImage, config: InferenceConfig
+    model: Any,
+    fixed: MultiscaleImage,
+    moving: MultiscaleImage,
+    config: InferenceConfig,
+    initial: tuple[np.ndarray, dict[str, Any]] | None = None,
 ) -> RegistrationPlan:
     """Unit conversion, initial alignment, intensity ranges, stage extents, lattices and field grids.
 
@@ -551,6 +627,8 @@ def plan_registration(
         fixed: fixed image; its unit is the registration's unit.
         moving: moving image (any unit).
         config: inference settings.
+        initial: a ``(4, 4)`` initial matrix and its record computed earlier for these inputs (a resumed
+            run reuses the first run's, so that both use bit-identical starts); None computes it.
     """
     moving = moving.with_unit(fixed.unit)
     low, high = tissue_bounds(fixed)
@@ -559,8 +637,15 @@ def plan_registration(
     bounds = (np.maximum(low, grid_low), np.minimum(high, grid_high))
     size = int(model.config.patch_size)
     last = output_field_spacing(fixed.grid, extents[-1], size, config.field_spacing)
+    if config.first_stage >= len(extents):
+        raise InputError(
+            f"first_stage {config.first_stage} leaves no stage to run (the model runs {len(extents)}): "
+            "give a smaller first_stage or more n_stages."
+        )
     lattices, grids = [], []
     for stage, extent in enumerate(extents):
+        if stage < config.first_stage:
+            continue
         lattices.append(
             stage_lattice(
                 fixed.grid, extent, config.overlap, config.seed, stage, config.max_rotation_deg, size, bounds
@@ -568,9 +653,25 @@ def plan_registration(
         )
         spacing = last if stage == len(extents) - 1 else max(extent / size, last)
         grids.append(fixed.grid.resampled(spacing))
+    if initial is not None:
+        matrix, alignment = np.asarray(initial[0], dtype=np.float64), dict(initial[1])
+    elif config.initial_alignment == "affine":
+        fit = fit_affine(fixed, moving)
+        matrix = fit.matrix
+        alignment = {
+            "method": "affine",
+            "ncc_start": fit.ncc_start,
+            "ncc_fitted": fit.ncc_fitted,
+            "accepted": fit.accepted,
+            "seconds": fit.seconds,
+        }
+    else:
+        matrix = translation_matrix(initial_translation(fixed, moving))
+        alignment = {"method": "center_of_mass"}
     return RegistrationPlan(
         moving=moving,
-        initial=np.asarray(initial_translation(fixed, moving), dtype=np.float64),
+        initial=matrix,
+        alignment=alignment,
         fixed_range=intensity_range(fixed),
         moving_range=intensity_range(moving),
         lattices=lattices,
@@ -618,7 +719,7 @@ def register_arrays(
         show_progress: tqdm bar of patches done per stage.
     """
     plan = plan_registration(model, fixed, moving, config)
-    prior: Displacement = TranslationDisplacement(plan.initial)
+    prior: Displacement = AffineDisplacement(plan.initial)
     stages_info = []
     field_s = uncertainty = np.zeros(0)
     for lattice, grid in zip(plan.lattices, plan.grids, strict=True):
@@ -667,7 +768,8 @@ def register_arrays(
             stage_info["seconds"],
         )
     info = {
-        "initial_translation": plan.initial.tolist(),
+        "initial_matrix": plan.initial.tolist(),
+        "initial_alignment": plan.alignment,
         "unit": fixed.unit,
         "stages": stages_info,
         "inference_config": config.model_dump(mode="json"),

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from patchmorph_core.spatial import Grid, resample
+from patchmorph_core.spatial import Grid, index_box, read_box, resample
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,25 @@ class MultiscaleImage:
         level = self.level_for_spacing(spacing)
         return resample(level.array, level.grid, world, order=order)
 
+    def cached(self, low: np.ndarray, high: np.ndarray, spacing: float, max_bytes: int) -> MultiscaleImage:
+        """The same image with the level matching ``spacing`` holding the world box ``[low, high]`` in memory.
+
+        Samples stay identical (reads outside the box still go to the store, see :class:`BoxCache`); the
+        box is read once instead of once per patch. Levels already in memory are left as they are.
+
+        Args:
+            low, high: ``(3,)`` world corners of an axis-aligned box (this image's unit).
+            spacing: the sampling spacing that selects the level (as in :meth:`sample`).
+            max_bytes: largest box to hold; a larger one is not cached.
+        """
+        chosen = self.level_for_spacing(spacing)
+        corners = np.array(np.meshgrid(*zip(low, high, strict=True), indexing="ij")).reshape(3, -1).T
+        box = index_box(chosen.grid.world_to_index(corners), chosen.grid.shape, margin=2)
+        levels = tuple(
+            Level(cache_box(lv.array, box, max_bytes), lv.grid) if lv is chosen else lv for lv in self.levels
+        )
+        return MultiscaleImage(levels, self.name)
+
     def with_unit(self, unit: str) -> MultiscaleImage:
         """The same image with every level's grid expressed in ``unit``."""
         levels = tuple(Level(lv.array, lv.grid.with_unit(unit)) for lv in self.levels)
@@ -84,6 +103,67 @@ class MultiscaleImage:
             down = downsample(prev.array, factors, labels=labels)
             levels.append(Level(down, downsampled_grid(prev.grid, factors, down.shape)))
         return cls(tuple(levels), name)
+
+
+class BoxCache:
+    """An array-like holding one box of ``array`` in memory: reads inside the box are served from it.
+
+    Reads that fall (even partly) outside the box go to ``array`` itself, so the values are always those
+    of ``array``; the cache only saves repeated reads and decompression of the same store chunks (e.g. the
+    overlapping patches of one block task). Memory: the box.
+
+    Attributes:
+        array: the full array-like (numpy, zarr, dask, TensorStore), any rank.
+        start: first index of the box per axis.
+        data: the box's values (numpy).
+    """
+
+    def __init__(self, array: Any, box: tuple[slice, ...]) -> None:
+        box = tuple(slice(*s.indices(n)[:2]) for s, n in zip(box, array.shape, strict=True))
+        self.array = array
+        self.start = tuple(s.start for s in box)
+        self.data = read_box(array, box)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Shape of the full array."""
+        return tuple(self.array.shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        """dtype of the full array."""
+        return np.dtype(self.array.dtype)
+
+    def _local(self, key: Any) -> tuple[slice, ...] | None:
+        """``key`` (a tuple of unit-step slices) in the box's own indices, or None if it leaves the box."""
+        if not isinstance(key, tuple) or len(key) != len(self.start):
+            return None
+        local = []
+        for part, first, size, n in zip(key, self.start, self.data.shape, self.shape, strict=True):
+            if not isinstance(part, slice):
+                return None
+            lo, hi, step = part.indices(n)
+            if step != 1 or lo < first or hi > first + size:
+                return None
+            local.append(slice(lo - first, hi - first))
+        return tuple(local)
+
+    def __getitem__(self, key: Any) -> Any:
+        local = self._local(key)
+        return self.data[local] if local is not None else read_box(self.array, key)
+
+
+def cache_box(array: Any, box: tuple[slice, ...] | None, max_bytes: int) -> Any:
+    """``array`` wrapped in a :class:`BoxCache` of ``box``, or ``array`` itself when it is already in memory
+    (numpy), ``box`` is None or the box would take more than ``max_bytes``.
+    """
+    if box is None or isinstance(array, np.ndarray):
+        return array
+    box = tuple(slice(*s.indices(n)[:2]) for s, n in zip(box, array.shape, strict=True))
+    voxels = int(np.prod([s.stop - s.start for s in box]))
+    if voxels * np.dtype(array.dtype).itemsize > max_bytes:
+        return array
+    return BoxCache(array, box)
 
 
 def pyramid_factors(spacing: Sequence[float], shape: Sequence[int], n_levels: int) -> list[tuple[int, int, int]]:

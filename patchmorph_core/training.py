@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from patchmorph_core.alignment import fit_affine, translation_matrix
 from patchmorph_core.config import LossConfig, TrainConfig, resolve_device
 from patchmorph_core.losses import stage_loss
 from patchmorph_core.model import PatchMorph, model_from_checkpoint, read_checkpoint, save_checkpoint
@@ -97,23 +98,30 @@ class TrainVolume:
 
 @dataclass(frozen=True)
 class TrainPair:
-    """A fixed and a moving volume in one unit; ``translation`` is the initial (centre-of-mass) alignment."""
+    """A fixed and a moving volume in one unit; ``initial`` ``(4, 4)`` is the initial world→world alignment
+    (fixed → moving): the centre-of-mass translation or the fitted affine (:mod:`patchmorph_core.alignment`),
+    the same start that inference uses."""
 
     fixed: TrainVolume
     moving: TrainVolume
-    translation: np.ndarray
+    initial: np.ndarray
 
     @classmethod
     def from_images(
-        cls, fixed: MultiscaleImage, moving: MultiscaleImage, device: torch.device | str = "cpu"
+        cls,
+        fixed: MultiscaleImage,
+        moving: MultiscaleImage,
+        device: torch.device | str = "cpu",
+        alignment: str = "center_of_mass",
     ) -> TrainPair:
-        """Pair two normalised pyramids (moving converted to the fixed unit)."""
+        """Pair two normalised pyramids (moving converted to the fixed unit); ``alignment`` as in
+        ``InferenceConfig.initial_alignment``."""
         moving = moving.with_unit(fixed.unit)
-        return cls(
-            TrainVolume.from_image(fixed, device),
-            TrainVolume.from_image(moving, device),
-            initial_translation(fixed, moving),
-        )
+        if alignment == "affine":
+            initial = fit_affine(fixed, moving).matrix
+        else:
+            initial = translation_matrix(initial_translation(fixed, moving))
+        return cls(TrainVolume.from_image(fixed, device), TrainVolume.from_image(moving, device), initial)
 
 
 PairSource = Callable[[np.random.Generator], TrainPair]
@@ -217,21 +225,27 @@ def run_chains(
     model: PatchMorph, pair: TrainPair, batch: ChainBatch, loss_config: LossConfig
 ) -> ChainResult:
     """Run the cascade over a batch of chains end to end and sum the stage losses (see module doc)."""
-    translation = torch.as_tensor(pair.translation, dtype=torch.float32, device=batch.points[0].device)
-    total = torch.zeros((), device=translation.device)
+    device = batch.points[0].device
+    initial = torch.as_tensor(pair.initial, dtype=torch.float32, device=device)
+    eye = torch.eye(3, dtype=torch.float32, device=device)
+
+    def initial_disp(world: torch.Tensor) -> torch.Tensor:  # (..., 3) world points -> (..., 3) displacement
+        return world @ (initial[:3, :3] - eye).T + initial[:3, 3]
+
+    total = torch.zeros((), device=device)
     stage_losses: list[float] = []
     parts: dict[str, float] = {"sim": 0.0, "smooth": 0.0, "fold": 0.0}
     prior: torch.Tensor | None = None
     for s, (points, linear, spacing) in enumerate(zip(batch.points, batch.linear, batch.spacing, strict=True)):
         fixed = pair.fixed.sample(points, spacing)
         if prior is None:
-            prior_here = translation.view(1, 1, 1, 1, 3).expand_as(points)
+            prior_here = initial_disp(points)
         else:
             prior_here = _channels_last(sample_torch(prior, batch.world_to_index[s - 1], points, padding_mode="border"))
         moving = pair.moving.sample(points + prior_here, spacing)
         update = model.stage_update(s, fixed, moving, linear)
         if prior is None:
-            disp = update + translation.view(1, 3, 1, 1, 1)
+            disp = update + initial_disp(points + _channels_last(update)).permute(0, 4, 1, 2, 3)
         else:
             disp = compose_with_prior(update, points, prior, batch.world_to_index[s - 1])
         warped = pair.moving.sample(points + _channels_last(disp), spacing)
@@ -351,6 +365,9 @@ def _train(config: TrainConfig, source: PairSource, progress: bool) -> TrainResu
     torch.manual_seed(config.seed)
     checkpoint = Path(config.checkpoint)
     model = PatchMorph(config.model)
+    if config.init_weights is not None:
+        model = model_from_checkpoint(read_checkpoint(config.init_weights), config.init_weights)
+        log.info("fine-tuning from %s (its model config replaces the config's)", config.init_weights)
     start_step = 0
     payload = read_checkpoint(checkpoint) if config.resume and checkpoint.is_file() else None
     if payload is not None:

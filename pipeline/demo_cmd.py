@@ -125,8 +125,12 @@ class DemoResult:
     summary: dict
 
 
-def fine_tune(prepared: PreparedExample, out: Path, config: FineTuneConfig) -> Path:
+def fine_tune(
+    prepared: PreparedExample, out: Path, config: FineTuneConfig, alignment: str = "affine"
+) -> Path:
     """Fine-tune the default model on the demo pair (unsupervised, the training API of the method).
+
+    Training pairs start from ``alignment`` (the flow's ``inference.initial_alignment``), as registration will.
 
     The default checkpoint is copied to ``out/fine_tune/patchmorph_demo_<key>.pt`` and training resumes
     from it for ``config.steps`` more steps on (brain fixed, atlas template moving) at ``config.spacing``
@@ -143,7 +147,7 @@ def fine_tune(prepared: PreparedExample, out: Path, config: FineTuneConfig) -> P
     from pipeline.train_cmd import build_source
 
     key = fingerprint(
-        {"weights": DEFAULT_WEIGHTS, "fixed": prepared.brain, "moving": prepared.template},
+        {"weights": DEFAULT_WEIGHTS, "fixed": prepared.brain, "moving": prepared.template, "alignment": alignment},
         config.model_dump(mode="json"),
     )
     target = out / "fine_tune" / f"patchmorph_demo_{key[:12]}.pt"
@@ -171,11 +175,12 @@ def fine_tune(prepared: PreparedExample, out: Path, config: FineTuneConfig) -> P
         seed=config.seed,
         device="auto",
         loss=config.loss,
+        initial_alignment=alignment,
         checkpoint=str(target),
         checkpoint_every=max(config.steps, 1),
         resume=True,
     )
-    result = training.train(train_config, build_source(data, out))
+    result = training.train(train_config, build_source(data, out, alignment))
     record.write_text(json.dumps({"fingerprint": key, "steps": config.steps, "seconds": result.seconds}))
     logger.info("fine-tuned %d steps in %.0f s -> %s", config.steps, result.seconds, target)
     return target
@@ -215,7 +220,8 @@ def run_demo(
     run = load_yaml(CONFIG_PATH, DemoConfig).full if run is None else run
     files = ExampleFiles.from_dir() if files is None else files
     prepared = prepare_example(out, files, brain_downsample=run.brain_downsample)
-    weights = fine_tune(prepared, out, run.fine_tune) if run.fine_tune.steps > 0 else None
+    alignment = run.flow.inference.initial_alignment
+    weights = fine_tune(prepared, out, run.fine_tune, alignment) if run.fine_tune.steps > 0 else None
     options = _flow_options(run, prepared, weights)
     with open_client(run.cluster) as (client, info):
         # the flow's tasks and the chunk tasks of each registration and warp share this one local cluster

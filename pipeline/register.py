@@ -31,9 +31,9 @@ from pydantic import BaseModel, ConfigDict
 
 from patchmorph_core.config import InferenceConfig, load_yaml, resolve_device
 from patchmorph_core.displacement import (
+    AffineDisplacement,
     Displacement,
     FieldDisplacement,
-    TranslationDisplacement,
     displacement_on_grid,
 )
 from patchmorph_core.errors import InputError
@@ -73,6 +73,8 @@ class RegistrationRecord(BaseModel):
         unit: world unit (the fixed image's).
         chunks: output chunks of the final stage; ``skipped``: chunks of all stages found done.
         stages: per-stage figures (chunks, blocks, patches, seconds).
+        initial_alignment: the initial alignment's record (method, NCC before/after, accepted, seconds)
+            and its ``(4, 4)`` fixed → moving ``matrix``.
         seconds: wall time.
         dashboard: Dask dashboard address used.
     """
@@ -88,6 +90,7 @@ class RegistrationRecord(BaseModel):
     chunks: int
     skipped: int
     stages: list[dict[str, Any]]
+    initial_alignment: dict[str, Any]
     seconds: float
     dashboard: str
 
@@ -201,11 +204,17 @@ def _check_finite(image: MultiscaleImage, role: str, path: str | Path) -> None:
 
 
 def _check_overlap(fixed: Grid, moving: Grid, initial: np.ndarray, moving_path: str | Path) -> None:
-    """InputError when the moving image, moved by the initial alignment, misses the fixed image's world box."""
+    """InputError when the moving image, moved by the initial alignment, misses the fixed image's world box.
+
+    ``initial`` is the ``(4, 4)`` fixed → moving world map; the moving box's corners are mapped back into
+    the fixed world frame and their axis-aligned box is compared with the fixed one.
+    """
     f_low, f_high = fixed.world_bounds()
     m_low, m_high = moving.world_bounds()
-    low = np.maximum(f_low, m_low - initial)
-    high = np.minimum(f_high, m_high - initial)
+    corners = np.array(np.meshgrid(*np.stack([m_low, m_high]).T, indexing="ij")).reshape(3, -1).T
+    back = (np.c_[corners, np.ones(len(corners))] @ np.linalg.inv(initial).T)[:, :3]
+    low = np.maximum(f_low, back.min(axis=0))
+    high = np.minimum(f_high, back.max(axis=0))
     if np.any(high <= low):
         raise InputError(
             f"moving image {moving_path} does not overlap the fixed image in world space after the initial "
@@ -235,6 +244,30 @@ def _fingerprint(
         "chunk_size": chunk,
         "grids": [[list(g.shape), np.round(g.affine, 9).tolist()] for g in plan.grids],
     }
+
+
+INITIAL_RECORD = "initial.json"
+"""File in the run folder holding the initial alignment of the first attempt (reused on resume: the fit
+runs on floating-point hardware whose last bits may differ between processes)."""
+
+
+def _stored_initial(run_root: Path) -> tuple[np.ndarray, dict[str, Any]] | None:
+    """The initial matrix and record a previous attempt of this run stored, or None."""
+    path = run_root / INITIAL_RECORD
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    return np.asarray(data["matrix"], dtype=np.float64), data["alignment"]
+
+
+def _store_initial(run_root: Path, rplan: RegistrationPlan) -> None:
+    """Keep the run's initial alignment for a resumed attempt (written once, atomically)."""
+    path = run_root / INITIAL_RECORD
+    if path.is_file():
+        return
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"matrix": rplan.initial.tolist(), "alignment": rplan.alignment}))
+    tmp.replace(path)
 
 
 def _plan_for(arrays: list[Any], grid: Grid) -> ChunkPlan:
@@ -296,7 +329,7 @@ def _stage_output(
 def _field_meta(
     fixed: str | Path, moving: str | Path, cfg: InferenceConfig, model: Any, rplan: RegistrationPlan
 ) -> dict[str, Any]:
-    """The output field's metadata: inputs, model, config, initial translation (plus the field contract)."""
+    """The output field's metadata: inputs, model, config, initial alignment (plus the field contract)."""
     provenance = {
         "fixed": str(fixed),
         "moving": str(moving),
@@ -305,7 +338,8 @@ def _field_meta(
             "config": model.config.model_dump(mode="json"),
         },
         "config": cfg.model_dump(mode="json"),
-        "initial_translation": rplan.initial.tolist(),
+        "initial_matrix": rplan.initial.tolist(),
+        "initial_alignment": rplan.alignment,
     }
     return field_metadata(rplan.grids[-1], provenance)
 
@@ -394,9 +428,10 @@ def register_files(
     for image, role, path in ((fixed_img, "fixed", fixed), (moving_img, "moving", moving)):
         _check_finite(image, role, path)
     model = load_model(cfg.weights, "cpu")
-    rplan = plan_registration(model, fixed_img, moving_img, cfg)
+    rplan = plan_registration(model, fixed_img, moving_img, cfg, None if overwrite else _stored_initial(run_root))
     _check_overlap(fixed_img.grid, rplan.moving.grid, rplan.initial, moving)
     records = open_run(run_root, _fingerprint(fixed, moving, cfg, rplan, chunk_size), overwrite)
+    _store_initial(run_root, rplan)
     meta = _field_meta(fixed, moving, cfg, model, rplan)
     ctx_base = {
         "fixed": fixed_img,
@@ -406,12 +441,12 @@ def register_files(
         "fixed_range": rplan.fixed_range,
         "moving_range": rplan.moving_range,
     }
-    prior: Displacement = TranslationDisplacement(rplan.initial)
+    prior: Displacement = AffineDisplacement(rplan.initial)
     stages: list[dict[str, Any]] = []
     with open_client(cluster_config) as (client, info):
         for lattice, grid in zip(rplan.lattices, rplan.grids, strict=True):
             stage_records = records.stage(f"stage{lattice.stage}")
-            final = lattice.stage == len(rplan.lattices) - 1
+            final = lattice is rplan.lattices[-1]
             output = _stage_output(
                 out if final else None, run_root, lattice, grid, chunk_size, stage_records, meta
             )
@@ -431,6 +466,7 @@ def register_files(
         chunks=stages[-1]["chunks"],
         skipped=sum(s["skipped"] for s in stages),
         stages=stages,
+        initial_alignment={**rplan.alignment, "matrix": rplan.initial.tolist()},
         seconds=time.perf_counter() - tic,
         dashboard=info.dashboard,
     )

@@ -95,13 +95,14 @@ class FilePairs:
 
     pairs: list[tuple[tuple[np.ndarray, Grid], tuple[np.ndarray, Grid]]]
     data: DataConfig
+    alignment: str = "center_of_mass"
 
     def __call__(self, rng: np.random.Generator) -> TrainPair:
         (fa, fg), (ma, mg) = self.pairs[int(rng.integers(len(self.pairs)))]
         fixed = _image_pyramid(fa, fg)
         moving = _image_pyramid(ma, mg)
         pose = random_pose(rng, mg.center, self.data)
-        return TrainPair.from_images(fixed, moving.transformed(pose))
+        return TrainPair.from_images(fixed, moving.transformed(pose), alignment=self.alignment)
 
 
 @dataclass
@@ -110,6 +111,7 @@ class SynthPairs:
 
     labels: list[tuple[np.ndarray, Grid]]
     data: DataConfig
+    alignment: str = "center_of_mass"
     _calls: int = 0
     _pair: TrainPair | None = None
 
@@ -139,7 +141,7 @@ class SynthPairs:
             )
             images.append(MultiscaleImage.from_array(image, grid))
         pose = random_pose(rng, mg.center, self.data)
-        return TrainPair.from_images(images[0], images[1].transformed(pose))
+        return TrainPair.from_images(images[0], images[1].transformed(pose), alignment=self.alignment)
 
     def _deform(self, labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """Labels warped (nearest) by a random smooth field of at most ``deform_disp_vox`` voxels."""
@@ -166,12 +168,13 @@ def _resolve(path: str, base: Path) -> Path:
     p = Path(path)
     p = p if p.is_absolute() else base / p
     if not p.exists():
-        raise InputError(f"training input {p} does not exist: fix the path in the config's data section.")
+        raise InputError(f"training input {p} does not exist: fix its path in the training config.")
     return p
 
 
-def build_source(data: DataConfig, base: Path) -> FilePairs | SynthPairs:
-    """Read the training volumes named by ``data`` (paths relative to ``base``) into a pair source."""
+def build_source(data: DataConfig, base: Path, alignment: str = "center_of_mass") -> FilePairs | SynthPairs:
+    """Read the training volumes named by ``data`` (paths relative to ``base``) into a pair source whose
+    pairs start from ``alignment`` (``TrainConfig.initial_alignment``)."""
     if data.kind == "synthseg":
         if not data.images:
             raise InputError(
@@ -181,7 +184,7 @@ def build_source(data: DataConfig, base: Path) -> FilePairs | SynthPairs:
             crop_to_brain(*read_volume(_resolve(p, base), data.unit, data.spacing, labels=True))
             for p in data.images
         ]
-        return SynthPairs(labels, data)
+        return SynthPairs(labels, data, alignment)
     if data.kind == "atlas":
         if data.atlas is None or not data.images:
             raise InputError(
@@ -189,7 +192,7 @@ def build_source(data: DataConfig, base: Path) -> FilePairs | SynthPairs:
             )
         atlas = read_volume(_resolve(data.atlas, base), data.unit, data.spacing)
         pairs = [(atlas, read_volume(_resolve(p, base), data.unit, data.spacing)) for p in data.images]
-        return FilePairs(pairs, data)
+        return FilePairs(pairs, data, alignment)
     if not data.pairs:
         raise InputError("data.kind 'pairs' needs data.pairs: give a list of [fixed, moving] image paths.")
     pairs = [
@@ -203,7 +206,8 @@ def build_source(data: DataConfig, base: Path) -> FilePairs | SynthPairs:
 
 
 def run_training(config_path: str | Path, *, resume: bool = False, steps: int | None = None) -> TrainResult:
-    """Load the YAML config, read the data and train; relative data paths are relative to the YAML's folder.
+    """Load the YAML config, read the data and train; relative data and ``init_weights`` paths are relative
+    to the YAML's folder.
 
     The checkpoint path is taken as given (relative to the working directory).
     """
@@ -213,7 +217,10 @@ def run_training(config_path: str | Path, *, resume: bool = False, steps: int | 
         config.resume = True
     if steps is not None:
         config.steps = steps
-    source = build_source(config.data, config_path.resolve().parent)
+    base = config_path.resolve().parent
+    if config.init_weights is not None:
+        config.init_weights = str(_resolve(config.init_weights, base))
+    source = build_source(config.data, base, config.initial_alignment)
     return training.train(config, source)
 
 

@@ -11,8 +11,9 @@ Directions (the field ``u`` maps a fixed world point ``x`` to the moving world p
   mean are returned in :class:`WarpRecord` and stored in the output's metadata.
 
 Images are trilinear (``order=1``, rounded back to the input dtype), label maps nearest (``order=0``).
-Each output chunk (the Zarr write unit) is computed and written once by one task, then recorded in
-``<out>.run/`` (:mod:`pipeline.resume`); a rerun after a crash skips recorded chunks.
+Each write unit of the output (a Zarr chunk, or a whole shard for sharded arrays) is computed by one task
+in cubes of the storage chunk shape, written once, then recorded in ``<out>.run/`` (:mod:`pipeline.resume`);
+a rerun after a crash skips recorded units. A task's memory is set by the chunk and shard shapes.
 """
 
 from __future__ import annotations
@@ -99,20 +100,19 @@ class WarpContext:
     records: StageRecords
 
 
-def _cast(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """Interpolated values back to the output dtype (rounded and clipped for integers)."""
-    if np.issubdtype(dtype, np.integer) and values.dtype.kind == "f":
-        info = np.iinfo(dtype)
-        values = np.clip(np.rint(values), info.min, info.max)
-    return values.astype(dtype, copy=False)
-
-
 def warp_chunk(ctx: WarpContext, cid: ChunkId, partials: list[Any]) -> dict[str, Any]:
-    """Task: resample one output chunk, write it whole, then record it (with the inverse's residual)."""
+    """Task: resample one write unit (a chunk, or a whole shard), write it once, then record it.
+
+    A shard is computed cube by cube in its storage chunks (:func:`~patchmorph_core.warping.warp_to_grid`
+    with ``cube`` = the array's chunk shape) into one preallocated block of the output dtype, so the task's
+    temporaries scale with the chunk, not the shard; the block is written whole, once. Also measures the
+    inverse's residual on every ``ERROR_STRIDE``-th voxel for inverse warps.
+    """
     tic = time.perf_counter()
     box = ctx.plan.box(cid)
     grid = ctx.plan.chunk_grid(cid)
-    values = warp_to_grid(ctx.image, ctx.displacement, grid, order=ctx.order)
+    cube = tuple(ctx.out.chunks)[-3:]
+    values = warp_to_grid(ctx.image, ctx.displacement, grid, order=ctx.order, dtype=ctx.out.dtype, cube=cube)
     info: dict[str, Any] = {}
     if ctx.forward is not None:
         sub = tuple(np.arange(0, n, ERROR_STRIDE) for n in grid.shape)
@@ -121,7 +121,7 @@ def warp_chunk(ctx: WarpContext, cid: ChunkId, partials: list[Any]) -> dict[str,
         norm = np.linalg.norm(residual, axis=-1)
         info.update(max_error=float(norm.max()), sum_error=float(norm.sum()), n_error=int(norm.size))
     ctx.records.log_write(cid)
-    ctx.out[box.slices] = _cast(values, ctx.out.dtype)
+    ctx.out[box.slices] = values
     info["seconds"] = time.perf_counter() - tic
     ctx.records.mark_done(cid, info)
     return info

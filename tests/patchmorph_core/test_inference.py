@@ -230,9 +230,11 @@ def _pair() -> tuple[MultiscaleImage, MultiscaleImage]:
 def test_register_arrays_stub_adds_updates_across_stages() -> None:
     fixed, moving = _pair()
     model = ConstantUpdate((0.25, 0.5, -0.5))
-    config = InferenceConfig(batch_size=8, device="cpu", max_rotation_deg=0.0)
+    config = InferenceConfig(batch_size=8, device="cpu", max_rotation_deg=0.0, initial_alignment="center_of_mass")
     result = register_arrays(model, fixed, moving, config, show_progress=False)
-    initial = np.array(result.info["initial_translation"])
+    matrix = np.array(result.info["initial_matrix"])
+    assert np.allclose(matrix[:3, :3], np.eye(3)) and result.info["initial_alignment"]["method"] == "center_of_mass"
+    initial = matrix[:3, 3]
     assert np.allclose(initial, [2.0, -1.5, 1.0], atol=0.3)  # tissue centres of mass, in the fixed unit (mm)
     assert result.grid.unit == "millimeter" and result.field.shape == (3, *result.grid.shape)
     assert [s["stage"] for s in result.info["stages"]] == [0, 1]
@@ -268,7 +270,8 @@ def test_default_register_yaml_matches_config_defaults() -> None:
     assert load_yaml(path, InferenceConfig) == InferenceConfig()
 
 
-def test_patch_estimate_equals_the_training_forward_pass() -> None:
+@pytest.mark.parametrize("alignment", ["center_of_mass", "affine"])
+def test_patch_estimate_equals_the_training_forward_pass(alignment: str) -> None:
     # the same patch through inference (numpy sampling, per-image normalisation) and through training's
     # differentiable cascade (torch sampling) must give the same total displacement
     from patchmorph_core.config import LossConfig
@@ -298,12 +301,17 @@ def test_patch_estimate_equals_the_training_forward_pass() -> None:
                 tuple(type(lv)(normalize(lv.array, *intensity_range(im)), lv.grid) for lv in im.levels)
             )
             for im in (fixed, moving)
-        )
+        ),
+        alignment=alignment,
     )
-    ours = estimate_patches(model, fixed, moving, TranslationDisplacement(pair.translation), specs, config)
+    if alignment == "affine":  # the fitted start is a real affine, not a translation
+        assert np.abs(pair.initial[:3, :3] - np.eye(3)).max() > 1e-3
+    ours = estimate_patches(model, fixed, moving, AffineDisplacement(pair.initial), specs, config)
     with torch.no_grad():
         theirs = run_chains(
             model, pair, ChainBatch.from_chains([[s.grid] for s in specs]), LossConfig(ncc_window=3)
         )
-    assert np.abs(ours - pair.translation[None, :, None, None, None]).max() > 0.1  # a real update
+    start = AffineDisplacement(pair.initial)(np.stack([sp.grid.points() for sp in specs]).reshape(-1, 3))
+    start = start.reshape(len(specs), *specs[0].grid.shape, 3).transpose(0, 4, 1, 2, 3)
+    assert np.abs(ours - start).max() > 0.1  # a real update
     assert np.abs(ours - theirs.displacement.numpy()).max() < 1e-3 * float(specs[0].grid.spacing.max())

@@ -6,15 +6,19 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from patchmorph_core.displacement import FieldDisplacement, TranslationDisplacement
 from patchmorph_core.sampling import (
+    displacement_at,
     initial_translation,
     intensity_range,
     normalize,
+    sample_grid,
     sample_patch,
+    sample_points,
     tissue_bounds,
     tissue_center,
 )
-from patchmorph_core.source import MultiscaleImage
+from patchmorph_core.source import Level, MultiscaleImage
 from patchmorph_core.spatial import Grid, patch_grid, random_rotation
 
 
@@ -112,3 +116,27 @@ def test_empty_image_centre_is_grid_centre() -> None:
     image = MultiscaleImage.from_array(np.zeros(grid.shape, np.float32), grid, n_levels=1)
     np.testing.assert_allclose(tissue_center(image), grid.center)
     assert intensity_range(image) == pytest.approx((0.0, 1.0))
+
+
+def test_grid_and_point_sampling_agree_with_scipy_at_the_image_border() -> None:
+    grid = _image_grid()
+    volume = _blob_volume(grid.shape)
+    level = Level(volume, grid)
+    # a rotated patch half outside the image: interior samples and the zeros beyond the border
+    patch = patch_grid(grid.index_to_world([2.0, 3.0, 45.0]), 16.0, 10, random_rotation(np.random.default_rng(3), 60.0), unit="millimeter")
+    points = patch.points().reshape(-1, 3)
+    expected = ndimage.map_coordinates(volume, grid.world_to_index(points).T, order=1, mode="constant", prefilter=False)
+    np.testing.assert_allclose(sample_grid(level, patch).ravel(), expected, atol=1e-5)
+    np.testing.assert_allclose(sample_points(level, points), expected, atol=1e-6)
+    assert (expected == 0).any() and (expected > 0).any()
+
+
+def test_displacement_at_equals_the_field_sampler_inside_and_outside() -> None:
+    grid = _image_grid().resampled(3.0)
+    field = np.random.default_rng(2).normal(size=(3, *grid.shape)).astype(np.float32)
+    sampler = FieldDisplacement(field, grid)
+    low, high = grid.world_bounds()
+    points = np.random.default_rng(4).uniform(low - 5.0, high + 5.0, (500, 3))  # some beyond the grid
+    np.testing.assert_allclose(displacement_at(sampler, points), sampler(points), atol=1e-6)
+    shift = TranslationDisplacement(np.array([1.0, 2.0, 3.0]))
+    np.testing.assert_array_equal(displacement_at(shift, points), shift(points))

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from patchmorph_core.source import MultiscaleImage, downsample, downsampled_grid, pyramid_factors
+from patchmorph_core.source import (
+    BoxCache,
+    Level,
+    MultiscaleImage,
+    cache_box,
+    downsample,
+    downsampled_grid,
+    pyramid_factors,
+)
 from patchmorph_core.spatial import Grid, random_rotation
 
 
@@ -53,3 +61,44 @@ def test_level_for_spacing_picks_coarsest_not_coarser_than_target() -> None:
     pts = np.array([[20.0, 16.0, 16.0]])
     for level in pyramid.levels:
         np.testing.assert_allclose(pyramid.sample(pts, float(level.grid.spacing.max())), [10.0], atol=1e-4)
+
+
+class _CountingArray:
+    """An array-like that counts the boxes read from it."""
+
+    def __init__(self, array: np.ndarray) -> None:
+        self.array, self.shape, self.dtype = array, array.shape, array.dtype
+        self.reads = 0
+
+    def __getitem__(self, box: tuple[slice, ...]) -> np.ndarray:
+        self.reads += 1
+        return self.array[box]
+
+
+def test_box_cache_serves_inside_reads_from_memory_and_falls_back_outside() -> None:
+    data = np.arange(3 * 10 * 12 * 8, dtype=np.float32).reshape(3, 10, 12, 8)
+    store = _CountingArray(data)
+    cached = BoxCache(store, (slice(None), slice(2, 7), slice(0, 6), slice(3, 8)))
+    assert store.reads == 1 and cached.shape == data.shape and cached.dtype == data.dtype
+    inside = (slice(None), slice(3, 5), slice(1, 6), slice(3, 8))
+    np.testing.assert_array_equal(cached[inside], data[inside])
+    assert store.reads == 1  # served from the box
+    outside = (slice(None), slice(6, 9), slice(0, 2), slice(0, 4))
+    np.testing.assert_array_equal(cached[outside], data[outside])
+    assert store.reads == 2  # read from the store: same values either way
+    assert cache_box(data, outside, 1 << 20) is data  # numpy is already in memory
+    assert cache_box(store, outside, 10) is store  # over the byte limit: not cached
+
+
+def test_cached_image_samples_identically_and_reads_once() -> None:
+    grid = Grid.from_spacing((20, 24, 18), (1.5, 1.0, 1.0), unit="millimeter")
+    volume = np.random.default_rng(0).random(grid.shape).astype(np.float32)
+    store = _CountingArray(volume)
+    image = MultiscaleImage((Level(store, grid),))
+    low, high = grid.index_to_world([4, 5, 3]), grid.index_to_world([12, 15, 11])
+    cached = image.cached(low, high, 1.5, 1 << 20)
+    points = np.random.default_rng(1).uniform(low, high, (200, 3))
+    reads = store.reads
+    for chunk in np.array_split(points, 10):
+        np.testing.assert_array_equal(cached.sample(chunk, 1.5), image.sample(chunk, 1.5))
+    assert store.reads - reads == 10  # only the uncached image read; the cached one never did

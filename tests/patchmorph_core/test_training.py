@@ -12,7 +12,7 @@ from scipy import ndimage
 from typer.testing import CliRunner
 
 from patchmorph_core.config import DataConfig, LossConfig, ModelConfig, TrainConfig
-from patchmorph_core.model import PatchMorph, load_model, read_checkpoint
+from patchmorph_core.model import PatchMorph, load_model, read_checkpoint, save_checkpoint
 from patchmorph_core.source import MultiscaleImage
 from patchmorph_core.spatial import Grid, resample
 from patchmorph_core.synth import random_smooth_field, synthesize_image
@@ -134,12 +134,17 @@ def test_resume_continues_from_the_checkpoint(tmp_path: Path) -> None:
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
-def test_train_command_on_nifti_pairs(tmp_path: Path) -> None:
+def _write_nifti_pair(folder: Path) -> None:
+    """``fixed.nii.gz`` and ``moving.nii.gz`` (2 mm, synthetic images of the test label pair) in ``folder``."""
     fixed_labels, moving_labels = _label_pair()
     affine = np.diag([2.0, 2.0, 2.0, 1.0])
     for name, lab in (("fixed", fixed_labels), ("moving", moving_labels)):
         image = synthesize_image(np.asarray(lab.levels[0].array), np.random.default_rng(0), None)
-        nib.save(nib.Nifti1Image(image.transpose(2, 1, 0), affine), str(tmp_path / f"{name}.nii.gz"))
+        nib.save(nib.Nifti1Image(image.transpose(2, 1, 0), affine), str(folder / f"{name}.nii.gz"))
+
+
+def test_train_command_on_nifti_pairs(tmp_path: Path) -> None:
+    _write_nifti_pair(tmp_path)
     config = tmp_path / "train.yaml"
     config.write_text(
         "data:\n  kind: pairs\n  pairs: [[fixed.nii.gz, moving.nii.gz]]\n  spacing: 4.0\n"
@@ -153,3 +158,27 @@ def test_train_command_on_nifti_pairs(tmp_path: Path) -> None:
     config.write_text("data:\n  kind: pairs\n  pairs: [[missing.nii.gz, moving.nii.gz]]\n")
     result = CliRunner().invoke(app, ["train", "--config", str(config)])
     assert result.exit_code == 2 and "missing.nii.gz does not exist" in result.output
+
+
+def test_train_command_fine_tunes_from_weights_with_affine_starts(tmp_path: Path) -> None:
+    # step 2 of the default model's recipe (configs/train_affine.yaml): start from trained weights, every
+    # pair starting from the fitted affine; the weights must move and the model config must be the source's
+    _write_nifti_pair(tmp_path)
+    source = PatchMorph(ModelConfig(patch_size=8, n_stages=2, widths=(4, 8), affine_widths=(4,)))
+    save_checkpoint(tmp_path / "base.pt", source, step=7)
+    config = tmp_path / "finetune.yaml"
+    config.write_text(
+        "data:\n  kind: pairs\n  pairs: [[fixed.nii.gz, moving.nii.gz]]\n  spacing: 4.0\n"
+        "model:\n  patch_size: 16\n"  # ignored: the init_weights' model config wins
+        f"steps: 2\nbatch_size: 1\ndevice: cpu\ncheckpoint: {tmp_path / 'out' / 'tuned.pt'}\n"
+        "init_weights: base.pt\ninitial_alignment: affine\n"
+    )
+    result = CliRunner().invoke(app, ["train", "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    tuned = load_model(tmp_path / "out" / "tuned.pt")
+    assert tuned.config == source.config and read_checkpoint(tmp_path / "out" / "tuned.pt")["step"] == 2
+    before, after = source.state_dict(), tuned.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    config.write_text(config.read_text().replace("base.pt", "absent.pt"))
+    result = CliRunner().invoke(app, ["train", "--config", str(config)])
+    assert result.exit_code == 2 and "absent.pt does not exist" in result.output

@@ -13,7 +13,7 @@ from patchmorph_core.displacement import (
 )
 from patchmorph_core.source import Level, MultiscaleImage
 from patchmorph_core.spatial import Grid, random_rotation
-from patchmorph_core.warping import invert_field, warp_to_grid
+from patchmorph_core.warping import field_on_grid, invert_field, warp_to_grid
 
 
 def _grids() -> tuple[Grid, Grid]:
@@ -132,3 +132,34 @@ def test_inverse_warp_round_trip_labels() -> None:
     assert np.allclose(on_grid, whole.field, atol=1e-5)
     blocked = invert_field(field, grid, 20, block=1000)  # block-wise = whole (the inversion is point-wise)
     assert np.array_equal(blocked.field, whole.field) and blocked.max_error == whole.max_error
+
+
+def test_field_on_grid_separable_equals_point_wise_on_a_rotated_anisotropic_grid() -> None:
+    rotation = random_rotation(np.random.default_rng(7), 30.0)
+    fixed = Grid.from_spacing((30, 26, 34), (1.5, 1.0, 0.8), origin=(2.0, -3.0, 1.0), unit="millimeter", direction=rotation)
+    field_grid = fixed.resampled(3.0)  # same axes, coarser
+    field = np.random.default_rng(8).normal(size=(3, *field_grid.shape)).astype(np.float32)
+    sampler = FieldDisplacement(field, field_grid)
+    target = fixed.crop((3, 0, 5), (30, 17, 34))  # a chunk, reaching the edges (constant extension)
+    expected = sampler(target.points().reshape(-1, 3)).reshape(*target.shape, 3)
+    np.testing.assert_allclose(np.moveaxis(field_on_grid(sampler, target), 0, -1), expected, atol=1e-5)
+    turned = Grid(target.shape, target.affine @ np.diag([1.0, 1.0, 1.0, 1.0])[[0, 2, 1, 3]], target.unit)
+    np.testing.assert_allclose(  # permuted axes: the point-wise fallback
+        np.moveaxis(field_on_grid(sampler, turned), 0, -1),
+        sampler(turned.points().reshape(-1, 3)).reshape(*turned.shape, 3),
+        atol=1e-6,
+    )
+
+
+def test_warp_in_cubes_equals_one_block_and_rounds_integers() -> None:
+    grid = Grid.from_spacing((20, 23, 17), (1.0, 1.2, 0.9), unit="millimeter")
+    image = (np.random.default_rng(9).random(grid.shape) * 1000).astype(np.float32)
+    field_grid = grid.resampled(4.0)
+    field = np.random.default_rng(10).normal(scale=1.5, size=(3, *field_grid.shape)).astype(np.float32)
+    displacement = FieldDisplacement(field, field_grid)
+    whole = warp_to_grid(Level(image, grid), displacement, grid, order=1, block=10**6)
+    cubes = warp_to_grid(Level(image, grid), displacement, grid, order=1, cube=(7, 5, 6))
+    np.testing.assert_allclose(cubes, whole, atol=1e-4)
+    as_int = warp_to_grid(Level(image, grid), displacement, grid, order=1, dtype=np.uint16, cube=(7, 5, 6))
+    assert as_int.dtype == np.uint16
+    np.testing.assert_array_equal(as_int, np.clip(np.rint(cubes), 0, 65535).astype(np.uint16))

@@ -1,0 +1,191 @@
+"""Initial global alignment: an affine map fitted to coarse copies of the two images.
+
+Two brains in their native scanner or microscope spaces differ by a translation of centimetres, rotations of
+tens of degrees and a few percent of scaling. The cascade's coarsest stage sees the whole brain in one patch
+of ``P³`` voxels and was trained on residual poses of up to about 20°; the better it starts, the more of its
+capacity goes into the anatomy. So registration starts from an affine fitted here (choice; the paper is silent
+on the initialisation):
+
+* start: the centres of tissue mass matched (:func:`patchmorph_core.sampling.initial_translation`);
+* model: ``φ(x) = c_m + (I + B)(x − c_f) + E·t`` with ``c_f``, ``c_m`` the tissue centres, ``E`` the fixed
+  tissue extent (so ``B`` and ``t`` are unit-free and one learning rate serves millimetres and micrometres);
+* objective: between the fixed image on a grid over its tissue box and the moving image sampled at
+  ``φ(x)``, both normalised to 0..1, at the spacings ``E / n`` for ``n`` in :data:`LEVELS` (coarse to
+  fine), Adam, :data:`STEPS` steps per level: the global normalised cross-correlation (Pearson). Measured:
+  it recovers a known 16° / 6 % / 5 mm affine to 0.12 mm (tests/patchmorph_core/test_alignment.py), where
+  local NCC (window 5) ends 1.9 mm off on the same smooth object; on four benchmark brain pairs the mean
+  Dice of the start is 0.578 (global) vs 0.594 (local) vs 0.40 (centre of mass alone);
+* only the pyramid level matching each spacing is read (a few hundred thousand voxels at most), so the cost
+  does not grow with the image size;
+* safeguard: if the fitted affine does not improve the NCC of the start, or its determinant leaves
+  ``[1/2, 2]``, the centre-of-mass translation is kept (and the record says so).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from patchmorph_core.sampling import intensity_range, normalize, tissue_bounds, tissue_center
+from patchmorph_core.source import MultiscaleImage
+from patchmorph_core.spatial import Grid, read_box, sample_torch
+
+log = logging.getLogger(__name__)
+
+LEVELS: tuple[int, ...] = (24, 40)
+"""Grid spacings of the fit, as fractions ``E / n`` of the fixed tissue extent ``E`` (coarse to fine)."""
+
+STEPS: tuple[int, ...] = (80, 40)
+"""Adam steps at each level of :data:`LEVELS`."""
+
+LEARNING_RATE = 0.01
+"""Adam step size for the unit-free parameters ``B`` and ``t``."""
+
+MARGIN = 0.1
+"""The fit grid covers the fixed tissue box grown by this fraction of ``E`` on every side."""
+
+
+@dataclass(frozen=True)
+class AffineFit:
+    """An initial alignment.
+
+    Attributes:
+        matrix: ``(4, 4)`` world→world map, fixed world point → moving world point (``(z, y, x)``, the fixed
+            image's unit).
+        ncc_start, ncc_fitted: global NCC (−1..1, higher is better) at the finest fit level for the
+            centre-of-mass start and for the fitted affine.
+        accepted: False when the safeguard kept the start (then ``matrix`` is the start's translation).
+        seconds: wall time of the fit.
+    """
+
+    matrix: np.ndarray
+    ncc_start: float
+    ncc_fitted: float
+    accepted: bool
+    seconds: float
+
+
+def translation_matrix(offset: np.ndarray) -> np.ndarray:
+    """``(4, 4)`` world→world map ``x ↦ x + offset``."""
+    matrix = np.eye(4)
+    matrix[:3, 3] = np.asarray(offset, dtype=np.float64)
+    return matrix
+
+
+def _fit_grid(fixed: MultiscaleImage, spacing: float) -> Grid:
+    """Axis-aligned grid of ``spacing`` over the fixed tissue box grown by :data:`MARGIN` (world frame)."""
+    low, high = tissue_bounds(fixed)
+    extent = float(np.max(high - low))
+    low, high = low - MARGIN * extent, high + MARGIN * extent
+    shape = tuple(int(n) for n in np.maximum(np.ceil((high - low) / spacing), 4))
+    affine = np.eye(4)
+    affine[:3, :3] *= spacing
+    affine[:3, 3] = low + spacing / 2.0
+    return Grid(shape, affine, fixed.unit)
+
+
+def _level_tensor(image: MultiscaleImage, spacing: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The level matching ``spacing`` normalised to 0..1 as ``(1, 1, Z, Y, X)`` and its world→index matrix."""
+    level = image.level_for_spacing(spacing)
+    values = read_box(level.array, tuple(slice(0, n) for n in level.grid.shape))
+    lo, hi = intensity_range(image)
+    volume = torch.from_numpy(normalize(values, lo, hi))[None, None]
+    return volume, torch.as_tensor(level.grid.inverse_affine, dtype=torch.float32)
+
+
+def global_ncc(fixed: torch.Tensor, warped: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Pearson correlation of two equally shaped tensors (scalar in ``[-1, 1]``)."""
+    f = fixed - fixed.mean()
+    m = warped - warped.mean()
+    return (f * m).sum() / torch.sqrt((f * f).sum() * (m * m).sum() + eps)
+
+
+def _warp_points(
+    points: torch.Tensor, centre_f: torch.Tensor, centre_m: torch.Tensor, extent: float,
+    linear: torch.Tensor, shift: torch.Tensor,
+) -> torch.Tensor:  # fmt: skip
+    """``c_m + (I + B)(x − c_f) + E·t`` for ``(..., 3)`` world points ``x``."""
+    eye = torch.eye(3, dtype=points.dtype)
+    return centre_m + (points - centre_f) @ (eye + linear).T + extent * shift
+
+
+@dataclass(frozen=True)
+class _FitLevel:
+    """One level of the fit: fixed values ``target`` ``(1, 1, D, H, W)`` at world ``points``
+    ``(1, D, H, W, 3)``, the moving level ``volume`` ``(1, 1, Z, Y, X)`` and its world→index matrix."""
+
+    target: torch.Tensor
+    points: torch.Tensor
+    volume: torch.Tensor
+    world_to_index: torch.Tensor
+
+    @classmethod
+    def build(cls, fixed: MultiscaleImage, moving: MultiscaleImage, spacing: float) -> _FitLevel:
+        grid = _fit_grid(fixed, spacing)
+        f_lo, f_hi = intensity_range(fixed)
+        target = torch.from_numpy(normalize(fixed.sample(grid.points(), spacing), f_lo, f_hi))[None, None]
+        volume, world_to_index = _level_tensor(moving, spacing)
+        return cls(target, torch.as_tensor(grid.points(), dtype=torch.float32)[None], volume, world_to_index)
+
+    def ncc(self, world: torch.Tensor) -> torch.Tensor:
+        """Global NCC between the fixed values and the moving image sampled at ``world`` (like ``points``)."""
+        return global_ncc(self.target, sample_torch(self.volume, self.world_to_index, world))
+
+
+def fit_affine(fixed: MultiscaleImage, moving: MultiscaleImage) -> AffineFit:
+    """Fit the initial affine (see the module docstring); ``moving`` must be in the fixed image's unit.
+
+    Runs on one CPU thread: torch's parallel reductions round differently with other thread counts, and
+    the same inputs must give the same start in every process (a resumed run, a worker, a test).
+
+    Returns:
+        :class:`AffineFit` whose ``matrix`` maps fixed world points to moving world points.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _fit_affine(fixed, moving)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fit_affine(fixed: MultiscaleImage, moving: MultiscaleImage) -> AffineFit:
+    """:func:`fit_affine` on the current thread settings."""
+    tic = time.perf_counter()
+    low, high = tissue_bounds(fixed)
+    extent = float(np.max(high - low))
+    centre_f = torch.as_tensor(tissue_center(fixed), dtype=torch.float32)
+    centre_m = torch.as_tensor(tissue_center(moving), dtype=torch.float32)
+    linear = torch.zeros(3, 3, requires_grad=True)
+    shift = torch.zeros(3, requires_grad=True)
+    optimizer = torch.optim.Adam([linear, shift], lr=LEARNING_RATE)
+    ncc_start = ncc_fitted = 0.0
+    for n, steps in zip(LEVELS, STEPS, strict=True):
+        level = _FitLevel.build(fixed, moving, extent / n)
+        for _ in range(steps):
+            optimizer.zero_grad()
+            loss = -level.ncc(_warp_points(level.points, centre_f, centre_m, extent, linear, shift))
+            loss.backward()
+            optimizer.step()
+        with torch.no_grad():
+            zero_lin, zero_shift = torch.zeros(3, 3), torch.zeros(3)
+            ncc_start = float(level.ncc(_warp_points(level.points, centre_f, centre_m, extent, zero_lin, zero_shift)))
+            ncc_fitted = float(level.ncc(_warp_points(level.points, centre_f, centre_m, extent, linear, shift)))
+    matrix_lin = np.eye(3) + linear.detach().double().numpy()
+    c_f, c_m = centre_f.double().numpy(), centre_m.double().numpy()
+    fitted = np.eye(4)
+    fitted[:3, :3] = matrix_lin
+    fitted[:3, 3] = c_m + extent * shift.detach().double().numpy() - matrix_lin @ c_f
+    det = float(np.linalg.det(matrix_lin))
+    accepted = ncc_fitted > ncc_start and 0.5 <= det <= 2.0
+    matrix = fitted if accepted else translation_matrix(c_m - c_f)
+    seconds = time.perf_counter() - tic
+    log.info(
+        "initial affine: NCC %.4f -> %.4f, det %.3f, %s (%.1f s)",
+        ncc_start, ncc_fitted, det, "accepted" if accepted else "rejected, centre of mass kept", seconds,
+    )  # fmt: skip
+    return AffineFit(matrix, ncc_start, ncc_fitted, accepted, seconds)
