@@ -613,6 +613,13 @@ def output_field_spacing(
     return max(float(finest_extent) / patch_size, float(fixed.spacing.min()))
 
 
+def _first_stage(config: InferenceConfig, alignment: dict[str, Any], n_stages: int) -> int:
+    """The first stage to run: ``config.first_stage``, or by default 1 after an accepted affine start."""
+    if config.first_stage is not None:
+        return config.first_stage
+    return 1 if alignment.get("method") == "affine" and alignment.get("accepted") and n_stages > 1 else 0
+
+
 def plan_registration(
     model: Any,
     fixed: MultiscaleImage,
@@ -637,22 +644,11 @@ def plan_registration(
     bounds = (np.maximum(low, grid_low), np.minimum(high, grid_high))
     size = int(model.config.patch_size)
     last = output_field_spacing(fixed.grid, extents[-1], size, config.field_spacing)
-    if config.first_stage >= len(extents):
+    if config.first_stage is not None and config.first_stage >= len(extents):
         raise InputError(
             f"first_stage {config.first_stage} leaves no stage to run (the model runs {len(extents)}): "
             "give a smaller first_stage or more n_stages."
         )
-    lattices, grids = [], []
-    for stage, extent in enumerate(extents):
-        if stage < config.first_stage:
-            continue
-        lattices.append(
-            stage_lattice(
-                fixed.grid, extent, config.overlap, config.seed, stage, config.max_rotation_deg, size, bounds
-            )
-        )
-        spacing = last if stage == len(extents) - 1 else max(extent / size, last)
-        grids.append(fixed.grid.resampled(spacing))
     if initial is not None:
         matrix, alignment = np.asarray(initial[0], dtype=np.float64), dict(initial[1])
     elif config.initial_alignment == "affine":
@@ -668,6 +664,18 @@ def plan_registration(
     else:
         matrix = translation_matrix(initial_translation(fixed, moving))
         alignment = {"method": "center_of_mass"}
+    first = _first_stage(config, alignment, len(extents))
+    lattices, grids = [], []
+    for stage, extent in enumerate(extents):
+        if stage < first:
+            continue
+        lattices.append(
+            stage_lattice(
+                fixed.grid, extent, config.overlap, config.seed, stage, config.max_rotation_deg, size, bounds
+            )
+        )
+        spacing = last if stage == len(extents) - 1 else max(extent / size, last)
+        grids.append(fixed.grid.resampled(spacing))
     return RegistrationPlan(
         moving=moving,
         initial=matrix,

@@ -11,6 +11,7 @@ from scipy import ndimage
 
 from patchmorph_core.config import InferenceConfig, ModelConfig, load_yaml
 from patchmorph_core.displacement import AffineDisplacement, TranslationDisplacement
+from patchmorph_core.errors import InputError
 from patchmorph_core.inference import (
     FieldSums,
     PatchSpec,
@@ -20,6 +21,7 @@ from patchmorph_core.inference import (
     estimate_patches,
     finalize,
     patch_window,
+    plan_registration,
     register_arrays,
     specs_in_box,
     stage_lattice,
@@ -230,7 +232,9 @@ def _pair() -> tuple[MultiscaleImage, MultiscaleImage]:
 def test_register_arrays_stub_adds_updates_across_stages() -> None:
     fixed, moving = _pair()
     model = ConstantUpdate((0.25, 0.5, -0.5))
-    config = InferenceConfig(batch_size=8, device="cpu", max_rotation_deg=0.0, initial_alignment="center_of_mass")
+    config = InferenceConfig(
+        batch_size=8, device="cpu", max_rotation_deg=0.0, initial_alignment="center_of_mass", overlap=2.0
+    )
     result = register_arrays(model, fixed, moving, config, show_progress=False)
     matrix = np.array(result.info["initial_matrix"])
     assert np.allclose(matrix[:3, :3], np.eye(3)) and result.info["initial_alignment"]["method"] == "center_of_mass"
@@ -315,3 +319,18 @@ def test_patch_estimate_equals_the_training_forward_pass(alignment: str) -> None
     start = start.reshape(len(specs), *specs[0].grid.shape, 3).transpose(0, 4, 1, 2, 3)
     assert np.abs(ours - start).max() > 0.1  # a real update
     assert np.abs(ours - theirs.displacement.numpy()).max() < 1e-3 * float(specs[0].grid.spacing.max())
+
+
+def test_plan_skips_the_whole_brain_stage_only_after_an_accepted_affine() -> None:
+    fixed, moving = _pair()
+    model = ConstantUpdate((0.0, 0.0, 0.0))
+    affine = plan_registration(model, fixed, moving, InferenceConfig(device="cpu"))
+    assert affine.alignment["method"] == "affine" and affine.alignment["accepted"]
+    assert not np.allclose(affine.initial[:3, :3], np.eye(3))  # a rotated moving grid: a real affine
+    assert [lat.stage for lat in affine.lattices] == [1]
+    com = plan_registration(model, fixed, moving, InferenceConfig(device="cpu", initial_alignment="center_of_mass"))
+    assert [lat.stage for lat in com.lattices] == [0, 1] and np.allclose(com.initial[:3, :3], np.eye(3))
+    forced = plan_registration(model, fixed, moving, InferenceConfig(device="cpu", first_stage=0))
+    assert [lat.stage for lat in forced.lattices] == [0, 1]
+    with pytest.raises(InputError, match="first_stage 2 leaves no stage"):
+        plan_registration(model, fixed, moving, InferenceConfig(device="cpu", first_stage=2))
