@@ -286,18 +286,32 @@ def _store(data: Any, target: zarr.Array, desc: str) -> None:
         da.store(darr[region], target, regions=region, lock=False)
 
 
+DOWNSAMPLE_SLAB_PLANES = 8
+"""Output planes computed at a time by :func:`_downsample_block`, so its float32 temporaries stay a small
+slab of the block (a 512³ uint16 source block would otherwise need 0.5 GiB of float32)."""
+
+
 def _downsample_block(
     block: np.ndarray, factors: tuple[int, int, int], labels: bool, dtype: np.dtype
 ) -> np.ndarray:
-    """Downsample one ``(Z, Y, X)`` or ``(C, Z, Y, X)`` block; integers are rounded back to ``dtype``."""
+    """Downsample one ``(Z, Y, X)`` or ``(C, Z, Y, X)`` block; integers are rounded back to ``dtype``.
+
+    Works through :data:`DOWNSAMPLE_SLAB_PLANES` output planes at a time into an output of ``dtype``.
+    """
     if block.ndim == 4:
-        out = np.stack([downsample(b, factors, labels=labels) for b in block])
-    else:
-        out = downsample(block, factors, labels=labels)
-    if np.issubdtype(dtype, np.integer) and not labels:
-        info = np.iinfo(dtype)
-        out = np.clip(np.rint(out), info.min, info.max)
-    return out.astype(dtype, copy=False)
+        return np.stack([_downsample_block(b, factors, labels, dtype) for b in block])
+    fz = int(factors[0])
+    shape = tuple(-(-n // int(f)) for n, f in zip(block.shape, factors, strict=True))
+    out = np.empty(shape, dtype=dtype)
+    step = DOWNSAMPLE_SLAB_PLANES
+    for start in range(0, shape[0], step):
+        stop = min(start + step, shape[0])
+        part = downsample(block[start * fz : stop * fz], factors, labels=labels)
+        if np.issubdtype(dtype, np.integer) and not labels:
+            info = np.iinfo(dtype)
+            part = np.clip(np.rint(part), info.min, info.max)
+        out[start:stop] = part
+    return out
 
 
 def _auto_levels(grid: Grid) -> int:
@@ -325,7 +339,9 @@ def finish_image(path: str | Path, n_levels: int | None = None) -> Path:
     """Build the pyramid of a group made by :func:`create_image_array` and mark it complete.
 
     Level ``n`` is computed from level ``n-1`` in blocks aligned to level ``n``'s write units (one
-    task per unit, block mean for intensities / strided pick for labels).
+    task per unit, block mean for intensities / strided pick for labels). The tasks run on the active
+    Dask scheduler: call it inside the run's client (as ``register`` and ``warp`` do) so that the
+    pyramid of a large output is built on the workers, not in the calling process.
 
     Args:
         path: the group.

@@ -452,8 +452,8 @@ def register_files(
             )
             stages.append(_run_stage(client, info, ctx_base, lattice, output, prior, stage_records, progress))
             prior = FieldDisplacement(output.field, grid)
-    finish_image(out / "uncertainty", n_levels=1)
-    finish_image(out, n_levels=1)
+        finish_image(out / "uncertainty", n_levels=1)
+        finish_image(out, n_levels=1)
     records.finish()
     grid = rplan.grids[-1]
     record = RegistrationRecord(

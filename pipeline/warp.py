@@ -242,7 +242,7 @@ def warp_files(
     )
     with open_client(cluster_config) as (client, info):
         run = run_chunked(client, "warp", plan, stage, context, warp_chunk, progress=progress)
-    finish_image(out)
+        finish_image(out)  # the pyramid is built by the cluster's workers, block by block
     max_error, mean_error = _record_inverse_error(out, stage, plan) if inverse else (None, None)
     records.finish()
     log.info("wrote %s %s (grid %s, %s)", "labels" if labels else "image", out, grid.shape, grid.unit)
