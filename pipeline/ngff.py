@@ -29,6 +29,7 @@ Reading defaults to zarr-python arrays (lazy: indexing reads only the touched ch
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import shutil
@@ -314,6 +315,40 @@ def _downsample_block(
     return out
 
 
+def _downsample_unit(
+    unit: np.ndarray,
+    source: Any,
+    factors: tuple[int, int, int],
+    labels: bool,
+    chunks: tuple[int, ...],
+    block_info: dict | None = None,
+) -> np.ndarray:
+    """One write unit of a new pyramid level, from ``source`` (the finer level), chunk by chunk.
+
+    Args:
+        unit: placeholder block whose shape and position (``block_info``) define the write unit.
+        source: the finer level (array-like indexed like the new level, lead axes first).
+        factors: downsampling factors of the three spatial axes.
+        labels: strided pick (labels) or block mean (intensities).
+        chunks: the new level's storage chunk shape (the step of the inner loop).
+    """
+    if block_info is None:
+        raise ValueError("_downsample_unit needs dask's block_info (call it through map_blocks)")
+    location = block_info[None]["array-location"]
+    out = np.empty(unit.shape, dtype=unit.dtype)
+    n_lead = unit.ndim - 3
+    spatial = location[n_lead:]
+    steps = chunks[n_lead:]
+    starts = [range(lo, hi, step) for (lo, hi), step in zip(spatial, steps, strict=True)]
+    for corner in itertools.product(*starts):
+        stop = [min(c + s, hi) for c, s, (_, hi) in zip(corner, steps, spatial, strict=True)]
+        src = tuple(slice(c * f, e * f) for c, e, f in zip(corner, stop, factors, strict=True))
+        block = np.asarray(source[(slice(None),) * n_lead + src])
+        dst = tuple(slice(c - lo, e - lo) for c, e, (lo, _) in zip(corner, stop, spatial, strict=True))
+        out[(slice(None),) * n_lead + dst] = _downsample_block(block, factors, labels, unit.dtype)
+    return out
+
+
 def _auto_levels(grid: Grid) -> int:
     """Number of levels until the largest axis is at most :data:`COARSEST_MAX_SIZE` voxels."""
     shape = np.asarray(grid.shape)
@@ -375,17 +410,11 @@ def finish_image(path: str | Path, n_levels: int | None = None) -> Path:
             dimension_names=list(previous.metadata.dimension_names),
             overwrite=True,
         )
-        out_block = write_block(target)
-        lead = out_block[:-3]
-        src_block = lead + tuple(b * f for b, f in zip(out_block[-3:], factors, strict=True))
-        source = da.from_zarr(previous, chunks=src_block)  # one task reads one source block
-        full_factors = (1,) * len(lead) + tuple(factors)
-        out_chunks = tuple(
-            tuple(-(-c // f) for c in dim_chunks)
-            for dim_chunks, f in zip(source.chunks, full_factors, strict=True)
-        )
-        down = source.map_blocks(
-            _downsample_block, factors, labels, previous.dtype, chunks=out_chunks, dtype=previous.dtype
+        # one task per write unit of the new level; it reads the source one storage chunk of the new
+        # level at a time (2x that region), so its memory is one write unit plus a chunk's worth
+        units = da.empty(full, chunks=write_block(target), dtype=previous.dtype)
+        down = units.map_blocks(
+            _downsample_unit, previous, factors, labels, tuple(target.chunks), dtype=previous.dtype
         )
         _store(down, target, desc=f"pyramid level {index}")
         grids.append(downsampled_grid(grids[-1], factors, shape))
