@@ -21,7 +21,7 @@ from scipy import ndimage
 
 from patchmorph_core.displacement import Displacement, FieldDisplacement
 from patchmorph_core.source import Level, MultiscaleImage
-from patchmorph_core.spatial import ALIGN_CORNERS, Grid, index_to_normalized, read_box
+from patchmorph_core.spatial import ALIGN_CORNERS, Grid, index_box, index_to_normalized, read_box
 
 PointMap = Callable[[np.ndarray], np.ndarray]
 """Maps ``(N, 3)`` world points ``(z, y, x)`` to ``(N, 3)`` world points."""
@@ -65,15 +65,8 @@ def index_rows(grid: Grid, points: np.ndarray) -> np.ndarray:
 
 
 def row_box(rows: np.ndarray, shape: tuple[int, ...], margin: int = 1) -> tuple[slice, ...] | None:
-    """Smallest box of an array of ``shape`` holding the ``(3, N)`` indices ``rows`` plus ``margin``
-    (as :func:`~patchmorph_core.spatial.index_box`); None when they lie wholly outside."""
-    low = np.floor(rows.min(axis=1)).astype(np.int64) - margin
-    high = np.ceil(rows.max(axis=1)).astype(np.int64) + margin + 1
-    size = np.asarray(shape, dtype=np.int64)
-    low, high = np.clip(low, 0, size), np.clip(high, 0, size)
-    if np.any(high <= low):
-        return None
-    return tuple(slice(int(a), int(b)) for a, b in zip(low, high, strict=True))
+    """:func:`~patchmorph_core.spatial.index_box` of the ``(3, N)`` component-major indices ``rows``."""
+    return index_box(rows.T, shape, margin)
 
 
 def sample_points(level: Level, points: np.ndarray) -> np.ndarray:
