@@ -53,7 +53,7 @@ from patchmorph_core.spatial import Grid, read_box
 from pipeline.chunked import Box, CellBlock, ChunkPlan, output_array, partition, reduce_partials, run_chunked
 from pipeline.cluster import ClusterInfo, load_cluster_config, network_resources, open_client
 from pipeline.ngff import field_metadata, finish_image, read_image, write_block
-from pipeline.resume import ChunkId, StageRecords, open_run, run_folder
+from pipeline.resume import ChunkId, StageRecords, atomic_write_json, open_run, run_folder
 
 log = logging.getLogger(__name__)
 
@@ -265,9 +265,7 @@ def _store_initial(run_root: Path, rplan: RegistrationPlan) -> None:
     path = run_root / INITIAL_RECORD
     if path.is_file():
         return
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"matrix": rplan.initial.tolist(), "alignment": rplan.alignment}))
-    tmp.replace(path)
+    atomic_write_json(path, {"matrix": rplan.initial.tolist(), "alignment": rplan.alignment})
 
 
 def _plan_for(arrays: list[Any], grid: Grid) -> ChunkPlan:

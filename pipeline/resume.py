@@ -32,7 +32,7 @@ def chunk_name(cid: ChunkId) -> str:
     return "_".join(str(int(c)) for c in cid)
 
 
-def _atomic_write_json(path: Path, data: dict[str, Any]) -> None:
+def atomic_write_json(path: Path, data: dict[str, Any]) -> None:
     """Write JSON to ``path`` through a temporary file and an atomic rename."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
@@ -86,7 +86,7 @@ class StageRecords:
         """Record chunk ``cid`` as complete (call only after all its arrays are written whole)."""
         folder = self.root / "done"
         folder.mkdir(parents=True, exist_ok=True)
-        _atomic_write_json(self.record_path(cid), {"chunk": list(cid), **info})
+        atomic_write_json(self.record_path(cid), {"chunk": list(cid), **info})
 
     def is_complete(self, n_chunks: int) -> bool:
         """True when all ``n_chunks`` chunks of the stage are recorded."""
@@ -105,7 +105,7 @@ class RunRecords:
 
     def finish(self) -> None:
         """Mark the whole run finished (the output is complete and usable)."""
-        _atomic_write_json(self.root / "finished.json", {"finished": True})
+        atomic_write_json(self.root / "finished.json", {"finished": True})
 
     @property
     def finished(self) -> bool:
@@ -139,7 +139,7 @@ def open_run(root: Path, fingerprint: dict[str, Any], overwrite: bool) -> RunRec
             )
         return RunRecords(root)
     root.mkdir(parents=True, exist_ok=True)
-    _atomic_write_json(manifest, wanted)
+    atomic_write_json(manifest, wanted)
     return RunRecords(root)
 
 
