@@ -28,6 +28,7 @@ same code block by block and :func:`register_arrays` is its one-block case:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -102,7 +103,8 @@ class PatchLattice:
     """A stage's global patch lattice: ``counts`` cells of edge ``step`` (world, axis-aligned).
 
     Cell ``(i, j, k)`` is centred at ``origin + (i, j, k) * step``; see the module docstring for how its
-    patch is drawn.
+    patch is drawn. ``repeat`` numbers the passes of one stage (0: its first; ``k > 0``: the ``k``-th
+    refinement pass, see ``InferenceConfig.refine_passes``), whose cells draw other jitters and rotations.
     """
 
     stage: int
@@ -114,6 +116,13 @@ class PatchLattice:
     size: int
     unit: str
     max_rotation_deg: float
+    repeat: int = 0
+
+    @property
+    def name(self) -> str:
+        """``"stage<s>"`` for a stage's first pass, ``"stage<s>.<k>"`` for its ``k``-th refinement pass (run
+        records and intermediate fields are kept under this name)."""
+        return f"stage{self.stage}" if self.repeat == 0 else f"stage{self.stage}.{self.repeat}"
 
     def __len__(self) -> int:
         return int(np.prod(self.counts))
@@ -127,9 +136,9 @@ class PatchLattice:
         return np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3)
 
     def spec(self, cell: Sequence[int]) -> PatchSpec:
-        """The patch of one cell (depends only on ``seed``, ``stage`` and the cell)."""
+        """The patch of one cell (depends only on ``seed``, ``stage``, ``repeat`` and the cell)."""
         i, j, k = (int(c) for c in cell)
-        rng = np.random.default_rng([self.seed, self.stage, i, j, k])
+        rng = np.random.default_rng([self.seed, self.stage, i, j, k, *([self.repeat] if self.repeat else [])])
         jitter = rng.uniform(-0.5, 0.5, size=3) * self.step
         center = self.origin + np.array([i, j, k], dtype=np.float64) * self.step + jitter
         rotation = random_rotation(rng, self.max_rotation_deg)
@@ -588,9 +597,10 @@ class RegistrationPlan:
             centre-of-mass translation, see ``InferenceConfig.initial_alignment``).
         alignment: the initial alignment's record (NCC before/after, accepted, seconds).
         fixed_range, moving_range: intensity ranges used to normalise every patch.
-        lattices: the patch lattice of each stage (over the fixed tissue box).
-        grids: the field grid of each stage (coarse stages at their patch spacing; the last at the
-            output field spacing).
+        lattices: the patch lattice of each pass, coarse to fine (over the fixed tissue box): one per
+            stage from the first stage run, then ``config.refine_passes`` more of the finest stage.
+        grids: the field grid of each pass (coarse stages at their patch spacing; the finest stage and
+            its refinement passes at the output field spacing).
     """
 
     moving: MultiscaleImage
@@ -676,6 +686,9 @@ def plan_registration(
         )
         spacing = last if stage == len(extents) - 1 else max(extent / size, last)
         grids.append(fixed.grid.resampled(spacing))
+    for repeat in range(1, config.refine_passes + 1):
+        lattices.append(dataclasses.replace(lattices[-1], repeat=repeat))
+        grids.append(grids[-1])
     return RegistrationPlan(
         moving=moving,
         initial=matrix,
@@ -735,7 +748,7 @@ def register_arrays(
         stats: dict[str, float] = {}
         specs = lattice.specs()
         with tqdm(
-            total=len(specs), desc=f"stage {lattice.stage} patches", unit="patch", disable=not show_progress
+            total=len(specs), desc=f"{lattice.name} patches", unit="patch", disable=not show_progress
         ) as bar:
             sums = estimate_and_accumulate(
                 model,
@@ -754,6 +767,7 @@ def register_arrays(
         prior = FieldDisplacement(field_s, grid)
         stage_info = {
             "stage": lattice.stage,
+            "repeat": lattice.repeat,
             "patch_extent": lattice.extent,
             "patch_spacing": lattice.extent / lattice.size,
             "patches": len(specs),
@@ -766,8 +780,8 @@ def register_arrays(
         }
         stages_info.append(stage_info)
         logger.info(
-            "stage %d: %d patches of %.4g %s, field %s, coverage %.1f%%, %.1f s",
-            lattice.stage,
+            "%s: %d patches of %.4g %s, field %s, coverage %.1f%%, %.1f s",
+            lattice.name,
             len(specs),
             lattice.extent,
             grid.unit,

@@ -9,8 +9,9 @@
 3. runs each stage through :func:`pipeline.chunked.run_chunked`: one task per block of lattice cells
    (:func:`~patchmorph_core.inference.estimate_and_accumulate` on the block's support box), one task per
    output chunk (sum of the neighbouring partials, :func:`~patchmorph_core.inference.finalize`, one whole
-   write). A coarse stage whose field fits in one chunk is one block and one chunk. Each stage's field is
-   written to ``<out>.run/stageN.zarr`` and read lazily (only the boxes the next stage's patches need)
+   write). A coarse stage whose field fits in one chunk is one block and one chunk. Each pass's field is
+   written to ``<out>.run/<name>.zarr`` (``stage1``, ``stage2``, ``stage2.1`` for a refinement pass of
+   stage 2; see ``PatchLattice.name``) and read lazily (only the boxes the next stage's patches need)
    as the next stage's prior; the last stage writes the output field and its ``uncertainty`` image;
 4. resumes: ``<out>.run/`` keeps per-chunk completion records (:mod:`pipeline.resume`); rerunning the same
    command after a crash skips finished chunks and yields the identical field.
@@ -298,7 +299,7 @@ def _stage_output(
     meta: dict[str, Any],
 ) -> StageOutput:
     """The arrays of one stage: the output field + uncertainty for the last stage (``out``), else
-    ``<run>/stageN.zarr``. A coarse stage whose field has at most :data:`IN_MEMORY_VOXELS` voxels is one
+    ``<run>/<lattice.name>.zarr``. A coarse stage whose field has at most :data:`IN_MEMORY_VOXELS` voxels is one
     chunk and one block (one network task).
     """
     resume = bool(records.completed())
@@ -319,8 +320,8 @@ def _stage_output(
         return StageOutput(field, uncertainty, _plan_for([field, uncertainty], grid), None)
     in_memory = int(np.prod(grid.shape)) <= IN_MEMORY_VOXELS
     chunk = max(grid.shape) if in_memory else chunk_size
-    path = run_root / f"stage{lattice.stage}.zarr"
-    field = output_array(path, grid, np.float32, chunk, 3, resume, name=f"stage{lattice.stage}")
+    path = run_root / f"{lattice.name}.zarr"
+    field = output_array(path, grid, np.float32, chunk, 3, resume, name=lattice.name)
     return StageOutput(field, None, _plan_for([field], grid), max(lattice.counts) if in_memory else None)
 
 
@@ -365,13 +366,14 @@ def _run_stage(
         **ctx_base,
     )
     run = run_chunked(
-        client, f"stage {lattice.stage}", plan, records, context, write_field_chunk,
+        client, lattice.name, plan, records, context, write_field_chunk,
         blocks=blocks, block_fn=block_sums, supports=[b.support for b in blocks],
         resources=network_resources(info), progress=progress,
     )  # fmt: skip
     timing = [json.loads(p.read_text()) for p in (records.root / "blocks").glob("*.json")]
     return {
         "stage": lattice.stage,
+        "repeat": lattice.repeat,
         "patches": len(lattice),
         "patch_extent": lattice.extent,
         "field_shape": list(plan.grid.shape),
@@ -443,7 +445,7 @@ def register_files(
     stages: list[dict[str, Any]] = []
     with open_client(cluster_config) as (client, info):
         for lattice, grid in zip(rplan.lattices, rplan.grids, strict=True):
-            stage_records = records.stage(f"stage{lattice.stage}")
+            stage_records = records.stage(lattice.name)
             final = lattice is rplan.lattices[-1]
             output = _stage_output(
                 out if final else None, run_root, lattice, grid, chunk_size, stage_records, meta

@@ -233,11 +233,19 @@ def test_register_arrays_stub_adds_updates_across_stages() -> None:
     fixed, moving = _pair()
     model = ConstantUpdate((0.25, 0.5, -0.5))
     config = InferenceConfig(
-        batch_size=8, device="cpu", max_rotation_deg=0.0, initial_alignment="center_of_mass", overlap=2.0
+        batch_size=8,
+        device="cpu",
+        max_rotation_deg=0.0,
+        initial_alignment="center_of_mass",
+        overlap=2.0,
+        refine_passes=0,
     )
     result = register_arrays(model, fixed, moving, config, show_progress=False)
     matrix = np.array(result.info["initial_matrix"])
-    assert np.allclose(matrix[:3, :3], np.eye(3)) and result.info["initial_alignment"]["method"] == "center_of_mass"
+    assert (
+        np.allclose(matrix[:3, :3], np.eye(3))
+        and result.info["initial_alignment"]["method"] == "center_of_mass"
+    )
     initial = matrix[:3, 3]
     assert np.allclose(initial, [2.0, -1.5, 1.0], atol=0.3)  # tissue centres of mass, in the fixed unit (mm)
     assert result.grid.unit == "millimeter" and result.field.shape == (3, *result.grid.shape)
@@ -321,16 +329,48 @@ def test_patch_estimate_equals_the_training_forward_pass(alignment: str) -> None
     assert np.abs(ours - theirs.displacement.numpy()).max() < 1e-3 * float(specs[0].grid.spacing.max())
 
 
+def test_refinement_passes_repeat_the_finest_stage_on_other_patches_from_its_field() -> None:
+    fixed, moving = _pair()
+    model = ConstantUpdate((0.0, 0.0, 0.0))
+    plan = plan_registration(model, fixed, moving, InferenceConfig(device="cpu", refine_passes=2))
+    first, *passes = plan.lattices[-3:]
+    assert [lat.repeat for lat in (first, *passes)] == [0, 1, 2]
+    assert all(g is plan.grids[-3] for g in plan.grids[-2:])  # same output field grid
+    centres = [np.array([lat.spec(c).center for c in lat.cells()]) for lat in (first, *passes)]
+    assert all(np.abs(centres[0] - other).max() > 0.0 for other in centres[1:])  # freshly drawn patches
+    # the update is applied once per pass: a constant update of v gives (passes + 1)·v over the start
+    step = (0.5, -0.25, 0.75)
+    fields = {
+        n: register_arrays(
+            ConstantUpdate(step),
+            fixed,
+            moving,
+            InferenceConfig(device="cpu", refine_passes=n, initial_alignment="center_of_mass"),
+            show_progress=False,
+        )
+        for n in (0, 1)
+    }
+    added = fields[1].field - fields[0].field
+    covered = np.all(np.abs(added) > 1e-3, axis=0)  # where the refinement pass's patches put weight
+    assert covered.mean() > 0.3
+    assert np.allclose(np.median(added[:, covered], axis=1), step, atol=1e-3)
+
+
 def test_plan_skips_the_whole_brain_stage_only_after_an_accepted_affine() -> None:
     fixed, moving = _pair()
     model = ConstantUpdate((0.0, 0.0, 0.0))
     affine = plan_registration(model, fixed, moving, InferenceConfig(device="cpu"))
     assert affine.alignment["method"] == "affine" and affine.alignment["accepted"]
     assert not np.allclose(affine.initial[:3, :3], np.eye(3))  # a rotated moving grid: a real affine
-    assert [lat.stage for lat in affine.lattices] == [1]
-    com = plan_registration(model, fixed, moving, InferenceConfig(device="cpu", initial_alignment="center_of_mass"))
-    assert [lat.stage for lat in com.lattices] == [0, 1] and np.allclose(com.initial[:3, :3], np.eye(3))
-    forced = plan_registration(model, fixed, moving, InferenceConfig(device="cpu", first_stage=0))
-    assert [lat.stage for lat in forced.lattices] == [0, 1]
+    assert [lat.name for lat in affine.lattices] == ["stage1", "stage1.1"]  # one refinement pass by default
+    com = plan_registration(
+        model, fixed, moving, InferenceConfig(device="cpu", initial_alignment="center_of_mass")
+    )
+    assert [lat.name for lat in com.lattices] == ["stage0", "stage1", "stage1.1"]
+    assert np.allclose(com.initial[:3, :3], np.eye(3))
+    forced = plan_registration(
+        model, fixed, moving, InferenceConfig(device="cpu", first_stage=0, refine_passes=0)
+    )
+    assert [lat.name for lat in forced.lattices] == ["stage0", "stage1"]
     with pytest.raises(InputError, match="first_stage 2 leaves no stage"):
         plan_registration(model, fixed, moving, InferenceConfig(device="cpu", first_stage=2))

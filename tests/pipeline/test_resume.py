@@ -69,7 +69,9 @@ def test_killed_run_resumes_to_identical_field(
         scheduler=dask_scheduler,
         progress=False,
     )
-    counts = StageRecords(reference.run / "stage1").write_counts()
+    final = "stage1.1"  # the finest stage's refinement pass writes the output field
+    assert [f"stage{s['stage']}.{s['repeat']}" for s in reference.stages] == ["stage1.0", final]
+    counts = StageRecords(reference.run / final).write_counts()
     assert len(counts) == reference.chunks > 20 and set(counts.values()) == {1}  # no chunk written twice
 
     out = tmp_path / "killed.zarr"
@@ -80,7 +82,7 @@ def test_killed_run_resumes_to_identical_field(
     process = subprocess.Popen(
         command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
-    done = out.with_name(out.name + ".run") / "stage1" / "done"
+    done = out.with_name(out.name + ".run") / final / "done"
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and len(list(done.glob("*.json"))) < 3:
         assert process.poll() is None, "the run ended before it could be killed"
@@ -102,7 +104,8 @@ def test_half_written_chunk_is_rewritten(
 ) -> None:
     """A chunk whose data was (partly) written but whose record is missing is recomputed; others are not."""
     fixed, moving, config = pair_and_config
-    config = config.model_copy(update={"first_stage": 0})  # both stages, so a finished coarse stage is skipped
+    # both stages and no refinement pass, so the final stage follows one finished coarse chunk
+    config = config.model_copy(update={"first_stage": 0, "refine_passes": 0})
     out = tmp_path / "field.zarr"
     first = register_files(fixed, moving, out, config, chunk_size=9, scheduler=dask_scheduler, progress=False)
     expected = _field(out)
