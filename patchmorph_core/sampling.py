@@ -57,13 +57,6 @@ def sample_patch(
     return values.reshape(patch.shape).astype(np.float32, copy=False)
 
 
-def index_rows(grid: Grid, points: np.ndarray) -> np.ndarray:
-    """``(3, N)`` continuous indices on ``grid`` of ``(N, 3)`` world points (component-major rows, so
-    per-axis minima and maxima are contiguous reductions)."""
-    inv = grid.inverse_affine
-    return inv[:3, :3] @ np.asarray(points, dtype=np.float64).T + inv[:3, 3:4]
-
-
 def row_box(rows: np.ndarray, shape: tuple[int, ...], margin: int = 1) -> tuple[slice, ...] | None:
     """:func:`~patchmorph_core.spatial.index_box` of the ``(3, N)`` component-major indices ``rows``."""
     return index_box(rows.T, shape, margin)
@@ -74,7 +67,7 @@ def sample_points(level: Level, points: np.ndarray) -> np.ndarray:
 
     Same values as :func:`~patchmorph_core.spatial.resample` with ``order=1``.
     """
-    rows = index_rows(level.grid, points)
+    rows = level.grid.world_to_index_rows(points)
     box = row_box(rows, level.grid.shape)
     if box is None:
         return np.zeros(rows.shape[1], dtype=np.float32)
@@ -132,7 +125,7 @@ def displacement_at(displacement: Displacement, points: np.ndarray) -> np.ndarra
     if not isinstance(displacement, FieldDisplacement):
         return displacement(points)
     grid = displacement.grid
-    rows = index_rows(grid, points)
+    rows = grid.world_to_index_rows(points)
     np.clip(rows, 0.0, np.asarray(grid.shape, dtype=np.float64)[:, None] - 1.0, out=rows)
     box = row_box(rows, grid.shape)
     if box is None:

@@ -219,6 +219,13 @@ class Grid:
         inv = self.inverse_affine
         return np.asarray(world, dtype=np.float64) @ inv[:3, :3].T + inv[:3, 3]
 
+    def world_to_index_rows(self, world: np.ndarray) -> np.ndarray:
+        """Map ``(N, 3)`` world points to ``(3, N)`` continuous indices: the values of :meth:`world_to_index`
+        transposed, component-major, so per-axis minima and maxima are contiguous reductions (for the
+        samplers that read one box per batch of points)."""
+        inv = self.inverse_affine
+        return inv[:3, :3] @ np.asarray(world, dtype=np.float64).T + inv[:3, 3:4]
+
     def points(self) -> np.ndarray:
         """``(Z, Y, X, 3)`` world coordinates of every voxel centre (float64; use on small grids only)."""
         index = np.stack(np.meshgrid(*[np.arange(s) for s in self.shape], indexing="ij"), axis=-1)

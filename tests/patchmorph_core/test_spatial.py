@@ -53,6 +53,7 @@ def test_index_world_roundtrip_and_columns() -> None:
     index = np.array([[1.0, 2.0, 3.0], [10.0, 16.0, 22.0]])
     world = grid.index_to_world(index)
     np.testing.assert_allclose(grid.world_to_index(world), index, atol=1e-10)
+    np.testing.assert_allclose(grid.world_to_index_rows(world), index.T, atol=1e-10)  # component-major
     # one step along array axis k moves by spacing[k] along direction column k
     step = grid.index_to_world(np.array([0.0, 1.0, 0.0])) - grid.origin
     np.testing.assert_allclose(np.linalg.norm(step), SPACING[1])
