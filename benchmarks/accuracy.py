@@ -248,18 +248,19 @@ def run_ants(pairs: list[tuple[str, str]], transform: str, threads: int, nice: i
 
 
 # -- PatchMorph ------------------------------------------------------------------------------------------
-def run_ours_pair(fixed: str, moving: str, config: Path | None) -> dict[str, Any]:
+def run_ours_pair(fixed: str, moving: str, config: Path | None, folder: str = "patchmorph") -> dict[str, Any]:
     """Register one pair with PatchMorph (default model; inference ``config`` YAML or defaults), score it.
 
     Goes through the product path (``register_files`` / ``warp_files``: OME-Zarr in and out, local Dask
-    cluster), so the wall time includes cluster start-up, reading and writing.
+    cluster), so the wall time includes cluster start-up, reading and writing. Outputs go to
+    ``benchmarks/out/accuracy/<folder>/<fixed>_<moving>/``.
     """
     from pipeline.ngff import read_field
     from pipeline.register import register_files
     from pipeline.warp import warp_files
 
     fp, mp = subject_paths(fixed), subject_paths(moving)
-    out = OUT / "patchmorph" / f"{fixed}_{moving}"
+    out = OUT / folder / f"{fixed}_{moving}"
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     rec = register_files(
@@ -410,10 +411,22 @@ def structure_table(methods: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def variant_name(config: Path) -> str:
+    """Method name of a PatchMorph variant run with the inference YAML ``config``."""
+    return f"PatchMorph, {config.stem}"
+
+
 def run(
-    pairs: list[tuple[str, str]], skip_ours: bool, skip_syn: bool, threads: int, config: Path | None
+    pairs: list[tuple[str, str]],
+    skip_ours: bool,
+    skip_syn: bool,
+    threads: int,
+    config: Path | None,
+    variants: list[Path] | None = None,
 ) -> None:
-    """The full benchmark: PatchMorph and ANTs SyN on ``pairs`` plus the stored SyNCC results."""
+    """The full benchmark: PatchMorph (and its ``variants``, inference YAMLs) and ANTs SyN on ``pairs``,
+    alternated pair by pair, plus the stored SyNCC results."""
+    variants = variants or []
     info = prepare()
     doc: dict[str, Any] = {
         "command": shlex.join([Path(sys.executable).name, *sys.argv]),
@@ -428,9 +441,12 @@ def run(
     if not skip_syn and syn_path.exists():
         syn_path.unlink()  # SyN is rerun beside ours, not resumed
     ours: list[dict[str, Any]] = []
+    others: dict[Path, list[dict[str, Any]]] = {v: [] for v in variants}
     for fixed, moving in pairs:  # alternate ours and SyN pair by pair: both see the same machine load
         if not skip_ours:
             ours.append(run_ours_pair(fixed, moving, config))
+            for variant in variants:
+                others[variant].append(run_ours_pair(fixed, moving, variant, f"patchmorph_{variant.stem}"))
         if not skip_syn:
             run_ants([(fixed, moving)], "SyN", threads, 0, syn_path)
     if not skip_ours:
@@ -439,8 +455,12 @@ def run(
             "config": None if config is None else str(config),
             "pairs": ours,
         }
-    elif previous.exists() and "PatchMorph" in json.loads(previous.read_text())["methods"]:
-        doc["methods"]["PatchMorph"] = json.loads(previous.read_text())["methods"]["PatchMorph"]  # reused
+        for variant, records in others.items():
+            doc["methods"][variant_name(variant)] = {"command": doc["command"], "config": str(variant), "pairs": records}
+    elif previous.exists():  # every PatchMorph method of the previous run, reused
+        for name, method in json.loads(previous.read_text())["methods"].items():
+            if name.startswith("PatchMorph"):
+                doc["methods"][name] = method
     if syn_path.exists():  # with --skip-syn: the previous SyN run's file
         doc["methods"]["ANTs SyN"] = json.loads(syn_path.read_text())
     syncc_path = RESULTS / "ants_syncc.json"
@@ -485,6 +505,10 @@ def main() -> None:
     p_run.add_argument("--skip-syn", action="store_true", help="reuse results/ants_syn.json")
     p_run.add_argument("--threads", type=int, default=2)
     p_run.add_argument("--config", type=Path, help="PatchMorph inference YAML (default: built-in defaults)")
+    p_run.add_argument(
+        "--variant", type=Path, action="append", default=[],
+        help="another PatchMorph inference YAML, run beside the default on every pair (repeatable)",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.cmd == "prepare":
         prepare(args.overwrite)
@@ -492,7 +516,7 @@ def main() -> None:
         prepare()
         run_ants(parse_pairs(args.pairs), args.transform, args.threads, args.nice, args.json)
     else:
-        run(parse_pairs(args.pairs), args.skip_ours, args.skip_syn, args.threads, args.config)
+        run(parse_pairs(args.pairs), args.skip_ours, args.skip_syn, args.threads, args.config, args.variant)
 
 
 if __name__ == "__main__":

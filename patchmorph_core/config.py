@@ -172,8 +172,9 @@ class InferenceConfig(_Strict):
             with it, and 0.8 s less), else 0.
         refine_passes: extra passes of the finest stage, each on a freshly seeded lattice (other jitters
             and rotations) and starting from the previous pass's field, so the finest network sees the
-            residual misalignment it left (choice; the paper is silent). Measured on six benchmark pairs
-            (in memory): mean Dice 0.603 with 0 passes, 0.612 with 1 (+2 s), 0.619 with 2 (+5 s).
+            residual misalignment it left (choice; the paper is silent). Default 0: on the 12 benchmark
+            pairs one pass raised the mean Dice from 0.602 to 0.613 but made registration 1.6× slower,
+            past ANTs SyN's time (README, accuracy benchmark); ``configs/register_refine.yaml`` sets 1.
     """
 
     weights: str | None = None
@@ -186,7 +187,7 @@ class InferenceConfig(_Strict):
     field_spacing: float | None = Field(None, gt=0.0)
     initial_alignment: Literal["affine", "center_of_mass"] = "affine"
     first_stage: int | None = Field(None, ge=0, le=7)
-    refine_passes: int = Field(1, ge=0, le=8)
+    refine_passes: int = Field(0, ge=0, le=8)
 
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)

@@ -362,15 +362,15 @@ def test_plan_skips_the_whole_brain_stage_only_after_an_accepted_affine() -> Non
     affine = plan_registration(model, fixed, moving, InferenceConfig(device="cpu"))
     assert affine.alignment["method"] == "affine" and affine.alignment["accepted"]
     assert not np.allclose(affine.initial[:3, :3], np.eye(3))  # a rotated moving grid: a real affine
-    assert [lat.name for lat in affine.lattices] == ["stage1", "stage1.1"]  # one refinement pass by default
+    assert [lat.name for lat in affine.lattices] == ["stage1"]
     com = plan_registration(
         model, fixed, moving, InferenceConfig(device="cpu", initial_alignment="center_of_mass")
     )
-    assert [lat.name for lat in com.lattices] == ["stage0", "stage1", "stage1.1"]
+    assert [lat.name for lat in com.lattices] == ["stage0", "stage1"]
     assert np.allclose(com.initial[:3, :3], np.eye(3))
     forced = plan_registration(
-        model, fixed, moving, InferenceConfig(device="cpu", first_stage=0, refine_passes=0)
+        model, fixed, moving, InferenceConfig(device="cpu", first_stage=0, refine_passes=1)
     )
-    assert [lat.name for lat in forced.lattices] == ["stage0", "stage1"]
+    assert [lat.name for lat in forced.lattices] == ["stage0", "stage1", "stage1.1"]
     with pytest.raises(InputError, match="first_stage 2 leaves no stage"):
         plan_registration(model, fixed, moving, InferenceConfig(device="cpu", first_stage=2))
