@@ -173,8 +173,8 @@ class InferenceConfig(_Strict):
         refine_passes: extra passes of the finest stage, each on a freshly seeded lattice (other jitters
             and rotations) and starting from the previous pass's field, so the finest network sees the
             residual misalignment it left (choice; the paper is silent). Default 0: on the 12 benchmark
-            pairs one pass raised the mean Dice from 0.602 to 0.613 but made registration 1.6× slower,
-            past ANTs SyN's time (README, accuracy benchmark); ``configs/register_refine.yaml`` sets 1.
+            pairs one pass raised the mean Dice from 0.634 to 0.651 but made registration 1.7× slower,
+            no faster than ANTs SyN (README, accuracy benchmark); ``configs/register_refine.yaml`` sets 1.
     """
 
     weights: str | None = None
