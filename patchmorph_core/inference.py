@@ -686,8 +686,14 @@ def plan_registration(
         )
         spacing = last if stage == len(extents) - 1 else max(extent / size, last)
         grids.append(fixed.grid.resampled(spacing))
+    finest = lattices[-1]
+    if config.refine_overlap is not None:
+        finest = stage_lattice(
+            fixed.grid, extents[-1], config.refine_overlap, config.seed, finest.stage, config.max_rotation_deg,
+            size, bounds,
+        )  # fmt: skip
     for repeat in range(1, config.refine_passes + 1):
-        lattices.append(dataclasses.replace(lattices[-1], repeat=repeat))
+        lattices.append(dataclasses.replace(finest, repeat=repeat))
         grids.append(grids[-1])
     return RegistrationPlan(
         moving=moving,
