@@ -440,23 +440,23 @@ def run(
     syn_path = RESULTS / "ants_syn.json"
     if not skip_syn and syn_path.exists():
         syn_path.unlink()  # SyN is rerun beside ours, not resumed
-    ours: list[dict[str, Any]] = []
-    others: dict[Path, list[dict[str, Any]]] = {v: [] for v in variants}
-    for fixed, moving in pairs:  # alternate ours and SyN pair by pair: both see the same machine load
+    # PatchMorph methods: name -> (inference YAML or None for the defaults, output folder)
+    ours: dict[str, tuple[Path | None, str]] = {"PatchMorph": (config, "patchmorph")}
+    ours.update({variant_name(v): (v, f"patchmorph_{v.stem}") for v in variants})
+    records: dict[str, list[dict[str, Any]]] = {name: [] for name in ours}
+    for fixed, moving in pairs:  # alternate ours and SyN pair by pair: all see the same machine load
         if not skip_ours:
-            ours.append(run_ours_pair(fixed, moving, config))
-            for variant in variants:
-                others[variant].append(run_ours_pair(fixed, moving, variant, f"patchmorph_{variant.stem}"))
+            for name, (cfg, folder) in ours.items():
+                records[name].append(run_ours_pair(fixed, moving, cfg, folder))
         if not skip_syn:
             run_ants([(fixed, moving)], "SyN", threads, 0, syn_path)
     if not skip_ours:
-        doc["methods"]["PatchMorph"] = {
-            "command": doc["command"],
-            "config": None if config is None else str(config),
-            "pairs": ours,
-        }
-        for variant, records in others.items():
-            doc["methods"][variant_name(variant)] = {"command": doc["command"], "config": str(variant), "pairs": records}
+        for name, (cfg, _) in ours.items():
+            doc["methods"][name] = {
+                "command": doc["command"],
+                "config": None if cfg is None else str(cfg),
+                "pairs": records[name],
+            }
     elif previous.exists():  # every PatchMorph method of the previous run, reused
         for name, method in json.loads(previous.read_text())["methods"].items():
             if name.startswith("PatchMorph"):

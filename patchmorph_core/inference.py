@@ -675,25 +675,22 @@ def plan_registration(
         matrix = translation_matrix(initial_translation(fixed, moving))
         alignment = {"method": "center_of_mass"}
     first = _first_stage(config, alignment, len(extents))
+
+    def lattice(stage: int, overlap: float) -> PatchLattice:
+        return stage_lattice(
+            fixed.grid, extents[stage], overlap, config.seed, stage, config.max_rotation_deg, size, bounds
+        )
+
     lattices, grids = [], []
     for stage, extent in enumerate(extents):
         if stage < first:
             continue
-        lattices.append(
-            stage_lattice(
-                fixed.grid, extent, config.overlap, config.seed, stage, config.max_rotation_deg, size, bounds
-            )
-        )
+        lattices.append(lattice(stage, config.overlap))
         spacing = last if stage == len(extents) - 1 else max(extent / size, last)
         grids.append(fixed.grid.resampled(spacing))
-    finest = lattices[-1]
-    if config.refine_overlap is not None:
-        finest = stage_lattice(
-            fixed.grid, extents[-1], config.refine_overlap, config.seed, finest.stage, config.max_rotation_deg,
-            size, bounds,
-        )  # fmt: skip
+    refine = lattice(len(extents) - 1, config.refine_overlap or config.overlap)
     for repeat in range(1, config.refine_passes + 1):
-        lattices.append(dataclasses.replace(finest, repeat=repeat))
+        lattices.append(dataclasses.replace(refine, repeat=repeat))
         grids.append(grids[-1])
     return RegistrationPlan(
         moving=moving,
