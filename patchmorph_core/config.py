@@ -158,7 +158,15 @@ class InferenceConfig(_Strict):
         weights: checkpoint to load (None: the packaged default model).
         n_stages: stages to run (None: the model's ``n_stages``).
         overlap: patch overlap factor; the lattice step is ``extent / overlap`` per axis.
-        max_rotation_deg: random rotation of every inference patch.
+        patch_layout: ``"field_grid"`` (default): every patch is a ``P³`` block of its stage's field grid —
+            axes along the field grid's axes, centre jittered within its lattice cell and then rounded to
+            the field grid, no rotation — so each block of patches reads its images once on the field grid
+            and adds its estimates with plain slice additions (:func:`~patchmorph_core.inference.estimate_and_accumulate`).
+            ``"rotated"``: free centres and random rotations up to ``max_rotation_deg`` with trilinear
+            sampling and accumulation per patch (the layout before; same Dice on the benchmark's
+            validation pairs, see the README). A stage whose field spacing differs from its patch
+            spacing (``field_spacing`` set, or a fixed image coarser than the patches) uses ``"rotated"``.
+        max_rotation_deg: random rotation of every inference patch (``patch_layout: rotated`` only).
         seed: seeds the lattice jitter and rotations (same inputs and seed → same field).
         batch_size: patches per network call.
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
@@ -183,6 +191,7 @@ class InferenceConfig(_Strict):
     weights: str | None = None
     n_stages: int | None = Field(None, ge=1, le=8)
     overlap: float = Field(1.5, ge=1.0, le=8.0)
+    patch_layout: Literal["field_grid", "rotated"] = "field_grid"
     max_rotation_deg: float = Field(10.0, ge=0.0, le=180.0)
     seed: int = 0
     batch_size: int = Field(16, ge=1)

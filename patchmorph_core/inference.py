@@ -10,14 +10,18 @@ same code block by block and :func:`register_arrays` is its one-block case:
    ``(i, j, k)`` holds exactly one patch; its centre is the cell centre jittered uniformly within the cell
    and its rotation is random up to ``max_rotation_deg``, both drawn from
    ``np.random.default_rng([seed, stage, i, j, k])``, so no patch depends on how cells are grouped into
-   blocks or chunks. The lattice step is ``extent / overlap``.
+   blocks or chunks. The lattice step is ``extent / overlap``. A lattice *snapped* to the stage's field
+   grid (``InferenceConfig.patch_layout: field_grid``, the default) draws the same jitter, rounds the
+   centre so that the patch's voxel centres are field-grid voxel centres, and lays the patch axes along
+   the field grid's axes (no rotation): each patch is then a ``P³`` block of the field grid.
 2. :func:`estimate_patches` — per patch: fixed patch ``F(x)``, moving patch ``M(φ(x))`` through the current
    transform ``φ(x) = x + prior(x)``, network update ``v = model.stage_update(...)`` and the total
    displacement ``u(x) = v(x) + prior(x + v(x))`` (composition order: the update is applied first, in fixed
    space, then the coarser transform — the network aligned ``F`` to the already-warped moving patch
    ``M∘φ``, so ``M(φ(x + v(x)))`` is what matches ``F(x)``).
 3. :func:`accumulate` — each patch's ``u`` is interpolated (trilinear, in patch index coordinates) at the
-   target grid's voxel centres inside the patch and summed with the separable window
+   target grid's voxel centres inside the patch (for a patch that is a block of the target grid, these are
+   its own voxels and the sum is a slice addition) and summed with the separable window
    ``w(i) = ∏ sin²(π i_k / (P − 1))`` over continuous patch indices ``i`` in ``[0, P−1]`` (a Hann window: 1
    at the patch centre, 0 at the outermost voxel centres and beyond). :class:`FieldSums` holds Σw·u, Σw and
    Σw·|u|²; sums of disjoint patch sets add up (``+``), and can be cut to any sub-grid (:meth:`FieldSums.crop`).
@@ -56,6 +60,7 @@ from patchmorph_core.sampling import (
     initial_translation,
     intensity_range,
     normalize,
+    sample_grid,
     sample_patch,
     sample_points,
     tissue_bounds,
@@ -105,6 +110,8 @@ class PatchLattice:
     Cell ``(i, j, k)`` is centred at ``origin + (i, j, k) * step``; see the module docstring for how its
     patch is drawn. ``repeat`` numbers the passes of one stage (0: its first; ``k > 0``: the ``k``-th
     refinement pass, see ``InferenceConfig.refine_passes``), whose cells draw other jitters and rotations.
+    ``snap``: the stage's field grid (isotropic, spacing ``extent / size``) when every patch is a block of
+    it (see the module docstring; ``max_rotation_deg`` is then 0), else None.
     """
 
     stage: int
@@ -117,6 +124,7 @@ class PatchLattice:
     unit: str
     max_rotation_deg: float
     repeat: int = 0
+    snap: Grid | None = None
 
     @property
     def name(self) -> str:
@@ -141,8 +149,23 @@ class PatchLattice:
         rng = np.random.default_rng([self.seed, self.stage, i, j, k, *([self.repeat] if self.repeat else [])])
         jitter = rng.uniform(-0.5, 0.5, size=3) * self.step
         center = self.origin + np.array([i, j, k], dtype=np.float64) * self.step + jitter
-        rotation = random_rotation(rng, self.max_rotation_deg)
+        if self.snap is not None:
+            center, rotation = self._snapped(center)
+        else:
+            rotation = random_rotation(rng, self.max_rotation_deg)
         return PatchSpec(self.stage, (i, j, k), center, rotation, self.extent, self.size, self.unit)
+
+    def _snapped(self, center: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Centre rounded so the patch's voxel centres are ``snap`` voxel centres, and the patch axes:
+        ``snap``'s axes, the last one reversed if ``snap`` is a reflection (so the network always sees a
+        proper rotation; the patch covers the same voxels)."""
+        assert self.snap is not None
+        half = (self.size - 1) / 2.0
+        first = np.round(self.snap.world_to_index(center) - half)
+        rotation = self.snap.direction.copy()
+        if np.linalg.det(rotation) < 0:
+            rotation[:, 2] *= -1.0
+        return self.snap.index_to_world(first + half), rotation
 
     def specs(self, cells: np.ndarray | None = None) -> list[PatchSpec]:
         """Patches of ``cells`` (``(N, 3)``; default: every cell)."""
@@ -159,6 +182,7 @@ def stage_lattice(
     max_rotation_deg: float,
     patch_size: int,
     bounds: tuple[np.ndarray, np.ndarray] | None = None,
+    snap: Grid | None = None,
 ) -> PatchLattice:
     """The global patch lattice of one stage over a world box of the fixed domain.
 
@@ -172,10 +196,22 @@ def stage_lattice(
         patch_size: ``P``.
         bounds: world box ``(low, high)`` the patch centres cover (default: ``domain``'s axis-aligned
             world box of voxel centres; :func:`plan_registration` passes the fixed tissue box).
+        snap: the stage's field grid, to make every patch a block of it (``max_rotation_deg`` is then
+            ignored); its spacing must be ``extent / patch_size`` on every axis.
 
     Returns:
         A :class:`PatchLattice` of ``ceil(box / step)`` cells per axis (at least 1), centred on the box.
+
+    Raises:
+        ValueError: ``snap``'s spacing is not the patch spacing.
     """
+    if snap is not None:
+        if not np.allclose(snap.spacing, float(extent) / patch_size, rtol=1e-6):
+            raise ValueError(
+                f"a lattice snapped to a grid needs its spacing {snap.spacing} to equal the patch spacing "
+                f"{float(extent) / patch_size}"
+            )
+        max_rotation_deg = 0.0
     step = float(extent) / float(overlap)
     low, high = domain.world_bounds() if bounds is None else (np.asarray(b, dtype=np.float64) for b in bounds)
     counts = np.maximum(1, np.ceil((high - low) / step - 1e-9)).astype(int)
@@ -190,6 +226,7 @@ def stage_lattice(
         size=int(patch_size),
         unit=domain.unit,
         max_rotation_deg=float(max_rotation_deg),
+        snap=snap,
     )
 
 
@@ -556,10 +593,20 @@ def estimate_and_accumulate(
     """:func:`estimate_patches` then :func:`accumulate` into ``target``, one batch at a time (memory stays
     at one batch of estimates plus the boxes of :func:`block_inputs`). Arguments as in those two functions;
     ``stats`` also gets ``"accumulate_seconds"``.
+
+    When every patch is a block of ``target``'s grid (:func:`grid_block_start`; a lattice snapped to the
+    field grid), :func:`_estimate_and_accumulate_on_grid` computes the same sums without per-patch
+    interpolation.
     """
     fixed_range = intensity_range(fixed) if fixed_range is None else fixed_range
     moving_range = intensity_range(moving) if moving_range is None else moving_range
     fixed, moving, prior = block_inputs(fixed, moving, prior, specs)
+    starts = [grid_block_start(spec.grid, target) for spec in specs]
+    if specs and all(start is not None for start in starts):
+        return _estimate_and_accumulate_on_grid(
+            model, fixed, moving, prior, specs, np.array(starts), target, config,
+            ranges=(fixed_range, moving_range), stats=stats, progress=progress,
+        )  # fmt: skip
     sums = FieldSums.zeros(target)
     touched = 0
     for start in range(0, len(specs), config.batch_size):
@@ -581,6 +628,130 @@ def estimate_and_accumulate(
         if stats is not None:
             stats["accumulate_seconds"] = stats.get("accumulate_seconds", 0.0) + time.perf_counter() - tic
     return FieldSums(target, sums.weighted, sums.weight, sums.weighted_sq, touched)
+
+
+# -- patches that are blocks of the field grid ---------------------------------------------------------------
+GRID_TOLERANCE = 1e-4
+"""Largest deviation (in target voxels) for a patch voxel centre to count as a target voxel centre."""
+
+
+def grid_block_start(patch: Grid, target: Grid) -> np.ndarray | None:
+    """Where a patch sits on ``target`` if it is a block of it, else None.
+
+    Returns:
+        ``(3,)`` int64 target index of the block's lowest corner voxel, when every patch axis runs along
+        a target axis with the same spacing (in the same or the reverse direction, see
+        :func:`_block_view`) and the patch's voxel centres are target voxel centres (to
+        :data:`GRID_TOLERANCE` voxels); None otherwise.
+    """
+    to_target = target.inverse_affine @ patch.affine
+    signs = np.round(np.diag(to_target[:3, :3]))
+    if np.any(signs == 0) or not np.allclose(to_target[:3, :3], np.diag(signs), atol=GRID_TOLERANCE):
+        return None
+    first = np.round(to_target[:3, 3])
+    if np.abs(to_target[:3, 3] - first).max() > GRID_TOLERANCE:
+        return None
+    low = first + np.where(signs < 0, -(patch.shape[0] - 1), 0)
+    return np.concatenate([low, signs]).astype(np.int64)
+
+
+def _block_view(array: np.ndarray, start: np.ndarray, size: int) -> np.ndarray:
+    """The ``size³`` block of ``array``'s last three axes whose lowest corner is ``start[:3]``, in the
+    patch's own index order (axes with ``start[3:] < 0`` reversed)."""
+    lead = array.ndim - 3
+    view = array[(*([slice(None)] * lead), *(slice(int(a), int(a) + size) for a in start[:3]))]
+    return _patch_order(view, start)
+
+
+def _patch_order(block: np.ndarray, start: np.ndarray) -> np.ndarray:
+    """A block's last three axes between grid order and patch order (the reversed axes of ``start``)."""
+    flip = tuple(block.ndim - 3 + axis for axis in range(3) if start[3 + axis] < 0)
+    return np.flip(block, axis=flip) if flip else block
+
+
+def _estimate_and_accumulate_on_grid(
+    model: Any,
+    fixed: MultiscaleImage,
+    moving: MultiscaleImage,
+    prior: Displacement,
+    specs: Sequence[PatchSpec],
+    starts: np.ndarray,
+    target: Grid,
+    config: InferenceConfig,
+    *,
+    ranges: tuple[tuple[float, float], tuple[float, float]],
+    stats: dict[str, float] | None,
+    progress: Any,
+) -> FieldSums:
+    """:func:`estimate_and_accumulate` for patches that are blocks of ``target``'s grid.
+
+    The fixed image, the prior and the moving image through the prior are sampled once on the box of
+    grid voxels the patches cover (the same trilinear samples at the same points as per patch); each
+    patch's inputs are then slices of those, and its windowed estimate is added to the sums by slice.
+
+    Args:
+        starts: ``(N, 6)`` :func:`grid_block_start` of each patch on ``target``.
+        ranges: fixed and moving intensity ranges.
+        Others: as in :func:`estimate_and_accumulate`.
+    """
+    tic = time.perf_counter()
+    size = specs[0].size
+    low = starts[:, :3].min(axis=0)
+    work = target.crop(low, starts[:, :3].max(axis=0) + size)
+    starts = starts - np.concatenate([low, np.zeros(3, dtype=np.int64)])
+    spacing = float(specs[0].grid.spacing.max())
+    points = work.points()
+    (f_lo, f_hi), (m_lo, m_hi) = ranges
+    fixed_w = normalize(sample_grid(fixed.level_for_spacing(spacing), work), f_lo, f_hi)
+    covered = np.zeros(work.shape, dtype=bool)  # the moving image is sampled only where a patch reads it
+    for start in starts:
+        _block_view(covered, start, size)[...] = True
+    moved = points[covered] + displacement_at(prior, points[covered])
+    moving_w = np.zeros(work.shape, dtype=np.float32)
+    moving_w[covered] = normalize(sample_points(moving.level_for_spacing(spacing), moved), m_lo, m_hi)
+    del moved
+    sums = FieldSums.zeros(work)
+    weights = patch_window(size)
+    device = _model_device(model, config)
+    seconds = {"forward_seconds": 0.0, "sampling_seconds": time.perf_counter() - tic, "accumulate_seconds": 0.0}
+    for first in range(0, len(specs), config.batch_size):
+        batch = range(first, min(first + config.batch_size, len(specs)))
+        tic = time.perf_counter()
+        fixed_b = np.stack([_block_view(fixed_w, starts[n], size) for n in batch])
+        moving_b = np.stack([_block_view(moving_w, starts[n], size) for n in batch])
+        points_b = np.stack([_block_view(np.moveaxis(points, -1, 0), starts[n], size) for n in batch])
+        linear_b = np.stack([specs[n].grid.linear for n in batch]).astype(np.float32)
+        toc = time.perf_counter()
+        with torch.inference_mode(), _autocast(device):
+            update = model.stage_update(
+                specs[first].stage,
+                torch.from_numpy(fixed_b[:, None]).to(device),
+                torch.from_numpy(moving_b[:, None]).to(device),
+                torch.from_numpy(linear_b).to(device),
+            )
+        update_np = update.float().cpu().numpy()
+        tac = time.perf_counter()
+        estimates = _compose_with_prior(update_np, np.moveaxis(points_b, 1, -1).reshape(-1, 3), prior)
+        tuc = time.perf_counter()
+        weighted = weights * estimates.astype(np.float64)  # (B, 3, P, P, P); the window is symmetric
+        weighted_sq = np.sum(weighted * estimates, axis=1)
+        for k, n in enumerate(batch):  # _block_view of the sums is in patch order, like the estimates
+            _block_view(sums.weighted, starts[n], size)[...] += weighted[k]
+            _block_view(sums.weight, starts[n], size)[...] += weights
+            _block_view(sums.weighted_sq, starts[n], size)[...] += weighted_sq[k]
+        seconds["forward_seconds"] += tac - toc
+        seconds["sampling_seconds"] += (toc - tic) + (tuc - tac)
+        seconds["accumulate_seconds"] += time.perf_counter() - tuc
+        if progress is not None:
+            progress.update(len(batch))
+    if stats is not None:
+        for key, value in seconds.items():
+            stats[key] = stats.get(key, 0.0) + value
+    # patches whose window (non-zero on the block's inner voxels) reaches the target
+    inner_low, inner_high = starts[:, :3] + low + 1, starts[:, :3] + low + size - 1
+    touched = int(np.sum(np.all((inner_high > 0) & (inner_low < np.asarray(target.shape)), axis=1)))
+    cropped = sums.crop(-low, -low + np.asarray(target.shape))
+    return FieldSums(target, cropped.weighted, cropped.weight, cropped.weighted_sq, touched)
 
 
 # -- the whole registration in memory -------------------------------------------------------------------------
@@ -676,19 +847,26 @@ def plan_registration(
         alignment = {"method": "center_of_mass"}
     first = _first_stage(config, alignment, len(extents))
 
-    def lattice(stage: int, overlap: float) -> PatchLattice:
+    def lattice(stage: int, overlap: float, grid: Grid) -> PatchLattice:
+        snap = grid if config.patch_layout == "field_grid" else None
+        if snap is not None and not np.allclose(grid.spacing, extents[stage] / size, rtol=1e-6):
+            logger.info(
+                "stage %d: field spacing %.4g differs from the patch spacing %.4g; rotated patch layout",
+                stage, float(grid.spacing.max()), extents[stage] / size,
+            )  # fmt: skip
+            snap = None
         return stage_lattice(
-            fixed.grid, extents[stage], overlap, config.seed, stage, config.max_rotation_deg, size, bounds
+            fixed.grid, extents[stage], overlap, config.seed, stage, config.max_rotation_deg, size, bounds, snap
         )
 
     lattices, grids = [], []
     for stage, extent in enumerate(extents):
         if stage < first:
             continue
-        lattices.append(lattice(stage, config.overlap))
         spacing = last if stage == len(extents) - 1 else max(extent / size, last)
         grids.append(fixed.grid.resampled(spacing))
-    refine = lattice(len(extents) - 1, config.refine_overlap or config.overlap)
+        lattices.append(lattice(stage, config.overlap, grids[-1]))
+    refine = lattice(len(extents) - 1, config.refine_overlap or config.overlap, grids[-1])
     for repeat in range(1, config.refine_passes + 1):
         lattices.append(dataclasses.replace(refine, repeat=repeat))
         grids.append(grids[-1])

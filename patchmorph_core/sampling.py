@@ -21,7 +21,7 @@ from scipy import ndimage
 
 from patchmorph_core.displacement import Displacement, FieldDisplacement
 from patchmorph_core.source import Level, MultiscaleImage
-from patchmorph_core.spatial import ALIGN_CORNERS, Grid, index_box, index_to_normalized, read_box
+from patchmorph_core.spatial import ALIGN_CORNERS, Grid, index_box, index_rows_to_normalized, read_box
 
 PointMap = Callable[[np.ndarray], np.ndarray]
 """Maps ``(N, 3)`` world points ``(z, y, x)`` to ``(N, 3)`` world points."""
@@ -107,7 +107,7 @@ def _field_samples(block: np.ndarray, rows: np.ndarray) -> np.ndarray:
     clamped to the box (the field's constant extension).
     """
     volume = torch.from_numpy(np.ascontiguousarray(block, dtype=np.float64))[None]
-    coords = index_to_normalized(torch.from_numpy(np.ascontiguousarray(rows.T)), block.shape[1:])
+    coords = torch.from_numpy(index_rows_to_normalized(rows, block.shape[1:]))
     out = F.grid_sample(
         volume, coords.reshape(1, 1, 1, -1, 3), mode="bilinear", padding_mode="border",
         align_corners=ALIGN_CORNERS,

@@ -266,10 +266,14 @@ def block_support(lattice: PatchLattice, start: Sequence[int], stop: Sequence[in
 
     A cell's patch centre lies within half a step of the cell centre; the window is non-zero only inside
     the patch's voxel-centre cube of half-edge ``extent (P − 1) / (2P)``, which a rotation can widen to
-    at most ``√3`` times that. The box of those reaches (plus one voxel) is a superset of the exact support.
+    at most ``√3`` times that; a lattice snapped to ``grid`` moves centres by up to half a voxel per grid
+    axis and lays the cube along the grid's axes (whose index box is inside that of the world box). The
+    box of those reaches (plus one voxel) is a superset of the exact support.
     """
     half = lattice.extent * (lattice.size - 1) / (2.0 * lattice.size)
     reach = half * (np.sqrt(3.0) if lattice.max_rotation_deg > 0 else 1.0) + lattice.step / 2.0
+    if lattice.snap is not None:
+        reach += float(lattice.snap.spacing.max()) * np.sqrt(3.0) / 2.0
     first = lattice.origin + np.asarray(start, dtype=np.float64) * lattice.step - reach
     last = lattice.origin + (np.asarray(stop, dtype=np.float64) - 1.0) * lattice.step + reach
     corners = np.array(np.meshgrid(*zip(first, last, strict=True), indexing="ij")).reshape(3, -1).T

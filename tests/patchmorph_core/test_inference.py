@@ -10,7 +10,7 @@ import torch
 from scipy import ndimage
 
 from patchmorph_core.config import InferenceConfig, ModelConfig, load_yaml
-from patchmorph_core.displacement import AffineDisplacement, TranslationDisplacement
+from patchmorph_core.displacement import AffineDisplacement, FieldDisplacement, TranslationDisplacement
 from patchmorph_core.errors import InputError
 from patchmorph_core.inference import (
     FieldSums,
@@ -18,8 +18,10 @@ from patchmorph_core.inference import (
     accumulate,
     cell_blocks,
     cells_for_region,
+    estimate_and_accumulate,
     estimate_patches,
     finalize,
+    grid_block_start,
     patch_window,
     plan_registration,
     register_arrays,
@@ -151,6 +153,69 @@ def test_lattice_is_independent_of_the_block_partition() -> None:
         offset = spec.center - (lattice.origin + np.array(spec.cell) * lattice.step)
         assert np.all(np.abs(offset) <= lattice.step / 2)
         assert np.allclose(spec.rotation @ spec.rotation.T, np.eye(3))
+
+
+@pytest.mark.parametrize("reflected", [False, True])
+def test_snapped_lattice_patches_are_blocks_of_the_field_grid(reflected: bool) -> None:
+    domain = _rotated_domain()
+    if reflected:  # a left-handed index frame (as many scanner and atlas files have)
+        domain = Grid(domain.shape, domain.affine @ np.diag([1.0, 1.0, -1.0, 1.0]), domain.unit)
+    field_grid = domain.resampled(10.0 / 8)
+    free = stage_lattice(domain, 10.0, 2.0, seed=7, stage=1, max_rotation_deg=20.0, patch_size=8)
+    snapped = stage_lattice(domain, 10.0, 2.0, 7, 1, 20.0, 8, snap=field_grid)
+    assert snapped.max_rotation_deg == 0.0 and len(snapped) == len(free)
+    for spec, loose in zip(snapped.specs(), free.specs(), strict=True):
+        start = grid_block_start(spec.grid, field_grid)
+        assert start is not None
+        # every patch voxel centre is a field voxel centre, and the patch is a proper rotation
+        index = field_grid.world_to_index(spec.grid.points())
+        assert np.abs(index - np.round(index)).max() < 1e-9
+        assert np.array_equal(np.round(index.min(axis=(0, 1, 2))), start[:3])
+        assert np.isclose(np.linalg.det(spec.rotation), 1.0)
+        assert np.allclose(spec.rotation @ spec.rotation.T, np.eye(3))
+        # the same jitter as the free lattice, rounded to the field grid (at most half a voxel per axis)
+        moved = field_grid.world_to_index(spec.center) - field_grid.world_to_index(loose.center)
+        assert np.all(np.abs(moved) <= 0.5 + 1e-9)
+    with pytest.raises(ValueError, match="patch spacing"):
+        stage_lattice(domain, 10.0, 2.0, 7, 1, 0.0, 8, snap=domain.resampled(1.0))
+
+
+@pytest.mark.parametrize("reflected", [False, True])
+def test_field_grid_patches_give_the_sums_of_per_patch_interpolation(reflected: bool) -> None:
+    # the block path (one sampling on the field grid, slice additions) against estimate_patches +
+    # accumulate (per-patch trilinear sampling and accumulation) on the same snapped patches
+    torch.manual_seed(3)
+    model = PatchMorph(ModelConfig(patch_size=8, widths=(4, 4), affine_widths=(4, 4), n_stages=2)).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0.0, 0.3)
+    fixed, moving = _pair()
+    if reflected:
+        affine = fixed.levels[0].grid.affine @ np.diag([1.0, -1.0, 1.0, 1.0])
+        grid = Grid(fixed.levels[0].grid.shape, affine, "millimeter")
+        fixed = MultiscaleImage.from_array(_blob_image(grid), grid, n_levels=2)
+    moving = moving.with_unit("millimeter")
+    field_grid = fixed.grid.resampled(1.5)
+    lattice = stage_lattice(fixed.grid, 12.0, 1.5, 4, 1, 10.0, 8, snap=field_grid)
+    coarse = field_grid.resampled(3.0)
+    rng = np.random.default_rng(1)
+    prior = FieldDisplacement(rng.normal(0.0, 0.8, size=(3, *coarse.shape)).astype(np.float32), coarse)
+    specs = lattice.specs()
+    target = field_grid.crop((2, 3, 1), (14, 12, 16))  # patches reach beyond it on every side
+    config = InferenceConfig(batch_size=5, device="cpu")
+    stats: dict[str, float] = {}
+    fast = estimate_and_accumulate(model, fixed, moving, prior, specs, target, config, stats=stats)
+    slow = accumulate(specs, estimate_patches(model, fixed, moving, prior, specs, config), target)
+    assert set(stats) == {"forward_seconds", "sampling_seconds", "accumulate_seconds"}
+    assert fast.weight.max() > 1.0 and np.abs(fast.weighted).max() > 0.5
+    np.testing.assert_allclose(fast.weight, slow.weight, atol=1e-9)
+    np.testing.assert_allclose(fast.weighted, slow.weighted, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(fast.weighted_sq, slow.weighted_sq, rtol=1e-5, atol=1e-4)
+    # patches whose window (non-zero on the inner (P-2)³ voxels) reaches the target; the per-patch path
+    # also counts patches whose border voxel lands a rounding error inside the window (weight ~1e-30)
+    starts = np.array([grid_block_start(spec.grid, target) for spec in specs])[:, :3]
+    inner = np.all((starts + 7 > 0) & (starts + 1 < np.array(target.shape)), axis=1)
+    assert fast.patches == int(inner.sum()) <= slow.patches < len(specs)
 
 
 def test_block_sums_add_up_and_crop_to_chunks() -> None:

@@ -17,6 +17,7 @@ from patchmorph_core.spatial import (
     Grid,
     SpatialError,
     index_box,
+    index_rows_to_normalized,
     index_to_normalized,
     orientation_matrix,
     patch_grid,
@@ -93,6 +94,16 @@ def test_index_to_normalized_corners_and_component_flip() -> None:
     np.testing.assert_allclose(norm[0].numpy(), [1.0, -1.0, -1.0])
     np.testing.assert_allclose(norm[1].numpy(), [-1.0, 1.0, 1.0])
     np.testing.assert_allclose(norm[2].numpy(), [0.0, 0.0, 0.0], atol=1e-12)
+
+    rows = np.random.default_rng(0).uniform(-2.0, 30.0, size=(3, 50))
+    expected = index_to_normalized(torch.from_numpy(np.ascontiguousarray(rows.T)), SHAPE).numpy()
+    np.testing.assert_allclose(index_rows_to_normalized(rows, SHAPE), expected, atol=1e-12)
+
+
+def test_points_are_index_to_world_of_every_index() -> None:
+    grid = rotated_grid()
+    index = np.stack(np.meshgrid(*[np.arange(n) for n in grid.shape], indexing="ij"), axis=-1)
+    np.testing.assert_allclose(grid.points(), grid.index_to_world(index), atol=1e-9)
 
 
 def test_sample_torch_reproduces_linear_function_on_rotated_grid() -> None:
