@@ -182,10 +182,11 @@ class InferenceConfig(_Strict):
             and rotations) and starting from the previous pass's field, so the finest network sees the
             residual misalignment it left (choice; the paper is silent).
         refine_overlap: lattice overlap of the refinement passes (None: ``overlap``); patches ∝ overlap³.
-            Default one pass at overlap 1.0 (about 30 % of a full pass's patches), chosen on validation
-            pairs of training subjects 01-06 (mean Dice 0.655 without, 0.665 with it, 0.669 at overlap 1.25,
-            0.674 at 1.5): on the benchmark a full pass (``configs/register_refine.yaml``) takes as long as
-            ANTs SyN, this one well under it (README, accuracy benchmark).
+            Default: one pass at the stages' overlap, chosen on validation pairs of training subjects 01-06
+            with the field-grid patch layout (mean Dice 0.667 with one pass at overlap 1.0, 0.679 at 1.5,
+            0.689 with two passes at 1.5, 0.693 with three): one full pass keeps the benchmark's
+            registration time under ANTs SyN's, two (``configs/register_refine.yaml``) do not (README,
+            accuracy benchmark).
     """
 
     weights: str | None = None
@@ -200,7 +201,7 @@ class InferenceConfig(_Strict):
     initial_alignment: Literal["affine", "center_of_mass"] = "affine"
     first_stage: int | None = Field(None, ge=0, le=7)
     refine_passes: int = Field(1, ge=0, le=8)
-    refine_overlap: float | None = Field(1.0, ge=1.0, le=8.0)
+    refine_overlap: float | None = Field(None, ge=1.0, le=8.0)
 
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)

@@ -26,6 +26,7 @@ Chunks already recorded by :mod:`pipeline.resume` are skipped.
 from __future__ import annotations
 
 import logging
+import math
 import time
 import uuid
 from collections import Counter
@@ -122,10 +123,11 @@ class ChunkPlan:
         return self.grid.crop(box.start, box.stop)
 
 
-def blocks_per_chunk(plan: ChunkPlan, lattice_step: float) -> int:
-    """Lattice cells per block edge so that a block's cells span about one chunk in world."""
+def blocks_per_chunk(plan: ChunkPlan, lattice_step: float, min_cells: int = 1) -> int:
+    """Lattice cells per block edge so that a block's cells span about one chunk in world, and at least
+    ``min_cells`` (so that a block of small chunks still fills a network batch)."""
     chunk_world = float(np.min(np.asarray(plan.chunk) * plan.grid.spacing))
-    return max(1, int(chunk_world // lattice_step))
+    return max(1, int(min_cells), int(chunk_world // lattice_step))
 
 
 def needs(plan: ChunkPlan, supports: Sequence[Box | None]) -> dict[ChunkId, list[int]]:
@@ -292,12 +294,18 @@ class CellBlock:
     support: Box | None
 
 
-def partition(lattice: PatchLattice, plan: ChunkPlan, cells_per_block: int | None = None) -> list[CellBlock]:
+def partition(
+    lattice: PatchLattice, plan: ChunkPlan, cells_per_block: int | None = None, batch_size: int = 1
+) -> list[CellBlock]:
     """Blocks of lattice cells (every cell in exactly one block) with their support on ``plan.grid``.
 
-    ``cells_per_block`` defaults to :func:`blocks_per_chunk`, so a block's patches cover about one chunk.
+    ``cells_per_block`` defaults to :func:`blocks_per_chunk`, so a block's patches cover about one chunk,
+    with at least ``ceil(batch_size^(1/3))`` cells per edge: one block task per patch would run the
+    network one patch at a time (measured: 57 ms a patch against 14 ms in batches of 16) and pay the
+    task's fixed costs per patch.
     """
-    n = blocks_per_chunk(plan, lattice.step) if cells_per_block is None else int(cells_per_block)
+    min_cells = math.ceil(batch_size ** (1.0 / 3.0) - 1e-9)
+    n = blocks_per_chunk(plan, lattice.step, min_cells) if cells_per_block is None else int(cells_per_block)
     return [
         CellBlock(start, stop, block_support(lattice, start, stop, plan.grid))
         for start, stop in cell_blocks(lattice, n)

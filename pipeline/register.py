@@ -355,7 +355,8 @@ def _run_stage(
 ) -> dict[str, Any]:
     """One stage through :func:`run_chunked`; returns its figures."""
     plan = output.plan
-    blocks = [b for b in partition(lattice, plan, output.cells_per_block) if b.support is not None]
+    batch = ctx_base["config"].batch_size
+    blocks = [b for b in partition(lattice, plan, output.cells_per_block, batch) if b.support is not None]
     context = StageContext(
         lattice=lattice,
         plan=plan,
