@@ -66,7 +66,14 @@ from patchmorph_core.sampling import (
     tissue_bounds,
 )
 from patchmorph_core.source import MultiscaleImage, cache_box
-from patchmorph_core.spatial import Grid, index_box, patch_grid, random_rotation
+from patchmorph_core.spatial import (
+    Grid,
+    grid_block_patch,
+    grid_block_start,
+    index_box,
+    patch_grid,
+    random_rotation,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -150,22 +157,10 @@ class PatchLattice:
         jitter = rng.uniform(-0.5, 0.5, size=3) * self.step
         center = self.origin + np.array([i, j, k], dtype=np.float64) * self.step + jitter
         if self.snap is not None:
-            center, rotation = self._snapped(center)
+            center, rotation = grid_block_patch(self.snap, center, self.size)
         else:
             rotation = random_rotation(rng, self.max_rotation_deg)
         return PatchSpec(self.stage, (i, j, k), center, rotation, self.extent, self.size, self.unit)
-
-    def _snapped(self, center: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Centre rounded so the patch's voxel centres are ``snap`` voxel centres, and the patch axes:
-        ``snap``'s axes, the last one reversed if ``snap`` is a reflection (so the network always sees a
-        proper rotation; the patch covers the same voxels)."""
-        assert self.snap is not None
-        half = (self.size - 1) / 2.0
-        first = np.round(self.snap.world_to_index(center) - half)
-        rotation = self.snap.direction.copy()
-        if np.linalg.det(rotation) < 0:
-            rotation[:, 2] *= -1.0
-        return self.snap.index_to_world(first + half), rotation
 
     def specs(self, cells: np.ndarray | None = None) -> list[PatchSpec]:
         """Patches of ``cells`` (``(N, 3)``; default: every cell)."""
@@ -638,30 +633,6 @@ def estimate_and_accumulate(
 
 
 # -- patches that are blocks of the field grid ---------------------------------------------------------------
-GRID_TOLERANCE = 1e-4
-"""Largest deviation (in target voxels) for a patch voxel centre to count as a target voxel centre."""
-
-
-def grid_block_start(patch: Grid, target: Grid) -> np.ndarray | None:
-    """Where a patch sits on ``target`` if it is a block of it, else None.
-
-    Returns:
-        ``(3,)`` int64 target index of the block's lowest corner voxel, when every patch axis runs along
-        a target axis with the same spacing (in the same or the reverse direction, see
-        :func:`_block_view`) and the patch's voxel centres are target voxel centres (to
-        :data:`GRID_TOLERANCE` voxels); None otherwise.
-    """
-    to_target = target.inverse_affine @ patch.affine
-    signs = np.round(np.diag(to_target[:3, :3]))
-    if np.any(signs == 0) or not np.allclose(to_target[:3, :3], np.diag(signs), atol=GRID_TOLERANCE):
-        return None
-    first = np.round(to_target[:3, 3])
-    if np.abs(to_target[:3, 3] - first).max() > GRID_TOLERANCE:
-        return None
-    low = first + np.where(signs < 0, -(patch.shape[0] - 1), 0)
-    return np.concatenate([low, signs]).astype(np.int64)
-
-
 def _block_view(array: np.ndarray, start: np.ndarray, size: int) -> np.ndarray:
     """The ``size³`` block of ``array``'s last three axes whose lowest corner is ``start[:3]``, in the
     patch's own index order (axes with ``start[3:] < 0`` reversed)."""

@@ -18,8 +18,11 @@ Conventions (every other module imports these instead of restating them):
   indices) plus a unit.
 * **grid_sample**: ``torch.nn.functional.grid_sample`` takes normalised coordinates in ``[-1, 1]`` whose
   last axis is ordered ``(x, y, z)`` — the reverse of ours. :data:`ALIGN_CORNERS` is ``True`` everywhere:
-  -1 and +1 are the centres of the first and last voxels. :func:`index_to_normalized` is the only place
-  that writes that map and that flips the component order.
+  -1 and +1 are the centres of the first and last voxels. :func:`index_to_normalized` (and its numpy
+  twin :func:`index_rows_to_normalized`) are the only places that write that map and flip the order.
+* **Patches as grid blocks**: :func:`grid_block_patch` places a ``P³`` patch on a field grid's voxels
+  (axes along the grid's, the last reversed on a left-handed grid); :func:`grid_block_start` recognises
+  such a patch (lowest corner voxel and axis directions) so it can be read and written by slicing.
 * **Displacement fields** are ``(3, Z, Y, X)`` arrays on a field grid; component ``k`` is the world
   displacement along world component ``k`` (z, y, x), in the field grid's unit. A field maps a fixed
   world point ``x`` to the moving world point ``x + u(x)``.
@@ -304,6 +307,52 @@ def patch_grid(
     spacing = np.broadcast_to(np.asarray(extent, dtype=np.float64), (3,)) / float(size)
     grid = Grid.from_spacing((size, size, size), spacing, unit=unit, direction=rotation)
     return grid.translated(np.asarray(center, dtype=np.float64) - grid.center)
+
+
+GRID_TOLERANCE = 1e-4
+"""Largest deviation (in target voxels) for a patch voxel centre to count as a target voxel centre."""
+
+
+def grid_block_patch(grid: Grid, center: Sequence[float], size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Centre and axes of the ``size³`` block of ``grid`` nearest to a world point.
+
+    Args:
+        grid: an isotropic grid (the patch spacing is its spacing).
+        center: ``(3,)`` world point (z, y, x) the patch should be centred on.
+        size: voxels per patch edge ``P``.
+
+    Returns:
+        ``(center, rotation)`` for :func:`patch_grid`: the centre moved by at most half a voxel per grid
+        axis so that the patch's voxel centres are ``grid`` voxel centres, and the patch axes = ``grid``'s
+        axes, the last one reversed if ``grid`` is left-handed (the patch is then a proper rotation and
+        covers the same voxels).
+    """
+    half = (size - 1) / 2.0
+    first = np.round(grid.world_to_index(np.asarray(center, dtype=np.float64)) - half)
+    rotation = grid.direction.copy()
+    if np.linalg.det(rotation) < 0:
+        rotation[:, 2] *= -1.0
+    return grid.index_to_world(first + half), rotation
+
+
+def grid_block_start(patch: Grid, target: Grid) -> np.ndarray | None:
+    """Where a cubic patch grid sits on ``target`` if it is a block of it, else None.
+
+    Returns:
+        ``(6,)`` int64: the target index ``(z, y, x)`` of the block's lowest corner voxel, then per patch
+        axis +1 or -1 (the patch axis runs along the target axis or against it), when every patch axis
+        runs along a target axis with the same spacing and the patch's voxel centres are target voxel
+        centres (to :data:`GRID_TOLERANCE` voxels); None otherwise.
+    """
+    to_target = target.inverse_affine @ patch.affine
+    signs = np.round(np.diag(to_target[:3, :3]))
+    if np.any(signs == 0) or not np.allclose(to_target[:3, :3], np.diag(signs), atol=GRID_TOLERANCE):
+        return None
+    first = np.round(to_target[:3, 3])
+    if np.abs(to_target[:3, 3] - first).max() > GRID_TOLERANCE:
+        return None
+    low = first + np.where(signs < 0, -(patch.shape[0] - 1), 0)
+    return np.concatenate([low, signs]).astype(np.int64)
 
 
 def random_rotation(rng: np.random.Generator, max_angle_deg: float) -> np.ndarray:

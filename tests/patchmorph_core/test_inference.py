@@ -21,7 +21,6 @@ from patchmorph_core.inference import (
     estimate_and_accumulate,
     estimate_patches,
     finalize,
-    grid_block_start,
     patch_window,
     plan_registration,
     register_arrays,
@@ -31,7 +30,7 @@ from patchmorph_core.inference import (
 )
 from patchmorph_core.model import PatchMorph, stage_extents
 from patchmorph_core.source import MultiscaleImage
-from patchmorph_core.spatial import Grid, random_rotation
+from patchmorph_core.spatial import Grid, grid_block_start, random_rotation
 
 
 class ConstantUpdate(torch.nn.Module):

@@ -16,6 +16,8 @@ from patchmorph_core.spatial import (
     ALIGN_CORNERS,
     Grid,
     SpatialError,
+    grid_block_patch,
+    grid_block_start,
     index_box,
     index_rows_to_normalized,
     index_to_normalized,
@@ -98,6 +100,26 @@ def test_index_to_normalized_corners_and_component_flip() -> None:
     rows = np.random.default_rng(0).uniform(-2.0, 30.0, size=(3, 50))
     expected = index_to_normalized(torch.from_numpy(np.ascontiguousarray(rows.T)), SHAPE).numpy()
     np.testing.assert_allclose(index_rows_to_normalized(rows, SHAPE), expected, atol=1e-12)
+
+
+def test_grid_block_patch_lands_on_voxels_and_is_recognised() -> None:
+    grid = rotated_grid().resampled(1.25)
+    left = Grid(grid.shape, grid.affine @ np.diag([1.0, -1.0, 1.0, 1.0]), grid.unit)  # left-handed
+    for target in (grid, left):
+        center, rotation = grid_block_patch(target, target.center + np.array([0.3, -0.55, 0.9]), 6)
+        assert np.isclose(np.linalg.det(rotation), 1.0)
+        patch = patch_grid(center, 6 * 1.25, 6, rotation, target.unit)
+        start = grid_block_start(patch, target)
+        assert start is not None
+        index = target.world_to_index(patch.points())
+        np.testing.assert_allclose(index, np.round(index), atol=1e-9)
+        assert np.array_equal(np.round(index.min(axis=(0, 1, 2))), start[:3])
+        assert np.array_equal(start[3:], [1, 1, 1] if target is grid else [1, 1, -1])
+        # not blocks: half a voxel off, another spacing, a rotated patch
+        assert grid_block_start(patch.translated(0.5 * target.linear[:, 0]), target) is None
+        assert grid_block_start(patch_grid(center, 6 * 1.3, 6, rotation, target.unit), target) is None
+        turned = rotation @ random_rotation(np.random.default_rng(1), 10.0)
+        assert grid_block_start(patch_grid(center, 6 * 1.25, 6, turned, target.unit), target) is None
 
 
 def test_points_are_index_to_world_of_every_index() -> None:
