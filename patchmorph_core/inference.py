@@ -634,17 +634,13 @@ def estimate_and_accumulate(
 
 # -- patches that are blocks of the field grid ---------------------------------------------------------------
 def _block_view(array: np.ndarray, start: np.ndarray, size: int) -> np.ndarray:
-    """The ``size³`` block of ``array``'s last three axes whose lowest corner is ``start[:3]``, in the
-    patch's own index order (axes with ``start[3:] < 0`` reversed)."""
+    """The ``size³`` block of ``array``'s last three axes at :func:`~patchmorph_core.spatial.grid_block_start`
+    ``start``, as a view in the patch's own index order (axes transposed and reversed as ``start`` says)."""
     lead = array.ndim - 3
     view = array[(*([slice(None)] * lead), *(slice(int(a), int(a) + size) for a in start[:3]))]
-    return _patch_order(view, start)
-
-
-def _patch_order(block: np.ndarray, start: np.ndarray) -> np.ndarray:
-    """A block's last three axes between grid order and patch order (the reversed axes of ``start``)."""
-    flip = tuple(block.ndim - 3 + axis for axis in range(3) if start[3 + axis] < 0)
-    return np.flip(block, axis=flip) if flip else block
+    view = view.transpose(*range(lead), *(lead + int(a) for a in start[3:6]))
+    flip = tuple(lead + k for k in range(3) if start[6 + k] < 0)
+    return np.flip(view, axis=flip) if flip else view
 
 
 def _estimate_and_accumulate_on_grid(
@@ -668,7 +664,7 @@ def _estimate_and_accumulate_on_grid(
     patch's inputs are then slices of those, and its windowed estimate is added to the sums by slice.
 
     Args:
-        starts: ``(N, 6)`` :func:`grid_block_start` of each patch on ``target``.
+        starts: ``(N, 9)`` :func:`~patchmorph_core.spatial.grid_block_start` of each patch on ``target``.
         ranges: fixed and moving intensity ranges.
         Others: as in :func:`estimate_and_accumulate`.
     """
@@ -676,7 +672,7 @@ def _estimate_and_accumulate_on_grid(
     size = specs[0].size
     low = starts[:, :3].min(axis=0)
     work = target.crop(low, starts[:, :3].max(axis=0) + size)
-    starts = starts - np.concatenate([low, np.zeros(3, dtype=np.int64)])
+    starts = starts - np.concatenate([low, np.zeros(6, dtype=np.int64)])
     spacing = float(specs[0].grid.spacing.max())
     points = work.points()
     (f_lo, f_hi), (m_lo, m_hi) = ranges

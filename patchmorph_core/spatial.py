@@ -21,8 +21,8 @@ Conventions (every other module imports these instead of restating them):
   -1 and +1 are the centres of the first and last voxels. :func:`index_to_normalized` (and its numpy
   twin :func:`index_rows_to_normalized`) are the only places that write that map and flip the order.
 * **Patches as grid blocks**: :func:`grid_block_patch` places a ``P³`` patch on a field grid's voxels
-  (axes along the grid's, the last reversed on a left-handed grid); :func:`grid_block_start` recognises
-  such a patch (lowest corner voxel and axis directions) so it can be read and written by slicing.
+  (its axes are the grid's axes, ordered and signed to lie nearest the world axes); :func:`grid_block_start`
+  recognises such a patch (lowest corner voxel, axis order and signs) so it can be read and written by slicing.
 * **Displacement fields** are ``(3, Z, Y, X)`` arrays on a field grid; component ``k`` is the world
   displacement along world component ``k`` (z, y, x), in the field grid's unit. A field maps a fixed
   world point ``x`` to the moving world point ``x + u(x)``.
@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
+from scipy.optimize import linear_sum_assignment
 
 from patchmorph_core.errors import InputError
 
@@ -323,15 +324,20 @@ def grid_block_patch(grid: Grid, center: Sequence[float], size: int) -> tuple[np
 
     Returns:
         ``(center, rotation)`` for :func:`patch_grid`: the centre moved by at most half a voxel per grid
-        axis so that the patch's voxel centres are ``grid`` voxel centres, and the patch axes = ``grid``'s
-        axes, the last one reversed if ``grid`` is left-handed (the patch is then a proper rotation and
-        covers the same voxels).
+        axis so that the patch's voxel centres are ``grid`` voxel centres, and patch axes that are
+        ``grid``'s axes, signed and ordered to lie as close as possible to the world axes ``(z, y, x)``
+        (a grid stored e.g. ``psl`` or left-handed still gives patches in the anatomical frame the
+        networks were trained in; a proper rotation, identity for any axis-aligned grid).
     """
+    direction = grid.direction
+    world_axes, grid_axes = linear_sum_assignment(-np.abs(direction))
+    axes = grid_axes[np.argsort(world_axes)]  # axes[k]: the grid axis nearest to world axis k
+    rotation = direction[:, axes] * np.sign(direction[np.arange(3), axes])
+    if np.linalg.det(rotation) < 0:  # only for grids about 45° off every world axis
+        worst = int(np.argmin(np.abs(np.diag(rotation))))
+        rotation[:, worst] *= -1.0
     half = (size - 1) / 2.0
     first = np.round(grid.world_to_index(np.asarray(center, dtype=np.float64)) - half)
-    rotation = grid.direction.copy()
-    if np.linalg.det(rotation) < 0:
-        rotation[:, 2] *= -1.0
     return grid.index_to_world(first + half), rotation
 
 
@@ -339,20 +345,25 @@ def grid_block_start(patch: Grid, target: Grid) -> np.ndarray | None:
     """Where a cubic patch grid sits on ``target`` if it is a block of it, else None.
 
     Returns:
-        ``(6,)`` int64: the target index ``(z, y, x)`` of the block's lowest corner voxel, then per patch
-        axis +1 or -1 (the patch axis runs along the target axis or against it), when every patch axis
-        runs along a target axis with the same spacing and the patch's voxel centres are target voxel
-        centres (to :data:`GRID_TOLERANCE` voxels); None otherwise.
+        ``(9,)`` int64: the target index ``(z, y, x)`` of the block's lowest corner voxel; for each patch
+        axis ``k`` the target axis it runs along; for each patch axis +1 or -1 (with or against that
+        target axis). None unless every patch axis runs along a target axis with the same spacing and the
+        patch's voxel centres are target voxel centres (to :data:`GRID_TOLERANCE` voxels).
     """
     to_target = target.inverse_affine @ patch.affine
-    signs = np.round(np.diag(to_target[:3, :3]))
-    if np.any(signs == 0) or not np.allclose(to_target[:3, :3], np.diag(signs), atol=GRID_TOLERANCE):
+    linear = np.round(to_target[:3, :3])
+    if not np.allclose(to_target[:3, :3], linear, atol=GRID_TOLERANCE) or np.any(np.abs(linear).sum(0) != 1):
         return None
+    axes = np.argmax(np.abs(linear), axis=0)
+    if len(set(axes.tolist())) != 3:
+        return None
+    signs = linear[axes, np.arange(3)]
     first = np.round(to_target[:3, 3])
     if np.abs(to_target[:3, 3] - first).max() > GRID_TOLERANCE:
         return None
-    low = first + np.where(signs < 0, -(patch.shape[0] - 1), 0)
-    return np.concatenate([low, signs]).astype(np.int64)
+    low = first.copy()
+    low[axes[signs < 0]] -= patch.shape[0] - 1
+    return np.concatenate([low, axes, signs]).astype(np.int64)
 
 
 def random_rotation(rng: np.random.Generator, max_angle_deg: float) -> np.ndarray:

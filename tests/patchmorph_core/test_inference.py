@@ -179,8 +179,8 @@ def test_snapped_lattice_patches_are_blocks_of_the_field_grid(reflected: bool) -
         stage_lattice(domain, 10.0, 2.0, 7, 1, 0.0, 8, snap=domain.resampled(1.0))
 
 
-@pytest.mark.parametrize("reflected", [False, True])
-def test_field_grid_patches_give_the_sums_of_per_patch_interpolation(reflected: bool) -> None:
+@pytest.mark.parametrize("frame", ["plain", "reflected", "permuted"])
+def test_field_grid_patches_give_the_sums_of_per_patch_interpolation(frame: str) -> None:
     # the block path (one sampling on the field grid, slice additions) against estimate_patches +
     # accumulate (per-patch trilinear sampling and accumulation) on the same snapped patches
     torch.manual_seed(3)
@@ -189,9 +189,9 @@ def test_field_grid_patches_give_the_sums_of_per_patch_interpolation(reflected: 
         for param in model.parameters():
             param.normal_(0.0, 0.3)
     fixed, moving = _pair()
-    if reflected:
-        affine = fixed.levels[0].grid.affine @ np.diag([1.0, -1.0, 1.0, 1.0])
-        grid = Grid(fixed.levels[0].grid.shape, affine, "millimeter")
+    if frame != "plain":  # a left-handed fixed grid; or one whose axes are a signed permutation of the world's
+        change = np.diag([1.0, -1.0, 1.0, 1.0]) if frame == "reflected" else np.eye(4)[[1, 2, 0, 3]]
+        grid = Grid(fixed.levels[0].grid.shape, fixed.levels[0].grid.affine @ change, "millimeter")
         fixed = MultiscaleImage.from_array(_blob_image(grid), grid, n_levels=2)
     moving = moving.with_unit("millimeter")
     field_grid = fixed.grid.resampled(1.5)

@@ -105,16 +105,23 @@ def test_index_to_normalized_corners_and_component_flip() -> None:
 def test_grid_block_patch_lands_on_voxels_and_is_recognised() -> None:
     grid = rotated_grid().resampled(1.25)
     left = Grid(grid.shape, grid.affine @ np.diag([1.0, -1.0, 1.0, 1.0]), grid.unit)  # left-handed
-    for target in (grid, left):
+    # stored psl-like: array axes (AP, SI, LR) with signs, i.e. a signed permutation of the world axes
+    psl = Grid.from_spacing((14, 11, 9), (1.25,) * 3, unit="millimeter", direction=orientation_matrix("psl"))
+    for target in (grid, left, psl):
         center, rotation = grid_block_patch(target, target.center + np.array([0.3, -0.55, 0.9]), 6)
         assert np.isclose(np.linalg.det(rotation), 1.0)
+        # patch axes are the grid axes nearest the world axes: identity for the axis-aligned psl grid
+        assert np.all(np.diag(rotation) > 0.7) and (target is not psl or np.allclose(rotation, np.eye(3)))
         patch = patch_grid(center, 6 * 1.25, 6, rotation, target.unit)
         start = grid_block_start(patch, target)
         assert start is not None
         index = target.world_to_index(patch.points())
         np.testing.assert_allclose(index, np.round(index), atol=1e-9)
         assert np.array_equal(np.round(index.min(axis=(0, 1, 2))), start[:3])
-        assert np.array_equal(start[3:], [1, 1, 1] if target is grid else [1, 1, -1])
+        # patch axis k runs along target axis start[3 + k] with sign start[6 + k]
+        steps = [index[1, 0, 0] - index[0, 0, 0], index[0, 1, 0] - index[0, 0, 0], index[0, 0, 1] - index[0, 0, 0]]
+        for k, step in enumerate(steps):
+            assert np.allclose(step, np.eye(3)[start[3 + k]] * start[6 + k])
         # not blocks: half a voxel off, another spacing, a rotated patch
         assert grid_block_start(patch.translated(0.5 * target.linear[:, 0]), target) is None
         assert grid_block_start(patch_grid(center, 6 * 1.3, 6, rotation, target.unit), target) is None
