@@ -159,8 +159,9 @@ class InferenceConfig(_Strict):
         n_stages: stages to run (None: the model's ``n_stages``).
         overlap: patch overlap factor; the lattice step is ``extent / overlap`` per axis.
         patch_layout: ``"field_grid"`` (default): every patch is a ``P³`` block of its stage's field grid —
-            axes along the field grid's axes, centre jittered within its lattice cell and then rounded to
-            the field grid, no rotation — so each block of patches reads its images once on the field grid
+            axes along the field grid's axes (ordered and signed nearest the world axes, the networks'
+            training frame), centre jittered within its lattice cell and then rounded to the field grid,
+            no rotation — so each block of patches reads its images once on the field grid
             and adds its estimates with plain slice additions (:func:`~patchmorph_core.inference.estimate_and_accumulate`).
             ``"rotated"``: free centres and random rotations up to ``max_rotation_deg`` with trilinear
             sampling and accumulation per patch (the layout before; same Dice on the benchmark's
@@ -183,7 +184,7 @@ class InferenceConfig(_Strict):
             residual misalignment it left (choice; the paper is silent).
         refine_overlap: lattice overlap of the refinement passes (None: ``overlap``); patches ∝ overlap³.
             Default: one pass at the stages' overlap, chosen on validation pairs of training subjects 01-06
-            with the field-grid patch layout (mean Dice 0.667 with one pass at overlap 1.0, 0.679 at 1.5,
+            with the field-grid patch layout's first, grid-order version (mean Dice 0.667 with one pass at overlap 1.0, 0.679 at 1.5,
             0.689 with two passes at 1.5, 0.693 with three): one full pass keeps the benchmark's
             registration time under ANTs SyN's, two (``configs/register_refine.yaml``) do not (README,
             accuracy benchmark).
