@@ -13,7 +13,8 @@ same code block by block and :func:`register_arrays` is its one-block case:
    blocks or chunks. The lattice step is ``extent / overlap``. A lattice *snapped* to the stage's field
    grid (``InferenceConfig.patch_layout: field_grid``, the default) draws the same jitter, rounds the
    centre so that the patch's voxel centres are field-grid voxel centres, and lays the patch axes along
-   the field grid's axes (no rotation): each patch is then a ``P³`` block of the field grid.
+   the field grid's axes, ordered and signed nearest the world axes (no rotation;
+   :func:`~patchmorph_core.spatial.grid_block_patch`): each patch is then a ``P³`` block of the field grid.
 2. :func:`estimate_patches` — per patch: fixed patch ``F(x)``, moving patch ``M(φ(x))`` through the current
    transform ``φ(x) = x + prior(x)``, network update ``v = model.stage_update(...)`` and the total
    displacement ``u(x) = v(x) + prior(x + v(x))`` (composition order: the update is applied first, in fixed
@@ -596,7 +597,7 @@ def estimate_and_accumulate(
     at one batch of estimates plus the boxes of :func:`block_inputs`). Arguments as in those two functions;
     ``stats`` also gets ``"accumulate_seconds"``.
 
-    When every patch is a block of ``target``'s grid (:func:`grid_block_start`; a lattice snapped to the
+    When every patch is a block of ``target``'s grid (:func:`~patchmorph_core.spatial.grid_block_start`; a lattice snapped to the
     field grid), :func:`_estimate_and_accumulate_on_grid` computes the same sums without per-patch
     interpolation.
     """
