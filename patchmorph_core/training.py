@@ -30,7 +30,13 @@ from tqdm import tqdm
 from patchmorph_core.alignment import fit_affine, translation_matrix
 from patchmorph_core.config import LossConfig, TrainConfig, resolve_device
 from patchmorph_core.losses import stage_loss
-from patchmorph_core.model import PatchMorph, model_from_checkpoint, read_checkpoint, save_checkpoint
+from patchmorph_core.model import (
+    PatchMorph,
+    model_from_checkpoint,
+    place_model,
+    read_checkpoint,
+    save_checkpoint,
+)
 from patchmorph_core.sampling import initial_translation, tissue_bounds, tissue_weights
 from patchmorph_core.source import MultiscaleImage
 from patchmorph_core.spatial import Grid, patch_grid, random_rotation, sample_torch
@@ -372,7 +378,7 @@ def _train(config: TrainConfig, source: PairSource, progress: bool) -> TrainResu
     payload = read_checkpoint(checkpoint) if config.resume and checkpoint.is_file() else None
     if payload is not None:
         model = model_from_checkpoint(payload, checkpoint)
-    model.to(device).train()
+    place_model(model, device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     if payload is not None:
         if payload["optimizer"] is not None:
