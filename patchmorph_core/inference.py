@@ -72,6 +72,7 @@ from patchmorph_core.spatial import (
     Grid,
     grid_block_patch,
     grid_block_start,
+    grid_block_view,
     index_box,
     patch_grid,
     random_rotation,
@@ -170,6 +171,12 @@ class PatchLattice:
         return [self.spec(c) for c in cells]
 
 
+def is_patch_grid(grid: Grid, extent: float, patch_size: int) -> bool:
+    """Whether ``grid``'s spacing is the patch spacing ``extent / patch_size`` on every axis (so a lattice
+    can be snapped to it, :func:`stage_lattice`)."""
+    return bool(np.allclose(grid.spacing, float(extent) / patch_size, rtol=1e-6))
+
+
 def stage_lattice(
     domain: Grid,
     extent: float,
@@ -203,7 +210,7 @@ def stage_lattice(
         ValueError: ``snap``'s spacing is not the patch spacing.
     """
     if snap is not None:
-        if not np.allclose(snap.spacing, float(extent) / patch_size, rtol=1e-6):
+        if not is_patch_grid(snap, extent, patch_size):
             raise ValueError(
                 f"a lattice snapped to a grid needs its spacing {snap.spacing} to equal the patch spacing "
                 f"{float(extent) / patch_size}"
@@ -544,6 +551,17 @@ def _specs_world_box(specs: Sequence[PatchSpec]) -> tuple[np.ndarray, np.ndarray
     return bounds[:, 0].min(axis=0), bounds[:, 1].max(axis=0)
 
 
+def _cached_prior(prior: Displacement, low: np.ndarray, high: np.ndarray) -> Displacement:
+    """``prior`` with a store-backed field held in memory over the world box ``[low, high]`` (plus two
+    voxels; not cached over :data:`BLOCK_CACHE_BYTES`); any other displacement as it is."""
+    if not isinstance(prior, FieldDisplacement):
+        return prior
+    corners = np.array(np.meshgrid(*zip(low, high, strict=True), indexing="ij")).reshape(3, -1).T
+    box = index_box(prior.grid.world_to_index(corners), prior.grid.shape, margin=2)
+    field_box = None if box is None else (slice(None), *box)
+    return FieldDisplacement(cache_box(prior.field, field_box, BLOCK_CACHE_BYTES), prior.grid)
+
+
 def block_inputs(
     fixed: MultiscaleImage, moving: MultiscaleImage, prior: Displacement, specs: Sequence[PatchSpec]
 ) -> tuple[MultiscaleImage, MultiscaleImage, Displacement]:
@@ -560,11 +578,7 @@ def block_inputs(
     spacing = float(specs[0].grid.spacing.max())
     low, high = _specs_world_box(specs)
     margin = specs[0].extent / 2.0
-    if isinstance(prior, FieldDisplacement):
-        corners = np.array(np.meshgrid(*zip(low - margin, high + margin, strict=True), indexing="ij"))
-        box = index_box(prior.grid.world_to_index(corners.reshape(3, -1).T), prior.grid.shape, margin=2)
-        field_box = None if box is None else (slice(None), *box)
-        prior = FieldDisplacement(cache_box(prior.field, field_box, BLOCK_CACHE_BYTES), prior.grid)
+    prior = _cached_prior(prior, low - margin, high + margin)
     samples = np.stack(np.meshgrid(*np.linspace(low, high, 5).T, indexing="ij"), axis=-1).reshape(-1, 3)
     mapped = samples + prior(samples)
     fixed = fixed.cached(low, high, spacing, BLOCK_CACHE_BYTES)
@@ -598,13 +612,13 @@ def estimate_and_accumulate(
     """
     fixed_range = intensity_range(fixed) if fixed_range is None else fixed_range
     moving_range = intensity_range(moving) if moving_range is None else moving_range
-    fixed, moving, prior = block_inputs(fixed, moving, prior, specs)
     starts = [grid_block_start(spec.grid, target) for spec in specs]
     if specs and all(start is not None for start in starts):
         return _estimate_and_accumulate_on_grid(
             model, fixed, moving, prior, specs, np.array(starts), target, config,
             ranges=(fixed_range, moving_range), stats=stats, progress=progress,
         )  # fmt: skip
+    fixed, moving, prior = block_inputs(fixed, moving, prior, specs)
     sums = FieldSums.zeros(target)
     touched = 0
     for start in range(0, len(specs), config.batch_size):
@@ -629,16 +643,6 @@ def estimate_and_accumulate(
 
 
 # -- patches that are blocks of the field grid ---------------------------------------------------------------
-def _block_view(array: np.ndarray, start: np.ndarray, size: int) -> np.ndarray:
-    """The ``size³`` block of ``array``'s last three axes at :func:`~patchmorph_core.spatial.grid_block_start`
-    ``start``, as a view in the patch's own index order (axes transposed and reversed as ``start`` says)."""
-    lead = array.ndim - 3
-    view = array[(*([slice(None)] * lead), *(slice(int(a), int(a) + size) for a in start[:3]))]
-    view = view.transpose(*range(lead), *(lead + int(a) for a in start[3:6]))
-    flip = tuple(lead + k for k in range(3) if start[6 + k] < 0)
-    return np.flip(view, axis=flip) if flip else view
-
-
 def _estimate_and_accumulate_on_grid(
     model: Any,
     fixed: MultiscaleImage,
@@ -656,8 +660,10 @@ def _estimate_and_accumulate_on_grid(
     """:func:`estimate_and_accumulate` for patches that are blocks of ``target``'s grid.
 
     The fixed image, the prior and the moving image through the prior are sampled once on the box of
-    grid voxels the patches cover (the same trilinear samples at the same points as per patch); each
-    patch's inputs are then slices of those, and its windowed estimate is added to the sums by slice.
+    grid voxels the patches cover (the same trilinear samples at the same points as per patch; each is one
+    box read, so only the prior, which the composition samples batch after batch, is held in memory as in
+    :func:`block_inputs`); each patch's inputs are then slices of those, and its windowed estimate is added
+    to the sums by slice.
 
     Args:
         starts: ``(N, 9)`` :func:`~patchmorph_core.spatial.grid_block_start` of each patch on ``target``.
@@ -670,12 +676,15 @@ def _estimate_and_accumulate_on_grid(
     work = target.crop(low, starts[:, :3].max(axis=0) + size)
     starts = starts - np.concatenate([low, np.zeros(6, dtype=np.int64)])
     spacing = float(specs[0].grid.spacing.max())
+    low_world, high_world = _specs_world_box(specs)
+    prior = _cached_prior(prior, low_world - specs[0].extent / 2.0, high_world + specs[0].extent / 2.0)
     points = work.points()
+    points_cz = np.moveaxis(points, -1, 0)  # (3, Z, Y, X) view: blocks of it are (3, P, P, P)
     (f_lo, f_hi), (m_lo, m_hi) = ranges
     fixed_w = normalize(sample_grid(fixed.level_for_spacing(spacing), work), f_lo, f_hi)
     covered = np.zeros(work.shape, dtype=bool)  # the moving image is sampled only where a patch reads it
     for start in starts:
-        _block_view(covered, start, size)[...] = True
+        grid_block_view(covered, start, size)[...] = True
     moved = points[covered] + displacement_at(prior, points[covered])
     moving_w = np.zeros(work.shape, dtype=np.float32)
     moving_w[covered] = normalize(sample_points(moving.level_for_spacing(spacing), moved), m_lo, m_hi)
@@ -687,9 +696,9 @@ def _estimate_and_accumulate_on_grid(
     for first in range(0, len(specs), config.batch_size):
         batch = range(first, min(first + config.batch_size, len(specs)))
         tic = time.perf_counter()
-        fixed_b = np.stack([_block_view(fixed_w, starts[n], size) for n in batch])
-        moving_b = np.stack([_block_view(moving_w, starts[n], size) for n in batch])
-        points_b = np.stack([_block_view(np.moveaxis(points, -1, 0), starts[n], size) for n in batch])
+        fixed_b = np.stack([grid_block_view(fixed_w, starts[n], size) for n in batch])
+        moving_b = np.stack([grid_block_view(moving_w, starts[n], size) for n in batch])
+        points_b = np.stack([grid_block_view(points_cz, starts[n], size) for n in batch])
         linear_b = np.stack([specs[n].grid.linear for n in batch]).astype(np.float32)
         toc = time.perf_counter()
         with torch.inference_mode(), _autocast(device):
@@ -705,10 +714,10 @@ def _estimate_and_accumulate_on_grid(
         tuc = time.perf_counter()
         weighted = weights * estimates.astype(np.float64)  # (B, 3, P, P, P); the window is symmetric
         weighted_sq = np.sum(weighted * estimates, axis=1)
-        for k, n in enumerate(batch):  # _block_view of the sums is in patch order, like the estimates
-            _block_view(sums.weighted, starts[n], size)[...] += weighted[k]
-            _block_view(sums.weight, starts[n], size)[...] += weights
-            _block_view(sums.weighted_sq, starts[n], size)[...] += weighted_sq[k]
+        for k, n in enumerate(batch):  # grid_block_view of the sums is in patch order, like the estimates
+            grid_block_view(sums.weighted, starts[n], size)[...] += weighted[k]
+            grid_block_view(sums.weight, starts[n], size)[...] += weights
+            grid_block_view(sums.weighted_sq, starts[n], size)[...] += weighted_sq[k]
         seconds["forward_seconds"] += tac - toc
         seconds["sampling_seconds"] += (toc - tic) + (tuc - tac)
         seconds["accumulate_seconds"] += time.perf_counter() - tuc
@@ -819,7 +828,7 @@ def plan_registration(
 
     def lattice(stage: int, overlap: float, grid: Grid) -> PatchLattice:
         snap = grid if config.patch_layout == "field_grid" else None
-        if snap is not None and not np.allclose(grid.spacing, extents[stage] / size, rtol=1e-6):
+        if snap is not None and not is_patch_grid(grid, extents[stage], size):
             logger.info(
                 "stage %d: field spacing %.4g differs from the patch spacing %.4g; rotated patch layout",
                 stage, float(grid.spacing.max()), extents[stage] / size,

@@ -22,7 +22,8 @@ Conventions (every other module imports these instead of restating them):
   twin :func:`index_rows_to_normalized`) are the only places that write that map and flip the order.
 * **Patches as grid blocks**: :func:`grid_block_patch` places a ``P³`` patch on a field grid's voxels
   (its axes are the grid's axes, ordered and signed to lie nearest the world axes); :func:`grid_block_start`
-  recognises such a patch (lowest corner voxel, axis order and signs) so it can be read and written by slicing.
+  recognises such a patch (lowest corner voxel, axis order and signs) and :func:`grid_block_view` reads and
+  writes it by slicing, in the patch's index order.
 * **Displacement fields** are ``(3, Z, Y, X)`` arrays on a field grid; component ``k`` is the world
   displacement along world component ``k`` (z, y, x), in the field grid's unit. A field maps a fixed
   world point ``x`` to the moving world point ``x + u(x)``.
@@ -364,6 +365,17 @@ def grid_block_start(patch: Grid, target: Grid) -> np.ndarray | None:
     low = first.copy()
     low[axes[signs < 0]] -= patch.shape[0] - 1
     return np.concatenate([low, axes, signs]).astype(np.int64)
+
+
+def grid_block_view(array: np.ndarray, start: np.ndarray, size: int) -> np.ndarray:
+    """The ``size³`` block of ``array``'s last three (grid) axes at a :func:`grid_block_start` ``start``,
+    as a view in the patch's own index order (axes transposed and reversed as ``start`` says); writing
+    into the view writes the block of ``array``."""
+    lead = array.ndim - 3
+    view = array[(*([slice(None)] * lead), *(slice(int(a), int(a) + size) for a in start[:3]))]
+    view = view.transpose(*range(lead), *(lead + int(a) for a in start[3:6]))
+    flip = tuple(lead + k for k in range(3) if start[6 + k] < 0)
+    return np.flip(view, axis=flip) if flip else view
 
 
 def random_rotation(rng: np.random.Generator, max_angle_deg: float) -> np.ndarray:
