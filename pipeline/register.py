@@ -35,7 +35,6 @@ from patchmorph_core.displacement import (
     AffineDisplacement,
     Displacement,
     FieldDisplacement,
-    displacement_on_grid,
 )
 from patchmorph_core.errors import InputError
 from patchmorph_core.inference import (
@@ -173,7 +172,7 @@ def write_field_chunk(
     tic = time.perf_counter()
     box = ctx.plan.box(cid)
     sums = reduce_partials(ctx.plan.grid, box, partials)
-    field, uncertainty = finalize(sums, displacement_on_grid(ctx.prior, sums.grid))
+    field, uncertainty = finalize(sums, ctx.prior)
     ctx.records.log_write(cid)
     ctx.field[(slice(None), *box.slices)] = field
     if ctx.uncertainty is not None:

@@ -18,6 +18,8 @@ from patchmorph_core.inference import (
     accumulate,
     cell_blocks,
     cells_for_region,
+    compose_on_grid,
+    compose_update,
     estimate_and_accumulate,
     estimate_patches,
     finalize,
@@ -79,8 +81,8 @@ def test_aggregator_two_overlapping_patches_hand_computed() -> None:
     target = Grid.from_spacing((4, 4, 6), (1.0, 1.0, 1.0), unit="millimeter")
     specs = [_spec((1.5, 1.5, 1.0)), _spec((1.5, 1.5, 2.0))]
     estimates = np.zeros((2, 3, 5, 5, 5), np.float32)
-    estimates[0, 2] = 1.0  # patch A: u = (0, 0, 1)
-    estimates[1, 2] = 3.0  # patch B: u = (0, 0, 3)
+    estimates[0, 2] = 1.0  # patch A: v = (0, 0, 1)
+    estimates[1, 2] = 3.0  # patch B: v = (0, 0, 3)
     sums = accumulate(specs, estimates, target)
     # x-window of A at x = 0..5: patch index 1,2,3,4,5,6 -> 0.5, 1, 0.5, 0, 0, 0; B: 0, 0.5, 1, 0.5, 0, 0
     # z and y: patch indices 0.5, 1.5, 2.5, 3.5 -> sin²(π i / 4)
@@ -88,10 +90,10 @@ def test_aggregator_two_overlapping_patches_hand_computed() -> None:
     wa, wb = np.array([0.5, 1, 0.5, 0, 0, 0]), np.array([0, 0.5, 1, 0.5, 0, 0])
     expected_weight = zy[:, None, None] * zy[None, :, None] * (wa + wb)[None, None, :]
     assert np.allclose(sums.weight, expected_weight)
-    prior = np.full((3, 4, 4, 6), 7.0, np.float32)
-    field, uncertainty = finalize(sums, prior)
-    assert np.allclose(field[2, 1, 2], [1.0, 5 / 3, 7 / 3, 3.0, 7.0, 7.0])  # x = 4, 5: no weight -> prior
-    assert np.allclose(field[:2], np.where(expected_weight > 0, 0.0, 7.0)[None])
+    field, uncertainty = finalize(sums, TranslationDisplacement(np.array([7.0, 7.0, 7.0])))
+    # averaged update, then the (constant) prior; x = 4, 5: no weight -> the prior alone
+    assert np.allclose(field[2, 1, 2], [1.0 + 7, 5 / 3 + 7, 7 / 3 + 7, 3.0 + 7, 7.0, 7.0])
+    assert np.allclose(field[:2], 7.0)
     assert np.allclose(uncertainty[0, 3], [0.0, np.sqrt(8) / 3, np.sqrt(8) / 3, 0.0, 0.0, 0.0], atol=1e-6)
     assert sums.patches == 2
 
@@ -110,7 +112,7 @@ def test_aggregator_reproduces_linear_field_under_rotation() -> None:
     estimates = np.stack([np.moveaxis(truth(s.grid.points()).reshape(8, 8, 8, 3), -1, 0) for s in specs])
     target = domain.resampled(2.0)
     sums = accumulate(specs, estimates, target)
-    field, _ = finalize(sums, np.zeros((3, *target.shape)))
+    field, _ = finalize(sums, TranslationDisplacement(np.zeros(3)))
     covered = sums.weight > 1e-6
     assert covered.mean() > 0.9
     expected = np.moveaxis(truth(target.points()).reshape(*target.shape, 3), -1, 0)
@@ -254,7 +256,7 @@ def _blob_image(grid: Grid, center_shift=(0.0, 0.0, 0.0)) -> np.ndarray:
     return (np.clip(1.5 - r * 1.5, 0, 1) * 100 + (inner < 1) * 60).astype(np.float32)
 
 
-def test_estimate_patches_composes_update_with_prior() -> None:
+def test_estimate_patches_returns_updates_and_compose_update_applies_the_prior() -> None:
     grid = Grid.from_spacing((24, 24, 24), (1.0, 1.0, 1.0), origin=(-12, -12, -12), unit="millimeter")
     image = MultiscaleImage.from_array(_blob_image(grid), grid, n_levels=2)
     model = ConstantUpdate((0.5, -1.0, 0.25))
@@ -262,19 +264,45 @@ def test_estimate_patches_composes_update_with_prior() -> None:
     specs = lattice.specs()[:5]
     config = InferenceConfig(batch_size=2, device="cpu")
     shift = np.array([1.0, 2.0, 3.0])
+    v = np.array([0.5, -1.0, 0.25])
     out = estimate_patches(model, image, image, TranslationDisplacement(shift), specs, config)
     assert out.shape == (5, 3, 8, 8, 8) and out.dtype == np.float32
-    assert np.allclose(out, (np.array([0.5, -1.0, 0.25]) + shift)[None, :, None, None, None])
+    assert np.allclose(out, v[None, :, None, None, None])
     assert model.calls == [2, 2, 1]
+    points = np.concatenate([s.grid.points().reshape(-1, 3) for s in specs])
+    total = compose_update(out, points, TranslationDisplacement(shift))
+    assert np.allclose(total, (v + shift)[None, :, None, None, None])
     # with an affine prior: u(x) = v + A (x + v) + b - (x + v)
     matrix = np.eye(4)
     matrix[:3, :3] *= 1.1
     matrix[:3, 3] = shift
-    out = estimate_patches(model, image, image, AffineDisplacement(matrix), specs, config)
-    v = np.array([0.5, -1.0, 0.25])
-    pts = specs[0].grid.points().reshape(-1, 3)
-    expected = v + AffineDisplacement(matrix)(pts + v)
-    assert np.allclose(out[0].reshape(3, -1).T, expected, atol=1e-5)
+    total = compose_update(out, points, AffineDisplacement(matrix))
+    expected = v + AffineDisplacement(matrix)(specs[0].grid.points().reshape(-1, 3) + v)
+    assert np.allclose(total[0].reshape(3, -1).T, expected, atol=1e-5)
+
+
+def test_finalize_composes_the_averaged_update_with_a_field_prior() -> None:
+    # rotated, anisotropic, non-cubic grid; a random smooth field prior on a coarser, differently rotated grid
+    target = _rotated_domain()
+    coarse = Grid.from_spacing(
+        (9, 11, 8), (4.0, 3.5, 5.0), origin=(-18, -20, -21), unit="millimeter",
+        direction=random_rotation(np.random.default_rng(5), 30.0),
+    )  # fmt: skip
+    rng = np.random.default_rng(4)
+    prior = FieldDisplacement(ndimage.gaussian_filter(rng.normal(0, 3.0, (3, *coarse.shape)), (0, 1, 1, 1)), coarse)
+    update = ndimage.gaussian_filter(rng.normal(0, 2.0, (3, *target.shape)), (0, 2, 2, 2))
+    points = target.points().reshape(-1, 3)
+    v = np.moveaxis(update, 0, -1).reshape(-1, 3)
+    expected = np.moveaxis((v + prior(points + v)).reshape(*target.shape, 3), -1, 0)
+    for block in (1, 500, 10**6):  # one slice per evaluation, a few slices, all at once
+        np.testing.assert_allclose(compose_on_grid(update, target, prior, block), expected, atol=1e-4)
+    # finalize: v̄ = Σw·v / Σw where covered, 0 (the prior alone) elsewhere
+    weight = rng.uniform(0.5, 2.0, target.shape) * (rng.uniform(size=target.shape) > 0.2)
+    sums = FieldSums(target, update * weight, weight, np.sum(update**2, axis=0) * weight, 3)
+    field, uncertainty = finalize(sums, prior, block=700)
+    bare = np.moveaxis(prior(points).reshape(*target.shape, 3), -1, 0)
+    np.testing.assert_allclose(field, np.where(weight > 0, expected, bare), atol=1e-4)
+    assert np.abs(uncertainty).max() < 1e-3  # one estimate per voxel: no spread
 
 
 def _pair() -> tuple[MultiscaleImage, MultiscaleImage]:
@@ -382,7 +410,9 @@ def test_patch_estimate_equals_the_training_forward_pass(alignment: str) -> None
     )
     if alignment == "affine":  # the fitted start is a real affine, not a translation
         assert np.abs(pair.initial[:3, :3] - np.eye(3)).max() > 1e-3
-    ours = estimate_patches(model, fixed, moving, AffineDisplacement(pair.initial), specs, config)
+    update = estimate_patches(model, fixed, moving, AffineDisplacement(pair.initial), specs, config)
+    points = np.concatenate([s.grid.points().reshape(-1, 3) for s in specs])
+    ours = compose_update(update, points, AffineDisplacement(pair.initial))
     with torch.no_grad():
         theirs = run_chains(
             model, pair, ChainBatch.from_chains([[s.grid] for s in specs]), LossConfig(ncc_window=3)
