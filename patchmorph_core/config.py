@@ -183,11 +183,13 @@ class InferenceConfig(_Strict):
             and rotations) and starting from the previous pass's field, so the finest network sees the
             residual misalignment it left (choice; the paper is silent).
         refine_overlap: lattice overlap of the refinement passes (None: ``overlap``); patches ∝ overlap³.
-            Default: one pass at the stages' overlap, chosen on validation pairs of training subjects 01-06
-            with the field-grid patch layout's first, grid-order version (mean Dice 0.667 with one pass at overlap 1.0, 0.679 at 1.5,
-            0.689 with two passes at 1.5, 0.693 with three): one full pass keeps the benchmark's
-            registration time under ANTs SyN's, two (``configs/register_refine.yaml``) do not (README,
-            accuracy benchmark).
+            Default: two passes at the stages' overlap, chosen on validation pairs of training subjects
+            01-06 with the field-grid patch layout's first, grid-order version (mean Dice 0.667 with one
+            pass at overlap 1.0, 0.679 at 1.5, 0.689 with two passes at 1.5, 0.693 with three). Since the
+            updates are composed once per field voxel (:func:`~patchmorph_core.inference.finalize`), two
+            passes keep the benchmark's registration time well under ANTs SyN's; three
+            (``configs/register_refine.yaml``) add 0.004 for another 0.7 s; one is
+            ``configs/register_fast.yaml`` (README, accuracy benchmark).
     """
 
     weights: str | None = None
@@ -201,7 +203,7 @@ class InferenceConfig(_Strict):
     field_spacing: float | None = Field(None, gt=0.0)
     initial_alignment: Literal["affine", "center_of_mass"] = "affine"
     first_stage: int | None = Field(None, ge=0, le=7)
-    refine_passes: int = Field(1, ge=0, le=8)
+    refine_passes: int = Field(2, ge=0, le=8)
     refine_overlap: float | None = Field(None, ge=1.0, le=8.0)
 
 

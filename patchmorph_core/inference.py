@@ -65,11 +65,13 @@ from patchmorph_core.displacement import (
 from patchmorph_core.errors import InputError
 from patchmorph_core.model import place_model
 from patchmorph_core.sampling import (
+    affine_indices,
     displacement_at,
     initial_translation,
     intensity_range,
+    mapped_indices,
     normalize,
-    sample_grid,
+    sample_indices,
     sample_patch,
     sample_points,
     tissue_bounds,
@@ -411,9 +413,7 @@ def _add_patch(sums: FieldSums, spec: PatchSpec, estimate: np.ndarray) -> int:
     return 1
 
 
-def finalize(
-    sums: FieldSums, prior: Displacement, block: int = 262144
-) -> tuple[np.ndarray, np.ndarray]:
+def finalize(sums: FieldSums, prior: Displacement, block: int = 262144) -> tuple[np.ndarray, np.ndarray]:
     """The stage's field (the averaged update composed with the prior) and its uncertainty.
 
     Args:
@@ -695,9 +695,10 @@ def _estimate_and_accumulate_on_grid(
     """:func:`estimate_and_accumulate` for patches that are blocks of ``target``'s grid.
 
     The fixed image, the prior and the moving image through the prior are sampled once on the box of
-    grid voxels the patches cover (the same trilinear samples at the same points as per patch, each one
-    box read); each patch's inputs are then slices of those, and its windowed update is added to the sums
-    by slice.
+    grid voxels the patches span (the trilinear samples of the per-patch path at the same points, each
+    one box read and one float32 ``grid_sample`` call: :func:`~patchmorph_core.sampling.sample_indices`,
+    :func:`~patchmorph_core.sampling.mapped_indices`); each patch's inputs are then slices of those, and
+    its windowed update is added to the sums by slice.
 
     Args:
         starts: ``(N, 9)`` :func:`~patchmorph_core.spatial.grid_block_start` of each patch on ``target``.
@@ -710,17 +711,12 @@ def _estimate_and_accumulate_on_grid(
     work = target.crop(low, starts[:, :3].max(axis=0) + size)
     starts = starts - np.concatenate([low, np.zeros(6, dtype=np.int64)])
     spacing = float(specs[0].grid.spacing.max())
-    points = work.points()
     (f_lo, f_hi), (m_lo, m_hi) = ranges
-    fixed_w = normalize(sample_grid(fixed.level_for_spacing(spacing), work), f_lo, f_hi)
-    covered = np.zeros(work.shape, dtype=bool)  # the moving image is sampled only where a patch reads it
-    for start in starts:
-        grid_block_view(covered, start, size)[...] = True
-    moved = points[covered]
-    moved += displacement_at(prior, moved)
-    moving_w = np.zeros(work.shape, dtype=np.float32)
-    moving_w[covered] = normalize(sample_points(moving.level_for_spacing(spacing), moved), m_lo, m_hi)
-    del moved
+    level = fixed.level_for_spacing(spacing)
+    fixed_index = affine_indices(level.grid.inverse_affine @ work.affine, work.shape)
+    fixed_w = normalize(sample_indices(level.array, fixed_index), f_lo, f_hi)
+    level = moving.level_for_spacing(spacing)
+    moving_w = normalize(sample_indices(level.array, mapped_indices(prior, work, level.grid)), m_lo, m_hi)
     sums = FieldSums.zeros(work)
     weights = patch_window(size)
     device = _model_device(model, config)

@@ -21,7 +21,13 @@ from scipy import ndimage
 
 from patchmorph_core.displacement import Displacement, FieldDisplacement
 from patchmorph_core.source import Level, MultiscaleImage
-from patchmorph_core.spatial import ALIGN_CORNERS, Grid, index_box, index_rows_to_normalized, read_box
+from patchmorph_core.spatial import (
+    ALIGN_CORNERS,
+    Grid,
+    bounds_box,
+    index_rows_to_normalized,
+    read_box,
+)
 
 PointMap = Callable[[np.ndarray], np.ndarray]
 """Maps ``(N, 3)`` world points ``(z, y, x)`` to ``(N, 3)`` world points."""
@@ -59,7 +65,7 @@ def sample_patch(
 
 def row_box(rows: np.ndarray, shape: tuple[int, ...], margin: int = 1) -> tuple[slice, ...] | None:
     """:func:`~patchmorph_core.spatial.index_box` of the ``(3, N)`` component-major indices ``rows``."""
-    return index_box(rows.T, shape, margin)
+    return bounds_box(rows.min(axis=1), rows.max(axis=1), shape, margin)
 
 
 def sample_points(level: Level, points: np.ndarray) -> np.ndarray:
@@ -135,6 +141,87 @@ def displacement_at(displacement: Displacement, points: np.ndarray) -> np.ndarra
     return _field_samples(block, rows)
 
 
+# -- whole boxes of a grid at once (the block path of inference) -------------------------------------------
+# Component-major ``(3, Z, Y, X)`` indices throughout: per-axis reductions and arithmetic run on contiguous
+# arrays (an ``(N, 3)`` layout makes numpy's and torch's per-axis operations several times slower on CPU).
+def affine_indices(matrix: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """``(3, Z, Y, X)`` float32 values of ``matrix @ (i, 1)`` at every index ``i`` of a grid of ``shape``.
+
+    ``matrix`` is a ``(4, 4)`` index→index map (e.g. ``source.inverse_affine @ target.affine``: target
+    voxel → source voxel); summed axis by axis, like :meth:`~patchmorph_core.spatial.Grid.points`.
+    """
+    out = np.empty((3, *shape), dtype=np.float32)
+    for c in range(3):
+        out[c] = matrix[c, 3]
+        for axis, n in enumerate(shape):
+            steps = (np.arange(n, dtype=np.float64) * matrix[c, axis]).astype(np.float32)
+            out[c] += steps.reshape([n if a == axis else 1 for a in range(3)])
+    return out
+
+
+def sample_indices(array: object, index: np.ndarray, padding: str = "zeros") -> np.ndarray:
+    """Trilinear samples of a ``(Z, Y, X)`` or ``(C, Z, Y, X)`` array-like at continuous indices.
+
+    One box read (the box the indices need, plus one voxel) and one float32 ``grid_sample`` call.
+
+    Args:
+        array: numpy, zarr, dask or TensorStore array, indexed ``([c,] z, y, x)``.
+        index: ``(3, ...)`` continuous ``(z, y, x)`` indices into ``array``'s last three axes, component-major.
+        padding: ``"zeros"``: 0 at indices outside ``[0, n − 1]`` on any axis (as :func:`sample_points`,
+            scipy's ``constant`` mode); ``"border"``: indices clamped to the array (constant extension, as
+            :class:`~patchmorph_core.displacement.FieldDisplacement`).
+
+    Returns:
+        ``(...)`` float32 samples, or ``(C, ...)`` for a ``(C, Z, Y, X)`` array.
+    """
+    dims = np.shape(array)
+    shape, lead = tuple(int(n) for n in dims[-3:]), index.shape[1:]
+    rows = np.asarray(index, dtype=np.float32).reshape(3, -1)
+    inside = None
+    if padding == "border":
+        rows = np.stack([np.clip(rows[k], 0.0, shape[k] - 1.0) for k in range(3)])
+    else:
+        inside = (rows[0] >= 0.0) & (rows[0] <= shape[0] - 1.0)
+        for k in (1, 2):
+            inside &= (rows[k] >= 0.0) & (rows[k] <= shape[k] - 1.0)
+    box = row_box(rows, shape)
+    channels = (int(dims[0]),) if len(dims) == 4 else ()
+    if box is None:
+        return np.zeros((*channels, *lead), dtype=np.float32)
+    block = read_box(array, (slice(None),) * len(channels) + box).astype(np.float32, copy=False)
+    rows -= np.array([[s.start] for s in box], dtype=np.float32)
+    coords = torch.from_numpy(index_rows_to_normalized(rows, block.shape[-3:]))
+    volume = torch.from_numpy(np.ascontiguousarray(block)).reshape(1, -1, *block.shape[-3:])
+    out = F.grid_sample(
+        volume, coords.reshape(1, 1, 1, -1, 3), mode="bilinear", padding_mode="border",
+        align_corners=ALIGN_CORNERS,
+    ).reshape(volume.shape[1], -1).numpy()  # fmt: skip
+    if inside is not None:
+        out *= inside
+    return out.reshape(*channels, *lead)
+
+
+def mapped_indices(prior: Displacement, target: Grid, source: Grid) -> np.ndarray:
+    """``(3, Z, Y, X)`` float32 indices on ``source`` of ``x + prior(x)`` at every voxel centre ``x`` of
+    ``target`` (the three grids share one world frame and unit).
+
+    A :class:`~patchmorph_core.displacement.FieldDisplacement` prior is sampled by :func:`sample_indices`
+    (target voxel → field voxel is affine; constant extension outside the field); any other displacement
+    is evaluated at the world points.
+    """
+    out = affine_indices(source.inverse_affine @ target.affine, target.shape)
+    if isinstance(prior, FieldDisplacement):
+        where = affine_indices(prior.grid.inverse_affine @ target.affine, target.shape)
+        disp = sample_indices(prior.field, where, padding="border")
+    else:
+        disp = np.asarray(prior(target.points().reshape(-1, 3)), dtype=np.float32).T.reshape(3, *target.shape)
+    to_index = source.inverse_affine[:3, :3]  # world displacement -> source index displacement
+    for c in range(3):
+        for k in range(3):
+            out[c] += np.float32(to_index[c, k]) * disp[k]
+    return out
+
+
 def coarse_level(image: MultiscaleImage, min_voxels: int = COARSE_VOXELS) -> Level:
     """The coarsest pyramid level that still has ``min_voxels`` voxels (the finest if none has)."""
     for level in reversed(image.levels):
@@ -149,7 +236,9 @@ def _coarse_values(image: MultiscaleImage) -> tuple[np.ndarray, Grid]:
     return values, level.grid
 
 
-def intensity_range(image: MultiscaleImage, percentiles: tuple[float, float] = (0.5, 99.5)) -> tuple[float, float]:
+def intensity_range(
+    image: MultiscaleImage, percentiles: tuple[float, float] = (0.5, 99.5)
+) -> tuple[float, float]:
     """Robust intensity range ``(lo, hi)`` from percentiles of a coarse level (finite values only)."""
     values, _ = _coarse_values(image)
     finite = values[np.isfinite(values)]

@@ -460,8 +460,15 @@ def index_box(index: np.ndarray, shape: Sequence[int], margin: int = 1) -> tuple
     wholly outside the array.
     """
     flat = index.reshape(-1, 3)
-    low = np.floor(flat.min(axis=0)).astype(np.int64) - margin
-    high = np.ceil(flat.max(axis=0)).astype(np.int64) + margin + 1
+    return bounds_box(flat.min(axis=0), flat.max(axis=0), shape, margin)
+
+
+def bounds_box(
+    low_index: np.ndarray, high_index: np.ndarray, shape: Sequence[int], margin: int = 1
+) -> tuple[slice, ...] | None:
+    """:func:`index_box` from the ``(3,)`` smallest and largest continuous indices of the points."""
+    low = np.floor(np.asarray(low_index, dtype=np.float64)).astype(np.int64) - margin
+    high = np.ceil(np.asarray(high_index, dtype=np.float64)).astype(np.int64) + margin + 1
     shape_arr = np.asarray(shape, dtype=np.int64)
     low_c = np.clip(low, 0, shape_arr)
     high_c = np.clip(high, 0, shape_arr)

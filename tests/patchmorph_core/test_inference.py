@@ -434,7 +434,7 @@ def test_refinement_passes_repeat_the_finest_stage_on_other_patches_from_its_fie
     assert all(g is plan.grids[-3] for g in plan.grids[-2:])  # same output field grid
     centres = [np.array([lat.spec(c).center for c in lat.cells()]) for lat in (first, *passes)]
     assert all(np.abs(centres[0] - other).max() > 0.0 for other in centres[1:])  # freshly drawn patches
-    sparse = plan_registration(model, fixed, moving, InferenceConfig(device="cpu", refine_overlap=1.0))
+    sparse = plan_registration(model, fixed, moving, InferenceConfig(device="cpu", refine_passes=1, refine_overlap=1.0))
     assert sparse.lattices[-1].step == pytest.approx(1.5 * sparse.lattices[-2].step)  # overlap 1.0 vs 1.5
     # the update is applied once per pass: a constant update of v gives (passes + 1)·v over the start
     step = (0.5, -0.25, 0.75)
@@ -462,11 +462,11 @@ def test_plan_skips_the_whole_brain_stage_only_after_an_accepted_affine() -> Non
     affine = plan_registration(model, fixed, moving, InferenceConfig(device="cpu"))
     assert affine.alignment["method"] == "affine" and affine.alignment["accepted"]
     assert not np.allclose(affine.initial[:3, :3], np.eye(3))  # a rotated moving grid: a real affine
-    assert [lat.name for lat in affine.lattices] == ["stage1", "stage1.1"]  # one refinement pass by default
+    assert [lat.name for lat in affine.lattices] == ["stage1", "stage1.1", "stage1.2"]  # two refinement passes by default
     com = plan_registration(
         model, fixed, moving, InferenceConfig(device="cpu", initial_alignment="center_of_mass")
     )
-    assert [lat.name for lat in com.lattices] == ["stage0", "stage1", "stage1.1"]
+    assert [lat.name for lat in com.lattices] == ["stage0", "stage1", "stage1.1", "stage1.2"]
     assert np.allclose(com.initial[:3, :3], np.eye(3))
     forced = plan_registration(
         model, fixed, moving, InferenceConfig(device="cpu", first_stage=0, refine_passes=0)

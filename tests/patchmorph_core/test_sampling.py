@@ -8,11 +8,14 @@ from scipy import ndimage
 
 from patchmorph_core.displacement import FieldDisplacement, TranslationDisplacement
 from patchmorph_core.sampling import (
+    affine_indices,
     displacement_at,
     initial_translation,
     intensity_range,
+    mapped_indices,
     normalize,
     sample_grid,
+    sample_indices,
     sample_patch,
     sample_points,
     tissue_bounds,
@@ -38,7 +41,9 @@ class RecordingArray:
 
 def _image_grid() -> Grid:
     rotation = random_rotation(np.random.default_rng(5), 40.0)
-    return Grid.from_spacing((30, 40, 50), (2.0, 1.0, 0.5), origin=(3.0, -7.0, 11.0), unit="millimeter", direction=rotation)
+    return Grid.from_spacing(
+        (30, 40, 50), (2.0, 1.0, 0.5), origin=(3.0, -7.0, 11.0), unit="millimeter", direction=rotation
+    )
 
 
 def _blob_volume(shape: tuple[int, int, int]) -> np.ndarray:
@@ -52,7 +57,9 @@ def test_sample_patch_matches_scipy_on_rotated_anisotropic_grid() -> None:
     recorder = RecordingArray(volume)
     image = MultiscaleImage.from_array(volume, grid, n_levels=1)
     image = MultiscaleImage((type(image.levels[0])(recorder, grid),))
-    patch = patch_grid(grid.center + 1.0, 12.0, 8, random_rotation(np.random.default_rng(1), 70.0), unit="millimeter")
+    patch = patch_grid(
+        grid.center + 1.0, 12.0, 8, random_rotation(np.random.default_rng(1), 70.0), unit="millimeter"
+    )
 
     def shift(points: np.ndarray) -> np.ndarray:
         return points + np.array([0.7, -1.1, 0.4])
@@ -123,9 +130,17 @@ def test_grid_and_point_sampling_agree_with_scipy_at_the_image_border() -> None:
     volume = _blob_volume(grid.shape)
     level = Level(volume, grid)
     # a rotated patch half outside the image: interior samples and the zeros beyond the border
-    patch = patch_grid(grid.index_to_world([2.0, 3.0, 45.0]), 16.0, 10, random_rotation(np.random.default_rng(3), 60.0), unit="millimeter")
+    patch = patch_grid(
+        grid.index_to_world([2.0, 3.0, 45.0]),
+        16.0,
+        10,
+        random_rotation(np.random.default_rng(3), 60.0),
+        unit="millimeter",
+    )
     points = patch.points().reshape(-1, 3)
-    expected = ndimage.map_coordinates(volume, grid.world_to_index(points).T, order=1, mode="constant", prefilter=False)
+    expected = ndimage.map_coordinates(
+        volume, grid.world_to_index(points).T, order=1, mode="constant", prefilter=False
+    )
     np.testing.assert_allclose(sample_grid(level, patch).ravel(), expected, atol=1e-5)
     np.testing.assert_allclose(sample_points(level, points), expected, atol=1e-6)
     assert (expected == 0).any() and (expected > 0).any()
@@ -140,3 +155,46 @@ def test_displacement_at_equals_the_field_sampler_inside_and_outside() -> None:
     np.testing.assert_allclose(displacement_at(sampler, points), sampler(points), atol=1e-6)
     shift = TranslationDisplacement(np.array([1.0, 2.0, 3.0]))
     np.testing.assert_array_equal(displacement_at(shift, points), shift(points))
+
+
+def test_affine_indices_are_the_grid_points_in_another_grid() -> None:
+    source = _image_grid()
+    target = patch_grid(source.center, 14.0, 7, random_rotation(np.random.default_rng(8), 50.0), unit="millimeter")
+    target = Grid(target.shape[:2] + (5,), target.affine, target.unit)  # non-cubic
+    index = affine_indices(source.inverse_affine @ target.affine, target.shape)
+    assert index.shape == (3, 7, 7, 5) and index.dtype == np.float32
+    np.testing.assert_allclose(np.moveaxis(index, 0, -1), source.world_to_index(target.points()), atol=1e-4)
+
+
+@pytest.mark.parametrize("padding", ["zeros", "border"])
+def test_sample_indices_matches_scipy_and_reads_one_box(padding: str) -> None:
+    grid = _image_grid()
+    volume = _blob_volume(grid.shape) + 1.0  # no zeros inside: the border is visible
+    rng = np.random.default_rng(6)
+    index = rng.uniform(-3.0, np.array(grid.shape) + 2.0, (400, 3)).T  # (3, N), some beyond every face
+    index[:, :50] = rng.uniform(10.0, 14.0, (3, 50))  # and a cluster inside
+    mode = "constant" if padding == "zeros" else "nearest"
+    expected = ndimage.map_coordinates(volume, index, order=1, mode=mode, prefilter=False)
+    recorder = RecordingArray(volume)
+    got = sample_indices(recorder, index.reshape(3, 20, 20), padding=padding)
+    assert got.shape == (20, 20) and len(recorder.reads) == 1
+    np.testing.assert_allclose(got.ravel(), expected, atol=1e-5)
+    assert (got == 0).any() == (padding == "zeros")
+    # a cluster needs only its box; a (C, Z, Y, X) array gives (C, ...)
+    recorder = RecordingArray(np.stack([volume, 2.0 * volume, -volume]))
+    got = sample_indices(recorder, index[:, :50], padding=padding)
+    assert got.shape == (3, 50) and recorder.reads[0][1:] == (slice(9, 16),) * 3
+    np.testing.assert_allclose(got, np.array([[1.0], [2.0], [-1.0]]) * expected[None, :50], atol=1e-5)
+
+
+def test_mapped_indices_follow_field_and_affine_priors_into_a_rotated_grid() -> None:
+    source = _image_grid()
+    target = source.resampled(1.7).crop((2, 1, 3), (11, 17, 13))
+    coarse = _image_grid().resampled(4.0)
+    field = np.random.default_rng(2).normal(0.0, 2.0, size=(3, *coarse.shape)).astype(np.float32)
+    points = target.points().reshape(-1, 3)
+    for prior in (FieldDisplacement(field, coarse), TranslationDisplacement(np.array([1.5, -2.0, 0.5]))):
+        got = mapped_indices(prior, target, source)
+        expected = source.world_to_index(points + prior(points)).T.reshape(3, *target.shape)
+        assert got.shape == (3, *target.shape)
+        np.testing.assert_allclose(got, expected, atol=2e-4)
