@@ -503,7 +503,7 @@ def estimate_patches(
 
     Returns:
         ``(B, 3, P, P, P)`` float32 update ``v`` (world units, components ``(z, y, x)``), to be composed
-        with ``prior`` after averaging (:func:`finalize`, or :func:`compose_update` per patch).
+        with ``prior`` after averaging (:func:`finalize`).
     """
     size = specs[0].size if specs else int(model.config.patch_size)
     out = np.empty((len(specs), 3, size, size, size), dtype=np.float32)
@@ -564,16 +564,6 @@ def _moving_batch(
     level = moving.level_for_spacing(float(grids[0].spacing.max()))
     values = sample_points(level, points + displacement_at(prior, points))
     return values.reshape(len(grids), *grids[0].shape)
-
-
-def compose_update(update: np.ndarray, points: np.ndarray, prior: Displacement) -> np.ndarray:
-    """``u(x) = v(x) + prior(x + v(x))`` per patch, at a batch's voxel centres ``points`` (``(B·P³, 3)``,
-    patch after patch): ``(B, 3, P, P, P)`` → ``(B, 3, P, P, P)`` float32, one prior evaluation for the
-    batch. (Inference composes once per field voxel after averaging, :func:`finalize`.)"""
-    batch, _, *shape = update.shape
-    v = np.moveaxis(update, 1, -1).reshape(-1, 3).astype(np.float64)
-    total = v + displacement_at(prior, points + v)
-    return np.moveaxis(total.reshape(batch, *shape, 3), -1, 1).astype(np.float32)
 
 
 BLOCK_CACHE_BYTES = 256 * 1024**2
