@@ -189,7 +189,7 @@ def sample_indices(array: object, index: np.ndarray, padding: str = "zeros") -> 
     if box is None:
         return np.zeros((*channels, *lead), dtype=np.float32)
     block = read_box(array, (slice(None),) * len(channels) + box).astype(np.float32, copy=False)
-    rows -= np.array([[s.start] for s in box], dtype=np.float32)
+    rows = rows - np.array([[s.start] for s in box], dtype=np.float32)  # a new array: ``index`` stays as given
     coords = torch.from_numpy(index_rows_to_normalized(rows, block.shape[-3:]))
     volume = torch.from_numpy(np.ascontiguousarray(block)).reshape(1, -1, *block.shape[-3:])
     out = F.grid_sample(

@@ -182,8 +182,10 @@ def test_sample_indices_matches_scipy_and_reads_one_box(padding: str) -> None:
     assert (got == 0).any() == (padding == "zeros")
     # a cluster needs only its box; a (C, Z, Y, X) array gives (C, ...)
     recorder = RecordingArray(np.stack([volume, 2.0 * volume, -volume]))
-    got = sample_indices(recorder, index[:, :50], padding=padding)
+    cluster = index[:, :50].astype(np.float32)
+    got = sample_indices(recorder, cluster, padding=padding)
     assert got.shape == (3, 50) and recorder.reads[0][1:] == (slice(9, 16),) * 3
+    np.testing.assert_array_equal(cluster, index[:, :50].astype(np.float32))  # the caller's indices stay as given
     np.testing.assert_allclose(got, np.array([[1.0], [2.0], [-1.0]]) * expected[None, :50], atol=1e-5)
 
 
