@@ -162,7 +162,9 @@ def affine_indices(matrix: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 def sample_indices(array: object, index: np.ndarray, padding: str = "zeros") -> np.ndarray:
     """Trilinear samples of a ``(Z, Y, X)`` or ``(C, Z, Y, X)`` array-like at continuous indices.
 
-    One box read (the box the indices need, plus one voxel) and one float32 ``grid_sample`` call.
+    One box read (the box the indices need, plus one voxel) and one float32 ``grid_sample`` call. Indices
+    are rounded to float32 (relative 6e-8: 6e-4 voxels at index 10,000), the same values as scipy's
+    ``map_coordinates`` otherwise (tested).
 
     Args:
         array: numpy, zarr, dask or TensorStore array, indexed ``([c,] z, y, x)``.
