@@ -448,13 +448,14 @@ def compose_on_grid(update: np.ndarray, grid: Grid, prior: Displacement, block: 
         ``(3, Z, Y, X)`` float32 composed displacement.
     """
     out = np.empty(update.shape, dtype=np.float32)
-    points = grid.points()  # (Z, Y, X, 3)
-    slab = max(1, block // max(1, int(np.prod(grid.shape[1:]))))
+    rows, cols = grid.shape[1:]
+    slab = max(1, block // max(1, rows * cols))
     for z0 in range(0, grid.shape[0], slab):
         z1 = min(z0 + slab, grid.shape[0])
+        points = grid.crop((z0, 0, 0), (z1, rows, cols)).points().reshape(-1, 3)  # only this slab's points
         v = np.moveaxis(update[:, z0:z1], 0, -1).reshape(-1, 3).astype(np.float64)
-        total = v + displacement_at(prior, points[z0:z1].reshape(-1, 3) + v)
-        out[:, z0:z1] = np.moveaxis(total.reshape(z1 - z0, *grid.shape[1:], 3), -1, 0)
+        total = v + displacement_at(prior, points + v)
+        out[:, z0:z1] = np.moveaxis(total.reshape(z1 - z0, rows, cols, 3), -1, 0)
     return out
 
 
@@ -702,11 +703,11 @@ def _estimate_and_accumulate_on_grid(
     starts = starts - np.concatenate([low, np.zeros(6, dtype=np.int64)])
     spacing = float(specs[0].grid.spacing.max())
     (f_lo, f_hi), (m_lo, m_hi) = ranges
-    level = fixed.level_for_spacing(spacing)
-    fixed_index = affine_indices(level.grid.inverse_affine @ work.affine, work.shape)
-    fixed_w = normalize(sample_indices(level.array, fixed_index), f_lo, f_hi)
-    level = moving.level_for_spacing(spacing)
-    moving_w = normalize(sample_indices(level.array, mapped_indices(prior, work, level.grid)), m_lo, m_hi)
+    fixed_level, moving_level = fixed.level_for_spacing(spacing), moving.level_for_spacing(spacing)
+    fixed_index = affine_indices(fixed_level.grid.index_map(work), work.shape)
+    fixed_w = normalize(sample_indices(fixed_level.array, fixed_index), f_lo, f_hi)
+    moving_index = mapped_indices(prior, work, moving_level.grid)
+    moving_w = normalize(sample_indices(moving_level.array, moving_index), m_lo, m_hi)
     sums = FieldSums.zeros(work)
     weights = patch_window(size)
     device = _model_device(model, config)

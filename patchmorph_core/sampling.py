@@ -92,7 +92,7 @@ def sample_grid(level: Level, target: Grid) -> np.ndarray:
     Returns:
         ``target.shape`` float32 array.
     """
-    matrix = level.grid.inverse_affine @ target.affine
+    matrix = level.grid.index_map(target)
     corners = np.array(np.meshgrid(*[[0.0, n - 1.0] for n in target.shape], indexing="ij")).reshape(3, -1)
     box = row_box(matrix[:3, :3] @ corners + matrix[:3, 3:4], level.grid.shape)
     if box is None:
@@ -147,8 +147,8 @@ def displacement_at(displacement: Displacement, points: np.ndarray) -> np.ndarra
 def affine_indices(matrix: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """``(3, Z, Y, X)`` float32 values of ``matrix @ (i, 1)`` at every index ``i`` of a grid of ``shape``.
 
-    ``matrix`` is a ``(4, 4)`` index→index map (e.g. ``source.inverse_affine @ target.affine``: target
-    voxel → source voxel); summed axis by axis, like :meth:`~patchmorph_core.spatial.Grid.points`.
+    ``matrix`` is a ``(4, 4)`` index→index map (e.g. ``source.index_map(target)``: target voxel → source
+    voxel); summed axis by axis, like :meth:`~patchmorph_core.spatial.Grid.points`.
     """
     out = np.empty((3, *shape), dtype=np.float32)
     for c in range(3):
@@ -211,9 +211,9 @@ def mapped_indices(prior: Displacement, target: Grid, source: Grid) -> np.ndarra
     (target voxel → field voxel is affine; constant extension outside the field); any other displacement
     is evaluated at the world points.
     """
-    out = affine_indices(source.inverse_affine @ target.affine, target.shape)
+    out = affine_indices(source.index_map(target), target.shape)
     if isinstance(prior, FieldDisplacement):
-        where = affine_indices(prior.grid.inverse_affine @ target.affine, target.shape)
+        where = affine_indices(prior.grid.index_map(target), target.shape)
         disp = sample_indices(prior.field, where, padding="border")
     else:
         disp = np.asarray(prior(target.points().reshape(-1, 3)), dtype=np.float32).T.reshape(3, *target.shape)

@@ -15,7 +15,7 @@ Conventions (every other module imports these instead of restating them):
   anatomical side where index 0 lies (the *origin*); the axis runs toward the opposite side. ``"asr"``:
   axis 0 runs anterior→posterior, axis 1 superior→inferior, axis 2 right→left.
 * **Grid**: an array shape plus a 4×4 index→world affine (homogeneous, voxel *centres* at integer
-  indices) plus a unit.
+  indices) plus a unit. :meth:`Grid.index_map` is the voxel→voxel map between two grids of one world.
 * **grid_sample**: ``torch.nn.functional.grid_sample`` takes normalised coordinates in ``[-1, 1]`` whose
   last axis is ordered ``(x, y, z)`` — the reverse of ours. :data:`ALIGN_CORNERS` is ``True`` everywhere:
   -1 and +1 are the centres of the first and last voxels. :func:`index_to_normalized` (and its numpy
@@ -213,6 +213,11 @@ class Grid:
         """4×4 world→index matrix."""
         return np.linalg.inv(self.affine)
 
+    def index_map(self, other: Grid) -> np.ndarray:
+        """4×4 map from ``other``'s voxel indices to this grid's continuous voxel indices (the two grids
+        share one world frame and unit): ``self.inverse_affine @ other.affine``."""
+        return self.inverse_affine @ other.affine
+
     # -- conversions --------------------------------------------------------------------------------
     def index_to_world(self, index: np.ndarray) -> np.ndarray:
         """Map ``(..., 3)`` continuous indices ``(z, y, x)`` to ``(..., 3)`` world points."""
@@ -351,7 +356,7 @@ def grid_block_start(patch: Grid, target: Grid) -> np.ndarray | None:
         target axis). None unless every patch axis runs along a target axis with the same spacing and the
         patch's voxel centres are target voxel centres (to :data:`GRID_TOLERANCE` voxels).
     """
-    to_target = target.inverse_affine @ patch.affine
+    to_target = target.index_map(patch)
     linear = np.round(to_target[:3, :3])
     if not np.allclose(to_target[:3, :3], linear, atol=GRID_TOLERANCE) or np.any(np.abs(linear).sum(0) != 1):
         return None

@@ -102,7 +102,7 @@ def _separable_field(displacement: FieldDisplacement, target: Grid) -> np.ndarra
     fgrid = displacement.grid
     if fgrid.unit != target.unit:
         return None
-    matrix = fgrid.inverse_affine @ target.affine
+    matrix = fgrid.index_map(target)
     linear = matrix[:3, :3]
     if np.abs(linear - np.diag(np.diag(linear))).max() > 1e-9 * np.abs(np.diag(linear)).max():
         return None
