@@ -65,12 +65,12 @@ from patchmorph_core.displacement import (
 from patchmorph_core.errors import InputError
 from patchmorph_core.model import place_model
 from patchmorph_core.sampling import (
-    affine_indices,
     displacement_at,
     initial_translation,
     intensity_range,
     mapped_indices,
     normalize,
+    sample_affine,
     sample_indices,
     sample_patch,
     sample_points,
@@ -687,9 +687,9 @@ def _estimate_and_accumulate_on_grid(
 
     The fixed image, the prior and the moving image through the prior are sampled once on the box of
     grid voxels the patches span (the trilinear samples of the per-patch path at the same points, each
-    one box read and one float32 ``grid_sample`` call: :func:`~patchmorph_core.sampling.sample_indices`,
-    :func:`~patchmorph_core.sampling.mapped_indices`); each patch's inputs are then slices of those, and
-    its windowed update is added to the sums by slice.
+    one box read and one float32 ``grid_sample`` call, or the box itself where the grids line up:
+    :func:`~patchmorph_core.sampling.sample_affine`, :func:`~patchmorph_core.sampling.mapped_indices`);
+    each patch's inputs are then slices of those, and its windowed update is added to the sums by slice.
 
     Args:
         starts: ``(N, 9)`` :func:`~patchmorph_core.spatial.grid_block_start` of each patch on ``target``.
@@ -704,8 +704,7 @@ def _estimate_and_accumulate_on_grid(
     spacing = float(specs[0].grid.spacing.max())
     (f_lo, f_hi), (m_lo, m_hi) = ranges
     fixed_level, moving_level = fixed.level_for_spacing(spacing), moving.level_for_spacing(spacing)
-    fixed_index = affine_indices(fixed_level.grid.index_map(work), work.shape)
-    fixed_w = normalize(sample_indices(fixed_level.array, fixed_index), f_lo, f_hi)
+    fixed_w = normalize(sample_affine(fixed_level.array, fixed_level.grid.index_map(work), work.shape), f_lo, f_hi)
     moving_index = mapped_indices(prior, work, moving_level.grid)
     moving_w = normalize(sample_indices(moving_level.array, moving_index), m_lo, m_hi)
     sums = FieldSums.zeros(work)

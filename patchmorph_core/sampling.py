@@ -203,18 +203,53 @@ def sample_indices(array: object, index: np.ndarray, padding: str = "zeros") -> 
     return out.reshape(*channels, *lead)
 
 
+def integer_offset(matrix: np.ndarray, tol: float = 1e-6) -> np.ndarray | None:
+    """``(3,)`` int64 offset ``o`` if the ``(4, 4)`` index→index ``matrix`` is ``i ↦ i + o`` (identity linear
+    part and whole-voxel offset, both to ``tol`` voxels), else ``None``."""
+    matrix = np.asarray(matrix, dtype=np.float64)
+    if not np.allclose(matrix[:3, :3], np.eye(3), rtol=0.0, atol=tol):
+        return None
+    offset = np.rint(matrix[:3, 3])
+    if not np.allclose(matrix[:3, 3], offset, rtol=0.0, atol=tol):
+        return None
+    return offset.astype(np.int64)
+
+
+def sample_affine(array: object, matrix: np.ndarray, shape: tuple[int, ...], padding: str = "zeros") -> np.ndarray:
+    """Trilinear samples of a ``(Z, Y, X)`` or ``(C, Z, Y, X)`` array-like at ``matrix @ (i, 1)`` for every
+    index ``i`` of a grid of ``shape``: ``sample_indices(array, affine_indices(matrix, shape), padding)``.
+
+    When the map is a whole-voxel translation (:func:`integer_offset`; e.g. a box of the grid the array
+    lives on) and the box lies inside the array, every trilinear weight is 0 or 1: the samples are the
+    box itself, read without interpolation (a float32 copy; the same values up to the float32 rounding
+    of :func:`sample_indices`' indices).
+
+    Returns:
+        ``shape`` float32 samples, or ``(C, *shape)``.
+    """
+    dims = np.shape(array)
+    offset = integer_offset(matrix)
+    inside = offset is not None and all(
+        0 <= o and o + n <= d for o, n, d in zip(offset, shape, dims[-3:], strict=True)
+    )
+    if inside:
+        box = tuple(slice(int(o), int(o) + n) for o, n in zip(offset, shape, strict=True))
+        return np.array(read_box(array, (slice(None),) * (len(dims) - 3) + box), dtype=np.float32)
+    return sample_indices(array, affine_indices(matrix, shape), padding)
+
+
 def mapped_indices(prior: Displacement, target: Grid, source: Grid) -> np.ndarray:
     """``(3, Z, Y, X)`` float32 indices on ``source`` of ``x + prior(x)`` at every voxel centre ``x`` of
     ``target`` (the three grids share one world frame and unit).
 
-    A :class:`~patchmorph_core.displacement.FieldDisplacement` prior is sampled by :func:`sample_indices`
-    (target voxel → field voxel is affine; constant extension outside the field); any other displacement
-    is evaluated at the world points.
+    A :class:`~patchmorph_core.displacement.FieldDisplacement` prior is sampled by :func:`sample_affine`
+    (target voxel → field voxel is affine; constant extension outside the field; a plain box read when
+    ``target`` is a box of the field's own grid, as in the refinement passes); any other displacement is
+    evaluated at the world points.
     """
     out = affine_indices(source.index_map(target), target.shape)
     if isinstance(prior, FieldDisplacement):
-        where = affine_indices(prior.grid.index_map(target), target.shape)
-        disp = sample_indices(prior.field, where, padding="border")
+        disp = sample_affine(prior.field, prior.grid.index_map(target), target.shape, padding="border")
     else:
         disp = np.asarray(prior(target.points().reshape(-1, 3)), dtype=np.float32).T.reshape(3, *target.shape)
     to_index = source.inverse_affine[:3, :3]  # world displacement -> source index displacement

@@ -11,9 +11,11 @@ from patchmorph_core.sampling import (
     affine_indices,
     displacement_at,
     initial_translation,
+    integer_offset,
     intensity_range,
     mapped_indices,
     normalize,
+    sample_affine,
     sample_grid,
     sample_indices,
     sample_patch,
@@ -194,9 +196,46 @@ def test_mapped_indices_follow_field_and_affine_priors_into_a_rotated_grid() -> 
     target = source.resampled(1.7).crop((2, 1, 3), (11, 17, 13))
     coarse = _image_grid().resampled(4.0)
     field = np.random.default_rng(2).normal(0.0, 2.0, size=(3, *coarse.shape)).astype(np.float32)
+    own = source.resampled(1.7)  # a field on the grid target is a box of (read, not interpolated)
+    own_field = np.random.default_rng(3).normal(0.0, 2.0, size=(3, *own.shape)).astype(np.float32)
     points = target.points().reshape(-1, 3)
-    for prior in (FieldDisplacement(field, coarse), TranslationDisplacement(np.array([1.5, -2.0, 0.5]))):
+    priors = (
+        FieldDisplacement(field, coarse),
+        FieldDisplacement(own_field, own),
+        TranslationDisplacement(np.array([1.5, -2.0, 0.5])),
+    )
+    for prior in priors:
         got = mapped_indices(prior, target, source)
         expected = source.world_to_index(points + prior(points)).T.reshape(3, *target.shape)
         assert got.shape == (3, *target.shape)
         np.testing.assert_allclose(got, expected, atol=2e-4)
+
+
+@pytest.mark.parametrize("channels", [(), (3,)])
+def test_sample_affine_reads_a_box_of_its_own_grid_without_interpolation(channels: tuple[int, ...]) -> None:
+    grid = _image_grid()  # rotated, anisotropic, non-cubic
+    volume = _blob_volume(grid.shape) + 1.0
+    array = np.stack([volume, 2.0 * volume, -volume]) if channels else volume
+    box = grid.crop((2, 3, 1), (9, 15, 12))
+    matrix = grid.index_map(box)
+    np.testing.assert_array_equal(integer_offset(matrix), [2, 3, 1])
+    recorder = RecordingArray(array)
+    got = sample_affine(recorder, matrix, box.shape)
+    assert got.shape == (*channels, *box.shape) and got.dtype == np.float32
+    assert recorder.reads == [(slice(None),) * len(channels) + (slice(2, 9), slice(3, 15), slice(1, 12))]
+    np.testing.assert_array_equal(got, array[..., 2:9, 3:15, 1:12])
+    got[...] = 0.0  # a copy: the source stays as it was
+    assert (array[..., 2:9, 3:15, 1:12] != 0).all()
+    # the same values as the interpolating path, which the next cases take
+    np.testing.assert_allclose(
+        sample_indices(array, affine_indices(matrix, box.shape)), array[..., 2:9, 3:15, 1:12], atol=1e-5
+    )
+    for other in (grid.crop((-2, 3, 1), (9, 15, 12)), grid.resampled(1.5).crop((2, 3, 1), (6, 9, 8))):
+        matrix = grid.index_map(other)  # reaches beyond the array / not a whole-voxel translation
+        for padding in ("zeros", "border"):
+            expected = sample_indices(array, affine_indices(matrix, other.shape), padding)
+            np.testing.assert_array_equal(sample_affine(array, matrix, other.shape, padding), expected)
+    assert integer_offset(grid.index_map(grid.resampled(1.5))) is None
+    shifted = grid.index_map(box).copy()
+    shifted[0, 3] += 0.25
+    assert integer_offset(shifted) is None
