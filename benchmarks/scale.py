@@ -14,7 +14,11 @@ is as large as the fixed image) on a local Dask cluster and reports:
   (``disk_gib``: the whole OME-Zarr store with its pyramid, Zarr v3 with the product's default compressor;
   the upsampled brain carries Gaussian noise like real data, so it compresses to about half);
 * the share of worker time spent in network forward passes (from the per-block timing records), and where
-  the rest goes (patch sampling, accumulation, other block work, chunk tasks).
+  the rest goes (patch sampling, accumulation, other block work, chunk tasks);
+* the same registration once more with ``--deep-stages`` cascade stages (default 4, one more than the
+  default model's 3; register only): its finest field has 8× the voxels and is written in many chunks,
+  the regime of a whole-brain run at a useful field resolution, where the default's small field (two
+  chunks here) is mostly fixed costs.
 
 ``--sizes`` is GiB in memory (uint16); an on-disk store of at least 8 GiB needs about 16 GiB in memory, so
 the issue's pair (≥ 8 GiB on disk and 8× fewer voxels) is ``--sizes 2 16``.
@@ -232,6 +236,26 @@ def bench_size(
             field, atlas, warped, chunk_size=args.chunk_size, workers=args.workers, scheduler=CLUSTER
         )
         warp_s = time.perf_counter() - tic
+    deep: dict[str, Any] = {}
+    if args.deep_stages:  # the same registration one cascade stage deeper: a field 8x larger, many chunks
+        deep_field = work / f"field_deep_{gib:g}gib.zarr"
+        deep_config = config.model_copy(update={"n_stages": args.deep_stages})
+        with ProcessSampler() as deep_sampler:
+            tic = time.perf_counter()
+            drec = register_files(
+                fixed, atlas, deep_field, deep_config, chunk_size=args.chunk_size, workers=args.workers,
+                scheduler=CLUSTER, overwrite=True,
+            )  # fmt: skip
+            deep_s = time.perf_counter() - tic
+        deep = {
+            "deep_stages": args.deep_stages,
+            "register_deep_s": deep_s,
+            "deep_field_shape": list(drec.grid_shape),
+            "register_deep_chunks": drec.chunks,
+            "register_deep": {**deep_sampler.summary(), **_worker_times(drec.run)},
+        }
+        for p in (deep_field, deep_field.with_name(deep_field.name + ".run")):
+            shutil.rmtree(p, ignore_errors=True)
     row = {
         "run": args.run_id,
         "size_gib_requested": gib,
@@ -248,6 +272,7 @@ def bench_size(
         "warp_chunks": wrec.chunks,
         "register": {**reg_sampler.summary(), **_worker_times(record.run)},
         "warp": {**warp_sampler.summary(), **_worker_times(wrec.out.with_name(wrec.out.name + ".run"))},
+        **deep,
     }
     if args.cleanup:
         for path in (fixed, field, warped):
@@ -260,7 +285,7 @@ def _relative(small: dict[str, Any], large: dict[str, Any]) -> dict[str, Any]:
     """Ratios of a larger row to a smaller one of the same run, against the targets (wall time within 1.3×
     linear in voxels, worker peak memory within ±20 %, worker peak < 2 GiB, forward share ≥ 70 %)."""
     ratio = large["voxels"] / small["voxels"]
-    steps = ("register", "warp")
+    steps = _steps(small, large)
     wall = {s: large[f"{s}_s"] / small[f"{s}_s"] for s in steps}
     cpu = {
         s: (large[s].get("worker_cpu_s", 0.0) + large[s].get("client_cpu_s", 0.0))
@@ -270,6 +295,14 @@ def _relative(small: dict[str, Any], large: dict[str, Any]) -> dict[str, Any]:
     peak = {s: large[s]["max_worker_peak_gib"] / max(small[s]["max_worker_peak_gib"], 1e-9) for s in steps}
     worst_peak = max(r[s]["max_worker_peak_gib"] for r in (small, large) for s in steps)
     shares = [r["register"]["forward_share"] for r in (small, large)]
+    deep = {}
+    if "register_deep" in steps:
+        deep_shares = [r["register_deep"]["forward_share"] for r in (small, large)]
+        deep = {
+            "deep_stages": large["deep_stages"],
+            "forward_share_deep": deep_shares,
+            "forward_share_deep_met": all(s is not None and s >= 0.7 for s in deep_shares),
+        }
     return {
         "sizes_gib": [small["size_gib_requested"], large["size_gib_requested"]],
         "disk_gib": [small["disk_gib"], large["disk_gib"]],
@@ -282,7 +315,13 @@ def _relative(small: dict[str, Any], large: dict[str, Any]) -> dict[str, Any]:
         "worker_peak_met": {s: abs(peak[s] - 1.0) <= 0.2 for s in steps} | {"under_2_gib": worst_peak < 2.0},
         "forward_share": shares,
         "forward_share_met": all(s is not None and s >= 0.7 for s in shares),
+        **deep,
     }
+
+
+def _steps(*rows: dict[str, Any]) -> tuple[str, ...]:
+    """The steps every row measured: register and warp, and the deeper register where it was run."""
+    return ("register", "warp") + (("register_deep",) if all("register_deep" in r for r in rows) else ())
 
 
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -305,6 +344,11 @@ def _config(work: Path) -> InferenceConfig:
     return InferenceConfig(weights=str(path), device="auto")
 
 
+def _step_name(row: dict[str, Any], step: str) -> str:
+    """A step's label in the table (``reg 4st``: the deeper registration, with its stage count)."""
+    return f"reg {row['deep_stages']}st" if step == "register_deep" else step
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     """Plain-text table of the results (forward share for register; warp has no network)."""
     head = (
@@ -313,13 +357,13 @@ def table(rows: list[dict[str, Any]]) -> str:
     )
     lines = [head, "-" * len(head)]
     for r in rows:
-        for step in ("register", "warp"):
+        for step in _steps(r):
             m = r[step]
             wall = r[f"{step}_s"]
             share = "-" if m["forward_share"] is None else f"{100 * m['forward_share']:.1f}"
             cpu = m.get("worker_cpu_s", 0.0) + m.get("client_cpu_s", 0.0)
             lines.append(
-                f"{r['disk_gib']:>6.2f}G {r['voxels']:>14,d} {step:>8} {wall:>8.1f} {wall / r['voxels'] * 1e9:>8.1f} {cpu:>8.1f} "
+                f"{r['disk_gib']:>6.2f}G {r['voxels']:>14,d} {_step_name(r, step):>8} {wall:>8.1f} {wall / r['voxels'] * 1e9:>8.1f} {cpu:>8.1f} "
                 f"{m['max_worker_peak_gib']:>10.2f} {m['client_scheduler_peak_gib']:>10.2f} {m['read_gib']:>9.2f} "
                 f"{m['written_gib']:>9.2f} {share:>6}"
             )
@@ -334,6 +378,13 @@ def main() -> None:
     parser.add_argument("--work", default="/work/scale-work", help="scratch folder for the volumes")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--chunk-size", type=int, default=None)
+    parser.add_argument(
+        "--deep-stages",
+        type=int,
+        default=4,
+        help="also register (only) with this many cascade stages, a field 8x larger per extra stage "
+        "(0: skip); the default model has 3",
+    )
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument(
         "--append", action="store_true", help="add the new sizes to the rows already in --out"

@@ -42,6 +42,7 @@ same code block by block and :func:`register_arrays` is its one-block case:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import time
@@ -116,9 +117,9 @@ class PatchSpec:
     size: int
     unit: str
 
-    @property
+    @functools.cached_property
     def grid(self) -> Grid:
-        """The patch's ``P³`` sampling grid."""
+        """The patch's ``P³`` sampling grid (built once)."""
         return patch_grid(self.center, self.extent, self.size, self.rotation, self.unit)
 
 
@@ -744,6 +745,8 @@ def _estimate_and_accumulate_on_grid(
     # patches whose window (non-zero on the block's inner voxels) reaches the target
     inner_low, inner_high = starts[:, :3] + low + 1, starts[:, :3] + low + size - 1
     touched = int(np.sum(np.all((inner_high > 0) & (inner_low < np.asarray(target.shape)), axis=1)))
+    if np.all(low == 0) and work.shape == target.shape:  # the box is the target: no copy
+        return FieldSums(target, sums.weighted, sums.weight, sums.weighted_sq, touched)
     cropped = sums.crop(-low, -low + np.asarray(target.shape))
     return FieldSums(target, cropped.weighted, cropped.weight, cropped.weighted_sq, touched)
 

@@ -220,22 +220,32 @@ def sample_affine(array: object, matrix: np.ndarray, shape: tuple[int, ...], pad
     index ``i`` of a grid of ``shape``: ``sample_indices(array, affine_indices(matrix, shape), padding)``.
 
     When the map is a whole-voxel translation (:func:`integer_offset`; e.g. a box of the grid the array
-    lives on) and the box lies inside the array, every trilinear weight is 0 or 1: the samples are the
-    box itself, read without interpolation (a float32 copy; the same values up to the float32 rounding
-    of :func:`sample_indices`' indices).
+    lives on) every trilinear weight is 0 or 1: the samples are the box itself, read without
+    interpolation (a float32 copy; the same values up to the float32 rounding of :func:`sample_indices`'
+    indices). Parts of the box beyond the array are filled as ``padding`` says: 0, or the nearest edge
+    value (``"border"``).
 
     Returns:
         ``shape`` float32 samples, or ``(C, *shape)``.
     """
     dims = np.shape(array)
     offset = integer_offset(matrix)
-    inside = offset is not None and all(
-        0 <= o and o + n <= d for o, n, d in zip(offset, shape, dims[-3:], strict=True)
-    )
-    if inside:
-        box = tuple(slice(int(o), int(o) + n) for o, n in zip(offset, shape, strict=True))
-        return np.array(read_box(array, (slice(None),) * (len(dims) - 3) + box), dtype=np.float32)
-    return sample_indices(array, affine_indices(matrix, shape), padding)
+    if offset is None:
+        return sample_indices(array, affine_indices(matrix, shape), padding)
+    size = np.asarray(dims[-3:], dtype=np.int64)
+    lo = np.clip(offset, 0, size)
+    hi = np.clip(offset + np.asarray(shape, dtype=np.int64), 0, size)
+    if np.any(hi <= lo):  # the box misses the array
+        return sample_indices(array, affine_indices(matrix, shape), padding)
+    lead = (slice(None),) * (len(dims) - 3)
+    box = read_box(array, lead + tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True)))
+    pad = [(0, 0)] * (len(dims) - 3) + [
+        (int(a - o), int(o + n - b)) for a, b, o, n in zip(lo, hi, offset, shape, strict=True)
+    ]
+    values = np.asarray(box, dtype=np.float32)
+    if not any(p != (0, 0) for p in pad):
+        return values.copy() if values is box else values
+    return np.pad(values, pad, mode="edge" if padding == "border" else "constant")
 
 
 def mapped_indices(prior: Displacement, target: Grid, source: Grid) -> np.ndarray:

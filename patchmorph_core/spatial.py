@@ -118,6 +118,9 @@ def check_spacing(spacing: Sequence[float], what: str = "voxel size") -> np.ndar
     return arr
 
 
+_LAST_ROW = np.array([0.0, 0.0, 0.0, 1.0])
+
+
 @dataclass(frozen=True)
 class Grid:
     """A sampling grid: ``shape`` voxels ``(Z, Y, X)``, an index→world ``affine`` and a physical ``unit``.
@@ -137,7 +140,7 @@ class Grid:
         affine = np.array(self.affine, dtype=np.float64)
         if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
             raise SpatialError("grid affine must be a finite 4x4 index->world matrix.")
-        if not np.allclose(affine[3], [0.0, 0.0, 0.0, 1.0]):
+        if np.abs(affine[3] - _LAST_ROW).max() > 1e-8:  # (not np.allclose: ~20x slower, per patch grid)
             raise SpatialError("grid affine's last row must be [0, 0, 0, 1].")
         linear = affine[:3, :3]
         if abs(np.linalg.det(linear)) < 1e-12 * max(np.abs(linear).max(), 1e-300) ** 3:

@@ -7,15 +7,17 @@ Geometry (all boxes are ``(z, y, x)`` voxel index ranges ``start <= index < stop
     block b     ──support────▶  box S_b on the field grid: every voxel any of b's patches can weigh
     chunk c     ◀──needs──────  the blocks whose S_b meets c
 
-Offset algebra: a block task returns its :class:`~patchmorph_core.inference.FieldSums` on the sub-grid
-``grid.crop(S_b.start, S_b.stop)``. The chunk task for ``c = [c0, c1)`` cuts every partial to
-``crop(c0 - S_b.start, c1 - S_b.start)`` (a box in the block's own index frame; parts outside ``S_b`` are
-zero), adds them, finalises and writes ``c``. Because the window is zero outside a patch, the sum over the
+Offset algebra: a block task sums its patches as :class:`~patchmorph_core.inference.FieldSums` on the
+sub-grid ``grid.crop(S_b.start, S_b.stop)`` and cuts them into one piece per chunk ``c = [c0, c1)`` that
+``S_b`` meets: ``crop(c0 - S_b.start, c1 - S_b.start)`` (a box in the block's own index frame; parts
+outside ``S_b`` are zero). The chunk task for ``c`` adds its pieces, finalises and writes ``c``. Because the window is zero outside a patch, the sum over the
 blocks that meet ``c`` equals the sum over all patches: the chunked field equals the in-memory one
 (:func:`patchmorph_core.inference.register_arrays` is the case of one chunk and one block).
 
 Execution: one task per block (the network's forward passes, annotated with ``{"GPU": 1}`` on GPU
-clusters) and one task per output chunk, submitted in raster order with at most ``window`` chunk tasks in
+clusters; blocks are sized by a memory budget, :func:`cells_per_block`, not by the chunks or workers), a ``getitem``
+per (block, chunk) pair that Dask runs where the block's result lives, so only pieces travel, and one
+task per output chunk, submitted in raster order with at most ``window`` chunk tasks in
 flight; a block's result is released as soon as every chunk that needs it is written. Each task's memory
 is bounded by the chunk, block and patch sizes, not the volume. What stays alive between tasks is the front
 of blocks still needed by later chunks (in raster order about one layer of chunks deep); Dask spills those
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import math
+import operator
 import time
 import uuid
 from collections import Counter
@@ -123,11 +126,42 @@ class ChunkPlan:
         return self.grid.crop(box.start, box.stop)
 
 
-def blocks_per_chunk(plan: ChunkPlan, lattice_step: float, min_cells: int = 1) -> int:
-    """Lattice cells per block edge so that a block's cells span about one chunk in world, and at least
-    ``min_cells`` (so that a block of small chunks still fills a network batch)."""
-    chunk_world = float(np.min(np.asarray(plan.chunk) * plan.grid.spacing))
-    return max(1, int(min_cells), int(chunk_world // lattice_step))
+MIN_BLOCKS = 2
+"""Blocks a stage is split into at least (when its lattice allows), so that two workers share even a small
+stage. A constant, not the worker count: the blocks decide the order in which patch sums are added, and the
+field must not depend on the cluster (bit-identical with 1 or 2 workers and after a resume)."""
+
+BLOCK_BOX_VOXELS = 160**3
+"""Largest box of field voxels a block's patches may span (sizes blocks; a block task holds about 100 bytes
+per box voxel: its sums, the three sampled images and their indices, so about 0.4 GB at this size)."""
+
+
+def cells_per_block(
+    lattice: PatchLattice,
+    grid: Grid,
+    min_cells: int = 1,
+    min_blocks: int = MIN_BLOCKS,
+    max_voxels: int = BLOCK_BOX_VOXELS,
+) -> int:
+    """Lattice cells per block edge: as many as keep the block's box of field voxels (``n`` steps plus one
+    patch per axis) within ``max_voxels``, fewer while the lattice would give under ``min_blocks`` blocks
+    (:data:`MIN_BLOCKS`), never under ``min_cells`` (so that a block fills a network batch).
+
+    Blocks do not follow the output chunks: a block task hands each chunk its own piece
+    (:func:`split_partial`), so large blocks cost no transfer, and they sample each image once over a box
+    that a chunk-sized block would sample again and again in the margins it shares with its neighbours.
+    """
+    spacing = float(np.min(grid.spacing))
+    edge = max_voxels ** (1.0 / 3.0)
+    n = int((edge - lattice.extent / spacing) // (lattice.step / spacing))
+    n = min(max(n, 1), max(lattice.counts))
+
+    def blocks(k: int) -> int:
+        return int(np.prod([-(-c // k) for c in lattice.counts]))
+
+    while n > 1 and blocks(n) < min_blocks:
+        n -= 1
+    return max(n, int(min_cells))
 
 
 def needs(plan: ChunkPlan, supports: Sequence[Box | None]) -> dict[ChunkId, list[int]]:
@@ -180,11 +214,14 @@ def run_chunked(
         plan: the output chunks.
         records: this stage's completion records (chunks with a record are skipped).
         context: picklable state every task needs (images, prior, output arrays); sent to each worker once.
-        chunk_fn: ``chunk_fn(context, cid, partials)`` where ``partials`` lists ``(support, result)`` of the
-            blocks that meet chunk ``cid``; it writes the chunk whole, then records it (:mod:`pipeline.resume`)
-            and returns a small dict of figures.
+        chunk_fn: ``chunk_fn(context, cid, partials)`` where ``partials`` lists ``(box, piece)`` of the
+            blocks that meet chunk ``cid`` (``box``: the chunk's box, on which each block's piece lies); it
+            writes the chunk whole, then records it (:mod:`pipeline.resume`) and returns a small dict of
+            figures.
         blocks: work items of the block tasks (empty for stages without blocks, e.g. warping).
-        block_fn: ``block_fn(context, block)`` → the block's partial result (runs the network).
+        block_fn: ``block_fn(context, block)`` → ``{cid: piece}``, the block's partial result cut into one
+            piece per chunk its support meets (:func:`split_partial`; runs the network). A chunk task
+            receives only its pieces: Dask takes each from its block's result where that result lives.
         supports: support box of each block on ``plan.grid`` (None: the block touches nothing).
         resources: Dask resources of block tasks (``{"GPU": 1}`` on GPU clusters).
         window: most chunk tasks in flight (default: 2 per worker thread) — bounds memory.
@@ -215,7 +252,10 @@ def run_chunked(
                 block_futures[b] = client.submit(
                     block_fn, ctx, blocks[b], key=f"{name}-block-{b}-{token}", resources=resources
                 )
-            partials.append((supports[b], block_futures[b]))
+            piece = client.submit(
+                operator.getitem, block_futures[b], cid, key=f"{name}-piece-{b}-{chunk_name(cid)}-{token}"
+            )
+            partials.append((plan.box(cid), piece))
         future = client.submit(chunk_fn, ctx, cid, partials, key=f"{name}-chunk-{chunk_name(cid)}-{token}")
         chunk_of[future.key] = cid
         return future
@@ -295,33 +335,64 @@ class CellBlock:
 
 
 def partition(
-    lattice: PatchLattice, plan: ChunkPlan, cells_per_block: int | None = None, batch_size: int = 1
+    lattice: PatchLattice,
+    plan: ChunkPlan,
+    cells_per_edge: int | None = None,
+    batch_size: int = 1,
+    min_blocks: int = MIN_BLOCKS,
 ) -> list[CellBlock]:
     """Blocks of lattice cells (every cell in exactly one block) with their support on ``plan.grid``.
 
-    ``cells_per_block`` defaults to :func:`blocks_per_chunk`, so a block's patches cover about one chunk,
-    with at least ``ceil(batch_size^(1/3))`` cells per edge: one block task per patch would run the
-    network one patch at a time (measured: 57 ms a patch against 14 ms in batches of 16) and pay the
-    task's fixed costs per patch.
+    ``cells_per_edge`` defaults to :func:`cells_per_block` with at least ``ceil(batch_size^(1/3))`` cells
+    per edge: one block task per patch would run the network one patch at a time (measured: 57 ms a patch
+    against 14 ms in batches of 16) and pay the task's fixed costs per patch.
     """
     min_cells = math.ceil(batch_size ** (1.0 / 3.0) - 1e-9)
-    n = blocks_per_chunk(plan, lattice.step, min_cells) if cells_per_block is None else int(cells_per_block)
+    if cells_per_edge is None:
+        n = cells_per_block(lattice, plan.grid, min_cells, min_blocks)
+    else:
+        n = int(cells_per_edge)
     return [
         CellBlock(start, stop, block_support(lattice, start, stop, plan.grid))
         for start, stop in cell_blocks(lattice, n)
     ]
 
 
+def split_partial(plan: ChunkPlan, support: Box, sums: FieldSums) -> dict[ChunkId, FieldSums]:
+    """A block's sums on its ``support`` box cut into one piece per chunk of ``plan`` that the box meets
+    (each piece on the whole chunk's grid, zero outside the support), so that a chunk task receives only
+    its own piece instead of the block's whole box."""
+    first = [a // c for a, c in zip(support.start, plan.chunk, strict=True)]
+    last = [(b - 1) // c for b, c in zip(support.stop, plan.chunk, strict=True)]
+    pieces = {}
+    for offset in np.ndindex(*(b - a + 1 for a, b in zip(first, last, strict=True))):
+        cid: ChunkId = tuple(int(a + o) for a, o in zip(first, offset, strict=True))  # type: ignore[assignment]
+        rel = plan.box(cid).relative_to(support.start)
+        pieces[cid] = sums.crop(rel.start, rel.stop)
+    return pieces
+
+
 def reduce_partials(grid: Grid, box: Box, partials: Sequence[tuple[Box | None, FieldSums]]) -> FieldSums:
     """Sum the partial :class:`FieldSums` of neighbouring blocks over the chunk ``box`` of ``grid``.
 
-    Each partial lives on ``grid.crop(support.start, support.stop)``; it is cut to the chunk in its own
-    index frame (``box - support.start``) and added (see the module docstring).
+    Each partial lives on ``grid.crop(support.start, support.stop)`` (a block's whole support, or its piece
+    for this chunk); the part inside the chunk (``box - support.start`` in its own index frame) is added
+    in place into the chunk's sums (see the module docstring).
     """
     total = FieldSums.zeros(grid.crop(box.start, box.stop))
+    patches = 0
     for support, sums in partials:
         if support is None:
             continue
         rel = box.relative_to(support.start)
-        total = total + sums.crop(rel.start, rel.stop)
-    return total
+        lo = np.clip(rel.start, 0, sums.grid.shape)
+        hi = np.clip(rel.stop, 0, sums.grid.shape)
+        if np.any(hi <= lo):
+            continue
+        src = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
+        dst = tuple(slice(int(a - s), int(b - s)) for a, b, s in zip(lo, hi, rel.start, strict=True))
+        total.weighted[(slice(None), *dst)] += sums.weighted[(slice(None), *src)]
+        total.weight[dst] += sums.weight[src]
+        total.weighted_sq[dst] += sums.weighted_sq[src]
+        patches += sums.patches
+    return FieldSums(total.grid, total.weighted, total.weight, total.weighted_sq, patches)

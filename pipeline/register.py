@@ -7,9 +7,10 @@
 2. derives the run plan with :func:`patchmorph_core.inference.plan_registration` — the same lattices, field
    grids and intensity ranges as the in-memory :func:`~patchmorph_core.inference.register_arrays`;
 3. runs each stage through :func:`pipeline.chunked.run_chunked`: one task per block of lattice cells
-   (:func:`~patchmorph_core.inference.estimate_and_accumulate` on the block's support box), one task per
-   output chunk (sum of the neighbouring partials, :func:`~patchmorph_core.inference.finalize`, one whole
-   write). A coarse stage whose field fits in one chunk is one block and one chunk. Each pass's field is
+   (:func:`~patchmorph_core.inference.estimate_and_accumulate` on the block's support box, cut into one
+   piece per chunk; blocks sized by a memory budget), one task per output chunk (sum
+   of its pieces, :func:`~patchmorph_core.inference.finalize`, one whole write). A coarse stage whose
+   field has at most :data:`IN_MEMORY_VOXELS` voxels is one chunk. Each pass's field is
    written to ``<out>.run/<name>.zarr`` (``stage1``, ``stage2``, ``stage2.1`` for a refinement pass of
    stage 2; see ``PatchLattice.name``) and read lazily (only the boxes the next stage's patches need)
    as the next stage's prior; the last stage writes the output field and its ``uncertainty`` image;
@@ -50,7 +51,16 @@ from patchmorph_core.model import DEFAULT_WEIGHTS, load_model
 from patchmorph_core.sampling import coarse_level
 from patchmorph_core.source import MultiscaleImage
 from patchmorph_core.spatial import Grid, read_box
-from pipeline.chunked import Box, CellBlock, ChunkPlan, output_array, partition, reduce_partials, run_chunked
+from pipeline.chunked import (
+    Box,
+    CellBlock,
+    ChunkPlan,
+    output_array,
+    partition,
+    reduce_partials,
+    run_chunked,
+    split_partial,
+)
 from pipeline.cluster import ClusterInfo, load_cluster_config, network_resources, open_client
 from pipeline.ngff import field_metadata, finish_image, read_image, write_block
 from pipeline.resume import ChunkId, StageRecords, atomic_write_json, open_run, run_folder
@@ -58,7 +68,7 @@ from pipeline.resume import ChunkId, StageRecords, atomic_write_json, open_run, 
 log = logging.getLogger(__name__)
 
 IN_MEMORY_VOXELS = 128**3
-"""A coarse stage whose field grid has at most this many voxels runs as one block and one chunk."""
+"""A coarse stage whose field grid has at most this many voxels is written as one chunk."""
 
 
 class RegistrationRecord(BaseModel):
@@ -144,8 +154,9 @@ class StageContext:
     records: StageRecords
 
 
-def block_sums(ctx: StageContext, block: CellBlock) -> FieldSums:
-    """Task: estimate the patches of one block of lattice cells, summed on the block's support box."""
+def block_sums(ctx: StageContext, block: CellBlock) -> dict[ChunkId, FieldSums]:
+    """Task: estimate the patches of one block of lattice cells, summed on the block's support box and cut
+    into one piece per output chunk the box meets (:func:`~pipeline.chunked.split_partial`)."""
     tic = time.perf_counter()
     model = worker_model(ctx.weights, resolve_device(ctx.config.device))
     specs = specs_in_box(ctx.lattice, block.start, block.stop)
@@ -157,12 +168,13 @@ def block_sums(ctx: StageContext, block: CellBlock) -> FieldSums:
         model, ctx.fixed, ctx.moving, ctx.prior, specs, target, ctx.config,
         fixed_range=ctx.fixed_range, moving_range=ctx.moving_range, stats=stats,
     )  # fmt: skip
+    pieces = split_partial(ctx.plan, block.support, sums)
     folder = ctx.records.root / "blocks"
     folder.mkdir(parents=True, exist_ok=True)
     name = "_".join(str(c) for c in block.start)
     stats.update(patches=len(specs), seconds=time.perf_counter() - tic)
     (folder / f"{name}.json").write_text(json.dumps(stats))
-    return sums
+    return pieces
 
 
 def write_field_chunk(
@@ -285,7 +297,6 @@ class StageOutput:
     field: Any
     uncertainty: Any
     plan: ChunkPlan
-    cells_per_block: int | None
 
 
 def _stage_output(
@@ -298,8 +309,8 @@ def _stage_output(
     meta: dict[str, Any],
 ) -> StageOutput:
     """The arrays of one stage: the output field + uncertainty for the last stage (``out``), else
-    ``<run>/<lattice.name>.zarr``. A coarse stage whose field has at most :data:`IN_MEMORY_VOXELS` voxels is one
-    chunk and one block (one network task).
+    ``<run>/<lattice.name>.zarr``. A coarse stage whose field has at most :data:`IN_MEMORY_VOXELS` voxels is
+    one chunk (its blocks are sized like every stage's, :func:`~pipeline.chunked.cells_per_block`).
     """
     resume = bool(records.completed())
     if out is not None:
@@ -316,12 +327,12 @@ def _stage_output(
             name="uncertainty",
             extra_attrs={"kind": "uncertainty"},
         )
-        return StageOutput(field, uncertainty, _plan_for([field, uncertainty], grid), None)
+        return StageOutput(field, uncertainty, _plan_for([field, uncertainty], grid))
     in_memory = int(np.prod(grid.shape)) <= IN_MEMORY_VOXELS
     chunk = max(grid.shape) if in_memory else chunk_size
     path = run_root / f"{lattice.name}.zarr"
     field = output_array(path, grid, np.float32, chunk, 3, resume, name=lattice.name)
-    return StageOutput(field, None, _plan_for([field], grid), max(lattice.counts) if in_memory else None)
+    return StageOutput(field, None, _plan_for([field], grid))
 
 
 def _field_meta(
@@ -355,7 +366,7 @@ def _run_stage(
     """One stage through :func:`run_chunked`; returns its figures."""
     plan = output.plan
     batch = ctx_base["config"].batch_size
-    blocks = [b for b in partition(lattice, plan, output.cells_per_block, batch) if b.support is not None]
+    blocks = [b for b in partition(lattice, plan, None, batch) if b.support is not None]
     context = StageContext(
         lattice=lattice,
         plan=plan,

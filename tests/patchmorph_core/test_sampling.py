@@ -230,11 +230,27 @@ def test_sample_affine_reads_a_box_of_its_own_grid_without_interpolation(channel
     np.testing.assert_allclose(
         sample_indices(array, affine_indices(matrix, box.shape)), array[..., 2:9, 3:15, 1:12], atol=1e-5
     )
-    for other in (grid.crop((-2, 3, 1), (9, 15, 12)), grid.resampled(1.5).crop((2, 3, 1), (6, 9, 8))):
-        matrix = grid.index_map(other)  # reaches beyond the array / not a whole-voxel translation
-        for padding in ("zeros", "border"):
-            expected = sample_indices(array, affine_indices(matrix, other.shape), padding)
-            np.testing.assert_array_equal(sample_affine(array, matrix, other.shape, padding), expected)
+    # a box reaching beyond the array (the in-array part is read, the rest padded), one beside it, and a
+    # map that is not a whole-voxel translation: scipy's values at the exact (float64) indices
+    shape = np.array(grid.shape)
+    beyond = grid.crop((-2, 3, 1), (9, shape[1] + 3, 12))
+    outside = grid.crop((1, shape[1] + 2, 1), (4, shape[1] + 5, 4))
+    for other in (beyond, outside, grid.resampled(1.5).crop((2, 3, 1), (6, 9, 8))):
+        matrix = grid.index_map(other)
+        index = np.moveaxis(grid.world_to_index(other.points()), -1, 0)
+        index = np.where(np.abs(index - np.rint(index)) < 1e-6, np.rint(index), index)  # voxel centres exact
+        for padding, mode in (("zeros", "constant"), ("border", "nearest")):
+            got = sample_affine(array, matrix, other.shape, padding)
+            expected = np.stack(
+                [
+                    ndimage.map_coordinates(a, index, order=1, mode=mode, prefilter=False)
+                    for a in array.reshape(-1, *grid.shape)
+                ]
+            ).reshape(got.shape)
+            np.testing.assert_allclose(got, expected, atol=1e-4)
+    recorder = RecordingArray(array)
+    sample_affine(recorder, grid.index_map(beyond), beyond.shape, "border")
+    assert recorder.reads == [(slice(None),) * len(channels) + (slice(0, 9), slice(3, shape[1]), slice(1, 12))]
     assert integer_offset(grid.index_map(grid.resampled(1.5))) is None
     shifted = grid.index_map(box).copy()
     shifted[0, 3] += 0.25

@@ -19,7 +19,7 @@ from patchmorph_core.inference import (
 )
 from patchmorph_core.model import load_model
 from patchmorph_core.spatial import Grid
-from pipeline.chunked import ChunkPlan, needs, partition, reduce_partials
+from pipeline.chunked import ChunkPlan, cells_per_block, needs, partition, reduce_partials, split_partial
 from pipeline.ngff import read_field, read_image
 from pipeline.register import register_files
 
@@ -50,23 +50,48 @@ def test_chunked_sums_equal_whole_grid(chunk: int, cells: int | None) -> None:
     whole = accumulate(all_specs, _estimates(all_specs), grid)
 
     plan = ChunkPlan.for_grid(grid, chunk)
-    blocks = partition(lattice, plan, cells)
-    partials = []
+    blocks = partition(lattice, plan, cells, min_blocks=4)  # None: sized by the box budget, >= 4 blocks
+    assert len(blocks) >= 4
+    partials, pieces = [], []
     for block in blocks:
         specs = specs_in_box(lattice, block.start, block.stop)
         sub = grid.crop(block.support.start, block.support.stop)
         partials.append((block.support, accumulate(specs, _estimates(specs), sub)))
+        pieces.append(split_partial(plan, block.support, partials[-1][1]))
     need = needs(plan, [b.support for b in blocks])
     assert sum(len(specs_in_box(lattice, b.start, b.stop)) for b in blocks) == len(all_specs)
+    for n, block_pieces in enumerate(pieces):  # a block's pieces are exactly the chunks that need it
+        assert sorted(block_pieces) == sorted(cid for cid in plan.ids() if n in need[cid])
     for cid in plan.ids():
         box = plan.box(cid)
-        sums = reduce_partials(grid, box, [partials[n] for n in need[cid]])
-        np.testing.assert_allclose(sums.weight, whole.weight[box.slices], rtol=1e-10, atol=1e-12)
-        np.testing.assert_allclose(
-            sums.weighted, whole.weighted[(slice(None), *box.slices)], rtol=1e-10, atol=1e-12
-        )
-        np.testing.assert_allclose(sums.weighted_sq, whole.weighted_sq[box.slices], rtol=1e-10, atol=1e-12)
+        whole_sums = reduce_partials(grid, box, [partials[n] for n in need[cid]])  # cut by the chunk task
+        cut = reduce_partials(grid, box, [(box, pieces[n][cid]) for n in need[cid]])  # cut by the blocks
+        for sums in (whole_sums, cut):
+            np.testing.assert_allclose(sums.weight, whole.weight[box.slices], rtol=1e-10, atol=1e-12)
+            np.testing.assert_allclose(
+                sums.weighted, whole.weighted[(slice(None), *box.slices)], rtol=1e-10, atol=1e-12
+            )
+            np.testing.assert_allclose(
+                sums.weighted_sq, whole.weighted_sq[box.slices], rtol=1e-10, atol=1e-12
+            )
     assert whole.weight.min() > 0  # every voxel is covered, so the comparison is not of zeros
+
+
+def test_blocks_follow_the_box_budget_and_min_blocks() -> None:
+    grid = _rotated_grid()
+    lattice = stage_lattice(grid, extent=24.0, overlap=2.0, seed=3, stage=1, max_rotation_deg=0.0, patch_size=8)
+    spacing = float(grid.spacing.min())
+    def box_voxels(n: int) -> float:  # field voxels of the box a block of n cells per edge spans
+        return ((n * lattice.step + lattice.extent) / spacing) ** 3
+
+    for budget in (20**3, 61**3, 85**3):
+        n = cells_per_block(lattice, grid, min_blocks=1, max_voxels=budget)
+        assert n == 1 or box_voxels(n) <= budget  # within the budget (one cell at least)
+        assert n == max(lattice.counts) or box_voxels(n + 1) > budget  # and as large as it allows
+    assert cells_per_block(lattice, grid, min_blocks=1, max_voxels=10**6) == max(lattice.counts)  # one block
+    n = cells_per_block(lattice, grid, min_blocks=8, max_voxels=10**6)
+    assert int(np.prod([-(-c // n) for c in lattice.counts])) >= 8
+    assert cells_per_block(lattice, grid, min_cells=3, max_voxels=1) == 3  # a block fills a network batch
 
 
 def test_chunk_plan_covers_grid_once() -> None:
