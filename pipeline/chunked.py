@@ -9,8 +9,8 @@ Geometry (all boxes are ``(z, y, x)`` voxel index ranges ``start <= index < stop
 
 Offset algebra: a block task sums its patches as :class:`~patchmorph_core.inference.FieldSums` on the
 sub-grid ``grid.crop(S_b.start, S_b.stop)`` and cuts them into one piece per chunk ``c = [c0, c1)`` that
-``S_b`` meets: ``crop(c0 - S_b.start, c1 - S_b.start)`` (a box in the block's own index frame; parts
-outside ``S_b`` are zero). The chunk task for ``c`` adds its pieces, finalises and writes ``c``. Because the window is zero outside a patch, the sum over the
+``S_b`` meets: its sums on ``S_b ∩ c`` (a view; parts of ``c`` outside ``S_b`` get nothing from ``b``).
+The chunk task for ``c`` adds its pieces into ``c``'s sums, finalises and writes ``c``. Because the window is zero outside a patch, the sum over the
 blocks that meet ``c`` equals the sum over all patches: the chunked field equals the in-memory one
 (:func:`patchmorph_core.inference.register_arrays` is the case of one chunk and one block).
 
@@ -74,6 +74,14 @@ class Box:
             max(a0, b0) < min(a1, b1)
             for a0, a1, b0, b1 in zip(self.start, self.stop, other.start, other.stop, strict=True)
         )
+
+    def intersection(self, other: Box) -> Box | None:
+        """The voxels both boxes hold, or None when they share none."""
+        start = tuple(max(a, b) for a, b in zip(self.start, other.start, strict=True))
+        stop = tuple(min(a, b) for a, b in zip(self.stop, other.stop, strict=True))
+        if any(b <= a for a, b in zip(start, stop, strict=True)):
+            return None
+        return Box(start, stop)  # type: ignore[arg-type]
 
     def relative_to(self, origin: Sequence[int]) -> Box:
         """The same box in the index frame whose voxel 0 is ``origin``."""
@@ -215,7 +223,7 @@ def run_chunked(
         records: this stage's completion records (chunks with a record are skipped).
         context: picklable state every task needs (images, prior, output arrays); sent to each worker once.
         chunk_fn: ``chunk_fn(context, cid, partials)`` where ``partials`` lists ``(box, piece)`` of the
-            blocks that meet chunk ``cid`` (``box``: the chunk's box, on which each block's piece lies); it
+            blocks that meet chunk ``cid`` (``box``: the block's support ∩ the chunk, where its piece lies); it
             writes the chunk whole, then records it (:mod:`pipeline.resume`) and returns a small dict of
             figures.
         blocks: work items of the block tasks (empty for stages without blocks, e.g. warping).
@@ -255,7 +263,7 @@ def run_chunked(
             piece = client.submit(
                 operator.getitem, block_futures[b], cid, key=f"{name}-piece-{b}-{chunk_name(cid)}-{token}"
             )
-            partials.append((plan.box(cid), piece))
+            partials.append((supports[b].intersection(plan.box(cid)), piece))
         future = client.submit(chunk_fn, ctx, cid, partials, key=f"{name}-chunk-{chunk_name(cid)}-{token}")
         chunk_of[future.key] = cid
         return future
@@ -359,16 +367,27 @@ def partition(
 
 
 def split_partial(plan: ChunkPlan, support: Box, sums: FieldSums) -> dict[ChunkId, FieldSums]:
-    """A block's sums on its ``support`` box cut into one piece per chunk of ``plan`` that the box meets
-    (each piece on the whole chunk's grid, zero outside the support), so that a chunk task receives only
-    its own piece instead of the block's whole box."""
+    """A block's sums on its ``support`` box cut into one piece per chunk of ``plan`` that the box meets:
+    the piece of chunk ``c`` lies on ``support ∩ c`` (:meth:`Box.intersection`; a view of ``sums``, so
+    the pieces together hold no more memory than the block's sums), so that a chunk task receives only
+    its own part instead of the block's whole box."""
     first = [a // c for a, c in zip(support.start, plan.chunk, strict=True)]
     last = [(b - 1) // c for b, c in zip(support.stop, plan.chunk, strict=True)]
     pieces = {}
     for offset in np.ndindex(*(b - a + 1 for a, b in zip(first, last, strict=True))):
         cid: ChunkId = tuple(int(a + o) for a, o in zip(first, offset, strict=True))  # type: ignore[assignment]
-        rel = plan.box(cid).relative_to(support.start)
-        pieces[cid] = sums.crop(rel.start, rel.stop)
+        part = support.intersection(plan.box(cid))
+        if part is None:
+            continue
+        rel = part.relative_to(support.start)
+        inner = (slice(None), *rel.slices)
+        pieces[cid] = FieldSums(
+            sums.grid.crop(rel.start, rel.stop),
+            sums.weighted[inner],
+            sums.weight[rel.slices],
+            sums.weighted_sq[rel.slices],
+            sums.patches,
+        )
     return pieces
 
 
@@ -376,8 +395,8 @@ def reduce_partials(grid: Grid, box: Box, partials: Sequence[tuple[Box | None, F
     """Sum the partial :class:`FieldSums` of neighbouring blocks over the chunk ``box`` of ``grid``.
 
     Each partial lives on ``grid.crop(support.start, support.stop)`` (a block's whole support, or its piece
-    for this chunk); the part inside the chunk (``box - support.start`` in its own index frame) is added
-    in place into the chunk's sums (see the module docstring).
+    on ``support ∩ box``); the part inside the chunk (``box - support.start`` in its own index frame) is
+    added in place into the chunk's sums (see the module docstring).
     """
     total = FieldSums.zeros(grid.crop(box.start, box.stop))
     patches = 0

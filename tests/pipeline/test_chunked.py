@@ -62,10 +62,14 @@ def test_chunked_sums_equal_whole_grid(chunk: int, cells: int | None) -> None:
     assert sum(len(specs_in_box(lattice, b.start, b.stop)) for b in blocks) == len(all_specs)
     for n, block_pieces in enumerate(pieces):  # a block's pieces are exactly the chunks that need it
         assert sorted(block_pieces) == sorted(cid for cid in plan.ids() if n in need[cid])
+        box_voxels = sum(int(np.prod(p.grid.shape)) for p in block_pieces.values())
+        assert box_voxels == int(np.prod(blocks[n].support.shape))  # the pieces tile the support, no more
     for cid in plan.ids():
         box = plan.box(cid)
         whole_sums = reduce_partials(grid, box, [partials[n] for n in need[cid]])  # cut by the chunk task
-        cut = reduce_partials(grid, box, [(box, pieces[n][cid]) for n in need[cid]])  # cut by the blocks
+        cut = reduce_partials(  # cut by the blocks: each piece on its block's support ∩ the chunk
+            grid, box, [(blocks[n].support.intersection(box), pieces[n][cid]) for n in need[cid]]
+        )
         for sums in (whole_sums, cut):
             np.testing.assert_allclose(sums.weight, whole.weight[box.slices], rtol=1e-10, atol=1e-12)
             np.testing.assert_allclose(
