@@ -317,6 +317,15 @@ def start_dice(fixed: str, moving: str, matrix: np.ndarray) -> float:
     return float(np.mean([v for v in dice.values() if not np.isnan(v)]))
 
 
+def in_memory_image(path: Path) -> Any:
+    """An OME-Zarr image (:class:`~patchmorph_core.source.MultiscaleImage`) with every level read into memory."""
+    from patchmorph_core.source import Level, MultiscaleImage
+    from pipeline.ngff import read_image
+
+    image = read_image(path)
+    return MultiscaleImage(tuple(Level(np.asarray(lv.array), lv.grid) for lv in image.levels), image.name)
+
+
 def time_in_memory(
     fixed: Path, moving: Path, field_path: Path, config: Path | None
 ) -> tuple[float, float, float]:
@@ -329,16 +338,11 @@ def time_in_memory(
     """
     from patchmorph_core.inference import register_arrays
     from patchmorph_core.model import load_model
-    from patchmorph_core.source import Level, MultiscaleImage
-    from pipeline.ngff import read_field, read_image
+    from pipeline.ngff import read_field
     from pipeline.register import resolve_config
 
-    def in_memory(path: Path) -> MultiscaleImage:
-        image = read_image(path)
-        return MultiscaleImage(tuple(Level(np.asarray(lv.array), lv.grid) for lv in image.levels), image.name)
-
     cfg = resolve_config(config)
-    fixed_img, moving_img = in_memory(fixed), in_memory(moving)
+    fixed_img, moving_img = in_memory_image(fixed), in_memory_image(moving)
     model = load_model(cfg.weights)
     start, cpu = time.perf_counter(), time.process_time()
     result = register_arrays(model, fixed_img, moving_img, cfg, show_progress=False)

@@ -209,6 +209,21 @@ def _store_gib(path: Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / GIB
 
 
+def _measured_register(
+    fixed: Path, atlas: Path, out: Path, config: InferenceConfig, args: argparse.Namespace
+) -> tuple[Any, float, dict[str, Any]]:
+    """``register_files`` (atlas → brain) under the process sampler: its record, wall seconds, and the
+    sampler's figures with the worker-time split."""
+    with ProcessSampler() as sampler:
+        tic = time.perf_counter()
+        record = register_files(
+            fixed, atlas, out, config, chunk_size=args.chunk_size, workers=args.workers, scheduler=CLUSTER,
+            overwrite=True,
+        )  # fmt: skip
+        seconds = time.perf_counter() - tic
+    return record, seconds, {**sampler.summary(), **_worker_times(record.run)}
+
+
 def bench_size(
     gib: float, source: np.ndarray, grid: Grid, atlas: Path, config: InferenceConfig, args: argparse.Namespace
 ) -> dict[str, Any]:
@@ -224,12 +239,7 @@ def bench_size(
     for path in (field, warped):
         for p in (path, path.with_name(path.name + ".run")):
             shutil.rmtree(p, ignore_errors=True)
-    with ProcessSampler() as reg_sampler:
-        tic = time.perf_counter()
-        record = register_files(
-            fixed, atlas, field, config, chunk_size=args.chunk_size, workers=args.workers, scheduler=CLUSTER
-        )
-        register_s = time.perf_counter() - tic
+    record, register_s, register_figures = _measured_register(fixed, atlas, field, config, args)
     with ProcessSampler() as warp_sampler:
         tic = time.perf_counter()
         wrec = warp_files(
@@ -240,19 +250,13 @@ def bench_size(
     if args.deep_stages:  # the same registration one cascade stage deeper: a field 8x larger, many chunks
         deep_field = work / f"field_deep_{gib:g}gib.zarr"
         deep_config = config.model_copy(update={"n_stages": args.deep_stages})
-        with ProcessSampler() as deep_sampler:
-            tic = time.perf_counter()
-            drec = register_files(
-                fixed, atlas, deep_field, deep_config, chunk_size=args.chunk_size, workers=args.workers,
-                scheduler=CLUSTER, overwrite=True,
-            )  # fmt: skip
-            deep_s = time.perf_counter() - tic
+        drec, deep_s, deep_figures = _measured_register(fixed, atlas, deep_field, deep_config, args)
         deep = {
             "deep_stages": args.deep_stages,
             "register_deep_s": deep_s,
             "deep_field_shape": list(drec.grid_shape),
             "register_deep_chunks": drec.chunks,
-            "register_deep": {**deep_sampler.summary(), **_worker_times(drec.run)},
+            "register_deep": deep_figures,
         }
         for p in (deep_field, deep_field.with_name(deep_field.name + ".run")):
             shutil.rmtree(p, ignore_errors=True)
@@ -270,7 +274,7 @@ def bench_size(
         "field_shape": list(record.grid_shape),
         "register_chunks": record.chunks,
         "warp_chunks": wrec.chunks,
-        "register": {**reg_sampler.summary(), **_worker_times(record.run)},
+        "register": register_figures,
         "warp": {**warp_sampler.summary(), **_worker_times(wrec.out.with_name(wrec.out.name + ".run"))},
         **deep,
     }

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import accuracy
 import numpy as np
@@ -30,7 +29,6 @@ from patchmorph_core.displacement import FieldDisplacement
 from patchmorph_core.inference import register_arrays
 from patchmorph_core.metrics import dice_per_label, folding_percent
 from patchmorph_core.model import load_model
-from patchmorph_core.source import Level, MultiscaleImage
 from patchmorph_core.synth import STANDARD_FS_LABELS, random_intensities
 from patchmorph_core.warping import warp_to_grid
 from pipeline.ngff import read_image, write_image
@@ -52,12 +50,6 @@ def prepare() -> None:
         write_image(OUT / f"labels_{sid}.ome.zarr", labels, grid, name="labels", labels=True, overwrite=True)
 
 
-def in_memory(path: Path) -> MultiscaleImage:
-    """An OME-Zarr image with every level read into memory."""
-    image = read_image(path)
-    return MultiscaleImage(tuple(Level(np.asarray(lv.array), lv.grid) for lv in image.levels), image.name)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default=None, help="inference YAML (default: the packaged defaults)")
@@ -69,13 +61,17 @@ def main() -> None:
     model = load_model(config.weights)
     dice, seconds, folds = [], [], []
     for fixed, moving in PAIRS:
-        fixed_img, moving_img = in_memory(OUT / f"image_{fixed}.ome.zarr"), in_memory(OUT / f"image_{moving}.ome.zarr")
+        fixed_img = accuracy.in_memory_image(OUT / f"image_{fixed}.ome.zarr")
+        moving_img = accuracy.in_memory_image(OUT / f"image_{moving}.ome.zarr")
         tic = time.perf_counter()
         result = register_arrays(model, fixed_img, moving_img, config, show_progress=False)
         seconds.append(time.perf_counter() - tic)
         fixed_labels = read_image(OUT / f"labels_{fixed}.ome.zarr").levels[0]
         warped = warp_to_grid(
-            in_memory(OUT / f"labels_{moving}.ome.zarr"), FieldDisplacement(result.field, result.grid), fixed_labels.grid, order=0
+            accuracy.in_memory_image(OUT / f"labels_{moving}.ome.zarr"),
+            FieldDisplacement(result.field, result.grid),
+            fixed_labels.grid,
+            order=0,
         )  # fmt: skip
         per_label = dice_per_label(
             np.rint(np.asarray(fixed_labels.array)).astype(np.int32), np.rint(warped).astype(np.int32), STANDARD_FS_LABELS

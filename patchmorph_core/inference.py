@@ -346,20 +346,29 @@ class FieldSums:
 
         ``start``/``stop`` may reach beyond this grid (e.g. a chunk of a larger field grid given in this
         block's index frame), so partial sums of neighbouring blocks can be cut to one chunk and added.
+        The whole grid is returned as it is (no copy).
         """
+        if tuple(int(a) for a in start) == (0, 0, 0) and tuple(int(b) for b in stop) == self.grid.shape:
+            return self
+        out = FieldSums.zeros(self.grid.crop(np.asarray(start, dtype=np.int64), np.asarray(stop, dtype=np.int64)))
+        touched = out.add_from(self, start)
+        return FieldSums(out.grid, out.weighted, out.weight, out.weighted_sq, self.patches if touched else 0)
+
+    def add_from(self, other: FieldSums, start: Sequence[int]) -> bool:
+        """Add, in place, the part of ``other`` that overlaps this grid, whose voxel 0 is ``other``'s voxel
+        ``start`` (this grid's box in ``other``'s index frame; it may reach beyond ``other``). Returns
+        whether they overlap. ``patches`` is left to the caller (this object is frozen)."""
         start_a = np.asarray(start, dtype=np.int64)
-        stop_a = np.asarray(stop, dtype=np.int64)
-        out = FieldSums.zeros(self.grid.crop(start_a, stop_a))
-        lo = np.clip(start_a, 0, self.grid.shape)
-        hi = np.clip(stop_a, 0, self.grid.shape)
+        lo = np.clip(start_a, 0, other.grid.shape)
+        hi = np.clip(start_a + np.asarray(self.grid.shape, dtype=np.int64), 0, other.grid.shape)
         if np.any(hi <= lo):
-            return FieldSums(out.grid, out.weighted, out.weight, out.weighted_sq, 0)
+            return False
         src = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
         dst = tuple(slice(int(a - s), int(b - s)) for a, b, s in zip(lo, hi, start_a, strict=True))
-        out.weighted[(slice(None), *dst)] = self.weighted[(slice(None), *src)]
-        out.weight[dst] = self.weight[src]
-        out.weighted_sq[dst] = self.weighted_sq[src]
-        return FieldSums(out.grid, out.weighted, out.weight, out.weighted_sq, self.patches)
+        self.weighted[(slice(None), *dst)] += other.weighted[(slice(None), *src)]
+        self.weight[dst] += other.weight[src]
+        self.weighted_sq[dst] += other.weighted_sq[src]
+        return True
 
 
 def accumulate(
@@ -745,9 +754,7 @@ def _estimate_and_accumulate_on_grid(
     # patches whose window (non-zero on the block's inner voxels) reaches the target
     inner_low, inner_high = starts[:, :3] + low + 1, starts[:, :3] + low + size - 1
     touched = int(np.sum(np.all((inner_high > 0) & (inner_low < np.asarray(target.shape)), axis=1)))
-    if np.all(low == 0) and work.shape == target.shape:  # the box is the target: no copy
-        return FieldSums(target, sums.weighted, sums.weight, sums.weighted_sq, touched)
-    cropped = sums.crop(-low, -low + np.asarray(target.shape))
+    cropped = sums.crop(-low, -low + np.asarray(target.shape))  # no copy when the box is the target
     return FieldSums(target, cropped.weighted, cropped.weight, cropped.weighted_sq, touched)
 
 

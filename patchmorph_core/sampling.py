@@ -26,6 +26,7 @@ from patchmorph_core.spatial import (
     Grid,
     bounds_box,
     index_rows_to_normalized,
+    integer_offset,
     read_box,
 )
 
@@ -203,25 +204,13 @@ def sample_indices(array: object, index: np.ndarray, padding: str = "zeros") -> 
     return out.reshape(*channels, *lead)
 
 
-def integer_offset(matrix: np.ndarray, tol: float = 1e-6) -> np.ndarray | None:
-    """``(3,)`` int64 offset ``o`` if the ``(4, 4)`` index→index ``matrix`` is ``i ↦ i + o`` (identity linear
-    part and whole-voxel offset, both to ``tol`` voxels), else ``None``."""
-    matrix = np.asarray(matrix, dtype=np.float64)
-    if not np.allclose(matrix[:3, :3], np.eye(3), rtol=0.0, atol=tol):
-        return None
-    offset = np.rint(matrix[:3, 3])
-    if not np.allclose(matrix[:3, 3], offset, rtol=0.0, atol=tol):
-        return None
-    return offset.astype(np.int64)
-
-
 def sample_affine(array: object, matrix: np.ndarray, shape: tuple[int, ...], padding: str = "zeros") -> np.ndarray:
     """Trilinear samples of a ``(Z, Y, X)`` or ``(C, Z, Y, X)`` array-like at ``matrix @ (i, 1)`` for every
     index ``i`` of a grid of ``shape``: ``sample_indices(array, affine_indices(matrix, shape), padding)``.
 
-    When the map is a whole-voxel translation (:func:`integer_offset`; e.g. a box of the grid the array
-    lives on) every trilinear weight is 0 or 1: the samples are the box itself, read without
-    interpolation (a float32 copy; the same values up to the float32 rounding of :func:`sample_indices`'
+    When the map is a whole-voxel translation (:func:`~patchmorph_core.spatial.integer_offset`; e.g. a
+    box of the grid the array lives on) every trilinear weight is 0 or 1: the samples are the box itself,
+    read without interpolation (a float32 copy; the same values up to the float32 rounding of :func:`sample_indices`'
     indices). Parts of the box beyond the array are filled as ``padding`` says: 0, or the nearest edge
     value (``"border"``).
 
@@ -230,22 +219,21 @@ def sample_affine(array: object, matrix: np.ndarray, shape: tuple[int, ...], pad
     """
     dims = np.shape(array)
     offset = integer_offset(matrix)
-    if offset is None:
-        return sample_indices(array, affine_indices(matrix, shape), padding)
-    size = np.asarray(dims[-3:], dtype=np.int64)
-    lo = np.clip(offset, 0, size)
-    hi = np.clip(offset + np.asarray(shape, dtype=np.int64), 0, size)
-    if np.any(hi <= lo):  # the box misses the array
-        return sample_indices(array, affine_indices(matrix, shape), padding)
-    lead = (slice(None),) * (len(dims) - 3)
-    box = read_box(array, lead + tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True)))
-    pad = [(0, 0)] * (len(dims) - 3) + [
-        (int(a - o), int(o + n - b)) for a, b, o, n in zip(lo, hi, offset, shape, strict=True)
-    ]
-    values = np.asarray(box, dtype=np.float32)
-    if not any(p != (0, 0) for p in pad):
-        return values.copy() if values is box else values
-    return np.pad(values, pad, mode="edge" if padding == "border" else "constant")
+    if offset is not None:
+        size = np.asarray(dims[-3:], dtype=np.int64)
+        lo = np.clip(offset, 0, size)
+        hi = np.clip(offset + np.asarray(shape, dtype=np.int64), 0, size)
+        if np.all(hi > lo):  # else the box misses the array: interpolate (padding decides the values)
+            lead = (slice(None),) * (len(dims) - 3)
+            box = read_box(array, lead + tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True)))
+            pad = [(0, 0)] * len(lead) + [
+                (int(a - o), int(o + n - b)) for a, b, o, n in zip(lo, hi, offset, shape, strict=True)
+            ]
+            if not any(width != (0, 0) for width in pad):
+                return np.array(box, dtype=np.float32)  # always a copy: the caller may write into it
+            mode = "edge" if padding == "border" else "constant"
+            return np.pad(np.asarray(box, dtype=np.float32), pad, mode=mode)
+    return sample_indices(array, affine_indices(matrix, shape), padding)
 
 
 def mapped_indices(prior: Displacement, target: Grid, source: Grid) -> np.ndarray:

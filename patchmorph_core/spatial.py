@@ -350,6 +350,20 @@ def grid_block_patch(grid: Grid, center: Sequence[float], size: int) -> tuple[np
     return grid.index_to_world(first + half), rotation
 
 
+def integer_offset(matrix: np.ndarray, tol: float = 1e-6) -> np.ndarray | None:
+    """``(3,)`` int64 offset ``o`` if the ``(4, 4)`` index→index ``matrix`` (e.g. :meth:`Grid.index_map`) is
+    ``i ↦ i + o`` (identity linear part and whole-voxel offset, both to ``tol`` voxels): the other grid is
+    then a box of this one, starting at voxel ``o`` (the axis-preserving case of :func:`grid_block_start`).
+    Else ``None``."""
+    matrix = np.asarray(matrix, dtype=np.float64)
+    if not np.allclose(matrix[:3, :3], np.eye(3), rtol=0.0, atol=tol):
+        return None
+    offset = np.rint(matrix[:3, 3])
+    if not np.allclose(matrix[:3, 3], offset, rtol=0.0, atol=tol):
+        return None
+    return offset.astype(np.int64)
+
+
 def grid_block_start(patch: Grid, target: Grid) -> np.ndarray | None:
     """Where a cubic patch grid sits on ``target`` if it is a block of it, else None.
 

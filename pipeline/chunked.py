@@ -128,6 +128,13 @@ class ChunkPlan:
         stop = tuple(min(s + c, n) for s, c, n in zip(start, self.chunk, self.grid.shape, strict=True))
         return Box(start, stop)  # type: ignore[arg-type]
 
+    def chunks_meeting(self, box: Box) -> list[ChunkId]:
+        """The chunks that share a voxel with ``box`` (``start // chunk`` to ``(stop - 1) // chunk`` per axis)."""
+        first = [a // c for a, c in zip(box.start, self.chunk, strict=True)]
+        last = [(b - 1) // c for b, c in zip(box.stop, self.chunk, strict=True)]
+        spans = (b - a + 1 for a, b in zip(first, last, strict=True))
+        return [tuple(int(a + o) for a, o in zip(first, offset, strict=True)) for offset in np.ndindex(*spans)]  # type: ignore[misc]
+
     def chunk_grid(self, cid: ChunkId) -> Grid:
         """The sub-grid of chunk ``cid`` (same world positions as the plan's grid)."""
         box = self.box(cid)
@@ -175,17 +182,15 @@ def cells_per_block(
 def needs(plan: ChunkPlan, supports: Sequence[Box | None]) -> dict[ChunkId, list[int]]:
     """For every chunk, the indices of the blocks whose support box meets it (ascending).
 
-    Each support box covers chunks ``start // chunk`` to ``(stop - 1) // chunk`` per axis, so the cost is
-    the number of (block, chunk) pairs, not blocks × chunks.
+    Each support box covers :meth:`ChunkPlan.chunks_meeting`, so the cost is the number of (block, chunk)
+    pairs, not blocks × chunks.
     """
     out: dict[ChunkId, list[int]] = {cid: [] for cid in plan.ids()}
     for n, support in enumerate(supports):
         if support is None:
             continue
-        first = [a // c for a, c in zip(support.start, plan.chunk, strict=True)]
-        last = [(b - 1) // c for b, c in zip(support.stop, plan.chunk, strict=True)]
-        for offset in np.ndindex(*(b - a + 1 for a, b in zip(first, last, strict=True))):
-            out[tuple(int(a + o) for a, o in zip(first, offset, strict=True))].append(n)  # type: ignore[index]
+        for cid in plan.chunks_meeting(support):
+            out[cid].append(n)
     return out
 
 
@@ -371,14 +376,10 @@ def split_partial(plan: ChunkPlan, support: Box, sums: FieldSums) -> dict[ChunkI
     the piece of chunk ``c`` lies on ``support ∩ c`` (:meth:`Box.intersection`; a view of ``sums``, so
     the pieces together hold no more memory than the block's sums), so that a chunk task receives only
     its own part instead of the block's whole box."""
-    first = [a // c for a, c in zip(support.start, plan.chunk, strict=True)]
-    last = [(b - 1) // c for b, c in zip(support.stop, plan.chunk, strict=True)]
     pieces = {}
-    for offset in np.ndindex(*(b - a + 1 for a, b in zip(first, last, strict=True))):
-        cid: ChunkId = tuple(int(a + o) for a, o in zip(first, offset, strict=True))  # type: ignore[assignment]
+    for cid in plan.chunks_meeting(support):
         part = support.intersection(plan.box(cid))
-        if part is None:
-            continue
+        assert part is not None  # chunks_meeting gives only chunks that share a voxel with the support
         rel = part.relative_to(support.start)
         inner = (slice(None), *rel.slices)
         pieces[cid] = FieldSums(
@@ -396,22 +397,11 @@ def reduce_partials(grid: Grid, box: Box, partials: Sequence[tuple[Box | None, F
 
     Each partial lives on ``grid.crop(support.start, support.stop)`` (a block's whole support, or its piece
     on ``support ∩ box``); the part inside the chunk (``box - support.start`` in its own index frame) is
-    added in place into the chunk's sums (see the module docstring).
+    added in place into the chunk's sums (:meth:`FieldSums.add_from`; see the module docstring).
     """
     total = FieldSums.zeros(grid.crop(box.start, box.stop))
     patches = 0
     for support, sums in partials:
-        if support is None:
-            continue
-        rel = box.relative_to(support.start)
-        lo = np.clip(rel.start, 0, sums.grid.shape)
-        hi = np.clip(rel.stop, 0, sums.grid.shape)
-        if np.any(hi <= lo):
-            continue
-        src = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
-        dst = tuple(slice(int(a - s), int(b - s)) for a, b, s in zip(lo, hi, rel.start, strict=True))
-        total.weighted[(slice(None), *dst)] += sums.weighted[(slice(None), *src)]
-        total.weight[dst] += sums.weight[src]
-        total.weighted_sq[dst] += sums.weighted_sq[src]
-        patches += sums.patches
+        if support is not None and total.add_from(sums, box.relative_to(support.start).start):
+            patches += sums.patches
     return FieldSums(total.grid, total.weighted, total.weight, total.weighted_sq, patches)

@@ -11,7 +11,6 @@ from patchmorph_core.sampling import (
     affine_indices,
     displacement_at,
     initial_translation,
-    integer_offset,
     intensity_range,
     mapped_indices,
     normalize,
@@ -24,7 +23,7 @@ from patchmorph_core.sampling import (
     tissue_center,
 )
 from patchmorph_core.source import Level, MultiscaleImage
-from patchmorph_core.spatial import Grid, patch_grid, random_rotation
+from patchmorph_core.spatial import Grid, integer_offset, patch_grid, random_rotation
 
 
 class RecordingArray:
