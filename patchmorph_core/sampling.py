@@ -106,15 +106,16 @@ def sample_grid(level: Level, target: Grid) -> np.ndarray:
     )  # fmt: skip
 
 
-def _field_samples(block: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """Trilinear samples of a ``(3, Z, Y, X)`` field box at ``(3, N)`` box indices inside it: ``(N, 3)``.
+def _field_samples(block: np.ndarray, rows: np.ndarray, start: tuple[int, ...]) -> np.ndarray:
+    """Trilinear samples of a ``(3, Z, Y, X)`` field box whose voxel 0 is index ``start`` at ``(3, N)``
+    indices inside it: ``(N, 3)``.
 
     One float64 ``grid_sample`` call interpolates the three components together (the same values as
     three ``map_coordinates`` calls up to float64 rounding, about 3× faster); indices must already be
     clamped to the box (the field's constant extension).
     """
     volume = torch.from_numpy(np.ascontiguousarray(block, dtype=np.float64))[None]
-    coords = torch.from_numpy(index_rows_to_normalized(rows, block.shape[1:]))
+    coords = torch.from_numpy(index_rows_to_normalized(rows, block.shape[1:], start))
     out = F.grid_sample(
         volume, coords.reshape(1, 1, 1, -1, 3), mode="bilinear", padding_mode="border",
         align_corners=ALIGN_CORNERS,
@@ -138,8 +139,7 @@ def displacement_at(displacement: Displacement, points: np.ndarray) -> np.ndarra
     if box is None:
         return np.zeros((rows.shape[1], 3), dtype=np.float64)
     block = read_box(displacement.field, (slice(None), *box)).astype(np.float32, copy=False)
-    rows -= np.array([[s.start] for s in box], dtype=np.float64)
-    return _field_samples(block, rows)
+    return _field_samples(block, rows, tuple(s.start for s in box))
 
 
 # -- whole boxes of a grid at once (the block path of inference) -------------------------------------------
@@ -192,8 +192,7 @@ def sample_indices(array: object, index: np.ndarray, padding: str = "zeros") -> 
     if box is None:
         return np.zeros((*channels, *lead), dtype=np.float32)
     block = read_box(array, (slice(None),) * len(channels) + box).astype(np.float32, copy=False)
-    rows = rows - np.array([[s.start] for s in box], dtype=np.float32)  # a new array: ``index`` stays as given
-    coords = torch.from_numpy(index_rows_to_normalized(rows, block.shape[-3:]))
+    coords = torch.from_numpy(index_rows_to_normalized(rows, block.shape[-3:], tuple(s.start for s in box)))
     volume = torch.from_numpy(np.ascontiguousarray(block)).reshape(1, -1, *block.shape[-3:])
     out = F.grid_sample(
         volume, coords.reshape(1, 1, 1, -1, 3), mode="bilinear", padding_mode="border",
@@ -236,6 +235,42 @@ def sample_affine(array: object, matrix: np.ndarray, shape: tuple[int, ...], pad
     return sample_indices(array, affine_indices(matrix, shape), padding)
 
 
+def shifted_indices(target: Grid, source: Grid, shift: np.ndarray) -> np.ndarray:
+    """``(3, Z, Y, X)`` float32 indices on ``source`` of ``x + shift(x)`` at every voxel centre ``x`` of
+    ``target`` (both grids in one world frame and unit).
+
+    Args:
+        target: the grid of the points ``x``.
+        source: the grid whose indices are returned.
+        shift: ``(3, Z, Y, X)`` world displacement at ``target``'s voxel centres (components ``(z, y, x)``).
+    """
+    out = affine_indices(source.index_map(target), target.shape)
+    to_index = source.inverse_affine[:3, :3]  # world displacement -> source index displacement
+    for c in range(3):
+        for k in range(3):
+            if to_index[c, k] != 0.0:
+                out[c] += np.float32(to_index[c, k]) * shift[k]
+    return out
+
+
+def _displacement_on(displacement: Displacement, points: np.ndarray) -> np.ndarray:
+    """``(3, Z, Y, X)`` float32 values of a displacement called at ``(Z, Y, X, 3)`` world points."""
+    values = np.asarray(displacement(points.reshape(-1, 3)), dtype=np.float32)
+    return np.ascontiguousarray(values.T).reshape(3, *points.shape[:-1])
+
+
+def displacement_after(prior: Displacement, target: Grid, shift: np.ndarray) -> np.ndarray:
+    """``prior(x + shift(x))`` at every voxel centre ``x`` of ``target``: ``(3, Z, Y, X)`` float32.
+
+    A :class:`~patchmorph_core.displacement.FieldDisplacement` is sampled at :func:`shifted_indices` by
+    :func:`sample_indices` (constant extension outside the field, as its ``__call__``); any other
+    displacement is called at the float64 world points.
+    """
+    if isinstance(prior, FieldDisplacement):
+        return sample_indices(prior.field, shifted_indices(target, prior.grid, shift), padding="border")
+    return _displacement_on(prior, target.points() + np.moveaxis(shift, 0, -1))
+
+
 def mapped_indices(prior: Displacement, target: Grid, source: Grid) -> np.ndarray:
     """``(3, Z, Y, X)`` float32 indices on ``source`` of ``x + prior(x)`` at every voxel centre ``x`` of
     ``target`` (the three grids share one world frame and unit).
@@ -245,16 +280,11 @@ def mapped_indices(prior: Displacement, target: Grid, source: Grid) -> np.ndarra
     ``target`` is a box of the field's own grid, as in the refinement passes); any other displacement is
     evaluated at the world points.
     """
-    out = affine_indices(source.index_map(target), target.shape)
     if isinstance(prior, FieldDisplacement):
         disp = sample_affine(prior.field, prior.grid.index_map(target), target.shape, padding="border")
     else:
-        disp = np.asarray(prior(target.points().reshape(-1, 3)), dtype=np.float32).T.reshape(3, *target.shape)
-    to_index = source.inverse_affine[:3, :3]  # world displacement -> source index displacement
-    for c in range(3):
-        for k in range(3):
-            out[c] += np.float32(to_index[c, k]) * disp[k]
-    return out
+        disp = _displacement_on(prior, target.points())
+    return shifted_indices(target, source, disp)
 
 
 def coarse_level(image: MultiscaleImage, min_voxels: int = COARSE_VOXELS) -> Level:

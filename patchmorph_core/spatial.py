@@ -420,14 +420,20 @@ def index_to_normalized(index: torch.Tensor, shape: Sequence[int]) -> torch.Tens
     return normalized.flip(-1)
 
 
-def index_rows_to_normalized(rows: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+def index_rows_to_normalized(
+    rows: np.ndarray, shape: Sequence[int], start: Sequence[int] = (0, 0, 0)
+) -> np.ndarray:
     """:func:`index_to_normalized` for component-major numpy indices: ``(3, N)`` ``(z, y, x)`` rows →
-    ``(N, 3)`` ``grid_sample`` coordinates ``(x, y, z)`` (same dtype; one pass per component, where the
-    torch version broadcasts over a trailing axis of 3 and is several times slower on CPU)."""
-    out = np.empty((rows.shape[1], 3), dtype=rows.dtype)
+    ``(N, 3)`` ``grid_sample`` coordinates ``(x, y, z)`` (same dtype) into a box of ``shape`` whose voxel 0 is
+    index ``start``. One contiguous pass per component; the result is the transposed view of a ``(3, N)``
+    array (``torch.from_numpy`` and ``grid_sample`` take it as it is), where the torch version broadcasts
+    over a trailing axis of 3 and is several times slower on CPU."""
+    out = np.empty(rows.shape, dtype=rows.dtype)
     for axis, n in enumerate(shape):
-        out[:, 2 - axis] = rows[axis] * (2.0 / max(float(n) - 1.0, 1.0)) - 1.0
-    return out
+        scale = 2.0 / max(float(n) - 1.0, 1.0)
+        np.multiply(rows[axis], scale, out=out[2 - axis])
+        out[2 - axis] -= 1.0 + float(start[axis]) * scale
+    return out.T
 
 
 def world_to_index_torch(world: torch.Tensor, world_to_index: torch.Tensor) -> torch.Tensor:

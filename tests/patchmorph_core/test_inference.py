@@ -208,7 +208,7 @@ def test_field_grid_patches_give_the_sums_of_per_patch_interpolation(frame: str)
     slow = accumulate(specs, estimate_patches(model, fixed, moving, prior, specs, config), target)
     assert set(stats) == {"forward_seconds", "sampling_seconds", "accumulate_seconds"}
     assert fast.weight.max() > 1.0 and np.abs(fast.weighted).max() > 0.5
-    np.testing.assert_allclose(fast.weight, slow.weight, atol=1e-9)
+    np.testing.assert_allclose(fast.weight, slow.weight, rtol=1e-6, atol=1e-7)  # float32 sums
     np.testing.assert_allclose(fast.weighted, slow.weighted, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(fast.weighted_sq, slow.weighted_sq, rtol=1e-5, atol=1e-4)
     # patches whose window (non-zero on the inner (P-2)³ voxels) reaches the target; the per-patch path
@@ -229,7 +229,8 @@ def test_block_sums_add_up_and_crop_to_chunks() -> None:
     for start, stop in cell_blocks(lattice, 2):
         specs = specs_in_box(lattice, start, stop)
         blocks = blocks + accumulate(specs, [estimates[s.cell] for s in specs], target)
-    assert np.allclose(blocks.weighted, full.weighted) and np.allclose(blocks.weight, full.weight)
+    # float32 sums: patches added in another order differ by rounding
+    assert np.allclose(blocks.weighted, full.weighted, atol=1e-6) and np.allclose(blocks.weight, full.weight, atol=1e-6)
     # a chunk of the field grid: only the patches of cells_for_region matter, and crop agrees
     start, stop = (3, 2, 4), (11, 9, 13)
     chunk = target.crop(start, stop)
@@ -238,8 +239,8 @@ def test_block_sums_add_up_and_crop_to_chunks() -> None:
     specs = lattice.specs(cells)
     local = accumulate(specs, [estimates[s.cell] for s in specs], chunk)
     cropped = full.crop(start, stop)
-    assert np.allclose(local.weighted, cropped.weighted) and np.allclose(
-        local.weighted_sq, cropped.weighted_sq
+    assert np.allclose(local.weighted, cropped.weighted, atol=1e-6) and np.allclose(
+        local.weighted_sq, cropped.weighted_sq, atol=1e-6
     )
     # crop beyond the grid is zero-filled
     beyond = full.crop((-2, 0, 0), (3, 4, 4))
@@ -345,7 +346,8 @@ def test_register_arrays_stub_adds_updates_across_stages() -> None:
     deviation = np.abs(result.field - (initial + 2 * step)[:, None, None, None]).max(axis=0)
     tissue = fixed.sample(result.grid.points().reshape(-1, 3), 1.0).reshape(result.grid.shape) > 50.0
     assert tissue.sum() > 300 and np.all(deviation[tissue] < 1e-4)  # the tissue got both updates
-    assert np.all(result.uncertainty[tissue] < 1e-4)  # identical estimates: no spread
+    # identical estimates: no spread, to the float32 sums' resolution (about 4e-4 of |v| = 0.75 mm)
+    assert np.all(result.uncertainty[tissue] < 1e-3)
 
 
 def test_register_arrays_is_seeded_and_deterministic() -> None:

@@ -100,6 +100,9 @@ def test_index_to_normalized_corners_and_component_flip() -> None:
     rows = np.random.default_rng(0).uniform(-2.0, 30.0, size=(3, 50))
     expected = index_to_normalized(torch.from_numpy(np.ascontiguousarray(rows.T)), SHAPE).numpy()
     np.testing.assert_allclose(index_rows_to_normalized(rows, SHAPE), expected, atol=1e-12)
+    start = (3, -2, 5)  # a box whose voxel 0 is index start: the rows shifted by -start
+    shifted = index_to_normalized(torch.from_numpy(np.ascontiguousarray(rows.T - start)), SHAPE).numpy()
+    np.testing.assert_allclose(index_rows_to_normalized(rows, SHAPE, start), shifted, atol=1e-12)
 
 
 def test_grid_block_patch_lands_on_voxels_and_is_recognised() -> None:
