@@ -26,6 +26,8 @@ the issue's pair (≥ 8 GiB on disk and 8× fewer voxels) is ``--sizes 2 16``.
 Usage (prints a table, writes benchmarks/results/scale.json)::
 
     nice -n 5 .venv/bin/python benchmarks/scale.py --sizes 2 16 --work /work/scale-work
+    # another operating point, kept apart from the default's results:
+    nice -n 5 .venv/bin/python benchmarks/scale.py --sizes 2 --set overlap=2.0 --out benchmarks/results/scale_overlap2.json
 
 Targets (issue 4): peak memory per worker < 2 GiB and within 20 % between sizes; wall time within 1.3× of
 linear in voxel count; ≥ 70 % of worker time in forward passes.
@@ -46,6 +48,7 @@ from typing import Any
 import dask.array as da
 import numpy as np
 import psutil
+import yaml
 from scipy import ndimage
 
 from patchmorph_core.config import InferenceConfig, ModelConfig
@@ -389,6 +392,12 @@ def main() -> None:
         help="also register (only) with this many cascade stages, a field 8x larger per extra stage "
         "(0: skip); the default model has 3",
     )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        help="override one inference setting, key=value (YAML value), e.g. overlap=2.0 (default: none)",
+    )
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument(
         "--append", action="store_true", help="add the new sizes to the rows already in --out"
@@ -405,12 +414,13 @@ def main() -> None:
     atlas = work / "atlas_100um.zarr"
     if not atlas.exists():
         convert(ATLAS, atlas)
-    config = _config(work)
+    settings = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.set)}
+    config = _config(work).model_copy(update=settings)
     out = Path(args.out)
     rows = json.loads(out.read_text())["rows"] if args.append and out.is_file() else []
     command = "benchmarks/scale.py " + " ".join(sys.argv[1:])
     for gib in args.sizes:
-        rows.append({**bench_size(gib, source, grid, atlas, config, args), "command": command})
+        rows.append({**bench_size(gib, source, grid, atlas, config, args), "command": command, "settings": settings})
         rows.sort(key=lambda r: (str(r.get("run")), r["voxels"]))
         result = {
             "host": {"cpus": os.cpu_count(), "memory_gib": psutil.virtual_memory().total / GIB},

@@ -430,9 +430,10 @@ def index_rows_to_normalized(
     over a trailing axis of 3 and is several times slower on CPU."""
     out = np.empty(rows.shape, dtype=rows.dtype)
     for axis, n in enumerate(shape):
-        scale = 2.0 / max(float(n) - 1.0, 1.0)
-        np.multiply(rows[axis], scale, out=out[2 - axis])
-        out[2 - axis] -= 1.0 + float(start[axis]) * scale
+        row = out[2 - axis]
+        np.subtract(rows[axis], float(start[axis]), out=row)  # exact for float32 indices below 2**24
+        row *= 2.0 / max(float(n) - 1.0, 1.0)
+        row -= 1.0
     return out.T
 
 
