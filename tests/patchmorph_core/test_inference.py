@@ -430,7 +430,9 @@ def test_refinement_passes_repeat_the_finest_stage_on_other_patches_from_its_fie
     assert all(g is plan.grids[-3] for g in plan.grids[-2:])  # same output field grid
     centres = [np.array([lat.spec(c).center for c in lat.cells()]) for lat in (first, *passes)]
     assert all(np.abs(centres[0] - other).max() > 0.0 for other in centres[1:])  # freshly drawn patches
-    sparse = plan_registration(model, fixed, moving, InferenceConfig(device="cpu", refine_passes=1, refine_overlap=1.0))
+    sparse = plan_registration(
+        model, fixed, moving, InferenceConfig(device="cpu", overlap=1.5, refine_passes=1, refine_overlap=1.0)
+    )
     assert sparse.lattices[-1].step == pytest.approx(1.5 * sparse.lattices[-2].step)  # overlap 1.0 vs 1.5
     # the update is applied once per pass: a constant update of v gives (passes + 1)·v over the start
     step = (0.5, -0.25, 0.75)
