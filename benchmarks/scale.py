@@ -27,7 +27,7 @@ Usage (prints a table, writes benchmarks/results/scale.json)::
 
     nice -n 5 .venv/bin/python benchmarks/scale.py --sizes 2 16 --work /work/scale-work
     # another operating point, kept apart from the default's results:
-    nice -n 5 .venv/bin/python benchmarks/scale.py --sizes 2 --set overlap=2.0 --out benchmarks/results/scale_overlap2.json
+    nice -n 5 .venv/bin/python benchmarks/scale.py --sizes 2 --set overlap=1.5 --out /tmp/scale_overlap15.json
 
 Targets (issue 4): peak memory per worker < 2 GiB and within 20 % between sizes; wall time within 1.3× of
 linear in voxel count; ≥ 70 % of worker time in forward passes.

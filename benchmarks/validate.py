@@ -26,11 +26,13 @@ from __future__ import annotations
 
 import argparse
 import time
+from typing import Any
 
 import accuracy
 import numpy as np
 import yaml
 
+from patchmorph_core.config import InferenceConfig
 from patchmorph_core.displacement import FieldDisplacement, TranslationDisplacement
 from patchmorph_core.inference import RegistrationResult, register_arrays
 from patchmorph_core.metrics import dice_per_label, folding_percent
@@ -105,7 +107,7 @@ def main() -> None:
         )
 
 
-def _register(model: object, fixed: str, moving: str, config: object) -> tuple[RegistrationResult, float]:
+def _register(model: Any, fixed: str, moving: str, config: InferenceConfig) -> tuple[RegistrationResult, float]:
     """One in-memory registration of a validation pair and its wall seconds."""
     fixed_img = accuracy.in_memory_image(OUT / f"image_{fixed}.ome.zarr")
     moving_img = accuracy.in_memory_image(OUT / f"image_{moving}.ome.zarr")

@@ -162,7 +162,7 @@ class InferenceConfig(_Strict):
             training subjects 01-06 (``benchmarks/validate.py --seeds 0 1``) over 1.5 (about 3.4): mean
             Dice 0.685 vs 0.683, and the estimate depends far less on the seed — two seeds' fields differ
             by 0.30 vs 0.60 mm RMS inside the brain, and their uncertainty maps correlate 0.51 vs 0.18 (at
-            1.5 the uncertainty map is mostly lattice noise) — for 1.4× the registration time.
+            1.5 the uncertainty map is mostly lattice noise) — for about 1.5× the registration time.
         patch_layout: ``"field_grid"`` (default): every patch is a ``P³`` block of its stage's field grid —
             axes along the field grid's axes (ordered and signed nearest the world axes, the networks'
             training frame), centre jittered within its lattice cell and then rounded to the field grid,
@@ -192,9 +192,9 @@ class InferenceConfig(_Strict):
             01-06 with the field-grid patch layout's first, grid-order version (mean Dice 0.667 with one
             pass at overlap 1.0, 0.679 at 1.5, 0.689 with two passes at 1.5, 0.693 with three). Since the
             updates are composed once per field voxel (:func:`~patchmorph_core.inference.finalize`), two
-            passes keep the benchmark's registration time well under ANTs SyN's; three
-            (``configs/register_refine.yaml``) add 0.004 for another 0.7 s; one is
-            ``configs/register_fast.yaml`` (README, accuracy benchmark).
+            passes at overlap 2.0 keep the benchmark's registration time under ANTs SyN's (3.4 vs 3.9 s);
+            three (``configs/register_refine.yaml``) add 0.004 Dice for another second, which no longer
+            fits; overlap 1.5 with one pass is ``configs/register_fast.yaml`` (README, accuracy benchmark).
     """
 
     weights: str | None = None
