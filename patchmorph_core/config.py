@@ -160,9 +160,9 @@ class InferenceConfig(_Strict):
         overlap: patch overlap factor; the lattice step is ``extent / overlap`` per axis (patches ∝
             overlap³). Default 2.0 (each field voxel in about 8 patches), chosen on validation pairs of
             training subjects 01-06 (``benchmarks/validate.py --seeds 0 1``) over 1.5 (about 3.4): mean
-            Dice 0.685 vs 0.683, and the estimate depends far less on the seed — two seeds' fields differ
-            by 0.30 vs 0.60 mm RMS inside the brain, and their uncertainty maps correlate 0.51 vs 0.18 (at
-            1.5 the uncertainty map is mostly lattice noise) — for about 1.5× the registration time.
+            Dice 0.686 vs 0.684, and the estimate depends far less on the seed — two seeds' fields differ
+            by 0.30 vs 0.61 mm RMS inside the brain, and their uncertainty maps correlate 0.52 vs 0.18 (at
+            1.5 the uncertainty map is mostly lattice noise) — for 1.5-1.75× the registration time.
         patch_layout: ``"field_grid"`` (default): every patch is a ``P³`` block of its stage's field grid —
             axes along the field grid's axes (ordered and signed nearest the world axes, the networks'
             training frame), centre jittered within its lattice cell and then rounded to the field grid,

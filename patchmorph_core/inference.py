@@ -809,6 +809,19 @@ def output_field_spacing(
     return max(float(finest_extent) / patch_size, float(fixed.spacing.min()))
 
 
+def clamp_extents(extents: Sequence[float], patch_size: int, voxel: float) -> list[float]:
+    """Stage patch extents no finer than the fixed image: ``max(E_s, P·h)`` with ``h`` its finest voxel size.
+
+    A patch spacing below the image's voxels only interpolates it (no detail is added), and the output field
+    — never finer than the image (:func:`output_field_spacing`) — would then not be the patch grid, so the
+    stage would leave the field-grid patch layout for the per-patch interpolating one (about 4× slower:
+    measured on the validation pair 01←02, whose finest patch spacing was 1.95 mm on a 2 mm image). A clamped
+    stage works at the image's own resolution; several clamped stages repeat it, like refinement passes.
+    """
+    floor = float(patch_size) * float(voxel)
+    return [max(float(extent), floor) for extent in extents]
+
+
 def _first_stage(config: InferenceConfig, alignment: dict[str, Any], n_stages: int) -> int:
     """The first stage to run: ``config.first_stage``, or by default 1 after an accepted affine start."""
     if config.first_stage is not None:
@@ -835,10 +848,11 @@ def plan_registration(
     """
     moving = moving.with_unit(fixed.unit)
     low, high = tissue_bounds(fixed)
+    size = int(model.config.patch_size)
     extents = model.stage_extents(float(np.max(high - low)), config.n_stages)
+    extents = clamp_extents(extents, size, float(fixed.grid.spacing.min()))
     grid_low, grid_high = fixed.grid.world_bounds()
     bounds = (np.maximum(low, grid_low), np.minimum(high, grid_high))
-    size = int(model.config.patch_size)
     last = output_field_spacing(fixed.grid, extents[-1], size, config.field_spacing)
     if config.first_stage is not None and config.first_stage >= len(extents):
         raise InputError(

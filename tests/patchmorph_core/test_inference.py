@@ -472,3 +472,18 @@ def test_plan_skips_the_whole_brain_stage_only_after_an_accepted_affine() -> Non
     assert [lat.name for lat in forced.lattices] == ["stage0", "stage1"]
     with pytest.raises(InputError, match="first_stage 2 leaves no stage"):
         plan_registration(model, fixed, moving, InferenceConfig(device="cpu", first_stage=2))
+
+
+def test_patches_are_never_finer_than_the_fixed_voxels() -> None:
+    # four stages on this small anisotropic image (voxels 1.2 x 1.0 x 1.4 mm, P = 8) would put the last
+    # stage's patch spacing near 0.5 mm, below the image's finest voxel: its extent is raised to P x 1.0 mm,
+    # so its field grid (never finer than the image) is still the patch grid and the fast layout applies
+    fixed, moving = _pair()
+    model = ConstantUpdate((0.0, 0.0, 0.0))
+    config = InferenceConfig(device="cpu", n_stages=4, first_stage=0, refine_passes=0, initial_alignment="center_of_mass")
+    plan = plan_registration(model, fixed, moving, config)
+    assert plan.lattices[0].extent / 2**3 < 8 * 1.0 - 1e-9  # unclamped halving would go below a voxel
+    extents = [lat.extent for lat in plan.lattices]
+    assert extents[-1] == pytest.approx(8.0) and min(extents) == pytest.approx(8.0)
+    assert all(lat.snap is not None for lat in plan.lattices)  # every stage on its field grid
+    assert np.allclose(plan.grids[-1].spacing, 1.0)
