@@ -11,7 +11,7 @@ Usage (from the repository root)::
     .venv/bin/python benchmarks/validate.py                          # default inference settings
     .venv/bin/python benchmarks/validate.py --set overlap=2.0 --set refine_passes=1
     .venv/bin/python benchmarks/validate.py --config configs/register_refine.yaml
-    .venv/bin/python benchmarks/validate.py --seeds 0 1 --set overlap=2.0   # also the seed-to-seed spread
+    .venv/bin/python benchmarks/validate.py --seeds 0 1 --set overlap=1.5   # also the seed-to-seed spread
 
 With ``--seeds A B`` every pair is registered once per seed (the lattice jitter) and the line also gives how
 much the stochastic estimate depends on the seed: the RMS difference of the two fields (fixed units, inside
