@@ -118,7 +118,10 @@ class TrainConfig(_Strict):
         loss: loss weights.
         steps: optimizer steps in total.
         batch_size: patch chains per step.
-        lr: Adam learning rate.
+        lr: Adam learning rate (the peak one with ``lr_schedule: cosine``).
+        lr_schedule: ``"constant"``, or ``"cosine"``: ``lr · (1 + cos(π · step / steps)) / 2``, from ``lr`` at
+            step 0 down to 0 at ``steps`` (a function of the step alone, so a resumed run follows the same
+            curve). Annealing ends a run on averaged weights instead of a snapshot of noisy 2-chain steps.
         seed: seeds numpy and torch; a resumed run continues the saved RNG states.
         device: ``"auto"`` (cuda when available), ``"cpu"`` or ``"cuda"``.
         amp: mixed precision on CUDA (ignored on CPU).
@@ -139,6 +142,7 @@ class TrainConfig(_Strict):
     steps: int = Field(1000, ge=1)
     batch_size: int = Field(2, ge=1)
     lr: float = Field(1e-3, gt=0.0)
+    lr_schedule: Literal["constant", "cosine"] = "constant"
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True

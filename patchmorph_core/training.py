@@ -343,6 +343,13 @@ def _open_loss_csv(path: Path, start_step: int, n_stages: int) -> None:
         writer.writerows(rows)
 
 
+def learning_rate(config: TrainConfig, step: int) -> float:
+    """Adam learning rate of optimizer step ``step`` (0-based) under ``config.lr_schedule``."""
+    if config.lr_schedule == "constant":
+        return config.lr
+    return config.lr * 0.5 * (1.0 + math.cos(math.pi * step / config.steps))
+
+
 def train(config: TrainConfig, source: PairSource, progress: bool = True) -> TrainResult:
     """Train (or resume training) a :class:`PatchMorph` model.
 
@@ -408,6 +415,8 @@ def _train(config: TrainConfig, source: PairSource, progress: bool) -> TrainResu
             batch = sample_batch(rng, model, pair, config.batch_size, config.max_patch_rotation_deg)
             with torch.autocast(device.type, enabled=use_amp):
                 result = run_chains(model, pair, batch, config.loss)
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(config, step)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(result.loss).backward()
             scaler.step(optimizer)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pytest
 import torch
 from scipy import ndimage
 from typer.testing import CliRunner
@@ -16,7 +17,14 @@ from patchmorph_core.model import PatchMorph, load_model, read_checkpoint, save_
 from patchmorph_core.source import MultiscaleImage
 from patchmorph_core.spatial import Grid, resample
 from patchmorph_core.synth import random_smooth_field, synthesize_image
-from patchmorph_core.training import TrainPair, centred_chain, chain_displacement, loss_csv_path, train
+from patchmorph_core.training import (
+    TrainPair,
+    centred_chain,
+    chain_displacement,
+    learning_rate,
+    loss_csv_path,
+    train,
+)
 from pipeline.cli import app
 from pipeline.train_cmd import random_pose
 
@@ -132,6 +140,23 @@ def test_resume_continues_from_the_checkpoint(tmp_path: Path) -> None:
     assert read_checkpoint(resumed.checkpoint)["step"] == 6
     steps = [int(r["step"]) for r in csv.DictReader(resumed.loss_csv.open())]
     assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_cosine_schedule_anneals_from_lr_to_zero_and_is_what_the_optimizer_used(tmp_path: Path) -> None:
+    config = _config(tmp_path, steps=4).model_copy(
+        update={
+            "model": ModelConfig(patch_size=8, n_stages=2, widths=(4, 8), affine_widths=(4,)),
+            "lr_schedule": "cosine",
+            "lr": 1e-3,
+        }
+    )
+    assert [learning_rate(config, s) for s in range(4)] == pytest.approx([1e-3, 8.5355e-4, 5e-4, 1.4645e-4], rel=1e-4)
+    assert learning_rate(config.model_copy(update={"lr_schedule": "constant"}), 3) == 1e-3
+    labels = _label_pair()
+    train(config, lambda rng: _synthetic_pair(labels, int(rng.integers(1 << 30))), progress=False)
+    saved = read_checkpoint(config.checkpoint)
+    assert saved["optimizer"]["param_groups"][0]["lr"] == pytest.approx(learning_rate(config, 3))
+    assert saved["configs"]["train"]["lr_schedule"] == "cosine"
 
 
 def _write_nifti_pair(folder: Path) -> None:
