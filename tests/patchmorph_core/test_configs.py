@@ -25,10 +25,12 @@ def test_registration_configs_load(path: Path) -> None:
 
 def test_the_default_model_recipe_chains_its_steps() -> None:
     """Each fine-tuning step starts from the previous step's checkpoint (the recipe in WEIGHTS.md)."""
-    steps = ["train_default.yaml", "train_affine.yaml", "train_less_smooth.yaml"]
+    steps = ["train_default.yaml", "train_affine.yaml", "train_less_smooth.yaml", "train_cosine.yaml"]
     configs = [load_yaml(CONFIGS / name, TrainConfig) for name in steps]
     assert configs[0].init_weights is None
     for previous, current in pairwise(configs):
         assert current.init_weights is not None
         assert Path(current.init_weights).name == Path(previous.checkpoint).name
     assert configs[2].loss.smooth_weight == 0.5 * configs[1].loss.smooth_weight
+    assert [c.lr_schedule for c in configs] == ["constant", "constant", "constant", "cosine"]
+    assert configs[3].loss == configs[2].loss and configs[3].lr == configs[2].lr  # only the schedule changes
