@@ -196,7 +196,8 @@ class InferenceConfig(_Strict):
             01-06 with the field-grid patch layout's first, grid-order version (mean Dice 0.667 with one
             pass at overlap 1.0, 0.679 at 1.5, 0.689 with two passes at 1.5, 0.693 with three). Since the
             updates are composed once per field voxel (:func:`~patchmorph_core.inference.finalize`), two
-            passes at overlap 2.0 keep the benchmark's registration time under ANTs SyN's (3.4 vs 3.9 s);
+            passes at overlap 2.0 keep the benchmark's registration time under ANTs SyN's (3.4 vs 3.9 s;
+            6.5 vs 6.8 s in a later run on a slower machine);
             three (``configs/register_refine.yaml``) add 0.004 Dice for another second, which no longer
             fits; overlap 1.5 with one pass is ``configs/register_fast.yaml`` (README, accuracy benchmark).
     """
