@@ -162,11 +162,14 @@ class InferenceConfig(_Strict):
         weights: checkpoint to load (None: the packaged default model).
         n_stages: stages to run (None: the model's ``n_stages``).
         overlap: patch overlap factor; the lattice step is ``extent / overlap`` per axis (patches ∝
-            overlap³). Default 2.0 (each field voxel in about 8 patches), chosen on validation pairs of
-            training subjects 01-06 (``benchmarks/validate.py --seeds 0 1``) over 1.5 (about 3.4): mean
-            Dice 0.686 vs 0.684, and the estimate depends far less on the seed — two seeds' fields differ
-            by 0.30 vs 0.61 mm RMS inside the brain, and their uncertainty maps correlate 0.52 vs 0.18 (at
-            1.5 the uncertainty map is mostly lattice noise) — for 1.5-1.75× the registration time.
+            overlap³). Default 1.75 (each field voxel in about 5.4 patches), chosen on validation pairs of
+            training subjects 01-06 (``benchmarks/validate.py --seeds 0 1``, step-4 model, two refinement
+            passes): mean Dice 0.700 at 1.75 and at 2.0 (about 8 patches; 0.701 at 1.5 with three passes),
+            with two thirds of the patches of 2.0 — which keeps the registration under ANTs SyN's time where 2.0
+            was at parity (README, accuracy benchmark). The price is a noisier estimate: two seeds' fields
+            differ by 0.41 mm RMS inside the brain (0.30 at 2.0, 0.62 at 1.5) and their uncertainty maps
+            correlate 0.31 (0.52 at 2.0, 0.11 at 1.5: there the map is mostly lattice noise);
+            ``configs/register_stable.yaml`` is the default at 2.0.
         patch_layout: ``"field_grid"`` (default): every patch is a ``P³`` block of its stage's field grid —
             axes along the field grid's axes (ordered and signed nearest the world axes, the networks'
             training frame), centre jittered within its lattice cell and then rounded to the field grid,
@@ -194,17 +197,16 @@ class InferenceConfig(_Strict):
         refine_overlap: lattice overlap of the refinement passes (None: ``overlap``); patches ∝ overlap³.
             Default: two passes at the stages' overlap, chosen on validation pairs of training subjects
             01-06 with the field-grid patch layout's first, grid-order version (mean Dice 0.667 with one
-            pass at overlap 1.0, 0.679 at 1.5, 0.689 with two passes at 1.5, 0.693 with three). Since the
-            updates are composed once per field voxel (:func:`~patchmorph_core.inference.finalize`), two
-            passes at overlap 2.0 keep the benchmark's registration time under ANTs SyN's (3.4 vs 3.9 s;
-            6.5 vs 6.8 s in a later run on a slower machine);
-            three (``configs/register_refine.yaml``) add 0.004 Dice for another second, which no longer
-            fits; overlap 1.5 with one pass is ``configs/register_fast.yaml`` (README, accuracy benchmark).
+            pass at overlap 1.0, 0.679 at 1.5, 0.689 with two passes at 1.5, 0.693 with three; with the
+            step-4 model at 1.75: 0.694 with one pass, 0.700 with two). Since the updates are composed once
+            per field voxel (:func:`~patchmorph_core.inference.finalize`), passes are cheap;
+            three at overlap 2.0 (``configs/register_refine.yaml``) add about 0.005 Dice for about twice
+            the time; overlap 1.5 with one pass is ``configs/register_fast.yaml`` (README, accuracy benchmark).
     """
 
     weights: str | None = None
     n_stages: int | None = Field(None, ge=1, le=8)
-    overlap: float = Field(2.0, ge=1.0, le=8.0)
+    overlap: float = Field(1.75, ge=1.0, le=8.0)
     patch_layout: Literal["field_grid", "rotated"] = "field_grid"
     max_rotation_deg: float = Field(10.0, ge=0.0, le=180.0)
     seed: int = 0

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from patchmorph_core.config import ModelConfig, TrainConfig, load_yaml
 from patchmorph_core.errors import InputError
@@ -19,7 +20,7 @@ from patchmorph_core.model import (
     save_checkpoint,
     stage_extents,
 )
-from patchmorph_core.networks import NETWORKS, AffineHead, UNet3D
+from patchmorph_core.networks import NETWORKS, AffineHead, UNet3D, conv_concat
 from patchmorph_core.spatial import patch_grid, random_rotation
 from patchmorph_core.transforms import affine_displacement
 
@@ -54,6 +55,24 @@ def test_network_shapes_and_identity_start() -> None:
     assert out.shape == (2, 3, P, P, P) and out.abs().max() < 1e-2
     theta = AffineHead((4, 8), P)(pair)
     assert theta.shape == (2, 3, 4) and torch.all(theta == 0)
+
+
+def test_skip_connection_equals_the_concatenation() -> None:
+    """The concatenation-free skip connection gives the values of ``layer(cat)``, in both memory formats,
+    and its gradients (training uses the same forward)."""
+    torch.manual_seed(3)
+    layer = nn.Sequential(nn.Conv3d(5 + 3, 4, 3, padding=1), nn.LeakyReLU(0.2))
+    first = torch.randn(2, 5, 6, 8, 7, requires_grad=True)
+    second = torch.randn(2, 3, 6, 8, 7, requires_grad=True)
+    reference = layer(torch.cat([first, second], dim=1))
+    (grad_first, grad_second) = torch.autograd.grad(reference.square().sum(), (first, second))
+    out = conv_concat(layer, first, second)
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        torch.autograd.grad(out.square().sum(), (first, second)), (grad_first, grad_second), rtol=1e-4, atol=1e-4
+    )
+    layer.to(memory_format=torch.channels_last_3d)
+    torch.testing.assert_close(conv_concat(layer, first, second), reference, rtol=1e-5, atol=1e-5)
 
 
 def test_stage_update_converts_patch_voxels_to_world() -> None:
