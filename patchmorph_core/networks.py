@@ -88,7 +88,8 @@ def conv_concat(layer: nn.Sequential, first: torch.Tensor, second: torch.Tensor)
     the second convolution: a default registration took 7.0 s instead of 7.7 s (median of 3, same pair).
 
     Args:
-        layer: ``Sequential(Conv3d(c1 + c2, c_out, k, stride=1), activation)``.
+        layer: ``Sequential(Conv3d(c1 + c2, c_out, k, groups=1), activation)``; its stride, padding and
+            dilation are used as they are.
         first: ``(B, c1, D, H, W)`` (the upsampled coarser features).
         second: ``(B, c2, D, H, W)`` (the skip connection).
 
@@ -97,8 +98,9 @@ def conv_concat(layer: nn.Sequential, first: torch.Tensor, second: torch.Tensor)
     """
     conv, activation = layer
     split = first.shape[1]
-    out = F.conv3d(first, conv.weight[:, :split], conv.bias, padding=conv.padding)
-    out = out + F.conv3d(second, conv.weight[:, split:], None, padding=conv.padding)
+    geometry = (conv.stride, conv.padding, conv.dilation)  # the layer's own, not assumed (groups: 1)
+    out = F.conv3d(first, conv.weight[:, :split], conv.bias, *geometry)
+    out = out + F.conv3d(second, conv.weight[:, split:], None, *geometry)
     return activation(out)
 
 
