@@ -40,8 +40,10 @@ from patchmorph_core.displacement import (
 from patchmorph_core.errors import InputError
 from patchmorph_core.inference import (
     FieldSums,
+    GridImage,
     PatchLattice,
     RegistrationPlan,
+    StageFixedImages,
     estimate_and_accumulate,
     finalize,
     plan_registration,
@@ -138,6 +140,9 @@ class StageContext:
         prior: the previous transform (initial translation or the coarser stage's lazy field).
         field: level-0 ``(3, Z, Y, X)`` output array; ``uncertainty``: ``(Z, Y, X)`` array or None.
         records: completion records of this stage.
+        fixed_on_grid: the normalised fixed image on the box of the field grid the stage's patches reach
+            (:func:`~patchmorph_core.inference.fixed_on_field_grid`, made once on the client and shared by
+            the stage's passes), or None (too large: each block samples its own box).
     """
 
     fixed: MultiscaleImage
@@ -152,6 +157,7 @@ class StageContext:
     field: Any
     uncertainty: Any
     records: StageRecords
+    fixed_on_grid: GridImage | None = None
 
 
 def block_sums(ctx: StageContext, block: CellBlock) -> dict[ChunkId, FieldSums]:
@@ -166,7 +172,8 @@ def block_sums(ctx: StageContext, block: CellBlock) -> dict[ChunkId, FieldSums]:
     stats: dict[str, float] = {}
     sums = estimate_and_accumulate(
         model, ctx.fixed, ctx.moving, ctx.prior, specs, target, ctx.config,
-        fixed_range=ctx.fixed_range, moving_range=ctx.moving_range, stats=stats,
+        fixed_range=ctx.fixed_range, moving_range=ctx.moving_range, fixed_on_grid=ctx.fixed_on_grid,
+        stats=stats,
     )  # fmt: skip
     pieces = split_partial(ctx.plan, block.support, sums)
     folder = ctx.records.root / "blocks"
@@ -362,6 +369,7 @@ def _run_stage(
     prior: Displacement,
     records: StageRecords,
     progress: bool,
+    fixed_on_grid: GridImage | None,
 ) -> dict[str, Any]:
     """One stage through :func:`run_chunked`; returns its figures."""
     plan = output.plan
@@ -374,6 +382,7 @@ def _run_stage(
         field=output.field,
         uncertainty=output.uncertainty,
         records=records,
+        fixed_on_grid=fixed_on_grid,
         **ctx_base,
     )
     run = run_chunked(
@@ -454,6 +463,7 @@ def register_files(
     }
     prior: Displacement = AffineDisplacement(rplan.initial)
     stages: list[dict[str, Any]] = []
+    fixed_images = StageFixedImages(fixed_img, rplan.fixed_range)
     with open_client(cluster_config) as (client, info):
         for lattice, grid in zip(rplan.lattices, rplan.grids, strict=True):
             stage_records = records.stage(lattice.name)
@@ -461,7 +471,12 @@ def register_files(
             output = _stage_output(
                 out if final else None, run_root, lattice, grid, chunk_size, stage_records, meta
             )
-            stages.append(_run_stage(client, info, ctx_base, lattice, output, prior, stage_records, progress))
+            fixed_on_grid = fixed_images.get(lattice, grid)
+            stages.append(
+                _run_stage(
+                    client, info, ctx_base, lattice, output, prior, stage_records, progress, fixed_on_grid
+                )
+            )
             prior = FieldDisplacement(output.field, grid)
         finish_image(out / "uncertainty", n_levels=1)
         finish_image(out, n_levels=1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from patchmorph_core.inference import (
     estimate_and_accumulate,
     estimate_patches,
     finalize,
+    fixed_on_field_grid,
     patch_window,
     plan_registration,
     register_arrays,
@@ -30,6 +32,7 @@ from patchmorph_core.inference import (
     window,
 )
 from patchmorph_core.model import PatchMorph, stage_extents
+from patchmorph_core.sampling import intensity_range
 from patchmorph_core.source import MultiscaleImage
 from patchmorph_core.spatial import Grid, grid_block_start, random_rotation
 
@@ -192,8 +195,11 @@ def test_field_grid_patches_give_the_sums_of_per_patch_interpolation(frame: str)
     fixed, moving = _pair()
     if frame != "plain":  # a left-handed fixed grid; or one whose axes are a signed permutation of the world's
         change = np.diag([1.0, -1.0, 1.0, 1.0]) if frame == "reflected" else np.eye(4)[[1, 2, 0, 3]]
+        if frame == "reflected":  # y runs the other way over the same world box
+            change[1, 3] = fixed.grid.shape[1] - 1.0
         grid = Grid(fixed.levels[0].grid.shape, fixed.levels[0].grid.affine @ change, "millimeter")
         fixed = MultiscaleImage.from_array(_blob_image(grid), grid, n_levels=2)
+        assert fixed.levels[0].array.max() > 50.0  # the blob is inside
     moving = moving.with_unit("millimeter")
     field_grid = fixed.grid.resampled(1.5)
     lattice = stage_lattice(fixed.grid, 12.0, 1.5, 4, 1, 10.0, 8, snap=field_grid)
@@ -216,6 +222,20 @@ def test_field_grid_patches_give_the_sums_of_per_patch_interpolation(frame: str)
     starts = np.array([grid_block_start(spec.grid, target) for spec in specs])[:, :3]
     inner = np.all((starts + 7 > 0) & (starts + 1 < np.array(target.shape)), axis=1)
     assert fast.patches == int(inner.sum()) <= slow.patches < len(specs)
+    # the fixed image sampled once on the lattice's box of the field grid holds every patch of every pass
+    # and gives the same sums; the image itself is then not sampled again (a blank one gives them too)
+    fixed_range = intensity_range(fixed)
+    on_grid = fixed_on_field_grid(fixed, lattice, field_grid, fixed_range)
+    assert on_grid is not None and fixed_on_field_grid(fixed, lattice, field_grid, fixed_range, 1024) is None
+    for spec in lattice.specs() + dataclasses.replace(lattice, repeat=2).specs():
+        corner = grid_block_start(spec.grid, on_grid.grid)[:3]
+        assert np.all(corner >= 0) and np.all(corner + 8 <= np.array(on_grid.grid.shape))
+    blank = MultiscaleImage.from_array(np.zeros(fixed.grid.shape, np.float32), fixed.grid, n_levels=2)
+    shared = estimate_and_accumulate(
+        model, blank, moving, prior, specs, target, config, fixed_range=fixed_range, fixed_on_grid=on_grid
+    )
+    np.testing.assert_allclose(shared.weighted, fast.weighted, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(shared.weighted_sq, fast.weighted_sq, rtol=1e-5, atol=1e-4)
 
 
 def test_block_sums_add_up_and_crop_to_chunks() -> None:

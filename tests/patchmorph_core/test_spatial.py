@@ -62,6 +62,12 @@ def test_index_world_roundtrip_and_columns() -> None:
     np.testing.assert_allclose(np.linalg.norm(step), SPACING[1])
     np.testing.assert_allclose(grid.spacing, SPACING)
     np.testing.assert_allclose(grid.direction.T @ grid.direction, np.eye(3), atol=1e-12)
+    # the world->index matrix is inverted once per grid; the caller gets a copy it may change
+    inverse = grid.inverse_affine
+    np.testing.assert_allclose(inverse @ grid.affine, np.eye(4), atol=1e-12)
+    inverse[:] = 0.0
+    np.testing.assert_allclose(grid.world_to_index(world), index, atol=1e-10)
+    np.testing.assert_allclose(grid.inverse_affine @ grid.affine, np.eye(4), atol=1e-12)
 
 
 def test_center_extent_and_resampled_keeps_centre() -> None:
@@ -212,6 +218,11 @@ def test_patch_grid_centre_spacing_rotation() -> None:
     np.testing.assert_allclose(patch.spacing, [2.0, 2.0, 2.0])
     np.testing.assert_allclose(patch.direction, rot, atol=1e-12)
     np.testing.assert_allclose(np.linalg.det(rot), 1.0)
+    # anisotropic extent (one per patch axis), no rotation: voxel (P-1)/2 at the centre
+    patch = patch_grid((1.0, 2.0, 3.0), (64.0, 32.0, 16.0), 8, unit="millimeter")
+    np.testing.assert_allclose(patch.spacing, [8.0, 4.0, 2.0])
+    np.testing.assert_allclose(patch.index_to_world(np.full(3, 3.5)), [1.0, 2.0, 3.0], atol=1e-12)
+    np.testing.assert_allclose(patch.origin, [1.0 - 28.0, 2.0 - 14.0, 3.0 - 7.0], atol=1e-12)
 
 
 @pytest.mark.parametrize(
