@@ -738,11 +738,11 @@ def fixed_on_field_grid(
     lattice: PatchLattice,
     grid: Grid,
     fixed_range: tuple[float, float],
-    max_bytes: int = FIXED_ON_GRID_BYTES,
+    max_bytes: int | None = None,
 ) -> GridImage | None:
     """The normalised fixed image on the box of a stage's field grid that the lattice's patches can
-    reach (:func:`lattice_box`; the same for all passes of the stage), sampled once: one box read of the
-    pyramid level matching the grid spacing, trilinear.
+    reach (:func:`lattice_box`; the same for all passes of the stage unless ``refine_overlap`` differs from
+    ``overlap``), sampled once: one box read of the pyramid level matching the grid spacing, trilinear.
 
     Every block of every pass on ``grid`` then slices its fixed patches from it
     (:func:`_estimate_and_accumulate_on_grid`) instead of reading and interpolating the fixed image again
@@ -753,18 +753,21 @@ def fixed_on_field_grid(
 
     Args:
         fixed: fixed image pyramid.
-        lattice: a lattice snapped to ``grid`` (any pass of the stage: they share origin, step and counts).
+        lattice: a lattice snapped to ``grid`` (passes with the same overlap share its origin, step and
+            counts, hence its box).
         grid: the stage's field grid (isotropic, the patch spacing).
         fixed_range: intensity range for :func:`~patchmorph_core.sampling.normalize`.
-        max_bytes: largest image to make (float32); beyond it None (blocks sample their own boxes).
+        max_bytes: largest image to make (float32; default :data:`FIXED_ON_GRID_BYTES`); beyond it None
+            (blocks sample their own boxes).
     """
     start, stop = lattice_box(lattice, grid)
     box = grid.crop(start, stop)
-    if 4 * int(np.prod(box.shape)) > max_bytes:
+    if 4 * int(np.prod(box.shape)) > (FIXED_ON_GRID_BYTES if max_bytes is None else max_bytes):
         return None
     level = fixed.level_for_spacing(float(grid.spacing.max()))
-    values = sample_affine(level.array, level.grid.index_map(box), box.shape)
-    return GridImage(normalize(values, *fixed_range), box)
+    values = normalize(sample_affine(level.array, level.grid.index_map(box), box.shape), *fixed_range)
+    values.setflags(write=False)  # shared by every block of the stage's passes
+    return GridImage(values, box)
 
 
 def _estimate_and_accumulate_on_grid(
@@ -796,6 +799,7 @@ def _estimate_and_accumulate_on_grid(
         ranges: fixed and moving intensity ranges.
         fixed_on_grid: the normalised fixed image on a grid the work box is a box of
             (:func:`fixed_on_field_grid`), sliced instead of sampled; None (or a box outside it): sampled.
+            ``stats["fixed_from_grid"]`` counts the calls that sliced it.
         Others: as in :func:`estimate_and_accumulate`.
     """
     tic = time.perf_counter()
@@ -807,6 +811,8 @@ def _estimate_and_accumulate_on_grid(
     (f_lo, f_hi), (m_lo, m_hi) = ranges
     fixed_level, moving_level = fixed.level_for_spacing(spacing), moving.level_for_spacing(spacing)
     fixed_w = None if fixed_on_grid is None else fixed_on_grid.box(work)
+    if stats is not None:  # calls that sliced the fixed image instead of sampling it (a count)
+        stats["fixed_from_grid"] = stats.get("fixed_from_grid", 0.0) + float(fixed_w is not None)
     if fixed_w is None:
         fixed_w = normalize(
             sample_affine(fixed_level.array, fixed_level.grid.index_map(work), work.shape), f_lo, f_hi
@@ -995,24 +1001,37 @@ def plan_registration(
 
 
 class StageFixedImages:
-    """:func:`fixed_on_field_grid` of each field grid a registration's passes use, made once per grid (a
-    stage's refinement passes share its grid and lattice box) and only for lattices snapped to it; the
-    in-memory and the chunked path both take their fixed images from here."""
+    """:func:`fixed_on_field_grid` for each pass of a registration, made once per lattice box and field grid
+    (a stage's refinement passes share them unless ``refine_overlap`` differs from ``overlap``) and only
+    for lattices snapped to their field grid; the in-memory and the chunked path both take their fixed
+    images from here. Passes run one after another, so only the last image is kept.
 
-    def __init__(self, fixed: MultiscaleImage, fixed_range: tuple[float, float]) -> None:
+    Args:
+        fixed: fixed image pyramid.
+        fixed_range: its intensity range for :func:`~patchmorph_core.sampling.normalize`.
+        max_bytes: passed to :func:`fixed_on_field_grid`.
+    """
+
+    def __init__(
+        self, fixed: MultiscaleImage, fixed_range: tuple[float, float], max_bytes: int | None = None
+    ) -> None:
         self.fixed = fixed
         self.fixed_range = fixed_range
-        self._made: dict[tuple[bytes, tuple[int, ...], tuple[int, ...]], GridImage | None] = {}
+        self.max_bytes = max_bytes
+        self._key: tuple[bytes, tuple[int, ...], tuple[int, ...]] | None = None
+        self._image: GridImage | None = None
 
-    def get(self, lattice: PatchLattice, grid: Grid) -> GridImage | None:
-        """The fixed image on ``grid`` for ``lattice``'s passes, or None (not snapped, or too large)."""
+    def get(self, lattice: PatchLattice) -> GridImage | None:
+        """The fixed image for ``lattice``'s patches on its field grid (``lattice.snap``), or None (not
+        snapped, or over ``max_bytes``)."""
         if lattice.snap is None:
             return None
-        start, stop = lattice_box(lattice, grid)
-        key = (grid.affine.tobytes(), tuple(start.tolist()), tuple(stop.tolist()))
-        if key not in self._made:
-            self._made[key] = fixed_on_field_grid(self.fixed, lattice, grid, self.fixed_range)
-        return self._made[key]
+        start, stop = lattice_box(lattice, lattice.snap)
+        key = (lattice.snap.affine.tobytes(), tuple(start.tolist()), tuple(stop.tolist()))
+        if key != self._key:
+            self._image = fixed_on_field_grid(self.fixed, lattice, lattice.snap, self.fixed_range, self.max_bytes)
+            self._key = key
+        return self._image
 
 
 @dataclass(frozen=True, eq=False)
@@ -1062,7 +1081,7 @@ def register_arrays(
     for lattice, grid in zip(plan.lattices, plan.grids, strict=True):
         tic = time.perf_counter()
         stats: dict[str, float] = {}
-        fixed_on_grid = fixed_images.get(lattice, grid)
+        fixed_on_grid = fixed_images.get(lattice)
         specs = lattice.specs()
         with tqdm(
             total=len(specs), desc=f"{lattice.name} patches", unit="patch", disable=not show_progress

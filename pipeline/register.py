@@ -141,8 +141,9 @@ class StageContext:
         field: level-0 ``(3, Z, Y, X)`` output array; ``uncertainty``: ``(Z, Y, X)`` array or None.
         records: completion records of this stage.
         fixed_on_grid: the normalised fixed image on the box of the field grid the stage's patches reach
-            (:func:`~patchmorph_core.inference.fixed_on_field_grid`, made once on the client and shared by
-            the stage's passes), or None (too large: each block samples its own box).
+            (:func:`~patchmorph_core.inference.fixed_on_field_grid`, made once on the client for the
+            stage's passes and sent with each pass's context), or None (too large, or not a snapped
+            lattice: each block samples its own box).
     """
 
     fixed: MultiscaleImage
@@ -471,7 +472,7 @@ def register_files(
             output = _stage_output(
                 out if final else None, run_root, lattice, grid, chunk_size, stage_records, meta
             )
-            fixed_on_grid = fixed_images.get(lattice, grid)
+            fixed_on_grid = fixed_images.get(lattice)
             stages.append(
                 _run_stage(
                     client, info, ctx_base, lattice, output, prior, stage_records, progress, fixed_on_grid

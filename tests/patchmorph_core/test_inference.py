@@ -10,12 +10,15 @@ import pytest
 import torch
 from scipy import ndimage
 
+from patchmorph_core import inference
 from patchmorph_core.config import InferenceConfig, ModelConfig, load_yaml
 from patchmorph_core.displacement import AffineDisplacement, FieldDisplacement, TranslationDisplacement
 from patchmorph_core.errors import InputError
 from patchmorph_core.inference import (
     FieldSums,
+    GridImage,
     PatchSpec,
+    StageFixedImages,
     accumulate,
     cell_blocks,
     cells_for_region,
@@ -212,7 +215,8 @@ def test_field_grid_patches_give_the_sums_of_per_patch_interpolation(frame: str)
     stats: dict[str, float] = {}
     fast = estimate_and_accumulate(model, fixed, moving, prior, specs, target, config, stats=stats)
     slow = accumulate(specs, estimate_patches(model, fixed, moving, prior, specs, config), target)
-    assert set(stats) == {"forward_seconds", "sampling_seconds", "accumulate_seconds"}
+    assert set(stats) == {"forward_seconds", "sampling_seconds", "accumulate_seconds", "fixed_from_grid"}
+    assert stats["fixed_from_grid"] == 0.0  # no fixed image on the grid given: sampled
     assert fast.weight.max() > 1.0 and np.abs(fast.weighted).max() > 0.5
     np.testing.assert_allclose(fast.weight, slow.weight, rtol=1e-6, atol=1e-7)  # float32 sums
     np.testing.assert_allclose(fast.weighted, slow.weighted, rtol=1e-5, atol=1e-5)
@@ -231,9 +235,12 @@ def test_field_grid_patches_give_the_sums_of_per_patch_interpolation(frame: str)
         corner = grid_block_start(spec.grid, on_grid.grid)[:3]
         assert np.all(corner >= 0) and np.all(corner + 8 <= np.array(on_grid.grid.shape))
     blank = MultiscaleImage.from_array(np.zeros(fixed.grid.shape, np.float32), fixed.grid, n_levels=2)
+    stats = {}
     shared = estimate_and_accumulate(
-        model, blank, moving, prior, specs, target, config, fixed_range=fixed_range, fixed_on_grid=on_grid
-    )
+        model, blank, moving, prior, specs, target, config, fixed_range=fixed_range, fixed_on_grid=on_grid,
+        stats=stats,
+    )  # fmt: skip
+    assert stats["fixed_from_grid"] == 1.0
     np.testing.assert_allclose(shared.weighted, fast.weighted, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(shared.weighted_sq, fast.weighted_sq, rtol=1e-5, atol=1e-4)
 
@@ -384,6 +391,36 @@ def test_register_arrays_is_seeded_and_deterministic() -> None:
         model, fixed, moving, config.model_copy(update={"seed": 6}), show_progress=False
     )
     assert not np.array_equal(first.field, reseeded.field)
+
+
+def test_fixed_image_is_sampled_once_per_lattice_box_and_field_grid(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    model = PatchMorph(ModelConfig(patch_size=8, widths=(4, 4), affine_widths=(4, 4), n_stages=2))
+    fixed, moving = _pair()
+    config = InferenceConfig(
+        batch_size=32, device="cpu", seed=5, refine_passes=2, initial_alignment="center_of_mass"
+    )
+    plan = plan_registration(model, fixed, moving, config)
+    assert [lattice.name for lattice in plan.lattices] == ["stage0", "stage1", "stage1.1", "stage1.2"]
+    images = StageFixedImages(fixed, plan.fixed_range)
+    made = [images.get(lattice) for lattice in plan.lattices]
+    assert all(isinstance(image, GridImage) for image in made)
+    assert made[-1] is made[-2] is made[-3] and made[0] is not made[-1]  # the finest stage's passes share it
+    assert not made[-1].array.flags.writeable
+    other = plan_registration(model, fixed, moving, config.model_copy(update={"refine_overlap": 3.0}))
+    assert images.get(other.lattices[-1]) is not made[-1]  # another lattice box on the same grid
+    assert StageFixedImages(fixed, plan.fixed_range, max_bytes=1024).get(plan.lattices[-1]) is None
+    rotated = plan_registration(model, fixed, moving, config.model_copy(update={"patch_layout": "rotated"}))
+    assert images.get(rotated.lattices[-1]) is None
+    # a registration slices every pass's fixed patches from it; without it (over the size limit) every
+    # pass samples its own box, and the field is the same to float32 rounding
+    result = register_arrays(model, fixed, moving, config, show_progress=False)
+    assert [s["fixed_from_grid"] for s in result.info["stages"]] == [1.0] * 4
+    monkeypatch.setattr(inference, "FIXED_ON_GRID_BYTES", 0)
+    sampled = register_arrays(model, fixed, moving, config, show_progress=False)
+    assert [s["fixed_from_grid"] for s in sampled.info["stages"]] == [0.0] * 4
+    np.testing.assert_allclose(sampled.field, result.field, atol=1e-4)
+    assert np.abs(result.field).max() > 0.1
 
 
 def test_default_register_yaml_matches_config_defaults() -> None:

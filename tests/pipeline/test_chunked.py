@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from patchmorph_core import inference
 from patchmorph_core.config import InferenceConfig
 from patchmorph_core.inference import (
     RegistrationResult,
@@ -117,13 +119,20 @@ def _in_memory(fixed: Path, moving: Path, config: InferenceConfig) -> Registrati
     return register_arrays(model, read_image(fixed), read_image(moving), config, show_progress=False)
 
 
+def _fixed_from_grid(run: Path) -> list[float]:
+    """Per block task of a run: 1 if it sliced the fixed image sent with its stage, 0 if it sampled it."""
+    return [json.loads(p.read_text())["fixed_from_grid"] for p in sorted(run.rglob("blocks/*.json"))]
+
+
 def test_chunked_registration_equals_in_memory(
     tmp_path: Path,
     dask_cluster: Any,
     dask_scheduler: str,
     pair_and_config: tuple[Path, Path, InferenceConfig],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Real cluster, real model: the field does not depend on chunk size (17, 40) or worker count (2, 1)."""
+    """Real cluster, real model: the field does not depend on chunk size (17, 40), worker count (2, 1) or
+    whether the client sent the fixed image on the field grid (it does up to a size limit)."""
     from distributed import Client
 
     fixed, moving, config = pair_and_config
@@ -144,6 +153,15 @@ def test_chunked_registration_equals_in_memory(
         assert np.abs(unc - reference.uncertainty).max() < tolerance
         assert meta["config"]["seed"] == config.seed and meta["components"] == ["z", "y", "x"]
     assert record.chunks == 1 and record.stages[-1]["chunk_shape"] == list(reference.grid.shape)
+    sliced = _fixed_from_grid(record.run)
+    assert sliced and all(v == 1.0 for v in sliced)
+    monkeypatch.setattr(inference, "FIXED_ON_GRID_BYTES", 0)  # on the client, which makes the image
+    record = register_files(
+        fixed, moving, tmp_path / "sampled.zarr", config, chunk_size=17, scheduler=dask_scheduler, progress=False
+    )
+    monkeypatch.undo()
+    assert all(v == 0.0 for v in _fixed_from_grid(record.run))
+    assert np.abs(np.asarray(read_field(record.field)[0][:]) - fields[17]).max() < tolerance
     dask_cluster.scale(1)  # the same run on one worker
     with Client(dask_scheduler) as client:
         client.wait_for_workers(1)
