@@ -80,14 +80,15 @@ from patchmorph_core.sampling import (
     sample_points,
     tissue_bounds,
 )
-from patchmorph_core.source import MultiscaleImage, cache_box
+from patchmorph_core.source import Level, MultiscaleImage, cache_box
 from patchmorph_core.spatial import (
     Grid,
+    box_corners,
+    box_within,
     grid_block_patch,
     grid_block_start,
     grid_block_view,
     index_box,
-    integer_offset,
     patch_grid,
     random_rotation,
 )
@@ -604,8 +605,7 @@ def _cached_prior(prior: Displacement, low: np.ndarray, high: np.ndarray) -> Dis
     voxels; not cached over :data:`BLOCK_CACHE_BYTES`); any other displacement as it is."""
     if not isinstance(prior, FieldDisplacement):
         return prior
-    corners = np.array(np.meshgrid(*zip(low, high, strict=True), indexing="ij")).reshape(3, -1).T
-    box = index_box(prior.grid.world_to_index(corners), prior.grid.shape, margin=2)
+    box = index_box(prior.grid.world_to_index(box_corners(low, high)), prior.grid.shape, margin=2)
     field_box = None if box is None else (slice(None), *box)
     return FieldDisplacement(cache_box(prior.field, field_box, BLOCK_CACHE_BYTES), prior.grid)
 
@@ -647,7 +647,7 @@ def estimate_and_accumulate(
     *,
     fixed_range: tuple[float, float] | None = None,
     moving_range: tuple[float, float] | None = None,
-    fixed_on_grid: GridImage | None = None,
+    fixed_on_grid: Level | None = None,
     stats: dict[str, float] | None = None,
     progress: Any = None,
 ) -> FieldSums:
@@ -698,53 +698,27 @@ FIXED_ON_GRID_BYTES = 32 * 1024**2
 once for all the blocks and passes of a stage; a larger one is sampled block by block."""
 
 
-@dataclass(frozen=True, eq=False)
-class GridImage:
-    """An image sampled on a grid.
-
-    Attributes:
-        array: ``(Z, Y, X)`` float32 values at ``grid``'s voxel centres.
-        grid: its grid.
-    """
-
-    array: np.ndarray = field(repr=False)
-    grid: Grid
-
-    def box(self, target: Grid) -> np.ndarray | None:
-        """The values on ``target`` if it is a box of this grid lying inside it (a view), else None."""
-        offset = integer_offset(self.grid.index_map(target))
-        if offset is None:
-            return None
-        stop = offset + np.asarray(target.shape)
-        if np.any(offset < 0) or np.any(stop > np.asarray(self.grid.shape)):
-            return None
-        return self.array[tuple(slice(int(a), int(b)) for a, b in zip(offset, stop, strict=True))]
-
-
-def lattice_box(lattice: PatchLattice, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
-    """``(start, stop)`` index box on ``grid`` that holds every voxel of every patch the lattice can draw
-    (cell centres jittered up to half a step, snapped by up to half a voxel, plus half a patch)."""
+def lattice_box(lattice: PatchLattice) -> Grid:
+    """The box of a snapped lattice's field grid (``lattice.snap``) that holds every voxel of every patch
+    the lattice can draw (cell centres jittered up to half a step, snapped by up to half a voxel, plus
+    half a patch). Passes with the same overlap share origin, step and counts, hence this box."""
+    if lattice.snap is None:
+        raise ValueError("lattice_box needs a lattice snapped to its field grid")
     low = lattice.origin - lattice.step / 2.0
     high = lattice.origin + (np.asarray(lattice.counts) - 1) * lattice.step + lattice.step / 2.0
-    corners = np.array(np.meshgrid(*zip(low, high, strict=True), indexing="ij")).reshape(3, -1).T
-    index = grid.world_to_index(corners)
+    index = lattice.snap.world_to_index(box_corners(low, high))
     reach = lattice.size / 2.0 + 1.0
     start = np.floor(index.min(axis=0) - reach).astype(np.int64)
-    return start, np.ceil(index.max(axis=0) + reach).astype(np.int64) + 1
+    return lattice.snap.crop(start, np.ceil(index.max(axis=0) + reach).astype(np.int64) + 1)
 
 
 def fixed_on_field_grid(
-    fixed: MultiscaleImage,
-    lattice: PatchLattice,
-    grid: Grid,
-    fixed_range: tuple[float, float],
-    max_bytes: int | None = None,
-) -> GridImage | None:
-    """The normalised fixed image on the box of a stage's field grid that the lattice's patches can
-    reach (:func:`lattice_box`; the same for all passes of the stage unless ``refine_overlap`` differs from
-    ``overlap``), sampled once: one box read of the pyramid level matching the grid spacing, trilinear.
+    fixed: MultiscaleImage, box: Grid, fixed_range: tuple[float, float], max_bytes: int | None = None
+) -> Level | None:
+    """The normalised fixed image on a box of a stage's field grid (:func:`lattice_box`), sampled once: one
+    box read of the pyramid level matching the grid spacing, trilinear; read-only.
 
-    Every block of every pass on ``grid`` then slices its fixed patches from it
+    Every block of every pass on that field grid then slices its fixed patches from it
     (:func:`_estimate_and_accumulate_on_grid`) instead of reading and interpolating the fixed image again
     on its own box (benchmarks/scale.py, 1.06 GiB, default: worker patch sampling 1.57 → 1.01 s of 2.65 s
     outside the network; 8.66 → 4.33 s with four stages). The values equal sampling each block's box to
@@ -753,21 +727,17 @@ def fixed_on_field_grid(
 
     Args:
         fixed: fixed image pyramid.
-        lattice: a lattice snapped to ``grid`` (passes with the same overlap share its origin, step and
-            counts, hence its box).
-        grid: the stage's field grid (isotropic, the patch spacing).
+        box: the grid to sample on (a box of a field grid: isotropic, the patch spacing).
         fixed_range: intensity range for :func:`~patchmorph_core.sampling.normalize`.
         max_bytes: largest image to make (float32; default :data:`FIXED_ON_GRID_BYTES`); beyond it None
             (blocks sample their own boxes).
     """
-    start, stop = lattice_box(lattice, grid)
-    box = grid.crop(start, stop)
     if 4 * int(np.prod(box.shape)) > (FIXED_ON_GRID_BYTES if max_bytes is None else max_bytes):
         return None
-    level = fixed.level_for_spacing(float(grid.spacing.max()))
+    level = fixed.level_for_spacing(float(box.spacing.max()))
     values = normalize(sample_affine(level.array, level.grid.index_map(box), box.shape), *fixed_range)
     values.setflags(write=False)  # shared by every block of the stage's passes
-    return GridImage(values, box)
+    return Level(values, box)
 
 
 def _estimate_and_accumulate_on_grid(
@@ -781,7 +751,7 @@ def _estimate_and_accumulate_on_grid(
     config: InferenceConfig,
     *,
     ranges: tuple[tuple[float, float], tuple[float, float]],
-    fixed_on_grid: GridImage | None,
+    fixed_on_grid: Level | None,
     stats: dict[str, float] | None,
     progress: Any,
 ) -> FieldSums:
@@ -797,8 +767,8 @@ def _estimate_and_accumulate_on_grid(
     Args:
         starts: ``(N, 9)`` :func:`~patchmorph_core.spatial.grid_block_start` of each patch on ``target``.
         ranges: fixed and moving intensity ranges.
-        fixed_on_grid: the normalised fixed image on a grid the work box is a box of
-            (:func:`fixed_on_field_grid`), sliced instead of sampled; None (or a box outside it): sampled.
+        fixed_on_grid: the normalised fixed image on a box of the field grid (:func:`fixed_on_field_grid`),
+            sliced where it holds the work box (:func:`~patchmorph_core.spatial.box_within`), else sampled.
             ``stats["fixed_from_grid"]`` counts the calls that sliced it.
         Others: as in :func:`estimate_and_accumulate`.
     """
@@ -810,7 +780,8 @@ def _estimate_and_accumulate_on_grid(
     spacing = float(specs[0].grid.spacing.max())
     (f_lo, f_hi), (m_lo, m_hi) = ranges
     fixed_level, moving_level = fixed.level_for_spacing(spacing), moving.level_for_spacing(spacing)
-    fixed_w = None if fixed_on_grid is None else fixed_on_grid.box(work)
+    inside = None if fixed_on_grid is None else box_within(fixed_on_grid.grid, work)
+    fixed_w = None if inside is None else fixed_on_grid.array[inside]
     if stats is not None:  # calls that sliced the fixed image instead of sampling it (a count)
         stats["fixed_from_grid"] = stats.get("fixed_from_grid", 0.0) + float(fixed_w is not None)
     if fixed_w is None:
@@ -1018,18 +989,18 @@ class StageFixedImages:
         self.fixed = fixed
         self.fixed_range = fixed_range
         self.max_bytes = max_bytes
-        self._key: tuple[bytes, tuple[int, ...], tuple[int, ...]] | None = None
-        self._image: GridImage | None = None
+        self._key: tuple[tuple[int, int, int], bytes] | None = None
+        self._image: Level | None = None
 
-    def get(self, lattice: PatchLattice) -> GridImage | None:
+    def get(self, lattice: PatchLattice) -> Level | None:
         """The fixed image for ``lattice``'s patches on its field grid (``lattice.snap``), or None (not
         snapped, or over ``max_bytes``)."""
         if lattice.snap is None:
             return None
-        start, stop = lattice_box(lattice, lattice.snap)
-        key = (lattice.snap.affine.tobytes(), tuple(start.tolist()), tuple(stop.tolist()))
+        box = lattice_box(lattice)
+        key = (box.shape, box.affine.tobytes())
         if key != self._key:
-            self._image = fixed_on_field_grid(self.fixed, lattice, lattice.snap, self.fixed_range, self.max_bytes)
+            self._image = fixed_on_field_grid(self.fixed, box, self.fixed_range, self.max_bytes)
             self._key = key
         return self._image
 

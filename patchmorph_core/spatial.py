@@ -323,12 +323,10 @@ def patch_grid(
     Returns:
         A :class:`Grid` whose voxel ``((P-1)/2,)*3`` lies at ``center``.
     """
-    spacing = check_spacing(np.broadcast_to(np.asarray(extent, dtype=np.float64), (3,)) / float(size))
+    spacing = np.broadcast_to(np.asarray(extent, dtype=np.float64), (3,)) / float(size)
     linear = (np.eye(3) if rotation is None else np.asarray(rotation, dtype=np.float64)) * spacing[None, :]
-    affine = np.eye(4)
-    affine[:3, :3] = linear
-    affine[:3, 3] = np.asarray(center, dtype=np.float64) - linear @ np.full(3, (size - 1) / 2.0)
-    return Grid((size, size, size), affine, unit)
+    origin = np.asarray(center, dtype=np.float64) - linear @ np.full(3, (size - 1) / 2.0)
+    return Grid.from_spacing((size, size, size), spacing, origin=origin, unit=unit, direction=rotation)
 
 
 GRID_TOLERANCE = 1e-4
@@ -369,6 +367,23 @@ def _block_axes(direction_bytes: bytes) -> np.ndarray:
         rotation[:, worst] *= -1.0
     rotation.setflags(write=False)
     return rotation
+
+
+def box_corners(low: Sequence[float], high: Sequence[float]) -> np.ndarray:
+    """``(8, 3)`` corners ``(z, y, x)`` of the axis-aligned box ``[low, high]`` (world or index)."""
+    return np.array(np.meshgrid(*zip(low, high, strict=True), indexing="ij")).reshape(3, -1).T
+
+
+def box_within(grid: Grid, target: Grid) -> tuple[slice, slice, slice] | None:
+    """``grid``'s index slices of ``target`` if ``target`` is a box of ``grid`` lying wholly inside it
+    (:func:`integer_offset` of their index map), else None."""
+    offset = integer_offset(grid.index_map(target))
+    if offset is None:
+        return None
+    stop = offset + np.asarray(target.shape)
+    if np.any(offset < 0) or np.any(stop > np.asarray(grid.shape)):
+        return None
+    return tuple(slice(int(a), int(b)) for a, b in zip(offset, stop, strict=True))  # type: ignore[return-value]
 
 
 def integer_offset(matrix: np.ndarray, tol: float = 1e-6) -> np.ndarray | None:

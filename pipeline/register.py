@@ -40,7 +40,6 @@ from patchmorph_core.displacement import (
 from patchmorph_core.errors import InputError
 from patchmorph_core.inference import (
     FieldSums,
-    GridImage,
     PatchLattice,
     RegistrationPlan,
     StageFixedImages,
@@ -51,7 +50,7 @@ from patchmorph_core.inference import (
 )
 from patchmorph_core.model import DEFAULT_WEIGHTS, load_model
 from patchmorph_core.sampling import coarse_level
-from patchmorph_core.source import MultiscaleImage
+from patchmorph_core.source import Level, MultiscaleImage
 from patchmorph_core.spatial import Grid, read_box
 from pipeline.chunked import (
     Box,
@@ -158,7 +157,7 @@ class StageContext:
     field: Any
     uncertainty: Any
     records: StageRecords
-    fixed_on_grid: GridImage | None = None
+    fixed_on_grid: Level | None = None
 
 
 def block_sums(ctx: StageContext, block: CellBlock) -> dict[ChunkId, FieldSums]:
@@ -370,7 +369,7 @@ def _run_stage(
     prior: Displacement,
     records: StageRecords,
     progress: bool,
-    fixed_on_grid: GridImage | None,
+    fixed_on_grid: Level | None,
 ) -> dict[str, Any]:
     """One stage through :func:`run_chunked`; returns its figures."""
     plan = output.plan

@@ -16,7 +16,6 @@ from patchmorph_core.displacement import AffineDisplacement, FieldDisplacement, 
 from patchmorph_core.errors import InputError
 from patchmorph_core.inference import (
     FieldSums,
-    GridImage,
     PatchSpec,
     StageFixedImages,
     accumulate,
@@ -27,6 +26,7 @@ from patchmorph_core.inference import (
     estimate_patches,
     finalize,
     fixed_on_field_grid,
+    lattice_box,
     patch_window,
     plan_registration,
     register_arrays,
@@ -36,7 +36,7 @@ from patchmorph_core.inference import (
 )
 from patchmorph_core.model import PatchMorph, stage_extents
 from patchmorph_core.sampling import intensity_range
-from patchmorph_core.source import MultiscaleImage
+from patchmorph_core.source import Level, MultiscaleImage
 from patchmorph_core.spatial import Grid, grid_block_start, random_rotation
 
 
@@ -229,8 +229,8 @@ def test_field_grid_patches_give_the_sums_of_per_patch_interpolation(frame: str)
     # the fixed image sampled once on the lattice's box of the field grid holds every patch of every pass
     # and gives the same sums; the image itself is then not sampled again (a blank one gives them too)
     fixed_range = intensity_range(fixed)
-    on_grid = fixed_on_field_grid(fixed, lattice, field_grid, fixed_range)
-    assert on_grid is not None and fixed_on_field_grid(fixed, lattice, field_grid, fixed_range, 1024) is None
+    on_grid = fixed_on_field_grid(fixed, lattice_box(lattice), fixed_range)
+    assert on_grid is not None and fixed_on_field_grid(fixed, lattice_box(lattice), fixed_range, 1024) is None
     for spec in lattice.specs() + dataclasses.replace(lattice, repeat=2).specs():
         corner = grid_block_start(spec.grid, on_grid.grid)[:3]
         assert np.all(corner >= 0) and np.all(corner + 8 <= np.array(on_grid.grid.shape))
@@ -404,7 +404,7 @@ def test_fixed_image_is_sampled_once_per_lattice_box_and_field_grid(monkeypatch:
     assert [lattice.name for lattice in plan.lattices] == ["stage0", "stage1", "stage1.1", "stage1.2"]
     images = StageFixedImages(fixed, plan.fixed_range)
     made = [images.get(lattice) for lattice in plan.lattices]
-    assert all(isinstance(image, GridImage) for image in made)
+    assert all(isinstance(image, Level) for image in made)
     assert made[-1] is made[-2] is made[-3] and made[0] is not made[-1]  # the finest stage's passes share it
     assert not made[-1].array.flags.writeable
     other = plan_registration(model, fixed, moving, config.model_copy(update={"refine_overlap": 3.0}))
