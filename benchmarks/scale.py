@@ -182,16 +182,18 @@ def make_volume(source: np.ndarray, grid: Grid, gib: float, path: Path) -> tuple
 def _worker_times(run: Path) -> dict[str, float | None]:
     """Worker task seconds from a run folder's block and chunk records, split by what they were spent on.
 
-    ``forward_share`` is forward-pass seconds over all task seconds (block + chunk tasks); None for runs
+    ``forward_share`` is forward-pass seconds over all task seconds (block + chunk tasks, the polish's tiles
+    included); ``forward_share_network`` leaves the polish out (the network stages alone); None for runs
     without network (warp).
     """
-    forward = sampling = accumulate = block = chunk = 0.0
+    forward = sampling = accumulate = block = chunk = polish = 0.0
     for stage in [p for p in run.iterdir() if p.is_dir()]:
         for p in (stage / "blocks").glob("*.json"):
             entry = json.loads(p.read_text())
             forward += entry.get("forward_seconds", 0.0)
             sampling += entry.get("sampling_seconds", 0.0)
             accumulate += entry.get("accumulate_seconds", 0.0)
+            polish += entry.get("polish_seconds", 0.0)
             block += entry.get("seconds", 0.0)
         for p in (stage / "done").glob("*.json"):
             chunk += json.loads(p.read_text()).get("seconds", 0.0)
@@ -200,10 +202,12 @@ def _worker_times(run: Path) -> dict[str, float | None]:
         "forward_s": forward,
         "patch_sampling_s": sampling,
         "accumulate_s": accumulate,
-        "block_other_s": block - forward - sampling - accumulate,
+        "polish_s": polish,
+        "block_other_s": block - forward - sampling - accumulate - polish,
         "block_s": block,
         "chunk_s": chunk,
         "forward_share": forward / total if block and total else None,
+        "forward_share_network": forward / (total - polish) if block and total > polish else None,
     }
 
 
@@ -357,10 +361,11 @@ def _step_name(row: dict[str, Any], step: str) -> str:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    """Plain-text table of the results (forward share for register; warp has no network)."""
+    """Plain-text table of the results (forward share for register, of all worker time and of the network
+    stages' without the polish; warp has no network)."""
     head = (
         f"{'disk':>7} {'voxels':>14} {'step':>8} {'wall s':>8} {'s/Gvox':>8} {'CPU s':>8} {'worker GiB':>10} "
-        f"{'client GiB':>10} {'read GiB':>9} {'write GiB':>9} {'fwd %':>6}"
+        f"{'client GiB':>10} {'read GiB':>9} {'write GiB':>9} {'fwd %':>6} {'net %':>6} {'polish s':>8}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -368,11 +373,12 @@ def table(rows: list[dict[str, Any]]) -> str:
             m = r[step]
             wall = r[f"{step}_s"]
             share = "-" if m["forward_share"] is None else f"{100 * m['forward_share']:.1f}"
+            net = "-" if m.get("forward_share_network") is None else f"{100 * m['forward_share_network']:.1f}"
             cpu = m.get("worker_cpu_s", 0.0) + m.get("client_cpu_s", 0.0)
             lines.append(
                 f"{r['disk_gib']:>6.2f}G {r['voxels']:>14,d} {_step_name(r, step):>8} {wall:>8.1f} {wall / r['voxels'] * 1e9:>8.1f} {cpu:>8.1f} "
                 f"{m['max_worker_peak_gib']:>10.2f} {m['client_scheduler_peak_gib']:>10.2f} {m['read_gib']:>9.2f} "
-                f"{m['written_gib']:>9.2f} {share:>6}"
+                f"{m['written_gib']:>9.2f} {share:>6} {net:>6} {m.get('polish_s', 0.0):>8.1f}"
             )
     return "\n".join(lines)
 

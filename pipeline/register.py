@@ -13,7 +13,9 @@
    field has at most :data:`IN_MEMORY_VOXELS` voxels is one chunk. Each pass's field is
    written to ``<out>.run/<name>.zarr`` (``stage1``, ``stage2``, ``stage2.1`` for a refinement pass of
    stage 2; see ``PatchLattice.name``) and read lazily (only the boxes the next stage's patches need)
-   as the next stage's prior; the last stage writes the output field and its ``uncertainty`` image;
+   as the next stage's prior; the last stage writes the ``uncertainty`` image, and its field is polished
+   into the output field (:mod:`pipeline.polish`; with ``polish_iterations: 0`` the last stage writes
+   the output field itself);
 4. resumes: ``<out>.run/`` keeps per-chunk completion records (:mod:`pipeline.resume`); rerunning the same
    command after a crash skips finished chunks and yields the identical field.
 """
@@ -49,6 +51,7 @@ from patchmorph_core.inference import (
     specs_in_box,
 )
 from patchmorph_core.model import DEFAULT_WEIGHTS, load_model
+from patchmorph_core.polish import PolishSettings
 from patchmorph_core.sampling import coarse_level
 from patchmorph_core.source import Level, MultiscaleImage
 from patchmorph_core.spatial import Grid, read_box
@@ -64,6 +67,7 @@ from pipeline.chunked import (
 )
 from pipeline.cluster import ClusterInfo, load_cluster_config, network_resources, open_client
 from pipeline.ngff import field_metadata, finish_image, read_image, write_block
+from pipeline.polish import run_polish
 from pipeline.resume import ChunkId, StageRecords, atomic_write_json, open_run, run_folder
 
 log = logging.getLogger(__name__)
@@ -84,6 +88,7 @@ class RegistrationRecord(BaseModel):
         unit: world unit (the fixed image's).
         chunks: output chunks of the final stage; ``skipped``: chunks of all stages found done.
         stages: per-stage figures (chunks, blocks, patches, seconds).
+        polish: the polish's figures (steps and tiles per pass, seconds), or None (``polish_iterations: 0``).
         initial_alignment: the initial alignment's record (method, NCC before/after, accepted, seconds)
             and its ``(4, 4)`` fixed → moving ``matrix``.
         seconds: wall time.
@@ -101,6 +106,7 @@ class RegistrationRecord(BaseModel):
     chunks: int
     skipped: int
     stages: list[dict[str, Any]]
+    polish: dict[str, Any] | None = None
     initial_alignment: dict[str, Any]
     seconds: float
     dashboard: str
@@ -299,11 +305,13 @@ def _plan_for(arrays: list[Any], grid: Grid) -> ChunkPlan:
 
 @dataclass(frozen=True)
 class StageOutput:
-    """Where one stage writes: its level-0 field (and uncertainty) arrays and the matching chunk plan."""
+    """Where one stage writes: its level-0 field (and uncertainty) arrays and the matching chunk plan;
+    ``polished``: the output field that the polish writes from the last stage's ``field``, or None."""
 
     field: Any
     uncertainty: Any
     plan: ChunkPlan
+    polished: Any = None
 
 
 def _stage_output(
@@ -314,16 +322,23 @@ def _stage_output(
     chunk_size: int | None,
     records: StageRecords,
     meta: dict[str, Any],
+    polish: bool = False,
 ) -> StageOutput:
     """The arrays of one stage: the output field + uncertainty for the last stage (``out``), else
-    ``<run>/<lattice.name>.zarr``. A coarse stage whose field has at most :data:`IN_MEMORY_VOXELS` voxels is
-    one chunk (its blocks are sized like every stage's, :func:`~pipeline.chunked.cells_per_block`).
+    ``<run>/<lattice.name>.zarr``. With ``polish`` the last stage writes its field to
+    ``<run>/<lattice.name>.zarr`` too, and the polish writes the output field. A coarse stage whose field has
+    at most :data:`IN_MEMORY_VOXELS` voxels is one chunk (its blocks are sized like every stage's,
+    :func:`~pipeline.chunked.cells_per_block`).
     """
     resume = bool(records.completed())
     if out is not None:
         field = output_array(
             out, grid, np.float32, chunk_size, 3, resume, name="displacement", extra_attrs=meta
         )
+        polished = None
+        if polish:
+            polished = field
+            field = output_array(run_root / f"{lattice.name}.zarr", grid, np.float32, chunk_size, 3, resume, name=lattice.name)
         uncertainty = output_array(
             out / "uncertainty",
             grid,
@@ -334,7 +349,8 @@ def _stage_output(
             name="uncertainty",
             extra_attrs={"kind": "uncertainty"},
         )
-        return StageOutput(field, uncertainty, _plan_for([field, uncertainty], grid))
+        arrays = [field, uncertainty] if polished is None else [field, uncertainty, polished]
+        return StageOutput(field, uncertainty, _plan_for(arrays, grid), polished)
     in_memory = int(np.prod(grid.shape)) <= IN_MEMORY_VOXELS
     chunk = max(grid.shape) if in_memory else chunk_size
     path = run_root / f"{lattice.name}.zarr"
@@ -464,13 +480,15 @@ def register_files(
     prior: Displacement = AffineDisplacement(rplan.initial)
     stages: list[dict[str, Any]] = []
     fixed_images = StageFixedImages(fixed_img, rplan.fixed_range)
+    settings = PolishSettings.from_config(cfg)
     with open_client(cluster_config) as (client, info):
         for lattice, grid in zip(rplan.lattices, rplan.grids, strict=True):
             stage_records = records.stage(lattice.name)
             final = lattice is rplan.lattices[-1]
             output = _stage_output(
-                out if final else None, run_root, lattice, grid, chunk_size, stage_records, meta
-            )
+                out if final else None, run_root, lattice, grid, chunk_size, stage_records, meta,
+                polish=settings.iterations > 0,
+            )  # fmt: skip
             fixed_on_grid = fixed_images.get(lattice)
             stages.append(
                 _run_stage(
@@ -478,6 +496,11 @@ def register_files(
                 )
             )
             prior = FieldDisplacement(output.field, grid)
+        polish = None
+        if output.polished is not None:
+            polish = run_polish(
+                client, ctx_base, settings, output.plan, output.field, output.polished, records, run_root, progress
+            )  # fmt: skip
         finish_image(out / "uncertainty", n_levels=1)
         finish_image(out, n_levels=1)
     records.finish()
@@ -492,6 +515,7 @@ def register_files(
         chunks=stages[-1]["chunks"],
         skipped=sum(s["skipped"] for s in stages),
         stages=stages,
+        polish=polish,
         initial_alignment={**rplan.alignment, "matrix": rplan.initial.tolist()},
         seconds=time.perf_counter() - tic,
         dashboard=info.dashboard,

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import zarr
 
 from patchmorph_core import inference
 from patchmorph_core.config import InferenceConfig
@@ -21,6 +22,7 @@ from patchmorph_core.inference import (
 )
 from patchmorph_core.model import load_model
 from patchmorph_core.spatial import Grid
+from pipeline import polish as polish_pipeline
 from pipeline.chunked import ChunkPlan, cells_per_block, needs, partition, reduce_partials, split_partial
 from pipeline.ngff import read_field, read_image
 from pipeline.register import register_files
@@ -132,10 +134,12 @@ def test_chunked_registration_equals_in_memory(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Real cluster, real model: the field does not depend on chunk size (17, 40), worker count (2, 1) or
-    whether the client sent the fixed image on the field grid (it does up to a size limit)."""
+    whether the client sent the fixed image on the field grid (it does up to a size limit). Without the
+    polish, which amplifies float rounding (its own test follows)."""
     from distributed import Client
 
     fixed, moving, config = pair_and_config
+    config = config.model_copy(update={"polish_iterations": 0})
     reference = _in_memory(fixed, moving, config)
     tolerance = 1e-4 * float(reference.grid.spacing.min())
     assert np.abs(reference.field).max() > 10 * tolerance  # a field that is not all zero
@@ -176,3 +180,38 @@ def test_chunked_registration_equals_in_memory(
         client.wait_for_workers(2)
     one = np.asarray(read_field(record.field)[0][:])
     assert np.abs(one - fields[17]).max() < 1e-6 * float(reference.grid.spacing.min())
+
+
+def test_chunked_polish_equals_in_memory(
+    tmp_path: Path,
+    dask_scheduler: str,
+    pair_and_config: tuple[Path, Path, InferenceConfig],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The polish in tiles padded by steps × reach, one step per pass, gives the in-memory (one-box) field
+    to float rounding (which its steps amplify about 100×: a 1e-6 change of the network's field moves this
+    polished field by about 1e-4); and it does change the network's field."""
+    fixed, moving, config = pair_and_config
+    config = config.model_copy(update={"polish_iterations": 6})
+    reference = _in_memory(fixed, moving, config)
+    unpolished = _in_memory(fixed, moving, config.model_copy(update={"polish_iterations": 0}))
+    spacing = float(reference.grid.spacing.min())
+    assert np.abs(reference.field - unpolished.field).max() > 0.5 * spacing
+    # a budget under one padded 8³ tile: one step per pass, 27 tiles of the 23 x 22 x 19 grid
+    monkeypatch.setattr(polish_pipeline, "POLISH_BOX_VOXELS", 17**3)
+    record = register_files(
+        fixed, moving, tmp_path / "tiles.zarr", config, chunk_size=8, scheduler=dask_scheduler, progress=False
+    )
+    assert record.polish is not None
+    assert [(p["steps"], p["tiles"]) for p in record.polish["passes"]] == [(1, 27)] * 6
+    tiled = np.asarray(read_field(record.field)[0][:])
+    assert np.abs(tiled - reference.field).max() < 1e-3 * spacing
+    network = np.asarray(zarr.open_group(str(record.run / "stage1.zarr"), mode="r")["0"][:])  # run-folder array
+    assert np.abs(network - unpolished.field).max() < 1e-4 * spacing
+    monkeypatch.undo()  # the default budget: the whole field is one tile, one pass of six steps
+    record = register_files(
+        fixed, moving, tmp_path / "one.zarr", config, chunk_size=8, scheduler=dask_scheduler, progress=False
+    )
+    assert record.polish is not None
+    assert [(p["steps"], p["tiles"]) for p in record.polish["passes"]] == [(6, 1)]
+    assert np.abs(np.asarray(read_field(record.field)[0][:]) - reference.field).max() < 1e-3 * spacing

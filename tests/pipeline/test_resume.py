@@ -100,27 +100,56 @@ def test_killed_run_resumes_to_identical_field(
     assert np.array_equal(_field(out), _field(reference.field))
 
 
+def _break_output_chunk(run: Path, stage: str, out: Path, victim: tuple[int, int, int]) -> StageRecords:
+    """The state a crash while ``stage`` wrote the 9³ output chunk ``victim`` could leave: its record gone,
+    its data NaN, the run and the output unfinished. Returns the stage's records."""
+    records = StageRecords(run / stage)
+    records.record_path(victim).unlink()
+    (run / "finished.json").unlink()
+    array = zarr.open_group(str(out), mode="r+")["0"]
+    array[(slice(None), *(slice(9 * i, 9 * i + 9) for i in victim))] = np.nan
+    group = zarr.open_group(str(out), mode="r+")
+    group.attrs["patchmorph"] = {**dict(group.attrs["patchmorph"]), "complete": False}
+    return records
+
+
 def test_half_written_chunk_is_rewritten(
     tmp_path: Path, dask_scheduler: str, pair_and_config: tuple[Path, Path, InferenceConfig]
 ) -> None:
     """A chunk whose data was (partly) written but whose record is missing is recomputed; others are not."""
     fixed, moving, config = pair_and_config
-    # both stages and no refinement pass, so the final stage follows one finished coarse chunk
-    config = config.model_copy(update={"first_stage": 0, "refine_passes": 0})
+    # both stages, no refinement pass and no polish, so the final stage (the output) follows one finished
+    # coarse chunk
+    config = config.model_copy(update={"first_stage": 0, "refine_passes": 0, "polish_iterations": 0})
     out = tmp_path / "field.zarr"
     first = register_files(fixed, moving, out, config, chunk_size=9, scheduler=dask_scheduler, progress=False)
     expected = _field(out)
-    records = StageRecords(first.run / "stage1")
     victim = (1, 1, 0)
-    records.record_path(victim).unlink()
-    (first.run / "finished.json").unlink()
-    array = zarr.open_group(str(out), mode="r+")["0"]
-    array[:, 9:18, 9:18, 0:9] = np.nan  # the state a crash during the write could leave
-    group = zarr.open_group(str(out), mode="r+")
-    group.attrs["patchmorph"] = {**dict(group.attrs["patchmorph"]), "complete": False}
+    records = _break_output_chunk(first.run, "stage1", out, victim)
 
     again = register_files(fixed, moving, out, config, chunk_size=9, scheduler=dask_scheduler, progress=False)
     assert again.skipped == first.chunks - 1 + 1  # every final chunk but one, plus the coarse stage's chunk
+    counts = records.write_counts()
+    assert counts[victim] == 2 and all(n == 1 for cid, n in counts.items() if cid != victim)
+    assert np.array_equal(_field(out), expected)
+
+
+def test_half_written_polish_chunk_is_rewritten(
+    tmp_path: Path, dask_scheduler: str, pair_and_config: tuple[Path, Path, InferenceConfig]
+) -> None:
+    """The polish's last pass writes the output: a chunk of it without a record is polished again from the
+    stored network field, and only that chunk."""
+    fixed, moving, config = pair_and_config
+    config = config.model_copy(update={"polish_iterations": 3})
+    out = tmp_path / "field.zarr"
+    first = register_files(fixed, moving, out, config, chunk_size=9, scheduler=dask_scheduler, progress=False)
+    assert first.polish is not None and [p["steps"] for p in first.polish["passes"]] == [3]
+    expected = _field(out)
+    victim = (1, 0, 1)
+    records = _break_output_chunk(first.run, "polish1", out, victim)
+
+    again = register_files(fixed, moving, out, config, chunk_size=9, scheduler=dask_scheduler, progress=False)
+    assert again.polish is not None and again.polish["passes"][0]["skipped"] == first.chunks - 1
     counts = records.write_counts()
     assert counts[victim] == 2 and all(n == 1 for cid, n in counts.items() if cid != victim)
     assert np.array_equal(_field(out), expected)
