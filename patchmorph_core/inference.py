@@ -1036,7 +1036,8 @@ def polish_field(
     grid = plan.grids[-1]
     settings = PolishSettings.from_config(config)
     correction = polish_correction(
-        fixed_on_box(fixed, grid, plan.fixed_range), plan.moving, plan.moving_range, field, None, grid, settings, settings.iterations
+        fixed_on_box(fixed, grid, plan.fixed_range), plan.moving, plan.moving_range, field, None, grid, settings,
+        settings.iterations, device=resolve_device(config.device),
     )  # fmt: skip
     norm = np.sqrt(np.sum(correction.astype(np.float64) ** 2, axis=0))
     info = {

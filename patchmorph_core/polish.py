@@ -185,8 +185,10 @@ def polish_correction(
     grid: Grid,
     settings: PolishSettings,
     iterations: int,
+    device: torch.device | str = "cpu",
 ) -> np.ndarray:
-    """Run ``iterations`` polish steps on one box of the field grid.
+    """Run ``iterations`` polish steps on one box of the field grid, on ``device`` (a GPU worker's polish
+    runs on its GPU; the same code on CPU).
 
     Args:
         fixed: ``(Z, Y, X)`` the fixed image on ``grid`` (:func:`fixed_on_box`).
@@ -197,6 +199,7 @@ def polish_correction(
         grid: the box of the field grid (world frame of ``field``).
         settings: the polish settings.
         iterations: steps to take now (a chunked pass takes some of ``settings.iterations``).
+        device: torch device of the steps.
 
     Returns:
         ``(3, Z, Y, X)`` float32 correction ``c`` (world units): the polished field is ``field + c``.
@@ -213,13 +216,13 @@ def polish_correction(
     box = _moving_box(level, base, margin * math.sqrt(3.0))
     if box is None:
         return c
-    volume = torch.as_tensor(scaled(box.array, moving_range))[None, None]
-    to_index = torch.as_tensor(box.grid.inverse_affine, dtype=torch.float64)
-    base_t = torch.as_tensor(base.reshape(1, *shape, 3), dtype=torch.float64)
-    linear = torch.as_tensor(grid.linear, dtype=torch.float32)  # index → world, (3, 3)
-    fixed_t = torch.as_tensor(np.asarray(fixed, np.float32))[None, None]
+    volume = torch.tensor(scaled(box.array, moving_range), device=device)[None, None]
+    to_index = torch.tensor(box.grid.inverse_affine, dtype=torch.float64, device=device)
+    base_t = torch.tensor(base.reshape(1, *shape, 3), dtype=torch.float64, device=device)
+    linear = torch.tensor(grid.linear, dtype=torch.float32, device=device)  # index → world, (3, 3)
+    fixed_t = torch.tensor(np.asarray(fixed, np.float32), device=device)[None, None]
     stats = fixed_statistics(fixed_t, settings.radius)
-    c_t = torch.as_tensor(c)[None]
+    c_t = torch.tensor(c, device=device)[None]
     for _ in range(iterations):
         points = base_t + c_t[0].permute(1, 2, 3, 0)[None].to(torch.float64)
         warped = sample_torch(volume, to_index, points)
@@ -228,4 +231,4 @@ def polish_correction(
         norm = (update * update).sum(dim=1, keepdim=True).sqrt()  # linalg.vector_norm over dim 1: 20× slower
         update = update * torch.clamp(settings.max_step / (norm + 1e-12), max=1.0)
         c_t = gaussian(c_t + torch.einsum("ij,bjzyx->bizyx", linear, update), settings.correction_sigma)
-    return c_t[0].numpy().astype(np.float32, copy=False)
+    return c_t[0].cpu().numpy().astype(np.float32, copy=False)

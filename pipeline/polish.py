@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from patchmorph_core.config import resolve_device
 from patchmorph_core.polish import PolishSettings, fixed_on_box, polish_correction
 from patchmorph_core.source import MultiscaleImage
 from patchmorph_core.spatial import read_box
@@ -90,6 +91,7 @@ class PolishContext:
         correction: ``(3, Z, Y, X)`` array of the previous pass's correction, or None (first pass).
         out: the array this pass writes: the next correction, or the output field ``u₀ + c`` (``total``).
         records: this pass's completion records.
+        device: the registration's ``device`` setting (resolved on the worker: a GPU worker polishes on it).
     """
 
     fixed: MultiscaleImage
@@ -104,6 +106,7 @@ class PolishContext:
     out: Any
     total: bool
     records: StageRecords
+    device: str = "auto"
 
 
 def polish_tile(ctx: PolishContext, tile: Box) -> dict[ChunkId, np.ndarray]:
@@ -121,7 +124,8 @@ def polish_tile(ctx: PolishContext, tile: Box) -> dict[ChunkId, np.ndarray]:
     previous = None if ctx.correction is None else read_box(ctx.correction, outer)
     fixed = fixed_on_box(ctx.fixed, grid, ctx.fixed_range)
     correction = polish_correction(
-        fixed, ctx.moving, ctx.moving_range, field, previous, grid, ctx.settings, ctx.steps
+        fixed, ctx.moving, ctx.moving_range, field, previous, grid, ctx.settings, ctx.steps,
+        device=resolve_device(ctx.device),
     )  # fmt: skip
     values = field + correction if ctx.total else correction
     folder = ctx.records.root / "blocks"
@@ -160,12 +164,13 @@ def run_polish(
     records: RunRecords,
     run_root: Path,
     progress: bool = True,
+    resources: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """Polish the network's final field ``network_field`` into ``out`` in passes (see the module doc).
 
     Args:
         client: a ``distributed.Client``.
-        base: ``fixed``, ``moving``, ``fixed_range``, ``moving_range`` of the registration.
+        base: ``fixed``, ``moving``, ``fixed_range``, ``moving_range`` and ``config`` of the registration.
         settings: the polish settings (``settings.iterations`` > 0).
         plan: the output chunks (the final field grid).
         network_field: ``(3, Z, Y, X)`` array of the network's field.
@@ -173,6 +178,7 @@ def run_polish(
         records: the run's records (one stage ``polish<p>`` per pass).
         run_root: the run folder (the passes' corrections).
         progress: show progress bars.
+        resources: Dask resources of the tile tasks (``{"GPU": 1}`` on GPU clusters, as the network's blocks).
 
     Returns:
         Figures: steps and tiles per pass, seconds.
@@ -192,11 +198,12 @@ def run_polish(
             fixed=base["fixed"], moving=base["moving"], fixed_range=base["fixed_range"],
             moving_range=base["moving_range"], settings=settings, steps=steps, plan=plan,
             network_field=network_field, correction=correction, out=target, total=total, records=stage_records,
+            device=base["config"].device,
         )  # fmt: skip
         work = tiles(plan, per_tile)
         run = run_chunked(
             client, name, plan, stage_records, ctx, write_polish_chunk,
-            blocks=work, block_fn=polish_tile, supports=work, progress=progress,
+            blocks=work, block_fn=polish_tile, supports=work, resources=resources, progress=progress,
         )  # fmt: skip
         figures.append({"pass": p + 1, "steps": steps, "tiles": len(work), "skipped": run.skipped, "seconds": run.seconds})
         correction = target

@@ -499,7 +499,8 @@ def register_files(
         polish = None
         if output.polished is not None:
             polish = run_polish(
-                client, ctx_base, settings, output.plan, output.field, output.polished, records, run_root, progress
+                client, ctx_base, settings, output.plan, output.field, output.polished, records, run_root, progress,
+                resources=network_resources(info),
             )  # fmt: skip
         finish_image(out / "uncertainty", n_levels=1)
         finish_image(out, n_levels=1)
