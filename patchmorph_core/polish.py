@@ -4,17 +4,18 @@ The network's field leaves a residual misalignment of about a voxel at fine stru
 few explicit gradient-ascent steps of local normalised cross-correlation on the finest field grid, the
 greedy update of one level of ANTs SyN with the CC metric (Avants et al., MedIA 2008), without autograd:
 
-    for each iteration (fixed F and warped moving W = M(x + u₀(x) + c(x)) on the field grid, both normalised):
+    for each iteration (fixed F and warped moving W = M(x + u₀(x) + c(x)) on the field grid, each scaled by
+    its intensity range, not clipped):
         local means over a (2r+1)³ window:  F̄, W̄, s_FW, s_FF, s_WW   (box filter, replicate border)
         force  f = 2 s_FW / (s_FF s_WW) · ((F − F̄) − s_FW / s_WW · (W − W̄)) · ∇W     (∇ in field voxels)
         update v = gain · G_σ * f, clamped to max_step field voxels per voxel
         c ← G_σc * (c + v)      (in world units; the correction is smoothed, the network's field u₀ is not)
 
-and the output field is ``u₀ + c``. The force is the gradient of the local CC (invariant to affine intensity
-changes, so ``gain`` is unitless in field voxels); its gain, not a global maximum, sets the step, so every
+and the output field is ``u₀ + c``. The force is ANTs' form of the gradient of the local CC (invariant to affine
+intensity changes, so ``gain`` is unitless in field voxels); its gain, not a global maximum, sets the step, so every
 voxel depends only on the voxels within :attr:`PolishSettings.reach` per iteration: a box of the grid padded
-by ``iterations × reach`` polishes its inside exactly as the whole grid does, which is how the chunked
-pipeline runs it (:func:`pipeline.register.polish_chunk`); the in-memory registration is the one-box case.
+by ``iterations × reach`` polishes its inside as the whole grid does (to float rounding), which is how the chunked
+pipeline runs it (:func:`pipeline.polish.polish_tile`); the in-memory registration is the one-box case.
 
 Settings (chosen on validation pairs of training subjects 01-06, ``benchmarks/validate.py``; README): 10
 iterations, window radius 2 (5³ voxels, as ANTs SyNCC's radius 2), update smoothing σ 1.5, correction

@@ -1,9 +1,9 @@
 """The polish (:mod:`patchmorph_core.polish`) of a chunked registration's final field, tile by tile on Dask.
 
 Every polish step at a voxel depends on the voxels within ``reach`` of it (:attr:`PolishSettings.reach`),
-so ``k`` steps on a tile of output chunks padded by ``k × reach`` voxels give the tile's inside exactly as the
-whole grid would. The steps are run in passes: each pass reads the network's field ``u₀`` and the
-correction of the pass before (``<run>/polish_<p>.zarr``) on its padded tiles, takes ``k`` steps and writes
+so ``k`` steps on a tile of output chunks padded by ``k × reach`` voxels give the tile's inside as the whole
+grid would (to float rounding). The steps are run in passes: each pass reads the network's field ``u₀`` and the
+correction of the pass before (``<run>/polish<p>.zarr``) on its padded tiles, takes ``k`` steps and writes
 its tiles' correction; the last pass writes ``u₀ + c`` into the output field. The steps per pass and the
 tile size are chosen (:func:`polish_passes`) so that a padded tile stays within :data:`POLISH_BOX_VOXELS`
 and as little as possible is computed twice; a field that fits is one tile and one pass — the in-memory
