@@ -67,7 +67,7 @@ from patchmorph_core.displacement import (
 )
 from patchmorph_core.errors import InputError
 from patchmorph_core.model import place_model
-from patchmorph_core.polish import PolishSettings, fixed_on_box, polish_correction
+from patchmorph_core.polish import PolishSettings, polish_correction
 from patchmorph_core.sampling import (
     displacement_after,
     displacement_at,
@@ -1036,8 +1036,8 @@ def polish_field(
     grid = plan.grids[-1]
     settings = PolishSettings.from_config(config)
     correction = polish_correction(
-        fixed_on_box(fixed, grid, plan.fixed_range), plan.moving, plan.moving_range, field, None, grid, settings,
-        settings.iterations, device=resolve_device(config.device),
+        fixed, plan.moving, (plan.fixed_range, plan.moving_range), field, None, grid, settings, settings.iterations,
+        device=resolve_device(config.device),
     )  # fmt: skip
     norm = np.sqrt(np.sum(correction.astype(np.float64) ** 2, axis=0))
     info = {

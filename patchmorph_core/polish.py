@@ -154,15 +154,10 @@ def scaled(values: np.ndarray, intensity_range: tuple[float, float]) -> np.ndarr
 
 
 def fixed_on_box(fixed: MultiscaleImage, grid: Grid, fixed_range: tuple[float, float]) -> np.ndarray:
-    """``grid.shape`` float32: the fixed image (level matching the grid spacing, trilinear) on ``grid``,
-    :func:`scaled` — the same values on a box of the field grid as on the whole grid."""
-    level = fixed.with_unit(grid.unit).level_for_spacing(float(grid.spacing.max()))
+    """``grid.shape`` float32: the fixed image (the level for ``grid``, trilinear) on ``grid``, :func:`scaled`
+    — the same values on a box of the field grid as on the whole grid."""
+    level = fixed.level_for_grid(grid)
     return scaled(sample_affine(level.array, level.grid.index_map(grid), tuple(grid.shape)), fixed_range)
-
-
-def moving_level(moving: MultiscaleImage, grid: Grid) -> Level:
-    """The moving level the polish samples: the one matching ``grid``'s finest spacing, in its unit."""
-    return moving.with_unit(grid.unit).level_for_spacing(float(grid.spacing.min()))
 
 
 def _moving_box(level: Level, world: np.ndarray, margin_world: float) -> Level | None:
@@ -178,9 +173,9 @@ def _moving_box(level: Level, world: np.ndarray, margin_world: float) -> Level |
 
 
 def polish_correction(
-    fixed: np.ndarray,
+    fixed: MultiscaleImage,
     moving: MultiscaleImage,
-    moving_range: tuple[float, float],
+    ranges: tuple[tuple[float, float], tuple[float, float]],
     field: np.ndarray,
     correction: np.ndarray | None,
     grid: Grid,
@@ -192,9 +187,9 @@ def polish_correction(
     runs on its GPU; the same code on CPU).
 
     Args:
-        fixed: ``(Z, Y, X)`` the fixed image on ``grid`` (:func:`fixed_on_box`).
-        moving: moving image pyramid (its unit converted to ``grid.unit``).
-        moving_range: intensity range for :func:`scaled` moving samples.
+        fixed, moving: image pyramids (their units converted to ``grid.unit``); the fixed image is sampled on
+            ``grid`` once (:func:`fixed_on_box`), the moving one through the field at every step.
+        ranges: fixed and moving intensity ranges (:func:`scaled`).
         field: ``(3, Z, Y, X)`` the network's displacement ``u₀`` on ``grid`` (``grid.unit``).
         correction: ``(3, Z, Y, X)`` the correction so far (None: zero).
         grid: the box of the field grid (world frame of ``field``).
@@ -211,7 +206,8 @@ def polish_correction(
     c = np.zeros((3, *shape), np.float32) if correction is None else np.asarray(correction, np.float32)
     if iterations == 0:
         return c
-    level = moving_level(moving, grid)
+    fixed_range, moving_range = ranges
+    level = moving.level_for_grid(grid)
     base = grid.points().reshape(-1, 3) + np.moveaxis(np.asarray(field, np.float32), 0, -1).reshape(-1, 3)
     margin = float(np.abs(c).max(initial=0.0)) + iterations * settings.max_step * float(grid.spacing.max())
     box = _moving_box(level, base, margin * math.sqrt(3.0))
@@ -221,7 +217,7 @@ def polish_correction(
     to_index = torch.tensor(box.grid.inverse_affine, dtype=torch.float64, device=device)
     base_t = torch.tensor(base.reshape(1, *shape, 3), dtype=torch.float64, device=device)
     linear = torch.tensor(grid.linear, dtype=torch.float32, device=device)  # index → world, (3, 3)
-    fixed_t = torch.tensor(np.asarray(fixed, np.float32), device=device)[None, None]
+    fixed_t = torch.tensor(fixed_on_box(fixed, grid, fixed_range), device=device)[None, None]
     stats = fixed_statistics(fixed_t, settings.radius)
     c_t = torch.tensor(c, device=device)[None]
     for _ in range(iterations):

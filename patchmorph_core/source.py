@@ -53,6 +53,11 @@ class MultiscaleImage:
                 chosen = level
         return chosen
 
+    def level_for_grid(self, grid: Grid) -> Level:
+        """:meth:`level_for_spacing` of ``grid``'s finest spacing, in ``grid``'s unit: the level to read for
+        values on ``grid`` (a warp's target, a field grid)."""
+        return self.with_unit(grid.unit).level_for_spacing(float(grid.spacing.min()))
+
     def sample(self, world: np.ndarray, spacing: float, order: int = 1) -> np.ndarray:
         """Sample at ``(..., 3)`` world points from the level matching ``spacing`` (reads only that box)."""
         level = self.level_for_spacing(spacing)

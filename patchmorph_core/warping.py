@@ -29,7 +29,7 @@ from patchmorph_core.spatial import Grid, index_box, read_box
 def _level_for(moving: MultiscaleImage | Level, target: Grid) -> Level:
     """The moving level to read for ``target`` (matching its finest spacing), in ``target.unit``."""
     if isinstance(moving, MultiscaleImage):
-        moving = moving.with_unit(target.unit).level_for_spacing(float(target.spacing.min()))
+        moving = moving.level_for_grid(target)
     elif moving.grid.unit != target.unit:
         moving = Level(moving.array, moving.grid.with_unit(target.unit))
     return moving

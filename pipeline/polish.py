@@ -13,7 +13,6 @@ as blocks whose pieces are the output chunks, so passes resume chunk by chunk li
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from patchmorph_core.config import resolve_device
-from patchmorph_core.polish import PolishSettings, fixed_on_box, polish_correction
+from patchmorph_core.polish import PolishSettings, polish_correction
 from patchmorph_core.source import MultiscaleImage
 from patchmorph_core.spatial import read_box
 from pipeline.chunked import Box, ChunkPlan, output_array, run_chunked
@@ -112,7 +111,7 @@ class PolishContext:
 def polish_tile(ctx: PolishContext, tile: Box) -> dict[ChunkId, np.ndarray]:
     """Task: ``ctx.steps`` polish steps on ``tile`` padded by ``steps × reach`` voxels; returns the tile's
     values (correction, or ``u₀ + c`` in the last pass) cut into one ``(3, *chunk)`` piece per output chunk;
-    its seconds go to ``<run>/polish<p>/blocks/<tile>.json`` (as the stages' block records do)."""
+    its seconds go to ``<run>/polish<p>/blocks/<tile>.json`` (:meth:`~pipeline.resume.StageRecords.log_block`)."""
     tic = time.perf_counter()
     shape = ctx.plan.grid.shape
     halo = ctx.steps * ctx.settings.reach
@@ -122,17 +121,13 @@ def polish_tile(ctx: PolishContext, tile: Box) -> dict[ChunkId, np.ndarray]:
     grid = ctx.plan.grid.crop(start, stop)
     field = read_box(ctx.network_field, outer).astype(np.float32, copy=False)
     previous = None if ctx.correction is None else read_box(ctx.correction, outer)
-    fixed = fixed_on_box(ctx.fixed, grid, ctx.fixed_range)
     correction = polish_correction(
-        fixed, ctx.moving, ctx.moving_range, field, previous, grid, ctx.settings, ctx.steps,
+        ctx.fixed, ctx.moving, (ctx.fixed_range, ctx.moving_range), field, previous, grid, ctx.settings, ctx.steps,
         device=resolve_device(ctx.device),
     )  # fmt: skip
     values = field + correction if ctx.total else correction
-    folder = ctx.records.root / "blocks"
-    folder.mkdir(parents=True, exist_ok=True)
     seconds = time.perf_counter() - tic
-    name = "_".join(str(a) for a in tile.start)
-    (folder / f"{name}.json").write_text(json.dumps({"seconds": seconds, "polish_seconds": seconds, "voxels": int(np.prod(grid.shape))}))
+    ctx.records.log_block(tile.start, {"seconds": seconds, "polish_seconds": seconds, "voxels": int(np.prod(grid.shape))})
     pieces = {}
     for cid in ctx.plan.chunks_meeting(tile):
         box = ctx.plan.box(cid)

@@ -182,11 +182,8 @@ def block_sums(ctx: StageContext, block: CellBlock) -> dict[ChunkId, FieldSums]:
         stats=stats,
     )  # fmt: skip
     pieces = split_partial(ctx.plan, block.support, sums)
-    folder = ctx.records.root / "blocks"
-    folder.mkdir(parents=True, exist_ok=True)
-    name = "_".join(str(c) for c in block.start)
     stats.update(patches=len(specs), seconds=time.perf_counter() - tic)
-    (folder / f"{name}.json").write_text(json.dumps(stats))
+    ctx.records.log_block(block.start, stats)
     return pieces
 
 

@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,13 @@ class StageRecords:
             cid = (int(parts[0]), int(parts[1]), int(parts[2]))
             counts[cid] = counts.get(cid, 0) + 1
         return counts
+
+    def log_block(self, start: Sequence[int], figures: dict[str, Any]) -> None:
+        """Write the figures (seconds, forward seconds, ...) of the block task that starts at ``start`` to
+        ``blocks/<start>.json`` (read by ``benchmarks/scale.py``; a rerun overwrites them)."""
+        folder = self.root / "blocks"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{'_'.join(str(int(a)) for a in start)}.json").write_text(json.dumps(figures))
 
     def mark_done(self, cid: ChunkId, info: dict[str, Any]) -> None:
         """Record chunk ``cid`` as complete (call only after all its arrays are written whole)."""

@@ -11,7 +11,6 @@ from scipy import ndimage
 from patchmorph_core.polish import (
     PolishSettings,
     box_mean,
-    fixed_on_box,
     gauss_radius,
     gaussian,
     polish_correction,
@@ -80,8 +79,8 @@ def test_polish_recovers_a_known_shift_in_world(shifted_pair: tuple) -> None:
     fixed, moving, grid, shift = shifted_pair
     settings = PolishSettings(iterations=10)
     correction = polish_correction(
-        fixed_on_box(fixed, grid, (0.0, 2.0)), moving, (0.0, 2.0), np.zeros((3, *grid.shape), np.float32), None,
-        grid, settings, settings.iterations,
+        fixed, moving, ((0.0, 2.0), (0.0, 2.0)), np.zeros((3, *grid.shape), np.float32), None, grid, settings,
+        settings.iterations,
     )  # fmt: skip
     structure = _blobs(grid.points()) > 0.3
     mean = correction[:, structure].mean(axis=1)
@@ -90,7 +89,7 @@ def test_polish_recovers_a_known_shift_in_world(shifted_pair: tuple) -> None:
     # and starting at the answer, it stays there
     start = np.broadcast_to(shift[:, None, None, None], (3, *grid.shape)).astype(np.float32)
     stay = polish_correction(
-        fixed_on_box(fixed, grid, (0.0, 2.0)), moving, (0.0, 2.0), start, None, grid, settings, settings.iterations
+        fixed, moving, ((0.0, 2.0), (0.0, 2.0)), start, None, grid, settings, settings.iterations
     )
     assert np.abs(stay[:, structure]).mean() < 0.1 * np.abs(correction[:, structure]).mean()
 
@@ -107,7 +106,7 @@ def test_a_box_padded_by_steps_times_reach_polishes_its_inside_like_the_whole_gr
         box = grid.crop(start, stop)
         part = (slice(None), *(slice(a, b) for a, b in zip(start, stop, strict=True)))
         return polish_correction(
-            fixed_on_box(fixed, box, (0.0, 2.0)), moving, (0.0, 2.0), field[part], None, box, settings,
+            fixed, moving, ((0.0, 2.0), (0.0, 2.0)), field[part], None, box, settings,
             settings.iterations,
         )  # fmt: skip
 
