@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -183,12 +184,21 @@ def save_checkpoint(
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint's payload on the CPU; InputError when it is missing or not a PatchMorph checkpoint."""
+    """Load a checkpoint's payload on the CPU with ``weights_only=True`` (tensors and plain data only, so a
+    crafted file cannot run code); InputError when it is missing, holds other objects or is not a
+    PatchMorph checkpoint."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"model weights {path} do not exist: give the path of a PatchMorph checkpoint (.pt).")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "Unsupported global" in str(err):
+            raise InputError(
+                f"model weights {path} hold Python objects besides tensors and plain data, which are never "
+                "loaded (they could run code): use a checkpoint written by `patchmorph train`."
+            ) from err
+        raise InputError(f"model weights {path} cannot be read ({err}): the file is corrupt; retrain or re-copy it.") from err
     except Exception as err:  # torch raises many kinds for a damaged file
         raise InputError(f"model weights {path} cannot be read ({err}): the file is corrupt; retrain or re-copy it.") from err
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:

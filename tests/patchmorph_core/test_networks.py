@@ -128,6 +128,30 @@ def test_checkpoint_round_trip_and_bad_files(tmp_path: Path) -> None:
         load_model(tmp_path / "other.pt")
 
 
+class _RunsCode:
+    """Unpickling this calls ``Path.touch`` on the marker: what a crafted checkpoint would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (Path.touch, (self.marker,))  # type: ignore[return-value]
+
+
+def test_crafted_checkpoint_is_refused_without_running_its_code(tmp_path: Path) -> None:
+    marker = tmp_path / "code-ran"
+    model = PatchMorph(CONFIG)
+    path = save_checkpoint(tmp_path / "m.pt", model)
+    payload = torch.load(path, weights_only=True)
+    payload["extra"] = {"hook": _RunsCode(marker)}
+    torch.save(payload, tmp_path / "crafted.pt")
+    with pytest.raises(InputError, match="besides tensors and plain data"):
+        load_model(tmp_path / "crafted.pt")
+    assert not marker.exists()
+    torch.load(tmp_path / "crafted.pt", weights_only=False)  # the file really runs code when unpickled
+    assert marker.exists()
+
+
 def test_config_validation_and_yaml_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="divisible"):
         ModelConfig(patch_size=20, widths=(8, 16, 16, 16))
