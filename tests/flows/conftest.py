@@ -20,7 +20,7 @@ from patchmorph_core.source import downsample, downsampled_grid
 from pipeline.importers import load_nrrd
 from pipeline.ngff import write_image
 
-DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
+DATA = Path(__file__).resolve().parents[2] / "examples"
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 
@@ -49,8 +49,7 @@ def flow_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     small = downsample(template, (2, 2, 2))
     small_grid = downsampled_grid(grid, (2, 2, 2), small.shape)
     small_labels = downsample(labels, (2, 2, 2), labels=True)
-    planes = sorted((DATA / "mouse_stp_brainreg" / "brain_50x40x40um_psl").glob("image_*.tif"))
-    brain = np.stack([tifffile.imread(p) for p in planes]).astype(np.float32)
+    brain = tifffile.imread(DATA / "mouse_stp_brainreg" / "brain_50x40x40um_psl.tif").astype(np.float32)
     brain_small = downsample(brain, (4, 5, 5)).astype(np.uint16)
     brain_tif = root / "brain_200um_psl.tif"
     tifffile.imwrite(brain_tif, brain_small)

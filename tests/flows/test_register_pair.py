@@ -9,7 +9,7 @@ import pytest
 
 from flows.register_pair import register_pair
 
-DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
+DATA = Path(__file__).resolve().parents[2] / "examples"
 
 
 @pytest.mark.usefixtures("prefect_server")

@@ -10,7 +10,7 @@ import yaml
 from flows.train import train
 from patchmorph_core.model import load_model
 
-DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
+DATA = Path(__file__).resolve().parents[2] / "examples"
 
 
 @pytest.mark.usefixtures("prefect_server")

@@ -16,7 +16,7 @@ from patchmorph_core.synth import (
     synthesize_image,
 )
 
-DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
+DATA = Path(__file__).resolve().parents[2] / "tests" / "data"
 
 
 def _toy_labels() -> np.ndarray:
@@ -108,8 +108,8 @@ def test_downsample_labels_odd_shape_and_per_axis_factor() -> None:
 
 
 def test_standard_labels_exist_in_synthseg_and_voxelmorph_sets() -> None:
-    voxelmorph = set(np.load(DATA / "human_voxelmorph" / "labels.npz")["labels"].tolist())
+    voxelmorph = set(np.load(DATA / "voxelmorph_labels.npz")["labels"].tolist())
     assert set(STANDARD_FS_LABELS) == voxelmorph - {31, 63}
-    table = (DATA / "human_synthseg" / "labels_table.txt").read_text()
+    table = (DATA / "synthseg_labels_table.txt").read_text()
     synthseg = {int(line.split()[0]) for line in table.splitlines() if line[:1].isdigit()}
     assert set(STANDARD_FS_LABELS) <= synthseg

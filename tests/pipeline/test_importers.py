@@ -10,7 +10,7 @@ import pytest
 from patchmorph_core.errors import InputError
 from pipeline.importers import load_nifti, load_nrrd
 
-DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _volume() -> np.ndarray:
@@ -61,17 +61,18 @@ def test_load_nrrd_lps_header(tmp_path: Path) -> None:
 
 
 def test_load_nrrd_allen_template_is_micrometer() -> None:
-    array, grid = load_nrrd(DATA / "mouse_ccf" / "average_template_100.nrrd")
+    array, grid = load_nrrd(REPO / "examples" / "mouse_ccf" / "average_template_100.nrrd")
     assert array.shape == (114, 80, 132)
     assert grid.unit == "micrometer"
     np.testing.assert_allclose(grid.spacing, [100, 100, 100])
 
 
 def test_load_synthseg_nifti_is_ras() -> None:
-    array, grid = load_nifti(DATA / "human_synthseg" / "training_seg_01.nii.gz")
-    assert array.shape == (256, 256, 256) and grid.unit == "millimeter"
-    # every direction column is a signed unit vector (a permutation/flip, 1 mm)
-    np.testing.assert_allclose(np.abs(grid.linear).sum(axis=0), 1.0)
+    # SynthSeg subject 01 at 2 mm, stored LIA (x: R->L, y: S->I, z: P->A; tests/data/PROVENANCE.md)
+    array, grid = load_nifti(REPO / "tests" / "data" / "synthseg_01_2mm.nii.gz")
+    assert array.shape == (113, 115, 79) and grid.unit == "millimeter"  # file axes (i, j, k) reversed
+    # every direction column is a signed 2 mm axis vector: (k, j, i) -> (S, A, R) = (A, -S, -R)
+    np.testing.assert_allclose(grid.linear, [[0, -2, 0], [2, 0, 0], [0, 0, -2]], atol=1e-6)
 
 
 @pytest.mark.parametrize("loader", [load_nifti, load_nrrd])

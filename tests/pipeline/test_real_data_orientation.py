@@ -47,16 +47,20 @@ ATLAS_ORIENTATION = "rsa"  # our (z, y, x) = NRRD file axes (LR, DV, AP) reverse
 
 
 @pytest.fixture(scope="module")
-def converted_paths(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def converted_paths(examples: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("real")
+    planes = out / "planes"  # the brain as its lab holds it: one TIFF per plane
+    planes.mkdir()
+    for i, plane in enumerate(tifffile.imread(examples / "mouse_stp_brainreg" / "brain_50x40x40um_psl.tif")):
+        tifffile.imwrite(planes / f"image_{i:04d}.tif", plane)
     brain = convert(
-        shared_data / "mouse_stp_brainreg" / "brain_50x40x40um_psl",
+        planes,
         out / "brain.zarr",
         voxel_size=(50, 40, 40),
         unit="micrometer",
         orientation="psl",
     )
-    template = shared_data / "mouse_ccf" / "average_template_100.nrrd"
+    template = examples / "mouse_ccf" / "average_template_100.nrrd"
     atlas = convert(template, out / "atlas.zarr", orientation=ATLAS_ORIENTATION)
     literal = convert(template, out / "atlas_literal_header.zarr")
     return {"brain": brain, "atlas": atlas, "literal": literal}
@@ -135,8 +139,8 @@ def test_literal_allen_header_fails_the_size_check(converted: dict[str, Multisca
     assert (high_l - low_l)[1] + SPACING_UM < 0.85 * (high - low)[1]
 
 
-def test_psl_reading_matches_brainreg(shared_data: Path, converted: dict[str, MultiscaleImage]) -> None:
-    reference = tifffile.imread(shared_data / "mouse_stp_brainreg" / "brainreg_output" / "downsampled.tiff")
+def test_psl_reading_matches_brainreg(examples: Path, converted: dict[str, MultiscaleImage]) -> None:
+    reference = tifffile.imread(examples / "mouse_stp_brainreg" / "brainreg_output" / "downsampled.tif")
     grid = Grid.from_orientation(reference.shape, (100.0, 100.0, 100.0), "asr")
     ours = converted["brain"].sample(grid.points(), 100.0)
     scores = {
@@ -147,10 +151,10 @@ def test_psl_reading_matches_brainreg(shared_data: Path, converted: dict[str, Mu
 
 
 def test_atlas_reading_matches_brainreg_atlas_space(
-    shared_data: Path, converted: dict[str, MultiscaleImage]
+    examples: Path, converted: dict[str, MultiscaleImage]
 ) -> None:
     reference = tifffile.imread(
-        shared_data / "mouse_stp_brainreg" / "brainreg_output" / "downsampled_standard.tiff"
+        examples / "mouse_stp_brainreg" / "brainreg_output" / "downsampled_standard.tif"
     ).astype(np.float32)  # brain warped onto the template's (AP, DV, LR) voxels, brainglobe "asr"
     grid = Grid.from_orientation(reference.shape, (100.0, 100.0, 100.0), "asr")
     ours = converted["atlas"].sample(grid.points(), 100.0)
