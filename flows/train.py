@@ -1,6 +1,6 @@
 """Flow ``train``: train a PatchMorph model from a training YAML (:class:`patchmorph_core.config.TrainConfig`).
 
-One task wraps :func:`pipeline.train_cmd.run_training` (the same function as ``patchmorph train``); the
+One task wraps :func:`pipeline.training_data.run_training` (the same function as ``patchmorph train``); the
 flow publishes the final loss and checkpoint as a markdown artifact. Training uses this process's torch
 threads or GPU, so the flow keeps Prefect's default (thread) task runner.
 """
@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict
 
 from flows.artifacts import artifact_key
 from flows.tasks import retry_on_transient
-from pipeline.train_cmd import run_training
+from pipeline.training_data import run_training
 
 FLOW_NAME = "train"
 
@@ -34,7 +34,7 @@ class TrainSummary(BaseModel):
 
 @task(name="train", retry_condition_fn=retry_on_transient, persist_result=False)
 def train_task(config: Path, steps: int | None, resume: bool) -> TrainSummary:
-    """:func:`pipeline.train_cmd.run_training` as a task."""
+    """:func:`pipeline.training_data.run_training` as a task."""
     result = run_training(config, resume=resume, steps=steps)
     return TrainSummary(
         steps=result.steps,

@@ -10,7 +10,7 @@ displacement interpolated at the finer patch's points; its total is
 patch spacing), so gradients flow through the whole chain. The loss is the sum over stages of
 :func:`~patchmorph_core.losses.stage_loss` on ``(fixed patch, moving at x + u_s(x))``.
 
-This module holds no file formats: pairs come from a :class:`PairSource` (see ``pipeline/train_cmd.py``).
+This module holds no file formats: pairs come from a :class:`PairSource` (see ``pipeline/training_data.py``).
 """
 
 from __future__ import annotations

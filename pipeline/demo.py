@@ -1,6 +1,6 @@
 """The demo on real data: the Allen CCFv3 atlas aligned to a real serial two-photon mouse brain.
 
-Plain functions (no Prefect here; :mod:`pipeline.demo_cmd` wires them around the atlas-to-section flow):
+Plain functions (no Prefect here; :mod:`patchmorph.demo_run` wires them around the atlas-to-section flow):
 
 1. :func:`prepare_example` — the bundled example (``examples/``, see ``examples/PROVENANCE.md``) →
    OME-Zarr images (brain, atlas template, annotation, atlas hemispheres) and a flow manifest.

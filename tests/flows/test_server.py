@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.server_cmd import LocalPrefect, free_port, prefect_executable
+from patchmorph.server import LocalPrefect, free_port, prefect_executable
 
 
 @pytest.fixture

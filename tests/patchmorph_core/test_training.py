@@ -12,6 +12,7 @@ import torch
 from scipy import ndimage
 from typer.testing import CliRunner
 
+from patchmorph.cli import app
 from patchmorph_core.config import DataConfig, LossConfig, ModelConfig, TrainConfig
 from patchmorph_core.model import PatchMorph, load_model, read_checkpoint, save_checkpoint
 from patchmorph_core.source import MultiscaleImage
@@ -25,8 +26,7 @@ from patchmorph_core.training import (
     loss_csv_path,
     train,
 )
-from pipeline.cli import app
-from pipeline.train_cmd import random_pose
+from pipeline.training_data import random_pose
 
 SHAPE = (36, 40, 44)
 N_LABELS = 12

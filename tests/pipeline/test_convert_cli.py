@@ -16,8 +16,8 @@ from ome_zarr.format import FormatV04
 from ome_zarr.writer import write_image as ome_write_image
 from typer.testing import CliRunner
 
+from patchmorph.cli import app
 from patchmorph_core.spatial import Grid
-from pipeline.cli import app
 from pipeline.importers import convert, load_nifti, load_nrrd
 from pipeline.ngff import read_image
 

@@ -35,8 +35,6 @@ from pipeline.demo import (
 )
 from pipeline.importers import load_nrrd
 
-SHARED = Path(__file__).resolve().parents[1] / ".." / ".." / "shared" / "data"
-
 
 @pytest.fixture(scope="module")
 def files() -> ExampleFiles:
@@ -63,25 +61,11 @@ def test_example_is_complete_and_missing_files_are_named(tmp_path: Path, files: 
         ExampleFiles.from_dir(tmp_path)
 
 
-def test_example_brain_is_lossless_copy_of_the_planes(files: ExampleFiles) -> None:
-    import tifffile
-
-    planes = SHARED / "mouse_stp_brainreg" / "brain_50x40x40um_psl"
-    if not planes.is_dir():
-        pytest.skip("shared data not available")
-    brain = read_tiff(files.brain)
-    for index in (0, 135, 269):
-        np.testing.assert_array_equal(brain[index], tifffile.imread(planes / f"image_{index:04d}.tif"))
-
-
 def test_reoriented_grid_reproduces_brainregs_downsampled_brain(
     files: ExampleFiles, brain_grid: Grid
 ) -> None:
     """brainreg's downsampled brain (asr, ~100 µm) is our brain resampled on reoriented_grid: r > 0.95, flips lose."""
-    path = SHARED / "mouse_stp_brainreg" / "brainreg_output" / "downsampled.tiff"
-    if not path.is_file():
-        pytest.skip("shared data not available")
-    theirs = read_tiff(path).astype(np.float64)
+    theirs = read_tiff(files.brain.parent / "brainreg_output" / "downsampled.tif").astype(np.float64)
     grid = reoriented_grid(brain_grid, "asr", theirs.shape)
     np.testing.assert_allclose(grid.spacing, [100.0, 7720 / 77, 10840 / 108])
     ours = resample_to(read_tiff(files.brain), brain_grid, grid, order=1)
@@ -167,8 +151,9 @@ def demo_result(tmp_path_factory: pytest.TempPathFactory):
     apply_offline_defaults()
     from prefect.testing.utilities import prefect_test_harness
 
+    from patchmorph.demo import CONFIG_PATH
+    from patchmorph.demo_run import DemoConfig, run_demo
     from patchmorph_core.config import load_yaml
-    from pipeline.demo_cmd import CONFIG_PATH, DemoConfig, run_demo
 
     run = load_yaml(CONFIG_PATH, DemoConfig).quick
     run = run.model_copy(
@@ -223,7 +208,7 @@ def test_demo_metrics_pass_thresholds(demo_result) -> None:
 def test_demo_command_names_a_bad_config(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
+    from patchmorph.cli import app
 
     bad = tmp_path / "demo.yaml"
     bad.write_text("full:\n  brain_downsample: 0\n")

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from patchmorph.cli import app
 from patchmorph_core.spatial import Grid
-from pipeline.cli import app
 from pipeline.ngff import write_field, write_image
 
 RUNNER = CliRunner()

@@ -9,10 +9,10 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from patchmorph.cli import app
 from patchmorph_core.config import InferenceConfig
 from patchmorph_core.displacement import FieldDisplacement, InverseDisplacement
 from patchmorph_core.warping import warp_to_grid
-from pipeline.cli import app
 from pipeline.ngff import read_field, read_image, write_field, write_image
 from pipeline.warp import warp_files
 

@@ -1,4 +1,4 @@
-"""``patchmorph evaluate``: Dice per label, folded-voxel percentage of a field, NCC of two images.
+"""What ``patchmorph evaluate`` measures: Dice per label, folded-voxel percentage of a field, NCC of two images.
 
 Inputs are OME-Zarr (level 0 is read), NIfTI or NRRD files. Label maps and images that are compared
 must lie on the same grid (warp one onto the other first with ``patchmorph warp``). The folding mask
@@ -7,19 +7,16 @@ must lie on the same grid (warp one onto the other first with ``patchmorph warp`
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import typer
 
 from patchmorph_core.errors import InputError
 from patchmorph_core.metrics import dice_per_label, folding_percent, jacobian_determinant, local_ncc, ncc
 from patchmorph_core.spatial import Grid, read_box, resample
 from patchmorph_core.synth import STANDARD_FS_LABELS
-from pipeline.cli import command
 
 logger = logging.getLogger(__name__)
 
@@ -151,37 +148,3 @@ def format_table(result: dict[str, Any]) -> str:
             rows.append((key, f"{result[key]:.4f}"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
-
-
-@command
-def evaluate(
-    labels_a: Path | None = typer.Option(
-        None, "--labels-a", help="Label map, e.g. the fixed image's labels."
-    ),
-    labels_b: Path | None = typer.Option(None, "--labels-b", help="Label map on the same grid (warped)."),
-    label_set: str = typer.Option(
-        "all",
-        "--label-set",
-        help="'all' (every label present), 'standard' (28 FreeSurfer structures) or 2,3,17.",
-    ),
-    field: Path | None = typer.Option(None, "--field", help="Displacement field (register output)."),
-    mask: Path | None = typer.Option(None, "--mask", help="Label map: count folds where it is > 0."),
-    image_a: Path | None = typer.Option(None, "--image-a", help="Image, e.g. the fixed image."),
-    image_b: Path | None = typer.Option(None, "--image-b", help="Image on the same grid (warped)."),
-    out: Path | None = typer.Option(None, "--out", "-o", help="Write the metrics as JSON here."),
-) -> None:
-    """Dice per label of two label maps, % folded voxels (det J <= 0) of a field, NCC of two images."""
-    result = evaluate_files(
-        labels_a=labels_a,
-        labels_b=labels_b,
-        label_set=parse_label_set(label_set),
-        field=field,
-        mask=mask,
-        image_a=image_a,
-        image_b=image_b,
-    )
-    typer.echo(format_table(result))
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2))
-        typer.echo(f"wrote {out}")

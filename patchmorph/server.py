@@ -32,8 +32,8 @@ from pathlib import Path
 import typer
 
 from flows.settings import LOOPBACK, api_url, offline_environment
+from patchmorph.cli import command
 from patchmorph_core.errors import InputError
-from pipeline.cli import command
 
 logger = logging.getLogger(__name__)
 

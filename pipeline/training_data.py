@@ -1,4 +1,4 @@
-"""``patchmorph train``: training pairs from files, then :func:`patchmorph_core.training.train`.
+"""Training data for ``patchmorph train``: pairs from files, then :func:`patchmorph_core.training.train`.
 
 Three data kinds (``TrainConfig.data.kind``):
 
@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import typer
 from scipy import ndimage
 
 from patchmorph_core import training
@@ -33,7 +32,6 @@ from patchmorph_core.source import MultiscaleImage, downsample, downsampled_grid
 from patchmorph_core.spatial import Grid, random_rotation, read_box
 from patchmorph_core.synth import downsample_labels, random_smooth_field, skull_strip_mask, synthesize_image
 from patchmorph_core.training import TrainPair, TrainResult
-from pipeline.cli import command
 
 log = logging.getLogger(__name__)
 
@@ -222,21 +220,3 @@ def run_training(config_path: str | Path, *, resume: bool = False, steps: int | 
         config.init_weights = str(_resolve(config.init_weights, base))
     source = build_source(config.data, base, config.initial_alignment)
     return training.train(config, source)
-
-
-@command
-def train(
-    config: Path = typer.Option(
-        ..., "--config", "-c", help="Training YAML (see configs/train_default.yaml)."
-    ),
-    resume: bool = typer.Option(
-        False, "--resume", help="Continue from the config's checkpoint if it exists."
-    ),
-    steps: int | None = typer.Option(None, "--steps", help="Override the number of steps."),
-) -> None:
-    """Train a PatchMorph model (unsupervised) and write a checkpoint with its loss curve."""
-    result = run_training(config, resume=resume, steps=steps)
-    typer.echo(
-        f"trained {result.steps} steps in {result.seconds:.0f} s (loss {result.final_loss:.4f}); "
-        f"wrote {result.checkpoint} and {result.loss_csv}"
-    )

@@ -12,11 +12,8 @@ from typing import Annotated
 
 import typer
 
+from patchmorph.cli import command
 from patchmorph_core.errors import InputError
-from pipeline.cli import command
-from pipeline.cluster import job_script, load_cluster_config
-from pipeline.register import register_files
-from pipeline.warp import warp_files
 
 ChunkOption = Annotated[
     int | None,
@@ -61,7 +58,7 @@ def register(
     overwrite: OverwriteOption = False,
 ) -> None:
     """Register MOVING to FIXED chunk by chunk; writes the field and its uncertainty image."""
-    from pipeline.register import resolve_config
+    from pipeline.register import register_files, resolve_config
 
     _quiet_dask()
     cfg = resolve_config(config)
@@ -109,6 +106,8 @@ def warp(
     overwrite: OverwriteOption = False,
 ) -> None:
     """Warp an image or label map through a field into fixed space (or moving space with --inverse)."""
+    from pipeline.warp import warp_files
+
     _quiet_dask()
     record = warp_files(
         field, moving, out, labels=labels, target=target, inverse=inverse, chunk_size=chunk_size,
@@ -134,6 +133,8 @@ def cluster_script(
     ],
 ) -> None:
     """Print the SLURM job script one Dask worker job would run (no job is submitted)."""
+    from pipeline.cluster import job_script, load_cluster_config
+
     _quiet_dask()
     cluster = load_cluster_config(config)
     if cluster.kind != "slurm":

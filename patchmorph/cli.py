@@ -1,0 +1,94 @@
+"""The ``patchmorph`` command line. Each command lives in a small module of this package that imports the
+heavy layers (torch, Dask, Prefect) only inside the command's body, so ``patchmorph --help`` stays fast.
+
+Every command turns :class:`~patchmorph_core.errors.InputError` into one ``error: ...`` line on stderr and
+exit code 2, before any heavy work starts. Logging is quiet by default (warnings only); ``--verbose``
+shows the INFO log of every step.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from collections.abc import Callable
+from typing import Annotated, Any
+
+import typer
+
+from patchmorph import __version__
+from patchmorph_core.errors import InputError
+
+app = typer.Typer(
+    help="PatchMorph: world-space, patch-based deep registration of large brain volumes.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+QUIET_LOGGERS = ("distributed", "dask_jobqueue", "tornado", "asyncio", "httpx", "prefect", "urllib3")
+"""Libraries whose INFO chatter is hidden unless ``--verbose`` is given."""
+
+
+def configure_logging(verbose: bool) -> None:
+    """INFO for this project's modules with ``verbose``, else warnings only; third-party loggers stay at
+    WARNING either way (their INFO lines say nothing a user acts on)."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(logging.INFO if verbose else logging.WARNING)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"patchmorph {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Show the INFO log of every step (default: warnings only).")
+    ] = False,
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
+) -> None:
+    """PatchMorph: world-space, patch-based deep registration of large brain volumes."""
+    configure_logging(verbose)
+
+
+def command(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Register ``func`` as a sub-command; bad input becomes ``error: <sentence>`` and exit code 2."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except InputError as err:
+            typer.echo(f"error: {err}", err=True)
+            sys.exit(2)
+
+    app.command(name=func.__name__.replace("_", "-"), options_metavar="[OPTIONS]")(wrapper)
+    return func
+
+
+def _register_commands() -> None:
+    """Import the modules whose functions are decorated with :func:`command` (light imports only)."""
+    # keep this list sorted
+    import patchmorph.convert  # noqa: F401
+    import patchmorph.demo  # noqa: F401
+    import patchmorph.evaluate  # noqa: F401
+    import patchmorph.register  # noqa: F401
+    import patchmorph.server  # noqa: F401
+    import patchmorph.train  # noqa: F401
+
+
+def main() -> None:
+    """Entry point of the ``patchmorph`` script and of ``python -m patchmorph``."""
+    app()
+
+
+_register_commands()
