@@ -59,8 +59,11 @@ class LossConfig(_Strict):
     """Similarity and regularizer weights of one cascade stage (the same at every stage).
 
     Attributes:
-        similarity: ``"ncc"`` (local normalised cross-correlation) or ``"mse"``.
+        similarity: ``"ncc"`` (local normalised cross-correlation, one contrast), ``"mind"`` (MIND-SSC
+            descriptors, any contrasts; :mod:`patchmorph_core.similarity`) or ``"mse"``.
         ncc_window: local NCC window in patch voxels.
+        mind_radius: MIND patch-distance window half-width, patch voxels.
+        mind_dilation: MIND neighbour distance, patch voxels.
         smooth_weight: weight of the smoothness term (mean squared world-unit gradient of the
             displacement, dimensionless so it means the same at every scale).
         affine_free_smoothness: subtract the patch-mean gradient first, so a global affine is free.
@@ -69,8 +72,10 @@ class LossConfig(_Strict):
         stage_weights: weight of each stage's loss in the sum (shorter lists repeat their last value).
     """
 
-    similarity: Literal["ncc", "mse"] = "ncc"
+    similarity: Literal["ncc", "mind", "mse"] = "ncc"
     ncc_window: int = Field(9, ge=3)
+    mind_radius: int = Field(1, ge=0)
+    mind_dilation: int = Field(2, ge=1)
     smooth_weight: float = Field(1.0, ge=0.0)
     affine_free_smoothness: bool = True
     fold_weight: float = Field(10.0, ge=0.0)

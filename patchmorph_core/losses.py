@@ -1,6 +1,8 @@
 """Similarity and the patch-wise coordinate-field regularizer (world units, the same at every scale).
 
 * :func:`local_ncc_loss`: ``-mean`` of VoxelMorph's squared local NCC, window in patch voxels.
+* :class:`~patchmorph_core.similarity.MindSSC` (``similarity: mind``): MIND-SSC descriptors, for pairs whose
+  contrasts differ (see :mod:`patchmorph_core.similarity`).
 * :func:`mse_loss`: mean squared intensity difference.
 * :func:`smoothness_loss`: mean squared Frobenius norm of ``∂u/∂x`` (world derivative of the world
   displacement, dimensionless, so a patch of 200 mm and one of 2 mm are penalised alike). With
@@ -16,29 +18,13 @@ import torch
 import torch.nn.functional as F
 
 from patchmorph_core.config import LossConfig
+from patchmorph_core.similarity import LocalNCC, MindSSC
 from patchmorph_core.transforms import jacobian_determinant, world_gradient
 
 
-def box_mean(x: torch.Tensor, window: int) -> torch.Tensor:
-    """Mean over a centred cube of ``window`` voxels, truncated at the border: ``(B, C, Z, Y, X)`` → same.
-
-    Separable (one 1-D average per axis, 3·window instead of window³ operations per voxel); border
-    windows average only the voxels inside. A window larger than an axis shrinks to the axis' largest
-    odd size.
-    """
-    for axis in range(3):
-        size = min(window, x.shape[2 + axis])
-        size -= 1 - size % 2  # odd, so the window stays centred
-        kernel = [1, 1, 1]
-        kernel[axis] = size
-        padding = [0, 0, 0]
-        padding[axis] = size // 2
-        x = F.avg_pool3d(x, tuple(kernel), stride=1, padding=tuple(padding), count_include_pad=False)
-    return x
-
-
 def local_ncc_loss(fixed: torch.Tensor, warped: torch.Tensor, window: int = 9, eps: float = 1e-5) -> torch.Tensor:
-    """``-mean(cc)`` with ``cc = cov² / (var_f var_m + eps)`` over cubic windows of ``window`` voxels.
+    """``-mean(cc)`` with ``cc = cov² / (var_f var_w + eps)`` over cubic windows of ``window`` voxels
+    (:class:`~patchmorph_core.similarity.LocalNCC` of radius ``window // 2``).
 
     Args:
         fixed: ``(B, 1, P, P, P)``.
@@ -48,13 +34,7 @@ def local_ncc_loss(fixed: torch.Tensor, warped: torch.Tensor, window: int = 9, e
     Returns:
         Scalar in ``[-1, 0]`` (``-1`` = locally linearly related everywhere).
     """
-    f, m = fixed.float(), warped.float()
-    stats = box_mean(torch.cat([f, m, f * f, m * m, f * m], dim=1), window)
-    mu_f, mu_m, ff, mm, fm = stats.split(1, dim=1)
-    cov = fm - mu_f * mu_m
-    var_f = (ff - mu_f**2).clamp_min(0.0)
-    var_m = (mm - mu_m**2).clamp_min(0.0)
-    return -(cov * cov / (var_f * var_m + eps)).mean()
+    return LocalNCC(window // 2, eps).loss(fixed, warped)
 
 
 def mse_loss(fixed: torch.Tensor, warped: torch.Tensor) -> torch.Tensor:
@@ -103,6 +83,8 @@ def stage_loss(
     """
     if config.similarity == "ncc":
         sim = local_ncc_loss(fixed, warped, config.ncc_window)
+    elif config.similarity == "mind":
+        sim = MindSSC(config.mind_radius, config.mind_dilation).loss(fixed, warped)
     else:
         sim = mse_loss(fixed, warped)
     smooth = smoothness_loss(disp_world, linear, config.affine_free_smoothness)

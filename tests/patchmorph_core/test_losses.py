@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from patchmorph_core.config import LossConfig
-from patchmorph_core.losses import box_mean, fold_loss, local_ncc_loss, mse_loss, smoothness_loss, stage_loss
+from patchmorph_core.losses import fold_loss, local_ncc_loss, mse_loss, smoothness_loss, stage_loss
+from patchmorph_core.similarity import box_mean
 from patchmorph_core.spatial import patch_grid, random_rotation
 from patchmorph_core.transforms import index_points
 
@@ -79,3 +80,17 @@ def test_stage_loss_sums_weighted_parts() -> None:
     assert total.item() == pytest.approx(parts["sim"] + 2.0 * parts["smooth"] + 3.0 * parts["fold"], rel=1e-5)
     _, mse_parts = stage_loss(fixed, fixed, disp, linear, LossConfig(similarity="mse"))
     assert mse_parts["sim"] == 0.0
+
+
+def test_stage_loss_with_mind_prefers_the_aligned_patch_across_contrasts() -> None:
+    rng = np.random.default_rng(5)
+    labels = torch.as_tensor(rng.integers(0, 4, size=(1, 1, 4, 4, 4)), dtype=torch.float32)
+    labels = F.interpolate(labels, size=(P, P, P), mode="nearest")
+    fixed = labels / 3.0
+    other_contrast = torch.as_tensor([0.9, 0.1, 0.6, 0.3])[labels.long()]
+    linear, disp = _linear(20.0), torch.zeros(1, 3, P, P, P)
+    config = LossConfig(similarity="mind")
+    aligned, parts = stage_loss(fixed, other_contrast, disp, linear, config)
+    shifted, _ = stage_loss(fixed, torch.roll(other_contrast, 3, dims=3), disp, linear, config)
+    assert parts["sim"] < 0.75 * float(shifted)
+    assert float(aligned) < float(shifted)

@@ -1,0 +1,226 @@
+"""Image similarities for the training loss and for instance optimisation (the polish), on voxel grids.
+
+A :class:`Similarity` compares a fixed image ``F`` with a warped moving image ``W = M(x + u(x))``, both
+``(B, 1, Z, Y, X)`` on one grid (a patch, or a box of the field grid), and gives three things:
+
+* :meth:`Similarity.voxel_map`: a differentiable per-voxel similarity ``s(x)``, higher is more similar; its
+  value at a voxel depends only on the voxels within :attr:`Similarity.reach` of it (so a box padded by the
+  reach gives the same values inside as the whole grid does).
+* :meth:`Similarity.loss`: ``-mean(s)``, the training loss (lower is better).
+* :meth:`Similarity.force`: the ascent direction of ``s`` with respect to the displacement, ``(B, 3, Z, Y,
+  X)`` per index axis ``(z, y, x)``, in explicit form (no autograd): what a greedy step adds to the field
+  (in voxels of the grid, before the caller's gain, smoothing and clamp).
+
+Two similarities:
+
+* :class:`LocalNCC` — squared local normalised cross-correlation over ``(2r+1)³`` windows (VoxelMorph's loss;
+  its force is ANTs SyN's CC update). It assumes the two intensities are locally linearly related: right
+  for one contrast, wrong across contrasts (an MRI-like atlas against a microscopy brain, two stains).
+* :class:`MindSSC` — MIND with the self-similarity context (Heinrich et al., MICCAI 2013): every voxel is
+  described by 12 patch distances between pairs of its six neighbours at ``dilation`` voxels, each
+  ``exp(-D / V)`` with ``V`` the voxel's mean distance; the similarity is minus the mean squared difference
+  of the two descriptors. The descriptor depends on the local *structure*, not on the intensity mapping,
+  so two contrasts of one anatomy get the same descriptor. Force: ``(2/12) Σ_c (m_F,c − m_W,c) ∇ m_W,c``
+  (the Gauss-Newton force of the descriptor difference).
+
+Window sums are means over the voxels of the window that lie inside the grid (truncated at the border),
+so no border mode invents data. :func:`make_similarity` builds one by name (``"ncc"``, ``"mind"``).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+EPS = 1e-5
+"""Added to local variance products of normalised intensities (0..1) before dividing."""
+
+
+def box_mean(x: torch.Tensor, window: int) -> torch.Tensor:
+    """Mean over a centred cube of ``window`` voxels, truncated at the border: ``(B, C, Z, Y, X)`` → same.
+
+    Separable (one 1-D average per axis, 3·window instead of window³ operations per voxel); border
+    windows average only the voxels inside. A window larger than an axis shrinks to the axis' largest
+    odd size.
+    """
+    for axis in range(3):
+        size = min(window, x.shape[2 + axis])
+        size -= 1 - size % 2  # odd, so the window stays centred
+        kernel = [1, 1, 1]
+        kernel[axis] = size
+        padding = [0, 0, 0]
+        padding[axis] = size // 2
+        x = F.avg_pool3d(x, tuple(kernel), stride=1, padding=tuple(padding), count_include_pad=False)
+    return x
+
+
+def spatial_gradient(x: torch.Tensor) -> torch.Tensor:
+    """Central differences (one-sided at the border) of ``(B, C, Z, Y, X)`` → ``(B, C, 3, Z, Y, X)`` per voxel,
+    components ``(z, y, x)``."""
+    return torch.stack(torch.gradient(x, dim=(2, 3, 4)), dim=2)
+
+
+class Similarity(Protocol):
+    """What the training loss and the polish need of a similarity (see the module doc)."""
+
+    name: str
+    reach: int
+
+    def voxel_map(self, fixed: torch.Tensor, warped: torch.Tensor) -> torch.Tensor:
+        """``(B, 1, Z, Y, X)`` per-voxel similarity (higher is better), differentiable in ``warped``."""
+        ...
+
+    def loss(self, fixed: torch.Tensor, warped: torch.Tensor) -> torch.Tensor:
+        """Scalar ``-mean(voxel_map)``."""
+        ...
+
+    def force(self, fixed: torch.Tensor, warped: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, Z, Y, X)`` ascent direction per index axis ``(z, y, x)``, explicit (no autograd)."""
+        ...
+
+
+class LocalNCC:
+    """Squared local NCC ``cc = cov² / (var_F var_W + eps)`` over ``(2 radius + 1)³`` windows (in ``[0, 1]``).
+
+    Args:
+        radius: window half-width in voxels (the training loss has used radius 4 on patches, the polish 2).
+        eps: added to ``var_F var_W``.
+    """
+
+    name = "ncc"
+
+    def __init__(self, radius: int = 2, eps: float = EPS) -> None:
+        self.radius = int(radius)
+        self.eps = float(eps)
+
+    @property
+    def window(self) -> int:
+        """Window edge in voxels."""
+        return 2 * self.radius + 1
+
+    @property
+    def reach(self) -> int:
+        """Voxels a value depends on in each direction (the window; the force adds one for the gradient)."""
+        return self.radius + 1
+
+    def _stats(self, fixed: torch.Tensor, warped: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        f, w = fixed.float(), warped.float()
+        stats = box_mean(torch.cat([f, w, f * f, w * w, f * w], dim=1), self.window)
+        f_mean, w_mean, ff, ww, fw = stats.split(1, dim=1)
+        cov = fw - f_mean * w_mean
+        var_f = (ff - f_mean**2).clamp_min(0.0)
+        var_w = (ww - w_mean**2).clamp_min(0.0)
+        return f_mean, w_mean, var_f, var_w, cov
+
+    def voxel_map(self, fixed: torch.Tensor, warped: torch.Tensor) -> torch.Tensor:
+        _, _, var_f, var_w, cov = self._stats(fixed, warped)
+        return cov * cov / (var_f * var_w + self.eps)
+
+    def loss(self, fixed: torch.Tensor, warped: torch.Tensor) -> torch.Tensor:
+        return -self.voxel_map(fixed, warped).mean()
+
+    def force(self, fixed: torch.Tensor, warped: torch.Tensor) -> torch.Tensor:
+        """ANTs' CC force ``2 s_FW / (s_FF s_WW) · ((F − F̄) − s_FW / s_WW · (W − W̄)) · ∇W``."""
+        f_mean, w_mean, var_f, var_w, cov = self._stats(fixed, warped)
+        coef = 2.0 * cov / (var_f * var_w + self.eps) * ((fixed - f_mean) - cov / (var_w + self.eps) * (warped - w_mean))
+        return coef * spatial_gradient(warped.float())[:, 0]
+
+
+_SIX_NEIGHBOURS = ((0, 1, 1), (1, 1, 0), (1, 0, 1), (1, 1, 2), (2, 1, 1), (1, 2, 1))
+"""The six face neighbours of the centre ``(1, 1, 1)`` of a 3³ cube."""
+
+MIND_PAIRS: tuple[tuple[tuple[int, int, int], tuple[int, int, int]], ...] = tuple(
+    (a, b)
+    for i, a in enumerate(_SIX_NEIGHBOURS)
+    for b in _SIX_NEIGHBOURS[i + 1 :]
+    if sum((p - q) ** 2 for p, q in zip(a, b, strict=True)) == 2
+)
+"""The 12 pairs of face neighbours at squared distance 2 (the self-similarity context), in units of ``dilation``."""
+
+
+MIND_VARIANCE_FLOOR = 1e-3
+"""Smallest patch-distance scale ``V`` of :func:`mind_ssc`, for intensities normalised to 0..1 (about twice the
+variance of noise of standard deviation 0.02: distances below it count as flat)."""
+
+
+def _shifted(padded: torch.Tensor, offset: tuple[int, int, int], pad: int, shape: tuple[int, int, int]) -> torch.Tensor:
+    """The view of ``padded`` (padded by ``pad`` on every side) whose voxel ``q`` is the original ``q + offset``."""
+    z, y, x = (pad + o for o in offset)
+    return padded[:, :, z : z + shape[0], y : y + shape[1], x : x + shape[2]]
+
+
+def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2) -> torch.Tensor:
+    """MIND-SSC descriptor of ``(B, 1, Z, Y, X)`` → ``(B, 12, Z, Y, X)`` in ``(0, 1]``.
+
+    For each pair ``(a, b)`` of :data:`MIND_PAIRS`, ``D = box_mean((I(x + d·a') − I(x + d·b'))²)`` over
+    ``(2 radius + 1)³`` (``a' = a − (1, 1, 1)``, ``d = dilation``, replicate border); the descriptor is
+    ``exp(−(D − min_c D) / V)`` with ``V`` the mean of ``D − min_c D`` over the 12 channels, at least
+    :data:`MIND_VARIANCE_FLOOR` (flat background does not divide by zero, and no image-wide statistic enters,
+    so a value depends only on voxels within ``dilation + radius``).
+    """
+    image = image.float()
+    shape = tuple(image.shape[2:])
+    padded = F.pad(image, [dilation] * 6, mode="replicate")
+    distances = []
+    for a, b in MIND_PAIRS:
+        first = _shifted(padded, tuple(dilation * (v - 1) for v in a), dilation, shape)
+        second = _shifted(padded, tuple(dilation * (v - 1) for v in b), dilation, shape)
+        distances.append((first - second).square())
+    ssd = box_mean(torch.cat(distances, dim=1), 2 * radius + 1)
+    ssd = ssd - ssd.amin(dim=1, keepdim=True)
+    variance = ssd.mean(dim=1, keepdim=True).clamp_min(MIND_VARIANCE_FLOOR)
+    return torch.exp(-ssd / variance)
+
+
+class MindSSC:
+    """``s = −mean_c (m_F,c − m_W,c)²`` with ``m`` the :func:`mind_ssc` descriptor (in ``[−1, 0]``).
+
+    Args:
+        radius: half-width of the patch-distance window (voxels).
+        dilation: distance of the six neighbours from the centre (voxels).
+        force_gain: the force is multiplied by this, so that a polish gain tuned for :class:`LocalNCC`'s force
+            moves about as far per step (see ``docs/method.md``).
+    """
+
+    name = "mind"
+
+    def __init__(self, radius: int = 1, dilation: int = 2, force_gain: float = 1.0) -> None:
+        self.radius = int(radius)
+        self.dilation = int(dilation)
+        self.force_gain = float(force_gain)
+
+    @property
+    def reach(self) -> int:
+        """Voxels a value depends on in each direction (neighbours, the window, the descriptor's gradient)."""
+        return self.dilation + self.radius + 1
+
+    def voxel_map(self, fixed: torch.Tensor, warped: torch.Tensor) -> torch.Tensor:
+        diff = mind_ssc(fixed, self.radius, self.dilation) - mind_ssc(warped, self.radius, self.dilation)
+        return -diff.square().mean(dim=1, keepdim=True)
+
+    def loss(self, fixed: torch.Tensor, warped: torch.Tensor) -> torch.Tensor:
+        return -self.voxel_map(fixed, warped).mean()
+
+    def force(self, fixed: torch.Tensor, warped: torch.Tensor) -> torch.Tensor:
+        """``force_gain · (2 / 12) Σ_c (m_F,c − m_W,c) ∇ m_W,c``."""
+        m_f = mind_ssc(fixed, self.radius, self.dilation)
+        m_w = mind_ssc(warped, self.radius, self.dilation)
+        gradient = spatial_gradient(m_w)  # (B, 12, 3, Z, Y, X)
+        force = ((m_f - m_w).unsqueeze(2) * gradient).sum(dim=1)
+        return self.force_gain * 2.0 / m_f.shape[1] * force
+
+
+SIMILARITIES = ("ncc", "mind")
+"""Names :func:`make_similarity` accepts."""
+
+
+def make_similarity(name: str, radius: int | None = None) -> Similarity:
+    """The similarity called ``name`` (``"ncc"`` or ``"mind"``), with its window half-width ``radius``
+    (None: the similarity's default)."""
+    if name == "ncc":
+        return LocalNCC() if radius is None else LocalNCC(radius)
+    if name == "mind":
+        return MindSSC() if radius is None else MindSSC(radius)
+    raise ValueError(f"similarity {name!r} is unknown: use one of {', '.join(SIMILARITIES)}.")

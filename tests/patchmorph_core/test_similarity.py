@@ -1,0 +1,90 @@
+"""Similarities: the NCC force is the polish's, MIND ignores the contrast, forces point to the answer, locality."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from patchmorph_core.polish import cc_force, fixed_statistics
+from patchmorph_core.similarity import MIND_PAIRS, LocalNCC, MindSSC, make_similarity, mind_ssc
+
+SHAPE = (22, 27, 19)  # non-cubic, so a transposed axis fails
+
+
+def _labels(seed: int = 0, shape: tuple[int, int, int] = SHAPE) -> np.ndarray:
+    """Random blobs: smooth noise cut into 6 classes (a label map with edges in every direction)."""
+    noise = ndimage.gaussian_filter(np.random.default_rng(seed).standard_normal(shape), 2.0)
+    return np.digitize(noise, np.quantile(noise, np.linspace(0, 1, 7)[1:-1]))
+
+
+def _image(labels: np.ndarray, seed: int) -> torch.Tensor:
+    """One random intensity per label (a contrast), slightly blurred, ``(1, 1, Z, Y, X)``."""
+    table = np.random.default_rng(seed).uniform(size=int(labels.max()) + 1)
+    return torch.as_tensor(ndimage.gaussian_filter(table[labels], 0.7), dtype=torch.float32)[None, None]
+
+
+def test_mind_pairs_are_the_twelve_ssc_pairs() -> None:
+    assert len(MIND_PAIRS) == 12
+    assert len(set(MIND_PAIRS)) == 12
+
+
+def test_ncc_force_is_the_polish_cc_force_inside() -> None:
+    labels = _labels()
+    fixed, warped = _image(labels, 1), _image(np.roll(labels, 1, axis=2), 1)
+    ours = LocalNCC(radius=2).force(fixed, warped)
+    theirs = cc_force(fixed, warped, 2, fixed_statistics(fixed, 2))
+    inside = (slice(None), slice(None), slice(3, -3), slice(3, -3), slice(3, -3))
+    torch.testing.assert_close(ours[inside], theirs[inside], atol=1e-4, rtol=1e-3)
+
+
+def test_mind_is_contrast_invariant_where_ncc_is_not() -> None:
+    labels = _labels()
+    a, b = _image(labels, 1), _image(labels, 2)  # the same anatomy, two contrasts
+    shifted = _image(np.roll(labels, 2, axis=1), 2)  # a misaligned one in the second contrast
+    mind, ncc = MindSSC(), LocalNCC(radius=2)
+    assert mind.loss(a, b) < 0.5 * mind.loss(a, shifted)
+    assert mind.loss(a, a) == pytest.approx(0.0, abs=1e-7)
+    assert -ncc.loss(a, b) < 0.8  # squared local NCC is far from 1 across contrasts
+
+
+@pytest.mark.parametrize("name", ["ncc", "mind"])
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_force_points_to_the_displacement_that_aligns(name: str, axis: int) -> None:
+    labels = _labels(3)
+    fixed = _image(labels, 1)
+    moving = _image(np.roll(labels, 1, axis=axis), 1 if name == "ncc" else 2)  # moved by +1 voxel along axis
+    force = make_similarity(name).force(fixed, moving)[0].numpy()  # (3, Z, Y, X)
+    mean = force[:, 4:-4, 4:-4, 4:-4].mean(axis=(1, 2, 3))
+    assert mean[axis] > 0  # the field that aligns is u = +1 voxel along axis
+    assert abs(mean[axis]) > 3 * np.delete(np.abs(mean), axis).max()
+
+
+@pytest.mark.parametrize("name", ["ncc", "mind"])
+def test_values_depend_only_on_voxels_within_reach(name: str) -> None:
+    similarity = make_similarity(name)
+    labels = _labels(4)
+    fixed, warped = _image(labels, 1), _image(np.roll(labels, 1, axis=0), 5)
+    whole_map, whole_force = similarity.voxel_map(fixed, warped), similarity.force(fixed, warped)
+    box = (slice(None), slice(None), slice(3, 20), slice(5, 24), slice(2, 17))
+    part_map, part_force = similarity.voxel_map(fixed[box], warped[box]), similarity.force(fixed[box], warped[box])
+    r = similarity.reach
+    inner = (slice(None), slice(None), slice(r, -r), slice(r, -r), slice(r, -r))
+    inner_whole = (slice(None), slice(None), slice(3 + r, 20 - r), slice(5 + r, 24 - r), slice(2 + r, 17 - r))
+    torch.testing.assert_close(part_map[inner], whole_map[inner_whole], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(part_force[inner], whole_force[inner_whole], atol=1e-5, rtol=1e-4)
+
+
+def test_mind_descriptor_range_and_gradient_flows() -> None:
+    image = _image(_labels(), 1).requires_grad_(True)
+    descriptor = mind_ssc(image).detach()
+    assert descriptor.shape == (1, 12, *SHAPE)
+    assert float(descriptor.min()) >= 0.0 and float(descriptor.max()) <= 1.0
+    MindSSC().loss(_image(_labels(), 2), image).backward()
+    assert image.grad is not None and float(image.grad.abs().sum()) > 0
+
+
+def test_unknown_similarity_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown"):
+        make_similarity("mi")
