@@ -46,6 +46,7 @@ from tqdm import tqdm
 from patchmorph_core.errors import InputError
 from patchmorph_core.source import Level, MultiscaleImage, downsample, downsampled_grid, pyramid_factors
 from patchmorph_core.spatial import AXES, Grid, check_spacing, unit_scale
+from pipeline.integrity import ARRAY_OPTIONS, EVERY_CHUNK_WRITTEN, VerifiedStore
 
 logger = logging.getLogger(__name__)
 
@@ -163,6 +164,7 @@ def _build_attrs(
             "unit": unit,
             "world_frame": WORLD_FRAME,
             "labels": labels,
+            EVERY_CHUNK_WRITTEN: True,
             "coordinateTransformations": [
                 {"type": "affine", "affine": _affine_rows(g), "input": str(i), "output": "world"}
                 for i, g in enumerate(grids)
@@ -268,6 +270,7 @@ def create_image_array(
         dtype=dtype,
         fill_value=0,
         dimension_names=(["c"] if channels else []) + list(AXES),
+        **ARRAY_OPTIONS,
     )
 
 
@@ -409,6 +412,7 @@ def finish_image(path: str | Path, n_levels: int | None = None) -> Path:
             fill_value=0,
             dimension_names=list(previous.metadata.dimension_names),
             overwrite=True,
+            **ARRAY_OPTIONS,
         )
         # one task per write unit of the new level; it reads the source one storage chunk of the new
         # level at a time (2x that region), so its memory is one write unit plus a chunk's worth
@@ -420,7 +424,9 @@ def finish_image(path: str | Path, n_levels: int | None = None) -> Path:
         grids.append(downsampled_grid(grids[-1], factors, shape))
         previous = target
     name = attrs["ome"]["multiscales"][0].get("name", "image")
-    extra = {k: v for k, v in meta.items() if k not in ("complete", "unit", "world_frame", "labels")}
+    extra = {
+        k: v for k, v in meta.items() if k not in ("complete", "unit", "world_frame", "labels", EVERY_CHUNK_WRITTEN)
+    }
     extra.pop("coordinateTransformations", None)
     group.attrs.put(
         _build_attrs(grids, name=name, labels=labels, channels=channels, complete=True, extra_attrs=extra)
@@ -601,13 +607,20 @@ def write_field(
 
 # -- reading --------------------------------------------------------------------------------------------
 def _open_group(path: str | Path) -> zarr.Group:
+    """The image group, read-only; a local store is opened through a
+    :class:`~pipeline.integrity.VerifiedStore`, so every chunk read is checked (checksum, no gaps)."""
     where = str(path)
     if "://" not in where and not Path(where).exists():
         raise InputError(f"OME-Zarr input {where!r} does not exist: check the path.")
     try:
-        return zarr.open_group(where, mode="r")
+        group = zarr.open_group(where, mode="r")
     except Exception as err:  # zarr raises several types for a non-group
         raise InputError(f"{where!r} is not a Zarr group ({err}); give an OME-Zarr image folder.") from err
+    if "://" in where:
+        return group
+    written = bool(dict(group.attrs).get("patchmorph", {}).get(EVERY_CHUNK_WRITTEN, False))
+    store = VerifiedStore(zarr.storage.LocalStore(where, read_only=True), where, every_chunk_written=written)
+    return zarr.open_group(store=store, mode="r")
 
 
 def _multiscale(attrs: Mapping[str, Any], where: str) -> dict[str, Any]:
@@ -666,13 +679,17 @@ def _grid_from_ngff(
     return Grid.from_spacing(shape[-3:], spacing, origin=origin, unit=unit)
 
 
-def _open_tensorstore(where: str, level_path: str, zarr_format: int) -> Any:
+def _open_tensorstore(where: str, level_path: str, zarr_format: int, every_chunk_written: bool) -> Any:
+    """A TensorStore view of one level; a missing chunk of a store marked ``every_chunk_written`` is an
+    error, not fill values (TensorStore checks the ``crc32c`` codec itself)."""
     import tensorstore as ts
 
-    spec = {
+    spec: dict[str, Any] = {
         "driver": "zarr3" if zarr_format == 3 else "zarr",
         "kvstore": {"driver": "file", "path": str(Path(where) / level_path)},
     }
+    if every_chunk_written:
+        spec["fill_missing_data_reads"] = False
     return ts.open(spec, read=True).result()
 
 
@@ -707,7 +724,9 @@ def _levels(
         else:
             grid = _grid_from_ngff(dataset, multiscale, zarray.shape, unit, where)
         array: Any = (
-            zarray if backend == "zarr" else _open_tensorstore(where, level_path, zarray.metadata.zarr_format)
+            zarray if backend == "zarr" else _open_tensorstore(
+                where, level_path, zarray.metadata.zarr_format, bool(meta.get(EVERY_CHUNK_WRITTEN))
+            )
         )
         lead = names[:-3]
         squeeze = [i for i, n in enumerate(lead) if not (keep_channels and n == "c")]
