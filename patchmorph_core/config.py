@@ -64,6 +64,9 @@ class LossConfig(_Strict):
         ncc_window: local NCC window in patch voxels.
         mind_radius: MIND patch-distance window half-width, patch voxels.
         mind_dilation: MIND neighbour distance, patch voxels.
+        similarity_weight: weight of the similarity term. MIND's loss changes about 5x less per voxel of
+            misalignment than local NCC's (1-3 voxel shifts of a synthetic 2 mm brain patch), so ``mind`` takes
+            5 to keep the balance with the regularizer that ``ncc`` has at 1.
         smooth_weight: weight of the smoothness term (mean squared world-unit gradient of the
             displacement, dimensionless so it means the same at every scale).
         affine_free_smoothness: subtract the patch-mean gradient first, so a global affine is free.
@@ -76,11 +79,31 @@ class LossConfig(_Strict):
     ncc_window: int = Field(9, ge=3)
     mind_radius: int = Field(1, ge=0)
     mind_dilation: int = Field(2, ge=1)
+    similarity_weight: float = Field(1.0, gt=0.0)
     smooth_weight: float = Field(1.0, ge=0.0)
     affine_free_smoothness: bool = True
     fold_weight: float = Field(10.0, ge=0.0)
     fold_eps: float = Field(0.05, ge=0.0, le=1.0)
     stage_weights: tuple[float, ...] = (1.0,)
+
+
+class LabelSet(_Strict):
+    """Label maps that synthetic training pairs are drawn from (``DataConfig.label_sets``).
+
+    Attributes:
+        images: label-map paths (NIfTI, NRRD or OME-Zarr), relative to the YAML file's folder.
+        spacing: reduce each to the integer factor nearest this isotropic spacing in ``DataConfig.unit``
+            (None: as is).
+        skull_strip: the maps follow FreeSurfer/SynthSeg ids, so ids of 500 and above (skull, scalp, eyes) are
+            painted as background; False for other atlases (e.g. the Allen CCF annotation), whose ids are
+            renumbered 1..K on reading.
+        weight: relative probability of drawing a pair from this set.
+    """
+
+    images: tuple[str, ...]
+    spacing: float | None = None
+    skull_strip: bool = True
+    weight: float = Field(1.0, gt=0.0)
 
 
 class DataConfig(_Strict):
@@ -99,6 +122,16 @@ class DataConfig(_Strict):
         max_scaling: random isotropic scaling of the moving pose, ``exp(U(-s, s))``.
         deform_disp_vox: largest random smooth deformation of the moving labels, voxels (synthseg only).
         refresh_every: synthesize a new image pair every this many steps (synthseg only).
+        label_sets: (synthseg) further label maps with their own spacing and id convention, e.g. the mouse
+            CCF annotation beside the human SynthSeg maps; ``images`` (at ``spacing``, skull-stripped) is the
+            first set when given.
+        independent_contrast: (synthseg) probability that the two images of a pair get independently drawn
+            intensities per structure (SynthMorph-style contrast-robust training) instead of one shared table.
+        resolution_jitter: (synthseg) each pair's label maps are resampled (nearest) by a factor
+            ``exp(U(-r, r))`` per pair, so the brain spans more or fewer voxels (the method works in world units
+            relative to the tissue's extent, so this is what "sizes between mouse and human" changes).
+        max_translation_fraction: when given, the moving pose's translation is at most this fraction of the
+            moving tissue's largest extent (instead of ``max_translation``), so mouse and human brains are moved alike.
     """
 
     kind: Literal["pairs", "atlas", "synthseg"] = "synthseg"
@@ -112,6 +145,10 @@ class DataConfig(_Strict):
     max_scaling: float = Field(0.1, ge=0.0, le=1.0)
     deform_disp_vox: float = Field(3.0, ge=0.0)
     refresh_every: int = Field(4, ge=1)
+    label_sets: tuple[LabelSet, ...] = ()
+    independent_contrast: float = Field(0.0, ge=0.0, le=1.0)
+    resolution_jitter: float = Field(0.0, ge=0.0, le=1.0)
+    max_translation_fraction: float | None = Field(None, ge=0.0, le=1.0)
 
 
 class TrainConfig(_Strict):

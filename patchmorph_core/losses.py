@@ -89,6 +89,6 @@ def stage_loss(
         sim = mse_loss(fixed, warped)
     smooth = smoothness_loss(disp_world, linear, config.affine_free_smoothness)
     fold = fold_loss(disp_world, linear, config.fold_eps)
-    total = sim + config.smooth_weight * smooth + config.fold_weight * fold
+    total = config.similarity_weight * sim + config.smooth_weight * smooth + config.fold_weight * fold
     parts = {"sim": float(sim.detach()), "smooth": float(smooth.detach()), "fold": float(fold.detach())}
     return total, parts

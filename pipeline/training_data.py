@@ -4,10 +4,13 @@ Three data kinds (``TrainConfig.data.kind``):
 
 * ``pairs``: listed ``[fixed, moving]`` image paths;
 * ``atlas``: one atlas (fixed) against each of ``images`` (moving);
-* ``synthseg``: ``images`` are label maps; every ``refresh_every`` steps two of them (possibly the same
-  one) become a synthetic pair: one random intensity per label shared by both images (so local NCC
-  applies), blur, bias field and noise (:mod:`patchmorph_core.synth`), skull-stripped, and the moving
-  labels deformed by a random smooth field first (the SynthMorph idea).
+* ``synthseg``: ``images`` (and ``label_sets``) are label maps; every ``refresh_every`` steps two maps of one
+  set (possibly the same one) become a synthetic pair: one random intensity per label shared by both images
+  (so local NCC applies) or, with probability ``independent_contrast``, one table per image (contrast-robust
+  training, with a contrast-robust loss such as ``loss.similarity: mind``), blur, bias field and noise
+  (:mod:`patchmorph_core.synth`), skull-stripped for FreeSurfer ids, both maps resampled by a random
+  ``resolution_jitter`` factor, and the moving labels deformed by a random smooth field first (the SynthMorph
+  idea).
 
 Every kind gives the moving image a random pose (rotation, isotropic scaling, translation about its tissue
 centre, ``data.max_*``), so the coarse stage learns to undo large misalignment from the centre-of-mass
@@ -25,7 +28,7 @@ import numpy as np
 from scipy import ndimage
 
 from patchmorph_core import training
-from patchmorph_core.config import DataConfig, TrainConfig, load_yaml
+from patchmorph_core.config import DataConfig, LabelSet, TrainConfig, load_yaml
 from patchmorph_core.errors import InputError
 from patchmorph_core.sampling import intensity_range, normalize
 from patchmorph_core.source import MultiscaleImage, downsample, downsampled_grid
@@ -69,13 +72,19 @@ def read_volume(
     return np.asarray(array), grid
 
 
-def random_pose(rng: np.random.Generator, centre: np.ndarray, data: DataConfig) -> np.ndarray:
-    """4×4 world→world pose ``T(c + t) R S T(-c)`` with random rotation, isotropic scale and translation."""
+def random_pose(
+    rng: np.random.Generator, centre: np.ndarray, data: DataConfig, extent: float | None = None
+) -> np.ndarray:
+    """4×4 world→world pose ``T(c + t) R S T(-c)`` with random rotation, isotropic scale and translation
+    (at most ``data.max_translation``, or ``data.max_translation_fraction × extent`` when both are given)."""
     rotation = random_rotation(rng, data.max_rotation_deg)
     scale = float(np.exp(rng.uniform(-data.max_scaling, data.max_scaling)))
     matrix = np.eye(4)
     matrix[:3, :3] = rotation * scale
-    shift = rng.uniform(-data.max_translation, data.max_translation, size=3)
+    limit = data.max_translation
+    if data.max_translation_fraction is not None and extent is not None:
+        limit = data.max_translation_fraction * extent
+    shift = rng.uniform(-limit, limit, size=3)
     matrix[:3, 3] = centre + shift - matrix[:3, :3] @ centre
     return matrix
 
@@ -103,13 +112,28 @@ class FilePairs:
         return TrainPair.from_images(fixed, moving.transformed(pose), alignment=self.alignment)
 
 
+@dataclass(frozen=True)
+class LabelVolume:
+    """A label map held for synthesis: ``labels`` ``(Z, Y, X)`` on ``grid``; ``skull_strip`` as in
+    :class:`~patchmorph_core.config.LabelSet`."""
+
+    labels: np.ndarray
+    grid: Grid
+    skull_strip: bool = True
+
+
 @dataclass
 class SynthPairs:
-    """Synthetic pairs from label maps (see module doc), a new pair every ``data.refresh_every`` calls."""
+    """Synthetic pairs from label maps (see module doc), a new pair every ``data.refresh_every`` calls.
 
-    labels: list[tuple[np.ndarray, Grid]]
+    ``sets`` holds the label maps of each :class:`~patchmorph_core.config.LabelSet`, ``weights`` the sets'
+    probabilities; both images of a pair come from one set.
+    """
+
+    sets: list[list[LabelVolume]]
     data: DataConfig
     alignment: str = "center_of_mass"
+    weights: tuple[float, ...] = ()
     _calls: int = 0
     _pair: TrainPair | None = None
 
@@ -120,15 +144,18 @@ class SynthPairs:
         return self._pair
 
     def make_pair(self, rng: np.random.Generator) -> TrainPair:
-        """Draw two label maps, a shared intensity table, a smooth deformation and a moving pose."""
-        i = int(rng.integers(len(self.labels)))
-        j = i if rng.uniform() < 0.2 or len(self.labels) == 1 else int(rng.integers(len(self.labels)))
-        (fl, fg), (ml, mg) = self.labels[i], self.labels[j]
+        """Draw a set and two of its label maps, the contrast(s), a resolution, a smooth deformation and a pose."""
+        fixed, moving = self._draw_volumes(rng)
+        zoom = float(np.exp(rng.uniform(-self.data.resolution_jitter, self.data.resolution_jitter)))
+        fl, fg = rescale_labels(fixed.labels, fixed.grid, zoom)
+        ml, mg = rescale_labels(moving.labels, moving.grid, zoom)
         present = np.union1d(np.unique(fl), np.unique(ml))
-        table = {int(label): float(rng.uniform()) for label in present}
+        tables = [{int(label): float(rng.uniform()) for label in present}]
+        independent = rng.uniform() < self.data.independent_contrast
+        tables.append({int(label): float(rng.uniform()) for label in present} if independent else tables[0])
         ml = self._deform(ml, rng)
         images = []
-        for lab, grid in ((fl, fg), (ml, mg)):
+        for lab, grid, table in ((fl, fg, tables[0]), (ml, mg, tables[1])):
             image = synthesize_image(
                 lab,
                 rng,
@@ -136,10 +163,19 @@ class SynthPairs:
                 blur_sigma_vox=float(rng.uniform(0.5, 1.0)),
                 bias_strength=float(rng.uniform(0.0, 0.3)),
                 noise_std=float(rng.uniform(0.0, 0.05)),
+                skull_strip=fixed.skull_strip,
             )
             images.append(MultiscaleImage.from_array(image, grid))
-        pose = random_pose(rng, mg.center, self.data)
+        pose = random_pose(rng, mg.center, self.data, _tissue_extent(ml, mg))
         return TrainPair.from_images(images[0], images[1].transformed(pose), alignment=self.alignment)
+
+    def _draw_volumes(self, rng: np.random.Generator) -> tuple[LabelVolume, LabelVolume]:
+        """One set by ``weights``; two of its maps (the same one with probability 0.2)."""
+        weights = np.asarray(self.weights or [1.0] * len(self.sets), dtype=float)
+        volumes = self.sets[int(rng.choice(len(self.sets), p=weights / weights.sum()))]
+        i = int(rng.integers(len(volumes)))
+        j = i if rng.uniform() < 0.2 or len(volumes) == 1 else int(rng.integers(len(volumes)))
+        return volumes[i], volumes[j]
 
     def _deform(self, labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """Labels warped (nearest) by a random smooth field of at most ``deform_disp_vox`` voxels."""
@@ -151,6 +187,42 @@ class SynthPairs:
         return ndimage.map_coordinates(labels, index, order=0, mode="nearest")
 
 
+def rescale_labels(labels: np.ndarray, grid: Grid, zoom: float) -> tuple[np.ndarray, Grid]:
+    """Resample a label map (nearest) to about ``zoom`` times as many voxels per axis over the same world box.
+
+    Returns:
+        ``(labels', grid')``: ``grid'`` spans the same world box (first and last voxel centres kept, the
+        spacing scaled by ``(n − 1) / (n' − 1)`` per axis).
+    """
+    if abs(zoom - 1.0) < 1e-3:
+        return labels, grid
+    shape = np.asarray(labels.shape)
+    new_shape = np.maximum(np.rint(shape * zoom).astype(int), 2)
+    factors = (shape - 1) / (new_shape - 1)
+    index = np.indices(tuple(new_shape), dtype=np.float32) * factors[:, None, None, None].astype(np.float32)
+    resampled = ndimage.map_coordinates(labels, index, order=0, mode="nearest")
+    scale = np.eye(4)
+    scale[:3, :3] = np.diag(factors)
+    return resampled, Grid(tuple(int(n) for n in new_shape), grid.affine @ scale, grid.unit)
+
+
+def _tissue_extent(labels: np.ndarray, grid: Grid) -> float:
+    """Largest world extent of the non-zero labels' box."""
+    index = np.argwhere(labels > 0)
+    if index.size == 0:
+        return float(np.max(grid.spacing * np.asarray(grid.shape)))
+    corners = grid.index_to_world(np.stack([index.min(axis=0), index.max(axis=0)]).astype(float))
+    return float(np.max(np.abs(corners[1] - corners[0])))
+
+
+def renumber_labels(labels: np.ndarray) -> np.ndarray:
+    """Label ids renumbered ``1..K`` in ascending order, 0 kept as background (``int32``): atlases such as the
+    Allen CCF use ids up to ~10⁹, and a per-id intensity table must stay small."""
+    ids, inverse = np.unique(labels, return_inverse=True)
+    renumbered = inverse.reshape(labels.shape).astype(np.int32)
+    return renumbered + (1 if ids[0] != 0 else 0)
+
+
 def crop_to_brain(labels: np.ndarray, grid: Grid, margin: int = 4) -> tuple[np.ndarray, Grid]:
     """Crop a label map to its skull-stripped brain box plus ``margin`` voxels (grid follows)."""
     index = np.argwhere(skull_strip_mask(labels))
@@ -160,6 +232,16 @@ def crop_to_brain(labels: np.ndarray, grid: Grid, margin: int = 4) -> tuple[np.n
     stop = np.minimum(index.max(axis=0) + margin + 1, labels.shape)
     box = tuple(slice(int(a), int(b)) for a, b in zip(start, stop, strict=True))
     return labels[box], grid.crop(start, stop)
+
+
+def _label_volume(path: Path, unit: str, label_set: LabelSet) -> LabelVolume:
+    """Read one label map of ``label_set``: cropped to the brain (FreeSurfer ids) or renumbered (other atlases)."""
+    labels, grid = read_volume(path, unit, label_set.spacing, labels=True)
+    if label_set.skull_strip:
+        labels, grid = crop_to_brain(labels, grid)
+    else:
+        labels = renumber_labels(labels)
+    return LabelVolume(np.asarray(labels), grid, label_set.skull_strip)
 
 
 def _resolve(path: str, base: Path) -> Path:
@@ -174,15 +256,16 @@ def build_source(data: DataConfig, base: Path, alignment: str = "center_of_mass"
     """Read the training volumes named by ``data`` (paths relative to ``base``) into a pair source whose
     pairs start from ``alignment`` (``TrainConfig.initial_alignment``)."""
     if data.kind == "synthseg":
-        if not data.images:
+        sets = list(data.label_sets)
+        if data.images:
+            sets.insert(0, LabelSet(images=data.images, spacing=data.spacing, skull_strip=True))
+        if not sets or not all(label_set.images for label_set in sets):
             raise InputError(
-                "data.images is empty: list the label maps (NIfTI) to synthesize training pairs from."
+                "data.images and data.label_sets give no label maps: list the label maps (NIfTI, NRRD) to "
+                "synthesize training pairs from."
             )
-        labels = [
-            crop_to_brain(*read_volume(_resolve(p, base), data.unit, data.spacing, labels=True))
-            for p in data.images
-        ]
-        return SynthPairs(labels, data, alignment)
+        volumes = [[_label_volume(_resolve(p, base), data.unit, label_set) for p in label_set.images] for label_set in sets]
+        return SynthPairs(volumes, data, alignment, tuple(label_set.weight for label_set in sets))
     if data.kind == "atlas":
         if data.atlas is None or not data.images:
             raise InputError(

@@ -1,0 +1,99 @@
+"""Synthetic training pairs: independent contrasts, label sets of two species, resolution jitter, poses."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from patchmorph_core.config import DataConfig, LabelSet
+from patchmorph_core.errors import InputError
+from patchmorph_core.spatial import Grid
+from pipeline.training_data import build_source, random_pose, renumber_labels, rescale_labels
+
+ROOT = Path(__file__).resolve().parents[2]
+HUMAN = "tests/data/synthseg_01_2mm.nii.gz"
+MOUSE = "examples/mouse_ccf/annotation_100um_2017_nearest_from25um.nrrd"
+
+
+def _data(**changes: object) -> DataConfig:
+    base = {
+        "kind": "synthseg",
+        "images": (HUMAN,),
+        "spacing": 2.0,
+        "unit": "millimeter",
+        "refresh_every": 1,
+        "deform_disp_vox": 0.0,
+        "max_rotation_deg": 0.0,
+        "max_translation": 0.0,
+        "max_scaling": 0.0,
+    }
+    return DataConfig(**(base | changes))
+
+
+def _intensity_pairs(pair: object) -> tuple[np.ndarray, np.ndarray]:
+    """Fixed and moving intensities at the same voxels (no deformation, no pose: one grid)."""
+    fixed = np.asarray(pair.fixed.image.levels[0].array)
+    moving = np.asarray(pair.moving.image.levels[0].array)
+    assert fixed.shape == moving.shape
+    inside = (fixed > 0.05) & (moving > 0.05)
+    return fixed[inside], moving[inside]
+
+
+def test_shared_contrast_gives_one_table_and_independent_two() -> None:
+    rng = np.random.default_rng(0)
+    shared = build_source(_data(independent_contrast=0.0), ROOT)
+    f, m = _intensity_pairs(shared.make_pair(rng))
+    assert np.corrcoef(f, m)[0, 1] > 0.8  # bias field, blur and noise differ
+    independent = build_source(_data(independent_contrast=1.0), ROOT)
+    correlations = [np.corrcoef(*_intensity_pairs(independent.make_pair(rng)))[0, 1] for _ in range(3)]
+    assert max(correlations) < 0.6, correlations
+
+
+def test_label_sets_of_two_species_are_drawn_by_weight() -> None:
+    mouse = LabelSet(images=(MOUSE,), spacing=0.1, skull_strip=False, weight=3.0)
+    source = build_source(_data(label_sets=(mouse,)), ROOT)
+    assert [len(volumes) for volumes in source.sets] == [1, 1]
+    ccf = source.sets[1][0]
+    assert ccf.labels.dtype == np.int32 and int(ccf.labels.max()) == len(np.unique(ccf.labels)) - 1
+    rng = np.random.default_rng(1)
+    extents = [source.make_pair(rng).fixed.tissue_extent for _ in range(8)]
+    mouse_draws = sum(extent < 20.0 for extent in extents)  # mouse ~13 mm, human ~170 mm
+    assert 3 <= mouse_draws <= 8
+
+
+def test_no_label_maps_is_one_sentence() -> None:
+    with pytest.raises(InputError, match="no label maps"):
+        build_source(_data(images=()), ROOT)
+
+
+def test_renumber_labels_keeps_background_and_order() -> None:
+    labels = np.array([[[0, 484682470, 7], [7, 0, 10]]])
+    assert renumber_labels(labels).tolist() == [[[0, 3, 1], [1, 0, 2]]]
+    assert renumber_labels(np.array([[[5, 9]]])).tolist() == [[[1, 2]]]
+
+
+def test_rescale_labels_keeps_the_world_box_on_a_rotated_anisotropic_grid() -> None:
+    rotation = np.array([[0.0, 0.0, 1.0], [0.0, -1.0, 0.0], [1.0, 0.0, 0.0]])
+    affine = np.eye(4)
+    affine[:3, :3] = rotation @ np.diag([0.5, 0.2, 0.3])
+    affine[:3, 3] = (4.0, -2.0, 1.0)
+    grid = Grid((9, 14, 11), affine, "millimeter")
+    labels = np.zeros(grid.shape, np.int32)
+    labels[2:6, 3:10, 4:8] = 3
+    resampled, new_grid = rescale_labels(labels, grid, 1.5)
+    assert resampled.shape == (14, 21, 16)
+    for corner in ((0, 0, 0), (8, 13, 10)):
+        new_corner = tuple(int(c) for c in np.array(corner) * (np.array(resampled.shape) - 1) // (np.array(labels.shape) - 1))
+        np.testing.assert_allclose(grid.index_to_world(np.array(corner, float)), new_grid.index_to_world(np.array(new_corner, float)))
+    volume = lambda lab, g: (lab == 3).sum() * abs(np.linalg.det(g.linear))  # noqa: E731
+    assert volume(resampled, new_grid) == pytest.approx(volume(labels, grid), rel=0.2)
+
+
+def test_translation_fraction_scales_with_the_tissue() -> None:
+    data = _data(max_translation=100.0, max_translation_fraction=0.1)
+    for extent in (10.0, 200.0):
+        shifts = [random_pose(np.random.default_rng(s), np.zeros(3), data, extent)[:3, 3] for s in range(20)]
+        assert np.abs(shifts).max() <= 0.1 * extent
+        assert np.abs(shifts).max() > 0.05 * extent
