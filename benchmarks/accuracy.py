@@ -336,10 +336,9 @@ def time_in_memory(
     (world units) from the field the product path wrote, as a check that both computed the same
     registration.
     """
-    from patchmorph_core.inference import register_arrays
     from patchmorph_core.model import load_model
     from pipeline.ngff import read_field
-    from pipeline.register import resolve_config
+    from pipeline.register import register_arrays, resolve_config
 
     cfg = resolve_config(config)
     fixed_img, moving_img = in_memory_image(fixed), in_memory_image(moving)

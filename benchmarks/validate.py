@@ -54,7 +54,7 @@ from scipy import ndimage
 
 from patchmorph_core.config import InferenceConfig
 from patchmorph_core.displacement import FieldDisplacement, TranslationDisplacement
-from patchmorph_core.inference import RegistrationResult, register_arrays
+from patchmorph_core.inference import RegistrationResult
 from patchmorph_core.metrics import dice_per_label, folding_percent
 from patchmorph_core.model import load_model
 from patchmorph_core.spatial import random_rotation
@@ -67,7 +67,7 @@ from patchmorph_core.synth import (
 from patchmorph_core.warping import warp_to_grid
 from pipeline.importers import load_nrrd
 from pipeline.ngff import read_image, write_image
-from pipeline.register import resolve_config
+from pipeline.register import register_arrays, resolve_config
 from pipeline.training_data import renumber_labels
 
 OUT = accuracy.ROOT / "benchmarks" / "out" / "validation"

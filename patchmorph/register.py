@@ -74,7 +74,8 @@ def register(
         scheduler=scheduler,
         overwrite=overwrite,
     )
-    typer.echo(f"dashboard was {record.dashboard or 'not available'}")
+    if record.dashboard:
+        typer.echo(f"dashboard was {record.dashboard}")
     typer.echo(
         f"wrote displacement field {record.field} (grid {record.grid_shape}, spacing "
         f"{', '.join(f'{s:.4g}' for s in record.spacing)} {record.unit}; {record.chunks} chunks, "
@@ -113,7 +114,8 @@ def warp(
         field, moving, out, labels=labels, target=target, inverse=inverse, chunk_size=chunk_size,
         workers=workers, scheduler=scheduler, overwrite=overwrite,
     )  # fmt: skip
-    typer.echo(f"dashboard was {record.dashboard or 'not available'}")
+    if record.dashboard:
+        typer.echo(f"dashboard was {record.dashboard}")
     kind = "label map" if labels else "image"
     typer.echo(
         f"wrote {record.direction}-warped {kind} {record.out} (grid {record.grid_shape}, {record.unit}; "

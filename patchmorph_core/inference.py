@@ -1,8 +1,9 @@
 """Stochastic patch inference: a global jittered patch lattice per stage, patch estimates, and their
 windowed average (Σw·v / Σw) composed with the coarser field, coarse to fine.
 
-The pieces, each usable on its own so that the chunked pipeline (``pipeline/register.py``) runs the very
-same code block by block and :func:`register_arrays` is its one-block case:
+The pieces, each usable on its own: the registration driver (:mod:`pipeline.driver`) runs them block by
+block and chunk by chunk, for a field on disk and in memory alike (``pipeline.register.register_arrays`` is
+its one-chunk case):
 
 1. :func:`stage_lattice` — a **global** lattice over an axis-aligned world box of the fixed image (in a
    registration: its tissue box from :func:`~patchmorph_core.sampling.tissue_bounds`, clipped to the grid,
@@ -56,18 +57,15 @@ from typing import Any
 import numpy as np
 import torch
 from scipy import ndimage
-from tqdm.auto import tqdm
 
 from patchmorph_core.alignment import fit_affine, translation_matrix
 from patchmorph_core.config import InferenceConfig, resolve_device
 from patchmorph_core.displacement import (
-    AffineDisplacement,
     Displacement,
     FieldDisplacement,
 )
 from patchmorph_core.errors import InputError
 from patchmorph_core.model import place_model
-from patchmorph_core.polish import PolishSettings, polish_correction
 from patchmorph_core.sampling import (
     displacement_after,
     displacement_at,
@@ -493,9 +491,14 @@ def _autocast(device: torch.device) -> Any:
 
 def _model_device(model: torch.nn.Module, config: InferenceConfig) -> torch.device:
     """Resolve ``config.device`` and put the model there in eval mode (:func:`~patchmorph_core.model.place_model`:
-    channels-last on CPU)."""
+    channels-last on CPU), once: a model already placed is left alone, so that tasks on several threads
+    share it without moving its weights under each other."""
     device = torch.device(resolve_device(config.device))
-    place_model(model, device).eval()
+    if getattr(model, "_placed_on", None) != device:
+        place_model(model, device)
+        model._placed_on = device
+    if model.training:
+        model.eval()
     return device
 
 
@@ -837,8 +840,7 @@ def _estimate_and_accumulate_on_grid(
 class RegistrationPlan:
     """Everything a registration run derives from its inputs before the first patch is estimated.
 
-    The chunked pipeline builds the same plan (:func:`plan_registration`), so both paths use identical
-    lattices, field grids and intensity ranges.
+    Made by :func:`plan_registration` before the driver (:mod:`pipeline.driver`) runs the passes.
 
     Attributes:
         moving: the moving image converted to the fixed image's unit.
@@ -1022,119 +1024,3 @@ class RegistrationResult:
     grid: Grid
     uncertainty: np.ndarray
     info: dict[str, Any]
-
-
-def polish_field(
-    field: np.ndarray, plan: RegistrationPlan, fixed: MultiscaleImage, config: InferenceConfig
-) -> tuple[np.ndarray, dict[str, Any]]:
-    """The network's finest field polished on the whole field grid (:mod:`patchmorph_core.polish`, one box).
-
-    Returns:
-        ``((3, Z, Y, X) float32 field + correction, figures)``.
-    """
-    tic = time.perf_counter()
-    grid = plan.grids[-1]
-    settings = PolishSettings.from_config(config)
-    correction = polish_correction(
-        fixed, plan.moving, (plan.fixed_range, plan.moving_range), field, None, grid, settings, settings.iterations,
-        device=resolve_device(config.device),
-    )  # fmt: skip
-    norm = np.sqrt(np.sum(correction.astype(np.float64) ** 2, axis=0))
-    info = {
-        "iterations": settings.iterations,
-        "seconds": time.perf_counter() - tic,
-        "max_correction": float(norm.max()),
-        "mean_correction": float(norm.mean()),
-    }
-    logger.info("polish: %d steps, correction up to %.3g %s, %.1f s", settings.iterations, info["max_correction"],
-                grid.unit, info["seconds"])
-    return (np.asarray(field, np.float32) + correction).astype(np.float32, copy=False), info
-
-
-def register_arrays(
-    model: Any,
-    fixed: MultiscaleImage,
-    moving: MultiscaleImage,
-    config: InferenceConfig,
-    *,
-    show_progress: bool = True,
-) -> RegistrationResult:
-    """Register ``moving`` to ``fixed`` in memory: every stage's patches into ONE field region.
-
-    Stage by stage: lattice → batched patch estimates through the current transform → windowed sums on
-    the stage's whole field grid → :func:`finalize`; the stage's field is the next stage's prior. This is
-    the one-chunk case of the chunked pipeline. Seeded: the same inputs and config give the same field.
-
-    Args:
-        model: a PatchMorph model.
-        fixed: fixed image pyramid (its grid and unit define the field's world frame).
-        moving: moving image pyramid (converted to the fixed unit).
-        config: inference settings.
-        show_progress: tqdm bar of patches done per stage.
-    """
-    plan = plan_registration(model, fixed, moving, config)
-    prior: Displacement = AffineDisplacement(plan.initial)
-    stages_info = []
-    field_s = uncertainty = np.zeros(0)
-    fixed_images = StageFixedImages(fixed, plan.fixed_range)
-    for lattice, grid in zip(plan.lattices, plan.grids, strict=True):
-        tic = time.perf_counter()
-        stats: dict[str, float] = {}
-        fixed_on_grid = fixed_images.get(lattice)
-        specs = lattice.specs()
-        with tqdm(
-            total=len(specs), desc=f"{lattice.name} patches", unit="patch", disable=not show_progress
-        ) as bar:
-            sums = estimate_and_accumulate(
-                model,
-                fixed,
-                plan.moving,
-                prior,
-                specs,
-                grid,
-                config,
-                fixed_range=plan.fixed_range,
-                moving_range=plan.moving_range,
-                fixed_on_grid=fixed_on_grid,
-                stats=stats,
-                progress=bar,
-            )
-        field_s, uncertainty = finalize(sums, prior)
-        prior = FieldDisplacement(field_s, grid)
-        stage_info = {
-            "stage": lattice.stage,
-            "repeat": lattice.repeat,
-            "patch_extent": lattice.extent,
-            "patch_spacing": lattice.extent / lattice.size,
-            "patches": len(specs),
-            "lattice": list(lattice.counts),
-            "field_shape": list(grid.shape),
-            "field_spacing": float(grid.spacing.max()),
-            "coverage": float(np.mean(sums.weight > WEIGHT_EPS)),
-            "seconds": time.perf_counter() - tic,
-            **stats,
-        }
-        stages_info.append(stage_info)
-        logger.info(
-            "%s: %d patches of %.4g %s, field %s, coverage %.1f%%, %.1f s",
-            lattice.name,
-            len(specs),
-            lattice.extent,
-            grid.unit,
-            grid.shape,
-            100 * stage_info["coverage"],
-            stage_info["seconds"],
-        )
-    polish_info = None
-    if config.polish_iterations > 0:
-        field_s, polish_info = polish_field(field_s, plan, fixed, config)
-    info = {
-        "initial_matrix": plan.initial.tolist(),
-        "initial_alignment": plan.alignment,
-        "polish": polish_info,
-        "unit": fixed.unit,
-        "stages": stages_info,
-        "inference_config": config.model_dump(mode="json"),
-        "model_config": model.config.model_dump(mode="json"),
-    }
-    return RegistrationResult(field_s, plan.grids[-1], uncertainty, info)

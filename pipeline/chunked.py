@@ -29,12 +29,11 @@ from __future__ import annotations
 
 import logging
 import math
-import operator
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +44,7 @@ from tqdm.auto import tqdm
 from patchmorph_core.errors import InputError
 from patchmorph_core.inference import FieldSums, PatchLattice, cell_blocks
 from patchmorph_core.spatial import Grid, index_box
+from pipeline.executor import Executor
 from pipeline.ngff import DEFAULT_CHUNK, create_image_array
 from pipeline.resume import ChunkId, StageRecords, chunk_name
 
@@ -95,11 +95,14 @@ class ChunkPlan:
     """Output chunks of a grid: edge ``chunk`` voxels per axis, raster order, edge chunks clipped.
 
     The Zarr arrays written through a plan use exactly these chunks (``(3, *chunk)`` for a field), so each
-    chunk task writes whole Zarr chunks and no two tasks ever write to one chunk.
+    chunk task writes whole Zarr chunks and no two tasks ever write to one chunk. ``halo``: voxels around a
+    chunk that its task also receives sums for (:meth:`reach_box`; a task that filters or integrates its
+    values needs them), written by the neighbours, never by it.
     """
 
     grid: Grid
     chunk: tuple[int, int, int]
+    halo: int = 0
 
     @classmethod
     def for_grid(cls, grid: Grid, chunk_size: int | None = None) -> ChunkPlan:
@@ -128,10 +131,18 @@ class ChunkPlan:
         stop = tuple(min(s + c, n) for s, c, n in zip(start, self.chunk, self.grid.shape, strict=True))
         return Box(start, stop)  # type: ignore[arg-type]
 
-    def chunks_meeting(self, box: Box) -> list[ChunkId]:
-        """The chunks that share a voxel with ``box`` (``start // chunk`` to ``(stop - 1) // chunk`` per axis)."""
-        first = [a // c for a, c in zip(box.start, self.chunk, strict=True)]
-        last = [(b - 1) // c for b, c in zip(box.stop, self.chunk, strict=True)]
+    def reach_box(self, cid: ChunkId) -> Box:
+        """Chunk ``cid``'s box grown by :attr:`halo` voxels on every side, clipped to the grid."""
+        box = self.box(cid)
+        start = tuple(max(a - self.halo, 0) for a in box.start)
+        stop = tuple(min(b + self.halo, n) for b, n in zip(box.stop, self.grid.shape, strict=True))
+        return Box(start, stop)  # type: ignore[arg-type]
+
+    def chunks_meeting(self, box: Box, halo: int = 0) -> list[ChunkId]:
+        """The chunks that share a voxel with ``box`` grown by ``halo`` voxels (``start // chunk`` to
+        ``(stop - 1) // chunk`` per axis, clipped to the grid)."""
+        first = [max(a - halo, 0) // c for a, c in zip(box.start, self.chunk, strict=True)]
+        last = [(min(b + halo, n) - 1) // c for b, c, n in zip(box.stop, self.chunk, self.grid.shape, strict=True)]
         spans = (b - a + 1 for a, b in zip(first, last, strict=True))
         return [tuple(int(a + o) for a, o in zip(first, offset, strict=True)) for offset in np.ndindex(*spans)]  # type: ignore[misc]
 
@@ -189,24 +200,43 @@ def needs(plan: ChunkPlan, supports: Sequence[Box | None]) -> dict[ChunkId, list
     for n, support in enumerate(supports):
         if support is None:
             continue
-        for cid in plan.chunks_meeting(support):
+        for cid in plan.chunks_meeting(support, plan.halo):
             out[cid].append(n)
     return out
 
 
+BLOCK_FIGURES = "figures"
+"""Key of a block task's own figures (seconds, forward seconds, ...) in the dict it returns beside its pieces."""
+
+
 @dataclass(frozen=True)
 class StageRun:
-    """Progress bookkeeping of one stage for callers (CLI, flows, tests)."""
+    """What one :func:`run_chunked` call did.
+
+    Attributes:
+        name: the stage's name.
+        chunks: output chunks of the plan; ``skipped``: chunks found done by an earlier run.
+        blocks: block tasks run.
+        seconds: wall time.
+        block_figures: the figures each block task returned under :data:`BLOCK_FIGURES`.
+        chunk_figures: what each chunk task returned.
+    """
 
     name: str
     chunks: int
     skipped: int
     blocks: int
     seconds: float
+    block_figures: list[dict[str, Any]] = field(default_factory=list)
+    chunk_figures: list[dict[str, Any]] = field(default_factory=list)
+
+    def total(self, key: str) -> float:
+        """Sum of ``key`` over the block tasks' figures (0 where absent)."""
+        return float(sum(f.get(key, 0.0) for f in self.block_figures))
 
 
 def run_chunked(
-    client: Any,
+    executor: Executor,
     name: str,
     plan: ChunkPlan,
     records: StageRecords,
@@ -222,37 +252,38 @@ def run_chunked(
     """Run one stage: block tasks (optional) feeding write-once chunk tasks, skipping recorded chunks.
 
     Args:
-        client: a ``distributed.Client``.
+        executor: where the tasks run (:mod:`pipeline.executor`: threads of this process or a Dask cluster).
         name: stage name for logs, task keys and the progress bar.
         plan: the output chunks.
         records: this stage's completion records (chunks with a record are skipped).
-        context: picklable state every task needs (images, prior, output arrays); sent to each worker once.
+        context: state every task needs (images, prior, output arrays); shared with the tasks once
+            (:meth:`~pipeline.executor.Executor.share`; picklable for a Dask cluster).
         chunk_fn: ``chunk_fn(context, cid, partials)`` where ``partials`` lists ``(box, piece)`` of the
-            blocks that meet chunk ``cid`` (``box``: the block's support ∩ the chunk, where its piece lies); it
+            blocks that meet chunk ``cid`` (``box``: the part of the block's support the piece covers); it
             writes the chunk whole, then records it (:mod:`pipeline.resume`) and returns a small dict of
             figures.
         blocks: work items of the block tasks (empty for stages without blocks, e.g. warping).
-        block_fn: ``block_fn(context, block)`` → ``{cid: piece}``, the block's partial result cut into one
-            piece per chunk its support meets (:func:`split_partial`; runs the network). A chunk task
-            receives only its pieces: Dask takes each from its block's result where that result lives.
+        block_fn: ``block_fn(context, block)`` → ``{cid: piece, ..., BLOCK_FIGURES: {...}}``, the block's
+            partial result cut into one piece per chunk its support meets (:func:`split_partial`; runs the
+            network) and its figures. A chunk task receives only its pieces: on a Dask cluster each is taken
+            from its block's result where that result lives.
         supports: support box of each block on ``plan.grid`` (None: the block touches nothing).
         resources: Dask resources of block tasks (``{"GPU": 1}`` on GPU clusters).
-        window: most chunk tasks in flight (default: 2 per worker thread) — bounds memory.
+        window: most chunk tasks in flight (default: 2 per task slot) — bounds memory.
         progress: show a tqdm bar (chunks done / total, rate, ETA).
     """
-    from distributed import as_completed
-
     t0 = time.perf_counter()
     done = records.completed()
     todo = [cid for cid in plan.ids() if cid not in done]
     need = needs(plan, supports) if blocks else {cid: [] for cid in todo}
     users = Counter(b for cid in todo for b in need[cid])
-    if window is None:
-        window = 2 * max(1, sum(client.nthreads().values()))
+    window = 2 * executor.threads if window is None else window
     token = uuid.uuid4().hex[:8]
-    ctx = client.scatter(context, broadcast=True, hash=False) if todo else None
+    ctx = executor.share(context) if todo else None
     block_futures: dict[int, Any] = {}
+    figure_futures: list[Any] = []
     pending = iter(todo)
+    chunk_of: dict[Any, ChunkId] = {}
     bar = tqdm(total=len(plan), initial=len(plan) - len(todo), desc=name, unit="chunk", disable=not progress)
 
     def submit_next() -> Any | None:
@@ -262,38 +293,36 @@ def run_chunked(
         partials = []
         for b in need[cid]:
             if b not in block_futures:
-                block_futures[b] = client.submit(
-                    block_fn, ctx, blocks[b], key=f"{name}-block-{b}-{token}", resources=resources
-                )
-            piece = client.submit(
-                operator.getitem, block_futures[b], cid, key=f"{name}-piece-{b}-{chunk_name(cid)}-{token}"
-            )
-            partials.append((supports[b].intersection(plan.box(cid)), piece))
-        future = client.submit(chunk_fn, ctx, cid, partials, key=f"{name}-chunk-{chunk_name(cid)}-{token}")
-        chunk_of[future.key] = cid
+                key = f"{name}-block-{b}-{token}"
+                block_futures[b] = executor.submit(block_fn, ctx, blocks[b], key=key, resources=resources)
+                figure_futures.append(executor.piece(block_futures[b], BLOCK_FIGURES, key=f"{key}-figures"))
+            piece = executor.piece(block_futures[b], cid, key=f"{name}-piece-{b}-{chunk_name(cid)}-{token}")
+            partials.append((plan.reach_box(cid).intersection(supports[b]), piece))
+        future = executor.submit(chunk_fn, ctx, cid, partials, key=f"{name}-chunk-{chunk_name(cid)}-{token}")
+        chunk_of[future] = cid
         return future
 
-    chunk_of: dict[str, ChunkId] = {}
-    first = [f for f in (submit_next() for _ in range(window)) if f is not None]
-    queue = as_completed(first)
+    chunk_figures = []
+    queue = executor.completions([f for f in (submit_next() for _ in range(window)) if f is not None])
     for future in queue:
-        cid = chunk_of.pop(future.key)
-        future.result()  # a failed task raises here
-        future.release()
+        cid = chunk_of.pop(future)
+        chunk_figures.append(future.result())  # a failed task raises here
+        executor.release(future)
         for b in need[cid]:
             users[b] -= 1
             if users[b] == 0:
-                block_futures.pop(b, None)
+                executor.release(block_futures.pop(b))
         bar.update(1)
         nxt = submit_next()
         if nxt is not None:
             queue.add(nxt)
     bar.close()
+    block_figures = [f.result() for f in figure_futures]
     seconds = time.perf_counter() - t0
     log.info(
         "%s: %d chunks written, %d already done, %.1f s", name, len(todo), len(plan) - len(todo), seconds
     )
-    return StageRun(name, len(plan), len(plan) - len(todo), len(blocks), seconds)
+    return StageRun(name, len(plan), len(plan) - len(todo), len(block_figures), seconds, block_figures, chunk_figures)
 
 
 def output_array(
@@ -372,13 +401,14 @@ def partition(
 
 
 def split_partial(plan: ChunkPlan, support: Box, sums: FieldSums) -> dict[ChunkId, FieldSums]:
-    """A block's sums on its ``support`` box cut into one piece per chunk of ``plan`` that the box meets:
-    the piece of chunk ``c`` lies on ``support ∩ c`` (:meth:`Box.intersection`; a view of ``sums``, so
-    the pieces together hold no more memory than the block's sums), so that a chunk task receives only
-    its own part instead of the block's whole box."""
+    """A block's sums on its ``support`` box cut into one piece per chunk of ``plan`` whose reach box
+    (:meth:`ChunkPlan.reach_box`: the chunk and its halo) the box meets: the piece of chunk ``c`` lies on
+    ``support ∩ reach(c)`` (:meth:`Box.intersection`; a view of ``sums``, so without a halo the pieces
+    together hold no more memory than the block's sums), so that a chunk task receives only its own part
+    instead of the block's whole box."""
     pieces = {}
-    for cid in plan.chunks_meeting(support):
-        part = support.intersection(plan.box(cid))
+    for cid in plan.chunks_meeting(support, plan.halo):
+        part = support.intersection(plan.reach_box(cid))
         assert part is not None  # chunks_meeting gives only chunks that share a voxel with the support
         rel = part.relative_to(support.start)
         inner = (slice(None), *rel.slices)

@@ -1,8 +1,10 @@
-"""Dask clusters for chunked runs: local by default, an existing scheduler, or SLURM via dask-jobqueue.
+"""Where chunked runs execute: threads of this process, a local Dask cluster, a running scheduler, or SLURM.
 
 ``--scheduler`` takes an address (``tcp://host:8786``) or a YAML file mapping onto :class:`ClusterConfig`
-(``configs/cluster/local.yaml``, ``configs/cluster/slurm.yaml``). Nothing is chosen at import time: the
-cluster exists only inside :func:`open_client`.
+(``configs/cluster/local.yaml``, ``configs/cluster/slurm.yaml``); ``--workers N`` asks for a local cluster of
+``N`` worker processes. Without either, a run uses threads of its own process (``kind: threads``,
+:class:`~pipeline.executor.ThreadExecutor`): no worker process to start, stop or fill with imports.
+Nothing is chosen at import time: the executor exists only inside :func:`open_executor`.
 
 GPU workers: with ``gpus > 0`` every worker owns exactly one GPU and advertises the Dask resource
 ``GPU=1`` (:data:`GPU_RESOURCE`); network tasks are submitted with ``resources={"GPU": 1}``
@@ -14,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from patchmorph_core.config import load_yaml
 from patchmorph_core.errors import InputError
+from pipeline.executor import DaskExecutor, Executor, machine_cores, thread_executor
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +69,9 @@ class ClusterConfig(BaseModel):
     """Where chunked work runs (YAML files in ``configs/cluster/``).
 
     Attributes:
-        kind: ``"local"`` (a ``distributed.LocalCluster`` on this machine), ``"address"`` (connect to
-            the running scheduler at ``address``) or ``"slurm"``.
+        kind: ``"threads"`` (a thread pool in this process, no Dask), ``"local"`` (a
+            ``distributed.LocalCluster`` on this machine), ``"address"`` (connect to the running scheduler
+            at ``address``) or ``"slurm"``.
         address: scheduler address for ``kind="address"``.
         workers: local worker processes (None: fit the machine, see :func:`default_workers`).
         threads_per_worker: threads per local worker.
@@ -77,11 +80,12 @@ class ClusterConfig(BaseModel):
         gpus: GPUs to use; each gets its own worker with resource ``GPU=1`` (0: CPU only).
         dashboard_address: where the dashboard listens (``":0"`` picks a free port).
         slurm: SLURM options for ``kind="slurm"``.
+        threads: threads of ``kind="threads"`` (None: one per core).
     """
 
     model_config = ConfigDict(extra="forbid")
 
-    kind: Literal["local", "address", "slurm"] = "local"
+    kind: Literal["threads", "local", "address", "slurm"] = "local"
     address: str | None = None
     workers: int | None = Field(None, ge=1)
     threads_per_worker: int = Field(1, ge=1)
@@ -90,6 +94,7 @@ class ClusterConfig(BaseModel):
     gpus: int = Field(0, ge=0)
     dashboard_address: str = ":0"
     slurm: SlurmConfig = Field(default_factory=SlurmConfig)
+    threads: int | None = Field(None, ge=1)
 
 
 @dataclass(frozen=True)
@@ -111,7 +116,7 @@ class ClusterInfo:
 
 def default_workers(memory_per_worker_bytes: int = 2 * 1024**3) -> int:
     """Local workers that fit the machine: one per core, at most one per ``memory_per_worker_bytes`` of RAM."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = machine_cores()
     by_memory = max(1, int(psutil.virtual_memory().available // memory_per_worker_bytes))
     return max(1, min(cores, by_memory))
 
@@ -120,8 +125,9 @@ def load_cluster_config(scheduler: str | Path | None, workers: int | None = None
     """Resolve ``--scheduler`` / ``--workers`` into a :class:`ClusterConfig`.
 
     Args:
-        scheduler: None (local cluster), a YAML path (``*.yaml``/``*.yml``) or a scheduler address.
-        workers: local worker count override.
+        scheduler: None (threads of this process, or a local cluster when ``workers`` is given), a YAML
+            path (``*.yaml``/``*.yml``) or a scheduler address.
+        workers: local worker processes (with ``scheduler`` None: asks for a local Dask cluster).
 
     Raises:
         InputError: the YAML file is missing or invalid, or ``workers`` is not positive.
@@ -129,7 +135,7 @@ def load_cluster_config(scheduler: str | Path | None, workers: int | None = None
     if workers is not None and workers < 1:
         raise InputError(f"--workers {workers} is invalid: give a positive number of worker processes.")
     if scheduler is None:
-        config = ClusterConfig()
+        config = ClusterConfig(kind="threads" if workers is None else "local")
     elif str(scheduler).endswith((".yaml", ".yml")):
         config = load_yaml(scheduler, ClusterConfig)
     else:
@@ -140,7 +146,7 @@ def load_cluster_config(scheduler: str | Path | None, workers: int | None = None
                 "tcp://host:8786 or configs/cluster/slurm.yaml."
             )
         config = ClusterConfig(kind="address", address=address)
-    if workers is not None:
+    if workers is not None and config.kind != "threads":
         config = config.model_copy(update={"workers": workers})
     return config
 
@@ -214,6 +220,8 @@ def open_client(config: ClusterConfig) -> Iterator[tuple[Any, ClusterInfo]]:
     from distributed import Client
 
     cluster: Any = None
+    if config.kind == "threads":
+        raise InputError("cluster kind 'threads' runs without Dask: give a local, address or slurm cluster here.")
     if config.kind == "address":
         if not config.address:
             raise InputError("cluster config kind 'address' needs an address: set address: tcp://host:8786.")
@@ -246,6 +254,18 @@ def open_client(config: ClusterConfig) -> Iterator[tuple[Any, ClusterInfo]]:
             cluster.close()
 
 
-def network_resources(info: ClusterInfo) -> dict[str, float] | None:
+@contextlib.contextmanager
+def open_executor(config: ClusterConfig) -> Iterator[Executor]:
+    """The :class:`~pipeline.executor.Executor` ``config`` describes (threads of this process, or a client of
+    the Dask cluster :func:`open_client` connects); closes what it started on exit."""
+    if config.kind == "threads":
+        with thread_executor(config.threads) as executor:
+            yield executor
+        return
+    with open_client(config) as (client, info):
+        yield DaskExecutor(client, info.kind, info.dashboard, info.gpu)
+
+
+def network_resources(info: ClusterInfo | Executor) -> dict[str, float] | None:
     """Resources to annotate network (forward-pass) tasks with: ``{"GPU": 1}`` on GPU clusters, else None."""
     return {GPU_RESOURCE: 1} if info.gpu else None

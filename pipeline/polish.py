@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,8 +24,10 @@ from patchmorph_core.config import resolve_device
 from patchmorph_core.polish import PolishSettings, polish_correction
 from patchmorph_core.source import MultiscaleImage
 from patchmorph_core.spatial import read_box
-from pipeline.chunked import Box, ChunkPlan, output_array, run_chunked
-from pipeline.resume import ChunkId, RunRecords, StageRecords
+from pipeline.chunked import BLOCK_FIGURES, Box, ChunkPlan, run_chunked
+from pipeline.driver import FieldStore, Inputs, PassArrays, Records
+from pipeline.executor import Executor
+from pipeline.resume import ChunkId
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ class PolishContext:
     correction: Any
     out: Any
     total: bool
-    records: StageRecords
+    records: Records
     device: str = "auto"
 
 
@@ -127,8 +128,9 @@ def polish_tile(ctx: PolishContext, tile: Box) -> dict[ChunkId, np.ndarray]:
     )  # fmt: skip
     values = field + correction if ctx.total else correction
     seconds = time.perf_counter() - tic
-    ctx.records.log_block(tile.start, {"seconds": seconds, "polish_seconds": seconds, "voxels": int(np.prod(grid.shape))})
-    pieces = {}
+    figures = {"seconds": seconds, "polish_seconds": seconds, "voxels": int(np.prod(grid.shape))}
+    ctx.records.log_block(tile.start, figures)
+    pieces: dict[Any, Any] = {BLOCK_FIGURES: figures}
     for cid in ctx.plan.chunks_meeting(tile):
         box = ctx.plan.box(cid)
         inner = tuple(slice(a - s, b - s) for a, b, s in zip(box.start, box.stop, start, strict=True))
@@ -150,58 +152,55 @@ def write_polish_chunk(ctx: PolishContext, cid: ChunkId, partials: list[tuple[Bo
 
 
 def run_polish(
-    client: Any,
-    base: dict[str, Any],
+    executor: Executor,
+    inputs: Inputs,
     settings: PolishSettings,
-    plan: ChunkPlan,
-    network_field: Any,
-    out: Any,
-    records: RunRecords,
-    run_root: Path,
+    network: PassArrays,
+    store: FieldStore,
     progress: bool = True,
-    resources: dict[str, float] | None = None,
-) -> dict[str, Any]:
-    """Polish the network's final field ``network_field`` into ``out`` in passes (see the module doc).
+) -> tuple[Any, dict[str, Any]]:
+    """Polish the network's final field ``network.field`` in passes (see the module doc).
 
     Args:
-        client: a ``distributed.Client``.
-        base: ``fixed``, ``moving``, ``fixed_range``, ``moving_range`` and ``config`` of the registration.
+        executor: where the tile tasks run (with ``{"GPU": 1}`` on GPU clusters, as the network's blocks).
+        inputs: the registration's images, plan and settings.
         settings: the polish settings (``settings.iterations`` > 0).
-        plan: the output chunks (the final field grid).
-        network_field: ``(3, Z, Y, X)`` array of the network's field.
-        out: the output field array (written by the last pass).
-        records: the run's records (one stage ``polish<p>`` per pass).
-        run_root: the run folder (the passes' corrections).
+        network: the finest network pass's arrays (its field is ``u₀``; its plan gives the output chunks).
+        store: where each pass's correction and the output field live (one record stage ``polish<p>`` a pass).
         progress: show progress bars.
-        resources: Dask resources of the tile tasks (``{"GPU": 1}`` on GPU clusters, as the network's blocks).
 
     Returns:
-        Figures: steps and tiles per pass, seconds.
+        The output field array and the figures: steps and tiles per pass, seconds.
     """
     tic = time.perf_counter()
+    plan = network.plan
     passes = polish_passes(plan.grid.shape, plan.chunk, settings)
+    resources = {"GPU": 1.0} if executor.gpu else None
     correction = None
     figures = []
+    target = network.field
     for p, (steps, per_tile) in enumerate(passes):
         name = f"polish{p + 1}"
-        stage_records = records.stage(name)
         total = p == len(passes) - 1
-        target = out if total else output_array(
-            run_root / f"{name}.zarr", plan.grid, np.float32, max(plan.chunk), 3, bool(stage_records.completed()), name=name
-        )  # fmt: skip
+        arrays = store.polish_pass(name, plan, output=total)
+        target = arrays.field
         ctx = PolishContext(
-            fixed=base["fixed"], moving=base["moving"], fixed_range=base["fixed_range"],
-            moving_range=base["moving_range"], settings=settings, steps=steps, plan=plan,
-            network_field=network_field, correction=correction, out=target, total=total, records=stage_records,
-            device=base["config"].device,
+            fixed=inputs.fixed, moving=inputs.plan.moving, fixed_range=inputs.plan.fixed_range,
+            moving_range=inputs.plan.moving_range, settings=settings, steps=steps, plan=plan,
+            network_field=network.field, correction=correction, out=target, total=total, records=arrays.records,
+            device=inputs.config.device,
         )  # fmt: skip
         work = tiles(plan, per_tile)
         run = run_chunked(
-            client, name, plan, stage_records, ctx, write_polish_chunk,
+            executor, name, plan, arrays.records, ctx, write_polish_chunk,
             blocks=work, block_fn=polish_tile, supports=work, resources=resources, progress=progress,
         )  # fmt: skip
-        figures.append({"pass": p + 1, "steps": steps, "tiles": len(work), "skipped": run.skipped, "seconds": run.seconds})
+        figures.append({
+            "name": name, "kind": "polish", "pass": p + 1, "steps": steps, "tiles": len(work), "skipped": run.skipped,
+            "seconds": run.seconds, "block_seconds": run.total("seconds"), "polish_seconds": run.total("polish_seconds"),
+            "chunk_seconds": float(sum(f.get("seconds", 0.0) for f in run.chunk_figures)),
+        })  # fmt: skip
         correction = target
     info = {"iterations": settings.iterations, "passes": figures, "seconds": time.perf_counter() - tic}
     log.info("polish: %d steps in %d passes, %.1f s", settings.iterations, len(passes), info["seconds"])
-    return info
+    return target, info

@@ -1,79 +1,48 @@
-"""``register``: OME-Zarr fixed + moving image → OME-Zarr displacement field, chunk by chunk on Dask.
+"""``register``: OME-Zarr fixed + moving image → OME-Zarr displacement field; and the same in memory.
 
 :func:`register_files` is the one function the CLI and the flows call. It
 
 1. validates every input before heavy work (paths, output, weights, units, finite intensities, overlap of
    the two images in world after the initial alignment);
-2. derives the run plan with :func:`patchmorph_core.inference.plan_registration` — the same lattices, field
-   grids and intensity ranges as the in-memory :func:`~patchmorph_core.inference.register_arrays`;
-3. runs each stage through :func:`pipeline.chunked.run_chunked`: one task per block of lattice cells
-   (:func:`~patchmorph_core.inference.estimate_and_accumulate` on the block's support box, cut into one
-   piece per chunk; blocks sized by a memory budget), one task per output chunk (sum
-   of its pieces, :func:`~patchmorph_core.inference.finalize`, one whole write). A coarse stage whose
-   field has at most :data:`IN_MEMORY_VOXELS` voxels is one chunk. Each pass's field is
-   written to ``<out>.run/<name>.zarr`` (``stage1``, ``stage2``, ``stage2.1`` for a refinement pass of
-   stage 2; see ``PatchLattice.name``) and read lazily (only the boxes the next stage's patches need)
-   as the next stage's prior; the last stage writes the ``uncertainty`` image, and its field is polished
-   into the output field (:mod:`pipeline.polish`; with ``polish_iterations: 0`` the last stage writes
-   the output field itself);
+2. derives the run plan with :func:`patchmorph_core.inference.plan_registration` (lattices, field grids,
+   intensity ranges);
+3. runs it with the one registration driver (:func:`pipeline.driver.run_registration`) on an executor
+   (:func:`pipeline.cluster.open_executor`: threads of this process unless a Dask cluster is asked for)
+   into OME-Zarr arrays (:class:`pipeline.driver.ZarrStore`): each pass's field in ``<out>.run/<name>.zarr``
+   (``stage1``, ``stage2``, ``stage2.1`` for a refinement pass of stage 2; see ``PatchLattice.name``),
+   the finest pass's uncertainty in ``<out>/uncertainty``, the polished field in ``out``;
 4. resumes: ``<out>.run/`` keeps per-chunk completion records (:mod:`pipeline.resume`); rerunning the same
    command after a crash skips finished chunks and yields the identical field.
+
+:func:`register_arrays` runs the same driver on images already in memory, every pass one chunk in numpy
+(:class:`pipeline.driver.MemoryStore`), on threads of this process.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from patchmorph_core.config import InferenceConfig, load_yaml, resolve_device
-from patchmorph_core.displacement import (
-    AffineDisplacement,
-    Displacement,
-    FieldDisplacement,
-)
+from patchmorph_core.config import InferenceConfig, load_yaml
 from patchmorph_core.errors import InputError
-from patchmorph_core.inference import (
-    FieldSums,
-    PatchLattice,
-    RegistrationPlan,
-    StageFixedImages,
-    estimate_and_accumulate,
-    finalize,
-    plan_registration,
-    specs_in_box,
-)
+from patchmorph_core.inference import RegistrationPlan, RegistrationResult, plan_registration
 from patchmorph_core.model import DEFAULT_WEIGHTS, load_model
-from patchmorph_core.polish import PolishSettings
 from patchmorph_core.sampling import coarse_level
-from patchmorph_core.source import Level, MultiscaleImage
+from patchmorph_core.source import MultiscaleImage
 from patchmorph_core.spatial import Grid, read_box
-from pipeline.chunked import (
-    Box,
-    CellBlock,
-    ChunkPlan,
-    output_array,
-    partition,
-    reduce_partials,
-    run_chunked,
-    split_partial,
-)
-from pipeline.cluster import ClusterInfo, load_cluster_config, network_resources, open_client
-from pipeline.ngff import field_metadata, finish_image, read_image, write_block
-from pipeline.polish import run_polish
-from pipeline.resume import ChunkId, StageRecords, atomic_write_json, open_run, run_folder
+from pipeline.cluster import load_cluster_config, open_executor
+from pipeline.driver import Inputs, MemoryStore, ZarrStore, run_registration
+from pipeline.executor import thread_executor
+from pipeline.ngff import field_metadata, finish_image, read_image
+from pipeline.resume import atomic_write_json, open_run, run_folder
 
 log = logging.getLogger(__name__)
-
-IN_MEMORY_VOXELS = 128**3
-"""A coarse stage whose field grid has at most this many voxels is written as one chunk."""
 
 
 class RegistrationRecord(BaseModel):
@@ -110,98 +79,6 @@ class RegistrationRecord(BaseModel):
     initial_alignment: dict[str, Any]
     seconds: float
     dashboard: str
-
-
-# -- worker side --------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=2)
-def worker_model(weights: str | None, device: str) -> Any:
-    """The model, loaded once per worker process (cached by weights path and device)."""
-    import torch
-    from distributed import get_worker
-
-    try:
-        worker = get_worker()
-    except ValueError:  # not inside a Dask worker
-        worker = None
-    if worker is not None:
-        torch.set_num_threads(max(1, int(worker.state.nthreads)))
-        gpus = torch.cuda.device_count() if device == "cuda" else 0
-        if gpus > 1 and str(worker.name).isdigit():  # local GPU cluster: worker i owns GPU i
-            torch.cuda.set_device(int(worker.name) % gpus)
-    return load_model(weights, device)
-
-
-@dataclass(frozen=True)
-class StageContext:
-    """Everything the tasks of one stage need; sent to each worker once (picklable).
-
-    Attributes:
-        fixed, moving: image pyramids (moving in the fixed unit), lazily backed by their stores.
-        weights: model checkpoint path (None: default weights).
-        config: inference settings.
-        fixed_range, moving_range: intensity ranges for patch normalisation (computed once).
-        lattice: this stage's global patch lattice.
-        plan: this stage's output chunks (on the stage's field grid).
-        prior: the previous transform (initial translation or the coarser stage's lazy field).
-        field: level-0 ``(3, Z, Y, X)`` output array; ``uncertainty``: ``(Z, Y, X)`` array or None.
-        records: completion records of this stage.
-        fixed_on_grid: the normalised fixed image on the box of the field grid the stage's patches reach
-            (:func:`~patchmorph_core.inference.fixed_on_field_grid`, made once on the client for the
-            stage's passes and sent with each pass's context), or None (too large, or not a snapped
-            lattice: each block samples its own box).
-    """
-
-    fixed: MultiscaleImage
-    moving: MultiscaleImage
-    weights: str | None
-    config: InferenceConfig
-    fixed_range: tuple[float, float]
-    moving_range: tuple[float, float]
-    lattice: PatchLattice
-    plan: ChunkPlan
-    prior: Displacement
-    field: Any
-    uncertainty: Any
-    records: StageRecords
-    fixed_on_grid: Level | None = None
-
-
-def block_sums(ctx: StageContext, block: CellBlock) -> dict[ChunkId, FieldSums]:
-    """Task: estimate the patches of one block of lattice cells, summed on the block's support box and cut
-    into one piece per output chunk the box meets (:func:`~pipeline.chunked.split_partial`)."""
-    tic = time.perf_counter()
-    model = worker_model(ctx.weights, resolve_device(ctx.config.device))
-    specs = specs_in_box(ctx.lattice, block.start, block.stop)
-    if block.support is None:
-        raise ValueError("a block without support box was submitted")
-    target = ctx.plan.grid.crop(block.support.start, block.support.stop)
-    stats: dict[str, float] = {}
-    sums = estimate_and_accumulate(
-        model, ctx.fixed, ctx.moving, ctx.prior, specs, target, ctx.config,
-        fixed_range=ctx.fixed_range, moving_range=ctx.moving_range, fixed_on_grid=ctx.fixed_on_grid,
-        stats=stats,
-    )  # fmt: skip
-    pieces = split_partial(ctx.plan, block.support, sums)
-    stats.update(patches=len(specs), seconds=time.perf_counter() - tic)
-    ctx.records.log_block(block.start, stats)
-    return pieces
-
-
-def write_field_chunk(
-    ctx: StageContext, cid: ChunkId, partials: list[tuple[Box, FieldSums]]
-) -> dict[str, Any]:
-    """Task: add the partial sums that meet chunk ``cid``, finalise, write the chunk whole, then record it."""
-    tic = time.perf_counter()
-    box = ctx.plan.box(cid)
-    sums = reduce_partials(ctx.plan.grid, box, partials)
-    field, uncertainty = finalize(sums, ctx.prior)
-    ctx.records.log_write(cid)
-    ctx.field[(slice(None), *box.slices)] = field
-    if ctx.uncertainty is not None:
-        ctx.uncertainty[box.slices] = uncertainty
-    info = {"seconds": time.perf_counter() - tic, "blocks": len(partials)}
-    ctx.records.mark_done(cid, info)
-    return info
 
 
 # -- client side --------------------------------------------------------------------------------------------
@@ -290,71 +167,6 @@ def _store_initial(run_root: Path, rplan: RegistrationPlan) -> None:
     atomic_write_json(path, {"matrix": rplan.initial.tolist(), "alignment": rplan.alignment})
 
 
-def _plan_for(arrays: list[Any], grid: Grid) -> ChunkPlan:
-    """The chunk plan whose chunks are the largest write unit of ``arrays`` (each a multiple of the others)."""
-    units = [tuple(write_block(a))[-3:] for a in arrays]
-    largest = max(units, key=lambda u: int(np.prod(u)))
-    for unit in units:
-        if any(big % small and big != n for big, small, n in zip(largest, unit, grid.shape, strict=True)):
-            raise ValueError(f"write units {units} do not nest; cannot write them whole from one task")
-    return ChunkPlan(grid, largest)  # type: ignore[arg-type]
-
-
-@dataclass(frozen=True)
-class StageOutput:
-    """Where one stage writes: its level-0 field (and uncertainty) arrays and the matching chunk plan;
-    ``polished``: the output field that the polish writes from the last stage's ``field``, or None."""
-
-    field: Any
-    uncertainty: Any
-    plan: ChunkPlan
-    polished: Any = None
-
-
-def _stage_output(
-    out: Path | None,
-    run_root: Path,
-    lattice: PatchLattice,
-    grid: Grid,
-    chunk_size: int | None,
-    records: StageRecords,
-    meta: dict[str, Any],
-    polish: bool = False,
-) -> StageOutput:
-    """The arrays of one stage: the output field + uncertainty for the last stage (``out``), else
-    ``<run>/<lattice.name>.zarr``. With ``polish`` the last stage writes its field to
-    ``<run>/<lattice.name>.zarr`` too, and the polish writes the output field. A coarse stage whose field has
-    at most :data:`IN_MEMORY_VOXELS` voxels is one chunk (its blocks are sized like every stage's,
-    :func:`~pipeline.chunked.cells_per_block`).
-    """
-    resume = bool(records.completed())
-    if out is not None:
-        field = output_array(
-            out, grid, np.float32, chunk_size, 3, resume, name="displacement", extra_attrs=meta
-        )
-        polished = None
-        if polish:
-            polished = field
-            field = output_array(run_root / f"{lattice.name}.zarr", grid, np.float32, chunk_size, 3, resume, name=lattice.name)
-        uncertainty = output_array(
-            out / "uncertainty",
-            grid,
-            np.float32,
-            chunk_size,
-            None,
-            resume,
-            name="uncertainty",
-            extra_attrs={"kind": "uncertainty"},
-        )
-        arrays = [field, uncertainty] if polished is None else [field, uncertainty, polished]
-        return StageOutput(field, uncertainty, _plan_for(arrays, grid), polished)
-    in_memory = int(np.prod(grid.shape)) <= IN_MEMORY_VOXELS
-    chunk = max(grid.shape) if in_memory else chunk_size
-    path = run_root / f"{lattice.name}.zarr"
-    field = output_array(path, grid, np.float32, chunk, 3, resume, name=lattice.name)
-    return StageOutput(field, None, _plan_for([field], grid))
-
-
 def _field_meta(
     fixed: str | Path, moving: str | Path, cfg: InferenceConfig, model: Any, rplan: RegistrationPlan
 ) -> dict[str, Any]:
@@ -371,53 +183,6 @@ def _field_meta(
         "initial_alignment": rplan.alignment,
     }
     return field_metadata(rplan.grids[-1], provenance)
-
-
-def _run_stage(
-    client: Any,
-    info: ClusterInfo,
-    ctx_base: dict[str, Any],
-    lattice: PatchLattice,
-    output: StageOutput,
-    prior: Displacement,
-    records: StageRecords,
-    progress: bool,
-    fixed_on_grid: Level | None,
-) -> dict[str, Any]:
-    """One stage through :func:`run_chunked`; returns its figures."""
-    plan = output.plan
-    batch = ctx_base["config"].batch_size
-    blocks = [b for b in partition(lattice, plan, None, batch) if b.support is not None]
-    context = StageContext(
-        lattice=lattice,
-        plan=plan,
-        prior=prior,
-        field=output.field,
-        uncertainty=output.uncertainty,
-        records=records,
-        fixed_on_grid=fixed_on_grid,
-        **ctx_base,
-    )
-    run = run_chunked(
-        client, lattice.name, plan, records, context, write_field_chunk,
-        blocks=blocks, block_fn=block_sums, supports=[b.support for b in blocks],
-        resources=network_resources(info), progress=progress,
-    )  # fmt: skip
-    timing = [json.loads(p.read_text()) for p in (records.root / "blocks").glob("*.json")]
-    return {
-        "stage": lattice.stage,
-        "repeat": lattice.repeat,
-        "patches": len(lattice),
-        "patch_extent": lattice.extent,
-        "field_shape": list(plan.grid.shape),
-        "chunks": run.chunks,
-        "chunk_shape": list(plan.chunk),
-        "skipped": run.skipped,
-        "blocks": run.blocks,
-        "seconds": run.seconds,
-        "forward_seconds": sum(t.get("forward_seconds", 0.0) for t in timing),
-        "block_seconds": sum(t.get("seconds", 0.0) for t in timing),
-    }
 
 
 def register_files(
@@ -465,40 +230,10 @@ def register_files(
     _check_overlap(fixed_img.grid, rplan.moving.grid, rplan.initial, moving)
     records = open_run(run_root, _fingerprint(fixed, moving, cfg, rplan, chunk_size), overwrite)
     _store_initial(run_root, rplan)
-    meta = _field_meta(fixed, moving, cfg, model, rplan)
-    ctx_base = {
-        "fixed": fixed_img,
-        "moving": rplan.moving,
-        "weights": cfg.weights,
-        "config": cfg,
-        "fixed_range": rplan.fixed_range,
-        "moving_range": rplan.moving_range,
-    }
-    prior: Displacement = AffineDisplacement(rplan.initial)
-    stages: list[dict[str, Any]] = []
-    fixed_images = StageFixedImages(fixed_img, rplan.fixed_range)
-    settings = PolishSettings.from_config(cfg)
-    with open_client(cluster_config) as (client, info):
-        for lattice, grid in zip(rplan.lattices, rplan.grids, strict=True):
-            stage_records = records.stage(lattice.name)
-            final = lattice is rplan.lattices[-1]
-            output = _stage_output(
-                out if final else None, run_root, lattice, grid, chunk_size, stage_records, meta,
-                polish=settings.iterations > 0,
-            )  # fmt: skip
-            fixed_on_grid = fixed_images.get(lattice)
-            stages.append(
-                _run_stage(
-                    client, info, ctx_base, lattice, output, prior, stage_records, progress, fixed_on_grid
-                )
-            )
-            prior = FieldDisplacement(output.field, grid)
-        polish = None
-        if output.polished is not None:
-            polish = run_polish(
-                client, ctx_base, settings, output.plan, output.field, output.polished, records, run_root, progress,
-                resources=network_resources(info),
-            )  # fmt: skip
+    store = ZarrStore(out, records, chunk_size, _field_meta(fixed, moving, cfg, model, rplan))
+    with open_executor(cluster_config) as executor:
+        inputs = Inputs(fixed_img, rplan, cfg, cfg.weights, model if executor.kind == "threads" else None)
+        run = run_registration(executor, inputs, store, progress)
         finish_image(out / "uncertainty", n_levels=1)
         finish_image(out, n_levels=1)
     records.finish()
@@ -510,13 +245,13 @@ def register_files(
         grid_shape=grid.shape,
         spacing=tuple(float(s) for s in grid.spacing),  # type: ignore[arg-type]
         unit=grid.unit,
-        chunks=stages[-1]["chunks"],
-        skipped=sum(s["skipped"] for s in stages),
-        stages=stages,
-        polish=polish,
+        chunks=run.chunks,
+        skipped=run.skipped,
+        stages=run.stages,
+        polish=run.polish,
         initial_alignment={**rplan.alignment, "matrix": rplan.initial.tolist()},
         seconds=time.perf_counter() - tic,
-        dashboard=info.dashboard,
+        dashboard=executor.dashboard,
     )
     log.info(
         "wrote displacement field %s (grid %s, %s), uncertainty %s",
@@ -526,3 +261,45 @@ def register_files(
         record.uncertainty,
     )
     return record
+
+
+def register_arrays(
+    model: Any,
+    fixed: MultiscaleImage,
+    moving: MultiscaleImage,
+    config: InferenceConfig,
+    *,
+    show_progress: bool = False,
+    threads: int | None = None,
+) -> RegistrationResult:
+    """Register ``moving`` to ``fixed`` in memory: the chunked driver with every pass one chunk in numpy
+    (:class:`~pipeline.driver.MemoryStore`) on threads of this process — the same lattices, block tasks and
+    reduction as :func:`register_files`, hence the same field. Seeded: the same inputs and config give the
+    same field.
+
+    Args:
+        model: a PatchMorph model (anything with ``config.patch_size``, ``stage_extents`` and
+            ``stage_update``), run as it is (not reloaded).
+        fixed: fixed image pyramid (its grid and unit define the field's world frame).
+        moving: moving image pyramid (converted to the fixed unit).
+        config: inference settings.
+        show_progress: a progress bar per pass.
+        threads: task threads (None: one per core).
+
+    Returns:
+        :class:`~patchmorph_core.inference.RegistrationResult`: the field, its grid, the uncertainty and
+        ``info`` (initial alignment, per-pass figures, polish, settings).
+    """
+    plan = plan_registration(model, fixed, moving, config)
+    with thread_executor(threads) as executor:
+        run = run_registration(executor, Inputs(fixed, plan, config, config.weights, model), MemoryStore(), show_progress)
+    info = {
+        "initial_matrix": plan.initial.tolist(),
+        "initial_alignment": plan.alignment,
+        "polish": run.polish,
+        "unit": fixed.unit,
+        "stages": run.stages,
+        "inference_config": config.model_dump(mode="json"),
+        "model_config": model.config.model_dump(mode="json"),
+    }
+    return RegistrationResult(run.field, run.grid, run.uncertainty, info)

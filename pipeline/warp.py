@@ -1,4 +1,5 @@
-"""``warp``: resample an image or label map through a displacement field, chunk by chunk on Dask.
+"""``warp``: resample an image or label map through a displacement field, chunk by chunk (threads of this
+process, or a Dask cluster: :func:`pipeline.cluster.open_executor`).
 
 Directions (the field ``u`` maps a fixed world point ``x`` to the moving world point ``x + u(x)``):
 
@@ -35,7 +36,7 @@ from patchmorph_core.source import MultiscaleImage
 from patchmorph_core.spatial import Grid
 from patchmorph_core.warping import warp_to_grid
 from pipeline.chunked import ChunkPlan, output_array, run_chunked
-from pipeline.cluster import load_cluster_config, open_client
+from pipeline.cluster import load_cluster_config, open_executor
 from pipeline.ngff import finish_image, read_field, read_image, write_block
 from pipeline.resume import ChunkId, StageRecords, open_run, run_folder
 
@@ -240,9 +241,9 @@ def warp_files(
     context = WarpContext(
         image, displacement, forward if inverse else None, plan, array, 0 if labels else 1, stage
     )
-    with open_client(cluster_config) as (client, info):
-        run = run_chunked(client, "warp", plan, stage, context, warp_chunk, progress=progress)
-        finish_image(out)  # the pyramid is built by the cluster's workers, block by block
+    with open_executor(cluster_config) as executor:
+        run = run_chunked(executor, "warp", plan, stage, context, warp_chunk, progress=progress)
+        finish_image(out)  # on a Dask cluster the pyramid is built by its workers, block by block
     max_error, mean_error = _record_inverse_error(out, stage, plan) if inverse else (None, None)
     records.finish()
     log.info("wrote %s %s (grid %s, %s)", "labels" if labels else "image", out, grid.shape, grid.unit)
@@ -257,5 +258,5 @@ def warp_files(
         inverse_max_error=max_error,
         inverse_mean_error=mean_error,
         seconds=time.perf_counter() - tic,
-        dashboard=info.dashboard,
+        dashboard=executor.dashboard,
     )

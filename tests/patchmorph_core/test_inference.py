@@ -8,16 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from registration_stubs import ConstantUpdate, blob_image, blob_pair
 from scipy import ndimage
 
-from patchmorph_core import inference
 from patchmorph_core.config import InferenceConfig, ModelConfig, load_yaml
 from patchmorph_core.displacement import AffineDisplacement, FieldDisplacement, TranslationDisplacement
 from patchmorph_core.errors import InputError
 from patchmorph_core.inference import (
     FieldSums,
     PatchSpec,
-    StageFixedImages,
     accumulate,
     cell_blocks,
     cells_for_region,
@@ -29,34 +28,14 @@ from patchmorph_core.inference import (
     lattice_box,
     patch_window,
     plan_registration,
-    register_arrays,
     specs_in_box,
     stage_lattice,
     window,
 )
-from patchmorph_core.model import PatchMorph, stage_extents
+from patchmorph_core.model import PatchMorph
 from patchmorph_core.sampling import intensity_range
-from patchmorph_core.source import Level, MultiscaleImage
+from patchmorph_core.source import MultiscaleImage
 from patchmorph_core.spatial import Grid, grid_block_start, random_rotation
-
-
-class ConstantUpdate(torch.nn.Module):
-    """Model stub whose update is a known constant world vector (checks the arithmetic, not learning)."""
-
-    def __init__(self, vector: tuple[float, float, float], patch_size: int = 8) -> None:
-        super().__init__()
-        self.config = ModelConfig(patch_size=patch_size, widths=(4, 4), n_stages=2)
-        self.vector = torch.tensor(vector, dtype=torch.float32)
-        self.calls: list[int] = []
-
-    def stage_extents(self, extent: float, n_stages: int | None = None) -> list[float]:
-        return stage_extents(extent, n_stages or self.config.n_stages, self.config.extent_margin)
-
-    def stage_update(
-        self, stage: int, fixed: torch.Tensor, moving: torch.Tensor, patch_linear: torch.Tensor
-    ) -> torch.Tensor:
-        self.calls.append(int(fixed.shape[0]))
-        return self.vector.view(1, 3, 1, 1, 1).expand(fixed.shape[0], 3, *fixed.shape[2:]).to(fixed.device)
 
 
 def _spec(center, size: int = 5, extent: float = 5.0) -> PatchSpec:
@@ -195,13 +174,13 @@ def test_field_grid_patches_give_the_sums_of_per_patch_interpolation(frame: str)
     with torch.no_grad():
         for param in model.parameters():
             param.normal_(0.0, 0.3)
-    fixed, moving = _pair()
+    fixed, moving = blob_pair()
     if frame != "plain":  # a left-handed fixed grid; or one whose axes are a signed permutation of the world's
         change = np.diag([1.0, -1.0, 1.0, 1.0]) if frame == "reflected" else np.eye(4)[[1, 2, 0, 3]]
         if frame == "reflected":  # y runs the other way over the same world box
             change[1, 3] = fixed.grid.shape[1] - 1.0
         grid = Grid(fixed.levels[0].grid.shape, fixed.levels[0].grid.affine @ change, "millimeter")
-        fixed = MultiscaleImage.from_array(_blob_image(grid), grid, n_levels=2)
+        fixed = MultiscaleImage.from_array(blob_image(grid), grid, n_levels=2)
         assert fixed.levels[0].array.max() > 50.0  # the blob is inside
     moving = moving.with_unit("millimeter")
     field_grid = fixed.grid.resampled(1.5)
@@ -275,17 +254,9 @@ def test_block_sums_add_up_and_crop_to_chunks() -> None:
     assert np.allclose(beyond.weight[2:], full.weight[:3, :4, :4])
 
 
-def _blob_image(grid: Grid, center_shift=(0.0, 0.0, 0.0)) -> np.ndarray:
-    """Smooth ellipsoid with inner structure (world-defined, so any grid sees the same object)."""
-    pts = grid.points() - np.asarray(center_shift)
-    r = np.sqrt(((pts / np.array([9.0, 11.0, 8.0])) ** 2).sum(-1))
-    inner = np.sqrt((((pts - np.array([2.0, -3.0, 1.0])) / 4.0) ** 2).sum(-1))
-    return (np.clip(1.5 - r * 1.5, 0, 1) * 100 + (inner < 1) * 60).astype(np.float32)
-
-
 def test_estimate_patches_returns_the_network_updates() -> None:
     grid = Grid.from_spacing((24, 24, 24), (1.0, 1.0, 1.0), origin=(-12, -12, -12), unit="millimeter")
-    image = MultiscaleImage.from_array(_blob_image(grid), grid, n_levels=2)
+    image = MultiscaleImage.from_array(blob_image(grid), grid, n_levels=2)
     model = ConstantUpdate((0.5, -1.0, 0.25))
     lattice = stage_lattice(grid, 12.0, 2.0, seed=0, stage=1, max_rotation_deg=10.0, patch_size=8)
     specs = lattice.specs()[:5]
@@ -328,102 +299,6 @@ def test_finalize_composes_the_averaged_update_with_a_field_prior() -> None:
     assert np.abs(uncertainty).max() < 1e-3  # one estimate per voxel: no spread
 
 
-def _pair() -> tuple[MultiscaleImage, MultiscaleImage]:
-    fixed_grid = Grid.from_spacing((24, 28, 22), (1.2, 1.0, 1.4), origin=(-14, -14, -15), unit="millimeter")
-    moving_grid = Grid.from_spacing(
-        (20, 22, 26),
-        (1500.0, 1400.0, 1000.0),
-        unit="micrometer",
-        direction=random_rotation(np.random.default_rng(9), 20.0),
-    )
-    moving_grid = moving_grid.translated(-moving_grid.center)
-    shift_um = np.array([2000.0, -1500.0, 1000.0])
-    fixed = MultiscaleImage.from_array(_blob_image(fixed_grid), fixed_grid, n_levels=2)
-    moving_arr = _blob_image(moving_grid.with_unit("millimeter"), shift_um / 1000.0)
-    moving = MultiscaleImage.from_array(ndimage.gaussian_filter(moving_arr, 0.5), moving_grid, n_levels=2)
-    return fixed, moving
-
-
-def test_register_arrays_stub_adds_updates_across_stages() -> None:
-    fixed, moving = _pair()
-    model = ConstantUpdate((0.25, 0.5, -0.5))
-    config = InferenceConfig(
-        batch_size=8,
-        device="cpu",
-        max_rotation_deg=0.0,
-        initial_alignment="center_of_mass",
-        overlap=2.0,
-        refine_passes=0,
-        polish_iterations=0,  # the network's updates alone (the polish has its own tests)
-    )
-    result = register_arrays(model, fixed, moving, config, show_progress=False)
-    matrix = np.array(result.info["initial_matrix"])
-    assert (
-        np.allclose(matrix[:3, :3], np.eye(3))
-        and result.info["initial_alignment"]["method"] == "center_of_mass"
-    )
-    initial = matrix[:3, 3]
-    assert np.allclose(initial, [2.0, -1.5, 1.0], atol=0.3)  # tissue centres of mass, in the fixed unit (mm)
-    assert result.grid.unit == "millimeter" and result.field.shape == (3, *result.grid.shape)
-    assert [s["stage"] for s in result.info["stages"]] == [0, 1]
-    step = np.array([0.25, 0.5, -0.5])
-    # each stage adds v (u_s = v + u_{s-1}); far background keeps (an interpolation of) the coarser field
-    low, high = np.minimum(initial, initial + 2 * step), np.maximum(initial, initial + 2 * step)
-    values = result.field.reshape(3, -1)
-    assert np.all((values >= low[:, None] - 1e-4) & (values <= high[:, None] + 1e-4))
-    deviation = np.abs(result.field - (initial + 2 * step)[:, None, None, None]).max(axis=0)
-    tissue = fixed.sample(result.grid.points().reshape(-1, 3), 1.0).reshape(result.grid.shape) > 50.0
-    assert tissue.sum() > 300 and np.all(deviation[tissue] < 1e-4)  # the tissue got both updates
-    # identical estimates: no spread, to the float32 sums' resolution (about 4e-4 of |v| = 0.75 mm)
-    assert np.all(result.uncertainty[tissue] < 1e-3)
-
-
-def test_register_arrays_is_seeded_and_deterministic() -> None:
-    torch.manual_seed(0)
-    model = PatchMorph(ModelConfig(patch_size=8, widths=(4, 4), affine_widths=(4, 4), n_stages=2))
-    fixed, moving = _pair()
-    config = InferenceConfig(batch_size=32, device="cpu", seed=5)
-    first = register_arrays(model, fixed, moving, config, show_progress=False)
-    second = register_arrays(model, fixed, moving, config, show_progress=False)
-    assert np.array_equal(first.field, second.field)
-    assert np.array_equal(first.uncertainty, second.uncertainty)
-    assert np.isfinite(first.field).all() and first.uncertainty.max() > 0
-    reseeded = register_arrays(
-        model, fixed, moving, config.model_copy(update={"seed": 6}), show_progress=False
-    )
-    assert not np.array_equal(first.field, reseeded.field)
-
-
-def test_fixed_image_is_sampled_once_per_lattice_box_and_field_grid(monkeypatch: pytest.MonkeyPatch) -> None:
-    torch.manual_seed(0)
-    model = PatchMorph(ModelConfig(patch_size=8, widths=(4, 4), affine_widths=(4, 4), n_stages=2))
-    fixed, moving = _pair()
-    config = InferenceConfig(
-        batch_size=32, device="cpu", seed=5, refine_passes=2, initial_alignment="center_of_mass"
-    )
-    plan = plan_registration(model, fixed, moving, config)
-    assert [lattice.name for lattice in plan.lattices] == ["stage0", "stage1", "stage1.1", "stage1.2"]
-    images = StageFixedImages(fixed, plan.fixed_range)
-    made = [images.get(lattice) for lattice in plan.lattices]
-    assert all(isinstance(image, Level) for image in made)
-    assert made[-1] is made[-2] is made[-3] and made[0] is not made[-1]  # the finest stage's passes share it
-    assert not made[-1].array.flags.writeable
-    other = plan_registration(model, fixed, moving, config.model_copy(update={"refine_overlap": 3.0}))
-    assert images.get(other.lattices[-1]) is not made[-1]  # another lattice box on the same grid
-    assert StageFixedImages(fixed, plan.fixed_range, max_bytes=1024).get(plan.lattices[-1]) is None
-    rotated = plan_registration(model, fixed, moving, config.model_copy(update={"patch_layout": "rotated"}))
-    assert images.get(rotated.lattices[-1]) is None
-    # a registration slices every pass's fixed patches from it; without it (over the size limit) every
-    # pass samples its own box, and the field is the same to float32 rounding
-    result = register_arrays(model, fixed, moving, config, show_progress=False)
-    assert [s["fixed_from_grid"] for s in result.info["stages"]] == [1.0] * 4
-    monkeypatch.setattr(inference, "FIXED_ON_GRID_BYTES", 0)
-    sampled = register_arrays(model, fixed, moving, config, show_progress=False)
-    assert [s["fixed_from_grid"] for s in sampled.info["stages"]] == [0.0] * 4
-    np.testing.assert_allclose(sampled.field, result.field, atol=1e-4)
-    assert np.abs(result.field).max() > 0.1
-
-
 def test_default_register_yaml_matches_config_defaults() -> None:
     path = Path(__file__).resolve().parents[2] / "configs" / "register_default.yaml"
     assert load_yaml(path, InferenceConfig) == InferenceConfig()
@@ -448,7 +323,7 @@ def test_patch_estimate_equals_the_training_forward_pass(alignment: str) -> None
         MultiscaleImage(
             tuple(type(lv)(np.clip(np.round(lv.array / 40.0), 0, 2), lv.grid) for lv in im.levels[:1])
         )
-        for im in _pair()
+        for im in blob_pair()
     )
     moving = moving.with_unit("millimeter")
     config = InferenceConfig(batch_size=4, device="cpu")
@@ -477,44 +352,8 @@ def test_patch_estimate_equals_the_training_forward_pass(alignment: str) -> None
     assert np.abs(ours - theirs.displacement.numpy()).max() < 1e-3 * float(specs[0].grid.spacing.max())
 
 
-def test_refinement_passes_repeat_the_finest_stage_on_other_patches_from_its_field() -> None:
-    fixed, moving = _pair()
-    model = ConstantUpdate((0.0, 0.0, 0.0))
-    plan = plan_registration(
-        model, fixed, moving, InferenceConfig(device="cpu", refine_passes=2, refine_overlap=None)
-    )
-    first, *passes = plan.lattices[-3:]
-    assert [lat.repeat for lat in (first, *passes)] == [0, 1, 2]
-    assert all(g is plan.grids[-3] for g in plan.grids[-2:])  # same output field grid
-    centres = [np.array([lat.spec(c).center for c in lat.cells()]) for lat in (first, *passes)]
-    assert all(np.abs(centres[0] - other).max() > 0.0 for other in centres[1:])  # freshly drawn patches
-    sparse = plan_registration(
-        model, fixed, moving, InferenceConfig(device="cpu", overlap=1.5, refine_passes=1, refine_overlap=1.0)
-    )
-    assert sparse.lattices[-1].step == pytest.approx(1.5 * sparse.lattices[-2].step)  # overlap 1.0 vs 1.5
-    # the update is applied once per pass: a constant update of v gives (passes + 1)·v over the start
-    step = (0.5, -0.25, 0.75)
-    fields = {
-        n: register_arrays(
-            ConstantUpdate(step),
-            fixed,
-            moving,
-            InferenceConfig(
-                device="cpu", refine_passes=n, refine_overlap=None, initial_alignment="center_of_mass",
-                polish_iterations=0,
-            ),
-            show_progress=False,
-        )
-        for n in (0, 1)
-    }
-    added = fields[1].field - fields[0].field
-    covered = np.all(np.abs(added) > 1e-3, axis=0)  # where the refinement pass's patches put weight
-    assert covered.mean() > 0.3
-    assert np.allclose(np.median(added[:, covered], axis=1), step, atol=1e-3)
-
-
 def test_plan_skips_the_whole_brain_stage_only_after_an_accepted_affine() -> None:
-    fixed, moving = _pair()
+    fixed, moving = blob_pair()
     model = ConstantUpdate((0.0, 0.0, 0.0))
     affine = plan_registration(model, fixed, moving, InferenceConfig(device="cpu"))
     assert affine.alignment["method"] == "affine" and affine.alignment["accepted"]
@@ -537,7 +376,7 @@ def test_patches_are_never_finer_than_the_fixed_voxels() -> None:
     # four stages on this small anisotropic image (voxels 1.2 x 1.0 x 1.4 mm, P = 8) would put the last
     # stage's patch spacing near 0.5 mm, below the image's finest voxel: its extent is raised to P x 1.0 mm,
     # so its field grid (never finer than the image) is still the patch grid and the fast layout applies
-    fixed, moving = _pair()
+    fixed, moving = blob_pair()
     model = ConstantUpdate((0.0, 0.0, 0.0))
     config = InferenceConfig(device="cpu", n_stages=4, first_stage=0, refine_passes=0, initial_alignment="center_of_mass")
     plan = plan_registration(model, fixed, moving, config)

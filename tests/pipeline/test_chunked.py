@@ -13,19 +13,13 @@ import zarr
 
 from patchmorph_core import inference
 from patchmorph_core.config import InferenceConfig
-from patchmorph_core.inference import (
-    RegistrationResult,
-    accumulate,
-    register_arrays,
-    specs_in_box,
-    stage_lattice,
-)
+from patchmorph_core.inference import RegistrationResult, accumulate, specs_in_box, stage_lattice
 from patchmorph_core.model import load_model
 from patchmorph_core.spatial import Grid
 from pipeline import polish as polish_pipeline
 from pipeline.chunked import ChunkPlan, cells_per_block, needs, partition, reduce_partials, split_partial
 from pipeline.ngff import read_field, read_image
-from pipeline.register import register_files
+from pipeline.register import register_arrays, register_files
 
 
 def _rotated_grid() -> Grid:

@@ -27,7 +27,8 @@ def test_configs_load_and_resolve() -> None:
     assert slurm.kind == "slurm" and slurm.slurm.jobs == 8
     address = load_cluster_config("tcp://10.0.0.1:8786")
     assert address.kind == "address" and address.address == "tcp://10.0.0.1:8786"
-    assert load_cluster_config(None).kind == "local"
+    assert load_cluster_config(None).kind == "threads"  # no cluster unless asked for
+    assert load_cluster_config(None, workers=2).model_dump(include={"kind", "workers"}) == {"kind": "local", "workers": 2}
     with pytest.raises(InputError, match="neither a YAML file nor a scheduler address"):
         load_cluster_config("nonsense")
     with pytest.raises(InputError, match="workers"):

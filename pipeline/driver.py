@@ -1,0 +1,449 @@
+"""The registration driver: ONE stage loop and ONE polish loop, for a field in memory and for a field on disk.
+
+:func:`run_registration` takes a :class:`~patchmorph_core.inference.RegistrationPlan` and runs it pass by
+pass, coarse to fine: each network pass is one :func:`pipeline.chunked.run_chunked` call (block tasks
+estimate the patches of a block of lattice cells, :func:`block_sums`; one task per output chunk adds the
+pieces that meet it, composes with the prior and writes the chunk once, :func:`write_field_chunk`); the
+polish follows (:mod:`pipeline.polish`). Two things vary, and are handed in:
+
+* the **executor** (:mod:`pipeline.executor`): threads of this process, or a Dask cluster;
+* the **store** (:class:`FieldStore`): where each pass's field lives and how it is chunked —
+  :class:`MemoryStore` (numpy arrays, the whole grid as one chunk, no run records: the in-memory
+  registration, :func:`pipeline.register.register_arrays`) or :class:`ZarrStore` (OME-Zarr arrays in
+  Zarr write units, with per-chunk completion records in the run folder so that a rerun resumes:
+  :func:`pipeline.register.register_files`).
+
+So the in-memory registration is the one-chunk case of the chunked one by construction: the same lattices
+(global, seeded per cell, never by the chunk layout), the same block tasks, the same reduction.
+
+*Choice (layers):* the loop lives here, in ``pipeline``, and not in ``patchmorph_core`` over an abstract
+executor: the chunk plan, the write-once reduction and the executors are the pipeline's job (the design's
+split), while ``patchmorph_core`` keeps what a block and a chunk compute (lattices, patch estimates, sums,
+their composition with the prior, the polish's steps) as plain functions. The in-memory API moved up with it.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from patchmorph_core.config import InferenceConfig, resolve_device
+from patchmorph_core.displacement import AffineDisplacement, Displacement, FieldDisplacement
+from patchmorph_core.inference import (
+    WEIGHT_EPS,
+    FieldSums,
+    PatchLattice,
+    RegistrationPlan,
+    StageFixedImages,
+    estimate_and_accumulate,
+    finalize,
+    specs_in_box,
+)
+from patchmorph_core.model import load_model
+from patchmorph_core.polish import PolishSettings
+from patchmorph_core.source import Level, MultiscaleImage
+from patchmorph_core.spatial import Grid
+from pipeline.chunked import (
+    BLOCK_FIGURES,
+    Box,
+    CellBlock,
+    ChunkPlan,
+    StageRun,
+    output_array,
+    partition,
+    reduce_partials,
+    run_chunked,
+    split_partial,
+)
+from pipeline.executor import Executor
+from pipeline.ngff import write_block
+from pipeline.resume import ChunkId, RunRecords
+
+log = logging.getLogger(__name__)
+
+IN_MEMORY_VOXELS = 128**3
+"""A coarse pass whose field grid has at most this many voxels is written as one chunk."""
+
+
+# -- where each pass's arrays live -----------------------------------------------------------------------------
+class Records(Protocol):
+    """Completion records of one pass (:class:`pipeline.resume.StageRecords`, or :class:`NoRecords`)."""
+
+    def completed(self) -> set[ChunkId]: ...
+
+    def log_write(self, cid: ChunkId) -> None: ...
+
+    def mark_done(self, cid: ChunkId, info: dict[str, Any]) -> None: ...
+
+    def log_block(self, start: Sequence[int], figures: dict[str, Any]) -> None: ...
+
+
+class NoRecords:
+    """The records of a pass held in memory: nothing to resume, nothing written."""
+
+    def completed(self) -> set[ChunkId]:
+        return set()
+
+    def log_write(self, cid: ChunkId) -> None:
+        return None
+
+    def mark_done(self, cid: ChunkId, info: dict[str, Any]) -> None:
+        return None
+
+    def log_block(self, start: Sequence[int], figures: dict[str, Any]) -> None:
+        return None
+
+
+@dataclass(frozen=True)
+class PassArrays:
+    """Where one pass writes: its level-0 field ``(3, Z, Y, X)`` (and the uncertainty ``(Z, Y, X)`` of the
+    last network pass), the matching chunk plan and the pass's completion records."""
+
+    field: Any
+    uncertainty: Any
+    plan: ChunkPlan
+    records: Records
+
+
+class FieldStore(Protocol):
+    """Arrays and records of the passes of one registration (:class:`MemoryStore`, :class:`ZarrStore`)."""
+
+    def network_pass(self, name: str, grid: Grid, *, last: bool, output: bool) -> PassArrays:
+        """The arrays of network pass ``name`` on ``grid``: ``last`` (the finest) also gets the uncertainty;
+        ``output``: its field is the registration's output (no polish follows)."""
+        ...
+
+    def polish_pass(self, name: str, plan: ChunkPlan, *, output: bool) -> PassArrays:
+        """The arrays of polish pass ``name`` on ``plan``'s grid and chunks; ``output``: the last one."""
+        ...
+
+
+class MemoryStore:
+    """Every pass in numpy arrays, each one chunk (the whole grid): the in-memory registration."""
+
+    def _arrays(self, grid: Grid, uncertainty: bool) -> PassArrays:
+        field_ = np.zeros((3, *grid.shape), dtype=np.float32)
+        unc = np.zeros(grid.shape, dtype=np.float32) if uncertainty else None
+        return PassArrays(field_, unc, ChunkPlan(grid, grid.shape), NoRecords())
+
+    def network_pass(self, name: str, grid: Grid, *, last: bool, output: bool) -> PassArrays:
+        return self._arrays(grid, last)
+
+    def polish_pass(self, name: str, plan: ChunkPlan, *, output: bool) -> PassArrays:
+        return self._arrays(plan.grid, False)
+
+
+def _plan_for(arrays: list[Any], grid: Grid) -> ChunkPlan:
+    """The chunk plan whose chunks are the largest write unit of ``arrays`` (each a multiple of the others)."""
+    units = [tuple(write_block(a))[-3:] for a in arrays]
+    largest = max(units, key=lambda u: int(np.prod(u)))
+    for unit in units:
+        if any(big % small and big != n for big, small, n in zip(largest, unit, grid.shape, strict=True)):
+            raise ValueError(f"write units {units} do not nest; cannot write them whole from one task")
+    return ChunkPlan(grid, largest)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class ZarrStore:
+    """Every pass in OME-Zarr arrays in Zarr write units, with completion records: a registration on disk.
+
+    The registration's output field is ``out`` (its uncertainty ``out/uncertainty``); every other pass is
+    ``<run>/<name>.zarr``. A coarse pass whose field has at most :data:`IN_MEMORY_VOXELS` voxels is one chunk.
+
+    Attributes:
+        out: the output field (``.zarr``).
+        records: the run folder's records (one stage per pass).
+        chunk_size: field voxels per chunk edge (None: :data:`~pipeline.ngff.DEFAULT_CHUNK`).
+        meta: the output field's metadata (``attrs["patchmorph"]``).
+    """
+
+    out: Path
+    records: RunRecords
+    chunk_size: int | None
+    meta: dict[str, Any]
+
+    def _array(self, path: Path, grid: Grid, chunk: int | None, channels: int | None, resume: bool, **kw: Any) -> Any:
+        return output_array(path, grid, np.float32, chunk, channels, resume, **kw)
+
+    def network_pass(self, name: str, grid: Grid, *, last: bool, output: bool) -> PassArrays:
+        records = self.records.stage(name)
+        resume = bool(records.completed())
+        run_path = self.records.root / f"{name}.zarr"
+        if not last:
+            chunk = max(grid.shape) if int(np.prod(grid.shape)) <= IN_MEMORY_VOXELS else self.chunk_size
+            field_ = self._array(run_path, grid, chunk, 3, resume, name=name)
+            return PassArrays(field_, None, _plan_for([field_], grid), records)
+        final = self._array(self.out, grid, self.chunk_size, 3, resume, name="displacement", extra_attrs=self.meta)
+        unc = self._array(
+            self.out / "uncertainty", grid, self.chunk_size, None, resume, name="uncertainty",
+            extra_attrs={"kind": "uncertainty"},
+        )  # fmt: skip
+        field_ = final if output else self._array(run_path, grid, self.chunk_size, 3, resume, name=name)
+        # the polish writes the output field in the same units: the plan nests all three
+        return PassArrays(field_, unc, _plan_for([field_, unc, final], grid), records)
+
+    def polish_pass(self, name: str, plan: ChunkPlan, *, output: bool) -> PassArrays:
+        records = self.records.stage(name)
+        resume = bool(records.completed())
+        if output:
+            field_ = self._array(self.out, plan.grid, self.chunk_size, 3, True, name="displacement", extra_attrs=self.meta)
+        else:
+            field_ = self._array(self.records.root / f"{name}.zarr", plan.grid, max(plan.chunk), 3, resume, name=name)
+        return PassArrays(field_, None, plan, records)
+
+
+# -- the tasks of a network pass -----------------------------------------------------------------------------
+@functools.lru_cache(maxsize=2)
+def worker_model(weights: str | None, device: str) -> Any:
+    """The model, loaded once per process (cached by weights path and device); on a Dask worker torch gets
+    the worker's thread count and, on a local multi-GPU cluster, worker ``i`` owns GPU ``i``."""
+    import torch
+
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+    except (ImportError, ValueError):  # not inside a Dask worker
+        worker = None
+    if worker is not None:
+        torch.set_num_threads(max(1, int(worker.state.nthreads)))
+        gpus = torch.cuda.device_count() if device == "cuda" else 0
+        if gpus > 1 and str(worker.name).isdigit():
+            torch.cuda.set_device(int(worker.name) % gpus)
+    return load_model(weights, device)
+
+
+@dataclass(frozen=True)
+class StageContext:
+    """Everything the tasks of one network pass need (shared with the tasks once; picklable without ``model``).
+
+    Attributes:
+        fixed, moving: image pyramids (moving in the fixed unit), lazily backed by their stores.
+        weights: model checkpoint path (None: default weights); loaded once per process.
+        model: the model itself (a run in this process passes it; a Dask run loads ``weights``).
+        config: inference settings.
+        fixed_range, moving_range: intensity ranges for patch normalisation (computed once).
+        lattice: this pass's global patch lattice.
+        arrays: this pass's output arrays, chunk plan and records.
+        prior: the previous transform (the initial alignment or the coarser pass's lazy field).
+        fixed_on_grid: the normalised fixed image on the box of the field grid the pass's patches reach
+            (:func:`~patchmorph_core.inference.fixed_on_field_grid`), or None (each block samples its own).
+    """
+
+    fixed: MultiscaleImage
+    moving: MultiscaleImage
+    weights: str | None
+    model: Any
+    config: InferenceConfig
+    fixed_range: tuple[float, float]
+    moving_range: tuple[float, float]
+    lattice: PatchLattice
+    arrays: PassArrays
+    prior: Displacement
+    fixed_on_grid: Level | None = None
+
+    def the_model(self) -> Any:
+        """The model to run (:attr:`model`, else loaded from :attr:`weights` once per process)."""
+        if self.model is not None:
+            return self.model
+        return worker_model(self.weights, resolve_device(self.config.device))
+
+
+def block_sums(ctx: StageContext, block: CellBlock) -> dict[Any, Any]:
+    """Task: estimate the patches of one block of lattice cells, summed on the block's support box and cut
+    into one piece per output chunk the box meets (:func:`~pipeline.chunked.split_partial`), plus the
+    block's figures under :data:`~pipeline.chunked.BLOCK_FIGURES` (also logged to the pass's records)."""
+    tic = time.perf_counter()
+    if block.support is None:
+        raise ValueError("a block without support box was submitted")
+    specs = specs_in_box(ctx.lattice, block.start, block.stop)
+    plan = ctx.arrays.plan
+    target = plan.grid.crop(block.support.start, block.support.stop)
+    stats: dict[str, float] = {}
+    sums = estimate_and_accumulate(
+        ctx.the_model(), ctx.fixed, ctx.moving, ctx.prior, specs, target, ctx.config,
+        fixed_range=ctx.fixed_range, moving_range=ctx.moving_range, fixed_on_grid=ctx.fixed_on_grid,
+        stats=stats,
+    )  # fmt: skip
+    pieces: dict[Any, Any] = dict(split_partial(plan, block.support, sums))
+    stats.update(patches=len(specs), seconds=time.perf_counter() - tic)
+    ctx.arrays.records.log_block(block.start, stats)
+    pieces[BLOCK_FIGURES] = stats
+    return pieces
+
+
+def write_field_chunk(ctx: StageContext, cid: ChunkId, partials: list[tuple[Box, FieldSums]]) -> dict[str, Any]:
+    """Task: add the partial sums that meet chunk ``cid``, finalise, write the chunk whole, then record it."""
+    tic = time.perf_counter()
+    box = ctx.arrays.plan.box(cid)
+    sums = reduce_partials(ctx.arrays.plan.grid, box, partials)
+    field_, uncertainty = finalize(sums, ctx.prior)
+    ctx.arrays.records.log_write(cid)
+    ctx.arrays.field[(slice(None), *box.slices)] = field_
+    if ctx.arrays.uncertainty is not None:
+        ctx.arrays.uncertainty[box.slices] = uncertainty
+    info = {
+        "seconds": time.perf_counter() - tic,
+        "blocks": len(partials),
+        "voxels": int(np.prod(box.shape)),
+        "covered": int(np.count_nonzero(sums.weight > WEIGHT_EPS)),
+    }
+    ctx.arrays.records.mark_done(cid, info)
+    return info
+
+
+# -- the loop ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Inputs:
+    """What every pass of one registration reads.
+
+    Attributes:
+        fixed: fixed image pyramid (the field's world frame and unit).
+        plan: the registration plan (moving image in the fixed unit, start, ranges, lattices, grids).
+        config: inference settings.
+        weights: checkpoint path for processes that load the model themselves (None: default weights).
+        model: the model, for tasks that run in this process (None: loaded from ``weights``).
+    """
+
+    fixed: MultiscaleImage
+    plan: RegistrationPlan
+    config: InferenceConfig
+    weights: str | None
+    model: Any = None
+
+
+@dataclass(frozen=True)
+class DriverRun:
+    """What :func:`run_registration` made.
+
+    Attributes:
+        field: the output field array (``(3, Z, Y, X)``, on ``grid``).
+        uncertainty: the finest network pass's uncertainty array (``(Z, Y, X)``).
+        grid: the output field grid.
+        stages: one record per pass, network passes then the polish's (name, kind, figures, seconds):
+            the per-stage figures a caller reports or checks.
+        polish: the polish's figures, or None (``polish_iterations: 0``).
+        chunks: chunks of the output field; ``skipped``: chunks of every pass found done.
+    """
+
+    field: Any
+    uncertainty: Any
+    grid: Grid
+    stages: list[dict[str, Any]] = field(default_factory=list)
+    polish: dict[str, Any] | None = None
+    chunks: int = 0
+    skipped: int = 0
+
+
+def _network_record(lattice: PatchLattice, plan: ChunkPlan, run: StageRun) -> dict[str, Any]:
+    """The figures of one network pass."""
+    voxels = sum(f.get("voxels", 0) for f in run.chunk_figures)
+    covered = sum(f.get("covered", 0) for f in run.chunk_figures)
+    return {
+        "name": lattice.name,
+        "kind": "network",
+        "stage": lattice.stage,
+        "repeat": lattice.repeat,
+        "patches": len(lattice),
+        "patch_extent": lattice.extent,
+        "patch_spacing": lattice.extent / lattice.size,
+        "lattice": list(lattice.counts),
+        "field_shape": list(plan.grid.shape),
+        "field_spacing": float(plan.grid.spacing.max()),
+        "chunks": run.chunks,
+        "chunk_shape": list(plan.chunk),
+        "skipped": run.skipped,
+        "blocks": run.blocks,
+        "coverage": covered / voxels if voxels else None,
+        "seconds": run.seconds,
+        "block_seconds": run.total("seconds"),
+        "forward_seconds": run.total("forward_seconds"),
+        "sampling_seconds": run.total("sampling_seconds"),
+        "accumulate_seconds": run.total("accumulate_seconds"),
+        "fixed_from_grid": run.total("fixed_from_grid") / run.blocks if run.blocks else None,
+        "chunk_seconds": float(sum(f.get("seconds", 0.0) for f in run.chunk_figures)),
+    }
+
+
+def run_network_pass(
+    executor: Executor,
+    inputs: Inputs,
+    lattice: PatchLattice,
+    arrays: PassArrays,
+    prior: Displacement,
+    fixed_on_grid: Level | None,
+    progress: bool,
+) -> dict[str, Any]:
+    """One network pass through :func:`~pipeline.chunked.run_chunked`; returns its figures."""
+    plan = arrays.plan
+    blocks = [b for b in partition(lattice, plan, None, inputs.config.batch_size) if b.support is not None]
+    context = StageContext(
+        fixed=inputs.fixed, moving=inputs.plan.moving, weights=inputs.weights,
+        model=inputs.model if executor.kind == "threads" else None, config=inputs.config,
+        fixed_range=inputs.plan.fixed_range, moving_range=inputs.plan.moving_range, lattice=lattice,
+        arrays=arrays, prior=prior, fixed_on_grid=fixed_on_grid,
+    )  # fmt: skip
+    resources = {"GPU": 1.0} if executor.gpu else None
+    run = run_chunked(
+        executor, lattice.name, plan, arrays.records, context, write_field_chunk,
+        blocks=blocks, block_fn=block_sums, supports=[b.support for b in blocks], resources=resources,
+        progress=progress,
+    )  # fmt: skip
+    record = _network_record(lattice, plan, run)
+    log.info(
+        "%s: %d patches of %.4g %s, field %s, %.1f s", lattice.name, len(lattice), lattice.extent,
+        plan.grid.unit, plan.grid.shape, run.seconds,
+    )  # fmt: skip
+    return record
+
+
+def run_registration(executor: Executor, inputs: Inputs, store: FieldStore, progress: bool = False) -> DriverRun:
+    """Every pass of ``inputs.plan``, coarse to fine, then the polish (see the module docstring).
+
+    Each pass's field is the next pass's prior (read lazily: only the boxes the next pass's patches need);
+    the finest network pass writes the uncertainty, and its field is polished into the output field (with
+    ``polish_iterations: 0`` it writes the output itself).
+
+    Args:
+        executor: where the tasks run.
+        inputs: images, plan, settings and model.
+        store: where the passes' arrays and records live.
+        progress: show a progress bar per pass.
+    """
+    from pipeline.polish import run_polish  # the polish's tasks build on this module's records
+
+    plan = inputs.plan
+    settings = PolishSettings.from_config(inputs.config)
+    prior: Displacement = AffineDisplacement(plan.initial)
+    fixed_images = StageFixedImages(inputs.fixed, plan.fixed_range)
+    stages: list[dict[str, Any]] = []
+    arrays = None
+    for n, (lattice, grid) in enumerate(zip(plan.lattices, plan.grids, strict=True)):
+        last = n == len(plan.lattices) - 1
+        arrays = store.network_pass(lattice.name, grid, last=last, output=last and settings.iterations == 0)
+        stages.append(
+            run_network_pass(executor, inputs, lattice, arrays, prior, fixed_images.get(lattice), progress)
+        )
+        prior = FieldDisplacement(arrays.field, grid)
+    if arrays is None:
+        raise ValueError("the registration plan has no pass to run")
+    output, polish = arrays.field, None
+    if settings.iterations > 0:
+        output, polish = run_polish(executor, inputs, settings, arrays, store, progress)
+        stages.extend(polish["passes"])
+    return DriverRun(
+        field=output,
+        uncertainty=arrays.uncertainty,
+        grid=plan.grids[-1],
+        stages=stages,
+        polish=polish,
+        chunks=len(arrays.plan),
+        skipped=sum(int(s.get("skipped", 0)) for s in stages),
+    )

@@ -1,0 +1,132 @@
+"""The one registration driver: the in-memory registration (threads, numpy, one chunk) on stub and tiny
+models; its equality with the chunked run on disk is in test_chunked.py."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from registration_stubs import ConstantUpdate, blob_pair
+
+from patchmorph_core import inference
+from patchmorph_core.config import InferenceConfig, ModelConfig
+from patchmorph_core.inference import StageFixedImages, plan_registration
+from patchmorph_core.model import PatchMorph
+from patchmorph_core.source import Level
+from pipeline.register import register_arrays
+
+
+def test_register_arrays_stub_adds_updates_across_stages() -> None:
+    fixed, moving = blob_pair()
+    model = ConstantUpdate((0.25, 0.5, -0.5))
+    config = InferenceConfig(
+        batch_size=8,
+        device="cpu",
+        max_rotation_deg=0.0,
+        initial_alignment="center_of_mass",
+        overlap=2.0,
+        refine_passes=0,
+        polish_iterations=0,  # the network's updates alone (the polish has its own tests)
+    )
+    result = register_arrays(model, fixed, moving, config, show_progress=False)
+    matrix = np.array(result.info["initial_matrix"])
+    assert (
+        np.allclose(matrix[:3, :3], np.eye(3))
+        and result.info["initial_alignment"]["method"] == "center_of_mass"
+    )
+    initial = matrix[:3, 3]
+    assert np.allclose(initial, [2.0, -1.5, 1.0], atol=0.3)  # tissue centres of mass, in the fixed unit (mm)
+    assert result.grid.unit == "millimeter" and result.field.shape == (3, *result.grid.shape)
+    assert [s["stage"] for s in result.info["stages"]] == [0, 1]
+    step = np.array([0.25, 0.5, -0.5])
+    # each stage adds v (u_s = v + u_{s-1}); far background keeps (an interpolation of) the coarser field
+    low, high = np.minimum(initial, initial + 2 * step), np.maximum(initial, initial + 2 * step)
+    values = result.field.reshape(3, -1)
+    assert np.all((values >= low[:, None] - 1e-4) & (values <= high[:, None] + 1e-4))
+    deviation = np.abs(result.field - (initial + 2 * step)[:, None, None, None]).max(axis=0)
+    tissue = fixed.sample(result.grid.points().reshape(-1, 3), 1.0).reshape(result.grid.shape) > 50.0
+    assert tissue.sum() > 300 and np.all(deviation[tissue] < 1e-4)  # the tissue got both updates
+    # identical estimates: no spread, to the float32 sums' resolution (about 4e-4 of |v| = 0.75 mm)
+    assert np.all(result.uncertainty[tissue] < 1e-3)
+
+
+def test_register_arrays_is_seeded_and_deterministic() -> None:
+    torch.manual_seed(0)
+    model = PatchMorph(ModelConfig(patch_size=8, widths=(4, 4), affine_widths=(4, 4), n_stages=2))
+    fixed, moving = blob_pair()
+    config = InferenceConfig(batch_size=32, device="cpu", seed=5)
+    first = register_arrays(model, fixed, moving, config, show_progress=False)
+    second = register_arrays(model, fixed, moving, config, show_progress=False)
+    assert np.array_equal(first.field, second.field)
+    assert np.array_equal(first.uncertainty, second.uncertainty)
+    assert np.isfinite(first.field).all() and first.uncertainty.max() > 0
+    reseeded = register_arrays(
+        model, fixed, moving, config.model_copy(update={"seed": 6}), show_progress=False
+    )
+    assert not np.array_equal(first.field, reseeded.field)
+
+
+def test_fixed_image_is_sampled_once_per_lattice_box_and_field_grid(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    model = PatchMorph(ModelConfig(patch_size=8, widths=(4, 4), affine_widths=(4, 4), n_stages=2))
+    fixed, moving = blob_pair()
+    config = InferenceConfig(
+        batch_size=32, device="cpu", seed=5, refine_passes=2, initial_alignment="center_of_mass"
+    )
+    plan = plan_registration(model, fixed, moving, config)
+    assert [lattice.name for lattice in plan.lattices] == ["stage0", "stage1", "stage1.1", "stage1.2"]
+    images = StageFixedImages(fixed, plan.fixed_range)
+    made = [images.get(lattice) for lattice in plan.lattices]
+    assert all(isinstance(image, Level) for image in made)
+    assert made[-1] is made[-2] is made[-3] and made[0] is not made[-1]  # the finest stage's passes share it
+    assert not made[-1].array.flags.writeable
+    other = plan_registration(model, fixed, moving, config.model_copy(update={"refine_overlap": 3.0}))
+    assert images.get(other.lattices[-1]) is not made[-1]  # another lattice box on the same grid
+    assert StageFixedImages(fixed, plan.fixed_range, max_bytes=1024).get(plan.lattices[-1]) is None
+    rotated = plan_registration(model, fixed, moving, config.model_copy(update={"patch_layout": "rotated"}))
+    assert images.get(rotated.lattices[-1]) is None
+    # a registration slices every pass's fixed patches from it; without it (over the size limit) every
+    # pass samples its own box, and the field is the same to float32 rounding
+    result = register_arrays(model, fixed, moving, config, show_progress=False)
+    assert [s["fixed_from_grid"] for s in result.info["stages"] if s["kind"] == "network"] == [1.0] * 4
+    monkeypatch.setattr(inference, "FIXED_ON_GRID_BYTES", 0)
+    sampled = register_arrays(model, fixed, moving, config, show_progress=False)
+    assert [s["fixed_from_grid"] for s in sampled.info["stages"] if s["kind"] == "network"] == [0.0] * 4
+    np.testing.assert_allclose(sampled.field, result.field, atol=1e-4)
+    assert np.abs(result.field).max() > 0.1
+
+
+def test_refinement_passes_repeat_the_finest_stage_on_other_patches_from_its_field() -> None:
+    fixed, moving = blob_pair()
+    model = ConstantUpdate((0.0, 0.0, 0.0))
+    plan = plan_registration(
+        model, fixed, moving, InferenceConfig(device="cpu", refine_passes=2, refine_overlap=None)
+    )
+    first, *passes = plan.lattices[-3:]
+    assert [lat.repeat for lat in (first, *passes)] == [0, 1, 2]
+    assert all(g is plan.grids[-3] for g in plan.grids[-2:])  # same output field grid
+    centres = [np.array([lat.spec(c).center for c in lat.cells()]) for lat in (first, *passes)]
+    assert all(np.abs(centres[0] - other).max() > 0.0 for other in centres[1:])  # freshly drawn patches
+    sparse = plan_registration(
+        model, fixed, moving, InferenceConfig(device="cpu", overlap=1.5, refine_passes=1, refine_overlap=1.0)
+    )
+    assert sparse.lattices[-1].step == pytest.approx(1.5 * sparse.lattices[-2].step)  # overlap 1.0 vs 1.5
+    # the update is applied once per pass: a constant update of v gives (passes + 1)·v over the start
+    step = (0.5, -0.25, 0.75)
+    fields = {
+        n: register_arrays(
+            ConstantUpdate(step),
+            fixed,
+            moving,
+            InferenceConfig(
+                device="cpu", refine_passes=n, refine_overlap=None, initial_alignment="center_of_mass",
+                polish_iterations=0,
+            ),
+            show_progress=False,
+        )
+        for n in (0, 1)
+    }
+    added = fields[1].field - fields[0].field
+    covered = np.all(np.abs(added) > 1e-3, axis=0)  # where the refinement pass's patches put weight
+    assert covered.mean() > 0.3
+    assert np.allclose(np.median(added[:, covered], axis=1), step, atol=1e-3)
