@@ -1,47 +1,54 @@
-"""Accuracy benchmark: PatchMorph against ANTs SyN / SyNCC on synthetic images of real anatomy.
+"""Accuracy benchmark: PatchMorph through its command line against ANTs SyN run right after it, and ANTs SyNCC.
 
-Data: the real FreeSurfer label maps of SynthSeg subjects 07-10 (``human_synthseg``; 01-06 are for
-training). Each is skull-stripped (labels >= 500 dropped), downsampled to 2 mm (block mode), cropped to
-the brain's bounding box plus :data:`MARGIN_VOX` voxels (world positions kept) and turned into an image by
-:func:`patchmorph_core.synth.synthesize_image` with ONE intensity table for every subject (seeded
-uniform draw per label id) plus blur (1 voxel), a smooth bias field (0.3) and noise (0.03), each subject
-with its own seed. Every subject stays in its native world space (no prior alignment). Each ordered pair
-(fixed, moving) of the 4 subjects (12 pairs) is registered, the moving labels are warped onto the fixed
-grid (nearest / genericLabel) and scored against the fixed labels: Dice per structure over
-:data:`~patchmorph_core.synth.STANDARD_FS_LABELS` and its mean, % of voxels with det J <= 0 of the
-deformation, and registration wall time on this machine.
+Data: the real FreeSurfer label maps of SynthSeg subjects 07-10 (``human_synthseg``; 01-06 are for training
+and validation). Each is skull-stripped (labels >= 500 dropped), downsampled to 2 mm (block mode), cropped
+to the brain's bounding box plus :data:`MARGIN_VOX` voxels (world positions kept) and turned into an image
+by :func:`patchmorph_core.synth.synthesize_image` with ONE intensity table for every subject (seeded uniform
+draw per label id) plus blur (1 voxel), a smooth bias field (0.3) and noise (0.03), each subject with its own
+seed. Every subject stays in its native world space (no prior alignment). The inputs are NIfTI files, as a
+user holds them.
 
-Sub-commands (run from the repository root with our venv's Python)::
+Per ordered pair (fixed, moving) of the 4 subjects (12 pairs), each PatchMorph method runs as a user runs it,
+from an empty folder: ``patchmorph convert`` (the four NIfTI files), ``register``, ``warp --labels`` (moving
+labels onto the fixed grid) and ``evaluate`` (Dice over the 28 standard structures, folds inside the fixed
+brain), each command timed as a process. Then ANTs SyN (antspyx defaults: affine + SyN on mutual information,
+2 threads) registers the same pair. Reported per pair and method: Dice per structure and its mean, % of
+voxels with det J <= 0 inside the fixed brain (the headline) and over the whole field grid, the inverse
+field's residual inside the brain (percentiles and max, in field voxels), the wall and CPU seconds of each
+command and the ratio of ``patchmorph register``'s wall time to SyN's registration in the same run. ANTs SyNCC
+(15-25 min a pair) was run once with the ``ants`` sub-command; its JSON is merged: per-pair Dice difference
+with its standard error, and Dice per structure group (left and right together).
 
-    python benchmarks/accuracy.py prepare           # writes the synthetic NIfTI + OME-Zarr inputs
-    python benchmarks/accuracy.py ants --transform SyNCC --pairs 07:08,08:09,09:10,10:07 \\
-        --json benchmarks/results/ants_syncc.json   # one ANTs method on some pairs (slow: run once)
-    python benchmarks/accuracy.py run               # PatchMorph + ANTs SyN on all 12 pairs, merges
-                                                    # the SyNCC file, prints the table, writes JSON
+Sub-commands (from the repository root, our venv's Python)::
 
-ANTs runs in its own venv (``.venv-ants``, antspyx + nibabel) through ``benchmarks/ants_register.py``.
-Intermediate files go to ``benchmarks/out/accuracy`` (git-ignored); results to ``benchmarks/results``.
+    .venv/bin/python benchmarks/accuracy.py prepare          # the NIfTI inputs (benchmarks/out/accuracy/data)
+    .venv/bin/python benchmarks/accuracy.py run              # PatchMorph + SyN on the 12 pairs, merges SyNCC
+    .venv/bin/python benchmarks/accuracy.py run --variant fast="--config configs/register_fast.yaml"
+    .venv/bin/python benchmarks/accuracy.py ants --transform SyNCC --pairs 07:08,08:09 \\
+        --json benchmarks/results/ants_syncc.json          # one ANTs method on some pairs (slow: run once)
+
+``run`` writes ``benchmarks/results/accuracy.json`` after every pair (a stopped run keeps what it measured) and
+prints the tables that ``benchmarks/report.py`` puts in ``docs/benchmarks.md``.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import json
 import logging
-import platform
 import shlex
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
+import harness
 import numpy as np
 
-from patchmorph_core.metrics import dice_per_label, folding_percent
+from patchmorph_core.metrics import dice_per_label
 from patchmorph_core.source import downsampled_grid
-from patchmorph_core.spatial import Grid, grid_affine_from_ras, read_box, resample
+from patchmorph_core.spatial import Grid, grid_affine_from_ras
 from patchmorph_core.synth import (
     STANDARD_FS_LABELS,
     downsample_labels,
@@ -52,11 +59,13 @@ from patchmorph_core.synth import (
 
 logger = logging.getLogger("benchmarks.accuracy")
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT / ".." / "shared" / "data" / "human_synthseg"
-OUT = ROOT / "benchmarks" / "out" / "accuracy"
-RESULTS = ROOT / "benchmarks" / "results"
-ANTS_PYTHON = ROOT / ".venv-ants" / "bin" / "python"
+ROOT = harness.REPO
+DATA = harness.DATA / "human_synthseg"
+OUT = harness.OUT / "accuracy"
+RESULTS_JSON = harness.RESULTS / "accuracy.json"
+SYNCC_JSON = harness.RESULTS / "ants_syncc.json"
+ANTS_PYTHON = harness.ANTS_PYTHON
+"""ANTs' venv (``validate.py`` runs ANTs through it too)."""
 SUBJECTS: tuple[str, ...] = ("07", "08", "09", "10")
 FACTOR = 2
 """Downsampling of the 1 mm label maps: images are 2 mm."""
@@ -66,17 +75,35 @@ INTENSITY_SEED = 2026
 """Seed of the one intensity table (label id -> intensity) shared by all subjects."""
 SYNTH = {"blur_sigma_vox": 1.0, "bias_strength": 0.3, "noise_std": 0.03}
 
+STRUCTURE_GROUPS: dict[str, tuple[int, ...]] = {
+    "cerebral white matter": (2, 41),
+    "cerebral cortex": (3, 42),
+    "lateral ventricle": (4, 43),
+    "cerebellum white matter": (7, 46),
+    "cerebellum cortex": (8, 47),
+    "thalamus": (10, 49),
+    "caudate": (11, 50),
+    "putamen": (12, 51),
+    "pallidum": (13, 52),
+    "3rd ventricle": (14,),
+    "4th ventricle": (15,),
+    "brain-stem": (16,),
+    "hippocampus": (17, 53),
+    "amygdala": (18, 54),
+    "CSF": (24,),
+    "ventral DC": (28, 60),
+}
+"""The 28 standard structures as 16 groups (left and right together); a group's Dice is its structures' mean."""
+
+GROUP_MARGIN = 0.03
+"""No structure group may lie more than this below ANTs SyNCC (issue 24)."""
+
 
 # -- data ------------------------------------------------------------------------------------------------
-def subject_paths(sid: str) -> dict[str, Path]:
-    """Paths of one subject's prepared inputs (NIfTI for ANTs, OME-Zarr for PatchMorph)."""
-    base = OUT / "data"
-    return {
-        "image_nii": base / f"image_{sid}.nii.gz",
-        "labels_nii": base / f"labels_{sid}.nii.gz",
-        "image_zarr": base / f"image_{sid}.ome.zarr",
-        "labels_zarr": base / f"labels_{sid}.ome.zarr",
-    }
+def subject_paths(sid: str, folder: Path | None = None) -> dict[str, Path]:
+    """NIfTI inputs of one subject (``folder``: default ``benchmarks/out/accuracy/data``)."""
+    base = folder or OUT / "data"
+    return {"image": base / f"image_{sid}.nii.gz", "labels": base / f"labels_{sid}.nii.gz"}
 
 
 def brain_crop(labels: np.ndarray, grid: Grid, margin: int) -> tuple[np.ndarray, Grid]:
@@ -89,7 +116,7 @@ def brain_crop(labels: np.ndarray, grid: Grid, margin: int) -> tuple[np.ndarray,
 
 
 def make_subject(sid: str, table: dict[int, float]) -> tuple[np.ndarray, np.ndarray, Grid]:
-    """Skull-stripped 2 mm labels, their synthetic image and grid for subject ``sid``."""
+    """Skull-stripped 2 mm labels, their synthetic image (intensities from ``table``) and grid of ``sid``."""
     from pipeline.importers import load_nifti
 
     labels, grid = load_nifti(DATA / f"training_seg_{sid}.nii.gz")
@@ -103,7 +130,7 @@ def make_subject(sid: str, table: dict[int, float]) -> tuple[np.ndarray, np.ndar
 
 
 def save_nifti(path: Path, array: np.ndarray, grid: Grid) -> None:
-    """Write a ``(Z, Y, X)`` array on ``grid`` (millimeter) as NIfTI, inverse of ``load_nifti``.
+    """Write a ``(Z, Y, X)`` array on ``grid`` as NIfTI (millimetres), the inverse of ``load_nifti``.
 
     ``grid_affine_from_ras`` reverses the index and world component order ((i, j, k) <-> (k, j, i),
     (R, A, S) <-> (S, A, R)); the reversal is its own inverse, so it also maps our affine back to
@@ -111,214 +138,47 @@ def save_nifti(path: Path, array: np.ndarray, grid: Grid) -> None:
     """
     import nibabel as nib
 
-    img = nib.Nifti1Image(np.ascontiguousarray(array.transpose(2, 1, 0)), grid_affine_from_ras(grid.affine))
+    mm = grid.with_unit("millimeter")
+    img = nib.Nifti1Image(np.ascontiguousarray(array.transpose(2, 1, 0)), grid_affine_from_ras(mm.affine))
     img.header.set_xyzt_units("mm")
     path.parent.mkdir(parents=True, exist_ok=True)
     nib.save(img, str(path))
 
 
+def sha256(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def prepare(overwrite: bool = False) -> dict[str, dict[str, Any]]:
-    """Write every subject's synthetic image and labels (NIfTI and OME-Zarr); return shapes/spacings."""
+    """Write every subject's synthetic image and labels (NIfTI) once; return shapes, spacings, checksums."""
     from pipeline.importers import load_nifti
 
     table = random_intensities(range(1, 500), np.random.default_rng(INTENSITY_SEED))
     info: dict[str, dict[str, Any]] = {}
     for sid in SUBJECTS:
         paths = subject_paths(sid)
-        nifti_missing = not (paths["image_nii"].exists() and paths["labels_nii"].exists())
-        zarr_missing = not (paths["image_zarr"].exists() and paths["labels_zarr"].exists())
-        if overwrite or nifti_missing or zarr_missing:
+        if overwrite or not all(p.exists() for p in paths.values()):
             labels, image, grid = make_subject(sid, table)
-            if overwrite or nifti_missing:
-                save_nifti(paths["image_nii"], image, grid)
-                save_nifti(paths["labels_nii"], labels, grid)
-                back, back_grid = load_nifti(paths["labels_nii"])
-                if not (np.array_equal(back, labels) and np.allclose(back_grid.affine, grid.affine)):
-                    raise RuntimeError(f"NIfTI round trip of subject {sid} changed the labels or the grid")
-            if overwrite or zarr_missing:
-                write_zarr(paths, image, labels, grid)
+            save_nifti(paths["image"], image, grid)
+            save_nifti(paths["labels"], labels, grid)
+            back, back_grid = load_nifti(paths["labels"])
+            if not (np.array_equal(back, labels) and np.allclose(back_grid.affine, grid.affine)):
+                raise RuntimeError(f"NIfTI round trip of subject {sid} changed the labels or the grid")
             logger.info("subject %s: shape %s at %s mm", sid, labels.shape, grid.spacing.round(3))
-        labels, grid = load_nifti(paths["labels_nii"])
-        info[sid] = {"shape": list(labels.shape), "spacing_mm": grid.spacing.round(4).tolist()}
+        labels, grid = load_nifti(paths["labels"])
+        info[sid] = {
+            "shape": list(labels.shape),
+            "spacing_mm": grid.spacing.round(4).tolist(),
+            "image_sha256": sha256(paths["image"]),
+            "labels_sha256": sha256(paths["labels"]),
+        }
     return info
 
 
-def write_zarr(paths: dict[str, Path], image: np.ndarray, labels: np.ndarray, grid: Grid) -> None:
-    """Write the OME-Zarr inputs of PatchMorph (skipped with a warning until ``pipeline.ngff`` exists)."""
-    try:
-        from pipeline.ngff import write_image
-    except ImportError:
-        logger.warning("pipeline.ngff is not available yet: OME-Zarr inputs not written")
-        return
-    write_image(paths["image_zarr"], image, grid, name="image", overwrite=True)
-    write_image(paths["labels_zarr"], labels, grid, name="labels", labels=True, overwrite=True)
-
-
-def load_labels(path: Path) -> tuple[np.ndarray, Grid]:
-    """A label map ``(Z, Y, X)`` int and its grid from NIfTI or OME-Zarr (level 0)."""
-    if path.name.endswith((".nii", ".nii.gz")):
-        from pipeline.importers import load_nifti
-
-        labels, grid = load_nifti(path)
-    else:
-        from pipeline.ngff import read_image
-
-        level = read_image(path).levels[0]
-        labels, grid = np.asarray(level.array), level.grid
-    return np.rint(labels).astype(np.int32), grid
-
-
-def score(fixed_sid: str, warped_path: Path) -> dict[str, Any]:
-    """Dice per standard structure and its mean between the fixed labels and warped moving labels."""
-    fixed, fixed_grid = load_labels(subject_paths(fixed_sid)["labels_nii"])
-    warped, warped_grid = load_labels(warped_path)
-    if warped.shape != fixed.shape or not np.allclose(warped_grid.affine, fixed_grid.affine, atol=1e-4):
-        raise RuntimeError(f"{warped_path} is not on the fixed grid of subject {fixed_sid}")
-    dice = dice_per_label(fixed, warped, STANDARD_FS_LABELS)
-    values = [v for v in dice.values() if not np.isnan(v)]
-    return {"dice": {str(k): v for k, v in dice.items()}, "mean_dice": float(np.mean(values))}
-
-
-def parse_pairs(text: str | None) -> list[tuple[str, str]]:
-    """``"07:08,08:09"`` → ``[("07", "08"), ("08", "09")]`` (fixed:moving); None → all 12 ordered pairs."""
-    if not text:
-        return list(itertools.permutations(SUBJECTS, 2))
-    return [tuple(item.split(":")) for item in text.split(",")]  # type: ignore[misc]
-
-
-# -- ANTs ------------------------------------------------------------------------------------------------
-def run_ants_pair(fixed: str, moving: str, transform: str, threads: int, nice: int) -> dict[str, Any]:
-    """Register one pair with ANTs in its venv (subprocess) and score it."""
-    fp, mp = subject_paths(fixed), subject_paths(moving)
-    out = OUT / transform.lower() / f"{fixed}_{moving}"
-    cmd = [
-        str(ANTS_PYTHON),
-        str(ROOT / "benchmarks" / "ants_register.py"),
-        "--fixed", str(fp["image_nii"]),
-        "--moving", str(mp["image_nii"]),
-        "--moving-labels", str(mp["labels_nii"]),
-        "--fixed-labels", str(fp["labels_nii"]),
-        "--transform", transform,
-        "--threads", str(threads),
-        "--out-labels", str(out / "warped_labels.nii.gz"),
-        "--out-json", str(out / "record.json"),
-    ]  # fmt: skip
-    if nice:
-        cmd = ["nice", "-n", str(nice), *cmd]
-    out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    subprocess.run(cmd, check=True)
-    record = json.loads((out / "record.json").read_text())
-    record.update(fixed=fixed, moving=moving, process_seconds=time.perf_counter() - start)
-    record.update(score(fixed, out / "warped_labels.nii.gz"))
-    return record
-
-
-def run_ants(pairs: list[tuple[str, str]], transform: str, threads: int, nice: int, json_path: Path) -> None:
-    """Run ANTs on ``pairs``, rewriting ``json_path`` after every pair (so partial runs are kept).
-
-    Pairs already in ``json_path`` for the same transform are kept and skipped (a long SyNCC run can be
-    stopped and started again); each kept pair still carries the command that made it.
-    """
-    command = shlex.join([Path(sys.executable).name, *sys.argv])
-    doc: dict[str, Any] = {"pairs": []}
-    if json_path.is_file():
-        doc = json.loads(json_path.read_text())
-        if doc.get("method") != f"ANTs {transform}":
-            doc = {"pairs": []}
-    for pair in doc["pairs"]:
-        pair.setdefault("command", doc.get("command", command))
-    doc.update(
-        method=f"ANTs {transform}",
-        command=command,
-        machine=machine(),
-        pairs_requested=[f"{f}:{m}" for f, m in pairs],
-    )
-    done = {(p["fixed"], p["moving"]) for p in doc["pairs"]}
-    for fixed, moving in pairs:
-        if (fixed, moving) in done:
-            logger.info("ANTs %s: fixed %s, moving %s already in %s, skipped", transform, fixed, moving, json_path)
-            continue
-        logger.info("ANTs %s: fixed %s, moving %s", transform, fixed, moving)
-        doc["pairs"].append(run_ants_pair(fixed, moving, transform, threads, nice) | {"command": command})
-        doc["summary"] = summarize(doc["pairs"])
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(doc, indent=2))
-        logger.info("ANTs %s %s->%s: mean Dice %.4f", transform, moving, fixed, doc["pairs"][-1]["mean_dice"])
-
-
-# -- PatchMorph ------------------------------------------------------------------------------------------
-def run_ours_pair(fixed: str, moving: str, config: Path | None, folder: str = "patchmorph") -> dict[str, Any]:
-    """Register one pair with PatchMorph (default model; inference ``config`` YAML or defaults), score it.
-
-    Goes through the product path (``register_files`` / ``warp_files``: OME-Zarr in and out, local Dask
-    cluster), so the wall time includes cluster start-up, reading and writing. Outputs go to
-    ``benchmarks/out/accuracy/<folder>/<fixed>_<moving>/``.
-    """
-    from pipeline.ngff import read_field
-    from pipeline.register import register_files
-    from pipeline.warp import warp_files
-
-    fp, mp = subject_paths(fixed), subject_paths(moving)
-    out = OUT / folder / f"{fixed}_{moving}"
-    out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    rec = register_files(
-        fp["image_zarr"],
-        mp["image_zarr"],
-        out / "field.ome.zarr",
-        config=config,
-        overwrite=True,
-        progress=False,
-    )
-    reg_seconds = time.perf_counter() - start
-    start = time.perf_counter()
-    warp_files(
-        out / "field.ome.zarr", mp["labels_zarr"], out / "warped_labels.ome.zarr", labels=True, overwrite=True,
-        progress=False,
-    )  # fmt: skip
-    warp_seconds = time.perf_counter() - start
-    memory_seconds, memory_cpu, memory_diff = time_in_memory(
-        fp["image_zarr"], mp["image_zarr"], out / "field.ome.zarr", config
-    )
-    field, field_grid, _ = read_field(out / "field.ome.zarr")
-    values = read_box(field, tuple(slice(0, n) for n in field.shape))
-    fixed_labels, fixed_grid = load_labels(fp["labels_nii"])
-    brain = resample(fixed_labels, fixed_grid, field_grid.points(), order=0, dtype=np.int32) > 0
-    record = {
-        "fixed": fixed,
-        "moving": moving,
-        "register_seconds": memory_seconds,
-        "register_cpu_seconds": memory_cpu,
-        "product_register_seconds": reg_seconds,
-        "in_memory_max_abs_diff": memory_diff,
-        "warp_seconds": warp_seconds,
-        "initial_alignment": rec.initial_alignment,
-        "stages": rec.stages,
-        "field_shape": list(field_grid.shape),
-        "field_spacing_mm": field_grid.spacing.round(4).tolist(),
-        "folding_percent": folding_percent(values, field_grid),
-        "folding_percent_in_brain": folding_percent(values, field_grid, brain),
-    }
-    record.update(score(fixed, out / "warped_labels.ome.zarr"))
-    record["start_mean_dice"] = start_dice(fixed, moving, np.asarray(rec.initial_alignment["matrix"]))
-    return record
-
-
-def start_dice(fixed: str, moving: str, matrix: np.ndarray) -> float:
-    """Mean Dice of the initial alignment alone: the moving labels through the ``(4, 4)`` start matrix."""
-    from patchmorph_core.displacement import AffineDisplacement
-    from patchmorph_core.warping import warp_to_grid
-    from pipeline.ngff import read_image
-
-    fixed_labels, fixed_grid = load_labels(subject_paths(fixed)["labels_nii"])
-    warped = warp_to_grid(read_image(subject_paths(moving)["labels_zarr"]), AffineDisplacement(matrix), fixed_grid, order=0)
-    dice = dice_per_label(fixed_labels, warped, STANDARD_FS_LABELS)
-    return float(np.mean([v for v in dice.values() if not np.isnan(v)]))
-
-
 def in_memory_image(path: Path) -> Any:
-    """An OME-Zarr image (:class:`~patchmorph_core.source.MultiscaleImage`) with every level read into memory."""
+    """An OME-Zarr image (:class:`~patchmorph_core.source.MultiscaleImage`) with every level read into memory
+    (``validate.py`` registers in memory)."""
     from patchmorph_core.source import Level, MultiscaleImage
     from pipeline.ngff import read_image
 
@@ -326,200 +186,320 @@ def in_memory_image(path: Path) -> Any:
     return MultiscaleImage(tuple(Level(np.asarray(lv.array), lv.grid) for lv in image.levels), image.name)
 
 
-def time_in_memory(
-    fixed: Path, moving: Path, field_path: Path, config: Path | None
-) -> tuple[float, float, float]:
-    """Wall time of the registration itself, like ANTs' ``ants.registration`` call: both images already in
-    memory, the model loaded, then :func:`~patchmorph_core.inference.register_arrays` (the one-chunk case
-    of the product path, no Dask cluster, no reading or writing). Returns the wall seconds, the CPU seconds
-    of this process (all threads; less sensitive to other jobs on the machine) and the largest difference
-    (world units) from the field the product path wrote, as a check that both computed the same
-    registration.
-    """
-    from patchmorph_core.model import load_model
+def parse_pairs(text: str | None, subjects: tuple[str, ...] = SUBJECTS) -> list[tuple[str, str]]:
+    """``"07:08,08:09"`` → ``[("07", "08"), ("08", "09")]`` (fixed:moving); None → every ordered pair."""
+    if not text:
+        return list(itertools.permutations(subjects, 2))
+    return [tuple(item.split(":")) for item in text.split(",")]  # type: ignore[misc]
+
+
+def pair_key(fixed: str, moving: str) -> str:
+    """``"07:08"`` (fixed:moving), the key of a pair in the results."""
+    return f"{fixed}:{moving}"
+
+
+# -- scoring ---------------------------------------------------------------------------------------------
+def load_labels(path: Path) -> tuple[np.ndarray, Grid]:
+    """A label map ``(Z, Y, X)`` int32 and its grid (NIfTI, NRRD or OME-Zarr level 0)."""
+    from pipeline.evaluate import load_volume
+
+    labels, grid = load_volume(path)
+    return np.rint(labels).astype(np.int32), grid
+
+
+def dice_record(fixed_labels: np.ndarray, warped: np.ndarray, labels: dict[int, str]) -> dict[str, Any]:
+    """Dice per structure of ``labels`` (keys as strings) and its mean over the structures present."""
+    dice = dice_per_label(fixed_labels, warped, list(labels))
+    values = [v for v in dice.values() if not np.isnan(v)]
+    return {"dice": {str(k): float(v) for k, v in dice.items()}, "mean_dice": float(np.mean(values))}
+
+
+def group_dice(dice: dict[str, float]) -> dict[str, float]:
+    """Dice per structure group (:data:`STRUCTURE_GROUPS`): the mean of its structures' Dice."""
+    return {
+        name: float(np.nanmean([dice[str(label)] for label in ids])) for name, ids in STRUCTURE_GROUPS.items()
+    }
+
+
+def field_quality(run: harness.CommandRun, fixed_labels: Path) -> dict[str, Any]:
+    """What the written field says beyond ``evaluate``: folds over the whole field grid, the inverse's
+    residual inside the fixed brain (as ``warp --inverse`` inverts), the field grid, the initial affine."""
+    from fields import folds, inverse_residual
+
+    from patchmorph_core.spatial import resample
     from pipeline.ngff import read_field
-    from pipeline.register import register_arrays, resolve_config
+    from pipeline.warp import INVERSE_ITERATIONS
 
-    cfg = resolve_config(config)
-    fixed_img, moving_img = in_memory_image(fixed), in_memory_image(moving)
-    model = load_model(cfg.weights)
-    start, cpu = time.perf_counter(), time.process_time()
-    result = register_arrays(model, fixed_img, moving_img, cfg, show_progress=False)
-    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
-    written, _, _ = read_field(field_path)
-    return seconds, cpu, float(np.abs(np.asarray(written) - result.field).max())
-
-
-# -- report ----------------------------------------------------------------------------------------------
-def machine() -> dict[str, Any]:
-    """Where the numbers were measured."""
-    import os
-
-    return {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor()}
+    array, grid, meta = read_field(run.path("field.ome.zarr"))
+    field = np.asarray(array, dtype=np.float32)
+    labels, labels_grid = load_labels(fixed_labels)
+    points = grid.with_unit(labels_grid.unit).points()
+    brain = resample(labels, labels_grid, points, order=0, dtype=np.int32) > 0
+    return {
+        "field_shape": list(grid.shape),
+        "field_spacing": grid.spacing.round(4).tolist(),
+        "field_unit": grid.unit,
+        "folding_percent_whole_grid": folds(field, grid)["folding_percent"],
+        "inverse_residual_in_brain": inverse_residual(field, grid, brain, INVERSE_ITERATIONS),
+        "initial_matrix": meta.get("initial_matrix"),
+        "initial_alignment": meta.get("initial_alignment"),
+    }
 
 
-def summarize(pairs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Means over pairs: Dice per structure, mean Dice (and its std), folding %, wall time."""
+def start_dice(fixed: str, moving: str, matrix: list[list[float]], folder: Path | None = None) -> float:
+    """Mean Dice of the initial affine alone: the moving labels through the field's ``initial_matrix``."""
+    from patchmorph_core.displacement import AffineDisplacement
+    from patchmorph_core.source import Level, MultiscaleImage
+    from patchmorph_core.warping import warp_to_grid
+
+    fixed_labels, fixed_grid = load_labels(subject_paths(fixed, folder)["labels"])
+    moving_labels, moving_grid = load_labels(subject_paths(moving, folder)["labels"])
+    image = MultiscaleImage((Level(moving_labels, moving_grid),), "labels")
+    warped = warp_to_grid(image, AffineDisplacement(np.asarray(matrix)), fixed_grid, order=0)
+    return dice_record(fixed_labels, warped, STANDARD_FS_LABELS)["mean_dice"]
+
+
+# -- the methods ------------------------------------------------------------------------------------------
+def ours_pair(fixed: str, moving: str, folder: Path, register_options: list[str]) -> dict[str, Any]:
+    """One pair through ``patchmorph convert / register / warp / evaluate``; the record of it."""
+    fp, mp = subject_paths(fixed), subject_paths(moving)
+    sources = harness.PairSources(
+        fixed=harness.Source(fp["image"]),
+        moving=harness.Source(mp["image"]),
+        fixed_labels=harness.Source(fp["labels"]),
+        moving_labels=harness.Source(mp["labels"]),
+    )
+    run = harness.run_patchmorph_pair(sources, folder, register_options, label_set="standard")
+    evaluation = harness.read_evaluation(run)
+    quality = field_quality(run, fp["labels"])
+    record: dict[str, Any] = {
+        "fixed": fixed,
+        "moving": moving,
+        "dice": evaluation["dice"],
+        "mean_dice": evaluation["mean_dice"],
+        "folding_percent_in_brain": evaluation["folding_percent"],
+        "jacobian_min_in_brain": evaluation["jacobian_min"],
+        **quality,
+        **run.timings(),
+    }
+    if quality["initial_matrix"] is not None:
+        record["start_mean_dice"] = start_dice(fixed, moving, quality["initial_matrix"])
+    return record
+
+
+def ants_pair(fixed: str, moving: str, transform: str, folder: Path, nice: int = 0) -> dict[str, Any]:
+    """One pair registered by ANTs (``transform``: SyN or SyNCC) in its venv; the record of it, scored."""
+    fp, mp = subject_paths(fixed), subject_paths(moving)
+    record = harness.run_ants_pair(
+        fp["image"], mp["image"], mp["labels"], folder, transform, fixed_labels=fp["labels"], nice=nice
+    )
+    fixed_labels, _ = load_labels(fp["labels"])
+    warped, _ = load_labels(folder / "warped_labels.nii.gz")
+    record.update(fixed=fixed, moving=moving, **dice_record(fixed_labels, warped, STANDARD_FS_LABELS))
+    return record
+
+
+def run_ants(pairs: list[tuple[str, str]], transform: str, nice: int, json_path: Path) -> None:
+    """Run one ANTs method on ``pairs``, rewriting ``json_path`` after every pair.
+
+    Pairs already in ``json_path`` for the same transform are kept and skipped (a long SyNCC run can be
+    stopped and started again); each pair carries the command that made it.
+    """
+    command = harness.recorded_command()
+    doc: dict[str, Any] = {"pairs": []}
+    if json_path.is_file():
+        doc = json.loads(json_path.read_text())
+        if doc.get("method") != f"ANTs {transform}":
+            doc = {"pairs": []}
+    doc.update(method=f"ANTs {transform}", command=command, machine=harness.machine())
+    done = {(p["fixed"], p["moving"]) for p in doc["pairs"]}
+    for fixed, moving in pairs:
+        if (fixed, moving) in done:
+            logger.info("ANTs %s %s:%s already in %s, skipped", transform, fixed, moving, json_path)
+            continue
+        record = ants_pair(fixed, moving, transform, OUT / transform.lower() / f"{fixed}_{moving}", nice)
+        doc["pairs"].append(record | {"command": command})
+        harness.write_json(json_path, doc)
+        logger.info("ANTs %s %s:%s mean Dice %.4f", transform, fixed, moving, record["mean_dice"])
+
+
+# -- summaries ---------------------------------------------------------------------------------------------
+def by_pair(pairs: list[dict[str, Any]], key: str) -> dict[str, float]:
+    """``{"07:08": value}`` of one figure of every pair record that has it."""
+    return {pair_key(p["fixed"], p["moving"]): float(p[key]) for p in pairs if p.get(key) is not None}
+
+
+def summarize(method: dict[str, Any]) -> dict[str, Any]:
+    """Means over a method's pairs: Dice (with its spread), folds, inverse residual, seconds per command."""
+    pairs = method["pairs"]
     if not pairs:
-        return {}
-    per_label = {str(k): float(np.nanmean([p["dice"][str(k)] for p in pairs])) for k in STANDARD_FS_LABELS}
-    means = [p["mean_dice"] for p in pairs]
+        return {"n_pairs": 0}
     out: dict[str, Any] = {
         "n_pairs": len(pairs),
-        "mean_dice": float(np.mean(means)),
-        "std_dice": float(np.std(means)),
-        "dice_per_label": per_label,
-        "folding_percent": float(np.mean([p["folding_percent"] for p in pairs])),
-        "register_seconds": float(np.mean([p["register_seconds"] for p in pairs])),
+        "mean_dice": harness.mean_and_sem([p["mean_dice"] for p in pairs]),
+        "dice_per_structure": {
+            str(k): float(np.nanmean([p["dice"][str(k)] for p in pairs])) for k in STANDARD_FS_LABELS
+        },
+        "dice_per_group": {
+            g: float(np.mean([group_dice(p["dice"])[g] for p in pairs])) for g in STRUCTURE_GROUPS
+        },
     }
-    for key in ("start_mean_dice", "product_register_seconds"):
+    for key in ("folding_percent_in_brain", "folding_percent_whole_grid", "folding_percent"):
+        values = [p[key] for p in pairs if p.get(key) is not None]
+        if values:
+            out[key] = {"mean": float(np.mean(values)), "max": float(np.max(values)),
+                        "pairs_with_folds": int(sum(v > 0 for v in values))}  # fmt: skip
+    residuals = [p["inverse_residual_in_brain"] for p in pairs if "inverse_residual_in_brain" in p]
+    if residuals:
+        out["inverse_residual_in_brain"] = {
+            "p999_vox_max": float(max(r["p999_vox"] for r in residuals)),
+            "max_vox_max": float(max(r["max_vox"] for r in residuals)),
+            "p999_vox_mean": float(np.mean([r["p999_vox"] for r in residuals])),
+        }
+    for key in ("start_mean_dice",):
         values = [p[key] for p in pairs if key in p]
         if values:
             out[key] = float(np.mean(values))
-    cpu = [p["register_cpu_seconds"] for p in pairs if "register_cpu_seconds" in p]
-    if cpu:
-        out["register_cpu_seconds"] = float(np.mean(cpu))
-        out["n_pairs_with_cpu_seconds"] = len(cpu)
+    seconds = sorted({k for p in pairs for k in p if k.endswith("_seconds")})
+    out["seconds"] = {k: float(np.mean([p[k] for p in pairs if k in p])) for k in seconds}
     return out
 
 
-def table(methods: dict[str, dict[str, Any]]) -> str:
-    """Markdown table: one row per method (mean over its pairs)."""
-    lines = [
-        "| method | pairs | mean Dice (± sd over pairs) | Dice of the initial affine | folded voxels % "
-        "| registration wall time s | registration CPU s | product path s (cluster + I/O) |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for name, summary in methods.items():
-        if not summary:
-            lines.append(f"| {name} | 0 | – | – | – | – | – | – |")
+def compare(doc: dict[str, Any]) -> dict[str, Any]:
+    """Every PatchMorph method against SyN (same run: Dice difference, wall-time ratio per pair) and against
+    the stored SyNCC (Dice difference per pair with its standard error, Dice per structure group)."""
+    methods = doc["methods"]
+    syn = methods.get("ANTs SyN", {"pairs": []})["pairs"]
+    syncc = methods.get("ANTs SyNCC", {"pairs": []})["pairs"]
+    out: dict[str, Any] = {}
+    for name, method in methods.items():
+        if method.get("kind") != "patchmorph" or not method["pairs"]:
             continue
-        cpu = f"{summary['register_cpu_seconds']:.1f}" if "register_cpu_seconds" in summary else "–"
-        start = f"{summary['start_mean_dice']:.3f}" if "start_mean_dice" in summary else "–"
-        product = f"{summary['product_register_seconds']:.1f}" if "product_register_seconds" in summary else "–"
-        lines.append(
-            f"| {name} | {summary['n_pairs']} | {summary['mean_dice']:.3f} ± {summary['std_dice']:.3f} | {start} | "
-            f"{summary['folding_percent']:.4f} | {summary['register_seconds']:.1f} | {cpu} | {product} |"
-        )
-    return "\n".join(lines)
+        ours = method["pairs"]
+        entry: dict[str, Any] = {}
+        if syn:
+            ratio = {
+                k: v / by_pair(syn, "register_seconds")[k]
+                for k, v in by_pair(ours, "register_seconds").items()
+                if k in by_pair(syn, "register_seconds")
+            }
+            cpu_ratio = {
+                k: v / by_pair(syn, "register_cpu_seconds")[k]
+                for k, v in by_pair(ours, "register_cpu_seconds").items()
+                if k in by_pair(syn, "register_cpu_seconds")
+            }
+            entry["versus_syn"] = {
+                "dice": harness.paired_difference(by_pair(ours, "mean_dice"), by_pair(syn, "mean_dice")),
+                "register_wall_ratio": {"per_pair": ratio, **harness.mean_and_sem(list(ratio.values())),
+                                        "max": max(ratio.values(), default=float("nan"))},  # fmt: skip
+                "register_cpu_ratio": harness.mean_and_sem(list(cpu_ratio.values())),
+            }
+        if syncc:
+            common = {pair_key(p["fixed"], p["moving"]) for p in syncc}
+            ours_common = [p for p in ours if pair_key(p["fixed"], p["moving"]) in common]
+            syncc_common = [p for p in syncc if pair_key(p["fixed"], p["moving"]) in {pair_key(q["fixed"], q["moving"]) for q in ours_common}]
+            groups_ours = summarize({"pairs": ours_common}).get("dice_per_group", {})
+            groups_syncc = summarize({"pairs": syncc_common}).get("dice_per_group", {})
+            diffs = {g: groups_ours[g] - groups_syncc[g] for g in groups_ours}
+            worst = min(diffs, key=diffs.__getitem__) if diffs else None
+            entry["versus_syncc"] = {
+                "dice": harness.paired_difference(by_pair(ours, "mean_dice"), by_pair(syncc, "mean_dice")),
+                "groups": {g: {"ours": groups_ours[g], "syncc": groups_syncc[g], "difference": diffs[g]} for g in diffs},
+                "worst_group": worst,
+                "groups_more_than_margin_below": [g for g, d in diffs.items() if d < -GROUP_MARGIN],
+            }
+        out[name] = entry
+    return out
 
 
-def structure_table(methods: dict[str, dict[str, Any]]) -> str:
-    """Markdown table of the mean Dice per structure and method."""
-    names = [n for n, s in methods.items() if s]
-    lines = ["| structure | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-    for label, name in STANDARD_FS_LABELS.items():
-        cells = [f"{methods[n]['dice_per_label'][str(label)]:.3f}" for n in names]
-        lines.append(f"| {label} {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+def finish(doc: dict[str, Any], out: Path) -> None:
+    """Summaries and comparisons into ``doc``; write the JSON to ``out``."""
+    for method in doc["methods"].values():
+        method["summary"] = summarize(method)
+    doc["comparisons"] = compare(doc)
+    harness.write_json(out, doc)
 
 
-def variant_name(config: Path) -> str:
-    """Method name of a PatchMorph variant run with the inference YAML ``config``."""
-    return f"PatchMorph, {config.stem}"
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    """``name=--config configs/x.yaml`` → ``("PatchMorph, name", ["--config", "configs/x.yaml"])``."""
+    name, _, options = text.partition("=")
+    return f"PatchMorph, {name.strip()}", shlex.split(options)
 
 
 def run(
-    pairs: list[tuple[str, str]],
-    skip_ours: bool,
-    skip_syn: bool,
-    threads: int,
-    config: Path | None,
-    variants: list[Path] | None = None,
-) -> None:
-    """The full benchmark: PatchMorph (and its ``variants``, inference YAMLs) and ANTs SyN on ``pairs``,
-    alternated pair by pair, plus the stored SyNCC results."""
-    variants = variants or []
-    info = prepare()
+    pairs: list[tuple[str, str]], variants: list[str], skip_syn: bool, nice: int, out: Path = RESULTS_JSON
+) -> dict[str, Any]:
+    """The benchmark: every PatchMorph method, then ANTs SyN, pair after pair; SyNCC merged from its file."""
+    inputs = prepare()
+    ours: dict[str, list[str]] = {"PatchMorph": []}
+    ours.update(parse_variant(v) for v in variants)
     doc: dict[str, Any] = {
-        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
-        "machine": machine(),
-        "subjects": info,
+        "benchmark": "accuracy",
+        "command": harness.recorded_command(),
+        "machine": harness.machine(),
+        "subjects": inputs,
         "synthesis": {**SYNTH, "intensity_seed": INTENSITY_SEED, "factor": FACTOR, "margin_vox": MARGIN_VOX},
         "structures": {str(k): v for k, v in STANDARD_FS_LABELS.items()},
-        "methods": {},
+        "structure_groups": {g: list(ids) for g, ids in STRUCTURE_GROUPS.items()},
+        "methods": {
+            name: {"kind": "patchmorph", "register_options": options, "pairs": []} for name, options in ours.items()
+        },
     }
-    previous = RESULTS / "accuracy.json"
-    syn_path = RESULTS / "ants_syn.json"
-    if not skip_syn and syn_path.exists():
-        syn_path.unlink()  # SyN is rerun beside ours, not resumed
-    # PatchMorph methods: name -> (inference YAML or None for the defaults, output folder)
-    ours: dict[str, tuple[Path | None, str]] = {"PatchMorph": (config, "patchmorph")}
-    ours.update({variant_name(v): (v, f"patchmorph_{v.stem}") for v in variants})
-    records: dict[str, list[dict[str, Any]]] = {name: [] for name in ours}
-    for fixed, moving in pairs:  # alternate ours and SyN pair by pair: all see the same machine load
-        if not skip_ours:
-            for name, (cfg, folder) in ours.items():
-                records[name].append(run_ours_pair(fixed, moving, cfg, folder))
+    if not skip_syn:
+        doc["methods"]["ANTs SyN"] = {"kind": "ants", "transform": "SyN", "pairs": []}
+    if SYNCC_JSON.is_file():
+        stored = json.loads(SYNCC_JSON.read_text())
+        doc["methods"]["ANTs SyNCC"] = {"kind": "ants", "transform": "SyNCC", "command": stored["command"],
+                                        "stored": str(SYNCC_JSON.relative_to(ROOT)), "pairs": stored["pairs"]}  # fmt: skip
+    for fixed, moving in pairs:  # alternate ours and SyN pair by pair: both see the same machine load
+        for name, options in ours.items():
+            folder = OUT / ("patchmorph" if name == "PatchMorph" else name.split(", ")[1]) / f"{fixed}_{moving}"
+            record = ours_pair(fixed, moving, folder, options)
+            doc["methods"][name]["pairs"].append(record)
+            logger.info("%s %s:%s Dice %.4f, register %.1f s", name, fixed, moving, record["mean_dice"],
+                        record["register_seconds"])  # fmt: skip
         if not skip_syn:
-            run_ants([(fixed, moving)], "SyN", threads, 0, syn_path)
-    if not skip_ours:
-        for name, (cfg, _) in ours.items():
-            doc["methods"][name] = {
-                "command": doc["command"],
-                "config": None if cfg is None else str(cfg),
-                "pairs": records[name],
-            }
-    elif previous.exists():  # every PatchMorph method of the previous run, reused
-        for name, method in json.loads(previous.read_text())["methods"].items():
-            if name.startswith("PatchMorph"):
-                doc["methods"][name] = method
-    if syn_path.exists():  # with --skip-syn: the previous SyN run's file
-        doc["methods"]["ANTs SyN"] = json.loads(syn_path.read_text())
-    syncc_path = RESULTS / "ants_syncc.json"
-    if syncc_path.exists():
-        doc["methods"]["ANTs SyNCC"] = json.loads(syncc_path.read_text())
-    for method in doc["methods"].values():
-        method["summary"] = summarize(method["pairs"])
-    summaries = {name: m["summary"] for name, m in doc["methods"].items()}
-    text = table(summaries) + "\n\n" + structure_table(summaries)
-    if "ANTs SyNCC" in doc["methods"]:
-        done = {(p["fixed"], p["moving"]) for p in doc["methods"]["ANTs SyNCC"]["pairs"]}
-        subset = {
-            name: summarize([p for p in m["pairs"] if (p["fixed"], p["moving"]) in done])
-            for name, m in doc["methods"].items()
-        }
-        doc["on_syncc_pairs"] = {"pairs": sorted(f"{f}:{m}" for f, m in done), "summaries": subset}
-        text += "\n\nOn the pairs ANTs SyNCC finished (" + ", ".join(sorted(f"{m}->{f}" for f, m in done))
-        text += "; moving->fixed):\n\n" + table(subset)
-    print(text)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "accuracy.json").write_text(json.dumps(doc, indent=2))
-    (RESULTS / "accuracy.md").write_text(text + "\n")
-    print(f"wrote {RESULTS / 'accuracy.json'}")
+            record = ants_pair(fixed, moving, "SyN", OUT / "syn" / f"{fixed}_{moving}", nice)
+            doc["methods"]["ANTs SyN"]["pairs"].append(record)
+            logger.info("ANTs SyN %s:%s Dice %.4f, register %.1f s", fixed, moving, record["mean_dice"],
+                        record["register_seconds"])  # fmt: skip
+        finish(doc, out)
+    finish(doc, out)
+    return doc
 
 
 def main() -> None:
-    """Command line (see module docstring)."""
+    """Command line (see the module docstring)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
-    p_prep = sub.add_parser("prepare", help="write the synthetic inputs")
+    p_prep = sub.add_parser("prepare", help="write the synthetic NIfTI inputs")
     p_prep.add_argument("--overwrite", action="store_true")
     p_ants = sub.add_parser("ants", help="run one ANTs method on some pairs")
     p_ants.add_argument("--transform", choices=["SyN", "SyNCC"], required=True)
     p_ants.add_argument("--pairs", help="fixed:moving,... (default: all 12)")
     p_ants.add_argument("--json", type=Path, required=True)
-    p_ants.add_argument("--threads", type=int, default=2)
     p_ants.add_argument("--nice", type=int, default=0, help="nice level of the ANTs process")
-    p_run = sub.add_parser("run", help="PatchMorph + ANTs SyN, merge SyNCC, table + JSON")
+    p_run = sub.add_parser("run", help="PatchMorph (command line) + ANTs SyN, SyNCC merged; JSON + tables")
     p_run.add_argument("--pairs", help="fixed:moving,... (default: all 12)")
-    p_run.add_argument("--skip-ours", action="store_true", help="reuse PatchMorph from results/accuracy.json")
-    p_run.add_argument("--skip-syn", action="store_true", help="reuse results/ants_syn.json")
-    p_run.add_argument("--threads", type=int, default=2)
-    p_run.add_argument("--config", type=Path, help="PatchMorph inference YAML (default: built-in defaults)")
     p_run.add_argument(
-        "--variant", type=Path, action="append", default=[],
-        help="another PatchMorph inference YAML, run beside the default on every pair (repeatable)",
+        "--variant", action="append", default=[],
+        help='another PatchMorph method: NAME="register options", e.g. fast="--config configs/register_fast.yaml"',
     )  # fmt: skip
+    p_run.add_argument("--skip-syn", action="store_true", help="PatchMorph only (no SyN beside it)")
+    harness.add_run_options(p_run, RESULTS_JSON)
     args = parser.parse_args()
     if args.cmd == "prepare":
         prepare(args.overwrite)
     elif args.cmd == "ants":
         prepare()
-        run_ants(parse_pairs(args.pairs), args.transform, args.threads, args.nice, args.json)
+        run_ants(parse_pairs(args.pairs), args.transform, args.nice, args.json)
     else:
-        run(parse_pairs(args.pairs), args.skip_ours, args.skip_syn, args.threads, args.config, args.variant)
+        import report
+
+        doc = run(parse_pairs(args.pairs), args.variant, args.skip_syn, args.nice, args.out)
+        print(report.accuracy_section(doc))
+        print(f"wrote {args.out}", file=sys.stderr)
 
 
 if __name__ == "__main__":

