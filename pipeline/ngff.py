@@ -45,7 +45,14 @@ from tqdm import tqdm
 
 from patchmorph_core.errors import InputError
 from patchmorph_core.source import Level, MultiscaleImage, downsample, downsampled_grid, pyramid_factors
-from patchmorph_core.spatial import AXES, Grid, check_spacing, unit_scale
+from patchmorph_core.spatial import (
+    AXES,
+    Grid,
+    check_spacing,
+    orientation_code,
+    orientation_matrix,
+    unit_scale,
+)
 from pipeline.integrity import ARRAY_OPTIONS, EVERY_CHUNK_WRITTEN, VerifiedStore
 
 logger = logging.getLogger(__name__)
@@ -75,6 +82,36 @@ MAX_LEVELS = 10
 """Upper bound on the number of pyramid levels."""
 
 Backend = Literal["zarr", "tensorstore"]
+
+RFC4_VALUES: dict[str, str] = {
+    "l": "left-to-right",
+    "r": "right-to-left",
+    "a": "anterior-to-posterior",
+    "p": "posterior-to-anterior",
+    "s": "superior-to-inferior",
+    "i": "inferior-to-superior",
+}
+"""RFC-4 anatomical orientation of an axis by the letter of its origin side (orientation codes, see
+:mod:`patchmorph_core.spatial`): the axis runs from that side to the opposite one."""
+
+_RFC4_ORIGIN: dict[str, str] = {
+    "left": "l",
+    "right": "r",
+    "anterior": "a",
+    "rostral": "a",
+    "posterior": "p",
+    "caudal": "p",
+    "superior": "s",
+    "dorsal": "s",
+    "inferior": "i",
+    "ventral": "i",
+}
+"""Origin word of an RFC-4 value (``"<origin>-to-<end>"``) → orientation-code letter (dorsal/ventral and
+rostral/caudal are the superior/inferior and anterior/posterior of the project's world frame)."""
+
+ASSUMED = "assumed"
+"""``attrs["patchmorph"]["orientation_source"]`` of an image whose anatomical orientation nobody gave: its
+axes were taken as the world axes, and no RFC-4 orientation is written for it."""
 
 
 # -- layout ---------------------------------------------------------------------------------------------
@@ -113,9 +150,39 @@ def write_block(array: zarr.Array) -> tuple[int, ...]:
 
 
 # -- metadata -------------------------------------------------------------------------------------------
-def _axes_meta(unit: str, channels: bool) -> list[dict[str, str]]:
-    axes = [{"name": name, "type": "space", "unit": unit} for name in AXES]
+def _axes_meta(unit: str, channels: bool, orientation: str | None) -> list[dict[str, Any]]:
+    """NGFF axes; spatial axes carry their RFC-4 ``orientation`` when the image's orientation is known."""
+    axes: list[dict[str, Any]] = [{"name": name, "type": "space", "unit": unit} for name in AXES]
+    if orientation is not None:
+        for axis, letter in zip(axes, orientation, strict=True):
+            axis["orientation"] = {"type": "anatomical", "value": RFC4_VALUES[letter]}
     return ([{"name": "c", "type": "channel"}] if channels else []) + axes
+
+
+def rfc4_orientation(axes: Sequence[Any]) -> str | None:
+    """The orientation code given by the RFC-4 ``orientation`` of NGFF ``axes`` ending in z, y, x.
+
+    Returns:
+        Three letters (e.g. ``"asr"``), or None unless every spatial axis names a known anatomical direction.
+    """
+    letters = ""
+    for axis in list(axes)[-3:]:
+        value = axis.get("orientation", {}).get("value") if isinstance(axis, Mapping) else None
+        origin = _RFC4_ORIGIN.get(str(value).split("-to-")[0].lower()) if isinstance(value, str) else None
+        if origin is None:
+            return None
+        letters += origin
+    try:
+        orientation_matrix(letters)
+    except InputError:
+        return None
+    return letters
+
+
+def image_orientation(path: str | Path) -> str | None:
+    """The anatomical orientation code of an OME-Zarr image (from its RFC-4 axes), or None when unknown."""
+    attrs = dict(_open_group(path).attrs)
+    return rfc4_orientation(_multiscale(attrs, str(path)).get("axes", ()))
 
 
 def _affine_rows(grid: Grid) -> list[list[float]]:
@@ -149,9 +216,11 @@ def _build_attrs(
 ) -> dict[str, Any]:
     """Group attributes: the ``ome`` block (NGFF 0.5) and the project's ``patchmorph`` block."""
     unit = grids[0].unit
+    assumed = (extra_attrs or {}).get("orientation_source") == ASSUMED
+    orientation = None if assumed else orientation_code(grids[0].direction)
     multiscale = {
         "name": name,
-        "axes": _axes_meta(unit, channels),
+        "axes": _axes_meta(unit, channels, orientation),
         "datasets": [_dataset_meta(str(i), g, channels) for i, g in enumerate(grids)],
     }
     ome: dict[str, Any] = {"version": NGFF_VERSION, "multiscales": [multiscale]}
@@ -636,7 +705,9 @@ def _multiscale(attrs: Mapping[str, Any], where: str) -> dict[str, Any]:
 
 
 def _axes(multiscale: Mapping[str, Any], where: str) -> tuple[list[str], str]:
-    """Axis names and the spatial unit; InputError for unknown names or a non-(…, z, y, x) order."""
+    """Axis names and the spatial unit; InputError for unknown names or a non-(…, z, y, x) order.
+
+    (The RFC-4 orientation of the spatial axes is read by :func:`rfc4_orientation`.)"""
     axes = multiscale.get("axes", ["t", "c", "z", "y", "x"])  # NGFF < 0.4 had none: 5-D tczyx
     names = [a["name"] if isinstance(a, Mapping) else str(a) for a in axes]
     unknown = [n for n in names if n not in ("t", "c", "z", "y", "x")]
@@ -668,15 +739,28 @@ def _scale_translation(transforms: Sequence[Mapping[str, Any]], ndim: int) -> tu
 
 
 def _grid_from_ngff(
-    dataset: Mapping[str, Any], multiscale: Mapping[str, Any], shape: Sequence[int], unit: str, where: str
+    dataset: Mapping[str, Any],
+    multiscale: Mapping[str, Any],
+    shape: Sequence[int],
+    unit: str,
+    where: str,
+    orientation: str | None,
 ) -> Grid:
-    """Grid of one level from NGFF scale/translation (dataset level, then multiscale level)."""
+    """Grid of one level from NGFF scale/translation (dataset level, then multiscale level).
+
+    With an RFC-4 ``orientation`` the scale/translation frame is turned into the anatomical world frame by
+    the orientation's direction matrix ``D`` (world = ``D · (scale · index + translation)``), the inverse of
+    what :func:`_dataset_meta` writes.
+    """
     ndim = len(shape)
     scale, translation = _scale_translation(dataset.get("coordinateTransformations", ()), ndim)
     gscale, gtranslation = _scale_translation(multiscale.get("coordinateTransformations", ()), ndim)
     spacing = check_spacing((scale * gscale)[-3:], what=f"voxel size (scale) of {where!r}")
     origin = (translation * gscale + gtranslation)[-3:]
-    return Grid.from_spacing(shape[-3:], spacing, origin=origin, unit=unit)
+    if orientation is None:
+        return Grid.from_spacing(shape[-3:], spacing, origin=origin, unit=unit)
+    direction = orientation_matrix(orientation)
+    return Grid.from_spacing(shape[-3:], spacing, origin=direction @ origin, unit=unit, direction=direction)
 
 
 def _open_tensorstore(where: str, level_path: str, zarr_format: int, every_chunk_written: bool) -> Any:
@@ -705,6 +789,7 @@ def _levels(
         raise InputError(f"{where!r} is an incomplete output (its write was interrupted): write it again.")
     multiscale = _multiscale(attrs, where)
     names, unit = _axes(multiscale, where)
+    orientation = rfc4_orientation(multiscale.get("axes", ()))
     affines = {e["input"]: e["affine"] for e in meta.get("coordinateTransformations", ())}
     unit = meta.get("unit", unit)
     levels = []
@@ -722,7 +807,7 @@ def _levels(
             affine = np.vstack([np.asarray(affines[level_path], dtype=np.float64), [0, 0, 0, 1]])
             grid = Grid(zarray.shape[-3:], affine, unit)
         else:
-            grid = _grid_from_ngff(dataset, multiscale, zarray.shape, unit, where)
+            grid = _grid_from_ngff(dataset, multiscale, zarray.shape, unit, where, orientation)
         array: Any = (
             zarray if backend == "zarr" else _open_tensorstore(
                 where, level_path, zarray.metadata.zarr_format, bool(meta.get(EVERY_CHUNK_WRITTEN))

@@ -19,8 +19,10 @@ volume size) and writes all four.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -35,7 +37,7 @@ from skimage.segmentation import find_boundaries  # noqa: E402
 
 from patchmorph_core.metrics import dice_per_label, jacobian_determinant, ncc  # noqa: E402
 from patchmorph_core.source import Level, MultiscaleImage, downsample, downsampled_grid  # noqa: E402
-from patchmorph_core.spatial import AXES, Grid, read_box, resample  # noqa: E402
+from patchmorph_core.spatial import AXES, Grid, orientation_code, read_box, resample  # noqa: E402
 from pipeline.ngff import read_field, read_image  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -78,18 +80,84 @@ def _aspect(spacing: Sequence[float], axis: int) -> float:
     return float(spacing[rows]) / float(spacing[cols])
 
 
+_OPPOSITE = {"a": "p", "p": "a", "s": "i", "i": "s", "l": "r", "r": "l"}
+_PLANE_OF = {
+    "s": "horizontal",
+    "i": "horizontal",
+    "a": "coronal",
+    "p": "coronal",
+    "l": "sagittal",
+    "r": "sagittal",
+}
+
+
+@dataclass(frozen=True)
+class PlaneView:
+    """How one central slice is labelled.
+
+    Attributes:
+        title: the plane's anatomical name (``coronal``, ``sagittal``, ``horizontal``) or ``"<axis> slice"``.
+        edges: anatomical side at the ``(top, bottom, left, right)`` edges of the drawn slice (capital letters
+            ``A P S I L R``), or None when the image's orientation is not known.
+        axes: ``(rows, columns)`` array-axis names of the slice.
+    """
+
+    title: str
+    edges: tuple[str, str, str, str] | None
+    axes: tuple[str, str]
+
+
+def plane_views(orientation: str | None) -> list[PlaneView]:
+    """The labels of the slices perpendicular to array axes ``z``, ``y``, ``x`` for an orientation code
+    (each letter names the side where index 0 lies, drawn at the top or the left; None: axis names only)."""
+    views = []
+    for axis, (rows, cols) in enumerate(_PLANES):
+        names = (AXES[rows], AXES[cols])
+        if orientation is None:
+            views.append(PlaneView(f"{AXES[axis]} slice", None, names))
+            continue
+        code = orientation.lower()
+        edges = (code[rows], _OPPOSITE[code[rows]], code[cols], _OPPOSITE[code[cols]])
+        title = (
+            f"{_PLANE_OF[code[axis]]} ({AXES[axis]} = {code[axis].upper()}→{_OPPOSITE[code[axis]].upper()})"
+        )
+        views.append(PlaneView(title, tuple(e.upper() for e in edges), names))  # type: ignore[arg-type]
+    return views
+
+
 def _figure(title: str) -> tuple[Figure, np.ndarray]:
     fig, axes = plt.subplots(1, 3, figsize=(12, 4.4), constrained_layout=True)
     fig.suptitle(title)
     return fig, axes
 
 
-def _finish(fig: Figure, axes: np.ndarray, path: Path) -> Path:
-    for axis, ax in enumerate(axes):
-        rows, cols = _PLANES[axis]
-        ax.set_title(f"{AXES[axis]} slice")
-        ax.set_xlabel(AXES[cols])
-        ax.set_ylabel(AXES[rows])
+def _label_edges(ax: Any, view: PlaneView) -> None:
+    """Write the anatomical side letters at the four edges of a drawn slice (or the array axes' names)."""
+    if view.edges is None:
+        ax.set_xlabel(f"{view.axes[1]} →")
+        ax.set_ylabel(f"← {view.axes[0]}")
+        return
+    top, bottom, left, right = view.edges
+    from matplotlib import patheffects
+
+    outline = [patheffects.withStroke(linewidth=2.5, foreground="black")]
+    style = {
+        "color": "yellow",
+        "fontsize": 11,
+        "fontweight": "bold",
+        "transform": ax.transAxes,
+        "path_effects": outline,
+    }
+    ax.text(0.5, 0.98, top, ha="center", va="top", **style)
+    ax.text(0.5, 0.02, bottom, ha="center", va="bottom", **style)
+    ax.text(0.02, 0.5, left, ha="left", va="center", **style)
+    ax.text(0.98, 0.5, right, ha="right", va="center", **style)
+
+
+def _finish(fig: Figure, axes: np.ndarray, path: Path, orientation: str | None = None) -> Path:
+    for ax, view in zip(axes, plane_views(orientation), strict=True):
+        ax.set_title(view.title)
+        _label_edges(ax, view)
         ax.set_xticks([])
         ax.set_yticks([])
     path = Path(path)
@@ -115,6 +183,22 @@ def label_edges(labels: np.ndarray, min_pixels: int = 480) -> np.ndarray:
     return find_boundaries(fine, mode="inner")
 
 
+def relabel(labels: np.ndarray, mapping: Mapping[int, int]) -> np.ndarray:
+    """``labels`` with every id replaced by ``mapping[id]`` (ids missing from it, and 0, kept)."""
+    values, inverse = np.unique(labels, return_inverse=True)
+    mapped = np.array([mapping.get(int(v), int(v)) if v != 0 else 0 for v in values], dtype=np.int64)
+    return mapped[inverse].reshape(labels.shape)
+
+
+def _draw_outline(ax: Any, labels: np.ndarray, aspect: float) -> None:
+    edges = label_edges(np.asarray(labels))
+    rows, cols = labels.shape
+    ax.imshow(
+        np.ma.masked_where(~edges, edges), cmap="autumn", aspect=aspect, interpolation="nearest",
+        extent=(-0.5, cols - 0.5, rows - 0.5, -0.5),
+    )  # fmt: skip
+
+
 def overlay_figure(
     fixed: np.ndarray,
     spacing: Sequence[float],
@@ -122,6 +206,7 @@ def overlay_figure(
     warped_labels: np.ndarray | None = None,
     warped: np.ndarray | None = None,
     title: str = "warped atlas outline over the sample",
+    orientation: str | None = None,
 ) -> Path:
     """Fixed image with the outline of the warped moving labels (or of the warped moving image).
 
@@ -129,10 +214,12 @@ def overlay_figure(
         fixed: ``(Z, Y, X)`` fixed image.
         spacing: ``(3,)`` voxel size ``(z, y, x)`` of the arrays (for the aspect ratio).
         path: PNG file to write.
-        warped_labels: ``(Z, Y, X)`` integer labels on the fixed grid; boundaries between labels are drawn.
+        warped_labels: ``(Z, Y, X)`` integer labels on the fixed grid; boundaries between labels are drawn
+            (map them to a few divisions first, :func:`relabel`, for a figure that reads).
         warped: ``(Z, Y, X)`` warped moving image on the fixed grid, used when there are no labels
             (its Otsu iso-contour is drawn).
         title: figure title.
+        orientation: orientation code of the arrays (names the planes and their edges).
     """
     lo, hi = display_range(fixed)
     fig, axes = _figure(title)
@@ -145,18 +232,10 @@ def overlay_figure(
         aspect = _aspect(spacing, axis)
         ax.imshow(sample, cmap="gray", vmin=lo, vmax=hi, aspect=aspect, interpolation="nearest")
         if labels_slices[axis] is not None:
-            edges = label_edges(np.asarray(labels_slices[axis]))
-            rows, cols = sample.shape
-            ax.imshow(
-                np.ma.masked_where(~edges, edges),
-                cmap="autumn",
-                aspect=aspect,
-                interpolation="nearest",
-                extent=(-0.5, cols - 0.5, rows - 0.5, -0.5),
-            )
+            _draw_outline(ax, labels_slices[axis], aspect)
         elif level is not None and warped_slices[axis] is not None:
             ax.contour(warped_slices[axis], levels=[level], colors="yellow", linewidths=0.8)
-    return _finish(fig, axes, path)
+    return _finish(fig, axes, path, orientation)
 
 
 def checkerboard(fixed: np.ndarray, warped: np.ndarray, squares: int = 8) -> np.ndarray:
@@ -175,34 +254,68 @@ def _normalised(image: np.ndarray) -> np.ndarray:
 
 
 def checkerboard_figure(
-    fixed: np.ndarray, warped: np.ndarray, spacing: Sequence[float], path: Path, squares: int = 8
+    fixed: np.ndarray,
+    warped: np.ndarray,
+    spacing: Sequence[float],
+    path: Path,
+    squares: int = 8,
+    orientation: str | None = None,
+    title: str = "checkerboard: fixed / warped moving",
 ) -> Path:
     """Checkerboard of the fixed and the warped moving image (both ``(Z, Y, X)`` on the fixed grid)."""
     board = checkerboard(fixed, warped, squares)
-    fig, axes = _figure("checkerboard: fixed / warped moving")
+    fig, axes = _figure(title)
     for axis, (ax, plane) in enumerate(zip(axes, central_slices(board), strict=True)):
         ax.imshow(plane, cmap="gray", vmin=0, vmax=1, aspect=_aspect(spacing, axis), interpolation="nearest")
-    return _finish(fig, axes, path)
+    return _finish(fig, axes, path, orientation)
 
 
-def jacobian_figure(jacobian: np.ndarray, spacing: Sequence[float], path: Path) -> Path:
-    """Jacobian determinant map ``(Z, Y, X)`` on a log colour scale centred on 1; folds (<= 0) in black."""
+JACOBIAN_RANGE: tuple[float, float] = (0.25, 4.0)
+"""Colour range of the Jacobian figure (det J, log scale): a quarter to four times the volume."""
+
+
+def jacobian_figure(
+    jacobian: np.ndarray,
+    spacing: Sequence[float],
+    path: Path,
+    orientation: str | None = None,
+    mask: np.ndarray | None = None,
+) -> Path:
+    """Jacobian determinant ``(Z, Y, X)`` on a log colour scale centred on 1 (blue shrinks, red grows; values
+    beyond :data:`JACOBIAN_RANGE` in its end colours), folds (det J <= 0) in black; outside ``mask`` (the
+    tissue, when given) grey. The title gives the range and the folded share inside the mask."""
+    inside = np.ones(jacobian.shape, dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
+    values = jacobian[inside] if inside.any() else jacobian.ravel()
+    where = "inside the tissue" if mask is not None else "over the field"
     fig, axes = _figure(
-        f"Jacobian determinant (min {np.nanmin(jacobian):.3g}, max {np.nanmax(jacobian):.3g}, "
-        f"folded {100.0 * np.mean(jacobian <= 0):.3g}%)"
+        f"Jacobian determinant {where}: min {np.nanmin(values):.3g}, max {np.nanmax(values):.3g}, "
+        f"folded {100.0 * np.mean(values <= 0):.3g} %"
     )
-    cmap = plt.get_cmap("RdBu_r").with_extremes(under="black")
+    base = plt.get_cmap("RdBu_r")
+    cmap = base.with_extremes(under=base(0.0), over=base(1.0), bad="0.6")
+    norm = matplotlib.colors.LogNorm(*JACOBIAN_RANGE)
+    folds = matplotlib.colors.ListedColormap(["black"])
     image = None
-    for axis, (ax, plane) in enumerate(zip(axes, central_slices(jacobian), strict=True)):
-        logdet = np.where(plane > 0, np.log2(np.maximum(plane, 1e-12)), -np.inf)
-        image = ax.imshow(
-            logdet, cmap=cmap, vmin=-1, vmax=1, aspect=_aspect(spacing, axis), interpolation="nearest"
-        )
-    fig.colorbar(image, ax=list(axes), shrink=0.8, label="log2 det J")
-    return _finish(fig, axes, path)
+    for axis, (ax, plane, keep) in enumerate(
+        zip(axes, central_slices(jacobian), central_slices(inside), strict=True)
+    ):
+        aspect = _aspect(spacing, axis)
+        shown = np.ma.masked_where(~keep, np.where(plane > 0, plane, JACOBIAN_RANGE[0]))
+        image = ax.imshow(shown, cmap=cmap, norm=norm, aspect=aspect, interpolation="nearest")
+        folded = np.ma.masked_where(~(keep & (plane <= 0)), np.ones(plane.shape))
+        ax.imshow(folded, cmap=folds, aspect=aspect, interpolation="nearest")
+    bar = fig.colorbar(
+        image, ax=list(axes), shrink=0.8, extend="both", label="det J (log scale); black: folded (det J ≤ 0)"
+    )
+    bar.ax.yaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ticks = [0.25, 0.5, 1.0, 2.0, 4.0]
+    bar.set_ticks(ticks, labels=[f"{t:g}" for t in ticks])
+    return _finish(fig, axes, path, orientation)
 
 
-def uncertainty_figure(uncertainty: np.ndarray, spacing: Sequence[float], path: Path, unit: str) -> Path:
+def uncertainty_figure(
+    uncertainty: np.ndarray, spacing: Sequence[float], path: Path, unit: str, orientation: str | None = None
+) -> Path:
     """Map of the per-voxel spread of the patch estimates ``(Z, Y, X)``, in world units ``unit``."""
     lo, hi = display_range(uncertainty, 0.0, 99.0)
     fig, axes = _figure("registration uncertainty (spread of overlapping patch estimates)")
@@ -217,7 +330,7 @@ def uncertainty_figure(uncertainty: np.ndarray, spacing: Sequence[float], path: 
             interpolation="nearest",
         )
     fig.colorbar(image, ax=list(axes), shrink=0.8, label=unit)
-    return _finish(fig, axes, path)
+    return _finish(fig, axes, path, orientation)
 
 
 # -- reading outputs at a coarse level ----------------------------------------------------------------
@@ -300,25 +413,101 @@ def qc_files(
     """
     out = Path(out_dir)
     grid, fixed_arr, warped_arr, labels_arr = _load(Path(fixed), Path(warped), max_size, _opt(warped_labels))
-    spacing = grid.spacing
+    spacing, code = grid.spacing, orientation_code(grid.direction)
     figures = {
-        "overlay": overlay_figure(fixed_arr, spacing, out / "overlay.png", labels_arr, warped_arr),
-        "checkerboard": checkerboard_figure(fixed_arr, warped_arr, spacing, out / "checkerboard.png"),
+        "overlay": overlay_figure(
+            fixed_arr, spacing, out / "overlay.png", labels_arr, warped_arr, orientation=code
+        ),
+        "checkerboard": checkerboard_figure(
+            fixed_arr, warped_arr, spacing, out / "checkerboard.png", orientation=code
+        ),
     }
+    figures.update(_field_figures(Path(field), out, max_size))
+    return QCRecord(figures=figures)
+
+
+def _field_figures(field: Path, out: Path, max_size: int, tissue: Path | None = None) -> dict[str, Path]:
+    """The Jacobian figure (folds inside the ``tissue`` labels' non-zero voxels when given) and the
+    uncertainty figure of a field, at a preview resolution."""
     field_arr, field_grid, meta = read_field(field)
     small, small_grid = preview_field(field_arr, field_grid, max_size)
-    figures["jacobian"] = jacobian_figure(
-        jacobian_determinant(small, small_grid), small_grid.spacing, out / "jacobian.png"
-    )
-    unc_path = Path(field) / str(meta.get("uncertainty") or "uncertainty")
+    code = orientation_code(small_grid.direction)
+    mask = None
+    if tissue is not None:
+        mask = on_grid(read_image(tissue).with_unit(small_grid.unit), small_grid, labels=True) > 0
+    figures = {
+        "jacobian": jacobian_figure(
+            jacobian_determinant(small, small_grid), small_grid.spacing, out / "jacobian.png", code, mask
+        )
+    }
+    unc_path = field / str(meta.get("uncertainty") or "uncertainty")
     if unc_path.is_dir():
-        unc = read_image(unc_path)
-        level = preview_level(unc, max_size)
+        level = preview_level(read_image(unc_path), max_size)
         unc_arr = read_box(level.array, (slice(None),) * 3).astype(np.float32)
         figures["uncertainty"] = uncertainty_figure(
-            unc_arr, level.grid.spacing, out / "uncertainty.png", level.grid.unit
+            unc_arr,
+            level.grid.spacing,
+            out / "uncertainty.png",
+            level.grid.unit,
+            orientation_code(level.grid.direction),
         )
-    return QCRecord(figures=figures)
+    return figures
+
+
+def atlas_qc(
+    paths: Mapping[str, Path], atlas: Any, out_dir: str | Path, max_size: int = 192
+) -> dict[str, Path]:
+    """QC figures of an atlas registration (``paths`` as :func:`pipeline.atlas.atlas_outputs` returns them).
+
+    * ``overlay``: the brain with the outlines of the atlas's major divisions warped onto it
+      (:func:`pipeline.brainglobe.division_map`), planes named by anatomy;
+    * ``atlas_space``: a checkerboard of the atlas reference and the brain in atlas space, with the same
+      outlines from the atlas annotation;
+    * ``jacobian``: det J on a log scale with its colour bar, folds inside the brain counted;
+    * ``uncertainty``: the spread of the patch estimates.
+
+    Args:
+        paths: ``brain``, ``atlas_on_brain``, ``brain_in_atlas_space`` and ``field``.
+        atlas: the :class:`pipeline.atlas.PreparedAtlas`.
+        out_dir: folder of the PNG files.
+        max_size: largest preview size per axis (voxels).
+    """
+    from pipeline.brainglobe import division_map
+
+    out = Path(out_dir)
+    brain = read_image(paths["brain"])
+    level = preview_level(brain, max_size)
+    grid = level.grid
+    brain_arr = read_box(level.array, (slice(None),) * 3).astype(np.float32)
+    labels = on_grid(read_image(paths["atlas_on_brain"]).with_unit(grid.unit), grid, labels=True)
+    divisions = division_map(
+        atlas.atlas.structures, dict(zip(*np.unique(labels, return_counts=True), strict=True))
+    )
+    figures = {
+        "overlay": overlay_figure(
+            brain_arr, grid.spacing, out / "overlay.png", relabel(labels, divisions),
+            title="the atlas's major divisions on the brain", orientation=orientation_code(grid.direction),
+        )
+    }  # fmt: skip
+    reference = read_image(atlas.reference)
+    ref_level = preview_level(reference, max_size)
+    ref_grid = ref_level.grid
+    ref_arr = read_box(ref_level.array, (slice(None),) * 3).astype(np.float32)
+    in_atlas = on_grid(read_image(paths["brain_in_atlas_space"]).with_unit(ref_grid.unit), ref_grid)
+    annotation = on_grid(read_image(atlas.annotation).with_unit(ref_grid.unit), ref_grid, labels=True)
+    board = checkerboard(ref_arr, in_atlas, squares=8)
+    fig, axes = _figure("atlas space: atlas reference / brain (checkerboard) with the major divisions")
+    present = dict(zip(*np.unique(annotation, return_counts=True), strict=True))
+    mapped = relabel(annotation, division_map(atlas.atlas.structures, present))
+    for axis, (ax, plane, lab) in enumerate(
+        zip(axes, central_slices(board), central_slices(mapped), strict=True)
+    ):
+        aspect = _aspect(ref_grid.spacing, axis)
+        ax.imshow(plane, cmap="gray", vmin=0, vmax=1, aspect=aspect, interpolation="nearest")
+        _draw_outline(ax, lab, aspect)
+    figures["atlas_space"] = _finish(fig, axes, out / "atlas_space.png", orientation_code(ref_grid.direction))
+    figures.update(_field_figures(Path(paths["field"]), out, max_size, tissue=Path(paths["atlas_on_brain"])))
+    return figures
 
 
 def _opt(path: str | Path | None) -> Path | None:

@@ -1,0 +1,429 @@
+"""What an atlas registration gives besides the field: the brainreg-equivalent outputs, as plain functions.
+
+The brain is the fixed image and the atlas reference the moving one, so the field ``u`` maps a brain world
+point ``x`` to the atlas world point ``x + u(x)``. From it (:func:`atlas_outputs`):
+
+* the atlas annotation, hemispheres and the boundaries between structures **on the brain**, nested as the
+  brain image's labels (``brain.ome.zarr/labels/{atlas,hemispheres,boundaries}``): the forward warp;
+* the brain (and any extra channel) **in atlas space**, on the atlas grid in the atlas's own array order:
+  the inverse warp (fixed-point inverse of ``u``);
+* the **inverse field** on the atlas grid (atlas world point → brain world point), so that
+  ``warp --field inverse_field.ome.zarr`` does what ``--inverse`` does;
+* ``volumes.csv``: per structure, left, right and total volume in mm³ (brainreg's columns, then the
+  structure id and acronym), counted chunk by chunk on the brain;
+* QC figures (:mod:`pipeline.qc`) and the figures of the summary.
+
+Every step reads and writes chunk by chunk (Dask), so memory is bounded by the chunk size, not the brain.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import shutil
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+import zarr
+
+from patchmorph_core.errors import InputError
+from patchmorph_core.spatial import Grid, unit_scale
+from pipeline.brainglobe import LEFT, RIGHT, BrainGlobeAtlas, Structure, open_volume
+
+logger = logging.getLogger(__name__)
+
+VOLUME_COLUMNS: tuple[str, ...] = (
+    "structure_name",
+    "left_volume_mm3",
+    "right_volume_mm3",
+    "total_volume_mm3",
+    "structure_id",
+    "acronym",
+)
+"""Columns of ``volumes.csv``: brainreg's four, then the structure id and acronym."""
+
+LABEL_NAMES: tuple[str, ...] = ("atlas", "hemispheres", "boundaries")
+"""The brain image's labels written by :func:`atlas_outputs` (``<brain>/labels/<name>``)."""
+
+
+# -- the atlas as OME-Zarr ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PreparedAtlas:
+    """An atlas's volumes as OME-Zarr images on its own grid (written by :func:`prepare_atlas`).
+
+    Attributes:
+        atlas: the BrainGlobe atlas.
+        reference: the template (moving image of the registration).
+        annotation: structure ids (label image).
+        hemispheres: 1 left / 2 right (label image).
+    """
+
+    atlas: BrainGlobeAtlas
+    reference: Path
+    annotation: Path
+    hemispheres: Path
+
+
+def prepare_atlas(atlas: BrainGlobeAtlas, folder: str | Path) -> PreparedAtlas:
+    """Write the atlas's reference, annotation and hemispheres as OME-Zarr under ``folder`` (reused when a
+    record of the same atlas is there).
+
+    The images keep the atlas's array order and orientation (their axes carry RFC-4 orientations), so
+    anything resampled onto them is in the atlas's own array order.
+    """
+    from pipeline.ngff import write_image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {role: folder / f"{role}.ome.zarr" for role in ("reference", "annotation", "hemispheres")}
+    record = folder / "atlas.json"
+    described = json.dumps(atlas.describe(), sort_keys=True)
+    if record.is_file() and record.read_text() == described and all(p.is_dir() for p in paths.values()):
+        logger.info("reusing the atlas images in %s", folder)
+        return PreparedAtlas(atlas, paths["reference"], paths["annotation"], paths["hemispheres"])
+    record.unlink(missing_ok=True)
+    extra = {"atlas": atlas.describe(), "orientation_source": "atlas"}
+    for role, path in paths.items():
+        array, grid = open_volume(atlas, role)
+        labels = role != "reference"
+        write_image(
+            path, array, grid, name=f"{atlas.name}_{role}", labels=labels, overwrite=True, extra_attrs=extra
+        )
+    record.write_text(described)
+    return PreparedAtlas(atlas, paths["reference"], paths["annotation"], paths["hemispheres"])
+
+
+# -- labels on the brain -----------------------------------------------------------------------------------------
+def _inner_boundaries(block: np.ndarray) -> np.ndarray:
+    """Voxels of a label block that touch another label (face neighbours), as brainreg's ``boundaries``."""
+    from skimage.segmentation import find_boundaries
+
+    return find_boundaries(block, mode="inner").astype(np.uint8)
+
+
+def write_boundaries(annotation: str | Path, out: str | Path) -> Path:
+    """The boundaries between structures of a label image, chunk by chunk (one voxel of overlap).
+
+    Args:
+        annotation: label image (OME-Zarr); its level 0 is read.
+        out: the boundary label image to write (0/1, uint8, same grid).
+    """
+    from pipeline.ngff import read_image, write_image
+
+    image = read_image(annotation)
+    level = image.levels[0]
+    array = level.array if isinstance(level.array, da.Array) else da.from_zarr(level.array)
+    edges = array.map_overlap(_inner_boundaries, depth=1, boundary="nearest", dtype=np.uint8)
+    return write_image(out, edges, level.grid, name="boundaries", labels=True, overwrite=True)
+
+
+def nest_labels(image: str | Path, names: Sequence[str]) -> None:
+    """Declare ``<image>/labels/<name>`` label images as the image's NGFF labels.
+
+    Writes the ``labels`` group's list and each label image's ``image-label.source`` (``../../``, the image).
+    """
+    group = zarr.open_group(str(Path(image) / "labels"), mode="a")
+    ome = dict(group.attrs.get("ome", {}))
+    listed = [n for n in ome.get("labels", []) if n not in names] + list(names)
+    group.attrs["ome"] = {**ome, "version": "0.5", "labels": listed}
+    for name in names:
+        label = zarr.open_group(str(Path(image) / "labels" / name), mode="r+")
+        attrs = dict(label.attrs["ome"])
+        attrs["image-label"] = {**attrs.get("image-label", {}), "source": {"image": "../../"}}
+        label.attrs["ome"] = attrs
+
+
+def _complete(path: Path) -> bool:
+    """True when ``path`` is a finished OME-Zarr output (an interrupted one is redone or resumed)."""
+    if not path.is_dir():
+        return False
+    try:
+        attrs = dict(zarr.open_group(str(path), mode="r").attrs)
+    except Exception:  # noqa: BLE001  (not a Zarr group: redo)
+        return False
+    return attrs.get("patchmorph", {}).get("complete") is True
+
+
+# -- volumes -------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RegionVolume:
+    """Volume of one structure in mm³ (a row of ``volumes.csv``)."""
+
+    structure_id: int
+    name: str
+    acronym: str
+    left_mm3: float
+    right_mm3: float
+
+    @property
+    def total_mm3(self) -> float:
+        """Left plus right volume, mm³."""
+        return self.left_mm3 + self.right_mm3
+
+
+def voxel_volume_mm3(grid: Grid) -> float:
+    """Volume of one voxel of ``grid`` in mm³ (|det| of the index→world linear part)."""
+    return float(abs(np.linalg.det(grid.linear))) * unit_scale(grid.unit, "millimeter") ** 3
+
+
+def _side_counts(annotation: np.ndarray, hemispheres: np.ndarray) -> Counter[tuple[int, int]]:
+    """Voxels per ``(structure id, side)`` of one block (sides other than 1 and 2 are not counted)."""
+    keep = (hemispheres == LEFT) | (hemispheres == RIGHT)
+    keys = annotation[keep].astype(np.int64) * 4 + hemispheres[keep].astype(np.int64)
+    values, counts = np.unique(keys, return_counts=True)
+    return Counter({(int(v) // 4, int(v) % 4): int(c) for v, c in zip(values, counts, strict=True)})
+
+
+def count_sides(annotation: Any, hemispheres: Any) -> Counter[tuple[int, int]]:
+    """Voxels per ``(structure id, side)`` of two ``(Z, Y, X)`` label arrays on one grid, block by block.
+
+    Args:
+        annotation, hemispheres: numpy, zarr or dask arrays of one shape (read one chunk at a time).
+    """
+    if tuple(annotation.shape) != tuple(hemispheres.shape):
+        raise InputError(
+            f"annotation {tuple(annotation.shape)} and hemisphere map {tuple(hemispheres.shape)} differ in "
+            "shape: give both on the same grid."
+        )
+    chunks = getattr(annotation, "chunks", None)
+    a = annotation if isinstance(annotation, da.Array) else da.from_array(annotation, chunks=chunks or 64)
+    h = hemispheres if isinstance(hemispheres, da.Array) else da.from_array(hemispheres, chunks=a.chunks)
+    h = h.rechunk(a.chunks)
+    parts = [
+        dask.delayed(_side_counts)(x, y)
+        for x, y in zip(a.to_delayed().ravel(), h.to_delayed().ravel(), strict=True)
+    ]
+    total: Counter[tuple[int, int]] = Counter()
+    for part in dask.compute(*parts, scheduler="threads"):
+        total.update(part)
+    return total
+
+
+def volume_table(
+    counts: Mapping[tuple[int, int], int], voxel_mm3: float, structures: Mapping[int, Structure]
+) -> list[RegionVolume]:
+    """Per-structure volumes from voxel counts per ``(id, side)`` (:func:`count_sides`).
+
+    Args:
+        counts: voxels per ``(structure id, 1 left | 2 right)``; id 0 (outside the brain) is not listed.
+        voxel_mm3: volume of one voxel in mm³ (:func:`voxel_volume_mm3`).
+        structures: id → structure; ids missing from it are named ``"structure <id>"``.
+
+    Returns:
+        One :class:`RegionVolume` per non-zero id, sorted by id.
+    """
+    ids = sorted({sid for sid, _ in counts if sid != 0})
+    rows = []
+    for sid in ids:
+        known = structures.get(sid)
+        rows.append(
+            RegionVolume(
+                sid,
+                known.name if known else f"structure {sid}",
+                known.acronym if known else "",
+                counts.get((sid, LEFT), 0) * voxel_mm3,
+                counts.get((sid, RIGHT), 0) * voxel_mm3,
+            )
+        )
+    return rows
+
+
+def write_volume_table(path: str | Path, rows: Sequence[RegionVolume]) -> Path:
+    """Write ``volumes.csv`` (:data:`VOLUME_COLUMNS`; volumes in mm³, 6 decimals)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(VOLUME_COLUMNS)
+        for row in rows:
+            writer.writerow(
+                [
+                    row.name,
+                    f"{row.left_mm3:.6f}",
+                    f"{row.right_mm3:.6f}",
+                    f"{row.total_mm3:.6f}",
+                    row.structure_id,
+                    row.acronym,
+                ]
+            )
+    return path
+
+
+# -- the inverse field ------------------------------------------------------------------------------------------------
+def _inverse_slab(
+    field: Any, field_grid: Grid, grid: Grid, start: int, stop: int, iterations: int
+) -> np.ndarray:
+    """``(3, stop - start, Y, X)`` inverse displacement on planes ``start:stop`` of ``grid``."""
+    from patchmorph_core.displacement import FieldDisplacement, InverseDisplacement, displacement_on_grid
+
+    slab = grid.crop((start, 0, 0), (stop, grid.shape[1], grid.shape[2]))
+    inverse = InverseDisplacement(FieldDisplacement(field, field_grid), iterations)
+    return displacement_on_grid(inverse, slab)
+
+
+def write_inverse_field(
+    field: str | Path,
+    target: str | Path,
+    out: str | Path,
+    *,
+    spacing: float | None = None,
+    iterations: int = 20,
+    slab: int = 16,
+) -> Path:
+    """The inverse of a registration field, written as a field on the moving image's grid.
+
+    For the forward field ``u`` (fixed world point ``x`` → moving world point ``x + u(x)``) the inverse
+    ``v`` satisfies ``v(y) = −u(y + v(y))`` (fixed-point iteration, :mod:`patchmorph_core.displacement`); it
+    maps a moving world point ``y`` to the fixed world point ``y + v(y)``. Its grid covers ``target``'s
+    box with ``target``'s direction and the forward field's spacing (or ``spacing``), in the field's unit;
+    it is computed ``slab`` planes at a time.
+
+    Args:
+        field: the forward field (output of ``register``).
+        target: the moving image (its grid sets the box and direction).
+        out: the inverse field to write.
+        spacing: its voxel size in the field's unit (default: the forward field's mean spacing).
+        iterations: fixed-point steps.
+        slab: planes per task.
+
+    Returns:
+        ``out``; its metadata names ``target`` as ``fixed`` and the forward field's fixed image as ``moving``.
+    """
+    from patchmorph_core.displacement import FieldDisplacement, invert_points
+    from pipeline.ngff import read_field, read_image, write_field
+
+    array, field_grid, meta = read_field(field)
+    step = float(np.mean(field_grid.spacing)) if spacing is None else float(spacing)
+    grid = read_image(target).grid.with_unit(field_grid.unit).resampled(step)
+    slabs = [
+        da.from_delayed(
+            dask.delayed(_inverse_slab)(array, field_grid, grid, z, min(z + slab, grid.shape[0]), iterations),
+            shape=(3, min(z + slab, grid.shape[0]) - z, *grid.shape[1:]),
+            dtype=np.float32,
+        )
+        for z in range(0, grid.shape[0], slab)
+    ]
+    sub = grid.index_to_world(
+        np.stack(np.meshgrid(*(np.arange(0, n, 4) for n in grid.shape), indexing="ij"), -1).reshape(-1, 3)
+    )
+    _, residual = invert_points(FieldDisplacement(array, field_grid), sub, iterations)
+    norm = np.linalg.norm(residual, axis=-1)
+    metadata = {
+        "fixed": str(target),
+        "moving": meta.get("fixed"),
+        "model": meta.get("model"),
+        "config": meta.get("config"),
+        "inverse_of": str(field),
+        "inverse_error": {"max": float(norm.max()), "mean": float(norm.mean()), "unit": grid.unit},
+    }
+    return write_field(out, da.concatenate(slabs, axis=1), grid, metadata=metadata, overwrite=True)
+
+
+# -- all outputs of one registration ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AtlasOutputs:
+    """What :func:`atlas_outputs` wrote (paths by role) and its figures (numbers for the summary)."""
+
+    paths: dict[str, Path]
+    figures: dict[str, float]
+
+
+def _warp(
+    field: Path,
+    moving: Path,
+    out: Path,
+    scheduler: str | None,
+    *,
+    labels: bool = False,
+    target: Path | None = None,
+    inverse: bool = False,
+) -> Any:
+    """One chunked warp (:func:`pipeline.warp.warp_files`), skipped when its output is finished."""
+    from pipeline.warp import warp_files
+
+    if _complete(out):
+        logger.info("%s is finished: kept", out)
+        return None
+    run = out.with_name(out.name + ".run")
+    return warp_files(
+        field, moving, out, labels=labels, target=target, inverse=inverse, scheduler=scheduler,
+        overwrite=not run.is_dir(), progress=False,
+    )  # fmt: skip
+
+
+def atlas_outputs(
+    brain: str | Path,
+    field: str | Path,
+    atlas: PreparedAtlas,
+    out: str | Path,
+    *,
+    channels: Mapping[str, Path] | None = None,
+    scheduler: str | None = None,
+) -> AtlasOutputs:
+    """Every output of an atlas registration besides the field (see the module docstring).
+
+    Args:
+        brain: the brain image that was registered (OME-Zarr, the fixed image); its labels are written
+            inside it (``<brain>/labels/<name>``), so it must be an output of the job, never a user's input.
+        field: the registration field (brain → atlas).
+        atlas: the atlas as OME-Zarr (:func:`prepare_atlas`).
+        out: output folder (``brain_in_atlas_space.ome.zarr``, ``inverse_field.ome.zarr``, ``volumes.csv``,
+            channels in atlas space).
+        channels: extra channels on the brain's grid (OME-Zarr) by name; each is written in atlas space.
+        scheduler: Dask scheduler address for the chunked warps (None: each starts its own cluster).
+
+    Returns:
+        :class:`AtlasOutputs`. Steps whose outputs are finished are kept, so a rerun resumes.
+    """
+    from pipeline.ngff import read_image
+
+    brain, field, out = Path(brain), Path(field), Path(out)
+    labels_dir = brain / "labels"
+    labels_dir.mkdir(exist_ok=True)
+    paths: dict[str, Path] = {"brain": brain, "field": field}
+    for name, source in (("atlas", atlas.annotation), ("hemispheres", atlas.hemispheres)):
+        paths[f"{name}_on_brain"] = labels_dir / name
+        _warp(field, source, labels_dir / name, scheduler, labels=True)
+    if not _complete(labels_dir / "boundaries"):
+        write_boundaries(labels_dir / "atlas", labels_dir / "boundaries")
+    paths["boundaries_on_brain"] = labels_dir / "boundaries"
+    nest_labels(brain, LABEL_NAMES)
+    paths["brain_in_atlas_space"] = out / "brain_in_atlas_space.ome.zarr"
+    record = _warp(
+        field, brain, paths["brain_in_atlas_space"], scheduler, target=atlas.reference, inverse=True
+    )
+    for name, channel in (channels or {}).items():
+        paths[f"{name}_in_atlas_space"] = out / f"{name}_in_atlas_space.ome.zarr"
+        _warp(
+            field, channel, paths[f"{name}_in_atlas_space"], scheduler, target=atlas.reference, inverse=True
+        )
+    paths["inverse_field"] = out / "inverse_field.ome.zarr"
+    if not _complete(paths["inverse_field"]):
+        write_inverse_field(field, atlas.reference, paths["inverse_field"])
+    annotation = read_image(paths["atlas_on_brain"]).levels[0]
+    hemispheres = read_image(paths["hemispheres_on_brain"]).levels[0].array
+    counts = count_sides(annotation.array, hemispheres)
+    rows = volume_table(counts, voxel_volume_mm3(annotation.grid), atlas.atlas.structures)
+    paths["volumes"] = write_volume_table(out / "volumes.csv", rows)
+    figures: dict[str, float] = {
+        "n_structures": float(len(rows)),
+        "brain_volume_mm3": sum(r.total_mm3 for r in rows),
+    }
+    if record is not None and record.inverse_max_error is not None:
+        figures["inverse_max_error"] = float(record.inverse_max_error)
+        figures["inverse_mean_error"] = float(record.inverse_mean_error)
+    return AtlasOutputs(paths, figures)
+
+
+def remove_run_records(out: str | Path) -> None:
+    """Delete the resume records (``*.run`` folders) under ``out`` once a job has finished."""
+    for run in sorted(Path(out).rglob("*.run"), reverse=True):
+        if run.is_dir():
+            shutil.rmtree(run)

