@@ -20,12 +20,14 @@ ChunkOption = Annotated[
     typer.Option("--chunk-size", help="Output voxels per chunk edge (default 64; one task per chunk)."),
 ]
 WorkersOption = Annotated[
-    int | None, typer.Option(help="Local Dask worker processes (default: fit the machine).")
+    int | None,
+    typer.Option(help="Run on a local Dask cluster of N worker processes (default: threads of this process)."),
 ]
 SchedulerOption = Annotated[
     str | None,
     typer.Option(
-        help="Dask scheduler address (tcp://host:8786) or cluster YAML (configs/cluster/slurm.yaml)."
+        help="Dask scheduler address (tcp://host:8786) or cluster YAML (configs/cluster/slurm.yaml) "
+        "(default: threads of this process)."
     ),
 ]
 OverwriteOption = Annotated[bool, typer.Option(help="Replace a finished output and discard its run records.")]
@@ -52,18 +54,31 @@ def register(
     weights: Annotated[
         Path | None, typer.Option(help="Model checkpoint (overrides the config's weights).")
     ] = None,
+    field_spacing: Annotated[
+        str | None,
+        typer.Option(
+            metavar="<length>",
+            help="Field spacing with its unit, e.g. 50um or 0.5mm (overrides the config). The cascade's stages "
+            "follow from it. Default: the coarser of the two images' voxel sizes (for an atlas onto a finer "
+            "brain, the atlas's voxel); never finer than the fixed image's voxel."
+        ),
+    ] = None,
     chunk_size: ChunkOption = None,
     workers: WorkersOption = None,
     scheduler: SchedulerOption = None,
     overwrite: OverwriteOption = False,
 ) -> None:
     """Register MOVING to FIXED chunk by chunk; writes the field and its uncertainty image."""
+    from patchmorph_core.spatial import parse_length
     from pipeline.register import register_files, resolve_config
 
     _quiet_dask()
     cfg = resolve_config(config)
     if weights is not None:
         cfg = cfg.model_copy(update={"weights": str(weights)})
+    if field_spacing is not None:
+        parse_length(field_spacing, "--field-spacing")  # the option's own error message, before any work
+        cfg = cfg.model_copy(update={"field_spacing": field_spacing})
     record = register_files(
         fixed,
         moving,
@@ -81,6 +96,9 @@ def register(
         f"{', '.join(f'{s:.4g}' for s in record.spacing)} {record.unit}; {record.chunks} chunks, "
         f"{record.skipped} resumed) in {record.seconds:.1f} s"
     )
+    spacing = record.field_spacing
+    passes = ", ".join(f"{name} {value:.4g}" for name, value in spacing["passes"].items())
+    typer.echo(f"field spacing {spacing['value']:.4g} {spacing['unit']} ({spacing['note']}); patch spacing of the passes: {passes}")
     typer.echo(f"wrote uncertainty {record.uncertainty}")
     typer.echo(f"run records in {record.run} (delete when no longer needed)")
 

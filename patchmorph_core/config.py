@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from patchmorph_core.errors import InputError
 
@@ -202,7 +202,9 @@ class InferenceConfig(_Strict):
 
     Attributes:
         weights: checkpoint to load (None: the packaged default model).
-        n_stages: stages to run (None: the model's ``n_stages``).
+        n_stages: stages to run (None: as many as ``field_spacing`` needs; see there). Given without
+            ``field_spacing``, the field takes the finest stage's patch spacing (``E_0 / 2^(n-1) / P``, never finer
+            than the fixed image's voxel).
         overlap: patch overlap factor; the lattice step is ``extent / overlap`` per axis (patches ∝
             overlap³). Default 1.75 (each field voxel in about 5.4 patches), chosen on validation pairs of
             training subjects 01-06 (``benchmarks/validate.py --seeds 0 1``, step-4 model, two refinement
@@ -225,8 +227,13 @@ class InferenceConfig(_Strict):
         seed: seeds the lattice jitter and rotations (same inputs and seed → same field).
         batch_size: patches per network call.
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
-        field_spacing: spacing of the output field grid in the fixed image's unit (None: from the
-            finest stage's patch spacing).
+        field_spacing: spacing of the output field grid, a length with its unit (``"50um"``, ``"0.5 mm"``;
+            a bare number is in the fixed image's unit). The cascade follows from it: the patch extent is
+            halved from the whole-brain extent until the patch spacing is within √2 of it, and the last stage's
+            patches are laid on it (:func:`~patchmorph_core.inference.cascade_extents`). Never finer than the
+            fixed image's finest voxel (a finer value is raised to it, and the record says so). None (default):
+            what the data warrant, the coarser of the two images' finest voxel sizes — for an atlas onto a
+            finer brain, the atlas's voxel.
         initial_alignment: ``"affine"`` (fit an affine on coarse copies first,
             :mod:`patchmorph_core.alignment`) or ``"center_of_mass"`` (match the tissue centres only).
         first_stage: the first cascade stage to run (0 = the whole-brain patch); stages before it are
@@ -265,7 +272,7 @@ class InferenceConfig(_Strict):
     seed: int = 0
     batch_size: int = Field(16, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    field_spacing: float | None = Field(None, gt=0.0)
+    field_spacing: float | str | None = None
     initial_alignment: Literal["affine", "center_of_mass"] = "affine"
     first_stage: int | None = Field(None, ge=0, le=7)
     refine_passes: int = Field(0, ge=0, le=8)
@@ -276,6 +283,17 @@ class InferenceConfig(_Strict):
     polish_radius: int = Field(2, ge=1, le=8)
     polish_sigma: float = Field(1.5, ge=0.0, le=8.0)
     polish_correction_sigma: float = Field(0.5, ge=0.0, le=8.0)
+
+    @field_validator("field_spacing")
+    @classmethod
+    def _length(cls, value: float | str | None) -> float | str | None:
+        if isinstance(value, str):
+            from patchmorph_core.spatial import parse_length  # spatial imports torch: only when needed
+
+            parse_length(value, "field_spacing")
+        elif value is not None and not value > 0:
+            raise ValueError(f"field_spacing {value} must be positive")
+        return value
 
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)

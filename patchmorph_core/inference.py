@@ -88,8 +88,10 @@ from patchmorph_core.spatial import (
     grid_block_start,
     grid_block_view,
     index_box,
+    parse_length,
     patch_grid,
     random_rotation,
+    unit_scale,
 )
 
 logger = logging.getLogger(__name__)
@@ -836,6 +838,24 @@ def _estimate_and_accumulate_on_grid(
 
 
 # -- the whole registration in memory -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FieldSpacing:
+    """The output field's spacing and where it came from.
+
+    Attributes:
+        value: spacing in the fixed image's unit.
+        unit: that unit.
+        source: ``"given"`` (``field_spacing`` set), ``"default"`` (the coarser voxel of the two images) or
+            ``"stages"`` (``n_stages`` set without ``field_spacing``: the finest stage's patch spacing).
+        note: one sentence a user reads (what was used and why).
+    """
+
+    value: float
+    unit: str
+    source: str
+    note: str
+
+
 @dataclass(frozen=True, eq=False)
 class RegistrationPlan:
     """Everything a registration run derives from its inputs before the first patch is estimated.
@@ -852,6 +872,7 @@ class RegistrationPlan:
             stage from the first stage run, then ``config.refine_passes`` more of the finest stage.
         grids: the field grid of each pass (coarse stages at their patch spacing; the finest stage and
             its refinement passes at the output field spacing).
+        field_spacing: the output field spacing and where it came from (:func:`resolve_field_spacing`).
     """
 
     moving: MultiscaleImage
@@ -861,29 +882,64 @@ class RegistrationPlan:
     moving_range: tuple[float, float]
     lattices: list[PatchLattice]
     grids: list[Grid]
+    field_spacing: FieldSpacing
 
 
-def clamp_extents(extents: Sequence[float], patch_size: int, voxel: float) -> list[float]:
-    """Stage patch extents no finer than the fixed image: ``max(E_s, P·h)`` with ``h`` its finest voxel size.
+def cascade_extents(whole: float, patch_size: int, spacing: float, n_stages: int | None = None) -> list[float]:
+    """The patch extent ``E_s`` of each stage, coarse to fine, for an output field of ``spacing``.
 
-    The one place that keeps patches, and hence the default output field (:func:`output_field_spacing`),
-    from going finer than the image: a finer patch only interpolates the image (no detail is added) and
-    makes a field with more voxels than the image. Clamping the extent rather than only the field keeps
-    every stage's field grid equal to its patch grid, so the field-grid patch layout applies (clamping
-    only the field had sent such a stage to the per-patch interpolating layout, about 4× slower: measured
-    on validation pair 01←02, finest patch spacing 1.95 mm on a 2 mm image). Several clamped stages
-    repeat the image's resolution, like refinement passes.
+    ``E_0 = whole`` (the whole-brain extent); each stage halves the extent while the patch spacing
+    ``E_s / P`` is more than √2 times ``spacing``; the last stage's patches are then laid on the field
+    itself, ``E = P · spacing``, so the field grid is the last stage's patch grid (the fast field-grid
+    layout, :func:`stage_lattice`'s ``snap``) and a finer field costs one stage more per halving. The ratio
+    of the last two patch spacings lies between √2 and 2√2. With ``n_stages`` the count is given instead:
+    ``E_0 / 2^s`` for ``s < n_stages``, none finer than ``P · spacing``.
+
+    Args:
+        whole: the coarsest patch extent (world units).
+        patch_size: ``P``.
+        spacing: the output field spacing (same unit).
+        n_stages: the number of stages, or None (follow ``spacing``).
+
+    Returns:
+        The stages' extents, coarse to fine, the last ``P · spacing`` unless ``n_stages`` ends coarser.
     """
-    floor = float(patch_size) * float(voxel)
-    return [max(float(extent), floor) for extent in extents]
+    floor = float(patch_size) * float(spacing)
+    if n_stages is not None:
+        return [max(float(whole) / 2.0**s, floor) for s in range(n_stages)]
+    extents = [float(whole)]
+    while extents[-1] > math.sqrt(2.0) * floor:
+        extents.append(extents[-1] / 2.0)
+    extents[-1] = floor
+    return extents
 
 
-def output_field_spacing(finest_extent: float, patch_size: int, field_spacing: float | None) -> float:
-    """Spacing of the output field: ``field_spacing`` if set, else the finest patch spacing (world units;
-    never finer than the fixed image when the extents come from :func:`clamp_extents`)."""
-    if field_spacing is not None:
-        return float(field_spacing)
-    return float(finest_extent) / patch_size
+def resolve_field_spacing(fixed: MultiscaleImage, moving: MultiscaleImage, config: InferenceConfig) -> FieldSpacing:
+    """The output field spacing of a registration, in the fixed image's unit (see
+    ``InferenceConfig.field_spacing``): as given (a length with its unit, or a number in the fixed unit),
+    else the coarser of the two images' finest voxel sizes; raised to the fixed image's finest voxel when
+    finer (a finer field only interpolates the image)."""
+    unit = fixed.unit
+    voxel = float(fixed.grid.spacing.min())
+    if config.field_spacing is None:
+        moving_voxel = float(moving.with_unit(unit).grid.spacing.min())
+        value = max(voxel, moving_voxel)
+        which = "moving" if moving_voxel > voxel else "fixed"
+        return FieldSpacing(
+            value, unit, "default", f"default: the coarser voxel of the two images (the {which} image's, {value:.4g} {unit})"
+        )
+    if isinstance(config.field_spacing, str):
+        number, given_unit = parse_length(config.field_spacing, "field_spacing")
+        wanted = number * unit_scale(given_unit, unit)
+    else:
+        wanted = float(config.field_spacing)
+    if wanted < voxel * (1.0 - 1e-9):
+        return FieldSpacing(
+            voxel, unit, "given",
+            f"given {config.field_spacing}, raised to the fixed image's finest voxel {voxel:.4g} {unit} (a finer field only "
+            "interpolates the image)",
+        )  # fmt: skip
+    return FieldSpacing(wanted, unit, "given", f"given: {config.field_spacing}")
 
 
 def _first_stage(config: InferenceConfig, alignment: dict[str, Any], n_stages: int) -> int:
@@ -913,15 +969,22 @@ def plan_registration(
     moving = moving.with_unit(fixed.unit)
     low, high = tissue_bounds(fixed)
     size = int(model.config.patch_size)
-    extents = model.stage_extents(float(np.max(high - low)), config.n_stages)
-    extents = clamp_extents(extents, size, float(fixed.grid.spacing.min()))
+    field_spacing = resolve_field_spacing(fixed, moving, config)
+    whole = model.stage_extents(float(np.max(high - low)), 1)[0]
+    if config.n_stages is not None and config.field_spacing is None:  # a given count: the finest patches set it
+        voxel = float(fixed.grid.spacing.min())
+        extents = cascade_extents(whole, size, voxel, config.n_stages)
+        finest = extents[-1] / size
+        field_spacing = FieldSpacing(finest, fixed.unit, "stages", f"the finest patch spacing of {config.n_stages} stages")
+    else:
+        extents = cascade_extents(whole, size, field_spacing.value, config.n_stages)
+    last = field_spacing.value
     grid_low, grid_high = fixed.grid.world_bounds()
     bounds = (np.maximum(low, grid_low), np.minimum(high, grid_high))
-    last = output_field_spacing(extents[-1], size, config.field_spacing)
     if config.first_stage is not None and config.first_stage >= len(extents):
         raise InputError(
-            f"first_stage {config.first_stage} leaves no stage to run (the model runs {len(extents)}): "
-            "give a smaller first_stage or more n_stages."
+            f"first_stage {config.first_stage} leaves no stage to run (the field spacing gives {len(extents)}): "
+            "give a smaller first_stage, a finer field_spacing or more n_stages."
         )
     if initial is not None:
         matrix, alignment = np.asarray(initial[0], dtype=np.float64), dict(initial[1])
@@ -956,7 +1019,7 @@ def plan_registration(
     for stage, extent in enumerate(extents):
         if stage < first:
             continue
-        spacing = last if stage == len(extents) - 1 else max(extent / size, last)
+        spacing = last if stage == len(extents) - 1 else extent / size
         grids.append(fixed.grid.resampled(spacing))
         lattices.append(lattice(stage, config.overlap, grids[-1]))
     refine = lattice(len(extents) - 1, config.refine_overlap or config.overlap, grids[-1])
@@ -971,6 +1034,7 @@ def plan_registration(
         moving_range=intensity_range(moving),
         lattices=lattices,
         grids=grids,
+        field_spacing=field_spacing,
     )
 
 

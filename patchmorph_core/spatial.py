@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -82,6 +83,53 @@ def unit_scale(from_unit: str, to_unit: str) -> float:
                 f"unknown unit {name!r}; use one of {', '.join(sorted(UNIT_IN_MILLIMETER))}."
             )
     return UNIT_IN_MILLIMETER[from_unit] / UNIT_IN_MILLIMETER[to_unit]
+
+
+_LENGTH_UNITS: dict[str, str] = {
+    **dict.fromkeys(("nm", "nanometer", "nanometers", "nanometre", "nanometres"), "nanometer"),
+    **dict.fromkeys(
+        ("um", "\u00b5m", "\u03bcm", "micron", "microns", "micrometer", "micrometers", "micrometre", "micrometres"),
+        "micrometer",
+    ),
+    **dict.fromkeys(("mm", "millimeter", "millimeters", "millimetre", "millimetres"), "millimeter"),
+    **dict.fromkeys(("cm", "centimeter", "centimeters", "centimetre", "centimetres"), "centimeter"),
+    **dict.fromkeys(("m", "meter", "meters", "metre", "metres"), "meter"),
+}
+"""Spellings of length units (lower case; ``µm`` with the micro sign or the Greek mu) → the project's unit."""
+
+_LENGTH = re.compile(r"^\s*([+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)\s*([^\d\s.+-][^\s]*)\s*$")
+"""A number and a unit, with or without a space between them (``50um``, ``0.5 mm``, ``2e-2 cm``)."""
+
+
+def parse_length(text: str, what: str = "length") -> tuple[float, str]:
+    """A positive length with its unit, e.g. ``"50um"``, ``"50 µm"``, ``"0.5mm"``, ``"0.05 millimeter"``.
+
+    Args:
+        text: a number followed by a length unit (see :data:`_LENGTH_UNITS`: nm, um/µm/micron, mm, cm, m and
+            their names, singular or plural, either spelling).
+        what: what the length is, for the error message (e.g. ``"--field-spacing"``).
+
+    Returns:
+        ``(value, unit)`` with ``unit`` one of :data:`UNIT_IN_MILLIMETER`'s names.
+
+    Raises:
+        SpatialError: no number, no unit, an unknown unit, or a value that is not finite and positive.
+    """
+    match = _LENGTH.match(str(text))
+    if match is None:
+        raise SpatialError(
+            f"{what} {text!r} is not a length with a unit: give a number and a unit, e.g. 50um, 0.5mm or "
+            "2 millimeter."
+        )
+    unit = _LENGTH_UNITS.get(match.group(2).lower())
+    if unit is None:
+        raise SpatialError(
+            f"{what} {text!r}: {match.group(2)!r} is not a length unit; use nm, um (µm), mm, cm or m."
+        )
+    value = float(match.group(1))
+    if not math.isfinite(value) or value <= 0:
+        raise SpatialError(f"{what} {text!r} must be a positive length, e.g. 50um.")
+    return value, unit
 
 
 def orientation_matrix(code: str) -> np.ndarray:

@@ -54,6 +54,8 @@ class RegistrationRecord(BaseModel):
         run: the run folder with completion records (rerun to resume; safe to delete when done).
         grid_shape: field grid shape ``(Z, Y, X)``.
         spacing: field spacing ``(z, y, x)`` in ``unit``.
+        field_spacing: the field spacing used, where it came from (given or default, with the reason) and
+            the patch spacing of every network pass.
         unit: world unit (the fixed image's).
         chunks: output chunks of the final stage; ``skipped``: chunks of all stages found done.
         stages: per-stage figures (chunks, blocks, patches, seconds).
@@ -71,6 +73,7 @@ class RegistrationRecord(BaseModel):
     run: Path
     grid_shape: tuple[int, int, int]
     spacing: tuple[float, float, float]
+    field_spacing: dict[str, Any]
     unit: str
     chunks: int
     skipped: int
@@ -181,8 +184,21 @@ def _field_meta(
         "config": cfg.model_dump(mode="json"),
         "initial_matrix": rplan.initial.tolist(),
         "initial_alignment": rplan.alignment,
+        "field_spacing": _spacing_record(rplan),
     }
     return field_metadata(rplan.grids[-1], provenance)
+
+
+def _spacing_record(plan: RegistrationPlan) -> dict[str, Any]:
+    """The field spacing used, where it came from, and the patch spacing of every network pass."""
+    spacing = plan.field_spacing
+    return {
+        "value": spacing.value,
+        "unit": spacing.unit,
+        "source": spacing.source,
+        "note": spacing.note,
+        "passes": {lat.name: lat.extent / lat.size for lat in plan.lattices},
+    }
 
 
 def register_files(
@@ -244,6 +260,7 @@ def register_files(
         run=run_root,
         grid_shape=grid.shape,
         spacing=tuple(float(s) for s in grid.spacing),  # type: ignore[arg-type]
+        field_spacing=_spacing_record(rplan),
         unit=grid.unit,
         chunks=run.chunks,
         skipped=run.skipped,
@@ -296,6 +313,7 @@ def register_arrays(
     info = {
         "initial_matrix": plan.initial.tolist(),
         "initial_alignment": plan.alignment,
+        "field_spacing": _spacing_record(plan),
         "polish": run.polish,
         "unit": fixed.unit,
         "stages": run.stages,

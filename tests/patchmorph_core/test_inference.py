@@ -18,6 +18,7 @@ from patchmorph_core.inference import (
     FieldSums,
     PatchSpec,
     accumulate,
+    cascade_extents,
     cell_blocks,
     cells_for_region,
     compose_on_grid,
@@ -355,33 +356,52 @@ def test_patch_estimate_equals_the_training_forward_pass(alignment: str) -> None
 def test_plan_skips_the_whole_brain_stage_only_after_an_accepted_affine() -> None:
     fixed, moving = blob_pair()
     model = ConstantUpdate((0.0, 0.0, 0.0))
-    affine = plan_registration(model, fixed, moving, InferenceConfig(device="cpu"))
+    two = {"device": "cpu", "field_spacing": "2mm"}  # two stages on this ~34 mm brain with P = 8
+    affine = plan_registration(model, fixed, moving, InferenceConfig(**two))
     assert affine.alignment["method"] == "affine" and affine.alignment["accepted"]
     assert not np.allclose(affine.initial[:3, :3], np.eye(3))  # a rotated moving grid: a real affine
     assert [lat.name for lat in affine.lattices] == ["stage1"]  # no refinement pass by default
     com = plan_registration(
-        model, fixed, moving, InferenceConfig(device="cpu", initial_alignment="center_of_mass", refine_passes=2)
+        model, fixed, moving, InferenceConfig(**two, initial_alignment="center_of_mass", refine_passes=2)
     )
     assert [lat.name for lat in com.lattices] == ["stage0", "stage1", "stage1.1", "stage1.2"]
     assert np.allclose(com.initial[:3, :3], np.eye(3))
     forced = plan_registration(
-        model, fixed, moving, InferenceConfig(device="cpu", first_stage=0, refine_passes=0)
+        model, fixed, moving, InferenceConfig(**two, first_stage=0, refine_passes=0)
     )
     assert [lat.name for lat in forced.lattices] == ["stage0", "stage1"]
     with pytest.raises(InputError, match="first_stage 2 leaves no stage"):
-        plan_registration(model, fixed, moving, InferenceConfig(device="cpu", first_stage=2))
+        plan_registration(model, fixed, moving, InferenceConfig(**two, first_stage=2))
 
 
-def test_patches_are_never_finer_than_the_fixed_voxels() -> None:
-    # four stages on this small anisotropic image (voxels 1.2 x 1.0 x 1.4 mm, P = 8) would put the last
-    # stage's patch spacing near 0.5 mm, below the image's finest voxel: its extent is raised to P x 1.0 mm,
-    # so its field grid (never finer than the image) is still the patch grid and the fast layout applies
-    fixed, moving = blob_pair()
+def test_cascade_halves_until_the_patch_spacing_is_within_sqrt2_of_the_field_spacing() -> None:
+    # E_0 = 216 mm, P = 24, 2 mm field: patch spacings 9, 4.5 (> 2.83), then the last stage on the field
+    assert cascade_extents(216.0, 24, 2.0) == [216.0, 108.0, 48.0]
+    # 2.4 mm: 9, 4.5, 2.25 (<= 3.39 stops halving) -> the last stage is laid on 2.4 mm, not added below it
+    assert cascade_extents(216.0, 24, 2.4) == [216.0, 108.0, pytest.approx(57.6)]
+    # each halving of the field spacing adds one stage
+    assert [len(cascade_extents(216.0, 24, h)) for h in (8.0, 4.0, 2.0, 1.0, 0.5)] == [1, 2, 3, 4, 5]
+    assert cascade_extents(20.0, 24, 2.0) == [48.0]  # the field coarser than the brain: one stage on it
+    assert cascade_extents(216.0, 24, 2.0, n_stages=4) == [216.0, 108.0, 54.0, 48.0]  # a given count, floored
+
+
+def test_field_spacing_sets_the_stages_and_is_never_finer_than_the_fixed_voxels() -> None:
+    fixed, moving = blob_pair()  # fixed voxels 1.2 x 1.0 x 1.4 mm; moving 1.5 x 1.4 x 1.0 mm (given in um)
     model = ConstantUpdate((0.0, 0.0, 0.0))
-    config = InferenceConfig(device="cpu", n_stages=4, first_stage=0, refine_passes=0, initial_alignment="center_of_mass")
-    plan = plan_registration(model, fixed, moving, config)
-    assert plan.lattices[0].extent / 2**3 < 8 * 1.0 - 1e-9  # unclamped halving would go below a voxel
-    extents = [lat.extent for lat in plan.lattices]
-    assert extents[-1] == pytest.approx(8.0) and min(extents) == pytest.approx(8.0)
-    assert all(lat.snap is not None for lat in plan.lattices)  # every stage on its field grid
-    assert np.allclose(plan.grids[-1].spacing, 1.0)
+    base = {"device": "cpu", "first_stage": 0, "refine_passes": 0, "initial_alignment": "center_of_mass"}
+    default = plan_registration(model, fixed, moving, InferenceConfig(**base))
+    assert default.field_spacing.source == "default" and default.field_spacing.value == pytest.approx(1.0)
+    assert "coarser voxel" in default.field_spacing.note
+    coarse = plan_registration(model, fixed, moving, InferenceConfig(**base, field_spacing="2000 µm"))
+    assert coarse.field_spacing.value == pytest.approx(2.0) and coarse.field_spacing.unit == "millimeter"
+    assert len(coarse.lattices) == len(default.lattices) - 1  # a field twice as coarse: one stage less
+    for plan in (default, coarse):
+        assert np.allclose(plan.grids[-1].spacing, plan.field_spacing.value)
+        assert plan.lattices[-1].extent == pytest.approx(8 * plan.field_spacing.value)  # P x the field spacing
+        assert all(lat.snap is not None for lat in plan.lattices)  # every stage on its own field grid
+    # finer than the fixed image's finest voxel (1.0 mm): raised to it, and the note says so
+    fine = plan_registration(model, fixed, moving, InferenceConfig(**base, field_spacing="0.5mm"))
+    assert fine.field_spacing.value == pytest.approx(1.0) and "raised" in fine.field_spacing.note
+    assert [lat.extent for lat in fine.lattices] == [lat.extent for lat in default.lattices]
+    with pytest.raises(ValueError, match="not a length unit"):  # pydantic's error; a YAML file gives InputError
+        InferenceConfig(field_spacing="2 s")

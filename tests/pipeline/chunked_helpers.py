@@ -33,4 +33,4 @@ def tiny_config(folder: Path) -> InferenceConfig:
     torch.manual_seed(0)
     model = PatchMorph(ModelConfig(patch_size=16, n_stages=2, widths=(4, 8), affine_widths=(4, 8)))
     weights = save_checkpoint(folder / "tiny.pt", model)
-    return InferenceConfig(weights=str(weights), device="cpu", batch_size=8, max_rotation_deg=10.0)
+    return InferenceConfig(weights=str(weights), device="cpu", batch_size=8, max_rotation_deg=10.0, n_stages=2)

@@ -27,6 +27,7 @@ def test_register_arrays_stub_adds_updates_across_stages() -> None:
         overlap=2.0,
         refine_passes=0,
         polish_iterations=0,  # the network's updates alone (the polish has its own tests)
+        n_stages=2,
     )
     result = register_arrays(model, fixed, moving, config, show_progress=False)
     matrix = np.array(result.info["initial_matrix"])
@@ -71,7 +72,7 @@ def test_fixed_image_is_sampled_once_per_lattice_box_and_field_grid(monkeypatch:
     model = PatchMorph(ModelConfig(patch_size=8, widths=(4, 4), affine_widths=(4, 4), n_stages=2))
     fixed, moving = blob_pair()
     config = InferenceConfig(
-        batch_size=32, device="cpu", seed=5, refine_passes=2, initial_alignment="center_of_mass"
+        batch_size=32, device="cpu", seed=5, refine_passes=2, initial_alignment="center_of_mass", n_stages=2
     )
     plan = plan_registration(model, fixed, moving, config)
     assert [lattice.name for lattice in plan.lattices] == ["stage0", "stage1", "stage1.1", "stage1.2"]

@@ -126,10 +126,36 @@ def test_register_and_warp_commands(
     assert again.exit_code == 2 and "already exists" in again.output
 
 
+def test_register_in_process_at_a_field_spacing_with_its_unit(
+    tmp_path: Path, pair_and_config: tuple[Path, Path, InferenceConfig]
+) -> None:
+    """No --scheduler or --workers: threads of the command's own process; --field-spacing sets the field grid
+    (in the fixed image's unit) and the stages, and the command says what it used."""
+    fixed, moving, config = pair_and_config
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(config.model_copy(update={"n_stages": None}).model_dump(mode="json")))
+    field = tmp_path / "field.zarr"
+    args = ["register", "--fixed", str(fixed), "--moving", str(moving), "--out", str(field), "--config", str(config_path)]
+    result = runner.invoke(app, [*args, "--field-spacing", "2500 µm"])
+    assert result.exit_code == 0, result.output
+    _, grid, meta = read_field(field)
+    assert grid.unit == "millimeter" and np.allclose(grid.spacing, 2.5)
+    assert meta["field_spacing"]["source"] == "given" and meta["field_spacing"]["value"] == pytest.approx(2.5)
+    assert "field spacing 2.5 millimeter (given: 2500 µm)" in result.output and "dashboard" not in result.output
+    coarse = tmp_path / "coarse.zarr"
+    coarser = runner.invoke(app, [*args[:5], "--out", str(coarse), "--config", str(config_path), "--field-spacing", "0.5cm"])
+    assert coarser.exit_code == 0, coarser.output
+    # twice the spacing: one stage less (stage 0, the whole-brain patch, is skipped after the affine start)
+    assert list(meta["field_spacing"]["passes"]) == ["stage1"]
+    assert read_field(coarse)[2]["field_spacing"]["passes"] == {"stage0": pytest.approx(5.0)}
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
         ({"fixed": "missing.zarr"}, "fixed image"),
+        ({"spacing": "3"}, "--field-spacing '3' is not a length with a unit"),
+        ({"spacing": "3 s"}, "'s' is not a length unit"),
         ({"chunk": "0"}, "--chunk-size 0 is invalid"),
         ({"moving": "nan.zarr"}, "NaN"),
         ({"scheduler": "nonsense"}, "neither a YAML file"),
@@ -148,12 +174,14 @@ def test_register_bad_input_fails_fast(
         "moving": str(moving),
         "chunk": "17",
         "scheduler": "configs/cluster/local.yaml",
+        "spacing": "2mm",
     }
     args.update({k: str(tmp_path / v) if k in ("fixed", "moving") else v for k, v in change.items()})
     result = runner.invoke(
         app,
         ["register", "--fixed", args["fixed"], "--moving", args["moving"], "--out", str(tmp_path / "f.zarr"),
-         "--weights", str(config.weights), "--chunk-size", args["chunk"], "--scheduler", args["scheduler"]],
+         "--weights", str(config.weights), "--chunk-size", args["chunk"], "--scheduler", args["scheduler"],
+         "--field-spacing", args["spacing"]],
     )  # fmt: skip
     assert result.exit_code == 2, result.output
     assert message in result.output
