@@ -207,7 +207,10 @@ def main() -> None:
             dice.append(_dice(pair, result))
             folds.append(folding_percent(result.field, result.grid))
             results.append(result)
-            line = f"{pair.name} (seed {seed}): Dice {dice[-1]:.4f}, {seconds[-1]:.2f} s, folded {folds[-1]:.4f} %"
+            line = (
+                f"{pair.name} (seed {seed}): Dice {dice[-1]:.4f} (before {_dice(pair, None):.4f}), {seconds[-1]:.2f} s, "
+                f"folded {folds[-1]:.4f} %"
+            )
             if pair.known_field is not None:
                 errors.append(field_error(pair, result))
                 line += (
@@ -260,12 +263,12 @@ def _register(model: Any, pair: ValidationPair, config: InferenceConfig) -> tupl
     return result, time.perf_counter() - tic
 
 
-def _dice(pair: ValidationPair, result: RegistrationResult) -> float:
-    """Mean Dice over the scored structures of the moving labels warped (nearest) onto the fixed grid."""
+def _dice(pair: ValidationPair, result: RegistrationResult | None) -> float:
+    """Mean Dice over the scored structures of the moving labels warped (nearest) onto the fixed grid (None: the
+    labels as they lie, before registration)."""
     fixed_labels = read_image(pair.fixed_labels).levels[0]
-    warped = warp_to_grid(
-        accuracy.in_memory_image(pair.moving_labels), FieldDisplacement(result.field, result.grid), fixed_labels.grid, order=0
-    )  # fmt: skip
+    displacement = TranslationDisplacement(np.zeros(3)) if result is None else FieldDisplacement(result.field, result.grid)
+    warped = warp_to_grid(accuracy.in_memory_image(pair.moving_labels), displacement, fixed_labels.grid, order=0)
     return mean_dice(np.asarray(fixed_labels.array), warped, pair.scored)
 
 
