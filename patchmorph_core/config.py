@@ -262,6 +262,9 @@ class InferenceConfig(_Strict):
         polish_sigma: Gaussian smoothing of each update (field voxels).
         polish_correction_sigma: Gaussian smoothing of the accumulated correction at every step (field voxels);
             it keeps the polish from folding the field.
+        stage_check: score the contrast-robust similarity (MIND-SSC) before and after every network pass and the
+            polish, record it in the pass's figures, and reject a pass that lowers it
+            (:mod:`patchmorph_core.stage_check`).
     """
 
     weights: str | None = None
@@ -278,6 +281,7 @@ class InferenceConfig(_Strict):
     refine_passes: int = Field(0, ge=0, le=8)
     refine_overlap: float | None = Field(None, ge=1.0, le=8.0)
     polish_iterations: int = Field(10, ge=0, le=200)
+    stage_check: bool = True
     polish_gain: float = Field(1.5, gt=0.0, le=100.0)
     polish_max_step: float = Field(0.25, gt=0.0, le=1.0)
     polish_radius: int = Field(2, ge=1, le=8)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -35,7 +36,12 @@ from typing import Any, Protocol
 import numpy as np
 
 from patchmorph_core.config import InferenceConfig, resolve_device
-from patchmorph_core.displacement import AffineDisplacement, Displacement, FieldDisplacement
+from patchmorph_core.displacement import (
+    AffineDisplacement,
+    Displacement,
+    FieldDisplacement,
+    displacement_on_grid,
+)
 from patchmorph_core.inference import (
     WEIGHT_EPS,
     FieldSums,
@@ -50,6 +56,7 @@ from patchmorph_core.model import load_model
 from patchmorph_core.polish import PolishSettings
 from patchmorph_core.source import Level, MultiscaleImage
 from patchmorph_core.spatial import Grid
+from patchmorph_core.stage_check import StageCheck, StageScorer
 from pipeline.chunked import (
     BLOCK_FIGURES,
     Box,
@@ -404,12 +411,33 @@ def run_network_pass(
     return record
 
 
+def _reject(name: str, check: StageCheck) -> None:
+    log.warning(
+        "%s lowered the similarity (MIND %.4f -> %.4f): rejected, the registration goes on from the field "
+        "before it", name, check.before, check.after,
+    )  # fmt: skip
+
+
+def write_displacement(array: Any, displacement: Displacement, grid: Grid) -> None:
+    """Overwrite the ``(3, Z, Y, X)`` field ``array`` on ``grid`` with ``displacement``, in slabs of whole chunks
+    along z (the array's own chunking; one slab for an in-memory array)."""
+    chunks = getattr(array, "chunks", None)
+    slab = int(chunks[1]) if chunks else grid.shape[0]
+    for start in range(0, grid.shape[0], slab):
+        stop = min(start + slab, grid.shape[0])
+        part = grid.crop((start, 0, 0), (stop, *grid.shape[1:]))
+        array[:, start:stop] = displacement_on_grid(displacement, part)
+
+
 def run_registration(executor: Executor, inputs: Inputs, store: FieldStore, progress: bool = False) -> DriverRun:
     """Every pass of ``inputs.plan``, coarse to fine, then the polish (see the module docstring).
 
     Each pass's field is the next pass's prior (read lazily: only the boxes the next pass's patches need);
     the finest network pass writes the uncertainty, and its field is polished into the output field (with
-    ``polish_iterations: 0`` it writes the output itself).
+    ``polish_iterations: 0`` it writes the output itself). With ``config.stage_check`` every pass and the
+    polish are scored before and after (:mod:`patchmorph_core.stage_check`, figures in the pass's record); a
+    pass that lowers the similarity is rejected: the next pass starts from the field before it, and a rejected
+    last pass or polish leaves that field in its array.
 
     Args:
         executor: where the tasks run.
@@ -423,6 +451,10 @@ def run_registration(executor: Executor, inputs: Inputs, store: FieldStore, prog
     settings = PolishSettings.from_config(inputs.config)
     prior: Displacement = AffineDisplacement(plan.initial)
     fixed_images = StageFixedImages(inputs.fixed, plan.fixed_range)
+    scorer = None
+    if inputs.config.stage_check and plan.grids:
+        scorer = StageScorer.build(inputs.fixed, plan.moving, (plan.fixed_range, plan.moving_range), plan.grids[-1])
+    score = scorer.score(prior) if scorer is not None else math.nan
     stages: list[dict[str, Any]] = []
     arrays = None
     for n, (lattice, grid) in enumerate(zip(plan.lattices, plan.grids, strict=True)):
@@ -431,13 +463,29 @@ def run_registration(executor: Executor, inputs: Inputs, store: FieldStore, prog
         stages.append(
             run_network_pass(executor, inputs, lattice, arrays, prior, fixed_images.get(lattice), progress)
         )
-        prior = FieldDisplacement(arrays.field, grid)
+        candidate = FieldDisplacement(arrays.field, grid)
+        if scorer is not None:
+            check = StageCheck(score, scorer.score(candidate))
+            stages[-1].update(check.record())
+            if not check.accepted:
+                _reject(lattice.name, check)
+                if last:  # its field is the output's base: the field before it, on its grid
+                    write_displacement(arrays.field, prior, grid)
+                continue
+            score = check.after
+        prior = candidate
     if arrays is None:
         raise ValueError("the registration plan has no pass to run")
     output, polish = arrays.field, None
     if settings.iterations > 0:
         output, polish = run_polish(executor, inputs, settings, arrays, store, progress)
         stages.extend(polish["passes"])
+        if scorer is not None:
+            check = StageCheck(score, scorer.score(FieldDisplacement(output, plan.grids[-1])))
+            stages[-1].update(check.record())
+            if not check.accepted:
+                _reject("the polish", check)
+                write_displacement(output, FieldDisplacement(arrays.field, plan.grids[-1]), plan.grids[-1])
     return DriverRun(
         field=output,
         uncertainty=arrays.uncertainty,

@@ -28,6 +28,7 @@ def test_register_arrays_stub_adds_updates_across_stages() -> None:
         refine_passes=0,
         polish_iterations=0,  # the network's updates alone (the polish has its own tests)
         n_stages=2,
+        stage_check=False,  # arithmetic: keep passes that move the blob off (the check has its own tests)
     )
     result = register_arrays(model, fixed, moving, config, show_progress=False)
     matrix = np.array(result.info["initial_matrix"])
@@ -55,7 +56,7 @@ def test_register_arrays_is_seeded_and_deterministic() -> None:
     torch.manual_seed(0)
     model = PatchMorph(ModelConfig(patch_size=8, widths=(4, 4), affine_widths=(4, 4), n_stages=2))
     fixed, moving = blob_pair()
-    config = InferenceConfig(batch_size=32, device="cpu", seed=5)
+    config = InferenceConfig(batch_size=32, device="cpu", seed=5, stage_check=False)  # a random net's passes
     first = register_arrays(model, fixed, moving, config, show_progress=False)
     second = register_arrays(model, fixed, moving, config, show_progress=False)
     assert np.array_equal(first.field, second.field)
@@ -121,7 +122,7 @@ def test_refinement_passes_repeat_the_finest_stage_on_other_patches_from_its_fie
             moving,
             InferenceConfig(
                 device="cpu", refine_passes=n, refine_overlap=None, initial_alignment="center_of_mass",
-                polish_iterations=0,
+                polish_iterations=0, stage_check=False,
             ),
             show_progress=False,
         )
@@ -131,3 +132,35 @@ def test_refinement_passes_repeat_the_finest_stage_on_other_patches_from_its_fie
     covered = np.all(np.abs(added) > 1e-3, axis=0)  # where the refinement pass's patches put weight
     assert covered.mean() > 0.3
     assert np.allclose(np.median(added[:, covered], axis=1), step, atol=1e-3)
+
+
+def test_a_pass_that_lowers_the_similarity_is_rejected_and_recorded() -> None:
+    fixed, moving = blob_pair()  # the centre-of-mass start aligns them: every update of 3 mm makes it worse
+    model = ConstantUpdate((3.0, -3.0, 0.0))
+    config = InferenceConfig(
+        batch_size=8, device="cpu", max_rotation_deg=0.0, initial_alignment="center_of_mass", overlap=2.0,
+        refine_passes=0, polish_iterations=0, n_stages=2,
+    )  # fmt: skip
+    checked = register_arrays(model, fixed, moving, config, show_progress=False)
+    initial = np.array(checked.info["initial_matrix"])[:3, 3]
+    stages = checked.info["stages"]
+    assert [s["accepted"] for s in stages] == [False, False]
+    assert all(s["similarity_after"] < s["similarity_before"] for s in stages)
+    assert stages[1]["similarity_before"] == stages[0]["similarity_before"]  # the start, kept
+    assert np.allclose(checked.field, initial[:, None, None, None], atol=1e-4)  # the start's field
+    unchecked = register_arrays(
+        model, fixed, moving, config.model_copy(update={"stage_check": False}), show_progress=False
+    )
+    assert "accepted" not in unchecked.info["stages"][0]
+    assert np.abs(unchecked.field - initial[:, None, None, None]).max() > 5.0  # both updates taken
+
+
+def test_a_pass_that_raises_the_similarity_is_kept() -> None:
+    fixed, moving = blob_pair()
+    model = ConstantUpdate((0.0, 0.0, 0.0))
+    config = InferenceConfig(
+        batch_size=8, device="cpu", max_rotation_deg=0.0, initial_alignment="center_of_mass", overlap=2.0,
+        refine_passes=0, polish_iterations=0, n_stages=2,
+    )  # fmt: skip
+    stages = register_arrays(model, fixed, moving, config, show_progress=False).info["stages"]
+    assert [s["accepted"] for s in stages] == [True, True]  # no change is no loss
