@@ -145,9 +145,14 @@ def save_nifti(path: Path, array: np.ndarray, grid: Grid) -> None:
     nib.save(img, str(path))
 
 
-def sha256(path: Path) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def content_sha256(path: Path) -> str:
+    """Hex SHA-256 of a NIfTI file's voxels and index→world matrix (not of its bytes: gzip stamps a time)."""
+    from pipeline.importers import load_nifti
+
+    array, grid = load_nifti(path)
+    digest = hashlib.sha256(np.ascontiguousarray(array).tobytes())
+    digest.update(np.ascontiguousarray(grid.affine).tobytes())
+    return digest.hexdigest()
 
 
 def prepare(overwrite: bool = False) -> dict[str, dict[str, Any]]:
@@ -170,8 +175,8 @@ def prepare(overwrite: bool = False) -> dict[str, dict[str, Any]]:
         info[sid] = {
             "shape": list(labels.shape),
             "spacing_mm": grid.spacing.round(4).tolist(),
-            "image_sha256": sha256(paths["image"]),
-            "labels_sha256": sha256(paths["labels"]),
+            "image_sha256": content_sha256(paths["image"]),
+            "labels_sha256": content_sha256(paths["labels"]),
         }
     return info
 

@@ -51,7 +51,8 @@ COMMAND_ENV = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
 
 # -- where and how ------------------------------------------------------------------------------------------
 def machine() -> dict[str, Any]:
-    """Where the numbers were measured: CPUs, memory, platform and the load average at the call."""
+    """Where and on what the numbers were measured: CPUs, memory, platform, the load average at the call and
+    the code (the repository's commit, and whether files differed from it)."""
     import psutil
 
     return {
@@ -60,7 +61,19 @@ def machine() -> dict[str, Any]:
         "platform": platform.platform(),
         "processor": platform.processor(),
         "load_average": [round(v, 2) for v in os.getloadavg()],
+        "code": code_version(),
     }
+
+
+def code_version() -> dict[str, Any]:
+    """The repository's commit and whether tracked files differ from it (None values outside a git clone)."""
+
+    def git(*args: str) -> str | None:
+        done = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, check=False)
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": git("rev-parse", "HEAD"), "modified": None if status is None else bool(status)}
 
 
 def recorded_command() -> str:
