@@ -1,13 +1,13 @@
-"""The benchmark document, generated from the JSON results: ``docs/benchmarks.md``.
+"""The benchmark documents, generated from the JSON results: ``docs/benchmarks.md`` and ``docs/scale.md``.
 
-Every figure in it comes from ``benchmarks/results/*.json``; none is typed by hand. Each section
+Every figure in them comes from ``benchmarks/results/*.json``; none is typed by hand. Each section
 names the command that made its JSON (rerun it to reproduce the figures) and the machine it ran on. A JSON
 that is missing gives a section that says so and how to make it.
 
 Usage (from the repository root)::
 
-    .venv/bin/python benchmarks/report.py            # rewrite docs/benchmarks.md
-    .venv/bin/python benchmarks/report.py --check    # exit 1 if it differs from what the JSON gives
+    .venv/bin/python benchmarks/report.py            # rewrite docs/benchmarks.md and docs/scale.md
+    .venv/bin/python benchmarks/report.py --check    # exit 1 if either differs from what the JSON gives
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import harness
+import numpy as np
 
 DOCS = harness.REPO / "docs"
 GENERATED = (
@@ -325,6 +326,174 @@ leaks partly into its neighbouring bands, the same way for the truth and for the
 copies of both brains resampled to the stated spacing."""
 
 
+# -- scale and the terabyte plan (issue 23) -----------------------------------------------------------------------------
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f} %"
+
+
+def scale_runs_table(doc: dict[str, Any]) -> str:
+    """One row per command of every run."""
+    rows = []
+    for r in doc["rows"]:
+        for step in ("convert", "register", "warp"):
+            if step not in r:
+                continue
+            m = r[step]
+            share = m.get("shares", {})
+            rows.append([
+                f"{r['disk_gib']:.2f}", f"{r['voxels'] / 1e9:.2f} G", f"{r['field_spacing_um']:.1f} µm ({r['field_factor']:g}×)",
+                f"{r['field_voxels'] / 1e6:.2f} M", step, fmt(m["wall_s"], 1), fmt(m["cpu_s"], 1),
+                fmt(m["max_worker_peak_gib"], 2), fmt(m["command_peak_gib"], 2),
+                f"{m['read_gib']:.2f} / {m['written_gib']:.2f}", _pct(share.get("forward")), _pct(share.get("polish")),
+                _pct(share.get("sampling")),
+            ])  # fmt: skip
+    return table(
+        ["on disk GiB", "voxels", "field spacing", "field voxels", "command", "wall s", "CPU s (all processes)",
+         "peak per worker GiB", "peak of the command's process GiB", "read / written GiB", "forward passes",
+         "polish", "patch sampling"],
+        rows,
+    )  # fmt: skip
+
+
+def scale_targets_table(doc: dict[str, Any]) -> str:
+    """Each larger run against the smallest of its series, beside issue 23's targets."""
+    rows = []
+    for s in doc.get("summary", []):
+        for step in ("register", "warp"):
+            m = s[step]
+            met = m["met"]
+            rows.append([
+                f"{s['sizes_gib'][0]:g} → {s['sizes_gib'][1]:g} GiB ({s['field_factor']:g}×)", step,
+                f"{s['voxel_ratio']:.1f}× / {s['field_voxel_ratio']:.1f}×",
+                f"{m['wall_vs_linear']:.2f} ({'met' if met['wall_within_1.3x_linear'] else 'not met'})",
+                f"{m['cpu_vs_linear']:.2f}",
+                f"{m['worker_peak_ratio']:.2f} ({'met' if met['worker_peak_within_20pct'] and met['worker_peak_under_2gib'] else 'not met'})",
+                f"{m['read_per_unit_ratio']:.2f}",
+                " / ".join(_pct(f) for f in m["forward_share"]) + (f" ({'met' if met['forward_share_60pct'] else 'not met'})")
+                if "forward_share" in m else "–",
+            ])  # fmt: skip
+    return table(
+        ["series", "command", "voxels / field voxels ratio", "wall time ÷ linear (≤ 1.3)", "CPU time ÷ linear",
+         "peak per worker ratio (within 20 %, ≤ 2 GiB)", "data read per unit of work, ratio (flat = 1)",
+         "forward share, small / large (≥ 60 %)"],
+        rows,
+    )  # fmt: skip
+
+
+def throughput(doc: dict[str, Any]) -> dict[str, Any]:
+    """Per-core throughput of each stage at the largest run: field voxels per core-second of each registration
+    pass (network and polish), of the whole registration (all processes' CPU), and bytes per CPU second of warp
+    and convert."""
+    largest = max(doc["rows"], key=lambda r: r["field_voxels"])
+    register = largest["register"]
+    passes = [
+        {"name": p["name"], "voxels": p["voxels"], "core_s": p["block_s"] + p["chunk_s"],
+         "voxels_per_core_s": p["voxels"] / (p["block_s"] + p["chunk_s"]) if p["block_s"] + p["chunk_s"] > 0 else None}
+        for p in register.get("passes", [])
+    ]  # fmt: skip
+    out: dict[str, Any] = {
+        "row": largest,
+        "passes": passes,
+        "register_cpu_s_per_field_voxel": register["cpu_s"] / largest["field_voxels"],
+        "warp_bytes_per_cpu_s": largest["bytes"] / largest["warp"]["cpu_s"],
+    }
+    if "convert" in largest:
+        out["convert_bytes_per_cpu_s"] = largest["bytes"] / largest["convert"]["cpu_s"]
+    return out
+
+
+def projection(doc: dict[str, Any]) -> dict[str, Any]:
+    """The terabyte plan from the measured throughputs: core-seconds per stage, wall time on N workers (CPU; and
+    a GPU worker's lower bound with the forward passes at no cost), and the I/O floor at stated bandwidths.
+
+    Assumes per-core throughput carries over to the cluster's cores and that work spreads evenly over the
+    workers (the lattice's blocks and the output chunks are independent tasks); the I/O floor is the volume
+    read once for the pyramid and read and written once to warp (3 × the volume).
+    """
+    plan = doc["projection"]
+    speed = throughput(doc)
+    volume = plan["volume_tb"] * 1e12
+    box_mm3 = float(np.prod(plan["extent_mm"]))
+    forward = speed["row"]["register"]["shares"].get("forward") or 0.0
+    out: dict[str, Any] = {"volume_bytes": volume, "voxels_per_channel": box_mm3 * 1e9 / float(np.prod(plan["voxel_um"])),
+                           "fields": []}  # fmt: skip
+    warp_core_s = volume / speed["warp_bytes_per_cpu_s"]
+    convert_core_s = volume / speed["convert_bytes_per_cpu_s"] if "convert_bytes_per_cpu_s" in speed else None
+    for spacing in plan["field_spacings_um"]:
+        field_voxels = box_mm3 * 1e9 / spacing**3
+        register_core_s = field_voxels * speed["register_cpu_s_per_field_voxel"]
+        total = register_core_s + warp_core_s + (convert_core_s or 0.0)
+        rows = []
+        for workers in plan["workers"]:
+            cores = workers * plan["cores_per_worker"]
+            cpu_wall = total / cores
+            gpu_wall = (register_core_s * (1.0 - forward) + warp_core_s + (convert_core_s or 0.0)) / cores
+            floors = {bw: 3 * volume / (bw * 1e9) for bw in plan["storage_gb_per_s"]}
+            rows.append({"workers": workers, "cores": cores, "cpu_wall_s": cpu_wall, "gpu_wall_bound_s": gpu_wall,
+                         "io_floor_s": floors, "ratio_to_floor": {bw: cpu_wall / f for bw, f in floors.items()}})  # fmt: skip
+        out["fields"].append({"spacing_um": spacing, "field_voxels": field_voxels, "register_core_s": register_core_s,
+                              "warp_core_s": warp_core_s, "convert_core_s": convert_core_s, "total_core_s": total,
+                              "rows": rows})  # fmt: skip
+    return out
+
+
+def _hours(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
+
+
+def scale_section(doc: dict[str, Any]) -> str:
+    """docs/scale.md's generated part: the runs, the targets, per-core throughput and the terabyte plan."""
+    speed = throughput(doc)
+    plan = doc["projection"]
+    row = speed["row"]
+    pass_rows = [[p["name"], f"{p['voxels'] / 1e6:.2f} M", fmt(p["core_s"], 1),
+                  f"{p['voxels_per_core_s'] / 1e3:.1f} k" if p["voxels_per_core_s"] else "–"] for p in speed["passes"]]  # fmt: skip
+    per_core = [
+        f"At the largest run ({row['disk_gib']:.2f} GiB on disk, field {row['field_voxels'] / 1e6:.1f} M voxels at "
+        f"{row['field_spacing_um']:.1f} µm): registration {1e6 * speed['register_cpu_s_per_field_voxel']:.1f} µs of "
+        f"CPU per field voxel (all processes), warp {speed['warp_bytes_per_cpu_s'] / 1e6:.1f} MB of output per CPU "
+        "second" + (f", convert {speed['convert_bytes_per_cpu_s'] / 1e6:.1f} MB per CPU second" if "convert_bytes_per_cpu_s" in speed else "")
+        + ". Per registration pass (worker task time; one thread per worker, so a worker-second is a core-second):",
+        table(["pass", "field voxels", "core-seconds", "field voxels per core-second"], pass_rows),
+    ]  # fmt: skip
+    proj = projection(doc)
+    bws = plan["storage_gb_per_s"]
+    proj_parts = [
+        f"A marmoset STP brain of {' × '.join(f'{v:g}' for v in plan['extent_mm'])} mm at "
+        f"{' × '.join(f'{v:g}' for v in plan['voxel_um'])} µm ({proj['voxels_per_channel'] / 1e9:.0f} G voxels a "
+        f"channel), {plan['volume_tb']:g} TB to read; SLURM workers of {plan['cores_per_worker']} cores "
+        "(dask-jobqueue). Compute is the measured per-core throughput spread evenly over the cores; the GPU column "
+        "is a bound, the work of a CPU worker with the forward passes at no cost (a GPU removes at most that); "
+        "the I/O floor reads the volume once for the pyramid and reads and writes it once to warp (3 × the "
+        "volume) at the stated storage bandwidth."
+    ]
+    for f in proj["fields"]:
+        head = [f"workers ({plan['cores_per_worker']} cores)", "CPU wall", "GPU workers, bound",
+                *[f"I/O floor at {bw:g} GB/s" for bw in bws], *[f"CPU ÷ floor at {bw:g} GB/s" for bw in bws]]
+        rows = [[str(r["workers"]), _hours(r["cpu_wall_s"]), _hours(r["gpu_wall_bound_s"]),
+                 *[_hours(r["io_floor_s"][bw]) for bw in bws], *[f"{r['ratio_to_floor'][bw]:.1f}" for bw in bws]]
+                for r in f["rows"]]  # fmt: skip
+        proj_parts += [
+            f"Field at {f['spacing_um']:g} µm: {f['field_voxels'] / 1e9:.2f} G field voxels; registration "
+            f"{f['register_core_s'] / 3600:,.0f} core-hours, warp {f['warp_core_s'] / 3600:,.0f}"
+            + (f", convert {f['convert_core_s'] / 3600:,.0f}" if f["convert_core_s"] else "") + " core-hours.",
+            table(head, rows),
+        ]  # fmt: skip
+    return "\n\n".join([provenance(doc), scale_runs_table(doc), scale_targets_table(doc),
+                        "### Throughput per core", *per_core, "### The terabyte plan", *proj_parts])  # fmt: skip
+
+
+SCALE_INTRO = """# Scale: large volumes and the terabyte plan (issue 23)
+
+The real STP mouse brain upsampled in world space (with imaging noise) to uint16 OME-Zarr of a stated size,
+the Allen template (100 µm) registered to it with the field tied to the image (a spacing of a stated factor
+times the brain's largest voxel edge, so the work grows with the image) and warped onto its full grid, each as
+the `patchmorph` command a user runs on a local Dask cluster (`configs/cluster/local.yaml`, 2 GiB per worker).
+Memory, CPU time and bytes read and written are sampled from every process; the per-pass worker times come
+from the run folder's block records. Runs with the same factor form a series, compared with its smallest run
+against issue 23's targets."""
+
+
 # -- the documents ---------------------------------------------------------------------------------------------------
 ACCURACY_INTRO = """## Accuracy through the command line (issue 24)
 
@@ -357,9 +526,16 @@ def benchmarks_document() -> str:
     return "\n\n".join(parts) + "\n"
 
 
+def scale_document() -> str:
+    """``docs/scale.md``."""
+    doc = load("scale.json")
+    body = scale_section(doc) if doc else missing("scale.json", "nice -n 5 .venv/bin/python benchmarks/scale.py")
+    return "\n\n".join([GENERATED, SCALE_INTRO, body]) + "\n"
+
+
 def documents() -> dict[Path, str]:
     """Every generated document and its text."""
-    return {DOCS / "benchmarks.md": benchmarks_document()}
+    return {DOCS / "benchmarks.md": benchmarks_document(), DOCS / "scale.md": scale_document()}
 
 
 def main() -> None:
