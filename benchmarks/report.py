@@ -384,7 +384,7 @@ def throughput(doc: dict[str, Any]) -> dict[str, Any]:
     """Per-core throughput of each stage at the largest run: field voxels per core-second of each registration
     pass (network and polish), of the whole registration (all processes' CPU), and bytes per CPU second of warp
     and convert."""
-    largest = max(doc["rows"], key=lambda r: r["field_voxels"])
+    largest = max(doc["rows"], key=lambda r: (r["field_voxels"], r["voxels"]))
     register = largest["register"]
     passes = [
         {"name": p["name"], "voxels": p["voxels"], "core_s": p["block_s"] + p["chunk_s"],

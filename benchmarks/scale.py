@@ -212,7 +212,8 @@ def pass_figures(run: Path) -> list[dict[str, Any]]:
     the pass's chunks covered, where recorded).
     """
     rows = []
-    for stage in sorted(p for p in run.iterdir() if p.is_dir() and (p / "blocks").is_dir()):
+    folders = [p for p in run.iterdir() if p.is_dir() and (p / "blocks").is_dir()]
+    for stage in sorted(folders, key=lambda p: (p.name.startswith("polish"), p.name)):  # in the order they ran
         blocks = [json.loads(p.read_text()) for p in (stage / "blocks").glob("*.json")]
         chunks = [json.loads(p.read_text()) for p in (stage / "done").glob("*.json")]
         row: dict[str, Any] = {"name": stage.name}
