@@ -82,6 +82,7 @@ def _register_commands() -> None:
     import patchmorph.convert  # noqa: F401
     import patchmorph.demo  # noqa: F401
     import patchmorph.evaluate  # noqa: F401
+    import patchmorph.fields  # noqa: F401
     import patchmorph.register  # noqa: F401
     import patchmorph.server  # noqa: F401
     import patchmorph.train  # noqa: F401

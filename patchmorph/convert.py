@@ -15,7 +15,13 @@ def convert(
     input: Annotated[
         Path, typer.Argument(help="TIFF plane folder, TIFF stack, NIfTI, NRRD or OME-Zarr 0.4/0.5.")
     ],
-    output: Annotated[Path, typer.Argument(help="Output OME-Zarr 0.5 folder (e.g. brain.ome.zarr).")],
+    output: Annotated[
+        Path | None,
+        typer.Argument(
+            metavar="OUTPUT",
+            help="Output OME-Zarr 0.5 folder (e.g. brain.ome.zarr); optional with --preview.",
+        ),
+    ] = None,
     voxel_size: Annotated[
         tuple[float, float, float] | None,
         typer.Option(
@@ -39,10 +45,29 @@ def convert(
     ] = None,
     labels: Annotated[bool, typer.Option(help="Write a label image (nearest-neighbour pyramid).")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
+    preview: Annotated[
+        Path | None,
+        typer.Option(
+            metavar="PNG",
+            help="Also (or, without OUTPUT, only) write the three mid-planes labelled with the anatomical sides "
+            "the orientation code puts at their edges: to check a code, or find one.",
+        ),
+    ] = None,
 ) -> None:
     """Convert an image to OME-Zarr 0.5, keeping voxel size, unit and the full index→world matrix."""
+    from patchmorph_core.errors import InputError
     from pipeline.importers import convert as convert_image
+    from pipeline.importers import preview as write_preview
 
+    if preview is not None:
+        png = write_preview(input, preview, voxel_size=voxel_size, unit=unit, orientation=orientation)
+        typer.echo(f"wrote {png}")
+    if output is None:
+        if preview is None:
+            raise InputError(
+                "no OUTPUT given: name the OME-Zarr folder to write (or pass --preview PNG only)."
+            )
+        return
     out = convert_image(
         input,
         output,

@@ -6,6 +6,7 @@ rate, ETA) and print what they wrote where. Rerunning an interrupted command res
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Annotated
@@ -70,9 +71,13 @@ def register(
 ) -> None:
     """Register MOVING to FIXED chunk by chunk; writes the field and its uncertainty image."""
     from patchmorph_core.spatial import parse_length
+    from pipeline.ngff import warn_without_orientation
     from pipeline.register import register_files, resolve_config
 
     _quiet_dask()
+    for image, role in ((fixed, "fixed"), (moving, "moving")):
+        with contextlib.suppress(InputError):  # an unreadable input is register's to report
+            warn_without_orientation(image, role)
     cfg = resolve_config(config)
     if weights is not None:
         cfg = cfg.model_copy(update={"weights": str(weights)})

@@ -725,6 +725,26 @@ def grid_affine_from_ras(affine_ijk_to_ras: np.ndarray) -> np.ndarray:
     return _REVERSE4 @ affine @ _REVERSE4
 
 
+def nifti_affine(grid: Grid) -> np.ndarray:
+    """The NIfTI-style index ``(i, j, k)`` → RAS+ affine of a grid (the inverse of :func:`grid_affine_from_ras`):
+    the file array is our ``(z, y, x)`` array with its axes reversed, in the grid's unit."""
+    return _REVERSE4 @ grid.affine @ _REVERSE4
+
+
+_WORLD_TO_LPS = np.array([[0.0, 0.0, -1.0], [0.0, -1.0, 0.0], [1.0, 0.0, 0.0]])
+"""Our world components ``(S, A, R)`` → ITK's physical ``(L, P, S)``: ``L = −R``, ``P = −A``, ``S = S``."""
+
+
+def world_to_lps(vectors: np.ndarray) -> np.ndarray:
+    """``(..., 3)`` world points or vectors (RAS+ in ``(z, y, x)`` order) in ITK's LPS order and signs."""
+    return np.asarray(vectors, dtype=np.float64) @ _WORLD_TO_LPS.T
+
+
+def lps_to_world(vectors: np.ndarray) -> np.ndarray:
+    """``(..., 3)`` LPS points or vectors (ITK) in our world frame (RAS+ in ``(z, y, x)`` order)."""
+    return np.asarray(vectors, dtype=np.float64) @ _WORLD_TO_LPS
+
+
 def ras_affine_from_nrrd(space: str, space_directions: np.ndarray, space_origin: np.ndarray) -> np.ndarray:
     """NIfTI-style 4×4 index ``(i, j, k)`` → RAS+ ``(R, A, S)`` affine from NRRD header fields.
 

@@ -129,15 +129,23 @@ def nest_labels(image: str | Path, names: Sequence[str]) -> None:
 
     Writes the ``labels`` group's list and each label image's ``image-label.source`` (``../../``, the image).
     """
-    group = zarr.open_group(str(Path(image) / "labels"), mode="a")
-    ome = dict(group.attrs.get("ome", {}))
-    listed = [n for n in ome.get("labels", []) if n not in names] + list(names)
-    group.attrs["ome"] = {**ome, "version": "0.5", "labels": listed}
+    from ome_zarr_models.v05.image_label import ImageLabelAttrs
+    from ome_zarr_models.v05.labels import LabelsAttrs
+
+    from pipeline.ngff import NGFF_VERSION
+
+    group = zarr.open_group(str(Path(image) / "labels"), mode="a", zarr_format=3)
+    listed = [n for n in dict(group.attrs.get("ome", {})).get("labels", []) if n not in names] + list(names)
+    group.attrs["ome"] = LabelsAttrs(version=NGFF_VERSION, labels=listed).model_dump(
+        mode="json", exclude_none=True
+    )
     for name in names:
         label = zarr.open_group(str(Path(image) / "labels" / name), mode="r+")
-        attrs = dict(label.attrs["ome"])
-        attrs["image-label"] = {**attrs.get("image-label", {}), "source": {"image": "../../"}}
-        label.attrs["ome"] = attrs
+        ome = dict(label.attrs["ome"])
+        ome["image-label"] = {**ome.get("image-label", {}), "source": {"image": "../../"}}
+        label.attrs["ome"] = ImageLabelAttrs.model_validate(ome).model_dump(
+            mode="json", by_alias=True, exclude_none=True
+        )
 
 
 def _complete(path: Path) -> bool:
@@ -420,6 +428,65 @@ def atlas_outputs(
         figures["inverse_max_error"] = float(record.inverse_max_error)
         figures["inverse_mean_error"] = float(record.inverse_mean_error)
     return AtlasOutputs(paths, figures)
+
+
+def atlas_figures(paths: Mapping[str, Path], atlas: PreparedAtlas, max_size: int = 256) -> dict[str, float]:
+    """How well the registration did, at a preview resolution (memory bounded by ``max_size``):
+
+    * ``ncc_in_atlas_space``: NCC of the brain in atlas space with the atlas reference (and
+      ``..._inside_brain``: inside the atlas annotation);
+    * ``folded_percent_inside_brain``: voxels of the field with det J <= 0 inside the brain (the atlas
+      annotation warped onto it), and ``folded_percent_field_grid`` over the whole field grid.
+    """
+    from patchmorph_core.metrics import folding_percent, ncc
+    from pipeline.ngff import read_field, read_image
+    from pipeline.qc import on_grid, preview_field, preview_level
+
+    level = preview_level(read_image(atlas.reference), max_size)
+    template = np.asarray(level.array[...], dtype=np.float32)
+    warped = on_grid(read_image(paths["brain_in_atlas_space"]).with_unit(level.grid.unit), level.grid)
+    inside_atlas = (
+        on_grid(read_image(atlas.annotation).with_unit(level.grid.unit), level.grid, labels=True) > 0
+    )
+    field, field_grid, _ = read_field(paths["field"])
+    values, grid = preview_field(field, field_grid, max_size)
+    inside = on_grid(read_image(paths["atlas_on_brain"]).with_unit(grid.unit), grid, labels=True) > 0
+    nan = float("nan")
+    return {
+        "ncc_in_atlas_space": ncc(warped, template),
+        "ncc_in_atlas_space_inside_brain": ncc(warped, template, inside_atlas) if inside_atlas.any() else nan,
+        "folded_percent_inside_brain": folding_percent(values, grid, inside) if inside.any() else nan,
+        "folded_percent_field_grid": folding_percent(values, grid),
+    }
+
+
+def atlas_item_outputs(
+    brain: str | Path,
+    field: str | Path,
+    atlas: str | Path,
+    atlas_dir: str | Path,
+    out: str | Path,
+    *,
+    scheduler: str | None = None,
+    qc: bool = True,
+) -> AtlasOutputs:
+    """:func:`atlas_outputs`, its QC figures and :func:`atlas_figures` for one item of a batch (the
+    ``atlas-to-section`` flow): the atlas (name or folder) is the one prepared in ``atlas_dir``.
+
+    Returns:
+        The outputs by role (QC figures as ``qc_<kind>``) and the figures.
+    """
+    from pipeline.brainglobe import find_atlas
+    from pipeline.qc import atlas_qc
+
+    prepared = prepare_atlas(find_atlas(atlas), atlas_dir)
+    outputs = atlas_outputs(brain, field, prepared, out, scheduler=scheduler)
+    paths = dict(outputs.paths)
+    if qc:
+        paths.update(
+            {f"qc_{kind}": p for kind, p in atlas_qc(outputs.paths, prepared, Path(out) / "qc").items()}
+        )
+    return AtlasOutputs(paths, {**outputs.figures, **atlas_figures(outputs.paths, prepared)})
 
 
 def remove_run_records(out: str | Path) -> None:

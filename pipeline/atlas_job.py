@@ -35,7 +35,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from patchmorph_core.config import InferenceConfig, LossConfig
 from patchmorph_core.errors import InputError
-from pipeline.atlas import AtlasOutputs, PreparedAtlas, atlas_outputs, prepare_atlas, remove_run_records
+from pipeline.atlas import (
+    AtlasOutputs,
+    PreparedAtlas,
+    atlas_figures,
+    atlas_outputs,
+    prepare_atlas,
+    remove_run_records,
+)
 from pipeline.brainglobe import find_atlas
 from pipeline.cluster import ClusterConfig, load_cluster_config, open_client
 
@@ -350,7 +357,7 @@ def run_atlas_job(
                 overwrite=not field.with_name(field.name + ".run").is_dir(), progress=False,
             )  # fmt: skip
         outputs = atlas_outputs(brain_zarr, field, prepared, out, channels=channel_zarrs, scheduler=address)
-    summary = job_summary(out, outputs, prepared, registration, config, started)
+    summary = job_summary(outputs, prepared, registration, config, started)
     paths = dict(outputs.paths)
     if config.qc:
         from pipeline.qc import atlas_qc
@@ -389,46 +396,21 @@ def _finished_field(field: Path) -> bool:
 
 
 def job_summary(
-    out: Path,
-    outputs: AtlasOutputs,
-    prepared: PreparedAtlas,
-    registration: Any,
-    config: AtlasJobConfig,
-    started: float,
+    outputs: AtlasOutputs, prepared: PreparedAtlas, registration: Any, config: AtlasJobConfig, started: float
 ) -> dict[str, Any]:
-    """The job's figures: similarity in atlas space, folds inside the brain, inverse residual, sizes, time."""
-    from patchmorph_core.metrics import folding_percent, ncc
+    """The job's figures (:func:`pipeline.atlas.atlas_figures` and the outputs' counts), sizes and time."""
     from pipeline.ngff import read_field, read_image
-    from pipeline.qc import on_grid, preview_level
 
-    reference = read_image(prepared.reference)
-    level = preview_level(reference, 256)
-    template = np.asarray(level.array[...], dtype=np.float32)
-    warped = on_grid(read_image(outputs.paths["brain_in_atlas_space"]).with_unit(level.grid.unit), level.grid)
-    annotation = on_grid(read_image(prepared.annotation).with_unit(level.grid.unit), level.grid, labels=True)
-    field, field_grid, _ = read_field(outputs.paths["field"])
-    values = np.asarray(field[...], dtype=np.float32)
-    inside = (
-        on_grid(
-            read_image(outputs.paths["atlas_on_brain"]).with_unit(field_grid.unit), field_grid, labels=True
-        )
-        > 0
-    )
+    _, field_grid, _ = read_field(outputs.paths["field"])
+    brain_grid = read_image(outputs.paths["brain"]).grid
     summary: dict[str, Any] = {
         "atlas": prepared.atlas.name,
-        "ncc_in_atlas_space": ncc(warped, template),
-        "ncc_in_atlas_space_inside_brain": ncc(warped, template, annotation > 0)
-        if (annotation > 0).any()
-        else float("nan"),
-        "folded_percent_inside_brain": folding_percent(values, field_grid, inside)
-        if inside.any()
-        else float("nan"),
-        "folded_percent_field_grid": folding_percent(values, field_grid),
+        **atlas_figures(outputs.paths, prepared),
         "field_shape": list(field_grid.shape),
         "field_spacing": [round(float(s), 4) for s in field_grid.spacing],
         "field_unit": field_grid.unit,
-        "brain_shape": list(read_image(outputs.paths["brain"]).grid.shape),
-        "brain_voxel_size": [round(float(s), 4) for s in read_image(outputs.paths["brain"]).grid.spacing],
+        "brain_shape": list(brain_grid.shape),
+        "brain_voxel_size": [round(float(s), 4) for s in brain_grid.spacing],
         "fine_tune_steps": config.fine_tune.steps,
         **outputs.figures,
         "seconds": round(time.time() - started, 1),

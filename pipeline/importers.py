@@ -435,6 +435,55 @@ def open_input(
     )
 
 
+PREVIEW_SIZE = 512
+"""Largest side (pixels) of a preview plane; larger planes are read with a stride."""
+
+
+def preview(
+    input: str | Path,
+    png: str | Path,
+    voxel_size: Sequence[float] | None = None,
+    unit: str | None = None,
+    orientation: str | None = None,
+) -> Path:
+    """The three mid-planes of any supported input, labelled with the anatomical sides that ``orientation``
+    (or the header's, else none) puts at their edges (:func:`pipeline.qc.orientation_preview`).
+
+    Only the three planes are read (with a stride so that no side exceeds :data:`PREVIEW_SIZE`).
+    """
+    from patchmorph_core.spatial import orientation_code
+    from pipeline.qc import orientation_preview
+
+    png = Path(png)
+    if not png.parent.is_dir():
+        raise InputError(f"the folder {png.parent} of the preview {png} does not exist: create it first.")
+    from pipeline.ngff import image_orientation
+
+    default_voxels = (1.0, 1.0, 1.0) if kind_needs_voxels(input) else None  # a preview needs no voxel size
+    array, grid, kind = open_input(input, voxel_size or default_voxels, unit, orientation)
+    if orientation is not None:
+        code: str | None = orientation.lower()
+    elif kind in ("nifti", "nrrd"):
+        code = orientation_code(grid.direction)
+    elif kind == "ome-zarr":
+        code = image_orientation(input)
+    else:
+        code = None
+    stride = [max(1, -(-int(n) // PREVIEW_SIZE)) for n in array.shape]
+    centre = [n // 2 for n in array.shape]
+    sz, sy, sx = (slice(None, None, st) for st in stride)
+    planes = [array[centre[0], sy, sx], array[sz, centre[1], sx], array[sz, sy, centre[2]]]
+    planes = [np.asarray(p.compute() if hasattr(p, "compute") else p) for p in planes]
+    spacing = grid.spacing * np.asarray(stride)
+    return orientation_preview(planes, spacing, png, code, Path(input).name)
+
+
+def kind_needs_voxels(path: str | Path) -> bool:
+    """True for inputs whose files carry no voxel size (TIFF stacks and plane folders)."""
+    p = Path(path)
+    return p.name.lower().endswith(TIFF_SUFFIXES) or (p.is_dir() and not _is_zarr(p))
+
+
 def orientation_source(path: str | Path, kind: str, orientation: str | None) -> str:
     """Where an input's anatomical orientation comes from: ``"option"`` (given), ``"header"`` (NIfTI/NRRD),
     ``"rfc4"`` (OME-Zarr axes), or :data:`pipeline.ngff.ASSUMED` — then a warning says how the axes are read.

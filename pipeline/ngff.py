@@ -35,12 +35,18 @@ import math
 import shutil
 import uuid
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import dask.array as da
 import numpy as np
 import zarr
+from ome_zarr_models.v05.axes import Axis
+from ome_zarr_models.v05.image import ImageAttrs
+from ome_zarr_models.v05.image_label import ImageLabelAttrs
+from ome_zarr_models.v05.image_label_types import Label
+from ome_zarr_models.v05.multiscales import Dataset, Multiscale
 from tqdm import tqdm
 
 from patchmorph_core.errors import InputError
@@ -150,13 +156,13 @@ def write_block(array: zarr.Array) -> tuple[int, ...]:
 
 
 # -- metadata -------------------------------------------------------------------------------------------
-def _axes_meta(unit: str, channels: bool, orientation: str | None) -> list[dict[str, Any]]:
+def _axes_meta(unit: str, channels: bool, orientation: str | None) -> list[Axis]:
     """NGFF axes; spatial axes carry their RFC-4 ``orientation`` when the image's orientation is known."""
-    axes: list[dict[str, Any]] = [{"name": name, "type": "space", "unit": unit} for name in AXES]
-    if orientation is not None:
-        for axis, letter in zip(axes, orientation, strict=True):
-            axis["orientation"] = {"type": "anatomical", "value": RFC4_VALUES[letter]}
-    return ([{"name": "c", "type": "channel"}] if channels else []) + axes
+    axes = [Axis(name="c", type="channel")] if channels else []
+    for k, name in enumerate(AXES):
+        extra = {} if orientation is None else {"orientation": {"type": "anatomical", "value": RFC4_VALUES[orientation[k]]}}
+        axes.append(Axis(name=name, type="space", unit=unit, **extra))
+    return axes
 
 
 def rfc4_orientation(axes: Sequence[Any]) -> str | None:
@@ -185,24 +191,34 @@ def image_orientation(path: str | Path) -> str | None:
     return rfc4_orientation(_multiscale(attrs, str(path)).get("axes", ()))
 
 
+def warn_without_orientation(path: str | Path, role: str) -> bool:
+    """Log a warning when an OME-Zarr image carries no anatomical orientation (no RFC-4 axes, and no
+    orientation PatchMorph was given when it converted it). Returns True when it warned."""
+    meta = dict(_open_group(path).attrs).get("patchmorph", {})
+    if image_orientation(path) is not None or meta.get("orientation_source") not in (None, ASSUMED):
+        return False
+    logger.warning(
+        "the %s image %s carries no anatomical orientation: its axes are taken as z -> superior, y -> anterior, "
+        "x -> right; if that is wrong the result comes out rotated: convert it with --orientation (find the code "
+        "with 'patchmorph convert --preview')",
+        role,
+        path,
+    )
+    return True
+
+
 def _affine_rows(grid: Grid) -> list[list[float]]:
     """NGFF-0.6-style affine: the 3×4 top rows of the index→world matrix, as nested lists."""
     return [[float(v) for v in row] for row in grid.affine[:3]]
 
 
-def _dataset_meta(path: str, grid: Grid, channels: bool) -> dict[str, Any]:
+def _dataset_meta(path: str, grid: Grid, channels: bool) -> Dataset:
     """NGFF 0.5 dataset entry: scale/translation in the grid's axis-aligned frame (see module doc)."""
     scale = [float(s) for s in grid.spacing]
     translation = [float(t) for t in grid.direction.T @ grid.origin]
     if channels:
         scale, translation = [1.0, *scale], [0.0, *translation]
-    return {
-        "path": path,
-        "coordinateTransformations": [
-            {"type": "scale", "scale": scale},
-            {"type": "translation", "translation": translation},
-        ],
-    }
+    return Dataset.build(path=path, scale=scale, translation=translation)
 
 
 def _build_attrs(
@@ -218,14 +234,17 @@ def _build_attrs(
     unit = grids[0].unit
     assumed = (extra_attrs or {}).get("orientation_source") == ASSUMED
     orientation = None if assumed else orientation_code(grids[0].direction)
-    multiscale = {
-        "name": name,
-        "axes": _axes_meta(unit, channels, orientation),
-        "datasets": [_dataset_meta(str(i), g, channels) for i, g in enumerate(grids)],
-    }
-    ome: dict[str, Any] = {"version": NGFF_VERSION, "multiscales": [multiscale]}
-    if labels:
-        ome["image-label"] = {"version": NGFF_VERSION}
+    multiscale = Multiscale(
+        name=name,
+        axes=_axes_meta(unit, channels, orientation),
+        datasets=tuple(_dataset_meta(str(i), g, channels) for i, g in enumerate(grids)),
+    )
+    model: ImageAttrs | ImageLabelAttrs = (
+        ImageLabelAttrs(version=NGFF_VERSION, multiscales=[multiscale], image_label=Label(version=NGFF_VERSION))
+        if labels
+        else ImageAttrs(version=NGFF_VERSION, multiscales=[multiscale])
+    )
+    ome = model.model_dump(mode="json", by_alias=True, exclude_none=True)
     patchmorph: dict[str, Any] = dict(extra_attrs or {})
     patchmorph.update(
         {
@@ -241,6 +260,79 @@ def _build_attrs(
         }
     )
     return {"ome": ome, "patchmorph": patchmorph}
+
+
+# -- displacement components in the field grid's frame ------------------------------------------------------
+FIELD_FRAME = "grid"
+"""``attrs["patchmorph"]["displacement_frame"]`` of a field whose stored component ``k`` is the displacement
+along the field grid's array axis ``k`` (in its unit) — the frame of the image's own NGFF scale and
+translation, so a reader of the standard metadata alone (scale, translation, and each axis's RFC-4
+orientation to place it in the anatomy) reads points and displacements in one frame. PatchMorph's readers
+turn them into world components (``world = D · stored``, ``D`` the grid's direction cosines); fields
+without the key store world components."""
+
+
+def _is_field(extra_attrs: Mapping[str, Any] | None) -> bool:
+    return (extra_attrs or {}).get("kind") == "displacement_field"
+
+
+@dataclass(frozen=True)
+class GridFrameField:
+    """A ``(3, Z, Y, X)`` field array stored in its grid's frame (:data:`FIELD_FRAME`), seen in world
+    components: indexing returns world displacements, assignment (all three components) stores them.
+
+    Attributes:
+        array: the stored array (zarr or TensorStore), components along the grid's axes.
+        direction: ``(3, 3)`` direction cosines of the grid (columns: world vectors of its axes).
+    """
+
+    array: Any
+    direction: np.ndarray
+
+    @property
+    def ndim(self) -> int:
+        return len(self.array.shape)
+
+    def __getattr__(self, name: str) -> Any:  # shape, dtype, chunks, shards, ... of the stored array
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.array, name)
+
+    def _spatial(self, key: Any) -> tuple[Any, tuple[Any, ...]]:
+        """Component key and spatial key of an index into ``(c, z, y, x)``."""
+        parts = list(key) if isinstance(key, tuple) else [key]
+        if any(p is Ellipsis for p in parts):
+            at = parts.index(Ellipsis)
+            parts[at : at + 1] = [slice(None)] * (self.ndim - len(parts) + 1)
+        parts += [slice(None)] * (self.ndim - len(parts))
+        return parts[0], tuple(parts[1:])
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        from patchmorph_core.spatial import read_box
+
+        component, spatial = self._spatial(key)
+        stored = read_box(self.array, (slice(None), *spatial)).astype(np.float32, copy=False)
+        world = np.tensordot(self.direction.astype(np.float32), stored, axes=(1, 0))
+        return world[component]
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        component, spatial = self._spatial(key)
+        if range(3)[component] != range(3):
+            raise ValueError("a field in its grid's frame is written all three components at a time")
+        stored = np.tensordot(self.direction.T, np.asarray(value, dtype=np.float64), axes=(1, 0))
+        self.array[(slice(None), *spatial)] = stored.astype(self.array.dtype)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        values = self[...]
+        return values if dtype is None else values.astype(dtype)
+
+
+def _field_view(array: Any, grid: Grid, meta: Mapping[str, Any]) -> Any:
+    """``array`` seen in world components (a :class:`GridFrameField` when it is stored in its grid's frame
+    and that frame is not the world's)."""
+    if meta.get("displacement_frame") != FIELD_FRAME or np.allclose(grid.direction, np.eye(3)):
+        return array
+    return GridFrameField(array, grid.direction)
 
 
 # -- output paths ---------------------------------------------------------------------------------------
@@ -317,7 +409,7 @@ def create_image_array(
         array = group["0"]
         if meta.get("complete") is False and array.shape == full_shape and array.dtype == np.dtype(dtype):
             logger.info("resuming incomplete output %s", out)
-            return array
+            return _field_view(array, grid, meta)
         raise InputError(
             f"cannot resume {str(out)!r}: it is complete or its shape/dtype differ; pass overwrite=True."
         )
@@ -326,12 +418,14 @@ def create_image_array(
         shutil.rmtree(out)
     chunk_shape, shard_shape = choose_layout(full_shape, dtype, chunks)
     group = zarr.open_group(str(out), mode="w", zarr_format=3)
+    if _is_field(extra_attrs):
+        extra_attrs = {**(extra_attrs or {}), "displacement_frame": FIELD_FRAME}
     group.attrs.put(
         _build_attrs(
             [grid], name=name, labels=labels, channels=bool(channels), complete=False, extra_attrs=extra_attrs
         )
     )
-    return group.create_array(
+    array = group.create_array(
         "0",
         shape=full_shape,
         chunks=chunk_shape,
@@ -341,6 +435,7 @@ def create_image_array(
         dimension_names=(["c"] if channels else []) + list(AXES),
         **ARRAY_OPTIONS,
     )
+    return _field_view(array, grid, extra_attrs or {})
 
 
 def _store(data: Any, target: zarr.Array, desc: str) -> None:
@@ -600,6 +695,7 @@ def field_metadata(grid: Grid, metadata: Mapping[str, Any] | None = None) -> dic
         {
             "kind": "displacement_field",
             "components": list(AXES),
+            "displacement_frame": FIELD_FRAME,
             "component_axis": "c",
             "displacement_unit": grid.unit,
             "direction": FIELD_DIRECTION,
@@ -845,11 +941,12 @@ def read_image(path: str | Path, *, backend: Backend = "zarr") -> MultiscaleImag
 
 
 def read_field(path: str | Path, *, backend: Backend = "zarr") -> tuple[Any, Grid, dict[str, Any]]:
-    """Open a displacement field written by :func:`write_field`.
+    """Open a displacement field written by :func:`write_field` (or chunk by chunk by ``register``).
 
     Returns:
-        ``(array, grid, metadata)``: the lazy level-0 ``(3, Z, Y, X)`` array (components ``(z, y, x)``
-        in ``grid.unit``), its grid and the ``attrs["patchmorph"]`` metadata.
+        ``(array, grid, metadata)``: the lazy level-0 ``(3, Z, Y, X)`` array of world displacement
+        components ``(z, y, x)`` in ``grid.unit`` (a :class:`GridFrameField` view of a field stored in its
+        grid's frame), its grid and the ``attrs["patchmorph"]`` metadata.
     """
     levels, meta, _ = _levels(path, backend, keep_channels=True)
     array = levels[0].array
@@ -857,4 +954,4 @@ def read_field(path: str | Path, *, backend: Backend = "zarr") -> tuple[Any, Gri
         raise InputError(
             f"{str(path)!r} is not a PatchMorph displacement field: give the output of 'register'."
         )
-    return array, levels[0].grid, dict(meta)
+    return _field_view(array, levels[0].grid, meta), levels[0].grid, dict(meta)

@@ -333,6 +333,45 @@ def uncertainty_figure(
     return _finish(fig, axes, path, orientation)
 
 
+def orientation_preview(
+    planes: Sequence[np.ndarray],
+    spacing: Sequence[float],
+    path: str | Path,
+    orientation: str | None,
+    source: str,
+) -> Path:
+    """The three mid-planes of an image, each labelled with the anatomical sides its edges face under
+    ``orientation`` — how a user checks an orientation code, or finds one (``patchmorph convert --preview``).
+
+    Args:
+        planes: ``[volume[cz], volume[:, cy], volume[:, :, cx]]`` (any stride).
+        spacing: ``(3,)`` voxel size of the strided planes ``(z, y, x)`` (for the aspect ratio).
+        path: PNG file to write.
+        orientation: the code to label with (None: the world axes the product assumes without one, ``ipl``).
+        source: the input's name for the title.
+    """
+    code = orientation or "ipl"
+    fig, axes = _figure(
+        f"{source}: mid-planes labelled as orientation '{code}'"
+        + (" (none given: the axes are taken as z -> superior, y -> anterior, x -> right)" if orientation is None else "")
+    )
+    for axis, (ax, plane) in enumerate(zip(axes, planes, strict=True)):
+        image = np.asarray(plane, dtype=np.float32)
+        lo, hi = display_range(image)
+        ax.imshow(image, cmap="gray", vmin=lo, vmax=hi, aspect=_aspect(spacing, axis), interpolation="nearest")
+        rows, cols = _PLANES[axis]
+        ax.set_xlabel(f"{AXES[cols]} index 0 → {image.shape[1] - 1} (left → right)")
+        ax.set_ylabel(f"{AXES[rows]} index 0 → {image.shape[0] - 1} (top → bottom)")
+    fig.supxlabel(
+        "Each letter names the side of the brain that edge faces if the code is right (A/P anterior/posterior, "
+        "S/I superior/inferior, L/R left/right).\nIf the anatomy disagrees, the code is, for the axes z, y, x in "
+        "turn, the side where that axis's index 0 lies (the top edge for rows, the left edge for columns).",
+        fontsize=9,
+    )
+    path = _finish(fig, axes, Path(path), code)
+    return path
+
+
 # -- reading outputs at a coarse level ----------------------------------------------------------------
 def preview_level(image: MultiscaleImage, max_size: int) -> Level:
     """The finest pyramid level whose every axis has at most ``max_size`` voxels (else the coarsest)."""

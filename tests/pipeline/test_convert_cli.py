@@ -191,3 +191,36 @@ def test_bad_input_gives_one_sentence_and_exit_2(tmp_path: Path, case: str) -> N
     assert len(lines) == 1 and phrase in lines[0], (case, result.output)
     assert lines[0].endswith("."), lines[0]
     assert not any(p.name.startswith(".o.zarr") for p in tmp_path.iterdir())  # no temporary leftovers
+
+
+def test_preview_labels_the_mid_planes_to_find_an_orientation(tmp_path: Path, examples: Path) -> None:
+    """``convert --preview`` alone reads only three planes and names the anatomical sides at their edges."""
+    from matplotlib.image import imread
+
+    brain = examples / "mouse_stp_brainreg" / "brain_50x40x40um_psl.tif"
+    png = tmp_path / "preview.png"
+    result = RUNNER.invoke(
+        app,
+        [
+            "convert",
+            str(brain),
+            "--voxel-size",
+            "50",
+            "40",
+            "40",
+            "--orientation",
+            "psl",
+            "--preview",
+            str(png),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert imread(png).shape[0] > 300 and not list(tmp_path.glob("*.zarr"))
+    from pipeline.qc import plane_views
+
+    coronal, horizontal, sagittal = plane_views("psl")
+    assert coronal.title.startswith("coronal") and coronal.edges == ("S", "I", "L", "R")
+    assert horizontal.title.startswith("horizontal") and horizontal.edges == ("P", "A", "L", "R")
+    assert sagittal.title.startswith("sagittal") and sagittal.edges == ("P", "A", "S", "I")
+    result = RUNNER.invoke(app, ["convert", str(brain), "--voxel-size", "50", "40", "40"])
+    assert result.exit_code == 2 and "no OUTPUT given" in result.output

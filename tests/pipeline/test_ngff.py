@@ -194,3 +194,79 @@ def test_bad_ngff_inputs(tmp_path: Path) -> None:
     ]
     with pytest.raises(InputError, match="voxel size"):
         ngff.read_image(tmp_path / "axes.zarr")
+
+
+# -- anatomical orientation (RFC-4) and fields in their grid's frame ---------------------------------------------------
+def test_rfc4_orientation_alone_gives_back_the_grid(tmp_path: Path) -> None:
+    """Every oriented output's spatial axes carry RFC-4 orientations; scale, translation and those alone
+    (the project's affine removed) give the same index -> world map."""
+    data = _image((12, 9, 15))
+    for code in ("psl", "asr", "ipl", "lia"):
+        grid = Grid.from_orientation(data.shape, (50, 40, 45), code).translated([10.0, -20.0, 30.0])
+        out = ngff.write_image(tmp_path / f"{code}.zarr", data, grid)
+        Image.from_zarr(zarr.open_group(str(out), mode="r"))
+        assert ngff.image_orientation(out) == code
+        group = zarr.open_group(str(out), mode="r+")
+        attrs = dict(group.attrs)
+        attrs["patchmorph"] = {
+            k: v for k, v in attrs["patchmorph"].items() if k != "coordinateTransformations"
+        }
+        group.attrs.put(attrs)
+        np.testing.assert_allclose(ngff.read_image(out).grid.affine, grid.affine, atol=1e-9)
+    rotated = Grid.from_orientation(data.shape, (50, 40, 45), "psl").transformed(
+        np.block(
+            [[random_rotation(np.random.default_rng(1), 20.0), np.zeros((3, 1))], [np.zeros((1, 3)), 1.0]]
+        )
+    )
+    oblique = ngff.write_image(tmp_path / "oblique.zarr", data, rotated)
+    assert ngff.image_orientation(oblique) is None  # no code describes it; the project's affine does
+    np.testing.assert_allclose(ngff.read_image(oblique).grid.affine, rotated.affine)
+
+
+def test_an_image_without_orientation_is_said_so_and_gets_no_rfc4(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import tifffile
+
+    from pipeline.importers import convert
+
+    tif = tmp_path / "brain.tif"
+    tifffile.imwrite(tif, _image((6, 7, 8)))
+    with caplog.at_level("WARNING"):
+        plain = convert(tif, tmp_path / "plain.zarr", voxel_size=(5, 4, 4))
+    assert "carries no anatomical orientation" in caplog.text and "--orientation" in caplog.text
+    assert ngff.image_orientation(plain) is None
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert ngff.warn_without_orientation(plain, "fixed")
+        oriented = convert(tif, tmp_path / "oriented.zarr", voxel_size=(5, 4, 4), orientation="psl")
+        assert not ngff.warn_without_orientation(oriented, "fixed")
+    assert caplog.text.count("carries no anatomical orientation") == 1
+    assert ngff.image_orientation(oriented) == "psl"
+
+
+def test_field_is_stored_along_its_grid_axes_and_read_in_world_components(tmp_path: Path) -> None:
+    grid = Grid.from_orientation((5, 6, 7), (2.0, 3.0, 4.0), "psl", unit="millimeter")
+    world = np.random.default_rng(2).normal(size=(3, *grid.shape)).astype(np.float32)
+    out = ngff.write_field(tmp_path / "f.zarr", world, grid)
+    stored = np.asarray(zarr.open_group(str(out), mode="r")["0"][...])
+    np.testing.assert_allclose(stored, np.tensordot(grid.direction.T, world, axes=(1, 0)), atol=1e-6)
+    np.testing.assert_allclose(stored[0], world[1])  # psl: z runs toward anterior, world component 1
+    array, read_grid, meta = ngff.read_field(out)
+    assert meta["displacement_frame"] == ngff.FIELD_FRAME and ngff.image_orientation(out) == "psl"
+    np.testing.assert_allclose(np.asarray(array), world, atol=1e-6)
+    np.testing.assert_allclose(array[1, 2:4, :, 3], world[1, 2:4, :, 3], atol=1e-6)
+    np.testing.assert_allclose(read_grid.affine, grid.affine)
+    chunked = ngff.create_image_array(
+        tmp_path / "g.zarr",
+        grid.shape,
+        grid,
+        np.float32,
+        (2, 3, 4),
+        channels=3,
+        extra_attrs=ngff.field_metadata(grid),
+    )
+    chunked[:, 0:2, 0:3, 0:4] = world[:, 0:2, 0:3, 0:4]
+    np.testing.assert_allclose(chunked[:, 0:2, 0:3, 0:4], world[:, 0:2, 0:3, 0:4], atol=1e-6)
+    with pytest.raises(ValueError, match="all three components"):
+        chunked[0, 0:2] = world[0, 0:2]

@@ -1,0 +1,198 @@
+"""Displacement fields for other tools: ITK / ANTs / SimpleITK displacement fields in NIfTI, both ways.
+
+ITK's convention (what ANTs writes as ``*Warp.nii.gz`` and SimpleITK's ``DisplacementFieldTransform``
+reads): a vector image on the fixed image's grid whose vector at a point ``x`` of the fixed image is the
+displacement ``d(x)`` to the moving image's point ``x + d(x)``, in ITK's physical space — LPS (+x left,
++y posterior, +z superior), millimetres — while the NIfTI header holds the grid as usual (index → RAS+
+``sform``/``qform``). The file is 5-D, ``(X, Y, Z, 1, 3)``, with intent ``vector``.
+
+A PatchMorph field maps a fixed world point ``x`` to the moving world point ``x + u(x)`` too, with ``u``
+in the world frame RAS+ written in ``(z, y, x)`` order (:mod:`patchmorph_core.spatial`), so the export only
+changes the frame and unit: ``d = world_to_lps(u)`` in millimetres, the array transposed to NIfTI's
+``(i, j, k) = (x, y, z)`` order. The exported grid is the field grid grown by one voxel on every side
+(edge values, as our sampler extends the field outside its grid), so ITK's sampler, which treats points
+outside the field as not displaced, covers every fixed voxel the field covers.
+
+The world frames must agree: the images the other tool reads must carry the same index → world maps as
+the OME-Zarr images PatchMorph read (e.g. NIfTI files converted with ``patchmorph convert``, or exported
+with :func:`nifti_image`).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from patchmorph_core.errors import InputError
+from patchmorph_core.spatial import (
+    Grid,
+    grid_affine_from_ras,
+    lps_to_world,
+    nifti_affine,
+    unit_scale,
+    world_to_lps,
+)
+
+logger = logging.getLogger(__name__)
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+def _check_nifti_path(path: Path) -> Path:
+    if not path.name.endswith(NIFTI_SUFFIXES):
+        raise InputError(f"output {path} is not a NIfTI file name: give a path ending in .nii or .nii.gz.")
+    if not path.parent.is_dir():
+        raise InputError(f"the folder {path.parent} of the output {path} does not exist: create it first.")
+    return path
+
+
+def field_on_grid(field: str | Path, inverse: bool = False) -> tuple[np.ndarray, Grid]:
+    """A registration field in memory: ``(3, Z, Y, X)`` float32 world displacements and their grid.
+
+    With ``inverse``, the inverse displacement (moving world point → fixed world point) on the moving
+    image's grid at the field's mean spacing, by fixed-point iteration.
+    """
+    from patchmorph_core.displacement import FieldDisplacement, InverseDisplacement, displacement_on_grid
+    from pipeline.ngff import read_field, read_image
+
+    array, grid, meta = read_field(field)
+    if not inverse:
+        return np.asarray(array[...], dtype=np.float32), grid
+    moving = meta.get("moving")
+    if not moving or not Path(moving).exists():
+        raise InputError(
+            f"field {field} names no readable moving image ({moving}): the inverse lives on the moving image's "
+            "grid, so keep that image where the field's metadata says."
+        )
+    target = read_image(moving).grid.with_unit(grid.unit).resampled(float(np.mean(grid.spacing)))
+    values = displacement_on_grid(InverseDisplacement(FieldDisplacement(array, grid)), target)
+    return values, target
+
+
+def _padded(values: np.ndarray, grid: Grid) -> tuple[np.ndarray, Grid]:
+    """The field grown by one voxel on every side, edge values repeated (our constant extension)."""
+    padded = np.pad(values, ((0, 0), (1, 1), (1, 1), (1, 1)), mode="edge")
+    start = grid.index_to_world(np.array([-1.0, -1.0, -1.0]))
+    affine = grid.affine.copy()
+    affine[:3, 3] = start
+    return padded, Grid(tuple(s + 2 for s in grid.shape), affine, grid.unit)
+
+
+def export_field(
+    field: str | Path, out: str | Path, *, inverse: bool = False, overwrite: bool = False
+) -> Path:
+    """Write a registration field as an ITK / ANTs displacement field (NIfTI, LPS, mm, intent vector).
+
+    Args:
+        field: a field written by ``register`` (fixed → moving).
+        out: ``.nii`` or ``.nii.gz`` file.
+        inverse: export the inverse (moving → fixed, on the moving image's grid; ANTs' ``InverseWarp``).
+        overwrite: replace an existing file.
+    """
+    import nibabel as nib
+
+    out = _check_nifti_path(Path(out))
+    if out.exists() and not overwrite:
+        raise InputError(f"output {out} already exists: pass --overwrite or choose another path.")
+    values, grid = _padded(*field_on_grid(field, inverse))
+    scale = unit_scale(grid.unit, "millimeter")
+    lps = world_to_lps(np.moveaxis(values, 0, -1)) * scale  # (Z, Y, X, 3)
+    data = np.ascontiguousarray(
+        lps.transpose(2, 1, 0, 3)[:, :, :, None, :], dtype=np.float32
+    )  # (X, Y, Z, 1, 3)
+    affine = nifti_affine(grid.with_unit("millimeter"))
+    image = nib.Nifti1Image(data, affine)
+    image.header.set_intent("vector")
+    image.header.set_xyzt_units("mm")
+    image.set_sform(affine, code=1)
+    image.set_qform(affine, code=1)
+    tmp = out.with_name(f".{out.name}.partial{''.join(out.suffixes)}")
+    nib.save(image, tmp)
+    tmp.replace(out)
+    logger.info("wrote the ITK displacement field %s (grid %s, LPS mm)", out, grid.shape)
+    return out
+
+
+def read_itk_field(path: str | Path) -> tuple[np.ndarray, Grid]:
+    """An ITK / ANTs displacement field (NIfTI, LPS, mm) as ``(3, Z, Y, X)`` world displacements (RAS+ in
+    ``(z, y, x)`` order, millimetres) and its grid."""
+    import nibabel as nib
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"displacement field {path} does not exist: check the path.")
+    try:
+        image: Any = nib.load(str(path))
+        data = np.asarray(image.dataobj, dtype=np.float32)
+    except Exception as err:  # nibabel raises several types for a bad file
+        raise InputError(
+            f"{path} is not a readable NIfTI file ({err}): give an ITK/ANTs displacement field."
+        ) from err
+    if data.ndim != 5 or data.shape[3] != 1 or data.shape[4] != 3:
+        raise InputError(
+            f"{path} has shape {data.shape}: an ITK/ANTs 3-D displacement field is (X, Y, Z, 1, 3) with intent vector."
+        )
+    unit = image.header.get_xyzt_units()[0]
+    if unit not in ("mm", "unknown", None):
+        raise InputError(f"{path} stores its grid in {unit}: ITK displacement fields are in millimetres.")
+    grid = Grid(
+        data.shape[2::-1], grid_affine_from_ras(np.asarray(image.affine, dtype=np.float64)), "millimeter"
+    )
+    vectors = lps_to_world(data[:, :, :, 0, :].transpose(2, 1, 0, 3))
+    return np.ascontiguousarray(np.moveaxis(vectors, -1, 0), dtype=np.float32), grid
+
+
+def import_field(
+    path: str | Path,
+    out: str | Path,
+    *,
+    fixed: str | Path | None = None,
+    moving: str | Path | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """An ITK / ANTs displacement field (e.g. ANTs' ``*Warp.nii.gz``) as a PatchMorph field that ``warp`` takes.
+
+    Args:
+        path: the NIfTI displacement field (fixed → moving, LPS, mm).
+        out: the OME-Zarr field to write.
+        fixed, moving: the OME-Zarr images it registers (recorded so that ``warp`` finds the output grid;
+            their world frames must be the NIfTI files' physical space); the field is written in the fixed
+            image's unit.
+        overwrite: replace an existing output.
+    """
+    from pipeline.ngff import read_image, write_field
+
+    values, grid = read_itk_field(path)
+    unit = read_image(fixed).grid.unit if fixed is not None else "millimeter"
+    if unit != grid.unit:
+        values = values * unit_scale(grid.unit, unit)
+        grid = grid.with_unit(unit)
+    metadata = {
+        "fixed": None if fixed is None else str(fixed),
+        "moving": None if moving is None else str(moving),
+        "model": None,
+        "config": None,
+        "imported_from": str(path),
+    }
+    return write_field(out, values, grid, metadata=metadata, overwrite=overwrite)
+
+
+def nifti_image(image: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
+    """Write level 0 of an OME-Zarr image as NIfTI with the same index → world map (RAS+, mm), for other tools."""
+    import nibabel as nib
+
+    from pipeline.ngff import read_image
+
+    out = _check_nifti_path(Path(out))
+    if out.exists() and not overwrite:
+        raise InputError(f"output {out} already exists: pass --overwrite or choose another path.")
+    level = read_image(image).levels[0]
+    array = np.asarray(level.array[...])
+    grid = level.grid.with_unit("millimeter")
+    result = nib.Nifti1Image(np.ascontiguousarray(array.transpose(2, 1, 0)), nifti_affine(grid))
+    result.header.set_xyzt_units("mm")
+    nib.save(result, out)
+    return out
