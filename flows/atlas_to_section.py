@@ -1,10 +1,13 @@
 """Flow ``atlas-to-section``: align one atlas to every brain or section of a manifest.
 
-Parameters (fixed names): ``atlas`` (the atlas template image), ``manifest`` (YAML or CSV, see
+Parameters (fixed names): ``atlas`` (a BrainGlobe atlas, by name or folder, or an atlas template image),
+``manifest`` (YAML or CSV, see
 :mod:`flows.manifest`), ``out`` (output folder); ``config``: the options
 (:class:`~flows.config.AtlasToSectionOptions`, inline or a YAML path such as
 ``configs/flows/atlas_to_section.yaml``). Each item is the fixed image, the atlas the moving one: the
-atlas and its labels are warped onto the item. One bad item never stops the batch; items whose
+atlas and its labels are warped onto the item. With a BrainGlobe atlas every item also gets what
+``patchmorph atlas`` writes (labels, hemispheres and boundaries on the brain, the brain in atlas space, the
+inverse field, ``volumes.csv``, the atlas QC figures). One bad item never stops the batch; items whose
 outputs exist and match their inputs are skipped. Outputs: ``<out>/<item>/`` per item (see
 :mod:`flows.steps`), ``<out>/atlas/`` (the converted atlas), ``<out>/report.md``, ``<out>/report.json``.
 """
@@ -21,18 +24,40 @@ from flows.records import ItemError, RunReport
 from flows.runner import finish_run, run_on_dask
 from flows.steps import ImageInput, ItemJob
 from patchmorph_core.errors import InputError
+from pipeline.atlas import PreparedAtlas, prepare_atlas
+from pipeline.brainglobe import BrainGlobeAtlas, find_atlas
 
 FLOW_NAME = "atlas-to-section"
 
 
+def brainglobe_atlas(atlas: str) -> BrainGlobeAtlas | None:
+    """The BrainGlobe atlas ``atlas`` names (an installed atlas's name, or a folder holding ``metadata.json``
+    or ``manifest.json``), or None when it is the path of an image."""
+    path = Path(atlas)
+    if path.is_dir() and any((path / name).is_file() for name in ("metadata.json", "manifest.json")):
+        return find_atlas(path)
+    if not path.exists() and Path(atlas).name == atlas and "." not in atlas:
+        return find_atlas(atlas)
+    return None
+
+
 def atlas_jobs(
-    atlas: Path, entries: list[ManifestItem | ManifestProblem], out: Path, options: AtlasToSectionOptions
+    atlas: Path,
+    entries: list[ManifestItem | ManifestProblem],
+    out: Path,
+    options: AtlasToSectionOptions,
+    prepared: PreparedAtlas | None = None,
 ) -> tuple[list[ItemJob], list[ItemError]]:
-    """One job per valid manifest item (sample fixed, atlas moving) and one error per invalid entry."""
+    """One job per valid manifest item (sample fixed, atlas moving) and one error per invalid entry.
+
+    With a ``prepared`` BrainGlobe atlas the moving image is its reference and every job gets the atlas
+    outputs (its sample is always copied, since the atlas labels are nested inside it)."""
     atlas_dir = out / "atlas"
     moving = ImageInput(path=atlas, geometry=options.atlas_geometry, converted=atlas_dir / "atlas.ome.zarr")
+    if prepared is not None:
+        moving = ImageInput(path=prepared.reference, converted=prepared.reference)
     moving_labels = None
-    if options.atlas_labels:
+    if options.atlas_labels and prepared is None:
         moving_labels = ImageInput(
             path=Path(options.atlas_labels),
             geometry=options.atlas_geometry,
@@ -57,14 +82,21 @@ def atlas_jobs(
                 converted=item_dir / "sample_labels.ome.zarr",
                 labels=True,
             )
+        fixed = ImageInput(path=entry.path, geometry=geometry, converted=item_dir / "sample.ome.zarr")
+        if prepared is not None:
+            fixed = ImageInput(
+                path=entry.path, geometry=geometry, converted=item_dir / "brain.ome.zarr", always_copy=True
+            )
         jobs.append(
             ItemJob(
                 name=entry.name,
                 out_dir=item_dir,
-                fixed=ImageInput(path=entry.path, geometry=geometry, converted=item_dir / "sample.ome.zarr"),
+                fixed=fixed,
                 moving=moving,
                 fixed_labels=fixed_labels,
                 moving_labels=moving_labels,
+                atlas=None if prepared is None else str(prepared.atlas.folder),
+                atlas_dir=None if prepared is None else atlas_dir,
             )
         )
     return jobs, errors
@@ -83,13 +115,15 @@ def atlas_to_section(
         InputError: the atlas, its labels or the manifest cannot be read (nothing to align).
     """
     options = resolve_options(config, AtlasToSectionOptions)
-    for role, path in (("atlas", atlas), ("atlas_labels", options.atlas_labels)):
+    found = brainglobe_atlas(atlas)
+    for role, path in (("atlas", None if found else atlas), ("atlas_labels", options.atlas_labels)):
         if path is not None and not Path(path).exists():
             raise InputError(
                 f"{role} {path} does not exist: give the path of the atlas image (or fix the option)."
             )
     out_dir = Path(out)
-    jobs, errors = atlas_jobs(Path(atlas), load_manifest(manifest), out_dir, options)
+    prepared = None if found is None else prepare_atlas(found, out_dir / "atlas")
+    jobs, errors = atlas_jobs(Path(atlas), load_manifest(manifest), out_dir, options, prepared)
     outcomes = run_on_dask(jobs, options, options.max_parallel_items, errors)
     inputs = {"atlas": atlas, "manifest": manifest}
     return finish_run(FLOW_NAME, inputs, out_dir, outcomes)

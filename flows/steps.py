@@ -2,7 +2,7 @@
 
 A :class:`ItemJob` is one registration (fixed ← moving, plus optional label maps) with its output
 folder. :func:`run_jobs` takes a list of jobs through the steps convert → register → warp (image and
-labels) → QC and metrics, one step at a time for a group of at most ``max_parallel`` jobs: the tasks of
+labels) → QC and metrics → atlas outputs (jobs with a BrainGlobe atlas), one step at a time for a group of at most ``max_parallel`` jobs: the tasks of
 one step are submitted together to the flow's task runner (Dask), their results collected, and a job
 whose task failed leaves the group with an :class:`~flows.records.ItemError` naming that step; the
 others go on. Jobs whose ``done.json`` matches their inputs and options are skipped
@@ -17,6 +17,12 @@ Output folder of a job::
     <out_dir>/qc/*.png                 overlay, checkerboard, jacobian, uncertainty
     <out_dir>/metrics.json             scalar metrics
     <out_dir>/done.json                completion record (written last)
+
+and, with a BrainGlobe atlas, what ``patchmorph atlas`` writes (:func:`pipeline.atlas.atlas_item_outputs`)::
+
+    <out_dir>/brain.ome.zarr           the sample (always a copy) with labels/{atlas,hemispheres,boundaries}
+    <out_dir>/brain_in_atlas_space.ome.zarr, inverse_field.ome.zarr, volumes.csv
+    <out_dir>/qc/*.png                 overlay, atlas_space, jacobian, uncertainty
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from pydantic import BaseModel, ConfigDict
 
 from flows.config import Geometry, StepOptions
 from flows.records import ItemError, ItemResult, fingerprint, finished_result, write_done
-from flows.tasks import convert_task, metrics_task, qc_task, register_task, warp_task
+from flows.tasks import atlas_outputs_task, convert_task, metrics_task, qc_task, register_task, warp_task
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +56,8 @@ class ImageInput(BaseModel):
         converted: where the converted copy is written (unused when ``path`` is already OME-Zarr and
             ``geometry`` asks for nothing).
         labels: a label map (nearest-neighbour pyramid, integer dtype kept).
+        always_copy: always write the converted copy (an image whose labels will be nested inside it: a user's
+            own OME-Zarr is never written into).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -58,10 +66,13 @@ class ImageInput(BaseModel):
     geometry: Geometry = Geometry()
     converted: Path
     labels: bool = False
+    always_copy: bool = False
 
     @property
     def needs_conversion(self) -> bool:
-        """False when ``path`` is an OME-Zarr group and no geometry override is given."""
+        """False when ``path`` is an OME-Zarr group, no geometry override is given and no copy is asked for."""
+        if self.always_copy:
+            return True
         is_zarr = self.path.is_dir() and any((self.path / m).is_file() for m in _ZARR_MARKERS)
         overrides = self.geometry.voxel_size is not None or self.geometry.orientation is not None
         return not is_zarr or overrides
@@ -73,7 +84,11 @@ class ImageInput(BaseModel):
 
 
 class ItemJob(BaseModel):
-    """One registration: ``moving`` (e.g. the atlas) aligned onto ``fixed`` (e.g. a sample)."""
+    """One registration: ``moving`` (e.g. the atlas) aligned onto ``fixed`` (e.g. a sample).
+
+    With ``atlas`` (a BrainGlobe atlas folder whose images were prepared in ``atlas_dir``) the job also
+    writes the atlas outputs of :func:`pipeline.atlas.atlas_item_outputs`.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -83,6 +98,8 @@ class ItemJob(BaseModel):
     moving: ImageInput
     fixed_labels: ImageInput | None = None
     moving_labels: ImageInput | None = None
+    atlas: str | None = None
+    atlas_dir: Path | None = None
 
     @property
     def field(self) -> Path:
@@ -112,6 +129,7 @@ class ItemJob(BaseModel):
         """Fingerprint of the inputs' metadata, their geometry and the options that shape the outputs."""
         inputs = self.inputs()
         settings = {
+            "atlas": self.atlas,
             "geometry": {role: image.geometry.model_dump(mode="json") for role, image in inputs.items()},
             "inference": options.inference.model_dump(mode="json"),
             "qc": options.qc,
@@ -204,15 +222,21 @@ def _convert_inputs(jobs: list[ItemJob], convert: Task[..., Path], errors: list[
     return survivors
 
 
-def _finish(job: ItemJob, key: str, qc_record: Any, metrics: dict[str, float], seconds: float) -> ItemResult:
-    """Write ``metrics.json`` and the completion record of a finished job."""
+def _finish(
+    job: ItemJob, key: str, qc_record: Any, metrics: dict[str, float], seconds: float, atlas: Any = None
+) -> ItemResult:
+    """Write ``metrics.json`` and the completion record of a finished job (with its atlas outputs, if any)."""
     outputs = {"fixed": job.fixed.ready, "field": job.field, "warped": job.warped}
     if job.warped_labels is not None:
         outputs["warped_labels"] = job.warped_labels
+    figures = dict(qc_record.figures) if qc_record is not None else {}
+    if atlas is not None:
+        outputs.update({role: p for role, p in atlas.paths.items() if not role.startswith("qc_")})
+        figures.update({role[3:]: p for role, p in atlas.paths.items() if role.startswith("qc_")})
+        metrics = {**metrics, **atlas.figures}
     metrics_path = job.out_dir / "metrics.json"
     metrics_path.write_text(json.dumps(metrics, indent=1, sort_keys=True))
     outputs["metrics"] = metrics_path
-    figures = dict(qc_record.figures) if qc_record is not None else {}
     result = ItemResult(
         name=job.name, out_dir=job.out_dir, outputs=outputs, qc=figures, metrics=metrics, seconds=seconds
     )
@@ -267,7 +291,7 @@ def run_jobs(
     """
     retry = {"retries": options.retries, "retry_delay_seconds": options.retry_delay_seconds}
     convert, register, warp = (t.with_options(**retry) for t in (convert_task, register_task, warp_task))
-    make_qc, metrics = (t.with_options(**retry) for t in (qc_task, metrics_task))
+    make_qc, metrics, atlas = (t.with_options(**retry) for t in (qc_task, metrics_task, atlas_outputs_task))
     results: list[ItemResult] = []
     errors: list[ItemError] = []
     todo = list(jobs)
@@ -296,10 +320,12 @@ def run_jobs(
         )
         group, _ = _step(group, "warp", lambda j: _submit_warps(j, warp, options), errors)
         group, values = _step(group, "qc", lambda j: _submit_checks(j, make_qc, metrics, options.qc), errors)
+        group, atlas_values = _step(group, "atlas", lambda j: _submit_atlas(j, atlas, options), errors)
         seconds = time.monotonic() - began
         for job in group:
             out = values[job.name]
-            results.append(_finish(job, keys[job.name], out.get("qc"), out["metrics"], seconds))
+            made = atlas_values[job.name].get("atlas")
+            results.append(_finish(job, keys[job.name], out.get("qc"), out["metrics"], seconds, made))
     return results, errors
 
 
@@ -318,8 +344,24 @@ def _submit_checks(
     futures = {
         "metrics": metrics.submit(job.fixed.ready, job.warped, job.field, fixed_labels, job.warped_labels)
     }
-    if with_qc:
+    if with_qc and job.atlas is None:  # an atlas job's QC figures come with its atlas outputs
         futures["qc"] = make_qc.submit(
             job.fixed.ready, job.warped, job.field, job.out_dir / "qc", job.warped_labels
         )
     return futures
+
+
+def _submit_atlas(job: ItemJob, atlas: Task[..., Any], options: StepOptions) -> dict[str, PrefectFuture[Any]]:
+    if job.atlas is None or job.atlas_dir is None:
+        return {}
+    return {
+        "atlas": atlas.submit(
+            job.fixed.ready,
+            job.field,
+            job.atlas,
+            job.atlas_dir,
+            job.out_dir,
+            options.register_cluster,
+            options.qc,
+        )
+    }

@@ -17,6 +17,7 @@ from prefect.client.schemas.objects import State, TaskRun
 
 from patchmorph_core.config import InferenceConfig
 from pipeline import qc
+from pipeline.atlas import AtlasOutputs, atlas_item_outputs
 from pipeline.importers import convert
 from pipeline.register import register_files
 from pipeline.warp import warp_files
@@ -144,4 +145,15 @@ def metrics_task(
     """:func:`pipeline.qc.registration_metrics`: NCC, Jacobian range and folding, Dice when labelled."""
     return run_isolated(
         qc.registration_metrics, fixed, warped, field, fixed_labels=fixed_labels, warped_labels=warped_labels
+    )
+
+
+@task(name="atlas-outputs", **_TASK_DEFAULTS)
+def atlas_outputs_task(
+    brain: Path, field: Path, atlas: str, atlas_dir: Path, out_dir: Path, scheduler: str, with_qc: bool
+) -> AtlasOutputs:
+    """:func:`pipeline.atlas.atlas_item_outputs`: labels on the brain, the brain in atlas space, the inverse
+    field, volumes.csv and the atlas QC figures of one item."""
+    return run_isolated(
+        atlas_item_outputs, brain, field, atlas, atlas_dir, out_dir, scheduler=scheduler, qc=with_qc
     )

@@ -53,6 +53,14 @@ def atlas(
             "repeat for more.",
         ),
     ] = None,
+    field_spacing: Annotated[
+        str | None,
+        typer.Option(
+            metavar="<length>",
+            help="Field spacing with its unit, e.g. 50um (default: the atlas's voxel size, never finer than the "
+            "brain's); overrides the config.",
+        ),
+    ] = None,
     config: Annotated[
         Path | None,
         typer.Option(help="Job settings YAML (pipeline.atlas_job.AtlasJobConfig: inference, fine_tune, ...)."),
@@ -65,9 +73,14 @@ def atlas(
     """Register a BrainGlobe atlas to a brain: atlas labels, hemispheres and boundaries on the brain, the brain
     in atlas space, forward and inverse fields, volumes.csv, QC images and a summary."""
     from patchmorph_core.config import load_yaml
+    from patchmorph_core.spatial import parse_length
     from pipeline.atlas_job import AtlasJobConfig, run_atlas_job
 
     settings = AtlasJobConfig() if config is None else load_yaml(config, AtlasJobConfig)
+    if field_spacing is not None:
+        parse_length(field_spacing, "--field-spacing")  # the option's own error message, before any work
+        inference = settings.inference.model_copy(update={"field_spacing": field_spacing})
+        settings = settings.model_copy(update={"inference": inference})
     result = run_atlas_job(
         brain, out, atlas_name, voxel_size=voxel_size, orientation=orientation, unit=unit,
         channels=channel or (), config=settings, scheduler=scheduler,

@@ -106,3 +106,56 @@ def test_changed_input_is_recomputed(batch: dict[str, Path], flow_data: dict[str
 
     assert sorted((r.name, r.status) for r in report.results) == [("stp", "done"), ("template", "skipped")]
     assert report.errors == []
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_brainglobe_atlas_gives_each_item_the_atlas_jobs_outputs(
+    flow_data: dict[str, Path], write_options: Callable[..., Path], tmp_path: Path
+) -> None:
+    """The bundled BrainGlobe atlas folder as ``atlas``: per item what ``patchmorph atlas`` writes — labels
+    nested in a copy of the sample, the sample in atlas space in the atlas's array order, the inverse field,
+    volumes.csv, the atlas QC figures and their figures in the metrics."""
+    import csv
+
+    import zarr
+
+    from pipeline.demo import EXAMPLE_ATLAS, EXAMPLE_DIR
+    from pipeline.ngff import image_orientation, read_field, read_image
+
+    manifest = tmp_path / "manifest.yaml"
+    manifest.write_text(
+        yaml.safe_dump(
+            [
+                {
+                    "name": "stp",
+                    "path": str(flow_data["brain_tif"]),
+                    "voxel_size": [200, 200, 200],
+                    "orientation": "psl",
+                }
+            ]
+        )
+    )
+    options = write_options(tmp_path / "options.yaml", workers=1)
+    report = atlas_to_section(
+        str(EXAMPLE_DIR / EXAMPLE_ATLAS), str(manifest), str(tmp_path / "out"), config=str(options)
+    )
+
+    assert report.errors == [] and [r.name for r in report.results] == ["stp"]
+    result = report.results[0]
+    item = tmp_path / "out" / "stp"
+    brain = item / "brain.ome.zarr"
+    assert result.outputs["atlas_on_brain"] == brain / "labels" / "atlas"
+    assert dict(zarr.open_group(str(brain / "labels"), mode="r").attrs)["ome"]["labels"] == [
+        "atlas", "hemispheres", "boundaries"
+    ]  # fmt: skip
+    in_atlas = result.outputs["brain_in_atlas_space"]
+    assert read_image(in_atlas).grid.shape == (132, 80, 114) and image_orientation(in_atlas) == "asr"
+    assert (
+        Path(read_field(result.outputs["inverse_field"])[2]["fixed"])
+        == tmp_path / "out" / "atlas" / "reference.ome.zarr"
+    )
+    rows = list(csv.DictReader(result.outputs["volumes"].open()))
+    assert len(rows) > 400 and {"structure_id", "acronym"} <= set(rows[0])
+    assert {"overlay", "atlas_space", "jacobian"} <= set(result.qc)
+    assert all(p.stat().st_size > 5000 for p in result.qc.values())
+    assert result.metrics["ncc_in_atlas_space"] > 0.5 and result.metrics["n_structures"] > 400

@@ -105,7 +105,7 @@ def job(tmp_path_factory: pytest.TempPathFactory, examples: Path) -> dict:
     shutil.copytree(examples / EXAMPLE_ATLAS, bg_dir / EXAMPLE_ATLAS)
     config = root / "job.yaml"
     config.write_text(
-        "brain_downsample: 3\ninference:\n  device: cpu\ncluster:\n  kind: threads\n"
+        "brain_downsample: 3\ninference:\n  device: cpu\n  field_spacing: 170um\ncluster:\n  kind: threads\n"
     )
     files = ExampleFiles.from_dir(examples)
     out = root / "out"

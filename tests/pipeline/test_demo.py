@@ -116,7 +116,7 @@ def demo_result(tmp_path_factory: pytest.TempPathFactory):
         update={
             "brain_downsample": 3,
             "fine_tune": run.fine_tune.model_copy(update={"steps": 2}),
-            "inference": run.inference.model_copy(update={"device": "cpu"}),
+            "inference": run.inference.model_copy(update={"device": "cpu", "field_spacing": "170um"}),
         }
     )
     return run_demo(tmp_path_factory.mktemp("demo"), run)
