@@ -64,7 +64,7 @@ def run_demo(
     """
     run = load_yaml(CONFIG_PATH, DemoConfig).full if run is None else run
     files = ExampleFiles.from_dir() if files is None else files
-    out = Path(out)
+    out = Path(out).absolute()
     job = run_atlas_job(
         files.brain, out, files.atlas, voxel_size=BRAIN_VOXEL_SIZE_UM, orientation=BRAIN_ORIENTATION, config=run
     )

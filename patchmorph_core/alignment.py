@@ -13,13 +13,9 @@ on the initialisation):
   ``φ(x)``, both normalised to 0..1, at the spacings ``E / n`` for ``n`` in :data:`LEVELS` (coarse to
   fine), Adam, :data:`STEPS` steps per level: minus the mean squared difference of the two images' MIND-SSC
   descriptors on the fit grid (:func:`patchmorph_core.similarity.mind_ssc`, neighbours at 1 fit voxel), which
-  does not assume the two contrasts are related. It replaced the global NCC (Pearson), which takes whatever
-  intensity mapping correlates best: on the validation pairs of training subjects 01-06 (``benchmarks/validate.py``
-  pair sets, start alone) the mean Dice is 0.586 (MIND) vs 0.587 (NCC) with one contrast, 0.518 vs 0.317
-  with independent contrasts per structure, and 0.434 vs 0.363 on the mouse CCF pairs with independent
-  contrasts (``docs/method.md``). Levels and steps: ``E/20, E/32`` with 60 + 30 steps (chosen with the
-  global NCC: mean start Dice 0.564 on six pairs in 0.74 s, against 0.560 in 1.14 s for ``E/24, E/40`` with
-  80 + 40);
+  does not assume the two contrasts are related, unlike the global NCC (Pearson) it replaced, which takes
+  whatever intensity mapping correlates best (the comparison: ``docs/decisions.md``). Levels and steps:
+  ``E/20, E/32`` with 60 + 30 steps;
 * only the pyramid level matching each spacing is read (a few hundred thousand voxels at most), so the cost
   does not grow with the image size;
 * safeguard: if the fitted affine does not improve the objective over the start, or its determinant leaves

@@ -206,22 +206,17 @@ class InferenceConfig(_Strict):
             ``field_spacing``, the field takes the finest stage's patch spacing (``E_0 / 2^(n-1) / P``, never finer
             than the fixed image's voxel).
         overlap: patch overlap factor; the lattice step is ``extent / overlap`` per axis (patches ∝
-            overlap³). Default 1.75 (each field voxel in about 5.4 patches), chosen on validation pairs of
-            training subjects 01-06 (``benchmarks/validate.py --seeds 0 1``, step-4 model, two refinement
-            passes): mean Dice 0.700 at 1.75 and at 2.0 (about 8 patches; 0.701 at 1.5 with three passes),
-            with two thirds of the patches of 2.0 — which keeps the registration under ANTs SyN's time where 2.0
-            was at parity (README, accuracy benchmark). The price is a noisier estimate: two seeds' fields
-            differ by 0.41 mm RMS inside the brain (0.30 at 2.0, 0.62 at 1.5) and their uncertainty maps
-            correlate 0.31 (0.52 at 2.0, 0.11 at 1.5: there the map is mostly lattice noise);
-            ``configs/register_stable.yaml`` is the default at 2.0.
+            overlap³). Default 1.75: each field voxel lies in about 5.4 patches. A denser lattice gives a
+            field and an uncertainty map that depend less on the seed, at the cost of more patches
+            (``configs/register_stable.yaml`` is the default at 2.0); the measurements behind the choice
+            are in ``docs/method.md`` (*Lattice density*).
         patch_layout: ``"field_grid"`` (default): every patch is a ``P³`` block of its stage's field grid —
             axes along the field grid's axes (ordered and signed nearest the world axes, the networks'
             training frame), centre jittered within its lattice cell and then rounded to the field grid,
             no rotation — so each block of patches reads its images once on the field grid
             and adds its estimates with plain slice additions (:func:`~patchmorph_core.inference.estimate_and_accumulate`).
             ``"rotated"``: free centres and random rotations up to ``max_rotation_deg`` with trilinear
-            sampling and accumulation per patch (the layout before; same Dice on the benchmark's
-            validation pairs, see the README). A stage whose field spacing differs from its patch
+            sampling and accumulation per patch (``docs/method.md`` compares the two). A stage whose field spacing differs from its patch
             spacing (``field_spacing`` set, or a fixed image coarser than the patches) uses ``"rotated"``.
         max_rotation_deg: random rotation of every inference patch (``patch_layout: rotated`` only).
         seed: seeds the lattice jitter and rotations (same inputs and seed → same field).
@@ -238,24 +233,17 @@ class InferenceConfig(_Strict):
             :mod:`patchmorph_core.alignment`) or ``"center_of_mass"`` (match the tissue centres only).
         first_stage: the first cascade stage to run (0 = the whole-brain patch); stages before it are
             skipped. None: 1 when the initial affine was fitted and accepted (it already does the
-            whole-brain stage's job: measured on four benchmark pairs, Dice 0.621 without stage 0 vs 0.618
-            with it, and 0.8 s less), else 0.
+            whole-brain stage's job; ``docs/method.md``), else 0.
         refine_passes: extra passes of the finest stage, each on a freshly seeded lattice (other jitters
             and rotations) and starting from the previous pass's field, so the finest network sees the
             residual misalignment it left (choice; the paper is silent).
         refine_overlap: lattice overlap of the refinement passes (None: ``overlap``); patches ∝ overlap³.
-            Before the polish, two passes at the stages' overlap were the default, chosen on validation pairs
-            of training subjects 01-06 with the field-grid patch layout's first, grid-order version (mean Dice 0.667 with one
-            pass at overlap 1.0, 0.679 at 1.5, 0.689 with two passes at 1.5, 0.693 with three; with the
-            step-4 model at 1.75: 0.694 with one pass, 0.700 with two). Default 0 since the polish
-            (``polish_iterations``): it does the passes' job faster (validation, with the polish: 0.7129 in
-            4.2 s with no pass, 0.7131 in 5.6 s with one, 0.7129 in 7.0 s with two). Passes remain useful for a
-            steadier network field (``configs/register_stable.yaml``, ``configs/register_refine.yaml``).
+            The default runs no refinement pass: the polish (``polish_iterations``) does their job faster.
+            Passes give a steadier network field (``configs/register_stable.yaml``,
+            ``configs/register_refine.yaml``); the measurements are in ``docs/method.md``.
         polish_iterations: greedy local-NCC steps on the finest field after the network
-            (:mod:`patchmorph_core.polish`; 0: none). Default 10, chosen on the validation pairs with no
-            refinement pass: mean Dice 0.713 in 4.2 s, against the network alone with two passes 0.700 in
-            5.4 s; 15 steps 0.715 and 20 steps 0.715, but their most folded pair had 0.056 and 0.065 %
-            folded voxels against 0.028 % (README).
+            (:mod:`patchmorph_core.polish`; 0: none). Default 10: more steps fold more voxels for little
+            gain (``docs/method.md``, *Polish*).
         polish_gain: update per unit of CC force (field voxels).
         polish_max_step: largest update of a voxel in one step (field voxels).
         polish_radius: half-width of the local CC window (field voxels; 2: 5³ voxels).

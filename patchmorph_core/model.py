@@ -130,10 +130,8 @@ class PatchMorph(nn.Module):
 def place_model(model: nn.Module, device: torch.device) -> nn.Module:
     """Move ``model`` to ``device``; on CPU also store its weights channels-last (``torch.channels_last_3d``).
 
-    oneDNN's 3D convolutions are faster on channels-last tensors (measured on 2 CPU cores with the default
-    network: forward 1.6× in batches of 16 patches, a U-Net forward + backward 1.8×, a whole training step
-    of `configs/train_less_smooth.yaml` 1.15×: 2.37 vs 2.07 steps/s, same loss) and give the same
-    values to float32 rounding (2e-6 patch voxels). Returns the same module.
+    oneDNN's 3D convolutions are faster on channels-last tensors and give the same values to float32
+    rounding (``docs/method.md``, *Networks*). Returns the same module.
     """
     model.to(device)
     if device.type == "cpu":

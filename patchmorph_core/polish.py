@@ -17,7 +17,7 @@ voxel depends only on the voxels within :attr:`PolishSettings.reach` per iterati
 by ``iterations × reach`` polishes its inside as the whole grid does (to float rounding), which is how the chunked
 pipeline runs it (:func:`pipeline.polish.polish_tile`); the in-memory registration is the one-box case.
 
-Settings (chosen on validation pairs of training subjects 01-06, ``benchmarks/validate.py``; README): 10
+Settings (chosen on validation pairs of training subjects 01-06, ``benchmarks/validate.py``; ``docs/method.md``): 10
 iterations, window radius 2 (5³ voxels, as ANTs SyNCC's radius 2), update smoothing σ 1.5, correction
 smoothing σ 0.5, gain 1.5, at most 0.25 field voxels per iteration.
 """

@@ -48,6 +48,9 @@ from pipeline.cluster import ClusterConfig, load_cluster_config, open_client
 
 logger = logging.getLogger(__name__)
 
+METADATA_DOCS = ("zarr.json", ".zattrs", ".zarray", ".zgroup")
+"""Zarr metadata documents (v3 and v2)."""
+
 JOB_RECORD = "atlas_job.json"
 """The metadata file of a job: what was run, on what, with which settings, and what it wrote."""
 
@@ -122,8 +125,15 @@ def _hash(values: Mapping[str, Any]) -> str:
 
 
 def _source_key(path: Path, **geometry: Any) -> str:
-    """Identity of an input and the geometry it is read with (file sizes and times, never voxel data)."""
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())[:2000]
+    """Identity of an input and the geometry it is read with (file sizes and times, never voxel data): a file,
+    or a folder's top-level files (TIFF planes) and its OME-Zarr metadata documents one level down — never a
+    walk over a large store's chunks."""
+    found = (
+        [path]
+        if path.is_file()
+        else [*path.glob("*"), *(p for n in METADATA_DOCS for p in path.glob(f"*/{n}"))]
+    )
+    files = sorted(p for p in found if p.is_file())
     stats = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
     return _hash({"path": str(path.resolve()), "files": stats, **geometry})
 
@@ -229,7 +239,7 @@ def fine_tune(
     start = int(read_checkpoint(target)["step"])
     data = DataConfig(
         kind="pairs",
-        pairs=((str(brain), str(reference)),),
+        pairs=((str(brain.resolve()), str(reference.resolve())),),  # training paths are relative to its folder
         spacing=config.spacing,
         unit="micrometer",
         max_rotation_deg=config.max_rotation_deg,
@@ -325,7 +335,7 @@ def run_atlas_job(
 
     started = time.time()
     config = AtlasJobConfig() if config is None else config
-    out = Path(out)
+    out = Path(out).absolute()  # every path the job records and returns is absolute
     brain, channel_paths = Path(brain), [Path(c) for c in channels]
     for path, role in [(brain, "brain"), *((c, "channel") for c in channel_paths)]:
         if not path.exists():

@@ -386,8 +386,8 @@ def partition(
     """Blocks of lattice cells (every cell in exactly one block) with their support on ``plan.grid``.
 
     ``cells_per_edge`` defaults to :func:`cells_per_block` with at least ``ceil(batch_size^(1/3))`` cells
-    per edge: one block task per patch would run the network one patch at a time (measured: 57 ms a patch
-    against 14 ms in batches of 16) and pay the task's fixed costs per patch.
+    per edge: one block task per patch would run the network one patch at a time (several times slower
+    per patch than in batches) and pay the task's fixed costs per patch.
     """
     min_cells = math.ceil(batch_size ** (1.0 / 3.0) - 1e-9)
     if cells_per_edge is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -119,7 +120,9 @@ def demo_result(tmp_path_factory: pytest.TempPathFactory):
             "inference": run.inference.model_copy(update={"device": "cpu", "field_spacing": "170um"}),
         }
     )
-    return run_demo(tmp_path_factory.mktemp("demo"), run)
+    with contextlib.chdir(tmp_path_factory.mktemp("demo")):  # a relative output folder, as `make demo` gives
+        result = run_demo(Path("demo-output"), run)
+    return result
 
 
 def test_demo_is_the_atlas_job_plus_brainregs_comparison(demo_result) -> None:
