@@ -1,13 +1,13 @@
 """Run reports: a markdown table of per-item metrics and the QC images, as files and as Prefect artifacts.
 
 Files go next to the outputs (``<out>/report.md``, ``<out>/report.json``); the Prefect artifacts are
-the same markdown (the table, and per item its QC figures embedded as PNG data URIs, so they show in
-the Prefect UI without any file server).
+the same markdown: the table, and per item links to its QC figures as ``file://`` URIs (the images stay
+files beside the outputs; the API's database never holds image data).
 """
 
 from __future__ import annotations
 
-import base64
+import hashlib
 import logging
 import re
 from collections.abc import Sequence
@@ -23,8 +23,16 @@ QC_ORDER = ("overlay", "checkerboard", "jacobian", "uncertainty")
 
 
 def artifact_key(*parts: str) -> str:
-    """A Prefect artifact key (lowercase letters, digits and dashes) from free text."""
-    return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")[:100]
+    """A Prefect artifact key (lowercase letters, digits and dashes) from free text.
+
+    Keys longer than 100 characters, or changed by the mapping to the allowed characters (``A_b`` and
+    ``a.b`` would both become ``a-b``), end with a hash of the text, so distinct texts keep distinct keys.
+    """
+    text = "-".join(parts)
+    key = re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")
+    if key != text or len(key) > 100:
+        key = f"{key[:91].rstrip('-')}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
+    return key
 
 
 def _cell(value: object) -> str:
@@ -47,16 +55,13 @@ def metrics_table(results: Sequence[ItemResult], errors: Sequence[ItemError]) ->
     return "\n".join(lines) + "\n"
 
 
-def qc_markdown(result: ItemResult, embed: bool = True) -> str:
-    """Markdown of one item's QC figures: embedded PNG data URIs (``embed``) or relative file links."""
+def qc_markdown(result: ItemResult, absolute: bool = True) -> str:
+    """Markdown of one item's QC figures as links to their files: ``file://`` URIs (``absolute``, for the
+    Prefect UI) or the paths as they are in ``result`` (relative ones, for ``report.md`` beside them)."""
     parts = [f"## {result.name}\n"]
     for kind in sorted(result.qc, key=lambda k: QC_ORDER.index(k) if k in QC_ORDER else len(QC_ORDER)):
         path = Path(result.qc[kind])
-        if embed:
-            data = base64.b64encode(path.read_bytes()).decode()
-            target = f"data:image/png;base64,{data}"
-        else:
-            target = str(path)
+        target = path.resolve().as_uri() if absolute else path.as_posix()
         parts.append(f"**{kind}** (`{path}`)\n\n![{kind}]({target})\n")
     return "\n".join(parts)
 
@@ -64,7 +69,7 @@ def qc_markdown(result: ItemResult, embed: bool = True) -> str:
 def write_report(out: Path, title: str, results: Sequence[ItemResult], errors: Sequence[ItemError]) -> Path:
     """Write ``<out>/report.md``: the metrics table and links to every item's QC figures."""
     text = [f"# {title}\n", metrics_table(results, errors)]
-    text += [qc_markdown(r.model_copy(update={"qc": _relative(r.qc, out)}), embed=False) for r in results]
+    text += [qc_markdown(r.model_copy(update={"qc": _relative(r.qc, out)}), absolute=False) for r in results]
     path = out / "report.md"
     path.write_text("\n".join(text))
     return path

@@ -17,15 +17,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import flow
+from prefect.client.schemas.objects import State
 
 from flows.config import AtlasToSectionOptions, Geometry, resolve_options
 from flows.manifest import ManifestItem, ManifestProblem, load_manifest
 from flows.records import ItemError, RunReport
-from flows.runner import finish_run, run_on_dask
+from flows.runner import final_state, finish_run, run_on_dask
 from flows.steps import ImageInput, ItemJob
 from patchmorph_core.errors import InputError
 from pipeline.atlas import PreparedAtlas, prepare_atlas
 from pipeline.brainglobe import BrainGlobeAtlas, find_atlas
+from pipeline.checks import check_outputs
 
 FLOW_NAME = "atlas-to-section"
 
@@ -105,11 +107,13 @@ def atlas_jobs(
 @flow(name=FLOW_NAME)
 def atlas_to_section(
     atlas: str, manifest: str, out: str, config: AtlasToSectionOptions | str | None = None
-) -> RunReport:
+) -> RunReport | State:
     """Align ``atlas`` to every item of ``manifest``; write per-item outputs, QC and a report into ``out``.
 
     Returns:
-        The :class:`~flows.records.RunReport` (per-item results and errors).
+        The :class:`~flows.records.RunReport` when every item succeeded; else the run ends ``Failed`` with a
+        one-sentence message (:func:`flows.runner.final_state`): a direct call raises
+        :class:`~flows.runner.BatchFailed` carrying the report, after every other item finished.
 
     Raises:
         InputError: the atlas, its labels or the manifest cannot be read (nothing to align).
@@ -122,8 +126,12 @@ def atlas_to_section(
                 f"{role} {path} does not exist: give the path of the atlas image (or fix the option)."
             )
     out_dir = Path(out)
+    check_outputs(
+        inputs={"atlas": atlas, "atlas_labels": options.atlas_labels, "manifest": manifest},
+        outputs={"report": out_dir / "report.md", "report record": out_dir / "report.json"},
+    )
     prepared = None if found is None else prepare_atlas(found, out_dir / "atlas")
     jobs, errors = atlas_jobs(Path(atlas), load_manifest(manifest), out_dir, options, prepared)
     outcomes = run_on_dask(jobs, options, options.max_parallel_items, errors)
     inputs = {"atlas": atlas, "manifest": manifest}
-    return finish_run(FLOW_NAME, inputs, out_dir, outcomes)
+    return final_state(finish_run(FLOW_NAME, inputs, out_dir, outcomes))

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from patchmorph_core.config import InferenceConfig, load_yaml
 from patchmorph_core.errors import InputError
 from patchmorph_core.spatial import check_spacing, orientation_matrix, unit_scale
+from pipeline.checks import CheckOptions
 from pipeline.cluster import ClusterConfig, load_cluster_config
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -74,6 +75,8 @@ class StepOptions(_Strict):
         retry_delay_seconds: wait before a retry.
         overwrite: recompute items whose outputs already exist and match their inputs.
         qc: write the QC figures.
+        checks: what the pre-flight and quality checks of a registration may let through
+            (:class:`pipeline.checks.CheckOptions`; all False: refuse, as on the command line).
     """
 
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
@@ -85,6 +88,7 @@ class StepOptions(_Strict):
     retry_delay_seconds: float = Field(5.0, ge=0.0)
     overwrite: bool = False
     qc: bool = True
+    checks: CheckOptions = Field(default_factory=CheckOptions)
 
 
 class RegisterPairOptions(StepOptions):

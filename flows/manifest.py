@@ -19,6 +19,7 @@ An item whose entry is invalid does not stop the batch: :func:`load_manifest` re
 from __future__ import annotations
 
 import csv
+import hashlib
 import re
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,12 @@ from flows.config import Geometry
 from patchmorph_core.errors import InputError
 
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+
+MAX_NAME_LENGTH = 64
+"""Longest item name (an output folder name; longer names keep their start and a hash of the whole)."""
+
+RESERVED_NAMES = frozenset({"atlas", "report.md", "report.json"})
+"""What the atlas-to-section flow itself writes into its output folder (compared without case)."""
 
 
 class ManifestItem(Geometry):
@@ -57,6 +64,9 @@ class ManifestItem(Geometry):
         cleaned = _SAFE_NAME.sub("_", value).strip("._")
         if not cleaned:
             raise ValueError(f"name {value!r} has no usable characters; use letters, digits, '-', '_'")
+        if len(cleaned) > MAX_NAME_LENGTH:
+            digest = hashlib.sha256(value.encode()).hexdigest()[:8]
+            cleaned = f"{cleaned[: MAX_NAME_LENGTH - 9].rstrip('._')}-{digest}"
         return cleaned
 
 
@@ -142,7 +152,8 @@ def load_manifest(path: str | Path) -> list[ManifestItem | ManifestProblem]:
 
     Returns:
         One :class:`ManifestItem` per valid entry and one :class:`ManifestProblem` per invalid one, in
-        file order. Names are made unique by suffixing ``-2``, ``-3``, ...
+        file order. Names are unique by construction (:func:`unique_names`): never equal, without case, to
+        another item's or to one of :data:`RESERVED_NAMES`, at most :data:`MAX_NAME_LENGTH` characters.
 
     Raises:
         InputError: the file is missing, unreadable or not a list of items.
@@ -152,13 +163,26 @@ def load_manifest(path: str | Path) -> list[ManifestItem | ManifestProblem]:
     if not rows:
         raise InputError(f"manifest {path} lists no items: add at least one item with a 'path'.")
     folder = path.resolve().parent
-    items: list[ManifestItem | ManifestProblem] = []
-    seen: dict[str, int] = {}
-    for index, row in enumerate(rows):
-        item = _item_from_row(row, folder, index)
-        count = seen.get(item.name, 0) + 1
-        seen[item.name] = count
-        if count > 1:
-            item = item.model_copy(update={"name": f"{item.name}-{count}"})
-        items.append(item)
-    return items
+    items = [_item_from_row(row, folder, index) for index, row in enumerate(rows)]
+    names = unique_names([item.name for item in items], RESERVED_NAMES)
+    return [item.model_copy(update={"name": name}) for item, name in zip(items, names, strict=True)]
+
+
+def unique_names(names: list[str], reserved: frozenset[str] = frozenset()) -> list[str]:
+    """``names`` made unique, in order: a name already taken (without case, so that case-insensitive file
+    systems keep them apart too) or reserved gets the first free suffix ``-2``, ``-3``, ...
+
+    >>> unique_names(["dup", "dup", "dup-2", "Atlas"], frozenset({"atlas"}))
+    ['dup', 'dup-2', 'dup-2-2', 'Atlas-2']
+    """
+    taken = {name.lower() for name in reserved}
+    out = []
+    for name in names:
+        candidate, count = name, 1
+        while candidate.lower() in taken:
+            count += 1
+            suffix = f"-{count}"
+            candidate = f"{name[: MAX_NAME_LENGTH - len(suffix)]}{suffix}"
+        taken.add(candidate.lower())
+        out.append(candidate)
+    return out

@@ -1,8 +1,8 @@
 """Typed per-item records of the flows, and the input fingerprint that lets a rerun skip finished items.
 
 Each item's output folder gets a ``done.json`` written LAST, after every output of the item exists: it
-holds the item's :class:`ItemResult` and the fingerprint of its inputs (file metadata, never voxel
-data) and options. A rerun skips an item whose ``done.json`` fingerprint matches and whose outputs
+holds the item's :class:`ItemResult` and the fingerprint of its inputs (their content identity,
+:func:`pipeline.resume.content_identity`) and options. A rerun skips an item whose ``done.json`` fingerprint matches and whose outputs
 exist; anything else (no record, other inputs, other options, a missing output) is recomputed.
 """
 
@@ -17,10 +17,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from pipeline.resume import content_identity
+
 DONE_FILE = "done.json"
 """Name of the completion record inside an item's output folder."""
 
-_METADATA_FILES = ("zarr.json", ".zattrs", ".zgroup", ".zarray")
 
 
 class ItemResult(BaseModel):
@@ -103,40 +104,15 @@ class RunReport(Outcomes):
         return sum(r.status == "skipped" for r in self.results)
 
 
-def _path_metadata(path: Path) -> dict[str, Any]:
-    """Cheap description of an input that changes when the input does (no voxel data is read).
-
-    Files: size and modification time. Folders (OME-Zarr stores, TIFF plane folders): the contents of
-    the Zarr metadata documents at the top and one level down, plus the names and sizes of the
-    top-level files.
-    """
-    if path.is_file():
-        stat = path.stat()
-        return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    if not path.is_dir():
-        return {"path": str(path), "missing": True}
-    digest = hashlib.sha256()
-    for folder in [path, *sorted(p for p in path.iterdir() if p.is_dir())]:
-        for name in _METADATA_FILES:
-            doc = folder / name
-            if doc.is_file():
-                digest.update(str(doc.relative_to(path)).encode())
-                digest.update(doc.read_bytes())
-    with os.scandir(path) as entries:
-        files = sorted((e.name, e.stat().st_size) for e in entries if e.is_file())
-    digest.update(json.dumps(files).encode())
-    return {"path": str(path.resolve()), "metadata_sha256": digest.hexdigest()}
-
-
 def fingerprint(inputs: dict[str, str | Path | None], options: dict[str, Any]) -> str:
-    """SHA-256 of the inputs' metadata and the options that shape the outputs.
+    """SHA-256 of the inputs' content identities and the options that shape the outputs.
 
     Args:
         inputs: input paths by role (None entries are recorded as absent).
         options: JSON-serialisable options (e.g. ``model.model_dump(mode="json")``).
     """
     described = {
-        role: (None if value is None else _path_metadata(Path(value)))
+        role: (None if value is None else content_identity(value))
         for role, value in sorted(inputs.items())
     }
     text = json.dumps({"inputs": described, "options": options}, sort_keys=True, default=str)

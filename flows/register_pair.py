@@ -11,11 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import flow
+from prefect.client.schemas.objects import State
 
 from flows.config import RegisterPairOptions, resolve_options
 from flows.manifest import default_name
 from flows.records import RunReport
-from flows.runner import finish_run, run_on_dask
+from flows.runner import final_state, finish_run, run_on_dask
 from flows.steps import ImageInput, ItemJob
 
 FLOW_NAME = "register-pair"
@@ -46,18 +47,15 @@ def pair_job(fixed: Path, moving: Path, out: Path, options: RegisterPairOptions)
 @flow(name=FLOW_NAME)
 def register_pair(
     fixed: str, moving: str, out: str, config: RegisterPairOptions | str | None = None
-) -> RunReport:
+) -> RunReport | State:
     """Register ``moving`` onto ``fixed``; write the field, warped images, QC, metrics and a report to ``out``.
 
     Raises:
-        RuntimeError: a step failed (the message names the step and the cause).
+        flows.runner.BatchFailed: a step failed (the message names the step and the cause; the flow run
+            ends ``Failed``, see :func:`flows.runner.final_state`).
     """
     options = resolve_options(config, RegisterPairOptions)
     out_dir = Path(out)
     job = pair_job(Path(fixed), Path(moving), out_dir, options)
     outcomes = run_on_dask([job], options, 1, [])
-    report = finish_run(FLOW_NAME, {"fixed": fixed, "moving": moving}, out_dir, outcomes)
-    if report.errors:
-        error = report.errors[0]
-        raise RuntimeError(f"register-pair failed at step {error.step}: {error.error_type}: {error.message}")
-    return report
+    return final_state(finish_run(FLOW_NAME, {"fixed": fixed, "moving": moving}, out_dir, outcomes))

@@ -1,4 +1,5 @@
-"""The flows' Dask task runner (local cluster or SLURM, from one config) and the end-of-run report."""
+"""The flows' Dask task runner (local cluster or SLURM, from one config), the end-of-run report and the
+flow run's final state (:func:`final_state`: ``Failed`` when any item failed, with the report kept)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from prefect import flow
+from prefect.client.schemas.objects import State
+from prefect.states import Failed
 from prefect_dask import DaskTaskRunner
 
 from flows.artifacts import publish, write_report
@@ -61,6 +64,41 @@ def run_on_dask(
     with dask_task_runner(cluster_config(options)) as runner:
         ran = align_items.with_options(task_runner=runner)(todo, options, max_parallel)
     return Outcomes(results=[*outcomes.results, *ran.results], errors=[*outcomes.errors, *ran.errors])
+
+
+class BatchFailed(RuntimeError):
+    """Some items of a flow run failed; the run's report (also in ``<out>/report.json``) is attached.
+
+    Attributes:
+        report: the :class:`~flows.records.RunReport` of the run (results and errors).
+    """
+
+    def __init__(self, message: str, report: RunReport) -> None:
+        super().__init__(message)
+        self.report = report
+
+    def __reduce__(self) -> tuple[type, tuple[str, RunReport]]:
+        return type(self), (str(self), self.report)
+
+
+def failure_summary(report: RunReport) -> str:
+    """One sentence: how many items failed, and the first failure's item, step and reason."""
+    first = report.errors[0]
+    total = len(report.errors) + len(report.results)
+    return (
+        f"{report.flow}: {len(report.errors)} of {total} items failed (first: {first.name!r} at {first.step}: "
+        f"{first.message.rstrip('.')}); the others finished, see {report.report or report.out}."
+    )
+
+
+def final_state(report: RunReport) -> RunReport | State:
+    """What a flow returns: its report when every item succeeded, else a ``Failed`` state whose message is
+    :func:`failure_summary` and whose data is :class:`BatchFailed` holding the report (a direct call of the
+    flow raises it; ``return_state=True`` gives the state)."""
+    if not report.errors:
+        return report
+    message = failure_summary(report)
+    return Failed(message=message, data=BatchFailed(message, report))
 
 
 def finish_run(flow: str, inputs: dict[str, str], out: Path, outcomes: Outcomes) -> RunReport:

@@ -27,6 +27,7 @@ and, with a BrainGlobe atlas, what ``patchmorph atlas`` writes (:func:`pipeline.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -39,8 +40,10 @@ from prefect.futures import PrefectFuture, wait
 from pydantic import BaseModel, ConfigDict
 
 from flows.config import Geometry, StepOptions
-from flows.records import ItemError, ItemResult, fingerprint, finished_result, write_done
+from flows.records import DONE_FILE, ItemError, ItemResult, fingerprint, finished_result, write_done
 from flows.tasks import atlas_outputs_task, convert_task, metrics_task, qc_task, register_task, warp_task
+from patchmorph_core.errors import InputError
+from pipeline.checks import check_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +119,19 @@ class ItemJob(BaseModel):
         """Output moving labels on the fixed grid (None without moving labels)."""
         return self.out_dir / "warped_labels.ome.zarr" if self.moving_labels else None
 
+    def outputs(self) -> dict[str, Path]:
+        """Everything the job writes or replaces, by role: its outputs with their run folders, QC figures,
+        records and the converted copies of its inputs."""
+        paths: dict[str, Path] = {}
+        for role, path in (("field", self.field), ("warped", self.warped), ("warped_labels", self.warped_labels)):
+            if path is not None:
+                paths.update({role: path, f"{role} run folder": path.with_name(path.name + ".run")})
+        paths.update(qc=self.out_dir / "qc", metrics=self.out_dir / "metrics.json", done=self.out_dir / DONE_FILE)
+        for role, image in self.inputs().items():
+            if image.needs_conversion:
+                paths[f"converted {role}"] = image.converted
+        return paths
+
     def inputs(self) -> dict[str, ImageInput]:
         """The job's inputs by role."""
         roles = {"fixed": self.fixed, "moving": self.moving}
@@ -184,7 +200,8 @@ def _conversion_key(image: ImageInput) -> str:
 
 
 def _convert_inputs(jobs: list[ItemJob], convert: Task[..., Path], errors: list[ItemError]) -> list[ItemJob]:
-    """Convert every input that needs it, once per target (a shared atlas is converted once)."""
+    """Convert every input that needs it, once per target (a shared atlas is converted once, into a folder
+    created here)."""
     pending: dict[Path, ImageInput] = {}
     for job in jobs:
         for image in job.inputs().values():
@@ -196,6 +213,9 @@ def _convert_inputs(jobs: list[ItemJob], convert: Task[..., Path], errors: list[
             )
             if image.needs_conversion and not up_to_date:
                 pending[image.converted] = image
+    for target in pending:
+        with contextlib.suppress(OSError):  # a folder that cannot be made fails the conversion with a sentence
+            target.parent.mkdir(parents=True, exist_ok=True)
     futures = {
         str(target): convert.submit(
             image.path,
@@ -245,17 +265,21 @@ def _finish(
 
 
 def missing_inputs(jobs: Sequence[ItemJob]) -> tuple[list[ItemJob], list[ItemError]]:
-    """Jobs whose input paths all exist, and an ``inputs`` error for each job with a missing one."""
+    """Jobs whose input paths all exist and whose outputs overlap none of their inputs
+    (:func:`pipeline.checks.check_outputs`), and an ``inputs`` error for each other job."""
     ready: list[ItemJob] = []
     errors: list[ItemError] = []
     for job in jobs:
         missing = [(role, image.path) for role, image in job.inputs().items() if not image.path.exists()]
-        if missing:
-            role, path = missing[0]
-            message = f"{role} input {path} does not exist: fix the path (or the manifest entry)."
-            errors.append(ItemError(name=job.name, step="inputs", error_type="InputError", message=message))
-        else:
-            ready.append(job)
+        try:
+            if missing:
+                role, path = missing[0]
+                raise InputError(f"{role} input {path} does not exist: fix the path (or the manifest entry).")
+            check_outputs(inputs={r: i.path for r, i in job.inputs().items()}, outputs=job.outputs())
+        except InputError as err:
+            errors.append(_fail(job, "inputs", err))
+            continue
+        ready.append(job)
     return ready, errors
 
 
@@ -297,12 +321,10 @@ def run_jobs(
     todo = list(jobs)
     keys = {job.name: job.key(options) for job in todo}
     for start in range(0, len(todo), max_parallel):
-        group = todo[start : start + max_parallel]
         began = time.monotonic()
-        for job in group:
-            job.out_dir.mkdir(parents=True, exist_ok=True)
+        group = _make_folders(todo[start : start + max_parallel], errors)
         group = _convert_inputs(group, convert, errors)
-        group, _ = _step(
+        group, registered = _step(
             group,
             "register",
             lambda j: {
@@ -314,6 +336,7 @@ def run_jobs(
                     options.chunk_size,
                     options.register_cluster,
                     options.register_workers,
+                    options.checks,
                 )
             },
             errors,
@@ -325,8 +348,33 @@ def run_jobs(
         for job in group:
             out = values[job.name]
             made = atlas_values[job.name].get("atlas")
-            results.append(_finish(job, keys[job.name], out.get("qc"), out["metrics"], seconds, made))
+            figures = {**out["metrics"], **quality_metrics(registered[job.name]["field"].quality)}
+            results.append(_finish(job, keys[job.name], out.get("qc"), figures, seconds, made))
     return results, errors
+
+
+def quality_metrics(block: dict[str, Any]) -> dict[str, float]:
+    """The item metrics of a field's quality block (:mod:`pipeline.quality`), for the run's report."""
+    return {
+        "quality_ncc_initial": float(block["similarity"]["initial"]),
+        "quality_ncc_final": float(block["similarity"]["final"]),
+        "quality_folded_tissue_percent": float(block["folding"]["folded_percent"]),
+        "quality_inverse_p99_voxels": float(block["inverse"]["percentiles_voxels"]["99"]),
+        "quality_passed": float(block["passed"]),
+    }
+
+
+def _make_folders(jobs: list[ItemJob], errors: list[ItemError]) -> list[ItemJob]:
+    """The jobs whose output folder exists or could be created; an ``outputs`` error for each other one."""
+    made = []
+    for job in jobs:
+        try:
+            job.out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            errors.append(_fail(job, "outputs", err))
+            continue
+        made.append(job)
+    return made
 
 
 def _submit_warps(job: ItemJob, warp: Task[..., Any], options: StepOptions) -> dict[str, PrefectFuture[Any]]:

@@ -18,6 +18,7 @@ from prefect.client.schemas.objects import State, TaskRun
 from patchmorph_core.config import InferenceConfig
 from pipeline import qc
 from pipeline.atlas import AtlasOutputs, atlas_item_outputs
+from pipeline.checks import CheckOptions
 from pipeline.importers import convert
 from pipeline.register import register_files
 from pipeline.warp import warp_files
@@ -86,10 +87,12 @@ def register_task(
     chunk_size: int | None,
     scheduler: str,
     workers: int | None,
+    checks: CheckOptions,
 ) -> Any:
     """:func:`pipeline.register.register_files`: the displacement field of ``moving`` onto ``fixed``.
 
-    The item is being (re)computed, so an earlier field at ``out`` is replaced.
+    The item is being (re)computed, so an earlier field at ``out`` is replaced. ``checks``: what its
+    pre-flight and quality checks may let through.
     """
     return run_isolated(
         register_files,
@@ -102,6 +105,7 @@ def register_task(
         scheduler=scheduler,
         overwrite=True,
         progress=False,
+        checks=checks,
     )
 
 

@@ -33,9 +33,9 @@ class TrainSummary(BaseModel):
 
 
 @task(name="train", retry_condition_fn=retry_on_transient, persist_result=False)
-def train_task(config: Path, steps: int | None, resume: bool) -> TrainSummary:
+def train_task(config: Path, steps: int | None, resume: bool, overwrite: bool) -> TrainSummary:
     """:func:`pipeline.training_data.run_training` as a task."""
-    result = run_training(config, resume=resume, steps=steps)
+    result = run_training(config, resume=resume, steps=steps, overwrite=overwrite)
     return TrainSummary(
         steps=result.steps,
         final_loss=result.final_loss,
@@ -46,9 +46,10 @@ def train_task(config: Path, steps: int | None, resume: bool) -> TrainSummary:
 
 
 @flow(name=FLOW_NAME)
-def train(config: str, steps: int | None = None, resume: bool = False) -> TrainSummary:
-    """Train from the YAML ``config`` (``steps`` overrides its step count; ``resume`` continues a checkpoint)."""
-    summary = train_task(Path(config), steps, resume)
+def train(config: str, steps: int | None = None, resume: bool = False, overwrite: bool = False) -> TrainSummary:
+    """Train from the YAML ``config`` (``steps`` overrides its step count; ``resume`` continues a checkpoint,
+    ``overwrite`` replaces it; an existing checkpoint is refused without either)."""
+    summary = train_task(Path(config), steps, resume, overwrite)
     create_markdown_artifact(
         key=artifact_key(FLOW_NAME, "summary"),
         markdown=(

@@ -17,7 +17,7 @@ from typing import Annotated, Any
 import typer
 
 from patchmorph import __version__
-from patchmorph_core.errors import InputError
+from patchmorph_core.errors import InputError, QualityError
 
 app = typer.Typer(
     help="PatchMorph: world-space, patch-based deep registration of large brain volumes.",
@@ -60,8 +60,24 @@ def main_options(
     configure_logging(verbose)
 
 
+EXIT_INPUT, EXIT_QUALITY, EXIT_SYSTEM = 2, 3, 1
+"""Exit codes: refused input (nothing written), failed quality (written, marked failed), OS error."""
+
+
+def system_error_sentence(err: OSError) -> str:
+    """One sentence for an operating-system error: what failed, on which path, and what to do."""
+    reason = (err.strerror or str(err) or type(err).__name__).rstrip(".")
+    where = f" ({err.filename})" if err.filename else ""
+    return (
+        f"{reason[:1].lower()}{reason[1:]}{where}: fix the cause and rerun the same command; finished chunks "
+        "are kept and the run resumes (nothing unfinished is marked complete)."
+    )
+
+
 def command(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Register ``func`` as a sub-command; bad input becomes ``error: <sentence>`` and exit code 2."""
+    """Register ``func`` as a sub-command. Errors the user can act on become one ``error: <sentence>``
+    line and an exit code (:data:`EXIT_INPUT`, :data:`EXIT_QUALITY`, :data:`EXIT_SYSTEM`); with
+    ``--verbose`` the traceback of an operating-system error is logged too."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -69,7 +85,14 @@ def command(func: Callable[..., Any]) -> Callable[..., Any]:
             return func(*args, **kwargs)
         except InputError as err:
             typer.echo(f"error: {err}", err=True)
-            sys.exit(2)
+            sys.exit(EXIT_INPUT)
+        except QualityError as err:
+            typer.echo(f"error: {err}", err=True)
+            sys.exit(EXIT_QUALITY)
+        except OSError as err:
+            logging.getLogger(__name__).info("operating-system error", exc_info=True)
+            typer.echo(f"error: {system_error_sentence(err)}", err=True)
+            sys.exit(EXIT_SYSTEM)
 
     app.command(name=func.__name__.replace("_", "-"), options_metavar="[OPTIONS]")(wrapper)
     return func

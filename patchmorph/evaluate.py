@@ -28,8 +28,12 @@ def evaluate(
     out: Path | None = typer.Option(None, "--out", "-o", help="Write the metrics as JSON here."),
 ) -> None:
     """Dice per label of two label maps, % folded voxels (det J <= 0) of a field, NCC of two images."""
+    from pipeline.checks import check_outputs
     from pipeline.evaluate import evaluate_files, format_table, parse_label_set
 
+    if out is not None:
+        inputs = {"--labels-a": labels_a, "--labels-b": labels_b, "--field": field, "--mask": mask}
+        check_outputs(inputs={**inputs, "--image-a": image_a, "--image-b": image_b}, outputs={"--out": out})
     result = evaluate_files(
         labels_a=labels_a,
         labels_b=labels_b,

@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 
 from patchmorph.cli import command
-from patchmorph_core.errors import InputError
+from patchmorph_core.errors import InputError, QualityError
 
 ChunkOption = Annotated[
     int | None,
@@ -32,6 +32,18 @@ SchedulerOption = Annotated[
     ),
 ]
 OverwriteOption = Annotated[bool, typer.Option(help="Replace a finished output and discard its run records.")]
+AcceptOrientationOption = Annotated[
+    bool,
+    typer.Option(help="Register as given even when another orientation code fits clearly better (scores recorded)."),
+]
+AllowSizeMismatchOption = Annotated[
+    bool,
+    typer.Option(help="Register even when the tissue extents differ more than 3x on an axis (e.g. a thin section)."),
+]
+AcceptQualityOption = Annotated[
+    bool,
+    typer.Option(help="Keep a field that fails its quality thresholds as complete (recorded in its quality block)."),
+]
 
 
 def _quiet_dask() -> None:
@@ -68,10 +80,20 @@ def register(
     workers: WorkersOption = None,
     scheduler: SchedulerOption = None,
     overwrite: OverwriteOption = False,
+    accept_orientation: AcceptOrientationOption = False,
+    allow_size_mismatch: AllowSizeMismatchOption = False,
+    accept_quality: AcceptQualityOption = False,
 ) -> None:
-    """Register MOVING to FIXED chunk by chunk; writes the field and its uncertainty image."""
+    """Register MOVING to FIXED chunk by chunk; writes the field and its uncertainty image.
+
+    Before heavy work the pair is checked (constant or empty images, tissue extents, orientation); after it
+    the field's quality (similarity, folds inside the tissue, inverse residual) is measured, recorded in its
+    metadata and printed. Exit code 2: refused input; 3: the field failed its quality thresholds.
+    """
     from patchmorph_core.spatial import parse_length
+    from pipeline.checks import CheckOptions
     from pipeline.ngff import warn_without_orientation
+    from pipeline.quality import QualityReport
     from pipeline.register import register_files, resolve_config
 
     _quiet_dask()
@@ -84,16 +106,25 @@ def register(
     if field_spacing is not None:
         parse_length(field_spacing, "--field-spacing")  # the option's own error message, before any work
         cfg = cfg.model_copy(update={"field_spacing": field_spacing})
-    record = register_files(
-        fixed,
-        moving,
-        out,
-        cfg,
-        chunk_size=chunk_size,
-        workers=workers,
-        scheduler=scheduler,
-        overwrite=overwrite,
+    checks = CheckOptions(
+        accept_orientation=accept_orientation, allow_size_mismatch=allow_size_mismatch, accept_quality=accept_quality
     )
+    try:
+        record = register_files(
+            fixed,
+            moving,
+            out,
+            cfg,
+            chunk_size=chunk_size,
+            workers=workers,
+            scheduler=scheduler,
+            overwrite=overwrite,
+            checks=checks,
+        )
+    except QualityError:
+        for line in QualityReport(read_quality(out), ["failed"]).summary():
+            typer.echo(line)
+        raise
     if record.dashboard:
         typer.echo(f"dashboard was {record.dashboard}")
     typer.echo(
@@ -105,7 +136,16 @@ def register(
     passes = ", ".join(f"{name} {value:.4g}" for name, value in spacing["passes"].items())
     typer.echo(f"field spacing {spacing['value']:.4g} {spacing['unit']} ({spacing['note']}); patch spacing of the passes: {passes}")
     typer.echo(f"wrote uncertainty {record.uncertainty}")
+    for line in QualityReport(record.quality, list(record.quality["failures"])).summary():
+        typer.echo(line)
     typer.echo(f"run records in {record.run} (delete when no longer needed)")
+
+
+def read_quality(field: Path) -> dict:
+    """The quality block stored in a field's metadata."""
+    import zarr
+
+    return dict(zarr.open_group(str(field), mode="r").attrs["patchmorph"]["quality"])
 
 
 @command

@@ -9,6 +9,13 @@ creates the process work pool, registers every deployment of ``prefect.yaml`` (`
     export PREFECT_API_URL=http://127.0.0.1:4200/api
     prefect deployment run 'atlas-to-section/on-demand' --param atlas=... --param manifest=... --param out=...
 
+**What the API exposes.** Anyone who can reach the API can read every flow run, its parameters, logs and
+artifacts, and start any deployment with any parameters (reading and writing files as the worker's user).
+It listens on 127.0.0.1, so that means every user and process of this machine. ``--auth-file FILE`` (a
+file holding ``user:password``; or ``PREFECT_SERVER_API_AUTH_STRING`` in the environment) turns on
+Prefect's own HTTP basic authentication: the server refuses requests without it, and clients send it
+from ``PREFECT_API_AUTH_STRING``.
+
 On an HPC site the same pieces are spread out: the server on a node the compute nodes can reach (with
 Postgres instead of SQLite when many workers write), ``PREFECT_API_URL`` pointing at it, a worker (or
 the flows' Dask cluster, ``configs/cluster/slurm.yaml``) in SLURM jobs.
@@ -16,6 +23,8 @@ the flows' Dask cluster, ``configs/cluster/slurm.yaml``) in SLURM jobs.
 
 from __future__ import annotations
 
+import base64
+import errno
 import logging
 import os
 import signal
@@ -57,8 +66,62 @@ def prefect_executable() -> str:
     return str(candidate) if candidate.exists() else "prefect"
 
 
-def wait_for_api(url: str, timeout: float, process: subprocess.Popen[bytes] | None = None) -> None:
-    """Poll ``<url>/health`` until the server answers.
+AUTH_ENV = "PREFECT_SERVER_API_AUTH_STRING"
+"""Prefect's server setting for HTTP basic authentication (``user:password``)."""
+
+CLIENT_AUTH_ENV = "PREFECT_API_AUTH_STRING"
+"""The matching client setting (CLI calls, the worker and flow runs send it)."""
+
+
+def check_port(port: int, host: str = LOOPBACK) -> None:
+    """Refuse a port outside 0..65535 or one that another process already listens on at ``host``.
+
+    Raises:
+        InputError: the port is invalid or in use (0 asks for a free port and is always accepted).
+    """
+    if not 0 <= port <= 65535:
+        raise InputError(f"--port {port} is invalid: give a TCP port from 1 to 65535 (0: a free port).")
+    if port == 0:
+        return
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError as err:
+            if err.errno != errno.EADDRINUSE:
+                raise
+            raise InputError(
+                f"port {port} on {host} is already in use (another Prefect server?): pass --port 0 for a free "
+                "port, or stop the process that holds it."
+            ) from err
+
+
+def read_auth_file(path: Path) -> str:
+    """The ``user:password`` string of an auth file (first line).
+
+    Raises:
+        InputError: the file is missing or its first line is not ``user:password``.
+    """
+    if not path.is_file():
+        raise InputError(f"auth file {path} does not exist: write 'user:password' into it (chmod 600).")
+    text = path.read_text().strip().splitlines()
+    value = text[0].strip() if text else ""
+    user, sep, password = value.partition(":")
+    if not (user and sep and password):
+        raise InputError(f"auth file {path} must hold one line 'user:password' (neither part empty).")
+    return value
+
+
+def auth_header(auth: str | None) -> dict[str, str]:
+    """The HTTP basic ``Authorization`` header for ``user:password`` (empty without auth)."""
+    if not auth:
+        return {}
+    return {"Authorization": "Basic " + base64.b64encode(auth.encode()).decode()}
+
+
+def wait_for_api(
+    url: str, timeout: float, process: subprocess.Popen[bytes] | None = None, auth: str | None = None
+) -> None:
+    """Poll ``<url>/health`` until the server answers (sending ``auth`` when given).
 
     Raises:
         RuntimeError: the server did not answer within ``timeout`` seconds, or its process exited.
@@ -68,7 +131,8 @@ def wait_for_api(url: str, timeout: float, process: subprocess.Popen[bytes] | No
         if process is not None and process.poll() is not None:
             raise RuntimeError(f"the Prefect server exited with code {process.returncode} before answering")
         try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+            request = urllib.request.Request(f"{url}/health", headers=auth_header(auth))
+            with urllib.request.urlopen(request, timeout=2) as response:
                 if response.status == 200:
                     return
         except (urllib.error.URLError, OSError):
@@ -108,6 +172,7 @@ class LocalPrefect:
         project_dir: folder of ``prefect.yaml``; deployments and flow runs work from here.
         pool: process work pool name.
         log_dir: where the server's and worker's output go (default ``home/logs``).
+        auth: ``user:password`` for Prefect's HTTP basic authentication, or None (none).
     """
 
     port: int
@@ -115,6 +180,7 @@ class LocalPrefect:
     project_dir: Path = PROJECT_DIR
     pool: str = WORK_POOL
     log_dir: Path | None = None
+    auth: str | None = None
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     @property
@@ -126,6 +192,10 @@ class LocalPrefect:
         """Offline-safe environment of the server, the CLI calls and the worker."""
         env = offline_environment(prefect_home=self.home, api_url=self.api_url)
         env["PREFECT_SERVER_API_PORT"] = str(self.port)
+        env.pop(AUTH_ENV, None)
+        env.pop(CLIENT_AUTH_ENV, None)
+        if self.auth:
+            env[AUTH_ENV] = env[CLIENT_AUTH_ENV] = self.auth
         env.update(extra or {})
         return env
 
@@ -167,7 +237,7 @@ class LocalPrefect:
             "server",
             [prefect_executable(), "server", "start", "--host", LOOPBACK, "--port", str(self.port), "--analytics-off"],
         )
-        wait_for_api(self.api_url, timeout, process)
+        wait_for_api(self.api_url, timeout, process, self.auth)
 
     def deploy(self) -> None:
         """Create the process work pool and register every deployment of ``prefect.yaml``."""
@@ -215,20 +285,32 @@ def server(
     port: int = typer.Option(4200, help="Loopback port of the Prefect API (0: a free port)."),
     home: Path = typer.Option(Path(".prefect"), help="PREFECT_HOME: the SQLite database and logs live here."),
     worker_limit: int = typer.Option(2, help="Flow runs the worker runs at once."),
+    auth_file: Path | None = typer.Option(
+        None,
+        help="File holding 'user:password': the API then requires HTTP basic auth (Prefect's "
+        "PREFECT_SERVER_API_AUTH_STRING, also read from the environment).",
+    ),
 ) -> None:
     """Start a local Prefect server (127.0.0.1, SQLite), deploy prefect.yaml and start a worker; Ctrl-C stops."""
     if not (PROJECT_DIR / "prefect.yaml").is_file():
         raise InputError(f"{PROJECT_DIR / 'prefect.yaml'} is missing: run from a PatchMorph checkout.")
     if worker_limit < 1:
         raise InputError(f"--worker-limit {worker_limit} is invalid: give a positive number of flow runs.")
+    check_port(port)
+    auth = read_auth_file(auth_file) if auth_file is not None else os.environ.get(AUTH_ENV) or None
     signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started in the background
     signal.signal(signal.SIGTERM, _interrupt)  # scancel / kill: stop the children too
-    stack = LocalPrefect(port=port or free_port(), home=home.resolve())
+    stack = LocalPrefect(port=port or free_port(), home=home.resolve(), auth=auth)
     typer.echo(f"starting Prefect server on {stack.api_url} (PREFECT_HOME={stack.home}) ...")
     stack.start(worker_limit=worker_limit)
+    login = (
+        f"  export {CLIENT_AUTH_ENV}='<user:password of {auth_file or AUTH_ENV}>'\n"
+        if auth
+        else "  (no authentication: every local user can use this API; see --auth-file)\n"
+    )
     typer.echo(
         f"ready: deployments of prefect.yaml registered, worker on pool {stack.pool!r}; logs in {stack.logs_dir()}\n"
-        f"use it from another shell with:\n  export PREFECT_API_URL={stack.api_url}\n"
+        f"use it from another shell with:\n  export PREFECT_API_URL={stack.api_url}\n{login}"
         "  prefect deployment run 'atlas-to-section/on-demand' --param atlas=... --param manifest=... "
         "--param out=...\nCtrl-C stops the server and the worker."
     )

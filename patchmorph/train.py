@@ -18,11 +18,14 @@ def train(
         False, "--resume", help="Continue from the config's checkpoint if it exists."
     ),
     steps: int | None = typer.Option(None, "--steps", help="Override the number of steps."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Start again and replace an existing checkpoint (default: refuse)."
+    ),
 ) -> None:
     """Train a PatchMorph model (unsupervised) and write a checkpoint with its loss curve."""
     from pipeline.training_data import run_training
 
-    result = run_training(config, resume=resume, steps=steps)
+    result = run_training(config, resume=resume, steps=steps, overwrite=overwrite)
     typer.echo(
         f"trained {result.steps} steps in {result.seconds:.0f} s (loss {result.final_loss:.4f}); "
         f"wrote {result.checkpoint} and {result.loss_csv}"

@@ -25,8 +25,10 @@ on the initialisation):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -107,7 +109,7 @@ def global_ncc(fixed: torch.Tensor, warped: torch.Tensor, eps: float = 1e-8) -> 
     return (f * m).sum() / torch.sqrt((f * f).sum() * (m * m).sum() + eps)
 
 
-def _warp_points(
+def warp_points(
     points: torch.Tensor, centre_f: torch.Tensor, centre_m: torch.Tensor, extent: float,
     linear: torch.Tensor, shift: torch.Tensor,
 ) -> torch.Tensor:  # fmt: skip
@@ -117,7 +119,7 @@ def _warp_points(
 
 
 @dataclass(frozen=True)
-class _FitLevel:
+class FitLevel:
     """One level of the fit: fixed values ``target`` ``(1, 1, D, H, W)`` at world ``points``
     ``(1, D, H, W, 3)``, the moving level ``volume`` ``(1, 1, Z, Y, X)`` and its world→index matrix."""
 
@@ -128,7 +130,7 @@ class _FitLevel:
     descriptor: torch.Tensor
 
     @classmethod
-    def build(cls, fixed: MultiscaleImage, moving: MultiscaleImage, spacing: float) -> _FitLevel:
+    def build(cls, fixed: MultiscaleImage, moving: MultiscaleImage, spacing: float) -> FitLevel:
         grid = _fit_grid(fixed, spacing)
         f_lo, f_hi = intensity_range(fixed)
         target = torch.from_numpy(normalize(fixed.sample(grid.points(), spacing), f_lo, f_hi))[None, None]
@@ -147,7 +149,7 @@ class _FitLevel:
         return -(self.descriptor - mind_ssc(warped, radius=1, dilation=1)).square().mean()
 
 
-class _Adam:
+class Adam:
     """Adam (Kingma & Ba; the update of ``torch.optim.Adam`` with its defaults) for a few leaf tensors.
 
     Written out because creating any ``torch.optim`` optimizer imports ``torch._dynamo`` on first use, which
@@ -186,10 +188,18 @@ def fit_affine(fixed: MultiscaleImage, moving: MultiscaleImage) -> AffineFit:
     Returns:
         :class:`AffineFit` whose ``matrix`` maps fixed world points to moving world points.
     """
+    with one_torch_thread():
+        return _fit_affine(fixed, moving)
+
+
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Run the block on one torch CPU thread (the thread count is restored after): the same inputs then give
+    bit-identical results in every process, whatever its thread count."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _fit_affine(fixed, moving)
+        yield
     finally:
         torch.set_num_threads(threads)
 
@@ -203,16 +213,16 @@ def _fit_affine(fixed: MultiscaleImage, moving: MultiscaleImage) -> AffineFit:
     centre_m = torch.as_tensor(tissue_center(moving), dtype=torch.float32)
     linear = torch.zeros(3, 3, requires_grad=True)
     shift = torch.zeros(3, requires_grad=True)
-    optimizer = _Adam([linear, shift], lr=LEARNING_RATE)
+    optimizer = Adam([linear, shift], lr=LEARNING_RATE)
     for n, steps in zip(LEVELS, STEPS, strict=True):
-        level = _FitLevel.build(fixed, moving, extent / n)
+        level = FitLevel.build(fixed, moving, extent / n)
         for _ in range(steps):
-            loss = -level.similarity(_warp_points(level.points, centre_f, centre_m, extent, linear, shift))
+            loss = -level.similarity(warp_points(level.points, centre_f, centre_m, extent, linear, shift))
             loss.backward()
             optimizer.step()
     with torch.no_grad():
-        start = _warp_points(level.points, centre_f, centre_m, extent, torch.zeros(3, 3), torch.zeros(3))
-        end = _warp_points(level.points, centre_f, centre_m, extent, linear, shift)
+        start = warp_points(level.points, centre_f, centre_m, extent, torch.zeros(3, 3), torch.zeros(3))
+        end = warp_points(level.points, centre_f, centre_m, extent, linear, shift)
         ncc_start, ncc_fitted = float(level.ncc(start)), float(level.ncc(end))
         improved = float(level.similarity(end)) > float(level.similarity(start))
     matrix_lin = np.eye(3) + linear.detach().double().numpy()

@@ -17,10 +17,14 @@ from patchmorph_core.spatial import Grid
 
 
 def _label_array(labels: np.ndarray, what: str) -> np.ndarray:
-    """``labels`` as a non-negative int64 array (float label maps are rounded); InputError otherwise."""
+    """``labels`` as a non-negative int64 array (a float map must hold whole numbers); InputError otherwise."""
     arr = np.asarray(labels)
     if not np.issubdtype(arr.dtype, np.integer):
-        arr = np.rint(arr)
+        if not np.all(np.isfinite(arr)) or np.any(arr != np.rint(arr)):
+            raise InputError(
+                f"{what} holds values that are not whole numbers (an image, not label ids): give an integer "
+                "label map."
+            )
     arr = arr.astype(np.int64, copy=False)
     if arr.size and arr.min() < 0:
         raise InputError(f"{what} holds negative labels: give non-negative integer label ids.")

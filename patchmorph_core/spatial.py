@@ -620,7 +620,7 @@ def read_box(array: object, box: tuple[slice, ...]) -> np.ndarray:
     if hasattr(part, "read") and hasattr(part, "domain"):  # TensorStore
         return np.asarray(part.read().result())
     if hasattr(part, "compute"):  # dask
-        return np.asarray(part.compute())
+        return np.asarray(part.compute(scheduler="threads"))  # never a process-wide default client
     return np.asarray(part)
 
 

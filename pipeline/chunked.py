@@ -304,19 +304,19 @@ def run_chunked(
 
     chunk_figures = []
     queue = executor.completions([f for f in (submit_next() for _ in range(window)) if f is not None])
-    for future in queue:
-        cid = chunk_of.pop(future)
-        chunk_figures.append(future.result())  # a failed task raises here
-        executor.release(future)
-        for b in need[cid]:
-            users[b] -= 1
-            if users[b] == 0:
-                executor.release(block_futures.pop(b))
-        bar.update(1)
-        nxt = submit_next()
-        if nxt is not None:
-            queue.add(nxt)
-    bar.close()
+    with bar:  # closed (its line ended) also when a task fails, so an error message starts a line
+        for future in queue:
+            cid = chunk_of.pop(future)
+            chunk_figures.append(future.result())  # a failed task raises here
+            executor.release(future)
+            for b in need[cid]:
+                users[b] -= 1
+                if users[b] == 0:
+                    executor.release(block_futures.pop(b))
+            bar.update(1)
+            nxt = submit_next()
+            if nxt is not None:
+                queue.add(nxt)
     block_figures = [f.result() for f in figure_futures]
     seconds = time.perf_counter() - t0
     log.info(

@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 GPU_RESOURCE = "GPU"
 """Name of the Dask worker resource that stands for one GPU."""
 
+LOOPBACK = "127.0.0.1"
+"""The only interface a local cluster listens on (scheduler, workers, dashboards)."""
+
 
 class SlurmConfig(BaseModel):
     """Options of ``dask_jobqueue.SLURMCluster`` (one job = one worker process).
@@ -78,7 +81,8 @@ class ClusterConfig(BaseModel):
         memory_per_worker: memory limit per local worker, e.g. ``"2GiB"`` (None: share of the machine).
         processes: local workers are processes (True) or threads of this process (False).
         gpus: GPUs to use; each gets its own worker with resource ``GPU=1`` (0: CPU only).
-        dashboard_address: where the dashboard listens (``":0"`` picks a free port).
+        dashboard_address: where the dashboard listens (``"127.0.0.1:0"``: loopback, a free port; an
+            address without host, ``":8787"``, is made loopback too, :func:`loopback_unless_named`).
         slurm: SLURM options for ``kind="slurm"``.
         threads: threads of ``kind="threads"`` (None: one per core).
     """
@@ -92,7 +96,7 @@ class ClusterConfig(BaseModel):
     memory_per_worker: str | None = None
     processes: bool = True
     gpus: int = Field(0, ge=0)
-    dashboard_address: str = ":0"
+    dashboard_address: str = f"{LOOPBACK}:0"
     slurm: SlurmConfig = Field(default_factory=SlurmConfig)
     threads: int | None = Field(None, ge=1)
 
@@ -151,6 +155,12 @@ def load_cluster_config(scheduler: str | Path | None, workers: int | None = None
     return config
 
 
+def loopback_unless_named(address: str) -> str:
+    """A listening address with no host (``":8787"``, which Dask binds on every interface) made loopback-only
+    (``"127.0.0.1:8787"``); an address that names its host (``"0.0.0.0:8787"``) is kept as asked."""
+    return f"{LOOPBACK}{address}" if address.startswith(":") else address
+
+
 def _local_cluster(config: ClusterConfig) -> Any:
     """Start a ``LocalCluster`` from ``config`` (GPU: one worker per GPU with resource ``GPU=1``)."""
     from distributed import LocalCluster
@@ -165,8 +175,11 @@ def _local_cluster(config: ClusterConfig) -> Any:
         "threads_per_worker": config.threads_per_worker,
         "processes": config.processes,
         "memory_limit": memory,
-        "dashboard_address": config.dashboard_address,
+        "dashboard_address": loopback_unless_named(config.dashboard_address),
+        "worker_dashboard_address": f"{LOOPBACK}:0",
     }
+    if config.processes:
+        kwargs["host"] = LOOPBACK  # threads talk in-process (inproc://) and need no host
     if config.gpus:
         kwargs["resources"] = {GPU_RESOURCE: 1}
     return LocalCluster(**kwargs)
@@ -192,7 +205,7 @@ def slurm_cluster(config: ClusterConfig) -> Any:
         "job_extra_directives": directives,
         "job_script_prologue": list(s.job_script_prologue),
         "worker_extra_args": worker_args,
-        "scheduler_options": {"dashboard_address": config.dashboard_address},
+        "scheduler_options": {"dashboard_address": loopback_unless_named(config.dashboard_address)},
     }
     if s.local_directory:
         kwargs["local_directory"] = s.local_directory
@@ -214,8 +227,12 @@ def job_script(config: ClusterConfig) -> str:
 def open_client(config: ClusterConfig) -> Iterator[tuple[Any, ClusterInfo]]:
     """Connect a ``distributed.Client`` as ``config`` says; closes what it started on exit.
 
+    The client is never the process-wide default (``set_as_default=False``): two runs in threads of one
+    process (a flow's image and label warps) each keep their own cluster, and work is sent to it explicitly
+    (``client.submit``, ``finish_image(..., client=client)``), never through Dask's global scheduler setting.
+
     Yields:
-        ``(client, info)``.
+        ``(client, info)``; ``info.dashboard`` is the address the dashboard is bound to.
     """
     from distributed import Client
 
@@ -226,7 +243,7 @@ def open_client(config: ClusterConfig) -> Iterator[tuple[Any, ClusterInfo]]:
         if not config.address:
             raise InputError("cluster config kind 'address' needs an address: set address: tcp://host:8786.")
         try:
-            client = Client(config.address, timeout="20s")
+            client = Client(config.address, timeout="20s", set_as_default=False)
         except OSError as err:
             raise InputError(
                 f"cannot reach the Dask scheduler at {config.address} ({err}): start it or fix --scheduler."
@@ -239,13 +256,19 @@ def open_client(config: ClusterConfig) -> Iterator[tuple[Any, ClusterInfo]]:
             )
         cluster = slurm_cluster(config)
         cluster.scale(jobs=config.slurm.jobs)
-        client = Client(cluster)
+        client = Client(cluster, set_as_default=False)
     else:
         cluster = _local_cluster(config)
-        client = Client(cluster)
+        client = Client(cluster, set_as_default=False)
     try:
-        workers = len(client.scheduler_info(n_workers=-1).get("workers", {}))
-        info = ClusterInfo(config.kind, str(client.dashboard_link or ""), workers, gpu=config.gpus > 0)
+        scheduler = client.scheduler_info(n_workers=-1)
+        workers = len(scheduler.get("workers", {}))
+        dashboard = str(client.dashboard_link or "")
+        port = scheduler.get("services", {}).get("dashboard")
+        if config.kind == "local" and port:  # the link's host is a guess; the bound host is the configured one
+            host = loopback_unless_named(config.dashboard_address).rpartition(":")[0] or LOOPBACK
+            dashboard = f"http://{host}:{port}/status"
+        info = ClusterInfo(config.kind, dashboard, workers, gpu=config.gpus > 0)
         log.info("Dask dashboard: %s (%d workers)", info.dashboard or "none", workers)
         yield client, info
     finally:

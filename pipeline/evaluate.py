@@ -48,6 +48,32 @@ def _same_grid(a: Grid, b: Grid, what: str) -> None:
         )
 
 
+def _labels_present(
+    maps: tuple[np.ndarray, np.ndarray], paths: tuple[str | Path, str | Path], label_set: list[int] | None
+) -> None:
+    """InputError when a label map is not a map of whole-number ids, or neither holds any label of
+    ``label_set``."""
+    for labels, path in zip(maps, paths, strict=True):
+        if not np.issubdtype(labels.dtype, np.integer) and np.any(labels != np.rint(labels)):
+            raise InputError(
+                f"label map {path} holds values that are not whole numbers (an image, not label ids): give an "
+                "integer label map."
+            )
+    if label_set is not None and not any(np.isin(labels, label_set).any() for labels in maps):
+        raise InputError(
+            f"label maps {paths[0]} and {paths[1]} hold none of the labels {label_set[:8]}"
+            f"{'...' if len(label_set) > 8 else ''}: check --label-set against the maps' label ids."
+        )
+
+
+def _finite_and_varying(values: np.ndarray, path: str | Path, role: str) -> None:
+    """InputError for an image with NaN or infinite values, or one that is constant (no correlation)."""
+    if not np.all(np.isfinite(values)):
+        raise InputError(f"{role} {path} contains NaN or infinite values: replace them (e.g. by 0) first.")
+    if values.size == 0 or np.ptp(values) == 0:
+        raise InputError(f"{role} {path} is constant: a correlation with it is undefined; give the image itself.")
+
+
 def parse_label_set(text: str) -> list[int] | None:
     """``"standard"`` → the 28 FreeSurfer structures; ``"all"`` → None (every label); else ``"2,3,17"``."""
     if text == "standard":
@@ -93,6 +119,7 @@ def evaluate_files(
         a, grid_a = load_volume(labels_a)
         b, grid_b = load_volume(labels_b)
         _same_grid(grid_a, grid_b, "label maps")
+        _labels_present((a, b), (labels_a, labels_b), label_set)
         dice = dice_per_label(a, b, label_set)
         values = [v for v in dice.values() if not np.isnan(v)]
         result["dice"] = {str(k): v for k, v in dice.items()}
@@ -103,6 +130,8 @@ def evaluate_files(
         a, grid_a = load_volume(image_a)
         b, grid_b = load_volume(image_b)
         _same_grid(grid_a, grid_b, "images")
+        for values, path, role in ((a, image_a, "--image-a"), (b, image_b, "--image-b")):
+            _finite_and_varying(values, path, role)
         result["ncc"] = ncc(a, b)
         result["local_ncc"] = local_ncc(a, b, ncc_window_vox)
     return result

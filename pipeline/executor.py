@@ -193,7 +193,7 @@ class DaskExecutor:
     def completions(self, futures: list[Any]) -> Completions:
         from distributed import as_completed
 
-        return as_completed(futures)
+        return as_completed(futures, loop=self.client.loop)  # this run's client, not a process-wide default
 
     def release(self, future: Any) -> None:
         future.release()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -539,8 +540,10 @@ def convert(
     Returns:
         The output path.
     """
+    from pipeline.checks import check_outputs, check_writable
     from pipeline.ngff import check_output, write_image
 
+    check_outputs(inputs={"input": input}, outputs={"output": output})
     out = check_output(output, overwrite)  # fail fast, before reading anything
     array, grid, kind = open_input(input, voxel_size, unit, orientation, chunks)
     source = orientation_source(input, kind, orientation)
@@ -559,16 +562,25 @@ def convert(
         "orientation": orientation,
         "orientation_source": source,
     }
-    write_image(
-        out,
-        array,
-        grid,
-        name=Path(input).name.split(".")[0],
-        labels=labels,
-        chunks=chunks,
-        overwrite=overwrite,
-        extra_attrs=provenance,
-        n_levels=n_levels,
-    )
+    check_writable(out.parent)
+    try:
+        write_image(
+            out,
+            array,
+            grid,
+            name=Path(input).name.split(".")[0],
+            labels=labels,
+            chunks=chunks,
+            overwrite=overwrite,
+            extra_attrs=provenance,
+            n_levels=n_levels,
+        )
+    except InputError:
+        raise
+    except (ValueError, RuntimeError, EOFError, zlib.error) as err:  # readers fail only when the data is read
+        raise InputError(
+            f"{str(input)!r} cannot be read to its end ({type(err).__name__}: {err}); it is truncated or corrupt: "
+            "export it again (nothing was written)."
+        ) from err
     logger.info("wrote %s (OME-Zarr 0.5)", out)
     return out

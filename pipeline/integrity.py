@@ -20,10 +20,14 @@ the ``crc32c`` codec, are checked all the same.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import google_crc32c
@@ -247,3 +251,32 @@ class VerifiedStore(WrapperStore[LocalStore]):
                     int(c * n + i) for c, n, i in zip(coords, layout.shard_chunks, local, strict=True)
                 )
                 raise self._fail(array, chunk, "corrupt (its checksum does not match its bytes)")
+
+
+def check_stored(array: Any) -> None:
+    """Before heavy work: every chunk (shard) file of ``array`` is there, when its store says every chunk
+    was written. Lists the array's chunk folder (cheap: a store over 1 GiB is sharded, so one file holds
+    64 chunks); a chunk whose file exists but is damaged is found when it is read.
+
+    Args:
+        array: a ``zarr.Array`` opened through a :class:`VerifiedStore` (anything else is not checked).
+
+    Raises:
+        ChunkError: naming the first missing chunk (or shard).
+    """
+    store = getattr(array, "store", None)
+    if not isinstance(store, VerifiedStore) or not store.every_chunk_written:
+        return
+    unit = tuple(array.shards) if array.shards is not None else tuple(array.chunks)
+    counts = [-(-int(n) // int(u)) for n, u in zip(array.shape, unit, strict=True)]
+    folder = Path(store._store.root) / array.path / "c"
+    found = set()
+    if folder.is_dir():
+        for parent, _, names in os.walk(folder):
+            prefix = Path(parent).relative_to(folder).parts
+            for name in names:
+                with contextlib.suppress(ValueError):
+                    found.add(tuple(int(part) for part in (*prefix, name)))
+    for coords in itertools.product(*(range(n) for n in counts)):
+        if coords not in found:
+            raise store._fail(array.path, coords, "missing", "chunk" if array.shards is None else "shard")

@@ -60,6 +60,7 @@ from patchmorph_core.spatial import (
     unit_scale,
 )
 from pipeline.integrity import ARRAY_OPTIONS, EVERY_CHUNK_WRITTEN, VerifiedStore
+from pipeline.resume import WRITE_ID
 
 logger = logging.getLogger(__name__)
 
@@ -420,10 +421,9 @@ def create_image_array(
     group = zarr.open_group(str(out), mode="w", zarr_format=3)
     if _is_field(extra_attrs):
         extra_attrs = {**(extra_attrs or {}), "displacement_frame": FIELD_FRAME}
+    identity = {**dict(extra_attrs or {}), WRITE_ID: uuid.uuid4().hex}
     group.attrs.put(
-        _build_attrs(
-            [grid], name=name, labels=labels, channels=bool(channels), complete=False, extra_attrs=extra_attrs
-        )
+        _build_attrs([grid], name=name, labels=labels, channels=bool(channels), complete=False, extra_attrs=identity)
     )
     array = group.create_array(
         "0",
@@ -438,20 +438,24 @@ def create_image_array(
     return _field_view(array, grid, extra_attrs or {})
 
 
-def _store(data: Any, target: zarr.Array, desc: str) -> None:
+def _store(data: Any, target: zarr.Array, desc: str, client: Any = None) -> None:
     """Write a numpy or dask array into ``target`` whole write-block by write-block (no shared chunks).
 
     Works through one slab of write blocks along ``z`` at a time (blocks of a slab in parallel), so
-    memory and the task graph computed at once are bounded by a slab, never by the volume.
+    memory and the task graph computed at once are bounded by a slab, never by the volume. The blocks run
+    on ``client`` (a ``distributed.Client``) when given, else on threads of this process: never on
+    whatever client Dask's process-wide default happens to be (another thread's, perhaps closing).
     """
     block = write_block(target)
     darr = data if isinstance(data, da.Array) else da.from_array(data, chunks=block)
     darr = darr.astype(target.dtype).rechunk(block)
     z_axis = darr.ndim - 3
     depth = block[z_axis]
-    for start in tqdm(range(0, darr.shape[z_axis], depth), desc=desc, unit="slab", leave=False):
-        region = (slice(None),) * z_axis + (slice(start, min(start + depth, darr.shape[z_axis])),)
-        da.store(darr[region], target, regions=region, lock=False)
+    starts = range(0, darr.shape[z_axis], depth)
+    with tqdm(starts, desc=desc, unit="slab", leave=False) as bar:  # cleared also when a slab fails
+        for start in bar:
+            region = (slice(None),) * z_axis + (slice(start, min(start + depth, darr.shape[z_axis])),)
+            da.store(darr[region], target, regions=region, lock=False, scheduler=client or "threads")
 
 
 DOWNSAMPLE_SLAB_PLANES = 8
@@ -537,18 +541,19 @@ def _level_grids(group: zarr.Group) -> list[Grid]:
     return grids
 
 
-def finish_image(path: str | Path, n_levels: int | None = None) -> Path:
+def finish_image(path: str | Path, n_levels: int | None = None, client: Any = None) -> Path:
     """Build the pyramid of a group made by :func:`create_image_array` and mark it complete.
 
     Level ``n`` is computed from level ``n-1`` in blocks aligned to level ``n``'s write units (one
-    task per unit, block mean for intensities / strided pick for labels). The tasks run on the active
-    Dask scheduler: call it inside the run's client (as ``register`` and ``warp`` do) so that the
-    pyramid of a large output is built on the workers, not in the calling process.
+    task per unit, block mean for intensities / strided pick for labels). The tasks run on ``client``
+    (pass the run's client, as ``register`` and ``warp`` do, so that the pyramid of a large output is
+    built on the workers), else on threads of the calling process.
 
     Args:
         path: the group.
         n_levels: total number of levels (default: until the largest axis is at most
             :data:`COARSEST_MAX_SIZE`).
+        client: the ``distributed.Client`` to build the levels on, or None (threads).
 
     Returns:
         ``path``.
@@ -584,7 +589,7 @@ def finish_image(path: str | Path, n_levels: int | None = None) -> Path:
         down = units.map_blocks(
             _downsample_unit, previous, factors, labels, tuple(target.chunks), dtype=previous.dtype
         )
-        _store(down, target, desc=f"pyramid level {index}")
+        _store(down, target, desc=f"pyramid level {index}", client=client)
         grids.append(downsampled_grid(grids[-1], factors, shape))
         previous = target
     name = attrs["ome"]["multiscales"][0].get("name", "image")
@@ -881,6 +886,12 @@ def _levels(
     group = _open_group(path)
     attrs = dict(group.attrs)
     meta = attrs.get("patchmorph", {})
+    if meta.get("status") == "failed_quality":
+        reasons = "; ".join(meta.get("quality", {}).get("failures", ())) or "see its quality block"
+        raise InputError(
+            f"{where!r} failed its quality checks ({reasons}): rerun register with other settings, or rerun the "
+            "same register command with --accept-quality to keep it."
+        )
     if meta.get("complete") is False:
         raise InputError(f"{where!r} is an incomplete output (its write was interrupted): write it again.")
     multiscale = _multiscale(attrs, where)

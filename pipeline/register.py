@@ -33,14 +33,22 @@ from patchmorph_core.config import InferenceConfig, load_yaml
 from patchmorph_core.errors import InputError
 from patchmorph_core.inference import RegistrationPlan, RegistrationResult, plan_registration
 from patchmorph_core.model import DEFAULT_WEIGHTS, load_model
-from patchmorph_core.sampling import coarse_level
 from patchmorph_core.source import MultiscaleImage
-from patchmorph_core.spatial import Grid, read_box
+from patchmorph_core.spatial import Grid
+from pipeline.checks import (
+    CheckOptions,
+    check_free_space,
+    check_outputs,
+    check_pair,
+    check_writable,
+    run_outputs,
+)
 from pipeline.cluster import load_cluster_config, open_executor
 from pipeline.driver import Inputs, MemoryStore, ZarrStore, run_registration
 from pipeline.executor import thread_executor
 from pipeline.ngff import field_metadata, finish_image, read_image
-from pipeline.resume import atomic_write_json, open_run, run_folder
+from pipeline.quality import assess_field, conclude, raise_if_failed
+from pipeline.resume import atomic_write_json, content_identity, open_run, run_folder
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +70,7 @@ class RegistrationRecord(BaseModel):
         polish: the polish's figures (steps and tiles per pass, seconds), or None (``polish_iterations: 0``).
         initial_alignment: the initial alignment's record (method, NCC before/after, accepted, seconds)
             and its ``(4, 4)`` fixed → moving ``matrix``.
+        quality: the field's quality block (:mod:`pipeline.quality`), also in its metadata.
         seconds: wall time.
         dashboard: Dask dashboard address used.
     """
@@ -80,6 +89,7 @@ class RegistrationRecord(BaseModel):
     stages: list[dict[str, Any]]
     polish: dict[str, Any] | None = None
     initial_alignment: dict[str, Any]
+    quality: dict[str, Any]
     seconds: float
     dashboard: str
 
@@ -93,16 +103,6 @@ def _open_inputs(fixed: str | Path, moving: str | Path) -> tuple[MultiscaleImage
             raise InputError(f"{role} image {path} does not exist: give the path of an OME-Zarr image.")
         images.append(read_image(path))
     return images[0], images[1]
-
-
-def _check_finite(image: MultiscaleImage, role: str, path: str | Path) -> None:
-    """InputError when the coarse level of ``image`` holds NaN or infinite values."""
-    level = coarse_level(image)
-    values = read_box(level.array, tuple(slice(0, n) for n in level.grid.shape))
-    if not np.all(np.isfinite(values)):
-        raise InputError(
-            f"{role} image {path} contains NaN or infinite values: replace them (e.g. by 0) first."
-        )
 
 
 def _check_overlap(fixed: Grid, moving: Grid, initial: np.ndarray, moving_path: str | Path) -> None:
@@ -136,13 +136,13 @@ def resolve_config(config: InferenceConfig | str | Path | None) -> InferenceConf
 def _fingerprint(
     fixed: str | Path, moving: str | Path, config: InferenceConfig, plan: RegistrationPlan, chunk: int | None
 ) -> dict[str, Any]:
-    """What a resumable run must share with the run that left the records."""
+    """What a resumable run must share with the run that left the records (inputs by content identity)."""
     weights = Path(config.weights) if config.weights else DEFAULT_WEIGHTS
     return {
-        "fixed": str(Path(fixed).resolve()),
-        "moving": str(Path(moving).resolve()),
+        "fixed": content_identity(fixed),
+        "moving": content_identity(moving),
         "config": config.model_dump(mode="json"),
-        "weights": [str(weights.resolve()), weights.stat().st_size],
+        "weights": content_identity(weights),
         "chunk_size": chunk,
         "grids": [[list(g.shape), np.round(g.affine, 9).tolist()] for g in plan.grids],
     }
@@ -211,6 +211,7 @@ def register_files(
     scheduler: str | Path | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    checks: CheckOptions | None = None,
 ) -> RegistrationRecord:
     """Register ``moving`` to ``fixed`` and write the displacement field to ``out`` (see the module docstring).
 
@@ -224,35 +225,44 @@ def register_files(
         scheduler: scheduler address or cluster YAML (``configs/cluster/*.yaml``); None: local cluster.
         overwrite: replace a finished output and discard old records.
         progress: show progress bars.
+        checks: what the pre-flight and quality checks may let through (:class:`pipeline.checks.CheckOptions`).
 
     Returns:
         A :class:`RegistrationRecord` naming what was written.
 
     Raises:
-        InputError: any bad input, before heavy work starts.
+        InputError: any bad input, before heavy work starts (:func:`pipeline.checks.check_pair`).
+        QualityError: the field failed its quality thresholds (:mod:`pipeline.quality`) and was not accepted.
     """
     tic = time.perf_counter()
     out = Path(out)
     cfg = resolve_config(config)
+    inputs = {"fixed": fixed, "moving": moving, "weights": cfg.weights, "config": config, "scheduler": scheduler}
+    check_outputs(inputs={k: v for k, v in inputs.items() if isinstance(v, str | Path)}, outputs=run_outputs(out))
     cluster_config = load_cluster_config(scheduler, workers)
     if chunk_size is not None and chunk_size < 1:
         raise InputError(f"--chunk-size {chunk_size} is invalid: give a positive number of field voxels.")
     run_root = run_folder(out, overwrite)
     fixed_img, moving_img = _open_inputs(fixed, moving)
-    for image, role, path in ((fixed_img, "fixed", fixed), (moving_img, "moving", moving)):
-        _check_finite(image, role, path)
+    checks = checks or CheckOptions()
+    preflight = check_pair(fixed_img, moving_img, {"fixed": fixed, "moving": moving}, checks)
     model = load_model(cfg.weights, "cpu")
     rplan = plan_registration(model, fixed_img, moving_img, cfg, None if overwrite else _stored_initial(run_root))
     _check_overlap(fixed_img.grid, rplan.moving.grid, rplan.initial, moving)
+    check_writable(out.parent)
+    check_free_space(out.parent, sum(2 * 16 * int(np.prod(g.shape)) for g in rplan.grids), f"the field {out}")
     records = open_run(run_root, _fingerprint(fixed, moving, cfg, rplan, chunk_size), overwrite)
     _store_initial(run_root, rplan)
     store = ZarrStore(out, records, chunk_size, _field_meta(fixed, moving, cfg, model, rplan))
     with open_executor(cluster_config) as executor:
         inputs = Inputs(fixed_img, rplan, cfg, cfg.weights, model if executor.kind == "threads" else None)
         run = run_registration(executor, inputs, store, progress)
-        finish_image(out / "uncertainty", n_levels=1)
-        finish_image(out, n_levels=1)
-    records.finish()
+        client = getattr(executor, "client", None)
+        finish_image(out / "uncertainty", n_levels=1, client=client)
+        quality = assess_field(out, fixed_img, rplan.moving, rplan.grids[-1], rplan.initial, preflight)
+        if conclude(out, quality, checks.accept_quality):
+            finish_image(out, n_levels=1, client=client)
+            records.finish()
     grid = rplan.grids[-1]
     record = RegistrationRecord(
         field=out,
@@ -267,6 +277,7 @@ def register_files(
         stages=run.stages,
         polish=run.polish,
         initial_alignment={**rplan.alignment, "matrix": rplan.initial.tolist()},
+        quality=quality.block,
         seconds=time.perf_counter() - tic,
         dashboard=executor.dashboard,
     )
@@ -277,6 +288,7 @@ def register_files(
         grid.unit,
         record.uncertainty,
     )
+    raise_if_failed(out, quality, checks.accept_quality)
     return record
 
 

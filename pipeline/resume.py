@@ -7,18 +7,21 @@ settings and chunk plan) and, per stage, one record file per finished output chu
   rename; a chunk without a record is recomputed and rewritten on the next run, so a half-written chunk
   is never taken as complete.
 * A rerun with the same fingerprint skips recorded chunks; a different fingerprint is refused unless
-  ``overwrite`` is set (then the run folder starts empty).
+  ``overwrite`` is set (then the run folder starts empty). The fingerprint names every input by its
+  content identity (:func:`content_identity`), not only its path: records left by a run on other data
+  (an image rewritten in place, a field registered again) are never reused.
 * Every chunk write also leaves one uniquely named entry in ``writes/``, so tests and audits can count how
   often each chunk was written (exactly once in an uninterrupted run).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,73 @@ from typing import Any
 from patchmorph_core.errors import InputError
 
 ChunkId = tuple[int, int, int]
+
+
+WRITE_ID = "write_id"
+"""Key in ``attrs["patchmorph"]`` of a store this product wrote: a random id drawn when the store is created
+(:func:`pipeline.ngff.create_image_array`), so every new write of a path has a new identity."""
+
+WHOLE_FILE_HASH_BYTES = 256 << 20
+"""Files up to this size are identified by the SHA-256 of their bytes; larger ones by size, modification
+time and the hash of their first and last MiB."""
+
+_ZARR_METADATA = ("zarr.json", ".zattrs", ".zgroup", ".zarray")
+
+
+def _files(root: Path) -> Iterator[os.DirEntry[str]]:
+    """Every file below ``root``, in sorted order."""
+    with os.scandir(root) as entries:
+        for entry in sorted(entries, key=lambda e: e.name):
+            if entry.is_dir(follow_symlinks=False):
+                yield from _files(Path(entry.path))
+            elif entry.is_file():
+                yield entry
+
+
+def _file_identity(path: Path) -> dict[str, Any]:
+    stat = path.stat()
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        if stat.st_size <= WHOLE_FILE_HASH_BYTES:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+            return {"bytes": stat.st_size, "sha256": digest.hexdigest()}
+        digest.update(handle.read(1 << 20))
+        handle.seek(-(1 << 20), os.SEEK_END)
+        digest.update(handle.read())
+    return {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256_head_tail": digest.hexdigest()}
+
+
+def content_identity(path: str | Path | None) -> dict[str, Any] | None:
+    """What identifies an input's content, cheaply, for resume records and flow records.
+
+    * a store this product wrote: its ``write_id`` (new for every write) and the hash of its metadata;
+    * any other folder (a foreign Zarr store, a TIFF plane folder): the hash of its metadata documents and
+      of every file's relative path, size and modification time;
+    * a file: the SHA-256 of its bytes (size, modification time and head/tail hash beyond
+      :data:`WHOLE_FILE_HASH_BYTES`).
+
+    Returns None for None; a URL or a missing path is identified by its text alone.
+    """
+    if path is None:
+        return None
+    if "://" in str(path) or not Path(path).exists():
+        return {"path": str(path)}
+    p = Path(path).resolve()
+    if p.is_file():
+        return {"path": str(p), **_file_identity(p)}
+    digest = hashlib.sha256()
+    write_id = None
+    if (p / "zarr.json").is_file():
+        write_id = json.loads((p / "zarr.json").read_text()).get("attributes", {}).get("patchmorph", {}).get(WRITE_ID)
+    for entry in _files(p):
+        relative = os.path.relpath(entry.path, p)
+        if entry.name in _ZARR_METADATA:
+            digest.update(relative.encode() + Path(entry.path).read_bytes())
+        elif write_id is None:
+            stat = entry.stat()
+            digest.update(f"{relative}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return {"path": str(p), "write_id": write_id, "sha256": digest.hexdigest()}
 
 
 def chunk_name(cid: ChunkId) -> str:

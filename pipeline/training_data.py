@@ -34,7 +34,8 @@ from patchmorph_core.sampling import intensity_range, normalize
 from patchmorph_core.source import MultiscaleImage, downsample, downsampled_grid
 from patchmorph_core.spatial import Grid, random_rotation, read_box
 from patchmorph_core.synth import downsample_labels, random_smooth_field, skull_strip_mask, synthesize_image
-from patchmorph_core.training import TrainPair, TrainResult
+from patchmorph_core.training import TrainPair, TrainResult, loss_csv_path
+from pipeline.checks import check_checkpoint, check_outputs
 
 log = logging.getLogger(__name__)
 
@@ -286,20 +287,33 @@ def build_source(data: DataConfig, base: Path, alignment: str = "center_of_mass"
     return FilePairs(pairs, data)
 
 
-def run_training(config_path: str | Path, *, resume: bool = False, steps: int | None = None) -> TrainResult:
+def run_training(
+    config_path: str | Path, *, resume: bool = False, steps: int | None = None, overwrite: bool = False
+) -> TrainResult:
     """Load the YAML config, read the data and train; relative data and ``init_weights`` paths are relative
     to the YAML's folder.
 
-    The checkpoint path is taken as given (relative to the working directory).
+    The checkpoint path is taken as given (relative to the working directory). An existing checkpoint is
+    continued with ``resume`` (or the config's ``resume``), replaced with ``overwrite``, else refused
+    (:func:`pipeline.checks.check_checkpoint`); it may not be one of the training inputs.
     """
     config_path = Path(config_path)
     config = load_yaml(config_path, TrainConfig)
-    if resume:
-        config.resume = True
-    if steps is not None:
-        config.steps = steps
+    if steps is not None and steps < 1:
+        raise InputError(f"--steps {steps} is invalid: give a positive number of training steps.")
+    update = {"resume": config.resume or resume, "steps": config.steps if steps is None else steps}
+    config = config.model_copy(update=update)
     base = config_path.resolve().parent
+    data = config.data
+    relative = {"init_weights": config.init_weights, "data.atlas": data.atlas}
+    relative.update({f"data.images[{i}]": p for i, p in enumerate(data.images)})
+    relative.update({f"data.pairs[{i}][{j}]": p for i, pair in enumerate(data.pairs) for j, p in enumerate(pair)})
+    anchored = {k: None if v is None else base / v for k, v in relative.items()}  # base / absolute = absolute
+    anchored["config"] = config_path
+    checkpoint = Path(config.checkpoint)
+    check_outputs(inputs=anchored, outputs={"checkpoint": checkpoint, "loss curve": loss_csv_path(checkpoint)})
     if config.init_weights is not None:
         config.init_weights = str(_resolve(config.init_weights, base))
+    check_checkpoint(checkpoint, resume=config.resume, overwrite=overwrite)
     source = build_source(config.data, base, config.initial_alignment)
     return training.train(config, source)

@@ -35,10 +35,12 @@ from patchmorph_core.errors import InputError
 from patchmorph_core.source import MultiscaleImage
 from patchmorph_core.spatial import Grid
 from patchmorph_core.warping import warp_to_grid
+from pipeline.checks import check_free_space, check_outputs, check_writable, run_outputs
 from pipeline.chunked import ChunkPlan, output_array, run_chunked
 from pipeline.cluster import load_cluster_config, open_executor
+from pipeline.integrity import check_stored
 from pipeline.ngff import finish_image, read_field, read_image, write_block
-from pipeline.resume import ChunkId, StageRecords, open_run, run_folder
+from pipeline.resume import ChunkId, StageRecords, content_identity, open_run, run_folder
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +197,7 @@ def warp_files(
     """
     tic = time.perf_counter()
     out = Path(out)
+    check_outputs(inputs={"field": field, "image": moving, "target": target}, outputs=run_outputs(out))
     cluster_config = load_cluster_config(scheduler, workers)
     if chunk_size is not None and chunk_size < 1:
         raise InputError(f"--chunk-size {chunk_size} is invalid: give a positive number of voxels.")
@@ -206,13 +209,17 @@ def warp_files(
     field_arr, field_grid, meta = read_field(field)
     grid, target_path = _target_grid(target, meta, inverse)
     image = read_image(moving).with_unit(field_grid.unit)
+    for array in (field_arr, *(level.array for level in image.levels)):
+        check_stored(array)  # a lost chunk file is refused before heavy work
     dtype = np.dtype(getattr(image.levels[0].array, "dtype", np.float32))
+    check_writable(out.parent)
+    check_free_space(out.parent, int(np.prod(grid.shape)) * dtype.itemsize * 4 // 3, f"the warped image {out}")  # + pyramid
     forward = FieldDisplacement(field_arr, field_grid)
     displacement: Displacement = InverseDisplacement(forward, INVERSE_ITERATIONS) if inverse else forward
     fingerprint = {
-        "field": str(Path(field).resolve()),
-        "image": str(Path(moving).resolve()),
-        "target": target_path,
+        "field": content_identity(field),
+        "image": content_identity(moving),
+        "target": content_identity(target_path),
         "labels": labels,
         "inverse": inverse,
         "chunk_size": chunk_size,
@@ -243,7 +250,7 @@ def warp_files(
     )
     with open_executor(cluster_config) as executor:
         run = run_chunked(executor, "warp", plan, stage, context, warp_chunk, progress=progress)
-        finish_image(out)  # on a Dask cluster the pyramid is built by its workers, block by block
+        finish_image(out, client=getattr(executor, "client", None))  # on a cluster: built by its workers
     max_error, mean_error = _record_inverse_error(out, stage, plan) if inverse else (None, None)
     records.finish()
     log.info("wrote %s %s (grid %s, %s)", "labels" if labels else "image", out, grid.shape, grid.unit)

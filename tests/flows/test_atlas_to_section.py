@@ -10,6 +10,20 @@ import pytest
 import yaml
 
 from flows.atlas_to_section import atlas_to_section
+from flows.records import RunReport
+from flows.runner import BatchFailed
+
+
+def _run(batch: dict[str, Path], manifest: Path) -> tuple[RunReport, str]:
+    """Run the flow; its report and final state name (a batch with failed items ends Failed, report kept)."""
+    state = atlas_to_section(
+        str(batch["atlas"]), str(manifest), str(batch["out"]), config=str(batch["options"]), return_state=True
+    )
+    outcome = state.result(raise_on_failure=False)
+    if isinstance(outcome, BatchFailed):
+        assert state.is_failed() and state.message == str(outcome)
+        return outcome.report, state.name
+    return outcome, state.name
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +52,9 @@ def batch(
 
 @pytest.mark.usefixtures("prefect_server")
 def test_batch_finishes_good_items_and_records_errors(batch: dict[str, Path]) -> None:
-    report = atlas_to_section(str(batch["atlas"]), str(batch["manifest"]), str(batch["out"]), config=str(batch["options"]))
+    report, state = _run(batch, batch["manifest"])
 
+    assert state == "Failed"  # not plain Completed: two items failed, the two good ones finished
     assert sorted(r.name for r in report.results) == ["stp", "template"]
     assert all(r.status == "done" for r in report.results)
     errors = {e.name: e for e in report.errors}
@@ -83,7 +98,7 @@ def test_rerun_skips_finished_items(batch: dict[str, Path]) -> None:
     field_mtime = (batch["out"] / "stp" / "field.ome.zarr" / "zarr.json").stat().st_mtime_ns
     record_mtime = done.stat().st_mtime_ns
 
-    report = atlas_to_section(str(batch["atlas"]), str(batch["manifest"]), str(batch["out"]), config=str(batch["options"]))
+    report, _ = _run(batch, batch["manifest"])
 
     assert sorted((r.name, r.status) for r in report.results) == [("stp", "skipped"), ("template", "skipped")]
     assert {e.name for e in report.errors} == {"broken", "bad-entry"}  # failed items are retried, fail again
@@ -102,10 +117,10 @@ def test_changed_input_is_recomputed(batch: dict[str, Path], flow_data: dict[str
     manifest = batch["manifest"].with_name("manifest_changed.yaml")
     manifest.write_text(yaml.safe_dump(entries))
 
-    report = atlas_to_section(str(batch["atlas"]), str(manifest), str(batch["out"]), config=str(batch["options"]))
+    report, state = _run(batch, manifest)
 
     assert sorted((r.name, r.status) for r in report.results) == [("stp", "done"), ("template", "skipped")]
-    assert report.errors == []
+    assert report.errors == [] and state == "Completed"
 
 
 @pytest.mark.usefixtures("prefect_server")

@@ -18,7 +18,7 @@ def test_pair_from_tiff_and_nrrd(flow_data: dict[str, Path], write_options: Call
         tmp_path / "options.yaml",
         workers=1,
         fixed_geometry={"voxel_size": [200, 200, 200], "unit": "micrometer", "orientation": "psl"},
-        moving_geometry={"orientation": "asr"},
+        moving_geometry={"orientation": "rsa"},  # the Allen NRRD read in C order (see examples/PROVENANCE.md)
         moving_labels=str(DATA / "mouse_ccf" / "annotation_100um_2017_nearest_from25um.nrrd"),
     )
     out = tmp_path / "pair"
@@ -48,5 +48,5 @@ def test_failed_pair_fails_the_run_naming_the_step(
     )
     assert state.is_failed()
     message = str(state.result(raise_on_failure=False))
-    assert "step inputs" in message and "missing.nii.gz" in message
+    assert "at inputs" in message and "missing.nii.gz" in message and state.message == message
     assert (tmp_path / "pair" / "report.json").is_file()

@@ -1,0 +1,295 @@
+"""Pre-flight checks that every command and flow runs before heavy work: nothing it writes may destroy an
+input, and the folder it writes into must be able to hold the result.
+
+* :func:`check_outputs` refuses an output that is, contains or lies inside an input of the same command,
+  with or without ``--overwrite`` (``register --out`` equal to ``--fixed`` would otherwise delete the
+  image and write the field in its place). Paths are compared after resolving symbolic links.
+* :func:`check_checkpoint` refuses to train over an existing checkpoint unless asked to resume or to
+  overwrite it.
+* :func:`check_writable` and :func:`check_free_space` refuse an output folder that cannot be written or
+  that lacks room for the output's estimated (uncompressed) size.
+
+* :func:`check_image` refuses an image with NaN or infinite values, an empty or constant one;
+  :func:`check_pair` refuses a pair whose tissue extents differ by more than :data:`MAX_EXTENT_RATIO` on
+  an axis (a wrong unit or voxel size) and a pair whose moving image fits the fixed one clearly better
+  after another axis permutation or flip (:mod:`patchmorph_core.orientation`: a wrong orientation code),
+  and returns the record of both checks for the field's quality block. :class:`CheckOptions` lets the
+  user override them.
+
+Every refusal is an :class:`~patchmorph_core.errors.InputError`: one sentence naming the path and what to
+do, exit code 2 on the command line, an item error in a flow; nothing has been written when it is raised.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+from patchmorph_core.errors import InputError
+from patchmorph_core.orientation import check_orientation
+from patchmorph_core.sampling import coarse_level, intensity_range, normalize, tissue_bounds
+from patchmorph_core.source import MultiscaleImage
+from patchmorph_core.spatial import orientation_code, read_box
+from pipeline.integrity import check_stored
+
+PathLike = str | Path
+
+MAX_EXTENT_RATIO = 3.0
+"""Largest ratio of the two images' tissue extents along any world axis before the pair is refused."""
+
+MIN_TISSUE_VOXELS = 27
+"""An image needs at least this many tissue voxels (normalised intensity >= 0.1) on its coarse level."""
+
+WORLD_AXES = ("superior-inferior", "anterior-posterior", "left-right")
+"""Names of the world axes (components z, y, x of the RAS+ frame) for messages."""
+
+
+class CheckOptions(BaseModel):
+    """What the checks may let through (``register --accept-orientation`` etc.; all False: refuse).
+
+    Attributes:
+        accept_orientation: register as given even when another orientation fits clearly better.
+        allow_size_mismatch: register even when the tissue extents differ by more than 3x on an axis (e.g. a
+            thin section against a whole-brain atlas).
+        accept_quality: keep a field that failed its quality thresholds as complete (recorded as accepted).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    accept_orientation: bool = False
+    allow_size_mismatch: bool = False
+    accept_quality: bool = False
+
+
+def _local(path: PathLike | None) -> Path | None:
+    """``path`` resolved (symbolic links followed), or None for no path or a URL."""
+    if path is None or "://" in str(path):
+        return None
+    return Path(path).expanduser().resolve()
+
+
+def _within(inner: Path, outer: Path) -> bool:
+    """True when ``inner`` is ``outer`` or lies below it."""
+    return inner == outer or outer in inner.parents
+
+
+def check_outputs(*, inputs: Mapping[str, PathLike | None], outputs: Mapping[str, PathLike | None]) -> None:
+    """Refuse any output that is, contains or lies inside one of the inputs.
+
+    Args:
+        inputs: the command's input paths by role (``fixed``, ``moving``, ``weights``, ...); None and URLs
+            are ignored.
+        outputs: the paths the command writes or replaces by role (the output and its run folder, ...).
+
+    Raises:
+        InputError: an output overlaps an input (the message names both and the fix).
+    """
+    resolved_inputs = [(role, path, _local(path)) for role, path in inputs.items()]
+    for out_role, out_path in outputs.items():
+        out = _local(out_path)
+        if out is None:
+            continue
+        for role, path, source in resolved_inputs:
+            if source is None:
+                continue
+            if out == source:
+                relation = "is"
+            elif _within(source, out):
+                relation = "contains"
+            elif _within(out, source):
+                relation = "lies inside"
+            else:
+                continue
+            raise InputError(
+                f"{out_role} {out_path} {relation} the {role} input {path}, which writing it would destroy: "
+                "choose an output path outside every input (nothing was written)."
+            )
+
+
+def check_checkpoint(checkpoint: PathLike, *, resume: bool, overwrite: bool) -> None:
+    """Refuse to start training over an existing checkpoint unless ``resume`` or ``overwrite`` is set.
+
+    Raises:
+        InputError: ``checkpoint`` exists and neither flag is given, or both are.
+    """
+    path = Path(checkpoint)
+    if resume and overwrite:
+        raise InputError("--resume and --overwrite contradict each other: give one of them.")
+    if path.exists() and not (resume or overwrite):
+        raise InputError(
+            f"checkpoint {path} already exists: pass --resume to continue that training, --overwrite to "
+            "start again and replace it, or set another checkpoint path in the config."
+        )
+
+
+def check_writable(folder: PathLike) -> None:
+    """Refuse an output folder that does not exist or cannot be written (tried with a temporary file, so
+    read-only mounts and permissions are both caught, also for the root user).
+
+    Raises:
+        InputError: the folder is missing or not writable.
+    """
+    path = Path(folder)
+    if not path.is_dir():
+        raise InputError(f"output folder {path} does not exist: create it first.")
+    try:
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".patchmorph-write-test-"):
+            pass
+    except OSError as err:
+        reason = os.strerror(err.errno) if err.errno else str(err)
+        raise InputError(
+            f"output folder {path} cannot be written ({reason.lower()}): choose a writable folder or fix its "
+            "permissions."
+        ) from err
+
+
+def format_bytes(count: float) -> str:
+    """``count`` bytes as a short human-readable size (``"3.2 GB"``)."""
+    size = float(count)
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if size < 1000 or unit == "TB":
+            return f"{size:.3g} {unit}" if unit != "B" else f"{int(size)} B"
+        size /= 1000
+    return f"{size:.3g} PB"
+
+
+def check_free_space(folder: PathLike, needed_bytes: int, what: str) -> None:
+    """Refuse to start when the file system of ``folder`` has less free space than ``needed_bytes``.
+
+    Args:
+        folder: the folder the output goes into (must exist).
+        needed_bytes: the output's estimated size; an uncompressed estimate is an upper bound.
+        what: the output, for the message (e.g. ``"the warped image /data/out.zarr"``).
+
+    Raises:
+        InputError: not enough free space.
+    """
+    free = shutil.disk_usage(folder).free
+    if needed_bytes > free:
+        raise InputError(
+            f"{what} needs up to {format_bytes(needed_bytes)} but {folder} has {format_bytes(free)} free: free "
+            "some space or write elsewhere (nothing was written)."
+        )
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """True for the operating system's 'no space left' and 'quota exceeded' errors."""
+    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def run_outputs(out: PathLike) -> dict[str, Path]:
+    """What a resumable chunked command writes: its output and the run folder ``<out>.run`` beside it."""
+    path = Path(out)
+    return {"output": path, "its run folder": path.with_name(path.name + ".run")}
+
+
+def check_image(image: MultiscaleImage, role: str, path: PathLike) -> None:
+    """Refuse an image that lost a chunk file (:func:`pipeline.integrity.check_stored`), or whose coarse level
+    holds NaN or infinite values, is constant, or has almost no tissue (fewer than :data:`MIN_TISSUE_VOXELS`
+    voxels at 10 % of its robust intensity range).
+
+    Raises:
+        InputError: naming the image and the fix.
+    """
+    for stored in image.levels:
+        check_stored(stored.array)
+    level = coarse_level(image)
+    values = read_box(level.array, tuple(slice(0, n) for n in level.grid.shape))
+    if not np.all(np.isfinite(values)):
+        raise InputError(
+            f"{role} image {path} contains NaN or infinite values: replace them (e.g. by 0) first."
+        )
+    low, high = float(np.min(values)), float(np.max(values))
+    if low == high:
+        raise InputError(
+            f"{role} image {path} is constant (every voxel is {low:g}): give an image with tissue in it."
+        )
+    tissue = int(np.count_nonzero(normalize(values, *intensity_range(image)) >= 0.1))
+    if tissue < MIN_TISSUE_VOXELS:
+        raise InputError(
+            f"{role} image {path} is empty: only {tissue} of {values.size} coarse voxels hold tissue; give an "
+            "image with tissue in it (or check its intensities)."
+        )
+
+
+def _extent_check(
+    fixed: MultiscaleImage, moving: MultiscaleImage, moving_path: PathLike, allow: bool
+) -> dict[str, Any]:
+    """The tissue extents of both images per world axis; InputError when they differ more than
+    :data:`MAX_EXTENT_RATIO`-fold on an axis (unless ``allow``)."""
+    f_low, f_high = tissue_bounds(fixed)
+    m_low, m_high = tissue_bounds(moving)
+    f_ext, m_ext = f_high - f_low, m_high - m_low
+    ratios = np.maximum(f_ext, m_ext) / np.maximum(np.minimum(f_ext, m_ext), 1e-12)
+    record = {
+        "unit": fixed.unit,
+        "fixed_tissue_extent": [float(v) for v in f_ext],
+        "moving_tissue_extent": [float(v) for v in m_ext],
+        "largest_ratio": float(ratios.max()),
+        "allowed": allow,
+    }
+    axis = int(np.argmax(ratios))
+    if ratios[axis] > MAX_EXTENT_RATIO and not allow:
+        raise InputError(
+            f"the moving image {moving_path} spans {m_ext[axis]:.4g} {fixed.unit} of tissue along "
+            f"{WORLD_AXES[axis]} but the fixed image {f_ext[axis]:.4g} {fixed.unit} ({ratios[axis]:.1f}x, more than "
+            f"{MAX_EXTENT_RATIO:g}x): check both images' voxel size and unit, or pass --allow-size-mismatch "
+            "(in a flow: checks.allow_size_mismatch) if this is intended (e.g. a thin section)."
+        )
+    return record
+
+
+def check_pair(
+    fixed: MultiscaleImage,
+    moving: MultiscaleImage,
+    paths: Mapping[str, PathLike],
+    options: CheckOptions | None = None,
+) -> dict[str, Any]:
+    """The pre-flight checks of a registration pair (module docstring), before any heavy work.
+
+    Args:
+        fixed: the fixed image; ``moving``: the moving image (any unit).
+        paths: ``{"fixed": ..., "moving": ...}`` as the user gave them (for messages).
+        options: what the user lets through.
+
+    Returns:
+        The record for the quality block: ``geometry`` (tissue extents) and ``orientation`` (scores).
+
+    Raises:
+        InputError: a bad image, implausible extents or a better-fitting orientation (named).
+    """
+    options = options or CheckOptions()
+    check_image(fixed, "fixed", paths["fixed"])
+    check_image(moving, "moving", paths["moving"])
+    moving = moving.with_unit(fixed.unit)
+    geometry = _extent_check(fixed, moving, paths["moving"], options.allow_size_mismatch)
+    result = check_orientation(fixed, moving)
+    record = {
+        "geometry": geometry,
+        "orientation": {**result.record(), "accepted": options.accept_orientation},
+    }
+    if result.fits_better and not options.accept_orientation:
+        fixed_code, moving_code = result.suggested_codes(fixed.grid.direction, moving.grid.direction)
+        given = orientation_code(moving.grid.direction), orientation_code(fixed.grid.direction)
+        if moving_code and fixed_code and all(given):
+            alternative = (
+                f"as orientation {moving_code!r} than as given ({given[0]!r}; or the fixed image as "
+                f"{fixed_code!r} instead of {given[1]!r})"
+            )
+        else:
+            alternative = "after a permutation or flip of its axes than as given"
+        raise InputError(
+            f"the moving image {paths['moving']} fits the fixed image {paths['fixed']} clearly better {alternative}, "
+            f"NCC {result.best.score:.2f} vs {result.given.score:.2f}: fix the orientation code of the wrong one "
+            "(convert --orientation), or pass --accept-orientation (in a flow: checks.accept_orientation) to "
+            "register as given."
+        )
+    return record

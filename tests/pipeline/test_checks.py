@@ -1,0 +1,150 @@
+"""Pre-flight checks: outputs never overlap inputs, checkpoints are not overwritten by accident, room on disk,
+bad images, implausible sizes and wrong orientation codes are refused before heavy work (on real brains)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from patchmorph_core.errors import InputError
+from patchmorph_core.orientation import check_orientation, signed_permutations
+from patchmorph_core.source import MultiscaleImage, downsample, downsampled_grid
+from patchmorph_core.spatial import Grid, orientation_code
+from pipeline.checks import (
+    CheckOptions,
+    check_checkpoint,
+    check_free_space,
+    check_image,
+    check_outputs,
+    check_pair,
+    check_writable,
+)
+from pipeline.importers import load_nrrd
+
+
+@pytest.mark.parametrize(
+    ("output", "relation"),
+    [("data/brain.zarr", "is"), ("data", "contains"), ("data/brain.zarr/field.zarr", "lies inside")],
+)
+def test_output_overlapping_an_input_is_refused(tmp_path: Path, output: str, relation: str) -> None:
+    (tmp_path / "data" / "brain.zarr").mkdir(parents=True)
+    with pytest.raises(InputError, match=rf"output .* {relation} the fixed input .*brain\.zarr"):
+        check_outputs(inputs={"fixed": tmp_path / "data" / "brain.zarr"}, outputs={"output": tmp_path / output})
+    check_outputs(inputs={"fixed": tmp_path / "data" / "brain.zarr"}, outputs={"output": tmp_path / "field.zarr"})
+
+
+def test_symlinked_output_is_compared_by_its_target(tmp_path: Path) -> None:
+    (tmp_path / "brain.zarr").mkdir()
+    os.symlink(tmp_path / "brain.zarr", tmp_path / "alias.zarr")
+    with pytest.raises(InputError, match="is the moving input"):
+        check_outputs(inputs={"moving": tmp_path / "brain.zarr"}, outputs={"output": tmp_path / "alias.zarr"})
+
+
+def test_existing_checkpoint_needs_resume_or_overwrite(tmp_path: Path) -> None:
+    checkpoint = tmp_path / "model.pt"
+    check_checkpoint(checkpoint, resume=False, overwrite=False)  # nothing there yet
+    checkpoint.write_bytes(b"weights")
+    with pytest.raises(InputError, match="already exists: pass --resume .* --overwrite"):
+        check_checkpoint(checkpoint, resume=False, overwrite=False)
+    check_checkpoint(checkpoint, resume=True, overwrite=False)
+    check_checkpoint(checkpoint, resume=False, overwrite=True)
+    with pytest.raises(InputError, match="contradict"):
+        check_checkpoint(checkpoint, resume=True, overwrite=True)
+
+
+def test_output_folder_must_exist_and_have_room(tmp_path: Path) -> None:
+    check_writable(tmp_path)
+    with pytest.raises(InputError, match="does not exist: create it first"):
+        check_writable(tmp_path / "missing")
+    check_free_space(tmp_path, 1, "the field x.zarr")
+    with pytest.raises(InputError, match=r"the field x\.zarr needs up to 1e\+06 TB but .* free"):
+        check_free_space(tmp_path, 10**18, "the field x.zarr")
+
+
+def _blob(shape: tuple[int, int, int], spacing: tuple[float, float, float], unit: str = "millimeter") -> MultiscaleImage:
+    """A smooth anisotropic ellipsoid of tissue on a rotated grid (so no axis order can hide)."""
+    grid = Grid.from_orientation(shape, spacing, "lia", unit=unit)
+    index = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"), axis=-1)
+    radius = np.sqrt(((index / np.array([0.7, 0.5, 0.6])) ** 2).sum(-1))
+    return MultiscaleImage.from_array(np.clip(1.2 - radius, 0, 1).astype(np.float32), grid)
+
+
+def test_constant_empty_and_nan_images_are_refused() -> None:
+    image = _blob((30, 36, 24), (2.0, 1.5, 2.5))
+    check_image(image, "fixed", "f.zarr")
+    grid = image.grid
+    with pytest.raises(InputError, match=r"fixed image f\.zarr is constant \(every voxel is 0\)"):
+        check_image(MultiscaleImage.from_array(np.zeros(grid.shape, np.float32), grid), "fixed", "f.zarr")
+    sparse = np.zeros(grid.shape, np.float32)
+    sparse[3, 4, 5] = 1.0
+    with pytest.raises(InputError, match=r"moving image m\.zarr is empty"):
+        check_image(MultiscaleImage.from_array(sparse, grid), "moving", "m.zarr")
+    nan = np.asarray(image.levels[0].array).copy()
+    nan[5, 5, 5] = np.nan
+    with pytest.raises(InputError, match="NaN or infinite"):
+        check_image(MultiscaleImage.from_array(nan, grid), "moving", "m.zarr")
+
+
+def test_size_mismatch_of_a_wrong_unit_is_refused() -> None:
+    fixed = _blob((30, 36, 24), (2.0, 1.5, 2.5))
+    moving = _blob((30, 36, 24), (2.0, 1.5, 2.5), unit="micrometer")  # the same numbers, 1000x too small
+    paths = {"fixed": "f.zarr", "moving": "m.zarr"}
+    with pytest.raises(InputError, match=r"moving image m\.zarr spans .* millimeter of tissue .* more than 3x"):
+        check_pair(fixed, moving, paths)
+    record = check_pair(fixed, moving, paths, CheckOptions(allow_size_mismatch=True, accept_orientation=True))
+    assert record["geometry"]["largest_ratio"] > 900 and record["geometry"]["allowed"]
+
+
+# -- orientation on the bundled real brains -----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def mouse_pair(examples: Path) -> tuple[np.ndarray, Grid, np.ndarray, tuple[float, ...]]:
+    """The STP brain (psl) block-averaged to 200x160x160 um and the Allen template (100 um) as arrays."""
+    brain = tifffile.imread(examples / "mouse_stp_brainreg" / "brain_50x40x40um_psl.tif").astype(np.float32)
+    grid = Grid.from_orientation(brain.shape, (50.0, 40.0, 40.0), "psl")
+    small = downsample(brain, (4, 4, 4))
+    template, template_grid = load_nrrd(examples / "mouse_ccf" / "average_template_100.nrrd", orientation="rsa")
+    fixed_grid = downsampled_grid(grid, (4, 4, 4), small.shape)
+    return small, fixed_grid, template.astype(np.float32), tuple(template_grid.spacing)
+
+
+def _image(array: np.ndarray, spacing: tuple[float, ...], code: str) -> MultiscaleImage:
+    return MultiscaleImage.from_array(array, Grid.from_orientation(array.shape, spacing, code))
+
+
+def test_right_orientation_codes_pass(mouse_pair: tuple) -> None:
+    brain, brain_grid, template, spacing = mouse_pair
+    fixed = MultiscaleImage.from_array(brain, brain_grid)
+    result = check_orientation(fixed, _image(template, spacing, "rsa"))
+    assert not result.fits_better
+    assert result.given.score > 0.8  # the left-right mirror may score the same: brains are nearly symmetric
+    record = check_pair(fixed, _image(template, spacing, "rsa"), {"fixed": "brain", "moving": "atlas"})
+    assert record["orientation"]["given"]["ncc_refined"] > 0.8 and not record["orientation"]["fits_better"]
+
+
+@pytest.mark.parametrize(("brain_code", "atlas_code"), [("psl", "asr"), ("pls", "rsa")])
+def test_wrong_orientation_code_is_named(mouse_pair: tuple, brain_code: str, atlas_code: str) -> None:
+    """The issue's two cases: the atlas read as ``asr`` instead of ``rsa``, the brain's ``psl`` given as ``pls``."""
+    brain, brain_grid, template, spacing = mouse_pair
+    fixed = MultiscaleImage.from_array(brain, Grid.from_orientation(brain.shape, brain_grid.spacing, brain_code))
+    moving = _image(template, spacing, atlas_code)
+    result = check_orientation(fixed, moving)
+    assert result.fits_better
+    fixed_code, moving_code = result.suggested_codes(fixed.grid.direction, moving.grid.direction)
+    mirror = {"r": "l", "l": "r"}
+    if atlas_code != "rsa":
+        assert moving_code in ("rsa", "".join(mirror.get(c, c) for c in "rsa"))
+    else:
+        assert fixed_code in ("psl", "psr")
+    with pytest.raises(InputError, match=r"fits the fixed image brain clearly better as orientation '\w{3}' than as given"):
+        check_pair(fixed, moving, {"fixed": "brain", "moving": "atlas"})
+    record = check_pair(fixed, moving, {"fixed": "brain", "moving": "atlas"}, CheckOptions(accept_orientation=True))
+    assert record["orientation"]["fits_better"] and record["orientation"]["accepted"]
+
+
+def test_orientation_codes_round_trip() -> None:
+    codes = {orientation_code(m @ np.diag([1.0, 1.0, 1.0])) for m in signed_permutations()}
+    assert len(codes) == 48 and None not in codes
