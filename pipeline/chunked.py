@@ -45,6 +45,7 @@ from patchmorph_core.errors import InputError
 from patchmorph_core.inference import FieldSums, PatchLattice, cell_blocks
 from patchmorph_core.spatial import Grid, index_box
 from pipeline.executor import Executor
+from pipeline.integrity import writable
 from pipeline.ngff import DEFAULT_CHUNK, create_image_array
 from pipeline.resume import ChunkId, StageRecords, chunk_name
 
@@ -337,7 +338,7 @@ def output_array(
     if resume and path.exists():
         group = zarr.open_group(str(path), mode="r+")
         if dict(group.attrs).get("patchmorph", {}).get("complete"):
-            return group["0"]  # finished before its run was marked finished
+            return writable(group["0"])  # finished before its run was marked finished
         return create_image_array(path, grid.shape, grid, dtype, chunks, channels=channels, resume=True)
     return create_image_array(
         path, grid.shape, grid, dtype, chunks, channels=channels, overwrite=True, **kwargs

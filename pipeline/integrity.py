@@ -39,10 +39,11 @@ from zarr.storage import LocalStore, WrapperStore
 
 from patchmorph_core.errors import InputError
 
-ARRAY_OPTIONS: dict[str, Any] = {
-    "compressors": (ZstdCodec(level=0), Crc32cCodec()),
-    "config": {"write_empty_chunks": True},
-}
+WRITE_CONFIG: dict[str, Any] = {"write_empty_chunks": True}
+"""Zarr's runtime array configuration for writing: every chunk is stored, even one of fill values. It is not
+kept in the array's metadata, so an array reopened to go on writing needs it again (:func:`writable`)."""
+
+ARRAY_OPTIONS: dict[str, Any] = {"compressors": (ZstdCodec(level=0), Crc32cCodec()), "config": WRITE_CONFIG}
 """Keyword arguments of ``zarr.Group.create_array`` for every array the product writes."""
 
 EVERY_CHUNK_WRITTEN = "every_chunk_written"
@@ -110,6 +111,11 @@ class ArrayLayout:
                 inner_chunk=tuple(int(c) for c in inner),
             )
         return cls(crc=names[-1:] == ["crc32c"])
+
+
+def writable(array: Any) -> Any:
+    """``array`` (reopened from its store, e.g. to resume) configured to store every chunk it writes."""
+    return array.with_config(WRITE_CONFIG)
 
 
 def _checksum_ok(blob: bytes | memoryview) -> bool:

@@ -59,7 +59,7 @@ from patchmorph_core.spatial import (
     orientation_matrix,
     unit_scale,
 )
-from pipeline.integrity import ARRAY_OPTIONS, EVERY_CHUNK_WRITTEN, VerifiedStore
+from pipeline.integrity import ARRAY_OPTIONS, EVERY_CHUNK_WRITTEN, VerifiedStore, writable
 from pipeline.resume import WRITE_ID
 
 logger = logging.getLogger(__name__)
@@ -407,7 +407,7 @@ def create_image_array(
     if resume and out.exists():
         group = zarr.open_group(str(out), mode="r+")
         meta = dict(group.attrs).get("patchmorph", {})
-        array = group["0"]
+        array = writable(group["0"])
         if meta.get("complete") is False and array.shape == full_shape and array.dtype == np.dtype(dtype):
             logger.info("resuming incomplete output %s", out)
             return _field_view(array, grid, meta)

@@ -106,3 +106,14 @@ def test_missing_chunk_of_a_foreign_store_is_its_fill_value(tmp_path: Path) -> N
     group.attrs["patchmorph"] = attrs
     os.remove(out / "0" / "c" / "2" / "1" / "0")
     np.testing.assert_array_equal(np.asarray(ngff.read_image(out).levels[0].array[:]), data)
+
+
+def test_an_array_reopened_to_resume_still_stores_chunks_of_zeros(tmp_path: Path) -> None:
+    """Zarr keeps 'write every chunk' only in the open array, not in its metadata: a resumed run reopens the
+    array and must still store a chunk that is all zeros (else it would read as missing, and be lost)."""
+    grid = Grid.from_spacing((8, 6, 4), (1.0, 2.0, 3.0), unit="millimeter")
+    first = ngff.create_image_array(tmp_path / "o.zarr", grid.shape, grid, np.float32, (4, 3, 4))
+    first[0:4, 0:3, :] = 1.0
+    again = ngff.create_image_array(tmp_path / "o.zarr", grid.shape, grid, np.float32, (4, 3, 4), resume=True)
+    again[4:8, 0:3, :] = 0.0
+    assert (tmp_path / "o.zarr" / "0" / "c" / "1" / "0" / "0").is_file()
