@@ -3,10 +3,11 @@ permutation or flip of its world frame?
 
 A wrong orientation code (an atlas read as ``asr`` instead of ``rsa``, a brain's ``pls`` given as ``psl``)
 puts the moving image in a frame rotated by 90° or mirrored relative to the fixed one. The registration
-cannot undo that and runs to a confident, wrong answer. Before heavy work the initial alignment's own
-similarity (:class:`~patchmorph_core.alignment.FitLevel`: global NCC of coarse copies, both normalised to
-0..1) is measured for each of the 48 signed axis permutations ``R`` of the moving frame, about the tissue
-centres: the fixed world point ``x`` maps to ``c_m + R (x − c_f)``. ``R = I`` is the orientation as given.
+cannot undo that and runs to a confident, wrong answer. Before heavy work the global NCC of the initial
+alignment's coarse copies (:meth:`~patchmorph_core.alignment.FitLevel.ncc`, both normalised to 0..1; an NCC
+so that the rule below has a fixed scale) is measured for each of the 48 signed axis permutations ``R`` of
+the moving frame, about the tissue centres: the fixed world point ``x`` maps to ``c_m + R (x − c_f)``.
+``R = I`` is the orientation as given.
 
 Scoring (cheap: one coarse level, about 20 samples across the tissue):
 

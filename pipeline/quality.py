@@ -7,8 +7,10 @@ on the stored field:
   image and the moving image, inside the fixed tissue, on the *quality grid* (the field grid, or a coarser
   grid over the same box when the field has more than :data:`QUALITY_GRID_VOXELS` voxels): for the moving
   image as given (``identity``), after the initial alignment (``initial``, where the deformable stages
-  start) and through the field (``final``). ``stages`` is an empty list for per-stage ``before``/``after``
-  entries (``{"name", "before", "after"}``) that the driver may add;
+  start) and through the field (``final``). ``stages``: per pass of the driver, the similarity it scored
+  before and after that pass (its own measure, :mod:`patchmorph_core.stage_check`) and whether it was kept,
+  ``{"name", "similarity", "before", "after", "accepted"}`` (:func:`stage_similarity`; empty when the
+  driver's check is off);
 * **folding** — the Jacobian determinant of ``φ(x) = x + u(x)`` at every field voxel, over the voxels inside
   the fixed tissue (the fixed image on the field grid, normalised to 0..1, at least
   :data:`TISSUE_THRESHOLD`): the count and percentage with ``det J <= 0``; computed box by box with a
@@ -188,7 +190,6 @@ def similarity_block(
         "grid_shape": list(quality.shape),
         "grid_spacing": [float(s) for s in quality.spacing],
         **{name: float(value) for name, value in scores.items()},
-        "stages": [],
     }
 
 
@@ -241,6 +242,21 @@ def folding_and_inverse(
     return folding, inverse
 
 
+def stage_similarity(passes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The per-pass similarity figures of the driver's pass records (the passes it scored)."""
+    return [
+        {
+            "name": p.get("name"),
+            "similarity": p.get("similarity"),
+            "before": p["similarity_before"],
+            "after": p["similarity_after"],
+            "accepted": p.get("accepted"),
+        }
+        for p in passes
+        if "similarity_before" in p
+    ]
+
+
 def judge(block: Mapping[str, Any], limits: QualityThresholds) -> list[str]:
     """The clauses of every threshold ``block`` fails (empty: passed)."""
     failures = []
@@ -280,6 +296,7 @@ def assess_field(
     initial: np.ndarray,
     preflight: Mapping[str, Any] | None = None,
     limits: QualityThresholds | None = None,
+    stages: list[dict[str, Any]] | None = None,
 ) -> QualityReport:
     """Measure the quality block of the field stored at ``path`` and write it into its metadata.
 
@@ -290,6 +307,7 @@ def assess_field(
         initial: the ``(4, 4)`` initial alignment (fixed → moving world).
         preflight: the pre-flight record to keep in the block (geometry, orientation scores).
         limits: thresholds (default :class:`QualityThresholds`).
+        stages: per-pass similarity before/after (:func:`stage_similarity` of the driver's pass records).
 
     Returns:
         The :class:`QualityReport`; a failed one has marked the field ``status: failed_quality``.
@@ -300,7 +318,10 @@ def assess_field(
     folding, inverse = folding_and_inverse(fixed, array, grid, fixed_range)
     block = {
         "version": 1,
-        "similarity": similarity_block(fixed, moving, array, grid, initial, fixed_range),
+        "similarity": {
+            **similarity_block(fixed, moving, array, grid, initial, fixed_range),
+            "stages": list(stages or []),
+        },
         "folding": folding,
         "inverse": inverse,
         "thresholds": limits.model_dump(),

@@ -47,7 +47,7 @@ from pipeline.cluster import load_cluster_config, open_executor
 from pipeline.driver import Inputs, MemoryStore, ZarrStore, run_registration
 from pipeline.executor import thread_executor
 from pipeline.ngff import field_metadata, finish_image, read_image
-from pipeline.quality import assess_field, conclude, raise_if_failed
+from pipeline.quality import assess_field, conclude, raise_if_failed, stage_similarity
 from pipeline.resume import atomic_write_json, content_identity, open_run, run_folder
 
 log = logging.getLogger(__name__)
@@ -259,7 +259,9 @@ def register_files(
         run = run_registration(executor, inputs, store, progress)
         client = getattr(executor, "client", None)
         finish_image(out / "uncertainty", n_levels=1, client=client)
-        quality = assess_field(out, fixed_img, rplan.moving, rplan.grids[-1], rplan.initial, preflight)
+        quality = assess_field(
+            out, fixed_img, rplan.moving, rplan.grids[-1], rplan.initial, preflight, stages=stage_similarity(run.stages)
+        )
         if conclude(out, quality, checks.accept_quality):
             finish_image(out, n_levels=1, client=client)
             records.finish()

@@ -93,5 +93,7 @@ def test_register_killed_at_random_moments_resumes_bit_identical(tmp_path: Path)
     uncertainty = np.asarray(read_image(out / "uncertainty").levels[0].array[:])
     assert np.array_equal(uncertainty, np.asarray(read_image(reference.uncertainty).levels[0].array[:]))
     assert meta["complete"] and meta["quality"]["folding"] == reference.quality["folding"]
+    stages = meta["quality"]["similarity"]["stages"]  # the driver's per-pass scores, before and after
+    assert stages and all({"name", "before", "after", "accepted"} <= set(s) for s in stages)
     assert dict(zarr.open_group(str(out), mode="r").attrs["patchmorph"])["write_id"]
     print(f"killed {len(killed)} times with {killed} chunk records done; resumed bit-identical")
