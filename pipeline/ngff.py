@@ -328,7 +328,7 @@ class GridFrameField:
         return values if dtype is None else values.astype(dtype)
 
 
-def _field_view(array: Any, grid: Grid, meta: Mapping[str, Any]) -> Any:
+def field_view(array: Any, grid: Grid, meta: Mapping[str, Any]) -> Any:
     """``array`` seen in world components (a :class:`GridFrameField` when it is stored in its grid's frame
     and that frame is not the world's)."""
     if meta.get("displacement_frame") != FIELD_FRAME or np.allclose(grid.direction, np.eye(3)):
@@ -410,7 +410,7 @@ def create_image_array(
         array = writable(group["0"])
         if meta.get("complete") is False and array.shape == full_shape and array.dtype == np.dtype(dtype):
             logger.info("resuming incomplete output %s", out)
-            return _field_view(array, grid, meta)
+            return field_view(array, grid, meta)
         raise InputError(
             f"cannot resume {str(out)!r}: it is complete or its shape/dtype differ; pass overwrite=True."
         )
@@ -435,7 +435,7 @@ def create_image_array(
         dimension_names=(["c"] if channels else []) + list(AXES),
         **ARRAY_OPTIONS,
     )
-    return _field_view(array, grid, extra_attrs or {})
+    return field_view(array, grid, extra_attrs or {})
 
 
 def _store(data: Any, target: zarr.Array, desc: str, client: Any = None) -> None:
@@ -965,4 +965,4 @@ def read_field(path: str | Path, *, backend: Backend = "zarr") -> tuple[Any, Gri
         raise InputError(
             f"{str(path)!r} is not a PatchMorph displacement field: give the output of 'register'."
         )
-    return _field_view(array, levels[0].grid, meta), levels[0].grid, dict(meta)
+    return field_view(array, levels[0].grid, meta), levels[0].grid, dict(meta)

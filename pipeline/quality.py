@@ -52,6 +52,7 @@ from patchmorph_core.sampling import intensity_range, normalize
 from patchmorph_core.source import MultiscaleImage
 from patchmorph_core.spatial import Grid, read_box
 from pipeline.integrity import VerifiedStore
+from pipeline.ngff import field_view
 
 log = logging.getLogger(__name__)
 
@@ -280,12 +281,14 @@ def judge(block: Mapping[str, Any], limits: QualityThresholds) -> list[str]:
     return failures
 
 
-def open_field_array(path: str | Path) -> Any:
-    """Level 0 of a field being finished (complete or not), read through a checking store."""
+def open_field_array(path: str | Path, grid: Grid) -> Any:
+    """Level 0 of a field being finished (complete or not) on ``grid``, read through a checking store and
+    seen in world components (:func:`pipeline.ngff.field_view`), as :func:`pipeline.ngff.read_field` reads it."""
     store = VerifiedStore(
         zarr.storage.LocalStore(str(path), read_only=True), str(path), every_chunk_written=True
     )
-    return zarr.open_group(store=store, mode="r")["0"]
+    group = zarr.open_group(store=store, mode="r")
+    return field_view(group["0"], grid, dict(group.attrs).get("patchmorph", {}))
 
 
 def assess_field(
@@ -313,7 +316,7 @@ def assess_field(
         The :class:`QualityReport`; a failed one has marked the field ``status: failed_quality``.
     """
     limits = limits or QualityThresholds()
-    array = open_field_array(path)
+    array = open_field_array(path, grid)
     fixed_range = intensity_range(fixed)
     folding, inverse = folding_and_inverse(fixed, array, grid, fixed_range)
     block = {
