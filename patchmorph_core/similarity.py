@@ -41,18 +41,30 @@ EPS = 1e-5
 def box_mean(x: torch.Tensor, window: int) -> torch.Tensor:
     """Mean over a centred cube of ``window`` voxels, truncated at the border: ``(B, C, Z, Y, X)`` → same.
 
-    Separable (one 1-D average per axis, 3·window instead of window³ operations per voxel); border
-    windows average only the voxels inside. A window larger than an axis shrinks to the axis' largest
-    odd size.
+    Separable (one 1-D average per axis, 3·window instead of window³ operations per voxel), each a sum of
+    shifted views of the zero-padded volume divided by the number of voxels inside (border windows average
+    only the voxels inside; the values and gradients of ``avg_pool3d`` with ``count_include_pad=False``, at
+    about a third of its time on CPU). A window larger than an axis shrinks to the axis' largest odd size.
     """
     for axis in range(3):
-        size = min(window, x.shape[2 + axis])
+        dim = 2 + axis
+        n = x.shape[dim]
+        size = min(window, n)
         size -= 1 - size % 2  # odd, so the window stays centred
-        kernel = [1, 1, 1]
-        kernel[axis] = size
-        padding = [0, 0, 0]
-        padding[axis] = size // 2
-        x = F.avg_pool3d(x, tuple(kernel), stride=1, padding=tuple(padding), count_include_pad=False)
+        radius = size // 2
+        if radius == 0:
+            continue
+        pad = [0] * 6
+        pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = radius  # F.pad lists the last axis first
+        padded = F.pad(x, pad)
+        total = padded.narrow(dim, 0, n).clone()
+        for shift in range(1, size):
+            total.add_(padded.narrow(dim, shift, n))
+        index = torch.arange(n, device=x.device)
+        count = torch.clamp(index + radius, max=n - 1) - torch.clamp(index - radius, min=0) + 1
+        shape = [1] * x.dim()
+        shape[dim] = n
+        x = total / count.to(x.dtype).view(shape)
     return x
 
 

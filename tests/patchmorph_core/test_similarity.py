@@ -88,3 +88,25 @@ def test_mind_descriptor_range_and_gradient_flows() -> None:
 def test_unknown_similarity_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown"):
         make_similarity("mi")
+
+
+@pytest.mark.parametrize("window", [3, 5, 9, 11])
+def test_box_mean_is_the_truncated_average_and_its_gradient(window: int) -> None:
+    """Shifted sums over counts give avg_pool3d's truncated windows (count_include_pad=False) and gradients,
+    also where the window exceeds an axis (it shrinks to the axis' largest odd size)."""
+    from patchmorph_core.similarity import box_mean
+
+    x = torch.rand(2, 3, 4, 9, 3, dtype=torch.float64, requires_grad=True)
+    reference = x
+    for axis in range(3):
+        size = min(window, x.shape[2 + axis])
+        size -= 1 - size % 2
+        kernel, padding = [1, 1, 1], [0, 0, 0]
+        kernel[axis], padding[axis] = size, size // 2
+        reference = torch.nn.functional.avg_pool3d(reference, tuple(kernel), 1, tuple(padding), count_include_pad=False)
+    ours = box_mean(x, window)
+    torch.testing.assert_close(ours, reference)
+    weights = torch.rand_like(reference)
+    (grad_ours,) = torch.autograd.grad((ours * weights).sum(), x)
+    (grad_reference,) = torch.autograd.grad((reference * weights).sum(), x)
+    torch.testing.assert_close(grad_ours, grad_reference)
