@@ -257,7 +257,7 @@ def bench_run(gib: float, factor: float, inputs: dict[str, Any], args: argparse.
         shutil.rmtree(folder / "brain.ome.zarr", ignore_errors=True)
     register = harness.patchmorph(
         "register", "--fixed", volume, "--moving", inputs["atlas"], "--out", folder / "field.ome.zarr",
-        "--field-spacing", f"{spacing_um:.6g}um", *cluster, *args.register_options,
+        "--field-spacing", f"{spacing_um:.6g}um", "--keep-run", *cluster, *args.register_options,
     )  # fmt: skip
     steps["register"] = measured(register, log)
     _, field_grid, _ = read_field(folder / "field.ome.zarr")

@@ -44,6 +44,14 @@ AcceptQualityOption = Annotated[
     bool,
     typer.Option(help="Keep a field that fails its quality thresholds as complete (recorded in its quality block)."),
 ]
+KeepRunOption = Annotated[
+    bool,
+    typer.Option(
+        "--keep-run",
+        help="Keep the run folder OUT.run after the run finishes (per-chunk records and timings). Without it the "
+        "folder exists only while the command runs, so that an interrupted command resumes when run again.",
+    ),
+]
 
 
 def _quiet_dask() -> None:
@@ -83,6 +91,7 @@ def register(
     accept_orientation: AcceptOrientationOption = False,
     allow_size_mismatch: AllowSizeMismatchOption = False,
     accept_quality: AcceptQualityOption = False,
+    keep_run: KeepRunOption = False,
 ) -> None:
     """Register MOVING to FIXED chunk by chunk; writes the field and its uncertainty image.
 
@@ -120,6 +129,7 @@ def register(
             scheduler=scheduler,
             overwrite=overwrite,
             checks=checks,
+            keep_run=keep_run,
         )
     except QualityError:
         for line in QualityReport(read_quality(out), ["failed"]).summary():
@@ -138,7 +148,8 @@ def register(
     typer.echo(f"wrote uncertainty {record.uncertainty}")
     for line in QualityReport(record.quality, list(record.quality["failures"])).summary():
         typer.echo(line)
-    typer.echo(f"run records in {record.run} (delete when no longer needed)")
+    if keep_run:
+        typer.echo(f"run records kept in {record.run}")
 
 
 def read_quality(field: Path) -> dict:
@@ -168,6 +179,7 @@ def warp(
     workers: WorkersOption = None,
     scheduler: SchedulerOption = None,
     overwrite: OverwriteOption = False,
+    keep_run: KeepRunOption = False,
 ) -> None:
     """Warp an image or label map through a field into fixed space (or moving space with --inverse)."""
     from pipeline.warp import warp_files
@@ -175,7 +187,7 @@ def warp(
     _quiet_dask()
     record = warp_files(
         field, moving, out, labels=labels, target=target, inverse=inverse, chunk_size=chunk_size,
-        workers=workers, scheduler=scheduler, overwrite=overwrite,
+        workers=workers, scheduler=scheduler, overwrite=overwrite, keep_run=keep_run,
     )  # fmt: skip
     if record.dashboard:
         typer.echo(f"dashboard was {record.dashboard}")

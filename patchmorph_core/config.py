@@ -241,15 +241,17 @@ class InferenceConfig(_Strict):
             The default runs no refinement pass: the polish (``polish_iterations``) does their job faster.
             Passes give a steadier network field (``configs/register_stable.yaml``,
             ``configs/register_refine.yaml``); the measurements are in ``docs/method.md``.
-        polish_iterations: greedy local-NCC steps on the finest field after the network
-            (:mod:`patchmorph_core.polish`; 0: none). Default 10: more steps fold more voxels for little
-            gain (``docs/method.md``, *Polish*).
-        polish_gain: update per unit of CC force (field voxels).
-        polish_max_step: largest update of a voxel in one step (field voxels).
-        polish_radius: half-width of the local CC window (field voxels; 2: 5³ voxels).
+        polish_iterations: greedy similarity steps on the finest field after the network, as a velocity
+            composed with the network's field (:mod:`patchmorph_core.polish`; 0: none). Default 10
+            (``docs/method.md``, *Polish*).
+        polish_gain: update per unit of force (field voxels).
+        polish_max_step: largest update of a voxel in one step (field voxels); with ``polish_iterations`` it
+            bounds the polish's velocity, hence the halo its integration reads.
+        polish_radius: half-width of the similarity's window (field voxels; 2: 5³ voxels).
         polish_sigma: Gaussian smoothing of each update (field voxels).
-        polish_correction_sigma: Gaussian smoothing of the accumulated correction at every step (field voxels);
-            it keeps the polish from folding the field.
+        polish_correction_sigma: Gaussian smoothing of the accumulated velocity at every step (field voxels).
+        polish_similarity: the similarity whose force drives the polish: ``"ncc"`` (local NCC, ANTs SyN's CC
+            update; one contrast) or ``"mind"`` (MIND-SSC, any contrasts; :mod:`patchmorph_core.similarity`).
         stage_check: score the contrast-robust similarity (MIND-SSC) before and after every network pass and the
             polish, record it in the pass's figures, and reject a pass that lowers it
             (:mod:`patchmorph_core.stage_check`).
@@ -275,6 +277,7 @@ class InferenceConfig(_Strict):
     polish_radius: int = Field(2, ge=1, le=8)
     polish_sigma: float = Field(1.5, ge=0.0, le=8.0)
     polish_correction_sigma: float = Field(0.5, ge=0.0, le=8.0)
+    polish_similarity: Literal["ncc", "mind"] = "ncc"
 
     @field_validator("field_spacing")
     @classmethod

@@ -330,6 +330,15 @@ def tissue_weights(image: MultiscaleImage, threshold: float = 0.1) -> tuple[np.n
     return weights, grid
 
 
+def tissue_mask(image: MultiscaleImage, grid: Grid, threshold: float = 0.1) -> np.ndarray:
+    """``grid.shape`` bool: where ``image`` (the level for ``grid``, trilinear) is tissue, i.e. its normalised
+    intensity (:func:`intensity_range`) is at least ``threshold`` — the same rule as :func:`tissue_weights`, on
+    any grid (e.g. a field's, for folds and inverse errors counted inside the tissue only)."""
+    level = image.with_unit(grid.unit).level_for_spacing(float(grid.spacing.min()))
+    values = sample_affine(level.array, level.grid.index_map(grid), tuple(grid.shape))
+    return normalize(values, *intensity_range(image)) >= threshold
+
+
 def tissue_center(image: MultiscaleImage) -> np.ndarray:
     """``(3,)`` world centre of intensity mass of the image's tissue (grid centre for an empty image)."""
     weights, grid = tissue_weights(image)

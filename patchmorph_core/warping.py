@@ -18,12 +18,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage
 
 from patchmorph_core.displacement import Displacement, FieldDisplacement, invert_points
-from patchmorph_core.sampling import row_box
+from patchmorph_core.sampling import row_box, sample_affine, sample_indices, shifted_indices
 from patchmorph_core.source import Level, MultiscaleImage, cache_box
-from patchmorph_core.spatial import Grid, index_box, read_box
+from patchmorph_core.spatial import Grid, box_corners, index_box, read_box
 
 
 def _level_for(moving: MultiscaleImage | Level, target: Grid) -> Level:
@@ -64,115 +63,57 @@ def grid_points(target: Grid) -> np.ndarray:
     return out
 
 
-def _axis_matrix(coords: np.ndarray, start: int, size: int, n: int) -> np.ndarray:
-    """``(len(coords), size)`` linear-interpolation matrix along one axis.
-
-    Row ``i`` holds the two weights that interpolate samples ``start .. start + size - 1`` of an axis of
-    ``n`` samples at the continuous index ``coords[i]``, clamped to ``[0, n - 1]`` (constant extension).
-    """
-    c = np.clip(coords, 0.0, n - 1.0)
-    lo = np.clip(np.floor(c), 0, max(n - 2, 0)).astype(np.int64)
-    hi = np.minimum(lo + 1, n - 1)
-    frac = c - lo
-    rows = np.arange(len(c))
-    matrix = np.zeros((len(c), size), dtype=np.float64)
-    np.add.at(matrix, (rows, lo - start), 1.0 - frac)
-    np.add.at(matrix, (rows, hi - start), frac)
-    return matrix
-
-
-def _axis_span(coords: np.ndarray, n: int) -> slice:
-    """The samples of an axis of ``n`` that linear interpolation at ``coords`` (clamped) touches."""
-    first = min(int(np.floor(np.clip(coords.min(), 0.0, n - 1.0))), max(n - 2, 0))
-    last = min(int(np.floor(np.clip(coords.max(), 0.0, n - 1.0))) + 1, n - 1)
-    return slice(first, last + 1)
-
-
-def _separable_field(displacement: FieldDisplacement, target: Grid) -> np.ndarray | None:
-    """``(3, Z, Y, X)`` float64 field on ``target`` by separable linear interpolation, or None.
-
-    When ``target``'s axes are parallel to the field grid's axes (same direction and unit, e.g. the fixed
-    grid or a chunk of it and the field made on it), target index → field index is a per-axis scale and
-    shift, so trilinear interpolation factorises into three 1-D interpolations, each a small matrix
-    product along one axis (``field[c, z, y, x] · Wz · Wy · Wx``) instead of a point-wise
-    ``map_coordinates`` per component. Same values as :class:`FieldDisplacement` (trilinear,
-    constant-extended outside the field grid) up to rounding. None when the axes are not parallel
-    (rotated or permuted target) or the units differ: use the point-wise sampler then.
-    """
-    fgrid = displacement.grid
-    if fgrid.unit != target.unit:
-        return None
-    matrix = fgrid.index_map(target)
-    linear = matrix[:3, :3]
-    if np.abs(linear - np.diag(np.diag(linear))).max() > 1e-9 * np.abs(np.diag(linear)).max():
-        return None
-    coords = [
-        linear[k, k] * np.arange(n, dtype=np.float64) + matrix[k, 3] for k, n in enumerate(target.shape)
-    ]
-    box = tuple(_axis_span(c, n) for c, n in zip(coords, fgrid.shape, strict=True))
-    values = (
-        read_box(displacement.field, (slice(None), *box)).astype(np.float32, copy=False).astype(np.float64)
-    )
-    for axis, (c, part, n) in enumerate(zip(coords, box, fgrid.shape, strict=True)):
-        weights = _axis_matrix(c, part.start, part.stop - part.start, n)
-        values = np.moveaxis(np.tensordot(values, weights, axes=([axis + 1], [1])), -1, axis + 1)
-    return values
-
-
 def field_on_grid(displacement: Displacement, target: Grid) -> np.ndarray:
-    """``(3, Z, Y, X)`` float64 displacement at every voxel centre of ``target`` (world units of ``target``).
+    """``(3, Z, Y, X)`` float32 displacement at every voxel centre of ``target`` (world units of ``target``).
 
-    A :class:`FieldDisplacement` on a grid with axes parallel to ``target`` is interpolated separably
-    (:func:`_separable_field`); any other displacement is evaluated point-wise.
+    A :class:`FieldDisplacement` in ``target``'s unit is interpolated by one float32 ``grid_sample`` of the
+    box its voxels need (:func:`~patchmorph_core.sampling.sample_affine`: target voxel → field voxel is
+    affine; constant extension outside the field, as the field's own ``__call__``); any other displacement
+    is evaluated point-wise.
     """
-    if isinstance(displacement, FieldDisplacement):
-        values = _separable_field(displacement, target)
-        if values is not None:
-            return values
-    return np.moveaxis(displacement(grid_points(target)).reshape(*target.shape, 3), -1, 0)
-
-
-def _moving_rows(moving: Grid, target: Grid, u: np.ndarray) -> np.ndarray:
-    """``(3, Z, Y, X)`` continuous indices on ``moving`` of ``x + u(x)`` for the voxel centres ``x`` of
-    ``target``: ``A i + b + R u`` with ``A, b`` target index → moving index and ``R`` the world → index part,
-    built by broadcasting (no ``(N, 3)`` point arrays).
-    """
-    inverse = moving.inverse_affine
-    matrix = inverse @ target.affine
-    axes = [np.arange(n, dtype=np.float64) for n in target.shape]
-    rows = np.tensordot(inverse[:3, :3], u, axes=1)
-    for a in range(3):
-        rows[a] += matrix[a, 3]
-        rows[a] += (matrix[a, 0] * axes[0])[:, None, None]
-        rows[a] += (matrix[a, 1] * axes[1])[None, :, None]
-        rows[a] += (matrix[a, 2] * axes[2])[None, None, :]
-    return rows
+    if isinstance(displacement, FieldDisplacement) and displacement.grid.unit == target.unit:
+        matrix = displacement.grid.index_map(target)
+        return sample_affine(displacement.field, matrix, tuple(target.shape), padding="border")
+    return np.moveaxis(displacement(grid_points(target)).reshape(*target.shape, 3), -1, 0).astype(np.float32)
 
 
 def sample_rows(
     level: Level, rows: np.ndarray, order: int, cval: float, dtype: np.dtype | type
 ) -> np.ndarray:
-    """Samples of ``level`` at ``(3, ...)`` continuous indices, reading only the box they need.
+    """Samples of ``level`` at ``(3, ...)`` continuous indices (component-major), reading only the box they need.
 
-    Same values as :func:`~patchmorph_core.spatial.resample` (``order`` 0 rounds ties up, ``cval``
-    outside the array), taking indices component-major so the box is found by contiguous reductions.
+    Trilinear (``order=1``): one float32 ``grid_sample`` (:func:`~patchmorph_core.sampling.sample_indices`), 0
+    — or ``cval`` — outside the array. Nearest (``order=0``): indices rounded half up, the array's values,
+    ``cval`` outside. The same values as :func:`~patchmorph_core.spatial.resample` up to float32 rounding.
 
     Returns:
         ``rows.shape[1:]`` array of ``dtype``.
     """
+    shape = tuple(int(n) for n in level.grid.shape)
+    if order > 0:
+        values = sample_indices(level.array, rows)
+        if cval != 0.0:
+            inside = _inside(rows, shape)
+            values = np.where(inside, values, np.float32(cval))
+        return values.astype(dtype, copy=False)
+    flat = np.floor(np.asarray(rows, np.float64).reshape(3, -1) + 0.5).astype(np.int64)
+    inside = _inside(flat, shape)
+    box = row_box(flat[:, inside], shape, margin=0) if inside.any() else None
+    out = np.full(flat.shape[1], cval, dtype=dtype)
+    if box is not None:
+        block = read_box(level.array, box)
+        local = flat[:, inside] - np.array([[s.start] for s in box], dtype=np.int64)
+        out[inside] = block[local[0], local[1], local[2]]
+    return out.reshape(rows.shape[1:])
+
+
+def _inside(rows: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Which of the ``(3, N)`` (or ``(3, ...)``) indices lie in ``[0, n − 1]`` on every axis."""
     flat = rows.reshape(3, -1)
-    box = row_box(flat, level.grid.shape, margin=max(order, 1))
-    if box is None:
-        return np.full(rows.shape[1:], cval, dtype=dtype)
-    block = read_box(level.array, box)
-    local = flat - np.array([[s.start] for s in box], dtype=np.float64)
-    if order == 0:
-        local = np.floor(local + 0.5)
-    values = ndimage.map_coordinates(
-        block.astype(np.float32) if order > 0 else block, local, order=order, mode="constant", cval=cval,
-        prefilter=False,
-    )  # fmt: skip
-    return values.reshape(rows.shape[1:]).astype(dtype, copy=False)
+    inside = (flat[0] >= 0) & (flat[0] <= shape[0] - 1)
+    for k in (1, 2):
+        inside &= (flat[k] >= 0) & (flat[k] <= shape[k] - 1)
+    return inside.reshape(rows.shape[1:])
 
 
 def cast_values(values: np.ndarray, dtype: np.dtype | type) -> np.ndarray:
@@ -186,9 +127,10 @@ def cast_values(values: np.ndarray, dtype: np.dtype | type) -> np.ndarray:
 
 def _warp_box(level: Level, displacement: Displacement, target: Grid, order: int, cval: float) -> np.ndarray:
     """``target.shape`` samples of ``level`` at ``x + u(x)`` (float32 for ``order=1``, the array's dtype
-    for ``order=0``); temporaries are about 100 bytes per voxel of ``target``.
+    for ``order=0``): the field upsampled and the moving indices formed in float32
+    (:func:`~patchmorph_core.sampling.shifted_indices`), about 40 bytes of temporaries per voxel of ``target``.
     """
-    rows = _moving_rows(level.grid, target, field_on_grid(displacement, target))
+    rows = shifted_indices(target, level.grid, field_on_grid(displacement, target))
     dtype = np.float32 if order > 0 else np.dtype(getattr(level.array, "dtype", np.float32))
     return sample_rows(level, rows, order, cval, dtype)
 
@@ -197,17 +139,44 @@ FIELD_CACHE_BYTES = 256 * 1024**2
 """Largest box of a store-backed field that :func:`warp_to_grid` holds in memory for one target."""
 
 
-def _field_cached(displacement: Displacement, target: Grid) -> Displacement:
-    """A store-backed :class:`FieldDisplacement` with the box under ``target`` (plus 2 voxels) read once,
-    so the cubes of one target do not each read the store; other displacements unchanged."""
-    if not isinstance(displacement, FieldDisplacement):
-        return displacement
+def _field_box(displacement: FieldDisplacement, target: Grid) -> tuple[slice, ...] | None:
+    """The box of the field (plus 2 voxels) that ``target``'s voxel centres fall in (clamped to the field)."""
     grid = displacement.grid
     corners = np.array(np.meshgrid(*[[0.0, n - 1.0] for n in target.shape], indexing="ij")).reshape(3, -1).T
     index = np.clip(grid.world_to_index(target.index_to_world(corners)), 0.0, np.asarray(grid.shape) - 1.0)
-    box = index_box(index, grid.shape, margin=2)
+    return index_box(index, grid.shape, margin=2)
+
+
+def _field_cached(displacement: Displacement, target: Grid) -> Displacement:
+    """A store-backed :class:`FieldDisplacement` with the box under ``target`` (:func:`_field_box`) read once,
+    so the cubes of one target do not each read the store; other displacements unchanged."""
+    if not isinstance(displacement, FieldDisplacement):
+        return displacement
+    box = _field_box(displacement, target)
     field_box = None if box is None else (slice(None), *box)
-    return FieldDisplacement(cache_box(displacement.field, field_box, FIELD_CACHE_BYTES), grid)
+    return FieldDisplacement(cache_box(displacement.field, field_box, FIELD_CACHE_BYTES), displacement.grid)
+
+
+MOVING_CACHE_BYTES = 512 * 1024**2
+"""Largest box of the moving image that :func:`warp_to_grid` holds in memory for one target."""
+
+
+def _moving_cached(level: Level, displacement: Displacement, target: Grid) -> Level:
+    """``level`` with the box every voxel of ``target`` maps into held in memory (read and decompressed once,
+    not once per cube): for a (cached) :class:`FieldDisplacement`, the target's world box moved by the
+    smallest and largest displacement of the field box under it (a superset of the points' box); other
+    displacements, or a box over :data:`MOVING_CACHE_BYTES`, leave the level as it is."""
+    if not isinstance(displacement, FieldDisplacement) or isinstance(level.array, np.ndarray):
+        return level
+    box = _field_box(displacement, target)
+    if box is None:
+        return level
+    field = read_box(displacement.field, (slice(None), *box))
+    low, high = field.reshape(3, -1).min(axis=1), field.reshape(3, -1).max(axis=1)
+    t_low, t_high = target.world_bounds()
+    corners = box_corners(t_low + np.minimum(low, 0.0), t_high + np.maximum(high, 0.0))
+    box = index_box(level.grid.world_to_index(corners), level.grid.shape, margin=1)
+    return Level(cache_box(level.array, box, MOVING_CACHE_BYTES), level.grid)
 
 
 def warp_to_grid(
@@ -247,6 +216,7 @@ def warp_to_grid(
         dtype = np.float32 if order > 0 else np.dtype(getattr(level.array, "dtype", np.float32))
     out = np.empty(target.shape, dtype=dtype)
     displacement = _field_cached(displacement, target)
+    level = _moving_cached(level, displacement, target)
     for box in sub_boxes(target.shape, cube_for(block) if cube is None else cube):
         sub = target.crop([s.start for s in box], [s.stop for s in box])
         out[box] = cast_values(_warp_box(level, displacement, sub, order, cval), dtype)

@@ -127,8 +127,9 @@ class FieldStore(Protocol):
         ``output``: its field is the registration's output (no polish follows)."""
         ...
 
-    def polish_pass(self, name: str, plan: ChunkPlan, *, output: bool) -> PassArrays:
-        """The arrays of polish pass ``name`` on ``plan``'s grid and chunks; ``output``: the last one."""
+    def polish_pass(self, name: str, plan: ChunkPlan) -> PassArrays:
+        """The arrays of the polish pass ``name``, which writes the output field, on ``plan``'s grid and chunks
+        (the store's chunks where it keeps the pass in one, with ``plan``'s halo)."""
         ...
 
 
@@ -143,8 +144,9 @@ class MemoryStore:
     def network_pass(self, name: str, grid: Grid, *, last: bool, output: bool) -> PassArrays:
         return self._arrays(grid, last)
 
-    def polish_pass(self, name: str, plan: ChunkPlan, *, output: bool) -> PassArrays:
-        return self._arrays(plan.grid, False)
+    def polish_pass(self, name: str, plan: ChunkPlan) -> PassArrays:
+        arrays = self._arrays(plan.grid, False)
+        return PassArrays(arrays.field, None, ChunkPlan(plan.grid, plan.grid.shape, plan.halo), arrays.records)
 
 
 def _plan_for(arrays: list[Any], grid: Grid) -> ChunkPlan:
@@ -196,14 +198,9 @@ class ZarrStore:
         # the polish writes the output field in the same units: the plan nests all three
         return PassArrays(field_, unc, _plan_for([field_, unc, final], grid), records)
 
-    def polish_pass(self, name: str, plan: ChunkPlan, *, output: bool) -> PassArrays:
-        records = self.records.stage(name)
-        resume = bool(records.completed())
-        if output:
-            field_ = self._array(self.out, plan.grid, self.chunk_size, 3, True, name="displacement", extra_attrs=self.meta)
-        else:
-            field_ = self._array(self.records.root / f"{name}.zarr", plan.grid, max(plan.chunk), 3, resume, name=name)
-        return PassArrays(field_, None, plan, records)
+    def polish_pass(self, name: str, plan: ChunkPlan) -> PassArrays:
+        field_ = self._array(self.out, plan.grid, self.chunk_size, 3, True, name="displacement", extra_attrs=self.meta)
+        return PassArrays(field_, None, plan, self.records.stage(name))
 
 
 # -- the tasks of a network pass -----------------------------------------------------------------------------
@@ -336,7 +333,7 @@ class DriverRun:
         grid: the output field grid.
         stages: one record per pass, network passes then the polish's (name, kind, figures, seconds):
             the per-stage figures a caller reports or checks.
-        polish: the polish's figures, or None (``polish_iterations: 0``).
+        polish: the polish pass's figures (also the last of ``stages``), or None (``polish_iterations: 0``).
         chunks: chunks of the output field; ``skipped``: chunks of every pass found done.
     """
 
@@ -445,7 +442,7 @@ def run_registration(executor: Executor, inputs: Inputs, store: FieldStore, prog
         store: where the passes' arrays and records live.
         progress: show a progress bar per pass.
     """
-    from pipeline.polish import run_polish  # the polish's tasks build on this module's records
+    from pipeline.polish import run_polish  # the polish's tasks build on this module's stores
 
     plan = inputs.plan
     settings = PolishSettings.from_config(inputs.config)
@@ -479,7 +476,7 @@ def run_registration(executor: Executor, inputs: Inputs, store: FieldStore, prog
     output, polish = arrays.field, None
     if settings.iterations > 0:
         output, polish = run_polish(executor, inputs, settings, arrays, store, progress)
-        stages.extend(polish["passes"])
+        stages.append(polish)
         if scorer is not None:
             check = StageCheck(score, scorer.score(FieldDisplacement(output, plan.grids[-1])))
             stages[-1].update(check.record())

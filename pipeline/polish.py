@@ -1,19 +1,33 @@
-"""The polish (:mod:`patchmorph_core.polish`) of a chunked registration's final field, tile by tile on Dask.
+"""The polish (:mod:`patchmorph_core.polish`) of a registration's finest field: one pass over the data, tile by
+tile, like a network stage.
 
-Every polish step at a voxel depends on the voxels within ``reach`` of it (:attr:`PolishSettings.reach`),
-so ``k`` steps on a tile of output chunks padded by ``k × reach`` voxels give the tile's inside as the whole
-grid would (to float rounding). The steps are run in passes: each pass reads the network's field ``u₀`` and the
-correction of the pass before (``<run>/polish<p>.zarr``) on its padded tiles, takes ``k`` steps and writes
-its tiles' correction; the last pass writes ``u₀ + c`` into the output field. The steps per pass and the
-tile size are chosen (:func:`polish_passes`) so that a padded tile stays within :data:`POLISH_BOX_VOXELS`
-and as little as possible is computed twice; a field that fits is one tile and one pass — the in-memory
-case (:func:`patchmorph_core.inference.polish_field`). Tiles run through :func:`pipeline.chunked.run_chunked`
-as blocks whose pieces are the output chunks, so passes resume chunk by chunk like the stages.
+Geometry (``(z, y, x)`` voxel boxes of the final field grid)::
+
+    field grid ──PolishTiles──▶ tiles: cores of ``core`` voxels tiling the grid (a global lattice centred on
+                                it), each polished on its core grown by ``halo`` voxels (clipped to the grid)
+    tile t     ──weights─────▶  a partition of unity: 1 inside the core, cos²/sin² ramps of ``2 ramp`` voxels
+                                across every boundary between two cores, 0 in the outer ``halo − ramp`` voxels
+                                (where the box's own border spoils the similarity's windows and smoothing)
+    chunk c    ◀──needs───────  the tiles that meet c grown by the integration halo
+
+A tile task (:func:`polish_tile`) reads the fixed image, the network's field ``u₀`` and the moving image on
+its box once, takes every step (:func:`~patchmorph_core.polish.polish_velocity`) and returns its weighted
+velocity as :class:`~patchmorph_core.inference.FieldSums` cut into one piece per chunk; one task per output
+chunk (:func:`write_polished_chunk`) adds the pieces over the chunk and its integration halo
+(:attr:`~patchmorph_core.polish.PolishSettings.exp_halo`), averages them (``v̄ = Σ w v / Σ w``), integrates
+``c = exp(v̄)`` (:func:`~patchmorph_core.displacement.exp_velocity`), composes ``u = c ∘ u₀``
+(:func:`~patchmorph_core.inference.compose_on_grid`) and writes the chunk once. The tiles depend on the grid
+alone, so the field depends neither on the chunks nor on the workers; a field within one tile is one box, as
+in memory.
+
+Cost: each field voxel is stepped ``((core + 2 halo) / core)³`` times at most (1.6× with the defaults, 1× for a
+field within one tile), and every input is read once per tile.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -21,77 +35,102 @@ from typing import Any
 import numpy as np
 
 from patchmorph_core.config import resolve_device
-from patchmorph_core.polish import PolishSettings, polish_correction
+from patchmorph_core.displacement import FieldDisplacement, exp_velocity
+from patchmorph_core.inference import FieldSums, compose_on_grid
+from patchmorph_core.polish import SQUARINGS, PolishSettings, polish_velocity
 from patchmorph_core.source import MultiscaleImage
 from patchmorph_core.spatial import read_box
-from pipeline.chunked import BLOCK_FIGURES, Box, ChunkPlan, run_chunked
-from pipeline.driver import FieldStore, Inputs, PassArrays, Records
+from pipeline.chunked import BLOCK_FIGURES, Box, ChunkPlan, reduce_partials, run_chunked, split_partial
+from pipeline.driver import FieldStore, Inputs, PassArrays
 from pipeline.executor import Executor
 from pipeline.resume import ChunkId
 
 log = logging.getLogger(__name__)
 
-POLISH_BOX_VOXELS = 160**3
-"""Largest padded tile of a polish pass (field voxels; about 80 bytes each in the task: the field, the
-correction, the images and the filter temporaries, so about 0.3 GB)."""
+TILE_BOX = 160
+"""Largest edge of a polished box (core + 2 halo, field voxels; about 150 bytes a voxel in the task: the images,
+``u₀``, the velocity, the sampling indices and the filters' temporaries, so about 0.6 GB)."""
+
+TILE_HALO = 12
+"""Field voxels polished around a tile's core (its neighbours' cores): the box border's effect on the
+similarity's windows (radius 2) and on the smoothing (σ 1.5 each step, σ 0.5 accumulated over the steps) fades
+within it."""
+
+TILE_RAMP = 6
+"""Half-width of the blend between two tiles (field voxels, within :data:`TILE_HALO`)."""
 
 
-def polish_passes(
-    shape: tuple[int, ...], chunk: tuple[int, ...], settings: PolishSettings, max_voxels: int | None = None
-) -> list[tuple[int, int]]:
-    """``(steps, tile edge in chunks)`` of each pass: per pass the pair that computes the fewest padded voxels
-    per output voxel and step, ``prod(tile + 2 k reach) / prod(tile) / k`` (tiles and pads clipped to the
-    grid), among those whose padded tile has at most ``max_voxels`` voxels (else one chunk and one step);
-    ties go to more steps and larger tiles (fewer passes and tasks). ``max_voxels`` defaults to
-    :data:`POLISH_BOX_VOXELS`, read at call time."""
-    max_voxels = POLISH_BOX_VOXELS if max_voxels is None else max_voxels
-    remaining = settings.iterations
-    most_chunks = max(-(-n // c) for n, c in zip(shape, chunk, strict=True))
-    passes: list[tuple[int, int]] = []
-    while remaining > 0:
-        best: tuple[float, int, int] | None = None
-        for steps in range(remaining, 0, -1):
-            halo = steps * settings.reach
-            for m in range(most_chunks, 0, -1):
-                tile = [min(m * c, n) for c, n in zip(chunk, shape, strict=True)]
-                padded = [min(t + 2 * halo, n) for t, n in zip(tile, shape, strict=True)]
-                if int(np.prod(padded)) > max_voxels:
-                    continue
-                cost = float(np.prod(padded)) / float(np.prod(tile)) / steps
-                if best is None or cost < best[0] - 1e-9:
-                    best = (cost, steps, m)
-        steps, m = (1, 1) if best is None else best[1:]
-        passes.append((steps, m))
-        remaining -= steps
-    return passes
+@dataclass(frozen=True)
+class PolishTiles:
+    """The global tile lattice of the polish on a grid of ``shape`` (see the module docstring).
+
+    Along each axis of ``n`` voxels, ``ceil(n / core)`` cores of ``core`` voxels centred on the grid (edge
+    cores clipped); a grid within one core along an axis is one tile along it, without halo or ramp.
+    """
+
+    shape: tuple[int, int, int]
+    core: int = TILE_BOX - 2 * TILE_HALO
+    halo: int = TILE_HALO
+    ramp: int = TILE_RAMP
+
+    def _cores(self, axis: int) -> list[tuple[int, int]]:
+        n = self.shape[axis]
+        count = -(-n // self.core)
+        origin = (n - count * self.core) // 2
+        return [(max(origin + j * self.core, 0), min(origin + (j + 1) * self.core, n)) for j in range(count)]
+
+    def tiles(self) -> list[tuple[Box, Box]]:
+        """``(core, box)`` of every tile, raster order."""
+        axes = [self._cores(a) for a in range(3)]
+        out = []
+        for cz in axes[0]:
+            for cy in axes[1]:
+                for cx in axes[2]:
+                    core = Box(tuple(c[0] for c in (cz, cy, cx)), tuple(c[1] for c in (cz, cy, cx)))  # type: ignore[arg-type]
+                    start = tuple(max(a - self.halo, 0) for a in core.start)
+                    stop = tuple(min(b + self.halo, n) for b, n in zip(core.stop, self.shape, strict=True))
+                    out.append((core, Box(start, stop)))  # type: ignore[arg-type]
+        return out
+
+    def _profile(self, axis: int, core: tuple[int, int], box: tuple[int, int]) -> np.ndarray:
+        """The 1-D weights of one tile along ``axis`` on its box (see the module docstring)."""
+        index = np.arange(box[0], box[1], dtype=np.float64) + 0.5
+        weights = np.ones(box[1] - box[0])
+        width = 2.0 * self.ramp
+        if core[0] > 0:  # a neighbour before: rise across the boundary
+            rise = np.clip((index - (core[0] - self.ramp)) / width, 0.0, 1.0)
+            weights *= np.where(rise > 0.0, np.sin(0.5 * math.pi * rise) ** 2, 0.0)
+        if core[1] < self.shape[axis]:  # a neighbour after: fall across it (cos² + sin² = 1 with its rise)
+            fall = np.clip((index - (core[1] - self.ramp)) / width, 0.0, 1.0)
+            weights *= np.where(fall < 1.0, np.cos(0.5 * math.pi * fall) ** 2, 0.0)
+        return weights
+
+    def weights(self, core: Box, box: Box) -> np.ndarray:
+        """``box.shape`` float32 weights of the tile with ``core`` (the tiles' weights add up to 1 everywhere)."""
+        profiles = [self._profile(a, (core.start[a], core.stop[a]), (box.start[a], box.stop[a])) for a in range(3)]
+        return np.einsum("i,j,k->ijk", *profiles).astype(np.float32)
 
 
-def tiles(plan: ChunkPlan, chunks_per_tile: int) -> list[Box]:
-    """The output grid cut into tiles of ``chunks_per_tile`` chunks per axis (edge tiles clipped), raster order."""
-    edge = [chunks_per_tile * c for c in plan.chunk]
-    counts = [-(-n // e) for n, e in zip(plan.grid.shape, edge, strict=True)]
-    out = []
-    for index in np.ndindex(*counts):
-        start = tuple(int(i * e) for i, e in zip(index, edge, strict=True))
-        stop = tuple(min(s + e, n) for s, e, n in zip(start, edge, plan.grid.shape, strict=True))
-        out.append(Box(start, stop))  # type: ignore[arg-type]
-    return out
+@dataclass(frozen=True)
+class PolishTile:
+    """One tile: its core and its polished box."""
+
+    core: Box
+    box: Box
 
 
 @dataclass(frozen=True)
 class PolishContext:
-    """Everything the tasks of one polish pass need (picklable; sent to each worker once).
+    """Everything the tasks of the polish need (shared with the tasks once; picklable).
 
     Attributes:
         fixed, moving: image pyramids (moving in the fixed unit).
         fixed_range, moving_range: intensity ranges (the registration's).
-        settings: the polish settings; ``steps``: the steps of this pass.
-        plan: the output chunks of the final field grid.
+        settings: the polish settings.
+        tiles: the tile lattice.
         network_field: ``(3, Z, Y, X)`` array of the network's final field ``u₀``.
-        correction: ``(3, Z, Y, X)`` array of the previous pass's correction, or None (first pass).
-        out: the array this pass writes: the next correction, or the output field ``u₀ + c`` (``total``).
-        records: this pass's completion records.
-        device: the registration's ``device`` setting (resolved on the worker: a GPU worker polishes on it).
+        arrays: the output field array, its chunk plan (with the integration halo) and records.
+        device: the registration's ``device`` setting (resolved in the task: a GPU worker polishes on it).
     """
 
     fixed: MultiscaleImage
@@ -99,55 +138,51 @@ class PolishContext:
     fixed_range: tuple[float, float]
     moving_range: tuple[float, float]
     settings: PolishSettings
-    steps: int
-    plan: ChunkPlan
+    tiles: PolishTiles
     network_field: Any
-    correction: Any
-    out: Any
-    total: bool
-    records: Records
+    arrays: PassArrays
     device: str = "auto"
 
 
-def polish_tile(ctx: PolishContext, tile: Box) -> dict[ChunkId, np.ndarray]:
-    """Task: ``ctx.steps`` polish steps on ``tile`` padded by ``steps × reach`` voxels; returns the tile's
-    values (correction, or ``u₀ + c`` in the last pass) cut into one ``(3, *chunk)`` piece per output chunk;
-    its seconds go to ``<run>/polish<p>/blocks/<tile>.json`` (:meth:`~pipeline.resume.StageRecords.log_block`)."""
+def polish_tile(ctx: PolishContext, tile: PolishTile) -> dict[Any, Any]:
+    """Task: polish one tile's box; its weighted velocity cut into one piece per chunk it meets (grown by the
+    integration halo), and its figures (also logged to the records)."""
     tic = time.perf_counter()
-    shape = ctx.plan.grid.shape
-    halo = ctx.steps * ctx.settings.reach
-    start = [max(a - halo, 0) for a in tile.start]
-    stop = [min(b + halo, n) for b, n in zip(tile.stop, shape, strict=True)]
-    outer = (slice(None), *(slice(a, b) for a, b in zip(start, stop, strict=True)))
-    grid = ctx.plan.grid.crop(start, stop)
-    field = read_box(ctx.network_field, outer).astype(np.float32, copy=False)
-    previous = None if ctx.correction is None else read_box(ctx.correction, outer)
-    correction = polish_correction(
-        ctx.fixed, ctx.moving, (ctx.fixed_range, ctx.moving_range), field, previous, grid, ctx.settings, ctx.steps,
+    plan = ctx.arrays.plan
+    grid = plan.grid.crop(tile.box.start, tile.box.stop)
+    field = read_box(ctx.network_field, (slice(None), *tile.box.slices)).astype(np.float32, copy=False)
+    velocity = polish_velocity(
+        ctx.fixed, ctx.moving, (ctx.fixed_range, ctx.moving_range), field, grid, ctx.settings,
         device=resolve_device(ctx.device),
     )  # fmt: skip
-    values = field + correction if ctx.total else correction
+    weights = ctx.tiles.weights(tile.core, tile.box)
+    sums = FieldSums(grid, velocity * weights, weights, np.zeros_like(weights), 1)
+    pieces: dict[Any, Any] = dict(split_partial(plan, tile.box, sums))
     seconds = time.perf_counter() - tic
     figures = {"seconds": seconds, "polish_seconds": seconds, "voxels": int(np.prod(grid.shape))}
-    ctx.records.log_block(tile.start, figures)
-    pieces: dict[Any, Any] = {BLOCK_FIGURES: figures}
-    for cid in ctx.plan.chunks_meeting(tile):
-        box = ctx.plan.box(cid)
-        inner = tuple(slice(a - s, b - s) for a, b, s in zip(box.start, box.stop, start, strict=True))
-        pieces[cid] = np.ascontiguousarray(values[(slice(None), *inner)])
+    ctx.arrays.records.log_block(tile.box.start, figures)
+    pieces[BLOCK_FIGURES] = figures
     return pieces
 
 
-def write_polish_chunk(ctx: PolishContext, cid: ChunkId, partials: list[tuple[Box, np.ndarray]]) -> dict[str, Any]:
-    """Task: write chunk ``cid`` of the pass's output whole (its one tile's piece), then record it."""
+def write_polished_chunk(ctx: PolishContext, cid: ChunkId, partials: list[tuple[Box, FieldSums]]) -> dict[str, Any]:
+    """Task: average the tiles' velocities over chunk ``cid`` and its integration halo, integrate, compose with
+    the network's field on the chunk and write it whole, then record it."""
     tic = time.perf_counter()
-    if len(partials) != 1:
-        raise ValueError(f"polish chunk {cid} got {len(partials)} tiles, expected 1")
-    box, piece = partials[0]
-    ctx.records.log_write(cid)
-    ctx.out[(slice(None), *box.slices)] = piece
-    info = {"seconds": time.perf_counter() - tic}
-    ctx.records.mark_done(cid, info)
+    plan = ctx.arrays.plan
+    reach, box = plan.reach_box(cid), plan.box(cid)
+    sums = reduce_partials(plan.grid, reach, partials)
+    covered = sums.weight > 0
+    mean = sums.weighted / np.where(covered, sums.weight, np.float32(1.0)) * covered
+    displacement = exp_velocity(mean, sums.grid, SQUARINGS)
+    inner = (slice(None), *box.relative_to(reach.start).slices)
+    chunk_grid = plan.grid.crop(box.start, box.stop)
+    network = FieldDisplacement(ctx.network_field, plan.grid)
+    field = compose_on_grid(np.ascontiguousarray(displacement[inner]), chunk_grid, network)
+    ctx.arrays.records.log_write(cid)
+    ctx.arrays.field[(slice(None), *box.slices)] = field
+    info = {"seconds": time.perf_counter() - tic, "blocks": len(partials), "voxels": int(np.prod(box.shape))}
+    ctx.arrays.records.mark_done(cid, info)
     return info
 
 
@@ -159,48 +194,39 @@ def run_polish(
     store: FieldStore,
     progress: bool = True,
 ) -> tuple[Any, dict[str, Any]]:
-    """Polish the network's final field ``network.field`` in passes (see the module doc).
+    """Polish the network's final field ``network.field`` into the output field (see the module docstring).
 
     Args:
         executor: where the tile tasks run (with ``{"GPU": 1}`` on GPU clusters, as the network's blocks).
         inputs: the registration's images, plan and settings.
         settings: the polish settings (``settings.iterations`` > 0).
         network: the finest network pass's arrays (its field is ``u₀``; its plan gives the output chunks).
-        store: where each pass's correction and the output field live (one record stage ``polish<p>`` a pass).
-        progress: show progress bars.
+        store: where the output field and the polish's records live.
+        progress: show a progress bar.
 
     Returns:
-        The output field array and the figures: steps and tiles per pass, seconds.
+        The output field array and the polish pass's figures (kind ``"polish"``: steps, tiles, seconds).
     """
-    tic = time.perf_counter()
-    plan = network.plan
-    passes = polish_passes(plan.grid.shape, plan.chunk, settings)
-    resources = {"GPU": 1.0} if executor.gpu else None
-    correction = None
-    figures = []
-    target = network.field
-    for p, (steps, per_tile) in enumerate(passes):
-        name = f"polish{p + 1}"
-        total = p == len(passes) - 1
-        arrays = store.polish_pass(name, plan, output=total)
-        target = arrays.field
-        ctx = PolishContext(
-            fixed=inputs.fixed, moving=inputs.plan.moving, fixed_range=inputs.plan.fixed_range,
-            moving_range=inputs.plan.moving_range, settings=settings, steps=steps, plan=plan,
-            network_field=network.field, correction=correction, out=target, total=total, records=arrays.records,
-            device=inputs.config.device,
-        )  # fmt: skip
-        work = tiles(plan, per_tile)
-        run = run_chunked(
-            executor, name, plan, arrays.records, ctx, write_polish_chunk,
-            blocks=work, block_fn=polish_tile, supports=work, resources=resources, progress=progress,
-        )  # fmt: skip
-        figures.append({
-            "name": name, "kind": "polish", "pass": p + 1, "steps": steps, "tiles": len(work), "skipped": run.skipped,
-            "seconds": run.seconds, "block_seconds": run.total("seconds"), "polish_seconds": run.total("polish_seconds"),
-            "chunk_seconds": float(sum(f.get("seconds", 0.0) for f in run.chunk_figures)),
-        })  # fmt: skip
-        correction = target
-    info = {"iterations": settings.iterations, "passes": figures, "seconds": time.perf_counter() - tic}
-    log.info("polish: %d steps in %d passes, %.1f s", settings.iterations, len(passes), info["seconds"])
-    return target, info
+    plan = ChunkPlan(network.plan.grid, network.plan.chunk, halo=settings.exp_halo)
+    arrays = store.polish_pass("polish", plan)
+    tiles = PolishTiles(plan.grid.shape, core=TILE_BOX - 2 * TILE_HALO, halo=TILE_HALO, ramp=TILE_RAMP)
+    work = [PolishTile(core, box) for core, box in tiles.tiles()]
+    ctx = PolishContext(
+        fixed=inputs.fixed, moving=inputs.plan.moving, fixed_range=inputs.plan.fixed_range,
+        moving_range=inputs.plan.moving_range, settings=settings, tiles=tiles, network_field=network.field,
+        arrays=arrays, device=inputs.config.device,
+    )  # fmt: skip
+    run = run_chunked(
+        executor, "polish", arrays.plan, arrays.records, ctx, write_polished_chunk,
+        blocks=work, block_fn=polish_tile, supports=[t.box for t in work],
+        resources={"GPU": 1.0} if executor.gpu else None, progress=progress,
+    )  # fmt: skip
+    record = {
+        "name": "polish", "kind": "polish", "steps": settings.iterations, "similarity": settings.similarity,
+        "tiles": len(work), "tile_core": tiles.core, "chunks": run.chunks, "skipped": run.skipped,
+        "seconds": run.seconds, "block_seconds": run.total("seconds"), "polish_seconds": run.total("polish_seconds"),
+        "polished_voxels": int(run.total("voxels")),
+        "chunk_seconds": float(sum(f.get("seconds", 0.0) for f in run.chunk_figures)),
+    }  # fmt: skip
+    log.info("polish: %d steps on %d tiles, %.1f s", settings.iterations, len(work), run.seconds)
+    return arrays.field, record

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -59,7 +60,8 @@ class RegistrationRecord(BaseModel):
     Attributes:
         field: the displacement field (OME-Zarr, axes ``c, z, y, x``, fixed → moving, fixed unit).
         uncertainty: the per-voxel spread of the patch estimates (child image of ``field``).
-        run: the run folder with completion records (rerun to resume; safe to delete when done).
+        run: the run folder with the completion records (a rerun of an interrupted command resumes from
+            it); removed when the run finishes unless ``keep_run``.
         grid_shape: field grid shape ``(Z, Y, X)``.
         spacing: field spacing ``(z, y, x)`` in ``unit``.
         field_spacing: the field spacing used, where it came from (given or default, with the reason) and
@@ -212,6 +214,7 @@ def register_files(
     overwrite: bool = False,
     progress: bool = True,
     checks: CheckOptions | None = None,
+    keep_run: bool = False,
 ) -> RegistrationRecord:
     """Register ``moving`` to ``fixed`` and write the displacement field to ``out`` (see the module docstring).
 
@@ -226,6 +229,8 @@ def register_files(
         overwrite: replace a finished output and discard old records.
         progress: show progress bars.
         checks: what the pre-flight and quality checks may let through (:class:`pipeline.checks.CheckOptions`).
+        keep_run: keep the run folder ``<out>.run`` (per-chunk records, block timings, the passes' fields)
+            after the run finishes; by default it is removed then (it exists only to resume).
 
     Returns:
         A :class:`RegistrationRecord` naming what was written.
@@ -265,6 +270,8 @@ def register_files(
         if conclude(out, quality, checks.accept_quality):
             finish_image(out, n_levels=1, client=client)
             records.finish()
+            if not keep_run:
+                shutil.rmtree(run_root)
     grid = rplan.grids[-1]
     record = RegistrationRecord(
         field=out,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,6 +176,7 @@ def warp_files(
     scheduler: str | Path | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    keep_run: bool = False,
 ) -> WarpRecord:
     """Warp an image or label map through a field (see the module docstring), chunk by chunk.
 
@@ -191,6 +193,8 @@ def warp_files(
         workers, scheduler: as in :func:`pipeline.register.register_files`.
         overwrite: replace a finished output.
         progress: show a progress bar.
+        keep_run: keep the run folder ``<out>.run`` (per-chunk records) after the run finishes; by default it
+            is removed then (it exists only to resume).
 
     Raises:
         InputError: bad input, before heavy work starts.
@@ -253,6 +257,8 @@ def warp_files(
         finish_image(out, client=getattr(executor, "client", None))  # on a cluster: built by its workers
     max_error, mean_error = _record_inverse_error(out, stage, plan) if inverse else (None, None)
     records.finish()
+    if not keep_run:
+        shutil.rmtree(run_root)
     log.info("wrote %s %s (grid %s, %s)", "labels" if labels else "image", out, grid.shape, grid.unit)
     return WarpRecord(
         out=out,

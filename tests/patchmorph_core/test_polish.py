@@ -1,5 +1,5 @@
-"""The polish: its filters against scipy, a known shift recovered on rotated anisotropic grids, the exactness
-of a padded box, and the pipeline's pass schedule."""
+"""The polish: its smoothing against scipy, a known shift recovered on rotated anisotropic grids, and the
+velocity's integration (a diffeomorphism whose inverse is exp(-v); a box grown by |v| + N is exact)."""
 
 from __future__ import annotations
 
@@ -8,16 +8,12 @@ import pytest
 import torch
 from scipy import ndimage
 
-from patchmorph_core.polish import (
-    PolishSettings,
-    box_mean,
-    gauss_radius,
-    gaussian,
-    polish_correction,
-)
+from patchmorph_core.displacement import FieldDisplacement, exp_velocity
+from patchmorph_core.metrics import jacobian_determinant
+from patchmorph_core.polish import PolishSettings, gauss_radius, gaussian, polish_velocity
+from patchmorph_core.sampling import displacement_after
 from patchmorph_core.source import Level, MultiscaleImage
 from patchmorph_core.spatial import Grid
-from pipeline.polish import polish_passes
 
 CENTRES = np.array([[-6.0, -5.0, 4.0], [5.0, 6.0, -3.0], [2.0, -7.0, -6.0], [-4.0, 5.0, 7.0], [0.0, 0.0, 0.0]])
 
@@ -59,13 +55,10 @@ def shifted_pair() -> tuple[MultiscaleImage, MultiscaleImage, Grid, np.ndarray]:
     return fixed, moving, field_grid, shift
 
 
-def test_box_mean_and_gaussian_equal_scipy_with_nearest_border() -> None:
+def test_gaussian_equals_scipy_with_nearest_border() -> None:
     rng = np.random.default_rng(0)
     volume = rng.random((2, 13, 11, 9)).astype(np.float32)
     tensor = torch.as_tensor(volume)[None]
-    for radius in (1, 2):
-        expected = np.stack([ndimage.uniform_filter(v, 2 * radius + 1, mode="nearest") for v in volume])
-        assert np.allclose(box_mean(tensor, radius)[0].numpy(), expected, atol=1e-6)
     for sigma in (0.5, 1.5):
         expected = np.stack(
             [ndimage.gaussian_filter(v, sigma, mode="nearest", radius=gauss_radius(sigma)) for v in volume]
@@ -73,58 +66,58 @@ def test_box_mean_and_gaussian_equal_scipy_with_nearest_border() -> None:
         assert np.allclose(gaussian(tensor, sigma)[0].numpy(), expected, atol=1e-6)
 
 
-def test_polish_recovers_a_known_shift_in_world(shifted_pair: tuple) -> None:
-    """From a zero field, the polish moves the field towards +shift (world, mm) where the image has
-    structure: sign, axis order and the grids' rotations all show."""
+@pytest.mark.parametrize("similarity", ["ncc", "mind"])
+def test_polish_recovers_a_known_shift_in_world(shifted_pair: tuple, similarity: str) -> None:
+    """From a zero field, the polish's velocity points along +shift (world, mm) where the image has structure:
+    sign, axis order and the grids' rotations all show; from the answer it barely moves. Either similarity
+    drives it (its force is the similarity object's)."""
     fixed, moving, grid, shift = shifted_pair
-    settings = PolishSettings(iterations=10)
-    correction = polish_correction(
-        fixed, moving, ((0.0, 2.0), (0.0, 2.0)), np.zeros((3, *grid.shape), np.float32), None, grid, settings,
-        settings.iterations,
-    )  # fmt: skip
+    settings = PolishSettings(iterations=10, similarity=similarity)
+    ranges = ((0.0, 2.0), (0.0, 2.0))
+    velocity = polish_velocity(fixed, moving, ranges, np.zeros((3, *grid.shape), np.float32), grid, settings)
     structure = _blobs(grid.points()) > 0.3
-    mean = correction[:, structure].mean(axis=1)
+    mean = velocity[:, structure].mean(axis=1)
     assert np.dot(mean, shift) / (np.linalg.norm(mean) * np.linalg.norm(shift)) > 0.95
-    assert np.linalg.norm(mean - shift) < 0.5 * np.linalg.norm(shift)  # more than halfway in 10 steps
-    # and starting at the answer, it stays there
+    if similarity == "ncc":
+        assert np.linalg.norm(mean - shift) < 0.5 * np.linalg.norm(shift)  # more than halfway in 10 steps
+    steps = np.linalg.norm(np.linalg.inv(grid.linear) @ velocity.reshape(3, -1), axis=0)
+    assert steps.max() <= settings.max_velocity + 1e-4  # |v| <= iterations x max_step field voxels
     start = np.broadcast_to(shift[:, None, None, None], (3, *grid.shape)).astype(np.float32)
-    stay = polish_correction(
-        fixed, moving, ((0.0, 2.0), (0.0, 2.0)), start, None, grid, settings, settings.iterations
-    )
-    assert np.abs(stay[:, structure]).mean() < 0.1 * np.abs(correction[:, structure]).mean()
+    stay = polish_velocity(fixed, moving, ranges, start, grid, settings)
+    assert np.abs(stay[:, structure]).mean() < 0.15 * np.abs(velocity[:, structure]).mean()
 
 
-def test_a_box_padded_by_steps_times_reach_polishes_its_inside_like_the_whole_grid(shifted_pair: tuple) -> None:
-    fixed, moving, grid, _ = shifted_pair
-    settings = PolishSettings(iterations=2, sigma=1.0, correction_sigma=0.5)
-    assert settings.reach == 2 + 3 + 2  # CC window, update smoothing, correction smoothing radii
-    pad = settings.iterations * settings.reach  # 14
-    rng = np.random.default_rng(1)
-    field = ndimage.gaussian_filter(rng.normal(size=(3, *grid.shape)), (0, 3, 3, 3)).astype(np.float32)
-
-    def run(start: tuple[int, int, int], stop: tuple[int, int, int]) -> np.ndarray:
-        box = grid.crop(start, stop)
-        part = (slice(None), *(slice(a, b) for a, b in zip(start, stop, strict=True)))
-        return polish_correction(
-            fixed, moving, ((0.0, 2.0), (0.0, 2.0)), field[part], None, box, settings,
-            settings.iterations,
-        )  # fmt: skip
-
-    whole = run((0, 0, 0), grid.shape)
-    # a box of the (24, 22, 26) grid on its z = 0, y = 22 and both x sides, cut at z = 4 + pad and y = 2
-    part = run((0, 2, 0), (4 + pad, 22, 26))
-    scale = np.abs(whole).max()
-    inside = part[:, :4, pad:, :]  # more than pad voxels from both cuts
-    assert np.abs(inside - whole[:, :4, 2 + pad :, :]).max() < 1e-4 * scale
-    near_cuts = np.abs(part - whole[:, : 4 + pad, 2:, :]).max()
-    assert near_cuts > 1e-3 * scale  # the cuts do change the box's own margins
+def _squeeze(grid: Grid, strength: float) -> np.ndarray:
+    """A smooth velocity pointing to the grid's centre (world units, ``-strength (x - c)`` there), fading
+    with distance: as a displacement of ``strength`` > 1 it folds the centre."""
+    points = grid.points() - grid.center
+    envelope = np.exp(-np.sum(points**2, axis=-1) / (2.0 * 5.0**2))
+    return (-np.moveaxis(points, -1, 0) * envelope * strength).astype(np.float32)
 
 
-def test_pass_schedule_fits_the_budget_and_takes_every_step() -> None:
-    settings = PolishSettings(iterations=10)  # reach 9
-    assert polish_passes((80, 70, 64), (64, 64, 64), settings) == [(10, 2)]  # the whole field: one pass
-    passes = polish_passes((600, 500, 400), (64, 64, 64), settings)
-    assert sum(steps for steps, _ in passes) == 10
-    for steps, tile in passes:
-        assert min(tile * 64, 400) + 2 * steps * settings.reach <= 160 or (steps, tile) == (1, 1)
-    assert polish_passes((600, 500, 400), (64, 64, 64), settings, max_voxels=50**3) == [(1, 1)] * 10
+def test_exp_velocity_is_a_diffeomorphism_with_inverse_exp_minus_v() -> None:
+    grid = _grid((26, 22, 24), (1.0, 1.1, 0.9), _rotation(1, 20.0))
+    constant = np.broadcast_to(np.array([0.3, -0.2, 0.5], np.float32)[:, None, None, None], (3, *grid.shape))
+    assert np.allclose(exp_velocity(np.ascontiguousarray(constant), grid, 5), constant, atol=1e-5)
+    velocity = _squeeze(grid, 1.5)  # as a displacement it folds the centre; its flow shrinks it by e^-1.5
+    assert jacobian_determinant(velocity, grid).min() < 0.0
+    assert jacobian_determinant(exp_velocity(velocity, grid, 7), grid).min() > 0.0
+    velocity = _squeeze(grid, 0.6)  # milder: exp(-v) after exp(v) is the identity, to interpolation error
+    forward, backward = exp_velocity(velocity, grid, 7), exp_velocity(-velocity, grid, 7)
+    residual = forward + displacement_after(FieldDisplacement(backward, grid), grid, forward)
+    inner = (slice(None), *(slice(4, n - 4) for n in grid.shape))
+    assert np.abs(residual[inner]).max() < 0.05 * np.abs(forward).max()
+
+
+def test_exp_velocity_on_a_grown_box_equals_the_whole_grid() -> None:
+    grid = _grid((26, 22, 24), (1.0, 1.0, 1.0), np.eye(3))
+    velocity = _squeeze(grid, 0.5)
+    squarings = 4
+    halo = int(np.ceil(np.abs(velocity).max() * np.sqrt(3.0))) + squarings + 1
+    whole = exp_velocity(velocity, grid, squarings)
+    start, stop = (8, 3, 0), (16, 12, 24)  # a box of the grid, cut on four sides
+    lo = [max(a - halo, 0) for a in start]
+    hi = [min(b + halo, n) for b, n in zip(stop, grid.shape, strict=True)]
+    part = exp_velocity(velocity[(slice(None), *(slice(a, b) for a, b in zip(lo, hi, strict=True)))], grid.crop(lo, hi), squarings)
+    inner = (slice(None), *(slice(a - c, b - c) for a, b, c in zip(start, stop, lo, strict=True)))
+    assert np.abs(part[inner] - whole[(slice(None), *(slice(a, b) for a, b in zip(start, stop, strict=True)))]).max() < 1e-5

@@ -9,14 +9,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-import zarr
 
 from patchmorph_core import inference
 from patchmorph_core.config import InferenceConfig
 from patchmorph_core.inference import RegistrationResult, accumulate, specs_in_box, stage_lattice
 from patchmorph_core.model import load_model
 from patchmorph_core.spatial import Grid
-from pipeline import polish as polish_pipeline
 from pipeline.chunked import ChunkPlan, cells_per_block, needs, partition, reduce_partials, split_partial
 from pipeline.ngff import read_field, read_image
 from pipeline.register import register_arrays, register_files
@@ -141,7 +139,7 @@ def test_chunked_registration_equals_in_memory(
     for chunk in (17, 40):
         record = register_files(
             fixed, moving, tmp_path / f"field{chunk}.zarr", config, chunk_size=chunk, scheduler=dask_scheduler,
-            progress=False,
+            progress=False, keep_run=True,
         )  # fmt: skip
         array, grid, meta = read_field(record.field)
         fields[chunk] = np.asarray(array[:])
@@ -155,7 +153,8 @@ def test_chunked_registration_equals_in_memory(
     assert sliced and all(v == 1.0 for v in sliced)
     monkeypatch.setattr(inference, "FIXED_ON_GRID_BYTES", 0)  # on the client, which makes the image
     record = register_files(
-        fixed, moving, tmp_path / "sampled.zarr", config, chunk_size=17, scheduler=dask_scheduler, progress=False
+        fixed, moving, tmp_path / "sampled.zarr", config, chunk_size=17, scheduler=dask_scheduler, progress=False,
+        keep_run=True,
     )
     monkeypatch.undo()
     assert all(v == 0.0 for v in _fixed_from_grid(record.run))
@@ -174,38 +173,3 @@ def test_chunked_registration_equals_in_memory(
         client.wait_for_workers(2)
     one = np.asarray(read_field(record.field)[0][:])
     assert np.abs(one - fields[17]).max() < 1e-6 * float(reference.grid.spacing.min())
-
-
-def test_chunked_polish_equals_in_memory(
-    tmp_path: Path,
-    dask_scheduler: str,
-    pair_and_config: tuple[Path, Path, InferenceConfig],
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """The polish in tiles padded by steps × reach, one step per pass, gives the in-memory (one-box) field
-    to float rounding (which its steps amplify about 100×: a 1e-6 change of the network's field moves this
-    polished field by about 1e-4); and it does change the network's field."""
-    fixed, moving, config = pair_and_config
-    config = config.model_copy(update={"polish_iterations": 6})
-    reference = _in_memory(fixed, moving, config)
-    unpolished = _in_memory(fixed, moving, config.model_copy(update={"polish_iterations": 0}))
-    spacing = float(reference.grid.spacing.min())
-    assert np.abs(reference.field - unpolished.field).max() > 0.5 * spacing
-    # a budget under one padded 8³ tile: one step per pass, 27 tiles of the 23 x 22 x 19 grid
-    monkeypatch.setattr(polish_pipeline, "POLISH_BOX_VOXELS", 17**3)
-    record = register_files(
-        fixed, moving, tmp_path / "tiles.zarr", config, chunk_size=8, scheduler=dask_scheduler, progress=False
-    )
-    assert record.polish is not None
-    assert [(p["steps"], p["tiles"]) for p in record.polish["passes"]] == [(1, 27)] * 6
-    tiled = np.asarray(read_field(record.field)[0][:])
-    assert np.abs(tiled - reference.field).max() < 1e-3 * spacing
-    network = np.asarray(zarr.open_group(str(record.run / "stage1.zarr"), mode="r")["0"][:])  # run-folder array
-    assert np.abs(network - unpolished.field).max() < 1e-4 * spacing
-    monkeypatch.undo()  # the default budget: the whole field is one tile, one pass of six steps
-    record = register_files(
-        fixed, moving, tmp_path / "one.zarr", config, chunk_size=8, scheduler=dask_scheduler, progress=False
-    )
-    assert record.polish is not None
-    assert [(p["steps"], p["tiles"]) for p in record.polish["passes"]] == [(6, 1)]
-    assert np.abs(np.asarray(read_field(record.field)[0][:]) - reference.field).max() < 1e-3 * spacing

@@ -69,6 +69,7 @@ def test_killed_run_resumes_to_identical_field(
         chunk_size=5,
         scheduler=dask_scheduler,
         progress=False,
+        keep_run=True,
     )
     final = "stage1.1"  # the finest stage's refinement pass writes the output field
     network = [s for s in reference.stages if s["kind"] == "network"]
@@ -123,12 +124,12 @@ def test_half_written_chunk_is_rewritten(
     # coarse chunk
     config = config.model_copy(update={"first_stage": 0, "refine_passes": 0, "polish_iterations": 0})
     out = tmp_path / "field.zarr"
-    first = register_files(fixed, moving, out, config, chunk_size=9, scheduler=dask_scheduler, progress=False)
+    first = register_files(fixed, moving, out, config, chunk_size=9, scheduler=dask_scheduler, progress=False, keep_run=True)
     expected = _field(out)
     victim = (1, 1, 0)
     records = _break_output_chunk(first.run, "stage1", out, victim)
 
-    again = register_files(fixed, moving, out, config, chunk_size=9, scheduler=dask_scheduler, progress=False)
+    again = register_files(fixed, moving, out, config, chunk_size=9, scheduler=dask_scheduler, progress=False, keep_run=True)
     assert again.skipped == first.chunks - 1 + 1  # every final chunk but one, plus the coarse stage's chunk
     counts = records.write_counts()
     assert counts[victim] == 2 and all(n == 1 for cid, n in counts.items() if cid != victim)
@@ -138,19 +139,19 @@ def test_half_written_chunk_is_rewritten(
 def test_half_written_polish_chunk_is_rewritten(
     tmp_path: Path, dask_scheduler: str, pair_and_config: tuple[Path, Path, InferenceConfig]
 ) -> None:
-    """The polish's last pass writes the output: a chunk of it without a record is polished again from the
-    stored network field, and only that chunk."""
+    """The polish writes the output: a chunk of it without a record is polished again from the stored network
+    field, and only that chunk."""
     fixed, moving, config = pair_and_config
     config = config.model_copy(update={"polish_iterations": 3})
     out = tmp_path / "field.zarr"
-    first = register_files(fixed, moving, out, config, chunk_size=9, scheduler=dask_scheduler, progress=False)
-    assert first.polish is not None and [p["steps"] for p in first.polish["passes"]] == [3]
+    first = register_files(fixed, moving, out, config, chunk_size=9, scheduler=dask_scheduler, progress=False, keep_run=True)
+    assert first.polish is not None and first.polish["steps"] == 3
     expected = _field(out)
     victim = (1, 0, 1)
-    records = _break_output_chunk(first.run, "polish1", out, victim)
+    records = _break_output_chunk(first.run, "polish", out, victim)
 
-    again = register_files(fixed, moving, out, config, chunk_size=9, scheduler=dask_scheduler, progress=False)
-    assert again.polish is not None and again.polish["passes"][0]["skipped"] == first.chunks - 1
+    again = register_files(fixed, moving, out, config, chunk_size=9, scheduler=dask_scheduler, progress=False, keep_run=True)
+    assert again.polish is not None and again.polish["skipped"] == first.chunks - 1
     counts = records.write_counts()
     assert counts[victim] == 2 and all(n == 1 for cid, n in counts.items() if cid != victim)
     assert np.array_equal(_field(out), expected)

@@ -37,7 +37,7 @@ def test_sharded_warp_writes_each_shard_once_and_equals_in_memory(
     field = _field(tmp_path, fixed, moving)
     monkeypatch.setattr(ngff, "SHARD_THRESHOLD_BYTES", 0)  # every output array is sharded (4³ chunks)
     out = tmp_path / "warped.zarr"
-    record = warp_files(field, moving, out, chunk_size=6, scheduler=dask_scheduler, progress=False)
+    record = warp_files(field, moving, out, chunk_size=6, scheduler=dask_scheduler, progress=False, keep_run=True)
 
     level0 = zarr.open_array(str(out / "0"), mode="r")
     assert level0.chunks == (6, 6, 6) and level0.shards == (24, 24, 24)
