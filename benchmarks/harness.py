@@ -15,6 +15,7 @@ Scripts import this module flat (``import harness``): they run as ``python bench
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -150,6 +151,13 @@ def add_run_options(parser: argparse.ArgumentParser, out: Path) -> None:
     """The options every benchmark's ``run`` has: ``--nice`` (of ours and the peer alike) and ``--out``."""
     parser.add_argument("--nice", type=int, default=0, help="nice level of every command (ours and ANTs alike)")
     parser.add_argument("--out", type=Path, default=out, help="results JSON (default: %(default)s)")
+
+
+@functools.cache
+def supports(command: str, option: str) -> bool:
+    """Whether ``patchmorph COMMAND --help`` lists ``option`` (an option some versions of the command lack)."""
+    done = subprocess.run([str(PATCHMORPH), command, "--help"], capture_output=True, text=True, check=False)
+    return option in done.stdout
 
 
 def patchmorph(*args: str | Path) -> list[str]:

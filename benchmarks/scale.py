@@ -209,9 +209,11 @@ def pass_figures(run: Path) -> list[dict[str, Any]]:
 
     Each row: ``name``, the block figures summed over blocks (forward passes, patch sampling, accumulation,
     polish), ``block_s`` (all block task time), ``chunk_s`` (chunk task time) and ``voxels`` (field voxels
-    the pass's chunks covered, where recorded).
+    the pass's chunks covered, where recorded). No rows when the command left no run folder.
     """
-    rows = []
+    rows: list[dict[str, Any]] = []
+    if not run.is_dir():
+        return rows
     folders = [p for p in run.iterdir() if p.is_dir() and (p / "blocks").is_dir()]
     for stage in sorted(folders, key=lambda p: (p.name.startswith("polish"), p.name)):  # in the order they ran
         blocks = [json.loads(p.read_text()) for p in (stage / "blocks").glob("*.json")]
@@ -255,9 +257,10 @@ def bench_run(gib: float, factor: float, inputs: dict[str, Any], args: argparse.
     if args.convert:
         steps["convert"] = measured(harness.patchmorph("convert", volume, folder / "brain.ome.zarr"), log)
         shutil.rmtree(folder / "brain.ome.zarr", ignore_errors=True)
+    keep = ["--keep-run"] if harness.supports("register", "--keep-run") else []  # the per-pass records
     register = harness.patchmorph(
         "register", "--fixed", volume, "--moving", inputs["atlas"], "--out", folder / "field.ome.zarr",
-        "--field-spacing", f"{spacing_um:.6g}um", "--keep-run", *cluster, *args.register_options,
+        "--field-spacing", f"{spacing_um:.6g}um", *cluster, *keep, *args.register_options,
     )  # fmt: skip
     steps["register"] = measured(register, log)
     _, field_grid, _ = read_field(folder / "field.ome.zarr")
