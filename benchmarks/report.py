@@ -279,14 +279,16 @@ def finescale_section(doc: dict[str, Any]) -> str:
     for s in settings:
         spacing = s.get("field_spacing_um") or ([s["image_spacing_um"]] * 3 if "image_spacing_um" in s else None)
         error = s["error_um"]
+        interior = s.get("error_um_interior")
         rows.append([
             s["setting"], " × ".join(fmt(v, 0) for v in spacing) if spacing else "–",
             f"{s['field_voxels']:,}" if "field_voxels" in s else "–",
             f"{error['median']:.1f} / {error['p95']:.1f}",
+            f"{interior['median']:.1f} / {interior['p95']:.1f}" if interior else "–",
             fmt(s.get("folding_percent_in_brain"), 4), fmt(s.get("register_seconds"), 1),
         ])  # fmt: skip
     overall = table(["setting", "field spacing µm (ANTs: image)", "field voxels", "error in brain µm (median / p95)",
-                     "folded % in brain", "register wall s"], rows)  # fmt: skip
+                     "error in the interior µm", "folded % in brain", "register wall s"], rows)  # fmt: skip
     bands = [row["band"] for row in settings[0]["bands"]] if settings else []
     truth_bands = {row["band"]: row for row in inputs.get("truth_bands_um", [])}
     band_rows = []
@@ -316,7 +318,11 @@ def finescale_section(doc: dict[str, Any]) -> str:
         f"{fmt(truth.get('p95'), 1)} µm, max {fmt(truth.get('max'), 1)} µm (RMS strain {inputs.get('strain', '?')} "
         f"per band; smallest det J of the truth {fmt(inputs.get('truth_folds', {}).get('jacobian_min'), 2)})."
     )
-    cell = "Per band: the share of the band recovered (error median / p95, µm) inside the brain."
+    depth = inputs.get("interior_um")
+    cell = (
+        "Per band: the share of the band recovered (error median / p95, µm) in the brain's interior"
+        + (f" (at least {depth:g} µm inside its surface, {100 * inputs['interior_share']:.0f} % of the brain)." if depth else ".")
+    )
     return "\n\n".join([provenance(doc), head, overall, cell, per_band, verdict])
 
 

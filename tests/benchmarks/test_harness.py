@@ -46,3 +46,22 @@ def test_write_json_writes_numpy_values_whole(tmp_path: Path) -> None:
     write_json(path, {"a": np.float32(1.5), "b": np.arange(3), "c": Path("/x")})
     assert json.loads(path.read_text()) == {"a": 1.5, "b": [0, 1, 2], "c": "/x"}
     assert not path.with_name("r.json.partial").exists()
+
+
+def test_tissue_mask_is_one_solid_region_despite_dark_tracts_and_bright_specks() -> None:
+    """A bright ellipsoid (anisotropic grid) with a dark tract reaching its surface, a dark core, a few
+    saturated specks outside and noise: the mask is the whole ellipsoid and nothing outside it."""
+    from harness import tissue_mask
+    from scipy import ndimage
+
+    z, y, x = np.mgrid[:40, :56, :48]
+    inside = ((z - 20) / 16.0) ** 2 + ((y - 28) / 24.0) ** 2 + ((x - 24) / 20.0) ** 2 <= 1
+    image = np.where(inside, 300.0, 20.0)
+    image[(abs(y - 28) < 3) & (x > 24) & inside] = 60.0  # a dark tract running out to the surface
+    image[((z - 20) ** 2 + (y - 28) ** 2 + (x - 24) ** 2) < 25] = 40.0  # a dark core
+    image[2, 2, 2] = image[37, 50, 3] = 65000.0  # saturated specks in the background
+    image += np.random.default_rng(0).normal(0, 5.0, image.shape)
+    mask = tissue_mask(image)
+    assert mask.dtype == bool and not mask[2, 2, 2] and not mask[37, 50, 3]
+    assert mask[inside].mean() > 0.995  # the tract and the core are tissue
+    assert not (mask & ~ndimage.binary_dilation(inside, iterations=3)).any()  # at most the smoothing's rim beyond
