@@ -168,15 +168,16 @@ def _existing_output(world: Path, out: Path) -> None:
 
 
 def _stale_warp_run(world: Path, out: Path) -> None:
-    """A warp's run folder left after its output was deleted, and the field registered again since: the
-    records belong to another field and must not be reused."""
+    """A warp's run folder left (kept, as an interrupted run leaves it) after its output was deleted, and the
+    field registered again since: the records belong to another field and must not be reused."""
     field_copy = out / "field.zarr"
     shutil.copytree(world / "field.zarr", field_copy)
     result = RUNNER.invoke(
         app, ["warp", "--field", str(field_copy), "--moving", str(world / "moving.zarr"), "--out",
-              str(out / "warped.zarr"), "--scheduler", THREADS],
+              str(out / "warped.zarr"), "--scheduler", THREADS, "--keep-run"],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
+    assert (out / "warped.zarr.run").is_dir()
     shutil.rmtree(out / "warped.zarr")
     array, grid, meta = _read_field_raw(field_copy)
     write_field(field_copy, array + 0.5, grid, metadata=meta, overwrite=True)  # "register" rewrote the field
