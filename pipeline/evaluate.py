@@ -15,6 +15,7 @@ import numpy as np
 
 from patchmorph_core.errors import InputError
 from patchmorph_core.metrics import dice_per_label, folding_percent, jacobian_determinant, local_ncc, ncc
+from patchmorph_core.sampling import tissue_mask
 from patchmorph_core.spatial import Grid, read_box, resample
 from patchmorph_core.synth import STANDARD_FS_LABELS
 
@@ -104,9 +105,10 @@ def evaluate_files(
     Args:
         labels_a, labels_b: two label maps on one grid → ``dice`` (per label) and ``mean_dice``.
         label_set: label ids to score (None: every non-zero label present).
-        field: a displacement field (``patchmorph register`` output) → ``folding_percent`` (det J <= 0)
-            and the min / 1st percentile / max of det J.
-        mask: optional label map; folding is counted where it is > 0 (resampled onto the field grid).
+        field: a displacement field (``patchmorph register`` output) → ``folding_percent`` (det J <= 0,
+            inside the tissue) and the min / 1st percentile / max of det J there (:func:`_field_metrics`).
+        mask: optional label map; folding is counted where it is > 0 (resampled onto the field grid); without
+            it, inside the tissue of the field's fixed image.
         image_a, image_b: two images on one grid → global ``ncc`` and mean ``local_ncc``.
         ncc_window_vox: window of the local NCC, voxels.
     """
@@ -138,24 +140,43 @@ def evaluate_files(
 
 
 def _field_metrics(field: str | Path, mask: str | Path | None) -> dict[str, Any]:
-    """Folding percentage and det J statistics of a field file (inside ``mask`` if given)."""
+    """Folding percentage and det J statistics of a field file inside the tissue.
+
+    The region is ``mask`` (a label map, > 0) when given, else the tissue of the fixed image named in the
+    field's metadata (:func:`~patchmorph_core.sampling.tissue_mask` on the field grid) when that image is
+    there, else the whole field grid; ``folding_region`` says which. ``folding_percent_whole_grid`` is
+    always reported beside it (most of a field grid is background, where folds matter less).
+    """
     from pipeline.ngff import read_field
 
-    array, grid, _ = read_field(field)
+    array, grid, meta = read_field(field)
     values = read_box(array, tuple(slice(0, n) for n in array.shape)).astype(np.float32)
-    mask_arr = None
-    if mask is not None:
-        mask_labels, mask_grid = load_volume(mask)
-        world = grid.with_unit(mask_grid.unit).points()
-        mask_arr = resample(mask_labels, mask_grid, world, order=0, dtype=mask_labels.dtype) > 0
+    mask_arr, region = _fold_region(grid, mask, meta.get("fixed"))
     det = jacobian_determinant(values, grid)
     inside = det if mask_arr is None else det[mask_arr]
     return {
         "folding_percent": folding_percent(values, grid, mask_arr),
+        "folding_region": region,
+        "folding_percent_whole_grid": folding_percent(values, grid),
         "jacobian_min": float(inside.min()),
         "jacobian_p1": float(np.percentile(inside, 1)),
         "jacobian_max": float(inside.max()),
     }
+
+
+def _fold_region(grid: Grid, mask: str | Path | None, fixed: str | None) -> tuple[np.ndarray | None, str]:
+    """``grid.shape`` bool region where folds are counted, and its description (see :func:`_field_metrics`)."""
+    if mask is not None:
+        mask_labels, mask_grid = load_volume(mask)
+        world = grid.with_unit(mask_grid.unit).points()
+        return resample(mask_labels, mask_grid, world, order=0, dtype=mask_labels.dtype) > 0, f"--mask {mask}"
+    if fixed is not None and Path(fixed).exists():
+        from pipeline.ngff import read_image
+
+        region = tissue_mask(read_image(fixed), grid)
+        if region.any():
+            return region, f"tissue of the fixed image {fixed}"
+    return None, "whole field grid (no --mask, and the field's fixed image is not there)"
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -167,6 +188,7 @@ def format_table(result: dict[str, Any]) -> str:
     for key in (
         "mean_dice",
         "folding_percent",
+        "folding_percent_whole_grid",
         "jacobian_min",
         "jacobian_p1",
         "jacobian_max",
@@ -175,5 +197,7 @@ def format_table(result: dict[str, Any]) -> str:
     ):
         if key in result:
             rows.append((key, f"{result[key]:.4f}"))
+    if "folding_region" in result:
+        rows.append(("folds counted in", result["folding_region"]))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

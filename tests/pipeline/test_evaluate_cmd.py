@@ -64,6 +64,26 @@ def test_evaluate_dice_from_zarr_and_nifti_and_folding(tmp_path: Path) -> None:
     assert "mean_dice" in result.output
 
 
+def test_evaluate_counts_folds_inside_the_fixed_tissue(tmp_path: Path) -> None:
+    """Without --mask the folds are counted in the tissue of the field's fixed image (rotated, anisotropic
+    grid): a fold in the background is reported only in the whole-grid figure."""
+    grid = Grid.from_orientation((12, 10, 14), (2.0, 1.0, 1.5), "pli", unit="millimeter")
+    image = np.zeros(grid.shape, dtype=np.float32)
+    image[:, :, 7:] = 1.0 + np.random.default_rng(3).random((12, 10, 7)).astype(np.float32)  # tissue: k >= 7
+    fixed = write_image(tmp_path / "fixed.ome.zarr", image, grid)
+    field = np.zeros((3, *grid.shape), dtype=np.float32)
+    k = np.arange(grid.shape[2], dtype=np.float32) * 1.5
+    field[2, :, :, :3] = -1.5 * (k[:3] - k[0])  # along the third grid axis: folds in the background (k < 3)
+    field_zyx = np.einsum("ij,j...->i...", grid.direction, field * 1.0)  # grid-axis components to world
+    write_field(tmp_path / "field.ome.zarr", field_zyx.astype(np.float32), grid, metadata={"fixed": str(fixed)})
+    result = RUNNER.invoke(app, ["evaluate", "--field", str(tmp_path / "field.ome.zarr")])
+    assert result.exit_code == 0, result.output
+    assert "tissue of the fixed image" in result.output
+    values = dict(line.rsplit(None, 1) for line in result.output.splitlines() if line.startswith("folding"))
+    assert float(values["folding_percent"]) == 0.0
+    assert float(values["folding_percent_whole_grid"]) > 5.0
+
+
 def test_evaluate_ncc_and_bad_inputs(tmp_path: Path) -> None:
     grid = _grid()
     image = np.random.default_rng(0).random(grid.shape).astype(np.float32)
