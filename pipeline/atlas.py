@@ -33,6 +33,7 @@ import dask.array as da
 import numpy as np
 import zarr
 
+from patchmorph_core.displacement import INVERSE_ITERATIONS
 from patchmorph_core.errors import InputError
 from patchmorph_core.spatial import Grid, unit_scale
 from pipeline.brainglobe import LEFT, RIGHT, BrainGlobeAtlas, Structure, open_volume
@@ -282,7 +283,7 @@ def write_inverse_field(
     out: str | Path,
     *,
     spacing: float | None = None,
-    iterations: int = 20,
+    iterations: int = INVERSE_ITERATIONS,
     slab: int = 16,
 ) -> Path:
     """The inverse of a registration field, written as a field on the moving image's grid.

@@ -41,6 +41,7 @@ import zarr
 from pydantic import BaseModel, ConfigDict, Field
 
 from patchmorph_core.displacement import (
+    INVERSE_ITERATIONS,
     AffineDisplacement,
     FieldDisplacement,
     displacement_on_grid,
@@ -71,8 +72,6 @@ BOX = 64
 INVERSE_STRIDE = 2
 """The inverse's residual is measured at every this-many-th tissue voxel along each axis."""
 
-INVERSE_ITERATIONS = 20
-"""Fixed-point steps of the inverse (as ``warp --inverse``)."""
 
 PERCENTILES = (50.0, 90.0, 99.0, 99.9)
 """Percentiles of the inverse residual recorded (and the maximum)."""

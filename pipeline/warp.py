@@ -6,7 +6,7 @@ Directions (the field ``u`` maps a fixed world point ``x`` to the moving world p
 * **forward** (default): a moving-space image onto the fixed grid, ``out(x) = M(x + u(x))``.
 * **inverse** (``inverse=True``): a fixed-space image (e.g. atlas labels when the atlas was the fixed image)
   onto the moving image's grid, ``out(y) = F(y + v(y))`` with ``v`` the inverse displacement obtained by
-  fixed-point iteration ``v ← −u(y + v)`` (:class:`~patchmorph_core.displacement.InverseDisplacement`),
+  damped fixed-point iteration ``v ← v − λ (v + u(y + v))`` (:class:`~patchmorph_core.displacement.InverseDisplacement`),
   point by point, so each chunk needs only the part of the field its points map through. Every chunk also
   measures the inverse's residual ``|v(y) + u(y + v(y))|`` on a subsample of its voxels; the maximum and
   mean are returned in :class:`WarpRecord` and stored in the output's metadata.
@@ -31,7 +31,13 @@ import numpy as np
 import zarr
 from pydantic import BaseModel, ConfigDict
 
-from patchmorph_core.displacement import Displacement, FieldDisplacement, InverseDisplacement, invert_points
+from patchmorph_core.displacement import (
+    INVERSE_ITERATIONS,
+    Displacement,
+    FieldDisplacement,
+    InverseDisplacement,
+    invert_points,
+)
 from patchmorph_core.errors import InputError
 from patchmorph_core.source import MultiscaleImage
 from patchmorph_core.spatial import Grid
@@ -45,8 +51,6 @@ from pipeline.resume import ChunkId, StageRecords, content_identity, open_run, r
 
 log = logging.getLogger(__name__)
 
-INVERSE_ITERATIONS = 20
-"""Fixed-point steps of the inverse displacement (the residual is measured and reported)."""
 
 ERROR_STRIDE = 4
 """The inverse's residual is measured at every ``ERROR_STRIDE``-th voxel of each chunk along each axis."""
