@@ -99,6 +99,12 @@ logger = logging.getLogger(__name__)
 WEIGHT_EPS: float = 1e-6
 """Σw below which a field voxel counts as not covered by any patch (it gets the prior)."""
 
+WEIGHT_FLOOR: float = 0.02
+"""Σw (in units of one patch's window peak) below which the averaged update is scaled down by Σw / floor:
+``v̄ = Σw·v / max(Σw, floor)``. Where the lattice's coverage ends, Σw falls to 0 while Σw·v / Σw stays one
+patch's full estimate, so the plain average jumps to 0 there and folds the field; the floor makes the update
+fade out continuously (``docs/method.md``, *Coverage edge*)."""
+
 
 # -- the patch lattice -------------------------------------------------------------------------------------
 @dataclass(frozen=True, eq=False)
@@ -446,7 +452,7 @@ def finalize(sums: FieldSums, prior: Displacement, block: int = 262144) -> tuple
 
     Returns:
         ``(field, uncertainty)``: ``(3, Z, Y, X)`` float32 displacement ``v̄(x) + prior(x + v̄(x))`` with
-        ``v̄ = Σw·v / Σw`` (0 where ``Σw <= WEIGHT_EPS``: the prior alone), and ``(Z, Y, X)`` float32
+        ``v̄ = Σw·v / max(Σw, WEIGHT_FLOOR)`` (0 where ``Σw <= WEIGHT_EPS``: the prior alone), and ``(Z, Y, X)`` float32
         weighted standard deviation of the updates (world units; 0 where no patch put weight).
     """
     covered = sums.weight > WEIGHT_EPS
@@ -456,6 +462,7 @@ def finalize(sums: FieldSums, prior: Displacement, block: int = 262144) -> tuple
     variance = sums.weighted_sq / safe - np.einsum("c...,c...->...", mean, mean)
     uncertainty = np.sqrt(np.maximum(variance, 0.0, out=variance), out=variance)
     uncertainty *= covered
+    mean *= safe / np.maximum(safe, np.float32(WEIGHT_FLOOR))  # fade out where the coverage ends
     return compose_on_grid(mean, sums.grid, prior, block), uncertainty
 
 

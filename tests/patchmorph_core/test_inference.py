@@ -15,6 +15,7 @@ from patchmorph_core.config import InferenceConfig, ModelConfig, load_yaml
 from patchmorph_core.displacement import AffineDisplacement, FieldDisplacement, TranslationDisplacement
 from patchmorph_core.errors import InputError
 from patchmorph_core.inference import (
+    WEIGHT_FLOOR,
     FieldSums,
     PatchSpec,
     accumulate,
@@ -98,7 +99,7 @@ def test_aggregator_reproduces_linear_field_under_rotation() -> None:
     target = domain.resampled(2.0)
     sums = accumulate(specs, estimates, target)
     field, _ = finalize(sums, TranslationDisplacement(np.zeros(3)))
-    covered = sums.weight > 1e-6
+    covered = sums.weight >= WEIGHT_FLOOR  # below it the update fades out toward the lattice's edge
     assert covered.mean() > 0.9
     expected = np.moveaxis(truth(target.points()).reshape(*target.shape, 3), -1, 0)
     assert np.abs(field - expected)[:, covered].max() < 1e-4
@@ -298,6 +299,21 @@ def test_finalize_composes_the_averaged_update_with_a_field_prior() -> None:
     bare = np.moveaxis(prior(points).reshape(*target.shape, 3), -1, 0)
     np.testing.assert_allclose(field, np.where(weight > 0, expected, bare), atol=1e-4)
     assert np.abs(uncertainty).max() < 1e-3  # one estimate per voxel: no spread
+
+
+def test_finalize_fades_the_update_out_where_the_coverage_ends() -> None:
+    """Where Σw falls toward 0 (the lattice's edge) the averaged update fades out continuously instead of
+    keeping one patch's full estimate and then jumping to 0, which folded the field there."""
+    target = Grid.from_spacing((3, 4, 40), (2.0, 1.0, 0.5), unit="millimeter")
+    weight = np.broadcast_to(np.linspace(0.0, 0.1, 40), target.shape).astype(np.float32).copy()
+    update = np.zeros((3, *target.shape), np.float32)
+    update[2] = -3.0  # 3 mm along x, six voxels
+    sums = FieldSums(target, update * weight, weight, np.sum(update**2, axis=0) * weight, 1)
+    field, _ = finalize(sums, TranslationDisplacement(np.zeros(3)))
+    expected = -3.0 * np.minimum(1.0, weight / WEIGHT_FLOOR)
+    np.testing.assert_allclose(field[2], expected, atol=1e-5)
+    assert np.all(np.diff(field[2], axis=-1) <= 1e-6)  # monotone: no jump back to 0
+    assert field[2, :, :, -1].max() == pytest.approx(-3.0)  # full estimate where the coverage is good
 
 
 def test_default_register_yaml_matches_config_defaults() -> None:
