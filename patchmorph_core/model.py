@@ -243,3 +243,33 @@ def release_checkpoint(
     extra = {k: v for k, v in payload["extra"].items() if k != "rng"}
     extra["released_from"] = {"path": str(source), "step": int(payload["step"]), "affine_stages": affine_stages}
     return save_checkpoint(target, model, step=int(payload["step"]), configs=payload["configs"], extra=extra)
+
+
+def blend_checkpoints(base: str | Path, tuned: str | Path, alpha: float, target: str | Path) -> Path:
+    """Write a release file whose weights are ``(1 − alpha) · base + alpha · tuned``, element by element.
+
+    For a model ``tuned`` fine-tuned from ``base`` (the same architecture): the interpolation keeps most of
+    what the fine-tuning added while giving back little of what the base did well (WiSE-FT, Wortsman et
+    al., CVPR 2022; the default model's step 6, ``weights/WEIGHTS.md``).
+
+    Args:
+        base, tuned: checkpoints of one :class:`ModelConfig` (``tuned``'s configs are kept).
+        alpha: weight of ``tuned`` in ``[0, 1]``.
+        target: the release file (no optimizer state).
+
+    Raises:
+        InputError: the two checkpoints hold different architectures, or ``alpha`` is outside ``[0, 1]``.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise InputError(f"blend weight alpha {alpha} is outside [0, 1]: give the fine-tuned model's share.")
+    first, second = read_checkpoint(base), read_checkpoint(tuned)
+    if first["model_config"] != second["model_config"] or first["state_dict"].keys() != second["state_dict"].keys():
+        raise InputError(f"model weights {base} and {tuned} hold different architectures: blend only a model and its fine-tune.")
+    state = {
+        key: torch.lerp(value, second["state_dict"][key], alpha) if value.is_floating_point() else second["state_dict"][key]
+        for key, value in first["state_dict"].items()
+    }
+    model = model_from_checkpoint({**second, "state_dict": state}, tuned)
+    extra = {k: v for k, v in second["extra"].items() if k != "rng"}
+    extra["blended_from"] = {"base": str(base), "tuned": str(tuned), "alpha": float(alpha), "tuned_step": int(second["step"])}
+    return save_checkpoint(target, model, step=int(second["step"]), configs=second["configs"], extra=extra)

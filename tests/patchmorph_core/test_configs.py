@@ -34,3 +34,6 @@ def test_the_default_model_recipe_chains_its_steps() -> None:
     assert configs[2].loss.smooth_weight == 0.5 * configs[1].loss.smooth_weight
     assert [c.lr_schedule for c in configs] == ["constant", "constant", "constant", "cosine"]
     assert configs[3].loss == configs[2].loss and configs[3].lr == configs[2].lr  # only the schedule changes
+    contrast = load_yaml(CONFIGS / "train_contrast.yaml", TrainConfig)  # step 5 fine-tunes step 4
+    assert contrast.init_weights is not None and Path(contrast.init_weights).name == Path(configs[3].checkpoint).name
+    assert contrast.data.independent_contrast > 0 and contrast.loss.similarity == "mind"

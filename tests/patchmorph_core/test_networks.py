@@ -14,6 +14,7 @@ from patchmorph_core.errors import InputError
 from patchmorph_core.model import (
     DEFAULT_WEIGHTS,
     PatchMorph,
+    blend_checkpoints,
     load_model,
     read_checkpoint,
     release_checkpoint,
@@ -182,3 +183,22 @@ def test_release_checkpoint_and_default_weights(tmp_path: Path) -> None:
     assert DEFAULT_WEIGHTS.stat().st_size < 20 * 2**20
     pair = torch.rand(1, 1, default.config.patch_size, *(default.config.patch_size,) * 2)
     assert default.stage_update(0, pair, pair, torch.eye(3)[None]).shape == (1, 3, *pair.shape[2:])
+
+
+def test_blend_checkpoints_interpolates_the_weights(tmp_path: Path) -> None:
+    """The blend is (1 - alpha) base + alpha tuned, parameter by parameter; other architectures are refused."""
+    torch.manual_seed(0)
+    base = save_checkpoint(tmp_path / "base.pt", PatchMorph(CONFIG), step=5)
+    tuned_model = PatchMorph(CONFIG)
+    tuned = save_checkpoint(tmp_path / "tuned.pt", tuned_model, step=7, extra={"rng": {}, "loss": 0.5})
+    blend = read_checkpoint(blend_checkpoints(base, tuned, 0.25, tmp_path / "blend.pt"))
+    first, second = read_checkpoint(base)["state_dict"], read_checkpoint(tuned)["state_dict"]
+    key = next(k for k, v in first.items() if v.is_floating_point() and not torch.equal(v, second[k]))
+    torch.testing.assert_close(blend["state_dict"][key], 0.75 * first[key] + 0.25 * second[key])
+    assert blend["optimizer"] is None and "rng" not in blend["extra"] and blend["extra"]["blended_from"]["alpha"] == 0.25
+    load_model(tmp_path / "blend.pt")  # a loadable model
+    other = save_checkpoint(tmp_path / "other.pt", PatchMorph(ModelConfig(patch_size=P, n_stages=2, widths=(4, 8))), step=1)
+    with pytest.raises(InputError, match="different architectures"):
+        blend_checkpoints(base, other, 0.5, tmp_path / "bad.pt")
+    with pytest.raises(InputError, match="outside"):
+        blend_checkpoints(base, tuned, 1.5, tmp_path / "bad.pt")
