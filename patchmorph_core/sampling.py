@@ -235,6 +235,67 @@ def sample_affine(array: object, matrix: np.ndarray, shape: tuple[int, ...], pad
     return sample_indices(array, affine_indices(matrix, shape), padding)
 
 
+def axis_weights(scale: float, offset: float, n_out: int, n_in: int, padding: str) -> tuple[np.ndarray, slice] | None:
+    """Linear-interpolation weights along one axis: the ``(n_out, k)`` float32 matrix that takes the ``k`` input
+    samples ``box`` of an axis of ``n_in`` samples to its values at the positions ``scale · i + offset``
+    (``i < n_out``), and ``box``; None when every position lies outside (``"zeros"``).
+
+    ``padding`` as :func:`sample_indices`: ``"zeros"`` gives a zero row at positions outside ``[0, n_in − 1]``,
+    ``"border"`` clamps them into it. Positions and weights are formed in float64.
+    """
+    position = scale * np.arange(n_out, dtype=np.float64) + offset
+    if padding == "border":
+        position = np.clip(position, 0.0, n_in - 1.0)
+    inside = (position >= 0.0) & (position <= n_in - 1.0)
+    if not inside.any():
+        return None
+    low = np.minimum(np.floor(position), n_in - 1.0).astype(np.int64)
+    high = np.minimum(low + 1, n_in - 1)
+    first, last = int(low[inside].min()), int(high[inside].max())
+    rows = np.flatnonzero(inside)
+    weight = (position - low)[inside]
+    matrix = np.zeros((n_out, last - first + 1), dtype=np.float64)
+    np.add.at(matrix, (rows, low[inside] - first), 1.0 - weight)
+    np.add.at(matrix, (rows, high[inside] - first), weight)
+    return matrix.astype(np.float32), slice(first, last + 1)
+
+
+def sample_separable(array: object, matrix: np.ndarray, shape: tuple[int, ...], padding: str = "zeros") -> np.ndarray:
+    """:func:`sample_affine` for a map that scales and shifts each axis on its own (``matrix[:3, :3]``
+    diagonal, e.g. between two grids with the same axes): trilinear interpolation is then one linear
+    interpolation per axis, done as three small matrix products over the box the samples need (no index
+    arrays, no gathers; several times cheaper than :func:`sample_indices` when the output is finer than
+    ``array``, as a field upsampled to an image). The same values up to float32 rounding.
+
+    Args:
+        array: ``(Z, Y, X)`` or ``(C, Z, Y, X)`` array-like.
+        matrix: ``(4, 4)`` output index → ``array`` index map with a diagonal linear part.
+        shape: output ``(Z, Y, X)``.
+        padding: ``"zeros"`` or ``"border"``, as :func:`sample_indices`.
+
+    Returns:
+        ``shape`` float32 samples, or ``(C, *shape)``.
+    """
+    dims = np.shape(array)
+    lead = tuple(int(n) for n in dims[:-3])
+    axes = [axis_weights(matrix[k, k], matrix[k, 3], int(shape[k]), int(dims[len(lead) + k]), padding) for k in range(3)]
+    if any(axis is None for axis in axes):
+        return np.zeros((*lead, *shape), dtype=np.float32)
+    (wz, bz), (wy, by), (wx, bx) = axes  # type: ignore[misc]
+    block = read_box(array, (slice(None),) * len(lead) + (bz, by, bx)).astype(np.float32, copy=False)
+    values = torch.from_numpy(np.ascontiguousarray(block)).reshape(-1, *block.shape[-3:])
+    values = values @ torch.from_numpy(wx).T  # (C, bz, by, X)
+    values = torch.from_numpy(wy) @ values  # (C, bz, Y, X)
+    values = torch.from_numpy(wz) @ values.reshape(values.shape[0], values.shape[1], -1)  # (C, Z, Y·X)
+    return values.reshape(*lead, *shape).numpy()
+
+
+def is_separable(matrix: np.ndarray) -> bool:
+    """Whether an index→index ``matrix`` scales and shifts each axis on its own (diagonal linear part)."""
+    linear = np.asarray(matrix, dtype=np.float64)[:3, :3]
+    return bool(np.all(linear[~np.eye(3, dtype=bool)] == 0.0))
+
+
 def shifted_indices(target: Grid, source: Grid, shift: np.ndarray) -> np.ndarray:
     """``(3, Z, Y, X)`` float32 indices on ``source`` of ``x + shift(x)`` at every voxel centre ``x`` of
     ``target`` (both grids in one world frame and unit).

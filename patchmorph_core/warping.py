@@ -18,11 +18,28 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from patchmorph_core.displacement import INVERSE_ITERATIONS, Displacement, FieldDisplacement, invert_points
-from patchmorph_core.sampling import row_box, sample_affine, sample_indices, shifted_indices
+from patchmorph_core.sampling import (
+    is_separable,
+    row_box,
+    sample_affine,
+    sample_indices,
+    sample_separable,
+    shifted_indices,
+)
 from patchmorph_core.source import Level, MultiscaleImage, cache_box
-from patchmorph_core.spatial import Grid, box_corners, index_box, read_box
+from patchmorph_core.spatial import (
+    ALIGN_CORNERS,
+    Grid,
+    box_corners,
+    index_box,
+    index_rows_to_normalized,
+    integer_offset,
+    read_box,
+)
 
 
 def _level_for(moving: MultiscaleImage | Level, target: Grid) -> Level:
@@ -66,13 +83,17 @@ def grid_points(target: Grid) -> np.ndarray:
 def field_on_grid(displacement: Displacement, target: Grid) -> np.ndarray:
     """``(3, Z, Y, X)`` float32 displacement at every voxel centre of ``target`` (world units of ``target``).
 
-    A :class:`FieldDisplacement` in ``target``'s unit is interpolated by one float32 ``grid_sample`` of the
-    box its voxels need (:func:`~patchmorph_core.sampling.sample_affine`: target voxel → field voxel is
-    affine; constant extension outside the field, as the field's own ``__call__``); any other displacement
-    is evaluated point-wise.
+    A :class:`FieldDisplacement` in ``target``'s unit is interpolated from the box its voxels need, constant
+    extension outside the field (as the field's own ``__call__``): by one linear interpolation per axis
+    (:func:`~patchmorph_core.sampling.sample_separable`) when ``target``'s axes run along the field's (the
+    usual case: a chunk of the fixed grid the field was made on), else by one float32 ``grid_sample``
+    (:func:`~patchmorph_core.sampling.sample_affine`: target voxel → field voxel is affine). Any other
+    displacement is evaluated point-wise.
     """
     if isinstance(displacement, FieldDisplacement) and displacement.grid.unit == target.unit:
         matrix = displacement.grid.index_map(target)
+        if is_separable(matrix) and integer_offset(matrix) is None:
+            return sample_separable(displacement.field, matrix, tuple(target.shape), padding="border")
         return sample_affine(displacement.field, matrix, tuple(target.shape), padding="border")
     return np.moveaxis(displacement(grid_points(target)).reshape(*target.shape, 3), -1, 0).astype(np.float32)
 
@@ -125,16 +146,6 @@ def cast_values(values: np.ndarray, dtype: np.dtype | type) -> np.ndarray:
     return values.astype(dtype, copy=False)
 
 
-def _warp_box(level: Level, displacement: Displacement, target: Grid, order: int, cval: float) -> np.ndarray:
-    """``target.shape`` samples of ``level`` at ``x + u(x)`` (float32 for ``order=1``, the array's dtype
-    for ``order=0``): the field upsampled and the moving indices formed in float32
-    (:func:`~patchmorph_core.sampling.shifted_indices`), about 40 bytes of temporaries per voxel of ``target``.
-    """
-    rows = shifted_indices(target, level.grid, field_on_grid(displacement, target))
-    dtype = np.float32 if order > 0 else np.dtype(getattr(level.array, "dtype", np.float32))
-    return sample_rows(level, rows, order, cval, dtype)
-
-
 FIELD_CACHE_BYTES = 256 * 1024**2
 """Largest box of a store-backed field that :func:`warp_to_grid` holds in memory for one target."""
 
@@ -158,25 +169,71 @@ def _field_cached(displacement: Displacement, target: Grid) -> Displacement:
 
 
 MOVING_CACHE_BYTES = 512 * 1024**2
-"""Largest box of the moving image that :func:`warp_to_grid` holds in memory for one target."""
+"""Largest box of the moving image (as float32 for images) that :func:`warp_to_grid` holds in memory for one
+target."""
 
 
-def _moving_cached(level: Level, displacement: Displacement, target: Grid) -> Level:
-    """``level`` with the box every voxel of ``target`` maps into held in memory (read and decompressed once,
-    not once per cube): for a (cached) :class:`FieldDisplacement`, the target's world box moved by the
-    smallest and largest displacement of the field box under it (a superset of the points' box); other
-    displacements, or a box over :data:`MOVING_CACHE_BYTES`, leave the level as it is."""
-    if not isinstance(displacement, FieldDisplacement) or isinstance(level.array, np.ndarray):
-        return level
+def _moving_box(level: Level, displacement: Displacement, target: Grid) -> tuple[slice, ...] | None:
+    """The box of ``level`` every voxel of ``target`` maps into, for a (cached) :class:`FieldDisplacement`: the
+    target's world box moved by the smallest and largest displacement of the field box under it (a superset of
+    the points' box, plus one voxel). None for other displacements or when the points miss the level."""
+    if not isinstance(displacement, FieldDisplacement):
+        return None
     box = _field_box(displacement, target)
     if box is None:
-        return level
+        return None
     field = read_box(displacement.field, (slice(None), *box))
     low, high = field.reshape(3, -1).min(axis=1), field.reshape(3, -1).max(axis=1)
     t_low, t_high = target.world_bounds()
     corners = box_corners(t_low + np.minimum(low, 0.0), t_high + np.maximum(high, 0.0))
-    box = index_box(level.grid.world_to_index(corners), level.grid.shape, margin=1)
-    return Level(cache_box(level.array, box, MOVING_CACHE_BYTES), level.grid)
+    return index_box(level.grid.world_to_index(corners), level.grid.shape, margin=1)
+
+
+@dataclass(frozen=True)
+class MovingBox:
+    """A box of a moving level in memory as float32, sampled trilinearly by ``grid_sample`` where it is: read,
+    decoded and converted once per target instead of once per cube.
+
+    Attributes:
+        values: ``(1, 1, bz, by, bx)`` float32 tensor of the box.
+        start: the box's first level index ``(z, y, x)``.
+        shape: the whole level's shape ``(Z, Y, X)`` (samples outside it are 0, as :func:`sample_rows`).
+    """
+
+    values: torch.Tensor
+    start: tuple[int, ...]
+    shape: tuple[int, ...]
+
+    @classmethod
+    def read(cls, level: Level, box: tuple[slice, ...]) -> MovingBox:
+        """The box ``box`` of ``level``."""
+        data = np.ascontiguousarray(read_box(level.array, box), dtype=np.float32)
+        return cls(torch.from_numpy(data)[None, None], tuple(s.start for s in box), tuple(level.grid.shape))
+
+    def holds(self, rows: np.ndarray) -> bool:
+        """Whether the interpolation support of every ``(3, ...)`` level index inside the level lies in the box."""
+        size = self.values.shape[2:]
+        for k in range(3):
+            low, high = max(float(rows[k].min()), 0.0), min(float(rows[k].max()), self.shape[k] - 1.0)
+            if low <= high and (np.floor(low) < self.start[k] or np.ceil(high) > self.start[k] + size[k] - 1):
+                return False
+        return True
+
+    def sample(self, rows: np.ndarray, cval: float) -> np.ndarray:
+        """Trilinear samples at ``(3, ...)`` float32 level indices that :meth:`holds`: ``rows.shape[1:]``
+        float32, ``cval`` at indices outside the level (the values of :func:`sample_rows`)."""
+        flat = rows.reshape(3, -1)
+        coords = torch.from_numpy(index_rows_to_normalized(flat, self.values.shape[2:], self.start))
+        values = F.grid_sample(
+            self.values, coords.reshape(1, 1, 1, -1, 3), mode="bilinear", padding_mode="border",
+            align_corners=ALIGN_CORNERS,
+        ).reshape(-1).numpy()  # fmt: skip
+        inside = _inside(flat, self.shape)
+        if cval == 0.0:
+            values *= inside
+        else:
+            values = np.where(inside, values, np.float32(cval))
+        return values.reshape(rows.shape[1:])
 
 
 def warp_to_grid(
@@ -192,8 +249,12 @@ def warp_to_grid(
     """Resample ``moving`` at ``x + u(x)`` for every voxel centre ``x`` of ``target``.
 
     The target is computed box by box (cubes of ``cube`` voxels, by default of about ``block`` voxels) into
-    one preallocated output array, so temporaries depend on the cube size, not on ``target``; each cube
-    reads only the part of the moving image (and of a field) that its points need.
+    one preallocated output array, so temporaries depend on the cube size, not on ``target``. Per cube, the
+    field is upsampled (:func:`field_on_grid`) and the moving indices formed in float32
+    (:func:`~patchmorph_core.sampling.shifted_indices`), about 40 bytes of temporaries per voxel. A field's
+    box under the target and the moving image's box the target maps into are read once for all cubes (the
+    moving box as float32 for images, :class:`MovingBox`, up to :data:`MOVING_CACHE_BYTES`); otherwise each
+    cube reads what its points need.
 
     Args:
         moving: the image (a pyramid: the level matching ``target``'s spacing is read) or one level.
@@ -212,14 +273,25 @@ def warp_to_grid(
         ``target.shape`` array ``(Z, Y, X)`` of ``dtype``.
     """
     level = _level_for(moving, target)
-    if dtype is None:
-        dtype = np.float32 if order > 0 else np.dtype(getattr(level.array, "dtype", np.float32))
-    out = np.empty(target.shape, dtype=dtype)
+    sampled = np.float32 if order > 0 else np.dtype(getattr(level.array, "dtype", np.float32))
+    out = np.empty(target.shape, dtype=sampled if dtype is None else dtype)
     displacement = _field_cached(displacement, target)
-    level = _moving_cached(level, displacement, target)
-    for box in sub_boxes(target.shape, cube_for(block) if cube is None else cube):
-        sub = target.crop([s.start for s in box], [s.stop for s in box])
-        out[box] = cast_values(_warp_box(level, displacement, sub, order, cval), dtype)
+    box = _moving_box(level, displacement, target)
+    held = None
+    if box is not None:
+        voxels = int(np.prod([s.stop - s.start for s in box]))
+        if order > 0 and voxels * 4 <= MOVING_CACHE_BYTES:
+            held = MovingBox.read(level, box)
+        else:
+            level = Level(cache_box(level.array, box, MOVING_CACHE_BYTES), level.grid)
+    for part in sub_boxes(target.shape, cube_for(block) if cube is None else cube):
+        sub = target.crop([s.start for s in part], [s.stop for s in part])
+        rows = shifted_indices(sub, level.grid, field_on_grid(displacement, sub))
+        if held is not None and held.holds(rows):
+            values = held.sample(rows, cval)
+        else:
+            values = sample_rows(level, rows, order, cval, sampled)
+        out[part] = cast_values(values, out.dtype)
     return out
 
 

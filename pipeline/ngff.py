@@ -541,7 +541,57 @@ def _level_grids(group: zarr.Group) -> list[Grid]:
     return grids
 
 
-def finish_image(path: str | Path, n_levels: int | None = None, client: Any = None) -> Path:
+def pyramid_arrays(
+    path: str | Path, n_levels: int | None = None, fresh: bool = True
+) -> list[tuple[zarr.Array, tuple[int, int, int]]]:
+    """The arrays of pyramid levels 1.. of a group made by :func:`create_image_array`, each with its
+    downsampling factors ``(fz, fy, fx)`` relative to the level before.
+
+    Args:
+        path: the group.
+        n_levels: total number of levels (default: until the largest axis is at most
+            :data:`COARSEST_MAX_SIZE`).
+        fresh: create every level anew (empty); else open the levels that exist with the right shape (e.g.
+            made by an earlier, interrupted run of a writer that writes the first levels with level 0, as
+            ``warp`` does per write unit: :func:`downsample_unit`) and create only the missing ones.
+    """
+    group = zarr.open_group(str(path), mode="r+")
+    grid = _level_grids(group)[0]
+    count = _auto_levels(grid) if n_levels is None else max(1, int(n_levels))
+    previous = group["0"]
+    levels = []
+    for index, factors in enumerate(pyramid_factors(grid.spacing, grid.shape, count)[1:], start=1):
+        shape = tuple(-(-s // f) for s, f in zip(previous.shape[-3:], factors, strict=True))
+        full = previous.shape[:-3] + shape
+        existing = None if fresh else group.get(str(index))
+        if isinstance(existing, zarr.Array) and tuple(existing.shape) == full:
+            target = writable(existing)
+        else:
+            chunk_shape, shard_shape = choose_layout(full, previous.dtype, previous.chunks[-3:])
+            target = group.create_array(
+                str(index),
+                shape=full,
+                chunks=chunk_shape,
+                shards=shard_shape,
+                dtype=previous.dtype,
+                fill_value=0,
+                dimension_names=list(previous.metadata.dimension_names),
+                overwrite=True,
+                **ARRAY_OPTIONS,
+            )
+        levels.append((target, tuple(int(f) for f in factors)))
+        previous = target
+    return levels  # type: ignore[return-value]
+
+
+def downsample_unit(values: np.ndarray, factors: tuple[int, int, int], labels: bool) -> np.ndarray:
+    """One level down from ``values`` (a block of a level whose first voxel is a multiple of ``factors``):
+    block mean rounded back to the dtype (intensities) or strided pick (labels), as :func:`finish_image`
+    computes that level."""
+    return _downsample_block(values, factors, labels, values.dtype)
+
+
+def finish_image(path: str | Path, n_levels: int | None = None, client: Any = None, written: int = 0) -> Path:
     """Build the pyramid of a group made by :func:`create_image_array` and mark it complete.
 
     Level ``n`` is computed from level ``n-1`` in blocks aligned to level ``n``'s write units (one
@@ -554,6 +604,8 @@ def finish_image(path: str | Path, n_levels: int | None = None, client: Any = No
         n_levels: total number of levels (default: until the largest axis is at most
             :data:`COARSEST_MAX_SIZE`).
         client: the ``distributed.Client`` to build the levels on, or None (threads).
+        written: levels 1..``written`` were written already, whole, by the writer of level 0 (the arrays of
+            :func:`pyramid_arrays` with ``fresh=False``); only the levels after them are built here.
 
     Returns:
         ``path``.
@@ -563,35 +615,20 @@ def finish_image(path: str | Path, n_levels: int | None = None, client: Any = No
     meta = attrs["patchmorph"]
     labels = bool(meta.get("labels", False))
     grids = _level_grids(group)[:1]
-    level0 = group["0"]
-    channels = level0.ndim == 4
-    count = _auto_levels(grids[0]) if n_levels is None else max(1, int(n_levels))
-    factors_list = pyramid_factors(grids[0].spacing, grids[0].shape, count)[1:]
-    previous = level0
-    for index, factors in enumerate(factors_list, start=1):
-        shape = tuple(-(-s // f) for s, f in zip(previous.shape[-3:], factors, strict=True))
-        full = previous.shape[:-3] + shape
-        chunk_shape, shard_shape = choose_layout(full, previous.dtype, previous.chunks[-3:])
-        target = group.create_array(
-            str(index),
-            shape=full,
-            chunks=chunk_shape,
-            shards=shard_shape,
-            dtype=previous.dtype,
-            fill_value=0,
-            dimension_names=list(previous.metadata.dimension_names),
-            overwrite=True,
-            **ARRAY_OPTIONS,
-        )
-        # one task per write unit of the new level; it reads the source one storage chunk of the new
-        # level at a time (2x that region), so its memory is one write unit plus a chunk's worth
-        units = da.empty(full, chunks=write_block(target), dtype=previous.dtype)
-        down = units.map_blocks(
-            _downsample_unit, previous, factors, labels, tuple(target.chunks), dtype=previous.dtype
-        )
-        _store(down, target, desc=f"pyramid level {index}", client=client)
-        grids.append(downsampled_grid(grids[-1], factors, shape))
+    channels = group["0"].ndim == 4
+    previous = group["0"]
+    for index, (target, factors) in enumerate(pyramid_arrays(path, n_levels, fresh=written == 0), start=1):
+        if index > written:
+            # one task per write unit of the new level; it reads the source one storage chunk of the new
+            # level at a time (2x that region), so its memory is one write unit plus a chunk's worth
+            units = da.empty(target.shape, chunks=write_block(target), dtype=previous.dtype)
+            down = units.map_blocks(
+                _downsample_unit, previous, factors, labels, tuple(target.chunks), dtype=previous.dtype
+            )
+            _store(down, target, desc=f"pyramid level {index}", client=client)
+        grids.append(downsampled_grid(grids[-1], factors, target.shape[-3:]))
         previous = target
+    level0 = group["0"]
     name = attrs["ome"]["multiscales"][0].get("name", "image")
     extra = {
         k: v for k, v in meta.items() if k not in ("complete", "unit", "world_frame", "labels", EVERY_CHUNK_WRITTEN)

@@ -14,7 +14,10 @@ Directions (the field ``u`` maps a fixed world point ``x`` to the moving world p
 Images are trilinear (``order=1``, rounded back to the input dtype), label maps nearest (``order=0``).
 Each write unit of the output (a Zarr chunk, or a whole shard for sharded arrays) is computed by one task
 in cubes of the storage chunk shape, written once, then recorded in ``<out>.run/`` (:mod:`pipeline.resume`);
-a rerun after a crash skips recorded units. A task's memory is set by the chunk and shard shapes.
+a rerun after a crash skips recorded units. A task's memory is set by the chunk and shard shapes. The task
+also writes the first pyramid levels from the unit in memory, as long as the unit covers whole write units of
+them (:func:`task_levels`: a shard of 4³ chunks gives levels 1 and 2 of a halving pyramid); the pyramid's
+other levels are built after all tasks, from the last level they wrote (:func:`pipeline.ngff.finish_image`).
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ from pipeline.checks import check_free_space, check_outputs, check_writable, run
 from pipeline.chunked import ChunkPlan, output_array, run_chunked
 from pipeline.cluster import load_cluster_config, open_executor
 from pipeline.integrity import check_stored
-from pipeline.ngff import finish_image, read_field, read_image, write_block
+from pipeline.ngff import downsample_unit, finish_image, pyramid_arrays, read_field, read_image, write_block
 from pipeline.resume import ChunkId, StageRecords, content_identity, open_run, run_folder
 
 log = logging.getLogger(__name__)
@@ -54,6 +57,18 @@ log = logging.getLogger(__name__)
 
 ERROR_STRIDE = 4
 """The inverse's residual is measured at every ``ERROR_STRIDE``-th voxel of each chunk along each axis."""
+
+FIELD_MEMORY_BYTES = 512 * 1024**2
+"""A field up to this size is read once and shared with every task (else each task reads the box under it)."""
+
+
+def field_in_memory(array: Any) -> Any:
+    """``array`` (a ``(3, Z, Y, X)`` stored field) read whole into float32 when it takes at most
+    :data:`FIELD_MEMORY_BYTES` (one decode of each stored chunk, instead of one per task that needs it), else
+    ``array`` itself."""
+    if int(np.prod(array.shape)) * 4 > FIELD_MEMORY_BYTES:
+        return array
+    return np.ascontiguousarray(array[...], dtype=np.float32)
 
 
 class WarpRecord(BaseModel):
@@ -97,6 +112,8 @@ class WarpContext:
         out: level-0 output array.
         order: 1 trilinear, 0 nearest.
         records: completion records.
+        levels: the pyramid levels each task writes after level 0, with their downsampling factors
+            (:func:`task_levels`).
     """
 
     image: MultiscaleImage
@@ -106,10 +123,27 @@ class WarpContext:
     out: Any
     order: int
     records: StageRecords
+    levels: tuple[tuple[Any, tuple[int, int, int]], ...] = ()
+
+
+def task_levels(level0: Any, levels: list[tuple[Any, tuple[int, int, int]]]) -> tuple[tuple[Any, tuple[int, int, int]], ...]:
+    """The leading pyramid ``levels`` (arrays with their factors, :func:`pipeline.ngff.pyramid_arrays`) that a
+    write unit of ``level0`` covers whole: the unit, downsampled, is a union of the level's write units (or
+    reaches the array's end), so the task that writes the unit writes its part of them too, once."""
+    unit = np.asarray(write_block(level0)[-3:], dtype=np.int64)
+    scale = np.ones(3, dtype=np.int64)
+    out = []
+    for array, factors in levels:
+        scale = scale * np.asarray(factors, dtype=np.int64)
+        if np.any(unit % scale) or np.any((unit // scale) % np.asarray(write_block(array)[-3:], dtype=np.int64)):
+            break
+        out.append((array, factors))
+    return tuple(out)
 
 
 def warp_chunk(ctx: WarpContext, cid: ChunkId, partials: list[Any]) -> dict[str, Any]:
-    """Task: resample one write unit (a chunk, or a whole shard), write it once, then record it.
+    """Task: resample one write unit (a chunk, or a whole shard), write it and its part of the first pyramid
+    levels (``ctx.levels``) once, then record it.
 
     A shard is computed cube by cube in its storage chunks (:func:`~patchmorph_core.warping.warp_to_grid`
     with ``cube`` = the array's chunk shape) into one preallocated block of the output dtype, so the task's
@@ -130,6 +164,11 @@ def warp_chunk(ctx: WarpContext, cid: ChunkId, partials: list[Any]) -> dict[str,
         info.update(max_error=float(norm.max()), sum_error=float(norm.sum()), n_error=int(norm.size))
     ctx.records.log_write(cid)
     ctx.out[box.slices] = values
+    start, stop = np.asarray(box.start), np.asarray(box.stop)
+    for array, factors in ctx.levels:  # the pyramid's first levels from the unit in memory
+        values = downsample_unit(values, factors, labels=ctx.order == 0)
+        start, stop = start // factors, -(-stop // np.asarray(factors))
+        array[tuple(slice(int(a), int(b)) for a, b in zip(start, stop, strict=True))] = values
     info["seconds"] = time.perf_counter() - tic
     ctx.records.mark_done(cid, info)
     return info
@@ -222,7 +261,7 @@ def warp_files(
     dtype = np.dtype(getattr(image.levels[0].array, "dtype", np.float32))
     check_writable(out.parent)
     check_free_space(out.parent, int(np.prod(grid.shape)) * dtype.itemsize * 4 // 3, f"the warped image {out}")  # + pyramid
-    forward = FieldDisplacement(field_arr, field_grid)
+    forward = FieldDisplacement(field_in_memory(field_arr), field_grid)
     displacement: Displacement = InverseDisplacement(forward, INVERSE_ITERATIONS) if inverse else forward
     fingerprint = {
         "field": content_identity(field),
@@ -253,12 +292,13 @@ def warp_files(
         extra_attrs=extra,
     )
     plan = ChunkPlan(grid.with_unit(field_grid.unit), tuple(write_block(array))[-3:])  # type: ignore[arg-type]
+    levels = task_levels(array, pyramid_arrays(out, fresh=False))  # kept on resume: finished units wrote them
     context = WarpContext(
-        image, displacement, forward if inverse else None, plan, array, 0 if labels else 1, stage
+        image, displacement, forward if inverse else None, plan, array, 0 if labels else 1, stage, levels
     )
     with open_executor(cluster_config) as executor:
         run = run_chunked(executor, "warp", plan, stage, context, warp_chunk, progress=progress)
-        finish_image(out, client=getattr(executor, "client", None))  # on a cluster: built by its workers
+        finish_image(out, client=getattr(executor, "client", None), written=len(levels))  # on a cluster: its workers
     max_error, mean_error = _record_inverse_error(out, stage, plan) if inverse else (None, None)
     records.finish()
     if not keep_run:

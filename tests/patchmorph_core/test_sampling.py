@@ -12,6 +12,7 @@ from patchmorph_core.sampling import (
     displacement_at,
     initial_translation,
     intensity_range,
+    is_separable,
     mapped_indices,
     normalize,
     sample_affine,
@@ -19,6 +20,7 @@ from patchmorph_core.sampling import (
     sample_indices,
     sample_patch,
     sample_points,
+    sample_separable,
     tissue_bounds,
     tissue_center,
 )
@@ -254,3 +256,28 @@ def test_sample_affine_reads_a_box_of_its_own_grid_without_interpolation(channel
     shifted = grid.index_map(box).copy()
     shifted[0, 3] += 0.25
     assert integer_offset(shifted) is None
+
+
+@pytest.mark.parametrize("padding", ["zeros", "border"])
+@pytest.mark.parametrize("channels", [(), (3,)])
+def test_sample_separable_is_trilinear_on_an_axis_aligned_map(padding: str, channels: tuple[int, ...]) -> None:
+    rng = np.random.default_rng(11)
+    array = rng.normal(size=(*channels, 9, 13, 7)).astype(np.float32)
+    matrix = np.diag([0.31, 0.23, 0.4, 1.0])  # a finer grid (as a field upsampled to an image), anisotropic
+    matrix[:3, 3] = (-1.2, 0.6, -0.7)  # reaching past both ends of every axis
+    shape = (33, 61, 26)
+    assert is_separable(matrix) and not is_separable(np.diag([1.0, 1.0, 1.0, 1.0])[[0, 2, 1, 3]])
+    index = affine_indices(matrix, shape).reshape(3, -1).astype(np.float64)
+    flat = array.reshape(-1, *array.shape[-3:])
+    clamped = np.stack([np.clip(index[k], 0, array.shape[-3 + k] - 1) for k in range(3)])
+    expected = np.stack([  # scipy at float64 indices: constant 0 outside, or the border value
+        ndimage.map_coordinates(c, clamped if padding == "border" else index, order=1, mode="constant", cval=0.0)
+        for c in flat
+    ]).reshape(*channels, *shape)  # fmt: skip
+    got = sample_separable(array, matrix, shape, padding)
+    assert got.shape == (*channels, *shape) and got.dtype == np.float32
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    np.testing.assert_allclose(got, sample_affine(array, matrix, shape, padding), atol=1e-5)
+    beside = matrix.copy()
+    beside[:3, 3] += 50.0  # every point beyond the array
+    assert not sample_separable(array, beside, shape, "zeros").any()

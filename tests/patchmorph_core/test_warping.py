@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from scipy import ndimage
 
+from patchmorph_core import warping
 from patchmorph_core.displacement import (
     FieldDisplacement,
     InverseDisplacement,
@@ -165,3 +167,23 @@ def test_warp_in_cubes_equals_one_block_and_rounds_integers() -> None:
     as_int = warp_to_grid(Level(image, grid), displacement, grid, order=1, dtype=np.uint16, cube=(7, 5, 6))
     assert as_int.dtype == np.uint16
     np.testing.assert_array_equal(as_int, np.clip(np.rint(cubes), 0, 65535).astype(np.uint16))
+
+
+def test_the_moving_box_in_memory_gives_the_per_cube_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    grid = Grid.from_spacing((21, 18, 25), (1.0, 1.3, 0.8), origin=(1.0, -2.0, 0.5), unit="millimeter")
+    image = (np.random.default_rng(12).random(grid.shape) * 1000).astype(np.float32)
+    field_grid = grid.resampled(3.5)
+    field = np.random.default_rng(13).normal(scale=2.0, size=(3, *field_grid.shape)).astype(np.float32)
+    displacement = FieldDisplacement(field, field_grid)
+    target = grid.crop((3, -2, 4), (19, 15, 29))  # a chunk reaching beyond the image: 0 or cval there
+    for cval in (0.0, -5.0):
+        held = warp_to_grid(Level(image, grid), displacement, target, cval=cval, cube=(6, 7, 5))
+        monkeypatch.setattr(warping, "MOVING_CACHE_BYTES", 0)  # every cube reads what it needs
+        per_cube = warp_to_grid(Level(image, grid), displacement, target, cval=cval, cube=(6, 7, 5))
+        monkeypatch.undo()
+        np.testing.assert_allclose(held, per_cube, atol=1e-2)  # values up to 1000: float32 indices per box
+        assert (held == cval).sum() > 50 and (held != cval).sum() > 1000  # both cases are covered
+    box = warping.MovingBox.read(Level(image, grid), (slice(2, 9), slice(0, 18), slice(3, 20)))
+    rows = np.array([[2.0, 8.0], [-3.0, 17.0], [3.0, 19.0]], dtype=np.float32)
+    assert box.holds(rows)  # outside the image counts as held (0 there)
+    assert not box.holds(rows + np.float32(0.5))  # z = 8.5 needs voxel 9, beyond the box

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,10 +12,11 @@ import zarr
 import pipeline.ngff as ngff
 from patchmorph_core.config import InferenceConfig
 from patchmorph_core.displacement import FieldDisplacement
+from patchmorph_core.spatial import Grid, random_rotation
 from patchmorph_core.warping import warp_to_grid
-from pipeline.ngff import read_image, write_field
+from pipeline.ngff import finish_image, pyramid_arrays, read_image, write_field, write_image
 from pipeline.resume import StageRecords
-from pipeline.warp import warp_files
+from pipeline.warp import task_levels, warp_files
 
 
 def _field(folder: Path, fixed: Path, moving: Path) -> Path:
@@ -48,4 +50,32 @@ def test_sharded_warp_writes_each_shard_once_and_equals_in_memory(
 
     array, grid, _ = ngff.read_field(field)
     expected = warp_to_grid(read_image(moving), FieldDisplacement(np.asarray(array[:]), grid), read_image(fixed).grid)
-    np.testing.assert_allclose(level0[:], expected, atol=1e-6)
+    np.testing.assert_allclose(level0[:], expected, atol=1e-5)  # float32 indices relative to each task's box
+
+
+def test_the_tasks_write_the_first_pyramid_levels_as_finish_image_builds_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    direction = random_rotation(np.random.default_rng(3), 25.0)
+    grid = Grid.from_spacing((150, 40, 130), (1.0, 1.6, 1.3), origin=(2.0, -1.0, 0.5), unit="millimeter", direction=direction)
+    rng = np.random.default_rng(4)
+    image = (2000 + 1500 * np.sin(grid.points()[..., 0] / 9.0) + rng.normal(0, 200, grid.shape)).astype(np.uint16)
+    moving = write_image(tmp_path / "moving.zarr", image, grid)
+    field = _field(tmp_path, moving, moving)
+    monkeypatch.setattr(ngff, "SHARD_THRESHOLD_BYTES", image.nbytes - 1)  # level 0 sharded, its pyramid not
+    out = tmp_path / "warped.zarr"
+    warp_files(field, moving, out, chunk_size=8, progress=False)
+
+    level0 = zarr.open_array(str(out / "0"), mode="r")
+    assert level0.shards == (32, 32, 32) and level0.dtype == np.uint16
+    levels = pyramid_arrays(out, fresh=False)  # anisotropic: halving one or two axes a level
+    assert [f for _, f in levels] == [(2, 1, 1), (1, 1, 2), (1, 2, 1), (2, 1, 1), (1, 1, 2)]
+    assert len(task_levels(level0, levels)) == 5  # each shard's part of every level is whole chunks
+    rebuilt = tmp_path / "rebuilt.zarr"
+    shutil.copytree(out, rebuilt)
+    finish_image(rebuilt)  # every level again, from level 0 on disk
+    for index in range(1, 6):
+        built = zarr.open_array(str(rebuilt / str(index)), mode="r")[:]
+        assert built.any()
+        np.testing.assert_array_equal(zarr.open_array(str(out / str(index)), mode="r")[:], built)
+    assert len(read_image(out).levels) == 6
