@@ -350,17 +350,42 @@ def scale_runs_table(doc: dict[str, Any]) -> str:
                 continue
             m = r[step]
             share = m.get("shares", {})
+            units = r["field_voxels"] if step == "register" else r["voxels"]  # the work: field or image voxels
+            per_unit = f"{1e6 * m['cpu_s'] / units:.2f} µs / {m['read_gib'] * 2**30 / units:,.1f} B"
             rows.append([
                 f"{r['disk_gib']:.2f}", f"{r['voxels'] / 1e9:.2f} G", f"{r['field_spacing_um']:.1f} µm ({r['field_factor']:g}×)",
-                f"{r['field_voxels'] / 1e6:.2f} M", step, fmt(m["wall_s"], 1), fmt(m["cpu_s"], 1),
+                f"{r['field_voxels'] / 1e6:.2f} M", step, fmt(m["wall_s"], 1), fmt(m["cpu_s"], 1), per_unit,
                 fmt(m["max_worker_peak_gib"], 2), fmt(m["command_peak_gib"], 2),
                 f"{m['read_gib']:.2f} / {m['written_gib']:.2f}", _pct(share.get("forward")), _pct(share.get("polish")),
                 _pct(share.get("sampling")),
             ])  # fmt: skip
     return table(
         ["on disk GiB", "voxels", "field spacing", "field voxels", "command", "wall s", "CPU s (all processes)",
-         "peak per worker GiB", "peak of the command's process GiB", "read / written GiB", "forward passes",
-         "polish", "patch sampling"],
+         "CPU / read per unit of work (register: field voxel; others: image voxel)", "peak per worker GiB",
+         "peak of the command's process GiB", "read / written GiB", "forward passes", "polish", "patch sampling"],
+        rows,
+    )  # fmt: skip
+
+
+def scale_quality_table(doc: dict[str, Any]) -> str:
+    """The quality block ``register`` wrote into each field: folds inside the fixed tissue, the inverse's residual."""
+    rows = []
+    for r in doc["rows"]:
+        q = r.get("quality") or {}
+        fold, inv = q.get("folding"), q.get("inverse")
+        if not fold or not inv:
+            continue
+        rows.append([
+            f"{r['disk_gib']:.2f}", f"{r['field_voxels'] / 1e6:.2f} M", f"{fold['tissue_voxels'] / 1e6:.2f} M",
+            f"{fold['folded_percent']:.3g} %", fmt(fold["min_jacobian"], 3),
+            fmt(inv["percentiles_voxels"]["99"], 2), fmt(inv["percentiles_voxels"]["99.9"], 2), fmt(inv["max_voxels"], 2),
+            "passed" if q.get("passed") else "failed: " + "; ".join(q.get("failures") or ()),
+        ])  # fmt: skip
+    if not rows:
+        return ""
+    return table(
+        ["on disk GiB", "field voxels", "tissue voxels (field grid)", "folded inside tissue", "smallest det J",
+         "inverse residual p99 (field voxels)", "p99.9", "max", "quality thresholds"],
         rows,
     )  # fmt: skip
 
@@ -475,7 +500,8 @@ def scale_section(doc: dict[str, Any]) -> str:
         "(dask-jobqueue). Compute is the measured per-core throughput spread evenly over the cores; the GPU column "
         "is a bound, the work of a CPU worker with the forward passes at no cost (a GPU removes at most that); "
         "the I/O floor reads the volume once for the pyramid and reads and writes it once to warp (3 × the "
-        "volume) at the stated storage bandwidth."
+        "volume) at the stated storage bandwidth. A run takes at least the larger of the two: a ratio below 1 "
+        "means the storage, not the cores, sets the pace."
     ]
     for f in proj["fields"]:
         head = [f"workers ({plan['cores_per_worker']} cores)", "CPU wall", "GPU workers, bound",
@@ -489,7 +515,9 @@ def scale_section(doc: dict[str, Any]) -> str:
             + (f", convert {f['convert_core_s'] / 3600:,.0f}" if f["convert_core_s"] else "") + " core-hours.",
             table(head, rows),
         ]  # fmt: skip
-    return "\n\n".join([provenance(doc), scale_runs_table(doc), scale_targets_table(doc),
+    quality = scale_quality_table(doc)
+    quality_parts = ["The fields' quality blocks (measured by `register` itself):", quality] if quality else []
+    return "\n\n".join([provenance(doc), scale_runs_table(doc), *quality_parts, scale_targets_table(doc),
                         "### Throughput per core", *per_core, "### The terabyte plan", *proj_parts])  # fmt: skip
 
 

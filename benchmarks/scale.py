@@ -260,10 +260,12 @@ def bench_run(gib: float, factor: float, inputs: dict[str, Any], args: argparse.
     keep = ["--keep-run"] if harness.supports("register", "--keep-run") else []  # the per-pass records
     register = harness.patchmorph(
         "register", "--fixed", volume, "--moving", inputs["atlas"], "--out", folder / "field.ome.zarr",
-        "--field-spacing", f"{spacing_um:.6g}um", *cluster, *keep, *args.register_options,
+        "--field-spacing", f"{spacing_um:.6g}um", *cluster, *keep, *args.register_options, "--accept-quality",
     )  # fmt: skip
+    # --accept-quality: a field failing its quality thresholds is measured and its block reported, not lost
     steps["register"] = measured(register, log)
-    _, field_grid, _ = read_field(folder / "field.ome.zarr")
+    _, field_grid, meta = read_field(folder / "field.ome.zarr")
+    quality = meta.get("quality", {})
     passes = pass_figures(folder / "field.ome.zarr.run")
     steps["register"].update(passes=passes, shares=shares(passes))
     warp = harness.patchmorph(
@@ -284,6 +286,7 @@ def bench_run(gib: float, factor: float, inputs: dict[str, Any], args: argparse.
         "field_spacing_um": spacing_um,
         "field_shape": list(field_grid.shape),
         "field_voxels": int(np.prod(field_grid.shape)),
+        "quality": {k: quality.get(k) for k in ("passed", "failures", "folding", "inverse")},
         **steps,
     }
     if args.cleanup:
