@@ -1087,7 +1087,9 @@ class RegistrationResult:
         field: ``(3, Z, Y, X)`` float32 displacement on ``grid`` (fixed world → moving world, components
             ``(z, y, x)``, in ``grid.unit`` = the fixed image's unit).
         grid: the field grid.
-        uncertainty: ``(Z, Y, X)`` float32 weighted std of the finest stage's patch estimates (world units).
+        uncertainty: ``(Z, Y, X)`` float32: after the polish its residual (local MIND-SSC dissimilarity, 0-1,
+            :func:`~patchmorph_core.polish.residual_map`), else the weighted std of the finest stage's patch
+            estimates (world units).
         info: per-stage figures (patches, field grid shape, coverage, seconds) and the settings used.
     """
 

@@ -23,6 +23,12 @@ flows) and warp through ``x + v`` (the first order of ``exp(v)``); the output in
 step's gain, not a global maximum, sets its size, and every step moves a voxel by at most ``max_step``, so
 ``|v| ≤ iterations · max_step`` field voxels everywhere (:attr:`PolishSettings.max_velocity`).
 
+After the last step the box also gives the registration's uncertainty map: the local MIND-SSC dissimilarity of
+the fixed image and the moving image through the polished field, smoothed by a Gaussian of
+:data:`RESIDUAL_SIGMA` field voxels (:func:`residual_map`). Unlike the spread of the network's overlapping
+estimates it does not depend on the lattice's seed, and it follows the field's error more closely
+(``docs/contrast.md``).
+
 A box is polished on its own (the similarity's windows and the smoothing see only the box; the force is
 computed with the box's border): the pipeline runs the polish on a global lattice of overlapping boxes and
 blends their velocities with a partition of unity that gives each box's border no weight
@@ -42,7 +48,7 @@ import torch.nn.functional as F
 
 from patchmorph_core.config import InferenceConfig
 from patchmorph_core.sampling import row_box, sample_affine
-from patchmorph_core.similarity import Similarity, make_similarity
+from patchmorph_core.similarity import MindSSC, Similarity, make_similarity
 from patchmorph_core.source import Level, MultiscaleImage
 from patchmorph_core.spatial import ALIGN_CORNERS, Grid, index_to_normalized, read_box
 
@@ -50,6 +56,12 @@ SQUARINGS = 5
 """Scaling-and-squaring steps of :func:`~patchmorph_core.displacement.exp_velocity` for the polish's velocity
 (at most ``iterations · max_step`` = 2.5 field voxels by default, so each of the 2⁵ = 32 sub-steps moves a
 voxel by under a tenth of a voxel)."""
+
+
+RESIDUAL_SIGMA = 3.0
+"""Gaussian smoothing (field voxels) of the local MIND-SSC dissimilarity left after the polish, the
+registration's uncertainty map (:func:`residual_map`; chosen on validation pairs with a known field,
+``docs/contrast.md``)."""
 
 
 def gauss_radius(sigma: float) -> int:
@@ -196,7 +208,17 @@ def _sampling_map(
     return base.to(torch.float32).to(device), columns
 
 
-def polish_velocity(
+def residual_map(fixed: torch.Tensor, warped: torch.Tensor, sigma: float = RESIDUAL_SIGMA) -> torch.Tensor:
+    """``(B, 1, Z, Y, X)`` the local dissimilarity left by a registration: minus the MIND-SSC similarity map
+    (:class:`~patchmorph_core.similarity.MindSSC`, the mean squared difference of the two images' descriptors,
+    0 where their local structure agrees, at most 1; dimensionless, any contrasts) smoothed by a Gaussian of
+    ``sigma`` voxels. Inside the tissue it follows the field's error better than the spread of the network's
+    overlapping estimates and does not depend on the lattice's seed (``docs/contrast.md``). At full
+    resolution: on images averaged over 2³ voxels it followed the error half as well."""
+    return gaussian(-MindSSC().voxel_map(fixed, warped), sigma)
+
+
+def polish_box(
     fixed: MultiscaleImage,
     moving: MultiscaleImage,
     ranges: tuple[tuple[float, float], tuple[float, float]],
@@ -204,8 +226,9 @@ def polish_velocity(
     grid: Grid,
     settings: PolishSettings,
     device: torch.device | str = "cpu",
-) -> np.ndarray:
-    """The polish's velocity on one box of the field grid (see the module doc), on ``device``.
+) -> tuple[np.ndarray, np.ndarray]:
+    """The polish's velocity on one box of the field grid (see the module doc), on ``device``, and the
+    :func:`residual_map` after it.
 
     Args:
         fixed, moving: image pyramids (their units converted to ``grid.unit``); the fixed image is sampled on
@@ -218,12 +241,14 @@ def polish_velocity(
 
     Returns:
         ``(3, Z, Y, X)`` float32 velocity ``v`` in world units, components ``(z, y, x)``; ``|v|`` is at most
-        :attr:`PolishSettings.max_velocity` field voxels.
+        :attr:`PolishSettings.max_velocity` field voxels. ``(Z, Y, X)`` float32 :func:`residual_map` of the
+        fixed image and the moving image through the polished field (zeros without steps, or where the box
+        reaches no moving data).
     """
     shape = tuple(grid.shape)
-    velocity = np.zeros((3, *shape), np.float32)
+    velocity, residual = np.zeros((3, *shape), np.float32), np.zeros(shape, np.float32)
     if settings.iterations == 0:
-        return velocity
+        return velocity, residual
     fixed_range, moving_range = ranges
     level = moving.level_for_grid(grid)
     field = np.asarray(field, np.float32)
@@ -231,21 +256,26 @@ def polish_velocity(
     # x + v + u₀(x + v) stays within |v| (1 + |∇u₀|) of x + u₀(x): twice the largest velocity is ample
     box = _moving_box(level, world, 2.0 * settings.max_velocity * float(grid.spacing.max()))
     if box is None:
-        return velocity
+        return velocity, residual
     similarity = settings.make_similarity()
     t = {"device": device}
     volume = torch.tensor(scaled(box.array, moving_range), **t)[None, None]
     fixed_t = torch.tensor(fixed_on_box(fixed, grid, fixed_range), **t)[None, None]
     base, linear = _sampling_map(box.grid, grid, world.reshape(*shape, 3), field, device)
     v = torch.zeros((1, 3, *shape), dtype=torch.float32, device=device)  # field voxels
-    for _ in range(settings.iterations):
+
+    def warp() -> torch.Tensor:  # the moving box through x + v + u₀(x + v), to first order in v
         coords = base.clone()
         for k in range(3):
             coords.addcmul_(linear[k], v[:, k, ..., None])
-        warped = F.grid_sample(volume, coords, mode="bilinear", padding_mode="zeros", align_corners=ALIGN_CORNERS)
+        return F.grid_sample(volume, coords, mode="bilinear", padding_mode="zeros", align_corners=ALIGN_CORNERS)
+
+    for _ in range(settings.iterations):
+        warped = warp()
         update = settings.gain * gaussian(similarity.force(fixed_t, warped), settings.sigma)
         norm = (update * update).sum(dim=1, keepdim=True).sqrt()  # linalg.vector_norm over dim 1: 20× slower
         update = update * torch.clamp(settings.max_step / (norm + 1e-12), max=1.0)
         v = gaussian(v + update, settings.correction_sigma)
     out = torch.einsum("ij,bjzyx->bizyx", torch.tensor(grid.linear, dtype=torch.float32, device=device), v)
-    return out[0].cpu().numpy().astype(np.float32, copy=False)
+    residual_t = residual_map(fixed_t, warp())
+    return out[0].cpu().numpy().astype(np.float32, copy=False), residual_t[0, 0].cpu().numpy().astype(np.float32, copy=False)

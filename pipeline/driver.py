@@ -329,7 +329,8 @@ class DriverRun:
 
     Attributes:
         field: the output field array (``(3, Z, Y, X)``, on ``grid``).
-        uncertainty: the finest network pass's uncertainty array (``(Z, Y, X)``).
+        uncertainty: the uncertainty array (``(Z, Y, X)``): the finest network pass's spread, overwritten by
+            the polish's residual when the polish runs.
         grid: the output field grid.
         stages: one record per pass, network passes then the polish's (name, kind, figures, seconds):
             the per-stage figures a caller reports or checks.

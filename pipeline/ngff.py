@@ -764,8 +764,8 @@ def write_field(
         field: ``(3, Z, Y, X)`` numpy or dask array, components ``(z, y, x)``, world units of ``grid``.
         grid: the field grid (on the fixed image's world frame and unit).
         metadata: ``fixed``, ``moving``, ``model``, ``config`` and anything else to record.
-        uncertainty: optional ``(Z, Y, X)`` per-voxel spread of patch estimates (world units),
-            written as the child image ``uncertainty``.
+        uncertainty: optional ``(Z, Y, X)`` uncertainty map (the registration's residual, or a spread of
+            patch estimates in world units), written as the child image ``uncertainty``.
         chunks: spatial chunk shape; see :func:`choose_layout`.
         overwrite: replace an existing output (else InputError).
         n_levels: pyramid levels of the field (default 1).

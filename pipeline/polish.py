@@ -11,12 +11,14 @@ Geometry (``(z, y, x)`` voxel boxes of the final field grid)::
     chunk c    ◀──needs───────  the tiles that meet c grown by the integration halo
 
 A tile task (:func:`polish_tile`) reads the fixed image, the network's field ``u₀`` and the moving image on
-its box once, takes every step (:func:`~patchmorph_core.polish.polish_velocity`) and returns its weighted
+its box once, takes every step (:func:`~patchmorph_core.polish.polish_box`) and returns its weighted
 velocity as :class:`~patchmorph_core.inference.FieldSums` cut into one piece per chunk; one task per output
 chunk (:func:`write_polished_chunk`) adds the pieces over the chunk and its integration halo
 (:attr:`~patchmorph_core.polish.PolishSettings.exp_halo`), averages them (``v̄ = Σ w v / Σ w``), integrates
 ``c = exp(v̄)`` (:func:`~patchmorph_core.displacement.exp_velocity`), composes ``u = c ∘ u₀``
-(:func:`~patchmorph_core.inference.compose_on_grid`) and writes the chunk once. The tiles depend on the grid
+(:func:`~patchmorph_core.inference.compose_on_grid`) and writes the chunk once, with the tiles' residuals
+(:func:`~patchmorph_core.polish.residual_map`, blended by the same weights) as the chunk of the uncertainty map.
+A polish the stage check rejects leaves the network's field but this residual map. The tiles depend on the grid
 alone, so the field depends neither on the chunks nor on the workers; a field within one tile is one box, as
 in memory.
 
@@ -37,7 +39,7 @@ import numpy as np
 from patchmorph_core.config import resolve_device
 from patchmorph_core.displacement import FieldDisplacement, exp_velocity
 from patchmorph_core.inference import FieldSums, compose_on_grid
-from patchmorph_core.polish import SQUARINGS, PolishSettings, polish_velocity
+from patchmorph_core.polish import SQUARINGS, PolishSettings, polish_box
 from patchmorph_core.source import MultiscaleImage
 from patchmorph_core.spatial import read_box
 from pipeline.chunked import BLOCK_FIGURES, Box, ChunkPlan, reduce_partials, run_chunked, split_partial
@@ -131,6 +133,8 @@ class PolishContext:
         network_field: ``(3, Z, Y, X)`` array of the network's final field ``u₀``.
         arrays: the output field array, its chunk plan (with the integration halo) and records.
         device: the registration's ``device`` setting (resolved in the task: a GPU worker polishes on it).
+        uncertainty: the ``(Z, Y, X)`` uncertainty array the polish overwrites with its residual (None: left
+            as the network pass wrote it).
     """
 
     fixed: MultiscaleImage
@@ -142,6 +146,7 @@ class PolishContext:
     network_field: Any
     arrays: PassArrays
     device: str = "auto"
+    uncertainty: Any = None
 
 
 def polish_tile(ctx: PolishContext, tile: PolishTile) -> dict[Any, Any]:
@@ -151,12 +156,12 @@ def polish_tile(ctx: PolishContext, tile: PolishTile) -> dict[Any, Any]:
     plan = ctx.arrays.plan
     grid = plan.grid.crop(tile.box.start, tile.box.stop)
     field = read_box(ctx.network_field, (slice(None), *tile.box.slices)).astype(np.float32, copy=False)
-    velocity = polish_velocity(
+    velocity, residual = polish_box(
         ctx.fixed, ctx.moving, (ctx.fixed_range, ctx.moving_range), field, grid, ctx.settings,
         device=resolve_device(ctx.device),
     )  # fmt: skip
     weights = ctx.tiles.weights(tile.core, tile.box)
-    sums = FieldSums(grid, velocity * weights, weights, np.zeros_like(weights), 1)
+    sums = FieldSums(grid, velocity * weights, weights, residual * weights, 1)  # weighted_sq: Σ w·residual
     pieces: dict[Any, Any] = dict(split_partial(plan, tile.box, sums))
     seconds = time.perf_counter() - tic
     figures = {"seconds": seconds, "polish_seconds": seconds, "voxels": int(np.prod(grid.shape))}
@@ -167,7 +172,8 @@ def polish_tile(ctx: PolishContext, tile: PolishTile) -> dict[Any, Any]:
 
 def write_polished_chunk(ctx: PolishContext, cid: ChunkId, partials: list[tuple[Box, FieldSums]]) -> dict[str, Any]:
     """Task: average the tiles' velocities over chunk ``cid`` and its integration halo, integrate, compose with
-    the network's field on the chunk and write it whole, then record it."""
+    the network's field on the chunk and write it whole (and the tiles' averaged residual, the uncertainty),
+    then record it."""
     tic = time.perf_counter()
     plan = ctx.arrays.plan
     reach, box = plan.reach_box(cid), plan.box(cid)
@@ -180,6 +186,8 @@ def write_polished_chunk(ctx: PolishContext, cid: ChunkId, partials: list[tuple[
     network = FieldDisplacement(ctx.network_field, plan.grid)
     field = compose_on_grid(np.ascontiguousarray(displacement[inner]), chunk_grid, network)
     ctx.arrays.records.log_write(cid)
+    if ctx.uncertainty is not None:
+        ctx.uncertainty[box.slices] = (sums.weighted_sq / np.where(covered, sums.weight, np.float32(1.0)))[inner[1:]]
     ctx.arrays.field[(slice(None), *box.slices)] = field
     info = {"seconds": time.perf_counter() - tic, "blocks": len(partials), "voxels": int(np.prod(box.shape))}
     ctx.arrays.records.mark_done(cid, info)
@@ -214,7 +222,7 @@ def run_polish(
     ctx = PolishContext(
         fixed=inputs.fixed, moving=inputs.plan.moving, fixed_range=inputs.plan.fixed_range,
         moving_range=inputs.plan.moving_range, settings=settings, tiles=tiles, network_field=network.field,
-        arrays=arrays, device=inputs.config.device,
+        arrays=arrays, device=inputs.config.device, uncertainty=network.uncertainty,
     )  # fmt: skip
     run = run_chunked(
         executor, "polish", arrays.plan, arrays.records, ctx, write_polished_chunk,

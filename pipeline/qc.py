@@ -9,7 +9,9 @@ planes, drawn with their physical aspect ratio):
 * ``checkerboard``: alternating squares of the fixed and the warped moving image;
 * ``jacobian``: the Jacobian determinant of ``x -> x + u(x)`` (1 = volume kept, < 1 shrink, > 1 grow,
   <= 0 folded, drawn in black);
-* ``uncertainty``: the spread of the overlapping patch estimates, in world units.
+* ``uncertainty``: the local dissimilarity of the fixed and the registered moving image left after the polish
+  (MIND-SSC, 0-1; :func:`patchmorph_core.polish.residual_map`), or without a polish the spread of the
+  overlapping patch estimates, in world units.
 
 The array functions (``*_figure``) take in-memory ``(Z, Y, X)`` arrays; :func:`qc_files` reads the
 outputs of ``register``/``warp`` at a coarse pyramid level (memory bounded by ``max_size``, never by the
@@ -316,9 +318,10 @@ def jacobian_figure(
 def uncertainty_figure(
     uncertainty: np.ndarray, spacing: Sequence[float], path: Path, unit: str, orientation: str | None = None
 ) -> Path:
-    """Map of the per-voxel spread of the patch estimates ``(Z, Y, X)``, in world units ``unit``."""
+    """Map of the registration's uncertainty ``(Z, Y, X)``; ``unit`` labels the colour bar (the residual's
+    name, or the world unit of a spread)."""
     lo, hi = display_range(uncertainty, 0.0, 99.0)
-    fig, axes = _figure("registration uncertainty (spread of overlapping patch estimates)")
+    fig, axes = _figure("registration uncertainty")
     image = None
     for axis, (ax, plane) in enumerate(zip(axes, central_slices(uncertainty), strict=True)):
         image = ax.imshow(
@@ -483,11 +486,12 @@ def _field_figures(field: Path, out: Path, max_size: int, tissue: Path | None = 
     if unc_path.is_dir():
         level = preview_level(read_image(unc_path), max_size)
         unc_arr = read_box(level.array, (slice(None),) * 3).astype(np.float32)
+        polished = int((meta.get("config") or {}).get("polish_iterations", 0)) > 0
         figures["uncertainty"] = uncertainty_figure(
             unc_arr,
             level.grid.spacing,
             out / "uncertainty.png",
-            level.grid.unit,
+            "MIND-SSC dissimilarity (0-1)" if polished else level.grid.unit,
             orientation_code(level.grid.direction),
         )
     return figures
@@ -503,7 +507,7 @@ def atlas_qc(
     * ``atlas_space``: a checkerboard of the atlas reference and the brain in atlas space, with the same
       outlines from the atlas annotation;
     * ``jacobian``: det J on a log scale with its colour bar, folds inside the brain counted;
-    * ``uncertainty``: the spread of the patch estimates.
+    * ``uncertainty``: the registration's uncertainty map (the residual left after the polish).
 
     Args:
         paths: ``brain``, ``atlas_on_brain``, ``brain_in_atlas_space`` and ``field``.

@@ -10,7 +10,8 @@
    (:func:`pipeline.cluster.open_executor`: threads of this process unless a Dask cluster is asked for)
    into OME-Zarr arrays (:class:`pipeline.driver.ZarrStore`): each pass's field in ``<out>.run/<name>.zarr``
    (``stage1``, ``stage2``, ``stage2.1`` for a refinement pass of stage 2; see ``PatchLattice.name``),
-   the finest pass's uncertainty in ``<out>/uncertainty``, the polished field in ``out``;
+   the uncertainty in ``<out>/uncertainty`` (the finest pass's spread, overwritten by the polish's residual),
+   the polished field in ``out``;
 4. resumes: ``<out>.run/`` keeps per-chunk completion records (:mod:`pipeline.resume`); rerunning the same
    command after a crash skips finished chunks and yields the identical field.
 
@@ -59,7 +60,8 @@ class RegistrationRecord(BaseModel):
 
     Attributes:
         field: the displacement field (OME-Zarr, axes ``c, z, y, x``, fixed → moving, fixed unit).
-        uncertainty: the per-voxel spread of the patch estimates (child image of ``field``).
+        uncertainty: the registration's uncertainty map (child image of ``field``): the local MIND-SSC
+            dissimilarity left after the polish (0-1), or without a polish the spread of the patch estimates.
         run: the run folder with the completion records (a rerun of an interrupted command resumes from
             it); removed when the run finishes unless ``keep_run``.
         grid_shape: field grid shape ``(Z, Y, X)``.

@@ -50,7 +50,7 @@ def test_chunked_polish_equals_in_memory_and_never_folds(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Small tiles (3 x 3 x 3 on the 23 x 22 x 19 field) and 7³ chunks on a Dask cluster give the in-memory
-    field (the same tiles, the whole grid one chunk) to float rounding; tiles of one box give nearly the same
+    field and uncertainty (the same tiles, the whole grid one chunk) to float rounding; tiles of one box give nearly the same
     field; the polish moves the network's field by voxels and folds nothing."""
     fixed, moving, config = pair_and_config
     config = config.model_copy(update={"polish_iterations": 6, "polish_max_step": 0.4, "stage_check": False})
@@ -69,6 +69,8 @@ def test_chunked_polish_equals_in_memory_and_never_folds(
     tiled = np.asarray(read_field(record.field)[0][:])
     assert record.polish is not None and record.polish["tiles"] == 27 and record.chunks == 4 * 4 * 3
     assert np.abs(tiled - reference.field).max() < 1e-4 * spacing
+    uncertainty = np.asarray(read_image(record.uncertainty).levels[0].array[:])  # the tiles' residual
+    assert reference.uncertainty.max() > 0.0 and np.abs(uncertainty - reference.uncertainty).max() < 1e-5
     network = _network_field(record.run, "stage1")
     moved = np.linalg.norm(tiled - network, axis=0) / spacing
     assert moved.max() > 0.5  # the polish does something
