@@ -559,15 +559,19 @@ def pyramid_arrays(
     grid = _level_grids(group)[0]
     count = _auto_levels(grid) if n_levels is None else max(1, int(n_levels))
     previous = group["0"]
+    unit = np.asarray(write_block(previous)[-3:], dtype=np.int64)
+    scale = np.ones(3, dtype=np.int64)
     levels = []
     for index, factors in enumerate(pyramid_factors(grid.spacing, grid.shape, count)[1:], start=1):
         shape = tuple(-(-s // f) for s, f in zip(previous.shape[-3:], factors, strict=True))
         full = previous.shape[:-3] + shape
+        scale = scale * np.asarray(factors, dtype=np.int64)
         existing = None if fresh else group.get(str(index))
         if isinstance(existing, zarr.Array) and tuple(existing.shape) == full:
             target = writable(existing)
         else:
             chunk_shape, shard_shape = choose_layout(full, previous.dtype, previous.chunks[-3:])
+            shard_shape = _shards_under(shard_shape, chunk_shape, unit, scale)
             target = group.create_array(
                 str(index),
                 shape=full,
@@ -582,6 +586,23 @@ def pyramid_arrays(
         levels.append((target, tuple(int(f) for f in factors)))
         previous = target
     return levels  # type: ignore[return-value]
+
+
+def _shards_under(
+    shards: tuple[int, ...] | None, chunks: tuple[int, ...], unit: np.ndarray, scale: np.ndarray
+) -> tuple[int, ...] | None:
+    """A sharded pyramid level's shard shape, made no larger along an axis than the part of a level-0 write
+    unit it lies under (``unit // scale``, ``scale`` the level's factors from level 0) when that part is whole
+    chunks: then the task that writes a unit of level 0 writes whole shards of the level too (``warp``'s
+    :func:`~pipeline.warp.task_levels`), at any image size."""
+    if shards is None:
+        return None
+    lead, spatial = tuple(shards[:-3]), list(shards[-3:])
+    for k in range(3):
+        part, chunk = int(unit[k] // scale[k]), int(chunks[-3 + k])
+        if unit[k] % scale[k] == 0 and part % chunk == 0 and part < spatial[k]:
+            spatial[k] = part
+    return lead + tuple(spatial)
 
 
 def downsample_unit(values: np.ndarray, factors: tuple[int, int, int], labels: bool) -> np.ndarray:

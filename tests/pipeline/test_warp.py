@@ -53,8 +53,9 @@ def test_sharded_warp_writes_each_shard_once_and_equals_in_memory(
     np.testing.assert_allclose(level0[:], expected, atol=1e-5)  # float32 indices relative to each task's box
 
 
+@pytest.mark.parametrize("pyramid_sharded", [False, True])
 def test_the_tasks_write_the_first_pyramid_levels_as_finish_image_builds_them(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pyramid_sharded: bool
 ) -> None:
     direction = random_rotation(np.random.default_rng(3), 25.0)
     grid = Grid.from_spacing((150, 40, 130), (1.0, 1.6, 1.3), origin=(2.0, -1.0, 0.5), unit="millimeter", direction=direction)
@@ -62,7 +63,8 @@ def test_the_tasks_write_the_first_pyramid_levels_as_finish_image_builds_them(
     image = (2000 + 1500 * np.sin(grid.points()[..., 0] / 9.0) + rng.normal(0, 200, grid.shape)).astype(np.uint16)
     moving = write_image(tmp_path / "moving.zarr", image, grid)
     field = _field(tmp_path, moving, moving)
-    monkeypatch.setattr(ngff, "SHARD_THRESHOLD_BYTES", image.nbytes - 1)  # level 0 sharded, its pyramid not
+    threshold = 0 if pyramid_sharded else image.nbytes - 1  # every level sharded, or level 0 only
+    monkeypatch.setattr(ngff, "SHARD_THRESHOLD_BYTES", threshold)
     out = tmp_path / "warped.zarr"
     warp_files(field, moving, out, chunk_size=8, progress=False)
 
@@ -70,7 +72,9 @@ def test_the_tasks_write_the_first_pyramid_levels_as_finish_image_builds_them(
     assert level0.shards == (32, 32, 32) and level0.dtype == np.uint16
     levels = pyramid_arrays(out, fresh=False)  # anisotropic: halving one or two axes a level
     assert [f for _, f in levels] == [(2, 1, 1), (1, 1, 2), (1, 2, 1), (2, 1, 1), (1, 1, 2)]
-    assert len(task_levels(level0, levels)) == 5  # each shard's part of every level is whole chunks
+    assert len(task_levels(level0, levels)) == 5  # each shard's part of every level is whole write units
+    if pyramid_sharded:  # a level's shards no larger than the part of a level-0 shard above them
+        assert [tuple(a.shards) for a, _ in levels[:2]] == [(16, 32, 32), (16, 32, 16)]
     rebuilt = tmp_path / "rebuilt.zarr"
     shutil.copytree(out, rebuilt)
     finish_image(rebuilt)  # every level again, from level 0 on disk
