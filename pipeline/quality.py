@@ -73,6 +73,11 @@ INVERSE_STRIDE = 2
 """The inverse's residual is measured at every this-many-th tissue voxel along each axis."""
 
 
+FIELD_IN_MEMORY_BYTES = 512 * 2**20
+"""A field up to this size (float32) is read into memory once for the checks; a larger one is read per box
+(the inverse's points then read the store at every step)."""
+
+
 PERCENTILES = (50.0, 90.0, 99.0, 99.9)
 """Percentiles of the inverse residual recorded (and the maximum)."""
 
@@ -197,6 +202,8 @@ def folding_and_inverse(
     fixed: MultiscaleImage, field_array: Any, grid: Grid, fixed_range: tuple[float, float]
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Folded tissue voxels and the inverse's residual of a stored field, box by box (module docstring)."""
+    if 4 * int(np.prod(field_array.shape)) <= FIELD_IN_MEMORY_BYTES:  # read once, not once per inverse step
+        field_array = read_box(field_array, tuple(slice(0, n) for n in field_array.shape)).astype(np.float32)
     forward = FieldDisplacement(field_array, grid)
     tissue_voxels = folded = 0
     min_det = np.inf
