@@ -202,8 +202,6 @@ def folding_and_inverse(
     fixed: MultiscaleImage, field_array: Any, grid: Grid, fixed_range: tuple[float, float]
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Folded tissue voxels and the inverse's residual of a stored field, box by box (module docstring)."""
-    if 4 * int(np.prod(field_array.shape)) <= FIELD_IN_MEMORY_BYTES:  # read once, not once per inverse step
-        field_array = read_box(field_array, tuple(slice(0, n) for n in field_array.shape)).astype(np.float32)
     forward = FieldDisplacement(field_array, grid)
     tissue_voxels = folded = 0
     min_det = np.inf
@@ -323,6 +321,8 @@ def assess_field(
     """
     limits = limits or QualityThresholds()
     array = open_field_array(path, grid)
+    if 4 * int(np.prod(array.shape)) <= FIELD_IN_MEMORY_BYTES:  # read once, not at every step of the inverse
+        array = read_box(array, tuple(slice(0, n) for n in array.shape)).astype(np.float32)
     fixed_range = intensity_range(fixed)
     folding, inverse = folding_and_inverse(fixed, array, grid, fixed_range)
     block = {
