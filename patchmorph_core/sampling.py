@@ -391,13 +391,19 @@ def tissue_weights(image: MultiscaleImage, threshold: float = 0.1) -> tuple[np.n
     return weights, grid
 
 
-def tissue_mask(image: MultiscaleImage, grid: Grid, threshold: float = 0.1) -> np.ndarray:
+def tissue_mask(
+    image: MultiscaleImage,
+    grid: Grid,
+    threshold: float = 0.1,
+    value_range: tuple[float, float] | None = None,
+) -> np.ndarray:
     """``grid.shape`` bool: where ``image`` (the level for ``grid``, trilinear) is tissue, i.e. its normalised
-    intensity (:func:`intensity_range`) is at least ``threshold`` — the same rule as :func:`tissue_weights`, on
-    any grid (e.g. a field's, for folds and inverse errors counted inside the tissue only)."""
+    intensity (:func:`intensity_range`, or ``value_range`` when the caller has it already) is at least
+    ``threshold`` — the same rule as :func:`tissue_weights`, on any grid (e.g. a field's, for folds and inverse
+    errors counted inside the tissue only)."""
     level = image.with_unit(grid.unit).level_for_spacing(float(grid.spacing.min()))
     values = sample_affine(level.array, level.grid.index_map(grid), tuple(grid.shape))
-    return normalize(values, *intensity_range(image)) >= threshold
+    return normalize(values, *(value_range or intensity_range(image))) >= threshold
 
 
 def tissue_center(image: MultiscaleImage) -> np.ndarray:

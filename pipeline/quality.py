@@ -49,7 +49,7 @@ from patchmorph_core.displacement import (
 )
 from patchmorph_core.errors import QualityError
 from patchmorph_core.metrics import jacobian_determinant, local_ncc
-from patchmorph_core.sampling import intensity_range, normalize
+from patchmorph_core.sampling import intensity_range, tissue_mask
 from patchmorph_core.source import MultiscaleImage
 from patchmorph_core.spatial import Grid, read_box
 from pipeline.integrity import VerifiedStore
@@ -148,9 +148,8 @@ def _boxes(shape: tuple[int, ...], edge: int = BOX) -> Iterator[tuple[slice, sli
 
 
 def _tissue(fixed: MultiscaleImage, grid: Grid, fixed_range: tuple[float, float]) -> np.ndarray:
-    """``(Z, Y, X)`` bool: the voxels of ``grid`` inside the fixed tissue."""
-    values = fixed.sample(grid.points(), float(np.min(grid.spacing)))
-    return normalize(values, *fixed_range) >= TISSUE_THRESHOLD
+    """``(Z, Y, X)`` bool: the voxels of ``grid`` inside the fixed tissue (:func:`sampling.tissue_mask`)."""
+    return tissue_mask(fixed, grid, TISSUE_THRESHOLD, fixed_range)
 
 
 def _quality_grid(grid: Grid) -> Grid:
