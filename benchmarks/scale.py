@@ -9,6 +9,7 @@ edge, so the field grows with the image) times, as a user runs them on a local D
 
 * ``patchmorph register --field-spacing ...`` (atlas → brain) and ``patchmorph warp`` (the atlas onto the
   brain's full grid: the output is as large as the brain);
+* with ``--no-warp``, register only (a series whose warp is not timed);
 * with ``--convert``, ``patchmorph convert`` of the brain (OME-Zarr → OME-Zarr: read once, pyramid written).
 
 Per command: wall time, CPU seconds of every process, peak resident memory per worker and of the command's
@@ -268,11 +269,12 @@ def bench_run(gib: float, factor: float, inputs: dict[str, Any], args: argparse.
     quality = meta.get("quality", {})
     passes = pass_figures(folder / "field.ome.zarr.run")
     steps["register"].update(passes=passes, shares=shares(passes))
-    warp = harness.patchmorph(
-        "warp", "--field", folder / "field.ome.zarr", "--moving", inputs["atlas"], "--out", folder / "warped.ome.zarr",
-        *cluster,
-    )  # fmt: skip
-    steps["warp"] = measured(warp, log)
+    if not args.no_warp:
+        warp = harness.patchmorph(
+            "warp", "--field", folder / "field.ome.zarr", "--moving", inputs["atlas"], "--out", folder / "warped.ome.zarr",
+            *cluster,
+        )  # fmt: skip
+        steps["warp"] = measured(warp, log)
     row = {
         "size_gib_requested": gib,
         "field_factor": factor,
@@ -281,7 +283,7 @@ def bench_run(gib: float, factor: float, inputs: dict[str, Any], args: argparse.
         "bytes": int(np.prod(grid.shape)) * 2,
         "spacing_um": grid.with_unit("micrometer").spacing.round(4).tolist(),
         "disk_gib": store_gib(volume),
-        "warped_disk_gib": store_gib(folder / "warped.ome.zarr"),
+        "warped_disk_gib": None if args.no_warp else store_gib(folder / "warped.ome.zarr"),
         "prepare_s": prepare_s,
         "field_spacing_um": spacing_um,
         "field_shape": list(field_grid.shape),
@@ -307,6 +309,8 @@ def relative(small: dict[str, Any], large: dict[str, Any]) -> dict[str, Any]:
         "field_voxel_ratio": field_ratio,
     }
     for step, work_ratio in (("register", field_ratio), ("warp", voxel_ratio)):
+        if step not in small or step not in large:  # --no-warp
+            continue
         wall = large[step]["wall_s"] / small[step]["wall_s"]
         cpu = large[step]["cpu_s"] / max(small[step]["cpu_s"], 1e-9)
         peak = large[step]["max_worker_peak_gib"] / max(small[step]["max_worker_peak_gib"], 1e-9)
@@ -375,6 +379,7 @@ def main() -> None:
     parser.add_argument("--work", default=str(harness.OUT / "scale"), help="scratch folder for the volumes")
     parser.add_argument("--convert", action="store_true", help="also time 'patchmorph convert' of the brain")
     parser.add_argument("--set", action="append", default=[], help="inference setting key=value (a config YAML)")
+    parser.add_argument("--no-warp", action="store_true", help="time register only (no 'patchmorph warp')")
     parser.add_argument("--cleanup", action="store_true", help="delete each run's volume and outputs after it")
     parser.add_argument("--out", type=Path, default=RESULTS_JSON, help="results JSON (default: %(default)s)")
     args = parser.parse_args()

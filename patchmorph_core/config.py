@@ -252,6 +252,11 @@ class InferenceConfig(_Strict):
         polish_correction_sigma: Gaussian smoothing of the accumulated velocity at every step (field voxels).
         polish_similarity: the similarity whose force drives the polish: ``"ncc"`` (local NCC, ANTs SyN's CC
             update; one contrast) or ``"mind"`` (MIND-SSC, any contrasts; :mod:`patchmorph_core.similarity`).
+        polish_coarsening: the polish steps on a grid this many times coarser than the field (its velocity and
+            residual sampled back trilinearly; the other ``polish_*`` settings are in voxels of that grid).
+            None (default): as coarse as the data warrant, the largest factor up to 4 whose spacing stays
+            within the coarser of the two images' finest voxels (1 for the default field spacing;
+            :func:`~patchmorph_core.polish.coarsening_for`).
         stage_check: score the contrast-robust similarity (MIND-SSC) before and after every network pass and the
             polish, record it in the pass's figures, and reject a pass that lowers it
             (:mod:`patchmorph_core.stage_check`).
@@ -278,6 +283,7 @@ class InferenceConfig(_Strict):
     polish_sigma: float = Field(1.5, ge=0.0, le=8.0)
     polish_correction_sigma: float = Field(0.5, ge=0.0, le=8.0)
     polish_similarity: Literal["ncc", "mind"] = "ncc"
+    polish_coarsening: int | None = Field(None, ge=1, le=4)
 
     @field_validator("field_spacing")
     @classmethod

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from patchmorph_core.config import InferenceConfig
-from patchmorph_core.sampling import row_box, sample_affine
+from patchmorph_core.sampling import row_box, sample_affine, sample_separable
 from patchmorph_core.similarity import MindSSC, Similarity, make_similarity
 from patchmorph_core.source import Level, MultiscaleImage
 from patchmorph_core.spatial import ALIGN_CORNERS, Grid, index_to_normalized, read_box
@@ -62,6 +62,19 @@ RESIDUAL_SIGMA = 3.0
 """Gaussian smoothing (field voxels) of the local MIND-SSC dissimilarity left after the polish, the
 registration's uncertainty map (:func:`residual_map`; chosen on validation pairs with a known field,
 ``docs/contrast.md``)."""
+
+
+MAX_COARSENING = 4
+"""Coarsest polish grid :func:`coarsening_for` picks, in field voxels."""
+
+
+def coarsening_for(field_spacing: float, data_spacing: float) -> int:
+    """The polish grid's coarsening by default: the largest integer ``f`` ≤ :data:`MAX_COARSENING` with ``f ·
+    field_spacing`` at most ``data_spacing`` (the coarser of the two images' finest voxels, the field spacing's
+    default). A field finer than the data gets the network's finer patches; the polish's similarity has no
+    detail finer than the coarser image to follow, so it steps on the coarser grid (8× fewer voxels at 2×)."""
+    ratio = float(data_spacing) / float(field_spacing)
+    return int(min(MAX_COARSENING, max(1, math.floor(ratio * 1.01))))
 
 
 def gauss_radius(sigma: float) -> int:
@@ -81,6 +94,8 @@ class PolishSettings:
         sigma: Gaussian smoothing of each update (field voxels).
         correction_sigma: Gaussian smoothing of the velocity at every step (field voxels).
         similarity: the similarity whose force drives the steps (:func:`~patchmorph_core.similarity.make_similarity`).
+        coarsening: the steps run on a grid this many times coarser than the field (:func:`polish_box`); the
+            other settings are in voxels of that grid.
     """
 
     iterations: int
@@ -90,10 +105,13 @@ class PolishSettings:
     sigma: float = 1.5
     correction_sigma: float = 0.5
     similarity: str = "ncc"
+    coarsening: int = 1
 
     @classmethod
-    def from_config(cls, config: InferenceConfig) -> PolishSettings:
-        """The settings of an :class:`InferenceConfig` (``polish_*`` fields)."""
+    def from_config(cls, config: InferenceConfig, field_spacing: float = 1.0, data_spacing: float = 1.0) -> PolishSettings:
+        """The settings of an :class:`InferenceConfig` (``polish_*`` fields); ``polish_coarsening`` None is
+        :func:`coarsening_for` the field's and the data's spacings (same unit)."""
+        coarsening = config.polish_coarsening
         return cls(
             iterations=config.polish_iterations,
             gain=config.polish_gain,
@@ -102,6 +120,7 @@ class PolishSettings:
             sigma=config.polish_sigma,
             correction_sigma=config.polish_correction_sigma,
             similarity=config.polish_similarity,
+            coarsening=coarsening_for(field_spacing, data_spacing) if coarsening is None else coarsening,
         )
 
     def make_similarity(self) -> Similarity:
@@ -110,8 +129,8 @@ class PolishSettings:
 
     @property
     def max_velocity(self) -> float:
-        """The largest velocity any voxel can reach (field voxels): ``iterations · max_step``."""
-        return self.iterations * self.max_step
+        """The largest velocity any voxel can reach (field voxels): ``iterations · max_step · coarsening``."""
+        return self.iterations * self.max_step * self.coarsening
 
     @property
     def exp_halo(self) -> int:
@@ -228,7 +247,39 @@ def polish_box(
     device: torch.device | str = "cpu",
 ) -> tuple[np.ndarray, np.ndarray]:
     """The polish's velocity on one box of the field grid (see the module doc), on ``device``, and the
-    :func:`residual_map` after it.
+    :func:`residual_map` after it: :func:`polish_on_grid` on ``grid``, or with ``settings.coarsening`` f > 1
+    on ``grid`` resampled to f times its spacing (same centre; ``u₀`` sampled trilinearly onto it, i.e.
+    averaged over 2³ field voxels at f = 2), the velocity and residual sampled back trilinearly (edge values
+    beyond the coarse grid's outer voxel centres). A trilinear velocity is Lipschitz, so its exponential stays
+    a diffeomorphism.
+
+    Args and returns: as :func:`polish_on_grid`; ``|v|`` is at most :attr:`PolishSettings.max_velocity`
+    field voxels.
+    """
+    factor = settings.coarsening
+    if factor <= 1 or settings.iterations == 0:
+        return polish_on_grid(fixed, moving, ranges, field, grid, settings, device)
+    coarse = grid.resampled(grid.spacing * factor)
+    coarse_field = sample_separable(np.asarray(field, np.float32), grid.index_map(coarse), coarse.shape, "border")
+    velocity, residual = polish_on_grid(fixed, moving, ranges, coarse_field, coarse, settings, device)
+    back = coarse.index_map(grid)
+    return (
+        sample_separable(velocity, back, grid.shape, "border"),
+        sample_separable(residual, back, grid.shape, "border"),
+    )
+
+
+def polish_on_grid(
+    fixed: MultiscaleImage,
+    moving: MultiscaleImage,
+    ranges: tuple[tuple[float, float], tuple[float, float]],
+    field: np.ndarray,
+    grid: Grid,
+    settings: PolishSettings,
+    device: torch.device | str = "cpu",
+) -> tuple[np.ndarray, np.ndarray]:
+    """The polish's steps (see the module doc) on ``grid``, on ``device``, and the :func:`residual_map`
+    after them (``settings.coarsening`` is :func:`polish_box`'s).
 
     Args:
         fixed, moving: image pyramids (their units converted to ``grid.unit``); the fixed image is sampled on

@@ -446,7 +446,8 @@ def run_registration(executor: Executor, inputs: Inputs, store: FieldStore, prog
     from pipeline.polish import run_polish  # the polish's tasks build on this module's stores
 
     plan = inputs.plan
-    settings = PolishSettings.from_config(inputs.config)
+    data_spacing = max(float(inputs.fixed.grid.spacing.min()), float(plan.moving.grid.spacing.min()))
+    settings = PolishSettings.from_config(inputs.config, float(plan.grids[-1].spacing.min()), data_spacing)
     prior: Displacement = AffineDisplacement(plan.initial)
     fixed_images = StageFixedImages(inputs.fixed, plan.fixed_range)
     scorer = None
