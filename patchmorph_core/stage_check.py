@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from patchmorph_core.alignment import one_torch_thread
 from patchmorph_core.displacement import Displacement
 from patchmorph_core.sampling import normalize
 from patchmorph_core.similarity import MindSSC, Similarity
@@ -83,13 +84,17 @@ class StageScorer:
 
     def score(self, displacement: Displacement) -> float:
         """Mean per-voxel similarity inside the fixed tissue with the moving image warped by ``displacement``
-        (higher is better; NaN when the check grid holds no tissue)."""
+        (higher is better; NaN when the check grid holds no tissue).
+
+        The similarity runs on one torch thread: the check grid is small, and on a loaded machine the many short
+        parallel regions of two threads wait for each other longer than one thread takes (the same scores in
+        every process, too, whatever its thread count)."""
         if not self.tissue.any():
             return math.nan
         points = self.grid.points()
         moved = points + displacement(points.reshape(-1, 3)).reshape(points.shape)
         warped = normalize(self.moving.sample(moved, float(self.grid.spacing.max())), *self.moving_range)
-        with torch.no_grad():
+        with torch.no_grad(), one_torch_thread():
             values = self.similarity.voxel_map(
                 torch.from_numpy(self.fixed)[None, None], torch.from_numpy(warped)[None, None]
             )[0, 0].numpy()
