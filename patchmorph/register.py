@@ -105,7 +105,8 @@ def register(
     from pipeline.quality import QualityReport
     from pipeline.register import register_files, resolve_config
 
-    _quiet_dask()
+    if workers is not None or scheduler is not None:  # threads of this process import no Dask cluster code
+        _quiet_dask()
     for image, role in ((fixed, "fixed"), (moving, "moving")):
         with contextlib.suppress(InputError):  # an unreadable input is register's to report
             warn_without_orientation(image, role)
@@ -184,7 +185,8 @@ def warp(
     """Warp an image or label map through a field into fixed space (or moving space with --inverse)."""
     from pipeline.warp import warp_files
 
-    _quiet_dask()
+    if workers is not None or scheduler is not None:  # threads of this process import no Dask cluster code
+        _quiet_dask()
     record = warp_files(
         field, moving, out, labels=labels, target=target, inverse=inverse, chunk_size=chunk_size,
         workers=workers, scheduler=scheduler, overwrite=overwrite, keep_run=keep_run,

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import psutil
 from pydantic import BaseModel, ConfigDict, Field
 
 from patchmorph_core.config import load_yaml
@@ -120,6 +119,8 @@ class ClusterInfo:
 
 def default_workers(memory_per_worker_bytes: int = 2 * 1024**3) -> int:
     """Local workers that fit the machine: one per core, at most one per ``memory_per_worker_bytes`` of RAM."""
+    import psutil  # here: a run on threads of this process never sizes a cluster
+
     cores = machine_cores()
     by_memory = max(1, int(psutil.virtual_memory().available // memory_per_worker_bytes))
     return max(1, min(cores, by_memory))
@@ -163,6 +164,7 @@ def loopback_unless_named(address: str) -> str:
 
 def _local_cluster(config: ClusterConfig) -> Any:
     """Start a ``LocalCluster`` from ``config`` (GPU: one worker per GPU with resource ``GPU=1``)."""
+    import psutil
     from distributed import LocalCluster
 
     n_workers = config.gpus or config.workers or default_workers()

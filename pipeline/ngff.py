@@ -39,7 +39,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import dask.array as da
 import numpy as np
 import zarr
 from ome_zarr_models.v05.axes import Axis
@@ -446,6 +445,8 @@ def _store(data: Any, target: zarr.Array, desc: str, client: Any = None) -> None
     on ``client`` (a ``distributed.Client``) when given, else on threads of this process: never on
     whatever client Dask's process-wide default happens to be (another thread's, perhaps closing).
     """
+    import dask.array as da  # here, not at the top: reading and writing a field in place need no Dask
+
     block = write_block(target)
     darr = data if isinstance(data, da.Array) else da.from_array(data, chunks=block)
     darr = darr.astype(target.dtype).rechunk(block)
@@ -640,6 +641,8 @@ def finish_image(path: str | Path, n_levels: int | None = None, client: Any = No
     previous = group["0"]
     for index, (target, factors) in enumerate(pyramid_arrays(path, n_levels, fresh=written == 0), start=1):
         if index > written:
+            import dask.array as da
+
             # one task per write unit of the new level; it reads the source one storage chunk of the new
             # level at a time (2x that region), so its memory is one write unit plus a chunk's worth
             units = da.empty(target.shape, chunks=write_block(target), dtype=previous.dtype)
@@ -986,6 +989,8 @@ def _levels(
                 "images are supported; extract one channel first."
             )
         if squeeze:
+            import dask.array as da
+
             index = tuple(0 if i in squeeze else slice(None) for i in range(len(lead)))
             array = da.from_zarr(zarray)[index] if backend == "zarr" else array[index]
         levels.append(Level(array, grid))
