@@ -29,6 +29,7 @@ unless the user accepted it (``--accept-quality``).
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import logging
 from collections.abc import Iterator, Mapping
@@ -60,8 +61,10 @@ log = logging.getLogger(__name__)
 NCC_WINDOW = 5
 """Window of the local NCC on the quality grid, voxels per edge."""
 
-QUALITY_GRID_VOXELS = 128**3
-"""Largest quality grid for the similarity (a larger field is compared on a coarser grid over its box)."""
+QUALITY_GRID_VOXELS = 64**3
+"""Largest quality grid for the similarity (a larger field is compared on a coarser grid over its box): the
+figure summarises the whole alignment, so about 64 voxels across the field box resolve it; the before/after
+threshold compares two values on the same grid."""
 
 TISSUE_THRESHOLD = 0.1
 """A field voxel is inside the fixed tissue where the normalised fixed image is at least this."""
@@ -161,6 +164,46 @@ def _quality_grid(grid: Grid) -> Grid:
     return grid.resampled(grid.spacing * factor)
 
 
+@dataclass(frozen=True)
+class SimilarityStart:
+    """The part of the similarity block that needs no field (:func:`similarity_start`).
+
+    Attributes:
+        grid: the quality grid (:func:`_quality_grid` of the field grid).
+        mask: ``(Z, Y, X)`` bool, the fixed tissue on ``grid``.
+        target: ``(Z, Y, X)`` the fixed image on ``grid``.
+        identity, initial: local NCC inside the tissue of the moving image as given and after the initial
+            alignment.
+    """
+
+    grid: Grid
+    mask: np.ndarray
+    target: np.ndarray
+    identity: float
+    initial: float
+
+
+def _ncc_through(start_grid: Grid, moving: MultiscaleImage, world: np.ndarray, target: np.ndarray, mask: np.ndarray) -> float:
+    """Local NCC inside ``mask`` between ``target`` and the moving image sampled at ``world`` ``(N, 3)``."""
+    warped = moving.sample(world.reshape((*start_grid.shape, 3)), float(np.min(start_grid.spacing)))
+    return local_ncc(target, warped, NCC_WINDOW, mask=mask) if mask.any() else 0.0
+
+
+def similarity_start(
+    fixed: MultiscaleImage, moving: MultiscaleImage, grid: Grid, initial: np.ndarray, fixed_range: tuple[float, float]
+) -> SimilarityStart:
+    """The similarity before the deformable stages on the quality grid of the field grid ``grid``: the moving
+    image as given and after the ``(4, 4)`` initial alignment (it needs no field, so ``register`` measures it
+    while the passes run). ``moving`` must be in the fixed image's unit."""
+    quality = _quality_grid(grid)
+    flat = quality.points().reshape(-1, 3)
+    mask = _tissue(fixed, quality, fixed_range)
+    target = fixed.sample(quality.points(), float(np.min(quality.spacing)))
+    identity = _ncc_through(quality, moving, flat, target, mask)
+    after_initial = _ncc_through(quality, moving, flat + AffineDisplacement(initial)(flat), target, mask)
+    return SimilarityStart(quality, mask, target, identity, after_initial)
+
+
 def similarity_block(
     fixed: MultiscaleImage,
     moving: MultiscaleImage,
@@ -168,32 +211,23 @@ def similarity_block(
     grid: Grid,
     initial: np.ndarray,
     fixed_range: tuple[float, float],
+    start: SimilarityStart | None = None,
 ) -> dict[str, Any]:
     """Local NCC inside the fixed tissue on the quality grid: moving as given, after the initial alignment,
-    and through the field (see the module docstring). ``moving`` must be in the fixed image's unit."""
-    quality = _quality_grid(grid)
-    spacing = float(np.min(quality.spacing))
-    points = quality.points()
-    mask = _tissue(fixed, quality, fixed_range)
-    target = fixed.sample(points, spacing)
-    flat = points.reshape(-1, 3)
-    starts = {
-        "identity": flat,
-        "initial": flat + AffineDisplacement(initial)(flat),
-        "final": flat
-        + np.moveaxis(displacement_on_grid(FieldDisplacement(field_array, grid), quality), 0, -1).reshape(
-            -1, 3
-        ),
-    }
-    scores = {}
-    for name, world in starts.items():
-        warped = moving.sample(world.reshape(points.shape), spacing)
-        scores[name] = local_ncc(target, warped, NCC_WINDOW, mask=mask) if mask.any() else 0.0
+    and through the field (see the module docstring). ``moving`` must be in the fixed image's unit; ``start``:
+    the first two, measured before (None: measured here)."""
+    start = start or similarity_start(fixed, moving, grid, initial, fixed_range)
+    quality = start.grid
+    flat = quality.points().reshape(-1, 3)
+    through = np.moveaxis(displacement_on_grid(FieldDisplacement(field_array, grid), quality), 0, -1)
+    final = _ncc_through(quality, moving, flat + through.reshape(-1, 3), start.target, start.mask)
     return {
         "metric": f"local NCC, {NCC_WINDOW}-voxel window, inside the fixed tissue",
         "grid_shape": list(quality.shape),
         "grid_spacing": [float(s) for s in quality.spacing],
-        **{name: float(value) for name, value in scores.items()},
+        "identity": float(start.identity),
+        "initial": float(start.initial),
+        "final": float(final),
     }
 
 
@@ -303,6 +337,7 @@ def assess_field(
     preflight: Mapping[str, Any] | None = None,
     limits: QualityThresholds | None = None,
     stages: list[dict[str, Any]] | None = None,
+    start: SimilarityStart | None = None,
 ) -> QualityReport:
     """Measure the quality block of the field stored at ``path`` and write it into its metadata.
 
@@ -314,6 +349,7 @@ def assess_field(
         preflight: the pre-flight record to keep in the block (geometry, orientation scores).
         limits: thresholds (default :class:`QualityThresholds`).
         stages: per-pass similarity before/after (:func:`stage_similarity` of the driver's pass records).
+        start: the similarity before the field (:func:`similarity_start`), when measured already.
 
     Returns:
         The :class:`QualityReport`; a failed one has marked the field ``status: failed_quality``.
@@ -323,13 +359,14 @@ def assess_field(
     if 4 * int(np.prod(array.shape)) <= FIELD_IN_MEMORY_BYTES:  # read once, not at every step of the inverse
         array = read_box(array, tuple(slice(0, n) for n in array.shape)).astype(np.float32)
     fixed_range = intensity_range(fixed)
-    folding, inverse = folding_and_inverse(fixed, array, grid, fixed_range)
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="quality") as pool:
+        # the two parts are independent and NumPy/SciPy release the GIL in their loops: both cores work
+        folds = pool.submit(folding_and_inverse, fixed, array, grid, fixed_range)
+        similarity = similarity_block(fixed, moving, array, grid, initial, fixed_range, start)
+        folding, inverse = folds.result()
     block = {
         "version": 1,
-        "similarity": {
-            **similarity_block(fixed, moving, array, grid, initial, fixed_range),
-            "stages": list(stages or []),
-        },
+        "similarity": {**similarity, "stages": list(stages or [])},
         "folding": folding,
         "inverse": inverse,
         "thresholds": limits.model_dump(),

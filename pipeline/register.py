@@ -21,6 +21,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import logging
 import shutil
@@ -35,6 +36,7 @@ from patchmorph_core.config import InferenceConfig, load_yaml
 from patchmorph_core.errors import InputError
 from patchmorph_core.inference import RegistrationPlan, RegistrationResult, plan_registration
 from patchmorph_core.model import DEFAULT_WEIGHTS, load_model
+from patchmorph_core.sampling import intensity_range
 from patchmorph_core.source import MultiscaleImage
 from patchmorph_core.spatial import Grid
 from pipeline.checks import (
@@ -49,7 +51,7 @@ from pipeline.cluster import load_cluster_config, open_executor
 from pipeline.driver import Inputs, MemoryStore, ZarrStore, run_registration
 from pipeline.executor import thread_executor
 from pipeline.ngff import field_metadata, finish_image, read_image
-from pipeline.quality import assess_field, conclude, raise_if_failed, stage_similarity
+from pipeline.quality import assess_field, conclude, raise_if_failed, similarity_start, stage_similarity
 from pipeline.resume import atomic_write_json, content_identity, open_run, run_folder
 
 log = logging.getLogger(__name__)
@@ -261,14 +263,19 @@ def register_files(
     records = open_run(run_root, _fingerprint(fixed, moving, cfg, rplan, chunk_size), overwrite)
     _store_initial(run_root, rplan)
     store = ZarrStore(out, records, chunk_size, _field_meta(fixed, moving, cfg, model, rplan))
-    with open_executor(cluster_config) as executor:
+    with open_executor(cluster_config) as executor, concurrent.futures.ThreadPoolExecutor(1) as side:
+        # the quality block's similarity before the field needs no field: measured while the passes run
+        start = side.submit(
+            similarity_start, fixed_img, rplan.moving, rplan.grids[-1], rplan.initial, intensity_range(fixed_img)
+        )
         inputs = Inputs(fixed_img, rplan, cfg, cfg.weights, model if executor.kind == "threads" else None)
         run = run_registration(executor, inputs, store, progress)
         client = getattr(executor, "client", None)
         finish_image(out / "uncertainty", n_levels=1, client=client)
         quality = assess_field(
-            out, fixed_img, rplan.moving, rplan.grids[-1], rplan.initial, preflight, stages=stage_similarity(run.stages)
-        )
+            out, fixed_img, rplan.moving, rplan.grids[-1], rplan.initial, preflight,
+            stages=stage_similarity(run.stages), start=start.result(),
+        )  # fmt: skip
         if conclude(out, quality, checks.accept_quality):
             finish_image(out, n_levels=1, client=client)
             records.finish()

@@ -62,6 +62,24 @@ def test_translation_field_scores_well(tmp_path: Path) -> None:
     assert stored["complete"] is True and stored["quality"]["similarity"]["stages"] == []
 
 
+def test_a_field_worse_than_its_start_fails_on_a_coarser_quality_grid(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(quality, "QUALITY_GRID_VOXELS", 16**3)  # the field grid (13 824+ voxels) is coarsened
+    fixed, moving, grid, shift = _images(tmp_path)
+    field_grid = grid.resampled(1.7)
+    start = np.eye(4)
+    start[:3, 3] = shift  # the initial alignment found the answer ...
+    zero = write_field(tmp_path / "zero.zarr", _field(field_grid, np.zeros(3), 0.0), field_grid)
+    report = assess_field(zero, fixed, moving, field_grid, start)  # ... and the field threw it away
+    sim = report.block["similarity"]
+    assert 2 * np.prod(sim["grid_shape"]) < np.prod(field_grid.shape)
+    assert sim["initial"] > sim["final"] + 0.2 and sim["final"] == pytest.approx(sim["identity"])
+    assert not report.passed and any("local NCC fell" in f for f in report.failures)
+    kept = write_field(tmp_path / "kept.zarr", _field(field_grid, shift, 0.0), field_grid)
+    assert assess_field(kept, fixed, moving, field_grid, start).passed
+
+
 def test_folds_inside_tissue_box_by_box_equal_the_whole_field(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(quality, "BOX", 7)  # many boxes with halos, edges not aligned to the grid
     fixed, moving, grid, shift = _images(tmp_path)
