@@ -253,7 +253,8 @@ def check_pair(
     paths: Mapping[str, PathLike],
     options: CheckOptions | None = None,
 ) -> dict[str, Any]:
-    """The pre-flight checks of a registration pair (module docstring), before any heavy work.
+    """The pre-flight checks of a registration pair (module docstring), before any heavy work: both images
+    and their tissue extents (:func:`check_geometry`), then the orientation (:func:`check_pair_orientation`).
 
     Args:
         fixed: the fixed image; ``moving``: the moving image (any unit).
@@ -266,11 +267,49 @@ def check_pair(
     Raises:
         InputError: a bad image, implausible extents or a better-fitting orientation (named).
     """
+    geometry = check_geometry(fixed, moving, paths, options)
+    return check_pair_orientation(fixed, moving, paths, options, geometry)
+
+
+def check_geometry(
+    fixed: MultiscaleImage,
+    moving: MultiscaleImage,
+    paths: Mapping[str, PathLike],
+    options: CheckOptions | None = None,
+) -> dict[str, Any]:
+    """The first part of :func:`check_pair`: both images (:func:`check_image`) and their tissue extents.
+
+    Returns:
+        The ``geometry`` record (tissue extents per world axis, their largest ratio).
+
+    Raises:
+        InputError: a bad image or implausible extents (named).
+    """
     options = options or CheckOptions()
     check_image(fixed, "fixed", paths["fixed"])
     check_image(moving, "moving", paths["moving"])
+    return _extent_check(fixed, moving.with_unit(fixed.unit), paths["moving"], options.allow_size_mismatch)
+
+
+def check_pair_orientation(
+    fixed: MultiscaleImage,
+    moving: MultiscaleImage,
+    paths: Mapping[str, PathLike],
+    options: CheckOptions | None,
+    geometry: dict[str, Any],
+) -> dict[str, Any]:
+    """The second part of :func:`check_pair`: the 48 orientations of the moving frame
+    (:func:`~patchmorph_core.orientation.check_orientation`; it reads only the coarse copies, so it may run
+    beside the initial alignment).
+
+    Returns:
+        The record for the quality block: ``geometry`` (as given) and ``orientation`` (scores).
+
+    Raises:
+        InputError: another orientation fits clearly better and the user did not accept the given one.
+    """
+    options = options or CheckOptions()
     moving = moving.with_unit(fixed.unit)
-    geometry = _extent_check(fixed, moving, paths["moving"], options.allow_size_mismatch)
     result = check_orientation(fixed, moving)
     record = {
         "geometry": geometry,

@@ -42,8 +42,9 @@ from patchmorph_core.spatial import Grid
 from pipeline.checks import (
     CheckOptions,
     check_free_space,
+    check_geometry,
     check_outputs,
-    check_pair,
+    check_pair_orientation,
     check_writable,
     run_outputs,
 )
@@ -240,7 +241,8 @@ def register_files(
         A :class:`RegistrationRecord` naming what was written.
 
     Raises:
-        InputError: any bad input, before heavy work starts (:func:`pipeline.checks.check_pair`).
+        InputError: any bad input, before heavy work starts (:func:`pipeline.checks.check_pair`'s two parts;
+            the orientation check runs beside the initial alignment).
         QualityError: the field failed its quality thresholds (:mod:`pipeline.quality`) and was not accepted.
     """
     tic = time.perf_counter()
@@ -254,9 +256,19 @@ def register_files(
     run_root = run_folder(out, overwrite)
     fixed_img, moving_img = _open_inputs(fixed, moving)
     checks = checks or CheckOptions()
-    preflight = check_pair(fixed_img, moving_img, {"fixed": fixed, "moving": moving}, checks)
+    paths = {"fixed": fixed, "moving": moving}
+    geometry = check_geometry(fixed_img, moving_img, paths, checks)
     model = load_model(cfg.weights, "cpu")
-    rplan = plan_registration(model, fixed_img, moving_img, cfg, None if overwrite else _stored_initial(run_root))
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="preflight") as pool:
+        # the orientation check and the initial alignment read the same coarse copies and nothing else: they
+        # run side by side (both cores work); the check's refusal wins over anything the plan raised
+        orientation = pool.submit(check_pair_orientation, fixed_img, moving_img, paths, checks, geometry)
+        try:
+            rplan = plan_registration(
+                model, fixed_img, moving_img, cfg, None if overwrite else _stored_initial(run_root)
+            )
+        finally:
+            preflight = orientation.result()
     _check_overlap(fixed_img.grid, rplan.moving.grid, rplan.initial, moving)
     check_writable(out.parent)
     check_free_space(out.parent, sum(2 * 16 * int(np.prod(g.shape)) for g in rplan.grids), f"the field {out}")
