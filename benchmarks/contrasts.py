@@ -502,6 +502,8 @@ def summarize_part(records: Mapping[str, list[dict[str, Any]]], sets: list[str])
                 "dice": harness.paired_difference({p["pair"]: p[sets[0]]["mean_dice"] for p in common},
                                                   {p["pair"]: syn[p["pair"]][sets[0]]["mean_dice"] for p in common}),
                 "register_wall_ratio": harness.mean_and_sem([p["register_seconds"] / syn[p["pair"]]["register_seconds"] for p in common]),
+                "command_vs_process_wall_ratio": harness.mean_and_sem(
+                    [p["register_seconds"] / syn[p["pair"]]["process_seconds"] for p in common if "process_seconds" in syn[p["pair"]]]),
             }  # fmt: skip
         out[name] = entry
     return out
