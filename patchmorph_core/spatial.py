@@ -32,6 +32,7 @@ Conventions (every other module imports these instead of restating them):
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import re
 from collections.abc import Sequence
@@ -41,7 +42,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
-from scipy.optimize import linear_sum_assignment
 
 from patchmorph_core.errors import InputError
 
@@ -425,13 +425,21 @@ def grid_block_patch(grid: Grid, center: Sequence[float], size: int) -> tuple[np
     return grid.index_to_world(first + half), rotation
 
 
+def nearest_grid_axes(direction: np.ndarray) -> tuple[int, int, int]:
+    """The grid axis assigned to each world axis: the permutation ``p`` of the three grid axes that maximises
+    ``Σ_k |direction[k, p[k]]|`` (``direction``: ``(3, 3)``, column ``g`` = grid axis ``g`` in world
+    components); the first of equal ones in lexicographic order. Six candidates: an exhaustive search (the
+    linear assignment it solves, without importing an optimiser)."""
+    magnitude = np.abs(np.asarray(direction, dtype=np.float64))
+    return max(itertools.permutations(range(3)), key=lambda p: float(sum(magnitude[k, p[k]] for k in range(3))))  # type: ignore[return-value]
+
+
 @functools.lru_cache(maxsize=64)
 def _block_axes(direction_bytes: bytes) -> np.ndarray:
     """:func:`grid_block_patch`'s patch axes for a grid's ``(3, 3)`` float64 direction (given as bytes, to
     be cached: every patch of a lattice shares them). Read-only."""
     direction = np.frombuffer(direction_bytes, dtype=np.float64).reshape(3, 3)
-    world_axes, grid_axes = linear_sum_assignment(-np.abs(direction))
-    axes = grid_axes[np.argsort(world_axes)]  # axes[k]: the grid axis nearest to world axis k
+    axes = np.array(nearest_grid_axes(direction))  # axes[k]: the grid axis nearest to world axis k
     rotation = direction[:, axes] * np.sign(direction[np.arange(3), axes])
     if np.linalg.det(rotation) < 0:  # only for grids about 45° off every world axis
         worst = int(np.argmin(np.abs(np.diag(rotation))))

@@ -280,3 +280,16 @@ def test_sample_field_linear_and_clamped() -> None:
     far = grid.index_to_world(np.array([[-50.0, 8.0, 11.0]]))
     edge = grid.index_to_world(np.array([[0.0, 8.0, 11.0]]))
     np.testing.assert_allclose(sample_field(field, grid, far), sample_field(field, grid, edge), atol=1e-5)
+
+
+def test_nearest_grid_axes_solve_the_assignment() -> None:
+    from scipy.optimize import linear_sum_assignment
+
+    from patchmorph_core.spatial import nearest_grid_axes
+
+    rng = np.random.default_rng(7)
+    for _ in range(200):
+        direction = random_rotation(rng, 180.0) @ np.eye(3)[rng.permutation(3)]
+        rows, cols = linear_sum_assignment(-np.abs(direction))
+        assert nearest_grid_axes(direction) == tuple(int(c) for c in cols[np.argsort(rows)])
+    assert nearest_grid_axes(np.eye(3)[[2, 0, 1]]) == (2, 0, 1)
