@@ -81,13 +81,14 @@ def test_register_killed_at_random_moments_resumes_bit_identical(tmp_path: Path)
         process.wait()
         log.close()
         assert process.returncode in (0, -signal.SIGKILL), (tmp_path / f"attempt{attempt}.log").read_text()
-        if process.returncode == 0:
+        finished = process.returncode == 0 or (out.is_dir() and not run.exists())  # killed after it finished
+        if finished:
             break
     assert killed, "no run was killed: the command finished before every kill"
 
-    if process.returncode != 0:  # the last attempt was killed: the same command resumes and finishes it
-        finished = subprocess.run(command, capture_output=True, text=True, timeout=900, check=False)
-        assert finished.returncode == 0, finished.stderr
+    if not finished:  # the last attempt was killed: the same command resumes and finishes it
+        resumed = subprocess.run(command, capture_output=True, text=True, timeout=900, check=False)
+        assert resumed.returncode == 0, resumed.stderr
     field, _, meta = read_field(out)
     expected, _, _ = read_field(reference.field)
     assert np.array_equal(np.asarray(field[:]), np.asarray(expected[:]))
