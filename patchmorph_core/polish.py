@@ -321,9 +321,9 @@ def polish_on_grid(
             coords.addcmul_(linear[k], v[:, k, ..., None])
         return F.grid_sample(volume, coords, mode="bilinear", padding_mode="zeros", align_corners=ALIGN_CORNERS)
 
+    force = similarity.force_towards(fixed_t)  # the fixed box's part of the force, once
     for _ in range(settings.iterations):
-        warped = warp()
-        update = settings.gain * gaussian(similarity.force(fixed_t, warped), settings.sigma)
+        update = settings.gain * gaussian(force(warp()), settings.sigma)
         norm = (update * update).sum(dim=1, keepdim=True).sqrt()  # linalg.vector_norm over dim 1: 20× slower
         update = update * torch.clamp(settings.max_step / (norm + 1e-12), max=1.0)
         v = gaussian(v + update, settings.correction_sigma)

@@ -29,6 +29,7 @@ so no border mode invents data. :func:`make_similarity` builds one by name (``"n
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -92,6 +93,11 @@ class Similarity(Protocol):
         """``(B, 3, Z, Y, X)`` ascent direction per index axis ``(z, y, x)``, explicit (no autograd)."""
         ...
 
+    def force_towards(self, fixed: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``warped → force(fixed, warped)`` with what depends on ``fixed`` alone computed once (the polish
+        steps towards one fixed box many times); the same values."""
+        ...
+
 
 class LocalNCC:
     """Squared local NCC ``cc = cov² / (var_F var_W + eps)`` over ``(2 radius + 1)³`` windows (in ``[0, 1]``).
@@ -117,10 +123,18 @@ class LocalNCC:
         """Voxels a value depends on in each direction (the window; the force adds one for the gradient)."""
         return self.radius + 1
 
-    def _stats(self, fixed: torch.Tensor, warped: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def _fixed_means(self, fixed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Local means of ``F`` and ``F²`` (each ``(B, 1, Z, Y, X)``)."""
+        f = fixed.float()
+        f_mean, ff = box_mean(torch.cat([f, f * f], dim=1), self.window).split(1, dim=1)
+        return f_mean, ff
+
+    def _stats(
+        self, fixed: torch.Tensor, warped: torch.Tensor, fixed_means: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, ...]:
         f, w = fixed.float(), warped.float()
-        stats = box_mean(torch.cat([f, w, f * f, w * w, f * w], dim=1), self.window)
-        f_mean, w_mean, ff, ww, fw = stats.split(1, dim=1)
+        f_mean, ff = self._fixed_means(fixed) if fixed_means is None else fixed_means
+        w_mean, ww, fw = box_mean(torch.cat([w, w * w, f * w], dim=1), self.window).split(1, dim=1)
         cov = fw - f_mean * w_mean
         var_f = (ff - f_mean**2).clamp_min(0.0)
         var_w = (ww - w_mean**2).clamp_min(0.0)
@@ -135,7 +149,16 @@ class LocalNCC:
 
     def force(self, fixed: torch.Tensor, warped: torch.Tensor) -> torch.Tensor:
         """ANTs' CC force ``2 s_FW / (s_FF s_WW) · ((F − F̄) − s_FW / s_WW · (W − W̄)) · ∇W``."""
-        f_mean, w_mean, var_f, var_w, cov = self._stats(fixed, warped)
+        return self._force(fixed, warped, None)
+
+    def force_towards(self, fixed: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        means = self._fixed_means(fixed)
+        return lambda warped: self._force(fixed, warped, means)
+
+    def _force(
+        self, fixed: torch.Tensor, warped: torch.Tensor, fixed_means: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> torch.Tensor:
+        f_mean, w_mean, var_f, var_w, cov = self._stats(fixed, warped, fixed_means)
         coef = 2.0 * cov / (var_f * var_w + self.eps) * ((fixed - f_mean) - cov / (var_w + self.eps) * (warped - w_mean))
         return coef * spatial_gradient(warped.float())[:, 0]
 
@@ -217,7 +240,13 @@ class MindSSC:
 
     def force(self, fixed: torch.Tensor, warped: torch.Tensor) -> torch.Tensor:
         """``force_gain · (2 / 12) Σ_c (m_F,c − m_W,c) ∇ m_W,c``."""
+        return self.force_towards(fixed)(warped)
+
+    def force_towards(self, fixed: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
         m_f = mind_ssc(fixed, self.radius, self.dilation)
+        return lambda warped: self._force(m_f, warped)
+
+    def _force(self, m_f: torch.Tensor, warped: torch.Tensor) -> torch.Tensor:
         m_w = mind_ssc(warped, self.radius, self.dilation)
         gradient = spatial_gradient(m_w)  # (B, 12, 3, Z, Y, X)
         force = ((m_f - m_w).unsqueeze(2) * gradient).sum(dim=1)

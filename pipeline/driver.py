@@ -55,7 +55,7 @@ from patchmorph_core.inference import (
 from patchmorph_core.model import load_model
 from patchmorph_core.polish import PolishSettings
 from patchmorph_core.source import Level, MultiscaleImage
-from patchmorph_core.spatial import Grid
+from patchmorph_core.spatial import Grid, read_box
 from patchmorph_core.stage_check import StageCheck, StageScorer
 from pipeline.chunked import (
     BLOCK_FIGURES,
@@ -427,6 +427,15 @@ def write_displacement(array: Any, displacement: Displacement, grid: Grid) -> No
         array[:, start:stop] = displacement_on_grid(displacement, part)
 
 
+def prior_array(field: Any, grid: Grid) -> Any:
+    """A pass's ``(3, Z, Y, X)`` field as the next pass reads it: in memory when it is one chunk
+    (:data:`IN_MEMORY_VOXELS`; read once here and shared with the tasks, instead of every block of the next
+    pass reading and decoding the whole chunk), else the array itself (each block reads its box)."""
+    if int(np.prod(grid.shape)) <= IN_MEMORY_VOXELS:
+        return np.asarray(read_box(field, (slice(None),) * 4), dtype=np.float32)
+    return field
+
+
 def run_registration(executor: Executor, inputs: Inputs, store: FieldStore, progress: bool = False) -> DriverRun:
     """Every pass of ``inputs.plan``, coarse to fine, then the polish (see the module docstring).
 
@@ -462,7 +471,7 @@ def run_registration(executor: Executor, inputs: Inputs, store: FieldStore, prog
         stages.append(
             run_network_pass(executor, inputs, lattice, arrays, prior, fixed_images.get(lattice), progress)
         )
-        candidate = FieldDisplacement(arrays.field, grid)
+        candidate = FieldDisplacement(prior_array(arrays.field, grid), grid)
         if scorer is not None:
             check = StageCheck(score, scorer.score(candidate))
             stages[-1].update(check.record())

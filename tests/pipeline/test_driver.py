@@ -164,3 +164,22 @@ def test_a_pass_that_raises_the_similarity_is_kept() -> None:
     )  # fmt: skip
     stages = register_arrays(model, fixed, moving, config, show_progress=False).info["stages"]
     assert [s["accepted"] for s in stages] == [True, True]  # no change is no loss
+
+
+def test_a_one_chunk_prior_is_read_once_into_memory(tmp_path) -> None:
+    """The next pass's prior: a field of at most IN_MEMORY_VOXELS (stored as one chunk) comes back as its values in
+    memory (every block would otherwise decode the whole chunk); a larger one stays the lazily read array."""
+    import zarr
+
+    from patchmorph_core.spatial import Grid
+    from pipeline.driver import IN_MEMORY_VOXELS, prior_array
+
+    small = Grid.from_spacing((5, 7, 6), (2.0, 1.5, 1.0))
+    values = np.random.default_rng(0).standard_normal((3, *small.shape)).astype(np.float32)
+    stored = zarr.create_array(str(tmp_path / "prior.zarr"), shape=values.shape, chunks=values.shape, dtype="float32")
+    stored[...] = values
+    in_memory = prior_array(stored, small)
+    assert isinstance(in_memory, np.ndarray) and np.array_equal(in_memory, values)
+    side = int(round(IN_MEMORY_VOXELS ** (1 / 3))) + 1
+    large = Grid.from_spacing((side, side, side), (1.0, 1.0, 1.0))
+    assert prior_array(stored, large) is stored
