@@ -439,6 +439,8 @@ def scale_targets_table(doc: dict[str, Any]) -> str:
     rows = []
     for s in doc.get("summary", []):
         for step in ("register", "warp"):
+            if step not in s:  # a series timed without warp (scale.py --no-warp)
+                continue
             m = s[step]
             met = m["met"]
             rows.append([
@@ -474,8 +476,13 @@ def throughput(doc: dict[str, Any]) -> dict[str, Any]:
         "row": largest,
         "passes": passes,
         "register_cpu_s_per_field_voxel": register["cpu_s"] / largest["field_voxels"],
-        "warp_bytes_per_cpu_s": largest["bytes"] / largest["warp"]["cpu_s"],
     }
+    if "warp" in largest:
+        out["warp_bytes_per_cpu_s"] = largest["bytes"] / largest["warp"]["cpu_s"]
+    else:  # a series timed without warp: the warp benchmark's figure (issue 23.4), said where it is used
+        warp = load("warp_throughput.json")
+        out["warp_bytes_per_cpu_s"] = warp["rows"]["ours"]["mb_per_cpu_s"] * 1e6
+        out["warp_source"] = warp["command"]
     if "convert" in largest:
         out["convert_bytes_per_cpu_s"] = largest["bytes"] / largest["convert"]["cpu_s"]
     return out
@@ -531,7 +538,8 @@ def scale_section(doc: dict[str, Any]) -> str:
         f"At the largest run ({row['disk_gib']:.2f} GiB on disk, field {row['field_voxels'] / 1e6:.1f} M voxels at "
         f"{row['field_spacing_um']:.1f} µm): registration {1e6 * speed['register_cpu_s_per_field_voxel']:.1f} µs of "
         f"CPU per field voxel (all processes), warp {speed['warp_bytes_per_cpu_s'] / 1e6:.1f} MB of output per CPU "
-        "second" + (f", convert {speed['convert_bytes_per_cpu_s'] / 1e6:.1f} MB per CPU second" if "convert_bytes_per_cpu_s" in speed else "")
+        "second" + (f" (this series timed register only: the warp's figure is `{speed['warp_source']}`'s, "
+                    "`benchmarks/results/warp_throughput.json`)" if "warp_source" in speed else "") + (f", convert {speed['convert_bytes_per_cpu_s'] / 1e6:.1f} MB per CPU second" if "convert_bytes_per_cpu_s" in speed else "")
         + ". Per registration pass (worker task time; one thread per worker, so a worker-second is a core-second):",
         table(["pass", "field voxels", "core-seconds", "field voxels per core-second"], pass_rows),
     ]  # fmt: skip
@@ -562,7 +570,7 @@ def scale_section(doc: dict[str, Any]) -> str:
     quality = scale_quality_table(doc)
     quality_parts = ["The fields' quality blocks (measured by `register` itself):", quality] if quality else []
     return "\n\n".join([provenance(doc), scale_runs_table(doc), *quality_parts, scale_targets_table(doc),
-                        "### Throughput per core", *per_core, "### The terabyte plan", *proj_parts])  # fmt: skip
+                        SCALE_GROWTH, "### Throughput per core", *per_core, "### The terabyte plan", *proj_parts])  # fmt: skip
 
 
 SCALE_INTRO = """# Scale: large volumes and the terabyte plan (issue 23)
@@ -570,10 +578,52 @@ SCALE_INTRO = """# Scale: large volumes and the terabyte plan (issue 23)
 The real STP mouse brain upsampled in world space (with imaging noise) to uint16 OME-Zarr of a stated size,
 the Allen template (100 µm) registered to it with the field tied to the image (a spacing of a stated factor
 times the brain's largest voxel edge, so the work grows with the image) and warped onto its full grid, each as
-the `patchmorph` command a user runs on a local Dask cluster (`configs/cluster/local.yaml`, 2 GiB per worker).
+the `patchmorph` command a user runs on a local Dask cluster (`configs/cluster/local.yaml`, 2 GiB per worker;
+a series run with `--no-warp` times `register` alone).
 Memory, CPU time and bytes read and written are sampled from every process; the per-pass worker times come
 from the run folder's block records. Runs with the same factor form a series, compared with its smallest run
 against issue 23's targets."""
+
+
+SCALE_GROWTH = """### Why the data read per field voxel, the peak per worker and the forward share move with the size
+
+A field finer than the data (the 100 µm atlas onto a brain whose field is tied to its voxel) is polished on a
+coarser grid (`polish_coarsening`, default: as coarse as the coarser image's voxel, up to 4×; `docs/method.md`,
+*A field finer than the data*): 1× for the 1, 2 and 4 GiB runs (fields at 89, 71 and 56 µm), 2× at 8 GiB
+(45 µm). That is why the 8 GiB run's CPU and polish time fall below linear and its forward share rises.
+
+*Data read.* The bytes were traced per file (`strace -f -e trace=read,pread64,readv,preadv,preadv2` of the same
+`register` command, all processes) at 1 and 4 GiB: the Python modules, about 0.13 GiB per command at any size;
+the brain's pyramid level that the finest pass and the polish read, 0.04 → 0.20 GiB, in proportion to the
+field; and re-reads of the registration's own intermediate fields, which grow faster than the field. (The
+table's figures, psutil's `read_chars` of every process, are about twice the traced file bytes; they grow
+alike: 0.37 → 2.12 GiB traced.) Two re-reads dominate:
+
+* The coarser pass's field as the next pass's prior. A pass of at most 128³ voxels is stored as one chunk, and
+  every block task of the next pass decoded the whole chunk: at 4 GiB stage 3's field (1.85 M voxels, 6.7 MB
+  compressed) was read by 98 blocks, 0.64 GiB, a third of all bytes; at 1 GiB the prior is stage 2's, ten times
+  smaller. Fixed after this series: such a prior is read once by the command and shared with the tasks in
+  memory (`pipeline.driver.prior_array`): at 4 GiB 0.64 → 0.015 GiB, 2.12 → 1.49 GiB in all, the same field bit
+  for bit.
+* The finest network field `u₀` read by the polish: each tile reads its box with its halo, and each output
+  chunk's composition reads `u₀` over the chunk and the velocity's reach, which touches up to 26 neighbouring
+  64³ chunks, each read whole: 1.03 GiB at 4 GiB (about 13× the field's bytes) against 0.14 GiB at 1 GiB (7×),
+  where the 3 × 2 × 2 chunks are all on the grid's border. Left: a per-worker cache of decoded chunks, or the
+  tiles handing `u₀` to the chunk tasks, would remove it.
+
+*Peak per worker.* The largest allocation of a task is a polish tile, about 150 B per polished voxel
+(`pipeline/polish.py`, `TILE_BOX`): the largest tile box grows from 0.93 M field voxels at 1 GiB (152 × 87 × 122,
+two tiles) to 1.06 M at 2 GiB and 1.17 M at 4 GiB, and at 8 GiB the steps run on 80 × 56 × 80 polish voxels
+(boxes of 160 × 111 × 160 field voxels), which fits the lower peak there. What every worker holds of the
+pass also grows with the field (the fixed image on the finest pass's field grid, 4 B per field voxel: 6 MB at
+1 GiB, 51 MB at 8 GiB). A field smaller than a tile cannot fill one, so a series that starts there compares a
+worker below the tile's cap with workers at it; the cap holds the peak beyond.
+
+*Forward share.* At 1× the polish is 50-66 % of worker time (its tiles and its chunk tasks: average the
+tiles' velocities over chunk and halo, integrate by 5 squarings, compose with `u₀`, write), two to three times
+the network's forward passes; at 2× (8 GiB) its tiles cost less than half the finest pass, and its chunk tasks
+(67 core-s) are now the larger part of it. Not measured in this series: the similarity's fixed-image part is
+computed once per tile (`force_towards`, 15 % less CPU per 160³ box at 1×, the same values)."""
 
 
 # -- the documents ---------------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from report import projection, throughput
+from report import load, projection, throughput
 from scale import PROJECTION, pass_figures, relative, shares
 
 
@@ -80,3 +80,19 @@ def test_the_projection_follows_from_the_measured_throughput() -> None:
     assert only["cpu_wall_s"] == pytest.approx(cpu)
     assert only["gpu_wall_bound_s"] == pytest.approx((0.5 * field["register_core_s"] + field["warp_core_s"]) / 40)
     assert only["io_floor_s"][1.0] == pytest.approx(3e12 / 1e9)
+
+
+def test_a_series_timed_without_warp_takes_the_warp_figure_from_the_warp_benchmark() -> None:
+    """``scale.py --no-warp``: the series judges register alone, and the projection's warp throughput is the warp
+    benchmark's (``benchmarks/results/warp_throughput.json``), named where it is used."""
+    small, large = _row(0.25, 10**8, 10**6, 10.0, 1.0, 0.7), _row(2.0, 8 * 10**8, 8 * 10**6, 100.0, 1.1, 0.65)
+    for row in (small, large):
+        del row["warp"]
+        row["register"]["passes"] = []
+    series = relative(small, large)
+    assert "warp" not in series and series["register"]["wall_vs_linear"] == pytest.approx(1.25)
+    warp = load("warp_throughput.json")
+    assert warp is not None
+    speed = throughput({"rows": [small, large], "projection": PROJECTION})
+    assert speed["warp_bytes_per_cpu_s"] == pytest.approx(warp["rows"]["ours"]["mb_per_cpu_s"] * 1e6)
+    assert speed["warp_source"] == warp["command"]
