@@ -70,7 +70,7 @@ from pipeline.chunked import (
     split_partial,
 )
 from pipeline.executor import Executor
-from pipeline.ngff import write_block
+from pipeline.ngff import DEFAULT_CHUNK, write_block
 from pipeline.resume import ChunkId, RunRecords
 
 log = logging.getLogger(__name__)
@@ -194,9 +194,17 @@ class ZarrStore:
             self.out / "uncertainty", grid, self.chunk_size, None, resume, name="uncertainty",
             extra_attrs={"kind": "uncertainty"},
         )  # fmt: skip
-        field_ = final if output else self._array(run_path, grid, self.chunk_size, 3, resume, name=name)
+        field_ = final if output else self._array(run_path, grid, self._polish_input_chunk(), 3, resume, name=name)
         # the polish writes the output field in the same units: the plan nests all three
         return PassArrays(field_, unc, _plan_for([field_, unc, final], grid), records)
+
+    def _polish_input_chunk(self) -> int:
+        """Chunk edge of the finest network pass's field when the polish follows: half the output's (when even;
+        it nests in the output's chunks, so a task still writes it whole). The polish reads that field over its
+        tiles and over every output chunk grown by the velocity's reach, and a zarr chunk is read whole: at
+        half the edge a read wastes less of its neighbours' chunks."""
+        size = self.chunk_size or DEFAULT_CHUNK
+        return size // 2 if size % 2 == 0 else size
 
     def polish_pass(self, name: str, plan: ChunkPlan) -> PassArrays:
         field_ = self._array(self.out, plan.grid, self.chunk_size, 3, True, name="displacement", extra_attrs=self.meta)

@@ -183,3 +183,23 @@ def test_a_one_chunk_prior_is_read_once_into_memory(tmp_path) -> None:
     side = int(round(IN_MEMORY_VOXELS ** (1 / 3))) + 1
     large = Grid.from_spacing((side, side, side), (1.0, 1.0, 1.0))
     assert prior_array(stored, large) is stored
+
+
+def test_the_polish_input_is_stored_in_chunks_nesting_in_the_output_chunks(tmp_path) -> None:
+    """The finest network pass's field, which the polish reads over halos, has half the output's chunk edge; the
+    pass's plan stays the output's chunks (each task writes all three arrays whole); without a polish the pass
+    writes the output itself."""
+    from patchmorph_core.spatial import Grid
+    from pipeline.driver import ZarrStore
+    from pipeline.ngff import write_block
+    from pipeline.resume import RunRecords
+
+    grid = Grid.from_spacing((70, 50, 40), (1.0, 1.0, 1.0))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run2").mkdir()
+    store = ZarrStore(tmp_path / "field.ome.zarr", RunRecords(tmp_path / "run"), 16, {})
+    arrays = store.network_pass("stage2", grid, last=True, output=False)
+    assert tuple(write_block(arrays.field))[-3:] == (8, 8, 8)
+    assert tuple(arrays.plan.chunk) == (16, 16, 16)
+    output = ZarrStore(tmp_path / "direct.ome.zarr", RunRecords(tmp_path / "run2"), 16, {})
+    assert tuple(write_block(output.network_pass("stage2", grid, last=True, output=True).field))[-3:] == (16, 16, 16)
