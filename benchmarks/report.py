@@ -563,8 +563,8 @@ def scale_section(doc: dict[str, Any]) -> str:
                 for r in f["rows"]]  # fmt: skip
         proj_parts += [
             f"Field at {f['spacing_um']:g} µm: {f['field_voxels'] / 1e9:.2f} G field voxels; registration "
-            f"{f['register_core_s'] / 3600:,.0f} core-hours, warp {f['warp_core_s'] / 3600:,.0f}"
-            + (f", convert {f['convert_core_s'] / 3600:,.0f}" if f["convert_core_s"] else "") + " core-hours.",
+            f"{_core_hours(f['register_core_s'])} core-hours, warp {_core_hours(f['warp_core_s'])}"
+            + (f", convert {_core_hours(f['convert_core_s'])}" if f["convert_core_s"] else "") + " core-hours.",
             table(head, rows),
         ]  # fmt: skip
     quality = scale_quality_table(doc)
@@ -585,6 +585,12 @@ from the run folder's block records. Runs with the same factor form a series, co
 against issue 23's targets."""
 
 
+def _core_hours(seconds: float) -> str:
+    """Core-hours with two significant digits (0.43, 7.1, 13), so a small figure does not print as 0."""
+    hours = seconds / 3600
+    return f"{hours:,.2g}" if hours < 10 else f"{hours:,.0f}"
+
+
 SCALE_GROWTH = """### Why the data read per field voxel, the peak per worker and the forward share move with the size
 
 A field finer than the data (the 100 µm atlas onto a brain whose field is tied to its voxel) is polished on a
@@ -595,23 +601,23 @@ coarser grid (`polish_coarsening`, default: as coarse as the coarser image's vox
 *Data read.* The bytes were traced per file (`strace -f -e trace=read,pread64,readv,preadv,preadv2` of the same
 `register` command, all processes) at 1 and 4 GiB: the Python modules, about 0.13 GiB per command at any size;
 the brain's pyramid level that the finest pass and the polish read, 0.04 → 0.20 GiB, in proportion to the
-field; and re-reads of the registration's own intermediate fields, which grow faster than the field. (The
+field; and re-reads of the registration's own intermediate fields, which grew faster than the field. (The
 table's figures, psutil's `read_chars` of every process, are about twice the traced file bytes; they grow
-alike: 0.37 → 2.12 GiB traced.) Two re-reads dominate:
+alike: 0.37 → 2.12 GiB traced in the code before the two changes below.) Two re-reads dominated; both changes
+are in the code of the series above, whose data read per field voxel no longer grows with the size:
 
 * The coarser pass's field as the next pass's prior. A pass of at most 128³ voxels is stored as one chunk, and
   every block task of the next pass decoded the whole chunk: at 4 GiB stage 3's field (1.85 M voxels, 6.7 MB
   compressed) was read by 98 blocks, 0.64 GiB, a third of all bytes; at 1 GiB the prior is stage 2's, ten times
-  smaller. Fixed after this series: such a prior is read once by the command and shared with the tasks in
+  smaller. Now such a prior is read once by the command and shared with the tasks in
   memory (`pipeline.driver.prior_array`): at 4 GiB 0.64 → 0.015 GiB, 2.12 → 1.49 GiB in all, the same field bit
   for bit.
 * The finest network field `u₀` read by the polish: each tile reads its box with its halo, and each output
   chunk's composition reads `u₀` over the chunk and the velocity's reach, which touches up to 26 neighbouring
   64³ chunks, each read whole: 1.03 GiB at 4 GiB (about 13× the field's bytes) against 0.14 GiB at 1 GiB (7×),
-  where the 3 × 2 × 2 chunks are all on the grid's border. Reduced after this series: that field (in the run
-  folder) is stored in chunks of half the output's edge, which nest in the output's (`ZarrStore`): at 4 GiB
-  1.03 → 0.46 GiB, and with the prior in memory 2.12 → 0.91 GiB in all, 0.13 GiB of it Python modules (133 B of
-  files per field voxel besides them, against 164 B at 1 GiB in the series' code). Left: a per-worker cache of
+  where the 3 × 2 × 2 chunks are all on the grid's border. Now that field (in the run folder) is stored in
+  chunks of half the output's edge, which nest in the output's (`ZarrStore`): at 4 GiB 1.03 → 0.46 GiB, and with
+  the prior in memory 2.12 → 0.91 GiB traced in all, 0.13 GiB of it Python modules. Left: a per-worker cache of
   decoded chunks, or the tiles handing `u₀` to the chunk tasks, would remove the rest.
 
 *Peak per worker.* The largest allocation of a task is a polish tile, about 150 B per polished voxel
@@ -625,8 +631,13 @@ worker below the tile's cap with workers at it; the cap holds the peak beyond.
 *Forward share.* At 1× the polish is 50-66 % of worker time (its tiles and its chunk tasks: average the
 tiles' velocities over chunk and halo, integrate by 5 squarings, compose with `u₀`, write), two to three times
 the network's forward passes; at 2× (8 GiB) its tiles cost less than half the finest pass, and its chunk tasks
-(67 core-s) are now the larger part of it. Not measured in this series: the similarity's fixed-image part is
-computed once per tile (`force_towards`, 15 % less CPU per 160³ box at 1×, the same values)."""
+(67 core-s in the series before this one) are now the larger part of it. The similarity's fixed-image part is
+computed once per tile (`force_towards`, 15 % less CPU per 160³ box at 1×, the same values).
+
+*Wall time.* Each `register` here starts a local Dask cluster of worker processes and pays fixed costs (the
+workers' start and imports, the plan, the quality block) that do not grow with the field; at 1 GiB they are a
+large part of its wall time, so later sizes fall below linear. The CPU column is the fairer measure of the
+work per field voxel, and it is not the same work at every size: the 8 GiB run polishes at 2×."""
 
 
 # -- the documents ---------------------------------------------------------------------------------------------------
