@@ -186,11 +186,9 @@ def prepare(overwrite: bool = False) -> dict[str, dict[str, Any]]:
 def in_memory_image(path: Path) -> Any:
     """An OME-Zarr image (:class:`~patchmorph_core.source.MultiscaleImage`) with every level read into memory
     (``validate.py`` registers in memory)."""
-    from patchmorph_core.source import Level, MultiscaleImage
     from pipeline.ngff import read_image
 
-    image = read_image(path)
-    return MultiscaleImage(tuple(Level(np.asarray(lv.array), lv.grid) for lv in image.levels), image.name)
+    return read_image(path).in_memory()
 
 
 def parse_pairs(text: str | None, subjects: tuple[str, ...] = SUBJECTS) -> list[tuple[str, str]]:

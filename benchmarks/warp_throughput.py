@@ -318,7 +318,7 @@ HOW = """## How `patchmorph warp` spends its time
 
 One task per write unit of the output (a shard of 4³ chunks for outputs over 1 GiB, else a chunk):
 
-- the field is read once for all tasks when it fits in memory (`pipeline.warp.field_in_memory`), else each task
+- the field is read once for all tasks when it fits in memory (`patchmorph_core.source.float32_if_small`), else each task
   reads the box under its unit once;
 - the moving image's box that the unit maps into is read, decoded and converted to float32 once per unit
   (`patchmorph_core.warping.MovingBox`), not once per cube;

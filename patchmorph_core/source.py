@@ -81,6 +81,17 @@ class MultiscaleImage:
         )
         return MultiscaleImage(levels, self.name)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every level's array at its stored dtype."""
+        return sum(int(np.prod(lv.array.shape)) * np.dtype(lv.array.dtype).itemsize for lv in self.levels)
+
+    def in_memory(self) -> MultiscaleImage:
+        """The same image with every level read whole into a NumPy array (a store's chunks are checked as they
+        are read; the samples stay the same)."""
+        levels = tuple(Level(read_box(lv.array, (slice(None),) * len(lv.array.shape)), lv.grid) for lv in self.levels)
+        return MultiscaleImage(levels, self.name)
+
     def with_unit(self, unit: str) -> MultiscaleImage:
         """The same image with every level's grid expressed in ``unit``."""
         levels = tuple(Level(lv.array, lv.grid.with_unit(unit)) for lv in self.levels)
@@ -155,6 +166,14 @@ class BoxCache:
     def __getitem__(self, key: Any) -> Any:
         local = self._local(key)
         return self.data[local] if local is not None else read_box(self.array, key)
+
+
+def float32_if_small(array: Any, max_bytes: int) -> Any:
+    """``array`` read whole into a float32 NumPy array when that takes at most ``max_bytes`` (one decode of each
+    stored chunk, shared by everything that reads it afterwards), else ``array`` itself."""
+    if int(np.prod(array.shape)) * 4 > max_bytes:
+        return array
+    return np.ascontiguousarray(read_box(array, (slice(None),) * len(array.shape)), dtype=np.float32)
 
 
 def cache_box(array: Any, box: tuple[slice, ...] | None, max_bytes: int) -> Any:

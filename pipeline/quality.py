@@ -51,7 +51,7 @@ from patchmorph_core.displacement import (
 from patchmorph_core.errors import QualityError
 from patchmorph_core.metrics import jacobian_determinant, local_ncc
 from patchmorph_core.sampling import intensity_range, tissue_mask
-from patchmorph_core.source import MultiscaleImage
+from patchmorph_core.source import MultiscaleImage, float32_if_small
 from patchmorph_core.spatial import Grid, read_box
 from pipeline.integrity import VerifiedStore
 from pipeline.ngff import field_view
@@ -356,8 +356,7 @@ def assess_field(
     """
     limits = limits or QualityThresholds()
     array = open_field_array(path, grid)
-    if 4 * int(np.prod(array.shape)) <= FIELD_IN_MEMORY_BYTES:  # read once, not at every step of the inverse
-        array = read_box(array, tuple(slice(0, n) for n in array.shape)).astype(np.float32)
+    array = float32_if_small(array, FIELD_IN_MEMORY_BYTES)  # read once, not at every step of the inverse
     fixed_range = intensity_range(fixed)
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="quality") as pool:
         # the two parts are independent and NumPy/SciPy release the GIL in their loops: both cores work

@@ -37,8 +37,8 @@ from patchmorph_core.errors import InputError
 from patchmorph_core.inference import RegistrationPlan, RegistrationResult, plan_registration
 from patchmorph_core.model import DEFAULT_WEIGHTS, load_model
 from patchmorph_core.sampling import intensity_range
-from patchmorph_core.source import Level, MultiscaleImage
-from patchmorph_core.spatial import Grid, read_box
+from patchmorph_core.source import MultiscaleImage
+from patchmorph_core.spatial import Grid
 from pipeline.checks import (
     CheckOptions,
     check_free_space,
@@ -116,17 +116,6 @@ IMAGES_IN_MEMORY_BYTES = 256 * 2**20
 """Both input pyramids up to this size together are read into memory once when the registration runs on
 threads of this process: every pass then samples arrays in memory instead of reading the stores patch by
 patch (the same values, so the same field); larger inputs, and runs on a Dask cluster, read lazily."""
-
-
-def _pyramid_bytes(image: MultiscaleImage) -> int:
-    return sum(int(np.prod(lv.array.shape)) * np.dtype(lv.array.dtype).itemsize for lv in image.levels)
-
-
-def _in_memory(image: MultiscaleImage) -> MultiscaleImage:
-    """``image`` with every level read into a NumPy array (its stored chunks checked as they are read)."""
-    whole = [tuple(slice(0, n) for n in lv.array.shape) for lv in image.levels]
-    levels = tuple(Level(read_box(lv.array, box), lv.grid) for lv, box in zip(image.levels, whole, strict=True))
-    return MultiscaleImage(levels, image.name)
 
 
 def _check_overlap(fixed: Grid, moving: Grid, initial: np.ndarray, moving_path: str | Path) -> None:
@@ -275,9 +264,8 @@ def register_files(
     checks = checks or CheckOptions()
     paths = {"fixed": fixed, "moving": moving}
     geometry = check_geometry(fixed_img, moving_img, paths, checks)
-    small = _pyramid_bytes(fixed_img) + _pyramid_bytes(moving_img) <= IMAGES_IN_MEMORY_BYTES
-    if cluster_config.kind == "threads" and small:
-        fixed_img, moving_img = _in_memory(fixed_img), _in_memory(moving_img)
+    if cluster_config.kind == "threads" and fixed_img.nbytes + moving_img.nbytes <= IMAGES_IN_MEMORY_BYTES:
+        fixed_img, moving_img = fixed_img.in_memory(), moving_img.in_memory()
     model = load_model(cfg.weights, "cpu")
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="preflight") as pool:
         # the orientation check and the initial alignment read the same coarse copies and nothing else: they

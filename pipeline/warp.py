@@ -42,7 +42,7 @@ from patchmorph_core.displacement import (
     invert_points,
 )
 from patchmorph_core.errors import InputError
-from patchmorph_core.source import MultiscaleImage
+from patchmorph_core.source import MultiscaleImage, float32_if_small
 from patchmorph_core.spatial import Grid
 from patchmorph_core.warping import warp_to_grid
 from pipeline.checks import check_free_space, check_outputs, check_writable, run_outputs
@@ -60,15 +60,6 @@ ERROR_STRIDE = 4
 
 FIELD_MEMORY_BYTES = 512 * 1024**2
 """A field up to this size is read once and shared with every task (else each task reads the box under it)."""
-
-
-def field_in_memory(array: Any) -> Any:
-    """``array`` (a ``(3, Z, Y, X)`` stored field) read whole into float32 when it takes at most
-    :data:`FIELD_MEMORY_BYTES` (one decode of each stored chunk, instead of one per task that needs it), else
-    ``array`` itself."""
-    if int(np.prod(array.shape)) * 4 > FIELD_MEMORY_BYTES:
-        return array
-    return np.ascontiguousarray(array[...], dtype=np.float32)
 
 
 class WarpRecord(BaseModel):
@@ -261,7 +252,7 @@ def warp_files(
     dtype = np.dtype(getattr(image.levels[0].array, "dtype", np.float32))
     check_writable(out.parent)
     check_free_space(out.parent, int(np.prod(grid.shape)) * dtype.itemsize * 4 // 3, f"the warped image {out}")  # + pyramid
-    forward = FieldDisplacement(field_in_memory(field_arr), field_grid)
+    forward = FieldDisplacement(float32_if_small(field_arr, FIELD_MEMORY_BYTES), field_grid)
     displacement: Displacement = InverseDisplacement(forward, INVERSE_ITERATIONS) if inverse else forward
     fingerprint = {
         "field": content_identity(field),
