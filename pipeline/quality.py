@@ -50,7 +50,7 @@ from patchmorph_core.displacement import (
 )
 from patchmorph_core.errors import QualityError
 from patchmorph_core.metrics import jacobian_determinant, local_ncc
-from patchmorph_core.sampling import intensity_range, tissue_mask
+from patchmorph_core.sampling import intensity_range, is_separable, sample_separable, tissue_mask
 from patchmorph_core.source import MultiscaleImage, float32_if_small
 from patchmorph_core.spatial import Grid, read_box
 from pipeline.integrity import VerifiedStore
@@ -204,6 +204,17 @@ def similarity_start(
     return SimilarityStart(quality, mask, target, identity, after_initial)
 
 
+def _field_on(quality: Grid, field_array: Any, grid: Grid) -> np.ndarray:
+    """``(3, Z, Y, X)`` float32: the field on ``grid`` sampled trilinearly at the voxel centres of the quality
+    grid (constant beyond the field's outer voxel centres) — axis by axis when the quality grid is the field
+    grid or a resampling of it (:func:`~patchmorph_core.sampling.sample_separable`: the same values up to
+    float32 rounding, without a gather per point), else point by point."""
+    matrix = grid.index_map(quality)
+    if is_separable(matrix):
+        return sample_separable(field_array, matrix, tuple(quality.shape), "border")
+    return displacement_on_grid(FieldDisplacement(field_array, grid), quality)
+
+
 def similarity_block(
     fixed: MultiscaleImage,
     moving: MultiscaleImage,
@@ -219,7 +230,7 @@ def similarity_block(
     start = start or similarity_start(fixed, moving, grid, initial, fixed_range)
     quality = start.grid
     flat = quality.points().reshape(-1, 3)
-    through = np.moveaxis(displacement_on_grid(FieldDisplacement(field_array, grid), quality), 0, -1)
+    through = np.moveaxis(_field_on(quality, field_array, grid), 0, -1)
     final = _ncc_through(quality, moving, flat + through.reshape(-1, 3), start.target, start.mask)
     return {
         "metric": f"local NCC, {NCC_WINDOW}-voxel window, inside the fixed tissue",

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import zarr
 
+from patchmorph_core.displacement import FieldDisplacement, displacement_on_grid
 from patchmorph_core.errors import InputError, QualityError
 from patchmorph_core.metrics import jacobian_determinant
 from patchmorph_core.source import MultiscaleImage
@@ -124,3 +125,12 @@ def test_thresholds_name_every_failure() -> None:
     assert len(failures) == 3
     assert "fell from 0.500 at the start to 0.400" in failures[1] and "3 field voxels" in failures[2]
     assert judge(block, QualityThresholds(max_folded_percent=5, min_similarity_change=-0.2, max_inverse_p99_voxels=4)) == []
+
+
+def test_the_field_on_the_quality_grid_is_its_trilinear_sample() -> None:
+    grid = Grid.from_orientation((19, 24, 15), (2.0, 1.5, 2.5), "lia", unit="millimeter")
+    field = np.random.default_rng(5).normal(size=(3, *grid.shape)).astype(np.float32)
+    for quality_grid in (grid, grid.resampled(3.1), quality._quality_grid(grid.resampled(0.9))):
+        expected = displacement_on_grid(FieldDisplacement(field, grid), quality_grid)
+        np.testing.assert_allclose(quality._field_on(quality_grid, field, grid), expected, atol=2e-5)
+    assert np.array_equal(quality._field_on(grid, field, grid), field)  # its own grid: the stored values
