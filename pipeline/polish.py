@@ -19,15 +19,15 @@ chunk (:func:`write_polished_chunk`) adds the pieces over the chunk and its inte
 (:func:`~patchmorph_core.inference.compose_on_grid`) and writes the chunk once, with the tiles' residuals
 (:func:`~patchmorph_core.polish.residual_map`, blended by the same weights) as the chunk of the uncertainty map.
 A polish the stage check rejects leaves the network's field but this residual map. The tiles depend on the grid
-alone, so the field depends neither on the chunks nor on the workers; a field within one tile is one box, as
-in memory.
+alone, so the field depends neither on the chunks nor on the workers; a field within one tile is one box, or
+two halves along its longest axis when that is long enough for two threads to share it (:func:`tile_cores`).
 
 With :attr:`~patchmorph_core.polish.PolishSettings.coarsening` f > 1 (a field finer than the data) each box
 is polished on a grid f times coarser (:func:`~patchmorph_core.polish.polish_box`): the halo and ramp grow f-fold
 (the same in polish-grid voxels), the box stays :data:`TILE_BOX` field voxels (the same memory).
 
 Cost: each field voxel is stepped ``((core + 2 halo) / core)³ / f³`` times at most (1.6× with the defaults, 1×
-for a field within one tile; 0.36× at f = 2), and every input is read once per tile.
+for a field within one tile, at most 1 + :data:`SPLIT_EXTRA` for its two halves; 0.36× at f = 2), and every input is read once per tile.
 """
 
 from __future__ import annotations
@@ -65,6 +65,21 @@ within it."""
 TILE_RAMP = 6
 """Half-width of the blend between two tiles (field voxels, within :data:`TILE_HALO`)."""
 
+SPLIT_EXTRA = 0.3
+"""A grid within one tile is polished as two tiles, its halves along its longest axis, when their halos add at
+most this fraction to the polished voxels: two task threads share the polish instead of one. A rule of the grid
+alone (:func:`tile_cores`): the same tiles, hence the same field, for any number of threads or workers."""
+
+
+def tile_cores(shape: tuple[int, int, int], core: int, halo: int) -> tuple[int, int, int]:
+    """The tiles' core edge along each axis of a grid of ``shape`` (field voxels): ``core``, except for a grid
+    within one core whose longest axis is long enough (:data:`SPLIT_EXTRA`), which is cut in two along it."""
+    cores = [core] * 3
+    axis = int(np.argmax(shape))
+    if max(shape) <= core and 2 * halo <= SPLIT_EXTRA * shape[axis]:
+        cores[axis] = -(-shape[axis] // 2)
+    return (cores[0], cores[1], cores[2])
+
 
 @dataclass(frozen=True)
 class PolishTiles:
@@ -72,18 +87,20 @@ class PolishTiles:
 
     Along each axis of ``n`` voxels, ``ceil(n / core)`` cores of ``core`` voxels centred on the grid (edge
     cores clipped); a grid within one core along an axis is one tile along it, without halo or ramp.
+    ``core``: one edge for every axis, or one per axis ``(z, y, x)``.
     """
 
     shape: tuple[int, int, int]
-    core: int = TILE_BOX - 2 * TILE_HALO
+    core: int | tuple[int, int, int] = TILE_BOX - 2 * TILE_HALO
     halo: int = TILE_HALO
     ramp: int = TILE_RAMP
 
     def _cores(self, axis: int) -> list[tuple[int, int]]:
         n = self.shape[axis]
-        count = -(-n // self.core)
-        origin = (n - count * self.core) // 2
-        return [(max(origin + j * self.core, 0), min(origin + (j + 1) * self.core, n)) for j in range(count)]
+        core = self.core if isinstance(self.core, int) else self.core[axis]
+        count = -(-n // core)
+        origin = (n - count * core) // 2
+        return [(max(origin + j * core, 0), min(origin + (j + 1) * core, n)) for j in range(count)]
 
     def tiles(self) -> list[tuple[Box, Box]]:
         """``(core, box)`` of every tile, raster order."""
@@ -222,7 +239,8 @@ def run_polish(
     plan = ChunkPlan(network.plan.grid, network.plan.chunk, halo=settings.exp_halo)
     arrays = store.polish_pass("polish", plan)
     halo, ramp = TILE_HALO * settings.coarsening, TILE_RAMP * settings.coarsening  # the same in polish-grid voxels
-    tiles = PolishTiles(plan.grid.shape, core=TILE_BOX - 2 * halo, halo=halo, ramp=ramp)
+    cores = tile_cores(plan.grid.shape, TILE_BOX - 2 * halo, halo)
+    tiles = PolishTiles(plan.grid.shape, core=cores, halo=halo, ramp=ramp)
     work = [PolishTile(core, box) for core, box in tiles.tiles()]
     ctx = PolishContext(
         fixed=inputs.fixed, moving=inputs.plan.moving, fixed_range=inputs.plan.fixed_range,

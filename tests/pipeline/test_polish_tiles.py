@@ -15,7 +15,7 @@ from patchmorph_core.model import load_model
 from pipeline import polish as polish_pipeline
 from pipeline.chunked import Box
 from pipeline.ngff import read_field, read_image
-from pipeline.polish import PolishTiles
+from pipeline.polish import PolishTiles, tile_cores
 from pipeline.register import register_arrays, register_files
 
 
@@ -37,6 +37,41 @@ def test_tiles_cover_the_grid_with_a_partition_of_unity() -> None:
     assert np.all(cores == 1)  # the cores tile the grid
     np.testing.assert_allclose(total, 1.0, atol=1e-6)
     assert PolishTiles((30, 20, 10), core=40).tiles() == [(Box((0, 0, 0), (30, 20, 10)),) * 2]  # one box
+
+
+def test_a_grid_within_one_tile_is_split_in_two_along_its_longest_axis_when_long_enough() -> None:
+    shape = (81, 102, 87)  # a 2 mm human brain's field grid: one 136-voxel core would hold it whole
+    cores = tile_cores(shape, 136, 12)
+    assert cores == (136, 51, 136)
+    tiles = PolishTiles(shape, core=cores, halo=12, ramp=6)
+    assert [(c, b) for c, b in tiles.tiles()] == [
+        (Box((0, 0, 0), (81, 51, 87)), Box((0, 0, 0), (81, 63, 87))),
+        (Box((0, 51, 0), (81, 102, 87)), Box((0, 39, 0), (81, 102, 87))),
+    ]
+    total = np.zeros(shape)
+    for core, box in tiles.tiles():
+        total[box.slices] += tiles.weights(core, box)
+    np.testing.assert_allclose(total, 1.0, atol=1e-6)
+    polished = sum(np.prod(box.shape) for _, box in tiles.tiles())
+    assert polished <= 1.3 * np.prod(shape)  # SPLIT_EXTRA: the halos add at most 30 %
+    assert tile_cores((30, 20, 10), 136, 12) == (136, 136, 136)  # too short: halos would double the work
+    assert tile_cores((200, 90, 80), 136, 12) == (136, 136, 136)  # several tiles already
+
+
+def test_the_split_polish_gives_the_same_field_on_one_thread_or_two(
+    pair_and_config: tuple[Path, Path, InferenceConfig], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fixed, moving, config = pair_and_config
+    config = config.model_copy(update={"polish_iterations": 4, "stage_check": False})
+    model = load_model(config.weights, "cpu")
+    images = read_image(fixed), read_image(moving)
+    monkeypatch.setattr(polish_pipeline, "TILE_HALO", 6)  # so that the test pair's 23-voxel axis is split
+    monkeypatch.setattr(polish_pipeline, "TILE_RAMP", 3)
+    monkeypatch.setattr(polish_pipeline, "SPLIT_EXTRA", 0.6)
+    one = register_arrays(model, *images, config, threads=1)
+    two = register_arrays(model, *images, config, threads=2)
+    assert one.info["polish"]["tiles"] == two.info["polish"]["tiles"] == 2
+    assert np.array_equal(one.field, two.field) and np.array_equal(one.uncertainty, two.uncertainty)
 
 
 def _network_field(run: Path, name: str) -> np.ndarray:
