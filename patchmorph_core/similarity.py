@@ -55,12 +55,16 @@ def box_mean(x: torch.Tensor, window: int) -> torch.Tensor:
         radius = size // 2
         if radius == 0:
             continue
-        pad = [0] * 6
-        pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = radius  # F.pad lists the last axis first
-        padded = F.pad(x, pad)
-        total = padded.narrow(dim, 0, n).clone()
-        for shift in range(1, size):
-            total.add_(padded.narrow(dim, shift, n))
+        # total[i] = x[i - radius] + ... + x[i + radius] added in that order, the terms outside the axis left out
+        # (the zero-padded sum without the padded copy: the same values)
+        total = torch.empty_like(x)
+        total.narrow(dim, 0, radius).zero_()
+        total.narrow(dim, radius, n - radius).copy_(x.narrow(dim, 0, n - radius))
+        for offset in range(1 - radius, radius + 1):
+            if offset < 0:
+                total.narrow(dim, -offset, n + offset).add_(x.narrow(dim, 0, n + offset))
+            else:
+                total.narrow(dim, 0, n - offset).add_(x.narrow(dim, offset, n - offset))
         index = torch.arange(n, device=x.device)
         count = torch.clamp(index + radius, max=n - 1) - torch.clamp(index - radius, min=0) + 1
         shape = [1] * x.dim()

@@ -24,10 +24,12 @@ two halves along its longest axis when that is long enough for two threads to sh
 
 With :attr:`~patchmorph_core.polish.PolishSettings.coarsening` f > 1 (a field finer than the data) each box
 is polished on a grid f times coarser (:func:`~patchmorph_core.polish.polish_box`): the halo and ramp grow f-fold
-(the same in polish-grid voxels), the box stays :data:`TILE_BOX` field voxels (the same memory).
+(the same in polish-grid voxels), the box :data:`TILE_BOX` polish-grid voxels up to :data:`TILE_FIELD_BOX` field
+voxels (:func:`tile_lattice`; a small grid, :data:`SMALL_GRID`, in boxes of :data:`TILE_FIELD_BOX`).
 
-Cost: each field voxel is stepped ``((core + 2 halo) / core)³ / f³`` times at most (1.6× with the defaults, 1×
-for a field within one tile, at most 1 + :data:`SPLIT_EXTRA` for its two halves; 0.36× at f = 2), and every input is read once per tile.
+Cost: each field voxel is stepped ``((core + 2 halo) / core)³ / f³`` times at most (2.4× at f = 1 on a large
+grid, 1× for a field within one tile, at most 1 + :data:`SPLIT_EXTRA` for its two halves; 0.36× at f = 2), and
+every input is read once per tile.
 """
 
 from __future__ import annotations
@@ -53,9 +55,23 @@ from pipeline.resume import ChunkId
 
 log = logging.getLogger(__name__)
 
-TILE_BOX = 160
-"""Largest edge of a polished box (core + 2 halo, field voxels; about 150 bytes a voxel in the task: the images,
-``u₀``, the velocity, the sampling indices and the filters' temporaries, so about 0.6 GB)."""
+TILE_BOX = 96
+"""Largest edge of a polished box (core + 2 halo) in voxels of the polish's grid (about 150 bytes a voxel in the
+task: the images, ``u₀``, the velocity, the sampling indices and the filters' temporaries, so about 130 MB).
+Small enough that a field of a few million voxels already fills whole tiles (the task's memory is the same at
+every size beyond), large enough that the halos cost little: each voxel is stepped ``(96 / 72)³ ≈ 2.4`` times
+at most, at the same CPU per stepped voxel as in boxes of 160³ (one thread; the filters' passes are memory
+bound either way)."""
+
+TILE_FIELD_BOX = 160
+"""Largest edge of a polished box in field voxels (with :attr:`~patchmorph_core.polish.PolishSettings.coarsening`
+f > 1 the task also holds ``u₀``, the velocity sampled back and the weights on the field grid, about 40 bytes a
+field voxel)."""
+
+SMALL_GRID = 2**20
+"""A polish grid of at most this many voxels is tiled with boxes of up to :data:`TILE_FIELD_BOX` voxels (one box
+or a few: the grid bounds a box's memory, about as a :data:`TILE_BOX` box does, and fewer halos mean fewer
+steps); a larger one with :data:`TILE_BOX` boxes."""
 
 TILE_HALO = 12
 """Field voxels polished around a tile's core (its neighbours' cores): the box border's effect on the
@@ -132,6 +148,18 @@ class PolishTiles:
         """``box.shape`` float32 weights of the tile with ``core`` (the tiles' weights add up to 1 everywhere)."""
         profiles = [self._profile(a, (core.start[a], core.stop[a]), (box.start[a], box.stop[a])) for a in range(3)]
         return np.einsum("i,j,k->ijk", *profiles).astype(np.float32)
+
+
+def tile_lattice(shape: tuple[int, int, int], coarsening: int) -> PolishTiles:
+    """The polish's tiles on a field grid of ``shape`` polished ``coarsening`` times coarser: boxes of
+    :data:`TILE_BOX` polish-grid voxels (at most :data:`TILE_FIELD_BOX` field voxels; on a polish grid of at most
+    :data:`SMALL_GRID` voxels, :data:`TILE_FIELD_BOX`), the halo and ramp :data:`TILE_HALO` and :data:`TILE_RAMP`
+    polish-grid voxels (``coarsening``-fold in field voxels). A rule of the grid alone: the same tiles, hence the
+    same field, whatever the chunks, workers or threads."""
+    halo, ramp = TILE_HALO * coarsening, TILE_RAMP * coarsening
+    small = math.prod(shape) <= SMALL_GRID * coarsening**3
+    box = TILE_FIELD_BOX if small else min(TILE_BOX * coarsening, TILE_FIELD_BOX)
+    return PolishTiles(shape, core=tile_cores(shape, box - 2 * halo, halo), halo=halo, ramp=ramp)
 
 
 @dataclass(frozen=True)
@@ -238,9 +266,7 @@ def run_polish(
     """
     plan = ChunkPlan(network.plan.grid, network.plan.chunk, halo=settings.exp_halo)
     arrays = store.polish_pass("polish", plan)
-    halo, ramp = TILE_HALO * settings.coarsening, TILE_RAMP * settings.coarsening  # the same in polish-grid voxels
-    cores = tile_cores(plan.grid.shape, TILE_BOX - 2 * halo, halo)
-    tiles = PolishTiles(plan.grid.shape, core=cores, halo=halo, ramp=ramp)
+    tiles = tile_lattice(plan.grid.shape, settings.coarsening)
     work = [PolishTile(core, box) for core, box in tiles.tiles()]
     ctx = PolishContext(
         fixed=inputs.fixed, moving=inputs.plan.moving, fixed_range=inputs.plan.fixed_range,

@@ -10,6 +10,7 @@ import pytest
 
 from patchmorph_core.errors import InputError
 from pipeline.cluster import (
+    WORKER_MALLOC_ENV,
     ClusterConfig,
     job_script,
     load_cluster_config,
@@ -42,6 +43,24 @@ def test_slurm_job_script_without_slurm() -> None:
     assert "gres" not in script and "--resources" not in script
     gpu = job_script(config.model_copy(update={"gpus": 1}))
     assert "#SBATCH --gres=gpu:1" in gpu and "--resources GPU=1" in gpu
+    assert all(f"export {k}={v}" in script for k, v in WORKER_MALLOC_ENV.items())  # before the worker starts
+
+
+def _malloc_environ() -> dict[str, str | None]:
+    import os
+
+    return {k: os.environ.get(k) for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")}
+
+
+def test_local_workers_start_with_the_malloc_environment() -> None:
+    """Worker processes of a local cluster see :data:`WORKER_MALLOC_ENV` from their start (glibc reads it when
+    the process starts: set later it does nothing), beside Dask's own trim threshold."""
+    with open_client(ClusterConfig(workers=1, memory_per_worker="1GiB")) as (client, _):
+        seen = client.run(_malloc_environ)
+    assert len(seen) == 1
+    for environ in seen.values():
+        assert environ["MALLOC_MMAP_THRESHOLD_"] == WORKER_MALLOC_ENV["MALLOC_MMAP_THRESHOLD_"]
+        assert environ["MALLOC_TRIM_THRESHOLD_"] is not None  # Dask's pre-spawn environment is kept
 
 
 def _busy(seconds: float) -> tuple[str, float, float]:

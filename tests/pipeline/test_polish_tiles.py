@@ -15,7 +15,15 @@ from patchmorph_core.model import load_model
 from pipeline import polish as polish_pipeline
 from pipeline.chunked import Box
 from pipeline.ngff import read_field, read_image
-from pipeline.polish import PolishTiles, tile_cores
+from pipeline.polish import (
+    SMALL_GRID,
+    TILE_BOX,
+    TILE_FIELD_BOX,
+    TILE_HALO,
+    PolishTiles,
+    tile_cores,
+    tile_lattice,
+)
 from pipeline.register import register_arrays, register_files
 
 
@@ -74,6 +82,28 @@ def test_the_split_polish_gives_the_same_field_on_one_thread_or_two(
     assert np.array_equal(one.field, two.field) and np.array_equal(one.uncertainty, two.uncertainty)
 
 
+def test_tile_boxes_do_not_grow_with_the_field() -> None:
+    """At coarsening 1 every box of a large grid is at most :data:`TILE_BOX` field voxels a side whatever the
+    field's size (1 and 8 GiB of the scale benchmark's brain), so a tile task's memory is the same at every size
+    beyond a few tiles; a small grid keeps boxes of :data:`TILE_FIELD_BOX`; at coarsening 2 the box is capped at
+    :data:`TILE_FIELD_BOX` field voxels, its halo twice as wide."""
+    for shape in ((152, 87, 122), (303, 174, 244)):
+        tiles = tile_lattice(shape, 1)
+        assert (tiles.core, tiles.halo) == ((TILE_BOX - 2 * TILE_HALO,) * 3, TILE_HALO)
+        boxes = [box for _, box in tiles.tiles()]
+        assert max(max(box.shape) for box in boxes) == TILE_BOX
+        covered = np.zeros(shape, dtype=int)
+        for core, _ in tiles.tiles():
+            covered[core.slices] += 1
+        assert np.all(covered == 1)
+    small = tile_lattice((102, 115, 81), 1)  # a 2 mm human brain's field: within SMALL_GRID, a 136-voxel core
+    assert np.prod((102, 115, 81)) <= SMALL_GRID and small.core[0] == small.core[2] == TILE_FIELD_BOX - 2 * TILE_HALO
+    assert len(small.tiles()) == 2  # cut in two along its longest axis (tile_cores)
+    coarse = tile_lattice((303, 174, 244), 2)
+    assert coarse.halo == 2 * TILE_HALO and coarse.core[0] + 2 * coarse.halo == min(2 * TILE_BOX, TILE_FIELD_BOX)
+    assert max(max(box.shape) for _, box in coarse.tiles()) == TILE_FIELD_BOX
+
+
 def _network_field(run: Path, name: str) -> np.ndarray:
     return np.asarray(zarr.open_group(str(run / f"{name}.zarr"), mode="r")["0"][:])
 
@@ -92,6 +122,7 @@ def test_chunked_polish_equals_in_memory_and_never_folds(
     model = load_model(config.weights, "cpu")
     images = read_image(fixed), read_image(moving)
     monkeypatch.setattr(polish_pipeline, "TILE_BOX", 20)  # cores of 8 voxels, halo 6
+    monkeypatch.setattr(polish_pipeline, "TILE_FIELD_BOX", 20)  # (the test's small grid takes this box)
     monkeypatch.setattr(polish_pipeline, "TILE_HALO", 6)
     monkeypatch.setattr(polish_pipeline, "TILE_RAMP", 3)
     reference = register_arrays(model, *images, config)
