@@ -154,9 +154,11 @@ class ChunkPlan:
 
 
 MIN_BLOCKS = 2
-"""Blocks a stage is split into at least (when its lattice allows), so that two workers share even a small
-stage. A constant, not the worker count: the blocks decide the order in which patch sums are added, and the
-field must not depend on the cluster (bit-identical with 1 or 2 workers and after a resume)."""
+"""Shares a stage is split into at least (when its lattice allows): no block holds more than this fraction
+of the lattice's cells, so that two workers share even a small stage (two blocks of 294 and 42 cells would
+leave one worker idle most of the stage). A constant, not the worker count: the blocks decide the order in which
+patch sums are added, and the field must not depend on the cluster (bit-identical with 1 or 2 workers and after
+a resume)."""
 
 BLOCK_BOX_VOXELS = 160**3
 """Largest box of field voxels a block's patches may span (sizes blocks; a block task holds about 100 bytes
@@ -171,8 +173,9 @@ def cells_per_block(
     max_voxels: int = BLOCK_BOX_VOXELS,
 ) -> int:
     """Lattice cells per block edge: as many as keep the block's box of field voxels (``n`` steps plus one
-    patch per axis) within ``max_voxels``, fewer while the lattice would give under ``min_blocks`` blocks
-    (:data:`MIN_BLOCKS`), never under ``min_cells`` (so that a block fills a network batch).
+    patch per axis) within ``max_voxels``, fewer while the largest block would hold more than ``1 / min_blocks``
+    of the lattice's cells (:data:`MIN_BLOCKS`), never under ``min_cells`` (so that a block fills a network
+    batch).
 
     Blocks do not follow the output chunks: a block task hands each chunk its own piece
     (:func:`split_partial`), so large blocks cost no transfer, and they sample each image once over a box
@@ -183,10 +186,12 @@ def cells_per_block(
     n = int((edge - lattice.extent / spacing) // (lattice.step / spacing))
     n = min(max(n, 1), max(lattice.counts))
 
-    def blocks(k: int) -> int:
-        return int(np.prod([-(-c // k) for c in lattice.counts]))
+    cells = int(np.prod(lattice.counts))
 
-    while n > 1 and blocks(n) < min_blocks:
+    def largest(k: int) -> int:  # cells of the largest block: k per edge, clipped by the lattice's counts
+        return int(np.prod([min(k, c) for c in lattice.counts]))
+
+    while n > 1 and largest(n) * min_blocks > cells:
         n -= 1
     return max(n, int(min_cells))
 

@@ -92,6 +92,10 @@ def test_blocks_follow_the_box_budget_and_min_blocks() -> None:
     n = cells_per_block(lattice, grid, min_blocks=8, max_voxels=10**6)
     assert int(np.prod([-(-c // n) for c in lattice.counts])) >= 8
     assert cells_per_block(lattice, grid, min_cells=3, max_voxels=1) == 3  # a block fills a network batch
+    cells = int(np.prod(lattice.counts))
+    for shares in (2, 3):  # no block holds more than 1/shares of the cells, so the workers share the stage
+        n = cells_per_block(lattice, grid, min_blocks=shares, max_voxels=10**6)
+        assert int(np.prod([min(n, c) for c in lattice.counts])) * shares <= cells
 
 
 def test_chunk_plan_covers_grid_once() -> None:
