@@ -257,6 +257,10 @@ class InferenceConfig(_Strict):
             None (default): as coarse as the data warrant, the largest factor up to 4 whose spacing stays
             within the coarser of the two images' finest voxels (1 for the default field spacing;
             :func:`~patchmorph_core.polish.coarsening_for`).
+        fold_free_updates: make every network pass's averaged update a diffeomorphism before it is composed
+            with the coarser field (:func:`~patchmorph_core.inference.fold_free_update`: its first-order
+            logarithm integrated by scaling and squaring), so that no pass can fold the field; False composes
+            the averaged update as it is (``docs/method.md``, *Fold-free updates*).
         stage_check: score the contrast-robust similarity (MIND-SSC) before and after every network pass and the
             polish, record it in the pass's figures, and reject a pass that lowers it
             (:mod:`patchmorph_core.stage_check`).
@@ -276,6 +280,7 @@ class InferenceConfig(_Strict):
     refine_passes: int = Field(0, ge=0, le=8)
     refine_overlap: float | None = Field(None, ge=1.0, le=8.0)
     polish_iterations: int = Field(10, ge=0, le=200)
+    fold_free_updates: bool = True
     stage_check: bool = True
     polish_gain: float = Field(1.5, gt=0.0, le=100.0)
     polish_max_step: float = Field(0.25, gt=0.0, le=1.0)

@@ -441,20 +441,10 @@ def _add_patch(sums: FieldSums, spec: PatchSpec, estimate: np.ndarray) -> int:
     return 1
 
 
-def finalize(sums: FieldSums, prior: Displacement, block: int = 262144) -> tuple[np.ndarray, np.ndarray]:
-    """The stage's field (the averaged update composed with the prior) and its uncertainty.
-
-    Args:
-        sums: windowed sums of the updates on a grid.
-        prior: the previous transform's displacement (initial alignment or the coarser stage's field), in
-            ``sums.grid.unit``.
-        block: field voxels composed per prior evaluation (bounds temporary memory).
-
-    Returns:
-        ``(field, uncertainty)``: ``(3, Z, Y, X)`` float32 displacement ``v̄(x) + prior(x + v̄(x))`` with
-        ``v̄ = Σw·v / max(Σw, WEIGHT_FLOOR)`` (0 where ``Σw <= WEIGHT_EPS``: the prior alone), and ``(Z, Y, X)`` float32
-        weighted standard deviation of the updates (world units; 0 where no patch put weight).
-    """
+def averaged_update(sums: FieldSums) -> tuple[np.ndarray, np.ndarray]:
+    """The averaged update ``v̄ = Σw·v / max(Σw, WEIGHT_FLOOR)`` (0 where ``Σw <= WEIGHT_EPS``) and the weighted
+    standard deviation of the updates: ``(3, Z, Y, X)`` and ``(Z, Y, X)`` float32, world units (the spread 0
+    where no patch put weight)."""
     covered = sums.weight > WEIGHT_EPS
     safe = np.where(covered, sums.weight, np.float32(1.0))
     mean = sums.weighted / safe
@@ -463,6 +453,77 @@ def finalize(sums: FieldSums, prior: Displacement, block: int = 262144) -> tuple
     uncertainty = np.sqrt(np.maximum(variance, 0.0, out=variance), out=variance)
     uncertainty *= covered
     mean *= safe / np.maximum(safe, np.float32(WEIGHT_FLOOR))  # fade out where the coverage ends
+    return mean, uncertainty
+
+
+UPDATE_SQUARINGS = 6
+"""Scaling-and-squaring steps of :func:`fold_free_update` (its velocity is at most half a patch, 12 voxels for
+the default 24-voxel patch, so each of the 2⁶ = 64 sub-steps moves a voxel by under a fifth of a voxel; with 5,
+the finite-difference Jacobian of a steep compression's flow dipped just below 0)."""
+
+
+def update_reach(max_length: float, grid: Grid) -> int:
+    """Voxels of ``grid`` beyond a box that :func:`fold_free_update` of the update on the box reads: one for the
+    gradient of its logarithm, the velocity's largest length ``max_length`` (world units) and one voxel of
+    interpolation per squaring. A chunk made fold-free with this many voxels of the update around it equals
+    the whole grid's."""
+    return 1 + int(math.ceil(max_length / float(np.min(grid.spacing)))) + UPDATE_SQUARINGS + 1
+
+
+def fold_free_update(update: np.ndarray, grid: Grid, max_length: float) -> np.ndarray:
+    """A diffeomorphic stand-in for an averaged update: ``exp(w)`` with ``w = v̄ − ½ (∇v̄) v̄``.
+
+    ``w`` is the first-order logarithm of ``x → x + v̄(x)`` (``exp(w) = id + w + ½ (∇w) w + …``, so
+    ``exp(w) − v̄`` is of order ``|∇v̄|² |v̄|``: where the averaged update is smooth the two agree closely),
+    each vector's length capped at ``max_length``; ``exp`` is :func:`~patchmorph_core.displacement.exp_velocity`
+    with :data:`UPDATE_SQUARINGS` squarings. Unlike the average of the patches' estimates, which folds where
+    neighbouring patches disagree strongly (at the image's edge, on a short fine-tuning), ``exp(w)`` is a
+    diffeomorphism for any smooth ``w``, and composing it with the coarser (fold-free) field keeps the
+    field fold-free (``docs/method.md``, *Fold-free updates*).
+
+    Args:
+        update: ``(3, Z, Y, X)`` averaged update ``v̄`` on ``grid`` (world units, components ``(z, y, x)``).
+        grid: its grid (a chunk grown by :func:`update_reach` voxels gives the whole grid's values inside).
+        max_length: the longest velocity vector kept (world units; half the pass's patch extent).
+
+    Returns:
+        ``(3, Z, Y, X)`` float32 displacement (world units).
+    """
+    from patchmorph_core.displacement import exp_velocity
+
+    linear = np.asarray(grid.linear, dtype=np.float64)
+    voxels = np.einsum("ij,jzyx->izyx", np.linalg.inv(linear).astype(np.float32), np.asarray(update, np.float32))
+    advection = np.zeros_like(voxels)  # (∇v̄) v̄ in voxels: Σ_a ∂v̄/∂i_a · v̄_a
+    for axis in range(3):
+        if voxels.shape[1 + axis] > 1:  # an axis of one voxel has no gradient
+            advection += np.gradient(voxels, axis=1 + axis) * voxels[axis]
+    velocity = np.einsum("ij,jzyx->izyx", linear.astype(np.float32), voxels - 0.5 * advection)
+    length = np.sqrt(np.einsum("c...,c...->...", velocity, velocity))
+    velocity *= np.minimum(1.0, max_length / np.maximum(length, 1e-30)).astype(np.float32)
+    return exp_velocity(velocity, grid, UPDATE_SQUARINGS)
+
+
+def finalize(
+    sums: FieldSums, prior: Displacement, block: int = 262144, max_update: float | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The stage's field (the averaged update composed with the prior) and its uncertainty, on the whole of
+    ``sums.grid``.
+
+    Args:
+        sums: windowed sums of the updates on a grid.
+        prior: the previous transform's displacement (initial alignment or the coarser stage's field), in
+            ``sums.grid.unit``.
+        block: field voxels composed per prior evaluation (bounds temporary memory).
+        max_update: None composes the averaged update :func:`averaged_update` as it is; a length (world units)
+            composes its :func:`fold_free_update` with that cap.
+
+    Returns:
+        ``(field, uncertainty)``: ``(3, Z, Y, X)`` float32 displacement ``v̄(x) + prior(x + v̄(x))`` (``v̄`` the
+        update or its fold-free stand-in), and ``(Z, Y, X)`` float32 weighted standard deviation of the updates.
+    """
+    mean, uncertainty = averaged_update(sums)
+    if max_update is not None:
+        mean = fold_free_update(mean, sums.grid, max_update)
     return compose_on_grid(mean, sums.grid, prior, block), uncertainty
 
 

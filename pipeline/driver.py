@@ -29,7 +29,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -48,9 +48,12 @@ from patchmorph_core.inference import (
     PatchLattice,
     RegistrationPlan,
     StageFixedImages,
+    averaged_update,
+    compose_on_grid,
     estimate_and_accumulate,
-    finalize,
+    fold_free_update,
     specs_in_box,
+    update_reach,
 )
 from patchmorph_core.model import load_model
 from patchmorph_core.polish import PolishSettings
@@ -291,21 +294,37 @@ def block_sums(ctx: StageContext, block: CellBlock) -> dict[Any, Any]:
     return pieces
 
 
+def max_update(lattice: PatchLattice, config: InferenceConfig) -> float | None:
+    """The cap on a pass's fold-free update (half its patch extent, world units), or None when
+    ``config.fold_free_updates`` is off (:func:`~patchmorph_core.inference.fold_free_update`)."""
+    return lattice.extent / 2.0 if config.fold_free_updates else None
+
+
 def write_field_chunk(ctx: StageContext, cid: ChunkId, partials: list[tuple[Box, FieldSums]]) -> dict[str, Any]:
-    """Task: add the partial sums that meet chunk ``cid``, finalise, write the chunk whole, then record it."""
+    """Task: add the partial sums that meet chunk ``cid`` and its halo, average them, make the update fold-free
+    (on the chunk and its halo, the reach :func:`~patchmorph_core.inference.fold_free_update` reads), compose
+    the chunk with the prior, write it whole, then record it."""
     tic = time.perf_counter()
-    box = ctx.arrays.plan.box(cid)
-    sums = reduce_partials(ctx.arrays.plan.grid, box, partials)
-    field_, uncertainty = finalize(sums, ctx.prior)
+    plan = ctx.arrays.plan
+    reach, box = plan.reach_box(cid), plan.box(cid)
+    sums = reduce_partials(plan.grid, reach, partials)
+    update, uncertainty = averaged_update(sums)
+    cap = max_update(ctx.lattice, ctx.config)
+    if cap is not None:
+        update = fold_free_update(update, sums.grid, cap)
+    inner = box.relative_to(reach.start).slices
+    field_ = compose_on_grid(
+        np.ascontiguousarray(update[(slice(None), *inner)]), plan.grid.crop(box.start, box.stop), ctx.prior
+    )
     ctx.arrays.records.log_write(cid)
     ctx.arrays.field[(slice(None), *box.slices)] = field_
     if ctx.arrays.uncertainty is not None:
-        ctx.arrays.uncertainty[box.slices] = uncertainty
+        ctx.arrays.uncertainty[box.slices] = uncertainty[inner]
     info = {
         "seconds": time.perf_counter() - tic,
         "blocks": len(partials),
         "voxels": int(np.prod(box.shape)),
-        "covered": int(np.count_nonzero(sums.weight > WEIGHT_EPS)),
+        "covered": int(np.count_nonzero(sums.weight[inner] > WEIGHT_EPS)),
     }
     ctx.arrays.records.mark_done(cid, info)
     return info
@@ -394,7 +413,12 @@ def run_network_pass(
     fixed_on_grid: Level | None,
     progress: bool,
 ) -> dict[str, Any]:
-    """One network pass through :func:`~pipeline.chunked.run_chunked`; returns its figures."""
+    """One network pass through :func:`~pipeline.chunked.run_chunked`; returns its figures. Its chunk tasks
+    receive the sums on their chunk grown by the reach of the fold-free update
+    (:func:`~patchmorph_core.inference.update_reach`)."""
+    cap = max_update(lattice, inputs.config)
+    if cap is not None:
+        arrays = replace(arrays, plan=replace(arrays.plan, halo=update_reach(cap, arrays.plan.grid)))
     plan = arrays.plan
     blocks = [b for b in partition(lattice, plan, None, inputs.config.batch_size) if b.support is not None]
     context = StageContext(

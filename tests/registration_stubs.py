@@ -32,6 +32,23 @@ class ConstantUpdate(torch.nn.Module):
         return self.vector.view(1, 3, 1, 1, 1).expand(fixed.shape[0], 3, *fixed.shape[2:]).to(fixed.device)
 
 
+class FoldingUpdate(ConstantUpdate):
+    """Model stub whose update folds every patch: ``-amplitude · tanh(q_x - centre)`` patch voxels along the
+    patch's last axis, a compression of ``amplitude`` per voxel at its centre (folds where it exceeds 1)."""
+
+    def __init__(self, amplitude: float = 3.0, patch_size: int = 8) -> None:
+        super().__init__((0.0, 0.0, 0.0), patch_size)
+        self.amplitude = amplitude
+
+    def stage_update(
+        self, stage: int, fixed: torch.Tensor, moving: torch.Tensor, patch_linear: torch.Tensor
+    ) -> torch.Tensor:
+        size = fixed.shape[-1]
+        q = torch.arange(size, dtype=torch.float32, device=fixed.device) - (size - 1) / 2.0
+        vox = torch.zeros(fixed.shape[0], 3, *fixed.shape[2:], device=fixed.device)
+        vox[:, 2] = -self.amplitude * torch.tanh(q)
+        return torch.einsum("bij,bjzyx->bizyx", patch_linear.to(vox.dtype), vox)
+
 
 def blob_image(grid: Grid, center_shift=(0.0, 0.0, 0.0)) -> np.ndarray:
     """Smooth ellipsoid with inner structure (world-defined, so any grid sees the same object)."""

@@ -6,11 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from registration_stubs import ConstantUpdate, blob_pair
+from registration_stubs import ConstantUpdate, FoldingUpdate, blob_pair
 
 from patchmorph_core import inference
 from patchmorph_core.config import InferenceConfig, ModelConfig
 from patchmorph_core.inference import StageFixedImages, plan_registration
+from patchmorph_core.metrics import jacobian_determinant
 from patchmorph_core.model import PatchMorph
 from patchmorph_core.source import Level
 from pipeline.register import register_arrays
@@ -29,6 +30,7 @@ def test_register_arrays_stub_adds_updates_across_stages() -> None:
         polish_iterations=0,  # the network's updates alone (the polish has its own tests)
         n_stages=2,
         stage_check=False,  # arithmetic: keep passes that move the blob off (the check has its own tests)
+        fold_free_updates=False,  # the averaged updates as they are (fold_free_update has its own tests)
     )
     result = register_arrays(model, fixed, moving, config, show_progress=False)
     matrix = np.array(result.info["initial_matrix"])
@@ -50,6 +52,24 @@ def test_register_arrays_stub_adds_updates_across_stages() -> None:
     assert tissue.sum() > 300 and np.all(deviation[tissue] < 1e-4)  # the tissue got both updates
     # identical estimates: no spread, to the float32 sums' resolution (about 4e-4 of |v| = 0.75 mm)
     assert np.all(result.uncertainty[tissue] < 1e-3)
+
+
+def test_fold_free_updates_keep_a_folding_network_from_folding_the_field() -> None:
+    """A stub network whose every update folds: composed as averaged, the field folds; made fold-free (the
+    default), it does not, and it still moves the tissue the way the updates push it."""
+    fixed, moving = blob_pair()
+    config = InferenceConfig(
+        device="cpu", max_rotation_deg=0.0, initial_alignment="center_of_mass", polish_iterations=0,
+        stage_check=False, n_stages=2,
+    )  # fmt: skip
+    results = {
+        free: register_arrays(FoldingUpdate(), fixed, moving, config.model_copy(update={"fold_free_updates": free}))
+        for free in (False, True)
+    }
+    folded, unfolded = (jacobian_determinant(results[f].field, results[f].grid) for f in (False, True))
+    assert folded.min() < 0 and unfolded.min() > 0
+    moved = np.abs(results[True].field - results[True].field.mean(axis=(1, 2, 3), keepdims=True)).max()
+    assert moved > 0.5 * float(results[True].grid.spacing.min())  # not fold-free by doing nothing
 
 
 def test_register_arrays_is_seeded_and_deterministic() -> None:
@@ -122,7 +142,7 @@ def test_refinement_passes_repeat_the_finest_stage_on_other_patches_from_its_fie
             moving,
             InferenceConfig(
                 device="cpu", refine_passes=n, refine_overlap=None, initial_alignment="center_of_mass",
-                polish_iterations=0, stage_check=False,
+                polish_iterations=0, stage_check=False, fold_free_updates=False,  # the plain arithmetic
             ),
             show_progress=False,
         )
