@@ -457,9 +457,9 @@ def averaged_update(sums: FieldSums) -> tuple[np.ndarray, np.ndarray]:
 
 
 UPDATE_SQUARINGS = 6
-"""Scaling-and-squaring steps of :func:`fold_free_update` (its velocity is at most half a patch, 12 voxels for
-the default 24-voxel patch, so each of the 2⁶ = 64 sub-steps moves a voxel by under a fifth of a voxel; with 5,
-the finite-difference Jacobian of a steep compression's flow dipped just below 0)."""
+"""Scaling-and-squaring steps of :func:`fold_free_update` (its velocity is at most a quarter of a patch, 6 voxels
+for the default 24-voxel patch, so each of the 2⁶ = 64 sub-steps moves a voxel by under a tenth of a voxel; with
+5, the finite-difference Jacobian of a steep compression's flow dipped just below 0)."""
 
 
 def update_reach(max_length: float, grid: Grid) -> int:
@@ -484,7 +484,7 @@ def fold_free_update(update: np.ndarray, grid: Grid, max_length: float) -> np.nd
     Args:
         update: ``(3, Z, Y, X)`` averaged update ``v̄`` on ``grid`` (world units, components ``(z, y, x)``).
         grid: its grid (a chunk grown by :func:`update_reach` voxels gives the whole grid's values inside).
-        max_length: the longest velocity vector kept (world units; half the pass's patch extent).
+        max_length: the longest velocity vector kept (world units; a quarter of the pass's patch extent).
 
     Returns:
         ``(3, Z, Y, X)`` float32 displacement (world units).
