@@ -385,6 +385,12 @@ def _pct(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.1f} %"
 
 
+def _polish_chunk_share(passes: list[dict[str, Any]]) -> float | None:
+    """The polish's chunk tasks' share of all worker task time (the ``shares`` count them as "other")."""
+    total = sum(p["block_s"] + p["chunk_s"] for p in passes)
+    return sum(p["chunk_s"] for p in passes if p["name"].startswith("polish")) / total if total > 0 else None
+
+
 def scale_runs_table(doc: dict[str, Any]) -> str:
     """One row per command of every run."""
     rows = []
@@ -401,12 +407,13 @@ def scale_runs_table(doc: dict[str, Any]) -> str:
                 f"{r['field_voxels'] / 1e6:.2f} M", step, fmt(m["wall_s"], 1), fmt(m["cpu_s"], 1), per_unit,
                 fmt(m["max_worker_peak_gib"], 2), fmt(m["command_peak_gib"], 2),
                 f"{m['read_gib']:.2f} / {m['written_gib']:.2f}", _pct(share.get("forward")), _pct(share.get("polish")),
-                _pct(share.get("sampling")),
+                _pct(_polish_chunk_share(m["passes"])) if m.get("passes") else "–", _pct(share.get("sampling")),
             ])  # fmt: skip
     return table(
         ["on disk GiB", "voxels", "field spacing", "field voxels", "command", "wall s", "CPU s (all processes)",
          "CPU / read per unit of work (register: field voxel; others: image voxel)", "peak per worker GiB",
-         "peak of the command's process GiB", "read / written GiB", "forward passes", "polish", "patch sampling"],
+         "peak of the command's process GiB", "read / written GiB", "forward passes", "polish tiles",
+         "polish chunk tasks", "patch sampling"],
         rows,
     )  # fmt: skip
 
@@ -596,7 +603,9 @@ SCALE_GROWTH = """### Why the data read per field voxel, the peak per worker and
 A field finer than the data (the 100 µm atlas onto a brain whose field is tied to its voxel) is polished on a
 coarser grid (`polish_coarsening`, default: as coarse as the coarser image's voxel, up to 4×; `docs/method.md`,
 *A field finer than the data*): 1× for the 1, 2 and 4 GiB runs (fields at 89, 71 and 56 µm), 2× at 8 GiB
-(45 µm). That is why the 8 GiB run's CPU and polish time fall below linear and its forward share rises.
+(45 µm), where the polish's CPU falls below linear. The series above ran 1 and 4 GiB only;
+the same code without the fold-free network passes ran 1, 2 and 4 GiB at 35 / 52 / 102 CPU-s, peaks 0.59 / 0.74 /
+0.92 GiB (code a310051, load 9-10).
 
 *Data read.* The bytes were traced per file (`strace -f -e trace=read,pread64,readv,preadv,preadv2` of the same
 `register` command, all processes) at 1 and 4 GiB: the Python modules, about 0.13 GiB per command at any size;
@@ -620,19 +629,52 @@ are in the code of the series above, whose data read per field voxel no longer g
   the prior in memory 2.12 → 0.91 GiB traced in all, 0.13 GiB of it Python modules. Left: a per-worker cache of
   decoded chunks, or the tiles handing `u₀` to the chunk tasks, would remove the rest.
 
-*Peak per worker.* The largest allocation of a task is a polish tile, about 150 B per polished voxel
-(`pipeline/polish.py`, `TILE_BOX`): the largest tile box grows from 0.93 M field voxels at 1 GiB (152 × 87 × 122,
-two tiles) to 1.06 M at 2 GiB and 1.17 M at 4 GiB, and at 8 GiB the steps run on 80 × 56 × 80 polish voxels
-(boxes of 160 × 111 × 160 field voxels), which fits the lower peak there. What every worker holds of the
-pass also grows with the field (the fixed image on the finest pass's field grid, 4 B per field voxel: 6 MB at
-1 GiB, 51 MB at 8 GiB). A field smaller than a tile cannot fill one, so a series that starts there compares a
-worker below the tile's cap with workers at it; the cap holds the peak beyond.
+*Peak per worker.* The largest allocations of a task are a network block's (about 100 B per voxel of its box,
+`pipeline/chunked.py`, `BLOCK_BOX_VOXELS` = 160³, about 0.4 GB) and a polish tile's (about 150 B per polished
+voxel). On a grid of more than 2²⁰ voxels the polish's boxes are now at most 96 polish-grid voxels a side
+(`pipeline/polish.py`, `tile_lattice`: about 0.13 GB; 160 field voxels at 2×, where the steps run on 80³), the
+same at every size of this series. The peak did not follow: the series before this one (160-voxel tiles)
+peaked at 0.68 / 0.79 / 0.85 / 0.76 GiB, this one at the figures above, so the tiles were not what set it
+beyond 1 GiB (not traced per task). The network passes' chunk tasks now also integrate each pass's update
+(fold-free passes, `docs/method.md`); the same code without them peaked at 0.92 GiB at 4 GiB (above). What grows is the network's blocks, capped at 160³ field voxels, which the
+1 GiB run's finest pass (152 × 87 × 122, 1.6 M voxels, at least two blocks: `MIN_BLOCKS`) cannot fill, and what
+every worker holds of a pass (the fixed image on the finest pass's field grid, 4 B per field voxel: 6 MB at
+1 GiB, 51 MB at 8 GiB). The workers' glibc now keeps freed arrays below 16 MiB in its heap for reuse
+(`pipeline.cluster.WORKER_MALLOC_ENV`, below), which adds a little to every peak; with a threshold of 1 GiB the
+series peaked at 0.64 / 0.82 / 1.04 / 0.95 GiB (code de6a94c), since freed memory stayed with the process. So
+the peak stays far below the 2 GiB cap, but its spread misses 20 %: a series that starts below the block cap
+compares a worker that cannot fill a block with workers that do. Left: blocks of at most 96³ (every run here
+would fill them; the patch sums are then added in another order, a float-rounding change of the field).
 
-*Forward share.* At 1× the polish is 50-66 % of worker time (its tiles and its chunk tasks: average the
-tiles' velocities over chunk and halo, integrate by 5 squarings, compose with `u₀`, write), two to three times
-the network's forward passes; at 2× (8 GiB) its tiles cost less than half the finest pass, and its chunk tasks
-(67 core-s in the series before this one) are now the larger part of it. The similarity's fixed-image part is
-computed once per tile (`force_towards`, 15 % less CPU per 160³ box at 1×, the same values).
+*Forward share: where the rest of the worker time goes.* Profiled per task (the run folder's records, with
+the chunk tasks timed part by part at 1 GiB) and per function on one polish box (cProfile, one thread):
+
+* Polish tiles (the "polish tiles" column): per box, the 10 steps about 55 % (each samples the moving box
+  through the field, computes the local-NCC force from box means of three channels and smooths the update,
+  σ 1.5 over 11 taps, and the velocity, three channels each), the residual map about 20 % (MIND-SSC
+  descriptors of both images, 12 channels: the uncertainty map), the set-up about 25 % (reading, the fixed
+  image on the box, and most of it the first-order sampling map, in float64). In a Dask worker about half of that CPU was the kernel mapping,
+  faulting in and zeroing fresh memory for every array (Dask's `MALLOC_TRIM_THRESHOLD_` fixes glibc's mmap
+  threshold at 128 kB): one 96³ box took 4.1 CPU-s so and 2.6 s with the workers' 16 MiB threshold. At 1×
+  every field voxel is stepped 10 times, up to 2.4 times over in the boxes' halos; per field voxel the polish
+  then costs about as much as the finest network pass.
+* Polish chunk tasks (the "polish chunk tasks" column, counted as "other" in the JSON's `shares`): per 64³
+  chunk, integrating the averaged velocity by 5 squarings over the chunk and its 9-voxel halo (11 at 2×)
+  about 65 %, composing with `u₀` about 20 %, writing the field and uncertainty chunks about 10 %, adding
+  the tiles' pieces the rest. At 2× (8 GiB) the tiles are cheap and these tasks are the larger part of the
+  polish: the velocity is trilinear from the 2× coarser polish grid, so integrating it there would cost an
+  eighth, a change of the field at interpolation level that this series does not make.
+* The network passes' chunk tasks (also "other"): 13-18 % of worker time in this series, now that each
+  integrates its pass's update over the chunk and its reach (fold-free passes, 6 squarings).
+* Stage checks, the plan and the quality block run in the command's process and are not worker time; reading
+  and writing are inside the tasks above; the network blocks' patch sampling and accumulation are their own
+  columns.
+
+The forward-share target (60 %) is therefore not met at 1× (31-35 % here): the polish is an instance
+optimisation whose settings (10 steps, its halo) were chosen on validation pairs, and it does per field voxel
+about the network's work; the network's own chunk tasks take another sixth. Left: a polish that runs on slabs instead of halo'd boxes (no halo overhead), integration on the polish
+grid at 2× and in the network passes' chunk tasks where the update is smooth, and fewer memory passes per step
+(fused filters).
 
 *Wall time.* Each `register` here starts a local Dask cluster of worker processes and pays fixed costs (the
 workers' start and imports, the plan, the quality block) that do not grow with the field; at 1 GiB they are a
