@@ -636,7 +636,8 @@ voxel). On a grid of more than 2²⁰ voxels the polish's boxes are now at most 
 same at every size of this series. The peak did not follow: the series before this one (160-voxel tiles)
 peaked at 0.68 / 0.79 / 0.85 / 0.76 GiB, this one at the figures above, so the tiles were not what set it
 beyond 1 GiB (not traced per task). The network passes' chunk tasks now also integrate each pass's update
-(fold-free passes, `docs/method.md`); the same code without them peaked at 0.92 GiB at 4 GiB (above). What grows is the network's blocks, capped at 160³ field voxels, which the
+(fold-free passes, `docs/method.md`); the same code without them peaked at 0.92 GiB at 4 GiB (above), with
+their first, uncapped version 1.04 GiB. What grows is the network's blocks, capped at 160³ field voxels, which the
 1 GiB run's finest pass (152 × 87 × 122, 1.6 M voxels, at least two blocks: `MIN_BLOCKS`) cannot fill, and what
 every worker holds of a pass (the fixed image on the finest pass's field grid, 4 B per field voxel: 6 MB at
 1 GiB, 51 MB at 8 GiB). The workers' glibc now keeps freed arrays below 16 MiB in its heap for reuse
@@ -664,13 +665,13 @@ the chunk tasks timed part by part at 1 GiB) and per function on one polish box 
   the tiles' pieces the rest. At 2× (8 GiB) the tiles are cheap and these tasks are the larger part of the
   polish: the velocity is trilinear from the 2× coarser polish grid, so integrating it there would cost an
   eighth, a change of the field at interpolation level that this series does not make.
-* The network passes' chunk tasks (also "other"): 13-18 % of worker time in this series, now that each
+* The network passes' chunk tasks (also "other"): 13-16 % of worker time in this series, now that each
   integrates its pass's update over the chunk and its reach (fold-free passes, 6 squarings).
 * Stage checks, the plan and the quality block run in the command's process and are not worker time; reading
   and writing are inside the tasks above; the network blocks' patch sampling and accumulation are their own
   columns.
 
-The forward-share target (60 %) is therefore not met at 1× (31-35 % here): the polish is an instance
+The forward-share target (60 %) is therefore not met at 1× (30-31 % here): the polish is an instance
 optimisation whose settings (10 steps, its halo) were chosen on validation pairs, and it does per field voxel
 about the network's work; the network's own chunk tasks take another sixth. Left: a polish that runs on slabs instead of halo'd boxes (no halo overhead), integration on the polish
 grid at 2× and in the network passes' chunk tasks where the update is smooth, and fewer memory passes per step
