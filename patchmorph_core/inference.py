@@ -458,8 +458,8 @@ def averaged_update(sums: FieldSums) -> tuple[np.ndarray, np.ndarray]:
 
 UPDATE_SQUARINGS = 6
 """Scaling-and-squaring steps of :func:`fold_free_update` (its velocity is at most a quarter of a patch, 6 voxels
-for the default 24-voxel patch, so each of the 2⁶ = 64 sub-steps moves a voxel by under a tenth of a voxel; with
-5, the finite-difference Jacobian of a steep compression's flow dipped just below 0)."""
+for the default 24-voxel patch, so each of the 2⁶ = 64 sub-steps moves a voxel by under a tenth of a voxel; the
+choice is measured in ``docs/method.md``, *Fold-free updates*)."""
 
 
 def update_reach(max_length: float, grid: Grid) -> int:

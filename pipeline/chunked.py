@@ -155,8 +155,8 @@ class ChunkPlan:
 
 MIN_BLOCKS = 2
 """Shares a stage is split into at least (when its lattice allows): no block holds more than this fraction
-of the lattice's cells, so that two workers share even a small stage (two blocks of 294 and 42 cells would
-leave one worker idle most of the stage). A constant, not the worker count: the blocks decide the order in which
+of the lattice's cells, so that two workers share even a small stage (a block of most of the cells beside a
+small one would leave one worker idle most of the stage). A constant, not the worker count: the blocks decide the order in which
 patch sums are added, and the field must not depend on the cluster (bit-identical with 1 or 2 workers and after
 a resume)."""
 

@@ -41,9 +41,8 @@ WORKER_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(16 * 1024**2)}
 script): glibc serves allocations below 16 MiB from its heap instead of a fresh ``mmap`` each. The tasks allocate
 and free arrays of a few MB many times (the polish's steps, the chunk tasks' integration), and Dask's worker
 environment (``MALLOC_TRIM_THRESHOLD_``, which also fixes glibc's otherwise adaptive mmap threshold at 128 kB)
-makes each such array a new mapping whose pages are faulted in and zeroed again. One 96³ polish box on one thread
-(scratch script): 4.1 CPU-s and 0.61 GB peak RSS so, 2.6 s and 0.65 GB with this threshold; a threshold of
-1 GiB gave 2.0 s but 1.05 GB (freed heap memory stays with the process)."""
+makes each such array a new mapping whose pages are faulted in and zeroed again. A much higher threshold saves a
+little more CPU but keeps freed heap memory with the process (measured in ``docs/scale.md``)."""
 
 
 class SlurmConfig(BaseModel):

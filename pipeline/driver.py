@@ -295,10 +295,10 @@ def block_sums(ctx: StageContext, block: CellBlock) -> dict[Any, Any]:
 
 
 def max_update(lattice: PatchLattice, config: InferenceConfig) -> float | None:
-    """The cap on a pass's fold-free update (a quarter of its patch extent, world units: a pass's largest update
-    on the validation pairs and the STP demo was 2.6 field voxels, a quarter of the default patch is 6), or
-    None when ``config.fold_free_updates`` is off (:func:`~patchmorph_core.inference.fold_free_update`). The
-    cap sets the halo every chunk task reads (:func:`~patchmorph_core.inference.update_reach`)."""
+    """The cap on a pass's fold-free update (a quarter of its patch extent, world units; 6 voxels of the default
+    24-voxel patch, well above what one pass moves, ``docs/method.md``, *Fold-free updates*), or None when
+    ``config.fold_free_updates`` is off (:func:`~patchmorph_core.inference.fold_free_update`). The cap sets the
+    halo every chunk task reads (:func:`~patchmorph_core.inference.update_reach`)."""
     return lattice.extent / 4.0 if config.fold_free_updates else None
 
 
