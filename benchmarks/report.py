@@ -603,9 +603,9 @@ SCALE_GROWTH = """### Why the data read per field voxel, the peak per worker and
 A field finer than the data (the 100 µm atlas onto a brain whose field is tied to its voxel) is polished on a
 coarser grid (`polish_coarsening`, default: as coarse as the coarser image's voxel, up to 4×; `docs/method.md`,
 *A field finer than the data*): 1× for the 1, 2 and 4 GiB runs (fields at 89, 71 and 56 µm), 2× at 8 GiB
-(45 µm), where the polish's CPU falls below linear. The series above ran 1 and 4 GiB only;
-the same code without the fold-free network passes ran 1, 2 and 4 GiB at 35 / 52 / 102 CPU-s, peaks 0.59 / 0.74 /
-0.92 GiB (code a310051, load 9-10).
+(45 µm), where the polish's CPU falls below linear. The series above has the fold-free network passes, the
+polish's 96-voxel tiles and the workers' 16 MiB heap threshold; the same code without the fold-free passes ran
+1, 2 and 4 GiB at 35 / 52 / 102 CPU-s, peaks 0.59 / 0.74 / 0.92 GiB (code a310051, load 9-10).
 
 *Data read.* The bytes were traced per file (`strace -f -e trace=read,pread64,readv,preadv,preadv2` of the same
 `register` command, all processes) at 1 and 4 GiB: the Python modules, about 0.13 GiB per command at any size;
@@ -665,17 +665,17 @@ the chunk tasks timed part by part at 1 GiB) and per function on one polish box 
   the tiles' pieces the rest. At 2× (8 GiB) the tiles are cheap and these tasks are the larger part of the
   polish: the velocity is trilinear from the 2× coarser polish grid, so integrating it there would cost an
   eighth, a change of the field at interpolation level that this series does not make.
-* The network passes' chunk tasks (also "other"): 13-16 % of worker time in this series, now that each
+* The network passes' chunk tasks (also "other"): 12-22 % of worker time in this series, now that each
   integrates its pass's update over the chunk and its reach (fold-free passes, 6 squarings).
 * Stage checks, the plan and the quality block run in the command's process and are not worker time; reading
   and writing are inside the tasks above; the network blocks' patch sampling and accumulation are their own
   columns.
 
-The forward-share target (60 %) is therefore not met at 1× (30-31 % here): the polish is an instance
+The forward-share target (60 %) is therefore not met at 1× (27-41 % in this series): the polish is an instance
 optimisation whose settings (10 steps, its halo) were chosen on validation pairs, and it does per field voxel
-about the network's work; the network's own chunk tasks take another sixth. Left: a polish that runs on slabs instead of halo'd boxes (no halo overhead), integration on the polish
-grid at 2× and in the network passes' chunk tasks where the update is smooth, and fewer memory passes per step
-(fused filters).
+about the network's work; the network's own chunk tasks take another sixth. Left: a polish that runs on slabs
+instead of halo'd boxes (no halo overhead), integration on the polish grid at 2×, and fewer memory passes per
+step (fused filters).
 
 *Wall time.* Each `register` here starts a local Dask cluster of worker processes and pays fixed costs (the
 workers' start and imports, the plan, the quality block) that do not grow with the field; at 1 GiB they are a
