@@ -491,23 +491,28 @@ def fold_free_update(update: np.ndarray, grid: Grid, max_length: float) -> np.nd
     """
     from patchmorph_core.displacement import exp_velocity
 
-    linear = np.asarray(grid.linear, dtype=np.float64)
-    voxels = np.einsum("ij,jzyx->izyx", np.linalg.inv(linear).astype(np.float32), np.asarray(update, np.float32))
-    advection = np.zeros_like(voxels)  # (∇v̄) v̄ in voxels: Σ_a ∂v̄/∂i_a · v̄_a
+    update = np.asarray(update, np.float32)
+    inverse = np.linalg.inv(np.asarray(grid.linear, dtype=np.float64)).astype(np.float32)
+    steps = np.einsum("ij,jzyx->izyx", inverse, update)  # v̄ in voxels along the grid's index axes
+    advection = np.zeros_like(update)  # (∇v̄) v̄ = Σ_a ∂v̄/∂i_a · (v̄ in voxels)_a, world components
     for axis in range(3):
-        if voxels.shape[1 + axis] > 1:  # an axis of one voxel has no gradient
-            advection += np.gradient(voxels, axis=1 + axis) * voxels[axis]
-    velocity = np.einsum("ij,jzyx->izyx", linear.astype(np.float32), voxels - 0.5 * advection)
+        if update.shape[1 + axis] > 1:  # an axis of one voxel has no gradient
+            advection += np.gradient(update, axis=1 + axis) * steps[axis]
+    velocity = update - 0.5 * advection
     length = np.sqrt(np.einsum("c...,c...->...", velocity, velocity))
     velocity *= np.minimum(1.0, max_length / np.maximum(length, 1e-30)).astype(np.float32)
     return exp_velocity(velocity, grid, UPDATE_SQUARINGS)
 
 
 def finalize(
-    sums: FieldSums, prior: Displacement, block: int = 262144, max_update: float | None = None
+    sums: FieldSums,
+    prior: Displacement,
+    block: int = 262144,
+    max_update: float | None = None,
+    inner: tuple[slice, slice, slice] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The stage's field (the averaged update composed with the prior) and its uncertainty, on the whole of
-    ``sums.grid``.
+    """The stage's field (the averaged update composed with the prior) and its uncertainty, on ``sums.grid`` or
+    the part ``inner`` of it.
 
     Args:
         sums: windowed sums of the updates on a grid.
@@ -516,6 +521,8 @@ def finalize(
         block: field voxels composed per prior evaluation (bounds temporary memory).
         max_update: None composes the averaged update :func:`averaged_update` as it is; a length (world units)
             composes its :func:`fold_free_update` with that cap.
+        inner: the voxels of ``sums.grid`` to return (a chunk whose sums cover it and the halo its fold-free
+            update reads, :func:`update_reach`); None: all of them.
 
     Returns:
         ``(field, uncertainty)``: ``(3, Z, Y, X)`` float32 displacement ``v̄(x) + prior(x + v̄(x))`` (``v̄`` the
@@ -524,7 +531,11 @@ def finalize(
     mean, uncertainty = averaged_update(sums)
     if max_update is not None:
         mean = fold_free_update(mean, sums.grid, max_update)
-    return compose_on_grid(mean, sums.grid, prior, block), uncertainty
+    grid = sums.grid
+    if inner is not None:
+        grid = grid.crop([s.start for s in inner], [s.stop for s in inner])
+        mean, uncertainty = np.ascontiguousarray(mean[(slice(None), *inner)]), uncertainty[inner]
+    return compose_on_grid(mean, grid, prior, block), uncertainty
 
 
 def compose_on_grid(update: np.ndarray, grid: Grid, prior: Displacement, block: int = 262144) -> np.ndarray:

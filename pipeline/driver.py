@@ -48,10 +48,8 @@ from patchmorph_core.inference import (
     PatchLattice,
     RegistrationPlan,
     StageFixedImages,
-    averaged_update,
-    compose_on_grid,
     estimate_and_accumulate,
-    fold_free_update,
+    finalize,
     specs_in_box,
     update_reach,
 )
@@ -310,18 +308,12 @@ def write_field_chunk(ctx: StageContext, cid: ChunkId, partials: list[tuple[Box,
     plan = ctx.arrays.plan
     reach, box = plan.reach_box(cid), plan.box(cid)
     sums = reduce_partials(plan.grid, reach, partials)
-    update, uncertainty = averaged_update(sums)
-    cap = max_update(ctx.lattice, ctx.config)
-    if cap is not None:
-        update = fold_free_update(update, sums.grid, cap)
     inner = box.relative_to(reach.start).slices
-    field_ = compose_on_grid(
-        np.ascontiguousarray(update[(slice(None), *inner)]), plan.grid.crop(box.start, box.stop), ctx.prior
-    )
+    field_, uncertainty = finalize(sums, ctx.prior, max_update=max_update(ctx.lattice, ctx.config), inner=inner)
     ctx.arrays.records.log_write(cid)
     ctx.arrays.field[(slice(None), *box.slices)] = field_
     if ctx.arrays.uncertainty is not None:
-        ctx.arrays.uncertainty[box.slices] = uncertainty[inner]
+        ctx.arrays.uncertainty[box.slices] = uncertainty
     info = {
         "seconds": time.perf_counter() - tic,
         "blocks": len(partials),
