@@ -74,16 +74,26 @@ def compose_affine_dense(theta: torch.Tensor, dense_vox: torch.Tensor) -> torch.
 def integrate_velocity(velocity_vox: torch.Tensor, steps: int) -> torch.Tensor:
     """Scaling and squaring: displacement of the flow of a stationary velocity field after unit time.
 
-    ``u_0 = v / 2**steps``; ``u_{k+1}(q) = u_k(q) + u_k(q + u_k(q))`` (border padding outside the patch).
+    ``u_0 = v / 2**steps``; ``u_{k+1}(q) = u_k(q) + u_k(q + u_k(q))`` (border padding outside the patch). The
+    steps run in ``grid_sample``'s normalised units (:func:`~patchmorph_core.spatial.index_to_normalized`:
+    component ``k`` times ``2 / (n_k − 1)``), so each squaring adds the displacement to one precomputed grid
+    of voxel positions; the result is converted back to patch voxels.
 
     Args:
         velocity_vox: ``(B, 3, P, P, P)`` velocity in patch voxels.
         steps: number of squarings (0 returns the velocity unchanged).
     """
-    disp = velocity_vox / (2.0**steps)
+    if steps == 0:
+        return velocity_vox
+    shape = tuple(velocity_vox.shape[-3:])
+    per_voxel = [2.0 / max(n - 1.0, 1.0) for n in shape]
+    to_normalized = torch.tensor(per_voxel, dtype=velocity_vox.dtype, device=velocity_vox.device).view(1, 3, 1, 1, 1)
+    base = index_to_normalized(index_points(shape, velocity_vox.device).to(velocity_vox.dtype), shape)
+    disp = velocity_vox * (to_normalized / 2.0**steps)  # normalised units, components (z, y, x)
     for _ in range(steps):
-        disp = disp + warp_patch(disp, disp, padding_mode="border")
-    return disp
+        coords = base + disp.flip(1).permute(0, 2, 3, 4, 1)  # (B, P, P, P, 3) in (x, y, z)
+        disp = disp + F.grid_sample(disp, coords, mode="bilinear", padding_mode="border", align_corners=ALIGN_CORNERS)
+    return disp / to_normalized
 
 
 def voxel_to_world(disp_vox: torch.Tensor, linear: torch.Tensor) -> torch.Tensor:

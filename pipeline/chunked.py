@@ -332,14 +332,21 @@ def run_chunked(
 
 
 def output_array(
-    path: Path, grid: Grid, dtype: Any, chunk: int | None, channels: int | None, resume: bool, **kwargs: Any
+    path: Path,
+    grid: Grid,
+    dtype: Any,
+    chunk: int | tuple[int, int, int] | None,
+    channels: int | None,
+    resume: bool,
+    **kwargs: Any,
 ) -> Any:
-    """Level-0 array of an output written chunk by chunk (:func:`pipeline.ngff.create_image_array`).
+    """Level-0 array of an output written chunk by chunk (:func:`pipeline.ngff.create_image_array`); ``chunk``:
+    the spatial chunk edge, or its shape ``(z, y, x)`` (None: the default).
 
     With ``resume`` an existing output is reopened (its written chunks are kept), else a new one replaces
     whatever is at ``path``. ``kwargs`` go to ``create_image_array`` (name, labels, extra_attrs).
     """
-    chunks = None if chunk is None else (chunk,) * 3
+    chunks = (chunk,) * 3 if isinstance(chunk, int) else chunk
     if resume and path.exists():
         group = zarr.open_group(str(path), mode="r+")
         if dict(group.attrs).get("patchmorph", {}).get("complete"):

@@ -165,12 +165,14 @@ class ZarrStore:
     """Every pass in OME-Zarr arrays in Zarr write units, with completion records: a registration on disk.
 
     The registration's output field is ``out`` (its uncertainty ``out/uncertainty``); every other pass is
-    ``<run>/<name>.zarr``. A coarse pass whose field has at most :data:`IN_MEMORY_VOXELS` voxels is one chunk.
+    ``<run>/<name>.zarr``. A coarse pass whose field has at most :data:`IN_MEMORY_VOXELS` voxels is one chunk;
+    the finest pass and the output of such a field are two, its halves along its longest axis
+    (:meth:`chunk_for`).
 
     Attributes:
         out: the output field (``.zarr``).
         records: the run folder's records (one stage per pass).
-        chunk_size: field voxels per chunk edge (None: :data:`~pipeline.ngff.DEFAULT_CHUNK`).
+        chunk_size: field voxels per chunk edge (None: :meth:`chunk_for`'s default).
         meta: the output field's metadata (``attrs["patchmorph"]``).
     """
 
@@ -179,8 +181,23 @@ class ZarrStore:
     chunk_size: int | None
     meta: dict[str, Any]
 
-    def _array(self, path: Path, grid: Grid, chunk: int | None, channels: int | None, resume: bool, **kw: Any) -> Any:
+    def _array(
+        self, path: Path, grid: Grid, chunk: int | tuple[int, int, int] | None, channels: int | None, resume: bool, **kw: Any
+    ) -> Any:
         return output_array(path, grid, np.float32, chunk, channels, resume, **kw)
+
+    def chunk_for(self, grid: Grid) -> int | tuple[int, int, int] | None:
+        """The chunks of the finest field on ``grid`` and of the output: ``chunk_size`` when given; else, for a
+        field of at most :data:`IN_MEMORY_VOXELS` voxels, its two halves along its longest axis (one task per
+        core of a small machine, and the fewest halos: each chunk task also integrates a halo of up to 14
+        voxels around its chunk, which roughly doubles the work on 64³ chunks); else
+        :data:`~pipeline.ngff.DEFAULT_CHUNK`³ (None)."""
+        if self.chunk_size is not None or int(np.prod(grid.shape)) > IN_MEMORY_VOXELS:
+            return self.chunk_size
+        shape = list(grid.shape)
+        axis = int(np.argmax(shape))
+        shape[axis] = -(-shape[axis] // 2)
+        return (shape[0], shape[1], shape[2])
 
     def network_pass(self, name: str, grid: Grid, *, last: bool, output: bool) -> PassArrays:
         records = self.records.stage(name)
@@ -190,25 +207,31 @@ class ZarrStore:
             chunk = max(grid.shape) if int(np.prod(grid.shape)) <= IN_MEMORY_VOXELS else self.chunk_size
             field_ = self._array(run_path, grid, chunk, 3, resume, name=name)
             return PassArrays(field_, None, _plan_for([field_], grid), records)
-        final = self._array(self.out, grid, self.chunk_size, 3, resume, name="displacement", extra_attrs=self.meta)
+        chunk = self.chunk_for(grid)
+        final = self._array(self.out, grid, chunk, 3, resume, name="displacement", extra_attrs=self.meta)
         unc = self._array(
-            self.out / "uncertainty", grid, self.chunk_size, None, resume, name="uncertainty",
-            extra_attrs={"kind": "uncertainty"},
-        )  # fmt: skip
-        field_ = final if output else self._array(run_path, grid, self._polish_input_chunk(), 3, resume, name=name)
+            self.out / "uncertainty", grid, chunk, None, resume, name="uncertainty", extra_attrs={"kind": "uncertainty"}
+        )
+        field_ = final if output else self._array(run_path, grid, self._polish_input_chunk(chunk), 3, resume, name=name)
         # the polish writes the output field in the same units: the plan nests all three
         return PassArrays(field_, unc, _plan_for([field_, unc, final], grid), records)
 
-    def _polish_input_chunk(self) -> int:
-        """Chunk edge of the finest network pass's field when the polish follows: half the output's (when even;
-        it nests in the output's chunks, so a task still writes it whole). The polish reads that field over its
-        tiles and over every output chunk grown by the velocity's reach, and a zarr chunk is read whole: at
-        half the edge a read wastes less of its neighbours' chunks."""
-        size = self.chunk_size or DEFAULT_CHUNK
+    @staticmethod
+    def _polish_input_chunk(output: int | tuple[int, int, int] | None) -> int | tuple[int, int, int]:
+        """Chunks of the finest network pass's field when the polish follows: half the output's chunk edge (when
+        even; it nests in the output's chunks, so a task still writes it whole), or the output's chunks when
+        they are a small field's halves. The polish reads that field over its tiles and over every output chunk
+        grown by the velocity's reach, and a zarr chunk is read whole: at half the edge a read wastes less of
+        its neighbours' chunks."""
+        if isinstance(output, tuple):
+            return output
+        size = output or DEFAULT_CHUNK
         return size // 2 if size % 2 == 0 else size
 
     def polish_pass(self, name: str, plan: ChunkPlan) -> PassArrays:
-        field_ = self._array(self.out, plan.grid, self.chunk_size, 3, True, name="displacement", extra_attrs=self.meta)
+        field_ = self._array(
+            self.out, plan.grid, self.chunk_for(plan.grid), 3, True, name="displacement", extra_attrs=self.meta
+        )
         return PassArrays(field_, None, plan, self.records.stage(name))
 
 

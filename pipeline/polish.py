@@ -68,10 +68,11 @@ TILE_FIELD_BOX = 160
 f > 1 the task also holds ``u₀``, the velocity sampled back and the weights on the field grid, about 40 bytes a
 field voxel)."""
 
-SMALL_GRID = 2**20
-"""A polish grid of at most this many voxels is tiled with boxes of up to :data:`TILE_FIELD_BOX` voxels (one box
-or a few: the grid bounds a box's memory, about as a :data:`TILE_BOX` box does, and fewer halos mean fewer
-steps); a larger one with :data:`TILE_BOX` boxes."""
+SMALL_GRID = 128**3
+"""A polish grid of at most this many voxels (the size up to which the output field is stored as two chunks,
+:meth:`~pipeline.driver.ZarrStore.chunk_for`) is tiled with boxes of up to :data:`TILE_FIELD_BOX` voxels (one
+box or a few: the grid bounds a box's memory, at most about twice a :data:`TILE_BOX` box's, and fewer halos mean
+fewer steps); a larger one with :data:`TILE_BOX` boxes."""
 
 TILE_HALO = 12
 """Field voxels polished around a tile's core (its neighbours' cores): the box border's effect on the

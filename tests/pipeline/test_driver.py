@@ -223,3 +223,27 @@ def test_the_polish_input_is_stored_in_chunks_nesting_in_the_output_chunks(tmp_p
     assert tuple(arrays.plan.chunk) == (16, 16, 16)
     output = ZarrStore(tmp_path / "direct.ome.zarr", RunRecords(tmp_path / "run2"), 16, {})
     assert tuple(write_block(output.network_pass("stage2", grid, last=True, output=True).field))[-3:] == (16, 16, 16)
+
+
+def test_a_small_field_is_stored_as_its_two_halves_by_default(tmp_path) -> None:
+    """Without a chunk size, a field of at most IN_MEMORY_VOXELS voxels (output, uncertainty, the polish's input
+    and the pass's plan) is two chunks, its halves along its longest axis (here y of an anisotropic grid); a
+    larger field gets the default 64³ chunks, and a chunk size given is kept."""
+    from patchmorph_core.spatial import Grid
+    from pipeline.driver import IN_MEMORY_VOXELS, ZarrStore
+    from pipeline.ngff import write_block
+    from pipeline.resume import RunRecords
+
+    grid = Grid.from_spacing((30, 45, 20), (2.0, 0.5, 1.0))
+    (tmp_path / "run").mkdir()
+    store = ZarrStore(tmp_path / "field.ome.zarr", RunRecords(tmp_path / "run"), None, {})
+    arrays = store.network_pass("stage2", grid, last=True, output=False)
+    assert tuple(write_block(arrays.field))[-3:] == (30, 23, 20)
+    assert tuple(write_block(arrays.uncertainty)) == (30, 23, 20)
+    assert tuple(arrays.plan.chunk) == (30, 23, 20) and len(arrays.plan.ids()) == 2
+    side = int(round(IN_MEMORY_VOXELS ** (1 / 3))) + 1
+    assert store.chunk_for(Grid.from_spacing((side, side, 9), (1.0, 1.0, 1.0))) == (side // 2 + 1, side, 9)
+    assert store.chunk_for(Grid.from_spacing((side, side, side), (1.0, 1.0, 1.0))) is None
+    assert tuple(write_block(store.polish_pass("polish", arrays.plan).field))[-3:] == (30, 23, 20)
+    given = ZarrStore(tmp_path / "given.ome.zarr", RunRecords(tmp_path / "run"), 16, {})
+    assert given.chunk_for(grid) == 16

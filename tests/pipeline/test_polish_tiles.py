@@ -84,10 +84,10 @@ def test_the_split_polish_gives_the_same_field_on_one_thread_or_two(
 
 def test_tile_boxes_do_not_grow_with_the_field() -> None:
     """At coarsening 1 every box of a large grid is at most :data:`TILE_BOX` field voxels a side whatever the
-    field's size (1 and 8 GiB of the scale benchmark's brain), so a tile task's memory is the same at every size
+    field's size (2 and 8 GiB of the scale benchmark's brain), so a tile task's memory is the same at every size
     beyond a few tiles; a small grid keeps boxes of :data:`TILE_FIELD_BOX`; at coarsening 2 the box is capped at
     :data:`TILE_FIELD_BOX` field voxels, its halo twice as wide."""
-    for shape in ((152, 87, 122), (303, 174, 244)):
+    for shape in ((191, 110, 154), (303, 174, 244)):
         tiles = tile_lattice(shape, 1)
         assert (tiles.core, tiles.halo) == ((TILE_BOX - 2 * TILE_HALO,) * 3, TILE_HALO)
         boxes = [box for _, box in tiles.tiles()]
@@ -99,6 +99,8 @@ def test_tile_boxes_do_not_grow_with_the_field() -> None:
     small = tile_lattice((102, 115, 81), 1)  # a 2 mm human brain's field: within SMALL_GRID, a 136-voxel core
     assert np.prod((102, 115, 81)) <= SMALL_GRID and small.core[0] == small.core[2] == TILE_FIELD_BOX - 2 * TILE_HALO
     assert len(small.tiles()) == 2  # cut in two along its longest axis (tile_cores)
+    mouse = tile_lattice((130, 96, 148), 1)  # the Allen mouse brain's field at 100 um: 1.8 M voxels, two boxes
+    assert np.prod((130, 96, 148)) <= SMALL_GRID and len(mouse.tiles()) == 2
     coarse = tile_lattice((303, 174, 244), 2)
     assert coarse.halo == 2 * TILE_HALO and coarse.core[0] + 2 * coarse.halo == min(2 * TILE_BOX, TILE_FIELD_BOX)
     assert max(max(box.shape) for _, box in coarse.tiles()) == TILE_FIELD_BOX
