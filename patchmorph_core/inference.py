@@ -256,15 +256,19 @@ def stage_lattice(
     )
 
 
-def cell_blocks(lattice: PatchLattice, block: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
-    """Partition the lattice into blocks of at most ``block³`` cells: a list of ``(start, stop)`` ranges."""
-    ranges = [range(0, n, block) for n in lattice.counts]
+def cell_blocks(
+    lattice: PatchLattice, block: int | Sequence[int]
+) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Partition the lattice into blocks of at most ``block³`` cells (or ``block[0] × block[1] × block[2]``, per
+    lattice axis): a list of ``(start, stop)`` ranges."""
+    edges = [int(block)] * 3 if isinstance(block, int) else [int(b) for b in block]
+    ranges = [range(0, n, edge) for n, edge in zip(lattice.counts, edges, strict=True)]
     out = []
     for i in ranges[0]:
         for j in ranges[1]:
             for k in ranges[2]:
                 start = (i, j, k)
-                stop = tuple(min(s + block, n) for s, n in zip(start, lattice.counts, strict=True))
+                stop = tuple(min(s + e, n) for s, e, n in zip(start, edges, lattice.counts, strict=True))
                 out.append((start, stop))
     return out
 

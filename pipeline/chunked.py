@@ -400,16 +400,22 @@ def partition(
 
     ``cells_per_edge`` defaults to :func:`cells_per_block` with at least ``ceil(batch_size^(1/3))`` cells
     per edge: one block task per patch would run the network one patch at a time (several times slower
-    per patch than in batches) and pay the task's fixed costs per patch.
+    per patch than in batches) and pay the task's fixed costs per patch. A lattice those edges would leave
+    in one block (the first pass: 3³ cells) is cut in two along its longest axis (the first part holding the
+    larger half) when ``min_blocks`` > 1, so that two task threads share it.
     """
     min_cells = math.ceil(batch_size ** (1.0 / 3.0) - 1e-9)
-    if cells_per_edge is None:
-        n = cells_per_block(lattice, plan.grid, min_cells, min_blocks)
+    if cells_per_edge is not None:
+        block = [int(cells_per_edge)] * 3
     else:
-        n = int(cells_per_edge)
+        block = [cells_per_block(lattice, plan.grid, min_cells, min_blocks)] * 3
+        counts = list(lattice.counts)
+        if min_blocks > 1 and all(b >= c for b, c in zip(block, counts, strict=True)) and max(counts) > 1:
+            axis = int(np.argmax(counts))
+            block[axis] = -(-counts[axis] // 2)
     return [
         CellBlock(start, stop, block_support(lattice, start, stop, plan.grid))
-        for start, stop in cell_blocks(lattice, n)
+        for start, stop in cell_blocks(lattice, block)
     ]
 
 

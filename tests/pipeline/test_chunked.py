@@ -98,6 +98,23 @@ def test_blocks_follow_the_box_budget_and_min_blocks() -> None:
         assert int(np.prod([min(n, c) for c in lattice.counts])) * shares <= cells
 
 
+def test_a_lattice_within_one_block_is_cut_in_two_along_its_longest_axis() -> None:
+    """A small lattice whose network batch would make it one block (the first pass) becomes two blocks, the
+    halves of its longest axis, each cell in one of them; with min_blocks 1 it stays one block."""
+    grid = _rotated_grid()
+    lattice = stage_lattice(grid, extent=40.0, overlap=1.5, seed=3, stage=0, max_rotation_deg=0.0, patch_size=8)
+    counts = tuple(int(c) for c in lattice.counts)
+    assert max(counts) > 1 and len(set(counts)) > 1  # non-cubic, so the axis is not a tie
+    plan = ChunkPlan.for_grid(grid, 40)
+    blocks = partition(lattice, plan, batch_size=16)
+    axis = int(np.argmax(counts))
+    assert len(blocks) == 2
+    assert [b.stop[axis] - b.start[axis] for b in blocks] == [-(-counts[axis] // 2), counts[axis] // 2]
+    cells = [tuple(c) for b in blocks for c in lattice.cells(b.start, b.stop)]
+    assert sorted(cells) == sorted(tuple(c) for c in lattice.cells())
+    assert len(partition(lattice, plan, batch_size=16, min_blocks=1)) == 1
+
+
 def test_chunk_plan_covers_grid_once() -> None:
     grid = _rotated_grid()
     plan = ChunkPlan.for_grid(grid, 17)
