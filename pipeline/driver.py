@@ -72,7 +72,7 @@ from pipeline.chunked import (
 )
 from pipeline.executor import Executor
 from pipeline.ngff import DEFAULT_CHUNK, write_block
-from pipeline.resume import ChunkId, RunRecords
+from pipeline.resume import ChunkId, RunRecords, StageRecords
 
 log = logging.getLogger(__name__)
 
@@ -199,20 +199,34 @@ class ZarrStore:
         shape[axis] = -(-shape[axis] // 2)
         return (shape[0], shape[1], shape[2])
 
-    def network_pass(self, name: str, grid: Grid, *, last: bool, output: bool) -> PassArrays:
+    def _records(self, name: str, stores: list[Path]) -> StageRecords:
+        """The records of pass ``name``, dropped when a store they vouch for (``stores``) is gone or was
+        written anew since (:meth:`~pipeline.resume.StageRecords.vouch_for`): its chunks are computed again,
+        never trusted to a store that no longer holds them."""
         records = self.records.stage(name)
-        resume = bool(records.completed())
+        if not records.vouch_for(stores):
+            log.warning("%s: a store its records vouch for was deleted or rewritten; computing it again", name)
+        return records
+
+    def network_pass(self, name: str, grid: Grid, *, last: bool, output: bool) -> PassArrays:
         run_path = self.records.root / f"{name}.zarr"
         if not last:
+            records = self._records(name, [run_path])
+            resume = bool(records.completed())
             chunk = max(grid.shape) if int(np.prod(grid.shape)) <= IN_MEMORY_VOXELS else self.chunk_size
             field_ = self._array(run_path, grid, chunk, 3, resume, name=name)
+            records.bind([run_path])
             return PassArrays(field_, None, _plan_for([field_], grid), records)
+        stores = [self.out, self.out / "uncertainty", *([] if output else [run_path])]
+        records = self._records(name, stores)
+        resume = bool(records.completed())
         chunk = self.chunk_for(grid)
         final = self._array(self.out, grid, chunk, 3, resume, name="displacement", extra_attrs=self.meta)
         unc = self._array(
             self.out / "uncertainty", grid, chunk, None, resume, name="uncertainty", extra_attrs={"kind": "uncertainty"}
         )
         field_ = final if output else self._array(run_path, grid, self._polish_input_chunk(chunk), 3, resume, name=name)
+        records.bind(stores)
         # the polish writes the output field in the same units: the plan nests all three
         return PassArrays(field_, unc, _plan_for([field_, unc, final], grid), records)
 
@@ -229,10 +243,13 @@ class ZarrStore:
         return size // 2 if size % 2 == 0 else size
 
     def polish_pass(self, name: str, plan: ChunkPlan) -> PassArrays:
+        stores = [self.out, self.out / "uncertainty"]
+        records = self._records(name, stores)
         field_ = self._array(
             self.out, plan.grid, self.chunk_for(plan.grid), 3, True, name="displacement", extra_attrs=self.meta
         )
-        return PassArrays(field_, None, plan, self.records.stage(name))
+        records.bind(stores)
+        return PassArrays(field_, None, plan, records)
 
 
 # -- the tasks of a network pass -----------------------------------------------------------------------------

@@ -72,6 +72,9 @@ TISSUE_THRESHOLD = 0.1
 BOX = 64
 """Edge of the field boxes the folding and the inverse are measured in (plus a one-voxel halo)."""
 
+QUALITY_THREADS = 2
+"""Threads that measure the folding and the inverse box by box, beside the one measuring the similarity."""
+
 INVERSE_STRIDE = 2
 """The inverse's residual is measured at every this-many-th tissue voxel along each axis."""
 
@@ -242,34 +245,60 @@ def similarity_block(
     }
 
 
+@dataclass(frozen=True)
+class BoxQuality:
+    """Folding and inverse figures of one box of the field grid (:func:`box_quality`)."""
+
+    tissue_voxels: int
+    folded: int
+    min_det: float
+    residuals: np.ndarray
+
+
+def box_quality(
+    fixed: MultiscaleImage,
+    forward: FieldDisplacement,
+    box: tuple[slice, slice, slice],
+    fixed_range: tuple[float, float],
+) -> BoxQuality:
+    """Tissue voxels, folded ones and the smallest det J among them, and the inverse's residual norms (world
+    units) at every :data:`INVERSE_STRIDE`-th tissue voxel, in ``box`` of ``forward``'s grid."""
+    grid, shape = forward.grid, forward.grid.shape
+    halo = tuple(slice(max(s.start - 1, 0), min(s.stop + 1, n)) for s, n in zip(box, shape, strict=True))
+    block = read_box(forward.field, (slice(None), *halo)).astype(np.float32)
+    det = jacobian_determinant(block, grid.crop([s.start for s in halo], [s.stop for s in halo]))
+    inner = tuple(slice(s.start - h.start, s.stop - h.start) for s, h in zip(box, halo, strict=True))
+    det = det[inner]
+    box_grid = grid.crop([s.start for s in box], [s.stop for s in box])
+    mask = _tissue(fixed, box_grid, fixed_range)
+    sub = np.zeros_like(mask)
+    sub[::INVERSE_STRIDE, ::INVERSE_STRIDE, ::INVERSE_STRIDE] = True
+    index = np.argwhere(mask & sub)
+    residuals = np.zeros(0)
+    if index.size:
+        x = box_grid.index_to_world(index)
+        _, residual = invert_points(forward, x + forward(x), INVERSE_ITERATIONS)
+        residuals = np.linalg.norm(residual, axis=-1)
+    min_det = float(det[mask].min()) if mask.any() else np.inf
+    return BoxQuality(int(mask.sum()), int((det[mask] <= 0).sum()), min_det, residuals)
+
+
 def folding_and_inverse(
-    fixed: MultiscaleImage, field_array: Any, grid: Grid, fixed_range: tuple[float, float]
+    fixed: MultiscaleImage,
+    field_array: Any,
+    grid: Grid,
+    fixed_range: tuple[float, float],
+    pool: concurrent.futures.Executor,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Folded tissue voxels and the inverse's residual of a stored field, box by box (module docstring)."""
+    """Folded tissue voxels and the inverse's residual of a stored field, box by box (module docstring), the
+    boxes on ``pool``'s threads (NumPy and SciPy release the GIL in their loops; the figures do not depend on
+    the order)."""
     forward = FieldDisplacement(field_array, grid)
-    tissue_voxels = folded = 0
-    min_det = np.inf
-    residuals = []
-    shape = grid.shape
-    for box in _boxes(shape):
-        halo = tuple(slice(max(s.start - 1, 0), min(s.stop + 1, n)) for s, n in zip(box, shape, strict=True))
-        block = read_box(field_array, (slice(None), *halo)).astype(np.float32)
-        det = jacobian_determinant(block, grid.crop([s.start for s in halo], [s.stop for s in halo]))
-        inner = tuple(slice(s.start - h.start, s.stop - h.start) for s, h in zip(box, halo, strict=True))
-        det = det[inner]
-        box_grid = grid.crop([s.start for s in box], [s.stop for s in box])
-        mask = _tissue(fixed, box_grid, fixed_range)
-        tissue_voxels += int(mask.sum())
-        folded += int((det[mask] <= 0).sum())
-        if mask.any():
-            min_det = min(min_det, float(det[mask].min()))
-        sub = np.zeros_like(mask)
-        sub[::INVERSE_STRIDE, ::INVERSE_STRIDE, ::INVERSE_STRIDE] = True
-        index = np.argwhere(mask & sub)
-        if index.size:
-            x = box_grid.index_to_world(index)
-            _, residual = invert_points(forward, x + forward(x), INVERSE_ITERATIONS)
-            residuals.append(np.linalg.norm(residual, axis=-1))
+    results = list(pool.map(lambda box: box_quality(fixed, forward, box, fixed_range), _boxes(grid.shape)))
+    tissue_voxels = sum(r.tissue_voxels for r in results)
+    folded = sum(r.folded for r in results)
+    min_det = min((r.min_det for r in results), default=np.inf)
+    residuals = [r.residuals for r in results if r.residuals.size]
     voxel = float(np.max(grid.spacing))
     values = np.concatenate(residuals) if residuals else np.zeros(1)
     percentiles = {f"{p:g}": float(np.percentile(values, p)) for p in PERCENTILES}
@@ -369,9 +398,12 @@ def assess_field(
     array = open_field_array(path, grid)
     array = float32_if_small(array, FIELD_IN_MEMORY_BYTES)  # read once, not at every step of the inverse
     fixed_range = intensity_range(fixed)
-    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="quality") as pool:
-        # the two parts are independent and NumPy/SciPy release the GIL in their loops: both cores work
-        folds = pool.submit(folding_and_inverse, fixed, array, grid, fixed_range)
+    with (
+        concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="quality") as pool,
+        concurrent.futures.ThreadPoolExecutor(QUALITY_THREADS, thread_name_prefix="quality-box") as boxes,
+    ):
+        # the parts are independent and NumPy/SciPy release the GIL in their loops: every core works
+        folds = pool.submit(folding_and_inverse, fixed, array, grid, fixed_range, boxes)
         similarity = similarity_block(fixed, moving, array, grid, initial, fixed_range, start)
         folding, inverse = folds.result()
     block = {

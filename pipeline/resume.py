@@ -10,6 +10,10 @@ settings and chunk plan) and, per stage, one record file per finished output chu
   ``overwrite`` is set (then the run folder starts empty). The fingerprint names every input by its
   content identity (:func:`content_identity`), not only its path: records left by a run on other data
   (an image rewritten in place, a field registered again) are never reused.
+* A stage's records vouch for the stores its chunks were written into (``stores.json``: their ``write_id``):
+  when one of them was deleted or written anew since, the records are dropped and the stage runs again
+  (:meth:`StageRecords.vouch_for`), so an output deleted beside a kept run folder is never left with chunks
+  its records call done.
 * Every chunk write also leaves one uniquely named entry in ``writes/``, so tests and audits can count how
   often each chunk was written (exactly once in an uninterrupted run).
 """
@@ -40,6 +44,17 @@ WHOLE_FILE_HASH_BYTES = 256 << 20
 time and the hash of their first and last MiB."""
 
 _ZARR_METADATA = ("zarr.json", ".zattrs", ".zgroup", ".zarray")
+
+STORES_RECORD = "stores.json"
+"""File in a stage's record folder: the ``write_id`` of every store its chunk records vouch for."""
+
+
+def write_identity(path: Path) -> str | None:
+    """The ``write_id`` of the store this product wrote at ``path`` (None: no store there, or not ours)."""
+    metadata = Path(path) / "zarr.json"
+    if not metadata.is_file():
+        return None
+    return json.loads(metadata.read_text()).get("attributes", {}).get("patchmorph", {}).get(WRITE_ID)
 
 
 def _files(root: Path) -> Iterator[os.DirEntry[str]]:
@@ -85,9 +100,7 @@ def content_identity(path: str | Path | None) -> dict[str, Any] | None:
     if p.is_file():
         return {"path": str(p), **_file_identity(p)}
     digest = hashlib.sha256()
-    write_id = None
-    if (p / "zarr.json").is_file():
-        write_id = json.loads((p / "zarr.json").read_text()).get("attributes", {}).get("patchmorph", {}).get(WRITE_ID)
+    write_id = write_identity(p)
     for entry in _files(p):
         relative = os.path.relpath(entry.path, p)
         if entry.name in _ZARR_METADATA:
@@ -169,6 +182,27 @@ class StageRecords:
     def is_complete(self, n_chunks: int) -> bool:
         """True when all ``n_chunks`` chunks of the stage are recorded."""
         return len(self.completed()) >= n_chunks
+
+    def vouch_for(self, stores: Sequence[Path]) -> bool:
+        """Keep the completion records only while the stores they vouch for are the ones they were written
+        into: every store at ``stores`` still there with the ``write_id`` recorded when the stage started
+        (:meth:`bind`). Otherwise (a store deleted, or written anew since) the records are dropped and every
+        chunk of the stage is computed again; False then."""
+        if not self.completed():
+            return True
+        bound = self.root / STORES_RECORD
+        recorded = json.loads(bound.read_text()) if bound.is_file() else {}
+        if all(recorded.get(str(p)) is not None and recorded.get(str(p)) == write_identity(p) for p in stores):
+            return True
+        shutil.rmtree(self.root / "done", ignore_errors=True)
+        bound.unlink(missing_ok=True)
+        return False
+
+    def bind(self, stores: Sequence[Path]) -> None:
+        """Record the ``write_id`` of every store the stage writes (call once they are open, before any chunk
+        is marked done; :meth:`vouch_for` checks them on the next run)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.root / STORES_RECORD, {str(p): write_identity(p) for p in stores})
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -155,3 +156,24 @@ def test_half_written_polish_chunk_is_rewritten(
     counts = records.write_counts()
     assert counts[victim] == 2 and all(n == 1 for cid, n in counts.items() if cid != victim)
     assert np.array_equal(_field(out), expected)
+
+
+def test_records_of_a_deleted_output_are_not_trusted(
+    tmp_path: Path, pair_and_config: tuple[Path, Path, InferenceConfig]
+) -> None:
+    """An unfinished run whose output was deleted (its run folder kept) computes the passes that wrote into
+    the output again, instead of skipping them on their records and leaving empty chunks behind; the coarse
+    pass, whose store is intact, is still skipped, and the field is the uninterrupted run's."""
+    fixed, moving, config = pair_and_config
+    config = config.model_copy(update={"first_stage": 0, "refine_passes": 0, "polish_iterations": 3})
+    out = tmp_path / "field.zarr"
+    first = register_files(fixed, moving, out, config, chunk_size=9, progress=False, keep_run=True)
+    expected = _field(out)
+    (first.run / "finished.json").unlink()  # the state of a run that died after the polish
+    shutil.rmtree(out)
+
+    again = register_files(fixed, moving, out, config, chunk_size=9, progress=False, keep_run=True)
+    assert again.polish is not None and again.polish["skipped"] == 0
+    assert StageRecords(first.run / "polish").write_counts() == {c: 2 for c in StageRecords(first.run / "polish").completed()}
+    assert again.skipped >= 1  # the coarse pass's chunk, whose store was not touched
+    np.testing.assert_allclose(_field(out), expected, atol=1e-6)
