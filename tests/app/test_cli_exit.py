@@ -4,8 +4,13 @@ interpreter's final cyclic collection (:func:`patchmorph.cli.main`)."""
 from __future__ import annotations
 
 import gc
+import subprocess
+import sys
 
+import nibabel as nib
+import numpy as np
 import pytest
+import zarr
 
 from patchmorph import cli
 
@@ -21,3 +26,32 @@ def test_main_freezes_what_is_alive_when_the_command_ends(monkeypatch: pytest.Mo
         assert gc.get_freeze_count() > 0
     finally:
         gc.unfreeze()
+
+
+def _run_main(args: list[str], tmp_path) -> subprocess.CompletedProcess[str]:
+    """``patchmorph.cli.main`` in a fresh interpreter that registered an atexit handler first."""
+    code = (
+        "import atexit, sys\n"
+        "atexit.register(lambda: print('interpreter teardown ran', flush=True))\n"
+        f"sys.argv = ['patchmorph', *{args!r}]\n"
+        "from patchmorph.cli import main\n"
+        "main()\n"
+    )
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, check=False)
+
+
+def test_a_file_command_that_succeeds_exits_at_once_with_its_output_complete(tmp_path) -> None:
+    """``convert`` (a FAST_EXIT_COMMANDS command) ends without the interpreter's teardown once its output is
+    written and marked complete; a failing one and other commands keep the normal exit and its code."""
+    image = tmp_path / "image.nii.gz"
+    affine = np.diag([0.5, 0.25, 2.0, 1.0])
+    volume = np.random.default_rng(0).random((9, 14, 5)).astype(np.float32)
+    nib.save(nib.Nifti1Image(volume, affine), str(image))
+    done = _run_main(["convert", str(image), str(tmp_path / "image.ome.zarr")], tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "interpreter teardown ran" not in done.stdout
+    assert zarr.open_group(str(tmp_path / "image.ome.zarr"), mode="r").attrs["patchmorph"]["complete"] is True
+    failed = _run_main(["convert", str(tmp_path / "missing.nii.gz"), str(tmp_path / "other.ome.zarr")], tmp_path)
+    assert failed.returncode == 2 and "interpreter teardown ran" in failed.stdout
+    version = _run_main(["--version"], tmp_path)
+    assert version.returncode == 0 and "interpreter teardown ran" in version.stdout
