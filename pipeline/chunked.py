@@ -389,6 +389,15 @@ class CellBlock:
     support: Box | None
 
 
+def halved_longest(shape: Sequence[int]) -> tuple[int, int, int]:
+    """``shape`` ``(z, y, x)`` with its longest axis (the first of equals) cut to the larger of its two halves:
+    the edges of the two parts a box, a lattice or a grid is split into so that two task threads share it."""
+    edges = [int(n) for n in shape]
+    axis = int(np.argmax(edges))
+    edges[axis] = -(-edges[axis] // 2)
+    return (edges[0], edges[1], edges[2])
+
+
 def partition(
     lattice: PatchLattice,
     plan: ChunkPlan,
@@ -409,10 +418,9 @@ def partition(
         block = [int(cells_per_edge)] * 3
     else:
         block = [cells_per_block(lattice, plan.grid, min_cells, min_blocks)] * 3
-        counts = list(lattice.counts)
+        counts = [int(c) for c in lattice.counts]
         if min_blocks > 1 and all(b >= c for b, c in zip(block, counts, strict=True)) and max(counts) > 1:
-            axis = int(np.argmax(counts))
-            block[axis] = -(-counts[axis] // 2)
+            block = list(halved_longest(counts))
     return [
         CellBlock(start, stop, block_support(lattice, start, stop, plan.grid))
         for start, stop in cell_blocks(lattice, block)

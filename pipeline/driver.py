@@ -64,6 +64,7 @@ from pipeline.chunked import (
     CellBlock,
     ChunkPlan,
     StageRun,
+    halved_longest,
     output_array,
     partition,
     reduce_partials,
@@ -194,10 +195,7 @@ class ZarrStore:
         :data:`~pipeline.ngff.DEFAULT_CHUNK`³ (None)."""
         if self.chunk_size is not None or int(np.prod(grid.shape)) > IN_MEMORY_VOXELS:
             return self.chunk_size
-        shape = list(grid.shape)
-        axis = int(np.argmax(shape))
-        shape[axis] = -(-shape[axis] // 2)
-        return (shape[0], shape[1], shape[2])
+        return halved_longest(grid.shape)
 
     def _records(self, name: str, stores: list[Path]) -> StageRecords:
         """The records of pass ``name``, dropped when a store they vouch for (``stores``) is gone or was

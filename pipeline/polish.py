@@ -48,7 +48,15 @@ from patchmorph_core.inference import FieldSums, compose_on_grid
 from patchmorph_core.polish import SQUARINGS, PolishSettings, polish_box
 from patchmorph_core.source import MultiscaleImage
 from patchmorph_core.spatial import read_box
-from pipeline.chunked import BLOCK_FIGURES, Box, ChunkPlan, reduce_partials, run_chunked, split_partial
+from pipeline.chunked import (
+    BLOCK_FIGURES,
+    Box,
+    ChunkPlan,
+    halved_longest,
+    reduce_partials,
+    run_chunked,
+    split_partial,
+)
 from pipeline.driver import FieldStore, Inputs, PassArrays
 from pipeline.executor import Executor
 from pipeline.resume import ChunkId
@@ -94,7 +102,7 @@ def tile_cores(shape: tuple[int, int, int], core: int, halo: int) -> tuple[int, 
     cores = [core] * 3
     axis = int(np.argmax(shape))
     if max(shape) <= core and 2 * halo <= SPLIT_EXTRA * shape[axis]:
-        cores[axis] = -(-shape[axis] // 2)
+        cores[axis] = halved_longest(shape)[axis]
     return (cores[0], cores[1], cores[2])
 
 
