@@ -604,8 +604,12 @@ A field finer than the data (the 100 µm atlas onto a brain whose field is tied 
 coarser grid (`polish_coarsening`, default: as coarse as the coarser image's voxel, up to 4×; `docs/method.md`,
 *A field finer than the data*): 1× for the 1, 2 and 4 GiB runs (fields at 89, 71 and 56 µm), 2× at 8 GiB
 (45 µm), where the polish's CPU falls below linear. The series above has the fold-free network passes, the
-polish's 96-voxel tiles and the workers' 16 MiB heap threshold; the same code without the fold-free passes ran
-1, 2 and 4 GiB at 35 / 52 / 102 CPU-s, peaks 0.59 / 0.74 / 0.92 GiB (code a310051, load 9-10).
+polish's 96-voxel tiles, the workers' 16 MiB heap threshold and a small field's halves: a field of at most 128³
+voxels (the 1 GiB run's, 1.6 M) is stored, integrated and polished as its two halves along its longest axis
+(`pipeline.driver.ZarrStore.chunk_for`, `pipeline.polish.SMALL_GRID`), where it had 64³ chunks and 96-voxel
+tiles. The series before it (code 850bf75, load 2.2, 64³ chunks and 96-voxel tiles at every size) ran at
+31.7 / 50.0 / 104.5 / 111.8 CPU-s, peaks 0.54 / 0.80 / 0.83 / 1.00 GiB; the same code without the fold-free
+passes ran 1, 2 and 4 GiB at 35 / 52 / 102 CPU-s, peaks 0.59 / 0.74 / 0.92 GiB (code a310051, load 9-10).
 
 *Data read.* The bytes were traced per file (`strace -f -e trace=read,pread64,readv,preadv,preadv2` of the same
 `register` command, all processes) at 1 and 4 GiB: the Python modules, about 0.13 GiB per command at any size;
@@ -631,11 +635,11 @@ are in the code of the series above, whose data read per field voxel no longer g
 
 *Peak per worker.* The largest allocations of a task are a network block's (about 100 B per voxel of its box,
 `pipeline/chunked.py`, `BLOCK_BOX_VOXELS` = 160³, about 0.4 GB) and a polish tile's (about 150 B per polished
-voxel). On a grid of more than 2²⁰ voxels the polish's boxes are now at most 96 polish-grid voxels a side
+voxel). On a grid of more than 128³ voxels the polish's boxes are at most 96 polish-grid voxels a side
 (`pipeline/polish.py`, `tile_lattice`: about 0.13 GB; 160 field voxels at 2×, where the steps run on 80³), the
-same at every size of this series. The peak did not follow: the series before this one (160-voxel tiles)
-peaked at 0.68 / 0.79 / 0.85 / 0.76 GiB, this one at the figures above, so the tiles were not what set it
-beyond 1 GiB (not traced per task). The network passes' chunk tasks now also integrate each pass's update
+same at every size beyond 1 GiB. The peak did not follow them: a series with 160-voxel tiles at every size
+peaked at 0.68 / 0.79 / 0.85 / 0.76 GiB, one with 96-voxel tiles at every size (850bf75) at 0.54 / 0.80 / 0.83
+/ 1.00 GiB, so the tiles were not what set it beyond 1 GiB (not traced per task). The network passes' chunk tasks now also integrate each pass's update
 (fold-free passes, `docs/method.md`); the same code without them peaked at 0.92 GiB at 4 GiB (above), with
 their first, uncapped version 1.04 GiB. What grows is the network's blocks, capped at 160³ field voxels, which the
 1 GiB run's finest pass (152 × 87 × 122, 1.6 M voxels, at least two blocks: `MIN_BLOCKS`) cannot fill, and what
@@ -643,9 +647,11 @@ every worker holds of a pass (the fixed image on the finest pass's field grid, 4
 1 GiB, 51 MB at 8 GiB). The workers' glibc now keeps freed arrays below 16 MiB in its heap for reuse
 (`pipeline.cluster.WORKER_MALLOC_ENV`, below), which adds a little to every peak; with a threshold of 1 GiB the
 series peaked at 0.64 / 0.82 / 1.04 / 0.95 GiB (code de6a94c), since freed memory stayed with the process. So
-the peak stays far below the 2 GiB cap, but its spread misses 20 %: a series that starts below the block cap
-compares a worker that cannot fill a block with workers that do. Left: blocks of at most 96³ (every run here
-would fill them; the patch sums are then added in another order, a float-rounding change of the field).
+the peak stays far below the 2 GiB cap. In this series the 1 GiB run's two polish tiles (boxes of 88 × 87 × 122
+voxels, about 0.14 GB) and two chunk tasks (76 × 87 × 122 voxels and their halo) raised its peak from 0.54 to 0.73 GiB, level with the 2 and 4 GiB runs
+(within 11 % and 9 %); the 8 GiB run's 1.00 GiB (1.37×) misses 20 %. Left: tracing the 8 GiB peak per task, and
+blocks of at most 96³ (every run here would fill them; the patch sums are then added in another order, a
+float-rounding change of the field).
 
 *Forward share: where the rest of the worker time goes.* Profiled per task (the run folder's records, with
 the chunk tasks timed part by part at 1 GiB) and per function on one polish box (cProfile, one thread):
@@ -665,13 +671,14 @@ the chunk tasks timed part by part at 1 GiB) and per function on one polish box 
   the tiles' pieces the rest. At 2× (8 GiB) the tiles are cheap and these tasks are the larger part of the
   polish: the velocity is trilinear from the 2× coarser polish grid, so integrating it there would cost an
   eighth, a change of the field at interpolation level that this series does not make.
-* The network passes' chunk tasks (also "other"): 12-22 % of worker time in this series, now that each
-  integrates its pass's update over the chunk and its reach (fold-free passes, 6 squarings).
+* The network passes' chunk tasks (also "other"): 12-22 % of worker time in the series on 850bf75, now that
+  each integrates its pass's update over the chunk and its reach (fold-free passes, 6 squarings); the scaling
+  and squaring now runs in `grid_sample`'s normalised units on one precomputed grid, about a quarter cheaper.
 * Stage checks, the plan and the quality block run in the command's process and are not worker time; reading
   and writing are inside the tasks above; the network blocks' patch sampling and accumulation are their own
   columns.
 
-The forward-share target (60 %) is therefore not met at 1× (27-41 % in this series): the polish is an instance
+The forward-share target (60 %) is therefore not met at 1× (30-41 % in this series): the polish is an instance
 optimisation whose settings (10 steps, its halo) were chosen on validation pairs, and it does per field voxel
 about the network's work; the network's own chunk tasks take another sixth. Left: a polish that runs on slabs
 instead of halo'd boxes (no halo overhead), integration on the polish grid at 2×, and fewer memory passes per
