@@ -132,7 +132,7 @@ def main() -> None:
     Objects are still released as their references drop; only the last cyclic sweep skips them. A command of
     :data:`FAST_EXIT_COMMANDS` that succeeded has written and closed its outputs: the process then flushes its
     streams and log handlers and exits without the interpreter's teardown (``os._exit``), whose atexit work is
-    torch's operator-library finalisers (about 0.16 s a command).
+    torch's operator-library finalisers (``docs/method.md``, *Where a command's time goes*).
     """
     try:
         app()

@@ -18,7 +18,11 @@ from patchmorph_core.errors import InputError, QualityError
 
 ChunkOption = Annotated[
     int | None,
-    typer.Option("--chunk-size", help="Output voxels per chunk edge (default 64; one task per chunk)."),
+    typer.Option(
+        "--chunk-size",
+        help="Output voxels per chunk edge; one task per chunk (default 64; register stores a field of at most "
+        "128^3 voxels as its two halves).",
+    ),
 ]
 WorkersOption = Annotated[
     int | None,

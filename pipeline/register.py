@@ -234,7 +234,8 @@ def register_files(
         moving: moving image (OME-Zarr, any unit, spacing, orientation).
         out: output field (``.zarr``); its uncertainty image is ``out/uncertainty``.
         config: :class:`InferenceConfig`, a YAML path, or None for defaults.
-        chunk_size: field voxels per chunk edge of the output (default 64).
+        chunk_size: field voxels per chunk edge of the output (default: :meth:`~pipeline.driver.ZarrStore.chunk_for`,
+            64, or a field of at most 128³ voxels in two halves).
         workers: local Dask workers (default: fit the machine).
         scheduler: scheduler address or cluster YAML (``configs/cluster/*.yaml``); None: local cluster.
         overwrite: replace a finished output and discard old records.
