@@ -205,11 +205,10 @@ def exp_velocity(velocity: np.ndarray, grid: Grid, squarings: int) -> np.ndarray
 
     from patchmorph_core.transforms import integrate_velocity
 
-    linear = np.asarray(grid.linear, dtype=np.float64)
-    voxels = np.einsum("ij,jzyx->izyx", np.linalg.inv(linear).astype(np.float32), np.asarray(velocity, np.float32))
+    voxels = grid.index_steps(velocity)
     with torch.inference_mode():
         integrated = integrate_velocity(torch.from_numpy(np.ascontiguousarray(voxels))[None], squarings)[0].numpy()
-    return np.einsum("ij,jzyx->izyx", linear.astype(np.float32), integrated).astype(np.float32, copy=False)
+    return grid.world_vectors(integrated)
 
 
 @dataclass(frozen=True)

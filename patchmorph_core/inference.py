@@ -496,8 +496,7 @@ def fold_free_update(update: np.ndarray, grid: Grid, max_length: float) -> np.nd
     from patchmorph_core.displacement import exp_velocity
 
     update = np.asarray(update, np.float32)
-    inverse = np.linalg.inv(np.asarray(grid.linear, dtype=np.float64)).astype(np.float32)
-    steps = np.einsum("ij,jzyx->izyx", inverse, update)  # v̄ in voxels along the grid's index axes
+    steps = grid.index_steps(update)  # v̄ in voxels along the grid's index axes
     advection = np.zeros_like(update)  # (∇v̄) v̄ = Σ_a ∂v̄/∂i_a · (v̄ in voxels)_a, world components
     for axis in range(3):
         if update.shape[1 + axis] > 1:  # an axis of one voxel has no gradient

@@ -296,6 +296,17 @@ class Grid:
         """4×4 world→index matrix (a copy the caller may change)."""
         return self._inverse.copy()
 
+    def index_steps(self, vectors: np.ndarray) -> np.ndarray:
+        """``(3, Z, Y, X)`` vectors in world components ``(z, y, x)`` (a displacement or velocity field on this
+        grid) → ``(3, Z, Y, X)`` float32 steps along the grid's index axes ``(z, y, x)``: ``L⁻¹ v`` per voxel."""
+        inverse = np.linalg.inv(np.asarray(self.linear, dtype=np.float64)).astype(np.float32)
+        return np.einsum("ij,jzyx->izyx", inverse, np.asarray(vectors, np.float32))
+
+    def world_vectors(self, steps: np.ndarray) -> np.ndarray:
+        """The inverse of :meth:`index_steps`: ``(3, Z, Y, X)`` steps along the index axes → float32 world
+        vectors ``L s``."""
+        return np.einsum("ij,jzyx->izyx", np.asarray(self.linear, np.float32), np.asarray(steps, np.float32))
+
     def index_map(self, other: Grid) -> np.ndarray:
         """4×4 map from ``other``'s voxel indices to this grid's continuous voxel indices (the two grids
         share one world frame and unit): ``self.inverse_affine @ other.affine``."""
@@ -534,6 +545,19 @@ def index_to_normalized(index: torch.Tensor, shape: Sequence[int]) -> torch.Tens
     sizes = torch.as_tensor([float(s) for s in shape], dtype=index.dtype, device=index.device)
     normalized = 2.0 * index / torch.clamp(sizes - 1.0, min=1.0) - 1.0
     return normalized.flip(-1)
+
+
+def normalized_steps(shape: Sequence[int]) -> tuple[float, float, float]:
+    """``grid_sample`` units per voxel along the axes ``(z, y, x)`` of a grid of ``shape``: the scale of
+    :func:`index_to_normalized`, ``2 / (n − 1)`` with :data:`ALIGN_CORNERS` (2 for an axis of one voxel)."""
+    z, y, x = (2.0 / max(float(n) - 1.0, 1.0) for n in shape)
+    return (z, y, x)
+
+
+def normalized_offsets(displacement: torch.Tensor) -> torch.Tensor:
+    """A ``(B, 3, Z, Y, X)`` displacement in ``grid_sample`` units with components ``(z, y, x)`` → the
+    ``(B, Z, Y, X, 3)`` offsets to add to :func:`index_to_normalized` coordinates, components ``(x, y, z)``."""
+    return displacement.flip(1).permute(0, 2, 3, 4, 1)
 
 
 def index_rows_to_normalized(

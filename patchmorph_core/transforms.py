@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from patchmorph_core.spatial import ALIGN_CORNERS, index_to_normalized
+from patchmorph_core.spatial import ALIGN_CORNERS, index_to_normalized, normalized_offsets, normalized_steps
 
 
 def index_points(shape: tuple[int, int, int], device: torch.device | str = "cpu") -> torch.Tensor:
@@ -75,9 +75,9 @@ def integrate_velocity(velocity_vox: torch.Tensor, steps: int) -> torch.Tensor:
     """Scaling and squaring: displacement of the flow of a stationary velocity field after unit time.
 
     ``u_0 = v / 2**steps``; ``u_{k+1}(q) = u_k(q) + u_k(q + u_k(q))`` (border padding outside the patch). The
-    steps run in ``grid_sample``'s normalised units (:func:`~patchmorph_core.spatial.index_to_normalized`:
-    component ``k`` times ``2 / (n_k − 1)``), so each squaring adds the displacement to one precomputed grid
-    of voxel positions; the result is converted back to patch voxels.
+    steps run in ``grid_sample``'s normalised units (:func:`~patchmorph_core.spatial.normalized_steps`), so each
+    squaring adds the displacement to one precomputed grid of voxel positions; the result is converted back to
+    patch voxels.
 
     Args:
         velocity_vox: ``(B, 3, P, P, P)`` velocity in patch voxels.
@@ -86,12 +86,12 @@ def integrate_velocity(velocity_vox: torch.Tensor, steps: int) -> torch.Tensor:
     if steps == 0:
         return velocity_vox
     shape = tuple(velocity_vox.shape[-3:])
-    per_voxel = [2.0 / max(n - 1.0, 1.0) for n in shape]
-    to_normalized = torch.tensor(per_voxel, dtype=velocity_vox.dtype, device=velocity_vox.device).view(1, 3, 1, 1, 1)
+    scale = normalized_steps(shape)
+    to_normalized = torch.tensor(scale, dtype=velocity_vox.dtype, device=velocity_vox.device).view(1, 3, 1, 1, 1)
     base = index_to_normalized(index_points(shape, velocity_vox.device).to(velocity_vox.dtype), shape)
     disp = velocity_vox * (to_normalized / 2.0**steps)  # normalised units, components (z, y, x)
     for _ in range(steps):
-        coords = base + disp.flip(1).permute(0, 2, 3, 4, 1)  # (B, P, P, P, 3) in (x, y, z)
+        coords = base + normalized_offsets(disp)
         disp = disp + F.grid_sample(disp, coords, mode="bilinear", padding_mode="border", align_corners=ALIGN_CORNERS)
     return disp / to_normalized
 

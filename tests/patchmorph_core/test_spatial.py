@@ -21,6 +21,8 @@ from patchmorph_core.spatial import (
     index_box,
     index_rows_to_normalized,
     index_to_normalized,
+    normalized_offsets,
+    normalized_steps,
     orientation_matrix,
     patch_grid,
     random_rotation,
@@ -293,3 +295,26 @@ def test_nearest_grid_axes_solve_the_assignment() -> None:
         rows, cols = linear_sum_assignment(-np.abs(direction))
         assert nearest_grid_axes(direction) == tuple(int(c) for c in cols[np.argsort(rows)])
     assert nearest_grid_axes(np.eye(3)[[2, 0, 1]]) == (2, 0, 1)
+
+
+def test_field_vectors_convert_between_world_components_and_index_steps() -> None:
+    """On a rotated, anisotropic grid a world vector of one voxel along an index axis is one index step along
+    that axis and nothing along the others; the two conversions invert each other."""
+    grid = Grid.from_spacing(SHAPE, SPACING, direction=random_rotation(np.random.default_rng(5), 30.0))
+    vectors = np.zeros((3, *SHAPE), np.float32)
+    vectors += grid.linear[:, 1].astype(np.float32)[:, None, None, None]  # one voxel along y, world components
+    steps = grid.index_steps(vectors)
+    np.testing.assert_allclose(steps[:, 0, 0, 0], [0.0, 1.0, 0.0], atol=1e-6)
+    field = np.random.default_rng(6).normal(size=(3, *SHAPE)).astype(np.float32)
+    np.testing.assert_allclose(grid.world_vectors(grid.index_steps(field)), field, atol=1e-5)
+
+
+def test_normalized_steps_and_offsets_match_index_to_normalized() -> None:
+    """A displacement of d voxels, scaled by normalized_steps and laid out by normalized_offsets, moves the
+    grid_sample coordinates of index_to_normalized exactly as the index moved by d."""
+    shape = (5, 9, 1)
+    index = torch.rand(1, *shape, 3, generator=torch.Generator().manual_seed(2)) * torch.tensor([4.0, 8.0, 0.0])
+    disp = torch.tensor([0.5, -1.25, 0.75]).view(1, 3, 1, 1, 1).expand(1, 3, *shape)
+    scaled = disp * torch.tensor(normalized_steps(shape)).view(1, 3, 1, 1, 1)
+    moved = index_to_normalized(index, shape) + normalized_offsets(scaled)
+    torch.testing.assert_close(moved, index_to_normalized(index + disp.permute(0, 2, 3, 4, 1), shape))
