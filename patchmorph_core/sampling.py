@@ -412,9 +412,12 @@ def tissue_center(image: MultiscaleImage) -> np.ndarray:
     total = float(weights.sum())
     if total <= 0:
         return grid.center
-    index = np.stack(np.meshgrid(*[np.arange(n) for n in grid.shape], indexing="ij"), axis=-1)
-    mean_index = (index * weights[..., None]).reshape(-1, 3).sum(axis=0) / total
-    return grid.index_to_world(mean_index)
+    # per axis, the mean index under the weights summed over the other two axes (no (N, 3) index array)
+    mean_index = [
+        float(np.dot(weights.sum(axis=tuple(a for a in range(3) if a != k), dtype=np.float64), np.arange(n))) / total
+        for k, n in enumerate(grid.shape)
+    ]
+    return grid.index_to_world(np.asarray(mean_index))
 
 
 def tissue_bounds(image: MultiscaleImage) -> tuple[np.ndarray, np.ndarray]:

@@ -29,7 +29,7 @@ so no border mode invents data. :func:`make_similarity` builds one by name (``"n
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import torch
@@ -184,33 +184,86 @@ MIND_VARIANCE_FLOOR = 1e-3
 variance of noise of standard deviation 0.02: distances below it count as flat)."""
 
 
-def _shifted(padded: torch.Tensor, offset: tuple[int, int, int], pad: int, shape: tuple[int, int, int]) -> torch.Tensor:
-    """The view of ``padded`` (padded by ``pad`` on every side) whose voxel ``q`` is the original ``q + offset``."""
-    z, y, x = (pad + o for o in offset)
-    return padded[:, :, z : z + shape[0], y : y + shape[1], x : x + shape[2]]
+Offset = tuple[int, int, int]
+
+
+def _context_differences(dilation: int) -> tuple[tuple[Offset, ...], tuple[tuple[int, Offset], ...]]:
+    """The self-similarity context as six difference vectors and, per channel of :data:`MIND_PAIRS`, which of them
+    it uses and where: channel ``(a, b)`` is ``(I(y + d·a') − I(y + d·b'))² = e_s(y + o)`` with ``e_s(z) = (I(z + s) −
+    I(z))²``, ``s = ±d·(a − b)`` (the twelve pairs have six differences up to sign) and ``o`` the pair's point that
+    ``s`` starts from (voxel offsets ``(z, y, x)``)."""
+    vectors: list[Offset] = []
+    channels: list[tuple[int, Offset]] = []
+    for a, b in MIND_PAIRS:
+        point_a: Offset = (dilation * (a[0] - 1), dilation * (a[1] - 1), dilation * (a[2] - 1))
+        point_b: Offset = (dilation * (b[0] - 1), dilation * (b[1] - 1), dilation * (b[2] - 1))
+        s: Offset = (point_a[0] - point_b[0], point_a[1] - point_b[1], point_a[2] - point_b[2])
+        origin = point_b
+        if (-s[0], -s[1], -s[2]) in vectors:
+            s, origin = (-s[0], -s[1], -s[2]), point_a
+        if s not in vectors:
+            vectors.append(s)
+        channels.append((vectors.index(s), origin))
+    return tuple(vectors), tuple(channels)
+
+
+def _crop(x: torch.Tensor, first: Sequence[int], shape: Sequence[int]) -> torch.Tensor:
+    """The view of ``(B, C, Z, Y, X)`` from voxel ``first`` with ``shape`` voxels along ``(z, y, x)``."""
+    return x[(slice(None), slice(None), *(slice(f, f + n) for f, n in zip(first, shape, strict=True)))]
+
+
+def _window_sums(x: torch.Tensor, window: int) -> torch.Tensor:
+    """Sums over cubes of ``window`` voxels that lie wholly inside ``(B, C, Z, Y, X)``: each axis shrinks by
+    ``window − 1`` (separable: one sum of shifted views per axis)."""
+    for dim in (2, 3, 4):
+        n = x.shape[dim] - window + 1
+        total = x.narrow(dim, 0, n).clone()
+        for k in range(1, window):
+            total.add_(x.narrow(dim, k, n))
+        x = total
+    return x
 
 
 def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2) -> torch.Tensor:
     """MIND-SSC descriptor of ``(B, 1, Z, Y, X)`` → ``(B, 12, Z, Y, X)`` in ``(0, 1]``.
 
-    For each pair ``(a, b)`` of :data:`MIND_PAIRS`, ``D = box_mean((I(x + d·a') − I(x + d·b'))²)`` over
-    ``(2 radius + 1)³`` (``a' = a − (1, 1, 1)``, ``d = dilation``, replicate border); the descriptor is
-    ``exp(−(D − min_c D) / V)`` with ``V`` the mean of ``D − min_c D`` over the 12 channels, at least
-    :data:`MIND_VARIANCE_FLOOR` (flat background does not divide by zero, and no image-wide statistic enters,
-    so a value depends only on voxels within ``dilation + radius``).
+    For each pair ``(a, b)`` of :data:`MIND_PAIRS`, ``D = mean over the (2 radius + 1)³ window of (I(x + d·a') −
+    I(x + d·b'))²`` (``a' = a − (1, 1, 1)``, ``d = dilation``; the image extended by replicating its border, as
+    far as the neighbours and the window reach); the descriptor is ``exp(−(D − min_c D) / V)`` with ``V`` the
+    mean of ``D − min_c D`` over the 12 channels, at least :data:`MIND_VARIANCE_FLOOR` (flat background does not
+    divide by zero, and no image-wide statistic enters, so a value depends only on voxels within ``dilation +
+    radius``).
+
+    The twelve pairs have six differences up to sign (:func:`_context_differences`): each squared difference
+    image and its window sums are computed once and cropped for its two channels (about three times faster than
+    twelve of each on CPU). Without autograd the last steps run in place.
     """
     image = image.float()
     shape = tuple(image.shape[2:])
-    padded = F.pad(image, [dilation] * 6, mode="replicate")
+    pad = dilation + radius
+    window = 2 * radius + 1
+    padded = F.pad(image, [pad] * 6, mode="replicate")
+    full = tuple(padded.shape[2:])
+    vectors, channels = _context_differences(dilation)
+    sums = []
+    for s in vectors:  # e_s(z) = (I(z + s) − I(z))² wherever z and z + s lie in the padded image
+        low = [max(0, -c) for c in s]
+        size = [n - abs(c) for n, c in zip(full, s, strict=True)]
+        start, end = _crop(padded, low, size), _crop(padded, [lo + c for lo, c in zip(low, s, strict=True)], size)
+        sums.append((_window_sums((end - start).square(), window) * (1.0 / window**3), low))
     distances = []
-    for a, b in MIND_PAIRS:
-        first = _shifted(padded, tuple(dilation * (v - 1) for v in a), dilation, shape)
-        second = _shifted(padded, tuple(dilation * (v - 1) for v in b), dilation, shape)
-        distances.append((first - second).square())
-    ssd = box_mean(torch.cat(distances, dim=1), 2 * radius + 1)
-    ssd = ssd - ssd.amin(dim=1, keepdim=True)
-    variance = ssd.mean(dim=1, keepdim=True).clamp_min(MIND_VARIANCE_FLOOR)
-    return torch.exp(-ssd / variance)
+    for k, origin in channels:  # the window around x + o starts at padded index x + o + pad − radius
+        mean, low = sums[k]
+        first = [o + pad - radius - lo for o, lo in zip(origin, low, strict=True)]
+        distances.append(_crop(mean, first, shape))
+    ssd = torch.cat(distances, dim=1)
+    if ssd.requires_grad:
+        ssd = ssd - ssd.amin(dim=1, keepdim=True)
+        variance = ssd.mean(dim=1, keepdim=True).clamp_min(MIND_VARIANCE_FLOOR)
+        return torch.exp(-ssd / variance)
+    ssd.sub_(ssd.amin(dim=1, keepdim=True))
+    variance = ssd.mean(dim=1, keepdim=True).clamp_min_(MIND_VARIANCE_FLOOR)
+    return ssd.div_(variance).neg_().exp_()
 
 
 class MindSSC:

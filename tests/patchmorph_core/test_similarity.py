@@ -88,6 +88,38 @@ def test_mind_descriptor_range_and_gradient_flows() -> None:
     assert image.grad is not None and float(image.grad.abs().sum()) > 0
 
 
+def _mind_reference(image: np.ndarray, radius: int, dilation: int) -> np.ndarray:
+    """MIND-SSC by its definition, voxel by voxel: the image extended by replicating its border, each pair's
+    squared difference averaged over the full (2 radius + 1)³ window, ``exp(−(D − min D) / V)``."""
+    pad = dilation + radius
+    extended = np.pad(image.astype(np.float64), pad, mode="edge")
+    window = np.arange(-radius, radius + 1)
+    ssd = np.zeros((len(MIND_PAIRS), *image.shape))
+    for c, (a, b) in enumerate(MIND_PAIRS):
+        for q in np.ndindex(*image.shape):
+            total = 0.0
+            for t in np.ndindex(*(len(window),) * 3):
+                y = [pad + q[i] + window[t[i]] for i in range(3)]
+                first = extended[tuple(y[i] + dilation * (a[i] - 1) for i in range(3))]
+                second = extended[tuple(y[i] + dilation * (b[i] - 1) for i in range(3))]
+                total += (first - second) ** 2
+            ssd[(c, *q)] = total / len(window) ** 3
+    ssd -= ssd.min(axis=0)
+    return np.exp(-ssd / np.maximum(ssd.mean(axis=0), 1e-3))
+
+
+@pytest.mark.parametrize(("radius", "dilation"), [(1, 2), (1, 1), (2, 1)])
+def test_mind_is_its_definition_at_every_voxel_border_included(radius: int, dilation: int) -> None:
+    """The six shared differences and their window sums give each channel's value of the definition, on a
+    non-cubic volume, at the border as well (where neighbours and windows reach the replicated border)."""
+    image = np.random.default_rng(7).uniform(size=(5, 7, 6)).astype(np.float32)
+    expected = _mind_reference(image, radius, dilation)
+    got = mind_ssc(torch.from_numpy(image)[None, None], radius, dilation)[0].numpy()
+    np.testing.assert_allclose(got, expected, atol=5e-6)
+    with_grad = mind_ssc(torch.from_numpy(image)[None, None].requires_grad_(True), radius, dilation)
+    np.testing.assert_allclose(with_grad[0].detach().numpy(), got, atol=1e-7)  # in place or not: the same values
+
+
 def test_unknown_similarity_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown"):
         make_similarity("mi")
