@@ -405,13 +405,13 @@ def scale_runs_table(doc: dict[str, Any]) -> str:
             rows.append([
                 f"{r['disk_gib']:.2f}", f"{r['voxels'] / 1e9:.2f} G", f"{r['field_spacing_um']:.1f} µm ({r['field_factor']:g}×)",
                 f"{r['field_voxels'] / 1e6:.2f} M", step, fmt(m["wall_s"], 1), fmt(m["cpu_s"], 1), per_unit,
-                fmt(m["max_worker_peak_gib"], 2), fmt(m["command_peak_gib"], 2),
-                f"{m['read_gib']:.2f} / {m['written_gib']:.2f}", _pct(share.get("forward")), _pct(share.get("polish")),
+                fmt(m["max_worker_peak_gib"], 2) + (f" ({m['worker_peak_pass']})" if m.get("worker_peak_pass") else ""),
+                fmt(m["command_peak_gib"], 2), f"{m['read_gib']:.2f} / {m['written_gib']:.2f}", _pct(share.get("forward")), _pct(share.get("polish")),
                 _pct(_polish_chunk_share(m["passes"])) if m.get("passes") else "–", _pct(share.get("sampling")),
             ])  # fmt: skip
     return table(
         ["on disk GiB", "voxels", "field spacing", "field voxels", "command", "wall s", "CPU s (all processes)",
-         "CPU / read per unit of work (register: field voxel; others: image voxel)", "peak per worker GiB",
+         "CPU / read per unit of work (register: field voxel; others: image voxel)", "peak per worker GiB (during)",
          "peak of the command's process GiB", "read / written GiB", "forward passes", "polish tiles",
          "polish chunk tasks", "patch sampling"],
         rows,

@@ -84,6 +84,7 @@ class ProcessSampler:
     def __init__(self, interval: float = 0.2) -> None:
         self.interval = interval
         self.peak: dict[int, int] = {}
+        self.peak_at: dict[int, float] = {}  # wall-clock time (epoch s) of each process's peak
         self.kind: dict[int, str] = {}
         self.first: dict[int, tuple[int, int, float]] = {}
         self.last: dict[int, tuple[int, int, float]] = {}
@@ -102,7 +103,8 @@ class ProcessSampler:
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
             pid = proc.pid
-            self.peak[pid] = max(self.peak.get(pid, 0), rss)
+            if rss > self.peak.get(pid, 0):
+                self.peak[pid], self.peak_at[pid] = rss, time.time()
             if "spawn_main" in cmd:
                 self.kind[pid] = "worker"
             elif parent == me.pid:
@@ -132,7 +134,8 @@ class ProcessSampler:
         CPU and I/O are counted from each process's first sample: the few hundred milliseconds before a
         process is first seen (interpreter start) are missed.
         """
-        workers = sorted((self.peak[p] / GIB for p, k in self.kind.items() if k == "worker"), reverse=True)
+        worker_pids = sorted((p for p, k in self.kind.items() if k == "worker"), key=lambda p: -self.peak[p])
+        workers = [self.peak[p] / GIB for p in worker_pids]
         command = [self.peak[p] / GIB for p, k in self.kind.items() if k == "command"]
 
         def delta(index: int, kind: str | None = None) -> float:
@@ -143,6 +146,7 @@ class ProcessSampler:
         return {
             "worker_peak_gib": workers,
             "max_worker_peak_gib": max(workers, default=0.0),
+            "max_worker_peak_at": self.peak_at[worker_pids[0]] if worker_pids else None,
             "command_peak_gib": max(command, default=0.0),
             "read_gib": delta(0) / GIB,
             "written_gib": delta(1) / GIB,
@@ -152,11 +156,16 @@ class ProcessSampler:
         }
 
 
-def measured(args: list[str], log: Path) -> dict[str, Any]:
-    """Run one command under the sampler: its wall seconds and the sampler's figures."""
+def measured(args: list[str], log: Path, run: Path | None = None) -> dict[str, Any]:
+    """Run one command under the sampler: its wall seconds and the sampler's figures; with the command's run
+    folder ``run`` (records kept), also the pass during which the busiest worker peaked (:func:`pass_at`)."""
     with ProcessSampler() as sampler:
         timed = harness.run_timed(args, log)
-    return {"wall_s": timed.seconds, **sampler.summary()}
+    figures = sampler.summary()
+    at = figures.pop("max_worker_peak_at")
+    if run is not None:
+        figures["worker_peak_pass"] = pass_at(run, at)
+    return {"wall_s": timed.seconds, **figures}
 
 
 # -- the volumes ---------------------------------------------------------------------------------------------
@@ -213,10 +222,7 @@ def pass_figures(run: Path) -> list[dict[str, Any]]:
     the pass's chunks covered, where recorded). No rows when the command left no run folder.
     """
     rows: list[dict[str, Any]] = []
-    if not run.is_dir():
-        return rows
-    folders = [p for p in run.iterdir() if p.is_dir() and (p / "blocks").is_dir()]
-    for stage in sorted(folders, key=lambda p: (p.name.startswith("polish"), p.name)):  # in the order they ran
+    for stage in _pass_folders(run):
         blocks = [json.loads(p.read_text()) for p in (stage / "blocks").glob("*.json")]
         chunks = [json.loads(p.read_text()) for p in (stage / "done").glob("*.json")]
         row: dict[str, Any] = {"name": stage.name}
@@ -227,6 +233,26 @@ def pass_figures(run: Path) -> list[dict[str, Any]]:
         row["voxels"] = sum(c.get("voxels", 0) for c in chunks) or sum(b.get("voxels", 0) for b in blocks)
         rows.append(row)
     return rows
+
+
+def _pass_folders(run: Path) -> list[Path]:
+    """The record folders of a run's passes, in the order they ran (network stages, then the polish)."""
+    folders = [p for p in run.iterdir() if p.is_dir() and (p / "blocks").is_dir()] if run.is_dir() else []
+    return sorted(folders, key=lambda p: (p.name.startswith("polish"), p.name))
+
+
+def pass_at(run: Path, at: float | None) -> str | None:
+    """The pass of a registration that was running at wall-clock time ``at`` (epoch s), from the modification
+    times of its run folder's records (a pass ends with its last record): the first pass that ended at or after
+    ``at``, ``"after the passes"`` (the quality block, the output's metadata) when all had ended before it."""
+    if at is None:
+        return None
+    folders = _pass_folders(run)
+    for stage in folders:
+        ends = [f.stat().st_mtime for sub in ("blocks", "done") for f in (stage / sub).glob("*.json")]
+        if ends and max(ends) >= at:
+            return stage.name
+    return "after the passes" if folders else None
 
 
 def shares(passes: list[dict[str, Any]]) -> dict[str, float | None]:
@@ -264,7 +290,7 @@ def bench_run(gib: float, factor: float, inputs: dict[str, Any], args: argparse.
         "--field-spacing", f"{spacing_um:.6g}um", *cluster, *keep, *args.register_options, "--accept-quality",
     )  # fmt: skip
     # --accept-quality: a field failing its quality thresholds is measured and its block reported, not lost
-    steps["register"] = measured(register, log)
+    steps["register"] = measured(register, log, folder / "field.ome.zarr.run")
     _, field_grid, meta = read_field(folder / "field.ome.zarr")
     quality = meta.get("quality", {})
     passes = pass_figures(folder / "field.ome.zarr.run")

@@ -4,11 +4,12 @@ and the terabyte projection's arithmetic."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 from report import load, projection, throughput
-from scale import PROJECTION, pass_figures, relative, shares
+from scale import PROJECTION, pass_at, pass_figures, relative, shares
 
 
 def _write(path: Path, doc: dict) -> None:
@@ -34,6 +35,23 @@ def test_pass_figures_sum_the_block_and_chunk_records(tmp_path: Path) -> None:
     parts = shares(list(rows.values()))
     assert parts["forward"] == pytest.approx(0.4) and parts["polish"] == pytest.approx(0.2)
     assert parts["other"] == pytest.approx(1 - 0.4 - 0.1 - 0.05 - 0.2)
+
+
+def test_a_peak_is_attributed_to_the_pass_that_was_running(tmp_path: Path) -> None:
+    """A pass ends with its last record (block or chunk): a peak belongs to the first pass that ended at or
+    after it; one after every pass is the quality block's."""
+    run = tmp_path / "field.zarr.run"
+    times = {"stage1/blocks/0_0_0": 100.0, "stage1/done/0_0_0": 110.0, "stage2/blocks/0_0_0": 150.0,
+             "stage2/done/0_0_1": 170.0, "polish/blocks/0_0_0": 180.0, "polish/done/0_0_0": 200.0}  # fmt: skip
+    for name, mtime in times.items():
+        _write(run / f"{name}.json", {"seconds": 1.0})
+        os.utime(run / f"{name}.json", (mtime, mtime))
+    assert pass_at(run, 50.0) == "stage1"
+    assert pass_at(run, 110.0) == "stage1"
+    assert pass_at(run, 160.0) == "stage2"
+    assert pass_at(run, 175.0) == "polish"  # the polish sorts last, whatever its name
+    assert pass_at(run, 230.0) == "after the passes"
+    assert pass_at(run, None) is None and pass_at(tmp_path / "missing", 100.0) is None
 
 
 def _row(gib: float, voxels: int, field_voxels: int, wall: float, peak: float, forward: float) -> dict:
