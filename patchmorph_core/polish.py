@@ -94,7 +94,7 @@ class PolishSettings:
         sigma: Gaussian smoothing of each update (field voxels).
         correction_sigma: Gaussian smoothing of the velocity at every step (field voxels).
         similarity: the similarity whose force drives the steps (:func:`~patchmorph_core.similarity.make_similarity`).
-        coarsening: the steps run on a grid this many times coarser than the field (:func:`polish_box`); the
+        coarsening: the steps run on a grid this many times coarser than the field (:func:`polish_result`); the
             other settings are in voxels of that grid.
     """
 
@@ -237,6 +237,86 @@ def residual_map(fixed: torch.Tensor, warped: torch.Tensor, sigma: float = RESID
     return gaussian(-MindSSC().voxel_map(fixed, warped), sigma)
 
 
+@dataclass(frozen=True)
+class PolishResult:
+    """A box's polish on the grid its steps ran on (the box of the field grid, or with coarsening f > 1 the box
+    f times coarser: f³ times fewer voxels to keep and pass on).
+
+    Attributes:
+        grid: the polish grid.
+        velocity: ``(3, Z, Y, X)`` float32 velocity on ``grid`` (world units, components ``(z, y, x)``).
+        residual: ``(Z, Y, X)`` float32 :func:`residual_map` on ``grid``.
+    """
+
+    grid: Grid
+    velocity: np.ndarray
+    residual: np.ndarray
+
+    def _box_of(self, target: Grid) -> tuple[tuple[slice, ...], np.ndarray] | None:
+        """The integer box of :attr:`grid` that ``target`` lies in, when ``target``'s voxels are voxels of
+        :attr:`grid` (same spacing, integer offset), and the map; None otherwise."""
+        matrix = self.grid.index_map(target)
+        offset = np.rint(matrix[:3, 3])
+        if not (np.allclose(matrix[:3, :3], np.eye(3), atol=1e-9) and np.allclose(matrix[:3, 3], offset, atol=1e-6)):
+            return None
+        start = offset.astype(int)
+        return tuple(slice(int(a), int(a) + int(n)) for a, n in zip(start, target.shape, strict=True)), matrix
+
+    def restricted(self, target: Grid) -> PolishResult:
+        """The part of this result that :meth:`on` ``target`` reads (views): the box of :attr:`grid` covering
+        ``target``'s voxel centres plus one voxel of interpolation, clipped to the grid."""
+        same = self._box_of(target)
+        if same is not None:
+            box = same[0]
+        else:
+            corners = np.array(np.meshgrid(*[(0, n - 1) for n in target.shape], indexing="ij")).reshape(3, -1).T
+            index = corners @ self.grid.index_map(target)[:3, :3].T + self.grid.index_map(target)[:3, 3]
+            low = np.clip(np.floor(index.min(axis=0)).astype(int), 0, np.asarray(self.grid.shape) - 1)
+            high = np.clip(np.floor(index.max(axis=0)).astype(int) + 2, 1, self.grid.shape)
+            box = tuple(slice(int(a), int(b)) for a, b in zip(low, high, strict=True))
+        start, stop = [s.start for s in box], [s.stop for s in box]
+        return PolishResult(self.grid.crop(start, stop), self.velocity[(slice(None), *box)], self.residual[box])
+
+    def on(self, target: Grid) -> tuple[np.ndarray, np.ndarray]:
+        """Velocity ``(3, *target.shape)`` and residual ``target.shape`` on ``target``, a box of the field
+        grid within the polished box: the same voxels when the polish ran on the field grid, else sampled
+        trilinearly (edge values beyond the polish grid's outer voxel centres; a trilinear velocity is
+        Lipschitz, so its exponential stays a diffeomorphism)."""
+        same = self._box_of(target)
+        if same is not None:
+            box = same[0]
+            return self.velocity[(slice(None), *box)], self.residual[box]
+        back = self.grid.index_map(target)
+        return (
+            sample_separable(self.velocity, back, target.shape, "border"),
+            sample_separable(self.residual, back, target.shape, "border"),
+        )
+
+
+def polish_result(
+    fixed: MultiscaleImage,
+    moving: MultiscaleImage,
+    ranges: tuple[tuple[float, float], tuple[float, float]],
+    field: np.ndarray,
+    grid: Grid,
+    settings: PolishSettings,
+    device: torch.device | str = "cpu",
+) -> PolishResult:
+    """The polish of one box of the field grid (see the module doc), on ``device``: :func:`polish_on_grid` on
+    ``grid``, or with ``settings.coarsening`` f > 1 on ``grid`` resampled to f times its spacing (same centre;
+    ``u₀`` sampled trilinearly onto it, i.e. averaged over 2³ field voxels at f = 2).
+
+    Args: as :func:`polish_on_grid`. Returns: the :class:`PolishResult` on the grid the steps ran on; ``|v|``
+    is at most :attr:`PolishSettings.max_velocity` field voxels.
+    """
+    factor = settings.coarsening
+    if factor <= 1 or settings.iterations == 0:
+        return PolishResult(grid, *polish_on_grid(fixed, moving, ranges, field, grid, settings, device))
+    coarse = grid.resampled(grid.spacing * factor)
+    coarse_field = sample_separable(np.asarray(field, np.float32), grid.index_map(coarse), coarse.shape, "border")
+    return PolishResult(coarse, *polish_on_grid(fixed, moving, ranges, coarse_field, coarse, settings, device))
+
+
 def polish_box(
     fixed: MultiscaleImage,
     moving: MultiscaleImage,
@@ -246,27 +326,9 @@ def polish_box(
     settings: PolishSettings,
     device: torch.device | str = "cpu",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The polish's velocity on one box of the field grid (see the module doc), on ``device``, and the
-    :func:`residual_map` after it: :func:`polish_on_grid` on ``grid``, or with ``settings.coarsening`` f > 1
-    on ``grid`` resampled to f times its spacing (same centre; ``u₀`` sampled trilinearly onto it, i.e.
-    averaged over 2³ field voxels at f = 2), the velocity and residual sampled back trilinearly (edge values
-    beyond the coarse grid's outer voxel centres). A trilinear velocity is Lipschitz, so its exponential stays
-    a diffeomorphism.
-
-    Args and returns: as :func:`polish_on_grid`; ``|v|`` is at most :attr:`PolishSettings.max_velocity`
-    field voxels.
-    """
-    factor = settings.coarsening
-    if factor <= 1 or settings.iterations == 0:
-        return polish_on_grid(fixed, moving, ranges, field, grid, settings, device)
-    coarse = grid.resampled(grid.spacing * factor)
-    coarse_field = sample_separable(np.asarray(field, np.float32), grid.index_map(coarse), coarse.shape, "border")
-    velocity, residual = polish_on_grid(fixed, moving, ranges, coarse_field, coarse, settings, device)
-    back = coarse.index_map(grid)
-    return (
-        sample_separable(velocity, back, grid.shape, "border"),
-        sample_separable(residual, back, grid.shape, "border"),
-    )
+    """The polish's velocity and :func:`residual_map` on the box ``grid`` itself: :func:`polish_result` taken
+    :meth:`~PolishResult.on` ``grid``. Args and returns: as :func:`polish_on_grid`."""
+    return polish_result(fixed, moving, ranges, field, grid, settings, device).on(grid)
 
 
 def polish_on_grid(
@@ -279,7 +341,7 @@ def polish_on_grid(
     device: torch.device | str = "cpu",
 ) -> tuple[np.ndarray, np.ndarray]:
     """The polish's steps (see the module doc) on ``grid``, on ``device``, and the :func:`residual_map`
-    after them (``settings.coarsening`` is :func:`polish_box`'s).
+    after them (``settings.coarsening`` is :func:`polish_result`'s).
 
     Args:
         fixed, moving: image pyramids (their units converted to ``grid.unit``); the fixed image is sampled on

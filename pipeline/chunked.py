@@ -427,6 +427,18 @@ def partition(
     ]
 
 
+def chunk_parts(plan: ChunkPlan, support: Box) -> list[tuple[ChunkId, Box]]:
+    """Every chunk of ``plan`` whose reach box (:meth:`ChunkPlan.reach_box`: the chunk and its halo) meets the
+    box ``support``, with ``support ∩ reach`` (:meth:`Box.intersection`): the part of a block's result that
+    chunk's task takes."""
+    parts = []
+    for cid in plan.chunks_meeting(support, plan.halo):
+        part = support.intersection(plan.reach_box(cid))
+        assert part is not None  # chunks_meeting gives only chunks that share a voxel with the support
+        parts.append((cid, part))
+    return parts
+
+
 def split_partial(plan: ChunkPlan, support: Box, sums: FieldSums) -> dict[ChunkId, FieldSums]:
     """A block's sums on its ``support`` box cut into one piece per chunk of ``plan`` whose reach box
     (:meth:`ChunkPlan.reach_box`: the chunk and its halo) the box meets: the piece of chunk ``c`` lies on
@@ -434,9 +446,7 @@ def split_partial(plan: ChunkPlan, support: Box, sums: FieldSums) -> dict[ChunkI
     together hold no more memory than the block's sums), so that a chunk task receives only its own part
     instead of the block's whole box."""
     pieces = {}
-    for cid in plan.chunks_meeting(support, plan.halo):
-        part = support.intersection(plan.reach_box(cid))
-        assert part is not None  # chunks_meeting gives only chunks that share a voxel with the support
+    for cid, part in chunk_parts(plan, support):
         rel = part.relative_to(support.start)
         inner = (slice(None), *rel.slices)
         pieces[cid] = FieldSums(

@@ -10,7 +10,14 @@ from scipy import ndimage
 
 from patchmorph_core.displacement import FieldDisplacement, exp_velocity
 from patchmorph_core.metrics import jacobian_determinant
-from patchmorph_core.polish import PolishSettings, coarsening_for, gauss_radius, gaussian, polish_box
+from patchmorph_core.polish import (
+    PolishSettings,
+    coarsening_for,
+    gauss_radius,
+    gaussian,
+    polish_box,
+    polish_result,
+)
 from patchmorph_core.sampling import displacement_after
 from patchmorph_core.source import Level, MultiscaleImage
 from patchmorph_core.spatial import Grid
@@ -103,6 +110,28 @@ def test_coarse_polish_follows_the_shift_within_its_bound(shifted_pair: tuple) -
     assert steps.max() <= settings.max_velocity + 1e-4 and settings.max_velocity == 5.0
     assert jacobian_determinant(exp_velocity(velocity, grid, 5), grid).min() > 0.0
     assert [coarsening_for(f, 100.0) for f in (100.0, 89.2, 44.6, 30.0, 10.0)] == [1, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("coarsening", [1, 2])
+def test_a_result_restricted_to_a_part_gives_the_box_values_there(shifted_pair: tuple, coarsening: int) -> None:
+    """What a chunk task takes from a tile (its part, from the result kept on the polish grid) equals the
+    whole box's velocity and residual cropped to that part; the restricted result is small (views at f = 1)."""
+    fixed, moving, grid, _ = shifted_pair
+    settings = PolishSettings(iterations=4, coarsening=coarsening)
+    ranges = ((0.0, 2.0), (0.0, 2.0))
+    result = polish_result(fixed, moving, ranges, np.zeros((3, *grid.shape), np.float32), grid, settings)
+    assert result.grid.shape == tuple(-(-n // coarsening) for n in grid.shape)
+    velocity, residual = result.on(grid)
+    for start, stop in (((0, 0, 0), (7, 9, 5)), ((5, 3, 11), (24, 17, 26)), ((23, 21, 25), (24, 22, 26))):
+        part = grid.crop(start, stop)
+        box = tuple(slice(a, b) for a, b in zip(start, stop, strict=True))
+        piece = result.restricted(part)
+        got_velocity, got_residual = piece.on(part)
+        np.testing.assert_allclose(got_velocity, velocity[(slice(None), *box)], atol=1e-6)
+        np.testing.assert_allclose(got_residual, residual[box], atol=1e-6)
+        assert all(n <= -(-(b - a) // coarsening) + 2 for n, a, b in zip(piece.grid.shape, start, stop, strict=True))
+        if coarsening == 1:
+            assert np.shares_memory(piece.velocity, result.velocity)
 
 
 def test_polish_residual_shows_where_the_images_disagree(shifted_pair: tuple) -> None:
