@@ -607,7 +607,10 @@ coarser grid (`polish_coarsening`, default: as coarse as the coarser image's vox
 polish's 96-voxel tiles, the workers' 16 MiB heap threshold and a small field's halves: a field of at most 128³
 voxels (the 1 GiB run's, 1.6 M) is stored, integrated and polished as its two halves along its longest axis
 (`pipeline.driver.ZarrStore.chunk_for`, `pipeline.polish.SMALL_GRID`), where it had 64³ chunks and 96-voxel
-tiles. The series before it (code 850bf75, load 2.2, 64³ chunks and 96-voxel tiles at every size) ran at
+tiles. It also has MIND-SSC from its six distinct differences (about 3× cheaper; the residual map, the stage
+checks and the affine fit use it) and the polish tiles' results kept on the polish grid until their chunks take
+them. The series before it (code 5f6c14b, load 0.9) ran at 24.7 / 42.3 / 93.8 / 129.7 CPU-s, peaks 0.73 / 0.81 /
+0.80 / 1.00 GiB; the one before that (code 850bf75, load 2.2, 64³ chunks and 96-voxel tiles at every size) at
 31.7 / 50.0 / 104.5 / 111.8 CPU-s, peaks 0.54 / 0.80 / 0.83 / 1.00 GiB; the same code without the fold-free
 passes ran 1, 2 and 4 GiB at 35 / 52 / 102 CPU-s, peaks 0.59 / 0.74 / 0.92 GiB (code a310051, load 9-10).
 
@@ -647,11 +650,19 @@ every worker holds of a pass (the fixed image on the finest pass's field grid, 4
 1 GiB, 51 MB at 8 GiB). The workers' glibc now keeps freed arrays below 16 MiB in its heap for reuse
 (`pipeline.cluster.WORKER_MALLOC_ENV`, below), which adds a little to every peak; with a threshold of 1 GiB the
 series peaked at 0.64 / 0.82 / 1.04 / 0.95 GiB (code de6a94c), since freed memory stayed with the process. So
-the peak stays far below the 2 GiB cap. In this series the 1 GiB run's two polish tiles (boxes of 88 × 87 × 122
-voxels, about 0.14 GB) and two chunk tasks (76 × 87 × 122 voxels and their halo) raised its peak from 0.54 to 0.73 GiB, level with the 2 and 4 GiB runs
-(within 11 % and 9 %); the 8 GiB run's 1.00 GiB (1.37×) misses 20 %. Left: tracing the 8 GiB peak per task, and
-blocks of at most 96³ (every run here would fill them; the patch sums are then added in another order, a
-float-rounding change of the field).
+the peak stays far below the 2 GiB cap. The 1 GiB run's two polish tiles (boxes of 88 × 87 × 122 voxels, about
+0.14 GB) and two chunk tasks (76 × 87 × 122 voxels and their halo) set its peak (0.68 GiB in this series), level
+with the 2 and 4 GiB runs (within 10 % and 18 %). The table's "during" says which pass was running when the
+busiest worker peaked (`scale.pass_at`: the sampler's time of the peak against the run folder's record times).
+In the series before this one the 8 GiB run peaked at 1.00 GiB during the polish: at 2× its tiles (boxes of 160
+field voxels) sampled their velocity and residual back onto the field grid, 82 MB a tile, held until every
+chunk that needed the tile was written. They now hold them on the polish grid, 8 MB a tile (`docs/method.md`,
+*A field finer than the data*), and the 8 GiB run peaks during its finest network pass: 0.88 GiB in this series,
+0.80 GiB in two runs of it alone (`--run 8:6 --no-warp`), so 1.18–1.30× the 1 GiB run's, at the 20 % limit.
+Network blocks of at most 112³ field voxels instead of 160³ did not lower it (0.80 GiB, and 2.47 instead of
+1.72 GiB read, one run; not kept). Left: tracing the finest pass's peak per task (the block results that wait
+for their chunks, whose number follows the grid's cross-section in the chunks' raster order, are the next
+suspect).
 
 *Forward share: where the rest of the worker time goes.* Profiled per task (the run folder's records, with
 the chunk tasks timed part by part at 1 GiB) and per function on one polish box (cProfile, one thread):
@@ -659,7 +670,9 @@ the chunk tasks timed part by part at 1 GiB) and per function on one polish box 
 * Polish tiles (the "polish tiles" column): per box, the 10 steps about 55 % (each samples the moving box
   through the field, computes the local-NCC force from box means of three channels and smooths the update,
   σ 1.5 over 11 taps, and the velocity, three channels each), the residual map about 20 % (MIND-SSC
-  descriptors of both images, 12 channels: the uncertainty map), the set-up about 25 % (reading, the fixed
+  descriptors of both images, 12 channels: the uncertainty map; measured before MIND-SSC was computed from its
+  six distinct differences, which cut the residual map to about a third: 1.60 → 0.54 CPU-s over the two tiles
+  of the mouse contrasts pair 0, `py-spy record`), the set-up about 25 % (reading, the fixed
   image on the box, and most of it the first-order sampling map, in float64). In a Dask worker about half of that CPU was the kernel mapping,
   faulting in and zeroing fresh memory for every array (Dask's `MALLOC_TRIM_THRESHOLD_` fixes glibc's mmap
   threshold at 128 kB): one 96³ box took 4.1 CPU-s so and 2.6 s with the workers' 16 MiB threshold. At 1×
