@@ -252,25 +252,23 @@ class PolishResult:
     velocity: np.ndarray
     residual: np.ndarray
 
-    def _box_of(self, target: Grid) -> tuple[tuple[slice, ...], np.ndarray] | None:
-        """The integer box of :attr:`grid` that ``target`` lies in, when ``target``'s voxels are voxels of
-        :attr:`grid` (same spacing, integer offset), and the map; None otherwise."""
+    def _box_of(self, target: Grid) -> tuple[slice, ...] | None:
+        """The box of :attr:`grid` that ``target`` is, when ``target``'s voxels are voxels of :attr:`grid`
+        (same axes and spacing, integer offset); None otherwise."""
         matrix = self.grid.index_map(target)
         offset = np.rint(matrix[:3, 3])
         if not (np.allclose(matrix[:3, :3], np.eye(3), atol=1e-9) and np.allclose(matrix[:3, 3], offset, atol=1e-6)):
             return None
-        start = offset.astype(int)
-        return tuple(slice(int(a), int(a) + int(n)) for a, n in zip(start, target.shape, strict=True)), matrix
+        return tuple(slice(int(a), int(a) + int(n)) for a, n in zip(offset, target.shape, strict=True))
 
     def restricted(self, target: Grid) -> PolishResult:
         """The part of this result that :meth:`on` ``target`` reads (views): the box of :attr:`grid` covering
         ``target``'s voxel centres plus one voxel of interpolation, clipped to the grid."""
-        same = self._box_of(target)
-        if same is not None:
-            box = same[0]
-        else:
+        box = self._box_of(target)
+        if box is None:
+            matrix = self.grid.index_map(target)
             corners = np.array(np.meshgrid(*[(0, n - 1) for n in target.shape], indexing="ij")).reshape(3, -1).T
-            index = corners @ self.grid.index_map(target)[:3, :3].T + self.grid.index_map(target)[:3, 3]
+            index = corners @ matrix[:3, :3].T + matrix[:3, 3]
             low = np.clip(np.floor(index.min(axis=0)).astype(int), 0, np.asarray(self.grid.shape) - 1)
             high = np.clip(np.floor(index.max(axis=0)).astype(int) + 2, 1, self.grid.shape)
             box = tuple(slice(int(a), int(b)) for a, b in zip(low, high, strict=True))
@@ -282,9 +280,8 @@ class PolishResult:
         grid within the polished box: the same voxels when the polish ran on the field grid, else sampled
         trilinearly (edge values beyond the polish grid's outer voxel centres; a trilinear velocity is
         Lipschitz, so its exponential stays a diffeomorphism)."""
-        same = self._box_of(target)
-        if same is not None:
-            box = same[0]
+        box = self._box_of(target)
+        if box is not None:
             return self.velocity[(slice(None), *box)], self.residual[box]
         back = self.grid.index_map(target)
         return (
@@ -315,20 +312,6 @@ def polish_result(
     coarse = grid.resampled(grid.spacing * factor)
     coarse_field = sample_separable(np.asarray(field, np.float32), grid.index_map(coarse), coarse.shape, "border")
     return PolishResult(coarse, *polish_on_grid(fixed, moving, ranges, coarse_field, coarse, settings, device))
-
-
-def polish_box(
-    fixed: MultiscaleImage,
-    moving: MultiscaleImage,
-    ranges: tuple[tuple[float, float], tuple[float, float]],
-    field: np.ndarray,
-    grid: Grid,
-    settings: PolishSettings,
-    device: torch.device | str = "cpu",
-) -> tuple[np.ndarray, np.ndarray]:
-    """The polish's velocity and :func:`residual_map` on the box ``grid`` itself: :func:`polish_result` taken
-    :meth:`~PolishResult.on` ``grid``. Args and returns: as :func:`polish_on_grid`."""
-    return polish_result(fixed, moving, ranges, field, grid, settings, device).on(grid)
 
 
 def polish_on_grid(

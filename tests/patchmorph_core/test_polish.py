@@ -15,7 +15,6 @@ from patchmorph_core.polish import (
     coarsening_for,
     gauss_radius,
     gaussian,
-    polish_box,
     polish_result,
 )
 from patchmorph_core.sampling import displacement_after
@@ -81,7 +80,7 @@ def test_polish_recovers_a_known_shift_in_world(shifted_pair: tuple, similarity:
     fixed, moving, grid, shift = shifted_pair
     settings = PolishSettings(iterations=10, similarity=similarity)
     ranges = ((0.0, 2.0), (0.0, 2.0))
-    velocity, _ = polish_box(fixed, moving, ranges, np.zeros((3, *grid.shape), np.float32), grid, settings)
+    velocity, _ = polish_result(fixed, moving, ranges, np.zeros((3, *grid.shape), np.float32), grid, settings).on(grid)
     structure = _blobs(grid.points()) > 0.3
     mean = velocity[:, structure].mean(axis=1)
     assert np.dot(mean, shift) / (np.linalg.norm(mean) * np.linalg.norm(shift)) > 0.95
@@ -90,7 +89,7 @@ def test_polish_recovers_a_known_shift_in_world(shifted_pair: tuple, similarity:
     steps = np.linalg.norm(np.linalg.inv(grid.linear) @ velocity.reshape(3, -1), axis=0)
     assert steps.max() <= settings.max_velocity + 1e-4  # |v| <= iterations x max_step field voxels
     start = np.broadcast_to(shift[:, None, None, None], (3, *grid.shape)).astype(np.float32)
-    stay, _ = polish_box(fixed, moving, ranges, start, grid, settings)
+    stay, _ = polish_result(fixed, moving, ranges, start, grid, settings).on(grid)
     assert np.abs(stay[:, structure]).mean() < 0.15 * np.abs(velocity[:, structure]).mean()
 
 
@@ -101,7 +100,7 @@ def test_coarse_polish_follows_the_shift_within_its_bound(shifted_pair: tuple) -
     fixed, moving, grid, shift = shifted_pair
     settings = PolishSettings(iterations=10, coarsening=2)
     ranges = ((0.0, 2.0), (0.0, 2.0))
-    velocity, residual = polish_box(fixed, moving, ranges, np.zeros((3, *grid.shape), np.float32), grid, settings)
+    velocity, residual = polish_result(fixed, moving, ranges, np.zeros((3, *grid.shape), np.float32), grid, settings).on(grid)
     assert velocity.shape == (3, *grid.shape) and residual.shape == grid.shape and residual.min() >= 0.0
     structure = _blobs(grid.points()) > 0.3
     mean = velocity[:, structure].mean(axis=1)
@@ -141,8 +140,8 @@ def test_polish_residual_shows_where_the_images_disagree(shifted_pair: tuple) ->
     settings = PolishSettings(iterations=1, max_step=0.05)
     ranges = ((0.0, 2.0), (0.0, 2.0))
     start = np.broadcast_to(shift[:, None, None, None], (3, *grid.shape)).astype(np.float32)
-    _, off = polish_box(fixed, moving, ranges, np.zeros_like(start), grid, settings)
-    _, on = polish_box(fixed, moving, ranges, start, grid, settings)
+    _, off = polish_result(fixed, moving, ranges, np.zeros_like(start), grid, settings).on(grid)
+    _, on = polish_result(fixed, moving, ranges, start, grid, settings).on(grid)
     structure = _blobs(grid.points()) > 0.3
     assert off.shape == grid.shape and off.min() >= 0.0 and on.min() >= 0.0
     assert on[structure].mean() < 0.5 * off[structure].mean()
