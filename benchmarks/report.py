@@ -660,9 +660,9 @@ chunk that needed the tile was written. They now hold them on the polish grid, 8
 *A field finer than the data*), and the 8 GiB run peaks during its finest network pass: 0.88 GiB in this series,
 0.80 GiB in two runs of it alone (`--run 8:6 --no-warp`), so 1.18–1.30× the 1 GiB run's, at the 20 % limit.
 Network blocks of at most 112³ field voxels instead of 160³ did not lower it (0.80 GiB, and 2.47 instead of
-1.72 GiB read, one run; not kept). Left: tracing the finest pass's peak per task (the block results that wait
-for their chunks, whose number follows the grid's cross-section in the chunks' raster order, are the next
-suspect).
+1.72 GiB read, one run; not kept), nor did writing the chunks in Z order instead of raster order, so that fewer
+block results wait for their chunks (0.87 and 0.92 GiB in two runs alone; not kept). Left: tracing the finest
+pass's peak per task.
 
 *Forward share: where the rest of the worker time goes.* Profiled per task (the run folder's records, with
 the chunk tasks timed part by part at 1 GiB) and per function on one polish box (cProfile, one thread):
