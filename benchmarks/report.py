@@ -658,7 +658,7 @@ In the series before this one the 8 GiB run peaked at 1.00 GiB during the polish
 field voxels) sampled their velocity and residual back onto the field grid, 82 MB a tile, held until every
 chunk that needed the tile was written. They now hold them on the polish grid, 8 MB a tile (`docs/method.md`,
 *A field finer than the data*), and the 8 GiB run peaks during its finest network pass: 0.88 GiB in this series,
-0.80 GiB in two runs of it alone (`--run 8:6 --no-warp`), so 1.18–1.30× the 1 GiB run's, at the 20 % limit.
+0.80 GiB in a run of it alone (`--run 8:6 --no-warp`), so 1.18–1.30× the 1 GiB run's, at the 20 % limit.
 Network blocks of at most 112³ field voxels instead of 160³ did not lower it (0.80 GiB, and 2.47 instead of
 1.72 GiB read, one run; not kept), nor did writing the chunks in Z order instead of raster order, so that fewer
 block results wait for their chunks (0.87 and 0.92 GiB in two runs alone; not kept). Left: tracing the finest
