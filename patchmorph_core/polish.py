@@ -50,7 +50,15 @@ from patchmorph_core.config import InferenceConfig
 from patchmorph_core.sampling import row_box, sample_affine, sample_separable
 from patchmorph_core.similarity import MindSSC, Similarity, make_similarity
 from patchmorph_core.source import Level, MultiscaleImage
-from patchmorph_core.spatial import ALIGN_CORNERS, Grid, index_to_normalized, read_box
+from patchmorph_core.spatial import (
+    ALIGN_CORNERS,
+    Grid,
+    box_corners,
+    box_within,
+    index_box,
+    index_to_normalized,
+    read_box,
+)
 
 SQUARINGS = 5
 """Scaling-and-squaring steps of :func:`~patchmorph_core.displacement.exp_velocity` for the polish's velocity
@@ -252,26 +260,16 @@ class PolishResult:
     velocity: np.ndarray
     residual: np.ndarray
 
-    def _box_of(self, target: Grid) -> tuple[slice, ...] | None:
-        """The box of :attr:`grid` that ``target`` is, when ``target``'s voxels are voxels of :attr:`grid`
-        (same axes and spacing, integer offset); None otherwise."""
-        matrix = self.grid.index_map(target)
-        offset = np.rint(matrix[:3, 3])
-        if not (np.allclose(matrix[:3, :3], np.eye(3), atol=1e-9) and np.allclose(matrix[:3, 3], offset, atol=1e-6)):
-            return None
-        return tuple(slice(int(a), int(a) + int(n)) for a, n in zip(offset, target.shape, strict=True))
-
     def restricted(self, target: Grid) -> PolishResult:
-        """The part of this result that :meth:`on` ``target`` reads (views): the box of :attr:`grid` covering
-        ``target``'s voxel centres plus one voxel of interpolation, clipped to the grid."""
-        box = self._box_of(target)
+        """The part of this result that :meth:`on` ``target`` reads (views): ``target``'s own box of
+        :attr:`grid` when it is one (:func:`~patchmorph_core.spatial.box_within`), else the box of :attr:`grid`
+        holding ``target``'s voxel centres and their interpolation neighbours, clipped to the grid."""
+        box = box_within(self.grid, target)
         if box is None:
             matrix = self.grid.index_map(target)
-            corners = np.array(np.meshgrid(*[(0, n - 1) for n in target.shape], indexing="ij")).reshape(3, -1).T
-            index = corners @ matrix[:3, :3].T + matrix[:3, 3]
-            low = np.clip(np.floor(index.min(axis=0)).astype(int), 0, np.asarray(self.grid.shape) - 1)
-            high = np.clip(np.floor(index.max(axis=0)).astype(int) + 2, 1, self.grid.shape)
-            box = tuple(slice(int(a), int(b)) for a, b in zip(low, high, strict=True))
+            corners = box_corners(np.zeros(3), np.asarray(target.shape) - 1.0) @ matrix[:3, :3].T + matrix[:3, 3]
+            box = index_box(corners, self.grid.shape, margin=0)
+        assert box is not None  # target lies within the polished box
         start, stop = [s.start for s in box], [s.stop for s in box]
         return PolishResult(self.grid.crop(start, stop), self.velocity[(slice(None), *box)], self.residual[box])
 
@@ -280,7 +278,7 @@ class PolishResult:
         grid within the polished box: the same voxels when the polish ran on the field grid, else sampled
         trilinearly (edge values beyond the polish grid's outer voxel centres; a trilinear velocity is
         Lipschitz, so its exponential stays a diffeomorphism)."""
-        box = self._box_of(target)
+        box = box_within(self.grid, target)
         if box is not None:
             return self.velocity[(slice(None), *box)], self.residual[box]
         back = self.grid.index_map(target)
