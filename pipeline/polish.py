@@ -3,8 +3,12 @@ tile, like a network stage.
 
 Geometry (``(z, y, x)`` voxel boxes of the final field grid)::
 
-    field grid ──PolishTiles──▶ tiles: cores of ``core`` voxels tiling the grid (a global lattice centred on
-                                it), each polished on its core grown by ``halo`` voxels (clipped to the grid)
+    field grid ──tissue box───▶ region: the fixed image's tissue box (the box the network's patch lattices
+                                cover) grown by ``ramp`` voxels, clipped to the grid; nothing beyond it is
+                                polished (no step is spent on background), and the velocity tapers to zero
+                                across the region's faces inside the grid, within those ``ramp`` voxels
+    region     ──PolishTiles──▶ tiles: cores of ``core`` voxels tiling the region (a global lattice centred on
+                                it), each polished on its core grown by ``halo`` voxels (clipped to the region)
     tile t     ──weights─────▶  a partition of unity: 1 inside the core, cos²/sin² ramps of ``2 ramp`` voxels
                                 across every boundary between two cores, 0 in the outer ``halo − ramp`` voxels
                                 (where the box's own border spoils the similarity's windows and smoothing)
@@ -20,8 +24,9 @@ when the tile ran coarser), adds them, averages them (``v̄ = Σ w v / Σ w``), 
 (:func:`~patchmorph_core.inference.compose_on_grid`) and writes the chunk once, with the tiles' residuals
 (:func:`~patchmorph_core.polish.residual_map`, blended by the same weights) as the chunk of the uncertainty map.
 A polish the stage check rejects leaves the network's field but this residual map. The tiles depend on the grid
-alone, so the field depends neither on the chunks nor on the workers; a field within one tile is one box, or
-two halves along its longest axis when that is long enough for two threads to share it (:func:`tile_cores`).
+and the fixed tissue box alone, so the field depends neither on the chunks nor on the workers; a region within
+one tile is one box, or two halves along its longest axis when that is long enough for two threads to share it
+(:func:`tile_cores`).
 
 With :attr:`~patchmorph_core.polish.PolishSettings.coarsening` f > 1 (a field finer than the data) each box
 is polished on a grid f times coarser (:func:`~patchmorph_core.polish.polish_result`): the halo and ramp grow
@@ -49,8 +54,9 @@ from patchmorph_core.config import resolve_device
 from patchmorph_core.displacement import FieldDisplacement, exp_velocity
 from patchmorph_core.inference import FieldSums, compose_on_grid
 from patchmorph_core.polish import SQUARINGS, PolishResult, PolishSettings, polish_result
+from patchmorph_core.sampling import tissue_bounds
 from patchmorph_core.source import MultiscaleImage
-from patchmorph_core.spatial import Grid, read_box
+from patchmorph_core.spatial import Grid, box_corners, index_box, read_box
 from pipeline.chunked import (
     BLOCK_FIGURES,
     Box,
@@ -111,35 +117,45 @@ def tile_cores(shape: tuple[int, int, int], core: int, halo: int) -> tuple[int, 
 
 @dataclass(frozen=True)
 class PolishTiles:
-    """The global tile lattice of the polish on a grid of ``shape`` (see the module docstring).
+    """The global tile lattice of the polish on the box ``region`` of a grid of ``shape`` (see the module
+    docstring).
 
-    Along each axis of ``n`` voxels, ``ceil(n / core)`` cores of ``core`` voxels centred on the grid (edge
-    cores clipped); a grid within one core along an axis is one tile along it, without halo or ramp.
-    ``core``: one edge for every axis, or one per axis ``(z, y, x)``.
+    Along each axis of ``n`` voxels of the region, ``ceil(n / core)`` cores of ``core`` voxels centred on it
+    (edge cores clipped); a region within one core along an axis is one tile along it, without halo or ramp.
+    Boxes are clipped to the region: what lies outside it is not polished, and :meth:`taper` brings the
+    velocity to zero across the region's faces inside the grid. ``core``: one edge for every axis, or one per
+    axis ``(z, y, x)``; ``region``: None for the whole grid.
     """
 
     shape: tuple[int, int, int]
     core: int | tuple[int, int, int] = TILE_BOX - 2 * TILE_HALO
     halo: int = TILE_HALO
     ramp: int = TILE_RAMP
+    region: Box | None = None
+
+    @property
+    def bounds(self) -> Box:
+        """The polished box of the grid (:attr:`region`, or the whole grid)."""
+        return self.region or Box((0, 0, 0), self.shape)
 
     def _cores(self, axis: int) -> list[tuple[int, int]]:
-        n = self.shape[axis]
+        low, high = self.bounds.start[axis], self.bounds.stop[axis]
         core = self.core if isinstance(self.core, int) else self.core[axis]
-        count = -(-n // core)
-        origin = (n - count * core) // 2
-        return [(max(origin + j * core, 0), min(origin + (j + 1) * core, n)) for j in range(count)]
+        count = -(-(high - low) // core)
+        origin = low + (high - low - count * core) // 2
+        return [(max(origin + j * core, low), min(origin + (j + 1) * core, high)) for j in range(count)]
 
     def tiles(self) -> list[tuple[Box, Box]]:
         """``(core, box)`` of every tile, raster order."""
         axes = [self._cores(a) for a in range(3)]
+        bounds = self.bounds
         out = []
         for cz in axes[0]:
             for cy in axes[1]:
                 for cx in axes[2]:
                     core = Box(tuple(c[0] for c in (cz, cy, cx)), tuple(c[1] for c in (cz, cy, cx)))  # type: ignore[arg-type]
-                    start = tuple(max(a - self.halo, 0) for a in core.start)
-                    stop = tuple(min(b + self.halo, n) for b, n in zip(core.stop, self.shape, strict=True))
+                    start = tuple(max(a - self.halo, lo) for a, lo in zip(core.start, bounds.start, strict=True))
+                    stop = tuple(min(b + self.halo, hi) for b, hi in zip(core.stop, bounds.stop, strict=True))
                     out.append((core, Box(start, stop)))  # type: ignore[arg-type]
         return out
 
@@ -148,30 +164,65 @@ class PolishTiles:
         index = np.arange(box[0], box[1], dtype=np.float64) + 0.5
         weights = np.ones(box[1] - box[0])
         width = 2.0 * self.ramp
-        if core[0] > 0:  # a neighbour before: rise across the boundary
+        if core[0] > self.bounds.start[axis]:  # a neighbour before: rise across the boundary
             rise = np.clip((index - (core[0] - self.ramp)) / width, 0.0, 1.0)
             weights *= np.where(rise > 0.0, np.sin(0.5 * math.pi * rise) ** 2, 0.0)
-        if core[1] < self.shape[axis]:  # a neighbour after: fall across it (cos² + sin² = 1 with its rise)
+        if core[1] < self.bounds.stop[axis]:  # a neighbour after: fall across it (cos² + sin² = 1 with its rise)
             fall = np.clip((index - (core[1] - self.ramp)) / width, 0.0, 1.0)
             weights *= np.where(fall < 1.0, np.cos(0.5 * math.pi * fall) ** 2, 0.0)
         return weights
 
     def weights(self, core: Box, box: Box) -> np.ndarray:
-        """``box.shape`` float32 weights of the tile with ``core`` (the tiles' weights add up to 1 everywhere)."""
+        """``box.shape`` float32 weights of the tile with ``core`` (the tiles' weights add up to 1 on the region)."""
         profiles = [self._profile(a, (core.start[a], core.stop[a]), (box.start[a], box.stop[a])) for a in range(3)]
         return np.einsum("i,j,k->ijk", *profiles).astype(np.float32)
 
+    def _taper_profile(self, axis: int, box: tuple[int, int]) -> np.ndarray:
+        """The 1-D taper along ``axis`` on ``box``: 0 outside the region, a sin² rise over :attr:`ramp` voxels
+        inside each face of the region that lies inside the grid, 1 elsewhere."""
+        index = np.arange(box[0], box[1], dtype=np.float64) + 0.5
+        low, high = self.bounds.start[axis], self.bounds.stop[axis]
+        inside = (index > low) & (index < high)
+        profile = inside.astype(np.float64)
+        if low > 0:
+            profile *= np.sin(0.5 * math.pi * np.clip((index - low) / self.ramp, 0.0, 1.0)) ** 2
+        if high < self.shape[axis]:
+            profile *= np.sin(0.5 * math.pi * np.clip((high - index) / self.ramp, 0.0, 1.0)) ** 2
+        return profile
 
-def tile_lattice(shape: tuple[int, int, int], coarsening: int) -> PolishTiles:
+    def taper(self, box: Box) -> np.ndarray:
+        """``box.shape`` float32 factor of the averaged velocity on ``box`` of the grid: it falls smoothly to 0 at
+        the region's faces inside the grid (a smooth velocity stays Lipschitz: its exponential stays a
+        diffeomorphism) and is 1 on the whole grid when the region is the grid."""
+        profiles = [self._taper_profile(a, (box.start[a], box.stop[a])) for a in range(3)]
+        return np.einsum("i,j,k->ijk", *profiles).astype(np.float32)
+
+
+def tile_lattice(shape: tuple[int, int, int], coarsening: int, tissue: Box | None = None) -> PolishTiles:
     """The polish's tiles on a field grid of ``shape`` polished ``coarsening`` times coarser: boxes of
-    :data:`TILE_BOX` polish-grid voxels (at most :data:`TILE_FIELD_BOX` field voxels; on a polish grid of at most
-    :data:`SMALL_GRID` voxels, :data:`TILE_FIELD_BOX`), the halo and ramp :data:`TILE_HALO` and :data:`TILE_RAMP`
-    polish-grid voxels (``coarsening``-fold in field voxels). A rule of the grid alone: the same tiles, hence the
-    same field, whatever the chunks, workers or threads."""
+    :data:`TILE_BOX` polish-grid voxels (at most :data:`TILE_FIELD_BOX` field voxels; on a polished box of at most
+    :data:`SMALL_GRID` polish-grid voxels, :data:`TILE_FIELD_BOX`), the halo and ramp :data:`TILE_HALO` and
+    :data:`TILE_RAMP` polish-grid voxels (``coarsening``-fold in field voxels), over the box ``tissue`` of the grid
+    grown by the ramp (the velocity's taper lies outside the tissue box; None: the whole grid). A rule of the grid
+    and the fixed tissue box alone: the same tiles, hence the same field, whatever the chunks, workers or threads."""
     halo, ramp = TILE_HALO * coarsening, TILE_RAMP * coarsening
-    small = math.prod(shape) <= SMALL_GRID * coarsening**3
+    region = None
+    if tissue is not None:
+        start = tuple(max(a - ramp, 0) for a in tissue.start)
+        stop = tuple(min(b + ramp, n) for b, n in zip(tissue.stop, shape, strict=True))
+        region = Box(start, stop) if (start, stop) != ((0, 0, 0), shape) else None  # type: ignore[arg-type]
+    extent = region.shape if region is not None else shape
+    small = math.prod(extent) <= SMALL_GRID * coarsening**3
     box = TILE_FIELD_BOX if small else min(TILE_BOX * coarsening, TILE_FIELD_BOX)
-    return PolishTiles(shape, core=tile_cores(shape, box - 2 * halo, halo), halo=halo, ramp=ramp)
+    return PolishTiles(shape, core=tile_cores(extent, box - 2 * halo, halo), halo=halo, ramp=ramp, region=region)
+
+
+def tissue_box(fixed: MultiscaleImage, grid: Grid) -> Box | None:
+    """The box of ``grid`` holding the fixed image's tissue box (:func:`~patchmorph_core.sampling.tissue_bounds`,
+    the box the network's patch lattices cover), or None when it holds no voxel of the grid."""
+    low, high = tissue_bounds(fixed)
+    box = index_box(grid.world_to_index(box_corners(low, high)), grid.shape, margin=0)
+    return None if box is None else Box(tuple(s.start for s in box), tuple(s.stop for s in box))  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -259,7 +310,7 @@ def write_polished_chunk(ctx: PolishContext, cid: ChunkId, partials: list[tuple[
     reach, box = plan.reach_box(cid), plan.box(cid)
     sums = reduce_partials(plan.grid, reach, [(part, piece.sums(plan.grid, ctx.tiles, part)) for part, piece in partials])
     covered = sums.weight > 0
-    mean = sums.weighted / np.where(covered, sums.weight, np.float32(1.0)) * covered
+    mean = sums.weighted / np.where(covered, sums.weight, np.float32(1.0)) * (covered * ctx.tiles.taper(reach))
     displacement = exp_velocity(mean, sums.grid, SQUARINGS)
     inner = (slice(None), *box.relative_to(reach.start).slices)
     chunk_grid = plan.grid.crop(box.start, box.stop)
@@ -297,7 +348,7 @@ def run_polish(
     """
     plan = ChunkPlan(network.plan.grid, network.plan.chunk, halo=settings.exp_halo)
     arrays = store.polish_pass("polish", plan)
-    tiles = tile_lattice(plan.grid.shape, settings.coarsening)
+    tiles = tile_lattice(plan.grid.shape, settings.coarsening, tissue_box(inputs.fixed, plan.grid))
     work = [PolishTile(core, box) for core, box in tiles.tiles()]
     ctx = PolishContext(
         fixed=inputs.fixed, moving=inputs.plan.moving, fixed_range=inputs.plan.fixed_range,
@@ -311,7 +362,8 @@ def run_polish(
     )  # fmt: skip
     record = {
         "name": "polish", "kind": "polish", "steps": settings.iterations, "similarity": settings.similarity,
-        "tiles": len(work), "tile_core": tiles.core, "coarsening": settings.coarsening, "chunks": run.chunks, "skipped": run.skipped,
+        "tiles": len(work), "tile_core": tiles.core, "region": [list(tiles.bounds.start), list(tiles.bounds.stop)],
+        "coarsening": settings.coarsening, "chunks": run.chunks, "skipped": run.skipped,
         "seconds": run.seconds, "block_seconds": run.total("seconds"), "polish_seconds": run.total("polish_seconds"),
         "polished_voxels": int(run.total("voxels")),
         "chunk_seconds": float(sum(f.get("seconds", 0.0) for f in run.chunk_figures)),

@@ -12,9 +12,10 @@ import zarr
 from patchmorph_core.config import InferenceConfig
 from patchmorph_core.metrics import jacobian_determinant
 from patchmorph_core.model import load_model
+from patchmorph_core.spatial import Grid
 from pipeline import polish as polish_pipeline
 from pipeline.chunked import Box
-from pipeline.ngff import read_field, read_image
+from pipeline.ngff import read_field, read_image, write_image
 from pipeline.polish import (
     SMALL_GRID,
     TILE_BOX,
@@ -45,6 +46,36 @@ def test_tiles_cover_the_grid_with_a_partition_of_unity() -> None:
     assert np.all(cores == 1)  # the cores tile the grid
     np.testing.assert_allclose(total, 1.0, atol=1e-6)
     assert PolishTiles((30, 20, 10), core=40).tiles() == [(Box((0, 0, 0), (30, 20, 10)),) * 2]  # one box
+
+
+def test_tiles_over_a_region_polish_nothing_beyond_it_and_taper_the_velocity_to_zero_at_its_inner_faces() -> None:
+    """Tiles over the tissue box grown by the ramp: a partition of unity on that region, no box beyond it; the
+    taper is 1 on the tissue box and wherever the region meets the grid's own faces, 0 outside the region, and
+    rises smoothly (steps of at most π/(2 ramp)) across the region's faces inside the grid."""
+    shape = (70, 45, 40)
+    tissue = Box((10, 0, 8), (50, 45, 30))  # touches the grid's y faces only
+    tiles = tile_lattice(shape, 1, tissue)
+    ramp = tiles.ramp
+    assert tiles.region == Box((10 - ramp, 0, 8 - ramp), (50 + ramp, 45, 30 + ramp))
+    region = tiles.bounds
+    total = np.zeros(shape)
+    for core, box in tiles.tiles():
+        assert region.intersection(box) == box  # nothing polished beyond the region
+        total[box.slices] += tiles.weights(core, box)
+    inside = np.zeros(shape, dtype=bool)
+    inside[region.slices] = True
+    np.testing.assert_allclose(total[inside], 1.0, atol=1e-6)
+    assert np.all(total[~inside] == 0.0)
+    taper = tiles.taper(Box((0, 0, 0), shape))
+    assert np.all(taper[tissue.slices] == 1.0) and np.all(taper[~inside] == 0.0)
+    assert taper.min() >= 0.0 and taper.max() <= 1.0
+    profile = taper[:, 20, 20]  # along z, across both inner faces
+    assert profile[region.start[0]] < 0.1 and profile[region.stop[0] - 1] < 0.1
+    assert np.abs(np.diff(profile)).max() <= np.pi / (2 * ramp) + 1e-6
+    assert np.all(taper[30, :, 20] == 1.0)  # the region reaches the grid's y faces: no taper there
+    assert tile_lattice(shape, 1, Box((3, 0, 2), (68, 45, 38))).region is None  # grown, it holds the grid
+    box = Box((4, 5, 6), (30, 20, 25))
+    np.testing.assert_array_equal(tiles.taper(box), taper[box.slices])  # a box's taper is the grid's, cut
 
 
 def test_a_grid_within_one_tile_is_split_in_two_along_its_longest_axis_when_long_enough() -> None:
@@ -151,3 +182,50 @@ def test_chunked_polish_equals_in_memory_and_never_folds(
     # box (with the default 136/12 tiles on a real pair it agrees to 0.003 field voxels, docs/method.md)
     difference = np.linalg.norm(one.field - reference.field, axis=0) / spacing
     assert np.percentile(difference, 99) < 0.3 * np.percentile(moved, 99) and difference.max() < 0.5
+
+
+def _padded(path: Path, folder: Path, pad: int) -> Path:
+    """The image at ``path`` inside ``pad`` voxels of zero background on every side, on the same world frame."""
+    image = read_image(path)
+    grid = image.grid
+    values = np.pad(np.asarray(image.levels[0].array[:]), pad)
+    affine = grid.affine.copy()
+    affine[:3, 3] = grid.index_to_world(np.full((1, 3), -float(pad)))[0]
+    return write_image(folder / path.name, values, Grid(values.shape, affine, grid.unit), overwrite=True)
+
+
+def test_a_brain_smaller_than_its_volume_is_polished_on_its_tissue_box_only(
+    tmp_path: Path, pair_and_config: tuple[Path, Path, InferenceConfig], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The test pair inside 12 voxels of background (on its anisotropic, rotated grid): the polish steps only on the
+    tissue box grown by the ramp; beyond that region the output is the network's field, the field written in 7³
+    chunks equals the in-memory one, and nothing folds."""
+    fixed, moving, config = pair_and_config
+    fixed, moving = _padded(fixed, tmp_path, 12), _padded(moving, tmp_path, 12)
+    config = config.model_copy(update={"polish_iterations": 6, "polish_max_step": 0.4, "stage_check": False})
+    model = load_model(config.weights, "cpu")
+    monkeypatch.setattr(polish_pipeline, "TILE_HALO", 6)
+    monkeypatch.setattr(polish_pipeline, "TILE_RAMP", 3)
+    images = read_image(fixed), read_image(moving)
+    reference = register_arrays(model, *images, config)
+    shape = reference.grid.shape
+    start, stop = reference.info["polish"]["region"]
+    region = Box(tuple(start), tuple(stop))  # type: ignore[arg-type]
+    tissue = polish_pipeline.tissue_box(images[0], reference.grid)
+    assert tissue is not None and region.intersection(tissue) == tissue  # the tissue box, grown by the ramp
+    assert region.shape[2] < shape[2]  # along x, background beyond it (the rotation about x widens z and y)
+    record = register_files(
+        fixed, moving, tmp_path / "field.zarr", config, chunk_size=7, workers=2, progress=False, keep_run=True
+    )
+    spacing = float(reference.grid.spacing.min())
+    field = np.asarray(read_field(record.field)[0][:])
+    assert np.abs(field - reference.field).max() < 1e-4 * spacing
+    network = _network_field(record.run, "stage1")
+    outside = np.ones(shape, dtype=bool)
+    outside[region.slices] = False
+    moved = np.linalg.norm(field - network, axis=0) / spacing
+    assert moved[~outside].max() > 0.1  # the polish moves the tissue box
+    assert moved[outside].max() < 1e-4  # and nothing beyond the region
+    assert jacobian_determinant(field, reference.grid).min() > 0.0
+    faces = np.maximum(moved[:, :, region.start[2]], moved[:, :, region.stop[2] - 1])
+    assert faces.max() < 0.01 * moved.max()  # the velocity tapers to zero at the region's faces inside the grid
