@@ -97,7 +97,7 @@ def jacobian_determinant(field: np.ndarray, grid: Grid) -> np.ndarray:
         ``(Z, Y, X)`` float32 determinant (1 = volume kept, <= 0 = folded).
     """
     arr = _check_field(field, grid)
-    inv_linear = np.linalg.inv(grid.linear)
+    inv_linear = grid.inverse_affine[:3, :3]
     # d_index[c][k] = du_c / d index_k, each (Z, Y, X); axes of size 1 have no derivative (zero).
     d_index = [
         [np.gradient(arr[c], axis=k) if grid.shape[k] > 1 else np.zeros(grid.shape) for k in range(3)]

@@ -370,6 +370,5 @@ def polish_on_grid(
         norm = (update * update).sum(dim=1, keepdim=True).sqrt()  # linalg.vector_norm over dim 1: 20× slower
         update = update * torch.clamp(settings.max_step / (norm + 1e-12), max=1.0)
         v = gaussian(v + update, settings.correction_sigma)
-    out = torch.einsum("ij,bjzyx->bizyx", torch.tensor(grid.linear, dtype=torch.float32, device=device), v)
     residual_t = residual_map(fixed_t, warp())
-    return out[0].cpu().numpy().astype(np.float32, copy=False), residual_t[0, 0].cpu().numpy().astype(np.float32, copy=False)
+    return grid.world_vectors(v[0].cpu().numpy()), residual_t[0, 0].cpu().numpy().astype(np.float32, copy=False)
