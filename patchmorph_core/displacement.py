@@ -121,6 +121,7 @@ def invert_points(
     points: np.ndarray,
     iterations: int = INVERSE_ITERATIONS,
     initial: np.ndarray | None = None,
+    tolerance: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Inverse displacement at ``points`` by damped fixed-point iteration ``v ← v − λ (v + u(y + v))``.
 
@@ -136,17 +137,34 @@ def invert_points(
         points: ``(..., 3)`` world points ``y`` in the space ``φ`` maps into (the moving space).
         iterations: number of steps (≥ 1).
         initial: optional ``(..., 3)`` start value for ``v`` (default ``−u(y)``).
+        tolerance: a point whose residual norm is at most this (world units) takes no more steps (0: every
+            point takes every step); a check that only needs the inverse's error to a tolerance stops early.
 
     Returns:
         ``(v, residual)``, both ``(..., 3)``: the inverse displacement and ``v(y) + u(y + v(y))`` after
-        the last step (its norm is the inverse's error in world units).
+        the point's last step (its norm is the inverse's error in world units).
     """
     shape = np.shape(points)
     pts = _as_points(points)
     v = -displacement(pts) if initial is None else _as_points(initial).copy()
-    for _ in range(max(int(iterations) - 1, 0)):
-        v = v - INVERSE_DAMPING * (v + displacement(pts + v))
     residual = v + displacement(pts + v)
+    steps = max(int(iterations) - 1, 0)
+    if tolerance <= 0.0:
+        for _ in range(steps):
+            v = v - INVERSE_DAMPING * residual
+            residual = v + displacement(pts + v)
+        return v.reshape(shape), residual.reshape(shape)
+    index, p, w, r = np.arange(len(pts)), pts, v, residual  # the points still stepping (compacted as they stop)
+    for _ in range(steps):
+        going = np.einsum("ij,ij->i", r, r) > tolerance * tolerance
+        if not going.all():
+            v[index[~going]], residual[index[~going]] = w[~going], r[~going]
+            index, p, w, r = index[going], p[going], w[going], r[going]
+        if index.size == 0:
+            break
+        w = w - INVERSE_DAMPING * r
+        r = w + displacement(p + w)
+    v[index], residual[index] = w, r
     return v.reshape(shape), residual.reshape(shape)
 
 

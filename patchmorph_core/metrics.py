@@ -97,16 +97,15 @@ def jacobian_determinant(field: np.ndarray, grid: Grid) -> np.ndarray:
         ``(Z, Y, X)`` float32 determinant (1 = volume kept, <= 0 = folded).
     """
     arr = _check_field(field, grid)
-    inv_linear = grid.inverse_affine[:3, :3]
-    # d_index[c][k] = du_c / d index_k, each (Z, Y, X); axes of size 1 have no derivative (zero).
-    d_index = [
-        [np.gradient(arr[c], axis=k) if grid.shape[k] > 1 else np.zeros(grid.shape) for k in range(3)]
-        for c in range(3)
-    ]
-    jac = [
-        [sum(d_index[c][k] * inv_linear[k, j] for k in range(3)) + (1.0 if c == j else 0.0) for j in range(3)]
-        for c in range(3)
-    ]
+    inv_linear = grid.inverse_affine[:3, :3].astype(arr.dtype)
+    # d_index[c, k] = du_c / d index_k, (3, 3, Z, Y, X); axes of size 1 have no derivative (zero).
+    d_index = np.zeros((3, 3, *grid.shape), dtype=arr.dtype)
+    for k in range(3):
+        if grid.shape[k] > 1:
+            d_index[:, k] = np.gradient(arr, axis=1 + k)
+    jac = np.einsum("ckzyx,kj->cjzyx", d_index, inv_linear)
+    for c in range(3):
+        jac[c, c] += 1.0
     det = (
         jac[0][0] * (jac[1][1] * jac[2][2] - jac[1][2] * jac[2][1])
         - jac[0][1] * (jac[1][0] * jac[2][2] - jac[1][2] * jac[2][0])

@@ -78,6 +78,10 @@ QUALITY_THREADS = 2
 INVERSE_STRIDE = 2
 """The inverse's residual is measured at every this-many-th tissue voxel along each axis."""
 
+INVERSE_TOLERANCE = 1e-3
+"""A point of the inverse check stops iterating once its residual is at most this many field voxels (the
+thresholds judge residuals of a field voxel and more; most points get there in a third of the steps)."""
+
 
 FIELD_IN_MEMORY_BYTES = 512 * 2**20
 """A field up to this size (float32) is read into memory once for the checks; a larger one is read per box
@@ -277,7 +281,8 @@ def box_quality(
     residuals = np.zeros(0)
     if index.size:
         x = box_grid.index_to_world(index)
-        _, residual = invert_points(forward, x + forward(x), INVERSE_ITERATIONS)
+        tolerance = INVERSE_TOLERANCE * float(np.max(grid.spacing))
+        _, residual = invert_points(forward, x + forward(x), INVERSE_ITERATIONS, tolerance=tolerance)
         residuals = np.linalg.norm(residual, axis=-1)
     min_det = float(det[mask].min()) if mask.any() else np.inf
     return BoxQuality(int(mask.sum()), int((det[mask] <= 0).sum()), min_det, residuals)
