@@ -74,6 +74,8 @@ def test_tiles_over_a_region_polish_nothing_beyond_it_and_taper_the_velocity_to_
     assert np.abs(np.diff(profile)).max() <= np.pi / (2 * ramp) + 1e-6
     assert np.all(taper[30, :, 20] == 1.0)  # the region reaches the grid's y faces: no taper there
     assert tile_lattice(shape, 1, Box((3, 0, 2), (68, 45, 38))).region is None  # grown, it holds the grid
+    coarse = tile_lattice(shape, 2, tissue)  # at coarsening 2 the ramp, hence the margin, is twice as wide
+    assert coarse.ramp == 2 * ramp and coarse.region == Box((0, 0, 0), (50 + 2 * ramp, 45, 40))  # clipped to the grid
     box = Box((4, 5, 6), (30, 20, 25))
     np.testing.assert_array_equal(tiles.taper(box), taper[box.slices])  # a box's taper is the grid's, cut
 
