@@ -92,6 +92,7 @@ from patchmorph_core.spatial import (
     patch_grid,
     random_rotation,
     unit_scale,
+    world_box,
 )
 
 logger = logging.getLogger(__name__)
@@ -693,7 +694,7 @@ def _cached_prior(prior: Displacement, low: np.ndarray, high: np.ndarray) -> Dis
     voxels; not cached over :data:`BLOCK_CACHE_BYTES`); any other displacement as it is."""
     if not isinstance(prior, FieldDisplacement):
         return prior
-    box = index_box(prior.grid.world_to_index(box_corners(low, high)), prior.grid.shape, margin=2)
+    box = world_box(prior.grid, low, high, margin=2)
     field_box = None if box is None else (slice(None), *box)
     return FieldDisplacement(cache_box(prior.field, field_box, BLOCK_CACHE_BYTES), prior.grid)
 

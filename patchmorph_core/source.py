@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from patchmorph_core.spatial import Grid, box_corners, index_box, read_box, resample
+from patchmorph_core.spatial import Grid, read_box, resample, world_box
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ class MultiscaleImage:
             max_bytes: largest box to hold; a larger one is not cached.
         """
         chosen = self.level_for_spacing(spacing)
-        box = index_box(chosen.grid.world_to_index(box_corners(low, high)), chosen.grid.shape, margin=2)
+        box = world_box(chosen.grid, low, high, margin=2)
         levels = tuple(
             Level(cache_box(lv.array, box, max_bytes), lv.grid) if lv is chosen else lv for lv in self.levels
         )

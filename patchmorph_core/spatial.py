@@ -632,6 +632,12 @@ def index_box(index: np.ndarray, shape: Sequence[int], margin: int = 1) -> tuple
     return bounds_box(flat.min(axis=0), flat.max(axis=0), shape, margin)
 
 
+def world_box(grid: Grid, low: Sequence[float], high: Sequence[float], margin: int = 1) -> tuple[slice, ...] | None:
+    """:func:`index_box` of ``grid`` holding the axis-aligned world box ``[low, high]`` (its eight corners in the
+    grid's continuous indices, any direction), plus ``margin`` voxels; None when it lies wholly outside."""
+    return index_box(grid.world_to_index(box_corners(low, high)), grid.shape, margin)
+
+
 def bounds_box(
     low_index: np.ndarray, high_index: np.ndarray, shape: Sequence[int], margin: int = 1
 ) -> tuple[slice, ...] | None:

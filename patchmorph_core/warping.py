@@ -34,11 +34,11 @@ from patchmorph_core.source import Level, MultiscaleImage, cache_box
 from patchmorph_core.spatial import (
     ALIGN_CORNERS,
     Grid,
-    box_corners,
     index_box,
     index_rows_to_normalized,
     integer_offset,
     read_box,
+    world_box,
 )
 
 
@@ -185,8 +185,7 @@ def _moving_box(level: Level, displacement: Displacement, target: Grid) -> tuple
     field = read_box(displacement.field, (slice(None), *box))
     low, high = field.reshape(3, -1).min(axis=1), field.reshape(3, -1).max(axis=1)
     t_low, t_high = target.world_bounds()
-    corners = box_corners(t_low + np.minimum(low, 0.0), t_high + np.maximum(high, 0.0))
-    return index_box(level.grid.world_to_index(corners), level.grid.shape, margin=1)
+    return world_box(level.grid, t_low + np.minimum(low, 0.0), t_high + np.maximum(high, 0.0), margin=1)
 
 
 @dataclass(frozen=True)

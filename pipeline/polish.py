@@ -56,7 +56,7 @@ from patchmorph_core.inference import FieldSums, compose_on_grid
 from patchmorph_core.polish import SQUARINGS, PolishResult, PolishSettings, polish_result
 from patchmorph_core.sampling import tissue_bounds
 from patchmorph_core.source import MultiscaleImage
-from patchmorph_core.spatial import Grid, box_corners, index_box, read_box
+from patchmorph_core.spatial import Grid, read_box, world_box
 from pipeline.chunked import (
     BLOCK_FIGURES,
     Box,
@@ -221,7 +221,7 @@ def tissue_box(fixed: MultiscaleImage, grid: Grid) -> Box | None:
     """The box of ``grid`` holding the fixed image's tissue box (:func:`~patchmorph_core.sampling.tissue_bounds`,
     the box the network's patch lattices cover), or None when it holds no voxel of the grid."""
     low, high = tissue_bounds(fixed)
-    box = index_box(grid.world_to_index(box_corners(low, high)), grid.shape, margin=0)
+    box = world_box(grid, low, high, margin=0)
     return None if box is None else Box(tuple(s.start for s in box), tuple(s.stop for s in box))  # type: ignore[arg-type]
 
 

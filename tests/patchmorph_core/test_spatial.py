@@ -30,6 +30,7 @@ from patchmorph_core.spatial import (
     sample_field,
     sample_torch,
     unit_scale,
+    world_box,
 )
 
 SHAPE = (11, 17, 23)
@@ -207,6 +208,24 @@ def test_resample_reads_only_needed_box() -> None:
     (box,) = arr.boxes
     sizes = [s.stop - s.start for s in box]
     assert all(size <= 12.0 / sp + 4 for size, sp in zip(sizes, (1.0, 2.0, 3.0), strict=True))
+
+
+def test_world_box_holds_every_voxel_centre_of_the_world_box_on_a_rotated_anisotropic_grid() -> None:
+    """The voxels whose centres lie in an axis-aligned world box all lie in :func:`world_box`'s slices (grown by
+    the margin, clipped to the grid), whatever the grid's direction; a box beside the grid gives None."""
+    grid = Grid.from_spacing((30, 24, 20), (1.5, 1.0, 0.7), direction=random_rotation(np.random.default_rng(4), 40.0))
+    points = grid.points().reshape(-1, 3)
+    low, high = np.percentile(points, 30, axis=0), np.percentile(points, 60, axis=0)
+    inside = np.all((points >= low) & (points <= high), axis=1).reshape(grid.shape)
+    assert inside.any()
+    box = world_box(grid, low, high, margin=0)
+    assert box is not None and inside[box].sum() == inside.sum()
+    grown = world_box(grid, low, high, margin=2)
+    assert grown is not None and all(
+        g.start == max(b.start - 2, 0) and g.stop == min(b.stop + 2, n) for g, b, n in zip(grown, box, grid.shape, strict=True)
+    )
+    far = points.max(axis=0) + 100.0
+    assert world_box(grid, far, far + 1.0) is None
 
 
 def test_index_box_outside_is_none() -> None:
