@@ -53,7 +53,7 @@ from pipeline.driver import Inputs, MemoryStore, ZarrStore, run_registration
 from pipeline.executor import thread_executor
 from pipeline.ngff import field_metadata, finish_image, read_image
 from pipeline.quality import assess_field, conclude, raise_if_failed, similarity_start, stage_similarity
-from pipeline.resume import atomic_write_json, content_identity, open_run, run_folder
+from pipeline.resume import atomic_write_json, code_identity, content_identity, open_run, run_folder
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +158,7 @@ def _fingerprint(
         "weights": content_identity(weights),
         "chunk_size": chunk,
         "grids": [[list(g.shape), np.round(g.affine, 9).tolist()] for g in plan.grids],
+        "code": code_identity(),
     }
 
 

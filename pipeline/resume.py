@@ -20,6 +20,7 @@ settings and chunk plan) and, per stage, one record file per finished output chu
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -109,6 +110,20 @@ def content_identity(path: str | Path | None) -> dict[str, Any] | None:
             stat = entry.stat()
             digest.update(f"{relative}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return {"path": str(p), "write_id": write_id, "sha256": digest.hexdigest()}
+
+
+@functools.lru_cache(maxsize=1)
+def code_identity() -> str:
+    """SHA-256 of the source of the packages that compute and write fields (``patchmorph_core`` and ``pipeline``),
+    for resume records: a run folder left by other code is not resumed, so that no output mixes chunks of two
+    versions of the method."""
+    here = Path(__file__).resolve().parent  # both packages are installed side by side, as in the repository
+    digest = hashlib.sha256()
+    for package in (here.parent / "patchmorph_core", here):
+        for source in sorted(package.rglob("*.py")):
+            digest.update(f"{package.name}/{source.relative_to(package).as_posix()}\0".encode())
+            digest.update(source.read_bytes())
+    return digest.hexdigest()
 
 
 def chunk_name(cid: ChunkId) -> str:
@@ -245,9 +260,10 @@ def open_run(root: Path, fingerprint: dict[str, Any], overwrite: bool) -> RunRec
         found = json.loads(manifest.read_text())
         if found != wanted:
             changed = sorted(k for k in set(found) | set(wanted) if found.get(k) != wanted.get(k))
+            version = " (left by another version of PatchMorph)" if "code" in changed else ""
             raise InputError(
-                f"run folder {root} belongs to a run with different {', '.join(changed)}: rerun with the "
-                "same settings to resume, or pass --overwrite to start again."
+                f"run folder {root} belongs to a run with different {', '.join(changed)}{version}: rerun with "
+                "the same settings to resume, or pass --overwrite to start again."
             )
         return RunRecords(root)
     root.mkdir(parents=True, exist_ok=True)

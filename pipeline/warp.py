@@ -50,7 +50,7 @@ from pipeline.chunked import ChunkPlan, output_array, run_chunked
 from pipeline.cluster import load_cluster_config, open_executor
 from pipeline.integrity import check_stored
 from pipeline.ngff import downsample_unit, finish_image, pyramid_arrays, read_field, read_image, write_block
-from pipeline.resume import ChunkId, StageRecords, content_identity, open_run, run_folder
+from pipeline.resume import ChunkId, StageRecords, code_identity, content_identity, open_run, run_folder
 
 log = logging.getLogger(__name__)
 
@@ -261,6 +261,7 @@ def warp_files(
         "labels": labels,
         "inverse": inverse,
         "chunk_size": chunk_size,
+        "code": code_identity(),
     }
     records = open_run(run_root, fingerprint, overwrite)
     stage = records.stage("warp")

@@ -17,6 +17,7 @@ import zarr
 
 from patchmorph_core.config import InferenceConfig
 from patchmorph_core.errors import InputError
+from pipeline import register as register_module
 from pipeline.ngff import read_field
 from pipeline.register import register_files
 from pipeline.resume import StageRecords, open_run
@@ -135,6 +136,23 @@ def test_half_written_chunk_is_rewritten(
     counts = records.write_counts()
     assert counts[victim] == 2 and all(n == 1 for cid, n in counts.items() if cid != victim)
     assert np.array_equal(_field(out), expected)
+
+
+def test_a_run_left_by_other_code_is_not_resumed(
+    tmp_path: Path, pair_and_config: tuple[Path, Path, InferenceConfig], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unfinished run's records vouch only for the code that wrote them: after an upgrade the rerun is refused
+    with one sentence (no output mixes chunks of two versions of the method); --overwrite starts again."""
+    fixed, moving, config = pair_and_config
+    config = config.model_copy(update={"first_stage": 0, "refine_passes": 0, "polish_iterations": 0})
+    out = tmp_path / "field.zarr"
+    first = register_files(fixed, moving, out, config, chunk_size=9, progress=False, keep_run=True)
+    _break_output_chunk(first.run, "stage1", out, (1, 1, 0))
+    monkeypatch.setattr(register_module, "code_identity", lambda: "another version")
+    with pytest.raises(InputError, match=r"different code \(left by another version of PatchMorph\)"):
+        register_files(fixed, moving, out, config, chunk_size=9, progress=False)
+    again = register_files(fixed, moving, out, config, chunk_size=9, progress=False, overwrite=True)
+    assert again.skipped == 0
 
 
 def test_half_written_polish_chunk_is_rewritten(
