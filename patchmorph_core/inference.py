@@ -48,6 +48,7 @@ import dataclasses
 import functools
 import logging
 import math
+import threading
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -574,16 +575,24 @@ def _autocast(device: torch.device) -> Any:
     return nullcontext()
 
 
+_PLACING = threading.Lock()
+"""Held while a model is placed: the first tasks of a pass start on several threads at once."""
+
+
 def _model_device(model: torch.nn.Module, config: InferenceConfig) -> torch.device:
     """Resolve ``config.device`` and put the model there in eval mode (:func:`~patchmorph_core.model.place_model`:
     channels-last on CPU), once: a model already placed is left alone, so that tasks on several threads
-    share it without moving its weights under each other."""
+    share it without moving its weights under each other, and the first tasks wait while one of them places
+    it (a forward pass beside the move would read some weights in each layout, whose convolutions round
+    differently: the first run's field would not be bit-identical to the next)."""
     device = torch.device(resolve_device(config.device))
-    if getattr(model, "_placed_on", None) != device:
-        place_model(model, device)
-        model._placed_on = device
-    if model.training:
-        model.eval()
+    if getattr(model, "_placed_on", None) != device or model.training:
+        with _PLACING:
+            if getattr(model, "_placed_on", None) != device:
+                place_model(model, device)
+                model._placed_on = device
+            if model.training:
+                model.eval()
     return device
 
 

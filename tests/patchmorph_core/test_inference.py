@@ -468,3 +468,39 @@ def test_field_spacing_sets_the_stages_and_is_never_finer_than_the_fixed_voxels(
     assert [lat.extent for lat in fine.lattices] == [lat.extent for lat in default.lattices]
     with pytest.raises(ValueError, match="not a length unit"):  # pydantic's error; a YAML file gives InputError
         InferenceConfig(field_spacing="2 s")
+
+
+def test_tasks_starting_together_wait_while_one_places_the_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first tasks of a pass start on several threads at once: the model is placed once, and no task goes
+    on to its forward pass before the placement is finished (a pass beside the move would read weights in
+    both layouts)."""
+    import threading
+    import time
+
+    from patchmorph_core import inference
+
+    model = PatchMorph(ModelConfig(patch_size=8, widths=(4, 4), affine_widths=(4, 4), n_stages=2))
+    placing, placed, returned_early = [], threading.Event(), []
+    real = inference.place_model
+
+    def slow_place(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+        placing.append(threading.current_thread().name)
+        time.sleep(0.2)
+        real(module, device)
+        placed.set()
+        return module
+
+    monkeypatch.setattr(inference, "place_model", slow_place)
+    config = InferenceConfig(device="cpu")
+
+    def task() -> None:
+        inference._model_device(model, config)
+        if not placed.is_set():
+            returned_early.append(threading.current_thread().name)
+
+    threads = [threading.Thread(target=task) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert len(placing) == 1 and not returned_early and not model.training
