@@ -260,11 +260,12 @@ def open_run(root: Path, fingerprint: dict[str, Any], overwrite: bool) -> RunRec
         found = json.loads(manifest.read_text())
         if found != wanted:
             changed = sorted(k for k in set(found) | set(wanted) if found.get(k) != wanted.get(k))
-            version = " (left by another version of PatchMorph)" if "code" in changed else ""
-            raise InputError(
-                f"run folder {root} belongs to a run with different {', '.join(changed)}{version}: rerun with "
-                "the same settings to resume, or pass --overwrite to start again."
-            )
+            if "code" in changed:
+                what = " (left by another version of PatchMorph)"
+                hint = "pass --overwrite to start it again with this version, or finish it with the one that began it"
+            else:
+                what, hint = "", "rerun with the same settings to resume, or pass --overwrite to start again"
+            raise InputError(f"run folder {root} belongs to a run with different {', '.join(changed)}{what}: {hint}.")
         return RunRecords(root)
     root.mkdir(parents=True, exist_ok=True)
     atomic_write_json(manifest, wanted)
