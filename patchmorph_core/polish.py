@@ -50,15 +50,7 @@ from patchmorph_core.config import InferenceConfig
 from patchmorph_core.sampling import row_box, sample_affine, sample_separable
 from patchmorph_core.similarity import MindSSC, Similarity, make_similarity
 from patchmorph_core.source import Level, MultiscaleImage
-from patchmorph_core.spatial import (
-    ALIGN_CORNERS,
-    Grid,
-    box_corners,
-    box_within,
-    index_box,
-    index_to_normalized,
-    read_box,
-)
+from patchmorph_core.spatial import ALIGN_CORNERS, Grid, box_within, grid_box, index_to_normalized, read_box
 
 SQUARINGS = 5
 """Scaling-and-squaring steps of :func:`~patchmorph_core.displacement.exp_velocity` for the polish's velocity
@@ -263,12 +255,9 @@ class PolishResult:
     def restricted(self, target: Grid) -> PolishResult:
         """The part of this result that :meth:`on` ``target`` reads (views): ``target``'s own box of
         :attr:`grid` when it is one (:func:`~patchmorph_core.spatial.box_within`), else the box of :attr:`grid`
-        holding ``target``'s voxel centres and their interpolation neighbours, clipped to the grid."""
-        box = box_within(self.grid, target)
-        if box is None:
-            matrix = self.grid.index_map(target)
-            corners = box_corners(np.zeros(3), np.asarray(target.shape) - 1.0) @ matrix[:3, :3].T + matrix[:3, 3]
-            box = index_box(corners, self.grid.shape, margin=0)
+        holding ``target``'s voxel centres and their interpolation neighbours, clipped to the grid
+        (:func:`~patchmorph_core.spatial.grid_box`)."""
+        box = box_within(self.grid, target) or grid_box(self.grid, target, margin=0)
         assert box is not None  # target lies within the polished box
         start, stop = [s.start for s in box], [s.stop for s in box]
         return PolishResult(self.grid.crop(start, stop), self.velocity[(slice(None), *box)], self.residual[box])

@@ -638,6 +638,15 @@ def world_box(grid: Grid, low: Sequence[float], high: Sequence[float], margin: i
     return index_box(grid.world_to_index(box_corners(low, high)), grid.shape, margin)
 
 
+def grid_box(grid: Grid, target: Grid, margin: int = 1) -> tuple[slice, ...] | None:
+    """:func:`index_box` of ``grid`` holding the voxel centres of ``target`` (a grid on the same world frame: its
+    corner voxels through :meth:`Grid.index_map`, any direction), plus ``margin`` voxels; None when they lie
+    wholly outside."""
+    matrix = grid.index_map(target)
+    corners = box_corners(np.zeros(3), np.asarray(target.shape, dtype=np.float64) - 1.0)
+    return index_box(corners @ matrix[:3, :3].T + matrix[:3, 3], grid.shape, margin)
+
+
 def bounds_box(
     low_index: np.ndarray, high_index: np.ndarray, shape: Sequence[int], margin: int = 1
 ) -> tuple[slice, ...] | None:

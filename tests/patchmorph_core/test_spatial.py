@@ -18,6 +18,7 @@ from patchmorph_core.spatial import (
     SpatialError,
     grid_block_patch,
     grid_block_start,
+    grid_box,
     index_box,
     index_rows_to_normalized,
     index_to_normalized,
@@ -226,6 +227,23 @@ def test_world_box_holds_every_voxel_centre_of_the_world_box_on_a_rotated_anisot
     )
     far = points.max(axis=0) + 100.0
     assert world_box(grid, far, far + 1.0) is None
+
+
+def test_grid_box_holds_the_voxel_centres_of_another_grid_on_the_same_frame() -> None:
+    """A box of a rotated, anisotropic grid gives its own slices; a coarser grid over part of it gives the box
+    that holds every one of its voxel centres (plus the margin); a grid beside it gives None."""
+    grid = Grid.from_spacing((30, 24, 20), (1.5, 1.0, 0.7), direction=random_rotation(np.random.default_rng(6), 40.0))
+    part = grid.crop((4, 5, 6), (20, 17, 15))
+    assert grid_box(grid, part, margin=0) == (slice(4, 20), slice(5, 17), slice(6, 15))
+    assert grid_box(grid, part, margin=2) == (slice(2, 22), slice(3, 19), slice(4, 17))
+    coarse = part.resampled(part.spacing * 2.0)
+    box = grid_box(grid, coarse, margin=0)
+    index = grid.world_to_index(coarse.points().reshape(-1, 3))
+    assert box is not None and all(
+        s.start <= lo + 1e-9 and hi <= s.stop - 1 + 1e-9 for s, lo, hi in zip(box, index.min(axis=0), index.max(axis=0), strict=True)
+    )
+    beside = grid.crop((0, 0, 0), (2, 2, 2)).translated(np.full(3, 1000.0))
+    assert grid_box(grid, beside) is None
 
 
 def test_index_box_outside_is_none() -> None:
