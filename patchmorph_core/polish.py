@@ -35,10 +35,15 @@ blends their velocities with a partition of unity that gives each box's border n
 (:mod:`pipeline.polish`), one pass over the data, like the network's patches. Settings (chosen on validation
 pairs, ``docs/method.md``): 10 steps, window radius 2 (5³ voxels, as ANTs SyNCC's radius 2), update
 smoothing σ 1.5, velocity smoothing σ 0.5, gain 1.5, at most 0.25 field voxels a step.
+
+An option for two images of one contrast (:attr:`PolishSettings.coarse_iterations`, off by default): steps on a
+grid :data:`COARSE_FACTOR` times coarser first, whose velocity the polish's own steps start from; across
+contrasts they make the field worse (``docs/method.md``, *Coarse steps*).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -56,6 +61,11 @@ SQUARINGS = 5
 """Scaling-and-squaring steps of :func:`~patchmorph_core.displacement.exp_velocity` for the polish's velocity
 (at most ``iterations · max_step`` = 2.5 field voxels by default, so each of the 2⁵ = 32 sub-steps moves a
 voxel by under a tenth of a voxel)."""
+
+
+COARSE_FACTOR = 2
+"""The coarse steps (:attr:`PolishSettings.coarse_iterations`) run on a grid this many times coarser than the
+polish grid."""
 
 
 RESIDUAL_SIGMA = 3.0
@@ -96,6 +106,8 @@ class PolishSettings:
         similarity: the similarity whose force drives the steps (:func:`~patchmorph_core.similarity.make_similarity`).
         coarsening: the steps run on a grid this many times coarser than the field (:func:`polish_result`); the
             other settings are in voxels of that grid.
+        coarse_iterations: steps taken first on a grid :data:`COARSE_FACTOR` times coarser still (0: none), with
+            the window :meth:`coarse_settings` gives; the polish's own steps continue from their velocity.
     """
 
     iterations: int
@@ -106,6 +118,7 @@ class PolishSettings:
     correction_sigma: float = 0.5
     similarity: str = "ncc"
     coarsening: int = 1
+    coarse_iterations: int = 0
 
     @classmethod
     def from_config(cls, config: InferenceConfig, field_spacing: float = 1.0, data_spacing: float = 1.0) -> PolishSettings:
@@ -121,16 +134,26 @@ class PolishSettings:
             correction_sigma=config.polish_correction_sigma,
             similarity=config.polish_similarity,
             coarsening=coarsening_for(field_spacing, data_spacing) if coarsening is None else coarsening,
+            coarse_iterations=config.polish_coarse_iterations,
         )
 
     def make_similarity(self) -> Similarity:
         """The similarity object of :attr:`similarity` with window half-width :attr:`radius`."""
         return make_similarity(self.similarity, self.radius)
 
+    def coarse_settings(self) -> PolishSettings:
+        """The settings of the coarse steps: :attr:`coarse_iterations` steps whose similarity window spans about
+        the same field voxels as the polish's own (radius ``max(1, radius // COARSE_FACTOR)`` coarse voxels)."""
+        return dataclasses.replace(
+            self, iterations=self.coarse_iterations, coarse_iterations=0, radius=max(1, self.radius // COARSE_FACTOR)
+        )
+
     @property
     def max_velocity(self) -> float:
-        """The largest velocity any voxel can reach (field voxels): ``iterations · max_step · coarsening``."""
-        return self.iterations * self.max_step * self.coarsening
+        """The largest velocity any voxel can reach (field voxels): ``(iterations + COARSE_FACTOR ·
+        coarse_iterations) · max_step · coarsening``."""
+        steps = self.iterations + COARSE_FACTOR * self.coarse_iterations if self.iterations else 0
+        return steps * self.max_step * self.coarsening
 
     @property
     def exp_halo(self) -> int:
@@ -293,12 +316,24 @@ def polish_result(
     Args: as :func:`polish_on_grid`. Returns: the :class:`PolishResult` on the grid the steps ran on; ``|v|``
     is at most :attr:`PolishSettings.max_velocity` field voxels.
     """
-    factor = settings.coarsening
-    if factor <= 1 or settings.iterations == 0:
+    if settings.iterations == 0:
         return PolishResult(grid, *polish_on_grid(fixed, moving, ranges, field, grid, settings, device))
+    if settings.coarsening > 1:
+        field, grid = _coarser(field, grid, settings.coarsening)
+    initial = None
+    if settings.coarse_iterations > 0:
+        coarse_field, coarse = _coarser(field, grid, COARSE_FACTOR)
+        steps = settings.coarse_settings()
+        velocity, _ = polish_on_grid(fixed, moving, ranges, coarse_field, coarse, steps, device, residual=False)
+        initial = sample_separable(velocity, coarse.index_map(grid), grid.shape, "border")
+    return PolishResult(grid, *polish_on_grid(fixed, moving, ranges, field, grid, settings, device, initial))
+
+
+def _coarser(field: np.ndarray, grid: Grid, factor: int) -> tuple[np.ndarray, Grid]:
+    """``grid`` resampled to ``factor`` times its spacing (same centre) and the ``(3, Z, Y, X)`` ``field`` on it
+    (trilinear, edge values beyond the outer voxel centres)."""
     coarse = grid.resampled(grid.spacing * factor)
-    coarse_field = sample_separable(np.asarray(field, np.float32), grid.index_map(coarse), coarse.shape, "border")
-    return PolishResult(coarse, *polish_on_grid(fixed, moving, ranges, coarse_field, coarse, settings, device))
+    return sample_separable(np.asarray(field, np.float32), grid.index_map(coarse), coarse.shape, "border"), coarse
 
 
 def polish_on_grid(
@@ -309,9 +344,11 @@ def polish_on_grid(
     grid: Grid,
     settings: PolishSettings,
     device: torch.device | str = "cpu",
+    initial: np.ndarray | None = None,
+    residual: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The polish's steps (see the module doc) on ``grid``, on ``device``, and the :func:`residual_map`
-    after them (``settings.coarsening`` is :func:`polish_result`'s).
+    after them (``settings.coarsening`` and ``settings.coarse_iterations`` are :func:`polish_result`'s).
 
     Args:
         fixed, moving: image pyramids (their units converted to ``grid.unit``); the fixed image is sampled on
@@ -321,6 +358,8 @@ def polish_on_grid(
         grid: the box of the field grid (isotropic: the steps smooth and clamp in field voxels).
         settings: the polish settings.
         device: torch device of the steps (a GPU worker polishes on its GPU).
+        initial: ``(3, Z, Y, X)`` velocity the steps start from (world units; None: zero).
+        residual: compute the residual map (False: zeros, for steps whose velocity is all that is used).
 
     Returns:
         ``(3, Z, Y, X)`` float32 velocity ``v`` in world units, components ``(z, y, x)``; ``|v|`` is at most
@@ -329,9 +368,10 @@ def polish_on_grid(
         reaches no moving data).
     """
     shape = tuple(grid.shape)
-    velocity, residual = np.zeros((3, *shape), np.float32), np.zeros(shape, np.float32)
+    velocity = np.zeros((3, *shape), np.float32) if initial is None else np.asarray(initial, np.float32)
+    zeros = np.zeros(shape, np.float32)
     if settings.iterations == 0:
-        return velocity, residual
+        return velocity, zeros
     fixed_range, moving_range = ranges
     level = moving.level_for_grid(grid)
     field = np.asarray(field, np.float32)
@@ -339,13 +379,13 @@ def polish_on_grid(
     # x + v + u₀(x + v) stays within |v| (1 + |∇u₀|) of x + u₀(x): twice the largest velocity is ample
     box = _moving_box(level, world, 2.0 * settings.max_velocity * float(grid.spacing.max()))
     if box is None:
-        return velocity, residual
+        return velocity, zeros
     similarity = settings.make_similarity()
     t = {"device": device}
     volume = torch.tensor(scaled(box.array, moving_range), **t)[None, None]
     fixed_t = torch.tensor(fixed_on_box(fixed, grid, fixed_range), **t)[None, None]
     base, linear = _sampling_map(box.grid, grid, world.reshape(*shape, 3), field, device)
-    v = torch.zeros((1, 3, *shape), dtype=torch.float32, device=device)  # field voxels
+    v = torch.tensor(grid.index_steps(velocity), device=device)[None]  # field voxels
 
     def warp() -> torch.Tensor:  # the moving box through x + v + u₀(x + v), to first order in v
         coords = base.clone()
@@ -359,5 +399,7 @@ def polish_on_grid(
         norm = (update * update).sum(dim=1, keepdim=True).sqrt()  # linalg.vector_norm over dim 1: 20× slower
         update = update * torch.clamp(settings.max_step / (norm + 1e-12), max=1.0)
         v = gaussian(v + update, settings.correction_sigma)
-    residual_t = residual_map(fixed_t, warp())
-    return grid.world_vectors(v[0].cpu().numpy()), residual_t[0, 0].cpu().numpy().astype(np.float32, copy=False)
+    velocity = grid.world_vectors(v[0].cpu().numpy())
+    if not residual:
+        return velocity, zeros
+    return velocity, residual_map(fixed_t, warp())[0, 0].cpu().numpy().astype(np.float32, copy=False)

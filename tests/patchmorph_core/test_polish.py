@@ -111,6 +111,28 @@ def test_coarse_polish_follows_the_shift_within_its_bound(shifted_pair: tuple) -
     assert [coarsening_for(f, 100.0) for f in (100.0, 89.2, 44.6, 30.0, 10.0)] == [1, 1, 2, 3, 4]
 
 
+def test_coarse_steps_go_further_than_the_fine_steps_alone(shifted_pair: tuple) -> None:
+    """Steps on a grid twice as coarse first (``coarse_iterations``) bring the velocity closer to the known shift
+    (world, mm, on the rotated anisotropic grids) than the same fine steps alone, whose bound (``iterations ·
+    max_step`` field voxels) stops them short of it; the bound grows by the coarse steps' reach and holds; the
+    coarse steps' window spans about the same field voxels as the fine steps'."""
+    fixed, moving, grid, shift = shifted_pair
+    ranges = ((0.0, 2.0), (0.0, 2.0))
+    zero = np.zeros((3, *grid.shape), np.float32)
+    structure = _blobs(grid.points()) > 0.3
+    errors = {}
+    for coarse in (0, 3):
+        settings = PolishSettings(iterations=3, coarse_iterations=coarse)
+        velocity, _ = polish_result(fixed, moving, ranges, zero, grid, settings).on(grid)
+        errors[coarse] = np.linalg.norm(velocity[:, structure].mean(axis=1) - shift)
+        steps = np.linalg.norm(np.linalg.inv(grid.linear) @ velocity.reshape(3, -1), axis=0)
+        assert steps.max() <= settings.max_velocity + 1e-4
+    assert PolishSettings(iterations=3).max_velocity == 0.75 and settings.max_velocity == 2.25
+    assert settings.exp_halo == PolishSettings(iterations=3).exp_halo + 2  # the chunks integrate further out
+    assert errors[3] < 0.5 * errors[0]
+    assert settings.coarse_settings().radius == 1 and PolishSettings(1, radius=4).coarse_settings().radius == 2
+
+
 @pytest.mark.parametrize("coarsening", [1, 2])
 def test_a_result_restricted_to_a_part_gives_the_box_values_there(shifted_pair: tuple, coarsening: int) -> None:
     """What a chunk task takes from a tile (its part, from the result kept on the polish grid) equals the

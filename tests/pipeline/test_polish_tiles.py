@@ -186,6 +186,32 @@ def test_chunked_polish_equals_in_memory_and_never_folds(
     assert np.percentile(difference, 99) < 0.3 * np.percentile(moved, 99) and difference.max() < 0.5
 
 
+def test_coarse_steps_chunked_equal_in_memory_and_never_fold(
+    tmp_path: Path, pair_and_config: tuple[Path, Path, InferenceConfig], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With coarse steps first (``polish_coarse_iterations``) 7³ chunks on threads give the in-memory field to
+    float rounding, the coarse steps change the field, and nothing folds (the velocity's larger bound, which sets
+    the chunks' integration halo, is tested in ``tests/patchmorph_core/test_polish.py``)."""
+    fixed, moving, config = pair_and_config
+    config = config.model_copy(
+        update={"polish_iterations": 4, "polish_coarse_iterations": 10, "polish_max_step": 0.4, "stage_check": False}
+    )
+    model = load_model(config.weights, "cpu")
+    images = read_image(fixed), read_image(moving)
+    monkeypatch.setattr(polish_pipeline, "TILE_BOX", 20)
+    monkeypatch.setattr(polish_pipeline, "TILE_FIELD_BOX", 20)
+    monkeypatch.setattr(polish_pipeline, "TILE_HALO", 6)
+    monkeypatch.setattr(polish_pipeline, "TILE_RAMP", 3)
+    reference = register_arrays(model, *images, config)
+    record = register_files(fixed, moving, tmp_path / "coarse.zarr", config, chunk_size=7, progress=False)
+    spacing = float(reference.grid.spacing.min())
+    chunked = np.asarray(read_field(record.field)[0][:])
+    assert np.abs(chunked - reference.field).max() < 1e-4 * spacing
+    fine_only = register_arrays(model, *images, config.model_copy(update={"polish_coarse_iterations": 0}))
+    assert np.abs(fine_only.field - reference.field).max() > 0.1 * spacing
+    assert jacobian_determinant(chunked, reference.grid).min() > 0.0
+
+
 def _padded(path: Path, folder: Path, pad: int) -> Path:
     """The image at ``path`` inside ``pad`` voxels of zero background on every side, on the same world frame."""
     image = read_image(path)
