@@ -19,6 +19,8 @@ images resampled to ``--ants-spacing`` µm, where it fits in time; its composed 
 Usage (from the repository root; the first run writes the deformed brain, ~1 min)::
 
     .venv/bin/python benchmarks/finescale.py run --spacing 400 200 100 50 --ants-spacing 100
+    .venv/bin/python benchmarks/finescale.py run --spacing 400 200 100 --ants-spacing 100 \
+        --setting "field 100 µm, one contrast=--field-spacing 100um --config configs/register_one_contrast.yaml"
     .venv/bin/python benchmarks/finescale.py run --stages 3 4 5 --ants-spacing 100   # without --field-spacing
 
 Writes ``benchmarks/results/finescale.json`` after every setting; ``benchmarks/report.py`` makes the tables.

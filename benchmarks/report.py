@@ -377,7 +377,9 @@ field per band of wavelengths (octaves from whole-brain down to 100 µm, each wi
 registered back to the original at several field spacings through the command line. Bands are differences of
 Gaussian low-passes in world units (half amplitude at the edge wavelength); they overlap, so a component
 leaks partly into its neighbouring bands, the same way for the truth and for the error. ANTs SyN registers
-copies of both brains resampled to the stated spacing."""
+copies of both brains resampled to the stated spacing. The pair has one contrast (a brain against itself): a
+setting named "one contrast" adds the polish's coarse steps (`configs/register_one_contrast.yaml`), the option
+for such pairs (`docs/method.md`, *Coarse steps*)."""
 
 
 # -- scale and the terabyte plan (issue 23) -----------------------------------------------------------------------------
@@ -661,8 +663,21 @@ chunk that needed the tile was written. They now hold them on the polish grid, 8
 0.80 GiB in a run of it alone (`--run 8:6 --no-warp`), so 1.18–1.30× the 1 GiB run's, at the 20 % limit.
 Network blocks of at most 112³ field voxels instead of 160³ did not lower it (0.80 GiB, and 2.47 instead of
 1.72 GiB read, one run; not kept), nor did writing the chunks in Z order instead of raster order, so that fewer
-block results wait for their chunks (0.87 and 0.92 GiB in two runs alone; not kept). Left: tracing the finest
-pass's peak per task.
+block results wait for their chunks (0.87 and 0.92 GiB in two runs alone; not kept). Traced per task (every
+worker's memory at 20 Hz beside the scheduler's task stream; the 8 GiB run's `register` on the benchmark's local
+cluster, code 040b8be): the workers held 0.27 GiB after start-up and 0.42–0.45 GiB when the finest pass began
+(torch, the model, the fixed image on the field grid, the coarser pass's field), and peaked at 0.83 and
+0.92 GiB in that pass, one while running a block task, the other in and between the chunk tasks of the chunk
+rows that need blocks of both of the grid's two block layers (12 blocks, 2 along z). There every block's sums
+are alive at once (Σw·v, Σw and Σw·|v|², 20 B per voxel of a support of up to 160³ voxels: about 80 MB a
+block), half on each worker, with the pieces a worker receives for its queued chunk tasks (0.15 GiB arrived at
+the idle worker at once). That is why smaller blocks and another chunk order did not lower the peak: what is
+alive is set by the grid's cross-section, not by the block. On a larger grid the chunk tasks, in raster order,
+keep at most about two layers of blocks alive, spread over the workers: for the terabyte plan's 20 µm field
+(below) about 80 blocks a layer, some 7 GB a layer across the cluster, which a worker past its memory target
+spills to its local disk (Dask's default). The same trace shows the finest pass's two
+workers idle for a quarter of its time (18 of 72 worker-seconds), waiting for the blocks that a window of four
+chunk tasks needs; submitting blocks further ahead would use that time for more sums alive.
 
 *Forward share: where the rest of the worker time goes.* Profiled per task (the run folder's records, with
 the chunk tasks timed part by part at 1 GiB) and per function on one polish box (cProfile, one thread):
