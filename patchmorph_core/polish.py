@@ -151,7 +151,7 @@ class PolishSettings:
     @property
     def max_velocity(self) -> float:
         """The largest velocity any voxel can reach (field voxels): ``(iterations + COARSE_FACTOR ·
-        coarse_iterations) · max_step · coarsening``."""
+        coarse_iterations) · max_step · coarsening`` (0 without steps: the coarse steps run only before some)."""
         steps = self.iterations + COARSE_FACTOR * self.coarse_iterations if self.iterations else 0
         return steps * self.max_step * self.coarsening
 
@@ -364,8 +364,8 @@ def polish_on_grid(
     Returns:
         ``(3, Z, Y, X)`` float32 velocity ``v`` in world units, components ``(z, y, x)``; ``|v|`` is at most
         :attr:`PolishSettings.max_velocity` field voxels. ``(Z, Y, X)`` float32 :func:`residual_map` of the
-        fixed image and the moving image through the polished field (zeros without steps, or where the box
-        reaches no moving data).
+        fixed image and the moving image through the polished field (zeros without steps, where the box
+        reaches no moving data, or with ``residual`` False).
     """
     shape = tuple(grid.shape)
     velocity = np.zeros((3, *shape), np.float32) if initial is None else np.asarray(initial, np.float32)
