@@ -332,36 +332,44 @@ class FieldSums:
         grid: the field grid (a whole field or one block of it).
         weighted: ``(3, Z, Y, X)`` Σ w·v (world units, components ``(z, y, x)``).
         weight: ``(Z, Y, X)`` Σ w.
-        weighted_sq: ``(Z, Y, X)`` Σ w·|v|² (for the uncertainty).
+        weighted_sq: ``(Z, Y, X)`` Σ w·|v|² (for the uncertainty), or None where the spread is not needed (a
+            pass whose uncertainty nobody reads keeps a fifth less memory: ``spread=False``).
         patches: number of patch estimates that put weight on the grid.
     """
 
     grid: Grid
     weighted: np.ndarray = field(repr=False)
     weight: np.ndarray = field(repr=False)
-    weighted_sq: np.ndarray = field(repr=False)
+    weighted_sq: np.ndarray | None = field(repr=False)
     patches: int = 0
 
     @classmethod
-    def zeros(cls, grid: Grid) -> FieldSums:
-        """Empty sums on ``grid``."""
+    def zeros(cls, grid: Grid, spread: bool = True) -> FieldSums:
+        """Empty sums on ``grid`` (``spread``: with :attr:`weighted_sq`)."""
         return cls(
             grid,
             np.zeros((3, *grid.shape), dtype=np.float32),
             np.zeros(grid.shape, dtype=np.float32),
-            np.zeros(grid.shape, dtype=np.float32),
+            np.zeros(grid.shape, dtype=np.float32) if spread else None,
         )
+
+    @property
+    def spread(self) -> bool:
+        """Whether these sums hold :attr:`weighted_sq`."""
+        return self.weighted_sq is not None
 
     def __add__(self, other: FieldSums) -> FieldSums:
         """Sums of two disjoint sets of patches on the same grid."""
         same = self.grid.shape == other.grid.shape and np.allclose(self.grid.affine, other.grid.affine)
         if not same:
             raise ValueError("FieldSums can only be added on the same grid; crop them to one grid first")
+        if self.spread != other.spread:
+            raise ValueError("FieldSums with and without the spread cannot be added")
         return FieldSums(
             self.grid,
             self.weighted + other.weighted,
             self.weight + other.weight,
-            self.weighted_sq + other.weighted_sq,
+            None if self.weighted_sq is None or other.weighted_sq is None else self.weighted_sq + other.weighted_sq,
             self.patches + other.patches,
         )
 
@@ -374,14 +382,18 @@ class FieldSums:
         """
         if tuple(int(a) for a in start) == (0, 0, 0) and tuple(int(b) for b in stop) == self.grid.shape:
             return self
-        out = FieldSums.zeros(self.grid.crop(np.asarray(start, dtype=np.int64), np.asarray(stop, dtype=np.int64)))
+        box = self.grid.crop(np.asarray(start, dtype=np.int64), np.asarray(stop, dtype=np.int64))
+        out = FieldSums.zeros(box, self.spread)
         touched = out.add_from(self, start)
         return FieldSums(out.grid, out.weighted, out.weight, out.weighted_sq, self.patches if touched else 0)
 
     def add_from(self, other: FieldSums, start: Sequence[int]) -> bool:
         """Add, in place, the part of ``other`` that overlaps this grid, whose voxel 0 is ``other``'s voxel
         ``start`` (this grid's box in ``other``'s index frame; it may reach beyond ``other``). Returns
-        whether they overlap. ``patches`` is left to the caller (this object is frozen)."""
+        whether they overlap. ``patches`` is left to the caller (this object is frozen). Both hold the spread,
+        or neither."""
+        if self.spread != other.spread:
+            raise ValueError("FieldSums with and without the spread cannot be added")
         start_a = np.asarray(start, dtype=np.int64)
         lo = np.clip(start_a, 0, other.grid.shape)
         hi = np.clip(start_a + np.asarray(self.grid.shape, dtype=np.int64), 0, other.grid.shape)
@@ -391,12 +403,13 @@ class FieldSums:
         dst = tuple(slice(int(a - s), int(b - s)) for a, b, s in zip(lo, hi, start_a, strict=True))
         self.weighted[(slice(None), *dst)] += other.weighted[(slice(None), *src)]
         self.weight[dst] += other.weight[src]
-        self.weighted_sq[dst] += other.weighted_sq[src]
+        if self.weighted_sq is not None and other.weighted_sq is not None:
+            self.weighted_sq[dst] += other.weighted_sq[src]
         return True
 
 
 def accumulate(
-    specs: Sequence[PatchSpec], estimates: np.ndarray | Sequence[np.ndarray], target: Grid
+    specs: Sequence[PatchSpec], estimates: np.ndarray | Sequence[np.ndarray], target: Grid, spread: bool = True
 ) -> FieldSums:
     """Windowed sums of patch estimates on ``target`` (see the module docstring).
 
@@ -405,11 +418,12 @@ def accumulate(
         estimates: ``(B, 3, P, P, P)`` network update ``v`` of each patch at its voxel centres (world units,
             ``(z, y, x)`` components), in ``specs`` order.
         target: the field grid (or block of it) to accumulate into; same unit as the patches.
+        spread: also sum ``w·|v|²`` (:attr:`FieldSums.weighted_sq`, for the uncertainty).
 
     Returns:
         :class:`FieldSums` on ``target``.
     """
-    sums = FieldSums.zeros(target)
+    sums = FieldSums.zeros(target, spread)
     touched = 0
     for spec, estimate in zip(specs, estimates, strict=True):
         touched += _add_patch(sums, spec, np.asarray(estimate, dtype=np.float32))
@@ -443,21 +457,25 @@ def _add_patch(sums: FieldSums, spec: PatchSpec, estimate: np.ndarray) -> int:
     sub_weighted = sums.weighted[(slice(None), *box)]
     sub_weighted[:, mask] += w * values
     sums.weight[box][mask] += w
-    sums.weighted_sq[box][mask] += w * np.sum(values**2, axis=0)
+    if sums.weighted_sq is not None:
+        sums.weighted_sq[box][mask] += w * np.sum(values**2, axis=0)
     return 1
 
 
 def averaged_update(sums: FieldSums) -> tuple[np.ndarray, np.ndarray]:
     """The averaged update ``v̄ = Σw·v / max(Σw, WEIGHT_FLOOR)`` (0 where ``Σw <= WEIGHT_EPS``) and the weighted
     standard deviation of the updates: ``(3, Z, Y, X)`` and ``(Z, Y, X)`` float32, world units (the spread 0
-    where no patch put weight)."""
+    where no patch put weight, and everywhere for sums without it)."""
     covered = sums.weight > WEIGHT_EPS
     safe = np.where(covered, sums.weight, np.float32(1.0))
     mean = sums.weighted / safe
     mean *= covered
-    variance = sums.weighted_sq / safe - np.einsum("c...,c...->...", mean, mean)
-    uncertainty = np.sqrt(np.maximum(variance, 0.0, out=variance), out=variance)
-    uncertainty *= covered
+    if sums.weighted_sq is None:
+        uncertainty = np.zeros(sums.weight.shape, np.float32)
+    else:
+        variance = sums.weighted_sq / safe - np.einsum("c...,c...->...", mean, mean)
+        uncertainty = np.sqrt(np.maximum(variance, 0.0, out=variance), out=variance)
+        uncertainty *= covered
     mean *= safe / np.maximum(safe, np.float32(WEIGHT_FLOOR))  # fade out where the coverage ends
     return mean, uncertainty
 
@@ -748,6 +766,7 @@ def estimate_and_accumulate(
     fixed_on_grid: Level | None = None,
     stats: dict[str, float] | None = None,
     progress: Any = None,
+    spread: bool = True,
 ) -> FieldSums:
     """:func:`estimate_patches` then :func:`accumulate` into ``target``, one batch at a time (memory stays
     at one batch of estimates plus the boxes of :func:`block_inputs`). Arguments as in those two functions;
@@ -765,9 +784,10 @@ def estimate_and_accumulate(
         return _estimate_and_accumulate_on_grid(
             model, fixed, moving, prior, specs, np.array(starts), target, config,
             ranges=(fixed_range, moving_range), fixed_on_grid=fixed_on_grid, stats=stats, progress=progress,
+            spread=spread,
         )  # fmt: skip
     fixed, moving, prior = block_inputs(fixed, moving, prior, specs)
-    sums = FieldSums.zeros(target)
+    sums = FieldSums.zeros(target, spread)
     touched = 0
     for start in range(0, len(specs), config.batch_size):
         batch = specs[start : start + config.batch_size]
@@ -852,6 +872,7 @@ def _estimate_and_accumulate_on_grid(
     fixed_on_grid: Level | None,
     stats: dict[str, float] | None,
     progress: Any,
+    spread: bool,
 ) -> FieldSums:
     """:func:`estimate_and_accumulate` for patches that are blocks of ``target``'s grid.
 
@@ -888,7 +909,7 @@ def _estimate_and_accumulate_on_grid(
         )
     moving_index = mapped_indices(prior, work, moving_level.grid)
     moving_w = normalize(sample_indices(moving_level.array, moving_index), m_lo, m_hi)
-    sums = FieldSums.zeros(work)
+    sums = FieldSums.zeros(work, spread)
     weights = patch_window(size).astype(np.float32)
     device = _model_device(model, config)
     seconds = {"forward_seconds": 0.0, "sampling_seconds": time.perf_counter() - tic, "accumulate_seconds": 0.0}
@@ -909,11 +930,12 @@ def _estimate_and_accumulate_on_grid(
         estimates = update.float().cpu().numpy()
         tuc = time.perf_counter()
         weighted = weights * estimates  # (B, 3, P, P, P) float32; the window is symmetric
-        weighted_sq = np.sum(weighted * estimates, axis=1)
+        weighted_sq = np.sum(weighted * estimates, axis=1) if sums.weighted_sq is not None else None
         for k, n in enumerate(batch):  # grid_block_view of the sums is in patch order, like the estimates
             grid_block_view(sums.weighted, starts[n], size)[...] += weighted[k]
             grid_block_view(sums.weight, starts[n], size)[...] += weights
-            grid_block_view(sums.weighted_sq, starts[n], size)[...] += weighted_sq[k]
+            if sums.weighted_sq is not None and weighted_sq is not None:
+                grid_block_view(sums.weighted_sq, starts[n], size)[...] += weighted_sq[k]
         seconds["forward_seconds"] += tuc - toc
         seconds["sampling_seconds"] += toc - tic
         seconds["accumulate_seconds"] += time.perf_counter() - tuc

@@ -453,7 +453,7 @@ def split_partial(plan: ChunkPlan, support: Box, sums: FieldSums) -> dict[ChunkI
             sums.grid.crop(rel.start, rel.stop),
             sums.weighted[inner],
             sums.weight[rel.slices],
-            sums.weighted_sq[rel.slices],
+            None if sums.weighted_sq is None else sums.weighted_sq[rel.slices],
             sums.patches,
         )
     return pieces
@@ -464,9 +464,10 @@ def reduce_partials(grid: Grid, box: Box, partials: Sequence[tuple[Box | None, F
 
     Each partial lives on ``grid.crop(support.start, support.stop)`` (a block's whole support, or its piece
     on ``support ∩ box``); the part inside the chunk (``box - support.start`` in its own index frame) is
-    added in place into the chunk's sums (:meth:`FieldSums.add_from`; see the module docstring).
+    added in place into the chunk's sums (:meth:`FieldSums.add_from`; see the module docstring). The sums hold
+    the spread (:attr:`FieldSums.weighted_sq`) when every partial does.
     """
-    total = FieldSums.zeros(grid.crop(box.start, box.stop))
+    total = FieldSums.zeros(grid.crop(box.start, box.stop), all(sums.spread for _, sums in partials))
     patches = 0
     for support, sums in partials:
         if support is not None and total.add_from(sums, box.relative_to(support.start).start):

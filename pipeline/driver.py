@@ -300,6 +300,13 @@ class StageContext:
     prior: Displacement
     fixed_on_grid: Level | None = None
 
+    @property
+    def spread(self) -> bool:
+        """Whether the blocks sum the spread of the patches' estimates (``FieldSums.weighted_sq``): only for the
+        finest pass when no polish follows, whose spread is the output's uncertainty map (the polish writes its
+        residual there instead). Without it a block's sums are a fifth smaller."""
+        return self.arrays.uncertainty is not None and self.config.polish_iterations == 0
+
     def the_model(self) -> Any:
         """The model to run (:attr:`model`, else loaded from :attr:`weights` once per process)."""
         if self.model is not None:
@@ -321,7 +328,7 @@ def block_sums(ctx: StageContext, block: CellBlock) -> dict[Any, Any]:
     sums = estimate_and_accumulate(
         ctx.the_model(), ctx.fixed, ctx.moving, ctx.prior, specs, target, ctx.config,
         fixed_range=ctx.fixed_range, moving_range=ctx.moving_range, fixed_on_grid=ctx.fixed_on_grid,
-        stats=stats,
+        stats=stats, spread=ctx.spread,
     )  # fmt: skip
     pieces: dict[Any, Any] = dict(split_partial(plan, block.support, sums))
     stats.update(patches=len(specs), seconds=time.perf_counter() - tic)

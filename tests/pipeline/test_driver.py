@@ -54,6 +54,34 @@ def test_register_arrays_stub_adds_updates_across_stages() -> None:
     assert np.all(result.uncertainty[tissue] < 1e-3)
 
 
+def test_only_a_finest_pass_without_polish_sums_the_spread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The blocks sum ``w·|v|²`` only where the spread is the output's uncertainty map (the finest pass when no
+    polish follows); with the polish every pass keeps a fifth less, and the map is the polish's residual."""
+    import pipeline.driver as driver
+
+    calls: list[bool] = []
+    real = driver.estimate_and_accumulate
+
+    def recording(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(kwargs["spread"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(driver, "estimate_and_accumulate", recording)
+    fixed, moving = blob_pair()
+    config = InferenceConfig(
+        device="cpu", max_rotation_deg=0.0, initial_alignment="center_of_mass", n_stages=2, stage_check=False
+    )
+    spreads = {}
+    for steps in (0, 3):
+        calls.clear()
+        result = register_arrays(ConstantUpdate((0.25, 0.5, -0.5)), fixed, moving, config.model_copy(
+            update={"polish_iterations": steps}), show_progress=False)  # fmt: skip
+        spreads[steps] = list(calls)
+        assert result.uncertainty.shape == result.grid.shape
+    assert spreads[0][0] is False and spreads[0][-1] is True  # stage 0's blocks, then the finest pass's
+    assert not any(spreads[3]) and len(spreads[3]) == len(spreads[0])
+
+
 def test_fold_free_updates_keep_a_folding_network_from_folding_the_field() -> None:
     """A stub network whose every update folds: composed as averaged, the field folds; made fold-free (the
     default), it does not, and it still moves the tissue the way the updates push it."""
