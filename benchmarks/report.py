@@ -610,8 +610,11 @@ polish's 96-voxel tiles, the workers' 16 MiB heap threshold and a small field's 
 voxels (the 1 GiB run's, 1.6 M) is stored, integrated and polished as its two halves along its longest axis
 (`pipeline.driver.ZarrStore.chunk_for`, `pipeline.polish.SMALL_GRID`), where it had 64³ chunks and 96-voxel
 tiles. It also has MIND-SSC from its six distinct differences (about 3× cheaper; the residual map, the stage
-checks and the affine fit use it) and the polish tiles' results kept on the polish grid until their chunks take
-them. The series before it (code 5f6c14b, load 0.9) ran at 24.7 / 42.3 / 93.8 / 129.7 CPU-s, peaks 0.73 / 0.81 /
+checks and the affine fit use it), the polish tiles' results kept on the polish grid until their chunks take
+them, and network blocks that sum the spread of their estimates only where it is the output (below, *Peak per
+worker*). The series before it ran at 22.6 / 39.6 / 82.6 / 109.1 CPU-s, peaks 0.68 / 0.75 / 0.81 / 0.88 GiB
+(code 5652614, load 0.8), and the same registrations again at 24.7 / 41.7 / 85.8 / 107.7 CPU-s, peaks 0.64 /
+0.79 / 0.98 / 0.86 GiB (code cdea75a, load 0.3). The series before those (code 5f6c14b, load 0.9) ran at 24.7 / 42.3 / 93.8 / 129.7 CPU-s, peaks 0.73 / 0.81 /
 0.80 / 1.00 GiB; the one before that (code 850bf75, load 2.2, 64³ chunks and 96-voxel tiles at every size) at
 31.7 / 50.0 / 104.5 / 111.8 CPU-s, peaks 0.54 / 0.80 / 0.83 / 1.00 GiB; the same code without the fold-free
 passes ran 1, 2 and 4 GiB at 35 / 52 / 102 CPU-s, peaks 0.59 / 0.74 / 0.92 GiB (code a310051, load 9-10).
@@ -653,14 +656,15 @@ every worker holds of a pass (the fixed image on the finest pass's field grid, 4
 (`pipeline.cluster.WORKER_MALLOC_ENV`, below), which adds a little to every peak; with a threshold of 1 GiB the
 series peaked at 0.64 / 0.82 / 1.04 / 0.95 GiB (code de6a94c), since freed memory stayed with the process. So
 the peak stays far below the 2 GiB cap. The 1 GiB run's two polish tiles (boxes of 88 × 87 × 122 voxels, about
-0.14 GB) and two chunk tasks (76 × 87 × 122 voxels and their halo) set its peak (0.68 GiB in this series), level
-with the 2 and 4 GiB runs (within 10 % and 18 %). The table's "during" says which pass was running when the
+0.14 GB) and two chunk tasks (76 × 87 × 122 voxels and their halo) set its peak (0.67 GiB in this series), level
+with the 2 and 4 GiB runs (within 3 % and 16 %). The table's "during" says which pass was running when the
 busiest worker peaked (`scale.pass_at`: the sampler's time of the peak against the run folder's record times).
 In the series before this one the 8 GiB run peaked at 1.00 GiB during the polish: at 2× its tiles (boxes of 160
 field voxels) sampled their velocity and residual back onto the field grid, 82 MB a tile, held until every
 chunk that needed the tile was written. They now hold them on the polish grid, 8 MB a tile (`docs/method.md`,
-*A field finer than the data*), and the 8 GiB run peaks during its finest network pass: 0.88 GiB in this series,
-0.80 GiB in a run of it alone (`--run 8:6 --no-warp`), so 1.18–1.30× the 1 GiB run's, at the 20 % limit.
+*A field finer than the data*), and the 8 GiB run peaks during its finest network pass: 0.80 GiB in this series,
+0.81 and 0.82 GiB in two runs of it alone (`--run 8:6 --no-warp`, code 16994cb), so 1.19–1.22× the 1 GiB run's,
+at the 20 % limit.
 Network blocks of at most 112³ field voxels instead of 160³ did not lower it (0.80 GiB, and 2.47 instead of
 1.72 GiB read, one run; not kept), nor did writing the chunks in Z order instead of raster order, so that fewer
 block results wait for their chunks (0.87 and 0.92 GiB in two runs alone; not kept). Traced per task (every
@@ -669,15 +673,22 @@ cluster, code 040b8be): the workers held 0.27 GiB after start-up and 0.42–0.45
 (torch, the model, the fixed image on the field grid, the coarser pass's field), and peaked at 0.83 and
 0.92 GiB in that pass, one while running a block task, the other in and between the chunk tasks of the chunk
 rows that need blocks of both of the grid's two block layers (12 blocks, 2 along z). There every block's sums
-are alive at once (Σw·v, Σw and Σw·|v|², 20 B per voxel of a support of up to 160³ voxels: about 80 MB a
-block), half on each worker, with the pieces a worker receives for its queued chunk tasks (0.15 GiB arrived at
+are alive at once (Σw·v, Σw and then also Σw·|v|², 20 B per voxel of a support of up to 160³ voxels: about
+80 MB a block), half on each worker, with the pieces a worker receives for its queued chunk tasks (0.15 GiB arrived at
 the idle worker at once). That is why smaller blocks and another chunk order did not lower the peak: what is
 alive is set by the grid's cross-section, not by the block. On a larger grid the chunk tasks, in raster order,
 keep at most about two layers of blocks alive, spread over the workers: for the terabyte plan's 20 µm field
 (below) about 80 blocks a layer, some 7 GB a layer across the cluster, which a worker past its memory target
 spills to its local disk (Dask's default). The same trace shows the finest pass's two
 workers idle for a quarter of its time (18 of 72 worker-seconds), waiting for the blocks that a window of four
-chunk tasks needs; submitting blocks further ahead would use that time for more sums alive.
+chunk tasks needs; submitting blocks further ahead would use that time for more sums alive. Since code 16994cb
+the blocks sum Σw·|v|² only in the finest pass without a polish, whose spread is the output's uncertainty map
+(`pipeline.driver.StageContext.spread`; with the polish the map is its residual): every other pass's sums and
+pieces are a fifth smaller, 16 B per voxel, and the fields are bit-identical. The peak moved within its noise:
+the 8 GiB run alone peaked at 0.83 GiB before and at 0.81 and 0.82 GiB after. One run's peak moves by 0.1–0.2 GiB
+with which tasks coincide: the same code peaked at 0.98 GiB at 4 GiB in the cdea75a series above (during the
+polish) and at 0.77 GiB in a run of that size alone; so the 20 % criterion is met in one series (this one:
+1.03 / 1.16 / 1.19×) and missed in the next (cdea75a: 1.24 / 1.54 / 1.34×).
 
 *Forward share: where the rest of the worker time goes.* Profiled per task (the run folder's records, with
 the chunk tasks timed part by part at 1 GiB) and per function on one polish box (cProfile, one thread):
