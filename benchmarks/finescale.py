@@ -29,6 +29,8 @@ Writes ``benchmarks/results/finescale.json`` after every setting; ``benchmarks/r
 from __future__ import annotations
 
 import argparse
+import hashlib
+import inspect
 import logging
 import shlex
 import sys
@@ -64,9 +66,19 @@ def band_rms_um() -> tuple[float, ...]:
     return (*(STRAIN * m / (2 * np.pi) for m in middles), 0.0)
 
 
+def inputs_key() -> str:
+    """What the prepared inputs depend on: the deformation's settings and the source of the code that makes
+    them (this module's :func:`prepare`, :mod:`fields`, :mod:`harness`), hashed; inputs written under another
+    key are written again, never reused."""
+    parts = [repr((SEED, BAND_EDGES_UM, band_rms_um(), STRAIN)), inspect.getsource(prepare)]
+    parts += [Path(module.__file__).read_text() for module in (fields, harness)]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
 def prepare(folder: Path) -> dict[str, Any]:
-    """Write (once) the moving brain, the deformed fixed brain, its tissue mask (NIfTI, mm) and the true field
-    (``truth_um.npy``, ``(3, Z, Y, X)`` µm on the brain's grid); return the inputs' paths and figures."""
+    """Write (once per :func:`inputs_key`) the moving brain, the deformed fixed brain, its tissue mask (NIfTI, mm)
+    and the true field (``truth_um.npy``, ``(3, Z, Y, X)`` µm on the brain's grid); return the inputs' paths and
+    figures."""
     from scipy import ndimage
 
     from pipeline.demo import BRAIN_ORIENTATION, BRAIN_VOXEL_SIZE_UM, read_tiff
@@ -80,7 +92,9 @@ def prepare(folder: Path) -> dict[str, Any]:
     brain = read_tiff(harness.EXAMPLES / "mouse_stp_brainreg" / "brain_50x40x40um_psl.tif").astype(np.float32)
     grid = Grid.from_orientation(brain.shape, BRAIN_VOXEL_SIZE_UM, BRAIN_ORIENTATION, unit="micrometer")
     tissue = harness.tissue_mask(brain)
-    if not all(p.exists() for p in paths.values()):
+    key_file = folder / "inputs_key.txt"
+    fresh = key_file.exists() and key_file.read_text() == inputs_key()
+    if not (fresh and all(p.exists() for p in paths.values())):
         truth = fields.band_limited_field(
             grid, BAND_EDGES_UM, band_rms_um(), np.random.default_rng(SEED), tissue
         )
@@ -91,6 +105,7 @@ def prepare(folder: Path) -> dict[str, Any]:
             paths["tissue"], fields.warp_array(tissue.astype(np.uint8), grid, grid, truth, 0), grid
         )
         np.save(paths["truth"], truth)
+        key_file.write_text(inputs_key())
     truth = np.load(paths["truth"])
     mask = fields.warp_array(tissue.astype(np.uint8), grid, grid, truth, order=0) > 0
     interior = ndimage.distance_transform_edt(mask, sampling=grid.spacing) > INTERIOR_UM
