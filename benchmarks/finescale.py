@@ -76,9 +76,9 @@ def inputs_key() -> str:
 
 
 def prepare(folder: Path) -> dict[str, Any]:
-    """Write (once per :func:`inputs_key`) the moving brain, the deformed fixed brain, its tissue mask (NIfTI, mm)
-    and the true field (``truth_um.npy``, ``(3, Z, Y, X)`` µm on the brain's grid); return the inputs' paths and
-    figures."""
+    """Write (once per :func:`inputs_key`; anything derived from older inputs is removed) the moving brain, the
+    deformed fixed brain, its tissue mask (NIfTI, mm) and the true field (``truth_um.npy``, ``(3, Z, Y, X)`` µm on
+    the brain's grid); return the inputs' paths and figures."""
     from scipy import ndimage
 
     from pipeline.demo import BRAIN_ORIENTATION, BRAIN_VOXEL_SIZE_UM, read_tiff
@@ -95,6 +95,8 @@ def prepare(folder: Path) -> dict[str, Any]:
     key_file = folder / "inputs_key.txt"
     fresh = key_file.exists() and key_file.read_text() == inputs_key()
     if not (fresh and all(p.exists() for p in paths.values())):
+        for stale in folder.glob("*.nii.gz"):  # also the resampled copies derived from them (ants_inputs)
+            stale.unlink()
         truth = fields.band_limited_field(
             grid, BAND_EDGES_UM, band_rms_um(), np.random.default_rng(SEED), tissue
         )
