@@ -148,14 +148,10 @@ def invert_points(
     pts = _as_points(points)
     v = -displacement(pts) if initial is None else _as_points(initial).copy()
     residual = v + displacement(pts + v)
-    steps = max(int(iterations) - 1, 0)
-    if tolerance <= 0.0:
-        for _ in range(steps):
-            v = v - INVERSE_DAMPING * residual
-            residual = v + displacement(pts + v)
-        return v.reshape(shape), residual.reshape(shape)
-    index, p, w, r = np.arange(len(pts)), pts, v, residual  # the points still stepping (compacted as they stop)
-    for _ in range(steps):
+    # the points still stepping, compacted as they stop (with tolerance 0 only a point whose residual is exactly 0
+    # stops, and a step would not change it: every point gets the values of all its steps)
+    index, p, w, r = np.arange(len(pts)), pts, v, residual
+    for _ in range(max(int(iterations) - 1, 0)):
         going = np.einsum("ij,ij->i", r, r) > tolerance * tolerance
         if not going.all():
             v[index[~going]], residual[index[~going]] = w[~going], r[~going]

@@ -343,8 +343,7 @@ class Grid:
 
     def world_bounds(self) -> tuple[np.ndarray, np.ndarray]:
         """Axis-aligned world box ``(low, high)`` that holds every voxel centre, each ``(3,)``."""
-        corners = np.array(np.meshgrid(*[[0, s - 1] for s in self.shape], indexing="ij")).reshape(3, -1).T
-        world = self.index_to_world(corners)
+        world = self.index_to_world(box_corners(np.zeros(3), np.asarray(self.shape, dtype=np.float64) - 1.0))
         return world.min(axis=0), world.max(axis=0)
 
     # -- derived grids ------------------------------------------------------------------------------

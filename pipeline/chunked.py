@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from patchmorph_core.errors import InputError
 from patchmorph_core.inference import FieldSums, PatchLattice, cell_blocks
-from patchmorph_core.spatial import Grid, index_box
+from patchmorph_core.spatial import Grid, world_box
 from pipeline.executor import Executor
 from pipeline.integrity import writable
 from pipeline.ngff import DEFAULT_CHUNK, create_image_array
@@ -83,6 +83,12 @@ class Box:
         if any(b <= a for a, b in zip(start, stop, strict=True)):
             return None
         return Box(start, stop)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_slices(cls, slices: Sequence[slice]) -> Box:
+        """The box of a tuple of slices (with explicit starts and stops, as :func:`~patchmorph_core.spatial.index_box`
+        gives)."""
+        return cls(tuple(int(s.start) for s in slices), tuple(int(s.stop) for s in slices))  # type: ignore[arg-type]
 
     def relative_to(self, origin: Sequence[int]) -> Box:
         """The same box in the index frame whose voxel 0 is ``origin``."""
@@ -373,11 +379,8 @@ def block_support(lattice: PatchLattice, start: Sequence[int], stop: Sequence[in
         reach += float(lattice.snap.spacing.max()) * np.sqrt(3.0) / 2.0
     first = lattice.origin + np.asarray(start, dtype=np.float64) * lattice.step - reach
     last = lattice.origin + (np.asarray(stop, dtype=np.float64) - 1.0) * lattice.step + reach
-    corners = np.array(np.meshgrid(*zip(first, last, strict=True), indexing="ij")).reshape(3, -1).T
-    box = index_box(grid.world_to_index(corners), grid.shape, margin=1)
-    if box is None:
-        return None
-    return Box(tuple(s.start for s in box), tuple(s.stop for s in box))  # type: ignore[arg-type]
+    box = world_box(grid, first, last, margin=1)
+    return None if box is None else Box.from_slices(box)
 
 
 @dataclass(frozen=True)

@@ -222,7 +222,7 @@ def tissue_box(fixed: MultiscaleImage, grid: Grid) -> Box | None:
     the box the network's patch lattices cover), or None when it holds no voxel of the grid."""
     low, high = tissue_bounds(fixed)
     box = world_box(grid, low, high, margin=0)
-    return None if box is None else Box(tuple(s.start for s in box), tuple(s.stop for s in box))  # type: ignore[arg-type]
+    return None if box is None else Box.from_slices(box)
 
 
 @dataclass(frozen=True)
