@@ -20,8 +20,11 @@ per (block, chunk) pair that Dask runs where the block's result lives, so only p
 task per output chunk, submitted in raster order with at most ``window`` chunk tasks in
 flight; a block's result is released as soon as every chunk that needs it is written. Each task's memory
 is bounded by the chunk, block and patch sizes, not the volume. What stays alive between tasks is the front
-of blocks still needed by later chunks (in raster order about one layer of chunks deep); Dask spills those
-to the worker's local disk beyond its memory limit (``memory_per_worker``), so no worker outgrows it.
+of blocks still needed by later chunks (in raster order about one layer of chunks deep: the grid's
+cross-section, which grows with the volume). On a Dask cluster the block tasks therefore write their pieces
+to the run folder (``spill``: one file per piece, :class:`SpilledPiece`) and return only the files' names;
+each chunk task reads its own pieces, and the driver deletes them once the chunk is recorded. So what a worker
+holds between tasks no longer grows with the volume, and nothing is sent between workers but names.
 Chunks already recorded by :mod:`pipeline.resume` are skipped.
 """
 
@@ -29,6 +32,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import pickle
+import shutil
 import time
 import uuid
 from collections import Counter
@@ -222,6 +228,52 @@ BLOCK_FIGURES = "figures"
 
 
 @dataclass(frozen=True)
+class SpilledPiece:
+    """A block's piece for one chunk task, kept in a file of the run folder instead of a worker's memory
+    (written by :func:`spill_block`, read by :func:`unspilled_chunk`, deleted by :func:`run_chunked` once
+    the chunk is recorded)."""
+
+    path: Path
+
+    def load(self) -> Any:
+        """The piece itself."""
+        with self.path.open("rb") as handle:
+            return pickle.load(handle)  # noqa: S301 - a file this run wrote into its own run folder
+
+
+def piece_path(folder: Path, block: int, cid: ChunkId) -> Path:
+    """File of block ``block``'s piece for chunk ``cid`` in the spill folder ``folder``."""
+    return folder / f"{block}-{chunk_name(cid)}.pkl"
+
+
+def spill_block(block_fn: Callable[[Any, Any], Any], folder: Path, index: int, context: Any, block: Any) -> Any:
+    """Task: ``block_fn(context, block)`` with every piece written to ``folder`` (:func:`piece_path`, through an
+    atomic rename) and replaced by its :class:`SpilledPiece`; the figures gain ``spilled_bytes``, the bytes
+    written."""
+    out: dict[Any, Any] = {}
+    written = 0
+    for key, value in block_fn(context, block).items():
+        if key == BLOCK_FIGURES:
+            out[key] = value
+            continue
+        path = piece_path(folder, index, key)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+        with tmp.open("wb") as handle:
+            pickle.dump(value, handle, protocol=pickle.HIGHEST_PROTOCOL)
+            written += handle.tell()
+        os.replace(tmp, path)
+        out[key] = SpilledPiece(path)
+    out[BLOCK_FIGURES] = {**out.get(BLOCK_FIGURES, {}), "spilled_bytes": written}
+    return out
+
+
+def unspilled_chunk(chunk_fn: Callable[..., dict[str, Any]], context: Any, cid: ChunkId, partials: list[Any]) -> dict[str, Any]:
+    """Task: ``chunk_fn(context, cid, partials)`` with every :class:`SpilledPiece` among the pieces read first."""
+    loaded = [(box, piece.load() if isinstance(piece, SpilledPiece) else piece) for box, piece in partials]
+    return chunk_fn(context, cid, loaded)
+
+
+@dataclass(frozen=True)
 class StageRun:
     """What one :func:`run_chunked` call did.
 
@@ -260,6 +312,7 @@ def run_chunked(
     resources: dict[str, float] | None = None,
     window: int | None = None,
     progress: bool = True,
+    spill: Path | None = None,
 ) -> StageRun:
     """Run one stage: block tasks (optional) feeding write-once chunk tasks, skipping recorded chunks.
 
@@ -283,6 +336,8 @@ def run_chunked(
         resources: Dask resources of block tasks (``{"GPU": 1}`` on GPU clusters).
         window: most chunk tasks in flight (default: 2 per task slot) — bounds memory.
         progress: show a tqdm bar (chunks done / total, rate, ETA).
+        spill: a folder for the blocks' pieces (:func:`spill_block`; emptied first, removed at the end), or
+            None to keep them in the memory of the process that made them.
     """
     t0 = time.perf_counter()
     done = records.completed()
@@ -292,6 +347,11 @@ def run_chunked(
     window = 2 * executor.threads if window is None else window
     token = uuid.uuid4().hex[:8]
     ctx = executor.share(context) if todo else None
+    if spill is not None and todo and blocks:
+        shutil.rmtree(spill, ignore_errors=True)  # pieces of an interrupted run: their blocks run again
+        spill.mkdir(parents=True)
+    else:
+        spill = None
     block_futures: dict[int, Any] = {}
     figure_futures: list[Any] = []
     pending = iter(todo)
@@ -306,11 +366,20 @@ def run_chunked(
         for b in need[cid]:
             if b not in block_futures:
                 key = f"{name}-block-{b}-{token}"
-                block_futures[b] = executor.submit(block_fn, ctx, blocks[b], key=key, resources=resources)
+                if spill is None:
+                    block_futures[b] = executor.submit(block_fn, ctx, blocks[b], key=key, resources=resources)
+                else:
+                    block_futures[b] = executor.submit(
+                        spill_block, block_fn, spill, b, ctx, blocks[b], key=key, resources=resources
+                    )
                 figure_futures.append(executor.piece(block_futures[b], BLOCK_FIGURES, key=f"{key}-figures"))
             piece = executor.piece(block_futures[b], cid, key=f"{name}-piece-{b}-{chunk_name(cid)}-{token}")
             partials.append((plan.reach_box(cid).intersection(supports[b]), piece))
-        future = executor.submit(chunk_fn, ctx, cid, partials, key=f"{name}-chunk-{chunk_name(cid)}-{token}")
+        key = f"{name}-chunk-{chunk_name(cid)}-{token}"
+        if spill is None:
+            future = executor.submit(chunk_fn, ctx, cid, partials, key=key)
+        else:
+            future = executor.submit(unspilled_chunk, chunk_fn, ctx, cid, partials, key=key)
         chunk_of[future] = cid
         return future
 
@@ -322,6 +391,8 @@ def run_chunked(
             chunk_figures.append(future.result())  # a failed task raises here
             executor.release(future)
             for b in need[cid]:
+                if spill is not None:
+                    piece_path(spill, b, cid).unlink(missing_ok=True)
                 users[b] -= 1
                 if users[b] == 0:
                     executor.release(block_futures.pop(b))
@@ -330,6 +401,8 @@ def run_chunked(
             if nxt is not None:
                 queue.add(nxt)
     block_figures = [f.result() for f in figure_futures]
+    if spill is not None:
+        shutil.rmtree(spill, ignore_errors=True)
     seconds = time.perf_counter() - t0
     log.info(
         "%s: %d chunks written, %d already done, %.1f s", name, len(todo), len(plan) - len(todo), seconds

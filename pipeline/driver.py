@@ -93,6 +93,9 @@ class Records(Protocol):
 
     def log_block(self, start: Sequence[int], figures: dict[str, Any]) -> None: ...
 
+    @property
+    def pieces(self) -> Path | None: ...
+
 
 class NoRecords:
     """The records of a pass held in memory: nothing to resume, nothing written."""
@@ -108,6 +111,17 @@ class NoRecords:
 
     def log_block(self, start: Sequence[int], figures: dict[str, Any]) -> None:
         return None
+
+    @property
+    def pieces(self) -> Path | None:
+        return None
+
+
+def spill_folder(executor: Executor, records: Records) -> Path | None:
+    """Where a pass's block tasks leave their pieces for its chunk tasks (:func:`~pipeline.chunked.run_chunked`'s
+    ``spill``): the pass's records folder on a Dask cluster, so that what a worker holds between tasks does not
+    grow with the volume; None for threads of this process, which read the pieces where they were made."""
+    return None if executor.kind == "threads" else records.pieces
 
 
 @dataclass(frozen=True)
@@ -440,6 +454,7 @@ def _network_record(lattice: PatchLattice, plan: ChunkPlan, run: StageRun) -> di
         "accumulate_seconds": run.total("accumulate_seconds"),
         "fixed_from_grid": run.total("fixed_from_grid") / run.blocks if run.blocks else None,
         "chunk_seconds": float(sum(f.get("seconds", 0.0) for f in run.chunk_figures)),
+        "spilled_bytes": int(run.total("spilled_bytes")),
     }
 
 
@@ -470,7 +485,7 @@ def run_network_pass(
     run = run_chunked(
         executor, lattice.name, plan, arrays.records, context, write_field_chunk,
         blocks=blocks, block_fn=block_sums, supports=[b.support for b in blocks], resources=resources,
-        progress=progress,
+        progress=progress, spill=spill_folder(executor, arrays.records),
     )  # fmt: skip
     record = _network_record(lattice, plan, run)
     log.info(

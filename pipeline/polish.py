@@ -66,7 +66,7 @@ from pipeline.chunked import (
     reduce_partials,
     run_chunked,
 )
-from pipeline.driver import FieldStore, Inputs, PassArrays
+from pipeline.driver import FieldStore, Inputs, PassArrays, spill_folder
 from pipeline.executor import Executor
 from pipeline.resume import ChunkId
 
@@ -359,6 +359,7 @@ def run_polish(
         executor, "polish", arrays.plan, arrays.records, ctx, write_polished_chunk,
         blocks=work, block_fn=polish_tile, supports=[t.box for t in work],
         resources={"GPU": 1.0} if executor.gpu else None, progress=progress,
+        spill=spill_folder(executor, arrays.records),
     )  # fmt: skip
     record = {
         "name": "polish", "kind": "polish", "steps": settings.iterations, "similarity": settings.similarity,
@@ -367,6 +368,7 @@ def run_polish(
         "seconds": run.seconds, "block_seconds": run.total("seconds"), "polish_seconds": run.total("polish_seconds"),
         "polished_voxels": int(run.total("voxels")),
         "chunk_seconds": float(sum(f.get("seconds", 0.0) for f in run.chunk_figures)),
+        "spilled_bytes": int(run.total("spilled_bytes")),
     }  # fmt: skip
     log.info("polish: %d steps on %d tiles, %.1f s", settings.iterations, len(work), run.seconds)
     return arrays.field, record

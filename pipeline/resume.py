@@ -144,6 +144,12 @@ class StageRecords:
 
     root: Path
 
+    @property
+    def pieces(self) -> Path:
+        """Folder where the stage's block tasks leave their pieces for its chunk tasks on a Dask cluster
+        (:func:`pipeline.chunked.run_chunked`'s ``spill``; empty once the stage is done)."""
+        return self.root / "pieces"
+
     def record_path(self, cid: ChunkId) -> Path:
         """Path of the completion record of chunk ``cid``."""
         return self.root / "done" / f"{chunk_name(cid)}.json"

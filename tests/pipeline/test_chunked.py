@@ -15,7 +15,7 @@ from patchmorph_core.config import InferenceConfig
 from patchmorph_core.inference import RegistrationResult, accumulate, specs_in_box, stage_lattice
 from patchmorph_core.model import load_model
 from patchmorph_core.spatial import Grid
-from pipeline.chunked import ChunkPlan, cells_per_block, needs, partition, reduce_partials, split_partial
+from pipeline.chunked import Box, ChunkPlan, cells_per_block, needs, partition, reduce_partials, split_partial
 from pipeline.ngff import read_field, read_image
 from pipeline.register import register_arrays, register_files
 
@@ -170,6 +170,7 @@ def test_chunked_registration_equals_in_memory(
         assert np.abs(unc - reference.uncertainty).max() < tolerance
         assert meta["config"]["seed"] == config.seed and meta["components"] == ["z", "y", "x"]
     assert record.chunks == 1 and record.stages[-1]["chunk_shape"] == list(reference.grid.shape)
+    assert not list(Path(record.run).rglob("pieces"))  # the blocks' pieces went through files, all removed
     sliced = _fixed_from_grid(record.run)
     assert sliced and all(v == 1.0 for v in sliced)
     monkeypatch.setattr(inference, "FIXED_ON_GRID_BYTES", 0)  # on the client, which makes the image
@@ -194,3 +195,54 @@ def test_chunked_registration_equals_in_memory(
         client.wait_for_workers(2)
     one = np.asarray(read_field(record.field)[0][:])
     assert np.abs(one - fields[17]).max() < 1e-6 * float(reference.grid.spacing.min())
+
+
+def test_spilled_pieces_reach_their_chunks_through_files_and_are_removed(tmp_path: Path) -> None:
+    """With a spill folder the block tasks' pieces travel as files of the run folder: each chunk task gets
+    copies equal to what its blocks made (read while the file exists), the totals equal the run without a
+    spill folder, and no piece is left once the stage is done."""
+    from pipeline.chunked import BLOCK_FIGURES, SpilledPiece, run_chunked, spill_block
+    from pipeline.executor import thread_executor
+    from pipeline.resume import StageRecords, chunk_name
+
+    grid = _rotated_grid()
+    plan = ChunkPlan.for_grid(grid, 17)
+    supports = [plan.box((0, 0, 0)), Box((0, 0, 0), (30, 30, 30))]
+    made: dict[tuple[int, Any], np.ndarray] = {}
+
+    def block_fn(_ctx: Any, b: int) -> dict[Any, Any]:
+        out: dict[Any, Any] = {
+            cid: np.full(3, 10.0 * b + sum(cid)) for cid in plan.chunks_meeting(supports[b], plan.halo)
+        }
+        made.update({(b, cid): piece for cid, piece in out.items()})
+        out[BLOCK_FIGURES] = {"seconds": 0.0}
+        return out
+
+    def run(spill: Path | None) -> dict[Any, float]:
+        totals: dict[Any, float] = {}
+
+        def chunk_fn(_ctx: Any, cid: Any, partials: list[tuple[Any, np.ndarray]]) -> dict[str, Any]:
+            if spill is not None:
+                originals = [id(a) for a in made.values()]
+                assert all(id(piece) not in originals for _, piece in partials)  # read from the files
+                assert len(list(spill.glob(f"*-{chunk_name(cid)}.pkl"))) == len(partials)  # one file a piece
+            totals[cid] = float(sum(piece.sum() for _, piece in partials))
+            return {}
+
+        records = StageRecords(tmp_path / ("spilled" if spill else "kept"))
+        with thread_executor(2) as executor:
+            stage = run_chunked(
+                executor, "s", plan, records, None, chunk_fn, blocks=[0, 1], block_fn=block_fn,
+                supports=supports, progress=False, spill=spill,
+            )  # fmt: skip
+        assert stage.blocks == 2 and stage.chunks == len(plan)
+        return totals
+
+    kept = run(None)
+    spill = tmp_path / "spilled" / "pieces"
+    assert run(spill) == kept and sum(kept.values()) > 0
+    assert not spill.exists()  # every piece read, deleted, and the folder removed
+    out = spill_block(block_fn, tmp_path, 1, None, 1)  # a spilled piece is a file holding the same values
+    piece = next(v for k, v in out.items() if k != BLOCK_FIGURES)
+    assert isinstance(piece, SpilledPiece) and piece.path.is_file()
+    np.testing.assert_array_equal(piece.load(), made[(1, next(k for k in out if k != BLOCK_FIGURES))])
