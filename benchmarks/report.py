@@ -611,9 +611,11 @@ voxels (the 1 GiB run's, 1.6 M) is stored, integrated and polished as its two ha
 (`pipeline.driver.ZarrStore.chunk_for`, `pipeline.polish.SMALL_GRID`), where it had 64³ chunks and 96-voxel
 tiles. It also has MIND-SSC from its six distinct differences (about 3× cheaper; the residual map, the stage
 checks and the affine fit use it), the polish tiles' results kept on the polish grid until their chunks take
-them, and network blocks that sum the spread of their estimates only where it is the output (below, *Peak per
-worker*). The series before it ran at 22.6 / 39.6 / 82.6 / 109.1 CPU-s, peaks 0.68 / 0.75 / 0.81 / 0.88 GiB
-(code 5652614, load 0.8), and the same registrations again at 24.7 / 41.7 / 85.8 / 107.7 CPU-s, peaks 0.64 /
+them, network blocks that sum the spread of their estimates only where it is the output, and the blocks'
+pieces handed to the chunk tasks through the run folder (below, *Peak per worker*). The series before it
+(code 16994cb, load 0.9, pieces in the workers' memory) ran at 23.7 / 39.9 / 84.6 / 110.5 CPU-s, peaks 0.67 /
+0.70 / 0.78 / 0.80 GiB; the one before that at 22.6 / 39.6 / 82.6 / 109.1 CPU-s, peaks 0.68 / 0.75 / 0.81 /
+0.88 GiB (code 5652614, load 0.8), and the same registrations again at 24.7 / 41.7 / 85.8 / 107.7 CPU-s, peaks 0.64 /
 0.79 / 0.98 / 0.86 GiB (code cdea75a, load 0.3). The series before those (code 5f6c14b, load 0.9) ran at 24.7 / 42.3 / 93.8 / 129.7 CPU-s, peaks 0.73 / 0.81 /
 0.80 / 1.00 GiB; the one before that (code 850bf75, load 2.2, 64³ chunks and 96-voxel tiles at every size) at
 31.7 / 50.0 / 104.5 / 111.8 CPU-s, peaks 0.54 / 0.80 / 0.83 / 1.00 GiB; the same code without the fold-free
@@ -656,8 +658,8 @@ every worker holds of a pass (the fixed image on the finest pass's field grid, 4
 (`pipeline.cluster.WORKER_MALLOC_ENV`, below), which adds a little to every peak; with a threshold of 1 GiB the
 series peaked at 0.64 / 0.82 / 1.04 / 0.95 GiB (code de6a94c), since freed memory stayed with the process. So
 the peak stays far below the 2 GiB cap. The 1 GiB run's two polish tiles (boxes of 88 × 87 × 122 voxels, about
-0.14 GB) and two chunk tasks (76 × 87 × 122 voxels and their halo) set its peak (0.67 GiB in this series), level
-with the 2 and 4 GiB runs (within 3 % and 16 %). The table's "during" says which pass was running when the
+0.14 GB) and two chunk tasks (76 × 87 × 122 voxels and their halo) set its peak (0.68 GiB in this series), level
+with the larger runs (0.65 GiB each). The table's "during" says which pass was running when the
 busiest worker peaked (`scale.pass_at`: the sampler's time of the peak against the run folder's record times).
 In the series before this one the 8 GiB run peaked at 1.00 GiB during the polish: at 2× its tiles (boxes of 160
 field voxels) sampled their velocity and residual back onto the field grid, 82 MB a tile, held until every
@@ -687,8 +689,23 @@ the blocks sum Σw·|v|² only in the finest pass without a polish, whose spread
 pieces are a fifth smaller, 16 B per voxel, and the fields are bit-identical. The peak moved within its noise:
 the 8 GiB run alone peaked at 0.83 GiB before and at 0.81 and 0.82 GiB after. One run's peak moves by 0.1–0.2 GiB
 with which tasks coincide: the same code peaked at 0.98 GiB at 4 GiB in the cdea75a series above (during the
-polish) and at 0.77 GiB in a run of that size alone; so the 20 % criterion is met in one series (this one:
-1.03 / 1.16 / 1.19×) and missed in the next (cdea75a: 1.24 / 1.54 / 1.34×).
+polish) and at 0.77 GiB in a run of that size alone; so the 20 % criterion was met in one series (16994cb:
+1.03 / 1.16 / 1.19×) and missed in the one before (cdea75a: 1.24 / 1.54 / 1.34×).
+
+*Pieces through the run folder* (since code 909f409, the series above). On a Dask cluster the block tasks
+(network blocks and polish tiles) now write each chunk's piece to a file in the pass's record folder
+(`pieces/`) and return only its name; each chunk task reads its own pieces, and the command deletes them once
+the chunk is recorded (`pipeline.chunked.run_chunked`'s `spill`; threads of one process keep them in memory).
+So no worker holds the blocks' sums between tasks, and nothing travels between workers but names. The 8 GiB
+run alone peaked at 0.64 GiB against 0.78 GiB just before on the code without it (same machine, same volume);
+in the series the peaks are 0.68 / 0.65 / 0.65 / 0.65 GiB (0.95–0.97× the 1 GiB run's), against 0.67 / 0.70 /
+0.78 / 0.80 GiB in the series before (16994cb). What remains is a task's own working set: the 1 GiB run's
+polish tiles, and at 4 and 8 GiB stage 3 (the shared prior and fixed image beside a block task). The price is
+bytes: the pieces add 0.09 / 0.36 / 0.78 / 1.61 GiB written (the series' written bytes against 16994cb's), about
+60–135 B per output field voxel (a chunk's piece covers its halo too, so neighbouring pieces overlap), read once
+more; CPU and wall time did not grow (100.0 against 110.5 CPU-s at 8 GiB; the workers no longer send pieces to
+each other). For the terabyte plan's 20 µm field (below, about 1.9 G field voxels) that is about 0.25 TB
+written and read once, against the 3 TB of the I/O floor.
 
 *Forward share: where the rest of the worker time goes.* Profiled per task (the run folder's records, with
 the chunk tasks timed part by part at 1 GiB) and per function on one polish box (cProfile, one thread):

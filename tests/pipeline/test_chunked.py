@@ -244,5 +244,6 @@ def test_spilled_pieces_reach_their_chunks_through_files_and_are_removed(tmp_pat
     assert not spill.exists()  # every piece read, deleted, and the folder removed
     out = spill_block(block_fn, tmp_path, 1, None, 1)  # a spilled piece is a file holding the same values
     piece = next(v for k, v in out.items() if k != BLOCK_FIGURES)
+    assert out[BLOCK_FIGURES]["spilled_bytes"] == sum(p.stat().st_size for p in tmp_path.glob("1-*.pkl")) > 0
     assert isinstance(piece, SpilledPiece) and piece.path.is_file()
     np.testing.assert_array_equal(piece.load(), made[(1, next(k for k in out if k != BLOCK_FIGURES))])
