@@ -157,15 +157,29 @@ def content_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def inputs_key() -> str:
+    """What the subjects' images and labels depend on (:func:`harness.inputs_key`): the synthesis settings and
+    the code that makes them (this module, :mod:`patchmorph_core.synth`, the NIfTI reader)."""
+    from patchmorph_core import synth
+    from pipeline import importers
+
+    settings = (SUBJECTS, INTENSITY_SEED, SYNTH, FACTOR, MARGIN_VOX)
+    return harness.inputs_key(settings, [sys.modules[__name__], synth, importers])
+
+
 def prepare(overwrite: bool = False) -> dict[str, dict[str, Any]]:
-    """Write every subject's synthetic image and labels (NIfTI) once; return shapes, spacings, checksums."""
+    """Write every subject's synthetic image and labels (NIfTI) once per :func:`inputs_key`; return shapes,
+    spacings, checksums."""
     from pipeline.importers import load_nifti
 
     table = random_intensities(range(1, 500), np.random.default_rng(INTENSITY_SEED))
     info: dict[str, dict[str, Any]] = {}
+    key = inputs_key()
+    folder = OUT / "data"
+    fresh = not overwrite and harness.prepared(folder, key, [p for s in SUBJECTS for p in subject_paths(s).values()])
     for sid in SUBJECTS:
         paths = subject_paths(sid)
-        if overwrite or not all(p.exists() for p in paths.values()):
+        if not fresh:
             labels, image, grid = make_subject(sid, table)
             save_nifti(paths["image"], image, grid)
             save_nifti(paths["labels"], labels, grid)
@@ -180,6 +194,8 @@ def prepare(overwrite: bool = False) -> dict[str, dict[str, Any]]:
             "image_sha256": content_sha256(paths["image"]),
             "labels_sha256": content_sha256(paths["labels"]),
         }
+    if not fresh:
+        harness.mark_prepared(folder, key)
     return info
 
 

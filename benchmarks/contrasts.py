@@ -253,17 +253,27 @@ def ours_against_truth(
 
 
 # -- (a) human, independent contrasts ----------------------------------------------------------------------------------
+def inputs_key(*settings: Any) -> str:
+    """What this benchmark's prepared inputs depend on (:func:`harness.inputs_key`): ``settings`` and the code
+    that makes them (this module, :mod:`accuracy`, :mod:`fields`, :mod:`harness`, :mod:`patchmorph_core.synth`)."""
+    from patchmorph_core import synth
+
+    return harness.inputs_key(settings, [sys.modules[__name__], accuracy, fields, harness, synth])
+
+
 def human_pairs(pairs: list[tuple[str, str]]) -> list[Pair]:
-    """Write (once) the subjects' images, each with its own intensity table; the pairs' inputs."""
+    """Write (once per :func:`inputs_key`) the subjects' images, each with its own intensity table; the pairs'
+    inputs."""
     folder = OUT / "human" / "data"
-    for sid in accuracy.SUBJECTS:
-        paths = accuracy.subject_paths(sid, folder)
-        if all(p.exists() for p in paths.values()):
-            continue
-        table = random_intensities(range(1, 500), np.random.default_rng([HUMAN_TABLE_SEED, int(sid)]))
-        labels, image, grid = accuracy.make_subject(sid, table)
-        accuracy.save_nifti(paths["image"], image, grid)
-        accuracy.save_nifti(paths["labels"], labels, grid)
+    key = inputs_key(HUMAN_TABLE_SEED, accuracy.inputs_key())
+    if not harness.prepared(folder, key, [p for s in accuracy.SUBJECTS for p in accuracy.subject_paths(s, folder).values()]):
+        for sid in accuracy.SUBJECTS:
+            paths = accuracy.subject_paths(sid, folder)
+            table = random_intensities(range(1, 500), np.random.default_rng([HUMAN_TABLE_SEED, int(sid)]))
+            labels, image, grid = accuracy.make_subject(sid, table)
+            accuracy.save_nifti(paths["image"], image, grid)
+            accuracy.save_nifti(paths["labels"], labels, grid)
+        harness.mark_prepared(folder, key)
     out = []
     for fixed, moving in pairs:
         fp, mp = accuracy.subject_paths(fixed, folder), accuracy.subject_paths(moving, folder)
@@ -307,8 +317,9 @@ def contrast_image(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def mouse_pairs(count: int) -> list[Pair]:
-    """Write (once) ``count`` mouse pairs: fixed = the annotation through a known deformation, moving = the
-    annotation; each image with its own contrast. The true field is saved in millimetres (the NIfTI unit)."""
+    """Write (once per :func:`inputs_key`) ``count`` mouse pairs: fixed = the annotation through a known
+    deformation, moving = the annotation; each image with its own contrast. The true field is saved in
+    millimetres (the NIfTI unit)."""
     atlas, grid = mouse_atlas()
     fixed_grid = grid.crop((-MOUSE_PAD_VOX,) * 3, tuple(n + MOUSE_PAD_VOX for n in grid.shape))
     center = grid.points()[atlas > 0].mean(axis=0)
@@ -319,7 +330,9 @@ def mouse_pairs(count: int) -> list[Pair]:
             f"mouse{index}", folder / "fixed_image.nii.gz", folder / "moving_image.nii.gz",
             folder / "fixed_labels.nii.gz", folder / "moving_labels.nii.gz", folder / "truth_mm.npy",
         )  # fmt: skip
-        if not pair.truth.exists():  # type: ignore[union-attr]
+        key = inputs_key(MOUSE_SEED, index, MOUSE_PAD_VOX, MOUSE_AFFINE, MOUSE_BAND_EDGES_UM, MOUSE_BAND_RMS_UM, MIN_JACOBIAN)
+        files = [pair.fixed_image, pair.moving_image, pair.fixed_labels, pair.moving_labels, pair.truth]
+        if not harness.prepared(folder, key, files):  # type: ignore[arg-type]
             rng = np.random.default_rng([MOUSE_SEED, index])
             truth = known_deformation(fixed_grid, center, rng)
             fixed_labels = fields.warp_array(atlas, grid, fixed_grid, truth, order=0)
@@ -328,6 +341,7 @@ def mouse_pairs(count: int) -> list[Pair]:
             accuracy.save_nifti(pair.fixed_image, contrast_image(fixed_labels, rng), fixed_grid)
             accuracy.save_nifti(pair.moving_image, contrast_image(atlas, rng), grid)
             np.save(pair.truth, truth / 1000.0)  # type: ignore[arg-type]
+            harness.mark_prepared(folder, key)
         out.append(pair)
     return out
 
@@ -340,9 +354,10 @@ BRAINREG = harness.EXAMPLES / "mouse_stp_brainreg" / "brainreg_output"
 
 
 def stp_inputs(folder: Path) -> dict[str, Path]:
-    """What the peers and the scores need beside the bundled files (written once under ``folder``): the atlas
-    as OME-Zarr (as ``patchmorph atlas`` prepares it), the brain's tissue mask (Otsu, NIfTI on the brain's
-    grid, :func:`harness.tissue_mask`), and for ANTs the atlas reference and hemispheres and a 100 µm copy of the brain and its mask."""
+    """What the peers and the scores need beside the bundled files (written once per :func:`inputs_key` under
+    ``folder``): the atlas as OME-Zarr (as ``patchmorph atlas`` prepares it), the brain's tissue mask (Otsu,
+    NIfTI on the brain's grid, :func:`harness.tissue_mask`), and for ANTs the atlas reference and hemispheres
+    and a 100 µm copy of the brain and its mask."""
     from scipy import ndimage
 
     from patchmorph_core.spatial import resample
@@ -361,21 +376,23 @@ def stp_inputs(folder: Path) -> dict[str, Path]:
         "brain_100": folder / "brain_100um.nii.gz",
         "tissue_100": folder / "tissue_100um.nii.gz",
     }
-    if all(p.exists() for p in paths.values()):
+    key = inputs_key(STP_BRAIN.name, STP_ANTS_SPACING_UM)
+    if harness.prepared(folder, key, paths.values()):
         return paths
     brain = read_tiff(STP_BRAIN).astype(np.float32)
     grid = Grid.from_orientation(brain.shape, BRAIN_VOXEL_SIZE_UM, BRAIN_ORIENTATION, unit="micrometer")
     tissue = harness.tissue_mask(brain)
     accuracy.save_nifti(paths["tissue"], tissue.astype(np.uint8), grid)
-    for role, key in (("reference", "reference_nii"), ("hemispheres", "hemispheres_nii")):
+    for role, name in (("reference", "reference_nii"), ("hemispheres", "hemispheres_nii")):
         array, atlas_grid = load_volume(getattr(prepared, role))
-        accuracy.save_nifti(paths[key], np.asarray(array), atlas_grid)
+        accuracy.save_nifti(paths[name], np.asarray(array), atlas_grid)
     coarse = grid.resampled(STP_ANTS_SPACING_UM)
     sigma = 0.5 * np.sqrt(np.maximum((STP_ANTS_SPACING_UM / grid.spacing) ** 2 - 1.0, 0.0))
     brain_100 = resample(ndimage.gaussian_filter(brain, sigma), grid, coarse.points(), order=1)
     accuracy.save_nifti(paths["brain_100"], brain_100, coarse)
     tissue_100 = resample(tissue.astype(np.uint8), grid, coarse.points(), order=0, dtype=np.uint8)
     accuracy.save_nifti(paths["tissue_100"], tissue_100, coarse)
+    harness.mark_prepared(folder, key)
     return paths
 
 

@@ -29,8 +29,6 @@ Writes ``benchmarks/results/finescale.json`` after every setting; ``benchmarks/r
 from __future__ import annotations
 
 import argparse
-import hashlib
-import inspect
 import logging
 import shlex
 import sys
@@ -70,9 +68,7 @@ def inputs_key() -> str:
     """What the prepared inputs depend on: the deformation's settings and the source of the code that makes
     them (this module's :func:`prepare`, :mod:`fields`, :mod:`harness`), hashed; inputs written under another
     key are written again, never reused."""
-    parts = [repr((SEED, BAND_EDGES_UM, band_rms_um(), STRAIN)), inspect.getsource(prepare)]
-    parts += [Path(module.__file__).read_text() for module in (fields, harness)]
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+    return harness.inputs_key((SEED, BAND_EDGES_UM, band_rms_um(), STRAIN), [prepare, fields, harness])
 
 
 def prepare(folder: Path) -> dict[str, Any]:
@@ -92,9 +88,8 @@ def prepare(folder: Path) -> dict[str, Any]:
     brain = read_tiff(harness.EXAMPLES / "mouse_stp_brainreg" / "brain_50x40x40um_psl.tif").astype(np.float32)
     grid = Grid.from_orientation(brain.shape, BRAIN_VOXEL_SIZE_UM, BRAIN_ORIENTATION, unit="micrometer")
     tissue = harness.tissue_mask(brain)
-    key_file = folder / "inputs_key.txt"
-    fresh = key_file.exists() and key_file.read_text() == inputs_key()
-    if not (fresh and all(p.exists() for p in paths.values())):
+    key = inputs_key()
+    if not harness.prepared(folder, key, paths.values()):
         for stale in folder.glob("*.nii.gz"):  # also the resampled copies derived from them (ants_inputs)
             stale.unlink()
         truth = fields.band_limited_field(
@@ -107,7 +102,7 @@ def prepare(folder: Path) -> dict[str, Any]:
             paths["tissue"], fields.warp_array(tissue.astype(np.uint8), grid, grid, truth, 0), grid
         )
         np.save(paths["truth"], truth)
-        key_file.write_text(inputs_key())
+        harness.mark_prepared(folder, key)
     truth = np.load(paths["truth"])
     mask = fields.warp_array(tissue.astype(np.uint8), grid, grid, truth, order=0) > 0
     interior = ndimage.distance_transform_edt(mask, sampling=grid.spacing) > INTERIOR_UM

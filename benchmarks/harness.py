@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
+import inspect
 import json
 import logging
 import os
@@ -26,7 +28,8 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+import types
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,6 +92,32 @@ def empty_folder(path: Path) -> Path:
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
     return path
+
+
+INPUTS_KEY = "inputs_key.txt"
+"""File in a folder of prepared inputs: the :func:`inputs_key` they were made under."""
+
+
+def inputs_key(settings: Any, sources: Sequence[Any]) -> str:
+    """What prepared inputs depend on, hashed (SHA-256 hex): ``repr(settings)`` and the source text of each of
+    ``sources`` (a module: its whole file; a function: its own source). Inputs made under another key are made
+    again (:func:`prepared`), never reused."""
+    parts = [repr(settings)]
+    for source in sources:
+        parts.append(Path(source.__file__).read_text() if isinstance(source, types.ModuleType) else inspect.getsource(source))
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def prepared(folder: Path, key: str, paths: Iterable[Path]) -> bool:
+    """True when every one of ``paths`` exists and ``folder`` was prepared under ``key`` (:func:`mark_prepared`)."""
+    record = folder / INPUTS_KEY
+    return record.is_file() and record.read_text() == key and all(Path(p).exists() for p in paths)
+
+
+def mark_prepared(folder: Path, key: str) -> None:
+    """Record that ``folder``'s inputs were made under ``key`` (call after the last of them is written)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / INPUTS_KEY).write_text(key)
 
 
 def write_json(path: Path, doc: Mapping[str, Any]) -> None:

@@ -42,12 +42,14 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import accuracy
+import harness
 import numpy as np
 import yaml
 from scipy import ndimage
@@ -92,20 +94,33 @@ class ValidationPair:
     known_field: Path | None = None
 
 
+def inputs_key(*settings: Any) -> str:
+    """What the validation inputs depend on (:func:`harness.inputs_key`): ``settings`` and the code that makes
+    them (this module, :mod:`accuracy`, :mod:`patchmorph_core.synth`, the OME-Zarr writer)."""
+    from patchmorph_core import synth
+    from pipeline import ngff
+
+    return harness.inputs_key(settings, [sys.modules[__name__], accuracy, synth, ngff])
+
+
 def prepare() -> None:
-    """Write the training subjects' synthetic images and labels (OME-Zarr) once, and each subject's second
-    image from an intensity table of its own (``image_<id>_cross``)."""
+    """Write the training subjects' synthetic images and labels (OME-Zarr) once per :func:`inputs_key`, and each
+    subject's second image from an intensity table of its own (``image_<id>_cross``)."""
     table = random_intensities(range(1, 500), np.random.default_rng(accuracy.INTENSITY_SEED))
+    subjects = sorted({s for pair in PAIRS for s in pair})
+    key = inputs_key(subjects, accuracy.inputs_key())
+    names = [f"{kind}_{sid}{suffix}.ome.zarr" for sid in subjects for kind, suffix in (("image", ""), ("image", "_cross"), ("labels", ""))]
+    if harness.prepared(OUT, key, [OUT / name for name in names]):
+        return
     OUT.mkdir(parents=True, exist_ok=True)
-    for sid in sorted({s for pair in PAIRS for s in pair}):
-        if (OUT / f"image_{sid}_cross.ome.zarr").exists():
-            continue
+    for sid in subjects:
         labels, image, grid = accuracy.make_subject(sid, table)
         own = random_intensities(range(1, 500), np.random.default_rng(accuracy.INTENSITY_SEED + 100 + int(sid)))
         cross = synthesize_image(labels, np.random.default_rng(1000 + int(sid)), own, **accuracy.SYNTH)
         write_image(OUT / f"image_{sid}.ome.zarr", image, grid, name="image", overwrite=True)
         write_image(OUT / f"image_{sid}_cross.ome.zarr", cross, grid, name="image", overwrite=True)
         write_image(OUT / f"labels_{sid}.ome.zarr", labels, grid, name="labels", labels=True, overwrite=True)
+    harness.mark_prepared(OUT, key)
 
 
 def human_pairs(cross: bool) -> list[ValidationPair]:
@@ -134,7 +149,9 @@ def _mouse_pair(seed: int, cross: bool) -> ValidationPair:
     """Fixed: the CCF annotation synthesised; moving: the annotation through a known deformation (module doc)."""
     folder = OUT / f"mouse_{seed}"
     labels_path, field_path = folder / "labels_fixed.ome.zarr", folder / "known_field.npy"
-    if not (folder / "image_moving_cross.ome.zarr").exists():
+    key = inputs_key(seed, MOUSE_ANNOTATION.name)
+    names = ["image_fixed", "image_moving", "image_moving_cross", "labels_fixed", "labels_moving"]
+    if not harness.prepared(folder, key, [field_path, *(folder / f"{n}.ome.zarr" for n in names)]):
         labels, grid = load_nrrd(MOUSE_ANNOTATION)
         labels = renumber_labels(np.rint(labels).astype(np.int64))
         rng = np.random.default_rng(seed)
@@ -148,6 +165,7 @@ def _mouse_pair(seed: int, cross: bool) -> ValidationPair:
         write_image(labels_path, labels, grid, name="labels", labels=True, overwrite=True)
         write_image(folder / "labels_moving.ome.zarr", moving, grid, name="labels", labels=True, overwrite=True)
         np.save(field_path, np.einsum("ij,jzyx->izyx", grid.linear, inverse_displacement(pull)).astype(np.float32))
+        harness.mark_prepared(folder, key)
     ids, counts = np.unique(np.asarray(read_image(labels_path).levels[0].array), return_counts=True)
     scored = tuple(int(i) for i, n in zip(ids, counts, strict=True) if i > 0 and n >= MOUSE_MIN_VOXELS)
     return ValidationPair(
