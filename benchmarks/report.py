@@ -664,8 +664,8 @@ busiest worker peaked (`scale.pass_at`: the sampler's time of the peak against t
 In the series before this one the 8 GiB run peaked at 1.00 GiB during the polish: at 2× its tiles (boxes of 160
 field voxels) sampled their velocity and residual back onto the field grid, 82 MB a tile, held until every
 chunk that needed the tile was written. They now hold them on the polish grid, 8 MB a tile (`docs/method.md`,
-*A field finer than the data*), and the 8 GiB run peaks during its finest network pass: 0.80 GiB in this series,
-0.81 and 0.82 GiB in two runs of it alone (`--run 8:6 --no-warp`, code 16994cb), so 1.19–1.22× the 1 GiB run's,
+*A field finer than the data*), and the 8 GiB run peaked during its finest network pass: 0.80 GiB in the 16994cb
+series, 0.81 and 0.82 GiB in two runs of it alone (`--run 8:6 --no-warp`, code 16994cb), so 1.19–1.22× the 1 GiB run's,
 at the 20 % limit.
 Network blocks of at most 112³ field voxels instead of 160³ did not lower it (0.80 GiB, and 2.47 instead of
 1.72 GiB read, one run; not kept), nor did writing the chunks in Z order instead of raster order, so that fewer
@@ -681,9 +681,12 @@ the idle worker at once). That is why smaller blocks and another chunk order did
 alive is set by the grid's cross-section, not by the block. On a larger grid the chunk tasks, in raster order,
 keep at most about two layers of blocks alive, spread over the workers: for the terabyte plan's 20 µm field
 (below) about 80 blocks a layer, some 7 GB a layer across the cluster, which a worker past its memory target
-spills to its local disk (Dask's default). The same trace shows the finest pass's two
-workers idle for a quarter of its time (18 of 72 worker-seconds), waiting for the blocks that a window of four
-chunk tasks needs; submitting blocks further ahead would use that time for more sums alive. Since code 16994cb
+spilled to its local disk (Dask's default) until the pieces went through the run folder (below). The same
+trace shows the finest pass's two workers idle for a quarter of its time (18 of 72 worker-seconds), waiting
+for the blocks that a window of four chunk tasks needs; submitting blocks further ahead would use that time
+for more sums alive. With the pieces on disk that costs no memory, so it was tried (each chunk task's
+submission also started the blocks of the chunk a window later): the 4 GiB `register` took 51.2 and 54.6 s
+against 53.0 and 51.5 s without (runs alone on the same volume, code 71b2934), no gain; not kept. Since code 16994cb
 the blocks sum Σw·|v|² only in the finest pass without a polish, whose spread is the output's uncertainty map
 (`pipeline.driver.StageContext.spread`; with the polish the map is its residual): every other pass's sums and
 pieces are a fifth smaller, 16 B per voxel, and the fields are bit-identical. The peak moved within its noise:
