@@ -109,9 +109,14 @@ def inputs_key(settings: Any, sources: Sequence[Any]) -> str:
 
 
 def prepared(folder: Path, key: str, paths: Iterable[Path]) -> bool:
-    """True when every one of ``paths`` exists and ``folder`` was prepared under ``key`` (:func:`mark_prepared`)."""
+    """True when every one of ``paths`` exists and ``folder`` was prepared under ``key`` (:func:`mark_prepared`).
+    Otherwise the folder's key is removed, so that inputs interrupted while being made again are never taken
+    for prepared."""
     record = folder / INPUTS_KEY
-    return record.is_file() and record.read_text() == key and all(Path(p).exists() for p in paths)
+    if record.is_file() and record.read_text() == key and all(Path(p).exists() for p in paths):
+        return True
+    record.unlink(missing_ok=True)
+    return False
 
 
 def mark_prepared(folder: Path, key: str) -> None:

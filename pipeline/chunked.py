@@ -23,7 +23,7 @@ is bounded by the chunk, block and patch sizes, not the volume. What stays alive
 of blocks still needed by later chunks (in raster order about one layer of chunks deep: the grid's
 cross-section, which grows with the volume). On a Dask cluster the block tasks therefore write their pieces
 to the run folder (``spill``: one file per piece, :class:`SpilledPiece`) and return only the files' names;
-each chunk task reads its own pieces, and the driver deletes them once the chunk is recorded. So what a worker
+each chunk task reads its own pieces, and :func:`run_chunked` deletes them once the chunk is recorded. So what a worker
 holds between tasks no longer grows with the volume, and nothing is sent between workers but names.
 Chunks already recorded by :mod:`pipeline.resume` are skipped.
 """
@@ -366,20 +366,13 @@ def run_chunked(
         for b in need[cid]:
             if b not in block_futures:
                 key = f"{name}-block-{b}-{token}"
-                if spill is None:
-                    block_futures[b] = executor.submit(block_fn, ctx, blocks[b], key=key, resources=resources)
-                else:
-                    block_futures[b] = executor.submit(
-                        spill_block, block_fn, spill, b, ctx, blocks[b], key=key, resources=resources
-                    )
+                task = (block_fn,) if spill is None else (spill_block, block_fn, spill, b)
+                block_futures[b] = executor.submit(*task, ctx, blocks[b], key=key, resources=resources)
                 figure_futures.append(executor.piece(block_futures[b], BLOCK_FIGURES, key=f"{key}-figures"))
             piece = executor.piece(block_futures[b], cid, key=f"{name}-piece-{b}-{chunk_name(cid)}-{token}")
             partials.append((plan.reach_box(cid).intersection(supports[b]), piece))
-        key = f"{name}-chunk-{chunk_name(cid)}-{token}"
-        if spill is None:
-            future = executor.submit(chunk_fn, ctx, cid, partials, key=key)
-        else:
-            future = executor.submit(unspilled_chunk, chunk_fn, ctx, cid, partials, key=key)
+        task = (chunk_fn,) if spill is None else (unspilled_chunk, chunk_fn)
+        future = executor.submit(*task, ctx, cid, partials, key=f"{name}-chunk-{chunk_name(cid)}-{token}")
         chunk_of[future] = cid
         return future
 

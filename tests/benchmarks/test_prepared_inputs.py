@@ -35,8 +35,11 @@ def test_a_folder_is_prepared_only_under_its_key_with_every_file(tmp_path: Path)
     harness.mark_prepared(tmp_path, "k1")
     assert harness.prepared(tmp_path, "k1", files)
     assert not harness.prepared(tmp_path, "k2", files)  # made under another key
+    harness.mark_prepared(tmp_path, "k1")
     files[1].unlink()
     assert not harness.prepared(tmp_path, "k1", files)  # a file is missing
+    files[1].write_bytes(b"half")  # made again, then interrupted before the key: not taken for prepared
+    assert not harness.prepared(tmp_path, "k1", files)
 
 
 def test_the_human_and_mouse_inputs_are_keyed_by_their_synthesis(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
