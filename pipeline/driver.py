@@ -78,7 +78,8 @@ from pipeline.resume import ChunkId, RunRecords, StageRecords
 log = logging.getLogger(__name__)
 
 IN_MEMORY_VOXELS = 128**3
-"""A coarse pass whose field grid has at most this many voxels is written as one chunk."""
+"""A coarse pass whose field grid has at most this many voxels is written as one chunk (the finest as its two
+halves), and on threads its blocks' pieces wait in memory (:func:`spill_folder`)."""
 
 
 # -- where each pass's arrays live -----------------------------------------------------------------------------
@@ -117,11 +118,15 @@ class NoRecords:
         return None
 
 
-def spill_folder(executor: Executor, records: Records) -> Path | None:
-    """Where a pass's block tasks leave their pieces for its chunk tasks (:func:`~pipeline.chunked.run_chunked`'s
-    ``spill``): the pass's records folder on a Dask cluster, so that what a worker holds between tasks does not
-    grow with the volume; None for threads of this process, which read the pieces where they were made."""
-    return None if executor.kind == "threads" else records.pieces
+def spill_folder(executor: Executor, records: Records, grid: Grid) -> Path | None:
+    """Where a pass on ``grid`` leaves its block tasks' pieces for its chunk tasks
+    (:func:`~pipeline.chunked.run_chunked`'s ``spill``): the pass's records folder (None in memory), so that what
+    waits between tasks does not grow with the volume. On a Dask cluster always (the pieces then travel as
+    names); in threads of this process only for a field of more than :data:`IN_MEMORY_VOXELS` voxels, whose
+    pieces would otherwise wait in this process's memory (a smaller field's all fit in a few tens of MB)."""
+    if executor.kind == "threads" and int(np.prod(grid.shape)) <= IN_MEMORY_VOXELS:
+        return None
+    return records.pieces
 
 
 @dataclass(frozen=True)
@@ -485,7 +490,7 @@ def run_network_pass(
     run = run_chunked(
         executor, lattice.name, plan, arrays.records, context, write_field_chunk,
         blocks=blocks, block_fn=block_sums, supports=[b.support for b in blocks], resources=resources,
-        progress=progress, spill=spill_folder(executor, arrays.records),
+        progress=progress, spill=spill_folder(executor, arrays.records, plan.grid),
     )  # fmt: skip
     record = _network_record(lattice, plan, run)
     log.info(

@@ -359,7 +359,7 @@ def run_polish(
         executor, "polish", arrays.plan, arrays.records, ctx, write_polished_chunk,
         blocks=work, block_fn=polish_tile, supports=[t.box for t in work],
         resources={"GPU": 1.0} if executor.gpu else None, progress=progress,
-        spill=spill_folder(executor, arrays.records),
+        spill=spill_folder(executor, arrays.records, arrays.plan.grid),
     )  # fmt: skip
     record = {
         "name": "polish", "kind": "polish", "steps": settings.iterations, "similarity": settings.similarity,

@@ -170,7 +170,8 @@ def test_chunked_registration_equals_in_memory(
         assert np.abs(unc - reference.uncertainty).max() < tolerance
         assert meta["config"]["seed"] == config.seed and meta["components"] == ["z", "y", "x"]
     assert record.chunks == 1 and record.stages[-1]["chunk_shape"] == list(reference.grid.shape)
-    assert not list(Path(record.run).rglob("pieces"))  # the blocks' pieces went through files, all removed
+    assert all(s["spilled_bytes"] > 0 for s in record.stages)  # the blocks' pieces went through files,
+    assert not list(Path(record.run).rglob("pieces"))  # all removed
     sliced = _fixed_from_grid(record.run)
     assert sliced and all(v == 1.0 for v in sliced)
     monkeypatch.setattr(inference, "FIXED_ON_GRID_BYTES", 0)  # on the client, which makes the image
@@ -247,3 +248,21 @@ def test_spilled_pieces_reach_their_chunks_through_files_and_are_removed(tmp_pat
     assert out[BLOCK_FIGURES]["spilled_bytes"] == sum(p.stat().st_size for p in tmp_path.glob("1-*.pkl")) > 0
     assert isinstance(piece, SpilledPiece) and piece.path.is_file()
     np.testing.assert_array_equal(piece.load(), made[(1, next(k for k in out if k != BLOCK_FIGURES))])
+
+
+def test_threads_write_the_pieces_of_a_large_field_and_get_the_same_field(
+    tmp_path: Path, pair_and_config: tuple[Path, Path, InferenceConfig], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In threads of one process a small field's pieces stay in memory; a field above ``IN_MEMORY_VOXELS`` (here
+    every field) writes them to the run folder like a cluster, and the field is the same."""
+    from pipeline import driver
+
+    fixed, moving, config = pair_and_config
+    kept = register_files(fixed, moving, tmp_path / "kept.zarr", config, chunk_size=17, progress=False)
+    monkeypatch.setattr(driver, "IN_MEMORY_VOXELS", 0)
+    spilled = register_files(fixed, moving, tmp_path / "spilled.zarr", config, chunk_size=17, progress=False)
+    assert [s["name"] for s in spilled.stages] == [s["name"] for s in kept.stages] and spilled.polish is not None
+    assert all(s["spilled_bytes"] == 0 for s in kept.stages)
+    assert all(s["spilled_bytes"] > 0 for s in spilled.stages)
+    assert np.array_equal(np.asarray(read_field(spilled.field)[0][:]), np.asarray(read_field(kept.field)[0][:]))
+    assert not spilled.run.exists()  # the run folder, pieces and all, is gone once the command finished
