@@ -398,8 +398,9 @@ def run_chunked(
         shutil.rmtree(spill, ignore_errors=True)
     seconds = time.perf_counter() - t0
     log.info(
-        "%s: %d chunks written, %d already done, %.1f s", name, len(todo), len(plan) - len(todo), seconds
-    )
+        "%s: %d chunks written, %d already done, %.1f s%s", name, len(todo), len(plan) - len(todo), seconds,
+        "" if spill is None else f", {sum(f.get('spilled_bytes', 0) for f in block_figures) / 1e6:.0f} MB of pieces through {spill}",
+    )  # fmt: skip
     return StageRun(name, len(plan), len(plan) - len(todo), len(block_figures), seconds, block_figures, chunk_figures)
 
 
