@@ -21,10 +21,11 @@ task per output chunk, submitted in raster order with at most ``window`` chunk t
 flight; a block's result is released as soon as every chunk that needs it is written. Each task's memory
 is bounded by the chunk, block and patch sizes, not the volume. What stays alive between tasks is the front
 of blocks still needed by later chunks (in raster order about one layer of chunks deep: the grid's
-cross-section, which grows with the volume). On a Dask cluster the block tasks therefore write their pieces
-to the run folder (``spill``: one file per piece, :class:`SpilledPiece`) and return only the files' names;
-each chunk task reads its own pieces, and :func:`run_chunked` deletes them once the chunk is recorded. So what a worker
-holds between tasks no longer grows with the volume, and nothing is sent between workers but names.
+cross-section, which grows with the volume). On a Dask cluster, and in threads for a large field
+(:func:`pipeline.driver.spill_folder`), the block tasks therefore write their pieces to the run folder
+(``spill``: one file per piece, :class:`SpilledPiece`) and return only the files' names; each chunk task
+reads its own pieces, and :func:`run_chunked` deletes them once the chunk is recorded. So what a worker holds
+between tasks no longer grows with the volume, and nothing is sent between workers but names.
 Chunks already recorded by :mod:`pipeline.resume` are skipped.
 """
 

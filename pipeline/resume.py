@@ -146,8 +146,9 @@ class StageRecords:
 
     @property
     def pieces(self) -> Path:
-        """Folder where the stage's block tasks leave their pieces for its chunk tasks on a Dask cluster
-        (:func:`pipeline.chunked.run_chunked`'s ``spill``; empty once the stage is done)."""
+        """Folder where the stage's block tasks leave their pieces for its chunk tasks when it spills them
+        (:func:`pipeline.driver.spill_folder`, :func:`pipeline.chunked.run_chunked`'s ``spill``; removed once the
+        stage is done)."""
         return self.root / "pieces"
 
     def record_path(self, cid: ChunkId) -> Path:
