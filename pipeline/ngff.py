@@ -408,7 +408,7 @@ def create_image_array(
         meta = dict(group.attrs).get("patchmorph", {})
         array = writable(group["0"])
         if meta.get("complete") is False and array.shape == full_shape and array.dtype == np.dtype(dtype):
-            logger.info("resuming incomplete output %s", out)
+            logger.debug("reopened incomplete output %s (its chunks without a record are written again)", out)
             return field_view(array, grid, meta)
         raise InputError(
             f"cannot resume {str(out)!r}: it is complete or its shape/dtype differ; pass overwrite=True."
