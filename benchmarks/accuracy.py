@@ -108,6 +108,11 @@ def subject_paths(sid: str, folder: Path | None = None) -> dict[str, Path]:
     return {"image": base / f"image_{sid}.nii.gz", "labels": base / f"labels_{sid}.nii.gz"}
 
 
+def all_subject_paths(folder: Path | None = None) -> list[Path]:
+    """Every subject's :func:`subject_paths` in ``folder``, one list."""
+    return [p for sid in SUBJECTS for p in subject_paths(sid, folder).values()]
+
+
 def brain_crop(labels: np.ndarray, grid: Grid, margin: int) -> tuple[np.ndarray, Grid]:
     """Crop a ``(Z, Y, X)`` label map to its non-zero bounding box plus ``margin`` voxels (same world)."""
     nonzero = np.argwhere(labels > 0)
@@ -176,7 +181,7 @@ def prepare(overwrite: bool = False) -> dict[str, dict[str, Any]]:
     info: dict[str, dict[str, Any]] = {}
     key = inputs_key()
     folder = OUT / "data"
-    fresh = not overwrite and harness.prepared(folder, key, [p for s in SUBJECTS for p in subject_paths(s).values()])
+    fresh = not overwrite and harness.prepared(folder, key, all_subject_paths())
     for sid in SUBJECTS:
         paths = subject_paths(sid)
         if not fresh:

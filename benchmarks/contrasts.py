@@ -266,7 +266,7 @@ def human_pairs(pairs: list[tuple[str, str]]) -> list[Pair]:
     inputs."""
     folder = OUT / "human" / "data"
     key = inputs_key(HUMAN_TABLE_SEED, accuracy.inputs_key())
-    if not harness.prepared(folder, key, [p for s in accuracy.SUBJECTS for p in accuracy.subject_paths(s, folder).values()]):
+    if not harness.prepared(folder, key, accuracy.all_subject_paths(folder)):
         for sid in accuracy.SUBJECTS:
             paths = accuracy.subject_paths(sid, folder)
             table = random_intensities(range(1, 500), np.random.default_rng([HUMAN_TABLE_SEED, int(sid)]))

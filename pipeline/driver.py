@@ -82,6 +82,11 @@ IN_MEMORY_VOXELS = 128**3
 halves), and on threads its blocks' pieces wait in memory (:func:`spill_folder`)."""
 
 
+def small_grid(grid: Grid) -> bool:
+    """Whether ``grid`` has at most :data:`IN_MEMORY_VOXELS` voxels (see there what that decides)."""
+    return int(np.prod(grid.shape)) <= IN_MEMORY_VOXELS
+
+
 # -- where each pass's arrays live -----------------------------------------------------------------------------
 class Records(Protocol):
     """Completion records of one pass (:class:`pipeline.resume.StageRecords`, or :class:`NoRecords`)."""
@@ -124,7 +129,7 @@ def spill_folder(executor: Executor, records: Records, grid: Grid) -> Path | Non
     waits between tasks does not grow with the volume. On a Dask cluster always (the pieces then travel as
     names); in threads of this process only for a field of more than :data:`IN_MEMORY_VOXELS` voxels, whose
     pieces would otherwise wait in this process's memory (a smaller field's all fit in a few tens of MB)."""
-    if executor.kind == "threads" and int(np.prod(grid.shape)) <= IN_MEMORY_VOXELS:
+    if executor.kind == "threads" and small_grid(grid):
         return None
     return records.pieces
 
@@ -212,7 +217,7 @@ class ZarrStore:
         core of a small machine, and the fewest halos: each chunk task also integrates a halo of up to 14
         voxels around its chunk, which roughly doubles the work on 64³ chunks); else
         :data:`~pipeline.ngff.DEFAULT_CHUNK`³ (None)."""
-        if self.chunk_size is not None or int(np.prod(grid.shape)) > IN_MEMORY_VOXELS:
+        if self.chunk_size is not None or not small_grid(grid):
             return self.chunk_size
         return halved_longest(grid.shape)
 
@@ -230,7 +235,7 @@ class ZarrStore:
         if not last:
             records = self._records(name, [run_path])
             resume = bool(records.completed())
-            chunk = max(grid.shape) if int(np.prod(grid.shape)) <= IN_MEMORY_VOXELS else self.chunk_size
+            chunk = max(grid.shape) if small_grid(grid) else self.chunk_size
             field_ = self._array(run_path, grid, chunk, 3, resume, name=name)
             records.bind([run_path])
             return PassArrays(field_, None, _plan_for([field_], grid), records)
@@ -522,7 +527,7 @@ def prior_array(field: Any, grid: Grid) -> Any:
     """A pass's ``(3, Z, Y, X)`` field as the next pass reads it: in memory when it is one chunk
     (:data:`IN_MEMORY_VOXELS`; read once here and shared with the tasks, instead of every block of the next
     pass reading and decoding the whole chunk), else the array itself (each block reads its box)."""
-    if int(np.prod(grid.shape)) <= IN_MEMORY_VOXELS:
+    if small_grid(grid):
         return np.asarray(read_box(field, (slice(None),) * 4), dtype=np.float32)
     return field
 

@@ -66,7 +66,7 @@ from pipeline.chunked import (
     reduce_partials,
     run_chunked,
 )
-from pipeline.driver import FieldStore, Inputs, PassArrays, spill_folder
+from pipeline.driver import IN_MEMORY_VOXELS, FieldStore, Inputs, PassArrays, spill_folder
 from pipeline.executor import Executor
 from pipeline.resume import ChunkId
 
@@ -85,9 +85,9 @@ TILE_FIELD_BOX = 160
 f > 1 the task also holds ``u₀``, the velocity sampled back and the weights on the field grid, about 40 bytes a
 field voxel)."""
 
-SMALL_GRID = 128**3
+SMALL_GRID = IN_MEMORY_VOXELS
 """A polish grid of at most this many voxels (the size up to which the output field is stored as two chunks,
-:meth:`~pipeline.driver.ZarrStore.chunk_for`) is tiled with boxes of up to :data:`TILE_FIELD_BOX` voxels (one
+:meth:`~pipeline.driver.ZarrStore.chunk_for`: :data:`~pipeline.driver.IN_MEMORY_VOXELS`) is tiled with boxes of up to :data:`TILE_FIELD_BOX` voxels (one
 box or a few: the grid bounds a box's memory, at most about twice a :data:`TILE_BOX` box's, and fewer halos mean
 fewer steps); a larger one with :data:`TILE_BOX` boxes."""
 
