@@ -53,7 +53,7 @@ import torch.nn.functional as F
 
 from patchmorph_core.config import InferenceConfig
 from patchmorph_core.sampling import row_box, sample_affine, sample_separable
-from patchmorph_core.similarity import MindSSC, Similarity, make_similarity
+from patchmorph_core.similarity import SLAB, MindSSC, Similarity, in_slabs, make_similarity
 from patchmorph_core.source import Level, MultiscaleImage
 from patchmorph_core.spatial import ALIGN_CORNERS, Grid, box_within, grid_box, index_to_normalized, read_box
 
@@ -163,15 +163,6 @@ class PolishSettings:
         return int(math.ceil(self.max_velocity)) + SQUARINGS + 1
 
 
-SLAB = 4
-"""Output z-slices :func:`separable` filters at a time in a volume of more than :data:`SLAB_FROM_BYTES`: a slab and
-the input slices it reads stay in a core's cache through the three axes' sums instead of going to memory for
-each of the kernel's taps."""
-
-SLAB_FROM_BYTES = 2**21
-"""Smallest padded volume (bytes) :func:`separable` filters in slabs; a smaller one fits a core's cache whole."""
-
-
 def separable(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     """Filter ``(B, C, Z, Y, X)`` by the 1-D ``kernel`` (odd length) along z, y and x; replicate border.
 
@@ -186,7 +177,7 @@ def separable(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
         return x * kernel[0]
     taps = [float(k) for k in kernel]
     padded = F.pad(x, [radius] * 6, mode="replicate")
-    step = SLAB if padded.numel() * padded.element_size() > SLAB_FROM_BYTES else x.shape[2]
+    step = SLAB if in_slabs(padded) else x.shape[2]
     out = torch.empty_like(x)
     for start in range(0, x.shape[2], step):
         slab = padded.narrow(2, start, min(step, x.shape[2] - start) + 2 * radius)

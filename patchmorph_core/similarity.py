@@ -39,38 +39,64 @@ EPS = 1e-5
 """Added to local variance products of normalised intensities (0..1) before dividing."""
 
 
+SLAB = 4
+"""Output z-slices the filters of large volumes work through at a time (:func:`box_mean` and the polish's
+Gaussians, :func:`patchmorph_core.polish.separable`): a slab and the slices it reads stay in a core's cache
+through the in-plane axes' sums instead of going to memory for each of the kernel's taps. Every voxel gets the
+same sums in the same order as in one pass over the whole volume, so the values are the same bit for bit."""
+
+SLAB_FROM_BYTES = 2**21
+"""Smallest volume (bytes) filtered in slabs; a smaller one fits a core's cache whole."""
+
+
+def in_slabs(x: torch.Tensor) -> bool:
+    """Whether a filter works through ``x`` in :data:`SLAB` z-slabs: it is larger than :data:`SLAB_FROM_BYTES`
+    and needs no gradient (the slabs are written into an output tensor)."""
+    return not x.requires_grad and x.numel() * x.element_size() > SLAB_FROM_BYTES
+
+
 def box_mean(x: torch.Tensor, window: int) -> torch.Tensor:
     """Mean over a centred cube of ``window`` voxels, truncated at the border: ``(B, C, Z, Y, X)`` → same.
 
     Separable (one 1-D average per axis, 3·window instead of window³ operations per voxel), each a sum of
     shifted views of the zero-padded volume divided by the number of voxels inside (border windows average
     only the voxels inside; the values and gradients of ``avg_pool3d`` with ``count_include_pad=False``, at
-    about a third of its time on CPU). A window larger than an axis shrinks to the axis' largest odd size.
+    about a third of its time on CPU). A window larger than an axis shrinks to the axis' largest odd size. A
+    large volume without gradient is averaged along z whole, then along y and x slab by slab (:func:`in_slabs`).
     """
-    for axis in range(3):
-        dim = 2 + axis
-        n = x.shape[dim]
-        size = min(window, n)
-        size -= 1 - size % 2  # odd, so the window stays centred
-        radius = size // 2
-        if radius == 0:
-            continue
-        # total[i] = x[i - radius] + ... + x[i + radius] added in that order, the terms outside the axis left out
-        # (the zero-padded sum without the padded copy: the same values)
-        total = torch.empty_like(x)
-        total.narrow(dim, 0, radius).zero_()
-        total.narrow(dim, radius, n - radius).copy_(x.narrow(dim, 0, n - radius))
-        for offset in range(1 - radius, radius + 1):
-            if offset < 0:
-                total.narrow(dim, -offset, n + offset).add_(x.narrow(dim, 0, n + offset))
-            else:
-                total.narrow(dim, 0, n - offset).add_(x.narrow(dim, offset, n - offset))
-        index = torch.arange(n, device=x.device)
-        count = torch.clamp(index + radius, max=n - 1) - torch.clamp(index - radius, min=0) + 1
-        shape = [1] * x.dim()
-        shape[dim] = n
-        x = total / count.to(x.dtype).view(shape)
-    return x
+    if not in_slabs(x):
+        return _box_axis(_box_axis(_box_axis(x, window, 2), window, 3), window, 4)
+    x = _box_axis(x, window, 2)
+    out = torch.empty_like(x)
+    for start in range(0, x.shape[2], SLAB):
+        part = x.narrow(2, start, min(SLAB, x.shape[2] - start))
+        out.narrow(2, start, part.shape[2]).copy_(_box_axis(_box_axis(part, window, 3), window, 4))
+    return out
+
+
+def _box_axis(x: torch.Tensor, window: int, dim: int) -> torch.Tensor:
+    """:func:`box_mean` along the one axis ``dim`` of ``(B, C, Z, Y, X)``."""
+    n = x.shape[dim]
+    size = min(window, n)
+    size -= 1 - size % 2  # odd, so the window stays centred
+    radius = size // 2
+    if radius == 0:
+        return x
+    # total[i] = x[i - radius] + ... + x[i + radius] added in that order, the terms outside the axis left out
+    # (the zero-padded sum without the padded copy: the same values)
+    total = torch.empty_like(x)
+    total.narrow(dim, 0, radius).zero_()
+    total.narrow(dim, radius, n - radius).copy_(x.narrow(dim, 0, n - radius))
+    for offset in range(1 - radius, radius + 1):
+        if offset < 0:
+            total.narrow(dim, -offset, n + offset).add_(x.narrow(dim, 0, n + offset))
+        else:
+            total.narrow(dim, 0, n - offset).add_(x.narrow(dim, offset, n - offset))
+    index = torch.arange(n, device=x.device)
+    count = torch.clamp(index + radius, max=n - 1) - torch.clamp(index - radius, min=0) + 1
+    shape = [1] * x.dim()
+    shape[dim] = n
+    return total / count.to(x.dtype).view(shape)
 
 
 def spatial_gradient(x: torch.Tensor) -> torch.Tensor:
@@ -133,19 +159,27 @@ class LocalNCC:
         f_mean, ff = box_mean(torch.cat([f, f * f], dim=1), self.window).split(1, dim=1)
         return f_mean, ff
 
-    def _stats(
+    def _window_means(
         self, fixed: torch.Tensor, warped: torch.Tensor, fixed_means: tuple[torch.Tensor, torch.Tensor] | None = None
     ) -> tuple[torch.Tensor, ...]:
+        """Local means of ``F``, ``F²``, ``W``, ``W²`` and ``F·W`` (each ``(B, 1, Z, Y, X)``)."""
         f, w = fixed.float(), warped.float()
         f_mean, ff = self._fixed_means(fixed) if fixed_means is None else fixed_means
         w_mean, ww, fw = box_mean(torch.cat([w, w * w, f * w], dim=1), self.window).split(1, dim=1)
+        return f_mean, ff, w_mean, ww, fw
+
+    @staticmethod
+    def _moments(
+        f_mean: torch.Tensor, ff: torch.Tensor, w_mean: torch.Tensor, ww: torch.Tensor, fw: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Local ``var_F``, ``var_W`` and ``cov`` from the local means (voxel by voxel)."""
         cov = fw - f_mean * w_mean
         var_f = (ff - f_mean**2).clamp_min(0.0)
         var_w = (ww - w_mean**2).clamp_min(0.0)
-        return f_mean, w_mean, var_f, var_w, cov
+        return var_f, var_w, cov
 
     def voxel_map(self, fixed: torch.Tensor, warped: torch.Tensor) -> torch.Tensor:
-        _, _, var_f, var_w, cov = self._stats(fixed, warped)
+        var_f, var_w, cov = self._moments(*self._window_means(fixed, warped))
         return cov * cov / (var_f * var_w + self.eps)
 
     def loss(self, fixed: torch.Tensor, warped: torch.Tensor) -> torch.Tensor:
@@ -162,9 +196,20 @@ class LocalNCC:
     def _force(
         self, fixed: torch.Tensor, warped: torch.Tensor, fixed_means: tuple[torch.Tensor, torch.Tensor] | None
     ) -> torch.Tensor:
-        f_mean, w_mean, var_f, var_w, cov = self._stats(fixed, warped, fixed_means)
-        coef = 2.0 * cov / (var_f * var_w + self.eps) * ((fixed - f_mean) - cov / (var_w + self.eps) * (warped - w_mean))
-        return coef * spatial_gradient(warped.float())[:, 0]
+        """:meth:`force`; voxel by voxel after the window means and the gradient, so a large box is worked through
+        in z-slabs (:func:`in_slabs`; the same values)."""
+        means = self._window_means(fixed, warped, fixed_means)
+        gradient = spatial_gradient(warped.float())[:, 0]
+        out = torch.empty_like(gradient)
+        step = SLAB if in_slabs(gradient) else gradient.shape[2]
+        for start in range(0, gradient.shape[2], step):
+            z = (slice(None), slice(None), slice(start, start + step))
+            f, w = fixed[z], warped[z]
+            f_mean, ff, w_mean, ww, fw = (m[z] for m in means)
+            var_f, var_w, cov = self._moments(f_mean, ff, w_mean, ww, fw)
+            coef = 2.0 * cov / (var_f * var_w + self.eps) * ((f - f_mean) - cov / (var_w + self.eps) * (w - w_mean))
+            out[z] = coef * gradient[z]
+        return out
 
 
 _SIX_NEIGHBOURS = ((0, 1, 1), (1, 1, 0), (1, 0, 1), (1, 1, 2), (2, 1, 1), (1, 2, 1))

@@ -9,6 +9,7 @@ import torch
 from scipy import ndimage
 
 import patchmorph_core.polish as polish_module
+import patchmorph_core.similarity as similarity_module
 from patchmorph_core.displacement import FieldDisplacement, exp_velocity
 from patchmorph_core.metrics import jacobian_determinant
 from patchmorph_core.polish import (
@@ -19,6 +20,7 @@ from patchmorph_core.polish import (
     polish_result,
 )
 from patchmorph_core.sampling import displacement_after
+from patchmorph_core.similarity import box_mean
 from patchmorph_core.source import Level, MultiscaleImage
 from patchmorph_core.spatial import Grid
 
@@ -74,24 +76,29 @@ def test_gaussian_equals_scipy_with_nearest_border() -> None:
 
 
 def test_slabs_give_the_whole_box_values_bit_for_bit(shifted_pair: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The Gaussian and the polish's sampling map work through a box a few z-slices at a time (to stay in the
-    cache); every voxel gets the same arithmetic as in one pass over the whole box: equal bit for bit, also
-    when the slab does not divide the z-axis."""
+    """The Gaussian, the local means and the polish's sampling map work through a box a few z-slices at a time
+    (to stay in the cache); every voxel gets the same arithmetic as in one pass over the whole box: equal bit for
+    bit, also when the slab does not divide the z-axis."""
     fixed, moving, grid, _ = shifted_pair
     volume = torch.as_tensor(np.random.default_rng(1).random((1, 3, 23, 17, 29)), dtype=torch.float32)
     settings = PolishSettings(iterations=3)
     field = np.random.default_rng(2).normal(0.0, 0.3, (3, *grid.shape)).astype(np.float32)
     ranges = ((0.0, 2.0), (0.0, 2.0))
-    monkeypatch.setattr(polish_module, "SLAB", 10**6)  # one slab: the whole box
-    monkeypatch.setattr(polish_module, "SLAB_FROM_BYTES", 0)
-    whole = [gaussian(volume, sigma) for sigma in (0.5, 1.5, 3.0)]
+
+    def slabs(size: int) -> None:
+        for module in (polish_module, similarity_module):
+            monkeypatch.setattr(module, "SLAB", size)
+
+    monkeypatch.setattr(similarity_module, "SLAB_FROM_BYTES", 0)
+    slabs(10**6)  # one slab: the whole box
+    whole = [gaussian(volume, sigma) for sigma in (0.5, 1.5, 3.0)] + [box_mean(volume, w) for w in (3, 5, 9)]
     polished = polish_result(fixed, moving, ranges, field, grid, settings)
-    for slab in (1, 4, 5):
-        monkeypatch.setattr(polish_module, "SLAB", slab)
-        for sigma, expected in zip((0.5, 1.5, 3.0), whole, strict=True):
-            assert torch.equal(gaussian(volume, sigma), expected)
-        again = polish_result(fixed, moving, ranges, field, grid, settings)
-        assert np.array_equal(again.velocity, polished.velocity) and np.array_equal(again.residual, polished.residual)
+    for size in (1, 4, 5):
+        slabs(size)
+        again = [gaussian(volume, sigma) for sigma in (0.5, 1.5, 3.0)] + [box_mean(volume, w) for w in (3, 5, 9)]
+        assert all(torch.equal(a, b) for a, b in zip(again, whole, strict=True))
+        result = polish_result(fixed, moving, ranges, field, grid, settings)
+        assert np.array_equal(result.velocity, polished.velocity) and np.array_equal(result.residual, polished.residual)
 
 
 @pytest.mark.parametrize("similarity", ["ncc", "mind"])
