@@ -612,13 +612,19 @@ voxels (the 1 GiB run's, 1.6 M) is stored, integrated and polished as its two ha
 tiles. It also has MIND-SSC from its six distinct differences (about 3× cheaper; the residual map, the stage
 checks and the affine fit use it), the polish tiles' results kept on the polish grid until their chunks take
 them, network blocks that sum the spread of their estimates only where it is the output, and the blocks'
-pieces handed to the chunk tasks through the run folder (below, *Peak per worker*). It ran on a later machine of
-the same kind (code 6f4b618, the same fields as 909f409); on the earlier machine the same code (909f409, load 1.5)
-ran at 22.8 / 38.7 / 79.0 / 100.0 CPU-s, peaks 0.68 / 0.65 / 0.65 / 0.65 GiB, forward share 44 / 33 / 36 / 45 %.
-The total CPU is the same within 9 %, but its parts moved: the network's forward passes took 18-28 % less CPU
-on the later machine and the polish tiles 34-60 % more (the tiles' steps are sums of shifted views, bound by
-memory bandwidth; one 925 k-voxel tile of the mouse contrasts pair: 1.8 s on one thread, of which a quarter in
-the separable Gaussians), so the forward share is 21-37 % there for the same work. The series before it
+pieces handed to the chunk tasks through the run folder (below, *Peak per worker*), and the polish's filters
+worked through in z-slabs (`patchmorph_core.similarity.SLAB`: the Gaussians, the local means and the local-NCC
+force, the same values bit for bit). It ran on a later machine of the same kind (code da77dee). The same machine
+ran the code just before the slabs (6f4b618, the same fields) at 21.3 / 42.0 / 80.5 / 99.4 CPU-s, peaks 0.69 /
+0.66 / 0.69 / 0.64 GiB, forward share 32 / 21 / 25 / 37 %, and on the earlier machine that code (909f409, load
+1.5) ran at 22.8 / 38.7 / 79.0 / 100.0 CPU-s, peaks 0.68 / 0.65 / 0.65 / 0.65 GiB, forward share 44 / 33 / 36 /
+45 %. Between the two machines the total CPU is the same within 9 %, but its parts moved: the network's forward
+passes took 18-28 % less CPU on the later machine and the polish tiles 34-60 % more (the tiles' steps are sums of
+shifted views and voxel-by-voxel arithmetic, bound by memory bandwidth; one 925 k-voxel tile of the mouse
+contrasts pair took 1.8 s on one thread there, a quarter of it in the separable Gaussians, and 1.4-1.5 s with the
+slabs), so the forward share is 21-37 % there for the same work. The bytes read and written vary from run to run
+of one registration by up to 40 % (psutil's counters of each process, sampled every 0.2 s): the 8 GiB
+`register` of 6f4b618 read 2.69 GiB in two runs, that of da77dee 3.70 GiB. The series before it
 (code 16994cb, load 0.9, pieces in the workers' memory) ran at 23.7 / 39.9 / 84.6 / 110.5 CPU-s, peaks 0.67 /
 0.70 / 0.78 / 0.80 GiB; the one before that at 22.6 / 39.6 / 82.6 / 109.1 CPU-s, peaks 0.68 / 0.75 / 0.81 /
 0.88 GiB (code 5652614, load 0.8), and the same registrations again at 24.7 / 41.7 / 85.8 / 107.7 CPU-s, peaks 0.64 /
@@ -743,7 +749,7 @@ the chunk tasks timed part by part at 1 GiB) and per function on one polish box 
   and writing are inside the tasks above; the network blocks' patch sampling and accumulation are their own
   columns.
 
-The forward-share target (60 %) is therefore not met at 1× (21-32 % in this series, 33-44 % on the earlier machine): the polish is an instance
+The forward-share target (60 %) is therefore not met at 1× (22-33 % in this series, 33-44 % on the earlier machine): the polish is an instance
 optimisation whose settings (10 steps, its halo) were chosen on validation pairs, and it does per field voxel
 about the network's work; the network's own chunk tasks take another sixth. Left: a polish that runs on slabs
 instead of halo'd boxes (no halo overhead), integration on the polish grid at 2×, and fewer memory passes per
