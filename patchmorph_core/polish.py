@@ -53,7 +53,7 @@ import torch.nn.functional as F
 
 from patchmorph_core.config import InferenceConfig
 from patchmorph_core.sampling import row_box, sample_affine, sample_separable
-from patchmorph_core.similarity import SLAB, MindSSC, Similarity, in_slabs, make_similarity
+from patchmorph_core.similarity import MindSSC, Similarity, in_slabs, make_similarity, z_slabs
 from patchmorph_core.source import Level, MultiscaleImage
 from patchmorph_core.spatial import ALIGN_CORNERS, Grid, box_within, grid_box, index_to_normalized, read_box
 
@@ -168,22 +168,22 @@ def separable(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
 
     The volume is padded once (replicate padding commutes with filtering along the other axes), then each
     axis is a weighted sum of shifted views (on CPU about 4× faster than a grouped ``conv3d``, the same
-    values to float rounding), slab by slab of :data:`SLAB` output z-slices (each slab reads its slices and
-    ``2 · radius`` more of the padded volume): every voxel gets the same sums in the same order as filtering
-    the whole volume at once, bit for bit, in about half the time once the volume outgrows the cache.
+    values to float rounding), slab by slab of output z-slices (:func:`~patchmorph_core.similarity.z_slabs`;
+    each slab reads its slices and ``2 · radius`` more of the padded volume): every voxel gets the same sums in
+    the same order as filtering the whole volume at once, bit for bit, in about half the time once the volume
+    outgrows the cache.
     """
     radius = (kernel.numel() - 1) // 2
     if radius == 0:
         return x * kernel[0]
     taps = [float(k) for k in kernel]
     padded = F.pad(x, [radius] * 6, mode="replicate")
-    step = SLAB if in_slabs(padded) else x.shape[2]
     out = torch.empty_like(x)
-    for start in range(0, x.shape[2], step):
-        slab = padded.narrow(2, start, min(step, x.shape[2] - start) + 2 * radius)
+    for z in z_slabs(x.shape[2], whole=not in_slabs(padded)):
+        slab = padded[:, :, z.start : z.stop + 2 * radius]
         for dim in (2, 3, 4):
             n = slab.shape[dim] - 2 * radius
-            total = out.narrow(2, start, slab.shape[2]) if dim == 4 else None  # the last axis sums into ``out``
+            total = out[:, :, z] if dim == 4 else None  # the last axis sums into ``out``
             total = torch.mul(slab.narrow(dim, 0, n), taps[0], out=total)
             for shift in range(1, len(taps)):
                 total.add_(slab.narrow(dim, shift, n), alpha=taps[shift])
@@ -249,8 +249,7 @@ def _sampling_map(
     gradients = np.gradient(field, axis=(1, 2, 3)) if min(field.shape[1:]) > 1 else [np.zeros_like(field)] * 3
     base = torch.empty((1, *mapped.shape), dtype=torch.float32)
     columns = [torch.empty_like(base) for _ in range(3)]
-    for start in range(0, mapped.shape[0], SLAB):  # float64 temporaries of a slab stay in cache; voxel by voxel
-        z = slice(start, start + SLAB)  # the same arithmetic as on the whole box
+    for z in z_slabs(mapped.shape[0]):  # float64 temporaries of a slab stay in cache; voxel by voxel, the same
         index = torch.from_numpy(mapped[z] @ to_index[:3, :3].T + to_index[:3, 3])[None]  # float64
         normalized = index_to_normalized(index, shape)
         base[:, z] = normalized

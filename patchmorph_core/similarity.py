@@ -40,19 +40,26 @@ EPS = 1e-5
 
 
 SLAB = 4
-"""Output z-slices the filters of large volumes work through at a time (:func:`box_mean` and the polish's
-Gaussians, :func:`patchmorph_core.polish.separable`): a slab and the slices it reads stay in a core's cache
-through the in-plane axes' sums instead of going to memory for each of the kernel's taps. Every voxel gets the
-same sums in the same order as in one pass over the whole volume, so the values are the same bit for bit."""
+"""Output z-slices that the polish's filters and voxel-by-voxel arithmetic work through at a time in a large
+volume (:func:`box_mean`, the local-NCC force, the polish's Gaussians and sampling map): a slab and the slices it
+reads stay in a core's cache instead of going to memory for each of a kernel's taps. Every voxel gets the same
+operations in the same order as in one pass over the whole volume, so the values are the same bit for bit."""
 
 SLAB_FROM_BYTES = 2**21
-"""Smallest volume (bytes) filtered in slabs; a smaller one fits a core's cache whole."""
+"""Smallest volume (bytes) worked through in slabs (:func:`in_slabs`); a smaller one fits a core's cache whole."""
 
 
 def in_slabs(x: torch.Tensor) -> bool:
-    """Whether a filter works through ``x`` in :data:`SLAB` z-slabs: it is larger than :data:`SLAB_FROM_BYTES`
-    and needs no gradient (the slabs are written into an output tensor)."""
+    """Whether ``x`` is worked through in :func:`z_slabs`: it is larger than :data:`SLAB_FROM_BYTES` and needs
+    no gradient (the slabs are written into an output tensor)."""
     return not x.requires_grad and x.numel() * x.element_size() > SLAB_FROM_BYTES
+
+
+def z_slabs(depth: int, whole: bool = False) -> list[slice]:
+    """The z-ranges of :data:`SLAB` slices that cover ``depth`` slices (the last one shorter), or one range of all
+    of them when ``whole``."""
+    step = depth if whole else SLAB
+    return [slice(start, min(start + step, depth)) for start in range(0, depth, max(step, 1))]
 
 
 def box_mean(x: torch.Tensor, window: int) -> torch.Tensor:
@@ -68,9 +75,8 @@ def box_mean(x: torch.Tensor, window: int) -> torch.Tensor:
         return _box_axis(_box_axis(_box_axis(x, window, 2), window, 3), window, 4)
     x = _box_axis(x, window, 2)
     out = torch.empty_like(x)
-    for start in range(0, x.shape[2], SLAB):
-        part = x.narrow(2, start, min(SLAB, x.shape[2] - start))
-        out.narrow(2, start, part.shape[2]).copy_(_box_axis(_box_axis(part, window, 3), window, 4))
+    for z in z_slabs(x.shape[2]):
+        out[:, :, z] = _box_axis(_box_axis(x[:, :, z], window, 3), window, 4)
     return out
 
 
@@ -201,9 +207,8 @@ class LocalNCC:
         means = self._window_means(fixed, warped, fixed_means)
         gradient = spatial_gradient(warped.float())[:, 0]
         out = torch.empty_like(gradient)
-        step = SLAB if in_slabs(gradient) else gradient.shape[2]
-        for start in range(0, gradient.shape[2], step):
-            z = (slice(None), slice(None), slice(start, start + step))
+        for slab in z_slabs(gradient.shape[2], whole=not in_slabs(gradient)):
+            z = (slice(None), slice(None), slab)
             f, w = fixed[z], warped[z]
             f_mean, ff, w_mean, ww, fw = (m[z] for m in means)
             var_f, var_w, cov = self._moments(f_mean, ff, w_mean, ww, fw)

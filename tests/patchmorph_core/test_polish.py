@@ -8,7 +8,6 @@ import pytest
 import torch
 from scipy import ndimage
 
-import patchmorph_core.polish as polish_module
 import patchmorph_core.similarity as similarity_module
 from patchmorph_core.displacement import FieldDisplacement, exp_velocity
 from patchmorph_core.metrics import jacobian_determinant
@@ -85,16 +84,12 @@ def test_slabs_give_the_whole_box_values_bit_for_bit(shifted_pair: tuple, monkey
     field = np.random.default_rng(2).normal(0.0, 0.3, (3, *grid.shape)).astype(np.float32)
     ranges = ((0.0, 2.0), (0.0, 2.0))
 
-    def slabs(size: int) -> None:
-        for module in (polish_module, similarity_module):
-            monkeypatch.setattr(module, "SLAB", size)
-
     monkeypatch.setattr(similarity_module, "SLAB_FROM_BYTES", 0)
-    slabs(10**6)  # one slab: the whole box
+    monkeypatch.setattr(similarity_module, "SLAB", 10**6)  # one slab: the whole box
     whole = [gaussian(volume, sigma) for sigma in (0.5, 1.5, 3.0)] + [box_mean(volume, w) for w in (3, 5, 9)]
     polished = polish_result(fixed, moving, ranges, field, grid, settings)
     for size in (1, 4, 5):
-        slabs(size)
+        monkeypatch.setattr(similarity_module, "SLAB", size)
         again = [gaussian(volume, sigma) for sigma in (0.5, 1.5, 3.0)] + [box_mean(volume, w) for w in (3, 5, 9)]
         assert all(torch.equal(a, b) for a, b in zip(again, whole, strict=True))
         result = polish_result(fixed, moving, ranges, field, grid, settings)
