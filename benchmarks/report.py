@@ -611,8 +611,8 @@ voxels (the 1 GiB run's, 1.6 M) is stored, integrated and polished as its two ha
 (`pipeline.driver.ZarrStore.chunk_for`, `pipeline.polish.SMALL_GRID`), where it had 64³ chunks and 96-voxel
 tiles. It also has MIND-SSC from its six distinct differences (about 3× cheaper; the residual map, the stage
 checks and the affine fit use it), the polish tiles' results kept on the polish grid until their chunks take
-them, network blocks that sum the spread of their estimates only where it is the output, and the blocks'
-pieces handed to the chunk tasks through the run folder (below, *Peak per worker*), and the polish's filters
+them, network blocks that sum the spread of their estimates only where it is the output, the blocks' pieces
+handed to the chunk tasks through the run folder (below, *Peak per worker*), and the polish's filters
 worked through in z-slabs (`patchmorph_core.similarity.SLAB`: the Gaussians, the local means and the local-NCC
 force, the same values bit for bit). It ran on a later machine of the same kind (code da77dee). The same machine
 ran the code just before the slabs (6f4b618, the same fields) at 21.3 / 42.0 / 80.5 / 99.4 CPU-s, peaks 0.69 /
@@ -670,7 +670,7 @@ every worker holds of a pass (the fixed image on the finest pass's field grid, 4
 (`pipeline.cluster.WORKER_MALLOC_ENV`, below), which adds a little to every peak; with a threshold of 1 GiB the
 series peaked at 0.64 / 0.82 / 1.04 / 0.95 GiB (code de6a94c), since freed memory stayed with the process. So
 the peak stays far below the 2 GiB cap. The 1 GiB run's two polish tiles (boxes of 88 × 87 × 122 voxels, about
-0.14 GB) and two chunk tasks (76 × 87 × 122 voxels and their halo) set its peak (0.68 GiB in this series), level
+0.14 GB) and two chunk tasks (76 × 87 × 122 voxels and their halo) set its peak (0.65 GiB in this series, 0.68 in 909f409's), level
 with the larger runs (0.65 GiB each). The table's "during" says which pass was running when the
 busiest worker peaked (`scale.pass_at`: the sampler's time of the peak against the run folder's record times).
 In the series before this one the 8 GiB run peaked at 1.00 GiB during the polish: at 2× its tiles (boxes of 160

@@ -299,6 +299,11 @@ class StageRun:
         """Sum of ``key`` over the block tasks' figures (0 where absent)."""
         return float(sum(f.get(key, 0.0) for f in self.block_figures))
 
+    @property
+    def chunk_seconds(self) -> float:
+        """Seconds of all the chunk tasks together."""
+        return float(sum(f.get("seconds", 0.0) for f in self.chunk_figures))
+
 
 def run_chunked(
     executor: Executor,
@@ -397,12 +402,14 @@ def run_chunked(
     block_figures = [f.result() for f in figure_futures]
     if spill is not None:
         shutil.rmtree(spill, ignore_errors=True)
-    seconds = time.perf_counter() - t0
+    run = StageRun(
+        name, len(plan), len(plan) - len(todo), len(block_figures), time.perf_counter() - t0, block_figures, chunk_figures
+    )
     log.info(
-        "%s: %d chunks written, %d already done, %.1f s%s", name, len(todo), len(plan) - len(todo), seconds,
-        "" if spill is None else f", {sum(f.get('spilled_bytes', 0) for f in block_figures) / 1e6:.0f} MB of pieces through {spill}",
+        "%s: %d chunks written, %d already done, %.1f s%s", name, len(todo), run.skipped, run.seconds,
+        "" if spill is None else f", {run.total('spilled_bytes') / 1e6:.0f} MB of pieces through {spill}",
     )  # fmt: skip
-    return StageRun(name, len(plan), len(plan) - len(todo), len(block_figures), seconds, block_figures, chunk_figures)
+    return run
 
 
 def output_array(

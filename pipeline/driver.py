@@ -463,7 +463,7 @@ def _network_record(lattice: PatchLattice, plan: ChunkPlan, run: StageRun) -> di
         "sampling_seconds": run.total("sampling_seconds"),
         "accumulate_seconds": run.total("accumulate_seconds"),
         "fixed_from_grid": run.total("fixed_from_grid") / run.blocks if run.blocks else None,
-        "chunk_seconds": float(sum(f.get("seconds", 0.0) for f in run.chunk_figures)),
+        "chunk_seconds": run.chunk_seconds,
         "spilled_bytes": int(run.total("spilled_bytes")),
     }
 

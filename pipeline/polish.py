@@ -86,9 +86,9 @@ f > 1 the task also holds ``u₀``, the velocity sampled back and the weights on
 field voxel)."""
 
 SMALL_GRID = IN_MEMORY_VOXELS
-"""A polish grid of at most this many voxels (the size up to which the output field is stored as two chunks,
-:meth:`~pipeline.driver.ZarrStore.chunk_for`: :data:`~pipeline.driver.IN_MEMORY_VOXELS`) is tiled with boxes of up to :data:`TILE_FIELD_BOX` voxels (one
-box or a few: the grid bounds a box's memory, at most about twice a :data:`TILE_BOX` box's, and fewer halos mean
+"""A polish grid of at most this many voxels (:data:`~pipeline.driver.IN_MEMORY_VOXELS`, the size up to which the
+output field is stored as two chunks, :meth:`~pipeline.driver.ZarrStore.chunk_for`) is tiled with boxes of up to
+:data:`TILE_FIELD_BOX` voxels (one box or a few: the grid bounds a box's memory, at most about twice a :data:`TILE_BOX` box's, and fewer halos mean
 fewer steps); a larger one with :data:`TILE_BOX` boxes."""
 
 TILE_HALO = 12
@@ -367,7 +367,7 @@ def run_polish(
         "coarsening": settings.coarsening, "chunks": run.chunks, "skipped": run.skipped,
         "seconds": run.seconds, "block_seconds": run.total("seconds"), "polish_seconds": run.total("polish_seconds"),
         "polished_voxels": int(run.total("voxels")),
-        "chunk_seconds": float(sum(f.get("seconds", 0.0) for f in run.chunk_figures)),
+        "chunk_seconds": run.chunk_seconds,
         "spilled_bytes": int(run.total("spilled_bytes")),
     }  # fmt: skip
     log.info("polish: %d steps on %d tiles, %.1f s", settings.iterations, len(work), run.seconds)
