@@ -23,9 +23,11 @@ is bounded by the chunk, block and patch sizes, not the volume. What stays alive
 of blocks still needed by later chunks (in raster order about one layer of chunks deep: the grid's
 cross-section, which grows with the volume). On a Dask cluster, and in threads for a large field
 (:func:`pipeline.driver.spill_folder`), the block tasks therefore write their pieces to the run folder
-(``spill``: one file per piece, :class:`SpilledPiece`) and return only the files' names; each chunk task
-reads its own pieces, and :func:`run_chunked` deletes them once the chunk is recorded. So what a worker holds
-between tasks no longer grows with the volume, and nothing is sent between workers but names.
+(``spill``: one small file per piece, :class:`SpilledPiece`, whose arrays refer to the block's arrays, written
+once per block: neighbouring pieces overlap in the chunks' halos and share those bytes) and return only the
+files' names; each chunk task reads its own pieces (only the bytes they cover), and :func:`run_chunked` deletes a
+piece once its chunk is recorded and a block's arrays once its last chunk is. So what a worker holds between
+tasks no longer grows with the volume, and nothing is sent between workers but names.
 Chunks already recorded by :mod:`pipeline.resume` are skipped.
 """
 
@@ -228,18 +230,24 @@ BLOCK_FIGURES = "figures"
 """Key of a block task's own figures (seconds, forward seconds, ...) in the dict it returns beside its pieces."""
 
 
+SPILL_INLINE_BYTES = 2**16
+"""A piece's arrays smaller than this are pickled inside the piece's file; larger ones are written once per block
+(:func:`spill_block`)."""
+
+
 @dataclass(frozen=True)
 class SpilledPiece:
     """A block's piece for one chunk task, kept in a file of the run folder instead of a worker's memory
     (written by :func:`spill_block`, read by :func:`unspilled_chunk`, deleted by :func:`run_chunked` once
-    the chunk is recorded)."""
+    the chunk is recorded). Its large arrays refer to the block's arrays in the same folder, which every piece
+    of the block shares (:func:`block_files`)."""
 
     path: Path
 
     def load(self) -> Any:
-        """The piece itself."""
+        """The piece itself, its arrays read from the block's files (only the bytes the piece covers)."""
         with self.path.open("rb") as handle:
-            return pickle.load(handle)  # noqa: S301 - a file this run wrote into its own run folder
+            return _PieceUnpickler(handle, self.path.parent).load()
 
 
 def piece_path(folder: Path, block: int, cid: ChunkId) -> Path:
@@ -247,23 +255,91 @@ def piece_path(folder: Path, block: int, cid: ChunkId) -> Path:
     return folder / f"{block}-{chunk_name(cid)}.pkl"
 
 
+def block_files(folder: Path, block: int) -> list[Path]:
+    """The files of block ``block``'s arrays in the spill folder ``folder`` (what its pieces refer to)."""
+    return sorted(folder.glob(f"{block}.*.raw"))
+
+
+def _atomic_write(path: Path, write: Callable[[Any], None]) -> int:
+    """``write(handle)`` into a temporary file renamed to ``path`` once complete; the bytes written."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    with tmp.open("wb") as handle:
+        write(handle)
+        size = handle.tell()
+    os.replace(tmp, path)
+    return size
+
+
+def _raw_owner(array: np.ndarray) -> np.ndarray | None:
+    """The array whose contiguous memory ``array`` views (itself, or the last array of its ``base`` chain), as a
+    flat byte view, or None when that memory is not one contiguous block."""
+    owner = array
+    while isinstance(owner.base, np.ndarray):
+        owner = owner.base
+    if owner.flags.c_contiguous:
+        return owner.reshape(-1).view(np.uint8)
+    if owner.flags.f_contiguous:
+        return owner.T.reshape(-1).view(np.uint8)
+    return None
+
+
+class _BlockPickler(pickle.Pickler):
+    """Pickles a block's pieces with their large arrays as references ``(file, offset, shape, strides, dtype)``
+    into the memory of the arrays they view, each written once as ``<block>.<k>.raw`` (:func:`block_files`):
+    pieces that overlap (chunks' halos) share the block's bytes instead of copying them."""
+
+    def __init__(self, handle: Any, folder: Path, block: int, files: dict[int, tuple[str, int]]) -> None:
+        super().__init__(handle, protocol=pickle.HIGHEST_PROTOCOL)
+        self.folder, self.block, self.files = folder, block, files
+
+    def persistent_id(self, obj: Any) -> tuple[Any, ...] | None:
+        if not isinstance(obj, np.ndarray) or obj.nbytes < SPILL_INLINE_BYTES or obj.dtype.hasobject:
+            return None
+        raw = _raw_owner(obj)
+        if raw is None:
+            return None
+        start = obj.__array_interface__["data"][0] - raw.__array_interface__["data"][0]
+        span = [(n - 1) * s for n, s in zip(obj.shape, obj.strides, strict=True)]
+        low = start + sum(min(0, x) for x in span)
+        high = start + sum(max(0, x) for x in span) + obj.itemsize
+        if low < 0 or high > raw.nbytes:
+            return None
+        key = raw.__array_interface__["data"][0]
+        if key not in self.files:
+            name = f"{self.block}.{len(self.files)}.raw"
+            self.files[key] = (name, _atomic_write(self.folder / name, raw.tofile))
+        return (self.files[key][0], start, obj.shape, obj.strides, obj.dtype.str)
+
+
+class _PieceUnpickler(pickle.Unpickler):
+    """Reads a piece pickled by :class:`_BlockPickler`: each reference becomes a copy of the bytes it covers."""
+
+    def __init__(self, handle: Any, folder: Path) -> None:
+        super().__init__(handle)
+        self.folder = folder
+
+    def persistent_load(self, pid: Any) -> np.ndarray:
+        name, start, shape, strides, dtype = pid
+        raw = np.memmap(self.folder / name, dtype=np.uint8, mode="r")
+        return np.array(np.ndarray(shape, np.dtype(dtype), buffer=raw, offset=start, strides=strides))
+
+
 def spill_block(block_fn: Callable[[Any, Any], Any], folder: Path, index: int, context: Any, block: Any) -> Any:
-    """Task: ``block_fn(context, block)`` with every piece written to ``folder`` (:func:`piece_path`, through an
-    atomic rename) and replaced by its :class:`SpilledPiece`; the figures gain ``spilled_bytes``, the bytes
-    written."""
+    """Task: ``block_fn(context, block)`` with every piece written to ``folder`` (:func:`piece_path`) and replaced
+    by its :class:`SpilledPiece`; the arrays the pieces view are written once for the whole block
+    (:class:`_BlockPickler`), every file through an atomic rename. The figures gain ``spilled_bytes``, the
+    bytes written."""
     out: dict[Any, Any] = {}
+    files: dict[int, tuple[str, int]] = {}
     written = 0
     for key, value in block_fn(context, block).items():
         if key == BLOCK_FIGURES:
             out[key] = value
             continue
         path = piece_path(folder, index, key)
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-        with tmp.open("wb") as handle:
-            pickle.dump(value, handle, protocol=pickle.HIGHEST_PROTOCOL)
-            written += handle.tell()
-        os.replace(tmp, path)
+        written += _atomic_write(path, lambda handle, v=value: _BlockPickler(handle, folder, index, files).dump(v))
         out[key] = SpilledPiece(path)
+    written += sum(size for _, size in files.values())
     out[BLOCK_FIGURES] = {**out.get(BLOCK_FIGURES, {}), "spilled_bytes": written}
     return out
 
@@ -395,6 +471,8 @@ def run_chunked(
                 users[b] -= 1
                 if users[b] == 0:
                     executor.release(block_futures.pop(b))
+                    for path in block_files(spill, b) if spill is not None else ():
+                        path.unlink(missing_ok=True)
             bar.update(1)
             nxt = submit_next()
             if nxt is not None:

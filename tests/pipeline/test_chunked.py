@@ -202,7 +202,7 @@ def test_spilled_pieces_reach_their_chunks_through_files_and_are_removed(tmp_pat
     """With a spill folder the block tasks' pieces travel as files of the run folder: each chunk task gets
     copies equal to what its blocks made (read while the file exists), the totals equal the run without a
     spill folder, and no piece is left once the stage is done."""
-    from pipeline.chunked import BLOCK_FIGURES, SpilledPiece, run_chunked, spill_block
+    from pipeline.chunked import BLOCK_FIGURES, SpilledPiece, block_files, run_chunked, spill_block
     from pipeline.executor import thread_executor
     from pipeline.resume import StageRecords, chunk_name
 
@@ -212,9 +212,9 @@ def test_spilled_pieces_reach_their_chunks_through_files_and_are_removed(tmp_pat
     made: dict[tuple[int, Any], np.ndarray] = {}
 
     def block_fn(_ctx: Any, b: int) -> dict[Any, Any]:
-        out: dict[Any, Any] = {
-            cid: np.full(3, 10.0 * b + sum(cid)) for cid in plan.chunks_meeting(supports[b], plan.halo)
-        }
+        values = np.arange(20_000.0) + 10.0 * b  # block 1's pieces view it (160 kB: written once, by reference)
+        cids = plan.chunks_meeting(supports[b], plan.halo)
+        out: dict[Any, Any] = {cid: values[sum(cid) :] if b == 1 else np.full(3, sum(cid)) for cid in cids}
         made.update({(b, cid): piece for cid, piece in out.items()})
         out[BLOCK_FIGURES] = {"seconds": 0.0}
         return out
@@ -227,6 +227,8 @@ def test_spilled_pieces_reach_their_chunks_through_files_and_are_removed(tmp_pat
                 originals = [id(a) for a in made.values()]
                 assert all(id(piece) not in originals for _, piece in partials)  # read from the files
                 assert len(list(spill.glob(f"*-{chunk_name(cid)}.pkl"))) == len(partials)  # one file a piece
+                if any(piece.size > 3 for _, piece in partials):  # block 1's bytes, shared by its pieces
+                    assert [p.name for p in block_files(spill, 1)] == ["1.0.raw"]
             totals[cid] = float(sum(piece.sum() for _, piece in partials))
             return {}
 
@@ -245,9 +247,42 @@ def test_spilled_pieces_reach_their_chunks_through_files_and_are_removed(tmp_pat
     assert not spill.exists()  # every piece read, deleted, and the folder removed
     out = spill_block(block_fn, tmp_path, 1, None, 1)  # a spilled piece is a file holding the same values
     piece = next(v for k, v in out.items() if k != BLOCK_FIGURES)
-    assert out[BLOCK_FIGURES]["spilled_bytes"] == sum(p.stat().st_size for p in tmp_path.glob("1-*.pkl")) > 0
+    written = [*tmp_path.glob("1-*.pkl"), *block_files(tmp_path, 1)]
+    assert out[BLOCK_FIGURES]["spilled_bytes"] == sum(p.stat().st_size for p in written) > 0
     assert isinstance(piece, SpilledPiece) and piece.path.is_file()
     np.testing.assert_array_equal(piece.load(), made[(1, next(k for k in out if k != BLOCK_FIGURES))])
+
+
+def test_overlapping_pieces_share_their_block_bytes_in_the_spill_folder(tmp_path: Path) -> None:
+    """Pieces that view one large array of their block (chunks' halos overlap) are written as references into
+    one file of that array: the block's bytes are written once, not once a piece; each piece reads back the
+    values (and shape) of its view, reversed and transposed views included; a small array stays inside its
+    piece's file."""
+    from pipeline.chunked import BLOCK_FIGURES, SPILL_INLINE_BYTES, block_files, spill_block
+
+    sums = np.arange(2 * 40 * 30 * 20, dtype=np.float32).reshape(2, 40, 30, 20)  # 192 kB, C order
+    fortran = np.asfortranarray(sums[0])
+    views = {
+        (0, 0, 0): {"sums": sums[:, :25], "small": np.ones(3)},
+        (0, 0, 1): {"sums": sums[:, 15:]},  # overlaps the first piece by 10 slices
+        (0, 1, 0): {"reversed": sums[1, ::-1, :, ::2], "transposed": fortran[:, 5:, :].T},
+    }
+
+    def block_fn(_ctx: Any, _block: int) -> dict[Any, Any]:
+        return {**views, BLOCK_FIGURES: {"seconds": 0.0}}
+
+    out = spill_block(block_fn, tmp_path, 3, None, 3)
+    files = block_files(tmp_path, 3)
+    assert [f.stat().st_size for f in files] == [sums.nbytes, fortran.nbytes]  # each array's bytes once
+    pieces = sum(p.stat().st_size for p in tmp_path.glob("3-*.pkl"))
+    assert out[BLOCK_FIGURES]["spilled_bytes"] == pieces + sums.nbytes + fortran.nbytes
+    assert pieces < SPILL_INLINE_BYTES  # the pieces hold references, not copies
+    for cid, made in views.items():
+        loaded = out[cid].load()
+        assert loaded.keys() == made.keys()
+        for name, array in made.items():
+            assert loaded[name].shape == array.shape
+            np.testing.assert_array_equal(loaded[name], array)
 
 
 def test_threads_write_the_pieces_of_a_large_field_and_get_the_same_field(
