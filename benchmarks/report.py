@@ -614,12 +614,16 @@ checks and the affine fit use it), the polish tiles' results kept on the polish 
 them, network blocks that sum the spread of their estimates only where it is the output, the blocks' pieces
 handed to the chunk tasks through the run folder (below, *Peak per worker*), and the polish's filters
 worked through in z-slabs (`patchmorph_core.similarity.SLAB`: the Gaussians, the local means and the local-NCC
-force, the same values bit for bit). It ran on a later machine of the same kind (code da77dee). The same machine
-ran the code just before the slabs (6f4b618, the same fields) at 21.3 / 42.0 / 80.5 / 99.4 CPU-s, peaks 0.69 /
-0.66 / 0.69 / 0.64 GiB, forward share 32 / 21 / 25 / 37 %, and on the earlier machine that code (909f409, load
+force, the same values bit for bit), and pieces that share their block's bytes in the run folder (below). It
+ran on a third machine of the same kind (code 4f72930), whose network forward passes took 60-85 % more CPU than
+the second machine's for the same passes, its polish tiles within 16 % of theirs: so its CPU is higher and its
+forward share too. On the second machine the code before the shared pieces (da77dee, the same fields) ran at
+20.4 / 38.0 / 75.5 / 91.3 CPU-s, peaks 0.65 / 0.54 / 0.66 / 0.66 GiB, forward share 33 / 22 / 25 / 35 %, and
+the code just before the slabs (6f4b618, the same fields) at 21.3 / 42.0 / 80.5 / 99.4 CPU-s, peaks 0.69 /
+0.66 / 0.69 / 0.64 GiB, forward share 32 / 21 / 25 / 37 %; on the first machine that code (909f409, load
 1.5) ran at 22.8 / 38.7 / 79.0 / 100.0 CPU-s, peaks 0.68 / 0.65 / 0.65 / 0.65 GiB, forward share 44 / 33 / 36 /
-45 %. Between the two machines the total CPU is the same within 9 %, but its parts moved: the network's forward
-passes took 18-28 % less CPU on the later machine and the polish tiles 34-60 % more (the tiles' steps are sums of
+45 %. Between the first two machines the total CPU is the same within 9 %, but its parts moved: the network's forward
+passes took 18-28 % less CPU on the second machine and the polish tiles 34-60 % more (the tiles' steps are sums of
 shifted views and voxel-by-voxel arithmetic, bound by memory bandwidth; one 925 k-voxel tile of the mouse
 contrasts pair took 1.8 s on one thread there, a quarter of it in the separable Gaussians, and 1.4-1.5 s with the
 slabs), so the forward share is 21-37 % there for the same work. The bytes read and written vary from run to run
@@ -670,8 +674,8 @@ every worker holds of a pass (the fixed image on the finest pass's field grid, 4
 (`pipeline.cluster.WORKER_MALLOC_ENV`, below), which adds a little to every peak; with a threshold of 1 GiB the
 series peaked at 0.64 / 0.82 / 1.04 / 0.95 GiB (code de6a94c), since freed memory stayed with the process. So
 the peak stays far below the 2 GiB cap. The 1 GiB run's two polish tiles (boxes of 88 × 87 × 122 voxels, about
-0.14 GB) and two chunk tasks (76 × 87 × 122 voxels and their halo) set its peak (0.65 GiB in this series, 0.68 in 909f409's), level
-with the larger runs (0.65 GiB each). The table's "during" says which pass was running when the
+0.14 GB) and two chunk tasks (76 × 87 × 122 voxels and their halo) set its peak (0.70 GiB in this series, 0.65 in
+da77dee's, 0.68 in 909f409's), level with the larger runs (0.58-0.70 GiB). The table's "during" says which pass was running when the
 busiest worker peaked (`scale.pass_at`: the sampler's time of the peak against the run folder's record times).
 In the series before this one the 8 GiB run peaked at 1.00 GiB during the polish: at 2× its tiles (boxes of 160
 field voxels) sampled their velocity and residual back onto the field grid, 82 MB a tile, held until every
@@ -719,8 +723,17 @@ polish tiles, and at 4 and 8 GiB stage 3 (the shared prior and fixed image besid
 bytes: the pieces add 0.09 / 0.36 / 0.78 / 1.61 GiB written (the series' written bytes against 16994cb's), about
 60–135 B per output field voxel (a chunk's piece covers its halo too, so neighbouring pieces overlap), read once
 more; CPU and wall time did not grow (100.0 against 110.5 CPU-s at 8 GiB; the workers no longer send pieces to
-each other). For the terabyte plan's 20 µm field (below, about 1.9 G field voxels) that is about 0.25 TB
-written and read once, against the 3 TB of the I/O floor.
+each other). Since code 4f72930 a piece's file holds only references into its block's arrays (the network
+block's sums, the polish tile's velocity and residual), which are written once per block
+(`pipeline.chunked.spill_block`), read back through a memory map (a chunk task reads only the bytes its pieces
+cover) and deleted with the block's last chunk. On the 2 GiB brain (field 3.24 M voxels, 18 chunks; the two codes
+one after the other on the same volume, alone) the pieces of stage 3 fell from 170 to 71 MB and the polish's
+from 198 to 105 MB, 117 → 58 B per field voxel, the field and its uncertainty the same bit for bit; in the
+series the bytes written fell to 0.11 / 0.35 / 0.52 / 1.01 GiB (0.12 / 0.42 / 1.44 / 1.88 in da77dee's) and the
+data read per field voxel is flat (0.91-1.26× the 1 GiB run's, against 1.17-1.72×). At 1 GiB, where the field
+is two chunks whose pieces hardly overlap, the bytes hardly change (80 against 95 MB). For the terabyte plan's
+20 µm field (below, about 1.9 G field voxels) that is about 0.1 TB written and read once, against the 3 TB of
+the I/O floor.
 
 *Forward share: where the rest of the worker time goes.* Profiled per task (the run folder's records, with
 the chunk tasks timed part by part at 1 GiB) and per function on one polish box (cProfile, one thread):
@@ -749,7 +762,8 @@ the chunk tasks timed part by part at 1 GiB) and per function on one polish box 
   and writing are inside the tasks above; the network blocks' patch sampling and accumulation are their own
   columns.
 
-The forward-share target (60 %) is therefore not met at 1× (22-33 % in this series, 33-44 % on the earlier machine): the polish is an instance
+The forward-share target (60 %) is therefore not met at 1× (28-46 % in this series on the third machine, whose
+forward passes are the slowest; 22-35 % on the second, 33-45 % on the first): the polish is an instance
 optimisation whose settings (10 steps, its halo) were chosen on validation pairs, and it does per field voxel
 about the network's work; the network's own chunk tasks take another sixth. Left: a polish that runs on slabs
 instead of halo'd boxes (no halo overhead), integration on the polish grid at 2×, and fewer memory passes per
