@@ -288,11 +288,15 @@ class _BlockPickler(pickle.Pickler):
     into the memory of the arrays they view, each written once as ``<block>.<k>.raw`` (:func:`block_files`):
     pieces that overlap (chunks' halos) share the block's bytes instead of copying them."""
 
-    def __init__(self, handle: Any, folder: Path, block: int, files: dict[int, tuple[str, int]]) -> None:
+    def __init__(
+        self, handle: Any, folder: Path, block: int, files: dict[tuple[int, int], tuple[str, int]]
+    ) -> None:
         super().__init__(handle, protocol=pickle.HIGHEST_PROTOCOL)
         self.folder, self.block, self.files = folder, block, files
 
     def persistent_id(self, obj: Any) -> tuple[Any, ...] | None:
+        """The reference of a large array whose bytes lie in one contiguous owner (its file written the first time),
+        else None (pickled in place)."""
         if not isinstance(obj, np.ndarray) or obj.nbytes < SPILL_INLINE_BYTES or obj.dtype.hasobject:
             return None
         raw = _raw_owner(obj)
@@ -304,7 +308,7 @@ class _BlockPickler(pickle.Pickler):
         high = start + sum(max(0, x) for x in span) + obj.itemsize
         if low < 0 or high > raw.nbytes:
             return None
-        key = raw.__array_interface__["data"][0]
+        key = (raw.__array_interface__["data"][0], raw.nbytes)  # one memory block: its start and its length
         if key not in self.files:
             name = f"{self.block}.{len(self.files)}.raw"
             self.files[key] = (name, _atomic_write(self.folder / name, raw.tofile))
@@ -319,6 +323,7 @@ class _PieceUnpickler(pickle.Unpickler):
         self.folder = folder
 
     def persistent_load(self, pid: Any) -> np.ndarray:
+        """A copy of the array a reference of :meth:`_BlockPickler.persistent_id` names."""
         name, start, shape, strides, dtype = pid
         raw = np.memmap(self.folder / name, dtype=np.uint8, mode="r")
         return np.array(np.ndarray(shape, np.dtype(dtype), buffer=raw, offset=start, strides=strides))
@@ -330,7 +335,7 @@ def spill_block(block_fn: Callable[[Any, Any], Any], folder: Path, index: int, c
     (:class:`_BlockPickler`), every file through an atomic rename. The figures gain ``spilled_bytes``, the
     bytes written."""
     out: dict[Any, Any] = {}
-    files: dict[int, tuple[str, int]] = {}
+    files: dict[tuple[int, int], tuple[str, int]] = {}
     written = 0
     for key, value in block_fn(context, block).items():
         if key == BLOCK_FIGURES:
