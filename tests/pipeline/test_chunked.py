@@ -253,6 +253,41 @@ def test_spilled_pieces_reach_their_chunks_through_files_and_are_removed(tmp_pat
     np.testing.assert_array_equal(piece.load(), made[(1, next(k for k in out if k != BLOCK_FIGURES))])
 
 
+def test_a_blocks_shared_bytes_are_deleted_with_its_last_chunk(tmp_path: Path) -> None:
+    """A block's arrays in the spill folder live while a chunk that needs the block is still to be written and
+    are gone once its last such chunk is recorded (one chunk task in flight, so each task sees the folder as
+    the previous one left it)."""
+    from pipeline.chunked import BLOCK_FIGURES, block_files, needs, run_chunked
+    from pipeline.executor import thread_executor
+    from pipeline.resume import StageRecords
+
+    grid = _rotated_grid()
+    plan = ChunkPlan.for_grid(grid, 17)
+    supports = [Box((0, 0, 0), (20, 20, 20)), Box((0, 0, 0), tuple(grid.shape))]  # type: ignore[arg-type]
+    need = needs(plan, supports)
+    last_of_block_0 = max(cid for cid in plan.ids() if 0 in need[cid])
+    seen: dict[Any, bool] = {}
+
+    def block_fn(_ctx: Any, b: int) -> dict[Any, Any]:
+        values = np.arange(10_000.0) + b  # 80 kB, viewed by every piece: written once as the block's file
+        return {**{cid: values[1:] for cid in plan.chunks_meeting(supports[b], plan.halo)}, BLOCK_FIGURES: {}}
+
+    def chunk_fn(_ctx: Any, cid: Any, _partials: list[Any]) -> dict[str, Any]:
+        seen[cid] = bool(block_files(spill, 0))
+        return {}
+
+    spill = tmp_path / "pieces"
+    with thread_executor(1) as executor:
+        run_chunked(
+            executor, "s", plan, StageRecords(tmp_path / "records"), None, chunk_fn, blocks=[0, 1],
+            block_fn=block_fn, supports=supports, window=1, progress=False, spill=spill,
+        )  # fmt: skip
+    assert all(seen[cid] for cid in plan.ids() if cid <= last_of_block_0)
+    assert any(cid > last_of_block_0 for cid in seen) and not any(
+        seen[cid] for cid in plan.ids() if cid > last_of_block_0
+    )
+
+
 def test_overlapping_pieces_share_their_block_bytes_in_the_spill_folder(tmp_path: Path) -> None:
     """Pieces that view one large array of their block (chunks' halos overlap) are written as references into
     one file of that array: the block's bytes are written once, not once a piece; each piece reads back the
