@@ -478,7 +478,8 @@ def throughput(doc: dict[str, Any]) -> dict[str, Any]:
     register = largest["register"]
     passes = [
         {"name": p["name"], "voxels": p["voxels"], "core_s": p["block_s"] + p["chunk_s"],
-         "voxels_per_core_s": p["voxels"] / (p["block_s"] + p["chunk_s"]) if p["block_s"] + p["chunk_s"] > 0 else None}
+         "voxels_per_core_s": p["voxels"] / (p["block_s"] + p["chunk_s"]) if p["block_s"] + p["chunk_s"] > 0 else None,
+         "spilled_bytes": p.get("spilled_bytes")}
         for p in register.get("passes", [])
     ]  # fmt: skip
     out: dict[str, Any] = {
@@ -536,13 +537,21 @@ def _hours(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
 
 
+def _spilled(nbytes: int | None, voxels: int) -> str:
+    """A pass's pieces through the run folder: MB and bytes per field voxel ("–" when the JSON predates the figure)."""
+    if nbytes is None:
+        return "–"
+    return f"{nbytes / 1e6:.0f} MB; {nbytes / voxels:.0f} B" if voxels else f"{nbytes / 1e6:.0f} MB"
+
+
 def scale_section(doc: dict[str, Any]) -> str:
     """docs/scale.md's generated part: the runs, the targets, per-core throughput and the terabyte plan."""
     speed = throughput(doc)
     plan = doc["projection"]
     row = speed["row"]
     pass_rows = [[p["name"], f"{p['voxels'] / 1e6:.2f} M", fmt(p["core_s"], 1),
-                  f"{p['voxels_per_core_s'] / 1e3:.1f} k" if p["voxels_per_core_s"] else "–"] for p in speed["passes"]]  # fmt: skip
+                  f"{p['voxels_per_core_s'] / 1e3:.1f} k" if p["voxels_per_core_s"] else "–",
+                  _spilled(p["spilled_bytes"], p["voxels"])] for p in speed["passes"]]  # fmt: skip
     per_core = [
         f"At the largest run ({row['disk_gib']:.2f} GiB on disk, field {row['field_voxels'] / 1e6:.1f} M voxels at "
         f"{row['field_spacing_um']:.1f} µm): registration {1e6 * speed['register_cpu_s_per_field_voxel']:.1f} µs of "
@@ -550,7 +559,8 @@ def scale_section(doc: dict[str, Any]) -> str:
         "second" + (f" (this series timed register only: the warp's figure is `{speed['warp_source']}`'s, "
                     "`benchmarks/results/warp_throughput.json`)" if "warp_source" in speed else "") + (f", convert {speed['convert_bytes_per_cpu_s'] / 1e6:.1f} MB per CPU second" if "convert_bytes_per_cpu_s" in speed else "")
         + ". Per registration pass (worker task time; one thread per worker, so a worker-second is a core-second):",
-        table(["pass", "field voxels", "core-seconds", "field voxels per core-second"], pass_rows),
+        table(["pass", "field voxels", "core-seconds", "field voxels per core-second",
+               "pieces through the run folder (MB; B per field voxel)"], pass_rows),  # fmt: skip
     ]  # fmt: skip
     proj = projection(doc)
     bws = plan["storage_gb_per_s"]

@@ -219,7 +219,9 @@ def pass_figures(run: Path) -> list[dict[str, Any]]:
 
     Each row: ``name``, the block figures summed over blocks (forward passes, patch sampling, accumulation,
     polish), ``block_s`` (all block task time), ``chunk_s`` (chunk task time) and ``voxels`` (field voxels
-    the pass's chunks covered, where recorded). No rows when the command left no run folder.
+    the pass's chunks covered, where recorded), ``spilled_bytes`` (what its block tasks handed to its chunk tasks
+    through the run folder: ``spilled.json``, 0 when nothing went through it). No rows when the command left no
+    run folder.
     """
     rows: list[dict[str, Any]] = []
     for stage in _pass_folders(run):
@@ -231,6 +233,8 @@ def pass_figures(run: Path) -> list[dict[str, Any]]:
         row["block_s"] = sum(b.get("seconds", 0.0) for b in blocks)
         row["chunk_s"] = sum(c.get("seconds", 0.0) for c in chunks)
         row["voxels"] = sum(c.get("voxels", 0) for c in chunks) or sum(b.get("voxels", 0) for b in blocks)
+        spilled = stage / "spilled.json"
+        row["spilled_bytes"] = json.loads(spilled.read_text())["bytes"] if spilled.is_file() else 0
         rows.append(row)
     return rows
 

@@ -483,11 +483,12 @@ def run_chunked(
             if nxt is not None:
                 queue.add(nxt)
     block_figures = [f.result() for f in figure_futures]
-    if spill is not None:
-        shutil.rmtree(spill, ignore_errors=True)
     run = StageRun(
         name, len(plan), len(plan) - len(todo), len(block_figures), time.perf_counter() - t0, block_figures, chunk_figures
     )
+    if spill is not None:
+        shutil.rmtree(spill, ignore_errors=True)
+        records.log_spilled(int(run.total("spilled_bytes")))
     log.info(
         "%s: %d chunks written, %d already done, %.1f s%s", name, len(todo), run.skipped, run.seconds,
         "" if spill is None else f", {run.total('spilled_bytes') / 1e6:.0f} MB of pieces through {spill}",

@@ -195,6 +195,12 @@ class StageRecords:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"{'_'.join(str(int(a)) for a in start)}.json").write_text(json.dumps(figures))
 
+    def log_spilled(self, nbytes: int) -> None:
+        """Write the bytes this run of the stage wrote to its spill folder (:attr:`pieces`) to ``spilled.json``
+        (read by ``benchmarks/scale.py``; a resumed run overwrites it with its own blocks' bytes)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.root / "spilled.json", {"bytes": int(nbytes)})
+
     def mark_done(self, cid: ChunkId, info: dict[str, Any]) -> None:
         """Record chunk ``cid`` as complete (call only after all its arrays are written whole)."""
         folder = self.root / "done"

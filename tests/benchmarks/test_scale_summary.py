@@ -22,6 +22,7 @@ def test_pass_figures_sum_the_block_and_chunk_records(tmp_path: Path) -> None:
     _write(run / "stage2" / "blocks" / "0_0_0.json", {"forward_seconds": 3.0, "sampling_seconds": 1.0, "seconds": 5.0})
     _write(run / "stage2" / "blocks" / "0_1_0.json", {"forward_seconds": 1.0, "accumulate_seconds": 0.5, "seconds": 2.0})
     _write(run / "stage2" / "done" / "0_0_0.json", {"seconds": 1.0, "voxels": 100})
+    _write(run / "stage2" / "spilled.json", {"bytes": 1234})  # what went through the run folder
     _write(run / "polish1" / "blocks" / "0_0_0.json", {"polish_seconds": 2.0, "seconds": 2.0, "voxels": 100})
     _write(run / "polish1" / "done" / "0_0_0.json", {"seconds": 0.0})
     (run / "stage1.zarr").mkdir()  # a pass's array, not a records folder
@@ -29,9 +30,10 @@ def test_pass_figures_sum_the_block_and_chunk_records(tmp_path: Path) -> None:
     assert set(rows) == {"polish1", "stage2"}
     assert rows["stage2"] == pytest.approx(
         {"name": "stage2", "forward_s": 4.0, "sampling_s": 1.0, "accumulate_s": 0.5, "polish_s": 0.0, "block_s": 7.0,
-         "chunk_s": 1.0, "voxels": 100}
+         "chunk_s": 1.0, "voxels": 100, "spilled_bytes": 1234}
     )  # fmt: skip
     assert rows["polish1"]["voxels"] == 100  # from the blocks when the chunks do not say
+    assert rows["polish1"]["spilled_bytes"] == 0  # nothing went through the run folder
     parts = shares(list(rows.values()))
     assert parts["forward"] == pytest.approx(0.4) and parts["polish"] == pytest.approx(0.2)
     assert parts["other"] == pytest.approx(1 - 0.4 - 0.1 - 0.05 - 0.2)
