@@ -625,7 +625,9 @@ them, network blocks that sum the spread of their estimates only where it is the
 handed to the chunk tasks through the run folder (below, *Peak per worker*), and the polish's filters
 worked through in z-slabs (`patchmorph_core.similarity.SLAB`: the Gaussians, the local means and the local-NCC
 force, the same values bit for bit), and pieces that share their block's bytes in the run folder (below). It
-ran on a third machine of the same kind (code 4f72930), whose network forward passes took 60-85 % more CPU than
+ran on a third machine of the same kind (code cba7e2e; a run of 4f72930, the same code but for the record of the
+pieces' bytes, gave 27.1 / 47.5 / 101.7 / 127.0 CPU-s, peaks 0.70 / 0.58 / 0.70 / 0.70 GiB, forward share 46 /
+28 / 32 / 41 %), whose network forward passes took 60-85 % more CPU than
 the second machine's for the same passes, its polish tiles within 16 % of theirs: so its CPU is higher and its
 forward share too. On the second machine the code before the shared pieces (da77dee, the same fields) ran at
 20.4 / 38.0 / 75.5 / 91.3 CPU-s, peaks 0.65 / 0.54 / 0.66 / 0.66 GiB, forward share 33 / 22 / 25 / 35 %, and
@@ -684,8 +686,8 @@ every worker holds of a pass (the fixed image on the finest pass's field grid, 4
 (`pipeline.cluster.WORKER_MALLOC_ENV`, below), which adds a little to every peak; with a threshold of 1 GiB the
 series peaked at 0.64 / 0.82 / 1.04 / 0.95 GiB (code de6a94c), since freed memory stayed with the process. So
 the peak stays far below the 2 GiB cap. The 1 GiB run's two polish tiles (boxes of 88 × 87 × 122 voxels, about
-0.14 GB) and two chunk tasks (76 × 87 × 122 voxels and their halo) set its peak (0.70 GiB in this series, 0.65 in
-da77dee's, 0.68 in 909f409's), level with the larger runs (0.58-0.70 GiB). The table's "during" says which pass was running when the
+0.14 GB) and two chunk tasks (76 × 87 × 122 voxels and their halo) set its peak (0.67 GiB in this series, 0.65 in
+da77dee's, 0.68 in 909f409's), level with the larger runs (0.58-0.64 GiB). The table's "during" says which pass was running when the
 busiest worker peaked (`scale.pass_at`: the sampler's time of the peak against the run folder's record times).
 In the series before this one the 8 GiB run peaked at 1.00 GiB during the polish: at 2× its tiles (boxes of 160
 field voxels) sampled their velocity and residual back onto the field grid, 82 MB a tile, held until every
@@ -738,10 +740,14 @@ block's sums, the polish tile's velocity and residual), which are written once p
 (`pipeline.chunked.spill_block`), read back through a memory map (a chunk task reads only the bytes its pieces
 cover) and deleted with the block's last chunk. On the 2 GiB brain (field 3.24 M voxels, 18 chunks; the two codes
 one after the other on the same volume, alone) the pieces of stage 3 fell from 170 to 71 MB and the polish's
-from 198 to 105 MB, 117 → 58 B per field voxel, the field and its uncertainty the same bit for bit; in the
-series the bytes written fell to 0.11 / 0.35 / 0.52 / 1.01 GiB (0.12 / 0.42 / 1.44 / 1.88 in da77dee's) and the
-data read per field voxel is flat (0.91-1.26× the 1 GiB run's, against 1.17-1.72×). At 1 GiB, where the field
-is two chunks whose pieces hardly overlap, the bytes hardly change (80 against 95 MB). For the terabyte plan's
+from 198 to 105 MB, 117 → 58 B per field voxel, the field and its uncertainty the same bit for bit. In this
+series the pieces of all passes together are 50 / 58 / 65 / 35 B per field voxel (the 8 GiB run's polish tiles
+are on its 2× coarser grid), the bytes written 0.11 / 0.24 / 0.79 / 0.67 GiB (0.11 / 0.35 / 0.52 / 1.01 in the
+run of 4f72930; 0.12 / 0.42 / 1.44 / 1.88 in da77dee's: psutil's counts, which move from run to run), and the data
+read per field voxel is within 0.74-1.26× the 1 GiB run's in the two series of the shared pieces, against
+1.17-1.72× in da77dee's. At 1 GiB, where the field
+is two chunks whose pieces hardly overlap, the bytes hardly change (80 against 95 MB). The table of *Throughput per
+core* below gives each pass's pieces at the largest run (`spilled.json` in the pass's records). For the terabyte plan's
 20 µm field (below, about 1.9 G field voxels) that is about 0.1 TB written and read once, against the 3 TB of
 the I/O floor.
 
@@ -772,7 +778,7 @@ the chunk tasks timed part by part at 1 GiB) and per function on one polish box 
   and writing are inside the tasks above; the network blocks' patch sampling and accumulation are their own
   columns.
 
-The forward-share target (60 %) is therefore not met at 1× (28-46 % in this series on the third machine, whose
+The forward-share target (60 %) is therefore not met at 1× (31-44 % in this series and 28-46 % in the run before it on the third machine, whose
 forward passes are the slowest; 22-35 % on the second, 33-45 % on the first): the polish is an instance
 optimisation whose settings (10 steps, its halo) were chosen on validation pairs, and it does per field voxel
 about the network's work; the network's own chunk tasks take another sixth. Left: a polish that runs on slabs
