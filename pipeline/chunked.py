@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import pickle
 import shutil
 import time
@@ -56,7 +55,7 @@ from patchmorph_core.spatial import Grid, world_box
 from pipeline.executor import Executor
 from pipeline.integrity import writable
 from pipeline.ngff import DEFAULT_CHUNK, create_image_array
-from pipeline.resume import ChunkId, StageRecords, chunk_name
+from pipeline.resume import ChunkId, StageRecords, atomic_write, chunk_name
 
 log = logging.getLogger(__name__)
 
@@ -260,16 +259,6 @@ def block_files(folder: Path, block: int) -> list[Path]:
     return sorted(folder.glob(f"{block}.*.raw"))
 
 
-def _atomic_write(path: Path, write: Callable[[Any], None]) -> int:
-    """``write(handle)`` into a temporary file renamed to ``path`` once complete; the bytes written."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with tmp.open("wb") as handle:
-        write(handle)
-        size = handle.tell()
-    os.replace(tmp, path)
-    return size
-
-
 def _raw_owner(array: np.ndarray) -> np.ndarray | None:
     """The array whose contiguous memory ``array`` views (itself, or the last array of its ``base`` chain), as a
     flat byte view, or None when that memory is not one contiguous block."""
@@ -311,7 +300,7 @@ class _BlockPickler(pickle.Pickler):
         key = (raw.__array_interface__["data"][0], raw.nbytes)  # one memory block: its start and its length
         if key not in self.files:
             name = f"{self.block}.{len(self.files)}.raw"
-            self.files[key] = (name, _atomic_write(self.folder / name, raw.tofile))
+            self.files[key] = (name, atomic_write(self.folder / name, raw.tofile))
         return (self.files[key][0], start, obj.shape, obj.strides, obj.dtype.str)
 
 
@@ -342,7 +331,7 @@ def spill_block(block_fn: Callable[[Any, Any], Any], folder: Path, index: int, c
             out[key] = value
             continue
         path = piece_path(folder, index, key)
-        written += _atomic_write(path, lambda handle, v=value: _BlockPickler(handle, folder, index, files).dump(v))
+        written += atomic_write(path, lambda handle, v=value: _BlockPickler(handle, folder, index, files).dump(v))
         out[key] = SpilledPiece(path)
     written += sum(size for _, size in files.values())
     out[BLOCK_FIGURES] = {**out.get(BLOCK_FIGURES, {}), "spilled_bytes": written}

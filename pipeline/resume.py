@@ -26,10 +26,10 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from patchmorph_core.errors import InputError
 
@@ -131,11 +131,21 @@ def chunk_name(cid: ChunkId) -> str:
     return "_".join(str(int(c)) for c in cid)
 
 
-def atomic_write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write JSON to ``path`` through a temporary file and an atomic rename."""
+def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> int:
+    """``write(handle)`` into a temporary file beside ``path``, renamed to ``path`` once complete (a reader sees
+    the whole file or none); the bytes written."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    with tmp.open("wb") as handle:
+        write(handle)
+        size = handle.tell()
     os.replace(tmp, path)
+    return size
+
+
+def atomic_write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write JSON to ``path`` through a temporary file and an atomic rename (:func:`atomic_write`)."""
+    text = json.dumps(data, indent=1, sort_keys=True)
+    atomic_write(path, lambda handle: handle.write(text.encode()))
 
 
 @dataclass(frozen=True)
