@@ -331,6 +331,7 @@ def run_atlas_job(
     Raises:
         InputError: bad input, before heavy work starts.
     """
+    from pipeline.importers import check_geometry_options
     from pipeline.register import register_files
 
     started = time.time()
@@ -342,6 +343,8 @@ def run_atlas_job(
             raise InputError(f"{role} {path} does not exist: check the path.")
     found = find_atlas(atlas)
     check_output_folder(out, [brain, *channel_paths, found.folder])
+    for path in [brain, *channel_paths]:
+        check_geometry_options(path, voxel_size, unit, orientation)
     cluster = config.cluster if scheduler is None else load_cluster_config(scheduler)
     out.mkdir(exist_ok=True)
     geometry = {"voxel_size": voxel_size, "unit": unit, "orientation": orientation}

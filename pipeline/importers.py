@@ -270,6 +270,10 @@ def _natural_key(path: Path) -> list[object]:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
 
 
+def _no_voxel_size(what: str) -> InputError:
+    return InputError(f"{what} carries no voxel size: pass --voxel-size Z Y X (and --unit, --orientation).")
+
+
 def _plain_grid(
     shape: Sequence[int],
     voxel_size: Sequence[float] | None,
@@ -279,9 +283,7 @@ def _plain_grid(
 ) -> Grid:
     """Grid of a file without geometry (TIFF): needs ``voxel_size``; default unit micrometer."""
     if voxel_size is None:
-        raise InputError(
-            f"{what} carries no voxel size: pass --voxel-size Z Y X (and --unit, --orientation)."
-        )
+        raise _no_voxel_size(what)
     spacing = check_spacing(voxel_size)
     unit_name = "micrometer" if unit is None else normalize_unit(unit)
     if orientation is not None:
@@ -483,6 +485,32 @@ def kind_needs_voxels(path: str | Path) -> bool:
     """True for inputs whose files carry no voxel size (TIFF stacks and plane folders)."""
     p = Path(path)
     return p.name.lower().endswith(TIFF_SUFFIXES) or (p.is_dir() and not _is_zarr(p))
+
+
+def check_geometry_options(
+    path: str | Path,
+    voxel_size: Sequence[float] | None = None,
+    unit: str | None = None,
+    orientation: str | None = None,
+) -> None:
+    """What the geometry options and the input's kind alone decide, checked without reading the image (before
+    a job creates anything): the input exists, a TIFF input has a voxel size, and the voxel size, unit and
+    orientation code are valid. :func:`open_input` checks the rest (the files themselves).
+
+    Raises:
+        InputError: one sentence naming the input and the option to give.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"input {str(p)!r} does not exist: check the path.")
+    if voxel_size is not None:
+        check_spacing(voxel_size)
+    elif kind_needs_voxels(p):
+        raise _no_voxel_size(f"TIFF {'plane folder' if p.is_dir() else 'stack'} {str(p)!r}")
+    if unit is not None:
+        normalize_unit(unit)
+    if orientation is not None:
+        orientation_matrix(orientation)
 
 
 def orientation_source(path: str | Path, kind: str, orientation: str | None) -> str:

@@ -251,6 +251,7 @@ CASES = [
     Case("register-out-contains-weights", f"{REG} --out {W} --overwrite", 2, r"output .* contains the (fixed|moving|weights) input"),
     Case("register-output-exists", f"{REG} --out {OUT}/exists.zarr", 2, r"exists\.zarr already exists: pass --overwrite", ("exists.zarr",), _existing_output),
     Case("register-output-folder-missing", f"{REG} --out {OUT}/no/out.zarr", 2, r"output folder .* does not exist"),
+    Case("register-nifti-fixed", f"{REG} --out {OUT}/out.zarr".replace(f"{W}/fixed.zarr", f"{W}/four_d.nii.gz"), 2, r"four_d\.nii\.gz' is a file, not an OME-Zarr folder: convert an image first with 'patchmorph convert'"),
     Case("register-constant-fixed", f"{REG} --out {OUT}/out.zarr".replace(f"{W}/fixed.zarr", f"{W}/zeros.zarr"), 2, r"fixed image .*zeros\.zarr is constant \(every voxel is 0\)"),
     Case("register-nan-moving", f"{REG} --out {OUT}/out.zarr".replace(f"{W}/moving.zarr", f"{W}/nan.zarr"), 2, r"moving image .*nan\.zarr contains NaN"),
     Case("register-empty-moving", f"{REG} --out {OUT}/out.zarr".replace(f"{W}/moving.zarr", f"{W}/speck.zarr"), 2, r"moving image .*speck\.zarr is empty"),
@@ -269,6 +270,7 @@ CASES = [
     # -- warp -----------------------------------------------------------------------------------------------------
     Case("warp-missing-field", f"{WARP} --out {OUT}/out.zarr".replace(f"{W}/field.zarr", f"{W}/nowhere.zarr"), 2, r"field .*nowhere\.zarr does not exist"),
     Case("warp-field-is-an-image", f"{WARP} --out {OUT}/out.zarr".replace(f"{W}/field.zarr", f"{W}/fixed.zarr"), 2, r"is not a PatchMorph displacement field"),
+    Case("warp-field-is-a-nifti-file", f"{WARP} --out {OUT}/out.zarr".replace(f"{W}/field.zarr", f"{W}/four_d.nii.gz"), 2, r"is a file, not an OME-Zarr folder: .*'patchmorph import-field'"),
     Case("warp-missing-moving", f"{WARP} --out {OUT}/out.zarr".replace(f"{W}/moving.zarr", f"{W}/nowhere.zarr"), 2, r"nowhere\.zarr does not exist"),
     Case("warp-out-is-moving-with-overwrite", f"{WARP} --out {W}/moving.zarr --overwrite", 2, r"output .*moving\.zarr is the image input"),
     Case("warp-out-is-field", f"{WARP} --out {W}/field.zarr --overwrite", 2, r"output .*field\.zarr is the field input"),

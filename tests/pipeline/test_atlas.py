@@ -265,8 +265,13 @@ def test_bad_atlas_or_brain_is_one_sentence(tmp_path: Path, examples: Path) -> N
         ],
     )
     assert result.exit_code == 2 and "does not exist" in result.output
-    result = runner.invoke(
-        app, ["atlas", str(brain), "-o", str(tmp_path / "o"), "--atlas", str(examples / EXAMPLE_ATLAS)]
-    )
-    assert result.exit_code == 2 and "--voxel-size" in result.output
-    assert not (tmp_path / "o" / "field.ome.zarr").exists()
+    atlas = ["--atlas", str(examples / EXAMPLE_ATLAS)]
+    for options, message in [
+        ([], "carries no voxel size: pass --voxel-size"),
+        (["--voxel-size", "50", "40", "-40", "--orientation", "psl"], "invalid voxel size"),
+        (["--voxel-size", "50", "40", "40", "--orientation", "pslx"], "unknown orientation code 'pslx'"),
+        (["--voxel-size", "50", "40", "40", "--unit", "furlong", "--orientation", "psl"], "unknown unit 'furlong'"),
+    ]:
+        result = runner.invoke(app, ["atlas", str(brain), "-o", str(tmp_path / "o"), *atlas, *options])
+        assert result.exit_code == 2 and message in result.output, (options, result.output)
+        assert not (tmp_path / "o").exists(), options  # refused before the job creates its folder
