@@ -73,6 +73,11 @@ class LossConfig(_Strict):
         fold_weight: weight of the penalty ``relu(fold_eps - det J)`` on the coordinate field.
         fold_eps: Jacobian determinant below which the fold penalty starts.
         stage_weights: weight of each stage's loss in the sum (shorter lists repeat their last value).
+        cross_contrast_similarity: the similarity of training pairs whose two images have independently drawn
+            contrasts (``DataConfig.independent_contrast``), with its own weight ``cross_contrast_weight``;
+            None: ``similarity`` for every pair. With ``similarity: ncc`` and ``mind`` here, each pair is
+            trained with the similarity that holds for it: local NCC where one intensity table made both images.
+        cross_contrast_weight: weight of ``cross_contrast_similarity``.
     """
 
     similarity: Literal["ncc", "mind", "mse"] = "ncc"
@@ -85,6 +90,17 @@ class LossConfig(_Strict):
     fold_weight: float = Field(10.0, ge=0.0)
     fold_eps: float = Field(0.05, ge=0.0, le=1.0)
     stage_weights: tuple[float, ...] = (1.0,)
+    cross_contrast_similarity: Literal["ncc", "mind", "mse"] | None = None
+    cross_contrast_weight: float = Field(5.0, gt=0.0)
+
+    def for_pair(self, same_contrast: bool) -> LossConfig:
+        """The loss of one training pair: this one, or with the cross-contrast similarity and weight when the
+        pair's two images have independent contrasts and :attr:`cross_contrast_similarity` is set."""
+        if same_contrast or self.cross_contrast_similarity is None:
+            return self
+        return self.model_copy(
+            update={"similarity": self.cross_contrast_similarity, "similarity_weight": self.cross_contrast_weight}
+        )
 
 
 class LabelSet(_Strict):

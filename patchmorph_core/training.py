@@ -106,11 +106,13 @@ class TrainVolume:
 class TrainPair:
     """A fixed and a moving volume in one unit; ``initial`` ``(4, 4)`` is the initial world→world alignment
     (fixed → moving): the centre-of-mass translation or the fitted affine (:mod:`patchmorph_core.alignment`),
-    the same start that inference uses."""
+    the same start that inference uses. ``same_contrast``: the two images were made with one intensity table
+    (False: independent contrasts, :meth:`~patchmorph_core.config.LossConfig.for_pair`)."""
 
     fixed: TrainVolume
     moving: TrainVolume
     initial: np.ndarray
+    same_contrast: bool = True
 
     @classmethod
     def from_images(
@@ -119,6 +121,7 @@ class TrainPair:
         moving: MultiscaleImage,
         device: torch.device | str = "cpu",
         alignment: str = "center_of_mass",
+        same_contrast: bool = True,
     ) -> TrainPair:
         """Pair two normalised pyramids (moving converted to the fixed unit); ``alignment`` as in
         ``InferenceConfig.initial_alignment``."""
@@ -127,7 +130,9 @@ class TrainPair:
             initial = fit_affine(fixed, moving).matrix
         else:
             initial = translation_matrix(initial_translation(fixed, moving))
-        return cls(TrainVolume.from_image(fixed, device), TrainVolume.from_image(moving, device), initial)
+        return cls(
+            TrainVolume.from_image(fixed, device), TrainVolume.from_image(moving, device), initial, same_contrast
+        )
 
 
 PairSource = Callable[[np.random.Generator], TrainPair]
@@ -231,6 +236,7 @@ def run_chains(
     model: PatchMorph, pair: TrainPair, batch: ChainBatch, loss_config: LossConfig
 ) -> ChainResult:
     """Run the cascade over a batch of chains end to end and sum the stage losses (see module doc)."""
+    loss_config = loss_config.for_pair(pair.same_contrast)
     device = batch.points[0].device
     initial = torch.as_tensor(pair.initial, dtype=torch.float32, device=device)
     eye = torch.eye(3, dtype=torch.float32, device=device)

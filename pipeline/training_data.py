@@ -168,7 +168,9 @@ class SynthPairs:
             )
             images.append(MultiscaleImage.from_array(image, grid))
         pose = random_pose(rng, mg.center, self.data, _tissue_extent(ml, mg))
-        return TrainPair.from_images(images[0], images[1].transformed(pose), alignment=self.alignment)
+        return TrainPair.from_images(
+            images[0], images[1].transformed(pose), alignment=self.alignment, same_contrast=not independent
+        )
 
     def _draw_volumes(self, rng: np.random.Generator) -> tuple[LabelVolume, LabelVolume]:
         """One set by ``weights``; two of its maps (the same one with probability 0.2)."""

@@ -94,3 +94,17 @@ def test_stage_loss_with_mind_prefers_the_aligned_patch_across_contrasts() -> No
     shifted, _ = stage_loss(fixed, torch.roll(other_contrast, 3, dims=3), disp, linear, config)
     assert parts["sim"] < 0.75 * float(shifted)
     assert float(aligned) < float(shifted)
+
+
+def test_a_pair_of_independent_contrasts_takes_the_cross_contrast_similarity_and_weight() -> None:
+    linear, disp = _linear(20.0), torch.zeros(1, 3, P, P, P)
+    fixed = torch.rand(1, 1, P, P, P)
+    moving = 1.0 - fixed  # one contrast the other's negative: local NCC -1, MIND indifferent to the sign
+    config = LossConfig(similarity="ncc", cross_contrast_similarity="mind", cross_contrast_weight=4.0, smooth_weight=0.0)
+    assert config.for_pair(same_contrast=True) is config
+    _, same = stage_loss(fixed, moving, disp, linear, config.for_pair(same_contrast=True))
+    total, cross = stage_loss(fixed, moving, disp, linear, config.for_pair(same_contrast=False))
+    _, mind = stage_loss(fixed, moving, disp, linear, LossConfig(similarity="mind"))
+    assert same["sim"] == pytest.approx(-1.0, abs=1e-2)  # squared NCC of a negated image is +1, the loss −1
+    assert cross["sim"] == pytest.approx(mind["sim"]) and total.item() == pytest.approx(4.0 * cross["sim"], rel=1e-5)
+    assert LossConfig(similarity="mind").for_pair(same_contrast=False).similarity == "mind"  # no override set

@@ -51,6 +51,18 @@ def test_shared_contrast_gives_one_table_and_independent_two() -> None:
     assert max(correlations) < 0.6, correlations
 
 
+def test_a_pair_knows_whether_its_images_share_one_contrast() -> None:
+    """The flag the per-pair loss reads (``LossConfig.for_pair``) says what the synthesis did."""
+    rng = np.random.default_rng(3)
+    source = build_source(_data(independent_contrast=0.5), ROOT)
+    pairs = [source.make_pair(rng) for _ in range(8)]
+    flags = [pair.same_contrast for pair in pairs]
+    assert any(flags) and not all(flags), flags
+    for pair, same in zip(pairs, flags, strict=True):
+        f, m = _intensity_pairs(pair)
+        assert (np.corrcoef(f, m)[0, 1] > 0.8) == same
+
+
 def test_label_sets_of_two_species_are_drawn_by_weight() -> None:
     mouse = LabelSet(images=(MOUSE,), spacing=0.1, skull_strip=False, weight=3.0)
     source = build_source(_data(label_sets=(mouse,)), ROOT)
