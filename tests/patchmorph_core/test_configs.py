@@ -37,3 +37,8 @@ def test_the_default_model_recipe_chains_its_steps() -> None:
     contrast = load_yaml(CONFIGS / "train_contrast.yaml", TrainConfig)  # step 5 fine-tunes step 4
     assert contrast.init_weights is not None and Path(contrast.init_weights).name == Path(configs[3].checkpoint).name
     assert contrast.data.independent_contrast > 0 and contrast.loss.similarity == "mind"
+    per_pair = load_yaml(CONFIGS / "train_contrast_per_pair.yaml", TrainConfig)  # step 7 fine-tunes step 6
+    assert per_pair.init_weights is not None and Path(per_pair.init_weights).name == "patchmorph_step6.pt"
+    assert per_pair.data == contrast.data and per_pair.lr_schedule == "cosine"
+    assert per_pair.loss.similarity == "ncc" and per_pair.loss.cross_contrast_similarity == "mind"
+    assert per_pair.loss.cross_contrast_weight == contrast.loss.similarity_weight
