@@ -493,16 +493,14 @@ def check_geometry_options(
     unit: str | None = None,
     orientation: str | None = None,
 ) -> None:
-    """What the geometry options and the input's kind alone decide, checked without reading the image (before
-    a job creates anything): the input exists, a TIFF input has a voxel size, and the voxel size, unit and
+    """What the geometry options and the kind of an existing input alone decide, checked without reading the
+    image (before a job creates anything): a TIFF input has a voxel size, and the voxel size, unit and
     orientation code are valid. :func:`open_input` checks the rest (the files themselves).
 
     Raises:
         InputError: one sentence naming the input and the option to give.
     """
     p = Path(path)
-    if not p.exists():
-        raise InputError(f"input {str(p)!r} does not exist: check the path.")
     if voxel_size is not None:
         check_spacing(voxel_size)
     elif kind_needs_voxels(p):
