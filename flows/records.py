@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import uuid
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.resume import content_identity
+from pipeline.resume import atomic_write_json, content_identity
 
 DONE_FILE = "done.json"
 """Name of the completion record inside an item's output folder."""
@@ -123,9 +121,7 @@ def write_done(out_dir: Path, result: ItemResult, key: str) -> Path:
     """Write the completion record of an item (atomically, after all its outputs exist)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / DONE_FILE
-    tmp = out_dir / f".{DONE_FILE}.{uuid.uuid4().hex}.tmp"
-    tmp.write_text(json.dumps({"fingerprint": key, "result": result.model_dump(mode="json")}, indent=1))
-    os.replace(tmp, path)
+    atomic_write_json(path, {"fingerprint": key, "result": result.model_dump(mode="json")})
     return path
 
 
