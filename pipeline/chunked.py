@@ -238,8 +238,8 @@ SPILL_INLINE_BYTES = 2**16
 class SpilledPiece:
     """A block's piece for one chunk task, kept in a file of the run folder instead of a worker's memory
     (written by :func:`spill_block`, read by :func:`unspilled_chunk`, deleted by :func:`run_chunked` once
-    the chunk is recorded). Its large arrays refer to the block's arrays in the same folder, which every piece
-    of the block shares (:func:`block_files`)."""
+    the chunk is recorded). Its large arrays refer to the block's arrays in the block's folder, which every piece
+    of the block shares (:func:`block_folder`)."""
 
     path: Path
 
@@ -254,9 +254,14 @@ def piece_path(folder: Path, block: int, cid: ChunkId) -> Path:
     return folder / f"{block}-{chunk_name(cid)}.pkl"
 
 
+def block_folder(folder: Path, block: int) -> Path:
+    """The folder of block ``block``'s arrays inside the spill folder ``folder`` (removed whole with its last chunk)."""
+    return folder / f"block-{block}"
+
+
 def block_files(folder: Path, block: int) -> list[Path]:
     """The files of block ``block``'s arrays in the spill folder ``folder`` (what its pieces refer to)."""
-    return sorted(folder.glob(f"{block}.*.raw"))
+    return sorted(block_folder(folder, block).glob("*.raw"))
 
 
 def _raw_owner(array: np.ndarray) -> np.ndarray | None:
@@ -274,7 +279,7 @@ def _raw_owner(array: np.ndarray) -> np.ndarray | None:
 
 class _BlockPickler(pickle.Pickler):
     """Pickles a block's pieces with their large arrays as references ``(file, offset, shape, strides, dtype)``
-    into the memory of the arrays they view, each written once as ``<block>.<k>.raw`` (:func:`block_files`):
+    into the memory of the arrays they view, each written once as ``<block>.<k>.raw`` in :func:`block_folder`:
     pieces that overlap (chunks' halos) share the block's bytes instead of copying them."""
 
     def __init__(
@@ -299,7 +304,9 @@ class _BlockPickler(pickle.Pickler):
             return None
         key = (raw.__array_interface__["data"][0], raw.nbytes)  # one memory block: its start and its length
         if key not in self.files:
-            name = f"{self.block}.{len(self.files)}.raw"
+            owners = block_folder(self.folder, self.block)
+            owners.mkdir(exist_ok=True)
+            name = f"{owners.name}/{self.block}.{len(self.files)}.raw"
             self.files[key] = (name, atomic_write(self.folder / name, raw.tofile))
         return (self.files[key][0], start, obj.shape, obj.strides, obj.dtype.str)
 
@@ -465,8 +472,8 @@ def run_chunked(
                 users[b] -= 1
                 if users[b] == 0:
                     executor.release(block_futures.pop(b))
-                    for path in block_files(spill, b) if spill is not None else ():
-                        path.unlink(missing_ok=True)
+                    if spill is not None:
+                        shutil.rmtree(block_folder(spill, b), ignore_errors=True)
             bar.update(1)
             nxt = submit_next()
             if nxt is not None:
