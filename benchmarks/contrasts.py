@@ -269,7 +269,8 @@ def inputs_key(*settings: Any) -> str:
 
 
 def human_subjects() -> Path:
-    """Write (once per :func:`inputs_key`) the subjects' images, each with its own intensity table; their folder."""
+    """Write (once per :func:`inputs_key`) the subjects' images, each with its own intensity table; their
+    folder."""
     folder = OUT / "human" / "data"
     key = inputs_key(HUMAN_TABLE_SEED, accuracy.inputs_key())
     if not harness.prepared(folder, key, accuracy.all_subject_paths(folder)):
@@ -322,9 +323,14 @@ def mri_orientation(labels: np.ndarray) -> str:
     return "".join(code[a] for a in range(3))
 
 
-def mri_subject(folder: Path) -> tuple[dict[str, Path], str, dict[int, float]]:
-    """Write the scan (2 mm, cropped to its brain) and its segmentation as NIfTI; their paths, the orientation
-    code found, and the scan's mean intensity per structure (the T1-like table)."""
+def mri_paths(folder: Path) -> dict[str, Path]:
+    """The scan's NIfTI inputs in ``folder``: ``image`` and ``labels``."""
+    return {"image": folder / "image_mri.nii.gz", "labels": folder / "labels_mri.nii.gz"}
+
+
+def mri_subject(folder: Path) -> tuple[str, dict[int, float]]:
+    """Write the scan (2 mm, cropped to its brain) and its segmentation as NIfTI (:func:`mri_paths`); the
+    orientation code found and the scan's mean intensity per structure (the T1-like table)."""
     from patchmorph_core.source import downsample, downsampled_grid
     from patchmorph_core.synth import downsample_labels
 
@@ -339,37 +345,37 @@ def mri_subject(folder: Path) -> tuple[dict[str, Path], str, dict[int, float]]:
     small_grid = downsampled_grid(grid, factors, small.shape)
     box = accuracy.brain_box(small, accuracy.MARGIN_VOX)
     crop_grid = small_grid.crop([b.start for b in box], [b.stop for b in box])
-    paths = {"image": folder / "image_mri.nii.gz", "labels": folder / "labels_mri.nii.gz"}
+    paths = mri_paths(folder)
     accuracy.save_nifti(paths["image"], downsample(image, factors)[box], crop_grid)
     accuracy.save_nifti(paths["labels"], small[box], crop_grid)
-    return paths, code, table
+    return code, table
 
 
 def mri_pairs(subjects: tuple[str, ...]) -> tuple[list[Pair], dict[str, Any]]:
     """Write (once per :func:`inputs_key`) the scan and the subjects' images with the scan's table; the pairs
     (the scan fixed, each subject moving, with the T1-like table and then with the subject's own table of part
-    (a)) and what the preparation found (orientation code, structures)."""
+    (a)) and what the preparation found (the orientation code)."""
     folder = OUT / "mri" / "data"
     own_folder = human_subjects()
     key = inputs_key(MRI_SCAN.name, MRI_SPACING_MM, accuracy.inputs_key())
     info_path = folder / "preparation.json"
-    subject_files = [p for sid in subjects for p in accuracy.subject_paths(sid, folder).values()]
-    if not harness.prepared(folder, key, [*subject_files, info_path]):
-        paths, code, table = mri_subject(folder)
+    files = [*mri_paths(folder).values(), *(p for sid in subjects for p in accuracy.subject_paths(sid, folder).values())]
+    if not harness.prepared(folder, key, [*files, info_path]):
+        code, table = mri_subject(folder)
         for sid in subjects:
             labels, image, grid = accuracy.make_subject(sid, table)
             accuracy.save_nifti(accuracy.subject_paths(sid, folder)["image"], image, grid)
             accuracy.save_nifti(accuracy.subject_paths(sid, folder)["labels"], labels, grid)
-        info_path.write_text(json.dumps({"orientation": code, "paths": {k: str(v) for k, v in paths.items()}}))
+        info_path.write_text(json.dumps({"orientation": code}))
         harness.mark_prepared(folder, key)
-    info = json.loads(info_path.read_text())
-    fixed_image, fixed_labels = Path(info["paths"]["image"]), Path(info["paths"]["labels"])
+    found = json.loads(info_path.read_text())
+    fixed = mri_paths(folder)
     pairs = []
     for contrast, base in (("T1-like", folder), ("own table", own_folder)):
         for sid in subjects:
             moving = accuracy.subject_paths(sid, base)
-            pairs.append(Pair(f"mri:{sid} ({contrast})", fixed_image, moving["image"], fixed_labels, moving["labels"]))
-    return pairs, {"orientation": info["orientation"]}
+            pairs.append(Pair(f"mri:{sid} ({contrast})", fixed["image"], moving["image"], fixed["labels"], moving["labels"]))
+    return pairs, found
 
 
 # -- (b) mouse, known deformations -------------------------------------------------------------------------------------
