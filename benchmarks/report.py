@@ -300,20 +300,23 @@ def contrasts_section(doc: dict[str, Any]) -> str:
     mri = parts.get("mri", {})
     if mri.get("summary"):
         rows = []
+        scored = mri["label_sets"][0]
         for contrast, summary in mri["summary"].items():
             for name, s in summary.items():
                 diff, ratio = _versus_syn(s)
-                rows.append([contrast, name, str(s["n_pairs"]), _mean_se(s["standard"]),
+                rows.append([contrast, name, str(s["n_pairs"]), _mean_se(s[scored]),
                              _folds_cell(s["folding_percent_in_brain"], s["n_pairs"]),
                              fmt(s["seconds"].get("register_seconds"), 1), ratio, diff])  # fmt: skip
         out += [
             "**(d) A real T1 MRI as the fixed brain** (VoxelMorph's test scan with its FreeSurfer segmentation, 2 mm; "
             f"axes named from the segmentation: `{mri.get('orientation', '?')}`), each held-out SynthSeg subject 07-10 "
             "as the moving one: a synthetic image with the scan's mean intensity per structure (T1-like), and the "
-            "subject's own table of (a) (another contrast). Dice over the 28 standard structures of the scan's "
-            "segmentation.",
+            f"subject's own table of (a) (another contrast). Dice over the {mri.get('n_structures', '?')} standard "
+            "structures that both segmentations define alike (not CSF: the fluid around the whole brain in the "
+            "SynthSeg maps, a small region in the scan's).",
             provenance(mri),
-            table(["moving image", "method", "pairs", "mean Dice ± SE (28 structures)", "folded % inside the brain",
+            table(["moving image", "method", "pairs", f"mean Dice ± SE ({mri.get('n_structures', '?')} structures)",
+                   "folded % inside the brain",
                    "register wall s", "register wall ÷ SyN's process / its call", "Dice − SyN per pair (mean ± SE)"], rows),
         ]  # fmt: skip
     return "\n\n".join(out)
