@@ -59,7 +59,7 @@ import harness
 import numpy as np
 
 from patchmorph_core.metrics import dice_per_label, ncc
-from patchmorph_core.spatial import Grid
+from patchmorph_core.spatial import Grid, orientation_code, orientation_matrix
 from patchmorph_core.synth import STANDARD_FS_LABELS, random_intensities, synthesize_image
 
 logger = logging.getLogger("benchmarks.contrasts")
@@ -307,13 +307,14 @@ score: CSF (24) is the fluid around the whole brain in the SynthSeg maps (about 
 the head) and a small region of about 160 voxels in the scan's FreeSurfer segmentation, so its Dice is 0 for
 any registration."""
 
-_SIDES = {  # FreeSurfer ids whose centroids name the scan's axes: (toward, from) per anatomical direction
+_SIDES = {  # FreeSurfer ids whose centroids name the scan's axes: (toward, away from) per anatomical direction
     "right": ((41, 42, 43, 46, 47, 49, 50, 51, 52, 53, 54, 60), (2, 3, 4, 7, 8, 10, 11, 12, 13, 17, 18, 28)),
     "superior": ((10, 49), (16,)),  # thalamus above the brain stem
     "anterior": ((11, 50), (8, 47)),  # caudate in front of the cerebellar cortex
 }
-_LETTERS = {"right": ("l", "r"), "superior": ("i", "s"), "anterior": ("p", "a")}
-"""Origin side of an axis along which the index runs toward the direction, and of one that runs away from it."""
+_TOWARD = dict(zip(("superior", "anterior", "right"), orientation_matrix("ipl").T, strict=True))
+"""World unit vector of each direction: the axes of an array whose origin is inferior, posterior and left run up,
+forward and right."""
 
 
 def mri_orientation(labels: np.ndarray) -> str:
@@ -321,12 +322,16 @@ def mri_orientation(labels: np.ndarray) -> str:
     ``(Z, Y, X)`` FreeSurfer segmentation, from the centroids of left/right, upper/lower and front/back
     structures: each direction goes to the axis along which it is largest, taken in the order of
     :data:`_SIDES` (the left-right one is the clearest)."""
-    code: dict[int, str] = {}
+    direction = np.zeros((3, 3))
+    free = [0, 1, 2]
     for side, (toward, away) in _SIDES.items():
         vector = np.argwhere(np.isin(labels, toward)).mean(axis=0) - np.argwhere(np.isin(labels, away)).mean(axis=0)
-        axis = max((a for a in range(3) if a not in code), key=lambda a: abs(vector[a]))
-        code[axis] = _LETTERS[side][0] if vector[axis] > 0 else _LETTERS[side][1]
-    return "".join(code[a] for a in range(3))
+        axis = max(free, key=lambda a: abs(vector[a]))
+        free.remove(axis)
+        direction[:, axis] = np.sign(vector[axis]) * _TOWARD[side]
+    code = orientation_code(direction)
+    assert code is not None  # one anatomical direction per axis: a signed permutation
+    return code
 
 
 def mri_set() -> LabelSet:

@@ -228,6 +228,14 @@ def _versus_syn(entry: dict[str, Any]) -> tuple[str, str]:
     return f"{dice['mean']:+.3f} ± {dice['sem']:.3f} (better on {dice['better']}/{dice['n']})", ratio
 
 
+def _summary_row(name: str, s: dict[str, Any], scored: str) -> list[str]:
+    """One method's row of a human table: pairs, mean Dice over the ``scored`` set, folds, wall time, the ratio
+    and the Dice difference to SyN."""
+    diff, ratio = _versus_syn(s)
+    return [name, str(s["n_pairs"]), _mean_se(s[scored]), _folds_cell(s["folding_percent_in_brain"], s["n_pairs"]),
+            fmt(s["seconds"].get("register_seconds"), 1), ratio, diff]  # fmt: skip
+
+
 def contrasts_section(doc: dict[str, Any]) -> str:
     """The cross-contrast benchmark's tables: human (a), mouse with known deformations (b), the STP pair (c), a real
     T1 MRI (d)."""
@@ -235,11 +243,7 @@ def contrasts_section(doc: dict[str, Any]) -> str:
     out = []
     human = parts.get("human", {}).get("summary")
     if human:
-        rows = []
-        for name, s in human.items():
-            diff, ratio = _versus_syn(s)
-            rows.append([name, str(s["n_pairs"]), _mean_se(s["standard"]), _folds_cell(s["folding_percent_in_brain"], s["n_pairs"]),
-                         fmt(s["seconds"].get("register_seconds"), 1), ratio, diff])  # fmt: skip
+        rows = [_summary_row(name, s, "standard") for name, s in human.items()]
         out += ["**(a) Human, independent contrasts per structure and image** (SynthSeg subjects 07-10, 2 mm).",
                 provenance(parts["human"] if "command" in parts["human"] else doc),
                 table(["method", "pairs", "mean Dice ± SE (28 structures)", "folded % inside the brain",
@@ -299,14 +303,9 @@ def contrasts_section(doc: dict[str, Any]) -> str:
         ]  # fmt: skip
     mri = parts.get("mri", {})
     if mri.get("summary"):
-        rows = []
         scored = mri["label_sets"][0]
-        for contrast, summary in mri["summary"].items():
-            for name, s in summary.items():
-                diff, ratio = _versus_syn(s)
-                rows.append([contrast, name, str(s["n_pairs"]), _mean_se(s[scored]),
-                             _folds_cell(s["folding_percent_in_brain"], s["n_pairs"]),
-                             fmt(s["seconds"].get("register_seconds"), 1), ratio, diff])  # fmt: skip
+        rows = [[contrast, *_summary_row(name, s, scored)] for contrast, summary in mri["summary"].items()
+                for name, s in summary.items()]  # fmt: skip
         out += [
             "**(d) A real T1 MRI as the fixed brain** (VoxelMorph's test scan with its FreeSurfer segmentation, 2 mm; "
             f"axes named from the segmentation: `{mri.get('orientation', '?')}`), each held-out SynthSeg subject 07-10 "

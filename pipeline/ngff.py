@@ -841,13 +841,15 @@ def _open_group(path: str | Path) -> zarr.Group:
     """The image group, read-only; a local store is opened through a
     :class:`~pipeline.integrity.VerifiedStore`, so every chunk read is checked (checksum, no gaps)."""
     where = str(path)
-    if "://" not in where and not Path(where).exists():
-        raise InputError(f"OME-Zarr input {where!r} does not exist: check the path.")
-    if "://" not in where and Path(where).is_file():
-        raise InputError(
-            f"{where!r} is a file, not an OME-Zarr folder: convert an image first with 'patchmorph convert' "
-            "(an ITK/ANTs displacement field with 'patchmorph import-field')."
-        )
+    if "://" not in where:  # a local path: what is there decides the sentence
+        local = Path(where)
+        if not local.exists():
+            raise InputError(f"OME-Zarr input {where!r} does not exist: check the path.")
+        if local.is_file():
+            raise InputError(
+                f"{where!r} is a file, not an OME-Zarr folder: convert an image first with 'patchmorph convert' "
+                "(an ITK/ANTs displacement field with 'patchmorph import-field')."
+            )
     try:
         group = zarr.open_group(where, mode="r")
     except Exception as err:  # zarr raises several types for a non-group
