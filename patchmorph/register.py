@@ -169,7 +169,15 @@ def warp(
     field: Annotated[Path, typer.Option(help="Displacement field written by `patchmorph register`.")],
     moving: Annotated[Path, typer.Option(help="Image or label map to warp (OME-Zarr).")],
     out: Annotated[Path, typer.Option(help="Output image (OME-Zarr).")],
-    labels: Annotated[bool, typer.Option(help="Label map: nearest-neighbour resampling.")] = False,
+    labels: Annotated[bool, typer.Option(help="Label map: label resampling (--label-interpolation).")] = False,
+    label_interpolation: Annotated[
+        str,
+        typer.Option(
+            metavar="vote|nearest",
+            help="With --labels: 'vote' gives each voxel the label with the largest summed trilinear weight among "
+            "its 8 neighbours (ANTs' GenericLabel); 'nearest' the nearest voxel's label.",
+        ),
+    ] = "vote",
     inverse: Annotated[
         bool,
         typer.Option(
@@ -189,11 +197,14 @@ def warp(
     """Warp an image or label map through a field into fixed space (or moving space with --inverse)."""
     from pipeline.warp import warp_files
 
+    if label_interpolation not in ("vote", "nearest"):
+        raise InputError(f"--label-interpolation {label_interpolation!r} is unknown: give 'vote' or 'nearest'.")
     if workers is not None or scheduler is not None:  # threads of this process import no Dask cluster code
         _quiet_dask()
     record = warp_files(
         field, moving, out, labels=labels, target=target, inverse=inverse, chunk_size=chunk_size,
         workers=workers, scheduler=scheduler, overwrite=overwrite, keep_run=keep_run,
+        label_interpolation=label_interpolation,  # type: ignore[arg-type]
     )  # fmt: skip
     if record.dashboard:
         typer.echo(f"dashboard was {record.dashboard}")

@@ -2,7 +2,9 @@
 
 Forward warp (moving image into fixed space): for every voxel centre ``x`` of a target block of the fixed
 grid, ``out(x) = M(x + u(x))`` where ``u`` is the registration field (fixed → moving, see
-:mod:`patchmorph_core.spatial`). Intensities are trilinear (``order=1``), label maps nearest (``order=0``).
+:mod:`patchmorph_core.spatial`). Intensities are trilinear (``order=1``); label maps (``order=0``) take, at
+each point, the label with the largest summed trilinear weight among its 8 neighbouring voxels (``vote``,
+:func:`vote_labels`: label-wise linear interpolation, ANTs' ``GenericLabel``), or the nearest voxel's label.
 
 Inverse warp (fixed-space image or atlas labels onto the moving image's grid): the inverse displacement
 ``v`` with ``φ⁻¹(y) = y + v(y)`` is obtained by **damped fixed-point iteration** ``v ← v − λ (v + u(y + v))``
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -98,14 +101,62 @@ def field_on_grid(displacement: Displacement, target: Grid) -> np.ndarray:
     return np.moveaxis(displacement(grid_points(target)).reshape(*target.shape, 3), -1, 0).astype(np.float32)
 
 
+LabelInterpolation = Literal["vote", "nearest"]
+"""How a label map is resampled: ``vote`` (:func:`vote_labels`) or ``nearest`` (the nearest voxel's label)."""
+
+
+def vote_labels(block: np.ndarray, rows: np.ndarray, cval: float) -> np.ndarray:
+    """Label-wise trilinear interpolation of the label map ``block`` at ``(3, N)`` continuous indices into it.
+
+    Each point takes the label whose voxels among its 8 neighbours carry the largest summed trilinear weight
+    (ANTs' ``GenericLabel`` interpolator with its linear kernel; ties go to the neighbour first in (z, y, x)
+    order). Among neighbours of one label it is that label, as with nearest; at a boundary the label covering
+    more of the point's neighbourhood wins, so warped boundaries follow the field to a fraction of a voxel
+    instead of snapping to the moving grid. Neighbours outside ``block`` count as ``cval``.
+
+    Returns:
+        ``(N,)`` array of ``block.dtype``.
+    """
+    rows = np.asarray(rows, dtype=np.float64)
+    shape = np.asarray(block.shape, dtype=np.int64)[:, None]
+    base = np.floor(rows)
+    frac = (rows - base).astype(np.float32)
+    base = base.astype(np.int64)
+    away = np.any((base < -1) | (base > shape - 1), axis=0)  # no neighbour in the block
+    np.clip(base, -1, shape - 1, out=base)
+    padded = np.pad(block, 1, constant_values=block.dtype.type(cval)).ravel()  # outside: cval
+    strides = np.array([(block.shape[1] + 2) * (block.shape[2] + 2), block.shape[2] + 2, 1], dtype=np.int64)
+    first = (base + 1).T @ strides  # flat index of each point's lower neighbour in ``padded``
+    labels = np.empty((8, rows.shape[1]), dtype=block.dtype)
+    weights = np.ones((8, rows.shape[1]), dtype=np.float32)
+    for k, corner in enumerate(np.ndindex(2, 2, 2)):
+        labels[k] = padded.take(first + int(np.dot(corner, strides)))
+        for axis, upper in enumerate(corner):
+            weights[k] *= frac[axis] if upper else 1.0 - frac[axis]
+    labels[:, away] = cval
+    out = labels[0].copy()
+    mixed = np.flatnonzero((labels != labels[0]).any(axis=0))  # points whose neighbours disagree
+    if mixed.size:
+        candidates, share = labels[:, mixed], weights[:, mixed]
+        score = share.copy()  # each neighbour's own weight, plus that of every other of its label
+        for a in range(8):
+            for b in range(a + 1, 8):
+                same = candidates[a] == candidates[b]
+                score[a] += share[b] * same
+                score[b] += share[a] * same
+        out[mixed] = candidates[np.argmax(score, axis=0), np.arange(mixed.size)]
+    return out
+
+
 def sample_rows(
-    level: Level, rows: np.ndarray, order: int, cval: float, dtype: np.dtype | type
+    level: Level, rows: np.ndarray, order: int, cval: float, dtype: np.dtype | type, vote: bool = False
 ) -> np.ndarray:
     """Samples of ``level`` at ``(3, ...)`` continuous indices (component-major), reading only the box they need.
 
     Trilinear (``order=1``): one float32 ``grid_sample`` (:func:`~patchmorph_core.sampling.sample_indices`), 0
-    — or ``cval`` — outside the array. Nearest (``order=0``): indices rounded half up, the array's values,
-    ``cval`` outside. The same values as :func:`~patchmorph_core.spatial.resample` up to float32 rounding.
+    — or ``cval`` — outside the array. Labels (``order=0``): with ``vote`` the label of :func:`vote_labels`,
+    else the nearest voxel's (indices rounded half up); ``cval`` outside. The same values as
+    :func:`~patchmorph_core.spatial.resample` up to float32 rounding (trilinear and nearest).
 
     Returns:
         ``rows.shape[1:]`` array of ``dtype``.
@@ -117,6 +168,13 @@ def sample_rows(
             inside = _inside(rows, shape)
             values = np.where(inside, values, np.float32(cval))
         return values.astype(dtype, copy=False)
+    if vote:
+        flat = np.asarray(rows, np.float64).reshape(3, -1)
+        box = row_box(flat, shape, margin=1)  # both neighbours of every point that lie in the array
+        if box is None:
+            return np.full(rows.shape[1:], cval, dtype=dtype)
+        local = flat - np.array([[s.start] for s in box], dtype=np.float64)
+        return vote_labels(read_box(level.array, box), local, cval).astype(dtype, copy=False).reshape(rows.shape[1:])
     flat = np.floor(np.asarray(rows, np.float64).reshape(3, -1) + 0.5).astype(np.int64)
     inside = _inside(flat, shape)
     box = row_box(flat[:, inside], shape, margin=0) if inside.any() else None
@@ -244,6 +302,7 @@ def warp_to_grid(
     dtype: np.dtype | type | None = None,
     block: int = 262144,
     cube: Sequence[int] | None = None,
+    vote: bool = False,
 ) -> np.ndarray:
     """Resample ``moving`` at ``x + u(x)`` for every voxel centre ``x`` of ``target``.
 
@@ -261,12 +320,13 @@ def warp_to_grid(
             :class:`~patchmorph_core.displacement.FieldDisplacement`, or an
             :class:`~patchmorph_core.displacement.InverseDisplacement` for the inverse warp.
         target: the output grid (a whole fixed grid, or one chunk or shard of it).
-        order: 1 trilinear (images) or 0 nearest (label maps).
+        order: 1 trilinear (images) or 0 (label maps: nearest, or with ``vote`` :func:`vote_labels`).
         cval: value where ``x + u(x)`` falls outside the moving image.
         dtype: output dtype (default float32 for ``order=1``, the moving array's dtype for ``order=0``);
             trilinear values are rounded and clipped into an integer dtype (:func:`cast_values`).
         block: voxels per cube when ``cube`` is not given (bounds temporary memory to ~100 bytes per voxel).
         cube: ``(z, y, x)`` edge of the cubes, e.g. the storage chunk shape of the output array.
+        vote: with ``order=0``, each voxel takes the label of :func:`vote_labels` (False: the nearest).
 
     Returns:
         ``target.shape`` array ``(Z, Y, X)`` of ``dtype``.
@@ -289,7 +349,7 @@ def warp_to_grid(
         if held is not None and held.holds(rows):
             values = held.sample(rows, cval)
         else:
-            values = sample_rows(level, rows, order, cval, sampled)
+            values = sample_rows(level, rows, order, cval, sampled, vote=vote)
         out[part] = cast_values(values, out.dtype)
     return out
 

@@ -11,7 +11,9 @@ Directions (the field ``u`` maps a fixed world point ``x`` to the moving world p
   measures the inverse's residual ``|v(y) + u(y + v(y))|`` on a subsample of its voxels; the maximum and
   mean are returned in :class:`WarpRecord` and stored in the output's metadata.
 
-Images are trilinear (``order=1``, rounded back to the input dtype), label maps nearest (``order=0``).
+Images are trilinear (``order=1``, rounded back to the input dtype); label maps (``order=0``) take at each
+voxel the label with the largest summed trilinear weight among its 8 neighbours (``label_interpolation:
+vote``, :func:`~patchmorph_core.warping.vote_labels`, ANTs' ``GenericLabel``), or the nearest voxel's label.
 Each write unit of the output (a Zarr chunk, or a whole shard for sharded arrays) is computed by one task
 in cubes of the storage chunk shape, written once, then recorded in ``<out>.run/`` (:mod:`pipeline.resume`);
 a rerun after a crash skips recorded units. A task's memory is set by the chunk and shard shapes. The task
@@ -44,7 +46,7 @@ from patchmorph_core.displacement import (
 from patchmorph_core.errors import InputError
 from patchmorph_core.source import MultiscaleImage, float32_if_small
 from patchmorph_core.spatial import Grid
-from patchmorph_core.warping import warp_to_grid
+from patchmorph_core.warping import LabelInterpolation, warp_to_grid
 from pipeline.checks import check_free_space, check_outputs, check_writable, run_outputs
 from pipeline.chunked import ChunkPlan, output_array, run_chunked
 from pipeline.cluster import load_cluster_config, open_executor
@@ -101,7 +103,7 @@ class WarpContext:
         forward: the forward field sampler (for the inverse's residual), or None.
         plan: output chunks on the output grid expressed in the field's unit.
         out: level-0 output array.
-        order: 1 trilinear, 0 nearest.
+        order: 1 trilinear, 0 labels.
         records: completion records.
         levels: the pyramid levels each task writes after level 0, with their downsampling factors
             (:func:`task_levels`).
@@ -115,6 +117,7 @@ class WarpContext:
     order: int
     records: StageRecords
     levels: tuple[tuple[Any, tuple[int, int, int]], ...] = ()
+    vote: bool = False
 
 
 def task_levels(level0: Any, levels: list[tuple[Any, tuple[int, int, int]]]) -> tuple[tuple[Any, tuple[int, int, int]], ...]:
@@ -145,7 +148,9 @@ def warp_chunk(ctx: WarpContext, cid: ChunkId, partials: list[Any]) -> dict[str,
     box = ctx.plan.box(cid)
     grid = ctx.plan.chunk_grid(cid)
     cube = tuple(ctx.out.chunks)[-3:]
-    values = warp_to_grid(ctx.image, ctx.displacement, grid, order=ctx.order, dtype=ctx.out.dtype, cube=cube)
+    values = warp_to_grid(
+        ctx.image, ctx.displacement, grid, order=ctx.order, dtype=ctx.out.dtype, cube=cube, vote=ctx.vote
+    )
     info: dict[str, Any] = {}
     if ctx.forward is not None:
         sub = tuple(np.arange(0, n, ERROR_STRIDE) for n in grid.shape)
@@ -211,6 +216,7 @@ def warp_files(
     overwrite: bool = False,
     progress: bool = True,
     keep_run: bool = False,
+    label_interpolation: LabelInterpolation = "vote",
 ) -> WarpRecord:
     """Warp an image or label map through a field (see the module docstring), chunk by chunk.
 
@@ -219,7 +225,7 @@ def warp_files(
         moving: the image to warp (OME-Zarr): in moving space for a forward warp, in fixed space for
             ``inverse``.
         out: output image (``.zarr``).
-        labels: nearest-neighbour resampling and label metadata (for label maps).
+        labels: label resampling (``label_interpolation``) and label metadata (for label maps).
         target: image whose grid the output takes (default: the field's fixed image, or its moving image
             for ``inverse``).
         inverse: warp a fixed-space image into moving space through the inverted field.
@@ -229,6 +235,8 @@ def warp_files(
         progress: show a progress bar.
         keep_run: keep the run folder ``<out>.run`` (per-chunk records) after the run finishes; by default it
             is removed then (it exists only to resume).
+        label_interpolation: with ``labels``: ``vote`` (the label of largest summed trilinear weight among a
+            point's 8 neighbours) or ``nearest``.
 
     Raises:
         InputError: bad input, before heavy work starts.
@@ -259,6 +267,7 @@ def warp_files(
         "image": content_identity(moving),
         "target": content_identity(target_path),
         "labels": labels,
+        "label_interpolation": label_interpolation if labels else None,
         "inverse": inverse,
         "chunk_size": chunk_size,
         "code": code_identity(),
@@ -270,6 +279,7 @@ def warp_files(
             "field": str(field),
             "image": str(moving),
             "direction": "inverse" if inverse else "forward",
+            **({"label_interpolation": label_interpolation} if labels else {}),
         }
     }
     array = output_array(
@@ -286,8 +296,9 @@ def warp_files(
     plan = ChunkPlan(grid.with_unit(field_grid.unit), tuple(write_block(array))[-3:])  # type: ignore[arg-type]
     levels = task_levels(array, pyramid_arrays(out, fresh=False))  # kept on resume: finished units wrote them
     context = WarpContext(
-        image, displacement, forward if inverse else None, plan, array, 0 if labels else 1, stage, levels
-    )
+        image, displacement, forward if inverse else None, plan, array, 0 if labels else 1, stage, levels,
+        vote=labels and label_interpolation == "vote",
+    )  # fmt: skip
     with open_executor(cluster_config) as executor:
         run = run_chunked(executor, "warp", plan, stage, context, warp_chunk, progress=progress)
         finish_image(out, client=getattr(executor, "client", None), written=len(levels))  # on a cluster: its workers

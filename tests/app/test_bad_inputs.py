@@ -272,6 +272,7 @@ CASES = [
     Case("warp-field-is-an-image", f"{WARP} --out {OUT}/out.zarr".replace(f"{W}/field.zarr", f"{W}/fixed.zarr"), 2, r"is not a PatchMorph displacement field"),
     Case("warp-field-is-a-nifti-file", f"{WARP} --out {OUT}/out.zarr".replace(f"{W}/field.zarr", f"{W}/four_d.nii.gz"), 2, r"is a file, not an OME-Zarr folder: .*'patchmorph import-field'"),
     Case("warp-missing-moving", f"{WARP} --out {OUT}/out.zarr".replace(f"{W}/moving.zarr", f"{W}/nowhere.zarr"), 2, r"nowhere\.zarr does not exist"),
+    Case("warp-unknown-label-interpolation", f"{WARP} --out {OUT}/out.zarr --labels --label-interpolation linear", 2, r"--label-interpolation 'linear' is unknown: give 'vote' or 'nearest'"),
     Case("warp-out-is-moving-with-overwrite", f"{WARP} --out {W}/moving.zarr --overwrite", 2, r"output .*moving\.zarr is the image input"),
     Case("warp-out-is-field", f"{WARP} --out {W}/field.zarr --overwrite", 2, r"output .*field\.zarr is the field input"),
     Case("warp-out-inside-field", f"{WARP} --out {W}/field.zarr/warped.zarr", 2, r"lies inside the field input"),

@@ -79,6 +79,46 @@ def test_warp_labels_and_image_translation_match_scipy() -> None:
     assert np.abs(warped_image - expected_image)[inside].max() < 1e-5
 
 
+def _label_vote_reference(labels: np.ndarray, moving: Grid, target: Grid, shift: np.ndarray) -> np.ndarray:
+    """Label-wise linear interpolation the long way: each label's indicator through scipy's trilinear
+    ``affine_transform`` (outside the array: background), then the label of the largest value."""
+    ids = np.unique(labels)
+    assert ids[0] == 0
+    to_world = target.affine.copy()
+    shift_matrix = np.eye(4)
+    shift_matrix[:3, 3] = shift
+    matrix = moving.inverse_affine @ np.diag([1e-3, 1e-3, 1e-3, 1.0]) @ shift_matrix @ to_world
+    shares = [
+        ndimage.affine_transform((labels == k).astype(np.float64), matrix, output_shape=target.shape, order=1,
+                                 mode="grid-constant", cval=float(k == 0), prefilter=False)
+        for k in ids
+    ]  # fmt: skip
+    return ids[np.argmax(np.stack(shares), axis=0)].astype(labels.dtype)
+
+
+def test_label_vote_is_label_wise_linear_interpolation_on_rotated_anisotropic_grids() -> None:
+    moving_grid, target = _grids()
+    rng = np.random.default_rng(1)
+    labels = ndimage.zoom(rng.integers(0, 6, size=(4, 5, 4)), 3, order=0)[:12, :15, :10].astype(np.uint16)
+    shift = np.array([-400.0, 900.0, 250.0])  # micrometer
+    displacement = TranslationDisplacement(shift)
+    voted = warp_to_grid(Level(labels, moving_grid), displacement, target, order=0, vote=True, cube=(4, 5, 6))
+    nearest = warp_to_grid(Level(labels, moving_grid), displacement, target, order=0)
+    assert voted.dtype == np.uint16
+    np.testing.assert_array_equal(voted, _label_vote_reference(labels, moving_grid, target, shift))
+    assert (voted != nearest).sum() > 20  # the two differ where neighbours disagree...
+    assert (voted != 0).sum() > 300 and (voted == nearest).mean() > 0.8  # ...and agree inside the structures
+
+
+def test_label_vote_keeps_whole_structures_and_takes_the_larger_share() -> None:
+    labels = np.zeros((6, 6, 6), dtype=np.int32)
+    labels[:, :, 3:] = 7  # x ≥ 3: structure 7
+    rows = np.array([[2.0, 2.0, 2.0, 3.0], [2.0, 2.0, 2.0, 3.0], [2.4, 2.6, 4.0, 5.4]])  # x between voxels
+    np.testing.assert_array_equal(warping.vote_labels(labels, rows, 0), [0, 7, 7, 7])
+    edge = np.array([[1.0, 1.0], [1.0, 1.0], [5.4, 5.6]])  # beyond the last centre: the outside counts as cval
+    np.testing.assert_array_equal(warping.vote_labels(labels, edge, 0), [7, 0])
+
+
 def test_warp_identity_reads_matching_level() -> None:
     grid = Grid.from_spacing((16, 16, 16), (1.0, 1.0, 1.0), unit="millimeter")
     image = np.arange(16**3, dtype=np.float32).reshape(16, 16, 16)

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+import zarr
 from typer.testing import CliRunner
 
 from patchmorph.cli import app
@@ -69,7 +70,15 @@ def test_chunked_warp_equals_in_memory(
     )
     out = np.asarray(read_image(record.out).levels[0].array[:])
     assert out.dtype == np.uint16
-    np.testing.assert_array_equal(out, warp_to_grid(read_image(label_path), forward, fixed_grid, order=0))
+    np.testing.assert_array_equal(out, warp_to_grid(read_image(label_path), forward, fixed_grid, order=0, vote=True))
+    assert zarr.open_group(str(record.out), mode="r").attrs["patchmorph"]["warped"]["label_interpolation"] == "vote"
+    record = warp_files(
+        analytic_field, label_path, tmp_path / "wn.zarr", labels=True, chunk_size=40, scheduler=dask_scheduler,
+        progress=False, label_interpolation="nearest",
+    )  # fmt: skip
+    nearest = np.asarray(read_image(record.out).levels[0].array[:])
+    np.testing.assert_array_equal(nearest, warp_to_grid(read_image(label_path), forward, fixed_grid, order=0))
+    assert (nearest != out).sum() > 10
 
     record = warp_files(
         analytic_field,
