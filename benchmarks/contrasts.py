@@ -37,6 +37,7 @@ Usage (from the repository root)::
     .venv/bin/python benchmarks/contrasts.py run                     # all four parts
     .venv/bin/python benchmarks/contrasts.py run --parts mouse --mouse-pairs 4
     .venv/bin/python benchmarks/contrasts.py run --variant mind="--config configs/register_mind.yaml"
+    .venv/bin/python benchmarks/contrasts.py syncc                   # ANTs SyNCC on (d)'s T1-like pairs, once
 
 Writes ``benchmarks/results/contrasts.json`` after every pair; ``benchmarks/report.py`` makes the tables.
 """
@@ -306,6 +307,10 @@ MRI_UNMATCHED: tuple[int, ...] = (24,)
 score: CSF (24) is the fluid around the whole brain in the SynthSeg maps (about 39,000 voxels of 2 mm, spanning
 the head) and a small region of about 160 voxels in the scan's FreeSurfer segmentation, so its Dice is 0 for
 any registration."""
+SYNCC_JSON = harness.RESULTS / "contrasts_syncc.json"
+"""ANTs SyNCC on part (d)'s T1-like pairs (15-25 min a pair): run once with ``contrasts.py syncc``, merged by
+``run``."""
+SYNCC_CONTRAST = "T1-like"
 
 _SIDES = {  # FreeSurfer ids whose centroids name the scan's axes: (toward, away from) per anatomical direction
     "right": ((41, 42, 43, 46, 47, 49, 50, 51, 52, 53, 54, 60), (2, 3, 4, 7, 8, 10, 11, 12, 13, 17, 18, 28)),
@@ -367,13 +372,23 @@ def mri_subject(folder: Path) -> tuple[str, dict[int, float]]:
     return code, table
 
 
+def mri_inputs_key() -> str:
+    """The key of part (d)'s prepared inputs: results made on other inputs are not merged."""
+    return inputs_key(MRI_SCAN.name, MRI_SPACING_MM, accuracy.inputs_key())
+
+
+def mri_folder(pair: Pair) -> Path:
+    """The run folder of one part (d) pair (``mri:07 (T1-like)`` → ``mri/mri_07_t1-like``)."""
+    return OUT / "mri" / slug(pair.name.replace(":", "_").replace("(", "").replace(")", ""))
+
+
 def mri_pairs(subjects: tuple[str, ...]) -> tuple[list[Pair], dict[str, Any]]:
     """Write (once per :func:`inputs_key`) the scan and the subjects' images with the scan's table; the pairs
     (the scan fixed, each subject moving, with the T1-like table and then with the subject's own table of part
     (a)) and what the preparation found (the orientation code)."""
     folder = OUT / "mri" / "data"
     own_folder = human_subjects()
-    key = inputs_key(MRI_SCAN.name, MRI_SPACING_MM, accuracy.inputs_key())
+    key = mri_inputs_key()
     info_path = folder / "preparation.json"
     files = [*mri_paths(folder).values(), *(p for sid in subjects for p in accuracy.subject_paths(sid, folder).values())]
     if not harness.prepared(folder, key, [*files, info_path]):
@@ -600,9 +615,11 @@ def stp_brainreg_record(inputs: dict[str, Path]) -> dict[str, Any]:
 # -- the benchmark ---------------------------------------------------------------------------------------------------
 def summarize_part(records: Mapping[str, list[dict[str, Any]]], sets: list[str]) -> dict[str, Any]:
     """Per method: mean Dice per label set, folds, field error, uncertainty correlation, seconds; and per
-    method against SyN: Dice difference per pair and register wall-time ratio."""
+    method against SyN: Dice difference per pair and register wall-time ratio; against stored SyNCC records
+    (``records["ANTs SyNCC"]``), the Dice difference per pair."""
     out: dict[str, Any] = {}
     syn = {r["pair"]: r for r in records.get("ANTs SyN", [])}
+    syncc = {r["pair"]: r for r in records.get("ANTs SyNCC", [])}
     for name, pairs in records.items():
         if not pairs:
             continue
@@ -624,7 +641,12 @@ def summarize_part(records: Mapping[str, list[dict[str, Any]]], sets: list[str])
             entry["uncertainty_vs_error_spearman"] = harness.mean_and_sem(corr)
         seconds = sorted({k for p in pairs for k in p if k.endswith("_seconds")})
         entry["seconds"] = {k: float(np.mean([p[k] for p in pairs if k in p])) for k in seconds}
-        if name != "ANTs SyN" and syn:
+        if not name.startswith("ANTs") and syncc:
+            common = [p for p in pairs if p["pair"] in syncc]
+            entry["versus_syncc"] = {"dice": harness.paired_difference(
+                {p["pair"]: p[sets[0]]["mean_dice"] for p in common},
+                {p["pair"]: syncc[p["pair"]][sets[0]]["mean_dice"] for p in common})}  # fmt: skip
+        if not name.startswith("ANTs") and syn:
             common = [p for p in pairs if p["pair"] in syn]
             entry["versus_syn"] = {
                 "dice": harness.paired_difference({p["pair"]: p[sets[0]]["mean_dice"] for p in common},
@@ -684,9 +706,13 @@ def run_mri(args: argparse.Namespace, methods: dict[str, list[str]], save: Calla
                             "label_sets": [scored.name], "n_structures": len(scored.groups),
                             "unmatched": list(MRI_UNMATCHED), "scan": MRI_SCAN.name, **found,
                             "synthesis": {**accuracy.SYNTH, "own_table_seed": HUMAN_TABLE_SEED}}  # fmt: skip
+    stored = stored_syncc()
+    if stored:
+        part["pairs"]["ANTs SyNCC"] = stored["pairs"]
+        part["syncc"] = {"stored": str(SYNCC_JSON.relative_to(harness.REPO)), "command": stored["command"],
+                         "machine": stored["machine"]}  # fmt: skip
     for pair in pairs:
-        folder = OUT / "mri" / slug(pair.name.replace(":", "_").replace("(", "").replace(")", ""))
-        for name, record in run_pair(pair, [scored], methods, folder, args.nice).items():
+        for name, record in run_pair(pair, [scored], methods, mri_folder(pair), args.nice).items():
             part["pairs"][name].append(record)
         part["summary"] = {
             contrast: summarize_part({n: [r for r in rs if contrast in r["pair"]] for n, rs in part["pairs"].items()},
@@ -694,6 +720,41 @@ def run_mri(args: argparse.Namespace, methods: dict[str, list[str]], save: Calla
             for contrast in ("T1-like", "own table")
         }  # fmt: skip
         save(part)
+
+
+def stored_syncc() -> dict[str, Any] | None:
+    """The stored ANTs SyNCC results of part (d) (:func:`run_syncc`), if made on the current inputs."""
+    if not SYNCC_JSON.is_file():
+        return None
+    stored = json.loads(SYNCC_JSON.read_text())
+    if stored.get("inputs_key") != mri_inputs_key():
+        logger.warning("%s was made on other inputs of part (d): not merged; rerun 'contrasts.py syncc'", SYNCC_JSON)
+        return None
+    return stored
+
+
+def run_syncc(nice: int) -> None:
+    """ANTs SyNCC on part (d)'s T1-like pairs (one contrast: local CC applies), rewriting :data:`SYNCC_JSON`
+    after every pair; pairs already there are skipped, so a long run can be stopped and started again."""
+    pairs, _ = mri_pairs(accuracy.SUBJECTS)
+    scored = mri_set()
+    command = harness.recorded_command()
+    doc = stored_syncc() or {"pairs": []}
+    doc.update(method="ANTs SyNCC", command=command, machine=harness.machine(), inputs_key=mri_inputs_key(),
+               label_set=scored.name)  # fmt: skip
+    done = {r["pair"] for r in doc["pairs"]}
+    for pair in pairs:
+        if SYNCC_CONTRAST not in pair.name or pair.name in done:
+            continue
+        folder = mri_folder(pair) / "syncc"
+        record = harness.run_ants_pair(pair.fixed_image, pair.moving_image, pair.moving_labels, folder, "SyNCC",
+                                       fixed_labels=pair.fixed_labels, nice=nice)  # fmt: skip
+        fixed_labels, _ = accuracy.load_labels(pair.fixed_labels)
+        warped, _ = accuracy.load_labels(folder / "warped_labels.nii.gz")
+        doc["pairs"].append({**record, "pair": pair.name, "command": command, scored.name: scored.score(fixed_labels, warped)})
+        harness.write_json(SYNCC_JSON, doc)
+        logger.info("ANTs SyNCC %s: Dice %.4f, register %.1f s", pair.name, doc["pairs"][-1][scored.name]["mean_dice"],
+                    record["register_seconds"])  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -745,7 +806,12 @@ def main() -> None:
     p_run.add_argument("--atlas-options", default="", help="options of the STP part's 'patchmorph atlas' job")
     p_run.add_argument("--keep", action="store_true", help="keep the parts of --out that this run does not redo")
     harness.add_run_options(p_run, RESULTS_JSON)
+    p_syncc = sub.add_parser("syncc", help=f"ANTs SyNCC on part (d)'s T1-like pairs, once (writes {SYNCC_JSON.name})")
+    p_syncc.add_argument("--nice", type=int, default=0, help="nice level of ANTs")
     args = parser.parse_args()
+    if args.cmd == "syncc":
+        run_syncc(args.nice)
+        return
     import report
 
     doc = run(args)

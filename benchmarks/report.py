@@ -318,6 +318,17 @@ def contrasts_section(doc: dict[str, Any]) -> str:
                    "folded % inside the brain",
                    "register wall s", "register wall ÷ SyN's process / its call", "Dice − SyN per pair (mean ± SE)"], rows),
         ]  # fmt: skip
+        syncc = mri.get("syncc")
+        if syncc:
+            versus = [f"{name} ({contrast}) {_signed_se(s['versus_syncc']['dice'])} (better on "
+                      f"{s['versus_syncc']['dice']['better']}/{s['versus_syncc']['dice']['n']})"
+                      for contrast, summary in mri["summary"].items() for name, s in summary.items()
+                      if s.get("versus_syncc", {}).get("dice", {}).get("n")]  # fmt: skip
+            out.append(
+                "ANTs SyNCC (affine + SyN on local cross-correlation, 15-25 min a pair) registered the T1-like pairs "
+                f"once, not in this run: `{syncc['stored']}`, command `{syncc['command']}`. Dice − SyNCC per pair "
+                f"(mean ± SE): {'; '.join(versus) or '–'}."
+            )
     return "\n\n".join(out)
 
 

@@ -1,0 +1,28 @@
+"""The contrasts benchmark's summary: ours against SyN of the same run and against SyNCC's stored pairs."""
+
+from __future__ import annotations
+
+import pytest
+from contrasts import summarize_part
+
+
+def _record(pair: str, dice: float, seconds: float, **extra: float) -> dict:
+    return {"pair": pair, "matched": {"mean_dice": dice}, "folding_percent_in_brain": 0.0,
+            "register_seconds": seconds, **extra}  # fmt: skip
+
+
+def test_ours_is_compared_with_syn_and_the_stored_syncc_pairs_it_shares() -> None:
+    records = {
+        "PatchMorph": [_record("a", 0.70, 5.0), _record("b", 0.60, 6.0)],
+        "ANTs SyN": [_record("a", 0.65, 4.0, process_seconds=10.0), _record("b", 0.62, 3.0, process_seconds=6.0)],
+        "ANTs SyNCC": [_record("b", 0.55, 600.0), _record("c", 0.90, 500.0)],  # "c": not a pair of this run
+    }
+    summary = summarize_part(records, ["matched"])
+    ours = summary["PatchMorph"]
+    assert ours["versus_syn"]["dice"]["per_item"] == pytest.approx({"a": 0.05, "b": -0.02})
+    assert ours["versus_syn"]["command_vs_process_wall_ratio"]["mean"] == pytest.approx((0.5 + 1.0) / 2)
+    assert ours["versus_syncc"]["dice"]["per_item"] == pytest.approx({"b": 0.05})
+    assert ours["versus_syncc"]["dice"]["better"] == 1
+    for peer in ("ANTs SyN", "ANTs SyNCC"):  # the peers are not compared with each other
+        assert "versus_syn" not in summary[peer] and "versus_syncc" not in summary[peer]
+    assert summary["ANTs SyNCC"]["matched"]["mean"] == pytest.approx(0.725)
