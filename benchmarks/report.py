@@ -325,8 +325,9 @@ def contrasts_section(doc: dict[str, Any]) -> str:
                       for contrast, summary in mri["summary"].items() for name, s in summary.items()
                       if s.get("versus_syncc", {}).get("dice", {}).get("n")]  # fmt: skip
             out.append(
-                "ANTs SyNCC (affine + SyN on local cross-correlation, 15-25 min a pair) registered the T1-like pairs "
-                f"once, not in this run: `{syncc['stored']}`, command `{syncc['command']}`. Dice − SyNCC per pair "
+                "ANTs SyNCC (affine + SyN on local cross-correlation; its registration's wall time is in the table) "
+                f"registered the T1-like pairs once, not in this run: `{syncc['stored']}`, command "
+                f"`{syncc['command']}`. Dice − SyNCC per pair "
                 f"(mean ± SE): {'; '.join(versus) or '–'}."
             )
     return "\n\n".join(out)
@@ -658,29 +659,10 @@ them, network blocks that sum the spread of their estimates only where it is the
 handed to the chunk tasks through the run folder (below, *Peak per worker*), and the polish's filters
 worked through in z-slabs (`patchmorph_core.similarity.SLAB`: the Gaussians, the local means and the local-NCC
 force, the same values bit for bit), and pieces that share their block's bytes in the run folder (below). It
-ran on a third machine of the same kind (code cba7e2e; a run of 4f72930, the same code but for the record of the
-pieces' bytes, gave 27.1 / 47.5 / 101.7 / 127.0 CPU-s, peaks 0.70 / 0.58 / 0.70 / 0.70 GiB, forward share 46 /
-28 / 32 / 41 %), whose network forward passes took 60-85 % more CPU than
+ran on a third machine of the same kind (code cba7e2e), whose network forward passes took 60-85 % more CPU than
 the second machine's for the same passes, its polish tiles within 16 % of theirs: so its CPU is higher and its
-forward share too. On the second machine the code before the shared pieces (da77dee, the same fields) ran at
-20.4 / 38.0 / 75.5 / 91.3 CPU-s, peaks 0.65 / 0.54 / 0.66 / 0.66 GiB, forward share 33 / 22 / 25 / 35 %, and
-the code just before the slabs (6f4b618, the same fields) at 21.3 / 42.0 / 80.5 / 99.4 CPU-s, peaks 0.69 /
-0.66 / 0.69 / 0.64 GiB, forward share 32 / 21 / 25 / 37 %; on the first machine that code (909f409, load
-1.5) ran at 22.8 / 38.7 / 79.0 / 100.0 CPU-s, peaks 0.68 / 0.65 / 0.65 / 0.65 GiB, forward share 44 / 33 / 36 /
-45 %. Between the first two machines the total CPU is the same within 9 %, but its parts moved: the network's forward
-passes took 18-28 % less CPU on the second machine and the polish tiles 34-60 % more (the tiles' steps are sums of
-shifted views and voxel-by-voxel arithmetic, bound by memory bandwidth; one 925 k-voxel tile of the mouse
-contrasts pair took 1.8 s on one thread there, a quarter of it in the separable Gaussians, and 1.4-1.5 s with the
-slabs), so the forward share is 21-37 % there for the same work. The bytes read and written vary from run to run
-of one registration by up to 40 % (psutil's counters of each process, sampled every 0.2 s): the 8 GiB
-`register` of 6f4b618 read 2.69 GiB in two runs, that of da77dee 3.70 GiB. The series before it
-(code 16994cb, load 0.9, pieces in the workers' memory) ran at 23.7 / 39.9 / 84.6 / 110.5 CPU-s, peaks 0.67 /
-0.70 / 0.78 / 0.80 GiB; the one before that at 22.6 / 39.6 / 82.6 / 109.1 CPU-s, peaks 0.68 / 0.75 / 0.81 /
-0.88 GiB (code 5652614, load 0.8), and the same registrations again at 24.7 / 41.7 / 85.8 / 107.7 CPU-s, peaks 0.64 /
-0.79 / 0.98 / 0.86 GiB (code cdea75a, load 0.3). The series before those (code 5f6c14b, load 0.9) ran at 24.7 / 42.3 / 93.8 / 129.7 CPU-s, peaks 0.73 / 0.81 /
-0.80 / 1.00 GiB; the one before that (code 850bf75, load 2.2, 64³ chunks and 96-voxel tiles at every size) at
-31.7 / 50.0 / 104.5 / 111.8 CPU-s, peaks 0.54 / 0.80 / 0.83 / 1.00 GiB; the same code without the fold-free
-passes ran 1, 2 and 4 GiB at 35 / 52 / 102 CPU-s, peaks 0.59 / 0.74 / 0.92 GiB (code a310051, load 9-10).
+forward share too. The same series on earlier code and on the first two machines: `docs/history.md`, *Scale
+series on earlier code*.
 
 *Data read.* The bytes were traced per file (`strace -f -e trace=read,pread64,readv,preadv,preadv2` of the same
 `register` command, all processes) at 1 and 4 GiB: the Python modules, about 0.13 GiB per command at any size;
