@@ -207,12 +207,7 @@ def run_pair(
         out[name] = record
         logger.info("%s %s: Dice %.4f, register %.1f s", name, pair.name, record[sets[0].name]["mean_dice"],
                     record["register_seconds"])  # fmt: skip
-    ants = harness.run_ants_pair(
-        pair.fixed_image, pair.moving_image, pair.moving_labels, folder / "syn", "SyN",
-        fixed_labels=pair.fixed_labels, write_field=truth is not None, nice=nice,
-    )  # fmt: skip
-    warped, _ = accuracy.load_labels(folder / "syn" / "warped_labels.nii.gz")
-    ants.update(pair=pair.name, **{s.name: s.score(fixed_labels, warped) for s in sets})
+    ants = run_ants(pair, sets, folder / "syn", "SyN", nice, write_field=truth is not None)
     if truth is not None:
         field, grid = fields.read_itk_field(folder / "syn" / "field.nii.gz")
         estimate = fields.field_on_grid(field, grid, fixed_grid)
@@ -221,6 +216,20 @@ def run_pair(
     logger.info("ANTs SyN %s: Dice %.4f, register %.1f s", pair.name, ants[sets[0].name]["mean_dice"],
                 ants["register_seconds"])  # fmt: skip
     return out
+
+
+def run_ants(
+    pair: Pair, sets: list[LabelSet], folder: Path, transform: str, nice: int, write_field: bool = False
+) -> dict[str, Any]:
+    """ANTs ``transform`` (SyN or SyNCC) on one pair from the empty ``folder``: its record
+    (:func:`harness.run_ants_pair`) with the pair's name and its Dice over each of ``sets``."""
+    record = harness.run_ants_pair(
+        pair.fixed_image, pair.moving_image, pair.moving_labels, folder, transform,
+        fixed_labels=pair.fixed_labels, write_field=write_field, nice=nice,
+    )  # fmt: skip
+    fixed_labels, _ = accuracy.load_labels(pair.fixed_labels)
+    warped, _ = accuracy.load_labels(folder / "warped_labels.nii.gz")
+    return {**record, "pair": pair.name, **{s.name: s.score(fixed_labels, warped) for s in sets}}
 
 
 def slug(name: str) -> str:
@@ -308,7 +317,7 @@ score: CSF (24) is the fluid around the whole brain in the SynthSeg maps (about 
 the head) and a small region of about 160 voxels in the scan's FreeSurfer segmentation, so its Dice is 0 for
 any registration."""
 SYNCC_JSON = harness.RESULTS / "contrasts_syncc.json"
-"""ANTs SyNCC on part (d)'s T1-like pairs (15-25 min a pair): run once with ``contrasts.py syncc``, merged by
+"""ANTs SyNCC on part (d)'s T1-like pairs (minutes a pair): run once with ``contrasts.py syncc``, merged by
 ``run``."""
 SYNCC_CONTRAST = "T1-like"
 
@@ -746,14 +755,10 @@ def run_syncc(nice: int) -> None:
     for pair in pairs:
         if SYNCC_CONTRAST not in pair.name or pair.name in done:
             continue
-        folder = mri_folder(pair) / "syncc"
-        record = harness.run_ants_pair(pair.fixed_image, pair.moving_image, pair.moving_labels, folder, "SyNCC",
-                                       fixed_labels=pair.fixed_labels, nice=nice)  # fmt: skip
-        fixed_labels, _ = accuracy.load_labels(pair.fixed_labels)
-        warped, _ = accuracy.load_labels(folder / "warped_labels.nii.gz")
-        doc["pairs"].append({**record, "pair": pair.name, "command": command, scored.name: scored.score(fixed_labels, warped)})
+        record = run_ants(pair, [scored], mri_folder(pair) / "syncc", "SyNCC", nice)
+        doc["pairs"].append({**record, "command": command})
         harness.write_json(SYNCC_JSON, doc)
-        logger.info("ANTs SyNCC %s: Dice %.4f, register %.1f s", pair.name, doc["pairs"][-1][scored.name]["mean_dice"],
+        logger.info("ANTs SyNCC %s: Dice %.4f, register %.1f s", pair.name, record[scored.name]["mean_dice"],
                     record["register_seconds"])  # fmt: skip
 
 
