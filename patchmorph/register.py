@@ -195,9 +195,12 @@ def warp(
     keep_run: KeepRunOption = False,
 ) -> None:
     """Warp an image or label map through a field into fixed space (or moving space with --inverse)."""
+    from typing import get_args
+
+    from patchmorph_core.warping import LabelInterpolation
     from pipeline.warp import warp_files
 
-    if label_interpolation not in ("vote", "nearest"):
+    if label_interpolation not in get_args(LabelInterpolation):
         raise InputError(f"--label-interpolation {label_interpolation!r} is unknown: give 'vote' or 'nearest'.")
     if workers is not None or scheduler is not None:  # threads of this process import no Dask cluster code
         _quiet_dask()
