@@ -319,7 +319,9 @@ any registration."""
 SYNCC_JSON = harness.RESULTS / "contrasts_syncc.json"
 """ANTs SyNCC on part (d)'s T1-like pairs (minutes a pair): run once with ``contrasts.py syncc``, merged by
 ``run``."""
-SYNCC_CONTRAST = "T1-like"
+MRI_CONTRASTS: tuple[str, ...] = ("T1-like", "own table")
+"""Part (d)'s two moving images per subject: the scan's own table (T1-like) and the subject's table of part (a)."""
+SYNCC_CONTRAST = MRI_CONTRASTS[0]
 
 _SIDES = {  # FreeSurfer ids whose centroids name the scan's axes: (toward, away from) per anatomical direction
     "right": ((41, 42, 43, 46, 47, 49, 50, 51, 52, 53, 54, 60), (2, 3, 4, 7, 8, 10, 11, 12, 13, 17, 18, 28)),
@@ -411,7 +413,7 @@ def mri_pairs(subjects: tuple[str, ...]) -> tuple[list[Pair], dict[str, Any]]:
     found = json.loads(info_path.read_text())
     fixed = mri_paths(folder)
     pairs = []
-    for contrast, base in (("T1-like", folder), ("own table", own_folder)):
+    for contrast, base in zip(MRI_CONTRASTS, (folder, own_folder), strict=True):
         for sid in subjects:
             moving = accuracy.subject_paths(sid, base)
             pairs.append(Pair(f"mri:{sid} ({contrast})", fixed["image"], moving["image"], fixed["labels"], moving["labels"]))
@@ -651,21 +653,25 @@ def summarize_part(records: Mapping[str, list[dict[str, Any]]], sets: list[str])
         seconds = sorted({k for p in pairs for k in p if k.endswith("_seconds")})
         entry["seconds"] = {k: float(np.mean([p[k] for p in pairs if k in p])) for k in seconds}
         if not name.startswith("ANTs") and syncc:
-            common = [p for p in pairs if p["pair"] in syncc]
-            entry["versus_syncc"] = {"dice": harness.paired_difference(
-                {p["pair"]: p[sets[0]]["mean_dice"] for p in common},
-                {p["pair"]: syncc[p["pair"]][sets[0]]["mean_dice"] for p in common})}  # fmt: skip
+            entry["versus_syncc"] = {"dice": _dice_versus(pairs, syncc, sets[0])}
         if not name.startswith("ANTs") and syn:
             common = [p for p in pairs if p["pair"] in syn]
             entry["versus_syn"] = {
-                "dice": harness.paired_difference({p["pair"]: p[sets[0]]["mean_dice"] for p in common},
-                                                  {p["pair"]: syn[p["pair"]][sets[0]]["mean_dice"] for p in common}),
+                "dice": _dice_versus(pairs, syn, sets[0]),
                 "register_wall_ratio": harness.mean_and_sem([p["register_seconds"] / syn[p["pair"]]["register_seconds"] for p in common]),
                 "command_vs_process_wall_ratio": harness.mean_and_sem(
                     [p["register_seconds"] / syn[p["pair"]]["process_seconds"] for p in common if "process_seconds" in syn[p["pair"]]]),
             }  # fmt: skip
         out[name] = entry
     return out
+
+
+def _dice_versus(pairs: list[dict[str, Any]], peer: Mapping[str, dict[str, Any]], scored: str) -> dict[str, Any]:
+    """Mean Dice over ``scored`` of ``pairs`` minus the ``peer``'s (records by pair name), per pair both have
+    (:func:`harness.paired_difference`)."""
+    common = [p for p in pairs if p["pair"] in peer]
+    return harness.paired_difference({p["pair"]: p[scored]["mean_dice"] for p in common},
+                                     {p["pair"]: peer[p["pair"]][scored]["mean_dice"] for p in common})  # fmt: skip
 
 
 def part_provenance() -> dict[str, Any]:
@@ -726,7 +732,7 @@ def run_mri(args: argparse.Namespace, methods: dict[str, list[str]], save: Calla
         part["summary"] = {
             contrast: summarize_part({n: [r for r in rs if contrast in r["pair"]] for n, rs in part["pairs"].items()},
                                      [scored.name])
-            for contrast in ("T1-like", "own table")
+            for contrast in MRI_CONTRASTS
         }  # fmt: skip
         save(part)
 

@@ -4,7 +4,8 @@ Six pairs of the training subjects (fixed ← moving: 01←02, 03←04, 05←06,
 synthesised exactly as the accuracy benchmark does (``accuracy.make_subject``: one fixed intensity per
 structure, blur, bias, noise; native spaces). Each pair is registered in memory
 (:func:`~patchmorph_core.inference.register_arrays`, the one-chunk case of ``register``), the moving labels
-are warped onto the fixed grid (label voting, as ``patchmorph warp --labels`` does) and scored with the mean Dice over the 28 standard structures.
+are warped onto the fixed grid (label voting, as ``patchmorph warp --labels`` does) and scored with the mean
+Dice over the 28 standard structures.
 
 Usage (from the repository root)::
 
@@ -282,8 +283,8 @@ def _register(model: Any, pair: ValidationPair, config: InferenceConfig) -> tupl
 
 
 def _dice(pair: ValidationPair, result: RegistrationResult | None) -> float:
-    """Mean Dice over the scored structures of the moving labels warped (label voting) onto the fixed grid (None: the
-    labels as they lie, before registration)."""
+    """Mean Dice over the scored structures of the moving labels warped (label voting) onto the fixed grid
+    (None: the labels as they lie, before registration)."""
     fixed_labels = read_image(pair.fixed_labels).levels[0]
     displacement = TranslationDisplacement(np.zeros(3)) if result is None else FieldDisplacement(result.field, result.grid)
     warped = warp_to_grid(accuracy.in_memory_image(pair.moving_labels), displacement, fixed_labels.grid, order=0, vote=True)
