@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from patchmorph_core.config import InferenceConfig, load_yaml
 from patchmorph_core.errors import InputError
 from patchmorph_core.spatial import check_spacing, orientation_matrix, unit_scale
+from patchmorph_core.warping import LabelInterpolation
 from pipeline.checks import CheckOptions
 from pipeline.cluster import ClusterConfig, load_cluster_config
 
@@ -75,6 +76,9 @@ class StepOptions(_Strict):
         retry_delay_seconds: wait before a retry.
         overwrite: recompute items whose outputs already exist and match their inputs.
         qc: write the QC figures.
+        label_interpolation: how label maps are warped (:func:`pipeline.warp.warp_files`): ``vote``, the label
+            of largest summed trilinear weight among a point's 8 neighbours (ANTs' ``GenericLabel``), or
+            ``nearest``, the nearest voxel's label.
         checks: what the pre-flight and quality checks of a registration may let through
             (:class:`pipeline.checks.CheckOptions`; all False: refuse, as on the command line).
     """
@@ -88,6 +92,7 @@ class StepOptions(_Strict):
     retry_delay_seconds: float = Field(5.0, ge=0.0)
     overwrite: bool = False
     qc: bool = True
+    label_interpolation: LabelInterpolation = "vote"
     checks: CheckOptions = Field(default_factory=CheckOptions)
 
 
@@ -98,7 +103,7 @@ class RegisterPairOptions(StepOptions):
         fixed_geometry: geometry of ``fixed`` when its file does not carry one.
         moving_geometry: geometry of ``moving`` when its file does not carry one.
         fixed_labels: label map on the fixed image (scored against the warped moving labels by Dice).
-        moving_labels: label map on the moving image (warped with nearest-neighbour interpolation).
+        moving_labels: label map on the moving image (warped by ``label_interpolation``).
     """
 
     fixed_geometry: Geometry = Field(default_factory=Geometry)

@@ -149,6 +149,7 @@ class ItemJob(BaseModel):
             "geometry": {role: image.geometry.model_dump(mode="json") for role, image in inputs.items()},
             "inference": options.inference.model_dump(mode="json"),
             "qc": options.qc,
+            "label_interpolation": options.label_interpolation,
         }
         return fingerprint({role: image.path for role, image in inputs.items()}, settings)
 
@@ -381,7 +382,9 @@ def _submit_warps(job: ItemJob, warp: Task[..., Any], options: StepOptions) -> d
     shared = (job.fixed.ready, options.chunk_size, options.register_cluster, options.register_workers)
     futures = {"image": warp.submit(job.field, job.moving.ready, job.warped, False, *shared)}
     if job.moving_labels is not None and job.warped_labels is not None:
-        futures["labels"] = warp.submit(job.field, job.moving_labels.ready, job.warped_labels, True, *shared)
+        futures["labels"] = warp.submit(
+            job.field, job.moving_labels.ready, job.warped_labels, True, *shared, options.label_interpolation
+        )
     return futures
 
 

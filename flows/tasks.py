@@ -16,6 +16,7 @@ from prefect import Task, task
 from prefect.client.schemas.objects import State, TaskRun
 
 from patchmorph_core.config import InferenceConfig
+from patchmorph_core.warping import LabelInterpolation
 from pipeline import qc
 from pipeline.atlas import AtlasOutputs, atlas_item_outputs
 from pipeline.checks import CheckOptions
@@ -119,14 +120,17 @@ def warp_task(
     chunk_size: int | None,
     scheduler: str,
     workers: int | None,
+    label_interpolation: LabelInterpolation = "vote",
 ) -> Any:
-    """:func:`pipeline.warp.warp_files`: ``moving`` resampled onto ``target``'s grid through ``field``."""
+    """:func:`pipeline.warp.warp_files`: ``moving`` resampled onto ``target``'s grid through ``field`` (a label
+    map by ``label_interpolation``)."""
     return run_isolated(
         warp_files,
         field,
         moving,
         out,
         labels=labels,
+        label_interpolation=label_interpolation,
         target=target,
         chunk_size=chunk_size,
         workers=workers,

@@ -84,3 +84,26 @@ def test_five_item_batch_of_image_and_label_warps_ten_times(tmp_path: Path) -> N
         np.testing.assert_allclose(warped, warp_to_grid(moving, forward, target, order=1), atol=1e-5)
         warped_labels = np.asarray(read_image(job.warped_labels).levels[0].array[:])  # type: ignore[arg-type]
         np.testing.assert_array_equal(warped_labels, warp_to_grid(labels, forward, target, order=0, vote=True))
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_flow_warps_label_maps_by_the_chosen_interpolation(tmp_path: Path) -> None:
+    jobs = _jobs(tmp_path)[3:]  # item 4's shift moves 220 voxels' label between vote and nearest
+    options = StepOptions(chunk_size=8, label_interpolation="nearest")
+    assert jobs[0].key(options) != jobs[0].key(StepOptions(chunk_size=8))  # a finished vote run is not reused
+    cluster = ClusterConfig(kind="local", workers=1, threads_per_worker=2, memory_per_worker="2GiB")
+    with dask_task_runner(cluster) as runner:
+        failures = warp_rounds.with_options(task_runner=runner)(jobs, options, 1)
+
+    assert failures == [[]]
+    labels = read_image(jobs[0].moving_labels.path)  # type: ignore[union-attr]
+    target = read_image(jobs[0].fixed.path).grid
+    differ = 0
+    for job in jobs:
+        values, grid, _ = read_field(job.field)
+        forward = FieldDisplacement(np.asarray(values[:]), grid)
+        warped_labels = np.asarray(read_image(job.warped_labels).levels[0].array[:])  # type: ignore[arg-type]
+        nearest = warp_to_grid(labels, forward, target, order=0)
+        np.testing.assert_array_equal(warped_labels, nearest)
+        differ += np.count_nonzero(nearest != warp_to_grid(labels, forward, target, order=0, vote=True))
+    assert differ > 0
