@@ -8,9 +8,9 @@ interpolation), so a perfect registration returns ``u`` itself. ``u`` is a sum o
 the RMS length :data:`BAND_RMS_UM` inside the brain: the same RMS strain per band (amplitude proportional to
 wavelength), so every band is equally far from folding and none dominates the strain.
 
-Each setting (``--spacing S`` → ``patchmorph register --field-spacing Sum``; ``--stages N`` → a config with
-``n_stages: N``, for a command line that has no ``--field-spacing`` yet; ``--setting NAME="options"`` for
-anything else) runs ``patchmorph convert / register / evaluate`` from an empty folder. The field is resampled
+Each setting (``--spacing S`` → ``patchmorph register --field-spacing Sum``; ``--network-alone S`` → the same
+with a config of ``polish_iterations: 0``, the network's cascade without the polish; ``--stages N`` → a config
+with ``n_stages: N``; ``--setting NAME="options"`` for anything else) runs ``patchmorph convert / register / evaluate`` from an empty folder. The field is resampled
 (linearly) onto the fixed image's voxels and split into the same bands as the truth (:func:`fields.band_errors`);
 per band and setting: the truth's and the error's median and p95 length (µm) inside the brain, and the share
 of the band recovered (``1 - rms(error) / rms(truth)``). ANTs SyN (antspyx defaults) registers copies of both
@@ -21,7 +21,7 @@ Usage (from the repository root; the first run writes the deformed brain, ~1 min
     .venv/bin/python benchmarks/finescale.py run --spacing 400 200 100 50 --ants-spacing 100
     .venv/bin/python benchmarks/finescale.py run --spacing 400 200 100 --ants-spacing 100 \
         --setting "field 100 µm, one contrast=--field-spacing 100um --config configs/register_one_contrast.yaml"
-    .venv/bin/python benchmarks/finescale.py run --stages 3 4 5 --ants-spacing 100   # without --field-spacing
+    .venv/bin/python benchmarks/finescale.py run --spacing 200 100 --network-alone 200 100   # the polish's part
 
 Writes ``benchmarks/results/finescale.json`` after every setting; ``benchmarks/report.py`` makes the tables.
 """
@@ -273,6 +273,11 @@ def settings(args: argparse.Namespace) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for spacing in args.spacing:
         out[f"field {spacing:g} µm"] = ["--field-spacing", f"{spacing:g}um"]
+    for spacing in args.network_alone:
+        config = OUT / "configs" / "network_alone.yaml"
+        config.parent.mkdir(parents=True, exist_ok=True)
+        config.write_text("polish_iterations: 0\n")
+        out[f"field {spacing:g} µm, network alone"] = ["--field-spacing", f"{spacing:g}um", "--config", str(config)]
     for stages in args.stages:
         config = OUT / "configs" / f"stages{stages}.yaml"
         config.parent.mkdir(parents=True, exist_ok=True)
@@ -312,6 +317,9 @@ def main() -> None:
     p_run = sub.add_parser("run", help="run the benchmark (JSON + tables)")
     p_run.add_argument(
         "--spacing", type=float, nargs="*", default=[], help="field spacings in µm (--field-spacing)"
+    )
+    p_run.add_argument(
+        "--network-alone", type=float, nargs="*", default=[], help="field spacings in µm without the polish"
     )
     p_run.add_argument("--stages", type=int, nargs="*", default=[], help="cascade stage counts (n_stages)")
     p_run.add_argument("--setting", action="append", default=[], help='NAME="register options"')

@@ -401,7 +401,29 @@ def finescale_section(doc: dict[str, Any]) -> str:
         "Per band: the share of the band recovered (error median / p95, µm) in the brain's interior"
         + (f" (at least {depth:g} µm inside its surface, {100 * inputs['interior_share']:.0f} % of the brain)." if depth else ".")
     )
-    return "\n\n".join([provenance(doc), head, overall, cell, per_band, verdict])
+    return "\n\n".join([provenance(doc), head, overall, cell, per_band, verdict, *polish_parts(settings)])
+
+
+NETWORK_ALONE = ", network alone"
+"""Suffix of a fine-scale setting run without the polish (``finescale.py --network-alone``)."""
+
+
+def polish_parts(settings: list[dict[str, Any]]) -> list[str]:
+    """One sentence per setting run without the polish whose polished twin (the same name without
+    :data:`NETWORK_ALONE`) is in ``settings``: the error with and without the polish, and the time of each."""
+    by_name = {s["setting"]: s for s in settings}
+    out = []
+    for alone in settings:
+        polished = by_name.get(alone["setting"].removesuffix(NETWORK_ALONE))
+        if not alone["setting"].endswith(NETWORK_ALONE) or polished is None:
+            continue
+        a, p = alone["error_um"], polished["error_um"]
+        out.append(
+            f"The polish's part, {polished['setting']}: the network's cascade alone leaves an error of "
+            f"{a['median']:.1f} / {a['p95']:.1f} µm (median / p95) in {fmt(alone.get('register_seconds'), 1)} s, "
+            f"with the polish {p['median']:.1f} / {p['p95']:.1f} µm in {fmt(polished.get('register_seconds'), 1)} s."
+        )
+    return out
 
 
 FINESCALE_INTRO = """## Fine scales against a known answer (issue 23)
@@ -413,7 +435,8 @@ Gaussian low-passes in world units (half amplitude at the edge wavelength); they
 leaks partly into its neighbouring bands, the same way for the truth and for the error. ANTs SyN registers
 copies of both brains resampled to the stated spacing. The pair has one contrast (a brain against itself): a
 setting named "one contrast" adds the polish's coarse steps (`configs/register_one_contrast.yaml`), the option
-for such pairs (`docs/method.md`, *Coarse steps*)."""
+for such pairs (`docs/method.md`, *Coarse steps*); one named "network alone" leaves the polish out (the network's
+cascade by itself)."""
 
 
 # -- scale and the terabyte plan (issue 23) -----------------------------------------------------------------------------
