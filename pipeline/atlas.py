@@ -151,13 +151,43 @@ def nest_labels(image: str | Path, names: Sequence[str]) -> None:
 
 def _complete(path: Path) -> bool:
     """True when ``path`` is a finished OME-Zarr output (an interrupted one is redone or resumed)."""
+    return _attributes(path).get("complete") is True
+
+
+def _attributes(path: Path) -> dict[str, Any]:
+    """The ``patchmorph`` attributes of the Zarr group at ``path`` (empty: none, or not a Zarr group)."""
     if not path.is_dir():
-        return False
+        return {}
     try:
-        attrs = dict(zarr.open_group(str(path), mode="r").attrs)
+        return dict(dict(zarr.open_group(str(path), mode="r").attrs).get("patchmorph", {}))
     except Exception:  # noqa: BLE001  (not a Zarr group: redo)
-        return False
-    return attrs.get("patchmorph", {}).get("complete") is True
+        return {}
+
+
+MADE_FROM = "made_from"
+"""Attribute of a derived output: the identities of what it was made from (:func:`_identities`)."""
+
+
+def _identities(sources: Mapping[str, Path]) -> dict[str, Any]:
+    """Per role, the write identity of a store this product wrote (new for every write of it), else the
+    content identity (:func:`pipeline.resume.content_identity`); as JSON reads it back."""
+    from pipeline.resume import content_identity, write_identity
+
+    found = {role: write_identity(Path(p)) or content_identity(p) for role, p in sources.items()}
+    return dict(json.loads(json.dumps(found, default=str)))
+
+
+def _finished_from(path: Path, sources: Mapping[str, Path]) -> bool:
+    """True when ``path`` is finished and was made from ``sources`` as they are now (recorded by
+    :func:`_record_sources`): an output made from an earlier field or brain is redone, never kept."""
+    attributes = _attributes(path)
+    return attributes.get("complete") is True and attributes.get(MADE_FROM) == _identities(sources)
+
+
+def _record_sources(path: Path, sources: Mapping[str, Path]) -> None:
+    """Record in the finished output ``path`` what it was made from (:func:`_finished_from`)."""
+    group = zarr.open_group(str(path), mode="r+")
+    group.attrs["patchmorph"] = {**_attributes(path), MADE_FROM: _identities(sources)}
 
 
 # -- volumes -------------------------------------------------------------------------------------------------------
@@ -354,17 +384,21 @@ def _warp(
     target: Path | None = None,
     inverse: bool = False,
 ) -> Any:
-    """One chunked warp (:func:`pipeline.warp.warp_files`), skipped when its output is finished."""
+    """One chunked warp (:func:`pipeline.warp.warp_files`), skipped when its output is finished and made from
+    the same field, image and target (:func:`_finished_from`)."""
     from pipeline.warp import warp_files
 
-    if _complete(out):
+    sources = {"field": field, "image": moving, **({"target": target} if target is not None else {})}
+    if _finished_from(out, sources):
         logger.info("%s is finished: kept", out)
         return None
     run = out.with_name(out.name + ".run")
-    return warp_files(
+    record = warp_files(
         field, moving, out, labels=labels, target=target, inverse=inverse, scheduler=scheduler,
         overwrite=not run.is_dir(), progress=False,
     )  # fmt: skip
+    _record_sources(out, sources)
+    return record
 
 
 def atlas_outputs(
@@ -400,8 +434,10 @@ def atlas_outputs(
     for name, source in (("atlas", atlas.annotation), ("hemispheres", atlas.hemispheres)):
         paths[f"{name}_on_brain"] = labels_dir / name
         _warp(field, source, labels_dir / name, scheduler, labels=True)
-    if not _complete(labels_dir / "boundaries"):
+    boundaries_from = {"labels": labels_dir / "atlas"}
+    if not _finished_from(labels_dir / "boundaries", boundaries_from):
         write_boundaries(labels_dir / "atlas", labels_dir / "boundaries")
+        _record_sources(labels_dir / "boundaries", boundaries_from)
     paths["boundaries_on_brain"] = labels_dir / "boundaries"
     nest_labels(brain, LABEL_NAMES)
     paths["brain_in_atlas_space"] = out / "brain_in_atlas_space.ome.zarr"
@@ -414,8 +450,10 @@ def atlas_outputs(
             field, channel, paths[f"{name}_in_atlas_space"], scheduler, target=atlas.reference, inverse=True
         )
     paths["inverse_field"] = out / "inverse_field.ome.zarr"
-    if not _complete(paths["inverse_field"]):
+    inverse_from = {"field": field, "target": atlas.reference}
+    if not _finished_from(paths["inverse_field"], inverse_from):
         write_inverse_field(field, atlas.reference, paths["inverse_field"])
+        _record_sources(paths["inverse_field"], inverse_from)
     annotation = read_image(paths["atlas_on_brain"]).levels[0]
     hemispheres = read_image(paths["hemispheres_on_brain"]).levels[0].array
     counts = count_sides(annotation.array, hemispheres)

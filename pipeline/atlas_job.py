@@ -45,6 +45,7 @@ from pipeline.atlas import (
 )
 from pipeline.brainglobe import find_atlas
 from pipeline.cluster import ClusterConfig, load_cluster_config, open_client
+from pipeline.resume import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -185,6 +186,66 @@ def convert_input(
         )
     record.write_text(json.dumps({"key": key}))
     return target
+
+
+SETTINGS_FILE = "job_settings.json"
+"""What a job's outputs are made from (:func:`job_settings`), recorded in its output folder before any work."""
+
+JOB_OUTPUTS = ("brain.ome.zarr", "field.ome.zarr", "atlas", "atlas_job.json")
+"""Entries of an output folder that only a job writes."""
+
+
+def job_settings(
+    brain: Path, channels: Sequence[Path], atlas: Path, geometry: Mapping[str, Any], config: AtlasJobConfig
+) -> dict[str, Any]:
+    """The identities (:func:`_source_key`) of the brain, its channels and the atlas folder, the brain's
+    ``geometry`` options, and every setting of ``config`` that shapes the outputs (all but ``cluster`` and
+    ``qc``)."""
+    return {
+        "brain": _source_key(brain),
+        "channels": [_source_key(path) for path in channels],
+        "atlas": _source_key(atlas),
+        "geometry": dict(geometry),
+        "settings": config.model_dump(mode="json", exclude={"cluster", "qc"}),
+    }
+
+
+def _differences(recorded: Mapping[str, Any], current: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Dotted names of the entries of two nested dicts that differ (``settings.`` left out of the names)."""
+    names = []
+    for key in sorted(set(recorded) | set(current)):
+        name = f"{prefix}{key}" if prefix != "settings." else key
+        old, new = recorded.get(key), current.get(key)
+        if isinstance(old, Mapping) and isinstance(new, Mapping):
+            names += _differences(old, new, f"{name}.")
+        elif old != new:
+            names.append(name)
+    return names
+
+
+def check_job_settings(out: Path, settings: Mapping[str, Any]) -> None:
+    """Bind the output folder to one job: record ``settings`` (:func:`job_settings`) in ``out`` on the first
+    run; a rerun resumes only with the same.
+
+    Raises:
+        InputError: ``out`` holds a job made from other inputs or settings (the sentence names them), or job
+            outputs without a record (left by an earlier version): its finished steps would be kept and
+            mixed with the new ones.
+    """
+    path = out / SETTINGS_FILE
+    again = f"give another --out, or delete {out} to start over."
+    settings = json.loads(json.dumps(settings))  # as recorded (tuples as lists)
+    if path.is_file():
+        differ = _differences(json.loads(path.read_text()), settings)
+        if differ:
+            raise InputError(
+                f"output folder {out} holds a job made from other inputs or settings ({', '.join(differ)}): {again}"
+            )
+        return
+    if any((out / name).exists() for name in JOB_OUTPUTS):
+        raise InputError(f"output folder {out} holds a job's outputs but no record of its settings: {again}")
+    out.mkdir(exist_ok=True)
+    atomic_write_json(path, settings)
 
 
 def check_output_folder(out: Path, inputs: Sequence[Path]) -> None:
@@ -346,8 +407,8 @@ def run_atlas_job(
     for path in [brain, *channel_paths]:
         check_geometry_options(path, voxel_size, unit, orientation)
     cluster = config.cluster if scheduler is None else load_cluster_config(scheduler)
-    out.mkdir(exist_ok=True)
     geometry = {"voxel_size": voxel_size, "unit": unit, "orientation": orientation}
+    check_job_settings(out, job_settings(brain, channel_paths, found.folder, geometry, config))
     brain_zarr = convert_input(brain, out / "brain.ome.zarr", downsample=config.brain_downsample, **geometry)
     named = _channel_names(channel_paths)
     channel_zarrs = {

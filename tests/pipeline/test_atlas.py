@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -275,3 +276,65 @@ def test_bad_atlas_or_brain_is_one_sentence(tmp_path: Path, examples: Path) -> N
         result = runner.invoke(app, ["atlas", str(brain), "-o", str(tmp_path / "o"), *atlas, *options])
         assert result.exit_code == 2 and message in result.output, (options, result.output)
         assert not (tmp_path / "o").exists(), options  # refused before the job creates its folder
+
+
+def test_rerun_with_other_settings_or_geometry_is_refused(job: dict, tmp_path: Path) -> None:
+    """A finished job's folder is bound to its inputs and settings: a rerun with others is one sentence naming
+    what differs, exit 2, and nothing in the folder changes (its finished steps would be kept as they are)."""
+    from typer.testing import CliRunner
+
+    from patchmorph.cli import app
+
+    out = job["out"]
+    before = (out / "field.ome.zarr" / "zarr.json").stat().st_mtime_ns
+    bg_dir = out.parent / "brainglobe"
+    args = [
+        "atlas", str(job["files"].brain), "-o", str(out), "--atlas", str(bg_dir / EXAMPLE_ATLAS),
+        "--orientation", BRAIN_ORIENTATION, "--channel", str(job["files"].brain), "--config", str(out.parent / "job.yaml"),
+    ]  # fmt: skip
+    voxel = ["--voxel-size", *map(str, BRAIN_VOXEL_SIZE_UM)]
+    for extra, named in (
+        (["--field-spacing", "300um", *voxel], r"\(inference\.field_spacing\)"),
+        (["--voxel-size", "50", "40", "50"], r"\(geometry\.voxel_size\)"),
+    ):
+        result = CliRunner().invoke(app, [*args, *extra])
+        assert result.exit_code == 2, result.output
+        assert re.search(rf"output folder .*out holds a job made from other inputs or settings {named}", result.output)
+    assert (out / "field.ome.zarr" / "zarr.json").stat().st_mtime_ns == before
+
+    old = tmp_path / "old"
+    (old / "field.ome.zarr").mkdir(parents=True)  # a job's output without a settings record
+    result = CliRunner().invoke(app, [*args[:3], str(old), *args[4:], *voxel])
+    assert result.exit_code == 2 and "holds a job's outputs but no record of its settings" in result.output
+
+
+def test_outputs_made_from_an_earlier_field_are_redone(job: dict, tmp_path: Path) -> None:
+    """A finished output is kept only when made from the field (and images) as they are now: after the field
+    is registered again (here: written again, shifted by 300 µm), the labels on the brain, the brain in atlas
+    space and the inverse field follow the new field (a flow item recomputed with other settings)."""
+    from pipeline.atlas import atlas_outputs, prepare_atlas
+    from pipeline.brainglobe import find_atlas
+    from pipeline.ngff import write_field
+    from pipeline.resume import write_identity
+    from pipeline.warp import warp_files
+
+    out = tmp_path / "out"
+    shutil.copytree(job["out"], out)
+    prepared = prepare_atlas(find_atlas(job["out"].parent / "brainglobe" / EXAMPLE_ATLAS), out / "atlas")
+    labels = out / "brain.ome.zarr" / "labels" / "atlas"
+    made = (labels, out / "brain_in_atlas_space.ome.zarr", out / "inverse_field.ome.zarr")
+    writes = [write_identity(p) for p in made]  # new for every write of a store
+    atlas_outputs(out / "brain.ome.zarr", out / "field.ome.zarr", prepared, out)  # the same field: all kept
+    assert [write_identity(p) for p in made] == writes
+
+    values, grid, meta = read_field(out / "field.ome.zarr")
+    shifted = np.asarray(values[...]) + np.array([300.0, 0.0, 0.0], np.float32)[:, None, None, None]
+    write_field(out / "field.ome.zarr", shifted, grid, metadata=meta, overwrite=True)
+    before = np.asarray(read_image(labels).levels[0].array[...])
+    atlas_outputs(out / "brain.ome.zarr", out / "field.ome.zarr", prepared, out)
+
+    direct = warp_files(out / "field.ome.zarr", prepared.annotation, tmp_path / "direct", labels=True, progress=False)
+    after = np.asarray(read_image(labels).levels[0].array[...])
+    np.testing.assert_array_equal(after, np.asarray(read_image(direct.out).levels[0].array[...]))
+    assert np.count_nonzero(after != before) > 1000
+    assert all(write_identity(p) != write for p, write in zip(made, writes, strict=True))  # all written again
