@@ -76,9 +76,9 @@ class StepOptions(_Strict):
         retry_delay_seconds: wait before a retry.
         overwrite: recompute items whose outputs already exist and match their inputs.
         qc: write the QC figures.
-        label_interpolation: how label maps are warped (:func:`pipeline.warp.warp_files`): ``vote``, the label
-            of largest summed trilinear weight among a point's 8 neighbours (ANTs' ``GenericLabel``), or
-            ``nearest``, the nearest voxel's label.
+        label_interpolation: how label maps are warped (an item's moving labels, the atlas's labels on every
+            item; :func:`pipeline.warp.warp_files`): ``vote``, the label of largest summed trilinear weight
+            among a point's 8 neighbours (ANTs' ``GenericLabel``), or ``nearest``, the nearest voxel's label.
         checks: what the pre-flight and quality checks of a registration may let through
             (:class:`pipeline.checks.CheckOptions`; all False: refuse, as on the command line).
     """

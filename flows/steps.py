@@ -414,5 +414,6 @@ def _submit_atlas(job: ItemJob, atlas: Task[..., Any], options: StepOptions) -> 
             job.out_dir,
             options.register_cluster,
             options.qc,
+            options.label_interpolation,
         )
     }

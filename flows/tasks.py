@@ -158,10 +158,18 @@ def metrics_task(
 
 @task(name="atlas-outputs", **_TASK_DEFAULTS)
 def atlas_outputs_task(
-    brain: Path, field: Path, atlas: str, atlas_dir: Path, out_dir: Path, scheduler: str, with_qc: bool
+    brain: Path,
+    field: Path,
+    atlas: str,
+    atlas_dir: Path,
+    out_dir: Path,
+    scheduler: str,
+    with_qc: bool,
+    label_interpolation: LabelInterpolation = "vote",
 ) -> AtlasOutputs:
-    """:func:`pipeline.atlas.atlas_item_outputs`: labels on the brain, the brain in atlas space, the inverse
-    field, volumes.csv and the atlas QC figures of one item."""
+    """:func:`pipeline.atlas.atlas_item_outputs`: labels on the brain (by ``label_interpolation``), the brain in
+    atlas space, the inverse field, volumes.csv and the atlas QC figures of one item."""
     return run_isolated(
-        atlas_item_outputs, brain, field, atlas, atlas_dir, out_dir, scheduler=scheduler, qc=with_qc
-    )
+        atlas_item_outputs, brain, field, atlas, atlas_dir, out_dir, scheduler=scheduler, qc=with_qc,
+        label_interpolation=label_interpolation,
+    )  # fmt: skip

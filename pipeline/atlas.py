@@ -36,6 +36,7 @@ import zarr
 from patchmorph_core.displacement import INVERSE_ITERATIONS
 from patchmorph_core.errors import InputError
 from patchmorph_core.spatial import Grid, unit_scale
+from patchmorph_core.warping import LabelInterpolation
 from pipeline.brainglobe import LEFT, RIGHT, BrainGlobeAtlas, Structure, open_volume
 
 logger = logging.getLogger(__name__)
@@ -177,17 +178,21 @@ def _identities(sources: Mapping[str, Path]) -> dict[str, Any]:
     return dict(json.loads(json.dumps(found, default=str)))
 
 
-def _finished_from(path: Path, sources: Mapping[str, Path]) -> bool:
-    """True when ``path`` is finished and was made from ``sources`` as they are now (recorded by
-    :func:`_record_sources`): an output made from an earlier field or brain is redone, never kept."""
+def _finished_from(path: Path, sources: Mapping[str, Path], settings: Mapping[str, Any] | None = None) -> bool:
+    """True when ``path`` is finished and was made from ``sources`` as they are now and with ``settings``
+    (recorded by :func:`_record_sources`): an output made from an earlier field or brain is redone, never kept."""
     attributes = _attributes(path)
-    return attributes.get("complete") is True and attributes.get(MADE_FROM) == _identities(sources)
+    return attributes.get("complete") is True and attributes.get(MADE_FROM) == _made_from(sources, settings)
 
 
-def _record_sources(path: Path, sources: Mapping[str, Path]) -> None:
-    """Record in the finished output ``path`` what it was made from (:func:`_finished_from`)."""
+def _made_from(sources: Mapping[str, Path], settings: Mapping[str, Any] | None) -> dict[str, Any]:
+    return {**_identities(sources), **({"settings": dict(settings)} if settings else {})}
+
+
+def _record_sources(path: Path, sources: Mapping[str, Path], settings: Mapping[str, Any] | None = None) -> None:
+    """Record in the finished output ``path`` what it was made from, and how (:func:`_finished_from`)."""
     group = zarr.open_group(str(path), mode="r+")
-    group.attrs["patchmorph"] = {**_attributes(path), MADE_FROM: _identities(sources)}
+    group.attrs["patchmorph"] = {**_attributes(path), MADE_FROM: _made_from(sources, settings)}
 
 
 # -- volumes -------------------------------------------------------------------------------------------------------
@@ -383,21 +388,23 @@ def _warp(
     labels: bool = False,
     target: Path | None = None,
     inverse: bool = False,
+    label_interpolation: LabelInterpolation = "vote",
 ) -> Any:
     """One chunked warp (:func:`pipeline.warp.warp_files`), skipped when its output is finished and made from
-    the same field, image and target (:func:`_finished_from`)."""
+    the same field, image and target, with the same label interpolation (:func:`_finished_from`)."""
     from pipeline.warp import warp_files
 
     sources = {"field": field, "image": moving, **({"target": target} if target is not None else {})}
-    if _finished_from(out, sources):
+    settings = {"label_interpolation": label_interpolation} if labels else None
+    if _finished_from(out, sources, settings):
         logger.info("%s is finished: kept", out)
         return None
     run = out.with_name(out.name + ".run")
     record = warp_files(
-        field, moving, out, labels=labels, target=target, inverse=inverse, scheduler=scheduler,
-        overwrite=not run.is_dir(), progress=False,
+        field, moving, out, labels=labels, label_interpolation=label_interpolation, target=target,
+        inverse=inverse, scheduler=scheduler, overwrite=not run.is_dir(), progress=False,
     )  # fmt: skip
-    _record_sources(out, sources)
+    _record_sources(out, sources, settings)
     return record
 
 
@@ -409,6 +416,7 @@ def atlas_outputs(
     *,
     channels: Mapping[str, Path] | None = None,
     scheduler: str | None = None,
+    label_interpolation: LabelInterpolation = "vote",
 ) -> AtlasOutputs:
     """Every output of an atlas registration besides the field (see the module docstring).
 
@@ -421,6 +429,7 @@ def atlas_outputs(
             channels in atlas space).
         channels: extra channels on the brain's grid (OME-Zarr) by name; each is written in atlas space.
         scheduler: Dask scheduler address for the chunked warps (None: each starts its own cluster).
+        label_interpolation: how the atlas's label maps are warped onto the brain (:func:`pipeline.warp.warp_files`).
 
     Returns:
         :class:`AtlasOutputs`. Steps whose outputs are finished are kept, so a rerun resumes.
@@ -433,7 +442,7 @@ def atlas_outputs(
     paths: dict[str, Path] = {"brain": brain, "field": field}
     for name, source in (("atlas", atlas.annotation), ("hemispheres", atlas.hemispheres)):
         paths[f"{name}_on_brain"] = labels_dir / name
-        _warp(field, source, labels_dir / name, scheduler, labels=True)
+        _warp(field, source, labels_dir / name, scheduler, labels=True, label_interpolation=label_interpolation)
     boundaries_from = {"labels": labels_dir / "atlas"}
     if not _finished_from(labels_dir / "boundaries", boundaries_from):
         write_boundaries(labels_dir / "atlas", labels_dir / "boundaries")
@@ -508,6 +517,7 @@ def atlas_item_outputs(
     *,
     scheduler: str | None = None,
     qc: bool = True,
+    label_interpolation: LabelInterpolation = "vote",
 ) -> AtlasOutputs:
     """:func:`atlas_outputs`, its QC figures and :func:`atlas_figures` for one item of a batch (the
     ``atlas-to-section`` flow): the atlas (name or folder) is the one prepared in ``atlas_dir``.
@@ -519,7 +529,7 @@ def atlas_item_outputs(
     from pipeline.qc import atlas_qc
 
     prepared = prepare_atlas(find_atlas(atlas), atlas_dir)
-    outputs = atlas_outputs(brain, field, prepared, out, scheduler=scheduler)
+    outputs = atlas_outputs(brain, field, prepared, out, scheduler=scheduler, label_interpolation=label_interpolation)
     paths = dict(outputs.paths)
     if qc:
         paths.update(

@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from patchmorph_core.config import InferenceConfig, LossConfig
 from patchmorph_core.errors import InputError
+from patchmorph_core.warping import LabelInterpolation
 from pipeline.atlas import (
     AtlasOutputs,
     PreparedAtlas,
@@ -95,6 +96,8 @@ class AtlasJobConfig(BaseModel):
             one Dask cluster for the whole job (``local``, ``address``, ``slurm``); a scheduler given to
             :func:`run_atlas_job` replaces it.
         qc: write the QC figures.
+        label_interpolation: how the atlas's label maps are warped onto the brain: ``vote`` (the label of largest
+            summed trilinear weight among a point's 8 neighbours, ANTs' ``GenericLabel``) or ``nearest``.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -108,6 +111,7 @@ class AtlasJobConfig(BaseModel):
         )
     )
     qc: bool = True
+    label_interpolation: LabelInterpolation = "vote"
 
 
 @dataclass(frozen=True)
@@ -430,7 +434,10 @@ def run_atlas_job(
                 brain_zarr, prepared.reference, field, inference, scheduler=address,
                 overwrite=not field.with_name(field.name + ".run").is_dir(), progress=False,
             )  # fmt: skip
-        outputs = atlas_outputs(brain_zarr, field, prepared, out, channels=channel_zarrs, scheduler=address)
+        outputs = atlas_outputs(
+            brain_zarr, field, prepared, out, channels=channel_zarrs, scheduler=address,
+            label_interpolation=config.label_interpolation,
+        )  # fmt: skip
     summary = job_summary(outputs, prepared, registration, config, started)
     paths = dict(outputs.paths)
     if config.qc:

@@ -309,9 +309,10 @@ def test_rerun_with_other_settings_or_geometry_is_refused(job: dict, tmp_path: P
 
 
 def test_outputs_made_from_an_earlier_field_are_redone(job: dict, tmp_path: Path) -> None:
-    """A finished output is kept only when made from the field (and images) as they are now: after the field
-    is registered again (here: written again, shifted by 300 µm), the labels on the brain, the brain in atlas
-    space and the inverse field follow the new field (a flow item recomputed with other settings)."""
+    """A finished output is kept only when made from the field (and images) as they are now, the same way:
+    after the field is registered again (here: written again, shifted by 300 µm), the labels on the brain, the
+    brain in atlas space and the inverse field follow the new field (a flow item recomputed with other
+    settings); with another label interpolation the labels are warped again, the rest kept."""
     from pipeline.atlas import atlas_outputs, prepare_atlas
     from pipeline.brainglobe import find_atlas
     from pipeline.ngff import write_field
@@ -338,3 +339,13 @@ def test_outputs_made_from_an_earlier_field_are_redone(job: dict, tmp_path: Path
     np.testing.assert_array_equal(after, np.asarray(read_image(direct.out).levels[0].array[...]))
     assert np.count_nonzero(after != before) > 1000
     assert all(write_identity(p) != write for p, write in zip(made, writes, strict=True))  # all written again
+
+    kept = write_identity(out / "inverse_field.ome.zarr")
+    atlas_outputs(out / "brain.ome.zarr", out / "field.ome.zarr", prepared, out, label_interpolation="nearest")
+    nearest = warp_files(
+        out / "field.ome.zarr", prepared.annotation, tmp_path / "nearest", labels=True,
+        label_interpolation="nearest", progress=False,
+    )  # fmt: skip
+    on_brain = np.asarray(read_image(labels).levels[0].array[...])
+    np.testing.assert_array_equal(on_brain, np.asarray(read_image(nearest.out).levels[0].array[...]))
+    assert np.count_nonzero(on_brain != after) > 100 and write_identity(out / "inverse_field.ome.zarr") == kept
