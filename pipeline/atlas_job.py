@@ -193,11 +193,7 @@ def convert_input(
 
 
 SETTINGS_FILE = "job_settings.json"
-"""What a job's outputs are made from (:func:`job_settings`), recorded in its output folder before any work."""
-
-JOB_OUTPUTS = ("brain.ome.zarr", "field.ome.zarr", "atlas", "atlas_job.json")
-"""Entries of an output folder that only a job writes."""
-
+"""What a job's registration was made from (:func:`job_settings`), recorded in its output folder."""
 
 def job_settings(
     brain: Path, channels: Sequence[Path], atlas: Path, geometry: Mapping[str, Any], config: AtlasJobConfig
@@ -228,28 +224,36 @@ def _differences(recorded: Mapping[str, Any], current: Mapping[str, Any], prefix
 
 
 def check_job_settings(out: Path, settings: Mapping[str, Any]) -> None:
-    """Bind the output folder to one job: record ``settings`` (:func:`job_settings`) in ``out`` on the first
-    run; a rerun resumes only with the same.
+    """Refuse a rerun into a folder whose registration was made from other inputs or settings: its finished
+    field would be kept (:func:`record_job_settings` binds the folder once the field is finished; before that,
+    e.g. after a first attempt refused for its orientation, a rerun with other options starts afresh).
 
     Raises:
-        InputError: ``out`` holds a job made from other inputs or settings (the sentence names them), or job
-            outputs without a record (left by an earlier version): its finished steps would be kept and
-            mixed with the new ones.
+        InputError: ``out`` holds a job made from other inputs or settings (the sentence names them), or a
+            finished field without a record (left by an earlier version).
     """
     path = out / SETTINGS_FILE
     again = f"give another --out, or delete {out} to start over."
-    settings = json.loads(json.dumps(settings))  # as recorded (tuples as lists)
     if path.is_file():
-        differ = _differences(json.loads(path.read_text()), settings)
+        differ = _differences(json.loads(path.read_text()), _as_recorded(settings))
         if differ:
             raise InputError(
                 f"output folder {out} holds a job made from other inputs or settings ({', '.join(differ)}): {again}"
             )
-        return
-    if any((out / name).exists() for name in JOB_OUTPUTS):
-        raise InputError(f"output folder {out} holds a job's outputs but no record of its settings: {again}")
-    out.mkdir(exist_ok=True)
-    atomic_write_json(path, settings)
+    elif _finished_field(out / "field.ome.zarr"):
+        raise InputError(f"output folder {out} holds a finished registration but no record of its settings: {again}")
+
+
+def record_job_settings(out: Path, settings: Mapping[str, Any]) -> None:
+    """Bind ``out`` to the job whose field is now finished (:data:`SETTINGS_FILE`; kept if already there)."""
+    path = out / SETTINGS_FILE
+    if not path.is_file():
+        atomic_write_json(path, _as_recorded(settings))
+
+
+def _as_recorded(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """``settings`` as JSON reads them back (tuples as lists)."""
+    return dict(json.loads(json.dumps(settings)))
 
 
 def check_output_folder(out: Path, inputs: Sequence[Path]) -> None:
@@ -412,7 +416,9 @@ def run_atlas_job(
         check_geometry_options(path, voxel_size, unit, orientation)
     cluster = config.cluster if scheduler is None else load_cluster_config(scheduler)
     geometry = {"voxel_size": voxel_size, "unit": unit, "orientation": orientation}
-    check_job_settings(out, job_settings(brain, channel_paths, found.folder, geometry, config))
+    settings = job_settings(brain, channel_paths, found.folder, geometry, config)
+    check_job_settings(out, settings)
+    out.mkdir(exist_ok=True)
     brain_zarr = convert_input(brain, out / "brain.ome.zarr", downsample=config.brain_downsample, **geometry)
     named = _channel_names(channel_paths)
     channel_zarrs = {
@@ -434,6 +440,7 @@ def run_atlas_job(
                 brain_zarr, prepared.reference, field, inference, scheduler=address,
                 overwrite=not field.with_name(field.name + ".run").is_dir(), progress=False,
             )  # fmt: skip
+        record_job_settings(out, settings)
         outputs = atlas_outputs(
             brain_zarr, field, prepared, out, channels=channel_zarrs, scheduler=address,
             label_interpolation=config.label_interpolation,

@@ -19,7 +19,7 @@ from patchmorph_core.errors import InputError
 from patchmorph_core.metrics import ncc
 from patchmorph_core.spatial import Grid, orientation_matrix
 from pipeline.atlas import count_sides, volume_table, voxel_volume_mm3, write_boundaries, write_volume_table
-from pipeline.atlas_job import check_output_folder
+from pipeline.atlas_job import SETTINGS_FILE, check_job_settings, check_output_folder, record_job_settings
 from pipeline.brainglobe import LEFT, RIGHT, Structure
 from pipeline.demo import (
     BRAIN_ORIENTATION,
@@ -303,9 +303,22 @@ def test_rerun_with_other_settings_or_geometry_is_refused(job: dict, tmp_path: P
     assert (out / "field.ome.zarr" / "zarr.json").stat().st_mtime_ns == before
 
     old = tmp_path / "old"
-    (old / "field.ome.zarr").mkdir(parents=True)  # a job's output without a settings record
+    shutil.copytree(out / "field.ome.zarr", old / "field.ome.zarr")  # a finished field without a settings record
     result = CliRunner().invoke(app, [*args[:3], str(old), *args[4:], *voxel])
-    assert result.exit_code == 2 and "holds a job's outputs but no record of its settings" in result.output
+    assert result.exit_code == 2 and "holds a finished registration but no record of its settings" in result.output
+
+
+def test_a_folder_is_bound_to_its_settings_once_its_field_is_finished(job: dict, tmp_path: Path) -> None:
+    """Before the field is finished (a first attempt refused by a check, say) other settings start afresh."""
+    settings = json.loads((job["out"] / SETTINGS_FILE).read_text())
+    other = {**settings, "geometry": {**settings["geometry"], "orientation": "asr"}}
+    shutil.copytree(job["out"] / "brain.ome.zarr", tmp_path / "brain.ome.zarr")  # converted, not registered
+    check_job_settings(tmp_path, other)
+    assert not (tmp_path / SETTINGS_FILE).exists()
+    record_job_settings(tmp_path, settings)
+    check_job_settings(tmp_path, settings)
+    with pytest.raises(InputError, match=r"holds a job made from other inputs or settings \(geometry\.orientation\)"):
+        check_job_settings(tmp_path, other)
 
 
 def test_outputs_made_from_an_earlier_field_are_redone(job: dict, tmp_path: Path) -> None:
