@@ -819,9 +819,12 @@ the chunk tasks timed part by part at 1 GiB) and per function on one polish box 
 The forward-share target (60 %) is therefore not met at 1× (31-44 % in this series and 28-46 % in the run before it on the third machine, whose
 forward passes are the slowest; 22-35 % on the second, 33-45 % on the first): the polish is an instance
 optimisation whose settings (10 steps, its halo) were chosen on validation pairs, and it does per field voxel
-about the network's work; the network's own chunk tasks take another sixth. Left: a polish that runs on slabs
-instead of halo'd boxes (no halo overhead), integration on the polish grid at 2×, and fewer memory passes per
-step (fused filters).
+about the network's work; the network's own chunk tasks take another sixth. Without the polish (its tiles and its
+chunk tasks) the share would be about 61 % at 2 GiB (30.9 of the 50.4 % left), but the polish is where the accuracy at fine scales
+comes from: on the fine-scale benchmark (`docs/benchmarks.md`) the network's cascade alone leaves a median error
+of 69.5 µm at a 100 µm field and 44.1 µm with the polish, so the target asks for a network that does the polish's
+work, not for a cheaper polish. Left: a polish that runs on slabs instead of halo'd boxes (no halo overhead),
+integration on the polish grid at 2×, and fewer memory passes per step (fused filters).
 
 *Wall time.* Each `register` here starts a local Dask cluster of worker processes and pays fixed costs (the
 workers' start and imports, the plan, the quality block) that do not grow with the field; at 1 GiB they are a
