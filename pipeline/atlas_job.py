@@ -223,32 +223,38 @@ def _differences(recorded: Mapping[str, Any], current: Mapping[str, Any], prefix
     return names
 
 
-def check_job_settings(out: Path, settings: Mapping[str, Any]) -> None:
-    """Refuse a rerun into a folder whose registration was made from other inputs or settings: its finished
-    field would be kept (:func:`record_job_settings` binds the folder once the field is finished; before that,
-    e.g. after a first attempt refused for its orientation, a rerun with other options starts afresh).
+def check_job_settings(out: Path, settings: Mapping[str, Any]) -> bool:
+    """Whether a rerun into ``out`` may go on with ``settings`` (:func:`job_settings`), as recorded there by
+    :func:`record_job_settings`: the same settings resume; a registration left unfinished with others is
+    started again (a first attempt refused by a check, or stopped, then rerun with other options).
+
+    Returns:
+        True when an unfinished registration with other settings is to be started again.
 
     Raises:
-        InputError: ``out`` holds a job made from other inputs or settings (the sentence names them), or a
-            finished field without a record (left by an earlier version).
+        InputError: ``out`` holds a finished registration made from other inputs or settings (the sentence
+            names them: it and its outputs would be kept), or one without a record (left by an earlier version).
     """
     path = out / SETTINGS_FILE
     again = f"give another --out, or delete {out} to start over."
-    if path.is_file():
-        differ = _differences(json.loads(path.read_text()), _as_recorded(settings))
-        if differ:
-            raise InputError(
-                f"output folder {out} holds a job made from other inputs or settings ({', '.join(differ)}): {again}"
-            )
-    elif _finished_field(out / "field.ome.zarr"):
-        raise InputError(f"output folder {out} holds a finished registration but no record of its settings: {again}")
-
-
-def record_job_settings(out: Path, settings: Mapping[str, Any]) -> None:
-    """Bind ``out`` to the job whose field is now finished (:data:`SETTINGS_FILE`; kept if already there)."""
-    path = out / SETTINGS_FILE
     if not path.is_file():
-        atomic_write_json(path, _as_recorded(settings))
+        if _finished_field(out / "field.ome.zarr"):
+            raise InputError(f"output folder {out} holds a finished registration but no record of its settings: {again}")
+        return False
+    recorded = json.loads(path.read_text())
+    differ = _differences(recorded["made_from"], _as_recorded(settings))
+    if differ and recorded["field_finished"]:
+        raise InputError(
+            f"output folder {out} holds a job made from other inputs or settings ({', '.join(differ)}): {again}"
+        )
+    if differ:
+        logger.info("%s: the unfinished registration had other settings (%s): started again", out, ", ".join(differ))
+    return bool(differ)
+
+
+def record_job_settings(out: Path, settings: Mapping[str, Any], field_finished: bool) -> None:
+    """Record in ``out`` (:data:`SETTINGS_FILE`) what its registration is made from, and whether it is finished."""
+    atomic_write_json(out / SETTINGS_FILE, {"made_from": _as_recorded(settings), "field_finished": field_finished})
 
 
 def _as_recorded(settings: Mapping[str, Any]) -> dict[str, Any]:
@@ -417,8 +423,10 @@ def run_atlas_job(
     cluster = config.cluster if scheduler is None else load_cluster_config(scheduler)
     geometry = {"voxel_size": voxel_size, "unit": unit, "orientation": orientation}
     settings = job_settings(brain, channel_paths, found.folder, geometry, config)
-    check_job_settings(out, settings)
+    restart = check_job_settings(out, settings)
     out.mkdir(exist_ok=True)
+    if restart or not (out / SETTINGS_FILE).is_file():
+        record_job_settings(out, settings, field_finished=False)
     brain_zarr = convert_input(brain, out / "brain.ome.zarr", downsample=config.brain_downsample, **geometry)
     named = _channel_names(channel_paths)
     channel_zarrs = {
@@ -435,12 +443,12 @@ def run_atlas_job(
     field = out / "field.ome.zarr"
     with job_scheduler(cluster) as address:
         registration = None
-        if not _finished_field(field):
+        if restart or not _finished_field(field):
             registration = register_files(
                 brain_zarr, prepared.reference, field, inference, scheduler=address,
-                overwrite=not field.with_name(field.name + ".run").is_dir(), progress=False,
+                overwrite=restart or not field.with_name(field.name + ".run").is_dir(), progress=False,
             )  # fmt: skip
-        record_job_settings(out, settings)
+        record_job_settings(out, settings, field_finished=True)
         outputs = atlas_outputs(
             brain_zarr, field, prepared, out, channels=channel_zarrs, scheduler=address,
             label_interpolation=config.label_interpolation,

@@ -309,14 +309,19 @@ def test_rerun_with_other_settings_or_geometry_is_refused(job: dict, tmp_path: P
 
 
 def test_a_folder_is_bound_to_its_settings_once_its_field_is_finished(job: dict, tmp_path: Path) -> None:
-    """Before the field is finished (a first attempt refused by a check, say) other settings start afresh."""
-    settings = json.loads((job["out"] / SETTINGS_FILE).read_text())
+    """Before the field is finished (a first attempt refused by a check, or stopped) other settings start the
+    registration again; once it is finished they are refused."""
+    recorded = json.loads((job["out"] / SETTINGS_FILE).read_text())
+    assert recorded["field_finished"] is True
+    settings = recorded["made_from"]
     other = {**settings, "geometry": {**settings["geometry"], "orientation": "asr"}}
     shutil.copytree(job["out"] / "brain.ome.zarr", tmp_path / "brain.ome.zarr")  # converted, not registered
-    check_job_settings(tmp_path, other)
-    assert not (tmp_path / SETTINGS_FILE).exists()
-    record_job_settings(tmp_path, settings)
-    check_job_settings(tmp_path, settings)
+    assert check_job_settings(tmp_path, other) is False  # nothing recorded, no field: a first run
+    record_job_settings(tmp_path, settings, field_finished=False)
+    assert check_job_settings(tmp_path, settings) is False  # resume
+    assert check_job_settings(tmp_path, other) is True  # the unfinished registration is started again
+    record_job_settings(tmp_path, settings, field_finished=True)
+    assert check_job_settings(tmp_path, settings) is False
     with pytest.raises(InputError, match=r"holds a job made from other inputs or settings \(geometry\.orientation\)"):
         check_job_settings(tmp_path, other)
 
