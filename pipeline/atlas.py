@@ -186,6 +186,7 @@ def _finished_from(path: Path, sources: Mapping[str, Path], settings: Mapping[st
 
 
 def _made_from(sources: Mapping[str, Path], settings: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The :data:`MADE_FROM` record: the sources' :func:`_identities` and the ``settings`` (if any)."""
     return {**_identities(sources), **({"settings": dict(settings)} if settings else {})}
 
 

@@ -195,6 +195,7 @@ def convert_input(
 SETTINGS_FILE = "job_settings.json"
 """What a job's registration was made from (:func:`job_settings`), recorded in its output folder."""
 
+
 def job_settings(
     brain: Path, channels: Sequence[Path], atlas: Path, geometry: Mapping[str, Any], config: AtlasJobConfig
 ) -> dict[str, Any]:
