@@ -172,10 +172,9 @@ MADE_FROM = "made_from"
 def _identities(sources: Mapping[str, Path]) -> dict[str, Any]:
     """Per role, the write identity of a store this product wrote (new for every write of it), else the
     content identity (:func:`pipeline.resume.content_identity`); as JSON reads it back."""
-    from pipeline.resume import content_identity, write_identity
+    from pipeline.resume import as_recorded, content_identity, write_identity
 
-    found = {role: write_identity(Path(p)) or content_identity(p) for role, p in sources.items()}
-    return dict(json.loads(json.dumps(found, default=str)))
+    return dict(as_recorded({role: write_identity(Path(p)) or content_identity(p) for role, p in sources.items()}))
 
 
 def _finished_from(path: Path, sources: Mapping[str, Path], settings: Mapping[str, Any] | None = None) -> bool:

@@ -46,7 +46,7 @@ from pipeline.atlas import (
 )
 from pipeline.brainglobe import find_atlas
 from pipeline.cluster import ClusterConfig, load_cluster_config, open_client
-from pipeline.resume import atomic_write_json
+from pipeline.resume import as_recorded, atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -199,23 +199,22 @@ SETTINGS_FILE = "job_settings.json"
 def job_settings(
     brain: Path, channels: Sequence[Path], atlas: Path, geometry: Mapping[str, Any], config: AtlasJobConfig
 ) -> dict[str, Any]:
-    """The identities (:func:`_source_key`) of the brain, its channels and the atlas folder, the brain's
-    ``geometry`` options, and every setting of ``config`` that shapes the outputs (all but ``cluster`` and
-    ``qc``)."""
+    """Every setting of ``config`` that shapes the outputs (all but ``cluster`` and ``qc``), with the identities
+    (:func:`_source_key`) of the brain, its channels and the atlas folder and the brain's ``geometry`` options."""
     return {
+        **config.model_dump(mode="json", exclude={"cluster", "qc"}),
         "brain": _source_key(brain),
         "channels": [_source_key(path) for path in channels],
         "atlas": _source_key(atlas),
         "geometry": dict(geometry),
-        "settings": config.model_dump(mode="json", exclude={"cluster", "qc"}),
     }
 
 
 def _differences(recorded: Mapping[str, Any], current: Mapping[str, Any], prefix: str = "") -> list[str]:
-    """Dotted names of the entries of two nested dicts that differ (``settings.`` left out of the names)."""
+    """Dotted names of the entries of two nested dicts that differ."""
     names = []
     for key in sorted(set(recorded) | set(current)):
-        name = f"{prefix}{key}" if prefix != "settings." else key
+        name = f"{prefix}{key}"
         old, new = recorded.get(key), current.get(key)
         if isinstance(old, Mapping) and isinstance(new, Mapping):
             names += _differences(old, new, f"{name}.")
@@ -243,7 +242,7 @@ def check_job_settings(out: Path, settings: Mapping[str, Any]) -> bool:
             raise InputError(f"output folder {out} holds a finished registration but no record of its settings: {again}")
         return False
     recorded = json.loads(path.read_text())
-    differ = _differences(recorded["made_from"], _as_recorded(settings))
+    differ = _differences(recorded["made_from"], as_recorded(settings))
     if differ and recorded["field_finished"]:
         raise InputError(
             f"output folder {out} holds a job made from other inputs or settings ({', '.join(differ)}): {again}"
@@ -255,12 +254,7 @@ def check_job_settings(out: Path, settings: Mapping[str, Any]) -> bool:
 
 def record_job_settings(out: Path, settings: Mapping[str, Any], field_finished: bool) -> None:
     """Record in ``out`` (:data:`SETTINGS_FILE`) what its registration is made from, and whether it is finished."""
-    atomic_write_json(out / SETTINGS_FILE, {"made_from": _as_recorded(settings), "field_finished": field_finished})
-
-
-def _as_recorded(settings: Mapping[str, Any]) -> dict[str, Any]:
-    """``settings`` as JSON reads them back (tuples as lists)."""
-    return dict(json.loads(json.dumps(settings)))
+    atomic_write_json(out / SETTINGS_FILE, {"made_from": as_recorded(settings), "field_finished": field_finished})
 
 
 def check_output_folder(out: Path, inputs: Sequence[Path]) -> None:

@@ -142,6 +142,12 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> int:
     return size
 
 
+def as_recorded(value: Any) -> Any:
+    """``value`` as a JSON record of it reads back (tuples as lists, other objects as their text): the form to
+    compare with a stored record."""
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
 def atomic_write_json(path: Path, data: dict[str, Any]) -> None:
     """Write JSON to ``path`` through a temporary file and an atomic rename (:func:`atomic_write`)."""
     text = json.dumps(data, indent=1, sort_keys=True)
@@ -276,7 +282,7 @@ def open_run(root: Path, fingerprint: dict[str, Any], overwrite: bool) -> RunRec
         InputError: records of a run with a different fingerprint exist and ``overwrite`` is false.
     """
     manifest = root / "run.json"
-    wanted = json.loads(json.dumps(fingerprint, sort_keys=True, default=str))
+    wanted = as_recorded(fingerprint)
     if overwrite and root.exists():
         shutil.rmtree(root)
     if manifest.is_file():
