@@ -408,15 +408,21 @@ NETWORK_ALONE = ", network alone"
 """Suffix of a fine-scale setting run without the polish (``finescale.py --network-alone``)."""
 
 
-def polish_parts(settings: list[dict[str, Any]]) -> list[str]:
-    """One sentence per setting run without the polish whose polished twin (the same name without
-    :data:`NETWORK_ALONE`) is in ``settings``: the error with and without the polish, and the time of each."""
+def polish_twins(settings: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """``(alone, polished)`` per setting run without the polish whose polished twin (the same name without
+    :data:`NETWORK_ALONE`) is in ``settings``."""
     by_name = {s["setting"]: s for s in settings}
+    return [
+        (alone, by_name[alone["setting"].removesuffix(NETWORK_ALONE)])
+        for alone in settings
+        if alone["setting"].endswith(NETWORK_ALONE) and alone["setting"].removesuffix(NETWORK_ALONE) in by_name
+    ]
+
+
+def polish_parts(settings: list[dict[str, Any]]) -> list[str]:
+    """One sentence per :func:`polish_twins` pair: the error with and without the polish, and the time of each."""
     out = []
-    for alone in settings:
-        polished = by_name.get(alone["setting"].removesuffix(NETWORK_ALONE))
-        if not alone["setting"].endswith(NETWORK_ALONE) or polished is None:
-            continue
+    for alone, polished in polish_twins(settings):
         a, p = alone["error_um"], polished["error_um"]
         out.append(
             f"The polish's part, {polished['setting']}: the network's cascade alone leaves an error of "
@@ -448,6 +454,29 @@ def _polish_chunk_share(passes: list[dict[str, Any]]) -> float | None:
     """The polish's chunk tasks' share of all worker task time (the ``shares`` count them as "other")."""
     total = sum(p["block_s"] + p["chunk_s"] for p in passes)
     return sum(p["chunk_s"] for p in passes if p["name"].startswith("polish")) / total if total > 0 else None
+
+
+def without_polish(doc: dict[str, Any], finescale: dict[str, Any] | None) -> str:
+    """The forward share each ``register`` run would have without the polish (its tiles and its chunk tasks),
+    beside what the polish buys on the fine-scale benchmark (:func:`polish_twins` of ``finescale``)."""
+    shares = []
+    for r in doc["rows"]:
+        m = r.get("register")
+        if not m or not m.get("passes") or m.get("shares", {}).get("forward") is None:
+            continue
+        share = m["shares"]
+        rest = 1.0 - (share.get("polish") or 0.0) - (_polish_chunk_share(m["passes"]) or 0.0)
+        shares.append(f"{_pct(share['forward'] / rest)} at {r['disk_gib']:.2f} GiB")
+    twins = polish_twins(finescale["settings"]) if finescale else []
+    errors = "; ".join(
+        f"{p['setting']}: {a['error_um']['median']:.1f} µm by the network's cascade alone, {p['error_um']['median']:.1f} "
+        "µm with the polish" for a, p in twins
+    )  # fmt: skip
+    return (
+        f"Without the polish the forward share would be {', '.join(shares) or '–'}. But the polish is where the "
+        "accuracy at fine scales comes from: the fine-scale benchmark's median error (`docs/benchmarks.md`), "
+        f"{errors or '–'}. So the target asks for a network that does the polish's work, not for a cheaper polish."
+    )
 
 
 def scale_runs_table(doc: dict[str, Any]) -> str:
@@ -601,8 +630,9 @@ def _spilled(nbytes: int | None, voxels: int) -> str:
     return f"{nbytes / 1e6:.0f} MB; {nbytes / voxels:.0f} B" if voxels else f"{nbytes / 1e6:.0f} MB"
 
 
-def scale_section(doc: dict[str, Any]) -> str:
-    """docs/scale.md's generated part: the runs, the targets, per-core throughput and the terabyte plan."""
+def scale_section(doc: dict[str, Any], finescale: dict[str, Any] | None = None) -> str:
+    """docs/scale.md's generated part: the runs, the targets (the forward share beside the fine-scale benchmark's
+    ``finescale``: :func:`without_polish`), per-core throughput and the terabyte plan."""
     speed = throughput(doc)
     plan = doc["projection"]
     row = speed["row"]
@@ -646,7 +676,8 @@ def scale_section(doc: dict[str, Any]) -> str:
     quality = scale_quality_table(doc)
     quality_parts = ["The fields' quality blocks (measured by `register` itself):", quality] if quality else []
     return "\n\n".join([provenance(doc), scale_runs_table(doc), *quality_parts, scale_targets_table(doc),
-                        SCALE_GROWTH, "### Throughput per core", *per_core, "### The terabyte plan", *proj_parts])  # fmt: skip
+                        SCALE_GROWTH, without_polish(doc, finescale), "### Throughput per core", *per_core,
+                        "### The terabyte plan", *proj_parts])  # fmt: skip
 
 
 SCALE_INTRO = """# Scale: large volumes and the terabyte plan (issue 23)
@@ -819,12 +850,9 @@ the chunk tasks timed part by part at 1 GiB) and per function on one polish box 
 The forward-share target (60 %) is therefore not met at 1× (31-44 % in this series and 28-46 % in the run before it on the third machine, whose
 forward passes are the slowest; 22-35 % on the second, 33-45 % on the first): the polish is an instance
 optimisation whose settings (10 steps, its halo) were chosen on validation pairs, and it does per field voxel
-about the network's work; the network's own chunk tasks take another sixth. Without the polish (its tiles and its
-chunk tasks) the share would be about 61 % at 2 GiB (30.9 of the 50.4 % left), but the polish is where the accuracy at fine scales
-comes from: on the fine-scale benchmark (`docs/benchmarks.md`) the network's cascade alone leaves a median error
-of 69.5 µm at a 100 µm field and 44.1 µm with the polish, so the target asks for a network that does the polish's
-work, not for a cheaper polish. Left: a polish that runs on slabs instead of halo'd boxes (no halo overhead),
-integration on the polish grid at 2×, and fewer memory passes per step (fused filters).
+about the network's work; the network's own chunk tasks take another sixth (what the share would be without the
+polish: below). Left: a polish that runs on slabs instead of halo'd boxes (no halo overhead), integration on the
+polish grid at 2×, and fewer memory passes per step (fused filters).
 
 *Wall time.* Each `register` here starts a local Dask cluster of worker processes and pays fixed costs (the
 workers' start and imports, the plan, the quality block) that do not grow with the field; at 1 GiB they are a
@@ -867,7 +895,7 @@ def benchmarks_document() -> str:
 def scale_document() -> str:
     """``docs/scale.md``."""
     doc = load("scale.json")
-    body = scale_section(doc) if doc else missing("scale.json", "nice -n 5 .venv/bin/python benchmarks/scale.py")
+    body = scale_section(doc, load("finescale.json")) if doc else missing("scale.json", "nice -n 5 .venv/bin/python benchmarks/scale.py")
     return "\n\n".join([GENERATED, SCALE_INTRO, body]) + "\n"
 
 
