@@ -283,8 +283,9 @@ class InferenceConfig(_Strict):
             logarithm integrated by scaling and squaring), so that no pass can fold the field; False composes
             the averaged update as it is (``docs/method.md``, *Fold-free updates*).
         stage_check: score the contrast-robust similarity (MIND-SSC) before and after every network pass and the
-            polish, record it in the pass's figures, and reject a pass that lowers it
-            (:mod:`patchmorph_core.stage_check`).
+            polish, each on its own field grid, record it in the pass's figures, and reject a pass that lowers
+            it (:mod:`patchmorph_core.stage_check`); an accepted initial affine is held to the same rule on the
+            first pass's grid against the centre-of-mass start.
     """
 
     weights: str | None = None

@@ -4,10 +4,13 @@ A network pass (or the polish) that lowers the similarity of the fixed image and
 rejected: the registration goes on from the field it had before that pass (issue 25.3). The similarity is
 :class:`~patchmorph_core.similarity.MindSSC` (it does not assume the two contrasts are related, so a pass that
 fits one contrast's intensities onto the other's does not score as an improvement), averaged over the fixed
-tissue on one *check grid*: the registration's output field grid coarsened to at most :data:`CHECK_VOXELS`
-voxels over the same box. One grid for every pass makes the figures comparable from pass to pass, and the
-score after pass ``n`` is the score before pass ``n + 1``; each score samples both images at the check grid's
-points once (about 0.1 s), whatever the image size.
+tissue of a *check sample* of the pass's own field grid (:func:`check_boxes`): the whole grid when it is small,
+else boxes of that grid's voxels spread evenly over it. Each pass is scored at its own resolution, so a pass
+whose work lies at the scale of a few field voxels (the polish of a fine field) is seen; a coarse copy of the
+grid would smooth that work away. Passes on one grid (the finest pass and the polish, refinement passes) share
+the sample, so the score after one is the score before the next; a pass on a new grid scores its start there
+first. A score samples both images and the field at the sample's points: on a large grid box by box, each box
+reading only its own part of them, so its cost is bounded by :data:`CHECK_VOXELS` whatever the image size.
 """
 
 from __future__ import annotations
@@ -22,11 +25,19 @@ from patchmorph_core.alignment import one_torch_thread
 from patchmorph_core.displacement import Displacement
 from patchmorph_core.sampling import normalize
 from patchmorph_core.similarity import MindSSC, Similarity
-from patchmorph_core.source import MultiscaleImage, downsampled_grid
+from patchmorph_core.source import MultiscaleImage
 from patchmorph_core.spatial import Grid
 
 CHECK_VOXELS = 40**3
-"""Most voxels of the check grid."""
+"""Most voxels one check samples."""
+
+CHECK_BOX = 12
+"""Edge (voxels of the pass's field grid) of the boxes a check samples on a grid of more than
+:data:`CHECK_VOXELS` voxels; many small boxes spread the sample over the brain."""
+
+ONE_READ_VOXELS = 2**22
+"""A field grid of at most this many voxels is checked with one read of each image and field for all boxes
+(their level then spans at most a few tens of MB); a larger one box by box, each box reading its own part."""
 
 TOLERANCE = 1e-5
 """A pass is rejected when it lowers the mean similarity by more than this (MIND values lie in ``[−1, 0]``; a
@@ -36,35 +47,87 @@ TISSUE_LEVEL = 0.1
 """Fixed voxels at or above this normalised intensity (0..1) count as tissue."""
 
 
-def check_grid(grid: Grid, max_voxels: int = CHECK_VOXELS) -> Grid:
-    """``grid`` coarsened by one integer factor per axis (the same on every axis) to at most ``max_voxels``."""
-    voxels = int(np.prod(grid.shape))
-    factor = max(1, math.ceil((voxels / max_voxels) ** (1.0 / 3.0)))
-    while int(np.prod([math.ceil(n / factor) for n in grid.shape])) > max_voxels:
-        factor += 1
-    shape = tuple(max(1, n // factor) for n in grid.shape)
-    return downsampled_grid(grid, (factor,) * 3, shape)
+def _box_starts(n: int, edge: int, count: int) -> list[int]:
+    """``count`` start indices of boxes of ``edge`` voxels along an axis of ``n`` voxels, evenly from the first
+    voxel to the last box that fits."""
+    if count == 1:
+        return [(n - edge) // 2]
+    return [round(i * (n - edge) / (count - 1)) for i in range(count)]
+
+
+def check_boxes(grid: Grid, max_voxels: int = CHECK_VOXELS, box: int = CHECK_BOX) -> list[Grid]:
+    """The sub-grids of ``grid`` (its voxels and spacing) a check scores: ``[grid]`` when it has at most
+    ``max_voxels`` voxels, else boxes of ``box`` voxels per axis (the axis's length where it is shorter), one
+    per cell of a regular tiling of the grid by cubes of ``cell`` voxels, the smallest cell that keeps the
+    boxes within ``max_voxels`` voxels; along each axis the boxes are spread evenly from edge to edge. All
+    boxes have one shape."""
+    shape = np.asarray(grid.shape, dtype=np.int64)
+    if int(np.prod(shape)) <= max_voxels:
+        return [grid]
+    edge = np.minimum(box, shape)
+    most = np.maximum(shape // edge, 1)  # boxes that fit side by side along each axis
+
+    def counts(cell: int) -> np.ndarray:
+        return np.clip(-(-shape // cell), 1, most)
+
+    cell = max(box, math.floor(box * (int(np.prod(shape)) / max_voxels) ** (1.0 / 3.0)))
+    while int(np.prod(counts(cell))) * int(np.prod(edge)) > max_voxels:
+        cell += 1
+    starts = [_box_starts(int(n), int(e), int(c)) for n, e, c in zip(shape, edge, counts(cell), strict=True)]
+    return [
+        grid.crop((z, y, x), (z + int(edge[0]), y + int(edge[1]), x + int(edge[2])))
+        for z in starts[0]
+        for y in starts[1]
+        for x in starts[2]
+    ]
+
+
+def _one_read(grid: Grid) -> bool:
+    """Whether a check on ``grid`` reads each image and field once for all boxes: a grid of at most
+    :data:`ONE_READ_VOXELS` voxels."""
+    return int(np.prod(grid.shape)) <= ONE_READ_VOXELS
+
+
+def _sample(image: MultiscaleImage, points: np.ndarray, spacing: float, one_read: bool) -> np.ndarray:
+    """``(N, Z, Y, X)`` float32 values of ``image`` at the ``(N, Z, Y, X, 3)`` world ``points`` of ``N`` boxes,
+    from the level matching ``spacing``: in one read with ``one_read``, else box by box (each reads its own
+    part of the image)."""
+    if one_read:
+        return image.sample(points, spacing).astype(np.float32, copy=False)
+    return np.stack([image.sample(box, spacing) for box in points]).astype(np.float32, copy=False)
+
+
+def _displaced(points: np.ndarray, displacement: Displacement, one_read: bool) -> np.ndarray:
+    """``points + displacement(points)`` for the ``(N, Z, Y, X, 3)`` world ``points`` of ``N`` boxes: in one
+    call with ``one_read``, else box by box (each reads its own part of a lazily read field)."""
+    if one_read:
+        return points + displacement(points.reshape(-1, 3)).reshape(points.shape)
+    return np.stack([box + displacement(box.reshape(-1, 3)).reshape(box.shape) for box in points])
 
 
 @dataclass(frozen=True)
 class StageScorer:
-    """Scores displacements by the mean similarity inside the fixed tissue on a check grid.
+    """Scores displacements by the mean similarity inside the fixed tissue of a check sample.
 
     Attributes:
-        grid: the check grid (:func:`check_grid`).
-        fixed: ``(Z, Y, X)`` the fixed image on ``grid``, normalised 0..1.
+        grid: the field grid checked.
+        points: ``(N, Z, Y, X, 3)`` world points of its check sample's ``N`` boxes (:func:`check_boxes`).
+        fixed: ``(N, Z, Y, X)`` the fixed image at ``points``, normalised 0..1.
         moving: the moving pyramid (in ``grid.unit``).
         moving_range: the moving image's intensity range ``(lo, hi)``.
-        tissue: ``(Z, Y, X)`` bool, fixed voxels counted.
+        tissue: ``(N, Z, Y, X)`` bool, fixed voxels counted.
         similarity: the similarity (default :class:`MindSSC`).
+        one_read: read each image and field once for all boxes, else box by box (:func:`_one_read`).
     """
 
     grid: Grid
+    points: np.ndarray
     fixed: np.ndarray
     moving: MultiscaleImage
     moving_range: tuple[float, float]
     tissue: np.ndarray
     similarity: Similarity
+    one_read: bool
 
     @classmethod
     def build(
@@ -75,29 +138,30 @@ class StageScorer:
         field_grid: Grid,
         similarity: Similarity | None = None,
     ) -> StageScorer:
-        """The scorer on the check grid of ``field_grid``; ``ranges`` are the fixed and moving intensity ranges."""
-        grid = check_grid(field_grid)
-        spacing = float(grid.spacing.max())
-        values = normalize(fixed.sample(grid.points(), spacing), *ranges[0])
+        """The scorer on the check sample of ``field_grid``; ``ranges`` are the fixed and moving intensity
+        ranges."""
+        points = np.stack([box.points() for box in check_boxes(field_grid)])
+        one_read = _one_read(field_grid)
+        values = normalize(_sample(fixed, points, float(field_grid.spacing.max()), one_read), *ranges[0])
         tissue = values >= TISSUE_LEVEL
-        return cls(grid, values, moving, ranges[1], tissue, similarity or MindSSC())
+        return cls(field_grid, points, values, moving, ranges[1], tissue, similarity or MindSSC(), one_read)
 
     def score(self, displacement: Displacement) -> float:
         """Mean per-voxel similarity inside the fixed tissue with the moving image warped by ``displacement``
-        (higher is better; NaN when the check grid holds no tissue).
+        (higher is better; NaN when the check sample holds no tissue).
 
-        The similarity runs on one torch thread: the check grid is small, and on a loaded machine the many short
+        The similarity runs on one torch thread: the sample is small, and on a loaded machine the many short
         parallel regions of two threads wait for each other longer than one thread takes (the same scores in
         every process, too, whatever its thread count)."""
         if not self.tissue.any():
             return math.nan
-        points = self.grid.points()
-        moved = points + displacement(points.reshape(-1, 3)).reshape(points.shape)
-        warped = normalize(self.moving.sample(moved, float(self.grid.spacing.max())), *self.moving_range)
+        moved = _displaced(self.points, displacement, self.one_read)
+        spacing = float(self.grid.spacing.max())
+        warped = normalize(_sample(self.moving, moved, spacing, self.one_read), *self.moving_range)
         with torch.no_grad(), one_torch_thread():
             values = self.similarity.voxel_map(
-                torch.from_numpy(self.fixed)[None, None], torch.from_numpy(warped)[None, None]
-            )[0, 0].numpy()
+                torch.from_numpy(self.fixed)[:, None], torch.from_numpy(warped)[:, None]
+            )[:, 0].numpy()
         return float(values[self.tissue].mean())
 
 
@@ -110,8 +174,8 @@ class StageCheck:
 
     @property
     def accepted(self) -> bool:
-        """Kept unless the similarity fell by more than :data:`TOLERANCE` (a NaN score, no tissue on the check
-        grid, keeps the pass)."""
+        """Kept unless the similarity fell by more than :data:`TOLERANCE` (a NaN score, no tissue in the check
+        sample, keeps the pass)."""
         return not self.after < self.before - TOLERANCE
 
     def record(self) -> dict[str, float | bool | str]:
@@ -123,3 +187,41 @@ class StageCheck:
             "similarity_after": self.after,
             "accepted": self.accepted,
         }
+
+
+class PassChecks:
+    """The stage check of a registration's passes, in order: each pass is scored on its field grid's check
+    sample; the score of the field a pass starts from is the previous pass's score after when the two share a
+    grid, else it is scored on the new grid first.
+
+    Args:
+        fixed: the fixed pyramid.
+        moving: the moving pyramid (in the fixed image's unit).
+        ranges: the fixed and moving intensity ranges.
+    """
+
+    def __init__(
+        self,
+        fixed: MultiscaleImage,
+        moving: MultiscaleImage,
+        ranges: tuple[tuple[float, float], tuple[float, float]],
+    ) -> None:
+        self.fixed, self.moving, self.ranges = fixed, moving, ranges
+        self._scorer: StageScorer | None = None
+        self._score = math.nan
+
+    def check(self, grid: Grid, start: Displacement, candidate: Displacement) -> StageCheck:
+        """Score ``candidate`` (a pass's field on ``grid``) against ``start`` (the field the pass started from:
+        the last kept candidate, or the registration's start). A kept candidate is the next pass's start."""
+        if self._scorer is None or not _same_grid(self._scorer.grid, grid):
+            self._scorer = StageScorer.build(self.fixed, self.moving, self.ranges, grid)
+            self._score = self._scorer.score(start)
+        check = StageCheck(self._score, self._scorer.score(candidate))
+        if check.accepted:
+            self._score = check.after
+        return check
+
+
+def _same_grid(a: Grid, b: Grid) -> bool:
+    """Whether two grids have the same voxels (shape, index→world affine, unit)."""
+    return a.shape == b.shape and a.unit == b.unit and np.array_equal(a.affine, b.affine)

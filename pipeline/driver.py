@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -57,7 +56,7 @@ from patchmorph_core.model import load_model
 from patchmorph_core.polish import PolishSettings
 from patchmorph_core.source import Level, MultiscaleImage
 from patchmorph_core.spatial import Grid, read_box
-from patchmorph_core.stage_check import StageCheck, StageScorer
+from patchmorph_core.stage_check import PassChecks, StageCheck
 from pipeline.chunked import (
     BLOCK_FIGURES,
     Box,
@@ -555,10 +554,7 @@ def run_registration(executor: Executor, inputs: Inputs, store: FieldStore, prog
     settings = PolishSettings.from_config(inputs.config, float(plan.grids[-1].spacing.min()), data_spacing)
     prior: Displacement = AffineDisplacement(plan.initial)
     fixed_images = StageFixedImages(inputs.fixed, plan.fixed_range)
-    scorer = None
-    if inputs.config.stage_check and plan.grids:
-        scorer = StageScorer.build(inputs.fixed, plan.moving, (plan.fixed_range, plan.moving_range), plan.grids[-1])
-    score = scorer.score(prior) if scorer is not None else math.nan
+    checks = PassChecks(inputs.fixed, plan.moving, (plan.fixed_range, plan.moving_range))
     stages: list[dict[str, Any]] = []
     arrays = None
     for n, (lattice, grid) in enumerate(zip(plan.lattices, plan.grids, strict=True)):
@@ -568,15 +564,14 @@ def run_registration(executor: Executor, inputs: Inputs, store: FieldStore, prog
             run_network_pass(executor, inputs, lattice, arrays, prior, fixed_images.get(lattice), progress)
         )
         candidate = FieldDisplacement(prior_array(arrays.field, grid), grid)
-        if scorer is not None:
-            check = StageCheck(score, scorer.score(candidate))
+        if inputs.config.stage_check:
+            check = checks.check(grid, prior, candidate)
             stages[-1].update(check.record())
             if not check.accepted:
                 _reject(lattice.name, check)
                 if last:  # its field is the output's base: the field before it, on its grid
                     write_displacement(arrays.field, prior, grid)
                 continue
-            score = check.after
         prior = candidate
     if arrays is None:
         raise ValueError("the registration plan has no pass to run")
@@ -584,12 +579,13 @@ def run_registration(executor: Executor, inputs: Inputs, store: FieldStore, prog
     if settings.iterations > 0:
         output, polish = run_polish(executor, inputs, settings, arrays, store, progress)
         stages.append(polish)
-        if scorer is not None:
-            check = StageCheck(score, scorer.score(FieldDisplacement(output, plan.grids[-1])))
+        if inputs.config.stage_check:
+            network = FieldDisplacement(arrays.field, plan.grids[-1])
+            check = checks.check(plan.grids[-1], network, FieldDisplacement(output, plan.grids[-1]))
             stages[-1].update(check.record())
             if not check.accepted:
                 _reject("the polish", check)
-                write_displacement(output, FieldDisplacement(arrays.field, plan.grids[-1]), plan.grids[-1])
+                write_displacement(output, network, plan.grids[-1])
     return DriverRun(
         field=output,
         uncertainty=arrays.uncertainty,

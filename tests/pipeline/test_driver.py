@@ -3,17 +3,23 @@ models; its equality with the chunked run on disk is in test_chunked.py."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 import torch
 from registration_stubs import ConstantUpdate, FoldingUpdate, blob_pair
 
 from patchmorph_core import inference
+from patchmorph_core.alignment import AffineFit
 from patchmorph_core.config import InferenceConfig, ModelConfig
+from patchmorph_core.displacement import AffineDisplacement
 from patchmorph_core.inference import StageFixedImages, plan_registration
 from patchmorph_core.metrics import jacobian_determinant
 from patchmorph_core.model import PatchMorph
+from patchmorph_core.sampling import initial_translation
 from patchmorph_core.source import Level
+from patchmorph_core.stage_check import StageScorer
 from pipeline.register import register_arrays
 
 
@@ -194,7 +200,11 @@ def test_a_pass_that_lowers_the_similarity_is_rejected_and_recorded() -> None:
     stages = checked.info["stages"]
     assert [s["accepted"] for s in stages] == [False, False]
     assert all(s["similarity_after"] < s["similarity_before"] for s in stages)
-    assert stages[1]["similarity_before"] == stages[0]["similarity_before"]  # the start, kept
+    plan = plan_registration(model, fixed, moving, config)
+    start = AffineDisplacement(np.array(checked.info["initial_matrix"]))
+    for stage, grid in zip(stages, plan.grids, strict=True):  # each pass starts from the start, on its own grid
+        scorer = StageScorer.build(fixed, plan.moving, (plan.fixed_range, plan.moving_range), grid)
+        assert stage["similarity_before"] == scorer.score(start)
     assert np.allclose(checked.field, initial[:, None, None, None], atol=1e-4)  # the start's field
     unchecked = register_arrays(
         model, fixed, moving, config.model_copy(update={"stage_check": False}), show_progress=False
@@ -275,3 +285,31 @@ def test_a_small_field_is_stored_as_its_two_halves_by_default(tmp_path) -> None:
     assert tuple(write_block(store.polish_pass("polish", arrays.plan).field))[-3:] == (30, 23, 20)
     given = ZarrStore(tmp_path / "given.ome.zarr", RunRecords(tmp_path / "run"), 16, {})
     assert given.chunk_for(grid) == 16
+
+
+def test_a_fitted_affine_that_the_stage_check_scores_lower_is_replaced_by_the_centre_of_mass(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The fit passed its own test on coarse copies but is worse on the first pass's grid: the plan starts from
+    the centre of mass and runs the whole-brain stage; the record keeps both scores."""
+    fixed, moving = blob_pair()
+    model = ConstantUpdate((0.0, 0.0, 0.0))
+    config = InferenceConfig(device="cpu", n_stages=2, initial_alignment="affine")
+    com = np.eye(4)
+    com[:3, 3] = initial_translation(fixed, moving.with_unit(fixed.unit))
+    off = com.copy()
+    off[:3, 3] += (4.0, -3.0, 2.0)  # mm: a fit gone wrong
+
+    def fit(matrix: np.ndarray) -> Callable[..., AffineFit]:
+        return lambda *_: AffineFit(matrix, 0.5, 0.6, True, 0.0)
+
+    monkeypatch.setattr(inference, "fit_affine", fit(off))
+    plan = plan_registration(model, fixed, moving, config)
+    assert plan.alignment["accepted"] is False and not plan.alignment["check_accepted"]
+    assert plan.alignment["check_similarity_after"] < plan.alignment["check_similarity_before"]
+    assert np.allclose(plan.initial, com) and [lat.name for lat in plan.lattices] == ["stage0", "stage1"]
+    monkeypatch.setattr(inference, "fit_affine", fit(com))  # a fit as good as the start is kept
+    kept = plan_registration(model, fixed, moving, config)
+    assert kept.alignment["accepted"] is True and [lat.name for lat in kept.lattices] == ["stage1"]
+    unchecked = plan_registration(model, fixed, moving, config.model_copy(update={"stage_check": False}))
+    assert "check_accepted" not in unchecked.alignment
