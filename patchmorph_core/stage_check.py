@@ -16,6 +16,7 @@ reading only its own part of them, so its cost is bounded by :data:`CHECK_VOXELS
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -82,27 +83,10 @@ def check_boxes(grid: Grid, max_voxels: int = CHECK_VOXELS, box: int = CHECK_BOX
     ]
 
 
-def _one_read(grid: Grid) -> bool:
-    """Whether a check on ``grid`` reads each image and field once for all boxes: a grid of at most
-    :data:`ONE_READ_VOXELS` voxels."""
-    return int(np.prod(grid.shape)) <= ONE_READ_VOXELS
-
-
-def _sample(image: MultiscaleImage, points: np.ndarray, spacing: float, one_read: bool) -> np.ndarray:
-    """``(N, Z, Y, X)`` float32 values of ``image`` at the ``(N, Z, Y, X, 3)`` world ``points`` of ``N`` boxes,
-    from the level matching ``spacing``: in one read with ``one_read``, else box by box (each reads its own
-    part of the image)."""
-    if one_read:
-        return image.sample(points, spacing).astype(np.float32, copy=False)
-    return np.stack([image.sample(box, spacing) for box in points]).astype(np.float32, copy=False)
-
-
-def _displaced(points: np.ndarray, displacement: Displacement, one_read: bool) -> np.ndarray:
-    """``points + displacement(points)`` for the ``(N, Z, Y, X, 3)`` world ``points`` of ``N`` boxes: in one
-    call with ``one_read``, else box by box (each reads its own part of a lazily read field)."""
-    if one_read:
-        return points + displacement(points.reshape(-1, 3)).reshape(points.shape)
-    return np.stack([box + displacement(box.reshape(-1, 3)).reshape(box.shape) for box in points])
+def _box_by_box(values: Callable[[np.ndarray], np.ndarray], points: np.ndarray, one_read: bool) -> np.ndarray:
+    """``values`` of the ``(N, Z, Y, X, 3)`` world ``points`` of ``N`` boxes: one call for all of them with
+    ``one_read``, else one call per box (each reads only its own part of an image or a lazily read field)."""
+    return values(points) if one_read else np.stack([values(box) for box in points])
 
 
 @dataclass(frozen=True)
@@ -117,7 +101,8 @@ class StageScorer:
         moving_range: the moving image's intensity range ``(lo, hi)``.
         tissue: ``(N, Z, Y, X)`` bool, fixed voxels counted.
         similarity: the similarity (default :class:`MindSSC`).
-        one_read: read each image and field once for all boxes, else box by box (:func:`_one_read`).
+        one_read: read each image and field once for all boxes (a grid of at most :data:`ONE_READ_VOXELS`
+            voxels), else box by box.
     """
 
     grid: Grid
@@ -141,8 +126,9 @@ class StageScorer:
         """The scorer on the check sample of ``field_grid``; ``ranges`` are the fixed and moving intensity
         ranges."""
         points = np.stack([box.points() for box in check_boxes(field_grid)])
-        one_read = _one_read(field_grid)
-        values = normalize(_sample(fixed, points, float(field_grid.spacing.max()), one_read), *ranges[0])
+        one_read = int(np.prod(field_grid.shape)) <= ONE_READ_VOXELS
+        spacing = float(field_grid.spacing.max())
+        values = normalize(_box_by_box(lambda p: fixed.sample(p, spacing), points, one_read), *ranges[0])
         tissue = values >= TISSUE_LEVEL
         return cls(field_grid, points, values, moving, ranges[1], tissue, similarity or MindSSC(), one_read)
 
@@ -155,14 +141,18 @@ class StageScorer:
         every process, too, whatever its thread count)."""
         if not self.tissue.any():
             return math.nan
-        moved = _displaced(self.points, displacement, self.one_read)
         spacing = float(self.grid.spacing.max())
-        warped = normalize(_sample(self.moving, moved, spacing, self.one_read), *self.moving_range)
+
+        def warped(points: np.ndarray) -> np.ndarray:
+            moved = points + displacement(points.reshape(-1, 3)).reshape(points.shape)
+            return self.moving.sample(moved, spacing)
+
+        values = normalize(_box_by_box(warped, self.points, self.one_read), *self.moving_range)
         with torch.no_grad(), one_torch_thread():
-            values = self.similarity.voxel_map(
-                torch.from_numpy(self.fixed)[:, None], torch.from_numpy(warped)[:, None]
+            similarity = self.similarity.voxel_map(
+                torch.from_numpy(self.fixed)[:, None], torch.from_numpy(values)[:, None]
             )[:, 0].numpy()
-        return float(values[self.tissue].mean())
+        return float(similarity[self.tissue].mean())
 
 
 @dataclass(frozen=True)
