@@ -362,8 +362,7 @@ class FieldSums:
 
     def __add__(self, other: FieldSums) -> FieldSums:
         """Sums of two disjoint sets of patches on the same grid."""
-        same = self.grid.shape == other.grid.shape and np.allclose(self.grid.affine, other.grid.affine)
-        if not same:
+        if not self.grid.same_voxels(other.grid):
             raise ValueError("FieldSums can only be added on the same grid; crop them to one grid first")
         if self.spread != other.spread:
             raise ValueError("FieldSums with and without the spread cannot be added")

@@ -346,6 +346,14 @@ class Grid:
         world = self.index_to_world(box_corners(np.zeros(3), np.asarray(self.shape, dtype=np.float64) - 1.0))
         return world.min(axis=0), world.max(axis=0)
 
+    def same_voxels(self, other: Grid, tolerance: float = 1e-3) -> bool:
+        """Whether ``other`` has this grid's shape and, in this grid's unit, its index→world affine to within
+        ``tolerance`` of the finer grid's voxel (and numpy's default relative tolerance): the same voxels, whatever
+        unit each states."""
+        other = other.with_unit(self.unit)
+        atol = tolerance * float(min(self.spacing.min(), other.spacing.min()))
+        return self.shape == other.shape and np.allclose(self.affine, other.affine, atol=atol)
+
     # -- derived grids ------------------------------------------------------------------------------
     def with_unit(self, unit: str) -> Grid:
         """The same grid with its world coordinates expressed in ``unit``."""

@@ -203,15 +203,10 @@ class PassChecks:
     def check(self, grid: Grid, start: Displacement, candidate: Displacement) -> StageCheck:
         """Score ``candidate`` (a pass's field on ``grid``) against ``start`` (the field the pass started from:
         the last kept candidate, or the registration's start). A kept candidate is the next pass's start."""
-        if self._scorer is None or not _same_grid(self._scorer.grid, grid):
+        if self._scorer is None or not self._scorer.grid.same_voxels(grid):
             self._scorer = StageScorer.build(self.fixed, self.moving, self.ranges, grid)
             self._score = self._scorer.score(start)
         check = StageCheck(self._score, self._scorer.score(candidate))
         if check.accepted:
             self._score = check.after
         return check
-
-
-def _same_grid(a: Grid, b: Grid) -> bool:
-    """Whether two grids have the same voxels (shape, index→world affine, unit)."""
-    return a.shape == b.shape and a.unit == b.unit and np.array_equal(a.affine, b.affine)

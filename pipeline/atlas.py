@@ -166,15 +166,7 @@ def _attributes(path: Path) -> dict[str, Any]:
 
 
 MADE_FROM = "made_from"
-"""Attribute of a derived output: the identities of what it was made from (:func:`_identities`)."""
-
-
-def _identities(sources: Mapping[str, Path]) -> dict[str, Any]:
-    """Per role, the write identity of a store this product wrote (new for every write of it), else the
-    content identity (:func:`pipeline.resume.content_identity`); as JSON reads it back."""
-    from pipeline.resume import as_recorded, content_identity, write_identity
-
-    return dict(as_recorded({role: write_identity(Path(p)) or content_identity(p) for role, p in sources.items()}))
+"""Attribute of a derived output: the identities of what it was made from, and how (:func:`_made_from`)."""
 
 
 def _finished_from(path: Path, sources: Mapping[str, Path], settings: Mapping[str, Any] | None = None) -> bool:
@@ -185,8 +177,13 @@ def _finished_from(path: Path, sources: Mapping[str, Path], settings: Mapping[st
 
 
 def _made_from(sources: Mapping[str, Path], settings: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The :data:`MADE_FROM` record: the sources' :func:`_identities` and the ``settings`` (if any)."""
-    return {**_identities(sources), **({"settings": dict(settings)} if settings else {})}
+    """The :data:`MADE_FROM` record, as JSON reads it back: per role of ``sources``, the write identity of a
+    store this product wrote (new for every write of it), else its content identity
+    (:func:`pipeline.resume.content_identity`); and the ``settings`` (if any)."""
+    from pipeline.resume import as_recorded, content_identity, write_identity
+
+    identities = {role: write_identity(Path(p)) or content_identity(p) for role, p in sources.items()}
+    return dict(as_recorded({**identities, **({"settings": dict(settings)} if settings else {})}))
 
 
 def _record_sources(path: Path, sources: Mapping[str, Path], settings: Mapping[str, Any] | None = None) -> None:

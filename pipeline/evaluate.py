@@ -40,9 +40,8 @@ def load_volume(path: str | Path) -> tuple[np.ndarray, Grid]:
 
 
 def _same_grid(a: Grid, b: Grid, what: str) -> None:
-    """InputError unless two grids have one shape and (to 1e-3 voxel) one affine in one unit."""
-    tol = 1e-3 * float(min(a.spacing.min(), b.with_unit(a.unit).spacing.min()))
-    if a.shape != b.shape or not np.allclose(a.affine, b.with_unit(a.unit).affine, atol=tol):
+    """InputError unless two grids have the same voxels (:meth:`~patchmorph_core.spatial.Grid.same_voxels`)."""
+    if not a.same_voxels(b):
         raise InputError(
             f"the {what} lie on different grids ({a.shape} vs {b.shape}): warp one onto the other's "
             "grid first (patchmorph warp)."
