@@ -17,6 +17,7 @@ fixed image) to ``(N, 3)`` displacements ``u(x)``; the transform it stands for i
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -223,6 +224,41 @@ def exp_velocity(velocity: np.ndarray, grid: Grid, squarings: int) -> np.ndarray
     with torch.inference_mode():
         integrated = integrate_velocity(torch.from_numpy(np.ascontiguousarray(voxels))[None], squarings)[0].numpy()
     return grid.world_vectors(integrated)
+
+
+def exp_reach(longest: float, squarings: int) -> int:
+    """Voxels along an index axis beyond a box that :func:`exp_velocity` of the velocity on the box reads, when
+    no velocity's component along that axis is longer than ``longest`` voxels.
+
+    Squaring ``k`` moves a point by at most ``2^k / 2^N`` of that (a trilinear value is a convex combination,
+    so each component at most doubles per squaring) and reads the two voxels around it: at most
+    ``ceil(2^k / 2^N · longest)`` voxels further per squaring, ``ceil(longest) + N`` in all; one more is kept as
+    a margin. A box grown by this many voxels gives the whole grid's values inside it."""
+    return int(math.ceil(longest)) + squarings + 1
+
+
+def exp_velocity_inside(
+    velocity: np.ndarray, grid: Grid, squarings: int, inner: tuple[slice, slice, slice]
+) -> np.ndarray:
+    """:func:`exp_velocity` on the box ``inner`` of ``grid`` (slices in its index frame), integrated only on
+    ``inner`` grown by the :func:`exp_reach` of this velocity's own longest component along each index axis
+    (clipped to ``grid``): where ``grid`` is a chunk grown by the reach of the velocity's largest *possible*
+    length, a shorter velocity needs fewer voxels around the chunk (the same values inside, to float rounding).
+
+    Args:
+        velocity: ``(3, Z, Y, X)`` velocity on ``grid`` (world units, components ``(z, y, x)``).
+        grid: its grid; ``squarings``: as :func:`exp_velocity`.
+        inner: the box of ``grid`` whose values are returned.
+
+    Returns:
+        ``(3, *inner shape)`` float32 displacement (world units).
+    """
+    longest = np.abs(grid.index_steps(velocity)).reshape(3, -1).max(axis=1)
+    reach = [exp_reach(float(n), squarings) for n in longest]
+    lo = [max(s.start - r, 0) for s, r in zip(inner, reach, strict=True)]
+    hi = [min(s.stop + r, n) for s, r, n in zip(inner, reach, grid.shape, strict=True)]
+    part = exp_velocity(velocity[:, lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]], grid.crop(lo, hi), squarings)
+    return part[(slice(None), *(slice(s.start - a, s.stop - a) for s, a in zip(inner, lo, strict=True)))]
 
 
 @dataclass(frozen=True)

@@ -489,13 +489,17 @@ choice is measured in ``docs/method.md``, *Fold-free updates*)."""
 
 def update_reach(max_length: float, grid: Grid) -> int:
     """Voxels of ``grid`` beyond a box that :func:`fold_free_update` of the update on the box reads: one for the
-    gradient of its logarithm, the velocity's largest length ``max_length`` (world units) and one voxel of
-    interpolation per squaring. A chunk made fold-free with this many voxels of the update around it equals
-    the whole grid's."""
-    return 1 + int(math.ceil(max_length / float(np.min(grid.spacing)))) + UPDATE_SQUARINGS + 1
+    gradient of its logarithm and the integration's reach (:func:`~patchmorph_core.displacement.exp_reach`) of a
+    velocity as long as ``max_length`` (world units) can be. A chunk made fold-free with this many voxels of the
+    update around it equals the whole grid's."""
+    from patchmorph_core.displacement import exp_reach
+
+    return 1 + exp_reach(max_length / float(np.min(grid.spacing)), UPDATE_SQUARINGS)
 
 
-def fold_free_update(update: np.ndarray, grid: Grid, max_length: float) -> np.ndarray:
+def fold_free_update(
+    update: np.ndarray, grid: Grid, max_length: float, inner: tuple[slice, slice, slice] | None = None
+) -> np.ndarray:
     """A diffeomorphic stand-in for an averaged update: ``exp(w)`` with ``w = v̄ − ½ (∇v̄) v̄``.
 
     ``w`` is the first-order logarithm of ``x → x + v̄(x)`` (``exp(w) = id + w + ½ (∇w) w + …``, so
@@ -510,11 +514,13 @@ def fold_free_update(update: np.ndarray, grid: Grid, max_length: float) -> np.nd
         update: ``(3, Z, Y, X)`` averaged update ``v̄`` on ``grid`` (world units, components ``(z, y, x)``).
         grid: its grid (a chunk grown by :func:`update_reach` voxels gives the whole grid's values inside).
         max_length: the longest velocity vector kept (world units; a quarter of the pass's patch extent).
+        inner: the box of ``grid`` to return (None: all of it); the velocity is then integrated only as far
+            around it as its own length reaches (:func:`~patchmorph_core.displacement.exp_velocity_inside`).
 
     Returns:
-        ``(3, Z, Y, X)`` float32 displacement (world units).
+        ``(3, Z, Y, X)`` float32 displacement (world units), on ``inner`` when given.
     """
-    from patchmorph_core.displacement import exp_velocity
+    from patchmorph_core.displacement import exp_velocity, exp_velocity_inside
 
     update = np.asarray(update, np.float32)
     steps = grid.index_steps(update)  # v̄ in voxels along the grid's index axes
@@ -525,7 +531,9 @@ def fold_free_update(update: np.ndarray, grid: Grid, max_length: float) -> np.nd
     velocity = update - 0.5 * advection
     length = np.sqrt(np.einsum("c...,c...->...", velocity, velocity))
     velocity *= np.minimum(1.0, max_length / np.maximum(length, 1e-30)).astype(np.float32)
-    return exp_velocity(velocity, grid, UPDATE_SQUARINGS)
+    if inner is None:
+        return exp_velocity(velocity, grid, UPDATE_SQUARINGS)
+    return exp_velocity_inside(velocity, grid, UPDATE_SQUARINGS, inner)
 
 
 def finalize(
@@ -553,13 +561,15 @@ def finalize(
         update or its fold-free stand-in), and ``(Z, Y, X)`` float32 weighted standard deviation of the updates.
     """
     mean, uncertainty = averaged_update(sums)
-    if max_update is not None:
-        mean = fold_free_update(mean, sums.grid, max_update)
     grid = sums.grid
     if inner is not None:
         grid = grid.crop([s.start for s in inner], [s.stop for s in inner])
-        mean, uncertainty = np.ascontiguousarray(mean[(slice(None), *inner)]), uncertainty[inner]
-    return compose_on_grid(mean, grid, prior, block), uncertainty
+        uncertainty = uncertainty[inner]
+    if max_update is not None:
+        mean = fold_free_update(mean, sums.grid, max_update, inner)
+    elif inner is not None:
+        mean = mean[(slice(None), *inner)]
+    return compose_on_grid(np.ascontiguousarray(mean), grid, prior, block), uncertainty
 
 
 def compose_on_grid(update: np.ndarray, grid: Grid, prior: Displacement, block: int = 262144) -> np.ndarray:

@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from patchmorph_core.config import InferenceConfig
+from patchmorph_core.displacement import exp_reach
 from patchmorph_core.sampling import row_box, sample_affine, sample_separable
 from patchmorph_core.similarity import MindSSC, Similarity, in_slabs, make_similarity, z_slabs
 from patchmorph_core.source import Level, MultiscaleImage
@@ -158,9 +159,9 @@ class PolishSettings:
     @property
     def exp_halo(self) -> int:
         """Field voxels beyond a box that :func:`~patchmorph_core.displacement.exp_velocity` of the velocity
-        on the box reads: at most the velocity plus one voxel of interpolation per squaring. A chunk
+        on the box reads (:func:`~patchmorph_core.displacement.exp_reach` of :attr:`max_velocity`). A chunk
         integrated with this many voxels of the averaged velocity around it equals the whole grid's."""
-        return int(math.ceil(self.max_velocity)) + SQUARINGS + 1
+        return exp_reach(self.max_velocity, SQUARINGS)
 
 
 def separable(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:

@@ -51,7 +51,7 @@ from typing import Any
 import numpy as np
 
 from patchmorph_core.config import resolve_device
-from patchmorph_core.displacement import FieldDisplacement, exp_velocity
+from patchmorph_core.displacement import FieldDisplacement, exp_velocity_inside
 from patchmorph_core.inference import FieldSums, compose_on_grid
 from patchmorph_core.polish import SQUARINGS, PolishResult, PolishSettings, polish_result
 from patchmorph_core.sampling import tissue_bounds
@@ -311,14 +311,14 @@ def write_polished_chunk(ctx: PolishContext, cid: ChunkId, partials: list[tuple[
     sums = reduce_partials(plan.grid, reach, [(part, piece.sums(plan.grid, ctx.tiles, part)) for part, piece in partials])
     covered = sums.weight > 0
     mean = sums.weighted / np.where(covered, sums.weight, np.float32(1.0)) * (covered * ctx.tiles.taper(reach))
-    displacement = exp_velocity(mean, sums.grid, SQUARINGS)
-    inner = (slice(None), *box.relative_to(reach.start).slices)
+    inner = box.relative_to(reach.start).slices
+    displacement = exp_velocity_inside(mean, sums.grid, SQUARINGS, inner)
     chunk_grid = plan.grid.crop(box.start, box.stop)
     network = FieldDisplacement(ctx.network_field, plan.grid)
-    field = compose_on_grid(np.ascontiguousarray(displacement[inner]), chunk_grid, network)
+    field = compose_on_grid(np.ascontiguousarray(displacement), chunk_grid, network)
     ctx.arrays.records.log_write(cid)
     if ctx.uncertainty is not None:
-        ctx.uncertainty[box.slices] = (sums.weighted_sq / np.where(covered, sums.weight, np.float32(1.0)))[inner[1:]]
+        ctx.uncertainty[box.slices] = (sums.weighted_sq / np.where(covered, sums.weight, np.float32(1.0)))[inner]
     ctx.arrays.field[(slice(None), *box.slices)] = field
     info = {"seconds": time.perf_counter() - tic, "blocks": len(partials), "voxels": int(np.prod(box.shape))}
     ctx.arrays.records.mark_done(cid, info)

@@ -8,8 +8,9 @@ import pytest
 import torch
 from scipy import ndimage
 
+import patchmorph_core.displacement as displacement_module
 import patchmorph_core.similarity as similarity_module
-from patchmorph_core.displacement import FieldDisplacement, exp_velocity
+from patchmorph_core.displacement import FieldDisplacement, exp_reach, exp_velocity, exp_velocity_inside
 from patchmorph_core.metrics import jacobian_determinant
 from patchmorph_core.polish import (
     PolishSettings,
@@ -227,3 +228,30 @@ def test_exp_velocity_on_a_grown_box_equals_the_whole_grid() -> None:
     part = exp_velocity(velocity[(slice(None), *(slice(a, b) for a, b in zip(lo, hi, strict=True)))], grid.crop(lo, hi), squarings)
     inner = (slice(None), *(slice(a - c, b - c) for a, b, c in zip(start, stop, lo, strict=True)))
     assert np.abs(part[inner] - whole[(slice(None), *(slice(a, b) for a, b in zip(start, stop, strict=True)))]).max() < 1e-5
+
+
+def test_exp_velocity_inside_a_box_integrates_only_as_far_as_the_velocity_reaches(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Rotated, anisotropic, non-cubic grid, a velocity longer along one index axis than the others: the values
+    on a box equal the whole grid's, integrated on the box grown by each axis's own reach only."""
+    grid = _grid((40, 26, 34), (1.4, 1.0, 0.8), _rotation(0, 25.0))
+    velocity = _squeeze(grid, 0.4)
+    velocity[0] *= 4.0  # longer along world z, the first index axis here
+    squarings = 5
+    steps = np.abs(grid.index_steps(velocity)).reshape(3, -1).max(axis=1)
+    reach = [exp_reach(float(n), squarings) for n in steps]
+    assert reach[0] > reach[1]
+    start, stop = (12, 8, 10), (24, 17, 22)  # grown by the reach, within the grid
+    inner = tuple(slice(a, b) for a, b in zip(start, stop, strict=True))
+    shapes: list[tuple[int, ...]] = []
+    integrate = displacement_module.exp_velocity
+    monkeypatch.setattr(
+        displacement_module, "exp_velocity", lambda v, g, n: shapes.append(v.shape[1:]) or integrate(v, g, n)
+    )
+    part = exp_velocity_inside(velocity, grid, squarings, inner)
+    whole = integrate(velocity, grid, squarings)
+    np.testing.assert_allclose(part, whole[(slice(None), *inner)], atol=1e-5)
+    assert shapes == [tuple(b - a + 2 * r for a, b, r in zip(start, stop, reach, strict=True))]
+    assert all(n < m for n, m in zip(shapes[0], grid.shape, strict=True))
+
