@@ -770,10 +770,17 @@ def run_syncc(nice: int) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the chosen parts, writing the JSON after every pair (with ``--keep``, the other parts of ``--out``
-    stay as they were)."""
+    stay as they were; without it, a run that would drop parts of ``--out`` refuses before any work)."""
     methods: dict[str, list[str]] = {"PatchMorph": []}
     methods.update(accuracy.parse_variant(v) for v in args.variant)
-    doc: dict[str, Any] = json.loads(args.out.read_text()) if args.keep and args.out.is_file() else {}
+    saved: dict[str, Any] = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    dropped = sorted(set(saved.get("parts", {})) - set(args.parts))
+    if dropped and not args.keep:
+        raise SystemExit(
+            f"error: --out {args.out} holds parts {', '.join(dropped)} that this run does not redo and would drop: "
+            "pass --keep to keep them, or another --out."
+        )
+    doc = saved if args.keep else {}
     for kept in doc.get("parts", {}).values():  # a kept part keeps the command and machine of the run that made it
         kept.setdefault("command", doc.get("command"))
         kept.setdefault("machine", doc.get("machine"))
@@ -815,7 +822,10 @@ def main() -> None:
         "--variant", action="append", default=[], help='another PatchMorph method: NAME="register options"'
     )
     p_run.add_argument("--atlas-options", default="", help="options of the STP part's 'patchmorph atlas' job")
-    p_run.add_argument("--keep", action="store_true", help="keep the parts of --out that this run does not redo")
+    p_run.add_argument(
+        "--keep", action="store_true",
+        help="keep the parts of --out that this run does not redo (without it, a run that would drop some refuses)",
+    )
     harness.add_run_options(p_run, RESULTS_JSON)
     p_syncc = sub.add_parser("syncc", help=f"ANTs SyNCC on part (d)'s T1-like pairs, once (writes {SYNCC_JSON.name})")
     p_syncc.add_argument("--nice", type=int, default=0, help="nice level of ANTs")

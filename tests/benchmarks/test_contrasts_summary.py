@@ -1,9 +1,14 @@
-"""The contrasts benchmark's summary: ours against SyN of the same run and against SyNCC's stored pairs."""
+"""The contrasts benchmark's summary: ours against SyN of the same run and against SyNCC's stored pairs; a run of
+some parts keeps or refuses to drop the others."""
 
 from __future__ import annotations
 
+import argparse
+import json
+from pathlib import Path
+
 import pytest
-from contrasts import summarize_part
+from contrasts import run, summarize_part
 
 
 def _record(pair: str, dice: float, seconds: float, **extra: float) -> dict:
@@ -26,3 +31,12 @@ def test_ours_is_compared_with_syn_and_the_stored_syncc_pairs_it_shares() -> Non
     for peer in ("ANTs SyN", "ANTs SyNCC"):  # the peers are not compared with each other
         assert "versus_syn" not in summary[peer] and "versus_syncc" not in summary[peer]
     assert summary["ANTs SyNCC"]["matched"]["mean"] == pytest.approx(0.725)
+
+
+def test_a_run_of_some_parts_refuses_to_drop_the_others_of_its_json_unless_kept(tmp_path: Path) -> None:
+    out = tmp_path / "contrasts.json"
+    out.write_text(json.dumps({"parts": {"human": {"pairs": {}}, "mouse": {"pairs": {}}}}))
+    args = argparse.Namespace(parts=["mri"], keep=False, out=out, variant=[])
+    with pytest.raises(SystemExit, match="holds parts human, mouse that this run does not redo"):
+        run(args)  # before any work: the JSON is as it was
+    assert json.loads(out.read_text()) == {"parts": {"human": {"pairs": {}}, "mouse": {"pairs": {}}}}
