@@ -286,7 +286,7 @@ def start_dice(fixed: str, moving: str, matrix: list[list[float]], folder: Path 
     fixed_labels, fixed_grid = load_labels(subject_paths(fixed, folder)["labels"])
     moving_labels, moving_grid = load_labels(subject_paths(moving, folder)["labels"])
     image = MultiscaleImage((Level(moving_labels, moving_grid),), "labels")
-    warped = warp_to_grid(image, AffineDisplacement(np.asarray(matrix)), fixed_grid, order=0)
+    warped = warp_to_grid(image, AffineDisplacement(np.asarray(matrix)), fixed_grid, "nearest")
     return dice_record(fixed_labels, warped, STANDARD_FS_LABELS)["mean_dice"]
 
 

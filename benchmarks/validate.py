@@ -287,7 +287,7 @@ def _dice(pair: ValidationPair, result: RegistrationResult | None) -> float:
     (None: the labels as they lie, before registration)."""
     fixed_labels = read_image(pair.fixed_labels).levels[0]
     displacement = TranslationDisplacement(np.zeros(3)) if result is None else FieldDisplacement(result.field, result.grid)
-    warped = warp_to_grid(accuracy.in_memory_image(pair.moving_labels), displacement, fixed_labels.grid, order=0, vote=True)
+    warped = warp_to_grid(accuracy.in_memory_image(pair.moving_labels), displacement, fixed_labels.grid, "vote")
     return mean_dice(np.asarray(fixed_labels.array), warped, pair.scored)
 
 
@@ -301,7 +301,7 @@ def mean_dice(fixed_labels: np.ndarray, warped_labels: np.ndarray, scored: tuple
 def _inside(pair: ValidationPair, grid: Any) -> np.ndarray:
     """Field-grid voxels inside the fixed labels (nearest)."""
     labels = read_image(pair.fixed_labels).levels[0]
-    return warp_to_grid(labels, TranslationDisplacement(np.zeros(3)), grid, order=0) > 0
+    return warp_to_grid(labels, TranslationDisplacement(np.zeros(3)), grid, "nearest") > 0
 
 
 def field_error(pair: ValidationPair, result: RegistrationResult) -> dict[str, float]:

@@ -2,9 +2,9 @@
 
 Forward warp (moving image into fixed space): for every voxel centre ``x`` of a target block of the fixed
 grid, ``out(x) = M(x + u(x))`` where ``u`` is the registration field (fixed → moving, see
-:mod:`patchmorph_core.spatial`). Intensities are trilinear (``order=1``); label maps (``order=0``) take, at
-each point, the label with the largest summed trilinear weight among its 8 neighbouring voxels (``vote``,
-:func:`vote_labels`: label-wise linear interpolation, ANTs' ``GenericLabel``), or the nearest voxel's label.
+:mod:`patchmorph_core.spatial`). Intensities are trilinear (``linear``); label maps take, at each point, the
+label with the largest summed trilinear weight among its 8 neighbouring voxels (``vote``, :func:`vote_labels`:
+label-wise linear interpolation, ANTs' ``GenericLabel``), or the nearest voxel's label (``nearest``).
 
 Inverse warp (fixed-space image or atlas labels onto the moving image's grid): the inverse displacement
 ``v`` with ``φ⁻¹(y) = y + v(y)`` is obtained by **damped fixed-point iteration** ``v ← v − λ (v + u(y + v))``
@@ -104,6 +104,9 @@ def field_on_grid(displacement: Displacement, target: Grid) -> np.ndarray:
 LabelInterpolation = Literal["vote", "nearest"]
 """How a label map is resampled: ``vote`` (:func:`vote_labels`) or ``nearest`` (the nearest voxel's label)."""
 
+Interpolation = Literal["linear", "vote", "nearest"]
+"""How :func:`warp_to_grid` resamples: ``linear`` (trilinear: images), or a :data:`LabelInterpolation` (label maps)."""
+
 
 def vote_labels(block: np.ndarray, rows: np.ndarray, cval: float) -> np.ndarray:
     """Label-wise trilinear interpolation of the label map ``block`` at ``(3, N)`` continuous indices into it.
@@ -149,26 +152,26 @@ def vote_labels(block: np.ndarray, rows: np.ndarray, cval: float) -> np.ndarray:
 
 
 def sample_rows(
-    level: Level, rows: np.ndarray, order: int, cval: float, dtype: np.dtype | type, vote: bool = False
+    level: Level, rows: np.ndarray, interpolation: Interpolation, cval: float, dtype: np.dtype | type
 ) -> np.ndarray:
     """Samples of ``level`` at ``(3, ...)`` continuous indices (component-major), reading only the box they need.
 
-    Trilinear (``order=1``): one float32 ``grid_sample`` (:func:`~patchmorph_core.sampling.sample_indices`), 0
-    — or ``cval`` — outside the array. Labels (``order=0``): with ``vote`` the label of :func:`vote_labels`,
-    else the nearest voxel's (indices rounded half up); ``cval`` outside. The same values as
-    :func:`~patchmorph_core.spatial.resample` up to float32 rounding (trilinear and nearest).
+    ``linear``: one float32 ``grid_sample`` (:func:`~patchmorph_core.sampling.sample_indices`), 0 — or ``cval``
+    — outside the array. Labels: ``vote``, the label of :func:`vote_labels`; ``nearest``, the nearest voxel's
+    (indices rounded half up); ``cval`` outside. The same values as :func:`~patchmorph_core.spatial.resample`
+    up to float32 rounding (trilinear and nearest).
 
     Returns:
         ``rows.shape[1:]`` array of ``dtype``.
     """
     shape = tuple(int(n) for n in level.grid.shape)
-    if order > 0:
+    if interpolation == "linear":
         values = sample_indices(level.array, rows)
         if cval != 0.0:
             inside = _inside(rows, shape)
             values = np.where(inside, values, np.float32(cval))
         return values.astype(dtype, copy=False)
-    if vote:
+    if interpolation == "vote":
         flat = np.asarray(rows, np.float64).reshape(3, -1)
         box = row_box(flat, shape, margin=1)  # both neighbours of every point that lie in the array
         if box is None:
@@ -297,12 +300,11 @@ def warp_to_grid(
     moving: MultiscaleImage | Level,
     displacement: Displacement,
     target: Grid,
-    order: int = 1,
+    interpolation: Interpolation = "linear",
     cval: float = 0.0,
     dtype: np.dtype | type | None = None,
     block: int = 262144,
     cube: Sequence[int] | None = None,
-    vote: bool = False,
 ) -> np.ndarray:
     """Resample ``moving`` at ``x + u(x)`` for every voxel centre ``x`` of ``target``.
 
@@ -320,26 +322,27 @@ def warp_to_grid(
             :class:`~patchmorph_core.displacement.FieldDisplacement`, or an
             :class:`~patchmorph_core.displacement.InverseDisplacement` for the inverse warp.
         target: the output grid (a whole fixed grid, or one chunk or shard of it).
-        order: 1 trilinear (images) or 0 (label maps: nearest, or with ``vote`` :func:`vote_labels`).
+        interpolation: ``linear`` (trilinear: images), or for label maps ``vote`` (:func:`vote_labels`) or
+            ``nearest``.
         cval: value where ``x + u(x)`` falls outside the moving image.
-        dtype: output dtype (default float32 for ``order=1``, the moving array's dtype for ``order=0``);
+        dtype: output dtype (default float32 for ``linear``, else the moving array's dtype);
             trilinear values are rounded and clipped into an integer dtype (:func:`cast_values`).
         block: voxels per cube when ``cube`` is not given (bounds temporary memory to ~100 bytes per voxel).
         cube: ``(z, y, x)`` edge of the cubes, e.g. the storage chunk shape of the output array.
-        vote: with ``order=0``, each voxel takes the label of :func:`vote_labels` (False: the nearest).
 
     Returns:
         ``target.shape`` array ``(Z, Y, X)`` of ``dtype``.
     """
     level = _level_for(moving, target)
-    sampled = np.float32 if order > 0 else np.dtype(getattr(level.array, "dtype", np.float32))
+    linear = interpolation == "linear"
+    sampled = np.float32 if linear else np.dtype(getattr(level.array, "dtype", np.float32))
     out = np.empty(target.shape, dtype=sampled if dtype is None else dtype)
     displacement = _field_cached(displacement, target)
     box = _moving_box(level, displacement, target)
     held = None
     if box is not None:
         voxels = int(np.prod([s.stop - s.start for s in box]))
-        if order > 0 and voxels * 4 <= MOVING_CACHE_BYTES:
+        if linear and voxels * 4 <= MOVING_CACHE_BYTES:
             held = MovingBox.read(level, box)
         else:
             level = Level(cache_box(level.array, box, MOVING_CACHE_BYTES), level.grid)
@@ -349,7 +352,7 @@ def warp_to_grid(
         if held is not None and held.holds(rows):
             values = held.sample(rows, cval)
         else:
-            values = sample_rows(level, rows, order, cval, sampled, vote=vote)
+            values = sample_rows(level, rows, interpolation, cval, sampled)
         out[part] = cast_values(values, out.dtype)
     return out
 

@@ -11,9 +11,9 @@ Directions (the field ``u`` maps a fixed world point ``x`` to the moving world p
   measures the inverse's residual ``|v(y) + u(y + v(y))|`` on a subsample of its voxels; the maximum and
   mean are returned in :class:`WarpRecord` and stored in the output's metadata.
 
-Images are trilinear (``order=1``, rounded back to the input dtype); label maps (``order=0``) take at each
-voxel the label with the largest summed trilinear weight among its 8 neighbours (``label_interpolation:
-vote``, :func:`~patchmorph_core.warping.vote_labels`, ANTs' ``GenericLabel``), or the nearest voxel's label.
+Images are trilinear (rounded back to the input dtype); label maps take at each voxel the label with the
+largest summed trilinear weight among its 8 neighbours (``label_interpolation: vote``,
+:func:`~patchmorph_core.warping.vote_labels`, ANTs' ``GenericLabel``), or the nearest voxel's label.
 Each write unit of the output (a Zarr chunk, or a whole shard for sharded arrays) is computed by one task
 in cubes of the storage chunk shape, written once, then recorded in ``<out>.run/`` (:mod:`pipeline.resume`);
 a rerun after a crash skips recorded units. A task's memory is set by the chunk and shard shapes. The task
@@ -46,7 +46,7 @@ from patchmorph_core.displacement import (
 from patchmorph_core.errors import InputError
 from patchmorph_core.source import MultiscaleImage, float32_if_small
 from patchmorph_core.spatial import Grid
-from patchmorph_core.warping import LabelInterpolation, warp_to_grid
+from patchmorph_core.warping import Interpolation, LabelInterpolation, warp_to_grid
 from pipeline.checks import check_free_space, check_outputs, check_writable, run_outputs
 from pipeline.chunked import ChunkPlan, output_array, run_chunked
 from pipeline.cluster import load_cluster_config, open_executor
@@ -103,7 +103,7 @@ class WarpContext:
         forward: the forward field sampler (for the inverse's residual), or None.
         plan: output chunks on the output grid expressed in the field's unit.
         out: level-0 output array.
-        order: 1 trilinear, 0 labels.
+        interpolation: ``linear`` (images), ``vote`` or ``nearest`` (label maps).
         records: completion records.
         levels: the pyramid levels each task writes after level 0, with their downsampling factors
             (:func:`task_levels`).
@@ -114,10 +114,9 @@ class WarpContext:
     forward: Displacement | None
     plan: ChunkPlan
     out: Any
-    order: int
+    interpolation: Interpolation
     records: StageRecords
     levels: tuple[tuple[Any, tuple[int, int, int]], ...] = ()
-    vote: bool = False
 
 
 def task_levels(level0: Any, levels: list[tuple[Any, tuple[int, int, int]]]) -> tuple[tuple[Any, tuple[int, int, int]], ...]:
@@ -148,9 +147,7 @@ def warp_chunk(ctx: WarpContext, cid: ChunkId, partials: list[Any]) -> dict[str,
     box = ctx.plan.box(cid)
     grid = ctx.plan.chunk_grid(cid)
     cube = tuple(ctx.out.chunks)[-3:]
-    values = warp_to_grid(
-        ctx.image, ctx.displacement, grid, order=ctx.order, dtype=ctx.out.dtype, cube=cube, vote=ctx.vote
-    )
+    values = warp_to_grid(ctx.image, ctx.displacement, grid, ctx.interpolation, dtype=ctx.out.dtype, cube=cube)
     info: dict[str, Any] = {}
     if ctx.forward is not None:
         sub = tuple(np.arange(0, n, ERROR_STRIDE) for n in grid.shape)
@@ -162,7 +159,7 @@ def warp_chunk(ctx: WarpContext, cid: ChunkId, partials: list[Any]) -> dict[str,
     ctx.out[box.slices] = values
     start, stop = np.asarray(box.start), np.asarray(box.stop)
     for array, factors in ctx.levels:  # the pyramid's first levels from the unit in memory
-        values = downsample_unit(values, factors, labels=ctx.order == 0)
+        values = downsample_unit(values, factors, labels=ctx.interpolation != "linear")
         start, stop = start // factors, -(-stop // np.asarray(factors))
         array[tuple(slice(int(a), int(b)) for a, b in zip(start, stop, strict=True))] = values
     info["seconds"] = time.perf_counter() - tic
@@ -296,8 +293,8 @@ def warp_files(
     plan = ChunkPlan(grid.with_unit(field_grid.unit), tuple(write_block(array))[-3:])  # type: ignore[arg-type]
     levels = task_levels(array, pyramid_arrays(out, fresh=False))  # kept on resume: finished units wrote them
     context = WarpContext(
-        image, displacement, forward if inverse else None, plan, array, 0 if labels else 1, stage, levels,
-        vote=labels and label_interpolation == "vote",
+        image, displacement, forward if inverse else None, plan, array, label_interpolation if labels else "linear",
+        stage, levels,
     )  # fmt: skip
     with open_executor(cluster_config) as executor:
         run = run_chunked(executor, "warp", plan, stage, context, warp_chunk, progress=progress)

@@ -81,9 +81,9 @@ def test_five_item_batch_of_image_and_label_warps_ten_times(tmp_path: Path) -> N
         values, grid, _ = read_field(job.field)
         forward = FieldDisplacement(np.asarray(values[:]), grid)
         warped = np.asarray(read_image(job.warped).levels[0].array[:])
-        np.testing.assert_allclose(warped, warp_to_grid(moving, forward, target, order=1), atol=1e-5)
+        np.testing.assert_allclose(warped, warp_to_grid(moving, forward, target), atol=1e-5)
         warped_labels = np.asarray(read_image(job.warped_labels).levels[0].array[:])  # type: ignore[arg-type]
-        np.testing.assert_array_equal(warped_labels, warp_to_grid(labels, forward, target, order=0, vote=True))
+        np.testing.assert_array_equal(warped_labels, warp_to_grid(labels, forward, target, "vote"))
 
 
 @pytest.mark.usefixtures("prefect_server")
@@ -103,7 +103,7 @@ def test_flow_warps_label_maps_by_the_chosen_interpolation(tmp_path: Path) -> No
         values, grid, _ = read_field(job.field)
         forward = FieldDisplacement(np.asarray(values[:]), grid)
         warped_labels = np.asarray(read_image(job.warped_labels).levels[0].array[:])  # type: ignore[arg-type]
-        nearest = warp_to_grid(labels, forward, target, order=0)
+        nearest = warp_to_grid(labels, forward, target, "nearest")
         np.testing.assert_array_equal(warped_labels, nearest)
-        differ += np.count_nonzero(nearest != warp_to_grid(labels, forward, target, order=0, vote=True))
+        differ += np.count_nonzero(nearest != warp_to_grid(labels, forward, target, "vote"))
     assert differ > 0

@@ -68,12 +68,12 @@ def test_warp_labels_and_image_translation_match_scipy() -> None:
     image = ndimage.gaussian_filter(rng.uniform(size=moving_grid.shape), 1.0).astype(np.float32)
     shift = np.array([700.0, -1300.0, 450.0])  # micrometer
     displacement = TranslationDisplacement(shift)
-    warped = warp_to_grid(Level(labels, moving_grid), displacement, target, order=0)
+    warped = warp_to_grid(Level(labels, moving_grid), displacement, target, "nearest")
     expected = _scipy_reference(labels, moving_grid, target, shift, order=0)
     assert warped.dtype == np.uint16
     assert (warped != 0).sum() > 100  # the test covers real overlap
     assert np.array_equal(warped, expected)  # voxel cells: nearest up to half a voxel beyond the edge
-    warped_image = warp_to_grid(Level(image, moving_grid), displacement, target, order=1, block=333)
+    warped_image = warp_to_grid(Level(image, moving_grid), displacement, target, block=333)
     expected_image = _scipy_reference(image, moving_grid, target, shift, order=1)
     inside = ndimage.binary_erosion(expected_image > 0, iterations=1)
     assert np.abs(warped_image - expected_image)[inside].max() < 1e-5
@@ -102,8 +102,8 @@ def test_label_vote_is_label_wise_linear_interpolation_on_rotated_anisotropic_gr
     labels = ndimage.zoom(rng.integers(0, 6, size=(4, 5, 4)), 3, order=0)[:12, :15, :10].astype(np.uint16)
     shift = np.array([-400.0, 900.0, 250.0])  # micrometer
     displacement = TranslationDisplacement(shift)
-    voted = warp_to_grid(Level(labels, moving_grid), displacement, target, order=0, vote=True, cube=(4, 5, 6))
-    nearest = warp_to_grid(Level(labels, moving_grid), displacement, target, order=0)
+    voted = warp_to_grid(Level(labels, moving_grid), displacement, target, "vote", cube=(4, 5, 6))
+    nearest = warp_to_grid(Level(labels, moving_grid), displacement, target, "nearest")
     assert voted.dtype == np.uint16
     np.testing.assert_array_equal(voted, _label_vote_reference(labels, moving_grid, target, shift))
     assert (voted != nearest).sum() > 20  # the two differ where neighbours disagree...
@@ -123,10 +123,10 @@ def test_warp_identity_reads_matching_level() -> None:
     grid = Grid.from_spacing((16, 16, 16), (1.0, 1.0, 1.0), unit="millimeter")
     image = np.arange(16**3, dtype=np.float32).reshape(16, 16, 16)
     pyramid = MultiscaleImage.from_array(image, grid, n_levels=2)
-    out = warp_to_grid(pyramid, TranslationDisplacement(np.zeros(3)), grid, order=1)
+    out = warp_to_grid(pyramid, TranslationDisplacement(np.zeros(3)), grid)
     assert np.allclose(out, image)
     coarse = grid.resampled(2.0)
-    out = warp_to_grid(pyramid, TranslationDisplacement(np.zeros(3)), coarse, order=1)
+    out = warp_to_grid(pyramid, TranslationDisplacement(np.zeros(3)), coarse)
     assert np.allclose(out, pyramid.levels[1].array)  # same voxel centres: the coarse level, exactly
 
 
@@ -164,8 +164,8 @@ def test_inverse_warp_round_trip_labels() -> None:
     labels[8:14, 15:20, 4:12] = 2
     field = np.moveaxis(_analytic(grid.points(), 1.5), -1, 0).astype(np.float32)
     forward = FieldDisplacement(field, grid)
-    warped = warp_to_grid(Level(labels, grid), forward, grid, order=0)
-    back = warp_to_grid(Level(warped, grid), InverseDisplacement(forward, 20), grid, order=0)
+    warped = warp_to_grid(Level(labels, grid), forward, grid, "nearest")
+    back = warp_to_grid(Level(warped, grid), InverseDisplacement(forward, 20), grid, "nearest")
     for label in (1, 2):
         a, b = labels == label, back == label
         assert 2 * (a & b).sum() / (a.sum() + b.sum()) > 0.9
@@ -201,10 +201,10 @@ def test_warp_in_cubes_equals_one_block_and_rounds_integers() -> None:
     field_grid = grid.resampled(4.0)
     field = np.random.default_rng(10).normal(scale=1.5, size=(3, *field_grid.shape)).astype(np.float32)
     displacement = FieldDisplacement(field, field_grid)
-    whole = warp_to_grid(Level(image, grid), displacement, grid, order=1, block=10**6)
-    cubes = warp_to_grid(Level(image, grid), displacement, grid, order=1, cube=(7, 5, 6))
+    whole = warp_to_grid(Level(image, grid), displacement, grid, block=10**6)
+    cubes = warp_to_grid(Level(image, grid), displacement, grid, cube=(7, 5, 6))
     np.testing.assert_allclose(cubes, whole, rtol=1e-5, atol=1e-4)  # float32 indices per cube
-    as_int = warp_to_grid(Level(image, grid), displacement, grid, order=1, dtype=np.uint16, cube=(7, 5, 6))
+    as_int = warp_to_grid(Level(image, grid), displacement, grid, dtype=np.uint16, cube=(7, 5, 6))
     assert as_int.dtype == np.uint16
     np.testing.assert_array_equal(as_int, np.clip(np.rint(cubes), 0, 65535).astype(np.uint16))
 

@@ -53,7 +53,7 @@ def test_chunked_warp_equals_in_memory(
     record = warp_files(
         analytic_field, moving, tmp_path / "w.zarr", chunk_size=17, scheduler=dask_scheduler, progress=False
     )
-    expected = warp_to_grid(moving_img, forward, fixed_grid, order=1)
+    expected = warp_to_grid(moving_img, forward, fixed_grid)
     assert record.chunks == 3 * 3 * 2 and record.inverse_max_error is None
     np.testing.assert_allclose(read_image(record.out).levels[0].array[:], expected, atol=1e-5)  # float32 indices
 
@@ -70,14 +70,14 @@ def test_chunked_warp_equals_in_memory(
     )
     out = np.asarray(read_image(record.out).levels[0].array[:])
     assert out.dtype == np.uint16
-    np.testing.assert_array_equal(out, warp_to_grid(read_image(label_path), forward, fixed_grid, order=0, vote=True))
+    np.testing.assert_array_equal(out, warp_to_grid(read_image(label_path), forward, fixed_grid, "vote"))
     assert zarr.open_group(str(record.out), mode="r").attrs["patchmorph"]["warped"]["label_interpolation"] == "vote"
     record = warp_files(
         analytic_field, label_path, tmp_path / "wn.zarr", labels=True, chunk_size=40, scheduler=dask_scheduler,
         progress=False, label_interpolation="nearest",
     )  # fmt: skip
     nearest = np.asarray(read_image(record.out).levels[0].array[:])
-    np.testing.assert_array_equal(nearest, warp_to_grid(read_image(label_path), forward, fixed_grid, order=0))
+    np.testing.assert_array_equal(nearest, warp_to_grid(read_image(label_path), forward, fixed_grid, "nearest"))
     assert (nearest != out).sum() > 10
 
     record = warp_files(
@@ -89,7 +89,7 @@ def test_chunked_warp_equals_in_memory(
         scheduler=dask_scheduler,
         progress=False,
     )
-    expected = warp_to_grid(read_image(fixed), InverseDisplacement(forward, 20), moving_img.grid, order=1)
+    expected = warp_to_grid(read_image(fixed), InverseDisplacement(forward, 20), moving_img.grid)
     np.testing.assert_allclose(read_image(record.out).levels[0].array[:], expected, atol=1e-5)
     assert record.direction == "inverse" and record.inverse_max_error < 1e-3 * 2.0
 
