@@ -56,7 +56,15 @@ from patchmorph_core.displacement import exp_reach
 from patchmorph_core.sampling import row_box, sample_affine, sample_separable
 from patchmorph_core.similarity import MindSSC, Similarity, in_slabs, make_similarity, z_slabs
 from patchmorph_core.source import Level, MultiscaleImage
-from patchmorph_core.spatial import ALIGN_CORNERS, Grid, box_within, grid_box, index_to_normalized, read_box
+from patchmorph_core.spatial import (
+    ALIGN_CORNERS,
+    Grid,
+    box_within,
+    grid_box,
+    index_to_normalized,
+    normalized_steps,
+    read_box,
+)
 
 SQUARINGS = 5
 """Scaling-and-squaring steps of :func:`~patchmorph_core.displacement.exp_velocity` for the polish's velocity
@@ -248,16 +256,17 @@ def _sampling_map(
     to_index = moving.inverse_affine
     shape = tuple(moving.shape)
     gradients = np.gradient(field, axis=(1, 2, 3)) if min(field.shape[1:]) > 1 else [np.zeros_like(field)] * 3
+    # grid_sample units (x, y, z) per world unit: index_to_normalized is affine, so a step's change of the
+    # coordinates is this matrix times the step (no difference of two nearly equal coordinates)
+    per_world = (np.asarray(normalized_steps(shape))[:, None] * to_index[:3, :3])[::-1].astype(np.float32)
     base = torch.empty((1, *mapped.shape), dtype=torch.float32)
     columns = [torch.empty_like(base) for _ in range(3)]
     for z in z_slabs(mapped.shape[0]):  # float64 temporaries of a slab stay in cache; voxel by voxel, the same
         index = torch.from_numpy(mapped[z] @ to_index[:3, :3].T + to_index[:3, 3])[None]  # float64
-        normalized = index_to_normalized(index, shape)
-        base[:, z] = normalized
-        for k in range(3):  # one field-voxel step along axis k: R[:, k] + ∂u₀/∂q_k, in moving-box index steps
+        base[:, z] = index_to_normalized(index, shape)
+        for k in range(3):  # one field-voxel step along axis k: R[:, k] + ∂u₀/∂q_k, world units
             step = np.asarray(grid.linear[:, k], np.float32)[:, None, None, None] + gradients[k][:, z]
-            moved = index + torch.from_numpy(np.einsum("ij,jzyx->zyxi", to_index[:3, :3], step))[None]
-            columns[k][:, z] = index_to_normalized(moved, shape) - normalized
+            columns[k][0, z] = torch.from_numpy(np.einsum("ij,jzyx->zyxi", per_world, step))
     return base.to(device), [column.to(device) for column in columns]
 
 
