@@ -65,6 +65,9 @@ from patchmorph_core.displacement import (
     AffineDisplacement,
     Displacement,
     FieldDisplacement,
+    exp_reach,
+    exp_velocity,
+    exp_velocity_inside,
 )
 from patchmorph_core.errors import InputError
 from patchmorph_core.model import place_model
@@ -492,8 +495,6 @@ def update_reach(max_length: float, grid: Grid) -> int:
     gradient of its logarithm and the integration's reach (:func:`~patchmorph_core.displacement.exp_reach`) of a
     velocity as long as ``max_length`` (world units) can be. A chunk made fold-free with this many voxels of the
     update around it equals the whole grid's."""
-    from patchmorph_core.displacement import exp_reach
-
     return 1 + exp_reach(max_length / float(np.min(grid.spacing)), UPDATE_SQUARINGS)
 
 
@@ -520,8 +521,6 @@ def fold_free_update(
     Returns:
         ``(3, Z, Y, X)`` float32 displacement (world units), on ``inner`` when given.
     """
-    from patchmorph_core.displacement import exp_velocity, exp_velocity_inside
-
     update = np.asarray(update, np.float32)
     steps = grid.index_steps(update)  # v̄ in voxels along the grid's index axes
     advection = np.zeros_like(update)  # (∇v̄) v̄ = Σ_a ∂v̄/∂i_a · (v̄ in voxels)_a, world components
