@@ -216,14 +216,18 @@ def exp_velocity(velocity: np.ndarray, grid: Grid, squarings: int) -> np.ndarray
     Returns:
         ``(3, Z, Y, X)`` float32 displacement (world units).
     """
+    return grid.world_vectors(integrate_steps(grid.index_steps(velocity), squarings))
+
+
+def integrate_steps(steps: np.ndarray, squarings: int) -> np.ndarray:
+    """:func:`exp_velocity` in the grid's voxels: ``(3, Z, Y, X)`` velocity steps along the index axes → the
+    ``(3, Z, Y, X)`` float32 displacement steps of its flow after unit time."""
     import torch
 
     from patchmorph_core.transforms import integrate_velocity
 
-    voxels = grid.index_steps(velocity)
     with torch.inference_mode():
-        integrated = integrate_velocity(torch.from_numpy(np.ascontiguousarray(voxels))[None], squarings)[0].numpy()
-    return grid.world_vectors(integrated)
+        return integrate_velocity(torch.from_numpy(np.ascontiguousarray(steps))[None], squarings)[0].numpy()
 
 
 def exp_reach(longest: float, squarings: int) -> int:
@@ -253,12 +257,12 @@ def exp_velocity_inside(
     Returns:
         ``(3, *inner shape)`` float32 displacement (world units).
     """
-    longest = np.abs(grid.index_steps(velocity)).reshape(3, -1).max(axis=1)
-    reach = [exp_reach(float(n), squarings) for n in longest]
+    steps = grid.index_steps(velocity)
+    reach = [exp_reach(float(n), squarings) for n in np.abs(steps).reshape(3, -1).max(axis=1)]
     lo = [max(s.start - r, 0) for s, r in zip(inner, reach, strict=True)]
     hi = [min(s.stop + r, n) for s, r, n in zip(inner, reach, grid.shape, strict=True)]
-    part = exp_velocity(velocity[:, lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]], grid.crop(lo, hi), squarings)
-    return part[(slice(None), *(slice(s.start - a, s.stop - a) for s, a in zip(inner, lo, strict=True)))]
+    part = integrate_steps(steps[:, lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]], squarings)
+    return grid.world_vectors(part[(slice(None), *(slice(s.start - a, s.stop - a) for s, a in zip(inner, lo, strict=True)))])
 
 
 @dataclass(frozen=True)

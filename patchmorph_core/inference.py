@@ -1083,16 +1083,17 @@ def checked_affine(
     fixed: MultiscaleImage,
     moving: MultiscaleImage,
     grid: Grid,
+    start: np.ndarray,
     fitted: np.ndarray,
     ranges: tuple[tuple[float, float], tuple[float, float]],
 ) -> StageCheck:
     """The stage check's rule (:mod:`patchmorph_core.stage_check`) for the fitted initial affine: MIND-SSC
     inside the fixed tissue of ``grid``'s check sample (the first pass's field grid), from the centre-of-mass
-    start (before) to the fitted ``(4, 4)`` fixed → moving map ``fitted`` (after). The affine's own acceptance
-    compares the two on its coarse copies; at the first pass's resolution the fit can still be worse."""
+    start ``start`` (before) to the fitted ``fitted`` (after), both ``(4, 4)`` fixed → moving maps. The affine's
+    own acceptance compares the two on its coarse copies; at the first pass's resolution the fit can still be
+    worse."""
     scorer = StageScorer.build(fixed, moving, ranges, grid)
-    start = AffineDisplacement(translation_matrix(initial_translation(fixed, moving)))
-    return StageCheck(scorer.score(start), scorer.score(AffineDisplacement(fitted)))
+    return StageCheck(scorer.score(AffineDisplacement(start)), scorer.score(AffineDisplacement(fitted)))
 
 
 def plan_registration(
@@ -1147,14 +1148,15 @@ def plan_registration(
         }
         if fit.accepted and config.stage_check:
             first_grid = _pass_grid(fixed, extents, size, last, _first_stage(config, alignment, len(extents)))
-            check = checked_affine(fixed, moving, first_grid, matrix, ranges)
+            centre_of_mass = translation_matrix(initial_translation(fixed, moving))
+            check = checked_affine(fixed, moving, first_grid, centre_of_mass, matrix, ranges)
             alignment.update({f"check_{k}": v for k, v in check.record().items()})
             if not check.accepted:
                 logger.info(
                     "the initial affine lowered the similarity on the first pass's grid (MIND %.4f from the "
                     "centre of mass, %.4f fitted): centre of mass kept", check.before, check.after,
                 )  # fmt: skip
-                matrix = translation_matrix(initial_translation(fixed, moving))
+                matrix = centre_of_mass
                 alignment["accepted"] = False
     else:
         matrix = translation_matrix(initial_translation(fixed, moving))

@@ -62,7 +62,7 @@ from patchmorph_core.spatial import (
     box_within,
     grid_box,
     index_to_normalized,
-    normalized_steps,
+    normalized_per_index,
     read_box,
 )
 
@@ -258,7 +258,7 @@ def _sampling_map(
     gradients = np.gradient(field, axis=(1, 2, 3)) if min(field.shape[1:]) > 1 else [np.zeros_like(field)] * 3
     # grid_sample units (x, y, z) per world unit: index_to_normalized is affine, so a step's change of the
     # coordinates is this matrix times the step (no difference of two nearly equal coordinates)
-    per_world = (np.asarray(normalized_steps(shape))[:, None] * to_index[:3, :3])[::-1].astype(np.float32)
+    per_world = (normalized_per_index(shape) @ to_index[:3, :3]).astype(np.float32)
     base = torch.empty((1, *mapped.shape), dtype=torch.float32)
     columns = [torch.empty_like(base) for _ in range(3)]
     for z in z_slabs(mapped.shape[0]):  # float64 temporaries of a slab stay in cache; voxel by voxel, the same

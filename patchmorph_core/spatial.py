@@ -561,6 +561,12 @@ def normalized_steps(shape: Sequence[int]) -> tuple[float, float, float]:
     return (z, y, x)
 
 
+def normalized_per_index(shape: Sequence[int]) -> np.ndarray:
+    """``(3, 3)`` linear part of :func:`index_to_normalized`: an index step ``(z, y, x)`` → its change of the
+    ``grid_sample`` coordinates ``(x, y, z)`` (float64; rows reversed, each scaled by :func:`normalized_steps`)."""
+    return np.diag(normalized_steps(shape))[::-1]
+
+
 def normalized_offsets(displacement: torch.Tensor) -> torch.Tensor:
     """A ``(B, 3, Z, Y, X)`` displacement in ``grid_sample`` units with components ``(z, y, x)`` → the
     ``(B, Z, Y, X, 3)`` offsets to add to :func:`index_to_normalized` coordinates, components ``(x, y, z)``."""

@@ -11,8 +11,10 @@ from registration_stubs import blob_image
 from scipy import ndimage
 
 from patchmorph_core import stage_check
+from patchmorph_core.alignment import translation_matrix
 from patchmorph_core.displacement import AffineDisplacement, FieldDisplacement, TranslationDisplacement
 from patchmorph_core.inference import checked_affine
+from patchmorph_core.sampling import initial_translation
 from patchmorph_core.source import MultiscaleImage
 from patchmorph_core.spatial import Grid, random_rotation
 from patchmorph_core.stage_check import CHECK_VOXELS, PassChecks, StageCheck, StageScorer, check_boxes
@@ -98,7 +100,8 @@ def test_an_affine_worse_than_the_centre_of_mass_on_the_first_grid_is_not_kept()
     ranges = ((0.0, 160.0), (0.0, 160.0))
     right, wrong = np.eye(4), np.eye(4)
     right[:3, 3], wrong[:3, 3] = shift, shift + np.array([0.0, 3.0, -2.0])
-    assert checked_affine(fixed, moving, fixed_grid, right, ranges).accepted
-    check = checked_affine(fixed, moving, fixed_grid, wrong, ranges)
+    centre_of_mass = translation_matrix(initial_translation(fixed, moving))
+    assert checked_affine(fixed, moving, fixed_grid, centre_of_mass, right, ranges).accepted
+    check = checked_affine(fixed, moving, fixed_grid, centre_of_mass, wrong, ranges)
     assert not check.accepted and check.after < check.before
     assert np.isclose(check.before, StageScorer.build(fixed, moving, ranges, fixed_grid).score(AffineDisplacement(right)), atol=0.02)
