@@ -837,8 +837,8 @@ the chunk tasks timed part by part at 1 GiB) and per function on one polish box 
   every field voxel is stepped 10 times, up to 2.4 times over in the boxes' halos; per field voxel the polish
   then costs about as much as the finest network pass.
 * Polish chunk tasks (the "polish chunk tasks" column, counted as "other" in the JSON's `shares`): per 64³
-  chunk, integrating the averaged velocity by 5 squarings over the chunk and its 9-voxel halo (11 at 2×)
-  about 65 %, composing with `u₀` about 20 %, writing the field and uncertainty chunks about 10 %, adding
+  chunk, in this series, integrating the averaged velocity by 5 squarings over the chunk and its 9-voxel halo
+  (11 at 2×; now at most 7 and 9, on boxes that shrink squaring by squaring, below) about 65 %, composing with `u₀` about 20 %, writing the field and uncertainty chunks about 10 %, adding
   the tiles' pieces the rest. At 2× (8 GiB) the tiles are cheap and these tasks are the larger part of the
   polish: the velocity is trilinear from the 2× coarser polish grid, so integrating it there would cost an
   eighth, a change of the field at interpolation level that this series does not make.
@@ -848,7 +848,11 @@ the chunk tasks timed part by part at 1 GiB) and per function on one polish box 
   Since the series above, a chunk task integrates only as far around its chunk as its velocity reaches, not as
   far as the cap allows (`docs/method.md`, *Fold-free updates*): on the 2 GiB brain alone, old and new code one
   after the other, stage 3's chunk tasks 4.36 → 3.41 worker CPU-s, the workers' CPU 42.1 → 40.0 s, the forward
-  share 26.8 → 28.5 %.
+  share 26.8 → 28.5 %. Since then each squaring computes a smaller box than the one before, down to the chunk
+  (the next squaring's box grown by this squaring's exact reach), for the network passes' chunk tasks and the
+  polish's alike, the same values to 1e-7 field voxels: on the 2 GiB brain, old and new code alternating (two
+  runs each, `benchmarks/scale.py --run 2:6 --no-warp`), stage 3's chunk tasks 2.83 / 2.98 → 2.20 / 2.23
+  worker CPU-s, the polish's 2.94 / 3.23 → 2.57 / 2.24, the forward share 30.6 / 30.4 → 32.2 / 33.6 %.
 * Stage checks, the plan and the quality block run in the command's process and are not worker time; reading
   and writing are inside the tasks above; the network blocks' patch sampling and accumulation are their own
   columns.

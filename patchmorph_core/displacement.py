@@ -18,13 +18,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+import torch
 from scipy import ndimage
 
 from patchmorph_core.spatial import Grid, index_box, read_box
+from patchmorph_core.transforms import integrate_velocity
 
 
 @runtime_checkable
@@ -219,35 +222,46 @@ def exp_velocity(velocity: np.ndarray, grid: Grid, squarings: int) -> np.ndarray
     return grid.world_vectors(integrate_steps(grid.index_steps(velocity), squarings))
 
 
-def integrate_steps(steps: np.ndarray, squarings: int) -> np.ndarray:
+def integrate_steps(
+    steps: np.ndarray, squarings: int, boxes: Sequence[tuple[Sequence[int], Sequence[int]]] | None = None
+) -> np.ndarray:
     """:func:`exp_velocity` in the grid's voxels: ``(3, Z, Y, X)`` velocity steps along the index axes → the
-    ``(3, Z, Y, X)`` float32 displacement steps of its flow after unit time."""
-    import torch
-
-    from patchmorph_core.transforms import integrate_velocity
-
+    float32 displacement steps of its flow after unit time, on the whole grid or, with ``boxes``, on the last of
+    the boxes the squarings compute (:func:`~patchmorph_core.transforms.integrate_velocity`)."""
     with torch.inference_mode():
-        return integrate_velocity(torch.from_numpy(np.ascontiguousarray(steps))[None], squarings)[0].numpy()
+        return integrate_velocity(torch.from_numpy(np.ascontiguousarray(steps))[None], squarings, boxes)[0].numpy()
+
+
+def squaring_reaches(longest: float, squarings: int) -> list[int]:
+    """Voxels along an index axis beyond the box it computes that each squaring of :func:`exp_velocity` reads,
+    first to last, when no velocity's component along that axis is longer than ``longest`` voxels.
+
+    The displacement starts at ``v / 2^N`` and each squaring at most doubles each component (a trilinear value is
+    a convex combination), so squaring ``k`` (from 1) moves a point by at most ``2^(k−1) / 2^N · longest`` and
+    reads the voxels around it: the ceiling of that."""
+    return [math.ceil(longest * 2.0 ** (k - squarings)) for k in range(squarings)]
 
 
 def exp_reach(longest: float, squarings: int) -> int:
     """Voxels along an index axis beyond a box that :func:`exp_velocity` of the velocity on the box reads, when
-    no velocity's component along that axis is longer than ``longest`` voxels.
-
-    Squaring ``k`` moves a point by at most ``2^k / 2^N`` of that (a trilinear value is a convex combination,
-    so each component at most doubles per squaring) and reads the two voxels around it: at most
-    ``ceil(2^k / 2^N · longest)`` voxels further per squaring, ``ceil(longest) + N`` in all; one more is kept as
-    a margin. A box grown by this many voxels gives the whole grid's values inside it."""
-    return int(math.ceil(longest)) + squarings + 1
+    no velocity's component along that axis is longer than ``longest`` voxels: the squarings' reaches
+    (:func:`squaring_reaches`, at most ``ceil(longest) + N`` in all) and one voxel of margin. A box grown by this
+    many voxels gives the whole grid's values inside it."""
+    return sum(squaring_reaches(longest, squarings)) + 1
 
 
 def exp_velocity_inside(
     velocity: np.ndarray, grid: Grid, squarings: int, inner: tuple[slice, slice, slice]
 ) -> np.ndarray:
-    """:func:`exp_velocity` on the box ``inner`` of ``grid`` (slices in its index frame), integrated only on
-    ``inner`` grown by the :func:`exp_reach` of this velocity's own longest component along each index axis
-    (clipped to ``grid``): where ``grid`` is a chunk grown by the reach of the velocity's largest *possible*
-    length, a shorter velocity needs fewer voxels around the chunk (the same values inside, to float rounding).
+    """:func:`exp_velocity` on the box ``inner`` of ``grid`` (slices in its index frame), integrated only as far
+    around it as this velocity reaches: where ``grid`` is a chunk grown by the reach of the velocity's largest
+    *possible* length, a shorter velocity needs fewer voxels around the chunk, and each squaring fewer than the
+    one before (the same values inside, to float rounding).
+
+    The first squaring computes ``inner`` grown by the :func:`exp_reach` of the velocity's own longest component
+    along each index axis; each squaring's box is the next one's grown by that squaring's reach
+    (:func:`squaring_reaches`) and one voxel, all clipped to ``grid`` (whose edges pad the border as the whole
+    grid's do), so the last squaring computes ``inner`` and one voxel around it.
 
     Args:
         velocity: ``(3, Z, Y, X)`` velocity on ``grid`` (world units, components ``(z, y, x)``).
@@ -258,11 +272,20 @@ def exp_velocity_inside(
         ``(3, *inner shape)`` float32 displacement (world units).
     """
     steps = grid.index_steps(velocity)
-    reach = [exp_reach(float(n), squarings) for n in np.abs(steps).reshape(3, -1).max(axis=1)]
-    lo = [max(s.start - r, 0) for s, r in zip(inner, reach, strict=True)]
-    hi = [min(s.stop + r, n) for s, r, n in zip(inner, reach, grid.shape, strict=True)]
-    part = integrate_steps(steps[:, lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]], squarings)
-    return grid.world_vectors(part[(slice(None), *(slice(s.start - a, s.stop - a) for s, a in zip(inner, lo, strict=True)))])
+    reaches = [squaring_reaches(float(n), squarings) for n in np.abs(steps).reshape(3, -1).max(axis=1)]
+
+    def box(first: int) -> tuple[list[int], list[int]]:  # inner grown by squarings first.. and one voxel
+        grow = [sum(r[first:]) + 1 for r in reaches]
+        return (
+            [max(s.start - g, 0) for s, g in zip(inner, grow, strict=True)],
+            [min(s.stop + g, n) for s, g, n in zip(inner, grow, grid.shape, strict=True)],
+        )
+
+    lo, hi = box(0)
+    boxes = [[[a - b for a, b in zip(corner, lo, strict=True)] for corner in box(k + 1)] for k in range(squarings)]
+    part = integrate_steps(steps[:, lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]], squarings, boxes)
+    last = box(squarings)[0] if squarings else lo
+    return grid.world_vectors(part[(slice(None), *(slice(s.start - a, s.stop - a) for s, a in zip(inner, last, strict=True)))])
 
 
 @dataclass(frozen=True)

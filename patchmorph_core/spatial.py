@@ -567,10 +567,26 @@ def normalized_per_index(shape: Sequence[int]) -> np.ndarray:
     return np.diag(normalized_steps(shape))[::-1]
 
 
-def normalized_offsets(displacement: torch.Tensor) -> torch.Tensor:
-    """A ``(B, 3, Z, Y, X)`` displacement in ``grid_sample`` units with components ``(z, y, x)`` → the
-    ``(B, Z, Y, X, 3)`` offsets to add to :func:`index_to_normalized` coordinates, components ``(x, y, z)``."""
-    return displacement.flip(1).permute(0, 2, 3, 4, 1)
+def displaced_positions(displacement: torch.Tensor, start: Sequence[int], shape: Sequence[int]) -> torch.Tensor:
+    """``grid_sample`` coordinates of the voxels ``q`` of a box moved by a displacement in voxels:
+    ``index_to_normalized(start + q + d(q), shape)``.
+
+    Args:
+        displacement: ``(B, 3, Z, Y, X)`` displacement ``d`` on the box, in voxels, components ``(z, y, x)``.
+        start: index ``(z, y, x)`` of the box's voxel 0 in the grid sampled.
+        shape: shape of the grid sampled (``grid_sample``'s input).
+
+    Returns:
+        ``(B, Z, Y, X, 3)`` coordinates, components ``(x, y, z)`` (one pass per component over ``d``).
+    """
+    batch, _, *box = displacement.shape
+    out = torch.empty((batch, *box, 3), dtype=displacement.dtype, device=displacement.device)
+    for axis, step in enumerate(normalized_steps(shape)):
+        index = torch.arange(box[axis], dtype=displacement.dtype, device=displacement.device) + float(start[axis])
+        along = [1, 1, 1]
+        along[axis] = box[axis]
+        torch.add((index * step - 1.0).view(along), displacement[:, axis], alpha=step, out=out[..., 2 - axis])
+    return out
 
 
 def index_rows_to_normalized(

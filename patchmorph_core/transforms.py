@@ -9,10 +9,16 @@ is mapped to ``q + d(q)``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
-from patchmorph_core.spatial import ALIGN_CORNERS, index_to_normalized, normalized_offsets, normalized_steps
+from patchmorph_core.spatial import (
+    ALIGN_CORNERS,
+    displaced_positions,
+    index_to_normalized,
+)
 
 
 def index_points(shape: tuple[int, int, int], device: torch.device | str = "cpu") -> torch.Tensor:
@@ -71,29 +77,41 @@ def compose_affine_dense(theta: torch.Tensor, dense_vox: torch.Tensor) -> torch.
     return affine + dense_vox + torch.einsum("bij,bjzyx->bizyx", theta[:, :, :3], dense_vox)
 
 
-def integrate_velocity(velocity_vox: torch.Tensor, steps: int) -> torch.Tensor:
+def integrate_velocity(
+    velocity_vox: torch.Tensor, steps: int, boxes: Sequence[tuple[Sequence[int], Sequence[int]]] | None = None
+) -> torch.Tensor:
     """Scaling and squaring: displacement of the flow of a stationary velocity field after unit time.
 
-    ``u_0 = v / 2**steps``; ``u_{k+1}(q) = u_k(q) + u_k(q + u_k(q))`` (border padding outside the patch). The
-    steps run in ``grid_sample``'s normalised units (:func:`~patchmorph_core.spatial.normalized_steps`), so each
-    squaring adds the displacement to one precomputed grid of voxel positions; the result is converted back to
-    patch voxels.
+    ``u_0 = v / 2**steps``; ``u_{k+1}(q) = u_k(q) + u_k(q + u_k(q))`` (trilinear, border padding outside the
+    grid), in voxels (:func:`~patchmorph_core.spatial.displaced_positions` turns each ``q + u_k(q)`` into
+    ``grid_sample`` coordinates).
 
     Args:
-        velocity_vox: ``(B, 3, P, P, P)`` velocity in patch voxels.
+        velocity_vox: ``(B, 3, Z, Y, X)`` velocity in voxels, components along the index axes ``(z, y, x)``.
         steps: number of squarings (0 returns the velocity unchanged).
+        boxes: the box each squaring computes, first to last, as ``(start, stop)`` indices ``(z, y, x)`` in the
+            velocity's grid, each inside the one before (None: the whole grid every time). A squaring reads its
+            input only as far around a voxel as the displacement reaches, so a caller that needs the flow on a
+            small box lets the box shrink as the squarings go
+            (:func:`~patchmorph_core.displacement.exp_velocity_inside`).
+
+    Returns:
+        ``(B, 3, ...)`` displacement in voxels on the last box (on the whole grid without ``boxes``).
     """
     if steps == 0:
         return velocity_vox
-    shape = tuple(velocity_vox.shape[-3:])
-    scale = normalized_steps(shape)
-    to_normalized = torch.tensor(scale, dtype=velocity_vox.dtype, device=velocity_vox.device).view(1, 3, 1, 1, 1)
-    base = index_to_normalized(index_points(shape, velocity_vox.device).to(velocity_vox.dtype), shape)
-    disp = velocity_vox * (to_normalized / 2.0**steps)  # normalised units, components (z, y, x)
-    for _ in range(steps):
-        coords = base + normalized_offsets(disp)
-        disp = disp + F.grid_sample(disp, coords, mode="bilinear", padding_mode="border", align_corners=ALIGN_CORNERS)
-    return disp / to_normalized
+    disp = velocity_vox / 2.0**steps
+    origin: Sequence[int] = (0, 0, 0)
+    for k in range(steps):
+        part, offset = disp, (0, 0, 0)
+        if boxes is not None:  # the box of this squaring, within the last one (whose voxel 0 is at ``origin``)
+            start, stop = boxes[k]
+            offset = tuple(a - o for a, o in zip(start, origin, strict=True))
+            part = disp[(..., *(slice(f, f + b - a) for f, a, b in zip(offset, start, stop, strict=True)))]
+            origin = start
+        coords = displaced_positions(part, offset, disp.shape[-3:])
+        disp = part + F.grid_sample(disp, coords, mode="bilinear", padding_mode="border", align_corners=ALIGN_CORNERS)
+    return disp
 
 
 def voxel_to_world(disp_vox: torch.Tensor, linear: torch.Tensor) -> torch.Tensor:

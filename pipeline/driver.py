@@ -213,7 +213,7 @@ class ZarrStore:
     def chunk_for(self, grid: Grid) -> int | tuple[int, int, int] | None:
         """The chunks of the finest field on ``grid`` and of the output: ``chunk_size`` when given; else, for a
         field of at most :data:`IN_MEMORY_VOXELS` voxels, its two halves along its longest axis (one task per
-        core of a small machine, and the fewest halos: each chunk task also integrates a halo of up to 14
+        core of a small machine, and the fewest halos: each chunk task also integrates a halo of up to 11
         voxels around its chunk, which roughly doubles the work on 64³ chunks); else
         :data:`~pipeline.ngff.DEFAULT_CHUNK`³ (None)."""
         if self.chunk_size is not None or not small_grid(grid):

@@ -13,6 +13,7 @@ import patchmorph_core.similarity as similarity_module
 from patchmorph_core.displacement import FieldDisplacement, exp_reach, exp_velocity, exp_velocity_inside
 from patchmorph_core.metrics import jacobian_determinant
 from patchmorph_core.polish import (
+    SQUARINGS,
     PolishSettings,
     coarsening_for,
     gauss_radius,
@@ -153,7 +154,7 @@ def test_coarse_steps_go_further_than_the_fine_steps_alone(shifted_pair: tuple) 
         steps = np.linalg.norm(np.linalg.inv(grid.linear) @ velocity.reshape(3, -1), axis=0)
         assert steps.max() <= settings.max_velocity + 1e-4
     assert PolishSettings(iterations=3).max_velocity == 0.75 and settings.max_velocity == 2.25
-    assert settings.exp_halo == PolishSettings(iterations=3).exp_halo + 2  # the chunks integrate further out
+    assert settings.exp_halo == exp_reach(2.25, SQUARINGS) > PolishSettings(iterations=3).exp_halo  # integrated further out
     assert errors[3] < 0.5 * errors[0]
     assert settings.coarse_settings().radius == 1 and PolishSettings(1, radius=4).coarse_settings().radius == 2
 
@@ -244,15 +245,22 @@ def test_exp_velocity_inside_a_box_integrates_only_as_far_as_the_velocity_reache
     assert reach[0] > reach[1]
     start, stop = (12, 8, 10), (24, 17, 22)  # grown by the reach, within the grid
     inner = tuple(slice(a, b) for a, b in zip(start, stop, strict=True))
-    shapes: list[tuple[int, ...]] = []
+    calls: list[tuple[tuple[int, ...], list]] = []
     integrate = displacement_module.integrate_steps
     monkeypatch.setattr(
-        displacement_module, "integrate_steps", lambda v, n: shapes.append(v.shape[1:]) or integrate(v, n)
+        displacement_module, "integrate_steps", lambda v, n, boxes=None: calls.append((v.shape[1:], boxes)) or integrate(v, n, boxes)
     )
     whole = exp_velocity(velocity, grid, squarings)
-    shapes.clear()
+    calls.clear()
     part = exp_velocity_inside(velocity, grid, squarings, inner)
     np.testing.assert_allclose(part, whole[(slice(None), *inner)], atol=1e-5)
-    assert shapes == [tuple(b - a + 2 * r for a, b, r in zip(start, stop, reach, strict=True))]
-    assert all(n < m for n, m in zip(shapes[0], grid.shape, strict=True))
+    [(shape, boxes)] = calls
+    assert shape == tuple(b - a + 2 * r for a, b, r in zip(start, stop, reach, strict=True))
+    assert all(n < m for n, m in zip(shape, grid.shape, strict=True))
+    # each squaring computes a box inside the one before, the last one the box and one voxel around it
+    outer = [([0, 0, 0], list(shape)), *boxes]
+    for (lo, hi), (start_k, stop_k) in zip(outer, boxes, strict=False):
+        assert all(a <= b for a, b in zip(lo, start_k, strict=True)) and all(b <= a for a, b in zip(hi, stop_k, strict=True))
+    assert [b - a for a, b in zip(*boxes[-1], strict=True)] == [b - a + 2 for a, b in zip(start, stop, strict=True)]
+    assert boxes[-1] != boxes[0]
 

@@ -16,14 +16,13 @@ from patchmorph_core.spatial import (
     ALIGN_CORNERS,
     Grid,
     SpatialError,
+    displaced_positions,
     grid_block_patch,
     grid_block_start,
     grid_box,
     index_box,
     index_rows_to_normalized,
     index_to_normalized,
-    normalized_offsets,
-    normalized_steps,
     orientation_matrix,
     patch_grid,
     random_rotation,
@@ -346,12 +345,11 @@ def test_field_vectors_convert_between_world_components_and_index_steps() -> Non
     np.testing.assert_allclose(grid.world_vectors(grid.index_steps(field)), field, atol=1e-5)
 
 
-def test_normalized_steps_and_offsets_match_index_to_normalized() -> None:
-    """A displacement of d voxels, scaled by normalized_steps and laid out by normalized_offsets, moves the
-    grid_sample coordinates of index_to_normalized exactly as the index moved by d."""
-    shape = (5, 9, 1)
-    index = torch.rand(1, *shape, 3, generator=torch.Generator().manual_seed(2)) * torch.tensor([4.0, 8.0, 0.0])
-    disp = torch.tensor([0.5, -1.25, 0.75]).view(1, 3, 1, 1, 1).expand(1, 3, *shape)
-    scaled = disp * torch.tensor(normalized_steps(shape)).view(1, 3, 1, 1, 1)
-    moved = index_to_normalized(index, shape) + normalized_offsets(scaled)
-    torch.testing.assert_close(moved, index_to_normalized(index + disp.permute(0, 2, 3, 4, 1), shape))
+def test_displaced_positions_match_index_to_normalized() -> None:
+    """A box of a non-cubic grid (one axis of one voxel) moved by a displacement in voxels: the grid_sample
+    coordinates of its voxels are index_to_normalized of the moved indices, components flipped to (x, y, z)."""
+    shape, start, box = (9, 12, 1), (3, 2, 0), (4, 7, 1)
+    disp = torch.randn(2, 3, *box, generator=torch.Generator().manual_seed(2)) * torch.tensor([1.5, 0.5, 0.0]).view(1, 3, 1, 1, 1)
+    index = torch.stack(torch.meshgrid(*(torch.arange(n, dtype=torch.float32) + s for n, s in zip(box, start, strict=True)), indexing="ij"), -1)
+    expected = index_to_normalized(index[None] + disp.permute(0, 2, 3, 4, 1), shape)
+    torch.testing.assert_close(displaced_positions(disp, start, shape), expected)
