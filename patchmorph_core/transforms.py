@@ -14,11 +14,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from patchmorph_core.spatial import (
-    ALIGN_CORNERS,
-    displaced_positions,
-    index_to_normalized,
-)
+from patchmorph_core.spatial import ALIGN_CORNERS, displaced_positions, index_to_normalized
 
 
 def index_points(shape: tuple[int, int, int], device: torch.device | str = "cpu") -> torch.Tensor:
