@@ -844,8 +844,11 @@ the chunk tasks timed part by part at 1 GiB) and per function on one polish box 
   squaring, below) about 65 %, composing with `u₀` about 20 %, writing the field and uncertainty chunks about
   10 %, adding the tiles' pieces the rest. At 2× (8 GiB) the tiles are cheap and these tasks are the larger part
   of the polish (13.8 worker CPU-s against the tiles' 9.9 here; 16.9 against 10.4 in a series of 981c9fb on
-  this machine): the velocity is trilinear from the 2× coarser polish grid, so integrating it there would cost
-  an eighth, a change of the field at interpolation level that the code does not make.
+  this machine): the velocity is trilinear from the 2× coarser polish grid. Since this series the chunk tasks
+  integrate it on every 2nd field voxel and sample the flow back (`docs/method.md`, *Integrated on the coarser
+  lattice*; a change of the field at the level of the interpolation): the 8 GiB run alone, new, old and new
+  code one after the other on the same volume, polish chunk tasks 9.3 / 12.7 / 10.2 worker CPU-s, forward share
+  49.4 / 46.8 / 46.3 %, 0 folds each time, the inverse residual's max 0.01 / 1.79 / 0.01 field voxels.
 * The network passes' chunk tasks (also "other"): 12-22 % of worker time in the series on 850bf75, now that
   each integrates its pass's update over the chunk and its reach (fold-free passes, 6 squarings). Since
   cba7e2e's series, a chunk task integrates only as far around its chunk as its velocity reaches, not as
@@ -869,8 +872,8 @@ before it on the third machine, whose forward passes were the slowest; 22-35 % o
 first): the polish is an instance
 optimisation whose settings (10 steps, its halo) were chosen on validation pairs, and it does per field voxel
 about the network's work; the network's own chunk tasks take another sixth (what the share would be without the
-polish: below). Left: a polish that runs on slabs instead of halo'd boxes (no halo overhead), integration on the
-polish grid at 2×, and fewer memory passes per step (fused filters).
+polish: below). Left: a polish that runs on slabs instead of halo'd boxes (no halo overhead) and fewer memory passes
+per step (fused filters).
 
 *Wall time.* Each `register` here starts a local Dask cluster of worker processes and pays fixed costs (the
 workers' start and imports, the plan, the quality block) that do not grow with the field; at 1 GiB they are a

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,7 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from patchmorph_core.config import InferenceConfig
-from patchmorph_core.displacement import exp_reach
+from patchmorph_core.displacement import exp_reach, exp_velocity_inside
 from patchmorph_core.sampling import row_box, sample_affine, sample_separable
 from patchmorph_core.similarity import MindSSC, Similarity, in_slabs, make_similarity, z_slabs
 from patchmorph_core.source import Level, MultiscaleImage
@@ -166,10 +167,15 @@ class PolishSettings:
 
     @property
     def exp_halo(self) -> int:
-        """Field voxels beyond a box that :func:`~patchmorph_core.displacement.exp_velocity` of the velocity
-        on the box reads (:func:`~patchmorph_core.displacement.exp_reach` of :attr:`max_velocity`). A chunk
-        integrated with this many voxels of the averaged velocity around it equals the whole grid's."""
-        return exp_reach(self.max_velocity, SQUARINGS)
+        """Field voxels beyond a chunk that the integration of the averaged velocity on it reads: the
+        :func:`~patchmorph_core.displacement.exp_reach` of :attr:`max_velocity`; with :attr:`coarsening` f > 1,
+        where the velocity is integrated on every f-th field voxel (:func:`exp_on_nodes`), f times the reach of
+        ``max_velocity / f`` on those nodes beyond the nodes around the chunk, which lie within f − 1 voxels of
+        it. A chunk integrated with this many voxels of the averaged velocity around it equals the whole grid's."""
+        if self.coarsening == 1:
+            return exp_reach(self.max_velocity, SQUARINGS)
+        f = self.coarsening
+        return f * exp_reach(self.max_velocity / f, SQUARINGS) + f - 1
 
 
 def separable(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
@@ -318,6 +324,35 @@ class PolishResult:
             sample_separable(self.velocity, back, target.shape, "border"),
             sample_separable(self.residual, back, target.shape, "border"),
         )
+
+
+def exp_on_nodes(
+    velocity: np.ndarray, grid: Grid, inner: tuple[slice, slice, slice], step: int, origin: Sequence[int]
+) -> np.ndarray:
+    """``exp(velocity)`` on the box ``inner`` of ``grid``, integrated on the nodes of a coarser lattice and
+    sampled back: the polish's velocity at coarsening f > 1 is trilinear from f times coarser tiles, so its flow
+    is integrated on every ``step``-th voxel (f³ times fewer voxels, a ``step`` times shorter reach) and its
+    displacement sampled trilinearly onto ``inner``'s voxels (edge values beyond the outer nodes).
+
+    Args:
+        velocity: ``(3, Z, Y, X)`` velocity on ``grid`` (world units, components ``(z, y, x)``).
+        grid: its grid, a box of a larger grid whose voxel 0 is voxel ``origin`` ``(z, y, x)`` of the larger
+            grid: the nodes are the larger grid's voxels whose indices are multiples of ``step``, so every box
+            of it integrates the same nodes (:func:`~patchmorph_core.displacement.exp_velocity_inside`, on the
+            nodes around ``inner`` only).
+        inner: the box of ``grid`` whose values are returned; ``step``: the lattice's step in voxels.
+
+    Returns:
+        ``(3, *inner shape)`` float32 displacement (world units).
+    """
+    first = [(-int(o)) % step for o in origin]
+    nodes = grid.every(step, first)
+    values = velocity[(slice(None), *(slice(a, None, step) for a in first))]
+    lo = [max((s.start - a) // step, 0) for s, a in zip(inner, first, strict=True)]
+    hi = [min(-(-(s.stop - 1 - a) // step) + 1, n) for s, a, n in zip(inner, first, nodes.shape, strict=True)]
+    around = exp_velocity_inside(values, nodes, SQUARINGS, tuple(slice(a, b) for a, b in zip(lo, hi, strict=True)))
+    target = grid.crop([s.start for s in inner], [s.stop for s in inner])
+    return sample_separable(around, nodes.crop(lo, hi).index_map(target), target.shape, "border")
 
 
 def polish_result(

@@ -380,6 +380,16 @@ class Grid:
         shape = tuple(int(b - a) for a, b in zip(start, stop, strict=True))
         return Grid(shape, affine, self.unit)
 
+    def every(self, step: int, start: Sequence[int] = (0, 0, 0)) -> Grid:
+        """Sub-grid of every ``step``-th voxel along each axis from voxel ``start`` (``(z, y, x)``): ``ceil((n −
+        start) / step)`` voxels an axis, the same world positions, ``step`` times the spacing (numpy's
+        ``values[start::step]`` along each axis)."""
+        affine = self.affine.copy()
+        affine[:3, :3] *= float(step)
+        affine[:3, 3] = self.index_to_world(np.asarray(start, dtype=np.float64))
+        shape = tuple(-(-(n - int(a)) // int(step)) for n, a in zip(self.shape, start, strict=True))
+        return Grid(shape, affine, self.unit)
+
     def resampled(self, spacing: Sequence[float] | float) -> Grid:
         """Grid covering the same world box (same direction and centre) with a new ``spacing``.
 

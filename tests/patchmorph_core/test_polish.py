@@ -16,11 +16,12 @@ from patchmorph_core.polish import (
     SQUARINGS,
     PolishSettings,
     coarsening_for,
+    exp_on_nodes,
     gauss_radius,
     gaussian,
     polish_result,
 )
-from patchmorph_core.sampling import displacement_after
+from patchmorph_core.sampling import displacement_after, sample_separable
 from patchmorph_core.similarity import box_mean
 from patchmorph_core.source import Level, MultiscaleImage
 from patchmorph_core.spatial import Grid
@@ -155,6 +156,8 @@ def test_coarse_steps_go_further_than_the_fine_steps_alone(shifted_pair: tuple) 
         assert steps.max() <= settings.max_velocity + 1e-4
     assert PolishSettings(iterations=3).max_velocity == 0.75 and settings.max_velocity == 2.25
     assert settings.exp_halo == exp_reach(2.25, SQUARINGS) > PolishSettings(iterations=3).exp_halo  # integrated further out
+    # at coarsening 2 the reach of half the velocity on every 2nd voxel, beyond the nodes around a chunk
+    assert PolishSettings(iterations=10, coarsening=2).exp_halo == 2 * exp_reach(2.5, SQUARINGS) + 1
     assert errors[3] < 0.5 * errors[0]
     assert settings.coarse_settings().radius == 1 and PolishSettings(1, radius=4).coarse_settings().radius == 2
 
@@ -264,3 +267,21 @@ def test_exp_velocity_inside_a_box_integrates_only_as_far_as_the_velocity_reache
     assert [b - a for a, b in zip(*boxes[-1], strict=True)] == [b - a + 2 for a, b in zip(start, stop, strict=True)]
     assert boxes[-1] != boxes[0]
 
+
+def test_exp_on_nodes_is_the_same_in_every_box_and_close_to_the_fine_flow() -> None:
+    """Rotated, anisotropic, non-cubic grid, a velocity trilinear from every 2nd voxel: integrated on the nodes
+    of the larger grid's lattice, a box (its voxel 0 at an odd index) gives the whole grid's values to float
+    rounding, and the flow is the fine grid's to a small fraction of its length."""
+    grid = _grid((37, 30, 33), (1.4, 1.0, 0.8), _rotation(0, 25.0))
+    nodes = grid.every(2)
+    velocity = sample_separable(_squeeze(nodes, 0.4), nodes.index_map(grid), grid.shape, "border")
+    whole = exp_on_nodes(velocity, grid, tuple(slice(0, n) for n in grid.shape), 2, (0, 0, 0))
+    start, stop = (9, 5, 7), (26, 21, 24)  # a chunk ...
+    lo, hi = (3, 0, 2), (34, 28, 30)  # ... in its reach box, whose voxel 0 is (3, 0, 2) of the grid
+    box = tuple(slice(a, b) for a, b in zip(start, stop, strict=True))
+    inner = tuple(slice(a - o, b - o) for a, b, o in zip(start, stop, lo, strict=True))
+    cut = (slice(None), *(slice(a, b) for a, b in zip(lo, hi, strict=True)))
+    part = exp_on_nodes(velocity[cut], grid.crop(lo, hi), inner, 2, lo)
+    np.testing.assert_allclose(part, whole[(slice(None), *box)], atol=1e-5)
+    fine = exp_velocity(velocity, grid, SQUARINGS)
+    assert np.abs(whole - fine).max() < 0.05 * np.abs(fine).max()

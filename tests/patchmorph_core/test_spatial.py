@@ -90,6 +90,16 @@ def test_crop_keeps_world_positions() -> None:
     np.testing.assert_allclose(sub.index_to_world([1.0, 1.0, 1.0]), grid.index_to_world([3.0, 4.0, 5.0]))
 
 
+def test_every_step_voxels_keep_their_world_positions() -> None:
+    """Every 3rd voxel from (1, 0, 2) of a rotated, anisotropic, non-cubic grid: numpy's [start::step] voxels,
+    at their world positions."""
+    grid = rotated_grid()
+    nodes = grid.every(3, (1, 0, 2))
+    assert nodes.shape == tuple(len(range(a, n, 3)) for a, n in zip((1, 0, 2), SHAPE, strict=True))
+    np.testing.assert_allclose(nodes.points(), grid.points()[1::3, 0::3, 2::3], atol=1e-9)
+    np.testing.assert_allclose(nodes.spacing, 3 * grid.spacing)
+
+
 def test_with_unit_scales_world() -> None:
     grid = rotated_grid()
     micro = grid.with_unit("micrometer")
