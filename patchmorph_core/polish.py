@@ -167,13 +167,11 @@ class PolishSettings:
 
     @property
     def exp_halo(self) -> int:
-        """Field voxels beyond a chunk that the integration of the averaged velocity on it reads: the
-        :func:`~patchmorph_core.displacement.exp_reach` of :attr:`max_velocity`; with :attr:`coarsening` f > 1,
-        where the velocity is integrated on every f-th field voxel (:func:`exp_on_nodes`), f times the reach of
-        ``max_velocity / f`` on those nodes beyond the nodes around the chunk, which lie within f − 1 voxels of
-        it. A chunk integrated with this many voxels of the averaged velocity around it equals the whole grid's."""
-        if self.coarsening == 1:
-            return exp_reach(self.max_velocity, SQUARINGS)
+        """Field voxels beyond a chunk that the integration of the averaged velocity on it reads: it runs on
+        every f-th field voxel (f = :attr:`coarsening`, :func:`exp_on_nodes`), so f times the
+        :func:`~patchmorph_core.displacement.exp_reach` of ``max_velocity / f`` on those nodes beyond the nodes
+        around the chunk, which lie within f − 1 voxels of it (at f = 1 the reach of :attr:`max_velocity`). A
+        chunk integrated with this many voxels of the averaged velocity around it equals the whole grid's."""
         f = self.coarsening
         return f * exp_reach(self.max_velocity / f, SQUARINGS) + f - 1
 
@@ -332,7 +330,8 @@ def exp_on_nodes(
     """``exp(velocity)`` on the box ``inner`` of ``grid``, integrated on the nodes of a coarser lattice and
     sampled back: the polish's velocity at coarsening f > 1 is trilinear from f times coarser tiles, so its flow
     is integrated on every ``step``-th voxel (f³ times fewer voxels, a ``step`` times shorter reach) and its
-    displacement sampled trilinearly onto ``inner``'s voxels (edge values beyond the outer nodes).
+    displacement sampled trilinearly onto ``inner``'s voxels (edge values beyond the outer nodes). At ``step``
+    1 the nodes are the voxels: :func:`~patchmorph_core.displacement.exp_velocity_inside` itself.
 
     Args:
         velocity: ``(3, Z, Y, X)`` velocity on ``grid`` (world units, components ``(z, y, x)``).
@@ -351,6 +350,8 @@ def exp_on_nodes(
     lo = [max((s.start - a) // step, 0) for s, a in zip(inner, first, strict=True)]
     hi = [min(-(-(s.stop - 1 - a) // step) + 1, n) for s, a, n in zip(inner, first, nodes.shape, strict=True)]
     around = exp_velocity_inside(values, nodes, SQUARINGS, tuple(slice(a, b) for a, b in zip(lo, hi, strict=True)))
+    if step == 1:
+        return around
     target = grid.crop([s.start for s in inner], [s.stop for s in inner])
     return sample_separable(around, nodes.crop(lo, hi).index_map(target), target.shape, "border")
 

@@ -54,9 +54,9 @@ from typing import Any
 import numpy as np
 
 from patchmorph_core.config import resolve_device
-from patchmorph_core.displacement import FieldDisplacement, exp_velocity_inside
+from patchmorph_core.displacement import FieldDisplacement
 from patchmorph_core.inference import FieldSums, compose_on_grid
-from patchmorph_core.polish import SQUARINGS, PolishResult, PolishSettings, exp_on_nodes, polish_result
+from patchmorph_core.polish import PolishResult, PolishSettings, exp_on_nodes, polish_result
 from patchmorph_core.sampling import tissue_bounds
 from patchmorph_core.source import MultiscaleImage
 from patchmorph_core.spatial import Grid, read_box, world_box
@@ -315,10 +315,7 @@ def write_polished_chunk(ctx: PolishContext, cid: ChunkId, partials: list[tuple[
     covered = sums.weight > 0
     mean = sums.weighted / np.where(covered, sums.weight, np.float32(1.0)) * (covered * ctx.tiles.taper(reach))
     inner = box.relative_to(reach.start).slices
-    if ctx.settings.coarsening > 1:  # a velocity trilinear from the coarser tiles: integrated on their lattice
-        displacement = exp_on_nodes(mean, sums.grid, inner, ctx.settings.coarsening, reach.start)
-    else:
-        displacement = exp_velocity_inside(mean, sums.grid, SQUARINGS, inner)
+    displacement = exp_on_nodes(mean, sums.grid, inner, ctx.settings.coarsening, reach.start)
     chunk_grid = plan.grid.crop(box.start, box.stop)
     network = FieldDisplacement(ctx.network_field, plan.grid)
     field = compose_on_grid(np.ascontiguousarray(displacement), chunk_grid, network)
