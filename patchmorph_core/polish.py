@@ -310,43 +310,58 @@ class PolishResult:
         return PolishResult(self.grid.crop(start, stop), self.velocity[(slice(None), *box)], self.residual[box])
 
     def on(self, target: Grid) -> tuple[np.ndarray, np.ndarray]:
-        """Velocity ``(3, *target.shape)`` and residual ``target.shape`` on ``target``, a box of the field
-        grid within the polished box: the same voxels when the polish ran on the field grid, else sampled
+        """Velocity ``(3, *target.shape)`` and residual ``target.shape`` on ``target`` (:meth:`velocity_on`,
+        :meth:`residual_on`)."""
+        return self.velocity_on(target), self.residual_on(target)
+
+    def velocity_on(self, target: Grid) -> np.ndarray:
+        """Velocity ``(3, *target.shape)`` on ``target``, a grid within the polished box (a box of the field grid,
+        or of its lattice nodes): the same voxels when ``target`` is a box of :attr:`grid`, else sampled
         trilinearly (edge values beyond the polish grid's outer voxel centres; a trilinear velocity is
         Lipschitz, so its exponential stays a diffeomorphism)."""
-        box = box_within(self.grid, target)
-        if box is not None:
-            return self.velocity[(slice(None), *box)], self.residual[box]
-        back = self.grid.index_map(target)
-        return (
-            sample_separable(self.velocity, back, target.shape, "border"),
-            sample_separable(self.residual, back, target.shape, "border"),
-        )
+        return _on(self.velocity, self.grid, target)
+
+    def residual_on(self, target: Grid) -> np.ndarray:
+        """Residual ``target.shape`` on ``target``, as :meth:`velocity_on`."""
+        return _on(self.residual, self.grid, target)
+
+
+def _on(values: np.ndarray, grid: Grid, target: Grid) -> np.ndarray:
+    """``(..., Z, Y, X)`` ``values`` on ``grid`` at ``target``'s voxels: a view when ``target`` is a box of
+    ``grid``, else trilinear (border values beyond ``grid``'s outer voxel centres)."""
+    box = box_within(grid, target)
+    if box is not None:
+        return values[(..., *box)]
+    return sample_separable(values, grid.index_map(target), target.shape, "border")
+
+
+def lattice_start(origin: Sequence[int], step: int) -> tuple[int, int, int]:
+    """Index ``(z, y, x)``, in a box whose voxel 0 is voxel ``origin`` of a larger grid, of the box's first node
+    of the larger grid's lattice of every ``step``-th voxel (the voxels whose indices are multiples of ``step``)."""
+    first = [(-int(o)) % step for o in origin]
+    return (first[0], first[1], first[2])
 
 
 def exp_on_nodes(
-    velocity: np.ndarray, grid: Grid, inner: tuple[slice, slice, slice], step: int, origin: Sequence[int]
+    values: np.ndarray, grid: Grid, inner: tuple[slice, slice, slice], step: int, first: Sequence[int]
 ) -> np.ndarray:
-    """``exp(velocity)`` on the box ``inner`` of ``grid``, integrated on the nodes of a coarser lattice and
-    sampled back: the polish's velocity at coarsening f > 1 is trilinear from f times coarser tiles, so its flow
-    is integrated on every ``step``-th voxel (f³ times fewer voxels, a ``step`` times shorter reach) and its
-    displacement sampled trilinearly onto ``inner``'s voxels (edge values beyond the outer nodes). At ``step``
-    1 the nodes are the voxels: :func:`~patchmorph_core.displacement.exp_velocity_inside` itself.
+    """``exp`` of a velocity given on the nodes of a coarser lattice, on the box ``inner`` of ``grid``: the
+    polish's velocity at coarsening f > 1 is trilinear from f times coarser tiles, so its flow is integrated on
+    every ``step``-th voxel (f³ times fewer voxels, a ``step`` times shorter reach) and its displacement sampled
+    trilinearly onto ``inner``'s voxels (edge values beyond the outer nodes). At ``step`` 1 the nodes are the
+    voxels: :func:`~patchmorph_core.displacement.exp_velocity_inside` itself.
 
     Args:
-        velocity: ``(3, Z, Y, X)`` velocity on ``grid`` (world units, components ``(z, y, x)``).
-        grid: its grid, a box of a larger grid whose voxel 0 is voxel ``origin`` ``(z, y, x)`` of the larger
-            grid: the nodes are the larger grid's voxels whose indices are multiples of ``step``, so every box
-            of it integrates the same nodes (:func:`~patchmorph_core.displacement.exp_velocity_inside`, on the
-            nodes around ``inner`` only).
-        inner: the box of ``grid`` whose values are returned; ``step``: the lattice's step in voxels.
+        values: ``(3, Z', Y', X')`` velocity on the nodes ``grid.every(step, first)`` (world units, components
+            ``(z, y, x)``); with ``first`` from :func:`lattice_start`, the nodes of the larger grid ``grid`` is a
+            box of, so every box integrates the same nodes (only those around ``inner``).
+        grid: the field grid's box; ``inner``: the box of it whose values are returned; ``step``: the lattice's
+            step in voxels; ``first``: ``grid``'s index of its first node along each axis.
 
     Returns:
         ``(3, *inner shape)`` float32 displacement (world units).
     """
-    first = [(-int(o)) % step for o in origin]
     nodes = grid.every(step, first)
-    values = velocity[(slice(None), *(slice(a, None, step) for a in first))]
     lo = [max((s.start - a) // step, 0) for s, a in zip(inner, first, strict=True)]
     hi = [min(-(-(s.stop - 1 - a) // step) + 1, n) for s, a, n in zip(inner, first, nodes.shape, strict=True)]
     around = exp_velocity_inside(values, nodes, SQUARINGS, tuple(slice(a, b) for a, b in zip(lo, hi, strict=True)))

@@ -18,11 +18,12 @@ A tile task (:func:`polish_tile`) reads the fixed image, the network's field ``u
 its box once, takes every step (:func:`~patchmorph_core.polish.polish_result`) and returns the velocity and
 residual on the grid the steps ran on, one :class:`TilePiece` per chunk (views of what that chunk reads); one
 task per output chunk (:func:`write_polished_chunk`) weights each tile's piece on its part of the chunk and its
-integration halo (:attr:`~patchmorph_core.polish.PolishSettings.exp_halo`; sampled onto the field grid there
-when the tile ran coarser), adds them, averages them (``v̄ = Σ w v / Σ w``), integrates
-``c = exp(v̄)`` (:func:`~patchmorph_core.displacement.exp_velocity`), composes ``u = c ∘ u₀``
+integration halo (:attr:`~patchmorph_core.polish.PolishSettings.exp_halo`), adds them, averages them
+(``v̄ = Σ w v / Σ w``, :class:`ChunkSums`), integrates ``c = exp(v̄)``
+(:func:`~patchmorph_core.displacement.exp_velocity`), composes ``u = c ∘ u₀``
 (:func:`~patchmorph_core.inference.compose_on_grid`) and writes the chunk once, with the tiles' residuals
-(:func:`~patchmorph_core.polish.residual_map`, blended by the same weights) as the chunk of the uncertainty map.
+(:func:`~patchmorph_core.polish.residual_map`, blended by the same weights on the chunk) as the chunk of the
+uncertainty map.
 A polish the stage check rejects leaves the network's field but this residual map. The tiles depend on the grid
 and the fixed tissue box alone, so the field depends neither on the chunks nor on the workers; a region within
 one tile is one box, or two halves along its longest axis when that is long enough for two threads to share it
@@ -34,9 +35,10 @@ f-fold (the same in polish-grid voxels), the box :data:`TILE_BOX` polish-grid vo
 field voxels (:func:`tile_lattice`; a small grid, :data:`SMALL_GRID`, in boxes of :data:`TILE_FIELD_BOX`). A tile's
 result stays on its polish grid until a chunk task needs it (f³ times less memory while the tile waits for its
 chunks than sampled back onto the field grid: at f = 2, 8 MB instead of 82 MB for a box of 160³ field voxels).
-The chunk task integrates the averaged velocity, trilinear from those coarser grids, on every f-th voxel of the
-field grid (one global lattice, so every chunk integrates the same nodes) and samples the flow back onto its
-chunk (:func:`~patchmorph_core.polish.exp_on_nodes`): f³ times fewer voxels to integrate.
+The chunk task averages the velocity, trilinear from those coarser grids, on every f-th voxel of the field grid
+only (one global lattice, so every chunk uses the same nodes), integrates it there and samples the flow back
+onto its chunk (:func:`~patchmorph_core.polish.exp_on_nodes`): f³ times fewer voxels to sample, average and
+integrate.
 
 Cost: each field voxel is stepped ``((core + 2 halo) / core)³ / f³`` times at most (2.4× at f = 1 on a large
 grid, 1× for a field within one tile, at most 1 + :data:`SPLIT_EXTRA` for its two halves; 0.36× at f = 2), and
@@ -55,8 +57,8 @@ import numpy as np
 
 from patchmorph_core.config import resolve_device
 from patchmorph_core.displacement import FieldDisplacement
-from patchmorph_core.inference import FieldSums, compose_on_grid
-from patchmorph_core.polish import PolishResult, PolishSettings, exp_on_nodes, polish_result
+from patchmorph_core.inference import compose_on_grid
+from patchmorph_core.polish import PolishResult, PolishSettings, exp_on_nodes, lattice_start, polish_result
 from patchmorph_core.sampling import tissue_bounds
 from patchmorph_core.source import MultiscaleImage
 from patchmorph_core.spatial import Grid, read_box, world_box
@@ -66,7 +68,6 @@ from pipeline.chunked import (
     ChunkPlan,
     chunk_parts,
     halved_longest,
-    reduce_partials,
     run_chunked,
 )
 from pipeline.driver import IN_MEMORY_VOXELS, FieldStore, Inputs, PassArrays, spill_folder
@@ -162,10 +163,11 @@ class PolishTiles:
                     out.append((core, Box(start, stop)))  # type: ignore[arg-type]
         return out
 
-    def _profile(self, axis: int, core: tuple[int, int], box: tuple[int, int]) -> np.ndarray:
-        """The 1-D weights of one tile along ``axis`` on its box (see the module docstring)."""
-        index = np.arange(box[0], box[1], dtype=np.float64) + 0.5
-        weights = np.ones(box[1] - box[0])
+    def _profile(self, axis: int, core: tuple[int, int], box: tuple[int, int], step: int) -> np.ndarray:
+        """The 1-D weights of one tile along ``axis`` on every ``step``-th voxel of ``box`` (see the module
+        docstring)."""
+        index = np.arange(box[0], box[1], step, dtype=np.float64) + 0.5
+        weights = np.ones(index.size)
         width = 2.0 * self.ramp
         if core[0] > self.bounds.start[axis]:  # a neighbour before: rise across the boundary
             rise = np.clip((index - (core[0] - self.ramp)) / width, 0.0, 1.0)
@@ -175,15 +177,16 @@ class PolishTiles:
             weights *= np.where(fall < 1.0, np.cos(0.5 * math.pi * fall) ** 2, 0.0)
         return weights
 
-    def weights(self, core: Box, box: Box) -> np.ndarray:
-        """``box.shape`` float32 weights of the tile with ``core`` (the tiles' weights add up to 1 on the region)."""
-        profiles = [self._profile(a, (core.start[a], core.stop[a]), (box.start[a], box.stop[a])) for a in range(3)]
+    def weights(self, core: Box, box: Box, step: int = 1) -> np.ndarray:
+        """Float32 weights of the tile with ``core`` on every ``step``-th voxel of ``box`` from its first (numpy's
+        ``[::step]`` of the ``box.shape`` weights; the tiles' weights add up to 1 on the region)."""
+        profiles = [self._profile(a, (core.start[a], core.stop[a]), (box.start[a], box.stop[a]), step) for a in range(3)]
         return np.einsum("i,j,k->ijk", *profiles).astype(np.float32)
 
-    def _taper_profile(self, axis: int, box: tuple[int, int]) -> np.ndarray:
-        """The 1-D taper along ``axis`` on ``box``: 0 outside the region, a sin² rise over :attr:`ramp` voxels
-        inside each face of the region that lies inside the grid, 1 elsewhere."""
-        index = np.arange(box[0], box[1], dtype=np.float64) + 0.5
+    def _taper_profile(self, axis: int, box: tuple[int, int], step: int) -> np.ndarray:
+        """The 1-D taper along ``axis`` on every ``step``-th voxel of ``box``: 0 outside the region, a sin² rise
+        over :attr:`ramp` voxels inside each face of the region that lies inside the grid, 1 elsewhere."""
+        index = np.arange(box[0], box[1], step, dtype=np.float64) + 0.5
         low, high = self.bounds.start[axis], self.bounds.stop[axis]
         inside = (index > low) & (index < high)
         profile = inside.astype(np.float64)
@@ -193,11 +196,12 @@ class PolishTiles:
             profile *= np.sin(0.5 * math.pi * np.clip((high - index) / self.ramp, 0.0, 1.0)) ** 2
         return profile
 
-    def taper(self, box: Box) -> np.ndarray:
-        """``box.shape`` float32 factor of the averaged velocity on ``box`` of the grid: it falls smoothly to 0 at
-        the region's faces inside the grid (a smooth velocity stays Lipschitz: its exponential stays a
-        diffeomorphism) and is 1 on the whole grid when the region is the grid."""
-        profiles = [self._taper_profile(a, (box.start[a], box.stop[a])) for a in range(3)]
+    def taper(self, box: Box, step: int = 1) -> np.ndarray:
+        """Float32 factor of the averaged velocity on every ``step``-th voxel of ``box`` of the grid (as
+        :meth:`weights`): it falls smoothly to 0 at the region's faces inside the grid (a smooth velocity stays
+        Lipschitz: its exponential stays a diffeomorphism) and is 1 on the whole grid when the region is the
+        grid."""
+        profiles = [self._taper_profile(a, (box.start[a], box.stop[a]), step) for a in range(3)]
         return np.einsum("i,j,k->ijk", *profiles).astype(np.float32)
 
 
@@ -273,12 +277,78 @@ class TilePiece:
     result: PolishResult
     core: Box
 
-    def sums(self, grid: Grid, tiles: PolishTiles, part: Box) -> FieldSums:
-        """The weighted velocity, weight and weighted residual of the tile on ``part`` of the field ``grid``."""
-        target = grid.crop(part.start, part.stop)
-        velocity, residual = self.result.on(target)
-        weights = tiles.weights(self.core, part)
-        return FieldSums(target, velocity * weights, weights, residual * weights, 1)  # weighted_sq: Σ w·residual
+
+@dataclass(frozen=True)
+class ChunkSums:
+    """A chunk's sums of its tiles' pieces: the weighted velocity and the weight on the lattice nodes of its
+    reach box (every f-th field voxel, the voxels the integration uses: :func:`~patchmorph_core.polish.exp_on_nodes`),
+    the weighted residual and the weight on the chunk itself (the uncertainty map's voxels).
+
+    Attributes:
+        grid: the field grid; ``reach``, ``box``: the chunk's reach box and the chunk (field voxels).
+        step: the lattice's step f; ``first``: the reach box's index of its first node (:func:`lattice_start`).
+        velocity, weight: ``(3, *nodes)`` and ``nodes`` float32 sums on the nodes.
+        residual, residual_weight: ``box.shape`` float32 sums on the chunk.
+    """
+
+    grid: Grid
+    reach: Box
+    box: Box
+    step: int
+    first: tuple[int, int, int]
+    velocity: np.ndarray
+    weight: np.ndarray
+    residual: np.ndarray
+    residual_weight: np.ndarray
+
+    @classmethod
+    def zeros(cls, grid: Grid, reach: Box, box: Box, step: int) -> ChunkSums:
+        """Empty sums of the chunk ``box`` with reach box ``reach`` of ``grid``, nodes every ``step`` voxels."""
+        first = lattice_start(reach.start, step)
+        nodes = tuple(-(-(n - a) // step) for n, a in zip(reach.shape, first, strict=True))
+        return cls(
+            grid, reach, box, step, first, np.zeros((3, *nodes), np.float32), np.zeros(nodes, np.float32),
+            np.zeros(box.shape, np.float32), np.zeros(box.shape, np.float32),
+        )  # fmt: skip
+
+    @property
+    def nodes(self) -> Grid:
+        """The lattice nodes of the reach box (field-grid world positions, ``step`` times the spacing)."""
+        return self.grid.crop(self.reach.start, self.reach.stop).every(self.step, self.first)
+
+    def add(self, piece: TilePiece, part: Box, tiles: PolishTiles) -> None:
+        """Add the tile ``piece`` weighted by its tile's weights: its velocity at the nodes within ``part`` (its
+        part of the reach box), its residual on ``part`` ∩ the chunk."""
+        f = self.step
+        origin = [a + b for a, b in zip(self.reach.start, self.first, strict=True)]  # field index of node 0
+        lo = [-(-(p - o) // f) for p, o in zip(part.start, origin, strict=True)]
+        hi = [-(-(p - o) // f) for p, o in zip(part.stop, origin, strict=True)]
+        if all(b > a for a, b in zip(lo, hi, strict=True)):
+            at = (slice(None), *(slice(a, b) for a, b in zip(lo, hi, strict=True)))
+            start = [o + f * a for o, a in zip(origin, lo, strict=True)]
+            stop = [o + f * b for o, b in zip(origin, hi, strict=True)]
+            weights = tiles.weights(piece.core, Box(tuple(start), tuple(stop)), f)  # type: ignore[arg-type]
+            self.velocity[at] += piece.result.velocity_on(self.nodes.crop(lo, hi)) * weights
+            self.weight[at[1:]] += weights
+        inside = part.intersection(self.box)
+        if inside is not None:
+            weights = tiles.weights(piece.core, inside)
+            at3 = inside.relative_to(self.box.start).slices
+            self.residual[at3] += piece.result.residual_on(self.grid.crop(inside.start, inside.stop)) * weights
+            self.residual_weight[at3] += weights
+
+    def mean_velocity(self, tiles: PolishTiles) -> np.ndarray:
+        """``(3, *nodes)`` float32 averaged velocity ``v̄ = Σ w v / Σ w`` at the nodes, times the region's taper
+        (0 where no tile reaches)."""
+        covered = self.weight > 0
+        origin = [a + b for a, b in zip(self.reach.start, self.first, strict=True)]
+        stop = [o + self.step * n for o, n in zip(origin, self.weight.shape, strict=True)]
+        taper = tiles.taper(Box(tuple(origin), tuple(stop)), self.step)  # type: ignore[arg-type]
+        return self.velocity / np.where(covered, self.weight, np.float32(1.0)) * (covered * taper)
+
+    def mean_residual(self) -> np.ndarray:
+        """``box.shape`` float32 averaged residual on the chunk (0 where no tile reaches)."""
+        return self.residual / np.where(self.residual_weight > 0, self.residual_weight, np.float32(1.0))
 
 
 def polish_tile(ctx: PolishContext, tile: PolishTile) -> dict[Any, Any]:
@@ -311,17 +381,18 @@ def write_polished_chunk(ctx: PolishContext, cid: ChunkId, partials: list[tuple[
     tic = time.perf_counter()
     plan = ctx.arrays.plan
     reach, box = plan.reach_box(cid), plan.box(cid)
-    sums = reduce_partials(plan.grid, reach, [(part, piece.sums(plan.grid, ctx.tiles, part)) for part, piece in partials])
-    covered = sums.weight > 0
-    mean = sums.weighted / np.where(covered, sums.weight, np.float32(1.0)) * (covered * ctx.tiles.taper(reach))
+    sums = ChunkSums.zeros(plan.grid, reach, box, ctx.settings.coarsening)
+    for part, piece in partials:
+        sums.add(piece, part, ctx.tiles)
+    reach_grid = plan.grid.crop(reach.start, reach.stop)
     inner = box.relative_to(reach.start).slices
-    displacement = exp_on_nodes(mean, sums.grid, inner, ctx.settings.coarsening, reach.start)
+    displacement = exp_on_nodes(sums.mean_velocity(ctx.tiles), reach_grid, inner, sums.step, sums.first)
     chunk_grid = plan.grid.crop(box.start, box.stop)
     network = FieldDisplacement(ctx.network_field, plan.grid)
     field = compose_on_grid(np.ascontiguousarray(displacement), chunk_grid, network)
     ctx.arrays.records.log_write(cid)
     if ctx.uncertainty is not None:
-        ctx.uncertainty[box.slices] = (sums.weighted_sq / np.where(covered, sums.weight, np.float32(1.0)))[inner]
+        ctx.uncertainty[box.slices] = sums.mean_residual()
     ctx.arrays.field[(slice(None), *box.slices)] = field
     info = {"seconds": time.perf_counter() - tic, "blocks": len(partials), "voxels": int(np.prod(box.shape))}
     ctx.arrays.records.mark_done(cid, info)

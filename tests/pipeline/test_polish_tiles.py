@@ -78,6 +78,10 @@ def test_tiles_over_a_region_polish_nothing_beyond_it_and_taper_the_velocity_to_
     assert coarse.ramp == 2 * ramp and coarse.region == Box((0, 0, 0), (50 + 2 * ramp, 45, 40))  # clipped to the grid
     box = Box((4, 5, 6), (30, 20, 25))
     np.testing.assert_array_equal(tiles.taper(box), taper[box.slices])  # a box's taper is the grid's, cut
+    # on every 2nd voxel (a chunk's lattice nodes): the full box's values at those voxels
+    np.testing.assert_array_equal(tiles.taper(box, 2), taper[box.slices][::2, ::2, ::2])
+    for core, polished in tiles.tiles():
+        np.testing.assert_array_equal(tiles.weights(core, polished, 3), tiles.weights(core, polished)[::3, ::3, ::3])
 
 
 def test_a_grid_within_one_tile_is_split_in_two_along_its_longest_axis_when_long_enough() -> None:
