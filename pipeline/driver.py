@@ -347,7 +347,7 @@ def block_sums(ctx: StageContext, block: CellBlock) -> dict[Any, Any]:
     specs = specs_in_box(ctx.lattice, block.start, block.stop)
     plan = ctx.arrays.plan
     target = plan.grid.crop(block.support.start, block.support.stop)
-    stats: dict[str, float] = {}
+    stats: dict[str, Any] = {}
     sums = estimate_and_accumulate(
         ctx.the_model(), ctx.fixed, ctx.moving, ctx.prior, specs, target, ctx.config,
         fixed_range=ctx.fixed_range, moving_range=ctx.moving_range, fixed_on_grid=ctx.fixed_on_grid,
@@ -459,6 +459,7 @@ def _network_record(lattice: PatchLattice, plan: ChunkPlan, run: StageRun) -> di
         "seconds": run.seconds,
         "block_seconds": run.total("seconds"),
         "forward_seconds": run.total("forward_seconds"),
+        "precision": sorted({str(f["precision"]) for f in run.block_figures if "precision" in f}),
         "sampling_seconds": run.total("sampling_seconds"),
         "accumulate_seconds": run.total("accumulate_seconds"),
         "fixed_from_grid": run.total("fixed_from_grid") / run.blocks if run.blocks else None,

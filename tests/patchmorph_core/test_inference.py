@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import torch
 from registration_stubs import ConstantUpdate, blob_image, blob_pair
 from scipy import ndimage
 
+import patchmorph_core.inference as inference_module
 from patchmorph_core.config import InferenceConfig, ModelConfig, load_yaml
 from patchmorph_core.displacement import AffineDisplacement, FieldDisplacement, TranslationDisplacement
 from patchmorph_core.errors import InputError
@@ -30,6 +32,7 @@ from patchmorph_core.inference import (
     fixed_on_field_grid,
     fold_free_update,
     lattice_box,
+    network_precision,
     patch_window,
     plan_registration,
     specs_in_box,
@@ -196,11 +199,12 @@ def test_field_grid_patches_give_the_sums_of_per_patch_interpolation(frame: str)
     prior = FieldDisplacement(rng.normal(0.0, 0.8, size=(3, *coarse.shape)).astype(np.float32), coarse)
     specs = lattice.specs()
     target = field_grid.crop((2, 3, 1), (14, 12, 16))  # patches reach beyond it on every side
-    config = InferenceConfig(batch_size=5, device="cpu")
-    stats: dict[str, float] = {}
+    config = InferenceConfig(batch_size=5, device="cpu", precision="float32")  # the two paths' sums, to rounding
+    stats: dict[str, Any] = {}
     fast = estimate_and_accumulate(model, fixed, moving, prior, specs, target, config, stats=stats)
     slow = accumulate(specs, estimate_patches(model, fixed, moving, prior, specs, config), target)
-    assert set(stats) == {"forward_seconds", "sampling_seconds", "accumulate_seconds", "fixed_from_grid"}
+    assert set(stats) == {"forward_seconds", "sampling_seconds", "accumulate_seconds", "fixed_from_grid", "precision"}
+    assert stats["precision"] == "float32"
     assert stats["fixed_from_grid"] == 0.0  # no fixed image on the grid given: sampled
     assert fast.weight.max() > 1.0 and np.abs(fast.weighted).max() > 0.5
     np.testing.assert_allclose(fast.weight, slow.weight, rtol=1e-6, atol=1e-7)  # float32 sums
@@ -384,6 +388,40 @@ def test_default_register_yaml_matches_config_defaults() -> None:
     assert load_yaml(path, InferenceConfig) == InferenceConfig()
 
 
+def test_network_precision_follows_the_device_the_cpu_and_the_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(inference_module, "cpu_computes_bfloat16", lambda: True)
+    assert network_precision(cpu, "auto") == "bfloat16" and network_precision(cpu, "float32") == "float32"
+    assert network_precision(cuda, "auto") == "float16" and network_precision(cuda, "float32") == "float32"
+    monkeypatch.setattr(inference_module, "cpu_computes_bfloat16", lambda: False)
+    assert network_precision(cpu, "auto") == "float32"  # emulated bfloat16 would be slower than float32
+
+
+def test_bfloat16_patch_estimates_stay_within_a_small_fraction_of_the_float32_ones(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``precision: auto`` on a CPU with bfloat16 instructions (forced here: emulated where the CPU lacks them)
+    runs the forward passes in bfloat16: the estimates differ from float32's, by a small fraction of the update,
+    and the figures say which format ran."""
+    monkeypatch.setattr(inference_module, "cpu_computes_bfloat16", lambda: True)
+    torch.manual_seed(1)
+    model = PatchMorph(ModelConfig(patch_size=8, widths=(4, 4), affine_widths=(4, 4), n_stages=1)).eval()
+    with torch.no_grad():  # random weights large enough for updates of about a voxel
+        for param in model.parameters():
+            param.normal_(0.0, 0.3)
+    fixed, moving = blob_pair()
+    moving = moving.with_unit("millimeter")
+    specs = stage_lattice(fixed.grid, 20.0, 2.0, seed=0, stage=0, max_rotation_deg=20.0, patch_size=8).specs()[:6]
+    prior = TranslationDisplacement(np.array([0.5, -1.0, 0.8]))
+    stats: dict[str, Any] = {}
+    reduced = estimate_patches(model, fixed, moving, prior, specs, InferenceConfig(batch_size=4, device="cpu"), stats=stats)
+    full = estimate_patches(model, fixed, moving, prior, specs, InferenceConfig(batch_size=4, device="cpu", precision="float32"))
+    assert stats["precision"] == "bfloat16" and reduced.dtype == np.float32
+    difference = float(np.abs(reduced - full).max())
+    assert np.abs(full).max() > 0.3  # a real update
+    assert 0.0 < difference < 0.03 * float(np.abs(full).max())
+
+
 @pytest.mark.parametrize("alignment", ["center_of_mass", "affine"])
 def test_patch_estimate_equals_the_training_forward_pass(alignment: str) -> None:
     # the same patch through inference (numpy sampling, per-image normalisation) and through training's
@@ -406,7 +444,7 @@ def test_patch_estimate_equals_the_training_forward_pass(alignment: str) -> None
         for im in blob_pair()
     )
     moving = moving.with_unit("millimeter")
-    config = InferenceConfig(batch_size=4, device="cpu")
+    config = InferenceConfig(batch_size=4, device="cpu", precision="float32")  # training's format
     lattice = stage_lattice(fixed.grid, 20.0, 2.0, seed=0, stage=0, max_rotation_deg=20.0, patch_size=8)
     specs = lattice.specs()[:3]
     pair = TrainPair.from_images(
