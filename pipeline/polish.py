@@ -50,6 +50,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -316,18 +317,23 @@ class ChunkSums:
         """The lattice nodes of the reach box (field-grid world positions, ``step`` times the spacing)."""
         return self.grid.crop(self.reach.start, self.reach.stop).every(self.step, self.first)
 
+    def node_box(self, lo: Sequence[int], hi: Sequence[int]) -> Box:
+        """The box of field voxels from node ``lo`` up to node ``hi`` (node indices ``(z, y, x)``, ``hi``
+        exclusive): its voxels taken every ``step`` from its first are those nodes."""
+        origin = [a + b for a, b in zip(self.reach.start, self.first, strict=True)]  # the field index of node 0
+        start = tuple(o + self.step * a for o, a in zip(origin, lo, strict=True))
+        stop = tuple(o + self.step * b for o, b in zip(origin, hi, strict=True))
+        return Box(start, stop)  # type: ignore[arg-type]
+
     def add(self, piece: TilePiece, part: Box, tiles: PolishTiles) -> None:
         """Add the tile ``piece`` weighted by its tile's weights: its velocity at the nodes within ``part`` (its
         part of the reach box), its residual on ``part`` ∩ the chunk."""
-        f = self.step
-        origin = [a + b for a, b in zip(self.reach.start, self.first, strict=True)]  # field index of node 0
-        lo = [-(-(p - o) // f) for p, o in zip(part.start, origin, strict=True)]
-        hi = [-(-(p - o) // f) for p, o in zip(part.stop, origin, strict=True)]
+        first = self.node_box((0, 0, 0), (0, 0, 0)).start  # the field index of node 0
+        lo = [-(-(p - o) // self.step) for p, o in zip(part.start, first, strict=True)]
+        hi = [-(-(p - o) // self.step) for p, o in zip(part.stop, first, strict=True)]
         if all(b > a for a, b in zip(lo, hi, strict=True)):
             at = (slice(None), *(slice(a, b) for a, b in zip(lo, hi, strict=True)))
-            start = [o + f * a for o, a in zip(origin, lo, strict=True)]
-            stop = [o + f * b for o, b in zip(origin, hi, strict=True)]
-            weights = tiles.weights(piece.core, Box(tuple(start), tuple(stop)), f)  # type: ignore[arg-type]
+            weights = tiles.weights(piece.core, self.node_box(lo, hi), self.step)
             self.velocity[at] += piece.result.velocity_on(self.nodes.crop(lo, hi)) * weights
             self.weight[at[1:]] += weights
         inside = part.intersection(self.box)
@@ -341,9 +347,7 @@ class ChunkSums:
         """``(3, *nodes)`` float32 averaged velocity ``v̄ = Σ w v / Σ w`` at the nodes, times the region's taper
         (0 where no tile reaches)."""
         covered = self.weight > 0
-        origin = [a + b for a, b in zip(self.reach.start, self.first, strict=True)]
-        stop = [o + self.step * n for o, n in zip(origin, self.weight.shape, strict=True)]
-        taper = tiles.taper(Box(tuple(origin), tuple(stop)), self.step)  # type: ignore[arg-type]
+        taper = tiles.taper(self.node_box((0, 0, 0), self.weight.shape), self.step)
         return self.velocity / np.where(covered, self.weight, np.float32(1.0)) * (covered * taper)
 
     def mean_residual(self) -> np.ndarray:
