@@ -328,9 +328,9 @@ class ChunkSums:
     def add(self, piece: TilePiece, part: Box, tiles: PolishTiles) -> None:
         """Add the tile ``piece`` weighted by its tile's weights: its velocity at the nodes within ``part`` (its
         part of the reach box), its residual on ``part`` ∩ the chunk."""
-        first = self.node_box((0, 0, 0), (0, 0, 0)).start  # the field index of node 0
-        lo = [-(-(p - o) // self.step) for p, o in zip(part.start, first, strict=True)]
-        hi = [-(-(p - o) // self.step) for p, o in zip(part.stop, first, strict=True)]
+        origin = self.node_box((0, 0, 0), (0, 0, 0)).start  # the field index of node 0
+        lo = [-(-(p - o) // self.step) for p, o in zip(part.start, origin, strict=True)]
+        hi = [-(-(p - o) // self.step) for p, o in zip(part.stop, origin, strict=True)]
         if all(b > a for a, b in zip(lo, hi, strict=True)):
             at = (slice(None), *(slice(a, b) for a, b in zip(lo, hi, strict=True)))
             weights = tiles.weights(piece.core, self.node_box(lo, hi), self.step)

@@ -406,7 +406,7 @@ def test_bfloat16_patch_estimates_stay_within_a_small_fraction_of_the_float32_on
     monkeypatch.setattr(inference_module, "cpu_computes_bfloat16", lambda: True)
     torch.manual_seed(1)
     model = PatchMorph(ModelConfig(patch_size=8, widths=(4, 4), affine_widths=(4, 4), n_stages=1)).eval()
-    with torch.no_grad():  # random weights large enough for updates of about a voxel
+    with torch.no_grad():  # random weights large enough for updates of many voxels
         for param in model.parameters():
             param.normal_(0.0, 0.3)
     fixed, moving = blob_pair()
