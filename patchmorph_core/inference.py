@@ -615,8 +615,9 @@ def network_precision(device: torch.device, precision: str) -> str:
 
 
 def _autocast(device: torch.device, precision: str) -> Any:
-    """Mixed precision (:func:`network_precision`) for the network's forward passes: the convolutions in the
-    reduced format, what needs the range (upsampling, the velocity's integration) in float32."""
+    """Mixed precision (:func:`network_precision`) for the network's forward passes: the convolutions (float32
+    accumulation) and the U-Net's activations and upsampling in the reduced format, the patch velocity's
+    integration (``grid_sample``, autocast's float32 list) in float32."""
     resolved = network_precision(device, precision)
     if resolved == "float32":
         return nullcontext()
