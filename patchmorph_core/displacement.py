@@ -284,7 +284,7 @@ def exp_velocity_inside(
     lo, hi = box(0)
     boxes = [[[a - b for a, b in zip(corner, lo, strict=True)] for corner in box(k + 1)] for k in range(squarings)]
     part = integrate_steps(steps[:, lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]], squarings, boxes)
-    last = box(squarings)[0] if squarings else lo
+    last = box(squarings)[0]  # without squarings the first box itself
     return grid.world_vectors(part[(slice(None), *(slice(s.start - a, s.stop - a) for s, a in zip(inner, last, strict=True)))])
 
 

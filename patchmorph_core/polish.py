@@ -335,13 +335,6 @@ def _on(values: np.ndarray, grid: Grid, target: Grid) -> np.ndarray:
     return sample_separable(values, grid.index_map(target), target.shape, "border")
 
 
-def lattice_start(origin: Sequence[int], step: int) -> tuple[int, int, int]:
-    """Index ``(z, y, x)``, in a box whose voxel 0 is voxel ``origin`` of a larger grid, of the box's first node
-    of the larger grid's lattice of every ``step``-th voxel (the voxels whose indices are multiples of ``step``)."""
-    first = [(-int(o)) % step for o in origin]
-    return (first[0], first[1], first[2])
-
-
 def exp_on_nodes(
     values: np.ndarray, grid: Grid, inner: tuple[slice, slice, slice], step: int, first: Sequence[int]
 ) -> np.ndarray:
@@ -353,7 +346,7 @@ def exp_on_nodes(
 
     Args:
         values: ``(3, Z', Y', X')`` velocity on the nodes ``grid.every(step, first)`` (world units, components
-            ``(z, y, x)``); with ``first`` from :func:`lattice_start`, the nodes of the larger grid ``grid`` is a
+            ``(z, y, x)``); with ``first`` from :func:`~patchmorph_core.spatial.lattice_start`, the nodes of the larger grid ``grid`` is a
             box of, so every box integrates the same nodes (only those around ``inner``).
         grid: the field grid's box; ``inner``: the box of it whose values are returned; ``step``: the lattice's
             step in voxels; ``first``: ``grid``'s index of its first node along each axis.

@@ -402,6 +402,14 @@ class Grid:
         return grid.translated(self.center - grid.center)
 
 
+def lattice_start(origin: Sequence[int], step: int) -> tuple[int, int, int]:
+    """Index ``(z, y, x)``, in a box whose voxel 0 is voxel ``origin`` of a larger grid, of the box's first node
+    of the larger grid's lattice of every ``step``-th voxel (the voxels whose indices are multiples of ``step``;
+    :meth:`Grid.every` from it gives the box's nodes)."""
+    first = [(-int(o)) % step for o in origin]
+    return (first[0], first[1], first[2])
+
+
 def patch_grid(
     center: Sequence[float],
     extent: float | Sequence[float],

@@ -59,10 +59,10 @@ import numpy as np
 from patchmorph_core.config import resolve_device
 from patchmorph_core.displacement import FieldDisplacement
 from patchmorph_core.inference import compose_on_grid
-from patchmorph_core.polish import PolishResult, PolishSettings, exp_on_nodes, lattice_start, polish_result
+from patchmorph_core.polish import PolishResult, PolishSettings, exp_on_nodes, polish_result
 from patchmorph_core.sampling import tissue_bounds
 from patchmorph_core.source import MultiscaleImage
-from patchmorph_core.spatial import Grid, read_box, world_box
+from patchmorph_core.spatial import Grid, lattice_start, read_box, world_box
 from pipeline.chunked import (
     BLOCK_FIGURES,
     Box,
@@ -288,7 +288,8 @@ class ChunkSums:
     Attributes:
         grid: the field grid; ``reach``, ``box``: the chunk's reach box and the chunk (field voxels).
         step: the lattice's step f; ``first``: the reach box's index of its first node (:func:`lattice_start`).
-        velocity, weight: ``(3, *nodes)`` and ``nodes`` float32 sums on the nodes.
+        nodes: the lattice nodes of the reach box (``grid.crop(reach).every(step, first)``).
+        velocity, weight: ``(3, *nodes.shape)`` and ``nodes.shape`` float32 sums on the nodes.
         residual, residual_weight: ``box.shape`` float32 sums on the chunk.
     """
 
@@ -297,6 +298,7 @@ class ChunkSums:
     box: Box
     step: int
     first: tuple[int, int, int]
+    nodes: Grid
     velocity: np.ndarray
     weight: np.ndarray
     residual: np.ndarray
@@ -306,31 +308,29 @@ class ChunkSums:
     def zeros(cls, grid: Grid, reach: Box, box: Box, step: int) -> ChunkSums:
         """Empty sums of the chunk ``box`` with reach box ``reach`` of ``grid``, nodes every ``step`` voxels."""
         first = lattice_start(reach.start, step)
-        nodes = tuple(-(-(n - a) // step) for n, a in zip(reach.shape, first, strict=True))
+        nodes = grid.crop(reach.start, reach.stop).every(step, first)
         return cls(
-            grid, reach, box, step, first, np.zeros((3, *nodes), np.float32), np.zeros(nodes, np.float32),
-            np.zeros(box.shape, np.float32), np.zeros(box.shape, np.float32),
+            grid, reach, box, step, first, nodes, np.zeros((3, *nodes.shape), np.float32),
+            np.zeros(nodes.shape, np.float32), np.zeros(box.shape, np.float32), np.zeros(box.shape, np.float32),
         )  # fmt: skip
 
     @property
-    def nodes(self) -> Grid:
-        """The lattice nodes of the reach box (field-grid world positions, ``step`` times the spacing)."""
-        return self.grid.crop(self.reach.start, self.reach.stop).every(self.step, self.first)
+    def origin(self) -> tuple[int, int, int]:
+        """The field index ``(z, y, x)`` of node 0."""
+        return (self.reach.start[0] + self.first[0], self.reach.start[1] + self.first[1], self.reach.start[2] + self.first[2])
 
     def node_box(self, lo: Sequence[int], hi: Sequence[int]) -> Box:
         """The box of field voxels from node ``lo`` up to node ``hi`` (node indices ``(z, y, x)``, ``hi``
         exclusive): its voxels taken every ``step`` from its first are those nodes."""
-        origin = [a + b for a, b in zip(self.reach.start, self.first, strict=True)]  # the field index of node 0
-        start = tuple(o + self.step * a for o, a in zip(origin, lo, strict=True))
-        stop = tuple(o + self.step * b for o, b in zip(origin, hi, strict=True))
+        start = tuple(o + self.step * a for o, a in zip(self.origin, lo, strict=True))
+        stop = tuple(o + self.step * b for o, b in zip(self.origin, hi, strict=True))
         return Box(start, stop)  # type: ignore[arg-type]
 
     def add(self, piece: TilePiece, part: Box, tiles: PolishTiles) -> None:
         """Add the tile ``piece`` weighted by its tile's weights: its velocity at the nodes within ``part`` (its
         part of the reach box), its residual on ``part`` ∩ the chunk."""
-        origin = self.node_box((0, 0, 0), (0, 0, 0)).start  # the field index of node 0
-        lo = [-(-(p - o) // self.step) for p, o in zip(part.start, origin, strict=True)]
-        hi = [-(-(p - o) // self.step) for p, o in zip(part.stop, origin, strict=True)]
+        lo = [-(-(p - o) // self.step) for p, o in zip(part.start, self.origin, strict=True)]
+        hi = [-(-(p - o) // self.step) for p, o in zip(part.stop, self.origin, strict=True)]
         if all(b > a for a, b in zip(lo, hi, strict=True)):
             at = (slice(None), *(slice(a, b) for a, b in zip(lo, hi, strict=True)))
             weights = tiles.weights(piece.core, self.node_box(lo, hi), self.step)
@@ -344,10 +344,10 @@ class ChunkSums:
             self.residual_weight[at3] += weights
 
     def mean_velocity(self, tiles: PolishTiles) -> np.ndarray:
-        """``(3, *nodes)`` float32 averaged velocity ``v̄ = Σ w v / Σ w`` at the nodes, times the region's taper
+        """``(3, *nodes.shape)`` float32 averaged velocity ``v̄ = Σ w v / Σ w`` at the nodes, times the region's taper
         (0 where no tile reaches)."""
         covered = self.weight > 0
-        taper = tiles.taper(self.node_box((0, 0, 0), self.weight.shape), self.step)
+        taper = tiles.taper(self.node_box((0, 0, 0), self.nodes.shape), self.step)
         return self.velocity / np.where(covered, self.weight, np.float32(1.0)) * (covered * taper)
 
     def mean_residual(self) -> np.ndarray:

@@ -19,13 +19,12 @@ from patchmorph_core.polish import (
     exp_on_nodes,
     gauss_radius,
     gaussian,
-    lattice_start,
     polish_result,
 )
 from patchmorph_core.sampling import displacement_after, sample_separable
 from patchmorph_core.similarity import box_mean
 from patchmorph_core.source import Level, MultiscaleImage
-from patchmorph_core.spatial import Grid
+from patchmorph_core.spatial import Grid, lattice_start
 
 CENTRES = np.array([[-6.0, -5.0, 4.0], [5.0, 6.0, -3.0], [2.0, -7.0, -6.0], [-4.0, 5.0, 7.0], [0.0, 0.0, 0.0]])
 
