@@ -1,4 +1,5 @@
-"""``patchmorph atlas``: a BrainGlobe atlas registered to one brain, with every output (:mod:`pipeline.atlas_job`)."""
+"""``patchmorph atlas``: a BrainGlobe atlas registered to one brain, with every output (:mod:`pipeline.atlas_job`);
+``patchmorph make-atlas``: a BrainGlobe atlas folder made from your own atlas's files (:mod:`pipeline.make_atlas`)."""
 
 from __future__ import annotations
 
@@ -93,3 +94,60 @@ def atlas(
     for role, path in result.paths.items():
         typer.echo(f"wrote {role}: {path}")
     typer.echo(f"wrote the job record {result.record}")
+
+
+@command
+def make_atlas(
+    reference: Annotated[
+        Path, typer.Argument(metavar="TEMPLATE", help="The atlas's template image: NIfTI, NRRD, OME-Zarr or TIFF.")
+    ],
+    annotation: Annotated[
+        Path, typer.Argument(metavar="LABELS", help="Its label image on the same grid (integer ids, 0 outside).")
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="The atlas folder to create; give it to 'patchmorph atlas --atlas'.")
+    ],
+    structures: Annotated[
+        Path | None,
+        typer.Option(
+            help="The table of structures: CSV/TSV with id and name columns (acronym, parent_id optional), "
+            "BrainGlobe's structures.json, an ITK-SNAP label description or a FreeSurfer colour table. Without "
+            "it every id is named 'label <id>'."
+        ),
+    ] = None,
+    hemispheres: Annotated[
+        Path | None,
+        typer.Option(
+            help="An image of the hemispheres on the same grid (1 left, 2 right). Without it the left-right axis "
+            "is split at its middle, as BrainGlobe does for a symmetric atlas."
+        ),
+    ] = None,
+    name: Annotated[
+        str | None, typer.Option(help="The atlas's name without resolution (default: the template file's name).")
+    ] = None,
+    species: Annotated[str, typer.Option(help="The species, recorded in the atlas's metadata.")] = "",
+    citation: Annotated[str, typer.Option(help="The atlas's citation (DOI), recorded in its metadata.")] = "unpublished",
+    voxel_size: Annotated[
+        tuple[float, float, float] | None,
+        typer.Option("--voxel-size", metavar="Z Y X", help="Voxel size per array axis; required for TIFF."),
+    ] = None,
+    orientation: Annotated[
+        str | None,
+        typer.Option(help="Orientation code of the array axes (z, y, x), e.g. 'asr'; replaces the header's."),
+    ] = None,
+    unit: Annotated[str | None, typer.Option(help="Unit of --voxel-size (TIFF default: micrometer).")] = None,
+) -> None:
+    """Make a BrainGlobe atlas folder from your own atlas's files (an MRI-based marmoset atlas, say): its
+    template, its label image and the table of its structures."""
+    from pipeline.brainglobe import read_atlas
+    from pipeline.make_atlas import make_atlas as write_atlas
+
+    folder = write_atlas(
+        out, reference, annotation, structures, hemispheres, name,
+        {"species": species, "citation": citation}, voxel_size, unit, orientation,
+    )  # fmt: skip
+    atlas = read_atlas(folder)
+    typer.echo(
+        f"wrote atlas {atlas.name} ({len(atlas.structures)} structures, shape {atlas.shape}, "
+        f"{'x'.join(f'{r:g}' for r in atlas.resolution_um)} um, orientation {atlas.orientation}): {folder}"
+    )

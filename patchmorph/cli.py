@@ -113,7 +113,9 @@ def _register_commands() -> None:
     import patchmorph.train  # noqa: F401
 
 
-FAST_EXIT_COMMANDS = frozenset({"register", "warp", "convert", "evaluate", "export-field", "import-field"})
+FAST_EXIT_COMMANDS = frozenset(
+    {"register", "warp", "convert", "evaluate", "export-field", "import-field", "make-atlas"}
+)
 """Commands that start no server, flow or process that outlives their body (a Dask cluster they start is closed
 within it): when one succeeds, :func:`main` ends the process at once."""
 

@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import re
+import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -544,6 +545,9 @@ def write_tiff_atlas(
 ) -> Path:
     """Write an atlas in BrainGlobe's TIFF layout (``metadata.json``, ``structures.json``/``.csv``, TIFFs).
 
+    The files are written into a hidden sibling folder that is renamed to ``folder`` once they are all there, so
+    ``folder`` holds a whole atlas or does not exist.
+
     Args:
         folder: the atlas folder to create (e.g. ``<dir>/my_atlas_50um_v1.0``); must not exist.
         reference: ``(Z, Y, X)`` uint16 template, in ``metadata["orientation"]``.
@@ -556,8 +560,6 @@ def write_tiff_atlas(
     Returns:
         The folder.
     """
-    import tifffile
-
     folder = Path(folder)
     if folder.exists():
         raise InputError(f"atlas folder {folder} already exists: remove it or choose another folder.")
@@ -567,7 +569,29 @@ def write_tiff_atlas(
         raise InputError(
             "reference, annotation and hemispheres must have one shape: give volumes on one grid."
         )
-    folder.mkdir(parents=True)
+    partial = folder.with_name(f".{folder.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)  # a partial folder is what a write that died left
+    partial.mkdir(parents=True)
+    try:
+        _write_tiff_files(partial, reference, annotation, structures, metadata, hemispheres)
+        partial.rename(folder)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return folder
+
+
+def _write_tiff_files(
+    folder: Path,
+    reference: np.ndarray,
+    annotation: np.ndarray,
+    structures: Sequence[Structure],
+    metadata: Mapping[str, Any],
+    hemispheres: np.ndarray | None,
+) -> None:
+    """The files of :func:`write_tiff_atlas` in ``folder`` (which exists)."""
+    import tifffile
+
     meta = {**metadata, "shape": [int(s) for s in reference.shape], "symmetric": hemispheres is None}
     meta.setdefault("additional_references", [])
     (folder / METADATA_FILE).write_text(json.dumps(meta, indent=4) + "\n")
@@ -593,4 +617,3 @@ def write_tiff_atlas(
     tifffile.imwrite(folder / TIFF_FILES["annotation"], annotation.astype(np.uint32), **options)
     if hemispheres is not None:
         tifffile.imwrite(folder / TIFF_FILES["hemispheres"], hemispheres.astype(np.uint8), **options)
-    return folder

@@ -23,6 +23,7 @@ from pipeline.brainglobe import (
     midline_hemispheres,
     open_volume,
     read_atlas,
+    write_tiff_atlas,
 )
 from pipeline.demo import EXAMPLE_ATLAS, write_example_atlas
 
@@ -39,6 +40,25 @@ def test_bundled_atlas_is_what_the_recipe_builds_from_the_allen_files(tmp_path: 
         assert json.loads((built / name).read_text()) == json.loads((example / name).read_text())
     for name in ("reference.tiff", "annotation.tiff"):
         np.testing.assert_array_equal(tifffile.imread(built / name), tifffile.imread(example / name))
+
+
+def test_an_atlas_written_in_part_is_never_left_as_a_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write that fails after some files leaves neither the atlas folder nor its hidden partial folder."""
+    calls = []
+
+    def fail_on_the_second(path: Path, *args: object, **kwargs: object) -> None:
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tifffile, "imwrite", fail_on_the_second)
+    volume = np.ones((2, 3, 4), np.uint16)
+    metadata = {"name": "a", "resolution": [1, 1, 1], "orientation": "asr"}
+    with pytest.raises(OSError, match="No space"):
+        write_tiff_atlas(tmp_path / "a_v1.0", volume, volume, [Structure(1, "one", "o", (1,))], metadata)
+    assert len(calls) == 2 and list(tmp_path.iterdir()) == []
 
 
 def test_bundled_atlas_reads_as_brainglobe_allen_mouse_100um(example: Path) -> None:
