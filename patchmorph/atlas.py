@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from patchmorph.cli import command
+from patchmorph.register import AcceptOrientationOption, AcceptQualityOption, AllowSizeMismatchOption
 
 
 @command
@@ -70,6 +71,9 @@ def atlas(
         str | None,
         typer.Option(help="Dask scheduler address (tcp://host:8786) or cluster YAML for every chunked step."),
     ] = None,
+    accept_orientation: AcceptOrientationOption = False,
+    allow_size_mismatch: AllowSizeMismatchOption = False,
+    accept_quality: AcceptQualityOption = False,
 ) -> None:
     """Register a BrainGlobe atlas to a brain: atlas labels, hemispheres and boundaries on the brain, the brain
     in atlas space, forward and inverse fields, volumes.csv, QC images and a summary."""
@@ -78,6 +82,12 @@ def atlas(
     from pipeline.atlas_job import AtlasJobConfig, run_atlas_job
 
     settings = AtlasJobConfig() if config is None else load_yaml(config, AtlasJobConfig)
+    flags = {
+        "accept_orientation": accept_orientation, "allow_size_mismatch": allow_size_mismatch,
+        "accept_quality": accept_quality,
+    }  # fmt: skip
+    checks = settings.checks.model_copy(update={name: True for name, given in flags.items() if given})
+    settings = settings.model_copy(update={"checks": checks})
     if field_spacing is not None:
         parse_length(field_spacing, "--field-spacing")  # the option's own error message, before any work
         inference = settings.inference.model_copy(update={"field_spacing": field_spacing})

@@ -116,11 +116,20 @@ class OrientationCheck:
         self, fixed_direction: np.ndarray, moving_direction: np.ndarray
     ) -> tuple[str | None, str | None]:
         """The orientation codes that would make :attr:`best` the identity: ``(fixed code, moving code)``,
-        each for changing that image alone; None where the image's grid is oblique (no code)."""
-        rotation = self.best.matrix
+        each for changing that image alone; None where the image's grid is oblique (no code).
+
+        Brains are nearly mirror-symmetric, so :attr:`best` ``R`` and its left-right mirror fit about equally, and
+        which of the two wins is chance: ``F R`` for a code of the fixed image (the moving image's frame, taken as
+        right, mirrored; ``F`` flips the left-right world axis), ``R F`` for one of the moving image. Each code is
+        the one of the two that keeps the image's left-right letter as given (``l`` or ``r``; the two codes differ
+        in that letter alone), so the images' word alone never swaps the hemispheres."""
+        mirror = np.diag([1.0, 1.0, -1.0])  # world components (z, y, x): x is left-right
+        best = self.best.matrix
+        fixed = [orientation_code(r @ np.asarray(fixed_direction)) for r in (best, mirror @ best)]
+        moving = [orientation_code(r.T @ np.asarray(moving_direction)) for r in (best, best @ mirror)]
         return (
-            orientation_code(rotation @ np.asarray(fixed_direction)),
-            orientation_code(rotation.T @ np.asarray(moving_direction)),
+            _keeping_left_right(fixed, orientation_code(np.asarray(fixed_direction))),
+            _keeping_left_right(moving, orientation_code(np.asarray(moving_direction))),
         )
 
     def record(self) -> dict[str, object]:
@@ -158,6 +167,16 @@ def _refine(
         optimizer.step()
     with torch.no_grad():
         return float(level.ncc(warp_points(level.points, centre_f, centre_m, extent, base + linear, shift)))
+
+
+def _keeping_left_right(codes: list[str | None], given: str | None) -> str | None:
+    """The one of ``codes`` (the best's and its mirror's) that holds ``given``'s left-right letter; the first when
+    ``given`` has no code or not exactly one does."""
+    if given is None:
+        return codes[0]
+    letter = next(c for c in given if c in "lr")
+    keeping = [code for code in codes if code is not None and letter in code]
+    return keeping[0] if len(keeping) == 1 else codes[0]
 
 
 def check_orientation(fixed: MultiscaleImage, moving: MultiscaleImage) -> OrientationCheck:

@@ -45,6 +45,7 @@ from pipeline.atlas import (
     remove_run_records,
 )
 from pipeline.brainglobe import find_atlas
+from pipeline.checks import CheckOptions
 from pipeline.cluster import ClusterConfig, load_cluster_config, open_client
 from pipeline.resume import as_recorded, atomic_write_json
 
@@ -98,6 +99,8 @@ class AtlasJobConfig(BaseModel):
         qc: write the QC figures.
         label_interpolation: how the atlas's label maps are warped onto the brain: ``vote`` (the label of largest
             summed trilinear weight among a point's 8 neighbours, ANTs' ``GenericLabel``) or ``nearest``.
+        checks: what the registration's checks may let through (:class:`pipeline.checks.CheckOptions`; all
+            False: refuse), e.g. ``allow_size_mismatch`` for a part of a brain.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -112,6 +115,7 @@ class AtlasJobConfig(BaseModel):
     )
     qc: bool = True
     label_interpolation: LabelInterpolation = "vote"
+    checks: CheckOptions = Field(default_factory=CheckOptions)
 
 
 @dataclass(frozen=True)
@@ -132,7 +136,9 @@ def _hash(values: Mapping[str, Any]) -> str:
 def _source_key(path: Path, **geometry: Any) -> str:
     """Identity of an input and the geometry it is read with (file sizes and times, never voxel data): a file,
     or a folder's top-level files (TIFF planes) and its OME-Zarr metadata documents one level down — never a
-    walk over a large store's chunks."""
+    walk over a large store's chunks. The path is resolved first: the same file typed otherwise (relative, from
+    another folder) is the same input."""
+    path = path.resolve()
     found = (
         [path]
         if path.is_file()
@@ -140,7 +146,7 @@ def _source_key(path: Path, **geometry: Any) -> str:
     )
     files = sorted(p for p in found if p.is_file())
     stats = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-    return _hash({"path": str(path.resolve()), "files": stats, **geometry})
+    return _hash({"path": str(path), "files": stats, **geometry})
 
 
 def convert_input(
@@ -199,10 +205,10 @@ SETTINGS_FILE = "job_settings.json"
 def job_settings(
     brain: Path, channels: Sequence[Path], atlas: Path, geometry: Mapping[str, Any], config: AtlasJobConfig
 ) -> dict[str, Any]:
-    """Every setting of ``config`` that shapes the outputs (all but ``cluster`` and ``qc``), with the identities
+    """Every setting of ``config`` that shapes the outputs (all but ``cluster``, ``qc`` and ``checks``), with the identities
     (:func:`_source_key`) of the brain, its channels and the atlas folder and the brain's ``geometry`` options."""
     return {
-        **config.model_dump(mode="json", exclude={"cluster", "qc"}),
+        **config.model_dump(mode="json", exclude={"cluster", "qc", "checks"}),
         "brain": _source_key(brain),
         "channels": [_source_key(path) for path in channels],
         "atlas": _source_key(atlas),
@@ -233,19 +239,17 @@ def check_job_settings(out: Path, settings: Mapping[str, Any]) -> bool:
 
     Raises:
         InputError: ``out`` holds a finished registration made from other inputs or settings (the sentence
-            names them: it and its outputs would be kept), or one without a record (left by an earlier version).
+            names them: it and its outputs would be kept).
     """
     path = out / SETTINGS_FILE
-    again = f"give another --out, or delete {out} to start over."
-    if not path.is_file():
-        if _finished_field(out / "field.ome.zarr"):
-            raise InputError(f"output folder {out} holds a finished registration but no record of its settings: {again}")
+    if not path.is_file():  # a new or empty folder (check_output_folder)
         return False
     recorded = json.loads(path.read_text())
     differ = _differences(recorded["made_from"], as_recorded(settings))
     if differ and recorded["field_finished"]:
         raise InputError(
-            f"output folder {out} holds a job made from other inputs or settings ({', '.join(differ)}): {again}"
+            f"output folder {out} holds a job made from other inputs or settings ({', '.join(differ)}): give "
+            f"another --out, or delete {out} to start over."
         )
     if differ:
         logger.info("%s: the unfinished registration had other settings (%s): started again", out, ", ".join(differ))
@@ -259,7 +263,8 @@ def record_job_settings(out: Path, settings: Mapping[str, Any], field_finished: 
 
 def check_output_folder(out: Path, inputs: Sequence[Path]) -> None:
     """The job's output folder may not be, hold or lie inside one of its inputs (nothing is ever written
-    into a user's data); its parent must exist."""
+    into a user's data); its parent must exist; if it exists, it is an atlas job's (its :data:`SETTINGS_FILE`) or
+    empty, so that no file of the user's is replaced by one of the job's outputs."""
     resolved = out.resolve()
     for path in inputs:
         source = path.resolve()
@@ -269,6 +274,18 @@ def check_output_folder(out: Path, inputs: Sequence[Path]) -> None:
             )
     if not resolved.parent.is_dir():
         raise InputError(f"the folder {resolved.parent} of the output {out} does not exist: create it first.")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"output folder {out} is a file: give the path of a new or empty folder.")
+    if out.is_dir() and not (out / SETTINGS_FILE).is_file() and any(out.iterdir()):
+        if _finished_field(out / "field.ome.zarr"):  # left by an earlier version
+            raise InputError(
+                f"output folder {out} holds a finished registration but no record of its settings: give another "
+                f"--out, or delete {out} to start over."
+            )
+        raise InputError(
+            f"output folder {out} holds files that no atlas job wrote: give a new or empty folder (a job's outputs "
+            "would replace files of the same names)."
+        )
 
 
 # -- fine-tuning ---------------------------------------------------------------------------------------------------
@@ -442,6 +459,7 @@ def run_atlas_job(
             registration = register_files(
                 brain_zarr, prepared.reference, field, inference, scheduler=address,
                 overwrite=restart or not field.with_name(field.name + ".run").is_dir(), progress=False,
+                checks=config.checks,
             )  # fmt: skip
         record_job_settings(out, settings, field_finished=True)
         outputs = atlas_outputs(

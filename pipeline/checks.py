@@ -14,7 +14,8 @@ input, and the folder it writes into must be able to hold the result.
   an axis (a wrong unit or voxel size) and a pair whose moving image fits the fixed one clearly better
   after another axis permutation or flip (:mod:`patchmorph_core.orientation`: a wrong orientation code),
   and returns the record of both checks for the field's quality block. :class:`CheckOptions` lets the
-  user override them.
+  user override them. Extents whose ratios differ by :data:`EXTENT_SHAPE_WARNING` or more between the axes
+  (one image holds part of the other's tissue, or a wrong voxel size on one axis) give a warning.
 
 Every refusal is an :class:`~patchmorph_core.errors.InputError`: one sentence naming the path and what to
 do, exit code 2 on the command line, an item error in a flow; nothing has been written when it is raised.
@@ -23,6 +24,7 @@ do, exit code 2 on the command line, an item error in a flow; nothing has been w
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import shutil
 import tempfile
@@ -42,8 +44,15 @@ from pipeline.integrity import check_stored
 
 PathLike = str | Path
 
+logger = logging.getLogger(__name__)
+
 MAX_EXTENT_RATIO = 3.0
 """Largest ratio of the two images' tissue extents along any world axis before the pair is refused."""
+
+EXTENT_SHAPE_WARNING = 1.6
+"""Largest ratio between two axes' tissue-extent ratios before a warning: one hemisphere of the example brain
+against the whole atlas gave 2.0, whole brains 1.01-1.08 (mouse) and whole human heads of different neck coverage
+up to 1.56 (``docs/checks.md``)."""
 
 MIN_TISSUE_VOXELS = 27
 """An image needs at least this many tissue voxels (normalised intensity >= 0.1) on its coarse level."""
@@ -229,20 +238,31 @@ def _extent_check(
     m_low, m_high = tissue_bounds(moving)
     f_ext, m_ext = f_high - f_low, m_high - m_low
     ratios = np.maximum(f_ext, m_ext) / np.maximum(np.minimum(f_ext, m_ext), 1e-12)
+    shape = f_ext / np.maximum(m_ext, 1e-12)
+    spread = float(shape.max() / max(shape.min(), 1e-12))
     record = {
         "unit": fixed.unit,
         "fixed_tissue_extent": [float(v) for v in f_ext],
         "moving_tissue_extent": [float(v) for v in m_ext],
         "largest_ratio": float(ratios.max()),
+        "ratio_spread": spread,
         "allowed": allow,
     }
+    if spread >= EXTENT_SHAPE_WARNING:
+        ratio_text = ", ".join(f"{r:.2f} along {name}" for r, name in zip(shape, WORLD_AXES, strict=True))
+        logger.warning(
+            "the tissue of the fixed image spans %s times the moving image's: one of them may hold only part of a "
+            "brain (the registration then squeezes the other into it: crop it to the same part first) or have a "
+            "wrong voxel size on one axis",
+            ratio_text,
+        )
     axis = int(np.argmax(ratios))
     if ratios[axis] > MAX_EXTENT_RATIO and not allow:
         raise InputError(
             f"the moving image {moving_path} spans {m_ext[axis]:.4g} {fixed.unit} of tissue along "
             f"{WORLD_AXES[axis]} but the fixed image {f_ext[axis]:.4g} {fixed.unit} ({ratios[axis]:.1f}x, more than "
             f"{MAX_EXTENT_RATIO:g}x): check both images' voxel size and unit, or pass --allow-size-mismatch "
-            "(in a flow: checks.allow_size_mismatch) if this is intended (e.g. a thin section)."
+            "(in a flow or a job's config: checks.allow_size_mismatch) if this is intended (e.g. a thin section)."
         )
     return record
 
@@ -328,7 +348,8 @@ def check_pair_orientation(
         raise InputError(
             f"the moving image {paths['moving']} fits the fixed image {paths['fixed']} clearly better {alternative}, "
             f"NCC {result.best.score:.2f} vs {result.given.score:.2f}: fix the orientation code of the wrong one "
-            "(convert --orientation), or pass --accept-orientation (in a flow: checks.accept_orientation) to "
+            "(convert --orientation; images cannot tell left from right, so the codes keep the given sides: check "
+            "them), or pass --accept-orientation (in a flow or a job's config: checks.accept_orientation) to "
             "register as given."
         )
     return record

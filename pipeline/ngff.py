@@ -191,6 +191,12 @@ def image_orientation(path: str | Path) -> str | None:
     return rfc4_orientation(_multiscale(attrs, str(path)).get("axes", ()))
 
 
+def is_label_image(path: str | Path) -> bool:
+    """Whether an OME-Zarr image is a label image (NGFF ``image-label`` metadata, 0.4 or 0.5)."""
+    attrs = dict(_open_group(path).attrs)
+    return "image-label" in attrs.get("ome", attrs) or bool(attrs.get("patchmorph", {}).get("labels", False))
+
+
 def warn_without_orientation(path: str | Path, role: str) -> bool:
     """Log a warning when an OME-Zarr image carries no anatomical orientation (no RFC-4 axes, and no
     orientation PatchMorph was given when it converted it). Returns True when it warned."""

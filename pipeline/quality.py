@@ -132,7 +132,7 @@ class QualityReport:
         return (
             f"the registration failed its quality checks ({'; '.join(self.failures)}): the field {field_path} is "
             "kept but marked failed; look at its quality block and the QC images, then rerun with other settings "
-            "(--overwrite), or rerun the same command with --accept-quality (in a flow: checks.accept_quality) "
+            "(--overwrite), or rerun the same command with --accept-quality (in a flow or a job's config: checks.accept_quality) "
             "to keep it."
         )
 

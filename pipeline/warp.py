@@ -51,7 +51,15 @@ from pipeline.checks import check_free_space, check_outputs, check_writable, run
 from pipeline.chunked import ChunkPlan, output_array, run_chunked
 from pipeline.cluster import load_cluster_config, open_executor
 from pipeline.integrity import check_stored
-from pipeline.ngff import downsample_unit, finish_image, pyramid_arrays, read_field, read_image, write_block
+from pipeline.ngff import (
+    downsample_unit,
+    finish_image,
+    is_label_image,
+    pyramid_arrays,
+    read_field,
+    read_image,
+    write_block,
+)
 from pipeline.resume import ChunkId, StageRecords, code_identity, content_identity, open_run, run_folder
 
 log = logging.getLogger(__name__)
@@ -248,6 +256,11 @@ def warp_files(
         raise InputError(f"field {field} does not exist: give the output of `patchmorph register`.")
     if not Path(moving).exists():
         raise InputError(f"image {moving} does not exist: give the OME-Zarr image to warp.")
+    if not labels and is_label_image(moving):
+        raise InputError(
+            f"image {moving} is a label image (NGFF image-label): warp it with --labels, or its ids would be "
+            "blended into values that are no label."
+        )
     run_root = run_folder(out, overwrite)
     field_arr, field_grid, meta = read_field(field)
     grid, target_path = _target_grid(target, meta, inverse)

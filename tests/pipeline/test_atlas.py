@@ -19,7 +19,14 @@ from patchmorph_core.errors import InputError
 from patchmorph_core.metrics import ncc
 from patchmorph_core.spatial import Grid, orientation_matrix
 from pipeline.atlas import count_sides, volume_table, voxel_volume_mm3, write_boundaries, write_volume_table
-from pipeline.atlas_job import SETTINGS_FILE, check_job_settings, check_output_folder, record_job_settings
+from pipeline.atlas_job import (
+    SETTINGS_FILE,
+    AtlasJobConfig,
+    check_job_settings,
+    check_output_folder,
+    job_settings,
+    record_job_settings,
+)
 from pipeline.brainglobe import LEFT, RIGHT, Structure
 from pipeline.demo import (
     BRAIN_ORIENTATION,
@@ -90,6 +97,36 @@ def test_output_folder_never_overlaps_an_input(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="does not exist"):
         check_output_folder(tmp_path / "a" / "b", [brain])
     check_output_folder(tmp_path / "result", [brain])
+
+
+def test_output_folder_holding_other_files_is_refused(tmp_path: Path) -> None:
+    """A folder the user made, or another tool's, is never written into: its files could share an output's name
+    (a folder brain.ome.zarr of the user's would be replaced by the job's). An empty one or a job's is taken."""
+    brain = tmp_path / "brain.tif"
+    brain.write_bytes(b"")
+    out = tmp_path / "results"
+    (out / "brain.ome.zarr").mkdir(parents=True)
+    (out / "brain.ome.zarr" / "keep.txt").write_text("mine")
+    with pytest.raises(InputError, match="holds files that no atlas job wrote"):
+        check_output_folder(out, [brain])
+    (out / SETTINGS_FILE).write_text("{}")
+    check_output_folder(out, [brain])
+    (tmp_path / "empty").mkdir()
+    check_output_folder(tmp_path / "empty", [brain])
+    (tmp_path / "file").write_text("")
+    with pytest.raises(InputError, match="is a file"):
+        check_output_folder(tmp_path / "file", [brain])
+
+
+def test_an_input_typed_otherwise_is_the_same_input(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rerun from another folder, or with an absolute path for a relative one, resumes the same job."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "brain.tif").write_bytes(b"planes")
+    monkeypatch.chdir(tmp_path)
+    relative = job_settings(Path("data/brain.tif"), [], Path("data"), {}, AtlasJobConfig())
+    monkeypatch.chdir(tmp_path / "data")
+    absolute = job_settings(tmp_path / "data" / "brain.tif", [], Path("."), {}, AtlasJobConfig())
+    assert relative == absolute
 
 
 # -- `patchmorph atlas` end to end ------------------------------------------------------------------------------
@@ -229,6 +266,7 @@ def test_rerun_keeps_finished_outputs(job: dict) -> None:
 
     out = job["out"]
     before = (out / "field.ome.zarr" / "zarr.json").stat().st_mtime_ns
+    summary = json.loads((out / "summary.json").read_text())
     bg_dir = out.parent / "brainglobe"
     args = [
         "atlas", str(job["files"].brain), "-o", str(out), "--atlas", str(bg_dir / EXAMPLE_ATLAS),
@@ -238,6 +276,10 @@ def test_rerun_keeps_finished_outputs(job: dict) -> None:
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert (out / "field.ome.zarr" / "zarr.json").stat().st_mtime_ns == before
+    again = json.loads((out / "summary.json").read_text())
+    # the figures of skipped steps are kept, e.g. the inverse residual the skipped inverse warp recorded
+    assert again["inverse_max_error"] == summary["inverse_max_error"] > 0
+    assert again["ncc_in_atlas_space"] == summary["ncc_in_atlas_space"]
 
 
 def test_bad_atlas_or_brain_is_one_sentence(tmp_path: Path, examples: Path) -> None:
@@ -287,6 +329,7 @@ def test_rerun_with_other_settings_or_geometry_is_refused(job: dict, tmp_path: P
 
     out = job["out"]
     before = (out / "field.ome.zarr" / "zarr.json").stat().st_mtime_ns
+    summary = json.loads((out / "summary.json").read_text())
     bg_dir = out.parent / "brainglobe"
     args = [
         "atlas", str(job["files"].brain), "-o", str(out), "--atlas", str(bg_dir / EXAMPLE_ATLAS),

@@ -134,15 +134,51 @@ def test_wrong_orientation_code_is_named(mouse_pair: tuple, brain_code: str, atl
     result = check_orientation(fixed, moving)
     assert result.fits_better
     fixed_code, moving_code = result.suggested_codes(fixed.grid.direction, moving.grid.direction)
-    mirror = {"r": "l", "l": "r"}
+    # the right code, not its left-right mirror (which fits as well): the suggestion keeps the given l or r
     if atlas_code != "rsa":
-        assert moving_code in ("rsa", "".join(mirror.get(c, c) for c in "rsa"))
+        assert moving_code == "rsa"
     else:
-        assert fixed_code in ("psl", "psr")
+        assert fixed_code == "psl"
     with pytest.raises(InputError, match=r"fits the fixed image brain clearly better as orientation '\w{3}' than as given"):
         check_pair(fixed, moving, {"fixed": "brain", "moving": "atlas"})
     record = check_pair(fixed, moving, {"fixed": "brain", "moving": "atlas"}, CheckOptions(accept_orientation=True))
     assert record["orientation"]["fits_better"] and record["orientation"]["accepted"]
+
+
+@pytest.mark.parametrize(("flipped_axis", "right_code"), [(0, "asl"), (1, "pil")])
+def test_a_flipped_axis_is_named_without_swapping_the_hemispheres(
+    mouse_pair: tuple, flipped_axis: int, right_code: str
+) -> None:
+    """A stack whose planes (or rows) run the other way, given the code of the original: the suggested code flips
+    that axis alone. Its left-right mirror fits as well and a code that changes two axes is a proper rotation,
+    so the best-scoring candidate alone would often swap the hemispheres."""
+    brain, brain_grid, template, spacing = mouse_pair
+    flipped = np.flip(brain, axis=flipped_axis).copy()
+    fixed = MultiscaleImage.from_array(flipped, Grid.from_orientation(flipped.shape, brain_grid.spacing, "psl"))
+    moving = _image(template, spacing, "rsa")
+    result = check_orientation(fixed, moving)
+    assert result.fits_better
+    fixed_code, moving_code = result.suggested_codes(fixed.grid.direction, moving.grid.direction)
+    assert fixed_code == right_code
+    assert moving_code is not None and "r" in moving_code  # the atlas's right side stays where it is
+
+
+def test_part_of_a_brain_against_a_whole_atlas_gives_a_warning(
+    mouse_pair: tuple, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One hemisphere of the brain (its x axis runs left to right) against the whole template: the ratio of the
+    extents differs between the axes (2.0); the whole brain's does not (1.01)."""
+    brain, brain_grid, template, spacing = mouse_pair
+    moving = _image(template, spacing, "rsa")
+    for part, warned in ((brain, False), (brain[:, :, : brain.shape[2] // 2], True)):
+        caplog.clear()
+        fixed = MultiscaleImage.from_array(part, Grid.from_orientation(part.shape, brain_grid.spacing, "psl"))
+        with caplog.at_level("WARNING", logger="pipeline.checks"):
+            record = check_pair(fixed, moving, {"fixed": "brain", "moving": "atlas"})
+        assert ("may hold only part of a brain" in caplog.text) == warned, caplog.text
+        assert (record["geometry"]["ratio_spread"] >= 1.6) == warned
+        if warned:
+            assert "along left-right" in caplog.text
 
 
 def test_orientation_codes_round_trip() -> None:

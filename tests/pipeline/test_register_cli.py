@@ -134,6 +134,24 @@ def test_register_and_warp_commands(
     )
     assert again.exit_code == 2 and "already exists" in again.output
 
+    # a label image warped as an image would blend its ids into values that are no label: refused up front
+    moving_image = read_image(moving)
+    labels = tmp_path / "labels.zarr"
+    ids = (np.asarray(moving_image.levels[0].array) > np.median(moving_image.levels[0].array)).astype(np.uint16)
+    write_image(labels, ids, moving_image.grid, labels=True)
+    refused = runner.invoke(
+        app, ["warp", "--field", str(field), "--moving", str(labels), "--out", str(tmp_path / "w.zarr"), *common]
+    )
+    assert refused.exit_code == 2 and "is a label image" in refused.output and "--labels" in refused.output
+    assert not (tmp_path / "w.zarr").exists()
+    warped_labels = tmp_path / "warped_labels.zarr"
+    result = runner.invoke(
+        app,
+        ["warp", "--field", str(field), "--moving", str(labels), "--out", str(warped_labels), "--labels", *common],
+    )
+    assert result.exit_code == 0, result.output
+    assert set(np.unique(np.asarray(read_image(warped_labels).levels[0].array)).tolist()) <= {0, 1}
+
 
 def test_register_in_process_at_a_field_spacing_with_its_unit(
     tmp_path: Path, pair_and_config: tuple[Path, Path, InferenceConfig]
