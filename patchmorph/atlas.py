@@ -9,7 +9,12 @@ from typing import Annotated
 import typer
 
 from patchmorph.cli import command
-from patchmorph.register import AcceptOrientationOption, AcceptQualityOption, AllowSizeMismatchOption
+from patchmorph.register import (
+    AcceptOrientationOption,
+    AcceptQualityOption,
+    AllowSizeMismatchOption,
+    quiet_dask,
+)
 
 
 @command
@@ -81,6 +86,7 @@ def atlas(
     from patchmorph_core.spatial import parse_length
     from pipeline.atlas_job import AtlasJobConfig, run_atlas_job
 
+    quiet_dask()
     settings = AtlasJobConfig() if config is None else load_yaml(config, AtlasJobConfig)
     flags = {
         "accept_orientation": accept_orientation, "allow_size_mismatch": allow_size_mismatch,

@@ -58,7 +58,7 @@ KeepRunOption = Annotated[
 ]
 
 
-def _quiet_dask() -> None:
+def quiet_dask() -> None:
     """Keep Dask's own INFO chatter off the terminal (warnings still show)."""
     import distributed  # noqa: F401  (creates its loggers, whose levels are set below)
 
@@ -110,7 +110,7 @@ def register(
     from pipeline.register import register_files, resolve_config
 
     if workers is not None or scheduler is not None:  # threads of this process import no Dask cluster code
-        _quiet_dask()
+        quiet_dask()
     for image, role in ((fixed, "fixed"), (moving, "moving")):
         with contextlib.suppress(InputError):  # an unreadable input is register's to report
             warn_without_orientation(image, role)
@@ -203,7 +203,7 @@ def warp(
     if label_interpolation not in get_args(LabelInterpolation):
         raise InputError(f"--label-interpolation {label_interpolation!r} is unknown: give 'vote' or 'nearest'.")
     if workers is not None or scheduler is not None:  # threads of this process import no Dask cluster code
-        _quiet_dask()
+        quiet_dask()
     record = warp_files(
         field, moving, out, labels=labels, target=target, inverse=inverse, chunk_size=chunk_size,
         workers=workers, scheduler=scheduler, overwrite=overwrite, keep_run=keep_run,
@@ -232,7 +232,7 @@ def cluster_script(
     """Print the SLURM job script one Dask worker job would run (no job is submitted)."""
     from pipeline.cluster import job_script, load_cluster_config
 
-    _quiet_dask()
+    quiet_dask()
     cluster = load_cluster_config(config)
     if cluster.kind != "slurm":
         raise InputError(

@@ -329,7 +329,6 @@ def test_rerun_with_other_settings_or_geometry_is_refused(job: dict, tmp_path: P
 
     out = job["out"]
     before = (out / "field.ome.zarr" / "zarr.json").stat().st_mtime_ns
-    summary = json.loads((out / "summary.json").read_text())
     bg_dir = out.parent / "brainglobe"
     args = [
         "atlas", str(job["files"].brain), "-o", str(out), "--atlas", str(bg_dir / EXAMPLE_ATLAS),
