@@ -108,11 +108,7 @@ class AtlasJobConfig(BaseModel):
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
     fine_tune: FineTuneConfig = Field(default_factory=FineTuneConfig)
     brain_downsample: int = Field(1, ge=1)
-    cluster: ClusterConfig = Field(
-        default_factory=lambda: ClusterConfig(
-            workers=2, threads_per_worker=2, dashboard_address="127.0.0.1:0"
-        )
-    )
+    cluster: ClusterConfig = Field(default_factory=lambda: ClusterConfig(kind="threads"))
     qc: bool = True
     label_interpolation: LabelInterpolation = "vote"
     checks: CheckOptions = Field(default_factory=CheckOptions)

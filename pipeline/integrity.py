@@ -173,7 +173,8 @@ class VerifiedStore(WrapperStore[LocalStore]):
         name = array or "/"
         return ChunkError(
             f"{what} {coords} of array '{name}' in {self.where} is {problem}: the store was altered, "
-            "truncated or lost a file; write this image again (rerun the command that made it)."
+            "truncated or lost a file: if PatchMorph wrote it, delete it and rerun the command that wrote it; if it is "
+            "your data, restore it from its source."
         )
 
     async def get(

@@ -59,7 +59,7 @@ from patchmorph_core.spatial import (
     unit_scale,
 )
 from pipeline.integrity import ARRAY_OPTIONS, EVERY_CHUNK_WRITTEN, VerifiedStore, writable
-from pipeline.resume import WRITE_ID
+from pipeline.resume import WRITE_ID, check_replaceable
 
 logger = logging.getLogger(__name__)
 
@@ -343,12 +343,14 @@ def field_view(array: Any, grid: Grid, meta: Mapping[str, Any]) -> Any:
 
 # -- output paths ---------------------------------------------------------------------------------------
 def check_output(path: str | Path, overwrite: bool) -> Path:
-    """The output path; InputError if it exists and ``overwrite`` is False."""
+    """The output path; InputError if it exists and ``overwrite`` is False, or is not a Zarr store
+    (:func:`~pipeline.resume.check_replaceable`)."""
     out = Path(path)
     if out.exists() and not overwrite:
         raise InputError(
             f"output {str(out)!r} already exists: pass --overwrite (overwrite=True) or choose another path."
         )
+    check_replaceable(out)
     if not out.parent.exists():
         raise InputError(f"output folder {str(out.parent)!r} does not exist: create it first.")
     return out

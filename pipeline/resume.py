@@ -301,6 +301,25 @@ def open_run(root: Path, fingerprint: dict[str, Any], overwrite: bool) -> RunRec
     return RunRecords(root)
 
 
+ZARR_MARKERS = ("zarr.json", ".zgroup", ".zattrs", ".zarray")
+"""Files one of which a Zarr store (v3 or v2) holds at its top."""
+
+
+def check_replaceable(out: Path) -> None:
+    """An existing output that ``--overwrite`` may replace is a Zarr store (an earlier output): never a file or
+    another folder, which a mistyped path would otherwise delete.
+
+    Raises:
+        InputError: ``out`` exists and is not a Zarr store.
+    """
+    if out.exists() and not (out.is_dir() and any((out / name).exists() for name in ZARR_MARKERS)):
+        kind = "a folder" if out.is_dir() else "a file"
+        raise InputError(
+            f"output {out} is {kind} that is not a Zarr store: --overwrite replaces only an earlier output; give "
+            "another path (or remove it yourself if it is to go)."
+        )
+
+
 def run_folder(out: Path, overwrite: bool) -> Path:
     """The run folder ``<out>.run`` of an output, after checking that the output may be (re)written.
 
@@ -316,4 +335,5 @@ def run_folder(out: Path, overwrite: bool) -> Path:
         raise InputError(
             f"output {out} already exists: pass --overwrite to replace it, or choose another path."
         )
+    check_replaceable(out)
     return root

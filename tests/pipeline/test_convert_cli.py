@@ -161,6 +161,17 @@ def _output_exists(tmp: Path) -> list[str]:
     return _planes_with(["1", "1", "1"])(tmp)
 
 
+def _overwrite_a_folder_of_the_users(tmp: Path) -> list[str]:
+    (tmp / "o.zarr" / "sub").mkdir(parents=True)
+    (tmp / "o.zarr" / "notes.txt").write_text("important")
+    return [*_planes_with(["1", "1", "1"])(tmp), "--overwrite"]
+
+
+def _overwrite_a_file(tmp: Path) -> list[str]:
+    (tmp / "o.zarr").write_text("important")
+    return [*_planes_with(["1", "1", "1"])(tmp), "--overwrite"]
+
+
 def _tiff_without_voxel_size(tmp: Path) -> list[str]:
     tifffile.imwrite(tmp / "stack.tif", np.zeros((3, 4, 5), np.uint8))
     return [str(tmp / "stack.tif"), str(tmp / "o.zarr")]
@@ -178,6 +189,8 @@ BAD_INPUTS = {
     "singular affine": (_singular_affine, "singular"),
     "unknown orientation code": (_unknown_orientation, "unknown orientation code"),
     "output exists": (_output_exists, "already exists"),
+    "--overwrite on a folder that is not a Zarr store": (_overwrite_a_folder_of_the_users, "is a folder that is not"),
+    "--overwrite on a file": (_overwrite_a_file, "is a file that is not a Zarr store"),
     "TIFF without voxel size": (_tiff_without_voxel_size, "--voxel-size"),
 }
 
@@ -191,6 +204,8 @@ def test_bad_input_gives_one_sentence_and_exit_2(tmp_path: Path, case: str) -> N
     assert len(lines) == 1 and phrase in lines[0], (case, result.output)
     assert lines[0].endswith("."), lines[0]
     assert not any(p.name.startswith(".o.zarr") for p in tmp_path.iterdir())  # no temporary leftovers
+    if case.startswith("--overwrite on a folder"):
+        assert (tmp_path / "o.zarr" / "notes.txt").read_text() == "important" and (tmp_path / "o.zarr" / "sub").is_dir()
 
 
 def test_preview_labels_the_mid_planes_to_find_an_orientation(tmp_path: Path, examples: Path) -> None:

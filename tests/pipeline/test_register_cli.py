@@ -133,6 +133,16 @@ def test_register_and_warp_commands(
         app, ["warp", "--field", str(field), "--moving", str(moving), "--out", str(warped), *common]
     )
     assert again.exit_code == 2 and "already exists" in again.output
+    mine = tmp_path / "mine"
+    (mine / "sub").mkdir(parents=True)
+    (mine / "notes.txt").write_text("important")
+    for command in (
+        ["warp", "--field", str(field), "--moving", str(moving)],
+        ["register", "--fixed", str(fixed), "--moving", str(moving), "--config", str(config_path)],
+    ):
+        refused = runner.invoke(app, [*command, "--out", str(mine), "--overwrite", *common])
+        assert refused.exit_code == 2 and "is a folder that is not a Zarr store" in refused.output, refused.output
+        assert (mine / "notes.txt").read_text() == "important" and (mine / "sub").is_dir()
 
     # a label image warped as an image would blend its ids into values that are no label: refused up front
     moving_image = read_image(moving)
