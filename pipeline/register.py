@@ -53,7 +53,14 @@ from pipeline.driver import Inputs, MemoryStore, ZarrStore, run_registration
 from pipeline.executor import thread_executor
 from pipeline.ngff import field_metadata, finish_image, read_image
 from pipeline.quality import assess_field, conclude, raise_if_failed, similarity_start, stage_similarity
-from pipeline.resume import atomic_write_json, code_identity, content_identity, open_run, run_folder
+from pipeline.resume import (
+    atomic_write_json,
+    code_identity,
+    content_identity,
+    locks_output,
+    open_run,
+    run_folder,
+)
 
 log = logging.getLogger(__name__)
 
@@ -215,6 +222,7 @@ def _spacing_record(plan: RegistrationPlan) -> dict[str, Any]:
     }
 
 
+@locks_output
 def register_files(
     fixed: str | Path,
     moving: str | Path,
@@ -250,7 +258,8 @@ def register_files(
 
     Raises:
         InputError: any bad input, before heavy work starts (:func:`pipeline.checks.check_pair`'s two parts;
-            the orientation check runs beside the initial alignment).
+            the orientation check runs beside the initial alignment), or another run writing ``out``
+            (:func:`pipeline.resume.output_lock`, held while this runs).
         QualityError: the field failed its quality thresholds (:mod:`pipeline.quality`) and was not accepted.
     """
     tic = time.perf_counter()

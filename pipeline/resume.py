@@ -20,11 +20,16 @@ settings and chunk plan) and, per stage, one record file per finished output chu
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import hashlib
+import inspect
 import json
 import os
 import shutil
+import socket
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -299,6 +304,56 @@ def open_run(root: Path, fingerprint: dict[str, Any], overwrite: bool) -> RunRec
     root.mkdir(parents=True, exist_ok=True)
     atomic_write_json(manifest, wanted)
     return RunRecords(root)
+
+
+@contextlib.contextmanager
+def output_lock(out: Path) -> Iterator[None]:
+    """Hold the exclusive right to write ``out`` (and its run folder) while the block runs: an advisory lock
+    (``flock``) on a hidden file beside it, ``.<name>.lock``, which names the holder. The operating system
+    releases it when the process ends, also when it is killed, so a stopped run never blocks its resumption.
+    Where the file system has no locks the block runs without one.
+
+    Raises:
+        InputError: another process holds it (two runs into one output, e.g. a job started twice).
+    """
+    path = out.with_name(f".{out.name}.lock")
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+    except OSError:  # no such folder (the caller's checks say so) or not writable: nothing to lock
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            raise InputError(
+                f"output {out} is being written by another run ({holder}): wait for it to finish, or stop it "
+                "and rerun this command to resume."
+            ) from None
+        except OSError:  # the file system has no locks
+            yield
+            return
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}, since {time.ctime()}".encode(), 0)
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)  # while it is held: a run that opens it later creates a new one
+    finally:
+        os.close(fd)
+
+
+def locks_output(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Run ``func`` holding :func:`output_lock` on its ``out`` argument."""
+    signature = inspect.signature(func)
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with output_lock(Path(signature.bind(*args, **kwargs).arguments["out"])):
+            return func(*args, **kwargs)
+
+    return wrapper
 
 
 ZARR_MARKERS = ("zarr.json", ".zgroup", ".zattrs", ".zarray")

@@ -60,7 +60,15 @@ from pipeline.ngff import (
     read_image,
     write_block,
 )
-from pipeline.resume import ChunkId, StageRecords, code_identity, content_identity, open_run, run_folder
+from pipeline.resume import (
+    ChunkId,
+    StageRecords,
+    code_identity,
+    content_identity,
+    locks_output,
+    open_run,
+    run_folder,
+)
 
 log = logging.getLogger(__name__)
 
@@ -208,6 +216,7 @@ def _target_grid(target: str | Path | None, meta: dict[str, Any], inverse: bool)
     return read_image(path).grid, str(path)
 
 
+@locks_output
 def warp_files(
     field: str | Path,
     moving: str | Path,
@@ -244,7 +253,8 @@ def warp_files(
             point's 8 neighbours) or ``nearest``.
 
     Raises:
-        InputError: bad input, before heavy work starts.
+        InputError: bad input, before heavy work starts, or another run writing ``out``
+            (:func:`pipeline.resume.output_lock`, held while this runs).
     """
     tic = time.perf_counter()
     out = Path(out)

@@ -20,7 +20,7 @@ from patchmorph_core.errors import InputError
 from pipeline import register as register_module
 from pipeline.ngff import read_field
 from pipeline.register import register_files
-from pipeline.resume import StageRecords, open_run
+from pipeline.resume import StageRecords, open_run, output_lock
 
 
 def test_records_and_write_log(tmp_path: Path) -> None:
@@ -92,6 +92,9 @@ def test_killed_run_resumes_to_identical_field(
     while time.monotonic() < deadline and len(list(done.glob("*.json"))) < 3:
         assert process.poll() is None, "the run ended before it could be killed"
         time.sleep(0.05)
+    # a second run into the same output while the first writes it is refused, naming the first
+    with pytest.raises(InputError, match=rf"is being written by another run \(process {process.pid} on "):
+        register_files(fixed, moving, out, config, chunk_size=5, scheduler=dask_scheduler, progress=False)
     os.killpg(process.pid, signal.SIGKILL)  # the CLI, its scheduler and its worker processes
     process.wait()
     finished_before = len(list(done.glob("*.json")))
@@ -102,6 +105,21 @@ def test_killed_run_resumes_to_identical_field(
     )
     assert next(s for s in resumed.stages if s["name"] == final)["skipped"] >= finished_before
     assert np.array_equal(_field(out), _field(reference.field))
+
+
+def test_one_output_is_written_by_one_run_at_a_time(tmp_path: Path) -> None:
+    """The lock beside an output: a second holder (another run, in this process or another) is refused; it is
+    gone once released, and a lock file left by a killed run does not block."""
+    out = tmp_path / "field.zarr"
+    with output_lock(out):
+        assert "process" in (tmp_path / ".field.zarr.lock").read_text()
+        with pytest.raises(InputError, match="field.zarr is being written by another run"), output_lock(out):
+            pass
+    assert not (tmp_path / ".field.zarr.lock").exists()
+    (tmp_path / ".field.zarr.lock").write_text("process 1 on a node that died")
+    with output_lock(out):
+        pass
+    assert list(tmp_path.iterdir()) == []
 
 
 def _break_output_chunk(run: Path, stage: str, out: Path, victim: tuple[int, int, int]) -> StageRecords:
