@@ -132,18 +132,21 @@ def main() -> None:
     (``gc.freeze``): the process is about to exit, and the interpreter's final collection would otherwise walk
     the hundreds of thousands of objects torch leaves behind, for a few tenths of a second of every command.
     Objects are still released as their references drop; only the last cyclic sweep skips them. A command of
-    :data:`FAST_EXIT_COMMANDS` that succeeded has written and closed its outputs: the process then flushes its
-    streams and log handlers and exits without the interpreter's teardown (``os._exit``), whose atexit work is
-    torch's operator-library finalisers (``docs/method.md``, *Where a command's time goes*).
+    :data:`FAST_EXIT_COMMANDS` that succeeded, refused its input or failed its quality checks has written and
+    closed what it wrote (its thread pools and clusters are shut down before the exit code is set): the process
+    then flushes its streams and log handlers and exits without the interpreter's teardown (``os._exit``), whose
+    atexit work is torch's operator-library finalisers (``docs/method.md``, *Where a command's time goes*) and,
+    after a refused read, Zarr's event-loop thread, which printed a traceback.
     """
     try:
         app()
     except SystemExit as end:
-        if end.code in (0, None) and _command(sys.argv) in FAST_EXIT_COMMANDS:
+        code = 0 if end.code is None else end.code
+        if code in (0, EXIT_INPUT, EXIT_QUALITY) and _command(sys.argv) in FAST_EXIT_COMMANDS:
             sys.stdout.flush()
             sys.stderr.flush()
             logging.shutdown()
-            os._exit(0)
+            os._exit(code)
         raise
     finally:
         gc.freeze()
