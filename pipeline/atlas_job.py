@@ -455,7 +455,7 @@ def run_atlas_job(
             registration = register_files(
                 brain_zarr, prepared.reference, field, inference, scheduler=address,
                 overwrite=restart or not field.with_name(field.name + ".run").is_dir(), progress=False,
-                checks=config.checks,
+                checks=config.checks, names={"fixed": str(brain), "moving": f"{found.name}'s reference"},
             )  # fmt: skip
         record_job_settings(out, settings, field_finished=True)
         outputs = atlas_outputs(

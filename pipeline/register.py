@@ -26,6 +26,7 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -235,6 +236,7 @@ def register_files(
     progress: bool = True,
     checks: CheckOptions | None = None,
     keep_run: bool = False,
+    names: Mapping[str, str] | None = None,
 ) -> RegistrationRecord:
     """Register ``moving`` to ``fixed`` and write the displacement field to ``out`` (see the module docstring).
 
@@ -252,6 +254,8 @@ def register_files(
         checks: what the pre-flight and quality checks may let through (:class:`pipeline.checks.CheckOptions`).
         keep_run: keep the run folder ``<out>.run`` (per-chunk records, block timings, the passes' fields)
             after the run finishes; by default it is removed then (it exists only to resume).
+        names: how the checks' messages name the ``fixed`` and ``moving`` images (default: their paths; a job
+            names what the user gave, not its converted copies).
 
     Returns:
         A :class:`RegistrationRecord` naming what was written.
@@ -273,7 +277,7 @@ def register_files(
     run_root = run_folder(out, overwrite)
     fixed_img, moving_img = _open_inputs(fixed, moving)
     checks = checks or CheckOptions()
-    paths = {"fixed": fixed, "moving": moving}
+    paths = {"fixed": str(fixed), "moving": str(moving), **(names or {})}
     geometry = check_geometry(fixed_img, moving_img, paths, checks)
     if cluster_config.kind == "threads" and fixed_img.nbytes + moving_img.nbytes <= IMAGES_IN_MEMORY_BYTES:
         fixed_img, moving_img = fixed_img.in_memory(), moving_img.in_memory()
@@ -288,7 +292,7 @@ def register_files(
             )
         finally:
             preflight = orientation.result()
-    _check_overlap(fixed_img.grid, rplan.moving.grid, rplan.initial, moving)
+    _check_overlap(fixed_img.grid, rplan.moving.grid, rplan.initial, paths["moving"])
     check_writable(out.parent)
     check_free_space(out.parent, sum(2 * 16 * int(np.prod(g.shape)) for g in rplan.grids), f"the field {out}")
     records = open_run(run_root, _fingerprint(fixed, moving, cfg, rplan, chunk_size), overwrite)

@@ -320,6 +320,35 @@ def test_bad_atlas_or_brain_is_one_sentence(tmp_path: Path, examples: Path) -> N
         assert not (tmp_path / "o").exists(), options  # refused before the job creates its folder
 
 
+def test_a_wrong_brain_orientation_is_named_in_the_users_terms(tmp_path: Path, examples: Path) -> None:
+    """The brain given as ``asl`` (its planes run posterior to anterior: ``psl``): refused, naming the brain's
+    file and ``psl`` (not the hemisphere-swapping ``psr``); ``--accept-orientation`` registers as given."""
+    from typer.testing import CliRunner
+
+    from patchmorph.cli import app
+
+    config = tmp_path / "job.yaml"
+    config.write_text("brain_downsample: 4\nqc: false\ninference:\n  field_spacing: 400um\n")
+    brain = ExampleFiles.from_dir(examples).brain
+    args = [
+        "atlas", str(brain), "--atlas", str(examples / EXAMPLE_ATLAS), "--voxel-size", *map(str, BRAIN_VOXEL_SIZE_UM),
+        "--orientation", "asl", "--config", str(config),
+    ]  # fmt: skip
+    result = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "refused")])
+    assert result.exit_code == 2, result.output
+    assert f"fits the fixed image {brain} clearly better" in result.output
+    assert (
+        "or the fixed image as 'psl' instead of 'asl'" in result.output
+        and "allen_mouse_100um's reference" in result.output
+    )
+    accepted = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "accepted"), "--accept-orientation"])
+    assert accepted.exit_code == 0, accepted.output
+    quality = read_field(tmp_path / "accepted" / "field.ome.zarr")[2]["quality"]
+    assert (
+        quality["preflight"]["orientation"]["accepted"] and quality["preflight"]["orientation"]["fits_better"]
+    )
+
+
 def test_rerun_with_other_settings_or_geometry_is_refused(job: dict, tmp_path: Path) -> None:
     """A finished job's folder is bound to its inputs and settings: a rerun with others is one sentence naming
     what differs, exit 2, and nothing in the folder changes (its finished steps would be kept as they are)."""
