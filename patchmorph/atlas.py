@@ -142,7 +142,9 @@ def make_atlas(
         str | None, typer.Option(help="The atlas's name without resolution (default: the template file's name).")
     ] = None,
     species: Annotated[str, typer.Option(help="The species, recorded in the atlas's metadata.")] = "",
-    citation: Annotated[str, typer.Option(help="The atlas's citation (DOI), recorded in its metadata.")] = "unpublished",
+    citation: Annotated[
+        str, typer.Option(help="The atlas's citation (DOI), recorded in its metadata.")
+    ] = "unpublished",
     voxel_size: Annotated[
         tuple[float, float, float] | None,
         typer.Option("--voxel-size", metavar="Z Y X", help="Voxel size per array axis; required for TIFF."),

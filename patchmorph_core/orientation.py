@@ -39,7 +39,7 @@ import torch
 from patchmorph_core.alignment import LEARNING_RATE, LEVELS, Adam, FitLevel, one_torch_thread, warp_points
 from patchmorph_core.sampling import tissue_bounds, tissue_center
 from patchmorph_core.source import MultiscaleImage
-from patchmorph_core.spatial import orientation_code
+from patchmorph_core.spatial import LEFT_RIGHT_MIRROR, orientation_code
 
 REFINE = 3
 """Candidates (besides the given orientation) refined by a short affine fit."""
@@ -123,8 +123,7 @@ class OrientationCheck:
         right, mirrored; ``F`` flips the left-right world axis), ``R F`` for one of the moving image. Each code is
         the one of the two that keeps the image's left-right letter as given (``l`` or ``r``; the two codes differ
         in that letter alone), so the images' word alone never swaps the hemispheres."""
-        mirror = np.diag([1.0, 1.0, -1.0])  # world components (z, y, x): x is left-right
-        best = self.best.matrix
+        best, mirror = self.best.matrix, LEFT_RIGHT_MIRROR
         fixed = [orientation_code(r @ np.asarray(fixed_direction)) for r in (best, mirror @ best)]
         moving = [orientation_code(r.T @ np.asarray(moving_direction)) for r in (best, best @ mirror)]
         return (

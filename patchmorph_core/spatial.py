@@ -71,6 +71,10 @@ _ANATOMICAL_AXIS: dict[str, tuple[int, float]] = {
 }
 
 
+LEFT_RIGHT_MIRROR = np.diag([1.0, 1.0, -1.0])
+"""``(3, 3)`` world map that mirrors left and right (world component 2 points to the subject's right)."""
+
+
 class SpatialError(InputError):
     """An input's spatial description is invalid; the message names the input and the fix."""
 

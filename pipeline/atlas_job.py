@@ -201,8 +201,9 @@ SETTINGS_FILE = "job_settings.json"
 def job_settings(
     brain: Path, channels: Sequence[Path], atlas: Path, geometry: Mapping[str, Any], config: AtlasJobConfig
 ) -> dict[str, Any]:
-    """Every setting of ``config`` that shapes the outputs (all but ``cluster``, ``qc`` and ``checks``), with the identities
-    (:func:`_source_key`) of the brain, its channels and the atlas folder and the brain's ``geometry`` options."""
+    """Every setting of ``config`` that shapes the outputs (all but ``cluster``, ``qc`` and ``checks``), with the
+    identities (:func:`_source_key`) of the brain, its channels and the atlas folder and the brain's ``geometry``
+    options."""
     return {
         **config.model_dump(mode="json", exclude={"cluster", "qc", "checks"}),
         "brain": _source_key(brain),

@@ -39,9 +39,6 @@ ROOT_ID = 997
 """Id of the root a table without one gets (BrainGlobe's and the Allen atlas's root id), unless a structure holds
 it (then one more than the largest id)."""
 
-GRID_TOLERANCE = 1e-3
-"""How far (in voxels) the labels' grid may lie from the template's and still be the same grid."""
-
 ID_COLUMNS = ("id", "structure_id", "label", "index", "value", "annotation_value")
 NAME_COLUMNS = ("name", "structure_name", "label_name", "structure")
 ACRONYM_COLUMNS = ("acronym", "abbreviation", "short_name")
@@ -183,14 +180,6 @@ def with_root(structures: Sequence[Structure], present: Sequence[int]) -> list[S
 
 
 # -- volumes ----------------------------------------------------------------------------------------------------
-def _same_grid(a: Grid, b: Grid) -> bool:
-    """Whether ``b`` is ``a`` (shape, and the affine within :data:`GRID_TOLERANCE` voxels, in ``a``'s unit)."""
-    if tuple(a.shape) != tuple(b.shape):
-        return False
-    difference = np.abs(a.affine[:3] - b.affine[:3] * unit_scale(b.unit, a.unit))
-    return bool(difference.max() <= GRID_TOLERANCE * float(a.spacing.min()))
-
-
 def _read_volume(path: Path, role: str, overrides: Mapping[str, Any]) -> tuple[np.ndarray, Grid]:
     """A volume of the atlas, read whole, and its grid."""
     array, grid, _ = open_input(path, **overrides)
@@ -274,7 +263,7 @@ def make_atlas(
     volumes = {role: _read_volume(path, role, overrides) for role, path in paths.items()}
     grid = volumes["template"][1]
     for role, (_, other) in volumes.items():
-        if not _same_grid(grid, other):
+        if not grid.same_voxels(other):  # the same shape, and header within a thousandth of a voxel
             raise InputError(
                 f"the {role} {paths[role]} (shape {tuple(other.shape)}) is not on the template's grid (shape "
                 f"{tuple(grid.shape)}, spacing {grid.spacing.tolist()} {grid.unit}): resample it onto the template "
