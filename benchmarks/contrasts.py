@@ -1,7 +1,7 @@
 """Registration across contrasts and species (issue 25): PatchMorph through its command line, ANTs SyN (mutual
 information) right after it on each pair.
 
-Four parts (``--parts``, default all):
+Five parts (``--parts``, default all):
 
 * **human** (a): the held-out SynthSeg subjects 07-10 (2 mm, native spaces, as ``accuracy.py`` prepares
   them) but every subject's image with its OWN intensity table, drawn independently per structure, so that
@@ -27,6 +27,11 @@ Four parts (``--parts``, default all):
   a real one), once with the subject's independent table of part (a) (another contrast). The scan's file has
   no orientation: its axes are named from its segmentation (:func:`mri_orientation`). Dice over the standard
   structures that the two segmentations define alike (:func:`mri_set`: not CSF).
+* **mri-atlas** (e): the main job with an MRI-based atlas, through the commands a user runs: ``patchmorph
+  make-atlas`` makes an atlas of (d)'s scan and its segmentation, and ``patchmorph atlas`` registers it to each
+  held-out subject's image of another contrast (its own table of part (a)), the brain as it is given (NIfTI).
+  Dice of the atlas's labels on the brain against the subject's own, over (d)'s structures; ANTs SyN registers
+  the scan to the same images.
 
 Per pair and method: Dice, % folded voxels (det J <= 0) inside the fixed tissue, field error where the answer
 is known, wall and CPU seconds of each command, the ratio of ``patchmorph register``'s wall time to SyN's
@@ -34,7 +39,7 @@ registration in the same run.
 
 Usage (from the repository root)::
 
-    .venv/bin/python benchmarks/contrasts.py run                     # all four parts
+    .venv/bin/python benchmarks/contrasts.py run                     # all five parts
     .venv/bin/python benchmarks/contrasts.py run --parts mouse --mouse-pairs 4
     .venv/bin/python benchmarks/contrasts.py run --variant mind="--config configs/register_mind.yaml"
     .venv/bin/python benchmarks/contrasts.py syncc                   # ANTs SyNCC on (d)'s T1-like pairs, once
@@ -67,7 +72,7 @@ logger = logging.getLogger("benchmarks.contrasts")
 
 OUT = harness.OUT / "contrasts"
 RESULTS_JSON = harness.RESULTS / "contrasts.json"
-PARTS: tuple[str, ...] = ("human", "mouse", "stp", "mri")
+PARTS: tuple[str, ...] = ("human", "mouse", "stp", "mri", "mri-atlas")
 
 HUMAN_TABLE_SEED = 2525
 """Subject ``s`` of part (a) draws its intensity table from ``default_rng([HUMAN_TABLE_SEED, s])``."""
@@ -737,6 +742,56 @@ def run_mri(args: argparse.Namespace, methods: dict[str, list[str]], save: Calla
         save(part)
 
 
+def run_mri_atlas(args: argparse.Namespace, save: Callable[[dict[str, Any]], None]) -> None:
+    """Part (e): ``make-atlas`` of part (d)'s scan, then ``patchmorph atlas`` onto each subject of another contrast
+    (the brain fixed, the atlas moving), ANTs SyN on the same pairs; ``save(part)`` after each."""
+    pairs, found = mri_pairs(accuracy.SUBJECTS)
+    scored = mri_set()
+    folder = OUT / "mri_atlas"
+    made = harness.CommandRun(harness.empty_folder(folder / "atlas"))
+    atlas = made.path("voxelmorph_t1_v1.0")
+    scan = pairs[0]  # the scan and its segmentation are every pair's fixed image and labels
+    made.times["make_atlas"] = harness.run_timed(
+        harness.patchmorph("make-atlas", scan.fixed_image, scan.fixed_labels, "--out", atlas, "--name",
+                           "voxelmorph_t1", "--species", "Homo sapiens"),
+        made.path("commands.log"), args.nice,
+    )  # fmt: skip
+    part: dict[str, Any] = {**part_provenance(), "pairs": {"PatchMorph": [], "ANTs SyN": []},
+                            "label_sets": [scored.name], "n_structures": len(scored.groups), "scan": MRI_SCAN.name,
+                            **found, "make_atlas_seconds": made.timings()["make_atlas_seconds"],
+                            "synthesis": {**accuracy.SYNTH, "own_table_seed": HUMAN_TABLE_SEED}}  # fmt: skip
+    for pair in (p for p in pairs if MRI_CONTRASTS[1] in p.name):
+        name = pair.name.split(" ")[0].replace("mri:", "")
+        run = harness.CommandRun(harness.empty_folder(folder / name))
+        log, job = run.path("commands.log"), run.path("job")
+        run.times["atlas_job"] = harness.run_timed(
+            harness.patchmorph("atlas", pair.moving_image, "--out", job, "--atlas", atlas), log, args.nice
+        )
+        harness.run_timed(harness.patchmorph("convert", pair.moving_labels, run.path("labels.ome.zarr"), "--labels"), log)
+        harness.run_timed(
+            harness.patchmorph("evaluate", "--field", job / "field.ome.zarr", "--mask", run.path("labels.ome.zarr"),
+                               "--out", run.path("evaluate.json")),
+            log,
+        )  # fmt: skip
+        evaluation = harness.read_evaluation(run)
+        truth, _ = accuracy.load_labels(pair.moving_labels)
+        on_brain, _ = accuracy.load_labels(job / "brain.ome.zarr" / "labels" / "atlas")
+        summary = json.loads((job / "summary.json").read_text())
+        ours = {
+            "pair": name, scored.name: scored.score(truth, on_brain),
+            "folding_percent_in_brain": evaluation["folding_percent"], "jacobian_min_in_brain": evaluation["jacobian_min"],
+            "register_seconds": summary.get("register_seconds"), **run.timings(),
+        }  # fmt: skip
+        reverse = Pair(name, pair.moving_image, pair.fixed_image, pair.moving_labels, pair.fixed_labels)
+        ants = run_ants(reverse, [scored], folder / name / "syn", "SyN", args.nice)
+        part["pairs"]["PatchMorph"].append(ours)
+        part["pairs"]["ANTs SyN"].append(ants)
+        logger.info("mri-atlas %s: Dice %.4f (SyN %.4f), job %.1f s", name, ours[scored.name]["mean_dice"],
+                    ants[scored.name]["mean_dice"], ours["atlas_job_seconds"])  # fmt: skip
+        part["summary"] = summarize_part(part["pairs"], [scored.name])
+        save(part)
+
+
 def stored_syncc() -> dict[str, Any] | None:
     """The stored ANTs SyNCC results of part (d) (:func:`run_syncc`), if made on the current inputs."""
     if not SYNCC_JSON.is_file():
@@ -804,6 +859,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                       "atlas_options": args.atlas_options})  # fmt: skip
     if "mri" in args.parts:
         run_mri(args, methods, saver("mri"))
+    if "mri-atlas" in args.parts:
+        run_mri_atlas(args, saver("mri-atlas"))
     return doc
 
 
