@@ -338,9 +338,12 @@ def write_inverse_field(
         ``out``; its metadata names ``target`` as ``fixed`` and the forward field's fixed image as ``moving``.
     """
     from patchmorph_core.displacement import FieldDisplacement, invert_points
+    from patchmorph_core.source import float32_if_small
     from pipeline.ngff import read_field, read_image, write_field
+    from pipeline.warp import FIELD_MEMORY_BYTES
 
     array, field_grid, meta = read_field(field)
+    array = float32_if_small(array, FIELD_MEMORY_BYTES)  # read once, not at every step of every slab's inverse
     step = float(np.mean(field_grid.spacing)) if spacing is None else float(spacing)
     grid = read_image(target).grid.with_unit(field_grid.unit).resampled(step)
     slabs = [
