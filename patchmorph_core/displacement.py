@@ -120,10 +120,9 @@ INVERSE_DAMPING = 0.5
 """Step size λ of the damped fixed-point inverse (:func:`invert_points`)."""
 
 INVERSE_TOLERANCE = 1e-5
-"""Residual (field voxels) at which a point of :func:`invert_points` stops stepping by default. Far below what
-interpolation resolves, and it halves the inverse's time: on a 2 mm human atlas job's inverse (0.9 M points) 11.7
-CPU-s with every point taking all 30 steps, 5.9 with this, the inverse changed by at most 1.6e-5 field voxels
-(``docs/method.md``)."""
+"""Residual (field voxels) at which a point of :func:`invert_points` stops stepping by default: far below what
+trilinear interpolation resolves, and most points get there in half the steps (``docs/decisions.md``, *The
+inverse is computed once*)."""
 
 
 def invert_points(

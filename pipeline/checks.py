@@ -50,9 +50,8 @@ MAX_EXTENT_RATIO = 3.0
 """Largest ratio of the two images' tissue extents along any world axis before the pair is refused."""
 
 EXTENT_SHAPE_WARNING = 1.6
-"""Largest ratio between two axes' tissue-extent ratios before a warning: one hemisphere of the example brain
-against the whole atlas gave 2.0, whole brains 1.01-1.08 (mouse) and whole human heads of different neck coverage
-up to 1.56 (``docs/checks.md``)."""
+"""Largest ratio between two axes' tissue-extent ratios before a warning: between what whole brains of other
+shapes or head coverage gave and what one hemisphere against a whole atlas gave (``docs/checks.md``)."""
 
 MIN_TISSUE_VOXELS = 27
 """An image needs at least this many tissue voxels (normalised intensity >= 0.1) on its coarse level."""
