@@ -364,10 +364,12 @@ def _channel_names(channels: Sequence[Path]) -> dict[str, Path]:
     return names
 
 
-def _check_channel(channel: Path, brain: Path) -> None:
-    from pipeline.ngff import read_image
+def _check_channel(channel: Path, brain: Path, geometry: Mapping[str, Any]) -> None:
+    """A channel has the brain's array shape (read from the headers, before anything is converted)."""
+    from pipeline.importers import open_input
 
-    shape, brain_shape = read_image(channel).grid.shape, read_image(brain).grid.shape
+    shape = tuple(open_input(channel, **geometry)[0].shape)
+    brain_shape = tuple(open_input(brain, **geometry)[0].shape)
     if shape != brain_shape:
         raise InputError(
             f"channel {channel} has shape {shape}, the brain {brain_shape}: give channels imaged with the brain."
@@ -427,10 +429,12 @@ def run_atlas_job(
             raise InputError(f"{role} {path} does not exist: check the path.")
     found = find_atlas(atlas)
     check_output_folder(out, [brain, *channel_paths, found.folder])
+    geometry = {"voxel_size": voxel_size, "unit": unit, "orientation": orientation}
     for path in [brain, *channel_paths]:
         check_geometry_options(path, voxel_size, unit, orientation)
+    for channel in channel_paths:
+        _check_channel(channel, brain, geometry)
     cluster = config.cluster if scheduler is None else load_cluster_config(scheduler)
-    geometry = {"voxel_size": voxel_size, "unit": unit, "orientation": orientation}
     settings = job_settings(brain, channel_paths, found.folder, geometry, config)
     restart = check_job_settings(out, settings)
     out.mkdir(exist_ok=True)
@@ -442,8 +446,6 @@ def run_atlas_job(
         name: convert_input(path, out / f"{name}.ome.zarr", downsample=config.brain_downsample, **geometry)
         for name, path in named.items()
     }
-    for channel in channel_zarrs.values():
-        _check_channel(channel, brain_zarr)
     prepared = prepare_atlas(found, out / "atlas")
     inference = config.inference
     if config.fine_tune.steps > 0:
@@ -555,8 +557,8 @@ def write_job_summary(out: Path, summary: Mapping[str, Any], paths: Mapping[str,
     ]
     if "inverse_max_error" in s:
         lines.append(
-            f"| inverse field residual, max / mean ({s['field_unit']}) | {_fmt(s['inverse_max_error'], 2)} / "
-            f"{_fmt(s['inverse_mean_error'], 2)} |"
+            f"| inverse field residual, max / mean ({s['field_unit']}) | {s['inverse_max_error']:.3g} / "
+            f"{s['inverse_mean_error']:.3g} |"
         )
     lines += ["", "## Outputs", ""]
     lines += [

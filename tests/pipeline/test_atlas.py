@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 import zarr
 from skimage.segmentation import find_boundaries
 
@@ -320,6 +321,12 @@ def test_bad_atlas_or_brain_is_one_sentence(tmp_path: Path, examples: Path) -> N
         result = runner.invoke(app, ["atlas", str(brain), "-o", str(tmp_path / "o"), *atlas, *options])
         assert result.exit_code == 2 and message in result.output, (options, result.output)
         assert not (tmp_path / "o").exists(), options  # refused before the job creates its folder
+    other = tmp_path / "other_shape.tif"
+    tifffile.imwrite(other, np.ones((4, 5, 6), np.uint16))
+    geometry = ["--voxel-size", *map(str, BRAIN_VOXEL_SIZE_UM), "--orientation", BRAIN_ORIENTATION]
+    result = runner.invoke(app, ["atlas", str(brain), "-o", str(tmp_path / "o"), *atlas, *geometry, "--channel", str(other)])
+    assert result.exit_code == 2 and f"channel {other} has shape (4, 5, 6)" in result.output, result.output
+    assert not (tmp_path / "o").exists()  # refused before anything is converted
 
 
 def test_a_wrong_brain_orientation_is_named_in_the_users_terms(tmp_path: Path, examples: Path) -> None:
