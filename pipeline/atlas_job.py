@@ -509,13 +509,14 @@ def job_summary(
     """The job's figures (:func:`pipeline.atlas.atlas_figures` and the outputs' counts), sizes and time."""
     from pipeline.ngff import read_field, read_image
 
-    _, field_grid, _ = read_field(outputs.paths["field"])
+    _, field_grid, field_meta = read_field(outputs.paths["field"])
     brain_grid = read_image(outputs.paths["brain"]).grid
     summary: dict[str, Any] = {
         "atlas": prepared.atlas.name,
         **atlas_figures(outputs.paths, prepared),
         "field_shape": list(field_grid.shape),
         "field_spacing": [round(float(s), 4) for s in field_grid.spacing],
+        "field_spacing_note": field_meta.get("field_spacing", {}).get("note"),  # given or default, raised or not
         "field_unit": field_grid.unit,
         "brain_shape": list(brain_grid.shape),
         "brain_voxel_size": [round(float(s), 4) for s in brain_grid.spacing],
@@ -545,7 +546,7 @@ def write_job_summary(out: Path, summary: Mapping[str, Any], paths: Mapping[str,
         "",
         f"Brain {tuple(s['brain_shape'])} voxels of {' × '.join(f'{v:g}' for v in s['brain_voxel_size'])} "
         f"{s['field_unit']}; field {tuple(s['field_shape'])} at {' × '.join(f'{v:g}' for v in s['field_spacing'])} "
-        f"{s['field_unit']}; {s['seconds']:.0f} s.",
+        f"{s['field_unit']} ({s.get('field_spacing_note') or 'spacing as recorded'}); {s['seconds']:.0f} s.",
         "",
         "| figure | value |",
         "|---|---|",

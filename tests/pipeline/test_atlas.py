@@ -279,6 +279,8 @@ def test_rerun_keeps_finished_outputs(job: dict) -> None:
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert (out / "field.ome.zarr" / "zarr.json").stat().st_mtime_ns == before
+    assert summary["field_spacing_note"] == "given: 170um"  # where the field's spacing came from, in the summary
+    assert "(given: 170um)" in (out / "summary.md").read_text()
     again = json.loads((out / "summary.json").read_text())
     # the figures of skipped steps are kept, e.g. the inverse residual the skipped inverse warp recorded
     assert again["inverse_max_error"] == summary["inverse_max_error"] > 0
