@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from patchmorph.cli import command
+from patchmorph.convert import OrientationOption, UnitOption, VoxelSizeOption
 from patchmorph.register import (
     AcceptOrientationOption,
     AcceptQualityOption,
@@ -145,15 +146,9 @@ def make_atlas(
     citation: Annotated[
         str, typer.Option(help="The atlas's citation (DOI), recorded in its metadata.")
     ] = "unpublished",
-    voxel_size: Annotated[
-        tuple[float, float, float] | None,
-        typer.Option("--voxel-size", metavar="Z Y X", help="Voxel size per array axis; required for TIFF."),
-    ] = None,
-    orientation: Annotated[
-        str | None,
-        typer.Option(help="Orientation code of the array axes (z, y, x), e.g. 'asr'; replaces the header's."),
-    ] = None,
-    unit: Annotated[str | None, typer.Option(help="Unit of --voxel-size (TIFF default: micrometer).")] = None,
+    voxel_size: VoxelSizeOption = None,
+    orientation: OrientationOption = None,
+    unit: UnitOption = None,
 ) -> None:
     """Make a BrainGlobe atlas folder from your own atlas's files (an MRI-based marmoset atlas, say): its
     template, its label image and the table of its structures."""

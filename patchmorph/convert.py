@@ -9,6 +9,29 @@ import typer
 
 from patchmorph.cli import command
 
+VoxelSizeOption = Annotated[
+    tuple[float, float, float] | None,
+    typer.Option(
+        "--voxel-size",
+        metavar="Z Y X",
+        help="Voxel size per array axis (z = slowest, e.g. the plane axis); required for TIFF.",
+    ),
+]
+UnitOption = Annotated[
+    str | None,
+    typer.Option(
+        help="Unit of the voxel size / header numbers: micrometer, millimeter, ... (TIFF default: micrometer)."
+    ),
+]
+OrientationOption = Annotated[
+    str | None,
+    typer.Option(
+        help="Anatomical orientation code of the array axes (z, y, x), brainglobe style: each letter names "
+        "the side where index 0 lies, e.g. 'psl' or 'asr'. Replaces any header orientation."
+    ),
+]
+"""The geometry options of an image read from a file (``convert``, ``make-atlas``)."""
+
 
 @command
 def convert(
@@ -22,27 +45,9 @@ def convert(
             help="Output OME-Zarr 0.5 folder (e.g. brain.ome.zarr); optional with --preview.",
         ),
     ] = None,
-    voxel_size: Annotated[
-        tuple[float, float, float] | None,
-        typer.Option(
-            "--voxel-size",
-            metavar="Z Y X",
-            help="Voxel size per array axis (z = slowest, e.g. the plane axis); required for TIFF.",
-        ),
-    ] = None,
-    unit: Annotated[
-        str | None,
-        typer.Option(
-            help="Unit of the voxel size / header numbers: micrometer, millimeter, ... (TIFF default: micrometer)."
-        ),
-    ] = None,
-    orientation: Annotated[
-        str | None,
-        typer.Option(
-            help="Anatomical orientation code of the array axes (z, y, x), brainglobe style: each letter names "
-            "the side where index 0 lies, e.g. 'psl' or 'asr'. Replaces any header orientation."
-        ),
-    ] = None,
+    voxel_size: VoxelSizeOption = None,
+    unit: UnitOption = None,
+    orientation: OrientationOption = None,
     labels: Annotated[bool, typer.Option(help="Write a label image (nearest-neighbour pyramid).")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
     preview: Annotated[

@@ -364,16 +364,19 @@ def _channel_names(channels: Sequence[Path]) -> dict[str, Path]:
     return names
 
 
-def _check_channel(channel: Path, brain: Path, geometry: Mapping[str, Any]) -> None:
-    """A channel has the brain's array shape (read from the headers, before anything is converted)."""
+def _check_channels(channels: Sequence[Path], brain: Path, geometry: Mapping[str, Any]) -> None:
+    """Every channel has the brain's array shape (read from the headers, before anything is converted)."""
     from pipeline.importers import open_input
 
-    shape = tuple(open_input(channel, **geometry)[0].shape)
+    if not channels:
+        return
     brain_shape = tuple(open_input(brain, **geometry)[0].shape)
-    if shape != brain_shape:
-        raise InputError(
-            f"channel {channel} has shape {shape}, the brain {brain_shape}: give channels imaged with the brain."
-        )
+    for channel in channels:
+        shape = tuple(open_input(channel, **geometry)[0].shape)
+        if shape != brain_shape:
+            raise InputError(
+                f"channel {channel} has shape {shape}, the brain {brain_shape}: give channels imaged with the brain."
+            )
 
 
 def _versions() -> dict[str, str]:
@@ -432,8 +435,7 @@ def run_atlas_job(
     geometry = {"voxel_size": voxel_size, "unit": unit, "orientation": orientation}
     for path in [brain, *channel_paths]:
         check_geometry_options(path, voxel_size, unit, orientation)
-    for channel in channel_paths:
-        _check_channel(channel, brain, geometry)
+    _check_channels(channel_paths, brain, geometry)
     cluster = config.cluster if scheduler is None else load_cluster_config(scheduler)
     settings = job_settings(brain, channel_paths, found.folder, geometry, config)
     restart = check_job_settings(out, settings)
