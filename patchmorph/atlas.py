@@ -164,3 +164,47 @@ def make_atlas(
         f"wrote atlas {atlas.name} ({len(atlas.structures)} structures, shape {atlas.shape}, "
         f"{'x'.join(f'{r:g}' for r in atlas.resolution_um)} um, orientation {atlas.orientation}): {folder}"
     )
+
+
+@command
+def points(
+    points_file: Annotated[
+        Path,
+        typer.Argument(
+            metavar="POINTS",
+            help="Detected cells or other points: cellfinder's XML, or a CSV with voxel columns axis_0, axis_1, "
+            "axis_2 (or z, y, x; axis 0 = the planes of a stack), other columns passed through.",
+        ),
+    ],
+    job: Annotated[Path, typer.Option(help="The output folder of a finished 'patchmorph atlas' run.")],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Folder for all_points.csv and summary.csv (created).")
+    ],
+    space: Annotated[
+        str,
+        typer.Option(
+            help="Where the points are: 'brain' (voxels of the brain file the job was given, as a cell detector "
+            "reports them) or 'atlas' (voxels of the atlas's arrays)."
+        ),
+    ] = "brain",
+    all_markers: Annotated[
+        bool, typer.Option(help="Take every marker of cellfinder's XML, not only those classified as cells.")
+    ] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace the tables of an earlier run in --out.")] = False,
+) -> None:
+    """Map points (detected cells) between the brain and the atlas of an atlas job: each point's atlas and
+    brain voxel coordinates, structure and hemisphere (all_points.csv), and cells per structure and side with
+    densities per mm³ (summary.csv), as brainglobe's brainmapper writes them."""
+    from patchmorph_core.errors import InputError
+    from pipeline.points import transform_points
+
+    if space not in ("brain", "atlas"):
+        raise InputError(f"--space {space!r} is neither 'brain' nor 'atlas': say where the points' voxels are.")
+    taken = [p for p in (out / "all_points.csv", out / "summary.csv") if p.exists()]
+    if taken and not overwrite:
+        raise InputError(f"{taken[0]} exists: give another --out, or --overwrite to replace the tables.")
+    paths, mapped = transform_points(job, points_file, out, space, cells_only=not all_markers)  # type: ignore[arg-type]
+    inside = int((mapped.structure_ids > 0).sum())
+    typer.echo(f"{len(mapped.structure_ids)} points, {inside} inside the atlas's brain")
+    for role, path in paths.items():
+        typer.echo(f"wrote {role}: {path}")

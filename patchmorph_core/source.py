@@ -241,3 +241,14 @@ def downsampled_grid(grid: Grid, factors: Sequence[int], shape: Sequence[int]) -
     affine[:3, :3] = grid.linear * f[None, :]
     affine[:3, 3] = grid.index_to_world((f - 1.0) / 2.0)
     return Grid(tuple(shape), affine, grid.unit)
+
+
+def source_grid(grid: Grid, factors: Sequence[int], shape: Sequence[int]) -> Grid:
+    """The grid of the source a level was made from by :func:`downsampled_grid` (its inverse): ``grid``'s
+    spacing divided by ``factors``, voxel 0 at ``(1 - f) / (2 f)`` of ``grid``'s voxels; ``shape`` is the
+    source's."""
+    f = np.asarray(factors, dtype=np.float64)
+    affine = grid.affine.copy()
+    affine[:3, :3] = grid.linear / f[None, :]
+    affine[:3, 3] = grid.index_to_world((1.0 - f) / (2.0 * f))
+    return Grid(tuple(shape), affine, grid.unit)

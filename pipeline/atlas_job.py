@@ -181,6 +181,7 @@ def convert_input(
             "source": str(source),
             "orientation_source": orientation_source(source, kind, orientation),
             "downsample": downsample,
+            "source_shape": list(array.shape),  # the brain file's voxels, for points given in them
         }
         write_image(
             target,

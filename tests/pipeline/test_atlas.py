@@ -131,31 +131,10 @@ def test_an_input_typed_otherwise_is_the_same_input(tmp_path: Path, monkeypatch:
 
 
 # -- `patchmorph atlas` end to end ------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def job(tmp_path_factory: pytest.TempPathFactory, examples: Path) -> dict:
-    """``patchmorph atlas BRAIN.tif -o OUT --atlas allen_mouse_100um`` with the atlas found by name in
-    $BRAINGLOBE_DIR, the brain block-averaged by 3 (150×120×120 µm) and one extra channel."""
-    from typer.testing import CliRunner
-
-    from patchmorph.cli import app
-
-    root = tmp_path_factory.mktemp("atlas_job")
-    bg_dir = root / "brainglobe"
-    shutil.copytree(examples / EXAMPLE_ATLAS, bg_dir / EXAMPLE_ATLAS)
-    config = root / "job.yaml"
-    config.write_text(
-        "brain_downsample: 3\ninference:\n  device: cpu\n  field_spacing: 170um\ncluster:\n  kind: threads\n"
-    )
-    files = ExampleFiles.from_dir(examples)
-    out = root / "out"
-    args = [
-        "atlas", str(files.brain), "-o", str(out), "--atlas", "allen_mouse_100um",
-        "--voxel-size", *map(str, BRAIN_VOXEL_SIZE_UM), "--orientation", BRAIN_ORIENTATION,
-        "--channel", str(files.brain), "--config", str(config),
-    ]  # fmt: skip
-    result = CliRunner().invoke(app, args, env={"BRAINGLOBE_DIR": str(bg_dir)})
-    assert result.exit_code == 0, result.output
-    return {"out": out, "output": result.output, "files": files}
+@pytest.fixture
+def job(atlas_job: dict) -> dict:
+    """The session's atlas job (``tests/pipeline/conftest.py``)."""
+    return atlas_job
 
 
 def test_atlas_job_writes_every_output_and_no_run_records(job: dict) -> None:

@@ -1,0 +1,388 @@
+"""Points between a brain and its atlas through an atlas job's fields: detected cells (cellfinder's XML or a
+CSV) to atlas coordinates, regions and hemispheres, and counts and densities per region.
+
+An atlas job (:mod:`pipeline.atlas_job`) leaves in its folder the forward field ``u`` (a brain world point
+``x`` ↦ the atlas world point ``x + u(x)``) and the inverse field ``w`` (an atlas world point ``y`` ↦ the
+brain world point ``y + w(y)``). Points are voxel indices ``(axis 0, axis 1, axis 2)``, fractional allowed:
+
+* in the brain: of the **brain file as the job was given it** (its array order, before ``brain_downsample``),
+  the coordinates a cell detector reports;
+* in the atlas: of the atlas's own arrays (BrainGlobe's ``coordinate_atlas_axis_*``).
+
+:func:`map_points` maps brain points to the atlas through ``u`` or atlas points to the brain through ``w``;
+each point's structure and hemisphere are the atlas's annotation and hemispheres at its nearest atlas voxel.
+:func:`write_point_tables` writes what brainglobe's brainmapper writes: ``all_points.csv`` (one row a point)
+and ``summary.csv`` (cells per structure and side, with the brain's volumes from the job's ``volumes.csv`` and
+the densities per mm³). Fields and labels are read block by block around the points, never whole.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import xml.etree.ElementTree as ElementTree
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from patchmorph_core.displacement import FieldDisplacement
+from patchmorph_core.errors import InputError
+from patchmorph_core.source import source_grid
+from patchmorph_core.spatial import Grid, read_box, unit_scale
+from pipeline.brainglobe import LEFT, RIGHT, Structure, find_atlas
+
+logger = logging.getLogger(__name__)
+
+Space = Literal["brain", "atlas"]
+"""Where points are given: ``brain`` (the brain file's voxels) or ``atlas`` (the atlas's voxels)."""
+
+AXIS_COLUMNS: tuple[tuple[str, str, str], ...] = (("axis_0", "axis_1", "axis_2"), ("z", "y", "x"))
+"""Column names a points CSV may give its voxel indices under, array axis 0 (the slowest, a stack's planes)
+first; brainmapper's ``coordinate_raw_axis_*`` (brain) and ``coordinate_atlas_axis_*`` (atlas) are read too,
+before these (:func:`axis_columns`)."""
+
+POINT_COLUMNS: tuple[str, ...] = (
+    "coordinate_raw_axis_0",
+    "coordinate_raw_axis_1",
+    "coordinate_raw_axis_2",
+    "coordinate_atlas_axis_0",
+    "coordinate_atlas_axis_1",
+    "coordinate_atlas_axis_2",
+    "structure_name",
+    "hemisphere",
+    "structure_id",
+    "acronym",
+)
+"""Columns of ``all_points.csv``: brainmapper's eight (raw = the brain file's voxels, atlas = the atlas's
+voxels), then the structure id and acronym."""
+
+SUMMARY_COLUMNS: tuple[str, ...] = (
+    "structure_name",
+    "left_cell_count",
+    "right_cell_count",
+    "total_cells",
+    "left_volume_mm3",
+    "right_volume_mm3",
+    "total_volume_mm3",
+    "left_cells_per_mm3",
+    "right_cells_per_mm3",
+    "structure_id",
+    "acronym",
+)
+"""Columns of ``summary.csv``: brainmapper's nine, then the structure id and acronym."""
+
+CELLFINDER_CELL_TYPE = 2
+"""cellfinder's marker type of a classified cell in its XML (1: not a cell; unclassified candidates: 1)."""
+
+BLOCK = 64
+"""Edge (voxels) of the blocks in which fields and labels are read around the points."""
+
+
+@dataclass(frozen=True)
+class Points:
+    """Points read from a file: ``(N, 3)`` float64 voxel indices ``(axis 0, axis 1, axis 2)`` and each point's
+    other columns (a CSV's, passed through; none for XML)."""
+
+    index: np.ndarray
+    extra: tuple[dict[str, str], ...]
+    extra_columns: tuple[str, ...]
+
+
+def axis_columns(space: Space) -> tuple[tuple[str, str, str], ...]:
+    """The voxel columns of a points CSV of ``space``, in the order they are looked for."""
+    prefix = "coordinate_raw_axis" if space == "brain" else "coordinate_atlas_axis"
+    return (tuple(f"{prefix}_{k}" for k in range(3)), *AXIS_COLUMNS)  # type: ignore[return-value]
+
+
+def _csv_points(path: Path, space: Space) -> Points:
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        header = tuple(reader.fieldnames or ())
+        found = next((cols for cols in axis_columns(space) if set(cols) <= set(header)), None)
+        if found is None:
+            raise InputError(
+                f"points file {path} has no voxel columns (it has {', '.join(header) or 'none'}): name them "
+                "axis_0, axis_1, axis_2 (or z, y, x), array axis 0 first (the planes of a stack)."
+            )
+        rows = list(reader)
+    try:
+        index = np.array([[float(row[c]) for c in found] for row in rows], dtype=np.float64).reshape(-1, 3)
+    except (TypeError, ValueError) as err:
+        raise InputError(f"points file {path} has a voxel value that is not a number ({err}): fix that row.") from err
+    others = tuple(c for c in header if c not in found and c not in POINT_COLUMNS)  # those are written anew
+    return Points(index, tuple({c: row[c] for c in others} for row in rows), others)
+
+
+def _xml_points(path: Path, cells_only: bool) -> Points:
+    """cellfinder's XML (``Marker_Type`` / ``Marker`` with ``MarkerX``, ``MarkerY``, ``MarkerZ``): X is the
+    last array axis, Y the middle one, Z the planes."""
+    try:
+        root = ElementTree.parse(path).getroot()
+    except ElementTree.ParseError as err:
+        raise InputError(f"points file {path} is not readable XML ({err}): give cellfinder's cells XML or a CSV.") from err
+    index = []
+    for marker_type in root.iter("Marker_Type"):
+        kind = int(marker_type.findtext("Type", default="0"))
+        if cells_only and kind != CELLFINDER_CELL_TYPE:
+            continue
+        for marker in marker_type.iter("Marker"):
+            index.append([float(marker.findtext(f"Marker{a}", default="nan")) for a in "ZYX"])
+    points = np.array(index, dtype=np.float64).reshape(-1, 3)
+    if not np.all(np.isfinite(points)):
+        raise InputError(f"points file {path} has a marker without MarkerX, MarkerY or MarkerZ: fix that marker.")
+    return Points(points, tuple({} for _ in index), ())
+
+
+def read_points(path: str | Path, space: Space = "brain", cells_only: bool = True) -> Points:
+    """The points of a CSV (:func:`axis_columns` of ``space``) or of cellfinder's XML (its cells, or every
+    marker when not ``cells_only``).
+
+    Raises:
+        InputError: a missing or unreadable file, no voxel columns, or no points.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"points file {path} does not exist: check the path.")
+    points = _xml_points(path, cells_only) if path.suffix.lower() == ".xml" else _csv_points(path, space)
+    if len(points.index) == 0:
+        raise InputError(f"points file {path} holds no points{' classified as cells' if cells_only else ''}.")
+    return points
+
+
+# -- the job's spaces -------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class JobSpaces:
+    """What :func:`map_points` needs from an atlas job's folder.
+
+    Attributes:
+        brain_grid: the brain file's voxels (before the job's ``brain_downsample``), in the brain's unit.
+        atlas_grid: the atlas's voxels (its own array order), in the atlas's unit.
+        field / inverse_field: the job's forward and inverse fields.
+        annotation / hemispheres: the atlas's label images (level-0 arrays, on ``atlas_grid``).
+        structures: annotation value → structure.
+        volumes: the job's ``volumes.csv``.
+    """
+
+    brain_grid: Grid
+    atlas_grid: Grid
+    field: Path
+    inverse_field: Path
+    annotation: Any
+    hemispheres: Any
+    structures: Mapping[int, Structure]
+    volumes: Path
+
+
+def open_job(folder: str | Path) -> JobSpaces:
+    """The spaces of the finished atlas job in ``folder``.
+
+    Raises:
+        InputError: ``folder`` is not a finished atlas job, or the atlas it used is gone.
+    """
+    from pipeline.atlas import _attributes
+    from pipeline.atlas_job import JOB_RECORD
+    from pipeline.ngff import read_image
+
+    folder = Path(folder)
+    if not (folder / JOB_RECORD).is_file():
+        raise InputError(
+            f"{folder} is not the folder of a finished atlas job (no {JOB_RECORD}): give the --out folder of a "
+            "'patchmorph atlas' run that finished."
+        )
+    record = json.loads((folder / JOB_RECORD).read_text())
+    brain_path = folder / "brain.ome.zarr"
+    brain = read_image(brain_path).grid
+    attrs = _attributes(brain_path)
+    factor = int(attrs.get("downsample", 1))
+    shape = attrs.get("source_shape", [n * factor for n in brain.shape])
+    brain_grid = source_grid(brain, (factor,) * 3, shape) if factor > 1 else brain
+    atlas_folder = record["atlas"]["folder"]
+    if not Path(atlas_folder).is_dir():
+        raise InputError(
+            f"the atlas folder {atlas_folder} that the job in {folder} used is gone: put it back (its structure "
+            "names are read from it)."
+        )
+    annotation = read_image(folder / "atlas" / "annotation.ome.zarr")
+    hemispheres = read_image(folder / "atlas" / "hemispheres.ome.zarr")
+    return JobSpaces(
+        brain_grid=brain_grid,
+        atlas_grid=annotation.grid,
+        field=folder / "field.ome.zarr",
+        inverse_field=folder / "inverse_field.ome.zarr",
+        annotation=annotation.levels[0].array,
+        hemispheres=hemispheres.levels[0].array,
+        structures=find_atlas(atlas_folder).structures,
+        volumes=folder / "volumes.csv",
+    )
+
+
+def _blocks(index: np.ndarray) -> Iterator[np.ndarray]:
+    """Row numbers of the points in each :data:`BLOCK`³ block of index space, block by block."""
+    keys = np.floor(index / BLOCK).astype(np.int64)
+    _, inverse = np.unique(keys, axis=0, return_inverse=True)
+    order = np.argsort(inverse.ravel(), kind="stable")
+    bounds = np.flatnonzero(np.diff(inverse.ravel()[order])) + 1
+    yield from np.split(order, bounds)
+
+
+def _displace(field: Path, world: np.ndarray, unit: str) -> np.ndarray:
+    """``world + u(world)`` for ``(N, 3)`` points in ``unit``, through the field at ``field`` (read block by
+    block around the points), in ``unit``."""
+    from pipeline.ngff import read_field
+
+    array, grid, _ = read_field(field)
+    scale = unit_scale(unit, grid.unit)
+    sampler = FieldDisplacement(array, grid)
+    points = world * scale
+    out = np.empty_like(points)
+    for rows in _blocks(grid.world_to_index(points)):
+        out[rows] = points[rows] + sampler(points[rows])
+    return out / scale
+
+
+def _check_inside(index: np.ndarray, grid: Grid, what: str, path: str | Path) -> None:
+    """InputError naming the first point of ``index`` outside ``grid``'s voxels (a swapped axis order, or
+    points of another image)."""
+    outside = np.any((index < -0.5) | (index > np.asarray(grid.shape) - 0.5), axis=1)
+    if outside.any():
+        row = int(np.flatnonzero(outside)[0])
+        raise InputError(
+            f"points file {path}: point {row + 1} ({', '.join(f'{v:g}' for v in index[row])}) lies outside the "
+            f"{what}'s {' × '.join(map(str, grid.shape))} voxels ({int(outside.sum())} of {len(index)} do): give "
+            f"voxel indices of the {what} in its array order, axis 0 first (the planes of a stack)."
+        )
+
+
+def values_at(array: Any, index: np.ndarray) -> np.ndarray:
+    """The values of a label array at the nearest voxels of ``(N, 3)`` fractional indices (0 outside it),
+    read block by block."""
+    nearest = np.rint(index).astype(np.int64)
+    inside = np.all((nearest >= 0) & (nearest < np.asarray(array.shape)), axis=1)
+    out = np.zeros(len(index), dtype=np.int64)
+    rows_inside = np.flatnonzero(inside)
+    for part in _blocks(nearest[rows_inside]):
+        rows = rows_inside[part]
+        low, high = nearest[rows].min(axis=0), nearest[rows].max(axis=0) + 1
+        block = read_box(array, tuple(slice(int(a), int(b)) for a, b in zip(low, high, strict=True)))
+        out[rows] = block[tuple((nearest[rows] - low).T)]
+    return out
+
+
+@dataclass(frozen=True)
+class MappedPoints:
+    """Points in both spaces: ``brain`` and ``atlas`` voxel indices ``(N, 3)``, and the atlas's structure id
+    and hemisphere (1 left, 2 right, 0 outside) at each."""
+
+    brain: np.ndarray
+    atlas: np.ndarray
+    structure_ids: np.ndarray
+    hemispheres: np.ndarray
+
+
+def map_points(job: JobSpaces, index: np.ndarray, given_in: Space, path: str | Path = "") -> MappedPoints:
+    """Map ``(N, 3)`` voxel indices given in ``given_in`` to the other space and look up their structures.
+
+    Raises:
+        InputError: a point outside the voxels of the space it is given in (``path`` names the file).
+    """
+    source, target = (job.brain_grid, job.atlas_grid) if given_in == "brain" else (job.atlas_grid, job.brain_grid)
+    _check_inside(index, source, given_in, path)
+    field = job.field if given_in == "brain" else job.inverse_field
+    world = source.index_to_world(index)
+    mapped = _displace(field, world, source.unit) * unit_scale(source.unit, target.unit)
+    other = target.world_to_index(mapped)
+    brain, atlas = (index, other) if given_in == "brain" else (other, index)
+    return MappedPoints(brain, atlas, values_at(job.annotation, atlas), values_at(job.hemispheres, atlas))
+
+
+# -- tables -----------------------------------------------------------------------------------------------------
+HEMISPHERE_NAMES = {LEFT: "left", RIGHT: "right"}
+
+
+def _volumes(path: Path) -> dict[int, tuple[float, float, float]]:
+    """Left, right and total volume (mm³) per structure id from the job's ``volumes.csv``."""
+    with path.open(newline="") as handle:
+        return {
+            int(row["structure_id"]): tuple(float(row[f"{side}_volume_mm3"]) for side in ("left", "right", "total"))
+            for row in csv.DictReader(handle)
+        }
+
+
+def _per_mm3(count: int, volume: float) -> str:
+    return f"{count / volume:.6g}" if volume > 0 else "nan"
+
+
+def summary_rows(mapped: MappedPoints, job: JobSpaces) -> list[list[Any]]:
+    """``summary.csv``'s rows (:data:`SUMMARY_COLUMNS`): the points per structure and side, most first;
+    points outside the atlas's brain (structure 0) are not a structure and are left out."""
+    counts = Counter(zip(mapped.structure_ids.tolist(), mapped.hemispheres.tolist(), strict=True))
+    volumes = _volumes(job.volumes)
+    rows = []
+    for sid in sorted({s for s, _ in counts if s != 0}):
+        left, right = counts[(sid, LEFT)], counts[(sid, RIGHT)]
+        total = sum(n for (s, _), n in counts.items() if s == sid)
+        structure = job.structures.get(sid, Structure(sid, f"label {sid}", str(sid)))
+        vl, vr, vt = volumes.get(sid, (0.0, 0.0, 0.0))
+        rows.append([
+            structure.name, left, right, total, f"{vl:.6f}", f"{vr:.6f}", f"{vt:.6f}",
+            _per_mm3(left, vl), _per_mm3(right, vr), sid, structure.acronym,
+        ])  # fmt: skip
+    return sorted(rows, key=lambda row: -row[3])
+
+
+def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    """Write under a hidden name and rename when complete: a table that exists is whole."""
+    partial = path.with_name(f".{path.name}.partial")
+    with partial.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+    partial.replace(path)
+
+
+def write_point_tables(
+    out: str | Path, points: Points, mapped: MappedPoints, job: JobSpaces
+) -> dict[str, Path]:
+    """``all_points.csv`` (:data:`POINT_COLUMNS`, then the points file's other columns) and ``summary.csv``
+    (:func:`summary_rows`) in the folder ``out`` (created)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for k in range(len(mapped.brain)):
+        sid = int(mapped.structure_ids[k])
+        structure = job.structures.get(sid)
+        rows.append([
+            *(f"{v:.3f}" for v in mapped.brain[k]), *(f"{v:.3f}" for v in mapped.atlas[k]),
+            structure.name if structure else ("" if sid == 0 else f"label {sid}"),
+            HEMISPHERE_NAMES.get(int(mapped.hemispheres[k]), ""), sid, structure.acronym if structure else "",
+            *(points.extra[k][c] for c in points.extra_columns),
+        ])  # fmt: skip
+    paths = {"all_points": out / "all_points.csv", "summary": out / "summary.csv"}
+    _write_csv(paths["all_points"], [*POINT_COLUMNS, *points.extra_columns], rows)
+    _write_csv(paths["summary"], SUMMARY_COLUMNS, summary_rows(mapped, job))
+    return paths
+
+
+def transform_points(
+    job_folder: str | Path, points_file: str | Path, out: str | Path, given_in: Space = "brain", cells_only: bool = True
+) -> tuple[dict[str, Path], MappedPoints]:
+    """Read ``points_file``, map it through the atlas job in ``job_folder`` and write the tables into ``out``.
+
+    Raises:
+        InputError: bad points, or a folder that is no finished job (before anything is written).
+    """
+    job = open_job(job_folder)
+    points = read_points(points_file, given_in, cells_only)
+    mapped = map_points(job, points.index, given_in, points_file)
+    outside = int(np.count_nonzero(mapped.structure_ids == 0))
+    if outside:
+        logger.warning(
+            "%d of %d points fall outside the atlas's brain (no structure): they are in all_points.csv, not in "
+            "summary.csv", outside, len(mapped.structure_ids),
+        )  # fmt: skip
+    return write_point_tables(out, points, mapped, job), mapped

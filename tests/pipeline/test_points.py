@@ -1,0 +1,126 @@
+"""``patchmorph points``: cells given in the brain file's voxels land in the structures and hemispheres that the
+job's labels on the brain show there, map back from the atlas to where they were, and are counted per structure
+and side with brainmapper's columns; cellfinder's XML is read in its axis order; bad points are refused."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import ndimage
+from typer.testing import CliRunner
+
+from patchmorph.cli import EXIT_INPUT, app
+from pipeline.ngff import read_image
+from pipeline.points import POINT_COLUMNS, SUMMARY_COLUMNS, read_points
+
+DOWNSAMPLE = 3
+"""The session's atlas job block-averages the brain file by 3 (``tests/pipeline/conftest.py``)."""
+
+
+def _table(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.fixture(scope="module")
+def cells(atlas_job: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """300 'cells' at the brain file's voxels (``3 c + 1``: the middle of job voxel ``c``'s block) where the
+    job's labels on the brain are one structure over 3×3×3 job voxels, mapped with ``patchmorph points``."""
+    out = atlas_job["out"]
+    labels = np.asarray(read_image(out / "brain.ome.zarr" / "labels" / "atlas").levels[0].array[...])
+    sides = np.asarray(read_image(out / "brain.ome.zarr" / "labels" / "hemispheres").levels[0].array[...])
+    uniform = (ndimage.maximum_filter(labels, 3) == ndimage.minimum_filter(labels, 3)) & (labels > 0)
+    chosen = np.argwhere(uniform)
+    chosen = chosen[np.random.default_rng(1).choice(len(chosen), 300, replace=False)]
+    folder = tmp_path_factory.mktemp("cells")
+    points = folder / "cells.csv"
+    with points.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["cell", "z", "y", "x"])
+        writer.writerows([f"c{k}", *(DOWNSAMPLE * c + 1)] for k, c in enumerate(chosen))
+    result = CliRunner().invoke(app, ["points", str(points), "--job", str(out), "-o", str(folder / "mapped")])
+    assert result.exit_code == 0, result.output
+    return {
+        "folder": folder, "mapped": folder / "mapped", "raw": DOWNSAMPLE * chosen + 1,
+        "structures": labels[tuple(chosen.T)], "sides": sides[tuple(chosen.T)], "job": out,
+    }  # fmt: skip
+
+
+def test_cells_land_in_the_structures_and_sides_the_labels_on_the_brain_show(cells: dict) -> None:
+    rows = _table(cells["mapped"] / "all_points.csv")
+    assert list(rows[0]) == [*POINT_COLUMNS, "cell"]
+    assert [r["cell"] for r in rows] == [f"c{k}" for k in range(300)]  # order and other columns kept
+    raw = np.array([[float(r[f"coordinate_raw_axis_{k}"]) for k in range(3)] for r in rows])
+    np.testing.assert_allclose(raw, cells["raw"])
+    ids = np.array([int(r["structure_id"]) for r in rows])
+    sides = np.array([{"left": 1, "right": 2}.get(r["hemisphere"], 0) for r in rows])
+    assert np.mean(ids == cells["structures"]) >= 0.98
+    assert np.mean(sides == cells["sides"]) >= 0.98
+    assert all(r["structure_name"] and r["acronym"] for r in rows)
+
+
+def test_atlas_coordinates_map_back_to_the_cells(cells: dict) -> None:
+    """brainmapper's all_points.csv given as atlas points: the inverse field takes them back to the brain."""
+    back = cells["folder"] / "back"
+    args = ["points", str(cells["mapped"] / "all_points.csv"), "--job", str(cells["job"]), "-o", str(back)]
+    result = CliRunner().invoke(app, [*args, "--space", "atlas"])
+    assert result.exit_code == 0, result.output
+    rows = _table(back / "all_points.csv")
+    raw = np.array([[float(r[f"coordinate_raw_axis_{k}"]) for k in range(3)] for r in rows])
+    error = np.abs(raw - cells["raw"])  # brain file voxels (50 × 40 × 40 µm)
+    assert np.median(error) < 0.15 and error.max() < 1.0
+    before = _table(cells["mapped"] / "all_points.csv")
+    assert [r["structure_id"] for r in rows] == [r["structure_id"] for r in before]
+
+
+def test_summary_counts_cells_per_structure_and_side_with_densities(cells: dict) -> None:
+    rows = _table(cells["mapped"] / "summary.csv")
+    assert list(rows[0]) == list(SUMMARY_COLUMNS)
+    points = _table(cells["mapped"] / "all_points.csv")
+    for row in rows:
+        mine = [p for p in points if p["structure_id"] == row["structure_id"]]
+        left = sum(p["hemisphere"] == "left" for p in mine)
+        assert (int(row["left_cell_count"]), int(row["total_cells"])) == (left, len(mine))
+        assert int(row["left_cell_count"]) + int(row["right_cell_count"]) == int(row["total_cells"])
+        assert float(row["left_cells_per_mm3"]) == pytest.approx(left / float(row["left_volume_mm3"]), rel=1e-5)
+    volumes = {r["structure_id"]: r for r in _table(cells["job"] / "volumes.csv")}
+    for row in rows:
+        assert row["total_volume_mm3"] == volumes[row["structure_id"]]["total_volume_mm3"]
+    assert sum(int(r["total_cells"]) for r in rows) == 300
+    assert [int(r["total_cells"]) for r in rows] == sorted((int(r["total_cells"]) for r in rows), reverse=True)
+
+
+def test_cellfinders_xml_is_read_cells_only_in_array_order(tmp_path: Path) -> None:
+    xml = tmp_path / "cells.xml"
+    marker = "<Marker><MarkerX>{}</MarkerX><MarkerY>{}</MarkerY><MarkerZ>{}</MarkerZ></Marker>"
+    xml.write_text(
+        "<CellCounter_Marker_File><Marker_Data>"
+        f"<Marker_Type><Type>1</Type>{marker.format(1, 2, 3)}</Marker_Type>"
+        f"<Marker_Type><Type>2</Type>{marker.format(10, 20, 30)}{marker.format(11, 21, 31)}</Marker_Type>"
+        "</Marker_Data></CellCounter_Marker_File>"
+    )
+    np.testing.assert_array_equal(read_points(xml).index, [[30, 20, 10], [31, 21, 11]])  # (z, y, x)
+    assert len(read_points(xml, cells_only=False).index) == 3
+
+
+def test_bad_points_are_refused_in_one_sentence(cells: dict, tmp_path: Path) -> None:
+    job = str(cells["job"])
+    swapped = tmp_path / "swapped.csv"  # x, y, z order: y beyond the brain file's 192 rows
+    swapped.write_text("z,y,x\n30,250,10\n")
+    nameless = tmp_path / "nameless.csv"
+    nameless.write_text("a,b,c\n1,2,3\n")
+    cases = [
+        (["points", str(swapped), "--job", job, "-o", str(tmp_path / "o1")], "lies outside the brain's"),
+        (["points", str(nameless), "--job", job, "-o", str(tmp_path / "o2")], "has no voxel columns"),
+        (["points", str(swapped), "--job", str(tmp_path), "-o", str(tmp_path / "o3")], "not the folder of a"),
+        (["points", str(swapped), "--job", job, "-o", str(tmp_path / "o4"), "--space", "world"], "neither"),
+        (["points", str(swapped), "--job", job, "-o", str(cells["mapped"])], "exists"),
+    ]
+    for args, words in cases:
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == EXIT_INPUT, result.output
+        assert words in result.output and "Traceback" not in result.output
+    assert not any((tmp_path / f"o{k}").exists() for k in range(1, 5))
