@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from patchmorph_core.config import InferenceConfig, LossConfig
 from patchmorph_core.errors import InputError
+from patchmorph_core.spatial import parse_length, unit_scale
 from patchmorph_core.warping import LabelInterpolation
 from pipeline.atlas import (
     AtlasOutputs,
@@ -244,6 +245,9 @@ def check_job_settings(out: Path, settings: Mapping[str, Any]) -> bool:
         return False
     recorded = json.loads(path.read_text())
     differ = _differences(recorded["made_from"], as_recorded(settings))
+    spacing = settings.get("inference", {}).get("field_spacing")
+    if differ == ["inference.field_spacing"] and recorded["field_finished"] and _spacing_used(out, spacing):
+        return False
     if differ and recorded["field_finished"]:
         raise InputError(
             f"output folder {out} holds a job made from other inputs or settings ({', '.join(differ)}): give "
@@ -252,6 +256,20 @@ def check_job_settings(out: Path, settings: Mapping[str, Any]) -> bool:
     if differ:
         logger.info("%s: the unfinished registration had other settings (%s): started again", out, ", ".join(differ))
     return bool(differ)
+
+
+def _spacing_used(out: Path, given: float | str | None) -> bool:
+    """Whether ``given`` (a field spacing, a bare number in the field's unit) is the spacing the finished field
+    in ``out`` was made at, as its summary reports it: the same registration, the option typed out."""
+    from pipeline.ngff import read_field
+
+    if given is None:
+        return False
+    used = read_field(out / "field.ome.zarr")[2].get("field_spacing", {})
+    if "value" not in used:
+        return False
+    value, unit = parse_length(given, "field_spacing") if isinstance(given, str) else (float(given), used["unit"])
+    return bool(abs(value * unit_scale(unit, used["unit"]) - used["value"]) <= 1e-6 * used["value"])
 
 
 def record_job_settings(out: Path, settings: Mapping[str, Any], field_finished: bool) -> None:

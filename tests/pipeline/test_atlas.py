@@ -371,7 +371,8 @@ def test_rerun_with_other_settings_or_geometry_is_refused(job: dict, tmp_path: P
 
 def test_a_folder_is_bound_to_its_settings_once_its_field_is_finished(job: dict, tmp_path: Path) -> None:
     """Before the field is finished (a first attempt refused by a check, or stopped) other settings start the
-    registration again; once it is finished they are refused."""
+    registration again; once it is finished they are refused, but for the field spacing it was made at typed
+    out (the value its summary gives)."""
     recorded = json.loads((job["out"] / SETTINGS_FILE).read_text())
     assert recorded["field_finished"] is True
     settings = recorded["made_from"]
@@ -385,6 +386,11 @@ def test_a_folder_is_bound_to_its_settings_once_its_field_is_finished(job: dict,
     assert check_job_settings(tmp_path, settings) is False
     with pytest.raises(InputError, match=r"holds a job made from other inputs or settings \(geometry\.orientation\)"):
         check_job_settings(tmp_path, other)
+    typed = {**settings, "inference": {**settings["inference"], "field_spacing": "0.17 mm"}}
+    assert check_job_settings(job["out"], typed) is False  # the spacing its field was made at, typed out
+    other = {**settings, "inference": {**settings["inference"], "field_spacing": "0.2 mm"}}
+    with pytest.raises(InputError, match=r"\(inference\.field_spacing\)"):
+        check_job_settings(job["out"], other)
 
 
 def test_outputs_made_from_an_earlier_field_are_redone(job: dict, tmp_path: Path) -> None:
