@@ -568,6 +568,7 @@ def pyramid_arrays(
     grid = _level_grids(group)[0]
     count = _auto_levels(grid) if n_levels is None else max(1, int(n_levels))
     previous = group["0"]
+    dtype = level_dtype(previous.dtype, bool(dict(group.attrs).get("patchmorph", {}).get("labels", False)))
     unit = np.asarray(write_block(previous)[-3:], dtype=np.int64)
     scale = np.ones(3, dtype=np.int64)
     levels = []
@@ -576,17 +577,17 @@ def pyramid_arrays(
         full = previous.shape[:-3] + shape
         scale = scale * np.asarray(factors, dtype=np.int64)
         existing = None if fresh else group.get(str(index))
-        if isinstance(existing, zarr.Array) and tuple(existing.shape) == full:
+        if isinstance(existing, zarr.Array) and tuple(existing.shape) == full and existing.dtype == dtype:
             target = writable(existing)
         else:
-            chunk_shape, shard_shape = choose_layout(full, previous.dtype, previous.chunks[-3:])
+            chunk_shape, shard_shape = choose_layout(full, dtype, previous.chunks[-3:])
             shard_shape = _shards_under(shard_shape, chunk_shape, unit, scale)
             target = group.create_array(
                 str(index),
                 shape=full,
                 chunks=chunk_shape,
                 shards=shard_shape,
-                dtype=previous.dtype,
+                dtype=dtype,
                 fill_value=0,
                 dimension_names=list(previous.metadata.dimension_names),
                 overwrite=True,
@@ -653,9 +654,9 @@ def finish_image(path: str | Path, n_levels: int | None = None, client: Any = No
 
             # one task per write unit of the new level; it reads the source one storage chunk of the new
             # level at a time (2x that region), so its memory is one write unit plus a chunk's worth
-            units = da.empty(target.shape, chunks=write_block(target), dtype=previous.dtype)
+            units = da.empty(target.shape, chunks=write_block(target), dtype=target.dtype)
             down = units.map_blocks(
-                _downsample_unit, previous, factors, labels, tuple(target.chunks), dtype=previous.dtype
+                _downsample_unit, previous, factors, labels, tuple(target.chunks), dtype=target.dtype
             )
             _store(down, target, desc=f"pyramid level {index}", client=client)
         grids.append(downsampled_grid(grids[-1], factors, target.shape[-3:]))
@@ -703,6 +704,18 @@ def _write_group(
 
 def _storage_dtype(dtype: np.dtype) -> np.dtype:
     return np.dtype(np.uint8) if np.dtype(dtype) == np.bool_ else np.dtype(dtype)
+
+
+def level_dtype(dtype: np.dtype | type, labels: bool) -> np.dtype:
+    """The dtype of an image's pyramid levels after the first, and of a warp of it: float32 for an 8-bit or
+    boolean intensity image, whose block means and interpolated values would otherwise round away (a mask
+    covering 5 % of the tissue to nearly nothing, a probability map in steps of 1/255 to coarser ones); every
+    other image keeps its dtype (label ids are picked, not averaged; a 16-bit or wider image's rounding moves
+    a value by at most half a grey level, which matters only for values near 1: a mask or counts stored in 16
+    bits are to be given as 8-bit or float32)."""
+    dtype = np.dtype(dtype)
+    small = dtype == np.bool_ or (np.issubdtype(dtype, np.integer) and dtype.itemsize == 1)
+    return np.dtype(np.float32) if small and not labels else _storage_dtype(dtype)
 
 
 def write_image(

@@ -11,7 +11,7 @@ Directions (the field ``u`` maps a fixed world point ``x`` to the moving world p
   measures the inverse's residual ``|v(y) + u(y + v(y))|`` on a subsample of its voxels; the maximum and
   mean are returned in :class:`WarpRecord` and stored in the output's metadata.
 
-Images are trilinear (rounded back to the input dtype); label maps take at each voxel the label with the
+Images are trilinear (rounded back to the input dtype, but float32 for an 8-bit one: :func:`pipeline.ngff.level_dtype`); label maps take at each voxel the label with the
 largest summed trilinear weight among its 8 neighbours (``label_interpolation: vote``,
 :func:`~patchmorph_core.warping.vote_labels`, ANTs' ``GenericLabel``), or the nearest voxel's label.
 Each write unit of the output (a Zarr chunk, or a whole shard for sharded arrays) is computed by one task
@@ -55,6 +55,7 @@ from pipeline.ngff import (
     downsample_unit,
     finish_image,
     is_label_image,
+    level_dtype,
     pyramid_arrays,
     read_field,
     read_image,
@@ -277,7 +278,7 @@ def warp_files(
     image = read_image(moving).with_unit(field_grid.unit)
     for array in (field_arr, *(level.array for level in image.levels)):
         check_stored(array)  # a lost chunk file is refused before heavy work
-    dtype = np.dtype(getattr(image.levels[0].array, "dtype", np.float32))
+    dtype = level_dtype(getattr(image.levels[0].array, "dtype", np.float32), labels)  # a mask's values kept
     check_writable(out.parent)
     check_free_space(out.parent, int(np.prod(grid.shape)) * dtype.itemsize * 4 // 3, f"the warped image {out}")  # + pyramid
     forward = FieldDisplacement(float32_if_small(field_arr, FIELD_MEMORY_BYTES), field_grid)

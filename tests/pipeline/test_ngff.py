@@ -70,6 +70,24 @@ def test_anisotropic_pyramid_becomes_isotropic(tmp_path: Path) -> None:
     assert max(ngff.read_image(out).levels[-1].array.shape) <= ngff.COARSEST_MAX_SIZE
 
 
+def test_an_8_bit_images_levels_keep_its_means_in_float32(tmp_path: Path) -> None:
+    """A mask on 5 % of the voxels (uint8 0/1): its block means would round to nothing in uint8; a 16-bit
+    image keeps its dtype, a label image its ids."""
+    rng = np.random.default_rng(4)
+    mask = (rng.random((24, 32, 40)) < 0.05).astype(np.uint8)
+    grid = Grid.from_orientation(mask.shape, (50, 40, 40), "psl")
+    image = ngff.read_image(ngff.write_image(tmp_path / "m.zarr", mask, grid, n_levels=3))
+    assert image.levels[0].array.dtype == np.uint8
+    for level in image.levels[1:]:
+        values = np.asarray(level.array[:])
+        assert values.dtype == np.float32
+        assert values.mean() == pytest.approx(mask.mean(), rel=1e-5)
+    wide = ngff.read_image(ngff.write_image(tmp_path / "w.zarr", mask.astype(np.uint16) * 900, grid, n_levels=2))
+    assert wide.levels[1].array.dtype == np.uint16
+    labels = ngff.read_image(ngff.write_image(tmp_path / "l.zarr", mask * 7, grid, labels=True, n_levels=2))
+    assert labels.levels[1].array.dtype == np.uint8
+
+
 def test_labels_keep_dtype_and_values(tmp_path: Path) -> None:
     labels = np.random.default_rng(2).choice(np.array([0, 7, 1000], np.uint32), size=(20, 24, 28))
     grid = Grid.from_spacing(labels.shape, (1.0, 1.0, 1.0), unit="millimeter")

@@ -83,3 +83,28 @@ def test_the_tasks_write_the_first_pyramid_levels_as_finish_image_builds_them(
         assert built.any()
         np.testing.assert_array_equal(zarr.open_array(str(out / str(index)), mode="r")[:], built)
     assert len(read_image(out).levels) == 6
+
+
+def test_an_8_bit_mask_keeps_its_signal_through_a_warp(tmp_path: Path) -> None:
+    """A uint8 mask on 5 % of the voxels warped onto a coarser, rotated grid gives float32 values equal to those
+    of the same mask given as float32 (in uint8 its coarse level and the output rounded the signal away)."""
+    mask = (np.random.default_rng(5).random((40, 48, 56)) < 0.05).astype(np.uint8)
+    grid = Grid.from_orientation(mask.shape, (50.0, 40.0, 40.0), "psl")
+    shape, spacing = (20, 21, 26), np.array([100.0, 80.0, 80.0])
+    linear = random_rotation(np.random.default_rng(6), 10.0) * spacing[None, :]
+    origin = grid.center - linear @ (np.array(shape) - 1.0) / 2.0  # centred on the mask
+    fixed_grid = Grid.from_spacing(shape, spacing, origin=origin, direction=linear / spacing[None, :])
+    fixed = write_image(tmp_path / "fixed.zarr", np.zeros(shape, np.float32), fixed_grid)
+    warped = {}
+    for dtype in (np.uint8, np.float32):
+        moving = write_image(tmp_path / f"mask_{np.dtype(dtype).name}.zarr", mask.astype(dtype), grid)
+        field = write_field(
+            tmp_path / f"zero_{np.dtype(dtype).name}.zarr", np.zeros((3, *shape), np.float32), fixed_grid,
+            metadata={"fixed": str(fixed), "moving": str(moving)},
+        )  # fmt: skip
+        out = tmp_path / f"warped_{np.dtype(dtype).name}.zarr"
+        warp_files(field, moving, out, progress=False)
+        warped[dtype] = np.asarray(read_image(out).levels[0].array[:])
+    assert warped[np.uint8].dtype == np.float32
+    np.testing.assert_allclose(warped[np.uint8], warped[np.float32], atol=1e-6)
+    assert warped[np.uint8].mean() == pytest.approx(mask.mean(), rel=0.1)  # most of the grid lies on the mask
