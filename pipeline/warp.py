@@ -217,6 +217,28 @@ def _target_grid(target: str | Path | None, meta: dict[str, Any], inverse: bool)
     return read_image(path).grid, str(path)
 
 
+def check_space(image: Grid, target: Grid, meta: dict[str, Any], inverse: bool, moving: str | Path) -> None:
+    """Refuse an image that lies on the output grid already, when the space it is to come from has other voxels:
+    an image of the fixed space given to a forward warp (or of the moving space to an inverse one), which would
+    be resampled as if it were in the other space.
+
+    Raises:
+        InputError: naming the image and the way round.
+    """
+    source_role, target_role = ("fixed", "moving") if inverse else ("moving", "fixed")
+    source = meta.get(source_role)
+    if source is None or not Path(source).exists() or not image.same_voxels(target):
+        return
+    if read_image(source).grid.same_voxels(target):  # both images of the registration share one grid
+        return
+    way = "without --inverse" if inverse else "with --inverse (or through the inverse field)"
+    raise InputError(
+        f"image {moving} lies on the voxels of the field's {target_role} image, not in the {source_role} image's "
+        f"space that this warp takes images from: it is in {target_role} space already; to bring it to the "
+        f"{source_role} space, warp it {way}."
+    )
+
+
 @locks_output
 def warp_files(
     field: str | Path,
@@ -276,6 +298,7 @@ def warp_files(
     field_arr, field_grid, meta = read_field(field)
     grid, target_path = _target_grid(target, meta, inverse)
     image = read_image(moving).with_unit(field_grid.unit)
+    check_space(image.grid, grid.with_unit(field_grid.unit), meta, inverse, moving)
     for array in (field_arr, *(level.array for level in image.levels)):
         check_stored(array)  # a lost chunk file is refused before heavy work
     dtype = level_dtype(getattr(image.levels[0].array, "dtype", np.float32), labels)  # a mask's values kept

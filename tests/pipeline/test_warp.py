@@ -108,3 +108,27 @@ def test_an_8_bit_mask_keeps_its_signal_through_a_warp(tmp_path: Path) -> None:
     assert warped[np.uint8].dtype == np.float32
     np.testing.assert_allclose(warped[np.uint8], warped[np.float32], atol=1e-6)
     assert warped[np.uint8].mean() == pytest.approx(mask.mean(), rel=0.1)  # most of the grid lies on the mask
+
+
+def test_an_image_already_in_the_output_space_is_refused(tmp_path: Path) -> None:
+    """The fixed image given to a forward warp (a brain given where the atlas's images go): refused, naming the
+    way round; given to the inverse warp it is taken."""
+    from patchmorph_core.errors import InputError
+
+    rng = np.random.default_rng(7)
+    fixed_grid = Grid.from_spacing((20, 22, 24), (1.2, 1.0, 1.1), unit="millimeter",
+                                   direction=random_rotation(rng, 12.0))  # fmt: skip
+    moving_grid = Grid.from_spacing((24, 26, 25), (1.0, 1.0, 1.0), unit="millimeter")
+    fixed = write_image(tmp_path / "fixed.zarr", rng.random(fixed_grid.shape).astype(np.float32), fixed_grid)
+    moving = write_image(tmp_path / "moving.zarr", rng.random(moving_grid.shape).astype(np.float32), moving_grid)
+    field = write_field(
+        tmp_path / "field.zarr", np.zeros((3, *fixed_grid.shape), np.float32), fixed_grid,
+        metadata={"fixed": str(fixed), "moving": str(moving)},
+    )  # fmt: skip
+    with pytest.raises(InputError, match=r"lies on the voxels of the field's fixed image.*warp it with --inverse"):
+        warp_files(field, fixed, tmp_path / "wrong.zarr", progress=False)
+    assert not (tmp_path / "wrong.zarr").exists()
+    warp_files(field, fixed, tmp_path / "back.zarr", inverse=True, progress=False)
+    assert read_image(tmp_path / "back.zarr").grid.same_voxels(moving_grid)
+    with pytest.raises(InputError, match=r"lies on the voxels of the field's moving image.*warp it without"):
+        warp_files(field, moving, tmp_path / "wrong2.zarr", inverse=True, progress=False)
