@@ -325,7 +325,11 @@ def write_inverse_field(
     ``v`` satisfies ``v(y) = −u(y + v(y))`` (fixed-point iteration, :mod:`patchmorph_core.displacement`); it
     maps a moving world point ``y`` to the fixed world point ``y + v(y)``. Its grid covers ``target``'s
     box with ``target``'s direction and the forward field's spacing (or ``spacing``), in the field's unit;
-    it is computed ``slab`` planes at a time.
+    it is computed ``slab`` planes at a time. Its residual ``|v(y) + u(y + v(y))|`` is measured on every 4th
+    voxel of that grid whose image ``y + v(y)`` lies inside the forward field's grid (a voxel in from its
+    edge): where the moving image reaches beyond what the fixed image holds (an atlas beyond the imaged part
+    of a brain), the forward field is only extended from its edge and has no inverse to measure; the share of
+    such voxels is recorded as ``beyond_fixed_percent``.
 
     Args:
         field: the forward field (output of ``register``).
@@ -358,15 +362,20 @@ def write_inverse_field(
     sub = grid.index_to_world(
         np.stack(np.meshgrid(*(np.arange(0, n, 4) for n in grid.shape), indexing="ij"), -1).reshape(-1, 3)
     )
-    _, residual = invert_points(FieldDisplacement(array, field_grid), sub, iterations)
-    norm = np.linalg.norm(residual, axis=-1)
+    inverse, residual = invert_points(FieldDisplacement(array, field_grid), sub, iterations)
+    index = field_grid.world_to_index(sub + inverse)
+    within = np.all((index >= 1.0) & (index <= np.asarray(field_grid.shape) - 2.0), axis=1)
+    norm = np.linalg.norm(residual, axis=-1)[within]
     metadata = {
         "fixed": str(target),
         "moving": meta.get("fixed"),
         "model": meta.get("model"),
         "config": meta.get("config"),
         "inverse_of": str(field),
-        "inverse_error": {"max": float(norm.max()), "mean": float(norm.mean()), "unit": grid.unit},
+        "inverse_error": {
+            "max": float(norm.max(initial=0.0)), "mean": float(norm.mean()) if norm.size else 0.0,
+            "unit": grid.unit, "beyond_fixed_percent": round(100.0 * float(1.0 - within.mean()), 2),
+        },  # fmt: skip
     }
     return write_field(out, da.concatenate(slabs, axis=1), grid, metadata=metadata, overwrite=True)
 

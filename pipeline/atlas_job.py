@@ -579,9 +579,10 @@ def write_job_summary(out: Path, summary: Mapping[str, Any], paths: Mapping[str,
     ]
     if "inverse_max_error" in s:
         lines.append(
-            f"| inverse field residual, max / mean ({s['field_unit']}) | {s['inverse_max_error']:.3g} / "
-            f"{s['inverse_mean_error']:.3g} |"
+            f"| inverse field residual, max / mean ({s['field_unit']}), where the atlas lies within the brain's "
+            f"field of view | {s['inverse_max_error']:.3g} / {s['inverse_mean_error']:.3g} |"
         )
+
     lines += ["", "## Outputs", ""]
     lines += [
         f"- `{role}`: `{Path(p).relative_to(out) if Path(p).is_relative_to(out) else p}`"
