@@ -1,4 +1,5 @@
-"""``patchmorph export-field`` and ``import-field``: displacement fields for ITK, ANTs and SimpleITK (:mod:`pipeline.itk`)."""
+"""``patchmorph export-field``, ``import-field`` and ``export-image``: displacement fields and images for ITK, ANTs and
+SimpleITK (:mod:`pipeline.itk`)."""
 
 from __future__ import annotations
 
@@ -51,3 +52,20 @@ def import_field(
 
     written = load(warp, out, fixed=fixed, moving=moving, overwrite=overwrite)
     typer.echo(f"wrote displacement field {written}")
+
+
+@command
+def export_image(
+    image: Annotated[Path, typer.Argument(metavar="IMAGE", help="An OME-Zarr image (an input or an output).")],
+    out: Annotated[Path, typer.Argument(metavar="OUT", help="The NIfTI file to write (.nii or .nii.gz).")],
+    level: Annotated[
+        int, typer.Option(help="The pyramid level to write (0 = full resolution; each further level is coarser).")
+    ] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing file.")] = False,
+) -> None:
+    """Write an image as NIfTI (RAS+, millimetres) in the frame export-field's fields use, so ITK, ANTs and
+    SimpleITK can apply them to it."""
+    from pipeline.itk import nifti_image
+
+    written = nifti_image(image, out, level=level, overwrite=overwrite)
+    typer.echo(f"wrote {written} (level {level} of {image}; NIfTI, RAS+, mm)")

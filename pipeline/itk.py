@@ -180,8 +180,18 @@ def import_field(
     return write_field(out, values, grid, metadata=metadata, overwrite=overwrite)
 
 
-def nifti_image(image: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
-    """Write level 0 of an OME-Zarr image as NIfTI with the same index → world map (RAS+, mm), for other tools."""
+NIFTI_MAX_BYTES = 8 * 1024**3
+"""Largest pyramid level :func:`nifti_image` writes (it is held in memory): a larger one is refused, naming the
+finest level that fits."""
+
+
+def nifti_image(image: str | Path, out: str | Path, *, level: int = 0, overwrite: bool = False) -> Path:
+    """Write pyramid level ``level`` of an OME-Zarr image as NIfTI with the same index → world map (RAS+, mm),
+    for other tools (with :func:`export_field`'s fields: ITK, ANTs, SimpleITK).
+
+    Raises:
+        InputError: an existing output, no such level, or a level over :data:`NIFTI_MAX_BYTES`.
+    """
     import nibabel as nib
 
     from pipeline.ngff import read_image
@@ -189,9 +199,19 @@ def nifti_image(image: str | Path, out: str | Path, *, overwrite: bool = False) 
     out = _check_nifti_path(Path(out))
     if out.exists() and not overwrite:
         raise InputError(f"output {out} already exists: pass --overwrite or choose another path.")
-    level = read_image(image).levels[0]
-    array = np.asarray(level.array[...])
-    grid = level.grid.with_unit("millimeter")
+    levels = read_image(image).levels
+    if not 0 <= level < len(levels):
+        raise InputError(f"image {image} has levels 0 to {len(levels) - 1}, not {level}: give one of them.")
+    sizes = [int(np.prod(lv.grid.shape)) * np.dtype(lv.array.dtype).itemsize for lv in levels]
+    if sizes[level] > NIFTI_MAX_BYTES:
+        fits = next((k for k, n in enumerate(sizes) if n <= NIFTI_MAX_BYTES), len(levels) - 1)
+        raise InputError(
+            f"level {level} of {image} is {sizes[level] / 1024**3:.1f} GiB, more than a NIfTI file is written "
+            f"from memory here ({NIFTI_MAX_BYTES / 1024**3:.0f} GiB): give --level {fits} or coarser."
+        )
+    level_ = levels[level]
+    array = np.asarray(level_.array[...])
+    grid = level_.grid.with_unit("millimeter")
     result = nib.Nifti1Image(np.ascontiguousarray(array.transpose(2, 1, 0)), nifti_affine(grid))
     result.header.set_xyzt_units("mm")
     nib.save(result, out)

@@ -220,3 +220,28 @@ def test_a_reader_of_the_standard_metadata_alone_warps_as_warp_does(tmp_path: Pa
     theirs = ndimage.map_coordinates(moving_arr.astype(np.float32), target, order=1).reshape(fixed_arr.shape)
     assert ncc(theirs, ours) >= 0.999
     assert ncc(np.flip(theirs, 0), ours) < 0.9
+
+
+def test_export_image_writes_a_level_that_simpleitk_places_as_we_do(tmp_path: Path) -> None:
+    """``patchmorph export-image --level 1`` of an anisotropic, rotated image: SimpleITK's physical point of a
+    voxel is our world point of it (in LPS, mm); a level that does not exist is one sentence."""
+    from typer.testing import CliRunner
+
+    from patchmorph.cli import app
+
+    direction = _rotation(20.0, 1)[:3, :3]
+    grid = Grid.from_spacing((20, 24, 28), (0.3, 0.2, 0.25), origin=(4.0, -3.0, 2.0), unit="millimeter",
+                             direction=direction)  # fmt: skip
+    image = write_image(tmp_path / "i.ome.zarr", _blobs(grid.shape, 3), grid, n_levels=2)
+    result = CliRunner().invoke(app, ["export-image", str(image), str(tmp_path / "i.nii.gz"), "--level", "1"])
+    assert result.exit_code == 0, result.output
+    level = read_image(image).levels[1]
+    theirs = sitk.ReadImage(str(tmp_path / "i.nii.gz"))
+    assert theirs.GetSize() == level.grid.shape[::-1]
+    for index in [(0, 0, 0), (3, 5, 7), (9, 11, 13)]:
+        physical = np.array(theirs.TransformIndexToPhysicalPoint(tuple(int(i) for i in index[::-1])))
+        np.testing.assert_allclose(physical, world_to_lps(level.grid.index_to_world(np.array(index, float))), atol=1e-4)
+    values = sitk.GetArrayFromImage(theirs)  # (z, y, x) as ours
+    np.testing.assert_allclose(values, np.asarray(level.array[...]), rtol=1e-6)
+    result = CliRunner().invoke(app, ["export-image", str(image), str(tmp_path / "j.nii.gz"), "--level", "5"])
+    assert result.exit_code == 2 and "has levels 0 to 1, not 5" in result.output
