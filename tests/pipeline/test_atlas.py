@@ -19,7 +19,16 @@ from skimage.segmentation import find_boundaries
 from patchmorph_core.errors import InputError
 from patchmorph_core.metrics import ncc
 from patchmorph_core.spatial import Grid, orientation_matrix
-from pipeline.atlas import count_sides, volume_table, voxel_volume_mm3, write_boundaries, write_volume_table
+from pipeline.atlas import (
+    SIGNAL_COLUMNS,
+    count_sides,
+    side_sums,
+    volume_table,
+    voxel_volume_mm3,
+    write_boundaries,
+    write_signal_table,
+    write_volume_table,
+)
 from pipeline.atlas_job import (
     SETTINGS_FILE,
     AtlasJobConfig,
@@ -62,6 +71,30 @@ def test_volumes_are_counted_per_side_chunk_by_chunk() -> None:
     )
     with pytest.raises(InputError, match="same grid"):
         count_sides(annotation, hemispheres[:, :, :3])
+
+
+def test_channel_values_are_summed_per_structure_and_side_chunk_by_chunk(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    annotation = rng.choice([0, 5, 7], size=(9, 10, 11))
+    hemispheres = rng.choice([0, LEFT, RIGHT], size=annotation.shape)
+    channel = rng.random(annotation.shape).astype(np.float32)
+    counts, (sums,) = side_sums(
+        zarr.array(annotation, chunks=(4, 3, 5)), zarr.array(hemispheres, chunks=(2, 2, 2)),
+        [zarr.array(channel, chunks=(3, 3, 3))],
+    )  # fmt: skip
+    for sid in (5, 7):
+        for side in (LEFT, RIGHT):
+            where = (annotation == sid) & (hemispheres == side)
+            assert sums[(sid, side)] == pytest.approx(float(channel[where].sum()), rel=1e-6)
+    path = write_signal_table(tmp_path / "c_signal.csv", counts, sums, {5: Structure(5, "five", "V")})
+    with path.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0]) == list(SIGNAL_COLUMNS) and [r["structure_id"] for r in rows] == ["5", "7"]
+    where = (annotation == 5) & (hemispheres > 0)
+    assert float(rows[0]["total_mean"]) == pytest.approx(float(channel[where].mean()), rel=1e-5)
+    assert float(rows[0]["left_sum"]) + float(rows[0]["right_sum"]) == pytest.approx(float(rows[0]["total_sum"]), rel=1e-5)
+    with pytest.raises(InputError, match="channel .* differ in shape"):
+        side_sums(annotation, hemispheres, [channel[:, :, :3]])
 
 
 def test_volume_table_has_brainregs_columns_then_id_and_acronym(tmp_path: Path) -> None:
@@ -189,6 +222,25 @@ def test_hemispheres_on_the_brain_agree_with_brainregs(job: dict) -> None:
     )
     assert hemisphere_dice(ours, theirs, inside) > 0.9
     assert hemisphere_dice(np.where(ours > 0, LEFT + RIGHT - ours, 0), theirs, inside) < 0.2  # sides swapped
+
+
+def test_a_channels_signal_per_structure_is_its_mean_over_the_labels_on_the_brain(job: dict) -> None:
+    """The job's channel (the brain itself, converted again) per structure and side, against numpy on the job's
+    own labels and channel."""
+    out = job["out"]
+    name = "brain_50x40x40um_psl"
+    with (out / f"{name}_signal.csv").open(newline="") as handle:
+        rows = {int(r["structure_id"]): r for r in csv.DictReader(handle)}
+    labels = np.asarray(read_image(out / "brain.ome.zarr" / "labels" / "atlas").levels[0].array[...])
+    sides = np.asarray(read_image(out / "brain.ome.zarr" / "labels" / "hemispheres").levels[0].array[...])
+    channel = np.asarray(read_image(out / f"{name}.ome.zarr").levels[0].array[...], dtype=np.float64)
+    biggest = Counter(labels[labels > 0].tolist()).most_common(3)
+    for sid, _ in biggest:
+        where = (labels == sid) & (sides == LEFT)
+        assert float(rows[sid]["left_mean"]) == pytest.approx(channel[where].mean(), rel=1e-5)
+        assert float(rows[sid]["left_sum"]) == pytest.approx(channel[where].sum(), rel=1e-5)
+    with (out / "volumes.csv").open(newline="") as handle:
+        assert sorted(rows) == sorted(int(r["structure_id"]) for r in csv.DictReader(handle))
 
 
 def test_volumes_correlate_with_brainregs(job: dict) -> None:
