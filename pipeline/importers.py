@@ -512,14 +512,11 @@ def check_geometry_options(
         orientation_matrix(orientation)
 
 
-def orientation_source(path: str | Path, kind: str, orientation: str | None) -> str:
-    """Where an input's anatomical orientation comes from: ``"option"`` (given), ``"header"`` (NIfTI/NRRD),
-    ``"rfc4"`` (OME-Zarr axes), or :data:`pipeline.ngff.ASSUMED` — then a warning says how the axes are read.
-    """
+def stated_orientation(path: str | Path, kind: str) -> str | None:
+    """Where the file itself states its anatomical orientation: ``"header"`` (NIfTI/NRRD), ``"rfc4"`` (OME-Zarr
+    axes) or what an earlier PatchMorph conversion recorded; None when it states none (TIFF, a plain OME-Zarr)."""
     from pipeline.ngff import ASSUMED, image_orientation
 
-    if orientation is not None:
-        return "option"
     if kind in ("nifti", "nrrd"):
         return "header"
     if kind == "ome-zarr":
@@ -528,6 +525,20 @@ def orientation_source(path: str | Path, kind: str, orientation: str | None) -> 
         earlier = dict(zarr.open_group(str(path), mode="r").attrs).get("patchmorph", {}).get("orientation_source")
         if earlier not in (None, ASSUMED):
             return str(earlier)  # a PatchMorph image with an oblique (non-RFC-4) orientation from a header
+    return None
+
+
+def orientation_source(path: str | Path, kind: str, orientation: str | None) -> str:
+    """Where an input's anatomical orientation comes from: ``"option"`` (given), ``"header"`` (NIfTI/NRRD),
+    ``"rfc4"`` (OME-Zarr axes), or :data:`pipeline.ngff.ASSUMED` — then a warning says how the axes are read.
+    """
+    from pipeline.ngff import ASSUMED
+
+    if orientation is not None:
+        return "option"
+    found = stated_orientation(path, kind)
+    if found is not None:
+        return found
     logger.warning(
         "%s carries no anatomical orientation: its axes are read as z -> superior, y -> anterior, x -> right "
         "(code 'ipl'); if that is wrong the atlas will come out rotated: pass --orientation (find the code "

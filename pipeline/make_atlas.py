@@ -31,7 +31,7 @@ import numpy as np
 from patchmorph_core.errors import InputError
 from patchmorph_core.spatial import Grid, orientation_code, unit_scale
 from pipeline.brainglobe import Structure, structures_from_list, write_tiff_atlas
-from pipeline.importers import open_input
+from pipeline.importers import open_input, stated_orientation
 
 logger = logging.getLogger(__name__)
 
@@ -181,18 +181,55 @@ def with_root(structures: Sequence[Structure], present: Sequence[int]) -> list[S
 
 # -- volumes ----------------------------------------------------------------------------------------------------
 def _read_volume(path: Path, role: str, overrides: Mapping[str, Any]) -> tuple[np.ndarray, Grid]:
-    """A volume of the atlas, read whole, and its grid."""
-    array, grid, _ = open_input(path, **overrides)
+    """A volume of the atlas, read whole, and its grid.
+
+    Raises:
+        InputError: the template states no orientation (TIFF, a plain OME-Zarr) and none is given: an atlas read
+            with an assumed code has its sides and axes wrong everywhere it is used.
+    """
+    array, grid, kind = open_input(path, **overrides)
+    if role == "template" and overrides.get("orientation") is None and stated_orientation(path, kind) is None:
+        raise InputError(
+            f"the template {path} states no anatomical orientation ({kind}): give --orientation, the code of its "
+            "array axes (e.g. 'asr': axis 0 from anterior, axis 1 from superior, axis 2 from right; find it with "
+            "'patchmorph convert --preview'), or an atlas registered with a guessed code would have its "
+            "hemispheres and axes wrong."
+        )
     logger.info("reading the %s %s %s", role, path, tuple(array.shape))
     return np.asarray(array.compute()), grid
+
+
+def check_hemisphere_sides(sides: np.ndarray, grid: Grid, where: Path) -> None:
+    """Refuse a hemisphere image whose left (1) lies to the right of its right (2) in the template's world frame
+    (its orientation code read as given): a swapped image would swap the hemispheres of every brain.
+
+    Raises:
+        InputError: naming the image, its code and the fix.
+    """
+    centres = {}
+    for side in (1, 2):
+        index = np.argwhere(sides[::2, ::2, ::2] == side) * 2.0
+        if len(index) == 0:
+            return  # one hemisphere only: nothing to compare
+        centres[side] = grid.index_to_world(index.mean(axis=0))[2]  # world component 2 runs toward the right
+    if centres[1] > centres[2]:
+        code = orientation_code(grid.direction)
+        raise InputError(
+            f"the hemisphere image {where} has 1 (left) to the right of 2 (right) when the template's axes are read "
+            f"as '{code}': swap 1 and 2 in it, or, if the left side is where it says, give the template's correct "
+            "--orientation."
+        )
 
 
 def reference_uint16(values: np.ndarray, where: Path) -> np.ndarray:
     """The template as BrainGlobe stores it, uint16: integers within 0-65535 as they are, others scaled linearly
     from their range onto 0-65535 (an MRI template in floats, say)."""
     finite = np.isfinite(values)
-    if not finite.any():
-        raise InputError(f"the template {where} holds no finite value: give the atlas's template image.")
+    if not finite.all():
+        raise InputError(
+            f"the template {where} holds NaN or infinite values ({int(values.size - finite.sum())} voxels): replace "
+            "them (e.g. by 0) first."
+        )
     lo, hi = float(values[finite].min()), float(values[finite].max())
     if hi <= lo:
         raise InputError(f"the template {where} is constant ({lo:g}): give the atlas's template image.")
@@ -204,7 +241,7 @@ def reference_uint16(values: np.ndarray, where: Path) -> np.ndarray:
         lo,
         hi,
     )
-    scaled = (np.where(finite, values, lo).astype(np.float64) - lo) * (65535.0 / (hi - lo))
+    scaled = (values.astype(np.float64) - lo) * (65535.0 / (hi - lo))
     return np.rint(scaled).astype(np.uint16)
 
 
@@ -285,6 +322,7 @@ def make_atlas(
             raise InputError(
                 f"the hemisphere image {hemispheres} holds values other than 0, 1 (left) and 2 (right)."
             )
+        check_hemisphere_sides(sides, grid, paths["hemisphere image"])
     else:
         logger.warning("no hemisphere image: the atlas's hemispheres are the halves of its left-right axis")
     resolution = [float(s) for s in grid.spacing * unit_scale(grid.unit, "micrometer")]

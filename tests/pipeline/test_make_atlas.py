@@ -164,7 +164,25 @@ def test_bad_input_is_one_sentence_before_any_folder(atlas_files: dict[str, Path
     tilt[:3, :3] = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]]) @ affine[:3, :3]
     shifted = affine.copy()
     shifted[:3, 3] += 1.0
+    ras_x = nib.affines.apply_affine(affine, np.indices(values.shape).reshape(3, -1).T)[:, 0].reshape(values.shape)
+    middle = np.median(ras_x[values > 0])
+    sides = np.where(values > 0, np.where(ras_x > middle, 2, 1), 0).astype(np.uint8)  # 1 left, 2 right (RAS x)
+    template = np.asarray(nib.load(atlas_files["template"]).dataobj)
+    nan = template.copy()
+    nan[10, 10, 10] = np.nan
+    tifffile.imwrite(tmp_path / "t.tif", template)
+    tifffile.imwrite(tmp_path / "l.tif", values)
     cases = [
+        (
+            [atlas_files["template"], atlas_files["labels"], "--hemispheres",
+             _save_like(tmp_path / "swapped.nii.gz", np.where(sides > 0, 3 - sides, 0).astype(np.uint8), affine)],
+            "has 1 (left) to the right of 2 (right)",
+        ),  # fmt: skip
+        ([_save_like(tmp_path / "nan.nii.gz", nan, affine), atlas_files["labels"]], "holds NaN or infinite values"),
+        (
+            [tmp_path / "t.tif", tmp_path / "l.tif", "--voxel-size", "3", "2", "2.5"],
+            "states no anatomical orientation",
+        ),
         (
             [atlas_files["template"], _save_like(tmp_path / "crop.nii.gz", values[1:], affine)],
             "is not on the template's grid",
@@ -194,6 +212,10 @@ def test_bad_input_is_one_sentence_before_any_folder(atlas_files: dict[str, Path
         assert result.exit_code == 2 and message in result.output, (args, result.output)
         assert len(result.output.strip().splitlines()) == 1, result.output
         assert not out.exists() and not list(tmp_path.glob(".atlas*")), args
+    hemispheres = _save_like(tmp_path / "sides.nii.gz", sides, affine)
+    args = [str(atlas_files["template"]), str(atlas_files["labels"]), "--hemispheres", str(hemispheres)]
+    result = runner.invoke(app, ["make-atlas", *args, "-o", str(tmp_path / "sided")])
+    assert result.exit_code == 0, result.output  # the same image with 1 on the left is taken
     out = tmp_path / "taken"
     out.mkdir()
     result = runner.invoke(
