@@ -53,6 +53,10 @@ EXTENT_SHAPE_WARNING = 1.6
 """Largest ratio between two axes' tissue-extent ratios before a warning: between what whole brains of other
 shapes or head coverage gave and what one hemisphere against a whole atlas gave (``docs/checks.md``)."""
 
+REVERSED_SHAPE = 1.25
+"""A pair whose tissue differs in shape (:data:`EXTENT_SHAPE_WARNING`) is refused when reversing one image's voxel
+sizes brings the spread of its extent ratios below this (whole brains give 1.01-1.56, ``docs/checks.md``)."""
+
 MIN_TISSUE_VOXELS = 27
 """An image needs at least this many tissue voxels (normalised intensity >= 0.1) on its coarse level."""
 
@@ -228,11 +232,49 @@ def check_image(image: MultiscaleImage, role: str, path: PathLike) -> None:
         )
 
 
+def _extents_with_reversed_voxels(image: MultiscaleImage, extent: np.ndarray) -> np.ndarray | None:
+    """The tissue extent per world axis (``extent`` as given) that ``image`` would have with its voxel sizes in
+    the reverse order (``x, y, z`` given for ``z, y, x``); None when its axes are oblique or its voxels nearly
+    cubic (a reversal changes nothing)."""
+    direction, spacing = image.grid.direction, image.grid.spacing
+    permutation = np.abs(np.rint(direction))
+    if not np.allclose(np.abs(direction), permutation, atol=1e-6) or spacing.max() / spacing.min() < 1.05:
+        return None
+    voxels = (permutation.T @ extent) / spacing  # tissue extent in voxels along each array axis
+    return permutation @ (voxels * spacing[::-1])
+
+
+def _check_voxel_order(
+    fixed: MultiscaleImage, moving: MultiscaleImage, extents: tuple[np.ndarray, np.ndarray], paths: Mapping[str, PathLike]
+) -> None:
+    """Refuse a pair whose tissue differs in shape (:data:`EXTENT_SHAPE_WARNING`) but would not if one image's
+    voxel sizes were reversed: they were given in x, y, z order."""
+    f_ext, m_ext = extents
+    for role, image in (("fixed", fixed), ("moving", moving)):
+        own = f_ext if role == "fixed" else m_ext
+        reversed_ext = _extents_with_reversed_voxels(image, own)
+        if reversed_ext is None:
+            continue
+        shape = (reversed_ext / m_ext) if role == "fixed" else (f_ext / reversed_ext)
+        spread = float(shape.max() / max(shape.min(), 1e-12))
+        if spread < REVERSED_SHAPE:
+            sizes = " ".join(f"{v:g}" for v in image.grid.spacing)
+            raise InputError(
+                f"the {role} image {paths[role]} has voxels of {sizes} {image.unit} (z y x), which make its tissue "
+                f"another shape than the other image's, and the reverse order, {' '.join(f'{v:g}' for v in image.grid.spacing[::-1])}, "
+                f"would make them alike (ratios spread {spread:.2f}x): give the voxel size axis 0 first (the planes of "
+                "a stack), or pass --allow-size-mismatch (in a flow or a job's config: checks.allow_size_mismatch) if "
+                "the order is right."
+            )
+
+
 def _extent_check(
-    fixed: MultiscaleImage, moving: MultiscaleImage, moving_path: PathLike, allow: bool
+    fixed: MultiscaleImage, moving: MultiscaleImage, paths: Mapping[str, PathLike], allow: bool
 ) -> dict[str, Any]:
     """The tissue extents of both images per world axis; InputError when they differ more than
-    :data:`MAX_EXTENT_RATIO`-fold on an axis (unless ``allow``)."""
+    :data:`MAX_EXTENT_RATIO`-fold on an axis, or differ in shape only as voxel sizes given in reverse order would
+    make them (:func:`_check_voxel_order`), unless ``allow``."""
+    moving_path = paths["moving"]
     f_low, f_high = tissue_bounds(fixed)
     m_low, m_high = tissue_bounds(moving)
     f_ext, m_ext = f_high - f_low, m_high - m_low
@@ -255,6 +297,8 @@ def _extent_check(
             "wrong voxel size on one axis",
             ratio_text,
         )
+    if spread >= EXTENT_SHAPE_WARNING and not allow:
+        _check_voxel_order(fixed, moving, (f_ext, m_ext), paths)
     axis = int(np.argmax(ratios))
     if ratios[axis] > MAX_EXTENT_RATIO and not allow:
         raise InputError(
@@ -307,7 +351,7 @@ def check_geometry(
     options = options or CheckOptions()
     check_image(fixed, "fixed", paths["fixed"])
     check_image(moving, "moving", paths["moving"])
-    return _extent_check(fixed, moving.with_unit(fixed.unit), paths["moving"], options.allow_size_mismatch)
+    return _extent_check(fixed, moving.with_unit(fixed.unit), paths, options.allow_size_mismatch)
 
 
 def check_pair_orientation(
@@ -348,7 +392,40 @@ def check_pair_orientation(
             f"the moving image {paths['moving']} fits the fixed image {paths['fixed']} clearly better {alternative}, "
             f"NCC {result.best.score:.2f} vs {result.given.score:.2f}: fix the orientation code of the wrong one "
             "(convert --orientation; images cannot tell left from right, so the codes keep the given sides: check "
-            "them), or pass --accept-orientation (in a flow or a job's config: checks.accept_orientation) to "
-            "register as given."
+            f"them){_doubts(fixed, moving, paths, geometry, (fixed_code, moving_code), given[::-1])}, or pass "
+            "--accept-orientation (in a flow or a job's config: checks.accept_orientation) to register as given."
         )
     return record
+
+
+_AXIS_CLASS = {"a": 0, "p": 0, "s": 1, "i": 1, "l": 2, "r": 2}
+
+
+def _doubts(
+    fixed: MultiscaleImage,
+    moving: MultiscaleImage,
+    paths: Mapping[str, PathLike],
+    geometry: Mapping[str, Any],
+    suggested: tuple[str | None, str | None],
+    given: tuple[str | None, str | None],
+) -> str:
+    """What else an orientation refusal may come from, as a clause of its sentence: tissue of other shapes (part of
+    a brain: the comparison is unreliable, so a suggested code is not to be trusted), and a suggestion that swaps
+    the axes of an image with anisotropic voxels (its voxel sizes given in x, y, z order)."""
+    clauses = []
+    if geometry.get("ratio_spread", 1.0) >= EXTENT_SHAPE_WARNING:
+        clauses.append(
+            "; but the two images' tissue differs in shape (see the warning above: part of a brain, or a wrong voxel "
+            "size), where this comparison is unreliable: do not take a suggested code on trust, check it with "
+            "'patchmorph convert --preview', and for part of a brain crop the atlas to the same part"
+        )
+    for role, image, new, old in zip(("fixed", "moving"), (fixed, moving), suggested, given, strict=True):
+        spacing = image.grid.spacing
+        swaps = new and old and [_AXIS_CLASS[c] for c in new] != [_AXIS_CLASS[c] for c in old]
+        if swaps and float(spacing.max() / spacing.min()) > 1.05:
+            sizes = " ".join(f"{v:g}" for v in spacing)
+            clauses.append(
+                f"; the suggestion swaps the axes of the {role} image {paths[role]}, whose voxels are {sizes} "
+                f"{image.unit} (z y x): if its voxel sizes were given in x, y, z order, give them axis 0 first instead"
+            )
+    return "".join(clauses)

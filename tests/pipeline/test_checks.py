@@ -181,6 +181,23 @@ def test_part_of_a_brain_against_a_whole_atlas_gives_a_warning(
             assert "along left-right" in caplog.text
 
 
+def test_voxel_sizes_given_in_x_y_z_order_are_named(mouse_pair: tuple) -> None:
+    """The brain at 400 × 160 × 160 µm (every other plane) given as 160 160 400: its tissue takes another shape
+    than the atlas's, and the reverse order would make them alike, so the voxel size is named; the right order
+    passes, and --allow-size-mismatch lets the given one through."""
+    brain, brain_grid, template, spacing = mouse_pair
+    planes = brain[::2]
+    true = (2 * brain_grid.spacing[0], *brain_grid.spacing[1:])
+    moving = _image(template, spacing, "rsa")
+    names = {"fixed": "brain.tif", "moving": "atlas"}
+    given = MultiscaleImage.from_array(planes, Grid.from_orientation(planes.shape, true[::-1], "psl"))
+    with pytest.raises(InputError, match=r"fixed image brain\.tif has voxels of 160 160 400 micrometer .* reverse order, 400 160 160"):
+        check_pair(given, moving, names)
+    check_pair(given, moving, names, CheckOptions(allow_size_mismatch=True, accept_orientation=True))
+    record = check_pair(MultiscaleImage.from_array(planes, Grid.from_orientation(planes.shape, true, "psl")), moving, names)
+    assert record["geometry"]["ratio_spread"] < 1.25
+
+
 def test_orientation_codes_round_trip() -> None:
     codes = {orientation_code(m @ np.diag([1.0, 1.0, 1.0])) for m in signed_permutations()}
     assert len(codes) == 48 and None not in codes
