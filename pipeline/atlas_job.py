@@ -410,6 +410,35 @@ def _versions() -> dict[str, str]:
     return found
 
 
+class _Collected(logging.Handler):
+    """Keeps the messages of the warnings logged while a job runs, for its summary."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message not in self.messages:
+            self.messages.append(message)
+
+
+@contextlib.contextmanager
+def collected_warnings() -> Iterator[list[str]]:
+    """The warnings that PatchMorph's modules log inside the block (each once, in order): a job's summary lists
+    them, so a warning seen only on the terminal (a part of a brain, an assumed orientation) stays with the
+    results."""
+    handler = _Collected()
+    loggers = [logging.getLogger(name) for name in ("pipeline", "patchmorph_core", "flows")]
+    for each in loggers:
+        each.addHandler(handler)
+    try:
+        yield handler.messages
+    finally:
+        for each in loggers:
+            each.removeHandler(handler)
+
+
 def run_atlas_job(
     brain: str | Path,
     out: str | Path,
@@ -439,6 +468,24 @@ def run_atlas_job(
     Raises:
         InputError: bad input, before heavy work starts.
     """
+    with collected_warnings() as warnings:
+        result = _run_atlas_job(brain, out, atlas, voxel_size, orientation, unit, channels, config, scheduler, warnings)
+    return result
+
+
+def _run_atlas_job(
+    brain: str | Path,
+    out: str | Path,
+    atlas: str | Path,
+    voxel_size: Sequence[float] | None,
+    orientation: str | None,
+    unit: str | None,
+    channels: Sequence[str | Path],
+    config: AtlasJobConfig | None,
+    scheduler: str | None,
+    warnings: list[str],
+) -> AtlasJobResult:
+    """:func:`run_atlas_job`'s steps; ``warnings`` fills with what they log as warnings (for the summary)."""
     from pipeline.importers import check_geometry_options
     from pipeline.register import register_files
 
@@ -486,8 +533,8 @@ def run_atlas_job(
             brain_zarr, field, prepared, out, channels=channel_zarrs, scheduler=address,
             label_interpolation=config.label_interpolation,
         )  # fmt: skip
-    summary = job_summary(outputs, prepared, registration, config, started)
-    paths = dict(outputs.paths)
+    summary = {**job_summary(outputs, prepared, registration, config, started), "warnings": list(warnings)}
+    paths = {**outputs.paths, **{f"channel_{name}": path for name, path in channel_zarrs.items()}}
     if config.qc:
         from pipeline.qc import atlas_qc
 
@@ -583,6 +630,8 @@ def write_job_summary(out: Path, summary: Mapping[str, Any], paths: Mapping[str,
             f"field of view | {s['inverse_max_error']:.3g} / {s['inverse_mean_error']:.3g} |"
         )
 
+    if s.get("warnings"):
+        lines += ["", "## Warnings", "", *(f"- {w}" for w in s["warnings"])]
     lines += ["", "## Outputs", ""]
     lines += [
         f"- `{role}`: `{Path(p).relative_to(out) if Path(p).is_relative_to(out) else p}`"
@@ -607,9 +656,12 @@ def write_job_record(
     summary: Mapping[str, Any],
     paths: Mapping[str, Path],
 ) -> Path:
-    """``atlas_job.json``: the inputs as given, the atlas, the resolved settings, versions, figures, outputs."""
+    """``atlas_job.json``: the command line and working directory, the inputs as given, the atlas, the resolved
+    settings, versions, figures, outputs."""
     record = {
         "command": "patchmorph atlas",
+        "argv": list(sys.argv),  # the process's command line: the options as typed (a flow's when a flow ran it)
+        "working_directory": str(Path.cwd()),  # relative input paths are relative to it
         "inputs": dict(inputs),
         "atlas": dict(atlas),
         "settings": {**config.model_dump(mode="json"), "inference": inference.model_dump(mode="json")},

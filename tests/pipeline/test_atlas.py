@@ -97,6 +97,27 @@ def test_channel_values_are_summed_per_structure_and_side_chunk_by_chunk(tmp_pat
         side_sums(annotation, hemispheres, [channel[:, :, :3]])
 
 
+def test_a_jobs_warnings_are_kept_for_its_summary(tmp_path: Path) -> None:
+    import logging
+
+    from pipeline.atlas_job import collected_warnings, write_job_summary
+
+    with collected_warnings() as warnings:
+        logging.getLogger("pipeline.checks").warning("the tissue of the fixed image spans %s", "2.0 along x")
+        logging.getLogger("pipeline.checks").warning("the tissue of the fixed image spans %s", "2.0 along x")
+        logging.getLogger("pipeline.checks").info("not kept")
+    logging.getLogger("pipeline.checks").warning("after the job: not kept")
+    assert warnings == ["the tissue of the fixed image spans 2.0 along x"]
+    summary = {
+        "atlas": "a", "brain_shape": [2, 2, 2], "brain_voxel_size": [1, 1, 1], "field_unit": "micrometer",
+        "field_shape": [1, 1, 1], "field_spacing": [1, 1, 1], "seconds": 1.0, "ncc_in_atlas_space": 0.5,
+        "ncc_in_atlas_space_inside_brain": 0.5, "folded_percent_inside_brain": 0.0, "n_structures": 1,
+        "brain_volume_mm3": 1.0, "warnings": warnings,
+    }  # fmt: skip
+    page = write_job_summary(tmp_path, summary, {})["summary_md"].read_text()
+    assert "## Warnings\n\n- the tissue of the fixed image spans 2.0 along x" in page
+
+
 def test_volume_table_has_brainregs_columns_then_id_and_acronym(tmp_path: Path) -> None:
     rows = volume_table({(5, LEFT): 2, (5, RIGHT): 1}, 1e-3, {5: Structure(5, "Primary motor area", "MOp")})
     path = write_volume_table(tmp_path / "volumes.csv", rows)
@@ -183,6 +204,9 @@ def test_atlas_job_writes_every_output_and_no_run_records(job: dict) -> None:
     record = json.loads((out / "atlas_job.json").read_text())
     assert record["atlas"]["name"] == "allen_mouse_100um" and record["inputs"]["orientation"] == "psl"
     assert record["settings"]["brain_downsample"] == 3 and "torch" in record["versions"]
+    assert record["working_directory"] and record["argv"]
+    assert Path(record["outputs"]["channel_brain_50x40x40um_psl"]) == out / "brain_50x40x40um_psl.ome.zarr"
+    assert isinstance(json.loads((out / "summary.json").read_text())["warnings"], list)
     page = (out / "summary.md").read_text()
     assert "folded voxels" in page and "![overlay](qc/overlay.png)" in page
 
