@@ -510,8 +510,9 @@ def division_map(
 
     That level is the deepest one of the hierarchy at which at most ``max_divisions`` ancestors each hold
     at least ``min_share`` of the labelled voxels (for the Allen atlas: isocortex, striatum, thalamus,
-    hypothalamus, midbrain, pons, medulla, cerebellum, ...). Ids unknown to ``structures`` map to themselves;
-    background (0) is not mapped.
+    hypothalamus, midbrain, pons, medulla, cerebellum, ...). When already the level below the root has more (a
+    flat table, as MRI atlases have), every id maps to itself: all structures are drawn, not only the brain's
+    outline. Ids unknown to ``structures`` map to themselves; background (0) is not mapped.
 
     Args:
         structures: id → structure (with its path from the root).
@@ -529,6 +530,8 @@ def division_map(
         for sid, division in candidate.items():
             sizes[division] = sizes.get(division, 0) + ids[sid]
         if sum(size >= min_share * total for size in sizes.values()) > max_divisions:
+            if depth == 1:  # a flat table (an MRI atlas's): no level of divisions, so every structure is drawn
+                return {i: i for i in ids}
             break
         best = candidate
     return best

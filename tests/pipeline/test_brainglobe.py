@@ -204,4 +204,5 @@ def test_division_map_groups_structures_into_a_few_major_divisions(example: Path
     assert len({divisions[i] for i in mop + mos}) == 1
     toy = {1: Structure(1, "a", "a", (9, 1)), 2: Structure(2, "b", "b", (9, 2))}
     assert division_map(toy, {0: 5, 1: 1, 2: 1, 7: 1}, max_divisions=3) == {1: 1, 2: 2, 7: 7}
-    assert division_map(toy, {1: 1, 2: 1}, max_divisions=1) == {1: 9, 2: 9}
+    flat = {i: Structure(i, f"s{i}", f"s{i}", (9, i)) for i in range(1, 31)}  # an MRI atlas's flat table
+    assert division_map(flat, dict.fromkeys(range(1, 31), 10)) == {i: i for i in range(1, 31)}  # each drawn
