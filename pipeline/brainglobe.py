@@ -76,12 +76,14 @@ class Structure:
         name: full name (``"Primary motor area"``).
         acronym: short name (``"MOp"``).
         path: ids from the root of the hierarchy down to this structure (inclusive).
+        rgb: its colour (BrainGlobe's ``rgb_triplet``; white when the atlas gives none).
     """
 
     id: int
     name: str
     acronym: str
     path: tuple[int, ...] = ()
+    rgb: tuple[int, int, int] = (255, 255, 255)
 
 
 @dataclass(frozen=True)
@@ -379,7 +381,8 @@ def structures_from_list(items: Any, where: Path) -> dict[int, Structure]:
         try:
             sid = int(item["id"])
             path = tuple(int(v) for v in item.get("structure_id_path") or (sid,))
-            structures[sid] = Structure(sid, str(item["name"]), str(item.get("acronym", "")), path)
+            rgb = tuple(int(v) for v in item.get("rgb_triplet") or (255, 255, 255))[:3]
+            structures[sid] = Structure(sid, str(item["name"]), str(item.get("acronym", "")), path, rgb)  # type: ignore[arg-type]
         except (KeyError, TypeError, ValueError) as err:
             raise InputError(
                 f"{where} has a structure without id or name ({err}): reinstall the atlas."
@@ -604,7 +607,7 @@ def _write_tiff_files(
             "id": s.id,
             "name": s.name,
             "structure_id_path": list(s.path),
-            "rgb_triplet": [255, 255, 255],
+            "rgb_triplet": list(s.rgb),
         }
         for s in structures
     ]

@@ -18,6 +18,7 @@ root (a table without hierarchy gets a root named ``root``), as in BrainGlobe at
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 import re
@@ -113,8 +114,8 @@ def _delimited_table(text: str, delimiter: str, path: Path) -> list[Structure]:
 
 def _text_table(text: str) -> list[Structure]:
     """Structures of a whitespace-separated table: lines whose first field is an integer id; the name is a quoted
-    field (ITK-SNAP), else the fields after the id less four trailing integers (a FreeSurfer colour table's RGBA).
-    Other lines (comments, headers, prose) are skipped."""
+    field (ITK-SNAP, whose next three fields are the colour), else the fields after the id less four trailing
+    integers (a FreeSurfer colour table's RGBA). Other lines (comments, headers, prose) are skipped."""
     found = []
     for line in text.splitlines():
         if not line.strip() or line.lstrip().startswith("#"):
@@ -122,15 +123,19 @@ def _text_table(text: str) -> list[Structure]:
         fields = shlex.split(line, posix=True) if '"' in line else line.split()
         if not fields or not re.fullmatch(r"-?\d+", fields[0]):
             continue
-        if '"' in line:
+        rgb: tuple[int, ...] = (255, 255, 255)
+        if '"' in line:  # ITK-SNAP: IDX R G B A VIS MSH "LABEL"
             name = next((f for f in reversed(fields) if not re.fullmatch(r"-?[\d.]+", f)), fields[0])
+            if len(fields) >= 5 and all(re.fullmatch(r"\d+", f) for f in fields[1:4]):
+                rgb = tuple(int(f) for f in fields[1:4])
         else:
             rest = fields[1:]
-            if len(rest) > 4 and all(re.fullmatch(r"\d+", f) for f in rest[-4:]):
-                rest = rest[:-4]
+            if len(rest) > 4 and all(re.fullmatch(r"\d+", f) for f in rest[-4:]):  # FreeSurfer: ID NAME R G B A
+                rgb, rest = tuple(int(f) for f in rest[-4:-1]), rest[:-4]
             name = " ".join(rest)
         sid = int(fields[0])
-        found.append(Structure(sid, name or str(sid), name or str(sid)))
+        colour = tuple(min(max(v, 0), 255) for v in rgb)
+        found.append(Structure(sid, name or str(sid), name or str(sid), rgb=colour))  # type: ignore[arg-type]
     return found
 
 
@@ -146,7 +151,7 @@ def _paths_from_parents(found: list[Structure], parents: Mapping[int, int], wher
                     f"structure table {where}: structure {s.id}'s parents form a cycle through {node}."
                 )
             path.append(node)
-        out.append(Structure(s.id, s.name, s.acronym, tuple(reversed(path))))
+        out.append(dataclasses.replace(s, path=tuple(reversed(path))))
     return out
 
 
@@ -173,7 +178,7 @@ def with_root(structures: Sequence[Structure], present: Sequence[int]) -> list[S
     hung = [
         s
         if s.path[:1] == (root,)
-        else Structure(s.id, s.name, s.acronym, (root,) if s.id == root else (root, *(s.path or (s.id,))))
+        else dataclasses.replace(s, path=(root,) if s.id == root else (root, *(s.path or (s.id,))))
         for s in items
     ]
     return hung if root in ids else [Structure(root, "root", "root", (root,)), *hung]

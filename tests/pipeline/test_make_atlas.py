@@ -88,35 +88,35 @@ def test_the_atlas_keeps_the_files_geometry_labels_and_names(
             "itksnap.txt",
             '# ITK-SnAP Label Description File\n    0     0    0    0        0  0  0    "Clear Label"\n'
             '    5   255    0    0        1  1  1    "Caudate nucleus"\n   12     0  255    0        1  1  1    "V1"\n',
-            {5: ("Caudate nucleus", ()), 12: ("V1", ())},
+            {5: ("Caudate nucleus", (), (255, 0, 0)), 12: ("V1", (), (0, 255, 0))},
         ),
         (
             "FreeSurferColorLUT.txt",
             "#No. Label Name:                            R   G   B   A\n0   Unknown   0   0   0   0\n"
             "17  Left-Hippocampus                        220 216  20   0\n",
-            {17: ("Left-Hippocampus", ())},
+            {17: ("Left-Hippocampus", (), (220, 216, 20))},
         ),
         (
             "table.csv",
             "id,name,acronym,parent_id\n1,Brain,BR,\n2,Cortex,CTX,1\n3,Area 17,V1,2\n",
-            {1: ("Brain", (1,)), 2: ("Cortex", (1, 2)), 3: ("Area 17", (1, 2, 3))},
+            {1: ("Brain", (1,), (255, 255, 255)), 2: ("Cortex", (1, 2), (255, 255, 255)), 3: ("Area 17", (1, 2, 3), (255, 255, 255))},
         ),
         (
             "table.tsv",
             "Label\tName\n4\tthalamus\n",
-            {4: ("thalamus", ())},
+            {4: ("thalamus", (), (255, 255, 255))},
         ),
         (
             "structures.json",
-            json.dumps([{"id": 8, "name": "Grey", "acronym": "GR", "structure_id_path": [997, 8]}]),
-            {8: ("Grey", (997, 8))},
+            json.dumps([{"id": 8, "name": "Grey", "acronym": "GR", "structure_id_path": [997, 8], "rgb_triplet": [1, 2, 3]}]),
+            {8: ("Grey", (997, 8), (1, 2, 3))},
         ),
     ],
 )
 def test_structure_tables_of_each_format(tmp_path: Path, name: str, text: str, expected: dict) -> None:
     path = tmp_path / name
     path.write_text(text)
-    found = {s.id: (s.name, s.path) for s in read_structure_table(path)}
+    found = {s.id: (s.name, s.path, s.rgb) for s in read_structure_table(path)}  # colours kept
     assert found == expected
 
 
