@@ -298,9 +298,9 @@ def warp_files(
     field_arr, field_grid, meta = read_field(field)
     grid, target_path = _target_grid(target, meta, inverse)
     image = read_image(moving).with_unit(field_grid.unit)
-    check_space(image.grid, grid.with_unit(field_grid.unit), meta, inverse, moving)
     for array in (field_arr, *(level.array for level in image.levels)):
         check_stored(array)  # a lost chunk file is refused before heavy work
+    check_space(image.grid, grid.with_unit(field_grid.unit), meta, inverse, moving)
     dtype = level_dtype(getattr(image.levels[0].array, "dtype", np.float32), labels)  # a mask's values kept
     check_writable(out.parent)
     check_free_space(out.parent, int(np.prod(grid.shape)) * dtype.itemsize * 4 // 3, f"the warped image {out}")  # + pyramid
