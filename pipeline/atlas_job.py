@@ -469,8 +469,7 @@ def run_atlas_job(
         InputError: bad input, before heavy work starts.
     """
     with collected_warnings() as warnings:
-        result = _run_atlas_job(brain, out, atlas, voxel_size, orientation, unit, channels, config, scheduler, warnings)
-    return result
+        return _run_atlas_job(brain, out, atlas, voxel_size, orientation, unit, channels, config, scheduler, warnings)
 
 
 def _run_atlas_job(
@@ -534,7 +533,7 @@ def _run_atlas_job(
             label_interpolation=config.label_interpolation,
         )  # fmt: skip
     summary = {**job_summary(outputs, prepared, registration, config, started), "warnings": list(warnings)}
-    paths = {**outputs.paths, **{f"channel_{name}": path for name, path in channel_zarrs.items()}}
+    paths = {**outputs.paths, **{f"channel_{name}": zarr_path for name, zarr_path in channel_zarrs.items()}}
     if config.qc:
         from pipeline.qc import atlas_qc
 
@@ -629,7 +628,6 @@ def write_job_summary(out: Path, summary: Mapping[str, Any], paths: Mapping[str,
             f"| inverse field residual, max / mean ({s['field_unit']}), where the atlas lies within the brain's "
             f"field of view | {s['inverse_max_error']:.3g} / {s['inverse_mean_error']:.3g} |"
         )
-
     if s.get("warnings"):
         lines += ["", "## Warnings", "", *(f"- {w}" for w in s["warnings"])]
     lines += ["", "## Outputs", ""]

@@ -57,6 +57,10 @@ REVERSED_SHAPE = 1.25
 """A pair whose tissue differs in shape (:data:`EXTENT_SHAPE_WARNING`) is refused when reversing one image's voxel
 sizes brings the spread of its extent ratios below this (whole brains give 1.01-1.56, ``docs/checks.md``)."""
 
+ANISOTROPIC = 1.05
+"""Voxels whose largest size is at least this multiple of their smallest are anisotropic: their sizes' order
+matters (:func:`_check_voxel_order`, the orientation refusal's doubts)."""
+
 MIN_TISSUE_VOXELS = 27
 """An image needs at least this many tissue voxels (normalised intensity >= 0.1) on its coarse level."""
 
@@ -238,7 +242,7 @@ def _extents_with_reversed_voxels(image: MultiscaleImage, extent: np.ndarray) ->
     cubic (a reversal changes nothing)."""
     direction, spacing = image.grid.direction, image.grid.spacing
     permutation = np.abs(np.rint(direction))
-    if not np.allclose(np.abs(direction), permutation, atol=1e-6) or spacing.max() / spacing.min() < 1.05:
+    if not np.allclose(np.abs(direction), permutation, atol=1e-6) or spacing.max() / spacing.min() < ANISOTROPIC:
         return None
     voxels = (permutation.T @ extent) / spacing  # tissue extent in voxels along each array axis
     return permutation @ (voxels * spacing[::-1])
@@ -258,13 +262,12 @@ def _check_voxel_order(
         shape = (reversed_ext / m_ext) if role == "fixed" else (f_ext / reversed_ext)
         spread = float(shape.max() / max(shape.min(), 1e-12))
         if spread < REVERSED_SHAPE:
-            sizes = " ".join(f"{v:g}" for v in image.grid.spacing)
+            sizes, reverse = (" ".join(f"{v:g}" for v in order) for order in (image.grid.spacing, image.grid.spacing[::-1]))
             raise InputError(
                 f"the {role} image {paths[role]} has voxels of {sizes} {image.unit} (z y x), which make its tissue "
-                f"another shape than the other image's, and the reverse order, {' '.join(f'{v:g}' for v in image.grid.spacing[::-1])}, "
-                f"would make them alike (ratios spread {spread:.2f}x): give the voxel size axis 0 first (the planes of "
-                "a stack), or pass --allow-size-mismatch (in a flow or a job's config: checks.allow_size_mismatch) if "
-                "the order is right."
+                f"another shape than the other image's, and the reverse order, {reverse}, would make them alike "
+                f"(ratios spread {spread:.2f}x): give the voxel size axis 0 first (the planes of a stack), or pass "
+                "--allow-size-mismatch (in a flow or a job's config: checks.allow_size_mismatch) if the order is right."
             )
 
 
@@ -422,7 +425,7 @@ def _doubts(
     for role, image, new, old in zip(("fixed", "moving"), (fixed, moving), suggested, given, strict=True):
         spacing = image.grid.spacing
         swaps = new and old and [_AXIS_CLASS[c] for c in new] != [_AXIS_CLASS[c] for c in old]
-        if swaps and float(spacing.max() / spacing.min()) > 1.05:
+        if swaps and float(spacing.max() / spacing.min()) >= ANISOTROPIC:
             sizes = " ".join(f"{v:g}" for v in spacing)
             clauses.append(
                 f"; the suggestion swaps the axes of the {role} image {paths[role]}, whose voxels are {sizes} "

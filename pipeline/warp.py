@@ -11,8 +11,9 @@ Directions (the field ``u`` maps a fixed world point ``x`` to the moving world p
   measures the inverse's residual ``|v(y) + u(y + v(y))|`` on a subsample of its voxels; the maximum and
   mean are returned in :class:`WarpRecord` and stored in the output's metadata.
 
-Images are trilinear (rounded back to the input dtype, but float32 for an 8-bit one: :func:`pipeline.ngff.level_dtype`); label maps take at each voxel the label with the
-largest summed trilinear weight among its 8 neighbours (``label_interpolation: vote``,
+Images are trilinear (rounded back to the input dtype, but float32 for an 8-bit one:
+:func:`pipeline.ngff.level_dtype`); label maps take at each voxel the label with the largest summed trilinear
+weight among its 8 neighbours (``label_interpolation: vote``,
 :func:`~patchmorph_core.warping.vote_labels`, ANTs' ``GenericLabel``), or the nearest voxel's label.
 Each write unit of the output (a Zarr chunk, or a whole shard for sharded arrays) is computed by one task
 in cubes of the storage chunk shape, written once, then recorded in ``<out>.run/`` (:mod:`pipeline.resume`);
