@@ -23,7 +23,7 @@ import json
 import logging
 import xml.etree.ElementTree as ElementTree
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -85,12 +85,11 @@ BLOCK = 64
 
 @dataclass(frozen=True)
 class Points:
-    """Points read from a file: ``(N, 3)`` float64 voxel indices ``(axis 0, axis 1, axis 2)`` and each point's
-    other columns (a CSV's, passed through; none for XML)."""
+    """Points read from a file: ``(N, 3)`` float64 voxel indices ``(axis 0, axis 1, axis 2)`` and the file's other
+    columns (a CSV's, by name, each ``N`` values passed through as text; none for XML)."""
 
     index: np.ndarray
-    extra: tuple[dict[str, str], ...]
-    extra_columns: tuple[str, ...]
+    extra: Mapping[str, Sequence[str]]
 
 
 def axis_columns(space: Space) -> tuple[tuple[str, str, str], ...]:
@@ -101,21 +100,23 @@ def axis_columns(space: Space) -> tuple[tuple[str, str, str], ...]:
 
 def _csv_points(path: Path, space: Space) -> Points:
     with path.open(newline="") as handle:
-        reader = csv.DictReader(handle)
-        header = tuple(reader.fieldnames or ())
+        reader = csv.reader(handle)
+        header = tuple(next(reader, ()))
         found = next((cols for cols in axis_columns(space) if set(cols) <= set(header)), None)
         if found is None:
             raise InputError(
                 f"points file {path} has no voxel columns (it has {', '.join(header) or 'none'}): name them "
                 "axis_0, axis_1, axis_2 (or z, y, x), array axis 0 first (the planes of a stack)."
             )
-        rows = list(reader)
+        rows = [row for row in reader if row]
+    columns = [header.index(c) for c in found]
     try:
-        index = np.array([[float(row[c]) for c in found] for row in rows], dtype=np.float64).reshape(-1, 3)
-    except (TypeError, ValueError) as err:
-        raise InputError(f"points file {path} has a voxel value that is not a number ({err}): fix that row.") from err
-    others = tuple(c for c in header if c not in found and c not in POINT_COLUMNS)  # those are written anew
-    return Points(index, tuple({c: row[c] for c in others} for row in rows), others)
+        index = np.array([[row[k] for k in columns] for row in rows], dtype=np.float64).reshape(-1, 3)
+    except (IndexError, ValueError) as err:
+        raise InputError(f"points file {path} has a voxel value that is missing or not a number ({err}): fix that row.") from err
+    others = [c for c in header if c not in found and c not in POINT_COLUMNS]  # those are written anew
+    extra = {c: [row[header.index(c)] if header.index(c) < len(row) else "" for row in rows] for c in others}
+    return Points(index, extra)
 
 
 def _xml_points(path: Path, cells_only: bool) -> Points:
@@ -135,7 +136,7 @@ def _xml_points(path: Path, cells_only: bool) -> Points:
     points = np.array(index, dtype=np.float64).reshape(-1, 3)
     if not np.all(np.isfinite(points)):
         raise InputError(f"points file {path} has a marker without MarkerX, MarkerY or MarkerZ: fix that marker.")
-    return Points(points, tuple({} for _ in index), ())
+    return Points(points, {})
 
 
 def read_points(path: str | Path, space: Space = "brain", cells_only: bool = True) -> Points:
@@ -223,10 +224,13 @@ def open_job(folder: str | Path) -> JobSpaces:
 
 def _blocks(index: np.ndarray) -> Iterator[np.ndarray]:
     """Row numbers of the points in each :data:`BLOCK`³ block of index space, block by block."""
+    if len(index) == 0:
+        return
     keys = np.floor(index / BLOCK).astype(np.int64)
-    _, inverse = np.unique(keys, axis=0, return_inverse=True)
-    order = np.argsort(inverse.ravel(), kind="stable")
-    bounds = np.flatnonzero(np.diff(inverse.ravel()[order])) + 1
+    keys -= keys.min(axis=0)
+    linear = np.ravel_multi_index(tuple(keys.T), tuple(keys.max(axis=0) + 1))
+    order = np.argsort(linear, kind="stable")
+    bounds = np.flatnonzero(np.diff(linear[order])) + 1
     yield from np.split(order, bounds)
 
 
@@ -335,7 +339,7 @@ def summary_rows(mapped: MappedPoints, job: JobSpaces) -> list[list[Any]]:
     return sorted(rows, key=lambda row: -row[3])
 
 
-def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+def _write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
     """Write under a hidden name and rename when complete: a table that exists is whole."""
     partial = path.with_name(f".{path.name}.partial")
     with partial.open("w", newline="") as handle:
@@ -352,18 +356,19 @@ def write_point_tables(
     (:func:`summary_rows`) in the folder ``out`` (created)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for k in range(len(mapped.brain)):
-        sid = int(mapped.structure_ids[k])
-        structure = job.structures.get(sid)
-        rows.append([
-            *(f"{v:.3f}" for v in mapped.brain[k]), *(f"{v:.3f}" for v in mapped.atlas[k]),
-            structure.name if structure else ("" if sid == 0 else f"label {sid}"),
-            HEMISPHERE_NAMES.get(int(mapped.hemispheres[k]), ""), sid, structure.acronym if structure else "",
-            *(points.extra[k][c] for c in points.extra_columns),
-        ])  # fmt: skip
+    coordinates = np.round(np.concatenate([mapped.brain, mapped.atlas], axis=1), 3)
+    ids, where = np.unique(mapped.structure_ids, return_inverse=True)
+    known = [job.structures.get(int(i)) for i in ids]
+    names = np.array([s.name if s else ("" if i == 0 else f"label {i}") for i, s in zip(ids, known, strict=True)])
+    acronyms = np.array([s.acronym if s else "" for s in known])
+    sides = np.array([HEMISPHERE_NAMES.get(int(h), "") for h in range(3)])[np.clip(mapped.hemispheres, 0, 2)]
+    columns = [
+        *coordinates.T.tolist(), names[where.ravel()].tolist(), sides.tolist(), mapped.structure_ids.tolist(),
+        acronyms[where.ravel()].tolist(), *points.extra.values(),
+    ]  # fmt: skip (Python values: the csv writer formats them fastest)
+    rows = zip(*columns, strict=True)
     paths = {"all_points": out / "all_points.csv", "summary": out / "summary.csv"}
-    _write_csv(paths["all_points"], [*POINT_COLUMNS, *points.extra_columns], rows)
+    _write_csv(paths["all_points"], [*POINT_COLUMNS, *points.extra], rows)
     _write_csv(paths["summary"], SUMMARY_COLUMNS, summary_rows(mapped, job))
     return paths
 
