@@ -23,6 +23,7 @@ do, exit code 2 on the command line, an item error in a flow; nothing has been w
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
@@ -36,10 +37,10 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from patchmorph_core.errors import InputError
-from patchmorph_core.orientation import check_orientation
+from patchmorph_core.orientation import OrientationCheck, check_orientation
 from patchmorph_core.sampling import coarse_level, intensity_range, normalize, tissue_bounds
 from patchmorph_core.source import MultiscaleImage
-from patchmorph_core.spatial import orientation_code, read_box
+from patchmorph_core.spatial import Grid, orientation_code, read_box
 from pipeline.integrity import check_stored
 
 PathLike = str | Path
@@ -54,12 +55,16 @@ EXTENT_SHAPE_WARNING = 1.6
 shapes or head coverage gave and what one hemisphere against a whole atlas gave (``docs/checks.md``)."""
 
 REVERSED_SHAPE = 1.25
-"""A pair whose tissue differs in shape (:data:`EXTENT_SHAPE_WARNING`) is refused when reversing one image's voxel
-sizes brings the spread of its extent ratios below this (whole brains give 1.01-1.56, ``docs/checks.md``)."""
+"""A pair is refused when reversing one image's voxel sizes brings the spread of its extent ratios below this
+(whole brains in their right order give 1.01-1.08 for mice, up to 1.56 for human heads, ``docs/checks.md``) ..."""
+
+REVERSED_GAIN = 1.3
+"""... and at least this many times below the spread as given (the example brain's 50 40 40 µm given as 40 40 50:
+1.56 as given, 1.01 reversed)."""
 
 ANISOTROPIC = 1.05
 """Voxels whose largest size is at least this multiple of their smallest are anisotropic: their sizes' order
-matters (:func:`_check_voxel_order`, the orientation refusal's doubts)."""
+matters (:func:`_reversed_role`, the orientation refusal's doubts)."""
 
 MIN_TISSUE_VOXELS = 27
 """An image needs at least this many tissue voxels (normalised intensity >= 0.1) on its coarse level."""
@@ -248,35 +253,58 @@ def _extents_with_reversed_voxels(image: MultiscaleImage, extent: np.ndarray) ->
     return permutation @ (voxels * spacing[::-1])
 
 
-def _check_voxel_order(
-    fixed: MultiscaleImage, moving: MultiscaleImage, extents: tuple[np.ndarray, np.ndarray], paths: Mapping[str, PathLike]
-) -> None:
-    """Refuse a pair whose tissue differs in shape (:data:`EXTENT_SHAPE_WARNING`) but would not if one image's
-    voxel sizes were reversed: they were given in x, y, z order."""
+def _reversed_role(
+    fixed: MultiscaleImage, moving: MultiscaleImage, extents: tuple[np.ndarray, np.ndarray], given_spread: float
+) -> tuple[str, float] | None:
+    """The image (``"fixed"`` or ``"moving"``) whose voxel sizes in the reverse order would make the two images'
+    tissue alike in shape (spread below :data:`REVERSED_SHAPE`, and :data:`REVERSED_GAIN` times below the spread
+    as given), with that spread; None when neither would."""
     f_ext, m_ext = extents
     for role, image in (("fixed", fixed), ("moving", moving)):
-        own = f_ext if role == "fixed" else m_ext
-        reversed_ext = _extents_with_reversed_voxels(image, own)
+        reversed_ext = _extents_with_reversed_voxels(image, f_ext if role == "fixed" else m_ext)
         if reversed_ext is None:
             continue
         shape = (reversed_ext / m_ext) if role == "fixed" else (f_ext / reversed_ext)
         spread = float(shape.max() / max(shape.min(), 1e-12))
-        if spread < REVERSED_SHAPE:
-            sizes, reverse = (" ".join(f"{v:g}" for v in order) for order in (image.grid.spacing, image.grid.spacing[::-1]))
-            raise InputError(
-                f"the {role} image {paths[role]} has voxels of {sizes} {image.unit} (z y x), which make its tissue "
-                f"another shape than the other image's, and the reverse order, {reverse}, would make them alike "
-                f"(ratios spread {spread:.2f}x): give the voxel size axis 0 first (the planes of a stack), or pass "
-                "--allow-size-mismatch (in a flow or a job's config: checks.allow_size_mismatch) if the order is right."
-            )
+        if spread < REVERSED_SHAPE and given_spread >= REVERSED_GAIN * spread:
+            return role, spread
+    return None
+
+
+def _with_reversed_voxels(image: MultiscaleImage) -> MultiscaleImage:
+    """``image`` with its voxel sizes in the reverse order (each level's axes scaled alike)."""
+    spacing = image.grid.spacing
+    scale = spacing[::-1] / spacing
+    levels = []
+    for level in image.levels:
+        affine = level.grid.affine.copy()
+        affine[:3, :3] = level.grid.linear * scale[None, :]
+        levels.append(dataclasses.replace(level, grid=Grid(level.grid.shape, affine, level.grid.unit)))
+    return dataclasses.replace(image, levels=tuple(levels))
+
+
+def _explains(result: OrientationCheck, reversed_result: OrientationCheck) -> bool:
+    """Whether reversed voxel sizes explain an orientation refusal as well as another code does: with them the
+    given codes fit best, as well as the code the refusal would suggest (a wrong code distorts the tissue's
+    extents too, so the shape alone does not tell the two apart)."""
+    return not reversed_result.fits_better and reversed_result.given.score >= result.best.score - 0.01
+
+
+def _voxel_order_error(image: MultiscaleImage, role: str, path: PathLike, spread: float) -> InputError:
+    sizes, reverse = (" ".join(f"{v:g}" for v in order) for order in (image.grid.spacing, image.grid.spacing[::-1]))
+    return InputError(
+        f"the {role} image {path} has voxels of {sizes} {image.unit} (z y x), which make its tissue another shape "
+        f"than the other image's, and the reverse order, {reverse}, would make them alike (ratios spread "
+        f"{spread:.2f}x): give the voxel size axis 0 first (the planes of a stack), or pass --allow-size-mismatch "
+        "(in a flow or a job's config: checks.allow_size_mismatch) if the order is right."
+    )
 
 
 def _extent_check(
     fixed: MultiscaleImage, moving: MultiscaleImage, paths: Mapping[str, PathLike], allow: bool
 ) -> dict[str, Any]:
     """The tissue extents of both images per world axis; InputError when they differ more than
-    :data:`MAX_EXTENT_RATIO`-fold on an axis, or differ in shape only as voxel sizes given in reverse order would
-    make them (:func:`_check_voxel_order`), unless ``allow``."""
+    :data:`MAX_EXTENT_RATIO`-fold on an axis (unless ``allow``)."""
     moving_path = paths["moving"]
     f_low, f_high = tissue_bounds(fixed)
     m_low, m_high = tissue_bounds(moving)
@@ -300,8 +328,6 @@ def _extent_check(
             "wrong voxel size on one axis",
             ratio_text,
         )
-    if spread >= EXTENT_SHAPE_WARNING and not allow:
-        _check_voxel_order(fixed, moving, (f_ext, m_ext), paths)
     axis = int(np.argmax(ratios))
     if ratios[axis] > MAX_EXTENT_RATIO and not allow:
         raise InputError(
@@ -381,6 +407,14 @@ def check_pair_orientation(
         "geometry": geometry,
         "orientation": {**result.record(), "accepted": options.accept_orientation},
     }
+    extents = (np.asarray(geometry["fixed_tissue_extent"]), np.asarray(geometry["moving_tissue_extent"]))
+    suspect = None if options.allow_size_mismatch else _reversed_role(fixed, moving, extents, geometry["ratio_spread"])
+    if suspect is not None and not (result.fits_better and options.accept_orientation):
+        role, spread = suspect
+        images = {"fixed": fixed, "moving": moving}
+        images[role] = _with_reversed_voxels(images[role])
+        if not result.fits_better or _explains(result, check_orientation(images["fixed"], images["moving"])):
+            raise _voxel_order_error({"fixed": fixed, "moving": moving}[role], role, paths[role], spread)
     if result.fits_better and not options.accept_orientation:
         fixed_code, moving_code = result.suggested_codes(fixed.grid.direction, moving.grid.direction)
         given = orientation_code(moving.grid.direction), orientation_code(fixed.grid.direction)

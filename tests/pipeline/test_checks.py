@@ -183,8 +183,9 @@ def test_part_of_a_brain_against_a_whole_atlas_gives_a_warning(
 
 def test_voxel_sizes_given_in_x_y_z_order_are_named(mouse_pair: tuple) -> None:
     """The brain at 400 × 160 × 160 µm (every other plane) given as 160 160 400: its tissue takes another shape
-    than the atlas's, and the reverse order would make them alike, so the voxel size is named; the right order
-    passes, and --allow-size-mismatch lets the given one through."""
+    than the atlas's, and the reverse order would make them alike, so the voxel size is named, not the orientation
+    code that a swap of axes would suggest; the right order passes, and --allow-size-mismatch lets the given one
+    through. The same for the brain at 200 × 160 × 160 µm, whose given order passes the orientation check."""
     brain, brain_grid, template, spacing = mouse_pair
     planes = brain[::2]
     true = (2 * brain_grid.spacing[0], *brain_grid.spacing[1:])
@@ -196,6 +197,10 @@ def test_voxel_sizes_given_in_x_y_z_order_are_named(mouse_pair: tuple) -> None:
     check_pair(given, moving, names, CheckOptions(allow_size_mismatch=True, accept_orientation=True))
     record = check_pair(MultiscaleImage.from_array(planes, Grid.from_orientation(planes.shape, true, "psl")), moving, names)
     assert record["geometry"]["ratio_spread"] < 1.25
+    # the README's brain: 200 × 160 × 160 µm given as 160 160 200 (its tissue's spread 1.56, under the warning's)
+    mild = MultiscaleImage.from_array(brain, Grid.from_orientation(brain.shape, brain_grid.spacing[::-1], "psl"))
+    with pytest.raises(InputError, match=r"has voxels of 160 160 200 micrometer .* reverse order, 200 160 160"):
+        check_pair(mild, moving, names)
 
 
 def test_orientation_codes_round_trip() -> None:
