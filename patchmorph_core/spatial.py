@@ -358,6 +358,17 @@ class Grid:
         atol = tolerance * float(min(self.spacing.min(), other.spacing.min()))
         return self.shape == other.shape and np.allclose(self.affine, other.affine, atol=atol)
 
+    def same_box(self, other: Grid, tolerance: float = 1.0) -> bool:
+        """Whether ``other`` covers this grid's box with the same axes, at any resolution: equal direction cosines
+        and the corners of the two boxes of voxel centres within ``tolerance`` times the coarser grid's largest
+        voxel (a pyramid level, a block-averaged copy, the same image converted again)."""
+        other = other.with_unit(self.unit)
+        if not np.allclose(self.direction, other.direction, atol=1e-3):
+            return False
+        step = tolerance * float(max(self.spacing.max(), other.spacing.max()))
+        (a_low, a_high), (b_low, b_high) = self.world_bounds(), other.world_bounds()
+        return bool(np.all(np.abs(a_low - b_low) <= step) and np.all(np.abs(a_high - b_high) <= step))
+
     # -- derived grids ------------------------------------------------------------------------------
     def with_unit(self, unit: str) -> Grid:
         """The same grid with its world coordinates expressed in ``unit``."""

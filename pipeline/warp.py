@@ -219,23 +219,23 @@ def _target_grid(target: str | Path | None, meta: dict[str, Any], inverse: bool)
 
 
 def check_space(image: Grid, target: Grid, meta: dict[str, Any], inverse: bool, moving: str | Path) -> None:
-    """Refuse an image that lies on the output grid already, when the space it is to come from has other voxels:
-    an image of the fixed space given to a forward warp (or of the moving space to an inverse one), which would
-    be resampled as if it were in the other space.
+    """Refuse an image that covers the output grid's box already (at any resolution: :meth:`Grid.same_box`), when
+    the space it is to come from has another box: an image of the fixed space given to a forward warp (or of the
+    moving space to an inverse one), which would be resampled as if it were in the other space.
 
     Raises:
         InputError: naming the image and the way round.
     """
     source_role, target_role = ("fixed", "moving") if inverse else ("moving", "fixed")
     source = meta.get(source_role)
-    if source is None or not Path(source).exists() or not image.same_voxels(target):
+    if source is None or not Path(source).exists() or not image.same_box(target):
         return
-    if read_image(source).grid.same_voxels(target):  # both images of the registration share one grid
+    if read_image(source).grid.same_box(target):  # both images of the registration cover one box
         return
     way = "without --inverse" if inverse else "with --inverse (or through the inverse field)"
     raise InputError(
-        f"image {moving} lies on the voxels of the field's {target_role} image, not in the {source_role} image's "
-        f"space that this warp takes images from: it is in {target_role} space already; to bring it to the "
+        f"image {moving} covers the box of the field's {target_role} image, not the {source_role} image's, whose "
+        f"space this warp takes images from: it is in {target_role} space already; to bring it to the "
         f"{source_role} space, warp it {way}."
     )
 

@@ -363,3 +363,21 @@ def test_displaced_positions_match_index_to_normalized() -> None:
     index = torch.stack(torch.meshgrid(*(torch.arange(n, dtype=torch.float32) + s for n, s in zip(box, start, strict=True)), indexing="ij"), -1)
     expected = index_to_normalized(index[None] + disp.permute(0, 2, 3, 4, 1), shape)
     torch.testing.assert_close(displaced_positions(disp, start, shape), expected)
+
+
+def test_same_box_holds_across_resolutions_not_across_places_or_axes() -> None:
+    """A block-averaged copy (and a source grid rebuilt from it) covers the same box; a copy shifted by two of its
+    voxels, or turned, does not; nor does another unit's number taken for this one."""
+    from patchmorph_core.source import downsampled_grid, source_grid
+
+    turn = random_rotation(np.random.default_rng(2), 30.0)
+    grid = Grid.from_spacing((30, 41, 52), (50.0, 40.0, 40.0), origin=(100.0, -20.0, 7.0), direction=turn)
+    coarse = downsampled_grid(grid, (3, 3, 3), (10, 13, 17))
+    assert grid.same_box(coarse) and coarse.same_box(grid)
+    back = source_grid(coarse, (3, 3, 3), grid.shape)
+    np.testing.assert_allclose(back.affine, grid.affine, atol=1e-9)
+    assert grid.same_box(grid.with_unit("millimeter"))
+    assert not grid.same_box(grid.translated(grid.linear @ np.array([6.0, 0.0, 0.0])))  # two coarse voxels
+    rotation = np.eye(4)
+    rotation[:3, :3] = random_rotation(np.random.default_rng(3), 20.0)
+    assert not grid.same_box(grid.transformed(rotation))

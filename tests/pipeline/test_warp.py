@@ -111,8 +111,8 @@ def test_an_8_bit_mask_keeps_its_signal_through_a_warp(tmp_path: Path) -> None:
 
 
 def test_an_image_already_in_the_output_space_is_refused(tmp_path: Path) -> None:
-    """The fixed image given to a forward warp (a brain given where the atlas's images go): refused, naming the
-    way round; given to the inverse warp it is taken."""
+    """The fixed image given to a forward warp (a brain given where the atlas's images go), also at another
+    resolution: refused, naming the way round; given to the inverse warp it is taken."""
     from patchmorph_core.errors import InputError
 
     rng = np.random.default_rng(7)
@@ -125,10 +125,15 @@ def test_an_image_already_in_the_output_space_is_refused(tmp_path: Path) -> None
         tmp_path / "field.zarr", np.zeros((3, *fixed_grid.shape), np.float32), fixed_grid,
         metadata={"fixed": str(fixed), "moving": str(moving)},
     )  # fmt: skip
-    with pytest.raises(InputError, match=r"lies on the voxels of the field's fixed image.*warp it with --inverse"):
+    with pytest.raises(InputError, match=r"covers the box of the field's fixed image.*warp it with --inverse"):
         warp_files(field, fixed, tmp_path / "wrong.zarr", progress=False)
     assert not (tmp_path / "wrong.zarr").exists()
+    finer = Grid.from_spacing((40, 44, 48), fixed_grid.spacing / 2, origin=fixed_grid.index_to_world(np.full(3, -0.25)),
+                              unit="millimeter", direction=fixed_grid.direction)  # fmt: skip  (the same box, 2x finer)
+    fine = write_image(tmp_path / "fine.zarr", rng.random(finer.shape).astype(np.float32), finer)
+    with pytest.raises(InputError, match=r"covers the box of the field's fixed image"):
+        warp_files(field, fine, tmp_path / "wrong_fine.zarr", progress=False)
     warp_files(field, fixed, tmp_path / "back.zarr", inverse=True, progress=False)
     assert read_image(tmp_path / "back.zarr").grid.same_voxels(moving_grid)
-    with pytest.raises(InputError, match=r"lies on the voxels of the field's moving image.*warp it without"):
+    with pytest.raises(InputError, match=r"covers the box of the field's moving image.*warp it without"):
         warp_files(field, moving, tmp_path / "wrong2.zarr", inverse=True, progress=False)
