@@ -330,7 +330,7 @@ def make_atlas(
         check_hemisphere_sides(sides, grid, paths["hemisphere image"])
     else:
         logger.warning("no hemisphere image: the atlas's hemispheres are the halves of its left-right axis")
-    resolution = [float(s) for s in grid.spacing * unit_scale(grid.unit, "micrometer")]
+    resolution = [round(float(s), 4) for s in grid.spacing * unit_scale(grid.unit, "micrometer")]  # float32 headers
     atlas_name = name or re.sub(r"[^a-z0-9]+", "_", paths["template"].name.split(".")[0].lower()).strip("_")
     meta = {
         "name": atlas_name,

@@ -258,7 +258,8 @@ def _check_inside(index: np.ndarray, grid: Grid, what: str, path: str | Path) ->
         raise InputError(
             f"points file {path}: point {row + 1} ({', '.join(f'{v:g}' for v in index[row])}) lies outside the "
             f"{what}'s {' × '.join(map(str, grid.shape))} voxels ({int(outside.sum())} of {len(index)} do): give "
-            f"voxel indices of the {what} in its array order, axis 0 first (the planes of a stack)."
+            f"voxel indices of the {what} in its array order, axis 0 first (the planes of a stack); columns in x, y, "
+            "z order are the usual cause."
         )
 
 
