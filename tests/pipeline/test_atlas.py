@@ -307,8 +307,9 @@ def test_inverse_field_warps_as_the_inverse_warp_does(job: dict) -> None:
         and Path(meta["moving"]) == out / "brain.ome.zarr"
     )
     np.testing.assert_allclose(grid.direction, orientation_matrix("asr"))
-    error = meta["inverse_error"]  # micrometres, where the atlas lies within the brain's field of view
-    assert error["mean"] < 1.0 and error["max"] < 10.0 and 0.0 < error["beyond_fixed_percent"] < 50.0
+    error = meta["inverse_error"]  # as stored, half-way between its nodes, where the atlas lies within the brain's view
+    step = float(grid.spacing.max())  # micrometres
+    assert 0.0 < error["mean"] < 0.1 * step and error["max"] < 0.5 * step and 0.0 < error["beyond_fixed_percent"] < 50.0
     again = warp_files(
         out / "field.ome.zarr", out / "brain.ome.zarr", out.parent / "again.ome.zarr",
         target=out / "atlas" / "reference.ome.zarr", inverse=True, progress=False,
