@@ -358,6 +358,13 @@ class Grid:
         atol = tolerance * float(min(self.spacing.min(), other.spacing.min()))
         return self.shape == other.shape and np.allclose(self.affine, other.affine, atol=atol)
 
+    def with_axis_scale(self, scale: Sequence[float]) -> Grid:
+        """This grid with array axis ``k``'s voxel size multiplied by ``scale[k]`` (``(z, y, x)``); voxel 0's world
+        position and the axes' directions kept."""
+        affine = self.affine.copy()
+        affine[:3, :3] = self.linear * np.asarray(scale, dtype=np.float64)[None, :]
+        return Grid(self.shape, affine, self.unit)
+
     def same_box(self, other: Grid, tolerance: float = 1.0) -> bool:
         """Whether ``other`` covers this grid's box with the same axes, at any resolution: equal direction cosines
         and the corners of the two boxes of voxel centres within ``tolerance`` times the coarser grid's largest

@@ -40,7 +40,7 @@ from patchmorph_core.errors import InputError
 from patchmorph_core.orientation import OrientationCheck, check_orientation
 from patchmorph_core.sampling import coarse_level, intensity_range, normalize, tissue_bounds
 from patchmorph_core.source import MultiscaleImage
-from patchmorph_core.spatial import Grid, orientation_code, read_box
+from patchmorph_core.spatial import orientation_code, read_box
 from pipeline.integrity import check_stored
 
 PathLike = str | Path
@@ -273,14 +273,9 @@ def _reversed_role(
 
 def _with_reversed_voxels(image: MultiscaleImage) -> MultiscaleImage:
     """``image`` with its voxel sizes in the reverse order (each level's axes scaled alike)."""
-    spacing = image.grid.spacing
-    scale = spacing[::-1] / spacing
-    levels = []
-    for level in image.levels:
-        affine = level.grid.affine.copy()
-        affine[:3, :3] = level.grid.linear * scale[None, :]
-        levels.append(dataclasses.replace(level, grid=Grid(level.grid.shape, affine, level.grid.unit)))
-    return dataclasses.replace(image, levels=tuple(levels))
+    scale = image.grid.spacing[::-1] / image.grid.spacing
+    levels = tuple(dataclasses.replace(level, grid=level.grid.with_axis_scale(scale)) for level in image.levels)
+    return dataclasses.replace(image, levels=levels)
 
 
 def _explains(result: OrientationCheck, reversed_result: OrientationCheck) -> bool:
