@@ -358,6 +358,11 @@ class Grid:
         atol = tolerance * float(min(self.spacing.min(), other.spacing.min()))
         return self.shape == other.shape and np.allclose(self.affine, other.affine, atol=atol)
 
+    def holds_index(self, index: np.ndarray) -> np.ndarray:
+        """``(N,)`` bool: whether each of ``(N, 3)`` fractional indices lies within the grid's voxels (voxel ``k``
+        spans ``k ± 0.5`` along each axis)."""
+        return np.all((index >= -0.5) & (index <= np.asarray(self.shape) - 0.5), axis=1)
+
     def with_axis_scale(self, scale: Sequence[float]) -> Grid:
         """This grid with array axis ``k``'s voxel size multiplied by ``scale[k]`` (``(z, y, x)``); voxel 0's world
         position and the axes' directions kept."""

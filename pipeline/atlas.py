@@ -40,6 +40,7 @@ from patchmorph_core.errors import InputError
 from patchmorph_core.spatial import Grid, unit_scale
 from patchmorph_core.warping import LabelInterpolation
 from pipeline.brainglobe import LEFT, RIGHT, BrainGlobeAtlas, Structure, open_volume
+from pipeline.resume import atomic_write_csv
 
 logger = logging.getLogger(__name__)
 
@@ -190,8 +191,9 @@ def _made_from(sources: Mapping[str, Path], settings: Mapping[str, Any] | None) 
 
 def _record_sources(path: Path, sources: Mapping[str, Path], settings: Mapping[str, Any] | None = None) -> None:
     """Record in the finished output ``path`` what it was made from, and how (:func:`_finished_from`)."""
-    group = zarr.open_group(str(path), mode="r+")
-    group.attrs["patchmorph"] = {**_attributes(path), MADE_FROM: _made_from(sources, settings)}
+    from pipeline.ngff import set_attribute
+
+    set_attribute(path, MADE_FROM, _made_from(sources, settings))
 
 
 # -- volumes -------------------------------------------------------------------------------------------------------
@@ -306,21 +308,23 @@ def write_volume_table(path: str | Path, rows: Sequence[RegionVolume]) -> Path:
     """Write ``volumes.csv`` (:data:`VOLUME_COLUMNS`; volumes in mm³, 6 decimals)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(VOLUME_COLUMNS)
-        for row in rows:
-            writer.writerow(
-                [
-                    row.name,
-                    f"{row.left_mm3:.6f}",
-                    f"{row.right_mm3:.6f}",
-                    f"{row.total_mm3:.6f}",
-                    row.structure_id,
-                    row.acronym,
-                ]
-            )
-    return path
+    lines = [
+        [row.name, f"{row.left_mm3:.6f}", f"{row.right_mm3:.6f}", f"{row.total_mm3:.6f}", row.structure_id, row.acronym]
+        for row in rows
+    ]
+    return atomic_write_csv(path, VOLUME_COLUMNS, lines)
+
+
+def read_volume_table(path: str | Path) -> dict[int, RegionVolume]:
+    """The rows of a ``volumes.csv`` written by :func:`write_volume_table`, by structure id."""
+    with Path(path).open(newline="") as handle:
+        return {
+            int(row["structure_id"]): RegionVolume(
+                int(row["structure_id"]), row["structure_name"], row["acronym"],
+                float(row["left_volume_mm3"]), float(row["right_volume_mm3"]),
+            )  # fmt: skip
+            for row in csv.DictReader(handle)
+        }
 
 
 SIGNAL_COLUMNS: tuple[str, ...] = (
@@ -340,23 +344,20 @@ of value × voxel volume over the structure's voxels on the brain, in value·mm�
 
 
 def write_signal_table(
-    path: str | Path, counts: SideCounts, sums: SideCounts, voxel_mm3: float, structures: Mapping[int, Structure]
+    path: str | Path, rows: Sequence[RegionVolume], counts: SideCounts, sums: SideCounts, voxel_mm3: float
 ) -> Path:
-    """Write ``<channel>_signal.csv`` (:data:`SIGNAL_COLUMNS`) from the voxel counts and a channel's sums per
-    ``(structure id, side)`` (:func:`side_sums`) on voxels of ``voxel_mm3``; the rows of :func:`volume_table`'s
-    structures, by id."""
-    path = Path(path)
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(SIGNAL_COLUMNS)
-        for row in volume_table(counts, 1.0, structures):
-            sid = row.structure_id
-            n = [counts.get((sid, LEFT), 0), counts.get((sid, RIGHT), 0)]
-            total = [sums.get((sid, LEFT), 0.0), sums.get((sid, RIGHT), 0.0)]
-            means = [t / c if c else float("nan") for t, c in zip([*total, sum(total)], [*n, sum(n)], strict=True)]
-            integrals = [t * voxel_mm3 for t in [*total, sum(total)]]
-            writer.writerow([row.name, *(f"{m:.6g}" for m in means), *(f"{t:.6g}" for t in integrals), sid, row.acronym])
-    return path
+    """Write ``<channel>_signal.csv`` (:data:`SIGNAL_COLUMNS`) for the structures of ``rows`` (:func:`volume_table`)
+    from the voxel counts and a channel's sums per ``(structure id, side)`` (:func:`side_sums`) on voxels of
+    ``voxel_mm3``."""
+    lines = []
+    for row in rows:
+        sid = row.structure_id
+        n = [counts.get((sid, LEFT), 0), counts.get((sid, RIGHT), 0)]
+        total = [sums.get((sid, LEFT), 0.0), sums.get((sid, RIGHT), 0.0)]
+        means = [t / c if c else float("nan") for t, c in zip([*total, sum(total)], [*n, sum(n)], strict=True)]
+        integrals = [t * voxel_mm3 for t in [*total, sum(total)]]
+        lines.append([row.name, *(f"{m:.6g}" for m in means), *(f"{t:.6g}" for t in integrals), sid, row.acronym])
+    return atomic_write_csv(Path(path), SIGNAL_COLUMNS, lines)
 
 
 # -- the inverse field ------------------------------------------------------------------------------------------------
@@ -402,7 +403,7 @@ def write_inverse_field(
     """
     from patchmorph_core.displacement import FieldDisplacement
     from patchmorph_core.source import float32_if_small
-    from pipeline.ngff import read_field, read_image, write_field
+    from pipeline.ngff import read_field, read_image, set_attribute, write_field
     from pipeline.warp import FIELD_MEMORY_BYTES
 
     array, field_grid, meta = read_field(field)
@@ -425,11 +426,7 @@ def write_inverse_field(
         "inverse_of": str(field),
     }
     written = write_field(out, da.concatenate(slabs, axis=1), grid, metadata=metadata, overwrite=True)
-    forward = FieldDisplacement(array, field_grid)
-    group = zarr.open_group(str(written), mode="r+")
-    attrs = dict(group.attrs["patchmorph"])
-    attrs["inverse_error"] = inverse_residual(forward, written, grid)
-    group.attrs["patchmorph"] = attrs
+    set_attribute(written, "inverse_error", inverse_residual(FieldDisplacement(array, field_grid), written, grid))
     return written
 
 
@@ -561,12 +558,11 @@ def atlas_outputs(
     hemispheres = read_image(paths["hemispheres_on_brain"]).levels[0].array
     channel_arrays = {name: read_image(channel).levels[0].array for name, channel in (channels or {}).items()}
     counts, sums = side_sums(annotation.array, hemispheres, list(channel_arrays.values()))
-    rows = volume_table(counts, voxel_volume_mm3(annotation.grid), atlas.atlas.structures)
+    voxel_mm3 = voxel_volume_mm3(annotation.grid)
+    rows = volume_table(counts, voxel_mm3, atlas.atlas.structures)
     paths["volumes"] = write_volume_table(out / "volumes.csv", rows)
     for name, channel_sums in zip(channel_arrays, sums, strict=True):
-        paths[f"{name}_signal"] = write_signal_table(
-            out / f"{name}_signal.csv", counts, channel_sums, voxel_volume_mm3(annotation.grid), atlas.atlas.structures
-        )
+        paths[f"{name}_signal"] = write_signal_table(out / f"{name}_signal.csv", rows, counts, channel_sums, voxel_mm3)
     figures: dict[str, float] = {
         "n_structures": float(len(rows)),
         "brain_volume_mm3": sum(r.total_mm3 for r in rows),

@@ -48,12 +48,9 @@ from pipeline.atlas import (
 from pipeline.brainglobe import find_atlas
 from pipeline.checks import CheckOptions
 from pipeline.cluster import ClusterConfig, load_cluster_config, open_client
-from pipeline.resume import as_recorded, atomic_write_json
+from pipeline.resume import ZARR_METADATA, as_recorded, atomic_write_json
 
 logger = logging.getLogger(__name__)
-
-METADATA_DOCS = ("zarr.json", ".zattrs", ".zarray", ".zgroup")
-"""Zarr metadata documents (v3 and v2)."""
 
 JOB_RECORD = "atlas_job.json"
 """The metadata file of a job: what was run, on what, with which settings, and what it wrote."""
@@ -139,7 +136,7 @@ def _source_key(path: Path, **geometry: Any) -> str:
     found = (
         [path]
         if path.is_file()
-        else [*path.glob("*"), *(p for n in METADATA_DOCS for p in path.glob(f"*/{n}"))]
+        else [*path.glob("*"), *(p for n in ZARR_METADATA for p in path.glob(f"*/{n}"))]
     )
     files = sorted(p for p in found if p.is_file())
     stats = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]

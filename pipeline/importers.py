@@ -40,7 +40,7 @@ from patchmorph_core.spatial import (
     orientation_matrix,
     ras_affine_from_nrrd,
 )
-from pipeline.resume import ZARR_MARKERS
+from pipeline.resume import ZARR_METADATA
 
 logger = logging.getLogger(__name__)
 
@@ -398,7 +398,7 @@ def open_tiff_stack(
 
 # -- any input ------------------------------------------------------------------------------------------
 def _is_zarr(path: Path) -> bool:
-    return path.is_dir() and any((path / name).exists() for name in ZARR_MARKERS)
+    return path.is_dir() and any((path / name).exists() for name in ZARR_METADATA)
 
 
 def open_input(

@@ -191,6 +191,12 @@ def image_orientation(path: str | Path) -> str | None:
     return rfc4_orientation(_multiscale(attrs, str(path)).get("axes", ()))
 
 
+def set_attribute(path: str | Path, key: str, value: Any) -> None:
+    """Set ``attrs["patchmorph"][key]`` of the OME-Zarr group at ``path`` (its other attributes kept)."""
+    group = zarr.open_group(str(path), mode="r+")
+    group.attrs["patchmorph"] = {**dict(group.attrs.get("patchmorph", {})), key: value}
+
+
 def is_label_image(path: str | Path) -> bool:
     """Whether an OME-Zarr image is a label image (NGFF ``image-label`` metadata, 0.4 or 0.5)."""
     attrs = dict(_open_group(path).attrs)

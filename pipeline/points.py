@@ -23,7 +23,7 @@ import json
 import logging
 import xml.etree.ElementTree as ElementTree
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -34,7 +34,9 @@ from patchmorph_core.displacement import FieldDisplacement
 from patchmorph_core.errors import InputError
 from patchmorph_core.source import source_grid
 from patchmorph_core.spatial import Grid, read_box, unit_scale
+from pipeline.atlas import read_volume_table
 from pipeline.brainglobe import LEFT, RIGHT, Structure, find_atlas
+from pipeline.resume import atomic_write_csv
 
 logger = logging.getLogger(__name__)
 
@@ -252,7 +254,7 @@ def _displace(field: Path, world: np.ndarray, unit: str) -> np.ndarray:
 def _check_inside(index: np.ndarray, grid: Grid, what: str, path: str | Path) -> None:
     """InputError naming the first point of ``index`` outside ``grid``'s voxels (a swapped axis order, or
     points of another image)."""
-    outside = np.any((index < -0.5) | (index > np.asarray(grid.shape) - 0.5), axis=1)
+    outside = ~grid.holds_index(index)
     if outside.any():
         row = int(np.flatnonzero(outside)[0])
         raise InputError(
@@ -309,15 +311,6 @@ def map_points(job: JobSpaces, index: np.ndarray, given_in: Space, path: str | P
 HEMISPHERE_NAMES = {LEFT: "left", RIGHT: "right"}
 
 
-def _volumes(path: Path) -> dict[int, tuple[float, float, float]]:
-    """Left, right and total volume (mm³) per structure id from the job's ``volumes.csv``."""
-    with path.open(newline="") as handle:
-        return {
-            int(row["structure_id"]): tuple(float(row[f"{side}_volume_mm3"]) for side in ("left", "right", "total"))
-            for row in csv.DictReader(handle)
-        }
-
-
 def _per_mm3(count: int, volume: float) -> str:
     return f"{count / volume:.6g}" if volume > 0 else "nan"
 
@@ -326,28 +319,19 @@ def summary_rows(mapped: MappedPoints, job: JobSpaces) -> list[list[Any]]:
     """``summary.csv``'s rows (:data:`SUMMARY_COLUMNS`): the points per structure and side, most first;
     points outside the atlas's brain (structure 0) are not a structure and are left out."""
     counts = Counter(zip(mapped.structure_ids.tolist(), mapped.hemispheres.tolist(), strict=True))
-    volumes = _volumes(job.volumes)
+    volumes = read_volume_table(job.volumes)
     rows = []
     for sid in sorted({s for s, _ in counts if s != 0}):
         left, right = counts[(sid, LEFT)], counts[(sid, RIGHT)]
         total = sum(n for (s, _), n in counts.items() if s == sid)
         structure = job.structures.get(sid, Structure(sid, f"label {sid}", str(sid)))
-        vl, vr, vt = volumes.get(sid, (0.0, 0.0, 0.0))
+        region = volumes.get(sid)
+        vl, vr, vt = (region.left_mm3, region.right_mm3, region.total_mm3) if region else (0.0, 0.0, 0.0)
         rows.append([
             structure.name, left, right, total, f"{vl:.6f}", f"{vr:.6f}", f"{vt:.6f}",
             _per_mm3(left, vl), _per_mm3(right, vr), sid, structure.acronym,
         ])  # fmt: skip
     return sorted(rows, key=lambda row: -row[3])
-
-
-def _write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
-    """Write under a hidden name and rename when complete: a table that exists is whole."""
-    partial = path.with_name(f".{path.name}.partial")
-    with partial.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(header)
-        writer.writerows(rows)
-    partial.replace(path)
 
 
 def write_point_tables(
@@ -369,8 +353,8 @@ def write_point_tables(
     ]  # fmt: skip (Python values: the csv writer formats them fastest)
     rows = zip(*columns, strict=True)
     paths = {"all_points": out / "all_points.csv", "summary": out / "summary.csv"}
-    _write_csv(paths["all_points"], [*POINT_COLUMNS, *points.extra], rows)
-    _write_csv(paths["summary"], SUMMARY_COLUMNS, summary_rows(mapped, job))
+    atomic_write_csv(paths["all_points"], [*POINT_COLUMNS, *points.extra], rows)
+    atomic_write_csv(paths["summary"], SUMMARY_COLUMNS, summary_rows(mapped, job))
     return paths
 
 

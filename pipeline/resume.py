@@ -21,17 +21,19 @@ settings and chunk plan) and, per stage, one record file per finished output chu
 from __future__ import annotations
 
 import contextlib
+import csv
 import fcntl
 import functools
 import hashlib
 import inspect
+import io
 import json
 import os
 import shutil
 import socket
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -49,7 +51,8 @@ WHOLE_FILE_HASH_BYTES = 256 << 20
 """Files up to this size are identified by the SHA-256 of their bytes; larger ones by size, modification
 time and the hash of their first and last MiB."""
 
-_ZARR_METADATA = ("zarr.json", ".zattrs", ".zgroup", ".zarray")
+ZARR_METADATA = ("zarr.json", ".zattrs", ".zgroup", ".zarray")
+"""The metadata documents of a Zarr store (v3, v2), one of which it holds at its top."""
 
 STORES_RECORD = "stores.json"
 """File in a stage's record folder: the ``write_id`` of every store its chunk records vouch for."""
@@ -109,7 +112,7 @@ def content_identity(path: str | Path | None) -> dict[str, Any] | None:
     write_id = write_identity(p)
     for entry in _files(p):
         relative = os.path.relpath(entry.path, p)
-        if entry.name in _ZARR_METADATA:
+        if entry.name in ZARR_METADATA:
             digest.update(relative.encode() + Path(entry.path).read_bytes())
         elif write_id is None:
             stat = entry.stat()
@@ -151,6 +154,17 @@ def as_recorded(value: Any) -> Any:
     """``value`` as a JSON record of it reads back (tuples as lists, other objects as their text): the form to
     compare with a stored record."""
     return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def atomic_write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> Path:
+    """Write a CSV table (``header``, then ``rows``) to ``path`` through a temporary file and an atomic rename
+    (:func:`atomic_write`): a table that exists is whole."""
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(header)
+    writer.writerows(rows)
+    atomic_write(path, lambda handle: handle.write(text.getvalue().encode()))
+    return path
 
 
 def atomic_write_json(path: Path, data: dict[str, Any]) -> None:
@@ -356,10 +370,6 @@ def locks_output(func: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-ZARR_MARKERS = ("zarr.json", ".zgroup", ".zattrs", ".zarray")
-"""Files one of which a Zarr store (v3 or v2) holds at its top."""
-
-
 def check_replaceable(out: Path) -> None:
     """An existing output that ``--overwrite`` may replace is a Zarr store (an earlier output): never a file or
     another folder, which a mistyped path would otherwise delete.
@@ -367,7 +377,7 @@ def check_replaceable(out: Path) -> None:
     Raises:
         InputError: ``out`` exists and is not a Zarr store.
     """
-    if out.exists() and not (out.is_dir() and any((out / name).exists() for name in ZARR_MARKERS)):
+    if out.exists() and not (out.is_dir() and any((out / name).exists() for name in ZARR_METADATA)):
         kind = "a folder" if out.is_dir() else "a file"
         raise InputError(
             f"output {out} is {kind} that is not a Zarr store: --overwrite replaces only an earlier output; give "

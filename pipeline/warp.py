@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import zarr
 from pydantic import BaseModel, ConfigDict
 
 from patchmorph_core.displacement import (
@@ -60,6 +59,7 @@ from pipeline.ngff import (
     pyramid_arrays,
     read_field,
     read_image,
+    set_attribute,
     write_block,
 )
 from pipeline.resume import (
@@ -195,10 +195,7 @@ def _inverse_error(stage: StageRecords, plan: ChunkPlan) -> tuple[float, float]:
 def _record_inverse_error(out: Path, stage: StageRecords, plan: ChunkPlan) -> tuple[float, float]:
     """Store the inverse's residual (max, mean over all chunks) in the output's metadata and return it."""
     max_error, mean_error = _inverse_error(stage, plan)
-    group = zarr.open_group(str(out), mode="r+")
-    attrs = dict(group.attrs["patchmorph"])
-    attrs["inverse_error"] = {"max": max_error, "mean": mean_error, "unit": plan.grid.unit}
-    group.attrs["patchmorph"] = attrs
+    set_attribute(out, "inverse_error", {"max": max_error, "mean": mean_error, "unit": plan.grid.unit})
     log.info("inverse displacement residual: max %.4g, mean %.4g %s", max_error, mean_error, plan.grid.unit)
     return max_error, mean_error
 

@@ -86,7 +86,8 @@ def test_channel_values_are_summed_per_structure_and_side_chunk_by_chunk(tmp_pat
         for side in (LEFT, RIGHT):
             where = (annotation == sid) & (hemispheres == side)
             assert sums[(sid, side)] == pytest.approx(float(channel[where].sum()), rel=1e-6)
-    path = write_signal_table(tmp_path / "c_signal.csv", counts, sums, 0.5, {5: Structure(5, "five", "V")})
+    regions = volume_table(counts, 0.5, {5: Structure(5, "five", "V")})
+    path = write_signal_table(tmp_path / "c_signal.csv", regions, counts, sums, 0.5)
     with path.open(newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert list(rows[0]) == list(SIGNAL_COLUMNS) and [r["structure_id"] for r in rows] == ["5", "7"]
