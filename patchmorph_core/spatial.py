@@ -71,8 +71,11 @@ _ANATOMICAL_AXIS: dict[str, tuple[int, float]] = {
 }
 
 
-LEFT_RIGHT_MIRROR = np.diag([1.0, 1.0, -1.0])
-"""``(3, 3)`` world map that mirrors left and right (world component 2 points to the subject's right)."""
+RIGHTWARD = 2
+"""The world component that points to the subject's right (the ``R`` of RAS+ in ``(z, y, x)`` order)."""
+
+LEFT_RIGHT_MIRROR = np.diag([-1.0 if k == RIGHTWARD else 1.0 for k in range(3)])
+"""``(3, 3)`` world map that mirrors left and right."""
 
 
 class SpatialError(InputError):

@@ -40,7 +40,7 @@ from patchmorph_core.errors import InputError
 from patchmorph_core.orientation import OrientationCheck, check_orientation
 from patchmorph_core.sampling import coarse_level, intensity_range, normalize, tissue_bounds
 from patchmorph_core.source import MultiscaleImage
-from patchmorph_core.spatial import orientation_code, read_box
+from patchmorph_core.spatial import orientation_code, orientation_matrix, read_box
 from pipeline.integrity import check_stored
 
 PathLike = str | Path
@@ -430,9 +430,6 @@ def check_pair_orientation(
     return record
 
 
-_AXIS_CLASS = {"a": 0, "p": 0, "s": 1, "i": 1, "l": 2, "r": 2}
-
-
 def _doubts(
     fixed: MultiscaleImage,
     moving: MultiscaleImage,
@@ -453,7 +450,7 @@ def _doubts(
         )
     for role, image, new, old in zip(("fixed", "moving"), (fixed, moving), suggested, given, strict=True):
         spacing = image.grid.spacing
-        swaps = new and old and [_AXIS_CLASS[c] for c in new] != [_AXIS_CLASS[c] for c in old]
+        swaps = new and old and not np.array_equal(np.abs(orientation_matrix(new)), np.abs(orientation_matrix(old)))
         if swaps and float(spacing.max() / spacing.min()) >= ANISOTROPIC:
             sizes = " ".join(f"{v:g}" for v in spacing)
             clauses.append(

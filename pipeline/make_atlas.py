@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from patchmorph_core.errors import InputError
-from patchmorph_core.spatial import Grid, orientation_code, unit_scale
+from patchmorph_core.spatial import RIGHTWARD, Grid, orientation_code, unit_scale
 from pipeline.brainglobe import Structure, structures_from_list, write_tiff_atlas
 from pipeline.importers import open_input, stated_orientation
 
@@ -216,7 +216,7 @@ def check_hemisphere_sides(sides: np.ndarray, grid: Grid, where: Path) -> None:
         index = np.argwhere(sides[::2, ::2, ::2] == side) * 2.0
         if len(index) == 0:
             return  # one hemisphere only: nothing to compare
-        centres[side] = grid.index_to_world(index.mean(axis=0))[2]  # world component 2 runs toward the right
+        centres[side] = grid.index_to_world(index.mean(axis=0))[RIGHTWARD]
     if centres[1] > centres[2]:
         code = orientation_code(grid.direction)
         raise InputError(
