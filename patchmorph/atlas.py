@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from patchmorph.cli import command
-from patchmorph.convert import OrientationOption, UnitOption, VoxelSizeOption
+from patchmorph.convert import OrientationOption, UnitOption, VoxelSizeOption, voxel_size_option
 from patchmorph.register import (
     AcceptOrientationOption,
     AcceptQualityOption,
@@ -35,11 +35,8 @@ def atlas(
     ],
     voxel_size: Annotated[
         tuple[float, float, float] | None,
-        typer.Option(
-            "--voxel-size",
-            metavar="Z Y X",
-            help="Voxel size of the brain per array axis (z = slowest, the plane axis of a TIFF stack); "
-            "required for TIFF.",
+        voxel_size_option(
+            "Voxel size of the brain per array axis (z = slowest, the plane axis of a TIFF stack); required for TIFF."
         ),
     ] = None,
     orientation: Annotated[

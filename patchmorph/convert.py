@@ -3,19 +3,33 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from patchmorph.cli import command
 
+
+def voxel_edge(value: str) -> float:
+    """One number of ``--voxel-size``; anything else is refused in one sentence that shows the expected form
+    (``50,40,40`` or a missing third number, which takes the next option's name, are the usual slips)."""
+    try:
+        return float(value)
+    except ValueError:
+        raise typer.BadParameter(
+            f"{value!r} is not a number: give three numbers in the array's axis order Z Y X, separated by spaces "
+            "(z = the slowest axis, the plane axis of a TIFF stack), e.g. --voxel-size 50 40 40."
+        ) from None
+
+
+def voxel_size_option(help_text: str) -> Any:
+    """The ``--voxel-size Z Y X`` option with ``help_text`` (three numbers, each read by :func:`voxel_edge`)."""
+    return typer.Option("--voxel-size", metavar="Z Y X", parser=voxel_edge, help=help_text)
+
+
 VoxelSizeOption = Annotated[
     tuple[float, float, float] | None,
-    typer.Option(
-        "--voxel-size",
-        metavar="Z Y X",
-        help="Voxel size per array axis (z = slowest, e.g. the plane axis); required for TIFF.",
-    ),
+    voxel_size_option("Voxel size per array axis (z = slowest, e.g. the plane axis); required for TIFF."),
 ]
 UnitOption = Annotated[
     str | None,

@@ -208,6 +208,18 @@ def test_bad_input_gives_one_sentence_and_exit_2(tmp_path: Path, case: str) -> N
         assert (tmp_path / "o.zarr" / "notes.txt").read_text() == "important" and (tmp_path / "o.zarr" / "sub").is_dir()
 
 
+@pytest.mark.parametrize("command", ["convert", "atlas", "make-atlas"])
+@pytest.mark.parametrize("given", [["50,40,40"], ["50", "40"]])
+def test_voxel_size_not_as_three_numbers_names_the_form(tmp_path: Path, command: str, given: list[str]) -> None:
+    """``--voxel-size 50,40,40`` or two numbers (the next option taken as the third) is refused, exit 2, with
+    the form it takes, before any input is read."""
+    inputs = {"convert": ["in.tif", "o.zarr"], "atlas": ["in.tif", "--atlas", "a"], "make-atlas": ["t.nii", "l.nii"]}
+    result = RUNNER.invoke(app, [command, *inputs[command], "--voxel-size", *given, "-o", str(tmp_path / "o")])
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert "three numbers in the array's axis order Z Y X" in text and "--voxel-size 50 40 40" in text, text
+
+
 def test_preview_labels_the_mid_planes_to_find_an_orientation(tmp_path: Path, examples: Path) -> None:
     """``convert --preview`` alone reads only three planes and names the anatomical sides at their edges."""
     from matplotlib.image import imread
