@@ -269,9 +269,21 @@ def _spacing_used(out: Path, given: float | str | None) -> bool:
     return bool(abs(value * unit_scale(unit, used["unit"]) - used["value"]) <= 1e-6 * used["value"])
 
 
-def record_job_settings(out: Path, settings: Mapping[str, Any], field_finished: bool) -> None:
-    """Record in ``out`` (:data:`SETTINGS_FILE`) what its registration is made from, and whether it is finished."""
-    atomic_write_json(out / SETTINGS_FILE, {"made_from": as_recorded(settings), "field_finished": field_finished})
+def record_job_settings(
+    out: Path, settings: Mapping[str, Any], field_finished: bool, register_seconds: float | None = None
+) -> None:
+    """Record in ``out`` (:data:`SETTINGS_FILE`) what its registration is made from, whether it is finished,
+    and the wall time in s of the run that made it (kept for the summaries of later runs that reuse it)."""
+    record = {"made_from": as_recorded(settings), "field_finished": field_finished}
+    if register_seconds is not None:
+        record["register_seconds"] = round(float(register_seconds), 1)
+    atomic_write_json(out / SETTINGS_FILE, record)
+
+
+def recorded_register_seconds(out: Path) -> float | None:
+    """The registration's wall time in s as the run that made it recorded it (None: not recorded)."""
+    path = out / SETTINGS_FILE
+    return json.loads(path.read_text()).get("register_seconds") if path.is_file() else None
 
 
 def check_output_folder(out: Path, inputs: Sequence[Path]) -> None:
@@ -517,19 +529,23 @@ def _run_atlas_job(
         inference = inference.model_copy(update={"weights": str(weights)})
     field = out / "field.ome.zarr"
     with job_scheduler(cluster) as address:
-        registration = None
+        registration, register_seconds = None, recorded_register_seconds(out)
         if restart or not _finished_field(field):
             registration = register_files(
                 brain_zarr, prepared.reference, field, inference, scheduler=address,
                 overwrite=restart or not field.with_name(field.name + ".run").is_dir(), progress=False,
                 checks=config.checks, names={"fixed": str(brain), "moving": f"{found.name}'s reference"},
             )  # fmt: skip
-        record_job_settings(out, settings, field_finished=True)
+            register_seconds = registration.seconds
+        record_job_settings(out, settings, field_finished=True, register_seconds=register_seconds)
         outputs = atlas_outputs(
             brain_zarr, field, prepared, out, channels=channel_zarrs, scheduler=address,
             label_interpolation=config.label_interpolation,
         )  # fmt: skip
-    summary = {**job_summary(outputs, prepared, registration, config, started), "warnings": list(warnings)}
+    summary = {
+        **job_summary(outputs, prepared, register_seconds, registration is None, config, started),
+        "warnings": list(warnings),
+    }
     paths = {**outputs.paths, **{f"channel_{name}": zarr_path for name, zarr_path in channel_zarrs.items()}}
     if config.qc:
         from pipeline.qc import atlas_qc
@@ -568,9 +584,16 @@ def _finished_field(field: Path) -> bool:
 
 
 def job_summary(
-    outputs: AtlasOutputs, prepared: PreparedAtlas, registration: Any, config: AtlasJobConfig, started: float
+    outputs: AtlasOutputs,
+    prepared: PreparedAtlas,
+    register_seconds: float | None,
+    reused: bool,
+    config: AtlasJobConfig,
+    started: float,
 ) -> dict[str, Any]:
-    """The job's figures (:func:`pipeline.atlas.atlas_figures` and the outputs' counts), sizes and time."""
+    """The job's figures (:func:`pipeline.atlas.atlas_figures` and the outputs' counts), sizes and times:
+    ``seconds`` is this run's wall time; ``register_seconds`` the registration's, in the run that made it
+    (``registration_reused``: an earlier run, resumed by this one)."""
     from pipeline.ngff import read_field, read_image
 
     _, field_grid, field_meta = read_field(outputs.paths["field"])
@@ -587,10 +610,21 @@ def job_summary(
         "fine_tune_steps": config.fine_tune.steps,
         **outputs.figures,
         "seconds": round(time.time() - started, 1),
+        "registration_reused": reused,
     }
-    if registration is not None:
-        summary["register_seconds"] = round(float(registration.seconds), 1)
+    if register_seconds is not None:
+        summary["register_seconds"] = round(float(register_seconds), 1)
     return summary
+
+
+def _times(summary: Mapping[str, Any]) -> str:
+    """The summary page's times: this run's, and the registration's with the run that made it."""
+    run = f"{summary['seconds']:.0f} s"
+    register = summary.get("register_seconds")
+    if not summary.get("registration_reused"):
+        return run if register is None else f"{run}, of which registration {register:.0f} s"
+    made = "" if register is None else f" ({register:.0f} s)"
+    return f"{run} in this run, which reused the registration{made} of an earlier run"
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -610,7 +644,7 @@ def write_job_summary(out: Path, summary: Mapping[str, Any], paths: Mapping[str,
         "",
         f"Brain {tuple(s['brain_shape'])} voxels of {' × '.join(f'{v:g}' for v in s['brain_voxel_size'])} "
         f"{s['field_unit']}; field {tuple(s['field_shape'])} at {' × '.join(f'{v:g}' for v in s['field_spacing'])} "
-        f"{s['field_unit']} ({s.get('field_spacing_note') or 'spacing as recorded'}); {s['seconds']:.0f} s.",
+        f"{s['field_unit']} ({s.get('field_spacing_note') or 'spacing as recorded'}); {_times(s)}.",
         "",
         "| figure | value |",
         "|---|---|",

@@ -346,6 +346,12 @@ def test_rerun_keeps_finished_outputs(job: dict) -> None:
     # the figures of skipped steps are kept, e.g. the inverse residual the skipped inverse warp recorded
     assert again["inverse_max_error"] == summary["inverse_max_error"] > 0
     assert again["ncc_in_atlas_space"] == summary["ncc_in_atlas_space"]
+    # times: the rerun's own, and the registration's as the run that made it measured it
+    assert summary["registration_reused"] is False and again["registration_reused"] is True
+    assert again["register_seconds"] == summary["register_seconds"] > 1
+    assert f"reused the registration ({summary['register_seconds']:.0f} s) of an earlier run" in (
+        out / "summary.md"
+    ).read_text()
 
 
 def test_bad_atlas_or_brain_is_one_sentence(tmp_path: Path, examples: Path) -> None:
