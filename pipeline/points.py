@@ -19,6 +19,7 @@ the densities per mm³). Fields and labels are read block by block around the po
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import logging
 import xml.etree.ElementTree as ElementTree
@@ -83,6 +84,14 @@ CELLFINDER_CELL_TYPE = 2
 
 BLOCK = 64
 """Edge (voxels) of the blocks in which fields and labels are read around the points."""
+ORDER_SHARE = 0.9
+"""A column order that puts at least this share of the points inside the atlas's labels ..."""
+ORDER_MARGIN = 0.1
+"""... and this much more than the order given makes :func:`check_column_order` refuse the file."""
+ORDER_MIN_POINTS = 20
+"""Fewer points than this are not judged by their column order."""
+ORDER_SAMPLE = 20_000
+"""Points drawn (seeded) to judge the column order of a larger file."""
 
 
 @dataclass(frozen=True)
@@ -167,6 +176,8 @@ class JobSpaces:
         atlas_grid: the atlas's voxels (its own array order), in the atlas's unit.
         field / inverse_field: the job's forward and inverse fields.
         annotation / hemispheres: the atlas's label images (level-0 arrays, on ``atlas_grid``).
+        labels_on_brain / labels_grid: the atlas's labels on the brain (level-0 array) and their grid (the
+            job's brain grid, after ``brain_downsample``).
         structures: annotation value → structure.
         volumes: the job's ``volumes.csv``.
     """
@@ -177,6 +188,8 @@ class JobSpaces:
     inverse_field: Path
     annotation: Any
     hemispheres: Any
+    labels_on_brain: Any
+    labels_grid: Grid
     structures: Mapping[int, Structure]
     volumes: Path
 
@@ -212,6 +225,7 @@ def open_job(folder: str | Path) -> JobSpaces:
         )
     annotation = read_image(folder / "atlas" / "annotation.ome.zarr")
     hemispheres = read_image(folder / "atlas" / "hemispheres.ome.zarr")
+    on_brain = read_image(brain_path / "labels" / "atlas")
     return JobSpaces(
         brain_grid=brain_grid,
         atlas_grid=annotation.grid,
@@ -219,6 +233,8 @@ def open_job(folder: str | Path) -> JobSpaces:
         inverse_field=folder / "inverse_field.ome.zarr",
         annotation=annotation.levels[0].array,
         hemispheres=hemispheres.levels[0].array,
+        labels_on_brain=on_brain.levels[0].array,
+        labels_grid=on_brain.grid,
         structures=find_atlas(atlas_folder).structures,
         volumes=folder / "volumes.csv",
     )
@@ -262,6 +278,47 @@ def _check_inside(index: np.ndarray, grid: Grid, what: str, path: str | Path) ->
             f"{what}'s {' × '.join(map(str, grid.shape))} voxels ({int(outside.sum())} of {len(index)} do): give "
             f"voxel indices of the {what} in its array order, axis 0 first (the planes of a stack); columns in x, y, "
             "z order are the usual cause."
+        )
+
+
+def _labelled_share(job: JobSpaces, index: np.ndarray, given_in: Space) -> float:
+    """The share of ``(N, 3)`` voxel indices given in ``given_in`` where that space's atlas labels are a structure
+    (the atlas's annotation, or its labels on the brain)."""
+    if given_in == "atlas":
+        return float(np.mean(values_at(job.annotation, index) > 0))
+    at = job.labels_grid.world_to_index(job.brain_grid.index_to_world(index))
+    return float(np.mean(values_at(job.labels_on_brain, at) > 0))
+
+
+def check_column_order(job: JobSpaces, index: np.ndarray, given_in: Space, path: str | Path = "") -> None:
+    """Refuse points whose columns fit the brain far better in another order: on a nearly cubic image, columns in
+    x, y, z order stay inside the voxels but fall outside the tissue. Cells lie in the tissue; when another
+    order of the columns puts at least :data:`ORDER_SHARE` of (up to :data:`ORDER_SAMPLE`) points inside the
+    atlas's labels and :data:`ORDER_MARGIN` more than the order given, the order given is taken for a mistake.
+
+    Raises:
+        InputError: naming both shares and the better order.
+    """
+    grid = job.brain_grid if given_in == "brain" else job.atlas_grid
+    if len(index) < ORDER_MIN_POINTS:
+        return
+    rng = np.random.default_rng(0)
+    sample = index if len(index) <= ORDER_SAMPLE else index[rng.choice(len(index), ORDER_SAMPLE, replace=False)]
+    given = _labelled_share(job, sample, given_in)
+    shares = {
+        order: _labelled_share(job, sample[:, order], given_in)
+        for order in itertools.permutations(range(3))
+        if order != (0, 1, 2) and grid.holds_index(sample[:, order]).all()
+    }
+    if not shares:
+        return
+    order, best = max(shares.items(), key=lambda item: item[1])
+    if best >= ORDER_SHARE and best - given >= ORDER_MARGIN:
+        columns = ", ".join(f"column {k + 1}" for k in order)
+        raise InputError(
+            f"points file {path}: {given:.0%} of its points fall inside the atlas's labels in the {given_in} as the "
+            f"columns are given, {best:.0%} when read as axes 0, 1, 2 = {columns}: give voxel indices of the "
+            f"{given_in} in its array order, axis 0 first (columns in x, y, z order are the usual cause)."
         )
 
 
@@ -368,6 +425,7 @@ def transform_points(
     """
     job = open_job(job_folder)
     points = read_points(points_file, given_in, cells_only)
+    check_column_order(job, points.index, given_in, points_file)
     mapped = map_points(job, points.index, given_in, points_file)
     outside = int(np.count_nonzero(mapped.structure_ids == 0))
     if outside:

@@ -124,3 +124,34 @@ def test_bad_points_are_refused_in_one_sentence(cells: dict, tmp_path: Path) -> 
         assert result.exit_code == EXIT_INPUT, result.output
         assert words in result.output and "Traceback" not in result.output
     assert not any((tmp_path / f"o{k}").exists() for k in range(1, 5))
+
+
+@pytest.mark.parametrize("space", ["brain", "atlas"])
+def test_columns_in_another_order_that_stay_inside_the_voxels_are_refused(
+    cells: dict, tmp_path: Path, space: str
+) -> None:
+    """Cells whose x, y, z order still lies inside the image (a nearly cubic brain) are refused when another order
+    of the columns puts far more of them inside the atlas's labels; the same cells in array order are mapped."""
+    rows = _table(cells["mapped"] / "all_points.csv")
+    prefix = "coordinate_raw_axis_" if space == "brain" else "coordinate_atlas_axis_"
+    index = np.array([[float(r[f"{prefix}{k}"]) for k in range(3)] for r in rows])
+    grid_shape = np.array(read_image(cells["job"] / "brain.ome.zarr").grid.shape) * DOWNSAMPLE
+    if space == "atlas":
+        grid_shape = np.array(read_image(cells["job"] / "atlas" / "annotation.ome.zarr").grid.shape)
+    fits = np.all((index[:, ::-1] >= 0) & (index[:, ::-1] <= grid_shape - 1), axis=1)
+    assert fits.sum() >= 40, fits.sum()  # enough cells whose reversed order lies inside the voxels too
+    columns = ["z", "y", "x"] if space == "brain" else ["axis_0", "axis_1", "axis_2"]
+    flags = [] if space == "brain" else ["--space", "atlas"]
+    for name, order in [("right", [0, 1, 2]), ("reversed", [2, 1, 0])]:
+        path = tmp_path / f"{name}.csv"
+        with path.open("w", newline="") as handle:
+            csv.writer(handle).writerows([columns, *index[fits][:, order]])
+        args = ["points", str(path), "--job", str(cells["job"]), "-o", str(tmp_path / name), *flags]
+        result = CliRunner().invoke(app, args)
+        if name == "right":
+            assert result.exit_code == 0, result.output
+        else:
+            assert result.exit_code == EXIT_INPUT, result.output
+            text = " ".join(result.output.split())
+            assert "when read as axes 0, 1, 2 = column 3, column 2, column 1" in text, text
+            assert not (tmp_path / name).exists()
