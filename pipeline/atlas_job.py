@@ -153,17 +153,24 @@ def convert_input(
     downsample: int = 1,
 ) -> Path:
     """``source`` as OME-Zarr at ``target`` (block-averaged by ``downsample``); reused when already converted
-    from the same file with the same geometry (a ``<target>.source.json`` record)."""
+    from the same file with the same geometry (a ``<target>.source.json`` record), and given the new geometry
+    without reading a voxel when only the geometry options changed (:func:`regeometry`: a rerun after a refused
+    orientation or voxel size does not convert a large brain again)."""
     from pipeline.importers import convert, open_input, orientation_source
 
     record = target.with_name(target.name + ".source.json")
     key = _source_key(
         source, voxel_size=voxel_size, unit=unit, orientation=orientation, downsample=downsample
     )
-    if target.is_dir() and record.is_file() and json.loads(record.read_text()).get("key") == key:
+    data_key = _source_key(source, downsample=downsample)
+    recorded = json.loads(record.read_text()) if target.is_dir() and record.is_file() else {}
+    if recorded.get("key") == key:
         logger.info("reusing %s (converted from %s)", target, source)
         return target
     record.unlink(missing_ok=True)
+    if recorded.get("data_key") == data_key and regeometry(source, target, voxel_size, unit, orientation, downsample):
+        record.write_text(json.dumps({"key": key, "data_key": data_key}))
+        return target
     if downsample == 1:
         convert(source, target, voxel_size=voxel_size, unit=unit, orientation=orientation, overwrite=True)
     else:
@@ -189,8 +196,34 @@ def convert_input(
             overwrite=True,
             extra_attrs=extra,
         )
-    record.write_text(json.dumps({"key": key}))
+    record.write_text(json.dumps({"key": key, "data_key": data_key}))
     return target
+
+
+def regeometry(
+    source: Path,
+    target: Path,
+    voxel_size: Sequence[float] | None,
+    unit: str | None,
+    orientation: str | None,
+    downsample: int,
+) -> bool:
+    """Give ``target``, converted from ``source`` with other geometry options, the grid these options give
+    (:func:`pipeline.ngff.regrid_image`; the voxels are the same). False when it cannot (another shape, labels
+    already on it): the caller converts again."""
+    from patchmorph_core.source import downsampled_grid
+    from pipeline.importers import open_input, orientation_source
+    from pipeline.ngff import read_image, regrid_image
+
+    array, grid, kind = open_input(source, voxel_size, unit, orientation)
+    if downsample > 1:
+        grid = downsampled_grid(grid, (downsample,) * 3, [n // downsample for n in array.shape])
+    if tuple(read_image(target).grid.shape) != tuple(grid.shape) or (target / "labels").exists():
+        return False
+    extra = {"orientation": orientation, "orientation_source": orientation_source(source, kind, orientation)}
+    regrid_image(target, grid, extra)
+    logger.info("reusing the voxels of %s (converted from %s) with the new voxel size, unit or orientation", target, source)
+    return True
 
 
 SETTINGS_FILE = "job_settings.json"

@@ -197,6 +197,37 @@ def set_attribute(path: str | Path, key: str, value: Any) -> None:
     group.attrs["patchmorph"] = {**dict(group.attrs.get("patchmorph", {})), key: value}
 
 
+def regrid_image(path: str | Path, grid: Grid, extra_attrs: Mapping[str, Any]) -> None:
+    """Give the single-image group at ``path`` another level-0 ``grid`` over the same voxels (another voxel size,
+    unit or orientation read for the same data): its coarser levels get the grids their block sizes give
+    (:func:`~patchmorph_core.source.downsampled_grid`), ``extra_attrs`` are merged into ``attrs["patchmorph"]``
+    and a new ``write_id`` is drawn (a new identity, as for any new write); no voxel is read or written.
+
+    Raises:
+        ValueError: ``grid``'s shape is not level 0's, or the group holds more than its levels (labels).
+    """
+    group = zarr.open_group(str(path), mode="r+")
+    old = _level_grids(group)
+    if tuple(grid.shape) != tuple(old[0].shape) or "labels" in group:
+        raise ValueError(f"{path}: cannot regrid a {old[0].shape} image with labels to {grid.shape}")
+    grids = [grid]
+    for level in old[1:]:
+        factors = np.rint(np.linalg.norm(level.linear, axis=0) / np.linalg.norm(old[0].linear, axis=0))
+        grids.append(downsampled_grid(grid, factors.astype(int), level.shape))
+    attrs = dict(group.attrs)
+    meta = {**attrs["patchmorph"], **extra_attrs, WRITE_ID: uuid.uuid4().hex}
+    group.attrs.update(
+        _build_attrs(
+            grids,
+            name=attrs["ome"]["multiscales"][0].get("name", "image"),
+            labels=bool(meta["labels"]),
+            channels=False,
+            complete=bool(meta["complete"]),
+            extra_attrs=meta,
+        )
+    )
+
+
 def is_label_image(path: str | Path) -> bool:
     """Whether an OME-Zarr image is a label image (NGFF ``image-label`` metadata, 0.4 or 0.5)."""
     attrs = dict(_open_group(path).attrs)

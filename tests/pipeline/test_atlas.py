@@ -522,3 +522,37 @@ def test_outputs_made_from_an_earlier_field_are_redone(job: dict, tmp_path: Path
     on_brain = np.asarray(read_image(labels).levels[0].array[...])
     np.testing.assert_array_equal(on_brain, np.asarray(read_image(nearest.out).levels[0].array[...]))
     assert np.count_nonzero(on_brain != after) > 100 and write_identity(out / "inverse_field.ome.zarr") == kept
+
+
+@pytest.mark.parametrize("downsample", [1, 2])
+def test_a_rerun_with_other_geometry_gives_the_converted_voxels_the_new_grid(tmp_path: Path, downsample: int) -> None:
+    """A brain converted with a wrong orientation and voxel order, converted again with the right ones, keeps its
+    voxels (no chunk rewritten) and gets every level's grid and orientation that a fresh conversion gives."""
+    from pipeline.atlas_job import convert_input
+
+    brain = tmp_path / "brain.tif"
+    tifffile.imwrite(brain, (np.random.default_rng(3).random((75, 104, 140)) * 4000).astype(np.uint16))
+    target = tmp_path / "job" / "brain.ome.zarr"
+    target.parent.mkdir()
+    convert_input(brain, target, voxel_size=(40, 40, 50), unit=None, orientation="ipl", downsample=downsample)
+    def chunk_times() -> dict[Path, int]:
+        return {p: p.stat().st_mtime_ns for p in target.rglob("*") if p.is_file() and "c" in p.relative_to(target).parts}
+
+    chunks = chunk_times()
+    identity = json.loads((target / "zarr.json").read_text())["attributes"]["patchmorph"]["write_id"]
+    convert_input(brain, target, voxel_size=(50, 40, 40), unit=None, orientation="psl", downsample=downsample)
+    assert chunks and chunk_times() == chunks
+    fresh = tmp_path / "fresh.ome.zarr"
+    convert_input(brain, fresh, voxel_size=(50, 40, 40), unit=None, orientation="psl", downsample=downsample)
+    regridded, expected = read_image(target), read_image(fresh)
+    assert len(regridded.levels) == len(expected.levels) > 1
+    for got, want in zip(regridded.levels, expected.levels, strict=True):
+        assert got.grid.shape == want.grid.shape
+        np.testing.assert_allclose(got.grid.affine, want.grid.affine, atol=1e-9)
+        np.testing.assert_array_equal(np.asarray(got.array[...]), np.asarray(want.array[...]))
+    assert image_orientation(target) == "psl"
+    again = json.loads((target / "zarr.json").read_text())["attributes"]["patchmorph"]
+    assert again["write_id"] != identity and again["orientation"] == "psl"
+    assert again["orientation_source"] == json.loads((fresh / "zarr.json").read_text())["attributes"]["patchmorph"][
+        "orientation_source"
+    ]
