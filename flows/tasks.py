@@ -20,7 +20,7 @@ from patchmorph_core.warping import LabelInterpolation
 from pipeline import qc
 from pipeline.atlas import AtlasOutputs, atlas_item_outputs
 from pipeline.checks import CheckOptions
-from pipeline.importers import convert
+from pipeline.importers import check_source_planes, convert
 from pipeline.register import register_files
 from pipeline.warp import warp_files
 
@@ -65,7 +65,10 @@ def convert_task(
     orientation: str | None,
     labels: bool,
 ) -> Path:
-    """:func:`pipeline.importers.convert`: any supported input → OME-Zarr 0.5 at ``target`` (replaced)."""
+    """:func:`pipeline.importers.convert`: any supported input → OME-Zarr 0.5 at ``target`` (replaced); an image
+    whose mid-planes are constant or not finite is refused first (:func:`pipeline.importers.check_source_planes`)."""
+    if not labels:
+        check_source_planes(source, "image", voxel_size=voxel_size, unit=unit, orientation=orientation)
     written = run_isolated(
         convert,
         source,

@@ -527,7 +527,7 @@ def _run_atlas_job(
     warnings: list[str],
 ) -> AtlasJobResult:
     """:func:`run_atlas_job`'s steps; ``warnings`` fills with what they log as warnings (for the summary)."""
-    from pipeline.importers import check_geometry_options
+    from pipeline.importers import check_geometry_options, check_source_planes
     from pipeline.register import register_files
 
     started = time.time()
@@ -542,6 +542,7 @@ def _run_atlas_job(
     geometry = {"voxel_size": voxel_size, "unit": unit, "orientation": orientation}
     for path in [brain, *channel_paths]:
         check_geometry_options(path, voxel_size, unit, orientation)
+    check_source_planes(brain, "brain", **geometry)
     _check_channels(channel_paths, brain, geometry)
     cluster = config.cluster if scheduler is None else load_cluster_config(scheduler)
     settings = job_settings(brain, channel_paths, found.folder, geometry, config)

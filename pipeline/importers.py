@@ -19,12 +19,14 @@ Header conventions (the algebra lives in :mod:`patchmorph_core.spatial`):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import re
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import dask
 import dask.array as da
@@ -473,13 +475,55 @@ def preview(
         code = image_orientation(input)
     else:
         code = None
+    planes, stride = mid_planes(array)
+    spacing = grid.spacing * np.asarray(stride)
+    return orientation_preview(planes, spacing, png, code, Path(input).name)
+
+
+def mid_planes(array: Any) -> tuple[list[np.ndarray], list[int]]:
+    """The three mid-planes (across axes 0, 1, 2) of a ``(Z, Y, X)`` array, read with a stride per axis so that
+    no side exceeds :data:`PREVIEW_SIZE`; returns the planes and the strides. Only these planes are read."""
     stride = [max(1, -(-int(n) // PREVIEW_SIZE)) for n in array.shape]
     centre = [n // 2 for n in array.shape]
     sz, sy, sx = (slice(None, None, st) for st in stride)
     planes = [array[centre[0], sy, sx], array[sz, centre[1], sx], array[sz, sy, centre[2]]]
-    planes = [np.asarray(p.compute() if hasattr(p, "compute") else p) for p in planes]
-    spacing = grid.spacing * np.asarray(stride)
-    return orientation_preview(planes, spacing, png, code, Path(input).name)
+    return [np.asarray(p.compute(scheduler="synchronous") if hasattr(p, "compute") else p) for p in planes], stride
+
+
+@contextlib.contextmanager
+def read_errors(path: str | Path) -> Iterator[None]:
+    """Turn a reader's failure while the data is read (lazily opened inputs fail only then) into an InputError
+    that names ``path`` as truncated or corrupt; an InputError passes as it is."""
+    try:
+        yield
+    except InputError:
+        raise
+    except (ValueError, RuntimeError, EOFError, zlib.error) as err:
+        raise InputError(
+            f"{str(path)!r} cannot be read to its end ({type(err).__name__}: {err}); it is truncated or corrupt: "
+            "export it again (nothing was written)."
+        ) from err
+
+
+def check_source_planes(path: str | Path, role: str, **geometry: Any) -> None:
+    """Refuse an input whose three mid-planes (:func:`mid_planes`, a few MB read from any size) are constant or
+    hold NaN or infinite values, before it is converted: an empty or wrong file of a terabyte brain is refused
+    in seconds instead of after its conversion (:func:`pipeline.checks.check_image` checks the whole image,
+    coarsely, after it).
+
+    Raises:
+        InputError: naming the input and the fix.
+    """
+    array, _, _ = open_input(path, **geometry)
+    with read_errors(path):
+        values = np.concatenate([p.ravel() for p in mid_planes(array)[0]])
+    if values.dtype.kind == "f" and not np.all(np.isfinite(values)):
+        raise InputError(f"{role} {path} contains NaN or infinite values (in its mid-planes): replace them (e.g. by 0) first.")
+    if values.size and values.min() == values.max():
+        raise InputError(
+            f"{role} {path} looks empty: its three mid-planes are constant (every voxel is {values.flat[0]:g}); "
+            "give the image with the tissue (the right channel or file)."
+        )
 
 
 def kind_needs_voxels(path: str | Path) -> bool:
@@ -601,7 +645,7 @@ def convert(
         "orientation_source": source,
     }
     check_writable(out.parent)
-    try:
+    with read_errors(input):
         write_image(
             out,
             array,
@@ -613,12 +657,5 @@ def convert(
             extra_attrs=provenance,
             n_levels=n_levels,
         )
-    except InputError:
-        raise
-    except (ValueError, RuntimeError, EOFError, zlib.error) as err:  # readers fail only when the data is read
-        raise InputError(
-            f"{str(input)!r} cannot be read to its end ({type(err).__name__}: {err}); it is truncated or corrupt: "
-            "export it again (nothing was written)."
-        ) from err
     logger.info("wrote %s (OME-Zarr 0.5)", out)
     return out

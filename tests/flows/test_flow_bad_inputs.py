@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 import yaml
 
 from flows.atlas_to_section import atlas_to_section
@@ -95,6 +96,7 @@ def bad_items(flow_data: dict[str, Path], tmp_path_factory: pytest.TempPathFacto
     write_image(out / "clash" / "warped.ome.zarr", np.asarray(brain.levels[0].array[:]), brain.grid)
     raw = flow_data["brain_tif"].read_bytes()
     (root / "truncated.tif").write_bytes(raw[: len(raw) // 3])
+    tifffile.imwrite(root / "empty.tif", np.zeros(tifffile.TiffFile(flow_data["brain_tif"]).series[0].shape, np.uint16))
     entries = [
         {"name": "bad-orientation", "path": str(flow_data["brain_tif"]), "voxel_size": [200] * 3, "orientation": "abc"},
         {"name": "no-path", "voxel_size": [200] * 3},
@@ -104,6 +106,7 @@ def bad_items(flow_data: dict[str, Path], tmp_path_factory: pytest.TempPathFacto
         {"name": "wrong-unit", "path": str(flow_data["brain_tif"]), "voxel_size": [0.2] * 3, "unit": "micrometer",
          "orientation": "psl"},
         {"name": "bad-voxel-size", "path": str(flow_data["brain_tif"]), "voxel_size": [0, 200, 200]},
+        {"name": "empty", "path": str(root / "empty.tif"), "voxel_size": [200] * 3, "orientation": "psl"},
     ]  # fmt: skip
     manifest = root / "manifest.yaml"
     manifest.write_text(yaml.safe_dump(entries))
@@ -119,6 +122,7 @@ ITEM_CASES = {
     "truncated": ("convert", r"truncated\.tif.* (cannot be read to its end|is not a readable TIFF)"),
     "wrong-unit": ("register", r"spans .* of tissue along .* more than 3x"),
     "bad-voxel-size": ("manifest", r"voxel_size is invalid"),
+    "empty": ("convert", r"empty\.tif looks empty: its three mid-planes are constant"),
 }
 
 

@@ -396,6 +396,18 @@ def test_bad_atlas_or_brain_is_one_sentence(tmp_path: Path, examples: Path) -> N
     result = runner.invoke(app, ["atlas", str(brain), "-o", str(tmp_path / "o"), *atlas, *geometry, "--channel", str(other)])
     assert result.exit_code == 2 and f"channel {other} has shape (4, 5, 6)" in result.output, result.output
     assert not (tmp_path / "o").exists()  # refused before anything is converted
+    # an empty brain (a wrong channel or file) or one with NaNs: refused from its mid-planes, before converting it
+    shape = tifffile.TiffFile(brain).series[0].shape
+    nan = np.ones(shape, np.float32)
+    nan[shape[0] // 2, 10:20, 10:20] = np.nan
+    for name, data, message in [
+        ("zeros.tif", np.zeros(shape, np.uint16), "looks empty: its three mid-planes are constant (every voxel is 0)"),
+        ("nan.tif", nan, "contains NaN or infinite values (in its mid-planes)"),
+    ]:
+        tifffile.imwrite(tmp_path / name, data)
+        result = runner.invoke(app, ["atlas", str(tmp_path / name), "-o", str(tmp_path / "o"), *atlas, *geometry])
+        assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
+        assert not (tmp_path / "o" / "brain.ome.zarr").exists()
 
 
 def test_a_wrong_brain_orientation_is_named_in_the_users_terms(tmp_path: Path, examples: Path) -> None:
