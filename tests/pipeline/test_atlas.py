@@ -46,7 +46,6 @@ from pipeline.demo import (
     hemisphere_dice,
     read_tiff,
     read_volume_csv,
-    reoriented_grid,
     resample_to,
     volume_correlation,
 )
@@ -237,7 +236,7 @@ def test_hemispheres_on_the_brain_agree_with_brainregs(job: dict) -> None:
     brain = job["out"] / "brain.ome.zarr"
     grid = read_image(brain).grid
     theirs = read_tiff(files.brainreg_hemispheres)
-    their_grid = reoriented_grid(grid, "asr", theirs.shape)
+    their_grid = grid.reoriented("asr", theirs.shape)
     ours = resample_to(
         np.asarray(read_image(brain / "labels" / "hemispheres").levels[0].array[...]), grid, their_grid, 0
     )

