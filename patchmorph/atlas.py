@@ -205,3 +205,19 @@ def points(
     typer.echo(f"{len(mapped.structure_ids)} points, {inside} inside the atlas's brain")
     for role, path in paths.items():
         typer.echo(f"wrote {role}: {path}")
+
+
+@command
+def export_brainreg(
+    job: Annotated[Path, typer.Option(help="The output folder of a finished 'patchmorph atlas' run.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The brainreg folder to write (created).")],
+    overwrite: Annotated[bool, typer.Option(help="Replace a folder that export-brainreg wrote earlier.")] = False,
+) -> None:
+    """Write an atlas job's results as a brainreg output folder (brainreg.json, downsampled.tiff,
+    registered_atlas.tiff, registered_hemispheres.tiff, boundaries.tiff, deformation_field_0-2.tiff,
+    downsampled_standard.tiff, volumes.csv) for BrainGlobe's tools: the brainreg reader of napari,
+    brainglobe-segmentation, brainmapper."""
+    from pipeline.brainreg_export import export_brainreg as export
+
+    written = export(job, out, overwrite=overwrite)
+    typer.echo(f"wrote brainreg folder {written}")

@@ -114,7 +114,10 @@ def _register_commands() -> None:
 
 
 FAST_EXIT_COMMANDS = frozenset(
-    {"register", "warp", "convert", "evaluate", "export-field", "import-field", "export-image", "make-atlas", "points"}
+    {
+        "register", "warp", "convert", "evaluate", "export-field", "import-field", "export-image", "make-atlas",
+        "points", "export-brainreg",
+    }
 )
 """Commands that start no server, flow or process that outlives their body (a Dask cluster they start is closed
 within it): when one succeeds, :func:`main` ends the process at once."""

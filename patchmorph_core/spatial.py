@@ -514,6 +514,19 @@ def nearest_grid_axes(direction: np.ndarray) -> tuple[int, int, int]:
     return max(itertools.permutations(range(3)), key=lambda p: float(sum(magnitude[k, p[k]] for k in range(3))))  # type: ignore[return-value]
 
 
+def nearest_orientation_code(direction: np.ndarray) -> str:
+    """The orientation code of the axis-aligned direction nearest to ``direction`` (``(3, 3)``; each grid axis
+    taken along the world axis :func:`nearest_grid_axes` assigns it, with its sign): an oblique grid's nearest
+    code, an axis-aligned grid's own."""
+    matrix = np.asarray(direction, dtype=np.float64)
+    aligned = np.zeros((3, 3))
+    for world_axis, grid_axis in enumerate(nearest_grid_axes(matrix)):
+        aligned[world_axis, grid_axis] = 1.0 if matrix[world_axis, grid_axis] >= 0 else -1.0
+    code = orientation_code(aligned)
+    assert code is not None  # a signed permutation always has one
+    return code
+
+
 @functools.lru_cache(maxsize=64)
 def _block_axes(direction_bytes: bytes) -> np.ndarray:
     """:func:`grid_block_patch`'s patch axes for a grid's ``(3, 3)`` float64 direction (given as bytes, to

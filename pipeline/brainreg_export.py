@@ -1,0 +1,252 @@
+"""``patchmorph export-brainreg``: a finished atlas job's results in brainreg's output layout, for BrainGlobe's
+tools that read a brainreg folder (brainglobe-napari-io's brainreg reader, brainglobe-segmentation, brainmapper).
+
+brainreg works in a *downsampled* space: the brain resampled to the atlas's voxel size in the atlas's
+orientation (array axes permuted and flipped, never rotated), covering the brain's box edge to edge
+(:meth:`~patchmorph_core.spatial.Grid.reoriented`; ``round(voxels × voxel size / atlas voxel size)`` voxels
+along each atlas axis). The folder holds, as TIFF stacks in that space:
+
+* ``downsampled.tiff`` — the brain (uint16; each extra channel as ``downsampled_<channel>.tiff``);
+* ``registered_atlas.tiff`` (uint32), ``registered_hemispheres.tiff`` (uint8, 1 left, 2 right) and
+  ``boundaries.tiff`` (uint8 0/1) — the job's atlas labels on the brain, at the nearest job voxel;
+* ``deformation_field_0/1/2.tiff`` (float32) — each voxel's position in the atlas along the atlas's array axis
+  0, 1, 2, in mm from the centre of the atlas's first voxel (brainmapper multiplies by ``1000 / resolution``
+  to get atlas voxels), through the job's forward field;
+
+and, in atlas space, ``downsampled_standard.tiff`` (``downsampled_standard_<channel>.tiff``): the job's brain
+(channels) in atlas space, plus ``volumes.csv`` (the job's) and ``brainreg.json`` (``atlas``, the brain's
+``orientation`` and ``voxel_sizes`` in µm per array axis of the brain file, as brainreg records its arguments;
+an oblique brain gets the nearest orientation code).
+
+Everything is computed and written plane slab by plane slab (memory bounded by a slab, whatever the atlas's
+resolution), into a temporary folder renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tifffile
+
+from patchmorph_core.displacement import FieldDisplacement
+from patchmorph_core.errors import InputError
+from patchmorph_core.spatial import Grid, nearest_orientation_code, resample, unit_scale
+from pipeline.atlas import _inner_boundaries
+from pipeline.brainglobe import find_atlas
+from pipeline.points import JobSpaces, open_job, values_at
+
+logger = logging.getLogger(__name__)
+
+MARKER = "patchmorph"
+"""Key of ``brainreg.json`` that says this product wrote the folder (only such a folder is replaced)."""
+SLAB_PLANES = 16
+"""Planes of the downsampled space computed and written at a time."""
+BIGTIFF_BYTES = 2**32 - 2**25
+"""TIFF files larger than this are written as BigTIFF."""
+
+SlabFunction = Callable[[Grid], np.ndarray]
+"""Values of one output on a slab of planes (its grid, in the brain's unit) → ``slab.shape`` array."""
+
+
+def downsampled_grid(brain: Grid, atlas_resolution_um: np.ndarray, atlas_orientation: str) -> Grid:
+    """brainreg's downsampled space of a brain on ``brain`` (the brain file's voxels), in ``brain.unit``."""
+    resolution = np.asarray(atlas_resolution_um, dtype=np.float64) * unit_scale("micrometer", brain.unit)
+    extent = brain.box_extent_along(atlas_orientation)
+    shape = tuple(max(1, int(round(float(e / r)))) for e, r in zip(extent, resolution, strict=True))
+    return brain.reoriented(atlas_orientation, shape)
+
+
+def _slabs(grid: Grid, fn: SlabFunction) -> Iterator[np.ndarray]:
+    """``fn``'s values over ``grid``, plane by plane, computed :data:`SLAB_PLANES` planes at a time."""
+    for z0 in range(0, grid.shape[0], SLAB_PLANES):
+        z1 = min(grid.shape[0], z0 + SLAB_PLANES)
+        yield from fn(grid.crop((z0, 0, 0), (z1, *grid.shape[1:])))
+
+
+def _write_tiff(path: Path, grid: Grid, dtype: np.dtype | type, fn: SlabFunction) -> None:
+    """A ``grid.shape`` TIFF stack of ``dtype`` written plane by plane from ``fn``'s slabs."""
+    nbytes = int(np.prod(grid.shape)) * np.dtype(dtype).itemsize
+    planes = (np.ascontiguousarray(p, dtype=dtype) for p in _slabs(grid, fn))
+    tifffile.imwrite(path, planes, shape=grid.shape, dtype=dtype, bigtiff=nbytes > BIGTIFF_BYTES)
+
+
+def _labels(array: Any, grid: Grid) -> SlabFunction:
+    """A label image (``array`` on ``grid``) at the nearest voxel of each slab voxel (0 outside it)."""
+
+    def on(slab: Grid) -> np.ndarray:
+        world = slab.points().reshape(-1, 3) * unit_scale(slab.unit, grid.unit)
+        return values_at(array, grid.world_to_index(world)).reshape(slab.shape)
+
+    return on
+
+
+def _boundaries(labels: SlabFunction, grid: Grid) -> SlabFunction:
+    """brainreg's ``boundaries`` (``find_boundaries(mode="inner")`` over the whole image): the voxels of a label
+    slab that border another label, from the slab and one plane of each neighbouring slab (the same values)."""
+
+    def on(slab: Grid) -> np.ndarray:
+        z0 = int(round(float(grid.world_to_index(slab.index_to_world(np.zeros(3)))[0])))
+        low, high = max(0, z0 - 1), min(grid.shape[0], z0 + slab.shape[0] + 1)
+        around = labels(grid.crop((low, 0, 0), (high, *grid.shape[1:])))
+        return _inner_boundaries(around)[z0 - low : z0 - low + slab.shape[0]]
+
+    return on
+
+
+def _intensity(array: Any, grid: Grid, mapping: tuple[float, float]) -> SlabFunction:
+    """An image (``array`` on ``grid``) linearly interpolated at each slab voxel, mapped by ``(offset, scale)``
+    (:func:`_uint16_map`), as uint16 (0 outside the image)."""
+    offset, scale = mapping
+
+    def on(slab: Grid) -> np.ndarray:
+        world = slab.points() * unit_scale(slab.unit, grid.unit)
+        values = (resample(array, grid, world, order=1, cval=offset) - offset) * scale
+        return np.clip(np.rint(values), 0, 65535).astype(np.uint16)
+
+    return on
+
+
+def _atlas_position_mm(job: JobSpaces, axis: int, resolution_um: np.ndarray) -> SlabFunction:
+    """Each slab voxel's position in the atlas along its array ``axis``, in mm from the first voxel's centre
+    (``atlas index × resolution / 1000``, brainreg's deformation fields), through the job's forward field."""
+    from pipeline.ngff import read_field
+
+    array, field_grid, _ = read_field(job.field)
+    sampler = FieldDisplacement(array, field_grid)
+
+    def on(slab: Grid) -> np.ndarray:
+        world = slab.points().reshape(-1, 3) * unit_scale(slab.unit, field_grid.unit)
+        moved = (world + sampler(world)) * unit_scale(field_grid.unit, job.atlas_grid.unit)
+        index = job.atlas_grid.world_to_index(moved)[:, axis]
+        return (index * resolution_um[axis] / 1000.0).reshape(slab.shape).astype(np.float32)
+
+    return on
+
+
+def _uint16_map(array: Any) -> tuple[float, float]:
+    """``(offset, scale)`` with ``(value - offset) × scale`` in uint16: none for an image within 0..65535 (any
+    8- or 16-bit image, or a block average of one), else its minimum to maximum onto 0..65535 (as brainreg's
+    ``scale_and_convert_to_16_bits``); one pass over ``array``."""
+    import dask.array as da
+
+    values = array if isinstance(array, da.Array) else da.from_zarr(array)
+    low, high = (float(v) for v in da.compute(values.min(), values.max()))
+    if low >= 0 and high <= 65535:
+        return 0.0, 1.0
+    return low, (65535.0 / (high - low) if high > low else 1.0)
+
+
+def _level_near(path: Path, spacing: float, unit: str) -> tuple[Any, Grid]:
+    """The coarsest level of an image whose voxels are at most ``spacing`` (``unit``) on every axis (else level 0)."""
+    from pipeline.ngff import read_image
+
+    image = read_image(path).with_unit(unit)
+    chosen = image.levels[0]
+    for level in image.levels[1:]:
+        if np.all(level.grid.spacing <= spacing * (1 + 1e-6)):
+            chosen = level
+    return chosen.array, chosen.grid
+
+
+def _copy_standard(path: Path, target: Path, mapping: tuple[float, float]) -> None:
+    """An atlas-space image (OME-Zarr level 0, on the atlas grid) as a uint16 TIFF stack."""
+    from pipeline.ngff import read_image
+
+    level = read_image(path).levels[0]
+    _write_tiff(target, level.grid, np.uint16, _intensity(level.array, level.grid, mapping))
+
+
+def _check_output(out: Path, overwrite: bool) -> None:
+    """Refuse an existing output unless ``overwrite`` and it is a folder this command wrote."""
+    if not out.exists():
+        if not out.parent.is_dir():
+            raise InputError(f"the folder {out.parent} of the output {out} does not exist: create it first.")
+        return
+    ours = (out / "brainreg.json").is_file() and MARKER in json.loads((out / "brainreg.json").read_text())
+    if not overwrite:
+        raise InputError(f"output {out} already exists: give another -o, or --overwrite to replace it.")
+    if not ours:
+        raise InputError(
+            f"output {out} is not a folder that export-brainreg wrote: it is not replaced; give another -o."
+        )
+
+
+def export_brainreg(job_folder: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+    """Write the atlas job in ``job_folder`` as a brainreg output folder ``out`` (see the module docstring).
+
+    Raises:
+        InputError: ``job_folder`` is not a finished atlas job, or ``out`` exists (before anything is written).
+    """
+    from pipeline.atlas_job import JOB_RECORD
+
+    job_folder, out = Path(job_folder), Path(out)
+    job = open_job(job_folder)
+    _check_output(out, overwrite)
+    record = json.loads((job_folder / JOB_RECORD).read_text())
+    atlas = find_atlas(record["atlas"]["folder"])
+    resolution = np.asarray(atlas.resolution_um, dtype=np.float64)
+    grid = downsampled_grid(job.brain_grid, resolution, atlas.orientation)
+    tmp = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        _write_folder(tmp, job_folder, job, grid, record, atlas.name, atlas.orientation, resolution)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    logger.info("wrote brainreg folder %s (downsampled space %s at %s)", out, grid.shape, atlas.resolution_um)
+    return out
+
+
+def _write_folder(
+    folder: Path,
+    job_folder: Path,
+    job: JobSpaces,
+    grid: Grid,
+    record: dict[str, Any],
+    atlas_name: str,
+    atlas_orientation: str,
+    resolution: np.ndarray,
+) -> None:
+    """Every file of the brainreg folder into ``folder``."""
+    from pipeline.ngff import read_image
+
+    atlas_labels = _labels(job.labels_on_brain, job.labels_grid)
+    hemispheres = read_image(job_folder / "brain.ome.zarr" / "labels" / "hemispheres").levels[0]
+    _write_tiff(folder / "registered_atlas.tiff", grid, np.uint32, atlas_labels)
+    _write_tiff(folder / "registered_hemispheres.tiff", grid, np.uint8, _labels(hemispheres.array, hemispheres.grid))
+    _write_tiff(folder / "boundaries.tiff", grid, np.uint8, _boundaries(atlas_labels, grid))
+    for axis in range(3):
+        _write_tiff(folder / f"deformation_field_{axis}.tiff", grid, np.float32, _atlas_position_mm(job, axis, resolution))
+    spacing = float(grid.spacing.min())
+    images = {"": job_folder / "brain.ome.zarr"}
+    images.update(
+        {f"_{role[len('channel_'):]}": Path(p) for role, p in record["outputs"].items() if role.startswith("channel_")}
+    )
+    for suffix, path in images.items():
+        array, level_grid = _level_near(path, spacing, grid.unit)
+        mapping = _uint16_map(array)
+        _write_tiff(folder / f"downsampled{suffix}.tiff", grid, np.uint16, _intensity(array, level_grid, mapping))
+        standard = job_folder / f"{path.name.split('.')[0]}_in_atlas_space.ome.zarr"
+        if standard.is_dir():
+            _copy_standard(standard, folder / f"downsampled_standard{suffix}.tiff", mapping)
+    shutil.copyfile(job_folder / "volumes.csv", folder / "volumes.csv")
+    voxel_sizes = job.brain_grid.spacing * unit_scale(job.brain_grid.unit, "micrometer")
+    metadata = {
+        "atlas": atlas_name,
+        "orientation": nearest_orientation_code(job.brain_grid.direction),
+        "voxel_sizes": [round(float(v), 6) for v in voxel_sizes],
+        "brain_geometry": "full",
+        "atlas_orientation": atlas_orientation,
+        MARKER: {"job": str(job_folder.resolve()), "downsampled_shape": list(grid.shape)},
+    }
+    (folder / "brainreg.json").write_text(json.dumps(metadata, indent=2) + "\n")
