@@ -246,7 +246,7 @@ def _write_folder(
         "atlas": atlas_name,
         "orientation": nearest_orientation_code(job.brain_grid.direction),
         "voxel_sizes": [round(float(v), 6) for v in voxel_sizes],
-        "brain_geometry": "full",
+        "brain_geometry": record["settings"].get("brain_geometry", "full"),
         "atlas_orientation": atlas_orientation,
         MARKER: {"job": str(job_folder.resolve()), "downsampled_shape": list(grid.shape)},
     }

@@ -36,7 +36,7 @@ def test_the_folder_has_brainregs_files_and_metadata(exported: Path, atlas_job: 
     channels = [p.name for p in exported.glob("downsampled_*.tiff") if not p.name.startswith("downsampled_standard")]
     assert len(channels) == 1  # the job's one extra channel
     meta = json.loads((exported / "brainreg.json").read_text())
-    assert meta["atlas"] == "allen_mouse_100um" and meta["orientation"] == "psl"
+    assert meta["atlas"] == "allen_mouse_100um" and meta["orientation"] == "psl" and meta["brain_geometry"] == "full"
     np.testing.assert_allclose(meta["voxel_sizes"], [50, 40, 40])  # the brain file's, not the job's downsampled
     shapes = {tifffile.imread(exported / name).shape for name in FILES if name.startswith(("down", "reg", "bound", "def"))}
     shapes.discard((132, 80, 114))  # downsampled_standard: the atlas's grid
