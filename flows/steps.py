@@ -23,6 +23,7 @@ and, with a BrainGlobe atlas, what ``patchmorph atlas`` writes (:func:`pipeline.
     <out_dir>/brain.ome.zarr           the sample (always a copy) with labels/{atlas,hemispheres,boundaries}
     <out_dir>/brain_in_atlas_space.ome.zarr, inverse_field.ome.zarr, volumes.csv
     <out_dir>/qc/*.png                 overlay, atlas_space, jacobian, uncertainty
+    <out_dir>/summary.md, summary.json the one-page summary (:func:`pipeline.atlas_job.write_job_summary`)
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ from flows.config import Geometry, StepOptions
 from flows.records import DONE_FILE, ItemError, ItemResult, fingerprint, finished_result, write_done
 from flows.tasks import atlas_outputs_task, convert_task, metrics_task, qc_task, register_task, warp_task
 from patchmorph_core.errors import InputError
+from pipeline.atlas_job import job_summary, write_job_summary
+from pipeline.brainglobe import find_atlas
 from pipeline.checks import check_outputs
 
 logger = logging.getLogger(__name__)
@@ -244,17 +247,26 @@ def _convert_inputs(jobs: list[ItemJob], convert: Task[..., Path], errors: list[
 
 
 def _finish(
-    job: ItemJob, key: str, qc_record: Any, metrics: dict[str, float], seconds: float, atlas: Any = None
+    job: ItemJob,
+    key: str,
+    qc_record: Any,
+    metrics: dict[str, float],
+    seconds: float,
+    atlas: Any = None,
+    register_seconds: float | None = None,
 ) -> ItemResult:
-    """Write ``metrics.json`` and the completion record of a finished job (with its atlas outputs, if any)."""
+    """Write ``metrics.json`` and the completion record of a finished job (with its atlas outputs, if any, and
+    their one-page ``summary.md`` / ``summary.json`` as ``patchmorph atlas`` writes them)."""
     outputs = {"fixed": job.fixed.ready, "field": job.field, "warped": job.warped}
     if job.warped_labels is not None:
         outputs["warped_labels"] = job.warped_labels
     figures = dict(qc_record.figures) if qc_record is not None else {}
-    if atlas is not None:
+    if atlas is not None and job.atlas is not None:
         outputs.update({role: p for role, p in atlas.paths.items() if not role.startswith("qc_")})
         figures.update({role[3:]: p for role, p in atlas.paths.items() if role.startswith("qc_")})
         metrics = {**metrics, **atlas.figures}
+        summary = job_summary(find_atlas(job.atlas).name, atlas.figures, atlas.paths, seconds, register_seconds)
+        outputs.update(write_job_summary(job.out_dir, {**summary, "warnings": []}, atlas.paths))
     metrics_path = job.out_dir / "metrics.json"
     metrics_path.write_text(json.dumps(metrics, indent=1, sort_keys=True))
     outputs["metrics"] = metrics_path
@@ -350,7 +362,8 @@ def run_jobs(
             out = values[job.name]
             made = atlas_values[job.name].get("atlas")
             figures = {**out["metrics"], **quality_metrics(registered[job.name]["field"].quality)}
-            results.append(_finish(job, keys[job.name], out.get("qc"), figures, seconds, made))
+            field = registered[job.name]["field"]
+            results.append(_finish(job, keys[job.name], out.get("qc"), figures, seconds, made, field.seconds))
     return results, errors
 
 

@@ -38,9 +38,7 @@ from patchmorph_core.errors import InputError
 from patchmorph_core.spatial import parse_length, unit_scale
 from patchmorph_core.warping import LabelInterpolation
 from pipeline.atlas import (
-    AtlasOutputs,
     BrainGeometry,
-    PreparedAtlas,
     atlas_figures,
     atlas_outputs,
     prepare_atlas,
@@ -581,7 +579,10 @@ def _run_atlas_job(
             label_interpolation=config.label_interpolation,
         )  # fmt: skip
     summary = {
-        **job_summary(outputs, prepared, register_seconds, registration is None, config, started),
+        **job_summary(
+            prepared.atlas.name, {**atlas_figures(outputs.paths, prepared), **outputs.figures}, outputs.paths,
+            time.time() - started, register_seconds, registration is None, config.fine_tune.steps,
+        ),  # fmt: skip
         "warnings": list(warnings),
     }
     paths = {**outputs.paths, **{f"channel_{name}": zarr_path for name, zarr_path in channel_zarrs.items()}}
@@ -622,32 +623,33 @@ def _finished_field(field: Path) -> bool:
 
 
 def job_summary(
-    outputs: AtlasOutputs,
-    prepared: PreparedAtlas,
+    atlas_name: str,
+    figures: Mapping[str, Any],
+    paths: Mapping[str, Path],
+    seconds: float,
     register_seconds: float | None,
-    reused: bool,
-    config: AtlasJobConfig,
-    started: float,
+    reused: bool = False,
+    fine_tune_steps: int = 0,
 ) -> dict[str, Any]:
-    """The job's figures (:func:`pipeline.atlas.atlas_figures` and the outputs' counts), sizes and times:
-    ``seconds`` is this run's wall time; ``register_seconds`` the registration's, in the run that made it
-    (``registration_reused``: an earlier run, resumed by this one)."""
+    """An atlas registration's summary: its ``figures`` (:func:`pipeline.atlas.atlas_figures` and the outputs'
+    counts), the sizes of its ``field`` and ``brain`` (``paths``) and its times: ``seconds`` is this run's wall
+    time; ``register_seconds`` the registration's, in the run that made it (``reused``: an earlier run, resumed
+    by this one)."""
     from pipeline.ngff import read_field, read_image
 
-    _, field_grid, field_meta = read_field(outputs.paths["field"])
-    brain_grid = read_image(outputs.paths["brain"]).grid
+    _, field_grid, field_meta = read_field(paths["field"])
+    brain_grid = read_image(paths["brain"]).grid
     summary: dict[str, Any] = {
-        "atlas": prepared.atlas.name,
-        **atlas_figures(outputs.paths, prepared),
+        "atlas": atlas_name,
+        **figures,
         "field_shape": list(field_grid.shape),
         "field_spacing": [round(float(s), 4) for s in field_grid.spacing],
         "field_spacing_note": field_meta.get("field_spacing", {}).get("note"),  # given or default, raised or not
         "field_unit": field_grid.unit,
         "brain_shape": list(brain_grid.shape),
         "brain_voxel_size": [round(float(s), 4) for s in brain_grid.spacing],
-        "fine_tune_steps": config.fine_tune.steps,
-        **outputs.figures,
-        "seconds": round(time.time() - started, 1),
+        "fine_tune_steps": fine_tune_steps,
+        "seconds": round(float(seconds), 1),
         "registration_reused": reused,
     }
     if register_seconds is not None:

@@ -174,3 +174,10 @@ def test_brainglobe_atlas_gives_each_item_the_atlas_jobs_outputs(
     assert {"overlay", "atlas_space", "jacobian"} <= set(result.qc)
     assert all(p.stat().st_size > 5000 for p in result.qc.values())
     assert result.metrics["ncc_in_atlas_space"] > 0.5 and result.metrics["n_structures"] > 400
+    # the one-page summary that 'patchmorph atlas' writes, per item, with its figures and times
+    summary = json.loads((item / "summary.json").read_text())
+    assert summary["atlas"] == "allen_mouse_100um" and summary["ncc_in_atlas_space"] == result.metrics["ncc_in_atlas_space"]
+    assert summary["register_seconds"] > 0 and summary["field_unit"] == "micrometer"
+    page = (item / "summary.md").read_text()
+    assert page.startswith("# Atlas allen_mouse_100um registered to the brain") and "qc/overlay.png" in page
+    assert result.outputs["summary_md"] == item / "summary.md"
