@@ -14,6 +14,7 @@ outputs exist and match their inputs are skipped. Outputs: ``<out>/<item>/`` per
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from prefect import flow
@@ -48,16 +49,15 @@ def atlas_jobs(
     entries: list[ManifestItem | ManifestProblem],
     out: Path,
     options: AtlasToSectionOptions,
-    prepared: PreparedAtlas | None = None,
+    prepared: Mapping[str, PreparedAtlas] | None = None,
 ) -> tuple[list[ItemJob], list[ItemError]]:
     """One job per valid manifest item (sample fixed, atlas moving) and one error per invalid entry.
 
-    With a ``prepared`` BrainGlobe atlas the moving image is its reference and every job gets the atlas
-    outputs (its sample is always copied, since the atlas labels are nested inside it)."""
+    With a BrainGlobe atlas ``prepared`` for each brain geometry of the manifest (:func:`prepared_atlases`) the
+    moving image is the reference prepared for the item's geometry and every job gets the atlas outputs (its
+    sample is always copied, since the atlas labels are nested inside it)."""
     atlas_dir = out / "atlas"
-    moving = ImageInput(path=atlas, geometry=options.atlas_geometry, converted=atlas_dir / "atlas.ome.zarr")
-    if prepared is not None:
-        moving = ImageInput(path=prepared.reference, converted=prepared.reference)
+    image_moving = ImageInput(path=atlas, geometry=options.atlas_geometry, converted=atlas_dir / "atlas.ome.zarr")
     moving_labels = None
     if options.atlas_labels and prepared is None:
         moving_labels = ImageInput(
@@ -85,10 +85,13 @@ def atlas_jobs(
                 labels=True,
             )
         fixed = ImageInput(path=entry.path, geometry=geometry, converted=item_dir / "sample.ome.zarr")
+        moving, atlas_folder = image_moving, None
         if prepared is not None:
             fixed = ImageInput(
                 path=entry.path, geometry=geometry, converted=item_dir / "brain.ome.zarr", always_copy=True
             )
+            own = prepared[entry.brain_geometry]
+            moving, atlas_folder = ImageInput(path=own.reference, converted=own.reference), own.reference.parent
         jobs.append(
             ItemJob(
                 name=entry.name,
@@ -97,11 +100,24 @@ def atlas_jobs(
                 moving=moving,
                 fixed_labels=fixed_labels,
                 moving_labels=moving_labels,
-                atlas=None if prepared is None else str(prepared.atlas.folder),
-                atlas_dir=None if prepared is None else atlas_dir,
+                atlas=None if prepared is None else str(prepared[entry.brain_geometry].atlas.folder),
+                atlas_dir=atlas_folder,
+                brain_geometry=entry.brain_geometry,
             )
         )
     return jobs, errors
+
+
+def prepared_atlases(
+    atlas: BrainGlobeAtlas, entries: Sequence[ManifestItem | ManifestProblem], out: Path
+) -> dict[str, PreparedAtlas]:
+    """The atlas prepared once for each brain geometry of the manifest's items: ``<out>/atlas`` for whole
+    brains, ``<out>/atlas_<geometry>`` for a hemisphere (:func:`pipeline.atlas.prepare_atlas`)."""
+    geometries = {e.brain_geometry for e in entries if isinstance(e, ManifestItem)} or {"full"}
+    return {
+        g: prepare_atlas(atlas, out / ("atlas" if g == "full" else f"atlas_{g}"), g)  # type: ignore[arg-type]
+        for g in sorted(geometries)
+    }
 
 
 @flow(name=FLOW_NAME)
@@ -130,8 +146,9 @@ def atlas_to_section(
         inputs={"atlas": atlas, "atlas_labels": options.atlas_labels, "manifest": manifest},
         outputs={"report": out_dir / "report.md", "report record": out_dir / "report.json"},
     )
-    prepared = None if found is None else prepare_atlas(found, out_dir / "atlas")
-    jobs, errors = atlas_jobs(Path(atlas), load_manifest(manifest), out_dir, options, prepared)
+    entries = load_manifest(manifest)
+    prepared = None if found is None else prepared_atlases(found, entries, out_dir)
+    jobs, errors = atlas_jobs(Path(atlas), entries, out_dir, options, prepared)
     outcomes = run_on_dask(jobs, options, options.max_parallel_items, errors)
     inputs = {"atlas": atlas, "manifest": manifest}
     return final_state(finish_run(FLOW_NAME, inputs, out_dir, outcomes))

@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from flows.config import Geometry
 from patchmorph_core.errors import InputError
+from pipeline.atlas import BrainGeometry
 
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -50,6 +51,8 @@ class ManifestItem(Geometry):
         orientation: anatomical orientation code (brainglobe convention, e.g. ``"psl"``).
         labels: optional label map of the sample itself; when given, Dice against the warped atlas labels
             is reported.
+        brain_geometry: ``full``, or ``hemisphere_l`` / ``hemisphere_r`` for one imaged hemisphere (with a
+            BrainGlobe atlas: its other hemisphere is left out, :func:`pipeline.atlas.prepare_atlas`).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -57,6 +60,7 @@ class ManifestItem(Geometry):
     name: str
     path: Path
     labels: Path | None = None
+    brain_geometry: BrainGeometry = "full"
 
     @field_validator("name")
     @classmethod

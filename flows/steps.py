@@ -44,6 +44,7 @@ from flows.config import Geometry, StepOptions
 from flows.records import DONE_FILE, ItemError, ItemResult, fingerprint, finished_result, write_done
 from flows.tasks import atlas_outputs_task, convert_task, metrics_task, qc_task, register_task, warp_task
 from patchmorph_core.errors import InputError
+from pipeline.atlas import BrainGeometry
 from pipeline.atlas_job import job_summary, write_job_summary
 from pipeline.brainglobe import find_atlas
 from pipeline.checks import check_outputs
@@ -106,6 +107,7 @@ class ItemJob(BaseModel):
     moving_labels: ImageInput | None = None
     atlas: str | None = None
     atlas_dir: Path | None = None
+    brain_geometry: BrainGeometry = "full"
 
     @property
     def field(self) -> Path:
@@ -149,6 +151,7 @@ class ItemJob(BaseModel):
         inputs = self.inputs()
         settings = {
             "atlas": self.atlas,
+            "brain_geometry": self.brain_geometry,
             "geometry": {role: image.geometry.model_dump(mode="json") for role, image in inputs.items()},
             "inference": options.inference.model_dump(mode="json"),
             "qc": options.qc,
@@ -428,5 +431,6 @@ def _submit_atlas(job: ItemJob, atlas: Task[..., Any], options: StepOptions) -> 
             options.register_cluster,
             options.qc,
             options.label_interpolation,
+            job.brain_geometry,
         )
     }

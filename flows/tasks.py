@@ -18,7 +18,7 @@ from prefect.client.schemas.objects import State, TaskRun
 from patchmorph_core.config import InferenceConfig
 from patchmorph_core.warping import LabelInterpolation
 from pipeline import qc
-from pipeline.atlas import AtlasOutputs, atlas_item_outputs
+from pipeline.atlas import AtlasOutputs, BrainGeometry, atlas_item_outputs
 from pipeline.checks import CheckOptions
 from pipeline.importers import check_source_planes, convert
 from pipeline.register import register_files
@@ -169,10 +169,12 @@ def atlas_outputs_task(
     scheduler: str,
     with_qc: bool,
     label_interpolation: LabelInterpolation = "vote",
+    brain_geometry: BrainGeometry = "full",
 ) -> AtlasOutputs:
     """:func:`pipeline.atlas.atlas_item_outputs`: labels on the brain (by ``label_interpolation``), the brain in
-    atlas space, the inverse field, volumes.csv and the atlas QC figures of one item."""
+    atlas space, the inverse field, volumes.csv and the atlas QC figures of one item (its atlas prepared for its
+    ``brain_geometry``)."""
     return run_isolated(
         atlas_item_outputs, brain, field, atlas, atlas_dir, out_dir, scheduler=scheduler, qc=with_qc,
-        label_interpolation=label_interpolation,
+        label_interpolation=label_interpolation, brain_geometry=brain_geometry,
     )  # fmt: skip

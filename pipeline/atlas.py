@@ -628,9 +628,11 @@ def atlas_item_outputs(
     scheduler: str | None = None,
     qc: bool = True,
     label_interpolation: LabelInterpolation = "vote",
+    brain_geometry: BrainGeometry = "full",
 ) -> AtlasOutputs:
     """:func:`atlas_outputs`, its QC figures and :func:`atlas_figures` for one item of a batch (the
-    ``atlas-to-section`` flow): the atlas (name or folder) is the one prepared in ``atlas_dir``.
+    ``atlas-to-section`` flow): the atlas (name or folder) is the one prepared in ``atlas_dir`` for
+    ``brain_geometry``.
 
     Returns:
         The outputs by role (QC figures as ``qc_<kind>``) and the figures.
@@ -638,7 +640,7 @@ def atlas_item_outputs(
     from pipeline.brainglobe import find_atlas
     from pipeline.qc import atlas_qc
 
-    prepared = prepare_atlas(find_atlas(atlas), atlas_dir)
+    prepared = prepare_atlas(find_atlas(atlas), atlas_dir, brain_geometry)
     outputs = atlas_outputs(brain, field, prepared, out, scheduler=scheduler, label_interpolation=label_interpolation)
     paths = dict(outputs.paths)
     if qc:

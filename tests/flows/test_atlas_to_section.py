@@ -132,21 +132,21 @@ def test_brainglobe_atlas_gives_each_item_the_atlas_jobs_outputs(
     volumes.csv, the atlas QC figures and their figures in the metrics."""
     import csv
 
+    import tifffile
     import zarr
 
     from pipeline.demo import EXAMPLE_ATLAS, EXAMPLE_DIR
     from pipeline.ngff import image_orientation, read_field, read_image
 
+    brain = tifffile.imread(flow_data["brain_tif"])
+    tifffile.imwrite(tmp_path / "left.tif", brain[:, :, : brain.shape[2] // 2 + 1])  # psl: axis 2 runs left to right
+    geometry = {"voxel_size": [200, 200, 200], "orientation": "psl"}
     manifest = tmp_path / "manifest.yaml"
     manifest.write_text(
         yaml.safe_dump(
             [
-                {
-                    "name": "stp",
-                    "path": str(flow_data["brain_tif"]),
-                    "voxel_size": [200, 200, 200],
-                    "orientation": "psl",
-                }
+                {"name": "stp", "path": str(flow_data["brain_tif"]), **geometry},
+                {"name": "left", "path": str(tmp_path / "left.tif"), "brain_geometry": "hemisphere_l", **geometry},
             ]
         )
     )
@@ -155,8 +155,13 @@ def test_brainglobe_atlas_gives_each_item_the_atlas_jobs_outputs(
         str(EXAMPLE_DIR / EXAMPLE_ATLAS), str(manifest), str(tmp_path / "out"), config=str(options)
     )
 
-    assert report.errors == [] and [r.name for r in report.results] == ["stp"]
-    result = report.results[0]
+    assert report.errors == [] and sorted(r.name for r in report.results) == ["left", "stp"]
+    # the hemisphere item is registered to the atlas's left hemisphere: no structure of the right on it
+    left = next(r for r in report.results if r.name == "left")
+    sides = [(float(r["left_volume_mm3"]), float(r["right_volume_mm3"])) for r in csv.DictReader(left.outputs["volumes"].open())]
+    assert sum(r for _, r in sides) == 0.0 and sum(v for v, _ in sides) > 50
+    assert json.loads((tmp_path / "out" / "atlas_hemisphere_l" / "atlas.json").read_text())["brain_geometry"] == "hemisphere_l"
+    result = next(r for r in report.results if r.name == "stp")
     item = tmp_path / "out" / "stp"
     brain = item / "brain.ome.zarr"
     assert result.outputs["atlas_on_brain"] == brain / "labels" / "atlas"
