@@ -74,6 +74,13 @@ def atlas_jobs(
                 ItemError(name=entry.name, step="manifest", error_type="InputError", message=entry.message)
             )
             continue
+        if prepared is None and entry.brain_geometry != "full":
+            message = (
+                f"brain_geometry {entry.brain_geometry} needs a BrainGlobe atlas (its hemispheres image): give the "
+                "atlas as a BrainGlobe name or folder, or crop the atlas image to the hemisphere."
+            )
+            errors.append(ItemError(name=entry.name, step="manifest", error_type="InputError", message=message))
+            continue
         item_dir = out / entry.name
         geometry = Geometry(voxel_size=entry.voxel_size, unit=entry.unit, orientation=entry.orientation)
         fixed_labels = None

@@ -107,6 +107,8 @@ def bad_items(flow_data: dict[str, Path], tmp_path_factory: pytest.TempPathFacto
          "orientation": "psl"},
         {"name": "bad-voxel-size", "path": str(flow_data["brain_tif"]), "voxel_size": [0, 200, 200]},
         {"name": "empty", "path": str(root / "empty.tif"), "voxel_size": [200] * 3, "orientation": "psl"},
+        {"name": "hemisphere-of-an-image-atlas", "path": str(flow_data["brain_tif"]), "voxel_size": [200] * 3,
+         "orientation": "psl", "brain_geometry": "hemisphere_r"},
     ]  # fmt: skip
     manifest = root / "manifest.yaml"
     manifest.write_text(yaml.safe_dump(entries))
@@ -123,6 +125,7 @@ ITEM_CASES = {
     "wrong-unit": ("register", r"spans .* of tissue along .* more than 3x"),
     "bad-voxel-size": ("manifest", r"voxel_size is invalid"),
     "empty": ("convert", r"empty\.tif looks empty: its three mid-planes are constant"),
+    "hemisphere-of-an-image-atlas": ("manifest", r"brain_geometry hemisphere_r needs a BrainGlobe atlas"),
 }
 
 
