@@ -421,15 +421,20 @@ def tissue_center(image: MultiscaleImage) -> np.ndarray:
 
 
 def tissue_bounds(image: MultiscaleImage) -> tuple[np.ndarray, np.ndarray]:
-    """World axis-aligned box ``(low, high)`` (each ``(3,)``) of the tissue voxels of a coarse level."""
+    """World axis-aligned box ``(low, high)`` (each ``(3,)``) of the tissue voxels of a coarse level.
+
+    The box of the tissue voxels' own world extents (each voxel centre ± its half-diagonal projected on the world
+    axes), not the world box of their index box's corners: on a grid rotated against the world axes the latter
+    grows with the rotation (twice: the tissue's index box, then that box's world box), and every size set from
+    it with it (the initial affine's fit grid, the cascade's patch extents). On an axis-aligned grid both are the
+    same box."""
     weights, grid = tissue_weights(image)
     index = np.argwhere(weights > 0)
     if index.size == 0:
         return grid.world_bounds()
-    corners = np.array([index.min(axis=0) - 0.5, index.max(axis=0) + 0.5])
-    box = np.array(np.meshgrid(*corners.T, indexing="ij")).reshape(3, -1).T
-    world = grid.index_to_world(box)
-    return world.min(axis=0), world.max(axis=0)
+    world = grid.index_to_world(index)
+    half = 0.5 * np.abs(grid.linear).sum(axis=1)
+    return world.min(axis=0) - half, world.max(axis=0) + half
 
 
 def initial_translation(fixed: MultiscaleImage, moving: MultiscaleImage) -> np.ndarray:

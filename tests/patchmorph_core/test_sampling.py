@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from scipy import ndimage
+from scipy.spatial.transform import Rotation
 
 from patchmorph_core.displacement import FieldDisplacement, TranslationDisplacement
 from patchmorph_core.sampling import (
@@ -281,3 +282,22 @@ def test_sample_separable_is_trilinear_on_an_axis_aligned_map(padding: str, chan
     beside = matrix.copy()
     beside[:3, 3] += 50.0  # every point beyond the array
     assert not sample_separable(array, beside, shape, "zeros").any()
+
+
+def test_tissue_bounds_do_not_grow_on_a_rotated_grid() -> None:
+    # one ellipsoid (world semi-axes 12, 16, 9 mm) on an axis-aligned grid and on a grid rotated 25° about an
+    # oblique axis: the same world box (the index box's corners' world box grew by a quarter and more)
+    def ellipsoid(grid: Grid) -> MultiscaleImage:
+        w = grid.points() - np.array([1.0, -2.0, 0.5])
+        inside = (w[..., 0] / 12.0) ** 2 + (w[..., 1] / 16.0) ** 2 + (w[..., 2] / 9.0) ** 2 < 1
+        return MultiscaleImage.from_array(inside.astype(np.float32), grid, n_levels=1)
+
+    plain = Grid.from_spacing((48, 48, 48), (1.0, 1.0, 1.0), unit="millimeter").translated(-np.full(3, 23.5))
+    rotation = Rotation.from_rotvec(np.deg2rad(25.0) * np.array([0.3, 0.5, 0.8]) / np.linalg.norm([0.3, 0.5, 0.8]))
+    turned = Grid.from_spacing((48, 48, 48), (1.0, 1.0, 1.0), unit="millimeter", direction=rotation.as_matrix())
+    turned = turned.translated(-turned.center)
+    low, high = tissue_bounds(ellipsoid(plain))
+    np.testing.assert_allclose(high - low, [24.0, 32.0, 18.0], atol=1.01)
+    rlow, rhigh = tissue_bounds(ellipsoid(turned))
+    np.testing.assert_allclose(rlow, low, atol=1.5)  # within a voxel diagonal
+    np.testing.assert_allclose(rhigh, high, atol=1.5)
