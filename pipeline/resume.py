@@ -90,10 +90,24 @@ def _file_identity(path: Path) -> dict[str, Any]:
     return {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256_head_tail": digest.hexdigest()}
 
 
+def _own_metadata(root: Path) -> Iterator[Path]:
+    """The metadata documents of a store this product wrote: its group's and its direct children's (the levels'
+    arrays, a child image such as a field's uncertainty), never those of the label images nested under its
+    ``labels`` group nor of a run folder: writing labels into a brain does not change the brain, and a label
+    warp killed half-way resumes against the same brain. No chunk file is listed."""
+    yield from (root / name for name in ZARR_METADATA if (root / name).is_file())
+    with os.scandir(root) as entries:
+        children = sorted(e.name for e in entries if e.is_dir(follow_symlinks=False))
+    for child in children:
+        if child != "labels" and not child.endswith(".run"):
+            yield from (root / child / name for name in ZARR_METADATA if (root / child / name).is_file())
+
+
 def content_identity(path: str | Path | None) -> dict[str, Any] | None:
     """What identifies an input's content, cheaply, for resume records and flow records.
 
-    * a store this product wrote: its ``write_id`` (new for every write) and the hash of its metadata;
+    * a store this product wrote: its ``write_id`` (new for every write) and the hash of its own metadata
+      documents (:func:`_own_metadata`);
     * any other folder (a foreign Zarr store, a TIFF plane folder): the hash of its metadata documents and
       of every file's relative path, size and modification time;
     * a file: the SHA-256 of its bytes (size, modification time and head/tail hash beyond
@@ -110,11 +124,15 @@ def content_identity(path: str | Path | None) -> dict[str, Any] | None:
         return {"path": str(p), **_file_identity(p)}
     digest = hashlib.sha256()
     write_id = write_identity(p)
+    if write_id is not None:
+        for document in _own_metadata(p):
+            digest.update(os.path.relpath(document, p).encode() + document.read_bytes())
+        return {"path": str(p), "write_id": write_id, "sha256": digest.hexdigest()}
     for entry in _files(p):
         relative = os.path.relpath(entry.path, p)
         if entry.name in ZARR_METADATA:
             digest.update(relative.encode() + Path(entry.path).read_bytes())
-        elif write_id is None:
+        else:
             stat = entry.stat()
             digest.update(f"{relative}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return {"path": str(p), "write_id": write_id, "sha256": digest.hexdigest()}

@@ -612,3 +612,36 @@ def test_one_hemisphere_registers_to_the_atlas_hemisphere(tmp_path: Path, exampl
     with caplog.at_level(logging.WARNING, logger="pipeline.checks"):
         _extent_check(read_image(out / "brain.ome.zarr"), read_image(whole.reference), {"moving": "atlas"}, True)
     assert "--brain-geometry hemisphere_l or hemisphere_r" in caplog.text
+
+
+def test_a_job_killed_while_it_warps_the_labels_resumes(tmp_path: Path, examples: Path) -> None:
+    """``patchmorph atlas`` killed (SIGKILL, its process group) while it writes the atlas labels into the brain: the
+    same command again finishes the job (the labels half-written into the brain do not make it another brain)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    config = tmp_path / "job.yaml"
+    config.write_text("brain_downsample: 3\ninference:\n  field_spacing: 170um\nqc: false\n")
+    out = tmp_path / "job"
+    command = [
+        sys.executable, "-m", "patchmorph", "atlas", str(ExampleFiles.from_dir(examples).brain), "-o", str(out),
+        "--atlas", str(examples / EXAMPLE_ATLAS), "--voxel-size", *map(str, BRAIN_VOXEL_SIZE_UM),
+        "--orientation", BRAIN_ORIENTATION, "--config", str(config),
+    ]  # fmt: skip
+    run = out / "brain.ome.zarr" / "labels" / "atlas.run"
+    with (tmp_path / "killed.log").open("w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 600
+        while not run.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    assert run.exists(), (tmp_path / "killed.log").read_text()  # killed during the label warp
+    again = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stdout + again.stderr
+    labels = read_image(out / "brain.ome.zarr" / "labels" / "atlas")
+    assert np.count_nonzero(np.asarray(labels.levels[0].array[...])) > 0 and not run.exists()
+    assert (out / "volumes.csv").is_file() and (out / "summary.json").is_file()
