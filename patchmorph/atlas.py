@@ -24,7 +24,7 @@ def atlas(
         Path,
         typer.Argument(metavar="BRAIN", help="The brain: TIFF stack or plane folder, NIfTI, NRRD or OME-Zarr."),
     ],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (created; a rerun resumes).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (created, in a folder that exists; a rerun resumes).")],
     atlas_name: Annotated[
         str,
         typer.Option(
@@ -225,7 +225,7 @@ def points(
 @command
 def export_brainreg(
     job: Annotated[Path, typer.Option(help="The output folder of a finished 'patchmorph atlas' run.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="The brainreg folder to write (created).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The brainreg folder to write (created, in a folder that exists).")],
     overwrite: Annotated[bool, typer.Option(help="Replace a folder that export-brainreg wrote earlier.")] = False,
 ) -> None:
     """Write an atlas job's results as a brainreg output folder (brainreg.json, downsampled.tiff,

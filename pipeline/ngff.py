@@ -1034,6 +1034,11 @@ def _levels(
             raise InputError(
                 f"{where!r} lists level {level_path!r} but has no such array: re-write it."
             ) from err
+        except ValueError as err:  # the level's zarr.json is not JSON, or not array metadata
+            raise InputError(
+                f"{where!r} level {level_path!r} has unreadable metadata ({type(err).__name__}: {err}): the store is "
+                "damaged; write it again (or restore it)."
+            ) from err
         if zarray.ndim != len(names):
             raise InputError(f"{where!r} level {level_path!r} is {zarray.ndim}-D but has {len(names)} axes.")
         if level_path in affines:

@@ -277,7 +277,7 @@ def _check_inside(index: np.ndarray, grid: Grid, what: str, path: str | Path) ->
             f"points file {path}: point {row + 1} ({', '.join(f'{v:g}' for v in index[row])}) lies outside the "
             f"{what}'s {' × '.join(map(str, grid.shape))} voxels ({int(outside.sum())} of {len(index)} do): give "
             f"voxel indices of the {what} in its array order, axis 0 first (the planes of a stack); columns in x, y, "
-            "z order are the usual cause."
+            "z order are the usual cause (for a NIfTI brain: nibabel's i, j, k, which are axes 2, 1, 0)."
         )
 
 
@@ -318,7 +318,8 @@ def check_column_order(job: JobSpaces, index: np.ndarray, given_in: Space, path:
         raise InputError(
             f"points file {path}: {given:.0%} of its points fall inside the atlas's labels in the {given_in} as the "
             f"columns are given, {best:.0%} when read as axes 0, 1, 2 = {columns}: give voxel indices of the "
-            f"{given_in} in its array order, axis 0 first (columns in x, y, z order are the usual cause)."
+            f"{given_in} in its array order, axis 0 first (columns in x, y, z order are the usual cause; for a NIfTI "
+            "brain: nibabel's i, j, k, which are axes 2, 1, 0)."
         )
 
 

@@ -117,3 +117,18 @@ def test_an_array_reopened_to_resume_still_stores_chunks_of_zeros(tmp_path: Path
     again = ngff.create_image_array(tmp_path / "o.zarr", grid.shape, grid, np.float32, (4, 3, 4), resume=True)
     again[4:8, 0:3, :] = 0.0
     assert (tmp_path / "o.zarr" / "0" / "c" / "1" / "0" / "0").is_file()
+
+
+@pytest.mark.parametrize("damage", ["flipped", "truncated", "zero-length"])
+def test_damaged_level_metadata_is_one_sentence(tmp_path: Path, damage: str) -> None:
+    """A level's ``zarr.json`` that is no longer JSON: an input error naming the store and the level, not a
+    decoder's traceback (an image and a field alike)."""
+    from patchmorph_core.errors import InputError
+
+    data, grid = _volume()
+    image = ngff.write_image(tmp_path / "a.zarr", data, grid, chunks=(16, 16, 16))
+    field = ngff.write_field(tmp_path / "f.zarr", np.zeros((3, 6, 7, 5), np.float32), Grid.from_spacing((6, 7, 5), (2.0,) * 3))
+    for path, read in ((image, ngff.read_image), (field, ngff.read_field)):
+        DAMAGE[damage](path / "0" / "zarr.json")
+        with pytest.raises(InputError, match=r"level '0' has unreadable metadata .* the store is damaged"):
+            read(path)
