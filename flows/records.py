@@ -15,11 +15,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from pipeline.resume import ITEM_RECORD as DONE_FILE
 from pipeline.resume import atomic_write_json, content_identity
-
-DONE_FILE = "done.json"
-"""Name of the completion record inside an item's output folder."""
-
 
 
 class ItemResult(BaseModel):

@@ -39,7 +39,6 @@ from patchmorph_core.displacement import FieldDisplacement
 from patchmorph_core.errors import InputError
 from patchmorph_core.spatial import Grid, nearest_orientation_code, resample, unit_scale
 from pipeline.atlas import _inner_boundaries
-from pipeline.brainglobe import find_atlas
 from pipeline.points import JobSpaces, open_job, values_at
 
 logger = logging.getLogger(__name__)
@@ -185,19 +184,16 @@ def export_brainreg(job_folder: str | Path, out: str | Path, overwrite: bool = F
     Raises:
         InputError: ``job_folder`` is not a finished atlas job, or ``out`` exists (before anything is written).
     """
-    from pipeline.atlas_job import JOB_RECORD
-
     job_folder, out = Path(job_folder), Path(out)
     job = open_job(job_folder)
     _check_output(out, overwrite)
-    record = json.loads((job_folder / JOB_RECORD).read_text())
-    atlas = find_atlas(record["atlas"]["folder"])
+    atlas = job.atlas
     resolution = np.asarray(atlas.resolution_um, dtype=np.float64)
     grid = downsampled_grid(job.brain_grid, resolution, atlas.orientation)
     tmp = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()
     try:
-        _write_folder(tmp, job_folder, job, grid, record, atlas.name, atlas.orientation, resolution)
+        _write_folder(tmp, job_folder, job, grid, resolution)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
@@ -208,16 +204,7 @@ def export_brainreg(job_folder: str | Path, out: str | Path, overwrite: bool = F
     return out
 
 
-def _write_folder(
-    folder: Path,
-    job_folder: Path,
-    job: JobSpaces,
-    grid: Grid,
-    record: dict[str, Any],
-    atlas_name: str,
-    atlas_orientation: str,
-    resolution: np.ndarray,
-) -> None:
+def _write_folder(folder: Path, job_folder: Path, job: JobSpaces, grid: Grid, resolution: np.ndarray) -> None:
     """Every file of the brainreg folder into ``folder``."""
     from pipeline.ngff import read_image
 
@@ -229,10 +216,7 @@ def _write_folder(
     for axis in range(3):
         _write_tiff(folder / f"deformation_field_{axis}.tiff", grid, np.float32, _atlas_position_mm(job, axis, resolution))
     spacing = float(grid.spacing.min())
-    images = {"": job_folder / "brain.ome.zarr"}
-    images.update(
-        {f"_{role[len('channel_'):]}": Path(p) for role, p in record["outputs"].items() if role.startswith("channel_")}
-    )
+    images = {"": job_folder / "brain.ome.zarr", **{f"_{name}": path for name, path in job.channels.items()}}
     for suffix, path in images.items():
         array, level_grid = _level_near(path, spacing, grid.unit)
         mapping = _uint16_map(array)
@@ -243,11 +227,11 @@ def _write_folder(
     shutil.copyfile(job_folder / "volumes.csv", folder / "volumes.csv")
     voxel_sizes = job.brain_grid.spacing * unit_scale(job.brain_grid.unit, "micrometer")
     metadata = {
-        "atlas": atlas_name,
+        "atlas": job.atlas.name,
         "orientation": nearest_orientation_code(job.brain_grid.direction),
         "voxel_sizes": [round(float(v), 6) for v in voxel_sizes],
-        "brain_geometry": record["settings"].get("brain_geometry", "full"),
-        "atlas_orientation": atlas_orientation,
+        "brain_geometry": job.brain_geometry,
+        "atlas_orientation": job.atlas.orientation,
         MARKER: {"job": str(job_folder.resolve()), "downsampled_shape": list(grid.shape)},
     }
     (folder / "brainreg.json").write_text(json.dumps(metadata, indent=2) + "\n")

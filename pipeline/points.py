@@ -36,8 +36,8 @@ from patchmorph_core.errors import InputError
 from patchmorph_core.source import source_grid
 from patchmorph_core.spatial import Grid, read_box, unit_scale
 from pipeline.atlas import read_volume_table
-from pipeline.brainglobe import LEFT, RIGHT, Structure, find_atlas
-from pipeline.resume import atomic_write_csv
+from pipeline.brainglobe import LEFT, RIGHT, BrainGlobeAtlas, Structure, find_atlas
+from pipeline.resume import ITEM_RECORD, atomic_write_csv
 
 logger = logging.getLogger(__name__)
 
@@ -180,6 +180,9 @@ class JobSpaces:
             job's brain grid, after ``brain_downsample``).
         structures: annotation value → structure.
         volumes: the job's ``volumes.csv``.
+        atlas: the BrainGlobe atlas the job used; atlas_dir: the folder of its prepared images.
+        brain_geometry: the part of the brain the job registered (``full``, ``hemisphere_l``, ``hemisphere_r``).
+        channels: the job's extra channels' converted copies by name (none for a batch item).
     """
 
     brain_grid: Grid
@@ -192,40 +195,56 @@ class JobSpaces:
     labels_grid: Grid
     structures: Mapping[int, Structure]
     volumes: Path
+    atlas: BrainGlobeAtlas
+    atlas_dir: Path
+    brain_geometry: str
+    channels: Mapping[str, Path]
 
 
 def open_job(folder: str | Path) -> JobSpaces:
-    """The spaces of the finished atlas job in ``folder``.
+    """The spaces of the finished atlas job in ``folder``: a ``patchmorph atlas`` output folder, or an item's folder
+    of an ``atlas-to-section`` batch with a BrainGlobe atlas. The atlas's prepared images are the ones its inverse
+    field was made on (``<job>/atlas``, or the batch's ``<out>/atlas``), and the atlas is the one they record.
 
     Raises:
         InputError: ``folder`` is not a finished atlas job, or the atlas it used is gone.
     """
     from pipeline.atlas import _attributes
     from pipeline.atlas_job import JOB_RECORD
-    from pipeline.ngff import read_image
+    from pipeline.ngff import read_field, read_image
 
     folder = Path(folder)
-    if not (folder / JOB_RECORD).is_file():
+    if not (folder / JOB_RECORD).is_file() and not (folder / ITEM_RECORD).is_file():
         raise InputError(
-            f"{folder} is not the folder of a finished atlas job (no {JOB_RECORD}): give the --out folder of a "
-            "'patchmorph atlas' run that finished."
+            f"{folder} is not the folder of a finished atlas job (no {JOB_RECORD}, nor a batch item's {ITEM_RECORD}): "
+            "give the --out folder of a 'patchmorph atlas' run that finished, or a finished item's folder of a batch."
         )
-    record = json.loads((folder / JOB_RECORD).read_text())
+    if not (folder / "inverse_field.ome.zarr").is_dir():
+        raise InputError(
+            f"{folder} holds no atlas outputs (no inverse_field.ome.zarr): give an item registered to a BrainGlobe atlas."
+        )
+    atlas_dir = Path(read_field(folder / "inverse_field.ome.zarr")[2]["fixed"]).parent
+    described = json.loads((atlas_dir / "atlas.json").read_text())
+    record = json.loads((folder / JOB_RECORD).read_text()) if (folder / JOB_RECORD).is_file() else {}
+    channels = {
+        role[len("channel_"):]: Path(path) for role, path in record.get("outputs", {}).items() if role.startswith("channel_")
+    }
     brain_path = folder / "brain.ome.zarr"
     brain = read_image(brain_path).grid
     attrs = _attributes(brain_path)
     factor = int(attrs.get("downsample", 1))
     shape = attrs.get("source_shape", [n * factor for n in brain.shape])
     brain_grid = source_grid(brain, (factor,) * 3, shape) if factor > 1 else brain
-    atlas_folder = record["atlas"]["folder"]
+    atlas_folder = described["folder"]
     if not Path(atlas_folder).is_dir():
         raise InputError(
             f"the atlas folder {atlas_folder} that the job in {folder} used is gone: put it back (its structure "
             "names are read from it)."
         )
-    annotation = read_image(folder / "atlas" / "annotation.ome.zarr")
-    hemispheres = read_image(folder / "atlas" / "hemispheres.ome.zarr")
+    annotation = read_image(atlas_dir / "annotation.ome.zarr")
+    hemispheres = read_image(atlas_dir / "hemispheres.ome.zarr")
     on_brain = read_image(brain_path / "labels" / "atlas")
+    atlas = find_atlas(atlas_folder)
     return JobSpaces(
         brain_grid=brain_grid,
         atlas_grid=annotation.grid,
@@ -235,8 +254,12 @@ def open_job(folder: str | Path) -> JobSpaces:
         hemispheres=hemispheres.levels[0].array,
         labels_on_brain=on_brain.levels[0].array,
         labels_grid=on_brain.grid,
-        structures=find_atlas(atlas_folder).structures,
+        structures=atlas.structures,
         volumes=folder / "volumes.csv",
+        atlas=atlas,
+        atlas_dir=atlas_dir,
+        brain_geometry=described.get("brain_geometry", "full"),
+        channels=channels,
     )
 
 

@@ -43,6 +43,9 @@ from patchmorph_core.errors import InputError
 ChunkId = tuple[int, int, int]
 
 
+ITEM_RECORD = "done.json"
+"""Name of a batch item's completion record in its output folder (written last by the flows)."""
+
 WRITE_ID = "write_id"
 """Key in ``attrs["patchmorph"]`` of a store this product wrote: a random id drawn when the store is created
 (:func:`pipeline.ngff.create_image_array`), so every new write of a path has a new identity."""

@@ -6,6 +6,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -186,3 +187,19 @@ def test_brainglobe_atlas_gives_each_item_the_atlas_jobs_outputs(
     page = (item / "summary.md").read_text()
     assert page.startswith("# Atlas allen_mouse_100um registered to the brain") and "qc/overlay.png" in page
     assert result.outputs["summary_md"] == item / "summary.md"
+    # a batch item is a finished atlas job for the commands that read one
+    from typer.testing import CliRunner
+
+    from patchmorph.cli import app
+
+    labels = np.asarray(read_image(brain / "labels" / "atlas").levels[0].array[...])
+    cells = np.argwhere(labels > 0)[::500][:20]
+    (tmp_path / "cells.csv").write_text("z,y,x\n" + "\n".join(",".join(map(str, c)) for c in cells) + "\n")
+    mapped = CliRunner().invoke(app, ["points", str(tmp_path / "cells.csv"), "--job", str(item), "-o", str(tmp_path / "cells")])
+    assert mapped.exit_code == 0, mapped.output
+    rows = list(csv.DictReader((tmp_path / "cells" / "all_points.csv").open()))
+    found = np.array([int(r["structure_id"]) for r in rows])
+    assert np.mean(found == labels[tuple(cells.T)]) >= 0.8  # any voxel: at a structure's border the two may differ
+    exported = CliRunner().invoke(app, ["export-brainreg", "--job", str(tmp_path / "out" / "left"), "-o", str(tmp_path / "br")])
+    assert exported.exit_code == 0, exported.output
+    assert json.loads((tmp_path / "br" / "brainreg.json").read_text())["brain_geometry"] == "hemisphere_l"
