@@ -45,7 +45,7 @@ from flows.records import DONE_FILE, ItemError, ItemResult, fingerprint, finishe
 from flows.tasks import atlas_outputs_task, convert_task, metrics_task, qc_task, register_task, warp_task
 from patchmorph_core.errors import InputError
 from pipeline.atlas import BrainGeometry
-from pipeline.atlas_job import job_summary, write_job_summary
+from pipeline.atlas_job import atlas_inference, job_summary, write_job_summary
 from pipeline.brainglobe import find_atlas
 from pipeline.checks import check_outputs
 
@@ -348,7 +348,7 @@ def run_jobs(
                     j.fixed.ready,
                     j.moving.ready,
                     j.field,
-                    options.inference,
+                    options.inference if j.atlas is None else atlas_inference(options.inference),
                     options.chunk_size,
                     options.register_cluster,
                     options.register_workers,

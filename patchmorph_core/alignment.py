@@ -15,7 +15,9 @@ on the initialisation):
   descriptors on the fit grid (:func:`patchmorph_core.similarity.mind_ssc`, neighbours at 1 fit voxel), which
   does not assume the two contrasts are related, unlike the global NCC (Pearson) it replaced, which takes
   whatever intensity mapping correlates best (the comparison: ``docs/decisions.md``). Levels and steps:
-  ``E/20, E/32`` with 60 + 30 steps;
+  ``E/20, E/32`` with 60 + 30 steps by default; a third level ``E/48`` with 30 steps (the atlas job's
+  default, :data:`FINE_LEVELS`) makes the fit depend far less on how the brain lies in its grid, for about
+  a third more time of a pair's command (``docs/decisions.md``);
 * only the pyramid level matching each spacing is read (a few hundred thousand voxels at most), so the cost
   does not grow with the image size;
 * safeguard: if the fitted affine does not improve the objective over the start, or its determinant leaves
@@ -46,6 +48,9 @@ LEVELS: tuple[int, ...] = (20, 32)
 
 STEPS: tuple[int, ...] = (60, 30)
 """Adam steps at each level of :data:`LEVELS`."""
+
+FINE_LEVELS: tuple[tuple[int, ...], tuple[int, ...]] = ((20, 32, 48), (60, 30, 30))
+"""Levels and steps of the fit with a third, finer level (the atlas job's default)."""
 
 LEARNING_RATE = 0.01
 """Adam step size for the unit-free parameters ``B`` and ``t``."""
@@ -179,8 +184,14 @@ class Adam:
             param.grad = None
 
 
-def fit_affine(fixed: MultiscaleImage, moving: MultiscaleImage) -> AffineFit:
-    """Fit the initial affine (see the module docstring); ``moving`` must be in the fixed image's unit.
+def fit_affine(
+    fixed: MultiscaleImage,
+    moving: MultiscaleImage,
+    levels: tuple[int, ...] = LEVELS,
+    steps: tuple[int, ...] = STEPS,
+) -> AffineFit:
+    """Fit the initial affine (see the module docstring); ``moving`` must be in the fixed image's unit;
+    ``levels`` and ``steps`` as :data:`LEVELS` and :data:`STEPS`.
 
     Runs on one CPU thread: torch's parallel reductions round differently with other thread counts, and
     the same inputs must give the same start in every process (a resumed run, a worker, a test).
@@ -189,7 +200,7 @@ def fit_affine(fixed: MultiscaleImage, moving: MultiscaleImage) -> AffineFit:
         :class:`AffineFit` whose ``matrix`` maps fixed world points to moving world points.
     """
     with one_torch_thread():
-        return _fit_affine(fixed, moving)
+        return _fit_affine(fixed, moving, levels, steps)
 
 
 @contextlib.contextmanager
@@ -204,7 +215,9 @@ def one_torch_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def _fit_affine(fixed: MultiscaleImage, moving: MultiscaleImage) -> AffineFit:
+def _fit_affine(
+    fixed: MultiscaleImage, moving: MultiscaleImage, levels: tuple[int, ...], level_steps: tuple[int, ...]
+) -> AffineFit:
     """:func:`fit_affine` on the current thread settings."""
     tic = time.perf_counter()
     low, high = tissue_bounds(fixed)
@@ -214,7 +227,7 @@ def _fit_affine(fixed: MultiscaleImage, moving: MultiscaleImage) -> AffineFit:
     linear = torch.zeros(3, 3, requires_grad=True)
     shift = torch.zeros(3, requires_grad=True)
     optimizer = Adam([linear, shift], lr=LEARNING_RATE)
-    for n, steps in zip(LEVELS, STEPS, strict=True):
+    for n, steps in zip(levels, level_steps, strict=True):
         level = FitLevel.build(fixed, moving, extent / n)
         for _ in range(steps):
             loss = -level.similarity(warp_points(level.points, centre_f, centre_m, extent, linear, shift))

@@ -253,6 +253,9 @@ class InferenceConfig(_Strict):
             finer brain, the atlas's voxel.
         initial_alignment: ``"affine"`` (fit an affine on coarse copies first,
             :mod:`patchmorph_core.alignment`) or ``"center_of_mass"`` (match the tissue centres only).
+        affine_levels / affine_steps: the initial affine's fit grids, as fractions ``E / n`` of the fixed tissue
+            extent (coarse to fine), and its Adam steps at each (:mod:`patchmorph_core.alignment`). The atlas job
+            adds a finer level, ``(20, 32, 48)`` / ``(60, 30, 30)``, unless its config sets them.
         first_stage: the first cascade stage to run (0 = the whole-brain patch); stages before it are
             skipped. None: 1 when the initial affine was fitted and accepted (it already does the
             whole-brain stage's job; ``docs/method.md``), else 0.
@@ -305,6 +308,8 @@ class InferenceConfig(_Strict):
     precision: Literal["auto", "float32"] = "auto"
     field_spacing: float | str | None = None
     initial_alignment: Literal["affine", "center_of_mass"] = "affine"
+    affine_levels: tuple[int, ...] = (20, 32)
+    affine_steps: tuple[int, ...] = (60, 30)
     first_stage: int | None = Field(None, ge=0, le=7)
     refine_passes: int = Field(0, ge=0, le=8)
     refine_overlap: float | None = Field(None, ge=1.0, le=8.0)
@@ -330,6 +335,16 @@ class InferenceConfig(_Strict):
         elif value is not None and not value > 0:
             raise ValueError(f"field_spacing {value} must be positive")
         return value
+
+    @model_validator(mode="after")
+    def _affine_schedule(self) -> InferenceConfig:
+        levels, steps = self.affine_levels, self.affine_steps
+        if not levels or len(levels) != len(steps) or min(levels) < 4 or min(steps) < 1:
+            raise ValueError(
+                f"affine_levels {list(levels)} and affine_steps {list(steps)} must be as many, levels of at least 4 "
+                "and steps of at least 1"
+            )
+        return self
 
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)

@@ -1163,7 +1163,7 @@ def plan_registration(
     if initial is not None:
         matrix, alignment = np.asarray(initial[0], dtype=np.float64), dict(initial[1])
     elif config.initial_alignment == "affine":
-        fit = fit_affine(fixed, moving)
+        fit = fit_affine(fixed, moving, config.affine_levels, config.affine_steps)
         matrix = fit.matrix
         alignment = {
             "method": "affine",

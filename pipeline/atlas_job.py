@@ -559,7 +559,7 @@ def _run_atlas_job(
         for name, path in named.items()
     }
     prepared = prepare_atlas(found, out / "atlas", config.brain_geometry)
-    inference = config.inference
+    inference = atlas_inference(config.inference)
     if config.fine_tune.steps > 0:
         weights = fine_tune(brain_zarr, prepared.reference, out, config.fine_tune, inference)
         inference = inference.model_copy(update={"weights": str(weights)})
@@ -601,6 +601,19 @@ def _run_atlas_job(
     record = write_job_record(out, inputs, found.describe(), config, inference, summary, paths)
     remove_run_records(out)
     return AtlasJobResult(out, paths, summary, record)
+
+
+def atlas_inference(inference: InferenceConfig) -> InferenceConfig:
+    """The registration settings of an atlas's registration to a brain: ``inference`` with the initial affine's
+    third, finer level (:data:`patchmorph_core.alignment.FINE_LEVELS`) unless it sets the levels itself. An atlas
+    job's product is positions in the atlas, which should not depend on how the brain lay in its grid; the
+    level costs a few seconds of a job that takes tens (``docs/decisions.md``)."""
+    from patchmorph_core.alignment import FINE_LEVELS
+
+    if "affine_levels" in inference.model_fields_set:
+        return inference
+    levels, steps = FINE_LEVELS
+    return inference.model_copy(update={"affine_levels": levels, "affine_steps": steps})
 
 
 @contextlib.contextmanager
