@@ -291,16 +291,22 @@ def check_job_settings(out: Path, settings: Mapping[str, Any]) -> bool:
 
 
 def _spacing_used(out: Path, given: float | str | None) -> bool:
-    """Whether ``given`` (a field spacing, a bare number in the field's unit) is the spacing the finished field
-    in ``out`` was made at, as its summary reports it: the same registration, the option typed out."""
-    from pipeline.ngff import read_field
+    """Whether ``given`` (a field spacing, a bare number in the field's unit; None: the default) is the spacing
+    the finished field in ``out`` was made at, as its summary reports it: the same registration, the option
+    typed out or left to its default."""
+    from patchmorph_core.config import InferenceConfig
+    from patchmorph_core.inference import resolve_field_spacing
+    from pipeline.ngff import read_field, read_image
 
-    if given is None:
-        return False
     used = read_field(out / "field.ome.zarr")[2].get("field_spacing", {})
     if "value" not in used:
         return False
-    value, unit = parse_length(given, "field_spacing") if isinstance(given, str) else (float(given), used["unit"])
+    if given is None:  # the default: what it gives for the job's brain and atlas
+        fixed, moving = read_image(out / "brain.ome.zarr"), read_image(out / "atlas" / "reference.ome.zarr")
+        default = resolve_field_spacing(fixed, moving, InferenceConfig())
+        value, unit = default.value, default.unit
+    else:
+        value, unit = parse_length(given, "field_spacing") if isinstance(given, str) else (float(given), used["unit"])
     return bool(abs(value * unit_scale(unit, used["unit"]) - used["value"]) <= 1e-6 * used["value"])
 
 
@@ -573,7 +579,10 @@ def _run_atlas_job(
                 checks=config.checks, names={"fixed": str(brain), "moving": f"{found.name}'s reference"},
             )  # fmt: skip
             register_seconds = registration.seconds
-        record_job_settings(out, settings, field_finished=True, register_seconds=register_seconds)
+        if registration is not None or not json.loads((out / SETTINGS_FILE).read_text())["field_finished"]:
+            # a field made now is made from these settings; a finished one keeps the record of those it was made
+            # from (a rerun that typed its field spacing out is the same job, and the command as first given too)
+            record_job_settings(out, settings, field_finished=True, register_seconds=register_seconds)
         outputs = atlas_outputs(
             brain_zarr, field, prepared, out, channels=channel_zarrs, scheduler=address,
             label_interpolation=config.label_interpolation,

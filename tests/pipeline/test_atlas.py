@@ -352,6 +352,11 @@ def test_rerun_keeps_finished_outputs(job: dict) -> None:
     assert f"reused the registration ({summary['register_seconds']:.0f} s) of an earlier run" in (
         out / "summary.md"
     ).read_text()
+    # the field spacing typed out resumes too, and leaves the record of what the job was made from as it was
+    made_from = json.loads((out / SETTINGS_FILE).read_text())["made_from"]
+    result = CliRunner().invoke(app, [*args, "--field-spacing", "0.17mm"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / SETTINGS_FILE).read_text())["made_from"] == made_from
 
 
 def test_bad_atlas_or_brain_is_one_sentence(tmp_path: Path, examples: Path) -> None:
@@ -491,6 +496,22 @@ def test_a_folder_is_bound_to_its_settings_once_its_field_is_finished(job: dict,
     other = {**settings, "inference": {**settings["inference"], "field_spacing": "0.2 mm"}}
     with pytest.raises(InputError, match=r"\(inference\.field_spacing\)"):
         check_job_settings(job["out"], other)
+    # a field made at the default spacing: the option typed out is the same job, and so is leaving it out after it
+    from patchmorph_core.config import InferenceConfig
+    from patchmorph_core.inference import resolve_field_spacing
+    from pipeline.ngff import set_attribute
+
+    for name in ("field.ome.zarr", "atlas/reference.ome.zarr"):
+        shutil.copytree(job["out"] / name, tmp_path / name)
+    default = resolve_field_spacing(
+        read_image(tmp_path / "brain.ome.zarr"), read_image(tmp_path / "atlas/reference.ome.zarr"), InferenceConfig()
+    )
+    set_attribute(tmp_path / "field.ome.zarr", "field_spacing", {"value": default.value, "unit": default.unit})
+    none = {**settings, "inference": {**settings["inference"], "field_spacing": None}}
+    typed_default = {**settings, "inference": {**settings["inference"], "field_spacing": f"{default.value:g}{default.unit}"}}
+    for recorded_with, given in ((none, typed_default), (typed_default, none)):
+        record_job_settings(tmp_path, recorded_with, field_finished=True)
+        assert check_job_settings(tmp_path, given) is False
 
 
 def test_outputs_made_from_an_earlier_field_are_redone(job: dict, tmp_path: Path) -> None:
