@@ -42,15 +42,16 @@ def _cell(value: object) -> str:
 
 
 def metrics_table(results: Sequence[ItemResult], errors: Sequence[ItemError]) -> str:
-    """Markdown table: one row per item (status, every metric, wall time), failed items with their error."""
+    """Markdown table: one row per item (its source image, status, every metric, the wall time of the group it
+    ran in), failed items with their error."""
     names = sorted({key for r in results for key in r.metrics})
-    header = ["item", "status", *names, "seconds", "error"]
+    header = ["item", "source", "status", *names, "group wall s", "error"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results:
-        row = [r.name, r.status, *(_cell(r.metrics.get(k, "")) for k in names), _cell(r.seconds), ""]
+        row = [r.name, r.source, r.status, *(_cell(r.metrics.get(k, "")) for k in names), _cell(r.seconds), ""]
         lines.append("| " + " | ".join(_cell(v) for v in row) + " |")
     for e in errors:
-        row = [e.name, f"failed ({e.step})", *([""] * len(names)), "", f"{e.error_type}: {e.message}"]
+        row = [e.name, "", f"failed ({e.step})", *([""] * len(names)), "", f"{e.error_type}: {e.message}"]
         lines.append("| " + " | ".join(_cell(v) for v in row) + " |")
     return "\n".join(lines) + "\n"
 

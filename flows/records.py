@@ -28,8 +28,10 @@ class ItemResult(BaseModel):
         out_dir: the item's output folder.
         outputs: output paths by role (``fixed``, ``field``, ``warped``, ``warped_labels``, ...).
         qc: QC figure paths by kind (``overlay``, ``checkerboard``, ``jacobian``, ``uncertainty``).
-        metrics: scalar quality metrics (NCC, folding percent, Jacobian range, mean Dice, ...).
-        seconds: wall time of the item in the run that computed it.
+        metrics: scalar quality metrics (NCC, folding percent, Jacobian range, mean Dice, ...; a length's name
+            ends in its unit, e.g. ``inverse_max_error_um``), and the item's own ``register_seconds``.
+        seconds: wall time of the group of items it was computed with (a group's items run side by side).
+        source: the image the item was made from, as the manifest gives it.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -41,6 +43,7 @@ class ItemResult(BaseModel):
     qc: dict[str, Path] = Field(default_factory=dict)
     metrics: dict[str, float] = Field(default_factory=dict)
     seconds: float = 0.0
+    source: str = ""
 
 
 class ItemError(BaseModel):

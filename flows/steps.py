@@ -44,10 +44,12 @@ from flows.config import Geometry, StepOptions
 from flows.records import DONE_FILE, ItemError, ItemResult, fingerprint, finished_result, write_done
 from flows.tasks import atlas_outputs_task, convert_task, metrics_task, qc_task, register_task, warp_task
 from patchmorph_core.errors import InputError
+from patchmorph_core.spatial import unit_scale
 from pipeline.atlas import BrainGeometry
 from pipeline.atlas_job import atlas_inference, job_summary, write_job_summary
 from pipeline.brainglobe import find_atlas
 from pipeline.checks import check_outputs
+from pipeline.ngff import read_field
 
 logger = logging.getLogger(__name__)
 
@@ -264,20 +266,35 @@ def _finish(
     if job.warped_labels is not None:
         outputs["warped_labels"] = job.warped_labels
     figures = dict(qc_record.figures) if qc_record is not None else {}
+    if register_seconds is not None:
+        metrics = {**metrics, "register_seconds": round(float(register_seconds), 1)}
     if atlas is not None and job.atlas is not None:
         outputs.update({role: p for role, p in atlas.paths.items() if not role.startswith("qc_")})
         figures.update({role[3:]: p for role, p in atlas.paths.items() if role.startswith("qc_")})
-        metrics = {**metrics, **atlas.figures}
+        metrics = {**metrics, **lengths_in_micrometres(atlas.figures, read_field(job.field)[1].unit)}
         summary = job_summary(find_atlas(job.atlas).name, atlas.figures, atlas.paths, seconds, register_seconds)
         outputs.update(write_job_summary(job.out_dir, {**summary, "warnings": []}, atlas.paths))
     metrics_path = job.out_dir / "metrics.json"
     metrics_path.write_text(json.dumps(metrics, indent=1, sort_keys=True))
     outputs["metrics"] = metrics_path
     result = ItemResult(
-        name=job.name, out_dir=job.out_dir, outputs=outputs, qc=figures, metrics=metrics, seconds=seconds
-    )
+        name=job.name, out_dir=job.out_dir, outputs=outputs, qc=figures, metrics=metrics, seconds=seconds,
+        source=str(job.fixed.path),
+    )  # fmt: skip
     write_done(job.out_dir, result, key)
     return result
+
+
+LENGTH_FIGURES = ("inverse_max_error", "inverse_mean_error")
+"""An atlas item's figures that are lengths in its field's unit (micrometres for one brain, millimetres for another)."""
+
+
+def lengths_in_micrometres(figures: dict[str, Any], unit: str) -> dict[str, Any]:
+    """``figures`` with every length of :data:`LENGTH_FIGURES` (in ``unit``) in micrometres, its name ending in
+    ``_um``, so that a batch's table compares items of different units."""
+    out = {k: v for k, v in figures.items() if k not in LENGTH_FIGURES}
+    out.update({f"{k}_um": float(figures[k]) * unit_scale(unit, "micrometer") for k in LENGTH_FIGURES if k in figures})
+    return out
 
 
 def missing_inputs(jobs: Sequence[ItemJob]) -> tuple[list[ItemJob], list[ItemError]]:
