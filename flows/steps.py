@@ -329,6 +329,12 @@ def split_finished(jobs: Sequence[ItemJob], options: StepOptions) -> tuple[list[
             logger.info("item %s: outputs exist and match their inputs, skipped", job.name)
             finished.append(earlier)
         else:
+            if (job.out_dir / DONE_FILE).is_file() and not options.overwrite:
+                logger.warning(
+                    "item %s: its inputs or settings changed since it finished: it is made again, and its earlier "
+                    "outputs in %s are replaced",
+                    job.name, job.out_dir,
+                )  # fmt: skip
             todo.append(job)
     return finished, todo
 

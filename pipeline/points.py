@@ -155,15 +155,12 @@ def read_points(path: str | Path, space: Space = "brain", cells_only: bool = Tru
     marker when not ``cells_only``).
 
     Raises:
-        InputError: a missing or unreadable file, no voxel columns, or no points.
+        InputError: a missing or unreadable file, or no voxel columns (a file without points gives none).
     """
     path = Path(path)
     if not path.is_file():
         raise InputError(f"points file {path} does not exist: check the path.")
-    points = _xml_points(path, cells_only) if path.suffix.lower() == ".xml" else _csv_points(path, space)
-    if len(points.index) == 0:
-        raise InputError(f"points file {path} holds no points{' classified as cells' if cells_only else ''}.")
-    return points
+    return _xml_points(path, cells_only) if path.suffix.lower() == ".xml" else _csv_points(path, space)
 
 
 # -- the job's spaces -------------------------------------------------------------------------------------------
@@ -449,6 +446,11 @@ def transform_points(
     """
     job = open_job(job_folder)
     points = read_points(points_file, given_in, cells_only)
+    if len(points.index) == 0:  # an animal without cells: tables without rows, as a cohort's tables need them
+        logger.warning("%s holds no points%s: the tables have no rows", points_file, " classified as cells" * cells_only)
+        empty = np.zeros((0, 3))
+        mapped = MappedPoints(empty, empty, np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
+        return write_point_tables(out, points, mapped, job), mapped
     check_column_order(job, points.index, given_in, points_file)
     mapped = map_points(job, points.index, given_in, points_file)
     outside = int(np.count_nonzero(mapped.structure_ids == 0))

@@ -109,8 +109,11 @@ def test_rerun_skips_finished_items(batch: dict[str, Path]) -> None:
 
 
 @pytest.mark.usefixtures("prefect_server")
-def test_changed_input_is_recomputed(batch: dict[str, Path], flow_data: dict[str, Path], tmp_path: Path) -> None:
-    """An item whose input changed (here: its voxel size) is recomputed, the others are still skipped."""
+def test_changed_input_is_recomputed(
+    batch: dict[str, Path], flow_data: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An item whose input changed (here: its voxel size) is recomputed, with a warning that its earlier outputs
+    are replaced; the others are still skipped."""
     if not (batch["out"] / "stp" / "done.json").is_file():
         pytest.skip("needs the first run of this module")
     entries = yaml.safe_load(batch["manifest"].read_text())
@@ -119,10 +122,13 @@ def test_changed_input_is_recomputed(batch: dict[str, Path], flow_data: dict[str
     manifest = batch["manifest"].with_name("manifest_changed.yaml")
     manifest.write_text(yaml.safe_dump(entries))
 
-    report, state = _run(batch, manifest)
+    with caplog.at_level("WARNING", logger="flows.steps"):
+        report, state = _run(batch, manifest)
 
     assert sorted((r.name, r.status) for r in report.results) == [("stp", "done"), ("template", "skipped")]
     assert report.errors == [] and state == "Completed"
+    assert "item stp: its inputs or settings changed since it finished" in caplog.text
+    assert "item template: its inputs" not in caplog.text
 
 
 @pytest.mark.usefixtures("prefect_server")

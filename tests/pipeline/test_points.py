@@ -155,3 +155,17 @@ def test_columns_in_another_order_that_stay_inside_the_voxels_are_refused(
             text = " ".join(result.output.split())
             assert "when read as axes 0, 1, 2 = column 3, column 2, column 1" in text, text
             assert not (tmp_path / name).exists()
+
+
+def test_a_file_without_cells_gives_tables_without_rows(cells: dict, tmp_path: Path) -> None:
+    """An animal in which no cell was detected: its tables exist, with their columns and no rows (a cohort's
+    tables are made from every animal's)."""
+    empty = tmp_path / "none.csv"
+    empty.write_text("z,y,x,cell\n")
+    result = CliRunner().invoke(app, ["points", str(empty), "--job", str(cells["job"]), "-o", str(tmp_path / "o")])
+    assert result.exit_code == 0, result.output
+    assert "0 points" in result.output
+    with (tmp_path / "o" / "all_points.csv").open() as handle:
+        assert list(csv.reader(handle)) == [[*POINT_COLUMNS, "cell"]]
+    with (tmp_path / "o" / "summary.csv").open() as handle:
+        assert list(csv.reader(handle)) == [list(SUMMARY_COLUMNS)]
