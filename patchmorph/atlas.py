@@ -236,3 +236,23 @@ def export_brainreg(
 
     written = export(job, out, overwrite=overwrite)
     typer.echo(f"wrote brainreg folder {written}")
+
+
+@command
+def cohort(
+    jobs: Annotated[
+        list[Path],
+        typer.Argument(
+            metavar="JOB...",
+            help="The animals' job folders ('patchmorph atlas' output folders or a batch's item folders), one atlas.",
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for volumes.csv and volumes_wide.csv (created).")],
+) -> None:
+    """Region volumes of several animals in one table: every structure with the structures below it in the atlas's
+    hierarchy (and its own voxels), per animal and side (volumes.csv), and the totals as one column per animal
+    (volumes_wide.csv)."""
+    from pipeline.cohort import cohort_tables
+
+    for role, path in cohort_tables(jobs, out).items():
+        typer.echo(f"wrote {role}: {path}")

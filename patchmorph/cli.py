@@ -116,7 +116,7 @@ def _register_commands() -> None:
 FAST_EXIT_COMMANDS = frozenset(
     {
         "register", "warp", "convert", "evaluate", "export-field", "import-field", "export-image", "make-atlas",
-        "points", "export-brainreg",
+        "points", "export-brainreg", "cohort",
     }
 )
 """Commands that start no server, flow or process that outlives their body (a Dask cluster they start is closed

@@ -1,0 +1,77 @@
+"""``patchmorph cohort``: two animals' jobs in one table, every structure with the structures below it summed as
+the atlas nests them, its own voxels as the job counted them; refusals before anything is written."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from patchmorph.cli import EXIT_INPUT, app
+from pipeline.atlas import read_volume_table
+from pipeline.points import open_job
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.fixture(scope="module")
+def two_animals(atlas_job: dict, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The session's job as animal 'a', and a copy of it as animal 'b' whose own volumes are doubled on the left."""
+    root = tmp_path_factory.mktemp("cohort")
+    a = atlas_job["out"]
+    b = root / "b"
+    shutil.copytree(a, b, ignore=shutil.ignore_patterns("*.ome.zarr", "qc", "atlas"))
+    for name in ("brain.ome.zarr", "inverse_field.ome.zarr", "field.ome.zarr", "atlas"):
+        (b / name).symlink_to(a / name)
+    rows = _rows(a / "volumes.csv")
+    with (b / "volumes.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        for row in rows:
+            left = 2 * float(row["left_volume_mm3"])
+            writer.writerow({**row, "left_volume_mm3": f"{left:.6f}",
+                             "total_volume_mm3": f"{left + float(row['right_volume_mm3']):.6f}"})  # fmt: skip
+    return {"a": a, "b": b, "root": root}
+
+
+def test_volumes_include_the_structures_below_and_each_animal_has_its_own(two_animals: dict[str, Path]) -> None:
+    out = two_animals["root"] / "tables"
+    result = CliRunner().invoke(app, ["cohort", str(two_animals["a"]), str(two_animals["b"]), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = _rows(out / "volumes.csv")
+    job = open_job(two_animals["a"])
+    own = read_volume_table(job.volumes)
+    by = {(r["animal"], int(r["structure_id"])): r for r in rows}
+    animal = two_animals["a"].name
+    # a parent holds its own voxels and every descendant's (the Allen atlas: isocortex 315, cerebellum 512)
+    for parent in (315, 512, 997):
+        below = [s for s in own if parent in job.structures[s].path]
+        expected = sum(own[s].total_mm3 for s in below)
+        assert len(below) > 5 and float(by[(animal, parent)]["total_mm3"]) == pytest.approx(expected, abs=1e-3)
+        assert float(by[(animal, parent)]["own_total_mm3"]) == pytest.approx(own[parent].total_mm3 if parent in own else 0.0, abs=1e-5)
+    brain = float(by[(animal, 997)]["total_mm3"])
+    assert brain == pytest.approx(sum(r.total_mm3 for r in own.values()), abs=1e-3)  # the root: the whole brain
+    assert float(by[("b", 997)]["left_mm3"]) == pytest.approx(2 * float(by[(animal, 997)]["left_mm3"]), abs=1e-3)
+    assert float(by[("b", 997)]["right_mm3"]) == pytest.approx(float(by[(animal, 997)]["right_mm3"]), abs=1e-3)
+    wide = {int(r["structure_id"]): r for r in _rows(out / "volumes_wide.csv")}
+    assert float(wide[315][animal]) == pytest.approx(float(by[(animal, 315)]["total_mm3"]), abs=1e-5)
+    assert list(wide[315])[3:] == [animal, "b"]
+
+
+def test_a_cohort_of_bad_folders_is_refused(two_animals: dict[str, Path], tmp_path: Path) -> None:
+    same = tmp_path / "x" / two_animals["b"].name
+    same.parent.mkdir()
+    same.symlink_to(two_animals["b"], target_is_directory=True)
+    for jobs, words in (
+        ([two_animals["b"], same], "two jobs are named 'b'"),
+        ([two_animals["a"], tmp_path], "is not the folder of a finished atlas job"),
+    ):
+        result = CliRunner().invoke(app, ["cohort", *map(str, jobs), "-o", str(tmp_path / "t")])
+        assert result.exit_code == EXIT_INPUT and words in " ".join(result.output.split()), result.output
+        assert not (tmp_path / "t").exists()
