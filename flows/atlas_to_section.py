@@ -27,6 +27,7 @@ from flows.runner import final_state, finish_run, run_on_dask
 from flows.steps import ImageInput, ItemJob
 from patchmorph_core.errors import InputError
 from pipeline.atlas import PreparedAtlas, prepare_atlas
+from pipeline.atlas_job import channel_names
 from pipeline.brainglobe import BrainGlobeAtlas, find_atlas
 from pipeline.checks import check_outputs
 
@@ -99,6 +100,10 @@ def atlas_jobs(
             )
             own = prepared[entry.brain_geometry]
             moving, atlas_folder = ImageInput(path=own.reference, converted=own.reference), own.reference.parent
+        channels = {
+            name: ImageInput(path=path, geometry=geometry, converted=item_dir / f"{name}.ome.zarr")
+            for name, path in channel_names(list(entry.channels)).items()
+        }
         jobs.append(
             ItemJob(
                 name=entry.name,
@@ -110,6 +115,7 @@ def atlas_jobs(
                 atlas=None if prepared is None else str(prepared[entry.brain_geometry].atlas.folder),
                 atlas_dir=atlas_folder,
                 brain_geometry=entry.brain_geometry,
+                channels=channels if prepared is not None else {},
             )
         )
     return jobs, errors

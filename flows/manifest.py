@@ -1,7 +1,8 @@
 """The manifest of the atlas-to-section flow: which brains or sections to align, with their geometry.
 
 A manifest is a YAML file (a list of items, or a mapping with an ``items`` list) or a CSV file (one
-row per item; columns ``path``, ``name``, ``voxel_size``, ``unit``, ``orientation``, ``labels``; the
+row per item; columns ``path``, ``name``, ``voxel_size``, ``unit``, ``orientation``, ``labels``, ``brain_geometry``,
+``channels`` (paths separated by ``;``); the
 voxel size is three numbers ``z y x`` separated by spaces, ``x`` or ``;``). Relative paths are taken
 from the manifest's folder. Example (YAML)::
 
@@ -53,6 +54,9 @@ class ManifestItem(Geometry):
             is reported.
         brain_geometry: ``full``, or ``hemisphere_l`` / ``hemisphere_r`` for one imaged hemisphere (with a
             BrainGlobe atlas: its other hemisphere is left out, :func:`pipeline.atlas.prepare_atlas`).
+        channels: extra channels imaged with the brain (same shape and geometry; in a CSV one cell, paths
+            separated by ``;``): with a BrainGlobe atlas each is written in atlas space with its
+            ``<channel>_signal.csv``, as ``patchmorph atlas --channel`` does.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -61,6 +65,7 @@ class ManifestItem(Geometry):
     path: Path
     labels: Path | None = None
     brain_geometry: BrainGeometry = "full"
+    channels: tuple[Path, ...] = ()
 
     @field_validator("name")
     @classmethod
@@ -136,6 +141,10 @@ def _item_from_row(row: dict[str, Any], folder: Path, index: int) -> ManifestIte
     entry["path"] = folder / str(raw_path)
     if entry.get("labels"):
         entry["labels"] = folder / str(entry["labels"])
+    if isinstance(entry.get("channels"), str):  # a CSV cell: paths separated by ';'
+        entry["channels"] = [c.strip() for c in entry["channels"].split(";") if c.strip()]
+    if isinstance(entry.get("channels"), list):
+        entry["channels"] = [folder / str(c) for c in entry["channels"]]
     if "voxel_size" in entry:
         entry["voxel_size"] = _parse_voxel_size(entry["voxel_size"])
     try:

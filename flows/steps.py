@@ -110,6 +110,7 @@ class ItemJob(BaseModel):
     atlas: str | None = None
     atlas_dir: Path | None = None
     brain_geometry: BrainGeometry = "full"
+    channels: dict[str, ImageInput] = {}
 
     @property
     def field(self) -> Path:
@@ -146,6 +147,7 @@ class ItemJob(BaseModel):
             roles["fixed_labels"] = self.fixed_labels
         if self.moving_labels:
             roles["moving_labels"] = self.moving_labels
+        roles.update({f"channel_{name}": image for name, image in self.channels.items()})
         return roles
 
     def key(self, options: StepOptions) -> str:
@@ -455,5 +457,6 @@ def _submit_atlas(job: ItemJob, atlas: Task[..., Any], options: StepOptions) -> 
             options.qc,
             options.label_interpolation,
             job.brain_geometry,
+            {name: image.ready for name, image in job.channels.items()},
         )
     }

@@ -170,11 +170,12 @@ def atlas_outputs_task(
     with_qc: bool,
     label_interpolation: LabelInterpolation = "vote",
     brain_geometry: BrainGeometry = "full",
+    channels: dict[str, Path] | None = None,
 ) -> AtlasOutputs:
     """:func:`pipeline.atlas.atlas_item_outputs`: labels on the brain (by ``label_interpolation``), the brain in
     atlas space, the inverse field, volumes.csv and the atlas QC figures of one item (its atlas prepared for its
-    ``brain_geometry``)."""
+    ``brain_geometry``), and each of its ``channels`` in atlas space with its signal table."""
     return run_isolated(
         atlas_item_outputs, brain, field, atlas, atlas_dir, out_dir, scheduler=scheduler, qc=with_qc,
-        label_interpolation=label_interpolation, brain_geometry=brain_geometry,
+        label_interpolation=label_interpolation, brain_geometry=brain_geometry, channels=channels,
     )  # fmt: skip

@@ -629,10 +629,11 @@ def atlas_item_outputs(
     qc: bool = True,
     label_interpolation: LabelInterpolation = "vote",
     brain_geometry: BrainGeometry = "full",
+    channels: Mapping[str, Path] | None = None,
 ) -> AtlasOutputs:
     """:func:`atlas_outputs`, its QC figures and :func:`atlas_figures` for one item of a batch (the
     ``atlas-to-section`` flow): the atlas (name or folder) is the one prepared in ``atlas_dir`` for
-    ``brain_geometry``.
+    ``brain_geometry``; ``channels`` (OME-Zarr on the brain's grid, by name) go into atlas space too.
 
     Returns:
         The outputs by role (QC figures as ``qc_<kind>``) and the figures.
@@ -641,7 +642,9 @@ def atlas_item_outputs(
     from pipeline.qc import atlas_qc
 
     prepared = prepare_atlas(find_atlas(atlas), atlas_dir, brain_geometry)
-    outputs = atlas_outputs(brain, field, prepared, out, scheduler=scheduler, label_interpolation=label_interpolation)
+    outputs = atlas_outputs(
+        brain, field, prepared, out, channels=channels, scheduler=scheduler, label_interpolation=label_interpolation
+    )
     paths = dict(outputs.paths)
     if qc:
         paths.update(

@@ -419,7 +419,7 @@ def fine_tune(
 
 
 # -- the job ---------------------------------------------------------------------------------------------------------
-def _channel_names(channels: Sequence[Path]) -> dict[str, Path]:
+def channel_names(channels: Sequence[Path]) -> dict[str, Path]:
     """A unique, file-system-safe name per extra channel (from its file name)."""
     names: dict[str, Path] = {}
     for path in channels:
@@ -559,7 +559,7 @@ def _run_atlas_job(
     if restart or not (out / SETTINGS_FILE).is_file():
         record_job_settings(out, settings, field_finished=False)
     brain_zarr = convert_input(brain, out / "brain.ome.zarr", downsample=config.brain_downsample, **geometry)
-    named = _channel_names(channel_paths)
+    named = channel_names(channel_paths)
     channel_zarrs = {
         name: convert_input(path, out / f"{name}.ome.zarr", downsample=config.brain_downsample, **geometry)
         for name, path in named.items()

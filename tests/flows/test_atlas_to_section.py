@@ -153,7 +153,7 @@ def test_brainglobe_atlas_gives_each_item_the_atlas_jobs_outputs(
     manifest.write_text(
         yaml.safe_dump(
             [
-                {"name": "stp", "path": str(flow_data["brain_tif"]), **geometry},
+                {"name": "stp", "path": str(flow_data["brain_tif"]), "channels": [str(flow_data["brain_tif"])], **geometry},
                 {"name": "left", "path": str(tmp_path / "left.tif"), "brain_geometry": "hemisphere_l", **geometry},
             ]
         )
@@ -187,6 +187,11 @@ def test_brainglobe_atlas_gives_each_item_the_atlas_jobs_outputs(
     assert {"overlay", "atlas_space", "jacobian"} <= set(result.qc)
     assert all(p.stat().st_size > 5000 for p in result.qc.values())
     assert result.metrics["ncc_in_atlas_space"] > 0.5 and result.metrics["n_structures"] > 400
+    # its extra channel (the sample itself) in atlas space, and its signal per structure
+    channel = flow_data["brain_tif"].name.split(".")[0]
+    assert read_image(result.outputs[f"{channel}_in_atlas_space"]).grid.shape == (132, 80, 114)
+    signal = list(csv.DictReader(result.outputs[f"{channel}_signal"].open()))
+    assert len(signal) > 400 and float(signal[0]["total_integral_mm3"]) != 0.0
     # lengths in one unit whatever the item's, its own registration time, and where it came from
     assert "inverse_max_error" not in result.metrics and 0 < result.metrics["inverse_max_error_um"] < 1000
     assert result.metrics["register_seconds"] > 0 and result.source == str(flow_data["brain_tif"])

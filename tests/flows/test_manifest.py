@@ -45,6 +45,18 @@ def test_csv_manifest(tmp_path: Path) -> None:
     assert isinstance(items[2], ManifestProblem) and "orientation" in items[2].message
 
 
+def test_channels_and_brain_geometry_of_an_item(tmp_path: Path) -> None:
+    """Extra channels (a YAML list, or one CSV cell separated by ';') resolve against the manifest's folder."""
+    (tmp_path / "m.csv").write_text("path,channels,brain_geometry\nb1.tif,c1.tif; /data/c2.tif,hemisphere_r\n")
+    (tmp_path / "m.yaml").write_text("- {path: b1.tif, channels: [c1.tif, /data/c2.tif], brain_geometry: hemisphere_r}\n")
+    for name in ("m.csv", "m.yaml"):
+        item = load_manifest(tmp_path / name)[0]
+        assert isinstance(item, ManifestItem), item
+        assert item.channels == (tmp_path / "c1.tif", Path("/data/c2.tif")) and item.brain_geometry == "hemisphere_r"
+    (tmp_path / "bad.yaml").write_text("- {path: b1.tif, brain_geometry: hemisphere_x}\n")
+    assert isinstance(load_manifest(tmp_path / "bad.yaml")[0], ManifestProblem)
+
+
 @pytest.mark.parametrize("text", ["{a: 1}", "- just a string", "[: bad yaml"])
 def test_structurally_broken_manifest_fails_fast(tmp_path: Path, text: str) -> None:
     (tmp_path / "m.yaml").write_text(text)
