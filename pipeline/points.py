@@ -220,7 +220,16 @@ def open_job(folder: str | Path) -> JobSpaces:
         raise InputError(
             f"{folder} holds no atlas outputs (no inverse_field.ome.zarr): give an item registered to a BrainGlobe atlas."
         )
-    atlas_dir = Path(read_field(folder / "inverse_field.ome.zarr")[2]["fixed"]).parent
+    # a job's own atlas images, else those a batch item's inverse field was made on: where they were, or beside the
+    # item in the batch's folder (a job or a batch moved elsewhere as a whole)
+    recorded = Path(read_field(folder / "inverse_field.ome.zarr")[2]["fixed"]).parent
+    candidates = [folder / "atlas", recorded, folder.parent / recorded.name]
+    atlas_dir = next((c for c in candidates if (c / "atlas.json").is_file()), recorded)
+    if not (atlas_dir / "atlas.json").is_file():
+        raise InputError(
+            f"the atlas images that the job in {folder} was registered to ({atlas_dir}) are gone: put the batch's "
+            "atlas folder back where it was."
+        )
     described = json.loads((atlas_dir / "atlas.json").read_text())
     record = json.loads((folder / JOB_RECORD).read_text()) if (folder / JOB_RECORD).is_file() else {}
     channels = {

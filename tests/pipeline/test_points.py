@@ -169,3 +169,20 @@ def test_a_file_without_cells_gives_tables_without_rows(cells: dict, tmp_path: P
         assert list(csv.reader(handle)) == [[*POINT_COLUMNS, "cell"]]
     with (tmp_path / "o" / "summary.csv").open() as handle:
         assert list(csv.reader(handle)) == [list(SUMMARY_COLUMNS)]
+
+
+def test_a_moved_job_folder_is_still_a_job(cells: dict, tmp_path: Path) -> None:
+    """The whole job folder moved elsewhere (its records hold absolute paths): points still map through it."""
+    import shutil
+
+    moved = tmp_path / "moved"
+    shutil.copytree(cells["job"], moved)
+    away = cells["job"].with_name(cells["job"].name + ".away")
+    cells["job"].rename(away)  # the job is no longer where it was made
+    try:
+        args = ["points", str(cells["folder"] / "cells.csv"), "--job", str(moved), "-o", str(tmp_path / "o")]
+        result = CliRunner().invoke(app, args)
+    finally:
+        away.rename(cells["job"])
+    assert result.exit_code == 0, result.output
+    assert _table(tmp_path / "o" / "all_points.csv") == _table(cells["mapped"] / "all_points.csv")
