@@ -40,7 +40,7 @@ from patchmorph_core.errors import InputError
 from patchmorph_core.orientation import OrientationCheck, check_orientation
 from patchmorph_core.sampling import coarse_level, intensity_range, normalize, tissue_bounds
 from patchmorph_core.source import MultiscaleImage
-from patchmorph_core.spatial import orientation_code, orientation_matrix, read_box
+from patchmorph_core.spatial import RIGHTWARD, orientation_code, orientation_matrix, read_box
 from pipeline.integrity import check_stored
 
 PathLike = str | Path
@@ -302,7 +302,8 @@ HEMISPHERE_HINT = "; one hemisphere onto a whole atlas: patchmorph atlas --brain
 def _one_hemisphere(shape: np.ndarray) -> bool:
     """Whether fixed / moving tissue extents per world axis (``(3,)``, superior, anterior, right) look like one
     hemisphere against a whole brain: about half along left-right, about alike along the other two."""
-    return bool(0.35 <= shape[2] <= 0.7 and np.all((shape[:2] >= 0.8) & (shape[:2] <= 1.25)))
+    others = np.delete(shape, RIGHTWARD)
+    return bool(0.35 <= shape[RIGHTWARD] <= 0.7 and np.all((others >= 0.8) & (others <= 1.25)))
 
 
 def _extent_check(
