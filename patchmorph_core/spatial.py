@@ -361,10 +361,11 @@ class Grid:
         atol = tolerance * float(min(self.spacing.min(), other.spacing.min()))
         return self.shape == other.shape and np.allclose(self.affine, other.affine, atol=atol)
 
-    def holds_index(self, index: np.ndarray) -> np.ndarray:
+    def holds_index(self, index: np.ndarray, margin: float = 0.0) -> np.ndarray:
         """``(N,)`` bool: whether each of ``(N, 3)`` fractional indices lies within the grid's voxels (voxel ``k``
-        spans ``k ± 0.5`` along each axis)."""
-        return np.all((index >= -0.5) & (index <= np.asarray(self.shape) - 0.5), axis=1)
+        spans ``k ± 0.5`` along each axis), at least ``margin`` voxels in from their outer faces."""
+        low, high = -0.5 + margin, np.asarray(self.shape) - 0.5 - margin
+        return np.all((index >= low) & (index <= high), axis=1)
 
     def with_axis_scale(self, scale: Sequence[float]) -> Grid:
         """This grid with array axis ``k``'s voxel size multiplied by ``scale[k]`` (``(z, y, x)``); voxel 0's world

@@ -468,8 +468,7 @@ def inverse_residual(forward: Any, inverse_field: Path, grid: Grid) -> dict[str,
         points = grid.index_to_world(centres)
         w = sampler(points)
         residuals.append(np.linalg.norm(w + forward(points + w), axis=-1))
-        index = forward.grid.world_to_index(points + w)
-        inside.append(np.all((index >= 1.0) & (index <= np.asarray(forward.grid.shape) - 2.0), axis=1))
+        inside.append(forward.grid.holds_index(forward.grid.world_to_index(points + w), margin=1.5))
     residual, within = np.concatenate(residuals), np.concatenate(inside)
     norm = residual[within]
     return {

@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from patchmorph_core.config import InferenceConfig, LossConfig
 from patchmorph_core.errors import InputError
-from patchmorph_core.spatial import parse_length, unit_scale
+from patchmorph_core.spatial import Grid, parse_length, unit_scale
 from patchmorph_core.warping import LabelInterpolation
 from pipeline.atlas import (
     BrainGeometry,
@@ -176,11 +176,9 @@ def convert_input(
     if downsample == 1:
         convert(source, target, voxel_size=voxel_size, unit=unit, orientation=orientation, overwrite=True)
     else:
-        from patchmorph_core.source import downsampled_grid
         from pipeline.ngff import write_image
 
         array, grid, kind = open_input(source, voxel_size, unit, orientation)
-        factors = (downsample,) * 3
         small = da.coarsen(
             np.mean, array.astype(np.float32), dict.fromkeys(range(3), downsample), trim_excess=True
         )
@@ -193,13 +191,23 @@ def convert_input(
         write_image(
             target,
             small,
-            downsampled_grid(grid, factors, small.shape),
+            _downsampled(grid, array.shape, downsample),
             name=target.name.split(".")[0],
             overwrite=True,
             extra_attrs=extra,
         )
     record.write_text(json.dumps({"key": key, "data_key": data_key}))
     return target
+
+
+def _downsampled(grid: Grid, shape: Sequence[int], downsample: int) -> Grid:
+    """The grid of a ``shape`` image on ``grid`` block-averaged by ``downsample`` (incomplete blocks trimmed), as
+    :func:`convert_input` writes it."""
+    from patchmorph_core.source import downsampled_grid
+
+    if downsample == 1:
+        return grid
+    return downsampled_grid(grid, (downsample,) * 3, [n // downsample for n in shape])
 
 
 def regeometry(
@@ -213,13 +221,11 @@ def regeometry(
     """Give ``target``, converted from ``source`` with other geometry options, the grid these options give
     (:func:`pipeline.ngff.regrid_image`; the voxels are the same). False when it cannot (another shape, labels
     already on it): the caller converts again."""
-    from patchmorph_core.source import downsampled_grid
     from pipeline.importers import open_input, orientation_source
     from pipeline.ngff import read_image, regrid_image
 
     array, grid, kind = open_input(source, voxel_size, unit, orientation)
-    if downsample > 1:
-        grid = downsampled_grid(grid, (downsample,) * 3, [n // downsample for n in array.shape])
+    grid = _downsampled(grid, array.shape, downsample)
     if tuple(read_image(target).grid.shape) != tuple(grid.shape) or (target / "labels").exists():
         return False
     extra = {"orientation": orientation, "orientation_source": orientation_source(source, kind, orientation)}
@@ -272,10 +278,9 @@ def check_job_settings(out: Path, settings: Mapping[str, Any]) -> bool:
         InputError: ``out`` holds a finished registration made from other inputs or settings (the sentence
             names them: it and its outputs would be kept).
     """
-    path = out / SETTINGS_FILE
-    if not path.is_file():  # a new or empty folder (check_output_folder)
+    recorded = recorded_job_settings(out)
+    if not recorded:  # a new or empty folder (check_output_folder)
         return False
-    recorded = json.loads(path.read_text())
     differ = _differences(recorded["made_from"], as_recorded(settings))
     spacing = settings.get("inference", {}).get("field_spacing")
     if differ == ["inference.field_spacing"] and recorded["field_finished"] and _spacing_used(out, spacing):
@@ -321,10 +326,10 @@ def record_job_settings(
     atomic_write_json(out / SETTINGS_FILE, record)
 
 
-def recorded_register_seconds(out: Path) -> float | None:
-    """The registration's wall time in s as the run that made it recorded it (None: not recorded)."""
+def recorded_job_settings(out: Path) -> dict[str, Any]:
+    """What :func:`record_job_settings` recorded in ``out`` (empty when nothing is recorded there)."""
     path = out / SETTINGS_FILE
-    return json.loads(path.read_text()).get("register_seconds") if path.is_file() else None
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def check_output_folder(out: Path, inputs: Sequence[Path]) -> None:
@@ -571,7 +576,8 @@ def _run_atlas_job(
         inference = inference.model_copy(update={"weights": str(weights)})
     field = out / "field.ome.zarr"
     with job_scheduler(cluster) as address:
-        registration, register_seconds = None, recorded_register_seconds(out)
+        recorded = recorded_job_settings(out)
+        registration, register_seconds = None, recorded.get("register_seconds")
         if restart or not _finished_field(field):
             registration = register_files(
                 brain_zarr, prepared.reference, field, inference, scheduler=address,
@@ -579,7 +585,7 @@ def _run_atlas_job(
                 checks=config.checks, names={"fixed": str(brain), "moving": f"{found.name}'s reference"},
             )  # fmt: skip
             register_seconds = registration.seconds
-        if registration is not None or not json.loads((out / SETTINGS_FILE).read_text())["field_finished"]:
+        if registration is not None or not recorded.get("field_finished"):
             # a field made now is made from these settings; a finished one keeps the record of those it was made
             # from (a rerun that typed its field spacing out is the same job, and the command as first given too)
             record_job_settings(out, settings, field_finished=True, register_seconds=register_seconds)

@@ -246,9 +246,9 @@ def _extents_with_reversed_voxels(image: MultiscaleImage, extent: np.ndarray) ->
     the reverse order (``x, y, z`` given for ``z, y, x``); None when its axes are oblique or its voxels nearly
     cubic (a reversal changes nothing)."""
     direction, spacing = image.grid.direction, image.grid.spacing
-    permutation = np.abs(np.rint(direction))
-    if not np.allclose(np.abs(direction), permutation, atol=1e-6) or spacing.max() / spacing.min() < ANISOTROPIC:
+    if orientation_code(direction) is None or spacing.max() / spacing.min() < ANISOTROPIC:
         return None
+    permutation = np.abs(np.rint(direction))
     voxels = (permutation.T @ extent) / spacing  # tissue extent in voxels along each array axis
     return permutation @ (voxels * spacing[::-1])
 

@@ -212,8 +212,7 @@ def regrid_image(path: str | Path, grid: Grid, extra_attrs: Mapping[str, Any]) -
         raise ValueError(f"{path}: cannot regrid a {old[0].shape} image with labels to {grid.shape}")
     grids = [grid]
     for level in old[1:]:
-        factors = np.rint(np.linalg.norm(level.linear, axis=0) / np.linalg.norm(old[0].linear, axis=0))
-        grids.append(downsampled_grid(grid, factors.astype(int), level.shape))
+        grids.append(downsampled_grid(grid, np.rint(level.spacing / old[0].spacing).astype(int), level.shape))
     attrs = dict(group.attrs)
     meta = {**attrs["patchmorph"], **extra_attrs, WRITE_ID: uuid.uuid4().hex}
     group.attrs.update(

@@ -84,6 +84,8 @@ CELLFINDER_CELL_TYPE = 2
 
 BLOCK = 64
 """Edge (voxels) of the blocks in which fields and labels are read around the points."""
+ORDER_HINT = "columns in x, y, z order are the usual cause (for a NIfTI brain: nibabel's i, j, k, which are axes 2, 1, 0)"
+"""The usual cause of points in the wrong place, as the refusals name it."""
 ORDER_SHARE = 0.9
 """A column order that puts at least this share of the points inside the atlas's labels ..."""
 ORDER_MARGIN = 0.1
@@ -222,9 +224,10 @@ def open_job(folder: str | Path) -> JobSpaces:
         )
     # a job's own atlas images, else those a batch item's inverse field was made on: where they were, or beside the
     # item in the batch's folder (a job or a batch moved elsewhere as a whole)
-    recorded = Path(read_field(folder / "inverse_field.ome.zarr")[2]["fixed"]).parent
-    candidates = [folder / "atlas", recorded, folder.parent / recorded.name]
-    atlas_dir = next((c for c in candidates if (c / "atlas.json").is_file()), recorded)
+    atlas_dir = folder / "atlas"
+    if not (atlas_dir / "atlas.json").is_file():
+        recorded = Path(read_field(folder / "inverse_field.ome.zarr")[2]["fixed"]).parent
+        atlas_dir = next((c for c in (recorded, folder.parent / recorded.name) if (c / "atlas.json").is_file()), recorded)
     if not (atlas_dir / "atlas.json").is_file():
         raise InputError(
             f"the atlas images that the job in {folder} was registered to ({atlas_dir}) are gone: put the batch's "
@@ -305,8 +308,7 @@ def _check_inside(index: np.ndarray, grid: Grid, what: str, path: str | Path) ->
         raise InputError(
             f"points file {path}: point {row + 1} ({', '.join(f'{v:g}' for v in index[row])}) lies outside the "
             f"{what}'s {' × '.join(map(str, grid.shape))} voxels ({int(outside.sum())} of {len(index)} do): give "
-            f"voxel indices of the {what} in its array order, axis 0 first (the planes of a stack); columns in x, y, "
-            "z order are the usual cause (for a NIfTI brain: nibabel's i, j, k, which are axes 2, 1, 0)."
+            f"voxel indices of the {what} in its array order, axis 0 first (the planes of a stack); {ORDER_HINT}."
         )
 
 
@@ -347,8 +349,7 @@ def check_column_order(job: JobSpaces, index: np.ndarray, given_in: Space, path:
         raise InputError(
             f"points file {path}: {given:.0%} of its points fall inside the atlas's labels in the {given_in} as the "
             f"columns are given, {best:.0%} when read as axes 0, 1, 2 = {columns}: give voxel indices of the "
-            f"{given_in} in its array order, axis 0 first (columns in x, y, z order are the usual cause; for a NIfTI "
-            "brain: nibabel's i, j, k, which are axes 2, 1, 0)."
+            f"{given_in} in its array order, axis 0 first ({ORDER_HINT})."
         )
 
 
