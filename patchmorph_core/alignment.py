@@ -16,8 +16,8 @@ on the initialisation):
   does not assume the two contrasts are related, unlike the global NCC (Pearson) it replaced, which takes
   whatever intensity mapping correlates best (the comparison: ``docs/decisions.md``). Levels and steps:
   ``E/20, E/32`` with 60 + 30 steps by default; a third level ``E/48`` with 30 steps (the atlas job's
-  default, :data:`FINE_LEVELS`) makes the fit depend far less on how the brain lies in its grid, for about
-  a third more time of a pair's command (``docs/decisions.md``);
+  default, :data:`FINE_LEVELS`) makes the fit depend far less on how the brain lies in its grid, at a cost
+  in time that ``docs/decisions.md`` measures;
 * only the pyramid level matching each spacing is read (a few hundred thousand voxels at most), so the cost
   does not grow with the image size;
 * safeguard: if the fitted affine does not improve the objective over the start, or its determinant leaves
