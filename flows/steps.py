@@ -272,6 +272,7 @@ def _finish(
         metrics = {**metrics, "register_seconds": round(float(register_seconds), 1)}
     if atlas is not None and job.atlas is not None:
         outputs.update({role: p for role, p in atlas.paths.items() if not role.startswith("qc_")})
+        outputs.update({f"channel_{name}": image.ready for name, image in job.channels.items()})
         figures.update({role[3:]: p for role, p in atlas.paths.items() if role.startswith("qc_")})
         metrics = {**metrics, **lengths_in_micrometres(atlas.figures, read_field(job.field)[1].unit)}
         summary = job_summary(find_atlas(job.atlas).name, atlas.figures, atlas.paths, seconds, register_seconds)

@@ -181,7 +181,7 @@ class JobSpaces:
         volumes: the job's ``volumes.csv``.
         atlas: the BrainGlobe atlas the job used; atlas_dir: the folder of its prepared images.
         brain_geometry: the part of the brain the job registered (``full``, ``hemisphere_l``, ``hemisphere_r``).
-        channels: the job's extra channels' converted copies by name (none for a batch item).
+        channels: the job's extra channels' converted copies by name.
     """
 
     brain_grid: Grid
@@ -198,6 +198,16 @@ class JobSpaces:
     atlas_dir: Path
     brain_geometry: str
     channels: Mapping[str, Path]
+
+
+def _recorded_outputs(folder: Path) -> dict[str, str]:
+    """The outputs by role that a finished job's record lists: ``patchmorph atlas``'s ``atlas_job.json``, else a
+    batch item's completion record."""
+    from pipeline.atlas_job import JOB_RECORD
+
+    if (folder / JOB_RECORD).is_file():
+        return dict(json.loads((folder / JOB_RECORD).read_text()).get("outputs", {}))
+    return dict(json.loads((folder / ITEM_RECORD).read_text()).get("result", {}).get("outputs", {}))
 
 
 def open_job(folder: str | Path) -> JobSpaces:
@@ -234,9 +244,11 @@ def open_job(folder: str | Path) -> JobSpaces:
             "atlas folder back where it was."
         )
     described = json.loads((atlas_dir / "atlas.json").read_text())
-    record = json.loads((folder / JOB_RECORD).read_text()) if (folder / JOB_RECORD).is_file() else {}
+    # each channel's converted copy where it was written, else in the job's folder (a job moved as a whole)
     channels = {
-        role[len("channel_"):]: Path(path) for role, path in record.get("outputs", {}).items() if role.startswith("channel_")
+        role[len("channel_"):]: next((p for p in (Path(path), folder / Path(path).name) if p.exists()), Path(path))
+        for role, path in _recorded_outputs(folder).items()
+        if role.startswith("channel_")
     }
     brain_path = folder / "brain.ome.zarr"
     brain = read_image(brain_path).grid

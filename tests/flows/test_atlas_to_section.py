@@ -223,3 +223,8 @@ def test_brainglobe_atlas_gives_each_item_the_atlas_jobs_outputs(
     exported = CliRunner().invoke(app, ["export-brainreg", "--job", str(tmp_path / "out" / "left"), "-o", str(tmp_path / "br")])
     assert exported.exit_code == 0, exported.output
     assert json.loads((tmp_path / "br" / "brainreg.json").read_text())["brain_geometry"] == "hemisphere_l"
+    # an item's extra channel goes into brainreg's folder as 'patchmorph atlas --channel' does
+    exported = CliRunner().invoke(app, ["export-brainreg", "--job", str(item), "-o", str(tmp_path / "br_stp")])
+    assert exported.exit_code == 0, exported.output
+    assert (tmp_path / "br_stp" / f"downsampled_{channel}.tiff").is_file()
+    assert (tmp_path / "br_stp" / f"downsampled_standard_{channel}.tiff").is_file()
