@@ -318,9 +318,6 @@ class FieldQuality:
     inverse_residual: dict[str, float]
     unit: str
 
-    def as_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready values."""
-        return dataclasses.asdict(self)
 
 
 def field_quality(

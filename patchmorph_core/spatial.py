@@ -819,11 +819,6 @@ def resample(
     return values.reshape(out_shape).astype(dtype, copy=False)
 
 
-def identity_field(grid: Grid) -> np.ndarray:
-    """``(3, Z, Y, X)`` zero displacement field on ``grid`` (float32)."""
-    return np.zeros((3, *grid.shape), dtype=np.float32)
-
-
 def sample_field(field_array: np.ndarray, grid: Grid, world: np.ndarray) -> np.ndarray:
     """Displacement at world points, linear inside the field grid and constant-extended outside.
 

@@ -24,7 +24,6 @@ do, exit code 2 on the command line, an item error in a flow; nothing has been w
 from __future__ import annotations
 
 import dataclasses
-import errno
 import logging
 import os
 import shutil
@@ -199,11 +198,6 @@ def check_free_space(folder: PathLike, needed_bytes: int, what: str) -> None:
             f"{what} needs up to {format_bytes(needed_bytes)} but {folder} has {format_bytes(free)} free: free "
             "some space or write elsewhere (nothing was written)."
         )
-
-
-def is_disk_full(error: BaseException) -> bool:
-    """True for the operating system's 'no space left' and 'quota exceeded' errors."""
-    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def run_outputs(out: PathLike) -> dict[str, Path]:

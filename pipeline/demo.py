@@ -352,11 +352,3 @@ def read_level0(path: str | Path) -> tuple[np.ndarray, Grid]:
 
     image = read_image(path)
     return np.asarray(image.levels[0].array[...]), image.grid
-
-
-def read_field_array(field: str | Path) -> tuple[np.ndarray, Grid]:
-    """A registration field in memory: ``(3, Z, Y, X)`` float32 and its grid."""
-    from pipeline.ngff import read_field
-
-    array, grid, _ = read_field(field)
-    return np.asarray(array[...], dtype=np.float32), grid

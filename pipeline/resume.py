@@ -263,10 +263,6 @@ class StageRecords:
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.record_path(cid), {"chunk": list(cid), **info})
 
-    def is_complete(self, n_chunks: int) -> bool:
-        """True when all ``n_chunks`` chunks of the stage are recorded."""
-        return len(self.completed()) >= n_chunks
-
     def vouch_for(self, stores: Sequence[Path]) -> bool:
         """Keep the completion records only while the stores they vouch for are the ones they were written
         into: every store at ``stores`` still there with the ``write_id`` recorded when the stage started
