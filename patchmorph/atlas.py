@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from patchmorph.cli import command
+from patchmorph.app import command
 from patchmorph.convert import OrientationOption, UnitOption, VoxelSizeOption, voxel_size_option
 from patchmorph.register import (
     AcceptOrientationOption,

@@ -1,103 +1,18 @@
-"""The ``patchmorph`` command line. Each command lives in a small module of this package that imports the
-heavy layers (torch, Dask, Prefect) only inside the command's body, so ``patchmorph --help`` stays fast.
-
-Every command turns :class:`~patchmorph_core.errors.InputError` into one ``error: ...`` line on stderr and
-exit code 2, before any heavy work starts. Logging is quiet by default (warnings only); ``--verbose``
-shows the INFO log of every step.
+"""The ``patchmorph`` command line: the entry point, which registers every command module's commands on
+:data:`patchmorph.app.app`. Each command lives in a small module of this package that imports the heavy layers
+(torch, Dask, Prefect) only inside the command's body, so ``patchmorph --help`` stays fast.
 """
 
 from __future__ import annotations
 
-import functools
 import gc
 import logging
 import os
 import sys
-from collections.abc import Callable
-from typing import Annotated, Any
 
-import typer
+from patchmorph.app import EXIT_INPUT, EXIT_QUALITY, app
 
-from patchmorph import __version__
-from patchmorph_core.errors import InputError, QualityError
-
-app = typer.Typer(
-    help="PatchMorph: world-space, patch-based deep registration of large brain volumes.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    rich_markup_mode=None,
-)
-
-QUIET_LOGGERS = ("distributed", "dask_jobqueue", "tornado", "asyncio", "httpx", "prefect", "urllib3")
-"""Libraries whose INFO chatter is hidden unless ``--verbose`` is given."""
-
-
-def configure_logging(verbose: bool) -> None:
-    """INFO for this project's modules with ``verbose``, else warnings only; third-party loggers stay at
-    WARNING either way (their INFO lines say nothing a user acts on)."""
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger().setLevel(logging.INFO if verbose else logging.WARNING)
-    for name in QUIET_LOGGERS:
-        logging.getLogger(name).setLevel(logging.WARNING)
-
-
-def _version(value: bool) -> None:
-    if value:
-        typer.echo(f"patchmorph {__version__}")
-        raise typer.Exit()
-
-
-@app.callback()
-def main_options(
-    verbose: Annotated[
-        bool, typer.Option("--verbose", "-v", help="Show the INFO log of every step (default: warnings only).")
-    ] = False,
-    version: Annotated[
-        bool,
-        typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit."),
-    ] = False,
-) -> None:
-    """PatchMorph: world-space, patch-based deep registration of large brain volumes."""
-    configure_logging(verbose)
-
-
-EXIT_INPUT, EXIT_QUALITY, EXIT_SYSTEM = 2, 3, 1
-"""Exit codes: refused input (nothing written), failed quality (written, marked failed), OS error."""
-
-
-def system_error_sentence(err: OSError) -> str:
-    """One sentence for an operating-system error: what failed, on which path, and what to do."""
-    reason = (err.strerror or str(err) or type(err).__name__).rstrip(".")
-    where = f" ({err.filename})" if err.filename else ""
-    return (
-        f"{reason[:1].lower()}{reason[1:]}{where}: fix the cause and rerun the same command; finished chunks "
-        "are kept and the run resumes (nothing unfinished is marked complete)."
-    )
-
-
-def command(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Register ``func`` as a sub-command. Errors the user can act on become one ``error: <sentence>``
-    line and an exit code (:data:`EXIT_INPUT`, :data:`EXIT_QUALITY`, :data:`EXIT_SYSTEM`); with
-    ``--verbose`` the traceback of an operating-system error is logged too."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except InputError as err:
-            typer.echo(f"error: {err}", err=True)
-            sys.exit(EXIT_INPUT)
-        except QualityError as err:
-            typer.echo(f"error: {err}", err=True)
-            sys.exit(EXIT_QUALITY)
-        except OSError as err:
-            logging.getLogger(__name__).info("operating-system error", exc_info=True)
-            typer.echo(f"error: {system_error_sentence(err)}", err=True)
-            sys.exit(EXIT_SYSTEM)
-
-    app.command(name=func.__name__.replace("_", "-"), options_metavar="[OPTIONS]")(wrapper)
-    return func
+__all__ = ["EXIT_INPUT", "EXIT_QUALITY", "app", "main"]
 
 
 def _register_commands() -> None:

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from patchmorph.cli import command
+from patchmorph.app import command
 
 
 def voxel_edge(value: str) -> float:

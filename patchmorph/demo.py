@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from patchmorph.cli import command
+from patchmorph.app import command
 
 CONFIG_PATH: Path = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 """The demo's default settings."""

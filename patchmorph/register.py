@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from patchmorph.cli import command
+from patchmorph.app import command
 from patchmorph_core.errors import InputError, QualityError
 
 ChunkOption = Annotated[

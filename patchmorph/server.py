@@ -41,7 +41,7 @@ from pathlib import Path
 import typer
 
 from flows.settings import LOOPBACK, api_url, offline_environment
-from patchmorph.cli import command
+from patchmorph.app import command
 from patchmorph_core.errors import InputError
 
 logger = logging.getLogger(__name__)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from patchmorph.cli import command
+from patchmorph.app import command
 
 
 @command

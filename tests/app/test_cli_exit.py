@@ -57,3 +57,16 @@ def test_a_file_command_that_succeeds_exits_at_once_with_its_output_complete(tmp
     assert failed.stderr.strip().startswith("error: ") and "does not exist" in failed.stderr
     version = _run_main(["--version"], tmp_path)
     assert version.returncode == 0 and "interpreter teardown ran" in version.stdout
+
+
+COMMAND_MODULES = ("atlas", "convert", "demo", "evaluate", "fields", "register", "server", "train")
+
+
+@pytest.mark.parametrize("module", COMMAND_MODULES)
+def test_each_command_module_imports_on_its_own(module: str) -> None:
+    """A command module imported first, in a fresh interpreter (a script or notebook that uses its options), imports
+    whole: it registers with :mod:`patchmorph.app`, which does not import the other command modules."""
+    done = subprocess.run(
+        [sys.executable, "-c", f"import patchmorph.{module}"], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
