@@ -187,6 +187,28 @@ def orientation_code(direction: np.ndarray, tol: float = 1e-6) -> str | None:
     return code if len({_ANATOMICAL_AXIS[c][0] for c in code}) == 3 else None
 
 
+def axes_between(code_from: str, code_to: str) -> tuple[tuple[int, int, int], tuple[bool, bool, bool]]:
+    """How an array in orientation ``code_from`` becomes one in ``code_to`` by permuting and flipping its axes
+    (no resampling): axis ``k`` of the result is axis ``order[k]`` of the array, reversed where ``flips[k]``.
+
+    Returns:
+        ``(order, flips)``; :func:`reorient_array` applies them.
+    """
+    signed = orientation_matrix(code_to).T @ orientation_matrix(code_from)
+    order = tuple(int(j) for j in np.argmax(np.abs(signed), axis=1))
+    flips = tuple(bool(signed[k, order[k]] < 0) for k in range(3))
+    return (order[0], order[1], order[2]), (flips[0], flips[1], flips[2])
+
+
+def reorient_array(array: np.ndarray, code_from: str, code_to: str) -> np.ndarray:
+    """A view of ``array`` (``(..., Z, Y, X)`` in orientation ``code_from``) with its last three axes permuted
+    and flipped into orientation ``code_to`` (:func:`axes_between`)."""
+    order, flips = axes_between(code_from, code_to)
+    lead = array.ndim - 3
+    moved = np.transpose(array, (*range(lead), *(lead + k for k in order)))
+    return np.flip(moved, axis=tuple(lead + k for k in range(3) if flips[k]))
+
+
 def check_spacing(spacing: Sequence[float], what: str = "voxel size") -> np.ndarray:
     """Validate a ``(z, y, x)`` spacing: three finite positive numbers. Returns it as a float64 array."""
     arr = np.asarray(spacing, dtype=np.float64)

@@ -1,7 +1,9 @@
 """Quality-control figures of a registration, as PNG files (matplotlib, Agg backend).
 
-Four figures, each three orthogonal slices through the centre of the fixed image (``z``, ``y``, ``x``
-planes, drawn with their physical aspect ratio):
+Four figures, each three orthogonal slices through the centre of the fixed image, drawn with their physical
+aspect ratio: when the image's orientation is known, horizontal, coronal and sagittal, each the usual way up
+(:data:`DISPLAY_ORIENTATION`), so that brains stored in different axis orders look alike; else the ``z``, ``y``,
+``x`` planes of its arrays:
 
 * ``overlay``: the fixed image (the sample) with the outline of the warped moving image (the atlas):
   the boundaries between the warped atlas labels when there are labels, else an iso-contour of the
@@ -39,7 +41,15 @@ from skimage.segmentation import find_boundaries  # noqa: E402
 
 from patchmorph_core.metrics import dice_per_label, jacobian_determinant, ncc  # noqa: E402
 from patchmorph_core.source import Level, MultiscaleImage, downsample, downsampled_grid  # noqa: E402
-from patchmorph_core.spatial import AXES, Grid, orientation_code, read_box, resample  # noqa: E402
+from patchmorph_core.spatial import (  # noqa: E402
+    AXES,
+    Grid,
+    axes_between,
+    orientation_code,
+    read_box,
+    reorient_array,
+    resample,
+)
 from pipeline.ngff import read_field, read_image  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -82,6 +92,25 @@ def _aspect(spacing: Sequence[float], axis: int) -> float:
     return float(spacing[rows]) / float(spacing[cols])
 
 
+DISPLAY_ORIENTATION = "sal"
+"""How the figures lay out a brain whose orientation is known, whatever its file's array order: the first panel
+horizontal (anterior up, left on the left), the second coronal (superior up, left on the left), the third
+sagittal (superior up, anterior on the left)."""
+
+
+def displayed(
+    volumes: Sequence[np.ndarray | None], spacing: Sequence[float], orientation: str | None
+) -> tuple[list[np.ndarray | None], np.ndarray, str | None]:
+    """``(Z, Y, X)`` volumes of one grid, their voxel size and orientation code laid out as
+    :data:`DISPLAY_ORIENTATION` (axes permuted and flipped, no resampling); unchanged when the orientation is not
+    known (an oblique grid: the panels then follow the array axes and are named by them)."""
+    if orientation is None:
+        return list(volumes), np.asarray(spacing, dtype=np.float64), None
+    order, _ = axes_between(orientation, DISPLAY_ORIENTATION)
+    shown = [None if v is None else reorient_array(np.asarray(v), orientation, DISPLAY_ORIENTATION) for v in volumes]
+    return shown, np.asarray(spacing, dtype=np.float64)[list(order)], DISPLAY_ORIENTATION
+
+
 _OPPOSITE = {"a": "p", "p": "a", "s": "i", "i": "s", "l": "r", "r": "l"}
 _PLANE_OF = {
     "s": "horizontal",
@@ -109,9 +138,11 @@ class PlaneView:
     axes: tuple[str, str]
 
 
-def plane_views(orientation: str | None) -> list[PlaneView]:
+def plane_views(orientation: str | None, axis_names: bool = True) -> list[PlaneView]:
     """The labels of the slices perpendicular to array axes ``z``, ``y``, ``x`` for an orientation code
-    (each letter names the side where index 0 lies, drawn at the top or the left; None: axis names only)."""
+    (each letter names the side where index 0 lies, drawn at the top or the left; None: axis names only).
+    ``axis_names=False`` leaves the array axis out of the titles of a known orientation (arrays laid out for
+    display, :func:`displayed`, whose axes are not the file's)."""
     views = []
     for axis, (rows, cols) in enumerate(_PLANES):
         names = (AXES[rows], AXES[cols])
@@ -120,9 +151,9 @@ def plane_views(orientation: str | None) -> list[PlaneView]:
             continue
         code = orientation.lower()
         edges = (code[rows], _OPPOSITE[code[rows]], code[cols], _OPPOSITE[code[cols]])
-        title = (
-            f"{_PLANE_OF[code[axis]]} ({AXES[axis]} = {code[axis].upper()}→{_OPPOSITE[code[axis]].upper()})"
-        )
+        title = _PLANE_OF[code[axis]]
+        if axis_names:
+            title += f" ({AXES[axis]} = {code[axis].upper()}→{_OPPOSITE[code[axis]].upper()})"
         views.append(PlaneView(title, tuple(e.upper() for e in edges), names))  # type: ignore[arg-type]
     return views
 
@@ -156,8 +187,10 @@ def _label_edges(ax: Any, view: PlaneView) -> None:
     ax.text(0.98, 0.5, right, ha="right", va="center", **style)
 
 
-def _finish(fig: Figure, axes: np.ndarray, path: Path, orientation: str | None = None) -> Path:
-    for ax, view in zip(axes, plane_views(orientation), strict=True):
+def _finish(
+    fig: Figure, axes: np.ndarray, path: Path, orientation: str | None = None, axis_names: bool = False
+) -> Path:
+    for ax, view in zip(axes, plane_views(orientation, axis_names), strict=True):
         ax.set_title(view.title)
         _label_edges(ax, view)
         ax.set_xticks([])
@@ -223,6 +256,7 @@ def overlay_figure(
         title: figure title.
         orientation: orientation code of the arrays (names the planes and their edges).
     """
+    (fixed, warped_labels, warped), spacing, orientation = displayed((fixed, warped_labels, warped), spacing, orientation)
     lo, hi = display_range(fixed)
     fig, axes = _figure(title)
     labels_slices = central_slices(warped_labels) if warped_labels is not None else [None] * 3
@@ -265,7 +299,7 @@ def checkerboard_figure(
     title: str = "checkerboard: fixed / warped moving",
 ) -> Path:
     """Checkerboard of the fixed and the warped moving image (both ``(Z, Y, X)`` on the fixed grid)."""
-    board = checkerboard(fixed, warped, squares)
+    (board,), spacing, orientation = displayed((checkerboard(fixed, warped, squares),), spacing, orientation)
     fig, axes = _figure(title)
     for axis, (ax, plane) in enumerate(zip(axes, central_slices(board), strict=True)):
         ax.imshow(plane, cmap="gray", vmin=0, vmax=1, aspect=_aspect(spacing, axis), interpolation="nearest")
@@ -287,6 +321,7 @@ def jacobian_figure(
     beyond :data:`JACOBIAN_RANGE` in its end colours), folds (det J <= 0) in black; outside ``mask`` (the
     tissue, when given) grey. The title gives the range and the folded share inside the mask."""
     inside = np.ones(jacobian.shape, dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
+    (jacobian, inside), spacing, orientation = displayed((jacobian, inside), spacing, orientation)
     values = jacobian[inside] if inside.any() else jacobian.ravel()
     where = "inside the tissue" if mask is not None else "over the field"
     fig, axes = _figure(
@@ -320,6 +355,7 @@ def uncertainty_figure(
 ) -> Path:
     """Map of the registration's uncertainty ``(Z, Y, X)``; ``unit`` labels the colour bar (the residual's
     name, or the world unit of a spread)."""
+    (uncertainty,), spacing, orientation = displayed((uncertainty,), spacing, orientation)
     lo, hi = display_range(uncertainty, 0.0, 99.0)
     fig, axes = _figure("registration uncertainty")
     image = None
@@ -371,8 +407,7 @@ def orientation_preview(
         "turn, the side where that axis's index 0 lies (the top edge for rows, the left edge for columns).",
         fontsize=9,
     )
-    path = _finish(fig, axes, Path(path), code)
-    return path
+    return _finish(fig, axes, Path(path), code, axis_names=True)
 
 
 # -- reading outputs at a coarse level ----------------------------------------------------------------
@@ -538,17 +573,18 @@ def atlas_qc(
     ref_arr = read_box(ref_level.array, (slice(None),) * 3).astype(np.float32)
     in_atlas = on_grid(read_image(paths["brain_in_atlas_space"]).with_unit(ref_grid.unit), ref_grid)
     annotation = on_grid(read_image(atlas.annotation).with_unit(ref_grid.unit), ref_grid, labels=True)
-    board = checkerboard(ref_arr, in_atlas, squares=8)
-    fig, axes = _figure("atlas space: atlas reference / brain (checkerboard) with the major divisions")
     present = dict(zip(*np.unique(annotation, return_counts=True), strict=True))
-    mapped = relabel(annotation, division_map(atlas.atlas.structures, present))
-    for axis, (ax, plane, lab) in enumerate(
-        zip(axes, central_slices(board), central_slices(mapped), strict=True)
-    ):
-        aspect = _aspect(ref_grid.spacing, axis)
+    (board, mapped), spacing, code = displayed(
+        (checkerboard(ref_arr, in_atlas, squares=8), relabel(annotation, division_map(atlas.atlas.structures, present))),
+        ref_grid.spacing,
+        orientation_code(ref_grid.direction),
+    )
+    fig, axes = _figure("atlas space: atlas reference / brain (checkerboard) with the major divisions")
+    for axis, (ax, plane, lab) in enumerate(zip(axes, central_slices(board), central_slices(mapped), strict=True)):
+        aspect = _aspect(spacing, axis)
         ax.imshow(plane, cmap="gray", vmin=0, vmax=1, aspect=aspect, interpolation="nearest")
         _draw_outline(ax, lab, aspect)
-    figures["atlas_space"] = _finish(fig, axes, out / "atlas_space.png", orientation_code(ref_grid.direction))
+    figures["atlas_space"] = _finish(fig, axes, out / "atlas_space.png", code)
     figures.update(_field_figures(Path(paths["field"]), out, max_size, tissue=Path(paths["atlas_on_brain"])))
     return figures
 

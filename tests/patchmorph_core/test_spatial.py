@@ -294,6 +294,24 @@ def test_orientation_psl_vs_asr_same_anatomy() -> None:
     np.testing.assert_allclose(idx, [19.0, 0.0, 39.0], atol=1e-9)
 
 
+@pytest.mark.parametrize(("code_from", "code_to"), [("psl", "sal"), ("ras", "sal"), ("lia", "asr"), ("asr", "asr")])
+def test_reorient_array_keeps_every_voxel_at_its_world_position(code_from: str, code_to: str) -> None:
+    """An anisotropic, non-cubic array permuted and flipped into another orientation (both grids centred on the
+    world origin): each voxel keeps its world position, with the voxel size permuted alike."""
+    from patchmorph_core.spatial import axes_between, reorient_array
+
+    shape, spacing = (5, 7, 9), np.array([50.0, 20.0, 10.0])
+    values = np.arange(np.prod(shape)).reshape(shape)
+    order, _ = axes_between(code_from, code_to)
+    moved = reorient_array(values, code_from, code_to)
+    source = Grid.from_orientation(shape, spacing, code_from)
+    target = Grid.from_orientation(moved.shape, spacing[list(order)], code_to)
+    index = np.argwhere(np.ones(shape, dtype=bool))
+    landed = np.rint(target.world_to_index(source.index_to_world(index))).astype(int)
+    np.testing.assert_array_equal(moved[tuple(landed.T)], values[tuple(index.T)])
+    np.testing.assert_array_equal(reorient_array(moved, code_to, code_from), values)
+
+
 @pytest.mark.parametrize("code", ["xyz", "aas", "ps", "", "pslr"])
 def test_bad_orientation_code_is_one_clear_error(code: str) -> None:
     with pytest.raises(SpatialError, match="orientation code"):

@@ -98,3 +98,24 @@ def test_compact_labels_keeps_background_and_dice() -> None:
     np.testing.assert_array_equal(cb == ca[1, 0], b == 5)
     only_fg = qc.compact_labels(np.array([3, 4]), np.array([4, 4]))
     assert only_fg[0].min() == 1  # no background present: ids start at 1, 0 stays unused
+
+
+def test_figures_lay_out_a_brain_by_its_anatomy_not_its_files_axes(tmp_path: Path) -> None:
+    """One anisotropic, non-cubic brain stored as 'psl' and, axes permuted and flipped, as 'ira' gives the same
+    figure pixel for pixel: horizontal, coronal and sagittal panels, each the usual way up."""
+    zz, yy, xx = np.meshgrid(*[np.linspace(-1, 1, n) for n in (21, 27, 31)], indexing="ij")
+    image = (np.clip(1.2 - np.sqrt(zz**2 + (yy / 0.8) ** 2 + (xx / 0.9) ** 2), 0, None) + 0.3 * (xx > 0.5)).astype(np.float32)
+    labels = (image > 0.6).astype(np.uint16) + (zz > 0.3)
+    spacing = np.array([50.0, 40.0, 30.0])
+    # written out by hand: 'ira' axis 0 is 'psl' axis 1 (s) reversed, axis 1 is axis 2 (l) reversed, axis 2 is axis 0 (p)
+    # reversed
+    def copy(a: np.ndarray) -> np.ndarray:
+        return np.flip(np.transpose(a, (1, 2, 0)), axis=(0, 1, 2))
+
+    first = qc.overlay_figure(image, spacing, tmp_path / "psl.png", labels, orientation="psl")
+    second = qc.overlay_figure(copy(image), spacing[[1, 2, 0]], tmp_path / "ira.png", copy(labels), orientation="ira")
+    np.testing.assert_array_equal(mpimg.imread(first), mpimg.imread(second))
+    titles = [view.title for view in qc.plane_views(qc.DISPLAY_ORIENTATION, axis_names=False)]
+    assert titles == ["horizontal", "coronal", "sagittal"]
+    edges = [view.edges for view in qc.plane_views(qc.DISPLAY_ORIENTATION)]
+    assert edges == [("A", "P", "L", "R"), ("S", "I", "L", "R"), ("S", "I", "A", "P")]
