@@ -24,6 +24,7 @@ import logging
 import math
 import re
 import zlib
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -273,6 +274,57 @@ def _natural_key(path: Path) -> list[object]:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
 
 
+def _plane_numbers(planes: Sequence[Path]) -> list[int] | None:
+    """The section number in each plane's name: the one group of digits that varies between the names (None when
+    the names do not all have the same groups, or no single group varies)."""
+    groups = [re.findall(r"\d+", p.stem) for p in planes]
+    if len(planes) < 3 or len({len(g) for g in groups}) != 1:
+        return None
+    varying = [k for k in range(len(groups[0])) if len({g[k] for g in groups}) > 1]
+    return [int(g[varying[0]]) for g in groups] if len(varying) == 1 else None
+
+
+def check_plane_folder(root: Path, planes: Sequence[Path]) -> tuple[tuple[int, ...], np.dtype]:
+    """Refuse a plane folder whose planes differ in shape or type (naming the odd ones out, not the first plane)
+    or whose section numbers skip a plane, which would move every later plane; only the files' headers are read.
+
+    Returns:
+        The planes' shape ``(Y, X)`` and type.
+    """
+    import tifffile
+
+    headers = []
+    for path in planes:
+        try:
+            with tifffile.TiffFile(path) as tif:
+                headers.append((tuple(tif.pages[0].shape), tif.pages[0].dtype))
+        except Exception as err:  # tifffile raises several types for a bad file
+            raise InputError(f"{str(path)!r} is not a readable TIFF plane ({err}); check the folder.") from err
+    (shape, dtype), count = Counter(headers).most_common(1)[0]
+    odd = [f"{p.name} ({h[0]}, {h[1]})" for p, h in zip(planes, headers, strict=True) if h != (shape, dtype)]
+    if odd:
+        raise InputError(
+            f"plane folder {str(root)!r}: {len(odd)} of {len(planes)} planes differ from the other {count} "
+            f"(shape {shape}, {dtype}): {', '.join(odd[:3])}{' ...' if len(odd) > 3 else ''}; move them out of the folder."
+        )
+    if len(shape) != 2:
+        raise InputError(f"{str(planes[0])!r} has shape {shape}: each plane must be a 2-D grey image.")
+    numbers = _plane_numbers(planes)
+    if numbers is not None:
+        steps = np.diff(numbers)
+        step = Counter(steps.tolist()).most_common(1)[0][0]
+        gaps = [k for k, d in enumerate(steps) if step > 0 and d != step]
+        if gaps:
+            k = gaps[0]
+            raise InputError(
+                f"plane folder {str(root)!r} skips section numbers between {planes[k].name} and {planes[k + 1].name} "
+                f"(the others go in steps of {step}; {len(gaps)} such place(s)): a missing plane would move every later "
+                "plane; put it back (a blank plane of the same size keeps its place), or rename the files if the numbers "
+                "are not positions."
+            )
+    return shape, dtype
+
+
 def _no_voxel_size(what: str) -> InputError:
     return InputError(f"{what} carries no voxel size: pass --voxel-size Z Y X (and --unit, --orientation).")
 
@@ -333,8 +385,6 @@ def open_tiff_planes(
     one task reads its block's rows and columns from each of its planes, so memory is bounded by
     the block size, never by the plane or stack size.
     """
-    import tifffile
-
     from pipeline.ngff import choose_layout
 
     root = Path(folder)
@@ -344,15 +394,7 @@ def open_tiff_planes(
             f"{str(root)!r} holds no TIFF planes and no OME-Zarr metadata: give a folder of .tif planes, "
             "a TIFF stack, NIfTI, NRRD or OME-Zarr image."
         )
-    try:
-        with tifffile.TiffFile(planes[0]) as tif:
-            plane_shape, dtype = tuple(tif.pages[0].shape), tif.pages[0].dtype
-    except Exception as err:  # tifffile raises several types for a bad file
-        raise InputError(
-            f"{str(planes[0])!r} is not a readable TIFF plane ({err}); check the folder."
-        ) from err
-    if len(plane_shape) != 2:
-        raise InputError(f"{str(planes[0])!r} has shape {plane_shape}: each plane must be a 2-D grey image.")
+    plane_shape, dtype = check_plane_folder(root, planes)
     shape = (len(planes), *plane_shape)
     grid = _plain_grid(shape, voxel_size, unit, orientation, f"TIFF plane folder {str(root)!r}")
     layout_chunks, shards = choose_layout(shape, dtype, chunks)

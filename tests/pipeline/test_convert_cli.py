@@ -107,6 +107,17 @@ def test_cli_converts_plane_folder(tmp_path: Path) -> None:
     np.testing.assert_allclose(read_image(tmp_path / "o.zarr").grid.spacing, [2, 1, 1])
 
 
+def test_plane_numbers_in_steps_with_a_channel_number_are_no_gap(tmp_path: Path) -> None:
+    """Sections numbered in steps of 2, with a channel number that does not vary, convert in their order."""
+    folder = tmp_path / "planes"
+    folder.mkdir()
+    stack = np.random.default_rng(0).integers(0, 60000, (4, 5, 6), dtype=np.uint16)
+    for i, plane in enumerate(stack):
+        tifffile.imwrite(folder / f"brain1_section_{2 * i + 1:03d}_ch2.tif", plane)
+    convert(folder, tmp_path / "o.zarr", voxel_size=(2.0, 1.0, 1.0))
+    np.testing.assert_array_equal(_level0(tmp_path / "o.zarr"), stack)
+
+
 # -- bad input: one sentence, exit code 2 ------------------------------------------------------------------
 def _missing(tmp: Path) -> list[str]:
     return [str(tmp / "nope.tif"), str(tmp / "o.zarr")]
@@ -177,6 +188,24 @@ def _tiff_without_voxel_size(tmp: Path) -> list[str]:
     return [str(tmp / "stack.tif"), str(tmp / "o.zarr")]
 
 
+def _stray_plane(tmp: Path) -> list[str]:
+    _planes(tmp / "planes", 4, (6, 7))
+    tifffile.imwrite(tmp / "planes" / "overview.tif", np.zeros((9, 9), np.uint16))  # sorts after plane_3
+    return [str(tmp / "planes"), str(tmp / "o.zarr"), "--voxel-size", "1", "1", "1"]
+
+
+def _plane_of_another_type(tmp: Path) -> list[str]:
+    _planes(tmp / "planes", 4, (6, 7))
+    tifffile.imwrite(tmp / "planes" / "plane_2.tif", np.zeros((6, 7), np.uint8))
+    return [str(tmp / "planes"), str(tmp / "o.zarr"), "--voxel-size", "1", "1", "1"]
+
+
+def _missing_plane(tmp: Path) -> list[str]:
+    _planes(tmp / "planes", 12, (6, 7))
+    (tmp / "planes" / "plane_9.tif").unlink()
+    return [str(tmp / "planes"), str(tmp / "o.zarr"), "--voxel-size", "1", "1", "1"]
+
+
 BAD_INPUTS = {
     "missing path": (_missing, "does not exist"),
     "not an image": (_not_an_image, "not a supported image"),
@@ -192,6 +221,9 @@ BAD_INPUTS = {
     "--overwrite on a folder that is not a Zarr store": (_overwrite_a_folder_of_the_users, "is a folder that is not"),
     "--overwrite on a file": (_overwrite_a_file, "is a file that is not a Zarr store"),
     "TIFF without voxel size": (_tiff_without_voxel_size, "--voxel-size"),
+    "a stray plane of another size": (_stray_plane, "overview.tif ((9, 9), uint16); move them out"),
+    "a plane of another type": (_plane_of_another_type, "plane_2.tif ((6, 7), uint8)"),
+    "a missing plane": (_missing_plane, "skips section numbers between plane_8.tif and plane_10.tif"),
 }
 
 
