@@ -552,6 +552,7 @@ def _run_atlas_job(
             raise InputError(f"{role} {path} does not exist: check the path.")
     found = find_atlas(atlas)
     check_output_folder(out, [brain, *channel_paths, found.folder])
+    orientation = orientation.lower() if orientation else orientation  # 'PSL' and 'psl' are one setting
     geometry = {"voxel_size": voxel_size, "unit": unit, "orientation": orientation}
     for path in [brain, *channel_paths]:
         check_geometry_options(path, voxel_size, unit, orientation)

@@ -323,7 +323,8 @@ def test_inverse_field_warps_as_the_inverse_warp_does(job: dict) -> None:
 
 
 def test_rerun_keeps_finished_outputs(job: dict) -> None:
-    """The same command again finds every step finished: no new registration, same field."""
+    """The same command again (its orientation code in capitals: the same setting) finds every step finished: no
+    new registration, same field."""
     from typer.testing import CliRunner
 
     from patchmorph.cli import app
@@ -334,7 +335,7 @@ def test_rerun_keeps_finished_outputs(job: dict) -> None:
     bg_dir = out.parent / "brainglobe"
     args = [
         "atlas", str(job["files"].brain), "-o", str(out), "--atlas", str(bg_dir / EXAMPLE_ATLAS),
-        "--voxel-size", *map(str, BRAIN_VOXEL_SIZE_UM), "--orientation", BRAIN_ORIENTATION,
+        "--voxel-size", *map(str, BRAIN_VOXEL_SIZE_UM), "--orientation", BRAIN_ORIENTATION.upper(),
         "--channel", str(job["files"].brain), "--config", str(out.parent / "job.yaml"),
     ]  # fmt: skip
     result = CliRunner().invoke(app, args)
