@@ -264,6 +264,20 @@ def label_ids(values: np.ndarray, where: Path, what: str = "label image") -> np.
     return values.astype(np.uint32)
 
 
+def sides_everywhere(sides: np.ndarray) -> np.ndarray:
+    """A hemisphere image with a side at every voxel, as BrainGlobe's are: a voxel that the given image leaves at 0
+    (around the brain; an MRI atlas's map often ends where its labels do) takes the side of the nearest voxel it
+    has. Otherwise the template's rim around one hemisphere, and labelled voxels the map missed, belonged to no side:
+    ``--brain-geometry`` kept the other hemisphere's rim in the template, and their volumes were counted nowhere."""
+    if sides.all() or not sides.any():
+        return sides
+    from scipy import ndimage
+
+    nearest = ndimage.distance_transform_edt(sides == 0, return_distances=False, return_indices=True)
+    logger.info("hemisphere image: %d voxels outside it take the side of the nearest voxel in it", int((sides == 0).sum()))
+    return sides[tuple(nearest)]
+
+
 def make_atlas(
     folder: str | Path,
     reference: str | Path,
@@ -328,6 +342,7 @@ def make_atlas(
                 f"the hemisphere image {hemispheres} holds values other than 0, 1 (left) and 2 (right)."
             )
         check_hemisphere_sides(sides, grid, paths["hemisphere image"])
+        sides = sides_everywhere(sides)
     else:
         logger.warning("no hemisphere image: the atlas's hemispheres are the halves of its left-right axis")
     resolution = [round(float(s), 4) for s in grid.spacing * unit_scale(grid.unit, "micrometer")]  # float32 headers

@@ -216,6 +216,11 @@ def test_bad_input_is_one_sentence_before_any_folder(atlas_files: dict[str, Path
     args = [str(atlas_files["template"]), str(atlas_files["labels"]), "--hemispheres", str(hemispheres)]
     result = runner.invoke(app, ["make-atlas", *args, "-o", str(tmp_path / "sided")])
     assert result.exit_code == 0, result.output  # the same image with 1 on the left is taken
+    # with a side at every voxel, as BrainGlobe's: the map ends where the labels do, the voxels around take the nearest
+    written = tifffile.imread(tmp_path / "sided" / "hemispheres.tiff")
+    labelled = tifffile.imread(tmp_path / "sided" / "annotation.tiff") > 0
+    assert set(np.unique(written).tolist()) == {1, 2}
+    assert [int((written[labelled] == side).sum()) for side in (1, 2)] == [int((sides == side).sum()) for side in (1, 2)]
     out = tmp_path / "taken"
     out.mkdir()
     result = runner.invoke(
