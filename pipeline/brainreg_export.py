@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -42,6 +41,7 @@ from patchmorph_core.errors import InputError
 from patchmorph_core.spatial import Grid, nearest_orientation_code, resample, unit_scale
 from pipeline.atlas import _inner_boundaries
 from pipeline.points import JobSpaces, open_job, values_at
+from pipeline.resume import temporary_sibling
 
 logger = logging.getLogger(__name__)
 
@@ -237,7 +237,7 @@ def export_brainreg(job_folder: str | Path, out: str | Path, overwrite: bool = F
     atlas = job.atlas
     resolution = np.asarray(atlas.resolution_um, dtype=np.float64)
     grid = downsampled_grid(job.brain_grid, resolution, atlas.orientation)
-    tmp = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
+    tmp = temporary_sibling(out)
     tmp.mkdir()
     try:
         _write_folder(tmp, job_folder, job, grid)

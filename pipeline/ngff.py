@@ -59,7 +59,7 @@ from patchmorph_core.spatial import (
     unit_scale,
 )
 from pipeline.integrity import ARRAY_OPTIONS, EVERY_CHUNK_WRITTEN, VerifiedStore, writable
-from pipeline.resume import WRITE_ID, check_replaceable
+from pipeline.resume import WRITE_ID, check_replaceable, temporary_sibling
 
 logger = logging.getLogger(__name__)
 
@@ -390,10 +390,6 @@ def check_output(path: str | Path, overwrite: bool) -> Path:
     if not out.parent.exists():
         raise InputError(f"output folder {str(out.parent)!r} does not exist: create it first.")
     return out
-
-
-def _temporary_sibling(out: Path) -> Path:
-    return out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
 
 
 def _replace(tmp: Path, out: Path) -> None:
@@ -785,7 +781,7 @@ def write_image(
     out = check_output(path, overwrite)
     if tuple(data.shape) != grid.shape:
         raise InputError(f"image shape {tuple(data.shape)} does not match its grid shape {grid.shape}.")
-    tmp = _temporary_sibling(out)
+    tmp = temporary_sibling(out)
     try:
         _write_group(
             tmp,
@@ -860,7 +856,7 @@ def write_field(
     meta = field_metadata(grid, metadata)
     if uncertainty is not None:
         meta["uncertainty"] = "uncertainty"
-    tmp = _temporary_sibling(out)
+    tmp = temporary_sibling(out)
     try:
         _write_group(
             tmp,

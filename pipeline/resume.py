@@ -24,6 +24,7 @@ import contextlib
 import csv
 import fcntl
 import functools
+import glob
 import hashlib
 import inspect
 import io
@@ -385,6 +386,41 @@ def locks_output(func: Callable[..., Any]) -> Callable[..., Any]:
             return func(*args, **kwargs)
 
     return wrapper
+
+
+PARTIAL = ".partial-"
+"""Infix of the hidden sibling an output is written into before it is renamed into place."""
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host still runs."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
+def remove_stale_partials(out: Path) -> None:
+    """Remove the hidden partial copies of ``out`` (:func:`temporary_sibling`) that a process of this host left when
+    it was killed: a terabyte conversion killed near its end left its size hidden on the disk, and the rerun, which
+    writes anew, could then find no room. A partial of a live process, of another host's or of unknown origin is
+    kept."""
+    host = socket.gethostname()
+    for path in out.parent.glob(f".{glob.escape(out.name)}{PARTIAL}*"):
+        owner = path.name[len(f".{out.name}{PARTIAL}"):].rsplit("-", 2)
+        if len(owner) == 3 and owner[0] == host and owner[1].isdigit() and not _process_alive(int(owner[1])):
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def temporary_sibling(out: Path) -> Path:
+    """The hidden sibling ``.<name>.partial-<host>-<pid>-<random>`` that ``out`` is written into before it is renamed
+    into place (never taken for a finished output); the stale partial copies of ``out`` are removed first
+    (:func:`remove_stale_partials`)."""
+    remove_stale_partials(out)
+    return out.with_name(f".{out.name}{PARTIAL}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
 def check_replaceable(out: Path) -> None:

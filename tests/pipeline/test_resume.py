@@ -213,3 +213,28 @@ def test_records_of_a_deleted_output_are_not_trusted(
     assert StageRecords(first.run / "polish").write_counts() == {c: 2 for c in StageRecords(first.run / "polish").completed()}
     assert again.skipped >= 1  # the coarse pass's chunk, whose store was not touched
     np.testing.assert_allclose(_field(out), expected, atol=1e-6)
+
+
+def test_a_write_removes_the_partial_copies_that_killed_processes_of_this_host_left(tmp_path: Path) -> None:
+    """Only partial copies whose process is gone: a live process's, another host's and one of unknown origin stay."""
+    import socket
+
+    from patchmorph_core.spatial import Grid
+    from pipeline.ngff import write_image
+
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    host = socket.gethostname()
+    left = {
+        "killed": tmp_path / f".brain.ome.zarr.partial-{host}-{ended.pid}-0a1b2c3d",
+        "live": tmp_path / f".brain.ome.zarr.partial-{host}-{os.getpid()}-0a1b2c3d",
+        "other host": tmp_path / f".brain.ome.zarr.partial-node17-{ended.pid}-0a1b2c3d",
+        "unknown": tmp_path / ".brain.ome.zarr.partial-0a1b2c3d",
+        "another output": tmp_path / f".other.ome.zarr.partial-{host}-{ended.pid}-0a1b2c3d",
+    }
+    for path in left.values():
+        (path / "0").mkdir(parents=True)
+    grid = Grid.from_orientation((3, 4, 5), (50.0, 20.0, 10.0), "psl")
+    write_image(tmp_path / "brain.ome.zarr", np.ones(grid.shape, np.uint16), grid)
+    assert {k for k, p in left.items() if p.exists()} == {"live", "other host", "unknown", "another output"}
+    assert len(list(tmp_path.glob(".brain.ome.zarr.partial-*"))) == 3
