@@ -264,6 +264,25 @@ def label_ids(values: np.ndarray, where: Path, what: str = "label image") -> np.
     return values.astype(np.uint32)
 
 
+def grid_difference(grid: Grid, other: Grid) -> str:
+    """What differs between ``other`` and ``grid`` (the template's), in words: shape, voxel size, axes, and where
+    voxel 0 lies (in voxels and in ``grid``'s unit)."""
+    other = other.with_unit(grid.unit)
+    parts = []
+    if other.shape != grid.shape:
+        parts.append(f"shape {tuple(other.shape)}, the template's {tuple(grid.shape)}")
+    if not np.allclose(other.spacing, grid.spacing, rtol=1e-5, atol=0.0):
+        parts.append(f"voxel size {[float(f'{v:.6g}') for v in other.spacing]} {grid.unit}, the template's "
+                     f"{[float(f'{v:.6g}') for v in grid.spacing]}")  # fmt: skip
+    if not np.allclose(other.direction, grid.direction, atol=1e-5):
+        parts.append("axes in other directions")
+    offset = float(np.linalg.norm(other.affine[:3, 3] - grid.affine[:3, 3]))
+    if offset > 0.0:
+        voxels = offset / float(grid.spacing.min())
+        parts.append(f"voxel 0 {offset:.3g} {grid.unit} ({voxels:.3g} voxels) from the template's")
+    return "; ".join(parts) or "headers that differ in their last digits"
+
+
 def sides_everywhere(sides: np.ndarray) -> np.ndarray:
     """A hemisphere image with a side at every voxel, as BrainGlobe's are: a voxel that the given image leaves at 0
     (around the brain; an MRI atlas's map often ends where its labels do) takes the side of the nearest voxel it
@@ -321,9 +340,9 @@ def make_atlas(
     for role, (_, other) in volumes.items():
         if not grid.same_voxels(other):  # the same shape, and header within a thousandth of a voxel
             raise InputError(
-                f"the {role} {paths[role]} (shape {tuple(other.shape)}) is not on the template's grid (shape "
-                f"{tuple(grid.shape)}, spacing {grid.spacing.tolist()} {grid.unit}): resample it onto the template "
-                "(labels by nearest neighbour) and try again."
+                f"the {role} {paths[role]} is not on the template's grid ({grid_difference(grid, other)}; a thousandth "
+                "of a voxel is allowed): resample it onto the template (labels by nearest neighbour), or, if both "
+                "were made on one grid and only their headers differ, give it the template's header, and try again."
             )
     code = orientation_code(grid.direction)
     if code is None:

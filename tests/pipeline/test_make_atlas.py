@@ -185,11 +185,11 @@ def test_bad_input_is_one_sentence_before_any_folder(atlas_files: dict[str, Path
         ),
         (
             [atlas_files["template"], _save_like(tmp_path / "crop.nii.gz", values[1:], affine)],
-            "is not on the template's grid",
+            "is not on the template's grid (shape (113, 115, 78), the template's (113, 115, 79);",
         ),
         (
             [atlas_files["template"], _save_like(tmp_path / "moved.nii.gz", values, shifted)],
-            "is not on the template's grid",
+            "is not on the template's grid (voxel 0 1.73 millimeter (0.866 voxels) from the template's;",
         ),
         (
             [
