@@ -40,6 +40,8 @@ from patchmorph_core.spatial import (
     Grid,
     check_spacing,
     grid_affine_from_ras,
+    nearest_orientation_code,
+    orientation_code,
     orientation_matrix,
     ras_affine_from_nrrd,
 )
@@ -82,6 +84,7 @@ def apply_overrides(
     voxel_size: Sequence[float] | None = None,
     unit: str | None = None,
     orientation: str | None = None,
+    stated_by: str | None = None,
 ) -> Grid:
     """Apply user overrides to a header-derived grid.
 
@@ -91,6 +94,8 @@ def apply_overrides(
         unit: unit the numbers are in (re-interpretation, not conversion).
         orientation: anatomical orientation code replacing the header's direction; the grid is then
             centred on the world origin.
+        stated_by: the file, when its header states an orientation (a NIfTI, NRRD or RFC-4 OME-Zarr file): an
+            ``orientation`` that contradicts it, or drops its rotation, gets a warning.
 
     Returns:
         The overridden grid.
@@ -99,6 +104,14 @@ def apply_overrides(
     unit_name = grid.unit if unit is None else normalize_unit(unit)
     if orientation is not None:
         orientation_matrix(orientation)  # validates the code before any work
+        header = orientation_code(grid.direction)
+        if stated_by is not None and header != orientation.lower():
+            logger.warning(
+                "--orientation %s replaces what the header of %s says (%s): the header's sides are dropped; make "
+                "sure the header is the wrong one",
+                orientation, stated_by,
+                f"orientation '{header}'" if header else f"oblique axes, nearest code '{nearest_orientation_code(grid.direction)}', whose rotation is dropped",
+            )  # fmt: skip
         return Grid.from_orientation(grid.shape, spacing, orientation, unit=unit_name)
     if voxel_size is None:
         return Grid(grid.shape, grid.affine, unit_name)
@@ -153,7 +166,7 @@ def open_nifti(
         "millimeter" if space_unit in (None, "unknown") else normalize_unit(space_unit, "NIfTI unit")
     )
     affine = grid_affine_from_ras(np.asarray(img.affine, dtype=np.float64))
-    grid = apply_overrides(Grid(lazy.shape, affine, header_unit), voxel_size, unit, orientation)
+    grid = apply_overrides(Grid(lazy.shape, affine, header_unit), voxel_size, unit, orientation, stated_by=str(p))
     return lazy, grid
 
 
@@ -256,7 +269,7 @@ def load_nrrd(
     ras = _nrrd_ras_affine(header, p)
     header_unit = _nrrd_unit(header, np.linalg.norm(ras[:3, :3], axis=0))
     grid = apply_overrides(
-        Grid(data.shape, grid_affine_from_ras(ras), header_unit), voxel_size, unit, orientation
+        Grid(data.shape, grid_affine_from_ras(ras), header_unit), voxel_size, unit, orientation, stated_by=str(p)
     )
     logger.info("read NRRD %s: shape %s, spacing %s %s", p, data.shape, np.round(grid.spacing, 6), grid.unit)
     return data, grid
@@ -458,7 +471,7 @@ def open_input(
     Overrides as in :func:`apply_overrides`; TIFF inputs need ``voxel_size``. ``chunks``: the output's
     spatial chunk shape (plane folders are read in its write units).
     """
-    from pipeline.ngff import read_image
+    from pipeline.ngff import image_orientation, read_image
 
     p = Path(path)
     if not p.exists():
@@ -467,7 +480,8 @@ def open_input(
     if _is_zarr(p):
         level = read_image(p).levels[0]
         array = level.array if isinstance(level.array, da.Array) else da.from_zarr(level.array)
-        return array, apply_overrides(level.grid, voxel_size, unit, orientation), "ome-zarr"
+        stated = str(p) if image_orientation(p) is not None else None
+        return array, apply_overrides(level.grid, voxel_size, unit, orientation, stated), "ome-zarr"
     if p.is_dir():
         return (*open_tiff_planes(p, voxel_size, unit, orientation, chunks), "tiff-planes")
     if name.endswith((".nii", ".nii.gz")):

@@ -283,3 +283,21 @@ def test_preview_labels_the_mid_planes_to_find_an_orientation(tmp_path: Path, ex
     assert sagittal.title.startswith("sagittal") and sagittal.edges == ("P", "A", "S", "I")
     result = RUNNER.invoke(app, ["convert", str(brain), "--voxel-size", "50", "40", "40"])
     assert result.exit_code == 2 and "no OUTPUT given" in result.output
+
+
+def test_an_orientation_that_contradicts_the_header_is_warned(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A NIfTI header states its orientation: --orientation with the same code is silent, another code (or one for
+    a tilted header, whose rotation it drops) gets a warning naming what the header says."""
+    volume = np.random.default_rng(0).random((9, 14, 5)).astype(np.float32)
+    straight, tilted = np.diag([0.5, 0.25, 2.0, 1.0]), np.diag([0.5, 0.25, 2.0, 1.0])
+    c, s = np.cos(0.2), np.sin(0.2)
+    tilted[:3, :3] = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]]) @ tilted[:3, :3]
+    for name, affine in (("straight", straight), ("tilted", tilted)):
+        nib.save(nib.Nifti1Image(volume, affine), str(tmp_path / f"{name}.nii.gz"))
+    # nibabel's i, j, k run to R, A, S; our arrays are (k, j, i): index 0 at I, P, L
+    for name, code, warned in (("straight", "ipl", None), ("straight", "spl", "orientation 'ipl'"),
+                               ("tilted", "ipl", "oblique axes, nearest code 'ipl'")):  # fmt: skip
+        caplog.clear()
+        convert(tmp_path / f"{name}.nii.gz", tmp_path / f"{name}_{code}.ome.zarr", orientation=code)
+        said = [r.getMessage() for r in caplog.records if "replaces what the header" in r.getMessage()]
+        assert (said == []) if warned is None else (len(said) == 1 and warned in said[0]), (name, code, said)
