@@ -152,7 +152,7 @@ def make_atlas(
         ),
     ] = None,
     name: Annotated[
-        str | None, typer.Option(help="The atlas's name without resolution (default: the template file's name).")
+        str | None, typer.Option(help="The atlas's name without resolution (default: the output folder's name).")
     ] = None,
     species: Annotated[str, typer.Option(help="The species, recorded in the atlas's metadata.")] = "",
     citation: Annotated[

@@ -320,7 +320,8 @@ def make_atlas(
         hemispheres: an image of the hemispheres on the template's grid (1 left, 2 right, 0 outside); None:
             the atlas is symmetric, and its hemispheres are the halves of its left-right axis, as BrainGlobe
             makes them (only right for a template centred on its midline).
-        name: the atlas's name without resolution (e.g. ``mbm_marmoset``); None: the template file's stem.
+        name: the atlas's name without resolution (e.g. ``mbm_marmoset``); None: the folder's name (without a
+            version suffix such as ``_v1.0``).
         metadata: more BrainGlobe metadata (``citation``, ``atlas_link``, ``species``, ``version``).
         voxel_size, unit, orientation: as ``patchmorph convert``'s options, for every image (TIFF needs them).
 
@@ -365,7 +366,8 @@ def make_atlas(
     else:
         logger.warning("no hemisphere image: the atlas's hemispheres are the halves of its left-right axis")
     resolution = [round(float(s), 4) for s in grid.spacing * unit_scale(grid.unit, "micrometer")]  # float32 headers
-    atlas_name = name or re.sub(r"[^a-z0-9]+", "_", paths["template"].name.split(".")[0].lower()).strip("_")
+    # by default the folder's name (without a version suffix): a template file is often just 'template.nii.gz'
+    atlas_name = name or re.sub(r"[^a-z0-9]+", "_", re.sub(r"_v\d+(\.\d+)*$", "", folder.name.lower())).strip("_")
     meta = {
         "name": atlas_name,
         "citation": "unpublished",

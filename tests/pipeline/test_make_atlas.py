@@ -77,7 +77,7 @@ def test_the_atlas_keeps_the_files_geometry_labels_and_names(
     assert present <= set(atlas.structures)
     assert atlas.structures[25].name == "label 25"  # a label SynthSeg's table does not list
     meta = json.loads((folder / "metadata.json").read_text())
-    assert meta["species"] == "Homo sapiens" and meta["symmetric"] is True and meta["name"] == "template"
+    assert meta["species"] == "Homo sapiens" and meta["symmetric"] is True and meta["name"] == "synthseg_human"  # the folder's name, not the template file's
     assert not list(tmp_path.glob(".*partial"))
 
 
