@@ -317,10 +317,17 @@ def _check_inside(index: np.ndarray, grid: Grid, what: str, path: str | Path) ->
     outside = ~grid.holds_index(index)
     if outside.any():
         row = int(np.flatnonzero(outside)[0])
+        spacing = ", ".join(f"{v:g}" for v in grid.spacing)
+        cause = (
+            f"they look like lengths in {grid.unit}s, not voxels: divided by the voxel size ({spacing}) every point "
+            "lies inside"
+            if grid.holds_index(index / grid.spacing).all()
+            else ORDER_HINT
+        )
         raise InputError(
             f"points file {path}: point {row + 1} ({', '.join(f'{v:g}' for v in index[row])}) lies outside the "
             f"{what}'s {' × '.join(map(str, grid.shape))} voxels ({int(outside.sum())} of {len(index)} do): give "
-            f"voxel indices of the {what} in its array order, axis 0 first (the planes of a stack); {ORDER_HINT}."
+            f"voxel indices of the {what} in its array order, axis 0 first (the planes of a stack); {cause}."
         )
 
 

@@ -112,7 +112,10 @@ def test_bad_points_are_refused_in_one_sentence(cells: dict, tmp_path: Path) -> 
     swapped.write_text("z,y,x\n30,250,10\n")
     nameless = tmp_path / "nameless.csv"
     nameless.write_text("a,b,c\n1,2,3\n")
+    lengths = tmp_path / "micrometres.csv"  # positions in µm, which divided by the voxel size lie inside
+    lengths.write_text("z,y,x\n1500,4000,4000\n")
     cases = [
+        (["points", str(lengths), "--job", job, "-o", str(tmp_path / "o0")], "look like lengths in micrometers"),
         (["points", str(swapped), "--job", job, "-o", str(tmp_path / "o1")], "lies outside the brain's"),
         (["points", str(nameless), "--job", job, "-o", str(tmp_path / "o2")], "has no voxel columns"),
         (["points", str(swapped), "--job", str(tmp_path), "-o", str(tmp_path / "o3")], "not the folder of a"),
@@ -123,7 +126,7 @@ def test_bad_points_are_refused_in_one_sentence(cells: dict, tmp_path: Path) -> 
         result = CliRunner().invoke(app, args)
         assert result.exit_code == EXIT_INPUT, result.output
         assert words in result.output and "Traceback" not in result.output
-    assert not any((tmp_path / f"o{k}").exists() for k in range(1, 5))
+    assert not any((tmp_path / f"o{k}").exists() for k in range(5))
 
 
 @pytest.mark.parametrize("space", ["brain", "atlas"])
