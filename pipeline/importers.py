@@ -554,7 +554,7 @@ def read_errors(path: str | Path) -> Iterator[None]:
         yield
     except InputError:
         raise
-    except (ValueError, RuntimeError, EOFError, zlib.error) as err:
+    except (ValueError, RuntimeError, EOFError, IndexError, zlib.error) as err:
         raise InputError(
             f"{str(path)!r} cannot be read to its end ({type(err).__name__}: {err}); it is truncated or corrupt: "
             "export it again (nothing was written)."
@@ -570,9 +570,12 @@ def check_source_planes(path: str | Path, role: str, **geometry: Any) -> None:
     Raises:
         InputError: naming the input and the fix.
     """
-    array, _, _ = open_input(path, **geometry)
+    array, _, kind = open_input(path, **geometry)
     with read_errors(path):
-        values = np.concatenate([p.ravel() for p in mid_planes(array)[0]])
+        planes, stride = mid_planes(array)
+        if kind == "ome-zarr":
+            check_levels_agree(path, role, planes, stride)
+        values = np.concatenate([p.ravel() for p in planes])
     if values.dtype.kind == "f" and not np.all(np.isfinite(values)):
         raise InputError(f"{role} {path} contains NaN or infinite values (in its mid-planes): replace them (e.g. by 0) first.")
     if values.size and values.min() == values.max():
@@ -580,6 +583,50 @@ def check_source_planes(path: str | Path, role: str, **geometry: Any) -> None:
             f"{role} {path} looks empty: its three mid-planes are constant (every voxel is {values.flat[0]:g}); "
             "give the image with the tissue (the right channel or file)."
         )
+
+
+EMPTY_IN_TISSUE = 0.3
+"""An OME-Zarr input is taken for incomplete when its level 0 reads as its fill value at more than this share of a
+mid-plane's tissue (where its coarsest level holds tissue)."""
+
+
+def check_levels_agree(path: str | Path, role: str, planes: Sequence[np.ndarray], stride: Sequence[int]) -> None:
+    """Refuse an OME-Zarr input whose level 0 reads as its fill value where its coarsest level holds tissue, on one
+    of the three mid-planes (:func:`mid_planes`, read already): a store that another tool is still writing, or that
+    lost chunks, reads its missing chunks as the fill value (Zarr's rule), and the registration then squeezes the
+    atlas into the part that is there. Tissue is where the coarse level exceeds a tenth of its 99.5th percentile.
+
+    Raises:
+        InputError: naming the plane and the share.
+    """
+    from pipeline.ngff import read_image
+
+    image = read_image(path)
+    if len(image.levels) < 2:
+        return
+    fine, coarse = image.levels[0].array, image.levels[-1].array
+    fill = getattr(fine, "fill_value", 0) or 0
+    factors = np.asarray(fine.shape[-3:], dtype=np.float64) / np.asarray(coarse.shape[-3:], dtype=np.float64)
+    centre = [n // 2 for n in fine.shape[-3:]]
+    for axis, plane in enumerate(planes):
+        rows, cols = [k for k in range(3) if k != axis]
+        at = [np.minimum((np.arange(plane.shape[i]) * stride[k] / factors[k]).astype(int), coarse.shape[k] - 1)
+              for i, k in enumerate((rows, cols))]  # fmt: skip
+        box: list[Any] = [slice(None)] * 3
+        box[axis] = min(int(centre[axis] / factors[axis]), coarse.shape[axis] - 1)
+        seen = np.asarray(coarse[tuple(box)], dtype=np.float64)[np.ix_(at[0], at[1])]
+        level = np.percentile(seen, 99.5) / 10.0
+        tissue = seen > max(level, 0.0)
+        if level <= 0 or tissue.sum() < 100:
+            continue
+        share = float(np.mean(plane[tissue] == fill))
+        if share > EMPTY_IN_TISSUE:
+            raise InputError(
+                f"{role} {path} is incomplete: its full-resolution level reads as empty (the fill value, {fill:g}) on "
+                f"{100 * share:.0f} % of the tissue that its coarsest level shows on the mid-plane across axis "
+                f"{'zyx'[axis]}: chunks are missing (a store still being written, or damaged); wait until it is written "
+                "whole, or write it again."
+            )
 
 
 def kind_needs_voxels(path: str | Path) -> bool:

@@ -414,6 +414,31 @@ def test_bad_atlas_or_brain_is_one_sentence(tmp_path: Path, examples: Path) -> N
         result = runner.invoke(app, ["atlas", str(tmp_path / name), "-o", str(tmp_path / "o"), *atlas, *geometry])
         assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
         assert not (tmp_path / "o" / "brain.ome.zarr").exists()
+    # a truncated stack; an OME-Zarr brain that another tool is still writing (level 0's chunks beyond the middle
+    # missing, its coarser levels whole), which read as zeros: refused, not squeezed into the half that is there
+    (tmp_path / "truncated.tif").write_bytes(brain.read_bytes()[: brain.stat().st_size // 2])
+    import zarr
+    from ome_zarr.format import FormatV04
+    from ome_zarr.writer import write_image as ome_write_image
+
+    store = tmp_path / "written.zarr"
+    ome_write_image(
+        tifffile.imread(brain), zarr.open_group(str(store), mode="w", zarr_format=2), scale_factors=[2, 4],
+        fmt=FormatV04(), axes=["z", "y", "x"], storage_options={"chunks": (64, 64, 64)},
+    )  # fmt: skip
+    from pipeline.importers import check_source_planes
+
+    check_source_planes(store, "brain", orientation=BRAIN_ORIENTATION)  # whole, it passes
+    for chunk in (store / "s0").glob("*/*/*"):  # ome-zarr's level names; its pyramid halves y and x only
+        if int(chunk.parent.parent.name) >= 2:  # planes from 128 on
+            chunk.unlink()
+    for source, options, message in [
+        (tmp_path / "truncated.tif", geometry, "truncated.tif' cannot be read to its end"),
+        (store, ["--orientation", BRAIN_ORIENTATION], "written.zarr is incomplete: its full-resolution level reads as empty"),
+    ]:
+        result = runner.invoke(app, ["atlas", str(source), "-o", str(tmp_path / "o"), *atlas, *options])
+        assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
+        assert not (tmp_path / "o" / "brain.ome.zarr").exists()
 
 
 def test_a_wrong_brain_orientation_is_named_in_the_users_terms(tmp_path: Path, examples: Path) -> None:
