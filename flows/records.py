@@ -3,7 +3,9 @@
 Each item's output folder gets a ``done.json`` written LAST, after every output of the item exists: it
 holds the item's :class:`ItemResult` and the fingerprint of its inputs (their content identity,
 :func:`pipeline.resume.content_identity`) and options. A rerun skips an item whose ``done.json`` fingerprint matches and whose outputs
-exist; anything else (no record, other inputs, other options, a missing output) is recomputed.
+exist; anything else (no record, other inputs, other options, a missing output) is recomputed, except a
+registration that finished with the same fingerprint (``registration.json``, written when the field is complete):
+an item that failed at a later step keeps its field.
 """
 
 from __future__ import annotations
@@ -141,3 +143,34 @@ def finished_result(out_dir: Path, key: str) -> ItemResult | None:
     if not all(Path(p).exists() for p in paths):
         return None
     return result.model_copy(update={"status": "skipped"})
+
+
+REGISTRATION_FILE = "registration.json"
+"""An item's record of its finished registration (written when its field is complete, before its later steps)."""
+
+
+def record_registration(out_dir: Path, key: str, field: Path, record: Any) -> None:
+    """Keep what an item's finished registration gave (``record``, :class:`pipeline.register.RegistrationRecord`)
+    with the item's fingerprint and the field's identity, so that a rerun of an item that failed at a later step
+    reuses the field instead of registering again (hours on a terabyte brain)."""
+    atomic_write_json(
+        out_dir / REGISTRATION_FILE,
+        {"fingerprint": key, "field": content_identity(field), "record": record.model_dump(mode="json")},
+    )
+
+
+def reusable_registration(out_dir: Path, key: str, field: Path) -> Any:
+    """The :class:`pipeline.register.RegistrationRecord` of an earlier run of this item when it was made with the
+    same fingerprint and the field is still the complete one it wrote (no run folder beside it), else None."""
+    from pipeline.register import RegistrationRecord
+
+    path = out_dir / REGISTRATION_FILE
+    if not path.is_file() or field.with_name(field.name + ".run").exists():
+        return None
+    try:
+        stored = json.loads(path.read_text())
+        if stored.get("fingerprint") != key or stored.get("field") != content_identity(field):
+            return None
+        return RegistrationRecord.model_validate(stored["record"])
+    except (ValueError, KeyError, TypeError, OSError):
+        return None

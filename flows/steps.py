@@ -41,7 +41,17 @@ from prefect.futures import PrefectFuture, wait
 from pydantic import BaseModel, ConfigDict
 
 from flows.config import Geometry, StepOptions
-from flows.records import DONE_FILE, ItemError, ItemResult, fingerprint, finished_result, write_done
+from flows.records import (
+    DONE_FILE,
+    REGISTRATION_FILE,
+    ItemError,
+    ItemResult,
+    fingerprint,
+    finished_result,
+    record_registration,
+    reusable_registration,
+    write_done,
+)
 from flows.tasks import atlas_outputs_task, convert_task, metrics_task, qc_task, register_task, warp_task
 from patchmorph_core.errors import InputError
 from patchmorph_core.spatial import unit_scale
@@ -135,6 +145,7 @@ class ItemJob(BaseModel):
             if path is not None:
                 paths.update({role: path, f"{role} run folder": path.with_name(path.name + ".run")})
         paths.update(qc=self.out_dir / "qc", metrics=self.out_dir / "metrics.json", done=self.out_dir / DONE_FILE)
+        paths["registration record"] = self.out_dir / REGISTRATION_FILE
         for role, image in self.inputs().items():
             if image.needs_conversion:
                 paths[f"converted {role}"] = image.converted
@@ -261,9 +272,11 @@ def _finish(
     seconds: float,
     atlas: Any = None,
     register_seconds: float | None = None,
+    registration_reused: bool = False,
 ) -> ItemResult:
     """Write ``metrics.json`` and the completion record of a finished job (with its atlas outputs, if any, and
-    their one-page ``summary.md`` / ``summary.json`` as ``patchmorph atlas`` writes them)."""
+    their one-page ``summary.md`` / ``summary.json`` as ``patchmorph atlas`` writes them; ``registration_reused``:
+    its field was made by an earlier run, which ``register_seconds`` timed)."""
     outputs = {"fixed": job.fixed.ready, "field": job.field, "warped": job.warped}
     if job.warped_labels is not None:
         outputs["warped_labels"] = job.warped_labels
@@ -275,7 +288,9 @@ def _finish(
         outputs.update({f"channel_{name}": image.ready for name, image in job.channels.items()})
         figures.update({role[3:]: p for role, p in atlas.paths.items() if role.startswith("qc_")})
         metrics = {**metrics, **lengths_in_micrometres(atlas.figures, read_field(job.field)[1].unit)}
-        summary = job_summary(find_atlas(job.atlas).name, atlas.figures, atlas.paths, seconds, register_seconds)
+        summary = job_summary(
+            find_atlas(job.atlas).name, atlas.figures, atlas.paths, seconds, register_seconds, registration_reused
+        )
         outputs.update(write_job_summary(job.out_dir, {**summary, "warnings": []}, atlas.paths))
     metrics_path = job.out_dir / "metrics.json"
     metrics_path.write_text(json.dumps(metrics, indent=1, sort_keys=True))
@@ -366,10 +381,18 @@ def run_jobs(
         began = time.monotonic()
         group = _make_folders(todo[start : start + max_parallel], errors)
         group = _convert_inputs(group, convert, errors)
+        # an item whose registration finished in an earlier run (it failed at a later step) keeps its field
+        reused = {
+            j.name: record
+            for j in group
+            if not options.overwrite and (record := reusable_registration(j.out_dir, keys[j.name], j.field)) is not None
+        }
+        for name in reused:
+            logger.info("item %s: its registration finished in an earlier run and is reused", name)
         group, registered = _step(
             group,
             "register",
-            lambda j: {
+            lambda j, reused=reused: {} if j.name in reused else {
                 "field": register.submit(
                     j.fixed.ready,
                     j.moving.ready,
@@ -383,6 +406,9 @@ def run_jobs(
             },
             errors,
         )
+        for job in group:
+            if job.name not in reused:
+                record_registration(job.out_dir, keys[job.name], job.field, registered[job.name]["field"])
         group, _ = _step(group, "warp", lambda j: _submit_warps(j, warp, options), errors)
         group, values = _step(group, "qc", lambda j: _submit_checks(j, make_qc, metrics, options.qc), errors)
         group, atlas_values = _step(group, "atlas", lambda j: _submit_atlas(j, atlas, options), errors)
@@ -390,9 +416,11 @@ def run_jobs(
         for job in group:
             out = values[job.name]
             made = atlas_values[job.name].get("atlas")
-            figures = {**out["metrics"], **quality_metrics(registered[job.name]["field"].quality)}
-            field = registered[job.name]["field"]
-            results.append(_finish(job, keys[job.name], out.get("qc"), figures, seconds, made, field.seconds))
+            field = reused[job.name] if job.name in reused else registered[job.name]["field"]
+            figures = {**out["metrics"], **quality_metrics(field.quality)}
+            results.append(
+                _finish(job, keys[job.name], out.get("qc"), figures, seconds, made, field.seconds, job.name in reused)
+            )
     return results, errors
 
 

@@ -108,6 +108,23 @@ def test_rerun_skips_finished_items(batch: dict[str, Path]) -> None:
     assert done.stat().st_mtime_ns == record_mtime
 
 
+def test_an_item_that_stopped_after_its_registration_keeps_its_field(batch: dict[str, Path]) -> None:
+    """An item whose later step failed (here: its completion record is gone, as when the disk filled while its
+    labels were written) is made again from its finished field: the rerun does not register it again."""
+    item = batch["out"] / "stp"
+    if not (item / "done.json").is_file():
+        pytest.skip("needs the first run of this module")
+    field_mtime = (item / "field.ome.zarr" / "zarr.json").stat().st_mtime_ns
+    before = json.loads((item / "metrics.json").read_text())["register_seconds"]
+    (item / "done.json").unlink()
+
+    report, _ = _run(batch, batch["manifest"])
+
+    assert sorted((r.name, r.status) for r in report.results) == [("stp", "done"), ("template", "skipped")]
+    assert (item / "field.ome.zarr" / "zarr.json").stat().st_mtime_ns == field_mtime
+    assert json.loads((item / "metrics.json").read_text())["register_seconds"] == before  # the run that made it
+
+
 @pytest.mark.usefixtures("prefect_server")
 def test_changed_input_is_recomputed(
     batch: dict[str, Path], flow_data: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
