@@ -26,6 +26,24 @@ OFFLINE_DEFAULTS: dict[str, str] = {
 """Environment defaults: no analytics or tracking, a generous ephemeral-server start-up timeout, the
 API bound to the loopback interface, no interactive prompts."""
 
+PROJECT_LOGGERS = ("flows", "pipeline", "patchmorph_core")
+"""This project's loggers, whose warnings a flow run sends to its log in the API and the UI."""
+
+
+def send_project_logs_to_the_run() -> None:
+    """Give :data:`PROJECT_LOGGERS` the handlers of Prefect's ``prefect.extra`` logger, as Prefect's
+    ``PREFECT_LOGGING_EXTRA_LOGGERS`` does when it is set before Prefect is imported: an item that failed, a part of
+    a brain, a reused registration then show in the flow run's log in the API and the UI, not only on the worker's
+    terminal. Call it in a flow (idempotent)."""
+    import logging
+
+    extra = logging.getLogger("prefect.extra")
+    for name in PROJECT_LOGGERS:
+        logger = logging.getLogger(name)
+        for handler in extra.handlers:
+            if handler not in logger.handlers:
+                logger.addHandler(handler)
+
 
 def offline_environment(
     base: Mapping[str, str] | None = None, *, prefect_home: Path | None = None, api_url: str | None = None

@@ -56,7 +56,7 @@ def run_isolated(func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return pool.submit(func, *args, **kwargs).result()
 
 
-@task(name="convert", **_TASK_DEFAULTS)
+@task(name="convert", task_run_name="convert {target.parent.name}/{target.name}", **_TASK_DEFAULTS)
 def convert_task(
     source: Path,
     target: Path,
@@ -82,7 +82,7 @@ def convert_task(
     return Path(written)
 
 
-@task(name="register", **_TASK_DEFAULTS)
+@task(name="register", task_run_name="register {out.parent.name}", **_TASK_DEFAULTS)
 def register_task(
     fixed: Path,
     moving: Path,
@@ -113,7 +113,7 @@ def register_task(
     )
 
 
-@task(name="warp", **_TASK_DEFAULTS)
+@task(name="warp", task_run_name="warp {out.parent.name}/{out.name}", **_TASK_DEFAULTS)
 def warp_task(
     field: Path,
     moving: Path,
@@ -143,13 +143,13 @@ def warp_task(
     )
 
 
-@task(name="qc", **_TASK_DEFAULTS)
+@task(name="qc", task_run_name="qc {out_dir.parent.name}", **_TASK_DEFAULTS)
 def qc_task(fixed: Path, warped: Path, field: Path, out_dir: Path, warped_labels: Path | None) -> qc.QCRecord:
     """:func:`pipeline.qc.qc_files`: the four QC figures of one registration."""
     return run_isolated(qc.qc_files, fixed, warped, field, out_dir, warped_labels=warped_labels)
 
 
-@task(name="metrics", **_TASK_DEFAULTS)
+@task(name="metrics", task_run_name="metrics {field.parent.name}", **_TASK_DEFAULTS)
 def metrics_task(
     fixed: Path, warped: Path, field: Path, fixed_labels: Path | None, warped_labels: Path | None
 ) -> dict[str, float]:
@@ -159,7 +159,7 @@ def metrics_task(
     )
 
 
-@task(name="atlas-outputs", **_TASK_DEFAULTS)
+@task(name="atlas-outputs", task_run_name="atlas-outputs {out_dir.name}", **_TASK_DEFAULTS)
 def atlas_outputs_task(
     brain: Path,
     field: Path,
