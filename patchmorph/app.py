@@ -65,6 +65,20 @@ EXIT_INPUT, EXIT_QUALITY, EXIT_SYSTEM = 2, 3, 1
 """Exit codes: refused input (nothing written), failed quality (written, marked failed), OS error."""
 
 
+LOST_WORKER = frozenset({"CommClosedError", "KilledWorker", "StreamClosedError"})
+"""Dask's errors for a worker that died or whose connection closed (most often: it exceeded its memory limit and
+was restarted), matched by name so that this module imports no Dask."""
+
+
+def lost_worker_sentence(err: BaseException) -> str:
+    """One sentence for a Dask worker lost mid-run: the likely cause and what to do."""
+    return (
+        f"the Dask cluster lost a worker ({type(err).__name__}: {err}); a worker that exceeds its memory limit is "
+        "restarted (the warning above says so): raise memory_per_worker in the cluster file or give a smaller "
+        "--chunk-size, then rerun the same command: finished chunks are kept and the run resumes."
+    )
+
+
 def system_error_sentence(err: OSError) -> str:
     """One sentence for an operating-system error: what failed, on which path, and what to do."""
     reason = (err.strerror or str(err) or type(err).__name__).rstrip(".")
@@ -90,9 +104,12 @@ def command(func: Callable[..., Any]) -> Callable[..., Any]:
         except QualityError as err:
             typer.echo(f"error: {err}", err=True)
             sys.exit(EXIT_QUALITY)
-        except OSError as err:
+        except Exception as err:  # an operating-system error, or a Dask worker lost: one sentence; else re-raised
+            lost = type(err).__name__ in LOST_WORKER
+            if not (lost or isinstance(err, OSError)):
+                raise
             logging.getLogger(__name__).info("operating-system error", exc_info=True)
-            typer.echo(f"error: {system_error_sentence(err)}", err=True)
+            typer.echo(f"error: {lost_worker_sentence(err) if lost else system_error_sentence(err)}", err=True)
             sys.exit(EXIT_SYSTEM)
 
     app.command(name=func.__name__.replace("_", "-"), options_metavar="[OPTIONS]")(wrapper)

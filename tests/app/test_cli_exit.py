@@ -70,3 +70,30 @@ def test_each_command_module_imports_on_its_own(module: str) -> None:
         [sys.executable, "-c", f"import patchmorph.{module}"], capture_output=True, text=True, check=False
     )
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("error", ["CommClosedError", "KilledWorker"])
+def test_a_lost_dask_worker_is_one_sentence(monkeypatch: pytest.MonkeyPatch, error: str) -> None:
+    """A worker that died (most often over its memory limit) ends the command with one sentence naming the cause
+    and the remedy, exit code 1, not Dask's 'Stream is closed' or a traceback."""
+    from types import SimpleNamespace
+
+    import typer
+    from distributed import KilledWorker
+    from distributed.comm.core import CommClosedError
+    from typer.testing import CliRunner
+
+    from patchmorph import app as app_module
+
+    raised = {"CommClosedError": CommClosedError("in <TCP (closed)>: Stream is closed"),
+              "KilledWorker": KilledWorker("task", SimpleNamespace(address="tcp://10.0.0.7:40123"), 3)}[error]  # fmt: skip
+    monkeypatch.setattr(app_module, "app", typer.Typer())
+
+    def fails() -> None:
+        raise raised
+
+    app_module.command(fails)
+    app_module.app.command(name="other")(lambda: None)  # two commands: the name is required, as in ours
+    result = CliRunner().invoke(app_module.app, ["fails"])
+    assert result.exit_code == app_module.EXIT_SYSTEM
+    assert "the Dask cluster lost a worker" in result.output and "raise memory_per_worker" in result.output
