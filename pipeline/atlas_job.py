@@ -33,7 +33,7 @@ import dask.array as da
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from patchmorph_core.config import InferenceConfig, LossConfig
+from patchmorph_core.config import InferenceConfig, LossConfig, resolve_device
 from patchmorph_core.errors import InputError
 from patchmorph_core.spatial import Grid, parse_length, unit_scale
 from patchmorph_core.warping import LabelInterpolation
@@ -559,6 +559,8 @@ def _run_atlas_job(
     check_source_planes(brain, "brain", **geometry)
     _check_channels(channel_paths, brain, geometry)
     cluster = config.cluster if scheduler is None else load_cluster_config(scheduler)
+    if cluster is None or cluster.kind in ("threads", "local"):  # the networks run on this machine: a GPU asked for
+        resolve_device(config.inference.device)  # that it lacks is refused now, not after the brain's conversion
     settings = job_settings(brain, channel_paths, found.folder, geometry, config)
     restart = check_job_settings(out, settings)
     out.mkdir(exist_ok=True)

@@ -414,6 +414,16 @@ def test_bad_atlas_or_brain_is_one_sentence(tmp_path: Path, examples: Path) -> N
         result = runner.invoke(app, ["atlas", str(tmp_path / name), "-o", str(tmp_path / "o"), *atlas, *geometry])
         assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
         assert not (tmp_path / "o" / "brain.ome.zarr").exists()
+    # a GPU asked for on a machine without one: refused before the brain is converted
+    import torch
+
+    if not torch.cuda.is_available():
+        (tmp_path / "cuda.yaml").write_text("inference:\n  device: cuda\n")
+        result = runner.invoke(
+            app, ["atlas", str(brain), "-o", str(tmp_path / "o"), *atlas, *geometry, "--config", str(tmp_path / "cuda.yaml")]
+        )
+        assert result.exit_code == 2 and "no CUDA GPU is available" in result.output, result.output
+        assert not (tmp_path / "o" / "brain.ome.zarr").exists()
     # a truncated stack; an OME-Zarr brain that another tool is still writing (level 0's chunks beyond the middle
     # missing, its coarser levels whole), which read as zeros: refused, not squeezed into the half that is there
     (tmp_path / "truncated.tif").write_bytes(brain.read_bytes()[: brain.stat().st_size // 2])
