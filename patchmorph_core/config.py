@@ -7,6 +7,7 @@ metadata, so a result always says what made it.
 
 from __future__ import annotations
 
+import typing
 from pathlib import Path
 from typing import Literal, TypeVar
 
@@ -369,12 +370,29 @@ def load_yaml(path: str | Path, cls: type[ConfigT]) -> ConfigT:
     try:
         return cls.model_validate(data)
     except ValidationError as err:
-        first = err.errors()[0]
-        key = ".".join(str(p) for p in first["loc"]) or "<top>"
+        problems = [f"{'.'.join(str(p) for p in e['loc']) or '<top>'!r} ({e['msg']})" for e in err.errors()]
+        where = err.errors()[0]["loc"]
+        model = _model_at(cls, where)
+        section = ".".join(str(p) for p in where[:-1])
         raise InputError(
-            f"config file {path}: key {key!r} is invalid ({first['msg']}); fix or remove it "
-            f"(valid keys of {cls.__name__}: {', '.join(cls.model_fields)})."
+            f"config file {path}: {'key' if len(problems) == 1 else f'{len(problems)} keys'} invalid: "
+            f"{'; '.join(problems)}; fix or remove {'it' if len(problems) == 1 else 'them'} (valid keys "
+            f"{f'under {section!r}' if section and model is not cls else 'at the top'}: {', '.join(model.model_fields)})."
         ) from err
+
+
+def _model_at(cls: type[BaseModel], loc: tuple[int | str, ...]) -> type[BaseModel]:
+    """The config section (pydantic model) that holds the key at ``loc``: the deepest model along it."""
+    model = cls
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None:
+            break
+        inner = [a for a in (field.annotation, *typing.get_args(field.annotation)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not inner:
+            break
+        model = inner[0]
+    return model
 
 
 def resolve_device(device: str) -> str:

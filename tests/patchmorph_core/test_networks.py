@@ -161,8 +161,8 @@ def test_config_validation_and_yaml_errors(tmp_path: Path) -> None:
     config = load_yaml(good, TrainConfig)
     assert config.steps == 5 and config.model.widths == (4, 8)
     bad = tmp_path / "bad.yaml"
-    bad.write_text("model:\n  patch_sise: 16\n")
-    with pytest.raises(InputError, match=r"bad.yaml.*model.patch_sise"):
+    bad.write_text("model:\n  patch_sise: 16\nsteps: many\n")  # every problem at once, and the keys of its section
+    with pytest.raises(InputError, match=r"bad.yaml: 2 keys invalid: 'model.patch_sise' .*'steps' .*under 'model': patch_size"):
         load_yaml(bad, TrainConfig)
     with pytest.raises(InputError, match="does not exist"):
         load_yaml(tmp_path / "none.yaml", TrainConfig)
