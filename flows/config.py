@@ -163,7 +163,15 @@ def resolve_options(value: OptionsT | str | Path | None, cls: type[OptionsT]) ->
     if isinstance(value, cls):
         return value
     path = Path(value)
-    return _anchored(load_yaml(path, cls), path.resolve().parent)
+    options = _anchored(load_yaml(path, cls), path.resolve().parent)
+    for name in _PATH_FIELDS:
+        given = getattr(options, name, None)
+        if isinstance(given, str) and "://" not in given and not Path(given).exists():
+            raise InputError(
+                f"options file {path}: its {name!r} names {given}, which does not exist (a relative path is taken "
+                "from the options file's folder): give an absolute path, or copy that file beside the options file."
+            )
+    return options
 
 
 def cluster_config(options: StepOptions) -> ClusterConfig:

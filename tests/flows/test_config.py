@@ -44,6 +44,15 @@ def test_unknown_key_names_file_and_key(tmp_path: Path) -> None:
         resolve_options(bad, AtlasToSectionOptions)
 
 
+def test_a_copied_options_file_names_the_path_it_lost(tmp_path: Path) -> None:
+    """The shipped options file copied elsewhere: its relative cluster path no longer exists, and the refusal names
+    the key and the file (before any work), not only the missing path."""
+    copy = tmp_path / "atlas_to_section.yaml"
+    copy.write_text((CONFIGS / "flows" / "atlas_to_section.yaml").read_text())
+    with pytest.raises(InputError, match=r"options file .*atlas_to_section.yaml: its '(register_)?cluster' names .*does not exist"):
+        resolve_options(copy, AtlasToSectionOptions)
+
+
 def test_defaults_and_inline_models() -> None:
     default = resolve_options(None, RegisterPairOptions)
     assert default.retries == 2 and default.cluster == ClusterConfig()
