@@ -144,8 +144,8 @@ def register(
         typer.echo(f"dashboard was {record.dashboard}")
     typer.echo(
         f"wrote displacement field {record.field} (grid {record.grid_shape}, spacing "
-        f"{', '.join(f'{s:.4g}' for s in record.spacing)} {record.unit}; {record.chunks} chunks, "
-        f"{record.skipped} resumed) in {record.seconds:.1f} s"
+        f"{', '.join(f'{s:.4g}' for s in record.spacing)} {record.unit}; {record.chunks} chunks; "
+        f"{record.skipped} chunk tasks of its passes kept from an earlier run) in {record.seconds:.1f} s"
     )
     spacing = record.field_spacing
     passes = ", ".join(f"{name} {value:.4g}" for name, value in spacing["passes"].items())

@@ -193,6 +193,14 @@ def _local_cluster(config: ClusterConfig) -> Any:
         kwargs["host"] = LOOPBACK  # threads talk in-process (inproc://) and need no host
     if config.gpus:
         kwargs["resources"] = {GPU_RESOURCE: 1}
+        import torch
+
+        if torch.cuda.device_count() < config.gpus:
+            log.warning(
+                "the cluster file asks for %d GPUs but this machine shows %d CUDA GPUs: workers without one run the "
+                "networks on the CPU (check the CUDA build of torch and CUDA_VISIBLE_DEVICES)",
+                config.gpus, torch.cuda.device_count(),
+            )  # fmt: skip
     environ = {**dask.config.get("distributed.nanny.pre-spawn-environ", default={}), **WORKER_MALLOC_ENV}
     with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):  # read by each nanny as it starts
         return LocalCluster(**kwargs)

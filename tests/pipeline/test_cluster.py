@@ -71,10 +71,14 @@ def _busy(seconds: float) -> tuple[str, float, float]:
     return get_worker().address, start, time.monotonic()
 
 
-def test_gpu_resource_never_oversubscribes() -> None:
-    """Two 'GPU' workers with two threads each: network tasks run one at a time per worker."""
+def test_gpu_resource_never_oversubscribes(caplog: pytest.LogCaptureFixture) -> None:
+    """Two 'GPU' workers with two threads each: network tasks run one at a time per worker; on a machine with fewer
+    GPUs than asked for, a warning says the networks run on the CPU."""
+    import torch
+
     config = ClusterConfig(gpus=2, threads_per_worker=2, processes=False)
-    with open_client(config) as (client, info):
+    with caplog.at_level("WARNING", logger="pipeline.cluster"), open_client(config) as (client, info):
+        assert ("asks for 2 GPUs but this machine shows" in caplog.text) == (torch.cuda.device_count() < 2)
         assert info.gpu and info.workers == 2
         resources = network_resources(info)
         assert resources == {"GPU": 1}
