@@ -533,7 +533,7 @@ def preview(
         code = None
     planes, stride = mid_planes(array)
     spacing = grid.spacing * np.asarray(stride)
-    return orientation_preview(planes, spacing, png, code, Path(input).name)
+    return orientation_preview(planes, spacing, png, code, Path(input).name, shape=tuple(array.shape))
 
 
 def mid_planes(array: Any) -> tuple[list[np.ndarray], list[int]]:

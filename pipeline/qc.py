@@ -77,6 +77,14 @@ def central_slices(volume: np.ndarray, center: Sequence[int] | None = None) -> l
     return [volume[c[0]], volume[:, c[1]], volume[:, :, c[2]]]
 
 
+def tissue_centre(labels: np.ndarray) -> list[int] | None:
+    """The voxel ``(z, y, x)`` at the centre of the non-zero voxels' bounding box (None when there are none)."""
+    nonzero = [np.flatnonzero(np.asarray(labels).any(axis=tuple(k for k in range(3) if k != axis))) for axis in range(3)]
+    if any(len(n) == 0 for n in nonzero):
+        return None
+    return [int((n[0] + n[-1]) // 2) for n in nonzero]
+
+
 def display_range(image: np.ndarray, low: float = 1.0, high: float = 99.5) -> tuple[float, float]:
     """Robust grey-value window ``(lo, hi)`` of an image (percentiles of its finite values)."""
     finite = image[np.isfinite(image)]
@@ -378,9 +386,12 @@ def orientation_preview(
     path: str | Path,
     orientation: str | None,
     source: str,
+    shape: Sequence[int] | None = None,
 ) -> Path:
     """The three mid-planes of an image, each labelled with the anatomical sides its edges face under
     ``orientation`` — how a user checks an orientation code, or finds one (``patchmorph convert --preview``).
+    ``shape``: the image's ``(Z, Y, X)`` when the planes were read with a stride (their axes are labelled with its
+    index ranges; default: the planes' own).
 
     Args:
         planes: ``[volume[cz], volume[:, cy], volume[:, :, cx]]`` (any stride).
@@ -399,8 +410,9 @@ def orientation_preview(
         lo, hi = display_range(image)
         ax.imshow(image, cmap="gray", vmin=lo, vmax=hi, aspect=_aspect(spacing, axis), interpolation="nearest")
         rows, cols = _PLANES[axis]
-        ax.set_xlabel(f"{AXES[cols]} index 0 → {image.shape[1] - 1} (left → right)")
-        ax.set_ylabel(f"{AXES[rows]} index 0 → {image.shape[0] - 1} (top → bottom)")
+        last = (image.shape[0] - 1, image.shape[1] - 1) if shape is None else (shape[rows] - 1, shape[cols] - 1)
+        ax.set_xlabel(f"{AXES[cols]} index 0 → {last[1]} (left → right)")
+        ax.set_ylabel(f"{AXES[rows]} index 0 → {last[0]} (top → bottom)")
     fig.supxlabel(
         "Each letter names the side of the brain that edge faces if the code is right (A/P anterior/posterior, "
         "S/I superior/inferior, L/R left/right).\nIf the anatomy disagrees, the code is, for the axes z, y, x in "
@@ -579,8 +591,12 @@ def atlas_qc(
         ref_grid.spacing,
         orientation_code(ref_grid.direction),
     )
+    # through the labelled tissue's centre: a hemisphere's atlas (--brain-geometry) is blank beyond the midline
+    centre = tissue_centre(mapped)
     fig, axes = _figure("atlas space: atlas reference / brain (checkerboard) with the major divisions")
-    for axis, (ax, plane, lab) in enumerate(zip(axes, central_slices(board), central_slices(mapped), strict=True)):
+    for axis, (ax, plane, lab) in enumerate(
+        zip(axes, central_slices(board, centre), central_slices(mapped, centre), strict=True)
+    ):
         aspect = _aspect(spacing, axis)
         ax.imshow(plane, cmap="gray", vmin=0, vmax=1, aspect=aspect, interpolation="nearest")
         _draw_outline(ax, lab, aspect)

@@ -119,3 +119,24 @@ def test_figures_lay_out_a_brain_by_its_anatomy_not_its_files_axes(tmp_path: Pat
     assert titles == ["horizontal", "coronal", "sagittal"]
     edges = [view.edges for view in qc.plane_views(qc.DISPLAY_ORIENTATION)]
     assert edges == [("A", "P", "L", "R"), ("S", "I", "L", "R"), ("S", "I", "A", "P")]
+
+
+def test_the_preview_labels_a_strided_plane_with_the_images_index_range(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Planes read every 2nd voxel of a (9, 40, 60) image: the axes say 0 → 59 and 0 → 39, not the planes' 0 → 29."""
+    import matplotlib.axes
+
+    said: list[str] = []
+    original = matplotlib.axes.Axes.set_xlabel
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_xlabel", lambda ax, text, **kw: said.append(text) or original(ax, text, **kw))
+    volume = np.random.default_rng(0).random((9, 40, 60)).astype(np.float32)
+    planes = [volume[4, ::2, ::2], volume[::2, 20, ::2], volume[::2, ::2, 30]]
+    qc.orientation_preview(planes, (2.0, 2.0, 2.0), tmp_path / "p.png", "psl", "image", shape=volume.shape)
+    assert said[:3] == ["x index 0 → 59 (left → right)", "x index 0 → 59 (left → right)", "y index 0 → 39 (left → right)"]
+
+
+def test_tissue_centre_is_the_middle_of_the_labelled_box() -> None:
+    labels = np.zeros((9, 10, 20), np.uint8)
+    labels[2:7, 1:4, 0:9] = 3  # a left half: its sagittal slice is at x = 4, not at the grid's middle (10)
+    assert qc.tissue_centre(labels) == [4, 2, 4] and qc.tissue_centre(np.zeros((3, 3, 3))) is None
