@@ -196,7 +196,7 @@ def check_free_space(folder: PathLike, needed_bytes: int, what: str) -> None:
     if needed_bytes > free:
         raise InputError(
             f"{what} needs up to {format_bytes(needed_bytes)} but {folder} has {format_bytes(free)} free: free "
-            "some space or write elsewhere (nothing was written)."
+            "some space or write elsewhere (nothing of it was written; a rerun keeps what earlier steps finished)."
         )
 
 
