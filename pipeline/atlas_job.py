@@ -730,6 +730,12 @@ def write_job_summary(out: Path, summary: Mapping[str, Any], paths: Mapping[str,
             f"| inverse field residual, max / mean ({s['field_unit']}), where the atlas lies within the brain's "
             f"field of view | {s['inverse_max_error']:.3g} / {s['inverse_mean_error']:.3g} |"
         )
+    lines += [
+        "",
+        "NCC compares grey values: with an atlas of another contrast (an MRI-based atlas on a microscopy brain) it is "
+        "low, even below 0, when the registration is right. Judge by the QC figures below (the atlas's divisions on "
+        "the brain) and by the folded voxels.",
+    ]
     if s.get("warnings"):
         lines += ["", "## Warnings", "", *(f"- {w}" for w in s["warnings"])]
     lines += ["", "## Outputs", ""]
