@@ -16,7 +16,7 @@ from prefect_dask import DaskTaskRunner
 from flows.artifacts import publish, write_report
 from flows.config import StepOptions, cluster_config
 from flows.records import ItemError, Outcomes, RunReport
-from flows.settings import send_project_logs_to_the_run
+from flows.settings import project_logs_in_the_run
 from flows.steps import ItemJob, missing_inputs, run_jobs, split_finished
 from pipeline.cluster import ClusterConfig, open_client
 
@@ -39,9 +39,9 @@ def dask_task_runner(config: ClusterConfig) -> Iterator[DaskTaskRunner]:
 @flow(name="align-items")
 def align_items(jobs: list[ItemJob], options: StepOptions, max_parallel: int) -> Outcomes:
     """Subflow: the jobs on this flow's task runner (set by :func:`run_on_dask`); see :func:`flows.steps.run_jobs`.
-    Its items' failures and warnings go to the run's log (:func:`flows.settings.send_project_logs_to_the_run`)."""
-    send_project_logs_to_the_run()
-    results, errors = run_jobs(jobs, options, max_parallel)
+    Its items' failures and warnings go to the run's log (:func:`flows.settings.project_logs_in_the_run`)."""
+    with project_logs_in_the_run():
+        results, errors = run_jobs(jobs, options, max_parallel)
     return Outcomes(results=results, errors=errors)
 
 

@@ -8,8 +8,9 @@ the subprocesses it starts. A value the user already set always wins.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 LOOPBACK = "127.0.0.1"
@@ -30,19 +31,28 @@ PROJECT_LOGGERS = ("flows", "pipeline", "patchmorph_core")
 """This project's loggers, whose warnings a flow run sends to its log in the API and the UI."""
 
 
-def send_project_logs_to_the_run() -> None:
-    """Give :data:`PROJECT_LOGGERS` the handlers of Prefect's ``prefect.extra`` logger, as Prefect's
-    ``PREFECT_LOGGING_EXTRA_LOGGERS`` does when it is set before Prefect is imported: an item that failed, a part of
-    a brain, a reused registration then show in the flow run's log in the API and the UI, not only on the worker's
-    terminal. Call it in a flow (idempotent)."""
+@contextlib.contextmanager
+def project_logs_in_the_run() -> Iterator[None]:
+    """While the block runs (inside a flow), :data:`PROJECT_LOGGERS` have the handlers of Prefect's ``prefect.extra``
+    logger, as Prefect's ``PREFECT_LOGGING_EXTRA_LOGGERS`` gives them when it is set before Prefect is imported: an
+    item that failed, a part of a brain, a reused registration then show in the flow run's log in the API and the UI,
+    not only on the worker's terminal. They are removed after it (outside a flow run they could send nothing)."""
     import logging
 
-    extra = logging.getLogger("prefect.extra")
-    for name in PROJECT_LOGGERS:
-        logger = logging.getLogger(name)
-        for handler in extra.handlers:
-            if handler not in logger.handlers:
-                logger.addHandler(handler)
+    extra = logging.getLogger("prefect.extra").handlers
+    added = [
+        (logger, handler)
+        for logger in (logging.getLogger(name) for name in PROJECT_LOGGERS)
+        for handler in extra
+        if handler not in logger.handlers
+    ]
+    for logger, handler in added:
+        logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        for logger, handler in added:
+            logger.removeHandler(handler)
 
 
 def offline_environment(

@@ -14,7 +14,7 @@ from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel, ConfigDict
 
 from flows.artifacts import artifact_key
-from flows.settings import send_project_logs_to_the_run
+from flows.settings import project_logs_in_the_run
 from flows.tasks import retry_on_transient
 from pipeline.training_data import run_training
 
@@ -50,8 +50,8 @@ def train_task(config: Path, steps: int | None, resume: bool, overwrite: bool) -
 def train(config: str, steps: int | None = None, resume: bool = False, overwrite: bool = False) -> TrainSummary:
     """Train from the YAML ``config`` (``steps`` overrides its step count; ``resume`` continues a checkpoint,
     ``overwrite`` replaces it; an existing checkpoint is refused without either)."""
-    send_project_logs_to_the_run()
-    summary = train_task(Path(config), steps, resume, overwrite)
+    with project_logs_in_the_run():
+        summary = train_task(Path(config), steps, resume, overwrite)
     create_markdown_artifact(
         key=artifact_key(FLOW_NAME, "summary"),
         markdown=(
