@@ -65,6 +65,10 @@ ANISOTROPIC = 1.05
 """Voxels whose largest size is at least this multiple of their smallest are anisotropic: their sizes' order
 matters (:func:`_reversed_role`, the orientation refusal's doubts)."""
 
+EXPLAINS = 1.05
+"""Reversed voxel sizes explain an orientation refusal when, with them, the given codes' dissimilarity is at most
+this multiple of the best other code's as given (:func:`_explains`)."""
+
 MIN_TISSUE_VOXELS = 27
 """An image needs at least this many tissue voxels (normalised intensity >= 0.1) on its coarse level."""
 
@@ -276,7 +280,10 @@ def _explains(result: OrientationCheck, reversed_result: OrientationCheck) -> bo
     """Whether reversed voxel sizes explain an orientation refusal as well as another code does: with them the
     given codes fit best, as well as the code the refusal would suggest (a wrong code distorts the tissue's
     extents too, so the shape alone does not tell the two apart)."""
-    return not reversed_result.fits_better and reversed_result.given.score >= result.best.score - 0.01
+    return (
+        not reversed_result.fits_better
+        and reversed_result.given.dissimilarity <= EXPLAINS * result.best.dissimilarity
+    )
 
 
 def _voxel_order_error(image: MultiscaleImage, role: str, path: PathLike, spread: float) -> InputError:
@@ -428,7 +435,8 @@ def check_pair_orientation(
             alternative = "after a permutation or flip of its axes than as given"
         raise InputError(
             f"the moving image {paths['moving']} fits the fixed image {paths['fixed']} clearly better {alternative}, "
-            f"NCC {result.best.score:.2f} vs {result.given.score:.2f}: fix the orientation code of the wrong one "
+            f"dissimilarity {result.best.dissimilarity:.4f} vs {result.given.dissimilarity:.4f} (MIND-SSC, lower is "
+            "better): fix the orientation code of the wrong one "
             "(convert --orientation; images cannot tell left from right, so the codes keep the given sides: check "
             f"them){_doubts(fixed, moving, paths, geometry, (fixed_code, moving_code), given[::-1])}, or pass "
             "--accept-orientation (in a flow or a job's config: checks.accept_orientation) to register as given."
