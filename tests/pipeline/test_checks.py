@@ -14,6 +14,7 @@ from patchmorph_core.errors import InputError
 from patchmorph_core.orientation import check_orientation, signed_permutations
 from patchmorph_core.source import MultiscaleImage, downsample, downsampled_grid
 from patchmorph_core.spatial import Grid, orientation_code
+from patchmorph_core.synth import random_intensities, synthesize_image
 from pipeline.checks import (
     CheckOptions,
     check_checkpoint,
@@ -161,6 +162,42 @@ def test_a_flipped_axis_is_named_without_swapping_the_hemispheres(
     fixed_code, moving_code = result.suggested_codes(fixed.grid.direction, moving.grid.direction)
     assert fixed_code == right_code
     assert moving_code is not None and "r" in moving_code  # the atlas's right side stays where it is
+
+
+@pytest.fixture(scope="module")
+def repainted_atlas(examples: Path) -> MultiscaleImage:
+    """The Allen annotation (100 µm, ``rsa``) painted one random intensity per structure, blurred and noisy: an
+    MRI-style atlas of another contrast than the STP brain (the user trial's)."""
+    annotation, grid = load_nrrd(
+        examples / "mouse_ccf" / "annotation_100um_2017_nearest_from25um.nrrd", orientation="rsa"
+    )
+    ids, inverse = np.unique(np.rint(annotation).astype(np.int64), return_inverse=True)
+    labels = inverse.reshape(annotation.shape).astype(np.int32)
+    rng = np.random.default_rng(0)
+    table = {k: 0.2 + 0.8 * v for k, v in random_intensities(range(1, len(ids)), rng).items()}
+    return MultiscaleImage.from_array(synthesize_image(labels, rng, table, skull_strip=False), grid)
+
+
+@pytest.mark.parametrize("brain_code", ["psl", "asl", "pil"])
+def test_wrong_code_is_refused_across_contrasts(
+    mouse_pair: tuple, repainted_atlas: MultiscaleImage, brain_code: str
+) -> None:
+    """The STP brain against an atlas painted per structure (no intensity mapping relates the two): the right code
+    passes, a flipped anterior-posterior or dorsal-ventral axis is refused and the right code named (the global
+    NCC of the former check scored such wrong codes almost as well as the right one, and nothing fired)."""
+    brain, brain_grid, _, _ = mouse_pair
+    fixed = MultiscaleImage.from_array(brain, Grid.from_orientation(brain.shape, brain_grid.spacing, brain_code))
+    names = {"fixed": "brain", "moving": "atlas"}
+    if brain_code == "psl":
+        record = check_pair(fixed, repainted_atlas, names)
+        assert not record["orientation"]["fits_better"]
+        return
+    result = check_orientation(fixed, repainted_atlas)
+    assert result.fits_better
+    assert result.given.dissimilarity >= 1.3 * result.best.dissimilarity  # a margin over the rule (RATIO 1.1)
+    assert result.suggested_codes(fixed.grid.direction, repainted_atlas.grid.direction)[0] == "psl"
+    with pytest.raises(InputError, match=r"clearly better as orientation '\w{3}' than as given .* or the fixed image as 'psl'"):
+        check_pair(fixed, repainted_atlas, names)
 
 
 def test_part_of_a_brain_against_a_whole_atlas_gives_a_warning(
