@@ -670,6 +670,9 @@ def test_one_hemisphere_registers_to_the_atlas_hemisphere(tmp_path: Path, exampl
     with caplog.at_level(logging.WARNING, logger="pipeline.checks"):
         _extent_check(read_image(out / "brain.ome.zarr"), read_image(whole.reference), {"moving": "atlas"}, True)
     assert "--brain-geometry hemisphere_l or hemisphere_r" in caplog.text
+    # the other hemisphere given: refused, naming the hemisphere the atlas was cut to and the other
+    wrong = CliRunner().invoke(app, [*args[:3], str(tmp_path / "wrong"), *args[4:-1], "hemisphere_r"])
+    assert wrong.exit_code == 2 and "its right hemisphere only" in wrong.output and "give hemisphere_l" in wrong.output
 
 
 def test_a_job_killed_while_it_warps_the_labels_resumes(tmp_path: Path, examples: Path) -> None:
