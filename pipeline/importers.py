@@ -44,6 +44,7 @@ from patchmorph_core.spatial import (
     orientation_code,
     orientation_matrix,
     ras_affine_from_nrrd,
+    read_box,
 )
 from pipeline.resume import ZARR_METADATA
 
@@ -592,9 +593,10 @@ mid-plane's tissue (where its coarsest level holds tissue)."""
 
 def check_levels_agree(path: str | Path, role: str, planes: Sequence[np.ndarray], stride: Sequence[int]) -> None:
     """Refuse an OME-Zarr input whose level 0 reads as its fill value where its coarsest level holds tissue, on one
-    of the three mid-planes (:func:`mid_planes`, read already): a store that another tool is still writing, or that
-    lost chunks, reads its missing chunks as the fill value (Zarr's rule), and the registration then squeezes the
-    atlas into the part that is there. Tissue is where the coarse level exceeds a tenth of its 99.5th percentile.
+    of the three mid-planes (:func:`mid_planes`, read already, with ``stride``): a store that another tool is still
+    writing, or that lost chunks, reads its missing chunks as the fill value (Zarr's rule), and the registration
+    then squeezes the atlas into the part that is there. Tissue is where the coarsest level (read whole; small)
+    exceeds a tenth of its 99.5th percentile, at the coarse voxel that holds each plane voxel's centre.
 
     Raises:
         InputError: naming the plane and the share.
@@ -604,22 +606,23 @@ def check_levels_agree(path: str | Path, role: str, planes: Sequence[np.ndarray]
     image = read_image(path)
     if len(image.levels) < 2:
         return
-    fine, coarse = image.levels[0].array, image.levels[-1].array
-    fill = getattr(fine, "fill_value", 0) or 0
-    factors = np.asarray(fine.shape[-3:], dtype=np.float64) / np.asarray(coarse.shape[-3:], dtype=np.float64)
-    centre = [n // 2 for n in fine.shape[-3:]]
+    fine, coarsest = image.levels[0], image.levels[-1]
+    fill = getattr(fine.array, "fill_value", 0) or 0
+    coarse = np.asarray(read_box(coarsest.array, tuple(slice(0, n) for n in coarsest.grid.shape)), dtype=np.float64)
+    level = np.percentile(coarse, 99.5) / 10.0
+    if level <= 0:
+        return
+    centre = [n // 2 for n in fine.grid.shape]
     for axis, plane in enumerate(planes):
-        rows, cols = [k for k in range(3) if k != axis]
-        at = [np.minimum((np.arange(plane.shape[i]) * stride[k] / factors[k]).astype(int), coarse.shape[k] - 1)
-              for i, k in enumerate((rows, cols))]  # fmt: skip
-        box: list[Any] = [slice(None)] * 3
-        box[axis] = min(int(centre[axis] / factors[axis]), coarse.shape[axis] - 1)
-        seen = np.asarray(coarse[tuple(box)], dtype=np.float64)[np.ix_(at[0], at[1])]
-        level = np.percentile(seen, 99.5) / 10.0
-        tissue = seen > max(level, 0.0)
-        if level <= 0 or tissue.sum() < 100:
+        index = np.stack(np.meshgrid(*[
+            [centre[axis]] if k == axis else np.arange(0, fine.grid.shape[k], stride[k]) for k in range(3)
+        ], indexing="ij"), axis=-1).reshape(-1, 3)  # fmt: skip
+        at = np.rint(coarsest.grid.world_to_index(fine.grid.index_to_world(index))).astype(int)
+        at = np.clip(at, 0, np.asarray(coarsest.grid.shape) - 1)
+        tissue = coarse[tuple(at.T)] > level
+        if tissue.sum() < 100:
             continue
-        share = float(np.mean(plane[tissue] == fill))
+        share = float(np.mean(np.asarray(plane).ravel()[tissue] == fill))
         if share > EMPTY_IN_TISSUE:
             raise InputError(
                 f"{role} {path} is incomplete: its full-resolution level reads as empty (the fill value, {fill:g}) on "
