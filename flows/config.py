@@ -12,7 +12,7 @@ from typing import TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from patchmorph_core.config import InferenceConfig, load_yaml
+from patchmorph_core.config import InferenceConfig, load_yaml, resolve_device
 from patchmorph_core.errors import InputError
 from patchmorph_core.spatial import check_spacing, orientation_matrix, unit_scale
 from patchmorph_core.warping import LabelInterpolation
@@ -181,7 +181,8 @@ def cluster_config(options: StepOptions) -> ClusterConfig:
     a laptop run listens on the loopback interface only.
 
     Raises:
-        InputError: a local cluster without worker processes (``processes: false``).
+        InputError: a local cluster without worker processes (``processes: false``), or one on a machine without
+            the GPU that ``inference.device: cuda`` asks for (refused once, before any item is converted).
     """
     config = (
         options.cluster
@@ -193,6 +194,8 @@ def cluster_config(options: StepOptions) -> ClusterConfig:
             "the flows' local Dask cluster needs worker processes (each task runs its own Dask work, which "
             "would deadlock on a threads-only cluster in the flow's process): set cluster.processes: true."
         )
+    if config.kind in ("local", "threads"):
+        resolve_device(options.inference.device)
     if config.kind == "local" and config.dashboard_address.startswith(":"):
         config = config.model_copy(update={"dashboard_address": "127.0.0.1" + config.dashboard_address})
     return config

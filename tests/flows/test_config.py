@@ -53,6 +53,23 @@ def test_a_copied_options_file_names_the_path_it_lost(tmp_path: Path) -> None:
         resolve_options(copy, AtlasToSectionOptions)
 
 
+def test_a_gpu_the_machine_lacks_is_refused_once_before_any_item(tmp_path: Path) -> None:
+    """device: cuda with the flow's tasks on this machine (a local cluster) and no GPU: the run's cluster settings
+    refuse it, before any item is converted; on a SLURM cluster the nodes decide."""
+    import torch
+
+    from patchmorph_core.config import InferenceConfig
+
+    options = RegisterPairOptions(inference=InferenceConfig(device="cuda"))
+    if torch.cuda.is_available():
+        assert cluster_config(options).kind == "local"
+    else:
+        with pytest.raises(InputError, match="no CUDA GPU is available"):
+            cluster_config(options)
+    slurm = options.model_copy(update={"cluster": str(CONFIGS / "cluster" / "slurm.yaml")})
+    assert cluster_config(slurm).kind == "slurm"
+
+
 def test_defaults_and_inline_models() -> None:
     default = resolve_options(None, RegisterPairOptions)
     assert default.retries == 2 and default.cluster == ClusterConfig()
