@@ -37,17 +37,11 @@ UnitOption = Annotated[
         help="Unit of the voxel size / header numbers: micrometer, millimeter, ... (TIFF default: micrometer)."
     ),
 ]
-def _lower(code: str | None) -> str | None:
-    """An orientation code in lower case (``PSL`` and ``psl`` are one setting)."""
-    return code.lower() if code else code
-
-
 OrientationOption = Annotated[
     str | None,
     typer.Option(
         help="Anatomical orientation code of the array axes (z, y, x), brainglobe style: each letter names "
-        "the side where index 0 lies, e.g. 'psl' or 'asr'. Replaces any header orientation.",
-        callback=_lower,
+        "the side where index 0 lies, e.g. 'psl' or 'asr'. Replaces any header orientation."
     ),
 ]
 """The geometry options of an image read from a file (``convert``, ``make-atlas``)."""
