@@ -56,7 +56,7 @@ from flows.tasks import atlas_outputs_task, convert_task, metrics_task, qc_task,
 from patchmorph_core.errors import InputError
 from patchmorph_core.spatial import unit_scale
 from pipeline.atlas import BrainGeometry
-from pipeline.atlas_job import atlas_inference, job_summary, write_job_summary
+from pipeline.atlas_job import atlas_inference, atlas_reference_name, job_summary, write_job_summary
 from pipeline.brainglobe import find_atlas
 from pipeline.checks import check_outputs
 from pipeline.ngff import read_field
@@ -150,6 +150,14 @@ class ItemJob(BaseModel):
             if image.needs_conversion:
                 paths[f"converted {role}"] = image.converted
         return paths
+
+    def check_names(self) -> dict[str, str]:
+        """How the registration's checks name ``fixed`` and ``moving``: the paths the manifest gave, an atlas by
+        its name (with the hemisphere it was cut to), not their converted copies."""
+        moving = str(self.moving.path) if self.atlas is None else atlas_reference_name(
+            Path(self.atlas).name, self.brain_geometry, option="brain_geometry"
+        )  # fmt: skip
+        return {"fixed": str(self.fixed.path), "moving": moving}
 
     def inputs(self) -> dict[str, ImageInput]:
         """The job's inputs by role."""
@@ -402,6 +410,7 @@ def run_jobs(
                     options.register_cluster,
                     options.register_workers,
                     options.checks,
+                    j.check_names(),
                 )
             },
             errors,

@@ -92,11 +92,12 @@ def register_task(
     scheduler: str,
     workers: int | None,
     checks: CheckOptions,
+    names: dict[str, str] | None = None,
 ) -> Any:
     """:func:`pipeline.register.register_files`: the displacement field of ``moving`` onto ``fixed``.
 
     The item is being (re)computed, so an earlier field at ``out`` is replaced. ``checks``: what its
-    pre-flight and quality checks may let through.
+    pre-flight and quality checks may let through; ``names``: how their messages name ``fixed`` and ``moving``.
     """
     return run_isolated(
         register_files,
@@ -110,6 +111,7 @@ def register_task(
         overwrite=True,
         progress=False,
         checks=checks,
+        names=names,
     )
 
 

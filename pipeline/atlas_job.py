@@ -585,7 +585,7 @@ def _run_atlas_job(
             registration = register_files(
                 brain_zarr, prepared.reference, field, inference, scheduler=address,
                 overwrite=restart or not field.with_name(field.name + ".run").is_dir(), progress=False,
-                checks=config.checks, names={"fixed": str(brain), "moving": _reference_name(found.name, config.brain_geometry)},
+                checks=config.checks, names={"fixed": str(brain), "moving": atlas_reference_name(found.name, config.brain_geometry)},
             )  # fmt: skip
             register_seconds = registration.seconds
         if registration is not None or not recorded.get("field_finished"):
@@ -647,14 +647,15 @@ def job_scheduler(cluster: ClusterConfig) -> Iterator[str | None]:
         yield address
 
 
-def _reference_name(atlas: str, brain_geometry: str) -> str:
+def atlas_reference_name(atlas: str, brain_geometry: str, option: str = "--brain-geometry") -> str:
     """How the registration's refusals name the atlas's reference: with the hemisphere it was cut to, since a
-    refused orientation of a hemisphere is often the other hemisphere given."""
+    refused orientation of a hemisphere is often the other hemisphere given. ``option``: how the user set the
+    geometry (the command's option, or a manifest's column)."""
     if brain_geometry == "full":
         return f"{atlas}'s reference"
     side = "left" if brain_geometry == "hemisphere_l" else "right"
     other = "hemisphere_r" if brain_geometry == "hemisphere_l" else "hemisphere_l"
-    return f"{atlas}'s reference, its {side} hemisphere only (--brain-geometry {brain_geometry}: if the brain is the other hemisphere, give {other})"
+    return f"{atlas}'s reference, its {side} hemisphere only ({option} {brain_geometry}: if the brain is the other hemisphere, give {other})"
 
 
 def _finished_field(field: Path) -> bool:

@@ -179,15 +179,24 @@ def test_brainglobe_atlas_gives_each_item_the_atlas_jobs_outputs(
             [
                 {"name": "stp", "path": str(flow_data["brain_tif"]), "channels": [str(flow_data["brain_tif"])], **geometry},
                 {"name": "left", "path": str(tmp_path / "left.tif"), "brain_geometry": "hemisphere_l", **geometry},
+                {"name": "left_as_right", "path": str(tmp_path / "left.tif"), "brain_geometry": "hemisphere_r", **geometry},
             ]
         )
     )
     options = write_options(tmp_path / "options.yaml", workers=1)
-    report = atlas_to_section(
-        str(EXAMPLE_DIR / EXAMPLE_ATLAS), str(manifest), str(tmp_path / "out"), config=str(options)
+    state = atlas_to_section(
+        str(EXAMPLE_DIR / EXAMPLE_ATLAS), str(manifest), str(tmp_path / "out"), config=str(options), return_state=True
     )
+    failed = state.result(raise_on_failure=False)
+    assert state.is_failed() and isinstance(failed, BatchFailed)
+    report = failed.report
 
-    assert report.errors == [] and sorted(r.name for r in report.results) == ["left", "stp"]
+    assert sorted(r.name for r in report.results) == ["left", "stp"]
+    # the other hemisphere given: refused before its registration, naming the atlas's half and the other one
+    (refused,) = report.errors
+    assert refused.name == "left_as_right" and refused.step == "register", refused
+    assert "its right hemisphere only" in refused.message and "give hemisphere_l" in refused.message
+    assert str(tmp_path / "left.tif") in refused.message and "fixed.ome.zarr" not in refused.message
     # the hemisphere item is registered to the atlas's left hemisphere: no structure of the right on it
     left = next(r for r in report.results if r.name == "left")
     sides = [(float(r["left_volume_mm3"]), float(r["right_volume_mm3"])) for r in csv.DictReader(left.outputs["volumes"].open())]
