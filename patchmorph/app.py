@@ -9,6 +9,7 @@ shows the INFO log of every step.
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import sys
@@ -79,12 +80,14 @@ def lost_worker_sentence(err: BaseException) -> str:
     )
 
 
-def system_error_sentence(err: OSError) -> str:
-    """One sentence for an operating-system error: what failed, on which path, and what to do."""
+def system_error_sentence(err: OSError, output: object = None) -> str:
+    """One sentence for an operating-system error: what failed, on which path (the error's own, else the
+    command's ``output`` that was being written), and what to do."""
     reason = (err.strerror or str(err) or type(err).__name__).rstrip(".")
-    where = f" ({err.filename})" if err.filename else ""
+    where = f" ({err.filename})" if err.filename else f" (while writing {output})" if output is not None else ""
+    remedy = "free space on that disk or write elsewhere" if err.errno == errno.ENOSPC else "fix the cause"
     return (
-        f"{reason[:1].lower()}{reason[1:]}{where}: fix the cause and rerun the same command; finished chunks "
+        f"{reason[:1].lower()}{reason[1:]}{where}: {remedy} and rerun the same command; finished chunks "
         "are kept and the run resumes (nothing unfinished is marked complete)."
     )
 
@@ -109,7 +112,8 @@ def command(func: Callable[..., Any]) -> Callable[..., Any]:
             if not (lost or isinstance(err, OSError)):
                 raise
             logging.getLogger(__name__).info("operating-system error", exc_info=True)
-            typer.echo(f"error: {lost_worker_sentence(err) if lost else system_error_sentence(err)}", err=True)
+            output = kwargs.get("out", kwargs.get("output"))
+            typer.echo(f"error: {lost_worker_sentence(err) if lost else system_error_sentence(err, output)}", err=True)
             sys.exit(EXIT_SYSTEM)
 
     app.command(name=func.__name__.replace("_", "-"), options_metavar="[OPTIONS]")(wrapper)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import subprocess
 import sys
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -97,3 +98,25 @@ def test_a_lost_dask_worker_is_one_sentence(monkeypatch: pytest.MonkeyPatch, err
     result = CliRunner().invoke(app_module.app, ["fails"])
     assert result.exit_code == app_module.EXIT_SYSTEM
     assert "the Dask cluster lost a worker" in result.output and "raise memory_per_worker" in result.output
+
+
+def test_a_full_disk_names_the_output_being_written(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A disk that fills mid-write, whose error carries no path (a chunk store's write), names the command's output
+    and the remedy, exit code 1."""
+    import errno
+
+    import typer
+    from typer.testing import CliRunner
+
+    from patchmorph import app as app_module
+
+    monkeypatch.setattr(app_module, "app", typer.Typer())
+
+    def fills(out: Path = typer.Option(..., "--out")) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    app_module.command(fills)
+    app_module.app.command(name="other")(lambda: None)
+    result = CliRunner().invoke(app_module.app, ["fills", "--out", str(tmp_path / "field.ome.zarr")])
+    assert result.exit_code == app_module.EXIT_SYSTEM
+    assert f"no space left on device (while writing {tmp_path / 'field.ome.zarr'}): free space on that disk" in result.output
