@@ -75,7 +75,8 @@ def lost_worker_sentence(err: BaseException) -> str:
     """One sentence for a Dask worker lost mid-run: the likely cause and what to do."""
     return (
         f"the Dask cluster lost a worker ({type(err).__name__}: {err}); a worker that exceeds its memory limit is "
-        "restarted (the warning above says so): raise memory_per_worker in the cluster file or give a smaller "
+        "restarted (the warning above says so): raise memory_per_worker in the cluster file (slurm.memory for SLURM "
+        "jobs) or give a smaller "
         "--chunk-size, then rerun the same command: finished chunks are kept and the run resumes."
     )
 

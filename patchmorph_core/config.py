@@ -370,7 +370,10 @@ def load_yaml(path: str | Path, cls: type[ConfigT]) -> ConfigT:
     try:
         return cls.model_validate(data)
     except ValidationError as err:
-        problems = [f"{'.'.join(str(p) for p in e['loc']) or '<top>'!r} ({e['msg']})" for e in err.errors()]
+        problems = [
+            f"{'.'.join(str(p) for p in e['loc']) or '<top>'!r} ({e['msg'].removeprefix('Value error, ').rstrip('.')})"
+            for e in err.errors()
+        ]
         where = err.errors()[0]["loc"]
         model = _model_at(cls, where)
         section = ".".join(str(p) for p in where[:-1])

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from patchmorph_core.config import load_yaml
 from patchmorph_core.errors import InputError
@@ -52,7 +52,7 @@ class SlurmConfig(BaseModel):
         queue: SLURM partition.
         account: account to charge (``--account``).
         cores: CPU cores per job (= threads of its worker).
-        memory: memory per job, e.g. ``"16GiB"``.
+        memory: memory per job, e.g. ``"16GiB"`` (``--mem``; its worker's limit is a little less: :func:`worker_memory`).
         walltime: job time limit ``HH:MM:SS``.
         jobs: number of jobs (workers) to start.
         job_extra_directives: extra ``#SBATCH`` lines, e.g. ``["--constraint=skylake"]``.
@@ -73,6 +73,12 @@ class SlurmConfig(BaseModel):
     job_script_prologue: tuple[str, ...] = ()
     local_directory: str | None = None
     python: str | None = None
+
+    @field_validator("memory")
+    @classmethod
+    def _worker_fits(cls, memory: str) -> str:
+        worker_memory(memory)  # a size that leaves its worker room: checked when the file is read
+        return memory
 
 
 class ClusterConfig(BaseModel):
@@ -206,9 +212,37 @@ def _local_cluster(config: ClusterConfig) -> Any:
         return LocalCluster(**kwargs)
 
 
+JOB_MEMORY_RESERVE = 0.1, 1024**3
+"""Share of a SLURM job's memory (at least the bytes) that its worker's memory limit leaves out (:func:`worker_memory`)."""
+
+
+def worker_memory(job_memory: str) -> int:
+    """The memory limit (bytes) of the worker of a SLURM job with ``job_memory`` (e.g. ``"16GiB"``): the job's
+    memory less :data:`JOB_MEMORY_RESERVE` for the nanny process and what else SLURM counts against the job (the
+    file cache of the chunks it writes), so that Dask restarts a worker that grows too large, and the run names the
+    cause, before SLURM kills the whole job.
+
+    Raises:
+        InputError: the memory is not a size, or too small to leave the worker anything.
+    """
+    from dask.utils import parse_bytes
+
+    try:
+        total = int(parse_bytes(job_memory))
+    except (ValueError, TypeError) as err:
+        raise InputError(f"slurm.memory {job_memory!r} is not a size: give it as e.g. 16GiB.") from err
+    share, least = JOB_MEMORY_RESERVE
+    limit = total - max(int(share * total), least)
+    if limit < least:
+        raise InputError(f"slurm.memory {job_memory} is too small for a worker: give at least 2GiB.")
+    return limit
+
+
 def slurm_cluster(config: ClusterConfig) -> Any:
     """A ``dask_jobqueue.SLURMCluster`` built from ``config.slurm`` (no job is submitted until scaled)."""
+    from dask.utils import parse_bytes
     from dask_jobqueue import SLURMCluster
+    from dask_jobqueue.slurm import slurm_format_bytes_ceil
 
     s = config.slurm
     directives = list(s.job_extra_directives)
@@ -221,7 +255,8 @@ def slurm_cluster(config: ClusterConfig) -> Any:
         "account": s.account,
         "cores": s.cores,
         "processes": 1,
-        "memory": s.memory,
+        "memory": str(worker_memory(s.memory)),  # the worker's limit; the job asks SLURM for all of s.memory
+        "job_mem": slurm_format_bytes_ceil(parse_bytes(s.memory)),  # as sbatch --mem reads it (16G)
         "walltime": s.walltime,
         "job_extra_directives": directives,
         "job_script_prologue": [*s.job_script_prologue, *(f"export {k}={v}" for k, v in WORKER_MALLOC_ENV.items())],

@@ -16,6 +16,7 @@ from pipeline.cluster import (
     load_cluster_config,
     network_resources,
     open_client,
+    worker_memory,
 )
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "cluster"
@@ -41,6 +42,13 @@ def test_slurm_job_script_without_slurm() -> None:
     script = job_script(config)
     assert "#SBATCH" in script and "--cpus-per-task=4" in script and "-t 04:00:00" in script
     assert "gres" not in script and "--resources" not in script
+    # the job asks SLURM for its memory (in sbatch's units); its worker's limit leaves room for the nanny and the
+    # file cache, so that Dask restarts a worker that grows, before SLURM kills the job
+    assert "#SBATCH --mem=16G\n" in script and "--memory-limit 14.40GiB" in script
+    small = config.model_copy(update={"slurm": config.slurm.model_copy(update={"memory": "4GB"})})
+    assert "--memory-limit 2.73GiB" in job_script(small)
+    with pytest.raises(InputError, match="slurm.memory 1GiB is too small"):
+        worker_memory("1GiB")
     gpu = job_script(config.model_copy(update={"gpus": 1}))
     assert "#SBATCH --gres=gpu:1" in gpu and "--resources GPU=1" in gpu
     assert all(f"export {k}={v}" in script for k, v in WORKER_MALLOC_ENV.items())  # before the worker starts
