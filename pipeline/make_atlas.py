@@ -331,6 +331,8 @@ def make_atlas(
     folder = Path(folder)
     if folder.exists():
         raise InputError(f"atlas folder {folder} already exists: remove it or choose another folder.")
+    if not folder.parent.is_dir():  # a mistyped path would make a tree of folders
+        raise InputError(f"folder {folder.parent} does not exist: create it first, or give -o inside one that exists.")
     table = read_structure_table(structures) if structures is not None else []
     overrides = {"voxel_size": voxel_size, "unit": unit, "orientation": orientation}
     paths = {"template": Path(reference), "label image": Path(annotation)}

@@ -227,6 +227,10 @@ def test_bad_input_is_one_sentence_before_any_folder(atlas_files: dict[str, Path
         app, ["make-atlas", str(atlas_files["template"]), str(atlas_files["labels"]), "-o", str(out)]
     )
     assert result.exit_code == 2 and "already exists" in result.output
+    # a mistyped path makes no tree of folders, as 'patchmorph atlas -o' does not
+    result = runner.invoke(app, ["make-atlas", *args[:2], "-o", str(tmp_path / "atlases_typo" / "mine")])
+    assert result.exit_code == 2 and "atlases_typo does not exist" in result.output
+    assert not (tmp_path / "atlases_typo").exists()
 
 
 def test_own_atlas_registers_to_a_brain_through_the_commands(
