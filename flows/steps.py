@@ -52,7 +52,15 @@ from flows.records import (
     reusable_registration,
     write_done,
 )
-from flows.tasks import atlas_outputs_task, convert_task, metrics_task, qc_task, register_task, warp_task
+from flows.tasks import (
+    atlas_outputs_task,
+    convert_task,
+    converted_from,
+    metrics_task,
+    qc_task,
+    register_task,
+    warp_task,
+)
 from patchmorph_core.errors import InputError
 from patchmorph_core.spatial import unit_scale
 from pipeline.atlas import BrainGeometry
@@ -221,10 +229,6 @@ def _step(
     return survivors, by_job
 
 
-def _source_record(image: ImageInput) -> Path:
-    return image.converted.with_name(image.converted.name + ".source.json")
-
-
 def _conversion_key(image: ImageInput) -> str:
     return fingerprint({"source": image.path}, {"geometry": image.geometry.model_dump(mode="json")})
 
@@ -235,13 +239,7 @@ def _convert_inputs(jobs: list[ItemJob], convert: Task[..., Path], errors: list[
     pending: dict[Path, ImageInput] = {}
     for job in jobs:
         for image in job.inputs().values():
-            record = _source_record(image)
-            up_to_date = (
-                image.converted.exists()
-                and record.is_file()
-                and json.loads(record.read_text()).get("fingerprint") == _conversion_key(image)
-            )
-            if image.needs_conversion and not up_to_date:
+            if image.needs_conversion and not converted_from(image.converted, _conversion_key(image)):
                 pending[image.converted] = image
     for target in pending:
         with contextlib.suppress(OSError):  # a folder that cannot be made fails the conversion with a sentence
@@ -254,13 +252,11 @@ def _convert_inputs(jobs: list[ItemJob], convert: Task[..., Path], errors: list[
             image.geometry.unit,
             image.geometry.orientation,
             image.labels,
+            _conversion_key(image),
         )
         for target, image in pending.items()
     }
     values = _collect(futures)
-    for target, image in pending.items():
-        if not isinstance(values[str(target)], BaseException):
-            _source_record(image).write_text(json.dumps({"fingerprint": _conversion_key(image)}))
     survivors = []
     for job in jobs:
         failed = [values[str(img.converted)] for img in job.inputs().values() if str(img.converted) in values]

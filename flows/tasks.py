@@ -7,6 +7,7 @@ fails at once. Retries and delays are set per flow run with ``task.with_options(
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,6 +23,7 @@ from pipeline.atlas import AtlasOutputs, BrainGeometry, atlas_item_outputs
 from pipeline.checks import CheckOptions
 from pipeline.importers import check_source_planes, convert
 from pipeline.register import register_files
+from pipeline.resume import output_lock
 from pipeline.warp import warp_files
 
 _PERMANENT_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
@@ -56,6 +58,17 @@ def run_isolated(func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return pool.submit(func, *args, **kwargs).result()
 
 
+def conversion_record(target: Path) -> Path:
+    """The record beside a converted input naming what it was converted from (``<target>.source.json``)."""
+    return target.with_name(target.name + ".source.json")
+
+
+def converted_from(target: Path, key: str) -> bool:
+    """Whether ``target`` holds the conversion whose source and geometry have the fingerprint ``key``."""
+    record = conversion_record(target)
+    return target.exists() and record.is_file() and json.loads(record.read_text()).get("fingerprint") == key
+
+
 @task(name="convert", task_run_name="convert {target.parent.name}/{target.name}", **_TASK_DEFAULTS)
 def convert_task(
     source: Path,
@@ -64,21 +77,29 @@ def convert_task(
     unit: str | None,
     orientation: str | None,
     labels: bool,
+    key: str,
 ) -> Path:
-    """:func:`pipeline.importers.convert`: any supported input → OME-Zarr 0.5 at ``target`` (replaced); an image
-    whose mid-planes are constant or not finite is refused first (:func:`pipeline.importers.check_source_planes`)."""
-    if not labels:
-        check_source_planes(source, "image", voxel_size=voxel_size, unit=unit, orientation=orientation)
-    written = run_isolated(
-        convert,
-        source,
-        target,
-        voxel_size=voxel_size,
-        unit=unit,
-        orientation=orientation,
-        overwrite=True,
-        labels=labels,
-    )
+    """:func:`pipeline.importers.convert`: any supported input → OME-Zarr 0.5 at ``target`` (replaced), recorded
+    with ``key`` (the fingerprint of its source and geometry); an image whose mid-planes are constant or not
+    finite is refused first (:func:`pipeline.importers.check_source_planes`). A shared input (the atlas) that
+    another run is converting is waited for, and kept when that run made the same."""
+    with output_lock(conversion_record(target), wait=True):  # not the target's own lock: convert holds that
+        if converted_from(target, key):
+            return target
+        conversion_record(target).unlink(missing_ok=True)
+        if not labels:
+            check_source_planes(source, "image", voxel_size=voxel_size, unit=unit, orientation=orientation)
+        written = run_isolated(
+            convert,
+            source,
+            target,
+            voxel_size=voxel_size,
+            unit=unit,
+            orientation=orientation,
+            overwrite=True,
+            labels=labels,
+        )
+        conversion_record(target).write_text(json.dumps({"fingerprint": key}))
     return Path(written)
 
 

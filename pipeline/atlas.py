@@ -40,7 +40,7 @@ from patchmorph_core.errors import InputError
 from patchmorph_core.spatial import Grid, unit_scale
 from patchmorph_core.warping import LabelInterpolation
 from pipeline.brainglobe import LEFT, RIGHT, BrainGlobeAtlas, Structure, open_volume
-from pipeline.resume import atomic_write_csv
+from pipeline.resume import atomic_write_csv, output_lock
 
 logger = logging.getLogger(__name__)
 
@@ -92,10 +92,15 @@ def prepare_atlas(atlas: BrainGlobeAtlas, folder: str | Path, brain_geometry: Br
     The images keep the atlas's array order and orientation (their axes carry RFC-4 orientations), so
     anything resampled onto them is in the atlas's own array order.
     """
-    from pipeline.ngff import write_image
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    with output_lock(folder, wait=True):  # two runs into one folder at once: the second finds it made
+        return _prepare_atlas(atlas, folder, brain_geometry)
+
+
+def _prepare_atlas(atlas: BrainGlobeAtlas, folder: Path, brain_geometry: BrainGeometry) -> PreparedAtlas:
+    from pipeline.ngff import write_image
+
     paths = {role: folder / f"{role}.ome.zarr" for role in ("reference", "annotation", "hemispheres")}
     record = folder / "atlas.json"
     described = json.dumps({**atlas.describe(), "brain_geometry": brain_geometry}, sort_keys=True)

@@ -712,7 +712,8 @@ def convert(
     """Convert a TIFF plane folder, TIFF stack, NIfTI, NRRD or OME-Zarr 0.4 image to OME-Zarr 0.5.
 
     Streams chunk by chunk (bounded memory, except NRRD which pynrrd reads whole); keeps the full
-    index→world matrix (see :mod:`pipeline.ngff`).
+    index→world matrix (see :mod:`pipeline.ngff`). A conversion killed part-way and started again with the same
+    input and settings resumes: the slabs of planes it wrote are kept (:func:`pipeline.ngff.write_image_resumable`).
 
     Args:
         input: the source image.
@@ -729,7 +730,8 @@ def convert(
         The output path.
     """
     from pipeline.checks import check_outputs, check_writable
-    from pipeline.ngff import check_output, write_image
+    from pipeline.ngff import check_output, write_image_resumable
+    from pipeline.resume import code_identity, content_identity, output_lock
 
     check_outputs(inputs={"input": input}, outputs={"output": output})
     out = check_output(output, overwrite)  # fail fast, before reading anything
@@ -751,11 +753,16 @@ def convert(
         "orientation_source": source,
     }
     check_writable(out.parent)
-    with read_errors(input):
-        write_image(
+    settings = {"voxel_size": voxel_size, "unit": unit, "orientation": orientation, "labels": labels}
+    fingerprint = {
+        "input": content_identity(input), **settings, "chunks": chunks, "n_levels": n_levels, "code": code_identity()
+    }
+    with output_lock(out), read_errors(input):
+        write_image_resumable(
             out,
             array,
             grid,
+            fingerprint,
             name=Path(input).name.split(".")[0],
             labels=labels,
             chunks=chunks,

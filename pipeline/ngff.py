@@ -59,7 +59,7 @@ from patchmorph_core.spatial import (
     unit_scale,
 )
 from pipeline.integrity import ARRAY_OPTIONS, EVERY_CHUNK_WRITTEN, VerifiedStore, writable
-from pipeline.resume import WRITE_ID, check_replaceable, temporary_sibling
+from pipeline.resume import WRITE_ID, StageRecords, check_replaceable, temporary_sibling
 
 logger = logging.getLogger(__name__)
 
@@ -477,13 +477,17 @@ def create_image_array(
     return field_view(array, grid, extra_attrs or {})
 
 
-def _store(data: Any, target: zarr.Array, desc: str, client: Any = None) -> None:
+def _store(
+    data: Any, target: zarr.Array, desc: str, client: Any = None, records: StageRecords | None = None
+) -> None:
     """Write a numpy or dask array into ``target`` whole write-block by write-block (no shared chunks).
 
     Works through one slab of write blocks along ``z`` at a time (blocks of a slab in parallel), so
     memory and the task graph computed at once are bounded by a slab, never by the volume. The blocks run
     on ``client`` (a ``distributed.Client``) when given, else on threads of this process: never on
-    whatever client Dask's process-wide default happens to be (another thread's, perhaps closing).
+    whatever client Dask's process-wide default happens to be (another thread's, perhaps closing). With
+    ``records`` each slab ``i`` is recorded as chunk ``(i, 0, 0)`` once written whole, and a recorded slab is
+    not written again (a resumed write).
     """
     import dask.array as da  # here, not at the top: reading and writing a field in place need no Dask
 
@@ -494,9 +498,14 @@ def _store(data: Any, target: zarr.Array, desc: str, client: Any = None) -> None
     depth = block[z_axis]
     starts = range(0, darr.shape[z_axis], depth)
     with tqdm(starts, desc=desc, unit="slab", leave=False) as bar:  # cleared also when a slab fails
-        for start in bar:
-            region = (slice(None),) * z_axis + (slice(start, min(start + depth, darr.shape[z_axis])),)
+        for index, start in enumerate(bar):
+            if records is not None and records.is_done((index, 0, 0)):
+                continue
+            stop = min(start + depth, darr.shape[z_axis])
+            region = (slice(None),) * z_axis + (slice(start, stop),)
             da.store(darr[region], target, regions=region, lock=False, scheduler=client or "threads")
+            if records is not None:
+                records.mark_done((index, 0, 0), {"planes": [start, stop]})
 
 
 DOWNSAMPLE_SLAB_PLANES = 8
@@ -798,6 +807,56 @@ def write_image(
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+    logger.info("wrote %s %s (shape %s, %s)", "labels" if labels else "image", out, grid.shape, grid.unit)
+    return out
+
+
+RESUMABLE = ".converting"
+"""Suffix of the hidden sibling ``.<name>.converting`` that :func:`write_image_resumable` writes into (beside it its
+run folder, ``.<name>.converting.run``)."""
+
+
+def write_image_resumable(
+    path: str | Path,
+    data: Any,
+    grid: Grid,
+    fingerprint: dict[str, Any],
+    *,
+    name: str = "image",
+    labels: bool = False,
+    chunks: Sequence[int] | None = None,
+    overwrite: bool = False,
+    extra_attrs: Mapping[str, Any] | None = None,
+    n_levels: int | None = None,
+) -> Path:
+    """:func:`write_image` for a source that takes hours to read (a terabyte plane folder): level 0 is written
+    slab by slab into the hidden sibling ``.<name>.converting``, each slab recorded once whole in its run folder;
+    a write killed part-way and started again with the same ``fingerprint`` (the source's identity and the
+    settings) keeps the recorded slabs and writes the rest. The finished image is renamed into place, so
+    ``path`` never holds a half-written image. Another ``fingerprint`` starts the sibling anew.
+    """
+    from pipeline.resume import open_run, run_matches
+
+    out = check_output(path, overwrite)
+    if tuple(data.shape) != grid.shape:
+        raise InputError(f"image shape {tuple(data.shape)} does not match its grid shape {grid.shape}.")
+    partial = out.with_name(f".{out.name}{RESUMABLE}")
+    root = partial.with_name(partial.name + ".run")
+    same = run_matches(root, fingerprint) and partial.is_dir()
+    stage = open_run(root, fingerprint, overwrite=not same).stage("level0")
+    resume = same and stage.vouch_for([partial]) and bool(stage.completed())
+    if resume:
+        logger.info("resuming the write of %s: %d slabs of level 0 were written before", out, len(stage.completed()))
+    array = create_image_array(
+        partial, grid.shape, grid, _storage_dtype(data.dtype), chunks, name=name, labels=labels,
+        overwrite=not resume, resume=resume, extra_attrs=extra_attrs,
+    )  # fmt: skip
+    if not resume:
+        stage.bind([partial])
+    _store(data, array, desc=f"writing {name}", records=stage)
+    finish_image(partial, n_levels=n_levels)
+    _replace(partial, out)
+    shutil.rmtree(root)
     logger.info("wrote %s %s (shape %s, %s)", "labels" if labels else "image", out, grid.shape, grid.unit)
     return out
 

@@ -29,6 +29,7 @@ import hashlib
 import inspect
 import io
 import json
+import logging
 import os
 import shutil
 import socket
@@ -40,6 +41,8 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from patchmorph_core.errors import InputError
+
+logger = logging.getLogger(__name__)
 
 ChunkId = tuple[int, int, int]
 
@@ -306,6 +309,14 @@ class RunRecords:
         return (self.root / "finished.json").is_file()
 
 
+def run_matches(root: Path, fingerprint: dict[str, Any]) -> bool:
+    """Whether ``root`` holds the records of an unfinished run described by ``fingerprint`` (one to resume)."""
+    manifest = root / "run.json"
+    if not manifest.is_file() or RunRecords(root).finished:
+        return False
+    return bool(json.loads(manifest.read_text()) == as_recorded(fingerprint))
+
+
 def open_run(root: Path, fingerprint: dict[str, Any], overwrite: bool) -> RunRecords:
     """Open (or start) the run folder ``root`` for a run described by ``fingerprint``.
 
@@ -338,32 +349,66 @@ def open_run(root: Path, fingerprint: dict[str, Any], overwrite: bool) -> RunRec
     return RunRecords(root)
 
 
-@contextlib.contextmanager
-def output_lock(out: Path) -> Iterator[None]:
-    """Hold the exclusive right to write ``out`` (and its run folder) while the block runs: an advisory lock
-    (``flock``) on a hidden file beside it, ``.<name>.lock``, which names the holder. The operating system
-    releases it when the process ends, also when it is killed, so a stopped run never blocks its resumption.
-    Where the file system has no locks the block runs without one.
+def _lock(fd: int, out: Path, wait: bool) -> bool:
+    """Take the exclusive ``flock`` on ``fd`` for ``out``; False where the file system has no locks.
 
     Raises:
-        InputError: another process holds it (two runs into one output, e.g. a job started twice).
+        InputError: another process holds it and ``wait`` is False.
     """
-    path = out.with_name(f".{out.name}.lock")
     try:
-        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
-    except OSError:  # no such folder (the caller's checks say so) or not writable: nothing to lock
-        yield
-        return
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+        if not wait:
             raise InputError(
                 f"output {out} is being written by another run ({holder}): wait for it to finish, or stop it "
                 "and rerun this command to resume."
             ) from None
-        except OSError:  # the file system has no locks
+        logger.info("waiting for another run (%s) to finish %s", holder, out)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return True
+    except OSError:  # the file system has no locks
+        return False
+
+
+def _still_there(fd: int, path: Path) -> bool:
+    """Whether ``path`` is still the file ``fd`` has open (a holder removes it as it lets go)."""
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
+
+
+@contextlib.contextmanager
+def output_lock(out: Path, wait: bool = False) -> Iterator[None]:
+    """Hold the exclusive right to write ``out`` (and its run folder) while the block runs: an advisory lock
+    (``flock``) on a hidden file beside it, ``.<name>.lock``, which names the holder. The operating system
+    releases it when the process ends, also when it is killed, so a stopped run never blocks its resumption.
+    Where the file system has no locks the block runs without one. With ``wait`` a held lock is waited for
+    (a shared input that two runs would make at once: the second finds it made).
+
+    Raises:
+        InputError: another process holds it and ``wait`` is False (two runs into one output, e.g. a job
+            started twice).
+    """
+    path = out.with_name(f".{out.name}.lock")
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+        except OSError:  # no such folder (the caller's checks say so) or not writable: nothing to lock
+            yield
+            return
+        try:
+            locked = _lock(fd, out, wait)
+        except BaseException:
+            os.close(fd)
+            raise
+        if not locked or _still_there(fd, path):
+            break
+        os.close(fd)  # its holder removed it as it let go: lock the one there now
+    try:
+        if not locked:
             yield
             return
         os.ftruncate(fd, 0)

@@ -301,3 +301,36 @@ def test_an_orientation_that_contradicts_the_header_is_warned(tmp_path: Path, ca
         convert(tmp_path / f"{name}.nii.gz", tmp_path / f"{name}_{code}.ome.zarr", orientation=code)
         said = [r.getMessage() for r in caplog.records if "replaces what the header" in r.getMessage()]
         assert (said == []) if warned is None else (len(said) == 1 and warned in said[0]), (name, code, said)
+
+
+def test_a_killed_conversion_resumes_with_the_slabs_it_wrote(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A plane folder's conversion killed (SIGKILL) after two of its five slabs: nothing at the output's path, and
+    the same conversion again keeps those two slabs and writes the rest, to the same image as one whole run."""
+    import logging
+    import subprocess
+    import sys
+
+    stack = _planes(tmp_path / "planes", 40, (30, 50))
+    out = tmp_path / "brain.ome.zarr"
+    killed = subprocess.run(
+        [sys.executable, "-c", (
+            "import os, signal\n"
+            "from pipeline.resume import StageRecords\n"
+            "from pipeline.importers import convert\n"
+            "mark = StageRecords.mark_done\n"
+            "def mark_then_die(self, cid, info):\n"
+            "    mark(self, cid, info)\n"
+            "    if len(self.completed()) == 2:\n"
+            "        os.kill(os.getpid(), signal.SIGKILL)\n"
+            "StageRecords.mark_done = mark_then_die\n"
+            f"convert({str(tmp_path / 'planes')!r}, {str(out)!r}, voxel_size=(50, 2, 2), chunks=(8, 8, 8))\n"
+        )],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert killed.returncode == -9, killed.stderr
+    assert not out.exists() and (tmp_path / ".brain.ome.zarr.converting").is_dir()
+    with caplog.at_level(logging.INFO, logger="pipeline.ngff"):
+        convert(tmp_path / "planes", out, voxel_size=(50, 2, 2), chunks=(8, 8, 8))
+    assert "2 slabs of level 0 were written before" in caplog.text
+    np.testing.assert_array_equal(_level0(out), stack)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["brain.ome.zarr", "planes"]

@@ -122,6 +122,33 @@ def test_one_output_is_written_by_one_run_at_a_time(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_shared_input_is_waited_for_not_made_twice(tmp_path: Path) -> None:
+    """``wait=True`` (a shared input two runs would make at once): the second holder waits until the first lets
+    go, then holds a lock of its own that a third run respects (the first removed the file it locked)."""
+    import threading
+
+    out, order = tmp_path / "atlas.ome.zarr", []
+    first_holds, second_done = threading.Event(), threading.Event()
+
+    def second() -> None:
+        first_holds.wait()
+        with output_lock(out, wait=True):
+            order.append("second")
+            with pytest.raises(InputError, match="being written by another run"), output_lock(out):
+                pass
+        second_done.set()
+
+    waiting = threading.Thread(target=second)
+    waiting.start()
+    with output_lock(out):
+        first_holds.set()
+        time.sleep(0.5)
+        order.append("first")
+    assert second_done.wait(10) and order == ["first", "second"]
+    waiting.join()
+    assert list(tmp_path.iterdir()) == []
+
+
 def _break_output_chunk(run: Path, stage: str, out: Path, victim: tuple[int, int, int]) -> StageRecords:
     """The state a crash while ``stage`` wrote the 9³ output chunk ``victim`` could leave: its record gone,
     its data NaN, the run and the output unfinished. Returns the stage's records."""
