@@ -8,6 +8,8 @@ fails at once. Retries and delays are set per flow run with ``task.with_options(
 from __future__ import annotations
 
 import json
+import logging
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,6 +18,7 @@ from typing import Any, TypeVar
 from prefect import Task, task
 from prefect.client.schemas.objects import State, TaskRun
 
+from flows.settings import PROJECT_LOGGERS
 from patchmorph_core.config import InferenceConfig
 from patchmorph_core.warping import LabelInterpolation
 from pipeline import qc
@@ -45,6 +48,33 @@ _TASK_DEFAULTS: dict[str, Any] = {"retry_condition_fn": retry_on_transient, "per
 T = TypeVar("T")
 
 
+class _ThreadWarnings(logging.Handler):
+    """Collects the warnings (and worse) that the project's loggers give in one thread."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.thread: int | None = None
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread == self.thread:
+            self.records.append(record)
+
+
+def _to_run_log(records: list[logging.LogRecord]) -> None:
+    """Give ``records`` again through the task run's logger, so that they reach the run's log in the API and the
+    UI from a Dask worker too (nothing outside a task run)."""
+    from prefect.exceptions import MissingContextError
+    from prefect.logging import get_run_logger
+
+    try:
+        run_log = get_run_logger()
+    except MissingContextError:
+        return
+    for record in records:
+        run_log.log(record.levelno, "%s: %s", record.name, record.getMessage())
+
+
 def run_isolated(func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Call ``func`` in a fresh thread, outside the Dask worker's task context.
 
@@ -52,10 +82,25 @@ def run_isolated(func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     of their own (a threaded cluster for chunks, ``dask.compute`` for conversion); called from the
     worker's task thread, Dask would route that work to the *outer* worker (``get_worker()`` and the
     worker's client are found through thread-local and context variables). A new thread starts with
-    neither, so the function behaves exactly as when called from a notebook.
+    neither, so the function behaves exactly as when called from a notebook. The warnings the project's
+    loggers give in that thread go to the task run's log afterwards (:data:`flows.settings.PROJECT_LOGGERS`).
     """
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="patchmorph-task") as pool:
-        return pool.submit(func, *args, **kwargs).result()
+    relay = _ThreadWarnings()
+    loggers = [logging.getLogger(name) for name in PROJECT_LOGGERS]
+
+    def call() -> T:
+        relay.thread = threading.get_ident()
+        return func(*args, **kwargs)
+
+    for logger in loggers:
+        logger.addHandler(relay)
+    try:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="patchmorph-task") as pool:
+            return pool.submit(call).result()
+    finally:
+        for logger in loggers:
+            logger.removeHandler(relay)
+        _to_run_log(relay.records)
 
 
 def conversion_record(target: Path) -> Path:
