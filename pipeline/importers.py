@@ -713,7 +713,7 @@ def convert(
 
     Streams chunk by chunk (bounded memory, except NRRD which pynrrd reads whole); keeps the full
     index→world matrix (see :mod:`pipeline.ngff`). A conversion killed part-way and started again with the same
-    input and settings resumes: the slabs of planes it wrote are kept (:func:`pipeline.ngff.write_image_resumable`).
+    input and settings resumes: the slabs of planes it wrote are kept (``fingerprint`` of :func:`pipeline.ngff.write_image`).
 
     Args:
         input: the source image.
@@ -730,7 +730,7 @@ def convert(
         The output path.
     """
     from pipeline.checks import check_outputs, check_writable
-    from pipeline.ngff import check_output, write_image_resumable
+    from pipeline.ngff import check_output, write_image
     from pipeline.resume import code_identity, content_identity, output_lock
 
     check_outputs(inputs={"input": input}, outputs={"output": output})
@@ -758,17 +758,17 @@ def convert(
         "input": content_identity(input), **settings, "chunks": chunks, "n_levels": n_levels, "code": code_identity()
     }
     with output_lock(out), read_errors(input):
-        write_image_resumable(
+        write_image(
             out,
             array,
             grid,
-            fingerprint,
             name=Path(input).name.split(".")[0],
             labels=labels,
             chunks=chunks,
             overwrite=overwrite,
             extra_attrs=provenance,
             n_levels=n_levels,
+            fingerprint=fingerprint,
         )
     logger.info("wrote %s (OME-Zarr 0.5)", out)
     return out

@@ -770,11 +770,13 @@ def write_image(
     overwrite: bool = False,
     extra_attrs: Mapping[str, Any] | None = None,
     n_levels: int | None = None,
+    fingerprint: dict[str, Any] | None = None,
 ) -> Path:
     """Write a ``(Z, Y, X)`` numpy or dask array as an NGFF 0.5 multiscale image (or label image).
 
     Args:
-        path: output group (``.zarr`` folder); written to a temporary sibling and renamed into place.
+        path: output group (``.zarr`` folder); written to a hidden sibling and renamed into place, so ``path``
+            never holds a half-written image.
         data: ``(Z, Y, X)`` array on ``grid`` (dask arrays are streamed block by block).
         grid: level-0 grid (shape, index→world affine, unit).
         name: multiscale name.
@@ -783,6 +785,10 @@ def write_image(
         overwrite: replace an existing output (else InputError).
         extra_attrs: merged into ``attrs["patchmorph"]`` (e.g. provenance).
         n_levels: pyramid levels (default: automatic, see :func:`finish_image`).
+        fingerprint: for a source that takes hours to read (a terabyte plane folder), what identifies this write
+            (the source's identity and the settings): level 0 goes into the sibling ``.<name>.converting`` slab by
+            slab, each slab recorded once whole (:func:`_write_resumable`), and a write killed part-way and started
+            again with the same fingerprint keeps the recorded slabs. None: a sibling of this process only.
 
     Returns:
         The output path.
@@ -790,56 +796,43 @@ def write_image(
     out = check_output(path, overwrite)
     if tuple(data.shape) != grid.shape:
         raise InputError(f"image shape {tuple(data.shape)} does not match its grid shape {grid.shape}.")
-    tmp = temporary_sibling(out)
-    try:
-        _write_group(
-            tmp,
-            data,
-            grid,
-            channels=None,
-            name=name,
-            labels=labels,
-            chunks=chunks,
-            extra_attrs=extra_attrs,
-            n_levels=n_levels,
-        )
-        _replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+    layout = {"name": name, "labels": labels, "chunks": chunks, "extra_attrs": extra_attrs, "n_levels": n_levels}
+    if fingerprint is not None:
+        _write_resumable(out, data, grid, fingerprint, **layout)
+    else:
+        tmp = temporary_sibling(out)
+        try:
+            _write_group(tmp, data, grid, channels=None, **layout)
+            _replace(tmp, out)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
     logger.info("wrote %s %s (shape %s, %s)", "labels" if labels else "image", out, grid.shape, grid.unit)
     return out
 
 
 RESUMABLE = ".converting"
-"""Suffix of the hidden sibling ``.<name>.converting`` that :func:`write_image_resumable` writes into (beside it its
-run folder, ``.<name>.converting.run``)."""
+"""Suffix of the hidden sibling ``.<name>.converting`` that :func:`_write_resumable` writes into (beside it its run
+folder, ``.<name>.converting.run``)."""
 
 
-def write_image_resumable(
-    path: str | Path,
+def _write_resumable(
+    out: Path,
     data: Any,
     grid: Grid,
     fingerprint: dict[str, Any],
     *,
-    name: str = "image",
-    labels: bool = False,
-    chunks: Sequence[int] | None = None,
-    overwrite: bool = False,
-    extra_attrs: Mapping[str, Any] | None = None,
-    n_levels: int | None = None,
-) -> Path:
-    """:func:`write_image` for a source that takes hours to read (a terabyte plane folder): level 0 is written
-    slab by slab into the hidden sibling ``.<name>.converting``, each slab recorded once whole in its run folder;
-    a write killed part-way and started again with the same ``fingerprint`` (the source's identity and the
-    settings) keeps the recorded slabs and writes the rest. The finished image is renamed into place, so
-    ``path`` never holds a half-written image. Another ``fingerprint`` starts the sibling anew.
-    """
+    name: str,
+    labels: bool,
+    chunks: Sequence[int] | None,
+    extra_attrs: Mapping[str, Any] | None,
+    n_levels: int | None,
+) -> None:
+    """:func:`write_image` with a ``fingerprint``: level 0 slab by slab into ``.<name>.converting``, the recorded
+    slabs of an unfinished write with the same fingerprint kept, then the pyramid, then the rename into place.
+    Another fingerprint starts the sibling anew."""
     from pipeline.resume import open_run, run_matches
 
-    out = check_output(path, overwrite)
-    if tuple(data.shape) != grid.shape:
-        raise InputError(f"image shape {tuple(data.shape)} does not match its grid shape {grid.shape}.")
     partial = out.with_name(f".{out.name}{RESUMABLE}")
     root = partial.with_name(partial.name + ".run")
     same = run_matches(root, fingerprint) and partial.is_dir()
@@ -857,8 +850,6 @@ def write_image_resumable(
     finish_image(partial, n_levels=n_levels)
     _replace(partial, out)
     shutil.rmtree(root)
-    logger.info("wrote %s %s (shape %s, %s)", "labels" if labels else "image", out, grid.shape, grid.unit)
-    return out
 
 
 def field_metadata(grid: Grid, metadata: Mapping[str, Any] | None = None) -> dict[str, Any]:
