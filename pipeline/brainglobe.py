@@ -238,8 +238,9 @@ def _read_json(path: Path) -> Any:
 
 
 def read_atlas(folder: str | Path) -> BrainGlobeAtlas:
-    """Read an atlas folder of either layout (``metadata.json`` or ``manifest.json`` inside it)."""
-    folder = Path(folder)
+    """Read an atlas folder of either layout (``metadata.json`` or ``manifest.json`` inside it). The atlas's
+    ``folder`` is the absolute path: jobs record it, and later commands run from other working folders read it."""
+    folder = Path(folder).expanduser().resolve()
     if (folder / METADATA_FILE).is_file():
         return _read_tiff_layout(folder)
     if (folder / MANIFEST_FILE).is_file():

@@ -75,6 +75,18 @@ def test_bundled_atlas_reads_as_brainglobe_allen_mouse_100um(example: Path) -> N
     assert bulb[:, 0].mean() < 0.25 * atlas.shape[0]
 
 
+def test_an_atlas_folder_given_relative_is_recorded_with_its_absolute_path(
+    example: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job records its atlas's folder (``atlas.json``) and ``points``, ``export-brainreg`` and ``cohort`` read it
+    later, from whatever folder they are run in: a relative path would name another folder there (or none)."""
+    monkeypatch.chdir(example.parent)
+    for given in (example.name, f"./{example.name}"):
+        atlas = find_atlas(given)
+        assert atlas.folder == example.resolve() and atlas.folder.is_absolute()
+        assert atlas.describe()["folder"] == str(example.resolve())
+
+
 def test_symmetric_hemispheres_split_the_left_right_axis_as_brainglobe_does() -> None:
     hemi = midline_hemispheres((2, 3, 5), "asr")  # axis 2 runs right -> left; round(5 / 2) = 2
     assert hemi[0, 0].tolist() == [RIGHT, RIGHT, LEFT, LEFT, LEFT]
