@@ -13,8 +13,9 @@ Writes into the output folder:
   (its own id only, the job's figure);
 * ``volumes_wide.csv`` — one row per structure, one column per animal: ``total_mm3`` with the structures below.
 
-Every job (a ``patchmorph atlas`` output folder, or a batch item's folder) must have used the same atlas; the
-animals are named by their folders' names, which must differ.
+Every job (a ``patchmorph atlas`` output folder, or a batch item's folder) must have used the same atlas and the
+same brain geometry (a whole brain, or one hemisphere: its other side's volumes are 0); the animals are named by
+their folders' names, which must differ.
 """
 
 from __future__ import annotations
@@ -71,8 +72,8 @@ def cohort_tables(jobs: Sequence[str | Path], out: str | Path) -> dict[str, Path
     """Write the cohort's tables (see the module docstring) into ``out`` (created).
 
     Raises:
-        InputError: fewer than one job, a folder that is no finished atlas job, jobs of different atlases, or
-            two of one name (before anything is written).
+        InputError: fewer than one job, a folder that is no finished atlas job, jobs of different atlases or brain
+            geometries, or two of one name (before anything is written).
     """
     if not jobs:
         raise InputError("no job folders given: give the output folders of the animals' atlas jobs.")
@@ -83,6 +84,13 @@ def cohort_tables(jobs: Sequence[str | Path], out: str | Path) -> dict[str, Path
         raise InputError(
             f"the jobs used different atlases ({', '.join(f'{n}: {a}' for n, a in atlases.items())}): a cohort's "
             "regions are one atlas's; give jobs of one atlas."
+        )
+    geometries = {name: job.brain_geometry for name, job in opened.items()}
+    if len(set(geometries.values())) > 1:
+        raise InputError(
+            f"the jobs registered different parts of the brain ({', '.join(f'{n}: {g}' for n, g in geometries.items())}"
+            "): a hemisphere's volumes (the other side 0) are not comparable with a whole brain's; give jobs of one "
+            "--brain-geometry."
         )
     structures = next(iter(opened.values())).structures
     long_rows, wide = [], defaultdict(dict)

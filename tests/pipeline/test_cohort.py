@@ -75,3 +75,21 @@ def test_a_cohort_of_bad_folders_is_refused(two_animals: dict[str, Path], tmp_pa
         result = CliRunner().invoke(app, ["cohort", *map(str, jobs), "-o", str(tmp_path / "t")])
         assert result.exit_code == EXIT_INPUT and words in " ".join(result.output.split()), result.output
         assert not (tmp_path / "t").exists()
+
+
+def test_a_whole_brain_and_a_hemisphere_are_not_put_in_one_table(two_animals: dict[str, Path], tmp_path: Path) -> None:
+    """An animal registered with --brain-geometry hemisphere_l has 0 on its right side: beside whole brains its totals
+    would read as half a brain. The cohort is refused, naming each job's geometry."""
+    import json
+
+    half = tmp_path / "half"
+    shutil.copytree(two_animals["b"], half, symlinks=True)
+    (half / "atlas").unlink()
+    shutil.copytree(two_animals["a"] / "atlas", half / "atlas")
+    record = json.loads((half / "atlas" / "atlas.json").read_text())
+    (half / "atlas" / "atlas.json").write_text(json.dumps({**record, "brain_geometry": "hemisphere_l"}))
+    result = CliRunner().invoke(app, ["cohort", str(two_animals["a"]), str(half), "-o", str(tmp_path / "t")])
+    assert result.exit_code == EXIT_INPUT, result.output
+    words = " ".join(result.output.split())
+    assert "different parts of the brain" in words and "half: hemisphere_l" in words and "full" in words, words
+    assert not (tmp_path / "t").exists()
