@@ -94,6 +94,8 @@ ORDER_MIN_POINTS = 20
 """Fewer points than this are not judged by their column order."""
 ORDER_SAMPLE = 20_000
 """Points drawn (seeded) to judge the column order of a larger file."""
+LENGTH_SPREAD = 0.1
+"""Points divided by the voxel size must reach this share of the grid on every axis to be taken for lengths."""
 
 
 @dataclass(frozen=True)
@@ -311,23 +313,36 @@ def _displace(field: Path, world: np.ndarray, unit: str) -> np.ndarray:
     return out / scale
 
 
+def _outside_cause(index: np.ndarray, grid: Grid, what: str) -> str:
+    """The likely cause of ``(N, 3)`` voxel indices of which some lie outside ``grid``'s voxels, as a refusal names
+    it: columns in another order (another order puts every point inside); lengths in the grid's unit (most points
+    outside; divided by the voxel size, every one inside and reaching :data:`LENGTH_SPREAD` of the grid on each
+    axis, as positions in a brain do, where voxel indices divided so crowd into its first voxels); else points of
+    another image."""
+    if any(grid.holds_index(index[:, order]).all() for order in itertools.permutations(range(3)) if order != (0, 1, 2)):
+        return ORDER_HINT
+    scaled = index / grid.spacing
+    spread = np.all(scaled.max(axis=0) >= LENGTH_SPREAD * np.asarray(grid.shape))
+    if np.mean(~grid.holds_index(index)) >= 0.5 and grid.holds_index(scaled).all() and spread:
+        spacing = ", ".join(f"{v:g}" for v in grid.spacing)
+        return (
+            f"they look like lengths in {grid.unit}s, not voxels: divided by the voxel size ({spacing}) every point "
+            "lies inside"
+        )
+    return f"points of another image (a crop, or another downsampling, of the {what}) are the usual cause"
+
+
 def _check_inside(index: np.ndarray, grid: Grid, what: str, path: str | Path) -> None:
-    """InputError naming the first point of ``index`` outside ``grid``'s voxels (a swapped axis order, or
-    points of another image)."""
+    """InputError naming the first point of ``index`` outside ``grid``'s voxels and the likely cause
+    (:func:`_outside_cause`)."""
     outside = ~grid.holds_index(index)
     if outside.any():
         row = int(np.flatnonzero(outside)[0])
-        spacing = ", ".join(f"{v:g}" for v in grid.spacing)
-        cause = (
-            f"they look like lengths in {grid.unit}s, not voxels: divided by the voxel size ({spacing}) every point "
-            "lies inside"
-            if grid.holds_index(index / grid.spacing).all()
-            else ORDER_HINT
-        )
         raise InputError(
             f"points file {path}: point {row + 1} ({', '.join(f'{v:g}' for v in index[row])}) lies outside the "
             f"{what}'s {' × '.join(map(str, grid.shape))} voxels ({int(outside.sum())} of {len(index)} do): give "
-            f"voxel indices of the {what} in its array order, axis 0 first (the planes of a stack); {cause}."
+            f"voxel indices of the {what} in its array order, axis 0 first (the planes of a stack); "
+            f"{_outside_cause(index, grid, what)}."
         )
 
 

@@ -13,6 +13,7 @@ from scipy import ndimage
 from typer.testing import CliRunner
 
 from patchmorph.cli import EXIT_INPUT, app
+from patchmorph_core.errors import InputError
 from pipeline.ngff import read_image
 from pipeline.points import POINT_COLUMNS, SUMMARY_COLUMNS, read_points
 
@@ -127,6 +128,33 @@ def test_bad_points_are_refused_in_one_sentence(cells: dict, tmp_path: Path) -> 
         assert result.exit_code == EXIT_INPUT, result.output
         assert words in result.output and "Traceback" not in result.output
     assert not any((tmp_path / f"o{k}").exists() for k in range(5))
+
+
+def test_points_outside_are_refused_with_the_cause_that_fits_them() -> None:
+    """The refusal names the cause that explains the points: not lengths in micrometres for a file of voxel indices
+    of which one lies a voxel beyond a cropped brain (any voxel index divided by a 40 µm voxel lies inside)."""
+    from patchmorph_core.spatial import Grid
+    from pipeline.points import ORDER_HINT, _check_inside
+
+    grid = Grid.from_spacing((270, 193, 136), (50.0, 40.0, 40.0))  # a hemisphere cropped from a 271-wide brain
+    rng = np.random.default_rng(0)
+    cells = rng.uniform(0, 1, (100, 3)) * (269, 192, 135)
+    beyond = cells.copy()
+    beyond[0, 2] = 136  # one cell of the uncropped brain
+    whole = rng.uniform(0, 1, (100, 3)) * (269, 192, 270)  # the whole brain's cells: half of them lie beyond
+    for points in (beyond, whole):
+        with pytest.raises(InputError, match="another image"):
+            _check_inside(points, grid, "brain", "cells.csv")
+    causes = {
+        "another image": beyond,
+        "lengths in micrometers": cells * (50.0, 40.0, 40.0),
+        ORDER_HINT: cells[:, ::-1],  # x, y, z columns: x fits the planes, z not the columns
+    }
+    for words, points in causes.items():
+        with pytest.raises(InputError) as refused:
+            _check_inside(points, grid, "brain", "cells.csv")
+        assert words in str(refused.value), str(refused.value)
+        assert all(other not in str(refused.value) for other in causes if other != words), str(refused.value)
 
 
 @pytest.mark.parametrize("space", ["brain", "atlas"])
