@@ -113,24 +113,33 @@ def axis_columns(space: Space) -> tuple[tuple[str, str, str], ...]:
     return (tuple(f"{prefix}_{k}" for k in range(3)), *AXIS_COLUMNS)  # type: ignore[return-value]
 
 
+def column_key(name: str) -> str:
+    """A CSV header name as it is matched against the voxel columns' names: without the spaces around it, in lower
+    case, ``-`` read as ``_`` (so ``Z``, `` y`` after ``z, `` and napari's ``axis-0`` are found)."""
+    return name.strip().lower().replace("-", "_")
+
+
 def _csv_points(path: Path, space: Space) -> Points:
-    with path.open(newline="") as handle:
+    with path.open(newline="", encoding="utf-8-sig") as handle:  # -sig: the byte-order mark Excel writes first
         reader = csv.reader(handle)
         header = tuple(next(reader, ()))
-        found = next((cols for cols in axis_columns(space) if set(cols) <= set(header)), None)
+        keys = tuple(column_key(name) for name in header)
+        found = next((cols for cols in axis_columns(space) if set(cols) <= set(keys)), None)
         if found is None:
+            one_column = len(header) == 1 and any(sep in header[0] for sep in "\t;")
+            hint = " (its header is one column: separate the columns by commas)" if one_column else ""
             raise InputError(
-                f"points file {path} has no voxel columns (it has {', '.join(header) or 'none'}): name them "
+                f"points file {path} has no voxel columns (it has {', '.join(header) or 'none'}){hint}: name them "
                 "axis_0, axis_1, axis_2 (or z, y, x), array axis 0 first (the planes of a stack)."
             )
         rows = [row for row in reader if row]
-    columns = [header.index(c) for c in found]
+    columns = [keys.index(c) for c in found]
     try:
         index = np.array([[row[k] for k in columns] for row in rows], dtype=np.float64).reshape(-1, 3)
     except (IndexError, ValueError) as err:
         raise InputError(f"points file {path} has a voxel value that is missing or not a number ({err}): fix that row.") from err
-    others = [c for c in header if c not in found and c not in POINT_COLUMNS]  # those are written anew
-    extra = {c: [row[header.index(c)] if header.index(c) < len(row) else "" for row in rows] for c in others}
+    others = [k for k, key in enumerate(keys) if key not in found and key not in POINT_COLUMNS]  # those are written anew
+    extra = {header[k]: [row[k] if k < len(row) else "" for row in rows] for k in others}
     return Points(index, extra)
 
 

@@ -94,6 +94,26 @@ def test_summary_counts_cells_per_structure_and_side_with_densities(cells: dict)
     assert [int(r["total_cells"]) for r in rows] == sorted((int(r["total_cells"]) for r in rows), reverse=True)
 
 
+def test_csv_headers_as_spreadsheets_and_napari_write_them_are_read(tmp_path: Path) -> None:
+    """A CSV saved by Excel (a byte-order mark first), with spaces after the commas or capital names, and napari's
+    points layer (``index, axis-0, axis-1, axis-2``) name their voxel columns as well: they are read, not refused as
+    having no voxel columns while the refusal lists z, y, x."""
+    files = {
+        "excel.csv": "\ufeffz,y,x,cell\n30,20,10,a\n31,21,11,b\n",
+        "spaced.csv": "z, y, x, cell\n30, 20, 10, a\n31, 21, 11, b\n",
+        "capitals.csv": "Z,Y,X,cell\n30,20,10,a\n31,21,11,b\n",
+        "napari.csv": "index,axis-0,axis-1,axis-2\n0,30,20,10\n1,31,21,11\n",
+    }
+    for name, text in files.items():
+        (tmp_path / name).write_text(text, encoding="utf-8")
+        points = read_points(tmp_path / name)
+        np.testing.assert_array_equal(points.index, [[30, 20, 10], [31, 21, 11]], err_msg=name)
+        assert len(points.extra) == 1, (name, points.extra)
+    (tmp_path / "tabs.csv").write_text("z\ty\tx\n30\t20\t10\n")
+    with pytest.raises(InputError, match="separate the columns by commas"):
+        read_points(tmp_path / "tabs.csv")
+
+
 def test_cellfinders_xml_is_read_cells_only_in_array_order(tmp_path: Path) -> None:
     xml = tmp_path / "cells.xml"
     marker = "<Marker><MarkerX>{}</MarkerX><MarkerY>{}</MarkerY><MarkerZ>{}</MarkerZ></Marker>"
