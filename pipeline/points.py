@@ -221,6 +221,17 @@ def _recorded_outputs(folder: Path) -> dict[str, str]:
     return dict(json.loads((folder / ITEM_RECORD).read_text()).get("result", {}).get("outputs", {}))
 
 
+def _recorded_path(folder: Path, recorded: str) -> Path:
+    """A path a job in ``folder`` recorded: a relative one (an atlas folder typed relative, recorded so before
+    atlases were recorded with their absolute paths) is taken from the working folder of the run that made it."""
+    from pipeline.atlas_job import JOB_RECORD
+
+    path = Path(recorded)
+    if path.is_absolute() or not (folder / JOB_RECORD).is_file():
+        return path
+    return Path(json.loads((folder / JOB_RECORD).read_text()).get("working_directory", ".")) / path
+
+
 def open_job(folder: str | Path) -> JobSpaces:
     """The spaces of the finished atlas job in ``folder``: a ``patchmorph atlas`` output folder, or an item's folder
     of an ``atlas-to-section`` batch with a BrainGlobe atlas. The atlas's prepared images are the ones its inverse
@@ -267,7 +278,7 @@ def open_job(folder: str | Path) -> JobSpaces:
     factor = int(attrs.get("downsample", 1))
     shape = attrs.get("source_shape", [n * factor for n in brain.shape])
     brain_grid = source_grid(brain, (factor,) * 3, shape) if factor > 1 else brain
-    atlas_folder = described["folder"]
+    atlas_folder = _recorded_path(folder, described["folder"])
     if not Path(atlas_folder).is_dir():
         raise InputError(
             f"the atlas folder {atlas_folder} that the job in {folder} used is gone: put it back (its structure "

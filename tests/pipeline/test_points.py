@@ -237,3 +237,24 @@ def test_a_moved_job_folder_is_still_a_job(cells: dict, tmp_path: Path) -> None:
         away.rename(cells["job"])
     assert result.exit_code == 0, result.output
     assert _table(tmp_path / "o" / "all_points.csv") == _table(cells["mapped"] / "all_points.csv")
+
+
+def test_a_job_that_recorded_its_atlas_relative_is_read_from_another_folder(
+    cells: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job made with ``--atlas some/folder`` by an earlier version recorded that relative path: it is the path from
+    the job's working folder (its record says which), not from where ``points`` runs, and the atlas is found."""
+    import json
+    import shutil
+
+    from pipeline.points import open_job
+
+    job = tmp_path / "job"
+    shutil.copytree(cells["job"], job)
+    described = json.loads((job / "atlas" / "atlas.json").read_text())
+    atlas = Path(described["folder"])
+    (job / "atlas" / "atlas.json").write_text(json.dumps({**described, "folder": atlas.name}))
+    record = json.loads((job / "atlas_job.json").read_text())
+    (job / "atlas_job.json").write_text(json.dumps({**record, "working_directory": str(atlas.parent)}))
+    monkeypatch.chdir(tmp_path)
+    assert open_job(job).atlas.folder == atlas.resolve()
