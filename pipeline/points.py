@@ -512,6 +512,13 @@ def transform_points(
     points = read_points(points_file, given_in, cells_only)
     if len(points.index) == 0:  # an animal without cells: tables without rows, as a cohort's tables need them
         logger.warning("%s holds no points%s: the tables have no rows", points_file, " classified as cells" * cells_only)
+        skipped = len(read_points(points_file, given_in, False).index) if cells_only else 0
+        if skipped:
+            logger.warning(
+                "%s holds %d markers that are not classified as cells (not of type %d): cellfinder's cells.xml holds the "
+                "unclassified candidates; give its cell_classification.xml, or --all-markers to take every marker",
+                points_file, skipped, CELLFINDER_CELL_TYPE,
+            )  # fmt: skip
         empty = np.zeros((0, 3))
         mapped = MappedPoints(empty, empty, np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
         return write_point_tables(out, points, mapped, job), mapped

@@ -5,6 +5,7 @@ and side with brainmapper's columns; cellfinder's XML is read in its axis order;
 from __future__ import annotations
 
 import csv
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -220,6 +221,22 @@ def test_a_file_without_cells_gives_tables_without_rows(cells: dict, tmp_path: P
         assert list(csv.reader(handle)) == [[*POINT_COLUMNS, "cell"]]
     with (tmp_path / "o" / "summary.csv").open() as handle:
         assert list(csv.reader(handle)) == [list(SUMMARY_COLUMNS)]
+
+
+def test_cellfinders_candidates_file_gives_no_cells_and_says_which_file_to_give(
+    cells: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """cellfinder's cells.xml holds the candidates before classification (all type 1): no cell is taken (an animal
+    whose candidates were all rejected looks the same), and the warning names the classified file and --all-markers."""
+    xml = tmp_path / "cells.xml"
+    markers = "".join(f"<Marker><MarkerX>{x}</MarkerX><MarkerY>{y}</MarkerY><MarkerZ>{z}</MarkerZ></Marker>" for z, y, x in cells["raw"][:5])
+    xml.write_text(f"<CellCounter_Marker_File><Marker_Data><Marker_Type><Type>1</Type>{markers}</Marker_Type></Marker_Data></CellCounter_Marker_File>")
+    with caplog.at_level(logging.WARNING, logger="pipeline.points"):
+        result = CliRunner().invoke(app, ["points", str(xml), "--job", str(cells["job"]), "-o", str(tmp_path / "o")])
+    assert result.exit_code == 0 and "0 points" in result.output, result.output
+    words = " ".join(caplog.text.split())
+    assert "5 markers that are not classified as cells" in words, words
+    assert "cell_classification.xml" in words and "--all-markers" in words, words
 
 
 def test_a_moved_job_folder_is_still_a_job(cells: dict, tmp_path: Path) -> None:
