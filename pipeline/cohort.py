@@ -13,6 +13,7 @@ Writes into the output folder:
   (its own id only, the job's figure);
 * ``volumes_wide.csv`` — one row per structure, one column per animal: ``total_mm3`` with the structures below.
 
+The output folder may hold an earlier cohort's tables (they are replaced), never a job's or another volumes.csv.
 Every job (a ``patchmorph atlas`` output folder, or a batch item's folder) must have used the same atlas and the
 same brain geometry (a whole brain, or one hemisphere: its other side's volumes are 0); the animals are named by
 their folders' names, which must differ.
@@ -20,6 +21,7 @@ their folders' names, which must differ.
 
 from __future__ import annotations
 
+import csv
 import logging
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -68,15 +70,44 @@ def _animals(jobs: Sequence[str | Path]) -> dict[str, Path]:
     return named
 
 
+def check_cohort_output(out: Path, jobs: Sequence[str | Path]) -> None:
+    """Refuse an output folder whose ``volumes.csv`` is not a cohort's table: a job's folder (its own volumes, which
+    ``points`` and later cohorts read), a brainreg folder, or any other table of that name. An earlier cohort's
+    tables are replaced.
+
+    Raises:
+        InputError: naming the folder and what it holds.
+    """
+    from pipeline.atlas_job import JOB_RECORD
+    from pipeline.resume import ITEM_RECORD
+
+    if any(out.resolve() == Path(job).resolve() for job in jobs) or any((out / r).is_file() for r in (JOB_RECORD, ITEM_RECORD)):
+        raise InputError(
+            f"output folder {out} is an atlas job's folder: the cohort's volumes.csv would replace the job's own; give "
+            "another -o."
+        )
+    table = out / "volumes.csv"
+    if table.is_file():
+        with table.open(newline="") as handle:
+            header = tuple(next(csv.reader(handle), ()))
+        if header != LONG_COLUMNS:
+            raise InputError(
+                f"output folder {out} holds a volumes.csv that no cohort wrote (a job's or a brainreg folder's): it "
+                "is not replaced; give another -o."
+            )
+
+
 def cohort_tables(jobs: Sequence[str | Path], out: str | Path) -> dict[str, Path]:
     """Write the cohort's tables (see the module docstring) into ``out`` (created).
 
     Raises:
         InputError: fewer than one job, a folder that is no finished atlas job, jobs of different atlases or brain
-            geometries, or two of one name (before anything is written).
+            geometries, two of one name, or an output folder whose volumes.csv is not a cohort's
+            (:func:`check_cohort_output`), before anything is written.
     """
     if not jobs:
         raise InputError("no job folders given: give the output folders of the animals' atlas jobs.")
+    check_cohort_output(Path(out), jobs)
     animals = _animals(jobs)
     opened = {name: open_job(folder) for name, folder in animals.items()}
     atlases = {name: job.atlas.name for name, job in opened.items()}

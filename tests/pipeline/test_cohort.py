@@ -93,3 +93,21 @@ def test_a_whole_brain_and_a_hemisphere_are_not_put_in_one_table(two_animals: di
     words = " ".join(result.output.split())
     assert "different parts of the brain" in words and "half: hemisphere_l" in words and "full" in words, words
     assert not (tmp_path / "t").exists()
+
+
+def test_a_cohort_never_replaces_a_jobs_volumes(two_animals: dict[str, Path], tmp_path: Path) -> None:
+    """-o naming an animal's job folder (or a brainreg folder) would have replaced its volumes.csv by the cohort's
+    table, which points and later cohorts then failed to read: refused; an earlier cohort's tables are replaced."""
+    job_table = (two_animals["b"] / "volumes.csv").read_bytes()
+    brainreg = tmp_path / "brainreg"
+    brainreg.mkdir()
+    (brainreg / "volumes.csv").write_text("structure_name,left_volume_mm3,right_volume_mm3,total_volume_mm3\n")
+    jobs = [str(two_animals["a"]), str(two_animals["b"])]
+    for out, words in ((two_animals["b"], "is an atlas job's folder"), (brainreg, "holds a volumes.csv that no cohort wrote")):
+        result = CliRunner().invoke(app, ["cohort", *jobs, "-o", str(out)])
+        assert result.exit_code == EXIT_INPUT and words in " ".join(result.output.split()), result.output
+    assert (two_animals["b"] / "volumes.csv").read_bytes() == job_table
+    assert not (two_animals["b"] / "volumes_wide.csv").exists() and not (brainreg / "volumes_wide.csv").exists()
+    for _ in range(2):  # a rerun into the cohort's own folder replaces its tables
+        result = CliRunner().invoke(app, ["cohort", *jobs, "-o", str(tmp_path / "tables")])
+        assert result.exit_code == 0, result.output
