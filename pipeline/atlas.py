@@ -334,14 +334,28 @@ def write_volume_table(path: str | Path, rows: Sequence[RegionVolume]) -> Path:
 
 
 def read_volume_table(path: str | Path) -> dict[int, RegionVolume]:
-    """The rows of a ``volumes.csv`` written by :func:`write_volume_table`, by structure id."""
-    with Path(path).open(newline="") as handle:
+    """The rows of a ``volumes.csv`` written by :func:`write_volume_table`, by structure id.
+
+    Raises:
+        InputError: a missing file, or one without :data:`VOLUME_COLUMNS` (replaced, or not a job's).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"the job's volumes table {path} is missing: rerun the atlas job's command to write it again.")
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        missing = [c for c in VOLUME_COLUMNS if c not in (reader.fieldnames or ())]
+        if missing:
+            raise InputError(
+                f"{path} lacks the columns {', '.join(missing)} of a job's volumes.csv (it was replaced by another "
+                "table): delete it and rerun the atlas job's command, which writes it again."
+            )
         return {
             int(row["structure_id"]): RegionVolume(
                 int(row["structure_id"]), row["structure_name"], row["acronym"],
                 float(row["left_volume_mm3"]), float(row["right_volume_mm3"]),
             )  # fmt: skip
-            for row in csv.DictReader(handle)
+            for row in reader
         }
 
 

@@ -509,6 +509,7 @@ def transform_points(
         InputError: bad points, or a folder that is no finished job (before anything is written).
     """
     job = open_job(job_folder)
+    read_volume_table(job.volumes)  # a job whose table was replaced is refused before anything is written
     points = read_points(points_file, given_in, cells_only)
     if len(points.index) == 0:  # an animal without cells: tables without rows, as a cohort's tables need them
         logger.warning("%s holds no points%s: the tables have no rows", points_file, " classified as cells" * cells_only)

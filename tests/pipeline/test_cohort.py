@@ -111,3 +111,17 @@ def test_a_cohort_never_replaces_a_jobs_volumes(two_animals: dict[str, Path], tm
     for _ in range(2):  # a rerun into the cohort's own folder replaces its tables
         result = CliRunner().invoke(app, ["cohort", *jobs, "-o", str(tmp_path / "tables")])
         assert result.exit_code == 0, result.output
+
+
+def test_a_job_whose_volumes_table_was_replaced_is_refused_in_one_sentence(
+    two_animals: dict[str, Path], tmp_path: Path
+) -> None:
+    """A job whose volumes.csv another table replaced (an earlier version's cohort written into it): one sentence
+    naming the file and how to write it again, not a KeyError."""
+    broken = tmp_path / "broken"
+    shutil.copytree(two_animals["b"], broken, symlinks=True)
+    (broken / "volumes.csv").write_text("animal,structure_id,total_mm3\nb,997,1.0\n")
+    result = CliRunner().invoke(app, ["cohort", str(two_animals["a"]), str(broken), "-o", str(tmp_path / "t")])
+    assert result.exit_code == EXIT_INPUT, result.output
+    words = " ".join(result.output.split())
+    assert "lacks the columns" in words and "rerun the atlas job" in words and "Traceback" not in words, words
