@@ -14,8 +14,8 @@ Writes into the output folder:
 * ``volumes_wide.csv`` — one row per structure, one column per animal: ``total_mm3`` with the structures below.
 
 The output folder may hold an earlier cohort's tables (they are replaced), never a job's or another volumes.csv.
-Every job (a ``patchmorph atlas`` output folder, or a batch item's folder) must have used the same atlas and the
-same brain geometry (a whole brain, or one hemisphere: its other side's volumes are 0); the animals are named by
+Every job (a ``patchmorph atlas`` output folder, or a batch item's folder) must have used the same atlas (name,
+resolution and version) and the same brain geometry (a whole brain, or one hemisphere: its other side's volumes are 0); the animals are named by
 their folders' names, which must differ.
 """
 
@@ -110,7 +110,7 @@ def cohort_tables(jobs: Sequence[str | Path], out: str | Path) -> dict[str, Path
     check_cohort_output(Path(out), jobs)
     animals = _animals(jobs)
     opened = {name: open_job(folder) for name, folder in animals.items()}
-    atlases = {name: job.atlas.name for name, job in opened.items()}
+    atlases = {name: f"{job.atlas.name} v{job.atlas.version}" for name, job in opened.items()}  # versions' labels differ
     if len(set(atlases.values())) > 1:
         raise InputError(
             f"the jobs used different atlases ({', '.join(f'{n}: {a}' for n, a in atlases.items())}): a cohort's "

