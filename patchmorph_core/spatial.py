@@ -894,6 +894,31 @@ def grid_affine_from_ras(affine_ijk_to_ras: np.ndarray) -> np.ndarray:
     return _REVERSE4 @ affine @ _REVERSE4
 
 
+NIFTI_FORMS_TOLERANCE: float = 0.1
+"""Largest distance, in voxels, between where a NIfTI header's qform and sform put a corner voxel for the two to
+count as one geometry (a qform is stored as float32 quaternions: its rounding is far below this)."""
+
+
+def nifti_forms_gap(qform: np.ndarray, sform: np.ndarray, shape: Sequence[int]) -> float:
+    """How far apart a NIfTI header's qform and sform place the image's voxels.
+
+    Args:
+        qform, sform: 4×4 index ``(i, j, k)`` → RAS+ matrices of one header (nibabel's ``get_qform()`` and
+            ``get_sform()``), in the header's unit.
+        shape: the file array's spatial shape ``(I, J, K)``.
+
+    Returns:
+        The largest distance between the two world positions of the 8 corner voxel centres, in voxels of the
+        smaller voxel size either matrix states (0 when the two agree).
+    """
+    q = np.asarray(qform, dtype=np.float64)
+    s = np.asarray(sform, dtype=np.float64)
+    corners = np.array(list(itertools.product(*[(0.0, float(n) - 1.0) for n in shape[:3]])))
+    gap = np.linalg.norm((corners @ (q[:3, :3] - s[:3, :3]).T) + (q[:3, 3] - s[:3, 3]), axis=1).max()
+    voxel = min(np.linalg.norm(q[:3, :3], axis=0).min(), np.linalg.norm(s[:3, :3], axis=0).min())
+    return float(gap / voxel) if voxel > 0 else float("inf")
+
+
 def nifti_affine(grid: Grid) -> np.ndarray:
     """The NIfTI-style index ``(i, j, k)`` → RAS+ affine of a grid (the inverse of :func:`grid_affine_from_ras`):
     the file array is our ``(z, y, x)`` array with its axes reversed, in the grid's unit."""

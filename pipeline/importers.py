@@ -36,11 +36,13 @@ import zarr
 
 from patchmorph_core.errors import InputError
 from patchmorph_core.spatial import (
+    NIFTI_FORMS_TOLERANCE,
     UNIT_IN_MILLIMETER,
     Grid,
     check_spacing,
     grid_affine_from_ras,
     nearest_orientation_code,
+    nifti_forms_gap,
     orientation_code,
     orientation_matrix,
     ras_affine_from_nrrd,
@@ -131,6 +133,32 @@ def _existing_file(path: str | Path, kind: str) -> Path:
     return p
 
 
+def check_nifti_forms(header: Any, shape: Sequence[int], path: str | Path, remedy: str) -> None:
+    """Refuse a NIfTI header whose qform and sform both hold (codes above 0) and place the voxels apart.
+
+    nibabel (so PatchMorph) and FSL read such a file by its sform; ITK, ANTs and ITK-SNAP read it by its qform
+    unless the sform's code is 1, so the same file would lie elsewhere in those tools.
+
+    Args:
+        header: the file's ``nibabel.Nifti1Header`` (or Nifti2).
+        shape: the file array's spatial shape ``(I, J, K)``.
+        path: the file, for the message.
+        remedy: the end of the message: what else the user can do.
+
+    Raises:
+        InputError: one sentence naming the file, the distance and the fix.
+    """
+    if int(header["qform_code"]) <= 0 or int(header["sform_code"]) <= 0:
+        return
+    gap = nifti_forms_gap(header.get_qform(), header.get_sform(), shape)
+    if gap > NIFTI_FORMS_TOLERANCE:
+        raise InputError(
+            f"NIfTI {str(path)!r} has a qform and an sform that place its voxels up to {gap:.3g} voxels apart, and "
+            "tools differ in which they read (nibabel and FSL the sform; ITK, ANTs and ITK-SNAP the qform unless "
+            f"the sform code is 1): make the two agree (e.g. fslorient -copysform2qform){remedy}."
+        )
+
+
 def open_nifti(
     path: str | Path,
     voxel_size: Sequence[float] | None = None,
@@ -166,6 +194,8 @@ def open_nifti(
     header_unit = (
         "millimeter" if space_unit in (None, "unknown") else normalize_unit(space_unit, "NIfTI unit")
     )
+    if orientation is None:
+        check_nifti_forms(img.header, shape, p, " or give --orientation, which replaces both")
     affine = grid_affine_from_ras(np.asarray(img.affine, dtype=np.float64))
     grid = apply_overrides(Grid(lazy.shape, affine, header_unit), voxel_size, unit, orientation, stated_by=str(p))
     return lazy, grid

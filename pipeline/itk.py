@@ -118,8 +118,14 @@ def export_field(
 
 def read_itk_field(path: str | Path) -> tuple[np.ndarray, Grid]:
     """An ITK / ANTs displacement field (NIfTI, LPS, mm) as ``(3, Z, Y, X)`` world displacements (RAS+ in
-    ``(z, y, x)`` order, millimetres) and its grid."""
+    ``(z, y, x)`` order, millimetres) and its grid.
+
+    Raises:
+        InputError: not a 5-D vector NIfTI, a grid in another unit, or a qform and sform that disagree.
+    """
     import nibabel as nib
+
+    from pipeline.importers import check_nifti_forms
 
     path = Path(path)
     if not path.is_file():
@@ -135,6 +141,7 @@ def read_itk_field(path: str | Path) -> tuple[np.ndarray, Grid]:
         raise InputError(
             f"{path} has shape {data.shape}: an ITK/ANTs 3-D displacement field is (X, Y, Z, 1, 3) with intent vector."
         )
+    check_nifti_forms(image.header, data.shape[:3], path, "")
     unit = image.header.get_xyzt_units()[0]
     if unit not in ("mm", "unknown", None):
         raise InputError(f"{path} stores its grid in {unit}: ITK displacement fields are in millimetres.")

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from patchmorph_core.spatial import SpatialError, grid_affine_from_ras, ras_affine_from_nrrd
+from patchmorph_core.spatial import SpatialError, grid_affine_from_ras, nifti_forms_gap, ras_affine_from_nrrd
 
 
 def _rotated_ras_affine() -> np.ndarray:
@@ -43,3 +43,15 @@ def test_lps_nrrd_becomes_ras() -> None:
 def test_unknown_nrrd_space_is_rejected() -> None:
     with pytest.raises(SpatialError, match="unsupported NRRD space"):
         ras_affine_from_nrrd("scanner-xyz", np.eye(3), np.zeros(3))
+
+
+def test_nifti_forms_gap_in_voxels() -> None:
+    """The same matrix: 0; an origin 1.5 mm off with 0.5 mm voxels: 3 voxels; a shear: its reach at the far corner."""
+    ras = _rotated_ras_affine()
+    assert nifti_forms_gap(ras, ras, (7, 9, 11)) == pytest.approx(0.0)
+    moved = ras.copy()
+    moved[:3, 3] += [1.5, 0.0, 0.0]
+    assert nifti_forms_gap(ras, moved, (7, 9, 11)) == pytest.approx(3.0)
+    sheared = ras.copy()
+    sheared[0, 1] += 0.1  # R moves 0.1 mm per j step: 0.8 mm at j = 8
+    assert nifti_forms_gap(ras, sheared, (7, 9, 11)) == pytest.approx(0.8 / 0.5)

@@ -9,6 +9,7 @@ import pytest
 
 from patchmorph_core.errors import InputError
 from pipeline.importers import load_nifti, load_nrrd
+from pipeline.itk import read_itk_field
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -82,3 +83,34 @@ def test_missing_and_bad_files(tmp_path: Path, loader) -> None:
     (tmp_path / "junk").write_text("not an image")
     with pytest.raises(InputError, match="not a readable"):
         loader(tmp_path / "junk")
+
+
+def _two_forms(data: np.ndarray, qform: np.ndarray, sform: np.ndarray, codes: tuple[int, int]) -> nib.Nifti1Image:
+    img = nib.Nifti1Image(data, sform)
+    img.set_sform(sform, code=codes[1])
+    img.set_qform(qform, code=codes[0])
+    img.header.set_xyzt_units("mm")
+    return img
+
+
+def test_nifti_whose_qform_and_sform_disagree_is_refused(tmp_path: Path) -> None:
+    """A rotated, anisotropic header whose qform lies 2 mm from its sform (ITK would read the qform, nibabel the
+    sform): one sentence, for an image and for an ITK field; equal forms, or one form unset, pass; --orientation
+    replaces both."""
+    sform = np.array([[0.0, 0.0, -2.0, 5.0], [1.5, 0.0, 0.0, -3.0], [0.0, 0.5, 0.0, 7.0], [0.0, 0.0, 0.0, 1.0]])
+    qform = sform.copy()
+    qform[:3, 3] += [0.0, 2.0, 0.0]
+    nib.save(_two_forms(_volume(), qform, sform, (1, 2)), tmp_path / "two.nii.gz")
+    with pytest.raises(InputError, match=r"qform and an sform that place its voxels up to 4 voxels apart"):
+        load_nifti(tmp_path / "two.nii.gz")
+    _, grid = load_nifti(tmp_path / "two.nii.gz", orientation="asr")
+    assert grid.shape == (6, 5, 4)
+    for codes in [(0, 2), (1, 0)]:
+        nib.save(_two_forms(_volume(), qform, sform, codes), tmp_path / "one.nii.gz")
+        load_nifti(tmp_path / "one.nii.gz")
+    nib.save(_two_forms(_volume(), sform, sform, (1, 2)), tmp_path / "same.nii.gz")
+    load_nifti(tmp_path / "same.nii.gz")
+    field = np.zeros((4, 5, 6, 1, 3), np.float32)
+    nib.save(_two_forms(field, qform, sform, (1, 1)), tmp_path / "warp.nii.gz")
+    with pytest.raises(InputError, match=r"qform and an sform .* fslorient"):
+        read_itk_field(tmp_path / "warp.nii.gz")
