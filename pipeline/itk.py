@@ -192,6 +192,16 @@ NIFTI_MAX_BYTES = 8 * 1024**3
 finest level that fits."""
 
 
+def nifti_dtype(dtype: np.dtype) -> np.dtype:
+    """The NIfTI data type an image of ``dtype`` is written as: its own (64-bit integers included, which nibabel
+    writes only when asked), except a boolean mask as uint8 and float16, which NIfTI lacks, as float32."""
+    if dtype == np.bool_:
+        return np.dtype(np.uint8)
+    if dtype == np.float16:
+        return np.dtype(np.float32)
+    return dtype
+
+
 def nifti_image(image: str | Path, out: str | Path, *, level: int = 0, overwrite: bool = False) -> Path:
     """Write pyramid level ``level`` of an OME-Zarr image as NIfTI with the same index → world map (RAS+, mm),
     for other tools (with :func:`export_field`'s fields: ITK, ANTs, SimpleITK).
@@ -217,9 +227,10 @@ def nifti_image(image: str | Path, out: str | Path, *, level: int = 0, overwrite
             f"from memory here ({NIFTI_MAX_BYTES / 1024**3:.0f} GiB): give --level {fits} or coarser."
         )
     level_ = levels[level]
-    array = np.asarray(level_.array[...])
+    dtype = nifti_dtype(np.dtype(level_.array.dtype))
+    array = np.asarray(level_.array[...]).astype(dtype, copy=False)
     grid = level_.grid.with_unit("millimeter")
-    result = nib.Nifti1Image(np.ascontiguousarray(array.transpose(2, 1, 0)), nifti_affine(grid))
+    result = nib.Nifti1Image(np.ascontiguousarray(array.transpose(2, 1, 0)), nifti_affine(grid), dtype=dtype)
     result.header.set_xyzt_units("mm")
     nib.save(result, out)
     return out
