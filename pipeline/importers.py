@@ -5,7 +5,8 @@ Header conventions (the algebra lives in :mod:`patchmorph_core.spatial`):
 * **NIfTI**: the ``(i, j, k)`` file array is returned with its axes reversed, ``(z, y, x) = (k, j, i)``,
   and the sform/qform index→RAS+ affine is re-ordered to map ``(z, y, x)`` indices to world
   ``(S, A, R)`` (:func:`~patchmorph_core.spatial.grid_affine_from_ras`). Unit from ``xyzt_units``
-  (``unknown`` → millimeter).
+  (``unknown`` → millimeter). Values scaled by the header (``scl_slope``, ``scl_inter``) are read scaled, as
+  float (:func:`nifti_value_dtype`).
 * **NRRD**: ``space directions`` / ``space origin`` in the header's ``space`` (RAS, LAS, LPS) are
   turned into RAS+ and then re-ordered the same way. Unit from ``space units``; without it, millimeter
   (the NRRD/Slicer convention) unless the largest voxel size is at least :data:`MICROMETER_THRESHOLD`,
@@ -20,6 +21,7 @@ Header conventions (the algebra lives in :mod:`patchmorph_core.spatial`):
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import re
@@ -133,6 +135,17 @@ def _existing_file(path: str | Path, kind: str) -> Path:
     return p
 
 
+def nifti_value_dtype(raw: np.dtype, slope: float | None, inter: float | None) -> np.dtype:
+    """The dtype of a NIfTI image's values: its stored ``raw`` dtype, or, when the header scales them (``scl_slope``
+    other than 1 or ``scl_inter`` other than 0, as nibabel's array proxy holds them), float32 — float64 for 32- and
+    64-bit integers and float64, whose scaled values float32 does not hold exactly."""
+    if (slope is None or slope == 1.0) and (inter is None or inter == 0.0):
+        return np.dtype(raw)
+    if np.dtype(raw).itemsize > 4 or (np.dtype(raw).kind in "iu" and np.dtype(raw).itemsize == 4):
+        return np.dtype(np.float64)
+    return np.dtype(np.float32)
+
+
 def check_nifti_forms(header: Any, shape: Sequence[int], path: str | Path, remedy: str) -> None:
     """Refuse a NIfTI header whose qform and sform both hold (codes above 0) and place the voxels apart.
 
@@ -188,7 +201,10 @@ def open_nifti(
     if len(shape) != 3:
         raise InputError(f"{str(p)!r} holds a {len(shape)}-D image: give a single-channel 3-D image.")
     file_chunks = (shape[0], shape[1], slab_depth) + (1,) * (len(proxy.shape) - 3)
-    lazy = da.from_array(proxy, chunks=file_chunks, asarray=True)
+    lazy = da.from_array(proxy, chunks=file_chunks, asarray=True)  # dtype: the stored one
+    dtype = nifti_value_dtype(proxy.dtype, getattr(proxy, "slope", None), getattr(proxy, "inter", None))
+    if dtype != lazy.dtype:  # the proxy returns scaled (float) values: never cast them back to the stored type
+        lazy = lazy.map_blocks(functools.partial(np.asarray, dtype=dtype), dtype=dtype)
     lazy = lazy.reshape(shape).transpose(2, 1, 0)
     space_unit = img.header.get_xyzt_units()[0]
     header_unit = (

@@ -83,6 +83,28 @@ def test_nifti_and_nrrd_keep_their_header_geometry(tmp_path: Path) -> None:
         assert image.unit == grid.unit == "millimeter"
 
 
+@pytest.mark.parametrize(
+    ("stored", "slope", "inter", "values"),
+    [("int16", 4.0, 0.0, "float32"), ("uint8", 1 / 250, 0.0, "float32"), ("int16", 0.5, 10.0, "float32"),
+     ("int32", 3.0, 0.0, "float64")],
+)  # fmt: skip
+def test_nifti_scaled_values_are_converted_as_scaled(
+    tmp_path: Path, stored: str, slope: float, inter: float, values: str
+) -> None:
+    """A NIfTI whose header scales its stored integers (scl_slope / scl_inter: a probability map as uint8, a CT or
+    PET image as int16) keeps its values: 30000 × 4 is 120000, not int16's wrap-around, 200 / 250 is 0.8, not 0."""
+    rng = np.random.default_rng(4)
+    top = 250 if stored == "uint8" else 30000
+    data = rng.integers(0, top, size=(7, 8, 9)).astype(stored)
+    image = nib.Nifti1Image(data, np.diag([0.5, 0.7, 0.9, 1.0]))
+    image.header.set_slope_inter(slope, inter)
+    nib.save(image, tmp_path / "s.nii.gz")
+    out = read_image(convert(tmp_path / "s.nii.gz", tmp_path / "s.zarr")).levels[0].array
+    assert np.dtype(out.dtype) == np.dtype(values)
+    expected = data.astype(np.float64).transpose(2, 1, 0) * slope + inter
+    np.testing.assert_allclose(np.asarray(out[...], dtype=np.float64), expected, rtol=1e-6)
+
+
 def test_ome_zarr_04_to_05(tmp_path: Path) -> None:
     data = np.random.default_rng(3).integers(0, 999, (1, 8, 10, 12)).astype(np.uint16)
     root = zarr.open_group(str(tmp_path / "v04.zarr"), mode="w", zarr_format=2)
