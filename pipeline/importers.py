@@ -98,7 +98,8 @@ def apply_overrides(
         voxel_size: ``(z, y, x)`` spacing replacing the header's (direction and origin kept).
         unit: unit the numbers are in (re-interpretation, not conversion).
         orientation: anatomical orientation code replacing the header's direction; the grid is then
-            centred on the world origin.
+            centred on the world origin — unless the header states that code itself (``stated_by``), then the
+            header's grid is kept (its origin included, so other tools still place the file where it lies).
         stated_by: the file, when its header states an orientation (a NIfTI, NRRD or RFC-4 OME-Zarr file): an
             ``orientation`` that contradicts it, or drops its rotation, gets a warning.
 
@@ -112,12 +113,14 @@ def apply_overrides(
         header = orientation_code(grid.direction)
         if stated_by is not None and header != orientation.lower():
             logger.warning(
-                "--orientation %s replaces what the header of %s says (%s): the header's sides are dropped; make "
-                "sure the header is the wrong one",
+                "--orientation %s replaces what the header of %s says (%s): the header's sides and origin are "
+                "dropped (the image is centred on the world origin, so give other tools its export-image, not "
+                "this file); make sure the header is the wrong one",
                 orientation, stated_by,
                 f"orientation '{header}'" if header else f"oblique axes, nearest code '{nearest_orientation_code(grid.direction)}', whose rotation is dropped",
             )  # fmt: skip
-        return Grid.from_orientation(grid.shape, spacing, orientation, unit=unit_name)
+        if stated_by is None or header != orientation.lower():
+            return Grid.from_orientation(grid.shape, spacing, orientation, unit=unit_name)
     if voxel_size is None:
         return Grid(grid.shape, grid.affine, unit_name)
     return Grid.from_spacing(

@@ -17,7 +17,7 @@ from ome_zarr.writer import write_image as ome_write_image
 from typer.testing import CliRunner
 
 from patchmorph.cli import app
-from patchmorph_core.spatial import Grid
+from patchmorph_core.spatial import Grid, orientation_code
 from pipeline.importers import convert, load_nifti, load_nrrd
 from pipeline.ngff import read_image
 
@@ -356,3 +356,21 @@ def test_a_killed_conversion_resumes_with_the_slabs_it_wrote(tmp_path: Path, cap
     assert "2 slabs of level 0 were written before" in caplog.text
     np.testing.assert_array_equal(_level0(out), stack)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["brain.ome.zarr", "planes"]
+
+
+def test_an_orientation_the_header_states_keeps_the_header_origin(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """--orientation with the code a NIfTI header states (anisotropic, off-centre) keeps the header's grid, so the
+    converted image lies where ITK and nibabel place the file; another code centres it and the warning says the
+    origin is dropped too."""
+    affine = np.array([[-0.5, 0, 0, 31.0], [0, 0, 0.25, -12.0], [0, -2.0, 0, 44.0], [0, 0, 0, 1]])
+    nib.save(nib.Nifti1Image(np.random.default_rng(1).random((9, 14, 5)).astype(np.float32), affine), tmp_path / "a.nii.gz")
+    _, header = load_nifti(tmp_path / "a.nii.gz")
+    code = orientation_code(header.direction)
+    kept = read_image(convert(tmp_path / "a.nii.gz", tmp_path / "same.ome.zarr", orientation=code)).grid
+    np.testing.assert_allclose(kept.affine, header.affine, atol=1e-9)
+    caplog.clear()
+    other = code[::-1]
+    moved = read_image(convert(tmp_path / "a.nii.gz", tmp_path / "other.ome.zarr", orientation=other)).grid
+    np.testing.assert_allclose(moved.center, 0.0, atol=1e-9)
+    said = [r.getMessage() for r in caplog.records if "replaces what the header" in r.getMessage()]
+    assert len(said) == 1 and "sides and origin are dropped" in said[0]
