@@ -16,7 +16,7 @@ import numpy as np
 from patchmorph_core.errors import InputError
 from patchmorph_core.metrics import dice_per_label, folding_percent, jacobian_determinant, local_ncc, ncc
 from patchmorph_core.sampling import tissue_mask
-from patchmorph_core.spatial import Grid, read_box, resample
+from patchmorph_core.spatial import Grid, box_corners, read_box, resample
 from patchmorph_core.synth import STANDARD_FS_LABELS
 
 logger = logging.getLogger(__name__)
@@ -42,9 +42,14 @@ def load_volume(path: str | Path) -> tuple[np.ndarray, Grid]:
 def _same_grid(a: Grid, b: Grid, what: str) -> None:
     """InputError unless two grids have the same voxels (:meth:`~patchmorph_core.spatial.Grid.same_voxels`)."""
     if not a.same_voxels(b):
+        if a.shape != b.shape:
+            differs = f"{a.shape} vs {b.shape} voxels"
+        else:
+            corners = box_corners(np.zeros(3), np.asarray(a.shape, dtype=np.float64) - 1.0)
+            apart = np.linalg.norm(a.index_to_world(corners) - b.with_unit(a.unit).index_to_world(corners), axis=1)
+            differs = f"the same shape {a.shape}, but their headers place the voxels up to {apart.max():.3g} {a.unit} apart"
         raise InputError(
-            f"the {what} lie on different grids ({a.shape} vs {b.shape}): warp one onto the other's "
-            "grid first (patchmorph warp)."
+            f"the {what} lie on different grids ({differs}): warp one onto the other's grid first (patchmorph warp)."
         )
 
 

@@ -104,3 +104,18 @@ def test_evaluate_ncc_and_bad_inputs(tmp_path: Path) -> None:
     assert bad.exit_code == 2 and "different grids" in bad.output
     assert RUNNER.invoke(app, ["evaluate"]).exit_code == 2
     assert RUNNER.invoke(app, ["evaluate", "--labels-a", str(tmp_path / "i.ome.zarr")]).exit_code == 2
+
+
+def test_label_maps_of_one_shape_on_shifted_grids_name_the_shift(tmp_path: Path) -> None:
+    """Two label maps of one shape whose headers differ (a NIfTI moved by 0.2 mm, as another tool may write it):
+    the refusal says the shapes agree and how far apart the voxels lie, not "(6, 8, 10) vs (6, 8, 10)"."""
+    grid = Grid.from_spacing((6, 8, 10), (0.5, 0.4, 0.3), unit="millimeter")
+    labels = (np.arange(np.prod(grid.shape)).reshape(grid.shape) % 3).astype(np.uint16)
+    write_image(tmp_path / "a.ome.zarr", labels, grid, labels=True)
+    shifted = grid.translated(np.array([0.0, 0.2, 0.0]))
+    write_image(tmp_path / "b.ome.zarr", labels, shifted, labels=True)
+    bad = RUNNER.invoke(
+        app, ["evaluate", "--labels-a", str(tmp_path / "a.ome.zarr"), "--labels-b", str(tmp_path / "b.ome.zarr")]
+    )
+    assert bad.exit_code == 2
+    assert "the same shape (6, 8, 10), but their headers place the voxels up to 0.2 millimeter apart" in bad.output
