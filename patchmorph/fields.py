@@ -22,7 +22,8 @@ def export_field(
     inverse: Annotated[
         bool,
         typer.Option(
-            help="Export the inverse (moving -> fixed, on the moving image's grid), as ANTs' InverseWarp."
+            help="Export the inverse (moving -> fixed, on the moving image's grid), in the role of ANTs' "
+            "InverseWarp (whose grid is the fixed image's)."
         ),
     ] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing file.")] = False,
