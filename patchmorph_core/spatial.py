@@ -383,6 +383,15 @@ class Grid:
         atol = tolerance * float(min(self.spacing.min(), other.spacing.min()))
         return self.shape == other.shape and np.allclose(self.affine, other.affine, atol=atol)
 
+    def share_within(self, other: Grid, per_axis: int = 12) -> float:
+        """The share (0 to 1) of this grid's voxel centres that lie within ``other``'s voxels, from a lattice of at
+        most ``per_axis`` voxels along each axis (spread evenly from the first voxel to the last), in one world
+        whatever unit each grid states."""
+        axes = [np.unique(np.linspace(0.0, n - 1.0, min(n, per_axis)).round()) for n in self.shape]
+        index = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3)
+        inside = other.holds_index(other.with_unit(self.unit).world_to_index(self.index_to_world(index)))
+        return float(np.mean(inside))
+
     def holds_index(self, index: np.ndarray, margin: float = 0.0) -> np.ndarray:
         """``(N,)`` bool: whether each of ``(N, 3)`` fractional indices lies within the grid's voxels (voxel ``k``
         spans ``k ± 0.5`` along each axis), at least ``margin`` voxels in from their outer faces."""

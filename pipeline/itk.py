@@ -152,6 +152,11 @@ def read_itk_field(path: str | Path) -> tuple[np.ndarray, Grid]:
     return np.ascontiguousarray(np.moveaxis(vectors, -1, 0), dtype=np.float32), grid
 
 
+FIELD_MIN_COVER = 0.5
+"""Smallest share of the fixed image's voxels an imported field must cover: ITK and ANTs write a registration's field
+on the fixed image's grid, so a field that misses most of it belongs to another image or frame."""
+
+
 def import_field(
     path: str | Path,
     out: str | Path,
@@ -167,13 +172,20 @@ def import_field(
         out: the OME-Zarr field to write.
         fixed, moving: the OME-Zarr images it registers (recorded so that ``warp`` finds the output grid;
             their world frames must be the NIfTI files' physical space); the field is written in the fixed
-            image's unit.
+            image's unit, and must cover at least :data:`FIELD_MIN_COVER` of the fixed image.
         overwrite: replace an existing output.
     """
     from pipeline.ngff import read_image, write_field
 
     values, grid = read_itk_field(path)
-    unit = read_image(fixed).grid.unit if fixed is not None else "millimeter"
+    fixed_grid = read_image(fixed).grid if fixed is not None else None
+    if fixed_grid is not None and (share := fixed_grid.share_within(grid)) < FIELD_MIN_COVER:
+        raise InputError(
+            f"the field {path} covers {share:.0%} of the fixed image {fixed} (their grids lie apart in the world): "
+            "give the fixed image the field was computed for, as the other tool read it (converted with patchmorph "
+            "convert, which keeps its header, without an --orientation that replaces it)."
+        )
+    unit = fixed_grid.unit if fixed_grid is not None else "millimeter"
     if unit != grid.unit:
         values = values * unit_scale(grid.unit, unit)
         grid = grid.with_unit(unit)

@@ -1,4 +1,5 @@
-"""``export-image`` of every data type an OME-Zarr image may hold (read back with nibabel, no SimpleITK needed)."""
+"""``export-image`` of every data type an OME-Zarr image may hold, ``import-field`` against its fixed image (nibabel
+only, no SimpleITK needed)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from patchmorph_core.errors import InputError
 from patchmorph_core.spatial import Grid, nifti_affine
-from pipeline.itk import nifti_image
-from pipeline.ngff import write_image
+from pipeline.itk import export_field, import_field, nifti_image
+from pipeline.ngff import write_field, write_image
 
 
 @pytest.mark.parametrize(
@@ -28,3 +30,26 @@ def test_export_image_writes_every_dtype(tmp_path: Path, dtype: str, written: st
     assert theirs.get_data_dtype() == np.dtype(written)
     np.testing.assert_array_equal(np.asarray(theirs.dataobj).transpose(2, 1, 0), values.astype(written))
     np.testing.assert_allclose(theirs.affine, nifti_affine(grid.with_unit("millimeter")), atol=1e-6)
+
+
+def test_import_field_refuses_a_fixed_image_the_field_does_not_cover(tmp_path: Path) -> None:
+    """An ITK field on a psl, anisotropic fixed grid (micrometres) imports with that fixed image (and with a copy
+    moved by a fifth of its box); with a copy centred elsewhere, as ``--orientation`` makes it of a file whose origin
+    is at a corner, the field covers a fraction of it (an eighth, and the export's margin): one sentence, no output."""
+    grid = Grid.from_orientation((20, 16, 24), (50.0, 40.0, 45.0), "psl").translated(np.array([600.0, -300.0, 200.0]))
+    values = np.zeros(grid.shape, np.float32)
+    fixed = write_image(tmp_path / "fixed.ome.zarr", values, grid, n_levels=1)
+    field_grid = grid.resampled(100.0)
+    u = np.full((3, *field_grid.shape), 30.0, np.float32)
+    field = write_field(tmp_path / "f.ome.zarr", u, field_grid, metadata={"fixed": str(fixed), "moving": str(fixed)})
+    warp = export_field(field, tmp_path / "warp.nii.gz")
+    assert grid.share_within(grid) == 1.0
+    import_field(warp, tmp_path / "back.ome.zarr", fixed=fixed)
+    near = write_image(tmp_path / "near.ome.zarr", values, grid.translated(grid.linear @ (np.asarray(grid.shape) / 5)), n_levels=1)
+    import_field(warp, tmp_path / "near_field.ome.zarr", fixed=near)
+    half = grid.translated(grid.linear @ (np.asarray(grid.shape) / 2))  # half the box along each axis: 1/8 shared
+    far = write_image(tmp_path / "far.ome.zarr", values, half, n_levels=1)
+    assert half.share_within(grid) == pytest.approx(0.125, abs=0.05)
+    with pytest.raises(InputError, match=r"covers \d+% of the fixed image .* lie apart in the world"):
+        import_field(warp, tmp_path / "far_field.ome.zarr", fixed=far)
+    assert not (tmp_path / "far_field.ome.zarr").exists()
