@@ -27,7 +27,7 @@ import math
 import re
 import zlib
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ import zarr
 from patchmorph_core.errors import InputError
 from patchmorph_core.spatial import (
     NIFTI_FORMS_TOLERANCE,
+    NRRD_SPACE_TO_RAS,
     UNIT_IN_MILLIMETER,
     Grid,
     check_spacing,
@@ -138,6 +139,18 @@ def _existing_file(path: str | Path, kind: str) -> Path:
     return p
 
 
+def nifti_states_orientation(header: Any) -> bool:
+    """Whether a NIfTI header places its voxels in the scanner's anatomy: a qform or an sform code above 0. With
+    both 0 (ANALYZE's layout) it holds voxel sizes only, and ITK and nibabel each invent another frame."""
+    return int(header["qform_code"]) > 0 or int(header["sform_code"]) > 0
+
+
+def nrrd_states_orientation(header: Mapping[str, Any]) -> bool:
+    """Whether an NRRD header names an anatomical ``space`` (RAS, LAS, LPS, ...): without one its axes are plain
+    (``spacings``, or directions in a space of no anatomy) and ITK and PatchMorph each read another frame."""
+    return str(header.get("space", "")).lower() in NRRD_SPACE_TO_RAS
+
+
 def nifti_value_dtype(raw: np.dtype, slope: float | None, inter: float | None) -> np.dtype:
     """The dtype of a NIfTI image's values: its stored ``raw`` dtype, or, when the header scales them (``scl_slope``
     other than 1 or ``scl_inter`` other than 0, as nibabel's array proxy holds them), float32 — float64 for 32- and
@@ -215,8 +228,12 @@ def open_nifti(
     )
     if orientation is None:
         check_nifti_forms(img.header, shape, p, " or give --orientation, which replaces both")
-    affine = grid_affine_from_ras(np.asarray(img.affine, dtype=np.float64))
-    grid = apply_overrides(Grid(lazy.shape, affine, header_unit), voxel_size, unit, orientation, stated_by=str(p))
+    if nifti_states_orientation(img.header):
+        header_grid = Grid(lazy.shape, grid_affine_from_ras(np.asarray(img.affine, dtype=np.float64)), header_unit)
+    else:  # voxel sizes only: the plain frame of a file without orientation (TIFF's), not nibabel's guess
+        header_grid = Grid.from_spacing(lazy.shape, np.asarray(img.header.get_zooms()[2::-1], dtype=np.float64), unit=header_unit)
+    stated = str(p) if nifti_states_orientation(img.header) else None
+    grid = apply_overrides(header_grid, voxel_size, unit, orientation, stated_by=stated)
     return lazy, grid
 
 
@@ -318,8 +335,9 @@ def load_nrrd(
         raise InputError(f"{str(p)!r} holds a {data.ndim}-D array: give a single-channel 3-D NRRD image.")
     ras = _nrrd_ras_affine(header, p)
     header_unit = _nrrd_unit(header, np.linalg.norm(ras[:3, :3], axis=0))
+    stated = str(p) if nrrd_states_orientation(header) else None
     grid = apply_overrides(
-        Grid(data.shape, grid_affine_from_ras(ras), header_unit), voxel_size, unit, orientation, stated_by=str(p)
+        Grid(data.shape, grid_affine_from_ras(ras), header_unit), voxel_size, unit, orientation, stated_by=stated
     )
     logger.info("read NRRD %s: shape %s, spacing %s %s", p, data.shape, np.round(grid.spacing, 6), grid.unit)
     return data, grid
@@ -713,11 +731,18 @@ def check_geometry_options(
 
 def stated_orientation(path: str | Path, kind: str) -> str | None:
     """Where the file itself states its anatomical orientation: ``"header"`` (NIfTI/NRRD), ``"rfc4"`` (OME-Zarr
-    axes) or what an earlier PatchMorph conversion recorded; None when it states none (TIFF, a plain OME-Zarr)."""
+    axes) or what an earlier PatchMorph conversion recorded; None when it states none (TIFF, a plain OME-Zarr, a
+    NIfTI whose qform and sform codes are 0, an NRRD without an anatomical ``space``)."""
     from pipeline.ngff import ASSUMED, image_orientation
 
-    if kind in ("nifti", "nrrd"):
-        return "header"
+    if kind == "nifti":
+        import nibabel as nib
+
+        return "header" if nifti_states_orientation(nib.load(str(path)).header) else None
+    if kind == "nrrd":
+        import nrrd
+
+        return "header" if nrrd_states_orientation(nrrd.read_header(str(path))) else None
     if kind == "ome-zarr":
         if image_orientation(path) is not None:
             return "rfc4"

@@ -374,3 +374,29 @@ def test_an_orientation_the_header_states_keeps_the_header_origin(tmp_path: Path
     np.testing.assert_allclose(moved.center, 0.0, atol=1e-9)
     said = [r.getMessage() for r in caplog.records if "replaces what the header" in r.getMessage()]
     assert len(said) == 1 and "sides and origin are dropped" in said[0]
+
+
+def test_nifti_and_nrrd_that_state_no_orientation_are_read_as_a_tiff_is(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A NIfTI whose qform and sform codes are 0 (ANALYZE's layout) and an NRRD with spacings but no ``space`` hold
+    voxel sizes only (ITK and nibabel each invent another frame for them): read in the plain frame with the warning
+    that no orientation is known, written without RFC-4 orientations; with a code they carry it as given."""
+    volume = np.random.default_rng(3).random((7, 8, 9)).astype(np.float32)  # file axes (i, j, k)
+    plain = nib.Nifti1Image(volume, np.diag([0.7, 1.3, 2.9, 1.0]))
+    plain.set_sform(None, code=0)
+    plain.set_qform(None, code=0)
+    plain.header.set_zooms((0.7, 1.3, 2.9))
+    nib.save(plain, tmp_path / "plain.nii.gz")
+    nrrd.write(str(tmp_path / "plain.nrrd"), volume, {"spacings": [0.7, 1.3, 2.9], "axis mins": [10.0, 20.0, 30.0]},
+               index_order="F")  # fmt: skip
+    for name in ("plain.nii.gz", "plain.nrrd"):
+        caplog.clear()
+        out = convert(tmp_path / name, tmp_path / f"{name}.ome.zarr")
+        assert any("carries no anatomical orientation" in r.getMessage() for r in caplog.records), name
+        grid = read_image(out).grid
+        np.testing.assert_allclose(grid.affine, np.diag([2.9, 1.3, 0.7, 1.0]), atol=1e-6)
+        axes = dict(zarr.open_group(str(out), mode="r").attrs)["ome"]["multiscales"][0]["axes"]
+        assert all("orientation" not in axis for axis in axes), (name, axes)
+        given = read_image(convert(tmp_path / name, tmp_path / f"{name}.psl.ome.zarr", orientation="psl")).grid
+        np.testing.assert_allclose(given.center, 0.0, atol=1e-9)
