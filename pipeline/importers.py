@@ -614,6 +614,24 @@ def mid_planes(array: Any) -> tuple[list[np.ndarray], list[int]]:
     return [np.asarray(p.compute(scheduler="synchronous") if hasattr(p, "compute") else p) for p in planes], stride
 
 
+def check_whole_labels(array: Any, path: str | Path) -> None:
+    """Refuse a label map of floating-point values that are not whole numbers on its mid-planes (an intensity image,
+    or labels resampled by interpolation): their ids would be cut to integers that name no structure.
+
+    Raises:
+        InputError: naming the file, a value and the fix.
+    """
+    if not np.issubdtype(np.dtype(array.dtype), np.floating):
+        return
+    values = np.concatenate([plane.ravel() for plane in mid_planes(array)[0]])
+    broken = values[np.isfinite(values) & (values != np.round(values))]
+    if broken.size:
+        raise InputError(
+            f"label map {path} holds values that are not whole numbers (e.g. {broken[0]:g}): give the label image "
+            "itself (integer ids; resampled only by nearest neighbour), or convert an intensity image without --labels."
+        )
+
+
 @contextlib.contextmanager
 def read_errors(path: str | Path) -> Iterator[None]:
     """Turn a reader's failure while the data is read (lazily opened inputs fail only then) into an InputError
@@ -810,6 +828,8 @@ def convert(
     check_outputs(inputs={"input": input}, outputs={"output": output})
     out = check_output(output, overwrite)  # fail fast, before reading anything
     array, grid, kind = open_input(input, voxel_size, unit, orientation, chunks)
+    if labels:
+        check_whole_labels(array, input)
     source = orientation_source(input, kind, orientation)
     logger.info(
         "converting %s %s: shape %s, voxel size %s %s, direction %s",

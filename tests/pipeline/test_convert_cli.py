@@ -400,3 +400,17 @@ def test_nifti_and_nrrd_that_state_no_orientation_are_read_as_a_tiff_is(
         assert all("orientation" not in axis for axis in axes), (name, axes)
         given = read_image(convert(tmp_path / name, tmp_path / f"{name}.psl.ome.zarr", orientation="psl")).grid
         np.testing.assert_allclose(given.center, 0.0, atol=1e-9)
+
+
+def test_a_label_map_of_fractional_values_is_refused(tmp_path: Path) -> None:
+    """--labels on a float image whose values are not whole numbers (an intensity image, labels interpolated) is
+    refused in one sentence; float labels with whole values are taken."""
+    affine = np.diag([0.5, 0.25, 2.0, 1.0])
+    whole = np.random.default_rng(3).integers(0, 9, (9, 14, 5)).astype(np.float32)
+    nib.save(nib.Nifti1Image(whole, affine), tmp_path / "whole.nii.gz")
+    nib.save(nib.Nifti1Image(whole + 0.3, affine), tmp_path / "blurred.nii.gz")
+    result = RUNNER.invoke(app, ["convert", str(tmp_path / "blurred.nii.gz"), str(tmp_path / "b.zarr"), "--labels"])
+    assert result.exit_code == 2 and "not whole numbers (e.g. " in result.output, result.output
+    assert not (tmp_path / "b.zarr").exists()
+    result = RUNNER.invoke(app, ["convert", str(tmp_path / "whole.nii.gz"), str(tmp_path / "w.zarr"), "--labels"])
+    assert result.exit_code == 0, result.output
