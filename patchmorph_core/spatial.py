@@ -298,6 +298,13 @@ class Grid:
         return self.linear / self.spacing[None, :]
 
     @property
+    def shear_deg(self) -> float:
+        """How far the array axes are from right angles in the world: the largest deviation of an angle between
+        two of them from 90°, in degrees (0 for every grid but a sheared one, e.g. a CT's gantry tilt)."""
+        cosines = np.clip(np.abs((self.direction.T @ self.direction)[np.triu_indices(3, 1)]), 0.0, 1.0)
+        return float(np.degrees(np.arcsin(cosines)).max())
+
+    @property
     def origin(self) -> np.ndarray:
         """``(3,)`` world position of voxel ``(0, 0, 0)``."""
         return self.affine[:3, 3].copy()
@@ -926,6 +933,10 @@ def nifti_forms_gap(qform: np.ndarray, sform: np.ndarray, shape: Sequence[int]) 
     gap = np.linalg.norm((corners @ (q[:3, :3] - s[:3, :3]).T) + (q[:3, 3] - s[:3, 3]), axis=1).max()
     voxel = min(np.linalg.norm(q[:3, :3], axis=0).min(), np.linalg.norm(s[:3, :3], axis=0).min())
     return float(gap / voxel) if voxel > 0 else float("inf")
+
+
+ITK_MAX_SHEAR_DEG: float = 1e-3
+"""Largest :attr:`Grid.shear_deg` of a grid that ITK and ANTs read (they take only orthonormal direction cosines)."""
 
 
 def nifti_affine(grid: Grid) -> np.ndarray:

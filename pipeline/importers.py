@@ -38,6 +38,7 @@ import zarr
 
 from patchmorph_core.errors import InputError
 from patchmorph_core.spatial import (
+    ITK_MAX_SHEAR_DEG,
     NIFTI_FORMS_TOLERANCE,
     NRRD_SPACE_TO_RAS,
     UNIT_IN_MILLIMETER,
@@ -830,6 +831,11 @@ def convert(
     array, grid, kind = open_input(input, voxel_size, unit, orientation, chunks)
     if labels:
         check_whole_labels(array, input)
+    if grid.shear_deg > ITK_MAX_SHEAR_DEG:
+        logger.warning(
+            "%s lies on a sheared grid (its axes %.2g° from right angles): it is registered as it lies, but ITK and "
+            "ANTs cannot read images or fields on its grid (export-field refuses them)", input, grid.shear_deg,
+        )  # fmt: skip
     source = orientation_source(input, kind, orientation)
     logger.info(
         "converting %s %s: shape %s, voxel size %s %s, direction %s",

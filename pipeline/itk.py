@@ -28,6 +28,7 @@ import numpy as np
 
 from patchmorph_core.errors import InputError
 from patchmorph_core.spatial import (
+    ITK_MAX_SHEAR_DEG,
     Grid,
     grid_affine_from_ras,
     lps_to_world,
@@ -98,6 +99,12 @@ def export_field(
     if out.exists() and not overwrite:
         raise InputError(f"output {out} already exists: pass --overwrite or choose another path.")
     values, grid = _padded(*field_on_grid(field, inverse))
+    if grid.shear_deg > ITK_MAX_SHEAR_DEG:
+        raise InputError(
+            f"the field {field} lies on a sheared grid (its axes {grid.shear_deg:.2g}° from right angles, from its "
+            "image's header), which ITK and ANTs cannot read: resample that image onto a grid with axes at right "
+            "angles (e.g. nibabel's resample_to_output), convert and register it again."
+        )
     scale = unit_scale(grid.unit, "millimeter")
     lps = world_to_lps(np.moveaxis(values, 0, -1)) * scale  # (Z, Y, X, 3)
     data = np.ascontiguousarray(
@@ -242,6 +249,11 @@ def nifti_image(image: str | Path, out: str | Path, *, level: int = 0, overwrite
     dtype = nifti_dtype(np.dtype(level_.array.dtype))
     array = np.asarray(level_.array[...]).astype(dtype, copy=False)
     grid = level_.grid.with_unit("millimeter")
+    if grid.shear_deg > ITK_MAX_SHEAR_DEG:
+        logger.warning(
+            "%s lies on a sheared grid (its axes %.2g° from right angles): nibabel and FSL read %s as it lies, ITK and "
+            "ANTs refuse it", image, grid.shear_deg, out,
+        )  # fmt: skip
     result = nib.Nifti1Image(np.ascontiguousarray(array.transpose(2, 1, 0)), nifti_affine(grid), dtype=dtype)
     result.header.set_xyzt_units("mm")
     nib.save(result, out)

@@ -53,3 +53,33 @@ def test_import_field_refuses_a_fixed_image_the_field_does_not_cover(tmp_path: P
     with pytest.raises(InputError, match=r"covers \d+% of the fixed image .* lie apart in the world"):
         import_field(warp, tmp_path / "far_field.ome.zarr", fixed=far)
     assert not (tmp_path / "far_field.ome.zarr").exists()
+
+
+def test_a_sheared_grid_is_named_where_itk_cannot_read_it(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A NIfTI whose sform is sheared (axes 10° from right angles, anisotropic): its conversion warns that ITK and ANTs
+    cannot read images or fields on its grid, export-image writes it for nibabel with that warning, and export-field
+    refuses a field on it in one sentence, writing nothing."""
+    import logging
+
+    from patchmorph_core.spatial import grid_affine_from_ras
+    from pipeline.importers import convert
+
+    shear = np.array([[0.5, 0.25 * np.tan(np.radians(10)), 0, 4.0], [0, 0.25, 0, -3.0], [0, 0, 2.0, 7.0], [0, 0, 0, 1]])
+    image = nib.Nifti1Image(np.random.default_rng(2).random((9, 14, 5)).astype(np.float32), shear)
+    image.set_sform(shear, code=2)
+    image.set_qform(None, code=0)
+    nib.save(image, tmp_path / "sheared.nii.gz")
+    grid = Grid((5, 14, 9), grid_affine_from_ras(shear), "millimeter")
+    assert grid.shear_deg == pytest.approx(10.0, abs=1e-6)
+    assert Grid.from_orientation((5, 14, 9), (2.0, 0.25, 0.5), "psl").shear_deg < 1e-6
+    with caplog.at_level(logging.WARNING):
+        converted = convert(tmp_path / "sheared.nii.gz", tmp_path / "sheared.ome.zarr")
+        nifti_image(converted, tmp_path / "back.nii.gz")
+    said = [r.getMessage() for r in caplog.records if "sheared grid" in r.getMessage()]
+    assert len(said) == 2 and "export-field refuses" in said[0] and "ITK and ANTs refuse it" in said[1], said
+    np.testing.assert_allclose(nib.load(tmp_path / "back.nii.gz").affine, shear, atol=1e-5)
+    u = np.zeros((3, *grid.shape), np.float32)
+    field = write_field(tmp_path / "f.ome.zarr", u, grid, metadata={"fixed": str(converted), "moving": str(converted)})
+    with pytest.raises(InputError, match=r"lies on a sheared grid \(its axes 10° from right angles.*cannot read"):
+        export_field(field, tmp_path / "warp.nii.gz")
+    assert not (tmp_path / "warp.nii.gz").exists()
