@@ -248,11 +248,19 @@ def cohort(
         ),
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for volumes.csv and volumes_wide.csv (created).")],
+    cells: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--cells",
+            help="An animal's 'patchmorph points' output folder (its cells, mapped through its job); once per animal: "
+            "adds cells.csv and cells_wide.csv.",
+        ),
+    ] = None,
 ) -> None:
-    """Region volumes of several animals in one table: every structure with the structures below it in the atlas's
-    hierarchy (and its own voxels), per animal and side (volumes.csv), and the totals as one column per animal
-    (volumes_wide.csv)."""
+    """Region volumes (and cell counts) of several animals in one table: every structure with the structures below
+    it in the atlas's hierarchy (and its own voxels), per animal and side (volumes.csv, cells.csv), and the totals as
+    one column per animal (volumes_wide.csv, cells_wide.csv)."""
     from pipeline.cohort import cohort_tables
 
-    for role, path in cohort_tables(jobs, out).items():
+    for role, path in cohort_tables(jobs, out, cells or ()).items():
         typer.echo(f"wrote {role}: {path}")

@@ -11,7 +11,11 @@ Writes into the output folder:
 * ``volumes.csv`` — one row per animal and structure (long form): ``animal, structure_id, acronym,
   structure_name, depth, left_mm3, right_mm3, total_mm3`` (with the structures below it), ``own_total_mm3``
   (its own id only, the job's figure);
-* ``volumes_wide.csv`` — one row per structure, one column per animal: ``total_mm3`` with the structures below.
+* ``volumes_wide.csv`` — one row per structure, one column per animal: ``total_mm3`` with the structures below;
+* with ``--cells`` (the ``points`` output folders of the animals' cells, each paired with its job through its
+  ``points.json``): ``cells.csv`` — per animal and structure ``left_cells, right_cells, total_cells`` (with the
+  structures below it), ``own_total_cells`` and ``cells_per_mm3`` (of the region with the structures below it, in
+  that brain) — and ``cells_wide.csv`` (``total_cells`` per animal).
 
 The output folder may hold an earlier cohort's tables (they are replaced), never a job's or another volumes.csv.
 Every job (a ``patchmorph atlas`` output folder, or a batch item's folder) must have used the same atlas (name,
@@ -24,13 +28,14 @@ from __future__ import annotations
 import csv
 import logging
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from patchmorph_core.errors import InputError
-from pipeline.atlas import RegionVolume, read_volume_table
+from pipeline.atlas import read_volume_table
 from pipeline.brainglobe import Structure
-from pipeline.points import open_job
+from pipeline.points import open_job, read_points_record
 from pipeline.resume import atomic_write_csv
 
 logger = logging.getLogger(__name__)
@@ -41,18 +46,25 @@ LONG_COLUMNS: tuple[str, ...] = (
 )  # fmt: skip
 """Columns of the long table (see the module docstring)."""
 
+CELL_COLUMNS: tuple[str, ...] = (
+    "animal", "structure_id", "acronym", "structure_name", "depth", "left_cells", "right_cells", "total_cells",
+    "own_total_cells", "cells_per_mm3",
+)  # fmt: skip
+"""Columns of the long cell table (see the module docstring)."""
+
 
 def rolled_up(
-    volumes: Mapping[int, RegionVolume], structures: Mapping[int, Structure]
+    sides: Mapping[int, tuple[float, float]], structures: Mapping[int, Structure]
 ) -> dict[int, tuple[float, float, float]]:
-    """Each structure's ``(left, right, total)`` mm³ including every structure below it (those whose hierarchy
-    path passes through it), from the volumes of their own ids; an id without a path counts for itself only."""
+    """Each structure's ``(left, right, total)`` (mm³, or cells) including every structure below it (those whose
+    hierarchy path passes through it), from the ``(left, right)`` of their own ids; an id without a path counts for
+    itself only."""
     sums: dict[int, list[float]] = defaultdict(lambda: [0.0, 0.0])
-    for sid, region in volumes.items():
+    for sid, (left, right) in sides.items():
         structure = structures.get(sid)
         for ancestor in (structure.path if structure and structure.path else (sid,)):
-            sums[ancestor][0] += region.left_mm3
-            sums[ancestor][1] += region.right_mm3
+            sums[ancestor][0] += left
+            sums[ancestor][1] += right
     return {sid: (left, right, left + right) for sid, (left, right) in sums.items()}
 
 
@@ -97,13 +109,17 @@ def check_cohort_output(out: Path, jobs: Sequence[str | Path]) -> None:
             )
 
 
-def cohort_tables(jobs: Sequence[str | Path], out: str | Path) -> dict[str, Path]:
-    """Write the cohort's tables (see the module docstring) into ``out`` (created).
+def cohort_tables(
+    jobs: Sequence[str | Path], out: str | Path, cells: Sequence[str | Path] = ()
+) -> dict[str, Path]:
+    """Write the cohort's tables (see the module docstring) into ``out`` (created); with ``cells`` (output folders of
+    ``patchmorph points`` of the animals' cells, each paired with its job by its record) the cell tables too.
 
     Raises:
         InputError: fewer than one job, a folder that is no finished atlas job, jobs of different atlases or brain
             geometries, two of one name, or an output folder whose volumes.csv is not a cohort's
-            (:func:`check_cohort_output`), before anything is written.
+            (:func:`check_cohort_output`), or a cells folder that does not pair with one job
+            (:func:`_cells_by_animal`), before anything is written.
     """
     if not jobs:
         raise InputError("no job folders given: give the output folders of the animals' atlas jobs.")
@@ -123,27 +139,106 @@ def cohort_tables(jobs: Sequence[str | Path], out: str | Path) -> dict[str, Path
             "): a hemisphere's volumes (the other side 0) are not comparable with a whole brain's; give jobs of one "
             "--brain-geometry."
         )
+    paired = _cells_by_animal(cells, animals)  # before anything is written
     structures = next(iter(opened.values())).structures
-    long_rows, wide = [], defaultdict(dict)
-    for name, job in opened.items():
-        own = read_volume_table(job.volumes)
-        for sid, (left, right, total) in sorted(rolled_up(own, structures).items()):
-            structure = structures.get(sid, Structure(sid, f"label {sid}", str(sid)))
-            own_total = own[sid].total_mm3 if sid in own else 0.0
-            long_rows.append([
-                name, sid, structure.acronym, structure.name, max(0, len(structure.path) - 1),
-                f"{left:.6f}", f"{right:.6f}", f"{total:.6f}", f"{own_total:.6f}",
-            ])  # fmt: skip
-            wide[sid][name] = f"{total:.6f}"
+    own = {name: {sid: (r.left_mm3, r.right_mm3) for sid, r in read_volume_table(job.volumes).items()} for name, job in opened.items()}
     out = Path(out)
+    paths = _write_tables(out, "volumes", {n: _long_rows(n, v, structures, _mm3) for n, v in own.items()}, structures)
+    if paired:
+        counted = {name: _own_cells(paired[name]) for name in animals if name in paired}  # in the jobs' order
+        rows = {
+            name: [[*row, _density(row[7], rolled_up(own[name], structures).get(row[1], (0.0, 0.0, 0.0))[2])]
+                   for row in _long_rows(name, counts, structures, _whole)]
+            for name, counts in counted.items()
+        }  # fmt: skip
+        paths.update(_write_tables(out, "cells", rows, structures))
+        logger.info("cells of %d of %d animals", len(counted), len(opened))
+    logger.info("cohort of %d animals", len(opened))
+    return paths
+
+
+def _mm3(value: float) -> str:
+    return f"{value:.6f}"
+
+
+def _whole(value: float) -> str:
+    return str(int(round(value)))
+
+
+def _density(cells: str, mm3: float) -> str:
+    """Cells per mm³ of a region (empty where the region has no volume in this brain)."""
+    return f"{int(cells) / mm3:.3f}" if mm3 > 0 else ""
+
+
+def _long_rows(
+    name: str, own: Mapping[int, tuple[float, float]], structures: Mapping[int, Structure], number: Callable[[float], str]
+) -> list[list[Any]]:
+    """One animal's rows of a long table: per structure its depth, its ``(left, right, total)`` with the structures
+    below it and its own total, from the ``(left, right)`` of each own id, written by ``number``."""
+    rows = []
+    for sid, (left, right, total) in sorted(rolled_up(own, structures).items()):
+        structure = structures.get(sid, Structure(sid, f"label {sid}", str(sid)))
+        own_total = sum(own[sid]) if sid in own else 0.0
+        rows.append([
+            name, sid, structure.acronym, structure.name, max(0, len(structure.path) - 1),
+            number(left), number(right), number(total), number(own_total),
+        ])  # fmt: skip
+    return rows
+
+
+def _write_tables(
+    out: Path, what: str, rows: Mapping[str, list[list[Any]]], structures: Mapping[int, Structure]
+) -> dict[str, Path]:
+    """``<what>.csv`` (the animals' long rows, :data:`LONG_COLUMNS` or :data:`CELL_COLUMNS`) and ``<what>_wide.csv``
+    (a structure per row, an animal's total per column) in ``out`` (created)."""
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"volumes": out / "volumes.csv", "volumes_wide": out / "volumes_wide.csv"}
-    atomic_write_csv(paths["volumes"], LONG_COLUMNS, long_rows)
-    names = list(opened)
+    paths = {what: out / f"{what}.csv", f"{what}_wide": out / f"{what}_wide.csv"}
+    atomic_write_csv(paths[what], CELL_COLUMNS if what == "cells" else LONG_COLUMNS, [r for n in rows for r in rows[n]])
+    wide: dict[int, dict[str, str]] = defaultdict(dict)
+    for name, animal_rows in rows.items():
+        for row in animal_rows:
+            wide[row[1]][name] = row[7]
+    empty = "0" if what == "cells" else _mm3(0.0)
     wide_rows = []
     for sid in sorted(wide):
         structure = structures.get(sid, Structure(sid, f"label {sid}", str(sid)))
-        wide_rows.append([sid, structure.acronym, structure.name, *(wide[sid].get(n, "0.000000") for n in names)])
-    atomic_write_csv(paths["volumes_wide"], ["structure_id", "acronym", "structure_name", *names], wide_rows)
-    logger.info("cohort of %d animals: %d structures", len(names), len(wide))
+        wide_rows.append([sid, structure.acronym, structure.name, *(wide[sid].get(n, empty) for n in rows)])
+    atomic_write_csv(paths[f"{what}_wide"], ["structure_id", "acronym", "structure_name", *rows], wide_rows)
     return paths
+
+
+def _cells_by_animal(cells: Sequence[str | Path], animals: Mapping[str, Path]) -> dict[str, Path]:
+    """The ``points`` output folders by animal: each is paired with the job it was mapped through (its record).
+
+    Raises:
+        InputError: a folder that is no ``points`` output, points given in atlas space, a job not in the cohort, or
+            two folders for one animal.
+    """
+    by_job = {Path(folder).resolve(): name for name, folder in animals.items()}
+    paired: dict[str, Path] = {}
+    for folder in cells:
+        record = read_points_record(folder)
+        if record.get("space") != "brain":
+            raise InputError(
+                f"the points in {folder} were given in atlas space (points --space atlas): a cohort counts cells "
+                "detected on the brains; give the points output of the brain's cells."
+            )
+        name = by_job.get(Path(record["job"]))
+        if name is None:
+            raise InputError(
+                f"the cells in {folder} were mapped through the job {record['job']}, which is not one of the cohort's "
+                "jobs: give that job too, or the cells of the given jobs."
+            )
+        if name in paired:
+            raise InputError(f"two cells folders for animal {name!r} ({paired[name]} and {folder}): give one per animal.")
+        paired[name] = Path(folder)
+    return paired
+
+
+def _own_cells(folder: Path) -> dict[int, tuple[float, float]]:
+    """The cells per own structure id and side, ``(left, right)``, of a ``points`` output's ``summary.csv``."""
+    with (folder / "summary.csv").open(newline="") as handle:
+        return {
+            int(row["structure_id"]): (float(row["left_cell_count"]), float(row["right_cell_count"]))
+            for row in csv.DictReader(handle)
+        }

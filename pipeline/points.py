@@ -37,7 +37,7 @@ from patchmorph_core.source import source_grid
 from patchmorph_core.spatial import Grid, read_box, unit_scale
 from pipeline.atlas import read_volume_table
 from pipeline.brainglobe import LEFT, RIGHT, BrainGlobeAtlas, Structure, find_atlas
-from pipeline.resume import ITEM_RECORD, atomic_write_csv
+from pipeline.resume import ITEM_RECORD, atomic_write_csv, atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -500,14 +500,47 @@ def write_point_tables(
     return paths
 
 
+POINTS_RECORD = "points.json"
+"""File in a ``points`` output folder naming the job, the points file and the space they were given in (read by
+``patchmorph cohort --cells``)."""
+
+
+def read_points_record(folder: str | Path) -> dict[str, Any]:
+    """The :data:`POINTS_RECORD` of a ``points`` output folder.
+
+    Raises:
+        InputError: ``folder`` holds none (it is no ``points`` output).
+    """
+    record = Path(folder) / POINTS_RECORD
+    if not record.is_file():
+        raise InputError(
+            f"{folder} is not the output folder of 'patchmorph points' (no {POINTS_RECORD}): give the -o folder of a "
+            "points run (run it again if it was made by an earlier version)."
+        )
+    return dict(json.loads(record.read_text()))
+
+
 def transform_points(
     job_folder: str | Path, points_file: str | Path, out: str | Path, given_in: Space = "brain", cells_only: bool = True
 ) -> tuple[dict[str, Path], MappedPoints]:
-    """Read ``points_file``, map it through the atlas job in ``job_folder`` and write the tables into ``out``.
+    """Read ``points_file``, map it through the atlas job in ``job_folder`` and write the tables into ``out``, with
+    :data:`POINTS_RECORD`.
 
     Raises:
         InputError: bad points, or a folder that is no finished job (before anything is written).
     """
+    paths, mapped = _transform_points(job_folder, points_file, out, given_in, cells_only)
+    record = {
+        "job": str(Path(job_folder).resolve()), "points": str(Path(points_file).resolve()), "space": given_in,
+        "cells_only": cells_only, "n_points": len(mapped.structure_ids),
+    }  # fmt: skip
+    atomic_write_json(Path(out) / POINTS_RECORD, record)
+    return {**paths, "record": Path(out) / POINTS_RECORD}, mapped
+
+
+def _transform_points(
+    job_folder: str | Path, points_file: str | Path, out: str | Path, given_in: Space, cells_only: bool
+) -> tuple[dict[str, Path], MappedPoints]:
     job = open_job(job_folder)
     read_volume_table(job.volumes)  # a job whose table was replaced is refused before anything is written
     points = read_points(points_file, given_in, cells_only)

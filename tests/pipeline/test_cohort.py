@@ -148,3 +148,51 @@ def test_a_job_whose_volumes_table_was_replaced_is_refused_in_one_sentence(
     assert result.exit_code == EXIT_INPUT, result.output
     words = " ".join(result.output.split())
     assert "lacks the columns" in words and "rerun the atlas job" in words and "Traceback" not in words, words
+
+
+def test_cells_of_each_animal_are_counted_with_the_structures_below(two_animals: dict[str, Path], tmp_path: Path) -> None:
+    """``--cells``: each animal's ``points`` output, paired with its job by its record, gives cells.csv (left, right
+    and total cells with the structures below, own cells, cells per mm³ of the region in that brain) and
+    cells_wide.csv; cells of a job outside the cohort, or points given in atlas space, are refused."""
+    import numpy as np
+    from scipy import ndimage
+
+    from pipeline.ngff import read_image
+
+    a, b = two_animals["a"], two_animals["b"]
+    labels = np.asarray(read_image(a / "brain.ome.zarr" / "labels" / "atlas").levels[0].array[...])
+    uniform = np.argwhere((ndimage.maximum_filter(labels, 3) == ndimage.minimum_filter(labels, 3)) & (labels > 0))
+    chosen = uniform[np.random.default_rng(4).choice(len(uniform), 120, replace=False)]
+    runner, mapped = CliRunner(), {}
+    for animal, cells in (("a", chosen), ("b", chosen[:40])):
+        table = tmp_path / f"{animal}.csv"
+        table.write_text("z,y,x\n" + "\n".join(",".join(str(3 * v + 1) for v in c) for c in cells) + "\n")
+        mapped[animal] = tmp_path / f"cells_{animal}"
+        result = runner.invoke(app, ["points", str(table), "--job", str(two_animals[animal]), "-o", str(mapped[animal])])
+        assert result.exit_code == 0, result.output
+    out = tmp_path / "tables"
+    result = runner.invoke(app, ["cohort", str(a), str(b), "-o", str(out), "--cells", str(mapped["b"]), "--cells", str(mapped["a"])])
+    assert result.exit_code == 0, result.output
+    rows = {(r["animal"], int(r["structure_id"])): r for r in _rows(out / "cells.csv")}
+    volumes = {(r["animal"], int(r["structure_id"])): r for r in _rows(out / "volumes.csv")}
+    job = open_job(a)
+    found = labels[tuple(chosen.T)]
+    for parent in (315, 512, 997):  # isocortex, cerebellum, the root: their own cells and every one below them
+        below = sum(parent in job.structures[int(s)].path for s in found)
+        row = rows[(a.name, parent)]
+        assert int(row["total_cells"]) == below == int(row["left_cells"]) + int(row["right_cells"])
+        assert float(row["cells_per_mm3"]) == pytest.approx(below / float(volumes[(a.name, parent)]["total_mm3"]), rel=1e-3)
+    assert int(rows[(a.name, 997)]["total_cells"]) == 120 and int(rows[("b", 997)]["total_cells"]) == 40
+    assert int(rows[(a.name, 997)]["own_total_cells"]) == int(np.sum(found == 997))
+    wide = {int(r["structure_id"]): r for r in _rows(out / "cells_wide.csv")}
+    assert list(wide[997])[3:] == [a.name, "b"] and (wide[997][a.name], wide[997]["b"]) == ("120", "40")
+    # a cells folder of another job, and points mapped from the atlas, are refused before anything is written
+    result = runner.invoke(app, ["cohort", str(a), "-o", str(tmp_path / "t"), "--cells", str(mapped["b"])])
+    assert result.exit_code == EXIT_INPUT and "not one of the cohort's jobs" in " ".join(result.output.split())
+    atlas_points = tmp_path / "atlas_points.csv"
+    atlas_points.write_text("axis_0,axis_1,axis_2\n60,40,30\n")
+    result = runner.invoke(app, ["points", str(atlas_points), "--job", str(a), "--space", "atlas", "-o", str(tmp_path / "inj")])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["cohort", str(a), "-o", str(tmp_path / "t"), "--cells", str(tmp_path / "inj")])
+    assert result.exit_code == EXIT_INPUT and "given in atlas space" in " ".join(result.output.split())
+    assert not (tmp_path / "t").exists()
