@@ -21,7 +21,7 @@ from prefect import flow
 from prefect.client.schemas.objects import State
 
 from flows.config import AtlasToSectionOptions, Geometry, resolve_options
-from flows.manifest import ManifestItem, ManifestProblem, load_manifest
+from flows.manifest import ManifestItem, ManifestProblem, load_manifest, where_relative
 from flows.records import ItemError, RunReport
 from flows.runner import final_state, finish_run, run_on_dask
 from flows.steps import ImageInput, ItemJob
@@ -152,7 +152,8 @@ def atlas_to_section(
     for role, path in (("atlas", None if found else atlas), ("atlas_labels", options.atlas_labels)):
         if path is not None and not Path(path).exists():
             raise InputError(
-                f"{role} {path} does not exist: give the path of the atlas image (or fix the option)."
+                f"{role} {path} does not exist{where_relative(path)}: give the path of the atlas image (or fix "
+                "the option)."
             )
     out_dir = Path(out)
     check_outputs(

@@ -105,10 +105,24 @@ def _parse_voxel_size(value: Any) -> Any:
     return value
 
 
+def where_relative(path: str | Path) -> str:
+    """For a relative ``path`` that was not found, the folder it was looked for in, as a clause of an error
+    sentence: a deployment's flow runs start in the project folder (``prefect.yaml``'s), not in the folder where
+    ``prefect deployment run`` was typed, so a relative parameter is not read from there. Empty when absolute."""
+    if Path(path).is_absolute():
+        return ""
+    return (
+        f" (a relative path is read from the folder the flow runs in, {Path.cwd()}, for a deployment the "
+        "project's folder: give an absolute path)"
+    )
+
+
 def _rows_from_file(path: Path) -> list[dict[str, Any]]:
     """Raw entries of a YAML or CSV manifest (structure errors raise :class:`InputError`)."""
     if not path.is_file():
-        raise InputError(f"manifest {path} does not exist: give the path of a YAML or CSV manifest file.")
+        raise InputError(
+            f"manifest {path} does not exist{where_relative(path)}: give the path of a YAML or CSV manifest file."
+        )
     if path.suffix.lower() == ".csv":
         with path.open(newline="") as handle:
             rows = [

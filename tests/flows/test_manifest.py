@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,19 @@ def test_missing_or_empty_manifest(tmp_path: Path) -> None:
     (tmp_path / "empty.yaml").write_text("[]")
     with pytest.raises(InputError, match="no items"):
         load_manifest(tmp_path / "empty.yaml")
+
+
+def test_a_missing_relative_manifest_names_the_folder_it_was_looked_for_in(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A deployment's flow run starts in the project folder, not where `prefect deployment run` was typed: the
+    sentence names the folder a relative manifest was looked for in and asks for an absolute path."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InputError, match=rf"brains\.yaml does not exist \(.*{re.escape(str(tmp_path))}.*absolute path"):
+        load_manifest("brains.yaml")
+    with pytest.raises(InputError) as absolute:
+        load_manifest(tmp_path / "brains.yaml")
+    assert "absolute path" not in str(absolute.value)
 
 
 def test_default_names() -> None:
