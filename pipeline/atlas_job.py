@@ -616,7 +616,8 @@ def _run_atlas_job(
     }
     summary_paths = write_job_summary(out, summary, paths)
     paths.update(summary_paths)
-    record = write_job_record(out, inputs, found.describe(), config, inference, summary, paths)
+    ran = config.model_copy(update={"cluster": cluster})  # the record's settings: --scheduler's cluster, if given
+    record = write_job_record(out, inputs, found.describe(), ran, inference, summary, paths)
     remove_run_records(out)
     return AtlasJobResult(out, paths, summary, record)
 

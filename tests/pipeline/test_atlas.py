@@ -358,6 +358,14 @@ def test_rerun_keeps_finished_outputs(job: dict) -> None:
     result = CliRunner().invoke(app, [*args, "--field-spacing", "0.17mm"])
     assert result.exit_code == 0, result.output
     assert json.loads((out / SETTINGS_FILE).read_text())["made_from"] == made_from
+    # where it ran is not part of what it was made from; the record names the cluster --scheduler gave, not the
+    # config's (which said threads while the job ran on a Dask cluster)
+    cluster = out.parent / "cluster.yaml"
+    cluster.write_text("kind: local\nworkers: 1\nprocesses: false\n")
+    result = CliRunner().invoke(app, [*args, "--scheduler", str(cluster)])
+    assert result.exit_code == 0, result.output
+    ran = json.loads((out / "atlas_job.json").read_text())["settings"]["cluster"]
+    assert ran["kind"] == "local" and ran["workers"] == 1 and ran["processes"] is False
 
 
 def test_bad_atlas_or_brain_is_one_sentence(tmp_path: Path, examples: Path) -> None:
