@@ -11,7 +11,8 @@ are kept):
 5. the outputs of :func:`pipeline.atlas.atlas_outputs`, QC figures (``OUT/qc/``), ``OUT/summary.md`` and
    ``summary.json``, and ``OUT/atlas_job.json`` (what was run: inputs, settings, versions, outputs).
 
-One local Dask cluster (or the given scheduler) serves every chunked step of the job.
+Every chunked step of the job runs where ``config.cluster`` (or the given scheduler) says: threads of this
+process by default, else one Dask cluster for the whole job.
 """
 
 from __future__ import annotations
@@ -517,8 +518,8 @@ def run_atlas_job(
         unit: unit of ``voxel_size`` (default: the header's, micrometer for TIFF).
         channels: extra channels imaged with the brain (same array shape and geometry).
         config: settings (default :class:`AtlasJobConfig`).
-        scheduler: Dask scheduler address or cluster YAML for every chunked step (default: a local cluster
-            from ``config.cluster``).
+        scheduler: Dask scheduler address or cluster YAML for every chunked step (default: ``config.cluster``,
+            whose default is threads of this process).
 
     Raises:
         InputError: bad input, before heavy work starts.
