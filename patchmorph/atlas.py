@@ -188,7 +188,13 @@ def points(
             "axis_2 (or z, y, x; axis 0 = the planes of a stack), other columns passed through.",
         ),
     ],
-    job: Annotated[Path, typer.Option(help="The output folder of a finished 'patchmorph atlas' run.")],
+    job: Annotated[
+        Path,
+        typer.Option(
+            help="The output folder of a finished 'patchmorph atlas' run, or an item's folder of an atlas-to-section "
+            "batch with a BrainGlobe atlas."
+        ),
+    ],
     out: Annotated[
         Path, typer.Option("--out", "-o", help="Folder for all_points.csv and summary.csv (created).")
     ],
@@ -224,7 +230,13 @@ def points(
 
 @command
 def export_brainreg(
-    job: Annotated[Path, typer.Option(help="The output folder of a finished 'patchmorph atlas' run.")],
+    job: Annotated[
+        Path,
+        typer.Option(
+            help="The output folder of a finished 'patchmorph atlas' run, or an item's folder of an atlas-to-section "
+            "batch with a BrainGlobe atlas."
+        ),
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="The brainreg folder to write (created, in a folder that exists).")],
     overwrite: Annotated[bool, typer.Option(help="Replace a folder that export-brainreg wrote earlier.")] = False,
 ) -> None:
