@@ -426,15 +426,15 @@ def check_pair_orientation(
     if result.fits_better and not options.accept_orientation:
         fixed_code, moving_code = result.suggested_codes(fixed.grid.direction, moving.grid.direction)
         given = orientation_code(moving.grid.direction), orientation_code(fixed.grid.direction)
-        if moving_code and fixed_code and all(given):
+        if moving_code and fixed_code and all(given):  # the fixed image first: in a job it is the user's brain
             alternative = (
-                f"as orientation {moving_code!r} than as given ({given[0]!r}; or the fixed image as "
-                f"{fixed_code!r} instead of {given[1]!r})"
+                f"with one orientation code changed, the fixed image's to {fixed_code!r} instead of {given[1]!r} or the "
+                f"moving image's to {moving_code!r} instead of {given[0]!r},"
             )
         else:
-            alternative = "after a permutation or flip of its axes than as given"
+            alternative = "after a permutation or flip of its axes than as given,"
         raise InputError(
-            f"the moving image {paths['moving']} fits the fixed image {paths['fixed']} clearly better {alternative}, "
+            f"the moving image {paths['moving']} fits the fixed image {paths['fixed']} clearly better {alternative} "
             f"dissimilarity {result.best.dissimilarity:.4f} vs {result.given.dissimilarity:.4f} (MIND-SSC, lower is "
             "better): fix the orientation code of the wrong one "
             "(convert --orientation; images cannot tell left from right, so the codes keep the given sides: check "

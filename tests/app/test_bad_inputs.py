@@ -266,7 +266,7 @@ CASES = [
     Case("register-bad-scheduler", f"{REG} --out {OUT}/out.zarr".replace(THREADS, "nonsense"), 2, r"neither a YAML file nor a scheduler address"),
     Case("register-missing-scheduler-yaml", f"{REG} --out {OUT}/out.zarr".replace(THREADS, f"{W}/nowhere.yaml"), 2, r"nowhere\.yaml"),
     Case("register-config-unknown-key", f"{REG} --out {OUT}/out.zarr --config {W}/bad_config.yaml", 2, r"no_such_setting"),
-    Case("register-wrong-orientation-code", f"register --fixed {W}/brain_psl.zarr --moving {W}/atlas_asr.zarr --out {OUT}/out.zarr --scheduler {THREADS}", 2, r"atlas_asr\.zarr fits the fixed image .* clearly better as orientation '[rl]sa' than as given \('asr'", setup=lambda w, o: _mouse(w)),
+    Case("register-wrong-orientation-code", f"register --fixed {W}/brain_psl.zarr --moving {W}/atlas_asr.zarr --out {OUT}/out.zarr --scheduler {THREADS}", 2, r"atlas_asr\.zarr fits the fixed image .* clearly better with one orientation code changed, .* or the moving image's to '[rl]sa' instead of 'asr'", setup=lambda w, o: _mouse(w)),
     # -- warp -----------------------------------------------------------------------------------------------------
     Case("warp-missing-field", f"{WARP} --out {OUT}/out.zarr".replace(f"{W}/field.zarr", f"{W}/nowhere.zarr"), 2, r"field .*nowhere\.zarr does not exist"),
     Case("warp-field-is-an-image", f"{WARP} --out {OUT}/out.zarr".replace(f"{W}/field.zarr", f"{W}/fixed.zarr"), 2, r"is not a PatchMorph displacement field"),

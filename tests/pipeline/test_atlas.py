@@ -477,7 +477,7 @@ def test_a_wrong_brain_orientation_is_named_in_the_users_terms(tmp_path: Path, e
     assert result.exit_code == 2, result.output
     assert f"fits the fixed image {brain} clearly better" in result.output
     assert (
-        "or the fixed image as 'psl' instead of 'asl'" in result.output
+        "the fixed image's to 'psl' instead of 'asl'" in " ".join(result.output.split())
         and "allen_mouse_100um's reference" in result.output
     )
     accepted = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "accepted"), "--accept-orientation"])
