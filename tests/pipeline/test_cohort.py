@@ -77,17 +77,23 @@ def test_a_cohort_of_bad_folders_is_refused(two_animals: dict[str, Path], tmp_pa
         assert not (tmp_path / "t").exists()
 
 
+def _with_atlas_record(two_animals: dict[str, Path], copy: Path, **changed: str) -> Path:
+    """A copy of animal 'b' at ``copy`` whose prepared atlas's record (``atlas/atlas.json``) has ``changed``."""
+    import json
+
+    shutil.copytree(two_animals["b"], copy, symlinks=True)
+    (copy / "atlas").unlink()
+    shutil.copytree(two_animals["a"] / "atlas", copy / "atlas")
+    record = json.loads((copy / "atlas" / "atlas.json").read_text())
+    (copy / "atlas" / "atlas.json").write_text(json.dumps({**record, **changed}))
+    return copy
+
+
 def test_a_whole_brain_and_a_hemisphere_are_not_put_in_one_table(two_animals: dict[str, Path], tmp_path: Path) -> None:
     """An animal registered with --brain-geometry hemisphere_l has 0 on its right side: beside whole brains its totals
     would read as half a brain. The cohort is refused, naming each job's geometry."""
-    import json
 
-    half = tmp_path / "half"
-    shutil.copytree(two_animals["b"], half, symlinks=True)
-    (half / "atlas").unlink()
-    shutil.copytree(two_animals["a"] / "atlas", half / "atlas")
-    record = json.loads((half / "atlas" / "atlas.json").read_text())
-    (half / "atlas" / "atlas.json").write_text(json.dumps({**record, "brain_geometry": "hemisphere_l"}))
+    half = _with_atlas_record(two_animals, tmp_path / "half", brain_geometry="hemisphere_l")
     result = CliRunner().invoke(app, ["cohort", str(two_animals["a"]), str(half), "-o", str(tmp_path / "t")])
     assert result.exit_code == EXIT_INPUT, result.output
     words = " ".join(result.output.split())
@@ -105,12 +111,7 @@ def test_jobs_of_two_versions_of_one_atlas_are_not_put_in_one_table(two_animals:
     shutil.copytree(atlas, newer)
     metadata = json.loads((newer / "metadata.json").read_text())
     (newer / "metadata.json").write_text(json.dumps({**metadata, "version": "1.3"}))
-    other = tmp_path / "other"
-    shutil.copytree(two_animals["b"], other, symlinks=True)
-    (other / "atlas").unlink()
-    shutil.copytree(two_animals["a"] / "atlas", other / "atlas")
-    record = json.loads((other / "atlas" / "atlas.json").read_text())
-    (other / "atlas" / "atlas.json").write_text(json.dumps({**record, "folder": str(newer), "version": "1.3"}))
+    other = _with_atlas_record(two_animals, tmp_path / "other", folder=str(newer), version="1.3")
     result = CliRunner().invoke(app, ["cohort", str(two_animals["a"]), str(other), "-o", str(tmp_path / "t")])
     assert result.exit_code == EXIT_INPUT, result.output
     words = " ".join(result.output.split())
