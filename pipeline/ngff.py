@@ -30,6 +30,7 @@ Reading defaults to zarr-python arrays (lazy: indexing reads only the touched ch
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import math
 import shutil
@@ -838,18 +839,31 @@ def _write_resumable(
     same = run_matches(root, fingerprint) and partial.is_dir()
     stage = open_run(root, fingerprint, overwrite=not same).stage("level0")
     resume = same and stage.vouch_for([partial]) and bool(stage.completed())
-    if resume:
-        logger.info("resuming the write of %s: %d slabs of level 0 were written before", out, len(stage.completed()))
-    array = create_image_array(
-        partial, grid.shape, grid, _storage_dtype(data.dtype), chunks, name=name, labels=labels,
-        overwrite=not resume, resume=resume, extra_attrs=extra_attrs,
-    )  # fmt: skip
-    if not resume:
-        stage.bind([partial])
-    _store(data, array, desc=f"writing {name}", records=stage)
-    finish_image(partial, n_levels=n_levels)
+    if resume and _finished(partial):  # killed after its pyramid, before (or while) it was moved into place
+        logger.info("the write of %s was finished before it stopped: moving it into place", out)
+    else:
+        if resume:
+            logger.info(
+                "resuming the write of %s: %d slabs of level 0 were written before", out, len(stage.completed())
+            )
+        array = create_image_array(
+            partial, grid.shape, grid, _storage_dtype(data.dtype), chunks, name=name, labels=labels,
+            overwrite=not resume, resume=resume, extra_attrs=extra_attrs,
+        )  # fmt: skip
+        if not resume:
+            stage.bind([partial])
+        _store(data, array, desc=f"writing {name}", records=stage)
+        finish_image(partial, n_levels=n_levels)
     _replace(partial, out)
     shutil.rmtree(root)
+
+
+def _finished(path: Path) -> bool:
+    """Whether the group at ``path`` was marked complete by :func:`finish_image` (its pyramid written whole)."""
+    metadata = path / "zarr.json"
+    if not metadata.is_file():
+        return False
+    return json.loads(metadata.read_text()).get("attributes", {}).get("patchmorph", {}).get("complete") is True
 
 
 def field_metadata(grid: Grid, metadata: Mapping[str, Any] | None = None) -> dict[str, Any]:
