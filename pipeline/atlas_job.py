@@ -178,6 +178,7 @@ def convert_input(
         convert(source, target, voxel_size=voxel_size, unit=unit, orientation=orientation, overwrite=True)
     else:
         from pipeline.ngff import write_image
+        from pipeline.resume import code_identity, content_identity, output_lock
 
         array, grid, kind = open_input(source, voxel_size, unit, orientation)
         small = da.coarsen(
@@ -189,14 +190,20 @@ def convert_input(
             "downsample": downsample,
             "source_shape": list(array.shape),  # the brain file's voxels, for points given in them
         }
-        write_image(
-            target,
-            small,
-            _downsampled(grid, array.shape, downsample),
-            name=target.name.split(".")[0],
-            overwrite=True,
-            extra_attrs=extra,
-        )
+        fingerprint = {
+            "input": content_identity(source), "voxel_size": voxel_size, "unit": unit, "orientation": orientation,
+            "downsample": downsample, "code": code_identity(),
+        }  # fmt: skip
+        with output_lock(target):  # resumable like convert's: a killed read of a large brain keeps its slabs
+            write_image(
+                target,
+                small,
+                _downsampled(grid, array.shape, downsample),
+                name=target.name.split(".")[0],
+                overwrite=True,
+                extra_attrs=extra,
+                fingerprint=fingerprint,
+            )
     record.write_text(json.dumps({"key": key, "data_key": data_key}))
     return target
 

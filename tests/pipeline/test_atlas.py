@@ -758,3 +758,44 @@ def test_the_atlas_jobs_affine_depends_little_on_how_the_brain_lies_in_its_grid(
     fine = apart(job.affine_levels, job.affine_steps)
     assert fine < 60.0, fine
     assert apart(LEVELS, STEPS) > fine + 30.0
+
+
+def test_a_killed_downsampled_brain_conversion_resumes(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The atlas job's brain conversion with brain_downsample > 1, killed (SIGKILL) after two slabs, resumes with
+    them like convert's (it started again from the first plane), to the same image as one whole run."""
+    import logging
+    import subprocess
+    import sys
+
+    from pipeline.atlas_job import convert_input
+
+    brain = tmp_path / "brain.tif"
+    tifffile.imwrite(brain, (np.random.default_rng(3).random((400, 40, 48)) * 4000).astype(np.uint16))
+    target, fresh = tmp_path / "job" / "brain.ome.zarr", tmp_path / "fresh" / "brain.ome.zarr"
+    target.parent.mkdir()
+    fresh.parent.mkdir()
+    geometry = "voxel_size=(50, 40, 40), unit=None, orientation='psl', downsample=2"
+    killed = subprocess.run(
+        [sys.executable, "-c", (
+            "import os, signal\n"
+            "from pathlib import Path\n"
+            "from pipeline.resume import StageRecords\n"
+            "from pipeline.atlas_job import convert_input\n"
+            "mark = StageRecords.mark_done\n"
+            "def mark_then_die(self, cid, info):\n"
+            "    mark(self, cid, info)\n"
+            "    if len(self.completed()) == 2:\n"
+            "        os.kill(os.getpid(), signal.SIGKILL)\n"
+            "StageRecords.mark_done = mark_then_die\n"
+            f"convert_input(Path({str(brain)!r}), Path({str(target)!r}), {geometry})\n"
+        )],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert killed.returncode == -9, killed.stderr
+    assert not target.exists() and (target.parent / ".brain.ome.zarr.converting").is_dir()
+    with caplog.at_level(logging.INFO, logger="pipeline.ngff"):
+        convert_input(brain, target, voxel_size=(50, 40, 40), unit=None, orientation="psl", downsample=2)
+    assert "2 slabs of level 0 were written before" in caplog.text
+    convert_input(brain, fresh, voxel_size=(50, 40, 40), unit=None, orientation="psl", downsample=2)
+    np.testing.assert_array_equal(read_image(target).levels[0].array[:], read_image(fresh).levels[0].array[:])
+    assert sorted(p.name for p in target.parent.iterdir()) == ["brain.ome.zarr", "brain.ome.zarr.source.json"]
