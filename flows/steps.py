@@ -68,6 +68,7 @@ from pipeline.atlas_job import atlas_inference, atlas_reference_name, job_summar
 from pipeline.brainglobe import find_atlas
 from pipeline.checks import check_outputs
 from pipeline.ngff import read_field
+from pipeline.resume import write_identity
 
 logger = logging.getLogger(__name__)
 
@@ -385,6 +386,7 @@ def run_jobs(
         began = time.monotonic()
         group = _make_folders(todo[start : start + max_parallel], errors)
         group = _convert_inputs(group, convert, errors)
+        read_from = {j.name: _input_writes(j) for j in group}
         # an item whose registration finished in an earlier run (it failed at a later step) keeps its field
         reused = {
             j.name: record
@@ -418,6 +420,7 @@ def run_jobs(
         group, values = _step(group, "qc", lambda j: _submit_checks(j, make_qc, metrics, options.qc), errors)
         group, atlas_values = _step(group, "atlas", lambda j: _submit_atlas(j, atlas, options), errors)
         seconds = time.monotonic() - began
+        group = _inputs_kept(group, read_from, errors)
         for job in group:
             out = values[job.name]
             made = atlas_values[job.name].get("atlas")
@@ -427,6 +430,32 @@ def run_jobs(
                 _finish(job, keys[job.name], out.get("qc"), figures, seconds, made, field.seconds, job.name in reused)
             )
     return results, errors
+
+
+def _input_writes(job: ItemJob) -> dict[Path, str | None]:
+    """The ``write_id`` of every input store the job reads (None: a store this product did not write)."""
+    return {image.ready: write_identity(image.ready) for image in job.inputs().values()}
+
+
+def _inputs_kept(
+    jobs: list[ItemJob], read_from: dict[str, dict[Path, str | None]], errors: list[ItemError]
+) -> list[ItemJob]:
+    """The jobs whose input stores are still the ones they read from the start (:func:`_input_writes`); an
+    ``inputs`` error for each other one: another run into the same folder with other settings wrote a shared input
+    (the converted or prepared atlas) again while the job read it, so its field and its warps may come from two
+    different atlases. It is not recorded as done, so a rerun makes it again."""
+    kept = []
+    for job in jobs:
+        changed = [str(path) for path, written in read_from[job.name].items() if write_identity(path) != written]
+        if changed:
+            errors.append(_fail(job, "inputs", InputError(
+                f"{', '.join(changed)} was written again by another run while this item read it (a run into the same "
+                "folder with other atlas settings): its outputs may mix the two; rerun it, and give runs with other "
+                "settings their own output folder."
+            )))  # fmt: skip
+            continue
+        kept.append(job)
+    return kept
 
 
 def quality_metrics(block: dict[str, Any]) -> dict[str, float]:
