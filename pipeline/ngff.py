@@ -1078,7 +1078,13 @@ def _levels(
             "same register command with --accept-quality to keep it."
         )
     if meta.get("complete") is False:
-        raise InputError(f"{where!r} is an incomplete output (its write was interrupted): write it again.")
+        run = Path(where).with_name(Path(where).name + ".run")
+        how = (
+            f"rerun the command that wrote it, which resumes from its run folder {run}"
+            if "://" not in where and run.is_dir()
+            else "write it again"
+        )
+        raise InputError(f"{where!r} is an incomplete output (its write was interrupted): {how}.")
     multiscale = _multiscale(attrs, where)
     names, unit = _axes(multiscale, where)
     orientation = rfc4_orientation(multiscale.get("axes", ()))

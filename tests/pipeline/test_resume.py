@@ -265,3 +265,18 @@ def test_a_write_removes_the_partial_copies_that_killed_processes_of_this_host_l
     write_image(tmp_path / "brain.ome.zarr", np.ones(grid.shape, np.uint16), grid)
     assert {k for k, p in left.items() if p.exists()} == {"live", "other host", "unknown", "another output"}
     assert len(list(tmp_path.glob(".brain.ome.zarr.partial-*"))) == 3
+
+
+def test_an_interrupted_output_with_a_run_folder_says_to_rerun_its_command(tmp_path: Path) -> None:
+    """Reading an output whose write was killed: with its run folder beside it the sentence says to rerun the
+    command that wrote it (it resumes), not to write it again (which users read as --overwrite, losing the run)."""
+    from patchmorph_core.spatial import Grid
+    from pipeline.ngff import create_image_array, read_image
+
+    out = tmp_path / "field.zarr"
+    create_image_array(out, (4, 5, 6), Grid.from_spacing((4, 5, 6), (1, 1, 1)), np.float32)
+    with pytest.raises(InputError, match="incomplete output .*: write it again"):
+        read_image(out)
+    (tmp_path / "field.zarr.run").mkdir()
+    with pytest.raises(InputError, match=r"rerun the command that wrote it, which resumes from its run folder .*field.zarr.run"):
+        read_image(out)
