@@ -387,6 +387,7 @@ def run_jobs(
         group = _make_folders(todo[start : start + max_parallel], errors)
         group = _convert_inputs(group, convert, errors)
         read_from = {j.name: _input_writes(j) for j in group}
+        group = _converted_as_asked(group, errors)
         # an item whose registration finished in an earlier run (it failed at a later step) keeps its field
         reused = {
             j.name: record
@@ -435,6 +436,28 @@ def run_jobs(
 def _input_writes(job: ItemJob) -> dict[Path, str | None]:
     """The ``write_id`` of every input store the job reads (None: a store this product did not write)."""
     return {image.ready: write_identity(image.ready) for image in job.inputs().values()}
+
+
+def _converted_as_asked(jobs: list[ItemJob], errors: list[ItemError]) -> list[ItemJob]:
+    """The jobs whose converted inputs hold what this run asked for (their record names this run's source and
+    geometry); an ``inputs`` error for each other one: another run into the same folder converted a shared input
+    (the atlas) with other settings after this run converted it."""
+    kept = []
+    for job in jobs:
+        other = [
+            str(image.converted)
+            for image in job.inputs().values()
+            if image.needs_conversion and not converted_from(image.converted, _conversion_key(image))
+        ]
+        if other:
+            errors.append(_fail(job, "inputs", InputError(
+                f"{', '.join(other)} was converted again by another run with other settings (a run into the same "
+                "folder with another atlas geometry) after this run converted it: rerun this item, and give runs "
+                "with other settings their own output folder."
+            )))  # fmt: skip
+            continue
+        kept.append(job)
+    return kept
 
 
 def _inputs_kept(

@@ -36,3 +36,29 @@ def test_an_item_whose_shared_input_was_written_again_fails(tmp_path: Path) -> N
     assert _inputs_kept(jobs, read_from, errors) == []
     assert [(e.name, e.step) for e in errors] == [("first", "inputs"), ("second", "inputs")]
     assert f"{atlas} was written again by another run while this item read it" in errors[0].message
+
+
+def test_an_item_whose_shared_input_another_run_converted_otherwise_fails(tmp_path: Path) -> None:
+    """The atlas converted by this run, then again by another run into the same folder with another geometry
+    before this run's registrations read it: the item fails at 'inputs' instead of registering the other atlas."""
+    import json
+
+    from flows.steps import _conversion_key, _converted_as_asked
+    from flows.tasks import conversion_record
+
+    (tmp_path / "atlas").mkdir()
+    atlas = _store(tmp_path / "atlas" / "atlas.ome.zarr", 1.0)
+    moving = ImageInput(path=tmp_path / "atlas.nrrd", converted=atlas)
+    job = ItemJob(
+        name="item",
+        out_dir=tmp_path / "item",
+        fixed=ImageInput(path=_store(tmp_path / "item.ome.zarr", 2.0), converted=tmp_path / "item.c.zarr"),
+        moving=moving,
+    )
+    conversion_record(atlas).write_text(json.dumps({"fingerprint": _conversion_key(moving)}))
+    errors: list = []
+    assert _converted_as_asked([job], errors) == [job] and errors == []
+    conversion_record(atlas).write_text(json.dumps({"fingerprint": "another geometry"}))
+    assert _converted_as_asked([job], errors) == []
+    assert [(e.name, e.step) for e in errors] == [("item", "inputs")]
+    assert "was converted again by another run with other settings" in errors[0].message
