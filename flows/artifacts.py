@@ -16,6 +16,7 @@ from pathlib import Path
 from prefect.artifacts import create_markdown_artifact
 
 from flows.records import ItemError, ItemResult
+from pipeline.resume import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ def write_report(out: Path, title: str, results: Sequence[ItemResult], errors: S
     text = [f"# {title}\n", metrics_table(results, errors)]
     text += [qc_markdown(r.model_copy(update={"qc": _relative(r.qc, out)}), absolute=False) for r in results]
     path = out / "report.md"
-    path.write_text("\n".join(text))
+    atomic_write(path, lambda handle: handle.write("\n".join(text).encode()))
     return path
 
 

@@ -19,6 +19,7 @@ from flows.records import ItemError, Outcomes, RunReport
 from flows.settings import project_logs_in_the_run
 from flows.steps import ItemJob, missing_inputs, run_jobs, split_finished
 from pipeline.cluster import ClusterConfig, open_client
+from pipeline.resume import atomic_write, output_lock
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +70,20 @@ def run_on_dask(
     return Outcomes(results=[*outcomes.results, *ran.results], errors=[*outcomes.errors, *ran.errors])
 
 
+def _with_earlier_items(out: Path, outcomes: Outcomes) -> Outcomes:
+    """This run's outcomes, then the outcomes that the folder's ``report.json`` holds for items this run did not
+    touch (another manifest's items, run before or beside this one)."""
+    try:
+        earlier = RunReport.model_validate_json((out / "report.json").read_text())
+    except (OSError, ValueError):  # none yet, or not one this version reads
+        return outcomes
+    touched = {r.name for r in outcomes.results} | {e.name for e in outcomes.errors}
+    return Outcomes(
+        results=[*outcomes.results, *(r for r in earlier.results if r.name not in touched)],
+        errors=[*outcomes.errors, *(e for e in earlier.errors if e.name not in touched)],
+    )
+
+
 class BatchFailed(RuntimeError):
     """Some items of a flow run failed; the run's report (also in ``<out>/report.json``) is attached.
 
@@ -105,25 +120,22 @@ def final_state(report: RunReport) -> RunReport | State:
 
 
 def finish_run(flow: str, inputs: dict[str, str], out: Path, outcomes: Outcomes) -> RunReport:
-    """Write ``report.md`` and ``report.json`` into ``out`` and publish the Prefect artifacts."""
+    """Write ``report.md`` and ``report.json`` into ``out`` and publish the Prefect artifacts. The files hold every
+    item of the folder: this run's, then those an earlier run (or one running beside it) recorded there and this
+    run did not touch (:func:`_with_earlier_items`). The report returned is this run's."""
     out.mkdir(parents=True, exist_ok=True)
-    report_md = write_report(
-        out,
-        f"{flow}: {len(outcomes.results)} aligned, {len(outcomes.errors)} failed",
-        outcomes.results,
-        outcomes.errors,
-    )
     keys = publish(flow, outcomes.results, outcomes.errors)
-    report = RunReport(
-        flow=flow,
-        inputs=inputs,
-        out=out,
-        results=outcomes.results,
-        errors=outcomes.errors,
-        report=report_md,
-        artifacts=keys,
-    )
-    (out / "report.json").write_text(report.model_dump_json(indent=1))
+    with output_lock(out / "report.json", wait=True):  # two runs into one folder: one writes after the other
+        folder = _with_earlier_items(out, outcomes)
+        report_md = write_report(
+            out, f"{flow}: {len(folder.results)} aligned, {len(folder.errors)} failed", folder.results, folder.errors
+        )
+        report = RunReport(
+            flow=flow, inputs=inputs, out=out, results=outcomes.results, errors=outcomes.errors, report=report_md,
+            artifacts=keys,
+        )  # fmt: skip
+        text = report.model_copy(update={"results": folder.results, "errors": folder.errors}).model_dump_json(indent=1)
+        atomic_write(out / "report.json", lambda handle: handle.write(text.encode()))
     logger.info(
         "%s: %d done, %d skipped, %d failed; report %s",
         flow,

@@ -41,3 +41,33 @@ def test_a_shared_input_is_converted_once_by_two_runs(tmp_path: Path, monkeypatc
     # another source or geometry (another fingerprint) is converted again
     tasks.convert_task.fn(source, target, None, None, "asl", False, "key-2")
     assert len(calls) == 2 and tasks.converted_from(target, "key-2") and not tasks.converted_from(target, "key-1")
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_two_runs_into_one_folder_keep_each_others_items_in_the_report(tmp_path: Path) -> None:
+    """The folder's report.json and report.md hold every item of the folder: a second run (another manifest) keeps
+    the first run's items, an item both ran has the later outcome, and the report each run returns is its own."""
+    import json
+
+    from prefect import flow
+
+    from flows.records import ItemError, ItemResult, Outcomes, RunReport
+    from flows.runner import finish_run
+
+    def result(name: str, ncc: float) -> ItemResult:
+        return ItemResult(name=name, out_dir=tmp_path / name, metrics={"ncc": ncc})
+
+    @flow(name="report-twice")
+    def report_twice() -> RunReport:  # as the flows call it: inside a flow run
+        first = Outcomes(results=[result("mouse1", 0.7), result("mouse2", 0.6)], errors=[])
+        finish_run("atlas-to-section", {}, tmp_path, first)
+        failed = ItemError(name="mouse3", step="convert", error_type="InputError", message="unreadable")
+        return finish_run("atlas-to-section", {}, tmp_path, Outcomes(results=[result("mouse2", 0.8)], errors=[failed]))
+
+    second = report_twice()
+    assert [r.name for r in second.results] == ["mouse2"] and [e.name for e in second.errors] == ["mouse3"]
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert {r["name"]: r["metrics"]["ncc"] for r in saved["results"]} == {"mouse1": 0.7, "mouse2": 0.8}
+    assert [e["name"] for e in saved["errors"]] == ["mouse3"]
+    table = (tmp_path / "report.md").read_text()
+    assert table.startswith("# atlas-to-section: 2 aligned, 1 failed") and "| mouse1 |" in table
