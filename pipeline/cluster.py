@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -216,6 +217,21 @@ JOB_MEMORY_RESERVE = 0.1, 1024**3
 """Share of a SLURM job's memory (at least the bytes) that its worker's memory limit leaves out (:func:`worker_memory`)."""
 
 
+def slurm_bytes(memory: str) -> int:
+    """Bytes of a memory size as SLURM reads ``--mem``: a bare K, M, G or T suffix (``16G``) in units of 1024, as
+    SLURM means them; other forms (``16GiB``, ``16GB``) as Dask reads them.
+
+    Raises:
+        ValueError: not a size.
+    """
+    from dask.utils import parse_bytes
+
+    bare = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT])\s*", str(memory), flags=re.IGNORECASE)
+    if bare:
+        return int(float(bare.group(1)) * 1024 ** ("KMGT".index(bare.group(2).upper()) + 1))
+    return int(parse_bytes(memory))
+
+
 def worker_memory(job_memory: str) -> int:
     """The memory limit (bytes) of the worker of a SLURM job with ``job_memory`` (e.g. ``"16GiB"``): the job's
     memory less :data:`JOB_MEMORY_RESERVE` for the nanny process and what else SLURM counts against the job (the
@@ -225,10 +241,8 @@ def worker_memory(job_memory: str) -> int:
     Raises:
         InputError: the memory is not a size, or too small to leave the worker anything.
     """
-    from dask.utils import parse_bytes
-
     try:
-        total = int(parse_bytes(job_memory))
+        total = slurm_bytes(job_memory)
     except (ValueError, TypeError) as err:
         raise InputError(f"slurm.memory {job_memory!r} is not a size: give it as e.g. 16GiB.") from err
     share, least = JOB_MEMORY_RESERVE
@@ -240,7 +254,6 @@ def worker_memory(job_memory: str) -> int:
 
 def slurm_cluster(config: ClusterConfig) -> Any:
     """A ``dask_jobqueue.SLURMCluster`` built from ``config.slurm`` (no job is submitted until scaled)."""
-    from dask.utils import parse_bytes
     from dask_jobqueue import SLURMCluster
     from dask_jobqueue.slurm import slurm_format_bytes_ceil
 
@@ -256,7 +269,7 @@ def slurm_cluster(config: ClusterConfig) -> Any:
         "cores": s.cores,
         "processes": 1,
         "memory": str(worker_memory(s.memory)),  # the worker's limit; the job asks SLURM for all of s.memory
-        "job_mem": slurm_format_bytes_ceil(parse_bytes(s.memory)),  # as sbatch --mem reads it (16G)
+        "job_mem": slurm_format_bytes_ceil(slurm_bytes(s.memory)),  # as sbatch --mem reads it (16G)
         "walltime": s.walltime,
         "job_extra_directives": directives,
         "job_script_prologue": [*s.job_script_prologue, *(f"export {k}={v}" for k, v in WORKER_MALLOC_ENV.items())],

@@ -49,6 +49,9 @@ def test_slurm_job_script_without_slurm() -> None:
     assert "--memory-limit 2.73GiB" in job_script(small)
     with pytest.raises(InputError, match="slurm.memory 1GiB is too small"):
         worker_memory("1GiB")
+    # SLURM's own form, a bare G, means GiB as sbatch reads it (Dask would read 16 x 10^9 bytes)
+    slurm_style = config.model_copy(update={"slurm": config.slurm.model_copy(update={"memory": "16G"})})
+    assert "#SBATCH --mem=16G\n" in job_script(slurm_style) and "--memory-limit 14.40GiB" in job_script(slurm_style)
     gpu = job_script(config.model_copy(update={"gpus": 1}))
     assert "#SBATCH --gres=gpu:1" in gpu and "--resources GPU=1" in gpu
     assert all(f"export {k}={v}" in script for k, v in WORKER_MALLOC_ENV.items())  # before the worker starts
