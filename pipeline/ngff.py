@@ -29,6 +29,7 @@ Reading defaults to zarr-python arrays (lazy: indexing reads only the touched ch
 
 from __future__ import annotations
 
+import glob
 import itertools
 import json
 import logging
@@ -394,14 +395,14 @@ def check_output(path: str | Path, overwrite: bool) -> Path:
 
 
 def _replace(tmp: Path, out: Path) -> None:
-    """Move the finished ``tmp`` into place, removing an older ``out`` only after the new one is in place."""
+    """Move the finished ``tmp`` into place, removing an older ``out`` only after the new one is in place, and the
+    older copies that a replacement killed half-way left hidden beside it (``.<name>.old-*``)."""
     if out.exists():
         old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
         out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
-    else:
-        tmp.rename(out)
+    tmp.rename(out)
+    for stale in out.parent.glob(f".{glob.escape(out.name)}.old-*"):
+        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
 
 
 # -- writing --------------------------------------------------------------------------------------------

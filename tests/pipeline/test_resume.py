@@ -280,3 +280,19 @@ def test_an_interrupted_output_with_a_run_folder_says_to_rerun_its_command(tmp_p
     (tmp_path / "field.zarr.run").mkdir()
     with pytest.raises(InputError, match=r"rerun the command that wrote it, which resumes from its run folder .*field.zarr.run"):
         read_image(out)
+
+
+def test_a_replacement_removes_the_older_copies_a_killed_replacement_left(tmp_path: Path) -> None:
+    """A replacement killed between hiding the older output and removing it left a full-size hidden copy
+    (``.<name>.old-*``); the next write of that output removes it, and no other output's."""
+    from patchmorph_core.spatial import Grid
+    from pipeline.ngff import read_image, write_image
+
+    grid = Grid.from_orientation((3, 4, 5), (50.0, 20.0, 10.0), "psl")
+    left = [tmp_path / ".brain.ome.zarr.old-0a1b2c3d", tmp_path / ".other.ome.zarr.old-0a1b2c3d"]
+    for path in left:
+        (path / "0").mkdir(parents=True)
+    write_image(tmp_path / "brain.ome.zarr", np.ones(grid.shape, np.uint16), grid)
+    write_image(tmp_path / "brain.ome.zarr", np.full(grid.shape, 2, np.uint16), grid, overwrite=True)
+    assert [p.exists() for p in left] == [False, True]
+    assert int(np.asarray(read_image(tmp_path / "brain.ome.zarr").levels[0].array[...]).max()) == 2
