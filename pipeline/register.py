@@ -56,8 +56,10 @@ from pipeline.ngff import field_metadata, finish_image, read_image
 from pipeline.quality import assess_field, conclude, raise_if_failed, similarity_start, stage_similarity
 from pipeline.resume import (
     atomic_write_json,
+    check_inputs_unchanged,
     code_identity,
     content_identity,
+    input_writes,
     locks_output,
     open_run,
     run_folder,
@@ -276,6 +278,7 @@ def register_files(
         raise InputError(f"--chunk-size {chunk_size} is invalid: give a positive number of field voxels.")
     run_root = run_folder(out, overwrite)
     fixed_img, moving_img = _open_inputs(fixed, moving)
+    reading = input_writes({"fixed": fixed, "moving": moving})
     checks = checks or CheckOptions()
     paths = {"fixed": str(fixed), "moving": str(moving), **(names or {})}
     geometry = check_geometry(fixed_img, moving_img, paths, checks)
@@ -311,6 +314,7 @@ def register_files(
             out, fixed_img, rplan.moving, rplan.grids[-1], rplan.initial, preflight,
             stages=stage_similarity(run.stages), start=start.result(),
         )  # fmt: skip
+        check_inputs_unchanged(reading, out)
         if conclude(out, quality, checks.accept_quality):
             finish_image(out, n_levels=1, client=client)
             records.finish()

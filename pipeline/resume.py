@@ -35,7 +35,7 @@ import shutil
 import socket
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -71,6 +71,27 @@ def write_identity(path: Path) -> str | None:
     if not metadata.is_file():
         return None
     return json.loads(metadata.read_text()).get("attributes", {}).get("patchmorph", {}).get(WRITE_ID)
+
+
+def input_writes(inputs: Mapping[str, str | Path | None]) -> dict[str, tuple[Path, str | None]]:
+    """Each input store's path and ``write_id`` by role (None: not a store this product wrote), taken when a run
+    starts reading them (:func:`check_inputs_unchanged`)."""
+    return {role: (Path(path), write_identity(Path(path))) for role, path in inputs.items() if path is not None}
+
+
+def check_inputs_unchanged(before: Mapping[str, tuple[Path, str | None]], out: Path) -> None:
+    """Refuse to mark ``out`` finished when an input store was written anew while the run read it (a ``convert
+    --overwrite`` of it by another process): its chunks may come from both versions.
+
+    Raises:
+        InputError: naming the input and what to do; ``out`` stays unfinished.
+    """
+    for role, (path, written) in before.items():
+        if written is not None and write_identity(path) != written:
+            raise InputError(
+                f"the {role} image {path} was written again while this run read it (another process replaced it), so "
+                f"{out} may mix the two versions: it is left unfinished; rerun the command with --overwrite."
+            )
 
 
 def _files(root: Path) -> Iterator[os.DirEntry[str]]:

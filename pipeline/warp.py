@@ -65,8 +65,10 @@ from pipeline.ngff import (
 from pipeline.resume import (
     ChunkId,
     StageRecords,
+    check_inputs_unchanged,
     code_identity,
     content_identity,
+    input_writes,
     locks_output,
     open_run,
     run_folder,
@@ -314,6 +316,7 @@ def warp_files(
         "chunk_size": chunk_size,
         "code": code_identity(),
     }
+    reading = input_writes({"field": field, "moving": moving})
     records = open_run(run_root, fingerprint, overwrite)
     stage = records.stage("warp")
     extra = {
@@ -343,6 +346,7 @@ def warp_files(
     )  # fmt: skip
     with open_executor(cluster_config) as executor:
         run = run_chunked(executor, "warp", plan, stage, context, warp_chunk, progress=progress)
+        check_inputs_unchanged(reading, out)
         finish_image(out, client=getattr(executor, "client", None), written=len(levels))  # on a cluster: its workers
     max_error, mean_error = _record_inverse_error(out, stage, plan) if inverse else (None, None)
     records.finish()

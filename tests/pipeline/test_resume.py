@@ -296,3 +296,33 @@ def test_a_replacement_removes_the_older_copies_a_killed_replacement_left(tmp_pa
     write_image(tmp_path / "brain.ome.zarr", np.full(grid.shape, 2, np.uint16), grid, overwrite=True)
     assert [p.exists() for p in left] == [False, True]
     assert int(np.asarray(read_image(tmp_path / "brain.ome.zarr").levels[0].array[...]).max()) == 2
+
+
+def test_an_input_replaced_while_it_is_read_leaves_the_output_unfinished(
+    tmp_path: Path, pair_and_config: tuple[Path, Path, InferenceConfig], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process's ``convert --overwrite`` of the moving image while a registration reads it (here: written
+    anew, with other values, just before the field's quality block): one sentence naming the image, and the field
+    is not marked finished (its chunks may come from both versions)."""
+    import shutil
+
+    from pipeline import register
+    from pipeline.ngff import read_image, write_image
+
+    fixed, moving_source, config = pair_and_config
+    moving = tmp_path / "moving.ome.zarr"
+    shutil.copytree(moving_source, moving)
+    image = read_image(moving)
+    values = np.asarray(image.levels[0].array[...])
+    assess = register.assess_field
+
+    def replaced_then_assessed(*args: object, **kwargs: object) -> object:
+        write_image(moving, values[::-1].copy(), image.grid, overwrite=True)  # as convert --overwrite writes it
+        return assess(*args, **kwargs)
+
+    monkeypatch.setattr(register, "assess_field", replaced_then_assessed)
+    out = tmp_path / "field.ome.zarr"
+    with pytest.raises(InputError, match=r"the moving image .*moving\.ome\.zarr was written again while this run read it"):
+        register_files(fixed, moving, out, config, progress=False)
+    with pytest.raises(InputError, match="incomplete output"):
+        read_field(out)
