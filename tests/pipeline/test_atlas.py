@@ -764,8 +764,8 @@ def test_a_killed_downsampled_brain_conversion_resumes(tmp_path: Path, caplog: p
     """The atlas job's brain conversion with brain_downsample > 1, killed (SIGKILL) after two slabs, resumes with
     them like convert's (it started again from the first plane), to the same image as one whole run."""
     import logging
-    import subprocess
-    import sys
+
+    from killed_helpers import killed_after_slabs
 
     from pipeline.atlas_job import convert_input
 
@@ -775,22 +775,11 @@ def test_a_killed_downsampled_brain_conversion_resumes(tmp_path: Path, caplog: p
     target.parent.mkdir()
     fresh.parent.mkdir()
     geometry = "voxel_size=(50, 40, 40), unit=None, orientation='psl', downsample=2"
-    killed = subprocess.run(
-        [sys.executable, "-c", (
-            "import os, signal\n"
-            "from pathlib import Path\n"
-            "from pipeline.resume import StageRecords\n"
-            "from pipeline.atlas_job import convert_input\n"
-            "mark = StageRecords.mark_done\n"
-            "def mark_then_die(self, cid, info):\n"
-            "    mark(self, cid, info)\n"
-            "    if len(self.completed()) == 2:\n"
-            "        os.kill(os.getpid(), signal.SIGKILL)\n"
-            "StageRecords.mark_done = mark_then_die\n"
-            f"convert_input(Path({str(brain)!r}), Path({str(target)!r}), {geometry})\n"
-        )],
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
+    killed = killed_after_slabs(
+        "from pathlib import Path\nfrom pipeline.atlas_job import convert_input\n"
+        f"convert_input(Path({str(brain)!r}), Path({str(target)!r}), {geometry})\n",
+        slabs=2,
+    )
     assert killed.returncode == -9, killed.stderr
     assert not target.exists() and (target.parent / ".brain.ome.zarr.converting").is_dir()
     with caplog.at_level(logging.INFO, logger="pipeline.ngff"):

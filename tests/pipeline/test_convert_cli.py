@@ -329,26 +329,16 @@ def test_a_killed_conversion_resumes_with_the_slabs_it_wrote(tmp_path: Path, cap
     """A plane folder's conversion killed (SIGKILL) after two of its five slabs: nothing at the output's path, and
     the same conversion again keeps those two slabs and writes the rest, to the same image as one whole run."""
     import logging
-    import subprocess
-    import sys
+
+    from killed_helpers import killed_after_slabs
 
     stack = _planes(tmp_path / "planes", 40, (30, 50))
     out = tmp_path / "brain.ome.zarr"
-    killed = subprocess.run(
-        [sys.executable, "-c", (
-            "import os, signal\n"
-            "from pipeline.resume import StageRecords\n"
-            "from pipeline.importers import convert\n"
-            "mark = StageRecords.mark_done\n"
-            "def mark_then_die(self, cid, info):\n"
-            "    mark(self, cid, info)\n"
-            "    if len(self.completed()) == 2:\n"
-            "        os.kill(os.getpid(), signal.SIGKILL)\n"
-            "StageRecords.mark_done = mark_then_die\n"
-            f"convert({str(tmp_path / 'planes')!r}, {str(out)!r}, voxel_size=(50, 2, 2), chunks=(8, 8, 8))\n"
-        )],
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
+    killed = killed_after_slabs(
+        "from pipeline.importers import convert\n"
+        f"convert({str(tmp_path / 'planes')!r}, {str(out)!r}, voxel_size=(50, 2, 2), chunks=(8, 8, 8))\n",
+        slabs=2,
+    )
     assert killed.returncode == -9, killed.stderr
     assert not out.exists() and (tmp_path / ".brain.ome.zarr.converting").is_dir()
     with caplog.at_level(logging.INFO, logger="pipeline.ngff"):
