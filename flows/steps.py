@@ -442,22 +442,18 @@ def _converted_as_asked(jobs: list[ItemJob], errors: list[ItemError]) -> list[It
     """The jobs whose converted inputs hold what this run asked for (their record names this run's source and
     geometry); an ``inputs`` error for each other one: another run into the same folder converted a shared input
     (the atlas) with other settings after this run converted it."""
-    kept = []
-    for job in jobs:
-        other = [
+    return _keep_unless(
+        jobs,
+        errors,
+        lambda job: [
             str(image.converted)
             for image in job.inputs().values()
             if image.needs_conversion and not converted_from(image.converted, _conversion_key(image))
-        ]
-        if other:
-            errors.append(_fail(job, "inputs", InputError(
-                f"{', '.join(other)} was converted again by another run with other settings (a run into the same "
-                "folder with another atlas geometry) after this run converted it: rerun this item, and give runs "
-                "with other settings their own output folder."
-            )))  # fmt: skip
-            continue
-        kept.append(job)
-    return kept
+        ],
+        "was converted again by another run with other settings (a run into the same folder with another atlas "
+        "geometry) after this run converted it: rerun this item, and give runs with other settings their own output "
+        "folder.",
+    )
 
 
 def _inputs_kept(
@@ -467,17 +463,27 @@ def _inputs_kept(
     ``inputs`` error for each other one: another run into the same folder with other settings wrote a shared input
     (the converted or prepared atlas) again while the job read it, so its field and its warps may come from two
     different atlases. It is not recorded as done, so a rerun makes it again."""
+    return _keep_unless(
+        jobs,
+        errors,
+        lambda job: [str(path) for path, written in read_from[job.name].items() if write_identity(path) != written],
+        "was written again by another run while this item read it (a run into the same folder with other atlas "
+        "settings): its outputs may mix the two; rerun it, and give runs with other settings their own output folder.",
+    )
+
+
+def _keep_unless(
+    jobs: list[ItemJob], errors: list[ItemError], problems: Callable[[ItemJob], list[str]], sentence: str
+) -> list[ItemJob]:
+    """The jobs in which ``problems`` finds no path; for each other one an ``inputs`` error: the paths, then
+    ``sentence``."""
     kept = []
     for job in jobs:
-        changed = [str(path) for path, written in read_from[job.name].items() if write_identity(path) != written]
-        if changed:
-            errors.append(_fail(job, "inputs", InputError(
-                f"{', '.join(changed)} was written again by another run while this item read it (a run into the same "
-                "folder with other atlas settings): its outputs may mix the two; rerun it, and give runs with other "
-                "settings their own output folder."
-            )))  # fmt: skip
-            continue
-        kept.append(job)
+        found = problems(job)
+        if found:
+            errors.append(_fail(job, "inputs", InputError(f"{', '.join(found)} {sentence}")))
+        else:
+            kept.append(job)
     return kept
 
 
