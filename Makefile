@@ -14,7 +14,8 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	# the CPU build of torch first, from PyTorch's CPU index: PyPI's Linux build bundles CUDA (several GB), and
 	# pyproject's range alone would let pip fetch it. TORCH_INDEX= keeps to pip's own indexes (a local mirror).
-	$(BIN)/pip install --quiet torch==2.13.0 $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
+	# Its dependencies come with the package below, from pip's own indexes.
+	$(BIN)/pip install --quiet --no-deps torch==2.13.0 $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
