@@ -146,11 +146,7 @@ def cohort_tables(
     paths = _write_tables(out, "volumes", {n: _long_rows(n, v, structures, _mm3) for n, v in own.items()}, structures)
     if paired:
         counted = {name: _own_cells(paired[name]) for name in animals if name in paired}  # in the jobs' order
-        rows = {
-            name: [[*row, _density(row[7], rolled_up(own[name], structures).get(row[1], (0.0, 0.0, 0.0))[2])]
-                   for row in _long_rows(name, counts, structures, _whole)]
-            for name, counts in counted.items()
-        }  # fmt: skip
+        rows = {name: _cell_rows(name, counts, own[name], structures) for name, counts in counted.items()}
         paths.update(_write_tables(out, "cells", rows, structures))
         logger.info("cells of %d of %d animals", len(counted), len(opened))
     logger.info("cohort of %d animals", len(opened))
@@ -165,9 +161,21 @@ def _whole(value: float) -> str:
     return str(int(round(value)))
 
 
-def _density(cells: str, mm3: float) -> str:
-    """Cells per mm³ of a region (empty where the region has no volume in this brain)."""
-    return f"{int(cells) / mm3:.3f}" if mm3 > 0 else ""
+def _cell_rows(
+    name: str,
+    counts: Mapping[int, tuple[float, float]],
+    volumes: Mapping[int, tuple[float, float]],
+    structures: Mapping[int, Structure],
+) -> list[list[Any]]:
+    """One animal's rows of the cell table: its long rows of ``counts``, each with the cells per mm³ of the region
+    (with the structures below it) in this brain, empty where the region has no volume here."""
+    cells = rolled_up(counts, structures)
+    mm3 = rolled_up(volumes, structures)
+    rows = []
+    for row in _long_rows(name, counts, structures, _whole):
+        total, volume = cells[row[1]][2], mm3.get(row[1], (0.0, 0.0, 0.0))[2]
+        rows.append([*row, f"{total / volume:.3f}" if volume > 0 else ""])
+    return rows
 
 
 def _long_rows(

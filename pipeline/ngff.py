@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import glob
 import itertools
-import json
 import logging
 import math
 import shutil
@@ -61,7 +60,7 @@ from patchmorph_core.spatial import (
     unit_scale,
 )
 from pipeline.integrity import ARRAY_OPTIONS, EVERY_CHUNK_WRITTEN, VerifiedStore, writable
-from pipeline.resume import WRITE_ID, StageRecords, check_replaceable, temporary_sibling
+from pipeline.resume import WRITE_ID, StageRecords, check_replaceable, stored_attribute, temporary_sibling
 
 logger = logging.getLogger(__name__)
 
@@ -861,10 +860,7 @@ def _write_resumable(
 
 def _finished(path: Path) -> bool:
     """Whether the group at ``path`` was marked complete by :func:`finish_image` (its pyramid written whole)."""
-    metadata = path / "zarr.json"
-    if not metadata.is_file():
-        return False
-    return json.loads(metadata.read_text()).get("attributes", {}).get("patchmorph", {}).get("complete") is True
+    return stored_attribute(path, "complete") is True
 
 
 def field_metadata(grid: Grid, metadata: Mapping[str, Any] | None = None) -> dict[str, Any]:

@@ -65,12 +65,18 @@ STORES_RECORD = "stores.json"
 """File in a stage's record folder: the ``write_id`` of every store its chunk records vouch for."""
 
 
-def write_identity(path: Path) -> str | None:
-    """The ``write_id`` of the store this product wrote at ``path`` (None: no store there, or not ours)."""
+def stored_attribute(path: Path, key: str) -> Any:
+    """``attrs["patchmorph"][key]`` of the Zarr v3 store at ``path``, read from its ``zarr.json`` alone (None: no
+    store there, or no such key)."""
     metadata = Path(path) / "zarr.json"
     if not metadata.is_file():
         return None
-    return json.loads(metadata.read_text()).get("attributes", {}).get("patchmorph", {}).get(WRITE_ID)
+    return json.loads(metadata.read_text()).get("attributes", {}).get("patchmorph", {}).get(key)
+
+
+def write_identity(path: Path) -> str | None:
+    """The ``write_id`` of the store this product wrote at ``path`` (None: no store there, or not ours)."""
+    return stored_attribute(path, WRITE_ID)
 
 
 def input_writes(inputs: Mapping[str, str | Path | None]) -> dict[str, tuple[Path, str | None]]:
