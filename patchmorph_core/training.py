@@ -413,10 +413,11 @@ def _train(config: TrainConfig, source: PairSource, progress: bool) -> TrainResu
         extra = {"rng": _rng_state(rng), "loss": smoothed, "seconds": time.time() - started}
         save_checkpoint(checkpoint, model, step=step, optimizer=optimizer, configs=configs, extra=extra)
 
-    bar = tqdm(range(start_step, config.steps), desc="train", disable=not progress, initial=start_step, total=config.steps)
+    desc = f"train (steps {start_step + 1}-{config.steps})" if start_step else "train"
+    bar = tqdm(total=config.steps - start_step, desc=desc, disable=not progress, unit="step")
     with csv_path.open("a", newline="") as fh:
         writer = csv.writer(fh)
-        for step in bar:
+        for step in range(start_step, config.steps):
             pair = source(rng)
             batch = sample_batch(rng, model, pair, config.batch_size, config.max_patch_rotation_deg)
             with torch.autocast(device.type, enabled=use_amp):
@@ -435,8 +436,10 @@ def _train(config: TrainConfig, source: PairSource, progress: bool) -> TrainResu
             )
             fh.flush()
             bar.set_postfix(loss=f"{smoothed:.4f}")
+            bar.update()
             if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
                 save(step + 1)
+    bar.close()
     seconds = time.time() - started
     log.info("trained to step %d in %.0f s, loss %.4f; wrote %s and %s", config.steps, seconds, smoothed, checkpoint, csv_path)
     return TrainResult(config.steps, smoothed, seconds, checkpoint, csv_path)

@@ -123,7 +123,7 @@ def test_training_lowers_loss_and_raises_dice_on_held_out_pair(tmp_path: Path) -
     assert len(rows) == STEPS and {"loss", "sim", "smooth", "fold", "stage0", "stage1"} <= set(rows[0])
 
 
-def test_resume_continues_from_the_checkpoint(tmp_path: Path) -> None:
+def test_resume_continues_from_the_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     labels = _label_pair()
     config = _config(tmp_path, steps=4).model_copy(
         update={"model": ModelConfig(patch_size=8, n_stages=2, widths=(4, 8), affine_widths=(4,)), "checkpoint_every": 2}
@@ -136,7 +136,10 @@ def test_resume_continues_from_the_checkpoint(tmp_path: Path) -> None:
     first = read_checkpoint(config.checkpoint)
     assert first["step"] == 4 and first["optimizer"] is not None and "rng" in first["extra"]
     assert first["configs"]["train"]["steps"] == 4
-    resumed = train(config.model_copy(update={"steps": 6, "resume": True}), source, progress=False)
+    capsys.readouterr()
+    resumed = train(config.model_copy(update={"steps": 6, "resume": True}), source, progress=True)
+    bar = capsys.readouterr().err
+    assert "train (steps 5-6)" in bar and "2/2" in bar and "/6" not in bar  # this run's steps, not the checkpoint's
     assert read_checkpoint(resumed.checkpoint)["step"] == 6
     steps = [int(r["step"]) for r in csv.DictReader(resumed.loss_csv.open())]
     assert steps == [1, 2, 3, 4, 5, 6]
