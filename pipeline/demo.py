@@ -36,6 +36,7 @@ import numpy as np
 from patchmorph_core.errors import InputError
 from patchmorph_core.spatial import Grid, orientation_code, resample
 from pipeline.brainglobe import LEFT, RIGHT, allen_structures, midline_hemispheres, write_tiff_atlas
+from pipeline.importers import ALLEN_CCF_NRRD_ORIENTATION
 
 EXAMPLE_DIR: Path = Path(__file__).resolve().parents[1] / "examples"
 """The bundled example data (see ``examples/PROVENANCE.md``)."""
@@ -49,7 +50,7 @@ BRAIN_VOXEL_SIZE_UM: tuple[float, float, float] = (50.0, 40.0, 40.0)
 BRAIN_ORIENTATION: str = "psl"
 """Orientation code of the example brain's ``(z, y, x)`` array (brainglobe convention)."""
 
-ATLAS_ORIENTATION: str = "rsa"
+ATLAS_ORIENTATION: str = ALLEN_CCF_NRRD_ORIENTATION
 """Orientation of the Allen NRRD arrays in ``examples/mouse_ccf`` as :func:`pipeline.importers.load_nrrd`
 returns them, ``(LR, DV, AP)`` (the atlas folder holds them transposed, ``asr``)."""
 

@@ -152,6 +152,33 @@ def nrrd_states_orientation(header: Mapping[str, Any]) -> bool:
     return str(header.get("space", "")).lower() in NRRD_SPACE_TO_RAS
 
 
+ALLEN_CCF_NRRD_ORIENTATION: str = "rsa"
+"""The true orientation code of the Allen CCFv3 NRRD files' arrays as :func:`load_nrrd` returns them, ``(LR, DV,
+AP)``: z from the right, y from superior, x from anterior (BrainGlobe's ``asr`` with the axes reversed). Their
+headers say ``left-posterior-superior`` (``iar`` read that way), which is wrong."""
+
+ALLEN_CCF_EXTENT_UM: tuple[int, int, int] = (13200, 8000, 11400)
+"""The Allen CCFv3 volume's extent along the NRRD files' axes (AP, DV, LR), in micrometres."""
+
+
+def allen_ccf_nrrd(header: Mapping[str, Any]) -> bool:
+    """Whether an NRRD header is that of an Allen CCFv3 volume (template or annotation at 10, 25, 50 or 100 µm:
+    its sizes, its diagonal spacing and its ``left-posterior-superior`` space), whose stated orientation is wrong
+    (:data:`ALLEN_CCF_NRRD_ORIENTATION`)."""
+    if str(header.get("space", "")).lower() not in ("left-posterior-superior", "lps"):
+        return False
+    directions = np.asarray(header.get("space directions", np.zeros((3, 3))), dtype=np.float64)
+    if directions.shape != (3, 3):
+        return False
+    step = float(directions[0, 0])
+    sizes = [int(n) for n in header.get("sizes", ())]
+    return (
+        step in (10.0, 25.0, 50.0, 100.0)
+        and np.array_equal(directions, np.diag([step] * 3))
+        and sizes == [round(extent / step) for extent in ALLEN_CCF_EXTENT_UM]
+    )
+
+
 def nifti_value_dtype(raw: np.dtype, slope: float | None, inter: float | None) -> np.dtype:
     """The dtype of a NIfTI image's values: its stored ``raw`` dtype, or, when the header scales them (``scl_slope``
     other than 1 or ``scl_inter`` other than 0, as nibabel's array proxy holds them), float32 — float64 for 32- and
@@ -334,6 +361,13 @@ def load_nrrd(
         raise InputError(f"{str(p)!r} is not a readable NRRD image ({err}); give a .nrrd file.") from err
     if data.ndim != 3:
         raise InputError(f"{str(p)!r} holds a {data.ndim}-D array: give a single-channel 3-D NRRD image.")
+    if orientation is None and allen_ccf_nrrd(header):
+        logger.warning(
+            "%s is an Allen CCFv3 NRRD file, whose header's orientation is wrong: give --orientation %s (its axes, "
+            "reversed: left-right from the right, dorsal-ventral from superior, anterior-posterior from anterior)",
+            p,
+            ALLEN_CCF_NRRD_ORIENTATION,
+        )
     ras = _nrrd_ras_affine(header, p)
     header_unit = _nrrd_unit(header, np.linalg.norm(ras[:3, :3], axis=0))
     stated = str(p) if nrrd_states_orientation(header) else None

@@ -32,7 +32,7 @@ import numpy as np
 from patchmorph_core.errors import InputError
 from patchmorph_core.spatial import RIGHTWARD, Grid, orientation_code, unit_scale
 from pipeline.brainglobe import Structure, structures_from_list, write_tiff_atlas
-from pipeline.importers import open_input, stated_orientation
+from pipeline.importers import ALLEN_CCF_NRRD_ORIENTATION, allen_ccf_nrrd, open_input, stated_orientation
 
 logger = logging.getLogger(__name__)
 
@@ -192,6 +192,15 @@ def _read_volume(path: Path, role: str, overrides: Mapping[str, Any]) -> tuple[n
         InputError: the template states no orientation (TIFF, a plain OME-Zarr) and none is given: an atlas read
             with an assumed code has its sides and axes wrong everywhere it is used.
     """
+    if overrides.get("orientation") is None and Path(path).name.lower().endswith(".nrrd"):
+        import nrrd
+
+        if allen_ccf_nrrd(nrrd.read_header(str(path))):
+            raise InputError(
+                f"the {role} {path} is an Allen CCFv3 NRRD file, whose header's orientation "
+                "(left-posterior-superior) is wrong: give --orientation "
+                f"{ALLEN_CCF_NRRD_ORIENTATION}, or the atlas's hemispheres and axes would be wrong."
+            )
     array, grid, kind = open_input(path, **overrides)
     if role == "template" and overrides.get("orientation") is None and stated_orientation(path, kind) is None:
         raise InputError(

@@ -268,3 +268,27 @@ def test_own_atlas_registers_to_a_brain_through_the_commands(
         if sid != 0 and inside.sum() >= 100:
             dice.append(2.0 * (inside & got).sum() / (inside.sum() + got.sum()))
     assert np.mean(dice) > 0.9 and np.min(dice) > 0.6, (np.mean(dice), np.min(dice))
+
+
+def test_allen_nrrd_files_need_their_true_orientation(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The Allen CCFv3 NRRD files say left-posterior-superior, which is wrong: an atlas made from them with the header's
+    code would have its hemispheres and axes wrong, so make-atlas refuses them without --orientation; with 'rsa' the
+    atlas is BrainGlobe's own (the bundled atlas folder holds the same arrays)."""
+    ccf = Path(__file__).resolve().parents[2] / "examples" / "mouse_ccf"
+    files = [str(ccf / "average_template_100.nrrd"), str(ccf / "annotation_100um_2017_nearest_from25um.nrrd")]
+    runner = CliRunner()
+    result = runner.invoke(app, ["make-atlas", *files, "-o", str(tmp_path / "allen")])
+    assert result.exit_code == 2 and "is an Allen CCFv3 NRRD file" in result.output, result.output
+    assert "--orientation rsa" in result.output and not (tmp_path / "allen").exists()
+    with caplog.at_level("WARNING"):
+        open_input(files[0])  # convert and atlas read it too: they warn
+    assert "give --orientation rsa" in caplog.text
+    result = runner.invoke(app, ["make-atlas", *files, "-o", str(tmp_path / "allen"), "--orientation", "rsa"])
+    assert result.exit_code == 0, result.output
+    atlas = read_atlas(tmp_path / "allen")
+    bundled = Path(files[0]).parents[1] / "allen_mouse_100um_v1.2"
+    assert atlas.orientation == "rsa"  # the file's array order, BrainGlobe's 'asr' reversed
+    reference = tifffile.imread(tmp_path / "allen" / "reference.tiff")
+    np.testing.assert_array_equal(reference, tifffile.imread(bundled / "reference.tiff").transpose(2, 1, 0))
+    annotation = np.asarray(open_volume(atlas, "annotation")[0])
+    np.testing.assert_array_equal(annotation, tifffile.imread(bundled / "annotation.tiff").transpose(2, 1, 0))
