@@ -37,7 +37,7 @@ from patchmorph_core.source import source_grid
 from patchmorph_core.spatial import Grid, read_box, unit_scale
 from pipeline.atlas import read_volume_table
 from pipeline.brainglobe import LEFT, RIGHT, BrainGlobeAtlas, Structure, find_atlas
-from pipeline.resume import ITEM_RECORD, atomic_write_csv, atomic_write_json
+from pipeline.resume import ITEM_RECORD, atomic_write, atomic_write_csv, atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -494,10 +494,18 @@ def write_point_tables(
         acronyms[where.ravel()].tolist(), *points.extra.values(),
     ]  # fmt: skip (Python values: the csv writer formats them fastest)
     rows = zip(*columns, strict=True)
-    paths = {"all_points": out / "all_points.csv", "summary": out / "summary.csv"}
+    paths = {"all_points": out / "all_points.csv", "summary": out / "summary.csv", "brainrender": out / "points.npy"}
     atomic_write_csv(paths["all_points"], [*POINT_COLUMNS, *points.extra], rows)
     atomic_write_csv(paths["summary"], SUMMARY_COLUMNS, summary_rows(mapped, job))
+    write_brainrender_points(paths["brainrender"], mapped.atlas, job.atlas_grid)
     return paths
+
+
+def write_brainrender_points(path: Path, atlas_index: np.ndarray, atlas_grid: Grid) -> None:
+    """``(N, 3)`` atlas voxel indices as brainmapper hands them to brainrender: a float64 ``.npy`` of the indices
+    times the atlas's voxel size, in micrometres along the atlas's array axes (no origin), written atomically."""
+    microns = atlas_index * (atlas_grid.spacing * unit_scale(atlas_grid.unit, "micrometer"))
+    atomic_write(path, lambda handle: np.save(handle, microns.astype(np.float64)))
 
 
 POINTS_RECORD = "points.json"

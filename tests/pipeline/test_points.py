@@ -59,6 +59,9 @@ def test_cells_land_in_the_structures_and_sides_the_labels_on_the_brain_show(cel
     np.testing.assert_allclose(raw, cells["raw"])
     ids = np.array([int(r["structure_id"]) for r in rows])
     sides = np.array([{"left": 1, "right": 2}.get(r["hemisphere"], 0) for r in rows])
+    atlas = np.array([[float(r[f"coordinate_atlas_axis_{k}"]) for k in range(3)] for r in rows])
+    resolution_um = 100.0  # the session's atlas job uses the bundled 100 µm atlas (brainrender's points: µm)
+    np.testing.assert_allclose(np.load(cells["mapped"] / "points.npy"), atlas * resolution_um, atol=0.05)
     assert np.mean(ids == cells["structures"]) >= 0.98
     assert np.mean(sides == cells["sides"]) >= 0.98
     assert all(r["structure_name"] and r["acronym"] for r in rows)
