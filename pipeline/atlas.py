@@ -470,7 +470,8 @@ def inverse_residual(forward: Any, inverse_field: Path, grid: Grid) -> dict[str,
     ``beyond_fixed_percent`` is the share of points beyond.
 
     Returns:
-        ``{"max", "mean", "unit", "beyond_fixed_percent"}`` (world units of ``grid``).
+        ``{"max", "mean", "unit", "beyond_fixed_percent"}`` (world units of ``grid``); ``max`` and ``mean`` are
+        None when no point lies inside (a brain a few field voxels thin, a single section): not measured, not 0.
     """
     from patchmorph_core.displacement import FieldDisplacement
     from pipeline.ngff import read_field
@@ -491,8 +492,9 @@ def inverse_residual(forward: Any, inverse_field: Path, grid: Grid) -> dict[str,
     residual, within = np.concatenate(residuals), np.concatenate(inside)
     norm = residual[within]
     return {
-        "max": float(norm.max(initial=0.0)), "mean": float(norm.mean()) if norm.size else 0.0, "unit": grid.unit,
-        "beyond_fixed_percent": round(100.0 * float(1.0 - within.mean()), 2) if within.size else 0.0,
+        "max": float(norm.max()) if norm.size else None, "mean": float(norm.mean()) if norm.size else None,
+        "unit": grid.unit,
+        "beyond_fixed_percent": round(100.0 * float(1.0 - within.mean()), 2) if within.size else 100.0,
     }  # fmt: skip
 
 
@@ -600,9 +602,9 @@ def atlas_outputs(
     }
     # the inverse's residual, as the inverse field recorded it (kept by a rerun that skips it)
     inverse_error = _attributes(paths["inverse_field"]).get("inverse_error")
-    if inverse_error is not None:
-        figures["inverse_max_error"] = float(inverse_error["max"])
-        figures["inverse_mean_error"] = float(inverse_error["mean"])
+    if inverse_error is not None:  # NaN (n/a) where nothing was measured (a brain thinner than the field's margin)
+        figures["inverse_max_error"] = float("nan") if inverse_error["max"] is None else float(inverse_error["max"])
+        figures["inverse_mean_error"] = float("nan") if inverse_error["mean"] is None else float(inverse_error["mean"])
     return AtlasOutputs(paths, figures)
 
 

@@ -724,6 +724,14 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
+def _residual(max_error: float | None, mean_error: float | None) -> str:
+    """The summary's inverse residual cell: ``max / mean``, or why it was not measured (None or NaN: no atlas point
+    maps into the brain's field grid, as on a brain a few field voxels thin)."""
+    if max_error is None or mean_error is None or np.isnan(max_error) or np.isnan(mean_error):
+        return "n/a: not measured (no atlas point maps inside the brain's field grid; a brain this thin cannot be checked)"
+    return f"{max_error:.3g} / {mean_error:.3g}"
+
+
 def write_job_summary(out: Path, summary: Mapping[str, Any], paths: Mapping[str, Path]) -> dict[str, Path]:
     """``summary.json`` and the one-page ``summary.md`` (figures, outputs, QC images)."""
     clean = {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in summary.items()}
@@ -748,7 +756,7 @@ def write_job_summary(out: Path, summary: Mapping[str, Any], paths: Mapping[str,
     if "inverse_max_error" in s:
         lines.append(
             f"| inverse field residual, max / mean ({s['field_unit']}), where the atlas lies within the brain's "
-            f"field of view | {s['inverse_max_error']:.3g} / {s['inverse_mean_error']:.3g} |"
+            f"field of view | {_residual(s['inverse_max_error'], s['inverse_mean_error'])} |"
         )
     lines += [
         "",

@@ -120,6 +120,30 @@ def test_a_jobs_warnings_are_kept_for_its_summary(tmp_path: Path) -> None:
     assert "## Warnings\n\n- the tissue of the fixed image spans 2.0 along x" in page
 
 
+def test_a_thin_brains_inverse_residual_is_not_measured_rather_than_zero(tmp_path: Path) -> None:
+    """A slab of 3 planes at 50 µm against a 100 µm atlas grid: no atlas point maps inside the forward field (a voxel
+    in from its edge), so the residual is not measured; the summary said "0 / 0", as if perfect."""
+    from patchmorph_core.displacement import FieldDisplacement
+    from pipeline.atlas import inverse_residual
+    from pipeline.atlas_job import write_job_summary
+    from pipeline.ngff import write_field
+
+    thin = Grid.from_orientation((3, 20, 24), (50.0, 40.0, 40.0), "psl")
+    atlas_grid = Grid.from_orientation((30, 9, 11), (100.0, 100.0, 100.0), "asr")
+    forward = FieldDisplacement(np.zeros((3, *thin.shape), np.float32), thin)
+    inverse = write_field(tmp_path / "inverse.ome.zarr", np.zeros((3, *atlas_grid.shape), np.float32), atlas_grid)
+    residual = inverse_residual(forward, inverse, atlas_grid)
+    assert residual["max"] is None and residual["mean"] is None and residual["beyond_fixed_percent"] == 100.0
+    summary = {
+        "atlas": "a", "brain_shape": [3, 20, 24], "brain_voxel_size": [50, 40, 40], "field_unit": "micrometer",
+        "field_shape": [3, 20, 24], "field_spacing": [50, 40, 40], "seconds": 1.0, "ncc_in_atlas_space": 0.5,
+        "ncc_in_atlas_space_inside_brain": 0.5, "folded_percent_inside_brain": 0.0, "n_structures": 1,
+        "brain_volume_mm3": 1.0, "inverse_max_error": float("nan"), "inverse_mean_error": float("nan"),
+    }  # fmt: skip
+    page = write_job_summary(tmp_path, summary, {})["summary_md"].read_text()
+    assert "| n/a: not measured" in page and "0 / 0" not in page
+
+
 def test_volume_table_has_brainregs_columns_then_id_and_acronym(tmp_path: Path) -> None:
     rows = volume_table({(5, LEFT): 2, (5, RIGHT): 1}, 1e-3, {5: Structure(5, "Primary motor area", "MOp")})
     path = write_volume_table(tmp_path / "volumes.csv", rows)
