@@ -686,10 +686,12 @@ def job_summary(
     counts), the sizes of its ``field`` and ``brain`` (``paths``) and its times: ``seconds`` is this run's wall
     time; ``register_seconds`` the registration's, in the run that made it (``reused``: an earlier run, resumed
     by this one)."""
+    from pipeline.checks import part_of_a_brain
     from pipeline.ngff import read_field, read_image
 
     _, field_grid, field_meta = read_field(paths["field"])
     brain_grid = read_image(paths["brain"]).grid
+    geometry = field_meta.get("quality", {}).get("preflight", {}).get("geometry")
     summary: dict[str, Any] = {
         "atlas": atlas_name,
         **figures,
@@ -699,6 +701,7 @@ def job_summary(
         "field_unit": field_grid.unit,
         "brain_shape": list(brain_grid.shape),
         "brain_voxel_size": [round(float(s), 4) for s in brain_grid.spacing],
+        "partial_brain": part_of_a_brain(geometry),  # the brain's tissue has another shape than the atlas's
         "fine_tune_steps": fine_tune_steps,
         "seconds": round(float(seconds), 1),
         "registration_reused": reused,
@@ -724,6 +727,23 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
+def _partial_brain_caution(summary: Mapping[str, Any]) -> list[str]:
+    """The summary page's caution for a brain that holds only part of what the atlas holds (``partial_brain``): the
+    whole atlas was fitted into it, so none of its outputs can be taken as they stand."""
+    if not summary.get("partial_brain"):
+        return []
+    return [
+        "**Part of a brain: do not trust these results.** The brain's tissue has another shape than the atlas's (its "
+        "extents' ratios to the atlas's differ 1.6-fold or more between the axes: `ratio_spread` in the field's quality "
+        "block): the whole atlas was registered into it, squeezed where the brain was cut, so its "
+        "structures lie hundreds of micrometres from where they belong (a 2.5 mm coronal slab of the example brain: "
+        "the atlas's positions a median 0.3 mm and at the 90th percentile 0.7 mm from those of the whole brain's "
+        "registration), and the labels, `volumes.csv` (the volumes on this part) and points mapped through this job "
+        "are wrong by as much. Crop the atlas to the same part first (its template and labels cut to it, made an atlas with patchmorph make-atlas); for one hemisphere give --brain-geometry.",
+        "",
+    ]
+
+
 def _residual(max_error: float | None, mean_error: float | None) -> str:
     """The summary's inverse residual cell: ``max / mean``, or why it was not measured (None or NaN: no atlas point
     maps into the brain's field grid, as on a brain a few field voxels thin)."""
@@ -745,6 +765,7 @@ def write_job_summary(out: Path, summary: Mapping[str, Any], paths: Mapping[str,
         f"{s['field_unit']}; field {tuple(s['field_shape'])} at {' × '.join(f'{v:g}' for v in s['field_spacing'])} "
         f"{s['field_unit']} ({s.get('field_spacing_note') or 'spacing as recorded'}); {_times(s)}.",
         "",
+        *_partial_brain_caution(s),
         "| figure | value |",
         "|---|---|",
         f"| NCC of the brain in atlas space with the atlas reference | {_fmt(s['ncc_in_atlas_space'])} |",

@@ -300,6 +300,13 @@ HEMISPHERE_HINT = "; one hemisphere onto a whole atlas: patchmorph atlas --brain
 """What the part-of-a-brain warning adds when the fixed tissue looks like one hemisphere of the moving one's."""
 
 
+def part_of_a_brain(geometry: Mapping[str, Any] | None) -> bool:
+    """Whether a registration's ``geometry`` record (:func:`check_geometry`) says that one image's tissue has
+    another shape than the other's (the spread of their extent ratios reached :data:`EXTENT_SHAPE_WARNING`): part
+    of a brain, a slab say, registered to a whole one, which the registration squeezes into it."""
+    return bool(geometry) and float(geometry.get("ratio_spread", 1.0)) >= EXTENT_SHAPE_WARNING
+
+
 def _one_hemisphere(shape: np.ndarray) -> bool:
     """Whether fixed / moving tissue extents per world axis (``(3,)``, superior, anterior, right) look like one
     hemisphere against a whole brain: about half along left-right, about alike along the other two."""
@@ -341,8 +348,10 @@ def _extent_check(
         raise InputError(
             f"the moving image {moving_path} spans {m_ext[axis]:.4g} {fixed.unit} of tissue along "
             f"{WORLD_AXES[axis]} but the fixed image {f_ext[axis]:.4g} {fixed.unit} ({ratios[axis]:.1f}x, more than "
-            f"{MAX_EXTENT_RATIO:g}x): check both images' voxel size and unit, or pass --allow-size-mismatch "
-            "(in a flow or a job's config: checks.allow_size_mismatch) if this is intended (e.g. a thin section)."
+            f"{MAX_EXTENT_RATIO:g}x): check both images' voxel size and unit; if one holds only part of a brain (a "
+            "slab or a few sections), --allow-size-mismatch (in a flow or a job's config: checks.allow_size_mismatch) "
+            "registers anyway, but squeezes the whole of the other image into that part, so its structures land "
+            "hundreds of micrometres off (docs/checks.md): crop the other image to the same part first."
         )
     return record
 

@@ -144,6 +144,27 @@ def test_a_thin_brains_inverse_residual_is_not_measured_rather_than_zero(tmp_pat
     assert "| n/a: not measured" in page and "0 / 0" not in page
 
 
+def test_a_part_of_a_brain_is_flagged_on_its_summary_page(tmp_path: Path) -> None:
+    """A registration whose preflight found tissue of another shape than the atlas's (a slab: ratio spread 5.4) puts
+    ``partial_brain`` in the summary and a caution at the top of the page; a whole brain's (1.01) does not."""
+    from pipeline.atlas_job import job_summary, write_job_summary
+    from pipeline.ngff import set_attribute, write_field
+
+    grid = Grid.from_orientation((4, 6, 5), (100.0, 80.0, 80.0), "psl")
+    brain = write_image(tmp_path / "brain.ome.zarr", np.ones(grid.shape, np.uint16), grid)
+    field = write_field(tmp_path / "field.ome.zarr", np.zeros((3, *grid.shape), np.float32), grid)
+    for spread, partial in ((5.4, True), (1.01, False)):
+        set_attribute(field, "quality", {"preflight": {"geometry": {"ratio_spread": spread}}})
+        figures = {
+            "ncc_in_atlas_space": 0.4, "ncc_in_atlas_space_inside_brain": 0.1, "folded_percent_inside_brain": 0.0,
+            "n_structures": 3, "brain_volume_mm3": 1.0,
+        }  # fmt: skip
+        summary = job_summary("a", figures, {"field": field, "brain": brain}, 1.0, 1.0)
+        assert summary["partial_brain"] is partial
+        page = write_job_summary(tmp_path, summary, {})["summary_md"].read_text()
+        assert ("Part of a brain: do not trust these results" in page) is partial
+
+
 def test_volume_table_has_brainregs_columns_then_id_and_acronym(tmp_path: Path) -> None:
     rows = volume_table({(5, LEFT): 2, (5, RIGHT): 1}, 1e-3, {5: Structure(5, "Primary motor area", "MOp")})
     path = write_volume_table(tmp_path / "volumes.csv", rows)

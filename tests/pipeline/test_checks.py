@@ -23,6 +23,7 @@ from pipeline.checks import (
     check_outputs,
     check_pair,
     check_writable,
+    part_of_a_brain,
 )
 from pipeline.importers import load_nrrd
 
@@ -216,6 +217,25 @@ def test_part_of_a_brain_against_a_whole_atlas_gives_a_warning(
         assert (record["geometry"]["ratio_spread"] >= 1.6) == warned
         if warned:
             assert "along left-right" in caplog.text
+
+
+def test_a_slab_is_refused_without_inviting_a_squeezed_registration(mouse_pair: tuple) -> None:
+    """A 2.4 mm coronal slab of the brain (its z axis runs posterior to anterior) against the whole template: refused,
+    and the sentence says what --allow-size-mismatch would do to a part of a brain (it said "if this is intended
+    (e.g. a thin section)", and the atlas was then squeezed into the slab: positions 0.3 mm off, median). Allowed,
+    the record says part of a brain; the whole brain's does not."""
+    brain, brain_grid, template, spacing = mouse_pair
+    moving = _image(template, spacing, "rsa")
+    slab = brain[28:40]
+    fixed = MultiscaleImage.from_array(slab, Grid.from_orientation(slab.shape, brain_grid.spacing, "psl"))
+    paths = {"fixed": "slab", "moving": "atlas"}
+    with pytest.raises(InputError, match="squeezes the whole of the other image into that part") as refused:
+        check_pair(fixed, moving, paths)
+    assert "e.g. a thin section" not in str(refused.value)
+    record = check_pair(fixed, moving, paths, CheckOptions(allow_size_mismatch=True, accept_orientation=True))
+    assert part_of_a_brain(record["geometry"])
+    whole = MultiscaleImage.from_array(brain, brain_grid)
+    assert not part_of_a_brain(check_pair(whole, moving, paths)["geometry"])
 
 
 def test_voxel_sizes_given_in_x_y_z_order_are_named(mouse_pair: tuple) -> None:
