@@ -128,6 +128,27 @@ threads of this process: every pass then samples arrays in memory instead of rea
 patch (the same values, so the same field); larger inputs, and runs on a Dask cluster, read lazily."""
 
 
+MIN_FIELD_VOXELS = 2
+"""The field needs at least this many voxels along every axis: across one (a single section, or two planes of 50 µm
+under a 100 µm field) the fit has nothing to go on and the polish's gradients fail."""
+
+
+def _check_thickness(fixed: Grid, field: Grid, fixed_path: str | Path) -> None:
+    """InputError when the output ``field`` grid (the finest pass's, on the fixed image's box) has fewer than
+    :data:`MIN_FIELD_VOXELS` voxels along an axis: the fixed image (``fixed``, its voxels) is too thin for a 3-D
+    field, e.g. a single section."""
+    axis = int(np.argmin(field.shape))
+    if field.shape[axis] >= MIN_FIELD_VOXELS:
+        return
+    spacing = field.spacing[axis]
+    raise InputError(
+        f"fixed image {fixed_path} is {fixed.shape[axis]} voxel(s) of {fixed.spacing[axis]:g} {fixed.unit} thick along "
+        f"its array axis {axis}, less than {MIN_FIELD_VOXELS} voxels of the {spacing:g} {field.unit} field: a single "
+        "section or a few planes cannot be registered in 3-D; give a stack thicker than "
+        f"{(MIN_FIELD_VOXELS - 1) * spacing:g} {field.unit} (more planes), or check its voxel size."
+    )
+
+
 def _check_overlap(fixed: Grid, moving: Grid, initial: np.ndarray, moving_path: str | Path) -> None:
     """InputError when the moving image, moved by the initial alignment, misses the fixed image's world box.
 
@@ -295,6 +316,7 @@ def register_files(
             )
         finally:
             preflight = orientation.result()
+    _check_thickness(fixed_img.grid, rplan.grids[-1], paths["fixed"])
     _check_overlap(fixed_img.grid, rplan.moving.grid, rplan.initial, paths["moving"])
     check_writable(out.parent)
     check_free_space(out.parent, sum(2 * 16 * int(np.prod(g.shape)) for g in rplan.grids), f"the field {out}")

@@ -229,3 +229,27 @@ def test_register_bad_input_fails_fast(
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert not (tmp_path / "f.zarr").exists()
+
+
+def test_a_fixed_image_thinner_than_two_field_voxels_is_refused_in_one_sentence(
+    tmp_path: Path, pair_and_config: tuple[Path, Path, InferenceConfig]
+) -> None:
+    """Two planes of 1.2 mm under a 2.5 mm field: one field voxel across, where the registration crashed in the
+    polish (torch.gradient: a traceback) and a single plane was refused as "does not overlap ...: check both images'
+    voxel sizes, units and orientation", which were right. Now one sentence names the thickness, before the field."""
+    fixed, moving, config = pair_and_config
+    image = read_image(fixed)
+    planes = np.asarray(image.levels[0].array[:])[16:18]
+    grid = image.grid
+    thin = type(grid)(planes.shape, grid.affine, grid.unit)
+    write_image(tmp_path / "thin.zarr", planes, thin)
+    result = runner.invoke(
+        app,
+        ["register", "--fixed", str(tmp_path / "thin.zarr"), "--moving", str(moving), "--out", str(tmp_path / "f.zarr"),
+         "--weights", str(config.weights), "--field-spacing", "2.5mm", "--allow-size-mismatch", "--accept-orientation"],
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert "is 2 voxel(s) of 1.2 millimeter thick along its array axis 0" in text, text
+    assert "a single section or a few planes cannot be registered in 3-D" in text and "Traceback" not in text
+    assert not (tmp_path / "f.zarr").exists()
