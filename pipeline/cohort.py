@@ -117,7 +117,7 @@ def cohort_tables(
 
     Raises:
         InputError: fewer than one job, a folder that is no finished atlas job, jobs of different atlases or brain
-            geometries, two of one name, or an output folder whose volumes.csv is not a cohort's
+            geometries, a job of part of a brain (a slab: :func:`_part_of_a_brain`), two of one name, or an output folder whose volumes.csv is not a cohort's
             (:func:`check_cohort_output`), or a cells folder that does not pair with one job
             (:func:`_cells_by_animal`), before anything is written.
     """
@@ -139,6 +139,14 @@ def cohort_tables(
             "): a hemisphere's volumes (the other side 0) are not comparable with a whole brain's; give jobs of one "
             "--brain-geometry."
         )
+    parts = {name: _part_of_a_brain(folder) for name, folder in animals.items()}
+    parts = {name: spread for name, spread in parts.items() if spread is not None}
+    if parts:
+        raise InputError(
+            f"the jobs of {', '.join(f'{n} (tissue extent ratios spread {v:.1f}x)' for n, v in parts.items())} "
+            "registered part of a brain (a slab or a few sections) to the whole atlas, which was squeezed into it: "
+            "their volumes are neither those of whole structures nor right for the part; leave them out of the cohort."
+        )
     paired = _cells_by_animal(cells, animals)  # before anything is written
     structures = next(iter(opened.values())).structures
     own = {name: {sid: (r.left_mm3, r.right_mm3) for sid, r in read_volume_table(job.volumes).items()} for name, job in opened.items()}
@@ -151,6 +159,20 @@ def cohort_tables(
         logger.info("cells of %d of %d animals", len(counted), len(opened))
     logger.info("cohort of %d animals", len(opened))
     return paths
+
+
+def _part_of_a_brain(folder: Path) -> float | None:
+    """The spread of the tissue extent ratios (brain against atlas, :func:`pipeline.checks.part_of_a_brain`) that
+    the registration of the job in ``folder`` recorded in its field's quality block, when it says part of a brain;
+    None for a whole brain (or one hemisphere registered to the atlas's), or a field without the record."""
+    from pipeline.checks import part_of_a_brain
+    from pipeline.ngff import read_field
+
+    field = folder / "field.ome.zarr"
+    if not field.is_dir():
+        return None
+    geometry = read_field(field)[2].get("quality", {}).get("preflight", {}).get("geometry")
+    return float(geometry["ratio_spread"]) if part_of_a_brain(geometry) else None
 
 
 def _mm3(value: float) -> str:

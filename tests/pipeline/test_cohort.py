@@ -197,3 +197,22 @@ def test_cells_of_each_animal_are_counted_with_the_structures_below(two_animals:
     result = runner.invoke(app, ["cohort", str(a), "-o", str(tmp_path / "t"), "--cells", str(tmp_path / "inj")])
     assert result.exit_code == EXIT_INPUT and "given in atlas space" in " ".join(result.output.split())
     assert not (tmp_path / "t").exists()
+
+
+def test_a_slab_registered_to_the_whole_atlas_is_not_put_in_a_cohort(two_animals: dict[str, Path], tmp_path: Path) -> None:
+    """A job whose registration recorded tissue of another shape than the atlas's (a 2.5 mm coronal slab: spread 5.4)
+    had the whole atlas squeezed into it: its volumes went into the table beside whole brains' as if comparable."""
+    from pipeline.ngff import read_field, set_attribute
+
+    slab = tmp_path / "slab"
+    shutil.copytree(two_animals["b"], slab, symlinks=True)
+    (slab / "field.ome.zarr").unlink()
+    shutil.copytree(two_animals["a"] / "field.ome.zarr", slab / "field.ome.zarr")
+    quality = read_field(slab / "field.ome.zarr")[2]["quality"]
+    geometry = {**quality["preflight"]["geometry"], "ratio_spread": 5.4}
+    set_attribute(slab / "field.ome.zarr", "quality", {**quality, "preflight": {**quality["preflight"], "geometry": geometry}})
+    out = tmp_path / "tables"
+    result = CliRunner().invoke(app, ["cohort", str(two_animals["a"]), str(slab), "-o", str(out)])
+    assert result.exit_code == EXIT_INPUT, result.output
+    assert "the jobs of slab (tissue extent ratios spread 5.4x) registered part of a brain" in " ".join(result.output.split())
+    assert not out.exists()
