@@ -35,7 +35,7 @@ from typing import Any
 from patchmorph_core.errors import InputError
 from pipeline.atlas import read_volume_table
 from pipeline.brainglobe import Structure
-from pipeline.points import open_job, read_points_record
+from pipeline.points import open_job, part_of_a_brain_spread, read_points_record
 from pipeline.resume import atomic_write_csv
 
 logger = logging.getLogger(__name__)
@@ -117,7 +117,7 @@ def cohort_tables(
 
     Raises:
         InputError: fewer than one job, a folder that is no finished atlas job, jobs of different atlases or brain
-            geometries, a job of part of a brain (a slab: :func:`_part_of_a_brain`), two of one name, or an output folder whose volumes.csv is not a cohort's
+            geometries, a job of part of a brain (a slab: :func:`pipeline.points.part_of_a_brain_spread`), two of one name, or an output folder whose volumes.csv is not a cohort's
             (:func:`check_cohort_output`), or a cells folder that does not pair with one job
             (:func:`_cells_by_animal`), before anything is written.
     """
@@ -139,7 +139,7 @@ def cohort_tables(
             "): a hemisphere's volumes (the other side 0) are not comparable with a whole brain's; give jobs of one "
             "--brain-geometry."
         )
-    parts = {name: _part_of_a_brain(folder) for name, folder in animals.items()}
+    parts = {name: part_of_a_brain_spread(folder) for name, folder in animals.items()}
     parts = {name: spread for name, spread in parts.items() if spread is not None}
     if parts:
         raise InputError(
@@ -159,20 +159,6 @@ def cohort_tables(
         logger.info("cells of %d of %d animals", len(counted), len(opened))
     logger.info("cohort of %d animals", len(opened))
     return paths
-
-
-def _part_of_a_brain(folder: Path) -> float | None:
-    """The spread of the tissue extent ratios (brain against atlas, :func:`pipeline.checks.part_of_a_brain`) that
-    the registration of the job in ``folder`` recorded in its field's quality block, when it says part of a brain;
-    None for a whole brain (or one hemisphere registered to the atlas's), or a field without the record."""
-    from pipeline.checks import part_of_a_brain
-    from pipeline.ngff import read_field
-
-    field = folder / "field.ome.zarr"
-    if not field.is_dir():
-        return None
-    geometry = read_field(field)[2].get("quality", {}).get("preflight", {}).get("geometry")
-    return float(geometry["ratio_spread"]) if part_of_a_brain(geometry) else None
 
 
 def _mm3(value: float) -> str:

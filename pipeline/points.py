@@ -528,6 +528,20 @@ def read_points_record(folder: str | Path) -> dict[str, Any]:
     return dict(json.loads(record.read_text()))
 
 
+def part_of_a_brain_spread(folder: Path) -> float | None:
+    """The spread of the tissue extent ratios (brain against atlas, :func:`pipeline.checks.part_of_a_brain`) that
+    the registration of the job in ``folder`` recorded in its field's quality block, when it says part of a brain;
+    None for a whole brain (or one hemisphere registered to the atlas's), or a field without the record."""
+    from pipeline.checks import part_of_a_brain
+    from pipeline.ngff import read_field
+
+    field = folder / "field.ome.zarr"
+    if not field.is_dir():
+        return None
+    geometry = read_field(field)[2].get("quality", {}).get("preflight", {}).get("geometry")
+    return float(geometry["ratio_spread"]) if part_of_a_brain(geometry) else None
+
+
 def transform_points(
     job_folder: str | Path, points_file: str | Path, out: str | Path, given_in: Space = "brain", cells_only: bool = True
 ) -> tuple[dict[str, Path], MappedPoints]:
@@ -565,6 +579,13 @@ def _transform_points(
         mapped = MappedPoints(empty, empty, np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
         return write_point_tables(out, points, mapped, job), mapped
     check_column_order(job, points.index, given_in, points_file)
+    spread = part_of_a_brain_spread(Path(job_folder))
+    if spread is not None:
+        logger.warning(
+            "the job in %s registered part of a brain (tissue extent ratios spread %.1fx: a slab or a few sections) to "
+            "the whole atlas, which was squeezed into it: these points' atlas positions, structures and densities can "
+            "be hundreds of micrometres off (the job's summary.md)", job_folder, spread,
+        )  # fmt: skip
     mapped = map_points(job, points.index, given_in, points_file)
     outside = int(np.count_nonzero(mapped.structure_ids == 0))
     if outside:

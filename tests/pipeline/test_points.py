@@ -278,3 +278,28 @@ def test_a_job_that_recorded_its_atlas_relative_is_read_from_another_folder(
     (job / "atlas_job.json").write_text(json.dumps({**record, "working_directory": str(atlas.parent)}))
     monkeypatch.chdir(tmp_path)
     assert open_job(job).atlas.folder == atlas.resolve()
+
+
+def test_points_mapped_through_a_slabs_job_are_qualified(
+    cells: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A job whose registration recorded tissue of another shape than the atlas's (a 2.5 mm coronal slab: spread 5.4)
+    had the whole atlas squeezed into it; its points' atlas positions (0.3 mm off, median, on the example brain's
+    slab) came without a word. The whole brain's job maps without the warning."""
+    import shutil
+
+    from pipeline.ngff import read_field, set_attribute
+
+    slab = tmp_path / "slab"
+    shutil.copytree(cells["job"], slab)
+    quality = read_field(slab / "field.ome.zarr")[2]["quality"]
+    geometry = {**quality["preflight"]["geometry"], "ratio_spread": 5.4}
+    set_attribute(slab / "field.ome.zarr", "quality", {**quality, "preflight": {**quality["preflight"], "geometry": geometry}})
+    for job, warned in ((cells["job"], False), (slab, True)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="pipeline.points"):
+            args = ["points", str(cells["folder"] / "cells.csv"), "--job", str(job), "-o", str(tmp_path / f"o{warned}")]
+            result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+        words = " ".join(caplog.text.split())
+        assert ("registered part of a brain (tissue extent ratios spread 5.4x" in words) is warned, words
