@@ -191,17 +191,31 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        if "Unsupported global" in str(err):
+        # torch words a refused object two ways: "Unsupported global: GLOBAL pathlib.Path.touch" and, for
+        # modules it blocks outright (os, subprocess, ...), "unsupported GLOBAL posix.system whose module ..."
+        if "unsupported global" in str(err).lower():
             raise InputError(
                 f"model weights {path} hold Python objects besides tensors and plain data, which are never "
                 "loaded (they could run code): use a checkpoint written by `patchmorph train`."
             ) from err
-        raise InputError(f"model weights {path} cannot be read ({err}): the file is corrupt; retrain or re-copy it.") from err
+        raise InputError(f"model weights {path} cannot be read ({_first_line(err)}): the file is corrupt; retrain or re-copy it.") from err
     except Exception as err:  # torch raises many kinds for a damaged file
-        raise InputError(f"model weights {path} cannot be read ({err}): the file is corrupt; retrain or re-copy it.") from err
+        raise InputError(f"model weights {path} cannot be read ({_first_line(err)}): the file is corrupt; retrain or re-copy it.") from err
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise InputError(f"model weights {path} are not a PatchMorph checkpoint: give a file written by `patchmorph train`.")
     return payload
+
+
+def _first_line(err: BaseException) -> str:
+    """The first sentence of the first telling line of an exception's message, at most 200 characters: torch's messages run to
+    pages, open with a heading ("Error(s) in loading state_dict for PatchMorph:") or with advice to load with
+    ``weights_only=False`` (which would run a crafted file's code), all skipped; the type's name when nothing
+    is left (an empty file)."""
+    for line in str(err).splitlines():
+        line = line.strip()
+        if line and not line.endswith(":") and "weights_only" not in line and not line.startswith("Check the documentation"):
+            return line.split(". ")[0][:200]
+    return type(err).__name__
 
 
 def model_from_checkpoint(payload: dict[str, Any], path: str | Path = "<checkpoint>") -> PatchMorph:
@@ -211,7 +225,9 @@ def model_from_checkpoint(payload: dict[str, Any], path: str | Path = "<checkpoi
         model = PatchMorph(config)
         model.load_state_dict(payload["state_dict"])
     except (KeyError, ValidationError, RuntimeError) as err:
-        raise InputError(f"model weights {path} do not match this PatchMorph version ({err}): retrain the model.") from err
+        raise InputError(
+            f"model weights {path} do not match this PatchMorph version ({_first_line(err)}): retrain the model."
+        ) from err
     return model
 
 

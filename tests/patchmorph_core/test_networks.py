@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -151,6 +152,43 @@ def test_crafted_checkpoint_is_refused_without_running_its_code(tmp_path: Path) 
     assert not marker.exists()
     torch.load(tmp_path / "crafted.pt", weights_only=False)  # the file really runs code when unpickled
     assert marker.exists()
+
+
+class _CallsOs:
+    """Unpickling this calls ``os.mkdir`` (module ``posix``, which torch blocks outright and words otherwise)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (os.mkdir, (str(self.marker),))
+
+
+def test_checkpoint_calling_os_is_named_as_such_and_never_advised_to_load_unsafely(tmp_path: Path) -> None:
+    # torch's message for a blocked module (os.system, os.mkdir, ...) says "unsupported GLOBAL" and opens with
+    # advice to load with weights_only=False: the user must hear what the file holds, not "corrupt", nor that
+    marker = tmp_path / "code-ran"
+    payload = torch.load(save_checkpoint(tmp_path / "m.pt", PatchMorph(CONFIG)), weights_only=True)
+    payload["extra"] = {"hook": _CallsOs(marker)}
+    torch.save(payload, tmp_path / "crafted.pt")
+    with pytest.raises(InputError, match="besides tensors and plain data") as caught:
+        load_model(tmp_path / "crafted.pt")
+    assert "weights_only" not in str(caught.value) and "\n" not in str(caught.value)
+    assert not marker.exists()
+
+
+def test_damaged_and_mismatched_checkpoints_give_one_line(tmp_path: Path) -> None:
+    path = save_checkpoint(tmp_path / "m.pt", PatchMorph(CONFIG))
+    data = path.read_bytes()
+    (tmp_path / "half.pt").write_bytes(data[: len(data) // 2])  # a copy cut short
+    (tmp_path / "empty.pt").write_bytes(b"")
+    payload = torch.load(path, weights_only=True)
+    payload["model_config"]["widths"] = [2 * w for w in payload["model_config"]["widths"]]  # another width
+    torch.save(payload, tmp_path / "wider.pt")
+    for name, message in (("half", "corrupt"), ("empty", "corrupt"), ("wider", r"do not match .*size mismatch")):
+        with pytest.raises(InputError, match=message) as caught:
+            load_model(tmp_path / f"{name}.pt")
+        assert "\n" not in str(caught.value) and len(str(caught.value)) < 400, str(caught.value)
 
 
 def test_config_validation_and_yaml_errors(tmp_path: Path) -> None:
