@@ -51,6 +51,24 @@ def test_shared_contrast_gives_one_table_and_independent_two() -> None:
     assert max(correlations) < 0.6, correlations
 
 
+@pytest.mark.parametrize("kind", ["float", "integer"])
+def test_an_intensity_image_given_as_a_label_map_is_refused(tmp_path: Path, kind: str) -> None:
+    """An anisotropic, non-cubic smooth image (an MRI or a template, not a label map) under data.images is named
+    before any pair is made; as integers (a uint16 template) too. The label maps of the repository pass."""
+    import nibabel as nib
+
+    rng = np.random.default_rng(0)
+    z, y, x = np.meshgrid(*(np.linspace(-1, 1, n) for n in (30, 41, 23)), indexing="ij")
+    image = np.exp(-(z**2 + y**2 + x**2)) * 400 + rng.normal(0, 5, z.shape) + 50
+    if kind == "integer":
+        image = np.rint(image).astype(np.uint16)
+    path = tmp_path / "template.nii.gz"
+    nib.save(nib.Nifti1Image(image.astype(np.float32 if kind == "float" else np.uint16), np.diag([2.0, 1.0, 3.0, 1.0])), path)
+    with pytest.raises(InputError, match=r"template\.nii\.gz .*(non-integer|looks like an intensity image)"):
+        build_source(_data(images=(str(path),), spacing=None), ROOT)
+    build_source(_data(label_sets=(LabelSet(images=(MOUSE,), spacing=0.4, skull_strip=False),)), ROOT)
+
+
 def test_a_pair_knows_whether_its_images_share_one_contrast() -> None:
     """The flag the per-pair loss reads (``LossConfig.for_pair``) says what the synthesis did."""
     rng = np.random.default_rng(3)
