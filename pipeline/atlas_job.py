@@ -48,7 +48,7 @@ from pipeline.atlas import (
 from pipeline.brainglobe import find_atlas
 from pipeline.checks import CheckOptions
 from pipeline.cluster import ClusterConfig, load_cluster_config, open_client
-from pipeline.resume import ZARR_METADATA, as_recorded, atomic_write_json
+from pipeline.resume import ZARR_METADATA, as_recorded, atomic_write_json, content_identity
 
 logger = logging.getLogger(__name__)
 
@@ -250,15 +250,24 @@ def job_settings(
     brain: Path, channels: Sequence[Path], atlas: Path, geometry: Mapping[str, Any], config: AtlasJobConfig
 ) -> dict[str, Any]:
     """Every setting of ``config`` that shapes the outputs (all but ``cluster``, ``qc`` and ``checks``), with the
-    identities (:func:`_source_key`) of the brain, its channels and the atlas folder and the brain's ``geometry``
-    options."""
+    identities (:func:`_source_key`) of the brain, its channels and the atlas folder, the brain's ``geometry``
+    options and the content of the model weights (:func:`weights_identity`: a model retrained into the same file
+    is other weights)."""
     return {
         **config.model_dump(mode="json", exclude={"cluster", "qc", "checks"}),
+        "weights": weights_identity(config.inference),
         "brain": _source_key(brain),
         "channels": [_source_key(path) for path in channels],
         "atlas": _source_key(atlas),
         "geometry": dict(geometry),
     }
+
+
+def weights_identity(inference: InferenceConfig) -> dict[str, Any] | None:
+    """Path and SHA-256 of the model weights ``inference`` names (the packaged default when it names none)."""
+    from patchmorph_core.model import DEFAULT_WEIGHTS
+
+    return content_identity(Path(inference.weights) if inference.weights else DEFAULT_WEIGHTS)
 
 
 def _differences(recorded: Mapping[str, Any], current: Mapping[str, Any], prefix: str = "") -> list[str]:
@@ -610,6 +619,7 @@ def _run_atlas_job(
             time.time() - started, register_seconds, registration is None, config.fine_tune.steps,
         ),  # fmt: skip
         "warnings": list(warnings),
+        "weights": settings["weights"],  # the model the job started from (before its fine-tuning, if any)
     }
     paths = {**outputs.paths, **{f"channel_{name}": zarr_path for name, zarr_path in channel_zarrs.items()}}
     if config.qc:
@@ -620,6 +630,7 @@ def _run_atlas_job(
         "brain": str(brain),
         "channels": [str(c) for c in channel_paths],
         "atlas": str(atlas),
+        "weights": settings["weights"],
         **geometry,
     }
     summary_paths = write_job_summary(out, summary, paths)
@@ -785,6 +796,9 @@ def write_job_summary(out: Path, summary: Mapping[str, Any], paths: Mapping[str,
         "low, even below 0, when the registration is right. Judge by the QC figures below (the atlas's divisions on "
         "the brain) and by the folded voxels.",
     ]
+    if s.get("weights"):
+        digest = s["weights"].get("sha256") or s["weights"].get("sha256_head_tail", "")
+        lines += ["", f"Model weights: `{s['weights']['path']}` (SHA-256 {digest[:16]}…)."]
     if s.get("warnings"):
         lines += ["", "## Warnings", "", *(f"- {w}" for w in s["warnings"])]
     lines += ["", "## Outputs", ""]

@@ -224,6 +224,7 @@ def _field_meta(
         "moving": str(moving),
         "model": {
             "weights": str(cfg.weights or DEFAULT_WEIGHTS),
+            "weights_identity": content_identity(Path(cfg.weights) if cfg.weights else DEFAULT_WEIGHTS),  # its sha256
             "config": model.config.model_dump(mode="json"),
         },
         "config": cfg.model_dump(mode="json"),

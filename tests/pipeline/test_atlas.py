@@ -4,6 +4,7 @@ field, and ``patchmorph atlas`` end to end on the bundled example (atlas by name
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import re
 import shutil
@@ -257,6 +258,12 @@ def test_atlas_job_writes_every_output_and_no_run_records(job: dict) -> None:
     assert isinstance(json.loads((out / "summary.json").read_text())["warnings"], list)
     page = (out / "summary.md").read_text()
     assert "folded voxels" in page and "![overlay](qc/overlay.png)" in page
+    from patchmorph_core.model import DEFAULT_WEIGHTS  # the model the job used: path and hash, in all three
+
+    digest = hashlib.sha256(DEFAULT_WEIGHTS.read_bytes()).hexdigest()
+    assert json.loads((out / "summary.json").read_text())["weights"]["sha256"] == digest
+    assert record["inputs"]["weights"] == {"path": str(DEFAULT_WEIGHTS), "bytes": DEFAULT_WEIGHTS.stat().st_size, "sha256": digest}
+    assert f"Model weights: `{DEFAULT_WEIGHTS}` (SHA-256 {digest[:16]}" in page
 
 
 def test_labels_are_nested_in_the_brain_image_with_ngff_metadata(job: dict) -> None:
@@ -561,6 +568,29 @@ def test_rerun_with_other_settings_or_geometry_is_refused(job: dict, tmp_path: P
     shutil.copytree(out / "field.ome.zarr", old / "field.ome.zarr")  # a finished field without a settings record
     result = CliRunner().invoke(app, [*args[:3], str(old), *args[4:], *voxel])
     assert result.exit_code == 2 and "holds a finished registration but no record of its settings" in result.output
+
+
+def test_a_model_retrained_into_the_same_weights_file_is_other_settings(tmp_path: Path) -> None:
+    """A finished job made with weights that were since retrained in place (same path, other bytes) is refused on
+    a rerun, naming the weights; before its field is finished it is started again."""
+    from patchmorph_core.config import InferenceConfig
+
+    brain, atlas, weights = tmp_path / "brain.tif", tmp_path / "atlas", tmp_path / "model.pt"
+    brain.write_bytes(b"brain")
+    atlas.mkdir()
+    weights.write_bytes(b"weights of step 40")
+    config = AtlasJobConfig(inference=InferenceConfig(weights=str(weights)))
+    geometry = {"voxel_size": [50.0, 40.0, 30.0], "unit": "micrometer", "orientation": "psl"}
+    out = tmp_path / "out"
+    out.mkdir()
+    record_job_settings(out, job_settings(brain, [], atlas, geometry, config), field_finished=False)
+    weights.write_bytes(b"weights of step 300")  # `patchmorph train --resume` into the same checkpoint
+    retrained = job_settings(brain, [], atlas, geometry, config)
+    assert check_job_settings(out, retrained) is True  # an unfinished registration: made again
+    record_job_settings(out, job_settings(brain, [], atlas, geometry, config), field_finished=True)
+    weights.write_bytes(b"weights of step 600")
+    with pytest.raises(InputError, match=r"other inputs or settings \(weights\.sha256\)"):
+        check_job_settings(out, job_settings(brain, [], atlas, geometry, config))
 
 
 def test_a_folder_is_bound_to_its_settings_once_its_field_is_finished(job: dict, tmp_path: Path) -> None:

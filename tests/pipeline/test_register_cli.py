@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -179,6 +180,10 @@ def test_register_in_process_at_a_field_spacing_with_its_unit(
     _, grid, meta = read_field(field)
     assert grid.unit == "millimeter" and np.allclose(grid.spacing, 2.5)
     assert meta["field_spacing"]["source"] == "given" and meta["field_spacing"]["value"] == pytest.approx(2.5)
+    # which weights made the field: their path and the hash of their bytes (a model retrained into one file)
+    weights = meta["model"]["weights_identity"]
+    assert weights["path"] == str(Path(config.weights).resolve())
+    assert weights["sha256"] == hashlib.sha256(Path(config.weights).read_bytes()).hexdigest()
     assert "field spacing 2.5 millimeter (given: 2500 µm)" in result.output and "dashboard" not in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "field.zarr"]  # no run folder left
     coarse = tmp_path / "coarse.zarr"
