@@ -30,6 +30,7 @@ from scipy import ndimage
 from patchmorph_core import training
 from patchmorph_core.config import DataConfig, LabelSet, TrainConfig, load_yaml
 from patchmorph_core.errors import InputError
+from patchmorph_core.model import read_checkpoint
 from patchmorph_core.sampling import intensity_range, normalize
 from patchmorph_core.source import MultiscaleImage, downsample, downsampled_grid
 from patchmorph_core.spatial import Grid, random_rotation, read_box
@@ -364,5 +365,12 @@ def run_training(
     if config.init_weights is not None:
         config.init_weights = str(_resolve(config.init_weights, base))
     check_checkpoint(checkpoint, resume=config.resume, overwrite=overwrite)
+    if config.resume and checkpoint.is_file():
+        done = int(read_checkpoint(checkpoint)["step"])
+        if done >= config.steps:
+            raise InputError(
+                f"checkpoint {checkpoint} has {done} steps already, the run asks for {config.steps} in all: give "
+                f"--steps above {done} to train it further (steps count from the start of the training)."
+            )
     source = build_source(config.data, base, config.initial_alignment)
     return training.train(config, source)

@@ -162,6 +162,26 @@ def test_cosine_schedule_anneals_from_lr_to_zero_and_is_what_the_optimizer_used(
     assert saved["configs"]["train"]["lr_schedule"] == "cosine"
 
 
+def test_resume_to_no_more_steps_than_the_checkpoint_has_is_refused(tmp_path: Path) -> None:
+    """`--resume --steps N` with N at or below the checkpoint's step trained nothing and printed "trained N steps
+    (loss nan)": it is one sentence naming the checkpoint's step, exit 2, and the checkpoint is kept."""
+    _write_nifti_pair(tmp_path)
+    config = tmp_path / "train.yaml"
+    config.write_text(
+        "data:\n  kind: pairs\n  pairs: [[fixed.nii.gz, moving.nii.gz]]\n  spacing: null\n"
+        "model:\n  patch_size: 8\n  n_stages: 2\n  widths: [4, 8]\n  affine_widths: [4]\n"
+        f"steps: 3\nbatch_size: 1\ndevice: cpu\ncheckpoint: {tmp_path / 'out' / 'model.pt'}\n"
+    )
+    runner = CliRunner()
+    assert runner.invoke(app, ["train", "--config", str(config)]).exit_code == 0
+    before = (tmp_path / "out" / "model.pt").read_bytes()
+    for steps in ("2", "3"):
+        result = runner.invoke(app, ["train", "--config", str(config), "--resume", "--steps", steps])
+        assert result.exit_code == 2, result.output
+        assert "has 3 steps already" in result.output and "--steps above 3" in result.output
+    assert (tmp_path / "out" / "model.pt").read_bytes() == before
+
+
 def _write_nifti_pair(folder: Path) -> None:
     """``fixed.nii.gz`` and ``moving.nii.gz`` (2 mm, synthetic images of the test label pair) in ``folder``."""
     fixed_labels, moving_labels = _label_pair()
