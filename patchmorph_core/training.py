@@ -399,6 +399,8 @@ def _train(config: TrainConfig, source: PairSource, progress: bool) -> TrainResu
         start_step = int(payload["step"])
         if "rng" in payload["extra"]:
             _restore_rng(rng, payload["extra"]["rng"])
+        if "source" in payload["extra"] and hasattr(source, "restore"):
+            source.restore(payload["extra"]["source"])  # the pair in use at the checkpoint, as one run goes on
         log.info("resuming %s at step %d", checkpoint, start_step)
     use_amp = config.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
@@ -407,10 +409,12 @@ def _train(config: TrainConfig, source: PairSource, progress: bool) -> TrainResu
     _open_loss_csv(csv_path, start_step, model.config.n_stages)
     configs = {"train": config.model_dump(mode="json")}
     started = time.time()
-    smoothed = math.nan
+    smoothed = math.nan if payload is None else float(payload["extra"].get("loss", math.nan))  # the run's, resumed
 
     def save(step: int) -> None:
         extra = {"rng": _rng_state(rng), "loss": smoothed, "seconds": time.time() - started}
+        if hasattr(source, "state"):  # a source that keeps a pair for several steps (pipeline.training_data.SynthPairs)
+            extra["source"] = source.state()
         save_checkpoint(checkpoint, model, step=step, optimizer=optimizer, configs=configs, extra=extra)
 
     desc = f"train (steps {start_step + 1}-{config.steps})" if start_step else "train"

@@ -185,12 +185,29 @@ class SynthPairs:
     weights: tuple[float, ...] = ()
     _calls: int = 0
     _pair: TrainPair | None = None
+    _pair_rng: dict | None = None
 
     def __call__(self, rng: np.random.Generator) -> TrainPair:
         if self._pair is None or self._calls % self.data.refresh_every == 0:
+            self._pair_rng = rng.bit_generator.state
             self._pair = self.make_pair(rng)
         self._calls += 1
         return self._pair
+
+    def state(self) -> dict:
+        """What a resumed run needs to go on as one run would (kept in the checkpoint): the calls so far and the
+        random state the current pair was drawn from (a resume between two refreshes keeps that pair)."""
+        return {"calls": self._calls, "pair_rng": self._pair_rng}
+
+    def restore(self, state: dict) -> None:
+        """Continue from :meth:`state`: the current pair is drawn again from its random state (a generator of its
+        own: the run's generator is restored separately)."""
+        self._calls = int(state["calls"])
+        self._pair_rng, self._pair = state["pair_rng"], None
+        if self._pair_rng is not None and self._calls % self.data.refresh_every != 0:
+            rng = np.random.default_rng()
+            rng.bit_generator.state = self._pair_rng
+            self._pair = self.make_pair(rng)
 
     def make_pair(self, rng: np.random.Generator) -> TrainPair:
         """Draw a set and two of its label maps, the contrast(s), a resolution, a smooth deformation and a pose."""

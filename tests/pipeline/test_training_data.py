@@ -127,3 +127,39 @@ def test_translation_fraction_scales_with_the_tissue() -> None:
         shifts = [random_pose(np.random.default_rng(s), np.zeros(3), data, extent)[:3, 3] for s in range(20)]
         assert np.abs(shifts).max() <= 0.1 * extent
         assert np.abs(shifts).max() > 0.05 * extent
+
+
+def test_a_run_resumed_between_two_refreshes_of_its_pair_goes_on_as_one_run(tmp_path: Path) -> None:
+    """A checkpoint taken while a synthetic pair is in use (step 3 of a pair drawn every 4): the resumed run
+    keeps that pair, so its losses and final weights are those of the run that was never stopped."""
+    import csv
+
+    import torch
+
+    from patchmorph_core.config import ModelConfig, TrainConfig
+    from patchmorph_core.model import read_checkpoint
+    from patchmorph_core.training import train
+
+    data = _data(images=(), spacing=None, refresh_every=4, deform_disp_vox=2.0, max_rotation_deg=10.0,
+                 label_sets=(LabelSet(images=(MOUSE,), spacing=0.4, skull_strip=False),))  # fmt: skip
+
+    def run(name: str, steps: int, resume: bool = False) -> Path:
+        config = TrainConfig(
+            data=data, model=ModelConfig(patch_size=8, n_stages=2, widths=(4, 8), affine_widths=(4,)), steps=steps,
+            batch_size=1, device="cpu", checkpoint=str(tmp_path / name / "model.pt"), checkpoint_every=3, resume=resume,
+        )  # fmt: skip
+        train(config, build_source(data, ROOT), progress=False)
+        return Path(config.checkpoint)
+
+    once = run("once", 6)
+    run("twice", 3)
+    twice = run("twice", 6, resume=True)
+
+    def losses(path: Path) -> list[str]:
+        return [row["loss"] for row in csv.DictReader(path.with_name("model.pt.loss.csv").open())]
+
+    assert losses(twice) == losses(once)
+    a, b = read_checkpoint(once), read_checkpoint(twice)
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    assert a["extra"]["loss"] == pytest.approx(b["extra"]["loss"])
+
