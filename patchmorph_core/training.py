@@ -389,6 +389,8 @@ def _train(config: TrainConfig, source: PairSource, progress: bool) -> TrainResu
         log.info("fine-tuning from %s (its model config replaces the config's)", config.init_weights)
     start_step = 0
     payload = read_checkpoint(checkpoint) if config.resume and checkpoint.is_file() else None
+    if config.resume and payload is None:
+        log.warning("resume: no checkpoint %s yet (none was saved, or another path): training starts at step 0", checkpoint)
     if payload is not None:
         model = model_from_checkpoint(payload, checkpoint)
     place_model(model, device).train()

@@ -145,6 +145,18 @@ def test_resume_continues_from_the_checkpoint(tmp_path: Path, capsys: pytest.Cap
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
+def test_resume_without_a_checkpoint_says_it_starts_at_step_0(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A run killed before its first checkpoint, or a checkpoint path mistyped: --resume starts from scratch, and
+    says so (it was silent)."""
+    labels = _label_pair()
+    config = _config(tmp_path, steps=1).model_copy(
+        update={"model": ModelConfig(patch_size=8, n_stages=2, widths=(4, 8), affine_widths=(4,)), "resume": True}
+    )
+    with caplog.at_level("WARNING", logger="patchmorph_core.training"):
+        train(config, lambda rng: _synthetic_pair(labels, int(rng.integers(1 << 30))), progress=False)
+    assert f"no checkpoint {config.checkpoint} yet" in caplog.text and "starts at step 0" in caplog.text
+
+
 def test_cosine_schedule_anneals_from_lr_to_zero_and_is_what_the_optimizer_used(tmp_path: Path) -> None:
     config = _config(tmp_path, steps=4).model_copy(
         update={
