@@ -383,11 +383,18 @@ def run_training(
         config.init_weights = str(_resolve(config.init_weights, base))
     check_checkpoint(checkpoint, resume=config.resume, overwrite=overwrite)
     if config.resume and checkpoint.is_file():
-        done = int(read_checkpoint(checkpoint)["step"])
-        if done >= config.steps:
+        payload = read_checkpoint(checkpoint)
+        done = int(payload["step"])
+        if done > config.steps:
             raise InputError(
                 f"checkpoint {checkpoint} has {done} steps already, the run asks for {config.steps} in all: give "
                 f"--steps above {done} to train it further (steps count from the start of the training)."
+            )
+        if done == config.steps:  # a finished run started again (a deployment's rerun, say): nothing to do
+            log.info("%s has its %d steps already: nothing to train", checkpoint, done)
+            extra = payload["extra"]
+            return training.TrainResult(
+                done, float(extra.get("loss", "nan")), 0.0, checkpoint, training.loss_csv_path(checkpoint)
             )
     source = build_source(config.data, base, config.initial_alignment)
     return training.train(config, source)

@@ -175,8 +175,9 @@ def test_cosine_schedule_anneals_from_lr_to_zero_and_is_what_the_optimizer_used(
 
 
 def test_resume_to_no_more_steps_than_the_checkpoint_has_is_refused(tmp_path: Path) -> None:
-    """`--resume --steps N` with N at or below the checkpoint's step trained nothing and printed "trained N steps
-    (loss nan)": it is one sentence naming the checkpoint's step, exit 2, and the checkpoint is kept."""
+    """`--resume --steps N` with N below the checkpoint's step trained nothing and printed "trained N steps
+    (loss nan)": it is one sentence naming the checkpoint's step, exit 2; N equal to it (a finished run started
+    again) has nothing to do and says the run's loss; the checkpoint is kept."""
     _write_nifti_pair(tmp_path)
     config = tmp_path / "train.yaml"
     config.write_text(
@@ -187,10 +188,12 @@ def test_resume_to_no_more_steps_than_the_checkpoint_has_is_refused(tmp_path: Pa
     runner = CliRunner()
     assert runner.invoke(app, ["train", "--config", str(config)]).exit_code == 0
     before = (tmp_path / "out" / "model.pt").read_bytes()
-    for steps in ("2", "3"):
-        result = runner.invoke(app, ["train", "--config", str(config), "--resume", "--steps", steps])
-        assert result.exit_code == 2, result.output
-        assert "has 3 steps already" in result.output and "--steps above 3" in result.output
+    result = runner.invoke(app, ["train", "--config", str(config), "--resume", "--steps", "2"])
+    assert result.exit_code == 2, result.output
+    assert "has 3 steps already" in result.output and "--steps above 3" in result.output
+    loss = read_checkpoint(tmp_path / "out" / "model.pt")["extra"]["loss"]
+    result = runner.invoke(app, ["train", "--config", str(config), "--resume"])
+    assert result.exit_code == 0 and f"trained 3 steps in 0 s (loss {loss:.4f})" in result.output, result.output
     assert (tmp_path / "out" / "model.pt").read_bytes() == before
 
 
