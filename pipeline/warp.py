@@ -239,6 +239,33 @@ def check_space(image: Grid, target: Grid, meta: dict[str, Any], inverse: bool, 
     )
 
 
+LABEL_SAMPLE_VOXELS = 64
+"""Edge in voxels of the block at an image's centre whose values ``--labels`` checks (:func:`check_label_values`)."""
+
+
+def check_label_values(array: Any, moving: str | Path) -> None:
+    """Refuse to warp ``array`` (an image's level 0, ``(Z, Y, X)``) as a label map when it holds values that are no
+    label: a float image with fractional values in the ``LABEL_SAMPLE_VOXELS``-wide block at its centre (one read,
+    bounded; an intensity image given with ``--labels`` would become a "label map" of every intensity it holds).
+
+    Raises:
+        InputError: naming the image, a value and what to do.
+    """
+    if not np.issubdtype(np.dtype(array.dtype), np.floating):
+        return
+    box = tuple(
+        slice(max(0, n // 2 - LABEL_SAMPLE_VOXELS // 2), n // 2 - LABEL_SAMPLE_VOXELS // 2 + LABEL_SAMPLE_VOXELS)
+        for n in array.shape
+    )
+    values = np.asarray(array[box])
+    fractional = values[np.isfinite(values) & (values != np.round(values))]
+    if fractional.size:
+        raise InputError(
+            f"image {moving} holds values that are no label ids (e.g. {float(fractional[0]):.6g}, not a whole number): "
+            "it is an intensity image, not a label map; warp it without --labels."
+        )
+
+
 @locks_output
 def warp_files(
     field: str | Path,
@@ -301,6 +328,8 @@ def warp_files(
     for array in (field_arr, *(level.array for level in image.levels)):
         check_stored(array)  # a lost chunk file is refused before heavy work
     check_space(image.grid, grid.with_unit(field_grid.unit), meta, inverse, moving)
+    if labels:
+        check_label_values(image.levels[0].array, moving)
     dtype = level_dtype(getattr(image.levels[0].array, "dtype", np.float32), labels)  # a mask's values kept
     check_writable(out.parent)
     check_free_space(out.parent, int(np.prod(grid.shape)) * dtype.itemsize * 4 // 3, f"the warped image {out}")  # + pyramid

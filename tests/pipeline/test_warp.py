@@ -137,3 +137,26 @@ def test_an_image_already_in_the_output_space_is_refused(tmp_path: Path) -> None
     assert read_image(tmp_path / "back.zarr").grid.same_voxels(moving_grid)
     with pytest.raises(InputError, match=r"covers the box of the field's moving image.*warp it without"):
         warp_files(field, moving, tmp_path / "wrong2.zarr", inverse=True, progress=False)
+
+
+def test_an_intensity_image_given_as_a_label_map_is_refused(tmp_path: Path) -> None:
+    """A float image with fractional values warped with ``labels`` is refused before any output is made (it became
+    an NGFF label image with one "label" per intensity); a label map stored as float (whole numbers) is warped."""
+    from patchmorph_core.errors import InputError
+
+    rng = np.random.default_rng(8)
+    grid = Grid.from_spacing((30, 36, 42), (0.2, 0.15, 0.1), unit="millimeter")
+    image = write_image(tmp_path / "image.zarr", (50 + 100 * rng.random(grid.shape)).astype(np.float32), grid)
+    ids = np.zeros(grid.shape, np.float32)
+    ids[5:25, 8:30, 10:35] = 3.0
+    ids[12:20, 14:22, 16:30] = 7.0
+    label_map = write_image(tmp_path / "ids.zarr", ids, grid)
+    field = write_field(
+        tmp_path / "field.zarr", np.zeros((3, *grid.shape), np.float32), grid,
+        metadata={"fixed": str(image), "moving": str(image)},
+    )  # fmt: skip
+    with pytest.raises(InputError, match=r"image\.zarr holds values that are no label ids.*warp it without --labels"):
+        warp_files(field, image, tmp_path / "wrong.zarr", labels=True, progress=False)
+    assert not (tmp_path / "wrong.zarr").exists() and not (tmp_path / "wrong.zarr.run").exists()
+    warp_files(field, label_map, tmp_path / "ids_warped.zarr", labels=True, progress=False)
+    assert set(np.unique(read_image(tmp_path / "ids_warped.zarr").levels[0].array[:])) == {0.0, 3.0, 7.0}
