@@ -395,13 +395,14 @@ def check_output(path: str | Path, overwrite: bool) -> Path:
 
 def _replace(tmp: Path, out: Path) -> None:
     """Move the finished ``tmp`` into place, removing an older ``out`` only after the new one is in place, and the
-    older copies that a replacement killed half-way left hidden beside it (``.<name>.old-*``)."""
-    if out.exists():
+    older copies that a replacement killed half-way left hidden beside it (``.<name>.old-*``). An ``out`` that was a
+    symbolic link is replaced as a link: the link goes, never what it points to."""
+    if out.exists() or out.is_symlink():
         old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
         out.rename(old)
     tmp.rename(out)
     for stale in out.parent.glob(f".{glob.escape(out.name)}.old-*"):
-        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+        shutil.rmtree(stale) if stale.is_dir() and not stale.is_symlink() else stale.unlink()
 
 
 # -- writing --------------------------------------------------------------------------------------------

@@ -298,6 +298,25 @@ def test_a_replacement_removes_the_older_copies_a_killed_replacement_left(tmp_pa
     assert int(np.asarray(read_image(tmp_path / "brain.ome.zarr").levels[0].array[...]).max()) == 2
 
 
+def test_an_output_given_as_a_symbolic_link_is_replaced_as_a_link(tmp_path: Path) -> None:
+    """``--overwrite`` of an output that is a symbolic link to another store: the new output takes the link's
+    place, the store it pointed to is kept as it was, and nothing is left hidden (the link, hidden as an older
+    copy, made this write and every later one fail with a traceback sentence after the output was written)."""
+    from patchmorph_core.spatial import Grid
+    from pipeline.ngff import read_image, write_image
+
+    grid = Grid.from_orientation((3, 4, 5), (50.0, 20.0, 10.0), "psl")
+    kept = write_image(tmp_path / "kept.ome.zarr", np.ones(grid.shape, np.uint16), grid)
+    link = tmp_path / "link.ome.zarr"
+    link.symlink_to(kept.name)
+    for value in (2, 3):  # the second write replaces the first one's real folder
+        write_image(link, np.full(grid.shape, value, np.uint16), grid, overwrite=True)
+        assert not link.is_symlink()
+        assert int(np.asarray(read_image(link).levels[0].array[...]).max()) == value
+    assert int(np.asarray(read_image(kept).levels[0].array[...]).max()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.ome.zarr", "link.ome.zarr"]
+
+
 def test_an_input_replaced_while_it_is_read_leaves_the_output_unfinished(
     tmp_path: Path, pair_and_config: tuple[Path, Path, InferenceConfig], monkeypatch: pytest.MonkeyPatch
 ) -> None:
