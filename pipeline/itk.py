@@ -256,5 +256,7 @@ def nifti_image(image: str | Path, out: str | Path, *, level: int = 0, overwrite
         )  # fmt: skip
     result = nib.Nifti1Image(np.ascontiguousarray(array.transpose(2, 1, 0)), nifti_affine(grid), dtype=dtype)
     result.header.set_xyzt_units("mm")
-    nib.save(result, out)
+    tmp = out.with_name(f".{out.name}.partial{''.join(out.suffixes)}")
+    nib.save(result, tmp)
+    tmp.replace(out)  # whole or not at all; a symbolic link at ``out`` is replaced, never the file it points to
     return out

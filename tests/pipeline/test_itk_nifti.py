@@ -83,3 +83,33 @@ def test_a_sheared_grid_is_named_where_itk_cannot_read_it(tmp_path: Path, caplog
     with pytest.raises(InputError, match=r"lies on a sheared grid \(its axes 10° from right angles.*cannot read"):
         export_field(field, tmp_path / "warp.nii.gz")
     assert not (tmp_path / "warp.nii.gz").exists()
+
+
+def test_export_image_never_leaves_a_half_written_file_nor_writes_through_a_link(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--overwrite`` of an earlier export by a write that dies part-way keeps the earlier file whole (it was
+    truncated first, then half written); an output that is a symbolic link to another file (a source NIfTI) is
+    replaced as a link, the file it points to kept."""
+    grid = Grid.from_orientation((5, 6, 7), (50.0, 40.0, 30.0), "psl")
+    values = np.arange(5 * 6 * 7, dtype=np.float32).reshape(5, 6, 7)
+    image = write_image(tmp_path / "i.ome.zarr", values, grid, n_levels=1)
+    out = nifti_image(image, tmp_path / "i.nii")
+    before = out.read_bytes()
+
+    def dies_half_way(img: nib.Nifti1Image, path: Path) -> None:
+        Path(path).write_bytes(before[: len(before) // 2])
+        raise OSError("killed")
+
+    monkeypatch.setattr(nib, "save", dies_half_way)
+    with pytest.raises(OSError, match="killed"):
+        nifti_image(image, out, overwrite=True)
+    monkeypatch.undo()
+    assert out.read_bytes() == before
+    source = tmp_path / "source.nii"
+    source.write_bytes(b"the user's own file")
+    link = tmp_path / "link.nii"
+    link.symlink_to(source.name)
+    nifti_image(image, link, overwrite=True)
+    assert source.read_bytes() == b"the user's own file" and not link.is_symlink()
+    np.testing.assert_array_equal(np.asarray(nib.load(link).dataobj).transpose(2, 1, 0), values)
