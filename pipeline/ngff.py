@@ -1047,6 +1047,25 @@ def _grid_from_ngff(
     return Grid.from_spacing(shape[-3:], spacing, origin=direction @ origin, unit=unit, direction=direction)
 
 
+def check_ngff_agrees(own: Grid, ngff: Grid, where: str) -> None:
+    """Refuse an image whose NGFF voxel size (``scale`` with its axes' ``unit``) disagrees with the project's own
+    index→world matrix of the same level (``own``; they are written together, so another tool edited one of them,
+    e.g. to correct the voxel size): which one is right cannot be told, and reading the own one would ignore the
+    edit silently. Compares the voxel sizes ``(z, y, x)`` in ``own.unit`` to a relative 1e-6.
+
+    Raises:
+        InputError: naming the image, both voxel sizes and what to do.
+    """
+    ngff_spacing = ngff.spacing * unit_scale(ngff.unit, own.unit)
+    if np.allclose(ngff_spacing, own.spacing, rtol=1e-6, atol=0.0):
+        return
+    raise InputError(
+        f"{where!r} has two voxel sizes that disagree: its NGFF scale says {np.round(ngff.spacing, 6).tolist()} "
+        f"{ngff.unit}, its patchmorph affine {np.round(own.spacing, 6).tolist()} {own.unit} (one was edited after "
+        "PatchMorph wrote it): convert the image again from its source with the right --voxel-size and --unit."
+    )
+
+
 def _open_tensorstore(where: str, level_path: str, zarr_format: int, every_chunk_written: bool) -> Any:
     """A TensorStore view of one level; a missing chunk of a store marked ``every_chunk_written`` is an
     error, not fill values (TensorStore checks the ``crc32c`` codec itself)."""
@@ -1084,10 +1103,10 @@ def _levels(
         )
         raise InputError(f"{where!r} is an incomplete output (its write was interrupted): {how}.")
     multiscale = _multiscale(attrs, where)
-    names, unit = _axes(multiscale, where)
+    names, ngff_unit = _axes(multiscale, where)
     orientation = rfc4_orientation(multiscale.get("axes", ()))
     affines = {e["input"]: e["affine"] for e in meta.get("coordinateTransformations", ())}
-    unit = meta.get("unit", unit)
+    unit = meta.get("unit", ngff_unit)
     levels = []
     for dataset in multiscale.get("datasets", ()):
         level_path = dataset["path"]
@@ -1107,6 +1126,7 @@ def _levels(
         if level_path in affines:
             affine = np.vstack([np.asarray(affines[level_path], dtype=np.float64), [0, 0, 0, 1]])
             grid = Grid(zarray.shape[-3:], affine, unit)
+            check_ngff_agrees(grid, _grid_from_ngff(dataset, multiscale, zarray.shape, ngff_unit, where, None), where)
         else:
             grid = _grid_from_ngff(dataset, multiscale, zarray.shape, unit, where, orientation)
         array: Any = (

@@ -61,6 +61,31 @@ def test_scale_translation_agree_with_full_affine(tmp_path: Path) -> None:
         np.testing.assert_allclose(rotation @ (scale * index + translation), level.grid.index_to_world(index))
 
 
+@pytest.mark.parametrize("edit", ["scale", "unit"])
+def test_an_ngff_voxel_size_edited_by_another_tool_is_refused(tmp_path: Path, edit: str) -> None:
+    """A store whose NGFF scale (every level's, tripled) or axes' unit (millimetre to micrometre) was edited after it
+    was written disagrees with the project's own affine, which was read silently, ignoring the edit: one sentence
+    naming both voxel sizes. The untouched store (rotated, anisotropic) is read."""
+    import json
+
+    rotation = random_rotation(np.random.default_rng(2), 30.0)
+    grid = Grid.from_spacing((12, 20, 24), (0.3, 0.1, 0.15), origin=(5, -7, 9), direction=rotation, unit="millimeter")
+    out = ngff.write_image(tmp_path / "r.zarr", _image(grid.shape), grid, n_levels=2)
+    ngff.read_image(out)
+    document = out / "zarr.json"
+    metadata = json.loads(document.read_text())
+    multiscale = metadata["attributes"]["ome"]["multiscales"][0]
+    if edit == "scale":
+        for dataset in multiscale["datasets"]:
+            dataset["coordinateTransformations"][0]["scale"] = [3 * v for v in dataset["coordinateTransformations"][0]["scale"]]
+    else:
+        for axis in multiscale["axes"]:
+            axis["unit"] = "micrometer"
+    document.write_text(json.dumps(metadata))
+    with pytest.raises(InputError, match=r"r\.zarr' has two voxel sizes that disagree: its NGFF scale says .* convert"):
+        ngff.read_image(out)
+
+
 def test_anisotropic_pyramid_becomes_isotropic(tmp_path: Path) -> None:
     grid = Grid.from_spacing((16, 256, 256), (200.0, 50.0, 50.0))
     out = ngff.write_image(tmp_path / "aniso.zarr", np.ones(grid.shape, np.float32), grid)
