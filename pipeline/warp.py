@@ -217,6 +217,22 @@ def _target_grid(target: str | Path | None, meta: dict[str, Any], inverse: bool)
     return read_image(path).grid, str(path)
 
 
+def check_named_fixed_image(field_grid: Grid, fixed: Grid, fixed_path: str, field: str | Path) -> None:
+    """Refuse the fixed image the field names (its recorded path, read from the current folder when relative) when
+    it does not cover the field's box (:meth:`Grid.same_box`): it is another image than the one registered (a
+    field named ``brain.ome.zarr`` read from another animal's folder), whose grid the warp would silently take.
+
+    Raises:
+        InputError: naming the field, the image and what to do.
+    """
+    if not field_grid.same_box(fixed.with_unit(field_grid.unit)):
+        raise InputError(
+            f"the fixed image the field {field} names, {fixed_path}, does not cover the field's box: it is another "
+            "image than the one registered (a relative path read from another folder?): pass --target with the "
+            "image the field was registered on."
+        )
+
+
 def check_space(image: Grid, target: Grid, meta: dict[str, Any], inverse: bool, moving: str | Path) -> None:
     """Refuse an image that covers the output grid's box already (at any resolution: :meth:`Grid.same_box`), when
     the space it is to come from has another box: an image of the fixed space given to a forward warp (or of the
@@ -324,6 +340,8 @@ def warp_files(
     run_root = run_folder(out, overwrite)
     field_arr, field_grid, meta = read_field(field)
     grid, target_path = _target_grid(target, meta, inverse)
+    if target is None and not inverse:
+        check_named_fixed_image(field_grid, grid, target_path, field)
     image = read_image(moving).with_unit(field_grid.unit)
     for array in (field_arr, *(level.array for level in image.levels)):
         check_stored(array)  # a lost chunk file is refused before heavy work

@@ -160,3 +160,35 @@ def test_an_intensity_image_given_as_a_label_map_is_refused(tmp_path: Path) -> N
     assert not (tmp_path / "wrong.zarr").exists() and not (tmp_path / "wrong.zarr.run").exists()
     warp_files(field, label_map, tmp_path / "ids_warped.zarr", labels=True, progress=False)
     assert set(np.unique(read_image(tmp_path / "ids_warped.zarr").levels[0].array[:])) == {0.0, 3.0, 7.0}
+
+
+def test_a_relative_fixed_image_read_from_another_folder_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A field that names its fixed image by a relative path (as typed to register), used from another animal's
+    folder holding an image of that name on another grid: refused before any output (the warp took that image's
+    grid silently); from the field's own folder, or with --target, it is warped."""
+    from patchmorph_core.errors import InputError
+
+    rng = np.random.default_rng(10)
+    grid = Grid.from_spacing((20, 24, 28), (0.2, 0.15, 0.1), unit="millimeter")
+    other = Grid.from_spacing((20, 24, 28), (0.3, 0.3, 0.3), unit="millimeter")
+    for folder, image_grid in (("mouse1", grid), ("mouse2", other)):
+        (tmp_path / folder).mkdir()
+        write_image(tmp_path / folder / "brain.ome.zarr", rng.random(image_grid.shape).astype(np.float32), image_grid)
+    atlas = Grid.from_spacing((30, 26, 24), (0.1, 0.12, 0.14), origin=(-0.5, -0.3, -0.2), unit="millimeter")
+    moving = write_image(tmp_path / "mouse1" / "atlas.ome.zarr", rng.random(atlas.shape).astype(np.float32), atlas)
+    monkeypatch.chdir(tmp_path / "mouse1")
+    field = write_field(
+        Path("field.ome.zarr"), np.zeros((3, *grid.shape), np.float32), grid,
+        metadata={"fixed": "brain.ome.zarr", "moving": "atlas.ome.zarr"},
+    )  # fmt: skip
+    monkeypatch.chdir(tmp_path / "mouse2")
+    with pytest.raises(InputError, match=r"names, brain\.ome\.zarr, does not cover the field's box.*pass --target"):
+        warp_files(tmp_path / "mouse1" / field, moving, tmp_path / "wrong.ome.zarr", progress=False)
+    assert not (tmp_path / "wrong.ome.zarr").exists()
+    target = tmp_path / "mouse1" / "brain.ome.zarr"
+    warp_files(tmp_path / "mouse1" / field, moving, tmp_path / "targeted.ome.zarr", target=target, progress=False)
+    monkeypatch.chdir(tmp_path / "mouse1")
+    warp_files(field, moving, tmp_path / "right.ome.zarr", progress=False)
+    assert read_image(tmp_path / "right.ome.zarr").grid.same_voxels(grid)
