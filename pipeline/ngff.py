@@ -34,6 +34,7 @@ import itertools
 import logging
 import math
 import shutil
+import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -837,6 +838,7 @@ def _write_resumable(
 
     partial = out.with_name(f".{out.name}{RESUMABLE}")
     root = partial.with_name(partial.name + ".run")
+    _warn_other_conversions(partial)
     same = run_matches(root, fingerprint) and partial.is_dir()
     stage = open_run(root, fingerprint, overwrite=not same).stage("level0")
     resume = same and stage.vouch_for([partial]) and bool(stage.completed())
@@ -857,6 +859,20 @@ def _write_resumable(
         finish_image(partial, n_levels=n_levels)
     _replace(partial, out)
     shutil.rmtree(root)
+
+
+def _warn_other_conversions(partial: Path) -> None:
+    """Warn about the unfinished conversions into other outputs that lie beside ``partial`` (hidden
+    ``.<name>.converting`` folders): a conversion stopped and never run again keeps its slabs there, unseen, for a
+    rerun to resume."""
+    for other in sorted(partial.parent.glob(f".*{RESUMABLE}")):
+        if other != partial and other.is_dir():
+            logger.warning(
+                "%s holds an unfinished conversion into %s (stopped %s): run that conversion again to finish it, or "
+                "delete %s and %s.run to free its space",
+                partial.parent, other.name[1 : -len(RESUMABLE)],
+                time.strftime("%Y-%m-%d %H:%M", time.localtime(other.stat().st_mtime)), other, other,
+            )  # fmt: skip
 
 
 def _finished(path: Path) -> bool:

@@ -346,6 +346,16 @@ def test_a_killed_conversion_resumes_with_the_slabs_it_wrote(tmp_path: Path, cap
     assert "2 slabs of level 0 were written before" in caplog.text
     np.testing.assert_array_equal(_level0(out), stack)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["brain.ome.zarr", "planes"]
+    killed = killed_after_slabs(  # stopped and never run again: the next conversion beside it names it
+        "from pipeline.importers import convert\n"
+        f"convert({str(tmp_path / 'planes')!r}, {str(tmp_path / 'lost.ome.zarr')!r}, voxel_size=(50, 2, 2), chunks=(8, 8, 8))\n",
+        slabs=1,
+    )
+    assert killed.returncode == -9, killed.stderr
+    caplog.clear()
+    convert(tmp_path / "planes", tmp_path / "other.ome.zarr", voxel_size=(50, 2, 2), chunks=(8, 8, 8))
+    said = [r.getMessage() for r in caplog.records if "unfinished conversion" in r.getMessage()]
+    assert len(said) == 1 and "into lost.ome.zarr" in said[0] and ".lost.ome.zarr.converting.run" in said[0], said
 
 
 def test_an_orientation_the_header_states_keeps_the_header_origin(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
