@@ -40,6 +40,16 @@ def test_lps_nrrd_becomes_ras() -> None:
     np.testing.assert_allclose(ours[:3, :3], [[4, 0, 0], [0, -3, 0], [0, 0, -2]])
 
 
+def test_nrrd_space_directions_rows_are_the_file_axes_steps() -> None:
+    """A header whose file axes are permuted against the space's (axial slices stored sagittally, anisotropic): row d
+    of 'space directions' is the step of file axis d, so a transpose of the matrix would swap the axes' lengths."""
+    directions = np.array([[0, 0, 2.0], [3.0, 0, 0], [0, 0.5, 0]])  # axis 0 -> +S 2 mm, 1 -> +L 3 mm, 2 -> +P 0.5 mm
+    ras = ras_affine_from_nrrd("lps", directions, np.zeros(3))
+    np.testing.assert_allclose(ras[:3, :3] @ [1, 0, 0], [0, 0, 2])
+    np.testing.assert_allclose(ras[:3, :3] @ [0, 1, 0], [-3, 0, 0])
+    np.testing.assert_allclose(ras[:3, :3] @ [0, 0, 1], [0, -0.5, 0])
+
+
 def test_unknown_nrrd_space_is_rejected() -> None:
     with pytest.raises(SpatialError, match="unsupported NRRD space"):
         ras_affine_from_nrrd("scanner-xyz", np.eye(3), np.zeros(3))
