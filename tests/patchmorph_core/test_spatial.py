@@ -399,3 +399,14 @@ def test_same_box_holds_across_resolutions_not_across_places_or_axes() -> None:
     rotation = np.eye(4)
     rotation[:3, :3] = random_rotation(np.random.default_rng(3), 20.0)
     assert not grid.same_box(grid.transformed(rotation))
+
+
+def test_holds_index_counts_the_outer_half_of_the_edge_voxels() -> None:
+    """Voxel k spans k ± 0.5: a point in the outer half of the first or last voxel is inside (a cell detected at
+    the brain's edge), one beyond the voxel's face is not, and a margin moves both faces in."""
+    grid = Grid.from_spacing((4, 5, 6), (3.0, 1.0, 0.5))
+    inside = np.array([[-0.5, 0.0, 0.0], [0.0, -0.4, 5.4], [3.5, 4.5, 5.5], [1.0, 2.0, 3.0]])
+    outside = np.array([[-0.51, 0.0, 0.0], [0.0, 4.51, 0.0], [0.0, 0.0, 5.51], [3.6, 0.0, 0.0]])
+    assert grid.holds_index(inside).all()
+    assert not grid.holds_index(outside).any()
+    np.testing.assert_array_equal(grid.holds_index(np.array([[0.4, 1.0, 1.0], [0.6, 1.0, 1.0]]), margin=1.0), [False, True])
