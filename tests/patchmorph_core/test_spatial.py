@@ -410,3 +410,13 @@ def test_holds_index_counts_the_outer_half_of_the_edge_voxels() -> None:
     assert grid.holds_index(inside).all()
     assert not grid.holds_index(outside).any()
     np.testing.assert_array_equal(grid.holds_index(np.array([[0.4, 1.0, 1.0], [0.6, 1.0, 1.0]]), margin=1.0), [False, True])
+
+
+def test_box_extent_along_a_cyclically_permuted_orientation() -> None:
+    """'lia' (FreeSurfer's) permutes the world axes cyclically, so its direction matrix is not its own transpose: axis
+    0 runs along left-right, 1 along superior-inferior, 2 along anterior-posterior, whatever the grid's own axes."""
+    grid = Grid.from_spacing((10, 20, 30), (1.0, 2.0, 0.5))  # world extents S 10, A 40, R 15
+    np.testing.assert_allclose(grid.box_extent_along("lia"), [15.0, 10.0, 40.0])
+    new = grid.reoriented("lia", (5, 4, 8))
+    np.testing.assert_allclose(new.spacing, [3.0, 2.5, 5.0])
+    np.testing.assert_allclose(new.center, grid.center)
