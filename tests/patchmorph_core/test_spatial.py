@@ -23,6 +23,7 @@ from patchmorph_core.spatial import (
     index_box,
     index_rows_to_normalized,
     index_to_normalized,
+    lattice_start,
     orientation_matrix,
     patch_grid,
     random_rotation,
@@ -420,3 +421,16 @@ def test_box_extent_along_a_cyclically_permuted_orientation() -> None:
     new = grid.reoriented("lia", (5, 4, 8))
     np.testing.assert_allclose(new.spacing, [3.0, 2.5, 5.0])
     np.testing.assert_allclose(new.center, grid.center)
+
+
+@pytest.mark.parametrize("step", [2, 3, 4])
+def test_a_boxs_lattice_nodes_are_the_whole_grids(step: int) -> None:
+    """The polish lattice of a chunk's box (nodes every ``step`` voxels, coarsening up to 4) is the whole grid's, so
+    the result does not depend on where the chunks start."""
+    grid = Grid.from_spacing((20, 21, 22), (1.5, 1.0, 0.5))
+    origin, stop = (5, 7, 0), (17, 20, 13)
+    first = lattice_start(origin, step)
+    assert all(0 <= f < step and (o + f) % step == 0 for o, f in zip(origin, first, strict=True))
+    box_nodes = grid.crop(origin, stop).every(step, first).points().reshape(-1, 3)
+    whole = grid.every(step).points().reshape(-1, 3)
+    assert all(np.isclose(whole, p).all(axis=1).any() for p in box_nodes)
