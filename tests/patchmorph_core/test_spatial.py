@@ -434,3 +434,14 @@ def test_a_boxs_lattice_nodes_are_the_whole_grids(step: int) -> None:
     box_nodes = grid.crop(origin, stop).every(step, first).points().reshape(-1, 3)
     whole = grid.every(step).points().reshape(-1, 3)
     assert all(np.isclose(whole, p).all(axis=1).any() for p in box_nodes)
+
+
+def test_nearest_resample_rounds_half_voxel_ties_up() -> None:
+    """order=0 takes, at a point midway between two voxel centres, the higher one along every axis (as the docstring
+    says), never the even one: a label map sampled on a grid offset by half a voxel shifts uniformly."""
+    labels = np.arange(4 * 5 * 6, dtype=np.int32).reshape(4, 5, 6)
+    grid = Grid.from_spacing(labels.shape, (2.0, 1.0, 0.5))
+    index = np.array([[0.5, 1.5, 2.5], [1.5, 2.5, 3.5], [2.5, 0.5, 4.5]])
+    got = resample(labels, grid, grid.index_to_world(index), order=0, dtype=labels.dtype)
+    expected = [labels[1, 2, 3], labels[2, 3, 4], labels[3, 1, 5]]
+    np.testing.assert_array_equal(got, expected)
