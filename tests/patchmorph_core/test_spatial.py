@@ -24,6 +24,8 @@ from patchmorph_core.spatial import (
     index_rows_to_normalized,
     index_to_normalized,
     lattice_start,
+    nearest_orientation_code,
+    orientation_code,
     orientation_matrix,
     patch_grid,
     random_rotation,
@@ -445,3 +447,15 @@ def test_nearest_resample_rounds_half_voxel_ties_up() -> None:
     got = resample(labels, grid, grid.index_to_world(index), order=0, dtype=labels.dtype)
     expected = [labels[1, 2, 3], labels[2, 3, 4], labels[3, 1, 5]]
     np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("code", ["psl", "asr", "lia", "ras", "ipr"])
+def test_orientation_code_and_nearest_code_invert_orientation_matrix(code: str) -> None:
+    """The code read back from a direction matrix is the one that made it (the RFC-4 axes an image is written with
+    come from it), and the nearest code of a slightly rotated grid is still that code: a sign flip would name every
+    axis's origin on the wrong side and still be a one-to-one map of the 48 codes."""
+    direction = orientation_matrix(code)
+    assert orientation_code(direction) == code
+    tilted = random_rotation(np.random.default_rng(3), 10.0) @ direction
+    assert orientation_code(tilted) is None
+    assert nearest_orientation_code(tilted) == code
