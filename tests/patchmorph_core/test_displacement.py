@@ -53,6 +53,18 @@ def test_field_sampler_matches_sample_field_on_rotated_grid_and_zarr(tmp_path) -
     )
 
 
+def test_field_sampler_extends_the_field_when_every_point_lies_outside() -> None:
+    """A call whose points all lie beyond the field grid (a block of cells or a warp chunk past its edge) gets the
+    edge voxels' displacement, as :func:`sample_field` gives it, not zero."""
+    grid = _rotated_grid()
+    values = np.random.default_rng(1).normal(size=(3, *grid.shape)).astype(np.float32)
+    _, high = grid.world_bounds()
+    pts = high + np.random.default_rng(2).uniform(5.0, 9.0, size=(20, 3))
+    expected = sample_field(values, grid, pts)
+    assert np.abs(expected).min() > 0
+    assert np.allclose(FieldDisplacement(values, grid)(pts), expected, atol=1e-5)
+
+
 def test_composition_order() -> None:
     scale = np.eye(4)
     scale[:3, :3] *= 2.0
