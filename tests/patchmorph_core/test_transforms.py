@@ -36,7 +36,7 @@ def _world_points(linear: torch.Tensor) -> torch.Tensor:
 
 def test_affine_world_field_has_constant_gradient_and_determinant() -> None:
     linear = _rotated_anisotropic_linear()
-    matrix = torch.tensor([[1.1, 0.2, 0.0], [-0.1, 0.9, 0.05], [0.0, 0.1, 1.2]], dtype=torch.float64)
+    matrix = torch.tensor([[1.1, 0.2, 0.07], [-0.1, 0.9, 0.05], [0.06, 0.1, 1.2]], dtype=torch.float64)  # no zero cofactor
     x = _world_points(linear)
     disp = torch.einsum("ij,bjzyx->bizyx", matrix - torch.eye(3, dtype=torch.float64), x) + 4.0
     grad = world_gradient(disp, linear)
@@ -69,6 +69,11 @@ def test_affine_displacement_and_voxel_to_world() -> None:
     linear = torch.diag(torch.tensor([2.0, 3.0, 4.0]))[None]
     world = voxel_to_world(disp, linear)
     torch.testing.assert_close(world[0, 2], 4.0 * disp[0, 2])
+    # a rotated, anisotropic patch: u = L d, column k of L the world step of patch axis k (not its transpose)
+    rotated = _rotated_anisotropic_linear()
+    world = voxel_to_world(disp.to(torch.float64), rotated)
+    torch.testing.assert_close(world[0, :, 0, P - 1, 0], rotated[0] @ disp[0, :, 0, P - 1, 0].to(torch.float64))
+    assert not torch.allclose(rotated[0], rotated[0].T)
 
 
 def test_warp_patch_integer_shift_matches_roll() -> None:
