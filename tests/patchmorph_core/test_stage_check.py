@@ -105,3 +105,13 @@ def test_an_affine_worse_than_the_centre_of_mass_on_the_first_grid_is_not_kept()
     check = checked_affine(fixed, moving, fixed_grid, centre_of_mass, wrong, ranges)
     assert not check.accepted and check.after < check.before
     assert np.isclose(check.before, StageScorer.build(fixed, moving, ranges, fixed_grid).score(AffineDisplacement(right)), atol=0.02)
+
+
+def test_the_check_counts_only_the_fixed_tissue() -> None:
+    """The score is a mean over the fixed tissue (normalised fixed intensity at or above ``TISSUE_LEVEL``), never over
+    the background around the brain, where the moving image's clutter would decide whether a pass is kept."""
+    fixed_grid = Grid.from_spacing((24, 28, 22), (1.2, 1.0, 1.4), origin=(-14, -14, -15), unit="millimeter")
+    fixed = MultiscaleImage.from_array(blob_image(fixed_grid), fixed_grid, n_levels=2)
+    scorer = StageScorer.build(fixed, fixed, ((0.0, 160.0), (0.0, 160.0)), fixed_grid)
+    assert 0.0 < scorer.tissue.mean() < 0.5
+    np.testing.assert_array_equal(scorer.tissue, scorer.fixed >= stage_check.TISSUE_LEVEL)
