@@ -213,6 +213,35 @@ def test_read_ngff_04_from_ome_zarr_py(tmp_path: Path) -> None:
         assert image.unit == "micrometer" and image.levels[1].array.shape[-2:] == (5, 6)
 
 
+def test_multiscale_level_transforms_apply_after_the_datasets(tmp_path: Path) -> None:
+    """NGFF's multiscale-level scale and translation act on the dataset's world coordinates: the voxel size is the
+    product of the two scales, and the dataset's translation is scaled too (world = g_s * (s * i + t) + g_t)."""
+    group = zarr.open_group(str(tmp_path / "scaled.zarr"), mode="w", zarr_format=2)
+    group.create_array("0", shape=(4, 5, 6), dtype="u1")
+    group.attrs["multiscales"] = [
+        {
+            "version": "0.4",
+            "axes": [{"name": n, "type": "space", "unit": "micrometer"} for n in "zyx"],
+            "datasets": [
+                {
+                    "path": "0",
+                    "coordinateTransformations": [
+                        {"type": "scale", "scale": [2.0, 3.0, 4.0]},
+                        {"type": "translation", "translation": [10.0, 20.0, 30.0]},
+                    ],
+                }
+            ],
+            "coordinateTransformations": [
+                {"type": "scale", "scale": [0.5, 2.0, 0.25]},
+                {"type": "translation", "translation": [1.0, -1.0, 2.0]},
+            ],
+        }
+    ]
+    grid = ngff.read_image(tmp_path / "scaled.zarr").grid
+    np.testing.assert_allclose(grid.spacing, [1.0, 6.0, 1.0])
+    np.testing.assert_allclose(grid.origin, [6.0, 39.0, 9.5])
+
+
 def test_bad_ngff_inputs(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="does not exist"):
         ngff.read_image(tmp_path / "missing.zarr")
