@@ -345,3 +345,39 @@ def test_an_input_replaced_while_it_is_read_leaves_the_output_unfinished(
         register_files(fixed, moving, out, config, progress=False)
     with pytest.raises(InputError, match="incomplete output"):
         read_field(out)
+
+
+def test_content_identity_sees_what_changes_an_input_and_nothing_else(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run's fingerprint names its inputs by content_identity: a big file changed in its last MiB (same size and
+    modification time) or a plane of a foreign folder rewritten at the same size is another input; label images
+    written into a brain store are not (a label warp resumes against the same brain)."""
+    from patchmorph_core.spatial import Grid
+    from pipeline import resume
+    from pipeline.ngff import write_image
+
+    monkeypatch.setattr(resume, "WHOLE_FILE_HASH_BYTES", 2 << 20)
+    big = tmp_path / "weights.pt"
+    big.write_bytes(bytes(3 << 20))
+    before = resume.content_identity(big)
+    stat = big.stat()
+    with big.open("r+b") as handle:
+        handle.seek(-100, os.SEEK_END)
+        handle.write(b"\x01")
+    os.utime(big, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert resume.content_identity(big) != before
+
+    planes = tmp_path / "planes"
+    planes.mkdir()
+    (planes / "z000.tif").write_bytes(b"a" * 64)
+    before = resume.content_identity(planes)
+    (planes / "z000.tif").write_bytes(b"b" * 64)
+    os.utime(planes / "z000.tif", ns=(1, 10**18))
+    assert resume.content_identity(planes) != before
+
+    brain = write_image(tmp_path / "brain.zarr", np.zeros((4, 5, 6), np.uint8), Grid.from_spacing((4, 5, 6), (3.0, 2.0, 1.0)))
+    before = resume.content_identity(brain)
+    (brain / "labels").mkdir(exist_ok=True)
+    (brain / "labels" / "zarr.json").write_text('{"zarr_format": 3, "node_type": "group", "attributes": {"x": 1}}')
+    assert resume.content_identity(brain) == before
