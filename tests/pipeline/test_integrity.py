@@ -96,6 +96,25 @@ def test_damaged_shard_is_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPat
             np.asarray(ngff.read_image(out).levels[0].array[box])
 
 
+def test_an_inner_chunk_missing_from_a_sound_shard_index_is_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A shard whose index (checksum intact) marks an inner chunk inside the array as never written is missing data,
+    not fill values, in a store of ours."""
+    import google_crc32c
+
+    monkeypatch.setattr(ngff, "SHARD_THRESHOLD_BYTES", 1000)
+    data, grid = _volume()
+    out = ngff.write_image(tmp_path / "s.zarr", data, grid, chunks=(8, 8, 8))
+    shard = out / "0" / "c" / "1" / "0" / "0"
+    raw = bytearray(shard.read_bytes())
+    size = 16 * 4**3 + 4  # the index at the shard's end: (offset, length) per inner chunk, then its CRC-32C
+    index = bytearray(raw[-size:-4])
+    index[0:16] = b"\xff" * 16  # inner chunk (0, 0, 0) of shard (1, 0, 0): array chunk (4, 0, 0), inside the array
+    raw[-size:] = bytes(index) + int(google_crc32c.value(bytes(index))).to_bytes(4, "little")
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(ChunkError, match=r"chunk \(4, 0, 0\) of array '0' in .*s\.zarr is missing"):
+        np.asarray(ngff.read_image(out).levels[0].array[:])
+
+
 def test_missing_chunk_of_a_foreign_store_is_its_fill_value(tmp_path: Path) -> None:
     """Zarr writers other than ours may leave chunks that hold only the fill value unwritten."""
     data, grid = _volume()
