@@ -134,3 +134,21 @@ def test_the_field_on_the_quality_grid_is_its_trilinear_sample() -> None:
         expected = displacement_on_grid(FieldDisplacement(field, grid), quality_grid)
         np.testing.assert_allclose(quality._field_on(quality_grid, field, grid), expected, atol=2e-5)
     assert np.array_equal(quality._field_on(grid, field, grid), field)  # its own grid: the stored values
+
+
+def test_a_fold_outside_the_tissue_is_not_reported(tmp_path: Path) -> None:
+    """The folding figures (folded voxels and the smallest det J) are of the fixed tissue alone: a fold in the empty
+    corner of the field grid changes neither."""
+    fixed, moving, grid, shift = _images(tmp_path)
+    field_grid = grid.resampled(1.7)
+    field = _field(field_grid, shift, 0.0)
+    low, _ = field_grid.world_bounds()
+    offset = field_grid.points() - (low + 4.0)  # a ball around a corner, outside the ellipsoid
+    weight = np.exp(-(np.linalg.norm(offset, axis=-1) / 4.0) ** 4)[..., None]
+    field += np.moveaxis(-2.5 * offset * weight, -1, 0).astype(np.float32)
+    det = jacobian_determinant(field, field_grid)
+    tissue = quality._tissue(fixed, field_grid, quality.intensity_range(fixed))
+    assert det.min() < 0 and det[tissue].min() > 0.5
+    report = assess_field(write_field(tmp_path / "f.zarr", field, field_grid), fixed, moving, field_grid, np.eye(4))
+    assert report.block["folding"]["folded_voxels"] == 0
+    assert report.block["folding"]["min_jacobian"] == pytest.approx(float(det[tissue].min()), abs=1e-4)
