@@ -299,7 +299,7 @@ def folding_and_inverse(
     boxes on ``pool``'s threads (NumPy and SciPy release the GIL in their loops; the figures do not depend on
     the order)."""
     forward = FieldDisplacement(field_array, grid)
-    results = list(pool.map(lambda box: box_quality(fixed, forward, box, fixed_range), _boxes(grid.shape)))
+    results = list(pool.map(lambda box: box_quality(fixed, forward, box, fixed_range), _boxes(grid.shape, BOX)))
     tissue_voxels = sum(r.tissue_voxels for r in results)
     folded = sum(r.folded for r in results)
     min_det = min((r.min_det for r in results), default=np.inf)

@@ -82,7 +82,7 @@ def test_a_field_worse_than_its_start_fails_on_a_coarser_quality_grid(
 
 
 def test_folds_inside_tissue_box_by_box_equal_the_whole_field(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(quality, "BOX", 7)  # many boxes with halos, edges not aligned to the grid
+    monkeypatch.setattr(quality, "BOX", 8)  # many boxes with halos, edges not aligned to the grid (a multiple of the stride)
     fixed, moving, grid, shift = _images(tmp_path)
     field_grid = grid.resampled(1.7)
     field = _field(field_grid, shift, 2.5)
@@ -94,6 +94,7 @@ def test_folds_inside_tissue_box_by_box_equal_the_whole_field(tmp_path: Path, mo
     assert expected > 20
     assert report.block["folding"]["folded_voxels"] == expected
     assert report.block["folding"]["tissue_voxels"] == int(tissue.sum())
+    assert report.block["folding"]["min_jacobian"] == pytest.approx(float(det[tissue].min()), rel=1e-5, abs=1e-5)
     assert report.block["inverse"]["percentiles_voxels"]["99"] > 0.1  # the fixed-point inverse fails where it folds
     assert not report.passed and "is folded (limit 1 %)" in report.failures[0]  # the folding clause comes first
 
@@ -152,3 +153,19 @@ def test_a_fold_outside_the_tissue_is_not_reported(tmp_path: Path) -> None:
     report = assess_field(write_field(tmp_path / "f.zarr", field, field_grid), fixed, moving, field_grid, np.eye(4))
     assert report.block["folding"]["folded_voxels"] == 0
     assert report.block["folding"]["min_jacobian"] == pytest.approx(float(det[tissue].min()), abs=1e-4)
+
+
+def test_det_j_of_a_rough_field_box_by_box_is_the_whole_fields(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each box reads a one-voxel halo on every side, so det J at its faces takes central differences as on the whole
+    field: for a rough field (where one-sided differences differ) the folded count is the whole field's."""
+    monkeypatch.setattr(quality, "BOX", 8)
+    fixed, moving, grid, shift = _images(tmp_path)
+    field_grid = grid.resampled(1.7)
+    noise = np.random.default_rng(5).normal(0.0, 1.2, (3, *field_grid.shape)).astype(np.float32)
+    field = _field(field_grid, shift, 0.0) + noise
+    det = jacobian_determinant(field, field_grid)
+    tissue = quality._tissue(fixed, field_grid, quality.intensity_range(fixed))
+    expected = int((det[tissue] <= 0).sum())
+    assert 100 < expected < tissue.sum() // 2
+    report = assess_field(write_field(tmp_path / "f.zarr", field, field_grid), fixed, moving, field_grid, np.eye(4))
+    assert report.block["folding"]["folded_voxels"] == expected
