@@ -216,3 +216,23 @@ def test_a_slab_registered_to_the_whole_atlas_is_not_put_in_a_cohort(two_animals
     assert result.exit_code == EXIT_INPUT, result.output
     assert "the jobs of slab (tissue extent ratios spread 5.4x) registered part of a brain" in " ".join(result.output.split())
     assert not out.exists()
+
+
+def test_long_rows_give_each_structures_depth_and_sides_from_its_own_ids(tmp_path: Path) -> None:
+    """Without a job: depth is the structure's level below the root (the root 0), and a ``points`` summary's left and
+    right cell counts stay on their sides (the total alone cannot tell them apart)."""
+    from pipeline.brainglobe import Structure
+    from pipeline.cohort import _long_rows, _own_cells
+
+    structures = {
+        997: Structure(997, "root", "root", (997,)),
+        8: Structure(8, "grey", "grey", (997, 8)),
+        315: Structure(315, "Isocortex", "Isocortex", (997, 8, 315)),
+    }
+    summary = tmp_path / "summary.csv"
+    summary.write_text("structure_id,left_cell_count,right_cell_count\n315,3,7\n8,1,0\n")
+    own = _own_cells(tmp_path)
+    assert own == {315: (3.0, 7.0), 8: (1.0, 0.0)}
+    rows = {row[1]: row for row in _long_rows("a", own, structures, str)}
+    assert {sid: row[4] for sid, row in rows.items()} == {997: 0, 8: 1, 315: 2}
+    assert rows[997][5:9] == ["4.0", "7.0", "11.0", "0.0"]  # left, right, total with those below, own total
