@@ -303,3 +303,18 @@ def test_points_mapped_through_a_slabs_job_are_qualified(
         assert result.exit_code == 0, result.output
         words = " ".join(caplog.text.split())
         assert ("registered part of a brain (tissue extent ratios spread 5.4x" in words) is warned, words
+
+
+def test_points_in_micrometers_move_through_a_field_in_millimeters(tmp_path: Path) -> None:
+    """A job whose atlas is in micrometers and whose (inverse) field is in millimeters: points go into the field's
+    unit, are displaced, and come back in their own."""
+    from patchmorph_core.spatial import Grid
+    from pipeline.ngff import write_field
+    from pipeline.points import _displace
+
+    grid = Grid.from_spacing((6, 7, 8), (0.5, 0.4, 0.3), unit="millimeter")
+    shift = np.array([0.5, -0.25, 0.125])  # mm
+    field = np.broadcast_to(shift[:, None, None, None], (3, *grid.shape)).astype(np.float32)
+    path = write_field(tmp_path / "f.zarr", field, grid)
+    world = grid.index_to_world(np.array([[1.0, 2.0, 3.0], [4.5, 5.0, 0.0]])) * 1000.0  # µm
+    np.testing.assert_allclose(_displace(path, world, "micrometer"), world + shift * 1000.0, rtol=1e-6)
