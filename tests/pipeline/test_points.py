@@ -318,3 +318,24 @@ def test_points_in_micrometers_move_through_a_field_in_millimeters(tmp_path: Pat
     path = write_field(tmp_path / "f.zarr", field, grid)
     world = grid.index_to_world(np.array([[1.0, 2.0, 3.0], [4.5, 5.0, 0.0]])) * 1000.0  # µm
     np.testing.assert_allclose(_displace(path, world, "micrometer"), world + shift * 1000.0, rtol=1e-6)
+
+
+def test_brain_points_in_millimeters_land_on_an_atlas_in_micrometers(tmp_path: Path) -> None:
+    """map_points converts the moved points from the brain's unit into the atlas's before taking atlas voxels (a
+    human brain in mm, an atlas in µm): with a zero field, a brain voxel lands on the atlas voxel at its place."""
+    from patchmorph_core.spatial import Grid
+    from pipeline.ngff import write_field
+    from pipeline.points import JobSpaces, map_points
+
+    brain = Grid.from_spacing((5, 6, 7), (0.2, 0.1, 0.3), unit="millimeter")
+    atlas = Grid.from_spacing((10, 6, 21), (100.0, 100.0, 100.0), unit="micrometer")
+    field = write_field(tmp_path / "f.zarr", np.zeros((3, *brain.shape), np.float32), brain)
+    annotation = np.arange(np.prod(atlas.shape)).reshape(atlas.shape)
+    job = JobSpaces(
+        brain_grid=brain, atlas_grid=atlas, field=field, inverse_field=field, annotation=annotation,
+        hemispheres=np.ones(atlas.shape, np.int64), labels_on_brain=None, labels_grid=brain, structures={},
+        volumes=tmp_path / "volumes.csv", atlas=None, atlas_dir=tmp_path, brain_geometry="full", channels={},  # type: ignore[arg-type]
+    )  # fmt: skip
+    mapped = map_points(job, np.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]), "brain")
+    np.testing.assert_allclose(mapped.atlas, [[2.0, 2.0, 9.0], [8.0, 5.0, 18.0]], atol=1e-4)
+    np.testing.assert_array_equal(mapped.structure_ids, [annotation[2, 2, 9], annotation[8, 5, 18]])
