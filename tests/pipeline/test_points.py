@@ -339,3 +339,13 @@ def test_brain_points_in_millimeters_land_on_an_atlas_in_micrometers(tmp_path: P
     mapped = map_points(job, np.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]), "brain")
     np.testing.assert_allclose(mapped.atlas, [[2.0, 2.0, 9.0], [8.0, 5.0, 18.0]], atol=1e-4)
     np.testing.assert_array_equal(mapped.structure_ids, [annotation[2, 2, 9], annotation[8, 5, 18]])
+
+
+def test_values_at_takes_the_nearest_voxel() -> None:
+    """A mapped point's structure is the label of the voxel nearest to it (a point 0.6 voxels along lies in voxel 1),
+    in the outer half of an edge voxel too; beyond the array it is 0."""
+    from pipeline.points import values_at
+
+    labels = np.arange(1, 3 * 4 * 5 + 1).reshape(3, 4, 5)
+    index = np.array([[0.6, 1.4, 2.7], [-0.4, 3.3, 4.45], [2.0, 0.0, 5.6]])
+    np.testing.assert_array_equal(values_at(labels, index), [labels[1, 1, 3], labels[0, 3, 4], 0])
