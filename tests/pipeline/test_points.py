@@ -349,3 +349,20 @@ def test_values_at_takes_the_nearest_voxel() -> None:
     labels = np.arange(1, 3 * 4 * 5 + 1).reshape(3, 4, 5)
     index = np.array([[0.6, 1.4, 2.7], [-0.4, 3.3, 4.45], [2.0, 0.0, 5.6]])
     np.testing.assert_array_equal(values_at(labels, index), [labels[1, 1, 3], labels[0, 3, 4], 0])
+
+
+def test_points_that_fit_the_labels_as_given_are_not_refused_for_another_order(tmp_path: Path) -> None:
+    """The column-order check refuses points only when another order fits the labels by ORDER_MARGIN more than the
+    order given: cells inside a brain that fills the atlas's box fit every order equally and are kept."""
+    from patchmorph_core.spatial import Grid
+    from pipeline.points import JobSpaces, check_column_order
+
+    atlas = Grid.from_spacing((20, 20, 20), (25.0, 25.0, 25.0))
+    job = JobSpaces(
+        brain_grid=atlas, atlas_grid=atlas, field=tmp_path, inverse_field=tmp_path,
+        annotation=np.ones(atlas.shape, np.int64), hemispheres=np.ones(atlas.shape, np.int64), labels_on_brain=None,
+        labels_grid=atlas, structures={}, volumes=tmp_path / "volumes.csv", atlas=None, atlas_dir=tmp_path,  # type: ignore[arg-type]
+        brain_geometry="full", channels={},
+    )  # fmt: skip
+    index = np.random.default_rng(0).uniform(0, 19, (50, 3))
+    check_column_order(job, index, "atlas")  # no InputError
