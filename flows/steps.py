@@ -68,6 +68,7 @@ from pipeline.atlas_job import atlas_inference, atlas_reference_name, job_summar
 from pipeline.brainglobe import find_atlas
 from pipeline.checks import check_outputs
 from pipeline.ngff import read_field
+from pipeline.register import field_warnings
 from pipeline.resume import write_identity
 
 logger = logging.getLogger(__name__)
@@ -296,7 +297,8 @@ def _finish(
         summary = job_summary(
             find_atlas(job.atlas).name, atlas.figures, atlas.paths, seconds, register_seconds, registration_reused
         )
-        outputs.update(write_job_summary(job.out_dir, {**summary, "warnings": []}, atlas.paths))
+        warnings = field_warnings(job.field)  # the registration's (a part of a brain, an assumed orientation)
+        outputs.update(write_job_summary(job.out_dir, {**summary, "warnings": warnings}, atlas.paths))
     metrics_path = job.out_dir / "metrics.json"
     metrics_path.write_text(json.dumps(metrics, indent=1, sort_keys=True))
     outputs["metrics"] = metrics_path

@@ -46,7 +46,7 @@ from pipeline.atlas import (
     remove_run_records,
 )
 from pipeline.brainglobe import find_atlas
-from pipeline.checks import CheckOptions
+from pipeline.checks import CheckOptions, collected_warnings
 from pipeline.cluster import ClusterConfig, load_cluster_config, open_client
 from pipeline.resume import ZARR_METADATA, as_recorded, atomic_write_json, content_identity
 
@@ -521,35 +521,6 @@ def _versions() -> dict[str, str]:
     return found
 
 
-class _Collected(logging.Handler):
-    """Keeps the messages of the warnings logged while a job runs, for its summary."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        message = record.getMessage()
-        if message not in self.messages:
-            self.messages.append(message)
-
-
-@contextlib.contextmanager
-def collected_warnings() -> Iterator[list[str]]:
-    """The warnings that PatchMorph's modules log inside the block (each once, in order): a job's summary lists
-    them, so a warning seen only on the terminal (a part of a brain, an assumed orientation) stays with the
-    results."""
-    handler = _Collected()
-    loggers = [logging.getLogger(name) for name in ("pipeline", "patchmorph_core", "flows")]
-    for each in loggers:
-        each.addHandler(handler)
-    try:
-        yield handler.messages
-    finally:
-        for each in loggers:
-            each.removeHandler(handler)
-
-
 def run_atlas_job(
     brain: str | Path,
     out: str | Path,
@@ -597,7 +568,7 @@ def _run_atlas_job(
 ) -> AtlasJobResult:
     """:func:`run_atlas_job`'s steps; ``warnings`` fills with what they log as warnings (for the summary)."""
     from pipeline.importers import check_geometry_options, check_source_planes
-    from pipeline.register import register_files
+    from pipeline.register import field_warnings, register_files
 
     started = time.time()
     config = AtlasJobConfig() if config is None else config
@@ -657,7 +628,7 @@ def _run_atlas_job(
             prepared.atlas.name, {**atlas_figures(outputs.paths, prepared), **outputs.figures}, outputs.paths,
             time.time() - started, register_seconds, registration is None, config.fine_tune.steps,
         ),  # fmt: skip
-        "warnings": list(warnings),
+        "warnings": list(dict.fromkeys([*field_warnings(field), *warnings])),  # a reused field's first
         "weights": settings["weights"],  # the model the job started from (before its fine-tuning, if any)
     }
     paths = {**outputs.paths, **{f"channel_{name}": zarr_path for name, zarr_path in channel_zarrs.items()}}

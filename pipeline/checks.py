@@ -23,12 +23,13 @@ do, exit code 2 on the command line, an item error in a flow; nothing has been w
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -482,3 +483,32 @@ def _doubts(
                 f"{image.unit} (z y x): if its voxel sizes were given in x, y, z order, give them axis 0 first instead"
             )
     return "".join(clauses)
+
+
+class _Collected(logging.Handler):
+    """Keeps the messages of the warnings logged while a job runs, for its summary."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message not in self.messages:
+            self.messages.append(message)
+
+
+@contextlib.contextmanager
+def collected_warnings() -> Iterator[list[str]]:
+    """The warnings that PatchMorph's modules log inside the block (each once, in order): a job's summary lists
+    them, so a warning seen only on the terminal (a part of a brain, an assumed orientation) stays with the
+    results."""
+    handler = _Collected()
+    loggers = [logging.getLogger(name) for name in ("pipeline", "patchmorph_core", "flows")]
+    for each in loggers:
+        each.addHandler(handler)
+    try:
+        yield handler.messages
+    finally:
+        for each in loggers:
+            each.removeHandler(handler)

@@ -47,12 +47,13 @@ from pipeline.checks import (
     check_outputs,
     check_pair_orientation,
     check_writable,
+    collected_warnings,
     run_outputs,
 )
 from pipeline.cluster import load_cluster_config, open_executor
 from pipeline.driver import Inputs, MemoryStore, ZarrStore, run_registration
 from pipeline.executor import thread_executor
-from pipeline.ngff import field_metadata, finish_image, read_image
+from pipeline.ngff import field_metadata, finish_image, read_image, set_attribute
 from pipeline.quality import assess_field, conclude, raise_if_failed, similarity_start, stage_similarity
 from pipeline.resume import (
     atomic_write_json,
@@ -126,6 +127,18 @@ IMAGES_IN_MEMORY_BYTES = 256 * 2**20
 """Both input pyramids up to this size together are read into memory once when the registration runs on
 threads of this process: every pass then samples arrays in memory instead of reading the stores patch by
 patch (the same values, so the same field); larger inputs, and runs on a Dask cluster, read lazily."""
+
+
+FIELD_WARNINGS = "warnings"
+"""Key of ``attrs["patchmorph"]`` under which a field keeps the warnings its registration gave (each once, in
+order): the summaries of a job or a batch item that reuses the field list them."""
+
+def field_warnings(field: str | Path) -> list[str]:
+    """The warnings the registration that wrote ``field`` gave (:data:`FIELD_WARNINGS`; none for a field of an
+    earlier version)."""
+    from pipeline.resume import stored_attribute
+
+    return list(stored_attribute(Path(field), FIELD_WARNINGS) or [])
 
 
 MIN_FIELD_VOXELS = 2
@@ -290,6 +303,30 @@ def register_files(
             (:func:`pipeline.resume.output_lock`, held while this runs).
         QualityError: the field failed its quality thresholds (:mod:`pipeline.quality`) and was not accepted.
     """
+    with collected_warnings() as warned:  # recorded in the field: a job that reuses it lists them in its summary
+        return _register_files(
+            fixed, moving, out, config, chunk_size, workers, scheduler, overwrite, progress, checks, keep_run, names,
+            warned,
+        )  # fmt: skip
+
+
+def _register_files(
+    fixed: str | Path,
+    moving: str | Path,
+    out: str | Path,
+    config: InferenceConfig | str | Path | None,
+    chunk_size: int | None,
+    workers: int | None,
+    scheduler: str | Path | None,
+    overwrite: bool,
+    progress: bool,
+    checks: CheckOptions | None,
+    keep_run: bool,
+    names: Mapping[str, str] | None,
+    warned: list[str],
+) -> RegistrationRecord:
+    """:func:`register_files`; ``warned`` fills with the warnings logged meanwhile, and is recorded in the field
+    (``attrs["patchmorph"]["warnings"]``) before it is marked complete."""
     tic = time.perf_counter()
     out = Path(out)
     cfg = resolve_config(config)
@@ -338,6 +375,7 @@ def register_files(
             stages=stage_similarity(run.stages), start=start.result(),
         )  # fmt: skip
         check_inputs_unchanged(reading, out)
+        set_attribute(out, FIELD_WARNINGS, list(warned))
         if conclude(out, quality, checks.accept_quality):
             finish_image(out, n_levels=1, client=client)
             records.finish()

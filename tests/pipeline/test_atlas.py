@@ -901,3 +901,33 @@ def test_a_killed_downsampled_brain_conversion_resumes(tmp_path: Path, caplog: p
     convert_input(brain, fresh, voxel_size=(50, 40, 40), unit=None, orientation="psl", downsample=2)
     np.testing.assert_array_equal(read_image(target).levels[0].array[:], read_image(fresh).levels[0].array[:])
     assert sorted(p.name for p in target.parent.iterdir()) == ["brain.ome.zarr", "brain.ome.zarr.source.json"]
+
+
+def test_a_rerun_that_reuses_the_registration_keeps_its_warnings(tmp_path: Path, examples: Path) -> None:
+    """The left half of the brain against the whole atlas (the part-of-a-brain warning, which the registration gives):
+    the field records the warning, and a rerun that reuses the field lists it in its summary (it was lost)."""
+    from typer.testing import CliRunner
+
+    from patchmorph.cli import app
+    from pipeline.register import field_warnings
+
+    brain = read_tiff(ExampleFiles.from_dir(examples).brain)
+    half = tmp_path / "left.tif"
+    tifffile.imwrite(half, brain[:, :, : brain.shape[2] // 2 + 5])  # psl: axis 2 runs left to right
+    config = tmp_path / "job.yaml"
+    config.write_text("brain_downsample: 3\ninference:\n  field_spacing: 300um\nqc: false\n")
+    out = tmp_path / "job"
+    args = [
+        "atlas", str(half), "-o", str(out), "--atlas", str(examples / EXAMPLE_ATLAS), "--voxel-size",
+        *map(str, BRAIN_VOXEL_SIZE_UM), "--orientation", BRAIN_ORIENTATION, "--config", str(config),
+    ]  # fmt: skip
+    hint = "--brain-geometry hemisphere_l or hemisphere_r"
+    for run in ("first", "rerun"):
+        (out / "summary.json").unlink(missing_ok=True)
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, (run, result.output)
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["registration_reused"] == (run == "rerun")
+        assert sum(hint in w for w in summary["warnings"]) == 1, (run, summary["warnings"])
+        assert hint in (out / "summary.md").read_text()
+    assert any(hint in w for w in field_warnings(out / "field.ome.zarr"))
