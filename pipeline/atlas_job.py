@@ -48,7 +48,7 @@ from pipeline.atlas import (
 from pipeline.brainglobe import find_atlas
 from pipeline.checks import CheckOptions, collected_warnings
 from pipeline.cluster import ClusterConfig, load_cluster_config, open_client
-from pipeline.resume import ZARR_METADATA, as_recorded, atomic_write_json, content_identity
+from pipeline.resume import ZARR_METADATA, as_recorded, atomic_write_json, content_identity, sample_digest
 
 logger = logging.getLogger(__name__)
 
@@ -150,25 +150,12 @@ def _source_files(path: Path) -> list[Path]:
     return sorted(p for p in found if p.is_file())
 
 
-CONTENT_SAMPLES = 4
-"""Blocks read from every file of an input by :func:`_content_sample`, at evenly spaced offsets (first to last)."""
-
-CONTENT_SAMPLE_BYTES = 4096
-"""Size in bytes of each block :func:`_content_sample` reads."""
-
-
 def _content_sample(path: Path) -> str:
-    """SHA-256 of :data:`CONTENT_SAMPLES` blocks of :data:`CONTENT_SAMPLE_BYTES` of each file of ``path``
-    (:func:`_source_files`): what a file's size and modification time miss when its voxels were rewritten in place
-    with its time kept (``touch -r``, ``cp -p`` or ``rsync -a`` of another version, a file system that keeps whole
-    seconds), for a few reads per file (about 0.1-0.7 ms per plane of the bundled plane folder)."""
+    """SHA-256 of :func:`pipeline.resume.sample_digest` of each file of ``path`` (:func:`_source_files`): what a
+    file's size and modification time miss when its voxels were rewritten in place with its time kept."""
     digest = hashlib.sha256()
     for file in _source_files(path.resolve()):
-        size = file.stat().st_size
-        with file.open("rb") as handle:
-            for index in range(CONTENT_SAMPLES):
-                handle.seek(max(0, size - CONTENT_SAMPLE_BYTES) * index // (CONTENT_SAMPLES - 1))
-                digest.update(handle.read(CONTENT_SAMPLE_BYTES))
+        digest.update(sample_digest(file).encode())
     return digest.hexdigest()
 
 

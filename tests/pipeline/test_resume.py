@@ -375,6 +375,10 @@ def test_content_identity_sees_what_changes_an_input_and_nothing_else(
     (planes / "z000.tif").write_bytes(b"b" * 64)
     os.utime(planes / "z000.tif", ns=(1, 10**18))
     assert resume.content_identity(planes) != before
+    before, stat = resume.content_identity(planes), (planes / "z000.tif").stat()
+    (planes / "z000.tif").write_bytes(b"c" * 64)  # rewritten with its size and time kept (cp -p, rsync -a)
+    os.utime(planes / "z000.tif", ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert resume.content_identity(planes) != before
 
     brain = write_image(tmp_path / "brain.zarr", np.zeros((4, 5, 6), np.uint8), Grid.from_spacing((4, 5, 6), (3.0, 2.0, 1.0)))
     before = resume.content_identity(brain)
