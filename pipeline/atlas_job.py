@@ -28,7 +28,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import dask.array as da
 import numpy as np
@@ -42,7 +42,9 @@ from pipeline.atlas import (
     BrainGeometry,
     atlas_figures,
     atlas_outputs,
+    check_atlas_range,
     prepare_atlas,
+    range_text,
     remove_run_records,
 )
 from pipeline.brainglobe import find_atlas
@@ -101,6 +103,9 @@ class AtlasJobConfig(BaseModel):
             False: refuse), e.g. ``allow_size_mismatch`` for a part of a brain.
         brain_geometry: ``full``, or ``hemisphere_l`` / ``hemisphere_r`` for a brain of which only the left
             or right hemisphere was imaged (the atlas's other hemisphere is left out: :func:`prepare_atlas`).
+        atlas_range: the part of the atlas the brain holds, e.g. ``{"ap": [5000, 7500]}`` for a coronal slab
+            (:data:`pipeline.atlas.AtlasRange`: µm of the atlas's coordinates, index × resolution, along its
+            array axis of ``ap``, ``dv`` or ``lr``); the atlas is left out beyond it. Empty: the whole atlas.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -113,6 +118,7 @@ class AtlasJobConfig(BaseModel):
     label_interpolation: LabelInterpolation = "vote"
     checks: CheckOptions = Field(default_factory=CheckOptions)
     brain_geometry: BrainGeometry = "full"
+    atlas_range: dict[Literal["ap", "dv", "lr"], tuple[float, float]] = Field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -566,6 +572,7 @@ def _run_atlas_job(
             raise InputError(f"{role} {path} does not exist: check the path.")
     found = find_atlas(atlas)
     check_output_folder(out, [brain, *channel_paths, found.folder])
+    check_atlas_range(found, dict(config.atlas_range))
     orientation = orientation.lower() if orientation else orientation  # 'PSL' and 'psl' are one setting
     geometry = {"voxel_size": voxel_size, "unit": unit, "orientation": orientation}
     for path in [brain, *channel_paths]:
@@ -586,7 +593,7 @@ def _run_atlas_job(
         name: convert_input(path, out / f"{name}.ome.zarr", downsample=config.brain_downsample, **geometry)
         for name, path in named.items()
     }
-    prepared = prepare_atlas(found, out / "atlas", config.brain_geometry)
+    prepared = prepare_atlas(found, out / "atlas", config.brain_geometry, dict(config.atlas_range))
     inference = atlas_inference(config.inference)
     if config.fine_tune.steps > 0:
         weights = fine_tune(brain_zarr, prepared.reference, out, config.fine_tune, inference)
@@ -599,7 +606,7 @@ def _run_atlas_job(
             registration = register_files(
                 brain_zarr, prepared.reference, field, inference, scheduler=address,
                 overwrite=restart or not field.with_name(field.name + ".run").is_dir(), progress=False,
-                checks=config.checks, names={"fixed": str(brain), "moving": atlas_reference_name(found.name, config.brain_geometry)},
+                checks=config.checks, names={"fixed": str(brain), "moving": atlas_reference_name(found.name, config.brain_geometry, atlas_range=config.atlas_range)},
             )  # fmt: skip
             register_seconds = registration.seconds
         if registration is not None or not recorded.get("field_finished"):
@@ -615,6 +622,7 @@ def _run_atlas_job(
             prepared.atlas.name, {**atlas_figures(outputs.paths, prepared), **outputs.figures}, outputs.paths,
             time.time() - started, register_seconds, registration is None, config.fine_tune.steps,
         ),  # fmt: skip
+        "atlas_range": {d: list(r) for d, r in config.atlas_range.items()},
         "warnings": list(dict.fromkeys([*field_warnings(field), *warnings])),  # a reused field's first
         "weights": settings["weights"],  # the model the job started from (before its fine-tuning, if any)
     }
@@ -664,15 +672,19 @@ def job_scheduler(cluster: ClusterConfig) -> Iterator[str | None]:
         yield address
 
 
-def atlas_reference_name(atlas: str, brain_geometry: str, option: str = "--brain-geometry") -> str:
+def atlas_reference_name(
+    atlas: str, brain_geometry: str, option: str = "--brain-geometry", atlas_range: Mapping[str, Any] | None = None
+) -> str:
     """How the registration's refusals name the atlas's reference: with the hemisphere it was cut to, since a
-    refused orientation of a hemisphere is often the other hemisphere given. ``option``: how the user set the
-    geometry (the command's option, or a manifest's column)."""
+    refused orientation of a hemisphere is often the other hemisphere given, and the range it was cut to
+    (``atlas_range``, --atlas-range). ``option``: how the user set the geometry (the command's option, or a
+    manifest's column)."""
+    cut = f", its part {range_text(atlas_range)} µm only (--atlas-range)" if atlas_range else ""
     if brain_geometry == "full":
-        return f"{atlas}'s reference"
+        return f"{atlas}'s reference{cut}"
     side = "left" if brain_geometry == "hemisphere_l" else "right"
     other = "hemisphere_r" if brain_geometry == "hemisphere_l" else "hemisphere_l"
-    return f"{atlas}'s reference, its {side} hemisphere only ({option} {brain_geometry}: if the brain is the other hemisphere, give {other})"
+    return f"{atlas}'s reference{cut}, its {side} hemisphere only ({option} {brain_geometry}: if the brain is the other hemisphere, give {other})"
 
 
 def _finished_field(field: Path) -> bool:
@@ -747,7 +759,32 @@ def _partial_brain_caution(summary: Mapping[str, Any]) -> list[str]:
         "structures lie hundreds of micrometres from where they belong (a 2.5 mm coronal slab of the example brain: "
         "the atlas's positions a median 0.3 mm and at the 90th percentile 0.7 mm from those of the whole brain's "
         "registration), and the labels, `volumes.csv` (the volumes on this part) and points mapped through this job "
-        "are wrong by as much. Crop the atlas to the same part first (its template and labels cut to it, made an atlas with patchmorph make-atlas); for one hemisphere give --brain-geometry.",
+        "are wrong by as much. " + _partial_brain_remedy(summary),
+        "",
+    ]
+
+
+def _partial_brain_remedy(summary: Mapping[str, Any]) -> str:
+    """What the part-of-a-brain caution tells the user to do: give the atlas's range, or narrow the one given."""
+    if summary.get("atlas_range"):
+        return (
+            f"The atlas range given ({range_text(summary['atlas_range'])} µm) still holds more than the brain: narrow "
+            "it to where the brain's tissue lies in the atlas (a stack cut obliquely to the atlas's planes spans more "
+            "of the atlas than its own thickness; docs/checks.md)."
+        )
+    return (
+        "Register against the same part of the atlas: give its range with --atlas-range (e.g. ap=5000:7500 µm for a "
+        "coronal slab); for one hemisphere give --brain-geometry."
+    )
+
+
+def _range_note(summary: Mapping[str, Any]) -> list[str]:
+    """The summary page's line for a job registered against part of the atlas (``atlas_range``)."""
+    if not summary.get("atlas_range"):
+        return []
+    return [
+        f"Atlas cut to {range_text(summary['atlas_range'])} µm of its coordinates (--atlas-range): the atlas is 0 "
+        "beyond it, so labels, volumes and points cover only that part.",
         "",
     ]
 
@@ -774,6 +811,7 @@ def write_job_summary(out: Path, summary: Mapping[str, Any], paths: Mapping[str,
         f"{s['field_unit']} ({s.get('field_spacing_note') or 'spacing as recorded'}); {_times(s)}.",
         "",
         *_partial_brain_caution(s),
+        *_range_note(s),
         "| figure | value |",
         "|---|---|",
         f"| NCC of the brain in atlas space with the atlas reference | {_fmt(s['ncc_in_atlas_space'])} |",

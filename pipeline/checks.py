@@ -339,7 +339,7 @@ def _extent_check(
         ratio_text = ", ".join(f"{r:.2f} along {name}" for r, name in zip(shape, WORLD_AXES, strict=True))
         logger.warning(
             "the tissue of the fixed image spans %s times the moving image's: one of them may hold only part of a "
-            "brain (the registration then squeezes the other into it: crop it to the same part first%s) or have a "
+            "brain (the registration then squeezes the other into it: crop it to the same part first, an atlas with patchmorph atlas --atlas-range%s) or have a "
             "wrong voxel size on one axis",
             ratio_text,
             HEMISPHERE_HINT if _one_hemisphere(shape) else "",
@@ -352,7 +352,8 @@ def _extent_check(
             f"{MAX_EXTENT_RATIO:g}x): check both images' voxel size and unit; if one holds only part of a brain (a "
             "slab or a few sections), --allow-size-mismatch (in a flow or a job's config: checks.allow_size_mismatch) "
             "registers anyway, but squeezes the whole of the other image into that part, so its structures land "
-            "hundreds of micrometres off (docs/checks.md): crop the other image to the same part first."
+            "hundreds of micrometres off (docs/checks.md): crop the other image to the same part first (an "
+            "atlas: patchmorph atlas --atlas-range, e.g. ap=5000:7500 for a coronal slab)."
         )
     return record
 
@@ -470,7 +471,7 @@ def _doubts(
         clauses.append(
             "; but the two images' tissue differs in shape (see the warning above: part of a brain, or a wrong voxel "
             "size), where this comparison is unreliable: do not take a suggested code on trust, check it with "
-            "'patchmorph convert --preview', and for part of a brain crop the atlas to the same part (one "
+            "'patchmorph convert --preview', and for part of a brain crop the atlas to the same part (--atlas-range; one "
             "hemisphere: patchmorph atlas --brain-geometry hemisphere_l or hemisphere_r)"
         )
     for role, image, new, old in zip(("fixed", "moving"), (fixed, moving), suggested, given, strict=True):

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from patchmorph_core.errors import InputError
-from pipeline.atlas import read_volume_table
+from pipeline.atlas import range_text, read_volume_table
 from pipeline.brainglobe import Structure
 from pipeline.points import open_job, part_of_a_brain_spread, read_points_record
 from pipeline.resume import atomic_write_csv
@@ -138,6 +138,12 @@ def cohort_tables(
             f"the jobs registered different parts of the brain ({', '.join(f'{n}: {g}' for n, g in geometries.items())}"
             "): a hemisphere's volumes (the other side 0) are not comparable with a whole brain's; give jobs of one "
             "--brain-geometry."
+        )
+    ranges = {name: range_text(job.atlas_range) or "the whole atlas" for name, job in opened.items()}
+    if len(set(ranges.values())) > 1:
+        raise InputError(
+            f"the jobs registered different parts of the atlas ({', '.join(f'{n}: {r}' for n, r in ranges.items())}): "
+            "their volumes are not comparable; give jobs of one --atlas-range."
         )
     parts = {name: part_of_a_brain_spread(folder) for name, folder in animals.items()}
     parts = {name: spread for name, spread in parts.items() if spread is not None}

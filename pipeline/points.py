@@ -19,6 +19,7 @@ the densities per mm³). Fields and labels are read block by block around the po
 from __future__ import annotations
 
 import csv
+import dataclasses
 import itertools
 import json
 import logging
@@ -193,6 +194,8 @@ class JobSpaces:
         atlas: the BrainGlobe atlas the job used; atlas_dir: the folder of its prepared images.
         brain_geometry: the part of the brain the job registered (``full``, ``hemisphere_l``, ``hemisphere_r``).
         channels: the job's extra channels' converted copies by name.
+        atlas_range: the part of the atlas the job registered (``--atlas-range``: direction → ``[from, to]`` µm;
+            empty: the whole atlas).
     """
 
     brain_grid: Grid
@@ -209,6 +212,7 @@ class JobSpaces:
     atlas_dir: Path
     brain_geometry: str
     channels: Mapping[str, Path]
+    atlas_range: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def _recorded_outputs(folder: Path) -> dict[str, str]:
@@ -303,6 +307,7 @@ def open_job(folder: str | Path) -> JobSpaces:
         atlas_dir=atlas_dir,
         brain_geometry=described.get("brain_geometry", "full"),
         channels=channels,
+        atlas_range=described.get("atlas_range", {}),
     )
 
 

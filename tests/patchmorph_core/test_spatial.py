@@ -16,6 +16,7 @@ from patchmorph_core.spatial import (
     ALIGN_CORNERS,
     Grid,
     SpatialError,
+    anatomical_array_axis,
     displaced_positions,
     grid_block_patch,
     grid_block_start,
@@ -459,3 +460,9 @@ def test_orientation_code_and_nearest_code_invert_orientation_matrix(code: str) 
     tilted = random_rotation(np.random.default_rng(3), 10.0) @ direction
     assert orientation_code(tilted) is None
     assert nearest_orientation_code(tilted) == code
+
+
+@pytest.mark.parametrize(("code", "axes"), [("asr", (0, 1, 2)), ("psl", (0, 1, 2)), ("lia", (2, 1, 0)), ("ras", (1, 2, 0))])
+def test_the_array_axis_of_each_anatomical_direction(code: str, axes: tuple[int, int, int]) -> None:
+    """``ap``, ``dv``, ``lr``: the array axis whose orientation letter is a/p, s/i, l/r."""
+    assert tuple(anatomical_array_axis(code, d) for d in ("ap", "dv", "lr")) == axes

@@ -164,6 +164,11 @@ def test_a_part_of_a_brain_is_flagged_on_its_summary_page(tmp_path: Path) -> Non
         assert summary["partial_brain"] is partial
         page = write_job_summary(tmp_path, summary, {})["summary_md"].read_text()
         assert ("Part of a brain: do not trust these results" in page) is partial
+        assert ("give its range with --atlas-range" in page) is partial
+    ranged = {**summary, "partial_brain": True, "atlas_range": {"ap": [7200.0, 8200.0]}}  # a stack thinner than it
+    page = " ".join(write_job_summary(tmp_path, ranged, {})["summary_md"].read_text().split())
+    assert "The atlas range given (ap=7200:8200 µm) still holds more than the brain: narrow it" in page
+    assert "Atlas cut to ap=7200:8200 µm of its coordinates (--atlas-range)" in page
 
 
 def test_volume_table_has_brainregs_columns_then_id_and_acronym(tmp_path: Path) -> None:
@@ -931,3 +936,104 @@ def test_a_rerun_that_reuses_the_registration_keeps_its_warnings(tmp_path: Path,
         assert sum(hint in w for w in summary["warnings"]) == 1, (run, summary["warnings"])
         assert hint in (out / "summary.md").read_text()
     assert any(hint in w for w in field_warnings(out / "field.ome.zarr"))
+
+
+def test_an_atlas_range_zeroes_the_atlas_beyond_it_with_the_hemisphere_cut(tmp_path: Path, examples: Path) -> None:
+    """``ap=5000:7500`` with ``hemisphere_l``: the reference and annotation are the atlas's on AP voxels 50-74 of
+    the left hemisphere and 0 elsewhere, the hemispheres image is whole, the record names the range, and another
+    range makes the images again."""
+    from pipeline.atlas import prepare_atlas
+    from pipeline.brainglobe import find_atlas, open_volume
+
+    atlas = find_atlas(examples / EXAMPLE_ATLAS)
+    prepared = prepare_atlas(atlas, tmp_path / "atlas", "hemisphere_l", {"ap": (5000.0, 7500.0)})
+    hemispheres = np.asarray(open_volume(atlas, "hemispheres")[0])
+    kept = np.zeros(atlas.shape, dtype=bool)
+    kept[50:75] = True  # asr: array axis 0 runs anterior to posterior, 100 µm voxels
+    kept &= hemispheres != RIGHT
+    for role in ("reference", "annotation"):
+        whole = np.asarray(open_volume(atlas, role)[0])
+        cut = np.asarray(read_image(getattr(prepared, role)).levels[0].array[...])
+        np.testing.assert_array_equal(cut, np.where(kept, whole, 0))
+    np.testing.assert_array_equal(np.asarray(read_image(prepared.hemispheres).levels[0].array[...]), hemispheres)
+    record = json.loads((tmp_path / "atlas" / "atlas.json").read_text())
+    assert record["atlas_range"] == {"ap": [5000.0, 7500.0]} and record["brain_geometry"] == "hemisphere_l"
+    other = prepare_atlas(atlas, tmp_path / "atlas", "full", {"dv": (3000.0, 4000.0)})
+    annotation = np.asarray(read_image(other.annotation).levels[0].array[...])
+    assert annotation[:, 30:40].any() and not annotation[:, :30].any() and not annotation[:, 40:].any()
+    assert annotation[50:75, 30:40][hemispheres[50:75, 30:40] == RIGHT].any()  # the hemisphere cut is gone
+
+
+@pytest.mark.parametrize(
+    ("given", "says"),
+    [
+        (["si=5000:7500"], "names no direction of the atlas: give ap=FROM:TO"),
+        (["ap=7500:5000"], "FROM (7500) must be less than TO (5000)"),
+        (["ap=5000-7500"], "is not ap=FROM:TO with two numbers"),
+        (["ap=5000:7500,ap=6000:7000"], "gives ap twice"),
+        (["ap=12000:14000"], "whose ap extent (its array axis 0, index × resolution) is 0:13200 µm"),
+        (["dv=1000:2000", "lr=-100:500"], "whose lr extent (its array axis 2, index × resolution) is 0:11400 µm"),
+        (["ap=0:100"], "keeps no labelled voxel of the atlas"),
+    ],
+)
+def test_a_bad_atlas_range_is_refused_before_the_brain_is_read(
+    tmp_path: Path, examples: Path, given: list[str], says: str
+) -> None:
+    from typer.testing import CliRunner
+
+    from patchmorph.cli import app
+
+    out = tmp_path / "job"
+    args = [
+        "atlas", str(ExampleFiles.from_dir(examples).brain), "-o", str(out), "--atlas", str(examples / EXAMPLE_ATLAS),
+        "--voxel-size", *map(str, BRAIN_VOXEL_SIZE_UM), "--orientation", BRAIN_ORIENTATION,
+        *(a for g in given for a in ("--atlas-range", g)),
+    ]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert says in " ".join(result.output.split())
+    assert not (out / "brain.ome.zarr").exists()
+
+
+def test_a_slab_registered_against_its_atlas_range_lands_where_the_whole_brain_puts_it(
+    tmp_path: Path, job: dict
+) -> None:
+    """A 2.5 mm coronal slab of the example brain (planes 110-159): the atlas range its tissue takes in the whole
+    brain's job (the session's) given with --atlas-range, its tissue points land in the atlas nearer to where the whole
+    brain's job puts them than when the whole atlas is squeezed into it (--allow-size-mismatch), and its job is not
+    taken for part of a brain."""
+    from typer.testing import CliRunner
+
+    from patchmorph.cli import app
+    from pipeline.points import map_points, open_job
+
+    files, first, planes = job["files"], 110, 50
+    brain = read_tiff(files.brain)
+    slab = tmp_path / "slab.tif"
+    tifffile.imwrite(slab, brain[first : first + planes])
+    rng = np.random.default_rng(0)
+    tissue = np.argwhere(brain[first : first + planes] > np.percentile(brain, 60))
+    points = tissue[rng.choice(len(tissue), 400, replace=False)].astype(float)
+    whole = map_points(open_job(job["out"]), points + [first, 0, 0], "brain").atlas * 100.0  # µm, asr
+    low, high = np.floor(whole[:, 0].min() / 100) * 100, np.ceil(whole[:, 0].max() / 100) * 100 + 100
+    config = tmp_path / "job.yaml"
+    config.write_text("brain_downsample: 3\ninference:\n  device: cpu\n  field_spacing: 170um\nqc: false\n")
+    atlas = job["out"].parent / "brainglobe" / EXAMPLE_ATLAS
+    common = [
+        str(slab), "--atlas", str(atlas), "--voxel-size", *map(str, BRAIN_VOXEL_SIZE_UM), "--orientation",
+        BRAIN_ORIENTATION, "--config", str(config),
+    ]  # fmt: skip
+    errors, summaries = {}, {}
+    for name, extra in [("range", ["--atlas-range", f"ap={low:g}:{high:g}"]), ("whole", ["--allow-size-mismatch"])]:
+        out = tmp_path / name
+        result = CliRunner().invoke(app, ["atlas", "-o", str(out), *common, *extra])
+        assert result.exit_code == 0, result.output
+        mapped = map_points(open_job(out), points, "brain").atlas * 100.0
+        errors[name] = float(np.median(np.linalg.norm(mapped - whole, axis=1)))
+        summaries[name] = json.loads((out / "summary.json").read_text())
+    assert errors["range"] < 0.85 * errors["whole"], errors  # measured: median 285 µm against 375 µm
+    assert summaries["range"]["atlas_range"] == {"ap": [low, high]} and not summaries["range"]["partial_brain"]
+    assert summaries["whole"]["partial_brain"] and summaries["whole"]["atlas_range"] == {}
+    assert "Atlas cut to ap=" in (tmp_path / "range" / "summary.md").read_text()
+    again = CliRunner().invoke(app, ["atlas", "-o", str(tmp_path / "range"), *common, "--atlas-range", "ap=0:13200"])
+    assert again.exit_code == 2 and "other inputs or settings (atlas_range.ap)" in again.output, again.output

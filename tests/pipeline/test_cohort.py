@@ -77,7 +77,7 @@ def test_a_cohort_of_bad_folders_is_refused(two_animals: dict[str, Path], tmp_pa
         assert not (tmp_path / "t").exists()
 
 
-def _with_atlas_record(two_animals: dict[str, Path], copy: Path, **changed: str) -> Path:
+def _with_atlas_record(two_animals: dict[str, Path], copy: Path, **changed: object) -> Path:
     """A copy of animal 'b' at ``copy`` whose prepared atlas's record (``atlas/atlas.json``) has ``changed``."""
     import json
 
@@ -98,6 +98,20 @@ def test_a_whole_brain_and_a_hemisphere_are_not_put_in_one_table(two_animals: di
     assert result.exit_code == EXIT_INPUT, result.output
     words = " ".join(result.output.split())
     assert "different parts of the brain" in words and "half: hemisphere_l" in words and "full" in words, words
+    assert not (tmp_path / "t").exists()
+
+
+def test_a_whole_brain_and_a_slab_of_an_atlas_range_are_not_put_in_one_table(
+    two_animals: dict[str, Path], tmp_path: Path
+) -> None:
+    """An animal registered against part of the atlas (--atlas-range) has volumes of that part only: the cohort is
+    refused, naming each job's range."""
+
+    slab = _with_atlas_record(two_animals, tmp_path / "slab", atlas_range={"ap": [6200.0, 9200.0]})
+    result = CliRunner().invoke(app, ["cohort", str(two_animals["a"]), str(slab), "-o", str(tmp_path / "t")])
+    assert result.exit_code == EXIT_INPUT, result.output
+    words = " ".join(result.output.split())
+    assert "different parts of the atlas" in words and "slab: ap=6200:9200" in words and "the whole atlas" in words
     assert not (tmp_path / "t").exists()
 
 
