@@ -26,7 +26,7 @@ from flows.records import ItemError, RunReport
 from flows.runner import final_state, finish_run, run_on_dask
 from flows.steps import ImageInput, ItemJob
 from patchmorph_core.errors import InputError
-from pipeline.atlas import PreparedAtlas, prepare_atlas
+from pipeline.atlas import AtlasRange, PreparedAtlas, check_atlas_range, prepare_atlas, range_text
 from pipeline.atlas_job import channel_names
 from pipeline.brainglobe import BrainGlobeAtlas, find_atlas
 from pipeline.checks import check_outputs
@@ -45,18 +45,29 @@ def brainglobe_atlas(atlas: str) -> BrainGlobeAtlas | None:
     return None
 
 
+PreparedKey = tuple[str, str]
+"""Which cut of the atlas an item needs: its ``brain_geometry`` and its ``atlas_range`` as
+:func:`pipeline.atlas.range_text` writes it (empty: the whole atlas)."""
+
+
+def prepared_key(entry: ManifestItem) -> PreparedKey:
+    """The cut of the atlas ``entry`` is registered to (:data:`PreparedKey`)."""
+    return entry.brain_geometry, range_text(entry.atlas_range)
+
+
 def atlas_jobs(
     atlas: Path,
     entries: list[ManifestItem | ManifestProblem],
     out: Path,
     options: AtlasToSectionOptions,
-    prepared: Mapping[str, PreparedAtlas] | None = None,
+    prepared: Mapping[PreparedKey, PreparedAtlas | InputError] | None = None,
 ) -> tuple[list[ItemJob], list[ItemError]]:
     """One job per valid manifest item (sample fixed, atlas moving) and one error per invalid entry.
 
-    With a BrainGlobe atlas ``prepared`` for each brain geometry of the manifest (:func:`prepared_atlases`) the
-    moving image is the reference prepared for the item's geometry and every job gets the atlas outputs (its
-    sample is always copied, since the atlas labels are nested inside it)."""
+    With a BrainGlobe atlas ``prepared`` for each brain geometry and atlas range of the manifest
+    (:func:`prepared_atlases`) the moving image is the reference prepared for the item's geometry and range and
+    every job gets the atlas outputs (its sample is always copied, since the atlas labels are nested inside it); a
+    range the atlas refused is the item's error."""
     atlas_dir = out / "atlas"
     image_moving = ImageInput(path=atlas, geometry=options.atlas_geometry, converted=atlas_dir / "atlas.ome.zarr")
     moving_labels = None
@@ -82,6 +93,19 @@ def atlas_jobs(
             )
             errors.append(ItemError(name=entry.name, step="manifest", error_type="InputError", message=message))
             continue
+        if prepared is None and entry.atlas_range:
+            message = (
+                f"manifest item {entry.name!r}: atlas_range {range_text(entry.atlas_range)} needs a BrainGlobe atlas "
+                "(the range is in its coordinates): give the atlas as a BrainGlobe name or folder, or crop the atlas "
+                "image to the range."
+            )
+            errors.append(ItemError(name=entry.name, step="manifest", error_type="InputError", message=message))
+            continue
+        own = None if prepared is None else prepared[prepared_key(entry)]
+        if isinstance(own, InputError):
+            message = f"manifest item {entry.name!r}: {own}"
+            errors.append(ItemError(name=entry.name, step="manifest", error_type="InputError", message=message))
+            continue
         item_dir = out / entry.name
         geometry = Geometry(voxel_size=entry.voxel_size, unit=entry.unit, orientation=entry.orientation)
         fixed_labels = None
@@ -94,11 +118,10 @@ def atlas_jobs(
             )
         fixed = ImageInput(path=entry.path, geometry=geometry, converted=item_dir / "sample.ome.zarr")
         moving, atlas_folder = image_moving, None
-        if prepared is not None:
+        if own is not None:
             fixed = ImageInput(
                 path=entry.path, geometry=geometry, converted=item_dir / "brain.ome.zarr", always_copy=True
             )
-            own = prepared[entry.brain_geometry]
             moving, atlas_folder = ImageInput(path=own.reference, converted=own.reference), own.reference.parent
         channels = {
             name: ImageInput(path=path, geometry=geometry, converted=item_dir / f"{name}.ome.zarr")
@@ -112,25 +135,45 @@ def atlas_jobs(
                 moving=moving,
                 fixed_labels=fixed_labels,
                 moving_labels=moving_labels,
-                atlas=None if prepared is None else str(prepared[entry.brain_geometry].atlas.folder),
+                atlas=None if own is None else str(own.atlas.folder),
                 atlas_dir=atlas_folder,
                 brain_geometry=entry.brain_geometry,
-                channels=channels if prepared is not None else {},
+                atlas_range=entry.atlas_range,
+                channels=channels if own is not None else {},
             )
         )
     return jobs, errors
 
 
+def prepared_folder(out: Path, key: PreparedKey) -> Path:
+    """Where the atlas cut to ``key`` is prepared: ``<out>/atlas`` for whole brains, ``<out>/atlas_<geometry>``
+    for a hemisphere, each with ``_<range>`` appended for an atlas range (e.g. ``atlas_ap6200-9200``)."""
+    geometry, text = key
+    parts = ["atlas", *([geometry] if geometry != "full" else [])]
+    if text:
+        parts.append(text.replace("=", "").replace(":", "-").replace(",", "_"))
+    return out / "_".join(parts)
+
+
 def prepared_atlases(
     atlas: BrainGlobeAtlas, entries: Sequence[ManifestItem | ManifestProblem], out: Path
-) -> dict[str, PreparedAtlas]:
-    """The atlas prepared once for each brain geometry of the manifest's items: ``<out>/atlas`` for whole
-    brains, ``<out>/atlas_<geometry>`` for a hemisphere (:func:`pipeline.atlas.prepare_atlas`)."""
-    geometries = {e.brain_geometry for e in entries if isinstance(e, ManifestItem)} or {"full"}
-    return {
-        g: prepare_atlas(atlas, out / ("atlas" if g == "full" else f"atlas_{g}"), g)  # type: ignore[arg-type]
-        for g in sorted(geometries)
-    }
+) -> dict[PreparedKey, PreparedAtlas | InputError]:
+    """The atlas prepared once for each brain geometry and atlas range of the manifest's items, in
+    :func:`prepared_folder` (:func:`pipeline.atlas.prepare_atlas`); a range that
+    :func:`pipeline.atlas.check_atlas_range` refuses maps to its refusal (the items' error)."""
+    cuts: dict[PreparedKey, AtlasRange] = {("full", ""): {}}
+    items = [e for e in entries if isinstance(e, ManifestItem)]
+    if items:
+        cuts = {prepared_key(e): dict(e.atlas_range) for e in items}
+    prepared: dict[PreparedKey, PreparedAtlas | InputError] = {}
+    for key, atlas_range in sorted(cuts.items()):
+        try:
+            check_atlas_range(atlas, atlas_range, option="atlas_range")
+        except InputError as err:
+            prepared[key] = err
+            continue
+        prepared[key] = prepare_atlas(atlas, prepared_folder(out, key), key[0], atlas_range)  # type: ignore[arg-type]
+    return prepared
 
 
 @flow(name=FLOW_NAME)

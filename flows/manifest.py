@@ -2,7 +2,7 @@
 
 A manifest is a YAML file (a list of items, or a mapping with an ``items`` list) or a CSV file (one
 row per item; columns ``path``, ``name``, ``voxel_size``, ``unit``, ``orientation``, ``labels``, ``brain_geometry``,
-``channels`` (paths separated by ``;``); the
+``atlas_range`` (e.g. ``ap=6200:9200``), ``channels`` (paths separated by ``;``); the
 voxel size is three numbers ``z y x`` separated by spaces, ``x`` or ``;``). Relative paths are taken
 from the manifest's folder. Example (YAML)::
 
@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from flows.config import Geometry
 from patchmorph_core.errors import InputError
-from pipeline.atlas import BrainGeometry
+from pipeline.atlas import AtlasRange, BrainGeometry, parse_atlas_range
 
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -54,6 +54,10 @@ class ManifestItem(Geometry):
             is reported.
         brain_geometry: ``full``, or ``hemisphere_l`` / ``hemisphere_r`` for one imaged hemisphere (with a
             BrainGlobe atlas: its other hemisphere is left out, :func:`pipeline.atlas.prepare_atlas`).
+        atlas_range: the part of the atlas the brain holds (:data:`pipeline.atlas.AtlasRange`, µm of the atlas's
+            coordinates; in the manifest ``"ap=6200:9200"``, ``"ap=..,dv=.."`` or a list of such strings, as
+            ``patchmorph atlas --atlas-range`` takes them): with a BrainGlobe atlas it is left out beyond it.
+            Empty: the whole atlas.
         channels: extra channels imaged with the brain (same shape and geometry; in a CSV one cell, paths
             separated by ``;``): with a BrainGlobe atlas each is written in atlas space with its
             ``<channel>_signal.csv``, as ``patchmorph atlas --channel`` does.
@@ -65,6 +69,7 @@ class ManifestItem(Geometry):
     path: Path
     labels: Path | None = None
     brain_geometry: BrainGeometry = "full"
+    atlas_range: AtlasRange = {}
     channels: tuple[Path, ...] = ()
 
     @field_validator("name")
@@ -103,6 +108,22 @@ def _parse_voxel_size(value: Any) -> Any:
         text = value.strip()
         return [part for part in re.split(r"[\sx;]+", text) if part] if text else None
     return value
+
+
+def _parse_item_range(value: Any, name: str) -> AtlasRange:
+    """An item's ``atlas_range`` (a string ``"ap=6200:9200"``, several comma-separated, or a list of such
+    strings; µm) as an :data:`pipeline.atlas.AtlasRange`.
+
+    Raises:
+        InputError: one sentence naming the item and what is wrong with the value.
+    """
+    texts = [value] if isinstance(value, str) else value
+    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+        raise InputError(
+            f"manifest item {name!r}: atlas_range {value!r} is not a string such as 'ap=6200:9200' (or a list of "
+            "such strings): fix that entry."
+        )
+    return parse_atlas_range(texts, option=f"manifest item {name!r}: atlas_range")
 
 
 def where_relative(path: str | Path) -> str:
@@ -161,6 +182,11 @@ def _item_from_row(row: dict[str, Any], folder: Path, index: int) -> ManifestIte
         entry["channels"] = [folder / str(c) for c in entry["channels"]]
     if "voxel_size" in entry:
         entry["voxel_size"] = _parse_voxel_size(entry["voxel_size"])
+    if "atlas_range" in entry:
+        try:
+            entry["atlas_range"] = _parse_item_range(entry["atlas_range"], name)
+        except InputError as err:
+            return ManifestProblem(name=name, message=str(err))
     try:
         return ManifestItem.model_validate(entry)
     except ValidationError as err:

@@ -63,7 +63,7 @@ from flows.tasks import (
 )
 from patchmorph_core.errors import InputError
 from patchmorph_core.spatial import unit_scale
-from pipeline.atlas import BrainGeometry
+from pipeline.atlas import AtlasRange, BrainGeometry, range_text
 from pipeline.atlas_job import atlas_inference, atlas_reference_name, job_summary, write_job_summary
 from pipeline.brainglobe import find_atlas
 from pipeline.checks import check_outputs
@@ -130,6 +130,7 @@ class ItemJob(BaseModel):
     atlas: str | None = None
     atlas_dir: Path | None = None
     brain_geometry: BrainGeometry = "full"
+    atlas_range: AtlasRange = {}
     channels: dict[str, ImageInput] = {}
 
     @property
@@ -163,9 +164,10 @@ class ItemJob(BaseModel):
 
     def check_names(self) -> dict[str, str]:
         """How the registration's checks name ``fixed`` and ``moving``: the paths the manifest gave, an atlas by
-        its name (with the hemisphere it was cut to), not their converted copies."""
+        its name (with the hemisphere and the range it was cut to), not their converted copies."""
         moving = str(self.moving.path) if self.atlas is None else atlas_reference_name(
-            Path(self.atlas).name, self.brain_geometry, option="brain_geometry"
+            Path(self.atlas).name, self.brain_geometry, option="brain_geometry", atlas_range=self.atlas_range,
+            range_option="atlas_range",
         )  # fmt: skip
         return {"fixed": str(self.fixed.path), "moving": moving}
 
@@ -185,6 +187,7 @@ class ItemJob(BaseModel):
         settings = {
             "atlas": self.atlas,
             "brain_geometry": self.brain_geometry,
+            **({"atlas_range": range_text(self.atlas_range)} if self.atlas_range else {}),  # none: earlier runs' key
             "geometry": {role: image.geometry.model_dump(mode="json") for role, image in inputs.items()},
             "inference": options.inference.model_dump(mode="json"),
             "qc": options.qc,
@@ -298,6 +301,7 @@ def _finish(
             find_atlas(job.atlas).name, atlas.figures, atlas.paths, seconds, register_seconds, registration_reused
         )
         warnings = field_warnings(job.field)  # the registration's (a part of a brain, an assumed orientation)
+        summary["atlas_range"] = {d: list(r) for d, r in job.atlas_range.items()}  # as 'patchmorph atlas' has it
         outputs.update(write_job_summary(job.out_dir, {**summary, "warnings": warnings}, atlas.paths))
     metrics_path = job.out_dir / "metrics.json"
     metrics_path.write_text(json.dumps(metrics, indent=1, sort_keys=True))
@@ -552,5 +556,6 @@ def _submit_atlas(job: ItemJob, atlas: Task[..., Any], options: StepOptions) -> 
             options.label_interpolation,
             job.brain_geometry,
             {name: image.ready for name, image in job.channels.items()},
+            dict(job.atlas_range),
         )
     }

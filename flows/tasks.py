@@ -22,7 +22,7 @@ from flows.settings import PROJECT_LOGGERS
 from patchmorph_core.config import InferenceConfig
 from patchmorph_core.warping import LabelInterpolation
 from pipeline import qc
-from pipeline.atlas import AtlasOutputs, BrainGeometry, atlas_item_outputs
+from pipeline.atlas import AtlasOutputs, AtlasRange, BrainGeometry, atlas_item_outputs
 from pipeline.checks import CheckOptions
 from pipeline.importers import check_source_planes, convert
 from pipeline.register import register_files
@@ -239,11 +239,13 @@ def atlas_outputs_task(
     label_interpolation: LabelInterpolation = "vote",
     brain_geometry: BrainGeometry = "full",
     channels: dict[str, Path] | None = None,
+    atlas_range: AtlasRange | None = None,
 ) -> AtlasOutputs:
     """:func:`pipeline.atlas.atlas_item_outputs`: labels on the brain (by ``label_interpolation``), the brain in
     atlas space, the inverse field, volumes.csv and the atlas QC figures of one item (its atlas prepared for its
-    ``brain_geometry``), and each of its ``channels`` in atlas space with its signal table."""
+    ``brain_geometry`` and ``atlas_range``), and each of its ``channels`` in atlas space with its signal table."""
     return run_isolated(
         atlas_item_outputs, brain, field, atlas, atlas_dir, out_dir, scheduler=scheduler, qc=with_qc,
         label_interpolation=label_interpolation, brain_geometry=brain_geometry, channels=channels,
+        atlas_range=atlas_range,
     )  # fmt: skip

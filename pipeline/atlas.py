@@ -754,10 +754,11 @@ def atlas_item_outputs(
     label_interpolation: LabelInterpolation = "vote",
     brain_geometry: BrainGeometry = "full",
     channels: Mapping[str, Path] | None = None,
+    atlas_range: AtlasRange | None = None,
 ) -> AtlasOutputs:
     """:func:`atlas_outputs`, its QC figures and :func:`atlas_figures` for one item of a batch (the
     ``atlas-to-section`` flow): the atlas (name or folder) is the one prepared in ``atlas_dir`` for
-    ``brain_geometry``; ``channels`` (OME-Zarr on the brain's grid, by name) go into atlas space too.
+    ``brain_geometry`` and ``atlas_range``; ``channels`` (OME-Zarr on the brain's grid, by name) go into atlas space too.
 
     Returns:
         The outputs by role (QC figures as ``qc_<kind>``) and the figures.
@@ -765,7 +766,7 @@ def atlas_item_outputs(
     from pipeline.brainglobe import find_atlas
     from pipeline.qc import atlas_qc
 
-    prepared = prepare_atlas(find_atlas(atlas), atlas_dir, brain_geometry)
+    prepared = prepare_atlas(find_atlas(atlas), atlas_dir, brain_geometry, atlas_range)
     outputs = atlas_outputs(
         brain, field, prepared, out, channels=channels, scheduler=scheduler, label_interpolation=label_interpolation
     )

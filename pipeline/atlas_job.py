@@ -673,13 +673,17 @@ def job_scheduler(cluster: ClusterConfig) -> Iterator[str | None]:
 
 
 def atlas_reference_name(
-    atlas: str, brain_geometry: str, option: str = "--brain-geometry", atlas_range: Mapping[str, Any] | None = None
+    atlas: str,
+    brain_geometry: str,
+    option: str = "--brain-geometry",
+    atlas_range: Mapping[str, Any] | None = None,
+    range_option: str = "--atlas-range",
 ) -> str:
     """How the registration's refusals name the atlas's reference: with the hemisphere it was cut to, since a
     refused orientation of a hemisphere is often the other hemisphere given, and the range it was cut to
-    (``atlas_range``, --atlas-range). ``option``: how the user set the geometry (the command's option, or a
-    manifest's column)."""
-    cut = f", its part {range_text(atlas_range)} µm only (--atlas-range)" if atlas_range else ""
+    (``atlas_range``, --atlas-range). ``option`` / ``range_option``: how the user set the geometry / the range
+    (the command's option, or a manifest's column)."""
+    cut = f", its part {range_text(atlas_range)} µm only ({range_option})" if atlas_range else ""
     if brain_geometry == "full":
         return f"{atlas}'s reference{cut}"
     side = "left" if brain_geometry == "hemisphere_l" else "right"

@@ -13,6 +13,7 @@ import yaml
 from flows.atlas_to_section import atlas_to_section
 from flows.records import RunReport
 from flows.runner import BatchFailed
+from patchmorph_core.errors import InputError
 
 
 def _run(batch: dict[str, Path], manifest: Path) -> tuple[RunReport, str]:
@@ -172,6 +173,7 @@ def test_brainglobe_atlas_gives_each_item_the_atlas_jobs_outputs(
 
     brain = tifffile.imread(flow_data["brain_tif"])
     tifffile.imwrite(tmp_path / "left.tif", brain[:, :, : brain.shape[2] // 2 + 1])  # psl: axis 2 runs left to right
+    tifffile.imwrite(tmp_path / "slab.tif", brain[27:40])  # a 2.6 mm coronal slab, about ap=5300:7900 of the atlas
     geometry = {"voxel_size": [200, 200, 200], "orientation": "psl"}
     manifest = tmp_path / "manifest.yaml"
     manifest.write_text(
@@ -180,6 +182,8 @@ def test_brainglobe_atlas_gives_each_item_the_atlas_jobs_outputs(
                 {"name": "stp", "path": str(flow_data["brain_tif"]), "channels": [str(flow_data["brain_tif"])], **geometry},
                 {"name": "left", "path": str(tmp_path / "left.tif"), "brain_geometry": "hemisphere_l", **geometry},
                 {"name": "left_as_right", "path": str(tmp_path / "left.tif"), "brain_geometry": "hemisphere_r", **geometry},
+                {"name": "slab", "path": str(tmp_path / "slab.tif"), "atlas_range": "ap=4800:8500", **geometry},
+                {"name": "slab_outside", "path": str(tmp_path / "slab.tif"), "atlas_range": ["ap=12000:14000"], **geometry},
             ]
         )
     )
@@ -191,9 +195,13 @@ def test_brainglobe_atlas_gives_each_item_the_atlas_jobs_outputs(
     assert state.is_failed() and isinstance(failed, BatchFailed)
     report = failed.report
 
-    assert sorted(r.name for r in report.results) == ["left", "stp"]
+    assert sorted(r.name for r in report.results) == ["left", "slab", "stp"]
     # the other hemisphere given: refused before its registration, naming the atlas's half and the other one
-    (refused,) = report.errors
+    refused, outside = sorted(report.errors, key=lambda e: e.name)
+    # a range outside the atlas: that item's error, before anything of it is made
+    assert outside.name == "slab_outside" and outside.step == "manifest", outside
+    assert "manifest item 'slab_outside': atlas_range ap=12000:14000 lies outside the atlas" in outside.message
+    assert not (tmp_path / "out" / "slab_outside").exists()
     assert refused.name == "left_as_right" and refused.step == "register", refused
     assert "its right hemisphere only" in refused.message and "give hemisphere_l" in refused.message
     assert str(tmp_path / "left.tif") in refused.message and "fixed.ome.zarr" not in refused.message
@@ -202,6 +210,19 @@ def test_brainglobe_atlas_gives_each_item_the_atlas_jobs_outputs(
     sides = [(float(r["left_volume_mm3"]), float(r["right_volume_mm3"])) for r in csv.DictReader(left.outputs["volumes"].open())]
     assert sum(r for _, r in sides) == 0.0 and sum(v for v, _ in sides) > 50
     assert json.loads((tmp_path / "out" / "atlas_hemisphere_l" / "atlas.json").read_text())["brain_geometry"] == "hemisphere_l"
+    # the slab is registered to the atlas cut to its range (asr: axis 0 anterior to posterior, 100 µm voxels),
+    # which its summary and its job's record (read by points and the cohort) name
+    from pipeline.cohort import cohort_tables
+    from pipeline.points import open_job
+
+    cut = np.asarray(read_image(tmp_path / "out" / "atlas_ap4800-8500" / "annotation.ome.zarr").levels[0].array[...])
+    assert cut[48:85].any() and not cut[:48].any() and not cut[85:].any()
+    assert json.loads((tmp_path / "out" / "slab" / "summary.json").read_text())["atlas_range"] == {"ap": [4800.0, 8500.0]}
+    assert "Atlas cut to ap=4800:8500 µm" in " ".join((tmp_path / "out" / "slab" / "summary.md").read_text().split())
+    assert open_job(tmp_path / "out" / "slab").atlas_range == {"ap": [4800.0, 8500.0]}
+    assert json.loads((tmp_path / "out" / "stp" / "summary.json").read_text())["atlas_range"] == {}
+    with pytest.raises(InputError, match="different parts of the atlas"):
+        cohort_tables([tmp_path / "out" / "stp", tmp_path / "out" / "slab"], tmp_path / "cohort")
     result = next(r for r in report.results if r.name == "stp")
     item = tmp_path / "out" / "stp"
     brain = item / "brain.ome.zarr"

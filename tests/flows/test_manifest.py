@@ -89,3 +89,78 @@ def test_a_missing_relative_manifest_names_the_folder_it_was_looked_for_in(
 def test_default_names() -> None:
     assert default_name("/x/brain01.ome.zarr/") == "brain01"
     assert default_name("b.nii.gz") == "b" and default_name("planes") == "planes"
+
+
+def test_atlas_range_of_an_item(tmp_path: Path) -> None:
+    """An item's atlas_range as ``patchmorph atlas --atlas-range`` takes it: a string (directions comma-separated,
+    in a CSV one quoted cell) or a YAML list of such strings; none is the whole atlas."""
+    (tmp_path / "m.csv").write_text('path,atlas_range\nb1.tif,"ap=6200:9200,dv=1000:5000"\nb2.tif,\n')
+    (tmp_path / "m.yaml").write_text(
+        "- {path: b1.tif, atlas_range: 'ap=6200:9200,dv=1000:5000'}\n"
+        "- {path: b2.tif}\n"
+        "- {path: b3.tif, atlas_range: [ap=6200:9200, dv=1000:5000], brain_geometry: hemisphere_l}\n"
+    )
+    for name in ("m.csv", "m.yaml"):
+        items = load_manifest(tmp_path / name)
+        assert all(isinstance(i, ManifestItem) for i in items), items
+        assert items[0].atlas_range == {"ap": (6200.0, 9200.0), "dv": (1000.0, 5000.0)} and items[1].atlas_range == {}
+    assert items[2].atlas_range == items[0].atlas_range and items[2].brain_geometry == "hemisphere_l"
+
+
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [
+        ("si=5000:7500", "atlas_range 'si=5000:7500' names no direction of the atlas: give ap=FROM:TO"),
+        ("ap=9200:6200", "atlas_range 'ap=9200:6200': FROM (9200) must be less than TO (6200) µm"),
+        ("ap=6200-9200", "atlas_range 'ap=6200-9200' is not ap=FROM:TO with two numbers"),
+        ("ap=1:2,ap=3:4", "atlas_range gives ap twice"),
+        (6200, "atlas_range 6200 is not a string such as 'ap=6200:9200'"),
+        (["ap=1:2", 3], "is not a string such as 'ap=6200:9200' (or a list of such strings)"),
+    ],
+)
+def test_a_bad_atlas_range_is_that_items_problem(tmp_path: Path, value: object, says: str) -> None:
+    """One sentence naming the item; the other items are kept."""
+    import yaml
+
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump([{"path": "b1.tif", "atlas_range": value}, {"path": "b2.tif"}]))
+    bad, good = load_manifest(tmp_path / "m.yaml")
+    assert isinstance(bad, ManifestProblem) and isinstance(good, ManifestItem)
+    assert bad.name == "b1" and bad.message.startswith("manifest item 'b1': ") and says in bad.message, bad.message
+    assert not re.search(r"\.\s+[A-Z]", bad.message) and bad.message.endswith("."), bad.message  # one sentence
+
+
+def test_atlas_ranges_are_prepared_once_each_and_a_refused_one_is_its_items_error(
+    tmp_path: Path, examples: Path
+) -> None:
+    """The atlas is cut once per (brain geometry, range) of the manifest, in a folder named after both (a whole
+    atlas keeps ``atlas``, a hemisphere ``atlas_<geometry>``); a range outside the atlas, or a range with an image
+    atlas, is that item's error; the range is in the item's fingerprint and in how its checks name the atlas."""
+    from flows.atlas_to_section import atlas_jobs, prepared_atlases
+    from flows.config import AtlasToSectionOptions
+    from pipeline.brainglobe import find_atlas
+    from pipeline.demo import EXAMPLE_ATLAS
+
+    (tmp_path / "m.yaml").write_text(
+        "- {name: whole, path: b.tif}\n"
+        "- {name: slab, path: b.tif, atlas_range: ap=5000:7500}\n"
+        "- {name: slab2, path: b.tif, atlas_range: [ap=5000:7500]}\n"
+        "- {name: left_slab, path: b.tif, atlas_range: ap=5000:7500, brain_geometry: hemisphere_l}\n"
+        "- {name: outside, path: b.tif, atlas_range: ap=12000:14000}\n"
+    )
+    entries = load_manifest(tmp_path / "m.yaml")
+    out = tmp_path / "out"
+    prepared = prepared_atlases(find_atlas(examples / EXAMPLE_ATLAS), entries, out)
+    assert sorted(p.name for p in out.iterdir()) == ["atlas", "atlas_ap5000-7500", "atlas_hemisphere_l_ap5000-7500"]
+    jobs, errors = atlas_jobs(examples / EXAMPLE_ATLAS, entries, out, AtlasToSectionOptions(), prepared)
+    (refused,) = errors
+    assert refused.name == "outside" and refused.step == "manifest", refused
+    assert refused.message.startswith("manifest item 'outside': atlas_range ap=12000:14000 lies outside the atlas")
+    by_name = {job.name: job for job in jobs}
+    assert by_name["whole"].atlas_dir == out / "atlas" and by_name["slab"].atlas_dir == out / "atlas_ap5000-7500"
+    assert by_name["slab"].atlas_range == {"ap": (5000.0, 7500.0)} == by_name["slab2"].atlas_range
+    options = AtlasToSectionOptions()
+    assert by_name["slab"].key(options) != by_name["slab"].model_copy(update={"atlas_range": {}}).key(options)
+    assert "its part ap=5000:7500 µm only (atlas_range)" in by_name["slab"].check_names()["moving"]
+    assert "its part" not in by_name["whole"].check_names()["moving"]
+    _, errors = atlas_jobs(tmp_path / "atlas.nii.gz", entries[:2], out, options, None)
+    assert [e.name for e in errors] == ["slab"] and "atlas_range ap=5000:7500 needs a BrainGlobe atlas" in errors[0].message
