@@ -206,6 +206,18 @@ def anatomical_array_axis(code: str, direction: str) -> int:
     return int(np.argmax(np.abs(orientation_matrix(code)[component])))
 
 
+def atlas_coordinates_um(index: np.ndarray, resolution_um: Sequence[float]) -> np.ndarray:
+    """BrainGlobe's atlas coordinates of voxel indices ``(N, 3)`` (the atlas's array axes): index × resolution
+    along each axis, in micrometres, with no origin (what napari and brainrender show for a BrainGlobe atlas)."""
+    return np.asarray(index, dtype=np.float64) * np.asarray(resolution_um, dtype=np.float64)
+
+
+def atlas_index_slice(low_um: float, high_um: float, resolution_um: float) -> slice:
+    """The indices along one atlas axis whose atlas coordinate (:func:`atlas_coordinates_um`) lies in
+    ``[low_um, high_um)``."""
+    return slice(int(np.ceil(low_um / resolution_um - 1e-9)), int(np.ceil(high_um / resolution_um - 1e-9)))
+
+
 def axes_between(code_from: str, code_to: str) -> tuple[tuple[int, int, int], tuple[bool, bool, bool]]:
     """How an array in orientation ``code_from`` becomes one in ``code_to`` by permuting and flipping its axes
     (no resampling): axis ``k`` of the result is axis ``order[k]`` of the array, reversed where ``flips[k]``.

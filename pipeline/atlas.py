@@ -37,7 +37,13 @@ import zarr
 
 from patchmorph_core.displacement import INVERSE_ITERATIONS
 from patchmorph_core.errors import InputError
-from patchmorph_core.spatial import ANATOMICAL_DIRECTIONS, Grid, anatomical_array_axis, unit_scale
+from patchmorph_core.spatial import (
+    ANATOMICAL_DIRECTIONS,
+    Grid,
+    anatomical_array_axis,
+    atlas_index_slice,
+    unit_scale,
+)
 from patchmorph_core.warping import LabelInterpolation
 from pipeline.brainglobe import LEFT, RIGHT, BrainGlobeAtlas, Structure, open_volume
 from pipeline.resume import atomic_write_csv, output_lock
@@ -130,8 +136,7 @@ def _range_slices(atlas: BrainGlobeAtlas, atlas_range: AtlasRange) -> tuple[slic
     box = [slice(None)] * 3
     for direction, (low, high) in atlas_range.items():
         axis = anatomical_array_axis(atlas.orientation, direction)
-        step = atlas.resolution_um[axis]
-        box[axis] = slice(int(np.ceil(low / step - 1e-9)), int(np.ceil(high / step - 1e-9)))
+        box[axis] = atlas_index_slice(low, high, atlas.resolution_um[axis])
     return box[0], box[1], box[2]
 
 

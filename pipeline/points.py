@@ -35,7 +35,7 @@ import numpy as np
 from patchmorph_core.displacement import FieldDisplacement
 from patchmorph_core.errors import InputError
 from patchmorph_core.source import source_grid
-from patchmorph_core.spatial import Grid, read_box, unit_scale
+from patchmorph_core.spatial import Grid, atlas_coordinates_um, read_box, unit_scale
 from pipeline.atlas import read_volume_table
 from pipeline.brainglobe import LEFT, RIGHT, BrainGlobeAtlas, Structure, find_atlas
 from pipeline.resume import ITEM_RECORD, atomic_write, atomic_write_csv, atomic_write_json
@@ -509,7 +509,7 @@ def write_point_tables(
 def write_brainrender_points(path: Path, atlas_index: np.ndarray, atlas_grid: Grid) -> None:
     """``(N, 3)`` atlas voxel indices as brainmapper hands them to brainrender: a float64 ``.npy`` of the indices
     times the atlas's voxel size, in micrometres along the atlas's array axes (no origin), written atomically."""
-    microns = atlas_index * (atlas_grid.spacing * unit_scale(atlas_grid.unit, "micrometer"))
+    microns = atlas_coordinates_um(atlas_index, atlas_grid.spacing * unit_scale(atlas_grid.unit, "micrometer"))
     atomic_write(path, lambda handle: np.save(handle, microns.astype(np.float64)))
 
 
