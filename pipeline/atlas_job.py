@@ -50,7 +50,7 @@ from pipeline.atlas import (
 from pipeline.brainglobe import find_atlas
 from pipeline.checks import CheckOptions, collected_warnings
 from pipeline.cluster import ClusterConfig, load_cluster_config, open_client
-from pipeline.resume import ZARR_METADATA, as_recorded, atomic_write_json, content_identity, sample_digest
+from pipeline.resume import ZARR_METADATA, as_recorded, atomic_write_json, sample_digest
 
 logger = logging.getLogger(__name__)
 
@@ -275,10 +275,12 @@ def job_settings(
     """Every setting of ``config`` that shapes the outputs (all but ``cluster``, ``qc`` and ``checks``), with the
     identities (:func:`_source_key`) of the brain, its channels and the atlas folder, samples of their content
     (:func:`_content_sample`, under ``content``), the brain's ``geometry`` options and the content of the model
-    weights (:func:`weights_identity`: a model retrained into the same file is other weights)."""
+    weights (:func:`pipeline.register.weights_identity`: a model retrained into the same file is other weights)."""
+    from pipeline.register import weights_identity
+
     return {
         **config.model_dump(mode="json", exclude={"cluster", "qc", "checks"}),
-        "weights": weights_identity(config.inference),
+        "weights": weights_identity(config.inference.weights),
         "brain": _source_key(brain),
         "channels": [_source_key(path) for path in channels],
         "atlas": _source_key(atlas),
@@ -289,13 +291,6 @@ def job_settings(
             "atlas": _content_sample(atlas),
         },
     }
-
-
-def weights_identity(inference: InferenceConfig) -> dict[str, Any] | None:
-    """Path and SHA-256 of the model weights ``inference`` names (the packaged default when it names none)."""
-    from patchmorph_core.model import DEFAULT_WEIGHTS
-
-    return content_identity(Path(inference.weights) if inference.weights else DEFAULT_WEIGHTS)
 
 
 def _differences(recorded: Mapping[str, Any], current: Mapping[str, Any], prefix: str = "") -> list[str]:

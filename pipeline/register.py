@@ -64,6 +64,7 @@ from pipeline.resume import (
     locks_output,
     open_run,
     run_folder,
+    stored_attribute,
 )
 
 log = logging.getLogger(__name__)
@@ -133,12 +134,17 @@ FIELD_WARNINGS = "warnings"
 """Key of ``attrs["patchmorph"]`` under which a field keeps the warnings its registration gave (each once, in
 order): the summaries of a job or a batch item that reuses the field list them."""
 
+
 def field_warnings(field: str | Path) -> list[str]:
     """The warnings the registration that wrote ``field`` gave (:data:`FIELD_WARNINGS`; none for a field of an
     earlier version)."""
-    from pipeline.resume import stored_attribute
-
     return list(stored_attribute(Path(field), FIELD_WARNINGS) or [])
+
+
+def weights_identity(weights: str | Path | None) -> dict[str, Any] | None:
+    """Path and SHA-256 (:func:`pipeline.resume.content_identity`) of the model weights ``weights`` (the packaged
+    default when None)."""
+    return content_identity(Path(weights) if weights else DEFAULT_WEIGHTS)
 
 
 MIN_FIELD_VOXELS = 2
@@ -237,7 +243,7 @@ def _field_meta(
         "moving": str(moving),
         "model": {
             "weights": str(cfg.weights or DEFAULT_WEIGHTS),
-            "weights_identity": content_identity(Path(cfg.weights) if cfg.weights else DEFAULT_WEIGHTS),  # its sha256
+            "weights_identity": weights_identity(cfg.weights),
             "config": model.config.model_dump(mode="json"),
         },
         "config": cfg.model_dump(mode="json"),
