@@ -63,13 +63,13 @@ from flows.tasks import (
 )
 from patchmorph_core.errors import InputError
 from patchmorph_core.spatial import unit_scale
-from pipeline.atlas import AtlasRange, BrainGeometry, range_text
+from pipeline.atlas import AtlasRange, BrainGeometry, range_record, range_text
 from pipeline.atlas_job import atlas_inference, atlas_reference_name, job_summary, write_job_summary
 from pipeline.brainglobe import find_atlas
 from pipeline.checks import check_outputs
 from pipeline.ngff import read_field
 from pipeline.register import field_warnings
-from pipeline.resume import write_identity
+from pipeline.resume import input_writes, write_identity
 
 logger = logging.getLogger(__name__)
 
@@ -301,7 +301,7 @@ def _finish(
             find_atlas(job.atlas).name, atlas.figures, atlas.paths, seconds, register_seconds, registration_reused
         )
         warnings = field_warnings(job.field)  # the registration's (a part of a brain, an assumed orientation)
-        summary["atlas_range"] = {d: list(r) for d, r in job.atlas_range.items()}  # as 'patchmorph atlas' has it
+        summary["atlas_range"] = range_record(job.atlas_range)  # as 'patchmorph atlas' has it
         outputs.update(write_job_summary(job.out_dir, {**summary, "warnings": warnings}, atlas.paths))
     metrics_path = job.out_dir / "metrics.json"
     metrics_path.write_text(json.dumps(metrics, indent=1, sort_keys=True))
@@ -439,11 +439,6 @@ def run_jobs(
     return results, errors
 
 
-def _input_writes(job: ItemJob) -> dict[Path, str | None]:
-    """The ``write_id`` of every input store the job reads (None: a store this product did not write)."""
-    return {image.ready: write_identity(image.ready) for image in job.inputs().values()}
-
-
 def _converted_as_asked(jobs: list[ItemJob], errors: list[ItemError]) -> list[ItemJob]:
     """The jobs whose converted inputs hold what this run asked for (their record names this run's source and
     geometry); an ``inputs`` error for each other one: another run into the same folder converted a shared input
@@ -462,8 +457,13 @@ def _converted_as_asked(jobs: list[ItemJob], errors: list[ItemError]) -> list[It
     )
 
 
+def _input_writes(job: ItemJob) -> dict[str, tuple[Path, str | None]]:
+    """Each input store the job reads, by role, with its ``write_id`` (:func:`pipeline.resume.input_writes`)."""
+    return input_writes({role: image.ready for role, image in job.inputs().items()})
+
+
 def _inputs_kept(
-    jobs: list[ItemJob], read_from: dict[str, dict[Path, str | None]], errors: list[ItemError]
+    jobs: list[ItemJob], read_from: dict[str, dict[str, tuple[Path, str | None]]], errors: list[ItemError]
 ) -> list[ItemJob]:
     """The jobs whose input stores are still the ones they read from the start (:func:`_input_writes`); an
     ``inputs`` error for each other one: another run into the same folder with other settings wrote a shared input
@@ -472,7 +472,7 @@ def _inputs_kept(
     return _keep_unless(
         jobs,
         errors,
-        lambda job: [str(path) for path, written in read_from[job.name].items() if write_identity(path) != written],
+        lambda job: [str(path) for path, written in read_from[job.name].values() if write_identity(path) != written],
         "was written again by another run while this item read it (a run into the same folder with other atlas "
         "settings): its outputs may mix the two; rerun it, and give runs with other settings their own output folder.",
     )

@@ -131,6 +131,11 @@ def range_text(atlas_range: Mapping[str, Sequence[float]]) -> str:
     return ",".join(f"{d}={float(lo):g}:{float(hi):g}" for d, (lo, hi) in atlas_range.items())
 
 
+def range_record(atlas_range: Mapping[str, Sequence[float]]) -> dict[str, list[float]]:
+    """An atlas range as a job's summary records it: direction → ``[from, to]`` µm."""
+    return {d: list(r) for d, r in atlas_range.items()}
+
+
 def _range_slices(atlas: BrainGlobeAtlas, atlas_range: AtlasRange) -> tuple[slice, slice, slice]:
     """The atlas array's index box that ``atlas_range`` keeps (``(z, y, x)`` slices)."""
     box = [slice(None)] * 3

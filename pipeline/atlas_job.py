@@ -44,6 +44,7 @@ from pipeline.atlas import (
     atlas_outputs,
     check_atlas_range,
     prepare_atlas,
+    range_record,
     range_text,
     remove_run_records,
 )
@@ -617,7 +618,7 @@ def _run_atlas_job(
             prepared.atlas.name, {**atlas_figures(outputs.paths, prepared), **outputs.figures}, outputs.paths,
             time.time() - started, register_seconds, registration is None, config.fine_tune.steps,
         ),  # fmt: skip
-        "atlas_range": {d: list(r) for d, r in config.atlas_range.items()},
+        "atlas_range": range_record(config.atlas_range),
         "warnings": list(dict.fromkeys([*field_warnings(field), *warnings])),  # a reused field's first
         "weights": settings["weights"],  # the model the job started from (before its fine-tuning, if any)
     }
@@ -705,12 +706,12 @@ def job_summary(
     counts), the sizes of its ``field`` and ``brain`` (``paths``) and its times: ``seconds`` is this run's wall
     time; ``register_seconds`` the registration's, in the run that made it (``reused``: an earlier run, resumed
     by this one)."""
-    from pipeline.checks import part_of_a_brain
+    from pipeline.checks import part_of_a_brain, recorded_geometry
     from pipeline.ngff import read_field, read_image
 
     _, field_grid, field_meta = read_field(paths["field"])
     brain_grid = read_image(paths["brain"]).grid
-    geometry = field_meta.get("quality", {}).get("preflight", {}).get("geometry")
+    geometry = recorded_geometry(field_meta)
     summary: dict[str, Any] = {
         "atlas": atlas_name,
         **figures,

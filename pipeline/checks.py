@@ -301,6 +301,12 @@ HEMISPHERE_HINT = "; one hemisphere onto a whole atlas: patchmorph atlas --brain
 """What the part-of-a-brain warning adds when the fixed tissue looks like one hemisphere of the moving one's."""
 
 
+def recorded_geometry(field_meta: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The :func:`check_geometry` record a field's metadata (``attrs["patchmorph"]``) keeps in its quality block
+    (None: a field without one)."""
+    return field_meta.get("quality", {}).get("preflight", {}).get("geometry")
+
+
 def part_of_a_brain(geometry: Mapping[str, Any] | None) -> bool:
     """Whether a registration's ``geometry`` record (:func:`check_geometry`) says that one image's tissue has
     another shape than the other's (the spread of their extent ratios reached :data:`EXTENT_SHAPE_WARNING`): part

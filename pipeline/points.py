@@ -537,13 +537,13 @@ def part_of_a_brain_spread(folder: Path) -> float | None:
     """The spread of the tissue extent ratios (brain against atlas, :func:`pipeline.checks.part_of_a_brain`) that
     the registration of the job in ``folder`` recorded in its field's quality block, when it says part of a brain;
     None for a whole brain (or one hemisphere registered to the atlas's), or a field without the record."""
-    from pipeline.checks import part_of_a_brain
+    from pipeline.checks import part_of_a_brain, recorded_geometry
     from pipeline.ngff import read_field
 
     field = folder / "field.ome.zarr"
     if not field.is_dir():
         return None
-    geometry = read_field(field)[2].get("quality", {}).get("preflight", {}).get("geometry")
+    geometry = recorded_geometry(read_field(field)[2])
     return float(geometry["ratio_spread"]) if part_of_a_brain(geometry) else None
 
 
