@@ -7,7 +7,8 @@ input, and the folder it writes into must be able to hold the result.
 * :func:`check_checkpoint` refuses to train over an existing checkpoint unless asked to resume or to
   overwrite it.
 * :func:`check_writable` and :func:`check_free_space` refuse an output folder that cannot be written or
-  that lacks room for the output's estimated (uncompressed) size.
+  that lacks room for the output's estimated size: uncompressed, or, where its input's compression is known
+  (:func:`stored_fraction`), that compressed size with a margin, the uncompressed size then giving a warning.
 
 * :func:`check_image` refuses an image with NaN or infinite values, an empty or constant one;
   :func:`check_pair` refuses a pair whose tissue extents differ by more than :data:`MAX_EXTENT_RATIO` on
@@ -186,22 +187,58 @@ def format_bytes(count: float) -> str:
     return f"{size:.3g} PB"
 
 
-def check_free_space(folder: PathLike, needed_bytes: int, what: str) -> None:
-    """Refuse to start when the file system of ``folder`` has less free space than ``needed_bytes``.
+STORED_SIZE_MARGIN = 1.5
+"""Factor on an output's size estimated from its input's compression (:func:`stored_fraction`): the warped
+image resamples its input, but its chunks need not compress as well as the input's coarse level did."""
+
+COUNTED_CHUNK_FILES = 4096
+"""At most this many chunk (or shard) files of a level are listed by :func:`stored_fraction`."""
+
+
+def stored_fraction(image: MultiscaleImage, dtype: np.dtype) -> float | None:
+    """Bytes stored ÷ bytes uncompressed of ``image``'s finest level of ``dtype`` (an output's) with at most
+    :data:`COUNTED_CHUNK_FILES` chunk or shard files (so a terabyte image's coarse level is listed, never its
+    full one); None when that is not known (no such level, not a zarr array, or nothing stored)."""
+    for level in image.levels:
+        array = level.array
+        files = getattr(array, "shards", None) or getattr(array, "chunks", None)
+        if files is None or not hasattr(array, "nbytes_stored"):
+            return None
+        if array.dtype != dtype or int(np.prod(np.ceil(np.divide(array.shape, files)))) > COUNTED_CHUNK_FILES:
+            continue
+        stored, raw = int(array.nbytes_stored()), int(array.nbytes)
+        return min(1.0, stored / raw) if stored > 0 and raw > 0 else None
+    return None
+
+
+def check_free_space(folder: PathLike, needed_bytes: int, what: str, stored_fraction: float | None = None) -> None:
+    """Refuse to start when the file system of ``folder`` cannot hold the output.
 
     Args:
         folder: the folder the output goes into (must exist).
-        needed_bytes: the output's estimated size; an uncompressed estimate is an upper bound.
+        needed_bytes: the output's uncompressed size, an upper bound.
         what: the output, for the message (e.g. ``"the warped image /data/out.zarr"``).
+        stored_fraction: the fraction of its uncompressed size the output's input takes on disk
+            (:func:`stored_fraction`), or None when unknown. When known, the refusal takes that fraction of
+            ``needed_bytes`` times :data:`STORED_SIZE_MARGIN`, and less room than ``needed_bytes`` only warns:
+            a disk that fills mid-write stops the command with nothing taken as finished, and a rerun resumes.
 
     Raises:
         InputError: not enough free space.
     """
     free = shutil.disk_usage(folder).free
-    if needed_bytes > free:
+    likely = needed_bytes if stored_fraction is None else min(needed_bytes, int(needed_bytes * stored_fraction * STORED_SIZE_MARGIN))
+    if likely > free:
+        size = f"up to {format_bytes(needed_bytes)}" if likely == needed_bytes else f"about {format_bytes(likely)}"
         raise InputError(
-            f"{what} needs up to {format_bytes(needed_bytes)} but {folder} has {format_bytes(free)} free: free "
-            "some space or write elsewhere (nothing of it was written; a rerun keeps what earlier steps finished)."
+            f"{what} needs {size} but {folder} has {format_bytes(free)} free: free some space or write "
+            "elsewhere (nothing of it was written; a rerun keeps what earlier steps finished)."
+        )
+    if needed_bytes > free:
+        logger.warning(
+            "%s takes about %s compressed as its input is, up to %s uncompressed, and %s has %s free: if the disk "
+            "fills, the command stops with nothing taken as finished and a rerun resumes once there is room",
+            what, format_bytes(likely), format_bytes(needed_bytes), folder, format_bytes(free),
         )
 
 

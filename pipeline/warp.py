@@ -47,7 +47,7 @@ from patchmorph_core.errors import InputError
 from patchmorph_core.source import MultiscaleImage, float32_if_small
 from patchmorph_core.spatial import Grid
 from patchmorph_core.warping import Interpolation, LabelInterpolation, warp_to_grid
-from pipeline.checks import check_free_space, check_outputs, check_writable, run_outputs
+from pipeline.checks import check_free_space, check_outputs, check_writable, run_outputs, stored_fraction
 from pipeline.chunked import ChunkPlan, output_array, run_chunked
 from pipeline.cluster import load_cluster_config, open_executor
 from pipeline.integrity import check_stored
@@ -350,7 +350,9 @@ def warp_files(
         check_label_values(image.levels[0].array, moving)
     dtype = level_dtype(getattr(image.levels[0].array, "dtype", np.float32), labels)  # a mask's values kept
     check_writable(out.parent)
-    check_free_space(out.parent, int(np.prod(grid.shape)) * dtype.itemsize * 4 // 3, f"the warped image {out}")  # + pyramid
+    check_free_space(  # + pyramid
+        out.parent, int(np.prod(grid.shape)) * dtype.itemsize * 4 // 3, f"the warped image {out}", stored_fraction(image, dtype)
+    )
     forward = FieldDisplacement(float32_if_small(field_arr, FIELD_MEMORY_BYTES), field_grid)
     displacement: Displacement = InverseDisplacement(forward, INVERSE_ITERATIONS) if inverse else forward
     fingerprint = {

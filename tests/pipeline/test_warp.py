@@ -9,11 +9,14 @@ import numpy as np
 import pytest
 import zarr
 
+import pipeline.checks as checks
 import pipeline.ngff as ngff
 from patchmorph_core.config import InferenceConfig
 from patchmorph_core.displacement import FieldDisplacement
+from patchmorph_core.errors import InputError
 from patchmorph_core.spatial import Grid, random_rotation
 from patchmorph_core.warping import warp_to_grid
+from pipeline.checks import STORED_SIZE_MARGIN, stored_fraction
 from pipeline.ngff import finish_image, pyramid_arrays, read_image, write_field, write_image
 from pipeline.resume import StageRecords
 from pipeline.warp import task_levels, warp_files
@@ -192,3 +195,54 @@ def test_a_relative_fixed_image_read_from_another_folder_is_refused(
     monkeypatch.chdir(tmp_path / "mouse1")
     warp_files(field, moving, tmp_path / "right.ome.zarr", progress=False)
     assert read_image(tmp_path / "right.ome.zarr").grid.same_voxels(grid)
+
+
+def _disk_with_free(monkeypatch: pytest.MonkeyPatch, free: int) -> None:
+    """The output folder's file system reports ``free`` bytes free."""
+    usage = shutil.disk_usage("/")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage._replace(free=free))
+
+
+def test_free_space_is_judged_by_how_the_input_compresses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Mostly background (as a brain's grid is) compresses far below its uncompressed size: a disk that holds
+    that with a margin is not refused (a warning names the uncompressed bound); one that cannot is refused
+    before anything is written."""
+    grid = Grid.from_orientation((40, 24, 32), (2.0, 1.0, 1.5), "lia", unit="millimeter")
+    image = np.zeros(grid.shape, np.uint16)
+    image[10:30, 6:18, 8:24] = np.random.default_rng(0).integers(900, 1100, (20, 12, 16), dtype=np.uint16)
+    moving = write_image(tmp_path / "moving.zarr", image, grid)
+    field = write_field(tmp_path / "field.zarr", np.zeros((3, *grid.resampled(4.0).shape), np.float32), grid.resampled(4.0),
+                        metadata={"fixed": str(moving), "moving": str(moving)})  # fmt: skip
+    fraction = stored_fraction(read_image(moving), np.dtype(np.uint16))
+    assert fraction is not None and 0 < fraction < 0.5
+    needed = int(np.prod(grid.shape)) * 2 * 4 // 3  # the uncompressed output with its pyramid
+
+    _disk_with_free(monkeypatch, int(needed * fraction * STORED_SIZE_MARGIN) + 4096)
+    with caplog.at_level("WARNING", logger="pipeline.checks"):
+        warp_files(field, moving, tmp_path / "warped.zarr", progress=False)
+    assert read_image(tmp_path / "warped.zarr").levels[0].array.shape == grid.shape
+    assert "compressed as its input is" in caplog.text and "a rerun resumes" in caplog.text
+
+    _disk_with_free(monkeypatch, int(needed * fraction * STORED_SIZE_MARGIN) - 4096)
+    with pytest.raises(InputError, match=r"the warped image .*again\.zarr needs about .* free: free some space"):
+        warp_files(field, moving, tmp_path / "again.zarr", progress=False)
+    assert not (tmp_path / "again.zarr").exists()
+
+
+def test_the_compressed_fraction_is_read_from_a_coarse_level_of_the_outputs_dtype(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    grid = Grid.from_orientation((40, 24, 32), (2.0, 1.0, 1.5), "lia", unit="millimeter")
+    noise = np.random.default_rng(1).random(grid.shape).astype(np.float32)  # incompressible
+    image = read_image(write_image(tmp_path / "noise.zarr", noise, grid, chunks=(8, 8, 8), n_levels=2))
+    assert stored_fraction(image, np.dtype(np.float32)) > 0.8
+    assert stored_fraction(image, np.dtype(np.uint16)) is None  # no level of the output's dtype
+    levels = [int(np.prod(np.ceil(np.divide(level.array.shape, level.array.chunks)))) for level in image.levels]
+    monkeypatch.setattr(checks, "COUNTED_CHUNK_FILES", levels[1])  # the full level is not listed
+    listed: list[tuple[int, ...]] = []
+    nbytes_stored = zarr.Array.nbytes_stored
+    monkeypatch.setattr(zarr.Array, "nbytes_stored", lambda self: listed.append(self.shape) or nbytes_stored(self))
+    assert stored_fraction(image, np.dtype(np.float32)) > 0.8
+    assert listed == [image.levels[1].array.shape]
