@@ -70,6 +70,7 @@ from pipeline.chunked import (
     run_chunked,
     split_partial,
 )
+from pipeline.cluster import network_resources
 from pipeline.executor import Executor
 from pipeline.ngff import DEFAULT_CHUNK, write_block
 from pipeline.resume import ChunkId, RunRecords, StageRecords
@@ -491,10 +492,9 @@ def run_network_pass(
         fixed_range=inputs.plan.fixed_range, moving_range=inputs.plan.moving_range, lattice=lattice,
         arrays=arrays, prior=prior, fixed_on_grid=fixed_on_grid,
     )  # fmt: skip
-    resources = {"GPU": 1.0} if executor.gpu else None
     run = run_chunked(
         executor, lattice.name, plan, arrays.records, context, write_field_chunk,
-        blocks=blocks, block_fn=block_sums, supports=[b.support for b in blocks], resources=resources,
+        blocks=blocks, block_fn=block_sums, supports=[b.support for b in blocks], resources=network_resources(executor),
         progress=progress, spill=spill_folder(executor, arrays.records, plan.grid),
     )  # fmt: skip
     record = _network_record(lattice, plan, run)

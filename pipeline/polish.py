@@ -71,6 +71,7 @@ from pipeline.chunked import (
     halved_longest,
     run_chunked,
 )
+from pipeline.cluster import network_resources
 from pipeline.driver import IN_MEMORY_VOXELS, FieldStore, Inputs, PassArrays, spill_folder
 from pipeline.executor import Executor
 from pipeline.resume import ChunkId
@@ -436,7 +437,7 @@ def run_polish(
     run = run_chunked(
         executor, "polish", arrays.plan, arrays.records, ctx, write_polished_chunk,
         blocks=work, block_fn=polish_tile, supports=[t.box for t in work],
-        resources={"GPU": 1.0} if executor.gpu else None, progress=progress,
+        resources=network_resources(executor), progress=progress,
         spill=spill_folder(executor, arrays.records, arrays.plan.grid),
     )  # fmt: skip
     record = {
