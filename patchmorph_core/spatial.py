@@ -37,6 +37,7 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -939,6 +940,25 @@ def grid_affine_from_ras(affine_ijk_to_ras: np.ndarray) -> np.ndarray:
     if affine.shape != (4, 4):
         raise SpatialError("a NIfTI/NRRD affine must be a 4x4 matrix; check the file's header.")
     return _REVERSE4 @ affine @ _REVERSE4
+
+
+_ArrayT = TypeVar("_ArrayT")  # a numpy or dask array
+_SizeT = TypeVar("_SizeT", int, float)
+
+
+def swap_file_axes(array: _ArrayT) -> _ArrayT:
+    """A NIfTI file's array ``(I, J, K, ...)`` (``i`` fastest on disk) as our ``(Z, Y, X, ...)`` = ``(K, J, I, ...)``,
+    or ours as the file's (the map is its own inverse): the first three axes reversed, further axes (NIfTI's time
+    and vector axes) kept where they are. The array counterpart of :func:`grid_affine_from_ras` and
+    :func:`nifti_affine`; a view of a numpy or dask array (no copy)."""
+    return array.transpose(2, 1, 0, *range(3, array.ndim))  # type: ignore[attr-defined]
+
+
+def swap_file_sizes(sizes: Sequence[_SizeT]) -> tuple[_SizeT, _SizeT, _SizeT]:
+    """Per-axis values of a NIfTI file ``(i, j, k, ...)`` (its shape, or its ``pixdim`` voxel sizes in the
+    file's unit) as ours ``(z, y, x)`` = ``(k, j, i)``, or ours as the file's: :func:`swap_file_axes`'s order
+    for sequences; values past the third (time, vector components) are dropped."""
+    return sizes[2], sizes[1], sizes[0]
 
 
 NIFTI_FORMS_TOLERANCE: float = 0.1

@@ -51,6 +51,8 @@ from patchmorph_core.spatial import (
     orientation_matrix,
     ras_affine_from_nrrd,
     read_box,
+    swap_file_axes,
+    swap_file_sizes,
 )
 from pipeline.resume import ZARR_METADATA
 
@@ -249,7 +251,7 @@ def open_nifti(
     dtype = nifti_value_dtype(proxy.dtype, getattr(proxy, "slope", None), getattr(proxy, "inter", None))
     if dtype != lazy.dtype:  # the proxy returns scaled (float) values: never cast them back to the stored type
         lazy = lazy.map_blocks(functools.partial(np.asarray, dtype=dtype), dtype=dtype)
-    lazy = lazy.reshape(shape).transpose(2, 1, 0)
+    lazy = swap_file_axes(lazy.reshape(shape))
     space_unit = img.header.get_xyzt_units()[0]
     header_unit = (
         "millimeter" if space_unit in (None, "unknown") else normalize_unit(space_unit, "NIfTI unit")
@@ -259,7 +261,7 @@ def open_nifti(
     if nifti_states_orientation(img.header):
         header_grid = Grid(lazy.shape, grid_affine_from_ras(np.asarray(img.affine, dtype=np.float64)), header_unit)
     else:  # voxel sizes only: the plain frame of a file without orientation (TIFF's), not nibabel's guess
-        header_grid = Grid.from_spacing(lazy.shape, np.asarray(img.header.get_zooms()[2::-1], dtype=np.float64), unit=header_unit)
+        header_grid = Grid.from_spacing(lazy.shape, np.asarray(swap_file_sizes(img.header.get_zooms()), dtype=np.float64), unit=header_unit)
     stated = str(p) if nifti_states_orientation(img.header) else None
     grid = apply_overrides(header_grid, voxel_size, unit, orientation, stated_by=stated)
     return lazy, grid
@@ -290,7 +292,7 @@ def load_nifti(
         data = np.asanyarray(nib.load(str(p)).dataobj)
     except Exception as err:  # a truncated file fails only when its data is read
         raise InputError(f"{str(p)!r} is a truncated or corrupt NIfTI file ({err}); re-export it.") from err
-    array = np.asarray(data).reshape(lazy.shape[::-1]).transpose(2, 1, 0)
+    array = swap_file_axes(np.asarray(data).reshape(swap_file_sizes(lazy.shape)))
     logger.info(
         "read NIfTI %s: shape %s, spacing %s %s", p, array.shape, np.round(grid.spacing, 6), grid.unit
     )

@@ -33,6 +33,8 @@ from patchmorph_core.spatial import (
     grid_affine_from_ras,
     lps_to_world,
     nifti_affine,
+    swap_file_axes,
+    swap_file_sizes,
     unit_scale,
     world_to_lps,
 )
@@ -108,7 +110,7 @@ def export_field(
     scale = unit_scale(grid.unit, "millimeter")
     lps = world_to_lps(np.moveaxis(values, 0, -1)) * scale  # (Z, Y, X, 3)
     data = np.ascontiguousarray(
-        lps.transpose(2, 1, 0, 3)[:, :, :, None, :], dtype=np.float32
+        swap_file_axes(lps)[:, :, :, None, :], dtype=np.float32
     )  # (X, Y, Z, 1, 3)
     affine = nifti_affine(grid.with_unit("millimeter"))
     image = nib.Nifti1Image(data, affine)
@@ -153,9 +155,9 @@ def read_itk_field(path: str | Path) -> tuple[np.ndarray, Grid]:
     if unit not in ("mm", "unknown", None):
         raise InputError(f"{path} stores its grid in {unit}: ITK displacement fields are in millimetres.")
     grid = Grid(
-        data.shape[2::-1], grid_affine_from_ras(np.asarray(image.affine, dtype=np.float64)), "millimeter"
+        swap_file_sizes(data.shape), grid_affine_from_ras(np.asarray(image.affine, dtype=np.float64)), "millimeter"
     )
-    vectors = lps_to_world(data[:, :, :, 0, :].transpose(2, 1, 0, 3))
+    vectors = lps_to_world(swap_file_axes(data[:, :, :, 0, :]))
     return np.ascontiguousarray(np.moveaxis(vectors, -1, 0), dtype=np.float32), grid
 
 
@@ -254,7 +256,7 @@ def nifti_image(image: str | Path, out: str | Path, *, level: int = 0, overwrite
             "%s lies on a sheared grid (its axes %.2g° from right angles): nibabel and FSL read %s as it lies, ITK and "
             "ANTs refuse it", image, grid.shear_deg, out,
         )  # fmt: skip
-    result = nib.Nifti1Image(np.ascontiguousarray(array.transpose(2, 1, 0)), nifti_affine(grid), dtype=dtype)
+    result = nib.Nifti1Image(np.ascontiguousarray(swap_file_axes(array)), nifti_affine(grid), dtype=dtype)
     result.header.set_xyzt_units("mm")
     tmp = out.with_name(f".{out.name}.partial{''.join(out.suffixes)}")
     nib.save(result, tmp)

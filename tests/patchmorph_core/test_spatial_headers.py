@@ -3,7 +3,16 @@
 import numpy as np
 import pytest
 
-from patchmorph_core.spatial import SpatialError, grid_affine_from_ras, nifti_forms_gap, ras_affine_from_nrrd
+from patchmorph_core.spatial import (
+    Grid,
+    SpatialError,
+    grid_affine_from_ras,
+    nifti_affine,
+    nifti_forms_gap,
+    ras_affine_from_nrrd,
+    swap_file_axes,
+    swap_file_sizes,
+)
 
 
 def _rotated_ras_affine() -> np.ndarray:
@@ -24,6 +33,34 @@ def test_grid_affine_reverses_index_and_world_components() -> None:
         zyx = ijk[::-1]
         np.testing.assert_allclose(ours[:3, :3] @ zyx + ours[:3, 3], [s, a, r])
     np.testing.assert_allclose(ours[3], [0, 0, 0, 1])
+
+
+def test_file_array_and_our_array_put_every_voxel_at_one_world_point() -> None:
+    """A NIfTI-style (I, J, K, C) array on a rotated anisotropic affine, non-cubic: swap_file_axes gives our
+    (Z, Y, X, C) array, whose voxel (z, y, x) holds file voxel (k, j, i) and lies where the file's affine puts it."""
+    ras = _rotated_ras_affine()  # voxel 0.5 x 1.5 x 2.5 along i, j, k
+    file_array = np.arange(4 * 5 * 7 * 3, dtype=np.float32).reshape(4, 5, 7, 3)
+    ours = swap_file_axes(file_array)
+    assert ours.shape == (7, 5, 4, 3)
+    assert swap_file_sizes(file_array.shape) == (7, 5, 4)
+    assert swap_file_sizes((0.5, 1.5, 2.5, 1.0)) == (2.5, 1.5, 0.5)  # pixdim of a 4-D file: its time step dropped
+    affine = grid_affine_from_ras(ras)
+    np.testing.assert_allclose(np.linalg.norm(affine[:3, :3], axis=0), swap_file_sizes((0.5, 1.5, 2.5)))
+    for i, j, k in [(0, 0, 0), (3, 1, 6), (2, 4, 5)]:
+        np.testing.assert_array_equal(ours[k, j, i], file_array[i, j, k])
+        r, a, s = ras[:3, :3] @ [i, j, k] + ras[:3, 3]
+        np.testing.assert_allclose(affine[:3, :3] @ [k, j, i] + affine[:3, 3], [s, a, r])
+    np.testing.assert_array_equal(swap_file_axes(ours), file_array)  # its own inverse, as nifti_affine is
+    np.testing.assert_allclose(nifti_affine(Grid(ours.shape[:3], affine, "millimeter")), ras)
+
+
+def test_swap_file_axes_keeps_a_dask_array_lazy() -> None:
+    import dask.array as da
+
+    file_array = np.arange(3 * 4 * 6, dtype=np.int16).reshape(3, 4, 6)
+    lazy = swap_file_axes(da.from_array(file_array, chunks=(2, 3, 4)))
+    assert isinstance(lazy, da.Array) and lazy.shape == (6, 4, 3)
+    np.testing.assert_array_equal(lazy.compute(), file_array.transpose(2, 1, 0))
 
 
 def test_lps_nrrd_becomes_ras() -> None:
