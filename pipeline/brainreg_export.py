@@ -38,7 +38,7 @@ import tifffile
 
 from patchmorph_core.displacement import FieldDisplacement
 from patchmorph_core.errors import InputError
-from patchmorph_core.spatial import Grid, nearest_orientation_code, resample, unit_scale
+from patchmorph_core.spatial import Grid, atlas_coordinates_um, nearest_orientation_code, resample, unit_scale
 from pipeline.atlas import _inner_boundaries
 from pipeline.points import JobSpaces, open_job, values_at
 from pipeline.resume import temporary_sibling
@@ -154,19 +154,20 @@ def _intensity(array: Any, grid: Grid, mapping: tuple[float, float]) -> SlabFunc
 
 def _atlas_positions_mm(job: JobSpaces) -> SlabFunction:
     """Each slab voxel's position in the atlas along its three array axes, ``(3, *slab.shape)``, in mm from the
-    first voxel's centre (``atlas index × resolution / 1000``, brainreg's deformation fields), through the job's
-    forward field."""
+    first voxel's centre (BrainGlobe's atlas coordinates, :func:`~patchmorph_core.spatial.atlas_coordinates_um`, in
+    mm: brainreg's deformation fields), through the job's forward field."""
     from pipeline.ngff import read_field
 
     array, field_grid, _ = read_field(job.field)
     sampler = FieldDisplacement(array, field_grid)
-    resolution_mm = np.asarray(job.atlas.resolution_um, dtype=np.float64) / 1000.0
+    um_to_mm = unit_scale("micrometer", "millimeter")
 
     def on(slab: Grid) -> np.ndarray:
         world = slab.points().reshape(-1, 3) * unit_scale(slab.unit, field_grid.unit)
         moved = (world + sampler(world)) * unit_scale(field_grid.unit, job.atlas_grid.unit)
         index = job.atlas_grid.world_to_index(moved)
-        return (index * resolution_mm).T.reshape(3, *slab.shape).astype(np.float32)
+        position = atlas_coordinates_um(index, job.atlas.resolution_um) * um_to_mm
+        return position.T.reshape(3, *slab.shape).astype(np.float32)
 
     return on
 

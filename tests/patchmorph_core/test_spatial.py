@@ -17,6 +17,8 @@ from patchmorph_core.spatial import (
     Grid,
     SpatialError,
     anatomical_array_axis,
+    atlas_coordinates_um,
+    atlas_index_slice,
     displaced_positions,
     grid_block_patch,
     grid_block_start,
@@ -466,3 +468,17 @@ def test_orientation_code_and_nearest_code_invert_orientation_matrix(code: str) 
 def test_the_array_axis_of_each_anatomical_direction(code: str, axes: tuple[int, int, int]) -> None:
     """``ap``, ``dv``, ``lr``: the array axis whose orientation letter is a/p, s/i, l/r."""
     assert tuple(anatomical_array_axis(code, d) for d in ("ap", "dv", "lr")) == axes
+
+
+def test_atlas_coordinates_are_index_times_each_axis_resolution() -> None:
+    """BrainGlobe's atlas coordinates on an anisotropic atlas (25 × 10 × 50 µm, non-cubic): each axis's index times
+    that axis's resolution, no origin; a transposed resolution would move every voxel off its axis. The slice of an
+    atlas range holds the indices whose coordinate lies in it, half-open."""
+    resolution = (25.0, 10.0, 50.0)
+    index = np.array([[0.0, 0.0, 0.0], [3.0, 7.0, 2.0], [1.5, 0.25, 10.0]])
+    np.testing.assert_allclose(
+        atlas_coordinates_um(index, resolution), [[0.0, 0.0, 0.0], [75.0, 70.0, 100.0], [37.5, 2.5, 500.0]]
+    )
+    cut = atlas_index_slice(70.0, 150.0, resolution[1])  # 70 µm at 10 µm: indices 7 .. 14
+    assert (cut.start, cut.stop) == (7, 15)
+    assert atlas_index_slice(70.0, 150.0, resolution[0]) == slice(3, 6)  # 75, 100, 125 µm; 150 is left out
