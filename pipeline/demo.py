@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from patchmorph_core.errors import InputError
-from patchmorph_core.spatial import Grid, orientation_code, resample
+from patchmorph_core.spatial import Grid, orientation_code, reorient_array, resample
 from pipeline.brainglobe import LEFT, RIGHT, allen_structures, midline_hemispheres, write_tiff_atlas
 from pipeline.importers import ALLEN_CCF_NRRD_ORIENTATION
 
@@ -106,7 +106,8 @@ class ExampleFiles:
 def write_example_atlas(folder: str | Path, ccf: str | Path = EXAMPLE_DIR / "mouse_ccf") -> Path:
     """Build the bundled atlas folder (BrainGlobe's TIFF layout, ``asr``) from the Allen files in ``ccf``.
 
-    The NRRD arrays are read in C order, ``(LR, DV, AP)``, and transposed to ``(AP, DV, LR)``; the atlas is
+    The NRRD arrays are read in C order, ``(LR, DV, AP)`` (:data:`ATLAS_ORIENTATION`), and reoriented to
+    ``(AP, DV, LR)`` (the folder's ``asr``, :func:`~patchmorph_core.spatial.reorient_array`); the atlas is
     symmetric (no hemisphere file: the left-right axis is split at its middle, as BrainGlobe does).
     """
     from pipeline.importers import load_nrrd
@@ -115,9 +116,9 @@ def write_example_atlas(folder: str | Path, ccf: str | Path = EXAMPLE_DIR / "mou
     template, _ = load_nrrd(ccf / "average_template_100.nrrd")
     annotation, _ = load_nrrd(ccf / "annotation_100um_2017_nearest_from25um.nrrd")
     structures = allen_structures(ccf / "ABA_annotation_last.json.gz")
-    return write_tiff_atlas(
-        folder, template.transpose(2, 1, 0), annotation.transpose(2, 1, 0), structures, EXAMPLE_ATLAS_METADATA
-    )
+    orientation = str(EXAMPLE_ATLAS_METADATA["orientation"])
+    template, annotation = (reorient_array(a, ATLAS_ORIENTATION, orientation) for a in (template, annotation))
+    return write_tiff_atlas(folder, template, annotation, structures, EXAMPLE_ATLAS_METADATA)
 
 
 def hemisphere_map(grid: Grid) -> np.ndarray:
