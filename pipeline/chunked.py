@@ -77,13 +77,6 @@ class Box:
         """The box as a tuple of slices."""
         return tuple(slice(a, b) for a, b in zip(self.start, self.stop, strict=True))  # type: ignore[return-value]
 
-    def overlaps(self, other: Box) -> bool:
-        """True when the two boxes share at least one voxel."""
-        return all(
-            max(a0, b0) < min(a1, b1)
-            for a0, a1, b0, b1 in zip(self.start, self.stop, other.start, other.stop, strict=True)
-        )
-
     def intersection(self, other: Box) -> Box | None:
         """The voxels both boxes hold, or None when they share none."""
         start = tuple(max(a, b) for a, b in zip(self.start, other.start, strict=True))
