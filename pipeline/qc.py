@@ -29,19 +29,15 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+from pydantic import BaseModel, ConfigDict
+from skimage.filters import threshold_otsu
+from skimage.segmentation import find_boundaries
 
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from pydantic import BaseModel, ConfigDict  # noqa: E402
-from skimage.filters import threshold_otsu  # noqa: E402
-from skimage.segmentation import find_boundaries  # noqa: E402
-
-from patchmorph_core.metrics import dice_per_label, jacobian_determinant, ncc  # noqa: E402
-from patchmorph_core.source import Level, MultiscaleImage, downsample, downsampled_grid  # noqa: E402
-from patchmorph_core.spatial import (  # noqa: E402
+from patchmorph_core.metrics import dice_per_label, jacobian_determinant, ncc
+from patchmorph_core.source import Level, MultiscaleImage, downsample, downsampled_grid
+from patchmorph_core.spatial import (
     AXES,
     Grid,
     axes_between,
@@ -50,7 +46,7 @@ from patchmorph_core.spatial import (  # noqa: E402
     reorient_array,
     resample,
 )
-from pipeline.ngff import read_field, read_image  # noqa: E402
+from pipeline.ngff import read_field, read_image
 
 logger = logging.getLogger(__name__)
 
@@ -167,7 +163,8 @@ def plane_views(orientation: str | None, axis_names: bool = True) -> list[PlaneV
 
 
 def _figure(title: str) -> tuple[Figure, np.ndarray]:
-    fig, axes = plt.subplots(1, 3, figsize=(12, 4.4), constrained_layout=True)
+    fig = Figure(figsize=(12, 4.4), layout="constrained")  # no pyplot: the caller's backend is left alone
+    axes = fig.subplots(1, 3)
     fig.suptitle(title)
     return fig, axes
 
@@ -206,7 +203,6 @@ def _finish(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
-    plt.close(fig)
     logger.info("wrote QC figure %s", path)
     return path
 
@@ -336,7 +332,7 @@ def jacobian_figure(
         f"Jacobian determinant {where}: min {np.nanmin(values):.3g}, max {np.nanmax(values):.3g}, "
         f"folded {100.0 * np.mean(values <= 0):.3g} %"
     )
-    base = plt.get_cmap("RdBu_r")
+    base = matplotlib.colormaps["RdBu_r"]
     cmap = base.with_extremes(under=base(0.0), over=base(1.0), bad="0.6")
     norm = matplotlib.colors.LogNorm(*JACOBIAN_RANGE)
     folds = matplotlib.colors.ListedColormap(["black"])

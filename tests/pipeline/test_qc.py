@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import matplotlib.image as mpimg
@@ -140,3 +143,19 @@ def test_tissue_centre_is_the_middle_of_the_labelled_box() -> None:
     labels = np.zeros((9, 10, 20), np.uint8)
     labels[2:7, 1:4, 0:9] = 3  # a left half: its sagittal slice is at x = 4, not at the grid's middle (10)
     assert qc.tissue_centre(labels) == [4, 2, 4] and qc.tissue_centre(np.zeros((3, 3, 3))) is None
+
+
+def test_figures_leave_the_callers_matplotlib_backend_alone(tmp_path: Path) -> None:
+    """A notebook that imports the QC module and draws a figure keeps its own (interactive) backend and has no
+    figure of ours left open in pyplot."""
+    script = (
+        "import matplotlib, numpy as np\n"
+        "from pathlib import Path\n"
+        "import matplotlib.pyplot as plt\n"
+        "from pipeline import qc\n"
+        f"qc.jacobian_figure(np.full((6, 7, 8), 1.0), (1.0, 2.0, 3.0), Path({str(tmp_path / 'j.png')!r}))\n"
+        "print(matplotlib.get_backend(), len(plt.get_fignums()))\n"
+    )
+    env = {**os.environ, "MPLBACKEND": "svg"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
+    assert result.stdout.split() == ["svg", "0"] and (tmp_path / "j.png").is_file()
