@@ -57,7 +57,18 @@ def smoothness_loss(disp_world: torch.Tensor, linear: torch.Tensor, affine_free:
 
 
 def fold_loss(disp_world: torch.Tensor, linear: torch.Tensor, eps: float = 0.05) -> torch.Tensor:
-    """Mean of ``relu(eps - det J)`` with ``J = I + ∂u/∂x`` on a patch (0 for fold-free fields)."""
+    """Mean of ``relu(eps - det J)`` with ``J = I + ∂u/∂x`` on a patch (0 for fold-free fields).
+
+    Args:
+        disp_world: ``(B, 3, P, P, P)`` world displacement ``u`` (components z, y, x, in the patch's world unit)
+            at the patch's voxels.
+        linear: ``(B, 3, 3)`` the patch's index→world linear part (world unit per voxel), which turns the
+            voxel differences of ``u`` into ``∂u/∂x``.
+        eps: the smallest det J that costs nothing (dimensionless).
+
+    Returns:
+        The scalar penalty (dimensionless).
+    """
     det = jacobian_determinant(disp_world.float(), linear.float())
     return F.relu(eps - det).mean()
 

@@ -144,7 +144,7 @@ def _pair(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None) -> tuple[np.nda
 def ncc(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
     """Global normalised cross-correlation (Pearson r) of two images, over ``mask`` if given; in [-1, 1].
 
-    A constant image gives 0.
+    ``a``, ``b`` and ``mask`` (boolean) are arrays of one shape (any, e.g. ``(Z, Y, X)``). A constant image gives 0.
     """
     arr_a, arr_b = _pair(a, b, mask)
     da = arr_a - arr_a.mean()
@@ -156,7 +156,8 @@ def ncc(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
 def local_ncc(
     a: np.ndarray, b: np.ndarray, window_vox: int = 9, mask: np.ndarray | None = None, eps: float = 1e-10
 ) -> float:
-    """Mean local normalised cross-correlation in cubic windows of ``window_vox`` voxels.
+    """Mean local normalised cross-correlation of two ``(Z, Y, X)`` images of one shape in cubic windows of
+    ``window_vox`` voxels per edge.
 
     At every voxel the correlation coefficient ``cov / sqrt(var_a var_b)`` of the two images inside the
     window centred there (box filter, edges reflected) is computed; the result is its mean over the
