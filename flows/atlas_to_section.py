@@ -21,7 +21,7 @@ from prefect import flow
 from prefect.client.schemas.objects import State
 
 from flows.config import AtlasToSectionOptions, Geometry, resolve_options
-from flows.manifest import ManifestItem, ManifestProblem, load_manifest, where_relative
+from flows.manifest import ManifestItem, ManifestProblem, load_manifest, prepared_folder_name, where_relative
 from flows.records import ItemError, RunReport
 from flows.runner import final_state, finish_run, run_on_dask
 from flows.steps import ImageInput, ItemJob
@@ -147,12 +147,9 @@ def atlas_jobs(
 
 def prepared_folder(out: Path, key: PreparedKey) -> Path:
     """Where the atlas cut to ``key`` is prepared: ``<out>/atlas`` for whole brains, ``<out>/atlas_<geometry>``
-    for a hemisphere, each with ``_<range>`` appended for an atlas range (e.g. ``atlas_ap6200-9200``)."""
-    geometry, text = key
-    parts = ["atlas", *([geometry] if geometry != "full" else [])]
-    if text:
-        parts.append(text.replace("=", "").replace(":", "-").replace(",", "_"))
-    return out / "_".join(parts)
+    for a hemisphere, each with ``_<range>`` appended for an atlas range (e.g. ``atlas_ap6200-9200``;
+    :func:`flows.manifest.prepared_folder_name`, whose names no item may take)."""
+    return out / prepared_folder_name(*key)
 
 
 def prepared_atlases(

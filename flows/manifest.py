@@ -23,14 +23,14 @@ import csv
 import hashlib
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from flows.config import Geometry
 from patchmorph_core.errors import InputError
-from pipeline.atlas import AtlasRange, BrainGeometry, parse_atlas_range
+from pipeline.atlas import AtlasRange, BrainGeometry, parse_atlas_range, range_text
 
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -38,7 +38,59 @@ MAX_NAME_LENGTH = 64
 """Longest item name (an output folder name; longer names keep their start and a hash of the whole)."""
 
 RESERVED_NAMES = frozenset({"atlas", "report.md", "report.json"})
-"""What the atlas-to-section flow itself writes into its output folder (compared without case)."""
+"""What the atlas-to-section flow itself writes into its output folder (compared without case); the folders of
+the atlas prepared for a brain geometry or atlas range (:func:`prepared_folder_name`) are refused as names
+(:func:`prepared_folder_clash`)."""
+
+_RANGE_PART = re.compile(r"([a-z]+)(.+)")
+
+
+def prepared_folder_name(geometry: str, text: str) -> str:
+    """The folder name of the atlas prepared for a brain ``geometry`` and an atlas range ``text`` (as
+    :func:`pipeline.atlas.range_text` writes it; empty: the whole atlas): ``atlas`` for whole brains,
+    ``atlas_<geometry>`` for a hemisphere, each with ``_<range>`` appended for a range (e.g.
+    ``atlas_ap6200-9200``)."""
+    parts = ["atlas", *([geometry] if geometry != "full" else [])]
+    if text:
+        parts.append(text.replace("=", "").replace(":", "-").replace(",", "_"))
+    return "_".join(parts)
+
+
+def _range_of_part(part: str) -> str | None:
+    """The range text (``ap=6200:9200``) whose folder part (:func:`prepared_folder_name`) is ``part``, or None."""
+    match = _RANGE_PART.fullmatch(part)
+    if match is None:
+        return None
+    direction, span = match.groups()
+    for cut in (i for i, char in enumerate(span) if char == "-"):
+        try:
+            text = range_text(parse_atlas_range([f"{direction}={span[:cut]}:{span[cut + 1 :]}"]))
+        except InputError:
+            continue
+        if prepared_folder_name("full", text) == f"atlas_{part}":
+            return text
+    return None
+
+
+def prepared_folder_clash(name: str) -> str | None:
+    """What the atlas-to-section flow prepares in the folder ``name`` (compared without case), e.g.
+    ``"brain_geometry hemisphere_l"`` or ``"atlas_range ap=6200:9200"``, or None when it is no such folder's name.
+    Read back through :func:`prepared_folder_name`, so that every name it can produce is found."""
+    lower = name.lower()
+    if not lower.startswith("atlas_"):
+        return None
+    tail, geometry = lower.removeprefix("atlas_"), "full"
+    for option in get_args(BrainGeometry):
+        if tail == option or tail.startswith(f"{option}_"):
+            tail, geometry = tail.removeprefix(option).removeprefix("_"), option
+    texts = [_range_of_part(part) for part in tail.split("_")] if tail else []
+    if any(text is None for text in texts):
+        return None
+    text = ",".join(t for t in texts if t)
+    if prepared_folder_name(geometry, text) != lower:
+        return None
+    described = [*([f"brain_geometry {geometry}"] if geometry != "full" else []), *([f"atlas_range {text}"] if text else [])]
+    return " and ".join(described)
 
 
 class ManifestItem(Geometry):
@@ -188,13 +240,23 @@ def _item_from_row(row: dict[str, Any], folder: Path, index: int) -> ManifestIte
         except InputError as err:
             return ManifestProblem(name=name, message=str(err))
     try:
-        return ManifestItem.model_validate(entry)
+        item = ManifestItem.model_validate(entry)
     except ValidationError as err:
         first = err.errors()[0]
         key = ".".join(str(p) for p in first["loc"]) or "<item>"
         return ManifestProblem(
             name=name, message=f"manifest item {name!r}: {key} is invalid ({first['msg']}); fix that entry."
         )
+    clash = prepared_folder_clash(item.name)
+    if clash is not None:
+        return ManifestProblem(
+            name=item.name,
+            message=(
+                f"manifest item {item.name!r}: its output folder would be the one where the batch prepares the atlas "
+                f"for {clash}, and the two would overwrite each other: give the item another name."
+            ),
+        )
+    return item
 
 
 def load_manifest(path: str | Path) -> list[ManifestItem | ManifestProblem]:

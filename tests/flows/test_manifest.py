@@ -164,3 +164,25 @@ def test_atlas_ranges_are_prepared_once_each_and_a_refused_one_is_its_items_erro
     assert "its part" not in by_name["whole"].check_names()["moving"]
     _, errors = atlas_jobs(tmp_path / "atlas.nii.gz", entries[:2], out, options, None)
     assert [e.name for e in errors] == ["slab"] and "atlas_range ap=5000:7500 needs a BrainGlobe atlas" in errors[0].message
+
+
+def test_an_item_named_as_a_prepared_atlas_folder_is_refused(tmp_path: Path) -> None:
+    """An item's output folder must not be the one where the batch prepares the atlas for a brain geometry or atlas
+    range (``atlas_hemisphere_l``, ``atlas_ap6200-9200``, ...; without case): the two would overwrite each other.
+    Every folder :func:`flows.atlas_to_section.prepared_folder` names is found; other ``atlas_...`` names are kept."""
+    from flows.atlas_to_section import prepared_folder
+
+    keys = [("hemisphere_l", ""), ("hemisphere_r", "ap=6200:9200"), ("full", "ap=6200.5:9200,dv=1000:5000,lr=0:5700")]
+    folders = [prepared_folder(tmp_path, key).name for key in keys]
+    assert folders[0] == "atlas_hemisphere_l"
+    names = [*folders, "ATLAS_AP6200-9200", "atlas_test", "atlas_full", "atlas_ap9200-6200"]
+    (tmp_path / "m.yaml").write_text("".join(f"- {{name: {name}, path: b.tif}}\n" for name in names))
+    items = load_manifest(tmp_path / "m.yaml")
+    assert [type(i) for i in items] == [ManifestProblem] * 4 + [ManifestItem] * 3, items
+    assert [i.name for i in items] == names
+    assert items[1].message == (
+        "manifest item 'atlas_hemisphere_r_ap6200-9200': its output folder would be the one where the batch prepares "
+        "the atlas for brain_geometry hemisphere_r and atlas_range ap=6200:9200, and the two would overwrite each "
+        "other: give the item another name."
+    )
+    assert "for atlas_range ap=6200:9200," in items[3].message and "brain_geometry hemisphere_l," in items[0].message
