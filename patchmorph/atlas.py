@@ -260,10 +260,17 @@ def export_brainreg(
     registered_atlas.tiff, registered_hemispheres.tiff, boundaries.tiff, deformation_field_0-2.tiff,
     downsampled_standard.tiff, volumes.csv) for BrainGlobe's tools: the brainreg reader of napari,
     brainglobe-segmentation, brainmapper."""
+    from pipeline.brainreg_export import atlas_cut
     from pipeline.brainreg_export import export_brainreg as export
 
     written = export(job, out, overwrite=overwrite)
     typer.echo(f"wrote brainreg folder {written}")
+    cut = atlas_cut(written)
+    if cut is not None:
+        typer.echo(
+            f"the job was registered to part of the atlas, {cut}: its labels and volumes cover only that part "
+            "(brainreg.json records it as brain_geometry and atlas_range)"
+        )
 
 
 @command

@@ -15,8 +15,11 @@ along each atlas axis). The folder holds, as TIFF stacks in that space:
 
 and, in atlas space, ``downsampled_standard.tiff`` (``downsampled_standard_<channel>.tiff``): the job's brain
 (channels) in atlas space, plus ``volumes.csv`` (the job's) and ``brainreg.json`` (``atlas``, the brain's
-``orientation`` and ``voxel_sizes`` in µm per array axis of the brain file, as brainreg records its arguments;
-an oblique brain gets the nearest orientation code).
+``orientation`` and ``voxel_sizes`` in µm per array axis of the brain file, ``brain_geometry``, as brainreg records
+its arguments at the file's top level; an oblique brain gets the nearest orientation code; and ``atlas_range``, the
+part of the atlas the job was registered to, direction → ``[from, to]`` µm as the job's summary records it, empty
+for the whole atlas: brainreg has no such argument, so BrainGlobe's tools do not read it, but whoever opens the
+folder can tell the atlas was cut).
 
 Everything is computed and written slab by slab of planes (memory bounded by a slab, whatever the atlas's
 resolution), into a temporary folder renamed into place when complete; what two files need (the labels for the
@@ -39,7 +42,7 @@ import tifffile
 from patchmorph_core.displacement import FieldDisplacement
 from patchmorph_core.errors import InputError
 from patchmorph_core.spatial import Grid, atlas_coordinates_um, nearest_orientation_code, resample, unit_scale
-from pipeline.atlas import _inner_boundaries
+from pipeline.atlas import _inner_boundaries, range_record, range_text
 from pipeline.points import JobSpaces, open_job, values_at
 from pipeline.resume import temporary_sibling
 
@@ -252,6 +255,20 @@ def export_brainreg(job_folder: str | Path, out: str | Path, overwrite: bool = F
     return out
 
 
+def atlas_cut(folder: str | Path) -> str | None:
+    """What part of the atlas the brainreg folder ``folder`` (written by :func:`export_brainreg`) was registered to,
+    as a clause from its ``brainreg.json`` (e.g. ``"its left hemisphere (brain_geometry hemisphere_l), cut to
+    ap=1000:12000 µm of its coordinates (atlas_range)"``), or None for the whole atlas."""
+    meta = json.loads((Path(folder) / "brainreg.json").read_text())
+    parts = []
+    if meta.get("brain_geometry", "full") != "full":
+        side = "left" if meta["brain_geometry"] == "hemisphere_l" else "right"
+        parts.append(f"its {side} hemisphere (brain_geometry {meta['brain_geometry']})")
+    if meta.get("atlas_range"):
+        parts.append(f"cut to {range_text(meta['atlas_range'])} µm of its coordinates (atlas_range)")
+    return ", ".join(parts) or None
+
+
 def _write_folder(folder: Path, job_folder: Path, job: JobSpaces, grid: Grid) -> None:
     """Every file of the brainreg folder into ``folder``."""
     from pipeline.ngff import read_image
@@ -284,6 +301,7 @@ def _write_folder(folder: Path, job_folder: Path, job: JobSpaces, grid: Grid) ->
         "orientation": nearest_orientation_code(job.brain_grid.direction),
         "voxel_sizes": [round(float(v), 6) for v in voxel_sizes],
         "brain_geometry": job.brain_geometry,
+        "atlas_range": range_record(job.atlas_range),
         "atlas_orientation": job.atlas.orientation,
         MARKER: {"job": str(job_folder.resolve()), "downsampled_shape": list(grid.shape)},
     }

@@ -37,6 +37,7 @@ def test_the_folder_has_brainregs_files_and_metadata(exported: Path, atlas_job: 
     assert len(channels) == 1  # the job's one extra channel
     meta = json.loads((exported / "brainreg.json").read_text())
     assert meta["atlas"] == "allen_mouse_100um" and meta["orientation"] == "psl" and meta["brain_geometry"] == "full"
+    assert meta["atlas_range"] == {}
     np.testing.assert_allclose(meta["voxel_sizes"], [50, 40, 40])  # the brain file's, not the job's downsampled
     shapes = {tifffile.imread(exported / name).shape for name in FILES if name.startswith(("down", "reg", "bound", "def"))}
     shapes.discard((132, 80, 114))  # downsampled_standard: the atlas's grid
@@ -77,6 +78,30 @@ def test_deformation_fields_point_to_the_atlas_labels_on_the_brain(exported: Pat
     from skimage.segmentation import find_boundaries
 
     np.testing.assert_array_equal(boundaries, find_boundaries(labels, mode="inner"))  # as brainreg computes them
+
+
+def test_a_job_registered_to_part_of_the_atlas_says_so_in_brainreg_json_and_the_output(
+    atlas_job: dict, tmp_path: Path
+) -> None:
+    """brainreg.json records the job's brain geometry and atlas range at its top level, where brainreg records its
+    arguments, and the command says the atlas was cut (the session's job, its atlas record changed as a job given
+    --brain-geometry hemisphere_l --atlas-range ap=1000:12000 records it)."""
+    import shutil
+
+    job = tmp_path / "job"
+    shutil.copytree(atlas_job["out"], job, symlinks=True)
+    record = json.loads((job / "atlas" / "atlas.json").read_text())
+    cut = {"brain_geometry": "hemisphere_l", "atlas_range": {"ap": [1000.0, 12000.0]}}
+    (job / "atlas" / "atlas.json").write_text(json.dumps({**record, **cut}))
+    result = CliRunner().invoke(app, ["export-brainreg", "--job", str(job), "-o", str(tmp_path / "brainreg")])
+    assert result.exit_code == 0, result.output
+    meta = json.loads((tmp_path / "brainreg" / "brainreg.json").read_text())
+    assert {key: meta[key] for key in cut} == cut
+    words = " ".join(result.output.split())
+    assert (
+        "the job was registered to part of the atlas, its left hemisphere (brain_geometry hemisphere_l), cut to "
+        "ap=1000:12000 µm of its coordinates (atlas_range): its labels and volumes cover only that part" in words
+    ), words
 
 
 def test_an_existing_output_is_refused_and_only_its_own_folder_replaced(
