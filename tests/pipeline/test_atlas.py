@@ -167,7 +167,9 @@ def test_a_part_of_a_brain_is_flagged_on_its_summary_page(tmp_path: Path) -> Non
         assert ("give its range with --atlas-range" in page) is partial
     ranged = {**summary, "partial_brain": True, "atlas_range": {"ap": [7200.0, 8200.0]}}  # a stack thinner than it
     page = " ".join(write_job_summary(tmp_path, ranged, {})["summary_md"].read_text().split())
-    assert "The atlas range given (ap=7200:8200 µm) still holds more than the brain: narrow it" in page
+    assert "Part of a brain: check these results.** The atlas range given (ap=7200:8200 µm) still holds more" in page
+    assert "narrow the range only to where you know the brain's tissue lies in the atlas" in page
+    assert "when unsure, keep it wider rather than guess" in page and "do not trust" not in page
     assert "Atlas cut to ap=7200:8200 µm of its coordinates (--atlas-range)" in page
 
 
