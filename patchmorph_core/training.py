@@ -356,13 +356,16 @@ def learning_rate(config: TrainConfig, step: int) -> float:
     return config.lr * 0.5 * (1.0 + math.cos(math.pi * step / config.steps))
 
 
-def train(config: TrainConfig, source: PairSource, progress: bool = True) -> TrainResult:
+def train(config: TrainConfig, source: PairSource, progress: bool = True, label: str | None = None) -> TrainResult:
     """Train (or resume training) a :class:`PatchMorph` model.
 
     Args:
         config: the resolved training config (its ``model`` is used unless resuming).
         source: gives the training pair of each step from the run's random generator.
         progress: show a tqdm progress bar.
+        label: what the progress bar says (None: ``train``, with the step numbers of a resumed run, e.g.
+            ``train (steps 101-200)``); a caller that continues a model's steps for its own purpose (a fine-tuning
+            from weights that count their training's steps) names that purpose.
 
     Returns:
         A :class:`TrainResult`; the checkpoint holds the model, the resolved configs, the optimizer,
@@ -372,12 +375,12 @@ def train(config: TrainConfig, source: PairSource, progress: bool = True) -> Tra
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     try:
-        return _train(config, source, progress)
+        return _train(config, source, progress, label)
     finally:
         torch.set_num_threads(threads)
 
 
-def _train(config: TrainConfig, source: PairSource, progress: bool) -> TrainResult:
+def _train(config: TrainConfig, source: PairSource, progress: bool, label: str | None) -> TrainResult:
     """:func:`train` with the thread count already set."""
     device = torch.device(resolve_device(config.device))
     rng = np.random.default_rng(config.seed)
@@ -419,7 +422,7 @@ def _train(config: TrainConfig, source: PairSource, progress: bool) -> TrainResu
             extra["source"] = source.state()
         save_checkpoint(checkpoint, model, step=step, optimizer=optimizer, configs=configs, extra=extra)
 
-    desc = f"train (steps {start_step + 1}-{config.steps})" if start_step else "train"
+    desc = label or (f"train (steps {start_step + 1}-{config.steps})" if start_step else "train")
     bar = tqdm(total=config.steps - start_step, desc=desc, disable=not progress, unit="step")
     with csv_path.open("a", newline="") as fh:
         writer = csv.writer(fh)

@@ -462,7 +462,8 @@ def fine_tune(
         checkpoint_every=max(config.steps, 1),
         resume=True,
     )
-    result = training.train(train_config, build_source(data, out / "fine_tune", alignment))
+    label = f"fine-tuning the model on this brain ({config.steps} steps)"
+    result = training.train(train_config, build_source(data, out / "fine_tune", alignment), label=label)
     record.write_text(json.dumps({"key": key, "steps": config.steps, "seconds": result.seconds}))
     logger.info("fine-tuned %d steps in %.0f s -> %s", config.steps, result.seconds, target)
     return target

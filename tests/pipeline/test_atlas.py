@@ -1037,3 +1037,34 @@ def test_a_slab_registered_against_its_atlas_range_lands_where_the_whole_brain_p
     assert "Atlas cut to ap=" in (tmp_path / "range" / "summary.md").read_text()
     again = CliRunner().invoke(app, ["atlas", "-o", str(tmp_path / "range"), *common, "--atlas-range", "ap=0:13200"])
     assert again.exit_code == 2 and "other inputs or settings (atlas_range.ap)" in again.output, again.output
+
+
+def test_the_fine_tuning_progress_bar_says_what_the_user_is_doing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The job fine-tunes a model whose checkpoint counts its training's steps (the bundled one: 4000): its progress
+    bar says it is fine-tuning so many steps, not ``train (steps 4001-4020)``."""
+    import torch
+    from chunked_helpers import image_pair
+
+    from patchmorph_core import training
+    from patchmorph_core.config import InferenceConfig, ModelConfig
+    from patchmorph_core.model import PatchMorph, save_checkpoint
+    from pipeline.atlas_job import FineTuneConfig, fine_tune
+
+    torch.manual_seed(0)
+    model = PatchMorph(ModelConfig(patch_size=16, n_stages=1, widths=(4, 8), affine_widths=(4, 8)))
+    weights = save_checkpoint(tmp_path / "trained.pt", model, step=4000)
+    fixed, moving = image_pair(tmp_path)
+    bars: list[str] = []
+
+    def recorded(*args: object, **kwargs: object) -> object:
+        bars.append(str(kwargs["desc"]))
+        return original(*args, **kwargs)
+
+    original = training.tqdm
+    monkeypatch.setattr(training, "tqdm", recorded)
+    config = FineTuneConfig(steps=2, spacing=2400.0, batch_size=1)
+    inference = InferenceConfig(weights=str(weights), device="cpu", n_stages=1)
+    fine_tune(fixed, moving, tmp_path / "job", config, inference)
+    assert bars == ["fine-tuning the model on this brain (2 steps)"]
