@@ -24,6 +24,7 @@ from flows.config import AtlasToSectionOptions, Geometry, resolve_options
 from flows.manifest import ManifestItem, ManifestProblem, load_manifest, prepared_folder_name, where_relative
 from flows.records import ItemError, RunReport
 from flows.runner import final_state, finish_run, run_on_dask
+from flows.settings import project_logs_in_the_run
 from flows.steps import ImageInput, ItemJob
 from patchmorph_core.errors import InputError
 from pipeline.atlas import AtlasRange, PreparedAtlas, check_atlas_range, prepare_atlas, range_text
@@ -187,22 +188,23 @@ def atlas_to_section(
     Raises:
         InputError: the atlas, its labels or the manifest cannot be read (nothing to align).
     """
-    options = resolve_options(config, AtlasToSectionOptions)
-    found = brainglobe_atlas(atlas)
-    for role, path in (("atlas", None if found else atlas), ("atlas_labels", options.atlas_labels)):
-        if path is not None and not Path(path).exists():
-            raise InputError(
-                f"{role} {path} does not exist{where_relative(path)}: give the path of the atlas image (or fix "
-                "the option)."
-            )
-    out_dir = Path(out)
-    check_outputs(
-        inputs={"atlas": atlas, "atlas_labels": options.atlas_labels, "manifest": manifest},
-        outputs={"report": out_dir / "report.md", "report record": out_dir / "report.json"},
-    )
-    entries = load_manifest(manifest)
-    prepared = None if found is None else prepared_atlases(found, entries, out_dir)
-    jobs, errors = atlas_jobs(Path(atlas), entries, out_dir, options, prepared)
-    outcomes = run_on_dask(jobs, options, options.max_parallel_items, errors)
-    inputs = {"atlas": atlas, "manifest": manifest}
-    return final_state(finish_run(FLOW_NAME, inputs, out_dir, outcomes))
+    with project_logs_in_the_run():  # the atlas's and the manifest's warnings too, not only the items'
+        options = resolve_options(config, AtlasToSectionOptions)
+        found = brainglobe_atlas(atlas)
+        for role, path in (("atlas", None if found else atlas), ("atlas_labels", options.atlas_labels)):
+            if path is not None and not Path(path).exists():
+                raise InputError(
+                    f"{role} {path} does not exist{where_relative(path)}: give the path of the atlas image (or fix "
+                    "the option)."
+                )
+        out_dir = Path(out)
+        check_outputs(
+            inputs={"atlas": atlas, "atlas_labels": options.atlas_labels, "manifest": manifest},
+            outputs={"report": out_dir / "report.md", "report record": out_dir / "report.json"},
+        )
+        entries = load_manifest(manifest)
+        prepared = None if found is None else prepared_atlases(found, entries, out_dir)
+        jobs, errors = atlas_jobs(Path(atlas), entries, out_dir, options, prepared)
+        outcomes = run_on_dask(jobs, options, options.max_parallel_items, errors)
+        inputs = {"atlas": atlas, "manifest": manifest}
+        return final_state(finish_run(FLOW_NAME, inputs, out_dir, outcomes))

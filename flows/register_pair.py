@@ -17,6 +17,7 @@ from flows.config import RegisterPairOptions, resolve_options
 from flows.manifest import default_name
 from flows.records import RunReport
 from flows.runner import final_state, finish_run, run_on_dask
+from flows.settings import project_logs_in_the_run
 from flows.steps import ImageInput, ItemJob
 
 FLOW_NAME = "register-pair"
@@ -54,8 +55,9 @@ def register_pair(
         flows.runner.BatchFailed: a step failed (the message names the step and the cause; the flow run
             ends ``Failed``, see :func:`flows.runner.final_state`).
     """
-    options = resolve_options(config, RegisterPairOptions)
-    out_dir = Path(out)
-    job = pair_job(Path(fixed), Path(moving), out_dir, options)
-    outcomes = run_on_dask([job], options, 1, [])
-    return final_state(finish_run(FLOW_NAME, {"fixed": fixed, "moving": moving}, out_dir, outcomes))
+    with project_logs_in_the_run():
+        options = resolve_options(config, RegisterPairOptions)
+        out_dir = Path(out)
+        job = pair_job(Path(fixed), Path(moving), out_dir, options)
+        outcomes = run_on_dask([job], options, 1, [])
+        return final_state(finish_run(FLOW_NAME, {"fixed": fixed, "moving": moving}, out_dir, outcomes))

@@ -9,9 +9,12 @@ the subprocesses it starts. A value the user already set always wins.
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from uuid import UUID
 
 LOOPBACK = "127.0.0.1"
 """The only interface the local server listens on."""
@@ -31,15 +34,77 @@ PROJECT_LOGGERS = ("flows", "pipeline", "patchmorph_core")
 """This project's loggers, whose warnings a flow run sends to its log in the API and the UI."""
 
 
+@functools.lru_cache(maxsize=64)
+def root_flow_run_id(flow_run_id: UUID) -> UUID:
+    """The flow run at the top of ``flow_run_id``'s chain of parents (itself when it is no subflow), read from the
+    API: a subflow's run names the task run of its parent that started it."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(flow_run_id)
+        while run.parent_task_run_id is not None:
+            parent = client.read_task_run(run.parent_task_run_id).flow_run_id
+            if parent is None:
+                break
+            run = client.read_flow_run(parent)
+    return run.id
+
+
+def copy_to_root_run(records: Sequence[logging.LogRecord], prefix: str = "") -> None:
+    """Send ``records`` (their message after ``prefix``) to the log of the flow run that started the current run's
+    chain of subflows too, when the current run (flow or task) belongs to a subflow: a user looking at the flow run
+    they started (``atlas-to-section``) in the UI sees its items' warnings, which its ``align-items`` subflow and that
+    subflow's tasks on Dask workers give. Nothing outside a run, nothing for a run that is no subflow's, and nothing
+    but a log line on the terminal when the API cannot be read (a copy never stops the run)."""
+    if not records:
+        return
+    from prefect.context import FlowRunContext, TaskRunContext
+    from prefect.logging.handlers import APILogHandler
+
+    task_context, flow_context = TaskRunContext.get(), FlowRunContext.get()
+    if task_context is not None:
+        current = task_context.task_run.flow_run_id
+    elif flow_context is not None and flow_context.flow_run is not None:
+        current = flow_context.flow_run.id
+    else:
+        return
+    try:
+        root = root_flow_run_id(current) if current is not None else None
+    except Exception as err:  # noqa: BLE001 - the API unreachable: the records are in the run's own log already
+        logging.getLogger(__name__).info("warnings not copied to the parent flow run's log: %s", err)
+        return
+    if root is None or root == current:
+        return
+    handler = APILogHandler()
+    for record in records:
+        copy = logging.makeLogRecord(
+            {**record.__dict__, "msg": prefix + record.getMessage(), "args": None, "flow_run_id": root, "task_run_id": None}
+        )
+        handler.handle(copy)
+
+
+class _RootRunCopy(logging.Handler):
+    """Copies the warnings (and worse) given inside a subflow's run to the log of the flow run above it
+    (:func:`copy_to_root_run`)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        copy_to_root_run([record])
+
+
+_ROOT_RUN_COPY = _RootRunCopy()
+
+
 @contextlib.contextmanager
 def project_logs_in_the_run() -> Iterator[None]:
     """While the block runs (inside a flow), :data:`PROJECT_LOGGERS` have the handlers of Prefect's ``prefect.extra``
     logger, as Prefect's ``PREFECT_LOGGING_EXTRA_LOGGERS`` gives them when it is set before Prefect is imported: an
     item that failed, a part of a brain, a reused registration then show in the flow run's log in the API and the UI,
-    not only on the worker's terminal. They are removed after it (outside a flow run they could send nothing)."""
-    import logging
-
-    extra = logging.getLogger("prefect.extra").handlers
+    not only on the worker's terminal; inside a subflow its warnings go to the log of the flow run above it too
+    (:func:`copy_to_root_run`). They are removed after it (outside a flow run they could send nothing)."""
+    extra = [*logging.getLogger("prefect.extra").handlers, _ROOT_RUN_COPY]
     added = [
         (logger, handler)
         for logger in (logging.getLogger(name) for name in PROJECT_LOGGERS)

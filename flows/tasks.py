@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 from prefect import Task, task
 from prefect.client.schemas.objects import State, TaskRun
 
-from flows.settings import PROJECT_LOGGERS
+from flows.settings import PROJECT_LOGGERS, copy_to_root_run
 from patchmorph_core.config import InferenceConfig
 from patchmorph_core.warping import LabelInterpolation
 from pipeline import qc
@@ -63,7 +63,9 @@ class _ThreadWarnings(logging.Handler):
 
 def _to_run_log(records: list[logging.LogRecord]) -> None:
     """Give ``records`` again through the task run's logger, so that they reach the run's log in the API and the
-    UI from a Dask worker too (nothing outside a task run)."""
+    UI from a Dask worker too, and, for a task of a subflow, the log of the flow run above it, named by the task
+    (:func:`flows.settings.copy_to_root_run`; nothing outside a task run)."""
+    from prefect.context import TaskRunContext
     from prefect.exceptions import MissingContextError
     from prefect.logging import get_run_logger
 
@@ -73,6 +75,10 @@ def _to_run_log(records: list[logging.LogRecord]) -> None:
         return
     for record in records:
         run_log.log(record.levelno, "%s: %s", record.name, record.getMessage())
+    context = TaskRunContext.get()
+    where = f"{context.task_run.name}: " if context is not None else ""
+    for record in records:
+        copy_to_root_run([record], prefix=f"{where}{record.name}: ")
 
 
 def run_isolated(func: Callable[..., T], *args: Any, **kwargs: Any) -> T:

@@ -86,16 +86,17 @@ def test_batch_finishes_good_items_and_records_errors(batch: dict[str, Path]) ->
     assert report.artifacts[0] == "atlas-to-section-metrics" and "atlas-to-section-qc-stp" in report.artifacts
 
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName, LogFilter, LogFilterFlowRunId
     from prefect.client.schemas.sorting import FlowRunSort
 
     with get_client(sync_client=True) as client:
         artifact = client.read_latest_artifacts()
         keys = {a.key for a in artifact}
-        # the failed item is in the run's log in the API (and the UI), not only on the worker's terminal
-        runs = client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=5)
-        ids = [r.id for r in runs]
-        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=ids)))
+        # the failed item is in the log of the run the user started (API and UI), not only in its items' subflow's
+        # or on the worker's terminal
+        flows = FlowFilter(name=FlowFilterName(any_=["atlas-to-section"]))
+        runs = client.read_flow_runs(flow_filter=flows, sort=FlowRunSort.START_TIME_DESC, limit=1)
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[runs[0].id])))
     assert {"atlas-to-section-metrics", "atlas-to-section-qc-stp", "atlas-to-section-qc-template"} <= keys
     assert any("item broken failed at convert" in entry.message for entry in logs), [e.message for e in logs]
 

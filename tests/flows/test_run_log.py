@@ -42,3 +42,53 @@ def test_a_warning_given_in_a_dask_worker_reaches_the_run_log() -> None:
     assert len(relayed) == 1 and relayed[0].level == logging.WARNING and relayed[0].task_run_id is not None, logs
     assert relayed[0].message == f"pipeline.checks: {message}"
     assert not any("info line" in entry.message for entry in logs)
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_a_subflows_warnings_reach_the_log_of_the_flow_run_above_it() -> None:
+    """The batch flows run their items in a subflow (``align-items``) whose tasks run on Dask workers: the warnings
+    given in that subflow and in its tasks reach the log of the flow run the user started too (once each, a task's
+    named by its task run), where the UI shows them; a warning of the parent's own body reaches it as well."""
+    from prefect import flow, task
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.context import get_run_context
+
+    from flows.runner import dask_task_runner
+    from flows.settings import project_logs_in_the_run
+    from flows.tasks import run_isolated
+    from pipeline.cluster import ClusterConfig
+
+    def warn(message: str) -> int:
+        logging.getLogger("pipeline.checks").warning(message)
+        return 1
+
+    @task(task_run_name="register {name}")
+    def in_worker(name: str, message: str) -> int:
+        return run_isolated(warn, message)
+
+    @flow(name="items-subflow")
+    def items(message: str) -> str:
+        with project_logs_in_the_run():
+            logging.getLogger("flows.steps").warning("item broken failed at convert")
+            assert in_worker.submit("stp", message).result() == 1
+        return str(get_run_context().flow_run.id)
+
+    @flow(name="batch-parent")
+    def parent(message: str) -> tuple[str, str]:
+        with project_logs_in_the_run():
+            logging.getLogger("pipeline.atlas").warning("the atlas's own warning")
+            with dask_task_runner(ClusterConfig(workers=1)) as runner:
+                sub_id = items.with_options(task_runner=runner)(message)
+        return str(get_run_context().flow_run.id), sub_id
+
+    message = "the brain's tissue touches the edge of the image"
+    run_id, sub_id = parent(message)
+    with get_client(sync_client=True) as client:
+        ours = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
+        subflow = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[sub_id])))
+    warnings = sorted(entry.message for entry in ours if entry.level == logging.WARNING)
+    assert warnings == [
+        "item broken failed at convert", f"register stp: pipeline.checks: {message}", "the atlas's own warning"
+    ], [(e.level, e.message) for e in ours]
+    assert sum(message in entry.message for entry in subflow) == 1  # the subflow's own log keeps its copy
