@@ -90,7 +90,8 @@ def atlas(
             "micrometres of the atlas's own coordinates along its array axis of that direction (index × "
             "resolution, as napari and brainrender show a BrainGlobe atlas), e.g. ap=5000:7500; comma-separated "
             "or repeated for several axes. The atlas is left out beyond it, as --brain-geometry leaves out a "
-            "hemisphere; overrides the config.",
+            "hemisphere; overrides the config. AXIS=auto (e.g. ap=auto) finds the range first, for a slab at least "
+            "1.5 mm thick along that axis: the range found is printed and recorded in summary.json.",
         ),
     ] = None,
     accept_orientation: AcceptOrientationOption = False,
@@ -102,7 +103,7 @@ def atlas(
     from patchmorph_core.config import load_yaml
     from patchmorph_core.errors import InputError
     from patchmorph_core.spatial import parse_length
-    from pipeline.atlas_job import AtlasJobConfig, run_atlas_job
+    from pipeline.atlas_job import AtlasJobConfig, placement_text, run_atlas_job
 
     quiet_dask()
     settings = AtlasJobConfig() if config is None else load_yaml(config, AtlasJobConfig)
@@ -122,7 +123,7 @@ def atlas(
     if atlas_range:
         from pipeline.atlas import parse_atlas_range
 
-        settings = settings.model_copy(update={"atlas_range": parse_atlas_range(atlas_range)})
+        settings = settings.model_copy(update={"atlas_range": parse_atlas_range(atlas_range, auto=True)})
     if field_spacing is not None:
         parse_length(field_spacing, "--field-spacing")  # the option's own error message, before any work
         inference = settings.inference.model_copy(update={"field_spacing": field_spacing})
@@ -136,6 +137,8 @@ def atlas(
         f"atlas {s['atlas']} on the brain in {s['seconds']:.0f} s: NCC in atlas space {s['ncc_in_atlas_space']:.3f}, "
         f"folded voxels inside the brain {s['folded_percent_inside_brain']:.4f} %, {int(s['n_structures'])} structures"
     )
+    for direction, placement in s.get("atlas_placement", {}).items():
+        typer.echo(placement_text(direction, placement))
     for role, path in result.paths.items():
         typer.echo(f"wrote {role}: {path}")
     typer.echo(f"wrote the job record {result.record}")

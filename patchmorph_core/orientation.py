@@ -162,7 +162,7 @@ class OrientationCheck:
         }
 
 
-def _refine(
+def refined_dissimilarity(
     level: FitLevel, centre_f: torch.Tensor, centre_m: torch.Tensor, extent: float, rotation: np.ndarray
 ) -> float:
     """Dissimilarity after :data:`REFINE_STEPS` Adam steps of ``c_m + (R + B)(x − c_f) + E t`` from ``B = 0,
@@ -222,7 +222,7 @@ def _check_orientation(fixed: MultiscaleImage, moving: MultiscaleImage) -> Orien
     rivals = [c for c in scores[1:] if not np.array_equal(c.matrix, LEFT_RIGHT_MIRROR)]
     chosen = {id(c) for c in sorted(rivals, key=lambda c: c.centred)[:REFINE]} | {id(scores[0])}
     refined = [
-        CandidateScore(c.matrix, c.centred, _refine(level, centre_f, centre_m, extent, c.matrix))
+        CandidateScore(c.matrix, c.centred, refined_dissimilarity(level, centre_f, centre_m, extent, c.matrix))
         if id(c) in chosen
         else c
         for c in scores

@@ -219,6 +219,19 @@ def atlas_index_slice(low_um: float, high_um: float, resolution_um: float) -> sl
     return slice(int(np.ceil(low_um / resolution_um - 1e-9)), int(np.ceil(high_um / resolution_um - 1e-9)))
 
 
+def atlas_span_um(first: int, count: int, resolution_um: float) -> tuple[float, float]:
+    """The atlas coordinates ``[from, to)`` (µm, :func:`atlas_coordinates_um`) of ``count`` voxels from index
+    ``first`` along one atlas axis: the range :func:`atlas_index_slice` turns back into those indices."""
+    return first * float(resolution_um), (first + count) * float(resolution_um)
+
+
+def anatomical_extent(low: Sequence[float], high: Sequence[float], direction: str) -> float:
+    """The length of the world box ``[low, high]`` (each ``(3,)``, anatomical world frame) along the anatomical
+    ``direction`` (:data:`ANATOMICAL_DIRECTIONS`), in the box's unit."""
+    component = ANATOMICAL_DIRECTIONS[direction]
+    return float(high[component] - low[component])
+
+
 def axes_between(code_from: str, code_to: str) -> tuple[tuple[int, int, int], tuple[bool, bool, bool]]:
     """How an array in orientation ``code_from`` becomes one in ``code_to`` by permuting and flipping its axes
     (no resampling): axis ``k`` of the result is axis ``order[k]`` of the array, reversed where ``flips[k]``.

@@ -37,11 +37,14 @@ import zarr
 
 from patchmorph_core.displacement import INVERSE_ITERATIONS
 from patchmorph_core.errors import InputError
+from patchmorph_core.source import Level, MultiscaleImage, downsampled_grid
 from patchmorph_core.spatial import (
     ANATOMICAL_DIRECTIONS,
     Grid,
     anatomical_array_axis,
+    anatomical_extent,
     atlas_index_slice,
+    atlas_span_um,
     unit_scale,
 )
 from patchmorph_core.warping import LabelInterpolation
@@ -89,6 +92,9 @@ HEMISPHERE_LEFT_OUT: dict[str, int] = {"hemisphere_l": RIGHT, "hemisphere_r": LE
 """The atlas hemisphere a brain geometry leaves out."""
 
 
+AUTO = "auto"
+"""An atlas range's value that asks for the range to be found (``--atlas-range ap=auto``: :func:`place_in_atlas`)."""
+
 AtlasRange = dict[str, tuple[float, float]]
 """The part of an atlas a brain holds (``--atlas-range``): per anatomical direction (``ap``, ``dv``, ``lr``), the
 ``(from, to)`` micrometres of the atlas's own coordinates along its array axis of that direction (index ×
@@ -96,14 +102,20 @@ resolution, as napari and brainrender show a BrainGlobe atlas's coordinates); th
 resolution < to`` are kept. Empty: the whole atlas."""
 
 
-def parse_atlas_range(texts: Sequence[str], option: str = "--atlas-range") -> AtlasRange:
-    """``--atlas-range`` values (each ``AXIS=FROM:TO``, several comma-separated or the option repeated; µm) as an
-    :data:`AtlasRange`.
+AtlasRangeRequest = dict[str, tuple[float, float] | Literal["auto"]]
+"""An :data:`AtlasRange` in which a direction may be :data:`AUTO` (its range to be found by :func:`place_in_atlas`)."""
+
+
+def parse_atlas_range(texts: Sequence[str], option: str = "--atlas-range", auto: bool = False) -> AtlasRangeRequest:
+    """``--atlas-range`` values (each ``AXIS=FROM:TO``, or ``AXIS=auto`` where ``auto`` is True; several
+    comma-separated or the option repeated; µm) as an :data:`AtlasRangeRequest` (an :data:`AtlasRange` when
+    ``auto`` is False).
 
     Raises:
-        InputError: an unknown direction, a malformed value, ``from >= to`` or a direction given twice.
+        InputError: an unknown direction, a malformed value, ``from >= to``, a direction given twice, or ``auto``
+            where it is not taken.
     """
-    ranges: AtlasRange = {}
+    ranges: AtlasRangeRequest = {}
     for text in (part.strip() for given in texts for part in given.split(",")):
         axis, _, span = text.partition("=")
         axis = axis.strip().lower()
@@ -112,6 +124,16 @@ def parse_atlas_range(texts: Sequence[str], option: str = "--atlas-range") -> At
                 f"{option} {text!r} names no direction of the atlas: give ap=FROM:TO, dv=FROM:TO or lr=FROM:TO "
                 "(micrometres of the atlas's coordinates, e.g. ap=5000:7500)."
             )
+        if span.strip().lower() == AUTO:
+            if not auto:
+                raise InputError(
+                    f"{option} {text!r}: auto is taken by 'patchmorph atlas --atlas-range' only: run it on this brain "
+                    "and give the range it records (summary.json's atlas_range) here."
+                )
+            if axis in ranges:
+                raise InputError(f"{option} gives {axis} twice: give each direction once.")
+            ranges[axis] = AUTO
+            continue
         try:
             low, high = (float(v) for v in span.split(":"))
         except ValueError:
@@ -147,11 +169,12 @@ def _range_slices(atlas: BrainGlobeAtlas, atlas_range: AtlasRange) -> tuple[slic
 
 def check_atlas_range(atlas: BrainGlobeAtlas, atlas_range: AtlasRange, option: str = "--atlas-range") -> None:
     """Refuse an ``atlas_range`` (as a job's config may give it) with ``from >= to``, outside the atlas's extent along its direction or one that keeps no labelled
-    voxel (reads the annotation's box only).
+    voxel (reads the annotation's box only); :data:`AUTO` directions are left to :func:`place_in_atlas`.
 
     Raises:
         InputError: naming the direction, the range and the atlas's extent along it (µm).
     """
+    atlas_range = {d: r for d, r in atlas_range.items() if r != AUTO}  # type: ignore[comparison-overlap]
     for direction, (low, high) in atlas_range.items():
         axis = anatomical_array_axis(atlas.orientation, direction)
         extent = atlas.shape[axis] * atlas.resolution_um[axis]
@@ -183,6 +206,122 @@ def _range_mask(atlas: BrainGlobeAtlas, atlas_range: AtlasRange) -> np.ndarray:
         line[kept] = True
         mask = mask & line.reshape([-1 if k == axis else 1 for k in range(3)])
     return mask
+
+
+PLACEMENT_STEP_UM = 100.0
+"""The atlas is searched on a copy block-averaged to about this voxel size (the whole atlas for one of 100 µm or
+coarser): the found range's ends are multiples of that voxel size (µm)."""
+
+PLACEMENT_MARGIN_UM = 0.0
+"""The found window is widened by this much on each side (µm, within the atlas): a range slightly too wide costs
+little, one too narrow or shifted costs much (docs/checks.md measures 0, 250 and 500 µm)."""
+
+MIN_PLACEMENT_THICKNESS_UM = 1500.0
+"""``auto`` is refused for a brain whose tissue spans less than this along the direction (µm): on thinner stacks
+the search's best window was measured off by up to a millimetre (docs/checks.md)."""
+
+MAX_PLACEMENT_SHARE = 0.8
+"""``auto`` is refused for a brain whose tissue spans this fraction of the atlas's tissue or more along the
+direction: it is no slab along it (a whole brain needs no range)."""
+
+
+def _coarse_reference(atlas: BrainGlobeAtlas) -> tuple[MultiscaleImage, tuple[int, int, int]]:
+    """The atlas's reference block-averaged to about :data:`PLACEMENT_STEP_UM` (as one in-memory level, µm) and
+    the factors per array axis; coarse voxel ``k`` holds the atlas voxels ``k·f .. k·f + f − 1`` (edge voxels that
+    fill no block are left out)."""
+    array, grid = open_volume(atlas, "reference")
+    factors = tuple(max(1, int(PLACEMENT_STEP_UM // r)) for r in atlas.resolution_um)
+    blocks = dict(enumerate(factors))
+    coarse = np.asarray(da.coarsen(np.mean, da.asarray(array).astype(np.float32), blocks, trim_excess=True).compute())
+    level = Level(coarse, downsampled_grid(grid, factors, coarse.shape))
+    return MultiscaleImage((level,), atlas.name), (factors[0], factors[1], factors[2])
+
+
+def check_placement(
+    atlas: BrainGlobeAtlas, grid: Grid, oriented: bool, directions: Sequence[str], brain_path: str | Path,
+    option: str = "--atlas-range",
+) -> None:
+    """Refuse :data:`AUTO` along ``directions`` for a brain of ``grid`` (its voxels, read from its header) before it
+    is converted: without an anatomical orientation (``oriented`` False: the direction would be a guess), or when
+    its voxels span less than :data:`MIN_PLACEMENT_THICKNESS_UM` along a direction (its tissue spans no more).
+
+    Raises:
+        InputError: naming the brain, the direction and what to give instead.
+    """
+    given = ",".join(f"{d}={AUTO}" for d in directions)
+    if not oriented:
+        raise InputError(
+            f"{option} {given} needs the anatomical orientation of the brain {brain_path}, which it does not carry: "
+            "give --orientation (find the code with 'patchmorph convert --preview')."
+        )
+    low, high = grid.world_bounds()  # of the voxel centres: grown to their edges
+    half = 0.5 * np.abs(grid.linear).sum(axis=1)
+    for direction in directions:
+        span = anatomical_extent(low - half, high + half, direction) * unit_scale(grid.unit, "micrometer")
+        _refuse_thin(span, direction, brain_path, option, what="voxels")
+
+
+def _refuse_thin(extent_um: float, direction: str, brain_path: str | Path, option: str, what: str = "tissue") -> None:
+    """Refuse :data:`AUTO` for a brain whose ``what`` (``tissue``, or ``voxels`` before it is read) spans
+    ``extent_um`` < :data:`MIN_PLACEMENT_THICKNESS_UM` along ``direction``."""
+    if extent_um < MIN_PLACEMENT_THICKNESS_UM:
+        verb = "span" if what == "voxels" else "spans"
+        raise InputError(
+            f"{option} {direction}={AUTO}: the {what} of the brain {brain_path} {verb} only {extent_um:.0f} µm along "
+            f"{direction}, less than the {MIN_PLACEMENT_THICKNESS_UM:.0f} µm the search needs to place it reliably "
+            f"(docs/checks.md): give the range yourself ({direction}=FROM:TO µm of the atlas's coordinates)."
+        )
+
+
+def place_in_atlas(
+    atlas: BrainGlobeAtlas, brain: MultiscaleImage, direction: str, brain_path: str | Path, option: str = "--atlas-range"
+) -> dict[str, Any]:
+    """Find the part of ``atlas`` that ``brain`` (a slab or block, in an anatomical world frame) holds along
+    ``direction`` (``ap``, ``dv`` or ``lr``): windows as long as the brain's tissue along that direction, cut from the
+    atlas's reference as the range's cut does, are scored against the brain
+    (:func:`patchmorph_core.placement.search_windows`); the best is widened by :data:`PLACEMENT_MARGIN_UM` on each
+    side within the atlas.
+
+    Returns:
+        The record: ``range`` (``[from, to]`` µm of the atlas's coordinates, as ``--atlas-range`` takes it),
+        ``found`` (the best window, µm), ``margin_um``, ``brain_extent_um``, ``candidates`` (each window's
+        ``[from, to, dissimilarity]``, in order of ``from``), ``metric`` and ``seconds``.
+
+    Raises:
+        InputError: the brain's tissue spans too little (:data:`MIN_PLACEMENT_THICKNESS_UM`) or too much
+            (:data:`MAX_PLACEMENT_SHARE`) of the atlas's along ``direction`` for the search.
+    """
+    from patchmorph_core.placement import search_windows
+    from patchmorph_core.sampling import tissue_bounds
+
+    reference, factors = _coarse_reference(atlas)
+    brain_um = anatomical_extent(*tissue_bounds(brain), direction) * unit_scale(brain.unit, "micrometer")
+    atlas_um = anatomical_extent(*tissue_bounds(reference), direction)
+    _refuse_thin(brain_um, direction, brain_path, option)
+    if brain_um >= MAX_PLACEMENT_SHARE * atlas_um:
+        raise InputError(
+            f"{option} {direction}={AUTO}: the tissue of the brain {brain_path} spans {brain_um:.0f} µm along {direction}, "
+            f"{brain_um / atlas_um:.2f} of the atlas {atlas.name}'s {atlas_um:.0f} µm: it is not a slab along "
+            f"{direction}, so there is no part of the atlas to find: give no --atlas-range for {direction}."
+        )
+    axis = anatomical_array_axis(atlas.orientation, direction)
+    f, resolution = factors[axis], atlas.resolution_um[axis]
+    search = search_windows(brain, reference.with_unit(brain.unit), axis, int(round(brain_um / (f * resolution))))
+    found = atlas_span_um(search.best.start * f, search.width * f, resolution)
+    extent = atlas_span_um(0, atlas.shape[axis], resolution)[1]
+    chosen = (max(found[0] - PLACEMENT_MARGIN_UM, 0.0), min(found[1] + PLACEMENT_MARGIN_UM, extent))
+    return {
+        "range": [round(v, 3) for v in chosen],
+        "found": [round(v, 3) for v in found],
+        "margin_um": PLACEMENT_MARGIN_UM,
+        "brain_extent_um": round(brain_um, 1),
+        "metric": "MIND-SSC dissimilarity after a short affine fit (the orientation check's; lower is better)",
+        "candidates": [
+            [*(round(v, 3) for v in atlas_span_um(w.start * f, search.width * f, resolution)), round(w.dissimilarity, 6)]
+            for w in search.windows
+        ],
+        "seconds": round(search.seconds, 1),
+    }
 
 
 def prepare_atlas(

@@ -39,16 +39,20 @@ from patchmorph_core.errors import InputError
 from patchmorph_core.spatial import Grid, parse_length, unit_scale
 from patchmorph_core.warping import LabelInterpolation
 from pipeline.atlas import (
+    AUTO,
+    AtlasRange,
     BrainGeometry,
     atlas_figures,
     atlas_outputs,
     check_atlas_range,
+    check_placement,
+    place_in_atlas,
     prepare_atlas,
     range_record,
     range_text,
     remove_run_records,
 )
-from pipeline.brainglobe import find_atlas
+from pipeline.brainglobe import BrainGlobeAtlas, find_atlas
 from pipeline.checks import CheckOptions, collected_warnings
 from pipeline.cluster import ClusterConfig, load_cluster_config, open_client
 from pipeline.resume import ZARR_METADATA, as_recorded, atomic_write_json, sample_digest
@@ -107,6 +111,7 @@ class AtlasJobConfig(BaseModel):
         atlas_range: the part of the atlas the brain holds, e.g. ``{"ap": [5000, 7500]}`` for a coronal slab
             (:data:`pipeline.atlas.AtlasRange`: µm of the atlas's coordinates, index × resolution, along its
             array axis of ``ap``, ``dv`` or ``lr``); the atlas is left out beyond it. Empty: the whole atlas.
+            ``{"ap": "auto"}``: the range is found before the registration (:func:`resolve_atlas_range`).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -119,7 +124,7 @@ class AtlasJobConfig(BaseModel):
     label_interpolation: LabelInterpolation = "vote"
     checks: CheckOptions = Field(default_factory=CheckOptions)
     brain_geometry: BrainGeometry = "full"
-    atlas_range: dict[Literal["ap", "dv", "lr"], tuple[float, float]] = Field(default_factory=dict)
+    atlas_range: dict[Literal["ap", "dv", "lr"], tuple[float, float] | Literal["auto"]] = Field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -268,6 +273,9 @@ def regeometry(
 
 SETTINGS_FILE = "job_settings.json"
 """What a job's registration was made from (:func:`job_settings`), recorded in its output folder."""
+
+PLACEMENT_FILE = "atlas_placement.json"
+"""Where a job with ``atlas_range`` ``auto`` records the range it found (:func:`resolve_atlas_range`)."""
 
 
 def job_settings(
@@ -511,6 +519,64 @@ def _versions() -> dict[str, str]:
     return found
 
 
+def _check_auto_range(atlas: BrainGlobeAtlas, brain: Path, geometry: Mapping[str, Any], config: AtlasJobConfig) -> None:
+    """Refuse ``atlas_range`` ``auto`` before the brain is converted where the search cannot work: a brain without an
+    anatomical orientation or thinner than the search needs (:func:`pipeline.atlas.check_placement`; reads the
+    input's header only)."""
+    from pipeline.importers import open_input, stated_orientation
+
+    auto = [d for d, r in config.atlas_range.items() if r == AUTO]
+    if auto:
+        _, grid, kind = open_input(brain, **geometry)
+        oriented = geometry.get("orientation") is not None or stated_orientation(brain, kind) is not None
+        check_placement(atlas, grid, oriented, auto, brain)
+
+
+def resolve_atlas_range(
+    atlas: BrainGlobeAtlas, brain_zarr: Path, brain: Path, config: AtlasJobConfig, out: Path, settings: Mapping[str, Any]
+) -> tuple[AtlasRange, dict[str, Any]]:
+    """The job's atlas range with every :data:`~pipeline.atlas.AUTO` direction found
+    (:func:`pipeline.atlas.place_in_atlas` on the converted brain ``brain_zarr``), and the search's record per such
+    direction (empty when none is auto). The record is kept in ``out`` (:data:`PLACEMENT_FILE`) with the job's
+    ``settings``: a rerun with the same settings reads the range back instead of searching again.
+
+    Raises:
+        InputError: the search cannot place the brain (:func:`pipeline.atlas.place_in_atlas`).
+    """
+    from pipeline.ngff import read_image
+
+    requested = dict(config.atlas_range)
+    auto = [d for d, r in requested.items() if r == AUTO]
+    if not auto:
+        return requested, {}  # type: ignore[return-value]
+    path = out / PLACEMENT_FILE
+    recorded = json.loads(path.read_text()) if path.is_file() else {}
+    if recorded.get("made_from") == as_recorded(settings):
+        placements = recorded["placements"]
+    else:
+        image = read_image(brain_zarr)
+        placements = {d: place_in_atlas(atlas, image, d, brain) for d in auto}
+        atomic_write_json(path, {"made_from": as_recorded(settings), "placements": placements})
+    resolved = {d: tuple(placements[d]["range"]) if r == AUTO else r for d, r in requested.items()}
+    for d in auto:
+        logger.info("%s", placement_text(d, placements[d]))
+    return resolved, placements  # type: ignore[return-value]
+
+
+def placement_text(direction: str, placement: Mapping[str, Any]) -> str:
+    """One sentence for the user: the range found along ``direction``, how, and how to give it next time."""
+    chosen = range_text({direction: placement["range"]})
+    widened = (
+        f", {range_text({direction: placement['found']})} widened by {placement['margin_um']:g} µm on each side"
+        if placement["margin_um"] else ""
+    )
+    return (
+        f"atlas range found: {chosen} µm (the best of {len(placement['candidates'])} windows as long as the brain's "
+        f"{placement['brain_extent_um']:.0f} µm of tissue{widened}, in {placement['seconds']:.0f} s); give "
+        f"--atlas-range {chosen} to use it again without the search"
+    )
+
+
 def run_atlas_job(
     brain: str | Path,
     out: str | Path,
@@ -575,6 +641,7 @@ def _run_atlas_job(
     for path in [brain, *channel_paths]:
         check_geometry_options(path, voxel_size, unit, orientation)
     check_source_planes(brain, "brain", **geometry)
+    _check_auto_range(found, brain, geometry, config)
     _check_channels(channel_paths, brain, geometry)
     cluster = config.cluster if scheduler is None else load_cluster_config(scheduler)
     if cluster is None or cluster.kind in ("threads", "local"):  # the networks run on this machine: a GPU asked for
@@ -590,6 +657,9 @@ def _run_atlas_job(
         name: convert_input(path, out / f"{name}.ome.zarr", downsample=config.brain_downsample, **geometry)
         for name, path in named.items()
     }
+    atlas_range, placements = resolve_atlas_range(found, brain_zarr, brain, config, out, settings)
+    if placements:  # from here on, as if the range found had been given
+        config = config.model_copy(update={"atlas_range": atlas_range})
     prepared = prepare_atlas(found, out / "atlas", config.brain_geometry, dict(config.atlas_range))
     inference = atlas_inference(config.inference)
     if config.fine_tune.steps > 0:
@@ -620,6 +690,7 @@ def _run_atlas_job(
             time.time() - started, register_seconds, registration is None, config.fine_tune.steps,
         ),  # fmt: skip
         "atlas_range": range_record(config.atlas_range),
+        **({"atlas_placement": placements} if placements else {}),
         "warnings": list(dict.fromkeys([*field_warnings(field), *warnings])),  # a reused field's first
         "weights": settings["weights"],  # the model the job started from (before its fine-tuning, if any)
     }
@@ -771,11 +842,12 @@ def _partial_brain_caution(summary: Mapping[str, Any]) -> list[str]:
 
 
 def _partial_range_caution(summary: Mapping[str, Any]) -> str:
-    """The part-of-a-brain caution of a job given an atlas range that still holds more than the brain: how far its
+    """The part-of-a-brain caution of a job given (or finding) an atlas range that still holds more than the brain: how far its
     structures may lie, and when to narrow the range (only to where the tissue is known to lie: a range wider than
     the brain was measured better than none, one 0.5 mm off worse; docs/checks.md)."""
+    how = "found by --atlas-range auto" if summary.get("atlas_placement") else "given"
     return (
-        f"**Part of a brain: check these results.** The atlas range given ({range_text(summary['atlas_range'])} µm) "
+        f"**Part of a brain: check these results.** The atlas range {how} ({range_text(summary['atlas_range'])} µm) "
         "still holds more than the brain (their extents' ratios differ 1.6-fold or more between the axes: "
         "`ratio_spread` in the field's quality block): that part of the atlas was registered into the brain, squeezed "
         "where it holds more, so the labels, `volumes.csv` and points mapped through this job may be a few hundred "
@@ -792,9 +864,11 @@ def _range_note(summary: Mapping[str, Any]) -> list[str]:
     """The summary page's line for a job registered against part of the atlas (``atlas_range``)."""
     if not summary.get("atlas_range"):
         return []
+    found = [placement_text(d, p) + "." for d, p in summary.get("atlas_placement", {}).items()]
     return [
         f"Atlas cut to {range_text(summary['atlas_range'])} µm of its coordinates (--atlas-range): the atlas is 0 "
         "beyond it, so labels, volumes and points cover only that part.",
+        *(f"{text[0].upper()}{text[1:]}" for text in found),
         "",
     ]
 

@@ -17,8 +17,10 @@ from patchmorph_core.spatial import (
     Grid,
     SpatialError,
     anatomical_array_axis,
+    anatomical_extent,
     atlas_coordinates_um,
     atlas_index_slice,
+    atlas_span_um,
     displaced_positions,
     grid_block_patch,
     grid_block_start,
@@ -462,6 +464,21 @@ def test_orientation_code_and_nearest_code_invert_orientation_matrix(code: str) 
     tilted = random_rotation(np.random.default_rng(3), 10.0) @ direction
     assert orientation_code(tilted) is None
     assert nearest_orientation_code(tilted) == code
+
+
+def test_an_atlas_span_is_the_range_that_keeps_its_voxels() -> None:
+    """``atlas_span_um`` of voxels 65-89 at 100 µm is 6500:9000, which ``atlas_index_slice`` turns back into them."""
+    assert atlas_span_um(65, 25, 100.0) == (6500.0, 9000.0)
+    assert atlas_index_slice(*atlas_span_um(65, 25, 100.0), 100.0) == slice(65, 90)
+
+
+def test_the_extent_along_a_direction_is_that_of_its_world_component() -> None:
+    """A psl grid of 50 planes of 50 µm (anisotropic, non-cubic): its voxel centres span 2450 µm along ap (its
+    array axis 0), 30 × 40 − 40 µm along dv and 20 × 30 − 30 µm along lr, whatever order its axes have."""
+    grid = Grid.from_orientation((50, 30, 20), (50.0, 40.0, 30.0), "psl")
+    low, high = grid.world_bounds()
+    extents = [anatomical_extent(low, high, d) for d in ("ap", "dv", "lr")]
+    np.testing.assert_allclose(extents, [2450.0, 1160.0, 570.0])
 
 
 @pytest.mark.parametrize(("code", "axes"), [("asr", (0, 1, 2)), ("psl", (0, 1, 2)), ("lia", (2, 1, 0)), ("ras", (1, 2, 0))])

@@ -21,6 +21,7 @@ from patchmorph_core.errors import InputError
 from patchmorph_core.metrics import ncc
 from patchmorph_core.spatial import Grid, orientation_matrix
 from pipeline.atlas import (
+    PLACEMENT_MARGIN_UM,
     SIGNAL_COLUMNS,
     count_sides,
     side_sums,
@@ -237,6 +238,11 @@ def test_an_input_typed_otherwise_is_the_same_input(tmp_path: Path, monkeypatch:
     monkeypatch.chdir(tmp_path / "data")
     absolute = job_settings(tmp_path / "data" / "brain.tif", [], Path("."), {}, AtlasJobConfig())
     assert relative == absolute
+
+
+AUTO_TOLERANCE_UM = 300.0
+"""How far the centre of the range ``--atlas-range ap=auto`` finds for the example's slab may lie from the centre of
+the range its tissue takes in the whole brain's job (µm; measured 200)."""
 
 
 # -- `patchmorph atlas` end to end ------------------------------------------------------------------------------
@@ -995,13 +1001,62 @@ def test_a_bad_atlas_range_is_refused_before_the_brain_is_read(
     assert not (out / "brain.ome.zarr").exists()
 
 
+@pytest.mark.parametrize(
+    ("planes", "options", "in_config", "says"),
+    [
+        ((0, None), ["--orientation", BRAIN_ORIENTATION], True, "it is not a slab along ap, so there is no part of"),
+        ((130, 140), ["--orientation", BRAIN_ORIENTATION], False, "span only 500 µm along ap, less than the 1500 µm"),
+        ((110, 160), [], False, "needs the anatomical orientation of the brain"),
+    ],
+)
+def test_an_atlas_range_that_cannot_be_found_is_refused_before_the_registration(
+    tmp_path: Path, examples: Path, planes: tuple[int, int | None], options: list[str], in_config: bool, says: str
+) -> None:
+    """``ap=auto`` (given as the option, or in the job's config) is refused in one sentence, before any field is
+    made: for the whole example brain (no slab along ap: its tissue, once converted), for 10 of its planes (0.5 mm: the
+    search was measured unreliable under 1.5 mm) and for a slab without an orientation (ap would be a guess), both
+    before their conversion."""
+    from typer.testing import CliRunner
+
+    from patchmorph.cli import app
+
+    brain = tmp_path / "brain.tif"
+    tifffile.imwrite(brain, read_tiff(ExampleFiles.from_dir(examples).brain)[slice(*planes)])
+    config = tmp_path / "job.yaml"
+    config.write_text("brain_downsample: 3\nqc: false\n" + ("atlas_range:\n  ap: auto\n" if in_config else ""))
+    out = tmp_path / "job"
+    args = [
+        "atlas", str(brain), "-o", str(out), "--atlas", str(examples / EXAMPLE_ATLAS), "--config", str(config),
+        "--voxel-size", *map(str, BRAIN_VOXEL_SIZE_UM), *options, *([] if in_config else ["--atlas-range", "ap=auto"]),
+    ]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert says in " ".join(result.output.split())
+    assert not (out / "field.ome.zarr").exists()
+    assert (out / "brain.ome.zarr").exists() == (planes[1] is None)  # the others from the header, before conversion
+
+
+def test_auto_is_taken_where_the_range_can_be_searched_for_only() -> None:
+    """``auto`` is an atlas range for ``patchmorph atlas`` (``auto=True``); elsewhere (a batch manifest's items) it is
+    refused in one sentence; a direction given twice is refused either way."""
+    from pipeline.atlas import parse_atlas_range
+
+    assert parse_atlas_range(["ap=auto,dv=1000:2000"], auto=True) == {"ap": "auto", "dv": (1000.0, 2000.0)}
+    with pytest.raises(InputError, match="auto is taken by 'patchmorph atlas --atlas-range' only"):
+        parse_atlas_range(["ap=auto"], option="manifest item 'a': atlas_range")
+    with pytest.raises(InputError, match="gives ap twice"):
+        parse_atlas_range(["ap=auto", "ap=AUTO"], auto=True)
+
+
 def test_a_slab_registered_against_its_atlas_range_lands_where_the_whole_brain_puts_it(
-    tmp_path: Path, job: dict
+    tmp_path: Path, job: dict, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A 2.5 mm coronal slab of the example brain (planes 110-159): the atlas range its tissue takes in the whole
     brain's job (the session's) given with --atlas-range, its tissue points land in the atlas nearer to where the whole
     brain's job puts them than when the whole atlas is squeezed into it (--allow-size-mismatch), and its job is not
-    taken for part of a brain."""
+    taken for part of a brain. With ``--atlas-range ap=auto`` the range found lies near that range, the points land
+    nearer than without a range too, the range and the search are printed and recorded, and a rerun reads the range
+    back instead of searching again."""
     from typer.testing import CliRunner
 
     from patchmorph.cli import app
@@ -1024,10 +1079,15 @@ def test_a_slab_registered_against_its_atlas_range_lands_where_the_whole_brain_p
         BRAIN_ORIENTATION, "--config", str(config),
     ]  # fmt: skip
     errors, summaries = {}, {}
-    for name, extra in [("range", ["--atlas-range", f"ap={low:g}:{high:g}"]), ("whole", ["--allow-size-mismatch"])]:
+    outputs = {}
+    for name, extra in [
+        ("range", ["--atlas-range", f"ap={low:g}:{high:g}"]), ("whole", ["--allow-size-mismatch"]),
+        ("auto", ["--atlas-range", "ap=auto"]),
+    ]:  # fmt: skip
         out = tmp_path / name
         result = CliRunner().invoke(app, ["atlas", "-o", str(out), *common, *extra])
         assert result.exit_code == 0, result.output
+        outputs[name] = result.output
         mapped = map_points(open_job(out), points, "brain").atlas * 100.0
         errors[name] = float(np.median(np.linalg.norm(mapped - whole, axis=1)))
         summaries[name] = json.loads((out / "summary.json").read_text())
@@ -1037,6 +1097,23 @@ def test_a_slab_registered_against_its_atlas_range_lands_where_the_whole_brain_p
     assert "Atlas cut to ap=" in (tmp_path / "range" / "summary.md").read_text()
     again = CliRunner().invoke(app, ["atlas", "-o", str(tmp_path / "range"), *common, "--atlas-range", "ap=0:13200"])
     assert again.exit_code == 2 and "other inputs or settings (atlas_range.ap)" in again.output, again.output
+    found = summaries["auto"]["atlas_range"]["ap"]  # measured: 6700:9100 against 6200:9200, in 13 s
+    assert abs((found[0] + found[1]) / 2 - (low + high) / 2) <= AUTO_TOLERANCE_UM, (found, low, high)
+    assert errors["auto"] < 0.85 * errors["whole"], errors  # measured: median 160 µm (the range read off: 285)
+    placement = summaries["auto"]["atlas_placement"]["ap"]
+    assert placement["range"] == found and placement["margin_um"] == PLACEMENT_MARGIN_UM and len(placement["candidates"]) > 10
+    assert f"atlas range found: ap={found[0]:g}:{found[1]:g} µm" in outputs["auto"]
+    assert f"give --atlas-range ap={found[0]:g}:{found[1]:g}" in outputs["auto"]
+    assert json.loads((tmp_path / "auto" / "atlas" / "atlas.json").read_text())["atlas_range"] == {"ap": found}
+    assert f"Atlas range found: ap={found[0]:g}:{found[1]:g} µm" in (tmp_path / "auto" / "summary.md").read_text()
+
+    def searched(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a rerun searched again")
+
+    monkeypatch.setattr("pipeline.atlas_job.place_in_atlas", searched)
+    rerun = CliRunner().invoke(app, ["atlas", "-o", str(tmp_path / "auto"), *common, "--atlas-range", "ap=auto"])
+    assert rerun.exit_code == 0, rerun.output
+    assert json.loads((tmp_path / "auto" / "summary.json").read_text())["atlas_range"]["ap"] == found
 
 
 def test_the_fine_tuning_progress_bar_says_what_the_user_is_doing(
