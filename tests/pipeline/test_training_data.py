@@ -163,3 +163,34 @@ def test_a_run_resumed_between_two_refreshes_of_its_pair_goes_on_as_one_run(tmp_
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
     assert a["extra"]["loss"] == pytest.approx(b["extra"]["loss"])
 
+
+# The generator's next uniform after one pair of the recipe test's map (seed 0): it tells which draws the pair took.
+RECIPE_DRAW_AFTER_ONE_PAIR = 0.4698197515122753
+
+
+def test_the_recipe_seed_draws_the_pairs_its_figures_were_measured_with(tmp_path: Path) -> None:
+    """Guard of the recipe's figures (``patchmorph_core/weights/WEIGHTS.md``, *Reproducing the recipe*): with
+    ``configs/train_default.yaml``'s data settings and seed, a synthetic pair takes a fixed sequence of random
+    draws. Another sequence (an extra draw for an option left off, as on 2026-12-05) gives other pairs for the
+    same seed, and the figures no longer reproduce. A change made on purpose: remeasure the figures in
+    WEIGHTS.md, then record the new value here. Anisotropic, non-cubic map of FreeSurfer ids in tmp_path."""
+    import nibabel as nib
+
+    from patchmorph_core.config import TrainConfig, load_yaml
+
+    labels = np.zeros((22, 30, 26), np.int16)
+    labels[3:19, 4:26, 3:23] = 2
+    labels[6:16, 8:22, 6:13] = 4
+    labels[6:16, 8:22, 14:20] = 43
+    labels[8:14, 12:18, 10:16] = 17
+    labels[15:19, 10:20, 8:18] = 16
+    path = tmp_path / "labels.nii.gz"
+    nib.save(nib.Nifti1Image(labels, np.diag([2.0, 2.5, 2.0, 1.0])), path)
+    recipe = load_yaml(ROOT / "configs" / "train_default.yaml", TrainConfig)
+    source = build_source(recipe.data.model_copy(update={"images": (str(path),)}), ROOT)
+    rng = np.random.default_rng(recipe.seed)
+    source.make_pair(rng)
+    assert rng.random() == RECIPE_DRAW_AFTER_ONE_PAIR, (
+        "a synthetic pair of configs/train_default.yaml draws other random numbers: the recipe's seeds now give "
+        "other pairs than WEIGHTS.md's figures were measured with; remeasure them and record the value here"
+    )
