@@ -427,6 +427,12 @@ class Grid:
         world = self.index_to_world(box_corners(np.zeros(3), np.asarray(self.shape, dtype=np.float64) - 1.0))
         return world.min(axis=0), world.max(axis=0)
 
+    def world_edge_bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """Axis-aligned world box ``(low, high)`` that holds every voxel whole (index ``-0.5`` to ``shape - 0.5``
+        along each axis, any direction), each ``(3,)`` in ``unit``."""
+        world = self.index_to_world(box_corners(np.full(3, -0.5), np.asarray(self.shape, dtype=np.float64) - 0.5))
+        return world.min(axis=0), world.max(axis=0)
+
     def same_voxels(self, other: Grid, tolerance: float = 1e-3) -> bool:
         """Whether ``other`` has this grid's shape and, in this grid's unit, its index→world affine to within
         ``tolerance`` of the finer grid's voxel (and numpy's default relative tolerance): the same voxels, whatever

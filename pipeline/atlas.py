@@ -254,10 +254,9 @@ def check_placement(
             f"{option} {given} needs the anatomical orientation of the brain {brain_path}, which it does not carry: "
             "give --orientation (find the code with 'patchmorph convert --preview')."
         )
-    low, high = grid.world_bounds()  # of the voxel centres: grown to their edges
-    half = 0.5 * np.abs(grid.linear).sum(axis=1)
+    low, high = grid.world_edge_bounds()
     for direction in directions:
-        span = anatomical_extent(low - half, high + half, direction) * unit_scale(grid.unit, "micrometer")
+        span = anatomical_extent(low, high, direction) * unit_scale(grid.unit, "micrometer")
         _refuse_thin(span, direction, brain_path, option, what="voxels")
 
 

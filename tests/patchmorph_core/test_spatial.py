@@ -479,6 +479,24 @@ def test_the_extent_along_a_direction_is_that_of_its_world_component() -> None:
     low, high = grid.world_bounds()
     extents = [anatomical_extent(low, high, d) for d in ("ap", "dv", "lr")]
     np.testing.assert_allclose(extents, [2450.0, 1160.0, 570.0])
+    edges = [anatomical_extent(*grid.world_edge_bounds(), d) for d in ("ap", "dv", "lr")]
+    np.testing.assert_allclose(edges, [2500.0, 1200.0, 600.0])  # every voxel whole: shape × voxel size
+
+
+def test_the_box_of_whole_voxels_of_a_rotated_grid_holds_each_voxels_corners() -> None:
+    """On a rotated, anisotropic, non-cubic grid the box of whole voxels is that of the centres grown by half a
+    voxel's world extent along each world axis (the corners of the corner voxels)."""
+    grid = Grid.from_spacing((5, 7, 4), (2.0, 1.0, 3.0), direction=random_rotation(np.random.default_rng(8), 40.0))
+    low, high = grid.world_edge_bounds()
+    corners = grid.index_to_world(
+        np.array(np.meshgrid(*[[-0.5, n - 0.5] for n in grid.shape], indexing="ij")).reshape(3, -1).T
+    )
+    np.testing.assert_allclose(low, corners.min(axis=0))
+    np.testing.assert_allclose(high, corners.max(axis=0))
+    centres_low, centres_high = grid.world_bounds()
+    half = 0.5 * np.abs(grid.linear).sum(axis=1)
+    np.testing.assert_allclose(low, centres_low - half)
+    np.testing.assert_allclose(high, centres_high + half)
 
 
 @pytest.mark.parametrize(("code", "axes"), [("asr", (0, 1, 2)), ("psl", (0, 1, 2)), ("lia", (2, 1, 0)), ("ras", (1, 2, 0))])
