@@ -144,12 +144,14 @@ class FitLevel:
         return cls(target, points, volume, world_to_index, mind_ssc(target, radius=1, dilation=1))
 
     def ncc(self, world: torch.Tensor) -> torch.Tensor:
-        """Global NCC between the fixed values and the moving image sampled at ``world`` (like ``points``)."""
+        """Global NCC (a scalar tensor in [-1, 1]) between the fixed values and the moving image sampled at
+        ``world``: ``(1, D, H, W, 3)`` world points (z, y, x, in the images' unit), like ``points``."""
         return global_ncc(self.target, sample_torch(self.volume, self.world_to_index, world))
 
     def similarity(self, world: torch.Tensor) -> torch.Tensor:
         """The fit's objective: ``−mean`` squared difference of the MIND-SSC descriptors of the fixed values and
-        of the moving image sampled at ``world`` (``≤ 0``, higher is better)."""
+        of the moving image sampled at ``world`` (``(1, D, H, W, 3)`` world points, like ``points``); a scalar
+        tensor ``≤ 0``, higher is better."""
         warped = sample_torch(self.volume, self.world_to_index, world)
         return -(self.descriptor - mind_ssc(warped, radius=1, dilation=1)).square().mean()
 

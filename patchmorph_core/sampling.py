@@ -291,7 +291,8 @@ def sample_separable(array: object, matrix: np.ndarray, shape: tuple[int, ...], 
 
 
 def is_separable(matrix: np.ndarray) -> bool:
-    """Whether an index→index ``matrix`` scales and shifts each axis on its own (diagonal linear part)."""
+    """Whether an index→index ``matrix`` (``(4, 4)`` or ``(3, 4)``) scales and shifts each axis on its own
+    (diagonal linear part)."""
     linear = np.asarray(matrix, dtype=np.float64)[:3, :3]
     return bool(np.all(linear[~np.eye(3, dtype=bool)] == 0.0))
 
@@ -377,7 +378,8 @@ def intensity_range(
 
 
 def normalize(patch: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """Map intensities to 0..1: ``clip((patch - lo) / (hi - lo), 0, 1)`` as float32 (NaN → 0)."""
+    """Map intensities to 0..1: ``clip((patch - lo) / (hi - lo), 0, 1)`` as float32 of ``patch``'s shape (NaN → 0);
+    ``lo`` and ``hi`` in the image's intensity units."""
     out = (np.asarray(patch, dtype=np.float32) - lo) / max(hi - lo, 1e-12)
     return np.clip(np.nan_to_num(out, nan=0.0), 0.0, 1.0).astype(np.float32, copy=False)
 

@@ -199,7 +199,8 @@ def _inside(rows: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def cast_values(values: np.ndarray, dtype: np.dtype | type) -> np.ndarray:
-    """Interpolated values in ``dtype``: rounded and clipped to the integer range for integer dtypes."""
+    """Interpolated ``values`` (any shape) in ``dtype``: rounded and clipped to the integer range for integer
+    dtypes."""
     dtype = np.dtype(dtype)
     if np.issubdtype(dtype, np.integer) and values.dtype.kind == "f":
         info = np.iinfo(dtype)
