@@ -14,8 +14,10 @@ outputs exist and match their inputs are skipped. Outputs: ``<out>/<item>/`` per
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from prefect import flow
 from prefect.client.schemas.objects import State
@@ -25,14 +27,17 @@ from flows.manifest import ManifestItem, ManifestProblem, load_manifest, prepare
 from flows.records import ItemError, RunReport
 from flows.runner import final_state, finish_run, run_on_dask
 from flows.settings import project_logs_in_the_run
-from flows.steps import ImageInput, ItemJob
+from flows.steps import ImageInput, ItemJob, conversion_key
+from flows.tasks import convert_task
 from patchmorph_core.errors import InputError
-from pipeline.atlas import AtlasRange, PreparedAtlas, check_atlas_range, prepare_atlas, range_text
-from pipeline.atlas_job import channel_names
+from pipeline.atlas import AUTO, AtlasRange, PreparedAtlas, check_atlas_range, prepare_atlas, range_text
+from pipeline.atlas_job import PLACEMENT_FILE, channel_names, check_auto_range, resolve_atlas_range
 from pipeline.brainglobe import BrainGlobeAtlas, find_atlas
 from pipeline.checks import check_outputs
 
 FLOW_NAME = "atlas-to-section"
+
+logger = logging.getLogger(__name__)
 
 
 def brainglobe_atlas(atlas: str) -> BrainGlobeAtlas | None:
@@ -56,19 +61,80 @@ def prepared_key(entry: ManifestItem) -> PreparedKey:
     return entry.brain_geometry, range_text(entry.atlas_range)
 
 
+def _brain_input(entry: ManifestItem, out: Path) -> ImageInput:
+    """An atlas item's brain and its copy ``<out>/<item>/brain.ome.zarr`` (always made: the atlas labels are nested
+    inside it)."""
+    geometry = Geometry(voxel_size=entry.voxel_size, unit=entry.unit, orientation=entry.orientation)
+    return ImageInput(path=entry.path, geometry=geometry, converted=out / entry.name / "brain.ome.zarr", always_copy=True)
+
+
+def placed_items(
+    atlas: BrainGlobeAtlas, entries: Sequence[ManifestItem | ManifestProblem], out: Path
+) -> tuple[list[ManifestItem | ManifestProblem], dict[str, dict[str, Any]], list[ItemError]]:
+    """``entries`` with each ``atlas_range`` :data:`~pipeline.atlas.AUTO` direction found, as ``patchmorph atlas``
+    finds it: refused from the brain's header first (:func:`pipeline.atlas_job.check_auto_range`), then the brain is
+    converted (into the folder and with the record the convert step reuses) and searched
+    (:func:`pipeline.atlas_job.resolve_atlas_range`, whose record in the item's folder a rerun reads back).
+
+    Returns:
+        The entries (a placed item with its found range; an item that cannot be placed left out), the search's
+        record per placed item's name, and one error per item that cannot be placed.
+    """
+    kept: list[ManifestItem | ManifestProblem] = []
+    placements: dict[str, dict[str, Any]] = {}
+    errors: list[ItemError] = []
+    for entry in entries:
+        if isinstance(entry, ManifestProblem) or AUTO not in entry.atlas_range.values():
+            kept.append(entry)
+            continue
+        option = f"manifest item {entry.name!r}: atlas_range"
+        brain = _brain_input(entry, out)
+        step = "inputs"
+        try:
+            if not entry.path.exists():
+                raise InputError(f"fixed input {entry.path} does not exist: fix the path (or the manifest entry).")
+            check_outputs(
+                inputs={"fixed": entry.path},
+                outputs={"converted fixed": brain.converted, "placement": brain.converted.parent / PLACEMENT_FILE},
+            )  # as the steps check them, before this one writes them
+            step = "atlas_range"
+            check_auto_range(atlas, entry.path, brain.geometry.model_dump(), entry.atlas_range, option=option)
+            step = "convert"
+            brain.converted.parent.mkdir(parents=True, exist_ok=True)
+            key = conversion_key(brain)
+            geometry = brain.geometry
+            converted = convert_task.fn(
+                entry.path, brain.converted, geometry.voxel_size, geometry.unit, geometry.orientation, False, key
+            )
+            step = "atlas_range"
+            settings = {"atlas": str(atlas.folder), "brain": key, "atlas_range": range_text(entry.atlas_range)}
+            found, placement = resolve_atlas_range(
+                atlas, converted, entry.path, entry.atlas_range, brain.converted.parent, settings, option=option
+            )
+        except Exception as err:  # noqa: BLE001 - one item's failure is its error, the batch goes on
+            logger.warning("item %s failed at %s: %s: %s", entry.name, step, type(err).__name__, err)
+            errors.append(ItemError(name=entry.name, step=step, error_type=type(err).__name__, message=str(err)))
+            continue
+        kept.append(entry.model_copy(update={"atlas_range": found}))
+        placements[entry.name] = placement
+    return kept, placements, errors
+
+
 def atlas_jobs(
     atlas: Path,
     entries: list[ManifestItem | ManifestProblem],
     out: Path,
     options: AtlasToSectionOptions,
     prepared: Mapping[PreparedKey, PreparedAtlas | InputError] | None = None,
+    placements: Mapping[str, dict[str, Any]] | None = None,
 ) -> tuple[list[ItemJob], list[ItemError]]:
     """One job per valid manifest item (sample fixed, atlas moving) and one error per invalid entry.
 
     With a BrainGlobe atlas ``prepared`` for each brain geometry and atlas range of the manifest
     (:func:`prepared_atlases`) the moving image is the reference prepared for the item's geometry and range and
     every job gets the atlas outputs (its sample is always copied, since the atlas labels are nested inside it); a
-    range the atlas refused is the item's error."""
+    range the atlas refused is the item's error. ``placements``: the search's record of each item whose range was
+    found (:func:`placed_items`), for its summary."""
     atlas_dir = out / "atlas"
     image_moving = ImageInput(path=atlas, geometry=options.atlas_geometry, converted=atlas_dir / "atlas.ome.zarr")
     moving_labels = None
@@ -120,9 +186,7 @@ def atlas_jobs(
         fixed = ImageInput(path=entry.path, geometry=geometry, converted=item_dir / "sample.ome.zarr")
         moving, atlas_folder = image_moving, None
         if own is not None:
-            fixed = ImageInput(
-                path=entry.path, geometry=geometry, converted=item_dir / "brain.ome.zarr", always_copy=True
-            )
+            fixed = _brain_input(entry, out)
             moving, atlas_folder = ImageInput(path=own.reference, converted=own.reference), own.reference.parent
         channels = {
             name: ImageInput(path=path, geometry=geometry, converted=item_dir / f"{name}.ome.zarr")
@@ -140,6 +204,7 @@ def atlas_jobs(
                 atlas_dir=atlas_folder,
                 brain_geometry=entry.brain_geometry,
                 atlas_range=entry.atlas_range,
+                atlas_placement=(placements or {}).get(entry.name, {}),
                 channels=channels if own is not None else {},
             )
         )
@@ -203,8 +268,13 @@ def atlas_to_section(
             outputs={"report": out_dir / "report.md", "report record": out_dir / "report.json"},
         )
         entries = load_manifest(manifest)
+        placements: dict[str, dict[str, Any]] = {}
+        unplaced: list[ItemError] = []
+        if found is not None:  # an item's range 'auto' is found before the atlas is cut to it
+            entries, placements, unplaced = placed_items(found, entries, out_dir)
         prepared = None if found is None else prepared_atlases(found, entries, out_dir)
-        jobs, errors = atlas_jobs(Path(atlas), entries, out_dir, options, prepared)
+        jobs, errors = atlas_jobs(Path(atlas), entries, out_dir, options, prepared, placements)
+        errors = [*unplaced, *errors]
         outcomes = run_on_dask(jobs, options, options.max_parallel_items, errors)
         inputs = {"atlas": atlas, "manifest": manifest}
         return final_state(finish_run(FLOW_NAME, inputs, out_dir, outcomes))

@@ -2,7 +2,7 @@
 
 A manifest is a YAML file (a list of items, or a mapping with an ``items`` list) or a CSV file (one
 row per item; columns ``path``, ``name``, ``voxel_size``, ``unit``, ``orientation``, ``labels``, ``brain_geometry``,
-``atlas_range`` (e.g. ``ap=6200:9200``), ``channels`` (paths separated by ``;``); the
+``atlas_range`` (e.g. ``ap=6200:9200``, or ``ap=auto``), ``channels`` (paths separated by ``;``); the
 voxel size is three numbers ``z y x`` separated by spaces, ``x`` or ``;``). Relative paths are taken
 from the manifest's folder. Example (YAML)::
 
@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from flows.config import Geometry
 from patchmorph_core.errors import InputError
-from pipeline.atlas import AtlasRange, BrainGeometry, parse_atlas_range, range_text
+from pipeline.atlas import AtlasRangeRequest, BrainGeometry, parse_atlas_range, range_text
 
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -109,7 +109,8 @@ class ManifestItem(Geometry):
         atlas_range: the part of the atlas the brain holds (:data:`pipeline.atlas.AtlasRange`, µm of the atlas's
             coordinates; in the manifest ``"ap=6200:9200"``, ``"ap=..,dv=.."`` or a list of such strings, as
             ``patchmorph atlas --atlas-range`` takes them): with a BrainGlobe atlas it is left out beyond it.
-            Empty: the whole atlas.
+            ``"ap=auto"``: the range is found on the item's converted brain before the atlas is cut to it
+            (:func:`flows.atlas_to_section.placed_items`). Empty: the whole atlas.
         channels: extra channels imaged with the brain (same shape and geometry; in a CSV one cell, paths
             separated by ``;``): with a BrainGlobe atlas each is written in atlas space with its
             ``<channel>_signal.csv``, as ``patchmorph atlas --channel`` does.
@@ -121,7 +122,7 @@ class ManifestItem(Geometry):
     path: Path
     labels: Path | None = None
     brain_geometry: BrainGeometry = "full"
-    atlas_range: AtlasRange = {}
+    atlas_range: AtlasRangeRequest = {}
     channels: tuple[Path, ...] = ()
 
     @field_validator("name")
@@ -162,9 +163,9 @@ def _parse_voxel_size(value: Any) -> Any:
     return value
 
 
-def _parse_item_range(value: Any, name: str) -> AtlasRange:
-    """An item's ``atlas_range`` (a string ``"ap=6200:9200"``, several comma-separated, or a list of such
-    strings; µm) as an :data:`pipeline.atlas.AtlasRange`.
+def _parse_item_range(value: Any, name: str) -> AtlasRangeRequest:
+    """An item's ``atlas_range`` (a string ``"ap=6200:9200"`` or ``"ap=auto"``, several comma-separated, or a list
+    of such strings; µm) as an :data:`pipeline.atlas.AtlasRangeRequest`.
 
     Raises:
         InputError: one sentence naming the item and what is wrong with the value.
@@ -175,7 +176,7 @@ def _parse_item_range(value: Any, name: str) -> AtlasRange:
             f"manifest item {name!r}: atlas_range {value!r} is not a string such as 'ap=6200:9200' (or a list of "
             "such strings): fix that entry."
         )
-    return parse_atlas_range(texts, option=f"manifest item {name!r}: atlas_range")
+    return parse_atlas_range(texts, option=f"manifest item {name!r}: atlas_range", auto=True)
 
 
 def where_relative(path: str | Path) -> str:

@@ -116,7 +116,8 @@ class ItemJob(BaseModel):
     """One registration: ``moving`` (e.g. the atlas) aligned onto ``fixed`` (e.g. a sample).
 
     With ``atlas`` (a BrainGlobe atlas folder whose images were prepared in ``atlas_dir``) the job also
-    writes the atlas outputs of :func:`pipeline.atlas.atlas_item_outputs`.
+    writes the atlas outputs of :func:`pipeline.atlas.atlas_item_outputs`; ``atlas_placement``: the search's record
+    per direction when ``atlas_range`` was found (:func:`pipeline.atlas_job.resolve_atlas_range`), for its summary.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -131,6 +132,7 @@ class ItemJob(BaseModel):
     atlas_dir: Path | None = None
     brain_geometry: BrainGeometry = "full"
     atlas_range: AtlasRange = {}
+    atlas_placement: dict[str, Any] = {}
     channels: dict[str, ImageInput] = {}
 
     @property
@@ -234,7 +236,8 @@ def _step(
     return survivors, by_job
 
 
-def _conversion_key(image: ImageInput) -> str:
+def conversion_key(image: ImageInput) -> str:
+    """The fingerprint of ``image``'s source and geometry its conversion is recorded with (:func:`converted_from`)."""
     return fingerprint({"source": image.path}, {"geometry": image.geometry.model_dump(mode="json")})
 
 
@@ -244,7 +247,7 @@ def _convert_inputs(jobs: list[ItemJob], convert: Task[..., Path], errors: list[
     pending: dict[Path, ImageInput] = {}
     for job in jobs:
         for image in job.inputs().values():
-            if image.needs_conversion and not converted_from(image.converted, _conversion_key(image)):
+            if image.needs_conversion and not converted_from(image.converted, conversion_key(image)):
                 pending[image.converted] = image
     for target in pending:
         with contextlib.suppress(OSError):  # a folder that cannot be made fails the conversion with a sentence
@@ -257,7 +260,7 @@ def _convert_inputs(jobs: list[ItemJob], convert: Task[..., Path], errors: list[
             image.geometry.unit,
             image.geometry.orientation,
             image.labels,
-            _conversion_key(image),
+            conversion_key(image),
         )
         for target, image in pending.items()
     }
@@ -302,6 +305,8 @@ def _finish(
         )
         warnings = field_warnings(job.field)  # the registration's (a part of a brain, an assumed orientation)
         summary["atlas_range"] = range_record(job.atlas_range)  # as 'patchmorph atlas' has it
+        if job.atlas_placement:
+            summary["atlas_placement"] = job.atlas_placement
         outputs.update(write_job_summary(job.out_dir, {**summary, "warnings": warnings}, atlas.paths))
     metrics_path = job.out_dir / "metrics.json"
     metrics_path.write_text(json.dumps(metrics, indent=1, sort_keys=True))
@@ -449,7 +454,7 @@ def _converted_as_asked(jobs: list[ItemJob], errors: list[ItemError]) -> list[It
         lambda job: [
             str(image.converted)
             for image in job.inputs().values()
-            if image.needs_conversion and not converted_from(image.converted, _conversion_key(image))
+            if image.needs_conversion and not converted_from(image.converted, conversion_key(image))
         ],
         "was converted again by another run with other settings (a run into the same folder with another atlas "
         "geometry) after this run converted it: rerun this item, and give runs with other settings their own output "

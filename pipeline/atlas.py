@@ -127,8 +127,9 @@ def parse_atlas_range(texts: Sequence[str], option: str = "--atlas-range", auto:
         if span.strip().lower() == AUTO:
             if not auto:
                 raise InputError(
-                    f"{option} {text!r}: auto is taken by 'patchmorph atlas --atlas-range' only: run it on this brain "
-                    "and give the range it records (summary.json's atlas_range) here."
+                    f"{option} {text!r}: auto is taken by 'patchmorph atlas --atlas-range' and a batch manifest's "
+                    "atlas_range only: run one of them on this brain and give the range it records (summary.json's "
+                    "atlas_range) here."
                 )
             if axis in ranges:
                 raise InputError(f"{option} gives {axis} twice: give each direction once.")
@@ -148,9 +149,11 @@ def parse_atlas_range(texts: Sequence[str], option: str = "--atlas-range", auto:
     return ranges
 
 
-def range_text(atlas_range: Mapping[str, Sequence[float]]) -> str:
-    """An atlas range as the option takes it, e.g. ``ap=5000:7500``."""
-    return ",".join(f"{d}={float(lo):g}:{float(hi):g}" for d, (lo, hi) in atlas_range.items())
+def range_text(atlas_range: Mapping[str, Sequence[float] | str]) -> str:
+    """An atlas range (or an :data:`AtlasRangeRequest`) as the option takes it, e.g. ``ap=5000:7500`` (``ap=auto``)."""
+    return ",".join(
+        f"{d}={AUTO}" if r == AUTO else f"{d}={float(r[0]):g}:{float(r[1]):g}" for d, r in atlas_range.items()
+    )
 
 
 def range_record(atlas_range: Mapping[str, Sequence[float]]) -> dict[str, list[float]]:
@@ -252,7 +255,7 @@ def check_placement(
     if not oriented:
         raise InputError(
             f"{option} {given} needs the anatomical orientation of the brain {brain_path}, which it does not carry: "
-            "give --orientation (find the code with 'patchmorph convert --preview')."
+            "give --orientation (a manifest item's orientation; find the code with 'patchmorph convert --preview')."
         )
     low, high = grid.world_edge_bounds()
     for direction in directions:
@@ -301,7 +304,7 @@ def place_in_atlas(
         raise InputError(
             f"{option} {direction}={AUTO}: the tissue of the brain {brain_path} spans {brain_um:.0f} µm along {direction}, "
             f"{brain_um / atlas_um:.2f} of the atlas {atlas.name}'s {atlas_um:.0f} µm: it is not a slab along "
-            f"{direction}, so there is no part of the atlas to find: give no --atlas-range for {direction}."
+            f"{direction}, so there is no part of the atlas to find: leave {direction} out of the range."
         )
     axis = anatomical_array_axis(atlas.orientation, direction)
     f, resolution = factors[axis], atlas.resolution_um[axis]

@@ -519,33 +519,38 @@ def _versions() -> dict[str, str]:
     return found
 
 
-def _check_auto_range(atlas: BrainGlobeAtlas, brain: Path, geometry: Mapping[str, Any], config: AtlasJobConfig) -> None:
+def check_auto_range(
+    atlas: BrainGlobeAtlas, brain: Path, geometry: Mapping[str, Any], atlas_range: Mapping[str, Any],
+    option: str = "--atlas-range",
+) -> None:
     """Refuse ``atlas_range`` ``auto`` before the brain is converted where the search cannot work: a brain without an
     anatomical orientation or thinner than the search needs (:func:`pipeline.atlas.check_placement`; reads the
-    input's header only)."""
+    input's header only; ``option`` names the range in the refusal)."""
     from pipeline.importers import open_input, stated_orientation
 
-    auto = [d for d, r in config.atlas_range.items() if r == AUTO]
+    auto = [d for d, r in atlas_range.items() if r == AUTO]
     if auto:
         _, grid, kind = open_input(brain, **geometry)
         oriented = geometry.get("orientation") is not None or stated_orientation(brain, kind) is not None
-        check_placement(atlas, grid, oriented, auto, brain)
+        check_placement(atlas, grid, oriented, auto, brain, option=option)
 
 
 def resolve_atlas_range(
-    atlas: BrainGlobeAtlas, brain_zarr: Path, brain: Path, config: AtlasJobConfig, out: Path, settings: Mapping[str, Any]
+    atlas: BrainGlobeAtlas, brain_zarr: Path, brain: Path, atlas_range: Mapping[str, Any], out: Path,
+    settings: Mapping[str, Any], option: str = "--atlas-range",
 ) -> tuple[AtlasRange, dict[str, Any]]:
-    """The job's atlas range with every :data:`~pipeline.atlas.AUTO` direction found
-    (:func:`pipeline.atlas.place_in_atlas` on the converted brain ``brain_zarr``), and the search's record per such
-    direction (empty when none is auto). The record is kept in ``out`` (:data:`PLACEMENT_FILE`) with the job's
-    ``settings``: a rerun with the same settings reads the range back instead of searching again.
+    """The job's ``atlas_range`` (``AtlasJobConfig.atlas_range``, or a batch item's) with every
+    :data:`~pipeline.atlas.AUTO` direction found (:func:`pipeline.atlas.place_in_atlas` on the converted brain
+    ``brain_zarr``), and the search's record per such direction (empty when none is auto). The record is kept in
+    ``out`` (:data:`PLACEMENT_FILE`) with the job's ``settings``: a rerun with the same settings reads the range back
+    instead of searching again. ``option`` names the range in a refusal.
 
     Raises:
         InputError: the search cannot place the brain (:func:`pipeline.atlas.place_in_atlas`).
     """
     from pipeline.ngff import read_image
 
-    requested = dict(config.atlas_range)
+    requested = dict(atlas_range)
     auto = [d for d, r in requested.items() if r == AUTO]
     if not auto:
         return requested, {}  # type: ignore[return-value]
@@ -555,7 +560,7 @@ def resolve_atlas_range(
         placements = recorded["placements"]
     else:
         image = read_image(brain_zarr)
-        placements = {d: place_in_atlas(atlas, image, d, brain) for d in auto}
+        placements = {d: place_in_atlas(atlas, image, d, brain, option=option) for d in auto}
         atomic_write_json(path, {"made_from": as_recorded(settings), "placements": placements})
     resolved = {d: tuple(placements[d]["range"]) if r == AUTO else r for d, r in requested.items()}
     for d in auto:
@@ -641,7 +646,7 @@ def _run_atlas_job(
     for path in [brain, *channel_paths]:
         check_geometry_options(path, voxel_size, unit, orientation)
     check_source_planes(brain, "brain", **geometry)
-    _check_auto_range(found, brain, geometry, config)
+    check_auto_range(found, brain, geometry, config.atlas_range)
     _check_channels(channel_paths, brain, geometry)
     cluster = config.cluster if scheduler is None else load_cluster_config(scheduler)
     if cluster is None or cluster.kind in ("threads", "local"):  # the networks run on this machine: a GPU asked for
@@ -657,7 +662,7 @@ def _run_atlas_job(
         name: convert_input(path, out / f"{name}.ome.zarr", downsample=config.brain_downsample, **geometry)
         for name, path in named.items()
     }
-    atlas_range, placements = resolve_atlas_range(found, brain_zarr, brain, config, out, settings)
+    atlas_range, placements = resolve_atlas_range(found, brain_zarr, brain, config.atlas_range, out, settings)
     if placements:  # from here on, as if the range found had been given
         config = config.model_copy(update={"atlas_range": atlas_range})
     prepared = prepare_atlas(found, out / "atlas", config.brain_geometry, dict(config.atlas_range))

@@ -159,11 +159,13 @@ def test_changed_input_is_recomputed(
 
 @pytest.mark.usefixtures("prefect_server")
 def test_brainglobe_atlas_gives_each_item_the_atlas_jobs_outputs(
-    flow_data: dict[str, Path], write_options: Callable[..., Path], tmp_path: Path
+    flow_data: dict[str, Path], write_options: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The bundled BrainGlobe atlas folder as ``atlas``: per item what ``patchmorph atlas`` writes — labels
     nested in a copy of the sample, the sample in atlas space in the atlas's array order, the inverse field,
-    volumes.csv, the atlas QC figures and their figures in the metrics."""
+    volumes.csv, the atlas QC figures and their figures in the metrics. A slab item with ``atlas_range: ap=auto``
+    gets the range ``patchmorph atlas --atlas-range ap=auto`` finds, near where the whole brain's item puts its tissue,
+    with the search in its summary, and a rerun reads it back; one too thin for the search is its own error."""
     import csv
 
     import tifffile
@@ -174,7 +176,8 @@ def test_brainglobe_atlas_gives_each_item_the_atlas_jobs_outputs(
 
     brain = tifffile.imread(flow_data["brain_tif"])
     tifffile.imwrite(tmp_path / "left.tif", brain[:, :, : brain.shape[2] // 2 + 1])  # psl: axis 2 runs left to right
-    tifffile.imwrite(tmp_path / "slab.tif", brain[27:40])  # a 2.6 mm coronal slab, about ap=5300:7900 of the atlas
+    tifffile.imwrite(tmp_path / "slab.tif", brain[27:40])  # a 2.6 mm coronal slab, about ap=6300:9300 of the atlas (the stp item puts its tissue there)
+    tifffile.imwrite(tmp_path / "thin.tif", brain[27:33])  # 1.2 mm: too thin for the search
     geometry = {"voxel_size": [200, 200, 200], "orientation": "psl"}
     manifest = tmp_path / "manifest.yaml"
     manifest.write_text(
@@ -185,6 +188,8 @@ def test_brainglobe_atlas_gives_each_item_the_atlas_jobs_outputs(
                 {"name": "left_as_right", "path": str(tmp_path / "left.tif"), "brain_geometry": "hemisphere_r", **geometry},
                 {"name": "slab", "path": str(tmp_path / "slab.tif"), "atlas_range": "ap=4800:8500", **geometry},
                 {"name": "slab_outside", "path": str(tmp_path / "slab.tif"), "atlas_range": ["ap=12000:14000"], **geometry},
+                {"name": "slab_auto", "path": str(tmp_path / "slab.tif"), "atlas_range": "ap=auto", **geometry},
+                {"name": "thin_auto", "path": str(tmp_path / "thin.tif"), "atlas_range": ["ap=auto"], **geometry},
             ]
         )
     )
@@ -196,9 +201,14 @@ def test_brainglobe_atlas_gives_each_item_the_atlas_jobs_outputs(
     assert state.is_failed() and isinstance(failed, BatchFailed)
     report = failed.report
 
-    assert sorted(r.name for r in report.results) == ["left", "slab", "stp"]
+    assert sorted(r.name for r in report.results) == ["left", "slab", "slab_auto", "stp"]
     # the other hemisphere given: refused before its registration, naming the atlas's half and the other one
-    refused, outside = sorted(report.errors, key=lambda e: e.name)
+    refused, outside, thin = sorted(report.errors, key=lambda e: e.name)
+    # a slab too thin for ap=auto: its error in one sentence, from its header (nothing of it made)
+    assert thin.name == "thin_auto" and thin.step == "atlas_range", thin
+    assert thin.message.startswith("manifest item 'thin_auto': atlas_range ap=auto: the voxels of the brain")
+    assert "span only 1200 µm along ap, less than the 1500 µm" in thin.message
+    assert not (tmp_path / "out" / "thin_auto").exists()
     # a range outside the atlas: that item's error, before anything of it is made
     assert outside.name == "slab_outside" and outside.step == "manifest", outside
     assert "manifest item 'slab_outside': atlas_range ap=12000:14000 lies outside the atlas" in outside.message
@@ -214,7 +224,7 @@ def test_brainglobe_atlas_gives_each_item_the_atlas_jobs_outputs(
     # the slab is registered to the atlas cut to its range (asr: axis 0 anterior to posterior, 100 µm voxels),
     # which its summary and its job's record (read by points and the cohort) name
     from pipeline.cohort import cohort_tables
-    from pipeline.points import open_job
+    from pipeline.points import map_points, open_job
 
     cut = np.asarray(read_image(tmp_path / "out" / "atlas_ap4800-8500" / "annotation.ome.zarr").levels[0].array[...])
     assert cut[48:85].any() and not cut[:48].any() and not cut[85:].any()
@@ -222,6 +232,39 @@ def test_brainglobe_atlas_gives_each_item_the_atlas_jobs_outputs(
     assert "Atlas cut to ap=4800:8500 µm" in " ".join((tmp_path / "out" / "slab" / "summary.md").read_text().split())
     assert open_job(tmp_path / "out" / "slab").atlas_range == {"ap": [4800.0, 8500.0]}
     assert json.loads((tmp_path / "out" / "stp" / "summary.json").read_text())["atlas_range"] == {}
+    # ap=auto: the range found lies where the whole brain's item puts the slab's tissue (as the single job's test)
+    from flows.atlas_to_section import atlas_jobs, placed_items, prepared_atlases
+    from flows.config import AtlasToSectionOptions, resolve_options
+    from flows.manifest import load_manifest
+    from flows.steps import split_finished
+    from pipeline.brainglobe import find_atlas
+
+    tissue = np.argwhere(brain[27:40] > np.percentile(brain, 60))[::5]
+    whole = map_points(open_job(tmp_path / "out" / "stp"), tissue + [27, 0, 0], "brain").atlas[:, 0] * 100.0  # µm
+    low, high = np.floor(whole.min() / 100) * 100, np.ceil(whole.max() / 100) * 100 + 100
+    auto = json.loads((tmp_path / "out" / "slab_auto" / "summary.json").read_text())
+    found = auto["atlas_range"]["ap"]  # measured: 6500:9100 against 6300:9300
+    assert abs((found[0] + found[1]) / 2 - (low + high) / 2) <= 300.0, (found, low, high)  # test_atlas's AUTO_TOLERANCE_UM
+    assert auto["atlas_placement"]["ap"]["range"] == found and len(auto["atlas_placement"]["ap"]["candidates"]) > 10
+    assert f"Atlas range found: ap={found[0]:g}:{found[1]:g} µm" in (tmp_path / "out" / "slab_auto" / "summary.md").read_text()
+    assert json.loads((tmp_path / "out" / f"atlas_ap{found[0]:g}-{found[1]:g}" / "atlas.json").read_text())["atlas_range"] == {"ap": found}
+    # a rerun reads the range back (no search) and finds the item finished
+
+    def searched(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a rerun searched again")
+
+    monkeypatch.setattr("pipeline.atlas_job.place_in_atlas", searched)
+    example = find_atlas(EXAMPLE_DIR / EXAMPLE_ATLAS)
+    entries, placements, unplaced = placed_items(
+        example, [e for e in load_manifest(manifest) if e.name == "slab_auto"], tmp_path / "out"
+    )
+    assert not unplaced and entries[0].atlas_range == {"ap": tuple(found)}
+    jobs, _ = atlas_jobs(
+        EXAMPLE_DIR / EXAMPLE_ATLAS, entries, tmp_path / "out", AtlasToSectionOptions(),
+        prepared_atlases(example, entries, tmp_path / "out"), placements,
+    )  # fmt: skip
+    finished, todo = split_finished(jobs, resolve_options(str(options), AtlasToSectionOptions))
+    assert [r.name for r in finished] == ["slab_auto"] and not todo
     with pytest.raises(InputError, match="different parts of the atlas"):
         cohort_tables([tmp_path / "out" / "stp", tmp_path / "out" / "slab"], tmp_path / "cohort")
     result = next(r for r in report.results if r.name == "stp")

@@ -93,17 +93,19 @@ def test_default_names() -> None:
 
 def test_atlas_range_of_an_item(tmp_path: Path) -> None:
     """An item's atlas_range as ``patchmorph atlas --atlas-range`` takes it: a string (directions comma-separated,
-    in a CSV one quoted cell) or a YAML list of such strings; none is the whole atlas."""
-    (tmp_path / "m.csv").write_text('path,atlas_range\nb1.tif,"ap=6200:9200,dv=1000:5000"\nb2.tif,\n')
+    in a CSV one quoted cell) or a YAML list of such strings, ``auto`` included; none is the whole atlas."""
+    (tmp_path / "m.csv").write_text('path,atlas_range\nb1.tif,"ap=6200:9200,dv=1000:5000"\nb2.tif,\nb4.tif,AP=Auto\n')
     (tmp_path / "m.yaml").write_text(
         "- {path: b1.tif, atlas_range: 'ap=6200:9200,dv=1000:5000'}\n"
         "- {path: b2.tif}\n"
         "- {path: b3.tif, atlas_range: [ap=6200:9200, dv=1000:5000], brain_geometry: hemisphere_l}\n"
+        "- {path: b4.tif, atlas_range: [ap=auto]}\n"
     )
     for name in ("m.csv", "m.yaml"):
         items = load_manifest(tmp_path / name)
         assert all(isinstance(i, ManifestItem) for i in items), items
         assert items[0].atlas_range == {"ap": (6200.0, 9200.0), "dv": (1000.0, 5000.0)} and items[1].atlas_range == {}
+        assert items[-1].atlas_range == {"ap": "auto"}
     assert items[2].atlas_range == items[0].atlas_range and items[2].brain_geometry == "hemisphere_l"
 
 

@@ -1037,13 +1037,13 @@ def test_an_atlas_range_that_cannot_be_found_is_refused_before_the_registration(
 
 
 def test_auto_is_taken_where_the_range_can_be_searched_for_only() -> None:
-    """``auto`` is an atlas range for ``patchmorph atlas`` (``auto=True``); elsewhere (a batch manifest's items) it is
-    refused in one sentence; a direction given twice is refused either way."""
+    """``auto`` is an atlas range for ``patchmorph atlas`` and a batch manifest's items (``auto=True``); elsewhere it
+    is refused in one sentence; a direction given twice is refused either way."""
     from pipeline.atlas import parse_atlas_range
 
     assert parse_atlas_range(["ap=auto,dv=1000:2000"], auto=True) == {"ap": "auto", "dv": (1000.0, 2000.0)}
-    with pytest.raises(InputError, match="auto is taken by 'patchmorph atlas --atlas-range' only"):
-        parse_atlas_range(["ap=auto"], option="manifest item 'a': atlas_range")
+    with pytest.raises(InputError, match="auto is taken by 'patchmorph atlas --atlas-range' and a batch manifest's"):
+        parse_atlas_range(["ap=auto"], option="--atlas-range")
     with pytest.raises(InputError, match="gives ap twice"):
         parse_atlas_range(["ap=auto", "ap=AUTO"], auto=True)
 
