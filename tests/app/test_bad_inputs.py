@@ -283,7 +283,7 @@ CASES = [
     Case("warp-field-incomplete", f"{WARP} --out {OUT}/out.zarr".replace(f"{W}/field.zarr", f"{W}/field_incomplete.zarr"), 2, r"incomplete output"),
     Case("warp-moving-lost-chunk", f"{WARP} --out {OUT}/out.zarr".replace(f"{W}/moving.zarr", f"{W}/lost_chunk.zarr"), 2, r"lost_chunk\.zarr is missing"),
     Case("warp-missing-target", f"{WARP} --out {OUT}/out.zarr --target {W}/nowhere.zarr", 2, r"target image .*nowhere\.zarr does not exist"),
-    Case("warp-no-space-for-output", f"{WARP} --out {OUT}/out.zarr --target {W}/huge_target.zarr", 2, r"the warped image .* needs up to .* free: free some space or write elsewhere"),
+    Case("warp-no-space-for-output", f"{WARP} --out {OUT}/out.zarr --target {W}/huge_target.zarr", 2, r"the warped image .* needs about .* free: free some space or write elsewhere"),
     Case("warp-stale-run-folder", f"warp --field {OUT}/field.zarr --moving {W}/moving.zarr --out {OUT}/warped.zarr --scheduler {THREADS}", 2, r"warped\.zarr\.run belongs to a run with different field", ("warped.zarr",), _stale_warp_run),
     Case("warp-chunk-size-zero", f"{WARP} --out {OUT}/out.zarr --chunk-size 0", 2, r"--chunk-size 0 is invalid"),
     # -- evaluate ---------------------------------------------------------------------------------------------------
