@@ -420,21 +420,17 @@ def test_a_conversion_killed_at_its_rename_is_moved_into_place(tmp_path: Path) -
     """A conversion killed (SIGKILL) after its pyramid was finished, before it was renamed into place: the same
     conversion again moves it into place (it refused 'cannot resume ...: it is complete', with and without
     overwrite, until the hidden folders were removed by hand)."""
-    import subprocess
-    import sys
+    from killed_helpers import run_python
 
     stack = _planes(tmp_path / "planes", 40, (30, 50))
     out = tmp_path / "brain.ome.zarr"
-    killed = subprocess.run(
-        [sys.executable, "-c", (
-            "import os, signal\n"
-            "import pipeline.ngff as ngff\n"
-            "from pipeline.importers import convert\n"
-            "ngff._replace = lambda tmp, out: os.kill(os.getpid(), signal.SIGKILL)\n"
-            f"convert({str(tmp_path / 'planes')!r}, {str(out)!r}, voxel_size=(50, 2, 2), chunks=(8, 8, 8))\n"
-        )],
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
+    killed = run_python(
+        "import os, signal\n"
+        "import pipeline.ngff as ngff\n"
+        "from pipeline.importers import convert\n"
+        "ngff._replace = lambda tmp, out: os.kill(os.getpid(), signal.SIGKILL)\n"
+        f"convert({str(tmp_path / 'planes')!r}, {str(out)!r}, voxel_size=(50, 2, 2), chunks=(8, 8, 8))\n"
+    )
     assert killed.returncode == -9, killed.stderr
     assert not out.exists() and (tmp_path / ".brain.ome.zarr.converting").is_dir()
     convert(tmp_path / "planes", out, voxel_size=(50, 2, 2), chunks=(8, 8, 8))

@@ -84,8 +84,10 @@ def test_killed_run_resumes_to_identical_field(
         str(Path(sys.executable).parent / "patchmorph"), "register", "--fixed", str(fixed), "--moving", str(moving),
         "--out", str(out), "--config", str(config_path), "--chunk-size", "5", "--workers", "1",
     ]  # fmt: skip
-    process = subprocess.Popen(
-        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    from killed_helpers import same_code_env
+
+    process = subprocess.Popen(  # this test's code, which the rerun below resumes with
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=same_code_env()
     )
     done = out.with_name(out.name + ".run") / final / "done"
     deadline = time.monotonic() + 180
