@@ -43,7 +43,7 @@ def test_an_item_whose_shared_input_another_run_converted_otherwise_fails(tmp_pa
     before this run's registrations read it: the item fails at 'inputs' instead of registering the other atlas."""
     import json
 
-    from flows.steps import _conversion_key, _converted_as_asked
+    from flows.steps import _converted_as_asked, conversion_key
     from flows.tasks import conversion_record
 
     (tmp_path / "atlas").mkdir()
@@ -55,7 +55,7 @@ def test_an_item_whose_shared_input_another_run_converted_otherwise_fails(tmp_pa
         fixed=ImageInput(path=_store(tmp_path / "item.ome.zarr", 2.0), converted=tmp_path / "item.c.zarr"),
         moving=moving,
     )
-    conversion_record(atlas).write_text(json.dumps({"fingerprint": _conversion_key(moving)}))
+    conversion_record(atlas).write_text(json.dumps({"fingerprint": conversion_key(moving)}))
     errors: list = []
     assert _converted_as_asked([job], errors) == [job] and errors == []
     conversion_record(atlas).write_text(json.dumps({"fingerprint": "another geometry"}))
