@@ -4,12 +4,11 @@ A :class:`Displacement` maps ``(N, 3)`` world points ``x`` (components ``(z, y, 
 fixed image) to ``(N, 3)`` displacements ``u(x)``; the transform it stands for is ``φ(x) = x + u(x)``
 (fixed world point → moving world point, see :mod:`patchmorph_core.spatial`). Implementations:
 
-* :class:`TranslationDisplacement` — a constant ``u`` (the initial alignment).
+* :class:`TranslationDisplacement` — a constant ``u``.
 * :class:`AffineDisplacement` — ``u(x) = A x + t − x`` from a 4×4 world→world matrix.
 * :class:`FieldDisplacement` — trilinear sampling of a ``(3, Z, Y, X)`` field on a :class:`Grid`,
   constant-extended outside it. The field may be any array-like (numpy, zarr, dask, TensorStore): each call
   reads only the box its points need, so the same class is the lazy, store-backed sampler for chunked runs.
-* :class:`ComposedDisplacement` — ``φ_outer ∘ φ_inner``: ``u(x) = u_inner(x) + u_outer(x + u_inner(x))``.
 * :class:`InverseDisplacement` — the inverse of another displacement by fixed-point iteration
   (:func:`invert_points`); point-wise, so it can be evaluated on any block independently.
 """
@@ -92,23 +91,6 @@ class FieldDisplacement:
         for k in range(3):
             out[:, k] = ndimage.map_coordinates(block[k], local, order=1, mode="nearest", prefilter=False)
         return out
-
-
-@dataclass(frozen=True)
-class ComposedDisplacement:
-    """``φ = φ_outer ∘ φ_inner``, i.e. ``u(x) = u_inner(x) + u_outer(x + u_inner(x))``.
-
-    Used for the cascade: the network's update ``v`` is applied first (in fixed space), then the
-    coarser transform, so ``u_total(x) = v(x) + u_prior(x + v(x))``.
-    """
-
-    inner: Displacement
-    outer: Displacement
-
-    def __call__(self, points: np.ndarray) -> np.ndarray:
-        pts = _as_points(points)
-        first = self.inner(pts)
-        return first + self.outer(pts + first)
 
 
 INVERSE_ITERATIONS = 30

@@ -285,25 +285,6 @@ def specs_in_box(lattice: PatchLattice, start: Sequence[int], stop: Sequence[int
     return lattice.specs(lattice.cells(start, stop))
 
 
-def _patch_touches(spec: PatchSpec, low: np.ndarray, high: np.ndarray) -> bool:
-    """Whether the patch's world bounding box meets the world box ``[low, high]``."""
-    p_low, p_high = spec.grid.world_bounds()
-    return bool(np.all(p_low <= high) and np.all(p_high >= low))
-
-
-def cells_for_region(lattice: PatchLattice, region: Grid) -> np.ndarray:
-    """``(N, 3)`` cells whose patch's bounding box meets ``region``'s world box (all patches that may
-    put weight on a voxel of ``region``), C order.
-    """
-    low, high = region.world_bounds()
-    reach = lattice.extent * math.sqrt(3.0) / 2.0 + lattice.step / 2.0
-    first = np.floor((low - reach - lattice.origin) / lattice.step).astype(int)
-    last = np.ceil((high + reach - lattice.origin) / lattice.step).astype(int) + 1
-    candidates = lattice.cells(first, last)
-    keep = [n for n, c in enumerate(candidates) if _patch_touches(lattice.spec(c), low, high)]
-    return candidates[keep]
-
-
 # -- the window and the sums ----------------------------------------------------------------------------------
 def window(index: np.ndarray, size: int) -> np.ndarray:
     """Separable Hann window at continuous patch indices.

@@ -543,15 +543,10 @@ def side_sums(annotation: Any, hemispheres: Any, channels: Sequence[Any] = ()) -
     return counts, sums
 
 
-def count_sides(annotation: Any, hemispheres: Any) -> SideCounts:
-    """Voxels per ``(structure id, side)`` of two ``(Z, Y, X)`` label arrays on one grid (:func:`side_sums`)."""
-    return side_sums(annotation, hemispheres)[0]
-
-
 def volume_table(
     counts: Mapping[tuple[int, int], int], voxel_mm3: float, structures: Mapping[int, Structure]
 ) -> list[RegionVolume]:
-    """Per-structure volumes from voxel counts per ``(id, side)`` (:func:`count_sides`).
+    """Per-structure volumes from voxel counts per ``(id, side)`` (:func:`side_sums`).
 
     Args:
         counts: voxels per ``(structure id, 1 left | 2 right)``; id 0 (outside the brain) is not listed.

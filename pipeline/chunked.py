@@ -49,12 +49,11 @@ import numpy as np
 import zarr
 from tqdm.auto import tqdm
 
-from patchmorph_core.errors import InputError
 from patchmorph_core.inference import FieldSums, PatchLattice, cell_blocks
 from patchmorph_core.spatial import Grid, world_box
 from pipeline.executor import Executor
 from pipeline.integrity import writable
-from pipeline.ngff import DEFAULT_CHUNK, create_image_array
+from pipeline.ngff import create_image_array
 from pipeline.resume import ChunkId, StageRecords, atomic_write, chunk_name
 
 log = logging.getLogger(__name__)
@@ -111,15 +110,6 @@ class ChunkPlan:
     grid: Grid
     chunk: tuple[int, int, int]
     halo: int = 0
-
-    @classmethod
-    def for_grid(cls, grid: Grid, chunk_size: int | None = None) -> ChunkPlan:
-        """Cubic chunks of ``chunk_size`` voxels (default :data:`DEFAULT_CHUNK`), clipped to the grid."""
-        size = DEFAULT_CHUNK if chunk_size is None else int(chunk_size)
-        if size < 1:
-            raise InputError(f"--chunk-size {chunk_size} is invalid: give a positive number of field voxels.")
-        chunk = tuple(min(size, n) for n in grid.shape)
-        return cls(grid, chunk)  # type: ignore[arg-type]
 
     @property
     def counts(self) -> tuple[int, int, int]:
@@ -250,11 +240,6 @@ def piece_path(folder: Path, block: int, cid: ChunkId) -> Path:
 def block_folder(folder: Path, block: int) -> Path:
     """The folder of block ``block``'s arrays inside the spill folder ``folder`` (removed whole with its last chunk)."""
     return folder / f"block-{block}"
-
-
-def block_files(folder: Path, block: int) -> list[Path]:
-    """The files of block ``block``'s arrays in the spill folder ``folder`` (what its pieces refer to)."""
-    return sorted(block_folder(folder, block).glob("*.raw"))
 
 
 def _raw_owner(array: np.ndarray) -> np.ndarray | None:

@@ -34,8 +34,8 @@ from pathlib import Path
 import numpy as np
 
 from patchmorph_core.errors import InputError
-from patchmorph_core.spatial import Grid, orientation_code, reorient_array, resample
-from pipeline.brainglobe import LEFT, RIGHT, allen_structures, midline_hemispheres, write_tiff_atlas
+from patchmorph_core.spatial import Grid, reorient_array, resample
+from pipeline.brainglobe import LEFT, RIGHT, allen_structures, write_tiff_atlas
 from pipeline.importers import ALLEN_CCF_NRRD_ORIENTATION
 
 EXAMPLE_DIR: Path = Path(__file__).resolve().parents[1] / "examples"
@@ -119,15 +119,6 @@ def write_example_atlas(folder: str | Path, ccf: str | Path = EXAMPLE_DIR / "mou
     orientation = str(EXAMPLE_ATLAS_METADATA["orientation"])
     template, annotation = (reorient_array(a, ATLAS_ORIENTATION, orientation) for a in (template, annotation))
     return write_tiff_atlas(folder, template, annotation, structures, EXAMPLE_ATLAS_METADATA)
-
-
-def hemisphere_map(grid: Grid) -> np.ndarray:
-    """Hemispheres (1 left, 2 right) of an atlas on ``grid`` (any orientation code), split as BrainGlobe
-    splits a symmetric atlas (:func:`pipeline.brainglobe.midline_hemispheres`)."""
-    code = orientation_code(grid.direction)
-    if code is None:
-        raise InputError("the atlas grid is oblique: give an atlas whose axes follow an orientation code.")
-    return midline_hemispheres(grid.shape, code)
 
 
 def read_volume_csv(path: str | Path) -> dict[str, float]:

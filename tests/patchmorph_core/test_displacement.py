@@ -8,7 +8,6 @@ import zarr
 
 from patchmorph_core.displacement import (
     AffineDisplacement,
-    ComposedDisplacement,
     Displacement,
     FieldDisplacement,
     InverseDisplacement,
@@ -63,16 +62,6 @@ def test_field_sampler_extends_the_field_when_every_point_lies_outside() -> None
     expected = sample_field(values, grid, pts)
     assert np.abs(expected).min() > 0
     assert np.allclose(FieldDisplacement(values, grid)(pts), expected, atol=1e-5)
-
-
-def test_composition_order() -> None:
-    scale = np.eye(4)
-    scale[:3, :3] *= 2.0
-    shift = np.array([1.0, 0.0, 0.0])
-    pts = np.array([[1.0, 1.0, 1.0]])
-    # inner = translation, outer = scaling: phi(x) = 2 (x + t)
-    composed = ComposedDisplacement(TranslationDisplacement(shift), AffineDisplacement(scale))
-    assert np.allclose(pts + composed(pts), 2.0 * (pts + shift))
 
 
 @pytest.mark.parametrize("amplitude", [0.05, 0.3])

@@ -23,7 +23,6 @@ from patchmorph_core.spatial import Grid, orientation_matrix
 from pipeline.atlas import (
     PLACEMENT_MARGIN_UM,
     SIGNAL_COLUMNS,
-    count_sides,
     side_sums,
     volume_table,
     voxel_volume_mm3,
@@ -58,7 +57,7 @@ def test_volumes_are_counted_per_side_chunk_by_chunk() -> None:
     rng = np.random.default_rng(0)
     annotation = rng.choice([0, 5, 7, 600_000_000], size=(9, 10, 11))
     hemispheres = rng.choice([0, LEFT, RIGHT], size=annotation.shape)
-    counts = count_sides(zarr.array(annotation, chunks=(4, 3, 5)), zarr.array(hemispheres, chunks=(2, 2, 2)))
+    counts, _ = side_sums(zarr.array(annotation, chunks=(4, 3, 5)), zarr.array(hemispheres, chunks=(2, 2, 2)))
     expected = Counter(
         (int(a), int(h)) for a, h in zip(annotation.ravel(), hemispheres.ravel(), strict=True) if h
     )
@@ -71,7 +70,7 @@ def test_volumes_are_counted_per_side_chunk_by_chunk() -> None:
         and rows[0].total_mm3 == rows[0].left_mm3 + rows[0].right_mm3
     )
     with pytest.raises(InputError, match="same grid"):
-        count_sides(annotation, hemispheres[:, :, :3])
+        side_sums(annotation, hemispheres[:, :, :3])
 
 
 def test_channel_values_are_summed_per_structure_and_side_chunk_by_chunk(tmp_path: Path) -> None:

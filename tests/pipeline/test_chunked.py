@@ -15,7 +15,16 @@ from patchmorph_core.config import InferenceConfig
 from patchmorph_core.inference import RegistrationResult, accumulate, specs_in_box, stage_lattice
 from patchmorph_core.model import load_model
 from patchmorph_core.spatial import Grid
-from pipeline.chunked import Box, ChunkPlan, cells_per_block, needs, partition, reduce_partials, split_partial
+from pipeline.chunked import (
+    Box,
+    ChunkPlan,
+    block_folder,
+    cells_per_block,
+    needs,
+    partition,
+    reduce_partials,
+    split_partial,
+)
 from pipeline.ngff import read_field, read_image
 from pipeline.register import register_arrays, register_files
 
@@ -27,6 +36,16 @@ def _rotated_grid() -> Grid:
     return Grid.from_spacing(
         (45, 50, 38), (1.2, 1.0, 0.9), origin=(3.0, -2.0, 5.0), unit="millimeter", direction=rot
     )
+
+
+def _plan(grid: Grid, size: int) -> ChunkPlan:
+    """Cubic chunks of ``size`` field voxels, clipped to ``grid``."""
+    return ChunkPlan(grid, tuple(min(size, n) for n in grid.shape))  # type: ignore[arg-type]
+
+
+def _block_files(folder: Path, block: int) -> list[Path]:
+    """The files of block ``block``'s arrays in the spill folder ``folder`` (what its pieces refer to)."""
+    return sorted(block_folder(folder, block).glob("*.raw"))
 
 
 def _estimates(specs: list) -> np.ndarray:
@@ -45,7 +64,7 @@ def test_chunked_sums_equal_whole_grid(chunk: int, cells: int | None) -> None:
     all_specs = lattice.specs()
     whole = accumulate(all_specs, _estimates(all_specs), grid)
 
-    plan = ChunkPlan.for_grid(grid, chunk)
+    plan = _plan(grid, chunk)
     blocks = partition(lattice, plan, cells, min_blocks=4)  # None: sized by the box budget, >= 4 blocks
     assert len(blocks) >= 4
     partials, pieces = [], []
@@ -105,7 +124,7 @@ def test_a_lattice_within_one_block_is_cut_in_two_along_its_longest_axis() -> No
     lattice = stage_lattice(grid, extent=40.0, overlap=1.5, seed=3, stage=0, max_rotation_deg=0.0, patch_size=8)
     counts = tuple(int(c) for c in lattice.counts)
     assert max(counts) > 1 and len(set(counts)) > 1  # non-cubic, so the axis is not a tie
-    plan = ChunkPlan.for_grid(grid, 40)
+    plan = _plan(grid, 40)
     blocks = partition(lattice, plan, batch_size=16)
     axis = int(np.argmax(counts))
     assert len(blocks) == 2
@@ -117,7 +136,7 @@ def test_a_lattice_within_one_block_is_cut_in_two_along_its_longest_axis() -> No
 
 def test_chunk_plan_covers_grid_once() -> None:
     grid = _rotated_grid()
-    plan = ChunkPlan.for_grid(grid, 17)
+    plan = _plan(grid, 17)
     assert plan.counts == (3, 3, 3)
     hits = np.zeros(grid.shape, dtype=int)
     for cid in plan.ids():
@@ -202,12 +221,12 @@ def test_spilled_pieces_reach_their_chunks_through_files_and_are_removed(tmp_pat
     """With a spill folder the block tasks' pieces travel as files of the run folder: each chunk task gets
     copies equal to what its blocks made (read while the file exists), the totals equal the run without a
     spill folder, and no piece is left once the stage is done."""
-    from pipeline.chunked import BLOCK_FIGURES, SpilledPiece, block_files, run_chunked, spill_block
+    from pipeline.chunked import BLOCK_FIGURES, SpilledPiece, run_chunked, spill_block
     from pipeline.executor import thread_executor
     from pipeline.resume import StageRecords, chunk_name
 
     grid = _rotated_grid()
-    plan = ChunkPlan.for_grid(grid, 17)
+    plan = _plan(grid, 17)
     supports = [plan.box((0, 0, 0)), Box((0, 0, 0), (30, 30, 30))]
     made: dict[tuple[int, Any], np.ndarray] = {}
 
@@ -228,7 +247,7 @@ def test_spilled_pieces_reach_their_chunks_through_files_and_are_removed(tmp_pat
                 assert all(id(piece) not in originals for _, piece in partials)  # read from the files
                 assert len(list(spill.glob(f"*-{chunk_name(cid)}.pkl"))) == len(partials)  # one file a piece
                 if any(piece.size > 3 for _, piece in partials):  # block 1's bytes, shared by its pieces
-                    assert [p.name for p in block_files(spill, 1)] == ["1.0.raw"]
+                    assert [p.name for p in _block_files(spill, 1)] == ["1.0.raw"]
             totals[cid] = float(sum(piece.sum() for _, piece in partials))
             return {}
 
@@ -252,7 +271,7 @@ def test_spilled_pieces_reach_their_chunks_through_files_and_are_removed(tmp_pat
     assert not spill.exists()  # every piece read, deleted, and the folder removed
     out = spill_block(block_fn, tmp_path, 1, None, 1)  # a spilled piece is a file holding the same values
     piece = next(v for k, v in out.items() if k != BLOCK_FIGURES)
-    written = [*tmp_path.glob("1-*.pkl"), *block_files(tmp_path, 1)]
+    written = [*tmp_path.glob("1-*.pkl"), *_block_files(tmp_path, 1)]
     assert out[BLOCK_FIGURES]["spilled_bytes"] == sum(p.stat().st_size for p in written) > 0
     assert isinstance(piece, SpilledPiece) and piece.path.is_file()
     np.testing.assert_array_equal(piece.load(), made[(1, next(k for k in out if k != BLOCK_FIGURES))])
@@ -262,12 +281,12 @@ def test_a_blocks_shared_bytes_are_deleted_with_its_last_chunk(tmp_path: Path) -
     """A block's arrays in the spill folder live while a chunk that needs the block is still to be written and
     are gone once its last such chunk is recorded (one chunk task in flight, so each task sees the folder as
     the previous one left it)."""
-    from pipeline.chunked import BLOCK_FIGURES, block_files, needs, run_chunked
+    from pipeline.chunked import BLOCK_FIGURES, needs, run_chunked
     from pipeline.executor import thread_executor
     from pipeline.resume import StageRecords
 
     grid = _rotated_grid()
-    plan = ChunkPlan.for_grid(grid, 17)
+    plan = _plan(grid, 17)
     supports = [Box((0, 0, 0), (20, 20, 20)), Box((0, 0, 0), tuple(grid.shape))]  # type: ignore[arg-type]
     need = needs(plan, supports)
     last_of_block_0 = max(cid for cid in plan.ids() if 0 in need[cid])
@@ -278,7 +297,7 @@ def test_a_blocks_shared_bytes_are_deleted_with_its_last_chunk(tmp_path: Path) -
         return {**{cid: values[1:] for cid in plan.chunks_meeting(supports[b], plan.halo)}, BLOCK_FIGURES: {}}
 
     def chunk_fn(_ctx: Any, cid: Any, _partials: list[Any]) -> dict[str, Any]:
-        seen[cid] = bool(block_files(spill, 0))
+        seen[cid] = bool(_block_files(spill, 0))
         return {}
 
     spill = tmp_path / "pieces"
@@ -298,7 +317,7 @@ def test_overlapping_pieces_share_their_block_bytes_in_the_spill_folder(tmp_path
     one file of that array: the block's bytes are written once, not once a piece; each piece reads back the
     values (and shape) of its view, reversed and transposed views included; a small array stays inside its
     piece's file."""
-    from pipeline.chunked import BLOCK_FIGURES, SPILL_INLINE_BYTES, block_files, spill_block
+    from pipeline.chunked import BLOCK_FIGURES, SPILL_INLINE_BYTES, spill_block
 
     sums = np.arange(2 * 40 * 30 * 20, dtype=np.float32).reshape(2, 40, 30, 20)  # 192 kB, C order
     fortran = np.asfortranarray(sums[0])
@@ -312,7 +331,7 @@ def test_overlapping_pieces_share_their_block_bytes_in_the_spill_folder(tmp_path
         return {**views, BLOCK_FIGURES: {"seconds": 0.0}}
 
     out = spill_block(block_fn, tmp_path, 3, None, 3)
-    files = block_files(tmp_path, 3)
+    files = _block_files(tmp_path, 3)
     assert [f.stat().st_size for f in files] == [sums.nbytes, fortran.nbytes]  # each array's bytes once
     pieces = sum(p.stat().st_size for p in tmp_path.glob("3-*.pkl"))
     assert out[BLOCK_FIGURES]["spilled_bytes"] == pieces + sums.nbytes + fortran.nbytes

@@ -11,15 +11,14 @@ import numpy as np
 import pytest
 
 from patchmorph_core.errors import InputError
-from patchmorph_core.spatial import Grid
-from pipeline.brainglobe import LEFT, RIGHT, find_atlas, open_volume
+from patchmorph_core.spatial import Grid, orientation_code
+from pipeline.brainglobe import LEFT, RIGHT, find_atlas, midline_hemispheres, open_volume
 from pipeline.demo import (
     BRAIN_ORIENTATION,
     BRAIN_VOXEL_SIZE_UM,
     ExampleFiles,
     brainreg_standard_on,
     hemisphere_dice,
-    hemisphere_map,
     read_tiff,
     resample_to,
     volume_correlation,
@@ -83,7 +82,8 @@ def test_brainreg_standard_lies_on_the_template(files: ExampleFiles, atlas: dict
 def test_hemispheres_follow_brainregs_convention(files: ExampleFiles, atlas: dict, brain_grid: Grid) -> None:
     """The atlas split, placed on the centred brain without registration, already matches brainreg's sides."""
     hemispheres = atlas["hemispheres"]
-    np.testing.assert_array_equal(hemisphere_map(atlas["grid"]), hemispheres)
+    code = orientation_code(atlas["grid"].direction)
+    np.testing.assert_array_equal(midline_hemispheres(atlas["grid"].shape, code), hemispheres)
     assert set(np.unique(hemispheres)) == {LEFT, RIGHT}
     assert np.sum(hemispheres == LEFT) == np.sum(hemispheres == RIGHT)
     theirs = read_tiff(files.brainreg_hemispheres)
