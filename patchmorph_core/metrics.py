@@ -13,18 +13,14 @@ import numpy as np
 from scipy import ndimage
 
 from patchmorph_core.errors import InputError
+from patchmorph_core.labels import check_whole_numbers
 from patchmorph_core.spatial import Grid
 
 
 def _label_array(labels: np.ndarray, what: str) -> np.ndarray:
     """``labels`` as a non-negative int64 array (a float map must hold whole numbers); InputError otherwise."""
     arr = np.asarray(labels)
-    if not np.issubdtype(arr.dtype, np.integer):
-        if not np.all(np.isfinite(arr)) or np.any(arr != np.rint(arr)):
-            raise InputError(
-                f"{what} holds values that are not whole numbers (an image, not label ids): give an integer "
-                "label map."
-            )
+    check_whole_numbers(arr, what, "it is an image, not a label map; give an integer label map.")
     arr = arr.astype(np.int64, copy=False)
     if arr.size and arr.min() < 0:
         raise InputError(f"{what} holds negative labels: give non-negative integer label ids.")

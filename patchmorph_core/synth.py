@@ -21,6 +21,7 @@ import numpy as np
 from scipy import ndimage
 
 from patchmorph_core.errors import InputError
+from patchmorph_core.labels import check_whole_numbers
 
 STANDARD_FS_LABELS: dict[int, str] = {
     2: "left cerebral white matter",
@@ -63,11 +64,7 @@ def _check_labels(labels: np.ndarray, what: str = "label map") -> np.ndarray:
     arr = np.asarray(labels)
     if arr.ndim != 3:
         raise InputError(f"{what} has shape {arr.shape}: give a 3-D (z, y, x) array of integer labels.")
-    if not np.issubdtype(arr.dtype, np.integer):
-        rounded = np.rint(arr)
-        if not np.array_equal(rounded, arr):
-            raise InputError(f"{what} holds non-integer values: give an integer label map.")
-        arr = rounded
+    check_whole_numbers(arr, what, "give an integer label map.")
     arr = arr.astype(np.int64, copy=False)
     if arr.size and arr.min() < 0:
         raise InputError(f"{what} holds negative labels: give non-negative integer label ids.")

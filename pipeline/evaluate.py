@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from patchmorph_core.errors import InputError
+from patchmorph_core.labels import check_whole_numbers
 from patchmorph_core.metrics import dice_per_label, folding_percent, jacobian_determinant, local_ncc, ncc
 from patchmorph_core.sampling import tissue_mask
 from patchmorph_core.spatial import Grid, box_corners, read_box, resample
@@ -59,11 +60,7 @@ def _labels_present(
     """InputError when a label map is not a map of whole-number ids, or neither holds any label of
     ``label_set``."""
     for labels, path in zip(maps, paths, strict=True):
-        if not np.issubdtype(labels.dtype, np.integer) and np.any(labels != np.rint(labels)):
-            raise InputError(
-                f"label map {path} holds values that are not whole numbers (an image, not label ids): give an "
-                "integer label map."
-            )
+        check_whole_numbers(labels, f"label map {path}", "it is an image, not a label map; give an integer label map.")
     if label_set is not None and not any(np.isin(labels, label_set).any() for labels in maps):
         raise InputError(
             f"label maps {paths[0]} and {paths[1]} hold none of the labels {label_set[:8]}"

@@ -37,6 +37,7 @@ import numpy as np
 import zarr
 
 from patchmorph_core.errors import InputError
+from patchmorph_core.labels import check_whole_numbers
 from patchmorph_core.spatial import (
     ITK_MAX_SHEAR_DEG,
     NIFTI_FORMS_TOLERANCE,
@@ -660,13 +661,13 @@ def check_whole_labels(array: Any, path: str | Path) -> None:
     """
     if not np.issubdtype(np.dtype(array.dtype), np.floating):
         return
-    values = np.concatenate([plane.ravel() for plane in mid_planes(array)[0]])
-    broken = values[np.isfinite(values) & (values != np.round(values))]
-    if broken.size:
-        raise InputError(
-            f"label map {path} holds values that are not whole numbers (e.g. {broken[0]:g}): give the label image "
-            "itself (integer ids; resampled only by nearest neighbour), or convert an intensity image without --labels."
-        )
+    check_whole_numbers(
+        np.concatenate([plane.ravel() for plane in mid_planes(array)[0]]),
+        f"label map {path}",
+        "give the label image itself (integer ids; resampled only by nearest neighbour), or convert an intensity "
+        "image without --labels.",
+        skip_nonfinite=True,
+    )
 
 
 @contextlib.contextmanager

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from patchmorph_core.errors import InputError
+from patchmorph_core.labels import check_whole_numbers
 from patchmorph_core.spatial import RIGHTWARD, Grid, orientation_code, unit_scale
 from pipeline.brainglobe import Structure, structures_from_list, write_tiff_atlas
 from pipeline.importers import ALLEN_CCF_NRRD_ORIENTATION, allen_ccf_nrrd, open_input, stated_orientation
@@ -261,11 +262,10 @@ def reference_uint16(values: np.ndarray, where: Path) -> np.ndarray:
 
 def label_ids(values: np.ndarray, where: Path, what: str = "label image") -> np.ndarray:
     """``values`` as uint32 label ids; an image with negative, fractional or too large values is refused."""
-    if values.dtype.kind == "f" and not np.array_equal(values, np.rint(values)):
-        raise InputError(
-            f"the {what} {where} holds non-integer values: give the atlas's label image (one integer id per "
-            "structure), not a template or a probability map."
-        )
+    check_whole_numbers(
+        values, f"the {what} {where}", "give the atlas's label image (one integer id per structure), not a template "
+        "or a probability map.",
+    )  # fmt: skip
     if values.size and (values.min() < 0 or values.max() > np.iinfo(np.uint32).max):
         raise InputError(
             f"the {what} {where} holds ids outside 0-{np.iinfo(np.uint32).max}: give a label image."

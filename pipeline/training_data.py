@@ -30,6 +30,7 @@ from scipy import ndimage
 from patchmorph_core import training
 from patchmorph_core.config import DataConfig, LabelSet, TrainConfig, load_yaml
 from patchmorph_core.errors import InputError
+from patchmorph_core.labels import check_whole_numbers
 from patchmorph_core.model import read_checkpoint
 from patchmorph_core.sampling import intensity_range, normalize
 from patchmorph_core.source import MultiscaleImage, downsample, downsampled_grid
@@ -92,11 +93,10 @@ def check_label_map(array: np.ndarray, path: str | Path) -> None:
         InputError: the file looks like an intensity image.
     """
     values = np.asarray(array)
-    if not np.issubdtype(values.dtype, np.integer) and not np.array_equal(np.rint(values), values):
-        raise InputError(
-            f"training label map {path} holds non-integer values: it is an intensity image, not a label map; "
-            "list label maps (one integer id per structure) under data.images or data.label_sets."
-        )
+    check_whole_numbers(
+        values, f"training label map {path}", "it is an intensity image, not a label map; list label maps (one "
+        "integer id per structure) under data.images or data.label_sets.",
+    )  # fmt: skip
     equal = pairs = 0
     first: list[np.ndarray] = []
     second: list[np.ndarray] = []

@@ -44,6 +44,7 @@ from patchmorph_core.displacement import (
     invert_points,
 )
 from patchmorph_core.errors import InputError
+from patchmorph_core.labels import check_whole_numbers
 from patchmorph_core.source import MultiscaleImage, float32_if_small
 from patchmorph_core.spatial import Grid
 from patchmorph_core.warping import Interpolation, LabelInterpolation, warp_to_grid
@@ -273,13 +274,10 @@ def check_label_values(array: Any, moving: str | Path) -> None:
         slice(max(0, n // 2 - LABEL_SAMPLE_VOXELS // 2), n // 2 - LABEL_SAMPLE_VOXELS // 2 + LABEL_SAMPLE_VOXELS)
         for n in array.shape
     )
-    values = np.asarray(array[box])
-    fractional = values[np.isfinite(values) & (values != np.round(values))]
-    if fractional.size:
-        raise InputError(
-            f"image {moving} holds values that are no label ids (e.g. {float(fractional[0]):.6g}, not a whole number): "
-            "it is an intensity image, not a label map; warp it without --labels."
-        )
+    check_whole_numbers(
+        np.asarray(array[box]), f"image {moving}", "it is an intensity image, not a label map; warp it without --labels.",
+        skip_nonfinite=True,
+    )  # fmt: skip
 
 
 @locks_output

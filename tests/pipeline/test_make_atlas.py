@@ -198,7 +198,7 @@ def test_bad_input_is_one_sentence_before_any_folder(atlas_files: dict[str, Path
             ],
             "oblique axes",
         ),
-        ([atlas_files["template"], atlas_files["template"]], "holds non-integer values"),
+        ([atlas_files["template"], atlas_files["template"]], "holds values that are not whole numbers"),
         (
             [atlas_files["template"], atlas_files["labels"], "--hemispheres", atlas_files["labels"]],
             "other than 0, 1",

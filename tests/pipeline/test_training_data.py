@@ -64,7 +64,7 @@ def test_an_intensity_image_given_as_a_label_map_is_refused(tmp_path: Path, kind
         image = np.rint(image).astype(np.uint16)
     path = tmp_path / "template.nii.gz"
     nib.save(nib.Nifti1Image(image.astype(np.float32 if kind == "float" else np.uint16), np.diag([2.0, 1.0, 3.0, 1.0])), path)
-    with pytest.raises(InputError, match=r"template\.nii\.gz .*(non-integer|looks like an intensity image)"):
+    with pytest.raises(InputError, match=r"template\.nii\.gz .*(not whole numbers|looks like an intensity image)"):
         build_source(_data(images=(str(path),), spacing=None), ROOT)
     build_source(_data(label_sets=(LabelSet(images=(MOUSE,), spacing=0.4, skull_strip=False),)), ROOT)
 

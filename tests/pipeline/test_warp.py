@@ -158,7 +158,7 @@ def test_an_intensity_image_given_as_a_label_map_is_refused(tmp_path: Path) -> N
         tmp_path / "field.zarr", np.zeros((3, *grid.shape), np.float32), grid,
         metadata={"fixed": str(image), "moving": str(image)},
     )  # fmt: skip
-    with pytest.raises(InputError, match=r"image\.zarr holds values that are no label ids.*warp it without --labels"):
+    with pytest.raises(InputError, match=r"image\.zarr holds values that are not whole numbers .*no label ids.*warp it without --labels"):
         warp_files(field, image, tmp_path / "wrong.zarr", labels=True, progress=False)
     assert not (tmp_path / "wrong.zarr").exists() and not (tmp_path / "wrong.zarr.run").exists()
     warp_files(field, label_map, tmp_path / "ids_warped.zarr", labels=True, progress=False)

@@ -1,0 +1,38 @@
+"""The rule every label map the project reads obeys: its values are whole numbers (label ids).
+
+An intensity image given as a label map, or a label map resampled by interpolation, holds fractional values; cast
+to integers they become ids that name no structure. Every check of that rule (convert, warp and evaluate with
+labels, training label maps, make-atlas, the metrics, the synthesis) calls :func:`check_whole_numbers`, which
+owns the test and the sentence; the callers name the input and the fix.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from patchmorph_core.errors import InputError
+
+
+def check_whole_numbers(values: np.ndarray, what: str, fix: str, *, skip_nonfinite: bool = False) -> None:
+    """Refuse a label map whose values are not whole numbers; an integer or boolean array passes unread.
+
+    Args:
+        values: the label map's values, any shape (a whole ``(Z, Y, X)`` map or a sample of it: planes, a block).
+        what: the input as the sentence names it first, e.g. ``"label map /data/brain.zarr"``.
+        fix: what to do instead, ending the sentence.
+        skip_nonfinite: let NaN and ±inf pass (a check of a sample that leaves them to others); by default they
+            are refused too, being no label ids either.
+
+    Raises:
+        InputError: ``"<what> holds values that are not whole numbers (e.g. 0.3), which are no label ids: <fix>"``.
+    """
+    values = np.asarray(values)
+    if not np.issubdtype(values.dtype, np.floating):
+        return
+    finite = np.isfinite(values)
+    broken = values[(values != np.rint(values)) & finite if skip_nonfinite else (values != np.rint(values)) | ~finite]
+    if broken.size:
+        raise InputError(
+            f"{what} holds values that are not whole numbers (e.g. {float(broken[0]):.6g}), which are no label ids: "
+            f"{fix}"
+        )
