@@ -8,9 +8,27 @@ owns the test and the sentence; the callers name the input and the fix.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from patchmorph_core.errors import InputError
+from patchmorph_core.spatial import read_box
+
+LABEL_SAMPLE_VOXELS = 64
+"""Edge in voxels of the block at an image's centre that the checks of a label map read (:func:`central_block`):
+one bounded read (64³ voxels, 1 MiB of float32), whatever the volume's size."""
+
+
+def central_block(array: Any, edge: int = LABEL_SAMPLE_VOXELS) -> np.ndarray:
+    """The block of at most ``edge`` voxels per axis at the centre of a ``(Z, Y, X)`` numpy, zarr, dask or
+    TensorStore array, read alone (the whole array when it is smaller).
+
+    Returns:
+        ``(min(Z, edge), min(Y, edge), min(X, edge))`` values, the array's dtype.
+    """
+    box = tuple(slice(max(0, n // 2 - edge // 2), max(0, n // 2 - edge // 2) + edge) for n in array.shape)
+    return read_box(array, box)
 
 
 def check_whole_numbers(values: np.ndarray, what: str, fix: str, *, skip_nonfinite: bool = False) -> None:

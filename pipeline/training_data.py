@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -30,7 +31,7 @@ from scipy import ndimage
 from patchmorph_core import training
 from patchmorph_core.config import DataConfig, LabelSet, TrainConfig, load_yaml
 from patchmorph_core.errors import InputError
-from patchmorph_core.labels import check_whole_numbers
+from patchmorph_core.labels import central_block, check_whole_numbers
 from patchmorph_core.model import read_checkpoint
 from patchmorph_core.sampling import intensity_range, normalize
 from patchmorph_core.source import MultiscaleImage, downsample, downsampled_grid
@@ -65,10 +66,12 @@ def read_volume(
 
         image = read_image(str(path)).with_unit(unit)
         level = image.level_for_spacing(spacing) if spacing else image.levels[0]
-        array, grid = read_box(level.array, tuple(slice(0, n) for n in level.grid.shape)), level.grid
-    grid = grid.with_unit(unit)
+        array, grid = level.array, level.grid
     if labels:
-        check_label_map(np.asarray(array), path)
+        check_label_map(array, path)  # before an OME-Zarr level is read whole
+    if not isinstance(array, np.ndarray):
+        array = read_box(array, tuple(slice(0, n) for n in grid.shape))
+    grid = grid.with_unit(unit)
     if spacing:
         factors = tuple(max(1, round(spacing / s)) for s in grid.spacing)
         if any(f > 1 for f in factors):
@@ -77,22 +80,23 @@ def read_volume(
     return np.asarray(array), grid
 
 
-def check_label_map(array: np.ndarray, path: str | Path) -> None:
+def check_label_map(array: Any, path: str | Path) -> None:
     """Refuse an intensity image given as a label map (``data.images`` / ``label_sets`` of ``kind: synthseg``).
 
-    Checked at the file's own resolution: non-integer values; or both few equal neighbours (under 60 % of the
-    face-adjacent tissue voxel pairs share a value: label maps hold 72-90 %, microscopy and MRI templates about
-    46 %) and differing neighbours whose values correlate (over 0.8: an intensity changes smoothly, label ids
-    are arbitrary: 0.2-0.8 in label maps, 0.87-0.96 in images).
+    Checked at the resolution read, on the block at the map's centre (:func:`~patchmorph_core.labels.central_block`:
+    one bounded read, as ``warp --labels`` checks; a label map can be larger than memory): non-integer values; or
+    both few equal neighbours (under 60 % of the face-adjacent tissue voxel pairs share a value: label maps hold
+    72-90 %, microscopy and MRI templates about 46 %) and differing neighbours whose values correlate (over 0.8: an
+    intensity changes smoothly, label ids are arbitrary: 0.2-0.8 in label maps, 0.87-0.96 in images).
 
     Args:
-        array: ``(Z, Y, X)`` values as read.
+        array: ``(Z, Y, X)`` numpy, zarr, dask or TensorStore array (only its central block is read).
         path: the file, named in the error.
 
     Raises:
         InputError: the file looks like an intensity image.
     """
-    values = np.asarray(array)
+    values = central_block(array)
     check_whole_numbers(
         values, f"training label map {path}", "it is an intensity image, not a label map; list label maps (one "
         "integer id per structure) under data.images or data.label_sets.",

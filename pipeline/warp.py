@@ -44,7 +44,7 @@ from patchmorph_core.displacement import (
     invert_points,
 )
 from patchmorph_core.errors import InputError
-from patchmorph_core.labels import check_whole_numbers
+from patchmorph_core.labels import central_block, check_whole_numbers
 from patchmorph_core.source import MultiscaleImage, float32_if_small
 from patchmorph_core.spatial import Grid
 from patchmorph_core.warping import Interpolation, LabelInterpolation, warp_to_grid
@@ -256,26 +256,19 @@ def check_space(image: Grid, target: Grid, meta: dict[str, Any], inverse: bool, 
     )
 
 
-LABEL_SAMPLE_VOXELS = 64
-"""Edge in voxels of the block at an image's centre whose values ``--labels`` checks (:func:`check_label_values`)."""
-
-
 def check_label_values(array: Any, moving: str | Path) -> None:
     """Refuse to warp ``array`` (an image's level 0, ``(Z, Y, X)``) as a label map when it holds values that are no
-    label: a float image with fractional values in the ``LABEL_SAMPLE_VOXELS``-wide block at its centre (one read,
-    bounded; an intensity image given with ``--labels`` would become a "label map" of every intensity it holds).
+    label: a float image with fractional values in the block at its centre
+    (:func:`~patchmorph_core.labels.central_block`: one read, bounded; an intensity image given with ``--labels``
+    would become a "label map" of every intensity it holds).
 
     Raises:
         InputError: naming the image, a value and what to do.
     """
     if not np.issubdtype(np.dtype(array.dtype), np.floating):
         return
-    box = tuple(
-        slice(max(0, n // 2 - LABEL_SAMPLE_VOXELS // 2), n // 2 - LABEL_SAMPLE_VOXELS // 2 + LABEL_SAMPLE_VOXELS)
-        for n in array.shape
-    )
     check_whole_numbers(
-        np.asarray(array[box]), f"image {moving}", "it is an intensity image, not a label map; warp it without --labels.",
+        central_block(array), f"image {moving}", "it is an intensity image, not a label map; warp it without --labels.",
         skip_nonfinite=True,
     )  # fmt: skip
 

@@ -9,8 +9,17 @@ import pytest
 
 from patchmorph_core.config import DataConfig, LabelSet
 from patchmorph_core.errors import InputError
+from patchmorph_core.labels import LABEL_SAMPLE_VOXELS
 from patchmorph_core.spatial import Grid
-from pipeline.training_data import build_source, random_pose, renumber_labels, rescale_labels
+from pipeline.ngff import write_image
+from pipeline.training_data import (
+    build_source,
+    check_label_map,
+    random_pose,
+    read_volume,
+    renumber_labels,
+    rescale_labels,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 HUMAN = "tests/data/synthseg_01_2mm.nii.gz"
@@ -67,6 +76,40 @@ def test_an_intensity_image_given_as_a_label_map_is_refused(tmp_path: Path, kind
     with pytest.raises(InputError, match=r"template\.nii\.gz .*(not whole numbers|looks like an intensity image)"):
         build_source(_data(images=(str(path),), spacing=None), ROOT)
     build_source(_data(label_sets=(LabelSet(images=(MOUSE,), spacing=0.4, skull_strip=False),)), ROOT)
+
+
+class _ReadsCounted:
+    """A lazy ``(Z, Y, X)`` array (as zarr's) that records the shape of each box read and refuses a whole read."""
+
+    def __init__(self, values: np.ndarray) -> None:
+        self.values, self.shape, self.dtype = values, values.shape, values.dtype
+        self.reads: list[tuple[int, ...]] = []
+
+    def __getitem__(self, box: tuple[slice, ...]) -> np.ndarray:
+        part = self.values[box]
+        self.reads.append(part.shape)
+        return part
+
+    def __array__(self, *args: object, **kwargs: object) -> np.ndarray:
+        raise AssertionError("the label map was read whole")
+
+
+@pytest.mark.parametrize("kind", ["float", "integer"])
+def test_a_training_label_map_is_checked_in_one_bounded_read(tmp_path: Path, kind: str) -> None:
+    """The check of a training label map reads one block at its centre, whatever the map's size (a label map can be
+    larger than memory), and still refuses an anisotropic, non-cubic fractional map or an integer intensity image;
+    read_volume checks an OME-Zarr level before reading it whole."""
+    z, y, x = np.meshgrid(*(np.linspace(-1, 1, n) for n in (90, 70, 110)), indexing="ij")
+    image = (np.exp(-(z**2 + y**2 + x**2)) * 400 + 50).astype(np.float32)
+    values = image + 0.25 if kind == "float" else np.rint(image).astype(np.uint16)
+    lazy = _ReadsCounted(values)
+    with pytest.raises(InputError, match=r"brain\.zarr .*(not whole numbers|looks like an intensity image)"):
+        check_label_map(lazy, "brain.zarr")
+    assert len(lazy.reads) == 1 and max(lazy.reads[0]) <= LABEL_SAMPLE_VOXELS, lazy.reads
+    grid = Grid.from_spacing(values.shape, (0.05, 0.02, 0.03), unit="millimeter")
+    path = write_image(tmp_path / "brain.zarr", values, grid)
+    with pytest.raises(InputError, match=r"brain\.zarr .*(not whole numbers|looks like an intensity image)"):
+        read_volume(path, "millimeter", None, labels=True)
 
 
 def test_a_pair_knows_whether_its_images_share_one_contrast() -> None:
