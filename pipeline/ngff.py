@@ -481,7 +481,12 @@ def create_image_array(
 
 
 def _store(
-    data: Any, target: zarr.Array, desc: str, client: Any = None, records: StageRecords | None = None
+    data: Any,
+    target: zarr.Array,
+    desc: str,
+    client: Any = None,
+    records: StageRecords | None = None,
+    progress: bool = True,
 ) -> None:
     """Write a numpy or dask array into ``target`` whole write-block by write-block (no shared chunks).
 
@@ -490,7 +495,8 @@ def _store(
     on ``client`` (a ``distributed.Client``) when given, else on threads of this process: never on
     whatever client Dask's process-wide default happens to be (another thread's, perhaps closing). With
     ``records`` each slab ``i`` is recorded as chunk ``(i, 0, 0)`` once written whole, and a recorded slab is
-    not written again (a resumed write).
+    not written again (a resumed write). ``progress`` shows a tqdm bar of the slabs named ``desc`` (the switch the
+    other long steps have, e.g. :func:`pipeline.chunked.run_chunked`'s).
     """
     import dask.array as da  # here, not at the top: reading and writing a field in place need no Dask
 
@@ -500,7 +506,8 @@ def _store(
     z_axis = darr.ndim - 3
     depth = block[z_axis]
     starts = range(0, darr.shape[z_axis], depth)
-    with tqdm(starts, desc=desc, unit="slab", leave=False) as bar:  # cleared also when a slab fails
+    bar = tqdm(starts, desc=desc, unit="slab", leave=False, disable=not progress)
+    with bar:  # cleared also when a slab fails
         for index, start in enumerate(bar):
             if records is not None and records.is_done((index, 0, 0)):
                 continue
@@ -666,7 +673,9 @@ def downsample_unit(values: np.ndarray, factors: tuple[int, int, int], labels: b
     return _downsample_block(values, factors, labels, values.dtype)
 
 
-def finish_image(path: str | Path, n_levels: int | None = None, client: Any = None, written: int = 0) -> Path:
+def finish_image(
+    path: str | Path, n_levels: int | None = None, client: Any = None, written: int = 0, progress: bool = True
+) -> Path:
     """Build the pyramid of a group made by :func:`create_image_array` and mark it complete.
 
     Level ``n`` is computed from level ``n-1`` in blocks aligned to level ``n``'s write units (one
@@ -681,6 +690,7 @@ def finish_image(path: str | Path, n_levels: int | None = None, client: Any = No
         client: the ``distributed.Client`` to build the levels on, or None (threads).
         written: levels 1..``written`` were written already, whole, by the writer of level 0 (the arrays of
             :func:`pyramid_arrays` with ``fresh=False``); only the levels after them are built here.
+        progress: show a progress bar per level built.
 
     Returns:
         ``path``.
@@ -702,7 +712,7 @@ def finish_image(path: str | Path, n_levels: int | None = None, client: Any = No
             down = units.map_blocks(
                 _downsample_unit, previous, factors, labels, tuple(target.chunks), dtype=target.dtype
             )
-            _store(down, target, desc=f"pyramid level {index}", client=client)
+            _store(down, target, desc=f"pyramid level {index}", client=client, progress=progress)
         grids.append(downsampled_grid(grids[-1], factors, target.shape[-3:]))
         previous = target
     level0 = group["0"]
@@ -729,6 +739,7 @@ def _write_group(
     chunks: Sequence[int] | None,
     extra_attrs: Mapping[str, Any] | None,
     n_levels: int | None,
+    progress: bool,
 ) -> None:
     """Create, fill and finish one group at ``out`` (a temporary path; progress names ``name``)."""
     array = create_image_array(
@@ -742,8 +753,8 @@ def _write_group(
         labels=labels,
         extra_attrs=extra_attrs,
     )
-    _store(data, array, desc=f"writing {name}")
-    finish_image(out, n_levels=n_levels)
+    _store(data, array, desc=f"writing {name}", progress=progress)
+    finish_image(out, n_levels=n_levels, progress=progress)
 
 
 def _storage_dtype(dtype: np.dtype) -> np.dtype:
@@ -774,6 +785,7 @@ def write_image(
     extra_attrs: Mapping[str, Any] | None = None,
     n_levels: int | None = None,
     fingerprint: dict[str, Any] | None = None,
+    progress: bool = True,
 ) -> Path:
     """Write a ``(Z, Y, X)`` numpy or dask array as an NGFF 0.5 multiscale image (or label image).
 
@@ -792,6 +804,7 @@ def write_image(
             (the source's identity and the settings): level 0 goes into the sibling ``.<name>.converting`` slab by
             slab, each slab recorded once whole (:func:`_write_resumable`), and a write killed part-way and started
             again with the same fingerprint keeps the recorded slabs. None: a sibling of this process only.
+        progress: show a progress bar per level written.
 
     Returns:
         The output path.
@@ -799,7 +812,10 @@ def write_image(
     out = check_output(path, overwrite)
     if tuple(data.shape) != grid.shape:
         raise InputError(f"image shape {tuple(data.shape)} does not match its grid shape {grid.shape}.")
-    layout = {"name": name, "labels": labels, "chunks": chunks, "extra_attrs": extra_attrs, "n_levels": n_levels}
+    layout = {
+        "name": name, "labels": labels, "chunks": chunks, "extra_attrs": extra_attrs, "n_levels": n_levels,
+        "progress": progress,
+    }  # fmt: skip
     if fingerprint is not None:
         _write_resumable(out, data, grid, fingerprint, **layout)
     else:
@@ -830,6 +846,7 @@ def _write_resumable(
     chunks: Sequence[int] | None,
     extra_attrs: Mapping[str, Any] | None,
     n_levels: int | None,
+    progress: bool,
 ) -> None:
     """:func:`write_image` with a ``fingerprint``: level 0 slab by slab into ``.<name>.converting``, the recorded
     slabs of an unfinished write with the same fingerprint kept, then the pyramid, then the rename into place.
@@ -855,8 +872,8 @@ def _write_resumable(
         )  # fmt: skip
         if not resume:
             stage.bind([partial])
-        _store(data, array, desc=f"writing {name}", records=stage)
-        finish_image(partial, n_levels=n_levels)
+        _store(data, array, desc=f"writing {name}", records=stage, progress=progress)
+        finish_image(partial, n_levels=n_levels, progress=progress)
     _replace(partial, out)
     shutil.rmtree(root)
 
@@ -911,6 +928,7 @@ def write_field(
     chunks: Sequence[int] | None = None,
     overwrite: bool = False,
     n_levels: int | None = 1,
+    progress: bool = True,
 ) -> Path:
     """Write a displacement field (and optional uncertainty) as an NGFF 0.5 image with axes ``c, z, y, x``.
 
@@ -924,6 +942,7 @@ def write_field(
         chunks: spatial chunk shape; see :func:`choose_layout`.
         overwrite: replace an existing output (else InputError).
         n_levels: pyramid levels of the field (default 1).
+        progress: show a progress bar per level written.
 
     Returns:
         The output path.
@@ -946,6 +965,7 @@ def write_field(
             chunks=chunks,
             extra_attrs=meta,
             n_levels=n_levels,
+            progress=progress,
         )
         if uncertainty is not None:
             _write_group(
@@ -958,6 +978,7 @@ def write_field(
                 chunks=chunks,
                 extra_attrs={"kind": "uncertainty"},
                 n_levels=n_levels,
+                progress=progress,
             )
         _replace(tmp, out)
     finally:

@@ -387,7 +387,8 @@ def warp_files(
     with open_executor(cluster_config) as executor:
         run = run_chunked(executor, "warp", plan, stage, context, warp_chunk, progress=progress)
         check_inputs_unchanged(reading, out)
-        finish_image(out, client=getattr(executor, "client", None), written=len(levels))  # on a cluster: its workers
+        client = getattr(executor, "client", None)  # on a cluster: its workers
+        finish_image(out, client=client, written=len(levels), progress=progress)
     max_error, mean_error = _record_inverse_error(out, stage, plan) if inverse else (None, None)
     records.finish()
     if not keep_run:

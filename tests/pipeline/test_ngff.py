@@ -113,6 +113,23 @@ def test_an_8_bit_images_levels_keep_its_means_in_float32(tmp_path: Path) -> Non
     assert labels.levels[1].array.dtype == np.uint8
 
 
+def test_writing_an_image_shows_its_bars_only_when_asked(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """``progress=False`` (the switch of the other long steps; flows pass it) silences the bars of level 0 and of
+    the pyramid, in the plain and the resumable write and in a field's; by default they are shown."""
+    values = np.random.default_rng(5).random((40, 150, 90)).astype(np.float32)
+    grid = Grid.from_spacing(values.shape, (50.0, 20.0, 30.0))
+    for name, fingerprint in (("plain", None), ("resumable", {"input": "test"})):
+        ngff.write_image(tmp_path / f"{name}.zarr", values, grid, n_levels=2, fingerprint=fingerprint, progress=False)
+        assert capsys.readouterr().err == "", name
+        ngff.write_image(tmp_path / f"{name}_bar.zarr", values, grid, n_levels=2, fingerprint=fingerprint)
+        shown = capsys.readouterr().err
+        assert "writing" in shown and "pyramid level 1" in shown, (name, shown)
+    assert len(ngff.read_image(tmp_path / "resumable.zarr").levels) == 2
+    field = np.stack([values] * 3)
+    ngff.write_field(tmp_path / "field.zarr", field, grid, uncertainty=values, n_levels=2, progress=False)
+    assert capsys.readouterr().err == ""
+
+
 def test_labels_keep_dtype_and_values(tmp_path: Path) -> None:
     labels = np.random.default_rng(2).choice(np.array([0, 7, 1000], np.uint32), size=(20, 24, 28))
     grid = Grid.from_spacing(labels.shape, (1.0, 1.0, 1.0), unit="millimeter")
