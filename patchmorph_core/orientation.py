@@ -127,6 +127,8 @@ class OrientationCheck:
     ) -> tuple[str | None, str | None]:
         """The orientation codes that would make :attr:`best` the identity: ``(fixed code, moving code)``,
         each for changing that image alone; None where the image's grid is oblique (no code).
+        ``fixed_direction`` and ``moving_direction`` are the images' ``(3, 3)`` :attr:`Grid.direction` matrices
+        (unit direction cosines of the array axes ``(z, y, x)``, as columns, in world coordinates).
 
         Brains are nearly mirror-symmetric, so :attr:`best` ``R`` and its left-right mirror fit about equally, and
         which of the two wins is chance: ``F R`` for a code of the fixed image (the moving image's frame, taken as

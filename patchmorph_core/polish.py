@@ -215,8 +215,9 @@ def gaussian(x: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 def scaled(values: np.ndarray, intensity_range: tuple[float, float]) -> np.ndarray:
-    """``(values − lo) / (hi − lo)`` as float32, NaN → 0, not clipped (clipping bright tissue flattens its
-    edges: validation Dice 0.710 clipped vs 0.713)."""
+    """``(values − lo) / (hi − lo)`` as float32 of ``values``' shape (any, e.g. ``(Z, Y, X)``), NaN → 0, not clipped
+    (clipping bright tissue flattens its edges: validation Dice 0.710 clipped vs 0.713); ``intensity_range``
+    ``(lo, hi)`` in the image's intensity units, the result dimensionless."""
     lo, hi = intensity_range
     return np.nan_to_num((np.asarray(values, np.float32) - lo) / max(hi - lo, 1e-12), nan=0.0).astype(np.float32)
 
@@ -377,7 +378,8 @@ def polish_result(
     ``grid``, or with ``settings.coarsening`` f > 1 on ``grid`` resampled to f times its spacing (same centre;
     ``u₀`` sampled trilinearly onto it, i.e. averaged over 2³ field voxels at f = 2).
 
-    Args: as :func:`polish_on_grid`. Returns: the :class:`PolishResult` on the grid the steps ran on; ``|v|``
+    Args: as :func:`polish_on_grid` (``field``: ``(3, Z, Y, X)`` world displacement on ``grid``, components
+    ``(z, y, x)`` in ``grid.unit``). Returns: the :class:`PolishResult` on the grid the steps ran on; ``|v|``
     is at most :attr:`PolishSettings.max_velocity` field voxels.
     """
     if settings.iterations == 0:

@@ -385,7 +385,13 @@ def normalize(patch: np.ndarray, lo: float, hi: float) -> np.ndarray:
 
 
 def tissue_weights(image: MultiscaleImage, threshold: float = 0.1) -> tuple[np.ndarray, Grid]:
-    """Normalised intensities of a coarse level with values below ``threshold`` set to 0, and its grid."""
+    """Normalised intensities of a coarse level (:func:`coarse_level`) with values below ``threshold`` set to 0,
+    and its grid.
+
+    Returns:
+        ``(weights, grid)``: ``(Z, Y, X)`` float32 weights in ``[0, 1]`` (dimensionless; ``threshold`` on the same
+        0..1 scale) on that level's grid.
+    """
     values, grid = _coarse_values(image)
     lo, hi = intensity_range(image)
     weights = normalize(values, lo, hi)

@@ -50,8 +50,8 @@ SLAB_FROM_BYTES = 2**21
 
 
 def in_slabs(x: torch.Tensor) -> bool:
-    """Whether ``x`` is worked through in :func:`z_slabs`: it is larger than :data:`SLAB_FROM_BYTES` and needs
-    no gradient (the slabs are written into an output tensor)."""
+    """Whether ``x`` (a ``(B, C, Z, Y, X)`` tensor) is worked through in :func:`z_slabs` of its ``Z`` axis: it is
+    larger than :data:`SLAB_FROM_BYTES` and needs no gradient (the slabs are written into an output tensor)."""
     return not x.requires_grad and x.numel() * x.element_size() > SLAB_FROM_BYTES
 
 
@@ -122,7 +122,7 @@ class Similarity(Protocol):
         ...
 
     def loss(self, fixed: torch.Tensor, warped: torch.Tensor) -> torch.Tensor:
-        """Scalar ``-mean(voxel_map)``."""
+        """Scalar ``-mean(voxel_map)`` of ``fixed`` and ``warped`` (each ``(B, 1, Z, Y, X)``); lower is better."""
         ...
 
     def force(self, fixed: torch.Tensor, warped: torch.Tensor) -> torch.Tensor:
@@ -131,7 +131,8 @@ class Similarity(Protocol):
 
     def force_towards(self, fixed: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
         """``warped → force(fixed, warped)`` with what depends on ``fixed`` alone computed once (the polish
-        steps towards one fixed box many times); the same values."""
+        steps towards one fixed box many times); the same values: ``(B, 1, Z, Y, X)`` images in, a
+        ``(B, 3, Z, Y, X)`` force per index axis ``(z, y, x)`` out."""
         ...
 
 
@@ -185,10 +186,12 @@ class LocalNCC:
         return var_f, var_w, cov
 
     def voxel_map(self, fixed: torch.Tensor, warped: torch.Tensor) -> torch.Tensor:
+        """``(B, 1, Z, Y, X)`` squared local NCC in ``[0, 1]`` of two ``(B, 1, Z, Y, X)`` images."""
         var_f, var_w, cov = self._moments(*self._window_means(fixed, warped))
         return cov * cov / (var_f * var_w + self.eps)
 
     def loss(self, fixed: torch.Tensor, warped: torch.Tensor) -> torch.Tensor:
+        """Scalar ``-mean(voxel_map)`` in ``[-1, 0]``."""
         return -self.voxel_map(fixed, warped).mean()
 
     def force(self, fixed: torch.Tensor, warped: torch.Tensor) -> torch.Tensor:
@@ -196,6 +199,7 @@ class LocalNCC:
         return self._force(fixed, warped, None)
 
     def force_towards(self, fixed: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """:meth:`force` towards ``fixed`` (``(B, 1, Z, Y, X)``), its local means computed once."""
         means = self._fixed_means(fixed)
         return lambda warped: self._force(fixed, warped, means)
 
@@ -339,10 +343,12 @@ class MindSSC:
         return self.dilation + self.radius + 1
 
     def voxel_map(self, fixed: torch.Tensor, warped: torch.Tensor) -> torch.Tensor:
+        """``(B, 1, Z, Y, X)`` similarity in ``[−1, 0]`` of two ``(B, 1, Z, Y, X)`` images."""
         diff = mind_ssc(fixed, self.radius, self.dilation) - mind_ssc(warped, self.radius, self.dilation)
         return -diff.square().mean(dim=1, keepdim=True)
 
     def loss(self, fixed: torch.Tensor, warped: torch.Tensor) -> torch.Tensor:
+        """Scalar ``-mean(voxel_map)`` in ``[0, 1]``."""
         return -self.voxel_map(fixed, warped).mean()
 
     def force(self, fixed: torch.Tensor, warped: torch.Tensor) -> torch.Tensor:
@@ -350,6 +356,7 @@ class MindSSC:
         return self.force_towards(fixed)(warped)
 
     def force_towards(self, fixed: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """:meth:`force` towards ``fixed`` (``(B, 1, Z, Y, X)``), its descriptor ``(B, 12, Z, Y, X)`` computed once."""
         m_f = mind_ssc(fixed, self.radius, self.dilation)
         return lambda warped: self._force(m_f, warped)
 

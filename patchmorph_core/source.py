@@ -111,6 +111,10 @@ class MultiscaleImage:
         Each level halves every axis whose spacing is below twice the current largest spacing, so an
         anisotropic image becomes isotropic in world before it shrinks further (see
         :func:`pyramid_factors`). Intensity images are averaged (anti-aliased); labels take every n-th voxel.
+
+        Args:
+            array: ``(Z, Y, X)`` level-0 values on ``grid`` (spacing and world in ``grid.unit``).
+            n_levels: at most this many levels, level 0 included.
         """
         levels = [Level(np.asarray(array), grid)]
         for factors in pyramid_factors(grid.spacing, grid.shape, n_levels)[1:]:

@@ -255,7 +255,8 @@ def reorient_array(array: np.ndarray, code_from: str, code_to: str) -> np.ndarra
 
 
 def check_spacing(spacing: Sequence[float], what: str = "voxel size") -> np.ndarray:
-    """Validate a ``(z, y, x)`` spacing: three finite positive numbers. Returns it as a float64 array."""
+    """Validate a ``(z, y, x)`` spacing: three finite positive numbers (world units per voxel, e.g. micrometer).
+    Returns it as a ``(3,)`` float64 array in the same unit."""
     arr = np.asarray(spacing, dtype=np.float64)
     if arr.shape != (3,) or not np.all(np.isfinite(arr)) or np.any(arr <= 0):
         raise SpatialError(
@@ -522,7 +523,8 @@ class Grid:
         return grid.translated(self.center - grid.center)
 
     def box_extent_along(self, orientation: str) -> np.ndarray:
-        """The extent (edge to edge, in ``unit``) of the grid's box along the axes of an ``orientation`` code."""
+        """The extent (edge to edge, in ``unit``) of the grid's box along the axes of an ``orientation`` code: a
+        ``(3,)`` float64 array, one value per letter of the code in its order."""
         edges = self.direction * self.extent[None, :]
         return np.abs(orientation_matrix(orientation).T @ edges).sum(axis=1)
 
@@ -691,7 +693,16 @@ def grid_block_start(patch: Grid, target: Grid) -> np.ndarray | None:
 def grid_block_view(array: np.ndarray, start: np.ndarray, size: int) -> np.ndarray:
     """The ``size³`` block of ``array``'s last three (grid) axes at a :func:`grid_block_start` ``start``,
     as a view in the patch's own index order (axes transposed and reversed as ``start`` says); writing
-    into the view writes the block of ``array``."""
+    into the view writes the block of ``array``.
+
+    Args:
+        array: ``(..., Z, Y, X)`` values on the target grid (leading axes, e.g. components, kept).
+        start: the ``(9,)`` int64 of :func:`grid_block_start`.
+        size: the block's edge in voxels (the patch's ``P``).
+
+    Returns:
+        A ``(..., size, size, size)`` view of ``array``.
+    """
     lead = array.ndim - 3
     view = array[(*([slice(None)] * lead), *(slice(int(a), int(a) + size) for a in start[:3]))]
     view = view.transpose(*range(lead), *(lead + int(a) for a in start[3:6]))
@@ -856,7 +867,8 @@ def bounds_box(
 
 
 def read_box(array: object, box: tuple[slice, ...]) -> np.ndarray:
-    """Read a box from a numpy, zarr, dask or TensorStore array into a numpy array (only that box)."""
+    """Read a box from a numpy, zarr, dask or TensorStore array into a numpy array (only that box): one slice per
+    axis in the array's axis order (e.g. ``(Z, Y, X)``); the result has the box's shape and the array's dtype."""
     part = array[box]  # type: ignore[index]
     if hasattr(part, "read") and hasattr(part, "domain"):  # TensorStore
         return np.asarray(part.read().result())

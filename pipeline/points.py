@@ -385,6 +385,7 @@ def check_column_order(job: JobSpaces, index: np.ndarray, given_in: Space, path:
     x, y, z order stay inside the voxels but fall outside the tissue. Cells lie in the tissue; when another
     order of the columns puts at least :data:`ORDER_SHARE` of (up to :data:`ORDER_SAMPLE`) points inside the
     atlas's labels and :data:`ORDER_MARGIN` more than the order given, the order given is taken for a mistake.
+    ``index``: ``(N, 3)`` voxel indices (fractional allowed) of the ``given_in`` space, columns as given.
 
     Raises:
         InputError: naming both shares and the better order.

@@ -202,7 +202,7 @@ class PolishTiles:
         """Float32 factor of the averaged velocity on every ``step``-th voxel of ``box`` of the grid (as
         :meth:`weights`): it falls smoothly to 0 at the region's faces inside the grid (a smooth velocity stays
         Lipschitz: its exponential stays a diffeomorphism) and is 1 on the whole grid when the region is the
-        grid."""
+        grid. Shape ``ceil((stop − start) / step)`` per axis ``(z, y, x)`` of ``box``; dimensionless."""
         profiles = [self._taper_profile(a, (box.start[a], box.stop[a]), step) for a in range(3)]
         return np.einsum("i,j,k->ijk", *profiles).astype(np.float32)
 

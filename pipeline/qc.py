@@ -82,7 +82,8 @@ def tissue_centre(labels: np.ndarray) -> list[int] | None:
 
 
 def display_range(image: np.ndarray, low: float = 1.0, high: float = 99.5) -> tuple[float, float]:
-    """Robust grey-value window ``(lo, hi)`` of an image (percentiles of its finite values)."""
+    """Robust grey-value window ``(lo, hi)`` of an image of any shape, in its grey values (the ``low`` and
+    ``high`` percentiles, in percent, of its finite values)."""
     finite = image[np.isfinite(image)]
     if finite.size == 0:
         return 0.0, 1.0
@@ -223,7 +224,8 @@ def label_edges(labels: np.ndarray, min_pixels: int = 480) -> np.ndarray:
 
 
 def relabel(labels: np.ndarray, mapping: Mapping[int, int]) -> np.ndarray:
-    """``labels`` with every id replaced by ``mapping[id]`` (ids missing from it, and 0, kept)."""
+    """``labels`` (any shape) with every id replaced by ``mapping[id]`` (ids missing from it, and 0, kept), as
+    int64 of the same shape."""
     values, inverse = np.unique(labels, return_inverse=True)
     mapped = np.array([mapping.get(int(v), int(v)) if v != 0 else 0 for v in values], dtype=np.int64)
     return mapped[inverse].reshape(labels.shape)
@@ -606,7 +608,8 @@ def _opt(path: str | Path | None) -> Path | None:
 
 
 def compact_labels(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Relabel two label maps jointly to ``0..n-1`` (0 stays 0), keeping which voxels share a label.
+    """Relabel two label maps jointly to ``0..n-1`` (0 stays 0), keeping which voxels share a label; each comes
+    back as integer indices of its own shape (e.g. ``(Z, Y, X)``).
 
     Atlas ids can be large (Allen CCF ids reach ~6e8); per-label counting over compact ids needs memory
     proportional to the number of labels, not to the largest id. Dice per label is unchanged.

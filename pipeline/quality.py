@@ -233,7 +233,10 @@ def similarity_block(
 ) -> dict[str, Any]:
     """Local NCC inside the fixed tissue on the quality grid: moving as given, after the initial alignment,
     and through the field (see the module docstring). ``moving`` must be in the fixed image's unit; ``start``:
-    the first two, measured before (None: measured here)."""
+    the first two, measured before (None: measured here). ``field_array``: the ``(3, Z, Y, X)`` world
+    displacement on ``grid`` (components ``(z, y, x)``, in ``grid.unit``); ``initial``: the ``(4, 4)``
+    world→world initial alignment; ``fixed_range``: ``(lo, hi)`` in the fixed image's intensity units. The NCC
+    values are dimensionless, in ``[-1, 1]``."""
     start = start or similarity_start(fixed, moving, grid, initial, fixed_range)
     quality = start.grid
     flat = quality.points().reshape(-1, 3)

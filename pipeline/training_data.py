@@ -129,7 +129,8 @@ def random_pose(
     rng: np.random.Generator, centre: np.ndarray, data: DataConfig, extent: float | None = None
 ) -> np.ndarray:
     """4×4 world→world pose ``T(c + t) R S T(-c)`` with random rotation, isotropic scale and translation
-    (at most ``data.max_translation``, or ``data.max_translation_fraction × extent`` when both are given)."""
+    (at most ``data.max_translation``, or ``data.max_translation_fraction × extent`` when both are given);
+    ``centre`` ``c`` is a ``(3,)`` world point ``(z, y, x)`` and ``extent`` a length, both in ``data.unit``."""
     rotation = random_rotation(rng, data.max_rotation_deg)
     scale = float(np.exp(rng.uniform(-data.max_scaling, data.max_scaling)))
     matrix = np.eye(4)
@@ -260,10 +261,12 @@ class SynthPairs:
 
 
 def rescale_labels(labels: np.ndarray, grid: Grid, zoom: float) -> tuple[np.ndarray, Grid]:
-    """Resample a label map (nearest) to about ``zoom`` times as many voxels per axis over the same world box.
+    """Resample a ``(Z, Y, X)`` label map on ``grid`` (nearest) to about ``zoom`` times as many voxels per axis
+    over the same world box.
 
     Returns:
-        ``(labels', grid')``: ``grid'`` spans the same world box (first and last voxel centres kept, the
+        ``(labels', grid')``: ``(Z', Y', X')`` labels with ``n' = max(2, round(n · zoom))`` per axis (the map
+        itself when ``zoom`` is within 0.001 of 1); ``grid'`` spans the same world box (first and last voxel centres kept, the
         spacing scaled by ``(n − 1) / (n' − 1)`` per axis).
     """
     if abs(zoom - 1.0) < 1e-3:
@@ -288,15 +291,18 @@ def _tissue_extent(labels: np.ndarray, grid: Grid) -> float:
 
 
 def renumber_labels(labels: np.ndarray) -> np.ndarray:
-    """Label ids renumbered ``1..K`` in ascending order, 0 kept as background (``int32``): atlases such as the
-    Allen CCF use ids up to ~10⁹, and a per-id intensity table must stay small."""
+    """Label ids renumbered ``1..K`` in ascending order, 0 kept as background (``int32``, ``labels``' shape, e.g.
+    ``(Z, Y, X)``): atlases such as the Allen CCF use ids up to ~10⁹, and a per-id intensity table must stay
+    small."""
     ids, inverse = np.unique(labels, return_inverse=True)
     renumbered = inverse.reshape(labels.shape).astype(np.int32)
     return renumbered + (1 if ids[0] != 0 else 0)
 
 
 def crop_to_brain(labels: np.ndarray, grid: Grid, margin: int = 4) -> tuple[np.ndarray, Grid]:
-    """Crop a label map to its skull-stripped brain box plus ``margin`` voxels (grid follows)."""
+    """Crop a ``(Z, Y, X)`` label map on ``grid`` to its skull-stripped brain box plus ``margin`` voxels per side
+    (clipped to the array); returns the ``(Z', Y', X')`` crop and its grid (``grid`` cropped: same spacing and
+    unit). A map with no brain label comes back whole."""
     index = np.argwhere(skull_strip_mask(labels))
     if index.size == 0:
         return labels, grid
