@@ -186,6 +186,22 @@ def with_root(structures: Sequence[Structure], present: Sequence[int]) -> list[S
 
 
 # -- volumes ----------------------------------------------------------------------------------------------------
+def check_table_matches(
+    table: Sequence[Structure], present: np.ndarray, where: str | Path | None, labels: Path
+) -> None:
+    """Refuse a structure table that names none of the label image's ids (``present``, 0 the background): it
+    belongs to another atlas or counts its ids differently, and every structure would be named ``label <id>``."""
+    ids = {int(i) for i in present if int(i) != 0}
+    if not table or not ids or ids & {s.id for s in table}:
+        return
+    shown = ", ".join(map(str, sorted(s.id for s in table)[:5]))
+    raise InputError(
+        f"the structure table {where} names none of the {len(ids)} ids of the label image {labels} (the table's "
+        f"ids start {shown}; the image's {', '.join(map(str, sorted(ids)[:5]))}): give the table that belongs to "
+        "this label image, or leave --structures out to name every id 'label <id>'."
+    )
+
+
 def _read_volume(path: Path, role: str, overrides: Mapping[str, Any]) -> tuple[np.ndarray, Grid]:
     """A volume of the atlas, read whole, and its grid.
 
@@ -368,6 +384,7 @@ def make_atlas(
         )
     labels = label_ids(volumes["label image"][0], paths["label image"])
     present = np.unique(labels)
+    check_table_matches(table, present, structures, paths["label image"])
     sides = None
     if hemispheres is not None:
         sides = label_ids(volumes["hemisphere image"][0], paths["hemisphere image"], "hemisphere image")

@@ -172,6 +172,8 @@ def test_bad_input_is_one_sentence_before_any_folder(atlas_files: dict[str, Path
     nan[10, 10, 10] = np.nan
     tifffile.imwrite(tmp_path / "t.tif", template)
     tifffile.imwrite(tmp_path / "l.tif", values)
+    other_table = tmp_path / "other_atlas.csv"
+    other_table.write_text("id,name\n" + "".join(f"{1000 + int(i)},region {i}\n" for i in np.unique(values) if i))
     cases = [
         (
             [atlas_files["template"], atlas_files["labels"], "--hemispheres",
@@ -204,6 +206,10 @@ def test_bad_input_is_one_sentence_before_any_folder(atlas_files: dict[str, Path
             "other than 0, 1",
         ),
         ([atlas_files["template"], tmp_path / "none.nii.gz"], "does not exist"),
+        (  # another atlas's table (SynthSeg's ids shifted): no id of the label image named, every name a placeholder
+            [atlas_files["template"], atlas_files["labels"], "--structures", other_table],
+            "names none of the",
+        ),
     ]
     runner = CliRunner()
     for args, message in cases:
