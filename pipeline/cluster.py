@@ -75,11 +75,23 @@ class SlurmConfig(BaseModel):
     local_directory: str | None = None
     python: str | None = None
 
+    @field_validator("memory", mode="before")
+    @classmethod
+    def _memory_with_unit(cls, memory: Any) -> Any:
+        if isinstance(memory, int | float) and not isinstance(memory, bool):
+            raise ValueError(f"{memory} has no unit: give the job's memory with one, e.g. 16GiB")
+        return memory
+
     @field_validator("memory")
     @classmethod
     def _worker_fits(cls, memory: str) -> str:
         worker_memory(memory)  # a size that leaves its worker room: checked when the file is read
         return memory
+
+    @field_validator("walltime", mode="before")
+    @classmethod
+    def _walltime_as_slurm_reads_it(cls, walltime: Any) -> Any:
+        return slurm_walltime(walltime)
 
 
 class ClusterConfig(BaseModel):
@@ -230,6 +242,28 @@ def slurm_bytes(memory: str) -> int:
     if bare:
         return int(float(bare.group(1)) * 1024 ** ("KMGT".index(bare.group(2).upper()) + 1))
     return int(parse_bytes(memory))
+
+
+SLURM_TIME = re.compile(r"\d+(:\d{1,2}){0,2}|\d+-\d+(:\d{1,2}){0,2}")
+"""The forms of sbatch's ``--time``: minutes, minutes:seconds, hours:minutes:seconds, days-hours,
+days-hours:minutes and days-hours:minutes:seconds."""
+
+
+def slurm_walltime(walltime: Any) -> str:
+    """``walltime`` as a SLURM job's time limit (``--time``), checked before any job is submitted.
+
+    Raises:
+        ValueError: a number (YAML reads ``12:00:00`` without quotes as the number of seconds 43200), or a text
+            that sbatch would refuse (``12h``).
+    """
+    if isinstance(walltime, int | float) and not isinstance(walltime, bool):
+        raise ValueError(
+            f"{walltime} is a number, not a time limit (YAML reads 12:00:00 without quotes as seconds): write it in "
+            'quotes as SLURM does, e.g. "12:00:00"'
+        )
+    if not isinstance(walltime, str) or not SLURM_TIME.fullmatch(walltime.strip()):
+        raise ValueError(f"{walltime!r} is not a time limit sbatch reads: give HH:MM:SS or D-HH:MM:SS, e.g. \"12:00:00\"")
+    return walltime.strip()
 
 
 def worker_memory(job_memory: str) -> int:

@@ -57,6 +57,27 @@ def test_slurm_job_script_without_slurm() -> None:
     assert all(f"export {k}={v}" in script for k, v in WORKER_MALLOC_ENV.items())  # before the worker starts
 
 
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("walltime: 12:00:00", "43200 is a number, not a time limit"),  # YAML's sexagesimal number of seconds
+        ("walltime: 12h", "'12h' is not a time limit sbatch reads"),
+        ("memory: 64", "64 has no unit"),
+    ],
+)
+def test_slurm_times_and_memory_are_what_sbatch_reads(tmp_path: Path, line: str, message: str) -> None:
+    key = line.split(":")[0]
+    text = (CONFIGS / "slurm.yaml").read_text()
+    written = "\n".join(f"  {line}" if row.strip().startswith(f"{key}:") else row for row in text.splitlines())
+    (tmp_path / "lab.yaml").write_text(written)
+    with pytest.raises(InputError, match=f"slurm.{key}.*{message}"):
+        load_cluster_config(tmp_path / "lab.yaml")
+    # SLURM's own forms are taken as written
+    for walltime in ("04:00:00", "1-12", "2-00:30:00", "90"):
+        (tmp_path / "ok.yaml").write_text(text.replace('"04:00:00"', f'"{walltime}"'))
+        assert f"#SBATCH -t {walltime}\n" in job_script(load_cluster_config(tmp_path / "ok.yaml"))
+
+
 def _malloc_environ() -> dict[str, str | None]:
     import os
 
