@@ -54,7 +54,7 @@ from pipeline.atlas import (
 )
 from pipeline.brainglobe import BrainGlobeAtlas, find_atlas
 from pipeline.checks import CheckOptions, collected_warnings
-from pipeline.cluster import ClusterConfig, load_cluster_config, open_client
+from pipeline.cluster import ClusterConfig, check_slurm, load_cluster_config, open_client
 from pipeline.resume import ZARR_METADATA, as_recorded, atomic_write_json, sample_digest
 
 logger = logging.getLogger(__name__)
@@ -651,6 +651,7 @@ def _run_atlas_job(
     cluster = config.cluster if scheduler is None else load_cluster_config(scheduler)
     if cluster is None or cluster.kind in ("threads", "local"):  # the networks run on this machine: a GPU asked for
         resolve_device(config.inference.device)  # that it lacks is refused now, not after the brain's conversion
+    check_slurm(cluster)  # a SLURM cluster that cannot start its workers, too
     settings = job_settings(brain, channel_paths, found.folder, geometry, config)
     restart = check_job_settings(out, settings)
     out.mkdir(exist_ok=True)

@@ -18,6 +18,8 @@ import contextlib
 import logging
 import re
 import shutil
+import subprocess
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -326,6 +328,39 @@ def job_script(config: ClusterConfig) -> str:
         cluster.close()
 
 
+def check_slurm(config: ClusterConfig) -> None:
+    """Refuse a SLURM cluster that cannot start, before any work: no ``sbatch`` on this machine, or a worker job
+    that SLURM refuses (``sbatch --test-only`` on its job script, which submits nothing: a wrong partition,
+    account, GPU request, time limit or memory), with SLURM's own reason. Otherwise dask-jobqueue logs each refused
+    submission as a traceback and the run stops at its first chunked step with no worker to run it.
+
+    Raises:
+        InputError: as above; nothing for a cluster of another kind.
+    """
+    if config.kind != "slurm":
+        return
+    sbatch = shutil.which("sbatch")
+    if sbatch is None:
+        raise InputError(
+            "cluster kind 'slurm' needs SLURM's sbatch, which is not on this machine: run on a SLURM login "
+            "node, or pass --scheduler with a running scheduler's address."
+        )
+    with tempfile.TemporaryDirectory(prefix="patchmorph-slurm-") as folder:
+        script = Path(folder) / "worker.sh"
+        script.write_text(job_script(config))
+        try:
+            tested = subprocess.run([sbatch, "--test-only", str(script)], capture_output=True, text=True, timeout=60)
+        except subprocess.TimeoutExpired:
+            log.warning("sbatch --test-only did not answer in 60 s: the worker jobs are submitted unchecked")
+            return
+    if tested.returncode != 0:
+        said = (tested.stderr.strip() or tested.stdout.strip() or f"exit code {tested.returncode}").splitlines()[-1]
+        raise InputError(
+            f"SLURM refuses the worker job of the cluster file ({said}): fix slurm.queue, slurm.account, gpus, "
+            "slurm.walltime or slurm.memory there ('patchmorph cluster-script FILE' prints the job script)."
+        )
+
+
 @contextlib.contextmanager
 def open_client(config: ClusterConfig) -> Iterator[tuple[Any, ClusterInfo]]:
     """Connect a ``distributed.Client`` as ``config`` says; closes what it started on exit.
@@ -352,11 +387,7 @@ def open_client(config: ClusterConfig) -> Iterator[tuple[Any, ClusterInfo]]:
                 f"cannot reach the Dask scheduler at {config.address} ({err}): start it or fix --scheduler."
             ) from err
     elif config.kind == "slurm":
-        if shutil.which("sbatch") is None:
-            raise InputError(
-                "cluster kind 'slurm' needs SLURM's sbatch, which is not on this machine: run on a SLURM login "
-                "node, or pass --scheduler with a running scheduler's address."
-            )
+        check_slurm(config)
         cluster = slurm_cluster(config)
         cluster.scale(jobs=config.slurm.jobs)
         client = Client(cluster, set_as_default=False)

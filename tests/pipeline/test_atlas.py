@@ -969,6 +969,32 @@ def test_an_atlas_range_zeroes_the_atlas_beyond_it_with_the_hemisphere_cut(tmp_p
     assert annotation[50:75, 30:40][hemispheres[50:75, 30:40] == RIGHT].any()  # the hemisphere cut is gone
 
 
+def test_a_slurm_cluster_that_cannot_start_is_refused_before_the_brain_is_read(
+    tmp_path: Path, examples: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from patchmorph.cli import app
+
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    (bin_ / "sbatch").write_text('#!/bin/sh\necho "sbatch: error: invalid partition specified: gpu" >&2\nexit 1\n')
+    (bin_ / "sbatch").chmod(0o755)
+    cluster = tmp_path / "lab_slurm.yaml"
+    cluster.write_text((Path(__file__).resolve().parents[2] / "configs" / "cluster" / "slurm.yaml").read_text())
+    out = tmp_path / "job"
+    args = [
+        "atlas", str(ExampleFiles.from_dir(examples).brain), "-o", str(out), "--atlas", str(examples / EXAMPLE_ATLAS),
+        "--voxel-size", *map(str, BRAIN_VOXEL_SIZE_UM), "--orientation", BRAIN_ORIENTATION, "--scheduler", str(cluster),
+    ]  # fmt: skip
+    for path, says in [(str(bin_), "SLURM refuses the worker job of the cluster file (sbatch: error: invalid partition"),
+                       ("/nonexistent", "needs SLURM's sbatch, which is not on this machine")]:  # fmt: skip
+        monkeypatch.setenv("PATH", f"{path}:{Path(shutil.which('python') or '/usr/bin/python').parent}:/usr/bin:/bin")
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 2 and says in " ".join(result.output.split()), result.output
+        assert not (out / "brain.ome.zarr").exists()
+
+
 @pytest.mark.parametrize(
     ("given", "says"),
     [

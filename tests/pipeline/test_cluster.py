@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from pathlib import Path
@@ -12,6 +13,7 @@ from patchmorph_core.errors import InputError
 from pipeline.cluster import (
     WORKER_MALLOC_ENV,
     ClusterConfig,
+    check_slurm,
     job_script,
     load_cluster_config,
     network_resources,
@@ -129,6 +131,32 @@ def test_gpu_resource_never_oversubscribes(caplog: pytest.LogCaptureFixture) -> 
     ]
     assert any(overlaps)  # without the resource the same workers do run two tasks at once
     assert network_resources(info.__class__("local", "", 1, gpu=False)) is None
+
+
+def fake_sbatch(folder: Path, refusal: str | None) -> Path:
+    """An ``sbatch`` that records its arguments and refuses every job with ``refusal`` (None: accepts them)."""
+    folder.mkdir(exist_ok=True)
+    script = folder / "sbatch"
+    answer = f'echo "{refusal}" >&2; exit 1' if refusal else 'echo "sbatch: Job 1 to start at now" >&2'
+    script.write_text(f'#!/bin/sh\necho "$@" >> "{folder}/calls"\n{answer}\n')
+    script.chmod(0o755)
+    return folder
+
+
+def test_a_worker_job_slurm_refuses_is_named_before_any_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = load_cluster_config(CONFIGS / "slurm.yaml")
+    refusal = "sbatch: error: Batch job submission failed: Invalid account or account/partition combination specified"
+    bin_ = fake_sbatch(tmp_path / "refusing", refusal)
+    monkeypatch.setenv("PATH", f"{bin_}:{os.environ['PATH']}")
+    with pytest.raises(InputError, match="SLURM refuses the worker job .*Invalid account"):
+        check_slurm(config)
+    with pytest.raises(InputError, match="Invalid account"), open_client(config):
+        pass
+    assert all(call.startswith("--test-only ") for call in (bin_ / "calls").read_text().splitlines())  # none submitted
+    accepting = fake_sbatch(tmp_path / "accepting", None)
+    monkeypatch.setenv("PATH", f"{accepting}:{os.environ['PATH']}")
+    check_slurm(config)
+    check_slurm(load_cluster_config(CONFIGS / "local.yaml"))  # other kinds need no SLURM
 
 
 def test_slurm_without_sbatch_fails_fast() -> None:
