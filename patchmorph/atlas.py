@@ -193,7 +193,8 @@ def make_atlas(
     atlas = read_atlas(folder)
     typer.echo(
         f"wrote atlas {atlas.name} ({len(atlas.structures)} structures, shape {atlas.shape}, "
-        f"{'x'.join(f'{r:g}' for r in atlas.resolution_um)} um, orientation {atlas.orientation}): {folder}"
+        f"{'x'.join(f'{r:g}' for r in atlas.resolution_um)} um, orientation {atlas.orientation}): {folder}; "
+        f"give --atlas {folder} (the folder, not the name) to use it"
     )
 
 

@@ -222,6 +222,7 @@ def test_bad_input_is_one_sentence_before_any_folder(atlas_files: dict[str, Path
     args = [str(atlas_files["template"]), str(atlas_files["labels"]), "--hemispheres", str(hemispheres)]
     result = runner.invoke(app, ["make-atlas", *args, "-o", str(tmp_path / "sided")])
     assert result.exit_code == 0, result.output  # the same image with 1 on the left is taken
+    assert f"give --atlas {tmp_path / 'sided'} (the folder, not the name)" in " ".join(result.output.split())
     # with a side at every voxel, as BrainGlobe's: the map ends where the labels do, the voxels around take the nearest
     written = tifffile.imread(tmp_path / "sided" / "hemispheres.tiff")
     labelled = tifffile.imread(tmp_path / "sided" / "annotation.tiff") > 0
