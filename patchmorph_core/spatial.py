@@ -93,7 +93,7 @@ def unit_scale(from_unit: str, to_unit: str) -> float:
     return UNIT_IN_MILLIMETER[from_unit] / UNIT_IN_MILLIMETER[to_unit]
 
 
-_LENGTH_UNITS: dict[str, str] = {
+LENGTH_UNITS: dict[str, str] = {
     **dict.fromkeys(("nm", "nanometer", "nanometers", "nanometre", "nanometres"), "nanometer"),
     **dict.fromkeys(
         ("um", "\u00b5m", "\u03bcm", "micron", "microns", "micrometer", "micrometers", "micrometre", "micrometres"),
@@ -113,7 +113,7 @@ def parse_length(text: str, what: str = "length") -> tuple[float, str]:
     """A positive length with its unit, e.g. ``"50um"``, ``"50 µm"``, ``"0.5mm"``, ``"0.05 millimeter"``.
 
     Args:
-        text: a number followed by a length unit (see :data:`_LENGTH_UNITS`: nm, um/µm/micron, mm, cm, m and
+        text: a number followed by a length unit (see :data:`LENGTH_UNITS`: nm, um/µm/micron, mm, cm, m and
             their names, singular or plural, either spelling).
         what: what the length is, for the error message (e.g. ``"--field-spacing"``).
 
@@ -129,7 +129,7 @@ def parse_length(text: str, what: str = "length") -> tuple[float, str]:
             f"{what} {text!r} is not a length with a unit: give a number and a unit, e.g. 50um, 0.5mm or "
             "2 millimeter."
         )
-    unit = _LENGTH_UNITS.get(match.group(2).lower())
+    unit = LENGTH_UNITS.get(match.group(2).lower())
     if unit is None:
         raise SpatialError(
             f"{what} {text!r}: {match.group(2)!r} is not a length unit; use nm, um (µm), mm, cm or m."

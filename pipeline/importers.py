@@ -40,6 +40,7 @@ from patchmorph_core.errors import InputError
 from patchmorph_core.labels import check_whole_numbers
 from patchmorph_core.spatial import (
     ITK_MAX_SHEAR_DEG,
+    LENGTH_UNITS,
     NIFTI_FORMS_TOLERANCE,
     NRRD_SPACE_TO_RAS,
     UNIT_IN_MILLIMETER,
@@ -62,28 +63,10 @@ logger = logging.getLogger(__name__)
 MICROMETER_THRESHOLD: float = 10.0
 """An NRRD without ``space units`` whose largest voxel size is at least this is read as micrometer."""
 
-_UNIT_ALIASES: dict[str, str] = {
-    "mm": "millimeter",
-    "millimeter": "millimeter",
-    "millimeters": "millimeter",
-    "um": "micrometer",
-    "µm": "micrometer",
-    "micron": "micrometer",
-    "microns": "micrometer",
-    "micrometer": "micrometer",
-    "micrometers": "micrometer",
-    "nm": "nanometer",
-    "nanometer": "nanometer",
-    "cm": "centimeter",
-    "centimeter": "centimeter",
-    "m": "meter",
-    "meter": "meter",
-}
-
-
 def normalize_unit(unit: str, what: str = "unit") -> str:
-    """NGFF unit name for ``unit`` (accepts ``mm``, ``um``, ``micron``, ...); InputError if unknown."""
-    name = _UNIT_ALIASES.get(str(unit).strip().lower())
+    """NGFF unit name for ``unit`` (the spellings of :data:`patchmorph_core.spatial.LENGTH_UNITS`: ``mm``, ``um``,
+    ``µm`` with the micro sign or the Greek mu, ``micron``, ``micrometre``, ...); InputError if unknown."""
+    name = LENGTH_UNITS.get(str(unit).strip().lower())
     if name is None or name not in UNIT_IN_MILLIMETER:
         raise InputError(f"unknown {what} {unit!r}: use one of {', '.join(sorted(UNIT_IN_MILLIMETER))}.")
     return name

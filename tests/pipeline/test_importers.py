@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from patchmorph_core.errors import InputError
-from pipeline.importers import load_nifti, load_nrrd
+from patchmorph_core.spatial import parse_length
+from pipeline.importers import load_nifti, load_nrrd, normalize_unit
 from pipeline.itk import read_itk_field
 
 REPO = Path(__file__).resolve().parents[2]
@@ -114,3 +115,15 @@ def test_nifti_whose_qform_and_sform_disagree_is_refused(tmp_path: Path) -> None
     nib.save(_two_forms(field, qform, sform, (1, 1)), tmp_path / "warp.nii.gz")
     with pytest.raises(InputError, match=r"qform and an sform .* fslorient"):
         read_itk_field(tmp_path / "warp.nii.gz")
+
+
+@pytest.mark.parametrize(
+    ("spelling", "unit"),
+    [("µm", "micrometer"), ("\u03bcm", "micrometer"), ("micrometre", "micrometer"), (" MM ", "millimeter"),
+     ("nanometres", "nanometer")],
+)
+def test_unit_spellings_are_those_lengths_take(spelling: str, unit: str) -> None:
+    """``--unit`` takes every spelling a length such as ``--field-spacing 50 μm`` takes (the Greek mu too)."""
+    assert normalize_unit(spelling) == unit == parse_length(f"50 {spelling.strip()}")[1]
+    with pytest.raises(InputError, match="unknown unit 'furlong'"):
+        normalize_unit("furlong")
