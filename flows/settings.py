@@ -83,6 +83,37 @@ def copy_to_root_run(records: Sequence[logging.LogRecord], prefix: str = "") -> 
         handler.handle(copy)
 
 
+RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
+"""Prefect's loggers of flow runs and task runs: what they log reaches the run's log in the API and the UI."""
+
+
+class _BadInputSentence(logging.Filter):
+    """Gives a record of a run's failure whose exception is the project's bad input
+    (:class:`~patchmorph_core.errors.InputError`, a sentence naming what is wrong, which input and what to do) as that
+    sentence alone, without the traceback: Prefect logs every exception of a flow or task run with its traceback
+    (``Encountered exception during execution``, ``Task run failed with exception``), which users read in the UI. Any
+    other exception (a real crash) keeps its traceback; the run's state is not touched (it still ends Failed)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from patchmorph_core.errors import InputError
+
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, InputError):
+            record.msg, record.args, record.exc_info, record.exc_text = "%s", (str(error),), None, None
+        return True
+
+
+_BAD_INPUT_SENTENCE = _BadInputSentence()
+
+
+def bad_input_without_traceback() -> None:
+    """Give the project's bad-input failures in the runs' logs as their sentence, without a traceback
+    (:class:`_BadInputSentence` on :data:`RUN_LOGGERS`; once per process, kept: the flow and task engines log a
+    failure after the run's own code has returned)."""
+    for name in RUN_LOGGERS:
+        logging.getLogger(name).addFilter(_BAD_INPUT_SENTENCE)  # a filter already there is not added twice
+
+
 class _RootRunCopy(logging.Handler):
     """Copies the warnings (and worse) given inside a subflow's run to the log of the flow run above it
     (:func:`copy_to_root_run`)."""
@@ -103,7 +134,9 @@ def project_logs_in_the_run() -> Iterator[None]:
     logger, as Prefect's ``PREFECT_LOGGING_EXTRA_LOGGERS`` gives them when it is set before Prefect is imported: an
     item that failed, a part of a brain, a reused registration then show in the flow run's log in the API and the UI,
     not only on the worker's terminal; inside a subflow its warnings go to the log of the flow run above it too
-    (:func:`copy_to_root_run`). They are removed after it (outside a flow run they could send nothing)."""
+    (:func:`copy_to_root_run`). They are removed after it (outside a flow run they could send nothing). A bad-input
+    failure of the run shows in its log as its sentence, without a traceback (:func:`bad_input_without_traceback`)."""
+    bad_input_without_traceback()
     extra = [*logging.getLogger("prefect.extra").handlers, _ROOT_RUN_COPY]
     added = [
         (logger, handler)

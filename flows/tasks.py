@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 from prefect import Task, task
 from prefect.client.schemas.objects import State, TaskRun
 
-from flows.settings import PROJECT_LOGGERS, copy_to_root_run
+from flows.settings import PROJECT_LOGGERS, bad_input_without_traceback, copy_to_root_run
 from patchmorph_core.config import InferenceConfig
 from patchmorph_core.warping import LabelInterpolation
 from pipeline import qc
@@ -28,6 +28,8 @@ from pipeline.importers import check_source_planes, convert
 from pipeline.register import register_files
 from pipeline.resume import output_lock
 from pipeline.warp import warp_files
+
+bad_input_without_traceback()  # also in a Dask worker, which imports this module to run a task: its failure's log
 
 _PERMANENT_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 

@@ -4,8 +4,11 @@ UI), not only the worker's terminal."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 @pytest.mark.usefixtures("prefect_server")
@@ -92,3 +95,59 @@ def test_a_subflows_warnings_reach_the_log_of_the_flow_run_above_it() -> None:
         "item broken failed at convert", f"register stp: pipeline.checks: {message}", "the atlas's own warning"
     ], [(e.level, e.message) for e in ours]
     assert sum(message in entry.message for entry in subflow) == 1  # the subflow's own log keeps its copy
+
+
+def _run_log(state: object) -> list:
+    """Every entry of the log of the flow run that ended in ``state`` (its tasks' too), once all were sent."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
+
+    APILogHandler().flush()
+    run_id = state.state_details.flow_run_id  # type: ignore[attr-defined]
+    with get_client(sync_client=True) as client:
+        return client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_a_bad_input_shows_in_the_run_log_as_its_sentence_and_a_crash_with_its_traceback(tmp_path: Path) -> None:
+    """A flow run that fails on bad input (a missing manifest; an empty brain refused by a convert task on a Dask
+    worker) has the refusal's one sentence in its log, which users read in the UI, without Prefect's traceback, and
+    still ends Failed; a real crash keeps its traceback there."""
+    import numpy as np
+    import tifffile
+    from prefect import flow
+
+    from flows.atlas_to_section import atlas_to_section
+    from flows.runner import dask_task_runner
+    from flows.tasks import convert_task
+    from pipeline.cluster import ClusterConfig
+
+    missing = tmp_path / "nowhere.yaml"
+    state = atlas_to_section(str(EXAMPLES / "allen_mouse_100um_v1.2"), str(missing), str(tmp_path / "out"), return_state=True)
+    sentence = f"manifest {missing} does not exist: give the path of a YAML or CSV manifest file."
+    logs = _run_log(state)
+    assert state.is_failed() and [e.message for e in logs if e.level >= logging.ERROR] == [sentence], logs
+    assert not any("Traceback" in e.message for e in logs)
+
+    empty = tmp_path / "empty.tif"
+    tifffile.imwrite(empty, np.zeros((8, 20, 24), np.uint16))
+
+    @flow(name="convert-an-empty-brain")
+    def convert_empty() -> None:
+        convert_task.submit(empty, tmp_path / "brain.ome.zarr", (50.0, 40.0, 40.0), None, "psl", False, "key").result()
+
+    with dask_task_runner(ClusterConfig(workers=1)) as runner:
+        state = convert_empty.with_options(task_runner=runner)(return_state=True)
+    logs = _run_log(state)
+    errors = [e for e in logs if e.level >= logging.ERROR]
+    refused = [e.name for e in errors if e.message.startswith(f"image {empty} looks empty: its three mid-planes")]
+    assert state.is_failed() and refused == ["prefect.task_runs", "prefect.flow_runs"], logs  # the task's, the flow's
+    assert not any("Traceback" in e.message for e in logs)
+
+    @flow(name="crash")
+    def crash() -> None:
+        raise RuntimeError("the disk went away")
+
+    logs = _run_log(crash(return_state=True))
+    assert any("Traceback" in e.message and "RuntimeError: the disk went away" in e.message for e in logs), logs
