@@ -55,7 +55,7 @@ from pipeline.atlas import (
 from pipeline.brainglobe import BrainGlobeAtlas, find_atlas
 from pipeline.checks import CheckOptions, collected_warnings
 from pipeline.cluster import ClusterConfig, check_slurm, load_cluster_config, open_client
-from pipeline.resume import ZARR_METADATA, as_recorded, atomic_write_json, sample_digest
+from pipeline.resume import ZARR_METADATA, as_recorded, atomic_write_json, sample_digest, write_identity
 
 logger = logging.getLogger(__name__)
 
@@ -369,14 +369,29 @@ def _spacing_used(out: Path, given: float | str | None) -> bool:
 
 
 def record_job_settings(
-    out: Path, settings: Mapping[str, Any], field_finished: bool, register_seconds: float | None = None
+    out: Path,
+    settings: Mapping[str, Any],
+    field_finished: bool,
+    register_seconds: float | None = None,
+    field_write_id: str | None = None,
 ) -> None:
     """Record in ``out`` (:data:`SETTINGS_FILE`) what its registration is made from, whether it is finished,
-    and the wall time in s of the run that made it (kept for the summaries of later runs that reuse it)."""
-    record = {"made_from": as_recorded(settings), "field_finished": field_finished}
+    the wall time in s of the run that made it (kept for the summaries of later runs that reuse it) and the
+    ``write_id`` of the field it made (:func:`field_replaced`)."""
+    record: dict[str, Any] = {"made_from": as_recorded(settings), "field_finished": field_finished}
     if register_seconds is not None:
         record["register_seconds"] = round(float(register_seconds), 1)
+    if field_write_id is not None:
+        record["field_write_id"] = field_write_id
     atomic_write_json(out / SETTINGS_FILE, record)
+
+
+def field_replaced(field: Path, recorded: Mapping[str, Any]) -> bool:
+    """Whether the finished field the job recorded (:func:`record_job_settings`) was written again since by another
+    run (a batch of the flows into this folder, with its own settings): its ``write_id`` is not the one recorded. A
+    record of before the ``write_id`` was recorded is taken as it was."""
+    made = recorded.get("field_write_id")
+    return bool(recorded.get("field_finished")) and made is not None and write_identity(field) != made
 
 
 def recorded_job_settings(out: Path) -> dict[str, Any]:
@@ -675,17 +690,26 @@ def _run_atlas_job(
     with job_scheduler(cluster) as address:
         recorded = recorded_job_settings(out)
         registration, register_seconds = None, recorded.get("register_seconds")
-        if restart or not _finished_field(field):
+        replaced = field_replaced(field, recorded)
+        if replaced:
+            logger.warning(
+                "%s was written again by another run since this job made it (a batch into this folder?): it is "
+                "registered again with this job's settings", field,
+            )  # fmt: skip
+        if restart or replaced or not _finished_field(field):
             registration = register_files(
                 brain_zarr, prepared.reference, field, inference, scheduler=address,
-                overwrite=restart or not field.with_name(field.name + ".run").is_dir(), progress=False,
+                overwrite=restart or replaced or not field.with_name(field.name + ".run").is_dir(), progress=False,
                 checks=config.checks, names={"fixed": str(brain), "moving": atlas_reference_name(found.name, config.brain_geometry, atlas_range=config.atlas_range)},
             )  # fmt: skip
             register_seconds = registration.seconds
         if registration is not None or not recorded.get("field_finished"):
             # a field made now is made from these settings; a finished one keeps the record of those it was made
             # from (a rerun that typed its field spacing out is the same job, and the command as first given too)
-            record_job_settings(out, settings, field_finished=True, register_seconds=register_seconds)
+            record_job_settings(
+                out, settings, field_finished=True, register_seconds=register_seconds,
+                field_write_id=write_identity(field),
+            )  # fmt: skip
         outputs = atlas_outputs(
             brain_zarr, field, prepared, out, channels=channel_zarrs, scheduler=address,
             label_interpolation=config.label_interpolation,

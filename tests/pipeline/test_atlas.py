@@ -432,6 +432,36 @@ def test_rerun_keeps_finished_outputs(job: dict) -> None:
     assert ran["kind"] == "local" and ran["workers"] == 1 and ran["processes"] is False
 
 
+def test_a_field_a_batch_wrote_into_the_jobs_folder_is_registered_again(job: dict, tmp_path: Path) -> None:
+    """A batch of the flows run into a job's folder writes its own field there (registered with the batch's
+    settings); a rerun of the job registers again with its own settings rather than reuse that field as its own."""
+    from typer.testing import CliRunner
+
+    from patchmorph.cli import app
+    from pipeline.ngff import write_field
+    from pipeline.resume import write_identity
+
+    out = tmp_path / "out"
+    shutil.copytree(job["out"], out)
+    values, grid, meta = read_field(out / "field.ome.zarr")
+    made = np.asarray(values[...])
+    shifted = made + np.array([300.0, 0.0, 0.0], np.float32)[:, None, None, None]
+    write_field(out / "field.ome.zarr", shifted, grid, metadata=meta, overwrite=True)  # as another run writes it
+    foreign = write_identity(out / "field.ome.zarr")
+    bg_dir = job["out"].parent / "brainglobe"
+    args = [
+        "atlas", str(job["files"].brain), "-o", str(out), "--atlas", str(bg_dir / EXAMPLE_ATLAS),
+        "--voxel-size", *map(str, BRAIN_VOXEL_SIZE_UM), "--orientation", BRAIN_ORIENTATION,
+        "--channel", str(job["files"].brain), "--config", str(job["out"].parent / "job.yaml"),
+    ]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["registration_reused"] is False and write_identity(out / "field.ome.zarr") != foreign
+    again = np.asarray(read_field(out / "field.ome.zarr")[0][...])
+    assert np.abs(again - made).max() < 150.0  # µm: its own registration again, not the one shifted by 300
+
+
 def test_bad_atlas_or_brain_is_one_sentence(tmp_path: Path, examples: Path) -> None:
     from typer.testing import CliRunner
 
