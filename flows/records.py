@@ -120,15 +120,20 @@ def fingerprint(inputs: dict[str, str | Path | None], options: dict[str, Any]) -
 
 
 def write_done(out_dir: Path, result: ItemResult, key: str) -> Path:
-    """Write the completion record of an item (atomically, after all its outputs exist)."""
+    """Write the completion record of an item (atomically, after all its outputs exist), with the content identity
+    of its field (:func:`finished_result` checks it)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / DONE_FILE
-    atomic_write_json(path, {"fingerprint": key, "result": result.model_dump(mode="json")})
+    record: dict[str, Any] = {"fingerprint": key, "result": result.model_dump(mode="json")}
+    if "field" in result.outputs:
+        record["field"] = content_identity(result.outputs["field"])
+    atomic_write_json(path, record)
     return path
 
 
 def finished_result(out_dir: Path, key: str) -> ItemResult | None:
-    """The earlier result of an item when its record matches ``key`` and its outputs still exist."""
+    """The earlier result of an item when its record matches ``key``, its field is the one it made (a record of
+    before the field was recorded: taken as it was) and its outputs still exist."""
     path = out_dir / DONE_FILE
     if not path.is_file():
         return None
@@ -139,6 +144,8 @@ def finished_result(out_dir: Path, key: str) -> ItemResult | None:
         return None
     if record.get("fingerprint") != key:
         return None
+    if "field" in record and record["field"] != content_identity(result.outputs.get("field")):
+        return None  # registered again since by another run (``patchmorph atlas`` into this folder): its outputs too
     paths = [*result.outputs.values(), *result.qc.values()]
     if not all(Path(p).exists() for p in paths):
         return None

@@ -62,3 +62,23 @@ def test_an_item_whose_shared_input_another_run_converted_otherwise_fails(tmp_pa
     assert _converted_as_asked([job], errors) == []
     assert [(e.name, e.step) for e in errors] == [("item", "inputs")]
     assert "was converted again by another run with other settings" in errors[0].message
+
+
+def test_a_finished_item_whose_field_another_run_wrote_again_is_made_again(tmp_path: Path) -> None:
+    """An item's ``done.json`` vouches for the field it made: once another run (``patchmorph atlas`` into the item's
+    folder, with its own settings) has written the field again, a rerun of the batch makes the item again instead
+    of skipping it with outputs it did not make; a record of before the field was recorded is taken as it was."""
+    import json
+
+    from flows.records import DONE_FILE, ItemResult, finished_result, write_done
+
+    item = tmp_path / "mouse1"
+    item.mkdir()
+    field = _store(item / "field.ome.zarr", 1.0)
+    write_done(item, ItemResult(name="mouse1", out_dir=item, outputs={"field": field}), "key")
+    assert finished_result(item, "key") is not None
+    _store(field, 2.0)  # written again by another run
+    assert finished_result(item, "key") is None
+    record = json.loads((item / DONE_FILE).read_text())
+    (item / DONE_FILE).write_text(json.dumps({k: v for k, v in record.items() if k != "field"}))
+    assert finished_result(item, "key") is not None
