@@ -228,7 +228,11 @@ MAX_PLACEMENT_SHARE = 0.8
 direction: it is no slab along it (a whole brain needs no range)."""
 
 
-def _coarse_reference(atlas: BrainGlobeAtlas) -> tuple[MultiscaleImage, tuple[int, int, int]]:
+CoarseReference = tuple[MultiscaleImage, tuple[int, int, int]]
+"""The atlas's reference as the search reads it (:func:`coarse_reference`) and its block factors per array axis."""
+
+
+def coarse_reference(atlas: BrainGlobeAtlas) -> CoarseReference:
     """The atlas's reference block-averaged to about :data:`PLACEMENT_STEP_UM` (as one in-memory level, µm) and
     the factors per array axis; coarse voxel ``k`` holds the atlas voxels ``k·f .. k·f + f − 1`` (edge voxels that
     fill no block are left out)."""
@@ -276,13 +280,19 @@ def _refuse_thin(extent_um: float, direction: str, brain_path: str | Path, optio
 
 
 def place_in_atlas(
-    atlas: BrainGlobeAtlas, brain: MultiscaleImage, direction: str, brain_path: str | Path, option: str = "--atlas-range"
+    atlas: BrainGlobeAtlas,
+    brain: MultiscaleImage,
+    direction: str,
+    brain_path: str | Path,
+    option: str = "--atlas-range",
+    reference: CoarseReference | None = None,
 ) -> dict[str, Any]:
     """Find the part of ``atlas`` that ``brain`` (a slab or block, in an anatomical world frame) holds along
     ``direction`` (``ap``, ``dv`` or ``lr``): windows as long as the brain's tissue along that direction, cut from the
     atlas's reference as the range's cut does, are scored against the brain
     (:func:`patchmorph_core.placement.search_windows`); the best is widened by :data:`PLACEMENT_MARGIN_UM` on each
-    side within the atlas.
+    side within the atlas. ``reference``: the atlas's coarse copy (:func:`coarse_reference`), made here when not
+    given (a search along several directions makes it once and gives it to each).
 
     Returns:
         The record: ``range`` (``[from, to]`` µm of the atlas's coordinates, as ``--atlas-range`` takes it),
@@ -296,7 +306,7 @@ def place_in_atlas(
     from patchmorph_core.placement import search_windows
     from patchmorph_core.sampling import tissue_bounds
 
-    reference, factors = _coarse_reference(atlas)
+    reference, factors = coarse_reference(atlas) if reference is None else reference
     brain_um = anatomical_extent(*tissue_bounds(brain), direction) * unit_scale(brain.unit, "micrometer")
     atlas_um = anatomical_extent(*tissue_bounds(reference), direction)
     _refuse_thin(brain_um, direction, brain_path, option)

@@ -46,6 +46,7 @@ from pipeline.atlas import (
     atlas_outputs,
     check_atlas_range,
     check_placement,
+    coarse_reference,
     place_in_atlas,
     prepare_atlas,
     range_record,
@@ -574,8 +575,8 @@ def resolve_atlas_range(
     if recorded.get("made_from") == as_recorded(settings):
         placements = recorded["placements"]
     else:
-        image = read_image(brain_zarr)
-        placements = {d: place_in_atlas(atlas, image, d, brain, option=option) for d in auto}
+        image, reference = read_image(brain_zarr), coarse_reference(atlas)  # one coarse atlas for every direction
+        placements = {d: place_in_atlas(atlas, image, d, brain, option=option, reference=reference) for d in auto}
         atomic_write_json(path, {"made_from": as_recorded(settings), "placements": placements})
     resolved = {d: tuple(placements[d]["range"]) if r == AUTO else r for d, r in requested.items()}
     for d in auto:

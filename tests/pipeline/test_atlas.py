@@ -1103,6 +1103,42 @@ def test_auto_is_taken_where_the_range_can_be_searched_for_only() -> None:
         parse_atlas_range(["ap=auto", "ap=AUTO"], auto=True)
 
 
+def test_a_search_along_two_directions_averages_the_atlas_down_once(
+    tmp_path: Path, examples: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``ap=auto,dv=auto`` on a block (3 mm along ap, 3.5 mm along dv, the whole width): each direction is searched,
+    on one coarse copy of the atlas's reference made once (the reference is read once), not one per direction."""
+    import pipeline.atlas
+    from patchmorph_core.placement import WindowScore, WindowSearch
+    from pipeline.atlas import AUTO
+    from pipeline.atlas_job import resolve_atlas_range
+    from pipeline.brainglobe import find_atlas, open_volume
+
+    atlas = find_atlas(examples / EXAMPLE_ATLAS)
+    array, grid = open_volume(atlas, "reference")
+    start, stop = (40, 10, 0), (70, 45, atlas.shape[2])  # asr, 100 µm voxels
+    block = write_image(tmp_path / "block.ome.zarr", np.asarray(array[40:70, 10:45, :]), grid.crop(start, stop))
+    opened: list[str] = []
+    searched: list[int] = []
+
+    def counted(atlas_: object, role: str) -> object:
+        opened.append(role)
+        return open_volume(atlas_, role)  # type: ignore[arg-type]
+
+    def search(fixed: object, moving: object, axis: int, width: int) -> WindowSearch:
+        searched.append(axis)  # the search itself is measured elsewhere: here only how often the atlas is read
+        return WindowSearch((WindowScore(0, 1.0),), width, 0.0)
+
+    monkeypatch.setattr(pipeline.atlas, "open_volume", counted)
+    monkeypatch.setattr("patchmorph_core.placement.search_windows", search)
+    found, placements = resolve_atlas_range(
+        atlas, block, tmp_path / "block.ome.zarr", {"ap": AUTO, "dv": AUTO}, tmp_path, {"brain": "block"}
+    )
+
+    assert sorted(searched) == [0, 1] and set(found) == set(placements) == {"ap", "dv"}
+    assert opened.count("reference") == 1, opened
+
+
 def test_a_slab_registered_against_its_atlas_range_lands_where_the_whole_brain_puts_it(
     tmp_path: Path, job: dict, monkeypatch: pytest.MonkeyPatch
 ) -> None:
