@@ -508,13 +508,11 @@ def channel_names(channels: Sequence[Path]) -> dict[str, Path]:
     return names
 
 
-def _check_channels(channels: Sequence[Path], brain: Path, geometry: Mapping[str, Any]) -> None:
-    """Every channel has the brain's array shape (read from the headers, before anything is converted)."""
+def _check_channels(channels: Sequence[Path], brain_shape: tuple[int, ...], geometry: Mapping[str, Any]) -> None:
+    """Every channel has the brain's array shape ``brain_shape`` (``(Z, Y, X)`` voxels; read from the headers,
+    before anything is converted)."""
     from pipeline.importers import open_input
 
-    if not channels:
-        return
-    brain_shape = tuple(open_input(brain, **geometry)[0].shape)
     for channel in channels:
         shape = tuple(open_input(channel, **geometry)[0].shape)
         if shape != brain_shape:
@@ -537,16 +535,17 @@ def _versions() -> dict[str, str]:
 
 def check_auto_range(
     atlas: BrainGlobeAtlas, brain: Path, geometry: Mapping[str, Any], atlas_range: Mapping[str, Any],
-    option: str = "--atlas-range",
+    option: str = "--atlas-range", opened: tuple[Any, Grid, str] | None = None,
 ) -> None:
     """Refuse ``atlas_range`` ``auto`` before the brain is converted where the search cannot work: a brain without an
     anatomical orientation or thinner than the search needs (:func:`pipeline.atlas.check_placement`; reads the
-    input's header only; ``option`` names the range in the refusal)."""
+    input's header only, unless ``opened`` gives what :func:`pipeline.importers.open_input` read of it already;
+    ``option`` names the range in the refusal)."""
     from pipeline.importers import open_input, stated_orientation
 
     auto = [d for d, r in atlas_range.items() if r == AUTO]
     if auto:
-        _, grid, kind = open_input(brain, **geometry)
+        _, grid, kind = open_input(brain, **geometry) if opened is None else opened
         oriented = geometry.get("orientation") is not None or stated_orientation(brain, kind) is not None
         check_placement(atlas, grid, oriented, auto, brain, option=option)
 
@@ -644,7 +643,7 @@ def _run_atlas_job(
     warnings: list[str],
 ) -> AtlasJobResult:
     """:func:`run_atlas_job`'s steps; ``warnings`` fills with what they log as warnings (for the summary)."""
-    from pipeline.importers import check_geometry_options, check_source_planes
+    from pipeline.importers import check_geometry_options, check_source_planes, open_input
     from pipeline.register import field_warnings, register_files
 
     started = time.time()
@@ -661,9 +660,10 @@ def _run_atlas_job(
     geometry = {"voxel_size": voxel_size, "unit": unit, "orientation": orientation}
     for path in [brain, *channel_paths]:
         check_geometry_options(path, voxel_size, unit, orientation)
-    check_source_planes(brain, "brain", **geometry)
-    check_auto_range(found, brain, geometry, config.atlas_range)
-    _check_channels(channel_paths, brain, geometry)
+    opened = open_input(brain, **geometry)  # its header, read once for the checks below
+    check_source_planes(brain, "brain", opened=opened, **geometry)
+    check_auto_range(found, brain, geometry, config.atlas_range, opened=opened)
+    _check_channels(channel_paths, tuple(opened[0].shape), geometry)
     cluster = config.cluster if scheduler is None else load_cluster_config(scheduler)
     if cluster is None or cluster.kind in ("threads", "local"):  # the networks run on this machine: a GPU asked for
         resolve_device(config.inference.device)  # that it lacks is refused now, not after the brain's conversion

@@ -668,16 +668,19 @@ def read_errors(path: str | Path) -> Iterator[None]:
         ) from err
 
 
-def check_source_planes(path: str | Path, role: str, **geometry: Any) -> None:
+def check_source_planes(
+    path: str | Path, role: str, opened: tuple[da.Array, Grid, str] | None = None, **geometry: Any
+) -> None:
     """Refuse an input whose three mid-planes (:func:`mid_planes`, a few MB read from any size) are constant or
     hold NaN or infinite values, before it is converted: an empty or wrong file of a terabyte brain is refused
     in seconds instead of after its conversion (:func:`pipeline.checks.check_image` checks the whole image,
-    coarsely, after it).
+    coarsely, after it). ``opened``: what :func:`open_input` gave for ``path`` and ``geometry`` already (else it is
+    opened here).
 
     Raises:
         InputError: naming the input and the fix.
     """
-    array, _, kind = open_input(path, **geometry)
+    array, _, kind = open_input(path, **geometry) if opened is None else opened
     with read_errors(path):
         planes, stride = mid_planes(array)
         if kind == "ome-zarr":

@@ -1091,6 +1091,43 @@ def test_an_atlas_range_that_cannot_be_found_is_refused_before_the_registration(
     assert (out / "brain.ome.zarr").exists() == (planes[1] is None)  # the others from the header, before conversion
 
 
+def test_the_brain_is_opened_once_for_the_checks_before_its_conversion(
+    tmp_path: Path, examples: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The checks before the conversion (its mid-planes, ``ap=auto``'s thickness and orientation, the channels' shape)
+    read the brain's header once between them (an NRRD or a plane folder is read or listed whole to open it)."""
+    import pipeline.atlas_job
+    import pipeline.importers
+    from pipeline.atlas_job import run_atlas_job
+
+    brain, channel = tmp_path / "slab.tif", tmp_path / "signal.tif"
+    slab = read_tiff(ExampleFiles.from_dir(examples).brain)[110:160]  # 2.5 mm along ap, 50 x 40 x 40 µm voxels
+    tifffile.imwrite(brain, slab)
+    tifffile.imwrite(channel, slab)
+    opened: list[Path] = []
+    open_input = pipeline.importers.open_input
+
+    def counted(path: Path, *args: object, **kwargs: object) -> object:
+        opened.append(Path(path))
+        return open_input(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    class Converting(Exception):
+        """The checks are over: the conversion begins."""
+
+    def converting(*args: object, **kwargs: object) -> None:
+        raise Converting
+
+    monkeypatch.setattr(pipeline.importers, "open_input", counted)
+    monkeypatch.setattr(pipeline.atlas_job, "convert_input", converting)
+    with pytest.raises(Converting):
+        run_atlas_job(
+            brain, tmp_path / "job", examples / EXAMPLE_ATLAS, voxel_size=BRAIN_VOXEL_SIZE_UM,
+            orientation=BRAIN_ORIENTATION, channels=[channel], config=AtlasJobConfig(atlas_range={"ap": "auto"}),
+        )  # fmt: skip
+
+    assert opened.count(brain) == 1 and opened.count(channel) == 1, opened
+
+
 def test_auto_is_taken_where_the_range_can_be_searched_for_only() -> None:
     """``auto`` is an atlas range for ``patchmorph atlas`` and a batch manifest's items (``auto=True``); elsewhere it
     is refused in one sentence; a direction given twice is refused either way."""
