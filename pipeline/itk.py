@@ -65,6 +65,11 @@ def field_on_grid(field: str | Path, inverse: bool = False) -> tuple[np.ndarray,
     if not inverse:
         return np.asarray(array[...], dtype=np.float32), grid
     moving = meta.get("moving")
+    if not moving and meta.get("imported_from"):
+        raise InputError(
+            f"field {field} was imported from {meta['imported_from']} without --moving, and its inverse lives on the "
+            "moving image's grid: import it again with --moving (the OME-Zarr image it registers)."
+        )
     if not moving or not Path(moving).exists():
         raise InputError(
             f"field {field} names no readable moving image ({moving}): the inverse lives on the moving image's "

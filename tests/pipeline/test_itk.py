@@ -151,6 +151,16 @@ def test_bad_field_files_are_one_sentence(tmp_path: Path, pair: dict[str, Path])
         read_itk_field(tmp_path / "scalar.nii.gz")
 
 
+def test_inverse_of_a_field_imported_without_moving_names_the_option(pair: dict[str, Path]) -> None:
+    root = pair["root"]
+    exported = root / "field.nii.gz"
+    if not exported.exists():
+        export_field(pair["field"], exported)
+    imported = import_field(exported, root / "imported_no_moving.ome.zarr", fixed=pair["fixed"])
+    with pytest.raises(InputError, match=r"without --moving.*import it again with --moving"):
+        export_field(imported, root / "inverse_no_moving.nii.gz", inverse=True)
+
+
 # -- the field read with standard NGFF metadata alone ------------------------------------------------------------
 _TOWARD = {
     "right": (1, 0, 0),
