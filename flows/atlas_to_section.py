@@ -120,6 +120,13 @@ def placed_items(
     return kept, placements, errors
 
 
+def _manifest_error(name: str, message: str) -> ItemError:
+    """The error record of an item refused from its manifest entry (step ``manifest``), logged as a warning as the
+    steps log an item's failure, so that the flow run's log names every failed item, not only the first."""
+    logger.warning("item %s failed at manifest: InputError: %s", name, message)
+    return ItemError(name=name, step="manifest", error_type="InputError", message=message)
+
+
 def atlas_jobs(
     atlas: Path,
     entries: list[ManifestItem | ManifestProblem],
@@ -149,16 +156,14 @@ def atlas_jobs(
     errors: list[ItemError] = []
     for entry in entries:
         if isinstance(entry, ManifestProblem):
-            errors.append(
-                ItemError(name=entry.name, step="manifest", error_type="InputError", message=entry.message)
-            )
+            errors.append(_manifest_error(entry.name, entry.message))
             continue
         if prepared is None and entry.brain_geometry != "full":
             message = (
                 f"brain_geometry {entry.brain_geometry} needs a BrainGlobe atlas (its hemispheres image): give the "
                 "atlas as a BrainGlobe name or folder, or crop the atlas image to the hemisphere."
             )
-            errors.append(ItemError(name=entry.name, step="manifest", error_type="InputError", message=message))
+            errors.append(_manifest_error(entry.name, message))
             continue
         if prepared is None and entry.atlas_range:
             message = (
@@ -166,12 +171,11 @@ def atlas_jobs(
                 "(the range is in its coordinates): give the atlas as a BrainGlobe name or folder, or crop the atlas "
                 "image to the range."
             )
-            errors.append(ItemError(name=entry.name, step="manifest", error_type="InputError", message=message))
+            errors.append(_manifest_error(entry.name, message))
             continue
         own = None if prepared is None else prepared[prepared_key(entry)]
         if isinstance(own, InputError):
-            message = f"manifest item {entry.name!r}: {own}"
-            errors.append(ItemError(name=entry.name, step="manifest", error_type="InputError", message=message))
+            errors.append(_manifest_error(entry.name, f"manifest item {entry.name!r}: {own}"))
             continue
         item_dir = out / entry.name
         geometry = Geometry(voxel_size=entry.voxel_size, unit=entry.unit, orientation=entry.orientation)

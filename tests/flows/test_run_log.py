@@ -4,6 +4,7 @@ UI), not only the worker's terminal."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -151,3 +152,34 @@ def test_a_bad_input_shows_in_the_run_log_as_its_sentence_and_a_crash_with_its_t
 
     logs = _run_log(crash(return_state=True))
     assert any("Traceback" in e.message and "RuntimeError: the disk went away" in e.message for e in logs), logs
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_every_failed_item_is_named_in_the_run_log(
+    flow_data: dict[str, Path], write_options: Callable[..., Path], tmp_path: Path
+) -> None:
+    """An item refused from its manifest entry (an invalid voxel size, a brain geometry the atlas cannot give) is named
+    in the flow run's log as an item that failed at a step is, not only in the report: the run's final message names
+    the first failed item only."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    from flows.atlas_to_section import atlas_to_section
+
+    manifest = tmp_path / "brains.csv"
+    manifest.write_text(
+        "name,path,voxel_size,orientation,brain_geometry\n"
+        f"missing,{tmp_path / 'nowhere.tif'},200 200 200,psl,\n"
+        f"two-numbers,{flow_data['brain_tif']},200 200,psl,\n"
+        f"hemisphere,{flow_data['brain_tif']},200 200 200,psl,hemisphere_l\n"
+    )
+    options = write_options(tmp_path / "options.yaml", workers=1)
+    state = atlas_to_section(
+        str(flow_data["atlas"]), str(manifest), str(tmp_path / "out"), config=str(options), return_state=True
+    )
+    assert state.is_failed() and "3 of 3 items failed" in str(state.message), state.message
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    warnings = [entry.message for entry in logs if entry.level == logging.WARNING]
+    for name, step in (("missing", "inputs"), ("two-numbers", "manifest"), ("hemisphere", "manifest")):
+        assert sum(m.startswith(f"item {name} failed at {step}: InputError: ") for m in warnings) == 1, warnings
