@@ -163,6 +163,13 @@ def _parse_voxel_size(value: Any) -> Any:
     return value
 
 
+def _voxel_size_count(value: Any) -> int | None:
+    """How many numbers a parsed ``voxel_size`` list holds when that is not three (None: three, or not a list)."""
+    if isinstance(value, list | tuple) and len(value) != 3:
+        return len(value)
+    return None
+
+
 def _parse_item_range(value: Any, name: str) -> AtlasRangeRequest:
     """An item's ``atlas_range`` (a string ``"ap=6200:9200"`` or ``"ap=auto"``, several comma-separated, or a list
     of such strings; µm) as an :data:`pipeline.atlas.AtlasRangeRequest`.
@@ -235,6 +242,15 @@ def _item_from_row(row: dict[str, Any], folder: Path, index: int) -> ManifestIte
         entry["channels"] = [folder / str(c) for c in entry["channels"]]
     if "voxel_size" in entry:
         entry["voxel_size"] = _parse_voxel_size(entry["voxel_size"])
+        count = _voxel_size_count(entry["voxel_size"])
+        if count is not None:
+            return ManifestProblem(
+                name=name,
+                message=(
+                    f"manifest item {name!r}: voxel_size {row['voxel_size']!r} holds {count} numbers, not three: give "
+                    "the voxel size along z, y and x (z the plane axis), e.g. [50, 40, 40], or '50 40 40' in a CSV cell."
+                ),
+            )
     if "atlas_range" in entry:
         try:
             entry["atlas_range"] = _parse_item_range(entry["atlas_range"], name)

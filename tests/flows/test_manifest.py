@@ -188,3 +188,17 @@ def test_an_item_named_as_a_prepared_atlas_folder_is_refused(tmp_path: Path) -> 
         "other: give the item another name."
     )
     assert "for atlas_range ap=6200:9200," in items[3].message and "brain_geometry hemisphere_l," in items[0].message
+
+
+def test_a_voxel_size_without_three_numbers_is_named_as_such(tmp_path: Path) -> None:
+    """A voxel size of two or four numbers (a CSV cell ``50 40``, a YAML list) is that item's error, saying how many
+    numbers it holds and that z, y and x are needed, not a validation path such as ``voxel_size.2``."""
+    (tmp_path / "m.csv").write_text("name,path,voxel_size\ntwo,b.tif,50 40\nfour,b.tif,50x40x40x40\ngood,b.tif,50;40;40\n")
+    (tmp_path / "m.yaml").write_text("- {name: two, path: b.tif, voxel_size: [50, 40]}\n")
+    for items in (load_manifest(tmp_path / "m.csv"), load_manifest(tmp_path / "m.yaml")):
+        for item, count in zip(items, (2, 4), strict=False):
+            assert isinstance(item, ManifestProblem), item
+            assert item.message.startswith(f"manifest item {item.name!r}: voxel_size "), item.message
+            assert f"holds {count} numbers, not three: give the voxel size along z, y and x" in item.message
+            assert "voxel_size." not in item.message and item.message.endswith(".")
+    assert load_manifest(tmp_path / "m.csv")[2] == ManifestItem(name="good", path=tmp_path / "b.tif", voxel_size=(50, 40, 40))
