@@ -89,16 +89,20 @@ RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
 
 class _BadInputSentence(logging.Filter):
     """Gives a record of a run's failure whose exception is the project's bad input
-    (:class:`~patchmorph_core.errors.InputError`, a sentence naming what is wrong, which input and what to do) as that
-    sentence alone, without the traceback: Prefect logs every exception of a flow or task run with its traceback
-    (``Encountered exception during execution``, ``Task run failed with exception``), which users read in the UI. Any
-    other exception (a real crash) keeps its traceback; the run's state is not touched (it still ends Failed)."""
+    (:class:`~patchmorph_core.errors.InputError`, a sentence naming what is wrong, which input and what to do) or a
+    batch's failed items (:class:`~flows.runner.BatchFailed`, a sentence naming how many failed and the first, each
+    item's error logged as it failed) as that sentence alone, without the traceback: Prefect logs every exception of a
+    flow or task run with its traceback (``Encountered exception during execution``, ``Task run failed with
+    exception``, and for a deployment's run ``Engine execution exited with unexpected exception``), which users read
+    in the UI. Any other exception (a real crash) keeps its traceback; the run's state is not touched (it still ends
+    Failed)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        from flows.runner import BatchFailed
         from patchmorph_core.errors import InputError
 
         error = record.exc_info[1] if record.exc_info else None
-        if isinstance(error, InputError):
+        if isinstance(error, InputError | BatchFailed):
             record.msg, record.args, record.exc_info, record.exc_text = "%s", (str(error),), None, None
         return True
 

@@ -4,6 +4,7 @@ UI), not only the worker's terminal."""
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -91,8 +92,8 @@ def test_a_subflows_warnings_reach_the_log_of_the_flow_run_above_it() -> None:
     with get_client(sync_client=True) as client:
         ours = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
         subflow = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[sub_id])))
-    warnings = sorted(entry.message for entry in ours if entry.level == logging.WARNING)
-    assert warnings == [
+    warned = sorted(entry.message for entry in ours if entry.level == logging.WARNING)
+    assert warned == [
         "item broken failed at convert", f"register stp: pipeline.checks: {message}", "the atlas's own warning"
     ], [(e.level, e.message) for e in ours]
     assert sum(message in entry.message for entry in subflow) == 1  # the subflow's own log keeps its copy
@@ -160,11 +161,9 @@ def test_every_failed_item_is_named_in_the_run_log(
 ) -> None:
     """An item refused from its manifest entry (an invalid voxel size, a brain geometry the atlas cannot give) is named
     in the flow run's log as an item that failed at a step is, not only in the report: the run's final message names
-    the first failed item only."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
-
+    the first failed item only; the run's failure is that sentence, without Prefect's traceback."""
     from flows.atlas_to_section import atlas_to_section
+    from flows.runner import BatchFailed
 
     manifest = tmp_path / "brains.csv"
     manifest.write_text(
@@ -178,8 +177,26 @@ def test_every_failed_item_is_named_in_the_run_log(
         str(flow_data["atlas"]), str(manifest), str(tmp_path / "out"), config=str(options), return_state=True
     )
     assert state.is_failed() and "3 of 3 items failed" in str(state.message), state.message
-    with get_client(sync_client=True) as client:
-        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id])))
-    warnings = [entry.message for entry in logs if entry.level == logging.WARNING]
+    logs = _run_log(state)
+    warned = [entry.message for entry in logs if entry.level == logging.WARNING]
     for name, step in (("missing", "inputs"), ("two-numbers", "manifest"), ("hemisphere", "manifest")):
-        assert sum(m.startswith(f"item {name} failed at {step}: InputError: ") for m in warnings) == 1, warnings
+        assert sum(m.startswith(f"item {name} failed at {step}: InputError: ") for m in warned) == 1, warned
+    # a deployment's run raises the state's BatchFailed, which Prefect logs on the flow-run logger with its
+    # traceback ("Engine execution exited with unexpected exception"): the log shows its sentence alone
+    failure = state.result(raise_on_failure=False)
+    assert isinstance(failure, BatchFailed)
+    shown: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: shown.append(logging.Formatter().format(record))  # type: ignore[method-assign]
+    run_logger = logging.getLogger("prefect.flow_runs")
+    run_logger.addHandler(handler)
+    try:
+        try:
+            raise failure
+        except BatchFailed:
+            with warnings.catch_warnings():  # outside a run, Prefect's API handler warns that it sends nothing
+                warnings.simplefilter("ignore", UserWarning)
+                run_logger.error("Engine execution exited with unexpected exception", exc_info=True)
+    finally:
+        run_logger.removeHandler(handler)
+    assert shown == [str(failure)] and "3 of 3 items failed" in shown[0], shown
