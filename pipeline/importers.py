@@ -315,7 +315,8 @@ def _nrrd_ras_affine(header: dict, path: Path) -> np.ndarray:
     spacings = header.get("spacings")
     if spacings is None:
         raise InputError(
-            f"{str(path)!r} has neither 'space directions' nor 'spacings': pass --voxel-size Z Y X."
+            f"{str(path)!r} has neither 'space directions' nor 'spacings': pass --voxel-size Z Y X (in a batch, the "
+            "manifest item's voxel_size)."
         )
     affine = np.eye(4)
     affine[:3, :3] = np.diag(np.asarray(spacings, dtype=np.float64))
@@ -349,7 +350,8 @@ def load_nrrd(
         raise InputError(f"{str(p)!r} holds a {data.ndim}-D array: give a single-channel 3-D NRRD image.")
     if orientation is None and allen_ccf_nrrd(header):
         logger.warning(
-            "%s is an Allen CCFv3 NRRD file, whose header's orientation is wrong: give --orientation %s (its axes, "
+            "%s is an Allen CCFv3 NRRD file, whose header's orientation is wrong: give --orientation %s (in a batch, the "
+            "manifest item's orientation; its axes, "
             "reversed: left-right from the right, dorsal-ventral from superior, anterior-posterior from anterior)",
             p,
             ALLEN_CCF_NRRD_ORIENTATION,
@@ -428,7 +430,10 @@ def check_plane_folder(root: Path, planes: Sequence[Path]) -> tuple[tuple[int, .
 
 
 def _no_voxel_size(what: str) -> InputError:
-    return InputError(f"{what} carries no voxel size: pass --voxel-size Z Y X (and --unit, --orientation).")
+    return InputError(
+        f"{what} carries no voxel size: pass --voxel-size Z Y X (and --unit, --orientation; in a batch, the manifest "
+        "item's voxel_size, unit and orientation)."
+    )
 
 
 def _plain_grid(

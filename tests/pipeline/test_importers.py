@@ -127,3 +127,14 @@ def test_unit_spellings_are_those_lengths_take(spelling: str, unit: str) -> None
     assert normalize_unit(spelling) == unit == parse_length(f"50 {spelling.strip()}")[1]
     with pytest.raises(InputError, match="unknown unit 'furlong'"):
         normalize_unit("furlong")
+
+
+def test_a_tiff_without_voxel_size_names_the_option_and_the_manifest_field(tmp_path: Path) -> None:
+    """A batch's user cannot pass ``--voxel-size``: the refusal names the manifest item's field too."""
+    import tifffile
+
+    from pipeline.importers import open_input
+
+    tifffile.imwrite(tmp_path / "brain.tif", np.zeros((4, 5, 6), np.uint16))
+    with pytest.raises(InputError, match=r"pass --voxel-size Z Y X .*in a batch, the manifest item's voxel_size"):
+        open_input(tmp_path / "brain.tif")
