@@ -135,8 +135,8 @@ _ROOT_RUN_COPY = _RootRunCopy()
 @contextlib.contextmanager
 def project_logs_in_the_run() -> Iterator[None]:
     """While the block runs (inside a flow), :data:`PROJECT_LOGGERS` have the handlers of Prefect's ``prefect.extra``
-    logger, as Prefect's ``PREFECT_LOGGING_EXTRA_LOGGERS`` gives them when it is set before Prefect is imported: an
-    item that failed, a part of a brain, a reused registration then show in the flow run's log in the API and the UI,
+    logger, as Prefect's ``PREFECT_LOGGING_EXTRA_LOGGERS`` gives them when it is set before Prefect is imported: their
+    warnings (an item that failed, a part of a brain, a failed quality check) then show in the flow run's log in the API and the UI,
     not only on the worker's terminal; inside a subflow its warnings go to the log of the flow run above it too
     (:func:`copy_to_root_run`). They are removed after it (outside a flow run they could send nothing). A bad-input
     failure of the run shows in its log as its sentence, without a traceback (:func:`bad_input_without_traceback`)."""
