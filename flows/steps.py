@@ -185,15 +185,24 @@ class ItemJob(BaseModel):
 
     def key(self, options: StepOptions) -> str:
         """Fingerprint of the inputs' metadata, their geometry and the options that shape the outputs."""
-        inputs = self.inputs()
+        return self._fingerprint(self.inputs(), options, {"qc": options.qc, "label_interpolation": options.label_interpolation})
+
+    def registration_key(self, options: StepOptions) -> str:
+        """Fingerprint of what the item's field is made from: the fixed and moving inputs with their geometry, the
+        atlas's part and the registration settings; not the labels, channels, QC or label warping, so that an item
+        given another channel or labels keeps its finished registration (hours on a terabyte brain)."""
+        return self._fingerprint({"fixed": self.fixed, "moving": self.moving}, options, {})
+
+    def _fingerprint(self, inputs: dict[str, ImageInput], options: StepOptions, extra: dict[str, Any]) -> str:
+        """:func:`~flows.records.fingerprint` of ``inputs`` (paths, content, geometry), the atlas's part, the
+        registration settings and ``extra`` settings."""
         settings = {
             "atlas": self.atlas,
             "brain_geometry": self.brain_geometry,
             **({"atlas_range": range_text(self.atlas_range)} if self.atlas_range else {}),  # none: earlier runs' key
             "geometry": {role: image.geometry.model_dump(mode="json") for role, image in inputs.items()},
             "inference": options.inference.model_dump(mode="json"),
-            "qc": options.qc,
-            "label_interpolation": options.label_interpolation,
+            **extra,
         }
         return fingerprint({role: image.path for role, image in inputs.items()}, settings)
 
@@ -393,6 +402,7 @@ def run_jobs(
     errors: list[ItemError] = []
     todo = list(jobs)
     keys = {job.name: job.key(options) for job in todo}
+    field_keys = {job.name: job.registration_key(options) for job in todo}
     for start in range(0, len(todo), max_parallel):
         began = time.monotonic()
         group = _make_folders(todo[start : start + max_parallel], errors)
@@ -403,7 +413,7 @@ def run_jobs(
         reused = {
             j.name: record
             for j in group
-            if not options.overwrite and (record := reusable_registration(j.out_dir, keys[j.name], j.field)) is not None
+            if not options.overwrite and (record := reusable_registration(j.out_dir, field_keys[j.name], j.field)) is not None
         }
         for name in reused:
             logger.info("item %s: its registration finished in an earlier run and is reused", name)
@@ -427,7 +437,7 @@ def run_jobs(
         )
         for job in group:
             if job.name not in reused:
-                record_registration(job.out_dir, keys[job.name], job.field, registered[job.name]["field"])
+                record_registration(job.out_dir, field_keys[job.name], job.field, registered[job.name]["field"])
         group, _ = _step(group, "warp", lambda j: _submit_warps(j, warp, options), errors)
         group, values = _step(group, "qc", lambda j: _submit_checks(j, make_qc, metrics, options.qc), errors)
         group, atlas_values = _step(group, "atlas", lambda j: _submit_atlas(j, atlas, options), errors)

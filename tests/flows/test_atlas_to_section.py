@@ -265,6 +265,21 @@ def test_brainglobe_atlas_gives_each_item_the_atlas_jobs_outputs(
     )  # fmt: skip
     finished, todo = split_finished(jobs, resolve_options(str(options), AtlasToSectionOptions))
     assert [r.name for r in finished] == ["slab_auto"] and not todo
+    # an item given other channels keeps its registration (its record is keyed by what the field is made from)
+    from flows.records import reusable_registration
+
+    step_options = resolve_options(str(options), AtlasToSectionOptions)
+    for_stp = [e for e in load_manifest(manifest) if e.name == "stp"]
+    without = [e.model_copy(update={"channels": ()}) for e in for_stp]
+    (given,), (other,) = (
+        atlas_jobs(
+            EXAMPLE_DIR / EXAMPLE_ATLAS, items, tmp_path / "out", AtlasToSectionOptions(),
+            prepared_atlases(example, items, tmp_path / "out"), {},
+        )[0]
+        for items in (for_stp, without)
+    )  # fmt: skip
+    assert given.channels and not other.channels and given.key(step_options) != other.key(step_options)
+    assert reusable_registration(other.out_dir, other.registration_key(step_options), other.field) is not None
     with pytest.raises(InputError, match="different parts of the atlas"):
         cohort_tables([tmp_path / "out" / "stp", tmp_path / "out" / "slab"], tmp_path / "cohort")
     result = next(r for r in report.results if r.name == "stp")
