@@ -14,7 +14,6 @@ outputs exist and match their inputs are skipped. Outputs: ``<out>/<item>/`` per
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from flows.manifest import ManifestItem, ManifestProblem, load_manifest, prepare
 from flows.records import ItemError, RunReport
 from flows.runner import final_state, finish_run, run_on_dask
 from flows.settings import project_logs_in_the_run
-from flows.steps import ImageInput, ItemJob, conversion_key
+from flows.steps import ImageInput, ItemJob, conversion_key, item_failed
 from flows.tasks import convert_task
 from patchmorph_core.errors import InputError
 from pipeline.atlas import AUTO, AtlasRange, PreparedAtlas, check_atlas_range, prepare_atlas, range_text
@@ -36,8 +35,6 @@ from pipeline.brainglobe import BrainGlobeAtlas, find_atlas
 from pipeline.checks import check_outputs
 
 FLOW_NAME = "atlas-to-section"
-
-logger = logging.getLogger(__name__)
 
 
 def brainglobe_atlas(atlas: str) -> BrainGlobeAtlas | None:
@@ -112,8 +109,7 @@ def placed_items(
                 atlas, converted, entry.path, entry.atlas_range, brain.converted.parent, settings, option=option
             )
         except Exception as err:  # noqa: BLE001 - one item's failure is its error, the batch goes on
-            logger.warning("item %s failed at %s: %s: %s", entry.name, step, type(err).__name__, err)
-            errors.append(ItemError(name=entry.name, step=step, error_type=type(err).__name__, message=str(err)))
+            errors.append(item_failed(entry.name, step, err))
             continue
         kept.append(entry.model_copy(update={"atlas_range": found}))
         placements[entry.name] = placement
@@ -121,10 +117,9 @@ def placed_items(
 
 
 def _manifest_error(name: str, message: str) -> ItemError:
-    """The error record of an item refused from its manifest entry (step ``manifest``), logged as a warning as the
-    steps log an item's failure, so that the flow run's log names every failed item, not only the first."""
-    logger.warning("item %s failed at manifest: InputError: %s", name, message)
-    return ItemError(name=name, step="manifest", error_type="InputError", message=message)
+    """The error record of an item refused from its manifest entry (step ``manifest``), logged as the steps log an
+    item's failure (:func:`flows.steps.item_failed`)."""
+    return item_failed(name, "manifest", InputError(message))
 
 
 def atlas_jobs(

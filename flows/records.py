@@ -4,8 +4,9 @@ Each item's output folder gets a ``done.json`` written LAST, after every output 
 holds the item's :class:`ItemResult` and the fingerprint of its inputs (their content identity,
 :func:`pipeline.resume.content_identity`) and options. A rerun skips an item whose ``done.json`` fingerprint matches and whose outputs
 exist; anything else (no record, other inputs, other options, a missing output) is recomputed, except a
-registration that finished with the same fingerprint (``registration.json``, written when the field is complete):
-an item that failed at a later step keeps its field.
+registration that finished from the same inputs and settings (``registration.json``, written when the field is
+complete, with the fingerprint of what the field is made from, :meth:`flows.steps.ItemJob.registration_key`): an
+item that failed at a later step, or whose channels, labels or QC settings alone changed, keeps its field.
 """
 
 from __future__ import annotations
@@ -158,8 +159,9 @@ REGISTRATION_FILE = "registration.json"
 
 def record_registration(out_dir: Path, key: str, field: Path, record: Any) -> None:
     """Keep what an item's finished registration gave (``record``, :class:`pipeline.register.RegistrationRecord`)
-    with the item's fingerprint and the field's identity, so that a rerun of an item that failed at a later step
-    reuses the field instead of registering again (hours on a terabyte brain)."""
+    with ``key`` (the fingerprint of what the field is made from) and the field's identity, so that a rerun of an item
+    that failed at a later step, or whose other settings alone changed, reuses the field instead of registering again
+    (hours on a terabyte brain)."""
     atomic_write_json(
         out_dir / REGISTRATION_FILE,
         {"fingerprint": key, "field": content_identity(field), "record": record.model_dump(mode="json")},

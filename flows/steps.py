@@ -207,9 +207,11 @@ class ItemJob(BaseModel):
         return fingerprint({role: image.path for role, image in inputs.items()}, settings)
 
 
-def _fail(job: ItemJob, step: str, error: BaseException) -> ItemError:
-    logger.warning("item %s failed at %s: %s: %s", job.name, step, type(error).__name__, error)
-    return ItemError(name=job.name, step=step, error_type=type(error).__name__, message=str(error))
+def item_failed(name: str, step: str, error: BaseException) -> ItemError:
+    """The error record of item ``name`` that failed at ``step``, logged as a warning (so that the flow run's log
+    names every failed item, not only the first its final message names)."""
+    logger.warning("item %s failed at %s: %s: %s", name, step, type(error).__name__, error)
+    return ItemError(name=name, step=step, error_type=type(error).__name__, message=str(error))
 
 
 def _collect(futures: dict[str, PrefectFuture[Any]]) -> dict[str, Any]:
@@ -238,7 +240,7 @@ def _step(
         results = {key: values[f"{job.name}\0{key}"] for key in futures[job.name]}
         failure = next((v for v in results.values() if isinstance(v, BaseException)), None)
         if failure is not None:
-            errors.append(_fail(job, step, failure))
+            errors.append(item_failed(job.name, step, failure))
             continue
         survivors.append(job)
         by_job[job.name] = results
@@ -281,7 +283,7 @@ def _convert_inputs(jobs: list[ItemJob], convert: Task[..., Path], errors: list[
         if failure is None:
             survivors.append(job)
         else:
-            errors.append(_fail(job, "convert", failure))
+            errors.append(item_failed(job.name, "convert", failure))
     return survivors
 
 
@@ -353,7 +355,7 @@ def missing_inputs(jobs: Sequence[ItemJob]) -> tuple[list[ItemJob], list[ItemErr
                 raise InputError(f"{role} input {path} does not exist: fix the path (or the manifest entry).")
             check_outputs(inputs={r: i.path for r, i in job.inputs().items()}, outputs=job.outputs())
         except InputError as err:
-            errors.append(_fail(job, "inputs", err))
+            errors.append(item_failed(job.name, "inputs", err))
             continue
         ready.append(job)
     return ready, errors
@@ -502,7 +504,7 @@ def _keep_unless(
     for job in jobs:
         found = problems(job)
         if found:
-            errors.append(_fail(job, "inputs", InputError(f"{', '.join(found)} {sentence}")))
+            errors.append(item_failed(job.name, "inputs", InputError(f"{', '.join(found)} {sentence}")))
         else:
             kept.append(job)
     return kept
@@ -526,7 +528,7 @@ def _make_folders(jobs: list[ItemJob], errors: list[ItemError]) -> list[ItemJob]
         try:
             job.out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            errors.append(_fail(job, "outputs", err))
+            errors.append(item_failed(job.name, "outputs", err))
             continue
         made.append(job)
     return made

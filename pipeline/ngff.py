@@ -506,8 +506,7 @@ def _store(
     z_axis = darr.ndim - 3
     depth = block[z_axis]
     starts = range(0, darr.shape[z_axis], depth)
-    bar = tqdm(starts, desc=desc, unit="slab", leave=False, disable=not progress)
-    with bar:  # cleared also when a slab fails
+    with tqdm(starts, desc=desc, unit="slab", leave=False, disable=not progress) as bar:  # cleared also when a slab fails
         for index, start in enumerate(bar):
             if records is not None and records.is_done((index, 0, 0)):
                 continue
