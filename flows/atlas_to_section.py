@@ -66,12 +66,13 @@ def _brain_input(entry: ManifestItem, out: Path) -> ImageInput:
 
 
 def placed_items(
-    atlas: BrainGlobeAtlas, entries: Sequence[ManifestItem | ManifestProblem], out: Path
+    atlas: BrainGlobeAtlas, entries: Sequence[ManifestItem | ManifestProblem], out: Path, overwrite: bool = False
 ) -> tuple[list[ManifestItem | ManifestProblem], dict[str, dict[str, Any]], list[ItemError]]:
     """``entries`` with each ``atlas_range`` :data:`~pipeline.atlas.AUTO` direction found, as ``patchmorph atlas``
     finds it: refused from the brain's header first (:func:`pipeline.atlas_job.check_auto_range`), then the brain is
     converted (into the folder and with the record the convert step reuses) and searched
-    (:func:`pipeline.atlas_job.resolve_atlas_range`, whose record in the item's folder a rerun reads back).
+    (:func:`pipeline.atlas_job.resolve_atlas_range`, whose record in the item's folder a rerun reads back; with
+    ``overwrite``, the batch's option that recomputes every item, it searches again).
 
     Returns:
         The entries (a placed item with its found range; an item that cannot be placed left out), the search's
@@ -106,7 +107,8 @@ def placed_items(
             step = "atlas_range"
             settings = {"atlas": str(atlas.folder), "brain": key, "atlas_range": range_text(entry.atlas_range)}
             found, placement = resolve_atlas_range(
-                atlas, converted, entry.path, entry.atlas_range, brain.converted.parent, settings, option=option
+                atlas, converted, entry.path, entry.atlas_range, brain.converted.parent, settings, option=option,
+                search_again=overwrite,
             )
         except Exception as err:  # noqa: BLE001 - one item's failure is its error, the batch goes on
             errors.append(item_failed(entry.name, step, err))
@@ -270,7 +272,7 @@ def atlas_to_section(
         placements: dict[str, dict[str, Any]] = {}
         unplaced: list[ItemError] = []
         if found is not None:  # an item's range 'auto' is found before the atlas is cut to it
-            entries, placements, unplaced = placed_items(found, entries, out_dir)
+            entries, placements, unplaced = placed_items(found, entries, out_dir, options.overwrite)
         prepared = None if found is None else prepared_atlases(found, entries, out_dir)
         jobs, errors = atlas_jobs(Path(atlas), entries, out_dir, options, prepared, placements)
         errors = [*unplaced, *errors]

@@ -552,13 +552,14 @@ def check_auto_range(
 
 def resolve_atlas_range(
     atlas: BrainGlobeAtlas, brain_zarr: Path, brain: Path, atlas_range: Mapping[str, Any], out: Path,
-    settings: Mapping[str, Any], option: str = "--atlas-range",
+    settings: Mapping[str, Any], option: str = "--atlas-range", search_again: bool = False,
 ) -> tuple[AtlasRange, dict[str, Any]]:
     """The job's ``atlas_range`` (``AtlasJobConfig.atlas_range``, or a batch item's) with every
     :data:`~pipeline.atlas.AUTO` direction found (:func:`pipeline.atlas.place_in_atlas` on the converted brain
     ``brain_zarr``), and the search's record per such direction (empty when none is auto). The record is kept in
     ``out`` (:data:`PLACEMENT_FILE`) with the job's ``settings``: a rerun with the same settings reads the range back
-    instead of searching again. ``option`` names the range in a refusal.
+    instead of searching again, unless ``search_again`` (a batch run with ``overwrite``). ``option`` names the range
+    in a refusal.
 
     Raises:
         InputError: the search cannot place the brain (:func:`pipeline.atlas.place_in_atlas`).
@@ -571,7 +572,7 @@ def resolve_atlas_range(
         return requested, {}  # type: ignore[return-value]
     path = out / PLACEMENT_FILE
     recorded = json.loads(path.read_text()) if path.is_file() else {}
-    if recorded.get("made_from") == as_recorded(settings):
+    if not search_again and recorded.get("made_from") == as_recorded(settings):
         placements = recorded["placements"]
     else:
         image, reference = read_image(brain_zarr), coarse_reference(atlas)  # one coarse atlas for every direction
@@ -665,7 +666,7 @@ def _run_atlas_job(
     check_auto_range(found, brain, geometry, config.atlas_range, opened=opened)
     _check_channels(channel_paths, tuple(opened[0].shape), geometry)
     cluster = config.cluster if scheduler is None else load_cluster_config(scheduler)
-    if cluster is None or cluster.kind in ("threads", "local"):  # the networks run on this machine: a GPU asked for
+    if cluster.kind in ("threads", "local"):  # the networks run on this machine: a GPU asked for
         resolve_device(config.inference.device)  # that it lacks is refused now, not after the brain's conversion
     check_slurm(cluster)  # a SLURM cluster that cannot start its workers, too
     settings = job_settings(brain, channel_paths, found.folder, geometry, config)

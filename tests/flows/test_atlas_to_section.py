@@ -259,6 +259,11 @@ def test_brainglobe_atlas_gives_each_item_the_atlas_jobs_outputs(
         example, [e for e in load_manifest(manifest) if e.name == "slab_auto"], tmp_path / "out"
     )
     assert not unplaced and entries[0].atlas_range == {"ap": tuple(found)}
+    # the batch's overwrite searches again, as it recomputes every item
+    _, _, again = placed_items(
+        example, [e for e in load_manifest(manifest) if e.name == "slab_auto"], tmp_path / "out", overwrite=True
+    )
+    assert [e.message for e in again] == ["a rerun searched again"]
     jobs, _ = atlas_jobs(
         EXAMPLE_DIR / EXAMPLE_ATLAS, entries, tmp_path / "out", AtlasToSectionOptions(),
         prepared_atlases(example, entries, tmp_path / "out"), placements,
