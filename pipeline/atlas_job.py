@@ -644,31 +644,15 @@ def _run_atlas_job(
     warnings: list[str],
 ) -> AtlasJobResult:
     """:func:`run_atlas_job`'s steps; ``warnings`` fills with what they log as warnings (for the summary)."""
-    from pipeline.importers import check_geometry_options, check_source_planes, open_input
-    from pipeline.register import field_warnings, register_files
+    from pipeline.register import field_warnings
 
     started = time.time()
     config = AtlasJobConfig() if config is None else config
     out = Path(out).absolute()  # every path the job records and returns is absolute
     brain, channel_paths = Path(brain), [Path(c) for c in channels]
-    for path, role in [(brain, "brain"), *((c, "channel") for c in channel_paths)]:
-        if not path.exists():
-            raise InputError(f"{role} {path} does not exist: check the path.")
-    found = find_atlas(atlas)
-    check_output_folder(out, [brain, *channel_paths, found.folder])
-    check_atlas_range(found, dict(config.atlas_range))
     orientation = orientation.lower() if orientation else orientation  # 'PSL' and 'psl' are one setting
     geometry = {"voxel_size": voxel_size, "unit": unit, "orientation": orientation}
-    for path in [brain, *channel_paths]:
-        check_geometry_options(path, voxel_size, unit, orientation)
-    opened = open_input(brain, **geometry)  # its header, read once for the checks below
-    check_source_planes(brain, "brain", opened=opened, **geometry)
-    check_auto_range(found, brain, geometry, config.atlas_range, opened=opened)
-    _check_channels(channel_paths, tuple(opened[0].shape), geometry)
-    cluster = config.cluster if scheduler is None else load_cluster_config(scheduler)
-    if cluster.kind in ("threads", "local"):  # the networks run on this machine: a GPU asked for
-        resolve_device(config.inference.device)  # that it lacks is refused now, not after the brain's conversion
-    check_slurm(cluster)  # a SLURM cluster that cannot start its workers, too
+    found, cluster = _checked_job(brain, channel_paths, out, atlas, geometry, config, scheduler)
     settings = job_settings(brain, channel_paths, found.folder, geometry, config)
     restart = check_job_settings(out, settings)
     out.mkdir(exist_ok=True)
@@ -690,28 +674,10 @@ def _run_atlas_job(
         inference = inference.model_copy(update={"weights": str(weights)})
     field = out / "field.ome.zarr"
     with job_scheduler(cluster) as address:
-        recorded = recorded_job_settings(out)
-        registration, register_seconds = None, recorded.get("register_seconds")
-        replaced = field_replaced(field, recorded)
-        if replaced:
-            logger.warning(
-                "%s was written again by another run since this job made it (a batch into this folder?): it is "
-                "registered again with this job's settings", field,
-            )  # fmt: skip
-        if restart or replaced or not _finished_field(field):
-            registration = register_files(
-                brain_zarr, prepared.reference, field, inference, scheduler=address,
-                overwrite=restart or replaced or not field.with_name(field.name + ".run").is_dir(), progress=False,
-                checks=config.checks, names={"fixed": str(brain), "moving": atlas_reference_name(found.name, config.brain_geometry, atlas_range=config.atlas_range)},
-            )  # fmt: skip
-            register_seconds = registration.seconds
-        if registration is not None or not recorded.get("field_finished"):
-            # a field made now is made from these settings; a finished one keeps the record of those it was made
-            # from (a rerun that typed its field spacing out is the same job, and the command as first given too)
-            record_job_settings(
-                out, settings, field_finished=True, register_seconds=register_seconds,
-                field_write_id=write_identity(field),
-            )  # fmt: skip
+        names = {"fixed": str(brain), "moving": atlas_reference_name(found.name, config.brain_geometry, atlas_range=config.atlas_range)}  # fmt: skip
+        reused, register_seconds = _job_field(
+            brain_zarr, prepared.reference, out, settings, inference, config.checks, names, address, restart
+        )
         outputs = atlas_outputs(
             brain_zarr, field, prepared, out, channels=channel_zarrs, scheduler=address,
             label_interpolation=config.label_interpolation,
@@ -719,7 +685,7 @@ def _run_atlas_job(
     summary = {
         **job_summary(
             prepared.atlas.name, {**atlas_figures(outputs.paths, prepared), **outputs.figures}, outputs.paths,
-            time.time() - started, register_seconds, registration is None, config.fine_tune.steps,
+            time.time() - started, register_seconds, reused, config.fine_tune.steps,
         ),  # fmt: skip
         "atlas_range": range_record(config.atlas_range),
         **({"atlas_placement": placements} if placements else {}),
@@ -744,6 +710,81 @@ def _run_atlas_job(
     record = write_job_record(out, inputs, found.describe(), ran, inference, summary, paths)
     remove_run_records(out)
     return AtlasJobResult(out, paths, summary, record)
+
+
+def _checked_job(
+    brain: Path, channels: Sequence[Path], out: Path, atlas: str | Path, geometry: Mapping[str, Any],
+    config: AtlasJobConfig, scheduler: str | None,
+) -> tuple[BrainGlobeAtlas, ClusterConfig]:
+    """Refuse the job's bad input before any work (:func:`run_atlas_job`'s checks): missing inputs, an output folder
+    that holds an input, the atlas range, the geometry options (``geometry``: ``voxel_size``, ``unit``,
+    ``orientation``), the brain's planes, an ``auto`` range the brain cannot be searched for, channels of another
+    shape, a GPU this machine lacks, a SLURM cluster that cannot start.
+
+    Returns:
+        The atlas found and the cluster the job's chunked steps run on (``scheduler``'s, else ``config.cluster``).
+
+    Raises:
+        InputError: as above.
+    """
+    from pipeline.importers import check_geometry_options, check_source_planes, open_input
+
+    for path, role in [(brain, "brain"), *((c, "channel") for c in channels)]:
+        if not path.exists():
+            raise InputError(f"{role} {path} does not exist: check the path.")
+    found = find_atlas(atlas)
+    check_output_folder(out, [brain, *channels, found.folder])
+    check_atlas_range(found, dict(config.atlas_range))
+    for path in [brain, *channels]:
+        check_geometry_options(path, geometry["voxel_size"], geometry["unit"], geometry["orientation"])
+    opened = open_input(brain, **geometry)  # its header, read once for the checks below
+    check_source_planes(brain, "brain", opened=opened, **geometry)
+    check_auto_range(found, brain, geometry, config.atlas_range, opened=opened)
+    _check_channels(channels, tuple(opened[0].shape), geometry)
+    cluster = config.cluster if scheduler is None else load_cluster_config(scheduler)
+    if cluster.kind in ("threads", "local"):  # the networks run on this machine: a GPU asked for
+        resolve_device(config.inference.device)  # that it lacks is refused now, not after the brain's conversion
+    check_slurm(cluster)  # a SLURM cluster that cannot start its workers, too
+    return found, cluster
+
+
+def _job_field(
+    brain_zarr: Path, reference: Path, out: Path, settings: Mapping[str, Any], inference: InferenceConfig,
+    checks: CheckOptions, names: Mapping[str, str], address: str | None, restart: bool,
+) -> tuple[bool, float | None]:
+    """The job's field ``out/field.ome.zarr``: registered (``reference`` onto ``brain_zarr``), resumed, or kept when
+    this job finished it with these ``settings`` and no other run wrote it since (:func:`field_replaced`); the job's
+    settings record then names the field's write.
+
+    Returns:
+        Whether the field was kept, and the registration's wall seconds (a kept field's, as recorded; None when
+        unknown).
+    """
+    from pipeline.register import register_files
+
+    field = out / "field.ome.zarr"
+    recorded = recorded_job_settings(out)
+    registration, register_seconds = None, recorded.get("register_seconds")
+    replaced = field_replaced(field, recorded)
+    if replaced:
+        logger.warning(
+            "%s was written again by another run since this job made it (a batch into this folder?): it is "
+            "registered again with this job's settings", field,
+        )  # fmt: skip
+    if restart or replaced or not _finished_field(field):
+        registration = register_files(
+            brain_zarr, reference, field, inference, scheduler=address,
+            overwrite=restart or replaced or not field.with_name(field.name + ".run").is_dir(), progress=False,
+            checks=checks, names=dict(names),
+        )  # fmt: skip
+        register_seconds = registration.seconds
+    if registration is not None or not recorded.get("field_finished"):
+        # a field made now is made from these settings; a finished one keeps the record of those it was made
+        # from (a rerun that typed its field spacing out is the same job, and the command as first given too)
+        record_job_settings(
+            out, settings, field_finished=True, register_seconds=register_seconds, field_write_id=write_identity(field)
+        )
+    return registration is None, register_seconds
 
 
 def atlas_inference(inference: InferenceConfig) -> InferenceConfig:
