@@ -388,9 +388,54 @@ def _plane_numbers(planes: Sequence[Path]) -> list[int] | None:
     return [int(g[varying[0]]) for g in groups] if len(varying) == 1 else None
 
 
+def _digits(path: Path) -> list[str]:
+    """The groups of digits in a file's name, in order."""
+    return re.findall(r"\d+", path.name)
+
+
+def _name_pattern(path: Path) -> str:
+    """A plane's file name with every group of digits replaced by ``#`` (``Z001_C2.tif`` → ``Z#_C#.tif``)."""
+    return re.sub(r"\d+", "#", path.name)
+
+
+def check_one_series(root: Path, planes: Sequence[Path]) -> None:
+    """Refuse a plane folder whose files are not one numbered series of planes: files named unlike the others (a
+    projection ``MAX_brain.tif`` beside ``z0001.tif`` ...) or names in which no single number tells the planes apart
+    (``Z001_C1.tif``, ``Z001_C2.tif``, ...: channels or tiles interleaved). Either would be stacked as planes of the
+    brain, silently, when its planes have the same shape and type.
+
+    Raises:
+        InputError: naming the folder, the files and the fix.
+    """
+    patterns = Counter(_name_pattern(p) for p in planes)
+    pattern, count = patterns.most_common(1)[0]
+    if len(planes) < 2 or "#" not in pattern:
+        return  # names without numbers: their order is the names'
+    odd = [p.name for p in planes if _name_pattern(p) != pattern]
+    if odd:
+        raise InputError(
+            f"plane folder {str(root)!r}: {len(odd)} of {len(planes)} files are named unlike the other {count} "
+            f"({pattern.replace('#', 'N')}): {', '.join(odd[:3])}{' ...' if len(odd) > 3 else ''}; they would be stacked "
+            "as planes of the brain: move them out of the folder."
+        )
+    groups = [_digits(p) for p in planes]
+    if any(len(set(column)) == len(planes) for column in zip(*groups, strict=True)):
+        return
+    first, second = next(
+        ((a, b) for a, b in zip(planes, planes[1:], strict=False) if set(_digits(a)) & set(_digits(b))),
+        (planes[0], planes[1]),
+    )
+    raise InputError(
+        f"plane folder {str(root)!r} holds {len(planes)} planes that no single number in their names tells apart "
+        f"(e.g. {first.name} and {second.name}): planes of several channels or tiles would be stacked together; put "
+        "each channel's planes in a folder of its own."
+    )
+
+
 def check_plane_folder(root: Path, planes: Sequence[Path]) -> tuple[tuple[int, ...], np.dtype]:
-    """Refuse a plane folder whose planes differ in shape or type (naming the odd ones out, not the first plane)
-    or whose section numbers skip a plane, which would move every later plane; only the files' headers are read.
+    """Refuse a plane folder whose planes differ in shape or type (naming the odd ones out, not the first plane),
+    that are not one numbered series (:func:`check_one_series`) or whose section numbers skip a plane, which would
+    move every later plane; only the files' headers are read.
 
     Returns:
         The planes' shape ``(Y, X)`` and type.
@@ -413,6 +458,7 @@ def check_plane_folder(root: Path, planes: Sequence[Path]) -> tuple[tuple[int, .
         )
     if len(shape) != 2:
         raise InputError(f"{str(planes[0])!r} has shape {shape}: each plane must be a 2-D grey image.")
+    check_one_series(root, planes)
     numbers = _plane_numbers(planes)
     if numbers is not None:
         steps = np.diff(numbers)

@@ -222,6 +222,21 @@ def _plane_of_another_type(tmp: Path) -> list[str]:
     return [str(tmp / "planes"), str(tmp / "o.zarr"), "--voxel-size", "1", "1", "1"]
 
 
+def _projection_beside_the_planes(tmp: Path) -> list[str]:
+    _planes(tmp / "planes", 4, (6, 7))
+    tifffile.imwrite(tmp / "planes" / "MAX_planes.tif", np.ones((6, 7), np.uint16))  # as Fiji saves one; sorts first
+    return [str(tmp / "planes"), str(tmp / "o.zarr"), "--voxel-size", "1", "1", "1"]
+
+
+def _two_channels_interleaved(tmp: Path) -> list[str]:
+    folder = tmp / "planes"
+    folder.mkdir()
+    for z in range(1, 5):  # a microscope's export: Z001_C1.tif, Z001_C2.tif, Z002_C1.tif, ...
+        for c in (1, 2):
+            tifffile.imwrite(folder / f"Z{z:03d}_C{c}.tif", np.full((6, 7), 10 * z + c, np.uint16))
+    return [str(folder), str(tmp / "o.zarr"), "--voxel-size", "1", "1", "1"]
+
+
 def _missing_plane(tmp: Path) -> list[str]:
     _planes(tmp / "planes", 12, (6, 7))
     (tmp / "planes" / "plane_9.tif").unlink()
@@ -245,6 +260,8 @@ BAD_INPUTS = {
     "TIFF without voxel size": (_tiff_without_voxel_size, "--voxel-size"),
     "a stray plane of another size": (_stray_plane, "overview.tif ((9, 9), uint16); move them out"),
     "a plane of another type": (_plane_of_another_type, "plane_2.tif ((6, 7), uint8)"),
+    "a projection beside the planes": (_projection_beside_the_planes, "MAX_planes.tif; they would be stacked"),
+    "two channels interleaved": (_two_channels_interleaved, "(e.g. Z001_C1.tif and Z001_C2.tif)"),
     "a missing plane": (_missing_plane, "skips section numbers between plane_8.tif and plane_10.tif"),
 }
 
