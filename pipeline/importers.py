@@ -577,12 +577,13 @@ def open_tiff_stack(
     unit: str | None = None,
     orientation: str | None = None,
 ) -> tuple[da.Array, Grid]:
-    """Open a multi-page TIFF stack lazily (through tifffile's zarr view) as a ``(Z, Y, X)`` dask array."""
+    """Open a multi-page TIFF stack lazily (through tifffile's zarr view) as a ``(Z, Y, X)`` dask array; of a
+    pyramidal (OME-)TIFF, its full-resolution level."""
     import tifffile
 
     p = _existing_file(path, "TIFF")
     try:
-        store = tifffile.imread(p, aszarr=True)
+        store = tifffile.imread(p, aszarr=True, level=0)  # a pyramid's store would be a group of levels
         lazy = da.from_zarr(zarr.open(store, mode="r"))
     except Exception as err:  # tifffile / zarr raise several types for a bad file
         raise InputError(f"{str(p)!r} is not a readable TIFF stack ({err}); give a 3-D .tif file.") from err

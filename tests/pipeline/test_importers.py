@@ -138,3 +138,19 @@ def test_a_tiff_without_voxel_size_names_the_option_and_the_manifest_field(tmp_p
     tifffile.imwrite(tmp_path / "brain.tif", np.zeros((4, 5, 6), np.uint16))
     with pytest.raises(InputError, match=r"pass --voxel-size Z Y X .*in a batch, the manifest item's voxel_size"):
         open_input(tmp_path / "brain.tif")
+
+
+def test_a_pyramidal_ome_tiff_is_read_at_its_full_resolution(tmp_path: Path) -> None:
+    """An OME-TIFF with its coarser levels in SubIFDs (as tifffile, QuPath or bfconvert write one) reads as its
+    level 0, not as an unreadable file."""
+    import tifffile
+
+    from pipeline.importers import open_input
+
+    stack = np.random.default_rng(0).integers(0, 60000, (5, 16, 24), dtype=np.uint16)
+    with tifffile.TiffWriter(tmp_path / "brain.ome.tif") as tif:
+        tif.write(stack, subifds=1, metadata={"axes": "ZYX"}, tile=(16, 16))
+        tif.write(stack[:, ::2, ::2], subfiletype=1, tile=(16, 16))
+    array, grid, kind = open_input(tmp_path / "brain.ome.tif", voxel_size=(5.0, 2.0, 1.0))
+    assert kind == "tiff-stack" and grid.shape == (5, 16, 24)
+    np.testing.assert_array_equal(np.asarray(array), stack)
