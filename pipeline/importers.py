@@ -475,7 +475,63 @@ def check_plane_folder(root: Path, planes: Sequence[Path]) -> tuple[tuple[int, .
     return shape, dtype
 
 
-def _no_voxel_size(what: str) -> InputError:
+def _ome_voxel_size(xml: str) -> tuple[tuple[float, float, float], str] | None:
+    """``(z, y, x)`` physical sizes and their unit from an OME-XML's first ``Pixels`` (None unless all three are
+    stated in one length unit; OME's default unit is µm)."""
+    import xml.etree.ElementTree as ET
+
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError:
+        return None
+    pixels = next((e for e in root.iter() if e.tag.rsplit("}", 1)[-1] == "Pixels"), None)
+    if pixels is None:
+        return None
+    sizes = [pixels.get(f"PhysicalSize{a}") for a in "ZYX"]
+    units = {LENGTH_UNITS.get(pixels.get(f"PhysicalSize{a}Unit", "µm").strip().lower()) for a in "ZYX"}
+    if None in sizes or len(units) != 1 or None in units:
+        return None
+    return (float(sizes[0]), float(sizes[1]), float(sizes[2])), str(units.pop())
+
+
+def tiff_stated_voxel_size(path: str | Path) -> tuple[tuple[float, float, float], str, str] | None:
+    """The voxel size that a TIFF stack's own metadata states, which PatchMorph does not take as the voxel size (a
+    TIFF's metadata is often a default or stale): OME-XML's ``PhysicalSizeZ/Y/X``, or ImageJ's ``spacing`` and
+    ``unit`` with the X/YResolution tags (pixels per unit). Only the file's header is read.
+
+    Returns:
+        ``((z, y, x), unit, "OME" or "ImageJ")`` in the metadata's unit (an NGFF unit name), or None when the file
+        states no complete voxel size in a length unit (or cannot be read).
+    """
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            if tif.is_ome and tif.ome_metadata:
+                found = _ome_voxel_size(tif.ome_metadata)
+                return None if found is None else (*found, "OME")
+            meta = tif.imagej_metadata if tif.is_imagej else None
+            tags = tif.pages[0].tags
+            if not meta or "spacing" not in meta or "XResolution" not in tags or "YResolution" not in tags:
+                return None
+            unit = LENGTH_UNITS.get(str(meta.get("unit", "")).strip().lower().replace("\\u00b5", "\u00b5"))
+            per_unit = [tags[name].value for name in ("YResolution", "XResolution")]  # (numerator, denominator)
+            if unit is None or any(num <= 0 or den <= 0 for num, den in per_unit):
+                return None
+            y, x = (den / num for num, den in per_unit)
+            return (float(meta["spacing"]), float(y), float(x)), unit, "ImageJ"
+    except Exception:  # noqa: BLE001 — an unreadable file is refused by its reader, with its own sentence
+        return None
+
+
+def _no_voxel_size(what: str, stated: tuple[tuple[float, float, float], str, str] | None = None) -> InputError:
+    if stated is not None:
+        (z, y, x), unit, source = stated
+        return InputError(
+            f"{what} carries no voxel size that PatchMorph reads (it takes none from a TIFF's metadata, often a "
+            f"default or stale); its {source} metadata says {z:g} × {y:g} × {x:g} {unit} (Z Y X): if that is right, pass --voxel-size {z:g} {y:g} {x:g} "
+            f"--unit {unit} (and --orientation; in a batch, the manifest item's voxel_size, unit and orientation)."
+        )
     return InputError(
         f"{what} carries no voxel size: pass --voxel-size Z Y X (and --unit, --orientation; in a batch, the manifest "
         "item's voxel_size, unit and orientation)."
@@ -591,7 +647,26 @@ def open_tiff_stack(
     if len(shape) != 3:
         raise InputError(f"{str(p)!r} has shape {lazy.shape}: give a single-channel 3-D TIFF stack.")
     lazy = lazy.reshape(shape)
-    return lazy, _plain_grid(lazy.shape, voxel_size, unit, orientation, f"TIFF stack {str(p)!r}")
+    what = f"TIFF stack {str(p)!r}"
+    if voxel_size is None:
+        raise _no_voxel_size(what, tiff_stated_voxel_size(p))
+    return lazy, _plain_grid(lazy.shape, voxel_size, unit, orientation, what)
+
+
+def warn_tiff_voxel_size(path: str | Path, grid: Grid) -> None:
+    """Warn when the voxel size a TIFF stack was given (``grid``'s) differs by more than 1 % from the one its OME or
+    ImageJ metadata states (:func:`tiff_stated_voxel_size`): a size typed from memory, or in another order."""
+    stated = tiff_stated_voxel_size(path)
+    if stated is None:
+        return
+    (z, y, x), stated_unit, source = stated
+    in_grid_unit = np.asarray([z, y, x]) * UNIT_IN_MILLIMETER[stated_unit] / UNIT_IN_MILLIMETER[grid.unit]
+    if not np.allclose(in_grid_unit, grid.spacing, rtol=0.01, atol=0.0):
+        logger.warning(
+            "TIFF stack %s: --voxel-size %s %s differs from what its %s metadata says (%g %g %g %s, Z Y X): the "
+            "option's is used; make sure it is the right one", path, " ".join(f"{v:g}" for v in grid.spacing),
+            grid.unit, source, z, y, x, stated_unit,
+        )  # fmt: skip
 
 
 # -- any input ------------------------------------------------------------------------------------------
@@ -816,7 +891,8 @@ def check_geometry_options(
     if voxel_size is not None:
         check_spacing(voxel_size)
     elif kind_needs_voxels(p):
-        raise _no_voxel_size(f"TIFF {'plane folder' if p.is_dir() else 'stack'} {str(p)!r}")
+        stated = tiff_stated_voxel_size(p) if p.is_file() else None
+        raise _no_voxel_size(f"TIFF {'plane folder' if p.is_dir() else 'stack'} {str(p)!r}", stated)
     if unit is not None:
         normalize_unit(unit)
     if orientation is not None:
@@ -904,6 +980,8 @@ def convert(
     check_outputs(inputs={"input": input}, outputs={"output": output})
     out = check_output(output, overwrite)  # fail fast, before reading anything
     array, grid, kind = open_input(input, voxel_size, unit, orientation, chunks)
+    if kind == "tiff-stack":
+        warn_tiff_voxel_size(input, grid)
     if labels:
         check_whole_labels(array, input)
     if grid.shear_deg > ITK_MAX_SHEAR_DEG:

@@ -154,3 +154,28 @@ def test_a_pyramidal_ome_tiff_is_read_at_its_full_resolution(tmp_path: Path) -> 
     array, grid, kind = open_input(tmp_path / "brain.ome.tif", voxel_size=(5.0, 2.0, 1.0))
     assert kind == "tiff-stack" and grid.shape == (5, 16, 24)
     np.testing.assert_array_equal(np.asarray(array), stack)
+
+
+def test_a_tiff_that_states_its_voxel_size_is_refused_naming_it(tmp_path: Path, caplog) -> None:
+    """An ImageJ or OME-TIFF states a voxel size, which PatchMorph does not take: the refusal gives the user the
+    option that says it (Z Y X, in the metadata's unit), and an option that disagrees with it is warned about, once."""
+    import tifffile
+
+    from pipeline.importers import convert, open_input
+
+    stack = np.random.default_rng(0).integers(0, 60000, (5, 16, 24), dtype=np.uint16)
+    tifffile.imwrite(
+        tmp_path / "ij.tif", stack, imagej=True, resolution=(1 / 2.0, 1 / 1.5), metadata={"spacing": 5.0, "unit": "um"}
+    )  # resolution: (x, y) pixels per unit
+    ome = {"axes": "ZYX", "PhysicalSizeZ": 0.05, "PhysicalSizeY": 0.004, "PhysicalSizeX": 0.002}
+    tifffile.imwrite(tmp_path / "brain.ome.tif", stack, ome=True, metadata={**ome, **{
+        f"PhysicalSize{a}Unit": "mm" for a in "ZYX"}})  # fmt: skip
+    with pytest.raises(InputError, match=r"ImageJ metadata says 5 × 1\.5 × 2 micrometer \(Z Y X\): if that is right, "
+                       r"pass --voxel-size 5 1\.5 2 --unit micrometer"):  # fmt: skip
+        open_input(tmp_path / "ij.tif")
+    with pytest.raises(InputError, match=r"OME metadata says 0\.05 × 0\.004 × 0\.002 millimeter"):
+        open_input(tmp_path / "brain.ome.tif")
+    convert(tmp_path / "brain.ome.tif", tmp_path / "a.zarr", voxel_size=(50.0, 4.0, 2.0), unit="um")  # the same size
+    assert "differs from what its" not in caplog.text
+    convert(tmp_path / "ij.tif", tmp_path / "b.zarr", voxel_size=(2.0, 1.5, 5.0))  # given in X Y Z order
+    assert caplog.text.count("--voxel-size 2 1.5 5 micrometer differs from what its ImageJ metadata says (5 1.5 2") == 1
