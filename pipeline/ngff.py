@@ -235,6 +235,13 @@ def is_label_image(path: str | Path) -> bool:
     return "image-label" in attrs.get("ome", attrs) or bool(attrs.get("patchmorph", {}).get("labels", False))
 
 
+def has_label_pyramid(path: str | Path) -> bool:
+    """Whether an OME-Zarr image's coarser levels keep its label ids (a label image PatchMorph wrote: every other
+    voxel). Another tool's pyramid may average or interpolate them (ome-zarr-py's default ``resize`` does) into
+    values that are no label, so only the finest level of such an image is a label map."""
+    return bool(dict(_open_group(path).attrs).get("patchmorph", {}).get("labels", False))
+
+
 def warn_without_orientation(path: str | Path, role: str) -> bool:
     """Log a warning when an OME-Zarr image carries no anatomical orientation (no RFC-4 axes, and no
     orientation PatchMorph was given when it converted it). Returns True when it warned."""

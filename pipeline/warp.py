@@ -55,6 +55,7 @@ from pipeline.integrity import check_stored
 from pipeline.ngff import (
     downsample_unit,
     finish_image,
+    has_label_pyramid,
     is_label_image,
     level_dtype,
     pyramid_arrays,
@@ -334,6 +335,9 @@ def warp_files(
     if target is None and not inverse:
         check_named_fixed_image(field_grid, grid, target_path, field)
     image = read_image(moving).with_unit(field_grid.unit)
+    if labels and len(image.levels) > 1 and not has_label_pyramid(moving):
+        log.info("%s: its coarser levels were not written by PatchMorph and may hold no labels: reading its finest", moving)
+        image = MultiscaleImage(image.levels[:1], image.name)
     for array in (field_arr, *(level.array for level in image.levels)):
         check_stored(array)  # a lost chunk file is refused before heavy work
     check_space(image.grid, grid.with_unit(field_grid.unit), meta, inverse, moving)

@@ -165,6 +165,32 @@ def test_an_intensity_image_given_as_a_label_map_is_refused(tmp_path: Path) -> N
     assert set(np.unique(read_image(tmp_path / "ids_warped.zarr").levels[0].array[:])) == {0.0, 3.0, 7.0}
 
 
+def test_a_label_map_whose_pyramid_another_tool_made_keeps_its_ids_on_a_coarser_grid(tmp_path: Path) -> None:
+    """A label map written by ome-zarr-py (its default pyramid interpolates the ids) warped onto a grid coarser than
+    its level 0 holds only its own ids: its coarser levels, which hold values that are no label, are not read."""
+    from ome_zarr.format import FormatV05
+    from ome_zarr.writer import write_image as ome_write_image
+
+    ids = np.array([0, 614454277, 1000, 997, 8, 567], np.uint32)  # Allen-like ids
+    z, y, x = np.meshgrid(np.arange(40), np.arange(36), np.arange(44), indexing="ij")
+    label_map = ids[(z // 5 + 2 * (y // 4) + 3 * (x // 7)) % len(ids)]
+    moving = tmp_path / "labels.zarr"
+    ome_write_image(
+        label_map, zarr.open_group(str(moving), mode="w", zarr_format=3), axes="zyx", fmt=FormatV05(),
+        scale_factors=[{"z": 2, "y": 2, "x": 2}], scale={"z": 50.0, "y": 40.0, "x": 40.0},
+        axes_units={a: "micrometer" for a in "zyx"},
+    )  # fmt: skip
+    assert not set(np.unique(zarr.open_array(str(moving / "s1"), mode="r")[:])) <= set(ids)  # no label pyramid
+    coarse = Grid.from_spacing((19, 14, 17), (100.0, 100.0, 100.0), origin=(25.0, 50.0, 50.0))  # as coarse as s1
+    fixed = write_image(tmp_path / "fixed.zarr", np.ones(coarse.shape, np.float32), coarse)
+    field = write_field(
+        tmp_path / "field.zarr", np.zeros((3, *coarse.shape), np.float32), coarse,
+        metadata={"fixed": str(fixed), "moving": str(moving)},
+    )  # fmt: skip
+    warp_files(field, moving, tmp_path / "warped.zarr", labels=True, progress=False)
+    assert set(np.unique(read_image(tmp_path / "warped.zarr").levels[0].array[:])) <= set(ids.tolist())
+
+
 def test_a_relative_fixed_image_read_from_another_folder_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
