@@ -42,7 +42,10 @@ def check_whole_numbers(values: np.ndarray, what: str, fix: str, *, skip_nonfini
             are refused too, being no label ids either.
 
     Raises:
-        InputError: ``"<what> holds values that are not whole numbers (e.g. 0.3), which are no label ids: <fix>"``.
+        InputError: ``"<what> holds values that are not whole numbers (e.g. 0.3), which are no label ids: <fix>"``;
+            or, for a map stored in a float type too narrow for its ids (float32 above 2²⁴, e.g. the Allen
+            annotation's ids written as ANTs writes label maps by default), a sentence saying that its ids were
+            rounded when the file was written.
     """
     values = np.asarray(values)
     if not np.issubdtype(values.dtype, np.floating):
@@ -54,3 +57,17 @@ def check_whole_numbers(values: np.ndarray, what: str, fix: str, *, skip_nonfini
             f"{what} holds values that are not whole numbers (e.g. {float(broken[0]):.6g}), which are no label ids: "
             f"{fix}"
         )
+    exact = exact_float_ids(values.dtype)
+    largest = float(np.abs(values[finite]).max()) if finite.any() else 0.0
+    if largest > exact:
+        raise InputError(
+            f"{what} holds ids up to {largest:.0f} stored as {values.dtype}, which keeps whole numbers exact only up "
+            f"to {exact:.0f}: larger ids may have been rounded to other ids when the file was written (ANTs writes label maps "
+            "as float32 unless told otherwise); write the label map with an integer type (e.g. uint32) from its source."
+        )
+
+
+def exact_float_ids(dtype: np.dtype | type) -> float:
+    """The largest whole number up to which a floating-point ``dtype`` holds every whole number exactly (2²⁴ for
+    float32, 2⁵³ for float64)."""
+    return float(2 ** (np.finfo(dtype).nmant + 1))

@@ -60,3 +60,21 @@ def test_non_finite_values_are_no_label_ids_unless_a_sample_leaves_them() -> Non
             check_whole_numbers(ids, "label map x", "fix it.")
         check_whole_numbers(ids, "label map x", "fix it.", skip_nonfinite=True)
     check_whole_numbers(np.arange(60, dtype=np.int16).reshape(3, 4, 5), "label map x", "fix it.")
+
+
+@pytest.mark.parametrize("check", sorted(CHECKS))
+def test_every_label_check_refuses_ids_a_float32_map_cannot_hold(check: str) -> None:
+    """The Allen annotation's ids (up to 614,454,277) written as float32, as ANTs writes label maps by default, are
+    whole numbers but rounded onto other ids above 2²⁴: refused in the owner's sentence; as float64 they pass."""
+    call, what = CHECKS[check]
+    ids = np.zeros((9, 14, 5), np.float64)
+    ids[2:7, 3:11, 1:4] = 614454277.0
+    ids[4:6, 6:9, 2:4] = 182305693.0
+    with pytest.raises(InputError) as err:
+        call(ids.astype(np.float32))
+    message = str(err.value)
+    assert message.startswith(f"{what} holds ids up to 614454272 stored as float32, which keeps whole numbers exact "
+                              "only up to 16777216: "), message  # fmt: skip
+    assert "\n" not in message and message.endswith("."), message
+    call(ids)  # float64 holds them exactly
+    call(np.rint(_fractional()))  # small ids in float32 pass
