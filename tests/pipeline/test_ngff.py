@@ -312,6 +312,35 @@ def test_rfc4_orientation_alone_gives_back_the_grid(tmp_path: Path) -> None:
     np.testing.assert_allclose(ngff.read_image(oblique).grid.affine, rotated.affine)
 
 
+def test_register_warns_of_an_image_whose_pyramid_another_tool_made(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An OME-Zarr image of ome-zarr-py (its pyramid, or one level) given to ``register`` is warned about, naming
+    ``convert``, before any work; the same image converted by PatchMorph is not."""
+    from typer.testing import CliRunner
+
+    from patchmorph.cli import app
+    from pipeline.importers import convert
+
+    foreign = tmp_path / "foreign.zarr"
+    ome_write_image(
+        _image((12, 14, 20)), zarr.open_group(str(foreign), mode="w", zarr_format=2), axes="zyx", fmt=FormatV04(),
+        scale_factors=[2], scale={"z": 50.0, "y": 40.0, "x": 40.0}, axes_units={a: "micrometer" for a in "zyx"},
+    )  # fmt: skip
+    converted = convert(foreign, tmp_path / "converted.zarr")
+    with caplog.at_level("WARNING"):
+        assert ngff.warn_foreign_pyramid(foreign, "fixed")
+        assert not ngff.warn_foreign_pyramid(converted, "fixed")
+    assert caplog.text.count("was written by another tool (a pyramid of 2 levels)") == 1
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        result = CliRunner().invoke(app, ["register", "--fixed", str(foreign), "--moving", str(tmp_path / "none.zarr"),
+                                          "--out", str(tmp_path / "field.zarr")])  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert f"the fixed image {foreign} was written by another tool" in caplog.text
+    assert f"convert it first ('patchmorph convert {foreign} OUT.ome.zarr'" in caplog.text
+
+
 def test_an_image_without_orientation_is_said_so_and_gets_no_rfc4(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
