@@ -323,6 +323,25 @@ def _nrrd_ras_affine(header: dict, path: Path) -> np.ndarray:
     return affine
 
 
+def _drop_single_channel_axis(data: np.ndarray, header: dict) -> tuple[np.ndarray, dict]:
+    """A 4-D NRRD array (``index_order="C"``: file axes reversed) whose one non-spatial axis (``space directions``
+    ``none``, a ``list``/``vector`` kind) has one value, as a 3-D array with that axis's header entries dropped: a
+    single-channel image as Slicer and ITK write a one-component vector volume. Anything else is returned as it is."""
+    directions = header.get("space directions")
+    if data.ndim != 4 or directions is None or len(directions) != 4:
+        return data, header
+    rows = [np.asarray(row, dtype=np.float64) if row is not None else np.full(3, np.nan) for row in directions]
+    empty = [k for k, row in enumerate(rows) if not np.all(np.isfinite(row))]  # file axis order
+    if len(empty) != 1 or data.shape[::-1][empty[0]] != 1:
+        return data, header
+    k = empty[0]
+    kept = dict(header, **{"space directions": np.stack([row for i, row in enumerate(rows) if i != k])})
+    for key in ("kinds", "sizes", "spacings", "thicknesses", "centerings", "labels", "units"):
+        if isinstance(header.get(key), list | tuple | np.ndarray) and len(header[key]) == 4:
+            kept[key] = [v for i, v in enumerate(header[key]) if i != k]
+    return data.reshape([n for i, n in enumerate(data.shape) if i != data.ndim - 1 - k]), kept
+
+
 def load_nrrd(
     path: str | Path,
     voxel_size: Sequence[float] | None = None,
@@ -346,6 +365,7 @@ def load_nrrd(
         data, header = nrrd.read(str(p), index_order="C")
     except Exception as err:  # pynrrd raises several types for a bad file
         raise InputError(f"{str(p)!r} is not a readable NRRD image ({err}); give a .nrrd file.") from err
+    data, header = _drop_single_channel_axis(data, header)
     if data.ndim != 3:
         raise InputError(f"{str(p)!r} holds a {data.ndim}-D array: give a single-channel 3-D NRRD image.")
     if orientation is None and allen_ccf_nrrd(header):

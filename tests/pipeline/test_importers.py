@@ -179,3 +179,22 @@ def test_a_tiff_that_states_its_voxel_size_is_refused_naming_it(tmp_path: Path, 
     assert "differs from what its" not in caplog.text
     convert(tmp_path / "ij.tif", tmp_path / "b.zarr", voxel_size=(2.0, 1.5, 5.0))  # given in X Y Z order
     assert caplog.text.count("--voxel-size 2 1.5 5 micrometer differs from what its ImageJ metadata says (5 1.5 2") == 1
+
+
+def test_a_one_component_nrrd_reads_as_its_3d_image(tmp_path: Path) -> None:
+    """A 4-D NRRD whose first axis is a one-value ``list`` (``space directions: none ...``, as Slicer and ITK write
+    a one-component vector volume) reads as the 3-D image, with the same grid; two components are refused."""
+    data = _volume()  # (i, j, k) = (4, 5, 6)
+    directions = np.array([[0.0, 0.0, 2.0], [-3.0, 0.0, 0.0], [0.0, 4.0, 0.0]])  # permuted and flipped, LPS
+    header = {"space": "left-posterior-superior", "space directions": directions, "space origin": np.array([1.0, 2.0, 3.0])}
+    nrrd.write(str(tmp_path / "3d.nrrd"), data, header, index_order="F")
+    one = dict(header, **{"space directions": np.vstack([np.full(3, np.nan), directions]),
+                          "kinds": ["list", "domain", "domain", "domain"]})  # fmt: skip
+    nrrd.write(str(tmp_path / "4d.nrrd"), data[None], one, index_order="F")
+    expected, grid = load_nrrd(tmp_path / "3d.nrrd")
+    array, grid4 = load_nrrd(tmp_path / "4d.nrrd")
+    np.testing.assert_array_equal(array, expected)
+    np.testing.assert_allclose(grid4.affine, grid.affine)
+    nrrd.write(str(tmp_path / "two.nrrd"), np.stack([data, data]), one, index_order="F")
+    with pytest.raises(InputError, match="holds a 4-D array: give a single-channel 3-D NRRD image"):
+        load_nrrd(tmp_path / "two.nrrd")
