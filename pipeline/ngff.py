@@ -54,6 +54,7 @@ from patchmorph_core.errors import InputError
 from patchmorph_core.source import Level, MultiscaleImage, downsample, downsampled_grid, pyramid_factors
 from patchmorph_core.spatial import (
     AXES,
+    LENGTH_UNITS,
     Grid,
     check_spacing,
     orientation_code,
@@ -1064,15 +1065,22 @@ def _axes(multiscale: Mapping[str, Any], where: str) -> tuple[list[str], str]:
             f"{where!r} has axes {names}: PatchMorph reads images whose axes end in z, y, x (after optional "
             "t and c); convert or re-save the image with those axis names."
         )
-    units = {a.get("unit") for a in axes if isinstance(a, Mapping) and a.get("name") in AXES}
-    units.discard(None)
+    given = {a.get("unit") for a in axes if isinstance(a, Mapping) and a.get("name") in AXES}
+    given.discard(None)
+    unknown_units = sorted(str(u) for u in given if LENGTH_UNITS.get(str(u).strip().lower()) is None)
+    if unknown_units:
+        raise InputError(
+            f"{where!r} gives its z, y, x axes the unit {unknown_units[0]!r}, which is no length unit: re-save the "
+            "image with an NGFF unit (micrometer, millimeter, ...) on its spatial axes."
+        )
+    units = {LENGTH_UNITS[str(u).strip().lower()] for u in given}  # other tools' spellings (µm, um) as NGFF's names
     if len(units) > 1:
         raise InputError(f"{where!r} mixes units {sorted(units)} on z, y, x: give one unit for all axes.")
     if not units:
         logger.warning("%s has no axis units; assuming micrometer", where)
         return names, "micrometer"
-    unit = str(units.pop())
-    unit_scale(unit, unit)  # validates the NGFF unit name
+    unit = units.pop()
+    unit_scale(unit, unit)  # an NGFF unit name
     return names, unit
 
 

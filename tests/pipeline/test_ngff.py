@@ -388,3 +388,27 @@ def test_field_is_stored_along_its_grid_axes_and_read_in_world_components(tmp_pa
     np.testing.assert_allclose(chunked[:, 0:2, 0:3, 0:4], world[:, 0:2, 0:3, 0:4], atol=1e-6)
     with pytest.raises(ValueError, match="all three components"):
         chunked[0, 0:2] = world[0, 0:2]
+
+
+@pytest.mark.parametrize("spelling", ["µm", "um", "micron"])
+def test_an_axis_unit_in_another_tools_spelling_is_read_as_its_length(tmp_path: Path, spelling: str) -> None:
+    """Axes whose unit says ``µm`` (not NGFF's ``micrometer``), as some writers spell it, read as micrometres; a unit
+    that is no length is refused naming the image."""
+    path = tmp_path / "image.zarr"
+    ome_write_image(
+        _image((6, 7, 8)), zarr.open_group(str(path), mode="w", zarr_format=2), axes="zyx", fmt=FormatV04(),
+        scale_factors=[], scale={"z": 50.0, "y": 40.0, "x": 30.0},
+    )  # fmt: skip
+    group = zarr.open_group(str(path), mode="r+")
+    attrs = dict(group.attrs)
+    for axis in attrs["multiscales"][0]["axes"]:
+        axis["unit"] = spelling
+    group.attrs.update(attrs)
+    grid = ngff.read_image(path).grid
+    assert grid.unit == "micrometer"
+    np.testing.assert_allclose(grid.spacing, [50.0, 40.0, 30.0])
+    for axis in attrs["multiscales"][0]["axes"]:
+        axis["unit"] = "pixel"
+    group.attrs.update(attrs)
+    with pytest.raises(InputError, match=r"image\.zarr' gives its z, y, x axes the unit 'pixel', which is no length unit"):
+        ngff.read_image(path)
