@@ -647,6 +647,34 @@ def open_tiff_planes(
     return da.block(blocks), grid
 
 
+def check_stack_pages(path: Path) -> None:
+    """Refuse a TIFF stack without shape metadata whose pages differ in shape or type before its last plane: tifffile
+    reads such a file as a ``uniform`` series (every page taken to have the first page's shape: an odd page is read
+    into wrong values) or as a ``generic`` one (the pages of one shape, wherever they lie: an odd page is left out and
+    every later plane moves up). Pages after the last plane (a preview) are another image and are left alone. Only
+    the pages' headers are read.
+
+    Raises:
+        InputError: naming the file, the odd pages and the fix.
+    """
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        if tif.series[0].kind.lower() not in ("uniform", "generic"):
+            return  # ImageJ, OME and shaped series are described by their metadata
+        tif.pages.useframes = False  # each page's own header, not the first page's
+        headers = [(tuple(tif.pages[k].shape), tif.pages[k].dtype) for k in range(len(tif.pages))]
+    (shape, dtype), count = Counter(headers).most_common(1)[0]
+    last = max(k for k, h in enumerate(headers) if h == (shape, dtype))
+    odd = [f"page {k + 1} ({h[0]}, {h[1]})" for k, h in enumerate(headers[:last]) if h != (shape, dtype)]
+    if odd:
+        raise InputError(
+            f"TIFF stack {str(path)!r}: {len(odd)} of {len(headers)} pages differ from the other {count} (shape {shape}, "
+            f"{dtype}): {', '.join(odd[:3])}{' ...' if len(odd) > 3 else ''}; they would be read into wrong values or left "
+            "out, moving every later plane: the file is damaged or holds pages of several images; export the stack again."
+        )
+
+
 def open_tiff_stack(
     path: str | Path,
     voxel_size: Sequence[float] | None,
@@ -659,8 +687,11 @@ def open_tiff_stack(
 
     p = _existing_file(path, "TIFF")
     try:
+        check_stack_pages(p)
         store = tifffile.imread(p, aszarr=True, level=0)  # a pyramid's store would be a group of levels
         lazy = da.from_zarr(zarr.open(store, mode="r"))
+    except InputError:
+        raise
     except Exception as err:  # tifffile / zarr raise several types for a bad file
         raise InputError(f"{str(p)!r} is not a readable TIFF stack ({err}); give a 3-D .tif file.") from err
     shape = tuple(s for s in lazy.shape if s != 1) if lazy.ndim > 3 else lazy.shape

@@ -198,3 +198,28 @@ def test_a_one_component_nrrd_reads_as_its_3d_image(tmp_path: Path) -> None:
     nrrd.write(str(tmp_path / "two.nrrd"), np.stack([data, data]), one, index_order="F")
     with pytest.raises(InputError, match="holds a 4-D array: give a single-channel 3-D NRRD image"):
         load_nrrd(tmp_path / "two.nrrd")
+
+
+@pytest.mark.parametrize("planes", [6, 40])
+def test_a_tiff_stack_with_a_page_of_another_shape_is_refused(tmp_path: Path, planes: int) -> None:
+    """Pages written one by one without shape metadata: a page of another shape in the middle (a damaged export) is
+    refused, naming it; tifffile would read it into wrong values (40 planes: a ``uniform`` series, in the first page's
+    shape) or leave it out and move the later planes up (6 planes: a ``generic`` series). A stack followed by a small
+    preview page (its own series) still reads."""
+    import tifffile
+
+    from pipeline.importers import open_input
+
+    stack = np.random.default_rng(0).integers(0, 60000, (planes, 10, 14), dtype=np.uint16)
+    with tifffile.TiffWriter(tmp_path / "odd.tif") as tif:
+        for k, plane in enumerate(stack):
+            tif.write(plane if k != 3 else plane[:9], contiguous=False, metadata=None)
+    with pytest.raises(InputError, match=rf"1 of {planes} pages differ from the other {planes - 1} \(shape \(10, 14\), "
+                       r"uint16\): page 4 \(\(9, 14\), uint16\)"):  # fmt: skip
+        open_input(tmp_path / "odd.tif", voxel_size=(5.0, 2.0, 1.0))
+    with tifffile.TiffWriter(tmp_path / "preview.tif") as tif:
+        for plane in stack:
+            tif.write(plane, contiguous=False, metadata=None)
+        tif.write(stack[2, ::2, ::2], contiguous=False, metadata=None)
+    array, _, _ = open_input(tmp_path / "preview.tif", voxel_size=(5.0, 2.0, 1.0))
+    np.testing.assert_array_equal(np.asarray(array), stack)
