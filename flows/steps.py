@@ -67,13 +67,22 @@ from pipeline.atlas import AtlasRange, BrainGeometry, range_record, range_text
 from pipeline.atlas_job import atlas_inference, atlas_reference_name, job_summary, write_job_summary
 from pipeline.brainglobe import find_atlas
 from pipeline.checks import check_outputs
-from pipeline.ngff import read_field
+from pipeline.ngff import read_field, written_by_patchmorph
 from pipeline.register import field_warnings
 from pipeline.resume import input_writes, write_identity
 
 logger = logging.getLogger(__name__)
 
 _ZARR_MARKERS = ("zarr.json", ".zattrs", ".zgroup")
+
+
+def _written_by_patchmorph(path: Path) -> bool:
+    """:func:`pipeline.ngff.written_by_patchmorph`, False for a store it cannot open (its conversion then names
+    what is wrong)."""
+    try:
+        return written_by_patchmorph(path)
+    except InputError:
+        return False
 
 
 class ImageInput(BaseModel):
@@ -99,12 +108,15 @@ class ImageInput(BaseModel):
 
     @property
     def needs_conversion(self) -> bool:
-        """False when ``path`` is an OME-Zarr group, no geometry override is given and no copy is asked for."""
+        """False when ``path`` is an OME-Zarr group PatchMorph wrote, no geometry override is given and no copy is
+        asked for. Another tool's OME-Zarr (ome-zarr-py, bioformats2raw) is converted: its pyramid (or its lack of
+        one) is not what the registration expects (:func:`pipeline.ngff.warn_foreign_pyramid`), and a label map's
+        coarser levels may hold interpolated ids."""
         if self.always_copy:
             return True
         is_zarr = self.path.is_dir() and any((self.path / m).is_file() for m in _ZARR_MARKERS)
         overrides = self.geometry.voxel_size is not None or self.geometry.orientation is not None
-        return not is_zarr or overrides
+        return not is_zarr or overrides or not _written_by_patchmorph(self.path)
 
     @property
     def ready(self) -> Path:

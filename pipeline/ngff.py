@@ -259,6 +259,12 @@ def warn_without_orientation(path: str | Path, role: str) -> bool:
     return True
 
 
+def written_by_patchmorph(path: str | Path) -> bool:
+    """Whether an OME-Zarr image was written by PatchMorph (its ``patchmorph`` attributes): its pyramid then holds
+    PatchMorph's block means (a label image's: every other voxel), which the registration and ``warp`` expect."""
+    return "patchmorph" in dict(_open_group(path).attrs)
+
+
 def warn_foreign_pyramid(path: str | Path, role: str) -> bool:
     """Log a warning when an OME-Zarr image given to ``register`` was written by another tool (no ``patchmorph``
     attributes): the registration samples its coarse stages from the image's pyramid, and another tool's pyramid
@@ -266,10 +272,9 @@ def warn_foreign_pyramid(path: str | Path, role: str) -> bool:
     missing (one level, sampled from the full resolution). Two copies of one brain, one converted by PatchMorph and
     one with such a pyramid, registered to fields of 24-30 µm median and 127-277 µm largest displacement (1.6-3.5
     voxels of 80 µm) where two converted copies gave none. Returns True when it warned."""
-    attrs = dict(_open_group(path).attrs)
-    if "patchmorph" in attrs:
+    if written_by_patchmorph(path):
         return False
-    levels = len(_multiscale(attrs, str(path)).get("datasets", ()))
+    levels = len(_multiscale(dict(_open_group(path).attrs), str(path)).get("datasets", ()))
     logger.warning(
         "the %s image %s was written by another tool (%s): the registration's coarse stages read a pyramid "
         "PatchMorph did not make (or, without one, the full resolution) and move voxels that should stay; convert it first "

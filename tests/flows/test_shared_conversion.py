@@ -71,3 +71,27 @@ def test_two_runs_into_one_folder_keep_each_others_items_in_the_report(tmp_path:
     assert [e["name"] for e in saved["errors"]] == ["mouse3"]
     table = (tmp_path / "report.md").read_text()
     assert table.startswith("# atlas-to-section: 2 aligned, 1 failed") and "| mouse1 |" in table
+
+
+def test_an_ome_zarr_another_tool_wrote_is_converted_before_it_is_registered(tmp_path: Path) -> None:
+    """An OME-Zarr input of ome-zarr-py (its own pyramid, halving y and x only) is converted by the flow, as a TIFF
+    would be, so that the registration reads PatchMorph's pyramid; one that PatchMorph wrote is read as it is."""
+    import numpy as np
+    import zarr
+    from ome_zarr.format import FormatV04
+    from ome_zarr.writer import write_image as ome_write_image
+
+    from flows.steps import ImageInput
+    from pipeline.importers import convert
+
+    foreign = tmp_path / "brain.zarr"
+    ome_write_image(
+        np.random.default_rng(0).integers(0, 1000, (6, 16, 20)).astype(np.uint16),
+        zarr.open_group(str(foreign), mode="w", zarr_format=2), axes="zyx", fmt=FormatV04(), scale_factors=[2],
+        scale={"z": 50.0, "y": 40.0, "x": 40.0}, axes_units={a: "micrometer" for a in "zyx"},
+    )  # fmt: skip
+    given = ImageInput(path=foreign, converted=tmp_path / "out" / "fixed.ome.zarr")
+    assert given.needs_conversion and given.ready == tmp_path / "out" / "fixed.ome.zarr"
+    ours = convert(foreign, tmp_path / "ours.ome.zarr")
+    kept = ImageInput(path=ours, converted=tmp_path / "out" / "moving.ome.zarr")
+    assert not kept.needs_conversion and kept.ready == ours
