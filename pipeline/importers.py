@@ -302,16 +302,20 @@ def _nrrd_unit(header: dict, spacing: np.ndarray) -> str:
 
 
 def _nrrd_ras_affine(header: dict, path: Path) -> np.ndarray:
-    """Index ``(i, j, k)`` → RAS+ affine of an NRRD header (``spacings`` only: a plain, unrotated frame)."""
+    """Index ``(i, j, k)`` → RAS+ affine of an NRRD header (``spacings`` only, or ``space directions`` without a
+    ``space``: a plain, unrotated frame of the voxel sizes)."""
     if "space directions" in header:
         directions = np.asarray(header["space directions"], dtype=np.float64)
         if directions.shape != (3, 3) or not np.all(np.isfinite(directions)):
             raise InputError(
                 f"{str(path)!r} has 'space directions' {directions.tolist()}: a 3-D image needs three finite vectors."
             )
+        if "space" not in header:  # vectors in a space of no anatomy ('space dimension' only): voxel sizes alone, in
+            affine = np.eye(4)  # the plain frame of a file without orientation, as a NIfTI without qform and sform
+            affine[:3, :3] = np.diag(np.linalg.norm(directions, axis=1))
+            return affine
         origin = np.asarray(header.get("space origin", np.zeros(3)), dtype=np.float64)
-        space = header.get("space", "right-anterior-superior")
-        return ras_affine_from_nrrd(space, directions, origin)
+        return ras_affine_from_nrrd(header["space"], directions, origin)
     spacings = header.get("spacings")
     if spacings is None:
         raise InputError(

@@ -223,3 +223,19 @@ def test_a_tiff_stack_with_a_page_of_another_shape_is_refused(tmp_path: Path, pl
         tif.write(stack[2, ::2, ::2], contiguous=False, metadata=None)
     array, _, _ = open_input(tmp_path / "preview.tif", voxel_size=(5.0, 2.0, 1.0))
     np.testing.assert_array_equal(np.asarray(array), stack)
+
+
+def test_an_nrrd_without_a_space_is_read_in_the_plain_frame_it_is_said_to_be(tmp_path: Path) -> None:
+    """``space directions`` in no named space (``space dimension: 3`` only) state voxel sizes, not anatomy: the image is
+    read in the plain frame the warning names (z → superior, y → anterior, x → right), as one with ``spacings``, not
+    with its vectors taken as RAS."""
+    data = _volume()  # (i, j, k) = (4, 5, 6)
+    directions = np.array([[0.0, 0.0, 2.0], [-3.0, 0.0, 0.0], [0.0, 4.0, 0.0]])
+    nrrd.write(str(tmp_path / "vectors.nrrd"), data, {"space dimension": 3, "space directions": directions,
+                                                      "space origin": np.array([1.0, 2.0, 3.0])}, index_order="F")  # fmt: skip
+    nrrd.write(str(tmp_path / "spacings.nrrd"), data, {"spacings": [2.0, 3.0, 4.0]}, index_order="F")
+    array, grid = load_nrrd(tmp_path / "vectors.nrrd")
+    _, plain = load_nrrd(tmp_path / "spacings.nrrd")
+    np.testing.assert_allclose(grid.affine, plain.affine)
+    np.testing.assert_allclose(grid.spacing, [4.0, 3.0, 2.0])
+    np.testing.assert_allclose(grid.direction, np.eye(3))
