@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from patchmorph_core.config import InferenceConfig, LossConfig, resolve_device
 from patchmorph_core.errors import InputError
-from patchmorph_core.spatial import Grid, parse_length, unit_scale
+from patchmorph_core.spatial import Grid, nearest_orientation_code, parse_length, unit_scale
 from patchmorph_core.warping import LabelInterpolation
 from pipeline.atlas import (
     AUTO,
@@ -866,6 +866,7 @@ def job_summary(
         "field_unit": field_grid.unit,
         "brain_shape": list(brain_grid.shape),
         "brain_voxel_size": [round(float(s), 4) for s in brain_grid.spacing],
+        "brain_orientation": nearest_orientation_code(brain_grid.direction),  # its l or r: taken as given, never checked
         "partial_brain": part_of_a_brain(geometry),  # the brain's tissue has another shape than the atlas's
         "fine_tune_steps": fine_tune_steps,
         "seconds": round(float(seconds), 1),
@@ -946,6 +947,20 @@ def _range_note(summary: Mapping[str, Any]) -> list[str]:
     ]
 
 
+def _sides_note(summary: Mapping[str, Any]) -> list[str]:
+    """The summary page's line on left and right: they are the orientation code's, which nothing can check (a brain
+    is nearly symmetric: a mirrored one fits the atlas as well, passes every check and swaps the hemispheres)."""
+    code = summary.get("brain_orientation")
+    given = f"the brain's orientation code (`{code}`)" if code else "the brain's orientation code"
+    return [
+        "",
+        f"Left and right are as {given} says: no check, figure or QC image of this job can tell a left-right mirrored "
+        "brain (one imaged from the other side, or given `l` for `r`), which registers as well and passes every check "
+        "with the hemispheres, the left and right columns of `volumes.csv` and the sides of mapped points swapped. "
+        "Confirm the side on the QC overlay with a mark you know (an injection, a lesion, a cut).",
+    ]
+
+
 def _residual(max_error: float | None, mean_error: float | None) -> str:
     """The summary's inverse residual cell: ``max / mean``, or why it was not measured (None or NaN: no atlas point
     maps into the brain's field grid, as on a brain a few field voxels thin)."""
@@ -987,6 +1002,7 @@ def write_job_summary(out: Path, summary: Mapping[str, Any], paths: Mapping[str,
         "NCC compares grey values: with an atlas of another contrast (an MRI-based atlas on a microscopy brain) it is "
         "low, even below 0, when the registration is right. Judge by the QC figures below (the atlas's divisions on "
         "the brain) and by the folded voxels.",
+        *_sides_note(s),
     ]
     if s.get("weights"):
         digest = s["weights"].get("sha256") or s["weights"].get("sha256_head_tail", "")

@@ -173,6 +173,27 @@ def test_a_part_of_a_brain_is_flagged_on_its_summary_page(tmp_path: Path) -> Non
     assert "Atlas cut to ap=7200:8200 µm of its coordinates (--atlas-range)" in page
 
 
+def test_the_summary_page_says_a_mirrored_brain_is_not_detected(tmp_path: Path) -> None:
+    """A left-right mirrored brain (the example brain's planes flipped left-right, given as ``psl``) registered with
+    its hemispheres swapped on 98.7 % of the voxels and passed every check; the summary said nothing of it. The page
+    names the brain's orientation code and says that left and right are taken from it, unchecked."""
+    from pipeline.atlas_job import job_summary, write_job_summary
+    from pipeline.ngff import write_field
+
+    grid = Grid.from_orientation((4, 6, 5), (100.0, 80.0, 80.0), "psl")
+    brain = write_image(tmp_path / "brain.ome.zarr", np.ones(grid.shape, np.uint16), grid)
+    field = write_field(tmp_path / "field.ome.zarr", np.zeros((3, *grid.shape), np.float32), grid)
+    figures = {
+        "ncc_in_atlas_space": 0.4, "ncc_in_atlas_space_inside_brain": 0.1, "folded_percent_inside_brain": 0.0,
+        "n_structures": 3, "brain_volume_mm3": 1.0,
+    }  # fmt: skip
+    summary = job_summary("a", figures, {"field": field, "brain": brain}, 1.0, 1.0)
+    assert summary["brain_orientation"] == "psl"
+    page = " ".join(write_job_summary(tmp_path, summary, {})["summary_md"].read_text().split())
+    assert "Left and right are as the brain's orientation code (`psl`) says" in page
+    assert "can tell a left-right mirrored brain" in page and "hemispheres" in page
+
+
 def test_volume_table_has_brainregs_columns_then_id_and_acronym(tmp_path: Path) -> None:
     rows = volume_table({(5, LEFT): 2, (5, RIGHT): 1}, 1e-3, {5: Structure(5, "Primary motor area", "MOp")})
     path = write_volume_table(tmp_path / "volumes.csv", rows)
