@@ -54,7 +54,7 @@ from pipeline.atlas import (
     remove_run_records,
 )
 from pipeline.brainglobe import BrainGlobeAtlas, find_atlas
-from pipeline.checks import CheckOptions, collected_warnings
+from pipeline.checks import CheckOptions, check_brain_not_longer, collected_warnings
 from pipeline.cluster import ClusterConfig, check_slurm, load_cluster_config, open_client
 from pipeline.resume import ZARR_METADATA, as_recorded, atomic_write_json, sample_digest, write_identity
 
@@ -644,6 +644,7 @@ def _run_atlas_job(
     warnings: list[str],
 ) -> AtlasJobResult:
     """:func:`run_atlas_job`'s steps; ``warnings`` fills with what they log as warnings (for the summary)."""
+    from pipeline.ngff import read_image
     from pipeline.register import field_warnings
 
     started = time.time()
@@ -669,10 +670,14 @@ def _run_atlas_job(
         config = config.model_copy(update={"atlas_range": atlas_range})
     prepared = prepare_atlas(found, out / "atlas", config.brain_geometry, dict(config.atlas_range))
     inference = atlas_inference(config.inference)
+    field = out / "field.ome.zarr"
+    if config.brain_geometry == "full" and not config.atlas_range and (restart or not _finished_field(field)):
+        # before the fine-tuning and the registration: a voxel size too large on one axis registers, passes the
+        # quality block and puts the labels far off (docs/checks.md)
+        check_brain_not_longer(read_image(brain_zarr), read_image(prepared.reference), brain, config.checks)
     if config.fine_tune.steps > 0:
         weights = fine_tune(brain_zarr, prepared.reference, out, config.fine_tune, inference)
         inference = inference.model_copy(update={"weights": str(weights)})
-    field = out / "field.ome.zarr"
     with job_scheduler(cluster) as address:
         names = {"fixed": str(brain), "moving": atlas_reference_name(found.name, config.brain_geometry, atlas_range=config.atlas_range)}  # fmt: skip
         reused, register_seconds = _job_field(

@@ -41,7 +41,13 @@ from patchmorph_core.errors import InputError
 from patchmorph_core.orientation import OrientationCheck, check_orientation
 from patchmorph_core.sampling import coarse_level, intensity_range, normalize, tissue_bounds
 from patchmorph_core.source import MultiscaleImage
-from patchmorph_core.spatial import RIGHTWARD, orientation_code, orientation_matrix, read_box
+from patchmorph_core.spatial import (
+    RIGHTWARD,
+    nearest_grid_axes,
+    orientation_code,
+    orientation_matrix,
+    read_box,
+)
 from pipeline.integrity import check_stored
 
 PathLike = str | Path
@@ -399,6 +405,41 @@ def _extent_check(
             "atlas: patchmorph atlas --atlas-range, e.g. ap=5000:7500 for a coronal slab)."
         )
     return record
+
+
+LONGER_THAN_ATLAS = 1.4
+"""A brain whose tissue is at least this many times the whole atlas's along one world axis, and
+:data:`EXTENT_SHAPE_WARNING` times its ratio along the median axis, is no part of a brain (a part is shorter, not
+longer): its voxel size along that axis is too large (:func:`check_brain_not_longer`). Whole brains gave at most
+1.05 here, the example brain with one voxel size doubled 2.08 (1.98 times its median axis)."""
+
+
+def check_brain_not_longer(
+    brain: MultiscaleImage, atlas: MultiscaleImage, brain_path: PathLike, options: CheckOptions | None = None
+) -> None:
+    """InputError when ``brain``'s tissue is longer than the whole ``atlas``'s reference along one world axis by far
+    more than along the others (:data:`LONGER_THAN_ATLAS`, :data:`EXTENT_SHAPE_WARNING`): a part of a brain cannot be
+    that, a voxel size too large along that axis is (``--voxel-size 100 40 40`` for 50 40 40 µm). Only for an atlas
+    that is not cut (no brain geometry or atlas range), before the registration; ``allow_size_mismatch`` lets it
+    through. ``brain_path``: the brain as the user gave it (for the message)."""
+    if options is not None and options.allow_size_mismatch:
+        return
+    atlas = atlas.with_unit(brain.unit)
+    (b_low, b_high), (a_low, a_high) = tissue_bounds(brain), tissue_bounds(atlas)
+    shape = (b_high - b_low) / np.maximum(a_high - a_low, 1e-12)  # (3,) per world axis (superior, anterior, right)
+    axis = int(np.argmax(shape))
+    factor = float(shape[axis] / np.median(shape))
+    if shape[axis] < LONGER_THAN_ATLAS or factor < EXTENT_SHAPE_WARNING:
+        return
+    array_axis = nearest_grid_axes(brain.grid.direction)[axis]
+    ratios = ", ".join(f"{r:.2f} along {name}" for r, name in zip(shape, WORLD_AXES, strict=True))
+    raise InputError(
+        f"the brain {brain_path}'s tissue spans {ratios} times the atlas's: {factor:.1f} times longer along "
+        f"{WORLD_AXES[axis]} than along its other axes, which no part of a brain is, so its voxel size along its array "
+        f"axis {array_axis} is most likely about "
+        f"{factor:.1f} times too large: check --voxel-size (axis 0 first), or pass --allow-size-mismatch (in a job's "
+        "config: checks.allow_size_mismatch) if the brain really is that shape."
+    )
 
 
 def check_pair(
