@@ -36,7 +36,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from patchmorph_core.config import InferenceConfig, LossConfig, resolve_device
 from patchmorph_core.errors import InputError
-from patchmorph_core.spatial import Grid, nearest_orientation_code, parse_length, unit_scale
+from patchmorph_core.spatial import (
+    Grid,
+    nearest_grid_axes,
+    nearest_orientation_code,
+    parse_length,
+    unit_scale,
+)
 from patchmorph_core.warping import LabelInterpolation
 from pipeline.atlas import (
     AUTO,
@@ -856,7 +862,7 @@ def job_summary(
     counts), the sizes of its ``field`` and ``brain`` (``paths``) and its times: ``seconds`` is this run's wall
     time; ``register_seconds`` the registration's, in the run that made it (``reused``: an earlier run, resumed
     by this one)."""
-    from pipeline.checks import part_of_a_brain, recorded_geometry
+    from pipeline.checks import WORLD_AXES, part_of_a_brain, recorded_geometry, shortest_axis
     from pipeline.ngff import read_field, read_image
 
     _, field_grid, field_meta = read_field(paths["field"])
@@ -877,6 +883,13 @@ def job_summary(
         "seconds": round(float(seconds), 1),
         "registration_reused": reused,
     }
+    short = shortest_axis(geometry) if summary["partial_brain"] else None
+    if short is not None:  # a whole brain with a voxel size too small there looks like part of one
+        summary["short_axis"] = {
+            "direction": WORLD_AXES[short[0]],
+            "brain_array_axis": int(nearest_grid_axes(brain_grid.direction)[short[0]]),
+            "factor": round(short[1], 2),
+        }
     if register_seconds is not None:
         summary["register_seconds"] = round(float(register_seconds), 1)
     return summary
@@ -915,9 +928,23 @@ def _partial_brain_caution(summary: Mapping[str, Any]) -> list[str]:
         "the atlas's positions a median 0.3 mm and at the 90th percentile 0.7 mm from those of the whole brain's "
         "registration), and the labels, `volumes.csv` (the volumes on this part) and points mapped through this job "
         "are wrong by as much. Register against the same part of the atlas: give its range with --atlas-range (e.g. "
-        "ap=5000:7500 µm for a coronal slab); for one hemisphere give --brain-geometry.",
+        "ap=5000:7500 µm for a coronal slab); for one hemisphere give --brain-geometry." + _short_axis_note(summary),
         "",
     ]
+
+
+def _short_axis_note(summary: Mapping[str, Any]) -> str:
+    """The part-of-a-brain caution's other cause: a whole brain whose voxel size is too small along its short axis
+    looks the same (the example brain given 25 for 50 µm: its labels near where they belong, every volume halved)."""
+    short = summary.get("short_axis")
+    if not short:
+        return ""
+    return (
+        f" If the whole brain was imaged, its voxel size along its array axis {short['brain_array_axis']} "
+        f"({short['direction']}, where it is {short['factor']:.2f} times shorter than along its other axes against the "
+        f"atlas) is most likely about {short['factor']:.1f} times too small: check --voxel-size (axis 0 first); "
+        "the labels may then lie near where they belong, but every volume is too small by that factor."
+    )
 
 
 def _partial_range_caution(summary: Mapping[str, Any]) -> str:

@@ -357,6 +357,18 @@ def part_of_a_brain(geometry: Mapping[str, Any] | None) -> bool:
     return bool(geometry) and float(geometry.get("ratio_spread", 1.0)) >= EXTENT_SHAPE_WARNING
 
 
+def shortest_axis(geometry: Mapping[str, Any] | None) -> tuple[int, float] | None:
+    """The world axis (0 superior, 1 anterior, 2 right) along which a registration's ``geometry`` record
+    (:func:`check_geometry`) finds the fixed tissue shortest against the moving tissue, relative to the median axis,
+    and that factor (>= 1): how many times too small the fixed image's voxel size there would be if it held a whole
+    brain. None: a record without the extents."""
+    if not geometry or "fixed_tissue_extent" not in geometry or "moving_tissue_extent" not in geometry:
+        return None
+    shape = np.asarray(geometry["fixed_tissue_extent"], float) / np.maximum(geometry["moving_tissue_extent"], 1e-12)
+    axis = int(np.argmin(shape))
+    return axis, float(np.median(shape) / max(shape[axis], 1e-12))
+
+
 def _one_hemisphere(shape: np.ndarray) -> bool:
     """Whether fixed / moving tissue extents per world axis (``(3,)``, superior, anterior, right) look like one
     hemisphere against a whole brain: about half along left-right, about alike along the other two."""

@@ -173,6 +173,33 @@ def test_a_part_of_a_brain_is_flagged_on_its_summary_page(tmp_path: Path) -> Non
     assert "Atlas cut to ap=7200:8200 µm of its coordinates (--atlas-range)" in page
 
 
+def test_the_part_of_a_brain_caution_names_a_voxel_size_too_small(tmp_path: Path) -> None:
+    """The bundled brain given 25 40 40 µm for 50 40 40 looks like its front half (0.52 of the atlas along
+    anterior-posterior, the other axes 1.04): the summary said only "part of a brain" and advised --atlas-range,
+    while its volumes were halved (259 mm³ for 512). The caution names the array axis and the factor as well."""
+    from pipeline.atlas_job import job_summary, write_job_summary
+    from pipeline.ngff import set_attribute, write_field
+
+    grid = Grid.from_orientation((4, 6, 5), (100.0, 80.0, 80.0), "psl")
+    brain = write_image(tmp_path / "brain.ome.zarr", np.ones(grid.shape, np.uint16), grid)
+    field = write_field(tmp_path / "field.ome.zarr", np.zeros((3, *grid.shape), np.float32), grid)
+    geometry = {
+        "ratio_spread": 2.0, "fixed_tissue_extent": [7680.0, 6800.0, 10880.0],
+        "moving_tissue_extent": [7400.0, 13000.0, 10400.0],
+    }  # fmt: skip
+    set_attribute(field, "quality", {"preflight": {"geometry": geometry}})
+    figures = {
+        "ncc_in_atlas_space": 0.8, "ncc_in_atlas_space_inside_brain": 0.5, "folded_percent_inside_brain": 0.0,
+        "n_structures": 669, "brain_volume_mm3": 259.5,
+    }  # fmt: skip
+    summary = job_summary("a", figures, {"field": field, "brain": brain}, 1.0, 1.0)
+    assert summary["short_axis"] == {"direction": "anterior-posterior", "brain_array_axis": 0, "factor": 1.98}
+    page = " ".join(write_job_summary(tmp_path, summary, {})["summary_md"].read_text().split())
+    assert "Part of a brain: do not trust these results" in page
+    assert "its voxel size along its array axis 0 (anterior-posterior" in page and "about 2.0 times too small" in page
+    assert "every volume is too small by that factor" in page
+
+
 def test_the_summary_page_says_a_mirrored_brain_is_not_detected(tmp_path: Path) -> None:
     """A left-right mirrored brain (the example brain's planes flipped left-right, given as ``psl``) registered with
     its hemispheres swapped on 98.7 % of the voxels and passed every check; the summary said nothing of it. The page
