@@ -454,6 +454,37 @@ def check_brain_not_longer(
     )
 
 
+STRETCH_WARNING = 1.35
+"""The initial alignment's scale along one world axis of the fixed image, against the median of its three axes'
+scales, from which :func:`warn_stretch` warns (either way): whole brains registered to the Allen atlas gave at most
+1.12 (the example brain, at 100 µm and at 50 × 40 × 40 µm), its front half 1.18, the example brain with its plane
+voxel size 1.5 times too large 1.66 and 2 times too small 1.68."""
+
+
+def warn_stretch(initial: np.ndarray, fixed: MultiscaleImage, fixed_path: PathLike) -> float:
+    """Warn when the ``(4, 4)`` fixed → moving world ``initial`` alignment scales the fixed image along one world
+    axis :data:`STRETCH_WARNING` times more or less than along its median axis: a voxel size off along the fixed
+    image's array axis there (which passes every other check below 1.6 and makes every volume wrong by the factor),
+    or part of a brain. Returns that largest factor (>= 1)."""
+    scales = np.linalg.norm(np.asarray(initial, dtype=np.float64)[:3, :3], axis=0)  # (3,) per fixed world axis
+    deviation = np.maximum(scales / np.median(scales), np.median(scales) / scales)
+    axis = int(np.argmax(deviation))
+    factor = float(deviation[axis])
+    if factor < STRETCH_WARNING:
+        return factor
+    array_axis = nearest_grid_axes(fixed.grid.direction)[axis]
+    # a fixed axis that the alignment shrinks (scale < 1 against the others) is too long: its voxel size too large
+    size = "large" if scales[axis] < np.median(scales) else "small"
+    logger.warning(
+        "the initial alignment scales the fixed image %s %.2f times %s along %s than along its other axes to fit the "
+        "moving image: whole brains differ far less in shape, so the fixed image's voxel size along its array axis %d "
+        "may be about %.2f times too %s (or it holds part of a brain along it): check --voxel-size; with a "
+        "wrong voxel size the labels may still land near where they belong, but every volume is off by that factor",
+        fixed_path, factor, "less" if size == "large" else "more", WORLD_AXES[axis], array_axis, factor, size,
+    )  # fmt: skip
+    return factor
+
+
 def check_pair(
     fixed: MultiscaleImage,
     moving: MultiscaleImage,
