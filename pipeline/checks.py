@@ -523,6 +523,55 @@ def warn_empty_planes(image: MultiscaleImage, role: str, path: PathLike) -> list
     return gaps
 
 
+BRIGHT_PLANE = 4.0
+"""A plane of an image's coarse level (array axis 0) whose bright voxels (the 90th percentile of those above the
+image's median) are this many times the median plane's is too bright (:func:`warn_bright_planes`): whole brains'
+brightest plane gave 1.76, five planes of the example brain saturated at 10 times its tissue's 99th percentile 15.5."""
+
+
+def _runs(flags: np.ndarray) -> list[tuple[int, int]]:
+    """``(start, stop)`` index runs where the 1-D bool ``flags`` is True."""
+    edges = np.flatnonzero(np.diff(np.r_[False, flags, False].astype(np.int8)))
+    return [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2], strict=True)]
+
+
+def bright_planes(image: MultiscaleImage) -> list[tuple[float, float, float]]:
+    """Runs of planes (array axis 0) of ``image``'s coarse level far brighter than the others
+    (:data:`BRIGHT_PLANE`): ``(start, stop, factor)``, start and stop in ``image.unit`` along axis 0 from the start
+    of its first plane, factor the run's largest ratio to the median plane."""
+    level = coarse_level(image)
+    values = read_box(level.array, tuple(slice(0, n) for n in level.grid.shape)).astype(np.float32)
+    values = np.where(np.isfinite(values), values, np.nan)
+    above = float(np.nanmedian(values))
+    bright = np.full(values.shape[0], np.nan)
+    for k, plane in enumerate(values):
+        tissue = plane[plane > above]
+        if tissue.size >= 10:
+            bright[k] = np.percentile(tissue, 90)
+    reference = float(np.nanmedian(bright)) if np.isfinite(bright).any() else np.nan
+    if not np.isfinite(reference) or reference <= 0:
+        return []
+    ratio = np.nan_to_num(bright / reference, nan=0.0)
+    step = float(level.grid.spacing[0])
+    return [(a * step, b * step, float(ratio[a:b].max())) for a, b in _runs(ratio >= BRIGHT_PLANE)]
+
+
+def warn_bright_planes(image: MultiscaleImage, role: str, path: PathLike) -> list[tuple[float, float, float]]:
+    """Warn of the planes :func:`bright_planes` finds in ``image`` (the ``role`` image at ``path``): saturated
+    sections set the image's intensity range, which dims the rest of it for the registration."""
+    runs = bright_planes(image)
+    if runs:
+        where = ", ".join(f"{a:.0f}-{b:.0f} ({f:.0f} times)" for a, b, f in runs)
+        logger.warning(
+            "the %s image %s has planes far brighter than the others at %s %s along its array axis 0 (from its first "
+            "plane): saturated or overexposed sections? They set its intensity range, which dims the rest of the "
+            "brain for the registration (five such planes of the example brain moved its field a median 95 µm and "
+            "its labels with it, and it passed every check): clip or replace those planes and register again",
+            role, path, where, image.unit,
+        )  # fmt: skip
+    return runs
+
+
 def check_pair(
     fixed: MultiscaleImage,
     moving: MultiscaleImage,

@@ -49,6 +49,7 @@ from pipeline.checks import (
     check_writable,
     collected_warnings,
     run_outputs,
+    warn_bright_planes,
     warn_empty_planes,
     warn_stretch,
 )
@@ -367,6 +368,7 @@ def _register_files(
     warn_stretch(rplan.initial, fixed_img, paths["fixed"])
     for role, image in (("fixed", fixed_img), ("moving", moving_img)):
         warn_empty_planes(image, role, paths[role])
+        warn_bright_planes(image, role, paths[role])
     check_writable(out.parent)
     check_free_space(out.parent, sum(2 * 16 * int(np.prod(g.shape)) for g in rplan.grids), f"the field {out}")
     records = open_run(run_root, _fingerprint(fixed, moving, cfg, rplan, chunk_size), overwrite)
