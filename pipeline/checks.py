@@ -494,17 +494,17 @@ held 0.21 of the median (an end plane), a brain with 1.5 mm of planes zeroed 0.0
 def empty_planes(image: MultiscaleImage) -> list[tuple[float, float]]:
     """Runs of planes (array axis 0) of ``image``'s coarse level that hold (almost) no tissue between planes that
     do (:data:`EMPTY_PLANE`): ``(start, stop)`` in ``image.unit`` along axis 0, counted from the start of its first
-    plane (a gap narrower than a coarse plane is averaged away and not found)."""
+    plane (a gap narrower than a coarse plane is averaged away and not found). The tissue's tapering ends (a head's
+    top planes of a few voxels each) are no gap: only runs with planes above the limit on both sides count."""
     weights, grid = tissue_weights(image)
     counts = (weights > 0).sum(axis=(1, 2))
     planes = np.nonzero(counts)[0]
     if planes.size < 3:
         return []
-    inner = counts[planes[0] : planes[-1] + 1]
-    low = np.r_[False, inner < EMPTY_PLANE * float(np.median(inner)), False]  # the end planes have tissue
-    edges = np.flatnonzero(np.diff(low.astype(np.int8)))
+    limit = EMPTY_PLANE * float(np.median(counts[planes[0] : planes[-1] + 1]))
+    held = np.flatnonzero(counts >= limit)  # (P,) planes that hold tissue
     step = float(grid.spacing[0])
-    return [((planes[0] + a) * step, (planes[0] + b) * step) for a, b in zip(edges[::2], edges[1::2], strict=True)]
+    return [((held[0] + a) * step, (held[0] + b) * step) for a, b in _runs(counts[held[0] : held[-1] + 1] < limit)]
 
 
 def warn_empty_planes(image: MultiscaleImage, role: str, path: PathLike) -> list[tuple[float, float]]:
