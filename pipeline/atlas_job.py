@@ -1032,9 +1032,9 @@ def write_job_summary(out: Path, summary: Mapping[str, Any], paths: Mapping[str,
     lines += [
         "",
         "NCC compares grey values: with an atlas of another contrast (an MRI-based atlas on a microscopy brain) it is "
-        "low, even below 0, when the registration is right; and the outline of the brain dominates it: noise inside "
-        "the example brain's outline scored 0.876, the real brain 0.760, so a high NCC does not show that the inside "
-        "is aligned. Judge by the QC figures below (the atlas's divisions on the brain) and by the folded voxels.",
+        "low, even below 0, when the registration is right; and the outline of the brain dominates it (noise inside "
+        "a brain's outline scored higher than the brain itself: docs/checks.md), so a high NCC does not show that the "
+        "inside is aligned. Judge by the QC figures below (the atlas's divisions on the brain) and by the folded voxels.",
         *_sides_note(s),
     ]
     if s.get("weights"):
