@@ -422,11 +422,17 @@ def _name_pattern(path: Path) -> str:
     return re.sub(r"\d+", "#", path.name)
 
 
+CHANNEL_MARKER = re.compile(r"(?:^|[^a-z])(?:c|ch|chan|channel)[_ -]?$", re.IGNORECASE)
+"""The text before a number in a plane's name that makes it a channel number (``Z001_C2.tif``, ``ch1_z001.tif``)."""
+
+
 def check_one_series(root: Path, planes: Sequence[Path]) -> None:
     """Refuse a plane folder whose files are not one numbered series of planes: files named unlike the others (a
-    projection ``MAX_brain.tif`` beside ``z0001.tif`` ...) or names in which no single number tells the planes apart
-    (``Z001_C1.tif``, ``Z001_C2.tif``, ...: channels or tiles interleaved). Either would be stacked as planes of the
-    brain, silently, when its planes have the same shape and type.
+    projection ``MAX_brain.tif`` beside ``z0001.tif`` ...) or names whose channel number (:data:`CHANNEL_MARKER`)
+    takes several values (``Z001_C1.tif``, ``Z001_C2.tif``, ...: channels interleaved, or one after the other). Either
+    would be stacked as planes of the brain, silently, when its planes have the same shape and type. Names with two
+    plane numbers (``section_001_01.tif``, ``section_001_02.tif``: the physical and optical sections of STP
+    microscopes' stitching software) are one series, taken in name order.
 
     Raises:
         InputError: naming the folder, the files and the fix.
@@ -442,17 +448,17 @@ def check_one_series(root: Path, planes: Sequence[Path]) -> None:
             f"({pattern.replace('#', 'N')}): {', '.join(odd[:3])}{' ...' if len(odd) > 3 else ''}; they would be stacked "
             "as planes of the brain: move them out of the folder."
         )
-    groups = [_digits(p) for p in planes]
-    if any(len(set(column)) == len(planes) for column in zip(*groups, strict=True)):
+    before = re.split(r"\d+", planes[0].name)  # the text before each group of digits
+    columns = list(zip(*(_digits(p) for p in planes), strict=True))
+    channel = next((k for k, c in enumerate(columns) if CHANNEL_MARKER.search(before[k]) and len(set(c)) > 1), None)
+    if channel is None:
         return
-    first, second = next(
-        ((a, b) for a, b in zip(planes, planes[1:], strict=False) if set(_digits(a)) & set(_digits(b))),
-        (planes[0], planes[1]),
-    )
+    first = planes[0]
+    second = next(p for p in planes if _digits(p)[channel] != _digits(first)[channel])
     raise InputError(
-        f"plane folder {str(root)!r} holds {len(planes)} planes that no single number in their names tells apart "
-        f"(e.g. {first.name} and {second.name}): planes of several channels or tiles would be stacked together; put "
-        "each channel's planes in a folder of its own."
+        f"plane folder {str(root)!r} holds the planes of {len(set(columns[channel]))} channels (e.g. {first.name} and "
+        f"{second.name}), which would be stacked together as planes of the brain: put each channel's planes in a "
+        "folder of its own."
     )
 
 

@@ -453,3 +453,18 @@ def test_a_conversion_killed_at_its_rename_is_moved_into_place(tmp_path: Path) -
     convert(tmp_path / "planes", out, voxel_size=(50, 2, 2), chunks=(8, 8, 8))
     np.testing.assert_array_equal(_level0(out), stack)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["brain.ome.zarr", "planes"]
+
+
+def test_plane_names_with_two_section_numbers_are_one_series(tmp_path: Path) -> None:
+    """STP stitching software names the optical sections of each physical section ``section_001_01.tif``,
+    ``section_001_02.tif``, ``section_002_01.tif``, ...: no single number tells the planes apart, but they are one
+    series in name order (not channels, which a channel number names: ``Z001_C1.tif``, refused above)."""
+    from patchmorph_core.errors import InputError
+    from pipeline.importers import check_one_series
+
+    planes = [tmp_path / f"section_{s:03d}_{o:02d}.tif" for s in (1, 2, 3) for o in (1, 2)]
+    check_one_series(tmp_path, planes)
+    for names in (["ch1_z001.tif", "ch1_z002.tif", "ch2_z001.tif", "ch2_z002.tif"], ["z1_c1.tif", "z1_c2.tif"]):
+        with pytest.raises(InputError, match="holds the planes of 2 channels"):
+            check_one_series(tmp_path, [tmp_path / n for n in names])
+
