@@ -422,8 +422,8 @@ def _extent_check(
 LONGER_THAN_ATLAS = 1.4
 """A brain whose tissue is at least this many times the whole atlas's along one world axis, and
 :data:`EXTENT_SHAPE_WARNING` times its ratio along the median axis, is no part of a brain (a part is shorter, not
-longer): its voxel size along that axis is too large (:func:`check_brain_not_longer`). Whole brains gave at most
-1.05 here, the example brain with one voxel size doubled 2.08 (1.98 times its median axis)."""
+longer): its voxel size along that axis is too large (:func:`check_brain_not_longer`; how the limits were chosen:
+docs/checks.md, *Refused before any work*)."""
 
 
 def check_brain_not_longer(
@@ -456,9 +456,7 @@ def check_brain_not_longer(
 
 STRETCH_WARNING = 1.35
 """The initial alignment's scale along one world axis of the fixed image, against the median of its three axes'
-scales, from which :func:`warn_stretch` warns (either way): whole brains registered to the Allen atlas gave at most
-1.12 (the example brain, at 100 µm and at 50 × 40 × 40 µm), its front half 1.18, the example brain with its plane
-voxel size 1.5 times too large 1.66 and 2 times too small 1.68."""
+scales, from which :func:`warn_stretch` warns (either way; how the limit was chosen: docs/checks.md)."""
 
 
 def warn_stretch(initial: np.ndarray, fixed: MultiscaleImage, fixed_path: PathLike) -> float:
@@ -487,8 +485,8 @@ def warn_stretch(initial: np.ndarray, fixed: MultiscaleImage, fixed_path: PathLi
 
 EMPTY_PLANE = 0.05
 """A plane of an image's coarse level (array axis 0) with fewer tissue voxels than this fraction of the median plane
-within the tissue, between planes with tissue, is a gap (:func:`warn_empty_planes`): whole brains' smallest plane
-held 0.21 of the median (an end plane), a brain with 1.5 mm of planes zeroed 0.000."""
+within the tissue, between planes with tissue, is a gap (:func:`warn_empty_planes`; how the limit was chosen:
+docs/checks.md)."""
 
 
 def empty_planes(image: MultiscaleImage) -> list[tuple[float, float]]:
@@ -525,8 +523,8 @@ def warn_empty_planes(image: MultiscaleImage, role: str, path: PathLike) -> list
 
 BRIGHT_PLANE = 4.0
 """A plane of an image's coarse level (array axis 0) whose bright voxels (the 90th percentile of those above the
-image's median) are this many times the median plane's is too bright (:func:`warn_bright_planes`): whole brains'
-brightest plane gave 1.76, five planes of the example brain saturated at 10 times its tissue's 99th percentile 15.5."""
+image's median) are this many times the median plane's is too bright (:func:`warn_bright_planes`; how the limit was
+chosen: docs/checks.md)."""
 
 
 def _runs(flags: np.ndarray) -> list[tuple[int, int]]:
@@ -565,8 +563,8 @@ def warn_bright_planes(image: MultiscaleImage, role: str, path: PathLike) -> lis
         logger.warning(
             "the %s image %s has planes far brighter than the others at %s %s along its array axis 0 (from its first "
             "plane): saturated or overexposed sections? They set its intensity range, which dims the rest of the "
-            "brain for the registration (five such planes of the example brain moved its field a median 95 µm and "
-            "its labels with it, and it passed every check): clip or replace those planes and register again",
+            "brain for the registration and moves its labels, though every check passes: clip or replace those "
+            "planes and register again",
             role, path, where, image.unit,
         )  # fmt: skip
     return runs

@@ -269,9 +269,8 @@ def warn_foreign_pyramid(path: str | Path, role: str) -> bool:
     """Log a warning when an OME-Zarr image given to ``register`` was written by another tool (no ``patchmorph``
     attributes): the registration samples its coarse stages from the image's pyramid, and another tool's pyramid
     is smoothed otherwise than PatchMorph's block means (ome-zarr-py's anti-aliased resize, halving y and x only) or
-    missing (one level, sampled from the full resolution). Two copies of one brain, one converted by PatchMorph and
-    one with such a pyramid, registered to fields of 24-30 µm median and 127-277 µm largest displacement (1.6-3.5
-    voxels of 80 µm) where two converted copies gave none. Returns True when it warned."""
+    missing (one level, sampled from the full resolution), which moves voxels that should stay (measured:
+    docs/formats.md, *Other tools' OME-Zarr*). Returns True when it warned."""
     if written_by_patchmorph(path):
         return False
     levels = len(_multiscale(dict(_open_group(path).attrs), str(path)).get("datasets", ()))

@@ -9,16 +9,19 @@ import json
 import re
 import shutil
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tifffile
 import zarr
+from click.testing import Result
 from skimage.segmentation import find_boundaries
 
 from patchmorph_core.errors import InputError
 from patchmorph_core.metrics import ncc
+from patchmorph_core.source import MultiscaleImage
 from patchmorph_core.spatial import Grid, orientation_matrix
 from pipeline.atlas import (
     PLACEMENT_MARGIN_UM,
@@ -914,34 +917,18 @@ def test_a_voxel_size_doubled_on_one_axis_is_refused_before_the_registration(tmp
     anterior-posterior, which no part of a brain is. It registered, passed the quality block with exit 0 and put the
     labels far off (mean Dice 0.13 per structure against the right voxel size's); the summary advised --atlas-range.
     Now refused (exit 2) after the conversion, before the registration, naming array axis 0; the right size passes."""
-    from typer.testing import CliRunner
-
-    from patchmorph.cli import app
     from pipeline.atlas import prepare_atlas
-    from pipeline.atlas_job import convert_input
     from pipeline.brainglobe import find_atlas
     from pipeline.checks import check_brain_not_longer
 
     files = ExampleFiles.from_dir(examples)
-    config = tmp_path / "job.yaml"
-    config.write_text("brain_downsample: 4\nfine_tune:\n  steps: 0\nqc: false\n")
-    out = tmp_path / "job"
-    doubled = [BRAIN_VOXEL_SIZE_UM[0] * 2, *BRAIN_VOXEL_SIZE_UM[1:]]
-    args = [
-        "atlas", str(files.brain), "-o", str(out), "--atlas", str(examples / EXAMPLE_ATLAS), "--voxel-size",
-        *map(str, doubled), "--orientation", BRAIN_ORIENTATION, "--config", str(config),
-    ]  # fmt: skip
-    result = CliRunner().invoke(app, args)
+    result, out = _quick_job(tmp_path, examples, files.brain, [BRAIN_VOXEL_SIZE_UM[0] * 2, *BRAIN_VOXEL_SIZE_UM[1:]])
     assert result.exit_code == 2, result.output
     text = " ".join(result.output.split())
     assert "2.0 times longer along anterior-posterior" in text and "its array axis 0" in text
     assert "check --voxel-size" in text and not (out / "field.ome.zarr").exists()
     atlas = read_image(prepare_atlas(find_atlas(examples / EXAMPLE_ATLAS), tmp_path / "atlas").reference)
-    right = convert_input(
-        files.brain, tmp_path / "right.ome.zarr", downsample=4, voxel_size=BRAIN_VOXEL_SIZE_UM, unit=None,
-        orientation=BRAIN_ORIENTATION,
-    )  # fmt: skip
-    check_brain_not_longer(read_image(right), atlas, files.brain)  # the right voxel size: no refusal
+    check_brain_not_longer(_intact_brain(tmp_path, examples), atlas, files.brain)  # the right voxel size: no refusal
 
 
 def test_a_voxel_size_half_again_too_large_is_warned_of(tmp_path: Path, examples: Path) -> None:
@@ -949,20 +936,8 @@ def test_a_voxel_size_half_again_too_large_is_warned_of(tmp_path: Path, examples
     refusal of a brain longer than the atlas, it registered and passed without a word, its labels near (Dice 0.78)
     but every volume 1.5 times too large. The initial alignment shrinks it 1.65 times more along anterior-posterior
     than along its other axes (whole brains: 1.12): the job warns, naming array axis 0, in its summary too."""
-    from typer.testing import CliRunner
-
-    from patchmorph.cli import app
-
-    files = ExampleFiles.from_dir(examples)
-    config = tmp_path / "job.yaml"
-    config.write_text("brain_downsample: 4\nfine_tune:\n  steps: 0\nqc: false\ninference:\n  field_spacing: 400um\n")
-    out = tmp_path / "job"
-    stretched = [BRAIN_VOXEL_SIZE_UM[0] * 1.5, *BRAIN_VOXEL_SIZE_UM[1:]]
-    args = [
-        "atlas", str(files.brain), "-o", str(out), "--atlas", str(examples / EXAMPLE_ATLAS), "--voxel-size",
-        *map(str, stretched), "--orientation", BRAIN_ORIENTATION, "--config", str(config),
-    ]  # fmt: skip
-    result = CliRunner().invoke(app, args)
+    brain, stretched = ExampleFiles.from_dir(examples).brain, [BRAIN_VOXEL_SIZE_UM[0] * 1.5, *BRAIN_VOXEL_SIZE_UM[1:]]
+    result, out = _quick_job(tmp_path, examples, brain, stretched)
     assert result.exit_code == 0, result.output
     warnings = " ".join(json.loads((out / "summary.json").read_text())["warnings"])
     assert "the initial alignment scales the fixed image" in warnings
@@ -970,75 +945,74 @@ def test_a_voxel_size_half_again_too_large_is_warned_of(tmp_path: Path, examples
     assert "times too large" in warnings and "every volume is off by that factor" in warnings
 
 
-def test_blank_planes_inside_the_brain_are_warned_of(tmp_path: Path, examples: Path) -> None:
-    """The bundled brain with planes 120-149 (1.5 mm) blank, as lost sections replaced by empty images: it registered
-    and passed without a word, its labels painted over the blank planes (58 % of their voxels as on the intact brain,
-    the field there a median 101 µm off against 21 µm elsewhere). The job warns, naming where the gap lies."""
+def _quick_job(tmp_path: Path, examples: Path, brain: Path, voxel_size: Sequence[float]) -> tuple[Result, Path]:
+    """A quick ``patchmorph atlas`` job (brain downsampled 4×, field 400 µm, no fine-tuning, no QC) of the bundled
+    atlas on ``brain`` (the bundled brain's orientation) given ``voxel_size`` (µm): the command's result and its
+    output folder."""
     from typer.testing import CliRunner
 
     from patchmorph.cli import app
 
-    brain = read_tiff(ExampleFiles.from_dir(examples).brain)
-    brain[120:150] = 0
-    blank = tmp_path / "blank.tif"
-    tifffile.imwrite(blank, brain)
     config = tmp_path / "job.yaml"
     config.write_text("brain_downsample: 4\nfine_tune:\n  steps: 0\nqc: false\ninference:\n  field_spacing: 400um\n")
     out = tmp_path / "job"
     args = [
-        "atlas", str(blank), "-o", str(out), "--atlas", str(examples / EXAMPLE_ATLAS), "--voxel-size",
-        *map(str, BRAIN_VOXEL_SIZE_UM), "--orientation", BRAIN_ORIENTATION, "--config", str(config),
+        "atlas", str(brain), "-o", str(out), "--atlas", str(examples / EXAMPLE_ATLAS), "--voxel-size",
+        *map(str, voxel_size), "--orientation", BRAIN_ORIENTATION, "--config", str(config),
     ]  # fmt: skip
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code == 0, result.output
-    warnings = [w for w in json.loads((out / "summary.json").read_text())["warnings"] if "holds no tissue" in w]
-    assert len(warnings) == 1 and "along its array axis 0" in warnings[0]
-    start, stop = map(float, re.search(r"planes at (\d+)-(\d+) micrometer", warnings[0]).groups())
-    assert 5600 <= start <= 6400 and 7000 <= stop <= 7800  # planes 120-149 of 50 µm: 6000-7500 µm
-    from pipeline.atlas_job import convert_input
-    from pipeline.checks import empty_planes
+    return CliRunner().invoke(app, args), out
 
-    intact = convert_input(
+
+def _job_warnings(tmp_path: Path, examples: Path, brain: np.ndarray, phrase: str) -> list[str]:
+    """The warnings holding ``phrase`` in the summary of :func:`_quick_job` on ``brain``, a changed copy of the
+    bundled brain (its voxel size)."""
+    path = tmp_path / "brain.tif"
+    tifffile.imwrite(path, brain)
+    result, out = _quick_job(tmp_path, examples, path, BRAIN_VOXEL_SIZE_UM)
+    assert result.exit_code == 0, result.output
+    return [w for w in json.loads((out / "summary.json").read_text())["warnings"] if phrase in w]
+
+
+def _intact_brain(tmp_path: Path, examples: Path) -> MultiscaleImage:
+    """The bundled brain, converted as :func:`_job_warnings`'s job converts it (downsampled 4×)."""
+    from pipeline.atlas_job import convert_input
+
+    converted = convert_input(
         ExampleFiles.from_dir(examples).brain, tmp_path / "intact.ome.zarr", downsample=4,
         voxel_size=BRAIN_VOXEL_SIZE_UM, unit=None, orientation=BRAIN_ORIENTATION,
     )  # fmt: skip
-    assert empty_planes(read_image(intact)) == []  # the intact brain: no gap
+    return read_image(converted)
+
+
+def test_blank_planes_inside_the_brain_are_warned_of(tmp_path: Path, examples: Path) -> None:
+    """The bundled brain with planes 120-149 (1.5 mm) blank, as lost sections replaced by empty images: it registered
+    and passed without a word, its labels painted over the blank planes (58 % of their voxels as on the intact brain,
+    the field there a median 101 µm off against 21 µm elsewhere). The job warns, naming where the gap lies."""
+    from pipeline.checks import empty_planes
+
+    brain = read_tiff(ExampleFiles.from_dir(examples).brain)
+    brain[120:150] = 0
+    warnings = _job_warnings(tmp_path, examples, brain, "holds no tissue")
+    assert len(warnings) == 1 and "along its array axis 0" in warnings[0]
+    start, stop = map(float, re.search(r"planes at (\d+)-(\d+) micrometer", warnings[0]).groups())
+    assert 5600 <= start <= 6400 and 7000 <= stop <= 7800  # planes 120-149 of 50 µm: 6000-7500 µm
+    assert empty_planes(_intact_brain(tmp_path, examples)) == []  # the intact brain: no gap
 
 
 def test_saturated_planes_are_warned_of(tmp_path: Path, examples: Path) -> None:
     """Five planes of the bundled brain (100-104) saturated inside the tissue at 10 times its 99th percentile set the
     brain's intensity range: the registration moved a median 95 µm (p90 185) from the intact brain's, its labels
     with it (mean Dice 0.65 per structure), and passed without a word. The job warns, naming where they lie."""
-    from typer.testing import CliRunner
-
-    from patchmorph.cli import app
+    from pipeline.checks import bright_planes
 
     brain = read_tiff(ExampleFiles.from_dir(examples).brain)
     planes = brain[100:105]
     planes[planes > 150] = 4000
-    saturated = tmp_path / "saturated.tif"
-    tifffile.imwrite(saturated, brain)
-    config = tmp_path / "job.yaml"
-    config.write_text("brain_downsample: 4\nfine_tune:\n  steps: 0\nqc: false\ninference:\n  field_spacing: 400um\n")
-    out = tmp_path / "job"
-    args = [
-        "atlas", str(saturated), "-o", str(out), "--atlas", str(examples / EXAMPLE_ATLAS), "--voxel-size",
-        *map(str, BRAIN_VOXEL_SIZE_UM), "--orientation", BRAIN_ORIENTATION, "--config", str(config),
-    ]  # fmt: skip
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code == 0, result.output
-    warnings = [w for w in json.loads((out / "summary.json").read_text())["warnings"] if "far brighter" in w]
+    warnings = _job_warnings(tmp_path, examples, brain, "far brighter")
     assert len(warnings) == 1 and "along its array axis 0" in warnings[0]
     start, stop = map(float, re.search(r"others at (\d+)-(\d+) ", warnings[0]).groups())
     assert 4600 <= start <= 5000 and 5200 <= stop <= 5800  # planes 100-104 of 50 µm: 5000-5250 µm
-    from pipeline.atlas_job import convert_input
-    from pipeline.checks import bright_planes
-
-    intact = convert_input(
-        ExampleFiles.from_dir(examples).brain, tmp_path / "intact.ome.zarr", downsample=4,
-        voxel_size=BRAIN_VOXEL_SIZE_UM, unit=None, orientation=BRAIN_ORIENTATION,
-    )  # fmt: skip
-    assert bright_planes(read_image(intact)) == []  # the intact brain: none
+    assert bright_planes(_intact_brain(tmp_path, examples)) == []  # the intact brain: none
 
 
 def test_a_job_killed_while_it_warps_the_labels_resumes(tmp_path: Path, examples: Path) -> None:
