@@ -445,6 +445,7 @@ def run_jobs(
                     options.register_workers,
                     options.checks,
                     j.check_names(),
+                    j.atlas is not None and j.brain_geometry == "full" and not j.atlas_range,
                 )
             },
             errors,

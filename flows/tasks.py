@@ -23,8 +23,9 @@ from patchmorph_core.config import InferenceConfig
 from patchmorph_core.warping import LabelInterpolation
 from pipeline import qc
 from pipeline.atlas import AtlasOutputs, AtlasRange, BrainGeometry, atlas_item_outputs
-from pipeline.checks import CheckOptions
+from pipeline.checks import CheckOptions, check_brain_not_longer
 from pipeline.importers import check_source_planes, convert
+from pipeline.ngff import read_image
 from pipeline.register import register_files
 from pipeline.resume import output_lock
 from pipeline.warp import warp_files
@@ -167,12 +168,18 @@ def register_task(
     workers: int | None,
     checks: CheckOptions,
     names: dict[str, str] | None = None,
+    whole_atlas: bool = False,
 ) -> Any:
     """:func:`pipeline.register.register_files`: the displacement field of ``moving`` onto ``fixed``.
 
     The item is being (re)computed, so an earlier field at ``out`` is replaced. ``checks``: what its
     pre-flight and quality checks may let through; ``names``: how their messages name ``fixed`` and ``moving``.
+    ``whole_atlas``: ``moving`` is an atlas's uncut reference, so a brain far longer than it along one axis is
+    refused first (:func:`pipeline.checks.check_brain_not_longer`), as ``patchmorph atlas`` refuses it.
     """
+    if whole_atlas:
+        brain = (names or {}).get("fixed", str(fixed))
+        check_brain_not_longer(read_image(fixed), read_image(moving), brain, checks)
     return run_isolated(
         register_files,
         fixed,

@@ -449,8 +449,9 @@ def check_brain_not_longer(
         f"the brain {brain_path}'s tissue spans {ratios} times the atlas's: {factor:.1f} times longer along "
         f"{WORLD_AXES[axis]} than along its other axes, which no part of a brain is, so its voxel size along its array "
         f"axis {array_axis} is most likely about "
-        f"{factor:.1f} times too large: check --voxel-size (axis 0 first), or pass --allow-size-mismatch (in a job's "
-        "config: checks.allow_size_mismatch) if the brain really is that shape."
+        f"{factor:.1f} times too large: check --voxel-size (axis 0 first; in a batch, the manifest item's voxel_size), "
+        "or pass --allow-size-mismatch (in a job's or a batch's config: checks.allow_size_mismatch) if the brain really "
+        "is that shape."
     )
 
 

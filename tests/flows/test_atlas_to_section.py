@@ -190,6 +190,7 @@ def test_brainglobe_atlas_gives_each_item_the_atlas_jobs_outputs(
                 {"name": "slab_outside", "path": str(tmp_path / "slab.tif"), "atlas_range": ["ap=12000:14000"], **geometry},
                 {"name": "slab_auto", "path": str(tmp_path / "slab.tif"), "atlas_range": "ap=auto", **geometry},
                 {"name": "thin_auto", "path": str(tmp_path / "thin.tif"), "atlas_range": ["ap=auto"], **geometry},
+                {"name": "stretched", "path": str(flow_data["brain_tif"]), **geometry, "voxel_size": [400, 200, 200]},
             ]
         )
     )
@@ -203,7 +204,11 @@ def test_brainglobe_atlas_gives_each_item_the_atlas_jobs_outputs(
 
     assert sorted(r.name for r in report.results) == ["left", "slab", "slab_auto", "stp"]
     # the other hemisphere given: refused before its registration, naming the atlas's half and the other one
-    refused, outside, thin = sorted(report.errors, key=lambda e: e.name)
+    refused, outside, stretched, thin = sorted(report.errors, key=lambda e: e.name)
+    # a voxel size twice too large along axis 0: refused before its registration, as patchmorph atlas refuses it
+    assert stretched.name == "stretched" and stretched.step == "register", stretched
+    assert "times longer along anterior-posterior" in stretched.message and "manifest item's voxel_size" in stretched.message
+    assert not (tmp_path / "out" / "stretched" / "field.ome.zarr").exists()
     # a slab too thin for ap=auto: its error in one sentence, from its header (nothing of it made)
     assert thin.name == "thin_auto" and thin.step == "atlas_range", thin
     assert thin.message.startswith("manifest item 'thin_auto': atlas_range ap=auto: the voxels of the brain")
