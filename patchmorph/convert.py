@@ -64,6 +64,13 @@ def convert(
     orientation: OrientationOption = None,
     labels: Annotated[bool, typer.Option(help="Write a label image (nearest-neighbour pyramid).")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
+    channel_index: Annotated[
+        int | None,
+        typer.Option(
+            metavar="N",
+            help="Of a multi-channel OME-Zarr image (c axis) or TIFF stack (C axis), convert channel N (from 0).",
+        ),
+    ] = None,
     preview: Annotated[
         Path | None,
         typer.Option(
@@ -95,5 +102,6 @@ def convert(
         orientation=orientation,
         overwrite=overwrite,
         labels=labels,
+        channel_index=channel_index,
     )
     typer.echo(f"wrote {out}")

@@ -685,28 +685,47 @@ def check_stack_pages(path: Path) -> None:
         )
 
 
+def _tiff_channel(lazy: da.Array, axes: str, channel: int, path: Path) -> da.Array:
+    """Channel ``channel`` of a TIFF stack's array ``lazy`` whose axes tifffile names ``axes`` (``C``: channels)."""
+    if "C" not in axes or len(axes) != lazy.ndim:
+        raise InputError(f"{str(path)!r} has no channel axis (its axes are {axes}): leave out --channel-index.")
+    count = lazy.shape[axes.index("C")]
+    if not 0 <= channel < count:
+        raise InputError(
+            f"--channel-index {channel} is not a channel of {str(path)!r}, which holds {count}: give 0 to {count - 1}."
+        )
+    return lazy[tuple(channel if a == "C" else slice(None) for a in axes)]
+
+
 def open_tiff_stack(
     path: str | Path,
     voxel_size: Sequence[float] | None,
     unit: str | None = None,
     orientation: str | None = None,
+    channel_index: int | None = None,
 ) -> tuple[da.Array, Grid]:
     """Open a multi-page TIFF stack lazily (through tifffile's zarr view) as a ``(Z, Y, X)`` dask array; of a
-    pyramidal (OME-)TIFF, its full-resolution level."""
+    pyramidal (OME-)TIFF, its full-resolution level; of a multi-channel stack (an ImageJ hyperstack or OME-TIFF
+    with a ``C`` axis), channel ``channel_index`` (0-based)."""
     import tifffile
 
     p = _existing_file(path, "TIFF")
     try:
         check_stack_pages(p)
+        with tifffile.TiffFile(p) as tif:
+            axes = tif.series[0].axes  # e.g. 'ZCYX' for a hyperstack
         store = tifffile.imread(p, aszarr=True, level=0)  # a pyramid's store would be a group of levels
         lazy = da.from_zarr(zarr.open(store, mode="r"))
     except InputError:
         raise
     except Exception as err:  # tifffile / zarr raise several types for a bad file
         raise InputError(f"{str(p)!r} is not a readable TIFF stack ({err}); give a 3-D .tif file.") from err
+    if channel_index is not None:
+        lazy = _tiff_channel(lazy, axes, channel_index, p)
     shape = tuple(s for s in lazy.shape if s != 1) if lazy.ndim > 3 else lazy.shape
     if len(shape) != 3:
-        raise InputError(f"{str(p)!r} has shape {lazy.shape}: give a single-channel 3-D TIFF stack.")
+        channels = "; pick one channel with --channel-index N (N from 0)" if "C" in axes else ""
+        raise InputError(f"{str(p)!r} has shape {lazy.shape} (axes {axes}): give a single-channel 3-D TIFF stack{channels}.")
     lazy = lazy.reshape(shape)
     what = f"TIFF stack {str(p)!r}"
     if voxel_size is None:
@@ -741,21 +760,27 @@ def open_input(
     unit: str | None = None,
     orientation: str | None = None,
     chunks: Sequence[int] | None = None,
+    channel_index: int | None = None,
 ) -> tuple[da.Array, Grid, str]:
     """Open any supported input lazily as ``(dask (Z, Y, X), Grid, kind)``.
 
     ``kind`` is one of ``"ome-zarr"``, ``"tiff-planes"``, ``"tiff-stack"``, ``"nifti"``, ``"nrrd"``.
     Overrides as in :func:`apply_overrides`; TIFF inputs need ``voxel_size``. ``chunks``: the output's
-    spatial chunk shape (plane folders are read in its write units).
+    spatial chunk shape (plane folders are read in its write units). ``channel_index``: the channel (0-based) of a
+    multi-channel OME-Zarr image (its ``c`` axis) or TIFF stack (its ``C`` axis); other inputs hold one channel.
     """
-    from pipeline.ngff import image_orientation, read_image
+    from pipeline.ngff import image_orientation, read_channel, read_image
 
     p = Path(path)
     if not p.exists():
         raise InputError(f"input {str(p)!r} does not exist: check the path.")
     name = p.name.lower()
+    if channel_index is not None and not (_is_zarr(p) or (p.is_file() and name.endswith(TIFF_SUFFIXES))):
+        raise InputError(
+            f"--channel-index picks a channel of an OME-Zarr image or a TIFF stack; {str(p)!r} holds one: leave it out."
+        )
     if _is_zarr(p):
-        level = read_image(p).levels[0]
+        level = read_image(p).levels[0] if channel_index is None else read_channel(p, channel_index)
         array = level.array if isinstance(level.array, da.Array) else da.from_zarr(level.array)
         stated = str(p) if image_orientation(p) is not None else None
         return array, apply_overrides(level.grid, voxel_size, unit, orientation, stated), "ome-zarr"
@@ -767,7 +792,7 @@ def open_input(
         array, grid = load_nrrd(p, voxel_size, unit, orientation)  # pynrrd reads whole files
         return da.from_array(array, chunks=64), grid, "nrrd"
     if name.endswith(TIFF_SUFFIXES):
-        return (*open_tiff_stack(p, voxel_size, unit, orientation), "tiff-stack")
+        return (*open_tiff_stack(p, voxel_size, unit, orientation, channel_index), "tiff-stack")
     raise InputError(
         f"{str(p)!r} is not a supported image: give a TIFF plane folder, a TIFF stack (.tif), NIfTI "
         "(.nii/.nii.gz), NRRD (.nrrd) or OME-Zarr (.zarr folder)."
@@ -1013,6 +1038,7 @@ def convert(
     labels: bool = False,
     chunks: Sequence[int] | None = None,
     n_levels: int | None = None,
+    channel_index: int | None = None,
 ) -> Path:
     """Convert a TIFF plane folder, TIFF stack, NIfTI, NRRD or OME-Zarr 0.4 image to OME-Zarr 0.5.
 
@@ -1030,6 +1056,7 @@ def convert(
         labels: write a label image (nearest-neighbour pyramid).
         chunks: spatial chunk shape; default 64³.
         n_levels: pyramid levels; default automatic.
+        channel_index: the channel (0-based) of a multi-channel OME-Zarr image or TIFF stack to convert.
 
     Returns:
         The output path.
@@ -1040,7 +1067,7 @@ def convert(
 
     check_outputs(inputs={"input": input}, outputs={"output": output})
     out = check_output(output, overwrite)  # fail fast, before reading anything
-    array, grid, kind = open_input(input, voxel_size, unit, orientation, chunks)
+    array, grid, kind = open_input(input, voxel_size, unit, orientation, chunks, channel_index)
     if kind == "tiff-stack":
         warn_tiff_voxel_size(input, grid)
     if labels:
@@ -1065,9 +1092,12 @@ def convert(
         "source_kind": kind,
         "orientation": orientation,
         "orientation_source": source,
+        **({"channel_index": channel_index} if channel_index is not None else {}),
     }
     check_writable(out.parent)
     settings = {"voxel_size": voxel_size, "unit": unit, "orientation": orientation, "labels": labels}
+    if channel_index is not None:  # a conversion of another channel into this output resumes none of its slabs
+        settings["channel_index"] = channel_index
     fingerprint = {
         "input": content_identity(input), **settings, "chunks": chunks, "n_levels": n_levels, "code": code_identity()
     }

@@ -1215,7 +1215,8 @@ def _levels(
         if any(zarray.shape[i] != 1 for i in squeeze):
             raise InputError(
                 f"{where!r} has axes {names} with shape {zarray.shape}: only single time point, single channel "
-                "images are supported; extract one channel first."
+                "images are registered; convert one channel first ('patchmorph convert IMAGE OUT.ome.zarr "
+                "--channel-index N', N from 0) and give the converted image."
             )
         if squeeze:
             import dask.array as da
@@ -1241,6 +1242,28 @@ def read_image(path: str | Path, *, backend: Backend = "zarr") -> MultiscaleImag
     """
     levels, _, name = _levels(path, backend, keep_channels=False)
     return MultiscaleImage(tuple(levels), name)
+
+
+def read_channel(path: str | Path, channel: int) -> Level:
+    """Level 0 of channel ``channel`` (0-based, along the ``c`` axis) of an OME-Zarr image with axes ``c, z, y, x``
+    (after an optional single time point): a lazy ``(Z, Y, X)`` dask array on the image's grid.
+
+    Raises:
+        InputError: the image has no ``c`` axis, or ``channel`` is not one of its channels.
+    """
+    import dask.array as da
+
+    levels, _, _ = _levels(path, "zarr", keep_channels=True)
+    level = levels[0]
+    array = level.array if isinstance(level.array, da.Array) else da.from_zarr(level.array)
+    if array.ndim == 3:
+        raise InputError(f"{str(path)!r} has no channel axis (c): leave out --channel-index.")
+    if not 0 <= channel < array.shape[0]:
+        raise InputError(
+            f"--channel-index {channel} is not a channel of {str(path)!r}, which holds {array.shape[0]}: give 0 to "
+            f"{array.shape[0] - 1}."
+        )
+    return Level(array[channel], level.grid)
 
 
 def read_field(path: str | Path, *, backend: Backend = "zarr") -> tuple[Any, Grid, dict[str, Any]]:

@@ -468,3 +468,32 @@ def test_plane_names_with_two_section_numbers_are_one_series(tmp_path: Path) -> 
         with pytest.raises(InputError, match="holds the planes of 2 channels"):
             check_one_series(tmp_path, [tmp_path / n for n in names])
 
+
+
+def test_one_channel_of_a_multi_channel_image_is_converted_with_channel_index(tmp_path: Path) -> None:
+    """A two-channel OME-Zarr image (axes c, z, y, x, as bioformats2raw writes an STP brain's channels) and a
+    two-channel ImageJ hyperstack (axes Z, C, Y, X) are refused without --channel-index, naming the option; with it,
+    the channel asked for is converted, on the image's own grid; a channel it lacks, and the option on a one-channel
+    input, are refused."""
+    rng = np.random.default_rng(3)
+    data = rng.integers(0, 4000, (2, 5, 7, 9)).astype(np.uint16)  # (C, Z, Y, X): anisotropic, non-cubic
+    root = zarr.open_group(str(tmp_path / "two.zarr"), mode="w", zarr_format=2)
+    ome_write_image(data, root, scale_factors=[], fmt=FormatV04(), axes=["c", "z", "y", "x"],
+                    scale={"c": 1.0, "z": 50.0, "y": 2.0, "x": 1.5},
+                    axes_units={"z": "micrometer", "y": "micrometer", "x": "micrometer"})  # fmt: skip
+    tifffile.imwrite(tmp_path / "two.tif", np.moveaxis(data, 0, 1), imagej=True, metadata={"axes": "ZCYX"})
+    for source, size in ((tmp_path / "two.zarr", []), (tmp_path / "two.tif", ["--voxel-size", "50", "2", "1.5"])):
+        refused = RUNNER.invoke(app, ["convert", str(source), str(tmp_path / "o.zarr"), *size])
+        assert refused.exit_code == 2 and "--channel-index N" in refused.output, refused.output
+        for channel in (0, 1):
+            out = tmp_path / f"{source.suffix[1:]}_{channel}.ome.zarr"
+            done = RUNNER.invoke(app, ["convert", str(source), str(out), *size, "--channel-index", str(channel)])
+            assert done.exit_code == 0, done.output
+            np.testing.assert_array_equal(_level0(out), data[channel])
+            np.testing.assert_allclose(read_image(out).grid.spacing, [50.0, 2.0, 1.5])
+        wrong = RUNNER.invoke(app, ["convert", str(source), str(tmp_path / "w.zarr"), *size, "--channel-index", "2"])
+        assert wrong.exit_code == 2 and "which holds 2: give 0 to 1" in wrong.output, wrong.output
+    _planes(tmp_path / "planes", 3, (6, 7))
+    one = RUNNER.invoke(app, ["convert", str(tmp_path / "planes"), str(tmp_path / "p.zarr"), "--voxel-size", "1", "1",
+                              "1", "--channel-index", "0"])  # fmt: skip
+    assert one.exit_code == 2 and "holds one: leave it out" in one.output, one.output
