@@ -892,6 +892,8 @@ def job_summary(
         }
     if register_seconds is not None:
         summary["register_seconds"] = round(float(register_seconds), 1)
+    if field_meta.get("quality"):  # the field's quality block (pipeline.quality), its pre-flight record left out
+        summary["quality"] = {k: v for k, v in field_meta["quality"].items() if k != "preflight"}
     return summary
 
 
@@ -993,6 +995,39 @@ def _sides_note(summary: Mapping[str, Any]) -> list[str]:
     ]
 
 
+def _quality_section(block: Mapping[str, Any] | None) -> list[str]:
+    """The summary page's section on the field's quality checks (``block``: its quality block, :mod:`pipeline.quality`):
+    the verdict, its figures against their limits, and the similarity before and after each pass of the registration,
+    so that a pass that stopped helping shows. Empty for a field without a block (an earlier version's)."""
+    from pipeline.quality import QualityReport
+
+    if not block:
+        return []
+    failures = list(block.get("failures", ()))
+    verdict = "passed" if block.get("passed") else f"failed ({'; '.join(failures)})"
+    if not block.get("passed") and block.get("accepted"):
+        verdict += ", kept with --accept-quality"
+    report = QualityReport(dict(block), failures)
+    lines = ["", "## Quality checks", "", f"The field's quality checks {verdict} (docs/checks.md, *The quality block*):", ""]
+    lines += [f"- {line.removeprefix('quality: ')}" for line in report.summary()]
+    stages = block.get("similarity", {}).get("stages") or []
+    if stages:
+        lines += [
+            "",
+            "Similarity of each pass of the registration, before and after it (the registration's own measure on a "
+            "sample of the pass's grid, higher is better; a pass that lowers it is not kept):",
+            "",
+            "| pass | measure | before | after | kept |",
+            "|---|---|---|---|---|",
+            *(
+                f"| {st['name']} | {st.get('similarity') or ''} | {st['before']:.4f} | {st['after']:.4f} | "
+                f"{'yes' if st['accepted'] else 'no'} |"
+                for st in stages
+            ),
+        ]
+    return lines
+
+
 def _residual(max_error: float | None, mean_error: float | None) -> str:
     """The summary's inverse residual cell: ``max / mean``, or why it was not measured (None or NaN: no atlas point
     maps into the brain's field grid, as on a brain a few field voxels thin)."""
@@ -1040,6 +1075,7 @@ def write_job_summary(out: Path, summary: Mapping[str, Any], paths: Mapping[str,
     if s.get("weights"):
         digest = s["weights"].get("sha256") or s["weights"].get("sha256_head_tail", "")
         lines += ["", f"Model weights: `{s['weights']['path']}` (SHA-256 {digest[:16]}…)."]
+    lines += _quality_section(s.get("quality"))
     if s.get("warnings"):
         lines += ["", "## Warnings", "", *(f"- {w}" for w in s["warnings"])]
     lines += ["", "## Outputs", ""]

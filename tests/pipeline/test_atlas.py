@@ -240,6 +240,41 @@ def test_the_summary_page_says_the_ncc_is_dominated_by_the_outline(tmp_path: Pat
     assert "the outline of the brain dominates it" in page and "a high NCC does not show that the inside" in page
 
 
+def test_the_summary_page_gives_the_fields_quality_verdict_and_each_pass(tmp_path: Path) -> None:
+    """The field's quality block on the summary page: the verdict, the figures against their limits, and the similarity
+    before and after each pass, a pass that lowered it shown as not kept; a failed field kept with --accept-quality
+    says so."""
+    from pipeline.atlas_job import write_job_summary
+
+    quality = {
+        "similarity": {
+            "identity": 0.03, "initial": 0.49, "final": 0.75,
+            "stages": [
+                {"name": "stage1", "similarity": "mind", "before": -0.0750, "after": -0.0681, "accepted": True},
+                {"name": "polish", "similarity": "mind", "before": -0.0681, "after": -0.0700, "accepted": False},
+            ],
+        },
+        "folding": {"tissue_voxels": 490072, "folded_voxels": 0, "folded_percent": 0.0, "min_jacobian": 0.128},
+        "inverse": {"percentiles_voxels": {"50": 0.0008, "99": 0.001}, "max_voxels": 0.02},
+        "thresholds": {"max_folded_percent": 1.0, "min_similarity_change": -0.01, "max_inverse_p99_voxels": 2.0},
+        "passed": True, "failures": [], "accepted": False,
+    }  # fmt: skip
+    summary = {
+        "atlas": "a", "brain_shape": [2, 2, 2], "brain_voxel_size": [1, 1, 1], "field_unit": "micrometer",
+        "field_shape": [1, 1, 1], "field_spacing": [1, 1, 1], "seconds": 1.0, "ncc_in_atlas_space": 0.7,
+        "ncc_in_atlas_space_inside_brain": 0.49, "folded_percent_inside_brain": 0.0, "n_structures": 1,
+        "brain_volume_mm3": 1.0, "quality": quality,
+    }  # fmt: skip
+    page = write_job_summary(tmp_path, summary, {})["summary_md"].read_text()
+    assert "## Quality checks" in page and "The field's quality checks passed" in page
+    assert "- folded 0 % of 490072 tissue voxels of the field (limit 1.0 %)" in page
+    assert "| stage1 | mind | -0.0750 | -0.0681 | yes |" in page and "| polish | mind | -0.0681 | -0.0700 | no |" in page
+    failed = {**quality, "passed": False, "failures": ["folded 2.1 % of the tissue (limit 1 %)"], "accepted": True}
+    page = write_job_summary(tmp_path, {**summary, "quality": failed}, {})["summary_md"].read_text()
+    assert "quality checks failed (folded 2.1 % of the tissue (limit 1 %)), kept with --accept-quality" in page
+    assert "## Quality checks" not in write_job_summary(tmp_path, {**summary, "quality": None}, {})["summary_md"].read_text()
+
+
 def test_volume_table_has_brainregs_columns_then_id_and_acronym(tmp_path: Path) -> None:
     rows = volume_table({(5, LEFT): 2, (5, RIGHT): 1}, 1e-3, {5: Structure(5, "Primary motor area", "MOp")})
     path = write_volume_table(tmp_path / "volumes.csv", rows)
@@ -970,6 +1005,8 @@ def _job_warnings(tmp_path: Path, examples: Path, brain: np.ndarray, phrase: str
     tifffile.imwrite(path, brain)
     result, out = _quick_job(tmp_path, examples, path, BRAIN_VOXEL_SIZE_UM)
     assert result.exit_code == 0, result.output
+    assert json.loads((out / "summary.json").read_text())["quality"]["passed"]  # the quality block passed it
+    assert "The field's quality checks passed" in (out / "summary.md").read_text()
     return [w for w in json.loads((out / "summary.json").read_text())["warnings"] if phrase in w]
 
 
