@@ -11,6 +11,7 @@ import shutil
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -54,6 +55,15 @@ from pipeline.demo import (
     volume_correlation,
 )
 from pipeline.ngff import image_orientation, read_field, read_image, write_image
+
+
+def _page_summary(**figures: Any) -> dict[str, Any]:
+    """The least summary :func:`pipeline.atlas_job.write_job_summary` writes a page from, with ``figures`` added."""
+    return {
+        "atlas": "a", "brain_shape": [2, 2, 2], "brain_voxel_size": [1, 1, 1], "field_unit": "micrometer",
+        "field_shape": [1, 1, 1], "field_spacing": [1, 1, 1], "seconds": 1.0, "folded_percent_inside_brain": 0.0,
+        "n_structures": 1, "brain_volume_mm3": 1.0, **figures,
+    }  # fmt: skip
 
 
 def test_volumes_are_counted_per_side_chunk_by_chunk() -> None:
@@ -114,12 +124,7 @@ def test_a_jobs_warnings_are_kept_for_its_summary(tmp_path: Path) -> None:
         logging.getLogger("pipeline.checks").info("not kept")
     logging.getLogger("pipeline.checks").warning("after the job: not kept")
     assert warnings == ["the tissue of the fixed image spans 2.0 along x"]
-    summary = {
-        "atlas": "a", "brain_shape": [2, 2, 2], "brain_voxel_size": [1, 1, 1], "field_unit": "micrometer",
-        "field_shape": [1, 1, 1], "field_spacing": [1, 1, 1], "seconds": 1.0, "ncc_in_atlas_space": 0.5,
-        "ncc_in_atlas_space_inside_brain": 0.5, "folded_percent_inside_brain": 0.0, "n_structures": 1,
-        "brain_volume_mm3": 1.0, "warnings": warnings,
-    }  # fmt: skip
+    summary = _page_summary(ncc_in_atlas_space=0.5, ncc_in_atlas_space_inside_brain=0.5, warnings=warnings)
     page = write_job_summary(tmp_path, summary, {})["summary_md"].read_text()
     assert "## Warnings\n\n- the tissue of the fixed image spans 2.0 along x" in page
 
@@ -230,12 +235,7 @@ def test_the_summary_page_says_the_ncc_is_dominated_by_the_outline(tmp_path: Pat
     the page's figure read as "better" for an image without anatomy. The page says what the figure cannot show."""
     from pipeline.atlas_job import write_job_summary
 
-    summary = {
-        "atlas": "a", "brain_shape": [2, 2, 2], "brain_voxel_size": [1, 1, 1], "field_unit": "micrometer",
-        "field_shape": [1, 1, 1], "field_spacing": [1, 1, 1], "seconds": 1.0, "ncc_in_atlas_space": 0.876,
-        "ncc_in_atlas_space_inside_brain": 0.49, "folded_percent_inside_brain": 0.0, "n_structures": 1,
-        "brain_volume_mm3": 1.0,
-    }  # fmt: skip
+    summary = _page_summary(ncc_in_atlas_space=0.876, ncc_in_atlas_space_inside_brain=0.49)
     page = " ".join(write_job_summary(tmp_path, summary, {})["summary_md"].read_text().split())
     assert "the outline of the brain dominates it" in page and "a high NCC does not show that the inside" in page
 
@@ -259,12 +259,7 @@ def test_the_summary_page_gives_the_fields_quality_verdict_and_each_pass(tmp_pat
         "thresholds": {"max_folded_percent": 1.0, "min_similarity_change": -0.01, "max_inverse_p99_voxels": 2.0},
         "passed": True, "failures": [], "accepted": False,
     }  # fmt: skip
-    summary = {
-        "atlas": "a", "brain_shape": [2, 2, 2], "brain_voxel_size": [1, 1, 1], "field_unit": "micrometer",
-        "field_shape": [1, 1, 1], "field_spacing": [1, 1, 1], "seconds": 1.0, "ncc_in_atlas_space": 0.7,
-        "ncc_in_atlas_space_inside_brain": 0.49, "folded_percent_inside_brain": 0.0, "n_structures": 1,
-        "brain_volume_mm3": 1.0, "quality": quality,
-    }  # fmt: skip
+    summary = _page_summary(ncc_in_atlas_space=0.7, ncc_in_atlas_space_inside_brain=0.49, quality=quality)
     page = write_job_summary(tmp_path, summary, {})["summary_md"].read_text()
     assert "## Quality checks" in page and "The field's quality checks passed" in page
     assert "- folded 0 % of 490072 tissue voxels of the field (limit 1.0 %)" in page
