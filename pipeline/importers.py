@@ -310,13 +310,12 @@ def _nrrd_ras_affine(header: dict, path: Path) -> np.ndarray:
             raise InputError(
                 f"{str(path)!r} has 'space directions' {directions.tolist()}: a 3-D image needs three finite vectors."
             )
-        if "space" not in header:  # vectors in a space of no anatomy ('space dimension' only): voxel sizes alone, in
-            affine = np.eye(4)  # the plain frame of a file without orientation, as a NIfTI without qform and sform
-            affine[:3, :3] = np.diag(np.linalg.norm(directions, axis=1))
-            return affine
-        origin = np.asarray(header.get("space origin", np.zeros(3)), dtype=np.float64)
-        return ras_affine_from_nrrd(header["space"], directions, origin)
-    spacings = header.get("spacings")
+        if "space" in header:
+            origin = np.asarray(header.get("space origin", np.zeros(3)), dtype=np.float64)
+            return ras_affine_from_nrrd(header["space"], directions, origin)
+        # vectors in a space of no anatomy ('space dimension' only): their lengths alone, in the plain frame of a
+        # file without orientation, as a NIfTI without qform and sform
+    spacings = np.linalg.norm(directions, axis=1) if "space directions" in header else header.get("spacings")
     if spacings is None:
         raise InputError(
             f"{str(path)!r} has neither 'space directions' nor 'spacings': pass --voxel-size Z Y X (in a batch, the "
@@ -657,12 +656,15 @@ def open_tiff_planes(
     return da.block(blocks), grid
 
 
-def check_stack_pages(path: Path) -> None:
+def check_stack_pages(path: Path) -> str:
     """Refuse a TIFF stack without shape metadata whose pages differ in shape or type before its last plane: tifffile
     reads such a file as a ``uniform`` series (every page taken to have the first page's shape: an odd page is read
     into wrong values) or as a ``generic`` one (the pages of one shape, wherever they lie: an odd page is left out and
     every later plane moves up). Pages after the last plane (a preview) are another image and are left alone. Only
     the pages' headers are read.
+
+    Returns:
+        The axes tifffile names the stack's first series by (e.g. ``ZCYX`` for a hyperstack).
 
     Raises:
         InputError: naming the file, the odd pages and the fix.
@@ -670,8 +672,9 @@ def check_stack_pages(path: Path) -> None:
     import tifffile
 
     with tifffile.TiffFile(path) as tif:
+        axes = str(tif.series[0].axes)
         if tif.series[0].kind.lower() not in ("uniform", "generic"):
-            return  # ImageJ, OME and shaped series are described by their metadata
+            return axes  # ImageJ, OME and shaped series are described by their metadata
         tif.pages.useframes = False  # each page's own header, not the first page's
         headers = [(tuple(tif.pages[k].shape), tif.pages[k].dtype) for k in range(len(tif.pages))]
     (shape, dtype), count = Counter(headers).most_common(1)[0]
@@ -683,17 +686,16 @@ def check_stack_pages(path: Path) -> None:
             f"{dtype}): {', '.join(odd[:3])}{' ...' if len(odd) > 3 else ''}; they would be read into wrong values or left "
             "out, moving every later plane: the file is damaged or holds pages of several images; export the stack again."
         )
+    return axes
 
 
 def _tiff_channel(lazy: da.Array, axes: str, channel: int, path: Path) -> da.Array:
     """Channel ``channel`` of a TIFF stack's array ``lazy`` whose axes tifffile names ``axes`` (``C``: channels)."""
+    from pipeline.ngff import check_channel_index
+
     if "C" not in axes or len(axes) != lazy.ndim:
         raise InputError(f"{str(path)!r} has no channel axis (its axes are {axes}): leave out --channel-index.")
-    count = lazy.shape[axes.index("C")]
-    if not 0 <= channel < count:
-        raise InputError(
-            f"--channel-index {channel} is not a channel of {str(path)!r}, which holds {count}: give 0 to {count - 1}."
-        )
+    check_channel_index(channel, lazy.shape[axes.index("C")], path)
     return lazy[tuple(channel if a == "C" else slice(None) for a in axes)]
 
 
@@ -711,9 +713,7 @@ def open_tiff_stack(
 
     p = _existing_file(path, "TIFF")
     try:
-        check_stack_pages(p)
-        with tifffile.TiffFile(p) as tif:
-            axes = tif.series[0].axes  # e.g. 'ZCYX' for a hyperstack
+        axes = check_stack_pages(p)  # e.g. 'ZCYX' for a hyperstack
         store = tifffile.imread(p, aszarr=True, level=0)  # a pyramid's store would be a group of levels
         lazy = da.from_zarr(zarr.open(store, mode="r"))
     except InputError:

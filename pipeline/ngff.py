@@ -1258,12 +1258,16 @@ def read_channel(path: str | Path, channel: int) -> Level:
     array = level.array if isinstance(level.array, da.Array) else da.from_zarr(level.array)
     if array.ndim == 3:
         raise InputError(f"{str(path)!r} has no channel axis (c): leave out --channel-index.")
-    if not 0 <= channel < array.shape[0]:
-        raise InputError(
-            f"--channel-index {channel} is not a channel of {str(path)!r}, which holds {array.shape[0]}: give 0 to "
-            f"{array.shape[0] - 1}."
-        )
+    check_channel_index(channel, array.shape[0], path)
     return Level(array[channel], level.grid)
+
+
+def check_channel_index(channel: int, count: int, path: str | Path) -> None:
+    """Refuse a ``--channel-index`` that is not one of the ``count`` channels of the image at ``path``."""
+    if not 0 <= channel < count:
+        raise InputError(
+            f"--channel-index {channel} is not a channel of {str(path)!r}, which holds {count}: give 0 to {count - 1}."
+        )
 
 
 def read_field(path: str | Path, *, backend: Backend = "zarr") -> tuple[Any, Grid, dict[str, Any]]:
