@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 from pydantic import BaseModel, ConfigDict
 
 from patchmorph_core.errors import InputError
@@ -364,9 +365,15 @@ def shortest_axis(geometry: Mapping[str, Any] | None) -> tuple[int, float] | Non
     brain. None: a record without the extents."""
     if not geometry or "fixed_tissue_extent" not in geometry or "moving_tissue_extent" not in geometry:
         return None
-    shape = np.asarray(geometry["fixed_tissue_extent"], float) / np.maximum(geometry["moving_tissue_extent"], 1e-12)
+    shape = _extent_ratio(geometry["fixed_tissue_extent"], geometry["moving_tissue_extent"])
     axis = int(np.argmin(shape))
     return axis, float(np.median(shape) / max(shape[axis], 1e-12))
+
+
+def _extent_ratio(extent: ArrayLike, other: ArrayLike) -> np.ndarray:
+    """``(3,)`` ratio of two tissue extents per world axis (superior, anterior, right), ``extent / other`` (an empty
+    axis of ``other`` counts as 1e-12 long)."""
+    return np.asarray(extent, dtype=np.float64) / np.maximum(np.asarray(other, dtype=np.float64), 1e-12)
 
 
 def _one_hemisphere(shape: np.ndarray) -> bool:
@@ -386,7 +393,7 @@ def _extent_check(
     m_low, m_high = tissue_bounds(moving)
     f_ext, m_ext = f_high - f_low, m_high - m_low
     ratios = np.maximum(f_ext, m_ext) / np.maximum(np.minimum(f_ext, m_ext), 1e-12)
-    shape = f_ext / np.maximum(m_ext, 1e-12)
+    shape = _extent_ratio(f_ext, m_ext)
     spread = float(shape.max() / max(shape.min(), 1e-12))
     record = {
         "unit": fixed.unit,
@@ -438,7 +445,7 @@ def check_brain_not_longer(
         return
     atlas = atlas.with_unit(brain.unit)
     (b_low, b_high), (a_low, a_high) = tissue_bounds(brain), tissue_bounds(atlas)
-    shape = (b_high - b_low) / np.maximum(a_high - a_low, 1e-12)  # (3,) per world axis (superior, anterior, right)
+    shape = _extent_ratio(b_high - b_low, a_high - a_low)
     axis = int(np.argmax(shape))
     factor = float(shape[axis] / np.median(shape))
     if shape[axis] < LONGER_THAN_ATLAS or factor < EXTENT_SHAPE_WARNING:
