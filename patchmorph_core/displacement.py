@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from patchmorph_core.spatial import Grid, index_box, read_box
+from patchmorph_core.spatial import Grid, read_box, row_box
 from patchmorph_core.transforms import integrate_velocity
 
 
@@ -77,20 +77,18 @@ class FieldDisplacement:
     grid: Grid
 
     def __call__(self, points: np.ndarray) -> np.ndarray:
-        pts = _as_points(points)
-        out = np.zeros((pts.shape[0], 3), dtype=np.float64)
-        if pts.shape[0] == 0:
-            return out
-        index = self.grid.world_to_index(pts)
-        index = np.clip(index, 0.0, np.asarray(self.grid.shape, dtype=np.float64) - 1.0)
-        box = index_box(index, self.grid.shape, margin=1)
-        if box is None:  # unreachable after clipping; kept for type narrowing
-            return out
-        block = read_box(self.field, (slice(None), *box)).astype(np.float32, copy=False)
-        local = (index - np.array([s.start for s in box], dtype=np.float64)).T
-        for k in range(3):
-            out[:, k] = ndimage.map_coordinates(block[k], local, order=1, mode="nearest", prefilter=False)
-        return out
+        """``(N, 3)`` float64 displacements at ``(..., 3)`` world points: component-major indices, one box read,
+        scipy's trilinear per component (float32 values; a point's value does not depend on the other points)."""
+        rows = self.grid.world_to_index_rows(_as_points(points))  # (3, N)
+        np.clip(rows, 0.0, np.asarray(self.grid.shape, dtype=np.float64)[:, None] - 1.0, out=rows)
+        out = np.zeros((3, rows.shape[1]), dtype=np.float32)
+        box = row_box(rows, self.grid.shape)
+        if box is not None:  # None only without points (clipped points lie inside)
+            block = read_box(self.field, (slice(None), *box)).astype(np.float32, copy=False)
+            rows -= np.array([[s.start] for s in box], dtype=np.float64)
+            for k in range(3):
+                ndimage.map_coordinates(block[k], rows, output=out[k], order=1, mode="nearest", prefilter=False)
+        return out.T.astype(np.float64)
 
 
 INVERSE_ITERATIONS = 30

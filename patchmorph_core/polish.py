@@ -54,7 +54,7 @@ import torch.nn.functional as F
 
 from patchmorph_core.config import InferenceConfig
 from patchmorph_core.displacement import exp_reach, exp_velocity_inside
-from patchmorph_core.sampling import row_box, sample_affine, sample_separable
+from patchmorph_core.sampling import sample_affine, sample_separable
 from patchmorph_core.similarity import MindSSC, Similarity, in_slabs, make_similarity, z_slabs
 from patchmorph_core.source import Level, MultiscaleImage
 from patchmorph_core.spatial import (
@@ -65,6 +65,7 @@ from patchmorph_core.spatial import (
     index_to_normalized,
     normalized_per_index,
     read_box,
+    row_box,
 )
 
 SQUARINGS = 5

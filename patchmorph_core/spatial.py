@@ -837,6 +837,11 @@ def index_box(index: np.ndarray, shape: Sequence[int], margin: int = 1) -> tuple
     return bounds_box(flat.min(axis=0), flat.max(axis=0), shape, margin)
 
 
+def row_box(rows: np.ndarray, shape: Sequence[int], margin: int = 1) -> tuple[slice, ...] | None:
+    """:func:`index_box` of the ``(3, N)`` component-major indices ``rows``."""
+    return bounds_box(rows.min(axis=1), rows.max(axis=1), shape, margin)
+
+
 def world_box(grid: Grid, low: Sequence[float], high: Sequence[float], margin: int = 1) -> tuple[slice, ...] | None:
     """:func:`index_box` of ``grid`` holding the axis-aligned world box ``[low, high]`` (its eight corners in the
     grid's continuous indices, any direction), plus ``margin`` voxels; None when it lies wholly outside."""

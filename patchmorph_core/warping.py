@@ -27,7 +27,6 @@ import torch.nn.functional as F
 from patchmorph_core.displacement import INVERSE_ITERATIONS, Displacement, FieldDisplacement, invert_points
 from patchmorph_core.sampling import (
     is_separable,
-    row_box,
     sample_affine,
     sample_indices,
     sample_separable,
@@ -41,6 +40,7 @@ from patchmorph_core.spatial import (
     index_rows_to_normalized,
     integer_offset,
     read_box,
+    row_box,
     world_box,
 )
 
