@@ -110,7 +110,7 @@ class ImageInput(BaseModel):
     def needs_conversion(self) -> bool:
         """False when ``path`` is an OME-Zarr group PatchMorph wrote, no geometry override is given and no copy is
         asked for. Another tool's OME-Zarr (ome-zarr-py, bioformats2raw) is converted: its pyramid (or its lack of
-        one) is not what the registration expects (:func:`pipeline.ngff.warn_foreign_pyramid`), and a label map's
+        one) is not what the registration expects (:func:`pipeline.ngff.converted_pyramid`), and a label map's
         coarser levels may hold interpolated ids."""
         if self.always_copy:
             return True

@@ -105,7 +105,7 @@ def register(
     """
     from patchmorph_core.spatial import parse_length
     from pipeline.checks import CheckOptions
-    from pipeline.ngff import warn_foreign_pyramid, warn_without_orientation
+    from pipeline.ngff import warn_without_orientation
     from pipeline.quality import QualityReport
     from pipeline.register import register_files, resolve_config
 
@@ -114,7 +114,6 @@ def register(
     for image, role in ((fixed, "fixed"), (moving, "moving")):
         with contextlib.suppress(InputError):  # an unreadable input is register's to report
             warn_without_orientation(image, role)
-            warn_foreign_pyramid(image, role)
     cfg = resolve_config(config)
     if weights is not None:
         cfg = cfg.model_copy(update={"weights": str(weights)})

@@ -59,6 +59,7 @@ from patchmorph_core.spatial import (
     check_spacing,
     orientation_code,
     orientation_matrix,
+    read_box,
     unit_scale,
 )
 from pipeline.integrity import ARRAY_OPTIONS, EVERY_CHUNK_WRITTEN, VerifiedStore, writable
@@ -265,22 +266,42 @@ def written_by_patchmorph(path: str | Path) -> bool:
     return "patchmorph" in dict(_open_group(path).attrs)
 
 
-def warn_foreign_pyramid(path: str | Path, role: str) -> bool:
-    """Log a warning when an OME-Zarr image given to ``register`` was written by another tool (no ``patchmorph``
-    attributes): the registration samples its coarse stages from the image's pyramid, and another tool's pyramid
-    is smoothed otherwise than PatchMorph's block means (ome-zarr-py's anti-aliased resize, halving y and x only) or
-    missing (one level, sampled from the full resolution), which moves voxels that should stay (measured:
-    docs/formats.md, *Other tools' OME-Zarr*). Returns True when it warned."""
-    if written_by_patchmorph(path):
-        return False
-    levels = len(_multiscale(dict(_open_group(path).attrs), str(path)).get("datasets", ()))
-    logger.warning(
-        "the %s image %s was written by another tool (%s): the registration's coarse stages read a pyramid "
-        "PatchMorph did not make (or, without one, the full resolution) and move voxels that should stay; convert it first "
-        "('patchmorph convert %s OUT.ome.zarr', which keeps its geometry) and register the converted image",
-        role, path, "one level, no pyramid" if levels == 1 else f"a pyramid of {levels} levels", path,
-    )  # fmt: skip
-    return True
+def converted_pyramid(image: MultiscaleImage, path: str | Path, role: str, max_bytes: int) -> MultiscaleImage:
+    """``image`` (read from ``path``, an image another tool wrote) with the pyramid ``convert`` writes for it, in
+    memory: its level 0 read whole, its coarser levels the block means :func:`finish_image` computes from it (as
+    many levels, the same factors, :func:`_downsample_block` rounding each back to :func:`level_dtype`), so it
+    samples the same values as its converted copy. Another tool's own pyramid is left out: it is smoothed otherwise
+    (ome-zarr-py's anti-aliased resize halving y and x only) or missing, and the registration's coarse stages read
+    the pyramid (measured: docs/formats.md, *Other tools' OME-Zarr*).
+
+    Args:
+        image: the image as :func:`read_image` opened it (levels ``(Z, Y, X)``, finest first).
+        path, role: how a refusal names it (``"fixed"``, ``"moving"``, ``"image"``).
+        max_bytes: the most the pyramid may take in memory.
+
+    Raises:
+        InputError: the pyramid would take more than ``max_bytes``: nothing is read, the sentence names ``convert``.
+    """
+    level = image.levels[0]
+    factors = pyramid_factors(level.grid.spacing, level.grid.shape, _auto_levels(level.grid))
+    shape, dtype = np.asarray(level.grid.shape), level_dtype(level.array.dtype, labels=False)
+    nbytes = int(shape.prod()) * np.dtype(level.array.dtype).itemsize
+    for f in factors[1:]:
+        shape = -(-shape // np.asarray(f))
+        nbytes += int(shape.prod()) * dtype.itemsize
+    if nbytes > max_bytes:
+        raise InputError(
+            f"the {role} image {path} was written by another tool, whose pyramid the registration cannot use, and is "
+            f"too large ({nbytes / 2**20:.0f} MiB) to build PatchMorph's in memory (at most {max_bytes / 2**20:.0f} "
+            f"MiB): convert it first ('patchmorph convert {path} OUT.ome.zarr', which keeps its geometry) and give the "
+            "converted image."
+        )
+    levels = [Level(read_box(level.array, (slice(None),) * 3), level.grid)]
+    for f in factors[1:]:
+        down = _downsample_block(levels[-1].array, f, False, dtype)
+        levels.append(Level(down, downsampled_grid(levels[-1].grid, f, down.shape)))
+    logger.info("%s image %s was written by another tool: its level 0 and PatchMorph's pyramid of it are used", role, path)
+    return MultiscaleImage(tuple(levels), image.name)
 
 
 def _affine_rows(grid: Grid) -> list[list[float]]:
@@ -384,8 +405,6 @@ class GridFrameField:
         return parts[0], tuple(parts[1:])
 
     def __getitem__(self, key: Any) -> np.ndarray:
-        from patchmorph_core.spatial import read_box
-
         component, spatial = self._spatial(key)
         stored = read_box(self.array, (slice(None), *spatial)).astype(np.float32, copy=False)
         world = np.tensordot(self.direction.astype(np.float32), stored, axes=(1, 0))

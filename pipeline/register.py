@@ -56,7 +56,14 @@ from pipeline.checks import (
 from pipeline.cluster import load_cluster_config, open_executor
 from pipeline.driver import Inputs, MemoryStore, ZarrStore, run_registration
 from pipeline.executor import thread_executor
-from pipeline.ngff import field_metadata, finish_image, read_image, set_attribute
+from pipeline.ngff import (
+    converted_pyramid,
+    field_metadata,
+    finish_image,
+    read_image,
+    set_attribute,
+    written_by_patchmorph,
+)
 from pipeline.quality import assess_field, conclude, raise_if_failed, similarity_start, stage_similarity
 from pipeline.resume import (
     atomic_write_json,
@@ -118,12 +125,18 @@ class RegistrationRecord(BaseModel):
 
 # -- client side --------------------------------------------------------------------------------------------
 def _open_inputs(fixed: str | Path, moving: str | Path) -> tuple[MultiscaleImage, MultiscaleImage]:
-    """Open both images lazily; InputError naming the bad one."""
-    images = []
+    """Open both images lazily, an image another tool wrote with the pyramid ``convert`` would give it, in memory
+    (:func:`pipeline.ngff.converted_pyramid`; such images together within :data:`IMAGES_IN_MEMORY_BYTES`, else the
+    one that does not fit is refused, naming ``convert``); InputError naming the bad one."""
+    images, budget = [], IMAGES_IN_MEMORY_BYTES
     for role, path in (("fixed", fixed), ("moving", moving)):
         if not Path(path).exists() and "://" not in str(path):
             raise InputError(f"{role} image {path} does not exist: give the path of an OME-Zarr image.")
-        images.append(read_image(path))
+        image = read_image(path)
+        if not written_by_patchmorph(path):
+            image = converted_pyramid(image, path, role, budget)
+            budget -= image.nbytes
+        images.append(image)
     return images[0], images[1]
 
 

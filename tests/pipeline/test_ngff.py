@@ -312,33 +312,59 @@ def test_rfc4_orientation_alone_gives_back_the_grid(tmp_path: Path) -> None:
     np.testing.assert_allclose(ngff.read_image(oblique).grid.affine, rotated.affine)
 
 
-def test_register_warns_of_an_image_whose_pyramid_another_tool_made(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+def _write_foreign(path: Path, data: np.ndarray, spacing: tuple[float, float, float], scale_factors: list[int]) -> Path:
+    """``data`` ``(Z, Y, X)`` as ome-zarr-py writes it (NGFF 0.4, no ``patchmorph`` attributes): its pyramid of
+    ``scale_factors`` (anti-aliased, y and x halved only; none: one level), voxel size ``spacing`` µm."""
+    ome_write_image(
+        data, zarr.open_group(str(path), mode="w", zarr_format=2), axes="zyx", fmt=FormatV04(),
+        scale_factors=scale_factors, scale=dict(zip("zyx", spacing, strict=True)),
+        axes_units={a: "micrometer" for a in "zyx"},
+    )  # fmt: skip
+    return path
+
+
+def test_register_gives_another_tools_images_the_field_of_their_converted_copies(
+    tmp_path: Path, examples: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """An OME-Zarr image of ome-zarr-py (its pyramid, or one level) given to ``register`` is warned about, naming
-    ``convert``, before any work; the same image converted by PatchMorph is not."""
+    """``register`` on OME-Zarr images of ome-zarr-py (the fixed one with its pyramid, the moving one a single level)
+    gives exactly the field of the same images converted by PatchMorph, and writes nothing beside them; one whose
+    PatchMorph pyramid would not fit in memory is refused before any work, naming ``convert``."""
+    import tifffile
     from typer.testing import CliRunner
 
     from patchmorph.cli import app
+    from pipeline import register
+    from pipeline.demo import ExampleFiles
     from pipeline.importers import convert
 
-    foreign = tmp_path / "foreign.zarr"
-    ome_write_image(
-        _image((12, 14, 20)), zarr.open_group(str(foreign), mode="w", zarr_format=2), axes="zyx", fmt=FormatV04(),
-        scale_factors=[2], scale={"z": 50.0, "y": 40.0, "x": 40.0}, axes_units={a: "micrometer" for a in "zyx"},
-    )  # fmt: skip
-    converted = convert(foreign, tmp_path / "converted.zarr")
-    with caplog.at_level("WARNING"):
-        assert ngff.warn_foreign_pyramid(foreign, "fixed")
-        assert not ngff.warn_foreign_pyramid(converted, "fixed")
-    assert caplog.text.count("was written by another tool (a pyramid of 2 levels)") == 1
-    caplog.clear()
-    with caplog.at_level("WARNING"):
-        result = CliRunner().invoke(app, ["register", "--fixed", str(foreign), "--moving", str(tmp_path / "none.zarr"),
-                                          "--out", str(tmp_path / "field.zarr")])  # fmt: skip
+    brain = tifffile.imread(ExampleFiles.from_dir(examples).brain)  # 50 x 40 x 40 µm
+    z, y, x = (n // 4 * 4 for n in brain.shape)
+    brain = brain[:z, :y, :x].reshape(z // 4, 4, y // 4, 4, x // 4, 4).mean(axis=(1, 3, 5)).astype(np.uint16)
+    moving = np.roll(brain, (2, -1, 3), axis=(0, 1, 2))  # anisotropic 200 x 160 x 160 µm, not cubic
+    foreign = {
+        "fixed": _write_foreign(tmp_path / "in" / "fixed.zarr", brain, (200.0, 160.0, 160.0), [2, 4]),
+        "moving": _write_foreign(tmp_path / "in" / "moving.zarr", moving, (200.0, 160.0, 160.0), []),
+    }
+    converted = {role: convert(path, tmp_path / f"{role}.ome.zarr") for role, path in foreign.items()}
+    fields = {}
+    for name, images in (("foreign", foreign), ("converted", converted)):
+        out = tmp_path / f"{name}_field.ome.zarr"
+        result = CliRunner().invoke(app, ["register", "--fixed", str(images["fixed"]), "--moving",
+                                          str(images["moving"]), "--out", str(out), "--field-spacing", "320um"])  # fmt: skip
+        assert result.exit_code == 0, result.output
+        fields[name] = np.asarray(ngff.read_field(out)[0][:])
+    assert np.abs(fields["converted"]).max() > 50.0  # the shift was found: a field of hundreds of µm
+    np.testing.assert_array_equal(fields["foreign"], fields["converted"])
+    assert sorted(p.name for p in (tmp_path / "in").iterdir()) == ["fixed.zarr", "moving.zarr"]
+
+    monkeypatch.setattr(register, "IMAGES_IN_MEMORY_BYTES", 700_000)  # room for one of the two (0.49 MB each)
+    out = tmp_path / "refused.ome.zarr"
+    result = CliRunner().invoke(app, ["register", "--fixed", str(foreign["fixed"]), "--moving", str(foreign["moving"]),
+                                      "--out", str(out)])  # fmt: skip
     assert result.exit_code == 2, result.output
-    assert f"the fixed image {foreign} was written by another tool" in caplog.text
-    assert f"convert it first ('patchmorph convert {foreign} OUT.ome.zarr'" in caplog.text
+    assert f"the moving image {foreign['moving']} was written by another tool" in result.output
+    assert f"convert it first ('patchmorph convert {foreign['moving']} OUT.ome.zarr'" in result.output
+    assert not out.exists()
 
 
 def test_an_image_without_orientation_is_said_so_and_gets_no_rfc4(
