@@ -266,11 +266,13 @@ def written_by_patchmorph(path: str | Path) -> bool:
     return "patchmorph" in dict(_open_group(path).attrs)
 
 
-def converted_pyramid(image: MultiscaleImage, path: str | Path, role: str, max_bytes: int) -> MultiscaleImage:
+def converted_pyramid(
+    image: MultiscaleImage, path: str | Path, role: str, max_bytes: int, target: Grid | None = None
+) -> MultiscaleImage:
     """``image`` (read from ``path``, an image another tool wrote) with the pyramid ``convert`` writes for it, in
-    memory: its level 0 read whole, its coarser levels the block means :func:`finish_image` computes from it (as
-    many levels, the same factors, :func:`_downsample_block` rounding each back to :func:`level_dtype`), so it
-    samples the same values as its converted copy. Another tool's own pyramid is left out: it is smoothed otherwise
+    memory: its level 0 read whole, its coarser levels the block means :func:`finish_image` computes from it (the
+    same levels and factors, :func:`_downsample_block` rounding each back to :func:`level_dtype`), so it samples the
+    same values as its converted copy. Another tool's own pyramid is left out: it is smoothed otherwise
     (ome-zarr-py's anti-aliased resize halving y and x only) or missing, and the registration's coarse stages read
     the pyramid (measured: docs/formats.md, *Other tools' OME-Zarr*).
 
@@ -278,29 +280,37 @@ def converted_pyramid(image: MultiscaleImage, path: str | Path, role: str, max_b
         image: the image as :func:`read_image` opened it (levels ``(Z, Y, X)``, finest first).
         path, role: how a refusal names it (``"fixed"``, ``"moving"``, ``"image"``).
         max_bytes: the most the pyramid may take in memory.
+        target: the grid the image is sampled onto (a warp's), if only one: the pyramid stops at the level
+            :meth:`~patchmorph_core.source.MultiscaleImage.level_for_grid` reads for it, and when that is level 0 the
+            image is returned with its level 0 alone, unread (any size).
 
     Raises:
         InputError: the pyramid would take more than ``max_bytes``: nothing is read, the sentence names ``convert``.
     """
     level = image.levels[0]
-    factors = pyramid_factors(level.grid.spacing, level.grid.shape, _auto_levels(level.grid))
-    shape, dtype = np.asarray(level.grid.shape), level_dtype(level.array.dtype, labels=False)
-    nbytes = int(shape.prod()) * np.dtype(level.array.dtype).itemsize
-    for f in factors[1:]:
-        shape = -(-shape // np.asarray(f))
-        nbytes += int(shape.prod()) * dtype.itemsize
+    steps = pyramid_factors(level.grid.spacing, level.grid.shape, _auto_levels(level.grid))[1:]
+    grids = [level.grid]
+    for f in steps:
+        grids.append(downsampled_grid(grids[-1], f, [-(-n // k) for n, k in zip(grids[-1].shape, f, strict=True)]))
+    if target is not None:  # the converted copy's level for target: the grids alone pick it
+        chosen = MultiscaleImage(tuple(Level(level.array, g) for g in grids)).level_for_grid(target)
+        steps = steps[: [g.shape for g in grids].index(chosen.grid.shape)]  # each level has its own shape
+    if not steps:
+        return MultiscaleImage(image.levels[:1], image.name)
+    dtype = level_dtype(level.array.dtype, labels=False)
+    nbytes = int(np.prod(level.grid.shape)) * np.dtype(level.array.dtype).itemsize
+    nbytes += sum(int(np.prod(g.shape)) for g in grids[1 : len(steps) + 1]) * dtype.itemsize
     if nbytes > max_bytes:
         raise InputError(
-            f"the {role} image {path} was written by another tool, whose pyramid the registration cannot use, and is "
-            f"too large ({nbytes / 2**20:.0f} MiB) to build PatchMorph's in memory (at most {max_bytes / 2**20:.0f} "
-            f"MiB): convert it first ('patchmorph convert {path} OUT.ome.zarr', which keeps its geometry) and give the "
+            f"the {role} image {path} was written by another tool, whose pyramid PatchMorph cannot use, and is too "
+            f"large ({nbytes / 2**20:.0f} MiB) to build PatchMorph's in memory (at most {max_bytes / 2**20:.0f} MiB): "
+            f"convert it first ('patchmorph convert {path} OUT.ome.zarr', which keeps its geometry) and give the "
             "converted image."
         )
     levels = [Level(read_box(level.array, (slice(None),) * 3), level.grid)]
-    for f in factors[1:]:
-        down = _downsample_block(levels[-1].array, f, False, dtype)
-        levels.append(Level(down, downsampled_grid(levels[-1].grid, f, down.shape)))
-    logger.info("%s image %s was written by another tool: its level 0 and PatchMorph's pyramid of it are used", role, path)
+    for f, grid in zip(steps, grids[1:], strict=False):
+        levels.append(Level(_downsample_block(levels[-1].array, f, False, dtype), grid))
+    logger.info("%s image %s was written by another tool: its level 0 and PatchMorph's pyramid of it are read", role, path)
     return MultiscaleImage(tuple(levels), image.name)
 
 

@@ -53,6 +53,7 @@ from pipeline.chunked import ChunkPlan, output_array, run_chunked
 from pipeline.cluster import load_cluster_config, open_executor
 from pipeline.integrity import check_stored
 from pipeline.ngff import (
+    converted_pyramid,
     downsample_unit,
     finish_image,
     has_label_pyramid,
@@ -63,7 +64,9 @@ from pipeline.ngff import (
     read_image,
     set_attribute,
     write_block,
+    written_by_patchmorph,
 )
+from pipeline.register import IMAGES_IN_MEMORY_BYTES
 from pipeline.resume import (
     ChunkId,
     StageRecords,
@@ -338,6 +341,8 @@ def warp_files(
     if labels and len(image.levels) > 1 and not has_label_pyramid(moving):
         log.info("%s: its coarser levels were not written by PatchMorph and may hold no labels: reading its finest", moving)
         image = MultiscaleImage(image.levels[:1], image.name)
+    elif not labels and not written_by_patchmorph(moving):  # its converted copy's level for the target grid
+        image = converted_pyramid(image, moving, "image", IMAGES_IN_MEMORY_BYTES, target=grid)
     for array in (field_arr, *(level.array for level in image.levels)):
         check_stored(array)  # a lost chunk file is refused before heavy work
     check_space(image.grid, grid.with_unit(field_grid.unit), meta, inverse, moving)

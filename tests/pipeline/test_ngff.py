@@ -323,12 +323,13 @@ def _write_foreign(path: Path, data: np.ndarray, spacing: tuple[float, float, fl
     return path
 
 
-def test_register_gives_another_tools_images_the_field_of_their_converted_copies(
+def test_register_and_warp_treat_another_tools_images_as_their_converted_copies(
     tmp_path: Path, examples: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``register`` on OME-Zarr images of ome-zarr-py (the fixed one with its pyramid, the moving one a single level)
-    gives exactly the field of the same images converted by PatchMorph, and writes nothing beside them; one whose
-    PatchMorph pyramid would not fit in memory is refused before any work, naming ``convert``."""
+    gives exactly the field of the same images converted by PatchMorph, ``warp`` of such an image onto a coarser grid
+    the converted copy's values, and neither writes anything beside them; an image whose PatchMorph pyramid would not
+    fit in memory is refused before any work, naming ``convert``."""
     import tifffile
     from typer.testing import CliRunner
 
@@ -355,6 +356,16 @@ def test_register_gives_another_tools_images_the_field_of_their_converted_copies
         fields[name] = np.asarray(ngff.read_field(out)[0][:])
     assert np.abs(fields["converted"]).max() > 50.0  # the shift was found: a field of hundreds of µm
     np.testing.assert_array_equal(fields["foreign"], fields["converted"])
+    coarse = ngff.read_image(converted["fixed"]).grid.resampled(500.0)  # the pyramid's level 1 is read for it
+    target = ngff.write_image(tmp_path / "coarse.ome.zarr", np.ones(coarse.shape, np.uint16), coarse)
+    warped = {}
+    for name, images in (("foreign", foreign), ("converted", converted)):
+        out = tmp_path / f"{name}_warped.ome.zarr"
+        result = CliRunner().invoke(app, ["warp", "--field", str(tmp_path / "converted_field.ome.zarr"), "--moving",
+                                          str(images["moving"]), "--target", str(target), "--out", str(out)])  # fmt: skip
+        assert result.exit_code == 0, result.output
+        warped[name] = np.asarray(ngff.read_image(out).levels[0].array[:])
+    np.testing.assert_array_equal(warped["foreign"], warped["converted"])
     assert sorted(p.name for p in (tmp_path / "in").iterdir()) == ["fixed.zarr", "moving.zarr"]
 
     monkeypatch.setattr(register, "IMAGES_IN_MEMORY_BYTES", 700_000)  # room for one of the two (0.49 MB each)
