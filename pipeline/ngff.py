@@ -278,7 +278,7 @@ def converted_pyramid(
 
     Args:
         image: the image as :func:`read_image` opened it (levels ``(Z, Y, X)``, finest first).
-        path, role: how a refusal names it (``"fixed"``, ``"moving"``, ``"image"``).
+        path, role: how a refusal names it (``"fixed image"``, ``"moving image"``, ``"image"``).
         max_bytes: the most the pyramid may take in memory.
         target: the grid the image is sampled onto (a warp's), if only one: the pyramid stops at the level
             :meth:`~patchmorph_core.source.MultiscaleImage.level_for_grid` reads for it, and when that is level 0 the
@@ -302,7 +302,7 @@ def converted_pyramid(
     nbytes += sum(int(np.prod(g.shape)) for g in grids[1 : len(steps) + 1]) * dtype.itemsize
     if nbytes > max_bytes:
         raise InputError(
-            f"the {role} image {path} was written by another tool, whose pyramid PatchMorph cannot use, and is too "
+            f"the {role} {path} was written by another tool, whose pyramid PatchMorph cannot use, and is too "
             f"large ({nbytes / 2**20:.0f} MiB) to build PatchMorph's in memory (at most {max_bytes / 2**20:.0f} MiB): "
             f"convert it first ('patchmorph convert {path} OUT.ome.zarr', which keeps its geometry) and give the "
             "converted image."
@@ -310,7 +310,7 @@ def converted_pyramid(
     levels = [Level(read_box(level.array, (slice(None),) * 3), level.grid)]
     for f, grid in zip(steps, grids[1:], strict=False):
         levels.append(Level(_downsample_block(levels[-1].array, f, False, dtype), grid))
-    logger.info("%s image %s was written by another tool: its level 0 and PatchMorph's pyramid of it are read", role, path)
+    logger.info("the %s %s was written by another tool: its level 0 and PatchMorph's pyramid of it are read", role, path)
     return MultiscaleImage(tuple(levels), image.name)
 
 

@@ -134,7 +134,7 @@ def _open_inputs(fixed: str | Path, moving: str | Path) -> tuple[MultiscaleImage
             raise InputError(f"{role} image {path} does not exist: give the path of an OME-Zarr image.")
         image = read_image(path)
         if not written_by_patchmorph(path):
-            image = converted_pyramid(image, path, role, budget)
+            image = converted_pyramid(image, path, f"{role} image", budget)
             budget -= image.nbytes
         images.append(image)
     return images[0], images[1]
@@ -143,7 +143,9 @@ def _open_inputs(fixed: str | Path, moving: str | Path) -> tuple[MultiscaleImage
 IMAGES_IN_MEMORY_BYTES = 256 * 2**20
 """Both input pyramids up to this size together are read into memory once when the registration runs on
 threads of this process: every pass then samples arrays in memory instead of reading the stores patch by
-patch (the same values, so the same field); larger inputs, and runs on a Dask cluster, read lazily."""
+patch (the same values, so the same field); larger inputs, and runs on a Dask cluster, read lazily. The
+PatchMorph pyramids built for images another tool wrote (:func:`pipeline.ngff.converted_pyramid`, in ``register``
+and ``warp``) must fit in it too, on any executor."""
 
 
 FIELD_WARNINGS = "warnings"
