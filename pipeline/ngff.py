@@ -308,7 +308,7 @@ def converted_pyramid(
             "converted image."
         )
     levels = [Level(read_box(level.array, (slice(None),) * 3), level.grid)]
-    for f, grid in zip(steps, grids[1:], strict=False):
+    for f, grid in zip(steps, grids[1 : len(steps) + 1], strict=True):
         levels.append(Level(_downsample_block(levels[-1].array, f, False, dtype), grid))
     logger.info("the %s %s was written by another tool: its level 0 and PatchMorph's pyramid of it are read", role, path)
     return MultiscaleImage(tuple(levels), image.name)
