@@ -43,8 +43,18 @@ def _command(argv: list[str]) -> str | None:
     return next((a for a in argv[1:] if not a.startswith("-")), None)
 
 
+BLAS_THREADS = {"OPENBLAS_NUM_THREADS": "1"}
+"""Set in the command's environment before numpy is imported, unless the user set them: numpy's OpenBLAS works on
+one thread. The command's parallelism is its task threads and torch's; OpenBLAS started its own threads inside
+every task thread's small matrix products, and they fought over the cores (``patchmorph register`` on a 2 mm head
+pair: 15 % less CPU; ``docs/decisions.md``). Dask's workers get the same from distributed's ``pre-spawn-environ``;
+torch keeps its own thread count."""
+
+
 def main() -> None:
     """Entry point of the ``patchmorph`` script and of ``python -m patchmorph``.
+
+    Numpy's BLAS is set to one thread first (:data:`BLAS_THREADS`).
 
     When the command ends, every object still alive is moved to the garbage collector's permanent generation
     (``gc.freeze``): the process is about to exit, and the interpreter's final collection would otherwise walk
@@ -56,6 +66,8 @@ def main() -> None:
     atexit work is torch's operator-library finalisers (``docs/method.md``, *Where a command's time goes*) and,
     after a refused read, Zarr's event-loop thread, which printed a traceback.
     """
+    for name, value in BLAS_THREADS.items():
+        os.environ.setdefault(name, value)
     try:
         app()
     except SystemExit as end:

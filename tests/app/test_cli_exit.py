@@ -4,6 +4,7 @@ interpreter's final cyclic collection (:func:`patchmorph.cli.main`)."""
 from __future__ import annotations
 
 import gc
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -58,6 +59,26 @@ def test_a_file_command_that_succeeds_exits_at_once_with_its_output_complete(tmp
     assert failed.stderr.strip().startswith("error: ") and "does not exist" in failed.stderr
     version = _run_main(["--version"], tmp_path)
     assert version.returncode == 0 and "interpreter teardown ran" in version.stdout
+
+
+def test_the_command_runs_numpys_blas_on_one_thread_unless_the_user_set_it() -> None:
+    """``main`` sets ``OPENBLAS_NUM_THREADS`` to 1 before any command imports numpy (importing the command line
+    imports no numpy), and keeps a value the user set."""
+    code = (
+        "import os, sys\n"
+        "sys.argv = ['patchmorph', '--version']\n"
+        "from patchmorph import cli\n"
+        "assert 'numpy' not in sys.modules\n"
+        "try:\n    cli.main()\nexcept SystemExit:\n    pass\n"
+        "print('threads', os.environ.get('OPENBLAS_NUM_THREADS'))\n"
+    )
+    for given, expected in ((None, "1"), ("3", "3")):
+        env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+        if given is not None:
+            env["OPENBLAS_NUM_THREADS"] = given
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
+        assert done.returncode == 0, done.stderr
+        assert f"threads {expected}" in done.stdout
 
 
 COMMAND_MODULES = ("atlas", "convert", "demo", "evaluate", "fields", "register", "server", "train")
