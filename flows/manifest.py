@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from flows.config import Geometry
 from patchmorph_core.errors import InputError
 from pipeline.atlas import AtlasRangeRequest, BrainGeometry, parse_atlas_range, range_text
+from pipeline.ngff import series_store
 
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -147,8 +148,9 @@ class ManifestProblem(BaseModel):
 
 
 def default_name(path: str | Path) -> str:
-    """Item name from a path: the file or folder name without ``.ome.zarr``, ``.zarr``, ``.nii.gz`` etc."""
-    name = Path(str(path).rstrip("/")).name
+    """Item name from a path: the file or folder name without ``.ome.zarr``, ``.zarr``, ``.nii.gz`` etc. (of a
+    bioformats2raw series ``brain.zarr/0``, the store's: ``brain``)."""
+    name = series_store(Path(str(path).rstrip("/"))).name
     for suffix in (".ome.zarr", ".zarr", ".nii.gz", ".nii", ".nrrd", ".tiff", ".tif"):
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]

@@ -1062,7 +1062,7 @@ def convert(
         The output path.
     """
     from pipeline.checks import check_outputs, check_writable
-    from pipeline.ngff import check_output, write_image
+    from pipeline.ngff import check_output, series_store, write_image
     from pipeline.resume import code_identity, content_identity, output_lock
 
     check_outputs(inputs={"input": input}, outputs={"output": output})
@@ -1106,7 +1106,7 @@ def convert(
             out,
             array,
             grid,
-            name=Path(input).name.split(".")[0],
+            name=series_store(input).name.split(".")[0],
             labels=labels,
             chunks=chunks,
             overwrite=overwrite,

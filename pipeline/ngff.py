@@ -1063,6 +1063,7 @@ def _open_group(path: str | Path) -> zarr.Group:
                 f"{where!r} is a file, not an OME-Zarr folder: convert an image first with 'patchmorph convert' "
                 "(an ITK/ANTs displacement field with 'patchmorph import-field')."
             )
+    where = image_group(where)
     try:
         group = zarr.open_group(where, mode="r")
     except Exception as err:  # zarr raises several types for a non-group
@@ -1072,6 +1073,55 @@ def _open_group(path: str | Path) -> zarr.Group:
     written = bool(dict(group.attrs).get("patchmorph", {}).get(EVERY_CHUNK_WRITTEN, False))
     store = VerifiedStore(zarr.storage.LocalStore(where, read_only=True), where, every_chunk_written=written)
     return zarr.open_group(store=store, mode="r")
+
+
+BIOFORMATS2RAW_LAYOUT = "bioformats2raw.layout"
+"""The attribute of a bioformats2raw store's top group (its images are the series groups ``0``, ``1``, ...)."""
+
+
+def _single_series(group: zarr.Group, where: str) -> str | None:
+    """The name of the one image series (``"0"``) of a bioformats2raw store given as its top folder ``where``
+    (``group``: its top group, whose attributes carry :data:`BIOFORMATS2RAW_LAYOUT`), or None for any other group.
+
+    Raises:
+        InputError: the store holds several series (which one is the brain cannot be told).
+    """
+    attrs = dict(group.attrs)
+    if BIOFORMATS2RAW_LAYOUT not in attrs or "multiscales" in attrs.get("ome", attrs):
+        return None
+    listed = dict(group["OME"].attrs).get("series") if "OME" in group else None
+    series = [str(s) for s in listed] if listed else sorted((k for k in group.group_keys() if k.isdigit()), key=int)
+    if len(series) != 1:
+        found = ", ".join(f"{where}/{s}" for s in series) or "none"
+        raise InputError(
+            f"bioformats2raw store {where!r} holds {len(series)} image series ({found}): give the folder of the "
+            f"series to read, e.g. {where}/0 for the first."
+        )
+    return series[0]
+
+
+def image_group(path: str | Path) -> str:
+    """Where the image group of ``path`` is: ``path`` itself, or the single series of a bioformats2raw store given
+    as its top folder (``brain.zarr`` → ``brain.zarr/0``, :func:`_single_series`). What is not a local Zarr group
+    is returned as given (:func:`_open_group` names what is wrong with it)."""
+    where = str(path)
+    if "://" in where or not Path(where).is_dir():
+        return where
+    try:
+        group = zarr.open_group(where, mode="r")
+    except Exception:  # noqa: BLE001 - not a group: _open_group's sentence says so
+        return where
+    series = _single_series(group, where)
+    return where if series is None else str(Path(where) / series)
+
+
+def series_store(path: str | Path) -> Path:
+    """The store folder of a bioformats2raw series given as ``x.zarr/0`` (a folder named by its series number inside
+    a ``.zarr`` folder), whose name names the image; any other ``path`` as it is. Reads nothing."""
+    path = Path(path)
+    if path.name.isdigit() and path.parent.name.lower().endswith(".zarr"):
+        return path.parent
+    return path
 
 
 def _multiscale(attrs: Mapping[str, Any], where: str) -> dict[str, Any]:
@@ -1189,7 +1239,7 @@ def _levels(
     path: str | Path, backend: Backend, keep_channels: bool
 ) -> tuple[list[Level], dict[str, Any], str]:
     """Open every level of an NGFF image; returns the levels, the ``patchmorph`` attrs and the name."""
-    where = str(path)
+    where = image_group(path)
     group = _open_group(path)
     attrs = dict(group.attrs)
     meta = attrs.get("patchmorph", {})

@@ -89,6 +89,7 @@ def test_a_missing_relative_manifest_names_the_folder_it_was_looked_for_in(
 def test_default_names() -> None:
     assert default_name("/x/brain01.ome.zarr/") == "brain01"
     assert default_name("b.nii.gz") == "b" and default_name("planes") == "planes"
+    assert default_name("brains/stp.zarr/0") == "stp"  # a bioformats2raw series: its store's name, not "0"
 
 
 def test_atlas_range_of_an_item(tmp_path: Path) -> None:

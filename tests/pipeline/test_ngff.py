@@ -449,3 +449,24 @@ def test_an_axis_unit_in_another_tools_spelling_is_read_as_its_length(tmp_path: 
     group.attrs.update(attrs)
     with pytest.raises(InputError, match=r"image\.zarr' gives its z, y, x axes the unit 'pixel', which is no length unit"):
         ngff.read_image(path)
+
+
+def test_a_bioformats2raw_store_given_as_its_top_folder_is_its_single_series(tmp_path: Path) -> None:
+    """A bioformats2raw store's top folder (``brain.zarr``, whose image is ``brain.zarr/0``) reads as its one series,
+    each channel on its own; a store of several series is refused naming them; the series folder is named after
+    its store (``brain``, not ``0``)."""
+    from bioformats_stores import write_bioformats2raw
+
+    data = _image((6, 7, 8)).astype(np.uint16)
+    store = write_bioformats2raw(tmp_path / "brain.zarr", [np.stack([data, data[::-1]])])
+    for channel, expected in ((0, data), (1, data[::-1])):
+        for path in (store, store / "0"):
+            level = ngff.read_channel(path, channel)
+            np.testing.assert_array_equal(np.asarray(level.array), expected)
+            np.testing.assert_allclose(level.grid.spacing, [50.0, 40.0, 40.0])
+    with pytest.raises(InputError, match="which holds 2: give 0 to 1"):
+        ngff.read_channel(store, 2)
+    several = write_bioformats2raw(tmp_path / "plate.zarr", [np.stack([data]), np.stack([data])])
+    with pytest.raises(InputError, match=r"holds 2 image series \(.*plate.zarr/0, .*plate.zarr/1\)"):
+        ngff.read_image(several)
+    assert ngff.series_store(store / "0") == store and ngff.series_store(store) == store
