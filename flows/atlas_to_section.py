@@ -62,7 +62,10 @@ def _brain_input(entry: ManifestItem, out: Path) -> ImageInput:
     """An atlas item's brain and its copy ``<out>/<item>/brain.ome.zarr`` (always made: the atlas labels are nested
     inside it)."""
     geometry = Geometry(voxel_size=entry.voxel_size, unit=entry.unit, orientation=entry.orientation)
-    return ImageInput(path=entry.path, geometry=geometry, converted=out / entry.name / "brain.ome.zarr", always_copy=True)
+    return ImageInput(
+        path=entry.path, geometry=geometry, converted=out / entry.name / "brain.ome.zarr", always_copy=True,
+        channel_index=entry.channel_index,
+    )  # fmt: skip
 
 
 def placed_items(
@@ -96,13 +99,15 @@ def placed_items(
                 outputs={"converted fixed": brain.converted, "placement": brain.converted.parent / PLACEMENT_FILE},
             )  # as the steps check them, before this one writes them
             step = "atlas_range"
-            check_auto_range(atlas, entry.path, brain.geometry.model_dump(), entry.atlas_range, option=option)
+            opened = {**brain.geometry.model_dump(), "channel_index": entry.channel_index}
+            check_auto_range(atlas, entry.path, opened, entry.atlas_range, option=option)
             step = "convert"
             brain.converted.parent.mkdir(parents=True, exist_ok=True)
             key = conversion_key(brain)
             geometry = brain.geometry
             converted = convert_task.fn(
-                entry.path, brain.converted, geometry.voxel_size, geometry.unit, geometry.orientation, False, key
+                entry.path, brain.converted, geometry.voxel_size, geometry.unit, geometry.orientation, False, key,
+                entry.channel_index,
             )
             step = "atlas_range"
             settings = {"atlas": str(atlas.folder), "brain": key, "atlas_range": range_text(entry.atlas_range)}
@@ -184,14 +189,18 @@ def atlas_jobs(
                 converted=item_dir / "sample_labels.ome.zarr",
                 labels=True,
             )
-        fixed = ImageInput(path=entry.path, geometry=geometry, converted=item_dir / "sample.ome.zarr")
+        fixed = ImageInput(
+            path=entry.path, geometry=geometry, converted=item_dir / "sample.ome.zarr", channel_index=entry.channel_index
+        )
         moving, atlas_folder = image_moving, None
         if own is not None:
             fixed = _brain_input(entry, out)
             moving, atlas_folder = ImageInput(path=own.reference, converted=own.reference), own.reference.parent
         channels = {
-            name: ImageInput(path=path, geometry=geometry, converted=item_dir / f"{name}.ome.zarr")
-            for name, path in channel_names(list(entry.channels)).items()
+            name: ImageInput(
+                path=c.path, geometry=geometry, converted=item_dir / f"{name}.ome.zarr", channel_index=c.index
+            )
+            for name, c in channel_names(list(entry.channels)).items()
         }
         jobs.append(
             ItemJob(

@@ -1,10 +1,14 @@
 """The manifest of the atlas-to-section flow: which brains or sections to align, with their geometry.
 
 A manifest is a YAML file (a list of items, or a mapping with an ``items`` list) or a CSV file (one
-row per item; columns ``path``, ``name``, ``voxel_size``, ``unit``, ``orientation``, ``labels``, ``brain_geometry``,
-``atlas_range`` (e.g. ``ap=6200:9200``, or ``ap=auto``), ``channels`` (paths separated by ``;``); the
+row per item; columns ``path``, ``name``, ``channel_index``, ``voxel_size``, ``unit``, ``orientation``, ``labels``,
+``brain_geometry``, ``atlas_range`` (e.g. ``ap=6200:9200``, or ``ap=auto``), ``channels`` (separated by ``;``); the
 voxel size is three numbers ``z y x`` separated by spaces, ``x`` or ``;``). Relative paths are taken
-from the manifest's folder. Example (YAML)::
+from the manifest's folder. Of a multi-channel file (a bioformats2raw OME-Zarr, given as its top folder or as its
+series ``brain.zarr/0``, or an ImageJ TIFF hyperstack) ``channel_index`` is the channel the atlas is registered to,
+and a channel of it is written ``PATH:N`` in ``channels`` (``brain.zarr:1``; its outputs are named ``brain_ch1``).
+A channel index the file lacks is that item's error, found from the file's header before any conversion. Example
+(YAML)::
 
     - path: brains/brain01.ome.zarr           # OME-Zarr carries its own geometry
     - path: brains/brain02_planes/             # a TIFF plane folder needs voxel size and orientation
@@ -12,6 +16,9 @@ from the manifest's folder. Example (YAML)::
       unit: micrometer
       orientation: psl
       labels: brains/brain02_labels.nii.gz     # optional: the sample's own labels, scored by Dice
+    - path: brains/brain03.zarr                # two channels: 0 autofluorescence, 1 signal
+      channel_index: 0
+      channels: [brains/brain03.zarr:1]
 
 An item whose entry is invalid does not stop the batch: :func:`load_manifest` returns it as a
 :class:`ManifestProblem`, which the flow reports as that item's error record.
@@ -26,11 +33,12 @@ from pathlib import Path
 from typing import Any, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from flows.config import Geometry
 from patchmorph_core.errors import InputError
 from pipeline.atlas import AtlasRangeRequest, BrainGeometry, parse_atlas_range, range_text
+from pipeline.importers import ImageChannel
 from pipeline.ngff import series_store
 
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
@@ -100,6 +108,8 @@ class ManifestItem(Geometry):
     Attributes:
         name: output folder name (default: the file name without extensions); unique in a manifest.
         path: the image (OME-Zarr, NIfTI, NRRD, TIFF stack or TIFF plane folder).
+        channel_index: of a multi-channel OME-Zarr image or TIFF stack at ``path``, the channel (0-based) the atlas
+            is registered to.
         voxel_size: ``(z, y, x)`` voxel size in ``unit``; needed when the file does not carry it.
         unit: physical unit of ``voxel_size`` (None: the file's, micrometer for TIFF).
         orientation: anatomical orientation code (brainglobe convention, e.g. ``"psl"``).
@@ -112,19 +122,20 @@ class ManifestItem(Geometry):
             ``patchmorph atlas --atlas-range`` takes them): with a BrainGlobe atlas it is left out beyond it.
             ``"ap=auto"``: the range is found on the item's converted brain before the atlas is cut to it
             (:func:`flows.atlas_to_section.placed_items`). Empty: the whole atlas.
-        channels: extra channels imaged with the brain (same shape and geometry; in a CSV one cell, paths
-            separated by ``;``): with a BrainGlobe atlas each is written in atlas space with its
-            ``<channel>_signal.csv``, as ``patchmorph atlas --channel`` does.
+        channels: extra channels imaged with the brain (same shape and geometry; each a path, or ``PATH:N`` for
+            channel N of a multi-channel file; in a CSV one cell, separated by ``;``): with a BrainGlobe atlas each
+            is written in atlas space with its ``<channel>_signal.csv``, as ``patchmorph atlas --channel`` does.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str
     path: Path
+    channel_index: int | None = Field(None, ge=0)
     labels: Path | None = None
     brain_geometry: BrainGeometry = "full"
     atlas_range: AtlasRangeRequest = {}
-    channels: tuple[Path, ...] = ()
+    channels: tuple[ImageChannel, ...] = ()
 
     @field_validator("name")
     @classmethod
@@ -241,7 +252,7 @@ def _item_from_row(row: dict[str, Any], folder: Path, index: int) -> ManifestIte
     if isinstance(entry.get("channels"), str):  # a CSV cell: paths separated by ';'
         entry["channels"] = [c.strip() for c in entry["channels"].split(";") if c.strip()]
     if isinstance(entry.get("channels"), list):
-        entry["channels"] = [folder / str(c) for c in entry["channels"]]
+        entry["channels"] = [ImageChannel.parse(str(c), folder) for c in entry["channels"]]
     if "voxel_size" in entry:
         entry["voxel_size"] = _parse_voxel_size(entry["voxel_size"])
         count = _voxel_size_count(entry["voxel_size"])

@@ -96,6 +96,8 @@ class ImageInput(BaseModel):
         labels: a label map (nearest-neighbour pyramid, integer dtype kept).
         always_copy: always write the converted copy (an image whose labels will be nested inside it: a user's
             own OME-Zarr is never written into).
+        channel_index: of a multi-channel OME-Zarr image or TIFF stack, the channel (0-based) that is the input
+            (always converted).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -105,6 +107,7 @@ class ImageInput(BaseModel):
     converted: Path
     labels: bool = False
     always_copy: bool = False
+    channel_index: int | None = None
 
     @property
     def needs_conversion(self) -> bool:
@@ -112,7 +115,7 @@ class ImageInput(BaseModel):
         asked for. Another tool's OME-Zarr (ome-zarr-py, bioformats2raw) is converted: its pyramid (or its lack of
         one) is not what the registration expects (:func:`pipeline.ngff.converted_pyramid`), and a label map's
         coarser levels may hold interpolated ids."""
-        if self.always_copy:
+        if self.always_copy or self.channel_index is not None:
             return True
         is_zarr = self.path.is_dir() and any((self.path / m).is_file() for m in _ZARR_MARKERS)
         overrides = self.geometry.voxel_size is not None or self.geometry.orientation is not None
@@ -206,12 +209,14 @@ class ItemJob(BaseModel):
         return self._fingerprint({"fixed": self.fixed, "moving": self.moving}, options, {})
 
     def _fingerprint(self, inputs: dict[str, ImageInput], options: StepOptions, extra: dict[str, Any]) -> str:
-        """:func:`~flows.records.fingerprint` of ``inputs`` (paths, content, geometry), the atlas's part, the
-        registration settings and ``extra`` settings."""
+        """:func:`~flows.records.fingerprint` of ``inputs`` (paths, content, geometry, channel of a multi-channel
+        file), the atlas's part, the registration settings and ``extra`` settings."""
+        channels = {role: image.channel_index for role, image in inputs.items() if image.channel_index is not None}
         settings = {
             "atlas": self.atlas,
             "brain_geometry": self.brain_geometry,
             **({"atlas_range": range_text(self.atlas_range)} if self.atlas_range else {}),  # none: earlier runs' key
+            **({"channel_index": channels} if channels else {}),  # none: earlier runs' key
             "geometry": {role: image.geometry.model_dump(mode="json") for role, image in inputs.items()},
             "inference": options.inference.model_dump(mode="json"),
             **extra,
@@ -260,8 +265,10 @@ def _step(
 
 
 def conversion_key(image: ImageInput) -> str:
-    """The fingerprint of ``image``'s source and geometry its conversion is recorded with (:func:`converted_from`)."""
-    return fingerprint({"source": image.path}, {"geometry": image.geometry.model_dump(mode="json")})
+    """The fingerprint of ``image``'s source (its channel) and geometry its conversion is recorded with
+    (:func:`converted_from`)."""
+    channel = {} if image.channel_index is None else {"channel_index": image.channel_index}
+    return fingerprint({"source": image.path}, {"geometry": image.geometry.model_dump(mode="json"), **channel})
 
 
 def _convert_inputs(jobs: list[ItemJob], convert: Task[..., Path], errors: list[ItemError]) -> list[ItemJob]:
@@ -284,6 +291,7 @@ def _convert_inputs(jobs: list[ItemJob], convert: Task[..., Path], errors: list[
             image.geometry.orientation,
             image.labels,
             conversion_key(image),
+            image.channel_index,
         )
         for target, image in pending.items()
     }
@@ -355,8 +363,9 @@ def lengths_in_micrometres(figures: dict[str, Any], unit: str) -> dict[str, Any]
 
 
 def missing_inputs(jobs: Sequence[ItemJob]) -> tuple[list[ItemJob], list[ItemError]]:
-    """Jobs whose input paths all exist and whose outputs overlap none of their inputs
-    (:func:`pipeline.checks.check_outputs`), and an ``inputs`` error for each other job."""
+    """Jobs whose input paths all exist, whose channel indices are channels of their files (read from the headers)
+    and whose outputs overlap none of their inputs (:func:`pipeline.checks.check_outputs`), and an ``inputs`` error
+    for each other job."""
     ready: list[ItemJob] = []
     errors: list[ItemError] = []
     for job in jobs:
@@ -365,12 +374,27 @@ def missing_inputs(jobs: Sequence[ItemJob]) -> tuple[list[ItemJob], list[ItemErr
             if missing:
                 role, path = missing[0]
                 raise InputError(f"{role} input {path} does not exist: fix the path (or the manifest entry).")
+            for role, image in job.inputs().items():
+                if image.channel_index is not None:
+                    _check_channel_index(role, image)
             check_outputs(inputs={r: i.path for r, i in job.inputs().items()}, outputs=job.outputs())
         except InputError as err:
             errors.append(item_failed(job.name, "inputs", err))
             continue
         ready.append(job)
     return ready, errors
+
+
+def _check_channel_index(role: str, image: ImageInput) -> None:
+    """Refuse ``image``'s channel index when its file has no such channel (:func:`pipeline.importers.open_input`,
+    which reads the header only), naming ``role``."""
+    from pipeline.importers import open_input
+
+    geometry = image.geometry
+    try:
+        open_input(image.path, geometry.voxel_size, geometry.unit, geometry.orientation, channel_index=image.channel_index)
+    except InputError as err:
+        raise InputError(f"{role} input: {err}") from err
 
 
 def split_finished(jobs: Sequence[ItemJob], options: StepOptions) -> tuple[list[ItemResult], list[ItemJob]]:

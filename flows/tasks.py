@@ -132,9 +132,11 @@ def convert_task(
     orientation: str | None,
     labels: bool,
     key: str,
+    channel_index: int | None = None,
 ) -> Path:
     """:func:`pipeline.importers.convert`: any supported input → OME-Zarr 0.5 at ``target`` (replaced), recorded
-    with ``key`` (the fingerprint of its source and geometry); an image whose mid-planes are constant or not
+    with ``key`` (the fingerprint of its source and geometry; ``channel_index``: the channel of a multi-channel
+    source); an image whose mid-planes are constant or not
     finite is refused first (:func:`pipeline.importers.check_source_planes`). A shared input (the atlas) that
     another run is converting is waited for, and kept when that run made the same."""
     with output_lock(conversion_record(target), wait=True):  # not the target's own lock: convert holds that
@@ -142,7 +144,9 @@ def convert_task(
             return target
         conversion_record(target).unlink(missing_ok=True)
         if not labels:
-            check_source_planes(source, "image", voxel_size=voxel_size, unit=unit, orientation=orientation)
+            check_source_planes(
+                source, "image", voxel_size=voxel_size, unit=unit, orientation=orientation, channel_index=channel_index
+            )
         written = run_isolated(
             convert,
             source,
@@ -152,6 +156,7 @@ def convert_task(
             orientation=orientation,
             overwrite=True,
             labels=labels,
+            channel_index=channel_index,
         )
         conversion_record(target).write_text(json.dumps({"fingerprint": key}))
     return Path(written)

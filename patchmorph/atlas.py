@@ -49,12 +49,22 @@ def atlas(
     unit: Annotated[
         str | None, typer.Option(help="Unit of --voxel-size: micrometer (TIFF default), millimeter, ...")
     ] = None,
+    channel_index: Annotated[
+        int | None,
+        typer.Option(
+            "--channel-index",
+            metavar="N",
+            help="Of a multi-channel BRAIN (OME-Zarr c axis, TIFF hyperstack C axis), the channel (from 0) the atlas "
+            "is registered to, e.g. the autofluorescence.",
+        ),
+    ] = None,
     channel: Annotated[
-        list[Path] | None,
+        list[str] | None,
         typer.Option(
             "--channel",
-            metavar="PATH",
+            metavar="PATH[:N]",
             help="An extra channel imaged with the brain (same shape and geometry), written in atlas space too; "
+            "PATH:N is channel N of a multi-channel file (e.g. brain.zarr:1, named brain_ch1 in the outputs); "
             "repeat for more.",
         ),
     ] = None,
@@ -130,7 +140,7 @@ def atlas(
         settings = settings.model_copy(update={"inference": inference})
     result = run_atlas_job(
         brain, out, atlas_name, voxel_size=voxel_size, orientation=orientation, unit=unit,
-        channels=channel or (), config=settings, scheduler=scheduler,
+        channels=channel or (), config=settings, scheduler=scheduler, channel_index=channel_index,
     )  # fmt: skip
     s = result.summary
     typer.echo(

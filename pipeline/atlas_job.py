@@ -62,6 +62,7 @@ from pipeline.atlas import (
 from pipeline.brainglobe import BrainGlobeAtlas, find_atlas
 from pipeline.checks import CheckOptions, check_brain_not_longer, collected_warnings
 from pipeline.cluster import ClusterConfig, check_slurm, load_cluster_config, open_client
+from pipeline.importers import ImageChannel
 from pipeline.resume import ZARR_METADATA, as_recorded, atomic_write_json, sample_digest, write_identity
 
 logger = logging.getLogger(__name__)
@@ -159,6 +160,12 @@ def _source_key(path: Path, **geometry: Any) -> str:
     return _hash({"path": str(path), "files": stats, **geometry})
 
 
+def _channel_option(channel_index: int | None) -> dict[str, int]:
+    """``{"channel_index": N}`` for a channel of a multi-channel input, else empty (the identities and records of a
+    single-channel input stay as they were)."""
+    return {} if channel_index is None else {"channel_index": channel_index}
+
+
 def _source_files(path: Path) -> list[Path]:
     """The files :func:`_source_key` identifies ``path`` (resolved) by, in sorted order."""
     found = (
@@ -186,18 +193,21 @@ def convert_input(
     unit: str | None,
     orientation: str | None,
     downsample: int = 1,
+    channel_index: int | None = None,
 ) -> Path:
-    """``source`` as OME-Zarr at ``target`` (block-averaged by ``downsample``); reused when already converted
-    from the same file with the same geometry (a ``<target>.source.json`` record), and given the new geometry
-    without reading a voxel when only the geometry options changed (:func:`regeometry`: a rerun after a refused
-    orientation or voxel size does not convert a large brain again)."""
+    """``source`` (its channel ``channel_index`` when given) as OME-Zarr at ``target`` (block-averaged by
+    ``downsample``); reused when already converted from the same file and channel with the same geometry (a
+    ``<target>.source.json`` record), and given the new geometry without reading a voxel when only the geometry
+    options changed (:func:`regeometry`: a rerun after a refused orientation or voxel size does not convert a large
+    brain again)."""
     from pipeline.importers import convert, open_input, orientation_source
 
     record = target.with_name(target.name + ".source.json")
+    channel = _channel_option(channel_index)
     key = _source_key(
-        source, voxel_size=voxel_size, unit=unit, orientation=orientation, downsample=downsample
+        source, voxel_size=voxel_size, unit=unit, orientation=orientation, downsample=downsample, **channel
     )
-    data_key = _source_key(source, downsample=downsample)
+    data_key = _source_key(source, downsample=downsample, **channel)
     sample = _content_sample(source)
     recorded = json.loads(record.read_text()) if target.is_dir() and record.is_file() else {}
     if recorded.get("content", sample) != sample:  # a record of before the content was recorded: its times decide
@@ -207,16 +217,18 @@ def convert_input(
         logger.info("reusing %s (converted from %s)", target, source)
         return target
     record.unlink(missing_ok=True)
-    if recorded.get("data_key") == data_key and regeometry(source, target, voxel_size, unit, orientation, downsample):
+    if recorded.get("data_key") == data_key and regeometry(
+        source, target, voxel_size, unit, orientation, downsample, channel_index
+    ):
         record.write_text(json.dumps({"key": key, "data_key": data_key, "content": sample}))
         return target
     if downsample == 1:
-        convert(source, target, voxel_size=voxel_size, unit=unit, orientation=orientation, overwrite=True)
+        convert(source, target, voxel_size=voxel_size, unit=unit, orientation=orientation, overwrite=True, **channel)
     else:
         from pipeline.ngff import write_image
         from pipeline.resume import code_identity, content_identity, output_lock
 
-        array, grid, kind = open_input(source, voxel_size, unit, orientation)
+        array, grid, kind = open_input(source, voxel_size, unit, orientation, channel_index=channel_index)
         small = da.coarsen(
             np.mean, array.astype(np.float32), dict.fromkeys(range(3), downsample), trim_excess=True
         )
@@ -225,10 +237,11 @@ def convert_input(
             "orientation_source": orientation_source(source, kind, orientation),
             "downsample": downsample,
             "source_shape": list(array.shape),  # the brain file's voxels, for points given in them
+            **channel,
         }
         fingerprint = {
             "input": content_identity(source), "voxel_size": voxel_size, "unit": unit, "orientation": orientation,
-            "downsample": downsample, "code": code_identity(),
+            "downsample": downsample, "code": code_identity(), **channel,
         }  # fmt: skip
         with output_lock(target):  # resumable like convert's: a killed read of a large brain keeps its slabs
             write_image(
@@ -261,6 +274,7 @@ def regeometry(
     unit: str | None,
     orientation: str | None,
     downsample: int,
+    channel_index: int | None = None,
 ) -> bool:
     """Give ``target``, converted from ``source`` with other geometry options, the grid these options give
     (:func:`pipeline.ngff.regrid_image`; the voxels are the same). False when it cannot (another shape, labels
@@ -268,7 +282,7 @@ def regeometry(
     from pipeline.importers import open_input, orientation_source
     from pipeline.ngff import read_image, regrid_image
 
-    array, grid, kind = open_input(source, voxel_size, unit, orientation)
+    array, grid, kind = open_input(source, voxel_size, unit, orientation, channel_index=channel_index)
     grid = _downsampled(grid, array.shape, downsample)
     if tuple(read_image(target).grid.shape) != tuple(grid.shape) or (target / "labels").exists():
         return False
@@ -286,10 +300,12 @@ PLACEMENT_FILE = "atlas_placement.json"
 
 
 def job_settings(
-    brain: Path, channels: Sequence[Path], atlas: Path, geometry: Mapping[str, Any], config: AtlasJobConfig
+    brain: Path, channels: Sequence[ImageChannel], atlas: Path, geometry: Mapping[str, Any], config: AtlasJobConfig,
+    brain_channel: int | None = None,
 ) -> dict[str, Any]:
     """Every setting of ``config`` that shapes the outputs (all but ``cluster``, ``qc`` and ``checks``), with the
-    identities (:func:`_source_key`) of the brain, its channels and the atlas folder, samples of their content
+    identities (:func:`_source_key`) of the brain (its channel ``brain_channel`` when given), its channels and the
+    atlas folder, samples of their content
     (:func:`_content_sample`, under ``content``), the brain's ``geometry`` options and the content of the model
     weights (:func:`pipeline.register.weights_identity`: a model retrained into the same file is other weights)."""
     from pipeline.register import weights_identity
@@ -297,13 +313,13 @@ def job_settings(
     return {
         **config.model_dump(mode="json", exclude={"cluster", "qc", "checks"}),
         "weights": weights_identity(config.inference.weights),
-        "brain": _source_key(brain),
-        "channels": [_source_key(path) for path in channels],
+        "brain": _source_key(brain, **_channel_option(brain_channel)),
+        "channels": [_source_key(c.path, **_channel_option(c.index)) for c in channels],
         "atlas": _source_key(atlas),
         "geometry": dict(geometry),
         "content": {
             "brain": _content_sample(brain),
-            "channels": [_content_sample(path) for path in channels],
+            "channels": [_content_sample(c.path) for c in channels],
             "atlas": _content_sample(atlas),
         },
     }
@@ -500,27 +516,28 @@ def fine_tune(
 
 
 # -- the job ---------------------------------------------------------------------------------------------------------
-def channel_names(channels: Sequence[Path]) -> dict[str, Path]:
-    """A unique, file-system-safe name per extra channel (from its file name)."""
-    names: dict[str, Path] = {}
-    for path in channels:
-        base = (
-            "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in path.name.split(".")[0]) or "channel"
-        )
+def channel_names(channels: Sequence[ImageChannel]) -> dict[str, ImageChannel]:
+    """A unique, file-system-safe name per extra channel (:meth:`pipeline.importers.ImageChannel.name`: from its
+    file name, ``brain_ch1`` for channel 1 of ``brain.zarr``)."""
+    names: dict[str, ImageChannel] = {}
+    for channel in channels:
+        base = channel.name()
         name, n = base, 2
         while name in names or name in ("brain", "atlas", "field", "inverse_field"):
             name, n = f"{base}_{n}", n + 1
-        names[name] = path
+        names[name] = channel
     return names
 
 
-def _check_channels(channels: Sequence[Path], brain_shape: tuple[int, ...], geometry: Mapping[str, Any]) -> None:
-    """Every channel has the brain's array shape ``brain_shape`` (``(Z, Y, X)`` voxels; read from the headers,
-    before anything is converted)."""
+def _check_channels(
+    channels: Sequence[ImageChannel], brain_shape: tuple[int, ...], geometry: Mapping[str, Any]
+) -> None:
+    """Every channel is one (its index one of its file's channels) and has the brain's array shape ``brain_shape``
+    (``(Z, Y, X)`` voxels; read from the headers, before anything is converted)."""
     from pipeline.importers import open_input
 
     for channel in channels:
-        shape = tuple(open_input(channel, **geometry)[0].shape)
+        shape = tuple(open_input(channel.path, **geometry, channel_index=channel.index)[0].shape)
         if shape != brain_shape:
             raise InputError(
                 f"channel {channel} has shape {shape}, the brain {brain_shape}: give channels imaged with the brain."
@@ -615,6 +632,7 @@ def run_atlas_job(
     channels: Sequence[str | Path] = (),
     config: AtlasJobConfig | None = None,
     scheduler: str | None = None,
+    channel_index: int | None = None,
 ) -> AtlasJobResult:
     """Register ``atlas`` to ``brain`` and write every output into ``out`` (see the module docstring).
 
@@ -625,26 +643,34 @@ def run_atlas_job(
         voxel_size: ``(z, y, x)`` voxel size of the brain (required for TIFF; overrides headers).
         orientation: orientation code of the brain's array axes (e.g. ``psl``; overrides headers).
         unit: unit of ``voxel_size`` (default: the header's, micrometer for TIFF).
-        channels: extra channels imaged with the brain (same array shape and geometry).
+        channels: extra channels imaged with the brain (same array shape and geometry), each a path or ``PATH:N``
+            for channel N of a multi-channel file (:meth:`pipeline.importers.ImageChannel.parse`), e.g.
+            ``brain.zarr:1``.
         config: settings (default :class:`AtlasJobConfig`).
         scheduler: Dask scheduler address or cluster YAML for every chunked step (default: ``config.cluster``,
             whose default is threads of this process).
+        channel_index: the channel (0-based) of a multi-channel ``brain`` to register the atlas to (its
+            autofluorescence channel, say).
 
     Raises:
         InputError: bad input, before heavy work starts.
     """
+    parsed = [ImageChannel.parse(c) for c in channels]
     with collected_warnings() as warnings:
-        return _run_atlas_job(brain, out, atlas, voxel_size, orientation, unit, channels, config, scheduler, warnings)
+        return _run_atlas_job(
+            ImageChannel(Path(brain), channel_index), out, atlas, voxel_size, orientation, unit, parsed, config,
+            scheduler, warnings,
+        )  # fmt: skip
 
 
 def _run_atlas_job(
-    brain: str | Path,
+    source: ImageChannel,
     out: str | Path,
     atlas: str | Path,
     voxel_size: Sequence[float] | None,
     orientation: str | None,
     unit: str | None,
-    channels: Sequence[str | Path],
+    channels: Sequence[ImageChannel],
     config: AtlasJobConfig | None,
     scheduler: str | None,
     warnings: list[str],
@@ -656,20 +682,23 @@ def _run_atlas_job(
     started = time.time()
     config = AtlasJobConfig() if config is None else config
     out = Path(out).absolute()  # every path the job records and returns is absolute
-    brain, channel_paths = Path(brain), [Path(c) for c in channels]
+    brain = source.path
     orientation = orientation.lower() if orientation else orientation  # 'PSL' and 'psl' are one setting
     geometry = {"voxel_size": voxel_size, "unit": unit, "orientation": orientation}
-    found, cluster = _checked_job(brain, channel_paths, out, atlas, geometry, config, scheduler)
-    settings = job_settings(brain, channel_paths, found.folder, geometry, config)
+    found, cluster = _checked_job(source, channels, out, atlas, geometry, config, scheduler)
+    settings = job_settings(brain, channels, found.folder, geometry, config, brain_channel=source.index)
     restart = check_job_settings(out, settings)
     out.mkdir(exist_ok=True)
     if restart or not (out / SETTINGS_FILE).is_file():
         record_job_settings(out, settings, field_finished=False)
-    brain_zarr = convert_input(brain, out / "brain.ome.zarr", downsample=config.brain_downsample, **geometry)
-    named = channel_names(channel_paths)
+    brain_zarr = convert_input(
+        brain, out / "brain.ome.zarr", downsample=config.brain_downsample, channel_index=source.index, **geometry
+    )
     channel_zarrs = {
-        name: convert_input(path, out / f"{name}.ome.zarr", downsample=config.brain_downsample, **geometry)
-        for name, path in named.items()
+        name: convert_input(
+            c.path, out / f"{name}.ome.zarr", downsample=config.brain_downsample, channel_index=c.index, **geometry
+        )
+        for name, c in channel_names(channels).items()
     }
     atlas_range, placements = resolve_atlas_range(found, brain_zarr, brain, config.atlas_range, out, settings)
     if placements:  # from here on, as if the range found had been given
@@ -710,7 +739,8 @@ def _run_atlas_job(
         paths.update({f"qc_{k}": v for k, v in atlas_qc(outputs.paths, prepared, out / "qc").items()})
     inputs = {
         "brain": str(brain),
-        "channels": [str(c) for c in channel_paths],
+        **({"channel_index": source.index} if source.index is not None else {}),
+        "channels": [str(c) for c in channels],
         "atlas": str(atlas),
         "weights": settings["weights"],
         **geometry,
@@ -724,13 +754,14 @@ def _run_atlas_job(
 
 
 def _checked_job(
-    brain: Path, channels: Sequence[Path], out: Path, atlas: str | Path, geometry: Mapping[str, Any],
+    source: ImageChannel, channels: Sequence[ImageChannel], out: Path, atlas: str | Path, geometry: Mapping[str, Any],
     config: AtlasJobConfig, scheduler: str | None,
 ) -> tuple[BrainGlobeAtlas, ClusterConfig]:
     """Refuse the job's bad input before any work (:func:`run_atlas_job`'s checks): missing inputs, an output folder
     that holds an input, the atlas range, the geometry options (``geometry``: ``voxel_size``, ``unit``,
-    ``orientation``), the brain's planes, an ``auto`` range the brain cannot be searched for, channels of another
-    shape, a GPU this machine lacks, a SLURM cluster that cannot start.
+    ``orientation``), a channel index the brain's file (``source``) or a channel's lacks, the brain's planes, an
+    ``auto`` range the brain cannot be searched for, channels of another shape, a GPU this machine lacks, a SLURM
+    cluster that cannot start.
 
     Returns:
         The atlas found and the cluster the job's chunked steps run on (``scheduler``'s, else ``config.cluster``).
@@ -740,16 +771,17 @@ def _checked_job(
     """
     from pipeline.importers import check_geometry_options, check_source_planes, open_input
 
-    for path, role in [(brain, "brain"), *((c, "channel") for c in channels)]:
+    brain, paths = source.path, [c.path for c in channels]
+    for path, role in [(brain, "brain"), *((c, "channel") for c in paths)]:
         if not path.exists():
             raise InputError(f"{role} {path} does not exist: check the path.")
     found = find_atlas(atlas)
-    check_output_folder(out, [brain, *channels, found.folder])
+    check_output_folder(out, [brain, *paths, found.folder])
     check_atlas_range(found, dict(config.atlas_range))
-    for path in [brain, *channels]:
+    for path in [brain, *paths]:
         check_geometry_options(path, geometry["voxel_size"], geometry["unit"], geometry["orientation"])
-    opened = open_input(brain, **geometry)  # its header, read once for the checks below
-    check_source_planes(brain, "brain", opened=opened, **geometry)
+    opened = open_input(brain, **geometry, channel_index=source.index)  # its header, read once for the checks below
+    check_source_planes(brain, "brain", opened=opened, channel_index=source.index, **geometry)
     check_auto_range(found, brain, geometry, config.atlas_range, opened=opened)
     _check_channels(channels, tuple(opened[0].shape), geometry)
     cluster = config.cluster if scheduler is None else load_cluster_config(scheduler)

@@ -28,6 +28,7 @@ import re
 import zlib
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -750,6 +751,43 @@ def warn_tiff_voxel_size(path: str | Path, grid: Grid) -> None:
 
 
 # -- any input ------------------------------------------------------------------------------------------
+_CHANNEL_SUFFIX = re.compile(r"(.+):([0-9]+)")
+
+
+@dataclass(frozen=True)
+class ImageChannel:
+    """An input image, or one channel (``index``, 0-based) of a multi-channel OME-Zarr image or TIFF stack.
+
+    Written ``PATH`` or ``PATH:N`` (:meth:`parse`), e.g. ``brain.zarr:1`` for channel 1 of ``brain.zarr``."""
+
+    path: Path
+    index: int | None = None
+
+    @classmethod
+    def parse(cls, text: str | Path, folder: Path | None = None) -> ImageChannel:
+        """``PATH`` or ``PATH:N`` (channel N of PATH; a path that exists as typed is a path, even with a colon),
+        a relative ``PATH`` taken from ``folder`` when given."""
+        raw = str(text)
+        whole = Path(raw) if folder is None else folder / raw
+        match = _CHANNEL_SUFFIX.fullmatch(raw)
+        if match is None or whole.exists():
+            return cls(whole)
+        path = Path(match[1]) if folder is None else folder / match[1]
+        return cls(path, int(match[2]))
+
+    def __str__(self) -> str:
+        return str(self.path) if self.index is None else f"{self.path}:{self.index}"
+
+    def name(self) -> str:
+        """A file-system-safe name: the file's (of a bioformats2raw series ``x.zarr/0``, the store's) before its
+        first dot, with ``_ch<N>`` for a channel: ``brain.zarr:1`` → ``brain_ch1``."""
+        from pipeline.ngff import series_store
+
+        stem = series_store(self.path).name.split(".")[0]
+        base = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in stem) or "channel"
+        return base if self.index is None else f"{base}_ch{self.index}"
+
+
 def _is_zarr(path: Path) -> bool:
     return path.is_dir() and any((path / name).exists() for name in ZARR_METADATA)
 
@@ -888,7 +926,7 @@ def check_source_planes(
     hold NaN or infinite values, before it is converted: an empty or wrong file of a terabyte brain is refused
     in seconds instead of after its conversion (:func:`pipeline.checks.check_image` checks the whole image,
     coarsely, after it). ``opened``: what :func:`open_input` gave for ``path`` and ``geometry`` already (else it is
-    opened here).
+    opened here); ``geometry``: :func:`open_input`'s options, ``channel_index`` too.
 
     Raises:
         InputError: naming the input and the fix.
@@ -897,7 +935,7 @@ def check_source_planes(
     with read_errors(path):
         planes, stride = mid_planes(array)
         if kind == "ome-zarr":
-            check_levels_agree(path, role, planes, stride)
+            check_levels_agree(path, role, planes, stride, geometry.get("channel_index"))
         values = np.concatenate([p.ravel() for p in planes])
     if values.dtype.kind == "f" and not np.all(np.isfinite(values)):
         raise InputError(f"{role} {path} contains NaN or infinite values (in its mid-planes): replace them (e.g. by 0) first.")
@@ -913,19 +951,22 @@ EMPTY_IN_TISSUE = 0.3
 mid-plane's tissue (where its coarsest level holds tissue)."""
 
 
-def check_levels_agree(path: str | Path, role: str, planes: Sequence[np.ndarray], stride: Sequence[int]) -> None:
+def check_levels_agree(
+    path: str | Path, role: str, planes: Sequence[np.ndarray], stride: Sequence[int], channel: int | None = None
+) -> None:
     """Refuse an OME-Zarr input whose level 0 reads as its fill value where its coarsest level holds tissue, on one
     of the three mid-planes (:func:`mid_planes`, read already, with ``stride``): a store that another tool is still
     writing, or that lost chunks, reads its missing chunks as the fill value (Zarr's rule), and the registration
     then squeezes the atlas into the part that is there. Tissue is where the coarsest level (read whole; small)
-    exceeds a tenth of its 99.5th percentile, at the coarse voxel that holds each plane voxel's centre.
+    exceeds a tenth of its 99.5th percentile, at the coarse voxel that holds each plane voxel's centre. ``channel``:
+    of a multi-channel image, the channel the planes are of.
 
     Raises:
         InputError: naming the plane and the share.
     """
     from pipeline.ngff import read_image
 
-    image = read_image(path)
+    image = read_image(path, channel=channel)
     if len(image.levels) < 2:
         return
     fine, coarsest = image.levels[0], image.levels[-1]

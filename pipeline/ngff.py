@@ -1294,8 +1294,8 @@ def _levels(
         if any(zarray.shape[i] != 1 for i in squeeze):
             raise InputError(
                 f"{where!r} has axes {names} with shape {zarray.shape}: only single time point, single channel "
-                "images are registered; convert one channel first ('patchmorph convert IMAGE OUT.ome.zarr "
-                "--channel-index N', N from 0) and give the converted image."
+                "images are registered: pick one channel with --channel-index N (N from 0; of 'patchmorph convert' or "
+                "'patchmorph atlas', or a batch item's channel_index), or as an extra channel write it PATH:N."
             )
         if squeeze:
             import dask.array as da
@@ -1308,44 +1308,51 @@ def _levels(
     return levels, meta, str(multiscale.get("name") or Path(where).stem)
 
 
-def read_image(path: str | Path, *, backend: Backend = "zarr") -> MultiscaleImage:
+def read_image(path: str | Path, *, backend: Backend = "zarr", channel: int | None = None) -> MultiscaleImage:
     """Open an NGFF 0.4 or 0.5 multiscale image lazily.
 
     Args:
-        path: the image group (local folder or URL for the zarr backend).
+        path: the image group (local folder or URL for the zarr backend; a bioformats2raw store's top folder
+            stands for its single series, :func:`image_group`).
         backend: ``"zarr"`` (zarr-python arrays, default) or ``"tensorstore"``.
+        channel: of an image with axes ``c, z, y, x`` (after an optional single time point), the channel (0-based)
+            to read (its levels are then lazy dask arrays; the backend is zarr).
 
     Returns:
         A :class:`MultiscaleImage` whose levels are ``(Z, Y, X)`` lazy array-likes with grids from
         the project's full affine (when written by PatchMorph) or NGFF scale/translation.
+
+    Raises:
+        InputError: the image is not one, or ``channel`` is given for an image without a ``c`` axis or is not
+            one of its channels.
     """
-    levels, _, name = _levels(path, backend, keep_channels=False)
-    return MultiscaleImage(tuple(levels), name)
+    if channel is None:
+        levels, _, name = _levels(path, backend, keep_channels=False)
+        return MultiscaleImage(tuple(levels), name)
+    import dask.array as da
+
+    levels, _, name = _levels(path, "zarr", keep_channels=True)
+    arrays = [level.array if isinstance(level.array, da.Array) else da.from_zarr(level.array) for level in levels]
+    if arrays[0].ndim == 3:
+        raise InputError(f"{str(path)!r} has no channel axis (c): leave out --channel-index.")
+    check_channel_index(channel, arrays[0].shape[0], path)
+    return MultiscaleImage(tuple(Level(a[channel], level.grid) for a, level in zip(arrays, levels, strict=True)), name)
 
 
 def read_channel(path: str | Path, channel: int) -> Level:
-    """Level 0 of channel ``channel`` (0-based, along the ``c`` axis) of an OME-Zarr image with axes ``c, z, y, x``
-    (after an optional single time point): a lazy ``(Z, Y, X)`` dask array on the image's grid.
+    """Level 0 of channel ``channel`` of an OME-Zarr image (:func:`read_image` with ``channel``).
 
     Raises:
         InputError: the image has no ``c`` axis, or ``channel`` is not one of its channels.
     """
-    import dask.array as da
-
-    levels, _, _ = _levels(path, "zarr", keep_channels=True)
-    level = levels[0]
-    array = level.array if isinstance(level.array, da.Array) else da.from_zarr(level.array)
-    if array.ndim == 3:
-        raise InputError(f"{str(path)!r} has no channel axis (c): leave out --channel-index.")
-    check_channel_index(channel, array.shape[0], path)
-    return Level(array[channel], level.grid)
+    return read_image(path, channel=channel).levels[0]
 
 
 def check_channel_index(channel: int, count: int, path: str | Path) -> None:
     """Refuse a ``--channel-index`` that is not one of the ``count`` channels of the image at ``path``."""
     if not 0 <= channel < count:
         raise InputError(
-            f"--channel-index {channel} is not a channel of {str(path)!r}, which holds {count}: give 0 to {count - 1}."
+            f"channel index {channel} is not a channel of {str(path)!r}, which holds {count}: give 0 to {count - 1}."
         )
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from flows.manifest import ManifestItem, ManifestProblem, default_name, load_manifest
 from patchmorph_core.errors import InputError
+from pipeline.importers import ImageChannel
 
 
 def test_yaml_manifest_resolves_paths_and_reports_bad_entries(tmp_path: Path) -> None:
@@ -53,9 +54,28 @@ def test_channels_and_brain_geometry_of_an_item(tmp_path: Path) -> None:
     for name in ("m.csv", "m.yaml"):
         item = load_manifest(tmp_path / name)[0]
         assert isinstance(item, ManifestItem), item
-        assert item.channels == (tmp_path / "c1.tif", Path("/data/c2.tif")) and item.brain_geometry == "hemisphere_r"
+        assert item.channels == (ImageChannel(tmp_path / "c1.tif"), ImageChannel(Path("/data/c2.tif")))
+        assert item.brain_geometry == "hemisphere_r"
     (tmp_path / "bad.yaml").write_text("- {path: b1.tif, brain_geometry: hemisphere_x}\n")
     assert isinstance(load_manifest(tmp_path / "bad.yaml")[0], ManifestProblem)
+
+
+def test_channels_of_one_multi_channel_file_in_a_manifest(tmp_path: Path) -> None:
+    """An item's ``channel_index`` (YAML or CSV column) and its other channels of the same file as ``PATH:N``; a
+    bioformats2raw series ``brain.zarr/0`` is named after its store (not "0"); a negative index is the item's
+    problem."""
+    (tmp_path / "m.csv").write_text("path,channel_index,channels\nbrain.zarr/0,0,brain.zarr/0:1;brain.zarr/0:2\n")
+    (tmp_path / "m.yaml").write_text("- {path: brain.zarr/0, channel_index: 0, channels: [brain.zarr/0:1, brain.zarr/0:2]}\n")
+    for name in ("m.csv", "m.yaml"):
+        item = load_manifest(tmp_path / name)[0]
+        assert isinstance(item, ManifestItem), item
+        assert item.name == "brain" and item.channel_index == 0
+        series = tmp_path / "brain.zarr" / "0"
+        assert item.channels == (ImageChannel(series, 1), ImageChannel(series, 2))
+        assert [c.name() for c in item.channels] == ["brain_ch1", "brain_ch2"]
+    (tmp_path / "bad.yaml").write_text("- {path: b.zarr, channel_index: -1}\n")
+    (problem,) = load_manifest(tmp_path / "bad.yaml")
+    assert isinstance(problem, ManifestProblem) and "channel_index is invalid" in problem.message, problem
 
 
 @pytest.mark.parametrize("text", ["{a: 1}", "- just a string", "[: bad yaml"])
@@ -203,3 +223,55 @@ def test_a_voxel_size_without_three_numbers_is_named_as_such(tmp_path: Path) -> 
             assert f"holds {count} numbers, not three: give the voxel size along z, y and x" in item.message
             assert "voxel_size." not in item.message and item.message.endswith(".")
     assert load_manifest(tmp_path / "m.csv")[2] == ManifestItem(name="good", path=tmp_path / "b.tif", voxel_size=(50, 40, 40))
+
+
+def test_a_channel_index_an_items_file_lacks_is_that_items_error_before_any_conversion(
+    tmp_path: Path, examples: Path
+) -> None:
+    """Two items of one manifest on a two-channel bioformats2raw store given as its top folder: the one asking for
+    channels 0 and 1 becomes a job whose brain and channel are channels of the store (converted, named
+    ``stp_ch1``); the one asking for channel 5 is that item's ``inputs`` error, one sentence, from the store's
+    header, and nothing is converted; the job's channel converts to that channel of the store alone."""
+    import numpy as np
+    from bioformats_stores import write_bioformats2raw
+
+    from flows.atlas_to_section import atlas_jobs, prepared_atlases
+    from flows.config import AtlasToSectionOptions
+    from flows.steps import conversion_key, missing_inputs
+    from flows.tasks import convert_task, converted_from
+    from pipeline.brainglobe import find_atlas
+    from pipeline.demo import EXAMPLE_ATLAS
+    from pipeline.ngff import read_image
+
+    data = np.arange(2 * 6 * 7 * 8, dtype=np.uint16).reshape(2, 6, 7, 8)
+    write_bioformats2raw(tmp_path / "stp.zarr", [data])
+    (tmp_path / "m.yaml").write_text(
+        "- {path: stp.zarr, channel_index: 0, channels: ['stp.zarr:1']}\n"
+        "- {name: wrong, path: stp.zarr, channel_index: 5}\n"
+    )
+    entries = load_manifest(tmp_path / "m.yaml")
+    out = tmp_path / "out"
+    prepared = prepared_atlases(find_atlas(examples / EXAMPLE_ATLAS), entries, out)
+    jobs, errors = atlas_jobs(examples / EXAMPLE_ATLAS, entries, out, AtlasToSectionOptions(), prepared)
+    assert errors == []
+    ready, errors = missing_inputs(jobs)
+    (refused,) = errors
+    assert refused.name == "wrong" and refused.step == "inputs", refused
+    assert refused.message == (
+        f"fixed input: channel index 5 is not a channel of '{tmp_path / 'stp.zarr'}', which holds 2: give 0 to 1."
+    )
+    (job,) = ready
+    assert job.name == "stp" and job.fixed.channel_index == 0 and job.fixed.needs_conversion
+    assert {name: (image.path, image.channel_index) for name, image in job.channels.items()} == {
+        "stp_ch1": (tmp_path / "stp.zarr", 1)
+    }
+    assert not (out / "stp").exists() and not (out / "wrong").exists()
+    image = job.channels["stp_ch1"]  # converted by the convert step's task, its channel only
+    image.converted.parent.mkdir(parents=True)
+    convert_task.fn(image.path, image.converted, None, None, None, False, conversion_key(image), image.channel_index)
+    np.testing.assert_array_equal(np.asarray(read_image(image.converted).levels[0].array), data[1])
+    assert converted_from(image.converted, conversion_key(image))
+    assert conversion_key(image) != conversion_key(image.model_copy(update={"channel_index": 0}))
+    other = job.model_copy(update={"fixed": job.fixed.model_copy(update={"channel_index": 1})})
+    options = AtlasToSectionOptions()  # another channel registered: neither finished nor its registration reused
+    assert other.key(options) != job.key(options) and other.registration_key(options) != job.registration_key(options)

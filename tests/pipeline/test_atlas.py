@@ -975,10 +975,12 @@ def test_a_voxel_size_half_again_too_large_is_warned_of(tmp_path: Path, examples
     assert "times too large" in warnings and "every volume is off by that factor" in warnings
 
 
-def _quick_job(tmp_path: Path, examples: Path, brain: Path, voxel_size: Sequence[float]) -> tuple[Result, Path]:
+def _quick_job(
+    tmp_path: Path, examples: Path, brain: Path, voxel_size: Sequence[float], extra: Sequence[str] = ()
+) -> tuple[Result, Path]:
     """A quick ``patchmorph atlas`` job (brain downsampled 4×, field 400 µm, no fine-tuning, no QC) of the bundled
-    atlas on ``brain`` (the bundled brain's orientation) given ``voxel_size`` (µm): the command's result and its
-    output folder."""
+    atlas on ``brain`` (the bundled brain's orientation) given ``voxel_size`` (µm) and the ``extra`` options: the
+    command's result and its output folder."""
     from typer.testing import CliRunner
 
     from patchmorph.cli import app
@@ -988,7 +990,7 @@ def _quick_job(tmp_path: Path, examples: Path, brain: Path, voxel_size: Sequence
     out = tmp_path / "job"
     args = [
         "atlas", str(brain), "-o", str(out), "--atlas", str(examples / EXAMPLE_ATLAS), "--voxel-size",
-        *map(str, voxel_size), "--orientation", BRAIN_ORIENTATION, "--config", str(config),
+        *map(str, voxel_size), "--orientation", BRAIN_ORIENTATION, "--config", str(config), *extra,
     ]  # fmt: skip
     return CliRunner().invoke(app, args), out
 
@@ -1475,3 +1477,29 @@ def test_the_fine_tuning_progress_bar_says_what_the_user_is_doing(
     inference = InferenceConfig(weights=str(weights), device="cpu", n_stages=1)
     fine_tune(fixed, moving, tmp_path / "job", config, inference)
     assert bars == ["fine-tuning the model on this brain (2 steps)"]
+
+
+def test_two_channels_of_one_bioformats2raw_store_go_into_the_atlas_job(tmp_path: Path, examples: Path) -> None:
+    """The bundled brain as channel 0 and a signal as channel 1 of one bioformats2raw store, given as its top folder:
+    ``--channel-index 0`` registers the atlas to channel 0 and ``--channel STORE:1`` brings channel 1 into atlas
+    space, named after the store and the channel; without ``--channel-index``, or with a channel the store lacks, the
+    job is refused in one sentence before it creates anything."""
+    from bioformats_stores import write_bioformats2raw
+
+    brain = tifffile.imread(ExampleFiles.from_dir(examples).brain)
+    signal = ((brain > np.percentile(brain, 90)) * 100).astype(brain.dtype)
+    store = write_bioformats2raw(tmp_path / "stp.zarr", [np.stack([brain, signal])], BRAIN_VOXEL_SIZE_UM)
+    for extra, says in (((), "pick one channel with --channel-index N"), (("--channel-index", "2"), "give 0 to 1")):
+        refused, out = _quick_job(tmp_path, examples, store, BRAIN_VOXEL_SIZE_UM, extra)
+        assert refused.exit_code == 2 and says in refused.output and not out.exists(), refused.output
+    result, out = _quick_job(
+        tmp_path, examples, store, BRAIN_VOXEL_SIZE_UM, ["--channel-index", "0", "--channel", f"{store}:1"]
+    )
+    assert result.exit_code == 0, result.output
+    assert (out / "stp_ch1_signal.csv").is_file() and (out / "stp_ch1_in_atlas_space.ome.zarr").is_dir()
+    converted = {name: np.asarray(read_image(out / f"{name}.ome.zarr").levels[0].array) for name in ("brain", "stp_ch1")}
+    (z, y, x) = (n // 4 for n in brain.shape)
+    for name, source in (("brain", brain), ("stp_ch1", signal)):  # each the 4x block mean of its own channel
+        blocks = source[: 4 * z, : 4 * y, : 4 * x].astype(np.float32).reshape(z, 4, y, 4, x, 4)
+        np.testing.assert_allclose(converted[name], blocks.mean(axis=(1, 3, 5)), rtol=1e-5, atol=1e-3)
+    assert json.loads((out / "atlas_job.json").read_text())["inputs"]["channels"] == [f"{store}:1"]
