@@ -67,6 +67,7 @@ from pipeline.atlas import AtlasRange, BrainGeometry, range_record, range_text
 from pipeline.atlas_job import atlas_inference, atlas_reference_name, job_summary, write_job_summary
 from pipeline.brainglobe import find_atlas
 from pipeline.checks import check_outputs
+from pipeline.importers import channel_option, open_input
 from pipeline.ngff import read_field, written_by_patchmorph
 from pipeline.register import field_warnings
 from pipeline.resume import input_writes, write_identity
@@ -267,8 +268,8 @@ def _step(
 def conversion_key(image: ImageInput) -> str:
     """The fingerprint of ``image``'s source (its channel) and geometry its conversion is recorded with
     (:func:`converted_from`)."""
-    channel = {} if image.channel_index is None else {"channel_index": image.channel_index}
-    return fingerprint({"source": image.path}, {"geometry": image.geometry.model_dump(mode="json"), **channel})
+    settings = {"geometry": image.geometry.model_dump(mode="json"), **channel_option(image.channel_index)}
+    return fingerprint({"source": image.path}, settings)
 
 
 def _convert_inputs(jobs: list[ItemJob], convert: Task[..., Path], errors: list[ItemError]) -> list[ItemJob]:
@@ -388,8 +389,6 @@ def missing_inputs(jobs: Sequence[ItemJob]) -> tuple[list[ItemJob], list[ItemErr
 def _check_channel_index(role: str, image: ImageInput) -> None:
     """Refuse ``image``'s channel index when its file has no such channel (:func:`pipeline.importers.open_input`,
     which reads the header only), naming ``role``."""
-    from pipeline.importers import open_input
-
     geometry = image.geometry
     try:
         open_input(image.path, geometry.voxel_size, geometry.unit, geometry.orientation, channel_index=image.channel_index)

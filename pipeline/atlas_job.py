@@ -62,7 +62,7 @@ from pipeline.atlas import (
 from pipeline.brainglobe import BrainGlobeAtlas, find_atlas
 from pipeline.checks import CheckOptions, check_brain_not_longer, collected_warnings
 from pipeline.cluster import ClusterConfig, check_slurm, load_cluster_config, open_client
-from pipeline.importers import ImageChannel
+from pipeline.importers import ImageChannel, channel_option
 from pipeline.resume import ZARR_METADATA, as_recorded, atomic_write_json, sample_digest, write_identity
 
 logger = logging.getLogger(__name__)
@@ -160,12 +160,6 @@ def _source_key(path: Path, **geometry: Any) -> str:
     return _hash({"path": str(path), "files": stats, **geometry})
 
 
-def _channel_option(channel_index: int | None) -> dict[str, int]:
-    """``{"channel_index": N}`` for a channel of a multi-channel input, else empty (the identities and records of a
-    single-channel input stay as they were)."""
-    return {} if channel_index is None else {"channel_index": channel_index}
-
-
 def _source_files(path: Path) -> list[Path]:
     """The files :func:`_source_key` identifies ``path`` (resolved) by, in sorted order."""
     found = (
@@ -203,7 +197,7 @@ def convert_input(
     from pipeline.importers import convert, open_input, orientation_source
 
     record = target.with_name(target.name + ".source.json")
-    channel = _channel_option(channel_index)
+    channel = channel_option(channel_index)
     key = _source_key(
         source, voxel_size=voxel_size, unit=unit, orientation=orientation, downsample=downsample, **channel
     )
@@ -313,8 +307,8 @@ def job_settings(
     return {
         **config.model_dump(mode="json", exclude={"cluster", "qc", "checks"}),
         "weights": weights_identity(config.inference.weights),
-        "brain": _source_key(brain, **_channel_option(brain_channel)),
-        "channels": [_source_key(c.path, **_channel_option(c.index)) for c in channels],
+        "brain": _source_key(brain, **channel_option(brain_channel)),
+        "channels": [_source_key(c.path, **channel_option(c.index)) for c in channels],
         "atlas": _source_key(atlas),
         "geometry": dict(geometry),
         "content": {
@@ -739,7 +733,7 @@ def _run_atlas_job(
         paths.update({f"qc_{k}": v for k, v in atlas_qc(outputs.paths, prepared, out / "qc").items()})
     inputs = {
         "brain": str(brain),
-        **({"channel_index": source.index} if source.index is not None else {}),
+        **channel_option(source.index),
         "channels": [str(c) for c in channels],
         "atlas": str(atlas),
         "weights": settings["weights"],

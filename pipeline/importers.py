@@ -754,6 +754,12 @@ def warn_tiff_voxel_size(path: str | Path, grid: Grid) -> None:
 _CHANNEL_SUFFIX = re.compile(r"(.+):([0-9]+)")
 
 
+def channel_option(channel_index: int | None) -> dict[str, int]:
+    """``{"channel_index": N}`` for a channel of a multi-channel input, else empty: what records, identities and
+    fingerprints of a conversion add for it (those of a single-channel input stay as they were)."""
+    return {} if channel_index is None else {"channel_index": channel_index}
+
+
 @dataclass(frozen=True)
 class ImageChannel:
     """An input image, or one channel (``index``, 0-based) of a multi-channel OME-Zarr image or TIFF stack.
@@ -1133,12 +1139,13 @@ def convert(
         "source_kind": kind,
         "orientation": orientation,
         "orientation_source": source,
-        **({"channel_index": channel_index} if channel_index is not None else {}),
+        **channel_option(channel_index),
     }
     check_writable(out.parent)
-    settings = {"voxel_size": voxel_size, "unit": unit, "orientation": orientation, "labels": labels}
-    if channel_index is not None:  # a conversion of another channel into this output resumes none of its slabs
-        settings["channel_index"] = channel_index
+    settings = {  # a conversion of another channel into this output resumes none of its slabs
+        "voxel_size": voxel_size, "unit": unit, "orientation": orientation, "labels": labels,
+        **channel_option(channel_index),
+    }  # fmt: skip
     fingerprint = {
         "input": content_identity(input), **settings, "chunks": chunks, "n_levels": n_levels, "code": code_identity()
     }
