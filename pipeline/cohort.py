@@ -188,7 +188,7 @@ def _cell_rows(
     rows = []
     for row in _long_rows(name, counts, structures, _whole):
         total, volume = cells[row[1]][2], mm3.get(row[1], (0.0, 0.0, 0.0))[2]
-        rows.append([*row, f"{total / volume:.3f}" if volume > 0 else ""])
+        rows.append([*row, f"{total / volume:.6g}" if volume > 0 else ""])  # sparse labelling: well below 1
     return rows
 
 
