@@ -82,8 +82,8 @@ class FieldDisplacement:
         rows = self.grid.world_to_index_rows(_as_points(points))  # (3, N)
         np.clip(rows, 0.0, np.asarray(self.grid.shape, dtype=np.float64)[:, None] - 1.0, out=rows)
         out = np.zeros((3, rows.shape[1]), dtype=np.float32)
-        box = row_box(rows, self.grid.shape)
-        if box is not None:  # None only without points (clipped points lie inside)
+        box = row_box(rows, self.grid.shape) if rows.size else None  # clipped points always lie inside
+        if box is not None:
             block = read_box(self.field, (slice(None), *box)).astype(np.float32, copy=False)
             rows -= np.array([[s.start] for s in box], dtype=np.float64)
             for k in range(3):

@@ -64,6 +64,13 @@ def test_field_sampler_extends_the_field_when_every_point_lies_outside() -> None
     assert np.allclose(FieldDisplacement(values, grid)(pts), expected, atol=1e-5)
 
 
+def test_field_sampler_of_no_points_is_empty() -> None:
+    """A call with no points (an empty block of cells) gives an empty ``(0, 3)`` array, not an error."""
+    grid = _rotated_grid()
+    values = np.ones((3, *grid.shape), dtype=np.float32)
+    assert FieldDisplacement(values, grid)(np.zeros((0, 3))).shape == (0, 3)
+
+
 @pytest.mark.parametrize("amplitude", [0.05, 0.3])
 def test_invert_points_on_affine(amplitude: float) -> None:
     rng = np.random.default_rng(1)
