@@ -396,8 +396,56 @@ def _inner_boundaries(block: np.ndarray) -> np.ndarray:
     return find_boundaries(block, mode="inner").astype(np.uint8)
 
 
+def _boundaries_unit(unit: np.ndarray, labels: Any, block_info: dict | None = None) -> np.ndarray:
+    """:func:`_inner_boundaries` of one block of a ``(Z, Y, X)`` label array-like ``labels``, read with one voxel of
+    its neighbours on every side (the border voxels of the image repeated beyond it, as a whole-image
+    ``find_boundaries`` sees them).
+
+    Args:
+        unit: placeholder block whose shape and position (``block_info``) define the block.
+        labels: the label image's level 0 (zarr, numpy or dask array; only the block's box plus one voxel is read).
+    """
+    if block_info is None:
+        raise ValueError("_boundaries_unit needs dask's block_info (call it through map_blocks)")
+    location = block_info[None]["array-location"]
+    box = tuple(slice(max(0, lo - 1), min(n, hi + 1)) for (lo, hi), n in zip(location, labels.shape, strict=True))
+    pad = [(1 - (lo - s.start), 1 - (s.stop - hi)) for (lo, hi), s in zip(location, box, strict=True)]
+    block = np.pad(np.asarray(labels[box]), pad, mode="edge")
+    return _inner_boundaries(block)[1:-1, 1:-1, 1:-1]
+
+
+BOUNDARY_UNIT = 256
+"""Edge (voxels) of the write blocks of a boundary image: each is one task that reads its box of the labels one voxel
+wider, so it decodes the stored chunks around it too (with 64³ chunks 3.4× the voxels it computes at 256, 27× at 64)."""
+
+
+def boundary_chunks(shape: Sequence[int]) -> tuple[int, int, int] | None:
+    """The ``chunks`` to write a boundary image of ``shape`` with, so that its write blocks are
+    :data:`BOUNDARY_UNIT`³: None (the default layout) when it is large enough to be sharded (shards of 4×4×4
+    chunks of 64³), else chunks of that edge."""
+    from pipeline.ngff import choose_layout
+
+    _, shards = choose_layout(shape, np.uint8)
+    return None if shards is not None else (BOUNDARY_UNIT,) * 3
+
+
+def boundaries(level: Level) -> da.Array:
+    """The boundaries between structures of a label image's ``level`` (:func:`_inner_boundaries`), lazily: one task
+    per :data:`BOUNDARY_UNIT`³ block, each reading its own box of the labels (one voxel wider).
+
+    A blockwise graph, so that writing a slab of blocks costs the same however large the image (an overlap graph is
+    materialised and culled whole for every slab written: quadratic in the image's chunks). Written with
+    :func:`boundary_chunks`, its blocks are the image's write blocks (no rechunking).
+
+    Returns:
+        A ``(Z, Y, X)`` uint8 dask array (0/1) on ``level.grid``.
+    """
+    units = da.empty(level.grid.shape, chunks=BOUNDARY_UNIT, dtype=np.uint8)
+    return units.map_blocks(_boundaries_unit, level.array, dtype=np.uint8)
+
+
 def write_boundaries(annotation: str | Path, out: str | Path) -> Path:
-    """The boundaries between structures of a label image, chunk by chunk (one voxel of overlap).
+    """The boundaries between structures of a label image (:func:`boundaries`), written block by block.
 
     Args:
         annotation: label image (OME-Zarr); its level 0 is read.
@@ -405,11 +453,11 @@ def write_boundaries(annotation: str | Path, out: str | Path) -> Path:
     """
     from pipeline.ngff import read_image, write_image
 
-    image = read_image(annotation)
-    level = image.levels[0]
-    array = level.array if isinstance(level.array, da.Array) else da.from_zarr(level.array)
-    edges = array.map_overlap(_inner_boundaries, depth=1, boundary="nearest", dtype=np.uint8)
-    return write_image(out, edges, level.grid, name="boundaries", labels=True, overwrite=True)
+    level = read_image(annotation).levels[0]
+    return write_image(
+        out, boundaries(level), level.grid, name="boundaries", labels=True, overwrite=True,
+        chunks=boundary_chunks(level.grid.shape),
+    )  # fmt: skip
 
 
 def nest_labels(image: str | Path, names: Sequence[str]) -> None:
