@@ -569,12 +569,27 @@ def _side_sums(annotation: np.ndarray, hemispheres: np.ndarray, *channels: np.nd
     ]
 
 
-def side_sums(annotation: Any, hemispheres: Any, channels: Sequence[Any] = ()) -> tuple[SideCounts, list[SideCounts]]:
+def _computed(parts: Sequence[Any], scheduler: str | None) -> tuple[Any, ...]:
+    """The values of Dask ``parts``, computed on the cluster at ``scheduler`` (an address or a cluster YAML, as
+    ``--scheduler`` takes), else on threads of this process."""
+    if scheduler is None:
+        return dask.compute(*parts, scheduler="threads")
+    from pipeline.cluster import load_cluster_config, open_client
+
+    with open_client(load_cluster_config(scheduler)) as (client, _):
+        return dask.compute(*parts, scheduler=client)
+
+
+def side_sums(
+    annotation: Any, hemispheres: Any, channels: Sequence[Any] = (), scheduler: str | None = None
+) -> tuple[SideCounts, list[SideCounts]]:
     """Voxels per ``(structure id, side)`` of two ``(Z, Y, X)`` label arrays on one grid, and the values of each
     of ``channels`` (on that grid) summed per ``(structure id, side)``, in one pass, block by block.
 
     Args:
         annotation, hemispheres, channels: numpy, zarr or dask arrays of one shape (read one chunk at a time).
+        scheduler: the Dask cluster to count on (its address): a brain's label image is read whole, on the
+            workers; None: threads of this process.
     """
     for array, what in [(hemispheres, "hemisphere map"), *((c, "channel") for c in channels)]:
         if tuple(annotation.shape) != tuple(array.shape):
@@ -594,7 +609,7 @@ def side_sums(annotation: Any, hemispheres: Any, channels: Sequence[Any] = ()) -
     ]
     counts: SideCounts = Counter()
     sums: list[SideCounts] = [Counter() for _ in channels]
-    for part_counts, part_sums in dask.compute(*parts, scheduler="threads"):
+    for part_counts, part_sums in _computed(parts, scheduler):
         counts.update(part_counts)
         for total, part in zip(sums, part_sums, strict=True):
             total.update(part)
@@ -862,7 +877,7 @@ def atlas_outputs(
         out: output folder (``brain_in_atlas_space.ome.zarr``, ``inverse_field.ome.zarr``, ``volumes.csv``,
             channels in atlas space and their ``<channel>_signal.csv``).
         channels: extra channels on the brain's grid (OME-Zarr) by name; each is written in atlas space.
-        scheduler: Dask scheduler address for the chunked warps (None: each starts its own cluster).
+        scheduler: Dask scheduler address for the chunked warps and the volume counts (None: threads of this process).
         label_interpolation: how the atlas's label maps are warped onto the brain (:func:`pipeline.warp.warp_files`).
 
     Returns:
@@ -898,7 +913,7 @@ def atlas_outputs(
     annotation = read_image(paths["atlas_on_brain"]).levels[0]
     hemispheres = read_image(paths["hemispheres_on_brain"]).levels[0].array
     channel_arrays = {name: read_image(channel).levels[0].array for name, channel in (channels or {}).items()}
-    counts, sums = side_sums(annotation.array, hemispheres, list(channel_arrays.values()))
+    counts, sums = side_sums(annotation.array, hemispheres, list(channel_arrays.values()), scheduler)
     voxel_mm3 = voxel_volume_mm3(annotation.grid)
     rows = volume_table(counts, voxel_mm3, atlas.atlas.structures)
     paths["volumes"] = write_volume_table(out / "volumes.csv", rows)

@@ -88,6 +88,24 @@ def test_volumes_are_counted_per_side_chunk_by_chunk() -> None:
         side_sums(annotation, hemispheres[:, :, :3])
 
 
+def test_volumes_are_counted_on_the_jobs_cluster(tmp_path: Path, dask_scheduler: str) -> None:
+    """With a cluster, the label images are read and counted on its workers, not in the command's own process (on a
+    0.5 GiB brain the counts took 44 s of the command's CPU while the job's workers stood idle)."""
+    from distributed import Client, get_task_stream
+
+    rng = np.random.default_rng(2)
+    annotation = rng.choice([0, 5, 7], size=(9, 10, 11))
+    hemispheres = rng.choice([0, LEFT, RIGHT], size=annotation.shape)
+    stored = [
+        zarr.create_array(str(tmp_path / name), data=values, chunks=(4, 5, 6))
+        for name, values in (("annotation.zarr", annotation), ("hemispheres.zarr", hemispheres))
+    ]
+    with Client(dask_scheduler) as client, get_task_stream(client) as stream:
+        counts, _ = side_sums(*stored, scheduler=dask_scheduler)
+    assert counts == side_sums(annotation, hemispheres)[0]
+    assert sum("_side_sums" in str(task["key"]) for task in stream.data) == 12  # 3 × 2 × 2 chunks, on the workers
+
+
 def test_channel_values_are_summed_per_structure_and_side_chunk_by_chunk(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
     annotation = rng.choice([0, 5, 7], size=(9, 10, 11))
