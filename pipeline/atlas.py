@@ -20,12 +20,13 @@ Every step reads and writes chunk by chunk (Dask), so memory is bounded by the c
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
 import shutil
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -444,20 +445,23 @@ def boundaries(level: Level) -> da.Array:
     return units.map_blocks(_boundaries_unit, level.array, dtype=np.uint8)
 
 
-def write_boundaries(annotation: str | Path, out: str | Path) -> Path:
+def write_boundaries(annotation: str | Path, out: str | Path, scheduler: str | None = None) -> Path:
     """The boundaries between structures of a label image (:func:`boundaries`), written block by block.
 
     Args:
         annotation: label image (OME-Zarr); its level 0 is read.
         out: the boundary label image to write (0/1, uint8, same grid).
+        scheduler: the Dask cluster whose workers compute and write the blocks (its address), else None (threads
+            of this process).
     """
     from pipeline.ngff import read_image, write_image
 
     level = read_image(annotation).levels[0]
-    return write_image(
-        out, boundaries(level), level.grid, name="boundaries", labels=True, overwrite=True,
-        chunks=boundary_chunks(level.grid.shape),
-    )  # fmt: skip
+    with _client(scheduler) as client:
+        return write_image(
+            out, boundaries(level), level.grid, name="boundaries", labels=True, overwrite=True,
+            chunks=boundary_chunks(level.grid.shape), client=client,
+        )  # fmt: skip
 
 
 def nest_labels(image: str | Path, names: Sequence[str]) -> None:
@@ -569,15 +573,24 @@ def _side_sums(annotation: np.ndarray, hemispheres: np.ndarray, *channels: np.nd
     ]
 
 
-def _computed(parts: Sequence[Any], scheduler: str | None) -> tuple[Any, ...]:
-    """The values of Dask ``parts``, computed on the cluster at ``scheduler`` (an address or a cluster YAML, as
-    ``--scheduler`` takes), else on threads of this process."""
+@contextlib.contextmanager
+def _client(scheduler: str | None) -> Iterator[Any]:
+    """A ``distributed.Client`` of the cluster at ``scheduler`` (an address or a cluster YAML, as ``--scheduler``
+    takes; closed on exit), or None for threads of this process."""
     if scheduler is None:
-        return dask.compute(*parts, scheduler="threads")
+        yield None
+        return
     from pipeline.cluster import load_cluster_config, open_client
 
     with open_client(load_cluster_config(scheduler)) as (client, _):
-        return dask.compute(*parts, scheduler=client)
+        yield client
+
+
+def _computed(parts: Sequence[Any], scheduler: str | None) -> tuple[Any, ...]:
+    """The values of Dask ``parts``, computed on the cluster at ``scheduler`` (:func:`_client`), else on threads of
+    this process."""
+    with _client(scheduler) as client:
+        return dask.compute(*parts, scheduler=client or "threads")
 
 
 def side_sums(
@@ -894,7 +907,7 @@ def atlas_outputs(
         _warp(field, source, labels_dir / name, scheduler, labels=True, label_interpolation=label_interpolation)
     boundaries_from = {"labels": labels_dir / "atlas"}
     if not _finished_from(labels_dir / "boundaries", boundaries_from):
-        write_boundaries(labels_dir / "atlas", labels_dir / "boundaries")
+        write_boundaries(labels_dir / "atlas", labels_dir / "boundaries", scheduler)
         _record_sources(labels_dir / "boundaries", boundaries_from)
     paths["boundaries_on_brain"] = labels_dir / "boundaries"
     nest_labels(brain, LABEL_NAMES)

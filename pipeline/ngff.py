@@ -801,8 +801,10 @@ def _write_group(
     extra_attrs: Mapping[str, Any] | None,
     n_levels: int | None,
     progress: bool,
+    client: Any = None,
 ) -> None:
-    """Create, fill and finish one group at ``out`` (a temporary path; progress names ``name``)."""
+    """Create, fill and finish one group at ``out`` (a temporary path; progress names ``name``), on ``client``'s
+    workers when given."""
     array = create_image_array(
         out,
         grid.shape,
@@ -814,8 +816,8 @@ def _write_group(
         labels=labels,
         extra_attrs=extra_attrs,
     )
-    _store(data, array, desc=f"writing {name}", progress=progress)
-    finish_image(out, n_levels=n_levels, progress=progress)
+    _store(data, array, desc=f"writing {name}", client=client, progress=progress)
+    finish_image(out, n_levels=n_levels, client=client, progress=progress)
 
 
 def _storage_dtype(dtype: np.dtype) -> np.dtype:
@@ -847,6 +849,7 @@ def write_image(
     n_levels: int | None = None,
     fingerprint: dict[str, Any] | None = None,
     progress: bool = True,
+    client: Any = None,
 ) -> Path:
     """Write a ``(Z, Y, X)`` numpy or dask array as an NGFF 0.5 multiscale image (or label image).
 
@@ -866,6 +869,8 @@ def write_image(
             slab, each slab recorded once whole (:func:`_write_resumable`), and a write killed part-way and started
             again with the same fingerprint keeps the recorded slabs. None: a sibling of this process only.
         progress: show a progress bar per level written.
+        client: the ``distributed.Client`` whose workers compute and write the blocks (and the pyramid), or None
+            (threads of this process).
 
     Returns:
         The output path.
@@ -875,7 +880,7 @@ def write_image(
         raise InputError(f"image shape {tuple(data.shape)} does not match its grid shape {grid.shape}.")
     layout = {
         "name": name, "labels": labels, "chunks": chunks, "extra_attrs": extra_attrs, "n_levels": n_levels,
-        "progress": progress,
+        "progress": progress, "client": client,
     }  # fmt: skip
     if fingerprint is not None:
         _write_resumable(out, data, grid, fingerprint, **layout)
@@ -908,6 +913,7 @@ def _write_resumable(
     extra_attrs: Mapping[str, Any] | None,
     n_levels: int | None,
     progress: bool,
+    client: Any = None,
 ) -> None:
     """:func:`write_image` with a ``fingerprint``: level 0 slab by slab into ``.<name>.converting``, the recorded
     slabs of an unfinished write with the same fingerprint kept, then the pyramid, then the rename into place.
@@ -933,8 +939,8 @@ def _write_resumable(
         )  # fmt: skip
         if not resume:
             stage.bind([partial])
-        _store(data, array, desc=f"writing {name}", records=stage, progress=progress)
-        finish_image(partial, n_levels=n_levels, progress=progress)
+        _store(data, array, desc=f"writing {name}", client=client, records=stage, progress=progress)
+        finish_image(partial, n_levels=n_levels, client=client, progress=progress)
     _replace(partial, out)
     shutil.rmtree(root)
 

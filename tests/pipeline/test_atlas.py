@@ -314,6 +314,22 @@ def test_boundaries_chunked_equal_brainregs_in_memory(tmp_path: Path) -> None:
     )
 
 
+def test_boundaries_are_written_on_the_jobs_cluster(tmp_path: Path, dask_scheduler: str) -> None:
+    """With a cluster, its workers compute and write the boundary image, not the command's own threads."""
+    from distributed import Client, get_task_stream
+
+    labels = np.zeros((300, 8, 8), dtype=np.uint32)
+    labels[:, 4:] = 7
+    grid = Grid.from_orientation(labels.shape, (50, 40, 40), "psl")
+    source = write_image(tmp_path / "labels.ome.zarr", labels, grid, labels=True)
+    with Client(dask_scheduler) as client, get_task_stream(client) as stream:
+        out = write_boundaries(source, tmp_path / "boundaries.ome.zarr", dask_scheduler)
+    assert sum("boundaries_unit" in str(task["key"]) for task in stream.data) == 2  # 300 planes: two blocks
+    np.testing.assert_array_equal(
+        np.asarray(read_image(out).levels[0].array[...]), find_boundaries(labels, mode="inner").astype(np.uint8)
+    )
+
+
 def test_boundaries_graph_is_blockwise(tmp_path: Path) -> None:
     """The writer culls the whole graph for every slab it stores: an overlap graph (materialised) cost 1.6 s per slab
     for a 0.5 GiB brain, 6.5 s for a 2 GiB one, so its total grew with the square of the image's chunks."""
