@@ -955,11 +955,74 @@ def benchmarks_document() -> str:
     return "\n\n".join(parts) + "\n"
 
 
+ATLAS_JOB_INTRO = """## The atlas job on a large brain
+
+The whole `patchmorph atlas` job (conversion, registration, the atlas's labels and hemispheres warped onto the
+brain's full grid, boundaries, inverse field, the brain in atlas space, volumes, figures, QC, summary) on the brain
+of the scale benchmark (`benchmarks/scale.py`'s `make_volume`: the STP brain upsampled, with noise, uint16
+OME-Zarr) with the bundled 100 µm atlas, on threads of the command's process and on a local Dask cluster
+(`configs/cluster/local.yaml`, two workers of 2 GiB). Every process's memory and CPU time were sampled every 0.5 s;
+a stage ends at its last log line of `-v`. The field has the atlas's spacing whatever the brain's size, so the
+registration, the inverse field and the brain in atlas space stay flat; the stages on the brain's full grid
+(conversion, the two label warps, boundaries, volumes) grow with its voxels. Three did not scale: the boundaries'
+overlap graph was culled whole for every slab written (quadratic in the chunks), and the boundaries and the volume
+counts ran on the command's own threads even on a cluster (its workers idle), so on SLURM a terabyte brain's labels
+would be read and counted by the one process of the command. "code" names what the job ran: before the fixes,
+with the blockwise boundaries only, or after them (boundaries and volumes on the cluster)."""
+
+
+def atlas_job_section(doc: dict[str, Any]) -> str:
+    """The per-stage table of the atlas job runs (``atlas_job_scale.json``) and how each stage grew between the
+    smallest and the largest brain run the same way."""
+    head = ["brain GiB (voxels)", "where", "code", "stage", "wall s", "CPU s (all)", "CPU s (command)",
+            "peak of the command GiB", "peak per worker GiB"]  # fmt: skip
+    rows = [
+        [f"{run['size_gib']:g} ({run['voxels'] / 1e9:.2f} G)", run["where"], run["code"], st["stage"], fmt(st["wall_s"], 1),
+         fmt(st["cpu_s"], 1), fmt(st["command_cpu_s"], 1), fmt(st["command_peak_gib"], 2),
+         fmt(st["worker_peak_gib"], 2) if st["worker_peak_gib"] else "–"]  # fmt: skip
+        for run in doc["runs"]
+        for st in run["stages"]
+    ]
+    growth = []
+    for where in sorted({r["where"] for r in doc["runs"]}):
+        same = sorted((r for r in doc["runs"] if r["where"] == where and r["code"] == "before"), key=lambda r: r["voxels"])
+        if len(same) < 2:
+            continue
+        small, large = same[0], same[-1]
+        ratio = large["voxels"] / small["voxels"]
+        by_stage = {st["stage"]: st for st in small["stages"]}
+        for st in large["stages"]:
+            if st["stage"] in by_stage and by_stage[st["stage"]]["cpu_s"] > 0:
+                growth.append([where, st["stage"], f"{ratio:.1f}×", f"{st['cpu_s'] / by_stage[st['stage']]['cpu_s']:.1f}×",
+                               f"{by_stage[st['stage']]['command_peak_gib']:.2f} → {st['command_peak_gib']:.2f}"])  # fmt: skip
+    parts = [
+        f"Commands: `{doc['commands']['brain']}`; `{doc['commands']['job']}` "
+        f"({doc['machine']['cpus']} CPUs shared with other work, {doc['machine']['memory_gib']} GiB).",
+        table(head, rows),
+    ]
+    if growth:
+        parts += ["Growth from the smallest to the largest brain (before the fixes; a process's peak includes the heap "
+                  "it kept from earlier stages):",
+                  table(["where", "stage", "voxels", "CPU s", "peak of the command GiB"], growth)]  # fmt: skip
+    if doc.get("alone"):
+        alone = [
+            [a["what"], f"{a['size_gib']:g}", a["code"], fmt(a["wall_s"], 1), fmt(a["cpu_s"], 1), fmt(a["peak_gib"], 2),
+             fmt(a["read_gib"], 2)]  # fmt: skip
+            for a in doc["alone"]
+        ]
+        parts += ["Steps run alone, on threads (read: bytes read by the process, page-cache hits included; a plane "
+                  "folder's planes are decoded once per block of the output they cross):",
+                  table(["step", "brain GiB", "code", "wall s", "CPU s", "peak GiB", "read GiB"], alone)]  # fmt: skip
+    return "\n\n".join(parts)
+
+
 def scale_document() -> str:
     """``docs/scale.md``."""
     doc = load("scale.json")
     body = scale_section(doc, load("finescale.json")) if doc else missing("scale.json", "nice -n 5 .venv/bin/python benchmarks/scale.py")
-    return "\n\n".join([GENERATED, SCALE_INTRO, body]) + "\n"
+    job = load("atlas_job_scale.json")
+    job_body = atlas_job_section(job) if job else missing("atlas_job_scale.json", "patchmorph -v atlas (see the section)")
+    return "\n\n".join([GENERATED, SCALE_INTRO, body, ATLAS_JOB_INTRO, job_body]) + "\n"
 
 
 def documents() -> dict[Path, str]:
