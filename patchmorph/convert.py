@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from patchmorph.app import command
+from patchmorph.register import SchedulerOption, quiet_dask
 
 
 def voxel_edge(value: str) -> float:
@@ -79,6 +80,7 @@ def convert(
             "the orientation code puts at their edges: to check a code, or find one.",
         ),
     ] = None,
+    scheduler: SchedulerOption = None,
 ) -> None:
     """Convert an image to OME-Zarr 0.5, keeping voxel size, unit and the full index→world matrix."""
     from patchmorph_core.errors import InputError
@@ -88,6 +90,8 @@ def convert(
     if preview is not None:
         png = write_preview(input, preview, voxel_size=voxel_size, unit=unit, orientation=orientation)
         typer.echo(f"wrote {png}")
+    if scheduler is not None:
+        quiet_dask()
     if output is None:
         if preview is None:
             raise InputError(
@@ -103,5 +107,6 @@ def convert(
         overwrite=overwrite,
         labels=labels,
         channel_index=channel_index,
+        scheduler=scheduler,
     )
     typer.echo(f"wrote {out}")

@@ -20,13 +20,12 @@ Every step reads and writes chunk by chunk (Dask), so memory is bounded by the c
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import logging
 import shutil
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -50,6 +49,7 @@ from patchmorph_core.spatial import (
 )
 from patchmorph_core.warping import LabelInterpolation
 from pipeline.brainglobe import LEFT, RIGHT, BrainGlobeAtlas, Structure, open_volume
+from pipeline.cluster import scheduler_client
 from pipeline.resume import atomic_write_csv, output_lock
 
 logger = logging.getLogger(__name__)
@@ -457,7 +457,7 @@ def write_boundaries(annotation: str | Path, out: str | Path, scheduler: str | N
     from pipeline.ngff import read_image, write_image
 
     level = read_image(annotation).levels[0]
-    with _client(scheduler) as client:
+    with scheduler_client(scheduler) as client:
         return write_image(
             out, boundaries(level), level.grid, name="boundaries", labels=True, overwrite=True,
             chunks=boundary_chunks(level.grid.shape), client=client,
@@ -573,23 +573,10 @@ def _side_sums(annotation: np.ndarray, hemispheres: np.ndarray, *channels: np.nd
     ]
 
 
-@contextlib.contextmanager
-def _client(scheduler: str | None) -> Iterator[Any]:
-    """A ``distributed.Client`` of the cluster at ``scheduler`` (an address or a cluster YAML, as ``--scheduler``
-    takes; closed on exit), or None for threads of this process."""
-    if scheduler is None:
-        yield None
-        return
-    from pipeline.cluster import load_cluster_config, open_client
-
-    with open_client(load_cluster_config(scheduler)) as (client, _):
-        yield client
-
-
 def _computed(parts: Sequence[Any], scheduler: str | None) -> tuple[Any, ...]:
-    """The values of Dask ``parts``, computed on the cluster at ``scheduler`` (:func:`_client`), else on threads of
+    """The values of Dask ``parts``, computed on the cluster at ``scheduler`` (:func:`pipeline.cluster.scheduler_client`), else on threads of
     this process."""
-    with _client(scheduler) as client:
+    with scheduler_client(scheduler) as client:
         return dask.compute(*parts, scheduler=client or "threads")
 
 

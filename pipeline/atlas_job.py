@@ -61,7 +61,7 @@ from pipeline.atlas import (
 )
 from pipeline.brainglobe import BrainGlobeAtlas, find_atlas
 from pipeline.checks import CheckOptions, check_brain_not_longer, collected_warnings
-from pipeline.cluster import ClusterConfig, check_slurm, load_cluster_config, open_client
+from pipeline.cluster import ClusterConfig, check_slurm, load_cluster_config, open_client, scheduler_client
 from pipeline.importers import ImageChannel, channel_option
 from pipeline.resume import ZARR_METADATA, as_recorded, atomic_write_json, sample_digest, write_identity
 
@@ -188,12 +188,14 @@ def convert_input(
     orientation: str | None,
     downsample: int = 1,
     channel_index: int | None = None,
+    scheduler: str | None = None,
 ) -> Path:
     """``source`` (its channel ``channel_index`` when given) as OME-Zarr at ``target`` (block-averaged by
     ``downsample``); reused when already converted from the same file and channel with the same geometry (a
     ``<target>.source.json`` record), and given the new geometry without reading a voxel when only the geometry
     options changed (:func:`regeometry`: a rerun after a refused orientation or voxel size does not convert a large
-    brain again)."""
+    brain again). ``scheduler``: the job's Dask cluster, whose workers read and write the blocks (None: threads of
+    this process)."""
     from pipeline.importers import convert, open_input, orientation_source
 
     record = target.with_name(target.name + ".source.json")
@@ -217,7 +219,10 @@ def convert_input(
         record.write_text(json.dumps({"key": key, "data_key": data_key, "content": sample}))
         return target
     if downsample == 1:
-        convert(source, target, voxel_size=voxel_size, unit=unit, orientation=orientation, overwrite=True, **channel)
+        convert(
+            source, target, voxel_size=voxel_size, unit=unit, orientation=orientation, overwrite=True,
+            scheduler=scheduler, **channel,
+        )  # fmt: skip
     else:
         from pipeline.ngff import write_image
         from pipeline.resume import code_identity, content_identity, output_lock
@@ -237,7 +242,7 @@ def convert_input(
             "input": content_identity(source), "voxel_size": voxel_size, "unit": unit, "orientation": orientation,
             "downsample": downsample, "code": code_identity(), **channel,
         }  # fmt: skip
-        with output_lock(target):  # resumable like convert's: a killed read of a large brain keeps its slabs
+        with output_lock(target), scheduler_client(scheduler) as client:  # resumable like convert's
             write_image(
                 target,
                 small,
@@ -246,6 +251,7 @@ def convert_input(
                 overwrite=True,
                 extra_attrs=extra,
                 fingerprint=fingerprint,
+                client=client,
             )
     record.write_text(json.dumps({"key": key, "data_key": data_key, "content": sample}))
     return target
@@ -685,29 +691,31 @@ def _run_atlas_job(
     out.mkdir(exist_ok=True)
     if restart or not (out / SETTINGS_FILE).is_file():
         record_job_settings(out, settings, field_finished=False)
-    brain_zarr = convert_input(
-        brain, out / "brain.ome.zarr", downsample=config.brain_downsample, channel_index=source.index, **geometry
-    )
-    channel_zarrs = {
-        name: convert_input(
-            c.path, out / f"{name}.ome.zarr", downsample=config.brain_downsample, channel_index=c.index, **geometry
+    with job_scheduler(cluster) as address:  # one cluster for every chunked step, the conversions first
+        brain_zarr = convert_input(
+            brain, out / "brain.ome.zarr", downsample=config.brain_downsample, channel_index=source.index,
+            scheduler=address, **geometry,
         )
-        for name, c in channel_names(channels).items()
-    }
-    atlas_range, placements = resolve_atlas_range(found, brain_zarr, brain, config.atlas_range, out, settings)
-    if placements:  # from here on, as if the range found had been given
-        config = config.model_copy(update={"atlas_range": atlas_range})
-    prepared = prepare_atlas(found, out / "atlas", config.brain_geometry, dict(config.atlas_range))
-    inference = atlas_inference(config.inference)
-    field = out / "field.ome.zarr"
-    if config.brain_geometry == "full" and not config.atlas_range and (restart or not _finished_field(field)):
-        # before the fine-tuning and the registration: a voxel size too large on one axis registers, passes the
-        # quality block and puts the labels far off (docs/checks.md)
-        check_brain_not_longer(read_image(brain_zarr), read_image(prepared.reference), brain, config.checks)
-    if config.fine_tune.steps > 0:
-        weights = fine_tune(brain_zarr, prepared.reference, out, config.fine_tune, inference)
-        inference = inference.model_copy(update={"weights": str(weights)})
-    with job_scheduler(cluster) as address:
+        channel_zarrs = {
+            name: convert_input(
+                c.path, out / f"{name}.ome.zarr", downsample=config.brain_downsample, channel_index=c.index,
+                scheduler=address, **geometry,
+            )
+            for name, c in channel_names(channels).items()
+        }
+        atlas_range, placements = resolve_atlas_range(found, brain_zarr, brain, config.atlas_range, out, settings)
+        if placements:  # from here on, as if the range found had been given
+            config = config.model_copy(update={"atlas_range": atlas_range})
+        prepared = prepare_atlas(found, out / "atlas", config.brain_geometry, dict(config.atlas_range))
+        inference = atlas_inference(config.inference)
+        field = out / "field.ome.zarr"
+        if config.brain_geometry == "full" and not config.atlas_range and (restart or not _finished_field(field)):
+            # before the fine-tuning and the registration: a voxel size too large on one axis registers, passes the
+            # quality block and puts the labels far off (docs/checks.md)
+            check_brain_not_longer(read_image(brain_zarr), read_image(prepared.reference), brain, config.checks)
+        if config.fine_tune.steps > 0:
+            weights = fine_tune(brain_zarr, prepared.reference, out, config.fine_tune, inference)
+            inference = inference.model_copy(update={"weights": str(weights)})
         names = {"fixed": str(brain), "moving": atlas_reference_name(found.name, config.brain_geometry, atlas_range=config.atlas_range)}  # fmt: skip
         reused, register_seconds = _job_field(
             brain_zarr, prepared.reference, out, settings, inference, config.checks, names, address, restart

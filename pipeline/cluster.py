@@ -412,6 +412,17 @@ def open_client(config: ClusterConfig) -> Iterator[tuple[Any, ClusterInfo]]:
 
 
 @contextlib.contextmanager
+def scheduler_client(scheduler: str | None) -> Iterator[Any]:
+    """A ``distributed.Client`` of the cluster at ``scheduler`` (an address or a cluster YAML, as ``--scheduler``
+    takes; closed on exit, with the cluster if it started one), or None for threads of this process."""
+    if scheduler is None:
+        yield None
+        return
+    with open_client(load_cluster_config(scheduler)) as (client, _):
+        yield client
+
+
+@contextlib.contextmanager
 def open_executor(config: ClusterConfig) -> Iterator[Executor]:
     """The :class:`~pipeline.executor.Executor` ``config`` describes (threads of this process, or a client of
     the Dask cluster :func:`open_client` connects); closes what it started on exit."""

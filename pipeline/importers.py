@@ -57,6 +57,7 @@ from patchmorph_core.spatial import (
     swap_file_axes,
     swap_file_sizes,
 )
+from pipeline.cluster import scheduler_client
 from pipeline.resume import ZARR_METADATA
 
 logger = logging.getLogger(__name__)
@@ -1086,6 +1087,7 @@ def convert(
     chunks: Sequence[int] | None = None,
     n_levels: int | None = None,
     channel_index: int | None = None,
+    scheduler: str | None = None,
 ) -> Path:
     """Convert a TIFF plane folder, TIFF stack, NIfTI, NRRD or OME-Zarr 0.4 image to OME-Zarr 0.5.
 
@@ -1104,6 +1106,8 @@ def convert(
         chunks: spatial chunk shape; default 64³.
         n_levels: pyramid levels; default automatic.
         channel_index: the channel (0-based) of a multi-channel OME-Zarr image or TIFF stack to convert.
+        scheduler: the Dask cluster whose workers read and write the blocks and the pyramid (its address or a
+            cluster YAML, :func:`pipeline.cluster.scheduler_client`), else None (threads of this process).
 
     Returns:
         The output path.
@@ -1149,7 +1153,7 @@ def convert(
     fingerprint = {
         "input": content_identity(input), **settings, "chunks": chunks, "n_levels": n_levels, "code": code_identity()
     }
-    with output_lock(out), read_errors(input):
+    with output_lock(out), read_errors(input), scheduler_client(scheduler) as client:
         write_image(
             out,
             array,
@@ -1161,6 +1165,7 @@ def convert(
             extra_attrs=provenance,
             n_levels=n_levels,
             fingerprint=fingerprint,
+            client=client,
         )
     logger.info("wrote %s (OME-Zarr 0.5)", out)
     return out
