@@ -968,7 +968,8 @@ registration, the inverse field and the brain in atlas space stay flat; the stag
 overlap graph was culled whole for every slab written (quadratic in the chunks), and the boundaries and the volume
 counts ran on the command's own threads even on a cluster (its workers idle), so on SLURM a terabyte brain's labels
 would be read and counted by the one process of the command. "code" names what the job ran: before the fixes,
-with the blockwise boundaries only, or after them (boundaries and volumes on the cluster)."""
+with the blockwise boundaries only, or after them (boundaries and volumes on the cluster). The conversion ran on the
+command's threads in every run here; it has since moved to the job's cluster too (not measured again)."""
 
 
 def atlas_job_section(doc: dict[str, Any]) -> str:
