@@ -45,10 +45,9 @@ def _command(argv: list[str]) -> str | None:
 
 BLAS_THREADS = {"OPENBLAS_NUM_THREADS": "1"}
 """Set in the command's environment before numpy is imported, unless the user set them: numpy's OpenBLAS works on
-one thread. The command's parallelism is its task threads and torch's; OpenBLAS started its own threads inside
-every task thread's small matrix products, and they fought over the cores (``patchmorph register`` on a 2 mm head
-pair: 15 % less CPU; ``docs/decisions.md``). Dask's workers get the same from distributed's ``pre-spawn-environ``;
-torch keeps its own thread count."""
+one thread. The command's parallelism is its task threads and torch's; OpenBLAS threads started inside every task
+thread's small matrix products fight them for the cores (measured: ``docs/decisions.md``). Dask's workers get the
+same from distributed's ``pre-spawn-environ``; torch keeps its own thread count."""
 
 
 def main() -> None:

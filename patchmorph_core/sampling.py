@@ -123,7 +123,7 @@ def displacement_at(displacement: Displacement, points: np.ndarray) -> np.ndarra
 
     A :class:`~patchmorph_core.displacement.FieldDisplacement` is sampled here by one float64 ``grid_sample`` of
     all three components (the same trilinear, constant-extended values as its ``__call__`` up to float rounding,
-    about 1.6× as fast, but a point's last bits depend on the box read for the batch, so the samplers whose
+    faster, but a point's last bits depend on the box read for the batch, so the samplers whose
     points must not depend on their neighbours, the inverse and the checks, call the field itself); any other
     displacement is called as it is.
     """

@@ -90,8 +90,8 @@ def test_volumes_are_counted_per_side_chunk_by_chunk() -> None:
 
 
 def test_volumes_are_counted_on_the_jobs_cluster(tmp_path: Path, dask_scheduler: str) -> None:
-    """With a cluster, the label images are read and counted on its workers, not in the command's own process (on a
-    0.5 GiB brain the counts took 44 s of the command's CPU while the job's workers stood idle)."""
+    """With a cluster, the label images are read and counted on its workers, not in the command's own process while
+    the job's workers stand idle (docs/scale.md, *The atlas job on a large brain*)."""
     from distributed import Client, get_task_stream
 
     rng = np.random.default_rng(2)
@@ -333,8 +333,8 @@ def test_boundaries_are_written_on_the_jobs_cluster(tmp_path: Path, dask_schedul
 
 def test_a_brain_is_converted_on_the_jobs_cluster(tmp_path: Path, dask_scheduler: str) -> None:
     """With a cluster, the job's conversion of a TIFF plane folder (as given, and block-averaged) reads and writes its
-    blocks and pyramid on the workers, not on the command's own threads (at 2 GiB: 56 s of the command's CPU while
-    the job's workers stood idle), and writes what threads write."""
+    blocks and pyramid on the workers, not on the command's own threads while the job's workers stand idle, and
+    writes what threads write."""
     from distributed import Client, get_task_stream
     from typer.testing import CliRunner
 
@@ -371,8 +371,8 @@ def test_a_brain_is_converted_on_the_jobs_cluster(tmp_path: Path, dask_scheduler
 
 
 def test_boundaries_graph_is_blockwise(tmp_path: Path) -> None:
-    """The writer culls the whole graph for every slab it stores: an overlap graph (materialised) cost 1.6 s per slab
-    for a 0.5 GiB brain, 6.5 s for a 2 GiB one, so its total grew with the square of the image's chunks."""
+    """The writer culls the whole graph for every slab it stores: an overlap graph is materialised, so its cost would
+    grow with the square of the image's chunks (measured: docs/decisions.md)."""
     labels = np.zeros((600, 8, 8), dtype=np.uint32)
     labels[:, 4:] = 7
     grid = Grid.from_orientation(labels.shape, (50, 40, 40), "psl")
