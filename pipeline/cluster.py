@@ -414,11 +414,13 @@ def open_client(config: ClusterConfig) -> Iterator[tuple[Any, ClusterInfo]]:
 @contextlib.contextmanager
 def scheduler_client(scheduler: str | None) -> Iterator[Any]:
     """A ``distributed.Client`` of the cluster at ``scheduler`` (an address or a cluster YAML, as ``--scheduler``
-    takes; closed on exit, with the cluster if it started one), or None for threads of this process."""
-    if scheduler is None:
+    takes; closed on exit, with the cluster if it started one), or None for threads of this process (``scheduler``
+    None, or a cluster YAML of kind ``threads``, as a batch's options may give)."""
+    config = None if scheduler is None else load_cluster_config(scheduler)
+    if config is None or config.kind == "threads":
         yield None
         return
-    with open_client(load_cluster_config(scheduler)) as (client, _):
+    with open_client(config) as (client, _):
         yield client
 
 

@@ -18,6 +18,7 @@ from pipeline.cluster import (
     load_cluster_config,
     network_resources,
     open_client,
+    scheduler_client,
     worker_memory,
 )
 
@@ -37,6 +38,16 @@ def test_configs_load_and_resolve() -> None:
         load_cluster_config("nonsense")
     with pytest.raises(InputError, match="workers"):
         load_cluster_config(None, workers=0)
+
+
+def test_a_threads_cluster_file_gives_no_client(tmp_path: Path) -> None:
+    """A step given a cluster file of kind ``threads`` (a batch's options without a cluster) runs on threads of this
+    process, as without a scheduler, instead of refusing the file."""
+    threads = tmp_path / "threads.yaml"
+    threads.write_text("kind: threads\n")
+    for scheduler in (None, str(threads)):
+        with scheduler_client(scheduler) as client:
+            assert client is None
 
 
 def test_slurm_job_script_without_slurm() -> None:
