@@ -105,6 +105,12 @@ LENGTH_UNITS: dict[str, str] = {
 }
 """Spellings of length units (lower case; ``µm`` with the micro sign or the Greek mu) → the project's unit."""
 
+def length_unit(text: str) -> str | None:
+    """The project's name of a length unit spelled ``text`` (any case, surrounding spaces ignored; see
+    :data:`LENGTH_UNITS`), or None when it names no length unit."""
+    return LENGTH_UNITS.get(str(text).strip().lower())
+
+
 _LENGTH = re.compile(r"^\s*([+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)\s*([^\d\s.+-][^\s]*)\s*$")
 """A number and a unit, with or without a space between them (``50um``, ``0.5 mm``, ``2e-2 cm``)."""
 
@@ -129,7 +135,7 @@ def parse_length(text: str, what: str = "length") -> tuple[float, str]:
             f"{what} {text!r} is not a length with a unit: give a number and a unit, e.g. 50um, 0.5mm or "
             "2 millimeter."
         )
-    unit = LENGTH_UNITS.get(match.group(2).lower())
+    unit = length_unit(match.group(2))
     if unit is None:
         raise SpatialError(
             f"{what} {text!r}: {match.group(2)!r} is not a length unit; use nm, um (µm), mm, cm or m."

@@ -41,13 +41,13 @@ from patchmorph_core.errors import InputError
 from patchmorph_core.labels import check_whole_numbers
 from patchmorph_core.spatial import (
     ITK_MAX_SHEAR_DEG,
-    LENGTH_UNITS,
     NIFTI_FORMS_TOLERANCE,
     NRRD_SPACE_TO_RAS,
     UNIT_IN_MILLIMETER,
     Grid,
     check_spacing,
     grid_affine_from_ras,
+    length_unit,
     nearest_orientation_code,
     nifti_forms_gap,
     orientation_code,
@@ -56,6 +56,7 @@ from patchmorph_core.spatial import (
     read_box,
     swap_file_axes,
     swap_file_sizes,
+    unit_scale,
 )
 from pipeline.cluster import scheduler_client
 from pipeline.resume import ZARR_METADATA
@@ -68,7 +69,7 @@ MICROMETER_THRESHOLD: float = 10.0
 def normalize_unit(unit: str, what: str = "unit") -> str:
     """NGFF unit name for ``unit`` (the spellings of :data:`patchmorph_core.spatial.LENGTH_UNITS`: ``mm``, ``um``,
     ``µm`` with the micro sign or the Greek mu, ``micron``, ``micrometre``, ...); InputError if unknown."""
-    name = LENGTH_UNITS.get(str(unit).strip().lower())
+    name = length_unit(unit)
     if name is None or name not in UNIT_IN_MILLIMETER:
         raise InputError(f"unknown {what} {unit!r}: use one of {', '.join(sorted(UNIT_IN_MILLIMETER))}.")
     return name
@@ -519,7 +520,7 @@ def _ome_voxel_size(xml: str) -> tuple[tuple[float, float, float], str] | None:
     if pixels is None:
         return None
     sizes = [pixels.get(f"PhysicalSize{a}") for a in "ZYX"]
-    units = {LENGTH_UNITS.get(pixels.get(f"PhysicalSize{a}Unit", "µm").strip().lower()) for a in "ZYX"}
+    units = {length_unit(pixels.get(f"PhysicalSize{a}Unit", "µm")) for a in "ZYX"}
     if None in sizes or len(units) != 1 or None in units:
         return None
     return (float(sizes[0]), float(sizes[1]), float(sizes[2])), str(units.pop())
@@ -545,7 +546,7 @@ def tiff_stated_voxel_size(path: str | Path) -> tuple[tuple[float, float, float]
             tags = tif.pages[0].tags
             if not meta or "spacing" not in meta or "XResolution" not in tags or "YResolution" not in tags:
                 return None
-            unit = LENGTH_UNITS.get(str(meta.get("unit", "")).strip().lower().replace("\\u00b5", "\u00b5"))
+            unit = length_unit(str(meta.get("unit", "")).replace("\\u00b5", "\u00b5"))
             per_unit = [tags[name].value for name in ("YResolution", "XResolution")]  # (numerator, denominator)
             if unit is None or any(num <= 0 or den <= 0 for num, den in per_unit):
                 return None
@@ -742,7 +743,7 @@ def warn_tiff_voxel_size(path: str | Path, grid: Grid) -> None:
     if stated is None:
         return
     (z, y, x), stated_unit, source = stated
-    in_grid_unit = np.asarray([z, y, x]) * UNIT_IN_MILLIMETER[stated_unit] / UNIT_IN_MILLIMETER[grid.unit]
+    in_grid_unit = np.asarray([z, y, x]) * unit_scale(stated_unit, grid.unit)
     if not np.allclose(in_grid_unit, grid.spacing, rtol=0.01, atol=0.0):
         logger.warning(
             "TIFF stack %s: --voxel-size %s %s differs from what its %s metadata says (%g %g %g %s, Z Y X): the "

@@ -54,9 +54,9 @@ from patchmorph_core.errors import InputError
 from patchmorph_core.source import Level, MultiscaleImage, downsample, downsampled_grid, pyramid_factors
 from patchmorph_core.spatial import (
     AXES,
-    LENGTH_UNITS,
     Grid,
     check_spacing,
+    length_unit,
     orientation_code,
     orientation_matrix,
     read_box,
@@ -234,14 +234,19 @@ def regrid_image(path: str | Path, grid: Grid, extra_attrs: Mapping[str, Any]) -
 def is_label_image(path: str | Path) -> bool:
     """Whether an OME-Zarr image is a label image (NGFF ``image-label`` metadata, 0.4 or 0.5)."""
     attrs = dict(_open_group(path).attrs)
-    return "image-label" in attrs.get("ome", attrs) or bool(attrs.get("patchmorph", {}).get("labels", False))
+    return "image-label" in attrs.get("ome", attrs) or _own_labels(attrs)
 
 
 def has_label_pyramid(path: str | Path) -> bool:
     """Whether an OME-Zarr image's coarser levels keep its label ids (a label image PatchMorph wrote: every other
     voxel). Another tool's pyramid may average or interpolate them (ome-zarr-py's default ``resize`` does) into
     values that are no label, so only the finest level of such an image is a label map."""
-    return bool(dict(_open_group(path).attrs).get("patchmorph", {}).get("labels", False))
+    return _own_labels(dict(_open_group(path).attrs))
+
+
+def _own_labels(attrs: Mapping[str, Any]) -> bool:
+    """Whether an image's attributes ``attrs`` hold PatchMorph's mark of a label image."""
+    return bool(attrs.get("patchmorph", {}).get("labels", False))
 
 
 def warn_without_orientation(path: str | Path, role: str) -> bool:
@@ -1156,13 +1161,13 @@ def _axes(multiscale: Mapping[str, Any], where: str) -> tuple[list[str], str]:
         )
     given = {a.get("unit") for a in axes if isinstance(a, Mapping) and a.get("name") in AXES}
     given.discard(None)
-    unknown_units = sorted(str(u) for u in given if LENGTH_UNITS.get(str(u).strip().lower()) is None)
+    unknown_units = sorted(str(u) for u in given if length_unit(u) is None)
     if unknown_units:
         raise InputError(
             f"{where!r} gives its z, y, x axes the unit {unknown_units[0]!r}, which is no length unit: re-save the "
             "image with an NGFF unit (micrometer, millimeter, ...) on its spatial axes."
         )
-    units = {LENGTH_UNITS[str(u).strip().lower()] for u in given}  # other tools' spellings (µm, um) as NGFF's names
+    units = {length_unit(u) for u in given}  # other tools' spellings (µm, um) as NGFF's names
     if len(units) > 1:
         raise InputError(f"{where!r} mixes units {sorted(units)} on z, y, x: give one unit for all axes.")
     if not units:
