@@ -969,7 +969,10 @@ overlap graph was culled whole for every slab written (quadratic in the chunks),
 counts ran on the command's own threads even on a cluster (its workers idle), so on SLURM a terabyte brain's labels
 would be read and counted by the one process of the command. "code" names what the job ran: before the fixes,
 with the blockwise boundaries only, or after them (boundaries and volumes on the cluster). The conversion ran on the
-command's threads in every run here; it has since moved to the job's cluster too (not measured again)."""
+command's threads in every run here; it has since moved to the job's cluster too (not measured again). The volume
+count sorted every voxel's key, one task per 64³ chunk (~200 k tasks for a 100 GiB brain); it now sorts the runs of one
+label in a block's C order, one task per 256³ block (`pipeline.atlas.side_sums`; the same counts, alone below: the
+bundled annotation upsampled 7× as a brain's labels, the job's `side_sums` on threads, the two codes alternating)."""
 
 
 def atlas_job_section(doc: dict[str, Any]) -> str:

@@ -71,11 +71,14 @@ def _page_summary(**figures: Any) -> dict[str, Any]:
 
 def test_volumes_are_counted_per_side_chunk_by_chunk() -> None:
     rng = np.random.default_rng(0)
-    annotation = rng.choice([0, 5, 7, 600_000_000], size=(9, 10, 11))
-    hemispheres = rng.choice([0, LEFT, RIGHT], size=annotation.shape)
+    # runs of one label along x, as in a label image, cut by the side changing; side 7 is neither side
+    annotation = np.repeat(rng.choice([0, 5, 7, 600_000_000], size=(9, 10, 4)), 3, axis=2)[:, :, :11]
+    hemispheres = rng.choice([0, LEFT, RIGHT, 7], size=annotation.shape, p=[0.1, 0.4, 0.4, 0.1])
     counts, _ = side_sums(zarr.array(annotation, chunks=(4, 3, 5)), zarr.array(hemispheres, chunks=(2, 2, 2)))
     expected = Counter(
-        (int(a), int(h)) for a, h in zip(annotation.ravel(), hemispheres.ravel(), strict=True) if h
+        (int(a), int(h))
+        for a, h in zip(annotation.ravel(), hemispheres.ravel(), strict=True)
+        if h in (LEFT, RIGHT)
     )
     assert counts == expected
     rows = volume_table(counts, 0.5, {5: Structure(5, "five", "V")})
@@ -95,7 +98,7 @@ def test_volumes_are_counted_on_the_jobs_cluster(tmp_path: Path, dask_scheduler:
     from distributed import Client, get_task_stream
 
     rng = np.random.default_rng(2)
-    annotation = rng.choice([0, 5, 7], size=(9, 10, 11))
+    annotation = rng.choice([0, 5, 7], size=(300, 10, 11))
     hemispheres = rng.choice([0, LEFT, RIGHT], size=annotation.shape)
     stored = [
         zarr.create_array(str(tmp_path / name), data=values, chunks=(4, 5, 6))
@@ -104,7 +107,8 @@ def test_volumes_are_counted_on_the_jobs_cluster(tmp_path: Path, dask_scheduler:
     with Client(dask_scheduler) as client, get_task_stream(client) as stream:
         counts, _ = side_sums(*stored, scheduler=dask_scheduler)
     assert counts == side_sums(annotation, hemispheres)[0]
-    assert sum("_side_sums" in str(task["key"]) for task in stream.data) == 12  # 3 × 2 × 2 chunks, on the workers
+    # on the workers, one task per block of LABEL_BLOCK voxels (whole chunks of 4 × 5 × 6): two along z, not 75 × 2 × 2
+    assert sum("_side_sums" in str(task["key"]) for task in stream.data) == 2
 
 
 def test_channel_values_are_summed_per_structure_and_side_chunk_by_chunk(tmp_path: Path) -> None:
@@ -303,7 +307,7 @@ def test_volume_table_has_brainregs_columns_then_id_and_acronym(tmp_path: Path) 
 
 
 def test_boundaries_chunked_equal_brainregs_in_memory(tmp_path: Path) -> None:
-    # 300 planes: two blocks of the boundary image along z (BOUNDARY_UNIT), so their border is crossed
+    # 300 planes: two blocks of the boundary image along z (LABEL_BLOCK), so their border is crossed
     rng = np.random.default_rng(1)
     labels = np.repeat(rng.integers(0, 4, size=(300, 6, 5)), 2, axis=2).astype(np.uint32)
     grid = Grid.from_orientation(labels.shape, (50, 40, 40), "psl")
