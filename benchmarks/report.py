@@ -968,11 +968,62 @@ registration, the inverse field and the brain in atlas space stay flat; the stag
 overlap graph was culled whole for every slab written (quadratic in the chunks), and the boundaries and the volume
 counts ran on the command's own threads even on a cluster (its workers idle), so on SLURM a terabyte brain's labels
 would be read and counted by the one process of the command. "code" names what the job ran: before the fixes,
-with the blockwise boundaries only, or after them (boundaries and volumes on the cluster). The conversion ran on the
-command's threads in every run here; it has since moved to the job's cluster too (not measured again). The volume
+with the blockwise boundaries only, or after them (boundaries and volumes on the cluster); the conversion ran on the
+command's threads except in the 4 GiB run, whose code also has it on the job's cluster and the counts below. The volume
 count sorted every voxel's key, one task per 64³ chunk (~200 k tasks for a 100 GiB brain); it now sorts the runs of one
 label in a block's C order, one task per 256³ block (`pipeline.atlas.side_sums`; the same counts, alone below: the
 bundled annotation upsampled 7× as a brain's labels, the job's `side_sums` on threads, the two codes alternating)."""
+
+
+BRAIN_GRID_STAGES = ("convert brain", "warp atlas labels", "warp hemispheres", "boundaries",
+                     "volumes, registration figures, first QC figure")  # fmt: skip
+"""The atlas job's stages whose work is on the brain's full grid (they grow with its voxels); the others work on the
+field or the atlas (flat in the brain's size). The volumes' stage holds its preview figures too (flat, small)."""
+
+
+def atlas_job_projection(doc: dict[str, Any], plan: dict[str, Any], voxels: float) -> dict[str, Any] | None:
+    """The atlas job on the terabyte plan's brain of ``voxels`` voxels (``plan``: scale.json's ``projection``),
+    from the largest cluster run of the code after the fixes: the brain-grid stages' CPU per voxel times
+    ``voxels``, the other stages as measured, spread evenly over the plan's workers.
+
+    Returns:
+        ``{"run", "per_voxel_ns", "grid_core_s", "flat_core_s", "rows"}`` (rows: workers, cores, wall s), or
+        None without such a run.
+    """
+    runs = [r for r in doc["runs"] if r["where"] == "local cluster" and r["code"].startswith("after")]
+    if not runs:
+        return None
+    run = max(runs, key=lambda r: (r["voxels"], r["code"]))
+    grid = sum(st["cpu_s"] for st in run["stages"] if st["stage"] in BRAIN_GRID_STAGES)
+    flat = sum(st["cpu_s"] for st in run["stages"] if st["stage"] not in BRAIN_GRID_STAGES)
+    grid_core_s = grid / run["voxels"] * voxels
+    rows = [{"workers": w, "cores": w * plan["cores_per_worker"],
+             "wall_s": (grid_core_s + flat) / (w * plan["cores_per_worker"])} for w in plan["workers"]]  # fmt: skip
+    return {"run": run, "per_voxel_ns": 1e9 * grid / run["voxels"], "grid_core_s": grid_core_s, "flat_core_s": flat,
+            "rows": rows}  # fmt: skip
+
+
+def atlas_job_plan(doc: dict[str, Any], scale: dict[str, Any] | None) -> list[str]:
+    """docs/scale.md's projection of the atlas job onto the terabyte plan's brain (:func:`atlas_job_projection`)."""
+    if not scale:
+        return []
+    plan = scale["projection"]
+    voxels = projection(scale)["voxels_per_channel"]
+    proj = atlas_job_projection(doc, plan, voxels)
+    if proj is None:
+        return []
+    run = proj["run"]
+    rows = [[str(r["workers"]), _hours(r["wall_s"])] for r in proj["rows"]]
+    return [
+        f"The atlas job on the terabyte plan's brain ({voxels / 1e9:.0f} G voxels a channel), from the "
+        f"{run['size_gib']:g} GiB run on the local cluster ({run['code']}): the stages on the brain's full grid "
+        f"({', '.join(BRAIN_GRID_STAGES)}) took {proj['per_voxel_ns']:.0f} ns of CPU per brain voxel, "
+        f"{_core_hours(proj['grid_core_s'])} core-hours for that brain; the others (the registration with a field "
+        f"at the atlas's spacing, the inverse field, the brain in atlas space, figures) {proj['flat_core_s']:.0f} CPU-s "
+        f"whatever the brain's size. Spread evenly over SLURM workers of {plan['cores_per_worker']} cores (a field "
+        "finer than the atlas's adds the plan's registration above):",
+        table([f"workers ({plan['cores_per_worker']} cores)", "atlas job, CPU wall"], rows),
+    ]
 
 
 def atlas_job_section(doc: dict[str, Any]) -> str:
@@ -1026,6 +1077,8 @@ def scale_document() -> str:
     body = scale_section(doc, load("finescale.json")) if doc else missing("scale.json", "nice -n 5 .venv/bin/python benchmarks/scale.py")
     job = load("atlas_job_scale.json")
     job_body = atlas_job_section(job) if job else missing("atlas_job_scale.json", "patchmorph -v atlas (see the section)")
+    if job:
+        job_body = "\n\n".join([job_body, *atlas_job_plan(job, doc)])
     return "\n\n".join([GENERATED, SCALE_INTRO, body, ATLAS_JOB_INTRO, job_body]) + "\n"
 
 
