@@ -972,7 +972,11 @@ with the blockwise boundaries only, or after them (boundaries and volumes on the
 command's threads except in the 4 GiB run, whose code also has it on the job's cluster and the counts below. The volume
 count sorted every voxel's key, one task per 64³ chunk (~200 k tasks for a 100 GiB brain); it now sorts the runs of one
 label in a block's C order, one task per 256³ block (`pipeline.atlas.side_sums`; the same counts, alone below: the
-bundled annotation upsampled 7× as a brain's labels, the job's `side_sums` on threads, the two codes alternating)."""
+bundled annotation upsampled 7× as a brain's labels, the job's `side_sums` on threads, the two codes alternating). An
+OME-Zarr brain was converted one task per stored chunk (64³), rechunked into the output's write units (256³ shards):
+on a cluster a unit's chunks were read on both workers and sent to one; it is now read a write unit per task
+(`pipeline.importers.open_input`; alone below, `patchmorph convert BRAIN OUT [--scheduler configs/cluster/local.yaml]`,
+load 2-4 from other work)."""
 
 
 BRAIN_GRID_STAGES = ("convert brain", "warp atlas labels", "warp hemispheres", "boundaries",

@@ -812,10 +812,10 @@ def open_input(
 
     ``kind`` is one of ``"ome-zarr"``, ``"tiff-planes"``, ``"tiff-stack"``, ``"nifti"``, ``"nrrd"``.
     Overrides as in :func:`apply_overrides`; TIFF inputs need ``voxel_size``. ``chunks``: the output's
-    spatial chunk shape (plane folders are read in its write units). ``channel_index``: the channel (0-based) of a
+    spatial chunk shape (plane folders and OME-Zarr images are read in its write units). ``channel_index``: the channel (0-based) of a
     multi-channel OME-Zarr image (its ``c`` axis) or TIFF stack (its ``C`` axis); other inputs hold one channel.
     """
-    from pipeline.ngff import image_orientation, read_channel, read_image
+    from pipeline.ngff import image_orientation, layout_block, read_channel, read_image
 
     p = Path(path)
     if not p.exists():
@@ -827,7 +827,10 @@ def open_input(
         )
     if _is_zarr(p):
         level = read_image(p).levels[0] if channel_index is None else read_channel(p, channel_index)
-        array = level.array if isinstance(level.array, da.Array) else da.from_zarr(level.array)
+        # read in the output's write units: one task a unit, not one per stored chunk rechunked (on a cluster the
+        # chunks of a unit were read on several workers and sent to one)
+        block = layout_block(level.array.shape, level.array.dtype, chunks)
+        array = level.array.rechunk(block) if isinstance(level.array, da.Array) else da.from_zarr(level.array, chunks=block)
         stated = str(p) if image_orientation(p) is not None else None
         return array, apply_overrides(level.grid, voxel_size, unit, orientation, stated), "ome-zarr"
     if p.is_dir():

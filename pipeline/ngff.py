@@ -154,6 +154,13 @@ def choose_layout(
     return lead + spatial_chunks, shards
 
 
+def layout_block(shape: Sequence[int], dtype: np.dtype | type, chunks: Sequence[int] | None = None) -> tuple[int, ...]:
+    """The unit one writer must write whole in an array of ``shape`` laid out by :func:`choose_layout` with
+    ``chunks``: its shard shape when sharded, else its chunk shape (:func:`write_block` of the array written)."""
+    layout_chunks, shards = choose_layout(shape, dtype, chunks)
+    return shards or layout_chunks
+
+
 def write_block(array: zarr.Array) -> tuple[int, ...]:
     """The unit one writer must write whole: the shard shape of a sharded array, else its chunk shape."""
     return tuple(array.shards) if array.shards is not None else tuple(array.chunks)

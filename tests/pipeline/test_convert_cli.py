@@ -497,3 +497,21 @@ def test_one_channel_of_a_multi_channel_image_is_converted_with_channel_index(tm
     one = RUNNER.invoke(app, ["convert", str(tmp_path / "planes"), str(tmp_path / "p.zarr"), "--voxel-size", "1", "1",
                               "1", "--channel-index", "0"])  # fmt: skip
     assert one.exit_code == 2 and "holds one: leave it out" in one.output, one.output
+
+
+def test_an_ome_zarr_image_is_read_in_the_outputs_write_units_on_a_cluster(tmp_path: Path, dask_scheduler: str) -> None:
+    """An OME-Zarr image stored in chunks smaller than the output's write units is read a unit per task: its chunks
+    are not read one task each and gathered onto one worker (docs/scale.md, *The atlas job on a large brain*)."""
+    from distributed import Client, get_task_stream
+
+    from pipeline.ngff import write_image
+
+    volume = np.random.default_rng(3).integers(0, 4000, size=(24, 20, 14), dtype=np.uint16)
+    grid = Grid.from_orientation(volume.shape, (50.0, 20.0, 20.0), "psl")
+    source = write_image(tmp_path / "small_chunks.ome.zarr", volume, grid, chunks=(4, 5, 7))
+    with Client(dask_scheduler) as client, get_task_stream(client) as stream:
+        out = convert(source, tmp_path / "converted.ome.zarr", chunks=(12, 20, 14), scheduler=dask_scheduler)
+    keys = [str(task["key"]) for task in stream.data]
+    assert not [key for key in keys if "rechunk" in key]  # without it: a task per 4 × 5 × 7 chunk, then merges
+    assert sum("from-zarr" in key for key in keys) == 2  # two write units of 12 × 20 × 14
+    np.testing.assert_array_equal(_level0(out), volume)
