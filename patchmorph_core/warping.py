@@ -129,18 +129,25 @@ def vote_labels(block: np.ndarray, rows: np.ndarray, cval: float) -> np.ndarray:
     np.clip(base, -1, shape - 1, out=base)
     padded = np.pad(block, 1, constant_values=block.dtype.type(cval)).ravel()  # outside: cval
     strides = np.array([(block.shape[1] + 2) * (block.shape[2] + 2), block.shape[2] + 2, 1], dtype=np.int64)
-    first = (base + 1).T @ strides  # flat index of each point's lower neighbour in ``padded``
+    first = (base[0] + 1) * strides[0]  # flat index of each point's lower neighbour in ``padded``
+    first += (base[1] + 1) * strides[1]
+    first += base[2] + 1
     labels = np.empty((8, rows.shape[1]), dtype=block.dtype)
-    weights = np.ones((8, rows.shape[1]), dtype=np.float32)
+    disagree = np.zeros(rows.shape[1], dtype=bool)  # points whose neighbours disagree
     for k, corner in enumerate(np.ndindex(2, 2, 2)):
-        labels[k] = padded.take(first + int(np.dot(corner, strides)))
-        for axis, upper in enumerate(corner):
-            weights[k] *= frac[axis] if upper else 1.0 - frac[axis]
+        padded.take(first + int(np.dot(corner, strides)), out=labels[k])
+        if k:
+            disagree |= labels[k] != labels[0]
     labels[:, away] = cval
+    disagree[away] = False
     out = labels[0].copy()
-    mixed = np.flatnonzero((labels != labels[0]).any(axis=0))  # points whose neighbours disagree
+    mixed = np.flatnonzero(disagree)
     if mixed.size:
-        candidates, share = labels[:, mixed], weights[:, mixed]
+        candidates, part = labels[:, mixed], frac[:, mixed]
+        share = np.ones((8, mixed.size), dtype=np.float32)  # each neighbour's trilinear weight
+        for k, corner in enumerate(np.ndindex(2, 2, 2)):
+            for axis, upper in enumerate(corner):
+                share[k] *= part[axis] if upper else 1.0 - part[axis]
         score = share.copy()  # each neighbour's own weight, plus that of every other of its label
         for a in range(8):
             for b in range(a + 1, 8):
