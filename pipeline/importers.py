@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import math
 import re
 import zlib
 from collections import Counter
@@ -395,8 +394,8 @@ def load_nrrd(
 # -- TIFF -----------------------------------------------------------------------------------------------
 TIFF_SUFFIXES: tuple[str, ...] = (".tif", ".tiff")
 
-WHOLE_PLANE_BYTES: int = 16 << 20
-"""TIFF planes up to this size are decoded whole and cropped; larger ones are read region by region."""
+PLANE_BAND_BYTES: int = 512 << 20
+"""Memory budget of one read task of a plane folder (its band, :func:`_band_shape`): a worker of 2 GiB holds a few."""
 
 
 def _natural_key(path: Path) -> list[object]:
@@ -587,8 +586,46 @@ def _plain_grid(
     return Grid.from_spacing(shape, spacing, unit=unit_name)
 
 
+def _segment_shape(path: Path) -> tuple[int, int] | None:
+    """Rows and columns ``(rows, cols)`` of the strips or tiles a TIFF plane is decoded in, or None for an
+    uncompressed plane stored in one run of bytes (read through a memory map: only the region's bytes, nothing
+    decoded)."""
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        return None if page.is_memmappable else (int(page.chunks[-2]), int(page.chunks[-1]))
+
+
+def _band_shape(
+    plane_shape: tuple[int, ...], itemsize: int, block: tuple[int, ...], segment: tuple[int, int] | None
+) -> tuple[int, int]:
+    """Rows and columns ``(H, W)`` of the band that one read task takes from each of its planes, so that each strip
+    or tile is decoded about once: every column of a band of rows (a multiple of the write block's ``(Y, X)`` and
+    at least a strip's height), in column groups narrowed to multiples of the block's width only as far as
+    :data:`PLANE_BAND_BYTES` requires for ``block[0]`` planes.
+
+    Args:
+        plane_shape: ``(Y, X)`` of a plane (voxels).
+        itemsize: bytes per voxel.
+        block: the output's write block ``(z, y, x)`` (voxels).
+        segment: :func:`_segment_shape` of the planes.
+
+    Returns:
+        ``(H, W)`` in voxels: multiples of ``block[1:]`` (a band's write blocks are cut from it whole).
+    """
+    bz, by, bx = block
+    height, width = plane_shape
+    seg_rows = 1 if segment is None else segment[0]
+    rows = min(-(-seg_rows // by) * by, -(-height // by) * by)
+    rows = max(by, min(rows, PLANE_BAND_BYTES // (bz * bx * itemsize) // by * by))
+    cols = max(bx, PLANE_BAND_BYTES // (bz * rows * itemsize) // bx * bx)
+    return rows, min(cols, -(-width // bx) * bx)
+
+
 def _read_plane_region(path: Path, rows: slice, cols: slice, plane_shape: tuple[int, ...]) -> np.ndarray:
-    """Rows/cols of one TIFF plane, decoding only the strips/tiles they touch (tifffile's zarr view)."""
+    """Rows/cols of one TIFF plane: through a memory map of an uncompressed plane (only their bytes read), else by
+    decoding the strips/tiles they touch (tifffile's zarr view)."""
     import tifffile
 
     with tifffile.TiffFile(path) as tif:
@@ -597,10 +634,10 @@ def _read_plane_region(path: Path, rows: slice, cols: slice, plane_shape: tuple[
             raise InputError(
                 f"plane {str(path)!r} has shape {page.shape}, not {plane_shape}: fix the folder."
             )
-        if math.prod(plane_shape) * page.dtype.itemsize <= WHOLE_PLANE_BYTES:
-            return page.asarray()[rows, cols]
-        with tif.aszarr(key=0) as store:
-            return np.asarray(zarr.open(store, mode="r")[rows, cols])
+        if not page.is_memmappable:
+            with tif.aszarr(key=0) as store:
+                return np.asarray(zarr.open(store, mode="r")[rows, cols])
+    return np.array(tifffile.memmap(path, page=0, mode="r")[rows, cols])
 
 
 def _read_block(
@@ -622,9 +659,10 @@ def open_tiff_planes(
 ) -> tuple[da.Array, Grid]:
     """Open a folder of 2-D TIFF planes (one per ``z``, natural name order) as a lazy ``(Z, Y, X)`` array.
 
-    The dask blocks are the output's write units (:func:`pipeline.ngff.choose_layout` with ``chunks``);
-    one task reads its block's rows and columns from each of its planes, so memory is bounded by
-    the block size, never by the plane or stack size.
+    The dask blocks are the output's write units (:func:`pipeline.ngff.choose_layout` with ``chunks``), cut from
+    read tasks that each take a band of rows and columns (:func:`_band_shape`) from a write block's depth of planes,
+    so that a plane's strips or tiles are decoded about once, not once per write block they cross; memory is
+    bounded by :data:`PLANE_BAND_BYTES` per task, never by the plane or stack size.
     """
     from pipeline.ngff import choose_layout
 
@@ -639,10 +677,12 @@ def open_tiff_planes(
     shape = (len(planes), *plane_shape)
     grid = _plain_grid(shape, voxel_size, unit, orientation, f"TIFF plane folder {str(root)!r}")
     layout_chunks, shards = choose_layout(shape, dtype, chunks)
-    bz, by, bx = shards or layout_chunks
-    rows_of = [slice(y, min(y + by, shape[1])) for y in range(0, shape[1], by)]
-    cols_of = [slice(x, min(x + bx, shape[2])) for x in range(0, shape[2], bx)]
-    blocks = [
+    block = shards or layout_chunks
+    bz = block[0]
+    height, width = _band_shape(plane_shape, dtype.itemsize, block, _segment_shape(planes[0]))
+    rows_of = [slice(y, min(y + height, shape[1])) for y in range(0, shape[1], height)]
+    cols_of = [slice(x, min(x + width, shape[2])) for x in range(0, shape[2], width)]
+    bands = [
         [
             [
                 da.from_delayed(
@@ -656,7 +696,7 @@ def open_tiff_planes(
         ]
         for z in range(0, shape[0], bz)
     ]
-    return da.block(blocks), grid
+    return da.block(bands).rechunk(block), grid
 
 
 def check_stack_pages(path: Path) -> str:

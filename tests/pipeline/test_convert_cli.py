@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tracemalloc
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -56,6 +57,38 @@ def test_plane_folder_converts_with_bounded_memory(tmp_path: Path) -> None:
     assert peak_large < 1.5 * peak_small + 0.5, (peak_small, peak_large)
     np.testing.assert_array_equal(_level0(tmp_path / "large.zarr"), large)
     np.testing.assert_array_equal(_level0(tmp_path / "small.zarr"), small)
+
+
+@pytest.mark.parametrize("layout", [{"rowsperstrip": 4}, {"tile": (16, 16)}], ids=["strips", "tiles"])
+def test_plane_folder_strips_and_tiles_are_decoded_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, layout: dict
+) -> None:
+    """Each strip or tile of a compressed plane folder is decoded once by its conversion, however many write blocks
+    (here 5 rows x 7 columns of them per plane) it crosses: not once per block, which read a terabyte brain ~100
+    times over."""
+    folder = tmp_path / "planes"
+    folder.mkdir()
+    stack = np.random.default_rng(5).integers(0, 60000, (6, 40, 56), dtype=np.uint16)
+    for k, plane in enumerate(stack):
+        tifffile.imwrite(folder / f"section_{k}.tif", plane, compression="zlib", **layout)
+    decoded: Counter[tuple[str, int]] = Counter()
+    page_decode = tifffile.TiffPage.__dict__["decode"]
+
+    def counting_decode(page: tifffile.TiffPage) -> Callable[..., tuple]:
+        decode = page_decode.__get__(page, tifffile.TiffPage)
+
+        def spy(data: bytes | None, index: int, **kwargs: object) -> tuple:
+            decoded[(Path(page.parent.filehandle.path).name, index)] += 1
+            return decode(data, index, **kwargs)
+
+        return spy
+
+    monkeypatch.setattr(tifffile.TiffPage, "decode", property(counting_decode))
+    convert(folder, tmp_path / "o.zarr", voxel_size=(5.0, 1.0, 1.0), chunks=(2, 8, 8))
+    segments = len(tifffile.TiffFile(folder / "section_0.tif").pages[0].dataoffsets)
+    assert len(decoded) == stack.shape[0] * segments
+    assert max(decoded.values()) == 1, decoded.most_common(3)
+    np.testing.assert_array_equal(_level0(tmp_path / "o.zarr"), stack)
 
 
 def test_tiff_stack_with_orientation(tmp_path: Path) -> None:
