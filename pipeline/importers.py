@@ -650,6 +650,21 @@ def _read_block(
     return block
 
 
+def plane_files(folder: Path) -> list[Path]:
+    """The TIFF planes of a plane folder, one per ``z``, in natural name order (``plane_2`` before ``plane_10``).
+
+    Raises:
+        InputError: the folder holds no TIFF planes.
+    """
+    planes = sorted((p for p in folder.iterdir() if p.suffix.lower() in TIFF_SUFFIXES), key=_natural_key)
+    if not planes:
+        raise InputError(
+            f"{str(folder)!r} holds no TIFF planes and no OME-Zarr metadata: give a folder of .tif planes, "
+            "a TIFF stack, NIfTI, NRRD or OME-Zarr image."
+        )
+    return planes
+
+
 def open_tiff_planes(
     folder: str | Path,
     voxel_size: Sequence[float] | None,
@@ -667,12 +682,7 @@ def open_tiff_planes(
     from pipeline.ngff import choose_layout
 
     root = Path(folder)
-    planes = sorted((p for p in root.iterdir() if p.suffix.lower() in TIFF_SUFFIXES), key=_natural_key)
-    if not planes:
-        raise InputError(
-            f"{str(root)!r} holds no TIFF planes and no OME-Zarr metadata: give a folder of .tif planes, "
-            "a TIFF stack, NIfTI, NRRD or OME-Zarr image."
-        )
+    planes = plane_files(root)
     plane_shape, dtype = check_plane_folder(root, planes)
     shape = (len(planes), *plane_shape)
     grid = _plain_grid(shape, voxel_size, unit, orientation, f"TIFF plane folder {str(root)!r}")
@@ -922,19 +932,41 @@ def preview(
         code = image_orientation(input)
     else:
         code = None
-    planes, stride = mid_planes(array)
+    planes, stride = input_mid_planes(input, array, kind)
     spacing = grid.spacing * np.asarray(stride)
     return orientation_preview(planes, spacing, png, code, Path(input).name, shape=tuple(array.shape))
+
+
+def _mid_plane_strides(shape: Sequence[int]) -> tuple[list[int], list[int]]:
+    """Strides per axis so that no side of a mid-plane of an array of ``shape`` exceeds :data:`PREVIEW_SIZE`, and the
+    array's centre index per axis."""
+    return [max(1, -(-int(n) // PREVIEW_SIZE)) for n in shape], [int(n) // 2 for n in shape]
 
 
 def mid_planes(array: Any) -> tuple[list[np.ndarray], list[int]]:
     """The three mid-planes (across axes 0, 1, 2) of a ``(Z, Y, X)`` array, read with a stride per axis so that
     no side exceeds :data:`PREVIEW_SIZE`; returns the planes and the strides. Only these planes are read."""
-    stride = [max(1, -(-int(n) // PREVIEW_SIZE)) for n in array.shape]
-    centre = [n // 2 for n in array.shape]
+    stride, centre = _mid_plane_strides(array.shape)
     sz, sy, sx = (slice(None, None, st) for st in stride)
     planes = [array[centre[0], sy, sx], array[sz, centre[1], sx], array[sz, sy, centre[2]]]
     return [np.asarray(p.compute(scheduler="synchronous") if hasattr(p, "compute") else p) for p in planes], stride
+
+
+def input_mid_planes(path: str | Path, array: Any, kind: str) -> tuple[list[np.ndarray], list[int]]:
+    """:func:`mid_planes` of an input :func:`open_input` opened as ``(array, _, kind)``. A plane folder's are read
+    from its files: the mid plane, and one row and one column of every ``stride``-th plane, not through the
+    array, whose read tasks take bands of whole planes (the planes across ``y`` and ``x`` would read the stack)."""
+    if kind != "tiff-planes":
+        return mid_planes(array)
+    files = plane_files(Path(path))
+    stride, (cz, cy, cx) = _mid_plane_strides(array.shape)
+    plane_shape = tuple(int(n) for n in array.shape[1:])
+    sz, sy, sx = (slice(None, None, st) for st in stride)
+    whole_rows, whole_cols = slice(0, plane_shape[0]), slice(0, plane_shape[1])
+    across_z = _read_plane_region(files[cz], whole_rows, whole_cols, plane_shape)[sy, sx]
+    across_y = np.stack([_read_plane_region(f, slice(cy, cy + 1), whole_cols, plane_shape)[0, sx] for f in files[sz]])
+    across_x = np.stack([_read_plane_region(f, whole_rows, slice(cx, cx + 1), plane_shape)[sy, 0] for f in files[sz]])
+    return [across_z, across_y, across_x], stride
 
 
 def check_whole_labels(array: Any, path: str | Path) -> None:
@@ -984,7 +1016,7 @@ def check_source_planes(
     """
     array, _, kind = open_input(path, **geometry) if opened is None else opened
     with read_errors(path):
-        planes, stride = mid_planes(array)
+        planes, stride = input_mid_planes(path, array, kind)
         if kind == "ome-zarr":
             check_levels_agree(path, role, planes, stride, geometry.get("channel_index"))
         values = np.concatenate([p.ravel() for p in planes])

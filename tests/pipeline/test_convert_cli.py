@@ -548,3 +548,35 @@ def test_an_ome_zarr_image_is_read_in_the_outputs_write_units_on_a_cluster(tmp_p
     assert not [key for key in keys if "rechunk" in key]  # without it: a task per 4 × 5 × 7 chunk, then merges
     assert sum("from-zarr" in key for key in keys) == 2  # two write units of 12 × 20 × 14
     np.testing.assert_array_equal(_level0(out), volume)
+
+
+def test_a_plane_folders_mid_planes_are_read_from_its_strided_planes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check before a conversion reads a plane folder's mid planes from the planes their stride keeps, not
+    through bands of every plane: the planes across y and x read a terabyte stack whole before its conversion."""
+    import pipeline.importers as importers
+
+    folder = tmp_path / "planes"
+    folder.mkdir()
+    stack = np.random.default_rng(8).integers(1, 60000, (40, 30, 44), dtype=np.uint16)
+    for k, plane in enumerate(stack):
+        tifffile.imwrite(folder / f"section_{k}.tif", plane, compression="zlib", rowsperstrip=4)
+    opened = importers.open_input(folder, voxel_size=(50.0, 10.0, 10.0))
+    monkeypatch.setattr(importers, "PREVIEW_SIZE", 8)  # strides 5, 4 and 6
+    expected, stride = importers.mid_planes(opened[0])
+    opened_files: set[str] = set()
+    real_file = tifffile.TiffFile
+
+    def spy(path: Path, *args: object, **kwargs: object) -> tifffile.TiffFile:
+        opened_files.add(Path(path).name)
+        return real_file(path, *args, **kwargs)
+
+    monkeypatch.setattr(tifffile, "TiffFile", spy)
+    importers.check_source_planes(folder, "brain", opened=opened)
+    assert opened_files == {f"section_{k}.tif" for k in range(0, 40, 5)}  # the mid plane, 20, is one of them
+    monkeypatch.setattr(tifffile, "TiffFile", real_file)
+    planes, got_stride = importers.input_mid_planes(folder, opened[0], opened[2])
+    assert got_stride == stride == [5, 4, 6]
+    for plane, want in zip(planes, expected, strict=True):
+        np.testing.assert_array_equal(plane, want)
