@@ -674,20 +674,19 @@ def open_tiff_planes(
 ) -> tuple[da.Array, Grid]:
     """Open a folder of 2-D TIFF planes (one per ``z``, natural name order) as a lazy ``(Z, Y, X)`` array.
 
-    The dask blocks are the output's write units (:func:`pipeline.ngff.choose_layout` with ``chunks``), cut from
+    The dask blocks are the output's write units (:func:`pipeline.ngff.layout_block` with ``chunks``), cut from
     read tasks that each take a band of rows and columns (:func:`_band_shape`) from a write block's depth of planes,
     so that a plane's strips or tiles are decoded about once, not once per write block they cross; memory is
     bounded by :data:`PLANE_BAND_BYTES` per task, never by the plane or stack size.
     """
-    from pipeline.ngff import choose_layout
+    from pipeline.ngff import layout_block
 
     root = Path(folder)
     planes = plane_files(root)
     plane_shape, dtype = check_plane_folder(root, planes)
     shape = (len(planes), *plane_shape)
     grid = _plain_grid(shape, voxel_size, unit, orientation, f"TIFF plane folder {str(root)!r}")
-    layout_chunks, shards = choose_layout(shape, dtype, chunks)
-    block = shards or layout_chunks
+    block = layout_block(shape, dtype, chunks)
     bz = block[0]
     height, width = _band_shape(plane_shape, dtype.itemsize, block, _segment_shape(planes[0]))
     rows_of = [slice(y, min(y + height, shape[1])) for y in range(0, shape[1], height)]
