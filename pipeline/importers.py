@@ -944,7 +944,8 @@ def _mid_plane_strides(shape: Sequence[int]) -> tuple[list[int], list[int]]:
 
 def mid_planes(array: Any) -> tuple[list[np.ndarray], list[int]]:
     """The three mid-planes (across axes 0, 1, 2) of a ``(Z, Y, X)`` array, read with a stride per axis so that
-    no side exceeds :data:`PREVIEW_SIZE`; returns the planes and the strides. Only these planes are read."""
+    no side exceeds :data:`PREVIEW_SIZE`; returns the planes and the strides. Only the blocks of ``array`` these planes
+    cross are read (a plane folder's mid planes: :func:`input_mid_planes`)."""
     stride, centre = _mid_plane_strides(array.shape)
     sz, sy, sx = (slice(None, None, st) for st in stride)
     planes = [array[centre[0], sy, sx], array[sz, centre[1], sx], array[sz, sy, centre[2]]]

@@ -64,8 +64,8 @@ def test_plane_folder_strips_and_tiles_are_decoded_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, layout: dict
 ) -> None:
     """Each strip or tile of a compressed plane folder is decoded once by its conversion, however many write blocks
-    (here 5 rows x 7 columns of them per plane) it crosses: not once per block, which read a terabyte brain ~100
-    times over."""
+    (here 5 rows x 7 columns of them per plane) it crosses: not once per block (docs/scale.md, *Reading a TIFF plane
+    folder once*)."""
     folder = tmp_path / "planes"
     folder.mkdir()
     stack = np.random.default_rng(5).integers(0, 60000, (6, 40, 56), dtype=np.uint16)
