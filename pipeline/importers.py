@@ -969,9 +969,11 @@ def input_mid_planes(path: str | Path, array: Any, kind: str) -> tuple[list[np.n
     return [across_z, across_y, across_x], stride
 
 
-def check_whole_labels(array: Any, path: str | Path) -> None:
+def check_whole_labels(array: Any, path: str | Path, kind: str = "") -> None:
     """Refuse a label map of floating-point values that are not whole numbers on its mid-planes (an intensity image,
-    or labels resampled by interpolation): their ids would be cut to integers that name no structure.
+    or labels resampled by interpolation): their ids would be cut to integers that name no structure. ``kind``: how
+    :func:`open_input` opened ``path`` as ``array`` (:func:`input_mid_planes` reads a plane folder's mid planes from
+    its files); empty: read through ``array``.
 
     Raises:
         InputError: naming the file, a value and the fix.
@@ -979,7 +981,7 @@ def check_whole_labels(array: Any, path: str | Path) -> None:
     if not np.issubdtype(np.dtype(array.dtype), np.floating):
         return
     check_whole_numbers(
-        np.concatenate([plane.ravel() for plane in mid_planes(array)[0]]),
+        np.concatenate([plane.ravel() for plane in input_mid_planes(path, array, kind)[0]]),
         f"label map {path}",
         "give the label image itself (integer ids; resampled only by nearest neighbour), or convert an intensity "
         "image without --labels.",
@@ -1198,7 +1200,7 @@ def convert(
     if kind == "tiff-stack":
         warn_tiff_voxel_size(input, grid)
     if labels:
-        check_whole_labels(array, input)
+        check_whole_labels(array, input, kind)
     if grid.shear_deg > ITK_MAX_SHEAR_DEG:
         logger.warning(
             "%s lies on a sheared grid (its axes %.2g° from right angles): it is registered as it lies, but ITK and "

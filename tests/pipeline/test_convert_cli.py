@@ -575,6 +575,9 @@ def test_a_plane_folders_mid_planes_are_read_from_its_strided_planes(
     monkeypatch.setattr(tifffile, "TiffFile", spy)
     importers.check_source_planes(folder, "brain", opened=opened)
     assert opened_files == {f"section_{k}.tif" for k in range(0, 40, 5)}  # the mid plane, 20, is one of them
+    opened_files.clear()  # a label map of floating-point ids: checked for whole numbers on the same planes
+    importers.check_whole_labels(opened[0].astype(np.float32), folder, opened[2])
+    assert opened_files == {f"section_{k}.tif" for k in range(0, 40, 5)}
     monkeypatch.setattr(tifffile, "TiffFile", real_file)
     planes, got_stride = importers.input_mid_planes(folder, opened[0], opened[2])
     assert got_stride == stride == [5, 4, 6]
