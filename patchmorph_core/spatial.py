@@ -105,6 +105,7 @@ LENGTH_UNITS: dict[str, str] = {
 }
 """Spellings of length units (lower case; ``µm`` with the micro sign or the Greek mu) → the project's unit."""
 
+
 def length_unit(text: str) -> str | None:
     """The project's name of a length unit spelled ``text`` (any case, surrounding spaces ignored; see
     :data:`LENGTH_UNITS`), or None when it names no length unit."""

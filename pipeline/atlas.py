@@ -418,8 +418,8 @@ def _inner_boundaries(block: np.ndarray) -> np.ndarray:
 
 def _boundaries_unit(unit: np.ndarray, labels: Any, block_info: dict | None = None) -> np.ndarray:
     """:func:`_inner_boundaries` of one block of a ``(Z, Y, X)`` label array-like ``labels``, read with one voxel of
-    its neighbours on every side (the border voxels of the image repeated beyond it, as a whole-image
-    ``find_boundaries`` sees them).
+    its neighbours on every side within the image (beyond the image there is no neighbour, as a whole-image
+    ``find_boundaries`` sees it), so the block's own voxels are judged by all their neighbours.
 
     Args:
         unit: placeholder block whose shape and position (``block_info``) define the block.
@@ -429,9 +429,8 @@ def _boundaries_unit(unit: np.ndarray, labels: Any, block_info: dict | None = No
         raise ValueError("_boundaries_unit needs dask's block_info (call it through map_blocks)")
     location = block_info[None]["array-location"]
     box = tuple(slice(max(0, lo - 1), min(n, hi + 1)) for (lo, hi), n in zip(location, labels.shape, strict=True))
-    pad = [(1 - (lo - s.start), 1 - (s.stop - hi)) for (lo, hi), s in zip(location, box, strict=True)]
-    block = np.pad(np.asarray(labels[box]), pad, mode="edge")
-    return _inner_boundaries(block)[1:-1, 1:-1, 1:-1]
+    own = tuple(slice(lo - s.start, hi - s.start) for (lo, hi), s in zip(location, box, strict=True))
+    return _inner_boundaries(np.asarray(labels[box]))[own]
 
 
 def boundary_chunks(shape: Sequence[int]) -> tuple[int, int, int] | None:
